@@ -1,0 +1,89 @@
+#ifndef CTUNNEL_H
+#define CTUNNEL_H
+// The one C shim of tunneld: what Swift cannot import from the kernel headers.
+// Everything here is prefixed ctunnel_ and is either a constant, a plain struct
+// mirror, or a static inline function.
+#include <features.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <netinet/udp.h>
+#include <linux/if_tun.h>
+#include <linux/virtio_net.h>
+
+#include "ctunnel_netlink.h"
+
+// ---- TUN ioctls (the _IOW macros do not import) ----
+static const unsigned long ctunnel_TUNSETIFF = TUNSETIFF;
+static const unsigned long ctunnel_TUNSETOFFLOAD = TUNSETOFFLOAD;
+static const unsigned long ctunnel_TUNSETQUEUE = TUNSETQUEUE;
+static const unsigned long ctunnel_TUNSETVNETHDRSZ = TUNSETVNETHDRSZ;
+static const unsigned long ctunnel_TUNGETIFF = TUNGETIFF;
+static const unsigned long ctunnel_TUNSETPERSIST = TUNSETPERSIST;
+static const unsigned long ctunnel_SIOCGIFMTU = SIOCGIFMTU;
+static const unsigned long ctunnel_SIOCGIFINDEX = SIOCGIFINDEX;
+
+static const short ctunnel_IFF_TUN = IFF_TUN;
+static const short ctunnel_IFF_NO_PI = IFF_NO_PI;
+static const short ctunnel_IFF_VNET_HDR = IFF_VNET_HDR;
+static const short ctunnel_IFF_MULTI_QUEUE = IFF_MULTI_QUEUE;
+
+#ifndef TUN_F_USO4
+#define TUN_F_USO4 0x20
+#endif
+#ifndef TUN_F_USO6
+#define TUN_F_USO6 0x40
+#endif
+#ifndef VIRTIO_NET_HDR_GSO_UDP_L4
+#define VIRTIO_NET_HDR_GSO_UDP_L4 5
+#endif
+static const unsigned int ctunnel_TUN_F_CSUM = TUN_F_CSUM;
+static const unsigned int ctunnel_TUN_F_TSO4 = TUN_F_TSO4;
+static const unsigned int ctunnel_TUN_F_TSO6 = TUN_F_TSO6;
+static const unsigned int ctunnel_TUN_F_USO4 = TUN_F_USO4;
+static const unsigned int ctunnel_TUN_F_USO6 = TUN_F_USO6;
+
+// ---- ifreq helpers: the union members are awkward from Swift ----
+static inline void ctunnel_ifreq_set_name(struct ifreq *ifr, const char *name) {
+    memset(ifr->ifr_name, 0, IFNAMSIZ);
+    strncpy(ifr->ifr_name, name, IFNAMSIZ - 1);
+}
+static inline void ctunnel_ifreq_set_flags(struct ifreq *ifr, short flags) { ifr->ifr_flags = flags; }
+static inline short ctunnel_ifreq_flags(const struct ifreq *ifr) { return ifr->ifr_flags; }
+static inline int ctunnel_ifreq_mtu(const struct ifreq *ifr) { return ifr->ifr_mtu; }
+static inline int ctunnel_ifreq_ifindex(const struct ifreq *ifr) { return ifr->ifr_ifindex; }
+
+// ---- UDP GSO / GRO ----
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+static const int ctunnel_SOL_UDP = SOL_UDP;
+static const int ctunnel_UDP_SEGMENT = UDP_SEGMENT;
+static const int ctunnel_UDP_GRO = UDP_GRO;
+
+// ---- CMSG_* (macros) ----
+static inline struct cmsghdr *ctunnel_cmsg_firsthdr(struct msghdr *m) { return CMSG_FIRSTHDR(m); }
+static inline struct cmsghdr *ctunnel_cmsg_nxthdr(struct msghdr *m, struct cmsghdr *c) { return CMSG_NXTHDR(m, c); }
+static inline unsigned char *ctunnel_cmsg_data(struct cmsghdr *c) { return CMSG_DATA(c); }
+static inline size_t ctunnel_cmsg_space(size_t len) { return CMSG_SPACE(len); }
+static inline size_t ctunnel_cmsg_len(size_t len) { return CMSG_LEN(len); }
+
+// ---- virtio_net_hdr (the 10-byte header before each packet with IFF_VNET_HDR) ----
+typedef struct virtio_net_hdr ctunnel_virtio_net_hdr;
+static const uint8_t ctunnel_VIRTIO_NET_HDR_F_NEEDS_CSUM = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+static const uint8_t ctunnel_VIRTIO_NET_HDR_GSO_NONE = VIRTIO_NET_HDR_GSO_NONE;
+static const uint8_t ctunnel_VIRTIO_NET_HDR_GSO_TCPV4 = VIRTIO_NET_HDR_GSO_TCPV4;
+static const uint8_t ctunnel_VIRTIO_NET_HDR_GSO_TCPV6 = VIRTIO_NET_HDR_GSO_TCPV6;
+static const uint8_t ctunnel_VIRTIO_NET_HDR_GSO_UDP_L4 = VIRTIO_NET_HDR_GSO_UDP_L4;
+
+_Static_assert(sizeof(struct virtio_net_hdr) == 10, "virtio_net_hdr is 10 bytes");
+_Static_assert(sizeof(struct sockaddr_in) == 16, "sockaddr_in is 16 bytes");
+
+#endif

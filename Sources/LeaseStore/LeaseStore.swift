@@ -1,0 +1,151 @@
+import Foundation
+import NetBase
+
+/// What a node records about itself in its lease: flannel's lease value
+/// (`{"PublicIP":"…","PublicIPv6":null,"BackendType":…,"BackendData":…}`).
+public struct LeaseAttributes: Sendable, Equatable {
+    public var publicIP: IPv4Address
+    /// Kept as text: tunneld does not use IPv6 yet but must carry it through.
+    public var publicIPv6: String?
+    /// Absent for udp nodes (flannel's udp backend writes no BackendType).
+    public var backendType: String?
+    /// Backend-specific data (vxlan: `{"VNI":1,"VtepMAC":"…"}`), kept verbatim.
+    public var backendData: JSONValue?
+
+    public init(publicIP: IPv4Address, publicIPv6: String? = nil,
+                backendType: String? = nil, backendData: JSONValue? = nil) {
+        self.publicIP = publicIP
+        self.publicIPv6 = publicIPv6
+        self.backendType = backendType
+        self.backendData = backendData
+    }
+}
+
+/// A subnet lease as stored: the subnet, who holds it, and until when.
+public struct Lease: Sendable, Equatable, CustomStringConvertible {
+    public var subnet: IPv4Network
+    public var attributes: LeaseAttributes
+    /// When the lease runs out; nil for a reservation (a key with no expiry).
+    public var expiration: Date?
+    /// The store revision at which this version of the lease was written.
+    public var revision: Int64
+
+    public init(subnet: IPv4Network, attributes: LeaseAttributes, expiration: Date?, revision: Int64) {
+        self.subnet = subnet
+        self.attributes = attributes
+        self.expiration = expiration
+        self.revision = revision
+    }
+
+    public var isReservation: Bool { expiration == nil }
+
+    public var description: String {
+        "\(subnet) → \(attributes.publicIP)" + (isReservation ? " (reserved)" : "")
+    }
+}
+
+/// All leases at one store revision: the starting point of a watch.
+public struct LeaseSnapshot: Sendable, Equatable {
+    public var leases: [Lease]
+    public var revision: Int64
+
+    public init(leases: [Lease], revision: Int64) {
+        self.leases = leases
+        self.revision = revision
+    }
+}
+
+/// One change to the set of leases.
+public enum LeaseEvent: Sendable, Equatable {
+    /// A lease was created or updated (renewed, attributes changed).
+    case put(Lease)
+    /// A lease was released, deleted, or expired.
+    case delete(subnet: IPv4Network, revision: Int64)
+
+    public var revision: Int64 {
+        switch self {
+        case .put(let lease): lease.revision
+        case .delete(_, let revision): revision
+        }
+    }
+
+    public var subnet: IPv4Network {
+        switch self {
+        case .put(let lease): lease.subnet
+        case .delete(let subnet, _): subnet
+        }
+    }
+}
+
+/// The storage a node needs, in flannel's terms (see docs/DESIGN.md):
+/// a network config, subnet leases with an expiry, and a watch over leases
+/// that can resume from a revision. Implemented by the embedded local store
+/// (one machine) and by etcd v3 (clusters).
+public protocol LeaseStore: Sendable {
+    /// Where the store lives, for log lines ("etcd http://…/docker/network", "local /var/lib/tunneld").
+    var location: String { get }
+
+    /// The network config JSON as stored; nil if none has been written.
+    func rawNetworkConfig() async throws -> String?
+
+    /// Validates `json` with flannel's rules and stores it verbatim.
+    @discardableResult
+    func setNetworkConfig(json: String) async throws -> NetworkConfig
+
+    /// Obtains a lease for `attributes.publicIP`, in flannel's order: a lease
+    /// already held by this PublicIP that fits `config`; else `preferred` (the
+    /// subnet from the subnet file) if free; else a random free subnet among the
+    /// first ones. Lost races are retried with another subnet.
+    func acquireLease(config: NetworkConfig, attributes: LeaseAttributes,
+                      preferred: IPv4Network?) async throws -> Lease
+
+    /// Extends a lease by the store's TTL. Reservations are returned unchanged.
+    func renewLease(_ lease: Lease) async throws -> Lease
+
+    /// Deletes a lease (the subnet becomes free for others).
+    func releaseLease(_ lease: Lease) async throws
+
+    /// All current leases (expired ones excluded) and the revision they were read at.
+    func leases() async throws -> LeaseSnapshot
+
+    /// Changes after `revision`, in order. The stream ends with
+    /// `LeaseStoreError.compacted` if those changes are no longer known; the
+    /// caller then lists again and diffs.
+    func watchLeases(after revision: Int64) -> AsyncThrowingStream<LeaseEvent, any Error>
+}
+
+extension LeaseStore {
+    /// The parsed, validated network config.
+    public func networkConfig() async throws -> NetworkConfig {
+        guard let json = try await rawNetworkConfig() else {
+            throw LeaseStoreError.configNotFound(location: location)
+        }
+        return try NetworkConfig(json: json)
+    }
+}
+
+public enum LeaseStoreError: Error, Sendable, Equatable, CustomStringConvertible {
+    case configNotFound(location: String)
+    case outOfSubnets(network: IPv4Network)
+    case compacted(requested: Int64, oldest: Int64)
+    case leaseNotFound(subnet: IPv4Network)
+    case corrupt(key: String, reason: String)
+    case io(path: String, reason: String)
+
+    public var description: String {
+        switch self {
+        case .configNotFound(let location):
+            "no network config in \(location): write one with `tunneld config set FILE` (or etcdctl put <prefix>/config)"
+        case .outOfSubnets(let network):
+            "out of subnets: every subnet of \(network) is leased; release a lease or widen Network/SubnetMin/SubnetMax"
+        case .compacted(let requested, let oldest):
+            "changes after revision \(requested) are no longer kept (oldest kept: \(oldest)); list again"
+        case .leaseNotFound(let subnet):
+            "lease for \(subnet) not found (expired or deleted)"
+        case .corrupt(let key, let reason):
+            "store entry \(key) is unreadable: \(reason)"
+        case .io(let path, let reason):
+            "\(path): \(reason)"
+        }
+    }
+}
