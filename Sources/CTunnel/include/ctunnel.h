@@ -9,6 +9,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/eventfd.h>
+#include <poll.h>
 #include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/udp.h>

@@ -1,0 +1,94 @@
+import NetBase
+import UDPEncap
+
+/// The per-packet decisions of the udp backend, shared by every loop.
+///
+/// From the TUN: find the destination's peer, decrement TTL, or turn the
+/// packet into an ICMP error for the TUN. From the network: check the
+/// datagram is a well-formed IPv4 packet from the peer that owns its source
+/// subnet, then hand it to the TUN unchanged.
+public struct Forwarder: Sendable {
+    public let table: SubnetTable
+    /// The TUN's address: the source of ICMP errors we generate.
+    public let tunAddress: IPv4Address
+    /// flannel accepts any datagram; by default tunneld accepts only packets
+    /// whose source lies in the subnet of the peer that sent them.
+    public let acceptUnknownPeers: Bool
+
+    public init(table: SubnetTable, tunAddress: IPv4Address, acceptUnknownPeers: Bool = false) {
+        self.table = table
+        self.tunAddress = tunAddress
+        self.acceptUnknownPeers = acceptUnknownPeers
+    }
+
+    /// What to do with a packet read from the TUN.
+    public enum TunAction: Equatable {
+        /// Send `length` bytes to the peer (address and port in host order).
+        case send(address: UInt32, port: UInt16, length: Int)
+        /// Write `length` bytes (an ICMP error, rewritten in place) back into the TUN.
+        case reply(length: Int)
+        case drop
+    }
+
+    @inline(__always)
+    func fromTun(_ p: UnsafeMutableRawPointer, length: Int, capacity: Int, stats: Statistics) -> TunAction {
+        stats.add(.tunPacketsRead)
+        // The kernel built this packet; anything odd (IPv6 control traffic on
+        // the device) is simply not ours to carry.
+        guard case .success(let total) = IPv4Header.validate(p, length: length) else {
+            stats.add(.droppedMalformedFromTun)
+            return .drop
+        }
+        let entry = table.entry(for: IPv4Header.destination(p))
+        guard SubnetTable.isPeer(entry) else {
+            if SubnetTable.isLocal(entry) {
+                stats.add(.droppedLocalDestination)
+                return .drop
+            }
+            stats.add(.droppedNoRoute)
+            if let n = ICMPError.rewrite(p, length: total, capacity: capacity,
+                                         kind: .networkUnreachable, source: tunAddress.value) {
+                stats.add(.icmpUnreachableSent)
+                return .reply(length: n)
+            }
+            return .drop
+        }
+        if IPv4Header.ttl(p) <= 1 {
+            stats.add(.droppedTTLExpired)
+            if let n = ICMPError.rewrite(p, length: total, capacity: capacity,
+                                         kind: .timeExceeded, source: tunAddress.value) {
+                stats.add(.icmpTimeExceededSent)
+                return .reply(length: n)
+            }
+            return .drop
+        }
+        IPv4Header.decrementTTL(p)
+        return .send(address: SubnetTable.peerAddress(entry), port: SubnetTable.peerPort(entry), length: total)
+    }
+
+    /// Checks a datagram from `sender` (host-order address); returns the
+    /// length to write into the TUN, or nil to drop it.
+    @inline(__always)
+    func fromNetwork(_ p: UnsafeRawPointer, length: Int, sender: UInt32, stats: Statistics) -> Int? {
+        stats.add(.udpDatagramsReceived)
+        let total: Int
+        switch IPv4Header.validate(p, length: length) {
+        case .success(let n): total = n
+        case .failure:
+            stats.add(.droppedMalformed)
+            return nil
+        }
+        if !acceptUnknownPeers {
+            let entry = table.entry(for: IPv4Header.source(p))
+            guard SubnetTable.isPeer(entry) else {
+                stats.add(.droppedUnknownPeer)
+                return nil
+            }
+            guard SubnetTable.peerAddress(entry) == sender else {
+                stats.add(.droppedSpoofedSource)
+                return nil
+            }
+        }
+        return total
+    }
+}

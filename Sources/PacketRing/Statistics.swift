@@ -1,0 +1,93 @@
+import Atomics
+
+/// What the data path counts. Each loop keeps its own counts in plain memory
+/// and publishes them once per batch; readers see totals at most one batch old.
+public enum Counter: Int, CaseIterable, Sendable, CustomStringConvertible {
+    case tunPacketsRead
+    case udpPacketsSent
+    case udpBytesSent
+    case udpDatagramsReceived
+    case tunPacketsWritten
+    case tunBytesWritten
+    case icmpUnreachableSent
+    case icmpTimeExceededSent
+    case droppedNoRoute
+    case droppedLocalDestination
+    case droppedTTLExpired
+    case droppedMalformedFromTun
+    case droppedMalformed
+    case droppedUnknownPeer
+    case droppedSpoofedSource
+    case droppedTruncated
+    case sendErrors
+    case tunWriteErrors
+    case readErrors
+    case batches
+
+    public var description: String {
+        switch self {
+        case .tunPacketsRead: "tun_packets_read"
+        case .udpPacketsSent: "udp_packets_sent"
+        case .udpBytesSent: "udp_bytes_sent"
+        case .udpDatagramsReceived: "udp_datagrams_received"
+        case .tunPacketsWritten: "tun_packets_written"
+        case .tunBytesWritten: "tun_bytes_written"
+        case .icmpUnreachableSent: "icmp_unreachable_sent"
+        case .icmpTimeExceededSent: "icmp_time_exceeded_sent"
+        case .droppedNoRoute: "dropped_no_route"
+        case .droppedLocalDestination: "dropped_local_destination"
+        case .droppedTTLExpired: "dropped_ttl_expired"
+        case .droppedMalformedFromTun: "dropped_malformed_from_tun"
+        case .droppedMalformed: "dropped_malformed"
+        case .droppedUnknownPeer: "dropped_unknown_peer"
+        case .droppedSpoofedSource: "dropped_spoofed_source"
+        case .droppedTruncated: "dropped_truncated"
+        case .sendErrors: "udp_send_errors"
+        case .tunWriteErrors: "tun_write_errors"
+        case .readErrors: "read_errors"
+        case .batches: "batches"
+        }
+    }
+}
+
+/// Counts of one data-path worker; the published side is atomic.
+public final class Statistics: @unchecked Sendable {
+    private let published: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
+    /// The worker's private counts; only the owning worker touches them.
+    let local: UnsafeMutablePointer<UInt64>
+
+    public init() {
+        let n = Counter.allCases.count
+        published = .allocate(capacity: n)
+        local = .allocate(capacity: n)
+        for i in 0..<n {
+            (published + i).initialize(to: .init(0))
+            (local + i).initialize(to: 0)
+        }
+    }
+
+    deinit {
+        published.deallocate()
+        local.deallocate()
+    }
+
+    @inline(__always)
+    func add(_ counter: Counter, _ n: UInt64 = 1) { local[counter.rawValue] &+= n }
+
+    /// Makes the worker's counts visible to readers (once per batch).
+    @inline(__always)
+    func publish() {
+        for i in 0..<Counter.allCases.count {
+            UnsafeAtomic<UInt64>(at: published + i).store(local[i], ordering: .relaxed)
+        }
+    }
+
+    public subscript(counter: Counter) -> UInt64 {
+        UnsafeAtomic<UInt64>(at: published + counter.rawValue).load(ordering: .relaxed)
+    }
+
+    /// All counters that are not zero, for logs.
+    public var summary: String {
+        Counter.allCases.compactMap { c in self[c] == 0 ? nil : "\(c)=\(self[c])" }.joined(separator: " ")
+    }
+}

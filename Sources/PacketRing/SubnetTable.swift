@@ -1,0 +1,159 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Atomics
+import NetBase
+import Synchronization
+import UDPEncap
+
+/// Where the data path sends packets for one subnet of the network.
+public enum Route: Hashable, Sendable, CustomStringConvertible {
+    /// A remote host: encapsulate and send to it.
+    case peer(UDPEndpoint)
+    /// This host's own subnet: never sent into the tunnel.
+    case local
+
+    public var description: String {
+        switch self {
+        case .peer(let endpoint): "peer \(endpoint)"
+        case .local: "local"
+        }
+    }
+}
+
+/// The subnet → host table of the data path.
+///
+/// Direct-indexed over the configured network: the entry of address `a` is
+/// `(a − network) >> (32 − SubnetLen)`. Each entry is one 64-bit word
+/// (kind | port | IPv4 address), written and read atomically, so a reader
+/// never sees half of an update and never takes a lock. Writers (the control
+/// task) serialise among themselves.
+///
+/// The storage is an anonymous mapping: for a large network most entries are
+/// never written and cost no memory (untouched pages read as zero = empty).
+public final class SubnetTable: @unchecked Sendable {
+    public let network: IPv4Network
+    public let subnetLength: Int
+    public let entryCount: Int
+
+    private let storage: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
+    private let mappedBytes: Int
+    private let shift: UInt32
+    private let base: UInt32
+    /// The writers' view: what each subnet is set to, for listing and diffing.
+    private let routes = Mutex<[IPv4Network: Route]>([:])
+
+    static let kindPeer: UInt64 = 1 << 48
+    static let kindLocal: UInt64 = 2 << 48
+
+    public init(network: IPv4Network, subnetLength: Int) throws {
+        guard subnetLength >= network.prefixLength, subnetLength <= 32 else {
+            throw SubnetTableError.badSubnetLength(network: network, subnetLength: subnetLength)
+        }
+        self.network = network
+        self.subnetLength = subnetLength
+        self.entryCount = 1 << (subnetLength - network.prefixLength)
+        self.shift = UInt32(32 - subnetLength)
+        self.base = network.address.value
+        let bytes = entryCount * MemoryLayout<UnsafeAtomic<UInt64>.Storage>.stride
+        let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+        mappedBytes = (bytes + pageSize - 1) / pageSize * pageSize
+        let p = mmap(nil, mappedBytes, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let p, p != MAP_FAILED else {
+            throw SystemError("mmap \(mappedBytes) bytes", on: "subnet table for \(network)", errno: .current)
+        }
+        storage = p.bindMemory(to: UnsafeAtomic<UInt64>.Storage.self, capacity: entryCount)
+    }
+
+    deinit { munmap(storage, mappedBytes) }
+
+    // MARK: Data path (lock-free)
+
+    /// The raw entry for a destination address (host byte order); 0 when no
+    /// subnet holds it. Decode with `SubnetTable.endpoint(of:)`.
+    @inline(__always)
+    public func entry(for address: UInt32) -> UInt64 {
+        let offset = address &- base
+        let index = offset >> shift
+        // An address outside the network wraps to an offset ≥ the network's
+        // size, so to an index past the end.
+        guard Int(index) < entryCount else { return 0 }
+        return UnsafeAtomic<UInt64>(at: storage + Int(index)).load(ordering: .relaxed)
+    }
+
+    @inline(__always) public static func isPeer(_ entry: UInt64) -> Bool { entry & (0xff << 48) == kindPeer }
+    @inline(__always) public static func isLocal(_ entry: UInt64) -> Bool { entry & (0xff << 48) == kindLocal }
+    /// IPv4 address (host order) of a peer entry.
+    @inline(__always) public static func peerAddress(_ entry: UInt64) -> UInt32 { UInt32(truncatingIfNeeded: entry) }
+    @inline(__always) public static func peerPort(_ entry: UInt64) -> UInt16 { UInt16(truncatingIfNeeded: entry >> 32) }
+
+    static func encode(_ route: Route) -> UInt64 {
+        switch route {
+        case .peer(let e): kindPeer | UInt64(e.port) << 32 | UInt64(e.address.value)
+        case .local: kindLocal
+        }
+    }
+
+    /// What the data path would do for `address`.
+    public func route(for address: IPv4Address) -> Route? {
+        let e = entry(for: address.value)
+        if SubnetTable.isPeer(e) {
+            return .peer(UDPEndpoint(address: IPv4Address(SubnetTable.peerAddress(e)), port: SubnetTable.peerPort(e)))
+        }
+        return SubnetTable.isLocal(e) ? .local : nil
+    }
+
+    // MARK: Control side
+
+    /// Points `subnet` at `route`. The subnet must lie in the network and be
+    /// no smaller than SubnetLen (a larger one fills several entries).
+    public func set(_ subnet: IPv4Network, to route: Route) throws {
+        let range = try indices(of: subnet)
+        let value = SubnetTable.encode(route)
+        routes.withLock { routes in
+            routes[subnet] = route
+            for i in range { UnsafeAtomic<UInt64>(at: storage + i).store(value, ordering: .relaxed) }
+        }
+    }
+
+    /// Forgets `subnet`; packets for it then get "network unreachable".
+    public func remove(_ subnet: IPv4Network) {
+        guard let range = try? indices(of: subnet) else { return }
+        routes.withLock { routes in
+            guard routes.removeValue(forKey: subnet) != nil else { return }
+            for i in range { UnsafeAtomic<UInt64>(at: storage + i).store(0, ordering: .relaxed) }
+        }
+    }
+
+    /// Every subnet currently set, as the writers see it.
+    public var allRoutes: [IPv4Network: Route] { routes.withLock { $0 } }
+
+    private func indices(of subnet: IPv4Network) throws -> Range<Int> {
+        guard network.contains(subnet) else {
+            throw SubnetTableError.outsideNetwork(subnet: subnet, network: network)
+        }
+        guard subnet.prefixLength <= subnetLength else {
+            throw SubnetTableError.smallerThanSubnetLength(subnet: subnet, subnetLength: subnetLength)
+        }
+        let first = Int((subnet.address.value &- base) >> shift)
+        return first ..< first + (1 << (subnetLength - subnet.prefixLength))
+    }
+}
+
+public enum SubnetTableError: Error, Sendable, CustomStringConvertible {
+    case badSubnetLength(network: IPv4Network, subnetLength: Int)
+    case outsideNetwork(subnet: IPv4Network, network: IPv4Network)
+    case smallerThanSubnetLength(subnet: IPv4Network, subnetLength: Int)
+
+    public var description: String {
+        switch self {
+        case .badSubnetLength(let network, let len):
+            "SubnetLen /\(len) does not fit Network \(network)"
+        case .outsideNetwork(let subnet, let network):
+            "subnet \(subnet) lies outside the network \(network); ignoring it"
+        case .smallerThanSubnetLength(let subnet, let len):
+            "subnet \(subnet) is smaller than SubnetLen /\(len); ignoring it"
+        }
+    }
+}

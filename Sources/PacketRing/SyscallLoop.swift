@@ -1,0 +1,156 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CTunnel
+import NetBase
+import UDPEncap
+
+/// The data path without the fast path: poll, then one read and one send
+/// (or one receive and one write) per packet — what flannel's udp backend
+/// does. Kept as a baseline for the benchmarks and as a fallback where
+/// io_uring is unavailable.
+public final class SyscallLoop: DataPathLoop, @unchecked Sendable {
+    public let statistics = Statistics()
+    private let forwarder: Forwarder
+    private let tunFD: Int32
+    private let udpFD: Int32
+    private let capacity: Int
+    private let wakeFD: Int32
+    private let buffer: UnsafeMutableRawPointer
+
+    public init(forwarder: Forwarder, tunFD: Int32, udpFD: Int32, configuration: LoopConfiguration) throws {
+        self.forwarder = forwarder
+        self.tunFD = tunFD
+        self.udpFD = udpFD
+        self.capacity = configuration.packetCapacity
+        buffer = .allocate(byteCount: DataPath.headroom + capacity, alignment: 64)
+        wakeFD = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
+        guard wakeFD >= 0 else { throw SystemError("eventfd", on: "data path", errno: .current) }
+    }
+
+    deinit {
+        buffer.deallocate()
+        close(wakeFD)
+    }
+
+    public func stop() {
+        var one: UInt64 = 1
+        _ = write(wakeFD, &one, 8)
+    }
+
+    public func run() throws {
+        var fds = [
+            pollfd(fd: tunFD, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: udpFD, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0),
+        ]
+        let p = buffer + DataPath.headroom
+        var peer = sockaddr_in()
+        while true {
+            let n = poll(&fds, 3, -1)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SystemError("poll", on: "data path", errno: .current)
+            }
+            if fds[2].revents != 0 { return }
+            statistics.add(.batches)
+            if fds[0].revents & Int16(POLLIN) != 0 {
+                let r = read(tunFD, p, capacity)
+                if r > 0 {
+                    switch forwarder.fromTun(p, length: r, capacity: capacity, stats: statistics) {
+                    case .send(let address, let port, let length):
+                        UDPEndpoint(address: IPv4Address(address), port: port).write(to: &peer)
+                        let s = withUnsafePointer(to: &peer) {
+                            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                                sendto(udpFD, p, length, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                            }
+                        }
+                        if s < 0 { statistics.add(.sendErrors) } else {
+                            statistics.add(.udpPacketsSent)
+                            statistics.add(.udpBytesSent, UInt64(s))
+                        }
+                    case .reply(let length):
+                        if write(tunFD, p, length) < 0 { statistics.add(.tunWriteErrors) }
+                    case .drop:
+                        break
+                    }
+                } else if r < 0 && errno != EAGAIN && errno != EINTR {
+                    statistics.add(.readErrors)
+                }
+            } else if fds[0].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 {
+                throw SystemError("poll", on: "TUN device", errno: Errno(EIO), hint: "the device went away")
+            }
+            if fds[1].revents & Int16(POLLIN | POLLERR) != 0 {
+                var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+                let r = withUnsafeMutablePointer(to: &peer) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        recvfrom(udpFD, p, capacity, Int32(MSG_TRUNC), $0, &len)
+                    }
+                }
+                if r > capacity {
+                    statistics.add(.udpDatagramsReceived)
+                    statistics.add(.droppedTruncated)
+                } else if r >= 0 {
+                    let sender = UInt32(bigEndian: peer.sin_addr.s_addr)
+                    if let length = forwarder.fromNetwork(p, length: r, sender: sender, stats: statistics) {
+                        let w = write(tunFD, p, length)
+                        if w < 0 { statistics.add(.tunWriteErrors) } else {
+                            statistics.add(.tunPacketsWritten)
+                            statistics.add(.tunBytesWritten, UInt64(w))
+                        }
+                    }
+                } else if errno != EAGAIN && errno != EINTR {
+                    statistics.add(.readErrors)
+                }
+            }
+            statistics.publish()
+        }
+    }
+}
+
+/// Runs a loop on a thread of its own and reports its end to async code.
+public final class DataPathThread: Sendable {
+    public let loop: any DataPathLoop
+    private let finished: AsyncThrowingStream<Void, any Error>
+    private let continuation: AsyncThrowingStream<Void, any Error>.Continuation
+
+    public init(loop: any DataPathLoop, name: String) {
+        self.loop = loop
+        (finished, continuation) = AsyncThrowingStream.makeStream()
+        let continuation = self.continuation
+        let thread = ThreadStart { [loop] in
+            do {
+                try loop.run()
+                continuation.finish()
+            } catch {
+                continuation.finish(throwing: error)
+            }
+        }
+        thread.start(name: name)
+    }
+
+    /// Waits until the loop returns; rethrows its error.
+    public func wait() async throws {
+        for try await _ in finished {}
+    }
+
+    public func stop() { loop.stop() }
+}
+
+/// A detached pthread running one closure.
+final class ThreadStart: @unchecked Sendable {
+    let body: @Sendable () -> Void
+    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+
+    func start(name: String) {
+        let box = Unmanaged.passRetained(self).toOpaque()
+        var thread = pthread_t()
+        let rc = pthread_create(&thread, nil, { arg in
+            let me = Unmanaged<ThreadStart>.fromOpaque(arg!).takeRetainedValue()
+            me.body()
+            return nil
+        }, box)
+        precondition(rc == 0, "pthread_create failed: \(Errno(rc))")
+        pthread_detach(thread)
+    }
+}

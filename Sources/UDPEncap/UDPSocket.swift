@@ -1,0 +1,97 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CTunnel
+import NetBase
+
+/// A UDP peer address: where a subnet's packets are sent.
+public struct UDPEndpoint: Hashable, Sendable, CustomStringConvertible {
+    public var address: IPv4Address
+    public var port: UInt16
+
+    public init(address: IPv4Address, port: UInt16) {
+        self.address = address
+        self.port = port
+    }
+
+    public var description: String { "\(address):\(port)" }
+
+    /// Fills a `sockaddr_in` for this endpoint.
+    @inline(__always)
+    public func write(to sa: UnsafeMutablePointer<sockaddr_in>) {
+        sa.pointee = sockaddr_in()
+        sa.pointee.sin_family = sa_family_t(AF_INET)
+        sa.pointee.sin_port = port.bigEndian
+        sa.pointee.sin_addr.s_addr = address.networkOrder
+    }
+
+    public init(_ sa: sockaddr_in) {
+        address = IPv4Address(networkOrder: sa.sin_addr.s_addr)
+        port = UInt16(bigEndian: sa.sin_port)
+    }
+}
+
+/// The udp backend's socket: bound to the backend port on every address,
+/// non-blocking, with large kernel buffers so bursts are absorbed.
+public final class UDPSocket: Sendable {
+    public let fd: FileDescriptor
+    public let port: UInt16
+
+    /// Opens and binds the socket. `reusePort` lets several sockets (one per
+    /// data-path worker) share the port; the kernel spreads flows over them.
+    public init(bindAddress: IPv4Address = IPv4Address(0), port: UInt16,
+                reusePort: Bool = false, bufferBytes: Int32 = 8 << 20) throws {
+        let raw = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard raw >= 0 else {
+            throw SystemError("socket(AF_INET, SOCK_DGRAM)", on: "udp port \(port)", errno: .current)
+        }
+        let fd = FileDescriptor(taking: raw)
+        let object = "udp \(bindAddress):\(port)"
+        if reusePort {
+            try UDPSocket.setOption(raw, SOL_SOCKET, SO_REUSEPORT, 1, "SO_REUSEPORT", object)
+        }
+        // SO_*BUFFORCE passes the rmem_max/wmem_max limits when we hold
+        // CAP_NET_ADMIN; without it fall back to what the limits allow.
+        for (force, plain, name) in [(SO_RCVBUFFORCE, SO_RCVBUF, "SO_RCVBUF"), (SO_SNDBUFFORCE, SO_SNDBUF, "SO_SNDBUF")] {
+            if (try? UDPSocket.setOption(raw, SOL_SOCKET, force, bufferBytes, name, object)) == nil {
+                try UDPSocket.setOption(raw, SOL_SOCKET, plain, bufferBytes, name, object)
+            }
+        }
+        var sa = sockaddr_in()
+        UDPEndpoint(address: bindAddress, port: port).write(to: &sa)
+        let rc = withUnsafePointer(to: &sa) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(raw, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        guard rc == 0 else {
+            let e = Errno.current
+            throw SystemError("bind", on: object, errno: e,
+                              hint: e == Errno(EADDRINUSE)
+                                ? "another process (flanneld or tunneld?) already uses udp port \(port); stop it or set Backend.Port"
+                                : nil)
+        }
+        self.fd = fd
+        self.port = port
+    }
+
+    static func setOption(_ fd: Int32, _ level: Int32, _ name: Int32, _ value: Int32,
+                          _ optionName: String, _ object: String) throws {
+        var v = value
+        guard setsockopt(fd, level, name, &v, socklen_t(MemoryLayout<Int32>.size)) == 0 else {
+            throw SystemError("setsockopt \(optionName)", on: object, errno: .current)
+        }
+    }
+
+    /// The address and port the socket is bound to.
+    public var localEndpoint: UDPEndpoint {
+        var sa = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &sa) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd.rawValue, $0, &len) }
+        }
+        return UDPEndpoint(sa)
+    }
+
+    public func close() { fd.close() }
+}

@@ -1,0 +1,136 @@
+import Testing
+import UDPEncap
+
+/// Builds an IPv4 packet with a correct header checksum.
+func makePacket(source: UInt32 = 0x0A02_0105, destination: UInt32 = 0x0A02_0205, ttl: UInt8 = 64,
+                proto: UInt8 = 17, payload: [UInt8] = Array(repeating: 0xab, count: 32),
+                fragmentOffset: UInt16 = 0, id: UInt16 = 0x1234) -> [UInt8] {
+    var p = [UInt8](repeating: 0, count: 20 + payload.count)
+    p[0] = 0x45
+    let total = UInt16(p.count)
+    p[2] = UInt8(total >> 8); p[3] = UInt8(total & 0xff)
+    p[4] = UInt8(id >> 8); p[5] = UInt8(id & 0xff)
+    p[6] = UInt8(fragmentOffset >> 8); p[7] = UInt8(fragmentOffset & 0xff)
+    p[8] = ttl; p[9] = proto
+    for i in 0..<4 {
+        p[12 + i] = UInt8(truncatingIfNeeded: source >> (24 - 8 * UInt32(i)))
+        p[16 + i] = UInt8(truncatingIfNeeded: destination >> (24 - 8 * UInt32(i)))
+    }
+    p.replaceSubrange(20..., with: payload)
+    p.withUnsafeMutableBytes { IPv4Header.updateChecksum($0.baseAddress!) }
+    return p
+}
+
+@Suite struct IPv4HeaderTests {
+    @Test func wellFormedPacketIsAccepted() throws {
+        let p = makePacket()
+        let r = p.withUnsafeBytes { IPv4Header.validate($0.baseAddress!, length: $0.count) }
+        #expect(try r.get() == p.count)
+    }
+
+    @Test func paddingAfterTotalLengthIsTrimmed() throws {
+        let p = makePacket() + [0, 0, 0, 0]
+        let r = p.withUnsafeBytes { IPv4Header.validate($0.baseAddress!, length: $0.count) }
+        #expect(try r.get() == p.count - 4)
+    }
+
+    @Test func malformedPacketsAreNamed() {
+        func defect(_ bytes: [UInt8]) -> PacketDefect? {
+            let r = bytes.withUnsafeBytes { IPv4Header.validate($0.baseAddress!, length: $0.count) }
+            if case .failure(let d) = r { return d }
+            return nil
+        }
+        #expect(defect(Array(makePacket().prefix(19))) == .tooShort)
+        var v6 = makePacket(); v6[0] = 0x65
+        #expect(defect(v6) == .notIPv4)
+        var shortIHL = makePacket(); shortIHL[0] = 0x44
+        #expect(defect(shortIHL) == .badHeaderLength)
+        var longIHL = makePacket(payload: []); longIHL[0] = 0x4f
+        #expect(defect(longIHL) == .badHeaderLength)
+        var longTotal = makePacket(); longTotal[2] = 0xff
+        #expect(defect(longTotal) == .badTotalLength)
+        var badSum = makePacket(); badSum[10] ^= 0x01
+        #expect(defect(badSum) == .badChecksum)
+    }
+
+    @Test func randomBytesNeverTrap() {
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<20_000 {
+            let n = Int.random(in: 0...80, using: &rng)
+            var bytes = (0..<max(n, 1)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            if n > 0 && Bool.random() { bytes[0] = 0x45 }
+            _ = bytes.withUnsafeBytes { IPv4Header.validate($0.baseAddress!, length: n) }
+        }
+    }
+
+    @Test func ttlDecrementPatchesChecksumLikeAFullRecompute() {
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<10_000 {
+            var p = makePacket(source: .random(in: 0...UInt32.max, using: &rng),
+                               destination: .random(in: 0...UInt32.max, using: &rng),
+                               ttl: .random(in: 2...255, using: &rng),
+                               proto: .random(in: 0...255, using: &rng),
+                               id: .random(in: 0...UInt16.max, using: &rng))
+            var expected = p
+            expected[8] -= 1
+            expected.withUnsafeMutableBytes { IPv4Header.updateChecksum($0.baseAddress!) }
+            p.withUnsafeMutableBytes { IPv4Header.decrementTTL($0.baseAddress!) }
+            // One's complement has two zeros; both verify.
+            let verifies = p.withUnsafeBytes { IPv4Header.checksum($0.baseAddress!, count: 20) == 0 }
+            #expect(verifies)
+            #expect(p[8] == expected[8])
+            if !verifies { break }
+        }
+    }
+}
+
+@Suite struct ICMPErrorTests {
+    func rewrite(_ packet: [UInt8], kind: ICMPError.Kind, capacity: Int = 2048) -> [UInt8]? {
+        var buffer = packet + [UInt8](repeating: 0, count: capacity - packet.count)
+        let n = buffer.withUnsafeMutableBytes {
+            ICMPError.rewrite($0.baseAddress!, length: packet.count, capacity: capacity,
+                              kind: kind, source: 0x0A02_0100)
+        }
+        return n.map { Array(buffer.prefix($0)) }
+    }
+
+    @Test func unreachableQuotesTheOriginalAndGoesBackToTheSender() throws {
+        let original = makePacket(source: 0x0A02_0105, destination: 0x0A02_6305)
+        let icmp = try #require(rewrite(original, kind: .networkUnreachable))
+        let ok = icmp.withUnsafeBytes { try? IPv4Header.validate($0.baseAddress!, length: $0.count).get() }
+        #expect(ok == icmp.count)
+        icmp.withUnsafeBytes {
+            #expect(IPv4Header.source($0.baseAddress!) == 0x0A02_0100)
+            #expect(IPv4Header.destination($0.baseAddress!) == 0x0A02_0105)
+            #expect(IPv4Header.proto($0.baseAddress!) == 1)
+            #expect(IPv4Header.checksum($0.baseAddress! + 20, count: icmp.count - 20) == 0)
+        }
+        #expect(icmp[20] == 3 && icmp[21] == 0)
+        #expect(Array(icmp[28...]) == original)
+    }
+
+    @Test func timeExceededIsType11() throws {
+        let icmp = try #require(rewrite(makePacket(ttl: 1), kind: .timeExceeded))
+        #expect(icmp[20] == 11 && icmp[21] == 0)
+    }
+
+    @Test func longPacketsAreQuotedUpTo576Bytes() throws {
+        let original = makePacket(payload: Array(repeating: 7, count: 1400))
+        let icmp = try #require(rewrite(original, kind: .networkUnreachable))
+        #expect(icmp.count == 576)
+        #expect(Array(icmp[28...]) == Array(original.prefix(548)))
+    }
+
+    @Test func icmpErrorsAndLaterFragmentsGetNoAnswer() {
+        // An ICMP error (type 3) must never cause another.
+        let error = makePacket(proto: 1, payload: [3, 0, 0, 0, 0, 0, 0, 0])
+        #expect(rewrite(error, kind: .networkUnreachable) == nil)
+        // An echo request does.
+        let echo = makePacket(proto: 1, payload: [8, 0, 0, 0, 0, 0, 0, 0])
+        #expect(rewrite(echo, kind: .networkUnreachable) != nil)
+        let fragment = makePacket(fragmentOffset: 185)
+        #expect(rewrite(fragment, kind: .networkUnreachable) == nil)
+        let multicastSource = makePacket(source: 0xE000_0001)
+        #expect(rewrite(multicastSource, kind: .networkUnreachable) == nil)
+    }
+}
