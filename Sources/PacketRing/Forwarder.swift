@@ -66,10 +66,13 @@ public struct Forwarder: Sendable {
         return .send(address: SubnetTable.peerAddress(entry), port: SubnetTable.peerPort(entry), length: total)
     }
 
-    /// Checks a datagram from `sender` (host-order address); returns the
-    /// length to write into the TUN, or nil to drop it.
+    /// Checks a datagram from `sender`:`senderPort` (host order); returns
+    /// the length to write into the TUN, or nil to drop it. Peers send from
+    /// the backend port they listen on, so a datagram from another port of
+    /// the right host is not the peer's either.
     @inline(__always)
-    func fromNetwork(_ p: UnsafeRawPointer, length: Int, sender: UInt32, stats: Statistics) -> Int? {
+    func fromNetwork(_ p: UnsafeRawPointer, length: Int, sender: UInt32, senderPort: UInt16,
+                     stats: Statistics) -> Int? {
         stats.add(.udpDatagramsReceived)
         let total: Int
         switch IPv4Header.validate(p, length: length) {
@@ -84,7 +87,7 @@ public struct Forwarder: Sendable {
                 stats.add(.droppedUnknownPeer)
                 return nil
             }
-            guard SubnetTable.peerAddress(entry) == sender else {
+            guard SubnetTable.peerAddress(entry) == sender, SubnetTable.peerPort(entry) == senderPort else {
                 stats.add(.droppedSpoofedSource)
                 return nil
             }

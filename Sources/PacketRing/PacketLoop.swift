@@ -246,7 +246,9 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
             return
         }
         let sender = UInt32(bigEndian: addresses[slot].sin_addr.s_addr)
-        guard let n = forwarder.fromNetwork(packet(slot), length: length, sender: sender, stats: statistics) else {
+        let port = UInt16(bigEndian: addresses[slot].sin_port)
+        guard let n = forwarder.fromNetwork(packet(slot), length: length, sender: sender, senderPort: port,
+                                            stats: statistics) else {
             postUDPRecv(ring, slot)
             return
         }

@@ -92,7 +92,9 @@ public final class SyscallLoop: DataPathLoop, @unchecked Sendable {
                     statistics.add(.droppedTruncated)
                 } else if r >= 0 {
                     let sender = UInt32(bigEndian: peer.sin_addr.s_addr)
-                    if let length = forwarder.fromNetwork(p, length: r, sender: sender, stats: statistics) {
+                    if let length = forwarder.fromNetwork(p, length: r, sender: sender,
+                                                          senderPort: UInt16(bigEndian: peer.sin_port),
+                                                          stats: statistics) {
                         let w = write(tunFD, p, length)
                         if w < 0 { statistics.add(.tunWriteErrors) } else {
                             statistics.add(.tunPacketsWritten)
