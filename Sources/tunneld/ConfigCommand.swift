@@ -1,0 +1,78 @@
+import ArgumentParser
+import Foundation
+import LeaseStore
+
+struct Config: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Read or write the network config (flannel's config JSON).",
+        subcommands: [Set.self, Get.self])
+
+    struct Set: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Validate a flannel config JSON and store it.",
+            discussion: """
+                Example: {"Network":"10.2.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}
+                The JSON is checked with flannel's rules and stored as given, so flanneld and \
+                etcdctl read it back unchanged.
+                """)
+
+        @OptionGroup var storeOptions: StoreOptions
+
+        @Argument(help: ArgumentHelp("File holding the config JSON, or - for standard input.", valueName: "file|-"))
+        var file: String
+
+        func run() async throws {
+            let json: String
+            if file == "-" {
+                json = String(decoding: FileHandle.standardInput.readDataToEndOfFile(), as: UTF8.self)
+            } else {
+                guard let data = FileManager.default.contents(atPath: file) else {
+                    throw ValidationError("cannot read \(file): no such file or not readable")
+                }
+                json = String(decoding: data, as: UTF8.self)
+            }
+            let store = try storeOptions.open()
+            do {
+                let config = try await store.setNetworkConfig(json: json)
+                print("stored network config in \(store.location): Network \(config.network), SubnetLen \(config.subnetLen), subnets \(config.subnetMin.address)…\(config.subnetMax.address), backend \(config.backend.type)")
+            } catch let error as NetworkConfigError {
+                throw ValidationError("invalid network config: \(error)")
+            }
+        }
+    }
+
+    struct Get: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print the stored network config JSON.")
+
+        @OptionGroup var storeOptions: StoreOptions
+
+        func run() async throws {
+            let store = try storeOptions.open()
+            guard let json = try await store.rawNetworkConfig() else {
+                throw LeaseStoreError.configNotFound(location: store.location)
+            }
+            print(json.hasSuffix("\n") ? String(json.dropLast()) : json)
+        }
+    }
+}
+
+struct Leases: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List the subnet leases of the network.")
+
+    @OptionGroup var storeOptions: StoreOptions
+
+    func run() async throws {
+        let store = try storeOptions.open()
+        let snapshot = try await store.leases()
+        let formatter = ISO8601DateFormatter()
+        print("SUBNET".padding(toLength: 20, withPad: " ", startingAt: 0) + "PUBLIC-IP".padding(toLength: 18, withPad: " ", startingAt: 0) + "BACKEND".padding(toLength: 10, withPad: " ", startingAt: 0) + "EXPIRES")
+        for lease in snapshot.leases.sorted(by: { $0.subnet.address < $1.subnet.address }) {
+            let expires = lease.expiration.map { formatter.string(from: $0) } ?? "never (reservation)"
+            print(lease.subnet.description.padding(toLength: 20, withPad: " ", startingAt: 0)
+                  + lease.attributes.publicIP.description.padding(toLength: 18, withPad: " ", startingAt: 0)
+                  + (lease.attributes.backendType ?? "udp").padding(toLength: 10, withPad: " ", startingAt: 0)
+                  + expires)
+        }
+    }
+}

@@ -1,0 +1,93 @@
+import ArgumentParser
+import Foundation
+import LeaseStore
+import Logging
+import NetBase
+import ServiceLifecycle
+
+struct Run: AsyncParsableCommand, LogLevelOption {
+    static let configuration = CommandConfiguration(
+        abstract: "Join the network: lease a subnet, write subnet.env, and carry traffic to the other hosts.")
+
+    enum Backend: String, ExpressibleByArgument, CaseIterable {
+        case udp, vxlan
+        case hostGW = "host-gw"
+    }
+
+    enum DataPathKind: String, ExpressibleByArgument, CaseIterable {
+        /// io_uring, batched.
+        case uring
+        /// One system call per packet, like flannel's udp backend.
+        case simple
+    }
+
+    @OptionGroup var storeOptions: StoreOptions
+
+    @Option(help: ArgumentHelp("Backend; must agree with the config's Backend.Type (default: the config's).",
+                               valueName: "udp|vxlan|host-gw"))
+    var backend: Backend?
+
+    @Option(help: ArgumentHelp("Interface (name or IP) for traffic between hosts; may be repeated, the first that exists is used. Default: the interface of the default route.",
+                               valueName: "name|ip"))
+    var iface: [String] = []
+
+    @Option(help: ArgumentHelp("IP other hosts send to (default: the interface's address).", valueName: "ip"))
+    var publicIP: String?
+
+    @Option(help: ArgumentHelp("Where to write flannel's subnet.env.", valueName: "file"))
+    var subnetFile: String = "/run/flannel/subnet.env"
+
+    @Option(help: ArgumentHelp("Renew the lease this many minutes before it expires (1–1439).", valueName: "minutes"))
+    var subnetLeaseRenewMargin: Int = 60
+
+    @Option(help: ArgumentHelp("Name of the TUN device.", valueName: "name"))
+    var device: String = "flannel0"
+
+    @Option(help: ArgumentHelp("Data path: uring (batched io_uring) or simple (one system call per packet, like flannel).",
+                               valueName: "uring|simple"))
+    var datapath: DataPathKind = .uring
+
+    @Option(help: ArgumentHelp("Packets kept in flight per direction by the io_uring data path.", valueName: "n"))
+    var queueDepth: Int = 64
+
+    @Flag(help: "Accept datagrams from any sender, as flannel does (default: only from the peer that owns the packet's source subnet).")
+    var acceptUnknownPeers = false
+
+    @Flag(help: "Release the lease on exit (default: keep it, so a restart gets the same subnet).")
+    var releaseOnExit = false
+
+    @Flag(help: "Set up IP masquerade for traffic leaving the overlay network (not yet supported).")
+    var ipMasq = false
+
+    @Option(help: ArgumentHelp("Log level.", valueName: "trace|debug|info|notice|warning|error"))
+    var logLevel: Logger.Level = .info
+
+    func validate() throws {
+        guard (1...1439).contains(subnetLeaseRenewMargin) else {
+            throw ValidationError("--subnet-lease-renew-margin must be between 1 and 1439 minutes, not \(subnetLeaseRenewMargin)")
+        }
+        guard (1...4096).contains(queueDepth) else {
+            throw ValidationError("--queue-depth must be between 1 and 4096, not \(queueDepth)")
+        }
+        if let publicIP, IPv4Address(publicIP) == nil {
+            throw ValidationError("--public-ip \(publicIP) is not an IPv4 address (expected a.b.c.d)")
+        }
+        guard !device.isEmpty, device.utf8.count < 16, !device.contains("/"), !device.contains(" ") else {
+            throw ValidationError("--device \(device) is not a valid interface name (1–15 characters, no '/' or spaces)")
+        }
+        if ipMasq {
+            throw ValidationError("--ip-masq is not supported yet: set up masquerading yourself or run without it")
+        }
+    }
+
+    func run() async throws {
+        let logger = Logger(label: "tunneld")
+        let store = try storeOptions.open()
+        let daemon = Daemon(options: self, store: store, logger: logger)
+        let group = ServiceGroup(configuration: .init(
+            services: [.init(service: daemon)],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger))
+        try await group.run()
+    }
+}

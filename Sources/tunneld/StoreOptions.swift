@@ -1,0 +1,56 @@
+import ArgumentParser
+import Foundation
+import LeaseStore
+import NetBase
+
+/// Where the network config and the leases live: the embedded local store
+/// (one machine) or etcd (a cluster).
+struct StoreOptions: ParsableArguments {
+    enum Kind: String, ExpressibleByArgument, CaseIterable {
+        case local, etcd
+    }
+
+    @Option(help: ArgumentHelp(
+        "Store for config and leases: local (a state directory shared by the tunneld processes of one machine) or etcd. Default: etcd, or local when --store-dir is given.",
+        valueName: "local|etcd"))
+    var store: Kind?
+
+    @Option(help: ArgumentHelp("State directory of the local store.", valueName: "dir"))
+    var storeDir: String?
+
+    @Option(help: ArgumentHelp("etcd endpoints, comma-separated (flanneld's -etcd-endpoints).", valueName: "urls"))
+    var etcdEndpoints: String = "http://127.0.0.1:4001,http://127.0.0.1:2379"
+
+    @Option(help: ArgumentHelp("etcd key prefix of the network (flanneld's -etcd-prefix).", valueName: "prefix"))
+    var etcdPrefix: String = "/coreos.com/network"
+
+    @Option(help: ArgumentHelp("TLS key file for etcd.", valueName: "file"))
+    var etcdKeyfile: String?
+    @Option(help: ArgumentHelp("TLS certificate file for etcd.", valueName: "file"))
+    var etcdCertfile: String?
+    @Option(help: ArgumentHelp("TLS CA file for etcd.", valueName: "file"))
+    var etcdCafile: String?
+    @Option(help: ArgumentHelp("Username for etcd authentication.", valueName: "name"))
+    var etcdUsername: String?
+    @Option(help: ArgumentHelp("Password for etcd authentication.", valueName: "password"))
+    var etcdPassword: String?
+
+    static let defaultStoreDirectory = "/var/lib/tunneld"
+
+    var kind: Kind { store ?? (storeDir != nil ? .local : .etcd) }
+
+    func validate() throws {
+        if store == .etcd && storeDir != nil {
+            throw ValidationError("--store-dir belongs to the local store; drop it or use --store local")
+        }
+    }
+
+    func open() throws -> any LeaseStore {
+        switch kind {
+        case .local:
+            return try LocalLeaseStore(directory: storeDir ?? Self.defaultStoreDirectory)
+        case .etcd:
+            return try makeEtcdStore()
+        }
+    }
+}

@@ -1,0 +1,47 @@
+import ArgumentParser
+import Foundation
+import Logging
+
+@main
+struct Tunneld: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "tunneld",
+        abstract: "A flannel-compatible overlay network daemon with a fast userspace udp backend.",
+        discussion: """
+            tunneld gives every host a subnet of one cluster-wide network and carries container \
+            traffic between hosts. It reads flannel's config and leases (etcd keys \
+            <prefix>/config and <prefix>/subnets/…) and writes flannel's subnet.env.
+            flanneld's flag spellings (-etcd-endpoints=…, -iface=…) and FLANNELD_* environment \
+            variables are accepted.
+            """,
+        subcommands: [Run.self, Config.self, Leases.self],
+        defaultSubcommand: nil
+    )
+
+    static func main() async {
+        let arguments = FlannelArguments.normalize(Array(CommandLine.arguments.dropFirst()),
+                                                   environment: ProcessInfo.processInfo.environment)
+        do {
+            var command = try parseAsRoot(arguments)
+            let level = (command as? any LogLevelOption)?.logLevel ?? .info
+            LoggingSystem.bootstrap { label in
+                var handler = StreamLogHandler.standardError(label: label)
+                handler.logLevel = level
+                return handler
+            }
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            exit(withError: error)
+        }
+    }
+}
+
+protocol LogLevelOption {
+    var logLevel: Logger.Level { get }
+}
+
+extension Logger.Level: @retroactive ExpressibleByArgument {}
