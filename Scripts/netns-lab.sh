@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# A lab of "hosts" in network namespaces, for the demo and the end-to-end
+# tests: an underlay switch (a bridge in its own namespace), hosts on it at
+# 198.18.0.N/24, and behind each host a container namespace on a docker0-like
+# bridge addressed from the host's subnet.env — the way Docker's --bip/--mtu
+# would use it.
+#
+# Nothing is added to the root namespace. Every namespace name starts with
+# the lab's prefix, and `destroy` removes them all and stops, by PID, the
+# processes the lab started.
+#
+#   netns-lab.sh create  LAB DIR             underlay switch; DIR holds state, logs, pids
+#   netns-lab.sh add-host LAB DIR N -- CMD…  host N; runs CMD… in it (tunneld), waits for
+#                                            DIR/hN.env, then builds container N from it
+#   netns-lab.sh add-etcd LAB DIR ETCD-ARGS… an etcd on the underlay at 198.18.0.250
+#   netns-lab.sh stop    LAB DIR NAME        SIGTERM the process NAME (h1, etcd…), wait ≤15 s
+#   netns-lab.sh start   LAB DIR NAME        start NAME again with its saved command
+#   netns-lab.sh container-ip LAB DIR N      the container's address
+#   netns-lab.sh destroy LAB DIR             stop everything, remove every namespace
+set -euo pipefail
+
+cmd=${1:?usage: netns-lab.sh create|add-host|add-etcd|stop|start|container-ip|destroy LAB DIR …}
+lab=${2:?lab name (namespace prefix) missing}
+dir=${3:?state directory missing}
+shift 3
+
+ns() { echo "${lab}-$1"; }
+log() { echo "netns-lab: $*" >&2; }
+
+# Starts "$@" in namespace $1 in the background, as process NAME $2.
+spawn() {
+  local name=$1 netns=$2; shift 2
+  printf '%q ' "$@" >"$dir/$name.cmd"
+  echo "$netns" >"$dir/$name.ns"
+  ip netns exec "$netns" "$@" >>"$dir/$name.log" 2>&1 &
+  echo $! >"$dir/$name.pid"
+}
+
+stop_process() {
+  local name=$1 pid
+  [ -f "$dir/$name.pid" ] || return 0
+  pid=$(cat "$dir/$name.pid")
+  rm -f "$dir/$name.pid"
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 150); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  log "$name (pid $pid) did not stop within 15 s; killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+wait_for_file() {
+  local file=$1 name=$2
+  for _ in $(seq 1 300); do
+    [ -s "$file" ] && return 0
+    if [ -f "$dir/$name.pid" ] && ! kill -0 "$(cat "$dir/$name.pid")" 2>/dev/null; then
+      log "$name exited before writing $file; its log:"; tail -20 "$dir/$name.log" >&2; return 1
+    fi
+    sleep 0.1
+  done
+  log "$file did not appear within 30 s; log of $name:"; tail -20 "$dir/$name.log" >&2
+  return 1
+}
+
+case "$cmd" in
+create)
+  mkdir -p "$dir"
+  ip netns add "$(ns u)"
+  ip -n "$(ns u)" link add sw0 type bridge
+  ip -n "$(ns u)" link set sw0 up
+  ip -n "$(ns u)" link set lo up
+  ;;
+
+add-host)
+  n=${1:?host number missing}; shift
+  [ "${1:-}" = "--" ] && shift
+  h=$(ns "h$n"); c=$(ns "c$n")
+  ip netns add "$h"
+  ip -n "$h" link set lo up
+  ip link add eth0 netns "$h" type veth peer name "p$n" netns "$(ns u)"
+  ip -n "$(ns u)" link set "p$n" master sw0 up
+  ip -n "$h" addr add "198.18.0.$n/24" dev eth0
+  ip -n "$h" link set eth0 up
+  ip netns exec "$h" sysctl -qw net.ipv4.ip_forward=1
+  # Hosts reach nothing but the lab: no default route beyond the underlay.
+  ip -n "$h" route add default via 198.18.0.254 dev eth0 2>/dev/null || true
+  spawn "h$n" "$h" "$@"
+  wait_for_file "$dir/h$n.env" "h$n"
+  # shellcheck disable=SC1090
+  . "$dir/h$n.env"
+  bip=${FLANNEL_SUBNET%/*}; len=${FLANNEL_SUBNET#*/}
+  base=${bip%.*}; last=${bip##*.}
+  cip="$base.$((last + 1))"
+  ip netns add "$c"
+  ip -n "$c" link set lo up
+  ip -n "$h" link add cbr0 type bridge
+  ip -n "$h" addr add "$FLANNEL_SUBNET" dev cbr0
+  ip -n "$h" link set cbr0 mtu "$FLANNEL_MTU" up
+  ip link add eth0 netns "$c" type veth peer name veth0 netns "$h"
+  ip -n "$h" link set veth0 master cbr0 mtu "$FLANNEL_MTU" up
+  ip -n "$c" addr add "$cip/$len" dev eth0
+  ip -n "$c" link set eth0 mtu "$FLANNEL_MTU" up
+  ip -n "$c" route add default via "$bip"
+  echo "$cip" >"$dir/c$n.ip"
+  ;;
+
+add-etcd)
+  e=$(ns etcd)
+  ip netns add "$e"
+  ip -n "$e" link set lo up
+  ip link add eth0 netns "$e" type veth peer name pe netns "$(ns u)"
+  ip -n "$(ns u)" link set pe master sw0 up
+  ip -n "$e" addr add 198.18.0.250/24 dev eth0
+  ip -n "$e" link set eth0 up
+  spawn etcd "$e" "$@"
+  ;;
+
+stop)
+  stop_process "${1:?process name missing}"
+  ;;
+
+start)
+  name=${1:?process name missing}
+  [ -f "$dir/$name.cmd" ] || { log "no saved command for $name"; exit 1; }
+  eval "set -- $(cat "$dir/$name.cmd")"
+  spawn "$name" "$(cat "$dir/$name.ns")" "$@"
+  ;;
+
+container-ip)
+  cat "$dir/c${1:?host number missing}.ip"
+  ;;
+
+destroy)
+  for pidfile in "$dir"/*.pid; do
+    [ -e "$pidfile" ] || continue
+    stop_process "$(basename "$pidfile" .pid)"
+  done
+  for n in $(ip netns list | awk '{print $1}' | grep -E "^${lab}-" || true); do
+    # Processes we did not start but that live in our namespaces (a ping
+    # left by an interrupted test) go with them.
+    for pid in $(ip netns pids "$n" 2>/dev/null || true); do kill -KILL "$pid" 2>/dev/null || true; done
+    ip netns del "$n" 2>/dev/null || true
+  done
+  ;;
+
+*)
+  log "unknown command $cmd"; exit 2
+  ;;
+esac

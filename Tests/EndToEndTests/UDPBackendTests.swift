@@ -1,0 +1,163 @@
+import Foundation
+import Testing
+
+/// The seed's network config.
+let seedConfig = #"{"Network":"10.2.0.0/16","SubnetLen":24,"SubnetMin":"10.2.1.0","SubnetMax":"10.2.254.0","Backend":{"Type":"udp"}}"#
+
+/// Container-to-container traffic through tunneld's udp backend, with hosts
+/// and containers in network namespaces and the embedded local store shared
+/// by the hosts (they share this machine's filesystem).
+@Suite(.serialized, .enabled(if: canRunNamespaceTests, namespaceSkipReason))
+struct UDPBackendTests {
+    func withLab(_ body: (Lab) throws -> Void) throws {
+        let lab = try Lab()
+        defer { lab.destroy() }
+        let configFile = lab.directory.appendingPathComponent("flannel-config.json")
+        try seedConfig.write(to: configFile, atomically: true, encoding: .utf8)
+        try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, configFile.path])
+        do {
+            try body(lab)
+        } catch {
+            // Leave the daemons' view of events in the test output.
+            for process in ["h1", "h2", "h3"] where !lab.log(process).isEmpty {
+                print("---- log of \(process) ----\n\(lab.log(process))")
+            }
+            throw error
+        }
+    }
+
+    func hostArguments(_ lab: Lab) -> [String] { ["--store-dir", lab.storeDirectory] }
+
+    @Test func containersOnTwoHostsReachEachOtherAndHostsComeAndGo() throws {
+        try withLab { lab in
+            try lab.addHost(1, extra: hostArguments(lab))
+            try lab.addHost(2, extra: hostArguments(lab))
+
+            // subnet.env is flannel's, and the lease behind it is what the
+            // other host sees.
+            let env1 = try lab.subnetEnv(1), env2 = try lab.subnetEnv(2)
+            #expect(env1["FLANNEL_NETWORK"] == "10.2.0.0/16")
+            #expect(env1["FLANNEL_MTU"] == "1472")
+            #expect(env1["FLANNEL_IPMASQ"] == "false")
+            let subnet1 = try #require(env1["FLANNEL_SUBNET"]), subnet2 = try #require(env2["FLANNEL_SUBNET"])
+            #expect(subnet1 != subnet2)
+            let text = try String(contentsOfFile: lab.subnetFile(1), encoding: .utf8)
+            #expect(text == "FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_SUBNET=\(subnet1)\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n")
+            let base1 = subnet1.replacingOccurrences(of: ".1/24", with: ".0/24")
+            let base2 = subnet2.replacingOccurrences(of: ".1/24", with: ".0/24")
+            #expect(lab.waitForLog("h2", containing: "peer \(base1) → peer 198.18.0.1:8285"))
+            #expect(lab.waitForLog("h1", containing: "peer \(base2) → peer 198.18.0.2:8285"))
+            let leases = try run([tunneldBinary, "leases", "--store-dir", lab.storeDirectory]).output
+            #expect(leases.contains(base1) && leases.contains("198.18.0.1"))
+            #expect(leases.contains(base2) && leases.contains("198.18.0.2"))
+
+            // Ping both ways.
+            let there = try lab.ping(from: 1, to: 2)
+            #expect(there.succeeded, "\(there.output)")
+            let back = try lab.ping(from: 2, to: 1)
+            #expect(back.succeeded, "\(back.output)")
+
+            // The device is what flannel's udp backend makes.
+            let link = try lab.exec("h1", ["ip", "-o", "addr", "show", "dev", "tun0"]).output
+            #expect(link.contains("inet \(base1.replacingOccurrences(of: "/24", with: "/32"))"))
+            let route = try lab.exec("h1", ["ip", "route", "show", "10.2.0.0/16"]).output
+            #expect(route.contains("dev tun0"))
+
+            // 20 MB over TCP arrives byte-identical.
+            try transfer(lab, from: 1, to: 2, megabytes: 20)
+
+            // A third host joins; the first two reach it without restarting.
+            try lab.addHost(3, extra: hostArguments(lab))
+            let to3from1 = try lab.ping(from: 1, to: 3)
+            #expect(to3from1.succeeded, "\(to3from1.output)")
+            let to3from2 = try lab.ping(from: 2, to: 3)
+            #expect(to3from2.succeeded, "\(to3from2.output)")
+            let to1from3 = try lab.ping(from: 3, to: 1)
+            #expect(to1from3.succeeded, "\(to1from3.output)")
+
+            // It leaves, releasing its lease: the others forget it, and a
+            // packet for it now gets "network unreachable" from the tunnel.
+            let subnet3 = try #require(lab.subnetEnv(3)["FLANNEL_SUBNET"])
+            let base3 = subnet3.replacingOccurrences(of: ".1/24", with: ".0/24")
+            try lab.lab("stop", "h3")
+            #expect(lab.log("h3").contains("released lease \(base3)"))
+            #expect(lab.log("h3").contains("removed device tun0"))
+            #expect(lab.waitForLog("h1", containing: "peer \(base3) is gone"))
+            #expect(lab.waitForLog("h2", containing: "peer \(base3) is gone"))
+            let gone = try lab.exec("c1", ["ping", "-c", "1", "-W", "2", try lab.containerIP(3)], check: false)
+            #expect(!gone.succeeded)
+            #expect(gone.output.contains("Unreachable"), "\(gone.output)")
+            let after = try run([tunneldBinary, "leases", "--store-dir", lab.storeDirectory]).output
+            #expect(!after.contains(base3))
+        }
+    }
+
+    @Test func aRestartedHostKeepsItsSubnet() throws {
+        try withLab { lab in
+            try lab.addHost(1, extra: hostArguments(lab))
+            try lab.addHost(2, extra: hostArguments(lab))
+            let before = try lab.subnetEnv(1)["FLANNEL_SUBNET"]
+            try lab.lab("stop", "h1")
+            #expect(lab.log("h1").contains("kept for a restart"))
+            // The device and its route went with the daemon.
+            let links = try lab.exec("h1", ["ip", "-o", "link"]).output
+            #expect(!links.contains("tun0"))
+            try FileManager.default.removeItem(atPath: lab.subnetFile(1))
+            try lab.lab("start", "h1")
+            #expect(lab.waitForLog("h1", containing: "tunneld ready"))
+            #expect(try lab.subnetEnv(1)["FLANNEL_SUBNET"] == before)
+            let ping = try lab.ping(from: 2, to: 1)
+            #expect(ping.succeeded, "\(ping.output)")
+        }
+    }
+
+    @Test func theFlannelStyleDataPathCarriesTrafficToo() throws {
+        try withLab { lab in
+            try lab.addHost(1, extra: hostArguments(lab) + ["--datapath", "simple"])
+            try lab.addHost(2, extra: hostArguments(lab))
+            let ping = try lab.ping(from: 1, to: 2)
+            #expect(ping.succeeded, "\(ping.output)")
+            try transfer(lab, from: 2, to: 1, megabytes: 5)
+        }
+    }
+
+    /// Sends random bytes over TCP from one container to another and compares
+    /// SHA-256 digests of what was sent and what arrived.
+    func transfer(_ lab: Lab, from: Int, to: Int, megabytes: Int) throws {
+        let source = lab.directory.appendingPathComponent("payload.bin").path
+        let received = lab.directory.appendingPathComponent("received.bin").path
+        try run(["dd", "if=/dev/urandom", "of=\(source)", "bs=1M", "count=\(megabytes)", "status=none"])
+        let target = try lab.containerIP(to)
+        let server = """
+            import socket,sys
+            s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
+            s.bind(('0.0.0.0',5201)); s.listen(1); s.settimeout(60)
+            c,_=s.accept(); c.settimeout(60)
+            with open(sys.argv[1],'wb') as f:
+                while True:
+                    b=c.recv(1<<16)
+                    if not b: break
+                    f.write(b)
+            """
+        let client = """
+            import socket,sys,time
+            for i in range(100):
+                try:
+                    s=socket.create_connection((sys.argv[1],5201),timeout=60); break
+                except OSError: time.sleep(0.1)
+            with open(sys.argv[2],'rb') as f: s.sendall(f.read())
+            s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
+            """
+        let serverProcess = Process()
+        serverProcess.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        serverProcess.arguments = ["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", server, received]
+        try serverProcess.run()
+        defer { if serverProcess.isRunning { serverProcess.terminate() } }
+        try lab.exec("c\(from)", ["python3", "-c", client, target, source], timeout: .seconds(90))
+        let deadline = ContinuousClock.now + .seconds(30)
+        while serverProcess.isRunning && ContinuousClock.now < deadline { usleep(50_000) }
+        let sent = try run(["sha256sum", source]).output.prefix(64)
+        let got = try run(["sha256sum", received]).output.prefix(64)
+        #expect(sent == got, "the \(megabytes) MB transfer arrived changed or incomplete")
+    }
+}
