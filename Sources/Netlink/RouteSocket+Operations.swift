@@ -37,7 +37,7 @@ extension RouteSocket {
 
     /// The device called `name`.
     public func link(named name: String) throws -> Link {
-        let operation = "RTM_GETLINK \(name)"
+        let operation = "RTM_GETLINK"
         try RouteSocket.validateInterfaceName(name, operation: operation)
         var request = NetlinkRequest(type: RTM_GETLINK)
         var header = ifinfomsg()
@@ -57,9 +57,10 @@ extension RouteSocket {
 
     /// The device with index `index`.
     public func link(index: Int32) throws -> Link {
-        try Link(message: linkMessage(index: index))
-            ?? { throw SystemError("RTM_GETLINK ifindex \(index)", on: "ifindex \(index)", errno: Errno(EPROTO),
-                                   hint: "the kernel's reply held no link") }()
+        guard let link = Link(message: try linkMessage(index: index)) else {
+            throw SystemError("RTM_GETLINK", on: "ifindex \(index)", errno: Errno(EPROTO), hint: "the kernel's reply held no link")
+        }
+        return link
     }
 
     /// Every device in the namespace, in index order.
@@ -90,14 +91,14 @@ extension RouteSocket {
         request.append(header: header)
         try perform(request) { failure in
             let name = linkName(index)
-            return ("RTM_NEWLINK dev \(name) \(up ? "up" : "down")", name, hint(failure, index: index))
+            return ("RTM_NEWLINK \(up ? "up" : "down")", name, hint(failure, index: index))
         }
     }
 
     public func setMTU(index: Int32, mtu: Int) throws {
         guard mtu > 0, mtu <= Int(Int32.max) else {
             let name = linkName(index)
-            throw SystemError("RTM_NEWLINK dev \(name) mtu \(mtu)", on: name, errno: .invalid,
+            throw SystemError("RTM_NEWLINK mtu \(mtu)", on: name, errno: .invalid,
                               hint: "an MTU must be a positive number of bytes")
         }
         var request = NetlinkRequest(type: RTM_NEWLINK)
@@ -112,7 +113,7 @@ extension RouteSocket {
             if failure.errno == .invalid, let range = try? mtuRange(index: index) {
                 hint = "\(name) accepts an MTU from \(range.lowerBound) to \(range.upperBound)"
             }
-            return ("RTM_NEWLINK dev \(name) mtu \(mtu)", name, hint)
+            return ("RTM_NEWLINK mtu \(mtu)", name, hint)
         }
     }
 
@@ -124,7 +125,7 @@ extension RouteSocket {
         header.ifi_index = index
         request.append(header: header)
         try perform(request) { failure in
-            ("RTM_DELLINK dev \(name)", name, hint(failure, index: index))
+            ("RTM_DELLINK", name, hint(failure, index: index))
         }
     }
 
@@ -280,10 +281,10 @@ extension RouteSocket {
         header.ifi_index = index
         request.append(header: header)
         let replies = try perform(request) { failure in
-            ("RTM_GETLINK ifindex \(index)", "ifindex \(index)", hint(failure, index: index))
+            ("RTM_GETLINK", "ifindex \(index)", hint(failure, index: index))
         }
         guard let message = replies.first(where: { $0.type == UInt16(RTM_NEWLINK) }) else {
-            throw SystemError("RTM_GETLINK ifindex \(index)", on: "ifindex \(index)", errno: Errno(EPROTO),
+            throw SystemError("RTM_GETLINK", on: "ifindex \(index)", errno: Errno(EPROTO),
                               hint: "the kernel's reply held no link")
         }
         return message

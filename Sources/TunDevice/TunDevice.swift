@@ -149,7 +149,7 @@ public final class TunDevice: Sendable {
             case .noSuchFile, .noSuchDevice, Errno(ENXIO): "load the tun module (modprobe tun)"
             default: nil
             }
-            throw SystemError("open", on: device, errno: e, hint: hint)
+            throw SystemError("open \(device)", on: name, errno: e, hint: hint)
         }
         var flags = ctunnel_IFF_TUN | ctunnel_IFF_NO_PI
         if multiQueue { flags |= ctunnel_IFF_MULTI_QUEUE }
