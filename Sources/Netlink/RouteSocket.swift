@@ -14,10 +14,11 @@ import Synchronization
 /// flight at a time: the lock that holds the sequence number also spans the
 /// send and the receive, so any thread may use the socket.
 ///
-/// Every error is a `SystemError` whose operation names the request the way
-/// `ip` would print it ("RTM_NEWROUTE 10.2.0.0/16 dev tun0"), whose object is
-/// the device concerned (or "rtnetlink"), and whose hint carries the kernel's
-/// extended-ack message when it sent one.
+/// Every error is a `SystemError` whose operation names the request much as
+/// `ip` would print it ("RTM_NEWROUTE 10.2.0.0/16 dev tun0", "RTM_NEWLINK mtu
+/// 1472"), whose object is the device concerned (its name, else "ifindex N";
+/// "rtnetlink" for dumps), and whose hint carries the kernel's extended-ack
+/// message when it sent one, then what to do.
 public final class RouteSocket: Sendable {
     private let descriptor: FileDescriptor
     /// The socket's netlink port id (the kernel's nl_pid for it).
