@@ -49,6 +49,12 @@ static const unsigned int ctunnel_TUN_F_TSO6 = TUN_F_TSO6;
 static const unsigned int ctunnel_TUN_F_USO4 = TUN_F_USO4;
 static const unsigned int ctunnel_TUN_F_USO6 = TUN_F_USO6;
 
+// ioctls whose argument is a value, not a pointer (TUNSETOFFLOAD takes an
+// unsigned long): Glibc's Swift overlay only passes an int there.
+static inline int ctunnel_ioctl_value(int fd, unsigned long request, unsigned long value) {
+    return ioctl(fd, request, value);
+}
+
 // ---- ifreq helpers: the union members are awkward from Swift ----
 static inline void ctunnel_ifreq_set_name(struct ifreq *ifr, const char *name) {
     memset(ifr->ifr_name, 0, IFNAMSIZ);

@@ -1,0 +1,100 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import NetBase
+
+/// A network device with its IPv4 addresses, as the daemon's `--iface` and
+/// `--public-ip` flags need it.
+public struct Interface: Hashable, Sendable, CustomStringConvertible {
+    public var name: String
+    public var index: Int32
+    public var mtu: Int
+    /// Primary address first, in the kernel's order.
+    public var addresses: [IPv4Address]
+
+    public init(name: String, index: Int32, mtu: Int, addresses: [IPv4Address]) {
+        self.name = name
+        self.index = index
+        self.mtu = mtu
+        self.addresses = addresses
+    }
+
+    public var description: String {
+        addresses.isEmpty ? name : "\(name) (\(addresses.map(\.description).joined(separator: ", ")))"
+    }
+}
+
+/// Finding the underlay interface the way flanneld's `-iface` does: by name
+/// or by one of its IPv4 addresses, or else the interface of the default
+/// route. Each result comes with the address to use on it.
+public enum InterfaceLookup {
+    static let operation = "look up interface"
+
+    /// Every interface in the namespace with its IPv4 addresses.
+    public static func interfaces(using socket: RouteSocket) throws -> [Interface] {
+        let links = try socket.links()
+        let addresses = try socket.addresses()
+        return links.map { link in
+            Interface(name: link.name, index: link.index, mtu: link.mtu,
+                      addresses: addresses.filter { $0.index == link.index }.map(\.address))
+        }
+    }
+
+    /// The interface called `nameOrAddress`, or the one that has it as an
+    /// IPv4 address. For a name, the address is the interface's first IPv4
+    /// address; for an address, that address.
+    public static func find(nameOrAddress: String, using socket: RouteSocket) throws -> (Interface, IPv4Address) {
+        let wanted = nameOrAddress.trimmingWhitespace
+        guard !wanted.isEmpty else {
+            throw SystemError(operation, on: "\"\"", errno: .invalid, hint: "give an interface name or an IPv4 address")
+        }
+        let all = try interfaces(using: socket)
+        if let address = IPv4Address(wanted) {
+            guard let match = all.first(where: { $0.addresses.contains(address) }) else {
+                throw SystemError(operation, on: wanted, errno: Errno(EADDRNOTAVAIL),
+                                  hint: "no interface has address \(address); available: \(listing(all))")
+            }
+            return (match, address)
+        }
+        guard let match = all.first(where: { $0.name == wanted }) else {
+            throw SystemError(operation, on: wanted, errno: .noSuchDevice,
+                              hint: "no interface named \(wanted) or with address \(wanted); available: \(listing(all))")
+        }
+        return (match, try firstAddress(of: match))
+    }
+
+    /// The interface of the IPv4 default route, with the route's preferred
+    /// source address if it has one on that interface, else the interface's
+    /// first IPv4 address.
+    public static func defaultInterface(using socket: RouteSocket) throws -> (Interface, IPv4Address) {
+        guard let route = try socket.defaultRoute() else {
+            throw SystemError(operation, on: "default route", errno: Errno(ENETUNREACH),
+                              hint: "there is no IPv4 default route; choose the interface with --iface")
+        }
+        let all = try interfaces(using: socket)
+        guard let match = all.first(where: { $0.index == route.outputIndex }) else {
+            throw SystemError(operation, on: "default route", errno: .noSuchDevice,
+                              hint: "the default route's device (ifindex \(route.outputIndex)) has gone; available: \(listing(all))")
+        }
+        if let source = route.source, match.addresses.contains(source) { return (match, source) }
+        return (match, try firstAddress(of: match))
+    }
+
+    private static func firstAddress(of interface: Interface) throws -> IPv4Address {
+        guard let first = interface.addresses.first else {
+            throw SystemError(operation, on: interface.name, errno: Errno(EADDRNOTAVAIL),
+                              hint: "\(interface.name) has no IPv4 address; add one or choose another interface")
+        }
+        return first
+    }
+
+    private static func listing(_ interfaces: [Interface]) -> String {
+        interfaces.isEmpty ? "none" : interfaces.map(\.description).joined(separator: ", ")
+    }
+}
+
+extension String {
+    var trimmingWhitespace: String {
+        String(drop(while: \.isWhitespace).reversed().drop(while: \.isWhitespace).reversed())
+    }
+}

@@ -1,0 +1,378 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CTunnel
+import NetBase
+
+// rtnetlink's constants import with assorted types (Int, Int32, C enums);
+// messages carry them as u8/u16/u32.
+enum RT {
+    static let dst = UInt16(RTA_DST.rawValue)
+    static let oif = UInt16(RTA_OIF.rawValue)
+    static let gateway = UInt16(RTA_GATEWAY.rawValue)
+    static let prefsrc = UInt16(RTA_PREFSRC.rawValue)
+    static let priority = UInt16(RTA_PRIORITY.rawValue)
+    static let table = UInt16(RTA_TABLE.rawValue)
+    static let multipath = UInt16(RTA_MULTIPATH.rawValue)
+    static let mainTable = UInt8(RT_TABLE_MAIN.rawValue)
+    static let scopeUniverse = UInt8(RT_SCOPE_UNIVERSE.rawValue)
+    static let scopeLink = UInt8(RT_SCOPE_LINK.rawValue)
+    static let scopeHost = UInt8(RT_SCOPE_HOST.rawValue)
+    static let scopeNowhere = UInt8(RT_SCOPE_NOWHERE.rawValue)
+    static let unicast = UInt8(RTN_UNICAST)
+    static let protocolBoot = UInt8(RTPROT_BOOT)
+    static let onlink = UInt32(RTNH_F_ONLINK)
+    static let cloned = UInt32(RTM_F_CLONED)
+    static let inet = UInt8(AF_INET)
+}
+
+extension RouteSocket {
+    // MARK: - Links
+
+    /// The index of the device called `name`. The error for a missing device
+    /// names it and lists the devices there are.
+    public func linkIndex(named name: String) throws -> Int32 {
+        try link(named: name).index
+    }
+
+    /// The device called `name`.
+    public func link(named name: String) throws -> Link {
+        let operation = "RTM_GETLINK"
+        try RouteSocket.validateInterfaceName(name, operation: operation)
+        var request = NetlinkRequest(type: RTM_GETLINK)
+        var header = ifinfomsg()
+        header.ifi_family = UInt8(AF_UNSPEC)
+        request.append(header: header)
+        request.append(attribute: IFLA_IFNAME, string: name)
+        let replies = try perform(request) { failure in
+            let hint = failure.errno == .noSuchDevice
+                ? "no network interface named \(name); available: \(availableLinkNames())" : nil
+            return (operation, name, hint)
+        }
+        guard let link = replies.lazy.compactMap(Link.init(message:)).first else {
+            throw SystemError(operation, on: name, errno: Errno(EPROTO), hint: "the kernel's reply held no link")
+        }
+        return link
+    }
+
+    /// The device with index `index`.
+    public func link(index: Int32) throws -> Link {
+        guard let link = Link(message: try linkMessage(index: index)) else {
+            throw SystemError("RTM_GETLINK", on: "ifindex \(index)", errno: Errno(EPROTO), hint: "the kernel's reply held no link")
+        }
+        return link
+    }
+
+    /// Every device in the namespace, in index order.
+    public func links() throws -> [Link] {
+        var request = NetlinkRequest(type: RTM_GETLINK)
+        var header = ifinfomsg()
+        header.ifi_family = UInt8(AF_UNSPEC)
+        request.append(header: header)
+        return try dump(request, operation: "RTM_GETLINK (dump)").compactMap(Link.init(message:))
+            .sorted { $0.index < $1.index }
+    }
+
+    public func setLinkUp(index: Int32) throws {
+        try setLinkFlags(index: index, up: true)
+    }
+
+    public func setLinkDown(index: Int32) throws {
+        try setLinkFlags(index: index, up: false)
+    }
+
+    private func setLinkFlags(index: Int32, up: Bool) throws {
+        var request = NetlinkRequest(type: RTM_NEWLINK)
+        var header = ifinfomsg()
+        header.ifi_family = UInt8(AF_UNSPEC)
+        header.ifi_index = index
+        header.ifi_flags = up ? LinkFlags.up : 0
+        header.ifi_change = LinkFlags.up
+        request.append(header: header)
+        try perform(request) { failure in
+            let name = linkName(index)
+            return ("RTM_NEWLINK \(up ? "up" : "down")", name, hint(failure, index: index))
+        }
+    }
+
+    public func setMTU(index: Int32, mtu: Int) throws {
+        guard mtu > 0, mtu <= Int(Int32.max) else {
+            let name = linkName(index)
+            throw SystemError("RTM_NEWLINK mtu \(mtu)", on: name, errno: .invalid,
+                              hint: "an MTU must be a positive number of bytes")
+        }
+        var request = NetlinkRequest(type: RTM_NEWLINK)
+        var header = ifinfomsg()
+        header.ifi_family = UInt8(AF_UNSPEC)
+        header.ifi_index = index
+        request.append(header: header)
+        request.append(attribute: IFLA_MTU, uint32: UInt32(mtu))
+        try perform(request) { failure in
+            let name = linkName(index)
+            var hint = hint(failure, index: index)
+            if failure.errno == .invalid, let range = try? mtuRange(index: index) {
+                hint = "\(name) accepts an MTU from \(range.lowerBound) to \(range.upperBound)"
+            }
+            return ("RTM_NEWLINK mtu \(mtu)", name, hint)
+        }
+    }
+
+    public func deleteLink(index: Int32) throws {
+        let name = linkName(index)
+        var request = NetlinkRequest(type: RTM_DELLINK)
+        var header = ifinfomsg()
+        header.ifi_family = UInt8(AF_UNSPEC)
+        header.ifi_index = index
+        request.append(header: header)
+        try perform(request) { failure in
+            ("RTM_DELLINK", name, hint(failure, index: index))
+        }
+    }
+
+    // MARK: - Addresses
+
+    /// Assigns `address/prefixLength` to the device. Adding an address the
+    /// device already has is not an error.
+    public func addAddress(index: Int32, address: IPv4Address, prefixLength: Int) throws {
+        try changeAddress(RTM_NEWADDR, index: index, address: address, prefixLength: prefixLength)
+    }
+
+    /// Removes `address/prefixLength` from the device. Removing an address
+    /// the device does not have is not an error.
+    public func deleteAddress(index: Int32, address: IPv4Address, prefixLength: Int) throws {
+        try changeAddress(RTM_DELADDR, index: index, address: address, prefixLength: prefixLength)
+    }
+
+    private func changeAddress(_ type: Int, index: Int32, address: IPv4Address, prefixLength: Int) throws {
+        let adding = type == RTM_NEWADDR
+        let verb = adding ? "RTM_NEWADDR" : "RTM_DELADDR"
+        guard (0...32).contains(prefixLength) else {
+            let name = linkName(index)
+            throw SystemError("\(verb) \(address)/\(prefixLength) dev \(name)", on: name, errno: .invalid,
+                              hint: "an IPv4 prefix length is 0 to 32")
+        }
+        var request = NetlinkRequest(type: type, flags: adding ? NLM_F_CREATE | NLM_F_EXCL : 0)
+        var header = ifaddrmsg()
+        header.ifa_family = RT.inet
+        header.ifa_prefixlen = UInt8(prefixLength)
+        // What `ip addr add` does: loopback addresses get host scope.
+        header.ifa_scope = address.value >> 24 == 127 ? RT.scopeHost : RT.scopeUniverse
+        header.ifa_index = UInt32(bitPattern: index)
+        request.append(header: header)
+        request.append(attribute: IFA_LOCAL, address: address)
+        request.append(attribute: IFA_ADDRESS, address: address)
+        let accepting: Set<Errno> = adding ? [.exists] : [Errno(EADDRNOTAVAIL)]
+        try perform(request, accepting: accepting) { failure in
+            let name = linkName(index)
+            return ("\(verb) \(address)/\(prefixLength) dev \(name)", name, hint(failure, index: index))
+        }
+    }
+
+    /// Every IPv4 address in the namespace, in the kernel's order (per
+    /// device, primary addresses first).
+    public func addresses() throws -> [InterfaceAddress] {
+        var request = NetlinkRequest(type: RTM_GETADDR)
+        var header = ifaddrmsg()
+        header.ifa_family = RT.inet
+        request.append(header: header)
+        return try dump(request, operation: "RTM_GETADDR (dump)").compactMap(InterfaceAddress.init(message:))
+    }
+
+    // MARK: - Routes
+
+    /// Adds `route` to the main table, replacing a route to the same
+    /// destination (and metric) if there is one, so adding twice is fine.
+    public func addRoute(_ route: Route) throws {
+        guard route.outputIndex > 0 || route.gateway != nil else {
+            throw SystemError("RTM_NEWROUTE \(route)", on: "rtnetlink", errno: .invalid,
+                              hint: "a route needs an output device or a gateway")
+        }
+        var request = NetlinkRequest(type: RTM_NEWROUTE, flags: NLM_F_CREATE | NLM_F_REPLACE)
+        var header = rtmsg()
+        header.rtm_family = RT.inet
+        header.rtm_dst_len = UInt8(route.destination.prefixLength)
+        header.rtm_table = RT.mainTable
+        header.rtm_protocol = RT.protocolBoot
+        // A route without a gateway reaches hosts directly on the link.
+        header.rtm_scope = route.gateway == nil ? RT.scopeLink : RT.scopeUniverse
+        header.rtm_type = RT.unicast
+        header.rtm_flags = route.onlink ? RT.onlink : 0
+        request.append(header: header)
+        Self.appendSelectors(of: route, to: &request)
+        if let source = route.source { request.append(attribute: RT.prefsrc, address: source) }
+        try perform(request) { failure in
+            let name = linkName(route.outputIndex)
+            return ("RTM_NEWROUTE \(route.description(device: name))", name, routeHint(failure, route: route, device: name))
+        }
+    }
+
+    /// Removes `route` from the main table. A route that is not there is not
+    /// an error.
+    public func deleteRoute(_ route: Route) throws {
+        var request = NetlinkRequest(type: RTM_DELROUTE)
+        var header = rtmsg()
+        header.rtm_family = RT.inet
+        header.rtm_dst_len = UInt8(route.destination.prefixLength)
+        header.rtm_table = RT.mainTable
+        // Scope "nowhere", protocol and type 0: match whatever the route has.
+        header.rtm_scope = RT.scopeNowhere
+        request.append(header: header)
+        Self.appendSelectors(of: route, to: &request)
+        try perform(request, accepting: [Errno(ESRCH), .noSuchFile]) { failure in
+            let name = linkName(route.outputIndex)
+            return ("RTM_DELROUTE \(route.description(device: name))", name, hint(failure, index: route.outputIndex))
+        }
+    }
+
+    private static func appendSelectors(of route: Route, to request: inout NetlinkRequest) {
+        if route.destination.prefixLength > 0 { request.append(attribute: RT.dst, address: route.destination.address) }
+        if route.outputIndex > 0 { request.append(attribute: RT.oif, uint32: UInt32(bitPattern: route.outputIndex)) }
+        if let gateway = route.gateway { request.append(attribute: RT.gateway, address: gateway) }
+        if let metric = route.metric { request.append(attribute: RT.priority, uint32: metric) }
+    }
+
+    /// The IPv4 unicast routes of the main table.
+    public func routes() throws -> [Route] {
+        var request = NetlinkRequest(type: RTM_GETROUTE)
+        var header = rtmsg()
+        header.rtm_family = RT.inet
+        request.append(header: header)
+        return try dump(request, operation: "RTM_GETROUTE (dump)").compactMap(Route.init(mainTableMessage:))
+    }
+
+    /// The output device of the IPv4 default route (the one with the lowest
+    /// metric when there are several); nil when there is none.
+    public func defaultRouteInterfaceIndex() throws -> Int32? {
+        try defaultRoute()?.outputIndex
+    }
+
+    /// The IPv4 default route with the lowest metric.
+    public func defaultRoute() throws -> Route? {
+        try routes().filter { $0.isDefault && $0.outputIndex > 0 }.min { ($0.metric ?? 0) < ($1.metric ?? 0) }
+    }
+
+    // MARK: - Helpers for messages
+
+    static func validateInterfaceName(_ name: String, operation: String) throws {
+        // IFNAMSIZ is 16 including the NUL.
+        guard !name.isEmpty, name.utf8.count < 16, !name.contains("/"), !name.contains(where: \.isWhitespace),
+              name != ".", name != ".." else {
+            throw SystemError(operation, on: name.isEmpty ? "\"\"" : name, errno: .invalid,
+                              hint: "an interface name is 1 to 15 bytes without '/' or spaces")
+        }
+    }
+
+    /// The name of device `index`, or "ifindex N" when it cannot be found;
+    /// for error messages only.
+    func linkName(_ index: Int32) -> String {
+        guard index > 0 else { return "(no device)" }
+        return (try? link(index: index))?.name ?? "ifindex \(index)"
+    }
+
+    func availableLinkNames() -> String {
+        guard let links = try? links(), !links.isEmpty else { return "(none could be listed)" }
+        return links.map(\.name).joined(separator: ", ")
+    }
+
+    private func linkMessage(index: Int32) throws -> NetlinkMessage {
+        var request = NetlinkRequest(type: RTM_GETLINK)
+        var header = ifinfomsg()
+        header.ifi_family = UInt8(AF_UNSPEC)
+        header.ifi_index = index
+        request.append(header: header)
+        let replies = try perform(request) { failure in
+            ("RTM_GETLINK", "ifindex \(index)", hint(failure, index: index))
+        }
+        guard let message = replies.first(where: { $0.type == UInt16(RTM_NEWLINK) }) else {
+            throw SystemError("RTM_GETLINK", on: "ifindex \(index)", errno: Errno(EPROTO),
+                              hint: "the kernel's reply held no link")
+        }
+        return message
+    }
+
+    private func mtuRange(index: Int32) throws -> ClosedRange<Int>? {
+        let attributes = try linkMessage(index: index).attributes(after: ifinfomsg.self)
+        guard let low = attributes[type: IFLA_MIN_MTU]?.uint32, let high = attributes[type: IFLA_MAX_MTU]?.uint32,
+              low <= high else { return nil }
+        return Int(low)...Int(high)
+    }
+
+    func hint(_ failure: NetlinkFailure, index: Int32) -> String? {
+        switch failure.errno {
+        case .noSuchDevice: return "no network interface with index \(index) in this namespace (was it deleted?)"
+        default: return nil
+        }
+    }
+
+    private func routeHint(_ failure: NetlinkFailure, route: Route, device: String) -> String? {
+        switch failure.errno {
+        case Errno(ENETUNREACH):
+            if let gateway = route.gateway {
+                return "gateway \(gateway) is not in a subnet of \(device); add an address covering it, or use onlink"
+            }
+            return "no address of \(device) covers the destination"
+        case Errno(ENETDOWN):
+            return "\(device) is down; bring it up before adding routes through it"
+        default:
+            return hint(failure, index: route.outputIndex)
+        }
+    }
+}
+
+// MARK: - Parsing replies
+
+extension Link {
+    init?(message: NetlinkMessage) {
+        guard message.type == UInt16(RTM_NEWLINK), let header = message.header(ifinfomsg.self) else { return nil }
+        let attributes = message.attributes(after: ifinfomsg.self)
+        guard let name = attributes[type: IFLA_IFNAME]?.string else { return nil }
+        let kind = attributes[type: IFLA_LINKINFO]?.nested[type: IFLA_INFO_KIND]?.string
+        let hardware = attributes[type: IFLA_ADDRESS]?.value
+        self.init(name: name, index: header.ifi_index, mtu: Int(attributes[type: IFLA_MTU]?.uint32 ?? 0),
+                  flags: header.ifi_flags, kind: kind,
+                  hardwareAddress: hardware.flatMap { $0.isEmpty ? nil : $0 })
+    }
+}
+
+extension InterfaceAddress {
+    init?(message: NetlinkMessage) {
+        guard message.type == UInt16(RTM_NEWADDR), let header = message.header(ifaddrmsg.self),
+              header.ifa_family == RT.inet else { return nil }
+        let attributes = message.attributes(after: ifaddrmsg.self)
+        // IFA_LOCAL is the address itself; IFA_ADDRESS is the peer on
+        // point-to-point links and equals IFA_LOCAL elsewhere.
+        guard let address = attributes[type: IFA_LOCAL]?.address ?? attributes[type: IFA_ADDRESS]?.address else { return nil }
+        self.init(index: Int32(bitPattern: header.ifa_index), address: address,
+                  prefixLength: Int(header.ifa_prefixlen), label: attributes[type: IFA_LABEL]?.string)
+    }
+}
+
+extension Route {
+    /// A unicast, non-cloned IPv4 route of the main table; nil for others.
+    init?(mainTableMessage message: NetlinkMessage) {
+        guard message.type == UInt16(RTM_NEWROUTE), let header = message.header(rtmsg.self),
+              header.rtm_family == RT.inet, header.rtm_type == RT.unicast,
+              header.rtm_flags & RT.cloned == 0, header.rtm_dst_len <= 32 else { return nil }
+        let attributes = message.attributes(after: rtmsg.self)
+        let table = attributes[type: RT.table]?.uint32 ?? UInt32(header.rtm_table)
+        guard table == UInt32(RT.mainTable) else { return nil }
+        let destination = attributes[type: RT.dst]?.address ?? IPv4Address(0)
+        var outputIndex = attributes[type: RT.oif]?.int32 ?? 0
+        var gateway = attributes[type: RT.gateway]?.address
+        var onlink = header.rtm_flags & RT.onlink != 0
+        // A multipath route is represented by its first nexthop.
+        if outputIndex == 0, let hops = attributes[type: RT.multipath]?.value,
+           hops.count >= MemoryLayout<rtnexthop>.size {
+            let hop = hops.withUnsafeBytes { $0.loadUnaligned(as: rtnexthop.self) }
+            outputIndex = hop.rtnh_ifindex
+            onlink = onlink || UInt32(hop.rtnh_flags) & RT.onlink != 0
+            let end = min(Int(hop.rtnh_len), hops.count)
+            if end > MemoryLayout<rtnexthop>.size {
+                gateway = gateway ?? NetlinkAttributes(parsing: hops[MemoryLayout<rtnexthop>.size..<end])[type: RT.gateway]?.address
+            }
+        }
+        self.init(destination: IPv4Network(address: destination, prefixLength: Int(header.rtm_dst_len)),
+                  outputIndex: outputIndex, gateway: gateway, onlink: onlink,
+                  source: attributes[type: RT.prefsrc]?.address, metric: attributes[type: RT.priority]?.uint32)
+    }
+}

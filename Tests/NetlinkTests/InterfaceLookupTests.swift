@@ -1,0 +1,90 @@
+import Foundation
+import NetBase
+import Netlink
+import Testing
+
+@Suite(.enabled(if: isRoot, needsRootMessage))
+struct InterfaceLookupTests {
+    /// eth0 (198.18.0.1/24 and 198.18.0.5/24, default route) and eth1 (no IPv4 address).
+    @discardableResult
+    func withUnderlay<T>(_ body: (TestNamespace, RouteSocket) throws -> T) throws -> T {
+        try withNamespace { ns in
+            try ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+            try ns.ip("addr", "add", "198.18.0.1/24", "dev", "eth0")
+            try ns.ip("addr", "add", "198.18.0.5/24", "dev", "eth0")
+            try ns.ip("link", "set", "eth0", "mtu", "1400", "up")
+            try ns.ip("link", "set", "eth1", "up")
+            return try body(ns, try ns.socket())
+        }
+    }
+
+    @Test func anInterfaceIsFoundByNameWithItsFirstAddress() throws {
+        try withUnderlay { _, socket in
+            let (interface, address) = try InterfaceLookup.find(nameOrAddress: "eth0", using: socket)
+            #expect(interface.name == "eth0")
+            #expect(interface.index == (try socket.linkIndex(named: "eth0")))
+            #expect(interface.mtu == 1400)
+            #expect(interface.addresses == [IPv4Address("198.18.0.1")!, IPv4Address("198.18.0.5")!])
+            #expect(address == IPv4Address("198.18.0.1"))
+        }
+    }
+
+    @Test func anInterfaceIsFoundByAnyOfItsAddresses() throws {
+        try withUnderlay { _, socket in
+            let (interface, address) = try InterfaceLookup.find(nameOrAddress: "198.18.0.5", using: socket)
+            #expect(interface.name == "eth0")
+            #expect(address == IPv4Address("198.18.0.5"))
+        }
+    }
+
+    @Test func anUnknownNameListsTheInterfacesThereAre() throws {
+        try withUnderlay { _, socket in
+            let error = #expect(throws: SystemError.self) { try InterfaceLookup.find(nameOrAddress: "eth9", using: socket) }
+            #expect(error?.errno == .noSuchDevice)
+            let hint = try #require(error?.hint)
+            #expect(hint.hasPrefix("no interface named eth9 or with address eth9; available: lo, "))
+            #expect(hint.contains("eth0 (198.18.0.1, 198.18.0.5)"))
+            #expect(hint.contains("eth1"))
+        }
+    }
+
+    @Test func anUnknownAddressListsTheInterfacesThereAre() throws {
+        try withUnderlay { _, socket in
+            let error = #expect(throws: SystemError.self) { try InterfaceLookup.find(nameOrAddress: "198.18.9.9", using: socket) }
+            #expect(error?.errno == Errno(EADDRNOTAVAIL))
+            #expect(error?.hint?.hasPrefix("no interface has address 198.18.9.9; available: lo, ") == true)
+            #expect(error?.hint?.contains("eth0 (198.18.0.1, 198.18.0.5)") == true)
+        }
+    }
+
+    @Test func anInterfaceWithoutIPv4AddressIsAnErrorThatSaysSo() throws {
+        try withUnderlay { _, socket in
+            let error = #expect(throws: SystemError.self) { try InterfaceLookup.find(nameOrAddress: "eth1", using: socket) }
+            #expect(error?.object == "eth1")
+            #expect(error?.hint?.contains("eth1 has no IPv4 address") == true)
+        }
+    }
+
+    @Test func anEmptyNameIsRefused() throws {
+        try withUnderlay { _, socket in
+            #expect(throws: SystemError.self) { try InterfaceLookup.find(nameOrAddress: "  ", using: socket) }
+        }
+    }
+
+    @Test func theDefaultInterfaceIsTheDefaultRoutesDevice() throws {
+        try withUnderlay { ns, socket in
+            let missing = #expect(throws: SystemError.self) { try InterfaceLookup.defaultInterface(using: socket) }
+            #expect(missing?.hint?.contains("no IPv4 default route") == true)
+
+            try ns.ip("route", "add", "default", "via", "198.18.0.254", "dev", "eth0")
+            var (interface, address) = try InterfaceLookup.defaultInterface(using: socket)
+            #expect(interface.name == "eth0")
+            #expect(address == IPv4Address("198.18.0.1"))
+
+            // A preferred source on the route wins over the first address.
+            try ns.ip("route", "replace", "default", "via", "198.18.0.254", "dev", "eth0", "src", "198.18.0.5")
+            (interface, address) = try InterfaceLookup.defaultInterface(using: socket)
+            #expect(address == IPv4Address("198.18.0.5"))
+        }
+    }
+}

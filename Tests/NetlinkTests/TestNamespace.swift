@@ -1,0 +1,83 @@
+// Test support: scratch network namespaces and running `ip` to set up and
+// check what the code under test did. (The same file is in NetlinkTests and
+// TunDeviceTests: test targets cannot share sources without a support target.)
+import Foundation
+import Netlink
+import Testing
+
+/// Tests that create namespaces, devices and routes need root.
+let isRoot = getuid() == 0
+let needsRootMessage: Comment = "needs root: creates network namespaces, devices and routes"
+
+struct CommandFailed: Error, CustomStringConvertible {
+    let command: [String]
+    let status: Int32
+    let output: String
+    var description: String { "`\(command.joined(separator: " "))` exited with \(status): \(output)" }
+}
+
+/// Runs a command and returns its standard output; throws with its standard
+/// error when it fails. A command still running after 30 s is killed.
+@discardableResult
+func command(_ arguments: [String]) throws -> String {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = arguments
+    let output = Pipe()
+    let errors = Pipe()
+    process.standardOutput = output
+    process.standardError = errors
+    try process.run()
+    let pid = process.processIdentifier
+    let watchdog = DispatchWorkItem { kill(pid, SIGKILL) }
+    DispatchQueue.global().asyncAfter(deadline: .now() + 30, execute: watchdog)
+    let stdout = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    let stderr = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    process.waitUntilExit()
+    watchdog.cancel()
+    guard process.terminationStatus == 0 else {
+        throw CommandFailed(command: arguments, status: process.terminationStatus, output: stderr + stdout)
+    }
+    return stdout
+}
+
+/// A network namespace named tdtest-<pid>-<random>, made with `ip netns add`.
+struct TestNamespace: Sendable {
+    let name: String
+    var path: String { "/var/run/netns/\(name)" }
+
+    init() throws {
+        name = "tdtest-\(getpid())-\(String(UInt32.random(in: 0...UInt32.max), radix: 16))"
+        try command(["ip", "netns", "add", name])
+    }
+
+    /// `ip -n <namespace> <arguments>`.
+    @discardableResult
+    func ip(_ arguments: String...) throws -> String {
+        try command(["ip", "-n", name] + arguments)
+    }
+
+    /// An rtnetlink socket bound to this namespace.
+    func socket() throws -> RouteSocket { try RouteSocket(namespacePath: path) }
+
+    func remove() {
+        do { try command(["ip", "netns", "del", name]) } catch {
+            Issue.record("could not remove namespace \(name): \(error)")
+        }
+    }
+}
+
+/// Runs `body` with a fresh namespace that is removed afterwards, whether
+/// `body` returns or throws.
+@discardableResult
+func withNamespace<T>(_ body: (TestNamespace) throws -> T) throws -> T {
+    let namespace = try TestNamespace()
+    defer { namespace.remove() }
+    return try body(namespace)
+}
+
+/// The flags `ip -o link show` prints between < and >.
+func linkFlags(_ ipLinkLine: String) -> Set<Substring> {
+    guard let open = ipLinkLine.firstIndex(of: "<"), let close = ipLinkLine.firstIndex(of: ">"), open < close else { return [] }
+    return Set(ipLinkLine[ipLinkLine.index(after: open)..<close].split(separator: ","))
+}
