@@ -33,7 +33,13 @@ final class Daemon: Service, Sendable {
         logger.info("using interface \(interface.name) (\(interfaceAddress), MTU \(interface.mtu)); public IP \(publicIP)")
 
         let attributes = LeaseAttributes(publicIP: publicIP)
-        let preferred = SubnetEnv.previousSubnet(at: options.subnetFile, logger: logger)
+        let preferred: IPv4Network?
+        switch SubnetEnv.previousSubnet(at: options.subnetFile) {
+        case .success(let subnet): preferred = subnet
+        case .failure(let error):
+            logger.warning("ignoring the previous subnet file: \(error)")
+            preferred = nil
+        }
         let lease = try await store.acquireLease(config: config, attributes: attributes, preferred: preferred)
         logger.info("leased \(lease.subnet) for \(publicIP) in \(store.location)")
         let holder = LeaseHolder(lease)
