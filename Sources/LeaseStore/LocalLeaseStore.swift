@@ -128,7 +128,7 @@ public final class LocalLeaseStore: LeaseStore {
             }
         }
         logger.info("acquired lease", metadata: [
-            "subnet": "\(lease.subnet)", "publicIP": "\(attributes.publicIP)", "reused": "\(how)",
+            "subnet": "\(lease.subnet)", "publicIP": "\(attributes.publicIP)", "how": "\(how)",
         ])
         return lease
     }
@@ -299,6 +299,8 @@ public final class LocalLeaseStore: LeaseStore {
         // Unknown: scan at the first chance.
         state.nextExpiry = Timestamp(milliseconds: 0)
         if state.revision > 0 {
+            // Written at once (we hold the lock), so that watchers find it again.
+            try FileIO.writeAtomically(statePath, Array(state.text.utf8))
             logger.warning("revision file was missing; recovered revision \(state.revision)",
                            metadata: ["file": "\(statePath)"])
         }

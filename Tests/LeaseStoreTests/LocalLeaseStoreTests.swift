@@ -357,6 +357,12 @@ import NetBase
             let c = try await store.setNetworkConfig(json: Self.smallNetwork)
             for i in 1...3 { _ = try await store.acquireLease(config: c, attributes: node(i), preferred: nil) }
             try FileManager.default.removeItem(atPath: dir + "/revision")
+            // A watcher alone finds its way back, and restores the file.
+            let events = try await collect(store.watchLeases(after: 2), count: 1)
+            #expect(events.map(\.revision) == [3])
+            #expect(readText(dir + "/revision")?.hasPrefix("revision 3\n") == true)
+
+            try FileManager.default.removeItem(atPath: dir + "/revision")
             let lease = try await store.acquireLease(config: c, attributes: node(4), preferred: nil)
             #expect(lease.revision == 4)
 
