@@ -102,7 +102,8 @@ public final class LocalLeaseStore: LeaseStore {
                 for old in choice.obsolete {
                     self.logger.info("deleting our lease that no longer fits the network config",
                                      metadata: ["subnet": "\(old.subnet)"])
-                    tx.delete(key: old.subnet.leaseKey, subnet: old.subnet)
+                    let key = scan.leases.first { $0.subnet == old.subnet }?.key ?? old.subnet.leaseKey
+                    tx.delete(key: key, subnet: old.subnet)
                 }
                 switch choice.source {
                 case .existingLease(let existing):

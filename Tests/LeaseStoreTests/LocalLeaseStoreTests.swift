@@ -75,6 +75,20 @@ import NetBase
         }
     }
 
+    @Test func ownLeaseThatNoLongerFitsIsReplacedAndDeleted() async throws {
+        try await withTemporaryDirectory { dir in
+            let store = try LocalLeaseStore(directory: dir)
+            let before = try await store.setNetworkConfig(json: Self.smallNetwork)
+            let old = try await store.acquireLease(config: before, attributes: node(1), preferred: nil)
+            let after = try await store.setNetworkConfig(json: #"{"Network": "10.2.0.0/24", "SubnetLen": 27}"#)
+            let new = try await store.acquireLease(config: after, attributes: node(1), preferred: old.subnet)
+            #expect(new.subnet.prefixLength == 27 && after.fits(new.subnet))
+            #expect(try await store.leases().leases == [new])
+            let events = try await collect(store.watchLeases(after: old.revision), count: 2)
+            #expect(events == [.delete(subnet: old.subnet, revision: old.revision + 1), .put(new)])
+        }
+    }
+
     @Test func preferredSubnetIsTakenWhenFree() async throws {
         try await withTemporaryDirectory { dir in
             let store = try LocalLeaseStore(directory: dir)
