@@ -120,7 +120,7 @@ public struct NetworkConfig: Sendable, Equatable {
 
     /// The subnets from `subnetMin` to `subnetMax`, in address order.
     public var subnets: SubnetRange {
-        SubnetRange(first: subnetMin.address, last: subnetMax.address, prefixLength: subnetLen)
+        SubnetRange(lowestAddress: subnetMin.address, highestAddress: subnetMax.address, prefixLength: subnetLen)
     }
 
     // MARK: field readers; null counts as absent, as it does for Go.
@@ -307,13 +307,15 @@ public enum NetworkConfigError: Error, Sendable, Equatable, CustomStringConverti
 /// The subnets from SubnetMin to SubnetMax, in address order: index 0 is
 /// SubnetMin. Membership and index lookup are O(1).
 public struct SubnetRange: RandomAccessCollection, Sendable, Equatable {
-    public let first: IPv4Address
-    public let last: IPv4Address
+    /// Base address of the first subnet (SubnetMin).
+    public let lowestAddress: IPv4Address
+    /// Base address of the last subnet (SubnetMax).
+    public let highestAddress: IPv4Address
     public let prefixLength: Int
 
-    public init(first: IPv4Address, last: IPv4Address, prefixLength: Int) {
-        self.first = first
-        self.last = last
+    public init(lowestAddress: IPv4Address, highestAddress: IPv4Address, prefixLength: Int) {
+        self.lowestAddress = lowestAddress
+        self.highestAddress = highestAddress
         self.prefixLength = prefixLength
     }
 
@@ -321,20 +323,20 @@ public struct SubnetRange: RandomAccessCollection, Sendable, Equatable {
 
     public var startIndex: Int { 0 }
     public var endIndex: Int {
-        last < first ? 0 : Int((last.value - first.value) >> shift) + 1
+        highestAddress < lowestAddress ? 0 : Int((highestAddress.value - lowestAddress.value) >> shift) + 1
     }
 
     public subscript(position: Int) -> IPv4Network {
         precondition(position >= 0 && position < endIndex, "subnet index \(position) out of range")
-        return IPv4Network(address: IPv4Address(first.value + UInt32(position) << shift),
+        return IPv4Network(address: IPv4Address(lowestAddress.value + UInt32(position) << shift),
                            prefixLength: prefixLength)
     }
 
     /// The position of `subnet`, if it is one of these subnets.
     public func index(of subnet: IPv4Network) -> Int? {
         guard subnet.prefixLength == prefixLength,
-              subnet.address >= first, subnet.address <= last else { return nil }
-        return Int((subnet.address.value - first.value) >> shift)
+              subnet.address >= lowestAddress, subnet.address <= highestAddress else { return nil }
+        return Int((subnet.address.value - lowestAddress.value) >> shift)
     }
 
     public func contains(_ subnet: IPv4Network) -> Bool { index(of: subnet) != nil }

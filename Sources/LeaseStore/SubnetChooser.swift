@@ -105,7 +105,7 @@ public enum SubnetChooser {
             while cursor < taken.ranges.count && taken.ranges[cursor].upperBound < start { cursor += 1 }
             if cursor < taken.ranges.count && taken.ranges[cursor].lowerBound <= end {
                 // Jump past the taken range to the next subnet boundary.
-                let next = (taken.ranges[cursor].upperBound + 1 - UInt64(range.first.value) + size - 1) / size
+                let next = (taken.ranges[cursor].upperBound + 1 - UInt64(range.lowestAddress.value) + size - 1) / size
                 index = max(index + 1, Int(clamping: next))
                 continue
             }
