@@ -48,10 +48,14 @@ public struct Lease: Sendable, Equatable, CustomStringConvertible {
 public struct LeaseSnapshot: Sendable, Equatable {
     public var leases: [Lease]
     public var revision: Int64
+    /// Entries that could not be read (`LeaseStoreError.corrupt` naming the
+    /// entry and why) and were left out rather than failing the whole list.
+    public var skipped: [LeaseStoreError]
 
-    public init(leases: [Lease], revision: Int64) {
+    public init(leases: [Lease], revision: Int64, skipped: [LeaseStoreError] = []) {
         self.leases = leases
         self.revision = revision
+        self.skipped = skipped
     }
 }
 

@@ -1,40 +1,343 @@
 import NetBase
 
-// PLACEHOLDER until the LeaseStore work lands: the public shape other modules rely on.
+/// flannel's network config (`<prefix>/config` in etcd), parsed and checked
+/// with flannel's rules (see docs/FLANNEL-COMPAT.md):
+///
+/// - `SubnetLen` defaults to 24 when `Network` is /22 or larger, to prefix+2
+///   for /23…/28; a longer prefix is too small. Given, it must be ≤ 30 and
+///   leave room for at least four subnets.
+/// - `SubnetMin`/`SubnetMax` default to the second and the last subnet of
+///   `Network`; given, they must lie inside it on a `SubnetLen` boundary
+///   (and, tunneld's addition, `SubnetMin` ≤ `SubnetMax`).
+/// - No `Backend` means udp. Unknown fields are ignored. Field names match
+///   case-insensitively, as Go's JSON decoder matches them.
 public struct NetworkConfig: Sendable, Equatable {
+    /// The overlay network; host bits are cleared, as flannel clears them.
     public var network: IPv4Network
+    /// Prefix length of every node's subnet.
     public var subnetLen: Int
+    /// The lowest subnet handed out (prefix length `subnetLen`).
     public var subnetMin: IPv4Network
+    /// The highest subnet handed out (prefix length `subnetLen`).
     public var subnetMax: IPv4Network
+    /// Always true: tunneld refuses configs that disable IPv4.
     public var enableIPv4: Bool
+    /// Always false: tunneld refuses configs that enable IPv6, for now.
     public var enableIPv6: Bool
     public var backend: BackendConfig
     /// The JSON exactly as stored.
     public var json: String
 
-    public init(json: String) throws {
-        fatalError("not yet written")
+    /// The smallest useful network: four /30 subnets, the first of which is skipped.
+    public static let longestNetworkPrefix = 28
+    /// A node needs a subnet with room for a tunnel and a bridge address.
+    public static let longestSubnetLen = 30
+
+    /// Parses and checks `json`; every problem is a `NetworkConfigError` that
+    /// names the field, the value and what would be valid.
+    public init(json: String) throws(NetworkConfigError) {
+        let root: JSONValue
+        do {
+            root = try JSONValue(parsing: json)
+        } catch {
+            throw .invalidJSON(reason: error.description)
+        }
+        guard case .object = root else {
+            throw .notAnObject(found: root.kindName)
+        }
+        self.json = json
+
+        // EnableIPv4 defaults to true, EnableIPv6 to false.
+        enableIPv4 = try Self.bool(root, "EnableIPv4") ?? true
+        enableIPv6 = try Self.bool(root, "EnableIPv6") ?? false
+        if !enableIPv4 { throw .ipv4Disabled }
+        if enableIPv6 { throw .ipv6NotSupported }
+
+        // Network
+        guard let networkValue = Self.present(root.field("Network")) else {
+            throw .missingNetwork
+        }
+        guard case .string(let networkText) = networkValue,
+              let parsed = IPv4Network(networkText) else {
+            throw .invalidValue(field: "Network", value: networkValue.compactText,
+                                expected: "a network in CIDR form such as \"10.2.0.0/16\"")
+        }
+        // flannel treats 0.0.0.0/0 as "no Network".
+        if parsed.prefixLength == 0 && parsed.address.value == 0 { throw .missingNetwork }
+        network = parsed
+        let prefix = network.prefixLength
+
+        // SubnetLen (0 or absent: default)
+        var length = try Self.wholeNumber(root, "SubnetLen", range: 0...Int(Int32.max),
+                                          expected: "a whole number of bits such as 24") ?? 0
+        if length > 0 {
+            if length > Self.longestSubnetLen {
+                throw .subnetLenTooLong(subnetLen: length)
+            }
+            if length < prefix + 2 {
+                throw .tooFewSubnets(network: network, subnetLen: length)
+            }
+        } else if prefix > Self.longestNetworkPrefix {
+            throw .networkTooSmall(network: network)
+        } else if prefix <= 22 {
+            length = 24
+        } else {
+            length = prefix + 2
+        }
+        subnetLen = length
+
+        // SubnetMin / SubnetMax (absent or 0.0.0.0: default)
+        let size = UInt32(truncatingIfNeeded: UInt64(1) << UInt64(32 - length))
+        let defaultMin = IPv4Address(network.address.value &+ size)
+        let defaultMax = IPv4Address(network.lastAddress.value &- (size &- 1))
+        let minAddress = try Self.address(root, "SubnetMin") ?? defaultMin
+        let maxAddress = try Self.address(root, "SubnetMax") ?? defaultMax
+        for (field, address) in [("SubnetMin", minAddress), ("SubnetMax", maxAddress)]
+        where !network.contains(address) {
+            throw .outsideNetwork(field: field, address: address, network: network)
+        }
+        let mask = IPv4Network.mask(length)
+        for (field, address) in [("SubnetMin", minAddress), ("SubnetMax", maxAddress)]
+        where address.value & mask != address.value {
+            throw .notOnBoundary(field: field, address: address, subnetLen: length,
+                                 suggestion: IPv4Address(address.value & mask))
+        }
+        if minAddress > maxAddress {
+            throw .minAboveMax(min: minAddress, max: maxAddress)
+        }
+        subnetMin = IPv4Network(address: minAddress, prefixLength: length)
+        subnetMax = IPv4Network(address: maxAddress, prefixLength: length)
+
+        backend = try BackendConfig(Self.present(root.field("Backend")))
+    }
+
+    /// Whether `subnet` could be handed out under this config: flannel's
+    /// compatibility test for reusing a lease or the subnet file's subnet —
+    /// prefix length `subnetLen`, between `subnetMin` and `subnetMax`.
+    public func fits(_ subnet: IPv4Network) -> Bool {
+        subnets.contains(subnet)
+    }
+
+    /// The subnets from `subnetMin` to `subnetMax`, in address order.
+    public var subnets: SubnetRange {
+        SubnetRange(lowestAddress: subnetMin.address, highestAddress: subnetMax.address, prefixLength: subnetLen)
+    }
+
+    // MARK: field readers; null counts as absent, as it does for Go.
+
+    static func present(_ value: JSONValue?) -> JSONValue? {
+        if case .null? = value { return nil }
+        return value
+    }
+
+    static func bool(_ object: JSONValue, _ name: String,
+                     prefix: String = "") throws(NetworkConfigError) -> Bool? {
+        guard let value = present(object.field(name)) else { return nil }
+        guard case .bool(let b) = value else {
+            throw .invalidValue(field: prefix + name, value: value.compactText, expected: "true or false")
+        }
+        return b
+    }
+
+    static func wholeNumber(_ object: JSONValue, _ name: String, prefix: String = "",
+                            range: ClosedRange<Int>, expected: String) throws(NetworkConfigError) -> Int? {
+        guard let value = present(object.field(name)) else { return nil }
+        guard case .number(let n) = value, n == n.rounded(),
+              n >= Double(range.lowerBound), n <= Double(range.upperBound) else {
+            throw .invalidValue(field: prefix + name, value: value.compactText, expected: expected)
+        }
+        return Int(n)
+    }
+
+    /// An address field where 0.0.0.0 means "use the default", as in flannel.
+    static func address(_ object: JSONValue, _ name: String) throws(NetworkConfigError) -> IPv4Address? {
+        guard let value = present(object.field(name)) else { return nil }
+        guard case .string(let text) = value, let address = IPv4Address(text) else {
+            throw .invalidValue(field: name, value: value.compactText,
+                                expected: "an address such as \"10.2.1.0\" (without /len)")
+        }
+        return address.value == 0 ? nil : address
     }
 }
 
+/// The `Backend` object of the network config.
 public struct BackendConfig: Sendable, Equatable {
     /// Lower-cased backend type; "udp" when the config has no Backend.
     public var type: String
-    /// udp: Backend.Port (default 8285); vxlan: Backend.Port (default 8472).
+    /// udp: Backend.Port (default 8285); vxlan: Backend.Port (default 8472);
+    /// other backends: Backend.Port if given, else 0.
     public var port: UInt16
-    /// vxlan: Backend.VNI (default 1).
+    /// vxlan: Backend.VNI (default 1); 0 for other backends.
     public var vni: Int
     /// vxlan: Backend.DirectRouting (default false).
     public var directRouting: Bool
     /// Every field of the Backend object, as given.
     public var options: [String: JSONValue]
+
+    public static let defaultUDPPort: UInt16 = DataPath.defaultUDPPort
+    public static let defaultVXLANPort: UInt16 = 8472
+    public static let defaultVNI = 1
+
+    public init(type: String, port: UInt16, vni: Int = 0, directRouting: Bool = false,
+                options: [String: JSONValue] = [:]) {
+        self.type = type
+        self.port = port
+        self.vni = vni
+        self.directRouting = directRouting
+        self.options = options
+    }
+
+    /// Reads the Backend object; nil means no Backend, which is udp.
+    init(_ value: JSONValue?) throws(NetworkConfigError) {
+        guard let value else {
+            self.init(type: "udp", port: Self.defaultUDPPort)
+            return
+        }
+        guard case .object(let fields) = value else {
+            throw .invalidValue(field: "Backend", value: value.compactText,
+                                expected: "an object such as {\"Type\": \"udp\"}")
+        }
+        guard let typeValue = NetworkConfig.present(value.field("Type")) else {
+            throw .missingBackendType
+        }
+        guard case .string(let typeText) = typeValue else {
+            throw .invalidValue(field: "Backend.Type", value: typeValue.compactText,
+                                expected: "a string such as \"udp\" or \"vxlan\"")
+        }
+        if typeText.isEmpty { throw .missingBackendType }
+        let type = typeText.lowercased()
+        let port: UInt16
+        var vni = 0
+        var directRouting = false
+        switch type {
+        case "udp":
+            port = try Self.port(value, default: Self.defaultUDPPort, backend: type, allowZero: false)
+        case "vxlan":
+            // flannel passes Port 0 to the kernel, which then uses 8472.
+            let given = try Self.port(value, default: Self.defaultVXLANPort, backend: type, allowZero: true)
+            port = given == 0 ? Self.defaultVXLANPort : given
+            vni = try NetworkConfig.wholeNumber(
+                value, "VNI", prefix: "Backend.", range: 0...0xFF_FFFF,
+                expected: "a whole number 0…16777215 (default \(Self.defaultVNI))") ?? Self.defaultVNI
+            directRouting = try NetworkConfig.bool(value, "DirectRouting", prefix: "Backend.") ?? false
+        default:
+            port = try Self.port(value, default: 0, backend: type, allowZero: true)
+        }
+        self.init(type: type, port: port, vni: vni, directRouting: directRouting, options: fields)
+    }
+
+    private static func port(_ backend: JSONValue, default defaultPort: UInt16, backend type: String,
+                             allowZero: Bool) throws(NetworkConfigError) -> UInt16 {
+        guard let value = NetworkConfig.present(backend.field("Port")) else { return defaultPort }
+        let lowest = allowZero ? 0 : 1
+        guard case .number(let n) = value, n == n.rounded(), n >= Double(lowest), n <= 65535 else {
+            throw .invalidPort(backend: type, value: value.compactText, defaultPort: defaultPort,
+                               lowest: lowest)
+        }
+        return UInt16(n)
+    }
 }
 
-public enum JSONValue: Sendable, Equatable, Codable {
-    case null
-    case bool(Bool)
-    case number(Double)
-    case string(String)
-    case array([JSONValue])
-    case object([String: JSONValue])
+/// A config that flannel (or tunneld) would refuse. Each description names
+/// the field, the bad value and what would be valid.
+public enum NetworkConfigError: Error, Sendable, Equatable, CustomStringConvertible {
+    case invalidJSON(reason: String)
+    case notAnObject(found: String)
+    case missingNetwork
+    case invalidValue(field: String, value: String, expected: String)
+    case networkTooSmall(network: IPv4Network)
+    case subnetLenTooLong(subnetLen: Int)
+    case tooFewSubnets(network: IPv4Network, subnetLen: Int)
+    case outsideNetwork(field: String, address: IPv4Address, network: IPv4Network)
+    case notOnBoundary(field: String, address: IPv4Address, subnetLen: Int, suggestion: IPv4Address)
+    case minAboveMax(min: IPv4Address, max: IPv4Address)
+    case ipv4Disabled
+    case ipv6NotSupported
+    case missingBackendType
+    case invalidPort(backend: String, value: String, defaultPort: UInt16, lowest: Int)
+
+    public var description: String {
+        switch self {
+        case .invalidJSON(let reason):
+            return "network config is not valid JSON: \(reason)"
+        case .notAnObject(let found):
+            return "network config must be a JSON object such as {\"Network\": \"10.2.0.0/16\"}, not \(found)"
+        case .missingNetwork:
+            return "please define a correct Network parameter in the flannel config, "
+                + "such as \"Network\": \"10.2.0.0/16\""
+        case .invalidValue(let field, let value, let expected):
+            return "\(field) \(value) is not valid: use \(expected)"
+        case .networkTooSmall(let network):
+            return "Network is too small. Minimum useful network prefix is /28 "
+                + "(Network is \(network)): use a network of /28 or larger"
+        case .subnetLenTooLong(let subnetLen):
+            return "SubnetLen must be less than /31 (SubnetLen is \(subnetLen)): use 30 or less, "
+                + "or leave it out for the default"
+        case .tooFewSubnets(let network, let subnetLen):
+            return "Network must be able to accommodate at least four subnets "
+                + "(Network \(network) with SubnetLen \(subnetLen)): "
+                + (network.prefixLength + 2 <= NetworkConfig.longestSubnetLen
+                    ? "use SubnetLen \(network.prefixLength + 2) or more, or a larger Network"
+                    : "use a Network of /\(NetworkConfig.longestNetworkPrefix) or larger")
+        case .outsideNetwork(let field, let address, let network):
+            return "\(field) \(address) is not in the range of the Network \(network): "
+                + "use an address from \(network.address) to \(network.lastAddress), "
+                + "or leave \(field) out for the default"
+        case .notOnBoundary(let field, let address, let subnetLen, let suggestion):
+            return "\(field) \(address) is not on a SubnetLen (/\(subnetLen)) boundary: use \(suggestion)"
+        case .minAboveMax(let min, let max):
+            return "SubnetMin \(min) is above SubnetMax \(max): SubnetMin must not be above SubnetMax"
+        case .ipv4Disabled:
+            return "EnableIPv4 is false, but tunneld supports IPv4 only for now: "
+                + "remove EnableIPv4 or set it to true"
+        case .ipv6NotSupported:
+            return "EnableIPv6 is true, but tunneld supports IPv4 only for now: "
+                + "remove EnableIPv6 or set it to false"
+        case .missingBackendType:
+            return "Backend.Type is missing: set it, e.g. \"Backend\": {\"Type\": \"udp\"}, "
+                + "or remove Backend (which means udp)"
+        case .invalidPort(let backend, let value, let defaultPort, let lowest):
+            return "Backend.Port \(value) is not valid for the \(backend) backend: "
+                + "use a whole number \(lowest)…65535"
+                + (defaultPort != 0 ? " (default \(defaultPort))" : "")
+        }
+    }
+}
+
+/// The subnets from SubnetMin to SubnetMax, in address order: index 0 is
+/// SubnetMin. Membership and index lookup are O(1).
+public struct SubnetRange: RandomAccessCollection, Sendable, Equatable {
+    /// Base address of the first subnet (SubnetMin).
+    public let lowestAddress: IPv4Address
+    /// Base address of the last subnet (SubnetMax).
+    public let highestAddress: IPv4Address
+    public let prefixLength: Int
+
+    public init(lowestAddress: IPv4Address, highestAddress: IPv4Address, prefixLength: Int) {
+        self.lowestAddress = lowestAddress
+        self.highestAddress = highestAddress
+        self.prefixLength = prefixLength
+    }
+
+    private var shift: UInt32 { UInt32(32 - prefixLength) }
+
+    public var startIndex: Int { 0 }
+    public var endIndex: Int {
+        highestAddress < lowestAddress ? 0 : Int((highestAddress.value - lowestAddress.value) >> shift) + 1
+    }
+
+    public subscript(position: Int) -> IPv4Network {
+        precondition(position >= 0 && position < endIndex, "subnet index \(position) out of range")
+        return IPv4Network(address: IPv4Address(lowestAddress.value + UInt32(position) << shift),
+                           prefixLength: prefixLength)
+    }
+
+    /// The position of `subnet`, if it is one of these subnets.
+    public func index(of subnet: IPv4Network) -> Int? {
+        guard subnet.prefixLength == prefixLength,
+              subnet.address >= lowestAddress, subnet.address <= highestAddress else { return nil }
+        return Int((subnet.address.value - lowestAddress.value) >> shift)
+    }
+
+    public func contains(_ subnet: IPv4Network) -> Bool { index(of: subnet) != nil }
 }

@@ -1,0 +1,586 @@
+import Dispatch
+import Foundation
+import Logging
+import NetBase
+import Synchronization
+
+/// The embedded lease store for one machine: a directory that several
+/// tunneld processes share — also from different network namespaces, since
+/// they share the file system.
+///
+/// Layout of `directory`:
+/// - `config.json` — the network config, verbatim.
+/// - `subnets/10.2.72.0-24` — one record per lease:
+///   `{"Revision":7,"Expiration":"2026-03-01T12:00:00.250Z","Value":{"PublicIP":"198.18.0.1","PublicIPv6":null}}`
+///   where `Value` is flannel's lease value byte for byte; no `Expiration`
+///   means a reservation. A file holding just a flannel value (as one would
+///   `etcdctl put`) is read as a reservation.
+/// - `events.log` — one JSON line per change (revision, PUT/DELETE, key,
+///   value), the last `compactionKeep` of them.
+/// - `revision` — the current revision, the oldest revision in events.log and
+///   the earliest expiration; watchers poll this small file.
+/// - `pending` — present only while (or if a crash interrupted) an update:
+///   the journal of its changes, redone by the next process that locks.
+/// - `lock` — every update (and every read that may expire leases) holds
+///   `flock(LOCK_EX)` on it; every file is replaced atomically
+///   (temporary file, fsync, rename).
+///
+/// Revisions are consecutive: each change (a lease created, renewed,
+/// released, or expired) takes the next one. Expired leases are deleted, with
+/// a DELETE event, by whoever next takes the lock.
+public final class LocalLeaseStore: LeaseStore {
+    public let directory: String
+    public let leaseTTL: Duration
+    public let compactionKeep: Int
+    /// How often a watch looks at the revision file when nothing happens.
+    public static let pollInterval: Duration = .milliseconds(150)
+
+    private let logger: Logger
+    /// Blocking file work (flock waits included) runs here, not on the
+    /// cooperative thread pool.
+    private let queue = DispatchQueue(label: "tunneld.leasestore", attributes: .concurrent)
+    /// Corrupt entries already logged, so each is reported once.
+    private let reported = Mutex<Set<String>>([])
+
+    var configPath: String { directory + "/config.json" }
+    var subnetsPath: String { directory + "/subnets" }
+    var eventsPath: String { directory + "/events.log" }
+    var statePath: String { directory + "/revision" }
+    var pendingPath: String { directory + "/pending" }
+    var lockPath: String { directory + "/lock" }
+
+    /// Opens (creating, mode 0700) the store in `directory`.
+    public init(directory: String, leaseTTL: Duration = .seconds(24 * 3600), compactionKeep: Int = 1000,
+                logger: Logger = Logger(label: "tunneld.leasestore")) throws {
+        precondition(compactionKeep >= 1, "compactionKeep must be at least 1")
+        precondition(leaseTTL > .zero, "leaseTTL must be positive")
+        var path = directory
+        while path.count > 1 && path.hasSuffix("/") { path.removeLast() }
+        self.directory = path
+        self.leaseTTL = leaseTTL
+        self.compactionKeep = compactionKeep
+        self.logger = logger
+        do {
+            try FileIO.makeDirectories(path, mode: 0o700)
+            try FileIO.makeDirectories(path + "/subnets", mode: 0o700)
+        } catch {
+            throw error.asStoreError
+        }
+    }
+
+    public var location: String { "local \(directory)" }
+
+    // MARK: LeaseStore
+
+    public func rawNetworkConfig() async throws -> String? {
+        try await run { [configPath] () throws(FileError) -> String? in
+            try FileIO.read(configPath).map { String(decoding: $0, as: UTF8.self) }
+        }
+    }
+
+    @discardableResult
+    public func setNetworkConfig(json: String) async throws -> NetworkConfig {
+        let config = try NetworkConfig(json: json)
+        try await run {
+            try self.exclusive { _ in
+                try FileIO.writeAtomically(self.configPath, Array(json.utf8))
+            }
+        }
+        logger.info("stored network config", metadata: ["store": "\(location)", "network": "\(config.network)"])
+        return config
+    }
+
+    public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes,
+                             preferred: IPv4Network?) async throws -> Lease {
+        let (lease, how) = try await run {
+            try self.exclusive { tx -> (Lease, String) in
+                let scan = try tx.scan()
+                var generator = SystemRandomNumberGenerator()
+                let choice = try SubnetChooser.choose(
+                    config: config, leases: scan.leases.map(\.lease), publicIP: attributes.publicIP,
+                    preferred: preferred, occupied: scan.occupied, using: &generator)
+                for old in choice.obsolete {
+                    self.logger.info("deleting our lease that no longer fits the network config",
+                                     metadata: ["subnet": "\(old.subnet)"])
+                    let key = scan.leases.first { $0.subnet == old.subnet }?.key ?? old.subnet.leaseKey
+                    tx.delete(key: key, subnet: old.subnet)
+                }
+                switch choice.source {
+                case .existingLease(let existing):
+                    guard let stored = scan.leases.first(where: { $0.subnet == existing.subnet }) else {
+                        preconditionFailure("chooser returned a lease that was not listed")
+                    }
+                    if stored.expiration == nil {
+                        if stored.attributes == attributes { return (stored.lease, "reservation") }
+                        return (tx.put(key: stored.key, subnet: stored.subnet, attributes: attributes,
+                                       expiration: nil).lease, "reservation")
+                    }
+                    return (tx.put(key: stored.key, subnet: stored.subnet, attributes: attributes,
+                                   expiration: tx.now.adding(self.leaseTTL)).lease, "existing lease")
+                case .preferred, .free:
+                    // Create-if-absent: the lock makes the check and the write one step.
+                    for subnet in choice.candidates where !tx.isTaken(subnet.leaseKey) {
+                        let how = subnet == preferred ? "previous subnet" : "free subnet"
+                        return (tx.put(key: subnet.leaseKey, subnet: subnet, attributes: attributes,
+                                       expiration: tx.now.adding(self.leaseTTL)).lease, how)
+                    }
+                    throw LeaseStoreError.outOfSubnets(network: config.network)
+                }
+            }
+        }
+        logger.info("acquired lease", metadata: [
+            "subnet": "\(lease.subnet)", "publicIP": "\(attributes.publicIP)", "how": "\(how)",
+        ])
+        return lease
+    }
+
+    public func renewLease(_ lease: Lease) async throws -> Lease {
+        try await run {
+            try self.exclusive { tx -> Lease in
+                try tx.expireIfDue()
+                guard let stored = try tx.read(lease.subnet),
+                      stored.attributes.publicIP == lease.attributes.publicIP else {
+                    throw LeaseStoreError.leaseNotFound(subnet: lease.subnet)
+                }
+                if let expiration = stored.expiration, expiration <= tx.now {
+                    tx.delete(key: stored.key, subnet: stored.subnet)
+                    throw LeaseStoreError.leaseNotFound(subnet: lease.subnet)
+                }
+                guard stored.expiration != nil else { return stored.lease }
+                return tx.put(key: stored.key, subnet: stored.subnet, attributes: lease.attributes,
+                              expiration: tx.now.adding(self.leaseTTL)).lease
+            }
+        }
+    }
+
+    /// Deletes `lease` if it is still held by its PublicIP. A reservation is
+    /// left in place (it is the operator's; see `deleteLease(subnet:)`), and
+    /// a lease already gone is not an error.
+    public func releaseLease(_ lease: Lease) async throws {
+        try await run {
+            try self.exclusive { tx in
+                try tx.expireIfDue()
+                guard let stored = try tx.read(lease.subnet),
+                      stored.attributes.publicIP == lease.attributes.publicIP else { return }
+                if stored.expiration == nil {
+                    self.logger.info("not releasing a reservation", metadata: ["subnet": "\(lease.subnet)"])
+                    return
+                }
+                tx.delete(key: stored.key, subnet: stored.subnet)
+            }
+        }
+    }
+
+    /// All unexpired leases and reservations, sorted by subnet. Entries that
+    /// cannot be read are left out and listed in `skipped` (and logged once).
+    public func leases() async throws -> LeaseSnapshot {
+        try await run {
+            try self.exclusive { tx -> LeaseSnapshot in
+                let scan = try tx.scan()
+                return LeaseSnapshot(leases: scan.leases.map(\.lease), revision: tx.state.revision,
+                                     skipped: scan.skipped)
+            }
+        }
+    }
+
+    /// Changes after `revision`, in order, by polling: a read of the small
+    /// revision file every `pollInterval`, the log only when it moved. The
+    /// stream is pulled — it polls only while its consumer waits for the next
+    /// event, so there is no task to leak, and it ends (without error) when
+    /// that consumer's task is cancelled.
+    public func watchLeases(after revision: Int64) -> AsyncThrowingStream<LeaseEvent, any Error> {
+        let cursor = WatchCursor(after: revision)
+        return AsyncThrowingStream(unfolding: { [self] in
+            while !Task.isCancelled {
+                if let event = cursor.next() { return event }
+                let after = cursor.after
+                let events = try await self.run { try self.poll(after: after) }
+                if events.isEmpty {
+                    do {
+                        try await Task.sleep(for: Self.pollInterval)
+                    } catch {
+                        return nil
+                    }
+                } else {
+                    cursor.add(events)
+                }
+            }
+            return nil
+        })
+    }
+
+    // MARK: operator tools
+
+    /// Reserves `subnet` for `attributes.publicIP`: a lease that never
+    /// expires, which acquireLease hands to that PublicIP (like a key put
+    /// into etcd without a lease). Replaces whatever that key held.
+    @discardableResult
+    public func reserve(_ subnet: IPv4Network, attributes: LeaseAttributes) async throws -> Lease {
+        try await run {
+            try self.exclusive { tx -> Lease in
+                try tx.expireIfDue()
+                // A corrupt entry in the way is simply replaced.
+                let key = try tx.findKey(subnet) ?? subnet.leaseKey
+                return tx.put(key: key, subnet: subnet, attributes: attributes, expiration: nil).lease
+            }
+        }
+    }
+
+    /// Deletes the lease or reservation for `subnet`, whoever holds it
+    /// (like `etcdctl del`). Returns false if there was none.
+    @discardableResult
+    public func deleteLease(subnet: IPv4Network) async throws -> Bool {
+        try await run {
+            try self.exclusive { tx -> Bool in
+                try tx.expireIfDue()
+                // By key, so that a corrupt entry can be deleted too.
+                guard let key = try tx.findKey(subnet) else { return false }
+                tx.delete(key: key, subnet: subnet)
+                return true
+            }
+        }
+    }
+
+    // MARK: running and locking
+
+    /// Runs blocking file work off the cooperative pool; file errors come
+    /// back as `LeaseStoreError.io` naming the file.
+    private func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { continuation in
+            queue.async {
+                do {
+                    continuation.resume(returning: try body())
+                } catch let error as FileError {
+                    continuation.resume(throwing: error.asStoreError)
+                } catch {
+                    continuation.resume(throwing: error)
+                }
+            }
+        }
+    }
+
+    /// Holds the exclusive lock around `body`: first finishes an update a
+    /// crashed process left, then runs `body` and commits its changes —
+    /// also when `body` throws, so expiries it found are not lost.
+    func exclusive<T>(_ body: (Transaction) throws -> T) throws -> T {
+        let lock = try FileLock(path: lockPath, exclusive: true)
+        defer { lock.unlock() }
+        try finishPendingUpdate()
+        let tx = Transaction(store: self, state: try loadState(), now: .now)
+        let result: T
+        do {
+            result = try body(tx)
+        } catch {
+            try commit(tx)
+            throw error
+        }
+        try commit(tx)
+        return result
+    }
+
+    /// Reads the revision file; if it is missing, recovers the revision from
+    /// events.log and the lease files so that revisions never go backwards.
+    private func loadState() throws -> StoreState {
+        if let bytes = try FileIO.read(statePath) {
+            return try StoreState(parsing: bytes, path: statePath)
+        }
+        var state = StoreState()
+        if let log = try FileIO.read(eventsPath) {
+            let changes = StoreChange.parseLog(log, path: eventsPath)
+            state.revision = changes.map(\.revision).max() ?? 0
+            state.oldest = changes.first?.revision ?? 1
+        }
+        for name in try FileIO.list(subnetsPath) where LeaseKey.subnet(fromKey: name) != nil {
+            let path = subnetsPath + "/" + name
+            if let bytes = try? FileIO.read(path), let subnet = LeaseKey.subnet(fromKey: name),
+               let stored = try? StoredLease(record: bytes, key: name, subnet: subnet, path: path) {
+                state.revision = max(state.revision, stored.revision)
+            }
+        }
+        // Unknown: scan at the first chance.
+        state.nextExpiry = Timestamp(milliseconds: 0)
+        if state.revision > 0 {
+            // Written at once (we hold the lock), so that watchers find it again.
+            try FileIO.writeAtomically(statePath, Array(state.text.utf8))
+            logger.warning("revision file was missing; recovered revision \(state.revision)",
+                           metadata: ["file": "\(statePath)"])
+        }
+        return state
+    }
+
+    /// Redoes the changes of an update that was interrupted after writing its
+    /// journal. Changes at or below the committed revision are already
+    /// applied and are skipped, which makes this safe to repeat.
+    private func finishPendingUpdate() throws {
+        guard let journal = try FileIO.read(pendingPath) else { return }
+        var state = try loadState()
+        let todo = StoreChange.parseLog(journal, path: pendingPath).filter { $0.revision > state.revision }
+        if let last = todo.last {
+            for change in todo { try apply(change) }
+            state.oldest = try rewriteLog(adding: todo, fallbackOldest: state.oldest)
+            state.revision = last.revision
+            state.nextExpiry = Timestamp(milliseconds: 0)
+            try FileIO.writeAtomically(statePath, Array(state.text.utf8))
+            logger.warning("finished an update interrupted by a process that stopped mid-write",
+                           metadata: ["revisions": "\(todo[0].revision)...\(last.revision)"])
+        }
+        try FileIO.remove(pendingPath)
+        FileIO.syncDirectory(directory)
+    }
+
+    /// Journal, apply, log, then publish the revision: a reader that sees
+    /// revision R in the revision file finds every change up to R applied
+    /// and logged.
+    private func commit(_ tx: Transaction) throws {
+        guard !tx.changes.isEmpty else {
+            if tx.state != tx.original {
+                try FileIO.writeAtomically(statePath, Array(tx.state.text.utf8))
+            }
+            return
+        }
+        let lines = Array(tx.changes.map(\.line).joined().utf8)
+        try FileIO.writeAtomically(pendingPath, lines)
+        for change in tx.changes { try apply(change) }
+        try FileIO.append(eventsPath, lines)
+        var state = tx.state
+        if state.revision - state.oldest + 1 > Int64(compactionKeep) {
+            state.oldest = try rewriteLog(adding: [], fallbackOldest: state.revision + 1)
+        }
+        try FileIO.writeAtomically(statePath, Array(state.text.utf8))
+        try FileIO.remove(pendingPath)
+        FileIO.syncDirectory(directory)
+        for change in tx.changes {
+            if case .delete(_, let subnet, _) = change, tx.expired.contains(subnet) {
+                logger.info("lease expired", metadata: ["subnet": "\(subnet)"])
+            }
+        }
+    }
+
+    private func apply(_ change: StoreChange) throws {
+        switch change {
+        case .put(let stored):
+            try FileIO.writeAtomically(subnetsPath + "/" + stored.key, Array(stored.recordJSON.utf8))
+        case .delete(let key, _, _):
+            try FileIO.remove(subnetsPath + "/" + key)
+            FileIO.syncDirectory(subnetsPath)
+        }
+    }
+
+    /// Rewrites events.log with its readable events plus `adding` (those
+    /// beyond its last revision), keeping the last `compactionKeep`.
+    /// Returns the oldest revision kept.
+    private func rewriteLog(adding: [StoreChange], fallbackOldest: Int64) throws -> Int64 {
+        var kept = try FileIO.read(eventsPath).map { StoreChange.parseLog($0, path: eventsPath) } ?? []
+        let tail = kept.last?.revision ?? 0
+        kept += adding.filter { $0.revision > tail }
+        if kept.count > compactionKeep { kept.removeFirst(kept.count - compactionKeep) }
+        try FileIO.writeAtomically(eventsPath, Array(kept.map(\.line).joined().utf8))
+        return kept.first?.revision ?? fallbackOldest
+    }
+
+    // MARK: watching
+
+    /// One poll of a watch: the revision file without a lock; expiry (under
+    /// the lock) only when a lease is due; the log only when the revision moved.
+    private func poll(after: Int64) throws -> [LeaseEvent] {
+        var state = try FileIO.read(statePath).map { try StoreState(parsing: $0, path: statePath) }
+        let due = state?.nextExpiry.map { $0 <= .now } ?? false
+        if due || FileIO.exists(pendingPath) || (state == nil && FileIO.exists(eventsPath)) {
+            state = try exclusive { tx in
+                try tx.expireIfDue()
+                return tx.state
+            }
+        }
+        let current = state ?? StoreState()
+        if after > current.revision {
+            // The store is behind the watcher: it was reset, or the revision
+            // came from elsewhere. Only a fresh list can resynchronise.
+            throw LeaseStoreError.compacted(requested: after, oldest: current.oldest)
+        }
+        guard current.revision > after else { return [] }
+        let log: [UInt8]? = try {
+            let lock = try FileLock(path: lockPath, exclusive: false)
+            defer { lock.unlock() }
+            return try FileIO.read(eventsPath)
+        }()
+        let changes = log.map { StoreChange.parseLog($0, path: eventsPath) } ?? []
+        var expected = after + 1
+        var events: [LeaseEvent] = []
+        for change in changes where change.revision > after && change.revision <= current.revision {
+            // Revisions are consecutive; a hole means events were trimmed or lost.
+            guard change.revision == expected else {
+                throw LeaseStoreError.compacted(requested: after, oldest: change.revision)
+            }
+            events.append(change.event)
+            expected += 1
+        }
+        if expected <= current.revision {
+            throw LeaseStoreError.compacted(requested: after, oldest: current.revision + 1)
+        }
+        return events
+    }
+
+    fileprivate func reportOnce(_ problem: LeaseStoreError, path: String) {
+        let isNew = reported.withLock { $0.insert(path + "\u{0}" + problem.description).inserted }
+        if isNew { logger.warning("skipping unreadable lease entry: \(problem)") }
+    }
+}
+
+/// Where a watch stands: the last revision handed out and events fetched
+/// but not yet delivered.
+private final class WatchCursor: Sendable {
+    private let state: Mutex<(after: Int64, buffered: [LeaseEvent])>
+
+    init(after: Int64) { state = Mutex((after, [])) }
+
+    var after: Int64 { state.withLock { $0.after } }
+
+    func next() -> LeaseEvent? {
+        state.withLock { s in
+            guard !s.buffered.isEmpty else { return nil }
+            let event = s.buffered.removeFirst()
+            s.after = event.revision
+            return event
+        }
+    }
+
+    func add(_ events: [LeaseEvent]) {
+        state.withLock { $0.buffered += events }
+    }
+}
+
+/// The changes one locked operation makes, with the revisions they take.
+final class Transaction {
+    unowned let store: LocalLeaseStore
+    let original: StoreState
+    var state: StoreState
+    let now: Timestamp
+    private(set) var changes: [StoreChange] = []
+    private(set) var expired: Set<IPv4Network> = []
+    private var scanned = false
+
+    init(store: LocalLeaseStore, state: StoreState, now: Timestamp) {
+        self.store = store
+        self.original = state
+        self.state = state
+        self.now = now
+    }
+
+    struct Scan {
+        var leases: [StoredLease] = []
+        var skipped: [LeaseStoreError] = []
+        /// Subnets named by entries that could not be read.
+        var occupied: [IPv4Network] = []
+    }
+
+    /// Reads every lease file, deleting expired leases and stale temporary
+    /// files (no writer is active while we hold the lock), and recomputes
+    /// the earliest expiration.
+    func scan() throws -> Scan {
+        var result = Scan()
+        let directory = store.subnetsPath
+        for name in try FileIO.list(directory).sorted() {
+            let path = directory + "/" + name
+            if name.hasPrefix(".") {
+                if name.contains(".tmp-") { _ = try? FileIO.remove(path) }
+                continue
+            }
+            guard let subnet = LeaseKey.subnet(fromKey: name) else {
+                let problem = LeaseStoreError.corrupt(
+                    key: path, reason: "the file name is not a lease key such as 10.2.72.0-24: "
+                        + "move the file out of \(directory)")
+                result.skipped.append(problem)
+                store.reportOnce(problem, path: path)
+                continue
+            }
+            let stored: StoredLease
+            do {
+                guard let bytes = try FileIO.read(path) else { continue }
+                stored = try StoredLease(record: bytes, key: name, subnet: subnet, path: path)
+            } catch {
+                let problem: LeaseStoreError
+                switch error {
+                case let e as LeaseStoreError:
+                    if case .corrupt(let key, let reason) = e {
+                        problem = .corrupt(key: key, reason: reason
+                            + "; the subnet stays taken until you fix or delete the file")
+                    } else {
+                        problem = e
+                    }
+                case let e as FileError: problem = e.asStoreError
+                default: problem = .io(path: path, reason: "\(error)")
+                }
+                result.skipped.append(problem)
+                result.occupied.append(subnet)
+                store.reportOnce(problem, path: path)
+                continue
+            }
+            if let expiration = stored.expiration, expiration <= now {
+                expired.insert(subnet)
+                delete(key: name, subnet: subnet)
+                continue
+            }
+            result.leases.append(stored)
+        }
+        result.leases.sort { $0.subnet.address < $1.subnet.address }
+        state.nextExpiry = result.leases.compactMap(\.expiration).min()
+        scanned = true
+        return result
+    }
+
+    /// Scans (and so expires) if the earliest expiration has passed.
+    func expireIfDue() throws {
+        if !scanned, let due = state.nextExpiry, due <= now { _ = try scan() }
+    }
+
+    /// The key holding `subnet`: its plain key, or a dual-stack key with that
+    /// IPv4 part; changes made earlier in this transaction count. nil if none.
+    func findKey(_ subnet: IPv4Network) throws -> String? {
+        let plain = subnet.leaseKey
+        if let change = changes.last(where: { $0.key == plain }) {
+            if case .put = change { return plain }
+        } else if FileIO.exists(store.subnetsPath + "/" + plain) {
+            return plain
+        }
+        let deleted = Set(changes.compactMap { c -> String? in
+            if case .delete(let key, _, _) = c { return key } else { return nil }
+        })
+        return try FileIO.list(store.subnetsPath)
+            .filter { $0.hasPrefix(plain + "&") && !deleted.contains($0) }.sorted().first
+    }
+
+    /// Whether `key` is taken, counting this transaction's changes.
+    func isTaken(_ key: String) -> Bool {
+        if let change = changes.last(where: { $0.key == key }) {
+            if case .put = change { return true } else { return false }
+        }
+        return FileIO.exists(store.subnetsPath + "/" + key)
+    }
+
+    /// The lease for `subnet` as this transaction sees it; nil if none.
+    func read(_ subnet: IPv4Network) throws -> StoredLease? {
+        guard let key = try findKey(subnet) else { return nil }
+        if case .put(let stored)? = changes.last(where: { $0.key == key }) { return stored }
+        let path = store.subnetsPath + "/" + key
+        guard let bytes = try FileIO.read(path) else { return nil }
+        return try StoredLease(record: bytes, key: key, subnet: subnet, path: path)
+    }
+
+    @discardableResult
+    func put(key: String, subnet: IPv4Network, attributes: LeaseAttributes, expiration: Timestamp?) -> StoredLease {
+        state.revision += 1
+        let stored = StoredLease(key: key, subnet: subnet, attributes: attributes,
+                                 expiration: expiration, revision: state.revision)
+        changes.append(.put(stored))
+        if let expiration {
+            // Never later than the truth: an early value only costs a scan.
+            state.nextExpiry = min(state.nextExpiry ?? expiration, expiration)
+        }
+        return stored
+    }
+
+    func delete(key: String, subnet: IPv4Network) {
+        state.revision += 1
+        changes.append(.delete(key: key, subnet: subnet, revision: state.revision))
+    }
+}

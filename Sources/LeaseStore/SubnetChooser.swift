@@ -1,0 +1,149 @@
+import NetBase
+
+/// What `SubnetChooser` decided.
+public struct SubnetChoice: Sendable, Equatable {
+    public enum Source: Sendable, Equatable {
+        /// A lease (or reservation) already held by our PublicIP; renew it
+        /// (a reservation: update its attributes only) instead of creating one.
+        case existingLease(Lease)
+        /// The subnet from the subnet file, which is free and fits the config.
+        case preferred
+        /// A random free subnet among the first ones.
+        case free
+    }
+
+    public var source: Source
+
+    /// Subnets to create, in the order to try them: a store that loses the
+    /// create race for one (someone else created it first) tries the next.
+    /// Empty for `.existingLease`. For `.preferred` the preferred subnet comes
+    /// first; after it, and for `.free`, the free subnets in random order.
+    public var candidates: [IPv4Network]
+
+    /// Expiring leases held by our PublicIP that no longer fit the config
+    /// (another SubnetLen, outside SubnetMin…SubnetMax). flannel deletes
+    /// them; the store should too, so peers stop routing them to us.
+    /// Reservations are never listed here: they are the operator's to remove.
+    public var obsolete: [Lease]
+
+    /// The subnet chosen: the existing lease's, or the first candidate.
+    public var subnet: IPv4Network {
+        if case .existingLease(let lease) = source { return lease.subnet }
+        return candidates[0]
+    }
+}
+
+/// flannel's subnet choice, independent of any store, so that the local
+/// store and the etcd store pick alike. In order:
+///
+/// 1. a lease whose PublicIP is ours and that fits the config (prefix length
+///    SubnetLen, between SubnetMin and SubnetMax) — reservations first;
+/// 2. the preferred subnet (from the subnet file), if it fits and no lease
+///    overlaps it;
+/// 3. a random pick among the first ≤ 100 free subnets from SubnetMin up.
+///
+/// Leases outside the Network simply overlap nothing and are ignored.
+public enum SubnetChooser {
+    /// flannel picks at random among at most this many free subnets.
+    public static let freeCandidateLimit = 100
+
+    /// - Parameters:
+    ///   - leases: every current (unexpired) lease and reservation.
+    ///   - occupied: subnets taken by entries that could not be read
+    ///     (corrupt values): never offered, since creating them would fail.
+    /// - Throws: `LeaseStoreError.outOfSubnets` when nothing is free.
+    public static func choose(
+        config: NetworkConfig, leases: [Lease], publicIP: IPv4Address,
+        preferred: IPv4Network?, occupied: [IPv4Network] = [],
+        using generator: inout some RandomNumberGenerator
+    ) throws(LeaseStoreError) -> SubnetChoice {
+        let own = leases.filter { $0.attributes.publicIP == publicIP }
+        let obsolete = own.filter { !$0.isReservation && !config.fits($0.subnet) }
+        let obsoleteSubnets = Set(obsolete.map(\.subnet))
+
+        // 1. Reuse: a reservation before an expiring lease, then the longest-lived.
+        let reusable = own.filter { config.fits($0.subnet) }.sorted { a, b in
+            if a.isReservation != b.isReservation { return a.isReservation }
+            if a.expiration != b.expiration { return (a.expiration ?? .distantFuture) > (b.expiration ?? .distantFuture) }
+            return a.subnet.address < b.subnet.address
+        }
+        if let lease = reusable.first {
+            return SubnetChoice(source: .existingLease(lease), candidates: [], obsolete: obsolete)
+        }
+
+        // Obsolete leases are about to be deleted: their space is free.
+        let taken = OccupiedRanges(leases.filter { !obsoleteSubnets.contains($0.subnet) }.map(\.subnet)
+                                   + occupied)
+        var free = firstFree(in: config.subnets, taken: taken, limit: freeCandidateLimit)
+        free.shuffle(using: &generator)
+
+        // 2. The subnet we had before, if it is still ours to take.
+        if let preferred, config.fits(preferred), !taken.overlaps(preferred) {
+            free.removeAll { $0 == preferred }
+            return SubnetChoice(source: .preferred, candidates: [preferred] + free, obsolete: obsolete)
+        }
+
+        // 3. A random free one.
+        guard !free.isEmpty else { throw .outOfSubnets(network: config.network) }
+        return SubnetChoice(source: .free, candidates: free, obsolete: obsolete)
+    }
+
+    /// The first `limit` subnets of `range` that overlap nothing in `taken`,
+    /// in address order. Skips whole taken ranges at once, so a full /8 with
+    /// thousands of leases costs one pass over the leases, not one per subnet.
+    static func firstFree(in range: SubnetRange, taken: OccupiedRanges, limit: Int) -> [IPv4Network] {
+        var result: [IPv4Network] = []
+        var index = 0
+        var cursor = 0 // into taken.ranges, sorted by start
+        let size = UInt64(1) << UInt64(32 - range.prefixLength)
+        let count = range.count
+        while index < count && result.count < limit {
+            let subnet = range[index]
+            let start = UInt64(subnet.address.value)
+            let end = start + size - 1
+            // Ranges ending before this subnet can never overlap a later one.
+            while cursor < taken.ranges.count && taken.ranges[cursor].upperBound < start { cursor += 1 }
+            if cursor < taken.ranges.count && taken.ranges[cursor].lowerBound <= end {
+                // Jump past the taken range to the next subnet boundary.
+                let next = (taken.ranges[cursor].upperBound + 1 - UInt64(range.lowestAddress.value) + size - 1) / size
+                index = max(index + 1, Int(clamping: next))
+                continue
+            }
+            result.append(subnet)
+            index += 1
+        }
+        return result
+    }
+}
+
+/// Address ranges covered by leases, merged and sorted, for overlap tests.
+struct OccupiedRanges {
+    let ranges: [ClosedRange<UInt64>]
+
+    init(_ subnets: some Sequence<IPv4Network>) {
+        let sorted = subnets.map { UInt64($0.address.value)...UInt64($0.lastAddress.value) }
+            .sorted { $0.lowerBound < $1.lowerBound }
+        var merged: [ClosedRange<UInt64>] = []
+        for r in sorted {
+            if let last = merged.last, r.lowerBound <= last.upperBound + 1 {
+                merged[merged.count - 1] = last.lowerBound...max(last.upperBound, r.upperBound)
+            } else {
+                merged.append(r)
+            }
+        }
+        ranges = merged
+    }
+
+    func overlaps(_ subnet: IPv4Network) -> Bool {
+        let start = UInt64(subnet.address.value)
+        let end = UInt64(subnet.lastAddress.value)
+        // First range whose upper bound reaches `start`.
+        var low = 0
+        var high = ranges.count
+        while low < high {
+            let mid = (low + high) / 2
+            if ranges[mid].upperBound < start { low = mid + 1 } else { high = mid }
+        }
+        return low < ranges.count && ranges[low].lowerBound <= end
+    }
+}

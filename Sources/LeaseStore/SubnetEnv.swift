@@ -1,0 +1,179 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import NetBase
+
+/// flannel's subnet file (`/run/flannel/subnet.env`, flag `-subnet-file`),
+/// which the CNI "flannel" plugin and Docker's `--bip`/`--mtu` read:
+/// ```
+/// FLANNEL_NETWORK=10.2.0.0/16
+/// FLANNEL_SUBNET=10.2.72.1/24
+/// FLANNEL_MTU=1472
+/// FLANNEL_IPMASQ=false
+/// ```
+/// `FLANNEL_SUBNET` is the lease's first host address with the lease prefix.
+public struct SubnetEnv: Sendable, Equatable {
+    public var network: IPv4Network
+    /// The lease's subnet (base address, e.g. 10.2.72.0/24).
+    public var subnet: IPv4Network
+    public var mtu: Int
+    public var ipMasq: Bool
+
+    public static let defaultPath = "/run/flannel/subnet.env"
+
+    public init(network: IPv4Network, subnet: IPv4Network, mtu: Int, ipMasq: Bool) {
+        self.network = network
+        self.subnet = subnet
+        self.mtu = mtu
+        self.ipMasq = ipMasq
+    }
+
+    /// The file's text, in flannel's order.
+    public var text: String {
+        "FLANNEL_NETWORK=\(network)\n"
+            + "FLANNEL_SUBNET=\(subnet.firstHost)/\(subnet.prefixLength)\n"
+            + "FLANNEL_MTU=\(mtu)\n"
+            + "FLANNEL_IPMASQ=\(ipMasq)\n"
+    }
+
+    /// Writes the file atomically (temporary file, fsync, rename), creating
+    /// its directory if needed, mode 0644 as flannel does.
+    public func write(to path: String = SubnetEnv.defaultPath) throws(SystemError) {
+        let (directory, _) = FileIO.split(path)
+        do {
+            try FileIO.makeDirectories(directory, mode: 0o755)
+            try FileIO.writeAtomically(path, Array(text.utf8), mode: 0o644)
+        } catch {
+            throw SystemError(error.operation, on: error.path, errno: error.errno,
+                              hint: Self.hint(for: error.errno))
+        }
+    }
+
+    /// Parses the file's text. Lines other than the four variables (comments,
+    /// `FLANNEL_IPV6_*`) are ignored; values may be quoted, lines may start
+    /// with `export`.
+    public init(parsing text: String) throws(SubnetEnvError) {
+        let values = Self.variables(text)
+        func require(_ name: String) throws(SubnetEnvError) -> String {
+            guard let value = values[name] else { throw SubnetEnvError(reason: "\(name) is missing") }
+            return value
+        }
+        let networkText = try require("FLANNEL_NETWORK")
+        guard let network = IPv4Network(networkText) else {
+            throw SubnetEnvError(reason: "FLANNEL_NETWORK \"\(networkText)\" is not a network such as 10.2.0.0/16")
+        }
+        self.network = network
+        subnet = try Self.subnet(values["FLANNEL_SUBNET"])
+        let mtuText = try require("FLANNEL_MTU")
+        guard let mtu = Int(mtuText), (68...65535).contains(mtu) else {
+            throw SubnetEnvError(reason: "FLANNEL_MTU \"\(mtuText)\" is not an MTU (68…65535)")
+        }
+        self.mtu = mtu
+        let masqText = try require("FLANNEL_IPMASQ")
+        switch masqText {
+        case "true": ipMasq = true
+        case "false": ipMasq = false
+        default: throw SubnetEnvError(reason: "FLANNEL_IPMASQ \"\(masqText)\" is not true or false")
+        }
+    }
+
+    /// Reads the file; `.success(nil)` if it does not exist. A malformed or
+    /// unreadable file is a `.failure` the caller can log and carry on.
+    public static func read(from path: String = SubnetEnv.defaultPath) -> Result<SubnetEnv?, SubnetEnvError> {
+        switch readText(path) {
+        case .failure(let error): return .failure(error)
+        case .success(nil): return .success(nil)
+        case .success(let text?):
+            do {
+                return .success(try SubnetEnv(parsing: text))
+            } catch {
+                return .failure(SubnetEnvError(path: path, reason: error.reason))
+            }
+        }
+    }
+
+    /// The subnet a previous run leased, from the file's FLANNEL_SUBNET
+    /// (other variables are not needed): the preferred subnet on restart.
+    /// `.success(nil)` if the file does not exist.
+    public static func previousSubnet(at path: String = SubnetEnv.defaultPath) -> Result<IPv4Network?, SubnetEnvError> {
+        switch readText(path) {
+        case .failure(let error): return .failure(error)
+        case .success(nil): return .success(nil)
+        case .success(let text?):
+            do {
+                return .success(try subnet(variables(text)["FLANNEL_SUBNET"]))
+            } catch {
+                return .failure(SubnetEnvError(path: path, reason: error.reason))
+            }
+        }
+    }
+
+    private static func subnet(_ value: String?) throws(SubnetEnvError) -> IPv4Network {
+        guard let value else { throw SubnetEnvError(reason: "FLANNEL_SUBNET is missing") }
+        // "10.2.72.1/24": the host address is cleared to the subnet's base.
+        guard let subnet = IPv4Network(value) else {
+            throw SubnetEnvError(reason: "FLANNEL_SUBNET \"\(value)\" is not an address/prefix such as 10.2.72.1/24")
+        }
+        return subnet
+    }
+
+    private static func readText(_ path: String) -> Result<String?, SubnetEnvError> {
+        do {
+            // The file is a few lines; anything large is not a subnet file.
+            guard let bytes = try FileIO.read(path, limit: 64 << 10) else { return .success(nil) }
+            return .success(String(decoding: bytes, as: UTF8.self))
+        } catch {
+            return .failure(SubnetEnvError(path: path, reason: error.reason))
+        }
+    }
+
+    private static func variables(_ text: String) -> [String: String] {
+        var values: [String: String] = [:]
+        for rawLine in text.split(whereSeparator: \.isNewline) {
+            var line = rawLine.trimmingSpaces
+            if line.isEmpty || line.hasPrefix("#") { continue }
+            if line.hasPrefix("export ") { line = line.dropFirst(7).trimmingSpaces }
+            guard let equals = line.firstIndex(of: "=") else { continue }
+            let name = line[..<equals].trimmingSpaces
+            var value = line[line.index(after: equals)...].trimmingSpaces
+            if value.count >= 2, let q = value.first, q == "\"" || q == "'", value.last == q {
+                value = value.dropFirst().dropLast()
+            }
+            values[String(name)] = String(value)
+        }
+        return values
+    }
+
+    private static func hint(for errno: Errno) -> String? {
+        switch errno {
+        case .accessDenied, .notPermitted: "run tunneld as root, or choose a writable -subnet-file"
+        case Errno(EROFS): "choose a -subnet-file on a writable file system"
+        default: nil
+        }
+    }
+}
+
+/// Why a subnet file could not be used.
+public struct SubnetEnvError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The file, when one was read.
+    public var path: String?
+    public var reason: String
+
+    public init(path: String? = nil, reason: String) {
+        self.path = path
+        self.reason = reason
+    }
+
+    public var description: String {
+        (path.map { "subnet file \($0): " } ?? "subnet file: ") + reason
+    }
+}
+
+extension Substring {
+    fileprivate var trimmingSpaces: Substring {
+        var s = self
+        while let c = s.first, c == " " || c == "\t" { s.removeFirst() }
+        while let c = s.last, c == " " || c == "\t" || c == "\r" { s.removeLast() }
+        return s
+    }
+}

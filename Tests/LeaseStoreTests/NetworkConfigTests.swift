@@ -1,0 +1,168 @@
+import Testing
+import NetBase
+@testable import LeaseStore
+
+@Suite struct NetworkConfigTests {
+    struct Defaults: Sendable, CustomTestStringConvertible {
+        var network: String
+        var subnetLen: Int
+        var min: String
+        var max: String
+        var count: Int
+        var testDescription: String { network }
+    }
+
+    @Test(arguments: [
+        Defaults(network: "10.2.0.0/16", subnetLen: 24, min: "10.2.1.0", max: "10.2.255.0", count: 255),
+        Defaults(network: "10.0.0.0/8", subnetLen: 24, min: "10.0.1.0", max: "10.255.255.0", count: 65535),
+        Defaults(network: "10.2.0.0/22", subnetLen: 24, min: "10.2.1.0", max: "10.2.3.0", count: 3),
+        Defaults(network: "10.2.0.0/23", subnetLen: 25, min: "10.2.0.128", max: "10.2.1.128", count: 3),
+        Defaults(network: "10.2.0.0/28", subnetLen: 30, min: "10.2.0.4", max: "10.2.0.12", count: 3),
+    ])
+    func defaultsFollowFlannel(_ d: Defaults) throws {
+        let c = try config(#"{"Network": "\#(d.network)"}"#)
+        #expect(c.network == net(d.network))
+        #expect(c.subnetLen == d.subnetLen)
+        #expect(c.subnetMin == IPv4Network(address: ip(d.min), prefixLength: d.subnetLen))
+        #expect(c.subnetMax == IPv4Network(address: ip(d.max), prefixLength: d.subnetLen))
+        #expect(c.subnets.count == d.count)
+        #expect(c.subnets.first == c.subnetMin)
+        #expect(c.subnets.last == c.subnetMax)
+        #expect(c.enableIPv4 && !c.enableIPv6)
+        #expect(c.backend == BackendConfig(type: "udp", port: 8285))
+    }
+
+    struct Bad: Sendable, CustomTestStringConvertible {
+        var json: String
+        var error: NetworkConfigError
+        var message: String
+        var testDescription: String { json }
+    }
+
+    @Test(arguments: [
+        Bad(json: #"{"Network": "10.2.0.0/29"}"#,
+            error: .networkTooSmall(network: net("10.2.0.0/29")),
+            message: "Network is too small. Minimum useful network prefix is /28"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "SubnetLen": 31}"#,
+            error: .subnetLenTooLong(subnetLen: 31), message: "SubnetLen must be less than /31"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "SubnetLen": 17}"#,
+            error: .tooFewSubnets(network: net("10.2.0.0/16"), subnetLen: 17),
+            message: "Network must be able to accommodate at least four subnets"),
+        Bad(json: #"{"Network": "10.2.0.0/29", "SubnetLen": 30}"#,
+            error: .tooFewSubnets(network: net("10.2.0.0/29"), subnetLen: 30),
+            message: "use a Network of /28 or larger"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "SubnetMin": "10.3.0.0"}"#,
+            error: .outsideNetwork(field: "SubnetMin", address: ip("10.3.0.0"), network: net("10.2.0.0/16")),
+            message: "SubnetMin 10.3.0.0 is not in the range of the Network 10.2.0.0/16"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "SubnetMax": "10.1.255.0"}"#,
+            error: .outsideNetwork(field: "SubnetMax", address: ip("10.1.255.0"), network: net("10.2.0.0/16")),
+            message: "SubnetMax 10.1.255.0 is not in the range of the Network 10.2.0.0/16"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "SubnetMin": "10.2.1.5"}"#,
+            error: .notOnBoundary(field: "SubnetMin", address: ip("10.2.1.5"), subnetLen: 24,
+                                  suggestion: ip("10.2.1.0")),
+            message: "SubnetMin 10.2.1.5 is not on a SubnetLen (/24) boundary: use 10.2.1.0"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "SubnetLen": 26, "SubnetMax": "10.2.9.100"}"#,
+            error: .notOnBoundary(field: "SubnetMax", address: ip("10.2.9.100"), subnetLen: 26,
+                                  suggestion: ip("10.2.9.64")),
+            message: "SubnetMax 10.2.9.100 is not on a SubnetLen (/26) boundary: use 10.2.9.64"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "SubnetMin": "10.2.9.0", "SubnetMax": "10.2.5.0"}"#,
+            error: .minAboveMax(min: ip("10.2.9.0"), max: ip("10.2.5.0")),
+            message: "SubnetMin 10.2.9.0 is above SubnetMax 10.2.5.0"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/48"}"#,
+            error: .ipv6NotSupported, message: "tunneld supports IPv4 only for now"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv4": false}"#,
+            error: .ipv4Disabled, message: "tunneld supports IPv4 only for now"),
+        Bad(json: #"{"SubnetLen": 24}"#, error: .missingNetwork,
+            message: "please define a correct Network parameter"),
+        Bad(json: #"{"Network": "0.0.0.0/0"}"#, error: .missingNetwork,
+            message: "please define a correct Network parameter"),
+        Bad(json: #"{"Network": "10.2.0.0"}"#,
+            error: .invalidValue(field: "Network", value: #""10.2.0.0""#,
+                                 expected: #"a network in CIDR form such as "10.2.0.0/16""#),
+            message: #"Network "10.2.0.0" is not valid"#),
+        Bad(json: #"{"Network": "10.2.0.0/16", "SubnetLen": "24"}"#,
+            error: .invalidValue(field: "SubnetLen", value: #""24""#, expected: "a whole number of bits such as 24"),
+            message: #"SubnetLen "24" is not valid"#),
+        Bad(json: #"{"Network": "10.2.0.0/16", "SubnetMin": "10.2.1.0/24"}"#,
+            error: .invalidValue(field: "SubnetMin", value: #""10.2.1.0/24""#,
+                                 expected: #"an address such as "10.2.1.0" (without /len)"#),
+            message: "without /len"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "Backend": {"Port": 8285}}"#,
+            error: .missingBackendType, message: "Backend.Type is missing"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "Backend": {"Type": "udp", "Port": 0}}"#,
+            error: .invalidPort(backend: "udp", value: "0", defaultPort: 8285, lowest: 1),
+            message: "Backend.Port 0 is not valid for the udp backend: use a whole number 1…65535 (default 8285)"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "Backend": {"Type": "udp", "Port": 65536}}"#,
+            error: .invalidPort(backend: "udp", value: "65536", defaultPort: 8285, lowest: 1),
+            message: "Backend.Port 65536"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan", "VNI": 16777216}}"#,
+            error: .invalidValue(field: "Backend.VNI", value: "16777216",
+                                 expected: "a whole number 0…16777215 (default 1)"),
+            message: "Backend.VNI 16777216 is not valid"),
+        Bad(json: #"["Network"]"#, error: .notAnObject(found: "an array"), message: "must be a JSON object"),
+    ])
+    func invalidConfigsAreRefusedWithFlannelsMessage(_ bad: Bad) {
+        #expect(throws: bad.error) { try NetworkConfig(json: bad.json) }
+        #expect(bad.error.description.contains(bad.message), "\(bad.error.description)")
+    }
+
+    @Test func invalidJSONCarriesTheParsersReason() {
+        let e = #expect(throws: NetworkConfigError.self) {
+            try NetworkConfig(json: "{\"Network\": \"10.2.0.0/16\",\n}")
+        }
+        #expect(e?.description == "network config is not valid JSON: trailing comma before '}' at line 2, column 1")
+    }
+
+    @Test func explicitSubnetRangeIsKept() throws {
+        let c = try config(#"{"Network": "10.2.0.0/16", "SubnetLen": 26, "SubnetMin": "10.2.4.64", "SubnetMax": "10.2.5.0"}"#)
+        #expect(c.subnetLen == 26)
+        #expect(c.subnets.map(\.description) == ["10.2.4.64/26", "10.2.4.128/26", "10.2.4.192/26", "10.2.5.0/26"])
+        #expect(c.fits(net("10.2.4.128/26")))
+        #expect(!c.fits(net("10.2.4.0/26")))  // below SubnetMin
+        #expect(!c.fits(net("10.2.5.64/26"))) // above SubnetMax
+        #expect(!c.fits(net("10.2.4.0/24")))  // wrong length
+        #expect(c.subnets.index(of: net("10.2.5.0/26")) == 3)
+    }
+
+    @Test func zeroMeansDefaultAsInFlannel() throws {
+        let c = try config(#"{"Network": "10.2.0.0/16", "SubnetLen": 0, "SubnetMin": "0.0.0.0", "SubnetMax": null}"#)
+        #expect(c.subnetLen == 24)
+        #expect(c.subnetMin == net("10.2.1.0/24"))
+        #expect(c.subnetMax == net("10.2.255.0/24"))
+    }
+
+    @Test func unknownFieldsAreIgnoredAndNamesMatchCaseInsensitively() throws {
+        let json = #"{"network": "10.2.5.0/16", "subnetlen": 26, "IPv6Network": "fd00::/48", "Extra": [1, {"x": null}]}"#
+        let c = try config(json)
+        #expect(c.network == net("10.2.0.0/16")) // host bits cleared, as flannel does
+        #expect(c.subnetLen == 26)
+        #expect(c.json == json)
+    }
+
+    @Test func vxlanBackendDefaultsAndOptions() throws {
+        let plain = try config(#"{"Network": "10.2.0.0/16", "Backend": {"Type": "VXLAN"}}"#)
+        #expect(plain.backend.type == "vxlan")
+        #expect(plain.backend.vni == 1)
+        #expect(plain.backend.port == 8472)
+        #expect(!plain.backend.directRouting)
+
+        let tuned = try config(#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan", "VNI": 4096, "Port": 4789, "DirectRouting": true, "GBP": false}}"#)
+        #expect(tuned.backend.vni == 4096)
+        #expect(tuned.backend.port == 4789)
+        #expect(tuned.backend.directRouting)
+        #expect(tuned.backend.options["GBP"] == .bool(false))
+    }
+
+    @Test func udpBackendPort() throws {
+        #expect(try config(#"{"Network": "10.2.0.0/16", "Backend": {"Type": "udp"}}"#).backend.port == 8285)
+        #expect(try config(#"{"Network": "10.2.0.0/16", "Backend": {"Type": "UDP", "Port": 9000}}"#).backend
+            == BackendConfig(type: "udp", port: 9000, options: ["Type": .string("UDP"), "Port": .number(9000)]))
+        #expect(try config(#"{"Network": "10.2.0.0/16", "Backend": null}"#).backend.type == "udp")
+    }
+
+    @Test func otherBackendsKeepTheirOptions() throws {
+        let c = try config(#"{"Network": "10.2.0.0/16", "Backend": {"Type": "host-gw"}}"#)
+        #expect(c.backend.type == "host-gw")
+        #expect(c.backend.port == 0)
+    }
+}
