@@ -9,8 +9,9 @@ import UDPEncap
 /// subnet, then hand it to the TUN unchanged.
 public struct Forwarder: Sendable {
     public let table: SubnetTable
-    /// The TUN's address: the source of ICMP errors we generate.
+    /// The TUN's address (kept for diagnostics; see `errorSource`).
     public let tunAddress: IPv4Address
+    private let subnetMask: UInt32
     /// flannel accepts any datagram; by default tunneld accepts only packets
     /// whose source lies in the subnet of the peer that sent them.
     public let acceptUnknownPeers: Bool
@@ -19,7 +20,16 @@ public struct Forwarder: Sendable {
         self.table = table
         self.tunAddress = tunAddress
         self.acceptUnknownPeers = acceptUnknownPeers
+        self.subnetMask = IPv4Network.mask(table.subnetLength)
     }
+
+    /// The source of an ICMP error about a packet for `destination`: the
+    /// base address of the destination's subnet, i.e. "the tunnel towards
+    /// that subnet". Not one of our own addresses: the kernel drops packets
+    /// arriving with a local source address as martians, so an error from
+    /// the TUN's address would never reach the sender.
+    @inline(__always)
+    func errorSource(for destination: UInt32) -> UInt32 { destination & subnetMask }
 
     /// What to do with a packet read from the TUN.
     public enum TunAction: Equatable {
@@ -39,7 +49,8 @@ public struct Forwarder: Sendable {
             stats.add(.droppedMalformedFromTun)
             return .drop
         }
-        let entry = table.entry(for: IPv4Header.destination(p))
+        let destination = IPv4Header.destination(p)
+        let entry = table.entry(for: destination)
         guard SubnetTable.isPeer(entry) else {
             if SubnetTable.isLocal(entry) {
                 stats.add(.droppedLocalDestination)
@@ -47,7 +58,7 @@ public struct Forwarder: Sendable {
             }
             stats.add(.droppedNoRoute)
             if let n = ICMPError.rewrite(p, length: total, capacity: capacity,
-                                         kind: .networkUnreachable, source: tunAddress.value) {
+                                         kind: .networkUnreachable, source: errorSource(for: destination)) {
                 stats.add(.icmpUnreachableSent)
                 return .reply(length: n)
             }
@@ -56,7 +67,7 @@ public struct Forwarder: Sendable {
         if IPv4Header.ttl(p) <= 1 {
             stats.add(.droppedTTLExpired)
             if let n = ICMPError.rewrite(p, length: total, capacity: capacity,
-                                         kind: .timeExceeded, source: tunAddress.value) {
+                                         kind: .timeExceeded, source: errorSource(for: destination)) {
                 stats.add(.icmpTimeExceededSent)
                 return .reply(length: n)
             }

@@ -191,7 +191,8 @@ final class PeerSync: Sendable {
             do {
                 let renewed = try await store.renewLease(holder.lease)
                 holder.replace(renewed)
-                logger.info("renewed lease \(renewed.subnet)" + (renewed.expiration.map { " until \($0)" } ?? ""))
+                let until = renewed.expiration.map { " until \($0)" } ?? ""
+                logger.info("renewed lease \(renewed.subnet)\(until)")
             } catch LeaseStoreError.leaseNotFound {
                 logger.warning("lease \(lease.subnet) vanished before renewal; acquiring again")
                 await reacquire(preferred: lease.subnet)

@@ -38,32 +38,73 @@ struct CommandFailed: Error, CustomStringConvertible {
     }
 }
 
+/// A child process started with posix_spawn. Foundation's `Process` is not
+/// used: it can keep reporting a finished child as running when a grandchild
+/// (a daemon started in the background) inherits its descriptors.
+final class Child {
+    let pid: pid_t
+    private(set) var status: Int32?
+
+    init(_ arguments: [String], output: String) throws {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        let argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var pid = pid_t()
+        let rc = posix_spawnp(&pid, arguments[0], &actions, nil, argv, environ)
+        guard rc == 0 else {
+            throw CommandFailed(command: arguments, result: CommandResult(status: -1, output: "posix_spawn: \(String(cString: strerror(rc)))"))
+        }
+        self.pid = pid
+    }
+
+    /// Waits until the child exits or `timeout` passes; returns its exit
+    /// status, or nil if it is still running.
+    @discardableResult
+    func wait(timeout: Duration) -> Int32? {
+        if let status { return status }
+        let deadline = ContinuousClock.now + timeout
+        repeat {
+            var raw: Int32 = 0
+            if waitpid(pid, &raw, WNOHANG) == pid {
+                // WIFEXITED / WEXITSTATUS, or 128 + signal.
+                status = raw & 0x7f == 0 ? (raw >> 8) & 0xff : 128 + (raw & 0x7f)
+                return status
+            }
+            usleep(20_000)
+        } while ContinuousClock.now < deadline
+        return nil
+    }
+
+    /// Stops the child (TERM, then KILL after a grace period) and reaps it.
+    func stop() {
+        guard status == nil else { return }
+        kill(pid, SIGTERM)
+        if wait(timeout: .seconds(3)) == nil {
+            kill(pid, SIGKILL)
+            wait(timeout: .seconds(3))
+        }
+    }
+}
+
 /// Runs a command to completion (bounded by `timeout`), output and errors together.
 @discardableResult
 func run(_ arguments: [String], timeout: Duration = .seconds(60), check: Bool = true) throws -> CommandResult {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = arguments
     let outputFile = FileManager.default.temporaryDirectory
-        .appendingPathComponent("td-cmd-\(UUID().uuidString)")
-    FileManager.default.createFile(atPath: outputFile.path, contents: nil)
-    defer { try? FileManager.default.removeItem(at: outputFile) }
-    let handle = try FileHandle(forWritingTo: outputFile)
-    process.standardOutput = handle
-    process.standardError = handle
-    process.standardInput = FileHandle.nullDevice
-    try process.run()
-    let deadline = ContinuousClock.now + timeout
-    while process.isRunning && ContinuousClock.now < deadline { usleep(20_000) }
-    if process.isRunning {
-        process.terminate()
-        usleep(200_000)
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        .appendingPathComponent("td-cmd-\(UUID().uuidString)").path
+    defer { unlink(outputFile) }
+    let child = try Child(arguments, output: outputFile)
+    var status = child.wait(timeout: timeout)
+    if status == nil {
+        child.stop()
+        status = child.status
     }
-    process.waitUntilExit()
-    try handle.close()
-    let output = (try? String(contentsOf: outputFile, encoding: .utf8)) ?? ""
-    let result = CommandResult(status: process.terminationStatus, output: output)
+    let output = (try? String(contentsOfFile: outputFile, encoding: .utf8)) ?? ""
+    let result = CommandResult(status: status ?? -1, output: output)
     if check && !result.succeeded { throw CommandFailed(command: arguments, result: result) }
     return result
 }
@@ -143,6 +184,18 @@ final class Lab {
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             if log(process).contains(text) { return true }
+            usleep(100_000)
+        }
+        return false
+    }
+
+    /// Waits (bounded) until `path` exists and is not empty.
+    func waitForFile(_ path: String, timeout: Duration = .seconds(30)) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? Int, size > 0 {
+                return true
+            }
             usleep(100_000)
         }
         return false

@@ -67,7 +67,7 @@ struct UDPBackendTests {
             try transfer(lab, from: 1, to: 2, megabytes: 20)
 
             // A third host joins; the first two reach it without restarting.
-            try lab.addHost(3, extra: hostArguments(lab))
+            try lab.addHost(3, extra: hostArguments(lab) + ["--release-on-exit"])
             let to3from1 = try lab.ping(from: 1, to: 3)
             #expect(to3from1.succeeded, "\(to3from1.output)")
             let to3from2 = try lab.ping(from: 2, to: 3)
@@ -104,7 +104,7 @@ struct UDPBackendTests {
             #expect(!links.contains("tun0"))
             try FileManager.default.removeItem(atPath: lab.subnetFile(1))
             try lab.lab("start", "h1")
-            #expect(lab.waitForLog("h1", containing: "tunneld ready"))
+            #expect(lab.waitForFile(lab.subnetFile(1)))
             #expect(try lab.subnetEnv(1)["FLANNEL_SUBNET"] == before)
             let ping = try lab.ping(from: 2, to: 1)
             #expect(ping.succeeded, "\(ping.output)")
@@ -128,7 +128,7 @@ struct UDPBackendTests {
         let received = lab.directory.appendingPathComponent("received.bin").path
         try run(["dd", "if=/dev/urandom", "of=\(source)", "bs=1M", "count=\(megabytes)", "status=none"])
         let target = try lab.containerIP(to)
-        let server = """
+        let serverScript = """
             import socket,sys
             s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
             s.bind(('0.0.0.0',5201)); s.listen(1); s.settimeout(60)
@@ -148,14 +148,11 @@ struct UDPBackendTests {
             with open(sys.argv[2],'rb') as f: s.sendall(f.read())
             s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
             """
-        let serverProcess = Process()
-        serverProcess.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        serverProcess.arguments = ["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", server, received]
-        try serverProcess.run()
-        defer { if serverProcess.isRunning { serverProcess.terminate() } }
+        let server = try Child(["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", serverScript, received],
+                               output: lab.directory.appendingPathComponent("transfer-server.log").path)
+        defer { server.stop() }
         try lab.exec("c\(from)", ["python3", "-c", client, target, source], timeout: .seconds(90))
-        let deadline = ContinuousClock.now + .seconds(30)
-        while serverProcess.isRunning && ContinuousClock.now < deadline { usleep(50_000) }
+        #expect(server.wait(timeout: .seconds(30)) == 0, "the receiving side did not finish cleanly")
         let sent = try run(["sha256sum", source]).output.prefix(64)
         let got = try run(["sha256sum", received]).output.prefix(64)
         #expect(sent == got, "the \(megabytes) MB transfer arrived changed or incomplete")
