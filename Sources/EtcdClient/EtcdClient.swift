@@ -516,9 +516,10 @@ public final class EtcdClient: Sendable {
     // MARK: - Calls, auth and errors
 
     /// Runs one RPC with the auth token, the request timeout, one
-    /// re-authentication when the token is rejected, and two retries when no
-    /// endpoint is reachable (every operation here is safe to repeat: a
-    /// repeated create-if-absent reports `.exists` with our own value).
+    /// re-authentication when the token is rejected, and retries while no
+    /// endpoint is reachable, for up to half the request timeout (every
+    /// operation here is safe to repeat: a repeated create-if-absent reports
+    /// `.exists` with our own value).
     private func perform<Result: Sendable>(
         _ operation: String,
         _ body: @Sendable (Metadata, CallOptions) async throws -> Result
@@ -527,6 +528,7 @@ public final class EtcdClient: Sendable {
         options.timeout = requestTimeout
         var reauthenticated = false
         var retries = 0
+        let started = ContinuousClock.now
         while true {
             if state.withLock({ $0.closed }) {
                 throw EtcdError(.closed, operation: operation, endpoints: endpoints, reason: "the client is closed")
@@ -540,9 +542,9 @@ public final class EtcdClient: Sendable {
                     invalidateToken()
                     continue
                 }
-                if error.code == .unavailable, retries < 2 {
+                if error.code == .unavailable, let delay = retryDelay(after: retries, since: started) {
                     retries += 1
-                    try? await Task.sleep(for: .milliseconds(300 * retries))
+                    try? await Task.sleep(for: delay)
                     continue
                 }
                 throw map(error, operation: operation)
@@ -554,6 +556,16 @@ public final class EtcdClient: Sendable {
                 throw EtcdError(.other, operation: operation, endpoints: endpoints, reason: Self.describe(error))
             }
         }
+    }
+
+    /// How long to wait before retrying an RPC that found no endpoint up:
+    /// gRPC fails such calls at once while its connections back off, so a
+    /// request right after an etcd restart would fail without retries.
+    /// nil once half the request timeout is spent.
+    private func retryDelay(after retries: Int, since started: ContinuousClock.Instant) -> Duration? {
+        let delay = Duration.milliseconds(min(250 << min(retries, 3), 1000))
+        guard ContinuousClock.now + delay - started < requestTimeout / 2 else { return nil }
+        return delay
     }
 
     /// etcd rejects an expired simple token with Unauthenticated "invalid auth
@@ -576,6 +588,7 @@ public final class EtcdClient: Sendable {
         var options = CallOptions.defaults
         options.timeout = requestTimeout
         var retries = 0
+        let started = ContinuousClock.now
         while true {
             do {
                 let response = try await auth.authenticate(request, options: options)
@@ -587,9 +600,9 @@ public final class EtcdClient: Sendable {
                 if error.code == .failedPrecondition, error.message.contains("authentication is not enabled") {
                     return [:]
                 }
-                if error.code == .unavailable, retries < 2 {
+                if error.code == .unavailable, let delay = retryDelay(after: retries, since: started) {
                     retries += 1
-                    try? await Task.sleep(for: .milliseconds(300 * retries))
+                    try? await Task.sleep(for: delay)
                     continue
                 }
                 var mapped = map(error, operation: "Authenticate \(credentials.username) (for \(operation))")

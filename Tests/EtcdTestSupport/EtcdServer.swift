@@ -18,13 +18,20 @@ public final class EtcdServer: @unchecked Sendable {
     public let clientPort: Int
     /// The temporary directory holding data, log and certificates.
     public let directory: URL
-    public let pid: pid_t
+    /// The running etcd's process ID (changes with `restart()`).
+    public var pid: pid_t { state.withLock { $0.process.processIdentifier } }
     /// Certificates when started with TLS.
     public let certificates: TestCertificates?
     /// Used by `etcdctl` once auth has been enabled with `enableAuth`.
     private let rootCredentials = Mutex<String?>(nil)
-    private let process: Process
-    private let stopped = Mutex(false)
+    private let arguments: [String]
+    private let metricsPort: Int
+    private struct State {
+        var process: Process
+        var stopped = false
+    }
+    private let state: Mutex<State>
+    private var process: Process { state.withLock { $0.process } }
 
     public static let etcdPath = "/usr/bin/etcd"
     public static let etcdctlPath = "/usr/bin/etcdctl"
@@ -98,19 +105,10 @@ public final class EtcdServer: @unchecked Sendable {
                          "--key-file", certificates.serverKeyFile]
             }
             args += arguments
-            let log = directory.appendingPathComponent("etcd.log")
-            _ = FileManager.default.createFile(atPath: log.path, contents: nil)
-            let logHandle = try FileHandle(forWritingTo: log)
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: etcdPath)
-            process.arguments = args
-            process.standardOutput = logHandle
-            process.standardError = logHandle
-            process.standardInput = FileHandle.nullDevice
-            try process.run()
-            try? logHandle.close()
-            let server = EtcdServer(clientURL: clientURL, clientPort: ports[0], directory: directory,
-                                    process: process, certificates: certificates)
+            let process = try launch(args, in: directory)
+            let server = EtcdServer(clientURL: clientURL, clientPort: ports[0], metricsPort: ports[2],
+                                    directory: directory, arguments: args, process: process,
+                                    certificates: certificates)
             do {
                 try await server.waitHealthy(metricsPort: ports[2], timeout: .seconds(15))
             } catch {
@@ -124,14 +122,58 @@ public final class EtcdServer: @unchecked Sendable {
         }
     }
 
-    private init(clientURL: String, clientPort: Int, directory: URL, process: Process,
-                 certificates: TestCertificates?) {
+    /// Starts etcd with its output appended to `directory`/etcd.log.
+    private static func launch(_ arguments: [String], in directory: URL) throws -> Process {
+        let log = directory.appendingPathComponent("etcd.log")
+        if !FileManager.default.fileExists(atPath: log.path) {
+            _ = FileManager.default.createFile(atPath: log.path, contents: nil)
+        }
+        let logHandle = try FileHandle(forWritingTo: log)
+        defer { try? logHandle.close() }
+        try logHandle.seekToEnd()
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: etcdPath)
+        process.arguments = arguments
+        process.standardOutput = logHandle
+        process.standardError = logHandle
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        return process
+    }
+
+    private init(clientURL: String, clientPort: Int, metricsPort: Int, directory: URL, arguments: [String],
+                 process: Process, certificates: TestCertificates?) {
         self.clientURL = clientURL
         self.clientPort = clientPort
+        self.metricsPort = metricsPort
         self.directory = directory
-        self.process = process
-        self.pid = process.processIdentifier
+        self.arguments = arguments
+        self.state = Mutex(State(process: process))
         self.certificates = certificates
+    }
+
+    /// Stops etcd and starts it again on the same ports with the same data,
+    /// as after a crash or an upgrade; waits until it is healthy again.
+    /// `downtime` is how long it stays down in between.
+    public func restart(downtime: Duration = .zero) async throws {
+        terminate(process)
+        try await Task.sleep(for: downtime)
+        let process = try EtcdServer.launch(arguments, in: directory)
+        state.withLock { $0.process = process }
+        try await waitHealthy(metricsPort: metricsPort, timeout: .seconds(15))
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s; waits for the exit.
+    private func terminate(_ process: Process) {
+        guard process.isRunning else { return }
+        let pid = process.processIdentifier
+        kill(pid, SIGTERM)
+        let deadline = Date().addingTimeInterval(5)
+        while process.isRunning && Date() < deadline { usleep(20_000) }
+        if process.isRunning {
+            kill(pid, SIGKILL)
+            process.waitUntilExit()
+        }
     }
 
     deinit { stop() }
@@ -161,20 +203,12 @@ public final class EtcdServer: @unchecked Sendable {
 
     /// Stops etcd (SIGTERM, then SIGKILL after 5 s) and removes its directory. Idempotent.
     public func stop() {
-        let first = stopped.withLock { stopped in
-            defer { stopped = true }
-            return !stopped
+        let first = state.withLock { state in
+            defer { state.stopped = true }
+            return !state.stopped
         }
         guard first else { return }
-        if process.isRunning {
-            kill(pid, SIGTERM)
-            let deadline = Date().addingTimeInterval(5)
-            while process.isRunning && Date() < deadline { usleep(20_000) }
-            if process.isRunning {
-                kill(pid, SIGKILL)
-                process.waitUntilExit()
-            }
-        }
+        terminate(process)
         try? FileManager.default.removeItem(at: directory)
     }
 
