@@ -150,6 +150,20 @@ struct EtcdLeaseStoreTests {
         }
     }
 
+    @Test func unreadableLeaseIsNotListedButKeepsItsSubnetTaken() async throws {
+        let config = #"{"Network":"10.8.0.0/16","SubnetLen":24,"SubnetMin":"10.8.1.0","SubnetMax":"10.8.2.0"}"#
+        try await withStore(config: config) { server, store, config in
+            try server.etcdctl(["put", "/docker/network/subnets/10.8.1.0-24", "not json"])
+            #expect(try await store.leases().leases.isEmpty)
+            let lease = try await store.acquireLease(config: config, attributes: node(70),
+                                                     preferred: IPv4Network("10.8.1.0/24"))
+            #expect(lease.subnet == IPv4Network("10.8.2.0/24"))
+            await #expect(throws: LeaseStoreError.outOfSubnets(network: config.network)) {
+                _ = try await store.acquireLease(config: config, attributes: node(71), preferred: nil)
+            }
+        }
+    }
+
     @Test func restartedNodeReusesItsLeaseForTheSamePublicIP() async throws {
         try await withStore { server, store, config in
             let first = try await store.acquireLease(config: config, attributes: node(40), preferred: nil)
@@ -190,6 +204,8 @@ struct EtcdLeaseStoreTests {
         try await withStore(leaseTTL: .seconds(2)) { _, store, config in
             let start = try await store.leases()
             let events = store.watchLeases(after: start.revision)
+            // Not a lease key: the watch skips it.
+            try await store.client.put("/docker/network/subnets/not-a-lease", value: "x")
             let lease = try await store.acquireLease(config: config, attributes: node(50), preferred: nil)
             let seen = try await withTimeout(.seconds(20)) {
                 var seen: [LeaseEvent] = []
