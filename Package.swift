@@ -10,12 +10,17 @@ let package = Package(
         .library(name: "UDPEncap", targets: ["UDPEncap"]),
         .library(name: "PacketRing", targets: ["PacketRing"]),
         .library(name: "LeaseStore", targets: ["LeaseStore"]),
+        .library(name: "EtcdClient", targets: ["EtcdClient"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-atomics", from: "1.2.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.6.0"),
+        .package(url: "https://github.com/grpc/grpc-swift-2", from: "2.4.3"),
+        .package(url: "https://github.com/grpc/grpc-swift-nio-transport", from: "2.9.2"),
+        .package(url: "https://github.com/grpc/grpc-swift-protobuf", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
     ],
     targets: [
         // What Swift cannot import from the kernel headers: ioctl requests, ifreq,
@@ -40,10 +45,21 @@ let package = Package(
                 .product(name: "Atomics", package: "swift-atomics"),
             ]
         ),
+        // etcd v3 over gRPC: our .proto subset of etcd's API (Protos/etcd), code
+        // generated once by Scripts/generate-etcd-proto.sh, and a small client.
+        .target(
+            name: "EtcdClient",
+            dependencies: [
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ]
+        ),
         .target(
             name: "LeaseStore",
             dependencies: [
-                "NetBase",
+                "NetBase", "EtcdClient",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -61,7 +77,13 @@ let package = Package(
         .testTarget(name: "TunDeviceTests", dependencies: ["TunDevice", "Netlink", "NetBase"]),
         .testTarget(name: "UDPEncapTests", dependencies: ["UDPEncap", "NetBase"]),
         .testTarget(name: "PacketRingTests", dependencies: ["PacketRing", "UDPEncap", "NetBase"]),
-        .testTarget(name: "LeaseStoreTests", dependencies: ["LeaseStore", "NetBase"]),
+        // Test helper shared by test targets: starts a throwaway etcd (EtcdServer).
+        .target(name: "EtcdTestSupport", path: "Tests/EtcdTestSupport"),
+        .testTarget(name: "EtcdClientTests", dependencies: ["EtcdClient", "EtcdTestSupport"]),
+        .testTarget(
+            name: "LeaseStoreTests",
+            dependencies: ["LeaseStore", "NetBase", "EtcdClient", "EtcdTestSupport"]
+        ),
         .testTarget(name: "EndToEndTests", dependencies: ["NetBase"]),
     ]
 )

@@ -1,0 +1,398 @@
+import Foundation
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A throwaway etcd for tests: listens on 127.0.0.1 only, on free ports, with
+/// its data in a fresh temporary directory; stopped by PID and the directory
+/// removed by `stop()` (also called on deinit).
+///
+/// Prefer `EtcdServer.with { server in … }`, which stops it on every path.
+/// Tests skip when `EtcdServer.isInstalled` is false (etcd comes from
+/// Debian's etcd-server package; etcdctl from etcd-client).
+public final class EtcdServer: @unchecked Sendable {
+    /// Client URL, e.g. "http://127.0.0.1:40123" (https with TLS).
+    public let clientURL: String
+    public let clientPort: Int
+    /// The temporary directory holding data, log and certificates.
+    public let directory: URL
+    /// The running etcd's process ID (changes with `restart()`).
+    public var pid: pid_t { state.withLock { $0.process.processIdentifier } }
+    /// Certificates when started with TLS.
+    public let certificates: TestCertificates?
+    /// Used by `etcdctl` once auth has been enabled with `enableAuth`.
+    private let rootCredentials = Mutex<String?>(nil)
+    private let arguments: [String]
+    private let metricsPort: Int
+    private struct State {
+        var process: Process
+        var stopped = false
+    }
+    private let state: Mutex<State>
+    private var process: Process { state.withLock { $0.process } }
+
+    public static let etcdPath = "/usr/bin/etcd"
+    public static let etcdctlPath = "/usr/bin/etcdctl"
+
+    /// Whether etcd and etcdctl are installed.
+    public static var isInstalled: Bool {
+        FileManager.default.isExecutableFile(atPath: etcdPath)
+            && FileManager.default.isExecutableFile(atPath: etcdctlPath)
+    }
+
+    /// Starts etcd, runs `body`, and stops etcd whatever happens.
+    public static func with<T>(
+        tls: Bool = false, arguments: [String] = [],
+        _ body: (EtcdServer) async throws -> T
+    ) async throws -> T {
+        let server = try await start(tls: tls, arguments: arguments)
+        do {
+            let result = try await body(server)
+            server.stop()
+            return result
+        } catch {
+            server.stop()
+            throw error
+        }
+    }
+
+    /// Starts etcd and waits (at most 15 s) until it reports healthy.
+    /// With `tls`, clients must present a certificate signed by the test CA
+    /// (`certificates.client*`).
+    public static func start(tls: Bool = false, arguments: [String] = []) async throws -> EtcdServer {
+        guard isInstalled else { throw TestSupportError("etcd is not installed (apt-get install etcd-server etcd-client)") }
+        // A port picked as free may be taken before etcd binds it: try again.
+        var lastError: (any Error)?
+        for _ in 0..<3 {
+            do {
+                return try await startOnce(tls: tls, arguments: arguments)
+            } catch let error as TestSupportError where error.retryable {
+                lastError = error
+            }
+        }
+        throw lastError ?? TestSupportError("etcd did not start")
+    }
+
+    private static func startOnce(tls: Bool, arguments: [String]) async throws -> EtcdServer {
+        let directory = FileManager.default.temporaryDirectory
+            .appendingPathComponent("tunneld-etcd-\(getpid())-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        do {
+            let certificates = tls ? try TestCertificates.make(in: directory.appendingPathComponent("certs")) : nil
+            let ports = try freePorts(3)
+            let scheme = tls ? "https" : "http"
+            let clientURL = "\(scheme)://127.0.0.1:\(ports[0])"
+            let peerURL = "http://127.0.0.1:\(ports[1])"
+            let metricsURL = "http://127.0.0.1:\(ports[2])"
+            var args = [
+                "--name", "t",
+                "--data-dir", directory.appendingPathComponent("data").path,
+                "--listen-client-urls", clientURL,
+                "--advertise-client-urls", clientURL,
+                "--listen-peer-urls", peerURL,
+                "--initial-advertise-peer-urls", peerURL,
+                "--initial-cluster", "t=\(peerURL)",
+                // Plain http even with client TLS: the health check uses it.
+                "--listen-metrics-urls", metricsURL,
+                "--logger=zap", "--log-outputs=stderr",
+            ]
+            if let certificates {
+                args += ["--client-cert-auth",
+                         "--trusted-ca-file", certificates.caFile,
+                         "--cert-file", certificates.serverCertFile,
+                         "--key-file", certificates.serverKeyFile]
+            }
+            args += arguments
+            let process = try launch(args, in: directory)
+            let server = EtcdServer(clientURL: clientURL, clientPort: ports[0], metricsPort: ports[2],
+                                    directory: directory, arguments: args, process: process,
+                                    certificates: certificates)
+            do {
+                try await server.waitHealthy(metricsPort: ports[2], timeout: .seconds(15))
+            } catch {
+                server.stop()
+                throw error
+            }
+            return server
+        } catch {
+            try? FileManager.default.removeItem(at: directory)
+            throw error
+        }
+    }
+
+    /// Starts etcd with its output appended to `directory`/etcd.log.
+    private static func launch(_ arguments: [String], in directory: URL) throws -> Process {
+        let log = directory.appendingPathComponent("etcd.log")
+        if !FileManager.default.fileExists(atPath: log.path) {
+            _ = FileManager.default.createFile(atPath: log.path, contents: nil)
+        }
+        let logHandle = try FileHandle(forWritingTo: log)
+        defer { try? logHandle.close() }
+        try logHandle.seekToEnd()
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: etcdPath)
+        process.arguments = arguments
+        process.standardOutput = logHandle
+        process.standardError = logHandle
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        return process
+    }
+
+    private init(clientURL: String, clientPort: Int, metricsPort: Int, directory: URL, arguments: [String],
+                 process: Process, certificates: TestCertificates?) {
+        self.clientURL = clientURL
+        self.clientPort = clientPort
+        self.metricsPort = metricsPort
+        self.directory = directory
+        self.arguments = arguments
+        self.state = Mutex(State(process: process))
+        self.certificates = certificates
+    }
+
+    /// Stops etcd and starts it again on the same ports with the same data,
+    /// as after a crash or an upgrade; waits until it is healthy again.
+    /// `downtime` is how long it stays down in between.
+    public func restart(downtime: Duration = .zero) async throws {
+        terminate(process)
+        try await Task.sleep(for: downtime)
+        let process = try EtcdServer.launch(arguments, in: directory)
+        state.withLock { $0.process = process }
+        try await waitHealthy(metricsPort: metricsPort, timeout: .seconds(15))
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s; waits for the exit.
+    private func terminate(_ process: Process) {
+        guard process.isRunning else { return }
+        let pid = process.processIdentifier
+        kill(pid, SIGTERM)
+        let deadline = Date().addingTimeInterval(5)
+        while process.isRunning && Date() < deadline { usleep(20_000) }
+        if process.isRunning {
+            kill(pid, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+
+    deinit { stop() }
+
+    /// The last lines etcd logged, for failure messages.
+    public func logTail(lines: Int = 20) -> String {
+        let text = (try? String(contentsOf: directory.appendingPathComponent("etcd.log"), encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").suffix(lines).joined(separator: "\n")
+    }
+
+    private func waitHealthy(metricsPort: Int, timeout: Duration) async throws {
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        while clock.now < deadline {
+            guard process.isRunning else {
+                let tail = logTail()
+                throw TestSupportError("etcd exited during start-up: \(tail)",
+                                       retryable: tail.contains("address already in use"))
+            }
+            if let body = try? httpGet(port: metricsPort, path: "/health"), body.contains("\"true\"") {
+                return
+            }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        throw TestSupportError("etcd at \(clientURL) not healthy within \(timeout): \(logTail())")
+    }
+
+    /// Stops etcd (SIGTERM, then SIGKILL after 5 s) and removes its directory. Idempotent.
+    public func stop() {
+        let first = state.withLock { state in
+            defer { state.stopped = true }
+            return !state.stopped
+        }
+        guard first else { return }
+        terminate(process)
+        try? FileManager.default.removeItem(at: directory)
+    }
+
+    /// Turns auth on: adds user root with `password` and enables auth.
+    /// Later `etcdctl` calls authenticate as root.
+    public func enableAuth(rootPassword: String) throws {
+        try etcdctl(["user", "add", "root:\(rootPassword)"])
+        try etcdctl(["auth", "enable"])
+        rootCredentials.withLock { $0 = "root:\(rootPassword)" }
+    }
+
+    /// Runs etcdctl against this server (with its TLS files and root
+    /// credentials when set) and returns its standard output.
+    @discardableResult
+    public func etcdctl(_ arguments: [String]) throws -> String {
+        var args = ["--endpoints", clientURL, "--command-timeout=10s"]
+        if let certificates {
+            args += ["--cacert", certificates.caFile, "--cert", certificates.clientCertFile,
+                     "--key", certificates.clientKeyFile]
+        }
+        if let user = rootCredentials.withLock({ $0 }) { args += ["--user", user] }
+        let result = try run(EtcdServer.etcdctlPath, args + arguments, environment: ["ETCDCTL_API": "3"])
+        guard result.status == 0 else {
+            throw TestSupportError("etcdctl \(arguments.joined(separator: " ")) failed (\(result.status)): \(result.output)")
+        }
+        return result.output
+    }
+
+    /// The store's current revision (from `etcdctl endpoint status`).
+    public func currentRevision() throws -> Int64 {
+        let json = try etcdctl(["endpoint", "status", "-w", "json"])
+        guard let range = json.range(of: "\"revision\":") else {
+            throw TestSupportError("no revision in etcdctl endpoint status: \(json)")
+        }
+        let digits = json[range.upperBound...].prefix { $0.isNumber }
+        guard let revision = Int64(digits) else { throw TestSupportError("bad revision in \(json)") }
+        return revision
+    }
+}
+
+/// Files for mutual TLS, made with openssl: a CA, a server certificate for
+/// 127.0.0.1 / localhost, and a client certificate (CN=root).
+public struct TestCertificates: Sendable {
+    public var caFile: String
+    public var serverCertFile: String
+    public var serverKeyFile: String
+    public var clientCertFile: String
+    public var clientKeyFile: String
+
+    public static func make(in directory: URL) throws -> TestCertificates {
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
+        func openssl(_ arguments: [String]) throws {
+            let result = try run("/usr/bin/openssl", arguments)
+            guard result.status == 0 else {
+                throw TestSupportError("openssl \(arguments.first ?? "") failed: \(result.output)")
+            }
+        }
+        try openssl(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                     "-keyout", path("ca.key"), "-out", path("ca.crt"), "-subj", "/CN=tunneld-test-ca"])
+        func issue(_ name: String, subject: String, extensions: String) throws {
+            try String(extensions).write(toFile: path("\(name).ext"), atomically: true, encoding: .utf8)
+            try openssl(["req", "-newkey", "rsa:2048", "-nodes", "-keyout", path("\(name).key"),
+                         "-out", path("\(name).csr"), "-subj", subject])
+            try openssl(["x509", "-req", "-in", path("\(name).csr"), "-CA", path("ca.crt"),
+                         "-CAkey", path("ca.key"), "-CAcreateserial", "-days", "2",
+                         "-out", path("\(name).crt"), "-extfile", path("\(name).ext")])
+        }
+        try issue("server", subject: "/CN=localhost", extensions: """
+            basicConstraints=CA:FALSE
+            keyUsage=digitalSignature,keyEncipherment
+            extendedKeyUsage=serverAuth,clientAuth
+            subjectAltName=IP:127.0.0.1,DNS:localhost
+
+            """)
+        try issue("client", subject: "/CN=root", extensions: """
+            basicConstraints=CA:FALSE
+            keyUsage=digitalSignature,keyEncipherment
+            extendedKeyUsage=clientAuth
+
+            """)
+        return TestCertificates(caFile: path("ca.crt"), serverCertFile: path("server.crt"),
+                                serverKeyFile: path("server.key"), clientCertFile: path("client.crt"),
+                                clientKeyFile: path("client.key"))
+    }
+}
+
+public struct TestSupportError: Error, CustomStringConvertible {
+    public var description: String
+    var retryable: Bool
+    public init(_ description: String, retryable: Bool = false) {
+        self.description = description
+        self.retryable = retryable
+    }
+}
+
+/// Ports on 127.0.0.1 that were free a moment ago (bound to port 0, then closed).
+/// Also a way to get an address where nothing listens.
+public func freePorts(_ count: Int) throws -> [Int] {
+    var sockets: [Int32] = []
+    defer { for fd in sockets { close(fd) } }
+    var ports: [Int] = []
+    for _ in 0..<count {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw TestSupportError("socket failed: \(String(cString: strerror(errno)))") }
+        sockets.append(fd)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { generic in
+                bind(fd, generic, length) == 0 && getsockname(fd, generic, &length) == 0
+            }
+        }
+        guard bound else { throw TestSupportError("bind to 127.0.0.1:0 failed: \(String(cString: strerror(errno)))") }
+        ports.append(Int(UInt16(bigEndian: address.sin_port)))
+    }
+    return ports
+}
+
+/// A minimal HTTP/1.0 GET to 127.0.0.1:port; returns the whole response.
+func httpGet(port: Int, path: String) throws -> String {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { throw TestSupportError("socket failed") }
+    defer { close(fd) }
+    var timeout = timeval(tv_sec: 2, tv_usec: 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    address.sin_port = UInt16(port).bigEndian
+    let connected = withUnsafePointer(to: &address) { pointer in
+        pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+            connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0
+        }
+    }
+    guard connected else { throw TestSupportError("connect to 127.0.0.1:\(port) failed") }
+    let request = Array("GET \(path) HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".utf8)
+    guard write(fd, request, request.count) == request.count else { throw TestSupportError("write failed") }
+    var response: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    for _ in 0..<256 {
+        let n = read(fd, &buffer, buffer.count)
+        if n <= 0 { break }
+        response += buffer[0..<n]
+    }
+    return String(decoding: response, as: UTF8.self)
+}
+
+/// Runs a program to completion; returns its exit status and combined output.
+func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:])
+    throws -> (status: Int32, output: String)
+{
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    if !environment.isEmpty {
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    }
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    process.standardError = pipe
+    process.standardInput = FileHandle.nullDevice
+    try process.run()
+    // Read before waiting: a full pipe would block the child forever.
+    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+}
+
+/// Runs `body`, failing with an error if it takes longer than `limit`.
+public func withTimeout<T: Sendable>(
+    _ limit: Duration, _ body: @escaping @Sendable () async throws -> T
+) async throws -> T {
+    try await withThrowingTaskGroup(of: T.self) { group in
+        group.addTask { try await body() }
+        group.addTask {
+            try await Task.sleep(for: limit)
+            throw TestSupportError("timed out after \(limit)")
+        }
+        defer { group.cancelAll() }
+        guard let result = try await group.next() else { throw TestSupportError("no result") }
+        return result
+    }
+}

@@ -1,0 +1,268 @@
+import EtcdClient
+import EtcdTestSupport
+import Foundation
+import LeaseStore
+import NetBase
+import Testing
+
+private let etcdMissing = "etcd is not installed (apt-get install etcd-server etcd-client)"
+
+/// Runs `body` with a store on a fresh etcd (stopped afterwards), prefix
+/// "/docker/network/" (trailing slash on purpose), and `config` written.
+private func withStore<T>(
+    config: String = #"{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}"#,
+    leaseTTL: Duration = .seconds(24 * 3600),
+    _ body: (EtcdServer, EtcdLeaseStore, NetworkConfig) async throws -> T
+) async throws -> T {
+    try await EtcdServer.with { server in
+        let client = try EtcdClient(endpoints: [server.clientURL])
+        let store = EtcdLeaseStore(client: client, prefix: "/docker/network/", leaseTTL: leaseTTL)
+        do {
+            let parsed = try await store.setNetworkConfig(json: config)
+            let result = try await body(server, store, parsed)
+            await client.close()
+            return result
+        } catch {
+            await client.close()
+            throw error
+        }
+    }
+}
+
+private func node(_ last: UInt8) -> LeaseAttributes {
+    LeaseAttributes(publicIP: IPv4Address(198, 18, 0, last))
+}
+
+@Suite(.enabled(if: EtcdServer.isInstalled, Comment(rawValue: etcdMissing)), .timeLimit(.minutes(2)))
+struct EtcdLeaseStoreTests {
+    @Test func configLivesAtPrefixConfigWithTheTrailingSlashIgnored() async throws {
+        try await withStore { server, store, config in
+            #expect(store.prefix == "/docker/network")
+            let stored = try server.etcdctl(["get", "/docker/network/config", "--print-value-only"])
+            #expect(stored == config.json + "\n")
+            let raw = try await store.rawNetworkConfig()
+            #expect(raw == config.json)
+            let parsed = try await store.networkConfig()
+            #expect(parsed == config)
+        }
+    }
+
+    @Test func missingConfigSaysWhichStoreHasNone() async throws {
+        try await EtcdServer.with { server in
+            let client = try EtcdClient(endpoints: [server.clientURL])
+            let store = EtcdLeaseStore(client: client)
+            #expect(try await store.rawNetworkConfig() == nil)
+            await #expect(throws: LeaseStoreError.configNotFound(location: store.location)) {
+                _ = try await store.networkConfig()
+            }
+            #expect(store.location.hasSuffix("/coreos.com/network"))
+            await client.close()
+        }
+    }
+
+    @Test func leaseWrittenByFlannelWithEtcdctlIsListed() async throws {
+        try await withStore { server, store, _ in
+            let grant = try server.etcdctl(["lease", "grant", "600"])  // "lease 694d… granted with TTL(600s)"
+            let leaseID = try #require(grant.split(separator: " ").dropFirst().first)
+            try server.etcdctl(["put", "--lease=\(leaseID)", "/docker/network/subnets/10.5.72.0-24",
+                                #"{"PublicIP":"198.18.0.72","PublicIPv6":null}"#])
+            try server.etcdctl(["put", "/docker/network/subnets/10.5.73.0-24",
+                                #"{"PublicIP":"198.18.0.73","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#])
+            // Not lease keys: skipped, as flannel does.
+            try server.etcdctl(["put", "/docker/network/subnets/garbage", "x"])
+            try server.etcdctl(["put", "/docker/network/subnets/10.5.74.0-24/extra", "x"])
+
+            let snapshot = try await store.leases()
+            #expect(snapshot.revision == (try server.currentRevision()))
+            let leases = snapshot.leases.sorted { $0.subnet.address < $1.subnet.address }
+            #expect(leases.map(\.subnet.description) == ["10.5.72.0/24", "10.5.73.0/24"])
+            let udp = leases[0]
+            #expect(udp.attributes == node(72))
+            let expiration = try #require(udp.expiration)
+            #expect(expiration.timeIntervalSinceNow > 500 && expiration.timeIntervalSinceNow <= 601)
+            let vxlan = leases[1]
+            #expect(vxlan.isReservation)
+            #expect(vxlan.attributes.backendType == "vxlan")
+            #expect(vxlan.attributes.backendData == .object(["VNI": .number(1), "VtepMAC": .string("aa:bb:cc:dd:ee:ff")]))
+        }
+    }
+
+    @Test func acquiredLeaseIsFlannelsExactJSONOnA24HourEtcdLease() async throws {
+        try await withStore { server, store, config in
+            let lease = try await store.acquireLease(config: config, attributes: node(1), preferred: nil)
+            #expect(config.network.contains(lease.subnet) && lease.subnet.prefixLength == 24)
+            #expect(lease.subnet != IPv4Network("10.5.0.0/24"))  // SubnetMin skips the first subnet
+            let key = "/docker/network/subnets/\(lease.subnet.leaseKey)"
+            #expect(try server.etcdctl(["get", key, "--print-value-only"])
+                        == #"{"PublicIP":"198.18.0.1","PublicIPv6":null}"# + "\n")
+            let kv = try #require(try await store.client.get(key))
+            #expect(kv.lease != 0)
+            let ttl = try #require(try await store.client.leaseTimeToLive(kv.lease))
+            #expect(ttl.grantedTTL == 24 * 3600)
+            let expiration = try #require(lease.expiration)
+            #expect(abs(expiration.timeIntervalSinceNow - 24 * 3600) < 60)
+        }
+    }
+
+    @Test func preferredSubnetIsTakenWhenFree() async throws {
+        try await withStore { _, store, config in
+            let wanted = try #require(IPv4Network("10.5.200.0/24"))
+            let lease = try await store.acquireLease(config: config, attributes: node(2), preferred: wanted)
+            #expect(lease.subnet == wanted)
+            // Taken now: another node asking for it gets another one.
+            let other = try await store.acquireLease(config: config, attributes: node(3), preferred: wanted)
+            #expect(other.subnet != wanted)
+        }
+    }
+
+    @Test func eightConcurrentAcquisitionsGetEightDistinctSubnets() async throws {
+        // Eight subnets for eight nodes picking at random: lost races are
+        // near certain, and every node must end up with one of them.
+        let config = #"{"Network":"10.6.0.0/16","SubnetLen":24,"SubnetMin":"10.6.1.0","SubnetMax":"10.6.8.0"}"#
+        try await withStore(config: config) { server, store, config in
+            let leases = try await withThrowingTaskGroup(of: Lease.self) { group in
+                for i in 0..<8 {
+                    group.addTask {
+                        try await store.acquireLease(config: config, attributes: node(UInt8(10 + i)), preferred: nil)
+                    }
+                }
+                return try await group.reduce(into: [Lease]()) { $0.append($1) }
+            }
+            #expect(Set(leases.map(\.subnet)) == Set((1...8).map { IPv4Network("10.6.\($0).0/24")! }))
+            #expect(Set(leases.map(\.attributes.publicIP)).count == 8)
+            let listed = try await store.leases().leases
+            #expect(Set(listed.map(\.subnet)) == Set(leases.map(\.subnet)))
+            // No etcd lease is left behind by lost races: 8 keys, 8 leases.
+            let leaseList = try server.etcdctl(["lease", "list"])
+            #expect(leaseList.hasPrefix("found 8 leases"))
+        }
+    }
+
+    @Test func fullNetworkGivesOutOfSubnets() async throws {
+        let config = #"{"Network":"10.7.0.0/16","SubnetLen":24,"SubnetMin":"10.7.1.0","SubnetMax":"10.7.3.0"}"#
+        try await withStore(config: config) { _, store, config in
+            for i in 0..<3 {
+                _ = try await store.acquireLease(config: config, attributes: node(UInt8(20 + i)), preferred: nil)
+            }
+            await #expect(throws: LeaseStoreError.outOfSubnets(network: config.network)) {
+                _ = try await store.acquireLease(config: config, attributes: node(30), preferred: nil)
+            }
+        }
+    }
+
+    @Test func unreadableLeaseIsNotListedButKeepsItsSubnetTaken() async throws {
+        let config = #"{"Network":"10.8.0.0/16","SubnetLen":24,"SubnetMin":"10.8.1.0","SubnetMax":"10.8.2.0"}"#
+        try await withStore(config: config) { server, store, config in
+            try server.etcdctl(["put", "/docker/network/subnets/10.8.1.0-24", "not json"])
+            #expect(try await store.leases().leases.isEmpty)
+            let lease = try await store.acquireLease(config: config, attributes: node(70),
+                                                     preferred: IPv4Network("10.8.1.0/24"))
+            #expect(lease.subnet == IPv4Network("10.8.2.0/24"))
+            await #expect(throws: LeaseStoreError.outOfSubnets(network: config.network)) {
+                _ = try await store.acquireLease(config: config, attributes: node(71), preferred: nil)
+            }
+        }
+    }
+
+    @Test func restartedNodeReusesItsLeaseForTheSamePublicIP() async throws {
+        try await withStore { server, store, config in
+            let first = try await store.acquireLease(config: config, attributes: node(40), preferred: nil)
+            // A new store object and client, as after a restart, even with another preference.
+            let client = try EtcdClient(endpoints: [server.clientURL])
+            let restarted = EtcdLeaseStore(client: client, prefix: "/docker/network")
+            let again = try await restarted.acquireLease(config: config, attributes: node(40),
+                                                         preferred: IPv4Network("10.5.99.0/24"))
+            #expect(again.subnet == first.subnet)
+            #expect(again.revision > first.revision)  // rewritten with a fresh etcd lease
+            #expect(try await restarted.leases().leases.count == 1)
+            await client.close()
+        }
+    }
+
+    @Test func renewKeepsTheSubnetWithAFreshEtcdLease() async throws {
+        try await withStore(leaseTTL: .seconds(30)) { _, store, config in
+            let lease = try await store.acquireLease(config: config, attributes: node(41), preferred: nil)
+            let key = "/docker/network/subnets/\(lease.subnet.leaseKey)"
+            let before = try #require(try await store.client.get(key))
+            let renewed = try await store.renewLease(lease)
+            #expect(renewed.subnet == lease.subnet)
+            #expect(renewed.revision > lease.revision)
+            let after = try #require(try await store.client.get(key))
+            #expect(after.lease != before.lease)
+            #expect(try await store.client.leaseTimeToLive(before.lease) == nil)  // old one revoked
+            #expect(try await store.client.leaseTimeToLive(after.lease)?.grantedTTL == 30)
+
+            try await store.releaseLease(renewed)
+            #expect(try await store.client.get(key) == nil)
+            await #expect(throws: LeaseStoreError.leaseNotFound(subnet: lease.subnet)) {
+                _ = try await store.renewLease(renewed)
+            }
+        }
+    }
+
+    @Test func expiredLeaseArrivesAsDeleteInTheWatch() async throws {
+        try await withStore(leaseTTL: .seconds(2)) { _, store, config in
+            let start = try await store.leases()
+            let events = store.watchLeases(after: start.revision)
+            // Not a lease key: the watch skips it.
+            try await store.client.put("/docker/network/subnets/not-a-lease", value: "x")
+            let lease = try await store.acquireLease(config: config, attributes: node(50), preferred: nil)
+            let seen = try await withTimeout(.seconds(20)) {
+                var seen: [LeaseEvent] = []
+                for try await event in events {
+                    seen.append(event)
+                    if case .delete = event { break }
+                }
+                return seen
+            }
+            #expect(seen.count == 2)
+            guard seen.count == 2, case .put(let put) = seen[0] else { return }
+            #expect(put.subnet == lease.subnet && put.attributes == node(50))
+            #expect(put.revision == lease.revision)
+            #expect(seen[1].subnet == lease.subnet)
+            #expect(seen[1].revision > lease.revision)
+            #expect(try await store.leases().leases.isEmpty)
+        }
+    }
+
+    @Test func watchAfterACompactedRevisionEndsWithCompacted() async throws {
+        try await withStore { server, store, config in
+            let start = try await store.leases()
+            _ = try await store.acquireLease(config: config, attributes: node(60), preferred: nil)
+            _ = try await store.acquireLease(config: config, attributes: node(61), preferred: nil)
+            let now = try server.currentRevision()
+            try server.etcdctl(["compact", String(now)])
+            var thrown: (any Error)?
+            do {
+                _ = try await withTimeout(.seconds(10)) {
+                    for try await _ in store.watchLeases(after: start.revision) {}
+                }
+            } catch {
+                thrown = error
+            }
+            #expect(thrown as? LeaseStoreError == .compacted(requested: start.revision, oldest: now))
+        }
+    }
+
+    @Test func reservationIsHonouredAndNeverGivenATTL() async throws {
+        try await withStore(leaseTTL: .seconds(30)) { server, store, config in
+            let key = "/docker/network/subnets/10.5.7.0-24"
+            try server.etcdctl(["put", key, #"{"PublicIP":"198.18.0.7","PublicIPv6":null}"#])
+            // Nobody else gets the reserved subnet, even when asking for it.
+            let other = try await store.acquireLease(config: config, attributes: node(8),
+                                                     preferred: IPv4Network("10.5.7.0/24"))
+            #expect(other.subnet != IPv4Network("10.5.7.0/24"))
+
+            let lease = try await store.acquireLease(config: config, attributes: node(7), preferred: nil)
+            #expect(lease.subnet == IPv4Network("10.5.7.0/24"))
+            #expect(lease.isReservation)
+            let renewed = try await store.renewLease(lease)
+            #expect(renewed.isReservation && renewed.subnet == lease.subnet)
+            try await store.releaseLease(renewed)  // the operator's: left in place
+            let kv = try #require(try await store.client.get(key))
+            #expect(kv.lease == 0)
+            #expect(kv.version == 1)  // never rewritten
+            #expect(try await store.leases().leases.first { $0.subnet == lease.subnet }?.isReservation == true)
+        }
+    }
+}
