@@ -512,21 +512,21 @@ ROWS = [
 
 
 def fmt(value):
-    """Three significant digits, no exponent for large values."""
+    """Three significant digits; whole numbers from 1000 up."""
     if value is None:
         return "–"
     v = float(value)
     if v == 0:
         return "0"
-    if v.is_integer() and abs(v) >= 1:
+    if abs(v) >= 1000:
         return f"{v:.0f}"
-    if abs(v) >= 100:
-        return f"{v:.0f}"
-    if abs(v) >= 10:
-        return f"{v:.1f}"
-    if abs(v) >= 1:
-        return f"{v:.2f}"
     return f"{v:.3g}"
+
+
+def fmt_ratio(r):
+    if r is None:
+        return "–"
+    return f"{r:.2f}" if abs(r) < 10 else fmt(r)
 
 
 def ratio(value, ref):
@@ -638,7 +638,7 @@ def render_table(summary, modes_run, meta):
                 if ref == mode or ref not in modes_run or row["modes"][ref]["median"] is None:
                     continue
                 r = e[f"vs_{ref.replace('-', '_')}"]
-                parts.append(f"{short} {fmt(r) if r is not None else '–'}")
+                parts.append(f"{short} {fmt_ratio(r)}")
             value = fmt(e["median"] * row["scale"])
             cells.append(value + (f" ({', '.join(parts)})" if parts else ""))
         lines.append(f"| {row['label']} | {row['unit']} | " + " | ".join(cells) + " |")
@@ -656,7 +656,10 @@ def render_drop_sites(summary):
     out = []
     for mode, tests in summary["drop_sites"].items():
         for test, sites in tests.items():
-            items = [f"{site} {fmt(v)}" for site, v in sites.items() if v]
+            # RcvbufErrors are counted in InErrors too: show InErrors only when it adds something
+            items = [f"{site} {fmt(v)}" for site, v in sites.items() if v and not (
+                site.endswith("/InErrors")
+                and sites.get(site[:-len("InErrors")] + "RcvbufErrors") == v)]
             if items:
                 out.append(f"- {mode} / {test}: " + "; ".join(items))
     return "\n".join(out)
@@ -665,19 +668,19 @@ def render_drop_sites(summary):
 def render_report(meta, modes, summary, modes_run, interrupted):
     s = meta.get("settings", {})
     head = [
-        f"Date {meta['date']} · commit {meta['commit']} · kernel {meta['kernel']} · "
+        f"- Date {meta['date']} · commit {meta['commit']} · kernel {meta['kernel']} · "
         f"CPU {meta['cpu_model']} ×{meta['cpus']} · iperf3 {meta.get('iperf3', '?')}",
-        f"Rounds {s.get('rounds')} · saturating tests {s.get('duration')} s · fixed loads "
+        f"- Rounds {s.get('rounds')} · saturating tests {s.get('duration')} s · fixed loads "
         f"{s.get('load_duration')} s (UDP 64 B at {s.get('udp_rate')} pkt/s, TCP at "
         f"{s.get('tcp_rate_mbit')} Mbit/s) · {s.get('pings')} pings every {s.get('ping_interval')} s"
         + (" · smoke" if s.get("smoke") else "")
         + (" · quiet rounds only" if summary["quiet_only"] else ""),
     ]
     if interrupted:
-        head.append("**Interrupted run: partial results.**")
+        head.append("- **The run did not finish: partial results.**")
     for mode, info in modes.items():
         if info["status"] != "ok":
-            head.append(f"{mode}: {info['status']} — {info['reason']}")
+            head.append(f"- {mode}: {info['status']} — {info['reason']}")
     text = "\n".join(head) + "\n\n" + render_table(summary, modes_run, meta) + "\n"
     text += ("\nCells: median over rounds; (hg x, vx y) = ratio to host-gw, to kernel-vxlan "
              "(for throughput higher is better, for latency/CPU/drops lower is better).\n")
