@@ -27,7 +27,7 @@ struct Config: AsyncParsableCommand {
                 json = String(decoding: FileHandle.standardInput.readDataToEndOfFile(), as: UTF8.self)
             } else {
                 guard let data = FileManager.default.contents(atPath: file) else {
-                    throw ValidationError("cannot read \(file): no such file or not readable")
+                    throw DaemonError("cannot read \(file): no such file or not readable")
                 }
                 json = String(decoding: data, as: UTF8.self)
             }
@@ -36,7 +36,7 @@ struct Config: AsyncParsableCommand {
                 let config = try await store.setNetworkConfig(json: json)
                 print("stored network config in \(store.location): Network \(config.network), SubnetLen \(config.subnetLen), subnets \(config.subnetMin.address)…\(config.subnetMax.address), backend \(config.backend.type)")
             } catch let error as NetworkConfigError {
-                throw ValidationError("invalid network config: \(error)")
+                throw DaemonError("invalid network config: \(error)")
             }
         }
     }

@@ -35,11 +35,20 @@ struct StoreOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Password for etcd authentication.", valueName: "password"))
     var etcdPassword: String?
 
+    @Option(help: ArgumentHelp("Lifetime of a new or renewed lease, in seconds (flannel: 24 h). For tests.",
+                               valueName: "seconds", visibility: .hidden))
+    var subnetLeaseTTL: Int = 24 * 3600
+
+    var leaseTTL: Duration { .seconds(subnetLeaseTTL) }
+
     static let defaultStoreDirectory = "/var/lib/tunneld"
 
     var kind: Kind { store ?? (storeDir != nil ? .local : .etcd) }
 
     func validate() throws {
+        guard subnetLeaseTTL >= 2 else {
+            throw ValidationError("--subnet-lease-ttl must be at least 2 seconds")
+        }
         if store == .etcd && storeDir != nil {
             throw ValidationError("--store-dir belongs to the local store; drop it or use --store local")
         }
@@ -48,7 +57,7 @@ struct StoreOptions: ParsableArguments {
     func open() throws -> any LeaseStore {
         switch kind {
         case .local:
-            return try LocalLeaseStore(directory: storeDir ?? Self.defaultStoreDirectory)
+            return try LocalLeaseStore(directory: storeDir ?? Self.defaultStoreDirectory, leaseTTL: leaseTTL)
         case .etcd:
             return try makeEtcdStore()
         }
