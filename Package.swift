@@ -82,8 +82,12 @@ let package = Package(
         .testTarget(name: "EtcdClientTests", dependencies: ["EtcdClient", "EtcdTestSupport"]),
         .testTarget(
             name: "LeaseStoreTests",
-            dependencies: ["LeaseStore", "NetBase", "EtcdClient", "EtcdTestSupport"]
+            dependencies: [
+                "LeaseStore", "NetBase", "EtcdClient", "EtcdTestSupport",
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .testTarget(name: "EndToEndTests", dependencies: ["NetBase"]),
+        .testTarget(name: "tunneldTests", dependencies: ["tunneld"]),
     ]
 )

@@ -50,8 +50,19 @@ public final class LocalLeaseStore: LeaseStore {
     var lockPath: String { directory + "/lock" }
 
     /// Opens (creating, mode 0700) the store in `directory`.
-    public init(directory: String, leaseTTL: Duration = .seconds(24 * 3600), compactionKeep: Int = 1000,
-                logger: Logger = Logger(label: "tunneld.leasestore")) throws {
+    public convenience init(directory: String, leaseTTL: Duration = .seconds(24 * 3600), compactionKeep: Int = 1000,
+                            logger: Logger = Logger(label: "tunneld.leasestore")) throws {
+        try self.init(directory: directory, leaseTTL: leaseTTL, compactionKeep: compactionKeep, logger: logger,
+                      clock: { .now })
+    }
+
+    /// The time source: the wall clock, or a test's clock so that expiry can
+    /// be tested without racing a real one on a loaded machine.
+    let clock: @Sendable () -> Timestamp
+
+    init(directory: String, leaseTTL: Duration, compactionKeep: Int, logger: Logger,
+         clock: @escaping @Sendable () -> Timestamp) throws {
+        self.clock = clock
         precondition(compactionKeep >= 1, "compactionKeep must be at least 1")
         precondition(leaseTTL > .zero, "leaseTTL must be positive")
         var path = directory
@@ -266,7 +277,7 @@ public final class LocalLeaseStore: LeaseStore {
         let lock = try FileLock(path: lockPath, exclusive: true)
         defer { lock.unlock() }
         try finishPendingUpdate()
-        let tx = Transaction(store: self, state: try loadState(), now: .now)
+        let tx = Transaction(store: self, state: try loadState(), now: clock())
         let result: T
         do {
             result = try body(tx)
@@ -384,7 +395,7 @@ public final class LocalLeaseStore: LeaseStore {
     /// the lock) only when a lease is due; the log only when the revision moved.
     private func poll(after: Int64) throws -> [LeaseEvent] {
         var state = try FileIO.read(statePath).map { try StoreState(parsing: $0, path: statePath) }
-        let due = state?.nextExpiry.map { $0 <= .now } ?? false
+        let due = state?.nextExpiry.map { $0 <= clock() } ?? false
         if due || FileIO.exists(pendingPath) || (state == nil && FileIO.exists(eventsPath)) {
             state = try exclusive { tx in
                 try tx.expireIfDue()

@@ -126,6 +126,9 @@ public final class SubnetTable: @unchecked Sendable {
         }
     }
 
+    /// What `subnet` is currently set to, as the writers see it.
+    public func route(of subnet: IPv4Network) -> Route? { routes.withLock { $0[subnet] } }
+
     /// Every subnet currently set, as the writers see it.
     public var allRoutes: [IPv4Network: Route] { routes.withLock { $0 } }
 

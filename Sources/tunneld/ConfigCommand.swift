@@ -31,6 +31,7 @@ struct Config: AsyncParsableCommand {
                 }
                 json = String(decoding: data, as: UTF8.self)
             }
+            bootstrapLogging()
             let store = try storeOptions.open()
             do {
                 let config = try await store.setNetworkConfig(json: json)
@@ -47,6 +48,7 @@ struct Config: AsyncParsableCommand {
         @OptionGroup var storeOptions: StoreOptions
 
         func run() async throws {
+            bootstrapLogging()
             let store = try storeOptions.open()
             guard let json = try await store.rawNetworkConfig() else {
                 throw LeaseStoreError.configNotFound(location: store.location)
@@ -63,6 +65,7 @@ struct Leases: AsyncParsableCommand {
     @OptionGroup var storeOptions: StoreOptions
 
     func run() async throws {
+        bootstrapLogging()
         let store = try storeOptions.open()
         let snapshot = try await store.leases()
         let formatter = ISO8601DateFormatter()

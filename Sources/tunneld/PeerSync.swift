@@ -52,11 +52,12 @@ final class PeerSync: Sendable {
         for lease in snapshot.leases where lease.subnet != own {
             if let route = route(for: lease) { wanted[lease.subnet] = route }
         }
-        for (subnet, route) in table.allRoutes where route != .local && wanted[subnet] == nil {
+        let current = table.allRoutes
+        for (subnet, route) in current where route != .local && wanted[subnet] == nil {
             table.remove(subnet)
             logger.info("peer \(subnet) is gone")
         }
-        for (subnet, route) in wanted where table.allRoutes[subnet] != route {
+        for (subnet, route) in wanted where current[subnet] != route {
             set(subnet, route)
         }
         if !snapshot.leases.contains(where: { $0.subnet == own }) {
@@ -95,14 +96,14 @@ final class PeerSync: Sendable {
                 logger.error("our subnet \(own) was written for \(lease.attributes.publicIP) by someone else; two hosts now claim it — remove the wrong lease")
             }
         case .put(let lease):
-            if let route = route(for: lease), table.allRoutes[lease.subnet] != route {
+            if let route = route(for: lease), table.route(of: lease.subnet) != route {
                 set(lease.subnet, route)
             }
         case .delete(let subnet, _) where subnet == own:
             logger.warning("our lease \(own) was deleted from \(store.location) (expired or removed); acquiring a lease again, forwarding continues")
             await reacquire(preferred: own)
         case .delete(let subnet, _):
-            if table.allRoutes[subnet] != nil {
+            if table.route(of: subnet) != nil {
                 table.remove(subnet)
                 logger.info("peer \(subnet) is gone")
             }

@@ -5,7 +5,7 @@ import Logging
 import NetBase
 import ServiceLifecycle
 
-struct Run: AsyncParsableCommand, LogLevelOption {
+struct Run: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Join the network: lease a subnet, write subnet.env, and carry traffic to the other hosts.")
 
@@ -81,6 +81,7 @@ struct Run: AsyncParsableCommand, LogLevelOption {
     }
 
     func run() async throws {
+        bootstrapLogging(logLevel)
         let logger = Logger(label: "tunneld")
         let store = try storeOptions.open()
         let daemon = Daemon(options: self, store: store, logger: logger)

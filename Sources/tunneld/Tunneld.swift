@@ -19,29 +19,20 @@ struct Tunneld: AsyncParsableCommand {
     )
 
     static func main() async {
+        // flanneld's spellings and FLANNELD_* become ordinary options first.
         let arguments = FlannelArguments.normalize(Array(CommandLine.arguments.dropFirst()),
                                                    environment: ProcessInfo.processInfo.environment)
-        do {
-            var command = try parseAsRoot(arguments)
-            let level = (command as? any LogLevelOption)?.logLevel ?? .info
-            LoggingSystem.bootstrap { label in
-                var handler = StreamLogHandler.standardError(label: label)
-                handler.logLevel = level
-                return handler
-            }
-            if var asyncCommand = command as? any AsyncParsableCommand {
-                try await asyncCommand.run()
-            } else {
-                try command.run()
-            }
-        } catch {
-            exit(withError: error)
-        }
+        await main(arguments)
     }
 }
 
-protocol LogLevelOption {
-    var logLevel: Logger.Level { get }
+/// Logs go to standard error, at `level`; called once by each subcommand.
+func bootstrapLogging(_ level: Logger.Level = .info) {
+    LoggingSystem.bootstrap { label in
+        var handler = StreamLogHandler.standardError(label: label)
+        handler.logLevel = level
+        return handler
+    }
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}

@@ -1,0 +1,47 @@
+import Testing
+@testable import tunneld
+
+@Suite struct FlannelArgumentsTests {
+    @Test func flanneldSingleDashFlagsBecomeLongOptions() {
+        let args = FlannelArguments.normalize(
+            ["run", "-etcd-endpoints=http://198.18.0.250:2379", "-iface=ens33", "-etcd-prefix=/docker/network/"],
+            environment: [:])
+        #expect(args == ["run", "--etcd-endpoints=http://198.18.0.250:2379", "--iface=ens33",
+                         "--etcd-prefix=/docker/network/"])
+    }
+
+    @Test func spaceSeparatedValuesAndShortFlagsAreLeftAlone() {
+        let args = FlannelArguments.normalize(["run", "-iface", "eth0", "-h", "--device", "tun0"], environment: [:])
+        #expect(args == ["run", "--iface", "eth0", "-h", "--device", "tun0"])
+    }
+
+    @Test func goStyleBooleansAreUnderstood() {
+        #expect(FlannelArguments.normalize(["run", "-ip-masq=true"], environment: [:]) == ["run", "--ip-masq"])
+        #expect(FlannelArguments.normalize(["run", "--ip-masq=false"], environment: [:]) == ["run"])
+        #expect(FlannelArguments.normalize(["run", "-release-on-exit"], environment: [:]) == ["run", "--release-on-exit"])
+        // Not a boolean word: left for the parser to reject with its own message.
+        #expect(FlannelArguments.normalize(["run", "--ip-masq=maybe"], environment: [:]) == ["run", "--ip-masq=maybe"])
+    }
+
+    @Test func environmentFillsInWhatTheCommandLineLeftOut() {
+        let args = FlannelArguments.normalize(
+            ["run", "--iface", "eth1"],
+            environment: ["FLANNELD_IFACE": "eth0", "FLANNELD_ETCD_PREFIX": "/docker/network",
+                          "TUNNELD_DEVICE": "tun7", "FLANNELD_IP_MASQ": "false", "UNRELATED": "x"])
+        #expect(args.starts(with: ["run", "--iface", "eth1"]))
+        #expect(!args.contains("eth0"), "the command line wins over the environment")
+        #expect(args.contains("--etcd-prefix") && args.contains("/docker/network"))
+        #expect(args.contains("--device") && args.contains("tun7"))
+        #expect(!args.contains("--ip-masq"))
+    }
+
+    @Test func repeatableFlagsTakeCommaSeparatedListsFromTheEnvironment() {
+        let args = FlannelArguments.normalize(["run"], environment: ["FLANNELD_IFACE": "eth0,198.18.0.1"])
+        #expect(args == ["run", "--iface", "eth0", "--iface", "198.18.0.1"])
+    }
+
+    @Test func everythingAfterADoubleDashIsUntouched() {
+        let args = FlannelArguments.normalize(["config", "set", "--", "-iface=x"], environment: [:])
+        #expect(args == ["config", "set", "--", "-iface=x"])
+    }
+}
