@@ -95,6 +95,26 @@ extension RouteSocket {
         }
     }
 
+    /// Turns IPv6 link-local address generation off (or back on) for a link,
+    /// so that a layer-3 tunnel carrying only IPv4 gets no fe80:: address and
+    /// the kernel sends no router solicitations or MLD reports through it.
+    public func setIPv6LinkLocal(index: Int32, enabled: Bool) throws {
+        var request = NetlinkRequest(type: RTM_NEWLINK)
+        var header = ifinfomsg()
+        header.ifi_family = UInt8(AF_UNSPEC)
+        header.ifi_index = index
+        request.append(header: header)
+        request.appendNested(attribute: IFLA_AF_SPEC) { spec in
+            spec.appendNested(attribute: AF_INET6) { inet6 in
+                // IN6_ADDR_GEN_MODE_EUI64 = 0, IN6_ADDR_GEN_MODE_NONE = 1
+                inet6.append(attribute: IFLA_INET6_ADDR_GEN_MODE, uint8: enabled ? 0 : 1)
+            }
+        }
+        try perform(request) { failure in
+            ("RTM_NEWLINK addrgenmode \(enabled ? "eui64" : "none")", linkName(index), hint(failure, index: index))
+        }
+    }
+
     public func setMTU(index: Int32, mtu: Int) throws {
         guard mtu > 0, mtu <= Int(Int32.max) else {
             let name = linkName(index)

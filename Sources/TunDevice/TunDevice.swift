@@ -81,6 +81,10 @@ public final class TunDevice: Sendable {
         let index = try socket.linkIndex(named: name)
         try socket.setMTU(index: index, mtu: mtu)
         try socket.addAddress(index: index, address: address, prefixLength: prefixLength)
+        // The tunnel carries IPv4 only: no fe80:: address, so no IPv6
+        // chatter to read and drop. A kernel without IPv6 refuses this,
+        // and has nothing to turn off.
+        try? socket.setIPv6LinkLocal(index: index, enabled: false)
         try socket.setLinkUp(index: index)
         for network in routes {
             let route = Route(destination: network, outputIndex: index)

@@ -60,6 +60,7 @@ struct UDPBackendTests {
             // The device is what flannel's udp backend makes.
             let link = try lab.exec("h1", ["ip", "-o", "addr", "show", "dev", "tun0"]).output
             #expect(link.contains("inet \(base1.replacingOccurrences(of: "/24", with: "/32"))"))
+            #expect(!link.contains("inet6"), "the IPv4 tunnel should have no IPv6 link-local address")
             let route = try lab.exec("h1", ["ip", "route", "show", "10.2.0.0/16"]).output
             #expect(route.contains("dev tun0"))
 
