@@ -66,7 +66,7 @@ let package = Package(
         .executableTarget(
             name: "tunneld",
             dependencies: [
-                "NetBase", "Netlink", "TunDevice", "UDPEncap", "PacketRing", "LeaseStore", "EtcdClient",
+                "NetBase", "Netlink", "TunDevice", "UDPEncap", "PacketRing", "LeaseStore", "EtcdClient", "CTunnel",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -63,6 +63,23 @@ public enum InterfaceLookup {
         return (match, try firstAddress(of: match))
     }
 
+    /// The first interface (in index order) whose name or one of whose IPv4
+    /// addresses matches `matches`, as flanneld's `-iface-regex` does; with
+    /// the matching address, or the first one for a name match. Interfaces
+    /// without an IPv4 address are passed over.
+    public static func first(matching matches: (String) -> Bool,
+                             using socket: RouteSocket) throws -> (Interface, IPv4Address)? {
+        for interface in try interfaces(using: socket).sorted(by: { $0.index < $1.index }) {
+            if let address = interface.addresses.first(where: { matches($0.description) }) {
+                return (interface, address)
+            }
+            if matches(interface.name), let address = interface.addresses.first {
+                return (interface, address)
+            }
+        }
+        return nil
+    }
+
     /// The interface of the IPv4 default route, with the route's preferred
     /// source address if it has one on that interface, else the interface's
     /// first IPv4 address.

@@ -78,6 +78,11 @@ final class Daemon: Service, Sendable {
         try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq)
             .write(to: options.subnetFile)
 
+        let health = try options.healthzPort == 0 ? nil
+            : HealthServer(address: IPv4Address(options.healthzIP)!, port: UInt16(options.healthzPort))
+        defer { health?.stop() }
+        if let health { logger.info("health endpoint: http://\(health.endpoint)/healthz") }
+
         let worker = DataPathThread(loop: loop, name: "tunneld-dp")
         logger.info("tunneld ready: \(options.datapath.rawValue) data path on udp port \(config.backend.port), \(table.allRoutes.count - 1) peer(s); wrote \(options.subnetFile)")
         notifySystemd("READY=1")
@@ -167,8 +172,10 @@ final class Daemon: Service, Sendable {
         }
     }
 
+    /// flanneld's order: each `--iface` (name or IP) that exists, then each
+    /// `--iface-regex` against names and addresses, then the default route's.
     private func selectInterface(_ socket: RouteSocket) throws -> (Interface, IPv4Address) {
-        if options.iface.isEmpty {
+        if options.iface.isEmpty && options.ifaceRegex.isEmpty {
             return try InterfaceLookup.defaultInterface(using: socket)
         }
         var errors: [String] = []
@@ -179,7 +186,14 @@ final class Daemon: Service, Sendable {
                 errors.append("\(error)")
             }
         }
-        throw DaemonError("none of --iface \(options.iface.joined(separator: ", ")) can be used: " + errors.joined(separator: "; "))
+        for pattern in options.ifaceRegex {
+            let regex = try Regex(pattern)
+            if let found = try InterfaceLookup.first(matching: { (try? regex.wholeMatch(in: $0)) != nil }, using: socket) {
+                return found
+            }
+            errors.append("no interface name or IPv4 address matches --iface-regex \(pattern)")
+        }
+        throw DaemonError("no usable interface: " + errors.joined(separator: "; "))
     }
 }
 

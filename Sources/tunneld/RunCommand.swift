@@ -31,6 +31,10 @@ struct Run: AsyncParsableCommand {
                                valueName: "name|ip"))
     var iface: [String] = []
 
+    @Option(help: ArgumentHelp("Regular expression matched against interface names and IPv4 addresses, tried after --iface; may be repeated.",
+                               valueName: "regex"))
+    var ifaceRegex: [String] = []
+
     @Option(help: ArgumentHelp("IP other hosts send to (default: the interface's address).", valueName: "ip"))
     var publicIP: String?
 
@@ -59,6 +63,13 @@ struct Run: AsyncParsableCommand {
     @Flag(help: "Set up IP masquerade for traffic leaving the overlay network (not yet supported).")
     var ipMasq = false
 
+    @Option(help: ArgumentHelp("Address the health endpoint listens on.", valueName: "ip"))
+    var healthzIP: String = "0.0.0.0"
+
+    @Option(help: ArgumentHelp("Port of the health endpoint (GET /healthz answers 200 while running); 0 = off.",
+                               valueName: "port"))
+    var healthzPort: Int = 0
+
     @Option(help: ArgumentHelp("Log level.", valueName: "trace|debug|info|notice|warning|error"))
     var logLevel: Logger.Level = .info
 
@@ -68,6 +79,17 @@ struct Run: AsyncParsableCommand {
         }
         guard (1...4096).contains(queueDepth) else {
             throw ValidationError("--queue-depth must be between 1 and 4096, not \(queueDepth)")
+        }
+        for pattern in ifaceRegex {
+            do { _ = try Regex(pattern) } catch {
+                throw ValidationError("--iface-regex \(pattern) is not a valid regular expression: \(error)")
+            }
+        }
+        guard (0...65535).contains(healthzPort) else {
+            throw ValidationError("--healthz-port must be between 0 (off) and 65535, not \(healthzPort)")
+        }
+        if IPv4Address(healthzIP) == nil {
+            throw ValidationError("--healthz-ip \(healthzIP) is not an IPv4 address (expected a.b.c.d)")
         }
         if let publicIP, IPv4Address(publicIP) == nil {
             throw ValidationError("--public-ip \(publicIP) is not an IPv4 address (expected a.b.c.d)")

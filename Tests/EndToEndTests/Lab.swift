@@ -134,9 +134,9 @@ final class Lab {
     func subnetFile(_ host: Int) -> String { directory.appendingPathComponent("h\(host).env").path }
 
     /// Adds host N running tunneld with the local store, and its container.
-    func addHost(_ n: Int, extra: [String] = []) throws {
-        let command = [tunneldBinary, "run", "--backend", "udp", "--iface", "eth0",
-                       "--subnet-file", subnetFile(n), "--device", "tun0"] + extra
+    func addHost(_ n: Int, iface: [String] = ["--iface", "eth0"], extra: [String] = []) throws {
+        let command = [tunneldBinary, "run", "--backend", "udp"] + iface
+            + ["--subnet-file", subnetFile(n), "--device", "tun0"] + extra
         try run(["bash", script, "add-host", name, directory.path, "\(n)", "--"] + command, timeout: .seconds(90))
     }
 

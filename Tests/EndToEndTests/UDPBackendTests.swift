@@ -114,8 +114,15 @@ struct UDPBackendTests {
 
     @Test func theFlannelStyleDataPathCarriesTrafficToo() throws {
         try withLab { lab in
-            try lab.addHost(1, extra: hostArguments(lab) + ["--datapath", "simple"])
+            // flanneld's spellings: the interface found by a regex on its
+            // address, and the health endpoint.
+            try lab.addHost(1, iface: ["-iface=eth9", #"-iface-regex=^198\.18\.0\.1$"#],
+                            extra: hostArguments(lab) + ["--datapath", "simple", "-healthz-port=8471"])
             try lab.addHost(2, extra: hostArguments(lab))
+            #expect(lab.log("h1").contains("using interface eth0 (198.18.0.1"))
+            let health = try lab.exec("h1", ["python3", "-c",
+                "import urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8471/healthz', timeout=5); print(r.status, r.read().decode())"])
+            #expect(health.output.hasPrefix("200 tunneld is running"), "\(health.output)")
             let ping = try lab.ping(from: 1, to: 2)
             #expect(ping.succeeded, "\(ping.output)")
             try transfer(lab, from: 2, to: 1, megabytes: 5)
