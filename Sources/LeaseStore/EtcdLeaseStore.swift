@@ -44,7 +44,7 @@ public final class EtcdLeaseStore: LeaseStore {
 
     var configKey: String { prefix + "/config" }
     var subnetsPrefix: String { prefix + "/subnets/" }
-    func key(for subnet: IPv4Network) -> String { subnetsPrefix + subnet.leaseKey }
+    func key(for subnet: IPv4Network) -> String { subnetsPrefix + LeaseKey.key(for: subnet) }
     private var ttlSeconds: Int64 { max(1, leaseTTL.components.seconds) }
 
     // MARK: - Config
@@ -62,20 +62,44 @@ public final class EtcdLeaseStore: LeaseStore {
 
     // MARK: - Listing and watching
 
-    /// One lease key as read: the subnet it names, and its lease if the value
-    /// could be read (an unreadable one still occupies the subnet).
+    /// One lease key as read: the subnet it names, and its lease, or why its
+    /// value could not be read (such a key still occupies the subnet).
     private struct Entry {
         var subnet: IPv4Network
         var kv: EtcdKeyValue
-        var lease: Lease?
+        var lease: Result<Lease, LeaseStoreError>
     }
 
+    /// The lease keys under `<prefix>/subnets/` as read at one revision.
+    private struct Listing {
+        var entries: [Entry]
+        var revision: Int64
+
+        var leases: [Lease] { entries.compactMap { try? $0.lease.get() } }
+
+        var unreadable: [(subnet: IPv4Network, problem: LeaseStoreError)] {
+            entries.compactMap { entry in
+                guard case .failure(let problem) = entry.lease else { return nil }
+                return (entry.subnet, problem)
+            }
+        }
+
+        /// The key the listed `lease` was read from.
+        func key(of lease: Lease) -> String? {
+            entries.first { (try? $0.lease.get()) == lease }?.kv.key
+        }
+    }
+
+    /// Unexpired leases and reservations; keys whose value cannot be read
+    /// are left out and listed in `skipped` (their subnets stay taken).
+    /// Keys that are not lease keys are ignored, as flannel ignores them.
     public func leases() async throws -> LeaseSnapshot {
-        let (entries, revision) = try await readEntries()
-        return LeaseSnapshot(leases: entries.compactMap(\.lease), revision: revision)
+        let listing = try await list()
+        return LeaseSnapshot(leases: listing.leases, revision: listing.revision,
+                             skipped: listing.unreadable.map(\.problem))
     }
 
-    private func readEntries() async throws -> ([Entry], Int64) {
+    private func list() async throws -> Listing {
         let listed = try await client.range(prefix: subnetsPrefix)
         let parsed = listed.kvs.compactMap { kv -> (IPv4Network, EtcdKeyValue)? in
             guard let subnet = subnet(fromKey: kv.key) else { return nil }
@@ -84,7 +108,6 @@ public final class EtcdLeaseStore: LeaseStore {
         let expirations = try await expirations(ofLeases: Set(parsed.map(\.1.lease).filter { $0 != 0 }))
         var entries: [Entry] = []
         for (subnet, kv) in parsed {
-            var lease: Lease?
             var expiration: Date?
             if kv.lease != 0 {
                 // An expired etcd lease whose key the server has not deleted yet:
@@ -92,16 +115,27 @@ public final class EtcdLeaseStore: LeaseStore {
                 guard let expires = expirations[kv.lease] else { continue }
                 expiration = expires
             }
-            do {
-                let attributes = try decodeLeaseValue(kv.valueString, key: kv.key)
-                lease = Lease(subnet: subnet, attributes: attributes, expiration: expiration,
-                              revision: kv.modRevision)
+            let lease: Result<Lease, LeaseStoreError>
+            do throws(LeaseStoreError) {
+                let attributes = try LeaseAttributes(flannelJSON: kv.valueString, key: kv.key)
+                lease = .success(Lease(subnet: subnet, attributes: attributes, expiration: expiration,
+                                       revision: kv.modRevision))
             } catch {
-                logger.warning("skipping unreadable lease: \(error)")
+                let problem = LeaseStoreError.corrupt(
+                    key: kv.key, reason: Self.reason(error)
+                        + "; the subnet stays taken until you fix the value or `etcdctl del \(kv.key)`")
+                logger.warning("skipping unreadable lease: \(problem)")
+                lease = .failure(problem)
             }
             entries.append(Entry(subnet: subnet, kv: kv, lease: lease))
         }
-        return (entries, listed.revision)
+        return Listing(entries: entries, revision: listed.revision)
+    }
+
+    /// The reason inside a `.corrupt` error (the key is named separately).
+    private static func reason(_ error: LeaseStoreError) -> String {
+        if case .corrupt(_, let reason) = error { return reason }
+        return error.description
     }
 
     /// When each etcd lease expires; leases that no longer exist are absent.
@@ -159,7 +193,7 @@ public final class EtcdLeaseStore: LeaseStore {
         case .put:
             let attributes: LeaseAttributes
             do {
-                attributes = try decodeLeaseValue(event.kv.valueString, key: event.kv.key)
+                attributes = try LeaseAttributes(flannelJSON: event.kv.valueString, key: event.kv.key)
             } catch {
                 logger.warning("ignoring unreadable lease update: \(error)")
                 return nil
@@ -181,15 +215,14 @@ public final class EtcdLeaseStore: LeaseStore {
         }
     }
 
-    /// The subnet a key under `<prefix>/subnets/` names; nil for other keys
-    /// (flannel skips those). Of a dual-stack key ("…-24&fd00::-64") the
-    /// IPv4 part counts.
+    /// The subnet a key directly under `<prefix>/subnets/` names; nil for
+    /// other keys (flannel skips those), including deeper ones such as
+    /// `<prefix>/subnets/x/10.2.72.0-24`, which a prefix range also returns.
     private func subnet(fromKey key: String) -> IPv4Network? {
         guard key.hasPrefix(subnetsPrefix) else { return nil }
         let name = key.dropFirst(subnetsPrefix.count)
         guard !name.contains("/") else { return nil }
-        let v4 = name.split(separator: "&", maxSplits: 1, omittingEmptySubsequences: false)[0]
-        return IPv4Network(leaseKey: v4)
+        return LeaseKey.subnet(fromKey: name)
     }
 
     // MARK: - Acquire, renew, release
@@ -212,22 +245,24 @@ public final class EtcdLeaseStore: LeaseStore {
 
     private func acquire(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
                          spare: inout EtcdLease?) async throws -> Lease {
-        let value = encodeLeaseValue(attributes)
+        let value = Array(attributes.flannelJSON.utf8)
+        var generator = SystemRandomNumberGenerator()
         var attempts = 0
         var rounds = 0
         // Bounded: each round reads the leases once and tries its candidates;
         // every lost create counts towards maxCreateAttempts.
         while attempts < Self.maxCreateAttempts && rounds < Self.maxCreateAttempts {
             rounds += 1
-            let (entries, _) = try await readEntries()
-            let choice = try chooseSubnet(config: config, entries: entries, publicIP: attributes.publicIP,
-                                          preferred: preferred)
+            let listing = try await list()
+            let choice = try SubnetChooser.choose(
+                config: config, leases: listing.leases, publicIP: attributes.publicIP, preferred: preferred,
+                occupied: listing.unreadable.map(\.subnet), using: &generator)
             for obsolete in choice.obsolete {
-                logger.info("deleting our lease \(obsolete.subnet): it no longer fits the network config")
-                _ = try? await client.delete(key(for: obsolete.subnet))
+                await deleteObsolete(obsolete, key: listing.key(of: obsolete) ?? key(for: obsolete.subnet))
             }
-            if let existing = choice.existing {
-                if let renewed = try await refreshIfStillOurs(existing, attributes: attributes) {
+            if case .existingLease(let existing) = choice.source {
+                let key = listing.key(of: existing) ?? key(for: existing.subnet)
+                if let renewed = try await refreshIfStillOurs(existing, key: key, attributes: attributes) {
                     logger.info("reusing lease \(renewed)")
                     return renewed
                 }
@@ -246,13 +281,14 @@ public final class EtcdLeaseStore: LeaseStore {
                                  expiration: Date().addingTimeInterval(TimeInterval(etcdLease.ttl)),
                                  revision: revision)
                 case .exists(let holder):
-                    if let held = try? decodeLeaseValue(holder.valueString, key: holder.key),
+                    if let held = try? LeaseAttributes(flannelJSON: holder.valueString, key: holder.key),
                        held.publicIP == attributes.publicIP {
                         // Ours after all (a retried request, or another instance
                         // with our PublicIP): take it over rather than a second subnet.
                         let lease = Lease(subnet: subnet, attributes: held, expiration: nil,
                                           revision: holder.modRevision)
-                        if let renewed = try await refreshIfStillOurs(lease, attributes: attributes) {
+                        if let renewed = try await refreshIfStillOurs(lease, key: holder.key,
+                                                                      attributes: attributes) {
                             return renewed
                         }
                     }
@@ -267,36 +303,38 @@ public final class EtcdLeaseStore: LeaseStore {
     public func renewLease(_ lease: Lease) async throws -> Lease {
         // Bounded: a key that keeps changing under us is someone else's.
         for _ in 0..<3 {
-            guard let renewed = try await refresh(lease, attributes: lease.attributes) else { continue }
+            guard let renewed = try await refresh(lease, key: key(for: lease.subnet),
+                                                  attributes: lease.attributes) else { continue }
             return renewed
         }
         throw LeaseStoreError.leaseNotFound(subnet: lease.subnet)
     }
 
     /// `refresh`, with "no longer ours" (expired, deleted, taken) as nil.
-    private func refreshIfStillOurs(_ lease: Lease, attributes: LeaseAttributes) async throws -> Lease? {
+    private func refreshIfStillOurs(_ lease: Lease, key: String,
+                                    attributes: LeaseAttributes) async throws -> Lease? {
         do {
-            return try await refresh(lease, attributes: attributes)
+            return try await refresh(lease, key: key, attributes: attributes)
         } catch LeaseStoreError.leaseNotFound {
             return nil
         }
     }
 
-    /// Rewrites our lease key with `attributes` and a fresh etcd lease (new
+    /// Rewrites our lease `key` with `attributes` and a fresh etcd lease (new
     /// Grant + Put, as flannel renews), only if the key is still ours and
     /// unchanged since read. A reservation keeps having no etcd lease; its
     /// value is rewritten only if the attributes changed. nil: the key
     /// changed between read and write (read again).
-    private func refresh(_ lease: Lease, attributes: LeaseAttributes) async throws -> Lease? {
-        let key = key(for: lease.subnet)
+    private func refresh(_ lease: Lease, key: String, attributes: LeaseAttributes) async throws -> Lease? {
         guard let kv = try await client.get(key),
-              let held = try? decodeLeaseValue(kv.valueString, key: key),
+              let held = try? LeaseAttributes(flannelJSON: kv.valueString, key: key),
               held.publicIP == attributes.publicIP else {
             throw LeaseStoreError.leaseNotFound(subnet: lease.subnet)
         }
-        let value = encodeLeaseValue(attributes)
+        let json = attributes.flannelJSON
+        let value = Array(json.utf8)
         if kv.lease == 0 {
-            guard kv.valueString != String(decoding: value, as: UTF8.self) else {
+            guard kv.valueString != json else {
                 return Lease(subnet: lease.subnet, attributes: held, expiration: nil, revision: kv.modRevision)
             }
             switch try await client.compareAndPut(key, value: value, lease: 0, modRevision: kv.modRevision) {
@@ -322,182 +360,42 @@ public final class EtcdLeaseStore: LeaseStore {
     public func releaseLease(_ lease: Lease) async throws {
         let key = key(for: lease.subnet)
         guard let kv = try await client.get(key) else { return }
-        guard let held = try? decodeLeaseValue(kv.valueString, key: key),
+        guard let held = try? LeaseAttributes(flannelJSON: kv.valueString, key: key),
               held.publicIP == lease.attributes.publicIP else {
             logger.info("not releasing \(lease.subnet): it is held by another node now")
             return
         }
         // Reservations are the operator's: releasing one leaves it in place.
         guard kv.lease != 0 else { return }
+        try await deleteKey(key, etcdLease: kv.lease)
+    }
+
+    /// Deletes a lease key and revokes its etcd lease, which then holds no
+    /// key (rather than leaving it to run out in 24 h).
+    private func deleteKey(_ key: String, etcdLease: Int64) async throws {
         try await client.delete(key)
+        guard etcdLease != 0 else { return }
         do {
-            try await client.leaseRevoke(kv.lease)
+            try await client.leaseRevoke(etcdLease)
         } catch {
             // Expired meanwhile: nothing left to revoke.
             if error.code != .leaseNotFound { throw error }
         }
     }
 
-    // MARK: - Subnet choice (flannel's order)
-
-    private struct Choice {
-        /// A lease or reservation of ours that fits the config: reuse it.
-        var existing: Lease?
-        /// Otherwise the subnets to try creating, in order.
-        var candidates: [IPv4Network]
-        /// Our expiring leases that no longer fit the config.
-        var obsolete: [Lease]
-    }
-
-    /// flannel's acquisition order, as one call so that a shared chooser can
-    /// replace it: 1) our lease (a reservation first) that fits the config;
-    /// 2) `preferred`, if it fits and is free; 3) the free subnets among the
-    /// first ≤ 100 from SubnetMin, in random order.
-    private func chooseSubnet(config: NetworkConfig, entries: [Entry], publicIP: IPv4Address,
-                              preferred: IPv4Network?) throws -> Choice {
-        let own = entries.compactMap(\.lease).filter { $0.attributes.publicIP == publicIP }
-        let obsolete = own.filter { !$0.isReservation && !fits($0.subnet, config) }
-        let reusable = own.filter { fits($0.subnet, config) }.sorted { a, b in
-            if a.isReservation != b.isReservation { return a.isReservation }
-            return (a.expiration ?? .distantFuture) > (b.expiration ?? .distantFuture)
-        }
-        if let lease = reusable.first {
-            return Choice(existing: lease, candidates: [], obsolete: obsolete)
-        }
-        let obsoleteSubnets = Set(obsolete.map(\.subnet))
-        let taken = entries.map(\.subnet).filter { !obsoleteSubnets.contains($0) }
-        func isFree(_ subnet: IPv4Network) -> Bool { !taken.contains { $0.overlaps(subnet) } }
-
-        var free: [IPv4Network] = []
-        let step = UInt64(1) << UInt64(32 - config.subnetLen)
-        var address = UInt64(config.subnetMin.address.value)
-        let last = UInt64(config.subnetMax.address.value)
-        while address <= last && free.count < 100 {
-            let subnet = IPv4Network(address: IPv4Address(UInt32(address)), prefixLength: config.subnetLen)
-            if isFree(subnet) { free.append(subnet) }
-            address += step
-        }
-        var candidates = free.shuffled()
-        if let preferred, fits(preferred, config), isFree(preferred) {
-            candidates.removeAll { $0 == preferred }
-            candidates.insert(preferred, at: 0)
-        }
-        guard !candidates.isEmpty else { throw LeaseStoreError.outOfSubnets(network: config.network) }
-        return Choice(existing: nil, candidates: candidates, obsolete: obsolete)
-    }
-
-    /// flannel's test for a lease still matching the config.
-    private func fits(_ subnet: IPv4Network, _ config: NetworkConfig) -> Bool {
-        subnet.prefixLength == config.subnetLen && config.network.contains(subnet)
-            && subnet.address >= config.subnetMin.address && subnet.address <= config.subnetMax.address
-    }
-}
-
-// MARK: - flannel's lease value
-
-/// flannel's lease JSON, byte for byte as flanneld writes it: `PublicIP`,
-/// `PublicIPv6` (null when absent), then `BackendType` and `BackendData`
-/// only when present. Written by hand: an encoder would not promise the order.
-private func encodeLeaseValue(_ attributes: LeaseAttributes) -> [UInt8] {
-    var out = "{\"PublicIP\":" + jsonString(attributes.publicIP.description)
-    out += ",\"PublicIPv6\":" + (attributes.publicIPv6.map(jsonString) ?? "null")
-    if let type = attributes.backendType, !type.isEmpty { out += ",\"BackendType\":" + jsonString(type) }
-    if let data = attributes.backendData { out += ",\"BackendData\":" + jsonText(data) }
-    return Array((out + "}").utf8)
-}
-
-private func jsonString(_ text: String) -> String {
-    var out = "\""
-    for scalar in text.unicodeScalars {
-        switch scalar {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        case "\n": out += "\\n"
-        case "\r": out += "\\r"
-        case "\t": out += "\\t"
-        case _ where scalar.value < 0x20: out += String(format: "\\u%04x", scalar.value)
-        default: out.unicodeScalars.append(scalar)
-        }
-    }
-    return out + "\""
-}
-
-/// Compact JSON with object keys sorted (Go sorts map keys; struct fields
-/// such as vxlan's VNI, VtepMAC happen to be in sorted order too).
-private func jsonText(_ value: JSONValue) -> String {
-    switch value {
-    case .null: return "null"
-    case .bool(let b): return b ? "true" : "false"
-    case .number(let n):
-        if n.rounded() == n, abs(n) < 1e15 { return String(Int64(n)) }
-        return "\(n)"
-    case .string(let s): return jsonString(s)
-    case .array(let items): return "[" + items.map(jsonText).joined(separator: ",") + "]"
-    case .object(let fields):
-        return "{" + fields.keys.sorted().map { jsonString($0) + ":" + jsonText(fields[$0]!) }
-            .joined(separator: ",") + "}"
-    }
-}
-
-/// Reads a lease value written by any flannel version (extra fields ignored).
-private func decodeLeaseValue(_ text: String, key: String) throws -> LeaseAttributes {
-    let raw: LeaseValueJSON
-    do {
-        raw = try JSONDecoder().decode(LeaseValueJSON.self, from: Data(text.utf8))
-    } catch {
-        throw LeaseStoreError.corrupt(key: key, reason: "lease value is not flannel's lease JSON: \(text)")
-    }
-    guard let publicIP = IPv4Address(raw.PublicIP) else {
-        throw LeaseStoreError.corrupt(key: key, reason: "PublicIP \"\(raw.PublicIP)\" is not an IPv4 address")
-    }
-    let type = raw.BackendType.flatMap { $0.isEmpty ? nil : $0 }
-    let data: JSONValue?
-    switch raw.BackendData?.value {
-    case nil, .null?: data = nil
-    case let value?: data = value
-    }
-    return LeaseAttributes(publicIP: publicIP, publicIPv6: raw.PublicIPv6, backendType: type, backendData: data)
-}
-
-// swiftlint:disable identifier_name
-private struct LeaseValueJSON: Decodable {
-    var PublicIP: String
-    var PublicIPv6: String?
-    var BackendType: String?
-    var BackendData: AnyJSON?
-}
-
-/// Any JSON value, decoded without relying on JSONValue's own Codable form.
-private struct AnyJSON: Decodable {
-    var value: JSONValue
-
-    private struct Key: CodingKey {
-        var stringValue: String
-        var intValue: Int? { nil }
-        init(stringValue: String) { self.stringValue = stringValue }
-        init?(intValue: Int) { nil }
-    }
-
-    init(from decoder: any Decoder) throws {
-        if let object = try? decoder.container(keyedBy: Key.self) {
-            var fields: [String: JSONValue] = [:]
-            for key in object.allKeys { fields[key.stringValue] = try object.decode(AnyJSON.self, forKey: key).value }
-            value = .object(fields)
-        } else if var array = try? decoder.unkeyedContainer() {
-            var items: [JSONValue] = []
-            while !array.isAtEnd { items.append(try array.decode(AnyJSON.self).value) }
-            value = .array(items)
-        } else {
-            let single = try decoder.singleValueContainer()
-            if single.decodeNil() {
-                value = .null
-            } else if let b = try? single.decode(Bool.self) {
-                value = .bool(b)
-            } else if let n = try? single.decode(Double.self) {
-                value = .number(n)
-            } else {
-                value = .string(try single.decode(String.self))
-            }
+    /// Deletes our expiring lease that no longer fits the network config, as
+    /// flannel does, so that peers stop routing that subnet to us. Only
+    /// expiring leases get here (`SubnetChoice.obsolete` never lists a
+    /// reservation); a failure is logged and acquisition goes on, since the
+    /// stale lease then simply runs out.
+    private func deleteObsolete(_ lease: Lease, key: String) async {
+        logger.info("deleting our lease \(lease.subnet): it no longer fits the network config")
+        do {
+            guard let kv = try await client.get(key), kv.lease != 0,
+                  kv.modRevision == lease.revision else { return }  // changed or gone meanwhile
+            try await deleteKey(key, etcdLease: kv.lease)
+        } catch {
+            logger.warning("could not delete our obsolete lease \(lease.subnet) (\(error)); it will expire")
         }
     }
 }

@@ -164,6 +164,84 @@ struct EtcdLeaseStoreTests {
         }
     }
 
+    @Test func unreadableLeaseValuesAreListedInSkippedWithTheirKeys() async throws {
+        try await withStore { server, store, _ in
+            try server.etcdctl(["put", "/docker/network/subnets/10.5.10.0-24", "not json"])
+            try server.etcdctl(["put", "/docker/network/subnets/10.5.11.0-24", #"{"PublicIPv6":null}"#])
+            try server.etcdctl(["put", "/docker/network/subnets/10.5.12.0-24",
+                                #"{"PublicIP":"198.18.0.12","PublicIPv6":null}"#])
+            // Not a lease key: ignored as flannel ignores it, not reported.
+            try server.etcdctl(["put", "/docker/network/subnets/not-a-lease", "x"])
+
+            let snapshot = try await store.leases()
+            #expect(snapshot.leases.map(\.subnet) == [IPv4Network("10.5.12.0/24")!])
+            #expect(snapshot.skipped.count == 2)
+            var reasons: [String: String] = [:]
+            for problem in snapshot.skipped {
+                guard case .corrupt(let key, let reason) = problem else {
+                    Issue.record("skipped entry is not .corrupt: \(problem)")
+                    continue
+                }
+                reasons[key] = reason
+                // Says what to do about it, naming the key.
+                #expect(problem.description.contains("etcdctl del \(key)"))
+            }
+            #expect(reasons.keys.sorted() == ["/docker/network/subnets/10.5.10.0-24",
+                                              "/docker/network/subnets/10.5.11.0-24"])
+            #expect(reasons["/docker/network/subnets/10.5.10.0-24"]?.contains("not JSON") == true)
+            #expect(reasons["/docker/network/subnets/10.5.11.0-24"]?.contains("no PublicIP") == true)
+        }
+    }
+
+    @Test func vxlanLeaseValueIsWrittenAsFlanneldWritesIt() async throws {
+        try await withStore { server, store, config in
+            let attributes = LeaseAttributes(
+                publicIP: IPv4Address(198, 18, 0, 9), backendType: "vxlan",
+                backendData: .object(["VtepMAC": .string("aa:bb:cc:dd:ee:ff"), "VNI": .number(1)]))
+            let lease = try await store.acquireLease(config: config, attributes: attributes, preferred: nil)
+            let key = "/docker/network/subnets/\(lease.subnet.leaseKey)"
+            #expect(try server.etcdctl(["get", key, "--print-value-only"])
+                        == #"{"PublicIP":"198.18.0.9","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"# + "\n")
+            let listed = try await store.leases().leases
+            #expect(listed.map(\.subnet) == [lease.subnet])
+            #expect(listed.first?.attributes == attributes)
+        }
+    }
+
+    @Test func ownLeaseThatNoLongerFitsIsDeletedButOwnReservationAndOthersLeasesStay() async throws {
+        try await withStore { server, store, config in
+            let old = try await store.acquireLease(config: config, attributes: node(80),
+                                                   preferred: IPv4Network("10.5.80.0/24"))
+            #expect(old.subnet == IPv4Network("10.5.80.0/24"))
+            let oldKey = "/docker/network/subnets/10.5.80.0-24"
+            let oldKV = try #require(try await store.client.get(oldKey))
+            let others = try await store.acquireLease(config: config, attributes: node(82),
+                                                      preferred: IPv4Network("10.5.82.0/24"))
+            let reservationKey = "/docker/network/subnets/10.5.81.0-24"
+            try server.etcdctl(["put", reservationKey, #"{"PublicIP":"198.18.0.80","PublicIPv6":null}"#])
+
+            // /25 subnets now, and only four of them: two inside the reservation
+            // (taken), two inside our old /24 (free once it is deleted).
+            let narrower = try await store.setNetworkConfig(json: #"""
+                {"Network":"10.5.0.0/16","SubnetLen":25,"SubnetMin":"10.5.80.0","SubnetMax":"10.5.81.128"}
+                """#)
+            let new = try await store.acquireLease(config: narrower, attributes: node(80), preferred: nil)
+            #expect(new.subnet.prefixLength == 25)
+            #expect(IPv4Network("10.5.80.0/24")!.contains(new.subnet))
+            #expect(!new.isReservation)
+
+            #expect(try await store.client.get(oldKey) == nil)
+            #expect(try await store.client.leaseTimeToLive(oldKV.lease) == nil)  // revoked, not left for 24 h
+            // The reservation is the operator's: untouched, still without a TTL.
+            let reservation = try #require(try await store.client.get(reservationKey))
+            #expect(reservation.lease == 0 && reservation.version == 1)
+            // Another node's lease that no longer fits is that node's to replace.
+            let listed = try await store.leases().leases
+            #expect(listed.first { $0.subnet == others.subnet }?.revision == others.revision)
+            #expect(Set(listed.map(\.subnet)) == [new.subnet, IPv4Network("10.5.81.0/24")!, others.subnet])
+        }
+    }
+
     @Test func restartedNodeReusesItsLeaseForTheSamePublicIP() async throws {
         try await withStore { server, store, config in
             let first = try await store.acquireLease(config: config, attributes: node(40), preferred: nil)
