@@ -73,10 +73,12 @@ let package = Package(
             ]
         ),
         .testTarget(name: "NetBaseTests", dependencies: ["NetBase"]),
-        .testTarget(name: "NetlinkTests", dependencies: ["Netlink", "NetBase"]),
-        .testTarget(name: "TunDeviceTests", dependencies: ["TunDevice", "Netlink", "NetBase"]),
-        .testTarget(name: "UDPEncapTests", dependencies: ["UDPEncap", "NetBase"]),
-        .testTarget(name: "PacketRingTests", dependencies: ["PacketRing", "UDPEncap", "NetBase"]),
+        // Scratch namespaces and packet builders shared by the tests.
+        .target(name: "NetTestSupport", dependencies: ["Netlink", "UDPEncap"], path: "Tests/NetTestSupport"),
+        .testTarget(name: "NetlinkTests", dependencies: ["Netlink", "NetBase", "NetTestSupport"]),
+        .testTarget(name: "TunDeviceTests", dependencies: ["TunDevice", "Netlink", "NetBase", "NetTestSupport"]),
+        .testTarget(name: "UDPEncapTests", dependencies: ["UDPEncap", "NetBase", "NetTestSupport"]),
+        .testTarget(name: "PacketRingTests", dependencies: ["PacketRing", "UDPEncap", "NetBase", "NetTestSupport"]),
         // Test helper shared by test targets: starts a throwaway etcd (EtcdServer).
         .target(name: "EtcdTestSupport", path: "Tests/EtcdTestSupport"),
         .testTarget(name: "EtcdClientTests", dependencies: ["EtcdClient", "EtcdTestSupport"]),

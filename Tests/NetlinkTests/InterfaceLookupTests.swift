@@ -1,6 +1,7 @@
 import Foundation
 import NetBase
 import Netlink
+import NetTestSupport
 import Testing
 
 @Suite(.enabled(if: isRoot, needsRootMessage))

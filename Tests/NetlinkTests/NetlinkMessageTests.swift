@@ -2,6 +2,7 @@ import CTunnel
 import Glibc
 import NetBase
 @testable import Netlink
+import NetTestSupport
 import Testing
 
 @Suite struct NetlinkMessageTests {

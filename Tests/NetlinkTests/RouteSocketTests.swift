@@ -2,6 +2,7 @@ import CTunnel
 import Foundation
 import NetBase
 import Netlink
+import NetTestSupport
 import Testing
 
 @Suite(.enabled(if: !isRoot, "runs only without root: checks the hint for missing privileges"))

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import NetBase
+import NetTestSupport
 import Testing
 import UDPEncap
 @testable import PacketRing

@@ -1,5 +1,6 @@
 import Foundation
 import NetBase
+import NetTestSupport
 import Testing
 import UDPEncap
 @testable import PacketRing

@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import NetBase
 import Netlink
+import NetTestSupport
 import Testing
 import TunDevice
 

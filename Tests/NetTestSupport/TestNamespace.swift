@@ -1,25 +1,24 @@
 // Test support: scratch network namespaces and running `ip` to set up and
-// check what the code under test did. (The same file is in NetlinkTests and
-// TunDeviceTests: test targets cannot share sources without a support target.)
+// check what the code under test did.
 import Foundation
 import Netlink
 import Testing
 
 /// Tests that create namespaces, devices and routes need root.
-let isRoot = getuid() == 0
-let needsRootMessage: Comment = "needs root: creates network namespaces, devices and routes"
+public let isRoot = getuid() == 0
+public let needsRootMessage: Comment = "needs root: creates network namespaces, devices and routes"
 
-struct CommandFailed: Error, CustomStringConvertible {
-    let command: [String]
-    let status: Int32
-    let output: String
-    var description: String { "`\(command.joined(separator: " "))` exited with \(status): \(output)" }
+public struct CommandFailed: Error, CustomStringConvertible {
+    public let command: [String]
+    public let status: Int32
+    public let output: String
+    public var description: String { "`\(command.joined(separator: " "))` exited with \(status): \(output)" }
 }
 
 /// Runs a command and returns its standard output; throws with its standard
 /// error when it fails. A command still running after 30 s is killed.
 @discardableResult
-func command(_ arguments: [String]) throws -> String {
+public func command(_ arguments: [String]) throws -> String {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
     process.arguments = arguments
@@ -42,25 +41,25 @@ func command(_ arguments: [String]) throws -> String {
 }
 
 /// A network namespace named tdtest-<pid>-<random>, made with `ip netns add`.
-struct TestNamespace: Sendable {
-    let name: String
-    var path: String { "/var/run/netns/\(name)" }
+public struct TestNamespace: Sendable {
+    public let name: String
+    public var path: String { "/var/run/netns/\(name)" }
 
-    init() throws {
+    public init() throws {
         name = "tdtest-\(getpid())-\(String(UInt32.random(in: 0...UInt32.max), radix: 16))"
         try command(["ip", "netns", "add", name])
     }
 
     /// `ip -n <namespace> <arguments>`.
     @discardableResult
-    func ip(_ arguments: String...) throws -> String {
+    public func ip(_ arguments: String...) throws -> String {
         try command(["ip", "-n", name] + arguments)
     }
 
     /// An rtnetlink socket bound to this namespace.
-    func socket() throws -> RouteSocket { try RouteSocket(namespacePath: path) }
+    public func socket() throws -> RouteSocket { try RouteSocket(namespacePath: path) }
 
-    func remove() {
+    public func remove() {
         do { try command(["ip", "netns", "del", name]) } catch {
             Issue.record("could not remove namespace \(name): \(error)")
         }
@@ -70,14 +69,14 @@ struct TestNamespace: Sendable {
 /// Runs `body` with a fresh namespace that is removed afterwards, whether
 /// `body` returns or throws.
 @discardableResult
-func withNamespace<T>(_ body: (TestNamespace) throws -> T) throws -> T {
+public func withNamespace<T>(_ body: (TestNamespace) throws -> T) throws -> T {
     let namespace = try TestNamespace()
     defer { namespace.remove() }
     return try body(namespace)
 }
 
 /// The flags `ip -o link show` prints between < and >.
-func linkFlags(_ ipLinkLine: String) -> Set<Substring> {
+public func linkFlags(_ ipLinkLine: String) -> Set<Substring> {
     guard let open = ipLinkLine.firstIndex(of: "<"), let close = ipLinkLine.firstIndex(of: ">"), open < close else { return [] }
     return Set(ipLinkLine[ipLinkLine.index(after: open)..<close].split(separator: ","))
 }
