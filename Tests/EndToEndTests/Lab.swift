@@ -365,8 +365,9 @@ extension Lab {
 }
 
 /// Files for etcd's mutual TLS, made with openssl: a CA, a server
-/// certificate for the lab's etcd address, and one client certificate
-/// (CN=tunneld, which is not an etcd user: permissions come from a password login).
+/// certificate for the lab's etcd address, and one client certificate.
+/// Its CN, tunneld-host, is no etcd user: with auth on, etcd would take a
+/// certificate's CN as the user when no password login is given.
 struct LabCertificates {
     var caFile: String
     var serverCertFile: String
@@ -394,7 +395,7 @@ struct LabCertificates {
             subjectAltName=IP:\(serverIP)
 
             """)
-        try issue("client", subject: "/CN=tunneld", extensions: """
+        try issue("client", subject: "/CN=tunneld-host", extensions: """
             basicConstraints=CA:FALSE
             keyUsage=digitalSignature,keyEncipherment
             extendedKeyUsage=clientAuth
