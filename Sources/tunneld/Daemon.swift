@@ -1,3 +1,4 @@
+import EtcdClient
 import Foundation
 import LeaseStore
 import Logging
@@ -146,7 +147,7 @@ final class Daemon: Service, Sendable {
                 return try await store.networkConfig()
             } catch let error as LeaseStoreError {
                 guard case .configNotFound = error else { throw error }
-                logger.warning("\(error); retrying in \(delay)")
+                logger.warning("\(configNotFoundMessage(error)); retrying in \(delay)")
             } catch let error as NetworkConfigError {
                 // A broken config is an operator error: say what, and keep
                 // waiting for a fixed one rather than exiting in a loop.
@@ -161,6 +162,17 @@ final class Daemon: Service, Sendable {
             }
             delay = min(delay * 2, .seconds(30))
         }
+    }
+
+    /// For etcd, names the key to write and the command that writes it, as
+    /// an operator coming from flanneld expects.
+    private func configNotFoundMessage(_ error: LeaseStoreError) -> String {
+        guard let etcd = store as? EtcdLeaseStore else { return "\(error)" }
+        let key = etcd.prefix + "/config"
+        let endpoints = etcd.client.endpoints.joined(separator: ",")
+        return "no network config at \(key) in etcd \(endpoints): write it with "
+            + "`etcdctl put \(key) < flannel-config.json` or "
+            + "`tunneld config set -etcd-endpoints=\(endpoints) -etcd-prefix=\(etcd.prefix) flannel-config.json`"
     }
 
     private func checkBackend(_ config: NetworkConfig) throws {

@@ -152,7 +152,9 @@ final class PeerSync: Sendable {
                 logger.info("lease watch ended; resuming from revision \(revision)")
             } catch LeaseStoreError.compacted(let requested, let oldest) {
                 relists += 1
-                logger.warning("lease watch: changes after \(requested) were compacted (oldest kept \(oldest)); listing again (re-list #\(relists))")
+                // `requested` is where the store's stream began; we may have
+                // seen events past it before the stream broke.
+                logger.warning("lease watch: changes after \(max(requested, revision)) were compacted (oldest kept \(oldest)); listing again (re-list #\(relists))")
                 do {
                     let snapshot = try await store.leases()
                     sync(with: snapshot)

@@ -45,11 +45,12 @@ final class Child {
     let pid: pid_t
     private(set) var status: Int32?
 
-    init(_ arguments: [String], output: String) throws {
+    /// - Parameter input: the file standard input reads (default: nothing).
+    init(_ arguments: [String], output: String, input: String = "/dev/null") throws {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 0, input, O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_APPEND, 0o644)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
         let argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
@@ -93,11 +94,12 @@ final class Child {
 
 /// Runs a command to completion (bounded by `timeout`), output and errors together.
 @discardableResult
-func run(_ arguments: [String], timeout: Duration = .seconds(60), check: Bool = true) throws -> CommandResult {
+func run(_ arguments: [String], timeout: Duration = .seconds(60), check: Bool = true,
+         input: String = "/dev/null") throws -> CommandResult {
     let outputFile = FileManager.default.temporaryDirectory
         .appendingPathComponent("td-cmd-\(UUID().uuidString)").path
     defer { unlink(outputFile) }
-    let child = try Child(arguments, output: outputFile)
+    let child = try Child(arguments, output: outputFile, input: input)
     var status = child.wait(timeout: timeout)
     if status == nil {
         child.stop()
@@ -115,6 +117,8 @@ final class Lab {
     let name: String
     let directory: URL
     let script = repositoryRoot.appendingPathComponent("Scripts/netns-lab.sh").path
+    /// The lab's etcd, once `addEtcd` has started it.
+    var etcd: LabEtcd?
 
     init() throws {
         // Unique per run: PID plus a random suffix, short enough for ip's names.
@@ -126,6 +130,12 @@ final class Lab {
 
     @discardableResult
     func lab(_ arguments: String..., timeout: Duration = .seconds(60)) throws -> CommandResult {
+        try lab(arguments, timeout: timeout)
+    }
+
+    /// Runs `netns-lab.sh COMMAND LAB DIR ARGUMENTS…`.
+    @discardableResult
+    func lab(_ arguments: [String], timeout: Duration = .seconds(60)) throws -> CommandResult {
         try run(["bash", script] + [arguments[0], name, directory.path] + arguments.dropFirst(), timeout: timeout)
     }
 
@@ -137,7 +147,31 @@ final class Lab {
     func addHost(_ n: Int, iface: [String] = ["--iface", "eth0"], extra: [String] = []) throws {
         let command = [tunneldBinary, "run", "--backend", "udp"] + iface
             + ["--subnet-file", subnetFile(n), "--device", "tun0"] + extra
+        try addHost(n, command: command)
+    }
+
+    /// Adds host N running `command` — the whole command line, e.g. tunneld
+    /// with flanneld's flags, or `env FLANNELD_…=… tunneld run` — which must
+    /// write `subnetFile(n)`; then its container, from that file.
+    func addHost(_ n: Int, command: [String]) throws {
         try run(["bash", script, "add-host", name, directory.path, "\(n)", "--"] + command, timeout: .seconds(90))
+    }
+
+    /// The PID of a process the lab started (h1, etcd…).
+    func pid(_ process: String) throws -> pid_t {
+        let text = try String(contentsOf: directory.appendingPathComponent("\(process).pid"), encoding: .utf8)
+        guard let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) else {
+            throw LabError("\(process).pid holds \"\(text)\", not a process ID")
+        }
+        return pid
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT…) to a process the lab started.
+    func signal(_ process: String, _ signal: Int32) throws {
+        let pid = try pid(process)
+        guard kill(pid, signal) == 0 else {
+            throw LabError("kill(\(pid), \(signal)) for \(process) failed: \(String(cString: strerror(errno)))")
+        }
     }
 
     func containerIP(_ n: Int) throws -> String {
@@ -204,5 +238,171 @@ final class Lab {
     func destroy() {
         _ = try? lab("destroy", timeout: .seconds(120))
         try? FileManager.default.removeItem(at: directory)
+    }
+}
+
+struct LabError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+// MARK: - etcd in the lab
+
+/// The lab's etcd: one member in namespace `<lab>-etcd`, on the underlay at
+/// 198.18.0.250, its data in the lab's directory.
+struct LabEtcd {
+    static let address = "198.18.0.250"
+    /// Client URL: http://198.18.0.250:2379, or https with client certificates.
+    var url: String
+    var certificates: LabCertificates?
+    /// "root:password" for etcdctl once auth is on.
+    var rootCredentials: String?
+}
+
+/// Whether etcd and etcdctl are on PATH (Debian: etcd-server, etcd-client).
+let etcdIsInstalled: Bool = {
+    let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+    return ["etcd", "etcdctl"].allSatisfy { program in
+        path.split(separator: ":").contains { FileManager.default.isExecutableFile(atPath: "\($0)/\(program)") }
+    }
+}()
+let etcdSkipReason: Comment = "needs etcd and etcdctl (apt-get install etcd-server etcd-client)"
+
+extension Lab {
+    /// Starts etcd in its own namespace at 198.18.0.250:2379 — https with
+    /// client certificates required when `tls` — and waits until it answers.
+    /// `destroy()` stops it; `lab("stop", "etcd")` / `restartEtcd()` restart it
+    /// on the same data.
+    func addEtcd(tls: Bool = false) throws {
+        let url = "\(tls ? "https" : "http")://\(LabEtcd.address):2379"
+        let certificates = tls
+            ? try LabCertificates.make(in: directory.appendingPathComponent("certs"), serverIP: LabEtcd.address)
+            : nil
+        // Peer and metrics URLs stay on the etcd namespace's loopback.
+        var arguments = ["etcd", "--name", "lab",
+                         "--data-dir", directory.appendingPathComponent("etcd-data").path,
+                         "--listen-client-urls", url, "--advertise-client-urls", url,
+                         "--listen-peer-urls", "http://127.0.0.1:2380",
+                         "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+                         "--initial-cluster", "lab=http://127.0.0.1:2380",
+                         "--listen-metrics-urls", "http://127.0.0.1:2381",
+                         "--logger=zap", "--log-outputs=stderr"]
+        if let certificates {
+            arguments += ["--client-cert-auth", "--trusted-ca-file", certificates.caFile,
+                          "--cert-file", certificates.serverCertFile, "--key-file", certificates.serverKeyFile]
+        }
+        etcd = LabEtcd(url: url, certificates: certificates)
+        try lab(["add-etcd"] + arguments)
+        try waitForEtcd()
+    }
+
+    /// Waits (at most `timeout`) until etcd reports healthy.
+    func waitForEtcd(timeout: Duration = .seconds(20)) throws {
+        let deadline = ContinuousClock.now + timeout
+        var last = CommandResult(status: -1, output: "")
+        while ContinuousClock.now < deadline {
+            last = try etcdctl(["endpoint", "health"], check: false, timeout: .seconds(10))
+            if last.succeeded { return }
+            usleep(100_000)
+        }
+        throw LabError("etcd did not become healthy within \(timeout): \(last.output)\n"
+                       + log("etcd").split(separator: "\n").suffix(10).joined(separator: "\n"))
+    }
+
+    /// Stops etcd (SIGTERM, as for an upgrade), keeps it down for `downtime`,
+    /// starts it again on the same data and waits until it is healthy.
+    func restartEtcd(downtime: Duration = .zero) throws {
+        try lab("stop", "etcd")
+        Thread.sleep(forTimeInterval: Double(downtime.components.seconds) + Double(downtime.components.attoseconds) / 1e18)
+        try lab("start", "etcd")
+        try waitForEtcd()
+    }
+
+    /// Runs etcdctl (v3 API) in the etcd namespace against the lab's etcd,
+    /// with its client certificate and root credentials when set; `input` is
+    /// a file for standard input (`etcdctl put KEY < FILE`).
+    @discardableResult
+    func etcdctl(_ arguments: [String], input: String = "/dev/null", check: Bool = true,
+                 timeout: Duration = .seconds(30)) throws -> CommandResult {
+        guard let etcd else { throw LabError("this lab has no etcd: call addEtcd() first") }
+        var command = ["ip", "netns", "exec", namespace("etcd"), "env", "ETCDCTL_API=3", "etcdctl",
+                       "--endpoints", etcd.url, "--dial-timeout=2s", "--command-timeout=10s"]
+        if let certificates = etcd.certificates {
+            command += ["--cacert", certificates.caFile, "--cert", certificates.clientCertFile,
+                        "--key", certificates.clientKeyFile]
+        }
+        if let user = etcd.rootCredentials { command += ["--user", user] }
+        return try run(command + arguments, timeout: timeout, check: check, input: input)
+    }
+
+    /// The value of `key`, or nil if there is none.
+    func etcdValue(_ key: String) throws -> String? {
+        let output = try etcdctl(["get", key, "--print-value-only"]).output
+        return output.isEmpty ? nil : String(output.dropLast(output.hasSuffix("\n") ? 1 : 0))
+    }
+
+    /// The store's current revision.
+    func etcdRevision() throws -> Int64 {
+        let json = try etcdctl(["endpoint", "status", "-w", "json"]).output
+        guard let range = json.range(of: "\"revision\":"),
+              let revision = Int64(json[range.upperBound...].prefix { $0.isNumber }) else {
+            throw LabError("no revision in etcdctl endpoint status: \(json)")
+        }
+        return revision
+    }
+
+    /// Turns on etcd's auth: a user `user` whose role may read and write only
+    /// keys under `prefix`, and root (used by `etcdctl` from now on).
+    func enableEtcdAuth(rootPassword: String, user: String, password: String, prefix: String) throws {
+        try etcdctl(["role", "add", user])
+        try etcdctl(["role", "grant-permission", user, "--prefix=true", "readwrite", prefix])
+        try etcdctl(["user", "add", "\(user):\(password)"])
+        try etcdctl(["user", "grant-role", user, user])
+        try etcdctl(["user", "add", "root:\(rootPassword)"])
+        try etcdctl(["auth", "enable"])
+        etcd?.rootCredentials = "root:\(rootPassword)"
+    }
+}
+
+/// Files for etcd's mutual TLS, made with openssl: a CA, a server
+/// certificate for the lab's etcd address, and one client certificate.
+/// Its CN, tunneld-host, is no etcd user: with auth on, etcd would take a
+/// certificate's CN as the user when no password login is given.
+struct LabCertificates {
+    var caFile: String
+    var serverCertFile: String
+    var serverKeyFile: String
+    var clientCertFile: String
+    var clientKeyFile: String
+
+    static func make(in directory: URL, serverIP: String) throws -> LabCertificates {
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
+        try run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                 "-keyout", path("ca.key"), "-out", path("ca.crt"), "-subj", "/CN=tunneld-lab-ca"])
+        func issue(_ name: String, subject: String, extensions: String) throws {
+            try extensions.write(toFile: path("\(name).ext"), atomically: true, encoding: .utf8)
+            try run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", path("\(name).key"),
+                     "-out", path("\(name).csr"), "-subj", subject])
+            try run(["openssl", "x509", "-req", "-in", path("\(name).csr"), "-CA", path("ca.crt"),
+                     "-CAkey", path("ca.key"), "-CAcreateserial", "-days", "2",
+                     "-out", path("\(name).crt"), "-extfile", path("\(name).ext")])
+        }
+        try issue("server", subject: "/CN=etcd", extensions: """
+            basicConstraints=CA:FALSE
+            keyUsage=digitalSignature,keyEncipherment
+            extendedKeyUsage=serverAuth
+            subjectAltName=IP:\(serverIP)
+
+            """)
+        try issue("client", subject: "/CN=tunneld-host", extensions: """
+            basicConstraints=CA:FALSE
+            keyUsage=digitalSignature,keyEncipherment
+            extendedKeyUsage=clientAuth
+
+            """)
+        return LabCertificates(caFile: path("ca.crt"), serverCertFile: path("server.crt"),
+                               serverKeyFile: path("server.key"), clientCertFile: path("client.crt"),
+                               clientKeyFile: path("client.key"))
     }
 }
