@@ -71,10 +71,16 @@ final class Daemon: Service, Sendable {
                                   routes: [config.network], using: routeSocket)
                 try SubnetEnv(network: config.network, subnet: newLease.subnet, mtu: mtu, ipMasq: options.ipMasq)
                     .write(to: options.subnetFile)
+                if options.ipMasq { try IPMasquerade().install(network: config.network, subnet: newLease.subnet) }
             } catch {
                 logger.error("could not move to the new subnet \(newLease.subnet): \(error)")
             }
         })
+        let masquerade = options.ipMasq ? try IPMasquerade() : nil
+        if let masquerade {
+            try masquerade.install(network: config.network, subnet: lease.subnet)
+            logger.info("ip masquerade on for traffic from \(config.network) leaving it (iptables chains \(IPMasquerade.natChain), \(IPMasquerade.filterChain))")
+        }
         let revision = try await peers.loadInitialPeers()
         try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq)
             .write(to: options.subnetFile)
@@ -112,11 +118,11 @@ final class Daemon: Service, Sendable {
             }
         } catch {
             logger.error("data path stopped: \(error)")
-            cleanUp(tun: tun, routeSocket: routeSocket, network: config.network)
+            cleanUp(tun: tun, routeSocket: routeSocket, network: config.network, masquerade: masquerade)
             throw error
         }
         logger.info("stopping; data path counters: \(loop.statistics.summary)")
-        cleanUp(tun: tun, routeSocket: routeSocket, network: config.network)
+        cleanUp(tun: tun, routeSocket: routeSocket, network: config.network, masquerade: masquerade)
         socket.close()
         if options.releaseOnExit {
             do {
@@ -130,12 +136,19 @@ final class Daemon: Service, Sendable {
         }
     }
 
-    private func cleanUp(tun: TunDevice, routeSocket: RouteSocket, network: IPv4Network) {
+    private func cleanUp(tun: TunDevice, routeSocket: RouteSocket, network: IPv4Network, masquerade: IPMasquerade?) {
         do { try tun.removeRoutes(using: routeSocket) } catch {
             logger.warning("could not remove route \(network) dev \(tun.name): \(error)")
         }
         tun.close()
         logger.info("removed device \(tun.name) and route \(network)")
+        guard let masquerade else { return }
+        do {
+            try masquerade.remove()
+            logger.info("removed ip masquerade rules")
+        } catch {
+            logger.warning("could not remove ip masquerade rules: \(error)")
+        }
     }
 
     /// Reads the network config, waiting (with backoff) while there is none.

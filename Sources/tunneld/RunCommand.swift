@@ -60,7 +60,7 @@ struct Run: AsyncParsableCommand {
     @Flag(help: "Release the lease on exit (default: keep it, so a restart gets the same subnet).")
     var releaseOnExit = false
 
-    @Flag(help: "Set up IP masquerade for traffic leaving the overlay network (not yet supported).")
+    @Flag(help: "Masquerade traffic from the overlay network to the outside, as flanneld's -ip-masq (needs iptables).")
     var ipMasq = false
 
     @Option(help: ArgumentHelp("Address the health endpoint listens on.", valueName: "ip"))
@@ -96,9 +96,6 @@ struct Run: AsyncParsableCommand {
         }
         guard !device.isEmpty, device.utf8.count < 16, !device.contains("/"), !device.contains(" ") else {
             throw ValidationError("--device \(device) is not a valid interface name (1–15 characters, no '/' or spaces)")
-        }
-        if ipMasq {
-            throw ValidationError("--ip-masq is not supported yet: set up masquerading yourself or run without it")
         }
     }
 

@@ -129,6 +129,52 @@ struct UDPBackendTests {
         }
     }
 
+    @Test func ipMasqueradeHidesContainersOnlyOutsideTheNetwork() throws {
+        try withLab { lab in
+            try lab.addHost(1, extra: hostArguments(lab) + ["-ip-masq"])
+            try lab.addHost(2, extra: hostArguments(lab))
+            let env1 = try lab.subnetEnv(1)
+            #expect(env1["FLANNEL_IPMASQ"] == "true")
+            let subnet1 = try #require(env1["FLANNEL_SUBNET"]).replacingOccurrences(of: ".1/24", with: ".0/24")
+            let rules = try lab.exec("h1", ["iptables", "-t", "nat", "-S", "TUNNELD-POSTRTG"]).output
+            #expect(rules.contains("-A TUNNELD-POSTRTG -s 10.2.0.0/16 -d 10.2.0.0/16 -j RETURN"), "\(rules)")
+            #expect(rules.contains("-A TUNNELD-POSTRTG ! -s 10.2.0.0/16 -d \(subnet1) -j RETURN"), "\(rules)")
+            #expect(rules.contains("MASQUERADE --random-fully"), "\(rules)")
+
+            // To a host outside the overlay, container 1 appears as host 1…
+            let c1 = try lab.containerIP(1)
+            let outside = try sourceSeen(lab, listener: "h2", at: "198.18.0.2", sender: "c1")
+            #expect(outside == "198.18.0.1", "traffic leaving the network should be masqueraded, seen from \(outside)")
+            // …but to another container it keeps its own address.
+            let inside = try sourceSeen(lab, listener: "c2", at: try lab.containerIP(2), sender: "c1")
+            #expect(inside == c1, "traffic within the network must keep its container address, seen from \(inside)")
+
+            try lab.lab("stop", "h1")
+            let gone = try lab.exec("h1", ["iptables", "-t", "nat", "-S", "TUNNELD-POSTRTG"], check: false)
+            #expect(!gone.succeeded, "the masquerade chain should be removed on exit")
+        }
+    }
+
+    /// Sends one UDP datagram from namespace `sender` to `address` and
+    /// returns the source address the listener in namespace `listener` saw.
+    func sourceSeen(_ lab: Lab, listener: String, at address: String, sender: String) throws -> String {
+        let seen = lab.directory.appendingPathComponent("seen-\(listener).txt").path
+        let script = """
+            import socket,sys
+            s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind((sys.argv[1],9999)); s.settimeout(20)
+            _,peer=s.recvfrom(100); open(sys.argv[2],'w').write(peer[0])
+            """
+        let server = try Child(["ip", "netns", "exec", lab.namespace(listener), "python3", "-c", script, address, seen],
+                               output: lab.directory.appendingPathComponent("seen.log").path)
+        defer { server.stop() }
+        let send = "import socket,sys; socket.socket(socket.AF_INET,socket.SOCK_DGRAM).sendto(b'x',(sys.argv[1],9999))"
+        // Until the listener has one (it may not be bound yet): bounded.
+        for _ in 0..<40 where server.wait(timeout: .milliseconds(250)) == nil {
+            try lab.exec(sender, ["python3", "-c", send, address], check: false)
+        }
+        return (try? String(contentsOfFile: seen, encoding: .utf8)) ?? "nothing"
+    }
+
     /// Sends random bytes over TCP from one container to another and compares
     /// SHA-256 digests of what was sent and what arrived.
     func transfer(_ lab: Lab, from: Int, to: Int, megabytes: Int) throws {
