@@ -24,7 +24,13 @@ import sys
 import time
 
 MODES = ["host-gw", "kernel-vxlan", "tunneld-udp", "tunneld-udp-simple"]
-REFERENCES = [("host-gw", "hg"), ("kernel-vxlan", "vx")]
+# (reference mode, short name in the table, modes whose cells show that ratio)
+REFERENCES = [
+    ("host-gw", "hg", None),
+    ("kernel-vxlan", "vx", None),
+    # the batched data path against the one-packet-per-syscall (flannel-like) one
+    ("tunneld-udp-simple", "sm", ("tunneld-udp",)),
+]
 ROLES = ["host1", "host2", "ctr1", "ctr2"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -590,7 +596,7 @@ def summarize(samples, modes_run, quiet_only):
             }
         for mode in modes_run:
             entry = per_mode[mode]
-            for ref, short in REFERENCES:
+            for ref, _, _ in REFERENCES:
                 entry[f"vs_{ref.replace('-', '_')}"] = ratio(
                     entry["median"], per_mode.get(ref, {}).get("median"))
         table[key] = {"label": label, "unit": unit, "scale": scale, "modes": per_mode}
@@ -634,8 +640,10 @@ def render_table(summary, modes_run, meta):
                 cells.append("–")
                 continue
             parts = []
-            for ref, short in REFERENCES:
+            for ref, short, shown_for in REFERENCES:
                 if ref == mode or ref not in modes_run or row["modes"][ref]["median"] is None:
+                    continue
+                if shown_for is not None and mode not in shown_for:
                     continue
                 r = e[f"vs_{ref.replace('-', '_')}"]
                 parts.append(f"{short} {fmt_ratio(r)}")
@@ -674,6 +682,7 @@ def render_report(meta, modes, summary, modes_run, interrupted):
         f"{s.get('load_duration')} s (UDP 64 B at {s.get('udp_rate')} pkt/s, TCP at "
         f"{s.get('tcp_rate_mbit')} Mbit/s) · {s.get('pings')} pings every {s.get('ping_interval')} s"
         + (" · smoke" if s.get("smoke") else "")
+        + (f" · tunneld run … {s['tunneld_args']}" if s.get("tunneld_args") else "")
         + (" · quiet rounds only" if summary["quiet_only"] else ""),
     ]
     if interrupted:
@@ -682,7 +691,8 @@ def render_report(meta, modes, summary, modes_run, interrupted):
         if info["status"] != "ok":
             head.append(f"- {mode}: {info['status']} — {info['reason']}")
     text = "\n".join(head) + "\n\n" + render_table(summary, modes_run, meta) + "\n"
-    text += ("\nCells: median over rounds; (hg x, vx y) = ratio to host-gw, to kernel-vxlan "
+    text += ("\nCells: median over rounds; (hg x, vx y, sm z) = ratio to host-gw, to kernel-vxlan, "
+             "and (tunneld-udp only) to tunneld-udp-simple "
              "(for throughput higher is better, for latency/CPU/drops lower is better).\n")
     drops = render_drop_sites(summary)
     if drops:
