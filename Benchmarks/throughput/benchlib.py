@@ -24,7 +24,13 @@ import sys
 import time
 
 MODES = ["host-gw", "kernel-vxlan", "tunneld-udp", "tunneld-udp-simple"]
-REFERENCES = [("host-gw", "hg"), ("kernel-vxlan", "vx")]
+# (reference mode, short name in the table, modes whose cells show that ratio)
+REFERENCES = [
+    ("host-gw", "hg", None),
+    ("kernel-vxlan", "vx", None),
+    # the batched data path against the one-packet-per-syscall (flannel-like) one
+    ("tunneld-udp-simple", "sm", ("tunneld-udp",)),
+]
 ROLES = ["host1", "host2", "ctr1", "ctr2"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -590,19 +596,29 @@ def summarize(samples, modes_run, quiet_only):
             }
         for mode in modes_run:
             entry = per_mode[mode]
-            for ref, short in REFERENCES:
+            for ref, _, _ in REFERENCES:
                 entry[f"vs_{ref.replace('-', '_')}"] = ratio(
                     entry["median"], per_mode.get(ref, {}).get("median"))
         table[key] = {"label": label, "unit": unit, "scale": scale, "modes": per_mode}
-    # where packets were dropped: median per site over the usable samples
-    sites = {}
+    # where packets were dropped: per site, over all usable measurements of a
+    # mode and test (a measurement without the counter counts as 0)
+    runs = {}
     for s in usable:
-        for site, value in (s.get("drop_sites") or {}).items():
-            sites.setdefault((s["mode"], s["test"]), {}).setdefault(site, []).append(value)
+        runs.setdefault((s["mode"], s["test"]), []).append(s.get("drop_sites") or {})
     drop_sites = {}
-    for (mode, test), by_site in sorted(sites.items()):
-        drop_sites.setdefault(mode, {})[test] = {
-            site: statistics.median(v) for site, v in sorted(by_site.items())}
+    for (mode, test), measured in sorted(runs.items()):
+        names = sorted({site for m in measured for site in m})
+        if not names:
+            continue
+        drop_sites.setdefault(mode, {})[test] = {}
+        for site in names:
+            values = [m.get(site, 0) for m in measured]
+            drop_sites[mode][test][site] = {
+                "median": statistics.median(values),
+                "max": max(values),
+                "nonzero": sum(1 for v in values if v),
+                "n": len(values),
+            }
     busy = {}
     for mode in modes_run:
         values = [s["idle"]["busy_pct"] for s in samples if s["mode"] == mode and s.get("idle")]
@@ -634,8 +650,10 @@ def render_table(summary, modes_run, meta):
                 cells.append("–")
                 continue
             parts = []
-            for ref, short in REFERENCES:
+            for ref, short, shown_for in REFERENCES:
                 if ref == mode or ref not in modes_run or row["modes"][ref]["median"] is None:
+                    continue
+                if shown_for is not None and mode not in shown_for:
                     continue
                 r = e[f"vs_{ref.replace('-', '_')}"]
                 parts.append(f"{short} {fmt_ratio(r)}")
@@ -657,9 +675,15 @@ def render_drop_sites(summary):
     for mode, tests in summary["drop_sites"].items():
         for test, sites in tests.items():
             # RcvbufErrors are counted in InErrors too: show InErrors only when it adds something
-            items = [f"{site} {fmt(v)}" for site, v in sites.items() if v and not (
-                site.endswith("/InErrors")
-                and sites.get(site[:-len("InErrors")] + "RcvbufErrors") == v)]
+            items = []
+            for site, v in sites.items():
+                twin = sites.get(site[:-len("InErrors")] + "RcvbufErrors") if site.endswith("/InErrors") else None
+                if v["max"] == 0 or (twin is not None and twin == v):
+                    continue
+                text = f"{site} {fmt(v['median'])}"
+                if v["nonzero"] < v["n"]:
+                    text += f" (nonzero in {v['nonzero']} of {v['n']}, max {fmt(v['max'])})"
+                items.append(text)
             if items:
                 out.append(f"- {mode} / {test}: " + "; ".join(items))
     return "\n".join(out)
@@ -674,6 +698,7 @@ def render_report(meta, modes, summary, modes_run, interrupted):
         f"{s.get('load_duration')} s (UDP 64 B at {s.get('udp_rate')} pkt/s, TCP at "
         f"{s.get('tcp_rate_mbit')} Mbit/s) · {s.get('pings')} pings every {s.get('ping_interval')} s"
         + (" · smoke" if s.get("smoke") else "")
+        + (f" · tunneld run … {s['tunneld_args']}" if s.get("tunneld_args") else "")
         + (" · quiet rounds only" if summary["quiet_only"] else ""),
     ]
     if interrupted:
@@ -682,11 +707,13 @@ def render_report(meta, modes, summary, modes_run, interrupted):
         if info["status"] != "ok":
             head.append(f"- {mode}: {info['status']} — {info['reason']}")
     text = "\n".join(head) + "\n\n" + render_table(summary, modes_run, meta) + "\n"
-    text += ("\nCells: median over rounds; (hg x, vx y) = ratio to host-gw, to kernel-vxlan "
+    text += ("\nCells: median over rounds; (hg x, vx y, sm z) = ratio to host-gw, to kernel-vxlan, "
+             "and (tunneld-udp only) to tunneld-udp-simple "
              "(for throughput higher is better, for latency/CPU/drops lower is better).\n")
     drops = render_drop_sites(summary)
     if drops:
-        text += "\nWhere packets were dropped (median per measurement, nonzero counters):\n\n" + drops + "\n"
+        text += ("\nWhere packets were dropped (counters that moved; median over the rounds, "
+                 "a round without the counter counting as 0):\n\n" + drops + "\n")
     return text
 
 

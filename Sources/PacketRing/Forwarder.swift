@@ -40,8 +40,12 @@ public struct Forwarder: Sendable {
         case drop
     }
 
+    /// What to do with the packet of `length` bytes at `p` (room: `capacity`)
+    /// read from the TUN; a packet sent on has its TTL decremented in place.
+    /// Public (with `fromNetwork`) for the micro-benchmarks in
+    /// Benchmarks/Micro; the loops of this module inline both.
     @inline(__always)
-    func fromTun(_ p: UnsafeMutableRawPointer, length: Int, capacity: Int, stats: Statistics) -> TunAction {
+    public func fromTun(_ p: UnsafeMutableRawPointer, length: Int, capacity: Int, stats: Statistics) -> TunAction {
         stats.add(.tunPacketsRead)
         // The kernel built this packet; anything odd (IPv6 control traffic on
         // the device) is simply not ours to carry.
@@ -82,7 +86,7 @@ public struct Forwarder: Sendable {
     /// the backend port they listen on, so a datagram from another port of
     /// the right host is not the peer's either.
     @inline(__always)
-    func fromNetwork(_ p: UnsafeRawPointer, length: Int, sender: UInt32, senderPort: UInt16,
+    public func fromNetwork(_ p: UnsafeRawPointer, length: Int, sender: UInt32, senderPort: UInt16,
                      stats: Statistics) -> Int? {
         stats.add(.udpDatagramsReceived)
         let total: Int
