@@ -7,46 +7,46 @@
 public enum IPv4Header {
     public static let minimumLength = 20
 
-    @inline(__always)
+    @inlinable @inline(__always)
     public static func load16(_ p: UnsafeRawPointer, _ offset: Int) -> UInt16 {
         UInt16(p.load(fromByteOffset: offset, as: UInt8.self)) << 8
             | UInt16(p.load(fromByteOffset: offset + 1, as: UInt8.self))
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     public static func store16(_ p: UnsafeMutableRawPointer, _ offset: Int, _ v: UInt16) {
         p.storeBytes(of: UInt8(v >> 8), toByteOffset: offset, as: UInt8.self)
         p.storeBytes(of: UInt8(truncatingIfNeeded: v), toByteOffset: offset + 1, as: UInt8.self)
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     public static func load32(_ p: UnsafeRawPointer, _ offset: Int) -> UInt32 {
         UInt32(load16(p, offset)) << 16 | UInt32(load16(p, offset + 2))
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     public static func store32(_ p: UnsafeMutableRawPointer, _ offset: Int, _ v: UInt32) {
         store16(p, offset, UInt16(v >> 16))
         store16(p, offset + 2, UInt16(truncatingIfNeeded: v))
     }
 
-    @inline(__always) public static func source(_ p: UnsafeRawPointer) -> UInt32 { load32(p, 12) }
-    @inline(__always) public static func destination(_ p: UnsafeRawPointer) -> UInt32 { load32(p, 16) }
-    @inline(__always) public static func ttl(_ p: UnsafeRawPointer) -> UInt8 { p.load(fromByteOffset: 8, as: UInt8.self) }
-    @inline(__always) public static func proto(_ p: UnsafeRawPointer) -> UInt8 { p.load(fromByteOffset: 9, as: UInt8.self) }
-    @inline(__always) public static func headerLength(_ p: UnsafeRawPointer) -> Int {
+    @inlinable @inline(__always) public static func source(_ p: UnsafeRawPointer) -> UInt32 { load32(p, 12) }
+    @inlinable @inline(__always) public static func destination(_ p: UnsafeRawPointer) -> UInt32 { load32(p, 16) }
+    @inlinable @inline(__always) public static func ttl(_ p: UnsafeRawPointer) -> UInt8 { p.load(fromByteOffset: 8, as: UInt8.self) }
+    @inlinable @inline(__always) public static func proto(_ p: UnsafeRawPointer) -> UInt8 { p.load(fromByteOffset: 9, as: UInt8.self) }
+    @inlinable @inline(__always) public static func headerLength(_ p: UnsafeRawPointer) -> Int {
         Int(p.load(fromByteOffset: 0, as: UInt8.self) & 0x0f) * 4
     }
-    @inline(__always) public static func totalLength(_ p: UnsafeRawPointer) -> Int { Int(load16(p, 2)) }
+    @inlinable @inline(__always) public static func totalLength(_ p: UnsafeRawPointer) -> Int { Int(load16(p, 2)) }
     /// Fragment offset in 8-byte units (0 for the first or only fragment).
-    @inline(__always) public static func fragmentOffset(_ p: UnsafeRawPointer) -> Int { Int(load16(p, 6) & 0x1fff) }
+    @inlinable @inline(__always) public static func fragmentOffset(_ p: UnsafeRawPointer) -> Int { Int(load16(p, 6) & 0x1fff) }
 
     /// Checks that `length` bytes at `p` hold a well-formed IPv4 packet: long
     /// enough, version 4, a header length of at least 20 bytes that fits, a
     /// total length between the header length and `length`, and a correct
     /// header checksum. On success returns the packet's total length (which
     /// may be shorter than `length` when the datagram carries padding).
-    @inline(__always)
+    @inlinable @inline(__always)
     public static func validate(_ p: UnsafeRawPointer, length: Int) -> Result<Int, PacketDefect> {
         guard length >= minimumLength else { return .failure(.tooShort) }
         let first = p.load(fromByteOffset: 0, as: UInt8.self)
@@ -61,7 +61,7 @@ public enum IPv4Header {
 
     /// The Internet checksum (RFC 1071) of `count` bytes; 0 over a header
     /// that includes a correct checksum field.
-    @inline(__always)
+    @inlinable @inline(__always)
     public static func checksum(_ p: UnsafeRawPointer, count: Int, initial: UInt32 = 0) -> UInt16 {
         var sum = initial
         var i = 0
@@ -75,6 +75,7 @@ public enum IPv4Header {
     }
 
     /// Recomputes the header checksum from scratch.
+    @inlinable
     public static func updateChecksum(_ p: UnsafeMutableRawPointer) {
         store16(p, 10, 0)
         store16(p, 10, checksum(p, count: headerLength(p)))
@@ -84,7 +85,7 @@ public enum IPv4Header {
     /// incrementally (RFC 1624): the 16-bit word holding TTL drops by 0x0100,
     /// so the one's-complement checksum rises by 0x0100 with end-around carry.
     /// The caller has checked that TTL > 1.
-    @inline(__always)
+    @inlinable @inline(__always)
     public static func decrementTTL(_ p: UnsafeMutableRawPointer) {
         p.storeBytes(of: ttl(p) &- 1, toByteOffset: 8, as: UInt8.self)
         var sum = UInt32(load16(p, 10)) &+ 0x0100
@@ -94,6 +95,7 @@ public enum IPv4Header {
 }
 
 /// Why a packet was not forwarded. Each has its own counter.
+@frozen
 public enum PacketDefect: Int, Error, Sendable, CaseIterable, CustomStringConvertible {
     case tooShort
     case notIPv4

@@ -11,6 +11,7 @@
 #include <sys/socket.h>
 #include <sys/eventfd.h>
 #include <poll.h>
+#include <sys/prctl.h>
 #include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/udp.h>
@@ -54,6 +55,9 @@ static const unsigned int ctunnel_TUN_F_USO6 = TUN_F_USO6;
 static inline int ctunnel_ioctl_value(int fd, unsigned long request, unsigned long value) {
     return ioctl(fd, request, value);
 }
+
+// ---- threads: prctl is variadic, and pthread_setname_np needs _GNU_SOURCE ----
+static inline int ctunnel_set_thread_name(const char *name) { return prctl(PR_SET_NAME, name, 0, 0, 0); }
 
 // ---- ifreq helpers: the union members are awkward from Swift ----
 static inline void ctunnel_ifreq_set_name(struct ifreq *ifr, const char *name) {
