@@ -11,9 +11,10 @@ import NetBase
 
     func node(_ n: Int) -> LeaseAttributes { LeaseAttributes(publicIP: IPv4Address(198, 18, 0, UInt8(n))) }
 
-    /// Collects `count` events from a watch, failing after `timeout`.
+    /// Collects `count` events from a watch, failing after `timeout` (a
+    /// guard against hanging, generous for a loaded machine).
     func collect(_ stream: AsyncThrowingStream<LeaseEvent, any Error>, count: Int,
-                 timeout: Duration = .seconds(3)) async throws -> [LeaseEvent] {
+                 timeout: Duration = .seconds(30)) async throws -> [LeaseEvent] {
         try await withThrowingTaskGroup(of: [LeaseEvent]?.self) { group in
             group.addTask {
                 var events: [LeaseEvent] = []
@@ -202,9 +203,12 @@ import NetBase
 
     @Test func expiredLeaseIsRemovedWithADeleteEvent() async throws {
         try await withTemporaryDirectory { dir in
-            let store = try LocalLeaseStore(directory: dir, leaseTTL: .seconds(1))
+            let clock = TestClock()
+            let store = try LocalLeaseStore(directory: dir, leaseTTL: .seconds(1), compactionKeep: 1000,
+                                            logger: Logger(label: "test"), clock: { clock.now })
             let c = try await store.setNetworkConfig(json: Self.smallNetwork)
             let lease = try await store.acquireLease(config: c, attributes: node(1), preferred: nil)
+            clock.advance(milliseconds: 1100)
 
             // Only a watcher is running: its poll must notice the expiry.
             let events = try await collect(store.watchLeases(after: lease.revision), count: 1)
