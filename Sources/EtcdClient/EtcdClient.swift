@@ -222,10 +222,28 @@ public final class EtcdClient: Sendable {
         -> EtcdCreateResult
     {
         var compare = Etcdserverpb_Compare()
-        compare.key = Data(key.utf8)
         compare.target = .create
-        compare.result = .equal
         compare.createRevision = 0
+        let operation = "Txn create-if-absent \(key)"
+        let response = try await putIf(compare, key: key, value: value, lease: lease, operation: operation)
+        if response.succeeded { return .created(revision: response.header.revision) }
+        guard case .responseRange(let found)? = response.responses.first?.response,
+              let existing = found.kvs.first else {
+            // The transaction is atomic: a failed compare means the key existed
+            // when the Range ran.
+            throw EtcdError(.protocolViolation, operation: operation, endpoints: endpoints,
+                            reason: "the compare failed but the key was not returned")
+        }
+        return .exists(EtcdKeyValue(existing))
+    }
+
+    /// One transaction: `If(compare == on key) Then(Put key) Else(Range key)`,
+    /// so a loser learns at once what the key holds.
+    private func putIf(_ compare: Etcdserverpb_Compare, key: String, value: [UInt8], lease: Int64,
+                       operation: String) async throws(EtcdError) -> Etcdserverpb_TxnResponse {
+        var compare = compare
+        compare.key = Data(key.utf8)
+        compare.result = .equal
         var put = Etcdserverpb_PutRequest()
         put.key = Data(key.utf8)
         put.value = Data(value)
@@ -236,19 +254,9 @@ public final class EtcdClient: Sendable {
         request.compare = [compare]
         request.success = [.with { $0.requestPut = put }]
         request.failure = [.with { $0.requestRange = get }]
-        let operation = "Txn create-if-absent \(key)"
-        let response = try await perform(operation) { [request] metadata, options in
+        return try await perform(operation) { [request] metadata, options in
             try await self.kv.txn(request, metadata: metadata, options: options)
         }
-        if response.succeeded { return .created(revision: response.header.revision) }
-        guard case .responseRange(let found)? = response.responses.first?.response,
-              let existing = found.kvs.first else {
-            // The transaction is atomic: a failed compare means the key existed
-            // when the Range ran.
-            throw EtcdError(.protocolViolation, operation: operation, endpoints: endpoints,
-                            reason: "the compare failed but the key was not returned")
-        }
-        return .exists(EtcdKeyValue(existing))
     }
 
     public func createIfAbsent(_ key: String, value: String, lease: Int64 = 0) async throws(EtcdError)
@@ -266,23 +274,10 @@ public final class EtcdClient: Sendable {
         async throws(EtcdError) -> EtcdSwapResult
     {
         var compare = Etcdserverpb_Compare()
-        compare.key = Data(key.utf8)
         compare.target = .mod
-        compare.result = .equal
         compare.modRevision = modRevision
-        var put = Etcdserverpb_PutRequest()
-        put.key = Data(key.utf8)
-        put.value = Data(value)
-        put.lease = lease
-        var get = Etcdserverpb_RangeRequest()
-        get.key = Data(key.utf8)
-        var request = Etcdserverpb_TxnRequest()
-        request.compare = [compare]
-        request.success = [.with { $0.requestPut = put }]
-        request.failure = [.with { $0.requestRange = get }]
-        let response = try await perform("Txn compare-and-put \(key)@\(modRevision)") { [request] metadata, options in
-            try await self.kv.txn(request, metadata: metadata, options: options)
-        }
+        let response = try await putIf(compare, key: key, value: value, lease: lease,
+                                       operation: "Txn compare-and-put \(key)@\(modRevision)")
         if response.succeeded { return .written(revision: response.header.revision) }
         guard case .responseRange(let found)? = response.responses.first?.response else {
             return .changed(current: nil)
