@@ -47,21 +47,23 @@ final class Daemon: Service, Sendable {
 
         let table = try SubnetTable(network: config.network, subnetLength: config.subnetLen)
         try table.set(lease.subnet, to: .local)
-        let socket = try UDPSocket(port: config.backend.port)
-        let tun = try TunDevice.create(name: options.device)
-        try tun.configure(address: lease.subnet.address, prefixLength: 32, mtu: mtu,
-                          routes: [config.network], using: routeSocket)
-        logger.info("device \(options.device) up: \(lease.subnet.address)/32 MTU \(mtu), route \(config.network) dev \(options.device)")
-
         let forwarder = Forwarder(table: table, tunAddress: lease.subnet.address,
                                   acceptUnknownPeers: options.acceptUnknownPeers)
-        let loopConfiguration = LoopConfiguration(depth: options.queueDepth, mtu: mtu)
-        let loop: any DataPathLoop = switch options.datapath {
-        case .uring: try URingLoop(forwarder: forwarder, tunFD: tun.fd.rawValue,
-                                   udpFD: socket.fd.rawValue, configuration: loopConfiguration)
-        case .simple: try SyscallLoop(forwarder: forwarder, tunFD: tun.fd.rawValue,
-                                      udpFD: socket.fd.rawValue, configuration: loopConfiguration)
+        let dataPath = try UDPDataPath(
+            settings: .init(device: options.device, port: config.backend.port, mtu: mtu, datapath: options.datapath,
+                            offload: options.offload, workers: options.effectiveWorkers, queueDepth: options.queueDepth),
+            forwarder: forwarder, routeSocket: routeSocket)
+        let tun = dataPath.tun
+        do {
+            try tun.configure(address: lease.subnet.address, prefixLength: 32, mtu: mtu,
+                              routes: [config.network], using: routeSocket)
+        } catch {
+            tun.close()
+            dataPath.closeSockets()
+            throw error
         }
+        logger.info("device \(options.device) up: \(lease.subnet.address)/32 MTU \(mtu), route \(config.network) dev \(options.device)")
+        logger.info("\(dataPath.summary)")
 
         let peers = PeerSync(store: store, table: table, holder: holder, port: config.backend.port,
                              config: config, attributes: attributes, logger: logger,
@@ -90,22 +92,22 @@ final class Daemon: Service, Sendable {
         defer { health?.stop() }
         if let health { logger.info("health endpoint: http://\(health.endpoint)/healthz") }
 
-        let worker = DataPathThread(loop: loop, name: "tunneld-dp")
-        logger.info("tunneld ready: \(options.datapath.rawValue) data path on udp port \(config.backend.port), \(table.allRoutes.count - 1) peer(s); wrote \(options.subnetFile)")
+        let workers = dataPath.start()
+        logger.info("tunneld ready: \(dataPath.loops.count) data-path worker(s) on udp port \(config.backend.port), \(table.allRoutes.count - 1) peer(s); wrote \(options.subnetFile)")
         notifySystemd("READY=1")
 
         let margin = Duration.seconds(options.subnetLeaseRenewMargin * 60)
         do {
             try await withTaskCancellationOrGracefulShutdownHandler {
                 try await withThrowingTaskGroup(of: Void.self) { group in
-                    group.addTask { try await worker.wait() }
+                    for worker in workers { group.addTask { try await worker.wait() } }
                     group.addTask { await peers.watch(from: revision) }
                     group.addTask { await peers.renew(margin: margin) }
                     group.addTask { [logger] in
                         // A periodic look at the data path's counters.
                         while !Task.isCancelled {
                             try? await Task.sleep(for: .seconds(60))
-                            logger.debug("data path: \(loop.statistics.summary)")
+                            logger.debug("data path: \(Statistics.summary(of: dataPath.statistics))")
                         }
                     }
                     // The data path ends only on shutdown or a fatal error;
@@ -114,16 +116,16 @@ final class Daemon: Service, Sendable {
                     try await group.next()
                 }
             } onCancelOrGracefulShutdown: {
-                worker.stop()
+                for worker in workers { worker.stop() }
             }
         } catch {
             logger.error("data path stopped: \(error)")
             cleanUp(tun: tun, routeSocket: routeSocket, network: config.network, masquerade: masquerade)
             throw error
         }
-        logger.info("stopping; data path counters: \(loop.statistics.summary)")
+        logger.info("stopping; data path counters: \(Statistics.summary(of: dataPath.statistics))")
         cleanUp(tun: tun, routeSocket: routeSocket, network: config.network, masquerade: masquerade)
-        socket.close()
+        dataPath.closeSockets()
         if options.releaseOnExit {
             do {
                 try await store.releaseLease(holder.lease)
