@@ -23,13 +23,13 @@ import statistics
 import sys
 import time
 
-MODES = ["host-gw", "kernel-vxlan", "tunneld-udp", "tunneld-udp-simple"]
+MODES = ["host-gw", "kernel-vxlan", "tunneld-udp", "tunneld-udp-nooffload", "tunneld-udp-simple"]
 # (reference mode, short name in the table, modes whose cells show that ratio)
 REFERENCES = [
     ("host-gw", "hg", None),
     ("kernel-vxlan", "vx", None),
     # the batched data path against the one-packet-per-syscall (flannel-like) one
-    ("tunneld-udp-simple", "sm", ("tunneld-udp",)),
+    ("tunneld-udp-simple", "sm", ("tunneld-udp", "tunneld-udp-nooffload")),
 ]
 ROLES = ["host1", "host2", "ctr1", "ctr2"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -708,7 +708,7 @@ def render_report(meta, modes, summary, modes_run, interrupted):
             head.append(f"- {mode}: {info['status']} — {info['reason']}")
     text = "\n".join(head) + "\n\n" + render_table(summary, modes_run, meta) + "\n"
     text += ("\nCells: median over rounds; (hg x, vx y, sm z) = ratio to host-gw, to kernel-vxlan, "
-             "and (tunneld-udp only) to tunneld-udp-simple "
+             "and (tunneld-udp modes only) to tunneld-udp-simple "
              "(for throughput higher is better, for latency/CPU/drops lower is better).\n")
     drops = render_drop_sites(summary)
     if drops:

@@ -21,6 +21,10 @@ public struct CoalescingPlan: ~Copyable {
     /// Open flows tracked at once; when full, the oldest open group is closed.
     public static let flowTableSize = 8
 
+    /// Segments merged into one write at most, like Linux GRO; it also keeps a write's gather
+    /// list far below `IOV_MAX` (1024) when segments are tiny.
+    public static let maxSegmentsPerWrite = 64
+
     @unsafe
     struct PacketSlot {
         var base: UnsafeMutableRawPointer?
@@ -288,6 +292,7 @@ public struct CoalescingPlan: ~Copyable {
               segment.sequence == group.nextSequence,
               segment.payload > 0, segment.payload <= group.segmentSize,
               group.totalLength + segment.payload <= IPv4.maximumLength,
+              group.count < Self.maxSegmentsPerWrite,
               let first = unsafe packets[group.first].base
         else { return false }
         // Same TOS, TTL, DF and reserved bit; same ack, window, data offset and option bytes.

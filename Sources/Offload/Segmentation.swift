@@ -15,6 +15,25 @@ public struct SegmentedPacket: Equatable, Sendable {
     }
 }
 
+extension SegmentedPacket {
+    /// The most bytes one IPv4 UDP send may carry (65535 − 20 − 8): Linux refuses a bigger
+    /// `UDP_SEGMENT` send with EMSGSIZE, and a 64 KiB TSO packet split into full IPv4 packets
+    /// grows past it (every segment repeats the headers). Checked on kernel 6.18.
+    public static let maxUDPPayload = 65507
+
+    /// The most segments one `UDP_SEGMENT` send may carry on every kernel (`UDP_MAX_SEGMENTS`
+    /// is 64 on older kernels; 6.18 here takes 128 and refuses 129 with EINVAL).
+    public static let maxSegmentsPerSend = 64
+
+    /// How many segments each `sendmsg` may carry so that it stays within `maxBytes` and
+    /// `maxSegments`: send `i` starts at byte `i * perSend * segmentLength`. At least 1.
+    @inlinable
+    public func segmentsPerSend(maxBytes: Int = maxUDPPayload, maxSegments: Int = maxSegmentsPerSend) -> Int {
+        guard segmentLength > 0 else { return 1 }
+        return max(1, min(maxSegments, maxBytes / segmentLength, count))
+    }
+}
+
 /// Turns what a TUN with `IFF_VNET_HDR` hands us into real IPv4 packets (the flannel wire
 /// format carries complete packets only, and a flannel peer has no checksum offload to lean on).
 public enum Segmentation {

@@ -103,6 +103,10 @@ public final class UDPSocket: Sendable {
     /// UDP_MAX_SEGMENTS: 64 before Linux 6.9, 128 since; 64 is safe on both).
     public static let maxSegmentsPerSend = 64
 
+    /// The most payload bytes one send may carry, GSO or not: the whole
+    /// must fit in one IPv4 packet's length field (65535 − 20 − 8).
+    public static let maxBytesPerSend = 65507
+
     /// The address and port the socket is bound to.
     public var localEndpoint: UDPEndpoint {
         var sa = sockaddr_in()

@@ -51,7 +51,8 @@ final class Daemon: Service, Sendable {
                                   acceptUnknownPeers: options.acceptUnknownPeers)
         let dataPath = try UDPDataPath(
             settings: .init(device: options.device, port: config.backend.port, mtu: mtu, datapath: options.datapath,
-                            offload: options.offload, workers: options.effectiveWorkers, queueDepth: options.queueDepth),
+                            offload: options.offload, workers: options.effectiveWorkers, queueDepth: options.queueDepth,
+                            busyPollMicroseconds: options.busyPoll),
             forwarder: forwarder, routeSocket: routeSocket)
         let tun = dataPath.tun
         do {

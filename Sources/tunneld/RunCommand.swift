@@ -62,6 +62,10 @@ struct Run: AsyncParsableCommand {
                                valueName: "n"))
     var workers: Int?
 
+    @Option(help: ArgumentHelp("After moving packets, the io_uring data path looks for more for up to this many microseconds before sleeping: lower latency for request/response traffic, no cost when idle; 0 = off.",
+                               valueName: "µs"))
+    var busyPoll: Int = 0
+
     /// --workers, or one per online core up to 4.
     var effectiveWorkers: Int {
         if let workers { return workers }
@@ -93,6 +97,9 @@ struct Run: AsyncParsableCommand {
         }
         if let workers, !(1...64).contains(workers) {
             throw ValidationError("--workers must be between 1 and 64, not \(workers)")
+        }
+        guard (0...10_000).contains(busyPoll) else {
+            throw ValidationError("--busy-poll must be between 0 (off) and 10000 microseconds, not \(busyPoll)")
         }
         guard (1...4096).contains(queueDepth) else {
             throw ValidationError("--queue-depth must be between 1 and 4096, not \(queueDepth)")

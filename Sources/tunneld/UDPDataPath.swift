@@ -32,6 +32,7 @@ final class UDPDataPath: Sendable {
         var offload: OffloadMode
         var workers: Int
         var queueDepth: Int
+        var busyPollMicroseconds: Int
     }
 
     /// Creates the device and the sockets; `configure` the device afterwards.
@@ -69,6 +70,14 @@ final class UDPDataPath: Sendable {
             tunOffloads = tun.enableOffloads()
             if !tunOffloads.contains(.tso4) {
                 notes.append("the kernel refused TSO on the TUN (got \(tunOffloads)): packets are read one by one")
+            } else if let index = try? routeSocket.linkIndex(named: tun.name) {
+                // A super-packet whose segments fit in one UDP_SEGMENT send:
+                // its datagrams (each at most the MTU) must total 65507 bytes
+                // or less, or it takes two sends, two receives and two writes.
+                let bytes = UDPDataPath.superPacketLimit(mtu: settings.mtu)
+                do { try routeSocket.setGSOMaxSize(index: index, bytes: bytes) } catch {
+                    notes.append("could not limit super-packets to \(bytes) bytes (\(error)): some take two sends")
+                }
             }
         }
         do {
@@ -103,6 +112,7 @@ final class UDPDataPath: Sendable {
                                     receiveCoalescing: receiveCoalescing)
         var configuration = LoopConfiguration(depth: settings.queueDepth, mtu: settings.mtu, offloads: offloads)
         configuration.maxSegments = 256
+        configuration.busyPollMicroseconds = settings.busyPollMicroseconds
 
         var loops: [any DataPathLoop] = []
         do {
@@ -129,6 +139,16 @@ final class UDPDataPath: Sendable {
     }
 
     var statistics: [Statistics] { loops.map(\.statistics) }
+
+    /// The largest TSO super-packet whose segments fit in one UDP_SEGMENT
+    /// send, for headers of up to 60 bytes (IPv4 20 + TCP with 40 bytes of
+    /// options): n segments of at most `mtu` bytes, n ≤ 64 and n·mtu ≤ 65507.
+    static func superPacketLimit(mtu: Int) -> Int {
+        let header = 60
+        guard mtu > header else { return 65536 }
+        let segments = max(1, min(UDPSocket.maxSegmentsPerSend, UDPSocket.maxBytesPerSend / mtu))
+        return min(65536, header + segments * (mtu - header))
+    }
 
     /// Starts one named thread per loop.
     func start() -> [DataPathThread] {

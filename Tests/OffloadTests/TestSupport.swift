@@ -220,3 +220,21 @@ func segments(of output: [UInt8], _ s: SegmentedPacket) -> [[UInt8]] {
         Array(output[$0..<min($0 + s.segmentLength, s.totalLength)])
     }
 }
+
+/// nil when equal, else a short account of where the bytes differ. (`#expect(a == b)` on
+/// whole packets makes Swift Testing diff them element by element on failure, which takes
+/// minutes for 64 KiB buffers.)
+func mismatch(_ a: [UInt8], _ b: [UInt8]) -> String? {
+    if a == b { return nil }
+    var i = 0
+    while i < min(a.count, b.count), a[i] == b[i] { i += 1 }
+    return "lengths \(a.count) and \(b.count), first difference at byte \(i)"
+}
+
+func mismatch(_ a: [[UInt8]], _ b: [[UInt8]]) -> String? {
+    if a.count != b.count { return "\(a.count) packets, expected \(b.count)" }
+    for (i, (x, y)) in zip(a, b).enumerated() {
+        if let m = mismatch(x, y) { return "packet \(i): \(m)" }
+    }
+    return nil
+}

@@ -1,0 +1,89 @@
+import Foundation
+import Testing
+
+/// Sends random bytes over TCP from one container to another and compares
+/// SHA-256 digests of what was sent and what arrived.
+func transfer(_ lab: Lab, from: Int, to: Int, megabytes: Int) throws {
+    try transfer(lab, from: from, to: to, bytes: megabytes << 20)
+}
+
+func transfer(_ lab: Lab, from: Int, to: Int, bytes: Int, port: Int = 5201) throws {
+    let source = lab.directory.appendingPathComponent("payload-\(bytes).bin").path
+    let received = lab.directory.appendingPathComponent("received-\(bytes).bin").path
+    try run(["bash", "-c", "head -c \(bytes) /dev/urandom > \(source)"])
+    let target = try lab.containerIP(to)
+    let serverScript = """
+        import socket,sys
+        s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
+        s.bind(('0.0.0.0',int(sys.argv[2]))); s.listen(1); s.settimeout(60)
+        c,_=s.accept(); c.settimeout(60)
+        with open(sys.argv[1],'wb') as f:
+            while True:
+                b=c.recv(1<<16)
+                if not b: break
+                f.write(b)
+        """
+    let client = """
+        import socket,sys,time
+        for i in range(100):
+            try:
+                s=socket.create_connection((sys.argv[1],int(sys.argv[3])),timeout=60); break
+            except OSError: time.sleep(0.1)
+        with open(sys.argv[2],'rb') as f: s.sendall(f.read())
+        s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
+        """
+    let server = try Child(["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", serverScript, received,
+                            "\(port)"],
+                           output: lab.directory.appendingPathComponent("transfer-server.log").path)
+    defer { server.stop() }
+    try lab.exec("c\(from)", ["python3", "-c", client, target, source, "\(port)"], timeout: .seconds(90))
+    #expect(server.wait(timeout: .seconds(30)) == 0, "the receiving side did not finish cleanly")
+    let sent = try run(["sha256sum", source]).output.prefix(64)
+    let got = try run(["sha256sum", received]).output.prefix(64)
+    #expect(sent == got, "the \(bytes)-byte transfer from c\(from) to c\(to) arrived changed or incomplete")
+    try? FileManager.default.removeItem(atPath: source)
+    try? FileManager.default.removeItem(atPath: received)
+}
+
+/// Sends one UDP datagram of each size from container `from` to an echo
+/// server in container `to` and checks that each comes back byte-identical
+/// (a lost datagram is sent again, at most 5 times). Sizes past the MTU are
+/// fragmented by the sender and carried as fragments.
+func udpEcho(_ lab: Lab, from: Int, to: Int, sizes: [Int], port: Int = 5301) throws {
+    let target = try lab.containerIP(to)
+    let echo = """
+        import socket,sys
+        s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('0.0.0.0',int(sys.argv[1]))); s.settimeout(60)
+        while True:
+            b,peer=s.recvfrom(70000)
+            if b==b'stop': break
+            s.sendto(b,peer)
+        """
+    let client = """
+        import os,socket,sys
+        target,port=sys.argv[1],int(sys.argv[2])
+        s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(1)
+        bad=[]
+        for size in map(int,sys.argv[3:]):
+            data=os.urandom(size)
+            for attempt in range(5):
+                s.sendto(data,(target,port))
+                try:
+                    back=s.recv(70000)
+                except socket.timeout:
+                    continue
+                if back==data: break
+                bad.append('%d:changed' % size); break
+            else:
+                bad.append('%d:lost' % size)
+        s.sendto(b'stop',(target,port))
+        print('bad', ' '.join(bad)) if bad else print('all echoed')
+        """
+    let server = try Child(["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", echo, "\(port)"],
+                           output: lab.directory.appendingPathComponent("echo-server.log").path)
+    defer { server.stop() }
+    usleep(300_000)
+    let result = try lab.exec("c\(from)", ["python3", "-c", client, target, "\(port)"] + sizes.map(String.init),
+                              timeout: .seconds(120))
+    #expect(result.output.contains("all echoed"), "UDP from c\(from) to c\(to): \(result.output)")
+}
