@@ -217,7 +217,9 @@ public struct TunOffloads: OptionSet, Sendable, CustomStringConvertible {
         var flags: UInt32 = 0
         if contains(.checksum) { flags |= ctunnel_TUN_F_CSUM }
         if contains(.tso4) { flags |= ctunnel_TUN_F_TSO4 }
-        if contains(.uso4) { flags |= ctunnel_TUN_F_USO4 }
+        // The kernel takes USO only for both IP versions at once; IPv6
+        // packets are not ours to carry and are dropped either way.
+        if contains(.uso4) { flags |= ctunnel_TUN_F_USO4 | ctunnel_TUN_F_USO6 }
         return flags
     }
 
