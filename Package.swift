@@ -118,6 +118,13 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        .testTarget(
+            name: "BackendsTests",
+            dependencies: [
+                "Backends", "PeerControl", "Netlink", "LeaseStore", "NetBase", "NetTestSupport",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .testTarget(name: "EndToEndTests", dependencies: ["NetBase"]),
         .testTarget(name: "tunneldTests", dependencies: ["tunneld"]),
     ]
