@@ -187,6 +187,56 @@ struct KernelBackendTests {
         }
     }
 
+    /// Restarts hosts 1 and 2 after a new config, and waits until both are ready again.
+    func switchTo(_ lab: Lab, backend: String, readyCount: Int) throws {
+        let file = lab.directory.appendingPathComponent("flannel-config.json")
+        try backendConfig(backend).write(to: file, atomically: true, encoding: .utf8)
+        try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, file.path])
+        for host in ["h1", "h2"] {
+            try lab.lab("stop", host)
+            try lab.lab("start", host)
+        }
+        for host in ["h1", "h2"] {
+            #expect(lab.waitUntil { lab.log(host).components(separatedBy: "tunneld ready").count == readyCount + 1 },
+                    "\(lab.log(host))")
+        }
+    }
+
+    /// (vxlan → host-gw, the deployment's switch, is BackendSwitchTests' with etcd.)
+    @Test func switchingFromHostGatewayToUDPToVXLANLeavesNothingOfTheOldModes() throws {
+        try withLab(backend: #"{"Type":"host-gw"}"#) { lab in
+            try lab.addHost(1, command: command(lab, host: 1))
+            try lab.addHost(2, command: command(lab, host: 2))
+            let lease1 = try LabLease(lab, host: 1), lease2 = try LabLease(lab, host: 2)
+            #expect(try lab.waitUntil { try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via 198.18.0.2 dev eth0") })
+
+            // host-gw's routes would take the udp backend's traffic past the tunnel.
+            try switchTo(lab, backend: #"{"Type":"udp"}"#, readyCount: 2)
+            for (host, peer) in [(1, lease2), (2, lease1)] {
+                let routes = try lab.hostOutput(host, ["ip", "route"])
+                #expect(routes.contains("10.2.0.0/16 dev flannel0"), "\(routes)")
+                #expect(!routes.contains(peer.subnet), "host-gw's route to \(peer.subnet) is left: \(routes)")
+                #expect(lab.log("h\(host)").contains("removed route \(peer.subnet) via 198.18.0."), "\(lab.log("h\(host)"))")
+            }
+            #expect(try lab.subnetEnv(1)["FLANNEL_MTU"] == "1472")
+            let viaUDP = try lab.ping(from: 1, to: 2)
+            #expect(viaUDP.succeeded, "\(viaUDP.output)")
+
+            try switchTo(lab, backend: #"{"Type":"vxlan"}"#, readyCount: 3)
+            for (host, peer) in [(1, lease2), (2, lease1)] {
+                #expect(try lab.waitUntil {
+                    try lab.hostOutput(host, ["ip", "route", "show", peer.subnet]).contains("via \(peer.base) dev flannel.1 onlink")
+                }, "\(lab.log("h\(host)"))")
+                #expect(try !lab.hostOutput(host, ["ip", "-o", "link"]).contains("flannel0"))
+            }
+            #expect(try lab.subnetEnv(1)["FLANNEL_MTU"] == "1450")
+            let viaVXLAN = try lab.ping(from: 1, to: 2)
+            #expect(viaVXLAN.succeeded, "\(viaVXLAN.output)")
+            let back = try lab.ping(from: 2, to: 1)
+            #expect(back.succeeded, "\(back.output)")
+        }
+    }
+
     @Test func aBackendFlagThatDisagreesWithTheConfigStopsTheDaemonWithWhatToDo() throws {
         try withLab(backend: #"{"Type":"host-gw"}"#) { lab in
             let result = try lab.exec("u", command(lab, host: 1, extra: ["--backend", "vxlan"]), check: false)
