@@ -9,8 +9,8 @@ import Backends
 import ServiceLifecycle
 import Synchronization
 
-/// The running node: holds the lease, the TUN device and the data path, and
-/// keeps the subnet table in step with the store.
+/// The running node: composes the backend the config names (Backends) with
+/// the lease and peer bookkeeping (PeerControl); the steps live there.
 final class Daemon: Service, Sendable {
     let options: Run
     let store: any LeaseStore

@@ -44,20 +44,20 @@ struct Run: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Renew the lease this many minutes before it expires (1–1439).", valueName: "minutes"))
     var subnetLeaseRenewMargin: Int = 60
 
-    @Option(help: ArgumentHelp("Name of the TUN device.", valueName: "name"))
+    @Option(help: ArgumentHelp("Name of the udp backend's TUN device.", valueName: "name"))
     var device: String = "flannel0"
 
-    @Option(help: ArgumentHelp("Data path: uring (batched io_uring) or simple (one system call per packet, like flannel).",
+    @Option(help: ArgumentHelp("udp backend's data path: uring (batched io_uring) or simple (one system call per packet, like flannel).",
                                valueName: "uring|simple"))
     var datapath: DataPathKind = .uring
 
-    @Option(help: ArgumentHelp("Packets kept in flight per direction by the io_uring data path.", valueName: "n"))
+    @Option(help: ArgumentHelp("Packets kept in flight per direction by the udp backend's io_uring data path.", valueName: "n"))
     var queueDepth: Int = 64
 
-    @Flag(help: "Accept datagrams from any sender, as flannel does (default: only from the peer that owns the packet's source subnet).")
+    @Flag(help: "udp backend: accept datagrams from any sender, as flannel does (default: only from the peer that owns the packet's source subnet).")
     var acceptUnknownPeers = false
 
-    @Flag(help: "Release the lease on exit (default: keep it, so a restart gets the same subnet).")
+    @Flag(help: "Release the lease on exit and remove the backend's devices and routes: the host leaves the network (default: keep both, so a restart gets the same subnet and vxlan/host-gw traffic keeps flowing).")
     var releaseOnExit = false
 
     @Flag(help: "Masquerade traffic from the overlay network to the outside, as flanneld's -ip-masq (needs iptables).")
