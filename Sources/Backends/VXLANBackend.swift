@@ -28,6 +28,9 @@ public final class VXLANBackend: Backend {
     private let routes = Mutex<RouteKeeper?>(nil)
     /// What each peer got, so that an update or removal takes exactly that away.
     private let installed = Mutex<[IPv4Network: Entry]>([:])
+    /// Peer changes and the start-up sweep of stale entries take turns, so
+    /// that the sweep never removes the entry of a peer being added.
+    private let programming = Mutex<Void>(())
 
     enum Entry: Equatable {
         case tunnel(mac: EthernetAddress, remote: IPv4Address)
@@ -145,16 +148,20 @@ public final class VXLANBackend: Backend {
             return
         }
         let (index, routes) = (device.index, device.routes)
-        for change in changes {
-            switch change {
-            case .added(let lease):
-                add(lease, index: index, routes: routes)
-            case .updated(let old, let new):
-                remove(old, index: index, routes: routes, keepingRoute: true)
-                add(new, index: index, routes: routes)
-            case .removed(let lease):
-                remove(lease, index: index, routes: routes, keepingRoute: false)
-            }
+        programming.withLock { _ in
+            for change in changes { apply(change, index: index, routes: routes) }
+        }
+    }
+
+    private func apply(_ change: PeerChange, index: Int32, routes: RouteKeeper) {
+        switch change {
+        case .added(let lease):
+            add(lease, index: index, routes: routes)
+        case .updated(let old, let new):
+            remove(old, index: index, routes: routes, keepingRoute: true)
+            add(new, index: index, routes: routes)
+        case .removed(let lease):
+            remove(lease, index: index, routes: routes, keepingRoute: false)
         }
     }
 
@@ -200,7 +207,7 @@ public final class VXLANBackend: Backend {
     /// entries, routes), then checks the routes every `checkInterval`.
     public func run() async throws {
         let (index, _, routes) = try current()
-        removeStaleEntries(index: index)
+        programming.withLock { _ in removeStaleEntries(index: index) }
         routes.check()
         while !Task.isCancelled {
             try? await Task.sleep(for: checkInterval)

@@ -111,6 +111,47 @@ struct KernelBackendsTests {
         }
     }
 
+    @Test func aRestartRemovesTheEntriesOfPeersThatLeftMeanwhileAndKeepsTheOthers() async throws {
+        let ns = try TestNamespace()
+        defer { ns.remove() }
+        try ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+        try ns.ip("addr", "add", "198.18.0.1/24", "dev", "eth0")
+        try ns.ip("link", "set", "eth0", "up")
+        let socket = try ns.socket()
+        defer { socket.close() }
+        let link = try socket.link(named: "eth0")
+        let address = try #require(try socket.addresses().first { $0.index == link.index })
+        let stays = lease("10.2.7.0/24", "198.18.0.7", type: "vxlan", mac: "0e:00:00:00:00:07")
+        let leaves = lease("10.2.8.0/24", "198.18.0.8", type: "vxlan", mac: "0e:00:00:00:00:08")
+        // The first run knew both peers, and stopped keeping its state.
+        let before = try vxlan(socket, link, address)
+        _ = try before.leaseAttributes()
+        try before.activate(lease: lease("10.2.5.0/24", "198.18.0.1"))
+        before.apply([.added(stays), .added(leaves)])
+        before.cleanUp(releasing: false)
+        #expect(try ns.ip("route").contains("10.2.8.0/24 via 10.2.8.0 dev flannel.1 onlink"))
+
+        // The next run's list no longer has 10.2.8.0/24.
+        let after = try vxlan(socket, link, address)
+        _ = try after.leaseAttributes()
+        try after.activate(lease: lease("10.2.5.0/24", "198.18.0.1"))
+        after.apply([.added(stays)])
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await after.run() }
+            defer { group.cancelAll() }
+            let deadline = ContinuousClock.now + .seconds(5)
+            while ContinuousClock.now < deadline, try ns.ip("route").contains("10.2.8.0") {
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
+        let fdb = try command(["bridge", "-n", ns.name, "fdb", "show", "dev", "flannel.1"])
+        let neighbours = try ns.ip("neigh", "show", "dev", "flannel.1")
+        #expect(try !ns.ip("route").contains("10.2.8.0"))
+        #expect(!neighbours.contains("10.2.8.0") && !fdb.contains("0e:00:00:00:00:08"), "\(neighbours)\n\(fdb)")
+        #expect(try ns.ip("route").contains("10.2.7.0/24 via 10.2.7.0 dev flannel.1 onlink"))
+        #expect(neighbours.contains("10.2.7.0 lladdr 0e:00:00:00:00:07 PERMANENT") && fdb.contains("0e:00:00:00:00:07 dst 198.18.0.7"))
+    }
+
     @Test func directRoutingRoutesPeersOnOurSubnetWithoutTheTunnel() throws {
         try withUnderlay { ns, socket, link, address in
             let backend = try vxlan(socket, link, address, config: vxlanConfig(directRouting: true))
