@@ -1,3 +1,4 @@
+import Backends
 import EtcdClient
 import Foundation
 import LeaseStore
@@ -5,9 +6,7 @@ import Logging
 import NetBase
 import Netlink
 import PeerControl
-import Backends
 import ServiceLifecycle
-import Synchronization
 
 /// The running node: composes the backend the config names (Backends) with
 /// the lease and peer bookkeeping (PeerControl); the steps live there.

@@ -245,4 +245,13 @@ struct KernelBackendTests {
                     "\(result.output)")
         }
     }
+
+    @Test func aBackendTunneldDoesNotHaveStopsTheDaemonNamingTheOnesItHas() throws {
+        try withLab(backend: #"{"Type":"ipip"}"#) { lab in
+            let result = try lab.exec("u", command(lab, host: 1), check: false)
+            #expect(!result.succeeded)
+            #expect(result.output.contains(#"backend "ipip" is not supported by tunneld (udp, vxlan and host-gw are)"#),
+                    "\(result.output)")
+        }
+    }
 }
