@@ -40,10 +40,13 @@ let package = Package(
         .target(name: "Netlink", dependencies: ["NetBase", "CTunnel"]),
         .target(name: "TunDevice", dependencies: ["NetBase", "Netlink", "CTunnel"]),
         .target(name: "UDPEncap", dependencies: ["NetBase", "CTunnel"]),
+        // Offload logic on packet memory, no I/O: virtio_net_hdr, splitting
+        // TSO/USO super-packets, checksums, coalescing received TCP segments.
+        .target(name: "Offload"),
         .target(
             name: "PacketRing",
             dependencies: [
-                "NetBase", "UDPEncap", "CURing", "CTunnel",
+                "NetBase", "UDPEncap", "Offload", "CURing", "CTunnel",
                 .product(name: "Atomics", package: "swift-atomics"),
             ]
         ),
@@ -100,6 +103,7 @@ let package = Package(
         .testTarget(name: "NetlinkTests", dependencies: ["Netlink", "NetBase", "NetTestSupport"]),
         .testTarget(name: "TunDeviceTests", dependencies: ["TunDevice", "Netlink", "NetBase", "NetTestSupport"]),
         .testTarget(name: "UDPEncapTests", dependencies: ["UDPEncap", "NetBase", "NetTestSupport"]),
+        .testTarget(name: "OffloadTests", dependencies: ["Offload"]),
         .testTarget(name: "PacketRingTests", dependencies: ["PacketRing", "UDPEncap", "NetBase", "NetTestSupport"]),
         // Test helper shared by test targets: starts a throwaway etcd (EtcdServer).
         .target(name: "EtcdTestSupport", path: "Tests/EtcdTestSupport"),

@@ -22,13 +22,18 @@ public final class UDPBackend: Backend {
         public var loop: Loop
         public var queueDepth: Int
         public var acceptUnknownPeers: Bool
+        public var offload: OffloadMode
+        /// Data-path threads, each with its own TUN queue, socket and ring.
+        public var workers: Int
 
         public init(device: String = "flannel0", loop: Loop = .uring, queueDepth: Int = 64,
-                    acceptUnknownPeers: Bool = false) {
+                    acceptUnknownPeers: Bool = false, offload: OffloadMode = .auto, workers: Int = 1) {
             self.device = device
             self.loop = loop
             self.queueDepth = queueDepth
             self.acceptUnknownPeers = acceptUnknownPeers
+            self.offload = offload
+            self.workers = workers
         }
     }
 
@@ -41,12 +46,7 @@ public final class UDPBackend: Backend {
     let logger: Logger
     let table: SubnetTable
 
-    private struct DataPath {
-        var socket: UDPSocket
-        var tun: TunDevice
-        var loop: any DataPathLoop
-    }
-    private let dataPath = Mutex<DataPath?>(nil)
+    private let dataPath = Mutex<UDPDataPath?>(nil)
 
     public init(config: NetworkConfig, underlay: Link, publicIP: IPv4Address, options: Options,
                 routeSocket: RouteSocket, logger: Logger) throws {
@@ -66,21 +66,23 @@ public final class UDPBackend: Backend {
 
     public func activate(lease: Lease) throws {
         try table.set(lease.subnet, to: .local)
-        let socket = try UDPSocket(port: config.backend.port)
-        let tun = try TunDevice.create(name: options.device)
-        try tun.configure(address: lease.subnet.address, prefixLength: 32, mtu: mtu,
-                          routes: [config.network], using: routeSocket)
-        logger.info("device \(options.device) up: \(lease.subnet.address)/32 MTU \(mtu), route \(config.network) dev \(options.device)")
         let forwarder = Forwarder(table: table, tunAddress: lease.subnet.address,
                                   acceptUnknownPeers: options.acceptUnknownPeers)
-        let configuration = LoopConfiguration(depth: options.queueDepth, mtu: mtu)
-        let loop: any DataPathLoop = switch options.loop {
-        case .uring: try URingLoop(forwarder: forwarder, tunFD: tun.fd.rawValue,
-                                   udpFD: socket.fd.rawValue, configuration: configuration)
-        case .simple: try SyscallLoop(forwarder: forwarder, tunFD: tun.fd.rawValue,
-                                      udpFD: socket.fd.rawValue, configuration: configuration)
+        let path = try UDPDataPath(
+            settings: .init(device: options.device, port: config.backend.port, mtu: mtu, datapath: options.loop,
+                            offload: options.offload, workers: options.workers, queueDepth: options.queueDepth),
+            forwarder: forwarder, routeSocket: routeSocket)
+        do {
+            try path.tun.configure(address: lease.subnet.address, prefixLength: 32, mtu: mtu,
+                                   routes: [config.network], using: routeSocket)
+        } catch {
+            path.tun.close()
+            path.closeSockets()
+            throw error
         }
-        dataPath.withLock { $0 = DataPath(socket: socket, tun: tun, loop: loop) }
+        logger.info("device \(options.device) up: \(lease.subnet.address)/32 MTU \(mtu), route \(config.network) dev \(options.device)")
+        logger.info("\(path.summary)")
+        dataPath.withLock { $0 = path }
     }
 
     public func move(from old: Lease, to new: Lease) throws {
@@ -114,46 +116,46 @@ public final class UDPBackend: Backend {
         }
     }
 
-    /// Runs the packet loop on its own thread until cancelled (or until it
+    /// Runs the packet loops, one thread each, until cancelled (or until one
     /// fails: a vanished TUN device ends it with an error).
     public func run() async throws {
-        guard let loop = dataPath.withLock({ $0?.loop }) else {
+        guard let path = dataPath.withLock({ $0 }) else {
             throw BackendError("the udp backend was not activated before run()")
         }
-        let worker = DataPathThread(loop: loop, name: "tunneld-dp")
-        logger.info("\(options.loop.rawValue) data path on udp port \(config.backend.port), \(table.allRoutes.count - 1) peer(s)")
+        let workers = path.start()
+        logger.info("\(path.loops.count) data-path worker(s) on udp port \(config.backend.port), \(table.allRoutes.count - 1) peer(s)")
         try await withTaskCancellationHandler {
             try await withThrowingTaskGroup(of: Void.self) { group in
-                group.addTask { try await worker.wait() }
+                for worker in workers { group.addTask { try await worker.wait() } }
                 group.addTask { [logger] in
                     // A periodic look at the data path's counters.
                     while !Task.isCancelled {
                         try? await Task.sleep(for: .seconds(60))
-                        logger.debug("data path: \(loop.statistics.summary)")
+                        logger.debug("data path: \(Statistics.summary(of: path.statistics))")
                     }
                 }
                 defer { group.cancelAll() }
                 try await group.next()
             }
         } onCancel: {
-            worker.stop()
+            for worker in workers { worker.stop() }
         }
-        logger.info("data path stopped; counters: \(loop.statistics.summary)")
+        logger.info("data path stopped; counters: \(Statistics.summary(of: path.statistics))")
     }
 
     /// The TUN device (and its route) goes with the process in any case:
     /// packets cannot flow without the daemon.
     public func cleanUp(releasing: Bool) {
-        guard let path = dataPath.withLock({ current -> DataPath? in
+        guard let path = dataPath.withLock({ current -> UDPDataPath? in
             defer { current = nil }
             return current
         }) else { return }
-        path.loop.stop()
+        for loop in path.loops { loop.stop() }
         do { try path.tun.removeRoutes(using: routeSocket) } catch {
             logger.warning("could not remove route \(config.network) dev \(path.tun.name): \(error)")
         }
         path.tun.close()
-        path.socket.close()
+        path.closeSockets()
         logger.info("removed device \(path.tun.name) and route \(config.network)")
     }
 }

@@ -1,4 +1,5 @@
 import NetBase
+import Offload
 import UDPEncap
 
 /// The per-packet decisions of the udp backend, shared by every loop.
@@ -108,5 +109,102 @@ public struct Forwarder: Sendable {
             }
         }
         return total
+    }
+}
+
+// MARK: - Batches with offloads
+
+extension Forwarder {
+    /// Where the packets of one TUN read go, once split.
+    public enum TunBatchAction: Equatable {
+        /// Send `count` datagrams to the peer (address and port in host
+        /// order), laid out back to back from `start`: each `segmentLength`
+        /// bytes but the last, `totalLength` bytes in all.
+        case send(address: UInt32, port: UInt16, start: UnsafeMutableRawPointer, segmentLength: Int, count: Int,
+                  totalLength: Int)
+        /// Write `length` bytes (an ICMP error, rewritten in place after the
+        /// virtio header, which is reset) back into the TUN, from `start`.
+        case reply(start: UnsafeMutableRawPointer, length: Int)
+        case drop
+    }
+
+    /// One read from a TUN opened with a virtio header: the 10-byte header
+    /// and then a packet, possibly a super-packet of up to 64 KiB (TSO/USO)
+    /// or a packet whose checksum is left to us. The routing decision is
+    /// `fromTun`'s, made once for the whole super-packet (every segment has
+    /// the same addresses); then the packet is split into real IPv4 packets
+    /// in `out` (room `outCapacity`), or has its checksum completed in place.
+    @inline(__always)
+    public func fromTun(
+        virtioRead read: UnsafeMutableRawPointer, length: Int, capacity: Int,
+        out: UnsafeMutableRawPointer, outCapacity: Int, maxSegments: Int, stats: Statistics
+    ) -> TunBatchAction {
+        guard length > VirtioNetHeader.size else {
+            stats.add(.tunPacketsRead)
+            stats.add(.droppedMalformedFromTun)
+            return .drop
+        }
+        let header = VirtioNetHeader(reading: read)
+        let p = read + VirtioNetHeader.size
+        let packetLength = length - VirtioNetHeader.size
+        switch fromTun(p, length: packetLength, capacity: capacity - VirtioNetHeader.size, stats: stats) {
+        case .drop:
+            return .drop
+        case .reply(let n):
+            // An error we built ourselves: complete, nothing for the kernel to do.
+            VirtioNetHeader().write(to: read)
+            return .reply(start: read, length: VirtioNetHeader.size + n)
+        case .send(let address, let port, let n):
+            if header.gsoType == VirtioNetHeader.GSOType.none.rawValue {
+                if header.flags & VirtioNetHeader.needsChecksum != 0,
+                   !Segmentation.completeChecksum(p, length: n, header: header) {
+                    stats.add(.droppedBadOffload)
+                    return .drop
+                }
+                return .send(address: address, port: port, start: p, segmentLength: n, count: 1, totalLength: n)
+            }
+            stats.add(.tunSuperPacketsRead)
+            switch Segmentation.split(p, length: n, header: header, into: out, capacity: outCapacity,
+                                      maxSegments: maxSegments) {
+            case .success(let segments):
+                stats.add(.segmentsMade, UInt64(segments.count))
+                return .send(address: address, port: port, start: out, segmentLength: segments.segmentLength,
+                             count: segments.count, totalLength: segments.totalLength)
+            case .failure:
+                stats.add(.droppedBadOffload)
+                return .drop
+            }
+        }
+    }
+
+    /// The datagrams of one receive: `length` bytes at `p`, every datagram
+    /// `segmentLength` bytes but the last (UDP GRO; a receive without GRO is
+    /// one datagram of `length` bytes). Each is checked exactly as
+    /// `fromNetwork` checks a single datagram; those that pass go into
+    /// `plan`, which coalesces TCP segments of one flow into super-packets.
+    /// Returns how many were accepted.
+    @inline(__always)
+    public func fromNetwork(
+        datagrams p: UnsafeMutableRawPointer, length: Int, segmentLength: Int, sender: UInt32, senderPort: UInt16,
+        into plan: inout CoalescingPlan, stats: Statistics
+    ) -> Int {
+        plan.reset()
+        let step = segmentLength > 0 ? segmentLength : length
+        var offset = 0
+        var accepted = 0
+        while offset < length {
+            let datagram = p + offset
+            let size = min(step, length - offset)
+            offset += size
+            guard let n = fromNetwork(datagram, length: size, sender: sender, senderPort: senderPort, stats: stats)
+            else { continue }
+            guard plan.add(datagram, length: n) else {
+                stats.add(.droppedTruncated)
+                continue
+            }
+            accepted += 1
+        }
+        plan.finish()
+        return accepted
     }
 }

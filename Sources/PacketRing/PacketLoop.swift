@@ -4,21 +4,55 @@ import Glibc
 import CTunnel
 import CURing
 import NetBase
+import Offload
 import UDPEncap
+
+/// Which offloads a loop uses; decided once at start from what the kernel
+/// accepted (see `TunDevice.enableOffloads`, `UDPSocket`).
+public struct LoopOffloads: Sendable, Equatable, CustomStringConvertible {
+    /// The TUN fd was opened with IFF_VNET_HDR: every read and write starts
+    /// with a virtio_net_hdr, reads may be super-packets (TSO/USO) and
+    /// writes may be coalesced super-packets.
+    public var virtioHeader: Bool
+    /// One sendmsg may carry many datagrams (UDP_SEGMENT).
+    public var segmentation: Bool
+    /// One receive may return many datagrams (UDP_GRO is on for the socket).
+    public var receiveCoalescing: Bool
+
+    public init(virtioHeader: Bool = false, segmentation: Bool = false, receiveCoalescing: Bool = false) {
+        self.virtioHeader = virtioHeader
+        self.segmentation = segmentation
+        self.receiveCoalescing = receiveCoalescing
+    }
+
+    public static let none = LoopOffloads()
+
+    public var description: String {
+        let names = [(virtioHeader, "tun-vnet-hdr"), (segmentation, "udp-gso"), (receiveCoalescing, "udp-gro")]
+            .filter(\.0).map(\.1)
+        return names.isEmpty ? "none" : names.joined(separator: "+")
+    }
+}
 
 /// How a data-path loop is sized and what it reads and writes.
 public struct LoopConfiguration: Sendable {
     /// Reads kept posted on each of the TUN and the UDP socket; also the
     /// most packets moved per direction by one `io_uring_enter`.
     public var depth: Int
-    /// Room for one packet (after the headroom).
+    /// Room for one packet (after the headroom) when there are no offloads.
     public var packetCapacity: Int
+    public var offloads: LoopOffloads
+    /// The most packets one super-packet is split into (more is dropped and
+    /// counted; TCP's smallest MSS of 536 gives 123 for 64 KiB).
+    public var maxSegments: Int
 
-    public init(depth: Int = DataPath.defaultBatchSize, mtu: Int) {
+    public init(depth: Int = DataPath.defaultBatchSize, mtu: Int, offloads: LoopOffloads = .none) {
         self.depth = depth
         // Room for the largest packet the TUN may hand us, and for an ICMP
         // error (28 + 548 bytes) built in place.
         self.packetCapacity = max(mtu, 1024)
+        self.offloads = offloads
+        self.maxSegments = 256
     }
 }
 
@@ -34,56 +68,110 @@ public protocol DataPathLoop: AnyObject, Sendable {
     func stop()
 }
 
+/// What a completion belongs to: the operation and the buffer slot, packed
+/// into io_uring's 64-bit user_data (operation in the top byte).
+struct CompletionTag: Equatable {
+    enum Op: UInt8 {
+        case tunRead = 1, udpSend, tunReply, udpRecv, tunWrite, wake
+    }
+    var op: Op
+    var slot: Int
+
+    @inline(__always) var userData: UInt64 { UInt64(op.rawValue) << 56 | UInt64(UInt32(truncatingIfNeeded: slot)) }
+
+    @inline(__always) init(_ op: Op, slot: Int = 0) {
+        self.op = op
+        self.slot = slot
+    }
+
+    @inline(__always) init?(userData: UInt64) {
+        guard let op = Op(rawValue: UInt8(truncatingIfNeeded: userData >> 56)) else { return nil }
+        self.op = op
+        self.slot = Int(userData & 0xffff_ffff)
+    }
+}
+
 /// The io_uring data path.
 ///
 /// Each direction has `depth` buffers in a provided-buffer ring (one group
 /// for the TUN, one for the socket) and one multishot request that the
-/// kernel completes once per arriving packet, picking a free buffer itself:
-/// a multishot read on the TUN and a multishot recvmsg on the socket. A
-/// packet read from the TUN is sent from its own buffer (each TUN buffer
-/// owns the `iovec`/`msghdr`/`sockaddr_in` of its send, alive until the
-/// completion) or turned into an ICMP error written back; a datagram is
-/// written into the TUN from its buffer. When that completes, the buffer
-/// goes back into its ring.
+/// kernel completes once per arrival, picking a free buffer itself: a
+/// multishot read on the TUN and a multishot recvmsg on the socket.
+///
+/// TUN → network: a read is one packet, or with offloads one super-packet
+/// of up to 64 KiB that `Forwarder` splits into real IPv4 packets in the
+/// slot's segment buffer; they leave in one sendmsg with UDP_SEGMENT (or one
+/// per datagram without it) — on the wire, one packet per datagram as
+/// flannel sends. Each TUN slot owns the `msghdr`s, `iovec`s, control
+/// messages and `sockaddr_in` of its sends, alive until their completions;
+/// the buffer goes back into its ring when the last send completes.
+///
+/// Network → TUN: a receive is one datagram, or with UDP GRO many of one
+/// sender back to back; each is checked like a single one, and TCP segments
+/// of one flow are coalesced into one super-packet per TUN write (with a
+/// virtio header) by the slot's `CoalescingPlan`, whose iovecs point into
+/// the receive buffer: nothing is copied. The buffer is recycled when the
+/// slot's last write completes.
 ///
 /// One armed request per descriptor, not one parked read per buffer: a
 /// packet wakes one request, not `depth` of them. Each turn of the loop
 /// submits every request prepared in the previous turn and waits for
 /// completions in one `io_uring_enter`, then handles all completions that
-/// are ready: under load one system call moves a batch in both directions.
-/// Nothing is allocated per packet.
+/// are ready. Nothing is allocated per packet.
 public final class URingLoop: DataPathLoop, @unchecked Sendable {
     public let statistics = Statistics()
     private let forwarder: Forwarder
     private let tunFD: Int32
     private let udpFD: Int32
     private let depth: Int
-    private let capacity: Int
-    private let stride: Int
+    private let offloads: LoopOffloads
+    private let maxSegments: Int
     private let wakeFD: Int32
 
-    /// Buffers 0..<depth: the TUN group; depth..<2·depth: the socket group.
-    private let slab: UnsafeMutableRawPointer
+    // TUN side: a read lands at `tunPacket(slot) - virtioSize`, so that the
+    // packet itself starts after the headroom.
+    private let tunSlab: UnsafeMutableRawPointer
+    private let tunStride: Int
+    /// Bytes a TUN read may fill (virtio header included).
+    private let tunReadCapacity: Int
+    private let virtioSize: Int
+    /// Per TUN slot: where a super-packet's segments are laid out.
+    private let segmentSlab: UnsafeMutableRawPointer?
+    private let segmentCapacity: Int
+    /// Per TUN slot, `sendsPerSlot` of each: the sends of its segments.
+    private let sendsPerSlot: Int
     private let iovecs: UnsafeMutablePointer<iovec>
     private let messages: UnsafeMutablePointer<msghdr>
+    private let controls: UnsafeMutableRawPointer
     private let addresses: UnsafeMutablePointer<sockaddr_in>
+    private let pendingSends: UnsafeMutablePointer<Int32>
+    /// Per send: how many datagrams it carries.
+    private let sendDatagrams: UnsafeMutablePointer<Int32>
+    /// After the kernel refused a UDP_SEGMENT send (EIO: the route's device
+    /// cannot checksum), every datagram goes in a send of its own.
+    private var segmentationWorks: Bool
+
+    // Socket side.
+    private let udpSlab: UnsafeMutableRawPointer
+    private let udpStride: Int
+    private let udpCapacity: Int
+    private let plans: UnsafeMutablePointer<CoalescingPlan>
+    private let pendingWrites: UnsafeMutablePointer<Int32>
     /// What the multishot recvmsg fills in before each payload: the
-    /// `io_uring_recvmsg_out` header and the sender's address.
+    /// `io_uring_recvmsg_out` header, the sender's address and the control
+    /// messages (UDP_GRO's segment size).
     private let receiveTemplate: UnsafeMutablePointer<msghdr>
+    private let receiveHeader: Int
+
     private let wakeBuffer: UnsafeMutablePointer<UInt64>
-    private let bufferRings: [UnsafeMutablePointer<io_uring_buf_ring>]
+    private let bufferRings: (tun: UnsafeMutablePointer<io_uring_buf_ring>, udp: UnsafeMutablePointer<io_uring_buf_ring>)
     /// Buffers of each group that the kernel handed us and we have not
     /// given back (only the loop's thread touches this).
     private var heldTun = 0
     private var heldUDP = 0
 
-    /// Bytes before a datagram's payload in a socket-group buffer.
-    static let receiveHeader = MemoryLayout<io_uring_recvmsg_out>.size + MemoryLayout<sockaddr_in>.size
-
-    /// The operation a completion belongs to, in the top byte of user_data.
-    enum Op: UInt64 {
-        case tunRead = 1, udpSend, tunReply, udpRecv, tunWrite, wake
-    }
+    static let controlSpace = 32
+    static let receiveControlSpace = 32
 
     enum Group: UInt16 { case tun = 0, udp = 1 }
 
@@ -91,61 +179,105 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         self.forwarder = forwarder
         self.tunFD = tunFD
         self.udpFD = udpFD
+        self.offloads = configuration.offloads
+        self.maxSegments = max(1, configuration.maxSegments)
         // Buffer rings hold a power of two of entries.
         var depth = 1
         while depth < configuration.depth { depth <<= 1 }
         self.depth = depth
-        self.capacity = configuration.packetCapacity
-        // Room for the headroom (TUN group) or the recvmsg header (socket
-        // group), cache-line aligned.
-        self.stride = (max(DataPath.headroom, URingLoop.receiveHeader) + capacity + 63) & ~63
-        let buffers = 2 * depth
-        var memory: UnsafeMutableRawPointer?
-        guard posix_memalign(&memory, 4096, buffers * stride) == 0, let memory else {
-            throw SystemError("posix_memalign \(buffers * stride) bytes", on: "packet buffers", errno: .current)
-        }
-        slab = memory
-        iovecs = .allocate(capacity: depth)
-        iovecs.initialize(repeating: iovec(), count: depth)
-        messages = .allocate(capacity: depth)
-        messages.initialize(repeating: msghdr(), count: depth)
+        segmentationWorks = offloads.segmentation
+
+        let virtio = offloads.virtioHeader
+        virtioSize = virtio ? VirtioNetHeader.size : 0
+        tunReadCapacity = virtio ? VirtioNetHeader.size + DataPath.maxPacketSize : configuration.packetCapacity
+        tunStride = (DataPath.headroom + tunReadCapacity + 63) & ~63
+        udpCapacity = offloads.receiveCoalescing ? DataPath.maxPacketSize : configuration.packetCapacity
+        receiveHeader = MemoryLayout<io_uring_recvmsg_out>.size + MemoryLayout<sockaddr_in>.size
+            + URingLoop.receiveControlSpace
+        udpStride = (receiveHeader + udpCapacity + 63) & ~63
+        // Segments: the payload once, plus an IPv4 + TCP header (with options)
+        // per segment.
+        segmentCapacity = virtio ? (DataPath.maxPacketSize + maxSegments * 120 + 63) & ~63 : 0
+        sendsPerSlot = virtio ? maxSegments : 1
+
+        tunSlab = try URingLoop.alignedAllocation(depth * tunStride, "TUN buffers")
+        udpSlab = try URingLoop.alignedAllocation(depth * udpStride, "socket buffers")
+        segmentSlab = virtio ? try URingLoop.alignedAllocation(depth * segmentCapacity, "segment buffers") : nil
+        let sends = depth * sendsPerSlot
+        iovecs = .allocate(capacity: sends)
+        iovecs.initialize(repeating: iovec(), count: sends)
+        messages = .allocate(capacity: sends)
+        messages.initialize(repeating: msghdr(), count: sends)
+        controls = .allocate(byteCount: sends * URingLoop.controlSpace, alignment: 8)
+        memset(controls, 0, sends * URingLoop.controlSpace)
         addresses = .allocate(capacity: depth)
         addresses.initialize(repeating: sockaddr_in(), count: depth)
+        sendDatagrams = .allocate(capacity: sends)
+        sendDatagrams.initialize(repeating: 0, count: sends)
+        pendingSends = .allocate(capacity: depth)
+        pendingSends.initialize(repeating: 0, count: depth)
+        pendingWrites = .allocate(capacity: depth)
+        pendingWrites.initialize(repeating: 0, count: depth)
+        plans = .allocate(capacity: depth)
+        for slot in 0..<depth {
+            (plans + slot).initialize(to: CoalescingPlan(maxPackets: virtio ? 256 : 1))
+        }
         receiveTemplate = .allocate(capacity: 1)
         receiveTemplate.initialize(to: msghdr())
         receiveTemplate.pointee.msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
+        receiveTemplate.pointee.msg_controllen = URingLoop.receiveControlSpace
         wakeBuffer = .allocate(capacity: 1)
         wakeBuffer.initialize(to: 0)
-        var rings: [UnsafeMutablePointer<io_uring_buf_ring>] = []
-        for _ in 0..<2 {
-            var ringMemory: UnsafeMutableRawPointer?
-            guard posix_memalign(&ringMemory, 4096, depth * MemoryLayout<io_uring_buf>.stride) == 0,
-                  let ringMemory else {
-                throw SystemError("posix_memalign", on: "buffer ring", errno: .current)
-            }
-            memset(ringMemory, 0, depth * MemoryLayout<io_uring_buf>.stride)
-            rings.append(ringMemory.assumingMemoryBound(to: io_uring_buf_ring.self))
-        }
-        bufferRings = rings
+        let ringBytes = (depth * MemoryLayout<io_uring_buf>.stride + 4095) & ~4095
+        let tunRing = try URingLoop.alignedAllocation(ringBytes, "buffer ring")
+        let udpRing = try URingLoop.alignedAllocation(ringBytes, "buffer ring")
+        memset(tunRing, 0, ringBytes)
+        memset(udpRing, 0, ringBytes)
+        bufferRings = (tunRing.assumingMemoryBound(to: io_uring_buf_ring.self),
+                       udpRing.assumingMemoryBound(to: io_uring_buf_ring.self))
         wakeFD = eventfd(0, Int32(EFD_CLOEXEC))
         guard wakeFD >= 0 else {
             throw SystemError("eventfd", on: "data path", errno: .current)
         }
-        for slot in 0..<depth {
-            iovecs[slot].iov_base = slab + slot * stride + DataPath.headroom
-            messages[slot].msg_name = UnsafeMutableRawPointer(addresses + slot)
-            messages[slot].msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
-            messages[slot].msg_iov = iovecs + slot
-            messages[slot].msg_iovlen = 1
+        for send in 0..<sends {
+            let slot = send / sendsPerSlot
+            messages[send].msg_name = UnsafeMutableRawPointer(addresses + slot)
+            messages[send].msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
+            messages[send].msg_iov = iovecs + send
+            messages[send].msg_iovlen = 1
+            // The UDP_SEGMENT control message, filled in when a send carries
+            // more than one datagram.
+            let control = controls + send * URingLoop.controlSpace
+            let header = control.assumingMemoryBound(to: cmsghdr.self)
+            header.pointee.cmsg_len = ctunnel_cmsg_len(MemoryLayout<UInt16>.size)
+            header.pointee.cmsg_level = ctunnel_SOL_UDP
+            header.pointee.cmsg_type = ctunnel_UDP_SEGMENT
         }
     }
 
+    private static func alignedAllocation(_ bytes: Int, _ what: String) throws -> UnsafeMutableRawPointer {
+        var memory: UnsafeMutableRawPointer?
+        guard posix_memalign(&memory, 4096, max(bytes, 4096)) == 0, let memory else {
+            throw SystemError("posix_memalign \(bytes) bytes", on: what, errno: .current)
+        }
+        return memory
+    }
+
     deinit {
-        free(slab)
-        for ring in bufferRings { free(ring) }
+        free(tunSlab)
+        free(udpSlab)
+        if let segmentSlab { free(segmentSlab) }
+        free(bufferRings.tun)
+        free(bufferRings.udp)
         iovecs.deallocate()
         messages.deallocate()
+        controls.deallocate()
         addresses.deallocate()
+        pendingSends.deallocate()
+        sendDatagrams.deallocate()
+        pendingWrites.deallocate()
+        plans.deinitialize(count: depth)
+        plans.deallocate()
         receiveTemplate.deallocate()
         wakeBuffer.deallocate()
         close(wakeFD)
@@ -156,24 +288,32 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         _ = write(wakeFD, &one, 8)
     }
 
-    /// Where buffer `id` of `group` starts in the slab.
-    @inline(__always) private func buffer(_ group: Group, _ id: Int) -> UnsafeMutableRawPointer {
-        slab + (Int(group.rawValue) * depth + id) * stride
+    /// The packet of TUN slot `slot` (after the headroom).
+    @inline(__always) private func tunPacket(_ slot: Int) -> UnsafeMutableRawPointer {
+        tunSlab + slot * tunStride + DataPath.headroom
     }
 
-    /// The packet of TUN buffer `id` (after the headroom).
-    @inline(__always) private func packet(_ id: Int) -> UnsafeMutableRawPointer {
-        buffer(.tun, id) + DataPath.headroom
+    @inline(__always) private func udpBuffer(_ slot: Int) -> UnsafeMutableRawPointer {
+        udpSlab + slot * udpStride
     }
 
-    /// Hands buffer `id` back to the kernel for the next packet of `group`.
-    @inline(__always) private func recycle(_ group: Group, _ id: Int) {
-        if group == .tun { heldTun -= 1 } else { heldUDP -= 1 }
-        let ring = bufferRings[Int(group.rawValue)]
-        let (address, length) = group == .tun
-            ? (packet(id), capacity)
-            : (buffer(.udp, id), URingLoop.receiveHeader + capacity)
-        io_uring_buf_ring_add(ring, address, UInt32(length), UInt16(id), io_uring_buf_ring_mask(UInt32(depth)), 0)
+    /// Hands buffer `slot` back to the kernel for the next arrival of `group`.
+    @inline(__always) private func recycle(_ group: Group, _ slot: Int) {
+        let ring: UnsafeMutablePointer<io_uring_buf_ring>
+        let address: UnsafeMutableRawPointer
+        let length: Int
+        if group == .tun {
+            heldTun -= 1
+            ring = bufferRings.tun
+            address = tunPacket(slot) - virtioSize
+            length = tunReadCapacity
+        } else {
+            heldUDP -= 1
+            ring = bufferRings.udp
+            address = udpBuffer(slot)
+            length = receiveHeader + udpCapacity
+        }
+        io_uring_buf_ring_add(ring, address, UInt32(length), UInt16(slot), io_uring_buf_ring_mask(UInt32(depth)), 0)
         io_uring_buf_ring_advance(ring, 1)
     }
 
@@ -182,12 +322,17 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         defer { ring.deallocate() }
         var params = io_uring_params()
         // The ring belongs to this thread alone; completions are processed
-        // when we ask for them, not by interrupting us.
-        params.flags = UInt32(IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN)
+        // when we ask for them, not by interrupting us. The completion queue
+        // has room for every send and write that can be in flight at once.
         let entries = UInt32(2 * depth + 4)
+        let completionEntries = UInt32(min(32768, max(4 * Int(entries), depth * (sendsPerSlot + 8))))
+        params.flags = UInt32(IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_CQSIZE)
+        params.cq_entries = completionEntries
         var rc = io_uring_queue_init_params(entries, ring, &params)
         if rc == -EINVAL {
             params = io_uring_params()
+            params.flags = UInt32(IORING_SETUP_CQSIZE)
+            params.cq_entries = completionEntries
             rc = io_uring_queue_init_params(entries, ring, &params)
         }
         guard rc == 0 else {
@@ -198,7 +343,7 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         defer { io_uring_queue_exit(ring) }
 
         for group in [Group.tun, .udp] {
-            let bufferRing = bufferRings[Int(group.rawValue)]
+            let bufferRing = group == .tun ? bufferRings.tun : bufferRings.udp
             var registration = io_uring_buf_reg()
             registration.ring_addr = UInt64(UInt(bitPattern: bufferRing))
             registration.ring_entries = UInt32(depth)
@@ -210,7 +355,7 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
             }
             io_uring_buf_ring_init(bufferRing)
             if group == .tun { heldTun = depth } else { heldUDP = depth }
-            for id in 0..<depth { recycle(group, id) }
+            for slot in 0..<depth { recycle(group, slot) }
         }
 
         var tunArmed = false, udpArmed = false
@@ -219,7 +364,8 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         armUDP(ring); udpArmed = true
         postWake(ring)
 
-        let cqes = UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>.allocate(capacity: 2 * depth + 4)
+        let batch = Int(completionEntries)
+        let cqes = UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>.allocate(capacity: batch)
         defer { cqes.deallocate() }
         var stopping = false
         while !stopping {
@@ -227,25 +373,23 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
             if submitted < 0 && submitted != -EINTR && submitted != -EAGAIN && submitted != -EBUSY {
                 throw SystemError("io_uring_enter", on: "data path ring", errno: Errno(-submitted))
             }
-            let count = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(2 * depth + 4)))
+            let count = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(batch)))
             if count == 0 { continue }
             statistics.add(.batches)
             for i in 0..<count {
                 let cqe = cqes[i]!
-                let data = cqe.pointee.user_data
                 let result = cqe.pointee.res
                 let flags = cqe.pointee.flags
-                let id = Int(data & 0xffff_ffff)
-                let op = Op(rawValue: data >> 56)
+                guard let tag = CompletionTag(userData: cqe.pointee.user_data) else { continue }
                 let bufferID = Int(flags >> IORING_CQE_BUFFER_SHIFT)
                 let hasBuffer = flags & IORING_CQE_F_BUFFER != 0
-                if hasBuffer { if op == .udpRecv { heldUDP += 1 } else { heldTun += 1 } }
-                switch op {
+                switch tag.op {
                 case .tunRead:
+                    if hasBuffer { heldTun += 1 }
                     if flags & IORING_CQE_F_MORE == 0 { tunArmed = false }
                     if result > 0 && hasBuffer {
                         tunFailures = 0
-                        handleTunPacket(ring, bufferID, length: Int(result))
+                        handleTunRead(ring, bufferID, length: Int(result))
                     } else {
                         if hasBuffer { recycle(.tun, bufferID) }
                         // ENOBUFS: every buffer is in flight; re-armed when one returns.
@@ -259,19 +403,31 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
                         }
                     }
                 case .udpSend:
-                    if result < 0 { statistics.add(.sendErrors) } else {
-                        statistics.add(.udpPacketsSent)
+                    if result < 0 {
+                        if result == -EIO && segmentationWorks {
+                            // The device on the route cannot checksum
+                            // segments: send them one by one from now on.
+                            segmentationWorks = false
+                            statistics.add(.gsoSendErrors)
+                        }
+                        statistics.add(.sendErrors)
+                    } else {
+                        statistics.add(.udpPacketsSent, UInt64(sendDatagrams[tag.slot]))
                         statistics.add(.udpBytesSent, UInt64(result))
                     }
-                    recycle(.tun, id)
+                    // A send's tag names its message; the slot owns `sendsPerSlot` of them.
+                    let slot = tag.slot / sendsPerSlot
+                    pendingSends[slot] -= 1
+                    if pendingSends[slot] == 0 { recycle(.tun, slot) }
                 case .tunReply:
                     if result < 0 { statistics.add(.tunWriteErrors) }
-                    recycle(.tun, id)
+                    recycle(.tun, tag.slot)
                 case .udpRecv:
+                    if hasBuffer { heldUDP += 1 }
                     if flags & IORING_CQE_F_MORE == 0 { udpArmed = false }
                     if result >= 0 && hasBuffer {
                         udpFailures = 0
-                        handleDatagram(ring, bufferID, length: Int(result))
+                        handleReceive(ring, bufferID, length: Int(result))
                     } else {
                         if hasBuffer { recycle(.udp, bufferID) }
                         if result < 0 && result != -ENOBUFS && result != -EAGAIN && result != -EINTR {
@@ -287,13 +443,12 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
                 case .tunWrite:
                     if result < 0 { statistics.add(.tunWriteErrors) } else {
                         statistics.add(.tunPacketsWritten)
-                        statistics.add(.tunBytesWritten, UInt64(result))
+                        statistics.add(.tunBytesWritten, UInt64(max(0, Int(result) - virtioSize)))
                     }
-                    recycle(.udp, id)
+                    pendingWrites[tag.slot] -= 1
+                    if pendingWrites[tag.slot] == 0 { recycle(.udp, tag.slot) }
                 case .wake:
                     stopping = true
-                case nil:
-                    break
                 }
             }
             io_uring_cq_advance(ring, UInt32(count))
@@ -308,40 +463,78 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
     // MARK: Completions
 
     @inline(__always)
-    private func handleTunPacket(_ ring: UnsafeMutablePointer<io_uring>, _ id: Int, length: Int) {
-        let p = packet(id)
-        switch forwarder.fromTun(p, length: length, capacity: capacity, stats: statistics) {
-        case .send(let address, let port, let n):
-            let sa = addresses + id
+    private func handleTunRead(_ ring: UnsafeMutablePointer<io_uring>, _ slot: Int, length: Int) {
+        let p = tunPacket(slot)
+        let action: Forwarder.TunBatchAction
+        if let segmentSlab {
+            action = forwarder.fromTun(virtioRead: p - virtioSize, length: length, capacity: tunReadCapacity,
+                                       out: segmentSlab + slot * segmentCapacity, outCapacity: segmentCapacity,
+                                       maxSegments: maxSegments, stats: statistics)
+        } else {
+            action = switch forwarder.fromTun(p, length: length, capacity: tunReadCapacity, stats: statistics) {
+            case .send(let address, let port, let n):
+                .send(address: address, port: port, start: p, segmentLength: n, count: 1, totalLength: n)
+            case .reply(let n): .reply(start: p, length: n)
+            case .drop: .drop
+            }
+        }
+        switch action {
+        case .send(let address, let port, let start, let segmentLength, _, let totalLength):
+            let sa = addresses + slot
             sa.pointee.sin_family = sa_family_t(AF_INET)
             sa.pointee.sin_port = port.bigEndian
             sa.pointee.sin_addr.s_addr = address.bigEndian
-            iovecs[id].iov_len = n
+            let perSend = segmentationWorks ? UDPSocket.maxSegmentsPerSend : 1
+            var offset = 0
+            var sends: Int32 = 0
+            var index = slot * sendsPerSlot
+            while offset < totalLength {
+                let bytes = min(perSend * segmentLength, totalLength - offset)
+                iovecs[index].iov_base = start + offset
+                iovecs[index].iov_len = bytes
+                let message = messages + index
+                if bytes > segmentLength {
+                    let control = controls + index * URingLoop.controlSpace
+                    ctunnel_cmsg_data(control.assumingMemoryBound(to: cmsghdr.self))
+                        .withMemoryRebound(to: UInt16.self, capacity: 1) { $0.pointee = UInt16(segmentLength) }
+                    message.pointee.msg_control = control
+                    message.pointee.msg_controllen = ctunnel_cmsg_space(MemoryLayout<UInt16>.size)
+                    statistics.add(.gsoSends)
+                } else {
+                    message.pointee.msg_control = nil
+                    message.pointee.msg_controllen = 0
+                }
+                sendDatagrams[index] = Int32((bytes + segmentLength - 1) / segmentLength)
+                let sqe = nextSQE(ring)
+                io_uring_prep_sendmsg(sqe, udpFD, message, 0)
+                io_uring_sqe_set_data64(sqe, CompletionTag(.udpSend, slot: index).userData)
+                offset += bytes
+                sends += 1
+                index += 1
+            }
+            pendingSends[slot] = sends
+        case .reply(let start, let n):
             let sqe = nextSQE(ring)
-            io_uring_prep_sendmsg(sqe, udpFD, messages + id, 0)
-            io_uring_sqe_set_data64(sqe, Op.udpSend.rawValue << 56 | UInt64(id))
-        case .reply(let n):
-            let sqe = nextSQE(ring)
-            io_uring_prep_write(sqe, tunFD, p, UInt32(n), 0)
-            io_uring_sqe_set_data64(sqe, Op.tunReply.rawValue << 56 | UInt64(id))
+            io_uring_prep_write(sqe, tunFD, start, UInt32(n), 0)
+            io_uring_sqe_set_data64(sqe, CompletionTag(.tunReply, slot: slot).userData)
         case .drop:
-            recycle(.tun, id)
+            recycle(.tun, slot)
         }
     }
 
     @inline(__always)
-    private func handleDatagram(_ ring: UnsafeMutablePointer<io_uring>, _ id: Int, length: Int) {
-        let start = buffer(.udp, id)
+    private func handleReceive(_ ring: UnsafeMutablePointer<io_uring>, _ slot: Int, length: Int) {
+        let start = udpBuffer(slot)
         guard let out = io_uring_recvmsg_validate(start, Int32(length), receiveTemplate) else {
             statistics.add(.udpDatagramsReceived)
             statistics.add(.droppedMalformed)
-            recycle(.udp, id)
+            recycle(.udp, slot)
             return
         }
         if out.pointee.flags & UInt32(MSG_TRUNC) != 0 {
             statistics.add(.udpDatagramsReceived)
             statistics.add(.droppedTruncated)
-            recycle(.udp, id)
+            recycle(.udp, slot)
             return
         }
         let name = io_uring_recvmsg_name(out)!.assumingMemoryBound(to: sockaddr_in.self)
@@ -349,20 +542,60 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         let payloadLength = Int(io_uring_recvmsg_payload_length(out, Int32(length), receiveTemplate))
         let sender = UInt32(bigEndian: name.pointee.sin_addr.s_addr)
         let port = UInt16(bigEndian: name.pointee.sin_port)
-        guard let n = forwarder.fromNetwork(payload, length: payloadLength, sender: sender, senderPort: port,
-                                            stats: statistics) else {
-            recycle(.udp, id)
-            return
+        var segmentLength = payloadLength
+        if offloads.receiveCoalescing {
+            var control = io_uring_recvmsg_cmsg_firsthdr(out, receiveTemplate)
+            while let header = control {
+                if header.pointee.cmsg_level == ctunnel_SOL_UDP && header.pointee.cmsg_type == ctunnel_UDP_GRO {
+                    let size = ctunnel_cmsg_data(header).withMemoryRebound(to: Int32.self, capacity: 1) { $0.pointee }
+                    if size > 0 { segmentLength = Int(size) }
+                }
+                control = io_uring_recvmsg_cmsg_nexthdr(out, receiveTemplate, header)
+            }
+            if segmentLength < payloadLength { statistics.add(.groReceives) }
         }
-        let sqe = nextSQE(ring)
-        io_uring_prep_write(sqe, tunFD, payload, UInt32(n), 0)
-        io_uring_sqe_set_data64(sqe, Op.tunWrite.rawValue << 56 | UInt64(id))
+
+        var writes: Int32 = 0
+        if virtioSize > 0 {
+            let plan = plans + slot
+            _ = forwarder.fromNetwork(datagrams: payload, length: payloadLength, segmentLength: segmentLength,
+                                      sender: sender, senderPort: port, into: &plan.pointee, stats: statistics)
+            let count = plan.pointee.writeCount
+            if count > 0 {
+                statistics.add(.segmentsCoalesced, UInt64(plan.pointee.coalescedSegments))
+                for w in 0..<count {
+                    let write = plan.pointee.write(w)
+                    if write.count > 2 { statistics.add(.tunSuperPacketsWritten) }
+                    let sqe = nextSQE(ring)
+                    io_uring_prep_writev(sqe, tunFD, write.iovecs, UInt32(write.count), 0)
+                    io_uring_sqe_set_data64(sqe, CompletionTag(.tunWrite, slot: slot).userData)
+                }
+                writes = Int32(count)
+            }
+        } else {
+            var offset = 0
+            while offset < payloadLength {
+                let datagram = payload + offset
+                let size = min(segmentLength, payloadLength - offset)
+                offset += size
+                guard let n = forwarder.fromNetwork(datagram, length: size, sender: sender, senderPort: port,
+                                                    stats: statistics) else { continue }
+                let sqe = nextSQE(ring)
+                io_uring_prep_write(sqe, tunFD, datagram, UInt32(n), 0)
+                io_uring_sqe_set_data64(sqe, CompletionTag(.tunWrite, slot: slot).userData)
+                writes += 1
+            }
+        }
+        if writes == 0 {
+            recycle(.udp, slot)
+        } else {
+            pendingWrites[slot] = writes
+        }
     }
 
     // MARK: Requests
 
     /// An SQE, submitting what is queued if the submission queue is full.
-    /// (It cannot stay full: the ring has an entry for every buffer.)
     @inline(__always)
     private func nextSQE(_ ring: UnsafeMutablePointer<io_uring>) -> UnsafeMutablePointer<io_uring_sqe> {
         if let sqe = io_uring_get_sqe(ring) { return sqe }
@@ -378,7 +611,7 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         io_uring_prep_rw(URingLoop.readMultishot, sqe, tunFD, nil, 0, 0)
         sqe.pointee.flags |= UInt8(curing_iosqe_buffer_select)
         sqe.pointee.buf_group = Group.tun.rawValue
-        io_uring_sqe_set_data64(sqe, Op.tunRead.rawValue << 56)
+        io_uring_sqe_set_data64(sqe, CompletionTag(.tunRead).userData)
     }
 
     static let readMultishot: Int32 = 49
@@ -389,12 +622,12 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         io_uring_prep_recvmsg_multishot(sqe, udpFD, receiveTemplate, 0)
         sqe.pointee.flags |= UInt8(curing_iosqe_buffer_select)
         sqe.pointee.buf_group = Group.udp.rawValue
-        io_uring_sqe_set_data64(sqe, Op.udpRecv.rawValue << 56)
+        io_uring_sqe_set_data64(sqe, CompletionTag(.udpRecv).userData)
     }
 
     private func postWake(_ ring: UnsafeMutablePointer<io_uring>) {
         let sqe = nextSQE(ring)
         io_uring_prep_read(sqe, wakeFD, wakeBuffer, 8, 0)
-        io_uring_sqe_set_data64(sqe, Op.wake.rawValue << 56)
+        io_uring_sqe_set_data64(sqe, CompletionTag(.wake).userData)
     }
 }

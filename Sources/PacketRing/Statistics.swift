@@ -23,6 +23,22 @@ public enum Counter: Int, CaseIterable, Sendable, CustomStringConvertible {
     case tunWriteErrors
     case readErrors
     case batches
+    /// TUN reads that held a GSO super-packet (TSO/USO from the kernel).
+    case tunSuperPacketsRead
+    /// IPv4 packets made by splitting super-packets.
+    case segmentsMade
+    /// sendmsg calls that carried more than one datagram (UDP_SEGMENT).
+    case gsoSends
+    /// Receives that returned more than one datagram (UDP_GRO).
+    case groReceives
+    /// Received segments merged into another segment's TUN write.
+    case segmentsCoalesced
+    /// TUN writes that carried a coalesced super-packet.
+    case tunSuperPacketsWritten
+    /// Packets from the TUN whose offload request could not be carried out.
+    case droppedBadOffload
+    /// UDP GSO sends refused by the kernel (the path then sends one datagram per call).
+    case gsoSendErrors
 
     public var description: String {
         switch self {
@@ -46,6 +62,14 @@ public enum Counter: Int, CaseIterable, Sendable, CustomStringConvertible {
         case .tunWriteErrors: "tun_write_errors"
         case .readErrors: "read_errors"
         case .batches: "batches"
+        case .tunSuperPacketsRead: "tun_super_packets_read"
+        case .segmentsMade: "segments_made"
+        case .gsoSends: "gso_sends"
+        case .groReceives: "gro_receives"
+        case .segmentsCoalesced: "segments_coalesced"
+        case .tunSuperPacketsWritten: "tun_super_packets_written"
+        case .droppedBadOffload: "dropped_bad_offload"
+        case .gsoSendErrors: "gso_send_errors"
         }
     }
 }
@@ -87,7 +111,18 @@ public final class Statistics: @unchecked Sendable {
     }
 
     /// All counters that are not zero, for logs.
-    public var summary: String {
-        Counter.allCases.compactMap { c in self[c] == 0 ? nil : "\(c)=\(self[c])" }.joined(separator: " ")
+    public var summary: String { Statistics.summary(of: [self]) }
+
+    /// A counter summed over several workers.
+    public static func total(_ counter: Counter, of workers: [Statistics]) -> UInt64 {
+        workers.reduce(0) { $0 &+ $1[counter] }
+    }
+
+    /// The non-zero counters summed over several workers, for logs.
+    public static func summary(of workers: [Statistics]) -> String {
+        Counter.allCases.compactMap { c in
+            let n = total(c, of: workers)
+            return n == 0 ? nil : "\(c)=\(n)"
+        }.joined(separator: " ")
     }
 }

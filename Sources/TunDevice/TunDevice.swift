@@ -120,6 +120,21 @@ public final class TunDevice: Sendable {
         }
     }
 
+    /// Turns on the offloads the data path can handle, best first, and
+    /// returns what the kernel accepted: checksum + TSO4 + USO4, else
+    /// checksum + TSO4 (USO4 needs Linux 6.2), else checksum alone, else
+    /// nothing (a device without `vnetHeader`, or a kernel that refuses).
+    /// With checksum offload the kernel may hand us packets whose TCP/UDP
+    /// checksum is left to us (NEEDS_CSUM); with TSO4/USO4, super-packets
+    /// of up to 64 KiB that we must split.
+    public func enableOffloads() -> TunOffloads {
+        guard vnetHeader else { return [] }
+        for candidate: TunOffloads in [[.checksum, .tso4, .uso4], [.checksum, .tso4], [.checksum]] {
+            if (try? setOffload(candidate.kernelFlags)) != nil { return candidate }
+        }
+        return []
+    }
+
     /// Closes every queue; with the last one the kernel deletes the device
     /// and its routes.
     public func close() {
@@ -184,6 +199,32 @@ public final class TunDevice: Sendable {
             throw SystemError("TUNSETIFF", on: name.isEmpty ? "\"\"" : name, errno: .invalid,
                               hint: "an interface name is 1 to 15 bytes without '/' or spaces")
         }
+    }
+}
+
+/// Offloads of a TUN device that the reader takes on (TUNSETOFFLOAD).
+public struct TunOffloads: OptionSet, Sendable, CustomStringConvertible {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// Packets may arrive with the TCP/UDP checksum left to the reader.
+    public static let checksum = TunOffloads(rawValue: 1)
+    /// TCP over IPv4 super-packets (TSO).
+    public static let tso4 = TunOffloads(rawValue: 2)
+    /// UDP over IPv4 super-packets (USO, Linux 6.2).
+    public static let uso4 = TunOffloads(rawValue: 4)
+
+    var kernelFlags: UInt32 {
+        var flags: UInt32 = 0
+        if contains(.checksum) { flags |= ctunnel_TUN_F_CSUM }
+        if contains(.tso4) { flags |= ctunnel_TUN_F_TSO4 }
+        if contains(.uso4) { flags |= ctunnel_TUN_F_USO4 }
+        return flags
+    }
+
+    public var description: String {
+        let names = [(TunOffloads.checksum, "csum"), (.tso4, "tso4"), (.uso4, "uso4")]
+            .filter { contains($0.0) }.map(\.1)
+        return names.isEmpty ? "none" : names.joined(separator: "+")
     }
 }
 

@@ -136,7 +136,8 @@ final class Daemon: Service, Sendable {
             let loop: UDPBackend.Options.Loop = options.datapath == .uring ? .uring : .simple
             return try UDPBackend(config: config, underlay: link, publicIP: publicIP,
                                   options: .init(device: options.device, loop: loop, queueDepth: options.queueDepth,
-                                                 acceptUnknownPeers: options.acceptUnknownPeers),
+                                                 acceptUnknownPeers: options.acceptUnknownPeers,
+                                                 offload: options.offload, workers: options.effectiveWorkers),
                                   routeSocket: routeSocket, logger: logger)
         case "vxlan":
             let backend = try VXLANBackend(config: config, underlay: link, underlayAddress: address, publicIP: publicIP,

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Backends
 import Foundation
 import LeaseStore
 import Logging
@@ -54,6 +55,20 @@ struct Run: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Packets kept in flight per direction by the udp backend's io_uring data path.", valueName: "n"))
     var queueDepth: Int = 64
 
+    @Option(help: ArgumentHelp("Offloads of the udp backend's io_uring data path: auto (TUN TSO/checksum, UDP GSO/GRO, whatever the kernel offers) or off (one packet per system call's worth of work).",
+                               valueName: "auto|off"))
+    var offload: OffloadMode = .auto
+
+    @Option(help: ArgumentHelp("udp backend: data-path worker threads, each with its own TUN queue, socket and ring (default: online cores, at most 4).",
+                               valueName: "n"))
+    var workers: Int?
+
+    /// --workers, or one per online core up to 4.
+    var effectiveWorkers: Int {
+        if let workers { return workers }
+        return max(1, min(4, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
+    }
+
     @Flag(help: "udp backend: accept datagrams from any sender, as flannel does (default: only from the peer that owns the packet's source subnet).")
     var acceptUnknownPeers = false
 
@@ -76,6 +91,9 @@ struct Run: AsyncParsableCommand {
     func validate() throws {
         guard (1...1439).contains(subnetLeaseRenewMargin) else {
             throw ValidationError("--subnet-lease-renew-margin must be between 1 and 1439 minutes, not \(subnetLeaseRenewMargin)")
+        }
+        if let workers, !(1...64).contains(workers) {
+            throw ValidationError("--workers must be between 1 and 64, not \(workers)")
         }
         guard (1...4096).contains(queueDepth) else {
             throw ValidationError("--queue-depth must be between 1 and 4096, not \(queueDepth)")
@@ -111,3 +129,4 @@ struct Run: AsyncParsableCommand {
         try await group.run()
     }
 }
+extension OffloadMode: ExpressibleByArgument {}

@@ -22,7 +22,12 @@ final class LoopHarness: @unchecked Sendable {
     static let local = IPv4Network("10.2.1.0/24")!
     static let remote = IPv4Network("10.2.2.0/24")!
 
-    init(simple: Bool, acceptUnknownPeers: Bool = false, depth: Int = 8) throws {
+    /// The loop's "TUN" carries a virtio header before every packet, and its
+    /// socket uses UDP GSO and GRO.
+    let offloads: Bool
+
+    init(simple: Bool, offloads: Bool = false, acceptUnknownPeers: Bool = false, depth: Int = 8) throws {
+        self.offloads = offloads
         var fds: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 0, &fds) == 0 else {
             throw SystemError("socketpair", on: "test", errno: .current)
@@ -39,7 +44,12 @@ final class LoopHarness: @unchecked Sendable {
         try table.set(Self.remote, to: .peer(peer.localEndpoint))
         let forwarder = Forwarder(table: table, tunAddress: IPv4Address("10.2.1.0")!,
                                   acceptUnknownPeers: acceptUnknownPeers)
-        let configuration = LoopConfiguration(depth: depth, mtu: 1472)
+        var loopOffloads = LoopOffloads.none
+        if offloads {
+            loopOffloads = LoopOffloads(virtioHeader: true, segmentation: socket.supportsSegmentation,
+                                        receiveCoalescing: socket.enableReceiveCoalescing())
+        }
+        let configuration = LoopConfiguration(depth: depth, mtu: 1472, offloads: loopOffloads)
         let loop: any DataPathLoop = simple
             ? try SyscallLoop(forwarder: forwarder, tunFD: tunSide, udpFD: socket.fd.rawValue, configuration: configuration)
             : try URingLoop(forwarder: forwarder, tunFD: tunSide, udpFD: socket.fd.rawValue, configuration: configuration)
@@ -53,12 +63,27 @@ final class LoopHarness: @unchecked Sendable {
         close(kernelSide)
     }
 
+    /// Writes a packet as the kernel would hand it to the loop: with offloads,
+    /// after a virtio header saying there is nothing to do.
     func writeToTun(_ packet: [UInt8]) {
-        _ = packet.withUnsafeBytes { write(kernelSide, $0.baseAddress, $0.count) }
+        writeToTunRaw((offloads ? [UInt8](repeating: 0, count: 10) : []) + packet)
     }
 
+    func writeToTunRaw(_ bytes: [UInt8]) {
+        _ = bytes.withUnsafeBytes { write(kernelSide, $0.baseAddress, $0.count) }
+    }
+
+    /// The next packet the loop wrote into the TUN; with offloads, without
+    /// its virtio header, which must say there is nothing to do.
     func readFromTun() -> [UInt8]? {
-        var buffer = [UInt8](repeating: 0, count: 2048)
+        guard let bytes = readFromTunRaw() else { return nil }
+        guard offloads else { return bytes }
+        guard bytes.count >= 10, bytes.prefix(10).allSatisfy({ $0 == 0 }) else { return nil }
+        return Array(bytes.dropFirst(10))
+    }
+
+    func readFromTunRaw() -> [UInt8]? {
+        var buffer = [UInt8](repeating: 0, count: 70_000)
         let n = buffer.withUnsafeMutableBytes { read(kernelSide, $0.baseAddress, $0.count) }
         return n > 0 ? Array(buffer.prefix(n)) : nil
     }
@@ -67,7 +92,7 @@ final class LoopHarness: @unchecked Sendable {
     func peerReceive() -> [UInt8]? {
         var pfd = pollfd(fd: peer.fd.rawValue, events: Int16(POLLIN), revents: 0)
         guard poll(&pfd, 1, 5_000) == 1 else { return nil }
-        var buffer = [UInt8](repeating: 0, count: 2048)
+        var buffer = [UInt8](repeating: 0, count: 70_000)
         let n = buffer.withUnsafeMutableBytes { recv(peer.fd.rawValue, $0.baseAddress, $0.count, 0) }
         return n >= 0 ? Array(buffer.prefix(n)) : nil
     }
@@ -96,10 +121,21 @@ final class LoopHarness: @unchecked Sendable {
     }
 }
 
+/// The loops under test: the simple loop, io_uring without offloads, and
+/// io_uring with a virtio-header TUN and UDP GSO/GRO.
+enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
+    case simple, uring, uringOffloads
+    var testDescription: String { rawValue }
+    func harness(acceptUnknownPeers: Bool = false, depth: Int = 8) throws -> LoopHarness {
+        try LoopHarness(simple: self == .simple, offloads: self == .uringOffloads,
+                        acceptUnknownPeers: acceptUnknownPeers, depth: depth)
+    }
+}
+
 @Suite(.serialized) struct LoopTests {
-    @Test(arguments: [false, true])
-    func packetsFromTheTunReachThePeerWithTTLDecremented(simple: Bool) async throws {
-        let h = try LoopHarness(simple: simple)
+    @Test(arguments: LoopKind.allCases)
+    func packetsFromTheTunReachThePeerWithTTLDecremented(kind: LoopKind) async throws {
+        let h = try kind.harness()
         for i in 0..<100 {
             let p = makePacket(source: 0x0A02_0105, destination: 0x0A02_0207, ttl: 64,
                                payload: Array(repeating: UInt8(i), count: 100 + i))
@@ -114,9 +150,9 @@ final class LoopHarness: @unchecked Sendable {
         try await h.finish()
     }
 
-    @Test(arguments: [false, true])
-    func datagramsFromTheOwningPeerReachTheTun(simple: Bool) async throws {
-        let h = try LoopHarness(simple: simple)
+    @Test(arguments: LoopKind.allCases)
+    func datagramsFromTheOwningPeerReachTheTun(kind: LoopKind) async throws {
+        let h = try kind.harness()
         for i in 0..<100 {
             let p = makePacket(source: 0x0A02_0207, destination: 0x0A02_0105,
                                payload: Array(repeating: UInt8(i), count: 50 + i))
@@ -127,9 +163,9 @@ final class LoopHarness: @unchecked Sendable {
         try await h.finish()
     }
 
-    @Test(arguments: [false, true])
-    func malformedAndForeignDatagramsAreCountedAndDropped(simple: Bool) async throws {
-        let h = try LoopHarness(simple: simple)
+    @Test(arguments: LoopKind.allCases)
+    func malformedAndForeignDatagramsAreCountedAndDropped(kind: LoopKind) async throws {
+        let h = try kind.harness()
         h.send([1, 2, 3])                                        // too short
         var bad = makePacket(source: 0x0A02_0207, destination: 0x0A02_0105)
         bad[0] = 0x46                                            // IHL beyond...
@@ -148,17 +184,18 @@ final class LoopHarness: @unchecked Sendable {
         try await h.finish()
     }
 
-    @Test func withTheFlannelSwitchAnySenderIsAccepted() async throws {
-        let h = try LoopHarness(simple: false, acceptUnknownPeers: true)
+    @Test(arguments: LoopKind.allCases)
+    func withTheFlannelSwitchAnySenderIsAccepted(kind: LoopKind) async throws {
+        let h = try kind.harness(acceptUnknownPeers: true)
         let p = makePacket(source: 0x0A02_6307, destination: 0x0A02_0105)
         h.send(p)
         #expect(h.readFromTun() == p)
         try await h.finish()
     }
 
-    @Test(arguments: [false, true])
-    func unroutableAndExpiringPacketsComeBackAsICMP(simple: Bool) async throws {
-        let h = try LoopHarness(simple: simple)
+    @Test(arguments: LoopKind.allCases)
+    func unroutableAndExpiringPacketsComeBackAsICMP(kind: LoopKind) async throws {
+        let h = try kind.harness()
         h.writeToTun(makePacket(source: 0x0A02_0105, destination: 0x0A02_6307))
         let unreachable = try #require(h.readFromTun())
         #expect(unreachable[9] == 1 && unreachable[20] == 3 && unreachable[21] == 0)
@@ -172,9 +209,9 @@ final class LoopHarness: @unchecked Sendable {
 
     /// With one buffer per direction the multishot read runs out of buffers
     /// on every burst and must be armed again as buffers come back.
-    @Test(arguments: [1, 8])
-    func aBurstIsMovedInBatches(depth: Int) async throws {
-        let h = try LoopHarness(simple: false, depth: depth)
+    @Test(arguments: [LoopKind.uring, .uringOffloads], [1, 8])
+    func aBurstIsMovedInBatches(kind: LoopKind, depth: Int) async throws {
+        let h = try kind.harness(depth: depth)
         let burst = 2_000
         // A thread of its own: the cooperative pool may be busy with other
         // suites' blocking waits.

@@ -1,0 +1,141 @@
+import Logging
+import NetBase
+import Netlink
+import PacketRing
+import TunDevice
+import UDPEncap
+
+/// What `--offload` allows.
+public enum OffloadMode: String, CaseIterable, Sendable {
+    /// Use every offload the kernel accepts.
+    case auto
+    /// One packet per read, send, receive and write.
+    case off
+}
+
+/// The udp backend's data path: the TUN device (one queue per worker), one
+/// UDP socket per worker on the backend port, and one loop per worker, all
+/// sharing one forwarder and its table. Decides once, from what the kernel
+/// offers, which loop and which offloads to use, and says so.
+final class UDPDataPath: Sendable {
+    let tun: TunDevice
+    let sockets: [UDPSocket]
+    let loops: [any DataPathLoop]
+    /// One line for the log: loop kind, workers, offloads and why.
+    let summary: String
+
+    struct Settings {
+        var device: String
+        var port: UInt16
+        var mtu: Int
+        var datapath: UDPBackend.Options.Loop
+        var offload: OffloadMode
+        var workers: Int
+        var queueDepth: Int
+    }
+
+    /// Creates the device and the sockets; `configure` the device afterwards.
+    init(settings: Settings, forwarder: Forwarder, routeSocket: RouteSocket) throws {
+        var notes: [String] = []
+        var datapath = settings.datapath
+        if datapath == .uring {
+            let features = URingFeatures.probe()
+            if !features.usable {
+                notes.append("io_uring unusable: \(features.problem ?? "unknown reason"); using the simple loop")
+                datapath = .simple
+            }
+        }
+        // The simple loop is flannel's: one packet per system call.
+        let wantOffloads = datapath == .uring && settings.offload == .auto
+        let workers = datapath == .uring ? settings.workers : 1
+
+        // A device of this name that exists belongs to someone: a
+        // non-persistent TUN lives only while its owner holds it open, and a
+        // multi-queue TUNSETIFF would quietly join that owner's device.
+        if (try? routeSocket.linkIndex(named: settings.device)) != nil {
+            throw BackendError("a device named \(settings.device) already exists: is another tunneld or flanneld running? Stop it, delete the device (ip link del \(settings.device)) or choose another --device")
+        }
+        var tun: TunDevice
+        var virtio = false
+        do {
+            tun = try TunDevice.create(name: settings.device, multiQueue: workers > 1, vnetHeader: wantOffloads)
+            virtio = wantOffloads
+        } catch where wantOffloads {
+            notes.append("TUN with a virtio header refused (\(error)); offloads off")
+            tun = try TunDevice.create(name: settings.device, multiQueue: workers > 1, vnetHeader: false)
+        }
+        var tunOffloads: TunOffloads = []
+        if virtio {
+            tunOffloads = tun.enableOffloads()
+            if !tunOffloads.contains(.tso4) {
+                notes.append("the kernel refused TSO on the TUN (got \(tunOffloads)): packets are read one by one")
+            }
+        }
+        do {
+            for _ in 1..<max(1, workers) { _ = try tun.addQueue() }
+        } catch {
+            tun.close()
+            throw error
+        }
+
+        // Sockets: with several workers all bind the backend port with
+        // SO_REUSEPORT. Bind it once alone first, so that a port already
+        // taken (flanneld) is an error and not a silent share.
+        var sockets: [UDPSocket] = []
+        do {
+            if workers > 1 {
+                let probe = try UDPSocket(port: settings.port)
+                probe.close()
+            }
+            for _ in 0..<workers { sockets.append(try UDPSocket(port: settings.port, reusePort: workers > 1)) }
+        } catch {
+            tun.close()
+            throw error
+        }
+        var segmentation = false, receiveCoalescing = false
+        if wantOffloads {
+            segmentation = sockets[0].supportsSegmentation
+            if !segmentation { notes.append("the kernel has no UDP_SEGMENT: one datagram per send") }
+            receiveCoalescing = sockets.allSatisfy { $0.enableReceiveCoalescing() }
+            if !receiveCoalescing { notes.append("the kernel has no UDP_GRO: one datagram per receive") }
+        }
+        let offloads = LoopOffloads(virtioHeader: virtio, segmentation: segmentation,
+                                    receiveCoalescing: receiveCoalescing)
+        var configuration = LoopConfiguration(depth: settings.queueDepth, mtu: settings.mtu, offloads: offloads)
+        configuration.maxSegments = 256
+
+        var loops: [any DataPathLoop] = []
+        do {
+            for (i, socket) in sockets.enumerated() {
+                let fd = tun.queues[i].rawValue
+                loops.append(datapath == .uring
+                    ? try URingLoop(forwarder: forwarder, tunFD: fd, udpFD: socket.fd.rawValue, configuration: configuration)
+                    : try SyscallLoop(forwarder: forwarder, tunFD: fd, udpFD: socket.fd.rawValue, configuration: configuration))
+            }
+        } catch {
+            tun.close()
+            sockets.forEach { $0.close() }
+            throw error
+        }
+        self.tun = tun
+        self.sockets = sockets
+        self.loops = loops
+        var summary = "\(datapath == .uring ? "io_uring" : "simple") data path, \(workers) worker(s), offloads: "
+        summary += settings.offload == .off ? "off (--offload off)"
+            : datapath == .simple ? "none (simple loop)"
+            : "\(offloads)" + (virtio ? " (tun \(tunOffloads))" : "")
+        if !notes.isEmpty { summary += "; " + notes.joined(separator: "; ") }
+        self.summary = summary
+    }
+
+    var statistics: [Statistics] { loops.map(\.statistics) }
+
+    /// Starts one named thread per loop.
+    func start() -> [DataPathThread] {
+        loops.enumerated().map { i, loop in
+            DataPathThread(loop: loop, name: loops.count == 1 ? "tunneld-dp" : "tunneld-dp\(i)")
+        }
+    }
+
+    func closeSockets() { sockets.forEach { $0.close() } }
+}

@@ -1,0 +1,329 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Plans the TUN writes for the packets of one UDP GRO receive (or any batch of received
+/// packets), coalescing consecutive TCP segments of a flow into one GSO super-packet, like
+/// Linux GRO does for a NIC.
+///
+/// Packets stay where they are in the receive buffer: a write is a gather list of a 10-byte
+/// virtio header, the first packet whole and only the payload of each following segment.
+/// `finish()` patches the first packet of every coalesced group in place, so the receive
+/// buffer must stay alive and unmodified until the writes are done.
+///
+/// Allocated once per receive slot; `add` and `finish` never allocate.
+@safe
+public struct CoalescingPlan: ~Copyable {
+    /// Open flows tracked at once; when full, the oldest open group is closed.
+    public static let flowTableSize = 8
+
+    @unsafe
+    struct PacketSlot {
+        var base: UnsafeMutableRawPointer?
+        var length: Int
+        var next: Int  // next packet of the same write, or -1
+    }
+
+    struct WriteSlot {
+        var first: Int
+        var last: Int
+        var count: Int
+        var iovecStart: Int
+        var bytes: Int  // without the virtio header
+        // Open-group state, meaningful while count may still grow.
+        var totalLength: Int
+        var segmentSize: Int
+        var headerLength: Int
+        var nextSequence: UInt32
+        var push: Bool
+    }
+
+    struct FlowSlot {
+        var source: UInt32
+        var destination: UInt32
+        var ports: UInt32
+        var write: Int  // open group's write, or -1
+    }
+
+    let maxPackets: Int
+    let verifyChecksums: Bool
+    let iovecs: UnsafeMutablePointer<iovec>
+    let headers: UnsafeMutableRawPointer
+    let packets: UnsafeMutablePointer<PacketSlot>
+    let writes: UnsafeMutablePointer<WriteSlot>
+    let flows: UnsafeMutablePointer<FlowSlot>
+    var packetCount = 0
+    var writeTotal = 0
+    var finished = false
+
+    /// - Parameters:
+    ///   - maxPackets: packets one batch may hold (`add` returns false past it).
+    ///   - verifyChecksums: check the IPv4 and TCP checksum of a packet before merging it.
+    ///     Merging hides a segment's own checksum (the kernel recomputes the super-packet's),
+    ///     so a corrupt segment would be accepted; the outer UDP checksum already covers the
+    ///     bytes on the wire, so a caller that trusts its peers' senders may turn this off.
+    public init(maxPackets: Int, verifyChecksums: Bool = true) {
+        let capacity = max(maxPackets, 1)
+        self.maxPackets = max(maxPackets, 0)
+        self.verifyChecksums = verifyChecksums
+        unsafe iovecs = .allocate(capacity: 2 * capacity)
+        unsafe headers = .allocate(byteCount: capacity * VirtioNetHeader.size, alignment: 8)
+        unsafe packets = .allocate(capacity: capacity)
+        unsafe writes = .allocate(capacity: capacity)
+        unsafe flows = .allocate(capacity: Self.flowTableSize)
+        unsafe iovecs.initialize(repeating: iovec(iov_base: nil, iov_len: 0), count: 2 * capacity)
+        unsafe headers.initializeMemory(as: UInt8.self, repeating: 0, count: capacity * VirtioNetHeader.size)
+        unsafe packets.initialize(repeating: PacketSlot(base: nil, length: 0, next: -1), count: capacity)
+        unsafe writes.initialize(
+            repeating: WriteSlot(first: -1, last: -1, count: 0, iovecStart: 0, bytes: 0, totalLength: 0,
+                                 segmentSize: 0, headerLength: 0, nextSequence: 0, push: false),
+            count: capacity)
+        unsafe flows.initialize(repeating: FlowSlot(source: 0, destination: 0, ports: 0, write: -1), count: Self.flowTableSize)
+    }
+
+    deinit {
+        unsafe iovecs.deallocate()
+        unsafe headers.deallocate()
+        unsafe packets.deallocate()
+        unsafe writes.deallocate()
+        unsafe flows.deallocate()
+    }
+
+    /// Forgets every packet and write; the plan can take a new batch.
+    public mutating func reset() {
+        packetCount = 0
+        writeTotal = 0
+        finished = false
+        for f in 0..<Self.flowTableSize { unsafe flows[f].write = -1 }
+    }
+
+    public var writeCount: Int { writeTotal }
+
+    /// Packets that were merged into another packet's write.
+    public var coalescedSegments: Int { packetCount - writeTotal }
+
+    /// Packets added since the last reset.
+    public var packetsAdded: Int { packetCount }
+
+    /// Adds one IPv4 packet of `length` bytes (its total length) that lives in the receive
+    /// buffer; packets arrive in wire order. Anything that is not a coalescable TCP segment
+    /// gets a write of its own. Returns false, without keeping the packet, if the plan is full,
+    /// already finished, or `length` is negative.
+    public mutating func add(_ packet: UnsafeMutableRawPointer, length: Int) -> Bool {
+        guard !finished, length >= 0, packetCount < maxPackets else { return false }
+        let index = packetCount
+        packetCount += 1
+        unsafe packets[index] = unsafe PacketSlot(base: packet, length: length, next: -1)
+
+        guard let key = unsafe flowKey(packet, length: length) else {
+            startWrite(index)
+            return true
+        }
+        let segment = unsafe parseSegment(packet, length: length)
+        let flow = findFlow(key)
+        if let flow {
+            let w = unsafe flows[flow].write
+            if let segment, unsafe join(segment, packet: packet, index: index, write: w) {
+                let group = unsafe writes[w]
+                if segment.flags & TCPFlag.psh != 0 || segment.payload < group.segmentSize {
+                    unsafe flows[flow].write = -1
+                }
+                return true
+            }
+            // Anything else of this flow ends its group, or a later segment would be
+            // written before this packet.
+            unsafe flows[flow].write = -1
+        }
+        let w = startWrite(index)
+        if let segment, segment.flags == TCPFlag.ack, segment.payload > 0, unsafe checksumsAreValid(packet, length: length) {
+            unsafe writes[w].totalLength = length
+            unsafe writes[w].segmentSize = segment.payload
+            unsafe writes[w].headerLength = segment.headerLength
+            unsafe writes[w].nextSequence = segment.sequence &+ UInt32(truncatingIfNeeded: segment.payload)
+            unsafe writes[w].push = false
+            let slot = flow ?? freeFlowSlot()
+            unsafe flows[slot] = FlowSlot(source: key.source, destination: key.destination, ports: key.ports, write: w)
+        }
+        return true
+    }
+
+    /// Closes the open groups: patches the first packet of every coalesced group in place and
+    /// lays out the gather lists. Call once after the last `add`; later calls do nothing.
+    public mutating func finish() {
+        guard !finished else { return }
+        finished = true
+        for f in 0..<Self.flowTableSize { unsafe flows[f].write = -1 }
+        var next = 0
+        for w in 0..<writeTotal {
+            let header = unsafe headers + w * VirtioNetHeader.size
+            let group = unsafe writes[w]
+            if group.count >= 2, let first = unsafe packets[group.first].base {
+                unsafe patchFirstPacket(first, group: group)
+                unsafe VirtioNetHeader(
+                    flags: VirtioNetHeader.needsChecksum,
+                    gsoType: VirtioNetHeader.GSOType.tcpv4.rawValue,
+                    headerLength: UInt16(group.headerLength),
+                    gsoSize: UInt16(group.segmentSize),
+                    checksumStart: UInt16(IPv4.minimumHeaderLength),
+                    checksumOffset: 16
+                ).write(to: header)
+            } else {
+                unsafe VirtioNetHeader().write(to: header)
+            }
+            unsafe writes[w].iovecStart = next
+            unsafe iovecs[next] = unsafe iovec(iov_base: header, iov_len: VirtioNetHeader.size)
+            next += 1
+            var p = group.first
+            while p >= 0 {
+                unsafe iovecs[next] = unsafe iovec(iov_base: packets[p].base, iov_len: packets[p].length)
+                next += 1
+                p = unsafe packets[p].next
+            }
+        }
+    }
+
+    /// Write `index` (valid after `finish()`): its gather list — iovec 0 is its virtio header,
+    /// then the first packet whole, then the payload of each following segment — and its total
+    /// bytes. An empty list for an index out of range or before `finish()`.
+    public func write(_ index: Int) -> (iovecs: UnsafeMutablePointer<iovec>, count: Int, bytes: Int) {
+        guard finished, index >= 0, index < writeTotal else { return unsafe (iovecs, 0, 0) }
+        let w = unsafe writes[index]
+        return unsafe (iovecs + w.iovecStart, 1 + w.count, VirtioNetHeader.size + w.bytes)
+    }
+
+    /// The virtio header of write `index` (valid after `finish()`).
+    public func header(_ index: Int) -> VirtioNetHeader {
+        guard finished, index >= 0, index < writeTotal else { return VirtioNetHeader() }
+        return unsafe VirtioNetHeader(reading: headers + index * VirtioNetHeader.size)
+    }
+
+    // MARK: - Internals
+
+    struct FlowKey {
+        var source: UInt32
+        var destination: UInt32
+        var ports: UInt32
+    }
+
+    /// A TCP segment that may be merged: IPv4 without options, not a fragment, lengths
+    /// consistent (checksums are checked later, only when it matters).
+    struct Segment {
+        var headerLength: Int
+        var payload: Int
+        var sequence: UInt32
+        var flags: UInt8
+    }
+
+    /// The TCP flow of an IPv4 packet whose ports can be read, else nil.
+    func flowKey(_ p: UnsafeMutableRawPointer, length: Int) -> FlowKey? {
+        guard length >= IPv4.minimumHeaderLength else { return nil }
+        let b0 = unsafe p.u8(0)
+        let ipHeaderLength = Int(b0 & 0x0f) * 4
+        guard b0 >> 4 == 4, ipHeaderLength >= IPv4.minimumHeaderLength, ipHeaderLength + 4 <= length,
+              unsafe p.u8(9) == IPv4.tcp, unsafe p.be16(6) & IPv4.fragmentOffsetMask == 0
+        else { return nil }
+        return unsafe FlowKey(source: p.be32(12), destination: p.be32(16), ports: p.be32(ipHeaderLength))
+    }
+
+    func parseSegment(_ p: UnsafeMutableRawPointer, length: Int) -> Segment? {
+        guard length >= 40, unsafe p.u8(0) == 0x45, unsafe Int(p.be16(2)) == length,
+              unsafe p.be16(6) & (IPv4.moreFragments | IPv4.fragmentOffsetMask) == 0
+        else { return nil }
+        let tcpHeaderLength = unsafe Int(p.u8(32) >> 4) * 4
+        guard tcpHeaderLength >= 20, 20 + tcpHeaderLength <= length else { return nil }
+        return unsafe Segment(
+            headerLength: 20 + tcpHeaderLength, payload: length - 20 - tcpHeaderLength,
+            sequence: p.be32(24), flags: p.u8(33))
+    }
+
+    /// Checked only for a packet about to be merged or to start a group: the kernel verifies
+    /// the rest when they are written to the TUN.
+    func checksumsAreValid(_ p: UnsafeMutableRawPointer, length: Int) -> Bool {
+        guard verifyChecksums else { return true }
+        guard unsafe Checksum.fold(Checksum.partial(p, count: 20)) == 0xffff else { return false }
+        let pseudo = unsafe Checksum.pseudoHeader(source: p.be32(12), destination: p.be32(16), protocol: IPv4.tcp, length: length - 20)
+        return unsafe Checksum.fold(Checksum.partial(p + 20, count: length - 20, initial: pseudo)) == 0xffff
+    }
+
+    func findFlow(_ key: FlowKey) -> Int? {
+        for f in 0..<Self.flowTableSize {
+            let slot = unsafe flows[f]
+            if slot.write >= 0, slot.source == key.source, slot.destination == key.destination, slot.ports == key.ports {
+                return f
+            }
+        }
+        return nil
+    }
+
+    /// An empty flow slot, or the one of the oldest open group (which is closed).
+    func freeFlowSlot() -> Int {
+        var oldest = 0
+        for f in 0..<Self.flowTableSize {
+            if unsafe flows[f].write < 0 { return f }
+            if unsafe flows[f].write < flows[oldest].write { oldest = f }
+        }
+        unsafe flows[oldest].write = -1
+        return oldest
+    }
+
+    @discardableResult
+    mutating func startWrite(_ packet: Int) -> Int {
+        let w = writeTotal
+        writeTotal += 1
+        unsafe writes[w] = unsafe WriteSlot(
+            first: packet, last: packet, count: 1, iovecStart: 0, bytes: packets[packet].length,
+            totalLength: 0, segmentSize: 0, headerLength: 0, nextSequence: 0, push: false)
+        return w
+    }
+
+    /// Appends the segment to open group `w` if it continues it (Linux GRO's rules for TCP).
+    func join(_ segment: Segment, packet p: UnsafeMutableRawPointer, index: Int, write w: Int) -> Bool {
+        let group = unsafe writes[w]
+        guard segment.flags & ~TCPFlag.psh == TCPFlag.ack,
+              segment.headerLength == group.headerLength,
+              segment.sequence == group.nextSequence,
+              segment.payload > 0, segment.payload <= group.segmentSize,
+              group.totalLength + segment.payload <= IPv4.maximumLength,
+              let first = unsafe packets[group.first].base
+        else { return false }
+        // Same TOS, TTL, DF and reserved bit; same ack, window, data offset and option bytes.
+        // Without DF the IDs must count up by one, as re-segmentation will make them.
+        let ipFlags = unsafe p.be16(6) & (IPv4.dontFragment | IPv4.reservedFlag)
+        guard unsafe p.u8(1) == first.u8(1), unsafe p.u8(8) == first.u8(8),
+              unsafe ipFlags == first.be16(6) & (IPv4.dontFragment | IPv4.reservedFlag),
+              unsafe ipFlags & IPv4.dontFragment != 0 || p.be16(4) == first.be16(4) &+ UInt16(truncatingIfNeeded: group.count),
+              unsafe p.be32(28) == first.be32(28), unsafe p.be16(34) == first.be16(34), unsafe p.u8(32) == first.u8(32),
+              unsafe memcmp(p + 40, first + 40, segment.headerLength - 40) == 0,
+              unsafe checksumsAreValid(p, length: segment.headerLength + segment.payload)
+        else { return false }
+
+        unsafe packets[index].base = unsafe p + segment.headerLength
+        unsafe packets[index].length = segment.payload
+        unsafe packets[group.last].next = index
+        unsafe writes[w].last = index
+        unsafe writes[w].count += 1
+        unsafe writes[w].bytes += segment.payload
+        unsafe writes[w].totalLength += segment.payload
+        unsafe writes[w].nextSequence &+= UInt32(truncatingIfNeeded: segment.payload)
+        if segment.flags & TCPFlag.psh != 0 { unsafe writes[w].push = true }
+        return true
+    }
+
+    /// Turns the first packet into the header of the super-packet: what a NIC's GRO hands the
+    /// stack with CHECKSUM_PARTIAL (the TCP checksum field holds the pseudo-header sum).
+    func patchFirstPacket(_ p: UnsafeMutableRawPointer, group: WriteSlot) {
+        unsafe p.setBE16(2, UInt16(group.totalLength))
+        unsafe p.setBE16(10, 0)
+        unsafe p.setBE16(10, Checksum.compute(p, count: 20))
+        if group.push { unsafe p.setU8(33, p.u8(33) | TCPFlag.psh) }
+        let pseudo = unsafe Checksum.pseudoHeader(source: p.be32(12), destination: p.be32(16), protocol: IPv4.tcp, length: group.totalLength - 20)
+        unsafe p.setBE16(36, Checksum.fold(pseudo))
+    }
+}
+
+// The plan owns its memory uniquely (it is ~Copyable), so moving it to another thread is safe.
+extension CoalescingPlan: @unchecked Sendable {}

@@ -1,0 +1,182 @@
+/// The result of splitting one GSO super-packet: `count` IPv4 packets laid out back to back in
+/// the output buffer, every one `segmentLength` bytes long except possibly the last (shorter,
+/// never longer) — the layout one `sendmsg` with `UDP_SEGMENT = segmentLength` sends as `count`
+/// datagrams.
+public struct SegmentedPacket: Equatable, Sendable {
+    public var segmentLength: Int
+    public var count: Int
+    public var totalLength: Int
+
+    @inlinable
+    public init(segmentLength: Int, count: Int, totalLength: Int) {
+        self.segmentLength = segmentLength
+        self.count = count
+        self.totalLength = totalLength
+    }
+}
+
+/// Turns what a TUN with `IFF_VNET_HDR` hands us into real IPv4 packets (the flannel wire
+/// format carries complete packets only, and a flannel peer has no checksum offload to lean on).
+public enum Segmentation {
+    /// Splits the IPv4 packet of `length` bytes at `packet` (the bytes after the virtio header),
+    /// described by `header`, into complete packets in `out` (room `capacity`).
+    ///
+    /// - `none`: copies the packet; with `needsChecksum` completes its L4 checksum. Count 1.
+    ///   The bytes are not parsed as IPv4 here.
+    /// - `tcpv4`: per segment: IP total length, IP ID + i, IP checksum, sequence number +
+    ///   i·gsoSize, FIN/PSH only on the last, CWR only on the first, full TCP checksum.
+    /// - `udpL4`: per segment: IP total length, IP ID + i, IP checksum, UDP length, full UDP
+    ///   checksum (0 sent as 0xFFFF).
+    /// - anything else: `.unsupportedGSOType`.
+    ///
+    /// Header lengths come from the IPv4 and TCP headers themselves; the virtio `headerLength`
+    /// is only a hint (the kernel may report its linear length there) and is refused only when
+    /// it exceeds the packet. `out` must not overlap `packet`. Nothing past `capacity` is written,
+    /// and every check happens before the first byte is, so on failure `out` is untouched.
+    public static func split(
+        _ packet: UnsafeRawPointer, length: Int, header: VirtioNetHeader,
+        into out: UnsafeMutableRawPointer, capacity: Int, maxSegments: Int
+    ) -> Result<SegmentedPacket, OffloadError> {
+        guard length > 0, capacity >= 0 else { return .failure(.malformed) }
+        switch header.gso {
+        case .none?:
+            guard maxSegments >= 1 else { return .failure(.tooManySegments) }
+            if header.needsChecksum {
+                guard checksumPosition(header, length: length) != nil else {
+                    return .failure(.badChecksumPosition)
+                }
+            }
+            guard length <= capacity else { return .failure(.doesNotFit) }
+            unsafe out.copyMemory(from: packet, byteCount: length)
+            if header.needsChecksum {
+                _ = unsafe completeChecksum(out, length: length, header: header)
+            }
+            return .success(SegmentedPacket(segmentLength: length, count: 1, totalLength: length))
+        case .tcpv4?:
+            return unsafe splitGSO(packet, length: length, header: header, tcp: true, into: out, capacity: capacity, maxSegments: maxSegments)
+        case .udpL4?:
+            return unsafe splitGSO(packet, length: length, header: header, tcp: false, into: out, capacity: capacity, maxSegments: maxSegments)
+        default:
+            return .failure(.unsupportedGSOType)
+        }
+    }
+
+    /// Completes a `NEEDS_CSUM` checksum in place (no GSO): sums from `checksumStart` to the
+    /// end (the checksum field already holds the pseudo-header sum, as the kernel leaves it) and
+    /// stores the inverted fold at `checksumStart + checksumOffset`, 0 as 0xFFFF like the
+    /// kernel's `skb_checksum_help`. True without `needsChecksum` (nothing to do); false, with
+    /// nothing written, if the positions are out of bounds.
+    public static func completeChecksum(_ packet: UnsafeMutableRawPointer, length: Int, header: VirtioNetHeader) -> Bool {
+        guard header.needsChecksum else { return true }
+        guard let (start, at) = checksumPosition(header, length: length) else { return false }
+        var checksum = unsafe Checksum.compute(packet + start, count: length - start)
+        if checksum == 0 { checksum = 0xffff }
+        unsafe packet.setBE16(at, checksum)
+        return true
+    }
+
+    /// (start, field offset) when the 2-byte field lies inside `[start, length)`.
+    @inline(__always)
+    static func checksumPosition(_ header: VirtioNetHeader, length: Int) -> (Int, Int)? {
+        let start = Int(header.checksumStart)
+        let at = start + Int(header.checksumOffset)
+        guard length >= 0, start < length, at + 2 <= length else { return nil }
+        return (start, at)
+    }
+
+    static func splitGSO(
+        _ packet: UnsafeRawPointer, length: Int, header: VirtioNetHeader, tcp: Bool,
+        into out: UnsafeMutableRawPointer, capacity: Int, maxSegments: Int
+    ) -> Result<SegmentedPacket, OffloadError> {
+        // IPv4 header.
+        guard length >= IPv4.minimumHeaderLength else { return .failure(.malformed) }
+        let versionAndLength = unsafe packet.u8(0)
+        guard versionAndLength >> 4 == 4 else { return .failure(.malformed) }
+        let ipHeaderLength = Int(versionAndLength & 0x0f) * 4
+        guard ipHeaderLength >= IPv4.minimumHeaderLength else { return .failure(.malformed) }
+        let total = unsafe Int(packet.be16(2))
+        guard total >= ipHeaderLength, total <= length else { return .failure(.malformed) }
+        guard unsafe packet.be16(6) & (IPv4.moreFragments | IPv4.fragmentOffsetMask) == 0 else {
+            return .failure(.malformed)
+        }
+        guard unsafe packet.u8(9) == (tcp ? IPv4.tcp : IPv4.udp) else { return .failure(.malformed) }
+
+        // L4 header.
+        let l4HeaderLength: Int
+        if tcp {
+            guard ipHeaderLength + 20 <= total else { return .failure(.malformed) }
+            l4HeaderLength = unsafe Int(packet.u8(ipHeaderLength + 12) >> 4) * 4
+            guard l4HeaderLength >= 20, ipHeaderLength + l4HeaderLength <= total else {
+                return .failure(.malformed)
+            }
+        } else {
+            l4HeaderLength = 8
+            guard ipHeaderLength + l4HeaderLength <= total else { return .failure(.malformed) }
+        }
+        let headerLength = ipHeaderLength + l4HeaderLength
+        guard Int(header.headerLength) <= total else { return .failure(.malformed) }
+        if header.needsChecksum {
+            guard Int(header.checksumStart) == ipHeaderLength,
+                  Int(header.checksumOffset) == (tcp ? 16 : 6)
+            else { return .failure(.badChecksumPosition) }
+        }
+
+        // Segment geometry; everything is checked before the first byte is written.
+        let payload = total - headerLength
+        let gsoSize = Int(header.gsoSize)
+        let count: Int
+        if payload == 0 {
+            count = 1
+        } else {
+            guard gsoSize > 0 else { return .failure(.malformed) }
+            count = (payload + gsoSize - 1) / gsoSize
+        }
+        guard count <= maxSegments else { return .failure(.tooManySegments) }
+        guard count * headerLength + payload <= capacity else { return .failure(.doesNotFit) }
+
+        let source = unsafe packet.be32(12)
+        let destination = unsafe packet.be32(16)
+        let firstID = unsafe packet.be16(4)
+        let protocolNumber = tcp ? IPv4.tcp : IPv4.udp
+        let firstSequence = unsafe tcp ? packet.be32(ipHeaderLength + 4) : 0
+        let originalFlags = unsafe tcp ? packet.u8(ipHeaderLength + 13) : 0
+
+        var from = headerLength
+        var to = 0
+        for i in 0..<count {
+            let chunk = min(gsoSize, payload - from + headerLength)
+            let segment = unsafe out + to
+            unsafe segment.copyMemory(from: packet, byteCount: headerLength)
+            unsafe (segment + headerLength).copyMemory(from: packet + from, byteCount: chunk)
+            let segmentLength = headerLength + chunk
+            let l4Length = segmentLength - ipHeaderLength
+
+            unsafe segment.setBE16(2, UInt16(segmentLength))
+            unsafe segment.setBE16(4, firstID &+ UInt16(truncatingIfNeeded: i))
+            unsafe segment.setBE16(10, 0)
+            unsafe segment.setBE16(10, Checksum.compute(segment, count: ipHeaderLength))
+
+            let l4 = unsafe segment + ipHeaderLength
+            let pseudo = Checksum.pseudoHeader(source: source, destination: destination, protocol: protocolNumber, length: l4Length)
+            if tcp {
+                unsafe l4.setBE32(4, firstSequence &+ UInt32(truncatingIfNeeded: i &* gsoSize))
+                var flags = originalFlags
+                if i != count - 1 { flags &= ~(TCPFlag.fin | TCPFlag.psh) }
+                if i != 0 { flags &= ~TCPFlag.cwr }
+                unsafe l4.setU8(13, flags)
+                unsafe l4.setBE16(16, 0)
+                unsafe l4.setBE16(16, Checksum.compute(l4, count: l4Length, initial: pseudo))
+            } else {
+                unsafe l4.setBE16(4, UInt16(l4Length))
+                unsafe l4.setBE16(6, 0)
+                var checksum = unsafe Checksum.compute(l4, count: l4Length, initial: pseudo)
+                if checksum == 0 { checksum = 0xffff }  // 0 means "no checksum" in UDP
+                unsafe l4.setBE16(6, checksum)
+            }
+            from += chunk
+            to += segmentLength
+        }
+        let segmentLength = count == 1 ? total : headerLength + gsoSize
+        return .success(SegmentedPacket(segmentLength: segmentLength, count: count, totalLength: to))
+    }
+}
