@@ -11,6 +11,8 @@ let package = Package(
         .library(name: "PacketRing", targets: ["PacketRing"]),
         .library(name: "LeaseStore", targets: ["LeaseStore"]),
         .library(name: "EtcdClient", targets: ["EtcdClient"]),
+        .library(name: "PeerControl", targets: ["PeerControl"]),
+        .library(name: "Backends", targets: ["Backends"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -66,10 +68,30 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The peer bookkeeping every backend shares (list, watch, compaction
+        // diff, renewal, re-acquisition) and the Backend protocol; no kernel
+        // access, so it is unit-tested without root.
+        .target(
+            name: "PeerControl",
+            dependencies: [
+                "NetBase", "LeaseStore",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        // The backends: udp (tunneld's data path), vxlan and host-gw (the
+        // kernel's, programmed through rtnetlink).
+        .target(
+            name: "Backends",
+            dependencies: [
+                "NetBase", "Netlink", "TunDevice", "UDPEncap", "PacketRing", "LeaseStore", "PeerControl",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .executableTarget(
             name: "tunneld",
             dependencies: [
-                "NetBase", "Netlink", "TunDevice", "UDPEncap", "PacketRing", "LeaseStore", "EtcdClient", "CTunnel",
+                "NetBase", "Netlink", "UDPEncap", "LeaseStore", "EtcdClient", "CTunnel", "PeerControl", "Backends",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -90,6 +112,20 @@ let package = Package(
             name: "LeaseStoreTests",
             dependencies: [
                 "LeaseStore", "NetBase", "EtcdClient", "EtcdTestSupport",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "PeerControlTests",
+            dependencies: [
+                "PeerControl", "LeaseStore", "NetBase",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "BackendsTests",
+            dependencies: [
+                "Backends", "PeerControl", "Netlink", "LeaseStore", "NetBase", "NetTestSupport",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -23,7 +23,8 @@ import statistics
 import sys
 import time
 
-MODES = ["host-gw", "kernel-vxlan", "tunneld-udp", "tunneld-udp-nooffload", "tunneld-udp-simple"]
+MODES = ["host-gw", "kernel-vxlan", "tunneld-udp", "tunneld-udp-nooffload", "tunneld-udp-simple", "tunneld-vxlan",
+         "tunneld-host-gw"]
 # (reference mode, short name in the table, modes whose cells show that ratio)
 REFERENCES = [
     ("host-gw", "hg", None),

@@ -284,7 +284,7 @@ extension RouteSocket {
 
     /// The name of device `index`, or "ifindex N" when it cannot be found;
     /// for error messages only.
-    func linkName(_ index: Int32) -> String {
+    public func linkName(_ index: Int32) -> String {
         guard index > 0 else { return "(no device)" }
         return (try? link(index: index))?.name ?? "ifindex \(index)"
     }

@@ -1,17 +1,15 @@
+import Backends
 import EtcdClient
 import Foundation
 import LeaseStore
 import Logging
 import NetBase
 import Netlink
-import PacketRing
+import PeerControl
 import ServiceLifecycle
-import Synchronization
-import TunDevice
-import UDPEncap
 
-/// The running node: holds the lease, the TUN device and the data path, and
-/// keeps the subnet table in step with the store.
+/// The running node: composes the backend the config names (Backends) with
+/// the lease and peer bookkeeping (PeerControl); the steps live there.
 final class Daemon: Service, Sendable {
     let options: Run
     let store: any LeaseStore
@@ -30,10 +28,12 @@ final class Daemon: Service, Sendable {
         let routeSocket = try RouteSocket()
         let (interface, interfaceAddress) = try selectInterface(routeSocket)
         let publicIP = options.publicIP.flatMap(IPv4Address.init) ?? interfaceAddress
-        let mtu = interface.mtu - DataPath.udpEncapsulationOverhead
-        logger.info("using interface \(interface.name) (\(interfaceAddress), MTU \(interface.mtu)); public IP \(publicIP)")
+        logger.info("using interface \(interface.name) (\(interfaceAddress), MTU \(interface.mtu)); public IP \(publicIP); backend \(config.backend.type)")
 
-        let attributes = LeaseAttributes(publicIP: publicIP)
+        let backend = try makeBackend(config, interface: interface, interfaceAddress: interfaceAddress,
+                                      publicIP: publicIP, routeSocket: routeSocket)
+        // The device comes before the lease: a vxlan lease carries its MAC.
+        let attributes = try backend.leaseAttributes()
         let preferred: IPv4Network?
         switch SubnetEnv.previousSubnet(at: options.subnetFile) {
         case .success(let subnet): preferred = subnet
@@ -44,34 +44,13 @@ final class Daemon: Service, Sendable {
         let lease = try await store.acquireLease(config: config, attributes: attributes, preferred: preferred)
         logger.info("leased \(lease.subnet) for \(publicIP) in \(store.location)")
         let holder = LeaseHolder(lease)
+        try backend.activate(lease: lease)
+        let mtu = backend.mtu
 
-        let table = try SubnetTable(network: config.network, subnetLength: config.subnetLen)
-        try table.set(lease.subnet, to: .local)
-        let forwarder = Forwarder(table: table, tunAddress: lease.subnet.address,
-                                  acceptUnknownPeers: options.acceptUnknownPeers)
-        let dataPath = try UDPDataPath(
-            settings: .init(device: options.device, port: config.backend.port, mtu: mtu, datapath: options.datapath,
-                            offload: options.offload, workers: options.effectiveWorkers, queueDepth: options.queueDepth,
-                            busyPollMicroseconds: options.busyPoll),
-            forwarder: forwarder, routeSocket: routeSocket)
-        let tun = dataPath.tun
-        do {
-            try tun.configure(address: lease.subnet.address, prefixLength: 32, mtu: mtu,
-                              routes: [config.network], using: routeSocket)
-        } catch {
-            tun.close()
-            dataPath.closeSockets()
-            throw error
-        }
-        logger.info("device \(options.device) up: \(lease.subnet.address)/32 MTU \(mtu), route \(config.network) dev \(options.device)")
-        logger.info("\(dataPath.summary)")
-
-        let peers = PeerSync(store: store, table: table, holder: holder, port: config.backend.port,
-                             config: config, attributes: attributes, logger: logger,
+        let peers = PeerSync(store: store, backend: backend, holder: holder, config: config,
+                             attributes: attributes, logger: logger,
                              onSubnetChange: { [options, logger] newLease in
             do {
-                try tun.configure(address: newLease.subnet.address, prefixLength: 32, mtu: mtu,
-                                  routes: [config.network], using: routeSocket)
                 try SubnetEnv(network: config.network, subnet: newLease.subnet, mtu: mtu, ipMasq: options.ipMasq)
                     .write(to: options.subnetFile)
                 if options.ipMasq { try IPMasquerade().install(network: config.network, subnet: newLease.subnet) }
@@ -79,54 +58,55 @@ final class Daemon: Service, Sendable {
                 logger.error("could not move to the new subnet \(newLease.subnet): \(error)")
             }
         })
-        let masquerade = options.ipMasq ? try IPMasquerade() : nil
-        if let masquerade {
-            try masquerade.install(network: config.network, subnet: lease.subnet)
-            logger.info("ip masquerade on for traffic from \(config.network) leaving it (iptables chains \(IPMasquerade.natChain), \(IPMasquerade.filterChain))")
+        let masquerade: IPMasquerade?
+        do {
+            masquerade = options.ipMasq ? try IPMasquerade() : nil
+            if let masquerade {
+                try masquerade.install(network: config.network, subnet: lease.subnet)
+                logger.info("ip masquerade on for traffic from \(config.network) leaving it (iptables chains \(IPMasquerade.natChain), \(IPMasquerade.filterChain))")
+            }
+        } catch {
+            backend.cleanUp(releasing: false)
+            throw error
         }
-        let revision = try await peers.loadInitialPeers()
-        try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq)
-            .write(to: options.subnetFile)
+        let revision: Int64
+        do {
+            revision = try await peers.loadInitialPeers()
+            try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq)
+                .write(to: options.subnetFile)
+        } catch {
+            cleanUp(backend, masquerade: masquerade, releasing: false)
+            throw error
+        }
 
         let health = try options.healthzPort == 0 ? nil
             : HealthServer(address: IPv4Address(options.healthzIP)!, port: UInt16(options.healthzPort))
         defer { health?.stop() }
         if let health { logger.info("health endpoint: http://\(health.endpoint)/healthz") }
 
-        let workers = dataPath.start()
-        logger.info("tunneld ready: \(dataPath.loops.count) data-path worker(s) on udp port \(config.backend.port), \(table.allRoutes.count - 1) peer(s); wrote \(options.subnetFile)")
+        logger.info("tunneld ready: \(backend.type) backend, MTU \(mtu), \(peers.currentPeers.count) peer(s); wrote \(options.subnetFile)")
         notifySystemd("READY=1")
 
         let margin = Duration.seconds(options.subnetLeaseRenewMargin * 60)
         do {
-            try await withTaskCancellationOrGracefulShutdownHandler {
+            try await cancelWhenGracefulShutdown {
                 try await withThrowingTaskGroup(of: Void.self) { group in
-                    for worker in workers { group.addTask { try await worker.wait() } }
-                    group.addTask { await peers.watch(from: revision) }
-                    group.addTask { await peers.renew(margin: margin) }
-                    group.addTask { [logger] in
-                        // A periodic look at the data path's counters.
-                        while !Task.isCancelled {
-                            try? await Task.sleep(for: .seconds(60))
-                            logger.debug("data path: \(Statistics.summary(of: dataPath.statistics))")
-                        }
-                    }
-                    // The data path ends only on shutdown or a fatal error;
-                    // either way the rest stops with it.
+                    group.addTask { try await backend.run() }
+                    group.addTask { await peers.run(from: revision, renewMargin: margin) }
+                    // The backend ends only on shutdown or a fatal error
+                    // (the data path lost its device); either way the rest
+                    // stops with it.
                     defer { group.cancelAll() }
                     try await group.next()
                 }
-            } onCancelOrGracefulShutdown: {
-                for worker in workers { worker.stop() }
             }
         } catch {
-            logger.error("data path stopped: \(error)")
-            cleanUp(tun: tun, routeSocket: routeSocket, network: config.network, masquerade: masquerade)
+            logger.error("\(backend.type) backend stopped: \(error)")
+            cleanUp(backend, masquerade: masquerade, releasing: false)
             throw error
         }
-        logger.info("stopping; data path counters: \(Statistics.summary(of: dataPath.statistics))")
-        cleanUp(tun: tun, routeSocket: routeSocket, network: config.network, masquerade: masquerade)
-        dataPath.closeSockets()
+        logger.info("stopping")
+        cleanUp(backend, masquerade: masquerade, releasing: options.releaseOnExit)
         if options.releaseOnExit {
             do {
                 try await store.releaseLease(holder.lease)
@@ -139,12 +119,44 @@ final class Daemon: Service, Sendable {
         }
     }
 
-    private func cleanUp(tun: TunDevice, routeSocket: RouteSocket, network: IPv4Network, masquerade: IPMasquerade?) {
-        do { try tun.removeRoutes(using: routeSocket) } catch {
-            logger.warning("could not remove route \(network) dev \(tun.name): \(error)")
+    /// The backend the config names, after removing what other modes left
+    /// on this host (a restart with a new Backend.Type switches modes).
+    private func makeBackend(_ config: NetworkConfig, interface: Interface, interfaceAddress: IPv4Address,
+                             publicIP: IPv4Address, routeSocket: RouteSocket) throws -> any Backend {
+        let link = try routeSocket.link(index: interface.index)
+        let address = try routeSocket.addresses().first { $0.index == interface.index && $0.address == interfaceAddress }
+            ?? InterfaceAddress(index: interface.index, address: interfaceAddress, prefixLength: 32)
+        func removeLeftovers(keeping device: String?, peerRoutesToo: Bool) {
+            Leftovers.remove(keepingDevice: device, peerRoutesToo: peerRoutesToo, network: config.network,
+                             subnetLen: config.subnetLen, underlay: link, routeSocket: routeSocket, logger: logger)
         }
-        tun.close()
-        logger.info("removed device \(tun.name) and route \(network)")
+        switch config.backend.type {
+        case "udp":
+            removeLeftovers(keeping: nil, peerRoutesToo: true)
+            let loop: UDPBackend.Options.Loop = options.datapath == .uring ? .uring : .simple
+            return try UDPBackend(config: config, underlay: link, publicIP: publicIP,
+                                  options: .init(device: options.device, loop: loop, queueDepth: options.queueDepth,
+                                                 acceptUnknownPeers: options.acceptUnknownPeers,
+                                                 offload: options.offload, workers: options.effectiveWorkers,
+                                                 busyPollMicroseconds: options.busyPoll),
+                                  routeSocket: routeSocket, logger: logger)
+        case "vxlan":
+            let backend = try VXLANBackend(config: config, underlay: link, underlayAddress: address, publicIP: publicIP,
+                                           routeSocket: routeSocket, logger: logger)
+            removeLeftovers(keeping: backend.deviceName, peerRoutesToo: false)
+            return backend
+        case "host-gw":
+            let backend = try HostGatewayBackend(config: config, underlay: link, underlayAddress: address,
+                                                 publicIP: publicIP, routeSocket: routeSocket, logger: logger)
+            removeLeftovers(keeping: nil, peerRoutesToo: false)
+            return backend
+        default:
+            throw DaemonError("backend \"\(config.backend.type)\" is not supported by tunneld (udp, vxlan and host-gw are); set Backend.Type to one of them")
+        }
+    }
+
+    private func cleanUp(_ backend: any Backend, masquerade: IPMasquerade?, releasing: Bool) {
+        backend.cleanUp(releasing: releasing)
         guard let masquerade else { return }
         do {
             try masquerade.remove()
@@ -195,8 +207,8 @@ final class Daemon: Service, Sendable {
         if let wanted = options.backend, wanted.rawValue != config.backend.type {
             throw DaemonError("--backend \(wanted.rawValue) disagrees with the network config's Backend.Type \"\(config.backend.type)\"; every host of a network must use the same backend: drop --backend or change the config")
         }
-        guard config.backend.type == "udp" else {
-            throw DaemonError("backend \"\(config.backend.type)\" is not supported by this version of tunneld (udp is); set Backend.Type to udp")
+        guard ["udp", "vxlan", "host-gw"].contains(config.backend.type) else {
+            throw DaemonError("backend \"\(config.backend.type)\" is not supported by tunneld (udp, vxlan and host-gw are); set Backend.Type to one of them")
         }
     }
 
@@ -228,16 +240,6 @@ final class Daemon: Service, Sendable {
 struct DaemonError: Error, CustomStringConvertible {
     let description: String
     init(_ description: String) { self.description = description }
-}
-
-/// The lease this node holds; changed by renewal and re-acquisition.
-final class LeaseHolder: Sendable {
-    private let state: Mutex<Lease>
-    init(_ lease: Lease) { state = Mutex(lease) }
-    var lease: Lease {
-        get { state.withLock { $0 } }
-    }
-    func replace(_ lease: Lease) { state.withLock { $0 = lease } }
 }
 
 /// Tells systemd (Type=notify) about our state, as flanneld does.

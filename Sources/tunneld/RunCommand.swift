@@ -1,4 +1,5 @@
 import ArgumentParser
+import Backends
 import Foundation
 import LeaseStore
 import Logging
@@ -44,21 +45,21 @@ struct Run: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Renew the lease this many minutes before it expires (1–1439).", valueName: "minutes"))
     var subnetLeaseRenewMargin: Int = 60
 
-    @Option(help: ArgumentHelp("Name of the TUN device.", valueName: "name"))
+    @Option(help: ArgumentHelp("Name of the udp backend's TUN device.", valueName: "name"))
     var device: String = "flannel0"
 
-    @Option(help: ArgumentHelp("Data path: uring (batched io_uring) or simple (one system call per packet, like flannel).",
+    @Option(help: ArgumentHelp("udp backend's data path: uring (batched io_uring) or simple (one system call per packet, like flannel).",
                                valueName: "uring|simple"))
     var datapath: DataPathKind = .uring
 
-    @Option(help: ArgumentHelp("Packets kept in flight per direction by the io_uring data path.", valueName: "n"))
+    @Option(help: ArgumentHelp("Packets kept in flight per direction by the udp backend's io_uring data path.", valueName: "n"))
     var queueDepth: Int = 64
 
-    @Option(help: ArgumentHelp("Offloads of the io_uring data path: auto (TUN TSO/checksum, UDP GSO/GRO, whatever the kernel offers) or off (one packet per system call's worth of work).",
+    @Option(help: ArgumentHelp("Offloads of the udp backend's io_uring data path: auto (TUN TSO/checksum, UDP GSO/GRO, whatever the kernel offers) or off (one packet per system call's worth of work).",
                                valueName: "auto|off"))
     var offload: OffloadMode = .auto
 
-    @Option(help: ArgumentHelp("Data-path worker threads, each with its own TUN queue, socket and ring (default: online cores, at most 4).",
+    @Option(help: ArgumentHelp("udp backend: data-path worker threads, each with its own TUN queue, socket and ring (default: online cores, at most 4).",
                                valueName: "n"))
     var workers: Int?
 
@@ -72,10 +73,10 @@ struct Run: AsyncParsableCommand {
         return max(1, min(4, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
     }
 
-    @Flag(help: "Accept datagrams from any sender, as flannel does (default: only from the peer that owns the packet's source subnet).")
+    @Flag(help: "udp backend: accept datagrams from any sender, as flannel does (default: only from the peer that owns the packet's source subnet).")
     var acceptUnknownPeers = false
 
-    @Flag(help: "Release the lease on exit (default: keep it, so a restart gets the same subnet).")
+    @Flag(help: "Release the lease on exit and remove the backend's devices and routes: the host leaves the network (default: keep both, so a restart gets the same subnet and vxlan/host-gw traffic keeps flowing).")
     var releaseOnExit = false
 
     @Flag(help: "Masquerade traffic from the overlay network to the outside, as flanneld's -ip-masq (needs iptables).")

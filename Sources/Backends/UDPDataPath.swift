@@ -6,7 +6,7 @@ import TunDevice
 import UDPEncap
 
 /// What `--offload` allows.
-enum OffloadMode: String, CaseIterable {
+public enum OffloadMode: String, CaseIterable, Sendable {
     /// Use every offload the kernel accepts.
     case auto
     /// One packet per read, send, receive and write.
@@ -28,7 +28,7 @@ final class UDPDataPath: Sendable {
         var device: String
         var port: UInt16
         var mtu: Int
-        var datapath: Run.DataPathKind
+        var datapath: UDPBackend.Options.Loop
         var offload: OffloadMode
         var workers: Int
         var queueDepth: Int
@@ -54,7 +54,7 @@ final class UDPDataPath: Sendable {
         // non-persistent TUN lives only while its owner holds it open, and a
         // multi-queue TUNSETIFF would quietly join that owner's device.
         if (try? routeSocket.linkIndex(named: settings.device)) != nil {
-            throw DaemonError("a device named \(settings.device) already exists: is another tunneld or flanneld running? Stop it, delete the device (ip link del \(settings.device)) or choose another --device")
+            throw BackendError("a device named \(settings.device) already exists: is another tunneld or flanneld running? Stop it, delete the device (ip link del \(settings.device)) or choose another --device")
         }
         var tun: TunDevice
         var virtio = false

@@ -1,0 +1,98 @@
+import LeaseStore
+import Logging
+import NetBase
+import Netlink
+import PeerControl
+
+/// flannel's host-gw backend: no tunnel at all. Each peer's subnet is routed
+/// to the peer's public IP over the underlay (`<subnet> via <PublicIP> dev
+/// eth0`), so every host must be on one layer-2 segment with the others.
+public final class HostGatewayBackend: Backend {
+    public let type = "host-gw"
+    public let mtu: Int
+    let config: NetworkConfig
+    let underlay: Link
+    let underlayAddress: InterfaceAddress
+    let publicIP: IPv4Address
+    let routeSocket: RouteSocket
+    let logger: Logger
+    let routes: RouteKeeper
+    /// How often routes are checked and restored (flanneld: every 10 s).
+    let checkInterval: Duration
+
+    public init(config: NetworkConfig, underlay: Link, underlayAddress: InterfaceAddress, publicIP: IPv4Address,
+                routeSocket: RouteSocket, logger: Logger, checkInterval: Duration = .seconds(10)) throws {
+        guard publicIP == underlayAddress.address else {
+            // The peers route to our PublicIP as a next hop on their link; an
+            // address behind NAT is no next hop.
+            throw BackendError("host-gw needs the public IP to be the address of \(underlay.name) (\(underlayAddress.address)), not \(publicIP): other hosts route to it directly on the link; drop --public-ip or use the vxlan backend")
+        }
+        self.config = config
+        self.underlay = underlay
+        self.underlayAddress = underlayAddress
+        self.publicIP = publicIP
+        self.routeSocket = routeSocket
+        self.logger = logger
+        self.checkInterval = checkInterval
+        mtu = underlay.mtu
+        let index = underlay.index, network = config.network, subnetLen = config.subnetLen
+        routes = RouteKeeper(routeSocket: routeSocket, logger: logger) { route in
+            route.outputIndex == index && isPeerRoute(route, network: network, subnetLen: subnetLen)
+        }
+    }
+
+    /// flanneld's host-gw lease: `"BackendType":"host-gw"`, no BackendData.
+    public func leaseAttributes() throws -> LeaseAttributes {
+        LeaseAttributes(publicIP: publicIP, backendType: type)
+    }
+
+    public func activate(lease: Lease) throws {
+        logger.info("host-gw: peers are routed via their public IPs on \(underlay.name) (\(underlayAddress)), MTU \(mtu)")
+    }
+
+    public func move(from old: Lease, to new: Lease) throws {}
+
+    public func unusableReason(_ lease: Lease) -> String? { nil }
+
+    public func apply(_ changes: [PeerChange]) {
+        for change in changes {
+            switch change {
+            case .added(let lease), .updated(_, let lease):
+                let gateway = lease.attributes.publicIP
+                guard underlayAddress.network.contains(gateway) else {
+                    // Drop a route an earlier version of this lease had.
+                    routes.remove(lease.subnet)
+                    logger.error("peer \(lease.subnet) at \(gateway) is not directly reachable: it is outside \(underlay.name)'s network \(underlayAddress.network), and host-gw needs every host on one layer-2 network; its containers stay unreachable from here (use the vxlan backend for routed networks)")
+                    continue
+                }
+                let route = Netlink.Route(destination: lease.subnet, outputIndex: underlay.index, gateway: gateway)
+                if routes.set(route, peer: "peer \(lease.subnet) (\(gateway))") {
+                    logger.info("peer \(lease.subnet) → via \(gateway) dev \(underlay.name)")
+                }
+            case .removed(let lease):
+                routes.remove(lease.subnet)
+            }
+        }
+    }
+
+    /// Checks the routes every `checkInterval` and restores what is missing.
+    public func run() async throws {
+        routes.check()
+        while !Task.isCancelled {
+            try? await Task.sleep(for: checkInterval)
+            if Task.isCancelled { break }
+            routes.check()
+        }
+    }
+
+    /// The routes stay across a restart (traffic keeps flowing, as with
+    /// flanneld) unless the host leaves the network.
+    public func cleanUp(releasing: Bool) {
+        if releasing {
+            routes.removeAll()
+            logger.info("removed the host-gw routes to every peer")
+        } else {
+            logger.info("host-gw routes kept for a restart")
+        }
+    }
+}

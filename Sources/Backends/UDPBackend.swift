@@ -1,0 +1,171 @@
+import LeaseStore
+import Logging
+import NetBase
+import Netlink
+import PacketRing
+import PeerControl
+import Synchronization
+import TunDevice
+import UDPEncap
+
+/// flannel's udp backend, with tunneld's own data path: a TUN device, a UDP
+/// socket and a packet loop on a thread of its own, steered by the subnet
+/// table.
+///
+/// The whole data path is built here and only here (`activate` and `run`),
+/// so that swapping in another data path touches this one type.
+public final class UDPBackend: Backend {
+    public struct Options: Sendable {
+        public enum Loop: String, Sendable { case uring, simple }
+        /// TUN device name (flannel's is flannel0).
+        public var device: String
+        public var loop: Loop
+        public var queueDepth: Int
+        public var acceptUnknownPeers: Bool
+        public var offload: OffloadMode
+        /// Data-path threads, each with its own TUN queue, socket and ring.
+        public var workers: Int
+        /// How long a loop looks for more work before sleeping (0: never).
+        public var busyPollMicroseconds: Int
+
+        public init(device: String = "flannel0", loop: Loop = .uring, queueDepth: Int = 64,
+                    acceptUnknownPeers: Bool = false, offload: OffloadMode = .auto, workers: Int = 1,
+                    busyPollMicroseconds: Int = 0) {
+            self.busyPollMicroseconds = busyPollMicroseconds
+            self.device = device
+            self.loop = loop
+            self.queueDepth = queueDepth
+            self.acceptUnknownPeers = acceptUnknownPeers
+            self.offload = offload
+            self.workers = workers
+        }
+    }
+
+    public let type = "udp"
+    public let mtu: Int
+    let config: NetworkConfig
+    let publicIP: IPv4Address
+    let options: Options
+    let routeSocket: RouteSocket
+    let logger: Logger
+    let table: SubnetTable
+
+    private let dataPath = Mutex<UDPDataPath?>(nil)
+
+    public init(config: NetworkConfig, underlay: Link, publicIP: IPv4Address, options: Options,
+                routeSocket: RouteSocket, logger: Logger) throws {
+        self.config = config
+        self.publicIP = publicIP
+        self.options = options
+        self.routeSocket = routeSocket
+        self.logger = logger
+        mtu = underlay.mtu - NetBase.DataPath.udpEncapsulationOverhead
+        table = try SubnetTable(network: config.network, subnetLength: config.subnetLen)
+    }
+
+    /// flannel's udp backend writes no BackendType and no BackendData.
+    public func leaseAttributes() throws -> LeaseAttributes {
+        LeaseAttributes(publicIP: publicIP)
+    }
+
+    public func activate(lease: Lease) throws {
+        try table.set(lease.subnet, to: .local)
+        let forwarder = Forwarder(table: table, tunAddress: lease.subnet.address,
+                                  acceptUnknownPeers: options.acceptUnknownPeers)
+        let path = try UDPDataPath(
+            settings: .init(device: options.device, port: config.backend.port, mtu: mtu, datapath: options.loop,
+                            offload: options.offload, workers: options.workers, queueDepth: options.queueDepth,
+                            busyPollMicroseconds: options.busyPollMicroseconds),
+            forwarder: forwarder, routeSocket: routeSocket)
+        do {
+            try path.tun.configure(address: lease.subnet.address, prefixLength: 32, mtu: mtu,
+                                   routes: [config.network], using: routeSocket)
+        } catch {
+            path.tun.close()
+            path.closeSockets()
+            throw error
+        }
+        logger.info("device \(options.device) up: \(lease.subnet.address)/32 MTU \(mtu), route \(config.network) dev \(options.device)")
+        logger.info("\(path.summary)")
+        dataPath.withLock { $0 = path }
+    }
+
+    public func move(from old: Lease, to new: Lease) throws {
+        table.remove(old.subnet)
+        try table.set(new.subnet, to: .local)
+        guard let tun = dataPath.withLock({ $0?.tun }) else { return }
+        try tun.configure(address: new.subnet.address, prefixLength: 32, mtu: mtu,
+                          routes: [config.network], using: routeSocket)
+        // The old subnet's address must not stay: it would answer for a
+        // subnet that is now another host's.
+        try routeSocket.deleteAddress(index: routeSocket.linkIndex(named: tun.name),
+                                      address: old.subnet.address, prefixLength: 32)
+    }
+
+    public func unusableReason(_ lease: Lease) -> String? { nil }
+
+    public func apply(_ changes: [PeerChange]) {
+        for change in changes {
+            switch change {
+            case .added(let lease), .updated(_, let lease):
+                let route = PacketRing.Route.peer(UDPEndpoint(address: lease.attributes.publicIP, port: config.backend.port))
+                do {
+                    try table.set(lease.subnet, to: route)
+                    logger.info("peer \(lease.subnet) → \(route)")
+                } catch {
+                    logger.warning("\(error)")
+                }
+            case .removed(let lease):
+                table.remove(lease.subnet)
+            }
+        }
+    }
+
+    /// Runs the packet loops, one thread each, until cancelled (or until one
+    /// fails: a vanished TUN device ends it with an error).
+    public func run() async throws {
+        guard let path = dataPath.withLock({ $0 }) else {
+            throw BackendError("the udp backend was not activated before run()")
+        }
+        let workers = path.start()
+        logger.info("\(path.loops.count) data-path worker(s) on udp port \(config.backend.port), \(table.allRoutes.count - 1) peer(s)")
+        try await withTaskCancellationHandler {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for worker in workers { group.addTask { try await worker.wait() } }
+                group.addTask { [logger] in
+                    // A periodic look at the data path's counters.
+                    while !Task.isCancelled {
+                        try? await Task.sleep(for: .seconds(60))
+                        logger.debug("data path: \(Statistics.summary(of: path.statistics))")
+                    }
+                }
+                defer { group.cancelAll() }
+                try await group.next()
+            }
+        } onCancel: {
+            for worker in workers { worker.stop() }
+        }
+        logger.info("data path stopped; counters: \(Statistics.summary(of: path.statistics))")
+    }
+
+    /// The TUN device (and its route) goes with the process in any case:
+    /// packets cannot flow without the daemon.
+    public func cleanUp(releasing: Bool) {
+        guard let path = dataPath.withLock({ current -> UDPDataPath? in
+            defer { current = nil }
+            return current
+        }) else { return }
+        for loop in path.loops { loop.stop() }
+        do { try path.tun.removeRoutes(using: routeSocket) } catch {
+            logger.warning("could not remove route \(config.network) dev \(path.tun.name): \(error)")
+        }
+        path.tun.close()
+        path.closeSockets()
+        logger.info("removed device \(path.tun.name) and route \(config.network)")
+    }
+}
+
+public struct BackendError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}

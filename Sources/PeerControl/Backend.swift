@@ -1,0 +1,81 @@
+import LeaseStore
+import NetBase
+
+/// One change to the set of peers a backend must reach.
+public enum PeerChange: Sendable, Equatable, CustomStringConvertible {
+    /// A host joined (or became usable).
+    case added(Lease)
+    /// A host's lease changed in a way that matters (public IP, backend data).
+    case updated(old: Lease, new: Lease)
+    /// A host left: its lease was released, deleted or expired.
+    case removed(Lease)
+
+    public var subnet: IPv4Network {
+        switch self {
+        case .added(let lease), .removed(let lease), .updated(_, let lease): lease.subnet
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .added(let lease): "added \(lease)"
+        case .updated(let old, let new): "updated \(old) to \(new)"
+        case .removed(let lease): "removed \(lease)"
+        }
+    }
+}
+
+/// What carries this host's traffic to the other hosts: udp (tunneld's own
+/// data path), vxlan or host-gw (the kernel's, programmed through rtnetlink).
+///
+/// The life of a backend, in the order the daemon calls it:
+/// 1. `leaseAttributes()` — what our lease must carry. vxlan creates its
+///    device here, because the lease carries the device's MAC.
+/// 2. `activate(lease:)` — the lease is ours: address the device, install
+///    what does not depend on peers.
+/// 3. `apply(_:)` — peers come and go (first the whole list, then the
+///    watch's changes), always from one task at a time.
+/// 4. `run()` — until cancelled: the data path (udp), the periodic route
+///    check (host-gw).
+/// 5. `cleanUp(releasing:)` — on exit.
+///
+/// `PeerSync` decides which leases reach `apply`: not our own, only of our
+/// `type`, and only those `unusableReason(_:)` accepts.
+public protocol Backend: AnyObject, Sendable {
+    /// flannel's name of the backend: "udp", "vxlan", "host-gw".
+    var type: String { get }
+    /// The MTU containers get (subnet.env's FLANNEL_MTU).
+    var mtu: Int { get }
+
+    /// What our lease carries besides the public IP (BackendType, BackendData).
+    func leaseAttributes() throws -> LeaseAttributes
+
+    /// Called once with the lease we hold.
+    func activate(lease: Lease) throws
+
+    /// Called when re-acquisition gave us another subnet: the old one's
+    /// addresses must go, the new one's come.
+    func move(from old: Lease, to new: Lease) throws
+
+    /// Why a peer lease of our type cannot be used (e.g. vxlan data without
+    /// a VtepMAC); nil when it can.
+    func unusableReason(_ lease: Lease) -> String?
+
+    /// Brings the kernel (or the data path's table) in line with the changes.
+    /// Failures are logged per peer; one bad peer does not stop the others.
+    func apply(_ changes: [PeerChange])
+
+    /// Runs until cancelled or failed.
+    func run() async throws
+
+    /// On exit. `releasing`: the host leaves the network (its lease is
+    /// released), so everything it installed goes; otherwise kernel state
+    /// stays so that traffic keeps flowing across a restart, as with flanneld.
+    func cleanUp(releasing: Bool)
+}
+
+extension LeaseAttributes {
+    /// The backend a lease was written for; flannel's udp backend writes no
+    /// BackendType, so none means udp.
+    public var effectiveBackendType: String { backendType?.lowercased() ?? "udp" }
+}

@@ -1,0 +1,339 @@
+import Foundation
+import LeaseStore
+import Logging
+import NetBase
+import ServiceLifecycle
+import Synchronization
+
+/// The lease this node holds; changed by renewal and re-acquisition.
+public final class LeaseHolder: Sendable {
+    private let state: Mutex<Lease>
+    public init(_ lease: Lease) { state = Mutex(lease) }
+    public var lease: Lease { state.withLock { $0 } }
+    public func replace(_ lease: Lease) { state.withLock { $0 = lease } }
+}
+
+/// Keeps a backend's peers equal to the store's leases, and this node's own
+/// lease alive. It does not know which backend it feeds.
+///
+/// The peer record starts from a list at revision R and follows a watch from
+/// R; when the store has forgotten the changes we need (compaction), the
+/// list is read again and the record diffed against it. A broken watch is
+/// resumed from the last revision seen, with backoff. Our own lease deleted
+/// behind our back is acquired again (the same subnet while it is free) by a
+/// task of its own, so peer changes keep flowing while it retries.
+///
+/// The record holds only leases the backend can use: of our network and
+/// SubnetLen (a hand-written key such as 10.2.0.0-16 would otherwise cover
+/// other hosts' subnets and our own), not our own, of our backend type.
+/// Leases left out are reported once each, with what to do.
+public final class PeerSync: Sendable {
+    public let store: any LeaseStore
+    public let backend: any Backend
+    public let holder: LeaseHolder
+    public let config: NetworkConfig
+    public let attributes: LeaseAttributes
+    let logger: Logger
+    /// Called after we moved to another subnet (subnet.env, masquerade rules).
+    let onSubnetChange: @Sendable (Lease) -> Void
+
+    /// Peers as applied to the backend, by subnet.
+    private let peers = Mutex<[IPv4Network: Lease]>([:])
+    /// Leases already reported as unusable, with the reason, so that each
+    /// is reported once (again only if the reason changes).
+    private let reported = Mutex<[IPv4Network: String]>([:])
+    /// Changes are applied one batch at a time, in order.
+    private let applying = Mutex<Void>(())
+    /// Requests to acquire our lease again; consumed by `keepLeaseAcquired`.
+    private let reacquireRequests: AsyncStream<IPv4Network>
+    private let reacquireContinuation: AsyncStream<IPv4Network>.Continuation
+    /// True while a re-acquisition is pending or running.
+    private let reacquiring = Mutex<Bool>(false)
+
+    public init(store: any LeaseStore, backend: any Backend, holder: LeaseHolder, config: NetworkConfig,
+                attributes: LeaseAttributes, logger: Logger,
+                onSubnetChange: @escaping @Sendable (Lease) -> Void = { _ in }) {
+        self.store = store
+        self.backend = backend
+        self.holder = holder
+        self.config = config
+        self.attributes = attributes
+        self.logger = logger
+        self.onSubnetChange = onSubnetChange
+        (reacquireRequests, reacquireContinuation) = AsyncStream<IPv4Network>.makeStream(bufferingPolicy: .bufferingNewest(1))
+    }
+
+    /// The peers applied to the backend.
+    public var currentPeers: [IPv4Network: Lease] { peers.withLock { $0 } }
+
+    /// Whether a re-acquisition of our lease is pending or running.
+    public var isReacquiring: Bool { reacquiring.withLock { $0 } }
+
+    /// Applies a fresh list; returns the revision to watch from.
+    public func loadInitialPeers() async throws -> Int64 {
+        let snapshot = try await store.leases()
+        sync(with: snapshot)
+        return snapshot.revision
+    }
+
+    /// Runs the watch, renewal and re-acquisition until cancelled.
+    public func run(from revision: Int64, renewMargin: Duration) async {
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await self.watch(from: revision) }
+            group.addTask { await self.renew(margin: renewMargin) }
+            group.addTask { await self.keepLeaseAcquired() }
+            await group.next()
+            group.cancelAll()
+        }
+    }
+
+    // MARK: - Which leases are peers
+
+    /// The lease as a peer, or nil (reported once) when it is not one.
+    private func usablePeer(_ lease: Lease, own: IPv4Network) -> Lease? {
+        if lease.subnet == own { return nil }
+        let key = lease.subnet.leaseKey
+        var reason: String?
+        if !config.network.contains(lease.subnet) {
+            reason = "lease \(key) of \(lease.attributes.publicIP) lies outside the network \(config.network); ignored"
+        } else if lease.subnet.prefixLength != config.subnetLen {
+            // A key wider than SubnetLen would cover other hosts' subnets
+            // (and ours); narrower would be no subnet flannel hands out.
+            let covers = lease.subnet.contains(own) ? ", including ours (\(own))" : ""
+            reason = "lease \(key) of \(lease.attributes.publicIP) is a /\(lease.subnet.prefixLength), not a /\(config.subnetLen) as SubnetLen says; it would cover other hosts' subnets\(covers); ignored — delete the key (etcdctl del <prefix>/subnets/\(key))"
+        } else if lease.attributes.effectiveBackendType != backend.type {
+            let theirs = lease.attributes.effectiveBackendType
+            reason = "peer \(lease.subnet) (\(lease.attributes.publicIP)) runs the \(theirs) backend and this host runs \(backend.type); it cannot be reached until both use the same Backend.Type: restart that host with the current config (or this one, if the config says \(theirs))"
+        } else if let why = backend.unusableReason(lease) {
+            reason = "peer \(lease.subnet) (\(lease.attributes.publicIP)) cannot be used: \(why)"
+        }
+        guard let reason else {
+            reported.withLock { $0[lease.subnet] = nil }
+            return lease
+        }
+        let isNew = reported.withLock { seen -> Bool in
+            guard seen[lease.subnet] != reason else { return false }
+            seen[lease.subnet] = reason
+            return true
+        }
+        if isNew { logger.warning("\(reason)") }
+        return nil
+    }
+
+    // MARK: - Applying changes
+
+    /// Makes the backend's peers exactly the usable leases of `snapshot`.
+    public func sync(with snapshot: LeaseSnapshot) {
+        let own = holder.lease.subnet
+        var wanted: [IPv4Network: Lease] = [:]
+        for lease in snapshot.leases {
+            if let peer = usablePeer(lease, own: own) { wanted[peer.subnet] = peer }
+        }
+        let present = Set(snapshot.leases.map(\.subnet))
+        reported.withLock { seen in seen = seen.filter { present.contains($0.key) } }
+        applying.withLock { _ in
+            let current = peers.withLock { $0 }
+            var changes: [PeerChange] = []
+            for (subnet, lease) in current.sorted(by: { $0.key.address < $1.key.address }) where wanted[subnet] == nil {
+                changes.append(.removed(lease))
+            }
+            for (subnet, lease) in wanted.sorted(by: { $0.key.address < $1.key.address }) {
+                if let old = current[subnet] {
+                    if Self.differs(old, lease) { changes.append(.updated(old: old, new: lease)) }
+                } else {
+                    changes.append(.added(lease))
+                }
+            }
+            commit(changes)
+        }
+        if !snapshot.leases.contains(where: { $0.subnet == own }) {
+            logger.warning("our lease \(own) is missing from \(store.location); acquiring a lease again, forwarding continues")
+            requestReacquire(own)
+        }
+    }
+
+    /// Applies one watch event.
+    public func apply(_ event: LeaseEvent) {
+        let own = holder.lease.subnet
+        switch event {
+        case .put(let lease) where lease.subnet == own:
+            if lease.attributes.publicIP == attributes.publicIP {
+                holder.replace(lease)
+            } else {
+                logger.error("our subnet \(own) was written for \(lease.attributes.publicIP) by someone else; two hosts now claim it — remove the wrong lease")
+            }
+        case .put(let lease):
+            let peer = usablePeer(lease, own: own)
+            applying.withLock { _ in
+                let old = peers.withLock { $0[lease.subnet] }
+                switch (old, peer) {
+                case (nil, let new?): commit([.added(new)])
+                case (let old?, let new?) where Self.differs(old, new): commit([.updated(old: old, new: new)])
+                case (let old?, nil): commit([.removed(old)])
+                default: break
+                }
+            }
+        case .delete(let subnet, _) where subnet == own:
+            logger.warning("our lease \(own) was deleted from \(store.location) (expired or removed); acquiring a lease again, forwarding continues")
+            requestReacquire(own)
+        case .delete(let subnet, _):
+            reported.withLock { $0[subnet] = nil }
+            applying.withLock { _ in
+                if let old = peers.withLock({ $0[subnet] }) { commit([.removed(old)]) }
+            }
+        }
+    }
+
+    /// Only the public IP and backend data matter to a backend; a renewal
+    /// (new expiry, new revision) is no change.
+    private static func differs(_ a: Lease, _ b: Lease) -> Bool {
+        a.attributes != b.attributes
+    }
+
+    /// Records and hands `changes` to the backend. Called under `applying`.
+    private func commit(_ changes: [PeerChange]) {
+        guard !changes.isEmpty else { return }
+        peers.withLock { record in
+            for change in changes {
+                switch change {
+                case .added(let lease), .updated(_, let lease): record[lease.subnet] = lease
+                case .removed(let lease): record[lease.subnet] = nil
+                }
+            }
+        }
+        backend.apply(changes)
+        for case .removed(let lease) in changes {
+            logger.info("peer \(lease.subnet) is gone")
+        }
+    }
+
+    // MARK: - Our own lease
+
+    private func requestReacquire(_ subnet: IPv4Network) {
+        let first = reacquiring.withLock { busy -> Bool in
+            defer { busy = true }
+            return !busy
+        }
+        if first { reacquireContinuation.yield(subnet) }
+    }
+
+    /// Acquires our lease again whenever asked, until cancelled.
+    func keepLeaseAcquired() async {
+        for await subnet in reacquireRequests {
+            if Task.isCancelled { return }
+            await reacquire(preferred: subnet)
+            reacquiring.withLock { $0 = false }
+        }
+    }
+
+    /// Gets a lease again after ours vanished, retrying (with backoff) until
+    /// it works or we are shut down.
+    func reacquire(preferred: IPv4Network) async {
+        var delay = Duration.seconds(1)
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            do {
+                let old = holder.lease
+                let lease = try await store.acquireLease(config: config, attributes: attributes, preferred: preferred)
+                holder.replace(lease)
+                if lease.subnet == old.subnet {
+                    logger.info("lease \(lease.subnet) acquired again")
+                } else {
+                    logger.error("subnet \(old.subnet) was taken by another host; moved to \(lease.subnet): containers on this host must be restarted with the new subnet.env")
+                    // The new subnet may have been a peer's a moment ago.
+                    applying.withLock { _ in
+                        if let stale = peers.withLock({ $0[lease.subnet] }) { commit([.removed(stale)]) }
+                    }
+                    do {
+                        try backend.move(from: old, to: lease)
+                    } catch {
+                        logger.error("could not move the \(backend.type) backend to \(lease.subnet): \(error)")
+                    }
+                    onSubnetChange(lease)
+                }
+                return
+            } catch {
+                logger.error("could not acquire a lease again: \(error); retrying in \(delay)")
+                try? await Task.sleep(for: delay)
+                delay = min(delay * 2, .seconds(60))
+            }
+        }
+    }
+
+    /// Follows lease changes until cancelled.
+    func watch(from start: Int64) async {
+        var revision = start
+        var delay = Duration.milliseconds(500)
+        var relists = 0
+        while !Task.isCancelled {
+            do {
+                for try await event in store.watchLeases(after: revision) {
+                    apply(event)
+                    revision = max(revision, event.revision)
+                    delay = .milliseconds(500)
+                }
+                if Task.isCancelled { return }
+                logger.info("lease watch ended; resuming from revision \(revision)")
+            } catch LeaseStoreError.compacted(let requested, let oldest) {
+                relists += 1
+                // `requested` is where the store's stream began; we may have
+                // seen events past it before the stream broke.
+                logger.warning("lease watch: changes after \(max(requested, revision)) were compacted (oldest kept \(oldest)); listing again (re-list #\(relists))")
+                do {
+                    let snapshot = try await store.leases()
+                    sync(with: snapshot)
+                    revision = snapshot.revision
+                    continue
+                } catch {
+                    logger.error("lease list failed: \(error); retrying in \(delay)")
+                }
+            } catch {
+                if Task.isCancelled { return }
+                logger.warning("lease watch failed: \(error); resuming from revision \(revision) in \(delay)")
+            }
+            try? await Task.sleep(for: delay)
+            delay = min(delay * 2, .seconds(30))
+        }
+    }
+
+    /// Renews our lease before it expires until cancelled.
+    func renew(margin: Duration) async {
+        while !Task.isCancelled {
+            let lease = holder.lease
+            if isReacquiring {
+                // Re-acquisition gives a fresh lease; wait for it.
+                try? await Task.sleep(for: .milliseconds(500))
+                continue
+            }
+            guard let expiration = lease.expiration else {
+                // A reservation never expires; look again later in case it
+                // was turned into a lease.
+                try? await Task.sleep(for: .seconds(3600))
+                continue
+            }
+            let remaining = expiration.timeIntervalSinceNow
+            let marginSeconds = Double(margin.components.seconds)
+            // With a TTL shorter than the margin, renew at half-life.
+            let wait = remaining > 2 * marginSeconds ? remaining - marginSeconds : max(remaining / 2, 0)
+            if wait > 0 {
+                try? await Task.sleep(for: .milliseconds(Int(wait * 1000)))
+                if Task.isCancelled { return }
+            }
+            guard holder.lease.subnet == lease.subnet, !isReacquiring else { continue }
+            do {
+                let renewed = try await store.renewLease(holder.lease)
+                holder.replace(renewed)
+                let until = renewed.expiration.map { " until \($0)" } ?? ""
+                logger.info("renewed lease \(renewed.subnet)\(until)")
+            } catch LeaseStoreError.leaseNotFound {
+                logger.warning("lease \(lease.subnet) vanished before renewal; acquiring again")
+                requestReacquire(lease.subnet)
+            } catch {
+                // Keep forwarding; try again in a minute (or sooner when the
+                // lease is about to run out).
+                let retry = min(60, max(1, holder.lease.expiration.map { $0.timeIntervalSinceNow / 4 } ?? 60))
+                logger.error("renewing lease \(lease.subnet) failed: \(error); retrying in \(Int(retry)) s")
+                try? await Task.sleep(for: .seconds(retry))
+            }
+        }
+    }
+}

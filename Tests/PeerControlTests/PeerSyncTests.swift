@@ -1,0 +1,209 @@
+import Foundation
+import LeaseStore
+import NetBase
+import PeerControl
+import Synchronization
+import Testing
+
+let configJSON = #"{"Network":"10.2.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}"#
+
+/// A PeerSync over a memory store, with our host at 198.18.0.1 holding a
+/// lease, and the running watch/renew/re-acquire tasks cancelled at the end.
+struct Fixture {
+    let store: MemoryLeaseStore
+    let backend: RecordingBackend
+    let sync: PeerSync
+    let logs: LogCapture
+    let own: Lease
+    let movedTo: MovedRecord
+
+    final class MovedRecord: Sendable {
+        let value = Synchronization.Mutex<[IPv4Network]>([])
+    }
+
+    init(type: String = "udp", configJSON: String = configJSON,
+         unusable: @escaping @Sendable (Lease) -> String? = { _ in nil }) async throws {
+        let config = try NetworkConfig(json: configJSON)
+        store = MemoryLeaseStore(config: configJSON)
+        backend = RecordingBackend(type: type, publicIP: ip("198.18.0.1"), unusable: unusable)
+        logs = LogCapture()
+        let attributes = try backend.leaseAttributes()
+        own = try await store.acquireLease(config: config, attributes: attributes, preferred: net("10.2.5.0/24"))
+        let movedTo = MovedRecord()
+        self.movedTo = movedTo
+        sync = PeerSync(store: store, backend: backend, holder: LeaseHolder(own), config: config,
+                        attributes: attributes, logger: logs.logger,
+                        onSubnetChange: { lease in movedTo.value.withLock { $0.append(lease.subnet) } })
+    }
+
+    /// Runs `body` while the sync's tasks run (from a fresh list).
+    func running(_ body: () async throws -> Void) async throws {
+        let revision = try await sync.loadInitialPeers()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await self.sync.run(from: revision, renewMargin: .seconds(60)) }
+            defer { group.cancelAll() }
+            try await body()
+        }
+    }
+}
+
+func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP: ip(publicIP)) }
+
+@Suite struct PeerSyncTests {
+    @Test func theFirstListGivesTheBackendEveryPeerButUs() async throws {
+        let f = try await Fixture()
+        f.store.put(net("10.2.7.0/24"), udpLease("198.18.0.7"))
+        f.store.put(net("10.2.8.0/24"), udpLease("198.18.0.8"))
+        _ = try await f.sync.loadInitialPeers()
+        #expect(f.backend.peers == [net("10.2.7.0/24"): ip("198.18.0.7"), net("10.2.8.0/24"): ip("198.18.0.8")])
+        #expect(f.own.subnet == net("10.2.5.0/24"))
+        #expect(f.backend.peers[f.own.subnet] == nil)
+    }
+
+    @Test func theWatchAddsUpdatesAndRemovesPeersAndARenewalIsNoChange() async throws {
+        let f = try await Fixture()
+        try await f.running {
+            f.store.put(net("10.2.7.0/24"), udpLease("198.18.0.7"))
+            #expect(await eventually { f.backend.peers[net("10.2.7.0/24")] == ip("198.18.0.7") })
+            // The same attributes again (a renewal): nothing for the backend.
+            let before = f.backend.changes.count
+            f.store.put(net("10.2.7.0/24"), udpLease("198.18.0.7"))
+            f.store.put(net("10.2.7.0/24"), udpLease("198.18.0.17"))
+            #expect(await eventually { f.backend.peers[net("10.2.7.0/24")] == ip("198.18.0.17") })
+            #expect(f.backend.changes.count == before + 1)
+            guard case .updated(let old, let new) = f.backend.changes.last else {
+                Issue.record("expected an update, got \(f.backend.changes)")
+                return
+            }
+            #expect(old.attributes.publicIP == ip("198.18.0.7") && new.attributes.publicIP == ip("198.18.0.17"))
+            f.store.delete(net("10.2.7.0/24"))
+            #expect(await eventually { f.backend.peers.isEmpty })
+            #expect(f.logs.count(containing: "peer 10.2.7.0/24 is gone") == 1)
+        }
+    }
+
+    @Test func aLeaseKeyWiderThanSubnetLenOverwritesNeitherOtherPeersNorOurOwnEntry() async throws {
+        let f = try await Fixture()
+        f.store.put(net("10.2.7.0/24"), udpLease("198.18.0.7"))
+        try await f.running {
+            #expect(await eventually { f.backend.peers.count == 1 })
+            // Put by hand: 10.2.0.0-16 covers every subnet, ours included.
+            f.store.put(net("10.2.0.0/16"), udpLease("198.18.0.66"))
+            f.store.put(net("10.2.9.0/24"), udpLease("198.18.0.9"))
+            #expect(await eventually { f.backend.peers[net("10.2.9.0/24")] != nil })
+            #expect(f.backend.peers == [net("10.2.7.0/24"): ip("198.18.0.7"), net("10.2.9.0/24"): ip("198.18.0.9")])
+            #expect(!f.backend.changes.contains { $0.subnet == net("10.2.0.0/16") })
+            let warning = f.logs.all.filter { $0.contains("10.2.0.0-16") }
+            #expect(warning.count == 1, "\(f.logs.all)")
+            #expect(warning.first?.contains("including ours (10.2.5.0/24)") == true)
+            #expect(warning.first?.contains("etcdctl del") == true)
+        }
+    }
+
+    @Test func leasesOfAnotherBackendTypeAreReportedOncePerPeerWithWhatToDo() async throws {
+        let f = try await Fixture(type: "vxlan")
+        let hostGW = LeaseAttributes(publicIP: ip("198.18.0.7"), backendType: "host-gw")
+        f.store.put(net("10.2.7.0/24"), hostGW)
+        try await f.running {
+            // Renewed twice, and a re-list after compaction: still one report.
+            f.store.put(net("10.2.7.0/24"), hostGW)
+            f.store.put(net("10.2.7.0/24"), hostGW)
+            f.store.put(net("10.2.8.0/24"), udpLease("198.18.0.8"))
+            f.store.compactAndBreakWatches()
+            f.store.put(net("10.2.9.0/24"), LeaseAttributes(publicIP: ip("198.18.0.9"), backendType: "vxlan"))
+            #expect(await eventually { f.backend.peers[net("10.2.9.0/24")] != nil })
+            #expect(f.backend.peers.count == 1)
+            #expect(f.logs.count(containing: "peer 10.2.7.0/24 (198.18.0.7) runs the host-gw backend and this host runs vxlan") == 1,
+                    "\(f.logs.all)")
+            #expect(f.logs.count(containing: "peer 10.2.8.0/24 (198.18.0.8) runs the udp backend") == 1)
+            #expect(f.logs.all.contains { $0.contains("10.2.7.0/24") && $0.contains("restart that host") })
+        }
+    }
+
+    @Test func aLeaseTheBackendCannotUseIsReportedOnceAndLeftOut() async throws {
+        let f = try await Fixture(type: "vxlan", unusable: { lease in
+            lease.attributes.backendData == nil ? "no VtepMAC" : nil
+        })
+        try await f.running {
+            let bare = LeaseAttributes(publicIP: ip("198.18.0.7"), backendType: "vxlan")
+            f.store.put(net("10.2.7.0/24"), bare)
+            f.store.put(net("10.2.7.0/24"), bare)
+            #expect(await eventually { f.logs.count(containing: "cannot be used: no VtepMAC") == 1 })
+            #expect(f.backend.peers.isEmpty)
+            // Fixed by its host: now a peer.
+            f.store.put(net("10.2.7.0/24"), LeaseAttributes(publicIP: ip("198.18.0.7"), backendType: "vxlan",
+                                                              backendData: .object(["VtepMAC": .string("0e:00:00:00:00:07")])))
+            #expect(await eventually { f.backend.peers[net("10.2.7.0/24")] == ip("198.18.0.7") })
+        }
+    }
+
+    @Test func reacquiringOurLeaseDoesNotStopPeerUpdatesWhileItRetries() async throws {
+        let f = try await Fixture()
+        try await f.running {
+            f.store.failNextAcquisitions(2)
+            f.store.delete(f.own.subnet)
+            #expect(await eventually { f.store.acquisitionAttempts >= 2 })
+            #expect(f.sync.isReacquiring)
+            // The store is still refusing us (retry after 1 s, then 2 s):
+            // a new peer must still reach the backend meanwhile.
+            f.store.put(net("10.2.7.0/24"), udpLease("198.18.0.7"))
+            #expect(await eventually(timeout: .milliseconds(800)) { f.backend.peers[net("10.2.7.0/24")] != nil })
+            #expect(f.sync.isReacquiring)
+            #expect(await eventually(timeout: .seconds(10)) { f.logs.count(containing: "lease 10.2.5.0/24 acquired again") == 1 })
+            #expect(!f.sync.isReacquiring)
+            #expect(f.backend.moved.isEmpty)
+        }
+    }
+
+    @Test func losingOurSubnetToAnotherHostMovesTheBackendToTheNewOne() async throws {
+        let f = try await Fixture()
+        try await f.running {
+            f.store.failNextAcquisitions(1)
+            f.store.delete(f.own.subnet)
+            #expect(await eventually { f.store.acquisitionAttempts >= 1 })
+            // Another host takes our subnet before we retry.
+            f.store.put(f.own.subnet, udpLease("198.18.0.99"))
+            #expect(await eventually(timeout: .seconds(10)) { !f.backend.moved.isEmpty })
+            let (from, to) = try #require(f.backend.moved.first)
+            #expect(from == net("10.2.5.0/24"))
+            #expect(to != from)
+            #expect(f.movedTo.value.withLock { $0 } == [to])
+            #expect(f.sync.holder.lease.subnet == to)
+            // The other host's lease on our old subnet is now a peer like any other.
+            f.store.put(from, udpLease("198.18.0.99"))
+            #expect(await eventually { f.backend.peers[from] == ip("198.18.0.99") })
+            #expect(f.logs.count(containing: "moved to \(to)") == 1)
+        }
+    }
+
+    @Test func aRelistAfterCompactionAppliesOnlyTheDifference() async throws {
+        let f = try await Fixture()
+        f.store.put(net("10.2.7.0/24"), udpLease("198.18.0.7"))
+        f.store.put(net("10.2.8.0/24"), udpLease("198.18.0.8"))
+        try await f.running {
+            #expect(await eventually { f.backend.peers.count == 2 })
+            let before = f.backend.changes.count
+            // Changes whose events are lost to compaction.
+            f.store.silentlyDelete(net("10.2.7.0/24"))
+            f.store.compactAndBreakWatches()
+            f.store.put(net("10.2.9.0/24"), udpLease("198.18.0.9"))
+            #expect(await eventually { f.backend.peers == [net("10.2.8.0/24"): ip("198.18.0.8"), net("10.2.9.0/24"): ip("198.18.0.9")] },
+                    "\(f.backend.changes)")
+            // One removal and one addition; 10.2.8.0/24 is not touched.
+            #expect(await eventually { f.backend.changes.count == before + 2 })
+            #expect(!f.backend.changes[before...].contains { $0.subnet == net("10.2.8.0/24") })
+            #expect(f.logs.count(containing: "re-list #1") == 1)
+        }
+    }
+
+    @Test func ourOwnLeaseMissingFromARelistIsAcquiredAgain() async throws {
+        let f = try await Fixture()
+        try await f.running {
+            f.store.silentlyDelete(f.own.subnet)
+            f.store.compactAndBreakWatches()
+            #expect(await eventually { f.logs.count(containing: "lease 10.2.5.0/24 acquired again") == 1 }, "\(f.logs.all)")
+            let leases = try await f.store.leases().leases
+            #expect(leases.contains { $0.subnet == f.own.subnet })
+        }
+    }
+}
