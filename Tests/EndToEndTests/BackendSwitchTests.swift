@@ -25,9 +25,9 @@ struct BackendSwitchTests {
             let lease1 = try LabLease(lab, host: 1), lease2 = try LabLease(lab, host: 2)
 
             // Before: flannel.1 and its onlink routes; the etcd lease is flanneld's vxlan lease.
-            #expect(lab.waitUntil { try routes(lab, host: 1).contains("\(lease2.subnet) via \(lease2.base) dev flannel.1 onlink") },
+            #expect(try lab.waitUntil { try routes(lab, host: 1).contains("\(lease2.subnet) via \(lease2.base) dev flannel.1 onlink") },
                     "\(lab.log("h1"))")
-            #expect(lab.waitUntil { try routes(lab, host: 2).contains("\(lease1.subnet) via \(lease1.base) dev flannel.1 onlink") })
+            #expect(try lab.waitUntil { try routes(lab, host: 2).contains("\(lease1.subnet) via \(lease1.base) dev flannel.1 onlink") })
             let mac1 = try lab.vtepMAC(1)
             #expect(try lab.etcdValue("/docker/network/subnets/\(lease1.key)")
                     == #"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":""# + mac1 + #""}}"#)
@@ -48,9 +48,9 @@ struct BackendSwitchTests {
 
             // After: the same subnets, routes via the public IPs, no flannel.1 and none of its routes.
             #expect(try LabLease(lab, host: 1).subnet == lease1.subnet)
-            #expect(lab.waitUntil { try routes(lab, host: 1).contains("\(lease2.subnet) via 198.18.0.2 dev eth0") },
+            #expect(try lab.waitUntil { try routes(lab, host: 1).contains("\(lease2.subnet) via 198.18.0.2 dev eth0") },
                     "\(lab.log("h1"))")
-            #expect(lab.waitUntil { try routes(lab, host: 2).contains("\(lease1.subnet) via 198.18.0.1 dev eth0") },
+            #expect(try lab.waitUntil { try routes(lab, host: 2).contains("\(lease1.subnet) via 198.18.0.1 dev eth0") },
                     "\(lab.log("h2"))")
             for host in [1, 2] {
                 #expect(try !routes(lab, host: host).contains("flannel.1"))
@@ -76,7 +76,7 @@ struct BackendSwitchTests {
             let value = #"{"PublicIP":"198.18.0.9","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"8e:41:52:0a:93:1c"}}"#
             try lab.etcdctl(["put", "/docker/network/subnets/10.2.200.0-24", value])
             for host in [1, 2] {
-                #expect(lab.waitUntil { try routes(lab, host: host).contains("10.2.200.0/24 via 10.2.200.0 dev flannel.1 onlink") },
+                #expect(try lab.waitUntil { try routes(lab, host: host).contains("10.2.200.0/24 via 10.2.200.0 dev flannel.1 onlink") },
                         "\(lab.log("h\(host)"))")
                 let neighbours = try lab.hostOutput(host, ["ip", "neigh", "show", "dev", "flannel.1"])
                 #expect(neighbours.contains("10.2.200.0 lladdr 8e:41:52:0a:93:1c PERMANENT"), "\(neighbours)")
@@ -92,7 +92,7 @@ struct BackendSwitchTests {
             // The key goes: so do the entries.
             try lab.etcdctl(["del", "/docker/network/subnets/10.2.200.0-24"])
             for host in [1, 2] {
-                #expect(lab.waitUntil { try !routes(lab, host: host).contains("10.2.200.0/24") }, "\(lab.log("h\(host)"))")
+                #expect(try lab.waitUntil { try !routes(lab, host: host).contains("10.2.200.0/24") }, "\(lab.log("h\(host)"))")
                 #expect(try !lab.hostOutput(host, ["ip", "neigh", "show", "dev", "flannel.1"]).contains("10.2.200.0"))
                 #expect(try !lab.hostOutput(host, ["bridge", "fdb", "show", "dev", "flannel.1"]).contains("8e:41:52:0a:93:1c"))
             }

@@ -112,7 +112,7 @@ struct KernelBackendTests {
                     == #"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":""# + mac1 + #""}}"#)
 
             // Host 1 has host 2's ARP entry, FDB entry and onlink route.
-            #expect(lab.waitUntil { try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via \(lease2.base) dev flannel.1 onlink") },
+            #expect(try lab.waitUntil { try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via \(lease2.base) dev flannel.1 onlink") },
                     "\(lab.log("h1"))")
             let neighbours = try lab.hostOutput(1, ["ip", "neigh", "show", "dev", "flannel.1"])
             #expect(neighbours.contains("\(lease2.base) lladdr \(mac2) PERMANENT"), "\(neighbours)")
@@ -132,7 +132,7 @@ struct KernelBackendTests {
             #expect(lab.log("h3").contains("released lease \(lease3.subnet)"))
             #expect(try !lab.hostOutput(3, ["ip", "-o", "link"]).contains("flannel.1"), "h3 kept its flannel.1")
             for host in [1, 2] {
-                #expect(lab.waitUntil { try !lab.hostOutput(host, ["ip", "route"]).contains(lease3.subnet) },
+                #expect(try lab.waitUntil { try !lab.hostOutput(host, ["ip", "route"]).contains(lease3.subnet) },
                         "h\(host) kept the route to \(lease3.subnet)")
                 #expect(try !lab.hostOutput(host, ["ip", "neigh", "show", "dev", "flannel.1"]).contains(lease3.base))
                 #expect(try !lab.hostOutput(host, ["bridge", "fdb", "show", "dev", "flannel.1"]).contains(mac3))
@@ -156,9 +156,9 @@ struct KernelBackendTests {
             let lease1 = try LabLease(lab, host: 1), lease2 = try LabLease(lab, host: 2)
             #expect(try lab.subnetEnv(1)["FLANNEL_MTU"] == "1500")
             #expect(try storedLeaseValue(lab, lease1) == #"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"host-gw"}"#)
-            #expect(lab.waitUntil { try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via 198.18.0.2 dev eth0") },
+            #expect(try lab.waitUntil { try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via 198.18.0.2 dev eth0") },
                     "\(lab.log("h1"))")
-            #expect(lab.waitUntil { try lab.hostOutput(2, ["ip", "route", "show", lease1.subnet]).contains("via 198.18.0.1 dev eth0") })
+            #expect(try lab.waitUntil { try lab.hostOutput(2, ["ip", "route", "show", lease1.subnet]).contains("via 198.18.0.1 dev eth0") })
             #expect(try !lab.hostOutput(1, ["ip", "-o", "link"]).contains("flannel"))
 
             try pingBothWays(lab, 1, 2)
@@ -166,7 +166,7 @@ struct KernelBackendTests {
 
             // Someone deletes the route: it is back within the check interval.
             try lab.exec("h1", ["ip", "route", "del", lease2.subnet])
-            #expect(lab.waitUntil(timeout: .seconds(25)) {
+            #expect(try lab.waitUntil(timeout: .seconds(25)) {
                 try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via 198.18.0.2 dev eth0")
             }, "\(lab.log("h1"))")
             #expect(lab.log("h1").contains("restored route \(lease2.subnet) via 198.18.0.2 dev eth0"))
@@ -178,7 +178,7 @@ struct KernelBackendTests {
             try lab.lab("stop", "h3")
             #expect(lab.log("h3").contains("released lease \(lease3.subnet)"))
             for host in [1, 2] {
-                #expect(lab.waitUntil { try !lab.hostOutput(host, ["ip", "route"]).contains(lease3.subnet) },
+                #expect(try lab.waitUntil { try !lab.hostOutput(host, ["ip", "route"]).contains(lease3.subnet) },
                         "h\(host) kept the route to \(lease3.subnet)")
             }
             let left = try lab.hostOutput(3, ["ip", "route"])
@@ -208,7 +208,7 @@ struct KernelBackendTests {
             try lab.addHost(1, command: command(lab, host: 1))
             try lab.addHost(2, command: command(lab, host: 2))
             let lease1 = try LabLease(lab, host: 1), lease2 = try LabLease(lab, host: 2)
-            #expect(lab.waitUntil { try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via 198.18.0.2 dev eth0") })
+            #expect(try lab.waitUntil { try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via 198.18.0.2 dev eth0") })
 
             // host-gw's routes would take the udp backend's traffic past the tunnel.
             try switchTo(lab, backend: #"{"Type":"udp"}"#, readyCount: 2)
@@ -224,7 +224,7 @@ struct KernelBackendTests {
 
             try switchTo(lab, backend: #"{"Type":"vxlan"}"#, readyCount: 3)
             for (host, peer) in [(1, lease2), (2, lease1)] {
-                #expect(lab.waitUntil {
+                #expect(try lab.waitUntil {
                     try lab.hostOutput(host, ["ip", "route", "show", peer.subnet]).contains("via \(peer.base) dev flannel.1 onlink")
                 }, "\(lab.log("h\(host)"))")
                 #expect(try !lab.hostOutput(host, ["ip", "-o", "link"]).contains("flannel0"))
