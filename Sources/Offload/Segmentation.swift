@@ -1,3 +1,11 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// The result of splitting one GSO super-packet: `count` IPv4 packets laid out back to back in
 /// the output buffer, every one `segmentLength` bytes long except possibly the last (shorter,
 /// never longer) — the layout one `sendmsg` with `UDP_SEGMENT = segmentLength` sends as `count`
@@ -80,6 +88,30 @@ public enum Segmentation {
         }
     }
 
+    /// Like `split` for a GSO super-packet, but without copying its payload: writes each
+    /// segment's headers back to back into `headers` (room `headerCapacity`) and two iovecs per
+    /// segment into `iovecs` (room `iovecCapacity`): its headers, then its payload where it
+    /// lies in `packet`. Gathered in order, the iovecs hold exactly the bytes `split` would
+    /// write; segments `i..<j` are iovecs `2i..<2j`. The payload is only read (for the
+    /// checksums), so `packet` must stay unchanged until the iovecs have been sent.
+    /// A packet without GSO is refused (`.unsupportedGSOType`): send it as it is.
+    public static func splitGathered(
+        _ packet: UnsafeRawPointer, length: Int, header: VirtioNetHeader,
+        headers: UnsafeMutableRawPointer, headerCapacity: Int,
+        iovecs: UnsafeMutablePointer<iovec>, iovecCapacity: Int, maxSegments: Int
+    ) -> Result<SegmentedPacket, OffloadError> {
+        guard length > 0, headerCapacity >= 0, iovecCapacity >= 0 else { return .failure(.malformed) }
+        let tcp: Bool
+        switch header.gso {
+        case .tcpv4?: tcp = true
+        case .udpL4?: tcp = false
+        default: return .failure(.unsupportedGSOType)
+        }
+        return unsafe splitGSO(packet, length: length, header: header, tcp: tcp, into: headers,
+                               capacity: headerCapacity, maxSegments: maxSegments,
+                               gather: (iovecs, iovecCapacity))
+    }
+
     /// Completes a `NEEDS_CSUM` checksum in place (no GSO): sums from `checksumStart` to the
     /// end (the checksum field already holds the pseudo-header sum, as the kernel leaves it) and
     /// stores the inverted fold at `checksumStart + checksumOffset`, 0 as 0xFFFF like the
@@ -105,7 +137,8 @@ public enum Segmentation {
 
     static func splitGSO(
         _ packet: UnsafeRawPointer, length: Int, header: VirtioNetHeader, tcp: Bool,
-        into out: UnsafeMutableRawPointer, capacity: Int, maxSegments: Int
+        into out: UnsafeMutableRawPointer, capacity: Int, maxSegments: Int,
+        gather: (iovecs: UnsafeMutablePointer<iovec>, capacity: Int)? = nil
     ) -> Result<SegmentedPacket, OffloadError> {
         // IPv4 header.
         guard length >= IPv4.minimumHeaderLength else { return .failure(.malformed) }
@@ -151,7 +184,11 @@ public enum Segmentation {
             count = (payload + gsoSize - 1) / gsoSize
         }
         guard count <= maxSegments else { return .failure(.tooManySegments) }
-        guard count * headerLength + payload <= capacity else { return .failure(.doesNotFit) }
+        if let gather {
+            guard count * headerLength <= capacity, 2 * count <= gather.capacity else { return .failure(.doesNotFit) }
+        } else {
+            guard count * headerLength + payload <= capacity else { return .failure(.doesNotFit) }
+        }
 
         let source = unsafe packet.be32(12)
         let destination = unsafe packet.be32(16)
@@ -162,21 +199,34 @@ public enum Segmentation {
 
         var from = headerLength
         var to = 0
+        var written = 0
         for i in 0..<count {
             let chunk = min(gsoSize, payload - from + headerLength)
-            let segment = unsafe out + to
+            let segment = unsafe out + written
             unsafe segment.copyMemory(from: packet, byteCount: headerLength)
-            unsafe (segment + headerLength).copyMemory(from: packet + from, byteCount: chunk)
             let segmentLength = headerLength + chunk
             let l4Length = segmentLength - ipHeaderLength
-
+            let pseudo = Checksum.pseudoHeader(source: source, destination: destination, protocol: protocolNumber, length: l4Length)
+            // The payload's part of the L4 checksum: summed where it lies when gathering
+            // (the L4 header is a multiple of 4 bytes long, so the sums add up), or over
+            // the copy, still in cache, when laying the segment out.
+            let payloadSum: UInt64
+            if let gather {
+                unsafe gather.iovecs[2 * i] = iovec(iov_base: segment, iov_len: headerLength)
+                unsafe gather.iovecs[2 * i + 1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: packet + from), iov_len: chunk)
+                payloadSum = unsafe Checksum.partial(packet + from, count: chunk, initial: pseudo)
+                written += headerLength
+            } else {
+                unsafe (segment + headerLength).copyMemory(from: packet + from, byteCount: chunk)
+                payloadSum = unsafe Checksum.partial(segment + headerLength, count: chunk, initial: pseudo)
+                written += headerLength + chunk
+            }
             unsafe segment.setBE16(2, UInt16(segmentLength))
             unsafe segment.setBE16(4, firstID &+ UInt16(truncatingIfNeeded: i))
             unsafe segment.setBE16(10, 0)
             unsafe segment.setBE16(10, Checksum.compute(segment, count: ipHeaderLength))
 
             let l4 = unsafe segment + ipHeaderLength
-            let pseudo = Checksum.pseudoHeader(source: source, destination: destination, protocol: protocolNumber, length: l4Length)
             if tcp {
                 unsafe l4.setBE32(4, firstSequence &+ UInt32(truncatingIfNeeded: i &* gsoSize))
                 var flags = originalFlags
@@ -184,11 +234,11 @@ public enum Segmentation {
                 if i != 0 { flags &= ~TCPFlag.cwr }
                 unsafe l4.setU8(13, flags)
                 unsafe l4.setBE16(16, 0)
-                unsafe l4.setBE16(16, Checksum.compute(l4, count: l4Length, initial: pseudo))
+                unsafe l4.setBE16(16, Checksum.compute(l4, count: l4HeaderLength, initial: payloadSum))
             } else {
                 unsafe l4.setBE16(4, UInt16(l4Length))
                 unsafe l4.setBE16(6, 0)
-                var checksum = unsafe Checksum.compute(l4, count: l4Length, initial: pseudo)
+                var checksum = unsafe Checksum.compute(l4, count: l4HeaderLength, initial: payloadSum)
                 if checksum == 0 { checksum = 0xffff }  // 0 means "no checksum" in UDP
                 unsafe l4.setBE16(6, checksum)
             }

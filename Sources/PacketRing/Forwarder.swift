@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import NetBase
 import Offload
 import UDPEncap
@@ -122,6 +125,11 @@ extension Forwarder {
         /// bytes but the last, `totalLength` bytes in all.
         case send(address: UInt32, port: UInt16, start: UnsafeMutableRawPointer, segmentLength: Int, count: Int,
                   totalLength: Int)
+        /// Send the `count` datagrams gathered by `iovecs`, two per datagram
+        /// (headers, then payload where it lies in the read buffer): each
+        /// `segmentLength` bytes but the last, `totalLength` bytes in all.
+        case sendGathered(address: UInt32, port: UInt16, iovecs: UnsafeMutablePointer<iovec>, segmentLength: Int,
+                          count: Int, totalLength: Int)
         /// Write `length` bytes (an ICMP error, rewritten in place after the
         /// virtio header, which is reset) back into the TUN, from `start`.
         case reply(start: UnsafeMutableRawPointer, length: Int)
@@ -133,11 +141,13 @@ extension Forwarder {
     /// or a packet whose checksum is left to us. The routing decision is
     /// `fromTun`'s, made once for the whole super-packet (every segment has
     /// the same addresses); then the packet is split into real IPv4 packets
-    /// in `out` (room `outCapacity`), or has its checksum completed in place.
+    /// — their headers in `headers`, gathered with the payload where it lies
+    /// by `iovecs` — or has its checksum completed in place.
     @inline(__always)
     public func fromTun(
         virtioRead read: UnsafeMutableRawPointer, length: Int, capacity: Int,
-        out: UnsafeMutableRawPointer, outCapacity: Int, maxSegments: Int, stats: Statistics
+        headers: UnsafeMutableRawPointer, headerCapacity: Int, iovecs: UnsafeMutablePointer<iovec>,
+        iovecCapacity: Int, maxSegments: Int, stats: Statistics
     ) -> TunBatchAction {
         guard length > VirtioNetHeader.size else {
             stats.add(.tunPacketsRead)
@@ -145,6 +155,7 @@ extension Forwarder {
             return .drop
         }
         let header = VirtioNetHeader(reading: read)
+        if header.gsoType != VirtioNetHeader.GSOType.none.rawValue { stats.add(.tunSuperPacketsRead) }
         let p = read + VirtioNetHeader.size
         let packetLength = length - VirtioNetHeader.size
         switch fromTun(p, length: packetLength, capacity: capacity - VirtioNetHeader.size, stats: stats) {
@@ -163,13 +174,14 @@ extension Forwarder {
                 }
                 return .send(address: address, port: port, start: p, segmentLength: n, count: 1, totalLength: n)
             }
-            stats.add(.tunSuperPacketsRead)
-            switch Segmentation.split(p, length: n, header: header, into: out, capacity: outCapacity,
-                                      maxSegments: maxSegments) {
+            switch Segmentation.splitGathered(p, length: n, header: header, headers: headers,
+                                              headerCapacity: headerCapacity, iovecs: iovecs,
+                                              iovecCapacity: iovecCapacity, maxSegments: maxSegments) {
             case .success(let segments):
                 stats.add(.segmentsMade, UInt64(segments.count))
-                return .send(address: address, port: port, start: out, segmentLength: segments.segmentLength,
-                             count: segments.count, totalLength: segments.totalLength)
+                return .sendGathered(address: address, port: port, iovecs: iovecs,
+                                     segmentLength: segments.segmentLength, count: segments.count,
+                                     totalLength: segments.totalLength)
             case .failure:
                 stats.add(.droppedBadOffload)
                 return .drop

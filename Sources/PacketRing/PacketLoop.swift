@@ -142,9 +142,11 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
     /// Bytes a TUN read may fill (virtio header included).
     private let tunReadCapacity: Int
     private let virtioSize: Int
-    /// Per TUN slot: where a super-packet's segments are laid out.
-    private let segmentSlab: UnsafeMutableRawPointer?
-    private let segmentCapacity: Int
+    /// Per TUN slot: the headers of a super-packet's segments, and the
+    /// iovecs (two per segment) that gather them with their payloads.
+    private let headerSlab: UnsafeMutableRawPointer?
+    private let headerCapacity: Int
+    private let segmentIovecs: UnsafeMutablePointer<iovec>?
     /// Per TUN slot, `sendsPerSlot` of each: the sends of its segments.
     private let sendsPerSlot: Int
     private let iovecs: UnsafeMutablePointer<iovec>
@@ -221,12 +223,20 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         udpStride = (receiveHeader + udpCapacity + 63) & ~63
         // Segments: the payload once, plus an IPv4 + TCP header (with options)
         // per segment.
-        segmentCapacity = virtio ? (DataPath.maxPacketSize + maxSegments * 120 + 63) & ~63 : 0
+        // An IPv4 and a TCP header, options included, per segment.
+        headerCapacity = virtio ? (maxSegments * 120 + 63) & ~63 : 0
         sendsPerSlot = virtio ? maxSegments : 1
 
         tunSlab = try URingLoop.alignedAllocation(depth * tunStride, "TUN buffers")
         udpSlab = try URingLoop.alignedAllocation(depth * udpStride, "socket buffers")
-        segmentSlab = virtio ? try URingLoop.alignedAllocation(depth * segmentCapacity, "segment buffers") : nil
+        headerSlab = virtio ? try URingLoop.alignedAllocation(depth * headerCapacity, "segment headers") : nil
+        if virtio {
+            let gathered = UnsafeMutablePointer<iovec>.allocate(capacity: depth * 2 * maxSegments)
+            gathered.initialize(repeating: iovec(), count: depth * 2 * maxSegments)
+            segmentIovecs = gathered
+        } else {
+            segmentIovecs = nil
+        }
         let sends = depth * sendsPerSlot
         iovecs = .allocate(capacity: sends)
         iovecs.initialize(repeating: iovec(), count: sends)
@@ -312,7 +322,8 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
     deinit {
         free(tunSlab)
         free(udpSlab)
-        if let segmentSlab { free(segmentSlab) }
+        if let headerSlab { free(headerSlab) }
+        segmentIovecs?.deallocate()
         free(bufferRings.tun)
         free(bufferRings.udp)
         iovecs.deallocate()
@@ -559,9 +570,10 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
     private func handleTunRead(_ ring: UnsafeMutablePointer<io_uring>, _ slot: Int, length: Int) {
         let p = tunPacket(slot)
         let action: Forwarder.TunBatchAction
-        if let segmentSlab {
+        if let headerSlab, let segmentIovecs {
             action = forwarder.fromTun(virtioRead: p - virtioSize, length: length, capacity: tunReadCapacity,
-                                       out: segmentSlab + slot * segmentCapacity, outCapacity: segmentCapacity,
+                                       headers: headerSlab + slot * headerCapacity, headerCapacity: headerCapacity,
+                                       iovecs: segmentIovecs + slot * 2 * maxSegments, iovecCapacity: 2 * maxSegments,
                                        maxSegments: maxSegments, stats: statistics)
         } else {
             action = switch forwarder.fromTun(p, length: length, capacity: tunReadCapacity, stats: statistics) {
@@ -604,6 +616,43 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
             openPort = port
             openLength = segmentLength
             openBytes = totalLength
+        case .sendGathered(let address, let port, let gathered, let segmentLength, let count, _):
+            // Whatever was batched goes first: a flow's packets keep their order.
+            flushBatch(ring)
+            let sa = addresses + slot
+            sa.pointee.sin_family = sa_family_t(AF_INET)
+            sa.pointee.sin_port = port.bigEndian
+            sa.pointee.sin_addr.s_addr = address.bigEndian
+            let perSend = segmentationWorks
+                ? max(1, min(UDPSocket.maxSegmentsPerSend, UDPSocket.maxBytesPerSend / segmentLength)) : 1
+            var first = 0
+            var sends: Int32 = 0
+            var index = slot * sendsPerSlot
+            while first < count {
+                let k = min(perSend, count - first)
+                let message = messages + index
+                message.pointee.msg_iov = gathered + 2 * first
+                message.pointee.msg_iovlen = 2 * k
+                if k > 1 {
+                    let control = controls + index * URingLoop.controlSpace
+                    ctunnel_cmsg_data(control.assumingMemoryBound(to: cmsghdr.self))
+                        .withMemoryRebound(to: UInt16.self, capacity: 1) { $0.pointee = UInt16(segmentLength) }
+                    message.pointee.msg_control = control
+                    message.pointee.msg_controllen = ctunnel_cmsg_space(MemoryLayout<UInt16>.size)
+                    statistics.add(.gsoSends)
+                } else {
+                    message.pointee.msg_control = nil
+                    message.pointee.msg_controllen = 0
+                }
+                sendDatagrams[index] = Int32(k)
+                let sqe = nextSQE(ring)
+                io_uring_prep_sendmsg(sqe, udpFD, message, 0)
+                io_uring_sqe_set_data64(sqe, CompletionTag(.udpSend, slot: index).userData)
+                first += k
+                sends += 1
+                index += 1
+            }
+            pendingSends[slot] = sends
         case .send(let address, let port, let start, let segmentLength, _, let totalLength):
             // Whatever was batched goes first: a flow's packets keep their order.
             flushBatch(ring)
@@ -621,6 +670,8 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
                 iovecs[index].iov_base = start + offset
                 iovecs[index].iov_len = bytes
                 let message = messages + index
+                message.pointee.msg_iov = iovecs + index
+                message.pointee.msg_iovlen = 1
                 if bytes > segmentLength {
                     let control = controls + index * URingLoop.controlSpace
                     ctunnel_cmsg_data(control.assumingMemoryBound(to: cmsghdr.self))

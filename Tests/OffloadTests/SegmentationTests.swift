@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Offload
 import Testing
 
@@ -255,5 +258,81 @@ extension Array where Element == UInt8 {
         var b = self
         b[32] = words << 4
         return b
+    }
+}
+
+@Suite struct GatheredSplitTests {
+    /// The gathered split must send exactly the bytes the copying split lays out.
+    @Test func gatheredSegmentsAreByteForByteTheCopiedOnes() throws {
+        var rng = SplitMix64(seed: 0x5EED_0A7E)
+        for iteration in 0..<120 {
+            var spec = PacketSpec()
+            spec.udp = Int.random(in: 0..<4, using: &rng) == 0
+            spec.ipOptions = rng.bytes(4 * Int.random(in: 0...(Bool.random(using: &rng) ? 0 : 10), using: &rng))
+            if !spec.udp { spec.tcpOptions = rng.bytes(4 * Int.random(in: 0...10, using: &rng)) }
+            spec.id = UInt16.random(in: 0...0xffff, using: &rng)
+            spec.sequence = UInt32.random(in: 0...UInt32.max, using: &rng)
+            spec.flags = UInt8.random(in: 0...255, using: &rng)
+            spec.source = UInt32.random(in: 0...UInt32.max, using: &rng)
+            spec.destination = UInt32.random(in: 0...UInt32.max, using: &rng)
+            spec.payload = rng.bytes(Int.random(in: 1...min(65000, 65535 - spec.headerLength), using: &rng))
+            let mss = Int.random(in: 88...1460, using: &rng)
+            let packet = spec.bytes(.pseudoOnly)
+            let header = spec.virtio(gsoSize: mss)
+            let (copied, output, _) = runSplit(packet, header: header, maxSegments: 1024)
+            let expected = segments(of: output, try copied.get()).flatMap { $0 }
+
+            let headerRoom = 1024 * 120
+            let headers = UnsafeMutableRawPointer.allocate(byteCount: headerRoom, alignment: 8)
+            defer { headers.deallocate() }
+            let iovecs = UnsafeMutablePointer<iovec>.allocate(capacity: 2048)
+            defer { iovecs.deallocate() }
+            let result = packet.withUnsafeBytes { raw in
+                Segmentation.splitGathered(raw.baseAddress!, length: raw.count, header: header,
+                                           headers: headers, headerCapacity: headerRoom,
+                                           iovecs: iovecs, iovecCapacity: 2048, maxSegments: 1024)
+                    .map { s -> ([UInt8], SegmentedPacket) in
+                        var bytes: [UInt8] = []
+                        for i in 0..<(2 * s.count) {
+                            let v = iovecs[i]
+                            bytes += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len)
+                        }
+                        return (bytes, s)
+                    }
+            }
+            let (gathered, s) = try result.get()
+            #expect(s == (try copied.get()), "iteration \(iteration)")
+            #expect(mismatch(gathered, expected) == nil, "iteration \(iteration)")
+        }
+    }
+
+    @Test func aPacketWithoutGSOIsNotGathered() {
+        let packet = PacketSpec().bytes()
+        let headers = UnsafeMutableRawPointer.allocate(byteCount: 256, alignment: 8)
+        defer { headers.deallocate() }
+        let iovecs = UnsafeMutablePointer<iovec>.allocate(capacity: 4)
+        defer { iovecs.deallocate() }
+        let result = packet.withUnsafeBytes {
+            Segmentation.splitGathered($0.baseAddress!, length: $0.count, header: VirtioNetHeader(),
+                                       headers: headers, headerCapacity: 256, iovecs: iovecs, iovecCapacity: 4,
+                                       maxSegments: 64)
+        }
+        #expect(result == .failure(.unsupportedGSOType))
+    }
+
+    @Test func tooFewIovecsAreRefusedBeforeAnythingIsWritten() {
+        var spec = PacketSpec()
+        spec.payload = Array(repeating: 7, count: 5000)
+        let packet = spec.bytes(.pseudoOnly)
+        let headers = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 8)
+        defer { headers.deallocate() }
+        let iovecs = UnsafeMutablePointer<iovec>.allocate(capacity: 7)
+        defer { iovecs.deallocate() }
+        let result = packet.withUnsafeBytes {
+            Segmentation.splitGathered($0.baseAddress!, length: $0.count, header: spec.virtio(gsoSize: 1000),
+                                       headers: headers, headerCapacity: 4096, iovecs: iovecs, iovecCapacity: 7,
+                                       maxSegments: 64)
+        }
+        #expect(result == .failure(.doesNotFit))
     }
 }
