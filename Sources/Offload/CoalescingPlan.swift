@@ -8,7 +8,9 @@ import Darwin
 
 /// Plans the TUN writes for the packets of one UDP GRO receive (or any batch of received
 /// packets), coalescing consecutive TCP segments of a flow into one GSO super-packet, like
-/// Linux GRO does for a NIC.
+/// Linux GRO does for a NIC, and consecutive equal-size UDP datagrams of a flow into one
+/// GSO_UDP_L4 super-packet (the kernel splits it again before a socket without UDP_GRO reads
+/// it, as it does for a local UDP_SEGMENT sender).
 ///
 /// Packets stay where they are in the receive buffer: a write is a gather list of a 10-byte
 /// virtio header, the first packet whole and only the payload of each following segment.
@@ -44,12 +46,15 @@ public struct CoalescingPlan: ~Copyable {
         var headerLength: Int
         var nextSequence: UInt32
         var push: Bool
+        /// A group of UDP datagrams (written as one GSO_UDP_L4 super-packet).
+        var udp: Bool = false
     }
 
     struct FlowSlot {
         var source: UInt32
         var destination: UInt32
         var ports: UInt32
+        var proto: UInt8 = 0
         var write: Int  // open group's write, or -1
     }
 
@@ -86,7 +91,8 @@ public struct CoalescingPlan: ~Copyable {
             repeating: WriteSlot(first: -1, last: -1, count: 0, iovecStart: 0, bytes: 0, totalLength: 0,
                                  segmentSize: 0, headerLength: 0, nextSequence: 0, push: false),
             count: capacity)
-        unsafe flows.initialize(repeating: FlowSlot(source: 0, destination: 0, ports: 0, write: -1), count: Self.flowTableSize)
+        unsafe flows.initialize(repeating: FlowSlot(source: 0, destination: 0, ports: 0, proto: 0, write: -1),
+                                count: Self.flowTableSize)
     }
 
     deinit {
@@ -127,6 +133,7 @@ public struct CoalescingPlan: ~Copyable {
             startWrite(index)
             return true
         }
+        if key.proto == IPv4.udp { return unsafe addDatagram(packet, length: length, index: index, key: key) }
         let segment = unsafe parseSegment(packet, length: length)
         let flow = findFlow(key)
         if let flow {
@@ -150,7 +157,8 @@ public struct CoalescingPlan: ~Copyable {
             unsafe writes[w].nextSequence = segment.sequence &+ UInt32(truncatingIfNeeded: segment.payload)
             unsafe writes[w].push = false
             let slot = flow ?? freeFlowSlot()
-            unsafe flows[slot] = FlowSlot(source: key.source, destination: key.destination, ports: key.ports, write: w)
+            unsafe flows[slot] = FlowSlot(source: key.source, destination: key.destination, ports: key.ports,
+                                          proto: key.proto, write: w)
         }
         return true
     }
@@ -165,7 +173,17 @@ public struct CoalescingPlan: ~Copyable {
         for w in 0..<writeTotal {
             let header = unsafe headers + w * VirtioNetHeader.size
             let group = unsafe writes[w]
-            if group.count >= 2, let first = unsafe packets[group.first].base {
+            if group.count >= 2, group.udp, let first = unsafe packets[group.first].base {
+                unsafe patchFirstDatagram(first, group: group)
+                unsafe VirtioNetHeader(
+                    flags: VirtioNetHeader.needsChecksum,
+                    gsoType: VirtioNetHeader.GSOType.udpL4.rawValue,
+                    headerLength: UInt16(group.headerLength),
+                    gsoSize: UInt16(group.segmentSize),
+                    checksumStart: UInt16(IPv4.minimumHeaderLength),
+                    checksumOffset: 6
+                ).write(to: header)
+            } else if group.count >= 2, let first = unsafe packets[group.first].base {
                 unsafe patchFirstPacket(first, group: group)
                 unsafe VirtioNetHeader(
                     flags: VirtioNetHeader.needsChecksum,
@@ -211,6 +229,7 @@ public struct CoalescingPlan: ~Copyable {
         var source: UInt32
         var destination: UInt32
         var ports: UInt32
+        var proto: UInt8
     }
 
     /// A TCP segment that may be merged: IPv4 without options, not a fragment, lengths
@@ -227,10 +246,11 @@ public struct CoalescingPlan: ~Copyable {
         guard length >= IPv4.minimumHeaderLength else { return nil }
         let b0 = unsafe p.u8(0)
         let ipHeaderLength = Int(b0 & 0x0f) * 4
+        let proto = unsafe p.u8(9)
         guard b0 >> 4 == 4, ipHeaderLength >= IPv4.minimumHeaderLength, ipHeaderLength + 4 <= length,
-              unsafe p.u8(9) == IPv4.tcp, unsafe p.be16(6) & IPv4.fragmentOffsetMask == 0
+              proto == IPv4.tcp || proto == IPv4.udp, unsafe p.be16(6) & IPv4.fragmentOffsetMask == 0
         else { return nil }
-        return unsafe FlowKey(source: p.be32(12), destination: p.be32(16), ports: p.be32(ipHeaderLength))
+        return unsafe FlowKey(source: p.be32(12), destination: p.be32(16), ports: p.be32(ipHeaderLength), proto: proto)
     }
 
     func parseSegment(_ p: UnsafeMutableRawPointer, length: Int) -> Segment? {
@@ -256,7 +276,8 @@ public struct CoalescingPlan: ~Copyable {
     func findFlow(_ key: FlowKey) -> Int? {
         for f in 0..<Self.flowTableSize {
             let slot = unsafe flows[f]
-            if slot.write >= 0, slot.source == key.source, slot.destination == key.destination, slot.ports == key.ports {
+            if slot.write >= 0, slot.source == key.source, slot.destination == key.destination, slot.ports == key.ports,
+               slot.proto == key.proto {
                 return f
             }
         }
@@ -316,6 +337,89 @@ public struct CoalescingPlan: ~Copyable {
         unsafe writes[w].nextSequence &+= UInt32(truncatingIfNeeded: segment.payload)
         if segment.flags & TCPFlag.psh != 0 { unsafe writes[w].push = true }
         return true
+    }
+
+    /// A UDP datagram: joins its flow's open group when it continues it, else starts a write
+    /// (and a group, when it may be merged at all).
+    mutating func addDatagram(_ p: UnsafeMutableRawPointer, length: Int, index: Int, key: FlowKey) -> Bool {
+        let payload = unsafe udpPayload(p, length: length)
+        let flow = findFlow(key)
+        if let flow {
+            let w = unsafe flows[flow].write
+            if let payload, unsafe joinDatagram(p, payload: payload, index: index, write: w) {
+                // Only the last datagram of a UDP GSO packet may be shorter.
+                if unsafe payload < writes[w].segmentSize { unsafe flows[flow].write = -1 }
+                return true
+            }
+            unsafe flows[flow].write = -1
+        }
+        let w = startWrite(index)
+        if let payload, payload > 0 {
+            unsafe writes[w].totalLength = length
+            unsafe writes[w].segmentSize = payload
+            unsafe writes[w].headerLength = 28
+            unsafe writes[w].udp = true
+            let slot = flow ?? freeFlowSlot()
+            unsafe flows[slot] = FlowSlot(source: key.source, destination: key.destination, ports: key.ports,
+                                          proto: key.proto, write: w)
+        }
+        return true
+    }
+
+    /// The payload length of a UDP datagram that may be merged: IPv4 without options, not a
+    /// fragment, IP and UDP lengths consistent; else nil.
+    func udpPayload(_ p: UnsafeMutableRawPointer, length: Int) -> Int? {
+        guard length >= 28, unsafe p.u8(0) == 0x45, unsafe Int(p.be16(2)) == length,
+              unsafe p.be16(6) & (IPv4.moreFragments | IPv4.fragmentOffsetMask) == 0,
+              unsafe Int(p.be16(24)) == length - 20
+        else { return nil }
+        return length - 28
+    }
+
+    /// Appends the datagram to open group `w` if it continues it: same addresses, ports, TOS,
+    /// TTL and DF (IDs counting up without DF), a payload no longer than the group's.
+    func joinDatagram(_ p: UnsafeMutableRawPointer, payload: Int, index: Int, write w: Int) -> Bool {
+        let group = unsafe writes[w]
+        guard group.udp, payload > 0, payload <= group.segmentSize,
+              group.totalLength + payload <= IPv4.maximumLength,
+              group.count < Self.maxSegmentsPerWrite,
+              let first = unsafe packets[group.first].base
+        else { return false }
+        let ipFlags = unsafe p.be16(6) & (IPv4.dontFragment | IPv4.reservedFlag)
+        guard unsafe p.u8(1) == first.u8(1), unsafe p.u8(8) == first.u8(8),
+              unsafe ipFlags == first.be16(6) & (IPv4.dontFragment | IPv4.reservedFlag),
+              unsafe ipFlags & IPv4.dontFragment != 0 || p.be16(4) == first.be16(4) &+ UInt16(truncatingIfNeeded: group.count),
+              unsafe checksumsAreValid(udp: p, length: 28 + payload)
+        else { return false }
+        unsafe packets[index].base = unsafe p + 28
+        unsafe packets[index].length = payload
+        unsafe packets[group.last].next = index
+        unsafe writes[w].last = index
+        unsafe writes[w].count += 1
+        unsafe writes[w].bytes += payload
+        unsafe writes[w].totalLength += payload
+        return true
+    }
+
+    /// Like `checksumsAreValid` for a UDP datagram (a zero UDP checksum means none was sent).
+    func checksumsAreValid(udp p: UnsafeMutableRawPointer, length: Int) -> Bool {
+        guard verifyChecksums else { return true }
+        guard unsafe Checksum.fold(Checksum.partial(p, count: 20)) == 0xffff else { return false }
+        if unsafe p.be16(26) == 0 { return true }
+        let pseudo = unsafe Checksum.pseudoHeader(source: p.be32(12), destination: p.be32(16), protocol: IPv4.udp, length: length - 20)
+        return unsafe Checksum.fold(Checksum.partial(p + 20, count: length - 20, initial: pseudo)) == 0xffff
+    }
+
+    /// Turns the first datagram into the header of a UDP super-packet (GSO_UDP_L4 with
+    /// CHECKSUM_PARTIAL): IP and UDP lengths of the whole, the UDP checksum field holding the
+    /// pseudo-header sum.
+    func patchFirstDatagram(_ p: UnsafeMutableRawPointer, group: WriteSlot) {
+        unsafe p.setBE16(2, UInt16(group.totalLength))
+        unsafe p.setBE16(10, 0)
+        unsafe p.setBE16(10, Checksum.compute(p, count: 20))
+        unsafe p.setBE16(24, UInt16(group.totalLength - 20))
+        let pseudo = unsafe Checksum.pseudoHeader(source: p.be32(12), destination: p.be32(16), protocol: IPv4.udp, length: group.totalLength - 20)
+        unsafe p.setBE16(26, Checksum.fold(pseudo))
     }
 
     /// Turns the first packet into the header of the super-packet: what a NIC's GRO hands the

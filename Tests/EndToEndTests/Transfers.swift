@@ -87,3 +87,42 @@ func udpEcho(_ lab: Lab, from: Int, to: Int, sizes: [Int], port: Int = 5301) thr
                               timeout: .seconds(120))
     #expect(result.output.contains("all echoed"), "UDP from c\(from) to c\(to): \(result.output)")
 }
+
+/// Sends 20 UDP datagrams of 1000 bytes in one UDP_SEGMENT send from container
+/// `from` to `to`, where a listener checks that every one arrives whole and
+/// unchanged (a burst is sent again, at most 5 times, until one arrives whole).
+func udpBurst(_ lab: Lab, from: Int, to: Int, port: Int = 5351) throws {
+    let target = try lab.containerIP(to)
+    let listener = """
+        import socket,sys,struct
+        s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('0.0.0.0',int(sys.argv[1]))); s.settimeout(20)
+        seen={}
+        while True:
+            b,peer=s.recvfrom(70000)
+            burst,i=struct.unpack('!II',b[:8])
+            ok=len(b)==1000 and b[8:]==bytes([(burst*31+i) & 0xff])*992
+            seen.setdefault(burst,set())
+            if ok: seen[burst].add(i)
+            if len(seen[burst])==20:
+                s.sendto(b'whole %d' % burst,peer); break
+        """
+    let sender = """
+        import socket,sys,struct,time
+        s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(1)
+        s.setsockopt(17,103,1000)
+        for burst in range(5):
+            data=b''.join(struct.pack('!II',burst,i)+bytes([(burst*31+i) & 0xff])*992 for i in range(20))
+            s.sendto(data,(sys.argv[1],int(sys.argv[2])))
+            try:
+                print(s.recv(100).decode()); sys.exit(0)
+            except socket.timeout:
+                pass
+        print('no burst arrived whole')
+        """
+    let server = try Child(["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", listener, "\(port)"],
+                           output: lab.directory.appendingPathComponent("burst-server.log").path)
+    defer { server.stop() }
+    usleep(300_000)
+    let result = try lab.exec("c\(from)", ["python3", "-c", sender, target, "\(port)"], timeout: .seconds(60))
+    #expect(result.output.contains("whole"), "UDP burst from c\(from) to c\(to): \(result.output)")
+}

@@ -355,3 +355,46 @@ func merged(_ segments: [[UInt8]]) -> GatheredWrite {
         #expect(empty.writeCount == 0)
     }
 }
+
+@Suite struct UDPCoalescingTests {
+    @Test func splitThenCoalesceGivesBackTheUDPSuperPacket() throws {
+        var spec = PacketSpec(udp: true)
+        spec.payload = SplitMix64(seed: 21).bytesArray(15_000)
+        let original = spec.bytes(.pseudoOnly)
+        let header = spec.virtio(gsoSize: 1000)
+        let (result, output, _) = runSplit(original, header: header)
+        let s = try result.get()
+        let wire = segments(of: output, s)
+        #expect(wire.count == 15)
+        let run = coalesce(wire)
+        #expect(run.writes.count == 1)
+        #expect(run.coalesced == 14)
+        #expect(mismatch(run.writes.first?.packet ?? [], original) == nil)
+        #expect(run.writes.first?.header == header)
+        #expect(run.iovecsInBounds && run.guardsIntact)
+        // What the kernel gets splits back into the datagrams that arrived.
+        let (again, againOutput, _) = runSplit(run.writes[0].packet, header: run.writes[0].header)
+        #expect(mismatch(segments(of: againOutput, try again.get()), wire) == nil)
+    }
+
+    @Test func aShorterDatagramEndsItsGroupAndALongerOneStartsAnother() throws {
+        func datagram(_ size: Int, id: UInt16) -> [UInt8] {
+            var spec = PacketSpec(udp: true)
+            spec.id = id
+            spec.payload = Array(repeating: UInt8(truncatingIfNeeded: size), count: size)
+            return spec.bytes()
+        }
+        let a = datagram(500, id: 1), b = datagram(500, id: 2), c = datagram(300, id: 3)
+        let d = datagram(500, id: 4), e = datagram(800, id: 5)
+        let run = coalesce([a, b, c, d, e])
+        #expect(run.writes.count == 3)
+        // a, b, c in one super-packet; d starts a group that e (longer) cannot join, so both
+        // go alone, with a zero header.
+        #expect(run.writes.map(\.header.gsoType) == [VirtioNetHeader.GSOType.udpL4.rawValue, 0, 0])
+        #expect(run.writes[0].header.gsoSize == 500)
+        let (split0, out0, _) = runSplit(run.writes[0].packet, header: run.writes[0].header)
+        #expect(mismatch(segments(of: out0, try split0.get()), [a, b, c]) == nil)
+        #expect(run.writes[1].packet == d && run.writes[2].packet == e)
+        #expect(run.iovecsInBounds && run.guardsIntact)
+    }
+}
