@@ -553,6 +553,9 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
             // Runs the task work that turns readiness into completions.
             _ = io_uring_get_events(ring)
             if io_uring_cq_ready(ring) > 0 { return true }
+            // Whatever else wants this CPU (the kernel's softirq work,
+            // the peer daemon, the application) goes first.
+            sched_yield()
         } while URingLoop.now() < deadline
         return false
     }

@@ -63,9 +63,9 @@ struct Run: AsyncParsableCommand {
                                valueName: "n"))
     var workers: Int?
 
-    @Option(help: ArgumentHelp("After moving packets, the io_uring data path looks for more for up to this many microseconds before sleeping: lower latency for request/response traffic, no cost when idle; 0 = off.",
+    @Option(help: ArgumentHelp("After moving packets, the io_uring data path looks for more for up to this many microseconds before sleeping (yielding the CPU between looks): about half the round-trip time on a virtual machine, nothing when idle; 0 = off.",
                                valueName: "µs"))
-    var busyPoll: Int = 0
+    var busyPoll: Int = 100
 
     /// --workers, or one per online core up to 4.
     var effectiveWorkers: Int {

@@ -70,6 +70,28 @@ struct OffloadPathTests {
         }
     }
 
+    /// Busy polling after traffic must not become polling without it.
+    @Test func anIdleDaemonUsesNoCPU() throws {
+        try withLab { lab in
+            let store = ["--store-dir", lab.storeDirectory]
+            try lab.addHost(1, extra: store)
+            try lab.addHost(2, extra: store)
+            let ping = try lab.ping(from: 1, to: 2)
+            #expect(ping.succeeded, "\(ping.output)")
+            sleep(1)
+            func cpuSeconds(_ process: String) throws -> Double {
+                let stat = try String(contentsOfFile: "/proc/\(try lab.pid(process))/stat", encoding: .utf8)
+                // Fields after the command name: state is 3rd, utime 14th, stime 15th.
+                let fields = stat[stat.range(of: ")")!.upperBound...].split(separator: " ")
+                return (Double(fields[11])! + Double(fields[12])!) / Double(sysconf(Int32(_SC_CLK_TCK)))
+            }
+            let before = try cpuSeconds("h1")
+            sleep(3)
+            let used = try cpuSeconds("h1") - before
+            #expect(used < 0.15, "an idle tunneld used \(used) s of CPU in 3 s")
+        }
+    }
+
     @Test func hostsWithAndWithoutOffloadsAndTheSimpleLoopInteroperate() throws {
         try withLab { lab in
             let store = ["--store-dir", lab.storeDirectory]

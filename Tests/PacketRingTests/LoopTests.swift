@@ -49,7 +49,9 @@ final class LoopHarness: @unchecked Sendable {
             loopOffloads = LoopOffloads(virtioHeader: true, segmentation: socket.supportsSegmentation,
                                         receiveCoalescing: socket.enableReceiveCoalescing())
         }
-        let configuration = LoopConfiguration(depth: depth, mtu: 1472, offloads: loopOffloads)
+        var configuration = LoopConfiguration(depth: depth, mtu: 1472, offloads: loopOffloads)
+        // The offload loop also polls briefly after each busy turn, as the daemon does.
+        configuration.busyPollMicroseconds = offloads ? 100 : 0
         let loop: any DataPathLoop = simple
             ? try SyscallLoop(forwarder: forwarder, tunFD: tunSide, udpFD: socket.fd.rawValue, configuration: configuration)
             : try URingLoop(forwarder: forwarder, tunFD: tunSide, udpFD: socket.fd.rawValue, configuration: configuration)
