@@ -605,10 +605,7 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
                 return
             }
             flushBatch(ring)
-            let sa = addresses + slot
-            sa.pointee.sin_family = sa_family_t(AF_INET)
-            sa.pointee.sin_port = port.bigEndian
-            sa.pointee.sin_addr.s_addr = address.bigEndian
+            setPeer(slot, address: address, port: port)
             let iov = batchIovecs + slot * URingLoop.maxBatch
             iov.pointee.iov_base = start
             iov.pointee.iov_len = totalLength
@@ -622,10 +619,7 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         case .sendGathered(let address, let port, let gathered, let segmentLength, let count, _):
             // Whatever was batched goes first: a flow's packets keep their order.
             flushBatch(ring)
-            let sa = addresses + slot
-            sa.pointee.sin_family = sa_family_t(AF_INET)
-            sa.pointee.sin_port = port.bigEndian
-            sa.pointee.sin_addr.s_addr = address.bigEndian
+            setPeer(slot, address: address, port: port)
             let perSend = segmentationWorks
                 ? max(1, min(UDPSocket.maxSegmentsPerSend, UDPSocket.maxBytesPerSend / segmentLength)) : 1
             var first = 0
@@ -636,17 +630,7 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
                 let message = messages + index
                 message.pointee.msg_iov = gathered + 2 * first
                 message.pointee.msg_iovlen = 2 * k
-                if k > 1 {
-                    let control = controls + index * URingLoop.controlSpace
-                    ctunnel_cmsg_data(control.assumingMemoryBound(to: cmsghdr.self))
-                        .withMemoryRebound(to: UInt16.self, capacity: 1) { $0.pointee = UInt16(segmentLength) }
-                    message.pointee.msg_control = control
-                    message.pointee.msg_controllen = ctunnel_cmsg_space(MemoryLayout<UInt16>.size)
-                    statistics.add(.gsoSends)
-                } else {
-                    message.pointee.msg_control = nil
-                    message.pointee.msg_controllen = 0
-                }
+                setSegmentSize(message, control: k > 1 ? controls + index * URingLoop.controlSpace : nil, segmentLength)
                 sendDatagrams[index] = Int32(k)
                 let sqe = nextSQE(ring)
                 io_uring_prep_sendmsg(sqe, udpFD, message, 0)
@@ -656,45 +640,23 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
                 index += 1
             }
             pendingSends[slot] = sends
-        case .send(let address, let port, let start, let segmentLength, _, let totalLength):
-            // Whatever was batched goes first: a flow's packets keep their order.
+        case .send(let address, let port, let start, _, _, let totalLength):
+            // One datagram (no UDP_SEGMENT here, or offloads off). Whatever
+            // was batched goes first: a flow's packets keep their order.
             flushBatch(ring)
-            let sa = addresses + slot
-            sa.pointee.sin_family = sa_family_t(AF_INET)
-            sa.pointee.sin_port = port.bigEndian
-            sa.pointee.sin_addr.s_addr = address.bigEndian
-            let perSend = segmentationWorks
-                ? max(1, min(UDPSocket.maxSegmentsPerSend, UDPSocket.maxBytesPerSend / segmentLength)) : 1
-            var offset = 0
-            var sends: Int32 = 0
-            var index = slot * sendsPerSlot
-            while offset < totalLength {
-                let bytes = min(perSend * segmentLength, totalLength - offset)
-                iovecs[index].iov_base = start + offset
-                iovecs[index].iov_len = bytes
-                let message = messages + index
-                message.pointee.msg_iov = iovecs + index
-                message.pointee.msg_iovlen = 1
-                if bytes > segmentLength {
-                    let control = controls + index * URingLoop.controlSpace
-                    ctunnel_cmsg_data(control.assumingMemoryBound(to: cmsghdr.self))
-                        .withMemoryRebound(to: UInt16.self, capacity: 1) { $0.pointee = UInt16(segmentLength) }
-                    message.pointee.msg_control = control
-                    message.pointee.msg_controllen = ctunnel_cmsg_space(MemoryLayout<UInt16>.size)
-                    statistics.add(.gsoSends)
-                } else {
-                    message.pointee.msg_control = nil
-                    message.pointee.msg_controllen = 0
-                }
-                sendDatagrams[index] = Int32((bytes + segmentLength - 1) / segmentLength)
-                let sqe = nextSQE(ring)
-                io_uring_prep_sendmsg(sqe, udpFD, message, 0)
-                io_uring_sqe_set_data64(sqe, CompletionTag(.udpSend, slot: index).userData)
-                offset += bytes
-                sends += 1
-                index += 1
-            }
-            pendingSends[slot] = sends
+            setPeer(slot, address: address, port: port)
+            let index = slot * sendsPerSlot
+            iovecs[index].iov_base = start
+            iovecs[index].iov_len = totalLength
+            let message = messages + index
+            message.pointee.msg_iov = iovecs + index
+            message.pointee.msg_iovlen = 1
+            setSegmentSize(message, control: nil, totalLength)
+            sendDatagrams[index] = 1
+            let sqe = nextSQE(ring)
+            io_uring_prep_sendmsg(sqe, udpFD, message, 0)
+            io_uring_sqe_set_data64(sqe, CompletionTag(.udpSend, slot: index).userData)
+            pendingSends[slot] = 1
         case .reply(let start, let n):
             flushBatch(ring)
             let sqe = nextSQE(ring)
@@ -776,6 +738,32 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         }
     }
 
+    /// Where the sends of TUN slot `slot` go (host order in, network order stored).
+    @inline(__always)
+    private func setPeer(_ slot: Int, address: UInt32, port: UInt16) {
+        let sa = addresses + slot
+        sa.pointee.sin_family = sa_family_t(AF_INET)
+        sa.pointee.sin_port = port.bigEndian
+        sa.pointee.sin_addr.s_addr = address.bigEndian
+    }
+
+    /// Gives `message` a UDP_SEGMENT control message (its prepared header
+    /// at `control`) saying the datagrams are `size` bytes, or none (nil:
+    /// the send is one datagram).
+    @inline(__always)
+    private func setSegmentSize(_ message: UnsafeMutablePointer<msghdr>, control: UnsafeMutableRawPointer?, _ size: Int) {
+        guard let control else {
+            message.pointee.msg_control = nil
+            message.pointee.msg_controllen = 0
+            return
+        }
+        ctunnel_cmsg_data(control.assumingMemoryBound(to: cmsghdr.self))
+            .withMemoryRebound(to: UInt16.self, capacity: 1) { $0.pointee = UInt16(size) }
+        message.pointee.msg_control = control
+        message.pointee.msg_controllen = ctunnel_cmsg_space(MemoryLayout<UInt16>.size)
+        statistics.add(.gsoSends)
+    }
+
     /// Sends the open batch: one sendmsg, with UDP_SEGMENT when it holds
     /// more than one datagram.
     @inline(__always)
@@ -786,17 +774,7 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         let count = Int(batchCounts[leader])
         let message = batchMessages + leader
         message.pointee.msg_iovlen = count
-        if count > 1 {
-            let control = batchControls + leader * URingLoop.controlSpace
-            ctunnel_cmsg_data(control.assumingMemoryBound(to: cmsghdr.self))
-                .withMemoryRebound(to: UInt16.self, capacity: 1) { $0.pointee = UInt16(openLength) }
-            message.pointee.msg_control = control
-            message.pointee.msg_controllen = ctunnel_cmsg_space(MemoryLayout<UInt16>.size)
-            statistics.add(.gsoSends)
-        } else {
-            message.pointee.msg_control = nil
-            message.pointee.msg_controllen = 0
-        }
+        setSegmentSize(message, control: count > 1 ? batchControls + leader * URingLoop.controlSpace : nil, openLength)
         let sqe = nextSQE(ring)
         io_uring_prep_sendmsg(sqe, udpFD, message, 0)
         io_uring_sqe_set_data64(sqe, CompletionTag(.udpSendBatch, slot: leader).userData)

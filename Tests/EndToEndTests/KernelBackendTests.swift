@@ -56,17 +56,7 @@ extension Lab {
 @Suite(.serialized, .enabled(if: canRunNamespaceTests, namespaceSkipReason))
 struct KernelBackendTests {
     func withLab(backend: String, _ body: (Lab) throws -> Void) throws {
-        let lab = try Lab()
-        defer { lab.destroy() }
-        let configFile = lab.directory.appendingPathComponent("flannel-config.json")
-        try backendConfig(backend).write(to: configFile, atomically: true, encoding: .utf8)
-        try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, configFile.path])
-        do {
-            try body(lab)
-        } catch {
-            lab.printLogs()
-            throw error
-        }
+        try Lab.withLocalStore(config: backendConfig(backend), body)
     }
 
     func command(_ lab: Lab, host n: Int, extra: [String] = []) -> [String] {

@@ -406,3 +406,21 @@ struct LabCertificates {
                                clientKeyFile: path("client.key"))
     }
 }
+
+extension Lab {
+    /// Runs `body` in a fresh lab whose local store holds `config`; prints the
+    /// daemons' logs when it fails, and tears the lab down either way.
+    static func withLocalStore(config: String, _ body: (Lab) throws -> Void) throws {
+        let lab = try Lab()
+        defer { lab.destroy() }
+        let configFile = lab.directory.appendingPathComponent("flannel-config.json")
+        try config.write(to: configFile, atomically: true, encoding: .utf8)
+        try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, configFile.path])
+        do {
+            try body(lab)
+        } catch {
+            lab.printLogs()
+            throw error
+        }
+    }
+}

@@ -6,19 +6,7 @@ import Testing
 @Suite(.serialized, .enabled(if: canRunNamespaceTests, namespaceSkipReason))
 struct OffloadPathTests {
     func withLab(_ body: (Lab) throws -> Void) throws {
-        let lab = try Lab()
-        defer { lab.destroy() }
-        let configFile = lab.directory.appendingPathComponent("flannel-config.json")
-        try seedConfig.write(to: configFile, atomically: true, encoding: .utf8)
-        try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, configFile.path])
-        do {
-            try body(lab)
-        } catch {
-            for process in ["h1", "h2", "h3"] where !lab.log(process).isEmpty {
-                print("---- log of \(process) ----\n\(lab.log(process))")
-            }
-            throw error
-        }
+        try Lab.withLocalStore(config: seedConfig, body)
     }
 
     /// The data-path counters a stopped daemon logged ("data path stopped; counters: …").

@@ -10,20 +10,7 @@ let seedConfig = #"{"Network":"10.2.0.0/16","SubnetLen":24,"SubnetMin":"10.2.1.0
 @Suite(.serialized, .enabled(if: canRunNamespaceTests, namespaceSkipReason))
 struct UDPBackendTests {
     func withLab(_ body: (Lab) throws -> Void) throws {
-        let lab = try Lab()
-        defer { lab.destroy() }
-        let configFile = lab.directory.appendingPathComponent("flannel-config.json")
-        try seedConfig.write(to: configFile, atomically: true, encoding: .utf8)
-        try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, configFile.path])
-        do {
-            try body(lab)
-        } catch {
-            // Leave the daemons' view of events in the test output.
-            for process in ["h1", "h2", "h3"] where !lab.log(process).isEmpty {
-                print("---- log of \(process) ----\n\(lab.log(process))")
-            }
-            throw error
-        }
+        try Lab.withLocalStore(config: seedConfig, body)
     }
 
     func hostArguments(_ lab: Lab) -> [String] { ["--store-dir", lab.storeDirectory] }

@@ -215,18 +215,7 @@ struct SplitCase: CustomTestStringConvertible, Sendable {
     @Test func randomSuperPacketsSplitExactlyLikeTheModel() throws {
         var rng = SplitMix64(seed: 0x5EED_0001)
         for iteration in 0..<150 {
-            var spec = PacketSpec()
-            spec.udp = Int.random(in: 0..<4, using: &rng) == 0
-            spec.ipOptions = rng.bytes(4 * Int.random(in: 0...(Bool.random(using: &rng) ? 0 : 10), using: &rng))
-            if !spec.udp { spec.tcpOptions = rng.bytes(4 * Int.random(in: 0...10, using: &rng)) }
-            spec.id = UInt16.random(in: 0...0xffff, using: &rng)
-            spec.sequence = UInt32.random(in: 0...UInt32.max, using: &rng)
-            spec.flags = UInt8.random(in: 0...255, using: &rng)
-            spec.source = UInt32.random(in: 0...UInt32.max, using: &rng)
-            spec.destination = UInt32.random(in: 0...UInt32.max, using: &rng)
-            let maxPayload = 65535 - spec.headerLength
-            spec.payload = rng.bytes(Int.random(in: 1...min(65000, maxPayload), using: &rng))
-            let mss = Int.random(in: 88...1460, using: &rng)
+            let (spec, mss) = randomSuperPacket(using: &rng)
             let packet = spec.bytes(.pseudoOnly)
             let (result, output, intact) = runSplit(packet, header: spec.virtio(gsoSize: mss), maxSegments: 1024)
             #expect(intact)
@@ -266,17 +255,7 @@ extension Array where Element == UInt8 {
     @Test func gatheredSegmentsAreByteForByteTheCopiedOnes() throws {
         var rng = SplitMix64(seed: 0x5EED_0A7E)
         for iteration in 0..<120 {
-            var spec = PacketSpec()
-            spec.udp = Int.random(in: 0..<4, using: &rng) == 0
-            spec.ipOptions = rng.bytes(4 * Int.random(in: 0...(Bool.random(using: &rng) ? 0 : 10), using: &rng))
-            if !spec.udp { spec.tcpOptions = rng.bytes(4 * Int.random(in: 0...10, using: &rng)) }
-            spec.id = UInt16.random(in: 0...0xffff, using: &rng)
-            spec.sequence = UInt32.random(in: 0...UInt32.max, using: &rng)
-            spec.flags = UInt8.random(in: 0...255, using: &rng)
-            spec.source = UInt32.random(in: 0...UInt32.max, using: &rng)
-            spec.destination = UInt32.random(in: 0...UInt32.max, using: &rng)
-            spec.payload = rng.bytes(Int.random(in: 1...min(65000, 65535 - spec.headerLength), using: &rng))
-            let mss = Int.random(in: 88...1460, using: &rng)
+            let (spec, mss) = randomSuperPacket(using: &rng)
             let packet = spec.bytes(.pseudoOnly)
             let header = spec.virtio(gsoSize: mss)
             let (copied, output, _) = runSplit(packet, header: header, maxSegments: 1024)
@@ -335,4 +314,20 @@ extension Array where Element == UInt8 {
         }
         #expect(result == .failure(.doesNotFit))
     }
+}
+
+/// A random TCP or UDP super-packet (options, flags, addresses, 1…65000 bytes of payload) and
+/// an MSS to split it with.
+func randomSuperPacket(using rng: inout SplitMix64) -> (PacketSpec, Int) {
+    var spec = PacketSpec()
+    spec.udp = Int.random(in: 0..<4, using: &rng) == 0
+    spec.ipOptions = rng.bytes(4 * Int.random(in: 0...(Bool.random(using: &rng) ? 0 : 10), using: &rng))
+    if !spec.udp { spec.tcpOptions = rng.bytes(4 * Int.random(in: 0...10, using: &rng)) }
+    spec.id = UInt16.random(in: 0...0xffff, using: &rng)
+    spec.sequence = UInt32.random(in: 0...UInt32.max, using: &rng)
+    spec.flags = UInt8.random(in: 0...255, using: &rng)
+    spec.source = UInt32.random(in: 0...UInt32.max, using: &rng)
+    spec.destination = UInt32.random(in: 0...UInt32.max, using: &rng)
+    spec.payload = rng.bytes(Int.random(in: 1...min(65000, 65535 - spec.headerLength), using: &rng))
+    return (spec, Int.random(in: 88...1460, using: &rng))
 }
