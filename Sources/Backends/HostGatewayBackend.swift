@@ -77,12 +77,7 @@ public final class HostGatewayBackend: Backend {
 
     /// Checks the routes every `checkInterval` and restores what is missing.
     public func run() async throws {
-        routes.check()
-        while !Task.isCancelled {
-            try? await Task.sleep(for: checkInterval)
-            if Task.isCancelled { break }
-            routes.check()
-        }
+        await routes.keepChecking(every: checkInterval)
     }
 
     /// The routes stay across a restart (traffic keeps flowing, as with

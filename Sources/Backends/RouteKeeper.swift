@@ -70,6 +70,16 @@ final class RouteKeeper: Sendable {
         }
     }
 
+    /// Checks now, then every `interval` until the task is cancelled.
+    func keepChecking(every interval: Duration) async {
+        check()
+        while !Task.isCancelled {
+            try? await Task.sleep(for: interval)
+            if Task.isCancelled { break }
+            check()
+        }
+    }
+
     /// Puts back wanted routes that are missing and removes owned routes
     /// that nobody wants (left by an earlier run or another backend).
     func check() {

@@ -208,12 +208,7 @@ public final class VXLANBackend: Backend {
     public func run() async throws {
         let (index, _, routes) = try current()
         programming.withLock { _ in removeStaleEntries(index: index) }
-        routes.check()
-        while !Task.isCancelled {
-            try? await Task.sleep(for: checkInterval)
-            if Task.isCancelled { break }
-            routes.check()
-        }
+        await routes.keepChecking(every: checkInterval)
     }
 
     private func removeStaleEntries(index: Int32) {

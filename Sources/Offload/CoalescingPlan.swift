@@ -316,12 +316,8 @@ public struct CoalescingPlan: ~Copyable {
               group.count < Self.maxSegmentsPerWrite,
               let first = unsafe packets[group.first].base
         else { return false }
-        // Same TOS, TTL, DF and reserved bit; same ack, window, data offset and option bytes.
-        // Without DF the IDs must count up by one, as re-segmentation will make them.
-        let ipFlags = unsafe p.be16(6) & (IPv4.dontFragment | IPv4.reservedFlag)
-        guard unsafe p.u8(1) == first.u8(1), unsafe p.u8(8) == first.u8(8),
-              unsafe ipFlags == first.be16(6) & (IPv4.dontFragment | IPv4.reservedFlag),
-              unsafe ipFlags & IPv4.dontFragment != 0 || p.be16(4) == first.be16(4) &+ UInt16(truncatingIfNeeded: group.count),
+        // Same ack, window, data offset and option bytes.
+        guard unsafe sameIPv4Header(p, as: first, joining: group.count),
               unsafe p.be32(28) == first.be32(28), unsafe p.be16(34) == first.be16(34), unsafe p.u8(32) == first.u8(32),
               unsafe memcmp(p + 40, first + 40, segment.headerLength - 40) == 0,
               unsafe checksumsAreValid(p, length: segment.headerLength + segment.payload)
@@ -385,10 +381,7 @@ public struct CoalescingPlan: ~Copyable {
               group.count < Self.maxSegmentsPerWrite,
               let first = unsafe packets[group.first].base
         else { return false }
-        let ipFlags = unsafe p.be16(6) & (IPv4.dontFragment | IPv4.reservedFlag)
-        guard unsafe p.u8(1) == first.u8(1), unsafe p.u8(8) == first.u8(8),
-              unsafe ipFlags == first.be16(6) & (IPv4.dontFragment | IPv4.reservedFlag),
-              unsafe ipFlags & IPv4.dontFragment != 0 || p.be16(4) == first.be16(4) &+ UInt16(truncatingIfNeeded: group.count),
+        guard unsafe sameIPv4Header(p, as: first, joining: group.count),
               unsafe checksumsAreValid(udp: p, length: 28 + payload)
         else { return false }
         unsafe packets[index].base = unsafe p + 28
@@ -399,6 +392,16 @@ public struct CoalescingPlan: ~Copyable {
         unsafe writes[w].bytes += payload
         unsafe writes[w].totalLength += payload
         return true
+    }
+
+    /// Whether packet `p` may follow `first` in a super-packet as its `index`th: same TOS, TTL,
+    /// DF and reserved bit; without DF its ID must count up by one from the first's, as
+    /// re-segmentation will make them.
+    func sameIPv4Header(_ p: UnsafeMutableRawPointer, as first: UnsafeMutableRawPointer, joining index: Int) -> Bool {
+        let ipFlags = unsafe p.be16(6) & (IPv4.dontFragment | IPv4.reservedFlag)
+        return unsafe p.u8(1) == first.u8(1) && p.u8(8) == first.u8(8)
+            && ipFlags == first.be16(6) & (IPv4.dontFragment | IPv4.reservedFlag)
+            && (ipFlags & IPv4.dontFragment != 0 || p.be16(4) == first.be16(4) &+ UInt16(truncatingIfNeeded: index))
     }
 
     /// Like `checksumsAreValid` for a UDP datagram (a zero UDP checksum means none was sent).

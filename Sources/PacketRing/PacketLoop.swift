@@ -469,34 +469,14 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
                         }
                     }
                 case .udpSend:
-                    if result < 0 {
-                        if result == -EIO && segmentationWorks {
-                            // The device on the route cannot checksum
-                            // segments: send them one by one from now on.
-                            segmentationWorks = false
-                            statistics.add(.gsoSendErrors)
-                        }
-                        statistics.add(.sendErrors)
-                    } else {
-                        statistics.add(.udpPacketsSent, UInt64(sendDatagrams[tag.slot]))
-                        statistics.add(.udpBytesSent, UInt64(result))
-                    }
+                    sendCompleted(result, datagrams: Int(sendDatagrams[tag.slot]))
                     // A send's tag names its message; the slot owns `sendsPerSlot` of them.
                     let slot = tag.slot / sendsPerSlot
                     pendingSends[slot] -= 1
                     if pendingSends[slot] == 0 { recycle(.tun, slot) }
                 case .udpSendBatch:
                     let count = Int(batchCounts[tag.slot])
-                    if result < 0 {
-                        if result == -EIO && segmentationWorks {
-                            segmentationWorks = false
-                            statistics.add(.gsoSendErrors)
-                        }
-                        statistics.add(.sendErrors)
-                    } else {
-                        statistics.add(.udpPacketsSent, UInt64(count))
-                        statistics.add(.udpBytesSent, UInt64(result))
-                    }
+                    sendCompleted(result, datagrams: count)
                     let members = batchMembers + tag.slot * URingLoop.maxBatch
                     for i in 0..<count { recycle(.tun, Int(members[i])) }
                 case .tunReply:
@@ -736,6 +716,23 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         } else {
             pendingWrites[slot] = writes
         }
+    }
+
+    /// Counts a completed send of `datagrams` datagrams.
+    @inline(__always)
+    private func sendCompleted(_ result: Int32, datagrams: Int) {
+        guard result >= 0 else {
+            if result == -EIO && segmentationWorks {
+                // The device on the route cannot checksum segments: send
+                // them one by one from now on.
+                segmentationWorks = false
+                statistics.add(.gsoSendErrors)
+            }
+            statistics.add(.sendErrors)
+            return
+        }
+        statistics.add(.udpPacketsSent, UInt64(datagrams))
+        statistics.add(.udpBytesSent, UInt64(result))
     }
 
     /// Where the sends of TUN slot `slot` go (host order in, network order stored).
