@@ -70,6 +70,17 @@ final class UDPDataPath: Sendable {
             tunOffloads = tun.enableOffloads()
             if !tunOffloads.contains(.tso4) {
                 notes.append("the kernel refused TSO on the TUN (got \(tunOffloads)): packets are read one by one")
+            } else {
+                // A super-packet may hold no more segments than a read may be
+                // split into; the kernel splits a bigger one before the TUN
+                // (a flow with a tiny MSS: 64 KiB of 100-byte segments).
+                do {
+                    try routeSocket.setGSOMaxSegments(index: routeSocket.linkIndex(named: tun.name),
+                                                      count: UDPDataPath.maxSegments)
+                } catch {
+                    notes.append("could not limit super-packets to \(UDPDataPath.maxSegments) segments (\(error)); "
+                                 + "flows with a very small MSS will lose packets")
+                }
             }
             // No gso_max_size below 64 KiB on the TUN, although a full
             // super-packet's segments take two UDP_SEGMENT sends (65507-byte
@@ -110,7 +121,7 @@ final class UDPDataPath: Sendable {
         let offloads = LoopOffloads(virtioHeader: virtio, segmentation: segmentation,
                                     receiveCoalescing: receiveCoalescing)
         var configuration = LoopConfiguration(depth: settings.queueDepth, mtu: settings.mtu, offloads: offloads)
-        configuration.maxSegments = 256
+        configuration.maxSegments = UDPDataPath.maxSegments
         configuration.busyPollMicroseconds = settings.busyPollMicroseconds
 
         var loops: [any DataPathLoop] = []
@@ -138,6 +149,10 @@ final class UDPDataPath: Sendable {
     }
 
     var statistics: [Statistics] { loops.map(\.statistics) }
+
+    /// The most segments one TUN read is split into (TCP's usual MSS of
+    /// 1400+ gives ~46 for 64 KiB; 256 covers an MSS down to 256 bytes).
+    static let maxSegments = 256
 
     /// Starts one named thread per loop.
     func start() -> [DataPathThread] {

@@ -38,6 +38,9 @@ struct OffloadPathTests {
                 try transfer(lab, from: 1, to: 2, bytes: bytes, port: 5201 + i)
             }
             try transfer(lab, from: 2, to: 1, bytes: 3 << 20)
+            // A tiny MSS: a 64 KiB super-packet of 100-byte segments holds more
+            // segments than one read may be split into; nothing may stall.
+            try transfer(lab, from: 1, to: 2, bytes: 2 << 20, port: 5221, mss: 100)
             try udpEcho(lab, from: 1, to: 2, sizes: [1, 100, 1443, 1444, 1445, 4_000, 20_000, 65_000])
             try udpBurst(lab, from: 1, to: 2)
 

@@ -7,7 +7,9 @@ func transfer(_ lab: Lab, from: Int, to: Int, megabytes: Int) throws {
     try transfer(lab, from: from, to: to, bytes: megabytes << 20)
 }
 
-func transfer(_ lab: Lab, from: Int, to: Int, bytes: Int, port: Int = 5201) throws {
+/// `mss`: the client asks for this TCP maximum segment size (TCP_MAXSEG),
+/// so its super-packets hold that many more, smaller segments.
+func transfer(_ lab: Lab, from: Int, to: Int, bytes: Int, port: Int = 5201, mss: Int? = nil) throws {
     let source = lab.directory.appendingPathComponent("payload-\(bytes).bin").path
     let received = lab.directory.appendingPathComponent("received-\(bytes).bin").path
     try run(["bash", "-c", "head -c \(bytes) /dev/urandom > \(source)"])
@@ -25,9 +27,12 @@ func transfer(_ lab: Lab, from: Int, to: Int, bytes: Int, port: Int = 5201) thro
         """
     let client = """
         import socket,sys,time
+        mss=int(sys.argv[4])
         for i in range(100):
             try:
-                s=socket.create_connection((sys.argv[1],int(sys.argv[3])),timeout=60); break
+                s=socket.socket(); s.settimeout(60)
+                if mss: s.setsockopt(socket.IPPROTO_TCP,socket.TCP_MAXSEG,mss)
+                s.connect((sys.argv[1],int(sys.argv[3]))); break
             except OSError: time.sleep(0.1)
         with open(sys.argv[2],'rb') as f: s.sendall(f.read())
         s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
@@ -36,7 +41,7 @@ func transfer(_ lab: Lab, from: Int, to: Int, bytes: Int, port: Int = 5201) thro
                             "\(port)"],
                            output: lab.directory.appendingPathComponent("transfer-server.log").path)
     defer { server.stop() }
-    try lab.exec("c\(from)", ["python3", "-c", client, target, source, "\(port)"], timeout: .seconds(90))
+    try lab.exec("c\(from)", ["python3", "-c", client, target, source, "\(port)", "\(mss ?? 0)"], timeout: .seconds(90))
     #expect(server.wait(timeout: .seconds(30)) == 0, "the receiving side did not finish cleanly")
     let sent = try run(["sha256sum", source]).output.prefix(64)
     let got = try run(["sha256sum", received]).output.prefix(64)
