@@ -60,6 +60,7 @@ public struct CoalescingPlan: ~Copyable {
 
     let maxPackets: Int
     let verifyChecksums: Bool
+    let coalesce: Bool
     let iovecs: UnsafeMutablePointer<iovec>
     let headers: UnsafeMutableRawPointer
     let packets: UnsafeMutablePointer<PacketSlot>
@@ -75,7 +76,10 @@ public struct CoalescingPlan: ~Copyable {
     ///     Merging hides a segment's own checksum (the kernel recomputes the super-packet's),
     ///     so a corrupt segment would be accepted; the outer UDP checksum already covers the
     ///     bytes on the wire, so a caller that trusts its peers' senders may turn this off.
-    public init(maxPackets: Int, verifyChecksums: Bool = true) {
+    ///   - coalesce: false gives every packet a write of its own (for a TUN without a virtio
+    ///     header, which cannot take a super-packet).
+    public init(maxPackets: Int, verifyChecksums: Bool = true, coalesce: Bool = true) {
+        self.coalesce = coalesce
         let capacity = max(maxPackets, 1)
         self.maxPackets = max(maxPackets, 0)
         self.verifyChecksums = verifyChecksums
@@ -129,7 +133,7 @@ public struct CoalescingPlan: ~Copyable {
         packetCount += 1
         unsafe packets[index] = unsafe PacketSlot(base: packet, length: length, next: -1)
 
-        guard let key = unsafe flowKey(packet, length: length) else {
+        guard coalesce, let key = unsafe flowKey(packet, length: length) else {
             startWrite(index)
             return true
         }
@@ -173,26 +177,8 @@ public struct CoalescingPlan: ~Copyable {
         for w in 0..<writeTotal {
             let header = unsafe headers + w * VirtioNetHeader.size
             let group = unsafe writes[w]
-            if group.count >= 2, group.udp, let first = unsafe packets[group.first].base {
-                unsafe patchFirstDatagram(first, group: group)
-                unsafe VirtioNetHeader(
-                    flags: VirtioNetHeader.needsChecksum,
-                    gsoType: VirtioNetHeader.GSOType.udpL4.rawValue,
-                    headerLength: UInt16(group.headerLength),
-                    gsoSize: UInt16(group.segmentSize),
-                    checksumStart: UInt16(IPv4.minimumHeaderLength),
-                    checksumOffset: 6
-                ).write(to: header)
-            } else if group.count >= 2, let first = unsafe packets[group.first].base {
-                unsafe patchFirstPacket(first, group: group)
-                unsafe VirtioNetHeader(
-                    flags: VirtioNetHeader.needsChecksum,
-                    gsoType: VirtioNetHeader.GSOType.tcpv4.rawValue,
-                    headerLength: UInt16(group.headerLength),
-                    gsoSize: UInt16(group.segmentSize),
-                    checksumStart: UInt16(IPv4.minimumHeaderLength),
-                    checksumOffset: 16
-                ).write(to: header)
+            if group.count >= 2, let first = unsafe packets[group.first].base {
+                unsafe patchFirst(first, group: group).write(to: header)
             } else {
                 unsafe VirtioNetHeader().write(to: header)
             }
@@ -413,27 +399,32 @@ public struct CoalescingPlan: ~Copyable {
         return unsafe Checksum.fold(Checksum.partial(p + 20, count: length - 20, initial: pseudo)) == 0xffff
     }
 
-    /// Turns the first datagram into the header of a UDP super-packet (GSO_UDP_L4 with
-    /// CHECKSUM_PARTIAL): IP and UDP lengths of the whole, the UDP checksum field holding the
-    /// pseudo-header sum.
-    func patchFirstDatagram(_ p: UnsafeMutableRawPointer, group: WriteSlot) {
+    /// Turns the first packet of a group into the header of its super-packet, as a NIC's GRO
+    /// hands it to the stack with CHECKSUM_PARTIAL: the IP total length (and for UDP the UDP
+    /// length) of the whole, a fresh header checksum, PSH if a merged TCP segment had it, and
+    /// the L4 checksum field holding the pseudo-header sum. Returns the virtio header that
+    /// describes it.
+    func patchFirst(_ p: UnsafeMutableRawPointer, group: WriteSlot) -> VirtioNetHeader {
         unsafe p.setBE16(2, UInt16(group.totalLength))
         unsafe p.setBE16(10, 0)
         unsafe p.setBE16(10, Checksum.compute(p, count: 20))
-        unsafe p.setBE16(24, UInt16(group.totalLength - 20))
-        let pseudo = unsafe Checksum.pseudoHeader(source: p.be32(12), destination: p.be32(16), protocol: IPv4.udp, length: group.totalLength - 20)
-        unsafe p.setBE16(26, Checksum.fold(pseudo))
-    }
-
-    /// Turns the first packet into the header of the super-packet: what a NIC's GRO hands the
-    /// stack with CHECKSUM_PARTIAL (the TCP checksum field holds the pseudo-header sum).
-    func patchFirstPacket(_ p: UnsafeMutableRawPointer, group: WriteSlot) {
-        unsafe p.setBE16(2, UInt16(group.totalLength))
-        unsafe p.setBE16(10, 0)
-        unsafe p.setBE16(10, Checksum.compute(p, count: 20))
-        if group.push { unsafe p.setU8(33, p.u8(33) | TCPFlag.psh) }
-        let pseudo = unsafe Checksum.pseudoHeader(source: p.be32(12), destination: p.be32(16), protocol: IPv4.tcp, length: group.totalLength - 20)
-        unsafe p.setBE16(36, Checksum.fold(pseudo))
+        let l4Length = group.totalLength - IPv4.minimumHeaderLength
+        if group.udp {
+            unsafe p.setBE16(24, UInt16(l4Length))
+        } else if group.push {
+            unsafe p.setU8(33, p.u8(33) | TCPFlag.psh)
+        }
+        let checksumOffset = group.udp ? 6 : 16
+        let pseudo = unsafe Checksum.pseudoHeader(source: p.be32(12), destination: p.be32(16),
+                                                  protocol: group.udp ? IPv4.udp : IPv4.tcp, length: l4Length)
+        unsafe p.setBE16(IPv4.minimumHeaderLength + checksumOffset, Checksum.fold(pseudo))
+        return VirtioNetHeader(
+            flags: VirtioNetHeader.needsChecksum,
+            gsoType: (group.udp ? VirtioNetHeader.GSOType.udpL4 : .tcpv4).rawValue,
+            headerLength: UInt16(group.headerLength),
+            gsoSize: UInt16(group.segmentSize),
+            checksumStart: UInt16(IPv4.minimumHeaderLength),
+            checksumOffset: UInt16(checksumOffset))
     }
 }
 

@@ -120,11 +120,9 @@ public struct Forwarder: Sendable {
 extension Forwarder {
     /// Where the packets of one TUN read go, once split.
     public enum TunBatchAction: Equatable {
-        /// Send `count` datagrams to the peer (address and port in host
-        /// order), laid out back to back from `start`: each `segmentLength`
-        /// bytes but the last, `totalLength` bytes in all.
-        case send(address: UInt32, port: UInt16, start: UnsafeMutableRawPointer, segmentLength: Int, count: Int,
-                  totalLength: Int)
+        /// Send the packet of `length` bytes at `start` to the peer (address
+        /// and port in host order) as one datagram.
+        case send(address: UInt32, port: UInt16, start: UnsafeMutableRawPointer, length: Int)
         /// Send the `count` datagrams gathered by `iovecs`, two per datagram
         /// (headers, then payload where it lies in the read buffer): each
         /// `segmentLength` bytes but the last, `totalLength` bytes in all.
@@ -172,7 +170,7 @@ extension Forwarder {
                     stats.add(.droppedBadOffload)
                     return .drop
                 }
-                return .send(address: address, port: port, start: p, segmentLength: n, count: 1, totalLength: n)
+                return .send(address: address, port: port, start: p, length: n)
             }
             switch Segmentation.splitGathered(p, length: n, header: header, headers: headers,
                                               headerCapacity: headerCapacity, iovecs: iovecs,
@@ -195,7 +193,7 @@ extension Forwarder {
     /// `fromNetwork` checks a single datagram; those that pass go into
     /// `plan`, which coalesces TCP segments of one flow into super-packets.
     /// Returns how many were accepted.
-    @inline(__always)
+    @inline(__always) @discardableResult
     public func fromNetwork(
         datagrams p: UnsafeMutableRawPointer, length: Int, segmentLength: Int, sender: UInt32, senderPort: UInt16,
         into plan: inout CoalescingPlan, stats: Statistics

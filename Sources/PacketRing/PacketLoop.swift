@@ -78,6 +78,9 @@ public protocol DataPathLoop: AnyObject, Sendable {
 /// into io_uring's 64-bit user_data (operation in the top byte).
 struct CompletionTag: Equatable {
     enum Op: UInt8 {
+        /// `udpSend`: the sends of a split super-packet (slot: the send's
+        /// message); `udpSendBatch`: a batch of single packets (slot: its
+        /// leading TUN slot).
         case tunRead = 1, udpSend, tunReply, udpRecv, tunWrite, wake, udpSendBatch
     }
     var op: Op
@@ -142,28 +145,28 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
     /// Bytes a TUN read may fill (virtio header included).
     private let tunReadCapacity: Int
     private let virtioSize: Int
-    /// Per TUN slot: the headers of a super-packet's segments, and the
-    /// iovecs (two per segment) that gather them with their payloads.
+    /// Per TUN slot: the headers of a super-packet's segments.
     private let headerSlab: UnsafeMutableRawPointer?
     private let headerCapacity: Int
-    private let segmentIovecs: UnsafeMutablePointer<iovec>?
-    /// Per TUN slot, `sendsPerSlot` of each: the sends of its segments.
+    /// Per TUN slot, `iovecsPerSlot` of them: two per segment of a split
+    /// super-packet (headers, payload in place), or one per packet of a
+    /// batch the slot leads.
+    private let slotIovecs: UnsafeMutablePointer<iovec>
+    private let iovecsPerSlot: Int
+    /// Per TUN slot, `sendsPerSlot` of each: its sends (a super-packet may
+    /// take several), their UDP_SEGMENT control messages and how many
+    /// datagrams each carries; one `sockaddr_in` per slot.
     private let sendsPerSlot: Int
-    private let iovecs: UnsafeMutablePointer<iovec>
     private let messages: UnsafeMutablePointer<msghdr>
     private let controls: UnsafeMutableRawPointer
+    private let sendDatagrams: UnsafeMutablePointer<Int32>
     private let addresses: UnsafeMutablePointer<sockaddr_in>
     private let pendingSends: UnsafeMutablePointer<Int32>
-    /// Per send: how many datagrams it carries.
-    private let sendDatagrams: UnsafeMutablePointer<Int32>
-    /// Batches of single packets for one peer, all of one length (the last
-    /// may be shorter), sent with one UDP_SEGMENT sendmsg; a batch is named
-    /// by its first ("leading") slot, which owns its message and iovecs.
-    private let batchMessages: UnsafeMutablePointer<msghdr>
-    private let batchIovecs: UnsafeMutablePointer<iovec>
-    private let batchControls: UnsafeMutableRawPointer
+    /// Single packets for one peer, all of one length (the last may be
+    /// shorter), leave in one sendmsg (UDP_SEGMENT when there are several):
+    /// a batch is named by its first ("leading") slot, whose iovecs, first
+    /// message and datagram count it uses; these are its members' slots.
     private let batchMembers: UnsafeMutablePointer<Int32>
-    private let batchCounts: UnsafeMutablePointer<Int32>
     /// The batch being filled this turn (-1: none), its peer and length.
     private var openLeader = -1
     private var openAddress: UInt32 = 0
@@ -221,41 +224,25 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         receiveHeader = MemoryLayout<io_uring_recvmsg_out>.size + MemoryLayout<sockaddr_in>.size
             + URingLoop.receiveControlSpace
         udpStride = (receiveHeader + udpCapacity + 63) & ~63
-        // Segments: the payload once, plus an IPv4 + TCP header (with options)
-        // per segment.
         // An IPv4 and a TCP header, options included, per segment.
         headerCapacity = virtio ? (maxSegments * 120 + 63) & ~63 : 0
         sendsPerSlot = virtio ? maxSegments : 1
+        iovecsPerSlot = max(virtio ? 2 * maxSegments : 0, URingLoop.maxBatch)
 
         tunSlab = try URingLoop.alignedAllocation(depth * tunStride, "TUN buffers")
         udpSlab = try URingLoop.alignedAllocation(depth * udpStride, "socket buffers")
         headerSlab = virtio ? try URingLoop.alignedAllocation(depth * headerCapacity, "segment headers") : nil
-        if virtio {
-            let gathered = UnsafeMutablePointer<iovec>.allocate(capacity: depth * 2 * maxSegments)
-            gathered.initialize(repeating: iovec(), count: depth * 2 * maxSegments)
-            segmentIovecs = gathered
-        } else {
-            segmentIovecs = nil
-        }
+        slotIovecs = .allocate(capacity: depth * iovecsPerSlot)
+        slotIovecs.initialize(repeating: iovec(), count: depth * iovecsPerSlot)
         let sends = depth * sendsPerSlot
-        iovecs = .allocate(capacity: sends)
-        iovecs.initialize(repeating: iovec(), count: sends)
         messages = .allocate(capacity: sends)
         messages.initialize(repeating: msghdr(), count: sends)
         controls = .allocate(byteCount: sends * URingLoop.controlSpace, alignment: 8)
         memset(controls, 0, sends * URingLoop.controlSpace)
         addresses = .allocate(capacity: depth)
         addresses.initialize(repeating: sockaddr_in(), count: depth)
-        batchMessages = .allocate(capacity: depth)
-        batchMessages.initialize(repeating: msghdr(), count: depth)
-        batchIovecs = .allocate(capacity: depth * URingLoop.maxBatch)
-        batchIovecs.initialize(repeating: iovec(), count: depth * URingLoop.maxBatch)
-        batchControls = .allocate(byteCount: depth * URingLoop.controlSpace, alignment: 8)
-        memset(batchControls, 0, depth * URingLoop.controlSpace)
         batchMembers = .allocate(capacity: depth * URingLoop.maxBatch)
         batchMembers.initialize(repeating: 0, count: depth * URingLoop.maxBatch)
-        batchCounts = .allocate(capacity: depth)
-        batchCounts.initialize(repeating: 0, count: depth)
         sendDatagrams = .allocate(capacity: sends)
         sendDatagrams.initialize(repeating: 0, count: sends)
         pendingSends = .allocate(capacity: depth)
@@ -266,8 +253,9 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         // Merged segments are not checksummed again here: the kernel checked
         // each datagram's UDP checksum, which covers the segment's bytes on
         // the wire, and the super-packet's own checksum is the kernel's.
+        // Without a virtio header every packet is written on its own.
         for slot in 0..<depth {
-            (plans + slot).initialize(to: CoalescingPlan(maxPackets: virtio ? 256 : 1, verifyChecksums: false))
+            (plans + slot).initialize(to: CoalescingPlan(maxPackets: 256, verifyChecksums: false, coalesce: virtio))
         }
         receiveTemplate = .allocate(capacity: 1)
         receiveTemplate.initialize(to: msghdr())
@@ -286,21 +274,10 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         guard wakeFD >= 0 else {
             throw SystemError("eventfd", on: "data path", errno: .current)
         }
-        for slot in 0..<depth {
-            batchMessages[slot].msg_name = UnsafeMutableRawPointer(addresses + slot)
-            batchMessages[slot].msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
-            batchMessages[slot].msg_iov = batchIovecs + slot * URingLoop.maxBatch
-            let header = (batchControls + slot * URingLoop.controlSpace).assumingMemoryBound(to: cmsghdr.self)
-            header.pointee.cmsg_len = ctunnel_cmsg_len(MemoryLayout<UInt16>.size)
-            header.pointee.cmsg_level = ctunnel_SOL_UDP
-            header.pointee.cmsg_type = ctunnel_UDP_SEGMENT
-        }
         for send in 0..<sends {
             let slot = send / sendsPerSlot
             messages[send].msg_name = UnsafeMutableRawPointer(addresses + slot)
             messages[send].msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
-            messages[send].msg_iov = iovecs + send
-            messages[send].msg_iovlen = 1
             // The UDP_SEGMENT control message, filled in when a send carries
             // more than one datagram.
             let control = controls + send * URingLoop.controlSpace
@@ -323,18 +300,13 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         free(tunSlab)
         free(udpSlab)
         if let headerSlab { free(headerSlab) }
-        segmentIovecs?.deallocate()
+        slotIovecs.deallocate()
         free(bufferRings.tun)
         free(bufferRings.udp)
-        iovecs.deallocate()
         messages.deallocate()
         controls.deallocate()
         addresses.deallocate()
-        batchMessages.deallocate()
-        batchIovecs.deallocate()
-        batchControls.deallocate()
         batchMembers.deallocate()
-        batchCounts.deallocate()
         pendingSends.deallocate()
         sendDatagrams.deallocate()
         pendingWrites.deallocate()
@@ -475,7 +447,7 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
                     pendingSends[slot] -= 1
                     if pendingSends[slot] == 0 { recycle(.tun, slot) }
                 case .udpSendBatch:
-                    let count = Int(batchCounts[tag.slot])
+                    let count = Int(sendDatagrams[tag.slot * sendsPerSlot])
                     sendCompleted(result, datagrams: count)
                     let members = batchMembers + tag.slot * URingLoop.maxBatch
                     for i in 0..<count { recycle(.tun, Int(members[i])) }
@@ -553,49 +525,46 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
     private func handleTunRead(_ ring: UnsafeMutablePointer<io_uring>, _ slot: Int, length: Int) {
         let p = tunPacket(slot)
         let action: Forwarder.TunBatchAction
-        if let headerSlab, let segmentIovecs {
+        if let headerSlab {
             action = forwarder.fromTun(virtioRead: p - virtioSize, length: length, capacity: tunReadCapacity,
                                        headers: headerSlab + slot * headerCapacity, headerCapacity: headerCapacity,
-                                       iovecs: segmentIovecs + slot * 2 * maxSegments, iovecCapacity: 2 * maxSegments,
+                                       iovecs: slotIovecs + slot * iovecsPerSlot, iovecCapacity: iovecsPerSlot,
                                        maxSegments: maxSegments, stats: statistics)
         } else {
             action = switch forwarder.fromTun(p, length: length, capacity: tunReadCapacity, stats: statistics) {
-            case .send(let address, let port, let n):
-                .send(address: address, port: port, start: p, segmentLength: n, count: 1, totalLength: n)
+            case .send(let address, let port, let n): .send(address: address, port: port, start: p, length: n)
             case .reply(let n): .reply(start: p, length: n)
             case .drop: .drop
             }
         }
         switch action {
-        case .send(let address, let port, let start, let segmentLength, let count, let totalLength)
-            where count == 1 && segmentationWorks:
-            // One packet: join this turn's batch for its peer, or start one.
-            if openLeader >= 0 && address == openAddress && port == openPort && totalLength <= openLength
-                && Int(batchCounts[openLeader]) < URingLoop.maxBatch
-                && openBytes + totalLength <= UDPSocket.maxBytesPerSend {
-                let n = Int(batchCounts[openLeader])
-                let iov = batchIovecs + openLeader * URingLoop.maxBatch + n
-                iov.pointee.iov_base = start
-                iov.pointee.iov_len = totalLength
-                batchMembers[openLeader * URingLoop.maxBatch + n] = Int32(slot)
-                batchCounts[openLeader] = Int32(n + 1)
-                openBytes += totalLength
-                // Only the last datagram of a UDP_SEGMENT send may be shorter.
-                if totalLength < openLength { flushBatch(ring) }
-                return
+        case .send(let address, let port, let start, let length):
+            // One packet: join this turn's batch for its peer, or start one;
+            // without UDP_SEGMENT a batch is one packet, sent at once.
+            if segmentationWorks && openLeader >= 0 && address == openAddress && port == openPort
+                && length <= openLength && openBytes + length <= UDPSocket.maxBytesPerSend {
+                let n = Int(sendDatagrams[openLeader * sendsPerSlot])
+                if n < URingLoop.maxBatch {
+                    slotIovecs[openLeader * iovecsPerSlot + n] = iovec(iov_base: start, iov_len: length)
+                    batchMembers[openLeader * URingLoop.maxBatch + n] = Int32(slot)
+                    sendDatagrams[openLeader * sendsPerSlot] = Int32(n + 1)
+                    openBytes += length
+                    // Only the last datagram of a UDP_SEGMENT send may be shorter.
+                    if length < openLength { flushBatch(ring) }
+                    return
+                }
             }
             flushBatch(ring)
             setPeer(slot, address: address, port: port)
-            let iov = batchIovecs + slot * URingLoop.maxBatch
-            iov.pointee.iov_base = start
-            iov.pointee.iov_len = totalLength
+            slotIovecs[slot * iovecsPerSlot] = iovec(iov_base: start, iov_len: length)
             batchMembers[slot * URingLoop.maxBatch] = Int32(slot)
-            batchCounts[slot] = 1
+            sendDatagrams[slot * sendsPerSlot] = 1
             openLeader = slot
             openAddress = address
             openPort = port
-            openLength = segmentLength
-            openBytes = totalLength
+            openLength = length
+            openBytes = length
+            if !segmentationWorks { flushBatch(ring) }
         case .sendGathered(let address, let port, let gathered, let segmentLength, let count, _):
             // Whatever was batched goes first: a flow's packets keep their order.
             flushBatch(ring)
@@ -620,23 +589,6 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
                 index += 1
             }
             pendingSends[slot] = sends
-        case .send(let address, let port, let start, _, _, let totalLength):
-            // One datagram (no UDP_SEGMENT here, or offloads off). Whatever
-            // was batched goes first: a flow's packets keep their order.
-            flushBatch(ring)
-            setPeer(slot, address: address, port: port)
-            let index = slot * sendsPerSlot
-            iovecs[index].iov_base = start
-            iovecs[index].iov_len = totalLength
-            let message = messages + index
-            message.pointee.msg_iov = iovecs + index
-            message.pointee.msg_iovlen = 1
-            setSegmentSize(message, control: nil, totalLength)
-            sendDatagrams[index] = 1
-            let sqe = nextSQE(ring)
-            io_uring_prep_sendmsg(sqe, udpFD, message, 0)
-            io_uring_sqe_set_data64(sqe, CompletionTag(.udpSend, slot: index).userData)
-            pendingSends[slot] = 1
         case .reply(let start, let n):
             flushBatch(ring)
             let sqe = nextSQE(ring)
@@ -680,36 +632,19 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
             if segmentLength < payloadLength { statistics.add(.groReceives) }
         }
 
-        var writes: Int32 = 0
-        if virtioSize > 0 {
-            let plan = plans + slot
-            _ = forwarder.fromNetwork(datagrams: payload, length: payloadLength, segmentLength: segmentLength,
-                                      sender: sender, senderPort: port, into: &plan.pointee, stats: statistics)
-            let count = plan.pointee.writeCount
-            if count > 0 {
-                statistics.add(.segmentsCoalesced, UInt64(plan.pointee.coalescedSegments))
-                for w in 0..<count {
-                    let write = plan.pointee.write(w)
-                    if write.count > 2 { statistics.add(.tunSuperPacketsWritten) }
-                    let sqe = nextSQE(ring)
-                    io_uring_prep_writev(sqe, tunFD, write.iovecs, UInt32(write.count), 0)
-                    io_uring_sqe_set_data64(sqe, CompletionTag(.tunWrite, slot: slot).userData)
-                }
-                writes = Int32(count)
-            }
-        } else {
-            var offset = 0
-            while offset < payloadLength {
-                let datagram = payload + offset
-                let size = min(segmentLength, payloadLength - offset)
-                offset += size
-                guard let n = forwarder.fromNetwork(datagram, length: size, sender: sender, senderPort: port,
-                                                    stats: statistics) else { continue }
-                let sqe = nextSQE(ring)
-                io_uring_prep_write(sqe, tunFD, datagram, UInt32(n), 0)
-                io_uring_sqe_set_data64(sqe, CompletionTag(.tunWrite, slot: slot).userData)
-                writes += 1
-            }
+        let plan = plans + slot
+        forwarder.fromNetwork(datagrams: payload, length: payloadLength, segmentLength: segmentLength,
+                              sender: sender, senderPort: port, into: &plan.pointee, stats: statistics)
+        let writes = Int32(plan.pointee.writeCount)
+        statistics.add(.segmentsCoalesced, UInt64(plan.pointee.coalescedSegments))
+        for w in 0..<plan.pointee.writeCount {
+            // iovec 0 is the write's virtio header; without one it is left out.
+            let write = plan.pointee.write(w)
+            if write.count > 2 { statistics.add(.tunSuperPacketsWritten) }
+            let sqe = nextSQE(ring)
+            let skip = virtioSize > 0 ? 0 : 1
+            io_uring_prep_writev(sqe, tunFD, write.iovecs + skip, UInt32(write.count - skip), 0)
+            io_uring_sqe_set_data64(sqe, CompletionTag(.tunWrite, slot: slot).userData)
         }
         if writes == 0 {
             recycle(.udp, slot)
@@ -768,10 +703,12 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
         let leader = openLeader
         guard leader >= 0 else { return }
         openLeader = -1
-        let count = Int(batchCounts[leader])
-        let message = batchMessages + leader
+        let index = leader * sendsPerSlot
+        let count = Int(sendDatagrams[index])
+        let message = messages + index
+        message.pointee.msg_iov = slotIovecs + leader * iovecsPerSlot
         message.pointee.msg_iovlen = count
-        setSegmentSize(message, control: count > 1 ? batchControls + leader * URingLoop.controlSpace : nil, openLength)
+        setSegmentSize(message, control: count > 1 ? controls + index * URingLoop.controlSpace : nil, openLength)
         let sqe = nextSQE(ring)
         io_uring_prep_sendmsg(sqe, udpFD, message, 0)
         io_uring_sqe_set_data64(sqe, CompletionTag(.udpSendBatch, slot: leader).userData)

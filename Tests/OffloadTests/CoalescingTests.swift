@@ -398,3 +398,33 @@ func merged(_ segments: [[UInt8]]) -> GatheredWrite {
         #expect(run.iovecsInBounds && run.guardsIntact)
     }
 }
+
+@Suite struct UncoalescedPlanTests {
+    /// For a TUN without a virtio header: the same plan, one write per packet, nothing changed.
+    @Test func withoutCoalescingEveryPacketIsWrittenAloneAndUntouched() {
+        var a = Flow(port: 1)
+        let segments = (0..<5).map { _ in a.segment(1000) }
+        var plan = CoalescingPlan(maxPackets: 8, coalesce: false)
+        let buffers = segments.map { bytes -> UnsafeMutableRawBufferPointer in
+            let b = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 8)
+            b.copyBytes(from: bytes)
+            return b
+        }
+        defer { buffers.forEach { $0.deallocate() } }
+        for b in buffers {
+            let added = plan.add(b.baseAddress!, length: b.count)
+            #expect(added)
+        }
+        plan.finish()
+        let (writes, coalesced) = (plan.writeCount, plan.coalescedSegments)
+        #expect(writes == 5)
+        #expect(coalesced == 0)
+        for (i, original) in segments.enumerated() {
+            let write = plan.write(i)
+            let header = plan.header(i)
+            #expect(write.count == 2)
+            #expect(header == VirtioNetHeader())
+            #expect(Array(UnsafeRawBufferPointer(start: write.iovecs[1].iov_base, count: write.iovecs[1].iov_len)) == original)
+        }
+    }
+}
