@@ -39,10 +39,10 @@ let package = Package(
         // rtnetlink: links, addresses, routes — no shelling out to `ip`.
         .target(name: "Netlink", dependencies: ["NetBase", "CTunnel"]),
         .target(name: "TunDevice", dependencies: ["NetBase", "Netlink", "CTunnel"]),
-        .target(name: "UDPEncap", dependencies: ["NetBase", "CTunnel"]),
         // Offload logic on packet memory, no I/O: virtio_net_hdr, splitting
         // TSO/USO super-packets, checksums, coalescing received TCP segments.
         .target(name: "Offload"),
+        .target(name: "UDPEncap", dependencies: ["NetBase", "Offload", "CTunnel"]),
         .target(
             name: "PacketRing",
             dependencies: [

@@ -14,14 +14,6 @@ extension RouteSocket {
             throw SystemError("RTM_NEWLINK gso_max_segs \(count)", on: linkName(index), errno: .invalid,
                               hint: "gso_max_segs is 1 to 65535")
         }
-        var request = NetlinkRequest(type: RTM_NEWLINK)
-        var header = ifinfomsg()
-        header.ifi_family = UInt8(AF_UNSPEC)
-        header.ifi_index = index
-        request.append(header: header)
-        request.append(attribute: IFLA_GSO_MAX_SEGS, uint32: UInt32(count))
-        try perform(request) { failure in
-            ("RTM_NEWLINK gso_max_segs \(count)", linkName(index), hint(failure, index: index))
-        }
+        try setLinkAttribute(index: index, IFLA_GSO_MAX_SEGS, UInt32(count), named: "gso_max_segs")
     }
 }

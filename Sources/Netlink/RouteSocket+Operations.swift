@@ -121,19 +121,26 @@ extension RouteSocket {
             throw SystemError("RTM_NEWLINK mtu \(mtu)", on: name, errno: .invalid,
                               hint: "an MTU must be a positive number of bytes")
         }
+        try setLinkAttribute(index: index, IFLA_MTU, UInt32(mtu), named: "mtu") { failure in
+            guard failure.errno == .invalid, let range = try? mtuRange(index: index) else { return nil }
+            return "\(linkName(index)) accepts an MTU from \(range.lowerBound) to \(range.upperBound)"
+        }
+    }
+
+    /// RTM_NEWLINK with one 32-bit attribute of link `index`. `betterHint`
+    /// may replace the generic hint for a failure.
+    func setLinkAttribute(
+        index: Int32, _ attribute: some BinaryInteger, _ value: UInt32, named name: String,
+        betterHint: (NetlinkFailure) -> String? = { _ in nil }
+    ) throws {
         var request = NetlinkRequest(type: RTM_NEWLINK)
         var header = ifinfomsg()
         header.ifi_family = UInt8(AF_UNSPEC)
         header.ifi_index = index
         request.append(header: header)
-        request.append(attribute: IFLA_MTU, uint32: UInt32(mtu))
+        request.append(attribute: attribute, uint32: value)
         try perform(request) { failure in
-            let name = linkName(index)
-            var hint = hint(failure, index: index)
-            if failure.errno == .invalid, let range = try? mtuRange(index: index) {
-                hint = "\(name) accepts an MTU from \(range.lowerBound) to \(range.upperBound)"
-            }
-            return ("RTM_NEWLINK mtu \(mtu)", name, hint)
+            ("RTM_NEWLINK \(name) \(value)", linkName(index), betterHint(failure) ?? hint(failure, index: index))
         }
     }
 

@@ -11,11 +11,11 @@ extension UnsafeRawPointer {
 
 extension UnsafeMutableRawPointer {
     @inline(__always)
-    func u8(_ offset: Int) -> UInt8 { unsafe load(fromByteOffset: offset, as: UInt8.self) }
+    func u8(_ offset: Int) -> UInt8 { unsafe UnsafeRawPointer(self).u8(offset) }
     @inline(__always)
-    func be16(_ offset: Int) -> UInt16 { unsafe UInt16(bigEndian: loadUnaligned(fromByteOffset: offset, as: UInt16.self)) }
+    func be16(_ offset: Int) -> UInt16 { unsafe UnsafeRawPointer(self).be16(offset) }
     @inline(__always)
-    func be32(_ offset: Int) -> UInt32 { unsafe UInt32(bigEndian: loadUnaligned(fromByteOffset: offset, as: UInt32.self)) }
+    func be32(_ offset: Int) -> UInt32 { unsafe UnsafeRawPointer(self).be32(offset) }
     @inline(__always)
     func setU8(_ offset: Int, _ value: UInt8) { unsafe storeBytes(of: value, toByteOffset: offset, as: UInt8.self) }
     @inline(__always)
