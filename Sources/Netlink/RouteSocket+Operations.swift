@@ -301,7 +301,8 @@ extension RouteSocket {
         return links.map(\.name).joined(separator: ", ")
     }
 
-    private func linkMessage(index: Int32) throws -> NetlinkMessage {
+    /// The kernel's RTM_NEWLINK description of link `index`.
+    func linkMessage(index: Int32) throws -> NetlinkMessage {
         var request = NetlinkRequest(type: RTM_GETLINK)
         var header = ifinfomsg()
         header.ifi_family = UInt8(AF_UNSPEC)

@@ -127,15 +127,7 @@ extension RouteSocket {
 
     /// The vxlan settings of device `index`; nil when it is not a vxlan device.
     public func vxlanSettings(index: Int32) throws -> VXLANSettings? {
-        var request = NetlinkRequest(type: RTM_GETLINK)
-        var header = ifinfomsg()
-        header.ifi_family = UInt8(AF_UNSPEC)
-        header.ifi_index = index
-        request.append(header: header)
-        let replies = try perform(request) { failure in
-            ("RTM_GETLINK", "ifindex \(index)", hint(failure, index: index))
-        }
-        guard let message = replies.first(where: { $0.type == UInt16(RTM_NEWLINK) }) else { return nil }
+        let message = try linkMessage(index: index)
         let info = message.attributes(after: ifinfomsg.self)[type: IFLA_LINKINFO]?.nested
         guard info?[type: IFLA_INFO_KIND]?.string == "vxlan", let data = info?[type: IFLA_INFO_DATA]?.nested else {
             return nil

@@ -70,15 +70,6 @@ struct EtcdBackendTests {
 
     func occurrences(of text: String, in log: String) -> Int { log.components(separatedBy: text).count - 1 }
 
-    /// Waits (bounded) until `condition` holds.
-    func waitUntil(timeout: Duration = .seconds(20), _ condition: () throws -> Bool) rethrows -> Bool {
-        let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
-            if try condition() { return true }
-            usleep(100_000)
-        }
-        return try condition()
-    }
 
     /// CPU time (user + system) a process has used, from /proc.
     func cpuSeconds(_ pid: pid_t) throws -> Double {
@@ -236,10 +227,10 @@ struct EtcdBackendTests {
             try lab.etcdctl(["del", before.key])
             #expect(lab.waitForLog("h1", containing: "lease \(before.subnet) acquired again"), "\(lab.log("h1"))")
             #expect(lab.log("h1").contains("our lease \(before.subnet) was deleted"))
-            #expect(try waitUntil { try lab.etcdValue(before.key) == leaseJSON("198.18.0.1") })
+            #expect(try lab.waitUntil { try lab.etcdValue(before.key) == leaseJSON("198.18.0.1") })
             #expect(try lease(lab, host: 1) == before)
             #expect(lab.waitForLog("h2", containing: "peer \(before.subnet) is gone"), "\(lab.log("h2"))")
-            #expect(waitUntil { occurrences(of: "peer \(before.subnet) → peer 198.18.0.1:8285", in: lab.log("h2")) >= 2 },
+            #expect(lab.waitUntil { occurrences(of: "peer \(before.subnet) → peer 198.18.0.1:8285", in: lab.log("h2")) >= 2 },
                     "\(lab.log("h2"))")
             let afterDelete = try lab.ping(from: 2, to: 1)
             #expect(afterDelete.succeeded, "\(afterDelete.output)")
@@ -286,8 +277,8 @@ struct EtcdBackendTests {
 
             // Renewals go on after the restart, and a full TTL later both
             // leases are still there, unchanged.
-            #expect(waitUntil { occurrences(of: "renewed lease", in: lab.log("h1")) > renewals.0 }, "\(lab.log("h1"))")
-            #expect(waitUntil { occurrences(of: "renewed lease", in: lab.log("h2")) > renewals.1 }, "\(lab.log("h2"))")
+            #expect(lab.waitUntil { occurrences(of: "renewed lease", in: lab.log("h1")) > renewals.0 }, "\(lab.log("h1"))")
+            #expect(lab.waitUntil { occurrences(of: "renewed lease", in: lab.log("h2")) > renewals.1 }, "\(lab.log("h2"))")
             let wait = back + .seconds(ttl + 1) - ContinuousClock.now
             if wait > .zero { Thread.sleep(forTimeInterval: Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18) }
             #expect(try lab.etcdValue(lease1.key) == leaseJSON("198.18.0.1"))

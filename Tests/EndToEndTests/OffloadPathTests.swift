@@ -9,6 +9,15 @@ struct OffloadPathTests {
         try Lab.withLocalStore(config: seedConfig, body)
     }
 
+    /// Hosts 1 and 2 with default options, and a ping between their containers.
+    func addTwoHostsThatReachEachOther(_ lab: Lab) throws {
+        let store = ["--store-dir", lab.storeDirectory]
+        try lab.addHost(1, extra: store)
+        try lab.addHost(2, extra: store)
+        let ping = try lab.ping(from: 1, to: 2)
+        #expect(ping.succeeded, "\(ping.output)")
+    }
+
     /// The data-path counters a stopped daemon logged ("data path stopped; counters: …").
     func counters(_ lab: Lab, _ process: String) -> [String: UInt64] {
         guard let line = lab.log(process).split(separator: "\n").last(where: { $0.contains("counters:") })
@@ -64,11 +73,7 @@ struct OffloadPathTests {
     /// Busy polling after traffic must not become polling without it.
     @Test func anIdleDaemonUsesNoCPU() throws {
         try withLab { lab in
-            let store = ["--store-dir", lab.storeDirectory]
-            try lab.addHost(1, extra: store)
-            try lab.addHost(2, extra: store)
-            let ping = try lab.ping(from: 1, to: 2)
-            #expect(ping.succeeded, "\(ping.output)")
+            try addTwoHostsThatReachEachOther(lab)
             sleep(1)
             func cpuSeconds(_ process: String) throws -> Double {
                 let stat = try String(contentsOfFile: "/proc/\(try lab.pid(process))/stat", encoding: .utf8)
@@ -116,11 +121,7 @@ struct OffloadPathTests {
     /// back as ICMP errors to the sending container.
     @Test func segmentedTrafficGetsICMPErrors() throws {
         try withLab { lab in
-            let store = ["--store-dir", lab.storeDirectory]
-            try lab.addHost(1, extra: store)
-            try lab.addHost(2, extra: store)
-            let ping = try lab.ping(from: 1, to: 2)
-            #expect(ping.succeeded, "\(ping.output)")
+            try addTwoHostsThatReachEachOther(lab)
             // A UDP super-packet (UDP_SEGMENT in the container: 20 datagrams
             // of 1000 bytes in one send), with a TTL or to a place that the
             // tunnel cannot carry it to; the sender reads the ICMP error from
