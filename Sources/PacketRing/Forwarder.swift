@@ -123,11 +123,11 @@ extension Forwarder {
         /// Send the packet of `length` bytes at `start` to the peer (address
         /// and port in host order) as one datagram.
         case send(address: UInt32, port: UInt16, start: UnsafeMutableRawPointer, length: Int)
-        /// Send the `count` datagrams gathered by `iovecs`, two per datagram
-        /// (headers, then payload where it lies in the read buffer): each
-        /// `segmentLength` bytes but the last, `totalLength` bytes in all.
-        case sendGathered(address: UInt32, port: UInt16, iovecs: UnsafeMutablePointer<iovec>, segmentLength: Int,
-                          count: Int, totalLength: Int)
+        /// Send the datagrams gathered by `iovecs`, two per datagram
+        /// (headers, then payload where it lies in the read buffer), as
+        /// `segments` describes them.
+        case sendGathered(address: UInt32, port: UInt16, iovecs: UnsafeMutablePointer<iovec>,
+                          segments: SegmentedPacket)
         /// Write `length` bytes (an ICMP error, rewritten in place after the
         /// virtio header, which is reset) back into the TUN, from `start`.
         case reply(start: UnsafeMutableRawPointer, length: Int)
@@ -177,9 +177,7 @@ extension Forwarder {
                                               iovecCapacity: iovecCapacity, maxSegments: maxSegments) {
             case .success(let segments):
                 stats.add(.segmentsMade, UInt64(segments.count))
-                return .sendGathered(address: address, port: port, iovecs: iovecs,
-                                     segmentLength: segments.segmentLength, count: segments.count,
-                                     totalLength: segments.totalLength)
+                return .sendGathered(address: address, port: port, iovecs: iovecs, segments: segments)
             case .failure:
                 stats.add(.droppedBadOffload)
                 return .drop

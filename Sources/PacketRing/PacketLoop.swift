@@ -173,7 +173,7 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
     private var openPort: UInt16 = 0
     private var openLength = 0
     private var openBytes = 0
-    static let maxBatch = 64
+    static let maxBatch = SegmentedPacket.maxSegmentsPerSend
 
     /// After the kernel refused a UDP_SEGMENT send (EIO: the route's device
     /// cannot checksum), every datagram goes in a send of its own.
@@ -542,7 +542,7 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
             // One packet: join this turn's batch for its peer, or start one;
             // without UDP_SEGMENT a batch is one packet, sent at once.
             if segmentationWorks && openLeader >= 0 && address == openAddress && port == openPort
-                && length <= openLength && openBytes + length <= UDPSocket.maxBytesPerSend {
+                && length <= openLength && openBytes + length <= SegmentedPacket.maxUDPPayload {
                 let n = Int(sendDatagrams[openLeader * sendsPerSlot])
                 if n < URingLoop.maxBatch {
                     slotIovecs[openLeader * iovecsPerSlot + n] = iovec(iov_base: start, iov_len: length)
@@ -565,12 +565,12 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
             openLength = length
             openBytes = length
             if !segmentationWorks { flushBatch(ring) }
-        case .sendGathered(let address, let port, let gathered, let segmentLength, let count, _):
+        case .sendGathered(let address, let port, let gathered, let segments):
             // Whatever was batched goes first: a flow's packets keep their order.
             flushBatch(ring)
             setPeer(slot, address: address, port: port)
-            let perSend = segmentationWorks
-                ? max(1, min(UDPSocket.maxSegmentsPerSend, UDPSocket.maxBytesPerSend / segmentLength)) : 1
+            let perSend = segmentationWorks ? segments.segmentsPerSend() : 1
+            let (segmentLength, count) = (segments.segmentLength, segments.count)
             var first = 0
             var sends: Int32 = 0
             var index = slot * sendsPerSlot

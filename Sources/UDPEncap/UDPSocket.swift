@@ -99,14 +99,6 @@ public final class UDPSocket: Sendable {
         return getsockopt(fd.rawValue, ctunnel_SOL_UDP, ctunnel_UDP_SEGMENT, &value, &length) == 0
     }
 
-    /// The most datagrams one UDP_SEGMENT send may carry (the kernel's
-    /// UDP_MAX_SEGMENTS: 64 before Linux 6.9, 128 since; 64 is safe on both).
-    public static let maxSegmentsPerSend = 64
-
-    /// The most payload bytes one send may carry, GSO or not: the whole
-    /// must fit in one IPv4 packet's length field (65535 − 20 − 8).
-    public static let maxBytesPerSend = 65507
-
     /// The address and port the socket is bound to.
     public var localEndpoint: UDPEndpoint {
         var sa = sockaddr_in()
