@@ -11,7 +11,7 @@ enum FlannelArguments {
         "etcd-endpoints", "etcd-prefix", "etcd-keyfile", "etcd-certfile", "etcd-cafile",
         "etcd-username", "etcd-password", "iface", "iface-regex", "public-ip", "subnet-file",
         "subnet-lease-renew-margin", "healthz-ip", "healthz-port", "backend", "store", "store-dir",
-        "device", "datapath", "queue-depth", "log-level", "subnet-lease-ttl",
+        "device", "datapath", "queue-depth", "log-level", "log-format", "v", "subnet-lease-ttl",
     ]
     /// Long options that are on/off switches.
     static let booleanFlags: Set<String> = [
