@@ -116,7 +116,7 @@ public struct FlannelPlugin: Sendable {
         // The delegate checks against the result the runtime kept from ADD,
         // in the version the runtime speaks now.
         if let cniVersion = conf.cniVersion { delegate["cniVersion"] = .string(cniVersion) }
-        if let prevResult = conf.prevResult { delegate["prevResult"] = prevResult }
+        if let prevResult = conf.prevResult { delegate["prevResult"] = Self.routesWithGateways(prevResult) }
         if let runtimeConfig = conf.runtimeConfig { delegate["runtimeConfig"] = .object(runtimeConfig) }
         return try runner.run(type: type, command: .check, config: Array(JSONValue.object(delegate).compactText.utf8),
                               request: request)
@@ -138,6 +138,34 @@ public struct FlannelPlugin: Sendable {
                            "this host's subnet changed since the container was added: it was \(saved.joined(separator: ", ")), \(subnetFile) now says \(now.joined(separator: ", "))",
                            details: "the container's address is no longer routed to this host; recreate the container")
         }
+    }
+
+    /// The result with each route that names no `gw` given the gateway it
+    /// was installed through: the first gateway of its address family among
+    /// the result's `ips`, as the standard plugins' IPAM code installs it.
+    /// bridge's CHECK before plugins 1.3 (containernetworking/plugins#887)
+    /// looked for a route without a gateway and so failed for every route
+    /// flannel's config produces; with the gateway filled in, old and new
+    /// plugins both find the route that is really there.
+    static func routesWithGateways(_ result: JSONValue) -> JSONValue {
+        guard case .object(var fields) = result, case .array(let routes)? = fields["routes"],
+              case .array(let ips)? = fields["ips"] else { return result }
+        func gateway(ipv6: Bool) -> JSONValue? {
+            for ip in ips {
+                guard case .string(let address)? = ip.field("address"), case .string(let gw)? = ip.field("gateway"),
+                      let network = IPNetworkText(address), network.isIPv6 == ipv6 else { continue }
+                return .string(gw)
+            }
+            return nil
+        }
+        fields["routes"] = .array(routes.map { route in
+            guard case .object(var route) = route, route["gw"] == nil || route["gw"] == .null,
+                  case .string(let dst)? = route["dst"], let network = IPNetworkText(dst),
+                  let gw = gateway(ipv6: network.isIPv6) else { return route }
+            route["gw"] = gw
+            return .object(route)
+        })
+        return .object(fields)
     }
 
     static func type(of delegate: [String: JSONValue]) -> String {

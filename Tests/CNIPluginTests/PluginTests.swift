@@ -123,6 +123,27 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
         #expect(check["ipam"] == (try object(runner.recorded[0].config))["ipam"])
     }
 
+    @Test func checkGivesRoutesWithoutAGatewayTheGatewayTheyWereInstalledThrough() throws {
+        let scratch = try Scratch()
+        let runner = RecordingRunner()
+        let plugin = FlannelPlugin(runner: runner)
+        _ = plugin.handle(environment: environment("ADD"), stdin: scratch.config())
+        let prev = """
+            ,"prevResult":{"cniVersion":"1.0.0",
+             "ips":[{"address":"fd00::2/64","gateway":"fd00::1"},{"address":"10.2.72.2/24","gateway":"10.2.72.1"}],
+             "routes":[{"dst":"10.2.0.0/16"},{"dst":"10.9.0.0/16","gw":"10.2.72.9"},{"dst":"fd00::/56"}]}
+            """
+        #expect(plugin.handle(environment: environment("CHECK"), stdin: scratch.config(prev)).exitStatus == 0)
+        guard case .object(let result)? = try object(runner.recorded[1].config)["prevResult"] else {
+            Issue.record("no prevResult"); return
+        }
+        #expect(result["routes"] == .array([
+            .object(["dst": .string("10.2.0.0/16"), "gw": .string("10.2.72.1")]),
+            .object(["dst": .string("10.9.0.0/16"), "gw": .string("10.2.72.9")]),
+            .object(["dst": .string("fd00::/56"), "gw": .string("fd00::1")]),
+        ]))
+    }
+
     @Test func checkOfAnUnknownContainerFails() throws {
         let scratch = try Scratch()
         let response = FlannelPlugin(runner: RecordingRunner()).handle(environment: environment("CHECK"), stdin: scratch.config())

@@ -180,6 +180,8 @@ struct CNIEndToEndTests {
             #expect(try lab.exec("c1", ["ip", "link", "show", "dev", "eth0"], check: false).status != 0)
             #expect(!FileManager.default.fileExists(atPath: "\(directory.path)/ipam-h1/tunneld-test/\(ip1)"))
             #expect(!FileManager.default.fileExists(atPath: "\(directory.path)/cni-data-h1/ctr1-\(lab.name)"))
+            let natAfter = try lab.exec("h1", ["iptables", "-t", "nat", "-S", "POSTROUTING"]).output
+            #expect(!natAfter.contains("-j CNI-"), "bridge's masquerade rule outlived DEL: \(natAfter)")
             let again = try invoke("DEL", host: 1)
             #expect(again.status == 0, "\(again)")
 
