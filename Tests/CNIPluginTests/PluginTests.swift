@@ -47,7 +47,7 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
     try object(String(decoding: response.stdout, as: UTF8.self))
 }
 
-@Suite struct PluginTests {
+@Suite struct FlannelPluginTests {
     @Test func addSavesTheDelegateConfigAndPassesTheResultThrough() throws {
         let scratch = try Scratch()
         let runner = RecordingRunner()

@@ -16,7 +16,7 @@ func object(_ text: String) throws -> [String: JSONValue] {
     return fields
 }
 
-@Suite struct SubnetFileTests {
+@Suite struct CNISubnetFileTests {
     @Test func readsTheFileTunneldWrites() throws {
         let file = try FlannelSubnetFile(parsing: tunneldSubnetFile, path: "subnet.env")
         #expect(file.networks.map(\.text) == ["10.2.0.0/16"])
@@ -91,7 +91,7 @@ func object(_ text: String) throws -> [String: JSONValue] {
     }
 }
 
-@Suite struct NetworkConfigTests {
+@Suite struct CNINetworkConfigTests {
     let subnet = try! FlannelSubnetFile(parsing: tunneldSubnetFile, path: "subnet.env")
     let selfNames: Set<String> = ["flannel", "tunneld-cni"]
 
