@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "tunneld", targets: ["tunneld"]),
+        .executable(name: "tunneld-cni", targets: ["tunneld-cni"]),
         .library(name: "NetBase", targets: ["NetBase"]),
         .library(name: "UDPEncap", targets: ["UDPEncap"]),
         .library(name: "PacketRing", targets: ["PacketRing"]),
@@ -13,6 +14,7 @@ let package = Package(
         .library(name: "EtcdClient", targets: ["EtcdClient"]),
         .library(name: "PeerControl", targets: ["PeerControl"]),
         .library(name: "Backends", targets: ["Backends"]),
+        .library(name: "CNIPlugin", targets: ["CNIPlugin"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -97,6 +99,10 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
+        // flannel's CNI plugin: reads subnet.env and delegates to the standard
+        // bridge/host-local plugins; its logic is a library tested without root.
+        .target(name: "CNIPlugin", dependencies: ["NetBase", "LeaseStore", "CTunnel"]),
+        .executableTarget(name: "tunneld-cni", dependencies: ["CNIPlugin"]),
         .testTarget(name: "NetBaseTests", dependencies: ["NetBase"]),
         // Scratch namespaces and packet builders shared by the tests.
         .target(name: "NetTestSupport", dependencies: ["Netlink", "UDPEncap"], path: "Tests/NetTestSupport"),
@@ -131,5 +137,6 @@ let package = Package(
         ),
         .testTarget(name: "EndToEndTests", dependencies: ["NetBase"]),
         .testTarget(name: "tunneldTests", dependencies: ["tunneld"]),
+        .testTarget(name: "CNIPluginTests", dependencies: ["CNIPlugin", "LeaseStore"]),
     ]
 )

@@ -12,6 +12,9 @@
 #   netns-lab.sh create  LAB DIR             underlay switch; DIR holds state, logs, pids
 #   netns-lab.sh add-host LAB DIR N -- CMD…  host N; runs CMD… in it (tunneld), waits for
 #                                            DIR/hN.env, then builds container N from it
+#   netns-lab.sh add-host LAB DIR N --no-container -- CMD…
+#                                            the same without container N: something else
+#                                            (a CNI plugin, dockerd) attaches containers
 #   netns-lab.sh add-etcd LAB DIR ETCD-ARGS… an etcd on the underlay at 198.18.0.250
 #   netns-lab.sh stop    LAB DIR NAME        SIGTERM the process NAME (h1, etcd…), wait ≤15 s
 #   netns-lab.sh start   LAB DIR NAME        start NAME again with its saved command
@@ -74,6 +77,8 @@ create)
 
 add-host)
   n=${1:?host number missing}; shift
+  with_container=1
+  [ "${1:-}" = "--no-container" ] && { with_container=0; shift; }
   [ "${1:-}" = "--" ] && shift
   h=$(ns "h$n"); c=$(ns "c$n")
   ip netns add "$h"
@@ -87,6 +92,7 @@ add-host)
   ip -n "$h" route add default via 198.18.0.254 dev eth0 2>/dev/null || true
   spawn "h$n" "$h" "$@"
   wait_for_file "$dir/h$n.env" "h$n"
+  [ "$with_container" = 1 ] || exit 0
   # shellcheck disable=SC1090
   . "$dir/h$n.env"
   bip=${FLANNEL_SUBNET%/*}; len=${FLANNEL_SUBNET#*/}

@@ -144,7 +144,10 @@ public struct SubnetEnv: Sendable, Equatable {
         }
     }
 
-    private static func variables(_ text: String) -> [String: String] {
+    /// The file's `NAME=value` lines as a dictionary, read the way `init(parsing:)`
+    /// reads them (comments skipped, `export` and quotes allowed); the CNI
+    /// plugin reads flannel's dual-stack variables through it.
+    public static func variables(_ text: String) -> [String: String] {
         var values: [String: String] = [:]
         for rawLine in text.split(whereSeparator: \.isNewline) {
             var line = rawLine.trimmingSpaces
