@@ -269,6 +269,7 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
         let good = makePacket(source: fromPeer, destination: 0x0A02_0105)
         h.send(good)
         #expect(h.readFromTun() == good)
+        #expect(await h.waitFor(.tunPacketsWritten, 1))
         #expect(h.thread.loop.statistics[.droppedNotForUs] == 3)
         #expect(h.thread.loop.statistics[.droppedLocalSource] == 1)
         #expect(h.thread.loop.statistics[.tunPacketsWritten] == 1)
