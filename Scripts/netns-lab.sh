@@ -18,6 +18,9 @@
 #   netns-lab.sh add-node LAB DIR N          a bare host N on the underlay (198.18.0.N, no daemon,
 #                                            no container): a stranger for the hostile-input tests
 #   netns-lab.sh add-etcd LAB DIR ETCD-ARGS… an etcd on the underlay at 198.18.0.250
+#   netns-lab.sh add-etcd LAB DIR --member NAME ADDRESS -- ETCD-ARGS…
+#                                            one member of an etcd cluster: process and namespace
+#                                            NAME, on the underlay at ADDRESS (198.18.0.x)
 #   netns-lab.sh stop    LAB DIR NAME        SIGTERM the process NAME (h1, etcd…), wait ≤15 s
 #   netns-lab.sh start   LAB DIR NAME        start NAME again with its saved command
 #   netns-lab.sh container-ip LAB DIR N      the container's address
@@ -115,14 +118,21 @@ add-host|add-node)
   ;;
 
 add-etcd)
-  e=$(ns etcd)
+  name=etcd; address=198.18.0.250; port=pe
+  if [ "${1:-}" = "--member" ]; then
+    name=${2:?member name missing}; address=${3:?member address missing}; shift 3
+    case "$address" in 198.18.0.*) ;; *) log "member address $address is not on the lab's underlay 198.18.0.0/24"; exit 2 ;; esac
+    port="p$name"
+  fi
+  [ "${1:-}" = "--" ] && shift
+  e=$(ns "$name")
   ip netns add "$e"
   ip -n "$e" link set lo up
-  ip link add eth0 netns "$e" type veth peer name pe netns "$(ns u)"
-  ip -n "$(ns u)" link set pe master sw0 up
-  ip -n "$e" addr add 198.18.0.250/24 dev eth0
+  ip link add eth0 netns "$e" type veth peer name "$port" netns "$(ns u)"
+  ip -n "$(ns u)" link set "$port" master sw0 up
+  ip -n "$e" addr add "$address/24" dev eth0
   ip -n "$e" link set eth0 up
-  spawn etcd "$e" "$@"
+  spawn "$name" "$e" "$@"
   ;;
 
 stop)

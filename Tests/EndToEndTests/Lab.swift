@@ -282,11 +282,24 @@ struct LabError: Error, CustomStringConvertible {
 /// 198.18.0.250, its data in the lab's directory.
 struct LabEtcd {
     static let address = "198.18.0.250"
-    /// Client URL: http://198.18.0.250:2379, or https with client certificates.
+    /// Client URL: http://198.18.0.250:2379, or https with client certificates;
+    /// for a cluster, every member's, comma-separated.
     var url: String
+    /// The members' process (and namespace) names: "etcd", then "etcd2"…
+    /// for a cluster. The first one's namespace runs etcdctl.
+    var members: [LabEtcdMember] = [LabEtcdMember(name: "etcd", address: LabEtcd.address)]
     var certificates: LabCertificates?
     /// "root:password" for etcdctl once auth is on.
     var rootCredentials: String?
+}
+
+/// One member of the lab's etcd: its process and namespace name and its
+/// underlay address.
+struct LabEtcdMember: Equatable {
+    var name: String
+    var address: String
+    var clientURL: String { "http://\(address):2379" }
+    var peerURL: String { "http://\(address):2380" }
 }
 
 /// Whether etcd and etcdctl are on PATH (Debian: etcd-server, etcd-client).
@@ -326,17 +339,66 @@ extension Lab {
         try waitForEtcd()
     }
 
-    /// Waits (at most `timeout`) until etcd reports healthy.
-    func waitForEtcd(timeout: Duration = .seconds(20)) throws {
+    /// Starts a cluster of `size` etcd members (plain http), each in a
+    /// namespace of its own on the underlay — "etcd" at 198.18.0.250, "etcd2"
+    /// at .251, "etcd3" at .252… — with client and peer URLs there, and waits
+    /// until every member is healthy. `lab("stop"/"start", name)` stops and
+    /// starts one member on its data; `etcdctl` talks to all of them.
+    func addEtcdCluster(size: Int) throws {
+        precondition((1...4).contains(size), "a lab cluster has 1 to 4 members")
+        let members = (0..<size).map { i in
+            LabEtcdMember(name: i == 0 ? "etcd" : "etcd\(i + 1)", address: "198.18.0.\(250 + i)")
+        }
+        let initialCluster = members.map { "\($0.name)=\($0.peerURL)" }.joined(separator: ",")
+        etcd = LabEtcd(url: members.map(\.clientURL).joined(separator: ","), members: members, certificates: nil)
+        for member in members {
+            let arguments = ["etcd", "--name", member.name,
+                             "--data-dir", directory.appendingPathComponent("\(member.name)-data").path,
+                             "--listen-client-urls", member.clientURL, "--advertise-client-urls", member.clientURL,
+                             "--listen-peer-urls", member.peerURL, "--initial-advertise-peer-urls", member.peerURL,
+                             "--initial-cluster", initialCluster, "--initial-cluster-state", "new",
+                             "--initial-cluster-token", name,
+                             "--listen-metrics-urls", "http://127.0.0.1:2381",
+                             "--logger=zap", "--log-outputs=stderr"]
+            try lab(["add-etcd", "--member", member.name, member.address, "--"] + arguments)
+        }
+        try waitForEtcd(timeout: .seconds(40))
+    }
+
+    /// Waits (at most `timeout`) until etcd reports healthy: every member,
+    /// or those of `endpoints` (comma-separated client URLs).
+    func waitForEtcd(endpoints: String? = nil, timeout: Duration = .seconds(20)) throws {
         let deadline = ContinuousClock.now + timeout
         var last = CommandResult(status: -1, output: "")
         while ContinuousClock.now < deadline {
-            last = try etcdctl(["endpoint", "health"], check: false, timeout: .seconds(10))
+            last = try etcdctl(["endpoint", "health"], endpoints: endpoints, check: false, timeout: .seconds(10))
             if last.succeeded { return }
             usleep(100_000)
         }
         throw LabError("etcd did not become healthy within \(timeout): \(last.output)\n"
                        + log("etcd").split(separator: "\n").suffix(10).joined(separator: "\n"))
+    }
+
+    /// The member that is the cluster's leader, asked of the members of
+    /// `among` (all by default; stopped ones must be left out).
+    func etcdLeader(among: [LabEtcdMember]? = nil) throws -> LabEtcdMember {
+        guard let etcd else { throw LabError("this lab has no etcd: call addEtcd() first") }
+        let members = among ?? etcd.members
+        let status = try etcdctl(["endpoint", "status", "-w", "json"],
+                                 endpoints: members.map(\.clientURL).joined(separator: ",")).output
+        // One object per endpoint: {"Endpoint":"http://…","Status":{"header":{…,"member_id":N,…},…,"leader":N,…}}.
+        // The IDs are 64-bit: compared as digits, not parsed as JSON numbers.
+        func number(_ field: String, in text: Substring) -> Substring? {
+            guard let range = text.range(of: "\"\(field)\":") else { return nil }
+            return text[range.upperBound...].prefix { $0.isNumber }
+        }
+        for entry in status.components(separatedBy: "{\"Endpoint\":").dropFirst() {
+            let text = Substring(entry)
+            guard let member = number("member_id", in: text), let leader = number("leader", in: text),
+                  member == leader else { continue }
+            if let found = members.first(where: { entry.hasPrefix("\"\($0.clientURL)\"") }) { return found }
+        }
+        throw LabError("no member of \(members.map(\.name)) says it is the leader: \(status)")
     }
 
     /// Stops etcd (SIGTERM, as for an upgrade), keeps it down for `downtime`,
@@ -352,11 +414,11 @@ extension Lab {
     /// with its client certificate and root credentials when set; `input` is
     /// a file for standard input (`etcdctl put KEY < FILE`).
     @discardableResult
-    func etcdctl(_ arguments: [String], input: String = "/dev/null", check: Bool = true,
+    func etcdctl(_ arguments: [String], endpoints: String? = nil, input: String = "/dev/null", check: Bool = true,
                  timeout: Duration = .seconds(30)) throws -> CommandResult {
         guard let etcd else { throw LabError("this lab has no etcd: call addEtcd() first") }
-        var command = ["ip", "netns", "exec", namespace("etcd"), "env", "ETCDCTL_API=3", "etcdctl",
-                       "--endpoints", etcd.url, "--dial-timeout=2s", "--command-timeout=10s"]
+        var command = ["ip", "netns", "exec", namespace(etcd.members[0].name), "env", "ETCDCTL_API=3", "etcdctl",
+                       "--endpoints", endpoints ?? etcd.url, "--dial-timeout=2s", "--command-timeout=10s"]
         if let certificates = etcd.certificates {
             command += ["--cacert", certificates.caFile, "--cert", certificates.clientCertFile,
                         "--key", certificates.clientKeyFile]
