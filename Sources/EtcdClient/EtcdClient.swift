@@ -64,9 +64,11 @@ public final class EtcdClient: Sendable {
             parsed[0].secure ? .tls(try Self.tlsConfig(tls ?? EtcdTLS(), endpoints: nonEmpty)) : .plaintext
 
         var config = Transport.Config.defaults
-        // Notice a dead server under a long-lived watch within ~40 s. etcd
-        // refuses pings without an open stream (GOAWAY too_many_pings).
-        config.connection.keepalive = .init(time: .seconds(30), timeout: .seconds(10), allowWithoutCalls: false)
+        // Notice a dead server under a long-lived watch within ~15 s (a
+        // ping after 10 s without data, 5 s for its answer); etcd accepts
+        // pings every 5 s or more (--grpc-keepalive-min-time) and refuses
+        // them without an open stream (GOAWAY too_many_pings).
+        config.connection.keepalive = .init(time: .seconds(10), timeout: .seconds(5), allowWithoutCalls: false)
         config.backoff = .init(initial: .milliseconds(200), max: .seconds(5), multiplier: 1.6, jitter: 0.2)
         var registry = NameResolverRegistry()
         registry.registerFactory(EtcdEndpointsResolverFactory())
@@ -379,7 +381,7 @@ public final class EtcdClient: Sendable {
     /// `fromRevision` (inclusive; 0 means "changes from now on").
     ///
     /// A broken connection is resumed transparently (from the revision after
-    /// the last delivered event) on any endpoint; after about a minute without
+    /// the last delivered event) on any endpoint; after a minute without
     /// a working connection the stream ends with `.unavailable`. If the
     /// requested revisions were compacted, the stream ends with
     /// `EtcdError.Code.compacted`. It ends without error when the consumer
@@ -423,13 +425,13 @@ public final class EtcdClient: Sendable {
         let established = Locked(false)
         var failures = 0
         var reauthenticated = false
-        // Bounded: about a minute of consecutive failed attempts, then give up
-        // and let the caller decide (it lists again and re-watches).
-        let maxFailures = 15
+        // Bounded: a minute of consecutive failed attempts, then give up and
+        // let the caller decide (it lists again and re-watches).
+        var failingSince: ContinuousClock.Instant?
         while !Task.isCancelled {
             established.set(false)
             do {
-                let metadata = try await authMetadata(operation: operation)
+                let metadata = try await requestMetadata(operation: operation)
                 var create = Etcdserverpb_WatchCreateRequest()
                 create.key = Data(prefix.utf8)
                 create.rangeEnd = Self.prefixEnd(prefix)
@@ -489,14 +491,19 @@ public final class EtcdClient: Sendable {
                                                      .unknown, .resourceExhausted]
                 if established.get() {
                     failures = 0
+                    failingSince = nil
                     reauthenticated = false
                 }
                 failures += 1
-                guard retryable.contains(error.code), failures <= maxFailures else {
+                let since = failingSince ?? ContinuousClock.now
+                failingSince = since
+                guard retryable.contains(error.code), ContinuousClock.now - since < .seconds(60) else {
                     continuation.finish(throwing: map(error, operation: operation))
                     return
                 }
-                let delay = min(Double(failures) * 0.5, 5.0)
+                // At most 2 s apart: once etcd is back, the watch resumes
+                // within about that (the connection's own backoff permitting).
+                let delay = min(Double(failures) * 0.5, 2.0)
                 do { try await Task.sleep(for: .seconds(delay)) } catch { break }
             } catch {
                 if Task.isCancelled { break }
@@ -528,7 +535,7 @@ public final class EtcdClient: Sendable {
             if state.withLock({ $0.closed }) {
                 throw EtcdError(.closed, operation: operation, endpoints: endpoints, reason: "the client is closed")
             }
-            let metadata = try await authMetadata(operation: operation)
+            let metadata = try await requestMetadata(operation: operation)
             do {
                 return try await body(metadata, options)
             } catch let error as RPCError {
@@ -572,6 +579,20 @@ public final class EtcdClient: Sendable {
 
     private func invalidateToken() {
         state.withLock { $0.token = nil }
+    }
+
+    /// What every request and watch carries: the auth token, and etcd's
+    /// "hasleader" key, as etcd's own client sends with WithRequireLeader.
+    /// With it, a member that has no leader (cut off from the others, or
+    /// the cluster has lost quorum) refuses a request at once with
+    /// Unavailable "no leader" — retried on another member — instead of
+    /// holding it until the request timeout, and ends a watch stream it
+    /// serves about three election timeouts after losing its leader, so the
+    /// watch resumes on a member that still gets the changes.
+    private func requestMetadata(operation: String) async throws(EtcdError) -> Metadata {
+        var metadata = try await authMetadata(operation: operation)
+        metadata.addString("true", forKey: "hasleader")
+        return metadata
     }
 
     private func authMetadata(operation: String) async throws(EtcdError) -> Metadata {

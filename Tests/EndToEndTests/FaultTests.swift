@@ -314,6 +314,85 @@ struct FaultTests {
         }
     }
 
+    // MARK: - c'. a member cut off from its peers
+
+    /// How many watchers a member serves (etcd's metrics, on the member's
+    /// loopback).
+    func watchers(_ lab: Lab, _ member: LabEtcdMember) throws -> Int {
+        let metrics = try lab.exec(member.name, ["python3", "-c", """
+            import urllib.request
+            print(urllib.request.urlopen("http://127.0.0.1:2381/metrics", timeout=5).read().decode())
+            """], timeout: .seconds(15)).output
+        guard let line = metrics.split(separator: "\n").first(where: { $0.hasPrefix("etcd_debugging_mvcc_watcher_total ") }),
+              let value = Double(line.split(separator: " ").last ?? "") else {
+            throw LabError("no etcd_debugging_mvcc_watcher_total in \(member.name)'s metrics")
+        }
+        return Int(value)
+    }
+
+    /// A member on the minority side of a partition: iptables in its
+    /// namespace drops all its peer traffic (port 2380), so it has no leader,
+    /// but clients still reach it. The member serving the daemons' watch
+    /// streams is the one cut off.
+    @Test func aClusterMemberCutOffFromItsPeersHoldsBackNeitherWatchNorRenewal() throws {
+        try withFaultLab(members: 3) { lab in
+            let ttl = 10
+            let members = try #require(lab.etcd?.members)
+            let leases = try addHosts(lab, 1...2, ttl: ttl)
+            let warmUp = try lab.ping(from: 1, to: 2)
+            try #require(warmUp.succeeded, "\(warmUp.output)")
+            let ping = try SteadyPing(lab, from: 1, to: 2, name: "cut-off")
+            defer { _ = ping.finish() }
+
+            let served = try members.map { (member: $0, watchers: try watchers(lab, $0)) }
+            let busiest = try #require(served.max { $0.watchers < $1.watchers })
+            try #require(busiest.watchers > 0, "no member serves a watch: \(served)")
+            let member = busiest.member, others = members.filter { $0 != busiest.member }
+            func drop(_ action: String) throws {
+                // Both ends of every peer connection: those it dialed and those dialed to it.
+                for chain in ["INPUT", "OUTPUT"] {
+                    for port in ["--dport", "--sport"] {
+                        try lab.exec(member.name, ["iptables", "-w", action, chain, "-p", "tcp", port, "2380", "-j", "DROP"])
+                    }
+                }
+            }
+            let renewed = (renewals(lab, "h1"), renewals(lab, "h2"))
+            try drop("-A")
+            let cutAt = ContinuousClock.now
+            defer { try? drop("-D") }
+
+            // A change written through the other two (retried while they
+            // elect a leader, if the cut-off member led) reaches both daemons.
+            var put = CommandResult(status: -1, output: "")
+            for _ in 0..<10 where !put.succeeded {
+                put = try lab.etcdctl(["put", Self.subnetsPrefix + "10.2.210.0-24", leaseJSON("198.18.0.20")],
+                                      endpoints: others.map(\.clientURL).joined(separator: ","), check: false)
+            }
+            try #require(put.succeeded, "\(put.output)")
+            let seen = timeUntil(timeout: .seconds(30)) {
+                ["h1", "h2"].allSatisfy { lab.log($0).contains("peer 10.2.210.0/24 → peer 198.18.0.20:8285") }
+            }
+            #expect(seen != nil, "the change did not reach both daemons while \(member.name) served a watch without a leader")
+            let seenAfter = ContinuousClock.now - cutAt
+            // Two renewals each through the other two: longer than a lease.
+            #expect(timeUntil(timeout: .seconds(ttl + 15)) {
+                renewals(lab, "h1") > renewed.0 + 1 && renewals(lab, "h2") > renewed.1 + 1
+            } != nil, "renewal stalled:\n\(lab.log("h1"))\n\(lab.log("h2"))")
+            let renewedAfter = ContinuousClock.now - cutAt
+            try drop("-D")
+            try lab.waitForEtcd(timeout: .seconds(30))
+            let result = ping.finish()
+
+            #expect(result.lost == 0, "\(result.output)")
+            for n in 1...2 {
+                #expect(try LabLease(lab, host: n).subnet == leases[n]!.subnet)
+                let log = lab.log("h\(n)")
+                #expect(!log.contains("moved to") && !log.contains("was deleted from") && !log.contains("is gone"), "\(log)")
+            }
+            print("FAULT 3-member etcd, the member serving \(busiest.watchers) watch(es) cut off from its peers: \(result.lost) of \(result.transmitted) echoes lost; a lease change reached both daemons \(formatSeconds(seenAfter)) and both renewed twice \(formatSeconds(renewedAfter)) after the cut")
+        }
+    }
+
     // MARK: - d. the underlay link down and up
 
     @Test func theUnderlayLinkDownAndUpLosesOnlyTheOutageAndNoSubnet() throws {

@@ -417,8 +417,12 @@ extension Lab {
     func etcdctl(_ arguments: [String], endpoints: String? = nil, input: String = "/dev/null", check: Bool = true,
                  timeout: Duration = .seconds(30)) throws -> CommandResult {
         guard let etcd else { throw LabError("this lab has no etcd: call addEtcd() first") }
-        var command = ["ip", "netns", "exec", namespace(etcd.members[0].name), "env", "ETCDCTL_API=3", "etcdctl",
-                       "--endpoints", endpoints ?? etcd.url, "--dial-timeout=2s", "--command-timeout=10s"]
+        // From the namespace of the first member asked (a cut-off member's
+        // namespace may have no network).
+        let urls = endpoints ?? etcd.url
+        let from = etcd.members.first { urls.hasPrefix($0.clientURL) } ?? etcd.members[0]
+        var command = ["ip", "netns", "exec", namespace(from.name), "env", "ETCDCTL_API=3", "etcdctl",
+                       "--endpoints", urls, "--dial-timeout=2s", "--command-timeout=10s"]
         if let certificates = etcd.certificates {
             command += ["--cacert", certificates.caFile, "--cert", certificates.clientCertFile,
                         "--key", certificates.clientKeyFile]
