@@ -104,20 +104,23 @@ let package = Package(
         .target(name: "CNIPlugin", dependencies: ["NetBase", "LeaseStore", "CTunnel"]),
         .executableTarget(name: "tunneld-cni", dependencies: ["CNIPlugin"]),
         .testTarget(name: "NetBaseTests", dependencies: ["NetBase"]),
+        // Bounded, seeded random-input runs (budget, replay by seed, guarded memory,
+        // slow packet models) shared by the fuzz tests of several modules.
+        .target(name: "FuzzSupport", path: "Tests/FuzzSupport"),
         // Scratch namespaces and packet builders shared by the tests.
         .target(name: "NetTestSupport", dependencies: ["Netlink", "UDPEncap"], path: "Tests/NetTestSupport"),
-        .testTarget(name: "NetlinkTests", dependencies: ["Netlink", "NetBase", "NetTestSupport"]),
+        .testTarget(name: "NetlinkTests", dependencies: ["Netlink", "NetBase", "NetTestSupport", "FuzzSupport"]),
         .testTarget(name: "TunDeviceTests", dependencies: ["TunDevice", "Netlink", "NetBase", "NetTestSupport"]),
-        .testTarget(name: "UDPEncapTests", dependencies: ["UDPEncap", "NetBase", "NetTestSupport"]),
-        .testTarget(name: "OffloadTests", dependencies: ["Offload"]),
-        .testTarget(name: "PacketRingTests", dependencies: ["PacketRing", "UDPEncap", "NetBase", "NetTestSupport"]),
+        .testTarget(name: "UDPEncapTests", dependencies: ["UDPEncap", "NetBase", "NetTestSupport", "FuzzSupport"]),
+        .testTarget(name: "OffloadTests", dependencies: ["Offload", "FuzzSupport"]),
+        .testTarget(name: "PacketRingTests", dependencies: ["PacketRing", "UDPEncap", "NetBase", "NetTestSupport", "FuzzSupport"]),
         // Test helper shared by test targets: starts a throwaway etcd (EtcdServer).
         .target(name: "EtcdTestSupport", path: "Tests/EtcdTestSupport"),
         .testTarget(name: "EtcdClientTests", dependencies: ["EtcdClient", "EtcdTestSupport"]),
         .testTarget(
             name: "LeaseStoreTests",
             dependencies: [
-                "LeaseStore", "NetBase", "EtcdClient", "EtcdTestSupport",
+                "LeaseStore", "NetBase", "EtcdClient", "EtcdTestSupport", "FuzzSupport",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
