@@ -278,3 +278,9 @@ public enum FuzzCorpus {
         return out
     }
 }
+
+extension FuzzRandom {
+    public mutating func bytes(_ count: Int) -> [UInt8] {
+        (0..<count).map { _ in UInt8.random(in: 0...255, using: &self) }
+    }
+}
