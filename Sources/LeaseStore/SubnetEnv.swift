@@ -127,7 +127,7 @@ public struct SubnetEnv: Sendable, Equatable {
         }
     }
 
-    private static func variables(_ text: String) -> [String: String] {
+    static func variables(_ text: String) -> [String: String] {
         var values: [String: String] = [:]
         for rawLine in text.split(whereSeparator: \.isNewline) {
             var line = rawLine.trimmingSpaces

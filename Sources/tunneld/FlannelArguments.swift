@@ -21,7 +21,13 @@ enum FlannelArguments {
     /// comma-separated list).
     static let repeatableFlags: Set<String> = ["iface", "iface-regex"]
 
+    /// Subcommands whose arguments are not flanneld's: `docker-opts` takes
+    /// mk-docker-opts.sh's getopts flags (`-ci`, `-kNAME`), which must not
+    /// become long options, and none of flanneld's FLANNELD_* variables.
+    static let foreignSubcommands: Set<String> = ["docker-opts"]
+
     static func normalize(_ arguments: [String], environment: [String: String]) -> [String] {
+        if let subcommand = arguments.first, foreignSubcommands.contains(subcommand) { return arguments }
         var result: [String] = []
         var given: Set<String> = []
         var index = 0
