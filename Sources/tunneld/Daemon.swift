@@ -24,6 +24,8 @@ final class Daemon: Service, Sendable {
     func run() async throws {
         guard let config = try await waitForConfig() else { return }
         try checkBackend(config)
+        // Before anything is set up: a missing iptables fails here.
+        let firewall = try IPTablesKeeper(masquerade: options.ipMasq, forward: options.iptablesForwardRules, logger: logger)
 
         let routeSocket = try RouteSocket()
         let (interface, interfaceAddress) = try selectInterface(routeSocket)
@@ -49,25 +51,26 @@ final class Daemon: Service, Sendable {
 
         let peers = PeerSync(store: store, backend: backend, holder: holder, config: config,
                              attributes: attributes, logger: logger,
-                             onSubnetChange: { [options, logger] newLease in
+                             onSubnetChange: { [options, logger, firewall] newLease in
             do {
                 try SubnetEnv(network: config.network, subnet: newLease.subnet, mtu: mtu, ipMasq: options.ipMasq)
                     .write(to: options.subnetFile)
-                if options.ipMasq { try IPMasquerade().install(network: config.network, subnet: newLease.subnet) }
+                try firewall?.install(network: config.network, subnet: newLease.subnet)
             } catch {
                 logger.error("could not move to the new subnet \(newLease.subnet): \(error)")
             }
         })
-        let masquerade: IPMasquerade?
         do {
-            masquerade = options.ipMasq ? try IPMasquerade() : nil
-            if let masquerade {
-                try masquerade.install(network: config.network, subnet: lease.subnet)
-                logger.info("ip masquerade on for traffic from \(config.network) leaving it (iptables chains \(IPMasquerade.natChain), \(IPMasquerade.filterChain))")
-            }
+            try firewall?.install(network: config.network, subnet: lease.subnet)
         } catch {
             backend.cleanUp(releasing: false)
             throw error
+        }
+        if options.ipMasq {
+            logger.info("ip masquerade on for traffic from \(config.network) leaving it (iptables nat chain \(IPTablesChain.natChain))")
+        }
+        if options.iptablesForwardRules {
+            logger.info("forwarding traffic from and to \(config.network) (iptables filter chain \(IPTablesChain.forwardChain)); put back within \(options.iptablesResync) s if removed")
         }
         let revision: Int64
         do {
@@ -75,7 +78,7 @@ final class Daemon: Service, Sendable {
             try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq)
                 .write(to: options.subnetFile)
         } catch {
-            cleanUp(backend, masquerade: masquerade, releasing: false)
+            cleanUp(backend, firewall: firewall, releasing: false)
             throw error
         }
 
@@ -88,11 +91,15 @@ final class Daemon: Service, Sendable {
         notifySystemd("READY=1")
 
         let margin = Duration.seconds(options.subnetLeaseRenewMargin * 60)
+        let resync = Duration.seconds(options.iptablesResync)
         do {
             try await cancelWhenGracefulShutdown {
                 try await withThrowingTaskGroup(of: Void.self) { group in
                     group.addTask { try await backend.run() }
                     group.addTask { await peers.run(from: revision, renewMargin: margin) }
+                    if let firewall {
+                        group.addTask { await firewall.keep(every: resync) }
+                    }
                     // The backend ends only on shutdown or a fatal error
                     // (the data path lost its device); either way the rest
                     // stops with it.
@@ -102,11 +109,11 @@ final class Daemon: Service, Sendable {
             }
         } catch {
             logger.error("\(backend.type) backend stopped: \(error)")
-            cleanUp(backend, masquerade: masquerade, releasing: false)
+            cleanUp(backend, firewall: firewall, releasing: false)
             throw error
         }
         logger.info("stopping")
-        cleanUp(backend, masquerade: masquerade, releasing: options.releaseOnExit)
+        cleanUp(backend, firewall: firewall, releasing: options.releaseOnExit)
         if options.releaseOnExit {
             do {
                 try await store.releaseLease(holder.lease)
@@ -155,15 +162,11 @@ final class Daemon: Service, Sendable {
         }
     }
 
-    private func cleanUp(_ backend: any Backend, masquerade: IPMasquerade?, releasing: Bool) {
+    private func cleanUp(_ backend: any Backend, firewall: IPTablesKeeper?, releasing: Bool) {
         backend.cleanUp(releasing: releasing)
-        guard let masquerade else { return }
-        do {
-            try masquerade.remove()
-            logger.info("removed ip masquerade rules")
-        } catch {
-            logger.warning("could not remove ip masquerade rules: \(error)")
-        }
+        guard let firewall else { return }
+        firewall.remove()
+        logger.info("removed tunneld's iptables rules")
     }
 
     /// Reads the network config, waiting (with backoff) while there is none.
