@@ -14,7 +14,7 @@ struct Tunneld: AsyncParsableCommand {
             flanneld's flag spellings (-etcd-endpoints=…, -iface=…) and FLANNELD_* environment \
             variables are accepted.
             """,
-        subcommands: [Run.self, Config.self, Leases.self],
+        subcommands: [Run.self, Config.self, Leases.self, DockerOpts.self],
         defaultSubcommand: nil
     )
 
