@@ -39,6 +39,35 @@ enum FlannelArguments {
     /// become long options, and none of flanneld's FLANNELD_* variables.
     static let foreignSubcommands: Set<String> = ["docker-opts"]
 
+    /// flanneld flags tunneld does not offer, with what to do instead; said
+    /// in one line rather than the parser's "Unknown option".
+    static let unsupportedFlags: [String: String] = [
+        "kube-subnet-mgr": "tunneld keeps leases in etcd (or its local store), not in Kubernetes node objects; run it with -etcd-endpoints",
+        "kubeconfig-file": "tunneld does not use the Kubernetes API; leases live in etcd",
+        "kube-api-url": "tunneld does not use the Kubernetes API; leases live in etcd",
+        "kube-annotation-prefix": "tunneld does not use the Kubernetes API; leases live in etcd",
+        "net-config-path": "the network config lives in etcd at <prefix>/config (tunneld config set FILE writes it)",
+        "public-ipv6": "tunneld supports IPv4 networks only for now",
+        "auto-detect-ipv6": "tunneld supports IPv4 networks only for now",
+        "ipv6-masq": "tunneld supports IPv4 networks only for now",
+        "subnet-dir": "tunneld offers the udp, vxlan and host-gw backends; the ipsec backend's options do not apply",
+    ]
+
+    /// The first flanneld flag in `arguments` that tunneld does not offer,
+    /// as an error message, or nil.
+    static func unsupported(_ arguments: [String]) -> String? {
+        for argument in arguments where argument.hasPrefix("-") {
+            let name = String(argument.drop { $0 == "-" }.prefix { $0 != "=" })
+            if let advice = unsupportedFlags[name] {
+                return "flanneld's -\(name) is not supported by tunneld: \(advice) (see docs/MIGRATING.md)"
+            }
+            if name.hasPrefix("charon") {
+                return "flanneld's -\(name) belongs to the ipsec backend, which tunneld does not offer (udp, vxlan and host-gw are; see docs/MIGRATING.md)"
+            }
+        }
+        return nil
+    }
+
     static func normalize(_ arguments: [String], environment: [String: String]) -> [String] {
         if let subcommand = arguments.first, foreignSubcommands.contains(subcommand) { return arguments }
         var result: [String] = []

@@ -20,8 +20,12 @@ struct Tunneld: AsyncParsableCommand {
 
     static func main() async {
         // flanneld's spellings and FLANNELD_* become ordinary options first.
-        let arguments = FlannelArguments.normalize(Array(CommandLine.arguments.dropFirst()),
-                                                   environment: ProcessInfo.processInfo.environment)
+        let given = Array(CommandLine.arguments.dropFirst())
+        if given.first == "run", let message = FlannelArguments.unsupported(given) {
+            FileHandle.standardError.write(Data("Error: \(message)\n".utf8))
+            Foundation.exit(64)
+        }
+        let arguments = FlannelArguments.normalize(given, environment: ProcessInfo.processInfo.environment)
         await main(arguments)
     }
 }

@@ -82,4 +82,11 @@ import Testing
         #expect(defaults.iptablesForwardRules && defaults.iptablesResync == 5 && !defaults.ipMasq)
         #expect(throws: (any Error).self) { try Tunneld.parseAsRoot(["run", "--iptables-resync", "0"]) }
     }
+
+    @Test func flanneldFlagsTunneldLacksAreNamedWithWhatToDo() {
+        #expect(FlannelArguments.unsupported(["run", "-kube-subnet-mgr"])?.contains("not in Kubernetes node objects") == true)
+        #expect(FlannelArguments.unsupported(["run", "--public-ipv6=fd00::1"])?.contains("IPv4 networks only") == true)
+        #expect(FlannelArguments.unsupported(["run", "-charon-viciuri=x"])?.contains("ipsec backend") == true)
+        #expect(FlannelArguments.unsupported(["run", "-iface=eth0", "-ip-masq"]) == nil)
+    }
 }
