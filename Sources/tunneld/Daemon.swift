@@ -5,6 +5,7 @@ import LeaseStore
 import Logging
 import NetBase
 import Netlink
+import Observability
 import PeerControl
 import ServiceLifecycle
 
@@ -22,6 +23,7 @@ final class Daemon: Service, Sendable {
     }
 
     func run() async throws {
+        let startedAt = Date()
         guard let config = try await waitForConfig() else { return }
         try checkBackend(config)
 
@@ -79,10 +81,17 @@ final class Daemon: Service, Sendable {
             throw error
         }
 
-        let health = try options.healthzPort == 0 ? nil
-            : HealthServer(address: IPv4Address(options.healthzIP)!, port: UInt16(options.healthzPort))
-        defer { health?.stop() }
-        if let health { logger.info("health endpoint: http://\(health.endpoint)/healthz") }
+        let endpoint: HTTPEndpoint?
+        do {
+            endpoint = try startEndpoint(Observed(
+                config: config, location: store.location, interface: interface.name,
+                interfaceAddress: interfaceAddress, publicIP: publicIP, mtu: mtu, startedAt: startedAt,
+                backend: backend, peers: peers))
+        } catch {
+            cleanUp(backend, masquerade: masquerade, releasing: false)
+            throw error
+        }
+        defer { endpoint?.stop() }
 
         logger.info("tunneld ready: \(backend.type) backend, MTU \(mtu), \(peers.currentPeers.count) peer(s); wrote \(options.subnetFile)")
         notifySystemd("READY=1")

@@ -12,6 +12,7 @@ enum FlannelArguments {
         "etcd-username", "etcd-password", "iface", "iface-regex", "public-ip", "subnet-file",
         "subnet-lease-renew-margin", "healthz-ip", "healthz-port", "backend", "store", "store-dir",
         "device", "datapath", "queue-depth", "log-level", "subnet-lease-ttl",
+        "metrics-address", "control-socket",
     ]
     /// Long options that are on/off switches.
     static let booleanFlags: Set<String> = [
