@@ -144,6 +144,8 @@ let package = Package(
             dependencies: [
                 "PeerControl", "LeaseStore", "NetBase",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
             ]
         ),
         .testTarget(
