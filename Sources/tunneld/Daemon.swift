@@ -15,15 +15,18 @@ final class Daemon: Service, Sendable {
     let options: Run
     let store: any LeaseStore
     let logger: Logger
+    let systemd: SystemdNotifier
 
-    init(options: Run, store: any LeaseStore, logger: Logger) {
+    init(options: Run, store: any LeaseStore, logger: Logger, systemd: SystemdNotifier = SystemdNotifier()) {
         self.options = options
         self.store = store
         self.logger = logger
+        self.systemd = systemd
     }
 
     func run() async throws {
         let startedAt = Date()
+        systemd.status("Reading the network config from \(store.location)")
         guard let config = try await waitForConfig() else { return }
         try checkBackend(config)
 
@@ -32,6 +35,7 @@ final class Daemon: Service, Sendable {
         let publicIP = options.publicIP.flatMap(IPv4Address.init) ?? interfaceAddress
         logger.info("using interface \(interface.name) (\(interfaceAddress), MTU \(interface.mtu)); public IP \(publicIP); backend \(config.backend.type)")
 
+        systemd.status("Setting up the \(config.backend.type) backend on \(interface.name)")
         let backend = try makeBackend(config, interface: interface, interfaceAddress: interfaceAddress,
                                       publicIP: publicIP, routeSocket: routeSocket)
         // The device comes before the lease: a vxlan lease carries its MAC.
@@ -43,7 +47,13 @@ final class Daemon: Service, Sendable {
             logger.warning("ignoring the previous subnet file: \(error)")
             preferred = nil
         }
-        let lease = try await store.acquireLease(config: config, attributes: attributes, preferred: preferred)
+        systemd.status("Acquiring a lease in \(store.location)")
+        guard let lease = try await retrying("acquire a lease in \(store.location)", {
+            try await self.store.acquireLease(config: config, attributes: attributes, preferred: preferred)
+        }) else {
+            backend.cleanUp(releasing: false)
+            return
+        }
         logger.info("leased \(lease.subnet) for \(publicIP) in \(store.location)")
         let holder = LeaseHolder(lease)
         try backend.activate(lease: lease)
@@ -73,7 +83,11 @@ final class Daemon: Service, Sendable {
         }
         let revision: Int64
         do {
-            revision = try await peers.loadInitialPeers()
+            guard let listed = try await retrying("list the leases in \(store.location)", { try await peers.loadInitialPeers() }) else {
+                cleanUp(backend, masquerade: masquerade, releasing: false)
+                return
+            }
+            revision = listed
             try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq)
                 .write(to: options.subnetFile)
         } catch {
@@ -94,14 +108,25 @@ final class Daemon: Service, Sendable {
         defer { endpoint?.stop() }
 
         logger.info("tunneld ready: \(backend.type) backend, MTU \(mtu), \(peers.currentPeers.count) peer(s); wrote \(options.subnetFile)")
-        notifySystemd("READY=1")
+        let subnet = lease.subnet
+        systemd.ready(status: runningStatus(backend: backend.type, subnet: subnet, peers: peers.currentPeers.count))
 
         let margin = Duration.seconds(options.subnetLeaseRenewMargin * 60)
+        let systemd = self.systemd
         do {
             try await cancelWhenGracefulShutdown {
                 try await withThrowingTaskGroup(of: Void.self) { group in
                     group.addTask { try await backend.run() }
                     group.addTask { await peers.run(from: revision, renewMargin: margin) }
+                    if systemd.isActive {
+                        // Runs until cancelled: watchdog pings and STATUS= updates.
+                        group.addTask {
+                            await systemd.keepAlive {
+                                runningStatus(backend: backend.type, subnet: holder.lease.subnet,
+                                              peers: peers.currentPeers.count)
+                            }
+                        }
+                    }
                     // The backend ends only on shutdown or a fatal error
                     // (the data path lost its device); either way the rest
                     // stops with it.
@@ -111,10 +136,13 @@ final class Daemon: Service, Sendable {
             }
         } catch {
             logger.error("\(backend.type) backend stopped: \(error)")
+            systemd.stopping(status: "Failed: \(backend.type) backend stopped: \(error)")
             cleanUp(backend, masquerade: masquerade, releasing: false)
             throw error
         }
         logger.info("stopping")
+        systemd.stopping(status: options.releaseOnExit ? "Stopping: removing devices and routes, releasing the lease"
+                                                       : "Stopping: keeping the lease for a restart")
         cleanUp(backend, masquerade: masquerade, releasing: options.releaseOnExit)
         if options.releaseOnExit {
             do {
@@ -192,13 +220,44 @@ final class Daemon: Service, Sendable {
             } catch {
                 logger.warning("cannot read the network config from \(store.location): \(error); retrying in \(delay)")
             }
-            let deadline = ContinuousClock.now + delay
-            while ContinuousClock.now < deadline {
-                if Task.isCancelled || Task.isShuttingDownGracefully { return nil }
-                try? await Task.sleep(for: .milliseconds(200))
-            }
+            systemd.status("Waiting for a valid network config in \(store.location); retrying in \(delay)")
+            guard await sleepUnlessStopping(delay) else { return nil }
             delay = min(delay * 2, .seconds(30))
         }
+    }
+
+    /// Runs a store operation at start, retrying with backoff (1 s doubling
+    /// to 30 s) on any error, as flanneld keeps trying: a store that is down
+    /// or briefly failing at boot must not make the daemon exit. Returns nil
+    /// if asked to shut down meanwhile.
+    private func retrying<T: Sendable>(_ what: String, _ operation: @Sendable () async throws -> T) async throws -> T? {
+        var delay = Duration.seconds(1)
+        var attempt = 1
+        while true {
+            do {
+                let value = try await operation()
+                if attempt > 1 { logger.info("could \(what) after \(attempt) attempts") }
+                return value
+            } catch is CancellationError {
+                return nil
+            } catch {
+                logger.error("could not \(what) (attempt \(attempt)): \(error); retrying in \(delay)")
+                systemd.status("Retrying in \(delay): could not \(what): \(error)")
+            }
+            guard await sleepUnlessStopping(delay) else { return nil }
+            delay = min(delay * 2, .seconds(30))
+            attempt += 1
+        }
+    }
+
+    /// Sleeps for `delay` in short steps; false if a shutdown came meanwhile.
+    private func sleepUnlessStopping(_ delay: Duration) async -> Bool {
+        let deadline = ContinuousClock.now + delay
+        while ContinuousClock.now < deadline {
+            if Task.isCancelled || Task.isShuttingDownGracefully { return false }
+            try? await Task.sleep(for: min(.milliseconds(200), deadline - ContinuousClock.now))
+        }
+        return !(Task.isCancelled || Task.isShuttingDownGracefully)
     }
 
     /// For etcd, names the key to write and the command that writes it, as
@@ -251,24 +310,7 @@ struct DaemonError: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
-/// Tells systemd (Type=notify) about our state, as flanneld does.
-func notifySystemd(_ state: String) {
-    guard let path = ProcessInfo.processInfo.environment["NOTIFY_SOCKET"], !path.isEmpty else { return }
-    let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard fd >= 0 else { return }
-    defer { close(fd) }
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    var bytes = Array(path.utf8)
-    if bytes.first == UInt8(ascii: "@") { bytes[0] = 0 }  // abstract namespace
-    guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return }
-    withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: bytes) }
-    let length = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count)
-    _ = state.withCString { text in
-        withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                sendto(fd, text, strlen(text), 0, $0, length)
-            }
-        }
-    }
+/// The STATUS= line systemd shows while we run.
+func runningStatus(backend: String, subnet: IPv4Network, peers: Int) -> String {
+    "Running: subnet \(subnet), \(backend) backend, \(peers) peer\(peers == 1 ? "" : "s")"
 }

@@ -11,7 +11,7 @@ enum FlannelArguments {
         "etcd-endpoints", "etcd-prefix", "etcd-keyfile", "etcd-certfile", "etcd-cafile",
         "etcd-username", "etcd-password", "iface", "iface-regex", "public-ip", "subnet-file",
         "subnet-lease-renew-margin", "healthz-ip", "healthz-port", "backend", "store", "store-dir",
-        "device", "datapath", "queue-depth", "log-level", "subnet-lease-ttl",
+        "device", "datapath", "queue-depth", "log-level", "log-format", "v", "subnet-lease-ttl",
         "metrics-address", "control-socket",
     ]
     /// Long options that are on/off switches.
@@ -21,6 +21,15 @@ enum FlannelArguments {
     /// Flags that may be given more than once (and in the environment as a
     /// comma-separated list).
     static let repeatableFlags: Set<String> = ["iface", "iface-regex"]
+    /// What every subcommand that reads the store accepts: the only flags
+    /// taken from the environment for subcommands other than `run`, so that
+    /// a shell with flanneld's environment (FLANNELD_IFACE, FLANNELD_IP_MASQ…)
+    /// can still run `tunneld leases` or `tunneld config get` against the
+    /// same etcd.
+    static let storeFlags: Set<String> = [
+        "etcd-endpoints", "etcd-prefix", "etcd-keyfile", "etcd-certfile", "etcd-cafile",
+        "etcd-username", "etcd-password", "store", "store-dir",
+    ]
 
     static func normalize(_ arguments: [String], environment: [String: String]) -> [String] {
         var result: [String] = []
@@ -55,8 +64,11 @@ enum FlannelArguments {
             // The parser reports unknown options itself.
             result.append(argument)
         }
-        // The environment fills in what the command line left out.
-        for name in (valueFlags.union(booleanFlags)).sorted() where !given.contains(name) {
+        // The environment fills in what the command line left out: every
+        // flag for the daemon, the store's for the other subcommands.
+        let subcommand = arguments.first { !$0.hasPrefix("-") }
+        let fromEnvironment = subcommand == "run" ? valueFlags.union(booleanFlags) : storeFlags
+        for name in fromEnvironment.sorted() where !given.contains(name) {
             let suffix = name.uppercased().replacingOccurrences(of: "-", with: "_")
             guard let value = environment["TUNNELD_" + suffix] ?? environment["FLANNELD_" + suffix],
                   !value.isEmpty else { continue }

@@ -90,8 +90,17 @@ struct Run: AsyncParsableCommand {
                                valueName: "port"))
     var healthzPort: Int = 0
 
-    @Option(help: ArgumentHelp("Log level.", valueName: "trace|debug|info|notice|warning|error"))
-    var logLevel: Logger.Level = .info
+    @Option(help: ArgumentHelp("Log level (default: info, or what -v says).", valueName: "trace|debug|info|notice|warning|error"))
+    var logLevel: Logger.Level?
+
+    @Option(name: [.customShort("v"), .customLong("v")],
+            help: ArgumentHelp("flanneld's verbosity: 0 = info, 1–9 = debug, 10 and more = trace; --log-level wins.", valueName: "n"))
+    var verbosity: Int = 0
+
+    @Option(help: ArgumentHelp("Log line format: text, or json (one object per line, for log shippers).", valueName: "text|json"))
+    var logFormat: LogFormat = .text
+
+    var effectiveLogLevel: Logger.Level { logLevel ?? tunneld.logLevel(verbosity: verbosity) }
 
     func validate() throws {
         guard (1...1439).contains(subnetLeaseRenewMargin) else {
@@ -120,13 +129,16 @@ struct Run: AsyncParsableCommand {
         if let publicIP, IPv4Address(publicIP) == nil {
             throw ValidationError("--public-ip \(publicIP) is not an IPv4 address (expected a.b.c.d)")
         }
+        guard verbosity >= 0 else {
+            throw ValidationError("-v must be 0 or more, not \(verbosity)")
+        }
         guard !device.isEmpty, device.utf8.count < 16, !device.contains("/"), !device.contains(" ") else {
             throw ValidationError("--device \(device) is not a valid interface name (1–15 characters, no '/' or spaces)")
         }
     }
 
     func run() async throws {
-        bootstrapLogging(logLevel)
+        bootstrapLogging(effectiveLogLevel, format: logFormat)
         let logger = Logger(label: "tunneld")
         ObservabilityOptions.bootstrapMetrics()
         let store = try storeOptions.open()

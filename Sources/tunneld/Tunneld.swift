@@ -27,13 +27,4 @@ struct Tunneld: AsyncParsableCommand {
     }
 }
 
-/// Logs go to standard error, at `level`; called once by each subcommand.
-func bootstrapLogging(_ level: Logger.Level = .info) {
-    LoggingSystem.bootstrap { label in
-        var handler = StreamLogHandler.standardError(label: label)
-        handler.logLevel = level
-        return handler
-    }
-}
-
 extension Logger.Level: @retroactive ExpressibleByArgument {}

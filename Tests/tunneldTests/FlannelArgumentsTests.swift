@@ -35,6 +35,20 @@ import Testing
         #expect(!args.contains("--ip-masq"))
     }
 
+    /// flanneld's environment file loaded in a shell must not break the
+    /// other subcommands: they take only the store's settings from it.
+    @Test func otherSubcommandsTakeOnlyTheStoresFlagsFromTheEnvironment() throws {
+        let environment = ["FLANNELD_IFACE": "eth0", "FLANNELD_IP_MASQ": "true", "FLANNELD_HEALTHZ_PORT": "abc",
+                           "FLANNELD_SUBNET_LEASE_RENEW_MARGIN": "-5", "FLANNELD_V": "3",
+                           "FLANNELD_ETCD_ENDPOINTS": "http://198.18.0.250:2379", "FLANNELD_ETCD_PREFIX": "/docker/network"]
+        for command in [["leases"], ["config", "get"], ["config", "set", "-"]] {
+            let args = FlannelArguments.normalize(command, environment: environment)
+            #expect(args == command + ["--etcd-endpoints", "http://198.18.0.250:2379", "--etcd-prefix", "/docker/network"])
+            _ = try Tunneld.parseAsRoot(args)
+        }
+        #expect(FlannelArguments.normalize(["run"], environment: environment).contains("--iface"))
+    }
+
     @Test func repeatableFlagsTakeCommaSeparatedListsFromTheEnvironment() {
         let args = FlannelArguments.normalize(["run"], environment: ["FLANNELD_IFACE": "eth0,198.18.0.1"])
         #expect(args == ["run", "--iface", "eth0", "--iface", "198.18.0.1"])
