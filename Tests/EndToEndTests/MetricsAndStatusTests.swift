@@ -200,4 +200,42 @@ struct MetricsAndStatusTests {
             #expect(neither.output.contains("--etcd-endpoints"))
         }
     }
+
+    /// vxlan and host-gw export what applies to them: peers, lease, table,
+    /// routes put back (no packet series: the kernel carries the packets).
+    @Test(arguments: ["host-gw", "vxlan"])
+    func kernelBackendsExportPeersLeaseAndTable(backend: String) throws {
+        try Lab.withLocalStore(config: backendConfig(#"{"Type":"\#(backend)"}"#)) { lab in
+            for n in 1...2 {
+                try lab.addHost(n, command: [tunneldBinary, "run", "--iface", "eth0", "--subnet-file", lab.subnetFile(n)]
+                                + hostArguments(lab, n) + (n == 1 ? ["--healthz-port", "9464"] : []))
+            }
+            let peer = try LabLease(lab, host: 2)
+            let ping = try lab.ping(from: 1, to: 2)
+            #expect(ping.succeeded, "\(ping.output)")
+
+            let json = try statusJSON(lab, host: 1)
+            let reported = try #require(json["backend"] as? [String: Any])
+            #expect(reported["type"] as? String == backend)
+            #expect(reported["device"] as? String == (backend == "vxlan" ? "flannel.1" : nil))
+            #expect(reported["tableEntries"] as? Int == 1)
+            #expect((json["peers"] as? [[String: Any]])?.first?["backend"] as? String == backend)
+
+            var values = series(try get(lab, host: 1, port: 9464, path: "/metrics").body)
+            #expect(values["tunneld_build_info{version=\"0.1.0\",backend=\"\(backend)\"}"] == 1)
+            #expect(values["tunneld_peers"] == 1)
+            #expect(values["tunneld_table_entries"] == 1)
+            #expect((values["tunneld_lease_expiry_timestamp_seconds"] ?? 0) > Date().timeIntervalSince1970)
+            #expect(values["tunneld_packets_total{direction=\"tx\"}"] == nil, "the kernel carries \(backend)'s packets")
+            #expect(values["tunneld_routes_restored_total"] == 0)
+
+            // Someone deletes the peer's route: put back, and counted.
+            try lab.exec("h1", ["ip", "route", "del", peer.subnet])
+            #expect(try lab.waitUntil(timeout: .seconds(25)) {
+                values = series(try get(lab, host: 1, port: 9464, path: "/metrics").body)
+                return values["tunneld_routes_restored_total"] == 1
+            }, "\(lab.log("h1"))")
+            #expect((values["tunneld_table_generation"] ?? 0) >= 1)
+        }
+    }
 }
