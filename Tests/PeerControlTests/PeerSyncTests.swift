@@ -221,6 +221,29 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
         #expect(Set(f.sync.peerChangeTimes.keys) == [net("10.2.8.0/24")])
     }
 
+    @Test func renewalsTheirFailuresAndReacquisitionsAreCounted() async throws {
+        let renewed = TestMetrics()
+        let f = try await Fixture(metrics: renewed)
+        // A lease about to run out is renewed at half its remaining life.
+        f.sync.holder.replace(f.store.put(f.own.subnet, f.own.attributes, ttl: 0.4))
+        try await f.running {
+            #expect(await eventually { (try? renewed.expectCounter("tunneld_lease_renewals_total").totalValue) == 1 })
+        }
+        #expect(try renewed.expectCounter("tunneld_lease_renewal_failures_total").totalValue == 0)
+
+        // Gone from the store before its renewal: a failure, then the lease
+        // is acquired again.
+        let failed = TestMetrics()
+        let g = try await Fixture(metrics: failed)
+        g.sync.holder.replace(g.store.put(g.own.subnet, g.own.attributes, ttl: 0.4))
+        try await g.running {
+            g.store.silentlyDelete(g.own.subnet)
+            #expect(await eventually { (try? failed.expectCounter("tunneld_lease_renewal_failures_total").totalValue) == 1 })
+            #expect(await eventually { (try? failed.expectCounter("tunneld_lease_reacquisitions_total").totalValue) == 1 })
+        }
+        #expect(try failed.expectCounter("tunneld_lease_renewals_total").totalValue == 0)
+    }
+
     @Test func ourOwnLeaseMissingFromARelistIsAcquiredAgain() async throws {
         let f = try await Fixture()
         try await f.running {
