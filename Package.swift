@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "tunneld", targets: ["tunneld"]),
+        .executable(name: "tunneld-cni", targets: ["tunneld-cni"]),
         .library(name: "NetBase", targets: ["NetBase"]),
         .library(name: "UDPEncap", targets: ["UDPEncap"]),
         .library(name: "PacketRing", targets: ["PacketRing"]),
@@ -13,6 +14,7 @@ let package = Package(
         .library(name: "EtcdClient", targets: ["EtcdClient"]),
         .library(name: "PeerControl", targets: ["PeerControl"]),
         .library(name: "Backends", targets: ["Backends"]),
+        .library(name: "CNIPlugin", targets: ["CNIPlugin"]),
         .library(name: "Observability", targets: ["Observability"]),
     ],
     dependencies: [
@@ -121,6 +123,10 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
+        // flannel's CNI plugin: reads subnet.env and delegates to the standard
+        // bridge/host-local plugins; its logic is a library tested without root.
+        .target(name: "CNIPlugin", dependencies: ["NetBase", "LeaseStore", "CTunnel"]),
+        .executableTarget(name: "tunneld-cni", dependencies: ["CNIPlugin"]),
         .testTarget(name: "NetBaseTests", dependencies: ["NetBase"]),
         // Scratch namespaces and packet builders shared by the tests.
         .target(name: "NetTestSupport", dependencies: ["Netlink", "UDPEncap"], path: "Tests/NetTestSupport"),
@@ -165,5 +171,6 @@ let package = Package(
             ]
         ),
         .testTarget(name: "tunneldTests", dependencies: ["tunneld"]),
+        .testTarget(name: "CNIPluginTests", dependencies: ["CNIPlugin", "LeaseStore"]),
     ]
 )

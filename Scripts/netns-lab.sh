@@ -12,6 +12,11 @@
 #   netns-lab.sh create  LAB DIR             underlay switch; DIR holds state, logs, pids
 #   netns-lab.sh add-host LAB DIR N -- CMD…  host N; runs CMD… in it (tunneld), waits for
 #                                            DIR/hN.env, then builds container N from it
+#   netns-lab.sh add-host LAB DIR N --no-container -- CMD…
+#                                            the same without container N: something else
+#                                            (a CNI plugin, dockerd) attaches containers
+#   netns-lab.sh add-node LAB DIR N          a bare host N on the underlay (198.18.0.N, no daemon,
+#                                            no container): a stranger for the hostile-input tests
 #   netns-lab.sh add-etcd LAB DIR ETCD-ARGS… an etcd on the underlay at 198.18.0.250
 #   netns-lab.sh stop    LAB DIR NAME        SIGTERM the process NAME (h1, etcd…), wait ≤15 s
 #   netns-lab.sh start   LAB DIR NAME        start NAME again with its saved command
@@ -19,7 +24,7 @@
 #   netns-lab.sh destroy LAB DIR             stop everything, remove every namespace
 set -euo pipefail
 
-cmd=${1:?usage: netns-lab.sh create|add-host|add-etcd|stop|start|container-ip|destroy LAB DIR …}
+cmd=${1:?usage: netns-lab.sh create|add-host|add-node|add-etcd|stop|start|container-ip|destroy LAB DIR …}
 lab=${2:?lab name (namespace prefix) missing}
 dir=${3:?state directory missing}
 shift 3
@@ -72,8 +77,10 @@ create)
   ip -n "$(ns u)" link set lo up
   ;;
 
-add-host)
+add-host|add-node)
   n=${1:?host number missing}; shift
+  with_container=1
+  [ "${1:-}" = "--no-container" ] && { with_container=0; shift; }
   [ "${1:-}" = "--" ] && shift
   h=$(ns "h$n"); c=$(ns "c$n")
   ip netns add "$h"
@@ -82,11 +89,13 @@ add-host)
   ip -n "$(ns u)" link set "p$n" master sw0 up
   ip -n "$h" addr add "198.18.0.$n/24" dev eth0
   ip -n "$h" link set eth0 up
+  [ "$cmd" = add-node ] && exit 0
   ip netns exec "$h" sysctl -qw net.ipv4.ip_forward=1
   # Hosts reach nothing but the lab: no default route beyond the underlay.
   ip -n "$h" route add default via 198.18.0.254 dev eth0 2>/dev/null || true
   spawn "h$n" "$h" "$@"
   wait_for_file "$dir/h$n.env" "h$n"
+  [ "$with_container" = 1 ] || exit 0
   # shellcheck disable=SC1090
   . "$dir/h$n.env"
   bip=${FLANNEL_SUBNET%/*}; len=${FLANNEL_SUBNET#*/}

@@ -71,7 +71,7 @@ public final class UDPBackend: Backend {
     public func activate(lease: Lease) throws {
         try table.set(lease.subnet, to: .local)
         let forwarder = Forwarder(table: table, tunAddress: lease.subnet.address,
-                                  acceptUnknownPeers: options.acceptUnknownPeers)
+                                  acceptUnknownPeers: options.acceptUnknownPeers, mtu: mtu)
         let path = try UDPDataPath(
             settings: .init(device: options.device, port: config.backend.port, mtu: mtu, datapath: options.loop,
                             offload: options.offload, workers: options.workers, queueDepth: options.queueDepth,

@@ -4,12 +4,13 @@ import Glibc
 import NetBase
 
 /// A failed file operation: which call, on which path, and the errno.
-struct FileError: Error, Sendable, CustomStringConvertible {
-    let operation: String
-    let path: String
-    let errno: Errno
+/// `package`: the CNI plugin shares these file operations.
+package struct FileError: Error, Sendable, CustomStringConvertible {
+    package let operation: String
+    package let path: String
+    package let errno: Errno
 
-    var reason: String {
+    package var reason: String {
         var text = "\(operation) failed: \(errno)"
         switch errno {
         case .accessDenied, .notPermitted:
@@ -23,7 +24,7 @@ struct FileError: Error, Sendable, CustomStringConvertible {
         return text
     }
 
-    var description: String { "\(path): \(reason)" }
+    package var description: String { "\(path): \(reason)" }
 
     var asStoreError: LeaseStoreError { .io(path: path, reason: reason) }
 }
@@ -31,9 +32,9 @@ struct FileError: Error, Sendable, CustomStringConvertible {
 /// The few file operations the stores need, straight on the syscalls so that
 /// every failure carries its errno. Writes that replace a file are atomic:
 /// a temporary file in the same directory, fsync, rename, fsync of the directory.
-enum FileIO {
+package enum FileIO {
     /// Reads a whole file; nil if it does not exist.
-    static func read(_ path: String, limit: Int = 64 << 20) throws(FileError) -> [UInt8]? {
+    package static func read(_ path: String, limit: Int = 64 << 20) throws(FileError) -> [UInt8]? {
         let raw: Int32
         switch retryingInterrupts({ open(path, O_RDONLY | O_CLOEXEC) }) {
         case .success(let fd): raw = fd
@@ -61,7 +62,7 @@ enum FileIO {
 
     /// Replaces `path` with `bytes` atomically: readers see the old or the new
     /// content, never a mix, even if the writer dies half-way.
-    static func writeAtomically(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o600) throws(FileError) {
+    package static func writeAtomically(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o600) throws(FileError) {
         let (directory, name) = split(path)
         let temporary = "\(directory)/.\(name).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         let raw: Int32
@@ -104,7 +105,7 @@ enum FileIO {
 
     /// Removes a file; false if it was not there.
     @discardableResult
-    static func remove(_ path: String) throws(FileError) -> Bool {
+    package static func remove(_ path: String) throws(FileError) -> Bool {
         if case .failure(let e) = retryingInterrupts({ unlink(path) }) {
             if e == .noSuchFile { return false }
             throw FileError(operation: "unlink", path: path, errno: e)
@@ -113,7 +114,7 @@ enum FileIO {
     }
 
     /// `mkdir -p`; directories it creates get `mode`.
-    static func makeDirectories(_ path: String, mode: mode_t) throws(FileError) {
+    package static func makeDirectories(_ path: String, mode: mode_t) throws(FileError) {
         var prefix = path.hasPrefix("/") ? "" : "."
         for component in path.split(separator: "/") {
             prefix += "/" + component
@@ -150,7 +151,7 @@ enum FileIO {
         }
     }
 
-    static func exists(_ path: String) -> Bool {
+    package static func exists(_ path: String) -> Bool {
         var info = stat()
         return stat(path, &info) == 0
     }
@@ -165,7 +166,7 @@ enum FileIO {
         }
     }
 
-    static func split(_ path: String) -> (directory: String, name: String) {
+    package static func split(_ path: String) -> (directory: String, name: String) {
         guard let slash = path.lastIndex(of: "/") else { return (".", path) }
         let directory = String(path[..<slash])
         return (directory.isEmpty ? "/" : directory, String(path[path.index(after: slash)...]))

@@ -49,6 +49,23 @@ public struct SubnetEnv: Sendable, Equatable {
         }
     }
 
+    /// Checks, before anything is leased, that a subnet file can be written
+    /// at `path`: creates its directory and a scratch file next to it, then
+    /// removes the scratch file. The error names the path and what to do.
+    public static func checkWritable(_ path: String = SubnetEnv.defaultPath) throws(SystemError) {
+        let (directory, name) = FileIO.split(path)
+        let scratch = "\(directory)/.\(name).check-\(getpid())"
+        do {
+            try FileIO.makeDirectories(directory, mode: 0o755)
+            try FileIO.writeAtomically(scratch, [], mode: 0o644)
+            try FileIO.remove(scratch)
+        } catch {
+            throw SystemError(error.operation, on: error.path, errno: error.errno,
+                              hint: "the subnet file \(path) cannot be written there; "
+                                  + (Self.hint(for: error.errno) ?? "choose another -subnet-file"))
+        }
+    }
+
     /// Parses the file's text. Lines other than the four variables (comments,
     /// `FLANNEL_IPV6_*`) are ignored; values may be quoted, lines may start
     /// with `export`.
@@ -127,7 +144,10 @@ public struct SubnetEnv: Sendable, Equatable {
         }
     }
 
-    private static func variables(_ text: String) -> [String: String] {
+    /// The file's `NAME=value` lines as a dictionary, read the way `init(parsing:)`
+    /// reads them (comments skipped, `export` and quotes allowed); the CNI
+    /// plugin reads flannel's dual-stack variables through it.
+    public static func variables(_ text: String) -> [String: String] {
         var values: [String: String] = [:]
         for rawLine in text.split(whereSeparator: \.isNewline) {
             var line = rawLine.trimmingSpaces

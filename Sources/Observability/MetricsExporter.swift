@@ -52,6 +52,7 @@ public enum MetricCatalog {
             "udp_datagrams_received": ("tunneld_udp_datagrams_received_total", []),
             "icmp_unreachable_sent": ("tunneld_icmp_sent_total", [("type", "unreachable")]),
             "icmp_time_exceeded_sent": ("tunneld_icmp_sent_total", [("type", "time_exceeded")]),
+            "icmp_frag_needed_sent": ("tunneld_icmp_sent_total", [("type", "fragmentation_needed")]),
             "udp_send_errors": ("tunneld_errors_total", [("operation", "udp_send")]),
             "tun_write_errors": ("tunneld_errors_total", [("operation", "tun_write")]),
             "read_errors": ("tunneld_errors_total", [("operation", "read")]),
@@ -66,7 +67,8 @@ public enum MetricCatalog {
             "routes_restored": ("tunneld_routes_restored_total", []),
         ]
         for reason in ["no_route", "local_destination", "ttl_expired", "malformed_from_tun", "malformed",
-                       "unknown_peer", "spoofed_source", "truncated", "bad_offload"] {
+                       "unknown_peer", "spoofed_source", "truncated", "bad_offload", "local_source", "not_for_us",
+                       "too_big"] {
             table["dropped_" + reason] = ("tunneld_dropped_packets_total", [("reason", reason)])
         }
         for (name, size) in batchSizeClasses {

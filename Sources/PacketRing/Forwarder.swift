@@ -10,20 +10,28 @@ import UDPEncap
 /// From the TUN: find the destination's peer, decrement TTL, or turn the
 /// packet into an ICMP error for the TUN. From the network: check the
 /// datagram is a well-formed IPv4 packet from the peer that owns its source
-/// subnet, then hand it to the TUN unchanged.
+/// subnet and for our own subnet, then hand it to the TUN unchanged.
 public struct Forwarder: Sendable {
     public let table: SubnetTable
     /// The TUN's address (kept for diagnostics; see `errorSource`).
     public let tunAddress: IPv4Address
     private let subnetMask: UInt32
     /// flannel accepts any datagram; by default tunneld accepts only packets
-    /// whose source lies in the subnet of the peer that sent them.
+    /// whose source lies in the subnet of the peer that sent them. The checks
+    /// that need no knowledge of the sender — the inner destination is in
+    /// our subnet, the inner source is not — apply either way.
     public let acceptUnknownPeers: Bool
+    /// The largest packet the tunnel carries (the underlay's MTU − 28, as the
+    /// TUN's MTU is set): a bigger one gets "fragmentation needed" or is
+    /// dropped, never sent as a datagram the underlay must fragment.
+    public let mtu: Int
 
-    public init(table: SubnetTable, tunAddress: IPv4Address, acceptUnknownPeers: Bool = false) {
+    public init(table: SubnetTable, tunAddress: IPv4Address, acceptUnknownPeers: Bool = false,
+                mtu: Int = DataPath.maxPacketSize) {
         self.table = table
         self.tunAddress = tunAddress
         self.acceptUnknownPeers = acceptUnknownPeers
+        self.mtu = mtu
         self.subnetMask = IPv4Network.mask(table.subnetLength)
     }
 
@@ -46,10 +54,13 @@ public struct Forwarder: Sendable {
 
     /// What to do with the packet of `length` bytes at `p` (room: `capacity`)
     /// read from the TUN; a packet sent on has its TTL decremented in place.
-    /// Public (with `fromNetwork`) for the micro-benchmarks in
-    /// Benchmarks/Micro; the loops of this module inline both.
+    /// `segmentLength`: the length of each packet a super-packet will be split
+    /// into (nil: the packet goes on the wire as it is). Public (with
+    /// `fromNetwork`) for the micro-benchmarks in Benchmarks/Micro; the loops
+    /// of this module inline both.
     @inline(__always)
-    public func fromTun(_ p: UnsafeMutableRawPointer, length: Int, capacity: Int, stats: Statistics) -> TunAction {
+    public func fromTun(_ p: UnsafeMutableRawPointer, length: Int, capacity: Int, segmentLength: Int? = nil,
+                        stats: Statistics) -> TunAction {
         stats.add(.tunPacketsRead)
         // The kernel built this packet; anything odd (IPv6 control traffic on
         // the device) is simply not ours to carry.
@@ -81,6 +92,21 @@ public struct Forwarder: Sendable {
             }
             return .drop
         }
+        // In the order of the kernel's ip_forward: TTL, then size. The
+        // kernel already holds routed packets to the TUN's MTU (fragmenting
+        // or answering them itself), so this only meets packets when the
+        // device's MTU was raised past the tunnel's by hand.
+        if (segmentLength ?? total) > mtu {
+            stats.add(.droppedTooBig)
+            if IPv4Header.dontFragment(p),
+               let n = ICMPError.rewrite(p, length: total, capacity: capacity,
+                                         kind: .fragmentationNeeded(nextHopMTU: UInt16(clamping: mtu)),
+                                         source: errorSource(for: destination)) {
+                stats.add(.icmpFragmentationNeededSent)
+                return .reply(length: n)
+            }
+            return .drop
+        }
         IPv4Header.decrementTTL(p)
         return .send(address: SubnetTable.peerAddress(entry), port: SubnetTable.peerPort(entry), length: total)
     }
@@ -88,7 +114,11 @@ public struct Forwarder: Sendable {
     /// Checks a datagram from `sender`:`senderPort` (host order); returns
     /// the length to write into the TUN, or nil to drop it. Peers send from
     /// the backend port they listen on, so a datagram from another port of
-    /// the right host is not the peer's either.
+    /// the right host is not the peer's either. Whatever the sender, the
+    /// inner packet must be for our own subnet: written into the TUN, a
+    /// packet for anywhere else would be routed onwards by this host — to
+    /// another peer's containers or out of the network — with this host's
+    /// standing (and, with --ip-masq, its address).
     @inline(__always)
     public func fromNetwork(_ p: UnsafeRawPointer, length: Int, sender: UInt32, senderPort: UInt16,
                      stats: Statistics) -> Int? {
@@ -100,16 +130,24 @@ public struct Forwarder: Sendable {
             stats.add(.droppedMalformed)
             return nil
         }
+        let source = table.entry(for: IPv4Header.source(p))
+        if SubnetTable.isLocal(source) {
+            stats.add(.droppedLocalSource)
+            return nil
+        }
         if !acceptUnknownPeers {
-            let entry = table.entry(for: IPv4Header.source(p))
-            guard SubnetTable.isPeer(entry) else {
+            guard SubnetTable.isPeer(source) else {
                 stats.add(.droppedUnknownPeer)
                 return nil
             }
-            guard SubnetTable.peerAddress(entry) == sender, SubnetTable.peerPort(entry) == senderPort else {
+            guard SubnetTable.peerAddress(source) == sender, SubnetTable.peerPort(source) == senderPort else {
                 stats.add(.droppedSpoofedSource)
                 return nil
             }
+        }
+        guard SubnetTable.isLocal(table.entry(for: IPv4Header.destination(p))) else {
+            stats.add(.droppedNotForUs)
+            return nil
         }
         return total
     }
@@ -156,7 +194,10 @@ extension Forwarder {
         if header.gsoType != VirtioNetHeader.GSOType.none.rawValue { stats.add(.tunSuperPacketsRead) }
         let p = read + VirtioNetHeader.size
         let packetLength = length - VirtioNetHeader.size
-        switch fromTun(p, length: packetLength, capacity: capacity - VirtioNetHeader.size, stats: stats) {
+        let segmentLength = header.gsoType == VirtioNetHeader.GSOType.none.rawValue
+            ? nil : Forwarder.segmentLength(p, length: packetLength, header: header)
+        switch fromTun(p, length: packetLength, capacity: capacity - VirtioNetHeader.size,
+                       segmentLength: segmentLength, stats: stats) {
         case .drop:
             return .drop
         case .reply(let n):
@@ -183,6 +224,26 @@ extension Forwarder {
                 return .drop
             }
         }
+    }
+
+    /// The length of each full packet a TCP or UDP super-packet is split
+    /// into (IPv4 and L4 headers + gso_size), to hold against the MTU; nil
+    /// when the headers do not say (the split then refuses the packet).
+    @inline(__always)
+    static func segmentLength(_ p: UnsafeRawPointer, length: Int, header: VirtioNetHeader) -> Int? {
+        guard length >= IPv4Header.minimumLength else { return nil }
+        let ihl = IPv4Header.headerLength(p)
+        let transport: Int
+        switch header.gso {
+        case .tcpv4?:
+            guard length >= ihl + 20 else { return nil }
+            transport = Int(p.load(fromByteOffset: ihl + 12, as: UInt8.self) >> 4) * 4
+        case .udpL4?:
+            transport = 8
+        default:
+            return nil
+        }
+        return ihl + transport + Int(header.gsoSize)
     }
 
     /// The datagrams of one receive: `length` bytes at `p`, every datagram

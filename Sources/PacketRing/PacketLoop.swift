@@ -39,7 +39,10 @@ public struct LoopConfiguration: Sendable {
     /// Reads kept posted on each of the TUN and the UDP socket; also the
     /// most packets moved per direction by one `io_uring_enter`.
     public var depth: Int
-    /// Room for one packet (after the headroom) when there are no offloads.
+    /// Room for one received datagram (after the headroom) when there are
+    /// no offloads. TUN reads always have room for the largest IPv4 packet,
+    /// so that a packet bigger than the tunnel's MTU (a device MTU raised by
+    /// hand) is read whole and answered, not truncated into garbage.
     public var packetCapacity: Int
     public var offloads: LoopOffloads
     /// The most packets one super-packet is split into (more is dropped and
@@ -218,7 +221,7 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
 
         let virtio = offloads.virtioHeader
         virtioSize = virtio ? VirtioNetHeader.size : 0
-        tunReadCapacity = virtio ? VirtioNetHeader.size + DataPath.maxPacketSize : configuration.packetCapacity
+        tunReadCapacity = virtioSize + DataPath.maxPacketSize
         tunStride = (DataPath.headroom + tunReadCapacity + 63) & ~63
         udpCapacity = offloads.receiveCoalescing ? DataPath.maxPacketSize : configuration.packetCapacity
         receiveHeader = MemoryLayout<io_uring_recvmsg_out>.size + MemoryLayout<sockaddr_in>.size

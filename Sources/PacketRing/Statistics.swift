@@ -39,6 +39,18 @@ public enum Counter: Int, CaseIterable, Sendable, CustomStringConvertible {
     case droppedBadOffload
     /// UDP GSO sends refused by the kernel (the path then sends one datagram per call).
     case gsoSendErrors
+    /// Datagrams whose inner source lies in our own subnet: no peer sends
+    /// those, so someone forged them (counted with or without the sender check).
+    case droppedLocalSource
+    /// Datagrams whose inner destination is not in our own subnet: tunneld
+    /// delivers into its own subnet only and never relays onwards.
+    case droppedNotForUs
+    /// Packets from the TUN bigger than the tunnel's MTU (only possible when
+    /// the device's MTU was raised by hand); answered with "fragmentation
+    /// needed" when DF is set.
+    case droppedTooBig
+    /// ICMP "fragmentation needed" (type 3 code 4) written back into the TUN.
+    case icmpFragmentationNeededSent
     /// Completions (io_uring) or ready descriptors (simple loop) handled, over all batches:
     /// with `batches`, the mean batch size.
     case batchCompletions
@@ -81,6 +93,10 @@ public enum Counter: Int, CaseIterable, Sendable, CustomStringConvertible {
         case .tunSuperPacketsWritten: "tun_super_packets_written"
         case .droppedBadOffload: "dropped_bad_offload"
         case .gsoSendErrors: "gso_send_errors"
+        case .droppedLocalSource: "dropped_local_source"
+        case .droppedNotForUs: "dropped_not_for_us"
+        case .droppedTooBig: "dropped_too_big"
+        case .icmpFragmentationNeededSent: "icmp_frag_needed_sent"
         case .batchCompletions: "batch_completions"
         case .batchesOf1: "batches_of_1"
         case .batchesOf2to3: "batches_of_2_3"

@@ -23,7 +23,9 @@ public final class SyscallLoop: DataPathLoop, @unchecked Sendable {
         self.tunFD = tunFD
         self.udpFD = udpFD
         self.capacity = configuration.packetCapacity
-        buffer = .allocate(byteCount: DataPath.headroom + capacity, alignment: 64)
+        // Room for the largest packet a TUN read may return (see
+        // LoopConfiguration.packetCapacity); receives take `capacity`.
+        buffer = .allocate(byteCount: DataPath.headroom + DataPath.maxPacketSize, alignment: 64)
         wakeFD = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
         guard wakeFD >= 0 else { throw SystemError("eventfd", on: "data path", errno: .current) }
     }
@@ -55,9 +57,9 @@ public final class SyscallLoop: DataPathLoop, @unchecked Sendable {
             if fds[2].revents != 0 { return }
             statistics.addBatch(completions: Int(n))
             if fds[0].revents & Int16(POLLIN) != 0 {
-                let r = read(tunFD, p, capacity)
+                let r = read(tunFD, p, DataPath.maxPacketSize)
                 if r > 0 {
-                    switch forwarder.fromTun(p, length: r, capacity: capacity, stats: statistics) {
+                    switch forwarder.fromTun(p, length: r, capacity: DataPath.maxPacketSize, stats: statistics) {
                     case .send(let address, let port, let length):
                         UDPEndpoint(address: IPv4Address(address), port: port).write(to: &peer)
                         let s = withUnsafePointer(to: &peer) {

@@ -337,6 +337,12 @@ public final class PeerSync: Sendable {
             let marginSeconds = Double(margin.components.seconds)
             // With a TTL shorter than the margin, renew at half-life.
             let wait = remaining > 2 * marginSeconds ? remaining - marginSeconds : max(remaining / 2, 0)
+            if wait > 86_400 {
+                // Far off (a long --subnet-lease-ttl): look again in a day
+                // rather than sleeping for a duration that could overflow.
+                try? await Task.sleep(for: .seconds(86_400))
+                continue
+            }
             if wait > 0 {
                 try? await Task.sleep(for: .milliseconds(Int(wait * 1000)))
                 if Task.isCancelled { return }

@@ -10,12 +10,24 @@ public enum ICMPError {
         case networkUnreachable
         /// Type 11 code 0: the TTL ran out in the tunnel.
         case timeExceeded
+        /// Type 3 code 4 (RFC 1191): the packet has DF set and is bigger
+        /// than the tunnel carries; `nextHopMTU` tells the sender the size
+        /// that fits, so path-MTU discovery works through the tunnel.
+        case fragmentationNeeded(nextHopMTU: UInt16)
 
         var typeAndCode: (UInt8, UInt8) {
             switch self {
             case .networkUnreachable: (3, 0)
             case .timeExceeded: (11, 0)
+            case .fragmentationNeeded: (3, 4)
             }
+        }
+
+        /// The ICMP header's second word: unused (0), except the next-hop MTU
+        /// in the low 16 bits of "fragmentation needed".
+        var restOfHeader: UInt32 {
+            if case .fragmentationNeeded(let mtu) = self { return UInt32(mtu) }
+            return 0
         }
     }
 
@@ -69,13 +81,13 @@ public enum ICMPError {
         IPv4Header.store32(p, 16, destination)
         IPv4Header.updateChecksum(p)
 
-        // ICMP header: type, code, checksum, 4 unused bytes.
+        // ICMP header: type, code, checksum, 4 bytes (unused, or the next-hop MTU).
         let icmp = p + 20
         let (type, code) = kind.typeAndCode
         icmp.storeBytes(of: type, toByteOffset: 0, as: UInt8.self)
         icmp.storeBytes(of: code, toByteOffset: 1, as: UInt8.self)
         IPv4Header.store16(icmp, 2, 0)
-        IPv4Header.store32(icmp, 4, 0)
+        IPv4Header.store32(icmp, 4, kind.restOfHeader)
         IPv4Header.store16(icmp, 2, IPv4Header.checksum(icmp, count: total - 20))
         return total
     }

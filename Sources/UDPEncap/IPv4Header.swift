@@ -40,6 +40,8 @@ public enum IPv4Header {
         Int(p.load(fromByteOffset: 0, as: UInt8.self) & 0x0f) * 4
     }
     @inlinable @inline(__always) public static func totalLength(_ p: UnsafeRawPointer) -> Int { Int(load16(p, 2)) }
+    /// Whether the Don't Fragment flag is set.
+    @inlinable @inline(__always) public static func dontFragment(_ p: UnsafeRawPointer) -> Bool { load16(p, 6) & 0x4000 != 0 }
     /// Fragment offset in 8-byte units (0 for the first or only fragment).
     @inlinable @inline(__always) public static func fragmentOffset(_ p: UnsafeRawPointer) -> Int { Int(load16(p, 6) & 0x1fff) }
 

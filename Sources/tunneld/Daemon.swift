@@ -38,74 +38,89 @@ final class Daemon: Service, Sendable {
         systemd.status("Setting up the \(config.backend.type) backend on \(interface.name)")
         let backend = try makeBackend(config, interface: interface, interfaceAddress: interfaceAddress,
                                       publicIP: publicIP, routeSocket: routeSocket)
-        // The device comes before the lease: a vxlan lease carries its MAC.
-        let attributes = try backend.leaseAttributes()
-        let preferred: IPv4Network?
-        switch SubnetEnv.previousSubnet(at: options.subnetFile) {
-        case .success(let subnet): preferred = subnet
-        case .failure(let error):
-            logger.warning("ignoring the previous subnet file: \(error)")
-            preferred = nil
+        // From here on, a failure removes what this start installed (device,
+        // routes, iptables chains, a lease it took fresh) before the error
+        // is reported: no half-configured host.
+        var masquerade: IPMasquerade?
+        var freshLease: Lease?
+        var endpoint: HTTPEndpoint?
+        func rollBack(_ error: any Error) async {
+            logger.error("start-up failed: \(error); removing what was set up")
+            endpoint?.stop()
+            cleanUp(backend, masquerade: masquerade, releasing: false)
+            if let freshLease {
+                do {
+                    try await store.releaseLease(freshLease)
+                    logger.info("released the lease \(freshLease.subnet) taken by this start")
+                } catch {
+                    logger.warning("could not release the lease \(freshLease.subnet) taken by this start: \(error); it expires on its own")
+                }
+            }
         }
-        systemd.status("Acquiring a lease in \(store.location)")
-        guard let lease = try await retrying("acquire a lease in \(store.location)", {
-            try await self.store.acquireLease(config: config, attributes: attributes, preferred: preferred)
-        }) else {
-            backend.cleanUp(releasing: false)
-            return
-        }
-        logger.info("leased \(lease.subnet) for \(publicIP) in \(store.location)")
-        let holder = LeaseHolder(lease)
-        try backend.activate(lease: lease)
-        let mtu = backend.mtu
+        let lease: Lease, holder: LeaseHolder, peers: PeerSync, revision: Int64, mtu: Int
+        do {
+            // Before anything is leased: a subnet file that cannot be written
+            // is the operator's to fix, and found now costs nothing.
+            try SubnetEnv.checkWritable(options.subnetFile)
+            // The device comes before the lease: a vxlan lease carries its MAC.
+            let attributes = try backend.leaseAttributes()
+            let preferred: IPv4Network?
+            switch SubnetEnv.previousSubnet(at: options.subnetFile) {
+            case .success(let subnet): preferred = subnet
+            case .failure(let error):
+                logger.warning("ignoring the previous subnet file: \(error)")
+                preferred = nil
+            }
+            systemd.status("Acquiring a lease in \(store.location)")
+            guard let acquired = try await retrying("acquire a lease in \(store.location)", {
+                try await self.store.acquireLease(config: config, attributes: attributes, preferred: preferred)
+            }) else {
+                backend.cleanUp(releasing: false)
+                return
+            }
+            lease = acquired
+            // A subnet other than the one this host had (per its subnet file)
+            // was taken by this start; a failure gives it back.
+            if acquired.subnet != preferred { freshLease = acquired }
+            logger.info("leased \(lease.subnet) for \(publicIP) in \(store.location)")
+            holder = LeaseHolder(lease)
+            try backend.activate(lease: lease)
+            mtu = backend.mtu
 
-        let peers = PeerSync(store: store, backend: backend, holder: holder, config: config,
+            peers = PeerSync(store: store, backend: backend, holder: holder, config: config,
                              attributes: attributes, logger: logger,
                              onSubnetChange: { [options, logger] newLease in
-            do {
-                try SubnetEnv(network: config.network, subnet: newLease.subnet, mtu: mtu, ipMasq: options.ipMasq)
-                    .write(to: options.subnetFile)
-                if options.ipMasq { try IPMasquerade().install(network: config.network, subnet: newLease.subnet) }
-            } catch {
-                logger.error("could not move to the new subnet \(newLease.subnet): \(error)")
-            }
-        })
-        let masquerade: IPMasquerade?
-        do {
-            masquerade = options.ipMasq ? try IPMasquerade() : nil
-            if let masquerade {
-                try masquerade.install(network: config.network, subnet: lease.subnet)
+                do {
+                    try SubnetEnv(network: config.network, subnet: newLease.subnet, mtu: mtu, ipMasq: options.ipMasq)
+                        .write(to: options.subnetFile)
+                    if options.ipMasq { try IPMasquerade().install(network: config.network, subnet: newLease.subnet) }
+                } catch {
+                    logger.error("could not move to the new subnet \(newLease.subnet): \(error)")
+                }
+            })
+            if options.ipMasq {
+                let rules = try IPMasquerade()
+                masquerade = rules
+                try rules.install(network: config.network, subnet: lease.subnet)
                 logger.info("ip masquerade on for traffic from \(config.network) leaving it (iptables chains \(IPMasquerade.natChain), \(IPMasquerade.filterChain))")
             }
-        } catch {
-            backend.cleanUp(releasing: false)
-            throw error
-        }
-        let revision: Int64
-        do {
             guard let listed = try await retrying("list the leases in \(store.location)", { try await peers.loadInitialPeers() }) else {
                 cleanUp(backend, masquerade: masquerade, releasing: false)
                 return
             }
             revision = listed
-            try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq)
-                .write(to: options.subnetFile)
-        } catch {
-            cleanUp(backend, masquerade: masquerade, releasing: false)
-            throw error
-        }
-
-        let endpoint: HTTPEndpoint?
-        do {
             endpoint = try startEndpoint(Observed(
                 config: config, location: store.location, interface: interface.name,
                 interfaceAddress: interfaceAddress, publicIP: publicIP, mtu: mtu, startedAt: startedAt,
                 backend: backend, peers: peers))
+            try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq)
+                .write(to: options.subnetFile)
         } catch {
-            cleanUp(backend, masquerade: masquerade, releasing: false)
+            await rollBack(error)
             throw error
         }
-        defer { endpoint?.stop() }
+        let serving = endpoint
+        defer { serving?.stop() }
 
         logger.info("tunneld ready: \(backend.type) backend, MTU \(mtu), \(peers.currentPeers.count) peer(s); wrote \(options.subnetFile)")
         let subnet = lease.subnet

@@ -41,13 +41,16 @@ struct StoreOptions: ParsableArguments {
 
     var leaseTTL: Duration { .seconds(subnetLeaseTTL) }
 
+    static let maximumLeaseTTL = 365 * 24 * 3600
     static let defaultStoreDirectory = "/var/lib/tunneld"
 
     var kind: Kind { store ?? (storeDir != nil ? .local : .etcd) }
 
     func validate() throws {
-        guard subnetLeaseTTL >= 2 else {
-            throw ValidationError("--subnet-lease-ttl must be at least 2 seconds")
+        // etcd refuses leases longer than 9,000,000,000 s; a year is
+        // already far beyond any renewal schedule.
+        guard (2...Self.maximumLeaseTTL).contains(subnetLeaseTTL) else {
+            throw ValidationError("--subnet-lease-ttl must be between 2 seconds and \(Self.maximumLeaseTTL) (one year), not \(subnetLeaseTTL)")
         }
         if store == .etcd && storeDir != nil {
             throw ValidationError("--store-dir belongs to the local store; drop it or use --store local")

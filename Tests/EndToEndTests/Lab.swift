@@ -157,6 +157,36 @@ final class Lab {
         try run(["bash", script, "add-host", name, directory.path, "\(n)", "--"] + command, timeout: .seconds(90))
     }
 
+    /// Adds a bare host N on the underlay (198.18.0.N, namespace hN) with no
+    /// daemon and no container: a stranger to the overlay.
+    func addNode(_ n: Int) throws {
+        try lab("add-node", "\(n)")
+    }
+
+    /// The data-path counters a stopped daemon logged ("data path stopped; counters: …").
+    func dataPathCounters(_ process: String) -> [String: UInt64] {
+        guard let line = log(process).split(separator: "\n").last(where: { $0.contains("counters:") })
+        else { return [:] }
+        var values: [String: UInt64] = [:]
+        for field in line.split(separator: " ") {
+            let parts = field.split(separator: "=")
+            if parts.count == 2, let n = UInt64(parts[1]) { values[String(parts[0])] = n }
+        }
+        return values
+    }
+
+    /// CPU time (user + system, seconds) a process the lab started has used so far.
+    func cpuSeconds(_ process: String) throws -> Double {
+        let stat = try String(contentsOfFile: "/proc/\(try pid(process))/stat", encoding: .utf8)
+        // Fields after the command name: state is 3rd, utime 14th, stime 15th.
+        guard let close = stat.range(of: ")", options: .backwards) else { throw LabError("unreadable /proc stat: \(stat)") }
+        let fields = stat[close.upperBound...].split(separator: " ")
+        guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else {
+            throw LabError("unreadable /proc stat: \(stat)")
+        }
+        return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
     /// The PID of a process the lab started (h1, etcd…).
     func pid(_ process: String) throws -> pid_t {
         let text = try String(contentsOf: directory.appendingPathComponent("\(process).pid"), encoding: .utf8)

@@ -18,17 +18,7 @@ struct OffloadPathTests {
         #expect(ping.succeeded, "\(ping.output)")
     }
 
-    /// The data-path counters a stopped daemon logged ("data path stopped; counters: …").
-    func counters(_ lab: Lab, _ process: String) -> [String: UInt64] {
-        guard let line = lab.log(process).split(separator: "\n").last(where: { $0.contains("counters:") })
-        else { return [:] }
-        var values: [String: UInt64] = [:]
-        for field in line.split(separator: " ") {
-            let parts = field.split(separator: "=")
-            if parts.count == 2, let n = UInt64(parts[1]) { values[String(parts[0])] = n }
-        }
-        return values
-    }
+    func counters(_ lab: Lab, _ process: String) -> [String: UInt64] { lab.dataPathCounters(process) }
 
     @Test func transfersOfEverySizeArriveIntactWithOffloads() throws {
         try withLab { lab in
@@ -75,15 +65,9 @@ struct OffloadPathTests {
         try withLab { lab in
             try addTwoHostsThatReachEachOther(lab)
             sleep(1)
-            func cpuSeconds(_ process: String) throws -> Double {
-                let stat = try String(contentsOfFile: "/proc/\(try lab.pid(process))/stat", encoding: .utf8)
-                // Fields after the command name: state is 3rd, utime 14th, stime 15th.
-                let fields = stat[stat.range(of: ")")!.upperBound...].split(separator: " ")
-                return (Double(fields[11])! + Double(fields[12])!) / Double(sysconf(Int32(_SC_CLK_TCK)))
-            }
-            let before = try cpuSeconds("h1")
+            let before = try lab.cpuSeconds("h1")
             sleep(3)
-            let used = try cpuSeconds("h1") - before
+            let used = try lab.cpuSeconds("h1") - before
             #expect(used < 0.15, "an idle tunneld used \(used) s of CPU in 3 s")
         }
     }

@@ -43,7 +43,7 @@ final class LoopHarness: @unchecked Sendable {
         try table.set(Self.local, to: .local)
         try table.set(Self.remote, to: .peer(peer.localEndpoint))
         let forwarder = Forwarder(table: table, tunAddress: IPv4Address("10.2.1.0")!,
-                                  acceptUnknownPeers: acceptUnknownPeers)
+                                  acceptUnknownPeers: acceptUnknownPeers, mtu: 1472)
         var loopOffloads = LoopOffloads.none
         if offloads {
             loopOffloads = LoopOffloads(virtioHeader: true, segmentation: socket.supportsSegmentation,
@@ -111,6 +111,18 @@ final class LoopHarness: @unchecked Sendable {
                 }
             }
         }
+    }
+
+    /// Sends `datagrams` (all of one length but the last) from the peer in
+    /// one UDP_SEGMENT send, so that they arrive as one GRO receive.
+    func sendSegmented(_ datagrams: [[UInt8]]) {
+        var size = Int32(datagrams[0].count)
+        setsockopt(peer.fd.rawValue, Int32(IPPROTO_UDP), 103 /* UDP_SEGMENT */, &size, 4)
+        defer {
+            var off: Int32 = 0
+            setsockopt(peer.fd.rawValue, Int32(IPPROTO_UDP), 103, &off, 4)
+        }
+        send(datagrams.flatMap { $0 })
     }
 
     /// Polls a counter until it reaches `value` (bounded: 5 s).
@@ -237,6 +249,101 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
         let back = makePacket(source: 0x0A02_0207, destination: 0x0A02_0105)
         h.send(back)
         #expect(h.readFromTun() == back)
+        try await h.finish()
+    }
+
+    /// A genuine peer may send only what is for our own subnet: anything
+    /// else would be routed onwards by this host. And no datagram may claim
+    /// to come from our own subnet. Both hold with the flannel switch too.
+    @Test(arguments: LoopKind.allCases, [false, true])
+    func datagramsNotForOurSubnetOrFromItAreCountedAndDropped(kind: LoopKind, acceptUnknownPeers: Bool) async throws {
+        let h = try kind.harness(acceptUnknownPeers: acceptUnknownPeers)
+        let fromPeer: UInt32 = 0x0A02_0207
+        h.send(makePacket(source: fromPeer, destination: 0x0A02_0209))  // the peer's own subnet
+        h.send(makePacket(source: fromPeer, destination: 0x0A02_6301))  // a subnet no one holds
+        h.send(makePacket(source: fromPeer, destination: 0xC000_0201))  // outside the network (192.0.2.1)
+        h.send(makePacket(source: 0x0A02_0177, destination: 0x0A02_0105))  // our own subnet as source
+        #expect(await h.waitFor(.droppedNotForUs, 3))
+        #expect(await h.waitFor(.droppedLocalSource, 1))
+        // Nothing of it reached the TUN: the next packet there is this one.
+        let good = makePacket(source: fromPeer, destination: 0x0A02_0105)
+        h.send(good)
+        #expect(h.readFromTun() == good)
+        #expect(await h.waitFor(.tunPacketsWritten, 1))
+        #expect(h.thread.loop.statistics[.droppedNotForUs] == 3)
+        #expect(h.thread.loop.statistics[.droppedLocalSource] == 1)
+        #expect(h.thread.loop.statistics[.tunPacketsWritten] == 1)
+        try await h.finish()
+    }
+
+    /// With UDP GRO one receive holds many datagrams; each is checked on its
+    /// own before it may join a coalesced write.
+    @Test func eachDatagramOfAGROReceiveIsCheckedBeforeCoalescing() async throws {
+        let h = try LoopKind.uringOffloads.harness()
+        let payload = Array(repeating: UInt8(0x5a), count: 200)
+        func packet(_ destination: UInt32, source: UInt32 = 0x0A02_0207) -> [UInt8] {
+            makePacket(source: source, destination: destination, proto: 1, payload: payload)
+        }
+        let batch = [packet(0x0A02_0105), packet(0x0A02_0209), packet(0x0A02_0106), packet(0xC000_0201),
+                     packet(0x0A02_0107, source: 0x0A02_0108), packet(0x0A02_0108)]
+        h.sendSegmented(batch)
+        for expected in [batch[0], batch[2], batch[5]] {
+            #expect(h.readFromTun() == expected)
+        }
+        #expect(await h.waitFor(.droppedNotForUs, 2))
+        #expect(await h.waitFor(.droppedLocalSource, 1))
+        #expect(await h.waitFor(.tunPacketsWritten, 3))
+        #expect(h.thread.loop.statistics[.groReceives] >= 1, "the batch should have arrived as one GRO receive")
+        #expect(h.thread.loop.statistics[.tunPacketsWritten] == 3)
+        try await h.finish()
+    }
+
+    /// A packet bigger than the tunnel's MTU (1472 here) can only come from
+    /// a TUN whose MTU was raised by hand: with DF it is answered with
+    /// "fragmentation needed" and the tunnel's MTU, without DF dropped;
+    /// both counted, neither sent.
+    @Test(arguments: LoopKind.allCases)
+    func packetsBiggerThanTheTunnelGetFragmentationNeeded(kind: LoopKind) async throws {
+        let h = try kind.harness()
+        let dontFragment: UInt16 = 0x4000
+        let big = makePacket(source: 0x0A02_0105, destination: 0x0A02_0207,
+                             payload: Array(repeating: 1, count: 1480), fragmentOffset: dontFragment)
+        h.writeToTun(big)
+        let reply = try #require(h.readFromTun())
+        #expect(reply[9] == 1 && reply[20] == 3 && reply[21] == 4)
+        #expect(Int(reply[26]) << 8 | Int(reply[27]) == 1472, "next-hop MTU")
+        #expect(Array(reply[12..<16]) == [10, 2, 2, 0] && Array(reply[16..<20]) == [10, 2, 1, 5])
+        #expect(Array(reply[28..<48]) == Array(big.prefix(20)))
+        // Without DF: dropped. The next datagram the peer sees is the one after.
+        h.writeToTun(makePacket(source: 0x0A02_0105, destination: 0x0A02_0207,
+                                payload: Array(repeating: 2, count: 1480)))
+        let fits = makePacket(source: 0x0A02_0105, destination: 0x0A02_0207,
+                              payload: Array(repeating: 3, count: 1452), fragmentOffset: dontFragment)
+        h.writeToTun(fits)
+        let got = try #require(h.peerReceive())
+        #expect(got.count == 1472 && got[20] == 3, "the packet of exactly the MTU goes through")
+        #expect(await h.waitFor(.droppedTooBig, 2))
+        #expect(h.thread.loop.statistics[.icmpFragmentationNeededSent] == 1)
+        #expect(h.thread.loop.statistics[.droppedTooBig] == 2)
+        try await h.finish()
+    }
+
+    /// A TCP super-packet whose segments would each exceed the MTU (gso_size
+    /// from a sender that believes in a larger MTU) gets the same answer.
+    @Test func superPacketsWithSegmentsBiggerThanTheTunnelGetFragmentationNeeded() async throws {
+        let h = try LoopKind.uringOffloads.harness()
+        var tcp = [UInt8](repeating: 0, count: 20)
+        tcp[12] = 0x50  // data offset: 20 bytes
+        tcp[13] = 0x10  // ACK
+        let packet = makePacket(source: 0x0A02_0105, destination: 0x0A02_0207, proto: 6,
+                                payload: tcp + Array(repeating: 4, count: 2 * 1460), fragmentOffset: 0x4000)
+        // virtio_net_hdr: no flags, GSO_TCPV4, hdr_len 40, gso_size 1460 (little-endian).
+        let virtio: [UInt8] = [0, 1, 40, 0, 0xb4, 0x05, 0, 0, 0, 0]
+        h.writeToTunRaw(virtio + packet)
+        let reply = try #require(h.readFromTun())
+        #expect(reply[20] == 3 && reply[21] == 4 && Int(reply[26]) << 8 | Int(reply[27]) == 1472)
+        #expect(await h.waitFor(.icmpFragmentationNeededSent, 1))
+        #expect(h.thread.loop.statistics[.segmentsMade] == 0)
         try await h.finish()
     }
 }

@@ -95,6 +95,18 @@ import UDPEncap
         #expect(icmp[20] == 11 && icmp[21] == 0)
     }
 
+    @Test func fragmentationNeededCarriesTheNextHopMTU() throws {
+        let original = makePacket(payload: Array(repeating: 9, count: 1480), fragmentOffset: 0x4000)
+        #expect(original.withUnsafeBytes { IPv4Header.dontFragment($0.baseAddress!) })
+        let icmp = try #require(rewrite(original, kind: .fragmentationNeeded(nextHopMTU: 1472)))
+        #expect(icmp[20] == 3 && icmp[21] == 4)
+        // RFC 1191: unused 16 bits, then the next-hop MTU.
+        #expect(Array(icmp[24..<28]) == [0, 0, 0x05, 0xc0])
+        #expect(icmp.withUnsafeBytes { IPv4Header.checksum($0.baseAddress! + 20, count: icmp.count - 20) } == 0)
+        #expect(Array(icmp[28...]) == Array(original.prefix(548)))
+        #expect(!makePacket().withUnsafeBytes { IPv4Header.dontFragment($0.baseAddress!) })
+    }
+
     @Test func longPacketsAreQuotedUpTo576Bytes() throws {
         let original = makePacket(payload: Array(repeating: 7, count: 1400))
         let icmp = try #require(rewrite(original, kind: .networkUnreachable))

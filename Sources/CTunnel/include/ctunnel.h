@@ -95,6 +95,14 @@ static const uint8_t ctunnel_VIRTIO_NET_HDR_GSO_TCPV4 = VIRTIO_NET_HDR_GSO_TCPV4
 static const uint8_t ctunnel_VIRTIO_NET_HDR_GSO_TCPV6 = VIRTIO_NET_HDR_GSO_TCPV6;
 static const uint8_t ctunnel_VIRTIO_NET_HDR_GSO_UDP_L4 = VIRTIO_NET_HDR_GSO_UDP_L4;
 
+// ---- pipe2 is declared only under _GNU_SOURCE; the raw syscall is the same call.
+// A pipe whose ends are close-on-exec from the start, so that a child spawned
+// by another thread meanwhile cannot inherit them (and hold EOF back).
+#include <fcntl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static inline int ctunnel_pipe_cloexec(int fds[2]) { return (int)syscall(SYS_pipe2, fds, O_CLOEXEC); }
+
 _Static_assert(sizeof(struct virtio_net_hdr) == 10, "virtio_net_hdr is 10 bytes");
 _Static_assert(sizeof(struct sockaddr_in) == 16, "sockaddr_in is 16 bytes");
 

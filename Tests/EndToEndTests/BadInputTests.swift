@@ -1,0 +1,96 @@
+import Foundation
+import Testing
+
+/// Bad input at start: one clear line naming what is wrong, and no
+/// half-configured host — what a failed start installed is removed.
+@Suite(.serialized, .enabled(if: canRunNamespaceTests, namespaceSkipReason))
+struct BadInputTests {
+    static let config = #"{"Network":"10.2.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}"#
+
+    /// A lab with host 1's namespace on the underlay but no tunneld in it
+    /// (a placeholder process writes the file add-host waits for).
+    func withBareHost(_ body: (Lab) throws -> Void) throws {
+        try Lab.withLocalStore(config: Self.config) { lab in
+            let placeholder = "printf 'FLANNEL_NETWORK=10.2.0.0/16\\nFLANNEL_SUBNET=10.2.250.1/24\\nFLANNEL_MTU=1472\\nFLANNEL_IPMASQ=false\\n' > \(lab.subnetFile(1)); exec sleep 600"
+            try lab.addHost(1, command: ["bash", "-c", placeholder])
+            try body(lab)
+        }
+    }
+
+    func start(_ lab: Lab, _ extra: [String], timeout: Duration = .seconds(30)) throws -> CommandResult {
+        var options = ["--store-dir", lab.storeDirectory, "--device", "tun0"]
+        if !extra.contains("--iface") { options += ["--iface", "eth0"] }
+        if !extra.contains("--subnet-file") { options += ["--subnet-file", lab.directory.appendingPathComponent("t.env").path] }
+        return try lab.exec("h1", [tunneldBinary, "run"] + options + extra, timeout: timeout, check: false)
+    }
+
+    /// What a start may have left: the device, the overlay route, iptables
+    /// chains, leases in the store.
+    func leftovers(_ lab: Lab) throws -> [String] {
+        var found: [String] = []
+        if try lab.exec("h1", ["ip", "link", "show", "tun0"], check: false).succeeded { found.append("device tun0") }
+        let routes = try lab.exec("h1", ["ip", "route", "show", "10.2.0.0/16"]).output
+        if !routes.isEmpty { found.append("route \(routes)") }
+        let nat = try lab.exec("h1", ["iptables", "-t", "nat", "-S"]).output
+        let filter = try lab.exec("h1", ["iptables", "-t", "filter", "-S"]).output
+        for line in (nat + filter).split(separator: "\n") where line.contains("TUNNELD") { found.append("iptables \(line)") }
+        let leases = try run([tunneldBinary, "leases", "--store-dir", lab.storeDirectory]).output
+        if leases.contains("198.18.0.1") { found.append("lease: \(leases)") }
+        return found
+    }
+
+    @Test func aStartThatFailsHalfWayRemovesDeviceRoutesChainsAndItsFreshLease() throws {
+        try withBareHost { lab in
+            // The health port is taken: found only after the device, the
+            // lease, the masquerade chains and the peer list are in place.
+            let holder = try Child(["ip", "netns", "exec", lab.namespace("h1"), "python3", "-c",
+                                "import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 8471)); s.listen(); time.sleep(60)"],
+                               output: lab.directory.appendingPathComponent("holder.log").path)
+            defer { holder.stop() }
+            #expect(try lab.waitUntil { try lab.exec("h1", ["ss", "-ltnH", "sport = :8471"]).output.contains("8471") })
+            let result = try start(lab, ["--ip-masq", "--healthz-port", "8471"])
+            #expect(!result.succeeded)
+            #expect(result.output.contains("healthz 0.0.0.0:8471") && result.output.contains("Address already in use"),
+                    "\(result.output)")
+            #expect(result.output.contains("removing what was set up"), "\(result.output)")
+            #expect(result.output.contains("released the lease"), "\(result.output)")
+            #expect(try leftovers(lab) == [], "a failed start left these behind")
+        }
+    }
+
+    @Test func badOptionsAndPlacesAreRefusedBeforeAnythingIsInstalled() throws {
+        try withBareHost { lab in
+            let cases: [([String], String)] = [
+                (["--subnet-file", "/proc/no-such-dir/subnet.env"], "the subnet file /proc/no-such-dir/subnet.env cannot be written"),
+                (["--iface", "eth9"], "no interface named eth9"),
+                (["--subnet-lease-ttl", "999999999999999999"], "--subnet-lease-ttl must be between 2 seconds and"),
+                (["--healthz-port", "70000"], "--healthz-port must be between 0 (off) and 65535"),
+                (["--workers", "0"], "--workers must be between 1 and 64"),
+                (["--public-ip", "1.2.3"], "--public-ip 1.2.3 is not an IPv4 address"),
+                (["--backend", "ipip"], "ipip"),
+                (["--device", "a-name-far-too-long"], "is not a valid interface name"),
+            ]
+            for (options, message) in cases {
+                let result = try start(lab, options)
+                #expect(!result.succeeded, "\(options) started")
+                #expect(result.output.contains(message), "\(options): \(result.output)")
+                // One line of error, not a backtrace.
+                #expect(!result.output.contains("Fatal error") && !result.output.contains("Backtrace"), "\(options): \(result.output)")
+                #expect(try leftovers(lab) == [], "\(options) left things behind")
+            }
+        }
+    }
+
+    @Test func aConfigForABackendTunneldLacksIsStoredWithAWarningAndRefusedByRun() throws {
+        try withBareHost { lab in
+            let file = lab.directory.appendingPathComponent("ipip.json")
+            try #"{"Network":"10.2.0.0/16","Backend":{"Type":"ipip"}}"#.write(to: file, atomically: true, encoding: .utf8)
+            let set = try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, file.path])
+            #expect(set.output.contains("tunneld run refuses this config until Backend.Type is one of them"), "\(set.output)")
+            let result = try start(lab, [], timeout: .seconds(20))
+            #expect(!result.succeeded)
+            #expect(result.output.contains("backend \"ipip\" is not supported by tunneld"), "\(result.output)")
+            #expect(try leftovers(lab) == [])
+        }
+    }
+}

@@ -1,0 +1,200 @@
+import Foundation
+import Testing
+
+/// Where Debian's containernetworking-plugins puts bridge, host-local, ….
+let standardCNIPlugins = "/usr/lib/cni"
+let standardCNIPluginsInstalled = ["bridge", "host-local"].allSatisfy {
+    FileManager.default.isExecutableFile(atPath: "\(standardCNIPlugins)/\($0)")
+}
+let cniSkipReason: Comment = "needs root, /dev/net/tun and the standard CNI plugins in /usr/lib/cni (apt-get install containernetworking-plugins)"
+
+/// The tunneld-cni binary built next to tunneld (or $TUNNELD_CNI_BIN).
+let tunneldCNIBinary: String = {
+    if let path = ProcessInfo.processInfo.environment["TUNNELD_CNI_BIN"] { return path }
+    return URL(fileURLWithPath: tunneldBinary).deletingLastPathComponent().appendingPathComponent("tunneld-cni").path
+}()
+
+/// One plugin invocation's outcome; stdout and stderr apart, as a runtime
+/// reads them.
+struct PluginRun {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+    var json: [String: Any] {
+        (try? JSONSerialization.jsonObject(with: Data(stdout.utf8))) as? [String: Any] ?? [:]
+    }
+}
+
+/// A scratch CNI bin directory holding tunneld-cni under its own name and
+/// as `flannel` — the install docs/CNI.md describes — searched before the
+/// standard plugins.
+struct CNIBin {
+    let directory: String
+    var searchPath: String { "\(directory):\(standardCNIPlugins)" }
+
+    init(in parent: URL) throws {
+        directory = parent.appendingPathComponent("cni-bin").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        for name in ["flannel", "tunneld-cni"] {
+            try FileManager.default.createSymbolicLink(atPath: "\(directory)/\(name)", withDestinationPath: tunneldCNIBinary)
+        }
+    }
+
+    /// Runs the plugin named `type` the way a runtime does: found by its
+    /// type in CNI_PATH, the CNI_* variables in a clean environment, the
+    /// network config on stdin — inside `namespace` (the host's) when given.
+    func invoke(type: String, command: String, containerID: String = "", netns: String = "", ifName: String = "eth0",
+                config: String, namespace: String? = nil, scratch: URL) throws -> PluginRun {
+        guard let plugin = searchPath.split(separator: ":").map({ "\($0)/\(type)" })
+            .first(where: { FileManager.default.fileExists(atPath: $0) }) else {
+            throw LabError("no plugin \"\(type)\" in \(searchPath)")
+        }
+        let id = UUID().uuidString
+        let input = scratch.appendingPathComponent("cni-in-\(id)").path
+        let errors = scratch.appendingPathComponent("cni-err-\(id)").path
+        defer { unlink(input); unlink(errors) }
+        try config.write(toFile: input, atomically: true, encoding: .utf8)
+        var environment = ["CNI_COMMAND=\(command)", "CNI_PATH=\(searchPath)", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+        if !containerID.isEmpty { environment += ["CNI_CONTAINERID=\(containerID)", "CNI_IFNAME=\(ifName)"] }
+        if !netns.isEmpty { environment.append("CNI_NETNS=\(netns)") }
+        // stderr to a file of its own, so that the output is stdout alone.
+        let command = (namespace.map { ["ip", "netns", "exec", $0] } ?? []) + ["env", "-i"] + environment
+            + ["sh", "-c", "exec \"$0\" 2>\"$1\"", plugin, errors]
+        let result = try run(command, timeout: .seconds(60), check: false, input: input)
+        return PluginRun(status: result.status, stdout: result.output,
+                         stderr: (try? String(contentsOfFile: errors, encoding: .utf8)) ?? "")
+    }
+}
+
+/// The plugin binary as a runtime meets it, without namespaces: VERSION,
+/// and the errors a runtime gets for bad input.
+@Suite struct CNIPluginBinaryTests {
+    let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("tunneld-cni-\(UUID().uuidString)")
+
+    @Test func versionAnswersUnderBothNames() throws {
+        defer { try? FileManager.default.removeItem(at: scratch) }
+        let bin = try CNIBin(in: scratch)
+        for type in ["flannel", "tunneld-cni"] {
+            let answer = try bin.invoke(type: type, command: "VERSION", config: #"{"cniVersion":"1.0.0"}"#, scratch: scratch)
+            #expect(answer.status == 0, "\(answer)")
+            #expect(answer.json["supportedVersions"] as? [String] == ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"])
+        }
+    }
+
+    @Test func missingVariablesAreACNIError() throws {
+        defer { try? FileManager.default.removeItem(at: scratch) }
+        let bin = try CNIBin(in: scratch)
+        let answer = try bin.invoke(type: "flannel", command: "ADD", config: #"{"cniVersion":"1.0.0","name":"n"}"#, scratch: scratch)
+        #expect(answer.status == 1)
+        #expect(answer.json["code"] as? Int == 4)
+        #expect(answer.json["cniVersion"] as? String == "1.0.0")
+        #expect(answer.json["msg"] as? String == "required environment variables missing: CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME")
+    }
+
+    @Test func aMissingSubnetFileIsTryAgainLater() throws {
+        defer { try? FileManager.default.removeItem(at: scratch) }
+        let bin = try CNIBin(in: scratch)
+        let missing = scratch.appendingPathComponent("no-subnet.env").path
+        let answer = try bin.invoke(type: "flannel", command: "ADD", containerID: "x1", netns: "/run/netns/none",
+                                    config: #"{"cniVersion":"1.0.0","name":"n","subnetFile":"\#(missing)"}"#, scratch: scratch)
+        #expect(answer.status == 1)
+        #expect(answer.json["code"] as? Int == 11)
+        #expect(answer.json["msg"] as? String == "subnet file \(missing) does not exist")
+    }
+}
+
+/// Containers attached by the plugin on two hosts running tunneld, invoked
+/// exactly as a runtime invokes it, reaching each other through tunneld.
+@Suite(.serialized, .enabled(if: canRunNamespaceTests && standardCNIPluginsInstalled, cniSkipReason))
+struct CNIEndToEndTests {
+    @Test func containersAttachedByThePluginReachEachOtherAndAreReleased() throws {
+        try Lab.withLocalStore(config: seedConfig) { lab in
+            let directory = lab.directory
+            // Host 1 runs tunneld as flanneld's first command line does (no
+            // -ip-masq), so the bridge masquerades; host 2 with -ip-masq, so it does not.
+            for n in 1...2 {
+                let command = [tunneldBinary, "run", "--backend", "udp", "--iface", "eth0", "--subnet-file", lab.subnetFile(n),
+                               "--device", "tun0", "--store-dir", lab.storeDirectory] + (n == 2 ? ["-ip-masq"] : [])
+                try lab.lab(["add-host", "\(n)", "--no-container", "--"] + command, timeout: .seconds(90))
+            }
+            let bin = try CNIBin(in: directory)
+            func config(host n: Int, type: String, extra: String = "") -> String {
+                """
+                {"cniVersion":"1.0.0","name":"tunneld-test","type":"\(type)","subnetFile":"\(lab.subnetFile(n))",
+                 "dataDir":"\(directory.path)/cni-data-h\(n)","ipam":{"dataDir":"\(directory.path)/ipam-h\(n)"}\(extra)}
+                """
+            }
+            // Host 1's runtime knows the plugin as flannel, host 2's as tunneld-cni.
+            let types = [1: "flannel", 2: "tunneld-cni"]
+            func invoke(_ command: String, host n: Int, extra: String = "") throws -> PluginRun {
+                try bin.invoke(type: types[n]!, command: command, containerID: "ctr\(n)-\(lab.name)",
+                               netns: "/run/netns/\(lab.namespace("c\(n)"))", config: config(host: n, type: types[n]!, extra: extra),
+                               namespace: lab.namespace("h\(n)"), scratch: directory)
+            }
+
+            // ADD: each container gets an address from its host's subnet.
+            var results: [Int: String] = [:]
+            for n in 1...2 {
+                try run(["ip", "netns", "add", lab.namespace("c\(n)")])
+                try lab.exec("c\(n)", ["ip", "link", "set", "lo", "up"])
+                let added = try invoke("ADD", host: n)
+                #expect(added.status == 0, "ADD on host \(n): \(added)")
+                results[n] = added.stdout
+                let ips = added.json["ips"] as? [[String: Any]] ?? []
+                let address = try #require(ips.first?["address"] as? String, "ADD result: \(added.stdout)")
+                let subnet = try #require(try lab.subnetEnv(n)["FLANNEL_SUBNET"])  // e.g. 10.2.72.1/24
+                let prefix = subnet.split(separator: ".").prefix(3).joined(separator: ".") + "."
+                #expect(address.hasPrefix(prefix) && address.hasSuffix("/24"), "\(address) is not in \(subnet)")
+                let ip = String(address.split(separator: "/")[0])
+                try "\(ip)\n".write(to: directory.appendingPathComponent("c\(n).ip"), atomically: true, encoding: .utf8)
+                let link = try lab.exec("c\(n)", ["ip", "-o", "addr", "show", "dev", "eth0"]).output
+                #expect(link.contains("inet \(address)"), "\(link)")
+                #expect(try lab.exec("c\(n)", ["ip", "link", "show", "dev", "eth0"]).output.contains("mtu 1472"))
+                #expect(FileManager.default.fileExists(atPath: "\(directory.path)/ipam-h\(n)/tunneld-test/\(ip)"))
+                #expect(FileManager.default.fileExists(atPath: "\(directory.path)/cni-data-h\(n)/ctr\(n)-\(lab.name)"))
+            }
+
+            // Container to container across the hosts, both ways.
+            let there = try lab.ping(from: 1, to: 2)
+            #expect(there.succeeded, "\(there.output)")
+            let back = try lab.ping(from: 2, to: 1)
+            #expect(back.succeeded, "\(back.output)")
+
+            // ipMasq is the opposite of FLANNEL_IPMASQ: the bridge plugin's
+            // masquerade chain on host 1 only.
+            let nat1 = try lab.exec("h1", ["iptables", "-t", "nat", "-S", "POSTROUTING"]).output
+            let nat2 = try lab.exec("h2", ["iptables", "-t", "nat", "-S", "POSTROUTING"]).output
+            #expect(nat1.contains("-j CNI-"), "\(nat1)")
+            #expect(!nat2.contains("-j CNI-"), "\(nat2)")
+
+            // CHECK against the result the runtime kept from ADD.
+            for n in 1...2 {
+                let checked = try invoke("CHECK", host: n, extra: ",\"prevResult\":\(results[n]!)")
+                #expect(checked.status == 0, "CHECK on host \(n): \(checked)")
+            }
+
+            // DEL removes the interface and releases the address; again is fine.
+            let ip1 = try lab.containerIP(1)
+            let deleted = try invoke("DEL", host: 1)
+            #expect(deleted.status == 0, "\(deleted)")
+            #expect(try lab.exec("c1", ["ip", "link", "show", "dev", "eth0"], check: false).status != 0)
+            #expect(!FileManager.default.fileExists(atPath: "\(directory.path)/ipam-h1/tunneld-test/\(ip1)"))
+            #expect(!FileManager.default.fileExists(atPath: "\(directory.path)/cni-data-h1/ctr1-\(lab.name)"))
+            let natAfter = try lab.exec("h1", ["iptables", "-t", "nat", "-S", "POSTROUTING"]).output
+            #expect(!natAfter.contains("-j CNI-"), "bridge's masquerade rule outlived DEL: \(natAfter)")
+            let again = try invoke("DEL", host: 1)
+            #expect(again.status == 0, "\(again)")
+
+            // DEL after the subnet file is gone still works, from the saved config.
+            try FileManager.default.removeItem(atPath: lab.subnetFile(2))
+            let ip2 = try lab.containerIP(2)
+            let deleted2 = try invoke("DEL", host: 2)
+            #expect(deleted2.status == 0, "\(deleted2)")
+            #expect(try lab.exec("c2", ["ip", "link", "show", "dev", "eth0"], check: false).status != 0)
+            #expect(!FileManager.default.fileExists(atPath: "\(directory.path)/ipam-h2/tunneld-test/\(ip2)"))
+            // …while ADD without it asks the runtime to retry.
+            let retry = try invoke("ADD", host: 2)
+            #expect(retry.status == 1 && retry.json["code"] as? Int == 11, "\(retry)")
+        }
+    }
+}
