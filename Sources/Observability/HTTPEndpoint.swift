@@ -12,14 +12,15 @@ import Synchronization
 public final class HTTPEndpoint: Sendable {
     /// Where to listen.
     public enum Listener: Sendable, CustomStringConvertible {
-        /// TCP on an IPv4 address (health and metrics).
-        case tcp(host: String, port: Int)
+        /// TCP on an IPv4 address (health and metrics); `label` and `hint`
+        /// name it and say what to do in an error ("healthz", "choose another --healthz-port").
+        case tcp(host: String, port: Int, label: String = "http", hint: String = "choose another port")
         /// A unix socket (the control socket: also status).
         case unix(path: String)
 
         public var description: String {
             switch self {
-            case .tcp(let host, let port): "http://\(host):\(port)"
+            case .tcp(let host, let port, _, _): "http://\(host):\(port)"
             case .unix(let path): "unix:\(path)"
             }
         }
@@ -68,22 +69,22 @@ public final class HTTPEndpoint: Sendable {
                     }
                     .childChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 switch listener {
-                case .tcp(let host, let port):
+                case .tcp(let host, let port, let label, let hint):
                     let channel: any Channel
                     do {
                         channel = try bootstrap.bind(host: host, port: port).wait()
                     } catch {
-                        throw EndpointError("cannot listen on \(host):\(port): \(error) (choose another port, or check that no other process holds it)")
+                        throw EndpointError("listening on \(label) \(host):\(port) failed: \(Self.reason(error)) (\(hint))")
                     }
                     channels.append(channel)
-                    bound.append(.tcp(host: host, port: channel.localAddress?.port ?? port))
+                    bound.append(.tcp(host: host, port: channel.localAddress?.port ?? port, label: label, hint: hint))
                 case .unix(let path):
                     try Self.prepareSocketPath(path)
                     let channel: any Channel
                     do {
                         channel = try bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait()
                     } catch {
-                        throw EndpointError("cannot listen on the control socket \(path): \(error)")
+                        throw EndpointError("listening on the control socket \(path) failed: \(Self.reason(error)) (give another --control-socket, or an empty one for none)")
                     }
                     // The status names peers' addresses: root and its group only.
                     chmod(path, 0o660)
@@ -113,6 +114,12 @@ public final class HTTPEndpoint: Sendable {
         for channel in channels { try? channel.close().wait() }
         for path in socketPaths { unlink(path) }
         try? group.syncShutdownGracefully()
+    }
+
+    /// An errno in words, as the rest of tunneld says it.
+    static func reason(_ error: any Error) -> String {
+        guard let io = error as? IOError else { return "\(error)" }
+        return String(cString: strerror(io.errnoCode))
     }
 
     /// Makes the socket's directory; a socket file left by a daemon that

@@ -91,9 +91,13 @@ extension Daemon {
     /// nil when all three are off.
     func startEndpoint(_ observed: Observed) throws -> HTTPEndpoint? {
         var listeners: [HTTPEndpoint.Listener] = []
-        if options.healthzPort != 0 { listeners.append(.tcp(host: options.healthzIP, port: options.healthzPort)) }
+        if options.healthzPort != 0 {
+            listeners.append(.tcp(host: options.healthzIP, port: options.healthzPort, label: "healthz",
+                                  hint: "choose another --healthz-port, or --healthz-port 0 to turn it off"))
+        }
         if let metrics = try options.observability.metricsListener() {
-            listeners.append(.tcp(host: metrics.host, port: metrics.port))
+            listeners.append(.tcp(host: metrics.host, port: metrics.port, label: "metrics",
+                                  hint: "choose another --metrics-address, or leave it out"))
         }
         var socket = options.observability.controlSocket
         if !socket.isEmpty {

@@ -16,7 +16,7 @@ import Testing
     }
 
     func port(_ endpoint: HTTPEndpoint) throws -> Int {
-        for case .tcp(_, let port) in endpoint.bound { return port }
+        for case .tcp(_, let port, _, _) in endpoint.bound { return port }
         throw TestFailure("no TCP listener")
     }
 
@@ -38,6 +38,18 @@ import Testing
         #expect(try httpGet(port: port(endpoint), path: "/status").status == 404, "status only on the control socket")
         #expect(try httpGet(port: port(endpoint), path: "/elsewhere").status == 404)
         #expect(try httpGet(port: port(endpoint), path: "/healthz", method: "POST").status == 405)
+    }
+
+    @Test func aTakenPortIsAnErrorNamingTheListenerAndWhatToDo() throws {
+        let first = try makeEndpoint()
+        defer { first.stop() }
+        let taken = try port(first)
+        #expect {
+            try HTTPEndpoint(listeners: [.tcp(host: "127.0.0.1", port: taken, label: "healthz", hint: "choose another --healthz-port")],
+                             routes: .init(metrics: { [] }, status: { [] }))
+        } throws: { error in
+            "\(error)" == "listening on healthz 127.0.0.1:\(taken) failed: Address already in use (choose another --healthz-port)"
+        }
     }
 
     @Test func twentyConcurrentScrapesAreAnsweredWhileSilentClientsHoldConnections() throws {
