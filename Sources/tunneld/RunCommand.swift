@@ -83,6 +83,14 @@ struct Run: AsyncParsableCommand {
     @Flag(help: "Masquerade traffic from the overlay network to the outside, as flanneld's -ip-masq (needs iptables).")
     var ipMasq = false
 
+    @Flag(inversion: .prefixedNo,
+          help: "Accept forwarded traffic from and to the overlay network in iptables' FORWARD chain, as flanneld's -iptables-forward-rules (needed where the FORWARD policy is DROP, as Docker sets it; -iptables-forward-rules=false or --no-iptables-forward-rules: off).")
+    var iptablesForwardRules = true
+
+    @Option(help: ArgumentHelp("Check tunneld's iptables rules this often and put back what someone removed (flanneld's -iptables-resync).",
+                               valueName: "seconds"))
+    var iptablesResync: Int = 5
+
     @Option(help: ArgumentHelp("Address the health endpoint listens on.", valueName: "ip"))
     var healthzIP: String = "0.0.0.0"
 
@@ -119,6 +127,9 @@ struct Run: AsyncParsableCommand {
             do { _ = try Regex(pattern) } catch {
                 throw ValidationError("--iface-regex \(pattern) is not a valid regular expression: \(error)")
             }
+        }
+        guard (1...3600).contains(iptablesResync) else {
+            throw ValidationError("--iptables-resync must be between 1 and 3600 seconds, not \(iptablesResync)")
         }
         guard (0...65535).contains(healthzPort) else {
             throw ValidationError("--healthz-port must be between 0 (off) and 65535, not \(healthzPort)")

@@ -15,7 +15,7 @@ struct Tunneld: AsyncParsableCommand {
             variables are accepted.
             """,
         version: tunneldVersion,
-        subcommands: [Run.self, Config.self, Leases.self, Status.self],
+        subcommands: [Run.self, Config.self, Leases.self, Status.self, DockerOpts.self],
         defaultSubcommand: nil
     )
 
