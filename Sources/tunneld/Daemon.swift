@@ -5,6 +5,7 @@ import LeaseStore
 import Logging
 import NetBase
 import Netlink
+import Observability
 import PeerControl
 import ServiceLifecycle
 
@@ -24,6 +25,7 @@ final class Daemon: Service, Sendable {
     }
 
     func run() async throws {
+        let startedAt = Date()
         systemd.status("Reading the network config from \(store.location)")
         guard let config = try await waitForConfig() else { return }
         try checkBackend(config)
@@ -42,10 +44,10 @@ final class Daemon: Service, Sendable {
         // routes, iptables chains, the health listener, a lease it took
         // fresh) before the error is reported: no half-configured host.
         var freshLease: Lease?
-        var healthServer: HealthServer?
+        var endpoint: HTTPEndpoint?
         func rollBack(_ error: any Error) async {
             logger.error("start-up failed: \(error); removing what was set up")
-            healthServer?.stop()
+            endpoint?.stop()
             cleanUp(backend, firewall: firewall, releasing: false)
             if let freshLease {
                 do {
@@ -109,17 +111,18 @@ final class Daemon: Service, Sendable {
                 return
             }
             revision = listed
-            healthServer = try options.healthzPort == 0 ? nil
-                : HealthServer(address: IPv4Address(options.healthzIP)!, port: UInt16(options.healthzPort))
+            endpoint = try startEndpoint(Observed(
+                config: config, location: store.location, interface: interface.name,
+                interfaceAddress: interfaceAddress, publicIP: publicIP, mtu: mtu, startedAt: startedAt,
+                backend: backend, peers: peers))
             try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq)
                 .write(to: options.subnetFile)
         } catch {
             await rollBack(error)
             throw error
         }
-        let health = healthServer
-        defer { health?.stop() }
-        if let health { logger.info("health endpoint: http://\(health.endpoint)/healthz") }
+        let serving = endpoint
+        defer { serving?.stop() }
 
         logger.info("tunneld ready: \(backend.type) backend, MTU \(mtu), \(peers.currentPeers.count) peer(s); wrote \(options.subnetFile)")
         let subnet = lease.subnet

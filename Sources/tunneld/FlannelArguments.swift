@@ -13,6 +13,7 @@ enum FlannelArguments {
         "subnet-lease-renew-margin", "healthz-ip", "healthz-port", "backend", "store", "store-dir",
         "device", "datapath", "queue-depth", "log-level", "log-format", "v", "subnet-lease-ttl",
         "iptables-resync",
+        "metrics-address", "control-socket",
     ]
     /// Long options that are on/off switches.
     static let booleanFlags: Set<String> = [

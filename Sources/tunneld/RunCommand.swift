@@ -23,6 +23,7 @@ struct Run: AsyncParsableCommand {
     }
 
     @OptionGroup var storeOptions: StoreOptions
+    @OptionGroup var observability: ObservabilityOptions
 
     @Option(help: ArgumentHelp("Backend; must agree with the config's Backend.Type (default: the config's).",
                                valueName: "udp|vxlan|host-gw"))
@@ -150,6 +151,7 @@ struct Run: AsyncParsableCommand {
     func run() async throws {
         bootstrapLogging(effectiveLogLevel, format: logFormat)
         let logger = Logger(label: "tunneld")
+        ObservabilityOptions.bootstrapMetrics()
         let store = try storeOptions.open()
         let daemon = Daemon(options: self, store: store, logger: logger)
         let group = ServiceGroup(configuration: .init(

@@ -14,7 +14,8 @@ struct Tunneld: AsyncParsableCommand {
             flanneld's flag spellings (-etcd-endpoints=…, -iface=…) and FLANNELD_* environment \
             variables are accepted.
             """,
-        subcommands: [Run.self, Config.self, Leases.self, DockerOpts.self],
+        version: tunneldVersion,
+        subcommands: [Run.self, Config.self, Leases.self, Status.self, DockerOpts.self],
         defaultSubcommand: nil
     )
 
