@@ -23,6 +23,7 @@ struct Run: AsyncParsableCommand {
     }
 
     @OptionGroup var storeOptions: StoreOptions
+    @OptionGroup var observability: ObservabilityOptions
 
     @Option(help: ArgumentHelp("Backend; must agree with the config's Backend.Type (default: the config's).",
                                valueName: "udp|vxlan|host-gw"))
@@ -82,6 +83,14 @@ struct Run: AsyncParsableCommand {
     @Flag(help: "Masquerade traffic from the overlay network to the outside, as flanneld's -ip-masq (needs iptables).")
     var ipMasq = false
 
+    @Flag(inversion: .prefixedNo,
+          help: "Accept forwarded traffic from and to the overlay network in iptables' FORWARD chain, as flanneld's -iptables-forward-rules (needed where the FORWARD policy is DROP, as Docker sets it; -iptables-forward-rules=false or --no-iptables-forward-rules: off).")
+    var iptablesForwardRules = true
+
+    @Option(help: ArgumentHelp("Check tunneld's iptables rules this often and put back what someone removed (flanneld's -iptables-resync).",
+                               valueName: "seconds"))
+    var iptablesResync: Int = 5
+
     @Option(help: ArgumentHelp("Address the health endpoint listens on.", valueName: "ip"))
     var healthzIP: String = "0.0.0.0"
 
@@ -119,6 +128,9 @@ struct Run: AsyncParsableCommand {
                 throw ValidationError("--iface-regex \(pattern) is not a valid regular expression: \(error)")
             }
         }
+        guard (1...3600).contains(iptablesResync) else {
+            throw ValidationError("--iptables-resync must be between 1 and 3600 seconds, not \(iptablesResync)")
+        }
         guard (0...65535).contains(healthzPort) else {
             throw ValidationError("--healthz-port must be between 0 (off) and 65535, not \(healthzPort)")
         }
@@ -139,6 +151,7 @@ struct Run: AsyncParsableCommand {
     func run() async throws {
         bootstrapLogging(effectiveLogLevel, format: logFormat)
         let logger = Logger(label: "tunneld")
+        ObservabilityOptions.bootstrapMetrics()
         let store = try storeOptions.open()
         let daemon = Daemon(options: self, store: store, logger: logger)
         let group = ServiceGroup(configuration: .init(

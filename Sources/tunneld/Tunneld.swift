@@ -14,14 +14,19 @@ struct Tunneld: AsyncParsableCommand {
             flanneld's flag spellings (-etcd-endpoints=…, -iface=…) and FLANNELD_* environment \
             variables are accepted.
             """,
-        subcommands: [Run.self, Config.self, Leases.self],
+        version: tunneldVersion,
+        subcommands: [Run.self, Config.self, Leases.self, Status.self, DockerOpts.self],
         defaultSubcommand: nil
     )
 
     static func main() async {
         // flanneld's spellings and FLANNELD_* become ordinary options first.
-        let arguments = FlannelArguments.normalize(Array(CommandLine.arguments.dropFirst()),
-                                                   environment: ProcessInfo.processInfo.environment)
+        let given = Array(CommandLine.arguments.dropFirst())
+        if given.first == "run", let message = FlannelArguments.unsupported(given) {
+            FileHandle.standardError.write(Data("Error: \(message)\n".utf8))
+            Foundation.exit(64)
+        }
+        let arguments = FlannelArguments.normalize(given, environment: ProcessInfo.processInfo.environment)
         await main(arguments)
     }
 }

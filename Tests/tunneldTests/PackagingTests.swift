@@ -64,5 +64,9 @@ import Testing
         #expect(dropIn.contains("EnvironmentFile=\(file)\n"))
         #expect(dropIn.contains("$\(name) "))
         #expect(dropIn.contains("Requires=tunneld.service"))
+        // tunneld's own parser takes the unit's docker-opts command line.
+        let parsed = try Tunneld.parseAsRoot(FlannelArguments.normalize(post, environment: [:]))
+        let dockerOpts = try #require(parsed as? DockerOpts)
+        #expect(dockerOpts.output == file && dockerOpts.combinedKey == name)
     }
 }
