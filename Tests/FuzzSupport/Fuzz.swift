@@ -105,7 +105,12 @@ public final class FuzzCase {
         self.target = target
         self.seed = seed
         self.iteration = iteration
-        rng = FuzzRandom(seed: seed)
+        // Hashed: case seeds are base + i·φ, and SplitMix64 advances its state by φ per
+        // draw, so unhashed, case i + 1 would replay case i shifted by one number.
+        var z = seed ^ 0x5851_f42d_4c95_7f2d
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        rng = FuzzRandom(seed: z ^ (z >> 31))
     }
 
     /// Records a failure naming this case's seed and how to replay it, unless `condition`.

@@ -243,7 +243,8 @@ import UDPEncap
                 raw += [UInt8](repeating: 0, count: 10)
                 header = raw.withUnsafeBytes { VirtioNetHeader(reading: $0.baseAddress!) }
             }
-            if c.oneIn(4) { c.mutate(&packet, focus: 60) }
+            let packetMutated = c.oneIn(4)
+            if packetMutated { c.mutate(&packet, focus: 60) }
             var read = [UInt8](repeating: 0, count: 10) + packet
             read.withUnsafeMutableBytes { header.write(to: $0.baseAddress!) }
             let capacity = read.count + c.int(0...100)
@@ -271,7 +272,9 @@ import UDPEncap
                 c.expect(buffer.contains(start, length: length), "send outside the read buffer")
                 let out = Array(UnsafeRawBufferPointer(start: start, count: length))
                 c.expect(Slow.validateIPv4(out) == .success(length) && length <= s.forwarder.mtu, "invalid packet sent: \(Slow.validateIPv4(out)), length \(length), mtu \(s.forwarder.mtu), \(header)")
-                if header.needsChecksum, header.checksumStart == 20, header.checksumOffset == (out[9] == 6 ? 16 : 6) {
+                // The kernel's partial sum covers the packet as it built it: after a mutation
+                // (say, a shorter total length) the completed sum is as wrong as the partial.
+                if !packetMutated, header.needsChecksum, header.checksumStart == 20, header.checksumOffset == (out[9] == 6 ? 16 : 6) {
                     c.expect(Slow.transportChecksumValid(out), "checksum not completed")
                 }
                 count("send")
