@@ -67,6 +67,7 @@ struct QuickstartTests {
         #expect(result.output.contains("FLANNEL_SUBNET=10.2."), "\(result.output)")
         #expect(result.output.contains("DOCKER_OPTS=\" --bip=10.2."), "\(result.output)")
         #expect(result.output.contains("3 packets transmitted, 3 packets received"), "\(result.output)")
+        #expect(result.output.contains("198.18.0.2"), "status lists host 2 as a peer: \(result.output)")
         // The clean-up leaves no namespace behind.
         _ = try bash(page.cleanUp, strict: false, timeout: .seconds(60))
         let left = try run(["ip", "netns", "list"]).output.split(separator: "\n").filter { $0.hasPrefix(prefix) }
