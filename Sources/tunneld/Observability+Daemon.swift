@@ -112,9 +112,18 @@ extension Daemon {
         }
         guard !listeners.isEmpty else { return nil }
         let exporter = MetricsExporter(registry: ObservabilityOptions.registry, source: observed.report)
-        let endpoint = try HTTPEndpoint(listeners: listeners, routes: .init(
-            metrics: exporter.exposition,
-            status: { observed.report().json() }))
+        let routes = HTTPEndpoint.Routes(metrics: exporter.exposition, status: { observed.report().json() })
+        let endpoint: HTTPEndpoint
+        do {
+            endpoint = try HTTPEndpoint(listeners: listeners, routes: routes)
+        } catch where !socket.isEmpty && ControlClient.isAnswering(socket) {
+            // Another tunneld started at the same moment took the socket
+            // between the look above and our bind: go without, as above.
+            logger.warning("another tunneld answers on the control socket \(socket); this one has none (give it its own --control-socket)")
+            listeners.removeAll { if case .unix = $0 { true } else { false } }
+            guard !listeners.isEmpty else { return nil }
+            endpoint = try HTTPEndpoint(listeners: listeners, routes: routes)
+        }
         for listener in endpoint.bound {
             switch listener {
             case .tcp: logger.info("health and metrics: \(listener)/healthz, \(listener)/metrics")

@@ -40,10 +40,12 @@ struct FaultTests {
     }
 
     /// tunneld with flanneld's flags, every etcd endpoint of the lab, and
-    /// leases of `ttl` seconds.
-    func command(_ lab: Lab, host n: Int, ttl: Int) -> [String] {
+    /// leases of `ttl` seconds; its control socket in the lab's directory
+    /// (its own, unless `controlSocket` names one to share).
+    func command(_ lab: Lab, host n: Int, ttl: Int, controlSocket: String? = nil) -> [String] {
         [tunneldBinary, "run", "-etcd-endpoints=\(lab.etcd?.url ?? labEtcdEndpoint)", "-iface=eth0",
-         "-etcd-prefix=/docker/network/", "-subnet-file=\(lab.subnetFile(n))", "--subnet-lease-ttl", "\(ttl)"]
+         "-etcd-prefix=/docker/network/", "-subnet-file=\(lab.subnetFile(n))", "--subnet-lease-ttl", "\(ttl)",
+         "--control-socket", controlSocket ?? lab.directory.appendingPathComponent("h\(n).sock").path]
     }
 
     /// Adds hosts `numbers`, waits until each has every other one as a peer,
@@ -493,10 +495,14 @@ struct FaultTests {
         try withFaultLab(config: config) { lab in
             let hosts = 1...4
             let go = lab.directory.appendingPathComponent("go").path
+            // One control socket for all, as four daemons on one machine
+            // with the default: one takes it, the others go without — none
+            // may fail to start because another took it a moment earlier.
+            let socket = lab.directory.appendingPathComponent("shared.sock").path
             // Each daemon waits for the go file, so that all four start at once.
             func gated(_ n: Int) -> [String] {
                 ["bash", "-c", "for _ in $(seq 1 600); do [ -e \"$0\" ] && exec \"$@\"; sleep 0.01; done; exit 1", go]
-                    + command(lab, host: n, ttl: 30)
+                    + command(lab, host: n, ttl: 30, controlSocket: socket)
             }
             let adding = try hosts.map { n in
                 try Child(["bash", lab.script, "add-host", lab.name, lab.directory.path, "\(n)", "--no-container", "--"]
