@@ -100,10 +100,19 @@ def report(d):
     rows = list(csv.DictReader(open(os.path.join(d, "samples.csv"))))
     lines.append("samples (every %ss; full table in %s):" % (meta["sample_interval"], os.path.join(d, "samples.csv")))
     lines.append("  %7s %4s %8s %4s %7s %5s %10s %10s" % ("t(s)", "host", "RSS(KiB)", "fds", "threads", "peers", "udp_sent", "tun_wrote"))
-    shown = [r for i, r in enumerate(rows) if i % max(1, len(rows) // 30) < 3 or i >= len(rows) - 3]
-    for r in shown:
-        lines.append("  %7s %4s %8s %4s %7s %5s %10s %10s" % (r["t"], r["host"], r["rss_kib"], r["fds"], r["threads"],
-                                                           r["peers"], r["udp_packets_sent"], r["tun_packets_written"]))
+    ticks = sorted({float(r["t"]) for r in rows})
+    step = max(1, -(-len(ticks) // 12))  # at most ~12 ticks shown, always the last
+    shown_ticks = set(ticks[::step]) | set(ticks[-1:])
+    for r in rows:
+        if float(r["t"]) in shown_ticks:
+            lines.append("  %7s %4s %8s %4s %7s %5s %10s %10s" % (r["t"], r["host"], r["rss_kib"], r["fds"], r["threads"],
+                                                               r["peers"], r["udp_packets_sent"], r["tun_packets_written"]))
+    lines.append("memory curve (RSS in MiB at 0, 25, 50, 75, 100 % of the run):")
+    for host in ("h1", "h2", "h3"):
+        rss = [int(r["rss_kib"]) for r in rows if r["host"] == host and r["rss_kib"]]
+        if rss:
+            points = [rss[min(len(rss) - 1, (len(rss) - 1) * q // 4)] / 1024 for q in range(5)]
+            lines.append(f"  {host}: " + " → ".join(f"{p:.1f}" for p in points))
     lines.append("checks:")
     for host in ("h1", "h2", "h3"):
         hr = [r for r in rows if r["host"] == host]
