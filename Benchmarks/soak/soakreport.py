@@ -163,8 +163,9 @@ def report(d):
     else:
         ok = (send.get("error") is None and recv.get("error") is None and send.get("closed")
               and recv.get("eof") and recv["bytes"] == send["bytes"] and send["bytes"] > 0)
-        check(ok, "long-lived TCP flow c1 → c2 survived: sent %d B, received %d B intact, clean close%s%s"
+        check(ok, "long-lived TCP flow c1 → c2 survived: sent %d B, received %d B (every byte checked), %s%s%s"
               % (send.get("bytes", 0), recv.get("bytes", 0),
+                 "closed cleanly" if send.get("closed") and recv.get("eof") else "NOT closed cleanly",
                  f"; sender: {send['error']}" if send.get("error") else "",
                  f"; receiver: {recv['error']}" if recv.get("error") else ""))
         check(recv.get("max_gap", 99) <= TCP_MAX_GAP,
