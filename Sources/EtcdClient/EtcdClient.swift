@@ -293,6 +293,25 @@ public final class EtcdClient: Sendable {
         try await put(key, value: Array(value.utf8), lease: lease)
     }
 
+    /// Writes several keys in one transaction (one revision), each attached
+    /// to `lease` (0: none). etcd refuses more operations per transaction
+    /// than its `--max-txn-ops` (default 128). Returns the revision.
+    @discardableResult
+    public func putAll(_ pairs: [(key: String, value: [UInt8])], lease: Int64 = 0) async throws(EtcdError) -> Int64 {
+        var request = Etcdserverpb_TxnRequest()
+        request.success = pairs.map { pair in
+            var put = Etcdserverpb_PutRequest()
+            put.key = Data(pair.key.utf8)
+            put.value = Data(pair.value)
+            put.lease = lease
+            return .with { $0.requestPut = put }
+        }
+        let response = try await perform("Txn put \(pairs.count) keys") { [request] metadata, options in
+            try await self.kv.txn(request, metadata: metadata, options: options)
+        }
+        return response.header.revision
+    }
+
     /// Deletes a key. Returns how many keys were deleted (0 or 1) and the revision.
     @discardableResult
     public func delete(_ key: String) async throws(EtcdError) -> (deleted: Int64, revision: Int64) {
@@ -722,6 +741,12 @@ public final class EtcdClient: Sendable {
         let message = Self.serverMessage(error)
         let code: EtcdError.Code
         var reason: String
+        // grpc-swift reports an answer over the receive limit as an internal
+        // error ("Failed to decode message") caused by resourceExhausted.
+        if message.contains("exceeded the configured maximum payload size") {
+            return EtcdError(.responseTooLarge, operation: operation, endpoints: endpoints,
+                             reason: "the answer is larger than the receive limit of \(maxReceiveMessageBytes) bytes")
+        }
         switch error.code {
         case .unavailable:
             code = .unavailable
@@ -748,9 +773,6 @@ public final class EtcdClient: Sendable {
         case .cancelled:
             code = .other
             reason = "cancelled"
-        case .resourceExhausted where message.contains("payload size"):
-            code = .responseTooLarge
-            reason = message
         default:
             code = .other
             reason = "\(error.code): \(message)"
