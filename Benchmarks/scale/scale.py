@@ -415,7 +415,8 @@ def measure_size(args, etcd, size, workdir):
 def render(results, meta):
     lines = [f"tunneld control-plane scale, host-gw backend, {meta['when']}, {meta['cpus']} CPUs, etcd {meta['etcd']}",
              "",
-             "| hosts | start→READY | routes at READY | put→route p50 / p99 | delete→gone p50 / p99 | burst 1,000 puts / deletes (last route) | join: READY / seen by others | RSS (peak) | idle CPU |",
+             f"| hosts | start→READY | routes at READY | put→route p50 / p99 | delete→gone p50 / p99 | burst of {meta['burst']:,} puts / deletes (last route) |"
+             " join: READY / seen by others | RSS (peak) | idle CPU |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:

@@ -1,7 +1,5 @@
+import CTunnel
 import Foundation
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// systemd's notify protocol (sd_notify(3)) without libsystemd: newline-
 /// separated `KEY=VALUE` fields in one datagram to the unix socket named by
