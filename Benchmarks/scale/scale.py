@@ -13,6 +13,7 @@ stopped by PID in `finally`.
 import argparse
 import base64
 import json
+import re
 import os
 import signal
 import socket
@@ -23,7 +24,9 @@ import threading
 import time
 import urllib.request
 
-NETWORK_CONFIG = {"Network": "10.0.0.0/8", "SubnetLen": 24, "Backend": {"Type": "host-gw"}}
+def network_config(backend):
+    return {"Network": "10.0.0.0/8", "SubnetLen": 24, "Backend": {"Type": backend}}
+
 TXN_OPS = 500          # puts per transaction (etcd started with --max-txn-ops 1000)
 KEYS_PER_ETCD_LEASE = 256
 LEASE_TTL = 86400      # s: flannel's 24 h
@@ -53,9 +56,11 @@ def public_ip(index):
     return f"198.{18 + (n >> 16)}.{n >> 8 & 255}.{n & 255}"
 
 
-def lease_value(index):
-    # flanneld's host-gw lease, byte for byte (docs/BACKENDS.md).
-    return '{"PublicIP":"%s","PublicIPv6":null,"BackendType":"host-gw"}' % public_ip(index)
+def lease_value(index, backend):
+    # flanneld's lease, byte for byte (docs/BACKENDS.md): udp writes no BackendType.
+    if backend == "udp":
+        return '{"PublicIP":"%s","PublicIPv6":null}' % public_ip(index)
+    return '{"PublicIP":"%s","PublicIPv6":null,"BackendType":"%s"}' % (public_ip(index), backend)
 
 
 def percentile(values, q):
@@ -164,6 +169,39 @@ class RouteMonitor:
             self.process.kill()
 
 
+class LogMonitor:
+    """The daemon's log lines as they are written (one write(2) per line):
+    `peer 10.x.y.0/24 → …` when a peer enters the table, `peer … is gone`
+    when it leaves. Used for the udp backend, whose table is in the process."""
+
+    ADDED = re.compile(r"\bpeer (10\.\d+\.\d+\.\d+/\d+) → ")
+    GONE = re.compile(r"\bpeer (10\.\d+\.\d+\.\d+/\d+) is gone")
+
+    def __init__(self):
+        self.added = {}
+        self.deleted = {}
+        self.lock = threading.Condition()
+        self.overflows = 0
+
+    def line(self, now, text):
+        match = self.ADDED.search(text)
+        if match:
+            target = self.added
+        else:
+            match = self.GONE.search(text)
+            target = self.deleted
+        if not match:
+            return
+        with self.lock:
+            target[match.group(1)] = now
+            self.lock.notify_all()
+
+    wait = RouteMonitor.wait
+
+    def stop(self):
+        pass
+
+
 def count_routes(namespace=None):
     command = ["ip", "-4", "route", "show", "root", "10.0.0.0/8"]
     if namespace:
@@ -198,8 +236,9 @@ def proc_memory_kib(pid):
 class Daemon:
     """One `tunneld run` with NOTIFY_SOCKET, so READY is seen the moment it is sent."""
 
-    def __init__(self, args, name, namespace, iface, endpoint, prefix, workdir):
+    def __init__(self, args, name, namespace, iface, endpoint, prefix, workdir, backend):
         self.name = name
+        self.monitor = LogMonitor()
         self.subnet_file = os.path.join(workdir, f"{name}.env")
         self.log_path = os.path.join(workdir, f"{name}.log")
         for path in (self.subnet_file,):
@@ -214,15 +253,37 @@ class Daemon:
         for key in list(env):
             if key.startswith("FLANNELD_"):
                 del env[key]
-        command = ["ip", "netns", "exec", namespace, args.tunneld, "run", "--backend", "host-gw",
+        command = ["ip", "netns", "exec", namespace, args.tunneld, "run", "--backend", backend,
                    "--etcd-endpoints", endpoint, "--etcd-prefix", prefix, "--iface", iface,
                    "--subnet-file", self.subnet_file, "--log-level", args.log_level]
         self.log_file = open(self.log_path, "w")
         self.started = time.monotonic()
-        self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                        text=True, errors="replace")
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         with open(os.path.join(args.pid_dir, f"{name}.pid"), "w") as f:
             f.write(str(self.process.pid))
         self.pid = self.process.pid   # `ip netns exec` execs tunneld: same PID
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.monitor.line(time.monotonic(), line)
+            self.log_file.write(line)
+        self.log_file.flush()
+
+    def peers_at_ready(self):
+        """The peer count of the `tunneld ready: …, N peer(s)` line."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            self.log_file.flush()
+            with open(self.log_path, errors="replace") as f:
+                for line in f:
+                    match = re.search(r"tunneld ready: .*, (\d+) peer\(s\)", line)
+                    if match:
+                        return int(match.group(1))
+            time.sleep(0.1)
+        return None
 
     def wait_ready(self, timeout):
         """Seconds from start to READY=1, or None."""
@@ -256,15 +317,16 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        self.reader.join(5)
         self.notify.close()
         self.log_file.close()
 
 
-def measure_size(args, etcd, size, workdir):
-    result = {"hosts": size}
-    prefix = f"/scale-{size}/network"
+def measure_size(args, etcd, backend, size, workdir):
+    result = {"backend": backend, "hosts": size}
+    prefix = f"/scale-{backend}-{size}/network"
     subnets_prefix = prefix + "/subnets/"
-    etcd.put(prefix + "/config", json.dumps(NETWORK_CONFIG, separators=(",", ":")))
+    etcd.put(prefix + "/config", json.dumps(network_config(backend), separators=(",", ":")))
 
     # --- load: N leases in batched transactions, one etcd lease per 256 keys
     started = time.monotonic()
@@ -276,29 +338,33 @@ def measure_size(args, etcd, size, workdir):
                 etcd.put_many(batch, shared_lease)
                 batch = []
             shared_lease = etcd.grant(LEASE_TTL)
-        batch.append((subnets_prefix + subnet_key(i), lease_value(i)))
+        batch.append((subnets_prefix + subnet_key(i), lease_value(i, backend)))
         if len(batch) >= TXN_OPS:
             etcd.put_many(batch, shared_lease)
             batch = []
     if batch:
         etcd.put_many(batch, shared_lease)
     result["load_s"] = round(time.monotonic() - started, 2)
-    log(f"{size}: {size} leases put in {result['load_s']} s")
+    log(f"{backend} {size}: {size} leases put in {result['load_s']} s")
 
-    monitor = RouteMonitor(None)
+    route_monitor = RouteMonitor(None) if backend != "udp" else None
     daemon_a = None
     daemon_b = None
     try:
         # --- start among N leases
-        daemon_a = Daemon(args, f"a-{size}", args.ns_a, "ul-a", args.endpoint_a, prefix, workdir)
+        daemon_a = Daemon(args, f"a-{backend}-{size}", args.ns_a, "ul-a", args.endpoint_a, prefix, workdir, backend)
+        # Kernel backends: the route in the kernel; udp: the daemon's own table, as its log reports it.
+        monitor = route_monitor or daemon_a.monitor
         ready = daemon_a.wait_ready(args.start_timeout + size / 500)
         if ready is None:
             raise RuntimeError(f"tunneld did not become ready among {size} leases; see {daemon_a.log_path}")
         result["start_to_ready_s"] = round(ready, 3)
         result["subnet_env_written"] = os.path.exists(daemon_a.subnet_file)
         own_a = daemon_a.subnet()
-        result["routes_at_ready"] = count_routes()
-        log(f"{size}: ready after {ready:.2f} s with {result['routes_at_ready']} routes; own subnet {own_a}")
+        result["peers_at_ready"] = daemon_a.peers_at_ready()
+        if backend != "udp":
+            result["routes_at_ready"] = count_routes()
+        log(f"{backend} {size}: ready after {ready:.2f} s with {result['peers_at_ready']} peers; own subnet {own_a}")
         time.sleep(1)
 
         # --- put/delete → route, one at a time
@@ -308,7 +374,7 @@ def measure_size(args, etcd, size, workdir):
             index = size + 1000 + k
             destination = subnet(index)
             t0 = time.monotonic()
-            etcd.put(subnets_prefix + subnet_key(index), lease_value(index), sample_lease)
+            etcd.put(subnets_prefix + subnet_key(index), lease_value(index, backend), sample_lease)
             if monitor.wait(lambda: monitor.added.get(destination, 0) >= t0, 10):
                 put_lat.append(monitor.added[destination] - t0)
             else:
@@ -325,7 +391,7 @@ def measure_size(args, etcd, size, workdir):
         result["delete_to_route_ms"] = {"p50": ms(percentile(del_lat, 50)), "p99": ms(percentile(del_lat, 99)),
                                         "max": ms(max(del_lat) if del_lat else None), "n": len(del_lat)}
         result["samples_missed"] = misses
-        log(f"{size}: put→route p50 {result['put_to_route_ms']['p50']} ms p99 {result['put_to_route_ms']['p99']} ms; "
+        log(f"{backend} {size}: put→route p50 {result['put_to_route_ms']['p50']} ms p99 {result['put_to_route_ms']['p99']} ms; "
             f"delete→gone p50 {result['delete_to_route_ms']['p50']} ms p99 {result['delete_to_route_ms']['p99']} ms")
 
         # --- burst: 1,000 lease changes (10 transactions of 100 puts), then 1,000 deletes
@@ -336,7 +402,7 @@ def measure_size(args, etcd, size, workdir):
         for start in range(0, len(burst), 100):
             chunk = burst[start:start + 100]
             sent_at = time.monotonic()
-            etcd.put_many([(subnets_prefix + subnet_key(i), lease_value(i)) for i in chunk], sample_lease)
+            etcd.put_many([(subnets_prefix + subnet_key(i), lease_value(i, backend)) for i in chunk], sample_lease)
             for i in chunk:
                 sent[subnet(i)] = sent_at
         complete = monitor.wait(lambda: all(monitor.added.get(d, 0) >= sent[d] for d in destinations),
@@ -344,7 +410,7 @@ def measure_size(args, etcd, size, workdir):
         if not complete:
             # The monitor may have dropped events (socket overflow): ask the kernel.
             present = count_routes()
-            log(f"{size}: burst: monitor incomplete; {present} routes present")
+            log(f"{backend} {size}: burst: monitor incomplete; {present} routes present")
         latencies = [monitor.added[d] - sent[d] for d in destinations if monitor.added.get(d, 0) >= sent[d]]
         last = max((monitor.added[d] for d in destinations if d in monitor.added), default=None)
         result["burst_put"] = {"changes": len(burst), "all_seen": complete,
@@ -364,20 +430,20 @@ def measure_size(args, etcd, size, workdir):
         result["burst_delete"] = {"changes": len(burst), "all_seen": complete,
                                   "last_route_after_s": None if last is None else round(last - t0, 3),
                                   "p50_ms": ms(percentile(latencies, 50)), "p99_ms": ms(percentile(latencies, 99))}
-        log(f"{size}: burst of {len(burst)} puts: last route after {result['burst_put']['last_route_after_s']} s; "
+        log(f"{backend} {size}: burst of {len(burst)} puts: last route after {result['burst_put']['last_route_after_s']} s; "
             f"deletes: last gone after {result['burst_delete']['last_route_after_s']} s")
 
         # --- a new host joins (namespace B)
-        daemon_b = Daemon(args, f"b-{size}", args.ns_b, "ul-b", args.endpoint_b, prefix, workdir)
+        daemon_b = Daemon(args, f"b-{backend}-{size}", args.ns_b, "ul-b", args.endpoint_b, prefix, workdir, backend)
         ready_b = daemon_b.wait_ready(args.start_timeout + size / 500)
         if ready_b is None:
             raise RuntimeError(f"the joining tunneld did not become ready; see {daemon_b.log_path}")
         own_b = daemon_b.subnet()
         seen = monitor.wait(lambda: own_b in monitor.added, 30)
         result["join"] = {"ready_s": round(ready_b, 3),
-                          "routes_at_ready": count_routes(args.ns_b),
+                          "peers_at_ready": daemon_b.peers_at_ready(),
                           "first_host_route_after_s": round(monitor.added[own_b] - daemon_b.started, 3) if seen else None}
-        log(f"{size}: new host ready after {ready_b:.2f} s ({own_b}); first host routes to it after "
+        log(f"{backend} {size}: new host ready after {ready_b:.2f} s ({own_b}); first host routes to it after "
             f"{result['join']['first_host_route_after_s']} s")
         daemon_b.stop()
         daemon_b = None
@@ -393,17 +459,18 @@ def measure_size(args, etcd, size, workdir):
         result["rss_mib"] = round(rss / 1024, 1)
         result["peak_rss_mib"] = round(hwm / 1024, 1)
         result["log_lines"] = sum(1 for _ in open(daemon_a.log_path, errors="replace"))
-        result["route_monitor_overflows"] = monitor.overflows
-        log(f"{size}: idle CPU {result['idle_cpu_percent']} % over {args.idle} s; RSS {result['rss_mib']} MiB "
+        result["monitor_overflows"] = monitor.overflows
+        log(f"{backend} {size}: idle CPU {result['idle_cpu_percent']} % over {args.idle} s; RSS {result['rss_mib']} MiB "
             f"(peak {result['peak_rss_mib']} MiB)")
     finally:
         for daemon in (daemon_b, daemon_a):
             if daemon:
                 daemon.stop()
-        monitor.stop()
+        if route_monitor:
+            route_monitor.stop()
         flush_routes()
         flush_routes(args.ns_b)
-        revision = etcd.delete_prefix(f"/scale-{size}/")
+        revision = etcd.delete_prefix(f"/scale-{backend}-{size}/")
         try:
             etcd.compact(revision)
             etcd.defragment()
@@ -413,17 +480,18 @@ def measure_size(args, etcd, size, workdir):
 
 
 def render(results, meta):
-    lines = [f"tunneld control-plane scale, host-gw backend, {meta['when']}, {meta['cpus']} CPUs, etcd {meta['etcd']}",
+    lines = [f"tunneld control-plane scale, {meta['when']}, {meta['cpus']} CPUs, etcd {meta['etcd']}, "
+             f"{meta['samples']} single changes, burst of {meta['burst']:,}",
              "",
-             f"| hosts | start→READY | routes at READY | put→route p50 / p99 | delete→gone p50 / p99 | burst of {meta['burst']:,} puts / deletes (last route) |"
-             " join: READY / seen by others | RSS (peak) | idle CPU |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| backend | hosts | start→READY | put→in table p50 / p99 | delete→out p50 / p99 "
+             "| burst puts / deletes (last in/out) | join: READY / seen by the first | RSS (peak) | idle CPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['hosts']:,} | failed: {r['error']} |||||||| ")
+            lines.append(f"| {r['backend']} | {r['hosts']:,} | failed: {r['error']} |||||||")
             continue
         lines.append(
-            f"| {r['hosts']:,} | {r['start_to_ready_s']:.2f} s | {r['routes_at_ready']:,} "
+            f"| {r['backend']} | {r['hosts']:,} | {r['start_to_ready_s']:.2f} s "
             f"| {r['put_to_route_ms']['p50']} / {r['put_to_route_ms']['p99']} ms "
             f"| {r['delete_to_route_ms']['p50']} / {r['delete_to_route_ms']['p99']} ms "
             f"| {r['burst_put']['last_route_after_s']} s / {r['burst_delete']['last_route_after_s']} s "
@@ -435,6 +503,7 @@ def render(results, meta):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", required=True)
+    parser.add_argument("--backends", default="udp,host-gw")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--burst", type=int, default=1000)
     parser.add_argument("--idle", type=float, default=20)
@@ -460,15 +529,16 @@ def main():
             "tunneld": args.tunneld, "samples": args.samples, "burst": args.burst, "idle_s": args.idle}
     results = []
     failed = False
-    for size in sizes:
-        try:
-            results.append(measure_size(args, etcd, size, args.workdir))
-        except Exception as error:  # noqa: BLE001 - report and go on with the next size
-            log(f"{size}: FAILED: {error}")
-            results.append({"hosts": size, "error": str(error)})
-            failed = True
-        with open(os.path.join(args.results, "results.json"), "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+    for backend in args.backends.split(","):
+        for size in sizes:
+            try:
+                results.append(measure_size(args, etcd, backend, size, args.workdir))
+            except Exception as error:  # noqa: BLE001 - report and go on with the next size
+                log(f"{backend} {size}: FAILED: {error}")
+                results.append({"backend": backend, "hosts": size, "error": str(error)})
+                failed = True
+            with open(os.path.join(args.results, "results.json"), "w") as f:
+                json.dump({"meta": meta, "results": results}, f, indent=2)
     summary = render(results, meta)
     with open(os.path.join(args.results, "summary.md"), "w") as f:
         f.write(summary)
