@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "PeerControl", targets: ["PeerControl"]),
         .library(name: "Backends", targets: ["Backends"]),
         .library(name: "CNIPlugin", targets: ["CNIPlugin"]),
+        .library(name: "Observability", targets: ["Observability"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -25,6 +26,10 @@ let package = Package(
         .package(url: "https://github.com/grpc/grpc-swift-nio-transport", from: "2.9.2"),
         .package(url: "https://github.com/grpc/grpc-swift-protobuf", from: "2.4.1"),
         .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
+        // The metrics endpoint: the same swift-nio range grpc-swift-nio-transport asks for.
+        .package(url: "https://github.com/apple/swift-nio", from: "2.96.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // What Swift cannot import from the kernel headers: ioctl requests, ifreq,
@@ -61,12 +66,28 @@ let package = Package(
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
             ]
         ),
         .target(
             name: "LeaseStore",
             dependencies: [
                 "NetBase", "EtcdClient",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Prometheus exposition of what the daemon counts, the HTTP endpoint
+        // (health, metrics, status) on swift-nio, and the status report's
+        // model and table. Knows nothing of backends or stores: the daemon
+        // hands it plain values when asked.
+        .target(
+            name: "Observability",
+            dependencies: [
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -79,6 +100,7 @@ let package = Package(
                 "NetBase", "LeaseStore",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
             ]
         ),
         // The backends: udp (tunneld's data path), vxlan and host-gw (the
@@ -94,7 +116,9 @@ let package = Package(
             name: "tunneld",
             dependencies: [
                 "NetBase", "Netlink", "UDPEncap", "LeaseStore", "EtcdClient", "CTunnel", "PeerControl", "Backends",
+                "Observability",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
@@ -104,20 +128,23 @@ let package = Package(
         .target(name: "CNIPlugin", dependencies: ["NetBase", "LeaseStore", "CTunnel"]),
         .executableTarget(name: "tunneld-cni", dependencies: ["CNIPlugin"]),
         .testTarget(name: "NetBaseTests", dependencies: ["NetBase"]),
+        // Bounded, seeded random-input runs (budget, replay by seed, guarded memory,
+        // slow packet models) shared by the fuzz tests of several modules.
+        .target(name: "FuzzSupport", path: "Tests/FuzzSupport"),
         // Scratch namespaces and packet builders shared by the tests.
         .target(name: "NetTestSupport", dependencies: ["Netlink", "UDPEncap"], path: "Tests/NetTestSupport"),
-        .testTarget(name: "NetlinkTests", dependencies: ["Netlink", "NetBase", "NetTestSupport"]),
+        .testTarget(name: "NetlinkTests", dependencies: ["Netlink", "NetBase", "NetTestSupport", "FuzzSupport"]),
         .testTarget(name: "TunDeviceTests", dependencies: ["TunDevice", "Netlink", "NetBase", "NetTestSupport"]),
-        .testTarget(name: "UDPEncapTests", dependencies: ["UDPEncap", "NetBase", "NetTestSupport"]),
-        .testTarget(name: "OffloadTests", dependencies: ["Offload"]),
-        .testTarget(name: "PacketRingTests", dependencies: ["PacketRing", "UDPEncap", "NetBase", "NetTestSupport"]),
+        .testTarget(name: "UDPEncapTests", dependencies: ["UDPEncap", "NetBase", "NetTestSupport", "FuzzSupport"]),
+        .testTarget(name: "OffloadTests", dependencies: ["Offload", "FuzzSupport"]),
+        .testTarget(name: "PacketRingTests", dependencies: ["PacketRing", "UDPEncap", "NetBase", "NetTestSupport", "FuzzSupport"]),
         // Test helper shared by test targets: starts a throwaway etcd (EtcdServer).
         .target(name: "EtcdTestSupport", path: "Tests/EtcdTestSupport"),
         .testTarget(name: "EtcdClientTests", dependencies: ["EtcdClient", "EtcdTestSupport"]),
         .testTarget(
             name: "LeaseStoreTests",
             dependencies: [
-                "LeaseStore", "NetBase", "EtcdClient", "EtcdTestSupport",
+                "LeaseStore", "NetBase", "EtcdClient", "EtcdTestSupport", "FuzzSupport",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -126,6 +153,8 @@ let package = Package(
             dependencies: [
                 "PeerControl", "LeaseStore", "NetBase",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
             ]
         ),
         .testTarget(
@@ -136,6 +165,14 @@ let package = Package(
             ]
         ),
         .testTarget(name: "EndToEndTests", dependencies: ["NetBase"]),
+        .testTarget(
+            name: "ObservabilityTests",
+            dependencies: [
+                "Observability", "PacketRing",
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ]
+        ),
         .testTarget(name: "tunneldTests", dependencies: ["tunneld"]),
         .testTarget(name: "CNIPluginTests", dependencies: ["CNIPlugin", "LeaseStore"]),
     ]

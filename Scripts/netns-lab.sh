@@ -17,14 +17,21 @@
 #                                            (a CNI plugin, dockerd) attaches containers
 #   netns-lab.sh add-node LAB DIR N          a bare host N on the underlay (198.18.0.N, no daemon,
 #                                            no container): a stranger for the hostile-input tests
+#   netns-lab.sh add-bare-host LAB DIR N -- CMD…  host N as a fresh host: IPv4 forwarding
+#                                            off, no container namespace; runs CMD…,
+#                                            waits for DIR/hN.env (Docker makes the containers)
+#   netns-lab.sh start-in LAB DIR NAME NS -- CMD…  runs CMD… as process NAME in namespace
+#                                            NS with nsenter --net (network namespace only:
+#                                            dockerd needs the host's cgroup mounts)
 #   netns-lab.sh add-etcd LAB DIR ETCD-ARGS… an etcd on the underlay at 198.18.0.250
 #   netns-lab.sh stop    LAB DIR NAME        SIGTERM the process NAME (h1, etcd…), wait ≤15 s
 #   netns-lab.sh start   LAB DIR NAME        start NAME again with its saved command
 #   netns-lab.sh container-ip LAB DIR N      the container's address
-#   netns-lab.sh destroy LAB DIR             stop everything, remove every namespace
+#   netns-lab.sh destroy LAB DIR             stop everything, unmount what was mounted
+#                                            under DIR, remove every namespace
 set -euo pipefail
 
-cmd=${1:?usage: netns-lab.sh create|add-host|add-node|add-etcd|stop|start|container-ip|destroy LAB DIR …}
+cmd=${1:?usage: netns-lab.sh create|add-host|add-node|add-bare-host|start-in|add-etcd|stop|start|container-ip|destroy LAB DIR …}
 lab=${2:?lab name (namespace prefix) missing}
 dir=${3:?state directory missing}
 shift 3
@@ -32,13 +39,31 @@ shift 3
 ns() { echo "${lab}-$1"; }
 log() { echo "netns-lab: $*" >&2; }
 
-# Starts "$@" in namespace $1 in the background, as process NAME $2.
+# Starts "$@" in namespace $2 in the background, as process NAME $1. With
+# $dir/NAME.via holding "nsenter", only the network namespace is entered
+# (ip netns exec also remounts /sys, which hides the cgroup mounts).
 spawn() {
   local name=$1 netns=$2; shift 2
   printf '%q ' "$@" >"$dir/$name.cmd"
   echo "$netns" >"$dir/$name.ns"
-  ip netns exec "$netns" "$@" >>"$dir/$name.log" 2>&1 &
+  if [ "$(cat "$dir/$name.via" 2>/dev/null)" = nsenter ]; then
+    nsenter --net="/run/netns/$netns" "$@" >>"$dir/$name.log" 2>&1 &
+  else
+    ip netns exec "$netns" "$@" >>"$dir/$name.log" 2>&1 &
+  fi
   echo $! >"$dir/$name.pid"
+}
+
+# Host N on the underlay at 198.18.0.N, running "$@" (as process hN).
+add_host_namespace() {
+  local n=$1 h; shift
+  h=$(ns "h$n")
+  ip netns add "$h"
+  ip -n "$h" link set lo up
+  ip link add eth0 netns "$h" type veth peer name "p$n" netns "$(ns u)"
+  ip -n "$(ns u)" link set "p$n" master sw0 up
+  ip -n "$h" addr add "198.18.0.$n/24" dev eth0
+  ip -n "$h" link set eth0 up
 }
 
 stop_process() {
@@ -83,12 +108,7 @@ add-host|add-node)
   [ "${1:-}" = "--no-container" ] && { with_container=0; shift; }
   [ "${1:-}" = "--" ] && shift
   h=$(ns "h$n"); c=$(ns "c$n")
-  ip netns add "$h"
-  ip -n "$h" link set lo up
-  ip link add eth0 netns "$h" type veth peer name "p$n" netns "$(ns u)"
-  ip -n "$(ns u)" link set "p$n" master sw0 up
-  ip -n "$h" addr add "198.18.0.$n/24" dev eth0
-  ip -n "$h" link set eth0 up
+  add_host_namespace "$n"
   [ "$cmd" = add-node ] && exit 0
   ip netns exec "$h" sysctl -qw net.ipv4.ip_forward=1
   # Hosts reach nothing but the lab: no default route beyond the underlay.
@@ -112,6 +132,25 @@ add-host|add-node)
   ip -n "$c" link set eth0 mtu "$FLANNEL_MTU" up
   ip -n "$c" route add default via "$bip"
   echo "$cip" >"$dir/c$n.ip"
+  ;;
+
+add-bare-host)
+  n=${1:?host number missing}; shift
+  [ "${1:-}" = "--" ] && shift
+  h=$(ns "h$n")
+  add_host_namespace "$n"
+  # As on a freshly installed host; dockerd turns it on when it starts.
+  ip netns exec "$h" sysctl -qw net.ipv4.ip_forward=0
+  ip -n "$h" route add default via 198.18.0.254 dev eth0 2>/dev/null || true
+  spawn "h$n" "$h" "$@"
+  wait_for_file "$dir/h$n.env" "h$n"
+  ;;
+
+start-in)
+  name=${1:?process name missing}; netns=$(ns "${2:?namespace missing}"); shift 2
+  [ "${1:-}" = "--" ] && shift
+  echo nsenter >"$dir/$name.via"
+  spawn "$name" "$netns" "$@"
   ;;
 
 add-etcd)
@@ -145,6 +184,14 @@ destroy)
     [ -e "$pidfile" ] || continue
     stop_process "$(basename "$pidfile" .pid)"
   done
+  # What the processes mounted under the lab's directory and left (dockerd
+  # killed before it cleaned up): deepest first, lazily.
+  if [ -n "$dir" ] && [ -d "$dir" ]; then
+    real=$(readlink -f "$dir")
+    awk -v d="$real/" 'index($5, d) == 1 { print $5 }' /proc/self/mountinfo | sort -r | while read -r m; do
+      umount -l "$m" 2>/dev/null || true
+    done
+  fi
   for n in $(ip netns list | awk '{print $1}' | grep -E "^${lab}-" || true); do
     # Processes we did not start but that live in our namespaces (a ping
     # left by an interrupted test) go with them.

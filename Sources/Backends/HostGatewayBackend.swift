@@ -75,6 +75,13 @@ public final class HostGatewayBackend: Backend {
         }
     }
 
+    public func report() -> BackendReport {
+        let tally = routes.tally
+        return BackendReport(summary: "kernel routes via \(underlay.name), checked every \(checkInterval)",
+                             tableEntries: tally.routes, tableGeneration: tally.changes,
+                             counters: [("routes_restored", tally.restored)])
+    }
+
     /// Checks the routes every `checkInterval` and restores what is missing.
     public func run() async throws {
         await routes.keepChecking(every: checkInterval)

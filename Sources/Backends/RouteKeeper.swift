@@ -18,6 +18,9 @@ final class RouteKeeper: Sendable {
     /// Peers whose route the kernel refused, so that the periodic check does
     /// not repeat the same error every time.
     private let failing = Mutex<[IPv4Network: String]>([:])
+    /// Changes to `wanted` (the table's generation) and routes put back by
+    /// `check()`, for `tunneld status` and the metrics endpoint.
+    private let counts = Mutex<(changes: UInt64, restored: UInt64)>((0, 0))
 
     init(routeSocket: RouteSocket, logger: Logger, owns: @escaping @Sendable (Netlink.Route) -> Bool) {
         self.routeSocket = routeSocket
@@ -26,6 +29,13 @@ final class RouteKeeper: Sendable {
     }
 
     var routes: [Netlink.Route] { wanted.withLock { Array($0.values) } }
+
+    /// Wanted routes, changes made to them, and routes restored by `check()`.
+    var tally: (routes: Int, changes: UInt64, restored: UInt64) {
+        let n = wanted.withLock { $0.count }
+        let c = counts.withLock { $0 }
+        return (n, c.changes, c.restored)
+    }
 
     func describe(_ route: Netlink.Route) -> String {
         route.description(device: routeSocket.linkName(route.outputIndex))
@@ -40,6 +50,7 @@ final class RouteKeeper: Sendable {
             defer { table[route.destination] = route }
             return table[route.destination]
         }
+        if previous != route { counts.withLock { $0.changes &+= 1 } }
         if let previous, previous != route { try? routeSocket.deleteRoute(previous) }
         return install(route, peer: peer)
     }
@@ -64,6 +75,7 @@ final class RouteKeeper: Sendable {
     /// Removes the route to `destination`, if we installed one.
     func remove(_ destination: IPv4Network) {
         guard let route = wanted.withLock({ $0.removeValue(forKey: destination) }) else { return }
+        counts.withLock { $0.changes &+= 1 }
         failing.withLock { $0[destination] = nil }
         do { try routeSocket.deleteRoute(route) } catch {
             logger.warning("could not remove route \(describe(route)): \(error)")
@@ -105,8 +117,9 @@ final class RouteKeeper: Sendable {
         for (destination, route) in wanted
         where !(presentByDestination[destination] ?? []).contains(where: { Self.same(route, $0) }) {
             let known = failing.withLock { $0[destination] != nil }
-            if install(route, peer: "\(destination)"), !known {
-                logger.info("restored route \(describe(route)) (it had been removed)")
+            if install(route, peer: "\(destination)") {
+                counts.withLock { $0.restored &+= 1 }
+                if !known { logger.info("restored route \(describe(route)) (it had been removed)") }
             }
         }
     }

@@ -148,6 +148,16 @@ public final class UDPBackend: Backend {
         logger.info("data path stopped; counters: \(Statistics.summary(of: path.statistics))")
     }
 
+    /// Read at scrape time from what the workers published (at most one
+    /// batch old); the workers never wait for it.
+    public func report() -> BackendReport {
+        let path = dataPath.withLock { $0 }
+        let counters = Statistics.totals(of: path?.statistics ?? []).map { (name: $0.counter.description, value: $0.value) }
+        return BackendReport(device: options.device, summary: path?.summary ?? "udp data path not started",
+                             workers: path?.loops.count ?? 0, offloads: path?.offloadNames ?? [],
+                             tableEntries: table.count, tableGeneration: table.generation, counters: counters)
+    }
+
     /// The TUN device (and its route) goes with the process in any case:
     /// packets cannot flow without the daemon.
     public func cleanUp(releasing: Bool) {

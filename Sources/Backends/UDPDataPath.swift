@@ -23,6 +23,9 @@ final class UDPDataPath: Sendable {
     let loops: [any DataPathLoop]
     /// One line for the log: loop kind, workers, offloads and why.
     let summary: String
+    /// The offloads in use, by name: the loop's (tun-vnet-hdr, udp-gso,
+    /// udp-gro) and what the TUN accepted (tun-csum, tun-tso4, tun-uso4).
+    let offloadNames: [String]
 
     struct Settings {
         var device: String
@@ -146,6 +149,9 @@ final class UDPDataPath: Sendable {
             : "\(offloads)" + (virtio ? " (tun \(tunOffloads))" : "")
         if !notes.isEmpty { summary += "; " + notes.joined(separator: "; ") }
         self.summary = summary
+        let loopNames = offloads == .none ? [] : offloads.description.split(separator: "+").map(String.init)
+        let tunNames = tunOffloads.isEmpty ? [] : tunOffloads.description.split(separator: "+").map { "tun-\($0)" }
+        offloadNames = loopNames + tunNames
     }
 
     var statistics: [Statistics] { loops.map(\.statistics) }

@@ -142,6 +142,19 @@ public final class VXLANBackend: Backend {
         return EthernetAddress(text)
     }
 
+    /// Entries: peers programmed (ARP + FDB + route, or a direct route);
+    /// generation: changes to the peer routes.
+    public func report() -> BackendReport {
+        let keeper: RouteKeeper? = routes.withLock { $0 }
+        let tally = keeper?.tally ?? (routes: 0, changes: 0, restored: 0)
+        let peers = installed.withLock { $0.count }
+        return BackendReport(device: deviceName,
+                             summary: "kernel vxlan device \(deviceName), VNI \(settings.vni), port \(settings.port)"
+                                 + (config.backend.directRouting ? ", direct routing" : ""),
+                             tableEntries: peers, tableGeneration: tally.changes,
+                             counters: [("routes_restored", tally.restored)])
+    }
+
     public func apply(_ changes: [PeerChange]) {
         guard let device = try? current() else {
             logger.error("vxlan backend: peer changes before the device exists; ignored")

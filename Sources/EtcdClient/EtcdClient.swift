@@ -1,3 +1,4 @@
+import CoreMetrics
 import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
@@ -39,6 +40,10 @@ public final class EtcdClient: Sendable {
     private let credentials: EtcdCredentials?
     private let state: Mutex<State>
     private let connections: Task<Void, Never>
+    /// Watch streams re-established after a broken connection, and requests
+    /// repeated while no endpoint answered (swift-metrics; the daemon exports them).
+    private let watchReconnects: CoreMetrics.Counter
+    private let requestRetries: CoreMetrics.Counter
 
     private struct State {
         var token: String?
@@ -105,6 +110,8 @@ public final class EtcdClient: Sendable {
         self.requestTimeout = requestTimeout
         self.maxReceiveMessageBytes = max(1024, maxReceiveMessageBytes)
         self.state = Mutex(State())
+        self.watchReconnects = CoreMetrics.Counter(label: "tunneld_store_watch_reconnects_total")
+        self.requestRetries = CoreMetrics.Counter(label: "tunneld_store_request_retries_total")
         // runConnections returns after beginGracefulShutdown once in-flight
         // RPCs are done; errors here resurface on the RPCs themselves.
         self.connections = Task { try? await grpc.runConnections() }
@@ -615,6 +622,7 @@ public final class EtcdClient: Sendable {
                 }
                 let delay = min(Double(failures) * 0.5, 5.0)
                 do { try await Task.sleep(for: .seconds(delay)) } catch { break }
+                watchReconnects.increment()
             } catch {
                 if Task.isCancelled { break }
                 continuation.finish(throwing: EtcdError(.other, operation: operation, endpoints: endpoints,
@@ -665,6 +673,7 @@ public final class EtcdClient: Sendable {
                 }
                 if error.code == .unavailable, let delay = retryDelay(after: retries, since: started) {
                     retries += 1
+                    requestRetries.increment()
                     try? await Task.sleep(for: delay)
                     continue
                 }

@@ -80,13 +80,19 @@ public enum LeaseKey {
     /// The IPv4 subnet a key names; nil for keys that are not lease keys
     /// (flannel skips those). Anything up to the last "/" (the etcd prefix)
     /// is ignored; of a dual-stack key, the IPv4 part is taken.
+    ///
+    /// Only the one spelling flannel writes names a subnet: "10.2.072.0-24" or
+    /// "10.2.72.0-024" would be a second key for 10.2.72.0/24, which could shadow
+    /// the real lease or outlive it (renewals and deletions use the real key).
+    /// flannel refuses octets with leading zeros too (Go's IP parser does).
     public static func subnet(fromKey key: some StringProtocol) -> IPv4Network? {
         var name = Substring(key)
         if let slash = name.lastIndex(of: "/") { name = name[name.index(after: slash)...] }
         let parts = name.split(separator: "&", omittingEmptySubsequences: false)
         guard parts.count == 1 || parts.count == 2 else { return nil }
         if parts.count == 2 && !isIPv6KeyPart(parts[1]) { return nil }
-        return IPv4Network(leaseKey: parts[0])
+        guard let subnet = IPv4Network(leaseKey: parts[0]), subnet.leaseKey == parts[0] else { return nil }
+        return subnet
     }
 
     /// "fd00:10:244:1::-64": hex digits and colons, then a prefix length ≤ 128.

@@ -131,6 +131,13 @@ public struct SubnetEnv: Sendable, Equatable {
         guard let subnet = IPv4Network(value) else {
             throw SubnetEnvError(reason: "FLANNEL_SUBNET \"\(value)\" is not an address/prefix such as 10.2.72.1/24")
         }
+        // A lease is never longer than /30 (flannel's longest SubnetLen); a /31 or /32
+        // leaves no room for a bridge and a container, and for a /32 the "first host"
+        // this file names would lie outside the subnet itself.
+        guard subnet.prefixLength <= NetworkConfig.longestSubnetLen else {
+            throw SubnetEnvError(reason: "FLANNEL_SUBNET \"\(value)\" is longer than /\(NetworkConfig.longestSubnetLen), "
+                                 + "the longest subnet flannel leases: use the lease's subnet, such as 10.2.72.1/24")
+        }
         return subnet
     }
 

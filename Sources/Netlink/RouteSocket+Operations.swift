@@ -364,8 +364,9 @@ extension Link {
 
 extension InterfaceAddress {
     init?(message: NetlinkMessage) {
+        // A prefix above 32 is not an IPv4 address; `network` would trap on it.
         guard message.type == UInt16(RTM_NEWADDR), let header = message.header(ifaddrmsg.self),
-              header.ifa_family == RT.inet else { return nil }
+              header.ifa_family == RT.inet, header.ifa_prefixlen <= 32 else { return nil }
         let attributes = message.attributes(after: ifaddrmsg.self)
         // IFA_LOCAL is the address itself; IFA_ADDRESS is the peer on
         // point-to-point links and equals IFA_LOCAL elsewhere.

@@ -199,9 +199,8 @@ public final class RouteSocket: Sendable {
                         }
                         return .failure(failure)
                     case NLMSG_DONE:
-                        let code = message.header(Int32.self) ?? 0
-                        if code < 0 {
-                            var failure = NetlinkFailure(errno: Errno(-code))
+                        if let errno = NetlinkFailure.doneCode(message) {
+                            var failure = NetlinkFailure(errno: errno)
                             failure.kernelMessage = NetlinkFailure.extendedAckMessage(
                                 message.attributes(after: Int32.self), flags: message.flags)
                             return .failure(failure)
@@ -241,7 +240,7 @@ struct NetlinkFailure: Error, Sendable {
     /// capped) followed by extended-ack attributes when NLM_F_ACK_TLVS is set.
     init(errorMessage message: NetlinkMessage) {
         let code = message.header(Int32.self) ?? -EPROTO
-        errno = Errno(-code)
+        errno = code == 0 ? Errno(0) : NetlinkFailure.errno(fromNegated: code)
         var attributesStart = MemoryLayout<nlmsgerr>.size
         if message.flags & UInt16(NLM_F_CAPPED) == 0, let echoed = message.header(nlmsgerr.self) {
             attributesStart = 4 + NetlinkLayout.align(Int(echoed.msg.nlmsg_len))
@@ -250,6 +249,19 @@ struct NetlinkFailure: Error, Sendable {
             let attributes = NetlinkAttributes(parsing: message.payload[attributesStart...])
             kernelMessage = attributes[type: NLMSGERR_ATTR_MSG.rawValue]?.string
         }
+    }
+
+    /// The error an NLMSG_DONE carries (a dump that failed part way), nil when it
+    /// ends the dump normally.
+    static func doneCode(_ message: NetlinkMessage) -> Errno? {
+        let code = message.header(Int32.self) ?? 0
+        return code < 0 ? errno(fromNegated: code) : nil
+    }
+
+    /// The kernel reports an errno negated; INT32_MIN (which has no negation) or a
+    /// positive value is not one, so it counts as a protocol error rather than trapping.
+    static func errno(fromNegated code: Int32) -> Errno {
+        code < 0 && code != Int32.min ? Errno(-code) : Errno(EPROTO)
     }
 
     static func extendedAckMessage(_ attributes: NetlinkAttributes, flags: UInt16) -> String? {

@@ -336,7 +336,9 @@ public struct CoalescingPlan: ~Copyable {
             unsafe flows[flow].write = -1
         }
         let w = startWrite(index)
-        if let payload, payload > 0 {
+        // Like a TCP segment, the first datagram of a group is checked before others may
+        // join it: merging rewrites its checksum field, which would hide a corrupt one.
+        if let payload, payload > 0, unsafe checksumsAreValid(udp: p, length: length) {
             unsafe writes[w].totalLength = length
             unsafe writes[w].segmentSize = payload
             unsafe writes[w].headerLength = 28

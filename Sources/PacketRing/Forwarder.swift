@@ -206,8 +206,12 @@ extension Forwarder {
             return .reply(start: read, length: VirtioNetHeader.size + n)
         case .send(let address, let port, let n):
             if header.gsoType == VirtioNetHeader.GSOType.none.rawValue {
+                // The checksum to complete must lie past the IPv4 header checked above: a
+                // start inside it would overwrite checked fields (version, lengths) and
+                // send the peer a datagram it must drop. The kernel never asks for that.
                 if header.flags & VirtioNetHeader.needsChecksum != 0,
-                   !Segmentation.completeChecksum(p, length: n, header: header) {
+                   Int(header.checksumStart) < IPv4Header.headerLength(p)
+                    || !Segmentation.completeChecksum(p, length: n, header: header) {
                     stats.add(.droppedBadOffload)
                     return .drop
                 }

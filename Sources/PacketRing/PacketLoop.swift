@@ -416,7 +416,7 @@ public final class URingLoop: DataPathLoop, @unchecked Sendable {
             let count = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(batch)))
             active = count > 0
             if count == 0 { continue }
-            statistics.add(.batches)
+            statistics.addBatch(completions: count)
             for i in 0..<count {
                 let cqe = cqes[i]!
                 let result = cqe.pointee.res

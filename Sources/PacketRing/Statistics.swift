@@ -51,6 +51,17 @@ public enum Counter: Int, CaseIterable, Sendable, CustomStringConvertible {
     case droppedTooBig
     /// ICMP "fragmentation needed" (type 3 code 4) written back into the TUN.
     case icmpFragmentationNeededSent
+    /// Completions (io_uring) or ready descriptors (simple loop) handled, over all batches:
+    /// with `batches`, the mean batch size.
+    case batchCompletions
+    /// Batches by size class, powers of two (see `batchSizeClasses`).
+    case batchesOf1, batchesOf2to3, batchesOf4to7, batchesOf8to15, batchesOf16to31, batchesOf32to63, batchesOf64Plus
+
+    /// The batch-size counters with their class's name ("1", "2-3", … "64+").
+    public static let batchSizeClasses: [(counter: Counter, size: String)] = [
+        (.batchesOf1, "1"), (.batchesOf2to3, "2-3"), (.batchesOf4to7, "4-7"), (.batchesOf8to15, "8-15"),
+        (.batchesOf16to31, "16-31"), (.batchesOf32to63, "32-63"), (.batchesOf64Plus, "64+"),
+    ]
 
     public var description: String {
         switch self {
@@ -86,6 +97,14 @@ public enum Counter: Int, CaseIterable, Sendable, CustomStringConvertible {
         case .droppedNotForUs: "dropped_not_for_us"
         case .droppedTooBig: "dropped_too_big"
         case .icmpFragmentationNeededSent: "icmp_frag_needed_sent"
+        case .batchCompletions: "batch_completions"
+        case .batchesOf1: "batches_of_1"
+        case .batchesOf2to3: "batches_of_2_3"
+        case .batchesOf4to7: "batches_of_4_7"
+        case .batchesOf8to15: "batches_of_8_15"
+        case .batchesOf16to31: "batches_of_16_31"
+        case .batchesOf32to63: "batches_of_32_63"
+        case .batchesOf64Plus: "batches_of_64_plus"
         }
     }
 }
@@ -114,6 +133,17 @@ public final class Statistics: @unchecked Sendable {
     @inline(__always)
     func add(_ counter: Counter, _ n: UInt64 = 1) { local[counter.rawValue] &+= n }
 
+    /// One batch of `completions` (≥ 1) handled: its count, its size and its
+    /// size class. Once per batch, never per packet.
+    @inline(__always)
+    func addBatch(completions: Int) {
+        let n = max(completions, 1)
+        local[Counter.batches.rawValue] &+= 1
+        local[Counter.batchCompletions.rawValue] &+= UInt64(n)
+        let sizeClass = min(Counter.batchSizeClasses.count - 1, Int.bitWidth - 1 - n.leadingZeroBitCount)
+        local[Counter.batchesOf1.rawValue + sizeClass] &+= 1
+    }
+
     /// Makes the worker's counts visible to readers (once per batch).
     @inline(__always)
     func publish() {
@@ -124,6 +154,13 @@ public final class Statistics: @unchecked Sendable {
 
     public subscript(counter: Counter) -> UInt64 {
         UnsafeAtomic<UInt64>(at: published + counter.rawValue).load(ordering: .relaxed)
+    }
+
+    /// Every counter summed over `workers`, in `Counter` order: what the
+    /// metrics endpoint and `tunneld status` read (at scrape time, from the
+    /// published side; the workers never wait for a reader).
+    public static func totals(of workers: [Statistics]) -> [(counter: Counter, value: UInt64)] {
+        Counter.allCases.map { ($0, total($0, of: workers)) }
     }
 
     /// All counters that are not zero, for logs.

@@ -42,6 +42,9 @@ public final class SubnetTable: @unchecked Sendable {
     private let base: UInt32
     /// The writers' view: what each subnet is set to, for listing and diffing.
     private let routes = Mutex<[IPv4Network: Route]>([:])
+    /// Bumped by every change (a set, or a remove that removed something),
+    /// under `routes`' lock; read by the metrics endpoint and `tunneld status`.
+    private let changes = ManagedAtomic<UInt64>(0)
 
     static let kindPeer: UInt64 = 1 << 48
     static let kindLocal: UInt64 = 2 << 48
@@ -114,6 +117,7 @@ public final class SubnetTable: @unchecked Sendable {
         routes.withLock { routes in
             routes[subnet] = route
             for i in range { UnsafeAtomic<UInt64>(at: storage + i).store(value, ordering: .relaxed) }
+            changes.wrappingIncrement(ordering: .relaxed)
         }
     }
 
@@ -123,11 +127,19 @@ public final class SubnetTable: @unchecked Sendable {
         routes.withLock { routes in
             guard routes.removeValue(forKey: subnet) != nil else { return }
             for i in range { UnsafeAtomic<UInt64>(at: storage + i).store(0, ordering: .relaxed) }
+            changes.wrappingIncrement(ordering: .relaxed)
         }
     }
 
     /// What `subnet` is currently set to, as the writers see it.
     public func route(of subnet: IPv4Network) -> Route? { routes.withLock { $0[subnet] } }
+
+    /// How many changes the table has seen: a new value means the data path
+    /// is steering by a new set of routes.
+    public var generation: UInt64 { changes.load(ordering: .relaxed) }
+
+    /// How many subnets are set (peers and our own).
+    public var count: Int { routes.withLock { $0.count } }
 
     /// Every subnet currently set, as the writers see it.
     public var allRoutes: [IPv4Network: Route] { routes.withLock { $0 } }

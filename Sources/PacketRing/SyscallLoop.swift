@@ -55,7 +55,7 @@ public final class SyscallLoop: DataPathLoop, @unchecked Sendable {
                 throw SystemError("poll", on: "data path", errno: .current)
             }
             if fds[2].revents != 0 { return }
-            statistics.add(.batches)
+            statistics.addBatch(completions: Int(n))
             if fds[0].revents & Int16(POLLIN) != 0 {
                 let r = read(tunFD, p, DataPath.maxPacketSize)
                 if r > 0 {

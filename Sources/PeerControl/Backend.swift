@@ -68,10 +68,57 @@ public protocol Backend: AnyObject, Sendable {
     /// Runs until cancelled or failed.
     func run() async throws
 
+    /// What the backend has to say to `tunneld status` and the metrics
+    /// endpoint, read when they ask (never pushed by the data path).
+    func report() -> BackendReport
+
     /// On exit. `releasing`: the host leaves the network (its lease is
     /// released), so everything it installed goes; otherwise kernel state
     /// stays so that traffic keeps flowing across a restart, as with flanneld.
     func cleanUp(releasing: Bool)
+}
+
+/// A backend's state as an operator sees it: its device, the table it steers
+/// by, and (udp) the data path's counters and offloads.
+public struct BackendReport: Sendable, Equatable {
+    /// The device carrying traffic (flannel0, flannel.1), nil for host-gw.
+    public var device: String?
+    /// One line: the data path and its workers (udp), or what the kernel does.
+    public var summary: String
+    /// Data-path threads (udp), 0 for the kernel's backends.
+    public var workers: Int
+    /// The offloads the data path chose, by name (e.g. tun-vnet-hdr, udp-gso).
+    public var offloads: [String]
+    /// Entries of the table traffic is steered by: the udp data path's subnet
+    /// table (ours and the peers'), or the kernel routes installed for peers.
+    public var tableEntries: Int
+    /// Changes the table has seen since start.
+    public var tableGeneration: UInt64
+    /// Counters by name, summed over the data-path workers (udp: PacketRing's
+    /// `Counter` names; kernel backends: routes_restored).
+    public var counters: [(name: String, value: UInt64)]
+
+    public init(device: String? = nil, summary: String = "", workers: Int = 0, offloads: [String] = [],
+                tableEntries: Int = 0, tableGeneration: UInt64 = 0, counters: [(name: String, value: UInt64)] = []) {
+        self.device = device
+        self.summary = summary
+        self.workers = workers
+        self.offloads = offloads
+        self.tableEntries = tableEntries
+        self.tableGeneration = tableGeneration
+        self.counters = counters
+    }
+
+    public static func == (a: BackendReport, b: BackendReport) -> Bool {
+        a.device == b.device && a.summary == b.summary && a.workers == b.workers && a.offloads == b.offloads
+            && a.tableEntries == b.tableEntries && a.tableGeneration == b.tableGeneration
+            && a.counters.map(\.name) == b.counters.map(\.name) && a.counters.map(\.value) == b.counters.map(\.value)
+    }
+}
+
+extension Backend {
+    /// A backend with nothing more to say than its type.
+    public func report() -> BackendReport { BackendReport(summary: type) }
 }
 
 extension LeaseAttributes {

@@ -1,3 +1,4 @@
+import CoreMetrics
 import Foundation
 import LeaseStore
 import Logging
@@ -39,6 +40,9 @@ public final class PeerSync: Sendable {
 
     /// Peers as applied to the backend, by subnet.
     private let peers = Mutex<[IPv4Network: Lease]>([:])
+    /// When each peer in `peers` was last added or changed.
+    private let changedAt = Mutex<[IPv4Network: Date]>([:])
+    private let metrics: Metrics
     /// Leases already reported as unusable, with the reason, so that each
     /// is reported once (again only if the reason changes).
     private let reported = Mutex<[IPv4Network: String]>([:])
@@ -52,7 +56,9 @@ public final class PeerSync: Sendable {
 
     public init(store: any LeaseStore, backend: any Backend, holder: LeaseHolder, config: NetworkConfig,
                 attributes: LeaseAttributes, logger: Logger,
-                onSubnetChange: @escaping @Sendable (Lease) -> Void = { _ in }) {
+                onSubnetChange: @escaping @Sendable (Lease) -> Void = { _ in },
+                metricsFactory: any MetricsFactory = MetricsSystem.factory) {
+        self.metrics = Metrics(factory: metricsFactory)
         self.store = store
         self.backend = backend
         self.holder = holder
@@ -65,6 +71,9 @@ public final class PeerSync: Sendable {
 
     /// The peers applied to the backend.
     public var currentPeers: [IPv4Network: Lease] { peers.withLock { $0 } }
+
+    /// When each current peer was last added or changed (for `tunneld status`).
+    public var peerChangeTimes: [IPv4Network: Date] { changedAt.withLock { $0 } }
 
     /// Whether a re-acquisition of our lease is pending or running.
     public var isReacquiring: Bool { reacquiring.withLock { $0 } }
@@ -193,12 +202,22 @@ public final class PeerSync: Sendable {
     /// Records and hands `changes` to the backend. Called under `applying`.
     private func commit(_ changes: [PeerChange]) {
         guard !changes.isEmpty else { return }
+        let now = Date()
         peers.withLock { record in
             for change in changes {
                 switch change {
                 case .added(let lease), .updated(_, let lease): record[lease.subnet] = lease
                 case .removed(let lease): record[lease.subnet] = nil
                 }
+            }
+        }
+        changedAt.withLock { times in
+            for change in changes {
+                switch change {
+                case .added(let lease), .updated(_, let lease): times[lease.subnet] = now
+                case .removed(let lease): times[lease.subnet] = nil
+                }
+                metrics.peerChanges(change).increment()
             }
         }
         backend.apply(changes)
@@ -235,6 +254,7 @@ public final class PeerSync: Sendable {
                 let old = holder.lease
                 let lease = try await store.acquireLease(config: config, attributes: attributes, preferred: preferred)
                 holder.replace(lease)
+                metrics.reacquisitions.increment()
                 if lease.subnet == old.subnet {
                     logger.info("lease \(lease.subnet) acquired again")
                 } else {
@@ -272,9 +292,11 @@ public final class PeerSync: Sendable {
                     delay = .milliseconds(500)
                 }
                 if Task.isCancelled { return }
+                metrics.watchRestarts.increment()
                 logger.info("lease watch ended; resuming from revision \(revision)")
             } catch LeaseStoreError.compacted(let requested, let oldest) {
                 relists += 1
+                metrics.compactions.increment()
                 // `requested` is where the store's stream began; we may have
                 // seen events past it before the stream broke.
                 logger.warning("lease watch: changes after \(max(requested, revision)) were compacted (oldest kept \(oldest)); listing again (re-list #\(relists))")
@@ -288,6 +310,7 @@ public final class PeerSync: Sendable {
                 }
             } catch {
                 if Task.isCancelled { return }
+                metrics.watchRestarts.increment()
                 logger.warning("lease watch failed: \(error); resuming from revision \(revision) in \(delay)")
             }
             try? await Task.sleep(for: delay)
@@ -328,17 +351,52 @@ public final class PeerSync: Sendable {
             do {
                 let renewed = try await store.renewLease(holder.lease)
                 holder.replace(renewed)
+                metrics.renewals.increment()
                 let until = renewed.expiration.map { " until \($0)" } ?? ""
                 logger.info("renewed lease \(renewed.subnet)\(until)")
             } catch LeaseStoreError.leaseNotFound {
+                metrics.renewalFailures.increment()
                 logger.warning("lease \(lease.subnet) vanished before renewal; acquiring again")
                 requestReacquire(lease.subnet)
             } catch {
                 // Keep forwarding; try again in a minute (or sooner when the
                 // lease is about to run out).
+                metrics.renewalFailures.increment()
                 let retry = min(60, max(1, holder.lease.expiration.map { $0.timeIntervalSinceNow / 4 } ?? 60))
                 logger.error("renewing lease \(lease.subnet) failed: \(error); retrying in \(Int(retry)) s")
                 try? await Task.sleep(for: .seconds(retry))
+            }
+        }
+    }
+}
+
+extension PeerSync {
+    /// What the control side counts, through swift-metrics (the daemon
+    /// bootstraps it with the Prometheus registry; elsewhere these are no-ops).
+    struct Metrics: Sendable {
+        let added, updated, removed: CoreMetrics.Counter
+        let renewals, renewalFailures, reacquisitions: CoreMetrics.Counter
+        let watchRestarts, compactions: CoreMetrics.Counter
+
+        init(factory: any MetricsFactory) {
+            func counter(_ label: String, _ dimensions: [(String, String)] = []) -> CoreMetrics.Counter {
+                CoreMetrics.Counter(label: label, dimensions: dimensions, factory: factory)
+            }
+            added = counter("tunneld_peer_changes_total", [("change", "added")])
+            updated = counter("tunneld_peer_changes_total", [("change", "updated")])
+            removed = counter("tunneld_peer_changes_total", [("change", "removed")])
+            renewals = counter("tunneld_lease_renewals_total")
+            renewalFailures = counter("tunneld_lease_renewal_failures_total")
+            reacquisitions = counter("tunneld_lease_reacquisitions_total")
+            watchRestarts = counter("tunneld_store_watch_restarts_total")
+            compactions = counter("tunneld_store_compactions_total")
+        }
+
+        func peerChanges(_ change: PeerChange) -> CoreMetrics.Counter {
+            switch change {
+            case .added: added
+            case .updated: updated
+            case .removed: removed
             }
         }
     }

@@ -5,6 +5,7 @@ import LeaseStore
 import Logging
 import NetBase
 import Netlink
+import Observability
 import PeerControl
 import ServiceLifecycle
 
@@ -24,9 +25,12 @@ final class Daemon: Service, Sendable {
     }
 
     func run() async throws {
+        let startedAt = Date()
         systemd.status("Reading the network config from \(store.location)")
         guard let config = try await waitForConfig() else { return }
         try checkBackend(config)
+        // Before anything is set up: a missing iptables fails here.
+        let firewall = try IPTablesKeeper(masquerade: options.ipMasq, forward: options.iptablesForwardRules, logger: logger)
 
         let routeSocket = try RouteSocket()
         let (interface, interfaceAddress) = try selectInterface(routeSocket)
@@ -37,15 +41,14 @@ final class Daemon: Service, Sendable {
         let backend = try makeBackend(config, interface: interface, interfaceAddress: interfaceAddress,
                                       publicIP: publicIP, routeSocket: routeSocket)
         // From here on, a failure removes what this start installed (device,
-        // routes, iptables chains, a lease it took fresh) before the error
-        // is reported: no half-configured host.
-        var masquerade: IPMasquerade?
+        // routes, iptables chains, the health listener, a lease it took
+        // fresh) before the error is reported: no half-configured host.
         var freshLease: Lease?
-        var healthServer: HealthServer?
+        var endpoint: HTTPEndpoint?
         func rollBack(_ error: any Error) async {
             logger.error("start-up failed: \(error); removing what was set up")
-            healthServer?.stop()
-            cleanUp(backend, masquerade: masquerade, releasing: false)
+            endpoint?.stop()
+            cleanUp(backend, firewall: firewall, releasing: false)
             if let freshLease {
                 do {
                     try await store.releaseLease(freshLease)
@@ -87,49 +90,55 @@ final class Daemon: Service, Sendable {
 
             peers = PeerSync(store: store, backend: backend, holder: holder, config: config,
                              attributes: attributes, logger: logger,
-                             onSubnetChange: { [options, logger] newLease in
+                             onSubnetChange: { [options, logger, firewall] newLease in
                 do {
                     try SubnetEnv(network: config.network, subnet: newLease.subnet, mtu: mtu, ipMasq: options.ipMasq)
                         .write(to: options.subnetFile)
-                    if options.ipMasq { try IPMasquerade().install(network: config.network, subnet: newLease.subnet) }
+                    try firewall?.install(network: config.network, subnet: newLease.subnet)
                 } catch {
                     logger.error("could not move to the new subnet \(newLease.subnet): \(error)")
                 }
             })
+            try firewall?.install(network: config.network, subnet: lease.subnet)
             if options.ipMasq {
-                let rules = try IPMasquerade()
-                masquerade = rules
-                try rules.install(network: config.network, subnet: lease.subnet)
-                logger.info("ip masquerade on for traffic from \(config.network) leaving it (iptables chains \(IPMasquerade.natChain), \(IPMasquerade.filterChain))")
+                logger.info("ip masquerade on for traffic from \(config.network) leaving it (iptables nat chain \(IPTablesChain.natChain))")
+            }
+            if options.iptablesForwardRules {
+                logger.info("forwarding traffic from and to \(config.network) (iptables filter chain \(IPTablesChain.forwardChain)); put back within \(options.iptablesResync) s if removed")
             }
             guard let listed = try await retrying("list the leases in \(store.location)", { try await peers.loadInitialPeers() }) else {
-                cleanUp(backend, masquerade: masquerade, releasing: false)
+                cleanUp(backend, firewall: firewall, releasing: false)
                 return
             }
             revision = listed
-            healthServer = try options.healthzPort == 0 ? nil
-                : HealthServer(address: IPv4Address(options.healthzIP)!, port: UInt16(options.healthzPort))
+            endpoint = try startEndpoint(Observed(
+                config: config, location: store.location, interface: interface.name,
+                interfaceAddress: interfaceAddress, publicIP: publicIP, mtu: mtu, startedAt: startedAt,
+                backend: backend, peers: peers))
             try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq)
                 .write(to: options.subnetFile)
         } catch {
             await rollBack(error)
             throw error
         }
-        let health = healthServer
-        defer { health?.stop() }
-        if let health { logger.info("health endpoint: http://\(health.endpoint)/healthz") }
+        let serving = endpoint
+        defer { serving?.stop() }
 
         logger.info("tunneld ready: \(backend.type) backend, MTU \(mtu), \(peers.currentPeers.count) peer(s); wrote \(options.subnetFile)")
         let subnet = lease.subnet
         systemd.ready(status: runningStatus(backend: backend.type, subnet: subnet, peers: peers.currentPeers.count))
 
         let margin = Duration.seconds(options.subnetLeaseRenewMargin * 60)
+        let resync = Duration.seconds(options.iptablesResync)
         let systemd = self.systemd
         do {
             try await cancelWhenGracefulShutdown {
                 try await withThrowingTaskGroup(of: Void.self) { group in
                     group.addTask { try await backend.run() }
                     group.addTask { await peers.run(from: revision, renewMargin: margin) }
+                    if let firewall {
+                        group.addTask { await firewall.keep(every: resync) }
+                    }
                     if systemd.isActive {
                         // Runs until cancelled: watchdog pings and STATUS= updates.
                         group.addTask {
@@ -149,13 +158,13 @@ final class Daemon: Service, Sendable {
         } catch {
             logger.error("\(backend.type) backend stopped: \(error)")
             systemd.stopping(status: "Failed: \(backend.type) backend stopped: \(error)")
-            cleanUp(backend, masquerade: masquerade, releasing: false)
+            cleanUp(backend, firewall: firewall, releasing: false)
             throw error
         }
         logger.info("stopping")
         systemd.stopping(status: options.releaseOnExit ? "Stopping: removing devices and routes, releasing the lease"
                                                        : "Stopping: keeping the lease for a restart")
-        cleanUp(backend, masquerade: masquerade, releasing: options.releaseOnExit)
+        cleanUp(backend, firewall: firewall, releasing: options.releaseOnExit)
         if options.releaseOnExit {
             do {
                 try await store.releaseLease(holder.lease)
@@ -204,15 +213,11 @@ final class Daemon: Service, Sendable {
         }
     }
 
-    private func cleanUp(_ backend: any Backend, masquerade: IPMasquerade?, releasing: Bool) {
+    private func cleanUp(_ backend: any Backend, firewall: IPTablesKeeper?, releasing: Bool) {
         backend.cleanUp(releasing: releasing)
-        guard let masquerade else { return }
-        do {
-            try masquerade.remove()
-            logger.info("removed ip masquerade rules")
-        } catch {
-            logger.warning("could not remove ip masquerade rules: \(error)")
-        }
+        guard let firewall else { return }
+        firewall.remove()
+        logger.info("removed tunneld's iptables rules")
     }
 
     /// Reads the network config, waiting (with backoff) while there is none.

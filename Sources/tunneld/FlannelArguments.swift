@@ -12,11 +12,16 @@ enum FlannelArguments {
         "etcd-username", "etcd-password", "iface", "iface-regex", "public-ip", "subnet-file",
         "subnet-lease-renew-margin", "healthz-ip", "healthz-port", "backend", "store", "store-dir",
         "device", "datapath", "queue-depth", "log-level", "log-format", "v", "subnet-lease-ttl",
+        "iptables-resync",
+        "metrics-address", "control-socket",
     ]
     /// Long options that are on/off switches.
     static let booleanFlags: Set<String> = [
-        "ip-masq", "accept-unknown-peers", "release-on-exit",
+        "ip-masq", "accept-unknown-peers", "release-on-exit", "iptables-forward-rules",
     ]
+    /// Switches that are on unless turned off (`-iptables-forward-rules=false`
+    /// becomes `--no-iptables-forward-rules`).
+    static let onByDefault: Set<String> = ["iptables-forward-rules"]
     /// Flags that may be given more than once (and in the environment as a
     /// comma-separated list).
     static let repeatableFlags: Set<String> = ["iface", "iface-regex"]
@@ -30,7 +35,42 @@ enum FlannelArguments {
         "etcd-username", "etcd-password", "store", "store-dir",
     ]
 
+    /// Subcommands whose arguments are not flanneld's: `docker-opts` takes
+    /// mk-docker-opts.sh's getopts flags (`-ci`, `-kNAME`), which must not
+    /// become long options, and none of flanneld's FLANNELD_* variables.
+    static let foreignSubcommands: Set<String> = ["docker-opts"]
+
+    /// flanneld flags tunneld does not offer, with what to do instead; said
+    /// in one line rather than the parser's "Unknown option".
+    static let unsupportedFlags: [String: String] = [
+        "kube-subnet-mgr": "tunneld keeps leases in etcd (or its local store), not in Kubernetes node objects; run it with -etcd-endpoints",
+        "kubeconfig-file": "tunneld does not use the Kubernetes API; leases live in etcd",
+        "kube-api-url": "tunneld does not use the Kubernetes API; leases live in etcd",
+        "kube-annotation-prefix": "tunneld does not use the Kubernetes API; leases live in etcd",
+        "net-config-path": "the network config lives in etcd at <prefix>/config (tunneld config set FILE writes it)",
+        "public-ipv6": "tunneld supports IPv4 networks only for now",
+        "auto-detect-ipv6": "tunneld supports IPv4 networks only for now",
+        "ipv6-masq": "tunneld supports IPv4 networks only for now",
+        "subnet-dir": "tunneld offers the udp, vxlan and host-gw backends; the ipsec backend's options do not apply",
+    ]
+
+    /// The first flanneld flag in `arguments` that tunneld does not offer,
+    /// as an error message, or nil.
+    static func unsupported(_ arguments: [String]) -> String? {
+        for argument in arguments where argument.hasPrefix("-") {
+            let name = String(argument.drop { $0 == "-" }.prefix { $0 != "=" })
+            if let advice = unsupportedFlags[name] {
+                return "flanneld's -\(name) is not supported by tunneld: \(advice) (see docs/MIGRATING.md)"
+            }
+            if name.hasPrefix("charon") {
+                return "flanneld's -\(name) belongs to the ipsec backend, which tunneld does not offer (udp, vxlan and host-gw are; see docs/MIGRATING.md)"
+            }
+        }
+        return nil
+    }
+
     static func normalize(_ arguments: [String], environment: [String: String]) -> [String] {
+        if let subcommand = arguments.first, foreignSubcommands.contains(subcommand) { return arguments }
         var result: [String] = []
         var given: Set<String> = []
         var index = 0
@@ -52,12 +92,18 @@ enum FlannelArguments {
                 given.insert(name)
                 if let eq = body.firstIndex(of: "=") {
                     let value = body[body.index(after: eq)...].lowercased()
-                    if ["true", "1", "t", "yes"].contains(value) { result.append("--\(name)") }
-                    else if !["false", "0", "f", "no"].contains(value) { result.append(argument) }  // let the parser complain
+                    if let on = boolean(value) {
+                        if let flag = switchArgument(name, on: on) { result.append(flag) }
+                    } else {
+                        result.append(argument)  // let the parser complain
+                    }
                 } else {
                     result.append("--\(name)")
                 }
                 continue
+            }
+            if name.hasPrefix("no-"), booleanFlags.contains(String(name.dropFirst(3))) {
+                given.insert(String(name.dropFirst(3)))
             }
             if valueFlags.contains(name) { given.insert(name) }
             // The parser reports unknown options itself.
@@ -72,7 +118,7 @@ enum FlannelArguments {
             guard let value = environment["TUNNELD_" + suffix] ?? environment["FLANNELD_" + suffix],
                   !value.isEmpty else { continue }
             if booleanFlags.contains(name) {
-                if ["true", "1", "t", "yes"].contains(value.lowercased()) { result.append("--\(name)") }
+                if let on = boolean(value.lowercased()), let flag = switchArgument(name, on: on) { result.append(flag) }
             } else if repeatableFlags.contains(name) {
                 for item in value.split(separator: ",") { result += ["--\(name)", String(item)] }
             } else {
@@ -80,5 +126,19 @@ enum FlannelArguments {
             }
         }
         return result
+    }
+
+    /// Go's strconv.ParseBool words (lowercased), as flanneld accepts them.
+    private static func boolean(_ value: some StringProtocol) -> Bool? {
+        if ["true", "1", "t", "yes"].contains(value) { return true }
+        if ["false", "0", "f", "no"].contains(value) { return false }
+        return nil
+    }
+
+    /// The parser's spelling of switch `name` set to `on`; nil where that
+    /// is the default and the parser has no spelling for it.
+    private static func switchArgument(_ name: String, on: Bool) -> String? {
+        if on { return "--\(name)" }
+        return onByDefault.contains(name) ? "--no-\(name)" : nil
     }
 }

@@ -6,9 +6,33 @@ import Logging
 import NetBase
 import ServiceLifecycle
 
+/// `tunneld run`. Its options come in groups, as `tunneld run --help` shows
+/// them: flanneld's (FlanneldOptions), the store's, observability, and
+/// tunneld's own below. flanneld's are read as `options.iface` and so on
+/// through dynamic member lookup.
+@dynamicMemberLookup
 struct Run: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Join the network: lease a subnet, write subnet.env, and carry traffic to the other hosts.")
+        abstract: "Join the network: lease a subnet, write subnet.env, and carry traffic to the other hosts.",
+        discussion: """
+            flanneld's options keep flanneld's names and defaults; -flag=value, -flag value, \
+            Go booleans (-ip-masq=true) and FLANNELD_<FLAG> variables all work. OPTIONS below \
+            are tunneld's own.
+
+            Examples:
+              tunneld run -etcd-endpoints=http://10.0.0.1:2379 -iface=eth0 -ip-masq
+                  flanneld's command line, unchanged (FLANNELD_* variables work too)
+              tunneld run --store-dir /var/lib/tunneld --iface eth0
+                  one machine, no etcd: the local store
+              tunneld run -etcd-endpoints=https://10.0.0.1:2379 -etcd-cafile=ca.pem \\
+                  -etcd-certfile=node.pem -etcd-keyfile=node-key.pem -healthz-port=8471
+                  etcd over TLS, /healthz and /metrics on port 8471
+            """)
+
+    @OptionGroup(title: "flanneld's options")
+    var flanneld: FlanneldOptions
+
+    subscript<T>(dynamicMember keyPath: KeyPath<FlanneldOptions, T>) -> T { flanneld[keyPath: keyPath] }
 
     enum Backend: String, ExpressibleByArgument, CaseIterable {
         case udp, vxlan
@@ -22,28 +46,16 @@ struct Run: AsyncParsableCommand {
         case simple
     }
 
-    @OptionGroup var storeOptions: StoreOptions
+    @OptionGroup(title: "Store: etcd (flanneld's -etcd-* flags) or tunneld's local store")
+    var storeOptions: StoreOptions
+    @OptionGroup(title: "Metrics and status")
+    var observability: ObservabilityOptions
+
+    // tunneld's own options.
 
     @Option(help: ArgumentHelp("Backend; must agree with the config's Backend.Type (default: the config's).",
                                valueName: "udp|vxlan|host-gw"))
     var backend: Backend?
-
-    @Option(help: ArgumentHelp("Interface (name or IP) for traffic between hosts; may be repeated, the first that exists is used. Default: the interface of the default route.",
-                               valueName: "name|ip"))
-    var iface: [String] = []
-
-    @Option(help: ArgumentHelp("Regular expression matched against interface names and IPv4 addresses, tried after --iface; may be repeated.",
-                               valueName: "regex"))
-    var ifaceRegex: [String] = []
-
-    @Option(help: ArgumentHelp("IP other hosts send to (default: the interface's address).", valueName: "ip"))
-    var publicIP: String?
-
-    @Option(help: ArgumentHelp("Where to write flannel's subnet.env.", valueName: "file"))
-    var subnetFile: String = "/run/flannel/subnet.env"
-
-    @Option(help: ArgumentHelp("Renew the lease this many minutes before it expires (1–1439).", valueName: "minutes"))
-    var subnetLeaseRenewMargin: Int = 60
 
     @Option(help: ArgumentHelp("Name of the udp backend's TUN device.", valueName: "name"))
     var device: String = "flannel0"
@@ -79,32 +91,15 @@ struct Run: AsyncParsableCommand {
     @Flag(help: "Release the lease on exit and remove the backend's devices and routes: the host leaves the network (default: keep both, so a restart gets the same subnet and vxlan/host-gw traffic keeps flowing).")
     var releaseOnExit = false
 
-    @Flag(help: "Masquerade traffic from the overlay network to the outside, as flanneld's -ip-masq (needs iptables).")
-    var ipMasq = false
-
-    @Option(help: ArgumentHelp("Address the health endpoint listens on.", valueName: "ip"))
-    var healthzIP: String = "0.0.0.0"
-
-    @Option(help: ArgumentHelp("Port of the health endpoint (GET /healthz answers 200 while running); 0 = off.",
-                               valueName: "port"))
-    var healthzPort: Int = 0
-
     @Option(help: ArgumentHelp("Log level (default: info, or what -v says).", valueName: "trace|debug|info|notice|warning|error"))
     var logLevel: Logger.Level?
-
-    @Option(name: [.customShort("v"), .customLong("v")],
-            help: ArgumentHelp("flanneld's verbosity: 0 = info, 1–9 = debug, 10 and more = trace; --log-level wins.", valueName: "n"))
-    var verbosity: Int = 0
 
     @Option(help: ArgumentHelp("Log line format: text, or json (one object per line, for log shippers).", valueName: "text|json"))
     var logFormat: LogFormat = .text
 
-    var effectiveLogLevel: Logger.Level { logLevel ?? tunneld.logLevel(verbosity: verbosity) }
+    var effectiveLogLevel: Logger.Level { logLevel ?? tunneld.logLevel(verbosity: flanneld.verbosity) }
 
     func validate() throws {
-        guard (1...1439).contains(subnetLeaseRenewMargin) else {
-            throw ValidationError("--subnet-lease-renew-margin must be between 1 and 1439 minutes, not \(subnetLeaseRenewMargin)")
-        }
         if let workers, !(1...64).contains(workers) {
             throw ValidationError("--workers must be between 1 and 64, not \(workers)")
         }
@@ -114,10 +109,79 @@ struct Run: AsyncParsableCommand {
         guard (1...4096).contains(queueDepth) else {
             throw ValidationError("--queue-depth must be between 1 and 4096, not \(queueDepth)")
         }
+        guard !device.isEmpty, device.utf8.count < 16, !device.contains("/"), !device.contains(" ") else {
+            throw ValidationError("--device \(device) is not a valid interface name (1–15 characters, no '/' or spaces)")
+        }
+    }
+
+    func run() async throws {
+        bootstrapLogging(effectiveLogLevel, format: logFormat)
+        let logger = Logger(label: "tunneld")
+        ObservabilityOptions.bootstrapMetrics()
+        let store = try storeOptions.open()
+        let daemon = Daemon(options: self, store: store, logger: logger)
+        let group = ServiceGroup(configuration: .init(
+            services: [.init(service: daemon)],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger))
+        try await group.run()
+    }
+}
+extension OffloadMode: ExpressibleByArgument {}
+
+/// The options flanneld has, with flanneld's names and defaults.
+struct FlanneldOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("Interface (name or IP) for traffic between hosts; may be repeated, the first that exists is used. Default: the interface of the default route.",
+                               valueName: "name|ip"))
+    var iface: [String] = []
+
+    @Option(help: ArgumentHelp("Regular expression matched against interface names and IPv4 addresses, tried after --iface; may be repeated.",
+                               valueName: "regex"))
+    var ifaceRegex: [String] = []
+
+    @Option(help: ArgumentHelp("IP other hosts send to (default: the interface's address).", valueName: "ip"))
+    var publicIP: String?
+
+    @Option(help: ArgumentHelp("Where to write flannel's subnet.env.", valueName: "file"))
+    var subnetFile: String = "/run/flannel/subnet.env"
+
+    @Option(help: ArgumentHelp("Renew the lease this many minutes before it expires (1–1439).", valueName: "minutes"))
+    var subnetLeaseRenewMargin: Int = 60
+
+    @Flag(help: "Masquerade traffic from the overlay network to the outside, as flanneld's -ip-masq (needs iptables).")
+    var ipMasq = false
+
+    @Flag(inversion: .prefixedNo,
+          help: "Accept forwarded traffic from and to the overlay network in iptables' FORWARD chain, as flanneld's -iptables-forward-rules (needed where the FORWARD policy is DROP, as Docker sets it; -iptables-forward-rules=false or --no-iptables-forward-rules: off).")
+    var iptablesForwardRules = true
+
+    @Option(help: ArgumentHelp("Check tunneld's iptables rules this often and put back what someone removed (flanneld's -iptables-resync).",
+                               valueName: "seconds"))
+    var iptablesResync: Int = 5
+
+    @Option(help: ArgumentHelp("Address the health endpoint listens on.", valueName: "ip"))
+    var healthzIP: String = "0.0.0.0"
+
+    @Option(help: ArgumentHelp("Port of the health endpoint (GET /healthz answers 200 while running); 0 = off.",
+                               valueName: "port"))
+    var healthzPort: Int = 0
+
+    @Option(name: [.customShort("v"), .customLong("v")],
+            help: ArgumentHelp("flanneld's verbosity: 0 = info, 1–9 = debug, 10 and more = trace; --log-level wins.", valueName: "n"))
+    var verbosity: Int = 0
+
+
+    func validate() throws {
+        guard (1...1439).contains(subnetLeaseRenewMargin) else {
+            throw ValidationError("--subnet-lease-renew-margin must be between 1 and 1439 minutes, not \(subnetLeaseRenewMargin)")
+        }
         for pattern in ifaceRegex {
             do { _ = try Regex(pattern) } catch {
                 throw ValidationError("--iface-regex \(pattern) is not a valid regular expression: \(error)")
             }
+        }
+        guard (1...3600).contains(iptablesResync) else {
+            throw ValidationError("--iptables-resync must be between 1 and 3600 seconds, not \(iptablesResync)")
         }
         guard (0...65535).contains(healthzPort) else {
             throw ValidationError("--healthz-port must be between 0 (off) and 65535, not \(healthzPort)")
@@ -131,21 +195,5 @@ struct Run: AsyncParsableCommand {
         guard verbosity >= 0 else {
             throw ValidationError("-v must be 0 or more, not \(verbosity)")
         }
-        guard !device.isEmpty, device.utf8.count < 16, !device.contains("/"), !device.contains(" ") else {
-            throw ValidationError("--device \(device) is not a valid interface name (1–15 characters, no '/' or spaces)")
-        }
-    }
-
-    func run() async throws {
-        bootstrapLogging(effectiveLogLevel, format: logFormat)
-        let logger = Logger(label: "tunneld")
-        let store = try storeOptions.open()
-        let daemon = Daemon(options: self, store: store, logger: logger)
-        let group = ServiceGroup(configuration: .init(
-            services: [.init(service: daemon)],
-            gracefulShutdownSignals: [.sigterm, .sigint],
-            logger: logger))
-        try await group.run()
     }
 }
-extension OffloadMode: ExpressibleByArgument {}

@@ -13,15 +13,30 @@ struct Tunneld: AsyncParsableCommand {
             <prefix>/config and <prefix>/subnets/…) and writes flannel's subnet.env.
             flanneld's flag spellings (-etcd-endpoints=…, -iface=…) and FLANNELD_* environment \
             variables are accepted.
+
+            Examples:
+              tunneld config set -etcd-endpoints=http://10.0.0.1:2379 flannel-config.json
+              tunneld run -etcd-endpoints=http://10.0.0.1:2379 -iface=eth0 -ip-masq
+              tunneld docker-opts -k DOCKER_NETWORK_OPTIONS -d /run/flannel/docker
+              tunneld status            (this host, its peers, the data path)
+              tunneld leases -etcd-endpoints=http://10.0.0.1:2379
+
+            Each subcommand's --help lists its options. Docs: docs/QUICKSTART.md, \
+            docs/MIGRATING.md, docs/OPERATIONS.md.
             """,
-        subcommands: [Run.self, Config.self, Leases.self],
+        version: tunneldVersion,
+        subcommands: [Run.self, Config.self, Leases.self, Status.self, DockerOpts.self],
         defaultSubcommand: nil
     )
 
     static func main() async {
         // flanneld's spellings and FLANNELD_* become ordinary options first.
-        let arguments = FlannelArguments.normalize(Array(CommandLine.arguments.dropFirst()),
-                                                   environment: ProcessInfo.processInfo.environment)
+        let given = Array(CommandLine.arguments.dropFirst())
+        if given.first == "run", let message = FlannelArguments.unsupported(given) {
+            FileHandle.standardError.write(Data("Error: \(message)\n".utf8))
+            Foundation.exit(64)
+        }
+        let arguments = FlannelArguments.normalize(given, environment: ProcessInfo.processInfo.environment)
         await main(arguments)
     }
 }

@@ -55,8 +55,25 @@ final class Child {
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
         let argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
+        // A clean signal state, as a process started by a shell or systemd
+        // has: the test runner's threads block signals (SIGALRM among
+        // them), and a blocked mask is inherited through every exec — down
+        // to dockerd's containers, where busybox's ping then stalls waiting
+        // for its timer.
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        posix_spawnattr_setsigmask(&attributes, &empty)
+        var all = sigset_t()
+        sigfillset(&all)
+        sigdelset(&all, SIGKILL)
+        sigdelset(&all, SIGSTOP)
+        posix_spawnattr_setsigdefault(&attributes, &all)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         var pid = pid_t()
-        let rc = posix_spawnp(&pid, arguments[0], &actions, nil, argv, environ)
+        let rc = posix_spawnp(&pid, arguments[0], &actions, &attributes, argv, environ)
         guard rc == 0 else {
             throw CommandFailed(command: arguments, result: CommandResult(status: -1, output: "posix_spawn: \(String(cString: strerror(rc)))"))
         }
@@ -146,7 +163,9 @@ final class Lab {
     /// Adds host N running tunneld with the local store, and its container.
     func addHost(_ n: Int, iface: [String] = ["--iface", "eth0"], extra: [String] = []) throws {
         let command = [tunneldBinary, "run", "--backend", "udp"] + iface
-            + ["--subnet-file", subnetFile(n), "--device", "tun0"] + extra
+            + ["--subnet-file", subnetFile(n), "--device", "tun0"]
+            + (extra.contains("--control-socket") ? [] : ["--control-socket", directory.appendingPathComponent("h\(n).sock").path])
+            + extra
         try addHost(n, command: command)
     }
 

@@ -1,4 +1,6 @@
+import CoreMetrics
 import Foundation
+import MetricsTestKit
 import LeaseStore
 import NetBase
 import PeerControl
@@ -22,7 +24,8 @@ struct Fixture {
     }
 
     init(type: String = "udp", configJSON: String = configJSON,
-         unusable: @escaping @Sendable (Lease) -> String? = { _ in nil }) async throws {
+         unusable: @escaping @Sendable (Lease) -> String? = { _ in nil },
+         metrics: any MetricsFactory = MetricsSystem.factory) async throws {
         let config = try NetworkConfig(json: configJSON)
         store = MemoryLeaseStore(config: configJSON)
         backend = RecordingBackend(type: type, publicIP: ip("198.18.0.1"), unusable: unusable)
@@ -33,7 +36,8 @@ struct Fixture {
         self.movedTo = movedTo
         sync = PeerSync(store: store, backend: backend, holder: LeaseHolder(own), config: config,
                         attributes: attributes, logger: logs.logger,
-                        onSubnetChange: { lease in movedTo.value.withLock { $0.append(lease.subnet) } })
+                        onSubnetChange: { lease in movedTo.value.withLock { $0.append(lease.subnet) } },
+                        metricsFactory: metrics)
     }
 
     /// Runs `body` while the sync's tasks run (from a fresh list).
@@ -194,6 +198,50 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
             #expect(!f.backend.changes[before...].contains { $0.subnet == net("10.2.8.0/24") })
             #expect(f.logs.count(containing: "re-list #1") == 1)
         }
+    }
+
+    @Test func peerChangesCompactionsAndWatchRestartsAreCounted() async throws {
+        let metrics = TestMetrics()
+        let f = try await Fixture(metrics: metrics)
+        f.store.put(net("10.2.7.0/24"), udpLease("198.18.0.7"))
+        f.store.put(net("10.2.8.0/24"), udpLease("198.18.0.8"))
+        try await f.running {
+            #expect(await eventually { f.backend.peers.count == 2 })
+            f.store.put(net("10.2.8.0/24"), udpLease("198.18.0.80"))
+            f.store.silentlyDelete(net("10.2.7.0/24"))
+            f.store.compactAndBreakWatches()
+            #expect(await eventually { f.backend.peers == [net("10.2.8.0/24"): ip("198.18.0.80")] })
+            #expect(await eventually { (try? metrics.expectCounter("tunneld_store_compactions_total").totalValue) == 1 })
+        }
+        #expect(try metrics.expectCounter("tunneld_peer_changes_total", [("change", "added")]).totalValue == 2)
+        #expect(try metrics.expectCounter("tunneld_peer_changes_total", [("change", "updated")]).totalValue == 1)
+        #expect(try metrics.expectCounter("tunneld_peer_changes_total", [("change", "removed")]).totalValue == 1)
+        #expect(try metrics.expectCounter("tunneld_lease_renewal_failures_total").totalValue == 0)
+        // The change times are kept for the peers there are.
+        #expect(Set(f.sync.peerChangeTimes.keys) == [net("10.2.8.0/24")])
+    }
+
+    @Test func renewalsTheirFailuresAndReacquisitionsAreCounted() async throws {
+        let renewed = TestMetrics()
+        let f = try await Fixture(metrics: renewed)
+        // A lease about to run out is renewed at half its remaining life.
+        f.sync.holder.replace(f.store.put(f.own.subnet, f.own.attributes, ttl: 0.4))
+        try await f.running {
+            #expect(await eventually { (try? renewed.expectCounter("tunneld_lease_renewals_total").totalValue) == 1 })
+        }
+        #expect(try renewed.expectCounter("tunneld_lease_renewal_failures_total").totalValue == 0)
+
+        // Gone from the store before its renewal: a failure, then the lease
+        // is acquired again.
+        let failed = TestMetrics()
+        let g = try await Fixture(metrics: failed)
+        g.sync.holder.replace(g.store.put(g.own.subnet, g.own.attributes, ttl: 0.4))
+        try await g.running {
+            g.store.silentlyDelete(g.own.subnet)
+            #expect(await eventually { (try? failed.expectCounter("tunneld_lease_renewal_failures_total").totalValue) == 1 })
+            #expect(await eventually { (try? failed.expectCounter("tunneld_lease_reacquisitions_total").totalValue) == 1 })
+        }
+        #expect(try failed.expectCounter("tunneld_lease_renewals_total").totalValue == 0)
     }
 
     @Test func ourOwnLeaseMissingFromARelistIsAcquiredAgain() async throws {

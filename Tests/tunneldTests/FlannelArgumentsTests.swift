@@ -58,4 +58,35 @@ import Testing
         let args = FlannelArguments.normalize(["config", "set", "--", "-iface=x"], environment: [:])
         #expect(args == ["config", "set", "--", "-iface=x"])
     }
+
+    @Test func forwardRulesAreOnUnlessTurnedOffTheGoWay() throws {
+        #expect(FlannelArguments.normalize(["run", "-iptables-forward-rules=false"], environment: [:])
+                == ["run", "--no-iptables-forward-rules"])
+        #expect(FlannelArguments.normalize(["run", "-iptables-forward-rules=true", "-iptables-resync=10"], environment: [:])
+                == ["run", "--iptables-forward-rules", "--iptables-resync=10"])
+        #expect(FlannelArguments.normalize(["run", "-iptables-resync", "2"], environment: [:])
+                == ["run", "--iptables-resync", "2"])
+        #expect(FlannelArguments.normalize(["run"], environment: ["FLANNELD_IPTABLES_FORWARD_RULES": "false",
+                                                                 "FLANNELD_IPTABLES_RESYNC": "7"])
+                == ["run", "--no-iptables-forward-rules", "--iptables-resync", "7"])
+        // Given on the command line, the environment does not add a second.
+        #expect(FlannelArguments.normalize(["run", "--no-iptables-forward-rules"],
+                                           environment: ["FLANNELD_IPTABLES_FORWARD_RULES": "true"])
+                == ["run", "--no-iptables-forward-rules"])
+
+        let parsed = try Tunneld.parseAsRoot(FlannelArguments.normalize(
+            ["run", "-iptables-forward-rules=false", "-iptables-resync=9"], environment: [:]))
+        let run = try #require(parsed as? Run)
+        #expect(!run.iptablesForwardRules && run.iptablesResync == 9)
+        let defaults = try #require(try Tunneld.parseAsRoot(["run"]) as? Run)
+        #expect(defaults.iptablesForwardRules && defaults.iptablesResync == 5 && !defaults.ipMasq)
+        #expect(throws: (any Error).self) { try Tunneld.parseAsRoot(["run", "--iptables-resync", "0"]) }
+    }
+
+    @Test func flanneldFlagsTunneldLacksAreNamedWithWhatToDo() {
+        #expect(FlannelArguments.unsupported(["run", "-kube-subnet-mgr"])?.contains("not in Kubernetes node objects") == true)
+        #expect(FlannelArguments.unsupported(["run", "--public-ipv6=fd00::1"])?.contains("IPv4 networks only") == true)
+        #expect(FlannelArguments.unsupported(["run", "-charon-viciuri=x"])?.contains("ipsec backend") == true)
+        #expect(FlannelArguments.unsupported(["run", "-iface=eth0", "-ip-masq"]) == nil)
+    }
 }

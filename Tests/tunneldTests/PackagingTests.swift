@@ -64,5 +64,29 @@ import Testing
         #expect(dropIn.contains("EnvironmentFile=\(file)\n"))
         #expect(dropIn.contains("$\(name) "))
         #expect(dropIn.contains("Requires=tunneld.service"))
+        // tunneld's own parser takes the unit's docker-opts command line.
+        let parsed = try Tunneld.parseAsRoot(FlannelArguments.normalize(post, environment: [:]))
+        let dockerOpts = try #require(parsed as? DockerOpts)
+        #expect(dockerOpts.output == file && dockerOpts.combinedKey == name)
+    }
+
+    @Test func helpGroupsFlanneldsOptionsShowsDefaultsAndExamples() {
+        let run = Tunneld.helpMessage(for: Run.self, columns: 200)
+        let flanneld = run.range(of: "FLANNELD'S OPTIONS:")
+        let own = run.range(of: "\nOPTIONS:")
+        #expect(flanneld != nil && own != nil, "\(run)")
+        if let flanneld, let own {
+            let section = run[flanneld.upperBound..<own.lowerBound]
+            for flag in ["--iface", "--subnet-file", "--ip-masq", "--iptables-forward-rules", "--healthz-port", "-v"] {
+                #expect(section.contains(flag), "\(flag) is not among flanneld's options")
+            }
+            #expect(!section.contains("--device"))
+        }
+        #expect(run.contains("(default: /run/flannel/subnet.env)"))
+        #expect(run.contains("Examples:"))
+        let root = Tunneld.helpMessage(columns: 200)
+        for subcommand in ["run", "config", "leases", "status", "docker-opts"] {
+            #expect(root.contains("  \(subcommand) "), "tunneld --help lacks \(subcommand)")
+        }
     }
 }

@@ -1,0 +1,215 @@
+import CoreMetrics
+import Prometheus
+import Synchronization
+
+/// The `tunneld_…` series: their help text, and how each data-path counter
+/// maps to a series. One place, so that the help of a series is the same
+/// wherever it is made (the registry insists) and docs/OPERATIONS.md has one
+/// list to follow.
+public enum MetricCatalog {
+    /// Help text by series name.
+    public static let help: [String: String] = [
+        "tunneld_build_info": "Always 1; the labels say which tunneld runs with which backend.",
+        "tunneld_start_time_seconds": "When the daemon started, in seconds since the Unix epoch.",
+        "tunneld_lease_expiry_timestamp_seconds": "When this host's lease expires unless renewed, in seconds since the Unix epoch; 0 for a reservation (never expires).",
+        "tunneld_peers": "Peers the backend currently reaches.",
+        "tunneld_table_entries": "Entries of the table traffic is steered by: the udp data path's subnet table (ours and the peers'), or the peers programmed into the kernel (vxlan, host-gw).",
+        "tunneld_table_generation": "Changes the steering table has seen since start.",
+        "tunneld_datapath_workers": "Data-path worker threads (udp backend).",
+        "tunneld_offload_enabled": "1 for each offload the udp data path chose at start, 0 for the others.",
+        "tunneld_packets_total": "Packets carried: tx = sent to peers as UDP datagrams, rx = received from peers and written to the TUN device.",
+        "tunneld_bytes_total": "Bytes carried (inner IPv4 packets): tx = sent to peers, rx = written to the TUN device.",
+        "tunneld_tun_reads_total": "Reads from the TUN device that returned a packet or a super-packet.",
+        "tunneld_udp_datagrams_received_total": "UDP datagrams received from peers.",
+        "tunneld_dropped_packets_total": "Packets dropped by the data path, by reason.",
+        "tunneld_icmp_sent_total": "ICMP errors the data path sent back to senders, by type.",
+        "tunneld_errors_total": "Failed system calls of the data path, by operation.",
+        "tunneld_datapath_batches_total": "Batches the data path handled (completions per ring turn; ready descriptors per wake-up for the simple loop), by size class.",
+        "tunneld_datapath_batch_completions_total": "Completions handled over all batches; divided by the batches, the mean batch size.",
+        "tunneld_offload_tun_super_packets_total": "TUN super-packets (TSO/USO): read = from the kernel, to be split; written = coalesced from received segments.",
+        "tunneld_offload_segments_total": "Segments: split = packets made by splitting super-packets; coalesced = received segments merged into another's TUN write.",
+        "tunneld_offload_udp_gso_sends_total": "UDP sends that carried more than one datagram (UDP_SEGMENT).",
+        "tunneld_offload_udp_gro_receives_total": "UDP receives that returned more than one datagram (UDP_GRO).",
+        "tunneld_routes_restored_total": "Peer routes put back after someone removed them (vxlan, host-gw).",
+        "tunneld_peer_changes_total": "Peers added, updated or removed.",
+        "tunneld_lease_renewals_total": "Renewals of this host's lease.",
+        "tunneld_lease_renewal_failures_total": "Renewals of this host's lease that failed (retried).",
+        "tunneld_lease_reacquisitions_total": "Times this host's lease was acquired again after it vanished from the store.",
+        "tunneld_store_watch_restarts_total": "Times the lease watch ended or failed and was resumed.",
+        "tunneld_store_compactions_total": "Times the changes the watch needed were compacted away, so the leases were listed again.",
+        "tunneld_store_watch_reconnects_total": "Times the etcd watch stream was re-established after a broken connection.",
+        "tunneld_store_request_retries_total": "etcd requests repeated because no endpoint answered.",
+    ]
+
+    /// The series of each data-path counter (PacketRing's `Counter` names).
+    public static let dataPathSeries: [String: (name: String, labels: [(String, String)])] = {
+        var table: [String: (name: String, labels: [(String, String)])] = [
+            "udp_packets_sent": ("tunneld_packets_total", [("direction", "tx")]),
+            "tun_packets_written": ("tunneld_packets_total", [("direction", "rx")]),
+            "udp_bytes_sent": ("tunneld_bytes_total", [("direction", "tx")]),
+            "tun_bytes_written": ("tunneld_bytes_total", [("direction", "rx")]),
+            "tun_packets_read": ("tunneld_tun_reads_total", []),
+            "udp_datagrams_received": ("tunneld_udp_datagrams_received_total", []),
+            "icmp_unreachable_sent": ("tunneld_icmp_sent_total", [("type", "unreachable")]),
+            "icmp_time_exceeded_sent": ("tunneld_icmp_sent_total", [("type", "time_exceeded")]),
+            "icmp_frag_needed_sent": ("tunneld_icmp_sent_total", [("type", "fragmentation_needed")]),
+            "udp_send_errors": ("tunneld_errors_total", [("operation", "udp_send")]),
+            "tun_write_errors": ("tunneld_errors_total", [("operation", "tun_write")]),
+            "read_errors": ("tunneld_errors_total", [("operation", "read")]),
+            "gso_send_errors": ("tunneld_errors_total", [("operation", "gso_send")]),
+            "batch_completions": ("tunneld_datapath_batch_completions_total", []),
+            "tun_super_packets_read": ("tunneld_offload_tun_super_packets_total", [("direction", "read")]),
+            "tun_super_packets_written": ("tunneld_offload_tun_super_packets_total", [("direction", "written")]),
+            "segments_made": ("tunneld_offload_segments_total", [("operation", "split")]),
+            "segments_coalesced": ("tunneld_offload_segments_total", [("operation", "coalesced")]),
+            "gso_sends": ("tunneld_offload_udp_gso_sends_total", []),
+            "gro_receives": ("tunneld_offload_udp_gro_receives_total", []),
+            "routes_restored": ("tunneld_routes_restored_total", []),
+        ]
+        for reason in ["no_route", "local_destination", "ttl_expired", "malformed_from_tun", "malformed",
+                       "unknown_peer", "spoofed_source", "truncated", "bad_offload", "local_source", "not_for_us",
+                       "too_big"] {
+            table["dropped_" + reason] = ("tunneld_dropped_packets_total", [("reason", reason)])
+        }
+        for (name, size) in batchSizeClasses {
+            table[name] = ("tunneld_datapath_batches_total", [("size", size)])
+        }
+        return table
+    }()
+
+    /// PacketRing's batch-size counters and their classes.
+    static let batchSizeClasses = [
+        ("batches_of_1", "1"), ("batches_of_2_3", "2-3"), ("batches_of_4_7", "4-7"), ("batches_of_8_15", "8-15"),
+        ("batches_of_16_31", "16-31"), ("batches_of_32_63", "32-63"), ("batches_of_64_plus", "64+"),
+    ]
+
+    /// Counters that are another's sum and not exported on their own
+    /// (`batches` is the sum of the size classes).
+    public static let derivedCounters: Set<String> = ["batches"]
+
+    /// Every offload the udp data path may choose, for `tunneld_offload_enabled`.
+    public static let offloads = ["tun-vnet-hdr", "udp-gso", "udp-gro", "tun-csum", "tun-tso4", "tun-uso4"]
+
+    /// The registry's description of a series: its full name and help.
+    static func descriptor(_ name: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(metricName: name, unitName: "", helpText: help[name] ?? "")
+    }
+
+    /// A series for a counter this table does not know (a newer data path):
+    /// exported rather than lost.
+    static func fallbackSeries(_ counter: String) -> String {
+        "tunneld_datapath_" + counter.map { $0.isLetter || $0.isNumber ? $0 : "_" }.reduce("") { $0 + String($1) } + "_total"
+    }
+}
+
+/// swift-metrics' factory for the daemon: swift-prometheus' registry, with
+/// the catalog's help text on each series (the stock factory registers none).
+public struct TunneldMetricsFactory: MetricsFactory {
+    public let registry: PrometheusCollectorRegistry
+    private let stock: PrometheusMetricsFactory
+
+    public init(registry: PrometheusCollectorRegistry) {
+        self.registry = registry
+        self.stock = PrometheusMetricsFactory(registry: registry)
+    }
+
+    public func makeCounter(label: String, dimensions: [(String, String)]) -> any CounterHandler {
+        let descriptor = MetricCatalog.descriptor(label)
+        return dimensions.isEmpty ? registry.makeCounter(descriptor: descriptor)
+            : registry.makeCounter(descriptor: descriptor, labels: dimensions)
+    }
+
+    public func makeFloatingPointCounter(label: String, dimensions: [(String, String)]) -> any FloatingPointCounterHandler {
+        let descriptor = MetricCatalog.descriptor(label)
+        return dimensions.isEmpty ? registry.makeCounter(descriptor: descriptor)
+            : registry.makeCounter(descriptor: descriptor, labels: dimensions)
+    }
+
+    public func makeRecorder(label: String, dimensions: [(String, String)], aggregate: Bool) -> any RecorderHandler {
+        stock.makeRecorder(label: label, dimensions: dimensions, aggregate: aggregate)
+    }
+
+    public func makeMeter(label: String, dimensions: [(String, String)]) -> any MeterHandler {
+        stock.makeMeter(label: label, dimensions: dimensions)
+    }
+
+    public func makeTimer(label: String, dimensions: [(String, String)]) -> any TimerHandler {
+        stock.makeTimer(label: label, dimensions: dimensions)
+    }
+
+    public func destroyCounter(_ handler: any CounterHandler) { stock.destroyCounter(handler) }
+    public func destroyFloatingPointCounter(_ handler: any FloatingPointCounterHandler) {
+        stock.destroyFloatingPointCounter(handler)
+    }
+    public func destroyRecorder(_ handler: any RecorderHandler) { stock.destroyRecorder(handler) }
+    public func destroyMeter(_ handler: any MeterHandler) { stock.destroyMeter(handler) }
+    public func destroyTimer(_ handler: any TimerHandler) { stock.destroyTimer(handler) }
+}
+
+/// Prometheus text for a scrape. What the control side counts arrives
+/// through swift-metrics as it happens; what the data path counts is read
+/// here, at scrape time, from the report the daemon assembles (the workers'
+/// published counters), and copied into the registry's series. Scrapes take
+/// turns on a lock so that one never sees another's half-copied values.
+public final class MetricsExporter: Sendable {
+    public let registry: PrometheusCollectorRegistry
+    private let source: @Sendable () -> StatusReport
+    private let lock = Mutex<Void>(())
+
+    public init(registry: PrometheusCollectorRegistry, source: @escaping @Sendable () -> StatusReport) {
+        self.registry = registry
+        self.source = source
+    }
+
+    /// The exposition (text format 0.0.4) with values as of now.
+    public func exposition() -> [UInt8] {
+        let report = source()
+        return lock.withLock { _ in
+            update(from: report)
+            return registry.emitToBuffer()
+        }
+    }
+
+    public static let contentType = "text/plain; version=0.0.4; charset=utf-8"
+
+    private func gauge(_ name: String, _ labels: [(String, String)] = []) -> Prometheus.Gauge {
+        let descriptor = MetricCatalog.descriptor(name)
+        return labels.isEmpty ? registry.makeGauge(descriptor: descriptor)
+            : registry.makeGauge(descriptor: descriptor, labels: labels)
+    }
+
+    private func counter(_ name: String, _ labels: [(String, String)] = []) -> Prometheus.Counter {
+        let descriptor = MetricCatalog.descriptor(name)
+        return labels.isEmpty ? registry.makeCounter(descriptor: descriptor)
+            : registry.makeCounter(descriptor: descriptor, labels: labels)
+    }
+
+    private func update(from report: StatusReport) {
+        gauge("tunneld_build_info", [("version", report.version), ("backend", report.network.backendType)]).set(to: 1)
+        if let started = report.startedAt {
+            gauge("tunneld_start_time_seconds").set(started.timeIntervalSince1970)
+        }
+        if let node = report.node {
+            gauge("tunneld_lease_expiry_timestamp_seconds").set(node.leaseExpires?.timeIntervalSince1970 ?? 0)
+        }
+        gauge("tunneld_peers").set(Int64(report.peers.count))
+        if let backend = report.backend {
+            gauge("tunneld_table_entries").set(Int64(backend.tableEntries))
+            gauge("tunneld_table_generation").set(Int64(clamping: backend.tableGeneration))
+            if backend.workers > 0 {
+                gauge("tunneld_datapath_workers").set(Int64(backend.workers))
+                for offload in Set(MetricCatalog.offloads + backend.offloads).sorted() {
+                    gauge("tunneld_offload_enabled", [("offload", offload)]).set(to: backend.offloads.contains(offload) ? 1 : 0)
+                }
+            }
+        }
+        for (name, value) in report.counters where !MetricCatalog.derivedCounters.contains(name) {
+            let series = MetricCatalog.dataPathSeries[name] ?? (MetricCatalog.fallbackSeries(name), [])
+            // The workers' totals are the truth: the series is set to them
+            // (a counter has no set, so reset and add, under the lock).
+            let c = counter(series.name, series.labels)
+            c.reset()
+            c.increment(by: Int64(clamping: value))
+        }
+    }
+}

@@ -1,0 +1,196 @@
+import Foundation
+import Logging
+import NetBase
+
+/// One chain of tunneld's own, its rules, and the one jump into it from a
+/// built-in chain: rules are replaced and removed as a whole, and no rule of
+/// anyone else is touched.
+struct IPTablesChain: Sendable, Equatable {
+    var table: String
+    var name: String
+    var parent: String
+    /// Insert the jump first in `parent` (else append it).
+    var jumpFirst: Bool
+    var comment: String
+    var rules: [[String]]
+
+    var jump: [String] { ["-j", name, "-m", "comment", "--comment", comment] }
+
+    static let natChain = "TUNNELD-POSTRTG"
+    static let forwardChain = "TUNNELD-FWD"
+
+    /// flanneld's `-ip-masq` (N = Network, S = this host's subnet): traffic
+    /// from the overlay to anywhere outside it leaves with the host's
+    /// address; traffic within the network keeps its container addresses.
+    static func masquerade(network: IPv4Network, subnet: IPv4Network) -> IPTablesChain {
+        let n = network.description, s = subnet.description
+        // The jump goes first, as flanneld's does, so that no earlier rule
+        // masquerades traffic that must keep its container address.
+        return IPTablesChain(table: "nat", name: natChain, parent: "POSTROUTING", jumpFirst: true,
+                             comment: "tunneld masquerade", rules: [
+            ["-s", n, "-d", n, "-j", "RETURN"],
+            ["-s", n, "!", "-d", "224.0.0.0/4", "-j", "MASQUERADE", "--random-fully"],
+            ["!", "-s", n, "-d", s, "-j", "RETURN"],
+            ["!", "-s", n, "-d", n, "-j", "MASQUERADE", "--random-fully"],
+        ])
+    }
+
+    /// flanneld's `-iptables-forward-rules`: forward whatever comes from or
+    /// goes to the network, for hosts whose FORWARD policy is DROP (Docker
+    /// sets it when it turns IP forwarding on). The jump is appended, as
+    /// flanneld's is, after Docker's own FORWARD rules.
+    static func forward(network: IPv4Network) -> IPTablesChain {
+        let n = network.description
+        return IPTablesChain(table: "filter", name: forwardChain, parent: "FORWARD", jumpFirst: false,
+                             comment: "tunneld forward", rules: [
+            ["-s", n, "-j", "ACCEPT"],
+            ["-d", n, "-j", "ACCEPT"],
+        ])
+    }
+
+    /// Every chain tunneld may own: what a previous run left is found by these.
+    static let all: [(table: String, name: String, parent: String, comment: String)] = [
+        ("nat", natChain, "POSTROUTING", "tunneld masquerade"),
+        ("filter", forwardChain, "FORWARD", "tunneld forward"),
+    ]
+}
+
+/// The iptables program, run as flanneld runs it (through go-iptables).
+struct IPTables: Sendable {
+    let path: String
+
+    /// - Parameter purpose: the flags that need iptables, for the error.
+    init(for purpose: String) throws {
+        guard let path = ["/usr/sbin/iptables", "/sbin/iptables", "/usr/bin/iptables"]
+            .first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+            throw DaemonError("\(purpose) needs the iptables program, which is not installed (apt-get install iptables)")
+        }
+        self.path = path
+    }
+
+    @discardableResult
+    func callAsFunction(_ arguments: [String]) throws -> String {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = ["-w", "5"] + arguments
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = output
+        try process.run()
+        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw DaemonError("iptables \(arguments.joined(separator: " ")) failed (exit \(process.terminationStatus)): \(text.trimmingCharacters(in: .whitespacesAndNewlines))")
+        }
+        return text
+    }
+
+    @discardableResult
+    func succeeds(_ arguments: [String]) -> Bool { (try? self(arguments)) != nil }
+}
+
+/// Installs tunneld's chains, puts them back when someone else removes them
+/// (flanneld's `-iptables-resync`: a Docker or firewalld restart flushes
+/// rules), and removes them on exit.
+final class IPTablesKeeper: @unchecked Sendable {
+    let masquerade: Bool
+    let forward: Bool
+    private let iptables: IPTables
+    private let logger: Logger
+    /// Guards `wanted` and serializes iptables runs (install from the lease
+    /// watcher, repair from the resync loop).
+    private let lock = NSLock()
+    private var wanted: [IPTablesChain] = []
+
+    /// nil when neither masquerading nor forward rules are asked for.
+    init?(masquerade: Bool, forward: Bool, logger: Logger) throws {
+        guard masquerade || forward else { return nil }
+        let flags = [masquerade ? "-ip-masq" : nil, forward ? "-iptables-forward-rules (on by default; -iptables-forward-rules=false turns it off)" : nil]
+            .compactMap { $0 }.joined(separator: " and ")
+        iptables = try IPTables(for: flags)
+        self.masquerade = masquerade
+        self.forward = forward
+        self.logger = logger
+    }
+
+    /// The chains for `network` and our `subnet`, installed or replaced; a
+    /// chain of ours that is not wanted (left by a run with other flags) is removed.
+    func install(network: IPv4Network, subnet: IPv4Network) throws {
+        var chains: [IPTablesChain] = []
+        if masquerade { chains.append(.masquerade(network: network, subnet: subnet)) }
+        if forward { chains.append(.forward(network: network)) }
+        try lock.withLock {
+            for stale in IPTablesChain.all where !chains.contains(where: { $0.name == stale.name }) {
+                remove(table: stale.table, chain: stale.name, parent: stale.parent, comment: stale.comment)
+            }
+            for chain in chains { try apply(chain) }
+            wanted = chains
+        }
+    }
+
+    /// Puts back what is missing of the wanted chains; returns their names.
+    @discardableResult
+    func repair() throws -> [String] {
+        try lock.withLock {
+            var repaired: [String] = []
+            for chain in wanted where !isIntact(chain) {
+                try apply(chain)
+                repaired.append("\(chain.name) (\(chain.table), jump from \(chain.parent))")
+            }
+            return repaired
+        }
+    }
+
+    /// Checks every `period` until cancelled, with one log line per repair.
+    func keep(every period: Duration) async {
+        while !Task.isCancelled {
+            do { try await Task.sleep(for: period) } catch { return }
+            do {
+                let repaired = try repair()
+                if !repaired.isEmpty {
+                    logger.warning("iptables: put back \(repaired.joined(separator: ", ")): someone removed tunneld's rules (a Docker or firewalld restart?)")
+                }
+            } catch {
+                logger.error("iptables: could not put back tunneld's rules: \(error); trying again in \(period)")
+            }
+        }
+    }
+
+    /// Removes the jumps and the chains; what is already gone is fine.
+    func remove() {
+        lock.withLock {
+            for chain in wanted {
+                remove(table: chain.table, chain: chain.name, parent: chain.parent, comment: chain.comment)
+            }
+            wanted = []
+        }
+    }
+
+    private func isIntact(_ chain: IPTablesChain) -> Bool {
+        let t = ["-t", chain.table]
+        return iptables.succeeds(t + ["-C", chain.parent] + chain.jump)
+            && chain.rules.allSatisfy { iptables.succeeds(t + ["-C", chain.name] + $0) }
+    }
+
+    private func apply(_ chain: IPTablesChain) throws {
+        let t = ["-t", chain.table]
+        if !iptables.succeeds(t + ["-S", chain.name]) { try iptables(t + ["-N", chain.name]) }
+        try iptables(t + ["-F", chain.name])
+        for rule in chain.rules { try iptables(t + ["-A", chain.name] + rule) }
+        if !iptables.succeeds(t + ["-C", chain.parent] + chain.jump) {
+            try iptables(t + (chain.jumpFirst ? ["-I", chain.parent, "1"] : ["-A", chain.parent]) + chain.jump)
+        }
+    }
+
+    private func remove(table: String, chain: String, parent: String, comment: String) {
+        let t = ["-t", table]
+        // Bounded: a jump per earlier run at most, in practice one.
+        for _ in 0..<16 {
+            guard iptables.succeeds(t + ["-D", parent, "-j", chain, "-m", "comment", "--comment", comment]) else { break }
+        }
+        if iptables.succeeds(t + ["-S", chain]) {
+            iptables.succeeds(t + ["-F", chain])
+            iptables.succeeds(t + ["-X", chain])
+        }
+    }
+}

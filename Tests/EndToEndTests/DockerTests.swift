@@ -1,0 +1,202 @@
+import Foundation
+import Testing
+
+/// Debian's docker.io (dockerd and its client, which the test uses rather
+/// than any other client on PATH, so that both are one version) and a
+/// statically linked busybox for the image (busybox-static).
+enum DockerTools {
+    static let dockerd = "/usr/sbin/dockerd"
+    static let docker = "/usr/bin/docker"
+    static let busybox = "/bin/busybox"
+
+    static let missing: String? = {
+        let fm = FileManager.default
+        guard fm.isExecutableFile(atPath: dockerd), fm.isExecutableFile(atPath: docker) else {
+            return "needs Debian's docker.io (\(dockerd), \(docker)): apt-get install docker.io"
+        }
+        guard fm.isExecutableFile(atPath: "/usr/bin/nsenter") || fm.isExecutableFile(atPath: "/bin/nsenter") else {
+            return "needs nsenter (util-linux) to start dockerd in a host namespace"
+        }
+        // The image has no libc: busybox must be the static one.
+        guard let head = fm.contents(atPath: busybox)?.prefix(4096), head.starts(with: [0x7f, 0x45, 0x4c, 0x46]),
+              head.range(of: Data("ld-linux".utf8)) == nil else {
+            return "needs a statically linked \(busybox) for the container image: apt-get install busybox-static"
+        }
+        return nil
+    }()
+    static var canRun: Bool { missing == nil }
+    static var skipReason: Comment { Comment(rawValue: missing ?? "") }
+}
+
+/// The flannel + etcd + Docker deployment, with namespaces for machines:
+/// etcd on the underlay, the network config put with etcdctl, two fresh
+/// hosts (IPv4 forwarding off) each running tunneld, then `tunneld
+/// docker-opts` and a dockerd started with its DOCKER_OPTS (as docker.service
+/// with `EnvironmentFile=` and `$DOCKER_OPTS` does), a container on each
+/// host, and the containers pinging each other through tunneld.
+/// About 15 s per case on a 2-core VM (30 s for both), bounded by timeouts on every wait.
+@Suite(.serialized, .enabled(if: canRunNamespaceTests, namespaceSkipReason),
+       .enabled(if: etcdIsInstalled, etcdSkipReason),
+       .enabled(if: DockerTools.canRun, DockerTools.skipReason))
+struct DockerTests {
+    static let image = "tunneld-busybox:test"
+
+    /// One dockerd in host namespace N, its state under the lab's directory.
+    struct Daemon {
+        let lab: Lab
+        let host: Int
+        var directory: URL { lab.directory.appendingPathComponent("docker\(host)") }
+        var socket: String { directory.appendingPathComponent("sock").path }
+        var process: String { "dockerd\(host)" }
+
+        /// The docker client against this daemon, bounded.
+        @discardableResult
+        func docker(_ arguments: [String], check: Bool = true, timeout: Duration = .seconds(60),
+                    input: String = "/dev/null") throws -> CommandResult {
+            try run(["env", "DOCKER_HOST=unix://\(socket)", "DOCKER_CONFIG=\(directory.appendingPathComponent("client").path)",
+                     DockerTools.docker] + arguments, timeout: timeout, check: check, input: input)
+        }
+
+        func start(options: [String]) throws {
+            try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+            let config = directory.appendingPathComponent("daemon.json").path
+            try "{}\n".write(toFile: config, atomically: true, encoding: .utf8)
+            func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
+            try lab.lab(["start-in", process, "h\(host)", "--", DockerTools.dockerd,
+                         "--config-file", config, "--data-root", path("data"), "--exec-root", path("exec"),
+                         "--pidfile", path("pid"), "-H", "unix://\(socket)"] + options)
+            let deadline = ContinuousClock.now + .seconds(60)
+            var last = CommandResult(status: -1, output: "")
+            while ContinuousClock.now < deadline {
+                last = try docker(["info", "--format", "{{.ServerVersion}}"], check: false, timeout: .seconds(10))
+                if last.succeeded { return }
+                guard (try? lab.pid(process)).map({ kill($0, 0) == 0 }) ?? false else { break }
+                usleep(200_000)
+            }
+            throw LabError("dockerd in h\(host) did not come up: \(last.output)\n"
+                           + lab.log(process).split(separator: "\n").suffix(15).joined(separator: "\n"))
+        }
+
+        /// Containers first (SIGKILL, no grace period), then dockerd by PID;
+        /// the lab's destroy stops whatever is left.
+        func stop() {
+            if let ids = try? docker(["ps", "-aq"], check: false, timeout: .seconds(20)).output
+                .split(whereSeparator: \.isNewline).map(String.init), !ids.isEmpty {
+                _ = try? docker(["rm", "-f"] + ids, check: false, timeout: .seconds(30))
+            }
+            _ = try? lab.lab("stop", process, timeout: .seconds(30))
+        }
+    }
+
+    /// busybox with the applets the test uses, imported as an image.
+    func importImage(_ daemon: Daemon) throws {
+        let root = daemon.directory.appendingPathComponent("rootfs")
+        let bin = root.appendingPathComponent("bin")
+        try FileManager.default.createDirectory(at: bin, withIntermediateDirectories: true)
+        if !FileManager.default.fileExists(atPath: bin.appendingPathComponent("busybox").path) {
+            try FileManager.default.copyItem(atPath: DockerTools.busybox, toPath: bin.appendingPathComponent("busybox").path)
+            for applet in ["sh", "ping", "sleep", "ip", "cat"] {
+                try FileManager.default.createSymbolicLink(atPath: bin.appendingPathComponent(applet).path,
+                                                           withDestinationPath: "busybox")
+            }
+        }
+        let tarball = daemon.directory.appendingPathComponent("rootfs.tar").path
+        try run(["tar", "-C", root.path, "-cf", tarball, "."])
+        try daemon.docker(["import", "-", Self.image], input: tarball)
+    }
+
+    /// The options docker.service would get: `EnvironmentFile=` then
+    /// `ExecStart=/usr/bin/dockerd $DOCKER_OPTS`, i.e. the variable's value
+    /// without its quotes, split at whitespace.
+    func dockerOpts(fromEnvironmentFile path: String, key: String = "DOCKER_OPTS") throws -> [String] {
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        let line = try #require(text.split(separator: "\n").first { $0.hasPrefix("\(key)=") }, "no \(key) in:\n\(text)")
+        var value = line.dropFirst(key.count + 1)
+        if value.hasPrefix("\""), value.hasSuffix("\""), value.count >= 2 { value = value.dropFirst().dropLast() }
+        return value.split(whereSeparator: \.isWhitespace).map(String.init)
+    }
+
+    @Test(arguments: [false, true])
+    func containersOnTwoDockerHostsPingThroughTunneld(ipMasq: Bool) throws {
+        let started = ContinuousClock.now
+        let lab = try Lab()
+        let daemons = [1, 2].map { Daemon(lab: lab, host: $0) }
+        defer {
+            for daemon in daemons { daemon.stop() }
+            lab.destroy()
+            print("DockerTests (ip-masq \(ipMasq)): \(ContinuousClock.now - started) including set-up and clean-up")
+        }
+        do {
+            try lab.addEtcd()
+            // The deployment's step: etcdctl put /docker/network/config < flannel-config.json
+            let configFile = lab.directory.appendingPathComponent("flannel-config.json")
+            try seedConfig.write(to: configFile, atomically: true, encoding: .utf8)
+            try lab.etcdctl(["put", "/docker/network/config"], input: configFile.path)
+
+            var subnets: [String] = []
+            for n in [1, 2] {
+                // The deployment's first command line, or its unit's (-ip-masq=true).
+                try lab.lab(["add-bare-host", "\(n)", "--", tunneldBinary, "run",
+                             "-etcd-endpoints=http://198.18.0.250:2379", "-iface=eth0",
+                             "-etcd-prefix=/docker/network/", "-subnet-file=\(lab.subnetFile(n))"]
+                            + (ipMasq ? ["-ip-masq=true"] : []), timeout: .seconds(90))
+                let forwarding = try lab.exec("h\(n)", ["sysctl", "-n", "net.ipv4.ip_forward"]).output
+                #expect(forwarding.hasPrefix("0"), "a fresh host has IPv4 forwarding off until dockerd starts")
+                subnets.append(try #require(try lab.subnetEnv(n)["FLANNEL_SUBNET"]))
+            }
+
+            var containerIPs: [String] = []
+            for daemon in daemons {
+                let n = daemon.host
+                // The unit's ExecStartPost (or docker.service's ExecStartPre), on the host.
+                let optionsFile = lab.directory.appendingPathComponent("docker_opts\(n).env").path
+                try lab.exec("h\(n)", [tunneldBinary, "docker-opts", "-f", lab.subnetFile(n), "-d", optionsFile])
+                let options = try dockerOpts(fromEnvironmentFile: optionsFile)
+                #expect(options == ["--bip=\(subnets[n - 1])", "--ip-masq=\(!ipMasq)", "--mtu=1472"])
+
+                try daemon.start(options: options)
+                try importImage(daemon)
+                try daemon.docker(["run", "-d", "--name", "c\(n)", Self.image, "sleep", "600"])
+                let ip = try daemon.docker(["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "c\(n)"]).output
+                    .trimmingCharacters(in: .whitespacesAndNewlines)
+                containerIPs.append(ip)
+
+                // docker0 is what the options said, and the container is on it.
+                let bridge = try lab.exec("h\(n)", ["ip", "-o", "-4", "addr", "show", "dev", "docker0"]).output
+                #expect(bridge.contains("inet \(subnets[n - 1])"), "\(bridge)")
+                let mtu = try lab.exec("h\(n)", ["cat", "/sys/class/net/docker0/mtu"]).output
+                #expect(mtu.hasPrefix("1472"))
+                let prefix = subnets[n - 1].split(separator: ".").prefix(3).joined(separator: ".") + "."
+                #expect(ip.hasPrefix(prefix), "container \(n) got \(ip), outside \(subnets[n - 1])")
+                // What dockerd did to the fresh host.
+                let forwarding = try lab.exec("h\(n)", ["sysctl", "-n", "net.ipv4.ip_forward"]).output
+                #expect(forwarding.hasPrefix("1"), "dockerd should have turned IPv4 forwarding on")
+                let forward = try lab.exec("h\(n)", ["iptables", "-w", "5", "-S", "FORWARD"]).output
+                #expect(forward.contains("-P FORWARD DROP"), "\(forward)")
+                #expect(forward.contains("-j TUNNELD-FWD"), "tunneld's forward rules should sit beside Docker's:\n\(forward)")
+            }
+
+            // Container to container, across the hosts, both ways: three
+            // echoes each. One `ping -c 1` per echo: busybox's ping in a
+            // container here sends its first echo only (its SIGALRM-driven
+            // sender never fires again), so -c 3 would hang.
+            for (from, to) in [(0, 1), (1, 0)] {
+                var answered = 0, attempts = 0
+                var last = CommandResult(status: -1, output: "")
+                while answered < 3 && attempts < 15 {
+                    attempts += 1
+                    last = try daemons[from].docker(["exec", "c\(from + 1)", "ping", "-c", "1", "-W", "2", containerIPs[to]],
+                                                   check: false, timeout: .seconds(15))
+                    if last.succeeded && last.output.contains("1 packets received") { answered += 1 } else { usleep(300_000) }
+                }
+                #expect(answered == 3, "c\(from + 1) → c\(to + 1) (\(containerIPs[to])): \(answered) of 3 answered in \(attempts) tries; last: \(last.output)")
+            }
+        } catch {
+            for process in ["h1", "h2", "dockerd1", "dockerd2"] where !lab.log(process).isEmpty {
+                print("---- end of \(process)'s log ----\n"
+                      + lab.log(process).split(separator: "\n").suffix(25).joined(separator: "\n"))
+            }
+            throw error
+        }
+    }
+}
