@@ -182,6 +182,8 @@ public struct EtcdError: Error, Sendable, Equatable, CustomStringConvertible {
         case configuration
         /// The server answered something this client cannot interpret.
         case protocolViolation
+        /// An answer was larger than the client's receive limit.
+        case responseTooLarge
         /// Anything else gRPC reported.
         case other
     }
@@ -200,7 +202,16 @@ public struct EtcdError: Error, Sendable, Equatable, CustomStringConvertible {
         self.operation = operation
         self.endpoints = endpoints
         self.reason = reason
-        self.hint = hint ?? EtcdError.defaultHint(for: code)
+        self.hint = hint ?? EtcdError.notEtcdHint(code, reason) ?? EtcdError.defaultHint(for: code)
+    }
+
+    /// Something accepted the connection but did not speak gRPC over HTTP/2:
+    /// another service, etcd's peer port, or https spoken to an http port.
+    static func notEtcdHint(_ code: Code, _ reason: String) -> String? {
+        guard code == .unavailable || code == .protocolViolation || code == .other else { return nil }
+        let signs = ["connection preface", "UnableToParseFrame", "BadClientMagic", "not an HTTP/2", "WRONG_VERSION_NUMBER"]
+        guard signs.contains(where: { reason.contains($0) }) else { return nil }
+        return "something answers at that address, but not etcd's client API (gRPC over HTTP/2): check that -etcd-endpoints names etcd's client URL (usually port 2379, not the peer port 2380) with the right scheme, http or https"
     }
 
     public var description: String {
@@ -218,6 +229,7 @@ public struct EtcdError: Error, Sendable, Equatable, CustomStringConvertible {
         case .authenticationFailed: "check --etcd-username and --etcd-password"
         case .permissionDenied: "grant the etcd user read/write on the prefix (etcdctl role grant-permission)"
         case .compacted: "list again and watch from the listed revision + 1"
+        case .responseTooLarge: "a single key's value is larger than the receive limit; is that key really etcd data of this network?"
         case .configuration, .closed, .leaseNotFound, .watchCanceled, .invalidRequest,
              .protocolViolation, .other: nil
         }

@@ -83,7 +83,7 @@ public enum JSONValue: Sendable, Equatable, Codable, CustomStringConvertible {
 
     /// Escapes like Go's encoding/json: `"` `\` and control characters, plus
     /// `<`, `>`, `&`, U+2028 and U+2029 (Go's HTML-safe default).
-    static func writeString(_ s: String, to out: inout String) {
+    public static func writeString(_ s: String, to out: inout String) {
         out += "\""
         for scalar in s.unicodeScalars {
             switch scalar {

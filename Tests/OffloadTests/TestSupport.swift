@@ -1,3 +1,4 @@
+import FuzzSupport
 import Offload
 
 /// SplitMix64: small, seeded, so every random failure is reproducible from its seed.
@@ -16,20 +17,8 @@ struct SplitMix64: RandomNumberGenerator {
     }
 }
 
-/// RFC 1071 one byte pair at a time with end-around carry after every add: the slow model.
-func slowSum(_ bytes: ArraySlice<UInt8>, initial: UInt32 = 0) -> UInt16 {
-    var sum = initial
-    while sum > 0xffff { sum = (sum & 0xffff) + (sum >> 16) }
-    var i = bytes.startIndex
-    while i < bytes.endIndex {
-        let high = UInt32(bytes[i])
-        let low = i + 1 < bytes.endIndex ? UInt32(bytes[i + 1]) : 0
-        sum += high << 8 | low
-        sum = (sum & 0xffff) + (sum >> 16)
-        i += 2
-    }
-    return UInt16(sum)
-}
+/// RFC 1071 one byte pair at a time: FuzzSupport's slow model.
+func slowSum(_ bytes: ArraySlice<UInt8>, initial: UInt32 = 0) -> UInt16 { Slow.sum(bytes, initial: initial) }
 
 func slowSum(_ bytes: [UInt8], initial: UInt32 = 0) -> UInt16 { slowSum(bytes[...], initial: initial) }
 
