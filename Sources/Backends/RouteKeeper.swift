@@ -110,7 +110,12 @@ final class RouteKeeper: Sendable {
                 logger.warning("could not remove stale route \(describe(route)): \(error)")
             }
         }
-        for (destination, route) in wanted where !present.contains(where: { Self.same(route, $0) }) {
+        // One pass over each list (a /8 of /24s has 65,535 routes; comparing
+        // every wanted route with every present one would be quadratic).
+        var presentByDestination: [IPv4Network: [Netlink.Route]] = [:]
+        for route in present { presentByDestination[route.destination, default: []].append(route) }
+        for (destination, route) in wanted
+        where !(presentByDestination[destination] ?? []).contains(where: { Self.same(route, $0) }) {
             let known = failing.withLock { $0[destination] != nil }
             if install(route, peer: "\(destination)") {
                 counts.withLock { $0.restored &+= 1 }

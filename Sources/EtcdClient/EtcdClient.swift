@@ -21,6 +21,16 @@ public final class EtcdClient: Sendable {
     public let endpoints: [String]
     /// Timeout of each unary request (and of one keep-alive round trip).
     public let requestTimeout: Duration
+    /// The largest response message accepted, in bytes.
+    public let maxReceiveMessageBytes: Int
+
+    /// gRPC's usual 4 MiB is too little for a large etcd answer (etcd's own
+    /// Go client accepts up to 2 GiB); range reads are paged anyway, so
+    /// this only bounds what one page or one watch message may hold.
+    public static let defaultMaxReceiveMessageBytes = 64 << 20
+    /// Keys per page of a range read: flannel lease keys and values are a
+    /// few hundred bytes, so a page is a few hundred KiB.
+    public static let defaultPageSize = 1000
 
     private let grpc: GRPCClient<Transport>
     private let kv: Etcdserverpb_KV.Client<Transport>
@@ -50,8 +60,10 @@ public final class EtcdClient: Sendable {
     ///   - tls: CA, client certificate and key files. Used for https endpoints.
     ///   - credentials: user name and password when etcd has auth enabled.
     ///   - requestTimeout: limit for each request.
+    ///   - maxReceiveMessageBytes: the largest response message accepted.
     public init(endpoints: [String], tls: EtcdTLS? = nil, credentials: EtcdCredentials? = nil,
-                requestTimeout: Duration = .seconds(10)) throws(EtcdError) {
+                requestTimeout: Duration = .seconds(10),
+                maxReceiveMessageBytes: Int = EtcdClient.defaultMaxReceiveMessageBytes) throws(EtcdError) {
         let nonEmpty = endpoints.filter { !$0.trimmingCharacters(in: .whitespaces).isEmpty }
         guard !nonEmpty.isEmpty else {
             throw EtcdError(.configuration, operation: "connect", endpoints: [], reason: "no endpoints given",
@@ -98,6 +110,7 @@ public final class EtcdClient: Sendable {
         self.auth = Etcdserverpb_Auth.Client(wrapping: grpc)
         self.credentials = credentials
         self.requestTimeout = requestTimeout
+        self.maxReceiveMessageBytes = max(1024, maxReceiveMessageBytes)
         self.state = Mutex(State())
         self.watchReconnects = CoreMetrics.Counter(label: "tunneld_store_watch_reconnects_total")
         self.requestRetries = CoreMetrics.Counter(label: "tunneld_store_request_retries_total")
@@ -172,17 +185,94 @@ public final class EtcdClient: Sendable {
         return try await range(request, operation: "Range \(key)")
     }
 
-    /// Reads every key starting with `prefix`, in key order, at `revision`
-    /// (0: the newest). Reading a compacted revision fails with `.compacted`.
-    public func range(prefix: String, revision: Int64 = 0) async throws(EtcdError) -> EtcdRangeResult {
-        var request = Etcdserverpb_RangeRequest()
-        request.key = Data(prefix.utf8)
-        request.rangeEnd = Self.prefixEnd(prefix)
-        request.revision = revision
-        request.sortOrder = .ascend
-        request.sortTarget = .key
-        return try await range(request, operation: "Range \(prefix)*")
+    /// Reads every key starting with `prefix`, in key order, at one
+    /// revision: `revision`, or (0) the newest when the read began.
+    ///
+    /// The keys are read in pages of at most `pageSize` keys, every page at
+    /// the first page's revision (as etcd's own clients page: `limit`, the
+    /// next page starting after the last key returned), so no answer has to
+    /// hold the whole range and the result is one consistent snapshot even
+    /// while keys change; watch from `revision + 1` to follow it. A page too
+    /// large for `maxReceiveMessageBytes` is asked for again with half as
+    /// many keys. If the snapshot's revision is compacted before the last
+    /// page (the listing took longer than etcd keeps history), a read of the
+    /// newest revision starts again (at most 3 times); with an explicit
+    /// `revision` that fails with `.compacted`.
+    public func range(prefix: String, revision: Int64 = 0, pageSize: Int = EtcdClient.defaultPageSize)
+        async throws(EtcdError) -> EtcdRangeResult
+    {
+        var restarts = 0
+        while true {
+            do {
+                return try await pagedRange(prefix: prefix, revision: revision, pageSize: pageSize)
+            } catch {
+                guard case .compacted = error.code, revision == 0, restarts < 3 else { throw error }
+                restarts += 1
+            }
+        }
     }
+
+    private func pagedRange(prefix: String, revision: Int64, pageSize: Int) async throws(EtcdError)
+        -> EtcdRangeResult
+    {
+        let end = Self.prefixEnd(prefix)
+        var kvs: [EtcdKeyValue] = []
+        var snapshot = revision
+        var start = Data(prefix.utf8)
+        var limit = max(1, pageSize)
+        var pages = 0
+        while true {
+            var request = Etcdserverpb_RangeRequest()
+            request.key = start
+            request.rangeEnd = end
+            request.revision = snapshot
+            request.limit = Int64(limit)
+            // No sort order: etcd returns keys in ascending order anyway, and
+            // any sort makes it read the whole range for every page.
+            let response: Etcdserverpb_RangeResponse
+            do {
+                response = try await perform("Range \(prefix)* page \(pages + 1)") { [request] metadata, options in
+                    try await self.kv.range(request, metadata: metadata, options: options)
+                }
+            } catch {
+                if error.code == .responseTooLarge && limit > 1 {
+                    limit = max(1, limit / 2)
+                    continue
+                }
+                throw error
+            }
+            pages += 1
+            if snapshot == 0 { snapshot = response.header.revision }
+            // `count` is the number of keys in the whole range.
+            if pages == 1 { kvs.reserveCapacity(Int(clamping: min(response.count, 1 << 20))) }
+            for kv in response.kvs { kvs.append(EtcdKeyValue(kv)) }
+            guard response.more, let last = response.kvs.last else { break }
+            // The smallest key after the last one returned.
+            start = last.key + Data([0])
+        }
+        return EtcdRangeResult(kvs: kvs, revision: snapshot)
+    }
+
+    /// The keys of `[key, rangeEnd)` in one request: at most `limit` (0: all)
+    /// of them, at `revision` (0: the newest). `more` says whether keys were
+    /// left out. For tests and tools that show what one answer holds.
+    public func rangePage(key: String, rangeEnd: Data, revision: Int64 = 0, limit: Int64 = 0)
+        async throws(EtcdError) -> (result: EtcdRangeResult, more: Bool)
+    {
+        var request = Etcdserverpb_RangeRequest()
+        request.key = Data(key.utf8)
+        request.rangeEnd = rangeEnd
+        request.revision = revision
+        request.limit = limit
+        let response = try await perform("Range \(key) limit \(limit)") { [request] metadata, options in
+            try await self.kv.range(request, metadata: metadata, options: options)
+        }
+        return (EtcdRangeResult(kvs: response.kvs.map(EtcdKeyValue.init), revision: response.header.revision),
+                response.more)
+    }
+
+    /// The end of the range of every key starting with `prefix`.
+    public static func rangeEnd(ofPrefix prefix: String) -> Data { prefixEnd(prefix) }
 
     private func range(_ request: Etcdserverpb_RangeRequest, operation: String) async throws(EtcdError)
         -> EtcdRangeResult
@@ -210,6 +300,25 @@ public final class EtcdClient: Sendable {
     @discardableResult
     public func put(_ key: String, value: String, lease: Int64 = 0) async throws(EtcdError) -> Int64 {
         try await put(key, value: Array(value.utf8), lease: lease)
+    }
+
+    /// Writes several keys in one transaction (one revision), each attached
+    /// to `lease` (0: none). etcd refuses more operations per transaction
+    /// than its `--max-txn-ops` (default 128). Returns the revision.
+    @discardableResult
+    public func putAll(_ pairs: [(key: String, value: [UInt8])], lease: Int64 = 0) async throws(EtcdError) -> Int64 {
+        var request = Etcdserverpb_TxnRequest()
+        request.success = pairs.map { pair in
+            var put = Etcdserverpb_PutRequest()
+            put.key = Data(pair.key.utf8)
+            put.value = Data(pair.value)
+            put.lease = lease
+            return .with { $0.requestPut = put }
+        }
+        let response = try await perform("Txn put \(pairs.count) keys") { [request] metadata, options in
+            try await self.kv.txn(request, metadata: metadata, options: options)
+        }
+        return response.header.revision
     }
 
     /// Deletes a key. Returns how many keys were deleted (0 or 1) and the revision.
@@ -444,10 +553,14 @@ public final class EtcdClient: Sendable {
                 create.rangeEnd = Self.prefixEnd(prefix)
                 create.startRevision = next.get()
                 create.prevKv = previousValues
+                // Let etcd split a response bigger than its request limit
+                // (a watch catching up on a burst of batched writes).
+                create.fragment = true
                 let request = Etcdserverpb_WatchRequest.with { $0.createRequest = create }
                 let (finished, finish) = AsyncStream<Never>.makeStream()
                 try await watchService.watch(
                     metadata: metadata,
+                    options: callOptions,
                     requestProducer: { writer in
                         try await writer.write(request)
                         // Stay open: returning would half-close the stream.
@@ -470,7 +583,11 @@ public final class EtcdClient: Sendable {
                             if message.created { established.set(true) }
                             guard !message.events.isEmpty else { continue }
                             let events = message.events.map(EtcdWatchEvent.init)
-                            next.set(events[events.count - 1].revision + 1)
+                            // A fragment may end inside a revision: resuming
+                            // after it repeats that revision's events (puts
+                            // and deletes are idempotent for the consumer).
+                            let last = events[events.count - 1].revision
+                            next.set(message.fragment ? last : last + 1)
                             continuation.yield(EtcdWatchBatch(events: events,
                                                               headerRevision: message.header.revision))
                         }
@@ -530,11 +647,20 @@ public final class EtcdClient: Sendable {
     /// endpoint is reachable, for up to half the request timeout (every
     /// operation here is safe to repeat: a repeated create-if-absent reports
     /// `.exists` with our own value).
+    /// Call options with the receive limit. grpc-swift-nio-transport 2.x
+    /// bounds inbound messages by `maxRequestMessageBytes`; both are set.
+    private var callOptions: CallOptions {
+        var options = CallOptions.defaults
+        options.maxRequestMessageBytes = maxReceiveMessageBytes
+        options.maxResponseMessageBytes = maxReceiveMessageBytes
+        return options
+    }
+
     private func perform<Result: Sendable>(
         _ operation: String,
         _ body: @Sendable (Metadata, CallOptions) async throws -> Result
     ) async throws(EtcdError) -> Result {
-        var options = CallOptions.defaults
+        var options = callOptions
         options.timeout = requestTimeout
         var reauthenticated = false
         var retries = 0
@@ -645,6 +771,12 @@ public final class EtcdClient: Sendable {
         let message = Self.serverMessage(error)
         let code: EtcdError.Code
         var reason: String
+        // grpc-swift reports an answer over the receive limit as an internal
+        // error ("Failed to decode message") caused by resourceExhausted.
+        if message.contains("exceeded the configured maximum payload size") {
+            return EtcdError(.responseTooLarge, operation: operation, endpoints: endpoints,
+                             reason: "the answer is larger than the receive limit of \(maxReceiveMessageBytes) bytes")
+        }
         switch error.code {
         case .unavailable:
             code = .unavailable

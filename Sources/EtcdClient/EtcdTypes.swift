@@ -182,6 +182,8 @@ public struct EtcdError: Error, Sendable, Equatable, CustomStringConvertible {
         case configuration
         /// The server answered something this client cannot interpret.
         case protocolViolation
+        /// An answer was larger than the client's receive limit.
+        case responseTooLarge
         /// Anything else gRPC reported.
         case other
     }
@@ -227,6 +229,7 @@ public struct EtcdError: Error, Sendable, Equatable, CustomStringConvertible {
         case .authenticationFailed: "check --etcd-username and --etcd-password"
         case .permissionDenied: "grant the etcd user read/write on the prefix (etcdctl role grant-permission)"
         case .compacted: "list again and watch from the listed revision + 1"
+        case .responseTooLarge: "a single key's value is larger than the receive limit; is that key really etcd data of this network?"
         case .configuration, .closed, .leaseNotFound, .watchCanceled, .invalidRequest,
              .protocolViolation, .other: nil
         }

@@ -20,6 +20,8 @@ public final class EtcdLeaseStore: LeaseStore {
     /// Lifetime of a lease between renewals.
     public let leaseTTL: Duration
     public let location: String
+    /// Keys per page when listing (`EtcdClient.range(prefix:pageSize:)`).
+    public let pageSize: Int
     private let logger: Logger
 
     /// How many create races in a row `acquireLease` may lose before giving up.
@@ -32,12 +34,14 @@ public final class EtcdLeaseStore: LeaseStore {
     ///   - leaseTTL: how long a lease lives unless renewed (flannel: 24 h).
     public init(client: EtcdClient, prefix: String = EtcdLeaseStore.defaultPrefix,
                 leaseTTL: Duration = .seconds(24 * 3600),
+                pageSize: Int = EtcdClient.defaultPageSize,
                 logger: Logger = Logger(label: "tunneld.leasestore.etcd")) {
         var trimmed = Substring(prefix)
         while trimmed.hasSuffix("/") { trimmed = trimmed.dropLast() }
         self.client = client
         self.prefix = String(trimmed)
         self.leaseTTL = leaseTTL
+        self.pageSize = max(1, pageSize)
         self.location = "etcd \(client.endpoints.joined(separator: ",")) \(trimmed.isEmpty ? "/" : trimmed)"
         self.logger = logger
     }
@@ -93,34 +97,68 @@ public final class EtcdLeaseStore: LeaseStore {
     /// Unexpired leases and reservations; keys whose value cannot be read
     /// are left out and listed in `skipped` (their subnets stay taken).
     /// Keys that are not lease keys are ignored, as flannel ignores them.
+    /// Read in pages at one revision (`EtcdClient.range(prefix:)`).
     public func leases() async throws -> LeaseSnapshot {
-        let listing = try await list()
+        let listing = try await list(expiriesOf: nil)
         return LeaseSnapshot(leases: listing.leases, revision: listing.revision,
                              skipped: listing.unreadable.map(\.problem))
     }
 
-    private func list() async throws -> Listing {
-        let listed = try await client.range(prefix: subnetsPrefix)
-        let parsed = listed.kvs.compactMap { kv -> (IPv4Network, EtcdKeyValue)? in
-            guard let subnet = subnet(fromKey: kv.key) else { return nil }
-            return (subnet, kv)
+    /// `leases()` without one TimeToLive request per lease: only `holder`'s
+    /// leases get their expiry looked up, the others carry
+    /// `Lease.expirationNotLookedUp`. (flanneld asks for every lease's TTL
+    /// on every list.) A key whose etcd lease has just expired but not yet
+    /// been deleted is then listed until its DELETE arrives, moments later.
+    public func peerLeases(holder: IPv4Address) async throws -> LeaseSnapshot {
+        let listing = try await list(expiriesOf: holder)
+        return LeaseSnapshot(leases: listing.leases, revision: listing.revision,
+                             skipped: listing.unreadable.map(\.problem))
+    }
+
+    /// - Parameter holder: look up the expiry only of leases with this
+    ///   PublicIP; nil: of every lease.
+    private func list(expiriesOf holder: IPv4Address?) async throws -> Listing {
+        let listed = try await client.range(prefix: subnetsPrefix, pageSize: pageSize)
+        var parsed: [(subnet: IPv4Network, kv: EtcdKeyValue, lease: Result<LeaseAttributes, LeaseStoreError>)] = []
+        parsed.reserveCapacity(listed.kvs.count)
+        for kv in listed.kvs {
+            guard let subnet = subnet(fromKey: kv.key) else { continue }
+            let attributes: Result<LeaseAttributes, LeaseStoreError>
+            do throws(LeaseStoreError) {
+                attributes = .success(try LeaseAttributes(flannelJSON: kv.valueString, key: kv.key))
+            } catch {
+                attributes = .failure(error)
+            }
+            parsed.append((subnet, kv, attributes))
         }
-        let expirations = try await expirations(ofLeases: Set(parsed.map(\.1.lease).filter { $0 != 0 }))
+        func wantsExpiry(_ entry: (subnet: IPv4Network, kv: EtcdKeyValue,
+                                   lease: Result<LeaseAttributes, LeaseStoreError>)) -> Bool {
+            guard entry.kv.lease != 0 else { return false }
+            guard let holder else { return true }
+            return (try? entry.lease.get())?.publicIP == holder
+        }
+        let expirations = try await expirations(ofLeases: Set(parsed.filter(wantsExpiry).map(\.kv.lease)))
         var entries: [Entry] = []
-        for (subnet, kv) in parsed {
+        entries.reserveCapacity(parsed.count)
+        for entry in parsed {
+            let (subnet, kv) = (entry.subnet, entry.kv)
             var expiration: Date?
             if kv.lease != 0 {
-                // An expired etcd lease whose key the server has not deleted yet:
-                // the DELETE is on its way; treat the subnet as free.
-                guard let expires = expirations[kv.lease] else { continue }
-                expiration = expires
+                if wantsExpiry(entry) {
+                    // An expired etcd lease whose key the server has not deleted
+                    // yet: the DELETE is on its way; treat the subnet as free.
+                    guard let expires = expirations[kv.lease] else { continue }
+                    expiration = expires
+                } else {
+                    expiration = Lease.expirationNotLookedUp
+                }
             }
             let lease: Result<Lease, LeaseStoreError>
-            do throws(LeaseStoreError) {
-                let attributes = try LeaseAttributes(flannelJSON: kv.valueString, key: kv.key)
+            switch entry.lease {
+            case .success(let attributes):
                 lease = .success(Lease(subnet: subnet, attributes: attributes, expiration: expiration,
                                        revision: kv.modRevision))
-            } catch {
+            case .failure(let error):
                 let problem = LeaseStoreError.corrupt(
                     key: kv.key, reason: Self.reason(error)
                         + "; the subnet stays taken until you fix the value or `etcdctl del \(kv.key)`")
@@ -161,13 +199,29 @@ public final class EtcdLeaseStore: LeaseStore {
     }
 
     public func watchLeases(after revision: Int64) -> AsyncThrowingStream<LeaseEvent, any Error> {
+        watch(after: revision, expiriesOf: nil)
+    }
+
+    /// `watchLeases(after:)` with a TimeToLive request only for puts of
+    /// `holder`'s leases (a burst of 1,000 peer changes costs no requests).
+    public func watchPeerLeases(after revision: Int64, holder: IPv4Address)
+        -> AsyncThrowingStream<LeaseEvent, any Error>
+    {
+        watch(after: revision, expiriesOf: holder)
+    }
+
+    private func watch(after revision: Int64, expiriesOf holder: IPv4Address?)
+        -> AsyncThrowingStream<LeaseEvent, any Error>
+    {
         let (stream, continuation) = AsyncThrowingStream<LeaseEvent, any Error>.makeStream()
         let changes = client.watch(prefix: subnetsPrefix, fromRevision: revision + 1)
         let task = Task {
             do {
                 for try await batch in changes {
                     for event in batch.events {
-                        if let leaseEvent = await self.leaseEvent(event) { continuation.yield(leaseEvent) }
+                        if let leaseEvent = await self.leaseEvent(event, expiriesOf: holder) {
+                            continuation.yield(leaseEvent)
+                        }
                     }
                 }
                 continuation.finish()
@@ -185,7 +239,7 @@ public final class EtcdLeaseStore: LeaseStore {
         return stream
     }
 
-    private func leaseEvent(_ event: EtcdWatchEvent) async -> LeaseEvent? {
+    private func leaseEvent(_ event: EtcdWatchEvent, expiriesOf holder: IPv4Address?) async -> LeaseEvent? {
         guard let subnet = subnet(fromKey: event.kv.key) else { return nil }
         switch event.kind {
         case .delete:
@@ -199,7 +253,9 @@ public final class EtcdLeaseStore: LeaseStore {
                 return nil
             }
             var expiration: Date?
-            if event.kv.lease != 0 {
+            if event.kv.lease != 0, let holder, attributes.publicIP != holder {
+                expiration = Lease.expirationNotLookedUp
+            } else if event.kv.lease != 0 {
                 do {
                     // nil: the lease is already gone; its DELETE follows.
                     let remaining = try await client.leaseTimeToLive(event.kv.lease)?.remainingTTL ?? 0
@@ -253,7 +309,9 @@ public final class EtcdLeaseStore: LeaseStore {
         // every lost create counts towards maxCreateAttempts.
         while attempts < Self.maxCreateAttempts && rounds < Self.maxCreateAttempts {
             rounds += 1
-            let listing = try await list()
+            // Only our own leases' expiries matter to the choice (which of
+            // ours to reuse); the others only occupy their subnets.
+            let listing = try await list(expiriesOf: attributes.publicIP)
             let choice = try SubnetChooser.choose(
                 config: config, leases: listing.leases, publicIP: attributes.publicIP, preferred: preferred,
                 occupied: listing.unreadable.map(\.subnet), using: &generator)

@@ -39,6 +39,10 @@ public struct Lease: Sendable, Equatable, CustomStringConvertible {
 
     public var isReservation: Bool { expiration == nil }
 
+    /// The `expiration` of an expiring lease whose remaining time the store
+    /// did not look up (`LeaseStore.peerLeases(holder:)`).
+    public static let expirationNotLookedUp = Date.distantFuture
+
     public var description: String {
         "\(subnet) → \(attributes.publicIP)" + (isReservation ? " (reserved)" : "")
     }
@@ -116,6 +120,27 @@ public protocol LeaseStore: Sendable {
     /// `LeaseStoreError.compacted` if those changes are no longer known; the
     /// caller then lists again and diffs.
     func watchLeases(after revision: Int64) -> AsyncThrowingStream<LeaseEvent, any Error>
+
+    /// `leases()` as a host that follows its peers needs it: the store may
+    /// skip looking up how long leases not held by `holder` have left (they
+    /// carry `Lease.expirationNotLookedUp`). A peer's expiry is of no use to
+    /// the others, and in etcd each costs a request: a /8 network of /24
+    /// subnets has 65,535 leases.
+    func peerLeases(holder: IPv4Address) async throws -> LeaseSnapshot
+
+    /// `watchLeases(after:)` with expiries looked up only for `holder`'s
+    /// leases, as `peerLeases(holder:)`.
+    func watchPeerLeases(after revision: Int64, holder: IPv4Address) -> AsyncThrowingStream<LeaseEvent, any Error>
+}
+
+extension LeaseStore {
+    public func peerLeases(holder: IPv4Address) async throws -> LeaseSnapshot { try await leases() }
+
+    public func watchPeerLeases(after revision: Int64, holder: IPv4Address)
+        -> AsyncThrowingStream<LeaseEvent, any Error>
+    {
+        watchLeases(after: revision)
+    }
 }
 
 extension LeaseStore {

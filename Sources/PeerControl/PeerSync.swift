@@ -80,7 +80,7 @@ public final class PeerSync: Sendable {
 
     /// Applies a fresh list; returns the revision to watch from.
     public func loadInitialPeers() async throws -> Int64 {
-        let snapshot = try await store.leases()
+        let snapshot = try await store.peerLeases(holder: attributes.publicIP)
         sync(with: snapshot)
         return snapshot.revision
     }
@@ -286,7 +286,7 @@ public final class PeerSync: Sendable {
         var relists = 0
         while !Task.isCancelled {
             do {
-                for try await event in store.watchLeases(after: revision) {
+                for try await event in store.watchPeerLeases(after: revision, holder: attributes.publicIP) {
                     apply(event)
                     revision = max(revision, event.revision)
                     delay = .milliseconds(500)
@@ -301,7 +301,7 @@ public final class PeerSync: Sendable {
                 // seen events past it before the stream broke.
                 logger.warning("lease watch: changes after \(max(requested, revision)) were compacted (oldest kept \(oldest)); listing again (re-list #\(relists))")
                 do {
-                    let snapshot = try await store.leases()
+                    let snapshot = try await store.peerLeases(holder: attributes.publicIP)
                     sync(with: snapshot)
                     revision = snapshot.revision
                     continue

@@ -1,3 +1,4 @@
+import CTunnel
 import Foundation
 
 /// systemd's notify protocol (sd_notify(3)) without libsystemd: newline-
