@@ -70,19 +70,17 @@ struct IPTables: Sendable {
 
     @discardableResult
     func callAsFunction(_ arguments: [String]) throws -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = ["-w", "5"] + arguments
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw DaemonError("iptables \(arguments.joined(separator: " ")) failed (exit \(process.terminationStatus)): \(text.trimmingCharacters(in: .whitespacesAndNewlines))")
+        let output: ChildOutput
+        do {
+            output = try ChildProcess.run(path, arguments: ["-w", "5"] + arguments)
+        } catch {
+            throw DaemonError("cannot run \(path): \(error)")
         }
-        return text
+        guard output.status == 0 else {
+            let text = String(decoding: output.stderr.isEmpty ? output.stdout : output.stderr, as: UTF8.self)
+            throw DaemonError("iptables \(arguments.joined(separator: " ")) failed (exit \(output.status)): \(text.trimmingCharacters(in: .whitespacesAndNewlines))")
+        }
+        return String(decoding: output.stdout, as: UTF8.self)
     }
 
     @discardableResult
