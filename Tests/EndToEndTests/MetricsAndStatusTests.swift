@@ -66,8 +66,12 @@ struct MetricsAndStatusTests {
             #expect((before["tunneld_lease_expiry_timestamp_seconds"] ?? 0) > Date().timeIntervalSince1970)
             #expect(before["tunneld_peer_changes_total{change=\"added\"}"] == 1)
             #expect(before["tunneld_dropped_packets_total{reason=\"no_route\"}"] != nil)
-            #expect((before["tunneld_packets_total{direction=\"tx\"}"] ?? 0) >= 3, "the pings went out")
-            #expect((before["tunneld_packets_total{direction=\"rx\"}"] ?? 0) >= 3, "the replies came in")
+            // The first echo may meet a host that does not know its peer yet
+            // (dropped as no_route, and ping still succeeds): count the replies.
+            let replies = Double(ping.output.firstMatch(of: /(\d+) received/)?.1 ?? "0") ?? 0
+            #expect(replies >= 1)
+            #expect((before["tunneld_packets_total{direction=\"tx\"}"] ?? 0) >= replies, "the echoes went out")
+            #expect((before["tunneld_packets_total{direction=\"rx\"}"] ?? 0) >= replies, "the replies came in")
             #expect(before["tunneld_store_compactions_total"] == 0)
             let batches = before.filter { $0.key.hasPrefix("tunneld_datapath_batches_total{size=") }.values.reduce(0, +)
             #expect(batches > 0 && (before["tunneld_datapath_batch_completions_total"] ?? 0) >= batches)

@@ -121,14 +121,15 @@ final class MemoryLeaseStore: LeaseStore {
     /// Forgets every event so far and breaks running watches, as etcd does
     /// after `etcdctl compact` for a watcher that fell behind.
     func compactAndBreakWatches() {
-        state.withLock { state in
+        // Finished outside the lock: finishing runs a watch's onTermination,
+        // which takes the lock to forget the watcher.
+        let (broken, oldest) = state.withLock { state in
             state.compactedThrough = state.revision
             state.events.removeAll()
-            for (_, watcher) in state.watchers {
-                watcher.finish(throwing: LeaseStoreError.compacted(requested: 0, oldest: state.revision + 1))
-            }
-            state.watchers.removeAll()
+            defer { state.watchers.removeAll() }
+            return (Array(state.watchers.values), state.revision + 1)
         }
+        for watcher in broken { watcher.finish(throwing: LeaseStoreError.compacted(requested: 0, oldest: oldest)) }
     }
 
     /// Changes a lease without telling watchers (as if the event were lost
