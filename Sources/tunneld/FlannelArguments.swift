@@ -112,7 +112,13 @@ enum FlannelArguments {
         // The environment fills in what the command line left out: every
         // flag for the daemon, the store's for the other subcommands.
         let subcommand = arguments.first { !$0.hasPrefix("-") }
-        let fromEnvironment = subcommand == "run" ? valueFlags.union(booleanFlags) : storeFlags
+        // `status` also finds the daemon where the unit's environment put
+        // its control socket (TUNNELD_CONTROL_SOCKET in tunneld.env).
+        let fromEnvironment = switch subcommand {
+        case "run": valueFlags.union(booleanFlags)
+        case "status": storeFlags.union(["control-socket"])
+        default: storeFlags
+        }
         for name in fromEnvironment.sorted() where !given.contains(name) {
             let suffix = name.uppercased().replacingOccurrences(of: "-", with: "_")
             guard let value = environment["TUNNELD_" + suffix] ?? environment["FLANNELD_" + suffix],

@@ -49,6 +49,19 @@ import Testing
         #expect(FlannelArguments.normalize(["run"], environment: environment).contains("--iface"))
     }
 
+    /// The unit's environment file may move the control socket; `status`
+    /// must then look where the daemon listens (and a command line still wins).
+    @Test func statusTakesTheControlSocketFromTheEnvironment() throws {
+        let environment = ["TUNNELD_CONTROL_SOCKET": "/run/t/x.sock", "FLANNELD_IFACE": "eth0",
+                           "FLANNELD_ETCD_PREFIX": "/docker/network"]
+        let args = FlannelArguments.normalize(["status"], environment: environment)
+        #expect(args == ["status", "--control-socket", "/run/t/x.sock", "--etcd-prefix", "/docker/network"])
+        _ = try Tunneld.parseAsRoot(args)
+        let given = FlannelArguments.normalize(["status", "--control-socket", "/tmp/y.sock"], environment: environment)
+        #expect(given == ["status", "--control-socket", "/tmp/y.sock", "--etcd-prefix", "/docker/network"])
+        #expect(!FlannelArguments.normalize(["leases"], environment: environment).contains("--control-socket"))
+    }
+
     @Test func repeatableFlagsTakeCommaSeparatedListsFromTheEnvironment() {
         let args = FlannelArguments.normalize(["run"], environment: ["FLANNELD_IFACE": "eth0,198.18.0.1"])
         #expect(args == ["run", "--iface", "eth0", "--iface", "198.18.0.1"])
