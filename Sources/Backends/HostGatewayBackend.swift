@@ -55,6 +55,8 @@ public final class HostGatewayBackend: Backend {
     public func unusableReason(_ lease: Lease) -> String? { nil }
 
     public func apply(_ changes: [PeerChange]) {
+        var log = PeerLog()
+        defer { log.flush(to: logger) }
         for change in changes {
             switch change {
             case .added(let lease), .updated(_, let lease):
@@ -67,7 +69,7 @@ public final class HostGatewayBackend: Backend {
                 }
                 let route = Netlink.Route(destination: lease.subnet, outputIndex: underlay.index, gateway: gateway)
                 if routes.set(route, peer: "peer \(lease.subnet) (\(gateway))") {
-                    logger.info("peer \(lease.subnet) → via \(gateway) dev \(underlay.name)")
+                    log.note("peer \(lease.subnet) → via \(gateway) dev \(underlay.name)")
                 }
             case .removed(let lease):
                 routes.remove(lease.subnet)

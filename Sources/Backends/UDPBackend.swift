@@ -105,13 +105,15 @@ public final class UDPBackend: Backend {
     public func unusableReason(_ lease: Lease) -> String? { nil }
 
     public func apply(_ changes: [PeerChange]) {
+        var log = PeerLog()
+        defer { log.flush(to: logger) }
         for change in changes {
             switch change {
             case .added(let lease), .updated(_, let lease):
                 let route = PacketRing.Route.peer(UDPEndpoint(address: lease.attributes.publicIP, port: config.backend.port))
                 do {
                     try table.set(lease.subnet, to: route)
-                    logger.info("peer \(lease.subnet) → \(route)")
+                    log.note("peer \(lease.subnet) → \(route)")
                 } catch {
                     logger.warning("\(error)")
                 }

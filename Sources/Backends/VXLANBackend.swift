@@ -161,30 +161,32 @@ public final class VXLANBackend: Backend {
             return
         }
         let (index, routes) = (device.index, device.routes)
+        var log = PeerLog()
         programming.withLock { _ in
-            for change in changes { apply(change, index: index, routes: routes) }
+            for change in changes { apply(change, index: index, routes: routes, log: &log) }
         }
+        log.flush(to: logger)
     }
 
-    private func apply(_ change: PeerChange, index: Int32, routes: RouteKeeper) {
+    private func apply(_ change: PeerChange, index: Int32, routes: RouteKeeper, log: inout PeerLog) {
         switch change {
         case .added(let lease):
-            add(lease, index: index, routes: routes)
+            add(lease, index: index, routes: routes, log: &log)
         case .updated(let old, let new):
             remove(old, index: index, routes: routes, keepingRoute: true)
-            add(new, index: index, routes: routes)
+            add(new, index: index, routes: routes, log: &log)
         case .removed(let lease):
             remove(lease, index: index, routes: routes, keepingRoute: false)
         }
     }
 
-    private func add(_ lease: Lease, index: Int32, routes: RouteKeeper) {
+    private func add(_ lease: Lease, index: Int32, routes: RouteKeeper, log: inout PeerLog) {
         let remote = lease.attributes.publicIP
         if config.backend.directRouting && underlayAddress.network.contains(remote) {
             let route = Netlink.Route(destination: lease.subnet, outputIndex: underlay.index, gateway: remote)
             if routes.set(route, peer: "peer \(lease.subnet) (\(remote))") {
                 installed.withLock { $0[lease.subnet] = .direct }
-                logger.info("peer \(lease.subnet) → via \(remote) dev \(underlay.name) (direct routing)")
+                log.note("peer \(lease.subnet) → via \(remote) dev \(underlay.name) (direct routing)")
             }
             return
         }
@@ -200,7 +202,7 @@ public final class VXLANBackend: Backend {
         installed.withLock { $0[lease.subnet] = .tunnel(mac: mac, remote: remote) }
         let route = Netlink.Route(destination: lease.subnet, outputIndex: index, gateway: lease.subnet.address, onlink: true)
         if routes.set(route, peer: "peer \(lease.subnet) (\(remote))") {
-            logger.info("peer \(lease.subnet) → vtep \(mac) at \(remote) dev \(deviceName)")
+            log.note("peer \(lease.subnet) → vtep \(mac) at \(remote) dev \(deviceName)")
         }
     }
 

@@ -1,4 +1,5 @@
 import LeaseStore
+import Logging
 import NetBase
 
 /// One change to the set of peers a backend must reach.
@@ -125,4 +126,29 @@ extension LeaseAttributes {
     /// The backend a lease was written for; flannel's udp backend writes no
     /// BackendType, so none means udp.
     public var effectiveBackendType: String { backendType?.lowercased() ?? "udp" }
+}
+
+/// The log lines of one batch of peer changes: one line per peer for a few
+/// changes, as peers come and go; for a large batch — the first list of a
+/// network with thousands of hosts — one summary line, the per-peer lines
+/// at debug level (60,000 info lines at start help no one).
+public struct PeerLog {
+    /// Up to this many peer lines in one batch are logged one by one at info.
+    public static let perPeerLimit = 16
+    private var lines: [String] = []
+
+    public init() {}
+
+    public mutating func note(_ line: String) { lines.append(line) }
+
+    public func flush(to logger: Logger) {
+        guard lines.count > PeerLog.perPeerLimit else {
+            for line in lines { logger.info("\(line)") }
+            return
+        }
+        logger.info("\(lines.count) peers programmed, from \(lines[0]) to \(lines[lines.count - 1]) (one line per peer at --log-level debug)")
+        if logger.logLevel <= .debug {
+            for line in lines { logger.debug("\(line)") }
+        }
+    }
 }
