@@ -139,12 +139,20 @@ final class IPTablesKeeper: @unchecked Sendable {
         }
     }
 
+    /// Where the periodic check runs iptables: `iptables -w 5` may wait up to
+    /// five seconds for the xtables lock (Docker holds it while it starts),
+    /// and a concurrency-pool thread blocked that long on a two-core machine
+    /// is half the pool — lease renewals and the peer watch would wait too.
+    private let queue = DispatchQueue(label: "tunneld.iptables")
+
     /// Checks every `period` until cancelled, with one log line per repair.
     func keep(every period: Duration) async {
         while !Task.isCancelled {
             do { try await Task.sleep(for: period) } catch { return }
             do {
-                let repaired = try repair()
+                let repaired = try await withCheckedThrowingContinuation { continuation in
+                    queue.async { continuation.resume(with: Result { try self.repair() }) }
+                }
                 if !repaired.isEmpty {
                     logger.warning("iptables: put back \(repaired.joined(separator: ", ")): someone removed tunneld's rules (a Docker or firewalld restart?)")
                 }
