@@ -140,7 +140,9 @@ public final class Statistics: @unchecked Sendable {
         let n = max(completions, 1)
         local[Counter.batches.rawValue] &+= 1
         local[Counter.batchCompletions.rawValue] &+= UInt64(n)
-        let sizeClass = min(Counter.batchSizeClasses.count - 1, Int.bitWidth - 1 - n.leadingZeroBitCount)
+        // Class k holds sizes 2^k … 2^(k+1) − 1; the last one everything above.
+        let sizeClass = min(Counter.batchesOf64Plus.rawValue - Counter.batchesOf1.rawValue,
+                            Int.bitWidth - 1 - n.leadingZeroBitCount)
         local[Counter.batchesOf1.rawValue + sizeClass] &+= 1
     }
 
