@@ -116,7 +116,7 @@ let package = Package(
             name: "tunneld",
             dependencies: [
                 "NetBase", "Netlink", "UDPEncap", "LeaseStore", "EtcdClient", "CTunnel", "PeerControl", "Backends",
-                "Observability",
+                "Observability", "PacketRing",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),
@@ -128,6 +128,9 @@ let package = Package(
         .target(name: "CNIPlugin", dependencies: ["NetBase", "LeaseStore", "CTunnel"]),
         .executableTarget(name: "tunneld-cni", dependencies: ["CNIPlugin"]),
         .testTarget(name: "NetBaseTests", dependencies: ["NetBase"]),
+        // Runs a program with io_uring refused by a seccomp filter, as Docker's
+        // default profile refuses it: the tests reach the system-call tier for real.
+        .executableTarget(name: "refuse-io-uring", path: "Tests/RefuseIOURing"),
         // Bounded, seeded random-input runs (budget, replay by seed, guarded memory,
         // slow packet models) shared by the fuzz tests of several modules.
         .target(name: "FuzzSupport", path: "Tests/FuzzSupport"),

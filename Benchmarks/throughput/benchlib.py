@@ -23,14 +23,17 @@ import statistics
 import sys
 import time
 
-MODES = ["host-gw", "kernel-vxlan", "tunneld-udp", "tunneld-udp-nooffload", "tunneld-udp-simple", "tunneld-vxlan",
-         "tunneld-host-gw"]
+MODES = ["host-gw", "kernel-vxlan", "tunneld-udp", "tunneld-udp-syscall", "tunneld-udp-uring-single",
+         "tunneld-udp-nooffload", "tunneld-udp-simple", "tunneld-vxlan", "tunneld-host-gw"]
 # (reference mode, short name in the table, modes whose cells show that ratio)
 REFERENCES = [
     ("host-gw", "hg", None),
     ("kernel-vxlan", "vx", None),
     # the batched data path against the one-packet-per-syscall (flannel-like) one
-    ("tunneld-udp-simple", "sm", ("tunneld-udp", "tunneld-udp-nooffload")),
+    ("tunneld-udp-simple", "sm", ("tunneld-udp", "tunneld-udp-syscall", "tunneld-udp-uring-single",
+                                  "tunneld-udp-nooffload")),
+    # the tiers below io_uring's best against the io_uring path (auto on this kernel)
+    ("tunneld-udp", "ur", ("tunneld-udp-syscall", "tunneld-udp-uring-single")),
 ]
 ROLES = ["host1", "host2", "ctr1", "ctr2"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -708,8 +711,9 @@ def render_report(meta, modes, summary, modes_run, interrupted):
         if info["status"] != "ok":
             head.append(f"- {mode}: {info['status']} — {info['reason']}")
     text = "\n".join(head) + "\n\n" + render_table(summary, modes_run, meta) + "\n"
-    text += ("\nCells: median over rounds; (hg x, vx y, sm z) = ratio to host-gw, to kernel-vxlan, "
-             "and (tunneld-udp modes only) to tunneld-udp-simple "
+    text += ("\nCells: median over rounds; (hg x, vx y, sm z, ur w) = ratio to host-gw, to kernel-vxlan, "
+             "(tunneld-udp modes only) to tunneld-udp-simple, and (the syscall and uring-single tiers) to "
+             "tunneld-udp, the io_uring path "
              "(for throughput higher is better, for latency/CPU/drops lower is better).\n")
     drops = render_drop_sites(summary)
     if drops:

@@ -16,10 +16,10 @@ import UDPEncap
 /// so that swapping in another data path touches this one type.
 public final class UDPBackend: Backend {
     public struct Options: Sendable {
-        public enum Loop: String, Sendable { case uring, simple }
         /// TUN device name (flannel's is flannel0).
         public var device: String
-        public var loop: Loop
+        /// Which data path (`--datapath`); `auto` takes the best this host offers.
+        public var datapath: DataPathChoice
         public var queueDepth: Int
         public var acceptUnknownPeers: Bool
         public var offload: OffloadMode
@@ -28,12 +28,12 @@ public final class UDPBackend: Backend {
         /// How long a loop looks for more work before sleeping (0: never).
         public var busyPollMicroseconds: Int
 
-        public init(device: String = "flannel0", loop: Loop = .uring, queueDepth: Int = 64,
+        public init(device: String = "flannel0", datapath: DataPathChoice = .auto, queueDepth: Int = 64,
                     acceptUnknownPeers: Bool = false, offload: OffloadMode = .auto, workers: Int = 1,
                     busyPollMicroseconds: Int = 0) {
             self.busyPollMicroseconds = busyPollMicroseconds
             self.device = device
-            self.loop = loop
+            self.datapath = datapath
             self.queueDepth = queueDepth
             self.acceptUnknownPeers = acceptUnknownPeers
             self.offload = offload
@@ -73,7 +73,7 @@ public final class UDPBackend: Backend {
         let forwarder = Forwarder(table: table, tunAddress: lease.subnet.address,
                                   acceptUnknownPeers: options.acceptUnknownPeers, mtu: mtu)
         let path = try UDPDataPath(
-            settings: .init(device: options.device, port: config.backend.port, mtu: mtu, datapath: options.loop,
+            settings: .init(device: options.device, port: config.backend.port, mtu: mtu, datapath: options.datapath,
                             offload: options.offload, workers: options.workers, queueDepth: options.queueDepth,
                             busyPollMicroseconds: options.busyPollMicroseconds),
             forwarder: forwarder, routeSocket: routeSocket)
@@ -157,6 +157,7 @@ public final class UDPBackend: Backend {
         let counters = Statistics.totals(of: path?.statistics ?? []).map { (name: $0.counter.description, value: $0.value) }
         return BackendReport(device: options.device, summary: path?.summary ?? "udp data path not started",
                              workers: path?.loops.count ?? 0, offloads: path?.offloadNames ?? [],
+                             datapathTier: path?.tier.rawValue, datapathNote: path?.tierNote,
                              tableEntries: table.count, tableGeneration: table.generation, counters: counters)
     }
 

@@ -21,7 +21,11 @@ final class UDPDataPath: Sendable {
     let tun: TunDevice
     let sockets: [UDPSocket]
     let loops: [any DataPathLoop]
-    /// One line for the log: loop kind, workers, offloads and why.
+    /// The loop that runs, chosen at start from what the kernel offers.
+    let tier: DataPathTier
+    /// Why the tier is not the one asked for, or nil.
+    let tierNote: String?
+    /// One line for the log: tier, workers, offloads and why.
     let summary: String
     /// The offloads in use, by name: the loop's (tun-vnet-hdr, udp-gso,
     /// udp-gro) and what the TUN accepted (tun-csum, tun-tso4, tun-uso4).
@@ -31,7 +35,7 @@ final class UDPDataPath: Sendable {
         var device: String
         var port: UInt16
         var mtu: Int
-        var datapath: UDPBackend.Options.Loop
+        var datapath: DataPathChoice
         var offload: OffloadMode
         var workers: Int
         var queueDepth: Int
@@ -41,17 +45,11 @@ final class UDPDataPath: Sendable {
     /// Creates the device and the sockets; `configure` the device afterwards.
     init(settings: Settings, forwarder: Forwarder, routeSocket: RouteSocket) throws {
         var notes: [String] = []
-        var datapath = settings.datapath
-        if datapath == .uring {
-            let features = URingFeatures.probe()
-            if !features.usable {
-                notes.append("io_uring unusable: \(features.problem ?? "unknown reason"); using the simple loop")
-                datapath = .simple
-            }
-        }
+        let (tier, tierNote) = DataPathTier.choose(settings.datapath, features: URingFeatures.probe())
+        if let tierNote { notes.append(tierNote) }
         // The simple loop is flannel's: one packet per system call.
-        let wantOffloads = datapath == .uring && settings.offload == .auto
-        let workers = datapath == .uring ? settings.workers : 1
+        let wantOffloads = tier.batches && settings.offload == .auto
+        let workers = tier.batches ? settings.workers : 1
 
         // A device of this name that exists belongs to someone: a
         // non-persistent TUN lives only while its owner holds it open, and a
@@ -131,9 +129,8 @@ final class UDPDataPath: Sendable {
         do {
             for (i, socket) in sockets.enumerated() {
                 let fd = tun.queues[i].rawValue
-                loops.append(datapath == .uring
-                    ? try URingLoop(forwarder: forwarder, tunFD: fd, udpFD: socket.fd.rawValue, configuration: configuration)
-                    : try SyscallLoop(forwarder: forwarder, tunFD: fd, udpFD: socket.fd.rawValue, configuration: configuration))
+                loops.append(try tier.makeLoop(forwarder: forwarder, tunFD: fd, udpFD: socket.fd.rawValue,
+                                               configuration: configuration))
             }
         } catch {
             tun.close()
@@ -143,9 +140,11 @@ final class UDPDataPath: Sendable {
         self.tun = tun
         self.sockets = sockets
         self.loops = loops
-        var summary = "\(datapath == .uring ? "io_uring" : "simple") data path, \(workers) worker(s), offloads: "
+        self.tier = tier
+        self.tierNote = tierNote
+        var summary = "\(tier.longName) data path, \(workers) worker(s), offloads: "
         summary += settings.offload == .off ? "off (--offload off)"
-            : datapath == .simple ? "none (simple loop)"
+            : tier == .simple ? "none (simple loop)"
             : "\(offloads)" + (virtio ? " (tun \(tunOffloads))" : "")
         if !notes.isEmpty { summary += "; " + notes.joined(separator: "; ") }
         self.summary = summary
@@ -168,4 +167,16 @@ final class UDPDataPath: Sendable {
     }
 
     func closeSockets() { sockets.forEach { $0.close() } }
+}
+
+extension DataPathTier {
+    /// The tier in words, for the log and `tunneld status`.
+    var longName: String {
+        switch self {
+        case .uring: "io_uring (multishot read)"
+        case .uringSingleRead: "io_uring (single read)"
+        case .syscall: "system-call (sendmmsg/recvmmsg)"
+        case .simple: "simple"
+        }
+    }
 }

@@ -13,4 +13,18 @@ static const unsigned int curing_cqe_f_more = IORING_CQE_F_MORE;
 static const unsigned int curing_cqe_f_buffer = IORING_CQE_F_BUFFER;
 static const unsigned int curing_cqe_buffer_shift = IORING_CQE_BUFFER_SHIFT;
 
+
+// Opcodes newer than liburing 2.3's headers (the kernel has them; the probe
+// asks which the running kernel offers).
+#ifndef IORING_OP_READ_MULTISHOT
+#define CURING_OP_READ_MULTISHOT 49
+#else
+#define CURING_OP_READ_MULTISHOT IORING_OP_READ_MULTISHOT
+#endif
+static const int curing_op_read_multishot = CURING_OP_READ_MULTISHOT;
+static const int curing_op_read = IORING_OP_READ;
+static const int curing_op_recvmsg = IORING_OP_RECVMSG;
+static const int curing_op_sendmsg = IORING_OP_SENDMSG;
+static const int curing_op_writev = IORING_OP_WRITEV;
+
 #endif

@@ -16,6 +16,7 @@ public enum MetricCatalog {
         "tunneld_table_entries": "Entries of the table traffic is steered by: the udp data path's subnet table (ours and the peers'), or the peers programmed into the kernel (vxlan, host-gw).",
         "tunneld_table_generation": "Changes the steering table has seen since start.",
         "tunneld_datapath_workers": "Data-path worker threads (udp backend).",
+        "tunneld_datapath_tier": "1 for the udp data path's tier that runs (uring, uring-single, syscall, simple), 0 for the others; the reason for a fallback is in the log and in tunneld status.",
         "tunneld_offload_enabled": "1 for each offload the udp data path chose at start, 0 for the others.",
         "tunneld_packets_total": "Packets carried: tx = sent to peers as UDP datagrams, rx = received from peers and written to the TUN device.",
         "tunneld_bytes_total": "Bytes carried (inner IPv4 packets): tx = sent to peers, rx = written to the TUN device.",
@@ -88,6 +89,9 @@ public enum MetricCatalog {
     public static let derivedCounters: Set<String> = ["batches"]
 
     /// Every offload the udp data path may choose, for `tunneld_offload_enabled`.
+    /// The udp data path's tiers (PacketRing's `DataPathTier` raw values;
+    /// Observability does not import the data path).
+    public static let tiers = ["uring", "uring-single", "syscall", "simple"]
     public static let offloads = ["tun-vnet-hdr", "udp-gso", "udp-gro", "tun-csum", "tun-tso4", "tun-uso4"]
 
     /// The registry's description of a series: its full name and help.
@@ -198,6 +202,11 @@ public final class MetricsExporter: Sendable {
             gauge("tunneld_table_generation").set(Int64(clamping: backend.tableGeneration))
             if backend.workers > 0 {
                 gauge("tunneld_datapath_workers").set(Int64(backend.workers))
+                if let tier = backend.datapathTier {
+                    for name in MetricCatalog.tiers {
+                        gauge("tunneld_datapath_tier", [("tier", name)]).set(to: name == tier ? 1 : 0)
+                    }
+                }
                 for offload in Set(MetricCatalog.offloads + backend.offloads).sorted() {
                     gauge("tunneld_offload_enabled", [("offload", offload)]).set(to: backend.offloads.contains(offload) ? 1 : 0)
                 }

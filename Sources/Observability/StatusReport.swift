@@ -63,16 +63,23 @@ public struct StatusReport: Codable, Sendable, Equatable {
         public var summary: String
         public var workers: Int
         public var offloads: [String]
+        /// The udp data path's tier (uring, uring-single, syscall, simple).
+        public var datapathTier: String?
+        /// Why that tier and not a faster one; nil when it is the one asked for.
+        public var datapathNote: String?
         public var tableEntries: Int
         public var tableGeneration: UInt64
 
         public init(type: String, device: String?, summary: String, workers: Int, offloads: [String],
+                    datapathTier: String? = nil, datapathNote: String? = nil,
                     tableEntries: Int, tableGeneration: UInt64) {
             self.type = type
             self.device = device
             self.summary = summary
             self.workers = workers
             self.offloads = offloads
+            self.datapathTier = datapathTier
+            self.datapathNote = datapathNote
             self.tableEntries = tableEntries
             self.tableGeneration = tableGeneration
         }
@@ -186,6 +193,7 @@ public struct StatusReport: Codable, Sendable, Equatable {
         if let backend {
             field("backend", backend.type + (backend.device.map { ", device \($0)" } ?? ""))
             field("data path", backend.summary)
+            if let tier = backend.datapathTier { field("tier", tier + (backend.datapathNote.map { " (\($0))" } ?? "")) }
             if backend.workers > 0 {
                 field("offloads", backend.offloads.isEmpty ? "none" : backend.offloads.joined(separator: ", "))
             }

@@ -90,6 +90,11 @@ public struct BackendReport: Sendable, Equatable {
     public var workers: Int
     /// The offloads the data path chose, by name (e.g. tun-vnet-hdr, udp-gso).
     public var offloads: [String]
+    /// The udp data path's tier (uring, uring-single, syscall, simple); nil
+    /// for the kernel's backends.
+    public var datapathTier: String?
+    /// Why that tier and not a faster one (nil: the one asked for).
+    public var datapathNote: String?
     /// Entries of the table traffic is steered by: the udp data path's subnet
     /// table (ours and the peers'), or the kernel routes installed for peers.
     public var tableEntries: Int
@@ -100,18 +105,20 @@ public struct BackendReport: Sendable, Equatable {
     public var counters: [(name: String, value: UInt64)]
 
     public init(device: String? = nil, summary: String = "", workers: Int = 0, offloads: [String] = [],
-                tableEntries: Int = 0, tableGeneration: UInt64 = 0, counters: [(name: String, value: UInt64)] = []) {
+                datapathTier: String? = nil, datapathNote: String? = nil, tableEntries: Int = 0, tableGeneration: UInt64 = 0, counters: [(name: String, value: UInt64)] = []) {
         self.device = device
         self.summary = summary
         self.workers = workers
         self.offloads = offloads
+        self.datapathTier = datapathTier
+        self.datapathNote = datapathNote
         self.tableEntries = tableEntries
         self.tableGeneration = tableGeneration
         self.counters = counters
     }
 
     public static func == (a: BackendReport, b: BackendReport) -> Bool {
-        a.device == b.device && a.summary == b.summary && a.workers == b.workers && a.offloads == b.offloads
+        a.device == b.device && a.summary == b.summary && a.workers == b.workers && a.offloads == b.offloads && a.datapathTier == b.datapathTier && a.datapathNote == b.datapathNote
             && a.tableEntries == b.tableEntries && a.tableGeneration == b.tableGeneration
             && a.counters.map(\.name) == b.counters.map(\.name) && a.counters.map(\.value) == b.counters.map(\.value)
     }

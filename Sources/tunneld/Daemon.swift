@@ -191,9 +191,8 @@ final class Daemon: Service, Sendable {
         switch config.backend.type {
         case "udp":
             removeLeftovers(keeping: nil, peerRoutesToo: true)
-            let loop: UDPBackend.Options.Loop = options.datapath == .uring ? .uring : .simple
             return try UDPBackend(config: config, underlay: link, publicIP: publicIP,
-                                  options: .init(device: options.device, loop: loop, queueDepth: options.queueDepth,
+                                  options: .init(device: options.device, datapath: options.datapath, queueDepth: options.queueDepth,
                                                  acceptUnknownPeers: options.acceptUnknownPeers,
                                                  offload: options.offload, workers: options.effectiveWorkers,
                                                  busyPollMicroseconds: options.busyPoll),

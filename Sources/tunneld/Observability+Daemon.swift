@@ -79,6 +79,7 @@ extension Daemon {
                             leaseExpires: lease.expiration, leaseRevision: lease.revision),
                 backend: .init(type: backend.type, device: backendReport.device, summary: backendReport.summary,
                                workers: backendReport.workers, offloads: backendReport.offloads,
+                               datapathTier: backendReport.datapathTier, datapathNote: backendReport.datapathNote,
                                tableEntries: backendReport.tableEntries, tableGeneration: backendReport.tableGeneration),
                 peers: peers.currentPeers.values.sorted { $0.subnet.address < $1.subnet.address }.map {
                     StatusReport.Peer($0, lastChange: times[$0.subnet])

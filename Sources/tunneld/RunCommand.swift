@@ -4,6 +4,7 @@ import Foundation
 import LeaseStore
 import Logging
 import NetBase
+import PacketRing
 import ServiceLifecycle
 
 /// `tunneld run`. Its options come in groups, as `tunneld run --help` shows
@@ -39,13 +40,6 @@ struct Run: AsyncParsableCommand {
         case hostGW = "host-gw"
     }
 
-    enum DataPathKind: String, ExpressibleByArgument, CaseIterable {
-        /// io_uring, batched.
-        case uring
-        /// One system call per packet, like flannel's udp backend.
-        case simple
-    }
-
     @OptionGroup(title: "Store: etcd (flanneld's -etcd-* flags) or tunneld's local store")
     var storeOptions: StoreOptions
     @OptionGroup(title: "Metrics and status")
@@ -60,9 +54,9 @@ struct Run: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Name of the udp backend's TUN device.", valueName: "name"))
     var device: String = "flannel0"
 
-    @Option(help: ArgumentHelp("udp backend's data path: uring (batched io_uring) or simple (one system call per packet, like flannel).",
-                               valueName: "uring|simple"))
-    var datapath: DataPathKind = .uring
+    @Option(help: ArgumentHelp("udp backend's data path: auto (the fastest this host offers), uring (io_uring; falls back to syscall where refused), syscall (batched sendmmsg/recvmmsg, no io_uring) or simple (one system call per packet, like flannel). Every tier but simple uses the kernel's offloads.",
+                               valueName: "auto|uring|syscall|simple"))
+    var datapath: DataPathChoice = .auto
 
     @Option(help: ArgumentHelp("Packets kept in flight per direction by the udp backend's io_uring data path.", valueName: "n"))
     var queueDepth: Int = 64
@@ -128,6 +122,7 @@ struct Run: AsyncParsableCommand {
     }
 }
 extension OffloadMode: ExpressibleByArgument {}
+extension DataPathChoice: ExpressibleByArgument {}
 
 /// The options flanneld has, with flanneld's names and defaults.
 struct FlanneldOptions: ParsableArguments {

@@ -222,7 +222,7 @@ struct KernelBackendsTests {
         try withUnderlay { ns, socket, link, _ in
             let config = try NetworkConfig(json: #"{"Network":"10.2.0.0/16","Backend":{"Type":"udp","Port":18285}}"#)
             let backend = try UDPBackend(config: config, underlay: link, publicIP: ip("198.18.0.1"),
-                                         options: .init(device: "tun0", loop: .simple),
+                                         options: .init(device: "tun0", datapath: .simple),
                                          routeSocket: socket, logger: logger)
             #expect(backend.mtu == 1472)
             // The TUN and the socket are made in the namespace of the thread that opens them.

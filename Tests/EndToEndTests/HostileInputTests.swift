@@ -94,11 +94,14 @@ struct HostileInputTests {
     /// What the victim's containers and the bystander may not see change.
     static let untouched = ["Ip.InReceives", "Icmp.InEchos", "Icmp.OutEchoReps", "Udp.InDatagrams", "Udp.NoPorts"]
 
-    @Test(arguments: [[String](), ["--offload", "off"], ["--datapath", "simple"]])
-    func floodsFromStrangersAndForgingPeersReachNoContainer(victimOptions: [String]) throws {
+    /// The victim on every data-path tier (and io_uring with offloads off).
+    @Test(arguments: [(TierLaunch.uring, [String]()), (.uring, ["--offload", "off"]), (.simple, []),
+                      (.syscallRefused, []), (.uringSingleRead, [])])
+    func floodsFromStrangersAndForgingPeersReachNoContainer(victimTier: TierLaunch, victimOptions: [String]) throws {
         try Lab.withLocalStore(config: seedConfig) { lab in
             let store = ["--store-dir", lab.storeDirectory]
-            try lab.addHost(1, extra: store + victimOptions)
+            try lab.addHost(1, tier: victimTier, extra: store + victimOptions)
+            #expect(lab.log("h1").contains(victimTier.logLine), "\(lab.log("h1"))")
             try lab.addHost(2, extra: store)
             try lab.addHost(3, extra: store)
             try lab.addNode(4)
@@ -188,7 +191,7 @@ struct HostileInputTests {
             let counters = lab.dataPathCounters("h1")
             let total = sent.values.reduce(0, +)
             print("""
-                hostile input (victim \(victimOptions.isEmpty ? "default" : victimOptions.joined(separator: " "))): \
+                hostile input (victim \(victimTier) \(victimOptions.joined(separator: " "))): \
                 \(total) datagrams in \(floodTime); victim tunneld CPU \(String(format: "%.2f", cpuFlood)) s during \
                 the flood, \(String(format: "%.2f", cpuQuiet)) s in the 2 s after; sent per reason \(sent); counters \(counters)
                 """)

@@ -24,6 +24,64 @@ let tunneldBinary: String = {
     return repositoryRoot.appendingPathComponent(".build/debug/tunneld").path
 }()
 
+/// The seccomp helper built beside tunneld (Tests/RefuseIOURing).
+let refuseIOURingBinary: String = {
+    URL(fileURLWithPath: tunneldBinary).deletingLastPathComponent().appendingPathComponent("refuse-io-uring").path
+}()
+
+/// How a test host's daemon reaches each udp data-path tier on this kernel:
+/// io_uring as the kernel offers it, io_uring without multishot read (the
+/// tier of Linux 6.0–6.6, through the probe override only tests set), io_uring
+/// refused by a seccomp filter as Docker's default profile refuses it (the
+/// daemon must fall back to batched system calls by itself), the system-call
+/// tier asked for by flag, and flannel's simple loop.
+enum TierLaunch: String, CaseIterable, CustomTestStringConvertible, Sendable {
+    case uring, uringSingleRead, syscallRefused, syscall, simple
+    var testDescription: String { rawValue }
+
+    var prefix: [String] {
+        switch self {
+        case .uringSingleRead: ["env", "TUNNELD_TEST_URING_NO_MULTISHOT_READ=1"]
+        case .syscallRefused: [refuseIOURingBinary]
+        default: []
+        }
+    }
+
+    var extra: [String] {
+        switch self {
+        case .syscall: ["--datapath", "syscall"]
+        case .simple: ["--datapath", "simple"]
+        default: []
+        }
+    }
+
+    /// What the daemon's start-up line says of its data path.
+    var logLine: String {
+        switch self {
+        case .uring: "io_uring (multishot read) data path"
+        case .uringSingleRead: "io_uring (single read) data path"
+        case .syscallRefused, .syscall: "system-call (sendmmsg/recvmmsg) data path"
+        case .simple: "simple data path"
+        }
+    }
+
+    var tier: String {
+        switch self {
+        case .uring: "uring"
+        case .uringSingleRead: "uring-single"
+        case .syscallRefused, .syscall: "syscall"
+        case .simple: "simple"
+        }
+    }
+}
+
+extension Lab {
+    /// Adds host N whose daemon runs the data-path tier `launch` reaches.
+    func addHost(_ n: Int, tier launch: TierLaunch, extra: [String] = []) throws {
+        try addHost(n, extra: launch.extra + extra, prefix: launch.prefix)
+    }
+}
+
 struct CommandResult {
     var status: Int32
     var output: String
@@ -161,8 +219,9 @@ final class Lab {
     func subnetFile(_ host: Int) -> String { directory.appendingPathComponent("h\(host).env").path }
 
     /// Adds host N running tunneld with the local store, and its container.
-    func addHost(_ n: Int, iface: [String] = ["--iface", "eth0"], extra: [String] = []) throws {
-        let command = [tunneldBinary, "run", "--backend", "udp"] + iface
+    /// `prefix` goes before the binary (e.g. `env VAR=1` or `refuse-io-uring`).
+    func addHost(_ n: Int, iface: [String] = ["--iface", "eth0"], extra: [String] = [], prefix: [String] = []) throws {
+        let command = prefix + [tunneldBinary, "run", "--backend", "udp"] + iface
             + ["--subnet-file", subnetFile(n), "--device", "tun0"]
             + (extra.contains("--control-socket") ? [] : ["--control-socket", directory.appendingPathComponent("h\(n).sock").path])
             + extra

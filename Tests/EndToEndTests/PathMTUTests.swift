@@ -93,10 +93,12 @@ struct PathMTUTests {
     /// lets oversize packets through to tunneld, which answers DF packets
     /// with "fragmentation needed" and the tunnel's MTU (and drops the others,
     /// counted): on every data path, single packets and TSO super-packets.
-    @Test func tunneldAnswersOversizePacketsWhenTheDeviceMTUWasRaised() throws {
+    @Test(arguments: [TierLaunch.uring, .syscallRefused, .uringSingleRead])
+    func tunneldAnswersOversizePacketsWhenTheDeviceMTUWasRaised(tier: TierLaunch) throws {
         try Lab.withLocalStore(config: seedConfig) { lab in
             let store = ["--store-dir", lab.storeDirectory]
-            try lab.addHost(1, extra: store)
+            try lab.addHost(1, tier: tier, extra: store)
+            #expect(lab.log("h1").contains(tier.logLine), "\(lab.log("h1"))")
             try lab.addHost(2, extra: store + ["--offload", "off"])
             try lab.addHost(3, extra: store + ["--datapath", "simple"])
             for n in 1...3 {

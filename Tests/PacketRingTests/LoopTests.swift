@@ -26,7 +26,10 @@ final class LoopHarness: @unchecked Sendable {
     /// socket uses UDP GSO and GRO.
     let offloads: Bool
 
-    init(simple: Bool, offloads: Bool = false, acceptUnknownPeers: Bool = false, depth: Int = 8) throws {
+    let tier: DataPathTier
+
+    init(tier: DataPathTier, offloads: Bool = false, acceptUnknownPeers: Bool = false, depth: Int = 8) throws {
+        self.tier = tier
         self.offloads = offloads
         var fds: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 0, &fds) == 0 else {
@@ -52,9 +55,8 @@ final class LoopHarness: @unchecked Sendable {
         var configuration = LoopConfiguration(depth: depth, mtu: 1472, offloads: loopOffloads)
         // The offload loop also polls briefly after each busy turn, as the daemon does.
         configuration.busyPollMicroseconds = offloads ? 100 : 0
-        let loop: any DataPathLoop = simple
-            ? try SyscallLoop(forwarder: forwarder, tunFD: tunSide, udpFD: socket.fd.rawValue, configuration: configuration)
-            : try URingLoop(forwarder: forwarder, tunFD: tunSide, udpFD: socket.fd.rawValue, configuration: configuration)
+        let loop = try tier.makeLoop(forwarder: forwarder, tunFD: tunSide, udpFD: socket.fd.rawValue,
+                                     configuration: configuration)
         thread = DataPathThread(loop: loop, name: "test-loop")
     }
 
@@ -135,14 +137,34 @@ final class LoopHarness: @unchecked Sendable {
     }
 }
 
-/// The loops under test: the simple loop, io_uring without offloads, and
-/// io_uring with a virtio-header TUN and UDP GSO/GRO.
+/// The loops under test: the simple loop; the system-call loop and the
+/// io_uring loop, each without and with offloads (a virtio-header TUN and
+/// UDP GSO/GRO); and io_uring with a re-armed single read. The io_uring
+/// kinds take the tier this kernel offers, as the daemon does: on a kernel
+/// without multishot read `uring` runs the single-read loop, and where
+/// io_uring is refused the system-call loop.
 enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
-    case simple, uring, uringOffloads
+    case simple, syscall, syscallOffloads, uring, uringOffloads, uringSingleReadOffloads
     var testDescription: String { rawValue }
+
+    static let features = URingFeatures.probe()
+
+    var tier: DataPathTier {
+        switch self {
+        case .simple: .simple
+        case .syscall, .syscallOffloads: .syscall
+        case .uring, .uringOffloads: DataPathTier.choose(.uring, features: LoopKind.features).tier
+        case .uringSingleReadOffloads:
+            LoopKind.features.usableWithSingleRead ? .uringSingleRead
+                : DataPathTier.choose(.uring, features: LoopKind.features).tier
+        }
+    }
+
+    var offloads: Bool { self == .syscallOffloads || self == .uringOffloads || self == .uringSingleReadOffloads }
+    static let withOffloads: [LoopKind] = allCases.filter(\.offloads)
+
     func harness(acceptUnknownPeers: Bool = false, depth: Int = 8) throws -> LoopHarness {
-        try LoopHarness(simple: self == .simple, offloads: self == .uringOffloads,
-                        acceptUnknownPeers: acceptUnknownPeers, depth: depth)
+        try LoopHarness(tier: tier, offloads: offloads, acceptUnknownPeers: acceptUnknownPeers, depth: depth)
     }
 }
 
@@ -223,7 +245,7 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
 
     /// With one buffer per direction the multishot read runs out of buffers
     /// on every burst and must be armed again as buffers come back.
-    @Test(arguments: [LoopKind.uring, .uringOffloads], [1, 8])
+    @Test(arguments: [LoopKind.uring, .uringOffloads, .uringSingleReadOffloads, .syscallOffloads], [1, 8])
     func aBurstIsMovedInBatches(kind: LoopKind, depth: Int) async throws {
         let h = try kind.harness(depth: depth)
         let burst = 2_000
@@ -278,8 +300,9 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
 
     /// With UDP GRO one receive holds many datagrams; each is checked on its
     /// own before it may join a coalesced write.
-    @Test func eachDatagramOfAGROReceiveIsCheckedBeforeCoalescing() async throws {
-        let h = try LoopKind.uringOffloads.harness()
+    @Test(arguments: LoopKind.withOffloads)
+    func eachDatagramOfAGROReceiveIsCheckedBeforeCoalescing(kind: LoopKind) async throws {
+        let h = try kind.harness()
         let payload = Array(repeating: UInt8(0x5a), count: 200)
         func packet(_ destination: UInt32, source: UInt32 = 0x0A02_0207) -> [UInt8] {
             makePacket(source: source, destination: destination, proto: 1, payload: payload)
@@ -330,8 +353,9 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
 
     /// A TCP super-packet whose segments would each exceed the MTU (gso_size
     /// from a sender that believes in a larger MTU) gets the same answer.
-    @Test func superPacketsWithSegmentsBiggerThanTheTunnelGetFragmentationNeeded() async throws {
-        let h = try LoopKind.uringOffloads.harness()
+    @Test(arguments: LoopKind.withOffloads)
+    func superPacketsWithSegmentsBiggerThanTheTunnelGetFragmentationNeeded(kind: LoopKind) async throws {
+        let h = try kind.harness()
         var tcp = [UInt8](repeating: 0, count: 20)
         tcp[12] = 0x50  // data offset: 20 bytes
         tcp[13] = 0x10  // ACK
@@ -344,6 +368,39 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
         #expect(reply[20] == 3 && reply[21] == 4 && Int(reply[26]) << 8 | Int(reply[27]) == 1472)
         #expect(await h.waitFor(.icmpFragmentationNeededSent, 1))
         #expect(h.thread.loop.statistics[.segmentsMade] == 0)
+        try await h.finish()
+    }
+}
+
+extension LoopTests {
+    /// A TCP super-packet read with a virtio header (TSO) leaves as real
+    /// IPv4 packets of the segment size, one per datagram, in order — in
+    /// UDP_SEGMENT sends where the socket has them — whatever loop moves it.
+    @Test(arguments: LoopKind.withOffloads)
+    func aTCPSuperPacketLeavesAsOnePacketPerDatagram(kind: LoopKind) async throws {
+        let h = try kind.harness()
+        var tcp = [UInt8](repeating: 0, count: 20)
+        tcp[12] = 0x50  // data offset: 20 bytes
+        tcp[13] = 0x18  // PSH, ACK
+        let payload = (0..<3500).map { UInt8(truncatingIfNeeded: $0) }
+        let packet = makePacket(source: 0x0A02_0105, destination: 0x0A02_0207, proto: 6,
+                                payload: tcp + payload, fragmentOffset: 0x4000)
+        // virtio_net_hdr: no flags, GSO_TCPV4, hdr_len 40, gso_size 1000 (little-endian).
+        let virtio: [UInt8] = [0, 1, 40, 0, 0xe8, 0x03, 0, 0, 0, 0]
+        h.writeToTunRaw(virtio + packet)
+        var received: [UInt8] = []
+        for i in 0..<4 {
+            let datagram = try #require(h.peerReceive(), "segment \(i) did not arrive")
+            let expectedPayload = i < 3 ? 1000 : 500
+            #expect(datagram.count == 40 + expectedPayload)
+            #expect(Int(datagram[2]) << 8 | Int(datagram[3]) == datagram.count, "IPv4 total length")
+            #expect(datagram[8] == 63, "TTL decremented")
+            received += datagram.dropFirst(40)
+        }
+        #expect(received == payload)
+        #expect(await h.waitFor(.udpPacketsSent, 4))
+        #expect(h.thread.loop.statistics[.segmentsMade] == 4)
+        #expect(h.thread.loop.statistics[.sendErrors] == 0)
         try await h.finish()
     }
 }

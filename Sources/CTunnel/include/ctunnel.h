@@ -17,6 +17,9 @@
 #include <netinet/udp.h>
 #include <linux/if_tun.h>
 #include <linux/virtio_net.h>
+#include <fcntl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "ctunnel_netlink.h"
 
@@ -80,6 +83,20 @@ static const int ctunnel_SOL_UDP = SOL_UDP;
 static const int ctunnel_UDP_SEGMENT = UDP_SEGMENT;
 static const int ctunnel_UDP_GRO = UDP_GRO;
 
+// ---- sendmmsg / recvmmsg: struct mmsghdr and both calls are declared only
+// under _GNU_SOURCE, which the Glibc module does not set. The mirror has the
+// kernel's layout; the raw system calls are the same calls.
+struct ctunnel_mmsghdr {
+    struct msghdr msg_hdr;
+    unsigned int msg_len;
+};
+static inline int ctunnel_sendmmsg(int fd, struct ctunnel_mmsghdr *vector, unsigned int count, int flags) {
+    return (int)syscall(SYS_sendmmsg, fd, vector, count, flags);
+}
+static inline int ctunnel_recvmmsg(int fd, struct ctunnel_mmsghdr *vector, unsigned int count, int flags) {
+    return (int)syscall(SYS_recvmmsg, fd, vector, count, flags, (void *)0);
+}
+
 // ---- CMSG_* (macros) ----
 static inline struct cmsghdr *ctunnel_cmsg_firsthdr(struct msghdr *m) { return CMSG_FIRSTHDR(m); }
 static inline struct cmsghdr *ctunnel_cmsg_nxthdr(struct msghdr *m, struct cmsghdr *c) { return CMSG_NXTHDR(m, c); }
@@ -98,12 +115,10 @@ static const uint8_t ctunnel_VIRTIO_NET_HDR_GSO_UDP_L4 = VIRTIO_NET_HDR_GSO_UDP_
 // ---- pipe2 is declared only under _GNU_SOURCE; the raw syscall is the same call.
 // A pipe whose ends are close-on-exec from the start, so that a child spawned
 // by another thread meanwhile cannot inherit them (and hold EOF back).
-#include <fcntl.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 static inline int ctunnel_pipe_cloexec(int fds[2]) { return (int)syscall(SYS_pipe2, fds, O_CLOEXEC); }
 
 _Static_assert(sizeof(struct virtio_net_hdr) == 10, "virtio_net_hdr is 10 bytes");
 _Static_assert(sizeof(struct sockaddr_in) == 16, "sockaddr_in is 16 bytes");
+_Static_assert(sizeof(struct ctunnel_mmsghdr) == 64, "mmsghdr is 64 bytes on 64-bit Linux");
 
 #endif

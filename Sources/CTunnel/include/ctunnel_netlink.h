@@ -19,7 +19,7 @@ static inline unsigned int ctunnel_rta_length(unsigned int len) { return RTA_LEN
 
 // NLA_TYPE_MASK is an expression macro; attribute types carry NLA_F_NESTED and
 // NLA_F_NET_BYTEORDER in their top bits, which readers must strip.
-static const unsigned short ctunnel_NLA_TYPE_MASK = NLA_TYPE_MASK;
+static const unsigned short ctunnel_NLA_TYPE_MASK = (unsigned short)NLA_TYPE_MASK;
 static const unsigned short ctunnel_NLA_F_NESTED = NLA_F_NESTED;
 static const unsigned short ctunnel_NLA_F_NET_BYTEORDER = NLA_F_NET_BYTEORDER;
 
