@@ -23,7 +23,8 @@ public enum DataPathTier: String, CaseIterable, Sendable, CustomStringConvertibl
     /// io_uring with a multishot TUN read (Linux 6.7).
     case uring
     /// io_uring with one re-armed TUN read (Linux 6.0: multishot recvmsg
-    /// and provided-buffer rings).
+    /// and provided-buffer rings); only with `--datapath uring`, since the
+    /// system-call tier measured faster on such kernels.
     case uringSingleRead = "uring-single"
     /// poll + read/writev on the TUN, sendmmsg/recvmmsg on the socket.
     case syscall
@@ -45,8 +46,15 @@ public enum DataPathTier: String, CaseIterable, Sendable, CustomStringConvertibl
         case .auto, .uring:
             let features = features()
             if features.usable { return (.uring, nil) }
-            if features.usableWithSingleRead {
+            // Without multishot read, `auto` takes the system-call tier: it
+            // measured faster than a re-armed io_uring read on every figure
+            // (docs/BENCHMARKS.md, "Tiers"); `--datapath uring` still gets it.
+            if features.usableWithSingleRead && choice == .uring {
                 return (.uringSingleRead, "io_uring without multishot read (\(features.problem ?? "")): one re-armed TUN read")
+            }
+            if features.usableWithSingleRead {
+                return (.syscall, "io_uring without multishot read (\(features.problem ?? "")): batched system calls, "
+                    + "faster than a re-armed io_uring read (--datapath uring to use io_uring anyway)")
             }
             return (.syscall, "io_uring unusable (\(features.problem ?? "unknown reason")): batched system calls")
         }

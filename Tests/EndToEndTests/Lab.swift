@@ -31,7 +31,8 @@ let refuseIOURingBinary: String = {
 
 /// How a test host's daemon reaches each udp data-path tier on this kernel:
 /// io_uring as the kernel offers it, io_uring without multishot read (the
-/// tier of Linux 6.0–6.6, through the probe override only tests set), io_uring
+/// tier `--datapath uring` gives on Linux 6.0–6.6, through the probe override
+/// only tests set), io_uring
 /// refused by a seccomp filter as Docker's default profile refuses it (the
 /// daemon must fall back to batched system calls by itself), the system-call
 /// tier asked for by flag, and flannel's simple loop.
@@ -51,6 +52,8 @@ enum TierLaunch: String, CaseIterable, CustomTestStringConvertible, Sendable {
         switch self {
         case .syscall: ["--datapath", "syscall"]
         case .simple: ["--datapath", "simple"]
+        // auto would take the system-call tier without multishot read.
+        case .uringSingleRead: ["--datapath", "uring"]
         default: []
         }
     }
