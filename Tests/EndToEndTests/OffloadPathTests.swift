@@ -60,10 +60,17 @@ struct OffloadPathTests {
         }
     }
 
-    /// Busy polling after traffic must not become polling without it.
-    @Test func anIdleDaemonUsesNoCPU() throws {
+    /// Busy polling after traffic must not become polling without it, in
+    /// any tier.
+    @Test(arguments: [TierLaunch.uring, .syscallRefused, .uringSingleRead])
+    func anIdleDaemonUsesNoCPU(tier: TierLaunch) throws {
         try withLab { lab in
-            try addTwoHostsThatReachEachOther(lab)
+            let store = ["--store-dir", lab.storeDirectory]
+            try lab.addHost(1, tier: tier, extra: store)
+            try lab.addHost(2, tier: tier, extra: store)
+            #expect(lab.log("h1").contains(tier.logLine), "\(lab.log("h1"))")
+            let ping = try lab.ping(from: 1, to: 2)
+            #expect(ping.succeeded, "\(ping.output)")
             sleep(1)
             let before = try lab.cpuSeconds("h1")
             sleep(3)
