@@ -19,7 +19,9 @@ func sampleReport(counters: [String: UInt64] = ["udp_packets_sent": 10, "udp_byt
         node: .init(subnet: "10.2.5.0/24", publicIP: "198.18.0.1", interface: "eth0", interfaceAddress: "198.18.0.1",
                     mtu: 1472, leaseExpires: now.addingTimeInterval(86_000), leaseRevision: 12),
         backend: .init(type: "udp", device: "flannel0", summary: "io_uring data path, 2 worker(s)", workers: 2,
-                       offloads: ["tun-vnet-hdr", "udp-gso"], tableEntries: 3, tableGeneration: 5),
+                       offloads: ["tun-vnet-hdr", "udp-gso"], datapathTier: "syscall",
+                       datapathNote: "io_uring unusable (io_uring_queue_init failed: Operation not permitted)",
+                       tableEntries: 3, tableGeneration: 5),
         peers: [
             .init(subnet: "10.2.7.0/24", publicIP: "198.18.0.2", backend: "udp",
                   lastChange: now.addingTimeInterval(-90), revision: 14, expires: now.addingTimeInterval(80_000)),
@@ -56,6 +58,10 @@ func series(_ text: String) -> [String: Double] {
         #expect(values["tunneld_datapath_workers"] == 2)
         #expect(values["tunneld_offload_enabled{offload=\"udp-gso\"}"] == 1)
         #expect(values["tunneld_offload_enabled{offload=\"udp-gro\"}"] == 0)
+        #expect(values["tunneld_datapath_tier{tier=\"syscall\"}"] == 1)
+        for tier in ["uring", "uring-single", "simple"] {
+            #expect(values["tunneld_datapath_tier{tier=\"\(tier)\"}"] == 0, "\(tier)")
+        }
         #expect(abs((values["tunneld_lease_expiry_timestamp_seconds"] ?? 0) - 1_800_086_000) < 0.001)
         #expect(abs((values["tunneld_start_time_seconds"] ?? 0) - (1_800_000_000 - 3725)) < 0.001)
         #expect(values["tunneld_build_info{version=\"0.1.0\",backend=\"udp\"}"] == 1)
