@@ -10,6 +10,7 @@ let package = Package(
         .library(name: "NetBase", targets: ["NetBase"]),
         .library(name: "UDPEncap", targets: ["UDPEncap"]),
         .library(name: "PacketRing", targets: ["PacketRing"]),
+        .library(name: "FlannelFiles", targets: ["FlannelFiles"]),
         .library(name: "LeaseStore", targets: ["LeaseStore"]),
         .library(name: "EtcdClient", targets: ["EtcdClient"]),
         .library(name: "PeerControl", targets: ["PeerControl"]),
@@ -69,10 +70,14 @@ let package = Package(
                 .product(name: "CoreMetrics", package: "swift-metrics"),
             ]
         ),
+        // flannel's file formats and the file I/O under them: JSON values,
+        // subnet.env, mk-docker-opts output, atomic writes. No store, no
+        // etcd: what the CNI plugin (started once per container) links.
+        .target(name: "FlannelFiles", dependencies: ["NetBase"]),
         .target(
             name: "LeaseStore",
             dependencies: [
-                "NetBase", "EtcdClient",
+                "NetBase", "FlannelFiles", "EtcdClient",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -115,8 +120,8 @@ let package = Package(
         .executableTarget(
             name: "tunneld",
             dependencies: [
-                "NetBase", "Netlink", "UDPEncap", "LeaseStore", "EtcdClient", "CTunnel", "PeerControl", "Backends",
-                "Observability", "PacketRing",
+                "NetBase", "Netlink", "UDPEncap", "FlannelFiles", "LeaseStore", "EtcdClient", "CTunnel", "PeerControl",
+                "Backends", "Observability", "PacketRing",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),
@@ -125,7 +130,9 @@ let package = Package(
         ),
         // flannel's CNI plugin: reads subnet.env and delegates to the standard
         // bridge/host-local plugins; its logic is a library tested without root.
-        .target(name: "CNIPlugin", dependencies: ["NetBase", "LeaseStore", "CTunnel"]),
+        // Links FlannelFiles, not LeaseStore: no etcd client, gRPC or NIO in a
+        // program the runtime starts for every container.
+        .target(name: "CNIPlugin", dependencies: ["NetBase", "FlannelFiles", "CTunnel"]),
         .executableTarget(name: "tunneld-cni", dependencies: ["CNIPlugin"]),
         .testTarget(name: "NetBaseTests", dependencies: ["NetBase"]),
         // Runs a program with io_uring refused by a seccomp filter, as Docker's
@@ -147,7 +154,7 @@ let package = Package(
         .testTarget(
             name: "LeaseStoreTests",
             dependencies: [
-                "LeaseStore", "NetBase", "EtcdClient", "EtcdTestSupport", "FuzzSupport",
+                "LeaseStore", "FlannelFiles", "NetBase", "EtcdClient", "EtcdTestSupport", "FuzzSupport",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -177,6 +184,6 @@ let package = Package(
             ]
         ),
         .testTarget(name: "tunneldTests", dependencies: ["tunneld"]),
-        .testTarget(name: "CNIPluginTests", dependencies: ["CNIPlugin", "LeaseStore"]),
+        .testTarget(name: "CNIPluginTests", dependencies: ["CNIPlugin", "FlannelFiles"]),
     ]
 )

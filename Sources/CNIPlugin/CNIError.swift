@@ -1,4 +1,4 @@
-import LeaseStore
+import FlannelFiles
 
 /// A CNI error result: what a plugin prints on standard output, with a
 /// nonzero exit status, when an operation fails (CNI spec, "Error").

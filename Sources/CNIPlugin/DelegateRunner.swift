@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import CTunnel
-import LeaseStore
+import FlannelFiles
 import NetBase
 
 /// Runs a delegate plugin: found by its `type` in `CNI_PATH`, given the

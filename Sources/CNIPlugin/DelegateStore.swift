@@ -1,4 +1,4 @@
-import LeaseStore
+import FlannelFiles
 
 /// The delegate configs saved at ADD, one file per container ID in the
 /// network config's `dataDir` (flannel's /var/lib/cni/flannel), so that DEL

@@ -1,4 +1,4 @@
-import LeaseStore
+import FlannelFiles
 
 /// The network config a runtime hands to flannel's plugin, e.g.
 /// ```

@@ -1,4 +1,4 @@
-import LeaseStore
+import FlannelFiles
 
 /// flannel's CNI plugin ("type": "flannel"): a meta-plugin that reads the
 /// host's subnet file and delegates the real work — by default to the

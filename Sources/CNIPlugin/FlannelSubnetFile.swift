@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import LeaseStore
+import FlannelFiles
 import NetBase
 
 /// An IPv4 or IPv6 network in its canonical text (host bits cleared), as

@@ -1,3 +1,4 @@
+import FlannelFiles
 import NetBase
 
 extension LeaseAttributes {

@@ -1,3 +1,4 @@
+import FlannelFiles
 import Foundation
 import NetBase
 

@@ -1,4 +1,5 @@
 import Dispatch
+import FlannelFiles
 import Foundation
 import Logging
 import NetBase
@@ -594,4 +595,9 @@ final class Transaction {
         state.revision += 1
         changes.append(.delete(key: key, subnet: subnet, revision: state.revision))
     }
+}
+
+extension FileError {
+    /// The store's error for a failed file operation, naming the file.
+    var asStoreError: LeaseStoreError { .io(path: path, reason: reason) }
 }

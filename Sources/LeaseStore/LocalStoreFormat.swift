@@ -1,3 +1,4 @@
+import FlannelFiles
 import NetBase
 
 // The on-disk formats of LocalLeaseStore (documented in LocalLeaseStore.swift).

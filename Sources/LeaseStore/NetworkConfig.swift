@@ -1,3 +1,4 @@
+import FlannelFiles
 import NetBase
 
 /// flannel's network config (`<prefix>/config` in etcd), parsed and checked
@@ -31,7 +32,7 @@ public struct NetworkConfig: Sendable, Equatable {
     /// The smallest useful network: four /30 subnets, the first of which is skipped.
     public static let longestNetworkPrefix = 28
     /// A node needs a subnet with room for a tunnel and a bridge address.
-    public static let longestSubnetLen = 30
+    public static let longestSubnetLen = SubnetEnv.longestSubnetLen
 
     /// Parses and checks `json`; every problem is a `NetworkConfigError` that
     /// names the field, the value and what would be valid.

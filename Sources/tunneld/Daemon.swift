@@ -1,5 +1,6 @@
 import Backends
 import EtcdClient
+import FlannelFiles
 import Foundation
 import LeaseStore
 import Logging

@@ -1,4 +1,5 @@
 import ArgumentParser
+import FlannelFiles
 import Foundation
 import LeaseStore
 import NetBase

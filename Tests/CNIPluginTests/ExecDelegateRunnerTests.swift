@@ -1,6 +1,6 @@
 import CNIPlugin
+import FlannelFiles
 import Foundation
-import LeaseStore
 import Testing
 
 /// Delegates as real programs (shell scripts in a scratch CNI_PATH): how

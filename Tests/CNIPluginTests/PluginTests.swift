@@ -1,6 +1,6 @@
 import CNIPlugin
+import FlannelFiles
 import Foundation
-import LeaseStore
 import Synchronization
 import Testing
 
@@ -107,6 +107,33 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
         #expect(response.exitStatus == 1)
         #expect(try errorJSON(response) == object(#"{"cniVersion":"1.0.0","code":5,"msg":"bridge says no","details":"d"}"#))
         #expect(FileManager.default.fileExists(atPath: "\(scratch.dataDir)/c0ffee"))
+    }
+
+    /// A saved config that cannot be used (torn, not JSON, no delegate type) would fail
+    /// every DEL the runtime retries: it is removed, the error says so, no delegate runs,
+    /// and the next DEL succeeds as for a container that has nothing left.
+    @Test(arguments: ["{\"cniVersion\":\"1.0.0\",\"type\":\"bri", "not json at all", "[1,2]",
+                      #"{"cniVersion":"1.0.0","name":"cbr0"}"#, #"{"type":7}"#, ""])
+    func delWithACorruptSavedConfigRemovesItAndSaysSo(saved: String) throws {
+        let scratch = try Scratch()
+        let runner = RecordingRunner()
+        let plugin = FlannelPlugin(runner: runner)
+        #expect(plugin.handle(environment: environment("ADD"), stdin: scratch.config()).exitStatus == 0)
+        let path = "\(scratch.dataDir)/c0ffee"
+        try saved.write(toFile: path, atomically: true, encoding: .utf8)
+
+        let response = plugin.handle(environment: environment("DEL"), stdin: scratch.config())
+        #expect(response.exitStatus == 1)
+        let error = try errorJSON(response)
+        #expect(error["code"] == .number(6))
+        #expect(error["msg"] == .string("the saved delegate config \(path) was unreadable and has been removed"))
+        #expect(error["details"] == .string("the container's interface and address may remain until the host reboots"))
+        #expect(runner.recorded.map(\.command) == [.add])
+        #expect(!FileManager.default.fileExists(atPath: path))
+
+        let again = plugin.handle(environment: environment("DEL"), stdin: scratch.config())
+        #expect(again.exitStatus == 0, "\(String(decoding: again.stdout, as: UTF8.self))")
+        #expect(runner.recorded.map(\.command) == [.add])
     }
 
     @Test func checkRunsTheDelegateWithTheSavedConfigAndPrevResult() throws {

@@ -1,6 +1,6 @@
 import CNIPlugin
+import FlannelFiles
 import Foundation
-import LeaseStore
 import Testing
 
 let tunneldSubnetFile = """

@@ -1,7 +1,8 @@
+import FlannelFiles
 import FuzzSupport
+@testable import LeaseStore
 import NetBase
 import Testing
-@testable import LeaseStore
 
 /// Random and mutated text against every parser of the control plane: JSON, the network
 /// config, lease values and keys, the local store's files and subnet.env. Whatever parses

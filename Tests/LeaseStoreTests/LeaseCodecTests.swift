@@ -1,3 +1,4 @@
+import FlannelFiles
 import Testing
 import NetBase
 @testable import LeaseStore

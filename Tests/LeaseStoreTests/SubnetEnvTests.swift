@@ -1,7 +1,8 @@
+import FlannelFiles
 import Foundation
-import Testing
-import NetBase
 @testable import LeaseStore
+import NetBase
+import Testing
 
 @Suite struct SubnetEnvTests {
     let env = SubnetEnv(network: net("10.2.0.0/16"), subnet: net("10.2.72.0/24"), mtu: 1472, ipMasq: false)

@@ -21,6 +21,10 @@ public struct SubnetEnv: Sendable, Equatable {
 
     public static let defaultPath = "/run/flannel/subnet.env"
 
+    /// flannel's longest SubnetLen: a lease is never longer than /30, the
+    /// network config refuses a longer SubnetLen and this file a longer FLANNEL_SUBNET.
+    public static let longestSubnetLen = 30
+
     public init(network: IPv4Network, subnet: IPv4Network, mtu: Int, ipMasq: Bool) {
         self.network = network
         self.subnet = subnet
@@ -134,8 +138,8 @@ public struct SubnetEnv: Sendable, Equatable {
         // A lease is never longer than /30 (flannel's longest SubnetLen); a /31 or /32
         // leaves no room for a bridge and a container, and for a /32 the "first host"
         // this file names would lie outside the subnet itself.
-        guard subnet.prefixLength <= NetworkConfig.longestSubnetLen else {
-            throw SubnetEnvError(reason: "FLANNEL_SUBNET \"\(value)\" is longer than /\(NetworkConfig.longestSubnetLen), "
+        guard subnet.prefixLength <= SubnetEnv.longestSubnetLen else {
+            throw SubnetEnvError(reason: "FLANNEL_SUBNET \"\(value)\" is longer than /\(SubnetEnv.longestSubnetLen), "
                                  + "the longest subnet flannel leases: use the lease's subnet, such as 10.2.72.1/24")
         }
         return subnet

@@ -4,7 +4,7 @@ import Glibc
 import NetBase
 
 /// A failed file operation: which call, on which path, and the errno.
-/// `package`: the CNI plugin shares these file operations.
+/// `package`: the stores and the CNI plugin share these file operations.
 package struct FileError: Error, Sendable, CustomStringConvertible {
     package let operation: String
     package let path: String
@@ -25,8 +25,6 @@ package struct FileError: Error, Sendable, CustomStringConvertible {
     }
 
     package var description: String { "\(path): \(reason)" }
-
-    var asStoreError: LeaseStoreError { .io(path: path, reason: reason) }
 }
 
 /// The few file operations the stores need, straight on the syscalls so that
@@ -89,7 +87,7 @@ package enum FileIO {
     }
 
     /// Appends `bytes` with one write(2) on an O_APPEND descriptor, then fsyncs.
-    static func append(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o600) throws(FileError) {
+    package static func append(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o600) throws(FileError) {
         let raw: Int32
         switch retryingInterrupts({ open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, mode) }) {
         case .success(let fd): raw = fd
@@ -132,7 +130,7 @@ package enum FileIO {
     }
 
     /// The names in a directory, without "." and "..".
-    static func list(_ directory: String) throws(FileError) -> [String] {
+    package static func list(_ directory: String) throws(FileError) -> [String] {
         guard let dir = opendir(directory) else {
             throw FileError(operation: "opendir", path: directory, errno: .current)
         }
@@ -158,7 +156,7 @@ package enum FileIO {
 
     /// Makes a rename durable. Errors are ignored: some file systems refuse
     /// fsync on a directory, and the rename itself has already happened.
-    static func syncDirectory(_ directory: String) {
+    package static func syncDirectory(_ directory: String) {
         let fd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if fd >= 0 {
             _ = fsync(fd)
@@ -191,11 +189,11 @@ package enum FileIO {
 /// An exclusive or shared `flock` on a lock file, held until `unlock()` or
 /// deinit. Each holder opens the file itself: flock locks belong to the open
 /// file description, so two opens exclude each other even inside one process.
-final class FileLock {
+package final class FileLock {
     private let fd: FileDescriptor
-    let path: String
+    package let path: String
 
-    init(path: String, exclusive: Bool) throws(FileError) {
+    package init(path: String, exclusive: Bool) throws(FileError) {
         self.path = path
         switch retryingInterrupts({ open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }) {
         case .success(let raw): fd = FileDescriptor(taking: raw)
@@ -208,7 +206,7 @@ final class FileLock {
         }
     }
 
-    func unlock() {
+    package func unlock() {
         if fd.isOpen {
             _ = flock(fd.rawValue, LOCK_UN)
             fd.close()
