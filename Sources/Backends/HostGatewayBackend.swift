@@ -7,43 +7,33 @@ import PeerControl
 /// flannel's host-gw backend: no tunnel at all. Each peer's subnet is routed
 /// to the peer's public IP over the underlay (`<subnet> via <PublicIP> dev
 /// eth0`), so every host must be on one layer-2 segment with the others.
-public final class HostGatewayBackend: Backend {
-    public let type = "host-gw"
+public final class HostGatewayBackend: Backend, HostBackend {
+    public let type = BackendType.hostGW
     public let mtu: Int
-    let config: NetworkConfig
-    let underlay: Link
-    let underlayAddress: InterfaceAddress
-    let publicIP: IPv4Address
-    let routeSocket: RouteSocket
-    let logger: Logger
+    let host: HostContext
     let routes: RouteKeeper
     /// How often routes are checked and restored (flanneld: every 10 s).
     let checkInterval: Duration
 
-    public init(config: NetworkConfig, underlay: Link, underlayAddress: InterfaceAddress, publicIP: IPv4Address,
-                routeSocket: RouteSocket, logger: Logger, checkInterval: Duration = .seconds(10)) throws {
+    public init(host: HostContext, checkInterval: Duration = .seconds(10)) throws {
+        let (underlay, underlayAddress, publicIP) = (host.underlay, host.underlayAddress, host.publicIP)
         guard publicIP == underlayAddress.address else {
             // The peers route to our PublicIP as a next hop on their link; an
             // address behind NAT is no next hop.
             throw BackendError("host-gw needs the public IP to be the address of \(underlay.name) (\(underlayAddress.address)), not \(publicIP): other hosts route to it directly on the link; drop --public-ip or use the vxlan backend")
         }
-        self.config = config
-        self.underlay = underlay
-        self.underlayAddress = underlayAddress
-        self.publicIP = publicIP
-        self.routeSocket = routeSocket
-        self.logger = logger
+        self.host = host
         self.checkInterval = checkInterval
         mtu = underlay.mtu
-        let index = underlay.index, network = config.network, subnetLen = config.subnetLen
-        routes = RouteKeeper(routeSocket: routeSocket, logger: logger) { route in
+        let index = underlay.index, network = host.config.network, subnetLen = host.config.subnetLen
+        routes = RouteKeeper(routeSocket: host.routeSocket, logger: host.logger) { route in
             route.outputIndex == index && isPeerRoute(route, network: network, subnetLen: subnetLen)
         }
     }
 
     /// flanneld's host-gw lease: `"BackendType":"host-gw"`, no BackendData.
     public func leaseAttributes() throws -> LeaseAttributes {
-        LeaseAttributes(publicIP: publicIP, backendType: type)
+        LeaseAttributes(publicIP: publicIP, backendType: type.rawValue)
     }
 
     public func activate(lease: Lease) throws {

@@ -14,7 +14,7 @@ import UDPEncap
 ///
 /// The whole data path is built here and only here (`activate` and `run`),
 /// so that swapping in another data path touches this one type.
-public final class UDPBackend: Backend {
+public final class UDPBackend: Backend, HostBackend {
     public struct Options: Sendable {
         /// TUN device name (flannel's is flannel0).
         public var device: String
@@ -41,25 +41,19 @@ public final class UDPBackend: Backend {
         }
     }
 
-    public let type = "udp"
+    public let type = BackendType.udp
     public let mtu: Int
-    let config: NetworkConfig
-    let publicIP: IPv4Address
+    let host: HostContext
     let options: Options
-    let routeSocket: RouteSocket
-    let logger: Logger
     let table: SubnetTable
 
     private let dataPath = Mutex<UDPDataPath?>(nil)
 
-    public init(config: NetworkConfig, underlay: Link, publicIP: IPv4Address, options: Options,
-                routeSocket: RouteSocket, logger: Logger) throws {
-        self.config = config
-        self.publicIP = publicIP
+    public init(host: HostContext, options: Options) throws {
+        let config = host.config
+        self.host = host
         self.options = options
-        self.routeSocket = routeSocket
-        self.logger = logger
-        mtu = underlay.mtu - NetBase.DataPath.udpEncapsulationOverhead
+        mtu = host.underlay.mtu - NetBase.DataPath.udpEncapsulationOverhead
         table = try SubnetTable(network: config.network, subnetLength: config.subnetLen)
     }
 

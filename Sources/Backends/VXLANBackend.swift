@@ -11,16 +11,11 @@ import Synchronization
 /// permanent FDB entry (that MAC is behind the peer's public IP) and a route
 /// `<subnet> via <base> dev flannel.<VNI> onlink`. With DirectRouting, a
 /// peer on our own underlay network gets a plain route via its public IP.
-public final class VXLANBackend: Backend {
-    public let type = "vxlan"
+public final class VXLANBackend: Backend, HostBackend {
+    public let type = BackendType.vxlan
     public let mtu: Int
     public let deviceName: String
-    let config: NetworkConfig
-    let underlay: Link
-    let underlayAddress: InterfaceAddress
-    let publicIP: IPv4Address
-    let routeSocket: RouteSocket
-    let logger: Logger
+    let host: HostContext
     let settings: VXLANSettings
     let checkInterval: Duration
     /// The device, once `leaseAttributes()` made (or found) it.
@@ -40,19 +35,14 @@ public final class VXLANBackend: Backend {
     /// vxlan's outer Ethernet (14), IPv4 (20), UDP (8) and vxlan (8) headers.
     public static let overhead = 50
 
-    public init(config: NetworkConfig, underlay: Link, underlayAddress: InterfaceAddress, publicIP: IPv4Address,
-                routeSocket: RouteSocket, logger: Logger, checkInterval: Duration = .seconds(10)) throws {
+    public init(host: HostContext, checkInterval: Duration = .seconds(10)) throws {
+        let (config, underlay, underlayAddress) = (host.config, host.underlay, host.underlayAddress)
         let gbp = config.backend.options.first { $0.key.lowercased() == "gbp" }.map { $0.value == .bool(true) } ?? false
         settings = VXLANSettings(vni: UInt32(config.backend.vni), port: config.backend.port,
                                  underlayIndex: underlay.index, localAddress: underlayAddress.address,
                                  learning: false, gbp: gbp)
         deviceName = "flannel.\(config.backend.vni)"
-        self.config = config
-        self.underlay = underlay
-        self.underlayAddress = underlayAddress
-        self.publicIP = publicIP
-        self.routeSocket = routeSocket
-        self.logger = logger
+        self.host = host
         self.checkInterval = checkInterval
         mtu = underlay.mtu - Self.overhead
     }
@@ -91,7 +81,7 @@ public final class VXLANBackend: Backend {
                     || (route.outputIndex == underlayIndex && isPeerRoute(route, network: network, subnetLen: subnetLen))
             }
         }
-        return LeaseAttributes(publicIP: publicIP, backendType: type,
+        return LeaseAttributes(publicIP: publicIP, backendType: type.rawValue,
                                backendData: .object(["VNI": .number(Double(config.backend.vni)),
                                                      "VtepMAC": .string(mac.description)]))
     }

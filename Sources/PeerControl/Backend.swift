@@ -43,8 +43,8 @@ public enum PeerChange: Sendable, Equatable, CustomStringConvertible {
 /// `PeerSync` decides which leases reach `apply`: not our own, only of our
 /// `type`, and only those `unusableReason(_:)` accepts.
 public protocol Backend: AnyObject, Sendable {
-    /// flannel's name of the backend: "udp", "vxlan", "host-gw".
-    var type: String { get }
+    /// Which of flannel's backends this is.
+    var type: BackendType { get }
     /// The MTU containers get (subnet.env's FLANNEL_MTU).
     var mtu: Int { get }
 
@@ -126,13 +126,13 @@ public struct BackendReport: Sendable, Equatable {
 
 extension Backend {
     /// A backend with nothing more to say than its type.
-    public func report() -> BackendReport { BackendReport(summary: type) }
+    public func report() -> BackendReport { BackendReport(summary: type.rawValue) }
 }
 
 extension LeaseAttributes {
     /// The backend a lease was written for; flannel's udp backend writes no
     /// BackendType, so none means udp.
-    public var effectiveBackendType: String { backendType?.lowercased() ?? "udp" }
+    public var effectiveBackendType: String { backendType?.lowercased() ?? BackendType.udp.rawValue }
 }
 
 /// The log lines of one batch of peer changes: one line per peer for a few

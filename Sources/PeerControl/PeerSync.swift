@@ -110,7 +110,7 @@ public final class PeerSync: Sendable {
             // (and ours); narrower would be no subnet flannel hands out.
             let covers = lease.subnet.contains(own) ? ", including ours (\(own))" : ""
             reason = "lease \(key) of \(lease.attributes.publicIP) is a /\(lease.subnet.prefixLength), not a /\(config.subnetLen) as SubnetLen says; it would cover other hosts' subnets\(covers); ignored — delete the key (etcdctl del <prefix>/subnets/\(key))"
-        } else if lease.attributes.effectiveBackendType != backend.type {
+        } else if lease.attributes.effectiveBackendType != backend.type.rawValue {
             let theirs = lease.attributes.effectiveBackendType
             reason = "peer \(lease.subnet) (\(lease.attributes.publicIP)) runs the \(theirs) backend and this host runs \(backend.type); it cannot be reached until both use the same Backend.Type: restart that host with the current config (or this one, if the config says \(theirs))"
         } else if let why = backend.unusableReason(lease) {

@@ -36,9 +36,9 @@ struct Config: AsyncParsableCommand {
             do {
                 let config = try await store.setNetworkConfig(json: json)
                 print("stored network config in \(store.location): Network \(config.network), SubnetLen \(config.subnetLen), subnets \(config.subnetMin.address)…\(config.subnetMax.address), backend \(config.backend.type)")
-                if !["udp", "vxlan", "host-gw"].contains(config.backend.type) {
+                if config.backend.knownType == nil {
                     // Valid for flannel, so stored; but no tunneld host will start on it.
-                    FileHandle.standardError.write(Data("warning: tunneld supports the udp, vxlan and host-gw backends, not \"\(config.backend.type)\": tunneld run refuses this config until Backend.Type is one of them\n".utf8))
+                    FileHandle.standardError.write(Data("warning: tunneld supports the \(BackendType.supportedNames) backends, not \"\(config.backend.type)\": tunneld run refuses this config until Backend.Type is one of them\n".utf8))
                 }
             } catch let error as NetworkConfigError {
                 throw DaemonError("invalid network config: \(error)")

@@ -178,39 +178,20 @@ final class Daemon: Service, Sendable {
         }
     }
 
-    /// The backend the config names, after removing what other modes left
-    /// on this host (a restart with a new Backend.Type switches modes).
+    /// The backend the config names, built by its type's constructor (which
+    /// also removes what other modes left on this host).
     private func makeBackend(_ config: NetworkConfig, interface: Interface, interfaceAddress: IPv4Address,
                              publicIP: IPv4Address, routeSocket: RouteSocket) throws -> any Backend {
+        guard let type = config.backend.knownType else { throw DaemonError(BackendType.unsupported(config.backend.type)) }
         let link = try routeSocket.link(index: interface.index)
         let address = try routeSocket.addresses().first { $0.index == interface.index && $0.address == interfaceAddress }
             ?? InterfaceAddress(index: interface.index, address: interfaceAddress, prefixLength: 32)
-        func removeLeftovers(keeping device: String?, peerRoutesToo: Bool) {
-            Leftovers.remove(keepingDevice: device, peerRoutesToo: peerRoutesToo, network: config.network,
-                             subnetLen: config.subnetLen, underlay: link, routeSocket: routeSocket, logger: logger)
-        }
-        switch config.backend.type {
-        case "udp":
-            removeLeftovers(keeping: nil, peerRoutesToo: true)
-            return try UDPBackend(config: config, underlay: link, publicIP: publicIP,
-                                  options: .init(device: options.device, datapath: options.datapath, queueDepth: options.queueDepth,
-                                                 acceptUnknownPeers: options.acceptUnknownPeers,
-                                                 offload: options.offload, workers: options.effectiveWorkers,
-                                                 busyPollMicroseconds: options.busyPoll),
-                                  routeSocket: routeSocket, logger: logger)
-        case "vxlan":
-            let backend = try VXLANBackend(config: config, underlay: link, underlayAddress: address, publicIP: publicIP,
-                                           routeSocket: routeSocket, logger: logger)
-            removeLeftovers(keeping: backend.deviceName, peerRoutesToo: false)
-            return backend
-        case "host-gw":
-            let backend = try HostGatewayBackend(config: config, underlay: link, underlayAddress: address,
-                                                 publicIP: publicIP, routeSocket: routeSocket, logger: logger)
-            removeLeftovers(keeping: nil, peerRoutesToo: false)
-            return backend
-        default:
-            throw DaemonError("backend \"\(config.backend.type)\" is not supported by tunneld (udp, vxlan and host-gw are); set Backend.Type to one of them")
-        }
+        let host = HostContext(config: config, underlay: link, underlayAddress: address, publicIP: publicIP,
+                               routeSocket: routeSocket, logger: logger)
+        let udp = UDPBackend.Options(device: options.device, datapath: options.datapath, queueDepth: options.queueDepth,
+                                     acceptUnknownPeers: options.acceptUnknownPeers, offload: options.offload,
+                                     workers: options.effectiveWorkers, busyPollMicroseconds: options.busyPoll)
+        return try type.makeBackend(host, options: BackendOptions(udp: udp))
     }
 
     private func cleanUp(_ backend: any Backend, firewall: IPTablesKeeper?, releasing: Bool) {
@@ -292,9 +273,7 @@ final class Daemon: Service, Sendable {
         if let wanted = options.backend, wanted.rawValue != config.backend.type {
             throw DaemonError("--backend \(wanted.rawValue) disagrees with the network config's Backend.Type \"\(config.backend.type)\"; every host of a network must use the same backend: drop --backend or change the config")
         }
-        guard ["udp", "vxlan", "host-gw"].contains(config.backend.type) else {
-            throw DaemonError("backend \"\(config.backend.type)\" is not supported by tunneld (udp, vxlan and host-gw are); set Backend.Type to one of them")
-        }
+        guard config.backend.knownType != nil else { throw DaemonError(BackendType.unsupported(config.backend.type)) }
     }
 
     /// flanneld's order: each `--iface` (name or IP) that exists, then each
@@ -328,6 +307,6 @@ struct DaemonError: Error, CustomStringConvertible {
 }
 
 /// The STATUS= line systemd shows while we run.
-func runningStatus(backend: String, subnet: IPv4Network, peers: Int) -> String {
+func runningStatus(backend: BackendType, subnet: IPv4Network, peers: Int) -> String {
     "Running: subnet \(subnet), \(backend) backend, \(peers) peer\(peers == 1 ? "" : "s")"
 }

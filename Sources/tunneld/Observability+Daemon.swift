@@ -77,7 +77,7 @@ extension Daemon {
                 node: .init(subnet: lease.subnet.description, publicIP: lease.attributes.publicIP.description,
                             interface: interface, interfaceAddress: interfaceAddress.description, mtu: mtu,
                             leaseExpires: lease.expiration, leaseRevision: lease.revision),
-                backend: .init(type: backend.type, device: backendReport.device, summary: backendReport.summary,
+                backend: .init(type: backend.type.rawValue, device: backendReport.device, summary: backendReport.summary,
                                workers: backendReport.workers, offloads: backendReport.offloads,
                                datapathTier: backendReport.datapathTier, datapathNote: backendReport.datapathNote,
                                tableEntries: backendReport.tableEntries, tableGeneration: backendReport.tableGeneration),
@@ -140,7 +140,7 @@ extension StatusReport.Network {
         self.init(network: config.network.description, subnetLen: config.subnetLen,
                   subnetMin: config.subnetMin.address.description, subnetMax: config.subnetMax.address.description,
                   backendType: config.backend.type,
-                  backendPort: config.backend.type == "host-gw" ? nil : Int(config.backend.port))
+                  backendPort: config.backend.knownType == .hostGW ? nil : Int(config.backend.port))
     }
 }
 

@@ -35,11 +35,6 @@ struct Run: AsyncParsableCommand {
 
     subscript<T>(dynamicMember keyPath: KeyPath<FlanneldOptions, T>) -> T { flanneld[keyPath: keyPath] }
 
-    enum Backend: String, ExpressibleByArgument, CaseIterable {
-        case udp, vxlan
-        case hostGW = "host-gw"
-    }
-
     @OptionGroup(title: "Store: etcd (flanneld's -etcd-* flags) or tunneld's local store")
     var storeOptions: StoreOptions
     @OptionGroup(title: "Metrics and status")
@@ -49,7 +44,7 @@ struct Run: AsyncParsableCommand {
 
     @Option(help: ArgumentHelp("Backend; must agree with the config's Backend.Type (default: the config's).",
                                valueName: "udp|vxlan|host-gw"))
-    var backend: Backend?
+    var backend: BackendType?
 
     @Option(help: ArgumentHelp("Name of the udp backend's TUN device.", valueName: "name"))
     var device: String = "flannel0"
@@ -123,6 +118,7 @@ struct Run: AsyncParsableCommand {
 }
 extension OffloadMode: ExpressibleByArgument {}
 extension DataPathChoice: ExpressibleByArgument {}
+extension BackendType: ExpressibleByArgument {}
 
 /// The options flanneld has, with flanneld's names and defaults.
 struct FlanneldOptions: ParsableArguments {

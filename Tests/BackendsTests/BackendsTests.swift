@@ -43,8 +43,8 @@ func vxlanConfig(port: Int = 8472, directRouting: Bool = false) throws -> Networ
 struct KernelBackendsTests {
     func vxlan(_ socket: RouteSocket, _ link: Link, _ address: InterfaceAddress,
                config: NetworkConfig? = nil) throws -> VXLANBackend {
-        try VXLANBackend(config: config ?? vxlanConfig(), underlay: link, underlayAddress: address,
-                         publicIP: address.address, routeSocket: socket, logger: logger)
+        try VXLANBackend(host: HostContext(config: config ?? vxlanConfig(), underlay: link, underlayAddress: address,
+                                           publicIP: address.address, routeSocket: socket, logger: logger))
     }
 
     @Test func theVXLANLeaseCarriesTheDevicesMACAndARestartKeepsIt() throws {
@@ -176,9 +176,10 @@ struct KernelBackendsTests {
         let link = try socket.link(named: "eth0")
         let address = try #require(try socket.addresses().first { $0.index == link.index })
         let config = try NetworkConfig(json: #"{"Network":"10.2.0.0/16","Backend":{"Type":"host-gw"}}"#)
-        let backend = try HostGatewayBackend(config: config, underlay: link, underlayAddress: address,
-                                             publicIP: address.address, routeSocket: socket, logger: logger,
-                                             checkInterval: .milliseconds(100))
+        let backend = try HostGatewayBackend(
+            host: HostContext(config: config, underlay: link, underlayAddress: address, publicIP: address.address,
+                              routeSocket: socket, logger: logger),
+            checkInterval: .milliseconds(100))
         #expect(backend.mtu == 1500)
         #expect(try backend.leaseAttributes().flannelJSON == #"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"host-gw"}"#)
         backend.apply([.added(lease("10.2.7.0/24", "198.18.0.7", type: "host-gw")),
@@ -210,8 +211,9 @@ struct KernelBackendsTests {
         try withUnderlay { _, socket, link, address in
             let config = try NetworkConfig(json: #"{"Network":"10.2.0.0/16","Backend":{"Type":"host-gw"}}"#)
             let error = #expect(throws: BackendError.self) {
-                try HostGatewayBackend(config: config, underlay: link, underlayAddress: address,
-                                       publicIP: ip("203.0.113.9"), routeSocket: socket, logger: logger)
+                try HostGatewayBackend(host: HostContext(config: config, underlay: link, underlayAddress: address,
+                                                         publicIP: ip("203.0.113.9"), routeSocket: socket,
+                                                         logger: logger))
             }
             #expect(error?.description.contains("host-gw needs the public IP to be the address of eth0") == true)
         }
@@ -219,11 +221,12 @@ struct KernelBackendsTests {
 
     @Test(.enabled(if: FileManager.default.fileExists(atPath: "/dev/net/tun"), "needs /dev/net/tun"))
     func movingToANewSubnetRemovesTheOldAddressFromTheTUN() throws {
-        try withUnderlay { ns, socket, link, _ in
+        try withUnderlay { ns, socket, link, address in
             let config = try NetworkConfig(json: #"{"Network":"10.2.0.0/16","Backend":{"Type":"udp","Port":18285}}"#)
-            let backend = try UDPBackend(config: config, underlay: link, publicIP: ip("198.18.0.1"),
-                                         options: .init(device: "tun0", datapath: .simple),
-                                         routeSocket: socket, logger: logger)
+            let backend = try UDPBackend(host: HostContext(config: config, underlay: link, underlayAddress: address,
+                                                           publicIP: ip("198.18.0.1"), routeSocket: socket,
+                                                           logger: logger),
+                                         options: .init(device: "tun0", datapath: .simple))
             #expect(backend.mtu == 1472)
             // The TUN and the socket are made in the namespace of the thread that opens them.
             try NetworkNamespace.run(inNamespaceAt: ns.path) {

@@ -23,7 +23,7 @@ struct Fixture {
         let value = Synchronization.Mutex<[IPv4Network]>([])
     }
 
-    init(type: String = "udp", configJSON: String = configJSON,
+    init(type: BackendType = .udp, configJSON: String = configJSON,
          unusable: @escaping @Sendable (Lease) -> String? = { _ in nil },
          metrics: any MetricsFactory = MetricsSystem.factory) async throws {
         let config = try NetworkConfig(json: configJSON)
@@ -105,7 +105,7 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
     }
 
     @Test func leasesOfAnotherBackendTypeAreReportedOncePerPeerWithWhatToDo() async throws {
-        let f = try await Fixture(type: "vxlan")
+        let f = try await Fixture(type: .vxlan)
         let hostGW = LeaseAttributes(publicIP: ip("198.18.0.7"), backendType: "host-gw")
         f.store.put(net("10.2.7.0/24"), hostGW)
         try await f.running {
@@ -125,7 +125,7 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
     }
 
     @Test func aLeaseTheBackendCannotUseIsReportedOnceAndLeftOut() async throws {
-        let f = try await Fixture(type: "vxlan", unusable: { lease in
+        let f = try await Fixture(type: .vxlan, unusable: { lease in
             lease.attributes.backendData == nil ? "no VtepMAC" : nil
         })
         try await f.running {

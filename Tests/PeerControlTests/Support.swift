@@ -149,14 +149,14 @@ final class MemoryLeaseStore: LeaseStore {
 
 /// A backend that records what PeerSync asks of it.
 final class RecordingBackend: Backend {
-    let type: String
+    let type: BackendType
     let mtu = 1400
     let publicIP: IPv4Address
     let unusable: @Sendable (Lease) -> String?
     private let log = Mutex<[PeerChange]>([])
     private let moves = Mutex<[(IPv4Network, IPv4Network)]>([])
 
-    init(type: String = "udp", publicIP: IPv4Address, unusable: @escaping @Sendable (Lease) -> String? = { _ in nil }) {
+    init(type: BackendType = .udp, publicIP: IPv4Address, unusable: @escaping @Sendable (Lease) -> String? = { _ in nil }) {
         self.type = type
         self.publicIP = publicIP
         self.unusable = unusable
@@ -178,7 +178,7 @@ final class RecordingBackend: Backend {
     }
 
     func leaseAttributes() throws -> LeaseAttributes {
-        LeaseAttributes(publicIP: publicIP, backendType: type == "udp" ? nil : type)
+        LeaseAttributes(publicIP: publicIP, backendType: type == .udp ? nil : type.rawValue)
     }
     func activate(lease: Lease) throws {}
     func move(from old: Lease, to new: Lease) throws { moves.withLock { $0.append((old.subnet, new.subnet)) } }

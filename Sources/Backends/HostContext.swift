@@ -1,0 +1,83 @@
+import LeaseStore
+import Logging
+import NetBase
+import Netlink
+import PeerControl
+
+/// What every backend is handed about the host it runs on — flannel's
+/// `ExternalInterface` plus the network config, the route socket and the
+/// logger — so that a backend declares only what is its own.
+public struct HostContext: Sendable {
+    public var config: NetworkConfig
+    /// The underlay link (`--iface`).
+    public var underlay: Link
+    /// Its address the lease's PublicIP falls back to.
+    public var underlayAddress: InterfaceAddress
+    /// What the lease says other hosts send to.
+    public var publicIP: IPv4Address
+    public var routeSocket: RouteSocket
+    public var logger: Logger
+
+    public init(config: NetworkConfig, underlay: Link, underlayAddress: InterfaceAddress, publicIP: IPv4Address,
+                routeSocket: RouteSocket, logger: Logger) {
+        self.config = config
+        self.underlay = underlay
+        self.underlayAddress = underlayAddress
+        self.publicIP = publicIP
+        self.routeSocket = routeSocket
+        self.logger = logger
+    }
+
+    /// Removes what another mode left on this host (see `Leftovers`).
+    func removeLeftovers(keepingDevice device: String?, peerRoutesToo: Bool) {
+        Leftovers.remove(keepingDevice: device, peerRoutesToo: peerRoutesToo, network: config.network,
+                         subnetLen: config.subnetLen, underlay: underlay, routeSocket: routeSocket, logger: logger)
+    }
+}
+
+/// A backend built from a `HostContext`: the context's parts by name.
+protocol HostBackend {
+    var host: HostContext { get }
+}
+
+extension HostBackend {
+    var config: NetworkConfig { host.config }
+    var underlay: Link { host.underlay }
+    var underlayAddress: InterfaceAddress { host.underlayAddress }
+    var publicIP: IPv4Address { host.publicIP }
+    var routeSocket: RouteSocket { host.routeSocket }
+    var logger: Logger { host.logger }
+}
+
+/// What a backend type's constructor may need beyond the host: the udp
+/// data path's options (the kernel backends take none).
+public struct BackendOptions: Sendable {
+    public var udp: UDPBackend.Options
+    public init(udp: UDPBackend.Options = .init()) { self.udp = udp }
+}
+
+extension BackendType {
+    /// The backend of this type for `host`, after removing what the other
+    /// modes left (a restart with a new Backend.Type switches modes): each
+    /// type knows which of its own leftovers to keep. A new backend is one
+    /// file and one case here.
+    public func makeBackend(_ host: HostContext, options: BackendOptions = .init()) throws -> any Backend {
+        switch self {
+        case .udp:
+            // The TUN goes with its process; vxlan devices and host-gw
+            // routes of an earlier mode go now.
+            host.removeLeftovers(keepingDevice: nil, peerRoutesToo: true)
+            return try UDPBackend(host: host, options: options.udp)
+        case .vxlan:
+            // Its own device (and DirectRouting routes) stay across a restart.
+            let backend = try VXLANBackend(host: host)
+            host.removeLeftovers(keepingDevice: backend.deviceName, peerRoutesToo: false)
+            return backend
+        case .hostGW:
+            // Its own routes are checked by its route keeper, not removed.
+            let backend = try HostGatewayBackend(host: host)
+            host.removeLeftovers(keepingDevice: nil, peerRoutesToo: false)
+            return backend
+        }
+    }
+}
