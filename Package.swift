@@ -51,10 +51,13 @@ let package = Package(
         // TSO/USO super-packets, checksums, coalescing received TCP segments.
         .target(name: "Offload"),
         .target(name: "UDPEncap", dependencies: ["NetBase", "Offload", "CTunnel"]),
+        // What the udp data path counts: each counter's name, Prometheus series,
+        // labels and help, defined once for PacketRing and Observability.
+        .target(name: "DataPathCounters"),
         .target(
             name: "PacketRing",
             dependencies: [
-                "NetBase", "UDPEncap", "Offload", "CURing", "CTunnel",
+                "NetBase", "UDPEncap", "Offload", "CURing", "CTunnel", "DataPathCounters",
                 .product(name: "Atomics", package: "swift-atomics"),
             ]
         ),
@@ -88,6 +91,7 @@ let package = Package(
         .target(
             name: "Observability",
             dependencies: [
+                "DataPathCounters",
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "NIOCore", package: "swift-nio"),

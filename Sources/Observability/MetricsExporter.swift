@@ -1,14 +1,16 @@
 import CoreMetrics
+import DataPathCounters
 import Prometheus
 import Synchronization
 
 /// The `tunneld_…` series: their help text, and how each data-path counter
-/// maps to a series. One place, so that the help of a series is the same
-/// wherever it is made (the registry insists) and docs/OPERATIONS.md has one
-/// list to follow.
+/// maps to a series (both derived from `DataPathCounter` for the data path's
+/// series). One place, so that the help of a series is the same wherever it
+/// is made (the registry insists) and docs/OPERATIONS.md has one list to follow.
 public enum MetricCatalog {
     /// Help text by series name.
-    public static let help: [String: String] = [
+    public static let help: [String: String] = DataPathCounter.seriesHelp.merging(otherHelp) { a, _ in a }
+    static let otherHelp: [String: String] = [
         "tunneld_build_info": "Always 1; the labels say which tunneld runs with which backend.",
         "tunneld_start_time_seconds": "When the daemon started, in seconds since the Unix epoch.",
         "tunneld_lease_expiry_timestamp_seconds": "When this host's lease expires unless renewed, in seconds since the Unix epoch; 0 for a reservation (never expires).",
@@ -18,19 +20,6 @@ public enum MetricCatalog {
         "tunneld_datapath_workers": "Data-path worker threads (udp backend).",
         "tunneld_datapath_tier": "1 for the udp data path's tier that runs (uring, uring-single, syscall, simple), 0 for the others; the reason for a fallback is in the log and in tunneld status.",
         "tunneld_offload_enabled": "1 for each offload the udp data path chose at start, 0 for the others.",
-        "tunneld_packets_total": "Packets carried: tx = sent to peers as UDP datagrams, rx = received from peers and written to the TUN device.",
-        "tunneld_bytes_total": "Bytes carried (inner IPv4 packets): tx = sent to peers, rx = written to the TUN device.",
-        "tunneld_tun_reads_total": "Reads from the TUN device that returned a packet or a super-packet.",
-        "tunneld_udp_datagrams_received_total": "UDP datagrams received from peers.",
-        "tunneld_dropped_packets_total": "Packets dropped by the data path, by reason.",
-        "tunneld_icmp_sent_total": "ICMP errors the data path sent back to senders, by type.",
-        "tunneld_errors_total": "Failed system calls of the data path, by operation.",
-        "tunneld_datapath_batches_total": "Batches the data path handled (completions per ring turn; ready descriptors per wake-up for the simple loop), by size class.",
-        "tunneld_datapath_batch_completions_total": "Completions handled over all batches; divided by the batches, the mean batch size.",
-        "tunneld_offload_tun_super_packets_total": "TUN super-packets (TSO/USO): read = from the kernel, to be split; written = coalesced from received segments.",
-        "tunneld_offload_segments_total": "Segments: split = packets made by splitting super-packets; coalesced = received segments merged into another's TUN write.",
-        "tunneld_offload_udp_gso_sends_total": "UDP sends that carried more than one datagram (UDP_SEGMENT).",
-        "tunneld_offload_udp_gro_receives_total": "UDP receives that returned more than one datagram (UDP_GRO).",
         "tunneld_routes_restored_total": "Peer routes put back after someone removed them (vxlan, host-gw).",
         "tunneld_peer_changes_total": "Peers added, updated or removed.",
         "tunneld_lease_renewals_total": "Renewals of this host's lease.",
@@ -42,51 +31,23 @@ public enum MetricCatalog {
         "tunneld_store_request_retries_total": "etcd requests repeated because no endpoint answered.",
     ]
 
-    /// The series of each data-path counter (PacketRing's `Counter` names).
+    /// The series of each data-path counter, by its name — derived from
+    /// `DataPathCounter`, the one definition.
     public static let dataPathSeries: [String: (name: String, labels: [(String, String)])] = {
         var table: [String: (name: String, labels: [(String, String)])] = [
-            "udp_packets_sent": ("tunneld_packets_total", [("direction", "tx")]),
-            "tun_packets_written": ("tunneld_packets_total", [("direction", "rx")]),
-            "udp_bytes_sent": ("tunneld_bytes_total", [("direction", "tx")]),
-            "tun_bytes_written": ("tunneld_bytes_total", [("direction", "rx")]),
-            "tun_packets_read": ("tunneld_tun_reads_total", []),
-            "udp_datagrams_received": ("tunneld_udp_datagrams_received_total", []),
-            "icmp_unreachable_sent": ("tunneld_icmp_sent_total", [("type", "unreachable")]),
-            "icmp_time_exceeded_sent": ("tunneld_icmp_sent_total", [("type", "time_exceeded")]),
-            "icmp_frag_needed_sent": ("tunneld_icmp_sent_total", [("type", "fragmentation_needed")]),
-            "udp_send_errors": ("tunneld_errors_total", [("operation", "udp_send")]),
-            "tun_write_errors": ("tunneld_errors_total", [("operation", "tun_write")]),
-            "read_errors": ("tunneld_errors_total", [("operation", "read")]),
-            "gso_send_errors": ("tunneld_errors_total", [("operation", "gso_send")]),
-            "batch_completions": ("tunneld_datapath_batch_completions_total", []),
-            "tun_super_packets_read": ("tunneld_offload_tun_super_packets_total", [("direction", "read")]),
-            "tun_super_packets_written": ("tunneld_offload_tun_super_packets_total", [("direction", "written")]),
-            "segments_made": ("tunneld_offload_segments_total", [("operation", "split")]),
-            "segments_coalesced": ("tunneld_offload_segments_total", [("operation", "coalesced")]),
-            "gso_sends": ("tunneld_offload_udp_gso_sends_total", []),
-            "gro_receives": ("tunneld_offload_udp_gro_receives_total", []),
             "routes_restored": ("tunneld_routes_restored_total", []),
         ]
-        for reason in ["no_route", "local_destination", "ttl_expired", "malformed_from_tun", "malformed",
-                       "unknown_peer", "spoofed_source", "truncated", "bad_offload", "local_source", "not_for_us",
-                       "too_big"] {
-            table["dropped_" + reason] = ("tunneld_dropped_packets_total", [("reason", reason)])
-        }
-        for (name, size) in batchSizeClasses {
-            table[name] = ("tunneld_datapath_batches_total", [("size", size)])
+        for counter in DataPathCounter.allCases {
+            guard let series = counter.series else { continue }
+            table[counter.description] = (series.name, series.labels.map { ($0.name, $0.value) })
         }
         return table
     }()
 
-    /// PacketRing's batch-size counters and their classes.
-    static let batchSizeClasses = [
-        ("batches_of_1", "1"), ("batches_of_2_3", "2-3"), ("batches_of_4_7", "4-7"), ("batches_of_8_15", "8-15"),
-        ("batches_of_16_31", "16-31"), ("batches_of_32_63", "32-63"), ("batches_of_64_plus", "64+"),
-    ]
-
     /// Counters that are another's sum and not exported on their own
     /// (`batches` is the sum of the size classes).
-    public static let derivedCounters: Set<String> = ["batches"]
+    public static let derivedCounters: Set<String> = Set(DataPathCounter.allCases.filter { $0.series == nil }
+        .map(\.description))
 
     /// Every offload the udp data path may choose, for `tunneld_offload_enabled`.
     /// The udp data path's tiers (PacketRing's `DataPathTier` raw values;

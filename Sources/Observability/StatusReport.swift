@@ -1,3 +1,4 @@
+import DataPathCounters
 import Foundation
 
 /// What `tunneld status` shows, and what the metrics endpoint exports: read
@@ -227,24 +228,28 @@ public struct StatusReport: Codable, Sendable, Equatable {
     /// Packets and bytes each way first, then the drops and errors that
     /// happened, then everything else that is not zero.
     static func counterLines(_ counters: [String: UInt64]) -> [String] {
-        func n(_ name: String) -> UInt64 { counters[name] ?? 0 }
+        typealias C = DataPathCounter
+        func n(_ counter: C) -> UInt64 { counters[counter.description] ?? 0 }
         var lines = [
-            "sent to peers: \(n("udp_packets_sent")) packets, \(bytes(n("udp_bytes_sent")))"
-                + " (from \(n("tun_packets_read")) TUN reads)",
-            "received from peers: \(n("udp_datagrams_received")) datagrams, delivered \(n("tun_packets_written")) packets, \(bytes(n("tun_bytes_written")))",
+            "sent to peers: \(n(.udpPacketsSent)) packets, \(bytes(n(.udpBytesSent)))"
+                + " (from \(n(.tunPacketsRead)) TUN reads)",
+            "received from peers: \(n(.udpDatagramsReceived)) datagrams, delivered \(n(.tunPacketsWritten)) packets, \(bytes(n(.tunBytesWritten)))",
         ]
-        let batches = n("batches")
+        let batches = n(.batches)
         if batches > 0 {
-            let mean = Double(n("batch_completions")) / Double(batches)
+            let mean = Double(n(.batchCompletions)) / Double(batches)
             lines.append("batches: \(batches), \(String(format: "%.1f", mean)) completions each on average")
         }
-        let shown: Set<String> = ["udp_packets_sent", "udp_bytes_sent", "tun_packets_read", "udp_datagrams_received",
-                                  "tun_packets_written", "tun_bytes_written", "batches", "batch_completions"]
-        let drops = counters.filter { $0.key.hasPrefix("dropped_") && $0.value > 0 }.sorted { $0.key < $1.key }
+        let shown = Set([C.udpPacketsSent, .udpBytesSent, .tunPacketsRead, .udpDatagramsReceived, .tunPacketsWritten,
+                         .tunBytesWritten, .batches, .batchCompletions].map(\.description))
+        let sizeClasses = Set(C.batchSizeClasses.map(\.counter.description))
+        let drops = counters.filter { C(name: $0.key)?.series?.name == "tunneld_dropped_packets_total" && $0.value > 0 }
+            .sorted { $0.key < $1.key }
         lines.append("dropped: " + (drops.isEmpty ? "none"
-            : drops.map { "\($0.key.dropFirst("dropped_".count))=\($0.value)" }.joined(separator: " ")))
-        let rest = counters.filter { !shown.contains($0.key) && !$0.key.hasPrefix("dropped_")
-            && !$0.key.hasPrefix("batches_of_") && $0.value > 0 }.sorted { $0.key < $1.key }
+            : drops.map { "\(C(name: $0.key)!.series!.labels[0].value)=\($0.value)" }.joined(separator: " ")))
+        let dropNames = Set(drops.map(\.key))
+        let rest = counters.filter { !shown.contains($0.key) && !dropNames.contains($0.key)
+            && !sizeClasses.contains($0.key) && !$0.key.hasPrefix("dropped_") && $0.value > 0 }.sorted { $0.key < $1.key }
         if !rest.isEmpty {
             lines.append("other: " + rest.map { "\($0.key)=\($0.value)" }.joined(separator: " "))
         }

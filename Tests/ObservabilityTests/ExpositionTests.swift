@@ -89,7 +89,7 @@ func series(_ text: String) -> [String: Double] {
     }
 
     @Test func everyDataPathCounterHasANamedSeries() {
-        for counter in Counter.allCases where !MetricCatalog.derivedCounters.contains(counter.description) {
+        for counter in DataPathCounter.allCases where !MetricCatalog.derivedCounters.contains(counter.description) {
             let series = MetricCatalog.dataPathSeries[counter.description]
             #expect(series != nil, "PacketRing's \(counter) has no series in MetricCatalog.dataPathSeries")
             if let series { #expect(MetricCatalog.help[series.name] != nil, "\(series.name) has no help") }
@@ -118,10 +118,11 @@ func series(_ text: String) -> [String: Double] {
         #expect(text.contains("# HELP tunneld_lease_renewals_total Renewals of this host's lease.\n"))
     }
 
-    @Test func theSizeClassesOfBatchesMatchPacketRings() {
+    @Test func theSizeClassesOfBatchesAreExportedAsTheirSizeLabels() {
         let ours = MetricCatalog.dataPathSeries.filter { $0.value.name == "tunneld_datapath_batches_total" }
-        let theirs = Counter.batchSizeClasses
+        let theirs = DataPathCounter.batchSizeClasses
         #expect(ours.count == theirs.count)
+        #expect(Set(ours.values.compactMap { $0.labels.first?.1 }) == ["1", "2-3", "4-7", "8-15", "16-31", "32-63", "64+"])
         for (counter, size) in theirs {
             #expect(ours[counter.description]?.labels.first?.1 == size, "\(counter)")
         }

@@ -105,7 +105,7 @@ import UDPEncap
                 sender = e.address.value
                 port = c.oneIn(8) ? port : e.port
             }
-            let expected: (Int?, Counter?) = {
+            let expected: (Int?, DataPathCounter?) = {
                 guard case .success(let total) = Slow.validateIPv4(bytes) else { return (nil, .droppedMalformed) }
                 let source = s.model(Slow.be32(bytes, 12))
                 if source == .local { return (nil, .droppedLocalSource) }
@@ -151,7 +151,7 @@ import UDPEncap
             let destination = Slow.be32(bytes, 16)
             let route = s.model(destination)
             let canAnswer = Self.answerable(bytes) && capacity - 28 >= ihl
-            func expectError(type: UInt8, code: UInt8, counter: Counter) {
+            func expectError(type: UInt8, code: UInt8, counter: DataPathCounter) {
                 guard canAnswer else {
                     c.expect(action == .drop, "expected a silent drop, got \(action)")
                     count("dropped \(counter)")

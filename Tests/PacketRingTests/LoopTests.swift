@@ -128,7 +128,7 @@ final class LoopHarness: @unchecked Sendable {
     }
 
     /// Polls a counter until it reaches `value` (bounded: 5 s).
-    func waitFor(_ counter: Counter, _ value: UInt64) async -> Bool {
+    func waitFor(_ counter: DataPathCounter, _ value: UInt64) async -> Bool {
         for _ in 0..<500 {
             if thread.loop.statistics[counter] >= value { return true }
             try? await Task.sleep(for: .milliseconds(10))
