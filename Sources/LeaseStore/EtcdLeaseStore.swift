@@ -254,7 +254,7 @@ public final class EtcdLeaseStore: LeaseStore {
         guard let subnet = subnet(fromKey: event.kv.key) else {
             let name = name(ofKey: event.kv.key)
             if event.kind == .put, reportedMalformed.withLock({ $0.insert(name).inserted }) {
-                logger.warning("lease key \(name) is not a lease key such as 10.2.72.0-24; every host ignores it — delete it (etcdctl del \(event.kv.key))")
+                logger.warning("lease key \(name) is not a lease key such as 10.2.72.0-24; every host ignores it — delete it (etcdctl del '\(event.kv.key)')")
             }
             return nil
         }

@@ -50,7 +50,7 @@ public struct IgnoredLeaseKey: Sendable, Equatable, CustomStringConvertible {
             what = "names the same subnet as the lease \(winner), which is kept"
         }
         return "lease key \(key)\(whose) \(what); every host ignores it — delete it "
-            + "(etcdctl del <prefix>/subnets/\(key), or the file subnets/\(key) of a local store)"
+            + "(etcdctl del '<prefix>/subnets/\(key)', or the file subnets/\(key) of a local store)"
     }
 }
 

@@ -47,7 +47,7 @@ import NetBase
         ])
         let wide = try #require(set.ignored.first { $0.key == "10.2.0.0-16" })
         #expect(wide.description.contains("10.2.0.0-16 (PublicIP 198.18.0.66) is a /16, wider than SubnetLen /24"))
-        #expect(wide.description.contains("etcdctl del <prefix>/subnets/10.2.0.0-16"))
+        #expect(wide.description.contains("etcdctl del '<prefix>/subnets/10.2.0.0-16'"))
     }
 
     @Test func ofTwoKeysForOneSubnetThePlainKeyIsTheLeaseWhateverTheOrder() throws {
