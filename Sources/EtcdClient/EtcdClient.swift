@@ -61,6 +61,12 @@ public final class EtcdClient: Sendable {
     private let watchReconnects: CoreMetrics.Counter
     private let requestRetries: CoreMetrics.Counter
     private let logger: Logger
+    /// The endpoints and TLS files, for `TLSDiagnosis`.
+    private let parsedEndpoints: [EtcdEndpoint]
+    private let tls: EtcdTLS?
+    /// The last diagnosis and when it was made: a client retrying every
+    /// second connects to look at most every 10 s.
+    private let diagnosis = Mutex<(at: ContinuousClock.Instant, text: String?)?>(nil)
 
     private struct State {
         var token: String?
@@ -148,6 +154,8 @@ public final class EtcdClient: Sendable {
         self.maxReceiveMessageBytes = max(1024, maxReceiveMessageBytes)
         self.keepaliveTime = keepaliveTime
         self.logger = logger
+        self.parsedEndpoints = parsed
+        self.tls = tls
         self.keepaliveTimeout = keepaliveTimeout
         self.state = Mutex(State())
         self.watchReconnects = CoreMetrics.Counter(label: "tunneld_store_watch_reconnects_total")
@@ -807,7 +815,13 @@ public final class EtcdClient: Sendable {
                     try? await Task.sleep(for: delay)
                     continue
                 }
-                throw map(error, operation: operation)
+                var mapped = map(error, operation: operation)
+                if let why = await tlsProblem(error) {
+                    // The diagnosis says what to do; the transport's words follow for the record.
+                    mapped.reason = "\(why) (gRPC: \(mapped.reason))"
+                    mapped.hint = nil
+                }
+                throw mapped
             } catch let error as EtcdError {
                 throw error
             } catch is CancellationError {
@@ -816,6 +830,22 @@ public final class EtcdClient: Sendable {
                 throw EtcdError(.other, operation: operation, endpoints: endpoints, reason: Self.describe(error))
             }
         }
+    }
+
+    /// Why no connection could be made, in words, when `error` is a failed
+    /// TLS handshake or HTTP/2 preface (`TLSDiagnosis`); nil otherwise.
+    private func tlsProblem(_ error: RPCError) async -> String? {
+        let text = Self.serverMessage(error)
+        guard text.contains("HTTP/2 connection preface") || text.contains("NIOSSL") || text.contains("handshake")
+        else { return nil }
+        if let last = diagnosis.withLock({ $0 }), ContinuousClock.now - last.at < .seconds(10) { return last.text }
+        var found: [String] = []
+        for endpoint in parsedEndpoints {
+            if let why = await TLSDiagnosis.diagnose(endpoint, tls: tls) { found.append(why) }
+        }
+        let result = found.isEmpty ? nil : found.joined(separator: "; ")
+        diagnosis.withLock { $0 = (ContinuousClock.now, result) }
+        return result
     }
 
     /// How long to wait before retrying an RPC that found no endpoint up:
