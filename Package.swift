@@ -30,6 +30,8 @@ let package = Package(
         // The metrics endpoint: the same swift-nio range grpc-swift-nio-transport asks for.
         .package(url: "https://github.com/apple/swift-nio", from: "2.96.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        // Already in the graph through grpc-swift-nio-transport.
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
@@ -71,6 +73,13 @@ let package = Package(
                 .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Logging", package: "swift-log"),
+                // Telling why a TLS connection fails (TLSDiagnosis): the same
+                // NIO and NIOSSL the gRPC transport runs on.
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
         // flannel's file formats and the file I/O under them: JSON values,

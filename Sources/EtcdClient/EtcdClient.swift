@@ -3,6 +3,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import GRPCProtobuf
+import Logging
 import Synchronization
 
 /// A client for the parts of etcd's v3 API that tunneld uses, over gRPC.
@@ -23,6 +24,20 @@ public final class EtcdClient: Sendable {
     public let requestTimeout: Duration
     /// The largest response message accepted, in bytes.
     public let maxReceiveMessageBytes: Int
+    /// How often a connection with calls open is checked (a gRPC keepalive
+    /// ping; a watch also asks for a progress report), and how long the
+    /// answer may take before the member counts as gone.
+    public let keepaliveTime: Duration
+    public let keepaliveTimeout: Duration
+
+    /// A member that vanishes without a FIN (power lost, link cut) is left
+    /// within `time + timeout`: ~5 s. etcd's default --grpc-keepalive-min-time
+    /// is 5 s, but grpc-go counts a ping as abuse only when the server sent
+    /// nothing since the previous one, and the watch's progress reports
+    /// (every `time`) are data; connections without a watch ping only while
+    /// a call is open.
+    public static let defaultKeepaliveTime = Duration.seconds(2)
+    public static let defaultKeepaliveTimeout = Duration.seconds(3)
 
     /// gRPC's usual 4 MiB is too little for a large etcd answer (etcd's own
     /// Go client accepts up to 2 GiB); range reads are paged anyway, so
@@ -33,8 +48,9 @@ public final class EtcdClient: Sendable {
     public static let defaultPageSize = 1000
 
     private let grpc: GRPCClient<Transport>
+    /// A transport like `grpc`'s, for the connections of one watch attempt.
+    private let makeTransport: @Sendable () throws -> Transport
     private let kv: Etcdserverpb_KV.Client<Transport>
-    private let watchService: Etcdserverpb_Watch.Client<Transport>
     private let leaseService: Etcdserverpb_Lease.Client<Transport>
     private let auth: Etcdserverpb_Auth.Client<Transport>
     private let credentials: EtcdCredentials?
@@ -44,6 +60,13 @@ public final class EtcdClient: Sendable {
     /// repeated while no endpoint answered (swift-metrics; the daemon exports them).
     private let watchReconnects: CoreMetrics.Counter
     private let requestRetries: CoreMetrics.Counter
+    private let logger: Logger
+    /// The endpoints and TLS files, for `TLSDiagnosis`.
+    private let parsedEndpoints: [EtcdEndpoint]
+    private let tls: EtcdTLS?
+    /// The last diagnosis and when it was made: a client retrying every
+    /// second connects to look at most every 10 s.
+    private let diagnosis = Mutex<(at: ContinuousClock.Instant, text: String?)?>(nil)
 
     private struct State {
         var token: String?
@@ -61,9 +84,19 @@ public final class EtcdClient: Sendable {
     ///   - credentials: user name and password when etcd has auth enabled.
     ///   - requestTimeout: limit for each request.
     ///   - maxReceiveMessageBytes: the largest response message accepted.
+    ///   - keepaliveTime, keepaliveTimeout: how often a connection in use is
+    ///     checked and how long its answer may take (see `defaultKeepaliveTime`).
     public init(endpoints: [String], tls: EtcdTLS? = nil, credentials: EtcdCredentials? = nil,
                 requestTimeout: Duration = .seconds(10),
-                maxReceiveMessageBytes: Int = EtcdClient.defaultMaxReceiveMessageBytes) throws(EtcdError) {
+                maxReceiveMessageBytes: Int = EtcdClient.defaultMaxReceiveMessageBytes,
+                keepaliveTime: Duration = EtcdClient.defaultKeepaliveTime,
+                keepaliveTimeout: Duration = EtcdClient.defaultKeepaliveTimeout,
+                logger: Logger = Logger(label: "tunneld.etcd")) throws(EtcdError) {
+        guard keepaliveTime >= .milliseconds(100), keepaliveTimeout >= .milliseconds(100) else {
+            throw EtcdError(.configuration, operation: "connect", endpoints: endpoints,
+                            reason: "keepalive time \(keepaliveTime) and timeout \(keepaliveTimeout) must be at least 0.1 s",
+                            hint: "give --etcd-keepalive-time and --etcd-keepalive-timeout in seconds, e.g. 2 and 3")
+        }
         let nonEmpty = endpoints.filter { !$0.trimmingCharacters(in: .whitespaces).isEmpty }
         guard !nonEmpty.isEmpty else {
             throw EtcdError(.configuration, operation: "connect", endpoints: [], reason: "no endpoints given",
@@ -81,22 +114,30 @@ public final class EtcdClient: Sendable {
             parsed[0].secure ? .tls(try Self.tlsConfig(tls ?? EtcdTLS(), endpoints: nonEmpty)) : .plaintext
 
         var config = Transport.Config.defaults
-        // Notice a dead server under a long-lived watch within ~15 s (a
-        // ping after 10 s without data, 5 s for its answer); etcd accepts
-        // pings every 5 s or more (--grpc-keepalive-min-time) and refuses
-        // them without an open stream (GOAWAY too_many_pings).
-        config.connection.keepalive = .init(time: .seconds(10), timeout: .seconds(5), allowWithoutCalls: false)
+        // A member gone without a FIN is noticed by the ping's missing
+        // answer, and its connection closed: the round robin then sends
+        // nothing more its way. No pings without an open stream: etcd
+        // refuses those (GOAWAY too_many_pings). grpc-swift-nio-transport
+        // (2.9) stops a connection's pings for good once all its streams
+        // have closed, which is why each watch gets connections of its own
+        // (`makeWatchClient`).
+        config.connection.keepalive = .init(time: keepaliveTime, timeout: keepaliveTimeout,
+                                            allowWithoutCalls: false)
         config.backoff = .init(initial: .milliseconds(200), max: .seconds(5), multiplier: 1.6, jitter: 0.2)
-        var registry = NameResolverRegistry()
-        registry.registerFactory(EtcdEndpointsResolverFactory())
-        let transport: Transport
-        do {
-            transport = try Transport(
-                target: EtcdEndpointsTarget(endpoints: parsed),
+        let target = EtcdEndpointsTarget(endpoints: parsed)
+        let makeTransport: @Sendable () throws -> Transport = { [config] in
+            var registry = NameResolverRegistry()
+            registry.registerFactory(EtcdEndpointsResolverFactory())
+            return try Transport(
+                target: target,
                 transportSecurity: security,
                 config: config,
                 resolverRegistry: registry,
                 serviceConfig: ServiceConfig(loadBalancingConfig: [.roundRobin]))
+        }
+        let transport: Transport
+        do {
+            transport = try makeTransport()
         } catch {
             throw EtcdError(.configuration, operation: "connect", endpoints: nonEmpty,
                             reason: "cannot set up the gRPC transport: \(Self.describe(error))",
@@ -104,13 +145,18 @@ public final class EtcdClient: Sendable {
         }
         let grpc = GRPCClient(transport: transport)
         self.grpc = grpc
+        self.makeTransport = makeTransport
         self.kv = Etcdserverpb_KV.Client(wrapping: grpc)
-        self.watchService = Etcdserverpb_Watch.Client(wrapping: grpc)
         self.leaseService = Etcdserverpb_Lease.Client(wrapping: grpc)
         self.auth = Etcdserverpb_Auth.Client(wrapping: grpc)
         self.credentials = credentials
         self.requestTimeout = requestTimeout
         self.maxReceiveMessageBytes = max(1024, maxReceiveMessageBytes)
+        self.keepaliveTime = keepaliveTime
+        self.logger = logger
+        self.parsedEndpoints = parsed
+        self.tls = tls
+        self.keepaliveTimeout = keepaliveTimeout
         self.state = Mutex(State())
         self.watchReconnects = CoreMetrics.Counter(label: "tunneld_store_watch_reconnects_total")
         self.requestRetries = CoreMetrics.Counter(label: "tunneld_store_request_retries_total")
@@ -489,6 +535,11 @@ public final class EtcdClient: Sendable {
                              keys: response.keys.map { String(decoding: $0, as: UTF8.self) })
     }
 
+    static func seconds(_ duration: Duration) -> String {
+        let (whole, atto) = duration.components
+        return String(format: "%.1f s", Double(whole) + Double(atto) / 1e18)
+    }
+
     static func hex(_ id: Int64) -> String { String(UInt64(bitPattern: id), radix: 16) }
 
     // MARK: - Watch
@@ -528,9 +579,69 @@ public final class EtcdClient: Sendable {
         return stream
     }
 
+    /// A gRPC client for one watch attempt, closed when the attempt ends.
+    private struct WatchClient: Sendable {
+        let grpc: GRPCClient<Transport>
+        let connections: Task<Void, Never>
+
+        func close() {
+            grpc.beginGracefulShutdown()
+            // The attempt is over: nothing in flight is worth waiting for.
+            connections.cancel()
+        }
+    }
+
+    private func makeWatchClient() throws -> WatchClient {
+        let grpc = GRPCClient(transport: try makeTransport())
+        return WatchClient(grpc: grpc, connections: Task { try? await grpc.runConnections() })
+    }
+
     /// How a watch RPC ended without delivering a compaction or a cancel.
     private struct WatchInterrupted: Error {
         var error: RPCError
+    }
+
+    /// Sleeps for `duration`; false if `finished` ended first (or the task
+    /// was cancelled).
+    private static func wait(_ duration: Duration, orUntilFinished finished: AsyncStream<Never>) async -> Bool {
+        await withTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                do { try await Task.sleep(for: duration) } catch { return false }
+                return true
+            }
+            group.addTask {
+                for await _ in finished {}
+                return false
+            }
+            let result = await group.next() ?? false
+            group.cancelAll()
+            return result
+        }
+    }
+
+    /// Runs `call` until it ends, or until nothing was heard from the
+    /// server for `patience` (`heard` is when the last message arrived):
+    /// then the call is cancelled and this throws Unavailable, which the
+    /// watch retries — on another member, since the round robin moves on
+    /// and the keepalive closes the silent member's connection.
+    private static func untilSilent(for patience: Duration, heard: Locked<ContinuousClock.Instant>,
+                                    _ call: @escaping @Sendable () async throws -> Void) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await call() }
+            group.addTask {
+                while true {
+                    let silence = ContinuousClock.now - heard.get()
+                    if silence >= patience {
+                        throw RPCError(code: .unavailable,
+                                       message: "no answer from the member for \(seconds(silence)) (a watch progress request went unanswered)")
+                    }
+                    try await Task.sleep(for: patience - silence)
+                }
+            }
+            // The first to end decides; the other is cancelled.
+            try await group.next()
+            group.cancelAll()
+        }
     }
 
     private func runWatch(prefix: String, from start: Int64, previousValues: Bool,
@@ -557,18 +668,36 @@ public final class EtcdClient: Sendable {
                 // (a watch catching up on a burst of batched writes).
                 create.fragment = true
                 let request = Etcdserverpb_WatchRequest.with { $0.createRequest = create }
+                let progressRequest = Etcdserverpb_WatchRequest.with {
+                    $0.progressRequest = Etcdserverpb_WatchProgressRequest()
+                }
                 let (finished, finish) = AsyncStream<Never>.makeStream()
-                try await watchService.watch(
+                let heard = Locked(ContinuousClock.now)
+                let (probe, patience) = (keepaliveTime, keepaliveTime + keepaliveTimeout)
+                // Connections of its own, whose first and only stream is this
+                // watch: their keepalive pings run as long as it does.
+                let watchClient = try makeWatchClient()
+                defer { watchClient.close() }
+                let watchService = Etcdserverpb_Watch.Client(wrapping: watchClient.grpc)
+                try await Self.untilSilent(for: patience, heard: heard) {
+                    try await watchService.watch(
                     metadata: metadata,
-                    options: callOptions,
+                    options: self.callOptions,
                     requestProducer: { writer in
                         try await writer.write(request)
-                        // Stay open: returning would half-close the stream.
-                        for await _ in finished {}
+                        // Stay open (returning would half-close the stream),
+                        // asking for a progress report every `probe`: etcd
+                        // answers at once with its revision, so a member that
+                        // stopped answering is noticed by `untilSilent`, also
+                        // when its connection still answers gRPC pings.
+                        while await Self.wait(probe, orUntilFinished: finished) {
+                            try await writer.write(progressRequest)
+                        }
                     },
                     onResponse: { response in
                         defer { finish.finish() }
                         for try await message in response.messages {
+                            heard.set(ContinuousClock.now)
                             if message.compactRevision > 0 {
                                 throw EtcdError(.compacted(oldestRevision: message.compactRevision),
                                                 operation: operation, endpoints: self.endpoints,
@@ -593,6 +722,7 @@ public final class EtcdClient: Sendable {
                         }
                         throw RPCError(code: .unavailable, message: "the server ended the watch stream")
                     })
+                }
             } catch is CancellationError {
                 break
             } catch let error as EtcdError {
@@ -628,6 +758,7 @@ public final class EtcdClient: Sendable {
                 // At most 2 s apart: once etcd is back, the watch resumes
                 // within about that (the connection's own backoff permitting).
                 let delay = min(Double(failures) * 0.5, 2.0)
+                logger.warning("etcd watch of \(prefix)* interrupted (\(Self.serverMessage(error))); resuming from revision \(next.get()) in \(delay) s on whichever member answers")
                 do { try await Task.sleep(for: .seconds(delay)) } catch { break }
                 watchReconnects.increment()
             } catch {
@@ -684,7 +815,13 @@ public final class EtcdClient: Sendable {
                     try? await Task.sleep(for: delay)
                     continue
                 }
-                throw map(error, operation: operation)
+                var mapped = map(error, operation: operation)
+                if let why = await tlsProblem(error) {
+                    // The diagnosis says what to do; the transport's words follow for the record.
+                    mapped.reason = "\(why) (gRPC: \(mapped.reason))"
+                    mapped.hint = nil
+                }
+                throw mapped
             } catch let error as EtcdError {
                 throw error
             } catch is CancellationError {
@@ -693,6 +830,22 @@ public final class EtcdClient: Sendable {
                 throw EtcdError(.other, operation: operation, endpoints: endpoints, reason: Self.describe(error))
             }
         }
+    }
+
+    /// Why no connection could be made, in words, when `error` is a failed
+    /// TLS handshake or HTTP/2 preface (`TLSDiagnosis`); nil otherwise.
+    private func tlsProblem(_ error: RPCError) async -> String? {
+        let text = Self.serverMessage(error)
+        guard text.contains("HTTP/2 connection preface") || text.contains("NIOSSL") || text.contains("handshake")
+        else { return nil }
+        if let last = diagnosis.withLock({ $0 }), ContinuousClock.now - last.at < .seconds(10) { return last.text }
+        var found: [String] = []
+        for endpoint in parsedEndpoints {
+            if let why = await TLSDiagnosis.diagnose(endpoint, tls: tls) { found.append(why) }
+        }
+        let result = found.isEmpty ? nil : found.joined(separator: "; ")
+        diagnosis.withLock { $0 = (ContinuousClock.now, result) }
+        return result
     }
 
     /// How long to wait before retrying an RPC that found no endpoint up:

@@ -2,6 +2,7 @@ import EtcdClient
 import Foundation
 import Logging
 import NetBase
+import Synchronization
 
 /// flannel's subnet store in etcd v3, compatible with flanneld on the same
 /// cluster:
@@ -23,6 +24,8 @@ public final class EtcdLeaseStore: LeaseStore {
     /// Keys per page when listing (`EtcdClient.range(prefix:pageSize:)`).
     public let pageSize: Int
     private let logger: Logger
+    /// Keys no lease key that a watch met, each logged once.
+    private let reportedMalformed = Mutex<Set<String>>([])
 
     /// How many create races in a row `acquireLease` may lose before giving up.
     static let maxCreateAttempts = 24
@@ -70,6 +73,8 @@ public final class EtcdLeaseStore: LeaseStore {
     /// value could not be read (such a key still occupies the subnet).
     private struct Entry {
         var subnet: IPv4Network
+        /// The key's name under `subnets/`.
+        var name: String
         var kv: EtcdKeyValue
         var lease: Result<Lease, LeaseStoreError>
     }
@@ -78,6 +83,8 @@ public final class EtcdLeaseStore: LeaseStore {
     private struct Listing {
         var entries: [Entry]
         var revision: Int64
+        /// Names under `subnets/` that are no lease keys.
+        var malformed: [String]
 
         var leases: [Lease] { entries.compactMap { try? $0.lease.get() } }
 
@@ -88,9 +95,13 @@ public final class EtcdLeaseStore: LeaseStore {
             }
         }
 
-        /// The key the listed `lease` was read from.
-        func key(of lease: Lease) -> String? {
-            entries.first { (try? $0.lease.get()) == lease }?.kv.key
+        var snapshot: LeaseSnapshot {
+            LeaseSnapshot(leases: leases, revision: revision, skipped: unreadable.map(\.problem),
+                          unreadableKeys: entries.compactMap { entry in
+                              guard case .failure = entry.lease else { return nil }
+                              return entry.name
+                          },
+                          malformedKeys: malformed)
         }
     }
 
@@ -99,9 +110,7 @@ public final class EtcdLeaseStore: LeaseStore {
     /// Keys that are not lease keys are ignored, as flannel ignores them.
     /// Read in pages at one revision (`EtcdClient.range(prefix:)`).
     public func leases() async throws -> LeaseSnapshot {
-        let listing = try await list(expiriesOf: nil)
-        return LeaseSnapshot(leases: listing.leases, revision: listing.revision,
-                             skipped: listing.unreadable.map(\.problem))
+        try await list(expiriesOf: nil).snapshot
     }
 
     /// `leases()` without one TimeToLive request per lease: only `holder`'s
@@ -110,9 +119,7 @@ public final class EtcdLeaseStore: LeaseStore {
     /// on every list.) A key whose etcd lease has just expired but not yet
     /// been deleted is then listed until its DELETE arrives, moments later.
     public func peerLeases(holder: IPv4Address) async throws -> LeaseSnapshot {
-        let listing = try await list(expiriesOf: holder)
-        return LeaseSnapshot(leases: listing.leases, revision: listing.revision,
-                             skipped: listing.unreadable.map(\.problem))
+        try await list(expiriesOf: holder).snapshot
     }
 
     /// - Parameter holder: look up the expiry only of leases with this
@@ -121,8 +128,12 @@ public final class EtcdLeaseStore: LeaseStore {
         let listed = try await client.range(prefix: subnetsPrefix, pageSize: pageSize)
         var parsed: [(subnet: IPv4Network, kv: EtcdKeyValue, lease: Result<LeaseAttributes, LeaseStoreError>)] = []
         parsed.reserveCapacity(listed.kvs.count)
+        var malformed: [String] = []
         for kv in listed.kvs {
-            guard let subnet = subnet(fromKey: kv.key) else { continue }
+            guard let subnet = subnet(fromKey: kv.key) else {
+                malformed.append(name(ofKey: kv.key))
+                continue
+            }
             let attributes: Result<LeaseAttributes, LeaseStoreError>
             do throws(LeaseStoreError) {
                 attributes = .success(try LeaseAttributes(flannelJSON: kv.valueString, key: kv.key))
@@ -157,7 +168,7 @@ public final class EtcdLeaseStore: LeaseStore {
             switch entry.lease {
             case .success(let attributes):
                 lease = .success(Lease(subnet: subnet, attributes: attributes, expiration: expiration,
-                                       revision: kv.modRevision))
+                                       revision: kv.modRevision, key: name(ofKey: kv.key)))
             case .failure(let error):
                 let problem = LeaseStoreError.corrupt(
                     key: kv.key, reason: Self.reason(error)
@@ -165,9 +176,9 @@ public final class EtcdLeaseStore: LeaseStore {
                 logger.warning("skipping unreadable lease: \(problem)")
                 lease = .failure(problem)
             }
-            entries.append(Entry(subnet: subnet, kv: kv, lease: lease))
+            entries.append(Entry(subnet: subnet, name: name(ofKey: kv.key), kv: kv, lease: lease))
         }
-        return Listing(entries: entries, revision: listed.revision)
+        return Listing(entries: entries, revision: listed.revision, malformed: malformed)
     }
 
     /// The reason inside a `.corrupt` error (the key is named separately).
@@ -240,10 +251,17 @@ public final class EtcdLeaseStore: LeaseStore {
     }
 
     private func leaseEvent(_ event: EtcdWatchEvent, expiriesOf holder: IPv4Address?) async -> LeaseEvent? {
-        guard let subnet = subnet(fromKey: event.kv.key) else { return nil }
+        guard let subnet = subnet(fromKey: event.kv.key) else {
+            let name = name(ofKey: event.kv.key)
+            if event.kind == .put, reportedMalformed.withLock({ $0.insert(name).inserted }) {
+                logger.warning("lease key \(name) is not a lease key such as 10.2.72.0-24; every host ignores it — delete it (etcdctl del '\(event.kv.key)')")
+            }
+            return nil
+        }
+        let name = name(ofKey: event.kv.key)
         switch event.kind {
         case .delete:
-            return .delete(subnet: subnet, revision: event.revision)
+            return .delete(subnet: subnet, revision: event.revision, key: name)
         case .put:
             let attributes: LeaseAttributes
             do {
@@ -267,13 +285,18 @@ public final class EtcdLeaseStore: LeaseStore {
                 }
             }
             return .put(Lease(subnet: subnet, attributes: attributes, expiration: expiration,
-                              revision: event.revision))
+                              revision: event.revision, key: name))
         }
     }
 
     /// The subnet a key directly under `<prefix>/subnets/` names; nil for
     /// other keys (flannel skips those), including deeper ones such as
     /// `<prefix>/subnets/x/10.2.72.0-24`, which a prefix range also returns.
+    /// The name of a key under `<prefix>/subnets/`.
+    private func name(ofKey key: String) -> String {
+        key.hasPrefix(subnetsPrefix) ? String(key.dropFirst(subnetsPrefix.count)) : key
+    }
+
     private func subnet(fromKey key: String) -> IPv4Network? {
         guard key.hasPrefix(subnetsPrefix) else { return nil }
         let name = key.dropFirst(subnetsPrefix.count)
@@ -316,10 +339,10 @@ public final class EtcdLeaseStore: LeaseStore {
                 config: config, leases: listing.leases, publicIP: attributes.publicIP, preferred: preferred,
                 occupied: listing.unreadable.map(\.subnet), using: &generator)
             for obsolete in choice.obsolete {
-                await deleteObsolete(obsolete, key: listing.key(of: obsolete) ?? key(for: obsolete.subnet))
+                await deleteObsolete(obsolete, key: subnetsPrefix + obsolete.key)
             }
             if case .existingLease(let existing) = choice.source {
-                let key = listing.key(of: existing) ?? key(for: existing.subnet)
+                let key = subnetsPrefix + existing.key
                 if let renewed = try await refreshIfStillOurs(existing, key: key, attributes: attributes) {
                     logger.info("reusing lease \(renewed)")
                     return renewed

@@ -30,12 +30,17 @@ public struct Lease: Sendable, Equatable, CustomStringConvertible {
     public var expiration: Date?
     /// The store revision at which this version of the lease was written.
     public var revision: Int64
+    /// The key's name under `<prefix>/subnets/`: `10.2.72.0-24`, or a
+    /// dual-stack key `10.2.72.0-24&fd00:10:244:1::-64` naming the same subnet.
+    public var key: String
 
-    public init(subnet: IPv4Network, attributes: LeaseAttributes, expiration: Date?, revision: Int64) {
+    public init(subnet: IPv4Network, attributes: LeaseAttributes, expiration: Date?, revision: Int64,
+                key: String? = nil) {
         self.subnet = subnet
         self.attributes = attributes
         self.expiration = expiration
         self.revision = revision
+        self.key = key ?? subnet.leaseKey
     }
 
     public var isReservation: Bool { expiration == nil }
@@ -56,11 +61,20 @@ public struct LeaseSnapshot: Sendable, Equatable {
     /// Entries that could not be read (`LeaseStoreError.corrupt` naming the
     /// entry and why) and were left out rather than failing the whole list.
     public var skipped: [LeaseStoreError]
+    /// The lease keys (names under `<prefix>/subnets/`) of those entries.
+    public var unreadableKeys: [String]
+    /// Names under `<prefix>/subnets/` that are no lease keys.
+    public var malformedKeys: [String]
 
-    public init(leases: [Lease], revision: Int64, skipped: [LeaseStoreError] = []) {
+    /// `leases` are every readable entry under a lease key, as stored: apply
+    /// `LeaseRule` to know which of them are leases of the network.
+    public init(leases: [Lease], revision: Int64, skipped: [LeaseStoreError] = [],
+                unreadableKeys: [String] = [], malformedKeys: [String] = []) {
         self.leases = leases
         self.revision = revision
         self.skipped = skipped
+        self.unreadableKeys = unreadableKeys
+        self.malformedKeys = malformedKeys
     }
 }
 
@@ -68,20 +82,32 @@ public struct LeaseSnapshot: Sendable, Equatable {
 public enum LeaseEvent: Sendable, Equatable {
     /// A lease was created or updated (renewed, attributes changed).
     case put(Lease)
-    /// A lease was released, deleted, or expired.
-    case delete(subnet: IPv4Network, revision: Int64)
+    /// A lease was released, deleted, or expired; `key` as `Lease.key`.
+    case delete(subnet: IPv4Network, revision: Int64, key: String)
+
+    /// A deletion of the plain key of `subnet`.
+    public static func delete(subnet: IPv4Network, revision: Int64) -> LeaseEvent {
+        .delete(subnet: subnet, revision: revision, key: subnet.leaseKey)
+    }
 
     public var revision: Int64 {
         switch self {
         case .put(let lease): lease.revision
-        case .delete(_, let revision): revision
+        case .delete(_, let revision, _): revision
         }
     }
 
     public var subnet: IPv4Network {
         switch self {
         case .put(let lease): lease.subnet
-        case .delete(let subnet, _): subnet
+        case .delete(let subnet, _, _): subnet
+        }
+    }
+
+    public var key: String {
+        switch self {
+        case .put(let lease): lease.key
+        case .delete(_, _, let key): key
         }
     }
 }
@@ -156,18 +182,30 @@ extension LeaseStore {
 
 public enum LeaseStoreError: Error, Sendable, Equatable, CustomStringConvertible {
     case configNotFound(location: String)
-    case outOfSubnets(network: IPv4Network)
+    /// `blockedBy`: the keys holding the subnets a host may take.
+    case outOfSubnets(network: IPv4Network, blockedBy: [String])
     case compacted(requested: Int64, oldest: Int64)
     case leaseNotFound(subnet: IPv4Network)
     case corrupt(key: String, reason: String)
     case io(path: String, reason: String)
 
+    /// The first keys and how many more: an error names what blocks it
+    /// without printing 65,000 keys.
+    static func list(_ keys: [String], first: Int = 8) -> String {
+        guard !keys.isEmpty else { return "nothing (SubnetMin is above SubnetMax)" }
+        let shown = keys.prefix(first).joined(separator: ", ")
+        let noun = keys.count == 1 ? "key" : "keys"
+        return keys.count > first ? "\(keys.count) \(noun): \(shown) and \(keys.count - first) more"
+            : "\(keys.count) \(noun): \(shown)"
+    }
+
     public var description: String {
         switch self {
         case .configNotFound(let location):
             "no network config in \(location): write one with `tunneld config set FILE` (or etcdctl put <prefix>/config)"
-        case .outOfSubnets(let network):
-            "out of subnets: every subnet of \(network) is leased; release a lease or widen Network/SubnetMin/SubnetMax"
+        case .outOfSubnets(let network, let keys):
+            "out of subnets: every subnet of \(network) from SubnetMin to SubnetMax is taken, by "
+                + Self.list(keys) + "; release a lease or widen Network/SubnetMin/SubnetMax"
         case .compacted(let requested, let oldest):
             "changes after revision \(requested) are no longer kept (oldest kept: \(oldest)); list again"
         case .leaseNotFound(let subnet):

@@ -136,7 +136,8 @@ public final class LocalLeaseStore: LeaseStore {
                         return (tx.put(key: subnet.leaseKey, subnet: subnet, attributes: attributes,
                                        expiration: tx.now.adding(self.leaseTTL)).lease, how)
                     }
-                    throw LeaseStoreError.outOfSubnets(network: config.network)
+                    throw LeaseStoreError.outOfSubnets(network: config.network,
+                                                       blockedBy: choice.candidates.map(\.leaseKey))
                 }
             }
         }
@@ -190,7 +191,8 @@ public final class LocalLeaseStore: LeaseStore {
             try self.exclusive { tx -> LeaseSnapshot in
                 let scan = try tx.scan()
                 return LeaseSnapshot(leases: scan.leases.map(\.lease), revision: tx.state.revision,
-                                     skipped: scan.skipped)
+                                     skipped: scan.skipped, unreadableKeys: scan.unreadableKeys,
+                                     malformedKeys: scan.malformedKeys)
             }
         }
     }
@@ -483,6 +485,10 @@ final class Transaction {
         var skipped: [LeaseStoreError] = []
         /// Subnets named by entries that could not be read.
         var occupied: [IPv4Network] = []
+        /// The file names of those entries.
+        var unreadableKeys: [String] = []
+        /// Files in subnets/ whose names are no lease keys.
+        var malformedKeys: [String] = []
     }
 
     /// Reads every lease file, deleting expired leases and stale temporary
@@ -498,11 +504,8 @@ final class Transaction {
                 continue
             }
             guard let subnet = LeaseKey.subnet(fromKey: name) else {
-                let problem = LeaseStoreError.corrupt(
-                    key: path, reason: "the file name is not a lease key such as 10.2.72.0-24: "
-                        + "move the file out of \(directory)")
-                result.skipped.append(problem)
-                store.reportOnce(problem, path: path)
+                // Not a lease: the readers ignore and report it (`LeaseRule`).
+                result.malformedKeys.append(name)
                 continue
             }
             let stored: StoredLease
@@ -524,6 +527,7 @@ final class Transaction {
                 }
                 result.skipped.append(problem)
                 result.occupied.append(subnet)
+                result.unreadableKeys.append(name)
                 store.reportOnce(problem, path: path)
                 continue
             }

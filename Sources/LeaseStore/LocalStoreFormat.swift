@@ -14,7 +14,7 @@ struct StoredLease: Equatable, Sendable {
     var revision: Int64
 
     var lease: Lease {
-        Lease(subnet: subnet, attributes: attributes, expiration: expiration?.date, revision: revision)
+        Lease(subnet: subnet, attributes: attributes, expiration: expiration?.date, revision: revision, key: key)
     }
 
     /// `{"Revision":7,"Expiration":"…","Value":<flannel's lease value>}`;
@@ -101,7 +101,7 @@ enum StoreChange: Equatable, Sendable {
     var event: LeaseEvent {
         switch self {
         case .put(let stored): .put(stored.lease)
-        case .delete(_, let subnet, let revision): .delete(subnet: subnet, revision: revision)
+        case .delete(let key, let subnet, let revision): .delete(subnet: subnet, revision: revision, key: key)
         }
     }
 

@@ -42,23 +42,35 @@ public struct SubnetChoice: Sendable, Equatable {
 ///    overlaps it;
 /// 3. a random pick among the first ≤ 100 free subnets from SubnetMin up.
 ///
-/// Leases outside the Network simply overlap nothing and are ignored.
+/// Only leases of the network count (`LeaseRule`): a key wider or narrower
+/// than SubnetLen, outside the Network or conflicting with another neither
+/// blocks a subnet nor is reused. The peer sync ignores the same keys.
 public enum SubnetChooser {
     /// flannel picks at random among at most this many free subnets.
     public static let freeCandidateLimit = 100
 
     /// - Parameters:
-    ///   - leases: every current (unexpired) lease and reservation.
+    ///   - leases: every current (unexpired) lease and reservation, as listed
+    ///     (`LeaseRule` is applied here).
     ///   - occupied: subnets taken by entries that could not be read
     ///     (corrupt values): never offered, since creating them would fail.
-    /// - Throws: `LeaseStoreError.outOfSubnets` when nothing is free.
+    /// - Throws: `LeaseStoreError.outOfSubnets`, naming the keys that take
+    ///   every subnet, when nothing is free.
     public static func choose(
-        config: NetworkConfig, leases: [Lease], publicIP: IPv4Address,
-        preferred: IPv4Network?, occupied: [IPv4Network] = [],
+        config: NetworkConfig, leases listed: [Lease], publicIP: IPv4Address,
+        preferred: IPv4Network?, occupied listedOccupied: [IPv4Network] = [],
         using generator: inout some RandomNumberGenerator
     ) throws(LeaseStoreError) -> SubnetChoice {
+        let rule = LeaseRule(config)
+        let leases = rule.sort(leases: listed).leases
+        let occupied = listedOccupied.filter { rule.problem(with: $0) == nil }
         let own = leases.filter { $0.attributes.publicIP == publicIP }
-        let obsolete = own.filter { !$0.isReservation && !config.fits($0.subnet) }
+        // Our own expiring keys that do not fit (of an older SubnetLen, say)
+        // are deleted, as flannel does, whether or not they are leases by
+        // the rule: they are ours to clean up.
+        let obsolete = listed.filter {
+            $0.attributes.publicIP == publicIP && !$0.isReservation && !config.fits($0.subnet)
+        }
         let obsoleteSubnets = Set(obsolete.map(\.subnet))
 
         // 1. Reuse: a reservation before an expiring lease, then the longest-lived.
@@ -84,7 +96,17 @@ public enum SubnetChooser {
         }
 
         // 3. A random free one.
-        guard !free.isEmpty else { throw .outOfSubnets(network: config.network) }
+        guard !free.isEmpty else {
+            let range = config.subnets
+            let end = IPv4Network(address: range.highestAddress, prefixLength: range.prefixLength).lastAddress
+            func blocks(_ subnet: IPv4Network) -> Bool {
+                subnet.lastAddress >= range.lowestAddress && subnet.address <= end
+            }
+            let keys = leases.filter { !obsoleteSubnets.contains($0.subnet) && blocks($0.subnet) }
+                .sorted { $0.subnet.address < $1.subnet.address }.map(\.key)
+                + occupied.filter(blocks).map(\.leaseKey)
+            throw .outOfSubnets(network: config.network, blockedBy: keys)
+        }
         return SubnetChoice(source: .free, candidates: free, obsolete: obsolete)
     }
 

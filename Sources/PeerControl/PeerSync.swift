@@ -24,16 +24,18 @@ public final class LeaseHolder: Sendable {
 /// behind our back is acquired again (the same subnet while it is free) by a
 /// task of its own, so peer changes keep flowing while it retries.
 ///
-/// The record holds only leases the backend can use: of our network and
-/// SubnetLen (a hand-written key such as 10.2.0.0-16 would otherwise cover
-/// other hosts' subnets and our own), not our own, of our backend type.
-/// Leases left out are reported once each, with what to do.
+/// The record holds only leases the backend can use: leases by `LeaseRule`
+/// (a hand-written key such as 10.2.0.0-16 would otherwise cover other
+/// hosts' subnets and our own), not our own, of our backend type. Keys left
+/// out are reported once each, with what to do.
 public final class PeerSync: Sendable {
     public let store: any LeaseStore
     public let backend: any Backend
     public let holder: LeaseHolder
     public let config: NetworkConfig
     public let attributes: LeaseAttributes
+    /// What a lease is; the subnet chooser applies the same rule.
+    public let rule: LeaseRule
     let logger: Logger
     /// Called after we moved to another subnet (subnet.env, masquerade rules).
     let onSubnetChange: @Sendable (Lease) -> Void
@@ -43,9 +45,15 @@ public final class PeerSync: Sendable {
     /// When each peer in `peers` was last added or changed.
     private let changedAt = Mutex<[IPv4Network: Date]>([:])
     private let metrics: Metrics
-    /// Leases already reported as unusable, with the reason, so that each
-    /// is reported once (again only if the reason changes).
-    private let reported = Mutex<[IPv4Network: String]>([:])
+    /// Keys already reported as ignored or unusable, with the reason, so
+    /// that each is reported once (again only if the reason changes).
+    private let reported = Mutex<[String: String]>([:])
+    /// Leases that lost a conflict to another key of their subnet, by key:
+    /// one of them becomes the peer when the winner is deleted.
+    private let shadowed = Mutex<[String: Lease]>([:])
+    /// The lease of every subnet by `rule`, ours and those the backend
+    /// cannot use included: which key a conflicting one is measured against.
+    private let known = Mutex<[IPv4Network: Lease]>([:])
     /// Changes are applied one batch at a time, in order.
     private let applying = Mutex<Void>(())
     /// Requests to acquire our lease again; consumed by `keepLeaseAcquired`.
@@ -64,6 +72,7 @@ public final class PeerSync: Sendable {
         self.holder = holder
         self.config = config
         self.attributes = attributes
+        self.rule = LeaseRule(config)
         self.logger = logger
         self.onSubnetChange = onSubnetChange
         (reacquireRequests, reacquireContinuation) = AsyncStream<IPv4Network>.makeStream(bufferingPolicy: .bufferingNewest(1))
@@ -74,6 +83,9 @@ public final class PeerSync: Sendable {
 
     /// When each current peer was last added or changed (for `tunneld status`).
     public var peerChangeTimes: [IPv4Network: Date] { changedAt.withLock { $0 } }
+
+    /// The keys ignored or unusable as peers, with why (for `tunneld status`).
+    public var ignoredKeys: [String: String] { reported.withLock { $0 } }
 
     /// Whether a re-acquisition of our lease is pending or running.
     public var isReacquiring: Bool { reacquiring.withLock { $0 } }
@@ -98,34 +110,40 @@ public final class PeerSync: Sendable {
 
     // MARK: - Which leases are peers
 
-    /// The lease as a peer, or nil (reported once) when it is not one.
+    /// Logs `reason` for `key` unless it was the last thing said about it.
+    private func report(_ key: String, _ reason: String) {
+        let isNew = reported.withLock { seen -> Bool in
+            guard seen[key] != reason else { return false }
+            seen[key] = reason
+            return true
+        }
+        if isNew { logger.warning("\(reason)") }
+    }
+
+    private func report(_ ignored: IgnoredLeaseKey, own: IPv4Network) {
+        var text = ignored.description
+        if case .wider = ignored.reason, let subnet = LeaseKey.subnet(fromKey: ignored.key), subnet.contains(own) {
+            text = text.replacingOccurrences(of: "other hosts' subnets", with: "other hosts' subnets, including ours (\(own))")
+        }
+        report(ignored.key, text)
+    }
+
+    /// The lease as a peer, or nil (reported once) when this backend cannot
+    /// use it. Only leases by `rule` get here.
     private func usablePeer(_ lease: Lease, own: IPv4Network) -> Lease? {
         if lease.subnet == own { return nil }
-        let key = lease.subnet.leaseKey
         var reason: String?
-        if !config.network.contains(lease.subnet) {
-            reason = "lease \(key) of \(lease.attributes.publicIP) lies outside the network \(config.network); ignored"
-        } else if lease.subnet.prefixLength != config.subnetLen {
-            // A key wider than SubnetLen would cover other hosts' subnets
-            // (and ours); narrower would be no subnet flannel hands out.
-            let covers = lease.subnet.contains(own) ? ", including ours (\(own))" : ""
-            reason = "lease \(key) of \(lease.attributes.publicIP) is a /\(lease.subnet.prefixLength), not a /\(config.subnetLen) as SubnetLen says; it would cover other hosts' subnets\(covers); ignored — delete the key (etcdctl del <prefix>/subnets/\(key))"
-        } else if lease.attributes.effectiveBackendType != backend.type.rawValue {
+        if lease.attributes.effectiveBackendType != backend.type.rawValue {
             let theirs = lease.attributes.effectiveBackendType
             reason = "peer \(lease.subnet) (\(lease.attributes.publicIP)) runs the \(theirs) backend and this host runs \(backend.type); it cannot be reached until both use the same Backend.Type: restart that host with the current config (or this one, if the config says \(theirs))"
         } else if let why = backend.unusableReason(lease) {
             reason = "peer \(lease.subnet) (\(lease.attributes.publicIP)) cannot be used: \(why)"
         }
         guard let reason else {
-            reported.withLock { $0[lease.subnet] = nil }
+            reported.withLock { $0[lease.key] = nil }
             return lease
         }
-        let isNew = reported.withLock { seen -> Bool in
-            guard seen[lease.subnet] != reason else { return false }
-            seen[lease.subnet] = reason
-            return true
-        }
-        if isNew { logger.warning("\(reason)") }
+        report(lease.key, reason)
         return nil
     }
 
@@ -134,12 +152,16 @@ public final class PeerSync: Sendable {
     /// Makes the backend's peers exactly the usable leases of `snapshot`.
     public func sync(with snapshot: LeaseSnapshot) {
         let own = holder.lease.subnet
+        let sorted = rule.sort(snapshot)
+        let present = Set(snapshot.leases.map(\.key) + snapshot.unreadableKeys + snapshot.malformedKeys)
+        reported.withLock { seen in seen = seen.filter { present.contains($0.key) } }
+        for ignored in sorted.ignored { report(ignored, own: own) }
+        shadowed.withLock { $0 = Dictionary(sorted.conflicting.map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a }) }
+        known.withLock { $0 = Dictionary(sorted.leases.map { ($0.subnet, $0) }, uniquingKeysWith: { a, _ in a }) }
         var wanted: [IPv4Network: Lease] = [:]
-        for lease in snapshot.leases {
+        for lease in sorted.leases {
             if let peer = usablePeer(lease, own: own) { wanted[peer.subnet] = peer }
         }
-        let present = Set(snapshot.leases.map(\.subnet))
-        reported.withLock { seen in seen = seen.filter { present.contains($0.key) } }
         applying.withLock { _ in
             let current = peers.withLock { $0 }
             var changes: [PeerChange] = []
@@ -155,7 +177,7 @@ public final class PeerSync: Sendable {
             }
             commit(changes)
         }
-        if !snapshot.leases.contains(where: { $0.subnet == own }) {
+        if !sorted.leases.contains(where: { $0.subnet == own }) {
             logger.warning("our lease \(own) is missing from \(store.location); acquiring a lease again, forwarding continues")
             requestReacquire(own)
         }
@@ -164,31 +186,77 @@ public final class PeerSync: Sendable {
     /// Applies one watch event.
     public func apply(_ event: LeaseEvent) {
         let own = holder.lease.subnet
+        if let reason = rule.problem(with: event.subnet) {
+            switch event {
+            case .put(let lease):
+                report(rule.ignored(lease.key, reason, publicIP: lease.attributes.publicIP), own: own)
+            case .delete(_, _, let key):
+                reported.withLock { $0[key] = nil }
+            }
+            return
+        }
         switch event {
-        case .put(let lease) where lease.subnet == own:
-            if lease.attributes.publicIP == attributes.publicIP {
-                holder.replace(lease)
-            } else {
-                logger.error("our subnet \(own) was written for \(lease.attributes.publicIP) by someone else; two hosts now claim it — remove the wrong lease")
-            }
         case .put(let lease):
-            let peer = usablePeer(lease, own: own)
-            applying.withLock { _ in
-                let old = peers.withLock { $0[lease.subnet] }
-                switch (old, peer) {
-                case (nil, let new?): commit([.added(new)])
-                case (let old?, let new?) where Self.differs(old, new): commit([.updated(old: old, new: new)])
-                case (let old?, nil): commit([.removed(old)])
-                default: break
+            if let held = known.withLock({ $0[lease.subnet] }), held.key != lease.key {
+                if LeaseRule.precedes(held.key, lease.key) {
+                    // Another key names this subnet first: this one is no lease.
+                    shadowed.withLock { $0[lease.key] = lease }
+                    report(rule.ignored(lease.key, .conflicts(with: held.key), publicIP: lease.attributes.publicIP),
+                           own: own)
+                    return
                 }
+                // This key precedes the one that was the lease of its subnet.
+                shadowed.withLock { $0[held.key] = held }
+                report(rule.ignored(held.key, .conflicts(with: lease.key), publicIP: held.attributes.publicIP),
+                       own: own)
             }
-        case .delete(let subnet, _) where subnet == own:
-            logger.warning("our lease \(own) was deleted from \(store.location) (expired or removed); acquiring a lease again, forwarding continues")
-            requestReacquire(own)
-        case .delete(let subnet, _):
-            reported.withLock { $0[subnet] = nil }
-            applying.withLock { _ in
-                if let old = peers.withLock({ $0[subnet] }) { commit([.removed(old)]) }
+            shadowed.withLock { $0[lease.key] = nil }
+            known.withLock { $0[lease.subnet] = lease }
+            if lease.subnet == own {
+                if lease.attributes.publicIP == attributes.publicIP {
+                    holder.replace(lease)
+                } else {
+                    logger.error("our subnet \(own) was written for \(lease.attributes.publicIP) by someone else; two hosts now claim it — remove the wrong lease")
+                }
+                return
+            }
+            update(lease.subnet, to: lease, own: own)
+        case .delete(let subnet, _, let key):
+            reported.withLock { $0[key] = nil }
+            // A conflicting key that went away: the lease of its subnet stays.
+            if shadowed.withLock({ $0.removeValue(forKey: key) }) != nil { return }
+            guard known.withLock({ $0[subnet]?.key }) == key else { return }
+            // A conflicting key of the same subnet, if any, is the lease now.
+            let next = shadowed.withLock { shadowed -> Lease? in
+                let candidates = shadowed.values.filter { $0.subnet == subnet }
+                guard let best = candidates.min(by: { LeaseRule.precedes($0.key, $1.key) }) else { return nil }
+                shadowed[best.key] = nil
+                return best
+            }
+            known.withLock { $0[subnet] = next }
+            if let next {
+                reported.withLock { $0[next.key] = nil }
+                logger.info("lease \(key) was deleted; \(next.key) is the lease of \(subnet) now")
+            }
+            if subnet == own {
+                logger.warning("our lease \(own) was deleted from \(store.location) (expired or removed); acquiring a lease again, forwarding continues")
+                requestReacquire(own)
+                return
+            }
+            update(subnet, to: next, own: own)
+        }
+    }
+
+    /// Makes the peer of `subnet` `lease` (nil: none).
+    private func update(_ subnet: IPv4Network, to lease: Lease?, own: IPv4Network) {
+        let peer = lease.flatMap { usablePeer($0, own: own) }
+        applying.withLock { _ in
+            let old = peers.withLock { $0[subnet] }
+            switch (old, peer) {
+            case (nil, let new?): commit([.added(new)])
+            case (let old?, let new?) where Self.differs(old, new): commit([.updated(old: old, new: new)])
+            case (let old?, nil): commit([.removed(old)])
+            default: break
             }
         }
     }

@@ -72,9 +72,22 @@ struct Leases: AsyncParsableCommand {
         bootstrapLogging()
         let store = try storeOptions.open()
         let snapshot = try await store.leases()
+        // The same rule as every host's: keys it ignores are listed apart.
+        var leases = snapshot.leases
+        var notes: [String] = []
+        if let json = try await store.rawNetworkConfig() {
+            let config = try NetworkConfig(json: json)
+            let sorted = LeaseRule(config).sort(snapshot)
+            leases = sorted.leases
+            notes = sorted.ignored.map { "ignored: \($0)" }
+        } else {
+            notes.append("no network config in \(store.location): every key is listed, none checked against Network and SubnetLen")
+        }
+        notes += snapshot.skipped.map { "unreadable: \($0)" }
         let formatter = ISO8601DateFormatter()
         print("SUBNET".padding(toLength: 20, withPad: " ", startingAt: 0) + "PUBLIC-IP".padding(toLength: 18, withPad: " ", startingAt: 0) + "BACKEND".padding(toLength: 10, withPad: " ", startingAt: 0) + "EXPIRES")
-        for lease in snapshot.leases.sorted(by: { $0.subnet.address < $1.subnet.address }) {
+        defer { if !notes.isEmpty { print("\n" + notes.joined(separator: "\n")) } }
+        for lease in leases.sorted(by: { $0.subnet.address < $1.subnet.address }) {
             let expires = lease.expiration.map { formatter.string(from: $0) } ?? "never (reservation)"
             print(lease.subnet.description.padding(toLength: 20, withPad: " ", startingAt: 0)
                   + lease.attributes.publicIP.description.padding(toLength: 18, withPad: " ", startingAt: 0)

@@ -21,7 +21,10 @@ extension StoreOptions {
         } else if etcdPassword != nil {
             throw ValidationError("--etcd-password needs --etcd-username")
         }
-        let client = try EtcdClient(endpoints: endpoints, tls: tls, credentials: credentials)
+        let client = try EtcdClient(endpoints: endpoints, tls: tls, credentials: credentials,
+                                    keepaliveTime: .milliseconds(Int(etcdKeepaliveTime * 1000)),
+                                    keepaliveTimeout: .milliseconds(Int(etcdKeepaliveTimeout * 1000)),
+                                    logger: Logger(label: "tunneld.etcd"))
         return EtcdLeaseStore(client: client, prefix: etcdPrefix, leaseTTL: leaseTTL,
                               logger: Logger(label: "tunneld.etcd"))
     }

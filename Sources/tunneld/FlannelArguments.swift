@@ -13,7 +13,7 @@ enum FlannelArguments {
         "subnet-lease-renew-margin", "healthz-ip", "healthz-port", "backend", "store", "store-dir",
         "device", "datapath", "queue-depth", "log-level", "log-format", "v", "subnet-lease-ttl",
         "iptables-resync",
-        "metrics-address", "control-socket",
+        "metrics-address", "control-socket", "etcd-keepalive-time", "etcd-keepalive-timeout",
     ]
     /// Long options that are on/off switches.
     static let booleanFlags: Set<String> = [
@@ -32,7 +32,7 @@ enum FlannelArguments {
     /// same etcd.
     static let storeFlags: Set<String> = [
         "etcd-endpoints", "etcd-prefix", "etcd-keyfile", "etcd-certfile", "etcd-cafile",
-        "etcd-username", "etcd-password", "store", "store-dir",
+        "etcd-username", "etcd-password", "store", "store-dir", "etcd-keepalive-time", "etcd-keepalive-timeout",
     ]
 
     /// Subcommands whose arguments are not flanneld's: `docker-opts` takes

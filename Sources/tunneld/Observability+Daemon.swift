@@ -84,7 +84,9 @@ extension Daemon {
                 peers: peers.currentPeers.values.sorted { $0.subnet.address < $1.subnet.address }.map {
                     StatusReport.Peer($0, lastChange: times[$0.subnet])
                 },
-                counters: counters)
+                counters: counters,
+                // Keys every host ignores, and peers this one cannot use: what the operator should fix.
+                notes: peers.ignoredKeys.sorted { $0.key < $1.key }.map(\.value))
         }
     }
 

@@ -74,8 +74,12 @@ struct Status: AsyncParsableCommand {
     private func fromStore(why: String) async throws -> StatusReport {
         let store = try storeOptions.open()
         let config = try await store.networkConfig()
-        let snapshot = try await store.leases()
+        let listed = try await store.leases()
+        // The leases as every host sees them (`LeaseRule`); the rest are notes.
+        let sorted = LeaseRule(config).sort(listed)
+        let snapshot = LeaseSnapshot(leases: sorted.leases, revision: listed.revision, skipped: listed.skipped)
         var notes = ["\(why); read from the store instead: no data-path counters"]
+        notes += sorted.ignored.map { "ignored: \($0)" }
         var ours: IPv4Network?
         switch SubnetEnv.previousSubnet(at: subnetFile) {
         case .success(let subnet?): ours = subnet

@@ -35,6 +35,15 @@ struct StoreOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Password for etcd authentication.", valueName: "password"))
     var etcdPassword: String?
 
+    @Option(help: ArgumentHelp(
+        "How often an etcd connection in use is checked, in seconds: a gRPC keepalive ping, and on the watch a progress request. Not flanneld's.",
+        valueName: "seconds"))
+    var etcdKeepaliveTime: Double = 2
+    @Option(help: ArgumentHelp(
+        "How long the answer may take, in seconds, before the member counts as gone: its connection is closed and the watch resumes on another member from its last revision. A member that vanishes without closing its connections is left within time + timeout. Not flanneld's.",
+        valueName: "seconds"))
+    var etcdKeepaliveTimeout: Double = 3
+
     @Option(help: ArgumentHelp("Lifetime of a new or renewed lease, in seconds (flannel: 24 h). For tests.",
                                valueName: "seconds", visibility: .hidden))
     var subnetLeaseTTL: Int = 24 * 3600
@@ -51,6 +60,10 @@ struct StoreOptions: ParsableArguments {
         // already far beyond any renewal schedule.
         guard (2...Self.maximumLeaseTTL).contains(subnetLeaseTTL) else {
             throw ValidationError("--subnet-lease-ttl must be between 2 seconds and \(Self.maximumLeaseTTL) (one year), not \(subnetLeaseTTL)")
+        }
+        for (flag, value) in [("--etcd-keepalive-time", etcdKeepaliveTime), ("--etcd-keepalive-timeout", etcdKeepaliveTimeout)]
+            where !(value >= 0.1 && value <= 3600) {
+            throw ValidationError("\(flag) must be between 0.1 and 3600 seconds, not \(value)")
         }
         if store == .etcd && storeDir != nil {
             throw ValidationError("--store-dir belongs to the local store; drop it or use --store local")

@@ -200,6 +200,82 @@ struct EtcdBackendTests {
 
     // MARK: - Restarts
 
+    /// One rule for what a lease is: keys that are malformed, wider or
+    /// narrower than SubnetLen, outside the Network or conflicting with a
+    /// host's key are ignored by every reader — the running hosts' tables,
+    /// a new host's subnet choice, `tunneld leases` — and each is reported
+    /// once. The range holds four subnets: two hosts, and two free ones that
+    /// the stray keys would have blocked.
+    @Test func strayLeaseKeysBesideRunningHostsNeitherBlockNorCoverAHostThatJoins() throws {
+        try withEtcdLab { lab in
+            let config = #"{"Network":"10.2.0.0/16","SubnetLen":24,"SubnetMin":"10.2.1.0","SubnetMax":"10.2.4.0","Backend":{"Type":"udp"}}"#
+            let file = lab.directory.appendingPathComponent("flannel-config.json")
+            try config.write(to: file, atomically: true, encoding: .utf8)
+            try lab.etcdctl(["put", "/docker/network/config"], input: file.path)
+            try lab.addHost(1, command: flanneldCommand(lab, host: 1))
+            try lab.addHost(2, command: flanneldCommand(lab, host: 2))
+            let lease1 = try lease(lab, host: 1), lease2 = try lease(lab, host: 2)
+            #expect(lab.waitForLog("h1", containing: "peer \(lease2.subnet) → peer 198.18.0.2:8285"), "\(lab.log("h1"))")
+            #expect(lab.waitForLog("h2", containing: "peer \(lease1.subnet) → peer 198.18.0.1:8285"), "\(lab.log("h2"))")
+            let free = (1...4).map { "10.2.\($0).0" }.filter { "\($0)/24" != lease1.subnet && "\($0)/24" != lease2.subnet }
+            try #require(free.count == 2, "\(free)")
+
+            let prefix = "/docker/network/subnets/"
+            let stray: [(key: String, publicIP: String, reason: String)] = [
+                ("10.2.0.0-16", "198.18.0.66", "wider than SubnetLen"),   // covers every subnet
+                ("\(free[0])-28", "198.18.0.67", "narrower than SubnetLen"),
+                ("\(free[1].dropLast(1))128-25", "198.18.0.68", "narrower than SubnetLen"),
+                ("10.9.1.0-24", "198.18.0.69", "outside the network"),
+                ("\(lease1.key.dropFirst(prefix.count))&fd00:10:244:1::-64", "198.18.0.70", "names the same subnet as the lease"),
+                ("10.2.003.0-24", "198.18.0.71", "is not a lease key"),
+                ("garbage", "198.18.0.72", "is not a lease key"),
+            ]
+            for key in stray {
+                try lab.etcdctl(["put", prefix + key.key, leaseJSON(key.publicIP)])
+            }
+            // Written again: still one line each.
+            try lab.etcdctl(["put", prefix + "10.2.0.0-16", leaseJSON("198.18.0.66")])
+            for host in ["h1", "h2"] {
+                #expect(lab.waitForLog(host, containing: "lease key garbage"), "\(lab.log(host))")
+                for key in stray {
+                    let lines = lab.log(host).split(separator: "\n").filter { $0.contains("lease key \(key.key) ") }
+                    #expect(lines.count == 1 && lines[0].contains(key.reason), "\(host), \(key.key): \(lines)")
+                }
+            }
+
+            // A host joins: it starts, takes a free subnet, and every host routes to every other.
+            try lab.addHost(3, command: flanneldCommand(lab, host: 3))
+            let lease3 = try lease(lab, host: 3)
+            #expect(free.map { "\($0)/24" }.contains(lease3.subnet), "\(lease3.subnet) is not one of the free \(free)")
+            #expect(lab.waitForLog("h1", containing: "peer \(lease3.subnet) → peer 198.18.0.3:8285"), "\(lab.log("h1"))")
+            #expect(lab.waitForLog("h2", containing: "peer \(lease3.subnet) → peer 198.18.0.3:8285"), "\(lab.log("h2"))")
+            #expect(lab.waitForLog("h3", containing: "peer \(lease1.subnet) → peer 198.18.0.1:8285"), "\(lab.log("h3"))")
+            #expect(lab.waitForLog("h3", containing: "peer \(lease2.subnet) → peer 198.18.0.2:8285"), "\(lab.log("h3"))")
+            for (from, to) in [(3, 1), (3, 2), (1, 3), (2, 1)] {
+                let ping = try lab.ping(from: from, to: to)
+                #expect(ping.succeeded, "c\(from) → c\(to): \(ping.output)")
+            }
+            // No stray key reached a table, and the joining host reports each once too.
+            for host in ["h1", "h2", "h3"] {
+                let log = lab.log(host)
+                for key in stray { #expect(!log.contains("peer 198.18.0.\(key.publicIP.split(separator: ".").last!):8285"), "\(host): \(log)") }
+            }
+            for key in stray {
+                #expect(lab.log("h3").split(separator: "\n").filter { $0.contains("lease key \(key.key) ") }.count == 1,
+                        "h3, \(key.key): \(lab.log("h3"))")
+            }
+
+            // `tunneld leases` lists the three hosts and names every ignored key.
+            let listing = try lab.exec("h1", [tunneldBinary, "leases", "-etcd-endpoints=\(labEtcdEndpoint)",
+                                              "-etcd-prefix=\(seedEtcdPrefix)"]).output
+            let rows = listing.split(separator: "\n").filter { $0.hasPrefix("10.") }
+            #expect(rows.count == 3, "\(listing)")
+            for key in stray {
+                #expect(listing.contains("ignored: lease key \(key.key) "), "\(key.key): \(listing)")
+            }
+        }
+    }
+
     @Test func aHostKeepsItsSubnetAcrossARestartAndTakesBackItsDeletedLease() throws {
         try withEtcdLab { lab in
             try putSeedConfig(lab)

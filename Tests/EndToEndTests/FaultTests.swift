@@ -42,8 +42,8 @@ struct FaultTests {
     /// tunneld with flanneld's flags, every etcd endpoint of the lab, and
     /// leases of `ttl` seconds; its control socket in the lab's directory
     /// (its own, unless `controlSocket` names one to share).
-    func command(_ lab: Lab, host n: Int, ttl: Int, controlSocket: String? = nil) -> [String] {
-        [tunneldBinary, "run", "-etcd-endpoints=\(lab.etcd?.url ?? labEtcdEndpoint)", "-iface=eth0",
+    func command(_ lab: Lab, host n: Int, ttl: Int, controlSocket: String? = nil, endpoints: String? = nil) -> [String] {
+        [tunneldBinary, "run", "-etcd-endpoints=\(endpoints ?? lab.etcd?.url ?? labEtcdEndpoint)", "-iface=eth0",
          "-etcd-prefix=/docker/network/", "-subnet-file=\(lab.subnetFile(n))", "--subnet-lease-ttl", "\(ttl)",
          "--control-socket", controlSocket ?? lab.directory.appendingPathComponent("h\(n).sock").path]
     }
@@ -392,6 +392,63 @@ struct FaultTests {
                 #expect(!log.contains("moved to") && !log.contains("was deleted from") && !log.contains("is gone"), "\(log)")
             }
             print("FAULT 3-member etcd, the member serving \(busiest.watchers) watch(es) cut off from its peers: \(result.lost) of \(result.transmitted) echoes lost; a lease change reached both daemons \(formatSeconds(seenAfter)) and both renewed twice \(formatSeconds(renewedAfter)) after the cut")
+        }
+    }
+
+    // MARK: - c''. a member that goes silent
+
+    /// A member that vanishes without a FIN or RST (power lost, a cut
+    /// link): every packet in and out of its namespace is dropped. The host
+    /// whose watch it serves must leave it within seconds (keepalive pings
+    /// and watch progress requests, `--etcd-keepalive-time`/`-timeout`) and
+    /// resume the watch on another member from its last revision, so that a
+    /// host joining through the other members is learned at once.
+    @Test func aHostWatchingThroughAMemberThatGoesSilentLearnsANewHostWithinSeconds() throws {
+        try withFaultLab(members: 3) { lab in
+            let members = try #require(lab.etcd?.members)
+            try lab.addHost(1, command: command(lab, host: 1, ttl: 60))
+            // The member serving h1's watch (the only watch in the cluster).
+            var served: [(member: LabEtcdMember, watchers: Int)] = []
+            let found = try timeUntil(timeout: .seconds(15)) {
+                served = try members.map { (member: $0, watchers: try watchers(lab, $0)) }
+                return served.contains { $0.watchers > 0 }
+            }
+            try #require(found != nil, "no member serves h1's watch: \(served)")
+            let silent = try #require(served.max { $0.watchers < $1.watchers }).member
+            let others = members.filter { $0 != silent }
+            func drop(_ action: String) throws {
+                for chain in ["INPUT", "OUTPUT"] {
+                    try lab.exec(silent.name, ["iptables", "-w", action, chain, "-j", "DROP"])
+                }
+            }
+            try drop("-A")
+            let cutAt = ContinuousClock.now
+            defer { try? drop("-D") }
+
+            // h2 joins through the other two (after an election, if the
+            // silent member led); its subnet.env is written once it holds a lease.
+            try lab.addHost(2, command: command(lab, host: 2, ttl: 60,
+                                                endpoints: others.map(\.clientURL).joined(separator: ",")))
+            let joinedAt = ContinuousClock.now
+            let lease2 = try LabLease(lab, host: 2)
+            let learned = timeUntil(timeout: .seconds(30)) {
+                lab.log("h1").contains("peer \(lease2.subnet) → peer 198.18.0.2:8285")
+            }
+            let sinceCut = ContinuousClock.now - cutAt
+            let sinceJoin = ContinuousClock.now - joinedAt
+            try #require(learned != nil, "h1 did not learn h2 within 30 s of its join through \(others.map(\.name)) while \(silent.name) was silent")
+            // The watch left the silent member (and said so) rather than
+            // waiting for TCP to give up, which takes minutes.
+            let h1 = lab.log("h1")
+            #expect(h1.contains("interrupted (no answer from the member") || h1.contains("keepalive"), "\(h1)")
+            // Detection ≤ time + timeout (2 + 3 s), then the resumed watch
+            // delivers h2's lease at once; slack for a loaded two-core machine.
+            #expect(sinceCut < .seconds(8), "h1 learned h2 \(formatSeconds(sinceCut)) after the cut")
+            let toNewHost = try lab.ping(from: 2, to: 1)
+            #expect(toNewHost.succeeded, "\(toNewHost.output)")
+            let toOld = try lab.ping(from: 1, to: 2)
+            #expect(toOld.succeeded, "\(toOld.output)")
+            print("FAULT 3-member etcd, the member serving h1's watch (\(silent.name)) silent (all its packets dropped): h1 learned a host joining through the others \(formatSeconds(sinceCut)) after the cut, \(formatSeconds(sinceJoin)) after the joining host had its lease")
         }
     }
 

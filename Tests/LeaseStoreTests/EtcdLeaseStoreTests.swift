@@ -76,6 +76,8 @@ struct EtcdLeaseStoreTests {
             #expect(snapshot.revision == (try server.currentRevision()))
             let leases = snapshot.leases.sorted { $0.subnet.address < $1.subnet.address }
             #expect(leases.map(\.subnet.description) == ["10.5.72.0/24", "10.5.73.0/24"])
+            // Named, so that every reader can report them (`LeaseRule`).
+            #expect(snapshot.malformedKeys == ["10.5.74.0-24/extra", "garbage"])
             let udp = leases[0]
             #expect(udp.attributes == node(72))
             let expiration = try #require(udp.expiration)
@@ -144,9 +146,14 @@ struct EtcdLeaseStoreTests {
             for i in 0..<3 {
                 _ = try await store.acquireLease(config: config, attributes: node(UInt8(20 + i)), preferred: nil)
             }
-            await #expect(throws: LeaseStoreError.outOfSubnets(network: config.network)) {
+            let full = await #expect(throws: LeaseStoreError.self) {
                 _ = try await store.acquireLease(config: config, attributes: node(30), preferred: nil)
             }
+            guard case .outOfSubnets(config.network, let keys)? = full else {
+                Issue.record("expected out of subnets, got \(String(describing: full))")
+                return
+            }
+            #expect(keys == ["10.7.1.0-24", "10.7.2.0-24", "10.7.3.0-24"])
         }
     }
 
@@ -158,7 +165,8 @@ struct EtcdLeaseStoreTests {
             let lease = try await store.acquireLease(config: config, attributes: node(70),
                                                      preferred: IPv4Network("10.8.1.0/24"))
             #expect(lease.subnet == IPv4Network("10.8.2.0/24"))
-            await #expect(throws: LeaseStoreError.outOfSubnets(network: config.network)) {
+            await #expect(throws: LeaseStoreError.outOfSubnets(network: config.network,
+                                                               blockedBy: ["10.8.2.0-24", "10.8.1.0-24"])) {
                 _ = try await store.acquireLease(config: config, attributes: node(71), preferred: nil)
             }
         }
@@ -220,14 +228,15 @@ struct EtcdLeaseStoreTests {
             let reservationKey = "/docker/network/subnets/10.5.81.0-24"
             try server.etcdctl(["put", reservationKey, #"{"PublicIP":"198.18.0.80","PublicIPv6":null}"#])
 
-            // /25 subnets now, and only four of them: two inside the reservation
-            // (taken), two inside our old /24 (free once it is deleted).
+            // /25 subnets now, and only four of them. Our old /24 is deleted;
+            // the /24 reservation is no lease by the one rule (wider than
+            // SubnetLen): it blocks none of the /25s inside it.
             let narrower = try await store.setNetworkConfig(json: #"""
                 {"Network":"10.5.0.0/16","SubnetLen":25,"SubnetMin":"10.5.80.0","SubnetMax":"10.5.81.128"}
                 """#)
             let new = try await store.acquireLease(config: narrower, attributes: node(80), preferred: nil)
             #expect(new.subnet.prefixLength == 25)
-            #expect(IPv4Network("10.5.80.0/24")!.contains(new.subnet))
+            #expect(narrower.fits(new.subnet))
             #expect(!new.isReservation)
 
             #expect(try await store.client.get(oldKey) == nil)

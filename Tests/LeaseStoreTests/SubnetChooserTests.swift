@@ -43,8 +43,11 @@ import NetBase
         let choice = try choose(c, [old, oldReservation], seed: 3)
         #expect(choice.obsolete == [old])
         #expect(choice.source == .free)
-        // The reservation is the operator's: it stays, and stays taken.
-        #expect(choice.candidates.sorted { $0.address < $1.address } == [net("10.2.0.4/30")])
+        // The reservation is the operator's: it is not deleted; but a /29
+        // under SubnetLen 30 is no lease by the one rule (`LeaseRule`), so
+        // it takes no subnet either.
+        #expect(choice.candidates.sorted { $0.address < $1.address }
+                == [net("10.2.0.4/30"), net("10.2.0.8/30"), net("10.2.0.12/30")])
     }
 
     @Test func preferredSubnetIsUsedWhenFreeAndFitting() throws {
@@ -98,7 +101,8 @@ import NetBase
         let c = try config(#"{"Network": "10.2.0.0/28"}"#)
         let leases = [lease("10.2.0.4/30", "198.18.0.2"), lease("10.2.0.8/30", "198.18.0.3"),
                       lease("10.2.0.12/30", "198.18.0.4")]
-        #expect(throws: LeaseStoreError.outOfSubnets(network: net("10.2.0.0/28"))) {
+        #expect(throws: LeaseStoreError.outOfSubnets(network: net("10.2.0.0/28"),
+                                                     blockedBy: ["10.2.0.4-30", "10.2.0.8-30", "10.2.0.12-30"])) {
             try choose(c, leases, preferred: "10.2.0.8/30")
         }
     }

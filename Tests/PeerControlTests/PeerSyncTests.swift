@@ -104,6 +104,64 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
         }
     }
 
+    @Test func aSecondKeyForAPeersSubnetIsIgnoredOnceAndTakesOverOnlyWhenTheLeaseIsDeleted() async throws {
+        let f = try await Fixture()
+        let subnet = net("10.2.7.0/24")
+        f.store.put(subnet, udpLease("198.18.0.7"))
+        _ = try await f.sync.loadInitialPeers()
+        // A dual-stack key naming the same subnet, written by someone else.
+        let dual = Lease(subnet: subnet, attributes: udpLease("198.18.0.77"), expiration: nil, revision: 50,
+                         key: "10.2.7.0-24&fd00:10:244:1::-64")
+        f.sync.apply(.put(dual))
+        f.sync.apply(.put(dual))
+        #expect(f.backend.peers == [subnet: ip("198.18.0.7")])
+        let lines = f.logs.all.filter { $0.contains(dual.key) }
+        #expect(lines.count == 1, "\(f.logs.all)")
+        #expect(lines.first?.contains("names the same subnet as the lease 10.2.7.0-24") == true)
+        // The lease deleted: the other key is the lease of the subnet now.
+        f.sync.apply(.delete(subnet: subnet, revision: 51))
+        #expect(f.backend.peers == [subnet: ip("198.18.0.77")])
+        f.sync.apply(.delete(subnet: subnet, revision: 52, key: dual.key))
+        #expect(f.backend.peers.isEmpty)
+    }
+
+    @Test func aConflictingKeyGoingAwayLeavesThePeerAndOurOwnLease() async throws {
+        let f = try await Fixture()
+        let subnet = net("10.2.7.0/24")
+        f.store.put(subnet, udpLease("198.18.0.7"))
+        _ = try await f.sync.loadInitialPeers()
+        let dual = Lease(subnet: subnet, attributes: udpLease("198.18.0.77"), expiration: nil, revision: 50,
+                         key: "10.2.7.0-24&fd00::-64")
+        let ours = Lease(subnet: f.own.subnet, attributes: udpLease("198.18.0.78"), expiration: nil, revision: 51,
+                         key: f.own.subnet.leaseKey + "&fd00::-64")
+        f.sync.apply(.put(dual))
+        f.sync.apply(.put(ours))
+        f.sync.apply(.delete(subnet: subnet, revision: 52, key: dual.key))
+        f.sync.apply(.delete(subnet: f.own.subnet, revision: 53, key: ours.key))
+        #expect(f.backend.peers == [subnet: ip("198.18.0.7")])
+        #expect(!f.sync.isReacquiring)
+        #expect(!f.logs.all.contains { $0.contains("two hosts now claim it") || $0.contains("acquiring a lease again") },
+                "\(f.logs.all)")
+    }
+
+    @Test func strayKeysInTheFirstListAndTheWatchAreReportedOnceEach() async throws {
+        let f = try await Fixture()
+        f.store.put(net("10.2.7.0/24"), udpLease("198.18.0.7"))
+        f.store.put(net("10.2.8.0/28"), udpLease("198.18.0.8"))
+        f.store.put(net("10.9.1.0/24"), udpLease("198.18.0.9"))
+        try await f.running {
+            #expect(await eventually { f.backend.peers.count == 1 })
+            for _ in 0..<3 { f.store.put(net("10.2.8.0/28"), udpLease("198.18.0.8")) }
+            f.store.put(net("10.2.0.0/16"), udpLease("198.18.0.66"))
+            f.store.put(net("10.2.10.0/24"), udpLease("198.18.0.10"))
+            #expect(await eventually { f.backend.peers.count == 2 })
+            #expect(f.logs.all.filter { $0.contains("10.2.8.0-28") }.count == 1, "\(f.logs.all)")
+            #expect(f.logs.all.filter { $0.contains("10.9.1.0-24") && $0.contains("outside the network") }.count == 1)
+            #expect(f.logs.all.filter { $0.contains("10.2.0.0-16") }.count == 1)
+            #expect(Set(f.sync.ignoredKeys.keys) == ["10.2.8.0-28", "10.9.1.0-24", "10.2.0.0-16"])
+        }
+    }
+
     @Test func leasesOfAnotherBackendTypeAreReportedOncePerPeerWithWhatToDo() async throws {
         let f = try await Fixture(type: .vxlan)
         let hostGW = LeaseAttributes(publicIP: ip("198.18.0.7"), backendType: "host-gw")

@@ -61,7 +61,7 @@ final class MemoryLeaseStore: LeaseStore {
         let taken = state.withLock { Set($0.leases.keys) }
         if let preferred, config.fits(preferred), !taken.contains(preferred) { return put(preferred, attributes) }
         guard let free = config.subnets.first(where: { !taken.contains($0) }) else {
-            throw LeaseStoreError.outOfSubnets(network: config.network)
+            throw LeaseStoreError.outOfSubnets(network: config.network, blockedBy: taken.map(\.leaseKey).sorted())
         }
         return put(free, attributes)
     }

@@ -96,6 +96,21 @@ import Testing
         #expect(throws: (any Error).self) { try Tunneld.parseAsRoot(["run", "--iptables-resync", "0"]) }
     }
 
+    @Test func theEtcdKeepaliveFlagsHaveDefaultsComeFromTheEnvironmentAndRefuseNonsense() throws {
+        let defaults = try #require(try Tunneld.parseAsRoot(["run"]) as? Run)
+        #expect(defaults.storeOptions.etcdKeepaliveTime == 2 && defaults.storeOptions.etcdKeepaliveTimeout == 3)
+        let given = try #require(try Tunneld.parseAsRoot(FlannelArguments.normalize(
+            ["run", "-etcd-keepalive-time=10"], environment: ["TUNNELD_ETCD_KEEPALIVE_TIMEOUT": "4.5"])) as? Run)
+        #expect(given.storeOptions.etcdKeepaliveTime == 10 && given.storeOptions.etcdKeepaliveTimeout == 4.5)
+        for bad in [["--etcd-keepalive-time", "0"], ["--etcd-keepalive-timeout", "-1"], ["--etcd-keepalive-time", "nan"]] {
+            #expect(throws: (any Error).self) { try Tunneld.parseAsRoot(["run"] + bad) }
+        }
+        let error = #expect(throws: (any Error).self) {
+            try Tunneld.parseAsRoot(["run", "--etcd-keepalive-timeout", "0"])
+        }
+        #expect(error.map { Tunneld.message(for: $0) }?.contains("--etcd-keepalive-timeout must be between 0.1 and 3600 seconds") == true)
+    }
+
     @Test func flanneldFlagsTunneldLacksAreNamedWithWhatToDo() {
         #expect(FlannelArguments.unsupported(["run", "-kube-subnet-mgr"])?.contains("not in Kubernetes node objects") == true)
         #expect(FlannelArguments.unsupported(["run", "--public-ipv6=fd00::1"])?.contains("IPv4 networks only") == true)

@@ -1,0 +1,167 @@
+import NetBase
+
+/// A key under `<prefix>/subnets/` that is no lease of the network, and why.
+/// Every reader of lease keys (the subnet chooser, the peer sync,
+/// `tunneld leases`, `tunneld status`, the local store) ignores it alike.
+public struct IgnoredLeaseKey: Sendable, Equatable, CustomStringConvertible {
+    public enum Reason: Sendable, Equatable {
+        /// Not a lease key such as 10.2.72.0-24 (another spelling, a deeper path, …).
+        case malformed
+        /// A prefix shorter than SubnetLen: it would cover other hosts' subnets.
+        case wider(prefixLength: Int)
+        /// A prefix longer than SubnetLen: no subnet flannel hands out.
+        case narrower(prefixLength: Int)
+        /// A subnet outside the Network.
+        case outsideNetwork
+        /// Names the same subnet as another key, which is the lease.
+        case conflicts(with: String)
+    }
+
+    /// The key's name under `<prefix>/subnets/` ("10.2.0.0-16").
+    public var key: String
+    public var reason: Reason
+    /// Who wrote it, when its value could be read.
+    public var publicIP: IPv4Address?
+    /// The rule it broke, for the message.
+    public var network: IPv4Network
+    public var subnetLen: Int
+
+    public init(key: String, reason: Reason, publicIP: IPv4Address?, network: IPv4Network, subnetLen: Int) {
+        self.key = key
+        self.reason = reason
+        self.publicIP = publicIP
+        self.network = network
+        self.subnetLen = subnetLen
+    }
+
+    public var description: String {
+        let whose = publicIP.map { " (PublicIP \($0))" } ?? ""
+        let what: String
+        switch reason {
+        case .malformed:
+            what = "is not a lease key such as \(network.address)-\(subnetLen)"
+        case .wider(let length):
+            what = "is a /\(length), wider than SubnetLen /\(subnetLen): it would cover other hosts' subnets"
+        case .narrower(let length):
+            what = "is a /\(length), narrower than SubnetLen /\(subnetLen): no subnet of this network"
+        case .outsideNetwork:
+            what = "lies outside the network \(network)"
+        case .conflicts(let winner):
+            what = "names the same subnet as the lease \(winner), which is kept"
+        }
+        return "lease key \(key)\(whose) \(what); every host ignores it — delete it "
+            + "(etcdctl del '<prefix>/subnets/\(key)', or the file subnets/\(key) of a local store)"
+    }
+}
+
+/// The leases of one listing as every reader must see them.
+public struct LeaseSet: Sendable, Equatable {
+    /// The leases: of SubnetLen, inside the Network, one per subnet.
+    public var leases: [Lease]
+    /// Subnets of well-formed keys whose values cannot be read: not leases,
+    /// but their keys exist, so nobody can create them.
+    public var occupied: [IPv4Network]
+    /// Leases that lost a conflict to another key of the same subnet (also
+    /// in `ignored`); kept so that the winner's deletion can promote one.
+    public var conflicting: [Lease]
+    /// Every key left out, with why.
+    public var ignored: [IgnoredLeaseKey]
+}
+
+/// The one rule for what a lease is. A key under `<prefix>/subnets/` is a
+/// lease of the network when it is a lease key (`LeaseKey.subnet(fromKey:)`),
+/// its subnet has exactly SubnetLen bits and lies inside the Network, and no
+/// other such key names the same subnet first (`precedes`). Everything else
+/// is ignored — neither a peer, nor a subnet that blocks an allocation, nor
+/// a line of `tunneld leases` — and reported once, with what to do.
+///
+/// SubnetMin and SubnetMax are not part of it: they bound what a host may
+/// take, while leases outside them (written under an older config) are still
+/// hosts to route to, as in flannel.
+public struct LeaseRule: Sendable, Equatable {
+    public let network: IPv4Network
+    public let subnetLen: Int
+
+    public init(network: IPv4Network, subnetLen: Int) {
+        self.network = network
+        self.subnetLen = subnetLen
+    }
+
+    public init(_ config: NetworkConfig) {
+        self.init(network: config.network, subnetLen: config.subnetLen)
+    }
+
+    /// Why a key naming `subnet` is no lease of the network; nil when it is one
+    /// (up to conflicts with other keys, which need the whole listing).
+    public func problem(with subnet: IPv4Network) -> IgnoredLeaseKey.Reason? {
+        // A /8 over a /16 network is too wide rather than outside it.
+        if !network.overlaps(subnet) { return .outsideNetwork }
+        if subnet.prefixLength < subnetLen { return .wider(prefixLength: subnet.prefixLength) }
+        if subnet.prefixLength > subnetLen { return .narrower(prefixLength: subnet.prefixLength) }
+        return nil
+    }
+
+    /// Of two keys naming the same subnet, whether `a` is the lease and `b`
+    /// the conflict: the plain key (`10.2.72.0-24`, what flannel writes
+    /// without IPv6 and tunneld always writes) before a dual-stack one
+    /// (`10.2.72.0-24&fd00::-64`), then the smaller key. It needs nothing but
+    /// the two keys, so a host that follows the watch and one that lists
+    /// agree without knowing which key came first.
+    public static func precedes(_ a: String, _ b: String) -> Bool {
+        let aDual = a.contains("&"), bDual = b.contains("&")
+        if aDual != bDual { return !aDual }
+        return a < b
+    }
+
+    public func ignored(_ key: String, _ reason: IgnoredLeaseKey.Reason, publicIP: IPv4Address?) -> IgnoredLeaseKey {
+        IgnoredLeaseKey(key: key, reason: reason, publicIP: publicIP, network: network, subnetLen: subnetLen)
+    }
+
+    /// Sorts the keys of one listing into leases, occupied subnets and
+    /// ignored keys.
+    public func sort(_ snapshot: LeaseSnapshot) -> LeaseSet {
+        sort(leases: snapshot.leases, unreadableKeys: snapshot.unreadableKeys, malformedKeys: snapshot.malformedKeys)
+    }
+
+    /// - Parameters:
+    ///   - leases: readable leases under lease keys (`Lease.key`).
+    ///   - unreadableKeys: lease keys whose values cannot be read.
+    ///   - malformedKeys: names under `subnets/` that are no lease keys.
+    public func sort(leases: [Lease], unreadableKeys: [String] = [], malformedKeys: [String] = []) -> LeaseSet {
+        var result = LeaseSet(leases: [], occupied: [], conflicting: [], ignored: [])
+        for key in malformedKeys { result.ignored.append(ignored(key, .malformed, publicIP: nil)) }
+        var bySubnet: [IPv4Network: Lease] = [:]
+        bySubnet.reserveCapacity(leases.count)
+        for lease in leases {
+            if let reason = problem(with: lease.subnet) {
+                result.ignored.append(ignored(lease.key, reason, publicIP: lease.attributes.publicIP))
+                continue
+            }
+            guard let other = bySubnet[lease.subnet] else {
+                bySubnet[lease.subnet] = lease
+                continue
+            }
+            let (winner, loser) = Self.precedes(other.key, lease.key) ? (other, lease) : (lease, other)
+            bySubnet[lease.subnet] = winner
+            result.conflicting.append(loser)
+        }
+        // Reported against the final winner of each subnet.
+        for loser in result.conflicting {
+            let winner = bySubnet[loser.subnet]?.key ?? loser.subnet.leaseKey
+            result.ignored.append(ignored(loser.key, .conflicts(with: winner), publicIP: loser.attributes.publicIP))
+        }
+        result.leases = leases.filter { bySubnet[$0.subnet]?.key == $0.key }
+        for key in unreadableKeys {
+            guard let subnet = LeaseKey.subnet(fromKey: key) else {
+                result.ignored.append(ignored(key, .malformed, publicIP: nil))
+                continue
+            }
+            if let reason = problem(with: subnet) {
+                result.ignored.append(ignored(key, reason, publicIP: nil))
+            } else {
+                result.occupied.append(subnet)
+            }
+        }
+        return result
+    }
+}
