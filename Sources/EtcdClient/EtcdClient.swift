@@ -449,6 +449,34 @@ public final class EtcdClient: Sendable {
         return .changed(current: found.kvs.first.map(EtcdKeyValue.init))
     }
 
+    /// Deletes `key` only if it was not changed since `modRevision`, in one
+    /// transaction: `If(mod_revision(key) == modRevision) Then(DeleteRange) Else(Range)`.
+    /// Returns `.written` with the delete's revision, or `.changed` with the
+    /// current value (nil if the key is gone) when someone else wrote it meanwhile.
+    public func compareAndDelete(_ key: String, modRevision: Int64) async throws(EtcdError) -> EtcdSwapResult {
+        var compare = Etcdserverpb_Compare()
+        compare.target = .mod
+        compare.modRevision = modRevision
+        compare.key = Data(key.utf8)
+        compare.result = .equal
+        var delete = Etcdserverpb_DeleteRangeRequest()
+        delete.key = Data(key.utf8)
+        var get = Etcdserverpb_RangeRequest()
+        get.key = Data(key.utf8)
+        var request = Etcdserverpb_TxnRequest()
+        request.compare = [compare]
+        request.success = [.with { $0.requestDeleteRange = delete }]
+        request.failure = [.with { $0.requestRange = get }]
+        let response = try await perform("Txn compare-and-delete \(key)@\(modRevision)") { [request] metadata, options in
+            try await self.kv.txn(request, metadata: metadata, options: options)
+        }
+        if response.succeeded { return .written(revision: response.header.revision) }
+        guard case .responseRange(let found)? = response.responses.first?.response else {
+            return .changed(current: nil)
+        }
+        return .changed(current: found.kvs.first.map(EtcdKeyValue.init))
+    }
+
     /// The end of the range holding every key that starts with `prefix`:
     /// the prefix with its last byte incremented (trailing 0xff bytes
     /// dropped); "\0" (every key) when nothing is left.

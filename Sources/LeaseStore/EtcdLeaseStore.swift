@@ -414,6 +414,7 @@ public final class EtcdLeaseStore: LeaseStore {
         }
         let json = attributes.flannelJSON
         let value = Array(json.utf8)
+        try await betweenReadAndWrite(key)
         if kv.lease == 0 {
             guard kv.valueString != json else {
                 return Lease(subnet: lease.subnet, attributes: held, expiration: nil, revision: kv.modRevision)
@@ -440,28 +441,48 @@ public final class EtcdLeaseStore: LeaseStore {
 
     public func releaseLease(_ lease: Lease) async throws {
         let key = key(for: lease.subnet)
-        guard let kv = try await client.get(key) else { return }
-        guard let held = try? LeaseAttributes(flannelJSON: kv.valueString, key: key),
-              held.publicIP == lease.attributes.publicIP else {
-            logger.info("not releasing \(lease.subnet): it is held by another node now")
-            return
+        // Bounded, as renewal: a key that keeps changing under us is someone else's.
+        for _ in 0..<3 {
+            guard let kv = try await client.get(key) else { return }
+            guard let held = try? LeaseAttributes(flannelJSON: kv.valueString, key: key),
+                  held.publicIP == lease.attributes.publicIP else {
+                logger.info("not releasing \(lease.subnet): it is held by another node now")
+                return
+            }
+            // Reservations are the operator's: releasing one leaves it in place.
+            guard kv.lease != 0 else { return }
+            try await betweenReadAndWrite(key)
+            // Only what was read is deleted: if our lease ran out and another host took
+            // the subnet after the read, its key stays.
+            if try await deleteKey(key, etcdLease: kv.lease, ifUnchangedSince: kv.modRevision) { return }
         }
-        // Reservations are the operator's: releasing one leaves it in place.
-        guard kv.lease != 0 else { return }
-        try await deleteKey(key, etcdLease: kv.lease)
+        logger.info("not releasing \(lease.subnet): its key kept changing while we tried")
     }
 
-    /// Deletes a lease key and revokes its etcd lease, which then holds no
-    /// key (rather than leaving it to run out in 24 h).
-    private func deleteKey(_ key: String, etcdLease: Int64) async throws {
-        try await client.delete(key)
-        guard etcdLease != 0 else { return }
+    /// Runs between reading a lease key and the conditional write or delete that
+    /// depends on what was read (renewal, release); the tests change the key there
+    /// to take the paths where someone else wrote it meanwhile.
+    let testHook = Mutex<(@Sendable (String) async throws -> Void)?>(nil)
+
+    private func betweenReadAndWrite(_ key: String) async throws {
+        if let hook = testHook.withLock({ $0 }) { try await hook(key) }
+    }
+
+    /// Deletes a lease key, only if it is unchanged since `modRevision` (read
+    /// and delete are not one step, and another host may take an expired
+    /// subnet in between), and revokes its etcd lease, which then holds no key
+    /// (rather than leaving it to run out in 24 h). False: the key changed
+    /// meanwhile and nothing was deleted.
+    private func deleteKey(_ key: String, etcdLease: Int64, ifUnchangedSince modRevision: Int64) async throws -> Bool {
+        guard case .written = try await client.compareAndDelete(key, modRevision: modRevision) else { return false }
+        guard etcdLease != 0 else { return true }
         do {
             try await client.leaseRevoke(etcdLease)
         } catch {
             // Expired meanwhile: nothing left to revoke.
             if error.code != .leaseNotFound { throw error }
         }
+        return true
     }
 
     /// Deletes our expiring lease that no longer fits the network config, as
@@ -474,7 +495,7 @@ public final class EtcdLeaseStore: LeaseStore {
         do {
             guard let kv = try await client.get(key), kv.lease != 0,
                   kv.modRevision == lease.revision else { return }  // changed or gone meanwhile
-            try await deleteKey(key, etcdLease: kv.lease)
+            _ = try await deleteKey(key, etcdLease: kv.lease, ifUnchangedSince: kv.modRevision)
         } catch {
             logger.warning("could not delete our obsolete lease \(lease.subnet) (\(error)); it will expire")
         }

@@ -57,7 +57,9 @@ struct IPTablesChain: Sendable, Equatable {
 
 /// The iptables program, run as flanneld runs it (through go-iptables).
 struct IPTables: Sendable {
-    let path: String
+    /// Runs iptables with these arguments; its standard output, or an error
+    /// naming the command and what iptables said.
+    let run: @Sendable ([String]) throws -> String
 
     /// - Parameter purpose: the flags that need iptables, for the error.
     init(for purpose: String) throws {
@@ -65,11 +67,15 @@ struct IPTables: Sendable {
             .first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
             throw DaemonError("\(purpose) needs the iptables program, which is not installed (apt-get install iptables)")
         }
-        self.path = path
+        run = { arguments in try IPTables.runProgram(path, arguments) }
     }
 
-    @discardableResult
-    func callAsFunction(_ arguments: [String]) throws -> String {
+    /// iptables as `run` (the unit tests' model of the kernel's tables).
+    init(run: @escaping @Sendable ([String]) throws -> String) {
+        self.run = run
+    }
+
+    private static func runProgram(_ path: String, _ arguments: [String]) throws -> String {
         let output: ChildOutput
         do {
             output = try ChildProcess.run(path, arguments: ["-w", "5"] + arguments)
@@ -82,6 +88,9 @@ struct IPTables: Sendable {
         }
         return String(decoding: output.stdout, as: UTF8.self)
     }
+
+    @discardableResult
+    func callAsFunction(_ arguments: [String]) throws -> String { try run(arguments) }
 
     @discardableResult
     func succeeds(_ arguments: [String]) -> Bool { (try? self(arguments)) != nil }
@@ -101,11 +110,15 @@ final class IPTablesKeeper: @unchecked Sendable {
     private var wanted: [IPTablesChain] = []
 
     /// nil when neither masquerading nor forward rules are asked for.
-    init?(masquerade: Bool, forward: Bool, logger: Logger) throws {
+    convenience init?(masquerade: Bool, forward: Bool, logger: Logger) throws {
         guard masquerade || forward else { return nil }
         let flags = [masquerade ? "-ip-masq" : nil, forward ? "-iptables-forward-rules (on by default; -iptables-forward-rules=false turns it off)" : nil]
             .compactMap { $0 }.joined(separator: " and ")
-        iptables = try IPTables(for: flags)
+        self.init(masquerade: masquerade, forward: forward, iptables: try IPTables(for: flags), logger: logger)
+    }
+
+    init(masquerade: Bool, forward: Bool, iptables: IPTables, logger: Logger) {
+        self.iptables = iptables
         self.masquerade = masquerade
         self.forward = forward
         self.logger = logger

@@ -155,16 +155,23 @@ struct EtcdClientTests {
     @Test func watchEndsWithoutErrorWhenTheClientCloses() async throws {
         try await EtcdServer.with { server in
             let client = try EtcdClient(endpoints: [server.clientURL])
-            let stream = client.watch(prefix: "/q/", fromRevision: 0)
+            // A watch from a revision already written delivers that write once it is
+            // established: its first batch is the sign that the watch is live.
+            let ready = try await client.put("/q/ready", value: "1")
+            let stream = client.watch(prefix: "/q/", fromRevision: ready)
+            let (batches, batchArrived) = AsyncStream<Void>.makeStream()
             let consumer = Task {
                 var count = 0
-                for try await batch in stream { count += batch.events.count }
+                for try await batch in stream {
+                    count += batch.events.count
+                    batchArrived.yield()
+                }
                 return count
             }
-            try await Task.sleep(for: .milliseconds(300))
+            try await waitForBatch(batches, within: .seconds(10))
             await client.close()
             let outcome = try await withTimeout(.seconds(10)) { try await consumer.value }
-            #expect(outcome == 0)
+            #expect(outcome == 1)
             let closed = try await etcdError { try await client.put("/q/a", value: "1") }
             #expect(closed.code == .closed)
         }
@@ -175,8 +182,12 @@ struct EtcdClientTests {
             let client = try EtcdClient(endpoints: [server.clientURL])
             let first = try await client.put("/s/a", value: "1")
             let stream = client.watch(prefix: "/s/", fromRevision: first)
-            let collector = Task { try await collectEvents(stream, count: 3, within: .seconds(60)) }
-            try await Task.sleep(for: .milliseconds(300))
+            let (batches, batchArrived) = AsyncStream<Void>.makeStream()
+            let collector = Task {
+                try await collectEvents(stream, count: 3, within: .seconds(60), onBatch: { batchArrived.yield() })
+            }
+            // The watch has delivered "1": it is established before the server goes away.
+            try await waitForBatch(batches, within: .seconds(10))
             let pid = server.pid
             try await server.restart(downtime: .seconds(1))
             #expect(server.pid != pid)
@@ -313,14 +324,23 @@ struct EtcdClientTests {
 
 /// Reads batches until `count` events have arrived; fails after `within`.
 func collectEvents(_ stream: AsyncThrowingStream<EtcdWatchBatch, any Error>, count: Int,
-                   within limit: Duration) async throws -> [EtcdWatchEvent] {
+                   within limit: Duration, onBatch: @escaping @Sendable () -> Void = {}) async throws -> [EtcdWatchEvent] {
     try await withTimeout(limit) {
         var events: [EtcdWatchEvent] = []
         for try await batch in stream {
             events += batch.events
+            onBatch()
             if events.count >= count { break }
         }
         return events
+    }
+}
+
+/// Waits until `batches` has a signal (a watch delivered a batch); fails after `limit`.
+func waitForBatch(_ batches: AsyncStream<Void>, within limit: Duration) async throws {
+    try await withTimeout(limit) {
+        for await _ in batches { return }
+        throw TestSupportError("the watch delivered nothing")
     }
 }
 

@@ -9,9 +9,10 @@ import Testing
 // `base + i·φ` (φ = 0x9E3779B97F4A7C15), so case 0 of a run whose base seed is S is S
 // itself. A failure names the case's seed and the command that replays exactly that case.
 //
-// The budget (per fuzz test):
+// The budget (per fuzz test) is a number of cases from a seed, never a time: a slow
+// machine runs the same cases as a fast one, only slower, so what a run covered does not
+// depend on the machine, and a test can fail when its cases did not reach a path.
 //   TUNNELD_FUZZ_ITERATIONS=N   cases to run (default: the test's own, small for CI)
-//   TUNNELD_FUZZ_SECONDS=S      stop after S seconds even if cases remain (default 5)
 //   TUNNELD_FUZZ_SEED=0x…       base seed instead of the test's fixed one; "random" picks one
 //                               from the clock and prints it
 
@@ -30,8 +31,6 @@ public struct FuzzRandom: RandomNumberGenerator, Sendable {
 
 /// What the environment asks of every fuzz test.
 public enum FuzzBudget {
-    public static let defaultSeconds = 5.0
-
     static func environment(_ name: String) -> String? {
         guard let raw = getenv(name) else { return nil }
         let value = String(cString: raw).trimmingCharacters(in: " \t")
@@ -47,13 +46,13 @@ public enum FuzzBudget {
         return n
     }
 
-    /// Seconds a fuzz test may run: TUNNELD_FUZZ_SECONDS, else 5.
-    public static var seconds: Double {
-        guard let text = environment("TUNNELD_FUZZ_SECONDS") else { return defaultSeconds }
-        guard let s = Double(text), s > 0 else {
-            fatalError("TUNNELD_FUZZ_SECONDS=\(text) is not a number of seconds > 0")
+    /// TUNNELD_FUZZ_SECONDS was a time limit, which made coverage assertions vacuous on a
+    /// slow run; a run that still sets it is told what to use instead.
+    static func refuseTimeBudget() {
+        if let text = environment("TUNNELD_FUZZ_SECONDS") {
+            fatalError("TUNNELD_FUZZ_SECONDS=\(text): fuzz runs are bounded by cases, not time; "
+                       + "set TUNNELD_FUZZ_ITERATIONS instead and unset TUNNELD_FUZZ_SECONDS")
         }
-        return s
     }
 
     /// The base seed: TUNNELD_FUZZ_SEED (decimal, 0x-hex or "random"), else `fixed`.
@@ -194,15 +193,19 @@ public struct FuzzReport: Sendable {
     public var cases = 0
     public var failures = 0
     public var seconds = 0.0
+    /// The cases the test asks for (its `iterations`), whatever the environment set.
+    public var requested = 0
+    /// The run stopped after three failing cases (already recorded as failures).
+    public var stoppedOnFailures = false
     /// Counters the test keeps (cases accepted, rejected, …), for the summary line and for
     /// asserting that the run reached the interesting paths.
     public var counts: [String: Int] = [:]
     public subscript(_ name: String) -> Int { counts[name, default: 0] }
 }
 
-/// Runs `body` on up to `iterations` cases (TUNNELD_FUZZ_ITERATIONS overrides) from base seed
-/// `seed` (TUNNELD_FUZZ_SEED overrides), within TUNNELD_FUZZ_SECONDS; stops after three failing
-/// cases. `count` in the body tallies named outcomes. Prints one summary line.
+/// Runs `body` on `iterations` cases (TUNNELD_FUZZ_ITERATIONS overrides) from base seed
+/// `seed` (TUNNELD_FUZZ_SEED overrides); stops early only after three failing cases.
+/// `count` in the body tallies named outcomes. Prints one summary line.
 @discardableResult
 public func fuzz(
     _ target: String, seed: UInt64, iterations: Int,
@@ -211,12 +214,12 @@ public func fuzz(
 ) -> FuzzReport {
     let base = FuzzBudget.seed(default: seed)
     let limit = FuzzBudget.iterations(default: iterations)
-    let seconds = FuzzBudget.seconds
+    FuzzBudget.refuseTimeBudget()
     let start = FuzzBudget.now()
     var report = FuzzReport()
+    report.requested = iterations
     var counts: [String: Int] = [:]
     for i in 0..<limit {
-        if i > 0, i % 16 == 0, FuzzBudget.now() - start > seconds { break }
         let c = FuzzCase(target: target, seed: FuzzBudget.caseSeed(base: base, iteration: i), iteration: i)
         let seedText = "0x" + String(c.seed, radix: 16)
         CrashNote.set("fuzz \(target): case \(i) (seed \(seedText)) crashed; replay with "
@@ -230,7 +233,10 @@ public func fuzz(
         report.cases += 1
         if c.failed {
             report.failures += 1
-            if report.failures >= 3 { break }
+            if report.failures >= 3 {
+                report.stoppedOnFailures = true
+                break
+            }
         }
     }
     report.seconds = FuzzBudget.now() - start
@@ -242,11 +248,28 @@ public func fuzz(
     return report
 }
 
-/// Whether a run was cut short by TUNNELD_FUZZ_ITERATIONS or the time limit, so that tests
-/// asserting "the run reached the success path" only do so on a full run.
 extension FuzzReport {
-    public func reached(_ name: String, atLeast n: Int, ofFull full: Int) -> Bool {
-        cases < full || self[name] >= n
+    /// How many `name` outcomes a run of this many cases must reach: `n` for the test's own
+    /// case count or more; in proportion (rounded down) when TUNNELD_FUZZ_ITERATIONS asked for
+    /// fewer, e.g. none for a one-case replay.
+    public func required(_ name: String, atLeast n: Int) -> Int {
+        cases >= requested ? n : n * cases / max(requested, 1)
+    }
+
+    /// Whether the run reached the path `name` at least `n` times (see `required`). A run cut
+    /// short by three failing cases has already failed and is not judged again.
+    public func reached(_ name: String, atLeast n: Int) -> Bool {
+        stoppedOnFailures || self[name] >= required(name, atLeast: n)
+    }
+
+    /// Records an issue unless the run reached `name` at least `n` times: a generator that
+    /// stops producing valid input fails its test instead of passing without checking.
+    public func expectReached(_ name: String, atLeast n: Int, sourceLocation: SourceLocation = #_sourceLocation) {
+        guard !reached(name, atLeast: n) else { return }
+        Issue.record(Comment(rawValue: "the run reached \"\(name)\" \(self[name]) times in \(cases) cases, "
+                             + "fewer than the \(required(name, atLeast: n)) it must: the generator no longer "
+                             + "produces the inputs this test is about"),
+                     sourceLocation: sourceLocation)
     }
 }
 

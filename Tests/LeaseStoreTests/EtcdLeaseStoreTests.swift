@@ -1,8 +1,9 @@
 import EtcdClient
 import EtcdTestSupport
 import Foundation
-import LeaseStore
+@testable import LeaseStore
 import NetBase
+import Synchronization
 import Testing
 
 private let etcdMissing = "etcd is not installed (apt-get install etcd-server etcd-client)"
@@ -287,6 +288,100 @@ struct EtcdLeaseStoreTests {
         }
     }
 
+    /// The etcd leases the server holds now (`etcdctl lease list`: a count line, then
+    /// one hexadecimal ID a line).
+    private func etcdLeases(_ server: EtcdServer) throws -> [Int64] {
+        try server.etcdctl(["lease", "list"]).split(separator: "\n").dropFirst().map { line in
+            let text = line.trimmingCharacters(in: .whitespaces)
+            return Int64(bitPattern: try #require(UInt64(text, radix: 16), "lease list line \(text)"))
+        }
+    }
+
+    /// Counts the hook's calls and runs `change` on the first only.
+    private final class OneChange: Sendable {
+        let calls = Mutex(0)
+        let change: @Sendable (String) async throws -> Void
+        init(_ change: @escaping @Sendable (String) async throws -> Void) { self.change = change }
+        func callAsFunction(_ key: String) async throws {
+            if calls.withLock({ $0 += 1; return $0 }) == 1 { try await change(key) }
+        }
+        var count: Int { calls.withLock { $0 } }
+    }
+
+    @Test func renewRetriesWhenTheKeyChangesBetweenItsReadAndItsWrite() async throws {
+        try await withStore(leaseTTL: .seconds(30)) { server, store, config in
+            let lease = try await store.acquireLease(config: config, attributes: node(70), preferred: nil)
+            let client = store.client
+            // Rewritten by us elsewhere (same host, same etcd lease) after the read: the
+            // compare-and-put fails, the renewal reads again and succeeds.
+            let change = OneChange { key in
+                let kv = try #require(try await client.get(key))
+                try await client.put(key, value: kv.valueString, lease: kv.lease)
+            }
+            store.testHook.withLock { $0 = { try await change($0) } }
+            let renewed = try await store.renewLease(lease)
+            #expect(change.count == 2)
+            #expect(renewed.subnet == lease.subnet && renewed.attributes == node(70))
+            let kv = try #require(try await client.get("/docker/network/subnets/\(lease.subnet.leaseKey)"))
+            #expect(kv.modRevision == renewed.revision)
+            // The etcd lease granted for the failed attempt was revoked, as was the old
+            // one: only the renewed key's lease is left.
+            #expect(try etcdLeases(server) == [kv.lease])
+        }
+    }
+
+    @Test func renewOfAKeyAnotherHostTookBetweenReadAndWriteFailsAndLeavesItsKey() async throws {
+        try await withStore(leaseTTL: .seconds(30)) { _, store, config in
+            let lease = try await store.acquireLease(config: config, attributes: node(71), preferred: nil)
+            let client = store.client
+            let theirs = node(72).flannelJSON
+            let change = OneChange { key in
+                let granted = try await client.leaseGrant(ttl: 30)
+                try await client.put(key, value: theirs, lease: granted.id)
+            }
+            store.testHook.withLock { $0 = { try await change($0) } }
+            await #expect(throws: LeaseStoreError.leaseNotFound(subnet: lease.subnet)) {
+                _ = try await store.renewLease(lease)
+            }
+            let key = "/docker/network/subnets/\(lease.subnet.leaseKey)"
+            #expect(try await client.get(key)?.valueString == theirs)
+            // Without the hook: a key another host holds already is not renewed either.
+            store.testHook.withLock { $0 = nil }
+            await #expect(throws: LeaseStoreError.leaseNotFound(subnet: lease.subnet)) {
+                _ = try await store.renewLease(lease)
+            }
+            #expect(try await client.get(key)?.valueString == theirs)
+        }
+    }
+
+    @Test func releaseLeavesAKeyAnotherHostTookBetweenReadAndDelete() async throws {
+        try await withStore(leaseTTL: .seconds(30)) { _, store, config in
+            let lease = try await store.acquireLease(config: config, attributes: node(73), preferred: nil)
+            let client = store.client
+            let key = "/docker/network/subnets/\(lease.subnet.leaseKey)"
+            let theirs = node(74).flannelJSON
+            // Our lease ran out and another host took the subnet after release read it.
+            let change = OneChange { key in
+                let granted = try await client.leaseGrant(ttl: 30)
+                try await client.put(key, value: theirs, lease: granted.id)
+            }
+            store.testHook.withLock { $0 = { try await change($0) } }
+            try await store.releaseLease(lease)
+            #expect(change.count == 1)
+            let kv = try #require(try await client.get(key), "release deleted the key another host holds")
+            #expect(kv.valueString == theirs)
+            #expect(try await client.leaseTimeToLive(kv.lease) != nil)  // their etcd lease lives on
+
+            // And when nothing changes in between, release deletes our key and revokes its lease.
+            store.testHook.withLock { $0 = nil }
+            let other = try await store.acquireLease(config: config, attributes: node(73), preferred: nil)
+            let ours = try #require(try await client.get("/docker/network/subnets/\(other.subnet.leaseKey)"))
+            try await store.releaseLease(other)
+            #expect(try await client.get("/docker/network/subnets/\(other.subnet.leaseKey)") == nil)
+            #expect(try await client.leaseTimeToLive(ours.lease) == nil)
+        }
+    }
+
     @Test func expiredLeaseArrivesAsDeleteInTheWatch() async throws {
         try await withStore(leaseTTL: .seconds(2)) { _, store, config in
             let start = try await store.leases()
@@ -302,12 +397,17 @@ struct EtcdLeaseStoreTests {
                 }
                 return seen
             }
-            #expect(seen.count == 2)
-            guard seen.count == 2, case .put(let put) = seen[0] else { return }
+            // The put, then its expiry: the watch stops at the first delete, so a
+            // delete first (or a lost put) leaves fewer than two events.
+            try #require(seen.count == 2, "events: \(seen)")
+            guard case .put(let put) = seen[0], case .delete(let subnet, let revision) = seen[1] else {
+                Issue.record("expected the lease's put and then its delete, got \(seen)")
+                return
+            }
             #expect(put.subnet == lease.subnet && put.attributes == node(50))
             #expect(put.revision == lease.revision)
-            #expect(seen[1].subnet == lease.subnet)
-            #expect(seen[1].revision > lease.revision)
+            #expect(subnet == lease.subnet)
+            #expect(revision > lease.revision)
             #expect(try await store.leases().leases.isEmpty)
         }
     }

@@ -1,3 +1,4 @@
+import EtcdTestSupport
 import Foundation
 import Logging
 import Synchronization
@@ -14,12 +15,14 @@ import NetBase
     /// Collects `count` events from a watch, failing after `timeout` (a
     /// guard against hanging, generous for a loaded machine).
     func collect(_ stream: AsyncThrowingStream<LeaseEvent, any Error>, count: Int,
-                 timeout: Duration = .seconds(30)) async throws -> [LeaseEvent] {
+                 timeout: Duration = .seconds(30),
+                 onEvent: @escaping @Sendable () -> Void = {}) async throws -> [LeaseEvent] {
         try await withThrowingTaskGroup(of: [LeaseEvent]?.self) { group in
             group.addTask {
                 var events: [LeaseEvent] = []
                 for try await event in stream {
                     events.append(event)
+                    onEvent()
                     if events.count == count { break }
                 }
                 return events
@@ -258,11 +261,17 @@ import NetBase
 
             // Live: changes made by another instance while the watch waits.
             let writer = try LocalLeaseStore(directory: dir)
-            async let live = collect(store.watchLeases(after: 3), count: 2)
-            try await Task.sleep(for: .milliseconds(50))
+            let (arrivals, arrived) = AsyncStream<Void>.makeStream()
+            async let live = collect(store.watchLeases(after: 2), count: 3, onEvent: { arrived.yield() })
+            // The delete at revision 3 arrives first: the watch has read what there was
+            // and is open when the other instance writes.
+            try await withTimeout(.seconds(30)) {
+                for await _ in arrivals { return }
+                throw TestSupportError("the watch delivered nothing")
+            }
             let d = try await writer.acquireLease(config: c, attributes: node(4), preferred: nil)
             try await writer.releaseLease(b)
-            #expect(try await live == [.put(d), .delete(subnet: b.subnet, revision: 5)])
+            #expect(try await live == [.delete(subnet: a.subnet, revision: 3), .put(d), .delete(subnet: b.subnet, revision: 5)])
         }
     }
 

@@ -137,8 +137,8 @@ import Testing
             }
             count("parsed")
         }
-        #expect(report.reached("route", atLeast: 100, ofFull: 6000))
-        #expect(report.reached("error", atLeast: 100, ofFull: 6000))
+        report.expectReached("route", atLeast: 100)
+        report.expectReached("error", atLeast: 100)
     }
 
     /// Found by repliesOfAnyBytesParseAsTheSlowModelParsesThem: an error or done message

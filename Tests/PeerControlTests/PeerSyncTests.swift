@@ -270,13 +270,67 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
             f.store.compactAndBreakWatches()
             #expect(await eventually { f.backend.peers == [net("10.2.8.0/24"): ip("198.18.0.80")] })
             #expect(await eventually { (try? metrics.expectCounter("tunneld_store_compactions_total").totalValue) == 1 })
+            // A compaction is counted as one, not as a watch restart.
+            #expect((try? metrics.expectCounter("tunneld_store_watch_restarts_total").totalValue) == 0)
+
+            // A watch that ends (the store closed it) and one that fails are restarts,
+            // and the watch resumes after each: a new peer still arrives.
+            #expect(await eventually { f.store.openWatches == 1 })
+            f.store.breakWatches()
+            #expect(await eventually { (try? metrics.expectCounter("tunneld_store_watch_restarts_total").totalValue) == 1 })
+            #expect(await eventually { f.store.openWatches == 1 })
+            f.store.breakWatches(with: LeaseStoreError.io(path: "memory", reason: "connection reset (test)"))
+            #expect(await eventually { (try? metrics.expectCounter("tunneld_store_watch_restarts_total").totalValue) == 2 })
+            f.store.put(net("10.2.9.0/24"), udpLease("198.18.0.9"))
+            #expect(await eventually { f.backend.peers[net("10.2.9.0/24")] == ip("198.18.0.9") })
         }
-        #expect(try metrics.expectCounter("tunneld_peer_changes_total", [("change", "added")]).totalValue == 2)
+        #expect(try metrics.expectCounter("tunneld_store_watch_restarts_total").totalValue == 2)
+        #expect(try metrics.expectCounter("tunneld_peer_changes_total", [("change", "added")]).totalValue == 3)
         #expect(try metrics.expectCounter("tunneld_peer_changes_total", [("change", "updated")]).totalValue == 1)
         #expect(try metrics.expectCounter("tunneld_peer_changes_total", [("change", "removed")]).totalValue == 1)
         #expect(try metrics.expectCounter("tunneld_lease_renewal_failures_total").totalValue == 0)
         // The change times are kept for the peers there are.
-        #expect(Set(f.sync.peerChangeTimes.keys) == [net("10.2.8.0/24")])
+        #expect(Set(f.sync.peerChangeTimes.keys) == [net("10.2.8.0/24"), net("10.2.9.0/24")])
+        #expect(f.logs.count(containing: "lease watch ended; resuming from revision") == 1)
+        #expect(f.logs.count(containing: "lease watch failed: ") == 1)
+    }
+
+    @Test func aGenericWatchErrorResumesFromTheLastRevisionWithoutLosingChanges() async throws {
+        let f = try await Fixture()
+        try await f.running {
+            f.store.put(net("10.2.7.0/24"), udpLease("198.18.0.7"))
+            #expect(await eventually { f.backend.peers[net("10.2.7.0/24")] == ip("198.18.0.7") })
+            #expect(await eventually { f.store.openWatches == 1 })
+            f.store.breakWatches(with: LeaseStoreError.io(path: "memory", reason: "connection reset (test)"))
+            // Changed while no watch is open: the next watch replays them from the revision
+            // the broken one had reached, not from now.
+            f.store.put(net("10.2.7.0/24"), udpLease("198.18.0.17"))
+            f.store.put(net("10.2.8.0/24"), udpLease("198.18.0.8"))
+            f.store.delete(net("10.2.7.0/24"))
+            #expect(await eventually { f.backend.peers == [net("10.2.8.0/24"): ip("198.18.0.8")] })
+        }
+        #expect(f.logs.count(containing: "connection reset (test)") == 1, "\(f.logs.all)")
+        // Nothing was re-listed: a generic error is not a compaction.
+        #expect(f.logs.count(containing: "listing again") == 0)
+    }
+
+    @Test func aFailedRelistAfterACompactionIsRetriedUntilItSucceeds() async throws {
+        let f = try await Fixture()
+        f.store.put(net("10.2.7.0/24"), udpLease("198.18.0.7"))
+        try await f.running {
+            #expect(await eventually { f.backend.peers.count == 1 })
+            #expect(await eventually { f.store.openWatches == 1 })
+            f.store.put(net("10.2.8.0/24"), udpLease("198.18.0.8"))
+            f.store.silentlyDelete(net("10.2.7.0/24"))
+            f.store.failNextLists(1)
+            f.store.compactAndBreakWatches()
+            // The first re-list fails; the watch from the old revision is compacted again,
+            // and the second re-list gives the store's state.
+            #expect(await eventually(timeout: .seconds(10)) { f.backend.peers == [net("10.2.8.0/24"): ip("198.18.0.8")] },
+                    "\(f.backend.peers) \(f.logs.all)")
+        }
+        #expect(f.logs.count(containing: "lease list failed: ") == 1, "\(f.logs.all)")
+        #expect(f.logs.count(containing: "listing again (re-list #2)") == 1, "\(f.logs.all)")
     }
 
     @Test func renewalsTheirFailuresAndReacquisitionsAreCounted() async throws {

@@ -29,6 +29,8 @@ final class MemoryLeaseStore: LeaseStore {
         /// Acquisitions that fail before one succeeds.
         var failingAcquisitions = 0
         var acquisitionAttempts = 0
+        /// Lists (`leases()`) that fail before one succeeds.
+        var failingLists = 0
     }
     let state = Mutex(State())
     let location = "memory"
@@ -75,8 +77,16 @@ final class MemoryLeaseStore: LeaseStore {
 
     func releaseLease(_ lease: Lease) async throws { delete(lease.subnet) }
 
+    func failNextLists(_ count: Int) { state.withLock { $0.failingLists = count } }
+
     func leases() async throws -> LeaseSnapshot {
-        state.withLock { LeaseSnapshot(leases: $0.leases.values.sorted { $0.subnet.address < $1.subnet.address },
+        let failing = state.withLock { state -> Bool in
+            guard state.failingLists > 0 else { return false }
+            state.failingLists -= 1
+            return true
+        }
+        if failing { throw LeaseStoreError.io(path: location, reason: "list failed (test)") }
+        return state.withLock { LeaseSnapshot(leases: $0.leases.values.sorted { $0.subnet.address < $1.subnet.address },
                                        revision: $0.revision) }
     }
 
@@ -131,6 +141,19 @@ final class MemoryLeaseStore: LeaseStore {
         }
         for watcher in broken { watcher.finish(throwing: LeaseStoreError.compacted(requested: 0, oldest: oldest)) }
     }
+
+    /// Ends running watches as a store does when its connection drops: without
+    /// an error (`error` nil), or with `error`.
+    func breakWatches(with error: (any Error)? = nil) {
+        let broken = state.withLock { state in
+            defer { state.watchers.removeAll() }
+            return Array(state.watchers.values)
+        }
+        for watcher in broken { watcher.finish(throwing: error) }
+    }
+
+    /// How many watches are open now.
+    var openWatches: Int { state.withLock { $0.watchers.count } }
 
     /// Changes a lease without telling watchers (as if the event were lost
     /// to compaction).
