@@ -110,24 +110,46 @@ public final class SubnetTable: @unchecked Sendable {
     // MARK: Control side
 
     /// Points `subnet` at `route`. The subnet must lie in the network and be
-    /// no smaller than SubnetLen (a larger one fills several entries).
+    /// no smaller than SubnetLen (a larger one fills several entries). As in
+    /// a routing table the most specific subnet wins: a wider subnet set over
+    /// narrower ones fills only the entries none of them holds.
     public func set(_ subnet: IPv4Network, to route: Route) throws {
         let range = try indices(of: subnet)
-        let value = SubnetTable.encode(route)
         routes.withLock { routes in
             routes[subnet] = route
-            for i in range { UnsafeAtomic<UInt64>(at: storage + i).store(value, ordering: .relaxed) }
+            refresh(range, from: routes)
             changes.wrappingIncrement(ordering: .relaxed)
         }
     }
 
-    /// Forgets `subnet`; packets for it then get "network unreachable".
+    /// Forgets `subnet`; packets for it then go to the next wider subnet set
+    /// around it, or get "network unreachable" when there is none.
     public func remove(_ subnet: IPv4Network) {
         guard let range = try? indices(of: subnet) else { return }
         routes.withLock { routes in
             guard routes.removeValue(forKey: subnet) != nil else { return }
-            for i in range { UnsafeAtomic<UInt64>(at: storage + i).store(0, ordering: .relaxed) }
+            refresh(range, from: routes)
             changes.wrappingIncrement(ordering: .relaxed)
+        }
+    }
+
+    /// Stores in each entry of `range` the route of the most specific subnet
+    /// in `routes` that covers it (0: none). Control side only, under the
+    /// lock; one dictionary look-up per entry and prefix length, and a
+    /// lease is one entry.
+    private func refresh(_ range: Range<Int>, from routes: [IPv4Network: Route]) {
+        for i in range {
+            let address = IPv4Address(base &+ UInt32(i) << shift)
+            var value: UInt64 = 0
+            var length = subnetLength
+            while length >= network.prefixLength {
+                if let covering = routes[IPv4Network(address: address, prefixLength: length)] {
+                    value = SubnetTable.encode(covering)
+                    break
+                }
+                length -= 1
+            }
+            UnsafeAtomic<UInt64>(at: storage + i).store(value, ordering: .relaxed)
         }
     }
 

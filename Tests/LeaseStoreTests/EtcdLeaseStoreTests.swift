@@ -400,7 +400,7 @@ struct EtcdLeaseStoreTests {
             // The put, then its expiry: the watch stops at the first delete, so a
             // delete first (or a lost put) leaves fewer than two events.
             try #require(seen.count == 2, "events: \(seen)")
-            guard case .put(let put) = seen[0], case .delete(let subnet, let revision) = seen[1] else {
+            guard case .put(let put) = seen[0], case .delete(let subnet, let revision, _) = seen[1] else {
                 Issue.record("expected the lease's put and then its delete, got \(seen)")
                 return
             }

@@ -104,15 +104,9 @@ import UDPEncap
                 }
             }
         }
-        // Known bug, left to the data-path rewrite (Sources/PacketRing is not this
-        // change's to touch): `remove` clears every entry the removed subnet covers, even
-        // those of a narrower subnet still set, and `set` of a wider subnet overwrites
-        // them, so the data path loses or misroutes a /24 inside a removed /23. When
-        // SubnetTable is fixed this known issue stops occurring and the test says so:
-        // remove the wrapper then.
-        withKnownIssue("SubnetTable: a wider subnet's set/remove overwrites narrower subnets inside it") {
-            #expect(mismatches.isEmpty, "\(mismatches.prefix(3))")
-        }
+        // The most specific set subnet wins, as in a routing table: a /24 inside a removed
+        // or newly set /23 keeps its own route.
+        #expect(mismatches.isEmpty, "\(mismatches.prefix(3))")
         // The writers' view is right either way.
         #expect(table.allRoutes == model)
     }
