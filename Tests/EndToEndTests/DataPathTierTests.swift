@@ -27,13 +27,7 @@ struct DataPathTierTests {
             }
             let ping = try lab.ping(from: 1, to: 2)
             #expect(ping.succeeded, "\(ping.output)")
-            for (i, bytes) in [1, 1431, 1432, 1433, 1472, 2864, 2865, 65_536, 1 << 20, 20 << 20].enumerated() {
-                try transfer(lab, from: 1, to: 2, bytes: bytes, port: 5201 + i)
-            }
-            try transfer(lab, from: 2, to: 1, bytes: 3 << 20)
-            try transfer(lab, from: 1, to: 2, bytes: 2 << 20, port: 5221, mss: 100)
-            try udpEcho(lab, from: 1, to: 2, sizes: [1, 100, 1443, 1444, 1445, 4_000, 20_000, 65_000])
-            try udpBurst(lab, from: 1, to: 2)
+            try offloadWorkout(lab)
 
             // `tunneld status` names the tier.
             let status = try lab.exec("h1", [tunneldBinary, "status", "--control-socket",
@@ -42,15 +36,7 @@ struct DataPathTierTests {
 
             try lab.lab("stop", "h1")
             try lab.lab("stop", "h2")
-            let sender = lab.dataPathCounters("h1"), receiver = lab.dataPathCounters("h2")
-            #expect(sender["tun_super_packets_read", default: 0] > 0, "\(sender)")
-            #expect(sender["gso_sends", default: 0] > 0, "\(sender)")
-            #expect(receiver["gro_receives", default: 0] > 0, "\(receiver)")
-            #expect(receiver["segments_coalesced", default: 0] > 0, "\(receiver)")
-            #expect(receiver["tun_super_packets_written", default: 0] > 0, "\(receiver)")
-            #expect(sender["dropped_bad_offload", default: 0] == 0, "\(sender)")
-            #expect(sender["udp_send_errors", default: 0] == 0, "\(sender)")
-            #expect(receiver["tun_write_errors", default: 0] == 0, "\(receiver)")
+            expectTheBulkWentThroughTheOffloads(sender: lab.dataPathCounters("h1"), receiver: lab.dataPathCounters("h2"))
         }
     }
 

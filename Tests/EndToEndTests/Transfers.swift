@@ -131,3 +131,32 @@ func udpBurst(_ lab: Lab, from: Int, to: Int, port: Int = 5351) throws {
     let result = try lab.exec("c\(from)", ["python3", "-c", sender, target, "\(port)"], timeout: .seconds(60))
     #expect(result.output.contains("whole"), "UDP burst from c\(from) to c\(to): \(result.output)")
 }
+
+/// The transfers that exercise every offload between hosts 1 and 2: TCP of
+/// 1 byte, around the MSS (1432 with MTU 1472) and the MTU, one super-packet
+/// and many, both ways; a tiny MSS whose super-packets hold more segments
+/// than one read may be split into (nothing may stall); UDP echoes of every
+/// size around the MTU and above; a UDP burst. Each checks its bytes.
+func offloadWorkout(_ lab: Lab) throws {
+    for (i, bytes) in [1, 1431, 1432, 1433, 1472, 2864, 2865, 65_536, 1 << 20, 20 << 20].enumerated() {
+        try transfer(lab, from: 1, to: 2, bytes: bytes, port: 5201 + i)
+    }
+    try transfer(lab, from: 2, to: 1, bytes: 3 << 20)
+    try transfer(lab, from: 1, to: 2, bytes: 2 << 20, port: 5221, mss: 100)
+    try udpEcho(lab, from: 1, to: 2, sizes: [1, 100, 1443, 1444, 1445, 4_000, 20_000, 65_000])
+    try udpBurst(lab, from: 1, to: 2)
+}
+
+/// The stopped daemons' counters say the bulk went through the offload path
+/// — super-packets split on the sending host, segments coalesced on the
+/// receiving one — with no offload refused and no send or write failing.
+func expectTheBulkWentThroughTheOffloads(sender: [String: UInt64], receiver: [String: UInt64]) {
+    #expect(sender["tun_super_packets_read", default: 0] > 0, "\(sender)")
+    #expect(sender["gso_sends", default: 0] > 0, "\(sender)")
+    #expect(receiver["gro_receives", default: 0] > 0, "\(receiver)")
+    #expect(receiver["segments_coalesced", default: 0] > 0, "\(receiver)")
+    #expect(receiver["tun_super_packets_written", default: 0] > 0, "\(receiver)")
+    #expect(sender["dropped_bad_offload", default: 0] == 0, "\(sender)")
+    #expect(sender["udp_send_errors", default: 0] == 0, "\(sender)")
+    #expect(receiver["tun_write_errors", default: 0] == 0, "\(receiver)")
+}
