@@ -200,7 +200,11 @@ final class Lab {
 
     init() throws {
         // Unique per run: PID plus a random suffix, short enough for ip's names.
-        name = "td\(getpid() % 100_000)\(String(UInt32.random(in: 0..<0xffff), radix: 16))"
+        // Fixed widths: without them pid 1234 with suffix 5ab1 and pid 12345
+        // with suffix ab1 would name the same lab.
+        let pid = String(getpid() % 100_000), suffix = String(UInt32.random(in: 0..<0x1_0000), radix: 16)
+        name = "td" + String(repeating: "0", count: 5 - pid.count) + pid
+            + String(repeating: "0", count: 4 - suffix.count) + suffix
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("tunneld-lab-\(name)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         try lab("create")
