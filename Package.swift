@@ -56,6 +56,8 @@ let package = Package(
         // What the udp data path counts: each counter's name, Prometheus series,
         // labels and help, defined once for PacketRing and Observability.
         .target(name: "DataPathCounters"),
+        // The backend's state as status, metrics and the backends share it.
+        .target(name: "StatusModel"),
         .target(
             name: "PacketRing",
             dependencies: [
@@ -100,7 +102,7 @@ let package = Package(
         .target(
             name: "Observability",
             dependencies: [
-                "DataPathCounters",
+                "DataPathCounters", "StatusModel",
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -115,7 +117,7 @@ let package = Package(
         .target(
             name: "PeerControl",
             dependencies: [
-                "NetBase", "LeaseStore",
+                "NetBase", "LeaseStore", "StatusModel",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),

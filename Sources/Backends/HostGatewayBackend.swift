@@ -69,7 +69,7 @@ public final class HostGatewayBackend: Backend, HostBackend {
 
     public func report() -> BackendReport {
         let tally = routes.tally
-        return BackendReport(summary: "kernel routes via \(underlay.name), checked every \(checkInterval)",
+        return BackendReport(type, summary: "kernel routes via \(underlay.name), checked every \(checkInterval)",
                              tableEntries: tally.routes, tableGeneration: tally.changes,
                              counters: [("routes_restored", tally.restored)])
     }

@@ -149,7 +149,7 @@ public final class UDPBackend: Backend, HostBackend {
     public func report() -> BackendReport {
         let path = dataPath.withLock { $0 }
         let counters = Statistics.totals(of: path?.statistics ?? []).map { (name: $0.counter.description, value: $0.value) }
-        return BackendReport(device: options.device, summary: path?.summary ?? "udp data path not started",
+        return BackendReport(type, device: options.device, summary: path?.summary ?? "udp data path not started",
                              workers: path?.loops.count ?? 0, offloads: path?.offloadNames ?? [],
                              datapathTier: path?.tier.rawValue, datapathNote: path?.tierNote,
                              tableEntries: table.count, tableGeneration: table.generation, counters: counters)

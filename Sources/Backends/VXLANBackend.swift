@@ -138,7 +138,7 @@ public final class VXLANBackend: Backend, HostBackend {
         let keeper: RouteKeeper? = routes.withLock { $0 }
         let tally = keeper?.tally ?? (routes: 0, changes: 0, restored: 0)
         let peers = installed.withLock { $0.count }
-        return BackendReport(device: deviceName,
+        return BackendReport(type, device: deviceName,
                              summary: "kernel vxlan device \(deviceName), VNI \(settings.vni), port \(settings.port)"
                                  + (config.backend.directRouting ? ", direct routing" : ""),
                              tableEntries: peers, tableGeneration: tally.changes,

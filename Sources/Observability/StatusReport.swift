@@ -1,4 +1,5 @@
 import DataPathCounters
+@_exported import StatusModel
 import Foundation
 
 /// What `tunneld status` shows, and what the metrics endpoint exports: read
@@ -57,34 +58,8 @@ public struct StatusReport: Codable, Sendable, Equatable {
         }
     }
 
-    public struct Backend: Codable, Sendable, Equatable {
-        public var type: String
-        public var device: String?
-        /// The data path and its workers (udp), or what the kernel does.
-        public var summary: String
-        public var workers: Int
-        public var offloads: [String]
-        /// The udp data path's tier (uring, uring-single, syscall, simple).
-        public var datapathTier: String?
-        /// Why that tier and not a faster one; nil when it is the one asked for.
-        public var datapathNote: String?
-        public var tableEntries: Int
-        public var tableGeneration: UInt64
-
-        public init(type: String, device: String?, summary: String, workers: Int, offloads: [String],
-                    datapathTier: String? = nil, datapathNote: String? = nil,
-                    tableEntries: Int, tableGeneration: UInt64) {
-            self.type = type
-            self.device = device
-            self.summary = summary
-            self.workers = workers
-            self.offloads = offloads
-            self.datapathTier = datapathTier
-            self.datapathNote = datapathNote
-            self.tableEntries = tableEntries
-            self.tableGeneration = tableGeneration
-        }
-    }
+    /// The backend's state: the one model PeerControl's `BackendReport` carries.
+    public typealias Backend = BackendStatus
 
     public struct Peer: Codable, Sendable, Equatable {
         public var subnet: String

@@ -1,6 +1,7 @@
 import LeaseStore
 import Logging
 import NetBase
+@_exported import StatusModel
 
 /// One change to the set of peers a backend must reach.
 public enum PeerChange: Sendable, Equatable, CustomStringConvertible {
@@ -79,54 +80,32 @@ public protocol Backend: AnyObject, Sendable {
     func cleanUp(releasing: Bool)
 }
 
-/// A backend's state as an operator sees it: its device, the table it steers
-/// by, and (udp) the data path's counters and offloads.
+/// What a backend reports: its state (`BackendStatus`, the model `tunneld
+/// status` and the metrics share) and, for udp, the data path's counters.
 public struct BackendReport: Sendable, Equatable {
-    /// The device carrying traffic (flannel0, flannel.1), nil for host-gw.
-    public var device: String?
-    /// One line: the data path and its workers (udp), or what the kernel does.
-    public var summary: String
-    /// Data-path threads (udp), 0 for the kernel's backends.
-    public var workers: Int
-    /// The offloads the data path chose, by name (e.g. tun-vnet-hdr, udp-gso).
-    public var offloads: [String]
-    /// The udp data path's tier (uring, uring-single, syscall, simple); nil
-    /// for the kernel's backends.
-    public var datapathTier: String?
-    /// Why that tier and not a faster one (nil: the one asked for).
-    public var datapathNote: String?
-    /// Entries of the table traffic is steered by: the udp data path's subnet
-    /// table (ours and the peers'), or the kernel routes installed for peers.
-    public var tableEntries: Int
-    /// Changes the table has seen since start.
-    public var tableGeneration: UInt64
+    public var status: BackendStatus
     /// Counters by name, summed over the data-path workers (udp: PacketRing's
-    /// `Counter` names; kernel backends: routes_restored).
+    /// `DataPathCounter` names; kernel backends: routes_restored).
     public var counters: [(name: String, value: UInt64)]
 
-    public init(device: String? = nil, summary: String = "", workers: Int = 0, offloads: [String] = [],
-                datapathTier: String? = nil, datapathNote: String? = nil, tableEntries: Int = 0, tableGeneration: UInt64 = 0, counters: [(name: String, value: UInt64)] = []) {
-        self.device = device
-        self.summary = summary
-        self.workers = workers
-        self.offloads = offloads
-        self.datapathTier = datapathTier
-        self.datapathNote = datapathNote
-        self.tableEntries = tableEntries
-        self.tableGeneration = tableGeneration
+    public init(_ type: BackendType, device: String? = nil, summary: String = "", workers: Int = 0,
+                offloads: [String] = [], datapathTier: String? = nil, datapathNote: String? = nil,
+                tableEntries: Int = 0, tableGeneration: UInt64 = 0, counters: [(name: String, value: UInt64)] = []) {
+        status = BackendStatus(type: type.rawValue, device: device, summary: summary, workers: workers,
+                               offloads: offloads, datapathTier: datapathTier, datapathNote: datapathNote,
+                               tableEntries: tableEntries, tableGeneration: tableGeneration)
         self.counters = counters
     }
 
     public static func == (a: BackendReport, b: BackendReport) -> Bool {
-        a.device == b.device && a.summary == b.summary && a.workers == b.workers && a.offloads == b.offloads && a.datapathTier == b.datapathTier && a.datapathNote == b.datapathNote
-            && a.tableEntries == b.tableEntries && a.tableGeneration == b.tableGeneration
+        a.status == b.status
             && a.counters.map(\.name) == b.counters.map(\.name) && a.counters.map(\.value) == b.counters.map(\.value)
     }
 }
 
 extension Backend {
     /// A backend with nothing more to say than its type.
-    public func report() -> BackendReport { BackendReport(summary: type.rawValue) }
+    public func report() -> BackendReport { BackendReport(type, summary: type.rawValue) }
 }
 
 extension LeaseAttributes {

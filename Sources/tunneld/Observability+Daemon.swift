@@ -77,10 +77,7 @@ extension Daemon {
                 node: .init(subnet: lease.subnet.description, publicIP: lease.attributes.publicIP.description,
                             interface: interface, interfaceAddress: interfaceAddress.description, mtu: mtu,
                             leaseExpires: lease.expiration, leaseRevision: lease.revision),
-                backend: .init(type: backend.type.rawValue, device: backendReport.device, summary: backendReport.summary,
-                               workers: backendReport.workers, offloads: backendReport.offloads,
-                               datapathTier: backendReport.datapathTier, datapathNote: backendReport.datapathNote,
-                               tableEntries: backendReport.tableEntries, tableGeneration: backendReport.tableGeneration),
+                backend: backendReport.status,
                 peers: peers.currentPeers.values.sorted { $0.subnet.address < $1.subnet.address }.map {
                     StatusReport.Peer($0, lastChange: times[$0.subnet])
                 },

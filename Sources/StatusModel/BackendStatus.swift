@@ -1,0 +1,41 @@
+/// A backend's state as an operator sees it — one model for what a backend
+/// reports (PeerControl's `BackendReport`), what `tunneld status` shows and
+/// prints as JSON, and what the metrics endpoint exports (Observability's
+/// `StatusReport.Backend`). No dependencies, so both import it; rendering
+/// stays in Observability.
+public struct BackendStatus: Codable, Sendable, Equatable {
+    /// flannel's backend name: udp, vxlan, host-gw.
+    public var type: String
+    /// The device carrying traffic (flannel0, flannel.1), nil for host-gw.
+    public var device: String?
+    /// One line: the data path and its workers (udp), or what the kernel does.
+    public var summary: String
+    /// Data-path threads (udp), 0 for the kernel's backends.
+    public var workers: Int
+    /// The offloads the data path chose, by name (e.g. tun-vnet-hdr, udp-gso).
+    public var offloads: [String]
+    /// The udp data path's tier (uring, uring-single, syscall, simple); nil
+    /// for the kernel's backends.
+    public var datapathTier: String?
+    /// Why that tier and not a faster one; nil when it is the one asked for.
+    public var datapathNote: String?
+    /// Entries of the table traffic is steered by: the udp data path's subnet
+    /// table (ours and the peers'), or the kernel routes installed for peers.
+    public var tableEntries: Int
+    /// Changes the table has seen since start.
+    public var tableGeneration: UInt64
+
+    public init(type: String, device: String? = nil, summary: String = "", workers: Int = 0, offloads: [String] = [],
+                datapathTier: String? = nil, datapathNote: String? = nil,
+                tableEntries: Int = 0, tableGeneration: UInt64 = 0) {
+        self.type = type
+        self.device = device
+        self.summary = summary
+        self.workers = workers
+        self.offloads = offloads
+        self.datapathTier = datapathTier
+        self.datapathNote = datapathNote
+        self.tableEntries = tableEntries
+        self.tableGeneration = tableGeneration
+    }
+}
