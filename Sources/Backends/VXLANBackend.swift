@@ -37,7 +37,7 @@ public final class VXLANBackend: Backend, HostBackend {
 
     public init(host: HostContext, checkInterval: Duration = .seconds(10)) throws {
         let (config, underlay, underlayAddress) = (host.config, host.underlay, host.underlayAddress)
-        let gbp = config.backend.options.first { $0.key.lowercased() == "gbp" }.map { $0.value == .bool(true) } ?? false
+        let gbp = config.backend.option("GBP") == .bool(true)
         settings = VXLANSettings(vni: UInt32(config.backend.vni), port: config.backend.port,
                                  underlayIndex: underlay.index, localAddress: underlayAddress.address,
                                  learning: false, gbp: gbp)

@@ -19,6 +19,16 @@ public enum JSONValue: Sendable, Equatable, Codable, CustomStringConvertible {
         self = try parser.parseDocument()
     }
 
+    /// Parses JSON text as Go's encoding/json reads it into a struct (how
+    /// flannel decodes its network config and the Backend inside it): keys
+    /// that differ only in case name the same field, so of several such keys
+    /// in one object only the last in the document is kept, as Go assigns
+    /// each in turn (`{"Network": …, "network": …}` means the second).
+    public init(parsingAsGoStruct text: String) throws(JSONParseError) {
+        var parser = JSONParser(Array(text.utf8), foldingKeys: true)
+        self = try parser.parseDocument()
+    }
+
     /// Parses JSON bytes strictly; see `init(parsing:)`.
     public init(parsing bytes: [UInt8]) throws(JSONParseError) {
         var parser = JSONParser(bytes)
@@ -115,15 +125,42 @@ public enum JSONValue: Sendable, Equatable, Codable, CustomStringConvertible {
     /// Looks a field up the way Go's encoding/json matches struct fields:
     /// the exact name first, else a case-insensitive match. flannel reads its
     /// config and lease values that way, so `"network"` works as `"Network"`.
+    /// (An object from `init(parsingAsGoStruct:)` holds at most one key per
+    /// spelling, the one Go would use.)
     public func field(_ name: String) -> JSONValue? {
         guard case .object(let fields) = self else { return nil }
         if let exact = fields[name] { return exact }
-        let lowered = name.lowercased()
+        let folded = Self.foldedKey(name)
         // Sorted so that the choice between two case variants is deterministic.
-        for key in fields.keys.sorted() where key.lowercased() == lowered {
+        for key in fields.keys.sorted() where Self.foldedKey(key) == folded {
             return fields[key]
         }
         return nil
+    }
+
+    /// A key with case folded as Go's encoding/json folds it to match a
+    /// struct field: each character upper-cased then lower-cased (simple
+    /// mappings), so the Kelvin sign matches "k" and "ſ" matches "s".
+    public static func foldedKey(_ key: String) -> String {
+        var out = String.UnicodeScalarView()
+        for scalar in key.unicodeScalars {
+            if scalar.isASCII {
+                let v = scalar.value
+                out.append((0x41...0x5A).contains(v) ? Unicode.Scalar(v + 0x20)! : scalar)
+                continue
+            }
+            let upper = Self.simpleMapping(scalar, scalar.properties.uppercaseMapping)
+            out.append(Self.simpleMapping(upper, upper.properties.lowercaseMapping))
+        }
+        return String(out)
+    }
+
+    /// A full case mapping when it is one character, else the character
+    /// itself (Go maps case one rune at a time).
+    private static func simpleMapping(_ scalar: Unicode.Scalar, _ mapped: String) -> Unicode.Scalar {
+        let scalars = mapped.unicodeScalars
+        guard scalars.count == 1, let only = scalars.first else { return scalar }
+        return only
     }
 
     public init(from decoder: any Decoder) throws {
@@ -176,8 +213,13 @@ struct JSONParser {
     private let bytes: [UInt8]
     private var index = 0
     private var depth = 0
+    /// Keys that differ only in case are one key; the last one stays.
+    private let foldingKeys: Bool
 
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
+    init(_ bytes: [UInt8], foldingKeys: Bool = false) {
+        self.bytes = bytes
+        self.foldingKeys = foldingKeys
+    }
 
     mutating func parseDocument() throws(JSONParseError) -> JSONValue {
         // A UTF-8 byte order mark is tolerated; Go rejects it, but it is
@@ -211,6 +253,8 @@ struct JSONParser {
         try enter()
         index += 1 // {
         var fields: [String: JSONValue] = [:]
+        // Go struct decoding: folded key → the spelling seen last.
+        var spellings: [String: String] = [:]
         skipWhitespace()
         if peek() == UInt8(ascii: "}") {
             index += 1
@@ -231,7 +275,13 @@ struct JSONParser {
             index += 1
             skipWhitespace()
             // A repeated key: the last one wins, as in Go.
-            fields[key] = try parseValue()
+            let value = try parseValue()
+            if foldingKeys {
+                let folded = JSONValue.foldedKey(key)
+                if let earlier = spellings[folded], earlier != key { fields[earlier] = nil }
+                spellings[folded] = key
+            }
+            fields[key] = value
             skipWhitespace()
             switch peek() {
             case UInt8(ascii: ","): index += 1

@@ -11,7 +11,9 @@ import NetBase
 ///   `Network`; given, they must lie inside it on a `SubnetLen` boundary
 ///   (and, tunneld's addition, `SubnetMin` ≤ `SubnetMax`).
 /// - No `Backend` means udp. Unknown fields are ignored. Field names match
-///   case-insensitively, as Go's JSON decoder matches them.
+///   case-insensitively, as Go's JSON decoder matches them (`subnetlen`,
+///   `backend`, `type`, `vni`, `directRouting`, `port`…); of two spellings of
+///   one field in an object, the later one counts, as in flanneld.
 public struct NetworkConfig: Sendable, Equatable {
     /// The overlay network; host bits are cleared, as flannel clears them.
     public var network: IPv4Network
@@ -39,7 +41,7 @@ public struct NetworkConfig: Sendable, Equatable {
     public init(json: String) throws(NetworkConfigError) {
         let root: JSONValue
         do {
-            root = try JSONValue(parsing: json)
+            root = try JSONValue(parsingAsGoStruct: json)
         } catch {
             throw .invalidJSON(reason: error.description)
         }
@@ -186,6 +188,11 @@ public struct BackendConfig: Sendable, Equatable {
         self.vni = vni
         self.directRouting = directRouting
         self.options = options
+    }
+
+    /// A Backend field by name, matched as flanneld matches it (any case).
+    public func option(_ name: String) -> JSONValue? {
+        JSONValue.object(options).field(name)
     }
 
     /// Reads the Backend object; nil means no Backend, which is udp.

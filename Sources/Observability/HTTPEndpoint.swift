@@ -4,8 +4,8 @@ import NIOHTTP1
 import NIOPosix
 import Synchronization
 
-/// The daemon's HTTP/1.1 endpoint on swift-nio: flanneld's `GET /healthz`,
-/// Prometheus' `GET /metrics`, and (on the control socket only) `GET
+/// The daemon's HTTP/1.1 endpoint on swift-nio: flanneld's `GET /healthz`
+/// and `GET /readyz`, Prometheus' `GET /metrics`, and (on the control socket only) `GET
 /// /status`. Every connection is served on its own, without blocking the
 /// others: a scrape never waits for a slow or silent client, which is closed
 /// after `idleTimeout` without a complete request.
@@ -30,10 +30,15 @@ public final class HTTPEndpoint: Sendable {
     public struct Routes: Sendable {
         public var metrics: @Sendable () -> [UInt8]
         public var status: @Sendable () -> [UInt8]
+        /// What the daemon still waits for before it is ready, in words;
+        /// nil once it is (GET /readyz: 503 with this, then 200).
+        public var waitingFor: @Sendable () -> String?
 
-        public init(metrics: @escaping @Sendable () -> [UInt8], status: @escaping @Sendable () -> [UInt8]) {
+        public init(metrics: @escaping @Sendable () -> [UInt8], status: @escaping @Sendable () -> [UInt8],
+                    waitingFor: @escaping @Sendable () -> String? = { nil }) {
             self.metrics = metrics
             self.status = status
+            self.waitingFor = waitingFor
         }
     }
 
@@ -217,6 +222,12 @@ public final class HTTPEndpoint: Sendable {
                 switch path {
                 case "/healthz":
                     body = Array("tunneld is running\n".utf8)
+                case "/readyz":
+                    if let waiting = routes.waitingFor() {
+                        (status, body) = (.serviceUnavailable, Array("tunneld is not ready: \(waiting)\n".utf8))
+                    } else {
+                        body = Array("tunneld is ready\n".utf8)
+                    }
                 case "/metrics":
                     type = MetricsExporter.contentType
                     body = routes.metrics()
@@ -225,7 +236,7 @@ public final class HTTPEndpoint: Sendable {
                     body = routes.status()
                 default:
                     status = .notFound
-                    body = Array("not found: try GET /healthz or /metrics\(serveStatus ? " or /status" : "")\n".utf8)
+                    body = Array("not found: try GET /healthz, /readyz or /metrics\(serveStatus ? " or /status" : "")\n".utf8)
                 }
             }
             var headers = HTTPHeaders()
@@ -246,6 +257,30 @@ public final class HTTPEndpoint: Sendable {
                 context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
             }
         }
+    }
+}
+
+/// Whether the daemon is ready, for GET /readyz: what it still waits for,
+/// set as start-up moves on, and nil once it is ready.
+public final class Readiness: Sendable {
+    private let state: Mutex<String?>
+
+    /// Not ready: waiting for `first`.
+    public init(waitingFor first: String) {
+        state = Mutex(first)
+    }
+
+    /// What it waits for now; nil when ready.
+    public var waitingFor: String? { state.withLock { $0 } }
+
+    /// Still not ready, now waiting for `step`.
+    public func waiting(for step: String) {
+        state.withLock { $0 = step }
+    }
+
+    /// Ready: /readyz answers 200 from now on.
+    public func ready() {
+        state.withLock { $0 = nil }
     }
 }
 

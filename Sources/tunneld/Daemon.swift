@@ -100,6 +100,15 @@ final class Daemon: Service, Sendable {
                     logger.error("could not move to the new subnet \(newLease.subnet): \(error)")
                 }
             })
+            // Health and metrics from here on; /readyz says 503, naming
+            // the step under way, until the rules are in and subnet.env is
+            // written (as flanneld's does).
+            let readiness = Readiness(waitingFor: firewall == nil ? "listing the leases in \(store.location)"
+                                                                  : "installing the iptables rules")
+            endpoint = try startEndpoint(Observed(
+                config: config, location: store.location, interface: interface.name,
+                interfaceAddress: interfaceAddress, publicIP: publicIP, mtu: mtu, startedAt: startedAt,
+                backend: backend, peers: peers), readiness: readiness)
             try firewall?.install(network: config.network, subnet: lease.subnet)
             if options.ipMasq {
                 logger.info("ip masquerade on for traffic from \(config.network) leaving it (iptables nat chain \(IPTablesChain.natChain))")
@@ -107,17 +116,17 @@ final class Daemon: Service, Sendable {
             if options.iptablesForwardRules {
                 logger.info("forwarding traffic from and to \(config.network) (iptables filter chain \(IPTablesChain.forwardChain)); put back within \(options.iptablesResync) s if removed")
             }
+            readiness.waiting(for: "listing the leases in \(store.location)")
             guard let listed = try await retrying("list the leases in \(store.location)", { try await peers.loadInitialPeers() }) else {
+                endpoint?.stop()
                 cleanUp(backend, firewall: firewall, releasing: false)
                 return
             }
             revision = listed
-            endpoint = try startEndpoint(Observed(
-                config: config, location: store.location, interface: interface.name,
-                interfaceAddress: interfaceAddress, publicIP: publicIP, mtu: mtu, startedAt: startedAt,
-                backend: backend, peers: peers))
+            readiness.waiting(for: "writing \(options.subnetFile)")
             try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq)
                 .write(to: options.subnetFile)
+            readiness.ready()
         } catch {
             await rollBack(error)
             throw error

@@ -16,7 +16,7 @@ import Prometheus
 /// `--metrics-address` adds a listener of their own (e.g. on 127.0.0.1 while
 /// health stays on every address). The control socket serves `tunneld status`.
 struct ObservabilityOptions: ParsableArguments {
-    @Option(help: ArgumentHelp("Another listener for GET /metrics (and /healthz), besides --healthz-port's; e.g. 127.0.0.1:9464.",
+    @Option(help: ArgumentHelp("Another listener for GET /metrics (and /healthz, /readyz), besides --healthz-port's; e.g. 127.0.0.1:9464.",
                                valueName: "ip:port"))
     var metricsAddress: String?
 
@@ -89,7 +89,7 @@ extension Daemon {
 
     /// Health, metrics and the control socket, on one swift-nio endpoint.
     /// nil when all three are off.
-    func startEndpoint(_ observed: Observed) throws -> HTTPEndpoint? {
+    func startEndpoint(_ observed: Observed, readiness: Readiness) throws -> HTTPEndpoint? {
         var listeners: [HTTPEndpoint.Listener] = []
         if options.healthzPort != 0 {
             listeners.append(.tcp(host: options.healthzIP, port: options.healthzPort, label: "healthz",
@@ -112,7 +112,8 @@ extension Daemon {
         }
         guard !listeners.isEmpty else { return nil }
         let exporter = MetricsExporter(registry: ObservabilityOptions.registry, source: observed.report)
-        let routes = HTTPEndpoint.Routes(metrics: exporter.exposition, status: { observed.report().json() })
+        let routes = HTTPEndpoint.Routes(metrics: exporter.exposition, status: { observed.report().json() },
+                                         waitingFor: { readiness.waitingFor })
         let endpoint: HTTPEndpoint
         do {
             endpoint = try HTTPEndpoint(listeners: listeners, routes: routes)
@@ -126,7 +127,7 @@ extension Daemon {
         }
         for listener in endpoint.bound {
             switch listener {
-            case .tcp: logger.info("health and metrics: \(listener)/healthz, \(listener)/metrics")
+            case .tcp: logger.info("health and metrics: \(listener)/healthz, \(listener)/readyz, \(listener)/metrics")
             case .unix(let path): logger.info("control socket for `tunneld status`: \(path)")
             }
         }

@@ -41,8 +41,9 @@ struct BadInputTests {
 
     @Test func aStartThatFailsHalfWayRemovesDeviceRoutesChainsAndItsFreshLease() throws {
         try withBareHost { lab in
-            // The health port is taken: found only after the device, the
-            // lease, the masquerade chains and the peer list are in place.
+            // The health port is taken: found only after the device and the
+            // lease are in place (the listener opens before the rules and the
+            // peer list, so that /readyz can say 503 meanwhile).
             let holder = try Child(["ip", "netns", "exec", lab.namespace("h1"), "python3", "-c",
                                 "import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 8471)); s.listen(); time.sleep(60)"],
                                output: lab.directory.appendingPathComponent("holder.log").path)

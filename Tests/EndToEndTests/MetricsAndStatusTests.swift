@@ -49,6 +49,10 @@ struct MetricsAndStatusTests {
             // flanneld's health check, unchanged.
             let health = try get(lab, host: 1, port: 9464, path: "/healthz")
             #expect(health.status == 200 && health.body == "tunneld is running\n", "\(health)")
+            // flanneld's readiness check: 200 once the subnet file is written.
+            #expect(FileManager.default.fileExists(atPath: lab.subnetFile(1)))
+            let ready = try get(lab, host: 1, port: 9464, path: "/readyz")
+            #expect(ready.status == 200 && ready.body == "tunneld is ready\n", "\(ready)")
             #expect(try get(lab, host: 1, port: 9464, path: "/nothing").status == 404)
             // The status route is the control socket's only.
             #expect(try get(lab, host: 1, port: 9464, path: "/status").status == 404)

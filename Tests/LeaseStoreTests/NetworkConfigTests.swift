@@ -139,6 +139,40 @@ import NetBase
         #expect(c.json == json)
     }
 
+    @Test func lowerAndMixedCaseKeysMeanWhatFlannelsSpellingsMean() throws {
+        let canonical = try config(#"{"Network": "10.2.0.0/16", "SubnetLen": 25, "SubnetMin": "10.2.1.0", "SubnetMax": "10.2.200.0", "Backend": {"Type": "vxlan", "VNI": 42, "DirectRouting": true, "Port": 4789, "GBP": true}}"#)
+        let folded = try config(#"{"network": "10.2.0.0/16", "SUBNETLEN": 25, "subnetmin": "10.2.1.0", "subnetMAX": "10.2.200.0", "backend": {"type": "vxlan", "vni": 42, "directrouting": true, "PORT": 4789, "gbp": true}}"#)
+        #expect(folded.network == canonical.network)
+        #expect(folded.subnetLen == 25 && folded.subnetMin == canonical.subnetMin && folded.subnetMax == canonical.subnetMax)
+        #expect(folded.backend.type == "vxlan" && folded.backend.vni == 42 && folded.backend.port == 4789)
+        #expect(folded.backend.directRouting)
+        #expect(folded.backend.option("GBP") == .bool(true) && canonical.backend.option("gbp") == .bool(true))
+        // The checks read the same fields whatever their spelling.
+        #expect(throws: NetworkConfigError.ipv6NotSupported) { try config(#"{"network": "10.2.0.0/16", "enableipv6": true}"#) }
+        #expect(throws: NetworkConfigError.self) { try config(#"{"network": "10.2.0.0/16", "backend": {"type": "vxlan", "vni": -1}}"#) }
+    }
+
+    @Test func keysFoldAsGoFoldsThemKelvinSignAndLongS() throws {
+        // Go folds each character's case (upper then lower): K (U+212A) is k, ſ (U+017F) is s.
+        let c = try config(#"{"Network": "10.2.0.0/16", "\u017fubnetLen": 26, "BAC\u212aEND": {"Type": "host-gw"}}"#)
+        #expect(c.subnetLen == 26)
+        #expect(c.backend.type == "host-gw")
+    }
+
+    @Test func ofTwoSpellingsOfOneKeyTheLaterCountsAsInGoWhicheverIsExact() throws {
+        // Go's decoder assigns each key to its field in document order, so the
+        // last spelling wins even over the exact one (flanneld reads it so).
+        let exactFirst = try config(#"{"Network": "10.2.0.0/16", "network": "10.3.0.0/16"}"#)
+        #expect(exactFirst.network == net("10.3.0.0/16"))
+        let exactLast = try config(#"{"network": "10.3.0.0/16", "Network": "10.2.0.0/16"}"#)
+        #expect(exactLast.network == net("10.2.0.0/16"))
+        let backend = try config(#"{"Network": "10.2.0.0/16", "Backend": {"type": "udp", "Type": "vxlan", "VNI": 7, "vni": 9}}"#)
+        #expect(backend.backend.type == "vxlan" && backend.backend.vni == 9)
+        #expect(backend.backend.options.keys.sorted() == ["Type", "vni"], "one key per field, the one Go uses")
+        // A stray earlier spelling with a bad value does not count.
+        #expect(try config(#"{"SUBNETLEN": "x", "Network": "10.2.0.0/16", "SubnetLen": 26}"#).subnetLen == 26)
+    }
+
     @Test func vxlanBackendDefaultsAndOptions() throws {
         let plain = try config(#"{"Network": "10.2.0.0/16", "Backend": {"Type": "VXLAN"}}"#)
         #expect(plain.backend.type == "vxlan")

@@ -40,6 +40,29 @@ import Testing
         #expect(try httpGet(port: port(endpoint), path: "/healthz", method: "POST").status == 405)
     }
 
+    @Test func readyzSays503NamingTheStepUnderWayUntilTheDaemonIsReadyThen200() throws {
+        let readiness = Readiness(waitingFor: "installing the iptables rules")
+        let endpoint = try HTTPEndpoint(listeners: [.tcp(host: "127.0.0.1", port: 0)],
+                                        routes: .init(metrics: { [] }, status: { [] },
+                                                      waitingFor: { readiness.waitingFor }),
+                                        idleTimeout: .seconds(2))
+        defer { endpoint.stop() }
+        let port = try port(endpoint)
+        let rules = try httpGet(port: port, path: "/readyz")
+        #expect(rules.status == 503 && rules.body == "tunneld is not ready: installing the iptables rules\n", "\(rules)")
+        #expect(try httpGet(port: port, path: "/healthz").status == 200, "alive while not ready")
+
+        readiness.waiting(for: "writing /run/flannel/subnet.env")
+        let file = try httpGet(port: port, path: "/readyz")
+        #expect(file.status == 503 && file.body == "tunneld is not ready: writing /run/flannel/subnet.env\n", "\(file)")
+
+        readiness.ready()
+        let ready = try httpGet(port: port, path: "/readyz")
+        #expect(ready.status == 200 && ready.body == "tunneld is ready\n", "\(ready)")
+        #expect(try httpGet(port: port, path: "/readyz", method: "HEAD").status == 200)
+        #expect(try httpGet(port: port, path: "/healthz").body == "tunneld is running\n")
+    }
+
     @Test func aTakenPortIsAnErrorNamingTheListenerAndWhatToDo() throws {
         let first = try makeEndpoint()
         defer { first.stop() }
