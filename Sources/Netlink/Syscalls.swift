@@ -95,10 +95,3 @@ enum Syscall {
         retryingInterrupts { ctunnel_setns_net(fd) }.map { _ in () }
     }
 }
-
-/// Seconds on the monotonic clock, for bounding loops in time.
-func monotonicSeconds() -> Double {
-    var now = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
-}

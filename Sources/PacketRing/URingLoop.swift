@@ -356,11 +356,3 @@ public final class URingLoop: DataPathLoop, BatchIO, @unchecked Sendable {
         io_uring_sqe_set_data64(sqe, CompletionTag(.wake).userData)
     }
 }
-
-/// CLOCK_MONOTONIC in nanoseconds, for the loops' busy-poll deadlines.
-@inline(__always)
-func monotonicNanoseconds() -> UInt64 {
-    var t = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &t)
-    return UInt64(t.tv_sec) &* 1_000_000_000 &+ UInt64(t.tv_nsec)
-}
