@@ -37,7 +37,6 @@ enum SlotGroup: UInt16 { case tun = 0, udp = 1 }
 /// slot's iovecs and first message; its members are released together.
 /// Nothing is allocated per packet.
 final class SendBatcher {
-    let slots: Int
     let sendsPerSlot: Int
     let iovecsPerSlot: Int
     static let maxBatch = SegmentedPacket.maxSegmentsPerSend
@@ -69,7 +68,6 @@ final class SendBatcher {
     ///     (0: reads are never split, one send per slot).
     ///   - segmentation: UDP_SEGMENT may be used.
     init(slots: Int, maxSegments: Int, segmentation: Bool, statistics: Statistics) {
-        self.slots = slots
         self.statistics = statistics
         sendsPerSlot = max(1, maxSegments)
         iovecsPerSlot = max(2 * maxSegments, SendBatcher.maxBatch)
