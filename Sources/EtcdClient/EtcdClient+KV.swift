@@ -1,0 +1,283 @@
+import CoreMetrics
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import GRPCProtobuf
+import Logging
+import Synchronization
+
+extension EtcdClient {
+    /// Reads one key; nil if it does not exist.
+    public func get(_ key: String) async throws(EtcdError) -> EtcdKeyValue? {
+        try await range(key: key).kvs.first
+    }
+
+    /// Reads one key, with the revision the read saw.
+    public func range(key: String, revision: Int64 = 0) async throws(EtcdError) -> EtcdRangeResult {
+        var request = Etcdserverpb_RangeRequest()
+        request.key = Data(key.utf8)
+        request.revision = revision
+        return try await range(request, operation: "Range \(key)")
+    }
+
+    /// Reads every key starting with `prefix`, in key order, at one
+    /// revision: `revision`, or (0) the newest when the read began.
+    ///
+    /// The keys are read in pages of at most `pageSize` keys, every page at
+    /// the first page's revision (as etcd's own clients page: `limit`, the
+    /// next page starting after the last key returned), so no answer has to
+    /// hold the whole range and the result is one consistent snapshot even
+    /// while keys change; watch from `revision + 1` to follow it. A page too
+    /// large for `maxReceiveMessageBytes` is asked for again with half as
+    /// many keys. If the snapshot's revision is compacted before the last
+    /// page (the listing took longer than etcd keeps history), a read of the
+    /// newest revision starts again (at most 3 times); with an explicit
+    /// `revision` that fails with `.compacted`.
+    public func range(prefix: String, revision: Int64 = 0, pageSize: Int = EtcdClient.defaultPageSize)
+        async throws(EtcdError) -> EtcdRangeResult
+    {
+        var restarts = 0
+        while true {
+            do {
+                return try await pagedRange(prefix: prefix, revision: revision, pageSize: pageSize)
+            } catch {
+                guard case .compacted = error.code, revision == 0, restarts < 3 else { throw error }
+                restarts += 1
+            }
+        }
+    }
+
+    private func pagedRange(prefix: String, revision: Int64, pageSize: Int) async throws(EtcdError)
+        -> EtcdRangeResult
+    {
+        let end = Self.prefixEnd(prefix)
+        var kvs: [EtcdKeyValue] = []
+        var snapshot = revision
+        var start = Data(prefix.utf8)
+        var limit = max(1, pageSize)
+        var pages = 0
+        while true {
+            var request = Etcdserverpb_RangeRequest()
+            request.key = start
+            request.rangeEnd = end
+            request.revision = snapshot
+            request.limit = Int64(limit)
+            // No sort order: etcd returns keys in ascending order anyway, and
+            // any sort makes it read the whole range for every page.
+            let response: Etcdserverpb_RangeResponse
+            do {
+                response = try await perform("Range \(prefix)* page \(pages + 1)") { [request] metadata, options in
+                    try await self.kv.range(request, metadata: metadata, options: options)
+                }
+            } catch {
+                if error.code == .responseTooLarge && limit > 1 {
+                    limit = max(1, limit / 2)
+                    continue
+                }
+                throw error
+            }
+            pages += 1
+            if snapshot == 0 { snapshot = response.header.revision }
+            // `count` is the number of keys in the whole range.
+            if pages == 1 { kvs.reserveCapacity(Int(clamping: min(response.count, 1 << 20))) }
+            for kv in response.kvs { kvs.append(EtcdKeyValue(kv)) }
+            guard response.more, let last = response.kvs.last else { break }
+            // The smallest key after the last one returned.
+            start = last.key + Data([0])
+        }
+        return EtcdRangeResult(kvs: kvs, revision: snapshot)
+    }
+
+    /// The keys of `[key, rangeEnd)` in one request: at most `limit` (0: all)
+    /// of them, at `revision` (0: the newest). `more` says whether keys were
+    /// left out. For tests and tools that show what one answer holds.
+    public func rangePage(key: String, rangeEnd: Data, revision: Int64 = 0, limit: Int64 = 0)
+        async throws(EtcdError) -> (result: EtcdRangeResult, more: Bool)
+    {
+        var request = Etcdserverpb_RangeRequest()
+        request.key = Data(key.utf8)
+        request.rangeEnd = rangeEnd
+        request.revision = revision
+        request.limit = limit
+        let response = try await perform("Range \(key) limit \(limit)") { [request] metadata, options in
+            try await self.kv.range(request, metadata: metadata, options: options)
+        }
+        return (EtcdRangeResult(kvs: response.kvs.map(EtcdKeyValue.init), revision: response.header.revision),
+                response.more)
+    }
+
+    /// The end of the range of every key starting with `prefix`.
+    public static func rangeEnd(ofPrefix prefix: String) -> Data { prefixEnd(prefix) }
+
+    private func range(_ request: Etcdserverpb_RangeRequest, operation: String) async throws(EtcdError)
+        -> EtcdRangeResult
+    {
+        let response = try await perform(operation) { [request] metadata, options in
+            try await self.kv.range(request, metadata: metadata, options: options)
+        }
+        return EtcdRangeResult(kvs: response.kvs.map(EtcdKeyValue.init), revision: response.header.revision)
+    }
+
+    /// Writes a key, attached to `lease` (0: no lease, the key stays until
+    /// deleted). Returns the revision of the write.
+    @discardableResult
+    public func put(_ key: String, value: [UInt8], lease: Int64 = 0) async throws(EtcdError) -> Int64 {
+        var request = Etcdserverpb_PutRequest()
+        request.key = Data(key.utf8)
+        request.value = Data(value)
+        request.lease = lease
+        let response = try await perform("Put \(key)") { [request] metadata, options in
+            try await self.kv.put(request, metadata: metadata, options: options)
+        }
+        return response.header.revision
+    }
+
+    @discardableResult
+    public func put(_ key: String, value: String, lease: Int64 = 0) async throws(EtcdError) -> Int64 {
+        try await put(key, value: Array(value.utf8), lease: lease)
+    }
+
+    /// Writes several keys in one transaction (one revision), each attached
+    /// to `lease` (0: none). etcd refuses more operations per transaction
+    /// than its `--max-txn-ops` (default 128). Returns the revision.
+    @discardableResult
+    public func putAll(_ pairs: [(key: String, value: [UInt8])], lease: Int64 = 0) async throws(EtcdError) -> Int64 {
+        var request = Etcdserverpb_TxnRequest()
+        request.success = pairs.map { pair in
+            var put = Etcdserverpb_PutRequest()
+            put.key = Data(pair.key.utf8)
+            put.value = Data(pair.value)
+            put.lease = lease
+            return .with { $0.requestPut = put }
+        }
+        let response = try await perform("Txn put \(pairs.count) keys") { [request] metadata, options in
+            try await self.kv.txn(request, metadata: metadata, options: options)
+        }
+        return response.header.revision
+    }
+
+    /// Deletes a key. Returns how many keys were deleted (0 or 1) and the revision.
+    @discardableResult
+    public func delete(_ key: String) async throws(EtcdError) -> (deleted: Int64, revision: Int64) {
+        var request = Etcdserverpb_DeleteRangeRequest()
+        request.key = Data(key.utf8)
+        let response = try await perform("DeleteRange \(key)") { [request] metadata, options in
+            try await self.kv.deleteRange(request, metadata: metadata, options: options)
+        }
+        return (response.deleted, response.header.revision)
+    }
+
+    /// Writes `key` only if it does not exist, in one transaction:
+    /// `If(create_revision(key) == 0) Then(Put) Else(Range)`. Of several
+    /// clients racing for the same key exactly one gets `.created`; the others
+    /// get `.exists` with what the winner wrote.
+    public func createIfAbsent(_ key: String, value: [UInt8], lease: Int64 = 0) async throws(EtcdError)
+        -> EtcdCreateResult
+    {
+        var compare = Etcdserverpb_Compare()
+        compare.target = .create
+        compare.createRevision = 0
+        let operation = "Txn create-if-absent \(key)"
+        let response = try await putIf(compare, key: key, value: value, lease: lease, operation: operation)
+        if response.succeeded { return .created(revision: response.header.revision) }
+        guard case .responseRange(let found)? = response.responses.first?.response,
+              let existing = found.kvs.first else {
+            // The transaction is atomic: a failed compare means the key existed
+            // when the Range ran.
+            throw EtcdError(.protocolViolation, operation: operation, endpoints: endpoints,
+                            reason: "the compare failed but the key was not returned")
+        }
+        return .exists(EtcdKeyValue(existing))
+    }
+
+    /// One transaction: `If(compare == on key) Then(Put key) Else(Range key)`,
+    /// so a loser learns at once what the key holds.
+    private func putIf(_ compare: Etcdserverpb_Compare, key: String, value: [UInt8], lease: Int64,
+                       operation: String) async throws(EtcdError) -> Etcdserverpb_TxnResponse {
+        var compare = compare
+        compare.key = Data(key.utf8)
+        compare.result = .equal
+        var put = Etcdserverpb_PutRequest()
+        put.key = Data(key.utf8)
+        put.value = Data(value)
+        put.lease = lease
+        var get = Etcdserverpb_RangeRequest()
+        get.key = Data(key.utf8)
+        var request = Etcdserverpb_TxnRequest()
+        request.compare = [compare]
+        request.success = [.with { $0.requestPut = put }]
+        request.failure = [.with { $0.requestRange = get }]
+        return try await perform(operation) { [request] metadata, options in
+            try await self.kv.txn(request, metadata: metadata, options: options)
+        }
+    }
+
+    public func createIfAbsent(_ key: String, value: String, lease: Int64 = 0) async throws(EtcdError)
+        -> EtcdCreateResult
+    {
+        try await createIfAbsent(key, value: Array(value.utf8), lease: lease)
+    }
+
+    /// Writes `key` only if it was not changed since `modRevision` (0: only
+    /// if it does not exist), in one transaction:
+    /// `If(mod_revision(key) == modRevision) Then(Put) Else(Range)`.
+    /// Returns `.written` with the put's revision, or `.changed` with the
+    /// current value (nil if the key is gone) when someone else got there first.
+    public func compareAndPut(_ key: String, value: [UInt8], lease: Int64 = 0, modRevision: Int64)
+        async throws(EtcdError) -> EtcdSwapResult
+    {
+        var compare = Etcdserverpb_Compare()
+        compare.target = .mod
+        compare.modRevision = modRevision
+        let response = try await putIf(compare, key: key, value: value, lease: lease,
+                                       operation: "Txn compare-and-put \(key)@\(modRevision)")
+        if response.succeeded { return .written(revision: response.header.revision) }
+        guard case .responseRange(let found)? = response.responses.first?.response else {
+            return .changed(current: nil)
+        }
+        return .changed(current: found.kvs.first.map(EtcdKeyValue.init))
+    }
+
+    /// Deletes `key` only if it was not changed since `modRevision`, in one
+    /// transaction: `If(mod_revision(key) == modRevision) Then(DeleteRange) Else(Range)`.
+    /// Returns `.written` with the delete's revision, or `.changed` with the
+    /// current value (nil if the key is gone) when someone else wrote it meanwhile.
+    public func compareAndDelete(_ key: String, modRevision: Int64) async throws(EtcdError) -> EtcdSwapResult {
+        var compare = Etcdserverpb_Compare()
+        compare.target = .mod
+        compare.modRevision = modRevision
+        compare.key = Data(key.utf8)
+        compare.result = .equal
+        var delete = Etcdserverpb_DeleteRangeRequest()
+        delete.key = Data(key.utf8)
+        var get = Etcdserverpb_RangeRequest()
+        get.key = Data(key.utf8)
+        var request = Etcdserverpb_TxnRequest()
+        request.compare = [compare]
+        request.success = [.with { $0.requestDeleteRange = delete }]
+        request.failure = [.with { $0.requestRange = get }]
+        let response = try await perform("Txn compare-and-delete \(key)@\(modRevision)") { [request] metadata, options in
+            try await self.kv.txn(request, metadata: metadata, options: options)
+        }
+        if response.succeeded { return .written(revision: response.header.revision) }
+        guard case .responseRange(let found)? = response.responses.first?.response else {
+            return .changed(current: nil)
+        }
+        return .changed(current: found.kvs.first.map(EtcdKeyValue.init))
+    }
+
+    /// The end of the range holding every key that starts with `prefix`:
+    /// the prefix with its last byte incremented (trailing 0xff bytes
+    /// dropped); "\0" (every key) when nothing is left.
+    static func prefixEnd(_ prefix: String) -> Data {
+        var bytes = Array(prefix.utf8)
+        while let last = bytes.last {
+            if last < 0xff {
+                bytes[bytes.count - 1] = last + 1
+                return Data(bytes)
+            }
+            bytes.removeLast()
+        }
+        return Data([0])
+    }
+}
