@@ -45,7 +45,7 @@ public final class HostGatewayBackend: Backend, HostBackend {
     public func unusableReason(_ lease: Lease) -> String? { nil }
 
     public func apply(_ changes: [PeerChange]) {
-        var log = PeerLog()
+        var log = PeerLog(for: logger)
         defer { log.flush(to: logger) }
         for change in changes {
             switch change {

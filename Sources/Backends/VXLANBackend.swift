@@ -151,7 +151,7 @@ public final class VXLANBackend: Backend, HostBackend {
             return
         }
         let (index, routes) = (device.index, device.routes)
-        var log = PeerLog()
+        var log = PeerLog(for: logger)
         programming.withLock { _ in
             for change in changes { apply(change, index: index, routes: routes, log: &log) }
         }

@@ -36,10 +36,28 @@ extension EtcdClient {
     public func range(prefix: String, revision: Int64 = 0, pageSize: Int = EtcdClient.defaultPageSize)
         async throws(EtcdError) -> EtcdRangeResult
     {
+        var kvs: [EtcdKeyValue] = []
+        let snapshot = try await range(prefix: prefix, revision: revision, pageSize: pageSize) { page, restart in
+            if restart { kvs.removeAll() }
+            kvs += page
+        }
+        return EtcdRangeResult(kvs: kvs, revision: snapshot)
+    }
+
+    /// `range(prefix:revision:pageSize:)` a page at a time: `body` gets
+    /// each page's keys as it arrives, so the caller can decode them and
+    /// let the page go rather than hold the whole range twice. `restart` is
+    /// true on the first page of each attempt: after a compaction restart
+    /// (see above) the caller drops what it took from the earlier attempt.
+    /// Returns the revision every page was read at.
+    public func range(prefix: String, revision: Int64 = 0, pageSize: Int = EtcdClient.defaultPageSize,
+                      eachPage body: ([EtcdKeyValue], _ restart: Bool) throws(EtcdError) -> Void)
+        async throws(EtcdError) -> Int64
+    {
         var restarts = 0
         while true {
             do {
-                return try await pagedRange(prefix: prefix, revision: revision, pageSize: pageSize)
+                return try await pagedRange(prefix: prefix, revision: revision, pageSize: pageSize, body)
             } catch {
                 guard case .compacted = error.code, revision == 0, restarts < 3 else { throw error }
                 restarts += 1
@@ -47,11 +65,11 @@ extension EtcdClient {
         }
     }
 
-    private func pagedRange(prefix: String, revision: Int64, pageSize: Int) async throws(EtcdError)
-        -> EtcdRangeResult
+    private func pagedRange(prefix: String, revision: Int64, pageSize: Int,
+                            _ body: ([EtcdKeyValue], _ restart: Bool) throws(EtcdError) -> Void)
+        async throws(EtcdError) -> Int64
     {
         let end = Self.prefixEnd(prefix)
-        var kvs: [EtcdKeyValue] = []
         var snapshot = revision
         var start = Data(prefix.utf8)
         var limit = max(1, pageSize)
@@ -78,14 +96,12 @@ extension EtcdClient {
             }
             pages += 1
             if snapshot == 0 { snapshot = response.header.revision }
-            // `count` is the number of keys in the whole range.
-            if pages == 1 { kvs.reserveCapacity(Int(clamping: min(response.count, 1 << 20))) }
-            for kv in response.kvs { kvs.append(EtcdKeyValue(kv)) }
+            try body(response.kvs.map(EtcdKeyValue.init), pages == 1)
             guard response.more, let last = response.kvs.last else { break }
             // The smallest key after the last one returned.
             start = last.key + Data([0])
         }
-        return EtcdRangeResult(kvs: kvs, revision: snapshot)
+        return snapshot
     }
 
     /// The keys of `[key, rangeEnd)` in one request: at most `limit` (0: all)

@@ -130,12 +130,39 @@ public enum JSONValue: Sendable, Equatable, Codable, CustomStringConvertible {
     public func field(_ name: String) -> JSONValue? {
         guard case .object(let fields) = self else { return nil }
         if let exact = fields[name] { return exact }
-        let folded = Self.foldedKey(name)
-        // Sorted so that the choice between two case variants is deterministic.
-        for key in fields.keys.sorted() where Self.foldedKey(key) == folded {
-            return fields[key]
+        // Of several case variants, the smallest key, so that the choice is
+        // deterministic; ASCII keys are compared without building strings.
+        var folded: String?
+        var best: String?
+        for key in fields.keys where best.map({ key < $0 }) ?? true {
+            let same: Bool
+            if let ascii = Self.asciiCaseInsensitiveEqual(key, name) {
+                same = ascii
+            } else {
+                if folded == nil { folded = Self.foldedKey(name) }
+                same = Self.foldedKey(key) == folded
+            }
+            if same { best = key }
         }
-        return nil
+        return best.flatMap { fields[$0] }
+    }
+
+    /// Whether two ASCII strings are equal ignoring case; nil when either
+    /// holds a byte above 0x7F (then Go's Unicode folding decides).
+    static func asciiCaseInsensitiveEqual(_ a: String, _ b: String) -> Bool? {
+        var ai = a.utf8.makeIterator()
+        var bi = b.utf8.makeIterator()
+        var equal = true
+        while true {
+            switch (ai.next(), bi.next()) {
+            case (nil, nil): return equal
+            case (let x?, nil), (nil, let x?): return x < 0x80 ? false : nil
+            case (let x?, let y?):
+                guard x < 0x80, y < 0x80 else { return nil }
+                func lower(_ c: UInt8) -> UInt8 { c >= 0x41 && c <= 0x5A ? c | 0x20 : c }
+                if lower(x) != lower(y) { equal = false }
+            }
+        }
     }
 
     /// A key with case folded as Go's encoding/json folds it to match a
@@ -322,6 +349,18 @@ struct JSONParser {
 
     private mutating func parseString() throws(JSONParseError) -> String {
         index += 1 // opening quote
+        // Most strings hold no escape: one scan and one copy.
+        var end = index
+        while end < bytes.count {
+            let b = bytes[end]
+            if b == UInt8(ascii: "\"") {
+                let text = String(decoding: bytes[index..<end], as: UTF8.self)
+                index = end + 1
+                return text
+            }
+            if b == UInt8(ascii: "\\") || b < 0x20 { break }
+            end += 1
+        }
         var scalars = String.UnicodeScalarView()
         var run: [UInt8] = []
         while true {

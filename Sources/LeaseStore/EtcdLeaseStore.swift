@@ -75,7 +75,8 @@ public final class EtcdLeaseStore: LeaseStore {
         var subnet: IPv4Network
         /// The key's name under `subnets/`.
         var name: String
-        var kv: EtcdKeyValue
+        /// The etcd lease the key is attached to (0: a reservation).
+        var etcdLease: Int64
         var lease: Result<Lease, LeaseStoreError>
     }
 
@@ -103,6 +104,15 @@ public final class EtcdLeaseStore: LeaseStore {
                           },
                           malformedKeys: malformed)
         }
+
+        /// The listing with `lease` as it is now (acquired or refreshed
+        /// after the read): a watch from `revision` replays that write.
+        func with(_ lease: Lease, etcdLease: Int64) -> Listing {
+            var copy = self
+            copy.entries.removeAll { $0.name == lease.key }
+            copy.entries.append(Entry(subnet: lease.subnet, name: lease.key, etcdLease: etcdLease, lease: .success(lease)))
+            return copy
+        }
     }
 
     /// Unexpired leases and reservations; keys whose value cannot be read
@@ -122,63 +132,67 @@ public final class EtcdLeaseStore: LeaseStore {
         try await list(expiriesOf: holder).snapshot
     }
 
+    /// Reads the lease keys a page at a time, decoding each page into
+    /// leases as it arrives (no page is kept).
+    ///
     /// - Parameter holder: look up the expiry only of leases with this
     ///   PublicIP; nil: of every lease.
     private func list(expiriesOf holder: IPv4Address?) async throws -> Listing {
-        let listed = try await client.range(prefix: subnetsPrefix, pageSize: pageSize)
-        var parsed: [(subnet: IPv4Network, kv: EtcdKeyValue, lease: Result<LeaseAttributes, LeaseStoreError>)] = []
-        parsed.reserveCapacity(listed.kvs.count)
-        var malformed: [String] = []
-        for kv in listed.kvs {
-            guard let subnet = subnet(fromKey: kv.key) else {
-                malformed.append(name(ofKey: kv.key))
-                continue
-            }
-            let attributes: Result<LeaseAttributes, LeaseStoreError>
-            do throws(LeaseStoreError) {
-                attributes = .success(try LeaseAttributes(flannelJSON: kv.valueString, key: kv.key))
-            } catch {
-                attributes = .failure(error)
-            }
-            parsed.append((subnet, kv, attributes))
-        }
-        func wantsExpiry(_ entry: (subnet: IPv4Network, kv: EtcdKeyValue,
-                                   lease: Result<LeaseAttributes, LeaseStoreError>)) -> Bool {
-            guard entry.kv.lease != 0 else { return false }
-            guard let holder else { return true }
-            return (try? entry.lease.get())?.publicIP == holder
-        }
-        let expirations = try await expirations(ofLeases: Set(parsed.filter(wantsExpiry).map(\.kv.lease)))
         var entries: [Entry] = []
-        entries.reserveCapacity(parsed.count)
-        for entry in parsed {
-            let (subnet, kv) = (entry.subnet, entry.kv)
-            var expiration: Date?
-            if kv.lease != 0 {
-                if wantsExpiry(entry) {
-                    // An expired etcd lease whose key the server has not deleted
-                    // yet: the DELETE is on its way; treat the subnet as free.
-                    guard let expires = expirations[kv.lease] else { continue }
-                    expiration = expires
-                } else {
-                    expiration = Lease.expirationNotLookedUp
+        var malformed: [String] = []
+        var previous: LeaseAttributes?
+        let revision = try await client.range(prefix: subnetsPrefix, pageSize: pageSize) { page, restart in
+            if restart {
+                entries.removeAll()
+                malformed.removeAll()
+            }
+            if entries.isEmpty { entries.reserveCapacity(page.count) }
+            for kv in page {
+                let name = name(ofKey: kv.key)
+                guard let subnet = subnet(fromKey: kv.key) else {
+                    malformed.append(name)
+                    continue
                 }
+                let lease: Result<Lease, LeaseStoreError>
+                do throws(LeaseStoreError) {
+                    var attributes = try LeaseAttributes(flannelJSON: kv.value, key: kv.key)
+                    if let previous { attributes.share(with: previous) }
+                    previous = attributes
+                    // Expiries are looked up below, for the leases that need one.
+                    lease = .success(Lease(subnet: subnet, attributes: attributes,
+                                           expiration: kv.lease == 0 ? nil : Lease.expirationNotLookedUp,
+                                           revision: kv.modRevision, key: name))
+                } catch {
+                    let problem = LeaseStoreError.corrupt(
+                        key: kv.key, reason: Self.reason(error)
+                            + "; the subnet stays taken until you fix the value or `etcdctl del \(kv.key)`")
+                    logger.warning("skipping unreadable lease: \(problem)")
+                    lease = .failure(problem)
+                }
+                entries.append(Entry(subnet: subnet, name: name, etcdLease: kv.lease, lease: lease))
             }
-            let lease: Result<Lease, LeaseStoreError>
-            switch entry.lease {
-            case .success(let attributes):
-                lease = .success(Lease(subnet: subnet, attributes: attributes, expiration: expiration,
-                                       revision: kv.modRevision, key: name(ofKey: kv.key)))
-            case .failure(let error):
-                let problem = LeaseStoreError.corrupt(
-                    key: kv.key, reason: Self.reason(error)
-                        + "; the subnet stays taken until you fix the value or `etcdctl del \(kv.key)`")
-                logger.warning("skipping unreadable lease: \(problem)")
-                lease = .failure(problem)
-            }
-            entries.append(Entry(subnet: subnet, name: name(ofKey: kv.key), kv: kv, lease: lease))
         }
-        return Listing(entries: entries, revision: listed.revision, malformed: malformed)
+        func wantsExpiry(_ entry: Entry) -> Bool {
+            guard entry.etcdLease != 0 else { return false }
+            guard let holder else { return true }
+            return (try? entry.lease.get())?.attributes.publicIP == holder
+        }
+        let wanted = Set(entries.filter(wantsExpiry).map(\.etcdLease))
+        if !wanted.isEmpty {
+            let expirations = try await expirations(ofLeases: wanted)
+            entries = entries.compactMap { entry in
+                guard wantsExpiry(entry) else { return entry }
+                // An expired etcd lease whose key the server has not deleted
+                // yet: the DELETE is on its way; treat the subnet as free.
+                guard let expires = expirations[entry.etcdLease] else { return nil }
+                guard case .success(var lease) = entry.lease else { return entry }
+                lease.expiration = expires
+                var updated = entry
+                updated.lease = .success(lease)
+                return updated
+            }
+        }
+        return Listing(entries: entries, revision: revision, malformed: malformed)
     }
 
     /// The reason inside a `.corrupt` error (the key is named separately).
@@ -265,7 +279,7 @@ public final class EtcdLeaseStore: LeaseStore {
         case .put:
             let attributes: LeaseAttributes
             do {
-                attributes = try LeaseAttributes(flannelJSON: event.kv.valueString, key: event.kv.key)
+                attributes = try LeaseAttributes(flannelJSON: event.kv.value, key: event.kv.key)
             } catch {
                 logger.warning("ignoring unreadable lease update: \(error)")
                 return nil
@@ -308,22 +322,37 @@ public final class EtcdLeaseStore: LeaseStore {
 
     public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes,
                              preferred: IPv4Network?) async throws -> Lease {
+        try await acquireListing(config: config, attributes: attributes, preferred: preferred).lease
+    }
+
+    /// One read of the leases both chooses the subnet and is the list of
+    /// peers, at one revision: a host joining 60,000 others reads them once.
+    public func join(config: NetworkConfig, attributes: LeaseAttributes,
+                     preferred: IPv4Network?) async throws -> LeaseJoin {
+        let (lease, listing) = try await acquireListing(config: config, attributes: attributes, preferred: preferred)
+        return LeaseJoin(lease: lease, peers: listing.snapshot)
+    }
+
+    private func acquireListing(config: NetworkConfig, attributes: LeaseAttributes,
+                                preferred: IPv4Network?) async throws -> (lease: Lease, listing: Listing) {
         // An etcd lease granted for a create that lost its race is reused for
         // the next try, and revoked if it ends up attached to no key.
         var spare: EtcdLease?
         do {
-            let lease = try await acquire(config: config, attributes: attributes, preferred: preferred,
-                                          spare: &spare)
+            let acquired = try await acquire(config: config, attributes: attributes, preferred: preferred,
+                                             spare: &spare)
             if let spare { try? await client.leaseRevoke(spare.id) }
-            return lease
+            return acquired
         } catch {
             if let spare { try? await client.leaseRevoke(spare.id) }
             throw error
         }
     }
 
+    /// The lease, and the listing the choice was made from with the lease
+    /// as it is after this call.
     private func acquire(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
-                         spare: inout EtcdLease?) async throws -> Lease {
+                         spare: inout EtcdLease?) async throws -> (Lease, Listing) {
         let value = Array(attributes.flannelJSON.utf8)
         var generator = SystemRandomNumberGenerator()
         var attempts = 0
@@ -345,7 +374,7 @@ public final class EtcdLeaseStore: LeaseStore {
                 let key = subnetsPrefix + existing.key
                 if let renewed = try await refreshIfStillOurs(existing, key: key, attributes: attributes) {
                     logger.info("reusing lease \(renewed)")
-                    return renewed
+                    return (renewed, listing.with(renewed.withKey(existing.key), etcdLease: 0))
                 }
                 continue  // it changed or expired under us: look again
             }
@@ -358,11 +387,12 @@ public final class EtcdLeaseStore: LeaseStore {
                 case .created(let revision):
                     spare = nil
                     logger.info("acquired lease \(subnet) for \(attributes.publicIP)")
-                    return Lease(subnet: subnet, attributes: attributes,
-                                 expiration: Date().addingTimeInterval(TimeInterval(etcdLease.ttl)),
-                                 revision: revision)
+                    let lease = Lease(subnet: subnet, attributes: attributes,
+                                      expiration: Date().addingTimeInterval(TimeInterval(etcdLease.ttl)),
+                                      revision: revision)
+                    return (lease, listing.with(lease, etcdLease: etcdLease.id))
                 case .exists(let holder):
-                    if let held = try? LeaseAttributes(flannelJSON: holder.valueString, key: holder.key),
+                    if let held = try? LeaseAttributes(flannelJSON: holder.value, key: holder.key),
                        held.publicIP == attributes.publicIP {
                         // Ours after all (a retried request, or another instance
                         // with our PublicIP): take it over rather than a second subnet.
@@ -370,7 +400,7 @@ public final class EtcdLeaseStore: LeaseStore {
                                           revision: holder.modRevision)
                         if let renewed = try await refreshIfStillOurs(lease, key: holder.key,
                                                                       attributes: attributes) {
-                            return renewed
+                            return (renewed, listing.with(renewed.withKey(name(ofKey: holder.key)), etcdLease: 0))
                         }
                     }
                     logger.info("subnet \(subnet) was taken by another node first; trying another")
@@ -408,7 +438,7 @@ public final class EtcdLeaseStore: LeaseStore {
     /// changed between read and write (read again).
     private func refresh(_ lease: Lease, key: String, attributes: LeaseAttributes) async throws -> Lease? {
         guard let kv = try await client.get(key),
-              let held = try? LeaseAttributes(flannelJSON: kv.valueString, key: key),
+              let held = try? LeaseAttributes(flannelJSON: kv.value, key: key),
               held.publicIP == attributes.publicIP else {
             throw LeaseStoreError.leaseNotFound(subnet: lease.subnet)
         }
@@ -444,7 +474,7 @@ public final class EtcdLeaseStore: LeaseStore {
         // Bounded, as renewal: a key that keeps changing under us is someone else's.
         for _ in 0..<3 {
             guard let kv = try await client.get(key) else { return }
-            guard let held = try? LeaseAttributes(flannelJSON: kv.valueString, key: key),
+            guard let held = try? LeaseAttributes(flannelJSON: kv.value, key: key),
                   held.publicIP == lease.attributes.publicIP else {
                 logger.info("not releasing \(lease.subnet): it is held by another node now")
                 return

@@ -4,21 +4,63 @@ import NetBase
 
 /// What a node records about itself in its lease: flannel's lease value
 /// (`{"PublicIP":"…","PublicIPv6":null,"BackendType":…,"BackendData":…}`).
+///
+/// 16 bytes: the public IP, and the rest in one shared, immutable box (none
+/// for a udp lease, one box shared by every host-gw lease read in one list),
+/// since a host keeps one of these per peer and may have 60,000 peers.
 public struct LeaseAttributes: Sendable, Equatable {
     public var publicIP: IPv4Address
+    private var extra: Extra?
+
+    /// What a lease holds besides its public IP.
+    final class Extra: Sendable, Equatable {
+        let publicIPv6: String?
+        let backendType: String?
+        let backendData: JSONValue?
+
+        init(publicIPv6: String?, backendType: String?, backendData: JSONValue?) {
+            self.publicIPv6 = publicIPv6
+            self.backendType = backendType
+            self.backendData = backendData
+        }
+
+        static func == (a: Extra, b: Extra) -> Bool {
+            a === b || (a.publicIPv6 == b.publicIPv6 && a.backendType == b.backendType
+                        && a.backendData == b.backendData)
+        }
+
+        static func make(_ publicIPv6: String?, _ backendType: String?, _ backendData: JSONValue?) -> Extra? {
+            publicIPv6 == nil && backendType == nil && backendData == nil
+                ? nil : Extra(publicIPv6: publicIPv6, backendType: backendType, backendData: backendData)
+        }
+    }
+
     /// Kept as text: tunneld does not use IPv6 yet but must carry it through.
-    public var publicIPv6: String?
+    public var publicIPv6: String? {
+        get { extra?.publicIPv6 }
+        set { extra = .make(newValue, backendType, backendData) }
+    }
     /// Absent for udp nodes (flannel's udp backend writes no BackendType).
-    public var backendType: String?
+    public var backendType: String? {
+        get { extra?.backendType }
+        set { extra = .make(publicIPv6, newValue, backendData) }
+    }
     /// Backend-specific data (vxlan: `{"VNI":1,"VtepMAC":"…"}`), kept verbatim.
-    public var backendData: JSONValue?
+    public var backendData: JSONValue? {
+        get { extra?.backendData }
+        set { extra = .make(publicIPv6, backendType, newValue) }
+    }
 
     public init(publicIP: IPv4Address, publicIPv6: String? = nil,
                 backendType: String? = nil, backendData: JSONValue? = nil) {
         self.publicIP = publicIP
-        self.publicIPv6 = publicIPv6
-        self.backendType = backendType
-        self.backendData = backendData
+        self.extra = .make(publicIPv6, backendType, backendData)
+    }
+
+    /// Shares `previous`'s box when it holds the same values (consecutive
+    /// leases of one list mostly do).
+    mutating func share(with previous: LeaseAttributes) {
+        if let mine = extra, let theirs = previous.extra, mine !== theirs, mine == theirs { extra = theirs }
     }
 }
 
@@ -44,6 +86,13 @@ public struct Lease: Sendable, Equatable, CustomStringConvertible {
     }
 
     public var isReservation: Bool { expiration == nil }
+
+    /// The lease under key name `key`.
+    public func withKey(_ key: String) -> Lease {
+        var copy = self
+        copy.key = key
+        return copy
+    }
 
     /// The `expiration` of an expiring lease whose remaining time the store
     /// did not look up (`LeaseStore.peerLeases(holder:)`).
@@ -75,6 +124,19 @@ public struct LeaseSnapshot: Sendable, Equatable {
         self.skipped = skipped
         self.unreadableKeys = unreadableKeys
         self.malformedKeys = malformedKeys
+    }
+}
+
+/// A host's start in the store: its lease, and every lease (its own
+/// included, as it is now) from the same read at one revision — the peers to
+/// load, and where their watch starts.
+public struct LeaseJoin: Sendable {
+    public var lease: Lease
+    public var peers: LeaseSnapshot
+
+    public init(lease: Lease, peers: LeaseSnapshot) {
+        self.lease = lease
+        self.peers = peers
     }
 }
 
@@ -134,6 +196,12 @@ public protocol LeaseStore: Sendable {
     func acquireLease(config: NetworkConfig, attributes: LeaseAttributes,
                       preferred: IPv4Network?) async throws -> Lease
 
+    /// `acquireLease`, and the peers as `peerLeases(holder:)` lists them,
+    /// from one read where the store can: a host starting among 60,000
+    /// leases reads them once. Changes after `peers.revision` (the lease's
+    /// own write among them) come from `watchPeerLeases(after:)`.
+    func join(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?) async throws -> LeaseJoin
+
     /// Extends a lease by the store's TTL. Reservations are returned unchanged.
     func renewLease(_ lease: Lease) async throws -> Lease
 
@@ -162,6 +230,13 @@ public protocol LeaseStore: Sendable {
 
 extension LeaseStore {
     public func peerLeases(holder: IPv4Address) async throws -> LeaseSnapshot { try await leases() }
+
+    /// Two reads: the lease, then the peers (which then include it).
+    public func join(config: NetworkConfig, attributes: LeaseAttributes,
+                     preferred: IPv4Network?) async throws -> LeaseJoin {
+        let lease = try await acquireLease(config: config, attributes: attributes, preferred: preferred)
+        return LeaseJoin(lease: lease, peers: try await peerLeases(holder: attributes.publicIP))
+    }
 
     public func watchPeerLeases(after revision: Int64, holder: IPv4Address)
         -> AsyncThrowingStream<LeaseEvent, any Error>

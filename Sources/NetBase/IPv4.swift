@@ -9,16 +9,39 @@ public struct IPv4Address: Hashable, Comparable, Sendable, CustomStringConvertib
     }
 
     /// Parses dotted-quad notation ("10.2.72.1"); nil for anything else.
+    /// Octets of up to three digits are read as decimal ("010" is 10).
     public init?(_ text: some StringProtocol) {
-        var parts: [UInt32] = []
-        parts.reserveCapacity(4)
-        for part in text.split(separator: ".", omittingEmptySubsequences: false) {
-            guard !part.isEmpty, part.count <= 3, part.allSatisfy({ $0.isASCII && $0.isNumber }),
-                  let n = UInt32(part), n <= 255 else { return nil }
-            parts.append(n)
+        guard let value = IPv4Address.parse(text.utf8, canonical: false) else { return nil }
+        self.value = value
+    }
+
+    /// Parses dotted-quad bytes in one pass without building strings. With
+    /// `canonical`, only the spelling `description` gives is accepted (no
+    /// leading zeros: "010" names nothing), as Go's parser and flannel's
+    /// lease keys have it.
+    public static func parse(_ bytes: some Collection<UInt8>, canonical: Bool) -> UInt32? {
+        var value: UInt32 = 0
+        var octet: UInt32 = 0
+        var digits = 0
+        var dots = 0
+        var leadingZero = false
+        for b in bytes {
+            if b == UInt8(ascii: ".") {
+                guard digits > 0, dots < 3 else { return nil }
+                value = value << 8 | octet
+                octet = 0
+                digits = 0
+                dots += 1
+                continue
+            }
+            guard b >= UInt8(ascii: "0"), b <= UInt8(ascii: "9"), digits < 3 else { return nil }
+            if digits == 0 { leadingZero = b == UInt8(ascii: "0") } else if canonical && leadingZero { return nil }
+            octet = octet * 10 + UInt32(b - UInt8(ascii: "0"))
+            guard octet <= 255 else { return nil }
+            digits += 1
         }
-        guard parts.count == 4 else { return nil }
-        value = parts[0] << 24 | parts[1] << 16 | parts[2] << 8 | parts[3]
+        guard digits > 0, dots == 3 else { return nil }
+        return value << 8 | octet
     }
 
     /// The address in network byte order, as `sockaddr_in.sin_addr.s_addr` wants it.
@@ -52,30 +75,52 @@ public struct IPv4Address: Hashable, Comparable, Sendable, CustomStringConvertib
 /// (host bits zero).
 public struct IPv4Network: Hashable, Sendable, CustomStringConvertible, Codable {
     public let address: IPv4Address
-    public let prefixLength: Int
+    /// Stored in one byte: a network is 8 bytes, and a table of 60,000
+    /// peers keyed by subnet is half the size it would be with an `Int`.
+    private let length: UInt8
+    public var prefixLength: Int { Int(length) }
 
     /// Builds a network; host bits of `address` are cleared.
     public init(address: IPv4Address, prefixLength: Int) {
         precondition((0...32).contains(prefixLength), "prefix length \(prefixLength) outside 0...32")
-        self.prefixLength = prefixLength
+        self.length = UInt8(prefixLength)
         self.address = IPv4Address(address.value & IPv4Network.mask(prefixLength))
     }
 
     /// Parses "10.2.0.0/16". With `strict`, host bits must be zero.
     public init?(_ text: some StringProtocol, strict: Bool = false) {
-        let parts = text.split(separator: "/", omittingEmptySubsequences: false)
-        guard parts.count == 2, let address = IPv4Address(parts[0]),
-              parts[1].count <= 2, parts[1].allSatisfy({ $0.isASCII && $0.isNumber }),
-              let length = Int(parts[1]), (0...32).contains(length) else { return nil }
-        if strict && address.value & ~IPv4Network.mask(length) != 0 { return nil }
-        self.init(address: address, prefixLength: length)
+        guard let network = IPv4Network.parse(text.utf8, separator: UInt8(ascii: "/"), canonical: false,
+                                               strict: strict) else { return nil }
+        self = network
     }
 
-    /// flannel's lease key form, "10.2.72.0-24".
+    /// flannel's lease key form, "10.2.72.0-24" (host bits zero).
     public init?(leaseKey text: some StringProtocol) {
-        let parts = text.split(separator: "-", omittingEmptySubsequences: false)
-        guard parts.count == 2 else { return nil }
-        self.init("\(parts[0])/\(parts[1])", strict: true)
+        guard let network = IPv4Network.parse(text.utf8, separator: UInt8(ascii: "-"), canonical: false,
+                                               strict: true) else { return nil }
+        self = network
+    }
+
+    /// Parses `address<separator>length` bytes in one pass: the length is at
+    /// most two digits and ≤ 32; with `canonical`, neither the address nor
+    /// the length may have a leading zero (only `leaseKey`'s own spelling);
+    /// with `strict`, host bits must be zero.
+    public static func parse(_ bytes: some Collection<UInt8>, separator: UInt8, canonical: Bool,
+                             strict: Bool) -> IPv4Network? {
+        guard let cut = bytes.firstIndex(of: separator),
+              let address = IPv4Address.parse(bytes[..<cut], canonical: canonical) else { return nil }
+        let lengthBytes = bytes[bytes.index(after: cut)...]
+        var length = 0
+        var digits = 0
+        for b in lengthBytes {
+            guard b >= UInt8(ascii: "0"), b <= UInt8(ascii: "9"), digits < 2 else { return nil }
+            if canonical && digits == 1 && length == 0 { return nil }
+            length = length * 10 + Int(b - UInt8(ascii: "0"))
+            digits += 1
+        }
+        guard digits > 0, length <= 32 else { return nil }
+        if strict && address & ~IPv4Network.mask(length) != 0 { return nil }
+        return IPv4Network(address: IPv4Address(address), prefixLength: length)
     }
 
     public static func mask(_ prefixLength: Int) -> UInt32 {

@@ -121,19 +121,34 @@ extension LeaseAttributes {
 public struct PeerLog {
     /// Up to this many peer lines in one batch are logged one by one at info.
     public static let perPeerLimit = 16
+    /// Every line when they will be logged at debug; else only the first
+    /// `perPeerLimit + 1` (enough to know the batch is large) and the last.
     private var lines: [String] = []
+    private var last: String?
+    private var count = 0
+    private let keepsAll: Bool
 
-    public init() {}
+    /// `logger`: where `flush` will write (its level decides what is kept).
+    public init(for logger: Logger) {
+        keepsAll = logger.logLevel <= .debug
+    }
 
-    public mutating func note(_ line: String) { lines.append(line) }
+    public mutating func note(_ line: @autoclosure () -> String) {
+        count += 1
+        if keepsAll || lines.count <= PeerLog.perPeerLimit {
+            lines.append(line())
+        } else {
+            last = line()
+        }
+    }
 
     public func flush(to logger: Logger) {
-        guard lines.count > PeerLog.perPeerLimit else {
+        guard count > PeerLog.perPeerLimit else {
             for line in lines { logger.info("\(line)") }
             return
         }
-        logger.info("\(lines.count) peers programmed, from \(lines[0]) to \(lines[lines.count - 1]) (one line per peer at --log-level debug)")
-        if logger.logLevel <= .debug {
+        logger.info("\(count) peers programmed, from \(lines[0]) to \(last ?? lines[lines.count - 1]) (one line per peer at --log-level debug)")
+        if keepsAll {
             for line in lines { logger.debug("\(line)") }
         }
     }

@@ -40,10 +40,11 @@ public final class PeerSync: Sendable {
     /// Called after we moved to another subnet (subnet.env, masquerade rules).
     let onSubnetChange: @Sendable (Lease) -> Void
 
-    /// Peers as applied to the backend, by subnet.
-    private let peers = Mutex<[IPv4Network: Lease]>([:])
-    /// When each peer in `peers` was last added or changed.
-    private let changedAt = Mutex<[IPv4Network: Date]>([:])
+    /// The lease of every subnet by `rule` — ours and those the backend
+    /// cannot use included: which key a conflicting one is measured against
+    /// — and whether it is applied to the backend as a peer. One record per
+    /// subnet (a host among 60,000 keeps 60,000 of them).
+    private let table = Mutex<[IPv4Network: Slot]>([:])
     private let metrics: Metrics
     /// Keys already reported as ignored or unusable, with the reason, so
     /// that each is reported once (again only if the reason changes).
@@ -51,9 +52,6 @@ public final class PeerSync: Sendable {
     /// Leases that lost a conflict to another key of their subnet, by key:
     /// one of them becomes the peer when the winner is deleted.
     private let shadowed = Mutex<[String: Lease]>([:])
-    /// The lease of every subnet by `rule`, ours and those the backend
-    /// cannot use included: which key a conflicting one is measured against.
-    private let known = Mutex<[IPv4Network: Lease]>([:])
     /// Changes are applied one batch at a time, in order.
     private let applying = Mutex<Void>(())
     /// Requests to acquire our lease again; consumed by `keepLeaseAcquired`.
@@ -78,11 +76,37 @@ public final class PeerSync: Sendable {
         (reacquireRequests, reacquireContinuation) = AsyncStream<IPv4Network>.makeStream(bufferingPolicy: .bufferingNewest(1))
     }
 
+    /// A subnet's lease, and whether the backend has it as a peer. While
+    /// applied, the backend has this lease's attributes (a renewal replaces
+    /// the lease and changes nothing else).
+    struct Slot {
+        var lease: Lease
+        var applied: Bool
+        /// When it was last added or changed as a peer (seconds since 2001).
+        var changedAt: Double
+    }
+
     /// The peers applied to the backend.
-    public var currentPeers: [IPv4Network: Lease] { peers.withLock { $0 } }
+    public var currentPeers: [IPv4Network: Lease] {
+        table.withLock { $0.compactMapValues { $0.applied ? $0.lease : nil } }
+    }
+
+    /// How many peers are applied to the backend.
+    public var peerCount: Int { table.withLock { $0.values.count(where: \.applied) } }
 
     /// When each current peer was last added or changed (for `tunneld status`).
-    public var peerChangeTimes: [IPv4Network: Date] { changedAt.withLock { $0 } }
+    public var peerChangeTimes: [IPv4Network: Date] {
+        table.withLock {
+            $0.compactMapValues { $0.applied ? Date(timeIntervalSinceReferenceDate: $0.changedAt) : nil }
+        }
+    }
+
+    /// Applies the list a start read (`LeaseStore.join`); returns the
+    /// revision to watch from.
+    public func load(_ snapshot: LeaseSnapshot) -> Int64 {
+        sync(with: snapshot)
+        return snapshot.revision
+    }
 
     /// The keys ignored or unusable as peers, with why (for `tunneld status`).
     public var ignoredKeys: [String: String] { reported.withLock { $0 } }
@@ -157,25 +181,31 @@ public final class PeerSync: Sendable {
         reported.withLock { seen in seen = seen.filter { present.contains($0.key) } }
         for ignored in sorted.ignored { report(ignored, own: own) }
         shadowed.withLock { $0 = Dictionary(sorted.conflicting.map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a }) }
-        known.withLock { $0 = Dictionary(sorted.leases.map { ($0.subnet, $0) }, uniquingKeysWith: { a, _ in a }) }
-        var wanted: [IPv4Network: Lease] = [:]
-        for lease in sorted.leases {
-            if let peer = usablePeer(lease, own: own) { wanted[peer.subnet] = peer }
-        }
         applying.withLock { _ in
-            let current = peers.withLock { $0 }
-            var changes: [PeerChange] = []
-            for (subnet, lease) in current.sorted(by: { $0.key.address < $1.key.address }) where wanted[subnet] == nil {
-                changes.append(.removed(lease))
-            }
-            for (subnet, lease) in wanted.sorted(by: { $0.key.address < $1.key.address }) {
-                if let old = current[subnet] {
-                    if Self.differs(old, lease) { changes.append(.updated(old: old, new: lease)) }
-                } else {
-                    changes.append(.added(lease))
+            // The new table is built beside the old one, then swapped in.
+            let current = table.withLock { $0 }
+            var next: [IPv4Network: Slot] = [:]
+            next.reserveCapacity(sorted.leases.count)
+            var removed: [PeerChange] = []
+            var changed: [PeerChange] = []
+            for lease in sorted.leases where next[lease.subnet] == nil {
+                let previous = current[lease.subnet]
+                let applied = previous.flatMap { $0.applied ? $0.lease : nil }
+                next[lease.subnet] = Slot(lease: lease, applied: applied != nil, changedAt: previous?.changedAt ?? 0)
+                switch (applied, usablePeer(lease, own: own)) {
+                case (nil, let new?): changed.append(.added(new))
+                case (let old?, let new?): if Self.differs(old, new) { changed.append(.updated(old: old, new: new)) }
+                case (let old?, nil): removed.append(.removed(old))
+                case (nil, nil): break
                 }
             }
-            commit(changes)
+            for (subnet, slot) in current where slot.applied && next[subnet] == nil {
+                removed.append(.removed(slot.lease))
+            }
+            table.withLock { $0 = next }
+            removed.sort { $0.subnet.address < $1.subnet.address }
+            changed.sort { $0.subnet.address < $1.subnet.address }
+            commit(removed + changed)
         }
         if !sorted.leases.contains(where: { $0.subnet == own }) {
             logger.warning("our lease \(own) is missing from \(store.location); acquiring a lease again, forwarding continues")
@@ -197,7 +227,7 @@ public final class PeerSync: Sendable {
         }
         switch event {
         case .put(let lease):
-            if let held = known.withLock({ $0[lease.subnet] }), held.key != lease.key {
+            if let held = table.withLock({ $0[lease.subnet]?.lease }), held.key != lease.key {
                 if LeaseRule.precedes(held.key, lease.key) {
                     // Another key names this subnet first: this one is no lease.
                     shadowed.withLock { $0[lease.key] = lease }
@@ -211,8 +241,10 @@ public final class PeerSync: Sendable {
                        own: own)
             }
             shadowed.withLock { $0[lease.key] = nil }
-            known.withLock { $0[lease.subnet] = lease }
             if lease.subnet == own {
+                table.withLock { t in
+                    t[own] = Slot(lease: lease, applied: t[own]?.applied ?? false, changedAt: t[own]?.changedAt ?? 0)
+                }
                 if lease.attributes.publicIP == attributes.publicIP {
                     holder.replace(lease)
                 } else {
@@ -225,7 +257,7 @@ public final class PeerSync: Sendable {
             reported.withLock { $0[key] = nil }
             // A conflicting key that went away: the lease of its subnet stays.
             if shadowed.withLock({ $0.removeValue(forKey: key) }) != nil { return }
-            guard known.withLock({ $0[subnet]?.key }) == key else { return }
+            guard table.withLock({ $0[subnet]?.lease.key }) == key else { return }
             // A conflicting key of the same subnet, if any, is the lease now.
             let next = shadowed.withLock { shadowed -> Lease? in
                 let candidates = shadowed.values.filter { $0.subnet == subnet }
@@ -233,12 +265,13 @@ public final class PeerSync: Sendable {
                 shadowed[best.key] = nil
                 return best
             }
-            known.withLock { $0[subnet] = next }
             if let next {
                 reported.withLock { $0[next.key] = nil }
                 logger.info("lease \(key) was deleted; \(next.key) is the lease of \(subnet) now")
             }
             if subnet == own {
+                // Our subnet is never a peer: its slot only records the key.
+                table.withLock { $0[own] = next.map { Slot(lease: $0, applied: false, changedAt: 0) } }
                 logger.warning("our lease \(own) was deleted from \(store.location) (expired or removed); acquiring a lease again, forwarding continues")
                 requestReacquire(own)
                 return
@@ -247,11 +280,21 @@ public final class PeerSync: Sendable {
         }
     }
 
-    /// Makes the peer of `subnet` `lease` (nil: none).
+    /// Makes `lease` the lease of `subnet` (nil: none) and the backend's
+    /// peer there what it allows.
     private func update(_ subnet: IPv4Network, to lease: Lease?, own: IPv4Network) {
         let peer = lease.flatMap { usablePeer($0, own: own) }
         applying.withLock { _ in
-            let old = peers.withLock { $0[subnet] }
+            let old = table.withLock { t -> Lease? in
+                let previous = t[subnet]
+                if let lease {
+                    t[subnet] = Slot(lease: lease, applied: previous?.applied ?? false,
+                                     changedAt: previous?.changedAt ?? 0)
+                } else {
+                    t[subnet] = nil
+                }
+                return previous.flatMap { $0.applied ? $0.lease : nil }
+            }
             switch (old, peer) {
             case (nil, let new?): commit([.added(new)])
             case (let old?, let new?) where Self.differs(old, new): commit([.updated(old: old, new: new)])
@@ -270,20 +313,16 @@ public final class PeerSync: Sendable {
     /// Records and hands `changes` to the backend. Called under `applying`.
     private func commit(_ changes: [PeerChange]) {
         guard !changes.isEmpty else { return }
-        let now = Date()
-        peers.withLock { record in
+        let now = Date().timeIntervalSinceReferenceDate
+        table.withLock { t in
             for change in changes {
                 switch change {
-                case .added(let lease), .updated(_, let lease): record[lease.subnet] = lease
-                case .removed(let lease): record[lease.subnet] = nil
-                }
-            }
-        }
-        changedAt.withLock { times in
-            for change in changes {
-                switch change {
-                case .added(let lease), .updated(_, let lease): times[lease.subnet] = now
-                case .removed(let lease): times[lease.subnet] = nil
+                case .added(let lease), .updated(_, let lease):
+                    // The slot holds the lease (set before the change was made).
+                    t[lease.subnet]?.applied = true
+                    t[lease.subnet]?.changedAt = now
+                case .removed(let lease):
+                    t[lease.subnet]?.applied = false
                 }
                 metrics.peerChanges(change).increment()
             }
@@ -329,7 +368,9 @@ public final class PeerSync: Sendable {
                     logger.error("subnet \(old.subnet) was taken by another host; moved to \(lease.subnet): containers on this host must be restarted with the new subnet.env")
                     // The new subnet may have been a peer's a moment ago.
                     applying.withLock { _ in
-                        if let stale = peers.withLock({ $0[lease.subnet] }) { commit([.removed(stale)]) }
+                        if let stale = table.withLock({ $0[lease.subnet].flatMap { $0.applied ? $0.lease : nil } }) {
+                            commit([.removed(stale)])
+                        }
                     }
                     do {
                         try backend.move(from: old, to: lease)

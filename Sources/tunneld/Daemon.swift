@@ -74,12 +74,15 @@ final class Daemon: Service, Sendable {
                 preferred = nil
             }
             systemd.status("Acquiring a lease in \(store.location)")
-            guard let acquired = try await retrying("acquire a lease in \(store.location)", {
-                try await self.store.acquireLease(config: config, attributes: attributes, preferred: preferred)
+            // One read of the leases chooses the subnet and is the list of
+            // peers; their watch starts from its revision.
+            guard let joined = try await retrying("acquire a lease in \(store.location)", {
+                try await self.store.join(config: config, attributes: attributes, preferred: preferred)
             }) else {
                 backend.cleanUp(releasing: false)
                 return
             }
+            let acquired = joined.lease
             lease = acquired
             // A subnet other than the one this host had (per its subnet file)
             // was taken by this start; a failure gives it back.
@@ -103,7 +106,7 @@ final class Daemon: Service, Sendable {
             // Health and metrics from here on; /readyz says 503, naming
             // the step under way, until the rules are in and subnet.env is
             // written (as flanneld's does).
-            let readiness = Readiness(waitingFor: firewall == nil ? "listing the leases in \(store.location)"
+            let readiness = Readiness(waitingFor: firewall == nil ? "loading the leases listed in \(store.location)"
                                                                   : "installing the iptables rules")
             endpoint = try startEndpoint(Observed(
                 config: config, location: store.location, interface: interface.name,
@@ -116,13 +119,11 @@ final class Daemon: Service, Sendable {
             if options.iptablesForwardRules {
                 logger.info("forwarding traffic from and to \(config.network) (iptables filter chain \(IPTablesChain.forwardChain)); put back within \(options.iptablesResync) s if removed")
             }
-            readiness.waiting(for: "listing the leases in \(store.location)")
-            guard let listed = try await retrying("list the leases in \(store.location)", { try await peers.loadInitialPeers() }) else {
-                endpoint?.stop()
-                cleanUp(backend, firewall: firewall, releasing: false)
-                return
-            }
-            revision = listed
+            readiness.waiting(for: "loading the \(joined.peers.leases.count) leases listed in \(store.location)")
+            revision = peers.load(joined.peers)
+            // The list's pages and the parsed leases are gone now; give
+            // their memory back rather than keep the high-water mark.
+            releaseFreeHeapMemory()
             readiness.waiting(for: "writing \(options.subnetFile)")
             try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq)
                 .write(to: options.subnetFile)

@@ -12,6 +12,7 @@
 #include <sys/eventfd.h>
 #include <poll.h>
 #include <sys/prctl.h>
+#include <malloc.h>
 #include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/udp.h>
@@ -116,6 +117,8 @@ static const uint8_t ctunnel_VIRTIO_NET_HDR_GSO_UDP_L4 = VIRTIO_NET_HDR_GSO_UDP_
 // A pipe whose ends are close-on-exec from the start, so that a child spawned
 // by another thread meanwhile cannot inherit them (and hold EOF back).
 static inline int ctunnel_pipe_cloexec(int fds[2]) { return (int)syscall(SYS_pipe2, fds, O_CLOEXEC); }
+/* Gives free heap pages back to the kernel (glibc keeps them otherwise). */
+static inline int ctunnel_malloc_trim(void) { return malloc_trim(0); }
 
 _Static_assert(sizeof(struct virtio_net_hdr) == 10, "virtio_net_hdr is 10 bytes");
 _Static_assert(sizeof(struct sockaddr_in) == 16, "sockaddr_in is 16 bytes");
