@@ -24,6 +24,8 @@ public final class EtcdLeaseStore: LeaseStore {
     /// Keys per page when listing (`EtcdClient.range(prefix:pageSize:)`).
     public let pageSize: Int
     private let logger: Logger
+    /// How many times the lease keys were listed (a start should list once).
+    let listings = Atomic<Int>(0)
     /// Keys no lease key that a watch met, each logged once.
     private let reportedMalformed = Mutex<Set<String>>([])
 
@@ -138,6 +140,7 @@ public final class EtcdLeaseStore: LeaseStore {
     /// - Parameter holder: look up the expiry only of leases with this
     ///   PublicIP; nil: of every lease.
     private func list(expiriesOf holder: IPv4Address?) async throws -> Listing {
+        listings.add(1, ordering: .relaxed)
         var entries: [Entry] = []
         var malformed: [String] = []
         var previous: LeaseAttributes?

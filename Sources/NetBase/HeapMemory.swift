@@ -7,3 +7,10 @@ import CTunnel
 public func releaseFreeHeapMemory() {
     _ = ctunnel_malloc_trim()
 }
+
+/// Makes the heap give memory back as it goes: blocks of 256 KiB and more
+/// (a page of listed leases, a peer table) get mappings of their own and
+/// leave no hole when freed. Called once at start, before the big lists.
+public func useReturningHeap() {
+    ctunnel_malloc_thresholds(256 * 1024)
+}

@@ -183,7 +183,7 @@ public final class PeerSync: Sendable {
         shadowed.withLock { $0 = Dictionary(sorted.conflicting.map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a }) }
         applying.withLock { _ in
             // The new table is built beside the old one, then swapped in.
-            let current = table.withLock { $0 }
+            var current = table.withLock { $0 }
             var next: [IPv4Network: Slot] = [:]
             next.reserveCapacity(sorted.leases.count)
             var removed: [PeerChange] = []
@@ -202,7 +202,11 @@ public final class PeerSync: Sendable {
             for (subnet, slot) in current where slot.applied && next[subnet] == nil {
                 removed.append(.removed(slot.lease))
             }
+            // Only the table holds the new storage from here on (no copy
+            // when `commit` marks the peers applied), and the old one goes.
             table.withLock { $0 = next }
+            next = [:]
+            current = [:]
             removed.sort { $0.subnet.address < $1.subnet.address }
             changed.sort { $0.subnet.address < $1.subnet.address }
             commit(removed + changed)

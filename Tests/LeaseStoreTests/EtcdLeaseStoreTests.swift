@@ -107,6 +107,41 @@ struct EtcdLeaseStoreTests {
         }
     }
 
+    /// A start reads the leases once: the read that chose the subnet is
+    /// the list of peers, with our new lease in it, and the watch from its
+    /// revision replays our lease's creation.
+    @Test func joinListsOnceAndItsPeersIncludeTheNewLease() async throws {
+        try await withStore { server, store, config in
+            for i in 1...3 {
+                _ = try server.etcdctl(["put", "/docker/network/subnets/10.5.\(i).0-24",
+                                        #"{"PublicIP":"198.18.1.\#(i)","PublicIPv6":null}"#])
+            }
+            let before = store.listings.load(ordering: .relaxed)
+            let joined = try await store.join(config: config, attributes: node(9), preferred: nil)
+            #expect(store.listings.load(ordering: .relaxed) - before == 1)
+            #expect(joined.peers.leases.count == 4)
+            #expect(joined.peers.leases.filter { $0.subnet == joined.lease.subnet } == [joined.lease])
+            #expect(Set(joined.peers.leases.map(\.subnet)).isSuperset(of: (1...3).map { IPv4Network("10.5.\($0).0/24")! }))
+            #expect(joined.peers.revision < joined.lease.revision)
+            var events = store.watchPeerLeases(after: joined.peers.revision, holder: node(9).publicIP).makeAsyncIterator()
+            let first = try await events.next()
+            #expect(first?.key == joined.lease.key)
+            #expect(first?.revision == joined.lease.revision)
+        }
+    }
+
+    /// A restart that reuses its lease: the list holds the lease as
+    /// refreshed, not as read before the refresh.
+    @Test func joinReusingItsLeaseListsItAsRefreshed() async throws {
+        try await withStore { _, store, config in
+            let first = try await store.acquireLease(config: config, attributes: node(7), preferred: nil)
+            let joined = try await store.join(config: config, attributes: node(7), preferred: nil)
+            #expect(joined.lease.subnet == first.subnet)
+            #expect(joined.lease.revision > first.revision)
+            #expect(joined.peers.leases == [joined.lease])
+        }
+    }
+
     @Test func preferredSubnetIsTakenWhenFree() async throws {
         try await withStore { _, store, config in
             let wanted = try #require(IPv4Network("10.5.200.0/24"))

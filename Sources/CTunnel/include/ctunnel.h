@@ -119,6 +119,13 @@ static const uint8_t ctunnel_VIRTIO_NET_HDR_GSO_UDP_L4 = VIRTIO_NET_HDR_GSO_UDP_
 static inline int ctunnel_pipe_cloexec(int fds[2]) { return (int)syscall(SYS_pipe2, fds, O_CLOEXEC); }
 /* Gives free heap pages back to the kernel (glibc keeps them otherwise). */
 static inline int ctunnel_malloc_trim(void) { return malloc_trim(0); }
+/* Fixed thresholds: blocks of at least `mmap_bytes` get their own mapping,
+   returned to the kernel when freed (glibc otherwise raises the threshold
+   after the first large free, and later large blocks fragment the heap). */
+static inline void ctunnel_malloc_thresholds(int mmap_bytes) {
+    mallopt(M_MMAP_THRESHOLD, mmap_bytes);
+    mallopt(M_TRIM_THRESHOLD, 2 * mmap_bytes);
+}
 
 _Static_assert(sizeof(struct virtio_net_hdr) == 10, "virtio_net_hdr is 10 bytes");
 _Static_assert(sizeof(struct sockaddr_in) == 16, "sockaddr_in is 16 bytes");
