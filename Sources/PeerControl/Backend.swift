@@ -121,35 +121,43 @@ extension LeaseAttributes {
 public struct PeerLog {
     /// Up to this many peer lines in one batch are logged one by one at info.
     public static let perPeerLimit = 16
-    /// Every line when they will be logged at debug; else only the first
-    /// `perPeerLimit + 1` (enough to know the batch is large) and the last.
+    /// The first `perPeerLimit + 1` lines (enough to know whether the batch
+    /// is large) and the last; beyond those, at debug level, each line is
+    /// written as it comes rather than held (a first list of 60,000 peers).
     private var lines: [String] = []
     private var last: String?
     private var count = 0
-    private let keepsAll: Bool
+    private let logger: Logger
+    private let debugging: Bool
 
-    /// `logger`: where `flush` will write (its level decides what is kept).
+    /// `logger`: where the lines go (its level decides what is written).
     public init(for logger: Logger) {
-        keepsAll = logger.logLevel <= .debug
+        self.logger = logger
+        debugging = logger.logLevel <= .debug
     }
 
     public mutating func note(_ line: @autoclosure () -> String) {
         count += 1
-        if keepsAll || lines.count <= PeerLog.perPeerLimit {
+        if lines.count <= PeerLog.perPeerLimit {
             lines.append(line())
+            // The batch just became large: what was held goes out at debug.
+            if lines.count > PeerLog.perPeerLimit && debugging {
+                for held in lines { logger.debug("\(held)") }
+            }
         } else {
-            last = line()
+            let text = line()
+            if debugging { logger.debug("\(text)") }
+            last = text
         }
     }
 
+    /// Writes the batch's lines at info, or for a large batch one summary
+    /// line (the per-peer lines went out at debug as they came).
     public func flush(to logger: Logger) {
         guard count > PeerLog.perPeerLimit else {
             for line in lines { logger.info("\(line)") }
             return
         }
         logger.info("\(count) peers programmed, from \(lines[0]) to \(last ?? lines[lines.count - 1]) (one line per peer at --log-level debug)")
-        if keepsAll {
-            for line in lines { logger.debug("\(line)") }
-        }
     }
 }

@@ -39,7 +39,7 @@ import NetBase
                 checked += model(text, canonical: canonical) == nil ? 0 : 1
             }
         }
-        #expect(checked > 1000, "the generator must also produce valid addresses")
+        #expect(checked > 200, "the generator must also produce valid addresses")
     }
 
     @Test(arguments: [("10.2.72.0-24", true), ("10.2.72.0-024", false), ("10.2.72.0-04", false), ("10.2.072.0-24", false),
