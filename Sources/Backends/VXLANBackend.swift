@@ -37,14 +37,18 @@ public final class VXLANBackend: Backend, HostBackend {
 
     public init(host: HostContext, checkInterval: Duration = .seconds(10)) throws {
         let (config, underlay, underlayAddress) = (host.config, host.underlay, host.underlayAddress)
-        let gbp = config.backend.option("GBP") == .bool(true)
         settings = VXLANSettings(vni: UInt32(config.backend.vni), port: config.backend.port,
                                  underlayIndex: underlay.index, localAddress: underlayAddress.address,
-                                 learning: false, gbp: gbp)
+                                 learning: config.backend.learning, gbp: config.backend.gbp)
         deviceName = "flannel.\(config.backend.vni)"
         self.host = host
         self.checkInterval = checkInterval
-        mtu = underlay.mtu - Self.overhead
+        // flannel's Backend.MTU stands for the underlay's MTU; the device
+        // (and subnet.env) get 50 less.
+        mtu = (config.backend.mtu ?? underlay.mtu) - Self.overhead
+        if let given = config.backend.mtu, given > underlay.mtu {
+            host.logger.warning("the config's Backend.MTU \(given) is above \(underlay.name)'s MTU \(underlay.mtu): vxlan packets of full size will be fragmented or dropped on the way; lower Backend.MTU or leave it out")
+        }
     }
 
     /// Makes (or reuses) the device: the lease must carry its MAC. A device

@@ -174,6 +174,15 @@ public struct BackendConfig: Sendable, Equatable {
     public var vni: Int
     /// vxlan: Backend.DirectRouting (default false).
     public var directRouting: Bool
+    /// vxlan: Backend.MTU, the MTU to count from instead of the underlay
+    /// interface's (the device gets MTU − 50, as in flannel); nil: the
+    /// interface's.
+    public var mtu: Int?
+    /// vxlan: Backend.Learning, the device learns where MACs are from the
+    /// packets it receives (default false).
+    public var learning: Bool
+    /// vxlan: Backend.GBP, the group-based policy extension (default false).
+    public var gbp: Bool
     /// Every field of the Backend object, as given.
     public var options: [String: JSONValue]
 
@@ -182,13 +191,21 @@ public struct BackendConfig: Sendable, Equatable {
     public static let defaultVNI = 1
 
     public init(type: String, port: UInt16, vni: Int = 0, directRouting: Bool = false,
+                mtu: Int? = nil, learning: Bool = false, gbp: Bool = false,
                 options: [String: JSONValue] = [:]) {
         self.type = type
         self.port = port
         self.vni = vni
         self.directRouting = directRouting
+        self.mtu = mtu
+        self.learning = learning
+        self.gbp = gbp
         self.options = options
     }
+
+    /// The lowest Backend.MTU of a vxlan network: its device (MTU − 50)
+    /// must carry an IPv4 packet of 68 bytes.
+    public static let lowestVXLANMTU = 68 + 50
 
     /// A Backend field by name, matched as flanneld matches it (any case).
     public func option(_ name: String) -> JSONValue? {
@@ -217,6 +234,9 @@ public struct BackendConfig: Sendable, Equatable {
         let port: UInt16
         var vni = 0
         var directRouting = false
+        var mtu: Int?
+        var learning = false
+        var gbp = false
         switch type {
         case "udp":
             port = try Self.port(value, default: Self.defaultUDPPort, backend: type, allowZero: false)
@@ -228,10 +248,17 @@ public struct BackendConfig: Sendable, Equatable {
                 value, "VNI", prefix: "Backend.", range: 0...0xFF_FFFF,
                 expected: "a whole number 0…16777215 (default \(Self.defaultVNI))") ?? Self.defaultVNI
             directRouting = try NetworkConfig.bool(value, "DirectRouting", prefix: "Backend.") ?? false
+            mtu = try NetworkConfig.wholeNumber(
+                value, "MTU", prefix: "Backend.", range: Self.lowestVXLANMTU...65535,
+                expected: "a whole number \(Self.lowestVXLANMTU)…65535, the MTU of the path between hosts "
+                    + "(the vxlan device gets 50 less), or leave it out for the interface's MTU")
+            learning = try NetworkConfig.bool(value, "Learning", prefix: "Backend.") ?? false
+            gbp = try NetworkConfig.bool(value, "GBP", prefix: "Backend.") ?? false
         default:
             port = try Self.port(value, default: 0, backend: type, allowZero: true)
         }
-        self.init(type: type, port: port, vni: vni, directRouting: directRouting, options: fields)
+        self.init(type: type, port: port, vni: vni, directRouting: directRouting, mtu: mtu,
+                  learning: learning, gbp: gbp, options: fields)
     }
 
     private static func port(_ backend: JSONValue, default defaultPort: UInt16, backend type: String,

@@ -97,6 +97,20 @@ public enum InterfaceLookup {
         return (match, try firstAddress(of: match))
     }
 
+    /// The interface the kernel's route to `destination` leaves by, with the
+    /// source address that route gives (or the interface's first IPv4
+    /// address), as flanneld's `-iface-can-reach` chooses it.
+    public static func reaching(_ destination: IPv4Address, using socket: RouteSocket) throws -> (Interface, IPv4Address) {
+        let (index, source) = try socket.routeLookup(to: destination)
+        let all = try interfaces(using: socket)
+        guard let match = all.first(where: { $0.index == index }) else {
+            throw SystemError(operation, on: "route to \(destination)", errno: .noSuchDevice,
+                              hint: "the route's device (ifindex \(index)) has gone; available: \(listing(all))")
+        }
+        if let source, match.addresses.contains(source) { return (match, source) }
+        return (match, try firstAddress(of: match))
+    }
+
     private static func firstAddress(of interface: Interface) throws -> IPv4Address {
         guard let first = interface.addresses.first else {
             throw SystemError(operation, on: interface.name, errno: Errno(EADDRNOTAVAIL),

@@ -20,6 +20,7 @@ enum RT {
     static let scopeHost = UInt8(RT_SCOPE_HOST.rawValue)
     static let scopeNowhere = UInt8(RT_SCOPE_NOWHERE.rawValue)
     static let unicast = UInt8(RTN_UNICAST)
+    static let blackhole = UInt8(RTN_BLACKHOLE)
     static let protocolBoot = UInt8(RTPROT_BOOT)
     static let onlink = UInt32(RTNH_F_ONLINK)
     static let cloned = UInt32(RTM_F_CLONED)
@@ -403,5 +404,95 @@ extension Route {
         self.init(destination: IPv4Network(address: destination, prefixLength: Int(header.rtm_dst_len)),
                   outputIndex: outputIndex, gateway: gateway, onlink: onlink,
                   source: attributes[type: RT.prefsrc]?.address, metric: attributes[type: RT.priority]?.uint32)
+    }
+}
+
+// MARK: - Route lookup and blackhole routes
+
+extension RouteSocket {
+    /// What `ip route get <destination>` answers: the device the kernel would
+    /// send a packet for `destination` out of, and the source address it
+    /// would give it (flanneld's `-iface-can-reach`).
+    public func routeLookup(to destination: IPv4Address) throws -> (outputIndex: Int32, source: IPv4Address?) {
+        var request = NetlinkRequest(type: RTM_GETROUTE)
+        var header = rtmsg()
+        header.rtm_family = RT.inet
+        header.rtm_dst_len = 32
+        request.append(header: header)
+        request.append(attribute: RT.dst, address: destination)
+        let replies = try perform(request) { failure in
+            let hint: String? = switch failure.errno {
+            case Errno(ENETUNREACH): "no route reaches \(destination); add one or choose the interface with --iface"
+            case .invalid: "\(destination) cannot be routed to (a broadcast or multicast address?)"
+            default: nil
+            }
+            return ("route get \(destination)", destination.description, hint)
+        }
+        guard let message = replies.first(where: { $0.type == UInt16(RTM_NEWROUTE) }),
+              let reply = message.header(rtmsg.self) else {
+            throw SystemError("route get \(destination)", on: destination.description, errno: Errno(EPROTO),
+                              hint: "the kernel's reply held no route")
+        }
+        guard reply.rtm_type == RT.unicast || reply.rtm_type == UInt8(RTN_LOCAL) else {
+            throw SystemError("route get \(destination)", on: destination.description, errno: Errno(ENETUNREACH),
+                              hint: "the route to \(destination) is not a unicast route (type \(reply.rtm_type): blackhole, unreachable or prohibit?)")
+        }
+        let attributes = message.attributes(after: rtmsg.self)
+        guard let index = attributes[type: RT.oif]?.int32, index > 0 else {
+            throw SystemError("route get \(destination)", on: destination.description, errno: Errno(EPROTO),
+                              hint: "the kernel's answer names no output device")
+        }
+        return (index, attributes[type: RT.prefsrc]?.address)
+    }
+
+    /// The destinations of the main table's IPv4 blackhole routes, with
+    /// their metrics.
+    public func blackholeRoutes() throws -> [(destination: IPv4Network, metric: UInt32)] {
+        var request = NetlinkRequest(type: RTM_GETROUTE)
+        var header = rtmsg()
+        header.rtm_family = RT.inet
+        request.append(header: header)
+        return try dump(request, operation: "RTM_GETROUTE (dump)").compactMap { message in
+            guard message.type == UInt16(RTM_NEWROUTE), let header = message.header(rtmsg.self),
+                  header.rtm_family == RT.inet, header.rtm_type == RT.blackhole, header.rtm_dst_len <= 32 else {
+                return nil
+            }
+            let attributes = message.attributes(after: rtmsg.self)
+            let table = attributes[type: RT.table]?.uint32 ?? UInt32(header.rtm_table)
+            guard table == UInt32(RT.mainTable) else { return nil }
+            let destination = attributes[type: RT.dst]?.address ?? IPv4Address(0)
+            return (IPv4Network(address: destination, prefixLength: Int(header.rtm_dst_len)),
+                    attributes[type: RT.priority]?.uint32 ?? 0)
+        }
+    }
+
+    /// Adds (or keeps) `blackhole <destination> metric <metric>` in the main table.
+    public func addBlackholeRoute(_ destination: IPv4Network, metric: UInt32) throws {
+        try changeBlackholeRoute(destination, metric: metric, adding: true)
+    }
+
+    /// Removes `blackhole <destination> metric <metric>`; one that is not
+    /// there is not an error.
+    public func deleteBlackholeRoute(_ destination: IPv4Network, metric: UInt32) throws {
+        try changeBlackholeRoute(destination, metric: metric, adding: false)
+    }
+
+    private func changeBlackholeRoute(_ destination: IPv4Network, metric: UInt32, adding: Bool) throws {
+        var request = NetlinkRequest(type: adding ? RTM_NEWROUTE : RTM_DELROUTE,
+                                     flags: adding ? NLM_F_CREATE | NLM_F_REPLACE : 0)
+        var header = rtmsg()
+        header.rtm_family = RT.inet
+        header.rtm_dst_len = UInt8(destination.prefixLength)
+        header.rtm_table = RT.mainTable
+        header.rtm_protocol = RT.protocolBoot
+        header.rtm_scope = adding ? RT.scopeUniverse : RT.scopeNowhere
+        header.rtm_type = RT.blackhole
+        request.append(header: header)
+        if destination.prefixLength > 0 { request.append(attribute: RT.dst, address: destination.address) }
+        if metric > 0 { request.append(attribute: RT.priority, uint32: metric) }
+        let text = "blackhole \(destination)" + (metric > 0 ? " metric \(metric)" : "")
+        try perform(request, accepting: adding ? [] : [Errno(ESRCH), .noSuchFile]) { _ in
+            (adding ? "RTM_NEWROUTE \(text)" : "RTM_DELROUTE \(text)", "rtnetlink", nil)
+        }
     }
 }

@@ -34,7 +34,8 @@ final class Daemon: Service, Sendable {
         guard let config = try await waitForConfig() else { return }
         try checkBackend(config)
         // Before anything is set up: a missing iptables fails here.
-        let firewall = try IPTablesKeeper(masquerade: options.ipMasq, forward: options.iptablesForwardRules, logger: logger)
+        let firewall = try IPTablesKeeper(masquerade: options.ipMasq, forward: options.iptablesForwardRules,
+                                          fullyRandomDisabled: options.ipMasqFullyRandomDisable, logger: logger)
 
         let routeSocket = try RouteSocket()
         let (interface, interfaceAddress) = try selectInterface(routeSocket)
@@ -49,9 +50,11 @@ final class Daemon: Service, Sendable {
         // fresh) before the error is reported: no half-configured host.
         var freshLease: Lease?
         var endpoint: HTTPEndpoint?
+        let blackhole = options.ipBlackholeRoute ? BlackholeRoute(routeSocket: routeSocket, logger: logger) : nil
         func rollBack(_ error: any Error) async {
             logger.error("start-up failed: \(error); removing what was set up")
             endpoint?.stop()
+            blackhole?.remove()
             cleanUp(backend, firewall: firewall, releasing: false)
             if let freshLease {
                 do {
@@ -97,11 +100,12 @@ final class Daemon: Service, Sendable {
 
             peers = PeerSync(store: store, backend: backend, holder: holder, config: config,
                              attributes: attributes, logger: logger,
-                             onSubnetChange: { [options, logger, firewall] newLease in
+                             onSubnetChange: { [options, logger, firewall, blackhole] newLease in
                 do {
                     try SubnetEnv(network: config.network, subnet: newLease.subnet, mtu: mtu, ipMasq: options.ipMasq)
                         .write(to: options.subnetFile)
                     try firewall?.install(network: config.network, subnet: newLease.subnet)
+                    try blackhole?.set(newLease.subnet)
                 } catch {
                     logger.error("could not move to the new subnet \(newLease.subnet): \(error)")
                 }
@@ -117,10 +121,14 @@ final class Daemon: Service, Sendable {
                 backend: backend, peers: peers), readiness: readiness)
             try firewall?.install(network: config.network, subnet: lease.subnet)
             if options.ipMasq {
-                logger.info("ip masquerade on for traffic from \(config.network) leaving it (iptables nat chain \(IPTablesChain.natChain))")
+                logger.info("ip masquerade on for traffic from \(config.network) leaving it (iptables nat chain \(IPTablesChain.natChain)\(firewall?.randomFully == true ? ", --random-fully" : ""))")
             }
             if options.iptablesForwardRules {
                 logger.info("forwarding traffic from and to \(config.network) (iptables filter chain \(IPTablesChain.forwardChain)); put back within \(options.iptablesResync) s if removed")
+            }
+            if let blackhole {
+                try blackhole.set(lease.subnet)
+                logger.info("blackhole route for \(lease.subnet) (metric \(BlackholeRoute.metric): any real route to it wins); put back within \(options.iptablesResync) s if removed")
             }
             readiness.waiting(for: "loading the \(joined.peers.leases.count) leases listed in \(store.location)")
             revision = peers.load(joined.peers)
@@ -153,6 +161,9 @@ final class Daemon: Service, Sendable {
                     if let firewall {
                         group.addTask { await firewall.keep(every: resync) }
                     }
+                    if let blackhole {
+                        group.addTask { await blackhole.keep(every: resync) }
+                    }
                     if systemd.isActive {
                         // Runs until cancelled: watchdog pings and STATUS= updates.
                         group.addTask {
@@ -179,6 +190,9 @@ final class Daemon: Service, Sendable {
         systemd.stopping(status: options.releaseOnExit ? "Stopping: removing devices and routes, releasing the lease"
                                                        : "Stopping: keeping the lease for a restart")
         cleanUp(backend, firewall: firewall, releasing: options.releaseOnExit)
+        // Like the lease, the blackhole route stays for a restart unless the
+        // host leaves the network.
+        if options.releaseOnExit { blackhole?.remove() }
         if options.releaseOnExit {
             do {
                 try await store.releaseLease(holder.lease)
@@ -290,9 +304,11 @@ final class Daemon: Service, Sendable {
     }
 
     /// flanneld's order: each `--iface` (name or IP) that exists, then each
-    /// `--iface-regex` against names and addresses, then the default route's.
+    /// `--iface-regex` against names and addresses, then the interface of
+    /// the route to `--iface-can-reach`; the default route's when none of
+    /// them is given.
     private func selectInterface(_ socket: RouteSocket) throws -> (Interface, IPv4Address) {
-        if options.iface.isEmpty && options.ifaceRegex.isEmpty {
+        if options.iface.isEmpty && options.ifaceRegex.isEmpty && options.ifaceCanReach == nil {
             return try InterfaceLookup.defaultInterface(using: socket)
         }
         var errors: [String] = []
@@ -309,6 +325,13 @@ final class Daemon: Service, Sendable {
                 return found
             }
             errors.append("no interface name or IPv4 address matches --iface-regex \(pattern)")
+        }
+        if let target = options.ifaceCanReach.flatMap(IPv4Address.init) {
+            do {
+                return try InterfaceLookup.reaching(target, using: socket)
+            } catch {
+                errors.append("--iface-can-reach \(target): \(error)")
+            }
         }
         throw DaemonError("no usable interface: " + errors.joined(separator: "; "))
     }

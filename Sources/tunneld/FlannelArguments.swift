@@ -12,12 +12,13 @@ enum FlannelArguments {
         "etcd-username", "etcd-password", "iface", "iface-regex", "public-ip", "subnet-file",
         "subnet-lease-renew-margin", "healthz-ip", "healthz-port", "backend", "store", "store-dir",
         "device", "datapath", "queue-depth", "log-level", "log-format", "v", "subnet-lease-ttl",
-        "iptables-resync",
+        "iptables-resync", "iface-can-reach",
         "metrics-address", "control-socket", "etcd-keepalive-time", "etcd-keepalive-timeout",
     ]
     /// Long options that are on/off switches.
     static let booleanFlags: Set<String> = [
         "ip-masq", "accept-unknown-peers", "release-on-exit", "iptables-forward-rules",
+        "ip-masq-fully-random-disable", "ip-blackhole-route",
     ]
     /// Switches that are on unless turned off (`-iptables-forward-rules=false`
     /// becomes `--no-iptables-forward-rules`).

@@ -22,16 +22,20 @@ struct IPTablesChain: Sendable, Equatable {
     /// flanneld's `-ip-masq` (N = Network, S = this host's subnet): traffic
     /// from the overlay to anywhere outside it leaves with the host's
     /// address; traffic within the network keeps its container addresses.
-    static func masquerade(network: IPv4Network, subnet: IPv4Network) -> IPTablesChain {
+    /// `randomFully`: source ports chosen at random (`--random-fully`), as
+    /// flanneld does unless `-ip-masq-fully-random-disable` or an iptables
+    /// older than 1.6.2.
+    static func masquerade(network: IPv4Network, subnet: IPv4Network, randomFully: Bool = true) -> IPTablesChain {
         let n = network.description, s = subnet.description
+        let masquerade = randomFully ? ["-j", "MASQUERADE", "--random-fully"] : ["-j", "MASQUERADE"]
         // The jump goes first, as flanneld's does, so that no earlier rule
         // masquerades traffic that must keep its container address.
         return IPTablesChain(table: "nat", name: natChain, parent: "POSTROUTING", jumpFirst: true,
                              comment: "tunneld masquerade", rules: [
             ["-s", n, "-d", n, "-j", "RETURN"],
-            ["-s", n, "!", "-d", "224.0.0.0/4", "-j", "MASQUERADE", "--random-fully"],
+            ["-s", n, "!", "-d", "224.0.0.0/4"] + masquerade,
             ["!", "-s", n, "-d", s, "-j", "RETURN"],
-            ["!", "-s", n, "-d", n, "-j", "MASQUERADE", "--random-fully"],
+            ["!", "-s", n, "-d", n] + masquerade,
         ])
     }
 
@@ -92,6 +96,27 @@ struct IPTables: Sendable {
     @discardableResult
     func callAsFunction(_ arguments: [String]) throws -> String { try run(arguments) }
 
+    /// iptables' version from `iptables --version` ("iptables v1.8.9
+    /// (nf_tables)"); nil when the text holds none.
+    static func version(from text: String) -> (major: Int, minor: Int, patch: Int)? {
+        guard let start = text.range(of: "v") else { return nil }
+        let numbers = text[start.upperBound...].prefix { $0.isNumber || $0 == "." }.split(separator: ".").compactMap { Int($0) }
+        guard numbers.count >= 2 else { return nil }
+        return (numbers[0], numbers[1], numbers.count > 2 ? numbers[2] : 0)
+    }
+
+    /// Whether this iptables knows MASQUERADE's `--random-fully` (1.6.2 and
+    /// later, the test go-iptables makes for flanneld); false when its
+    /// version cannot be told.
+    func hasRandomFully() -> Bool {
+        guard let text = try? self(["--version"]), let version = Self.version(from: text) else { return false }
+        return Self.hasRandomFully(version)
+    }
+
+    static func hasRandomFully(_ version: (major: Int, minor: Int, patch: Int)) -> Bool {
+        (version.major, version.minor, version.patch) >= (1, 6, 2)
+    }
+
     @discardableResult
     func succeeds(_ arguments: [String]) -> Bool { (try? self(arguments)) != nil }
 }
@@ -102,6 +127,8 @@ struct IPTables: Sendable {
 final class IPTablesKeeper: @unchecked Sendable {
     let masquerade: Bool
     let forward: Bool
+    /// MASQUERADE with `--random-fully`.
+    let randomFully: Bool
     private let iptables: IPTables
     private let logger: Logger
     /// Guards `wanted` and serializes iptables runs (install from the lease
@@ -110,17 +137,27 @@ final class IPTablesKeeper: @unchecked Sendable {
     private var wanted: [IPTablesChain] = []
 
     /// nil when neither masquerading nor forward rules are asked for.
-    convenience init?(masquerade: Bool, forward: Bool, logger: Logger) throws {
+    /// `fullyRandomDisabled`: flanneld's `-ip-masq-fully-random-disable`.
+    convenience init?(masquerade: Bool, forward: Bool, fullyRandomDisabled: Bool = false, logger: Logger) throws {
         guard masquerade || forward else { return nil }
         let flags = [masquerade ? "-ip-masq" : nil, forward ? "-iptables-forward-rules (on by default; -iptables-forward-rules=false turns it off)" : nil]
             .compactMap { $0 }.joined(separator: " and ")
-        self.init(masquerade: masquerade, forward: forward, iptables: try IPTables(for: flags), logger: logger)
+        let iptables = try IPTables(for: flags)
+        var randomFully = false
+        if masquerade && !fullyRandomDisabled {
+            randomFully = iptables.hasRandomFully()
+            if !randomFully {
+                logger.notice("iptables is older than 1.6.2 (or did not say its version): masquerading without --random-fully")
+            }
+        }
+        self.init(masquerade: masquerade, forward: forward, randomFully: randomFully, iptables: iptables, logger: logger)
     }
 
-    init(masquerade: Bool, forward: Bool, iptables: IPTables, logger: Logger) {
+    init(masquerade: Bool, forward: Bool, randomFully: Bool = true, iptables: IPTables, logger: Logger) {
         self.iptables = iptables
         self.masquerade = masquerade
         self.forward = forward
+        self.randomFully = randomFully
         self.logger = logger
     }
 
@@ -128,7 +165,7 @@ final class IPTablesKeeper: @unchecked Sendable {
     /// chain of ours that is not wanted (left by a run with other flags) is removed.
     func install(network: IPv4Network, subnet: IPv4Network) throws {
         var chains: [IPTablesChain] = []
-        if masquerade { chains.append(.masquerade(network: network, subnet: subnet)) }
+        if masquerade { chains.append(.masquerade(network: network, subnet: subnet, randomFully: randomFully)) }
         if forward { chains.append(.forward(network: network)) }
         try lock.withLock {
             for stale in IPTablesChain.all where !chains.contains(where: { $0.name == stale.name }) {

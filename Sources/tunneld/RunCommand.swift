@@ -130,6 +130,10 @@ struct FlanneldOptions: ParsableArguments {
                                valueName: "regex"))
     var ifaceRegex: [String] = []
 
+    @Option(help: ArgumentHelp("An IPv4 address to reach: the interface (and source address) the kernel's route to it uses is the one to use, as `ip route get ADDRESS` shows; tried after --iface and --iface-regex.",
+                               valueName: "ip"))
+    var ifaceCanReach: String?
+
     @Option(help: ArgumentHelp("IP other hosts send to (default: the interface's address).", valueName: "ip"))
     var publicIP: String?
 
@@ -141,6 +145,12 @@ struct FlanneldOptions: ParsableArguments {
 
     @Flag(help: "Masquerade traffic from the overlay network to the outside, as flanneld's -ip-masq (needs iptables).")
     var ipMasq = false
+
+    @Flag(help: "Masquerade without --random-fully (by default it is used where iptables has it, 1.6.2 and later, as flanneld does).")
+    var ipMasqFullyRandomDisable = false
+
+    @Flag(help: "Add a blackhole route for this host's subnet, so that packets to its unused addresses are dropped here instead of sent back into the network (flanneld's -ip-blackhole-route; for CNI setups without a bridge route for the whole subnet). It has the lowest priority: a bridge's route to the subnet wins.")
+    var ipBlackholeRoute = false
 
     @Flag(inversion: .prefixedNo,
           help: "Accept forwarded traffic from and to the overlay network in iptables' FORWARD chain, as flanneld's -iptables-forward-rules (needed where the FORWARD policy is DROP, as Docker sets it; -iptables-forward-rules=false or --no-iptables-forward-rules: off).")
@@ -179,6 +189,9 @@ struct FlanneldOptions: ParsableArguments {
         }
         if IPv4Address(healthzIP) == nil {
             throw ValidationError("--healthz-ip \(healthzIP) is not an IPv4 address (expected a.b.c.d)")
+        }
+        if let ifaceCanReach, IPv4Address(ifaceCanReach) == nil {
+            throw ValidationError("--iface-can-reach \(ifaceCanReach) is not an IPv4 address (expected a.b.c.d: an address the interface to use has a route to)")
         }
         if let publicIP, IPv4Address(publicIP) == nil {
             throw ValidationError("--public-ip \(publicIP) is not an IPv4 address (expected a.b.c.d)")

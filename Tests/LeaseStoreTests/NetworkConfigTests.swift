@@ -187,6 +187,31 @@ import NetBase
         #expect(tuned.backend.options["GBP"] == .bool(false))
     }
 
+    @Test func vxlanMTUAndLearningAreFlannelsKeys() throws {
+        let plain = try config(#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan"}}"#)
+        #expect(plain.backend.mtu == nil && !plain.backend.learning && !plain.backend.gbp)
+        let tuned = try config(#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan", "MTU": 1400, "Learning": true, "GBP": true}}"#)
+        #expect(tuned.backend.mtu == 1400 && tuned.backend.learning && tuned.backend.gbp)
+        // Go's spellings: flannel's struct tags are mtu, learning, gbp.
+        let folded = try config(#"{"Network": "10.2.0.0/16", "backend": {"type": "vxlan", "mtu": 9000, "learning": true}}"#)
+        #expect(folded.backend.mtu == 9000 && folded.backend.learning)
+        // The device gets MTU − 50, which must carry a 68-byte packet.
+        #expect(try config(#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan", "MTU": 118}}"#).backend.mtu == 118)
+        for bad in [#"117"#, #"1400.5"#, #""1400""#, #"70000"#] {
+            #expect {
+                try config(#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan", "MTU": "# + bad + "}}")
+            } throws: { error in
+                let text = "\(error)"
+                return text.contains("Backend.MTU") && text.contains("118") && text.contains("50 less")
+            }
+        }
+        #expect {
+            try config(#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan", "Learning": "yes"}}"#)
+        } throws: { "\($0)".contains("Backend.Learning") && "\($0)".contains("true or false") }
+        // Other backends do not read them.
+        #expect(try config(#"{"Network": "10.2.0.0/16", "Backend": {"Type": "udp", "MTU": 5}}"#).backend.mtu == nil)
+    }
+
     @Test func udpBackendPort() throws {
         #expect(try config(#"{"Network": "10.2.0.0/16", "Backend": {"Type": "udp"}}"#).backend.port == 8285)
         #expect(try config(#"{"Network": "10.2.0.0/16", "Backend": {"Type": "UDP", "Port": 9000}}"#).backend

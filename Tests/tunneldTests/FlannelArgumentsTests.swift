@@ -1,3 +1,4 @@
+import ArgumentParser
 import Testing
 @testable import tunneld
 
@@ -21,6 +22,27 @@ import Testing
         #expect(FlannelArguments.normalize(["run", "-release-on-exit"], environment: [:]) == ["run", "--release-on-exit"])
         // Not a boolean word: left for the parser to reject with its own message.
         #expect(FlannelArguments.normalize(["run", "--ip-masq=maybe"], environment: [:]) == ["run", "--ip-masq=maybe"])
+    }
+
+    @Test func theLaterFlanneldSwitchesAreUnderstood() {
+        #expect(FlannelArguments.normalize(["run", "-ip-blackhole-route", "-ip-masq-fully-random-disable=true"], environment: [:])
+                == ["run", "--ip-blackhole-route", "--ip-masq-fully-random-disable"])
+        #expect(FlannelArguments.normalize(["run", "-ip-blackhole-route=false"], environment: [:]) == ["run"])
+        #expect(FlannelArguments.normalize(["run", "-iface-can-reach=198.18.0.250"], environment: [:])
+                == ["run", "--iface-can-reach=198.18.0.250"])
+        let fromEnvironment = FlannelArguments.normalize(
+            ["run"], environment: ["FLANNELD_IP_BLACKHOLE_ROUTE": "true", "FLANNELD_IFACE_CAN_REACH": "198.18.0.250",
+                                   "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE": "1"])
+        #expect(fromEnvironment.contains("--ip-blackhole-route"))
+        #expect(fromEnvironment.contains("--ip-masq-fully-random-disable"))
+        #expect(fromEnvironment.contains("--iface-can-reach") && fromEnvironment.contains("198.18.0.250"))
+    }
+
+    @Test func ifaceCanReachMustBeAnAddress() throws {
+        #expect(throws: Never.self) { try Run.parse(["--iface-can-reach", "198.18.0.250"]) }
+        #expect { try Run.parse(["--iface-can-reach", "eth0"]) } throws: { error in
+            Run.message(for: error).contains("--iface-can-reach eth0 is not an IPv4 address")
+        }
     }
 
     @Test func environmentFillsInWhatTheCommandLineLeftOut() {

@@ -187,3 +187,51 @@ final class FakeIPTables: Sendable {
         #expect(throws: DaemonError.self) { try keeper.install(network: network, subnet: subnet) }
     }
 }
+
+@Suite struct MasqueradeRandomFullyTests {
+    @Test func iptablesVersionsAreReadFromItsVersionLine() {
+        func version(_ text: String) -> [Int]? { IPTables.version(from: text).map { [$0.major, $0.minor, $0.patch] } }
+        #expect(version("iptables v1.8.9 (nf_tables)\n") == [1, 8, 9])
+        #expect(version("iptables v1.4.21") == [1, 4, 21])
+        #expect(version("iptables v1.8 (legacy)") == [1, 8, 0])
+        #expect(version("something else") == nil)
+        #expect(version("") == nil)
+    }
+
+    @Test func randomFullyFromIptables162On() {
+        #expect(!IPTables.hasRandomFully((1, 4, 21)))
+        #expect(!IPTables.hasRandomFully((1, 6, 1)))
+        #expect(IPTables.hasRandomFully((1, 6, 2)))
+        #expect(IPTables.hasRandomFully((1, 8, 9)))
+        #expect(IPTables.hasRandomFully((2, 0, 0)))
+        // A program that does not answer --version as iptables does: no --random-fully.
+        #expect(!IPTables(run: { _ in "not iptables" }).hasRandomFully())
+        #expect(IPTables(run: { _ in "iptables v1.8.9 (nf_tables)" }).hasRandomFully())
+    }
+
+    @Test func masqueradeRulesWithAndWithoutRandomFully() {
+        let network = IPv4Network("10.2.0.0/16")!, subnet = IPv4Network("10.2.5.0/24")!
+        let random = IPTablesChain.masquerade(network: network, subnet: subnet)
+        #expect(random.rules.filter { $0.contains("MASQUERADE") }.allSatisfy { $0.last == "--random-fully" })
+        let plain = IPTablesChain.masquerade(network: network, subnet: subnet, randomFully: false)
+        #expect(plain.rules.count == random.rules.count)
+        #expect(plain.rules.filter { $0.contains("MASQUERADE") }.count == 2)
+        #expect(!plain.rules.joined().contains("--random-fully"))
+        #expect(plain.rules[1] == ["-s", "10.2.0.0/16", "!", "-d", "224.0.0.0/4", "-j", "MASQUERADE"])
+    }
+
+    @Test func aKeeperWithoutRandomFullyReplacesRulesThatHadIt() throws {
+        let fake = FakeIPTables()
+        let network = IPv4Network("10.2.0.0/16")!, subnet = IPv4Network("10.2.5.0/24")!
+        let logger = Logger(label: "test")
+        try IPTablesKeeper(masquerade: true, forward: false, iptables: fake.iptables, logger: logger)
+            .install(network: network, subnet: subnet)
+        #expect(fake.rules("nat", IPTablesChain.natChain)!.joined().contains("--random-fully"))
+        // The next run with -ip-masq-fully-random-disable.
+        let plain = IPTablesKeeper(masquerade: true, forward: false, randomFully: false, iptables: fake.iptables, logger: logger)
+        try plain.install(network: network, subnet: subnet)
+        let rules = fake.rules("nat", IPTablesChain.natChain)!
+        #expect(rules.count == 4 && !rules.joined().contains("--random-fully"), "\(rules)")
+        #expect(try plain.repair().isEmpty)
+    }
+}
