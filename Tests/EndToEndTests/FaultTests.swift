@@ -632,7 +632,9 @@ final class SteadyPing {
         /// two, possibly still in flight when the ping stopped, left out).
         var windows: [ClosedRange<Int>]
         var output: String
-        var lost: Int { max(0, transmitted - received) }
+        /// Echoes with no reply, not counting the last two, which may still
+        /// have been in flight when the ping was stopped (as `windows`).
+        var lost: Int { windows.map(\.count).reduce(0, +) }
         var longestGap: Duration { SteadyPing.interval * (windows.map(\.count).max() ?? 0) }
         /// Losses not in the longest window.
         var lostOutsideWindows: Int { windows.map(\.count).reduce(0, +) - (windows.map(\.count).max() ?? 0) }
