@@ -261,11 +261,16 @@ extension RouteSocket {
 
     /// The IPv4 unicast routes of the main table.
     public func routes() throws -> [Route] {
+        try ipv4RouteDump().compactMap(Route.init(mainTableMessage:))
+    }
+
+    /// Every IPv4 route message of every table.
+    func ipv4RouteDump() throws -> [NetlinkMessage] {
         var request = NetlinkRequest(type: RTM_GETROUTE)
         var header = rtmsg()
         header.rtm_family = RT.inet
         request.append(header: header)
-        return try dump(request, operation: "RTM_GETROUTE (dump)").compactMap(Route.init(mainTableMessage:))
+        return try dump(request, operation: "RTM_GETROUTE (dump)")
     }
 
     /// The output device of the IPv4 default route (the one with the lowest
@@ -377,15 +382,24 @@ extension InterfaceAddress {
     }
 }
 
+extension NetlinkMessage {
+    /// The header and attributes of a non-cloned IPv4 route of the main
+    /// table whose type is `type`; nil for any other message.
+    func mainTableIPv4Route(type: UInt8) -> (rtmsg, NetlinkAttributes)? {
+        guard self.type == UInt16(RTM_NEWROUTE), let header = header(rtmsg.self),
+              header.rtm_family == RT.inet, header.rtm_type == type,
+              header.rtm_flags & RT.cloned == 0, header.rtm_dst_len <= 32 else { return nil }
+        let attributes = attributes(after: rtmsg.self)
+        let table = attributes[type: RT.table]?.uint32 ?? UInt32(header.rtm_table)
+        guard table == UInt32(RT.mainTable) else { return nil }
+        return (header, attributes)
+    }
+}
+
 extension Route {
     /// A unicast, non-cloned IPv4 route of the main table; nil for others.
     init?(mainTableMessage message: NetlinkMessage) {
-        guard message.type == UInt16(RTM_NEWROUTE), let header = message.header(rtmsg.self),
-              header.rtm_family == RT.inet, header.rtm_type == RT.unicast,
-              header.rtm_flags & RT.cloned == 0, header.rtm_dst_len <= 32 else { return nil }
-        let attributes = message.attributes(after: rtmsg.self)
-        let table = attributes[type: RT.table]?.uint32 ?? UInt32(header.rtm_table)
-        guard table == UInt32(RT.mainTable) else { return nil }
+        guard let (header, attributes) = message.mainTableIPv4Route(type: RT.unicast) else { return nil }
         let destination = attributes[type: RT.dst]?.address ?? IPv4Address(0)
         var outputIndex = attributes[type: RT.oif]?.int32 ?? 0
         var gateway = attributes[type: RT.gateway]?.address
@@ -448,18 +462,8 @@ extension RouteSocket {
     /// The destinations of the main table's IPv4 blackhole routes, with
     /// their metrics.
     public func blackholeRoutes() throws -> [(destination: IPv4Network, metric: UInt32)] {
-        var request = NetlinkRequest(type: RTM_GETROUTE)
-        var header = rtmsg()
-        header.rtm_family = RT.inet
-        request.append(header: header)
-        return try dump(request, operation: "RTM_GETROUTE (dump)").compactMap { message in
-            guard message.type == UInt16(RTM_NEWROUTE), let header = message.header(rtmsg.self),
-                  header.rtm_family == RT.inet, header.rtm_type == RT.blackhole, header.rtm_dst_len <= 32 else {
-                return nil
-            }
-            let attributes = message.attributes(after: rtmsg.self)
-            let table = attributes[type: RT.table]?.uint32 ?? UInt32(header.rtm_table)
-            guard table == UInt32(RT.mainTable) else { return nil }
+        try ipv4RouteDump().compactMap { message in
+            guard let (header, attributes) = message.mainTableIPv4Route(type: RT.blackhole) else { return nil }
             let destination = attributes[type: RT.dst]?.address ?? IPv4Address(0)
             return (IPv4Network(address: destination, prefixLength: Int(header.rtm_dst_len)),
                     attributes[type: RT.priority]?.uint32 ?? 0)

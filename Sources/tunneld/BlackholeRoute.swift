@@ -42,14 +42,15 @@ final class BlackholeRoute: @unchecked Sendable {
         }
     }
 
-    /// Puts the route back if it is gone; true if it did.
-    func repair() throws -> Bool {
+    /// Puts the route back if it is gone; the subnet whose route it put
+    /// back, nil when nothing was missing.
+    func repair() throws -> IPv4Network? {
         try lock.withLock {
-            guard let subnet else { return false }
+            guard let subnet else { return nil }
             let present = try routeSocket.blackholeRoutes().contains { $0.destination == subnet && $0.metric == Self.metric }
-            if present { return false }
+            if present { return nil }
             try routeSocket.addBlackholeRoute(subnet, metric: Self.metric)
-            return true
+            return subnet
         }
     }
 
@@ -58,7 +59,7 @@ final class BlackholeRoute: @unchecked Sendable {
         while !Task.isCancelled {
             do { try await Task.sleep(for: period) } catch { return }
             do {
-                if try repair(), let subnet = lock.withLock({ subnet }) {
+                if let subnet = try repair() {
                     logger.warning("put back the blackhole route for \(subnet): someone removed it")
                 }
             } catch {
