@@ -47,10 +47,7 @@ enum TLSDiagnosis {
             if text.contains("WRONG_VERSION_NUMBER") || text.contains("HTTP") || text.contains("PACKET_LENGTH") {
                 return "\(endpoint) does not speak TLS (it answers plain http): write it as http://\(endpoint.host):\(endpoint.port), or turn on TLS in etcd (--cert-file, --key-file)"
             }
-            if text.contains("EOF during handshake") {
-                // etcd's plain listener hangs up on a TLS greeting.
-                return "\(endpoint) does not speak TLS (it hung up on the TLS greeting, as a plain http endpoint does): write it as http://\(endpoint.host):\(endpoint.port), or turn on TLS in etcd (--cert-file, --key-file)"
-            }
+            if text.contains("EOF during handshake") { return hungUp(endpoint) }
             if text.contains("failedToValidateHostname") || text.contains("Couldn't find") {
                 return "the certificate of \(endpoint) does not name \(endpoint.host) (its subjectAltName lists other names or addresses): connect by a name or address it lists, or reissue it with \(endpoint.host) in its subjectAltName"
             }
@@ -58,9 +55,16 @@ enum TLSDiagnosis {
                 return await untrusted(endpoint, caFile: caFile, timeout: timeout)
             }
             return "the TLS handshake with \(endpoint) failed: \(text)"
+        case .hungUp:
+            return hungUp(endpoint)
         case .unreachable:
             return nil
         }
+    }
+
+    /// etcd's plain listener hangs up on a TLS greeting, with a FIN or a reset.
+    private static func hungUp(_ endpoint: EtcdEndpoint) -> String {
+        "\(endpoint) does not speak TLS (it hung up on the TLS greeting, as a plain http endpoint does): write it as http://\(endpoint.host):\(endpoint.port), or turn on TLS in etcd (--cert-file, --key-file)"
     }
 
     /// The certificate failed verification: expired, not yet valid, or not
@@ -112,6 +116,10 @@ enum TLSDiagnosis {
         /// The server sent a TLS alert (its name in BoringSSL's words).
         case alert(String)
         case failed(String)
+        /// The server closed or reset the connection before the handshake
+        /// was done, without an alert (what a plain listener does with a
+        /// TLS greeting).
+        case hungUp
         case unreachable
     }
 
@@ -184,12 +192,16 @@ enum TLSDiagnosis {
 
         func errorCaught(context: ChannelHandlerContext, error: any Error) {
             let text = String(describing: error)
-            promise.succeed(text.contains("ALERT") ? .alert(text) : .failed(text))
+            if !completed, let io = error as? IOError, io.errnoCode == ECONNRESET {
+                promise.succeed(.hungUp)
+            } else {
+                promise.succeed(text.contains("ALERT") ? .alert(text) : .failed(text))
+            }
             context.close(promise: nil)
         }
 
         func channelInactive(context: ChannelHandlerContext) {
-            if !completed { promise.succeed(.failed("the server closed the connection during the handshake")) }
+            if !completed { promise.succeed(.hungUp) }
             context.fireChannelInactive()
         }
     }

@@ -159,6 +159,56 @@ struct TLSFailureTests {
         #expect(refused.contains("refused the client certificate \(wrong.cert)"), "\(refused)")
     }
 
+    /// A loopback listener that resets every connection it accepts (a close
+    /// with SO_LINGER 0), as a plain listener may answer a TLS greeting;
+    /// at most 20 connections, at most 30 s.
+    final class ResettingListener: @unchecked Sendable {
+        let port: Int
+        private let descriptor: Int32
+        private let thread: Thread
+
+        init() throws {
+            let descriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            self.descriptor = descriptor
+            guard descriptor >= 0 else { throw TestFailure("socket: errno \(errno)") }
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let bound = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(descriptor, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            guard bound == 0, listen(descriptor, 8) == 0 else { throw TestFailure("bind/listen: errno \(errno)") }
+            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+            _ = withUnsafeMutablePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(descriptor, $0, &length) }
+            }
+            port = Int(UInt16(bigEndian: address.sin_port))
+            var timeout = timeval(tv_sec: 30, tv_usec: 0)
+            setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+            let listening = descriptor
+            thread = Thread {
+                for _ in 0..<20 {
+                    let connection = accept(listening, nil, nil)
+                    guard connection >= 0 else { return }
+                    var hold = linger(l_onoff: 1, l_linger: 0)
+                    setsockopt(connection, SOL_SOCKET, SO_LINGER, &hold, socklen_t(MemoryLayout<linger>.size))
+                    usleep(20_000)  // let the ClientHello arrive, then reset
+                    close(connection)
+                }
+            }
+            thread.start()
+        }
+
+        deinit { shutdown(descriptor, Int32(SHUT_RDWR)); close(descriptor) }
+    }
+
+    @Test func httpsToAListenerThatResetsTheGreetingSaysItDoesNotSpeakTLS() async throws {
+        let listener = try ResettingListener()
+        let text = try await failure("https://127.0.0.1:\(listener.port)", tls: EtcdTLS())
+        #expect(text.contains("does not speak TLS") && text.contains("write it as http://127.0.0.1:\(listener.port)"),
+                "\(text)")
+    }
+
     @Test func httpsAgainstPlainHTTPAndTheReverseSayWhichSchemeToUse() async throws {
         try await EtcdServer.with { server in
             let text = try await failure("https://127.0.0.1:\(server.clientPort)", tls: EtcdTLS())
