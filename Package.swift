@@ -157,15 +157,15 @@ let package = Package(
         // slow packet models) shared by the fuzz tests of several modules.
         .target(name: "FuzzSupport", path: "Tests/FuzzSupport"),
         // Scratch namespaces and packet builders shared by the tests.
-        .target(name: "NetTestSupport", dependencies: ["Netlink", "UDPEncap"], path: "Tests/NetTestSupport"),
+        .target(name: "NetTestSupport", dependencies: ["NetBase", "Netlink", "UDPEncap"], path: "Tests/NetTestSupport"),
         .testTarget(name: "NetlinkTests", dependencies: ["Netlink", "NetBase", "NetTestSupport", "FuzzSupport"]),
         .testTarget(name: "TunDeviceTests", dependencies: ["TunDevice", "Netlink", "NetBase", "NetTestSupport"]),
         .testTarget(name: "UDPEncapTests", dependencies: ["UDPEncap", "NetBase", "NetTestSupport", "FuzzSupport"]),
         .testTarget(name: "OffloadTests", dependencies: ["Offload", "FuzzSupport"]),
         .testTarget(name: "PacketRingTests", dependencies: ["PacketRing", "UDPEncap", "NetBase", "NetTestSupport", "FuzzSupport"]),
         // Test helper shared by test targets: starts a throwaway etcd (EtcdServer).
-        .target(name: "EtcdTestSupport", path: "Tests/EtcdTestSupport"),
-        .testTarget(name: "EtcdClientTests", dependencies: ["EtcdClient", "EtcdTestSupport"]),
+        .target(name: "EtcdTestSupport", dependencies: ["NetBase"], path: "Tests/EtcdTestSupport"),
+        .testTarget(name: "EtcdClientTests", dependencies: ["EtcdClient", "EtcdTestSupport", "NetBase"]),
         .testTarget(
             name: "LeaseStoreTests",
             dependencies: [
@@ -189,7 +189,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "EndToEndTests", dependencies: ["NetBase"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["NetBase", "NetTestSupport"]),
         .testTarget(
             name: "ObservabilityTests",
             dependencies: [

@@ -31,6 +31,23 @@ public struct DelegateStore: Sendable {
         }
     }
 
+    /// Where an unreadable saved config is kept: a name no container ID can have (IDs
+    /// begin with a letter or digit), so it never collides with a container's file.
+    public func asidePath(for containerID: String) -> String { "\(directory)/.unreadable-\(containerID)" }
+
+    /// Moves the saved config out of DEL's way, keeping its bytes for whoever looks into
+    /// why it was unreadable; returns where it now is.
+    public func setAside(for containerID: String) throws(CNIError) -> String {
+        let aside = asidePath(for: containerID)
+        do {
+            try FileIO.move(path(for: containerID), to: aside)
+        } catch {
+            throw CNIError(code: CNIError.ioFailure, "cannot move the unreadable delegate config of container \(containerID) aside: \(error)",
+                           details: "remove \(path(for: containerID)) by hand; DEL then succeeds with nothing to delete")
+        }
+        return aside
+    }
+
     public func remove(for containerID: String) throws(CNIError) {
         do {
             try FileIO.remove(path(for: containerID))

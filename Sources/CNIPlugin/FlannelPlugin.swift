@@ -87,17 +87,40 @@ public struct FlannelPlugin: Sendable {
         // Nothing saved: ADD never ran or DEL already did; the spec asks DEL
         // to succeed when what it would remove is gone.
         guard let bytes = try store.load(for: request.containerID) else { return [] }
-        guard let saved = try? JSONValue(parsing: bytes), case .object(let fields) = saved,
-              case .string(let type)? = fields["type"] else {
-            // Nothing can be done with it; keeping it would fail every DEL.
-            try store.remove(for: request.containerID)
+        let type: String
+        switch Self.delegateType(saved: bytes) {
+        case .success(let found): type = found
+        case .failure(let why):
+            // Nothing can be run with it, and kept in place it would fail every DEL the
+            // runtime retries; moved aside, its bytes stay for whoever looks into it.
+            let path = store.path(for: request.containerID)
+            let aside = try store.setAside(for: request.containerID)
             throw CNIError(code: CNIError.decodingFailure,
-                           "the saved delegate config \(store.path(for: request.containerID)) was unreadable and has been removed",
-                           details: "the container's interface and address may remain until the host reboots")
+                           "the saved delegate config \(path) is unreadable (\(why)); it was moved to \(aside)",
+                           details: "the delegate's DEL did not run, so the container's veth and its host-local address (a file "
+                               + "named for the address, holding the container ID, in host-local's dataDir, by default "
+                               + "/var/lib/cni/networks/\(conf.name ?? "<network name>")/) may remain: remove them by hand; the next DEL succeeds with nothing to delete")
         }
         let output = try runner.run(type: type, command: .del, config: bytes, request: request)
         try store.remove(for: request.containerID)
         return output
+    }
+
+    /// The `type` of a saved delegate config, or what is wrong with it.
+    static func delegateType(saved bytes: [UInt8]) -> Result<String, SavedConfigDefect> {
+        guard let saved = try? JSONValue(parsing: bytes) else {
+            return .failure(SavedConfigDefect(bytes.isEmpty ? "empty" : "not JSON"))
+        }
+        guard case .object(let fields) = saved else { return .failure(SavedConfigDefect("not a JSON object")) }
+        guard case .string(let type)? = fields["type"] else {
+            return .failure(SavedConfigDefect(fields["type"] == nil ? "no \"type\"" : "\"type\" is not a string"))
+        }
+        return .success(type)
+    }
+
+    struct SavedConfigDefect: Error, CustomStringConvertible {
+        var description: String
+        init(_ description: String) { self.description = description }
     }
 
     func check(_ request: CNIRequest, _ conf: FlannelNetConf) throws(CNIError) -> [UInt8] {

@@ -111,6 +111,14 @@ package enum FileIO {
         return true
     }
 
+    /// Renames `path` to `newPath` (in the same file system), replacing what is there.
+    package static func move(_ path: String, to newPath: String) throws(FileError) {
+        if case .failure(let e) = retryingInterrupts({ Glibc.rename(path, newPath) }) {
+            throw FileError(operation: "rename to \(newPath)", path: path, errno: e)
+        }
+        syncDirectory(split(newPath).directory)
+    }
+
     /// `mkdir -p`; directories it creates get `mode`.
     package static func makeDirectories(_ path: String, mode: mode_t) throws(FileError) {
         var prefix = path.hasPrefix("/") ? "" : "."

@@ -110,30 +110,60 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
     }
 
     /// A saved config that cannot be used (torn, not JSON, no delegate type) would fail
-    /// every DEL the runtime retries: it is removed, the error says so, no delegate runs,
-    /// and the next DEL succeeds as for a container that has nothing left.
-    @Test(arguments: ["{\"cniVersion\":\"1.0.0\",\"type\":\"bri", "not json at all", "[1,2]",
-                      #"{"cniVersion":"1.0.0","name":"cbr0"}"#, #"{"type":7}"#, ""])
-    func delWithACorruptSavedConfigRemovesItAndSaysSo(saved: String) throws {
+    /// every DEL the runtime retries if it stayed: DEL says what is wrong with it and what
+    /// may be left behind, runs no delegate, and moves it aside with its bytes intact (the
+    /// other containers' configs untouched); the next DEL succeeds as for a container that
+    /// has nothing left.
+    @Test(arguments: [("{\"cniVersion\":\"1.0.0\",\"type\":\"bri", "not JSON"), ("not json at all", "not JSON"),
+                      ("[1,2]", "not a JSON object"), (#"{"cniVersion":"1.0.0","name":"cbr0"}"#, "no \"type\""),
+                      (#"{"type":7}"#, "\"type\" is not a string"), ("", "empty")])
+    func delWithACorruptSavedConfigSaysWhyAndKeepsItAside(saved: String, why: String) throws {
         let scratch = try Scratch()
         let runner = RecordingRunner()
         let plugin = FlannelPlugin(runner: runner)
         #expect(plugin.handle(environment: environment("ADD"), stdin: scratch.config()).exitStatus == 0)
-        let path = "\(scratch.dataDir)/c0ffee"
+        #expect(plugin.handle(environment: environment("ADD", container: "beef"), stdin: scratch.config()).exitStatus == 0)
+        let path = "\(scratch.dataDir)/c0ffee", aside = "\(scratch.dataDir)/.unreadable-c0ffee"
+        let other = try String(contentsOfFile: "\(scratch.dataDir)/beef", encoding: .utf8)
         try saved.write(toFile: path, atomically: true, encoding: .utf8)
 
         let response = plugin.handle(environment: environment("DEL"), stdin: scratch.config())
         #expect(response.exitStatus == 1)
         let error = try errorJSON(response)
         #expect(error["code"] == .number(6))
-        #expect(error["msg"] == .string("the saved delegate config \(path) was unreadable and has been removed"))
-        #expect(error["details"] == .string("the container's interface and address may remain until the host reboots"))
-        #expect(runner.recorded.map(\.command) == [.add])
+        #expect(error["msg"] == .string("the saved delegate config \(path) is unreadable (\(why)); it was moved to \(aside)"))
+        #expect(error["details"] == .string(
+            "the delegate's DEL did not run, so the container's veth and its host-local address (a file named for the "
+                + "address, holding the container ID, in host-local's dataDir, by default /var/lib/cni/networks/cbr0/) may "
+                + "remain: remove them by hand; the next DEL succeeds with nothing to delete"))
+        #expect(runner.recorded.map(\.command) == [.add, .add])
         #expect(!FileManager.default.fileExists(atPath: path))
+        #expect(try String(contentsOfFile: aside, encoding: .utf8) == saved)
+        #expect(try String(contentsOfFile: "\(scratch.dataDir)/beef", encoding: .utf8) == other)
 
         let again = plugin.handle(environment: environment("DEL"), stdin: scratch.config())
         #expect(again.exitStatus == 0, "\(String(decoding: again.stdout, as: UTF8.self))")
-        #expect(runner.recorded.map(\.command) == [.add])
+        #expect(runner.recorded.map(\.command) == [.add, .add])
+        // The other container's DEL still runs its delegate with what ADD saved.
+        #expect(plugin.handle(environment: environment("DEL", container: "beef"), stdin: scratch.config()).exitStatus == 0)
+        #expect(runner.recorded.map(\.command) == [.add, .add, .del])
+        #expect(runner.recorded.last?.config == other)
+        #expect(try String(contentsOfFile: aside, encoding: .utf8) == saved)
+    }
+
+    /// A saved config that cannot be moved aside (here a directory is in the way, which
+    /// stops root too) is left where it is, and the error says what to do instead.
+    @Test func delWithACorruptSavedConfigThatCannotBeMovedSaysToRemoveIt() throws {
+        let scratch = try Scratch()
+        let plugin = FlannelPlugin(runner: RecordingRunner())
+        #expect(plugin.handle(environment: environment("ADD"), stdin: scratch.config()).exitStatus == 0)
+        let path = "\(scratch.dataDir)/c0ffee"
+        try "torn".write(toFile: path, atomically: true, encoding: .utf8)
+        try FileManager.default.createDirectory(atPath: "\(scratch.dataDir)/.unreadable-c0ffee/x", withIntermediateDirectories: true)
+        let error = try errorJSON(plugin.handle(environment: environment("DEL"), stdin: scratch.config()))
+        #expect(error["code"] == .number(5))
+        #expect(error["details"] == .string("remove \(path) by hand; DEL then succeeds with nothing to delete"))
+        #expect(try String(contentsOfFile: path, encoding: .utf8) == "torn")
     }
 
     @Test func checkRunsTheDelegateWithTheSavedConfigAndPrevResult() throws {

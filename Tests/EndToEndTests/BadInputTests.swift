@@ -1,4 +1,5 @@
 import Foundation
+import NetBase
 import Testing
 
 /// Bad input at start: one clear line naming what is wrong, and no
@@ -44,10 +45,10 @@ struct BadInputTests {
             // The health port is taken: found only after the device and the
             // lease are in place (the listener opens before the rules and the
             // peer list, so that /readyz can say 503 meanwhile).
-            let holder = try Child(["ip", "netns", "exec", lab.namespace("h1"), "python3", "-c",
+            let holder = try spawn(["ip", "netns", "exec", lab.namespace("h1"), "python3", "-c",
                                 "import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 8471)); s.listen(); time.sleep(60)"],
                                output: lab.directory.appendingPathComponent("holder.log").path)
-            defer { holder.stop() }
+            defer { holder.terminate() }
             #expect(try lab.waitUntil { try lab.exec("h1", ["ss", "-ltnH", "sport = :8471"]).output.contains("8471") })
             let result = try start(lab, ["--ip-masq", "--healthz-port", "8471"])
             #expect(!result.succeeded)

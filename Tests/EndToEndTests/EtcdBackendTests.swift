@@ -1,4 +1,5 @@
 import Foundation
+import NetBase
 import Testing
 
 /// Where the hosts find etcd, as in the seed's flanneld command line.
@@ -101,10 +102,10 @@ struct EtcdBackendTests {
         try withEtcdLab { lab in
             // Host 1 starts before there is a config: it waits and names the
             // key to write.
-            let adding = try Child(["bash", lab.script, "add-host", lab.name, lab.directory.path, "1", "--"]
+            let adding = try spawn(["bash", lab.script, "add-host", lab.name, lab.directory.path, "1", "--"]
                                    + flanneldCommand(lab, host: 1),
                                    output: lab.directory.appendingPathComponent("add-h1.log").path)
-            defer { adding.stop() }
+            defer { adding.terminate() }
             #expect(lab.waitForLog("h1", containing: "etcdctl put /docker/network/config"), "\(lab.log("h1"))")
             try putSeedConfig(lab)
             let added = adding.wait(timeout: .seconds(60))
@@ -329,9 +330,9 @@ struct EtcdBackendTests {
 
             // 60 pings, 0.2 s apart, across the restart.
             let pingLog = lab.directory.appendingPathComponent("ping-across-restart.log").path
-            let ping = try Child(["ip", "netns", "exec", lab.namespace("c1"), "ping", "-c", "60", "-i", "0.2",
+            let ping = try spawn(["ip", "netns", "exec", lab.namespace("c1"), "ping", "-c", "60", "-i", "0.2",
                                   "-W", "1", try lab.containerIP(2)], output: pingLog)
-            defer { ping.stop() }
+            defer { ping.terminate() }
             usleep(1_000_000)
             try lab.restartEtcd(downtime: .seconds(3))
             let back = ContinuousClock.now

@@ -1,4 +1,5 @@
 import Foundation
+import NetBase
 import Testing
 
 /// Faults, with recovery measured: each test breaks one thing under a
@@ -562,10 +563,10 @@ struct FaultTests {
                     + command(lab, host: n, ttl: 30, controlSocket: socket)
             }
             let adding = try hosts.map { n in
-                try Child(["bash", lab.script, "add-host", lab.name, lab.directory.path, "\(n)", "--no-container", "--"]
+                try spawn(["bash", lab.script, "add-host", lab.name, lab.directory.path, "\(n)", "--no-container", "--"]
                           + gated(n), output: lab.directory.appendingPathComponent("add-h\(n).log").path)
             }
-            defer { adding.forEach { $0.stop() } }
+            defer { adding.forEach { $0.terminate() } }
             try #require(timeUntil {
                 hosts.allSatisfy { FileManager.default.fileExists(atPath: lab.directory.appendingPathComponent("h\($0).pid").path) }
             } != nil, "the hosts were not set up")
@@ -621,7 +622,7 @@ extension Duration {
 /// 300 s), with the replies it got sorted into loss windows.
 final class SteadyPing {
     static let interval = Duration.milliseconds(100)
-    let child: Child
+    let child: ChildProcess
     let outputFile: String
     private var result: Result?
 
@@ -642,7 +643,7 @@ final class SteadyPing {
 
     init(_ lab: Lab, from: Int, to: Int, name: String) throws {
         outputFile = lab.directory.appendingPathComponent("\(name).ping.log").path
-        child = try Child(["ip", "netns", "exec", lab.namespace("c\(from)"), "ping", "-i", "0.1", "-W", "1",
+        child = try spawn(["ip", "netns", "exec", lab.namespace("c\(from)"), "ping", "-i", "0.1", "-W", "1",
                            "-w", "300", try lab.containerIP(to)], output: outputFile)
     }
 
@@ -666,7 +667,7 @@ final class SteadyPing {
     func finish() -> Result {
         if let result { return result }
         kill(child.pid, SIGINT)
-        if child.wait(timeout: .seconds(5)) == nil { child.stop() }
+        if child.wait(timeout: .seconds(5)) == nil { child.terminate() }
         let text = output
         let received = replies(in: text)
         var transmitted = received.max() ?? 0

@@ -1,4 +1,5 @@
 import Foundation
+import NetBase
 import Testing
 
 /// Floods a host's backend port with what a stranger on the underlay and a
@@ -135,15 +136,15 @@ struct HostileInputTests {
             // Listeners where a leaked datagram would land, and the kernels' counters.
             let stop = lab.directory.appendingPathComponent("stop-listeners").path
             let watched = ["c1", "c3", "h4"]
-            var listeners: [String: Child] = [:]
+            var listeners: [String: ChildProcess] = [:]
             for ns in watched {
-                listeners[ns] = try Child(["ip", "netns", "exec", lab.namespace(ns), "python3", "-c", Self.listener,
+                listeners[ns] = try spawn(["ip", "netns", "exec", lab.namespace(ns), "python3", "-c", Self.listener,
                                            lab.directory.appendingPathComponent("heard-\(ns)").path, stop],
                                           output: lab.directory.appendingPathComponent("listener-\(ns).log").path)
             }
             defer {
                 FileManager.default.createFile(atPath: stop, contents: nil)
-                listeners.values.forEach { $0.stop() }
+                listeners.values.forEach { $0.terminate() }
             }
             usleep(500_000)
             let before = try watched.map { try snmp(lab, $0) }

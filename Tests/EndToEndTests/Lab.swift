@@ -1,7 +1,8 @@
 import Foundation
+import NetBase
+import NetTestSupport
 import Testing
 
-let isRoot = getuid() == 0
 let hasTun = FileManager.default.fileExists(atPath: "/dev/net/tun")
 let canRunNamespaceTests = isRoot && hasTun
 let namespaceSkipReason: Comment = "needs root and /dev/net/tun: creates network namespaces and TUN devices (runs in CI as root)"
@@ -91,82 +92,17 @@ struct CommandResult {
     var succeeded: Bool { status == 0 }
 }
 
-struct CommandFailed: Error, CustomStringConvertible {
-    let command: [String]
-    let result: CommandResult
-    var description: String {
-        "`\(command.joined(separator: " "))` exited with \(result.status):\n\(result.output)"
-    }
-}
-
-/// A child process started with posix_spawn. Foundation's `Process` is not
-/// used: it can keep reporting a finished child as running when a grandchild
-/// (a daemon started in the background) inherits its descriptors.
-final class Child {
-    let pid: pid_t
-    private(set) var status: Int32?
-
-    /// - Parameter input: the file standard input reads (default: nothing).
-    init(_ arguments: [String], output: String, input: String = "/dev/null") throws {
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, input, O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_APPEND, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        let argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        // A clean signal state, as a process started by a shell or systemd
-        // has: the test runner's threads block signals (SIGALRM among
-        // them), and a blocked mask is inherited through every exec — down
-        // to dockerd's containers, where busybox's ping then stalls waiting
-        // for its timer.
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attributes, &empty)
-        var all = sigset_t()
-        sigfillset(&all)
-        sigdelset(&all, SIGKILL)
-        sigdelset(&all, SIGSTOP)
-        posix_spawnattr_setsigdefault(&attributes, &all)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-        var pid = pid_t()
-        let rc = posix_spawnp(&pid, arguments[0], &actions, &attributes, argv, environ)
-        guard rc == 0 else {
-            throw CommandFailed(command: arguments, result: CommandResult(status: -1, output: "posix_spawn: \(String(cString: strerror(rc)))"))
-        }
-        self.pid = pid
-    }
-
-    /// Waits until the child exits or `timeout` passes; returns its exit
-    /// status, or nil if it is still running.
-    @discardableResult
-    func wait(timeout: Duration) -> Int32? {
-        if let status { return status }
-        let deadline = ContinuousClock.now + timeout
-        repeat {
-            var raw: Int32 = 0
-            if waitpid(pid, &raw, WNOHANG) == pid {
-                // WIFEXITED / WEXITSTATUS, or 128 + signal.
-                status = raw & 0x7f == 0 ? (raw >> 8) & 0xff : 128 + (raw & 0x7f)
-                return status
-            }
-            usleep(20_000)
-        } while ContinuousClock.now < deadline
-        return nil
-    }
-
-    /// Stops the child (TERM, then KILL after a grace period) and reaps it.
-    func stop() {
-        guard status == nil else { return }
-        kill(pid, SIGTERM)
-        if wait(timeout: .seconds(3)) == nil {
-            kill(pid, SIGKILL)
-            wait(timeout: .seconds(3))
-        }
+/// Starts a command (searched in PATH) with standard input from the file `input`, and
+/// output and errors appended to the file `output`: a file, not a pipe, because a daemon it
+/// starts in the background keeps its standard streams. The command gets SIGKILL if this
+/// test process ends first.
+func spawn(_ arguments: [String], output: String, input: String = "/dev/null") throws -> ChildProcess {
+    do {
+        return try ChildProcess.start(arguments[0], arguments: Array(arguments.dropFirst()),
+                                      standardInput: .file(input), standardOutput: .file(output),
+                                      standardError: .standardOutput, parentDeathSignal: SIGKILL)
+    } catch {
+        throw CommandFailed(command: arguments, status: -1, output: "\(error)")
     }
 }
 
@@ -177,15 +113,12 @@ func run(_ arguments: [String], timeout: Duration = .seconds(60), check: Bool = 
     let outputFile = FileManager.default.temporaryDirectory
         .appendingPathComponent("td-cmd-\(UUID().uuidString)").path
     defer { unlink(outputFile) }
-    let child = try Child(arguments, output: outputFile, input: input)
+    let child = try spawn(arguments, output: outputFile, input: input)
     var status = child.wait(timeout: timeout)
-    if status == nil {
-        child.stop()
-        status = child.status
-    }
+    if status == nil { status = child.terminate() }
     let output = (try? String(contentsOfFile: outputFile, encoding: .utf8)) ?? ""
     let result = CommandResult(status: status ?? -1, output: output)
-    if check && !result.succeeded { throw CommandFailed(command: arguments, result: result) }
+    if check && !result.succeeded { throw CommandFailed(command: arguments, status: result.status, output: result.output) }
     return result
 }
 

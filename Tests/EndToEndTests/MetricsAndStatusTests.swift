@@ -1,4 +1,5 @@
 import Foundation
+import NetBase
 import Testing
 
 /// The metrics endpoint and `tunneld status` against running hosts. Every
@@ -94,9 +95,9 @@ struct MetricsAndStatusTests {
                     if os.path.exists(stop): break
                     time.sleep(0.1)
                 """
-            let child = try Child(["ip", "netns", "exec", lab.namespace("h1"), "python3", "-c", scraper, scrapes, stop],
+            let child = try spawn(["ip", "netns", "exec", lab.namespace("h1"), "python3", "-c", scraper, scrapes, stop],
                                   output: lab.directory.appendingPathComponent("scraper.log").path)
-            defer { child.stop() }
+            defer { child.terminate() }
             #expect(lab.waitForFile(scrapes), "the scraper wrote nothing: \(lab.log("scraper"))")
             try transfer(lab, from: 1, to: 2, megabytes: 5)
             FileManager.default.createFile(atPath: stop, contents: nil)

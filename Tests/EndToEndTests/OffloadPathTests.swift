@@ -1,4 +1,5 @@
 import Foundation
+import NetBase
 import Testing
 
 /// The udp backend with its offloads (TUN TSO/checksum, UDP GSO/GRO) carrying
@@ -131,14 +132,14 @@ struct OffloadPathTests {
             // drops it to 2 and writes 200 KB, which leaves the container as
             // TSO super-packets; the tunnel answers the first one it cannot
             // carry with "time exceeded".
-            let server = try Child(["ip", "netns", "exec", lab.namespace("c2"), "python3", "-c", """
+            let server = try spawn(["ip", "netns", "exec", lab.namespace("c2"), "python3", "-c", """
                 import socket
                 s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
                 s.bind(('0.0.0.0',5401)); s.listen(1); s.settimeout(30)
                 c,_=s.accept(); c.settimeout(30)
                 while c.recv(65536): pass
                 """], output: lab.directory.appendingPathComponent("ttl-server.log").path)
-            defer { server.stop() }
+            defer { server.terminate() }
             let tcpProbe = """
                 import socket,struct,sys,time
                 IP_RECVERR=11

@@ -1,4 +1,5 @@
 import Foundation
+import NetBase
 import Testing
 
 /// Sends random bytes over TCP from one container to another and compares
@@ -37,10 +38,10 @@ func transfer(_ lab: Lab, from: Int, to: Int, bytes: Int, port: Int = 5201, mss:
         with open(sys.argv[2],'rb') as f: s.sendall(f.read())
         s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
         """
-    let server = try Child(["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", serverScript, received,
+    let server = try spawn(["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", serverScript, received,
                             "\(port)"],
                            output: lab.directory.appendingPathComponent("transfer-server.log").path)
-    defer { server.stop() }
+    defer { server.terminate() }
     try lab.exec("c\(from)", ["python3", "-c", client, target, source, "\(port)", "\(mss ?? 0)"], timeout: .seconds(90))
     #expect(server.wait(timeout: .seconds(30)) == 0, "the receiving side did not finish cleanly")
     let sent = try run(["sha256sum", source]).output.prefix(64)
@@ -84,9 +85,9 @@ func udpEcho(_ lab: Lab, from: Int, to: Int, sizes: [Int], port: Int = 5301) thr
         s.sendto(b'stop',(target,port))
         print('bad', ' '.join(bad)) if bad else print('all echoed')
         """
-    let server = try Child(["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", echo, "\(port)"],
+    let server = try spawn(["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", echo, "\(port)"],
                            output: lab.directory.appendingPathComponent("echo-server.log").path)
-    defer { server.stop() }
+    defer { server.terminate() }
     usleep(300_000)
     let result = try lab.exec("c\(from)", ["python3", "-c", client, target, "\(port)"] + sizes.map(String.init),
                               timeout: .seconds(120))
@@ -124,9 +125,9 @@ func udpBurst(_ lab: Lab, from: Int, to: Int, port: Int = 5351) throws {
                 pass
         print('no burst arrived whole')
         """
-    let server = try Child(["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", listener, "\(port)"],
+    let server = try spawn(["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", listener, "\(port)"],
                            output: lab.directory.appendingPathComponent("burst-server.log").path)
-    defer { server.stop() }
+    defer { server.terminate() }
     usleep(300_000)
     let result = try lab.exec("c\(from)", ["python3", "-c", sender, target, "\(port)"], timeout: .seconds(60))
     #expect(result.output.contains("whole"), "UDP burst from c\(from) to c\(to): \(result.output)")

@@ -1,4 +1,5 @@
 import Foundation
+import NetBase
 import Testing
 
 /// The seed's network config.
@@ -151,9 +152,9 @@ struct UDPBackendTests {
             s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind((sys.argv[1],9999)); s.settimeout(20)
             _,peer=s.recvfrom(100); open(sys.argv[2],'w').write(peer[0])
             """
-        let server = try Child(["ip", "netns", "exec", lab.namespace(listener), "python3", "-c", script, address, seen],
+        let server = try spawn(["ip", "netns", "exec", lab.namespace(listener), "python3", "-c", script, address, seen],
                                output: lab.directory.appendingPathComponent("seen.log").path)
-        defer { server.stop() }
+        defer { server.terminate() }
         let send = "import socket,sys; socket.socket(socket.AF_INET,socket.SOCK_DGRAM).sendto(b'x',(sys.argv[1],9999))"
         // Until the listener has one (it may not be bound yet): bounded.
         for _ in 0..<40 where server.wait(timeout: .milliseconds(250)) == nil {

@@ -1,6 +1,7 @@
 import EtcdClient
 import EtcdTestSupport
 import Foundation
+import NetBase
 import Testing
 
 /// TLS failures in words: each made with certificates the test issues with
@@ -21,14 +22,11 @@ struct TLSFailureTests {
         func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
 
         func openssl(_ arguments: [String]) throws {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-            process.arguments = arguments
-            process.standardOutput = FileHandle.nullDevice
-            process.standardError = FileHandle.nullDevice
-            try process.run()
-            process.waitUntilExit()
-            guard process.terminationStatus == 0 else { throw TestFailure("openssl \(arguments) failed") }
+            let output = try ChildProcess.run("/usr/bin/openssl", arguments: arguments, timeout: .seconds(60),
+                                              parentDeathSignal: SIGKILL)
+            guard output.status == 0 else {
+                throw TestFailure("openssl \(arguments) failed: \(String(decoding: output.stderr, as: UTF8.self))")
+            }
         }
 
         /// A self-signed CA named `name` (files NAME.crt, NAME.key).
@@ -59,19 +57,16 @@ struct TLSFailureTests {
     /// `openssl s_server` on 127.0.0.1 with `cert`; with `clientCA`, it
     /// demands a client certificate signed by that CA.
     final class TLSServer {
-        let process = Process()
+        let process: ChildProcess
         let port: Int
 
         init(cert: (cert: String, key: String), clientCA: String? = nil) throws {
             port = try freePorts(1)[0]
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
             var arguments = ["s_server", "-quiet", "-accept", "127.0.0.1:\(port)", "-cert", cert.cert, "-key", cert.key,
                              "-alpn", "h2"]
             if let clientCA { arguments += ["-Verify", "1", "-verify_return_error", "-CAfile", clientCA] }
-            process.arguments = arguments
-            process.standardOutput = FileHandle.nullDevice
-            process.standardError = FileHandle.nullDevice
-            try process.run()
+            process = try ChildProcess.start("/usr/bin/openssl", arguments: arguments, standardOutput: .null,
+                                             standardError: .null, parentDeathSignal: SIGKILL)
             // Ready when it accepts a connection (bounded: 10 s).
             for _ in 0..<200 {
                 if Self.accepts(port) { return }
@@ -85,9 +80,7 @@ struct TLSFailureTests {
 
         /// s_server does not stop on SIGTERM.
         func stop() {
-            guard process.isRunning else { return }
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
+            process.terminate(signal: SIGKILL)
         }
 
         static func accepts(_ port: Int) -> Bool {

@@ -1,4 +1,5 @@
 import Foundation
+import NetBase
 import Synchronization
 
 #if canImport(Glibc)
@@ -19,7 +20,7 @@ public final class EtcdServer: @unchecked Sendable {
     /// The temporary directory holding data, log and certificates.
     public let directory: URL
     /// The running etcd's process ID (changes with `restart()`).
-    public var pid: pid_t { state.withLock { $0.process.processIdentifier } }
+    public var pid: pid_t { state.withLock { $0.process.pid } }
     /// Certificates when started with TLS.
     public let certificates: TestCertificates?
     /// Used by `etcdctl` once auth has been enabled with `enableAuth`.
@@ -27,11 +28,11 @@ public final class EtcdServer: @unchecked Sendable {
     private let arguments: [String]
     private let metricsPort: Int
     private struct State {
-        var process: Process
+        var process: ChildProcess
         var stopped = false
     }
     private let state: Mutex<State>
-    private var process: Process { state.withLock { $0.process } }
+    private var process: ChildProcess { state.withLock { $0.process } }
 
     public static let etcdPath = "/usr/bin/etcd"
     public static let etcdctlPath = "/usr/bin/etcdctl"
@@ -123,26 +124,16 @@ public final class EtcdServer: @unchecked Sendable {
     }
 
     /// Starts etcd with its output appended to `directory`/etcd.log.
-    private static func launch(_ arguments: [String], in directory: URL) throws -> Process {
-        let log = directory.appendingPathComponent("etcd.log")
-        if !FileManager.default.fileExists(atPath: log.path) {
-            _ = FileManager.default.createFile(atPath: log.path, contents: nil)
-        }
-        let logHandle = try FileHandle(forWritingTo: log)
-        defer { try? logHandle.close() }
-        try logHandle.seekToEnd()
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: etcdPath)
-        process.arguments = arguments
-        process.standardOutput = logHandle
-        process.standardError = logHandle
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
-        return process
+    /// etcd gets SIGKILL when this test process ends, however it ends: a killed test run
+    /// leaves no etcd behind.
+    private static func launch(_ arguments: [String], in directory: URL) throws -> ChildProcess {
+        try ChildProcess.start(etcdPath, arguments: arguments,
+                               standardOutput: .file(directory.appendingPathComponent("etcd.log").path),
+                               standardError: .standardOutput, parentDeathSignal: SIGKILL)
     }
 
     private init(clientURL: String, clientPort: Int, metricsPort: Int, directory: URL, arguments: [String],
-                 process: Process, certificates: TestCertificates?) {
+                 process: ChildProcess, certificates: TestCertificates?) {
         self.clientURL = clientURL
         self.clientPort = clientPort
         self.metricsPort = metricsPort
@@ -164,16 +155,8 @@ public final class EtcdServer: @unchecked Sendable {
     }
 
     /// SIGTERM, then SIGKILL after 5 s; waits for the exit.
-    private func terminate(_ process: Process) {
-        guard process.isRunning else { return }
-        let pid = process.processIdentifier
-        kill(pid, SIGTERM)
-        let deadline = Date().addingTimeInterval(5)
-        while process.isRunning && Date() < deadline { usleep(20_000) }
-        if process.isRunning {
-            kill(pid, SIGKILL)
-            process.waitUntilExit()
-        }
+    private func terminate(_ process: ChildProcess) {
+        process.terminate(grace: .seconds(5))
     }
 
     deinit { stop() }
@@ -188,7 +171,7 @@ public final class EtcdServer: @unchecked Sendable {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         while clock.now < deadline {
-            guard process.isRunning else {
+            guard process.wait(timeout: .zero) == nil else {
                 let tail = logTail()
                 throw TestSupportError("etcd exited during start-up: \(tail)",
                                        retryable: tail.contains("address already in use"))
@@ -364,21 +347,11 @@ func httpGet(port: Int, path: String) throws -> String {
 func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:])
     throws -> (status: Int32, output: String)
 {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
-    if !environment.isEmpty {
-        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-    }
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = pipe
-    process.standardInput = FileHandle.nullDevice
-    try process.run()
-    // Read before waiting: a full pipe would block the child forever.
-    let data = pipe.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+    let output = try ChildProcess.run(
+        executable, arguments: arguments,
+        environment: environment.isEmpty ? nil : ProcessInfo.processInfo.environment.merging(environment) { $1 },
+        timeout: .seconds(120), parentDeathSignal: SIGKILL)
+    return (output.status, String(decoding: output.stdout + output.stderr, as: UTF8.self))
 }
 
 /// Runs `body`, failing with an error if it takes longer than `limit`.

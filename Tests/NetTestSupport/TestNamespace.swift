@@ -1,6 +1,7 @@
 // Test support: scratch network namespaces and running `ip` to set up and
 // check what the code under test did.
 import Foundation
+import NetBase
 import Netlink
 import Testing
 
@@ -8,34 +9,29 @@ import Testing
 public let isRoot = getuid() == 0
 public let needsRootMessage: Comment = "needs root: creates network namespaces, devices and routes"
 
+/// A command that did not exit with 0: what ran, how it ended and what it printed.
 public struct CommandFailed: Error, CustomStringConvertible {
     public let command: [String]
     public let status: Int32
     public let output: String
-    public var description: String { "`\(command.joined(separator: " "))` exited with \(status): \(output)" }
+    public init(command: [String], status: Int32, output: String) {
+        self.command = command
+        self.status = status
+        self.output = output
+    }
+    public var description: String { "`\(command.joined(separator: " "))` exited with \(status):\n\(output)" }
 }
 
 /// Runs a command and returns its standard output; throws with its standard
-/// error when it fails. A command still running after 30 s is killed.
+/// error when it fails. A command still running after 30 s is ended.
 @discardableResult
 public func command(_ arguments: [String]) throws -> String {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = arguments
-    let output = Pipe()
-    let errors = Pipe()
-    process.standardOutput = output
-    process.standardError = errors
-    try process.run()
-    let pid = process.processIdentifier
-    let watchdog = DispatchWorkItem { kill(pid, SIGKILL) }
-    DispatchQueue.global().asyncAfter(deadline: .now() + 30, execute: watchdog)
-    let stdout = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    let stderr = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    process.waitUntilExit()
-    watchdog.cancel()
-    guard process.terminationStatus == 0 else {
-        throw CommandFailed(command: arguments, status: process.terminationStatus, output: stderr + stdout)
+    let output = try ChildProcess.run(arguments[0], arguments: Array(arguments.dropFirst()), timeout: .seconds(30),
+                                      parentDeathSignal: SIGKILL)
+    let stdout = String(decoding: output.stdout, as: UTF8.self)
+    guard output.status == 0 else {
+        throw CommandFailed(command: arguments, status: output.status,
+                            output: String(decoding: output.stderr, as: UTF8.self) + stdout)
     }
     return stdout
 }

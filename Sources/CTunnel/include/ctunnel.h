@@ -127,6 +127,13 @@ static inline void ctunnel_malloc_thresholds(int mmap_bytes) {
     mallopt(M_TRIM_THRESHOLD, 2 * mmap_bytes);
 }
 
+/* Starts `path` (argv, envp) with standard input, output and error from fds[0..2], no
+   other descriptor, every signal at its default and none blocked, and `pdeathsig` sent to
+   it when this process ends (see ctunnel.c). Returns 0 and the child's pid, or an errno:
+   the exec's own when the program could not be run. */
+int ctunnel_spawn_with_parent_death_signal(const char *path, char *const argv[], char *const envp[],
+                                           const int fds[3], int pdeathsig, pid_t *pid);
+
 _Static_assert(sizeof(struct virtio_net_hdr) == 10, "virtio_net_hdr is 10 bytes");
 _Static_assert(sizeof(struct sockaddr_in) == 16, "sockaddr_in is 16 bytes");
 _Static_assert(sizeof(struct ctunnel_mmsghdr) == 64, "mmsghdr is 64 bytes on 64-bit Linux");
