@@ -164,13 +164,13 @@ public final class Interface {
             c = c1
             es.wipe()
             publicKey.raw.withUnsafeBytes { m.baseAddress!.advanced(by: 40).copyMemory(from: $0.baseAddress!, byteCount: 32) }
-            _ = handshakeCipher.seal(key: k, counter: 0, aad: h.rawBuffer, text: m.baseAddress! + 40, length: 32,
+            _ = handshakeCipher.seal(key: k, counter: 0, aad: h, text: m.baseAddress! + 40, length: 32,
                                      tag: m.baseAddress! + 72)
             h = Primitive.hash(h, UnsafeRawBufferPointer(rebasing: m[40..<88]))
             (c1, k, _) = Primitive.kdf(c, peer.staticShared, outputs: 2)
             c = c1
             timestamp.write(to: UnsafeMutableRawBufferPointer(rebasing: m[88..<100]))
-            _ = handshakeCipher.seal(key: k, counter: 0, aad: h.rawBuffer, text: m.baseAddress! + 88, length: 12,
+            _ = handshakeCipher.seal(key: k, counter: 0, aad: h, text: m.baseAddress! + 88, length: 12,
                                      tag: m.baseAddress! + 100)
             k.wipe()
             h = Primitive.hash(h, UnsafeRawBufferPointer(rebasing: m[88..<116]))
@@ -250,7 +250,7 @@ public final class Interface {
         var staticKey = (Bytes32(), Bytes16())
         let staticOpened = withUnsafeMutableBytes(of: &staticKey) { s in
             s.copyMemory(from: UnsafeRawBufferPointer(rebasing: m[40..<88]))
-            return handshakeCipher.open(key: k, counter: 0, aad: h.rawBuffer, text: s.baseAddress, length: 32,
+            return handshakeCipher.open(key: k, counter: 0, aad: h, text: s.baseAddress, length: 32,
                                         tag: s.baseAddress! + 32)
         }
         guard staticOpened else { return .rejected(.decryptionFailed(.initiation)) }
@@ -261,8 +261,8 @@ public final class Interface {
         var stamp = (TAI64N.zero.seconds, UInt32(0), Bytes16())
         let stampOpened = withUnsafeMutableBytes(of: &stamp) { s in
             s.copyMemory(from: UnsafeRawBufferPointer(rebasing: m[88..<116]))
-            return handshakeCipher.open(key: k, counter: 0, aad: h.rawBuffer, text: s.baseAddress, length: 12,
-                                        tag: s.baseAddress! + 16 - 4 + 4)
+            return handshakeCipher.open(key: k, counter: 0, aad: h, text: s.baseAddress, length: 12,
+                                        tag: s.baseAddress! + 12)
         }
         k.wipe()
         guard stampOpened else { return .rejected(.decryptionFailed(.initiation)) }
@@ -308,7 +308,7 @@ public final class Interface {
             var (c1, tau, k) = Primitive.kdf(c, peer.presharedKey.raw, outputs: 3)
             c = c1
             h = Primitive.hash(h, tau)
-            _ = handshakeCipher.seal(key: k, counter: 0, aad: h.rawBuffer, text: nil, length: 0, tag: m.baseAddress! + 44)
+            _ = handshakeCipher.seal(key: k, counter: 0, aad: h, text: nil, length: 0, tag: m.baseAddress! + 44)
             h = Primitive.hash(h, UnsafeRawBufferPointer(rebasing: m[44..<60]))
             addMACs(m, macOffset: 60, mac1Key: peer.mac1Key, peer: peer, now: now)
             var empty: UInt8 = 0
@@ -356,7 +356,7 @@ public final class Interface {
         h = Primitive.hash(h, tau)
         var tag = Bytes16(copying: UnsafeRawBufferPointer(rebasing: m[44..<60]))
         let opened = withUnsafeMutableBytes(of: &tag) { t in
-            handshakeCipher.open(key: k, counter: 0, aad: h.rawBuffer, text: nil, length: 0, tag: t.baseAddress!)
+            handshakeCipher.open(key: k, counter: 0, aad: h, text: nil, length: 0, tag: t.baseAddress!)
         }
         tau.wipe()
         k.wipe()
@@ -506,7 +506,7 @@ public final class Interface {
             memory.storeLittleEndian(UInt32(MessageType.transport.rawValue), at: 0)
             memory.storeLittleEndian(keypair.remoteIndex, at: 4)
             memory.storeLittleEndian(counter, at: 8)
-            guard cipher.seal(key: keypair.sendKey, counter: counter, aad: UnsafeRawBufferPointer(start: nil, count: 0),
+            guard cipher.seal(key: keypair.sendKey, counter: counter, aad: nil,
                               text: text, length: padded, tag: text + padded)
             else { break }
             keypair.sendCounter = counter + 1
@@ -548,7 +548,7 @@ public final class Interface {
         guard keypair.replay.check(counter) else { return .failure(.replayedCounter(counter)) }
         let length = packet.length - MessageLayout.transportMinimumLength
         let text = packet.memory.baseAddress! + MessageLayout.transportHeaderLength
-        guard cipher.open(key: keypair.receiveKey, counter: counter, aad: UnsafeRawBufferPointer(start: nil, count: 0),
+        guard cipher.open(key: keypair.receiveKey, counter: counter, aad: nil,
                           text: text, length: length, tag: text + length)
         else { return .failure(.decryptionFailed(.transport)) }
         guard keypair.replay.accept(counter) else { return .failure(.replayedCounter(counter)) }
@@ -579,9 +579,3 @@ public final class Interface {
     }
 }
 
-extension Bytes32 {
-    /// The bytes as a buffer, valid while `self` is not mutated (for AAD).
-    var rawBuffer: UnsafeRawBufferPointer {
-        mutating get { withUnsafeMutableBytes { UnsafeRawBufferPointer($0) } }
-    }
-}

@@ -190,38 +190,45 @@ public final class CipherContext {
 
     /// The whitepaper's nonce: 32 zero bits, then the 64-bit counter, little-endian.
     @inline(__always)
-    static func nonce(_ counter: UInt64) -> (UInt32, UInt64) { (0, counter.littleEndian) }
+    static func nonce(_ counter: UInt64) -> (UInt32, UInt32, UInt32) {
+        // Three UInt32s: a (UInt32, UInt64) tuple would put 4 bytes of padding inside the nonce.
+        (0, UInt32(truncatingIfNeeded: counter).littleEndian, UInt32(truncatingIfNeeded: counter >> 32).littleEndian)
+    }
 
     /// Seals `length` bytes at `text` in place and writes the tag at `tag`.
     @inline(__always)
-    func seal(key: Bytes32, counter: UInt64, aad: UnsafeRawBufferPointer, text: UnsafeMutableRawPointer?, length: Int,
+    func seal(key: Bytes32, counter: UInt64, aad: Bytes32?, text: UnsafeMutableRawPointer?, length: Int,
               tag: UnsafeMutableRawPointer) -> Bool {
         var nonce = Self.nonce(counter)
-        return key.withUnsafeBytes { k in
+        var aadBytes = aad ?? .zero
+        let aadLength = aad == nil ? 0 : 32
+        return Swift.withUnsafeBytes(of: &aadBytes.storage) { aad in key.withUnsafeBytes { k in
             Swift.withUnsafeBytes(of: &nonce) { n in
                 let t = text?.assumingMemoryBound(to: UInt8.self)
                 return cwg_aead_seal(context, k.baseAddress!.assumingMemoryBound(to: UInt8.self),
                                      n.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                                     aad.baseAddress?.assumingMemoryBound(to: UInt8.self), aad.count,
+                                     aad.baseAddress?.assumingMemoryBound(to: UInt8.self), aadLength,
                                      t, t, length, tag.assumingMemoryBound(to: UInt8.self)) == 1
             }
-        }
+        } }
     }
 
     /// Opens `length` bytes at `text` in place, checking the tag at `tag`.
     @inline(__always)
-    func open(key: Bytes32, counter: UInt64, aad: UnsafeRawBufferPointer, text: UnsafeMutableRawPointer?, length: Int,
+    func open(key: Bytes32, counter: UInt64, aad: Bytes32?, text: UnsafeMutableRawPointer?, length: Int,
               tag: UnsafeRawPointer) -> Bool {
         var nonce = Self.nonce(counter)
-        return key.withUnsafeBytes { k in
+        var aadBytes = aad ?? .zero
+        let aadLength = aad == nil ? 0 : 32
+        return Swift.withUnsafeBytes(of: &aadBytes.storage) { aad in key.withUnsafeBytes { k in
             Swift.withUnsafeBytes(of: &nonce) { n in
                 let t = text?.assumingMemoryBound(to: UInt8.self)
                 return cwg_aead_open(context, k.baseAddress!.assumingMemoryBound(to: UInt8.self),
                                      n.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                                     aad.baseAddress?.assumingMemoryBound(to: UInt8.self), aad.count,
+                                     aad.baseAddress?.assumingMemoryBound(to: UInt8.self), aadLength,
                                      t, t, length, tag.assumingMemoryBound(to: UInt8.self)) == 1
             }
-        }
+        } }
     }
 
     /// The general form, for the known-answer tests: a 12-byte nonce of the
