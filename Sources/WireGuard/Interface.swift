@@ -47,7 +47,7 @@ public struct SealOutcome: Equatable, Sendable {
 /// The local end: our static key, the peers, the index table shared by
 /// handshakes and sessions, and the cookie secret. Pure: every call gets the
 /// time and returns what to send; no sockets, no clock, no threads.
-public final class Interface {
+public final class WireGuardInterface {
     let privateKey: PrivateKey
     public let publicKey: PublicKey
     let responderHash: Bytes32

@@ -66,7 +66,7 @@ struct HandshakeState {
 public struct TimerActions: OptionSet, Sendable {
     public let rawValue: UInt8
     public init(rawValue: UInt8) { self.rawValue = rawValue }
-    /// Send a handshake initiation (`Interface.makeInitiation`).
+    /// Send a handshake initiation (`WireGuardInterface.makeInitiation`).
     public static let sendInitiation = TimerActions(rawValue: 1)
     /// Send a keepalive (an empty transport message).
     public static let sendKeepalive = TimerActions(rawValue: 2)
@@ -132,7 +132,7 @@ public final class Peer {
     /// True while an initiation of ours waits for its response.
     public var isHandshaking: Bool { handshake.stage == .initiationSent }
 
-    /// When the caller should call `Interface.tick` next at the latest.
+    /// When the caller should call `WireGuardInterface.tick` next at the latest.
     public var nextDeadline: Instant? {
         [retransmitAt, keepaliveAt, newHandshakeAt, lastHandshake.map { $0 + Timing.zeroKeysAfter },
          persistentKeepalive.flatMap { p in lastSent.map { $0 + p } }].compactMap { $0 }.min()

@@ -3,8 +3,8 @@ import Testing
 
 /// Two interfaces that know each other, and helpers to move messages between them.
 final class Pair {
-    let alice = Interface(privateKey: .generate())
-    let bob = Interface(privateKey: .generate())
+    let alice = WireGuardInterface(privateKey: .generate())
+    let bob = WireGuardInterface(privateKey: .generate())
     let aliceEnd = Endpoint(ipv4: 0xC612_0001, port: 51820)  // 198.18.0.1
     let bobEnd = Endpoint(ipv4: 0xC612_0002, port: 51820)
     let alicesBob: Peer
@@ -37,7 +37,7 @@ final class Pair {
     }
 
     /// Seals `payload` from `from` and returns the message bytes.
-    func seal(_ payload: [UInt8], from interface: Interface, to peer: Peer) -> (SealOutcome, [UInt8]) {
+    func seal(_ payload: [UInt8], from interface: WireGuardInterface, to peer: Peer) -> (SealOutcome, [UInt8]) {
         var slot = [UInt8](repeating: 0, count: 16 + payload.count + 32)
         slot.replaceSubrange(16..<16 + payload.count, with: payload)
         let outcome = slot.withUnsafeMutableBytes { raw in
@@ -50,7 +50,7 @@ final class Pair {
         return (outcome.0, Array(slot[0..<outcome.1]))
     }
 
-    func open(_ message: [UInt8], at interface: Interface, from source: Endpoint) -> Result<([UInt8], Received), Rejection> {
+    func open(_ message: [UInt8], at interface: WireGuardInterface, from source: Endpoint) -> Result<([UInt8], Received), Rejection> {
         var slot = message
         return slot.withUnsafeMutableBytes { raw in
             var packet = PacketBuffer(memory: raw, length: message.count)
@@ -129,7 +129,7 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
         initiation[50] ^= 1  // inside encrypted_static: mac1 no longer verifies
         #expect(outcome(initiation) == .badMAC1)
         // A stranger's initiation (mac1 right, static key unknown).
-        let stranger = Interface(privateKey: .generate())
+        let stranger = WireGuardInterface(privateKey: .generate())
         let strangersBob = try stranger.addPeer(pair.bob.publicKey)
         #expect(outcome(stranger.makeInitiation(for: strangersBob, now: pair.clock, timestamp: pair.stamp())) == .unknownPeer)
         // Transport: short, unknown receiver, tampered.
