@@ -311,8 +311,7 @@ public final class WireGuardInterface {
             _ = handshakeCipher.seal(key: k, counter: 0, aad: h, text: nil, length: 0, tag: m.baseAddress! + 44)
             h = Primitive.hash(h, UnsafeRawBufferPointer(rebasing: m[44..<60]))
             addMACs(m, macOffset: 60, mac1Key: peer.mac1Key, peer: peer, now: now)
-            var empty: UInt8 = 0
-            let (t1, t2, _) = Primitive.kdf(c, UnsafeRawBufferPointer(start: &empty, count: 0), outputs: 2)
+            let (t1, t2, _) = Primitive.kdf(c, UnsafeRawBufferPointer(start: nil, count: 0), outputs: 2)
             receiveKey = t1
             sendKey = t2
             c.wipe(); tau.wipe(); k.wipe(); h.wipe()
@@ -361,8 +360,7 @@ public final class WireGuardInterface {
         tau.wipe()
         k.wipe()
         guard opened else { return .rejected(.decryptionFailed(.response)) }
-        var empty: UInt8 = 0
-        var (sendKey, receiveKey, _) = Primitive.kdf(c, UnsafeRawBufferPointer(start: &empty, count: 0), outputs: 2)
+        var (sendKey, receiveKey, _) = Primitive.kdf(c, UnsafeRawBufferPointer(start: nil, count: 0), outputs: 2)
         c.wipe()
         h.wipe()
         peer.handshake.wipe()

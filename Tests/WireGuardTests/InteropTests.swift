@@ -120,7 +120,7 @@ func withWireGuardGo(_ body: (TestNamespace, String, WireGuardInterface, Peer, L
         let goKey = PrivateKey.generate()
         let swiftKey = PrivateKey.generate()
         let keyFile = FileManager.default.temporaryDirectory.appendingPathComponent("\(device).key").path
-        FileManager.default.createFile(atPath: keyFile, contents: Data((goKey.base64 + "\n").utf8),
+        _ = FileManager.default.createFile(atPath: keyFile, contents: Data((goKey.base64 + "\n").utf8),
                                        attributes: [.posixPermissions: 0o600])
         defer { try? FileManager.default.removeItem(atPath: keyFile) }
 

@@ -361,3 +361,48 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
         #expect(keypair.keysAreZero && pair.alicesBob.current == nil)
     }
 }
+
+@Suite struct BatchTests {
+    /// Eight payloads sealed in place in one slab, then opened in place as a
+    /// batch: the data path's shape (header room before, padding and tag after).
+    @Test func aBatchSealsAndOpensInPlaceInOneSlab() throws {
+        let pair = try Pair()
+        try pair.handshake()
+        let slotSize = 256
+        let count = 8
+        let slab = UnsafeMutableRawBufferPointer.allocate(byteCount: slotSize * count, alignment: 64)
+        defer { slab.deallocate() }
+        let packets = UnsafeMutableBufferPointer<PacketBuffer>.allocate(capacity: count)
+        defer { packets.deallocate() }
+        for i in 0..<count {
+            let slot = UnsafeMutableRawBufferPointer(rebasing: slab[(i * slotSize)..<((i + 1) * slotSize)])
+            let length = i * 20  // 0 (a keepalive) to 140
+            for j in 0..<length { slot[16 + j] = UInt8(truncatingIfNeeded: i &* 31 &+ j) }
+            packets[i] = PacketBuffer(memory: slot, length: length)
+        }
+        let outcome = pair.alice.seal(packets, to: pair.alicesBob, cipher: pair.cipher, now: pair.clock)
+        #expect(outcome == SealOutcome(sealed: count, wantsHandshake: false))
+        for i in 0..<count {
+            #expect(packets[i].length == 16 + MessageLayout.paddedLength(i * 20) + 16)
+            #expect(packets[i].memory[0] == 4)
+        }
+        // The same slot twice in one batch: the second is a replay.
+        let opened = UnsafeMutableBufferPointer<PacketBuffer>.allocate(capacity: count + 1)
+        defer { opened.deallocate() }
+        _ = opened.initialize(from: packets)
+        let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: slotSize, alignment: 64)
+        defer { copy.deallocate() }
+        copy.copyMemory(from: UnsafeRawBufferPointer(packets[3].memory))
+        opened[count] = PacketBuffer(memory: copy, length: packets[3].length)
+        let results = UnsafeMutableBufferPointer<Result<Received, Rejection>>.allocate(capacity: count + 1)
+        defer { results.deallocate() }
+        results.initialize(repeating: .failure(.empty))
+        pair.bob.open(opened, from: pair.aliceEnd, cipher: pair.cipher, now: pair.clock, results: results)
+        for i in 0..<count {
+            let received = try results[i].get()
+            #expect(received.payloadLength == MessageLayout.paddedLength(i * 20))
+            #expect((0..<(i * 20)).allSatisfy { opened[i].memory[16 + $0] == UInt8(truncatingIfNeeded: i &* 31 &+ $0) })
+        }
+        #expect(rejection(results[count]) == .replayedCounter(3))
+    }
+}
