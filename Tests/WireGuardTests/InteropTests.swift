@@ -217,11 +217,22 @@ func openOne(_ message: [UInt8], from source: Endpoint, interface: WireGuardInte
 
     @Test(.enabled(if: isRoot, needsRootMessage), .enabled(if: hasWireGuardGo, needsWireGuardGoMessage))
     func wireguardGoInitiatesAndItsPingIsAnswered() throws {
+        try goInitiates(underLoad: false)
+    }
+
+    /// Under load the first initiation gets a cookie reply; wireguard-go's
+    /// retry (after REKEY_TIMEOUT) carries mac2 made from it and is answered.
+    @Test(.enabled(if: isRoot, needsRootMessage), .enabled(if: hasWireGuardGo, needsWireGuardGoMessage))
+    func wireguardGoRetriesWithTheCookieUnderLoad() throws {
+        try goInitiates(underLoad: true)
+    }
+
+    func goInitiates(underLoad: Bool) throws {
         try withWireGuardGo { namespace, _, interface, peer, socket in
             let cipher = CipherContext()
             let ping = Process()
             ping.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            ping.arguments = ["ip", "netns", "exec", namespace.name, "ping", "-c", "1", "-W", "8", "10.99.0.2"]
+            ping.arguments = ["ip", "netns", "exec", namespace.name, "ping", "-c", "1", "-W", "12", "10.99.0.2"]
             ping.standardOutput = FileHandle.nullDevice
             ping.standardError = FileHandle.nullDevice
             try ping.run()
@@ -230,7 +241,8 @@ func openOne(_ message: [UInt8], from source: Endpoint, interface: WireGuardInte
                 ping.waitUntilExit()
             }
             var answered = false
-            for _ in 0..<10 where !answered {
+            var cookiesSent = 0
+            for _ in 0..<16 where !answered {
                 guard let (datagram, source) = socket.receive() else { continue }
                 if datagram.first == MessageType.transport.rawValue {
                     guard let request = openOne(datagram, from: source, interface: interface, cipher: cipher),
@@ -247,10 +259,15 @@ func openOne(_ message: [UInt8], from source: Endpoint, interface: WireGuardInte
                     answered = true
                     continue
                 }
-                switch interface.receiveHandshake(datagram, from: source, now: monotonicNow()) {
+                switch interface.receiveHandshake(datagram, from: source, now: monotonicNow(), underLoad: underLoad) {
                 case .respond(let p, let response):
                     #expect(p === peer)
+                    #expect(!underLoad || cookiesSent == 1, "under load only the retry with mac2 is answered")
                     socket.send(response, to: source)
+                case .cookieReply(let reply):
+                    #expect(underLoad)
+                    cookiesSent += 1
+                    socket.send(reply, to: source)
                 case let other: Issue.record("expected wireguard-go's initiation, got \(other)")
                 }
             }
