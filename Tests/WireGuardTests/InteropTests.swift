@@ -183,33 +183,40 @@ func openOne(_ message: [UInt8], from source: Endpoint, interface: WireGuardInte
 
 @Suite(.serialized) struct InteropTests {
     @Test(.enabled(if: isRoot, needsRootMessage), .enabled(if: hasWireGuardGo, needsWireGuardGoMessage))
-    func swiftPeerInitiatesAndAPingGoesBothWays() throws {
+    func swiftPeerInitiatesRekeysAndAPingGoesBothWays() throws {
         try withWireGuardGo { namespace, device, interface, peer, socket in
             let cipher = CipherContext()
-            socket.send(interface.makeInitiation(for: peer, now: monotonicNow(), timestamp: wallClockStamp()), to: goEndpoint)
-            var established = false
-            for _ in 0..<5 where !established {
-                guard let (datagram, source) = socket.receive() else { continue }
-                switch interface.receiveHandshake(datagram, from: source, now: monotonicNow()) {
-                case .established: established = true
-                case let other: Issue.record("expected wireguard-go's response, got \(other)")
+            // Twice: the second handshake rotates the session (the first becomes `previous`)
+            // and the ping crosses again on the new keys.
+            for round in 1...2 {
+                if round == 2 { usleep(100_000) }  // past both sides' 20 ms initiation limit
+                let before = peer.current
+                socket.send(interface.makeInitiation(for: peer, now: monotonicNow(), timestamp: wallClockStamp()), to: goEndpoint)
+                var established = false
+                for _ in 0..<5 where !established {
+                    guard let (datagram, source) = socket.receive() else { continue }
+                    switch interface.receiveHandshake(datagram, from: source, now: monotonicNow()) {
+                    case .established: established = true
+                    case let other: Issue.record("expected wireguard-go's response, got \(other)")
+                    }
                 }
+                try #require(established, "wireguard-go did not answer the initiation")
+                let request = icmpEcho(type: 8, source: swiftAddress, destination: goAddress, identifier: 0x5757, sequence: 1,
+                                       payload: Array(repeating: 0xA5, count: 56))
+                socket.send(try #require(sealOne(request, interface: interface, peer: peer, cipher: cipher)), to: goEndpoint)
+                var reply: [UInt8]?
+                for _ in 0..<5 where reply == nil {
+                    guard let (datagram, source) = socket.receive(), datagram.first == MessageType.transport.rawValue,
+                          let payload = openOne(datagram, from: source, interface: interface, cipher: cipher), !payload.isEmpty
+                    else { continue }
+                    reply = payload
+                }
+                let echo = try #require(reply, "no transport message came back from wireguard-go")
+                #expect(echo.count >= 84 && echo[9] == 1 && echo[20] == 0, "an ICMP echo reply")
+                #expect(ipv4(echo, at: 12) == goAddress && ipv4(echo, at: 16) == swiftAddress)
+                #expect(echo[24] == 0x57 && echo[25] == 0x57 && Array(echo[28..<84]) == Array(repeating: 0xA5, count: 56))
+                if round == 2 { #expect(peer.previous === before && peer.current !== before) }
             }
-            try #require(established, "wireguard-go did not answer the initiation")
-            let request = icmpEcho(type: 8, source: swiftAddress, destination: goAddress, identifier: 0x5757, sequence: 1,
-                                   payload: Array(repeating: 0xA5, count: 56))
-            socket.send(try #require(sealOne(request, interface: interface, peer: peer, cipher: cipher)), to: goEndpoint)
-            var reply: [UInt8]?
-            for _ in 0..<5 where reply == nil {
-                guard let (datagram, source) = socket.receive(), datagram.first == MessageType.transport.rawValue,
-                      let payload = openOne(datagram, from: source, interface: interface, cipher: cipher), !payload.isEmpty
-                else { continue }
-                reply = payload
-            }
-            let echo = try #require(reply, "no transport message came back from wireguard-go")
-            #expect(echo.count >= 84 && echo[9] == 1 && echo[20] == 0, "an ICMP echo reply")
-            #expect(ipv4(echo, at: 12) == goAddress && ipv4(echo, at: 16) == swiftAddress)
-            #expect(echo[24] == 0x57 && echo[25] == 0x57 && Array(echo[28..<84]) == Array(repeating: 0xA5, count: 56))
             let handshakes = try command(["ip", "netns", "exec", namespace.name, "wg", "show", device, "latest-handshakes"])
             #expect(!handshakes.hasSuffix("\t0\n"), "wg show reports the handshake: \(handshakes)")
         }
