@@ -124,6 +124,7 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
         #expect(outcome([]) == .empty)
         #expect(outcome([9, 0, 0, 0]) == .unknownType(9))
         #expect(outcome([1, 0, 0, 0]) == .wrongLength(.initiation, 4))
+        #expect(outcome([1, 0, 1, 0] + [UInt8](repeating: 0, count: 144)) == .unknownType(1))
         var initiation = pair.alice.makeInitiation(for: pair.alicesBob, now: pair.clock, timestamp: pair.stamp())
         #expect(outcome(Array(initiation.dropLast())) == .wrongLength(.initiation, 147))
         initiation[50] ^= 1  // inside encrypted_static: mac1 no longer verifies
@@ -404,5 +405,36 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
             #expect((0..<(i * 20)).allSatisfy { opened[i].memory[16 + $0] == UInt8(truncatingIfNeeded: i &* 31 &+ $0) })
         }
         #expect(rejection(results[count]) == .replayedCounter(3))
+    }
+}
+
+@Suite struct RandomInputTests {
+    /// Random datagrams of every type and length are rejected with a reason, never a crash,
+    /// and leave the established session working.
+    @Test func randomDatagramsAreRejectedAndTheSessionSurvives() throws {
+        let pair = try Pair()
+        try pair.handshake()
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<3000 {
+            let length = [0, 1, 3, 4, 31, 32, 33, 64, 92, 148, 200].randomElement(using: &generator)!
+            var datagram = (0..<length).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            if length >= 4 {
+                datagram[0] = UInt8.random(in: 0...5, using: &generator)
+                datagram[1] = 0; datagram[2] = 0; datagram[3] = 0
+            }
+            if length >= 8, Bool.random(using: &generator), let index = pair.bobsAlice.current?.localIndex ?? pair.bobsAlice.next?.localIndex {
+                // Aim at a live receiver index: the tag check must still refuse it.
+                datagram.withUnsafeMutableBytes { $0.storeBytes(of: index.littleEndian, toByteOffset: 4, as: UInt32.self) }
+            }
+            if datagram.first == 4 {
+                #expect(rejection(pair.open(datagram, at: pair.bob, from: pair.aliceEnd)) != nil)
+            } else {
+                // mac1 cannot verify on random bytes, so nothing reaches Diffie-Hellman or a cookie reply.
+                let outcome = pair.bob.receiveHandshake(datagram, from: pair.aliceEnd, now: pair.clock, underLoad: Bool.random())
+                if case .rejected = outcome {} else { Issue.record("a random datagram was accepted: \(outcome)") }
+            }
+        }
+        let (_, message) = pair.seal([42], from: pair.alice, to: pair.alicesBob)
+        #expect(try pair.open(message, at: pair.bob, from: pair.aliceEnd).get().0.first == 42)
     }
 }
