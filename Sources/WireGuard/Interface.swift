@@ -145,6 +145,8 @@ public final class WireGuardInterface {
     /// The handshake initiation to send to `peer`, with TAI64N `timestamp`
     /// from the wall clock. Starts (or continues) the retry timer.
     public func makeInitiation(for peer: Peer, now: Instant, timestamp: TAI64N) -> [UInt8] {
+        // libcrypto's context would otherwise keep the last handshake key until the next message.
+        defer { handshakeCipher.wipe() }
         endHandshake(of: peer)
         var message = [UInt8](repeating: 0, count: MessageLayout.initiationLength)
         var state = HandshakeState()
@@ -226,6 +228,8 @@ public final class WireGuardInterface {
                     return .cookieReply(message: makeCookieReply(datagram, macOffset: macOffset, source: source, now: now))
                 }
             }
+            // Only past the MACs: a flood of bad messages costs one keyed hash each.
+            defer { handshakeCipher.wipe() }
             return type == .initiation
                 ? consumeInitiation(datagram, from: source, now: now)
                 : consumeResponse(datagram, from: source, now: now)
