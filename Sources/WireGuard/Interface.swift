@@ -56,6 +56,7 @@ public final class WireGuardInterface {
     var cookieSecret = Bytes32()
     var cookieSecretCreated: Instant?
     let handshakeCipher = CipherContext()
+    var rateLimiter = HandshakeRateLimiter()
 
     public private(set) var peers: [PublicKey: Peer] = [:]
 
@@ -206,7 +207,8 @@ public final class WireGuardInterface {
     /// Handles a received initiation, response or cookie reply. `underLoad`
     /// is the caller's judgement (a deep handshake queue): then initiations
     /// and responses need a valid mac2, and get a cookie reply without one,
-    /// before any Diffie-Hellman work is done.
+    /// before any Diffie-Hellman work is done; and each source address gets
+    /// at most 20 a second (bursts of 5).
     public func receiveHandshake(_ datagram: UnsafeRawBufferPointer, from source: Endpoint, now: Instant,
                                  underLoad: Bool = false) -> HandshakeOutcome
     {
@@ -227,6 +229,7 @@ public final class WireGuardInterface {
                 guard mac2.constantTimeEquals(given) else {
                     return .cookieReply(message: makeCookieReply(datagram, macOffset: macOffset, source: source, now: now))
                 }
+                guard rateLimiter.allow(source, now: now) else { return .rejected(.rateLimited) }
             }
             // Only past the MACs: a flood of bad messages costs one keyed hash each.
             defer { handshakeCipher.wipe() }

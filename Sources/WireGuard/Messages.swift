@@ -37,6 +37,8 @@ public enum Rejection: Error, Sendable, Hashable, CustomStringConvertible {
     case badMAC1
     /// Under load, a handshake message without a valid mac2: answered with a cookie reply.
     case needsCookie
+    /// Under load, more handshake messages from one address than it is allowed.
+    case rateLimited
     case unknownReceiver(UInt32)
     case unknownPeer
     case decryptionFailed(MessageType)
@@ -54,6 +56,7 @@ public enum Rejection: Error, Sendable, Hashable, CustomStringConvertible {
         case .wrongLength(let t, let n): "\(t) message of \(n) bytes has the wrong length"
         case .badMAC1: "mac1 does not verify (not for this interface's public key)"
         case .needsCookie: "under load and mac2 is missing or stale: cookie reply sent"
+        case .rateLimited: "under load and this address sent more than 20 handshake messages a second"
         case .unknownReceiver(let i): "receiver index \(i) names no session or handshake"
         case .unknownPeer: "initiation from a static key that is not a configured peer"
         case .decryptionFailed(let t): "\(t) message fails authentication"

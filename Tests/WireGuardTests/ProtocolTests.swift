@@ -188,6 +188,36 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
         #expect(pair.alicesBob.cookieForMAC2(now: pair.clock + Timing.cookieRefreshTime) == nil)
     }
 
+    @Test func underLoadOneAddressGetsAtMost20HandshakesASecond() throws {
+        let pair = try Pair()
+        let first = pair.alice.makeInitiation(for: pair.alicesBob, now: pair.clock, timestamp: pair.stamp())
+        guard case .cookieReply(let reply) = pair.bob.receiveHandshake(first, from: pair.aliceEnd, now: pair.clock, underLoad: true),
+              case .cookieStored = pair.alice.receiveHandshake(reply, from: pair.bobEnd, now: pair.clock)
+        else { Issue.record("no cookie"); return }
+        // A replayed initiation with a valid mac2: five pass the limiter (and are refused later,
+        // as replays or too soon), the sixth in the same instant is refused before any DH.
+        let flood = pair.alice.makeInitiation(for: pair.alicesBob, now: pair.clock, timestamp: pair.stamp())
+        var outcomes: [Rejection] = []
+        for _ in 0..<6 {
+            if case .rejected(let r) = pair.bob.receiveHandshake(flood, from: pair.aliceEnd, now: pair.clock, underLoad: true) {
+                outcomes.append(r)
+            } else {
+                outcomes.append(.empty)  // accepted
+            }
+        }
+        #expect(outcomes.prefix(5).allSatisfy { $0 != .rateLimited })
+        #expect(outcomes.last == .rateLimited)
+        // 50 ms later there is credit for one more.
+        let later = pair.clock + .milliseconds(50)
+        guard case .rejected(let r) = pair.bob.receiveHandshake(flood, from: pair.aliceEnd, now: later, underLoad: true) else {
+            Issue.record("replayed initiation accepted"); return
+        }
+        #expect(r == .replayedTimestamp)
+        // Not under load, there is no limit.
+        let calm = pair.bob.receiveHandshake(flood, from: pair.aliceEnd, now: later, underLoad: false)
+        guard case .rejected(.replayedTimestamp) = calm else { Issue.record("got \(calm)"); return }
+    }
+
     @Test func aTamperedCookieReplyIsRejected() throws {
         let pair = try Pair()
         let first = pair.alice.makeInitiation(for: pair.alicesBob, now: pair.clock, timestamp: pair.stamp())
