@@ -46,7 +46,10 @@ public struct SealOutcome: Equatable, Sendable {
 
 /// The local end: our static key, the peers, the index table shared by
 /// handshakes and sessions, and the cookie secret. Pure: every call gets the
-/// time and returns what to send; no sockets, no clock, no threads.
+/// time and returns what to send; no sockets, no clock, no threads. Not
+/// thread-safe: one caller at a time. Sealing and opening take the caller's
+/// `CipherContext` (one per worker thread); a parallel data path would give
+/// each worker its own batch and reserve send counters per batch (not yet here).
 public final class WireGuardInterface {
     let privateKey: PrivateKey
     public let publicKey: PublicKey
