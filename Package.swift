@@ -17,6 +17,7 @@ let package = Package(
         .library(name: "Backends", targets: ["Backends"]),
         .library(name: "CNIPlugin", targets: ["CNIPlugin"]),
         .library(name: "Observability", targets: ["Observability"]),
+        .library(name: "WireGuard", targets: ["WireGuard"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -44,6 +45,17 @@ let package = Package(
             pkgConfig: "liburing",
             providers: [.apt(["liburing-dev"])]
         ),
+        // WireGuard's primitives from Debian's libraries: libcrypto (OpenSSL 3,
+        // libssl-dev) and libsodium (libsodium-dev, for XChaCha20-Poly1305).
+        // Calls only: no cryptography is written here.
+        .target(
+            name: "CWireGuardCrypto",
+            linkerSettings: [.linkedLibrary("crypto"), .linkedLibrary("sodium")]
+        ),
+        // The WireGuard protocol without I/O: keys, the Noise_IKpsk2 handshake,
+        // cookies, transport messages sealed and opened in caller memory, the
+        // replay window, timers. Time comes in as a value.
+        .target(name: "WireGuard", dependencies: ["CWireGuardCrypto"]),
         // Addresses, networks, errors and file descriptors shared by every layer.
         .target(name: "NetBase", dependencies: ["CTunnel"]),
         // rtnetlink: links, addresses, routes — no shelling out to `ip`.
@@ -200,5 +212,6 @@ let package = Package(
         ),
         .testTarget(name: "tunneldTests", dependencies: ["tunneld"]),
         .testTarget(name: "CNIPluginTests", dependencies: ["CNIPlugin", "FlannelFiles"]),
+        .testTarget(name: "WireGuardTests", dependencies: ["WireGuard", "CWireGuardCrypto", "NetBase", "Netlink", "NetTestSupport"]),
     ]
 )
