@@ -177,7 +177,9 @@ let package = Package(
         .testTarget(name: "PacketRingTests", dependencies: ["PacketRing", "UDPEncap", "NetBase", "NetTestSupport", "FuzzSupport"]),
         // Test helper shared by test targets: starts a throwaway etcd (EtcdServer).
         .target(name: "EtcdTestSupport", dependencies: ["NetBase"], path: "Tests/EtcdTestSupport"),
-        .testTarget(name: "EtcdClientTests", dependencies: ["EtcdClient", "EtcdTestSupport", "NetBase"]),
+        .testTarget(name: "EtcdClientTests", dependencies: [
+            "EtcdClient", "EtcdTestSupport", "NetBase", .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(
             name: "LeaseStoreTests",
             dependencies: [

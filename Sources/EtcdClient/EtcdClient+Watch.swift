@@ -64,21 +64,27 @@ extension EtcdClient {
         var error: RPCError
     }
 
-    /// Sleeps for `duration`; false if `finished` ended first (or the task
-    /// was cancelled).
-    private static func wait(_ duration: Duration, orUntilFinished finished: AsyncStream<Never>) async -> Bool {
-        await withTaskGroup(of: Bool.self) { group in
-            group.addTask {
-                do { try await Task.sleep(for: duration) } catch { return false }
-                return true
-            }
+    /// Writes `request` every `interval` until `finished` ends (the response
+    /// side is done) or the task is cancelled. `finished` is iterated once,
+    /// here: an AsyncStream ends for good when a task iterating it is
+    /// cancelled, so it must not be awaited afresh for every interval (that
+    /// ended the probing after the first report, and an idle watch was then
+    /// taken for a silent member every `patience`).
+    private static func probe(every interval: Duration, until finished: AsyncStream<Never>,
+                              _ write: @escaping @Sendable () async throws -> Void) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
                 for await _ in finished {}
-                return false
             }
-            let result = await group.next() ?? false
+            group.addTask {
+                while true {
+                    try await Task.sleep(for: interval)
+                    try await write()
+                }
+            }
+            // The response side ended (or a write failed): stop probing.
+            try await group.next()
             group.cancelAll()
-            return result
         }
     }
 
@@ -153,7 +159,7 @@ extension EtcdClient {
                         // answers at once with its revision, so a member that
                         // stopped answering is noticed by `untilSilent`, also
                         // when its connection still answers gRPC pings.
-                        while await Self.wait(probe, orUntilFinished: finished) {
+                        try await Self.probe(every: probe, until: finished) {
                             try await writer.write(progressRequest)
                         }
                     },
