@@ -176,7 +176,7 @@ final class IPTablesKeeper: FirewallKeeper, @unchecked Sendable {
         let flags = [masquerade ? "-ip-masq" : nil, forward ? "-iptables-forward-rules (on by default; -iptables-forward-rules=false turns it off)" : nil]
             .compactMap { $0 }.joined(separator: " and ")
         let iptables = try IPTables(for: flags)
-        let ip6tables = ipv6 ? try IPTables(for: flags + " with an IPv6 network", family: .ipv6) : IPTables.find(.ipv6)
+        let ip6tables = try ipv6 ? IPTables(for: flags + " with an IPv6 network", family: .ipv6) : IPTables.find(.ipv6)
         var randomFully = false
         if masquerade && !fullyRandomDisabled {
             // ip6tables comes in the same package, at the same version.

@@ -18,7 +18,7 @@ enum NFTRuleset {
 
     /// The table's definition, as `nft -f` reads it and close to how
     /// `nft list table` prints it.
-    static func table(_ networks: FirewallNetworks, masquerade: Bool, forward: Bool, randomFully: Bool) -> String {
+    static func definition(_ networks: FirewallNetworks, masquerade: Bool, forward: Bool, randomFully: Bool) -> String {
         var lines = ["table \(qualifiedName) {", "\tcomment \"tunneld's masquerade and forward rules; tunneld replaces this table whole\""]
         if masquerade {
             let action = randomFully ? "masquerade fully-random" : "masquerade"
@@ -166,7 +166,7 @@ final class NFTablesKeeper: FirewallKeeper, @unchecked Sendable {
     /// The table for `networks`, replacing whatever an earlier run (with
     /// other flags, or killed) left in it, in one transaction.
     func install(_ networks: FirewallNetworks) throws {
-        let table = NFTRuleset.table(networks, masquerade: masquerade, forward: forward, randomFully: randomFully)
+        let table = NFTRuleset.definition(networks, masquerade: masquerade, forward: forward, randomFully: randomFully)
         try lock.withLock {
             try apply(table)
             wanted = table

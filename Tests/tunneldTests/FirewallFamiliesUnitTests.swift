@@ -136,7 +136,7 @@ final class FakeNFT: Sendable {
 
 @Suite struct NFTablesRulesetTests {
     @Test func theDualStackTableHoldsFlanneldsRulesForBothFamilies() {
-        let text = NFTRuleset.table(dualStack, masquerade: true, forward: true, randomFully: true)
+        let text = NFTRuleset.definition(dualStack, masquerade: true, forward: true, randomFully: true)
         #expect(text == """
             table inet tunneld {
             \tcomment "tunneld's masquerade and forward rules; tunneld replaces this table whole"
@@ -164,7 +164,7 @@ final class FakeNFT: Sendable {
     }
 
     @Test func withoutFullyRandomTheMasqueradeIsPlain() {
-        let text = NFTRuleset.table(FirewallNetworks(network: network, subnet: subnet), masquerade: true, forward: false,
+        let text = NFTRuleset.definition(FirewallNetworks(network: network, subnet: subnet), masquerade: true, forward: false,
                                     randomFully: false)
         #expect(!text.contains("fully-random") && !text.contains("chain forward") && !text.contains("ip6"))
         #expect(text.components(separatedBy: "masquerade\n").count - 1 == 2, "\(text)")
@@ -172,7 +172,7 @@ final class FakeNFT: Sendable {
     }
 
     @Test func forwardRulesAloneMakeATableWithoutANatChain() {
-        let text = NFTRuleset.table(FirewallNetworks(ipv4: nil, ipv6: v6), masquerade: false, forward: true, randomFully: true)
+        let text = NFTRuleset.definition(FirewallNetworks(ipv4: nil, ipv6: v6), masquerade: false, forward: true, randomFully: true)
         #expect(text == """
             table inet tunneld {
             \tcomment "tunneld's masquerade and forward rules; tunneld replaces this table whole"
@@ -187,7 +187,7 @@ final class FakeNFT: Sendable {
     }
 
     @Test func everyBatchReplacesTheWholeTableInOneTransaction() {
-        let table = NFTRuleset.table(dualStack, masquerade: true, forward: true, randomFully: true)
+        let table = NFTRuleset.definition(dualStack, masquerade: true, forward: true, randomFully: true)
         // Declared (a no-op when it exists), deleted, defined: one batch.
         #expect(NFTRuleset.replacing(with: table) == "table inet tunneld\ndelete table inet tunneld\n" + table)
         #expect(NFTRuleset.removal == "table inet tunneld\ndelete table inet tunneld\n")
@@ -199,7 +199,7 @@ final class FakeNFT: Sendable {
         let fake = FakeNFT()
         let keeper = NFTablesKeeper(masquerade: true, forward: true, nft: fake.nft, logger: logger)
         try keeper.install(dualStack)
-        let wanted = NFTRuleset.table(dualStack, masquerade: true, forward: true, randomFully: true)
+        let wanted = NFTRuleset.definition(dualStack, masquerade: true, forward: true, randomFully: true)
         #expect(fake.batches.withLock { $0 } == [NFTRuleset.replacing(with: wanted)])
         // nft prints it its own way: no drift.
         #expect(try keeper.repair().isEmpty)
