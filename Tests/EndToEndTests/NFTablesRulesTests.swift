@@ -123,4 +123,29 @@ struct NFTablesRulesTests {
             #expect(try lab.exec("h1", ["iptables", "-t", "nat", "-S", "TUNNELD-POSTRTG"], check: false).succeeded)
         }
     }
+
+    @Test func anNftablesRunNamesTheChainsAnIptablesRunLeftAndLeavesThem() throws {
+        try Lab.withLocalStore(config: seedConfig) { lab in
+            try lab.addHost(1, extra: hostArguments(lab) + ["-ip-masq"])
+            // Killed: its chains stay. The next run has EnableNFTables.
+            try lab.signal("h1", SIGKILL)
+            usleep(500_000)
+            let configFile = lab.directory.appendingPathComponent("nftables-config.json")
+            try Self.config.write(to: configFile, atomically: true, encoding: .utf8)
+            try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, configFile.path])
+            let second = lab.directory.appendingPathComponent("second.log").path
+            let daemon = try Child(["ip", "netns", "exec", lab.namespace("h1"), "env", "PATH=\(try nftOnlyPath(lab))",
+                                    tunneldBinary, "run", "--store-dir", lab.storeDirectory,
+                                    "--iface", "eth0", "--device", "tun1", "--ip-masq",
+                                    "--subnet-file", lab.directory.appendingPathComponent("second.env").path],
+                                   output: second)
+            defer { daemon.stop() }
+            func log() -> String { (try? String(contentsOfFile: second, encoding: .utf8)) ?? "" }
+            #expect(eventually(.seconds(30)) { log().contains("tunneld ready") }, "\(log())")
+            #expect(log().contains("iptables chains TUNNELD-POSTRTG, TUNNELD-FWD of an earlier run without EnableNFTables are still there"),
+                    "\(log())")
+            #expect(try table(lab, "h1") != nil)
+            #expect(try lab.exec("h1", ["iptables", "-t", "nat", "-S", "TUNNELD-POSTRTG"], check: false).succeeded)
+        }
+    }
 }
