@@ -27,6 +27,10 @@ public struct NetworkConfig: Sendable, Equatable {
     public var enableIPv4: Bool
     /// Always false: tunneld refuses configs that enable IPv6, for now.
     public var enableIPv6: Bool
+    /// flannel's `EnableNFTables` (default false): tunneld's masquerade and
+    /// forward rules go into an nftables table of its own, through the `nft`
+    /// program, instead of iptables chains.
+    public var enableNFTables: Bool
     public var backend: BackendConfig
     /// The JSON exactly as stored.
     public var json: String
@@ -55,6 +59,7 @@ public struct NetworkConfig: Sendable, Equatable {
         enableIPv6 = try Self.bool(root, "EnableIPv6") ?? false
         if !enableIPv4 { throw .ipv4Disabled }
         if enableIPv6 { throw .ipv6NotSupported }
+        enableNFTables = try Self.bool(root, "EnableNFTables") ?? false
 
         // Network
         guard let networkValue = Self.present(root.field("Network")) else {

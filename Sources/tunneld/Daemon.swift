@@ -33,9 +33,8 @@ final class Daemon: Service, Sendable {
         systemd.status("Reading the network config from \(store.location)")
         guard let config = try await waitForConfig() else { return }
         try checkBackend(config)
-        // Before anything is set up: a missing iptables fails here.
-        let firewall = try IPTablesKeeper(masquerade: options.ipMasq, forward: options.iptablesForwardRules,
-                                          fullyRandomDisabled: options.ipMasqFullyRandomDisable, logger: logger)
+        // Before anything is set up: a missing iptables (or nft) fails here.
+        let firewall = try makeFirewall(config)
 
         let routeSocket = try RouteSocket()
         let (interface, interfaceAddress) = try selectInterface(routeSocket)
@@ -104,7 +103,7 @@ final class Daemon: Service, Sendable {
                 do {
                     try SubnetEnv(network: config.network, subnet: newLease.subnet, mtu: mtu, ipMasq: options.ipMasq)
                         .write(to: options.subnetFile)
-                    try firewall?.install(network: config.network, subnet: newLease.subnet)
+                    try firewall?.install(Daemon.firewallNetworks(config, newLease))
                     try blackhole?.set(newLease.subnet)
                 } catch {
                     logger.error("could not move to the new subnet \(newLease.subnet): \(error)")
@@ -113,18 +112,18 @@ final class Daemon: Service, Sendable {
             // Health and metrics from here on; /readyz says 503, naming
             // the step under way, until the rules are in and subnet.env is
             // written (as flanneld's does).
-            let readiness = Readiness(waitingFor: firewall == nil ? "loading the leases listed in \(store.location)"
-                                                                  : "installing the iptables rules")
+            let readiness = Readiness(waitingFor: firewall.map { "installing the \($0.mechanism) rules" }
+                                                  ?? "loading the leases listed in \(store.location)")
             endpoint = try startEndpoint(Observed(
                 config: config, location: store.location, interface: interface.name,
                 interfaceAddress: interfaceAddress, publicIP: publicIP, mtu: mtu, startedAt: startedAt,
                 backend: backend, peers: peers), readiness: readiness)
-            try firewall?.install(network: config.network, subnet: lease.subnet)
-            if options.ipMasq {
-                logger.info("ip masquerade on for traffic from \(config.network) leaving it (iptables nat chain \(IPTablesChain.natChain)\(firewall?.randomFully == true ? ", --random-fully" : ""))")
+            try firewall?.install(Daemon.firewallNetworks(config, lease))
+            if let firewall, options.ipMasq {
+                logger.info("ip masquerade on for traffic from \(config.network) leaving it (\(firewall.masqueradeLocation))")
             }
-            if options.iptablesForwardRules {
-                logger.info("forwarding traffic from and to \(config.network) (iptables filter chain \(IPTablesChain.forwardChain)); put back within \(options.iptablesResync) s if removed")
+            if let firewall, options.iptablesForwardRules {
+                logger.info("forwarding traffic from and to \(config.network) (\(firewall.forwardLocation)); put back within \(options.iptablesResync) s if removed")
             }
             if let blackhole {
                 try blackhole.set(lease.subnet)
@@ -221,11 +220,47 @@ final class Daemon: Service, Sendable {
         return try type.makeBackend(host, options: BackendOptions(udp: udp))
     }
 
-    private func cleanUp(_ backend: any Backend, firewall: IPTablesKeeper?, releasing: Bool) {
+    private func cleanUp(_ backend: any Backend, firewall: (any FirewallKeeper)?, releasing: Bool) {
         backend.cleanUp(releasing: releasing)
         guard let firewall else { return }
         firewall.remove()
-        logger.info("removed tunneld's iptables rules")
+        logger.info("removed tunneld's \(firewall.mechanism) rules")
+    }
+
+    /// The keeper of the masquerade and forward rules: an nftables table with
+    /// the config's `EnableNFTables` (nft only: iptables is not looked for),
+    /// else iptables chains. nil when neither kind of rule is asked for.
+    private func makeFirewall(_ config: NetworkConfig) throws -> (any FirewallKeeper)? {
+        if config.enableNFTables {
+            let keeper = try NFTablesKeeper(masquerade: options.ipMasq, forward: options.iptablesForwardRules,
+                                            fullyRandomDisabled: options.ipMasqFullyRandomDisable, logger: logger)
+            if keeper != nil { warnAboutIPTablesLeftovers() }
+            return keeper
+        }
+        let keeper = try IPTablesKeeper(masquerade: options.ipMasq, forward: options.iptablesForwardRules,
+                                        fullyRandomDisabled: options.ipMasqFullyRandomDisable, logger: logger)
+        // A run with EnableNFTables that was killed, or a config changed
+        // since: its table would masquerade alongside the chains.
+        if NFTablesKeeper.removeLeftover() {
+            logger.notice("removed nftables table \(NFTRuleset.qualifiedName), left by an earlier run with EnableNFTables")
+        }
+        return keeper
+    }
+
+    /// Chains an earlier run without EnableNFTables left, as nft sees them
+    /// (iptables-nft keeps them in nftables tables): named, not touched, since
+    /// this mode does not run iptables and nft must not edit iptables' tables.
+    private func warnAboutIPTablesLeftovers() {
+        guard let nft = try? NFT(for: ""), let chains = try? nft(["list", "chains"]) else { return }
+        let ours = [IPTablesChain.natChain, IPTablesChain.forwardChain].filter { chains.contains("chain \($0) {") }
+        guard !ours.isEmpty else { return }
+        logger.warning("iptables chains \(ours.joined(separator: ", ")) of an earlier run without EnableNFTables are still there; remove them (iptables -t nat -D POSTROUTING …; iptables -D FORWARD …; -F and -X the chains) or start once without EnableNFTables")
+    }
+
+    /// What the rules cover: the network and this host's lease. IPv6: the
+    /// dual-stack config passes `ipv6: .ipv6(network:subnet:)` here.
+    private static func firewallNetworks(_ config: NetworkConfig, _ lease: Lease) -> FirewallNetworks {
+        FirewallNetworks(network: config.network, subnet: lease.subnet)
     }
 
     /// Reads the network config, waiting (with backoff) while there is none.

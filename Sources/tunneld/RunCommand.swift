@@ -143,20 +143,20 @@ struct FlanneldOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Renew the lease this many minutes before it expires (1–1439).", valueName: "minutes"))
     var subnetLeaseRenewMargin: Int = 60
 
-    @Flag(help: "Masquerade traffic from the overlay network to the outside, as flanneld's -ip-masq (needs iptables).")
+    @Flag(help: "Masquerade traffic from the overlay network to the outside, as flanneld's -ip-masq (needs iptables, or nft with the config's EnableNFTables).")
     var ipMasq = false
 
-    @Flag(help: "Masquerade without --random-fully (by default it is used where iptables has it, 1.6.2 and later, as flanneld does).")
+    @Flag(help: "Masquerade without --random-fully (nftables: fully-random); by default it is used where iptables has it (1.6.2 and later) or nft and the kernel take it, as flanneld does.")
     var ipMasqFullyRandomDisable = false
 
     @Flag(help: "Add a blackhole route for this host's subnet, so that packets to its unused addresses are dropped here instead of sent back into the network (flanneld's -ip-blackhole-route; for CNI setups without a bridge route for the whole subnet). It has the lowest priority: a bridge's route to the subnet wins.")
     var ipBlackholeRoute = false
 
     @Flag(inversion: .prefixedNo,
-          help: "Accept forwarded traffic from and to the overlay network in iptables' FORWARD chain, as flanneld's -iptables-forward-rules (needed where the FORWARD policy is DROP, as Docker sets it; -iptables-forward-rules=false or --no-iptables-forward-rules: off).")
+          help: "Accept forwarded traffic from and to the overlay network in iptables' FORWARD chain (or tunneld's nftables table with EnableNFTables), as flanneld's -iptables-forward-rules (needed where the FORWARD policy is DROP, as Docker sets it; -iptables-forward-rules=false or --no-iptables-forward-rules: off).")
     var iptablesForwardRules = true
 
-    @Option(help: ArgumentHelp("Check tunneld's iptables rules this often and put back what someone removed (flanneld's -iptables-resync).",
+    @Option(help: ArgumentHelp("Check tunneld's iptables rules (or nftables table) this often and put back what someone removed or changed (flanneld's -iptables-resync).",
                                valueName: "seconds"))
     var iptablesResync: Int = 5
 

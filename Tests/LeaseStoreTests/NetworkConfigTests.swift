@@ -224,4 +224,13 @@ import NetBase
         #expect(c.backend.type == "host-gw")
         #expect(c.backend.port == 0)
     }
+
+    @Test func enableNFTablesIsFlannelsKeyOffByDefault() throws {
+        #expect(try !config(#"{"Network": "10.2.0.0/16"}"#).enableNFTables)
+        #expect(try config(#"{"Network": "10.2.0.0/16", "EnableNFTables": true}"#).enableNFTables)
+        #expect(try config(#"{"Network": "10.2.0.0/16", "enablenftables": true}"#).enableNFTables)
+        #expect(throws: NetworkConfigError.invalidValue(field: "EnableNFTables", value: #""yes""#, expected: "true or false")) {
+            try NetworkConfig(json: #"{"Network": "10.2.0.0/16", "EnableNFTables": "yes"}"#)
+        }
+    }
 }
