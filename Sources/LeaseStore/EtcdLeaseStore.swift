@@ -381,16 +381,18 @@ public final class EtcdLeaseStore: LeaseStore {
                 }
                 continue  // it changed or expired under us: look again
             }
-            for subnet in choice.candidates where attempts < Self.maxCreateAttempts {
+            for (index, subnet) in choice.candidates.enumerated() where attempts < Self.maxCreateAttempts {
                 attempts += 1
+                let ipv6Subnet = choice.ipv6Candidate(index)
+                let name = LeaseKey.key(for: subnet, ipv6: ipv6Subnet)
                 let etcdLease: EtcdLease
                 if let spare { etcdLease = spare } else { etcdLease = try await client.leaseGrant(ttl: ttlSeconds) }
                 spare = etcdLease
-                switch try await client.createIfAbsent(key(for: subnet), value: value, lease: etcdLease.id) {
+                switch try await client.createIfAbsent(subnetsPrefix + name, value: value, lease: etcdLease.id) {
                 case .created(let revision):
                     spare = nil
-                    logger.info("acquired lease \(subnet) for \(attributes.publicIP)")
-                    let lease = Lease(subnet: subnet, attributes: attributes,
+                    logger.info("acquired lease \(name) for \(attributes.publicIP)")
+                    let lease = Lease(subnet: subnet, ipv6Subnet: ipv6Subnet, attributes: attributes,
                                       expiration: Date().addingTimeInterval(TimeInterval(etcdLease.ttl)),
                                       revision: revision)
                     return (lease, listing.with(lease, etcdLease: etcdLease.id))
@@ -400,7 +402,7 @@ public final class EtcdLeaseStore: LeaseStore {
                         // Ours after all (a retried request, or another instance
                         // with our PublicIP): take it over rather than a second subnet.
                         let lease = Lease(subnet: subnet, attributes: held, expiration: nil,
-                                          revision: holder.modRevision)
+                                          revision: holder.modRevision, key: name)
                         if let renewed = try await refreshIfStillOurs(lease, key: holder.key,
                                                                       attributes: attributes) {
                             return (renewed, listing.with(renewed.withKey(name(ofKey: holder.key)), etcdLease: 0))
@@ -417,7 +419,7 @@ public final class EtcdLeaseStore: LeaseStore {
     public func renewLease(_ lease: Lease) async throws -> Lease {
         // Bounded: a key that keeps changing under us is someone else's.
         for _ in 0..<3 {
-            guard let renewed = try await refresh(lease, key: key(for: lease.subnet),
+            guard let renewed = try await refresh(lease, key: subnetsPrefix + lease.key,
                                                   attributes: lease.attributes) else { continue }
             return renewed
         }
@@ -450,11 +452,13 @@ public final class EtcdLeaseStore: LeaseStore {
         try await betweenReadAndWrite(key)
         if kv.lease == 0 {
             guard kv.valueString != json else {
-                return Lease(subnet: lease.subnet, attributes: held, expiration: nil, revision: kv.modRevision)
+                return Lease(subnet: lease.subnet, attributes: held, expiration: nil, revision: kv.modRevision,
+                             key: lease.key)
             }
             switch try await client.compareAndPut(key, value: value, lease: 0, modRevision: kv.modRevision) {
             case .written(let revision):
-                return Lease(subnet: lease.subnet, attributes: attributes, expiration: nil, revision: revision)
+                return Lease(subnet: lease.subnet, attributes: attributes, expiration: nil, revision: revision,
+                             key: lease.key)
             case .changed:
                 return nil
             }
@@ -465,7 +469,8 @@ public final class EtcdLeaseStore: LeaseStore {
             // The old etcd lease now holds no key; let it go rather than wait 24 h.
             try? await client.leaseRevoke(kv.lease)
             return Lease(subnet: lease.subnet, attributes: attributes,
-                         expiration: Date().addingTimeInterval(TimeInterval(granted.ttl)), revision: revision)
+                         expiration: Date().addingTimeInterval(TimeInterval(granted.ttl)), revision: revision,
+                         key: lease.key)
         case .changed:
             try? await client.leaseRevoke(granted.id)
             return nil
@@ -473,7 +478,7 @@ public final class EtcdLeaseStore: LeaseStore {
     }
 
     public func releaseLease(_ lease: Lease) async throws {
-        let key = key(for: lease.subnet)
+        let key = subnetsPrefix + lease.key
         // Bounded, as renewal: a key that keeps changing under us is someone else's.
         for _ in 0..<3 {
             guard let kv = try await client.get(key) else { return }

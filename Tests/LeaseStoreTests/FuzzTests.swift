@@ -226,7 +226,7 @@ import Testing
         guard let ipv4 = bool(field(o, "EnableIPv4"), true) else { return .failure(.init("invalidValue")) }
         guard let ipv6 = bool(field(o, "EnableIPv6"), false) else { return .failure(.init("invalidValue")) }
         if !ipv4 { return .failure(.init("ipv4Disabled")) }
-        if ipv6 { return .failure(.init("ipv6NotSupported")) }
+        if ipv6 { return .failure(.init("missingIPv6Network")) } // the generator writes no IPv6Network
         guard let nv = field(o, "Network") else { return .failure(.init("missingNetwork")) }
         guard case .string(let nt) = nv, let network = IPv4Network(nt) else { return .failure(.init("invalidValue")) }
         if network.prefixLength == 0 && network.address.value == 0 { return .failure(.init("missingNetwork")) }
@@ -292,7 +292,13 @@ import Testing
         case .notOnBoundary: "notOnBoundary"
         case .minAboveMax: "minAboveMax"
         case .ipv4Disabled: "ipv4Disabled"
-        case .ipv6NotSupported: "ipv6NotSupported"
+        case .missingIPv6Network: "missingIPv6Network"
+        case .ipv6NetworkTooSmall: "ipv6NetworkTooSmall"
+        case .ipv6SubnetLenTooLong: "ipv6SubnetLenTooLong"
+        case .ipv6TooFewSubnets: "ipv6TooFewSubnets"
+        case .ipv6OutsideNetwork: "ipv6OutsideNetwork"
+        case .ipv6NotOnBoundary: "ipv6NotOnBoundary"
+        case .ipv6MinAboveMax: "ipv6MinAboveMax"
         case .missingBackendType: "missingBackendType"
         case .invalidPort: "invalidPort"
         }
@@ -380,7 +386,7 @@ import Testing
             if data == .null { data = .bool(true) }
         }
         return LeaseAttributes(
-            publicIP: IPv4Address(c.u32()), publicIPv6: c.oneIn(3) ? c.pick(["fd00::1", string(c)]) : nil,
+            publicIP: IPv4Address(c.u32()), publicIPv6: c.oneIn(3) ? IPv6Address(c.pick(["fd00::1", "2001:db8::42"])) : nil,
             backendType: c.bool() ? c.pick(["vxlan", "host-gw", "udp", "x" + string(c)]) : nil, backendData: data)
     }
 

@@ -89,3 +89,33 @@ struct InterfaceLookupTests {
         }
     }
 }
+
+/// The IPv6 address flanneld would pick on an interface (pkg/ip
+/// GetInterfaceIP6Addrs), minus its link-local fallback.
+@Suite struct PreferredIPv6Tests {
+    func address(_ text: String, flags: UInt32 = 0) -> InterfaceIPv6Address {
+        InterfaceIPv6Address(index: 2, address: IPv6Address(text)!, prefixLength: 64, flags: flags)
+    }
+
+    @Test func permanentGlobalWinsOverAutoconfiguredTemporaryAndLinkLocal() {
+        let permanent = InterfaceIPv6Address.permanent
+        let chosen = InterfaceLookup.preferredIPv6([
+            address("fe80::1", flags: permanent),
+            address("2001:db8::aaaa", flags: InterfaceIPv6Address.temporary),
+            address("2001:db8::bbbb"),
+            address("2001:db8::cccc", flags: permanent),
+        ])
+        #expect(chosen == IPv6Address("2001:db8::cccc"))
+        #expect(InterfaceLookup.preferredIPv6([address("2001:db8::aaaa", flags: InterfaceIPv6Address.temporary),
+                                               address("2001:db8::bbbb")]) == IPv6Address("2001:db8::bbbb"))
+    }
+
+    @Test func deprecatedLinkLocalAndLoopbackAreNeverChosen() {
+        #expect(InterfaceLookup.preferredIPv6([
+            address("2001:db8::1", flags: InterfaceIPv6Address.deprecated | InterfaceIPv6Address.permanent),
+            address("fe80::1"), address("::1"),
+        ]) == nil)
+        // Ties keep the kernel's order.
+        #expect(InterfaceLookup.preferredIPv6([address("fd00::2"), address("fd00::1")]) == IPv6Address("fd00::2"))
+    }
+}
