@@ -384,14 +384,14 @@ public final class EtcdLeaseStore: LeaseStore {
             for (index, subnet) in choice.candidates.enumerated() where attempts < Self.maxCreateAttempts {
                 attempts += 1
                 let ipv6Subnet = choice.ipv6Candidate(index)
-                let name = LeaseKey.key(for: subnet, ipv6: ipv6Subnet)
+                let leaseName = LeaseKey.key(for: subnet, ipv6: ipv6Subnet)
                 let etcdLease: EtcdLease
                 if let spare { etcdLease = spare } else { etcdLease = try await client.leaseGrant(ttl: ttlSeconds) }
                 spare = etcdLease
-                switch try await client.createIfAbsent(subnetsPrefix + name, value: value, lease: etcdLease.id) {
+                switch try await client.createIfAbsent(subnetsPrefix + leaseName, value: value, lease: etcdLease.id) {
                 case .created(let revision):
                     spare = nil
-                    logger.info("acquired lease \(name) for \(attributes.publicIP)")
+                    logger.info("acquired lease \(leaseName) for \(attributes.publicIP)")
                     let lease = Lease(subnet: subnet, ipv6Subnet: ipv6Subnet, attributes: attributes,
                                       expiration: Date().addingTimeInterval(TimeInterval(etcdLease.ttl)),
                                       revision: revision)
@@ -402,7 +402,7 @@ public final class EtcdLeaseStore: LeaseStore {
                         // Ours after all (a retried request, or another instance
                         // with our PublicIP): take it over rather than a second subnet.
                         let lease = Lease(subnet: subnet, attributes: held, expiration: nil,
-                                          revision: holder.modRevision, key: name)
+                                          revision: holder.modRevision, key: leaseName)
                         if let renewed = try await refreshIfStillOurs(lease, key: holder.key,
                                                                       attributes: attributes) {
                             return (renewed, listing.with(renewed.withKey(name(ofKey: holder.key)), etcdLease: 0))

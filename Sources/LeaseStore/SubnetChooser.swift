@@ -116,9 +116,7 @@ public enum SubnetChooser {
             ipv6Candidates = firstFreeIPv6(v6, taken: takenV6, limit: freeCandidateLimit)
             ipv6Candidates.shuffle(using: &generator)
             if ipv6Candidates.isEmpty {
-                throw .outOfSubnets(network: config.network, blockedBy: leases.compactMap {
-                    $0.ipv6Subnet.map { _ in $0.key }
-                }.sorted())
+                throw .outOfSubnets(network: config.network, blockedBy: leases.filter { $0.ipv6Subnet != nil }.map(\.key).sorted())
             }
             if let preferredIPv6, v6.fits(preferredIPv6), !takenV6.contains(where: { $0.overlaps(preferredIPv6) }) {
                 ipv6Candidates.removeAll { $0 == preferredIPv6 }

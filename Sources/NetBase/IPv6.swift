@@ -176,7 +176,7 @@ public struct IPv6Network: Hashable, Sendable, CustomStringConvertible, Codable 
 
     /// Parses "fd00:10:244::/48". With `strict`, host bits must be zero.
     public init?(_ text: some StringProtocol, strict: Bool = false) {
-        guard let network = IPv6Network.parse(text.utf8, separator: UInt8(ascii: "/"), strict: strict)
+        guard let network = IPv6Network.parse(Substring(text).utf8, separator: UInt8(ascii: "/"), strict: strict)
         else { return nil }
         self = network
     }
@@ -185,7 +185,7 @@ public struct IPv6Network: Hashable, Sendable, CustomStringConvertible, Codable 
     /// the canonical spelling (`leaseKey`) names a subnet, so no second key
     /// can name the same one.
     public init?(leaseKey text: some StringProtocol) {
-        guard let network = IPv6Network.parse(text.utf8, separator: UInt8(ascii: "-"), strict: true),
+        guard let network = IPv6Network.parse(Substring(text).utf8, separator: UInt8(ascii: "-"), strict: true),
               network.leaseKey.utf8.elementsEqual(text.utf8) else { return nil }
         self = network
     }

@@ -72,8 +72,9 @@ final class Daemon: Service, Sendable {
             // is the operator's to fix, and found now costs nothing.
             try SubnetEnv.checkWritable(options.subnetFile)
             // The device comes before the lease: a vxlan lease carries its MAC.
-            var attributes = try backend.leaseAttributes()
-            if let publicIPv6 { attributes.publicIPv6 = publicIPv6 }
+            var backendAttributes = try backend.leaseAttributes()
+            if let publicIPv6 { backendAttributes.publicIPv6 = publicIPv6 }
+            let attributes = backendAttributes
             let preferred: IPv4Network?
             switch SubnetEnv.previousSubnet(at: options.subnetFile) {
             case .success(let subnet): preferred = subnet

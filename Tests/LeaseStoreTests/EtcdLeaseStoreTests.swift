@@ -488,3 +488,72 @@ struct EtcdLeaseStoreTests {
         }
     }
 }
+
+/// Dual-stack leases in a real etcd, written as flanneld writes them.
+@Suite(.enabled(if: EtcdServer.isInstalled, Comment(rawValue: etcdMissing)), .timeLimit(.minutes(2)))
+struct EtcdDualStackLeaseTests {
+    static let config = #"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:5::/48","Backend":{"Type":"vxlan"}}"#
+
+    @Test func flanneldsDualStackLeaseIsReadAndOursIsWrittenInItsForm() async throws {
+        try await withStore(config: Self.config) { server, store, config in
+            // A flanneld vxlan host's lease: both subnets in the key, the
+            // IPv6 address and v6 VTEP in the value (put as flanneld writes it).
+            let flanneld = #"{"PublicIP":"198.18.0.72","PublicIPv6":"2001:db8::72","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}}"#
+            try server.etcdctl(["put", "/docker/network/subnets/10.5.72.0-24&fd00:10:5:72::-64", flanneld])
+
+            let listed = try await store.leases().leases
+            let theirs = try #require(listed.first)
+            #expect(listed.count == 1)
+            #expect(theirs.subnet == net("10.5.72.0/24"))
+            #expect(theirs.ipv6Subnet == IPv6Network("fd00:10:5:72::/64"))
+            #expect(theirs.attributes.publicIPv6 == IPv6Address("2001:db8::72"))
+            #expect(theirs.attributes.backendV6Data?.field("VtepMAC") == .string("aa:bb:cc:dd:ee:02"))
+            #expect(theirs.attributes.flannelJSON == flanneld)
+
+            var attributes = LeaseAttributes(publicIP: IPv4Address(198, 18, 0, 5), publicIPv6: IPv6Address("2001:db8::5"),
+                                             backendType: "vxlan",
+                                             backendData: .object(["VNI": .number(1), "VtepMAC": .string("0e:00:00:00:00:05")]))
+            attributes.backendV6Data = .object(["VNI": .number(1), "VtepMAC": .string("0e:00:00:00:00:06")])
+            let ours = try await store.acquireLease(config: config, attributes: attributes, preferred: net("10.5.9.0/24"))
+            let v6 = try #require(ours.ipv6Subnet)
+            #expect(ours.subnet == net("10.5.9.0/24"))
+            #expect(config.ipv6?.fits(v6) == true && v6 != IPv6Network("fd00:10:5:72::/64"))
+            // The key and value flanneld reads (pkg/subnet ParseSubnetKey, LeaseAttrs).
+            let key = "/docker/network/subnets/10.5.9.0-24&\(v6.leaseKey)"
+            #expect(ours.key == "10.5.9.0-24&\(v6.leaseKey)")
+            #expect(try server.etcdctl(["get", key, "--print-value-only"]) == """
+                {"PublicIP":"198.18.0.5","PublicIPv6":"2001:db8::5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:05"},"BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:00:06"}}
+
+                """)
+            #expect(try await store.client.get(key)?.lease != 0)
+
+            // Renewal and release address the dual-stack key, not the plain one.
+            let renewed = try await store.renewLease(ours)
+            #expect(renewed.key == ours.key && renewed.ipv6Subnet == v6)
+            let again = try await store.acquireLease(config: config, attributes: attributes, preferred: nil)
+            #expect(again.key == ours.key)  // reused, not a second lease
+            try await store.releaseLease(again)
+            #expect(try await store.client.get(key) == nil)
+        }
+    }
+
+    @Test func concurrentDualStackAcquisitionsGetDistinctSubnetsOfBothFamilies() async throws {
+        try await withStore(config: Self.config) { _, store, config in
+            let leases = try await withThrowingTaskGroup(of: Lease.self) { group in
+                for n in 1...6 {
+                    group.addTask {
+                        try await store.acquireLease(config: config, attributes: LeaseAttributes(publicIP: IPv4Address(198, 18, 1, UInt8(n))),
+                                                     preferred: nil)
+                    }
+                }
+                return try await group.reduce(into: [Lease]()) { $0.append($1) }
+            }
+            #expect(Set(leases.map(\.subnet)).count == 6)
+            let v6 = leases.compactMap(\.ipv6Subnet)
+            #expect(v6.count == 6 && Set(v6).count == 6)
+            #expect(v6.allSatisfy { config.ipv6?.fits($0) == true })
+            let listed = try await store.leases().leases
+            #expect(LeaseRule(config).sort(leases: listed).leases.count == 6)
+        }
+    }
+}
