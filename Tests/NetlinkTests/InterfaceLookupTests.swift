@@ -119,3 +119,27 @@ struct InterfaceLookupTests {
         #expect(InterfaceLookup.preferredIPv6([address("fd00::2"), address("fd00::1")]) == IPv6Address("fd00::2"))
     }
 }
+
+@Suite(.enabled(if: isRoot, needsRootMessage))
+struct InterfaceIPv6LookupTests {
+    @Test func theInterfacesGlobalNonDeprecatedIPv6AddressIsFound() throws {
+        try withNamespace { ns in
+            try ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+            try ns.ip("link", "set", "eth0", "up")
+            try ns.ip("link", "set", "eth1", "up")
+            // Deprecated (preferred lifetime 0) first: passed over.
+            try ns.ip("-6", "addr", "add", "2001:db8::9/64", "dev", "eth0", "nodad", "preferred_lft", "0")
+            try ns.ip("-6", "addr", "add", "2001:db8::5/64", "dev", "eth0", "nodad")
+            try ns.ip("-6", "addr", "add", "fe80::77/64", "dev", "eth1", "nodad")
+            let socket = try ns.socket()
+            let all = try socket.ipv6Addresses()
+            #expect(all.contains { $0.address == IPv6Address("2001:db8::9") && $0.flags & InterfaceIPv6Address.deprecated != 0 })
+            let interfaces = try InterfaceLookup.interfaces(using: socket)
+            let eth0 = try #require(interfaces.first { $0.name == "eth0" })
+            let eth1 = try #require(interfaces.first { $0.name == "eth1" })
+            #expect(try InterfaceLookup.ipv6Address(of: eth0, using: socket) == IPv6Address("2001:db8::5"))
+            // Only link-local: nothing other hosts can send to.
+            #expect(try InterfaceLookup.ipv6Address(of: eth1, using: socket) == nil)
+        }
+    }
+}
