@@ -325,25 +325,37 @@ public final class EtcdLeaseStore: LeaseStore {
 
     public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes,
                              preferred: IPv4Network?) async throws -> Lease {
-        try await acquireListing(config: config, attributes: attributes, preferred: preferred).lease
+        try await acquireListing(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil).lease
+    }
+
+    public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+                             preferredIPv6: IPv6Network?) async throws -> Lease {
+        try await acquireListing(config: config, attributes: attributes, preferred: preferred,
+                                 preferredIPv6: preferredIPv6).lease
+    }
+
+    public func join(config: NetworkConfig, attributes: LeaseAttributes,
+                     preferred: IPv4Network?) async throws -> LeaseJoin {
+        try await join(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil)
     }
 
     /// One read of the leases both chooses the subnet and is the list of
     /// peers, at one revision: a host joining 60,000 others reads them once.
-    public func join(config: NetworkConfig, attributes: LeaseAttributes,
-                     preferred: IPv4Network?) async throws -> LeaseJoin {
-        let (lease, listing) = try await acquireListing(config: config, attributes: attributes, preferred: preferred)
+    public func join(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+                     preferredIPv6: IPv6Network?) async throws -> LeaseJoin {
+        let (lease, listing) = try await acquireListing(config: config, attributes: attributes, preferred: preferred,
+                                                        preferredIPv6: preferredIPv6)
         return LeaseJoin(lease: lease, peers: listing.snapshot)
     }
 
-    private func acquireListing(config: NetworkConfig, attributes: LeaseAttributes,
-                                preferred: IPv4Network?) async throws -> (lease: Lease, listing: Listing) {
+    private func acquireListing(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+                                preferredIPv6: IPv6Network?) async throws -> (lease: Lease, listing: Listing) {
         // An etcd lease granted for a create that lost its race is reused for
         // the next try, and revoked if it ends up attached to no key.
         var spare: EtcdLease?
         do {
             let acquired = try await acquire(config: config, attributes: attributes, preferred: preferred,
-                                             spare: &spare)
+                                             preferredIPv6: preferredIPv6, spare: &spare)
             if let spare { try? await client.leaseRevoke(spare.id) }
             return acquired
         } catch {
@@ -355,7 +367,7 @@ public final class EtcdLeaseStore: LeaseStore {
     /// The lease, and the listing the choice was made from with the lease
     /// as it is after this call.
     private func acquire(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
-                         spare: inout EtcdLease?) async throws -> (Lease, Listing) {
+                         preferredIPv6: IPv6Network?, spare: inout EtcdLease?) async throws -> (Lease, Listing) {
         let value = Array(attributes.flannelJSON.utf8)
         var generator = SystemRandomNumberGenerator()
         var attempts = 0
@@ -369,7 +381,7 @@ public final class EtcdLeaseStore: LeaseStore {
             let listing = try await list(expiriesOf: attributes.publicIP)
             let choice = try SubnetChooser.choose(
                 config: config, leases: listing.leases, publicIP: attributes.publicIP, preferred: preferred,
-                occupied: listing.unreadable.map(\.subnet), using: &generator)
+                preferredIPv6: preferredIPv6, occupied: listing.unreadable.map(\.subnet), using: &generator)
             for obsolete in choice.obsolete {
                 await deleteObsolete(obsolete, key: subnetsPrefix + obsolete.key)
             }

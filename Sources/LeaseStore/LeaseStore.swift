@@ -221,6 +221,16 @@ public protocol LeaseStore: Sendable {
     /// own write among them) come from `watchPeerLeases(after:)`.
     func join(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?) async throws -> LeaseJoin
 
+    /// `acquireLease`, with the IPv6 subnet to prefer in a dual-stack
+    /// network (the subnet file's FLANNEL_IPV6_SUBNET) when it is free. A
+    /// store that does not implement it ignores `preferredIPv6`.
+    func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+                      preferredIPv6: IPv6Network?) async throws -> Lease
+
+    /// `join`, with the IPv6 subnet to prefer, as `acquireLease(…preferredIPv6:)`.
+    func join(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+              preferredIPv6: IPv6Network?) async throws -> LeaseJoin
+
     /// Extends a lease by the store's TTL. Reservations are returned unchanged.
     func renewLease(_ lease: Lease) async throws -> Lease
 
@@ -253,7 +263,19 @@ extension LeaseStore {
     /// Two reads: the lease, then the peers (which then include it).
     public func join(config: NetworkConfig, attributes: LeaseAttributes,
                      preferred: IPv4Network?) async throws -> LeaseJoin {
-        let lease = try await acquireLease(config: config, attributes: attributes, preferred: preferred)
+        try await join(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil)
+    }
+
+    public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+                             preferredIPv6: IPv6Network?) async throws -> Lease {
+        try await acquireLease(config: config, attributes: attributes, preferred: preferred)
+    }
+
+    /// Two reads: the lease, then the peers (which then include it).
+    public func join(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+                     preferredIPv6: IPv6Network?) async throws -> LeaseJoin {
+        let lease = try await acquireLease(config: config, attributes: attributes, preferred: preferred,
+                                           preferredIPv6: preferredIPv6)
         return LeaseJoin(lease: lease, peers: try await peerLeases(holder: attributes.publicIP))
     }
 

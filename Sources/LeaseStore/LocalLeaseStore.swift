@@ -104,13 +104,18 @@ public final class LocalLeaseStore: LeaseStore {
 
     public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes,
                              preferred: IPv4Network?) async throws -> Lease {
+        try await acquireLease(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil)
+    }
+
+    public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+                             preferredIPv6: IPv6Network?) async throws -> Lease {
         let (lease, how) = try await run {
             try self.exclusive { tx -> (Lease, String) in
                 let scan = try tx.scan()
                 var generator = SystemRandomNumberGenerator()
                 let choice = try SubnetChooser.choose(
                     config: config, leases: scan.leases.map(\.lease), publicIP: attributes.publicIP,
-                    preferred: preferred, occupied: scan.occupied, using: &generator)
+                    preferred: preferred, preferredIPv6: preferredIPv6, occupied: scan.occupied, using: &generator)
                 for old in choice.obsolete {
                     self.logger.info("deleting our lease that no longer fits the network config",
                                      metadata: ["subnet": "\(old.subnet)"])

@@ -82,11 +82,19 @@ final class Daemon: Service, Sendable {
                 logger.warning("ignoring the previous subnet file: \(error)")
                 preferred = nil
             }
+            let preferredIPv6: IPv6Network?
+            switch config.ipv6 == nil ? .success(nil) : SubnetEnv.previousIPv6Subnet(at: options.subnetFile) {
+            case .success(let subnet): preferredIPv6 = subnet
+            case .failure(let error):
+                logger.warning("ignoring the previous IPv6 subnet in the subnet file: \(error)")
+                preferredIPv6 = nil
+            }
             systemd.status("Acquiring a lease in \(store.location)")
             // One read of the leases chooses the subnet and is the list of
             // peers; their watch starts from its revision.
             guard let joined = try await retrying("acquire a lease in \(store.location)", {
-                try await self.store.join(config: config, attributes: attributes, preferred: preferred)
+                try await self.store.join(config: config, attributes: attributes, preferred: preferred,
+                                          preferredIPv6: preferredIPv6)
             }) else {
                 backend.cleanUp(releasing: false)
                 return

@@ -264,3 +264,55 @@ let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Networ
         #expect(e?.reason.contains(reason) == true, "\(String(describing: e))")
     }
 }
+
+/// The embedded local store: both families in one locked step, the key in
+/// flanneld's form, renewal and release by that key.
+@Suite struct DualStackLocalStoreTests {
+    static let json = #"{"Network": "10.2.0.0/24", "SubnetLen": 28, "EnableIPv6": true, "IPv6Network": "fd00:10:2::/60"}"#
+
+    func node(_ n: Int) -> LeaseAttributes {
+        LeaseAttributes(publicIP: IPv4Address(198, 18, 0, UInt8(n)), publicIPv6: IPv6Address("2001:db8::\(n)"))
+    }
+
+    @Test func concurrentDualStackAcquisitionsGetDistinctSubnetsOfBothFamilies() async throws {
+        try await withTemporaryDirectory { dir in
+            let setup = try LocalLeaseStore(directory: dir)
+            let c = try await setup.setNetworkConfig(json: Self.json)
+            let leases = try await withThrowingTaskGroup(of: Lease.self) { group in
+                for i in 1...8 {
+                    group.addTask {
+                        let store = try LocalLeaseStore(directory: dir)
+                        return try await store.acquireLease(config: c, attributes: self.node(i), preferred: nil)
+                    }
+                }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            #expect(Set(leases.map(\.subnet)).count == 8)
+            let v6 = leases.compactMap(\.ipv6Subnet)
+            #expect(v6.count == 8 && Set(v6).count == 8 && v6.allSatisfy { c.ipv6!.fits($0) })
+            #expect(leases.allSatisfy { $0.key == LeaseKey.key(for: $0.subnet, ipv6: $0.ipv6Subnet) })
+            let files = try FileManager.default.contentsOfDirectory(atPath: dir + "/subnets")
+            #expect(Set(files) == Set(leases.map(\.key)))
+            let listed = try await setup.leases().leases
+            #expect(listed.allSatisfy { $0.attributes.publicIPv6 != nil })
+            #expect(LeaseRule(c).sort(leases: listed).leases.count == 8)
+        }
+    }
+
+    @Test func preferredIPv6SubnetIsTakenAndTheLeaseRenewsAndReleasesByItsKey() async throws {
+        try await withTemporaryDirectory { dir in
+            let store = try LocalLeaseStore(directory: dir)
+            let c = try await store.setNetworkConfig(json: Self.json)
+            let lease = try await store.acquireLease(config: c, attributes: node(1), preferred: net("10.2.0.48/28"),
+                                                     preferredIPv6: net6("fd00:10:2:9::/64"))
+            #expect(lease.key == "10.2.0.48-28&fd00:10:2:9::-64")
+            let renewed = try await store.renewLease(lease)
+            #expect(renewed.key == lease.key)
+            // A restart with the same PublicIP reuses it.
+            let again = try await LocalLeaseStore(directory: dir).acquireLease(config: c, attributes: node(1), preferred: nil)
+            #expect(again.key == lease.key)
+            try await store.releaseLease(again)
+            #expect(try await store.leases().leases.isEmpty)
+        }
+    }
+}
