@@ -137,7 +137,8 @@ struct FlanneldOptions: ParsableArguments {
     @Option(help: ArgumentHelp("IP other hosts send to (default: the interface's address).", valueName: "ip"))
     var publicIP: String?
 
-    @Option(help: ArgumentHelp("IPv6 address other hosts send to in a dual-stack network (default: the interface's global IPv6 address, if it has one).", valueName: "ipv6"))
+    @Option(name: .customLong("public-ipv6"),
+            help: ArgumentHelp("IPv6 address other hosts send to in a dual-stack network (default: the interface's global IPv6 address, if it has one).", valueName: "ipv6"))
     var publicIPv6: String?
 
     @Option(help: ArgumentHelp("Where to write flannel's subnet.env.", valueName: "file"))
