@@ -35,10 +35,16 @@ struct Config: AsyncParsableCommand {
             let store = try storeOptions.open()
             do {
                 let config = try await store.setNetworkConfig(json: json)
-                print("stored network config in \(store.location): Network \(config.network), SubnetLen \(config.subnetLen), subnets \(config.subnetMin.address)…\(config.subnetMax.address), backend \(config.backend.type)")
+                let ipv6 = config.ipv6.map {
+                    ", IPv6Network \($0.network), IPv6SubnetLen \($0.subnetLen), IPv6 subnets \($0.subnetMin.address)…\($0.subnetMax.address)"
+                } ?? ""
+                print("stored network config in \(store.location): Network \(config.network), SubnetLen \(config.subnetLen), subnets \(config.subnetMin.address)…\(config.subnetMax.address)\(ipv6), backend \(config.backend.type)")
                 if config.backend.knownType == nil {
                     // Valid for flannel, so stored; but no tunneld host will start on it.
                     FileHandle.standardError.write(Data("warning: tunneld supports the \(BackendType.supportedNames) backends, not \"\(config.backend.type)\": tunneld run refuses this config until Backend.Type is one of them\n".utf8))
+                } else if config.ipv6 != nil {
+                    // Valid for flannel (flanneld hosts can use it); tunneld hosts will not start on it yet.
+                    FileHandle.standardError.write(Data("warning: IPv6 for the \(config.backend.type) backend is not built in tunneld yet: tunneld run refuses this config while EnableIPv6 is true (flanneld hosts can use it)\n".utf8))
                 }
             } catch let error as NetworkConfigError {
                 throw DaemonError("invalid network config: \(error)")

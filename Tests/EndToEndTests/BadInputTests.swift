@@ -104,7 +104,9 @@ struct BadInputTests {
                 let file = lab.directory.appendingPathComponent("dual-\(backend).json")
                 try #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"\#(backend)"}}"#
                     .write(to: file, atomically: true, encoding: .utf8)
-                try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, file.path])
+                let set = try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, file.path])
+                #expect(set.output.contains("IPv6Network fd00:10:2::/48, IPv6SubnetLen 64, IPv6 subnets fd00:10:2:1::…fd00:10:2:ffff::"), "\(set.output)")
+                #expect(set.output.contains("warning: IPv6 for the \(backend) backend is not built in tunneld yet"), "\(set.output)")
                 let result = try start(lab, ["--public-ipv6", "2001:db8::1"], timeout: .seconds(20))
                 #expect(!result.succeeded)
                 #expect(result.output.contains("IPv6 for the \(backend) backend is not built in tunneld yet"), "\(result.output)")
