@@ -400,13 +400,23 @@ public final class EtcdLeaseStore: LeaseStore {
                 let etcdLease: EtcdLease
                 if let spare { etcdLease = spare } else { etcdLease = try await client.leaseGrant(ttl: ttlSeconds) }
                 spare = etcdLease
-                switch try await client.createIfAbsent(subnetsPrefix + leaseName, value: value, lease: etcdLease.id) {
+                // Guarded by the IPv4 part: no other key (plain or dual-stack)
+                // of this IPv4 subnet may exist, whatever its IPv6 part.
+                switch try await client.createIfAbsent(subnetsPrefix + leaseName, value: value, lease: etcdLease.id,
+                                                       guardPrefix: subnetsPrefix + subnet.leaseKey) {
                 case .created(let revision):
                     spare = nil
-                    logger.info("acquired lease \(leaseName) for \(attributes.publicIP)")
                     let lease = Lease(subnet: subnet, ipv6Subnet: ipv6Subnet, attributes: attributes,
                                       expiration: Date().addingTimeInterval(TimeInterval(etcdLease.ttl)),
                                       revision: revision)
+                    if ipv6Subnet != nil, let after = try await ipv6RaceLost(lease, etcdLease: etcdLease.id) {
+                        // Another host created the same IPv6 subnet (under
+                        // another IPv4 subnet) at the same moment, and its key
+                        // is the lease by the rule: ours is gone, try again.
+                        logger.info("IPv6 subnet \(ipv6Subnet!) was taken by \(after) at the same moment; trying another")
+                        continue
+                    }
+                    logger.info("acquired lease \(leaseName) for \(attributes.publicIP)")
                     return (lease, listing.with(lease, etcdLease: etcdLease.id))
                 case .exists(let holder):
                     if let held = try? LeaseAttributes(flannelJSON: holder.value, key: holder.key),
@@ -533,6 +543,23 @@ public final class EtcdLeaseStore: LeaseStore {
             if error.code != .leaseNotFound { throw error }
         }
         return true
+    }
+
+    /// After creating a dual-stack lease: the key of another lease naming
+    /// the same IPv6 subnet that was created before ours, if there is one
+    /// (two hosts chose it in the same moment; etcd cannot guard a key's
+    /// IPv6 part), in which case ours has been deleted. nil: ours stands.
+    /// The earlier creation wins, so of two racers exactly the later one
+    /// yields, whichever looks first (creation revisions are totally ordered).
+    private func ipv6RaceLost(_ lease: Lease, etcdLease: Int64) async throws -> String? {
+        guard let mine = lease.ipv6Subnet else { return nil }
+        let earlier = try await client.range(prefix: subnetsPrefix).kvs.filter { kv in
+            let name = name(ofKey: kv.key)
+            return name != lease.key && kv.createRevision < lease.revision && LeaseKey.ipv6Subnet(fromKey: name) == mine
+        }
+        guard let winner = earlier.min(by: { $0.createRevision < $1.createRevision }) else { return nil }
+        _ = try await deleteKey(subnetsPrefix + lease.key, etcdLease: etcdLease, ifUnchangedSince: lease.revision)
+        return name(ofKey: winner.key)
     }
 
     /// Deletes our expiring lease that no longer fits the network config, as

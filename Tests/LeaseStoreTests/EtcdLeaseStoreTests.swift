@@ -537,10 +537,44 @@ struct EtcdDualStackLeaseTests {
         }
     }
 
-    @Test func concurrentDualStackAcquisitionsGetDistinctSubnetsOfBothFamilies() async throws {
-        try await withStore(config: Self.config) { _, store, config in
+    /// etcd guards the IPv4 part of a key: a dual-stack key cannot be
+    /// created while a plain or dual-stack key of its IPv4 subnet exists.
+    @Test func aKeyOfTheSameIPv4SubnetBlocksTheCreateWhateverItsIPv6Part() async throws {
+        try await withStore(config: Self.config) { server, store, _ in
+            let prefix = "/docker/network/subnets/"
+            try server.etcdctl(["put", prefix + "10.5.9.0-24", #"{"PublicIP":"198.18.0.9","PublicIPv6":null}"#])
+            let blocked = try await store.client.createIfAbsent(prefix + "10.5.9.0-24&fd00:10:5:9::-64", value: Array("{}".utf8),
+                                                                guardPrefix: prefix + "10.5.9.0-24")
+            guard case .exists(let holder) = blocked else {
+                Issue.record("created beside the plain key: \(blocked)")
+                return
+            }
+            #expect(holder.key == prefix + "10.5.9.0-24")
+            try server.etcdctl(["put", prefix + "10.5.8.0-24&fd00:10:5:8::-64", "{}"])
+            let alsoBlocked = try await store.client.createIfAbsent(prefix + "10.5.8.0-24&fd00:10:5:99::-64", value: Array("{}".utf8),
+                                                                    guardPrefix: prefix + "10.5.8.0-24")
+            guard case .exists = alsoBlocked else {
+                Issue.record("created beside another dual-stack key: \(alsoBlocked)")
+                return
+            }
+            let free = try await store.client.createIfAbsent(prefix + "10.5.7.0-24&fd00:10:5:7::-64", value: Array("{}".utf8),
+                                                             guardPrefix: prefix + "10.5.7.0-24")
+            guard case .created = free else {
+                Issue.record("not created with no key of its IPv4 subnet: \(free)")
+                return
+            }
+        }
+    }
+
+    /// Rounds 1–3 in a large IPv6 network; 4–6 in one of three IPv6 subnets
+    /// for three hosts, where they all but surely pick the same one at once.
+    @Test(arguments: 1...6)
+    func concurrentDualStackAcquisitionsGetDistinctSubnetsOfBothFamilies(_ round: Int) async throws {
+        let tiny = #"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:5::/124","Backend":{"Type":"vxlan"}}"#
+        let hosts = round <= 3 ? 6 : 3
+        try await withStore(config: round <= 3 ? Self.config : tiny) { _, store, config in
             let leases = try await withThrowingTaskGroup(of: Lease.self) { group in
-                for n in 1...6 {
+                for n in 1...hosts {
                     group.addTask {
                         try await store.acquireLease(config: config, attributes: LeaseAttributes(publicIP: IPv4Address(198, 18, 1, UInt8(n))),
                                                      preferred: nil)
@@ -548,12 +582,13 @@ struct EtcdDualStackLeaseTests {
                 }
                 return try await group.reduce(into: [Lease]()) { $0.append($1) }
             }
-            #expect(Set(leases.map(\.subnet)).count == 6)
+            #expect(Set(leases.map(\.subnet)).count == hosts)
             let v6 = leases.compactMap(\.ipv6Subnet)
-            #expect(v6.count == 6 && Set(v6).count == 6)
+            #expect(v6.count == hosts && Set(v6).count == hosts)
             #expect(v6.allSatisfy { config.ipv6?.fits($0) == true })
             let listed = try await store.leases().leases
-            #expect(LeaseRule(config).sort(leases: listed).leases.count == 6)
+            #expect(listed.count == hosts)
+            #expect(LeaseRule(config).sort(leases: listed).leases.count == hosts)
         }
     }
 }
