@@ -91,14 +91,22 @@ struct Leases: AsyncParsableCommand {
         }
         notes += snapshot.skipped.map { "unreadable: \($0)" }
         let formatter = ISO8601DateFormatter()
-        print("SUBNET".padding(toLength: 20, withPad: " ", startingAt: 0) + "PUBLIC-IP".padding(toLength: 18, withPad: " ", startingAt: 0) + "BACKEND".padding(toLength: 10, withPad: " ", startingAt: 0) + "EXPIRES")
+        // Dual-stack leases add two columns; an IPv4-only listing looks as it always did.
+        let dualStack = leases.contains { $0.ipv6Subnet != nil }
+        func column(_ text: String, _ width: Int) -> String {
+            text.padding(toLength: max(width, text.count + 1), withPad: " ", startingAt: 0)
+        }
+        print(column("SUBNET", 20) + column("PUBLIC-IP", 18)
+              + (dualStack ? column("IPV6-SUBNET", 26) + column("PUBLIC-IPV6", 26) : "")
+              + column("BACKEND", 10) + "EXPIRES")
         defer { if !notes.isEmpty { print("\n" + notes.joined(separator: "\n")) } }
         for lease in leases.sorted(by: { $0.subnet.address < $1.subnet.address }) {
             let expires = lease.expiration.map { formatter.string(from: $0) } ?? "never (reservation)"
-            print(lease.subnet.description.padding(toLength: 20, withPad: " ", startingAt: 0)
-                  + lease.attributes.publicIP.description.padding(toLength: 18, withPad: " ", startingAt: 0)
-                  + (lease.attributes.backendType ?? "udp").padding(toLength: 10, withPad: " ", startingAt: 0)
-                  + expires)
+            let ipv6 = dualStack
+                ? column(lease.ipv6Subnet?.description ?? "-", 26) + column(lease.attributes.publicIPv6?.description ?? "-", 26)
+                : ""
+            print(column(lease.subnet.description, 20) + column(lease.attributes.publicIP.description, 18) + ipv6
+                  + column(lease.attributes.backendType ?? "udp", 10) + expires)
         }
     }
 }
