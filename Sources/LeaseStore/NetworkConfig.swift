@@ -448,6 +448,13 @@ public struct IPv6NetworkConfig: Sendable, Equatable {
                     throw .invalidValue(field: "IPv6Network", value: value.compactText,
                                         expected: "an IPv6 network in CIDR form such as \"fd00:10:244::/48\"")
                 }
+                // Its subnets would be printed with dots (::ffff:10.0.0.0), which
+                // flannel's lease key pattern does not match: no lease could be read.
+                if parsed.overlaps(Self.ipv4Mapped) && !(parsed.prefixLength == 0) {
+                    throw .invalidValue(field: "IPv6Network", value: value.compactText,
+                                        expected: "a network outside ::ffff:0:0/96 (IPv4-mapped addresses), "
+                                            + "such as \"fd00:10:244::/48\"")
+                }
                 network = parsed
             }
             subnetLen = try NetworkConfig.wholeNumber(root, "IPv6SubnetLen", range: 0...Int(Int32.max),
@@ -455,6 +462,8 @@ public struct IPv6NetworkConfig: Sendable, Equatable {
             subnetMin = try Self.address(root, "IPv6SubnetMin")
             subnetMax = try Self.address(root, "IPv6SubnetMax")
         }
+
+        static let ipv4Mapped = IPv6Network(address: IPv6Address(0xffff_0000_0000), prefixLength: 96)
 
         /// "::" means "use the default", as in flannel.
         static func address(_ object: JSONValue, _ name: String) throws(NetworkConfigError) -> IPv6Address? {

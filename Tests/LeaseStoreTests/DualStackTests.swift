@@ -69,6 +69,25 @@ let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Networ
         #expect(LeaseKey.ipv6Subnet(fromKey: "10.2.5.0-24&fd00:10:244:5:0:0:0:0-64") == net6("fd00:10:244:5::/64"))
     }
 
+    /// Random subnets of both families: the key names them back, and a key
+    /// names an IPv6 subnet only if flannel's pattern allows it.
+    @Test func dualStackKeysRoundTripForRandomSubnets() {
+        var g = SeededGenerator(seed: 0x6_0002)
+        for _ in 0..<5000 {
+            let v4 = IPv4Network(address: IPv4Address(UInt32.random(in: 0...UInt32.max, using: &g)),
+                                 prefixLength: Int.random(in: 0...32, using: &g))
+            var raw: UInt128 = 0
+            for _ in 0..<8 {
+                raw = raw << 16 | UInt128(Bool.random(using: &g) ? 0 : UInt16.random(in: 0...0xffff, using: &g))
+            }
+            let v6 = IPv6Network(address: IPv6Address(raw), prefixLength: Int.random(in: 0...128, using: &g))
+            let key = "/coreos.com/network/subnets/" + LeaseKey.key(for: v4, ipv6: v6)
+            let mapped = v6.address.value >> 32 == 0xffff  // printed with dots, outside flannel's pattern
+            #expect(LeaseKey.subnet(fromKey: key) == (mapped ? nil : v4), "\(key)")
+            #expect(LeaseKey.ipv6Subnet(fromKey: key) == (mapped ? nil : v6), "\(key)")
+        }
+    }
+
     @Test func aLeaseMadeWithAnIPv6SubnetHasFlanneldsKey() {
         let lease = Lease(subnet: net("10.2.5.0/24"), ipv6Subnet: net6("fd00:10:244:5::/64"),
                           attributes: LeaseAttributes(publicIP: ip("198.18.0.5")), expiration: nil, revision: 1)
