@@ -206,6 +206,48 @@ extension EtcdClient {
         return .exists(EtcdKeyValue(existing))
     }
 
+    /// Creates `key` only if no key starting with `guardPrefix` exists (the
+    /// key itself among them), in one transaction:
+    /// `If(create_revision == 0 over [guardPrefix, end)) Then(Put key) Else(Range [guardPrefix, end), limit 1)`.
+    /// A flannel dual-stack lease key (`10.2.5.0-24&fd00::-64`) and the
+    /// plain key of the same IPv4 subnet (`10.2.5.0-24`) share that prefix,
+    /// so two hosts can never both create a key for one IPv4 subnet.
+    /// `.exists` carries one of the keys found.
+    public func createIfAbsent(_ key: String, value: [UInt8], lease: Int64 = 0, guardPrefix: String)
+        async throws(EtcdError) -> EtcdCreateResult
+    {
+        precondition(key.hasPrefix(guardPrefix), "\(key) does not start with its guard prefix \(guardPrefix)")
+        let operation = "Txn create-if-absent \(key) (none under \(guardPrefix))"
+        var compare = Etcdserverpb_Compare()
+        compare.target = .create
+        compare.createRevision = 0
+        compare.result = .equal
+        compare.key = Data(guardPrefix.utf8)
+        compare.rangeEnd = Self.prefixEnd(guardPrefix)
+        var put = Etcdserverpb_PutRequest()
+        put.key = Data(key.utf8)
+        put.value = Data(value)
+        put.lease = lease
+        var get = Etcdserverpb_RangeRequest()
+        get.key = Data(guardPrefix.utf8)
+        get.rangeEnd = Self.prefixEnd(guardPrefix)
+        get.limit = 1
+        var request = Etcdserverpb_TxnRequest()
+        request.compare = [compare]
+        request.success = [.with { $0.requestPut = put }]
+        request.failure = [.with { $0.requestRange = get }]
+        let response = try await perform(operation) { [request] metadata, options in
+            try await self.kv.txn(request, metadata: metadata, options: options)
+        }
+        if response.succeeded { return .created(revision: response.header.revision) }
+        guard case .responseRange(let found)? = response.responses.first?.response,
+              let existing = found.kvs.first else {
+            throw EtcdError(.protocolViolation, operation: operation, endpoints: endpoints,
+                            reason: "the compare failed but no key under the prefix was returned")
+        }
+        return .exists(EtcdKeyValue(existing))
+    }
+
     /// One transaction: `If(compare == on key) Then(Put key) Else(Range key)`,
     /// so a loser learns at once what the key holds.
     private func putIf(_ compare: Etcdserverpb_Compare, key: String, value: [UInt8], lease: Int64,

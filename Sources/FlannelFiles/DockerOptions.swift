@@ -19,6 +19,12 @@ import NetBase
 /// the combined variable (in the subnet file or the environment) kept in
 /// front of the options, followed by a space.
 ///
+/// With `FLANNEL_IPV6_SUBNET` in the subnet file (a dual-stack network),
+/// tunneld adds `DOCKER_OPT_IPV6="--ipv6"` and
+/// `DOCKER_OPT_FIXED_CIDR_V6="--fixed-cidr-v6=fd00:10:244:5::/64"` (the
+/// lease's IPv6 subnet), in the same name order; flannel's script has no
+/// IPv6 options at all.
+///
 /// Where the script writes a file that leaves Docker off the overlay — the
 /// subnet file missing, FLANNEL_SUBNET or FLANNEL_MTU missing or malformed —
 /// this is an error instead.
@@ -80,7 +86,18 @@ public struct DockerOptions: Sendable, Equatable {
             }
         }
         options.append(Option(name: "DOCKER_OPT_MTU", value: "--mtu=\(mtu)"))
-        return options
+        // tunneld's addition (the script knows no IPv6): a dual-stack subnet
+        // file gives Docker IPv6 on its bridge from the lease's IPv6 subnet.
+        if let v6 = values["FLANNEL_IPV6_SUBNET"], !v6.isEmpty {
+            guard let subnet = IPv6Network(v6) else {
+                throw DockerOptionsError("FLANNEL_IPV6_SUBNET \"\(v6)\" is not an address/prefix such as fd00:10:244:5::1/64")
+            }
+            options.append(Option(name: "DOCKER_OPT_IPV6", value: "--ipv6"))
+            // Docker wants the subnet itself, not the bridge's address in it.
+            options.append(Option(name: "DOCKER_OPT_FIXED_CIDR_V6", value: "--fixed-cidr-v6=\(subnet)"))
+        }
+        // In name order, as the script lists them (with `set`).
+        return options.sorted { $0.name < $1.name }
     }
 
     /// The output file's text for a subnet file's text; `environment`

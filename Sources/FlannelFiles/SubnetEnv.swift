@@ -12,12 +12,19 @@ import NetBase
 /// FLANNEL_IPMASQ=false
 /// ```
 /// `FLANNEL_SUBNET` is the lease's first host address with the lease prefix.
+/// In a dual-stack network `FLANNEL_IPV6_NETWORK` and `FLANNEL_IPV6_SUBNET`
+/// (again the first host address, e.g. `fd00:10:244:5::1/64`) follow
+/// `FLANNEL_SUBNET`, as flanneld writes them.
 public struct SubnetEnv: Sendable, Equatable {
     public var network: IPv4Network
     /// The lease's subnet (base address, e.g. 10.2.72.0/24).
     public var subnet: IPv4Network
     public var mtu: Int
     public var ipMasq: Bool
+    /// The IPv6Network of a dual-stack network; nil otherwise.
+    public var ipv6Network: IPv6Network?
+    /// The lease's IPv6 subnet (base address, e.g. fd00:10:244:5::/64).
+    public var ipv6Subnet: IPv6Network?
 
     public static let defaultPath = "/run/flannel/subnet.env"
 
@@ -25,18 +32,25 @@ public struct SubnetEnv: Sendable, Equatable {
     /// network config refuses a longer SubnetLen and this file a longer FLANNEL_SUBNET.
     public static let longestSubnetLen = 30
 
-    public init(network: IPv4Network, subnet: IPv4Network, mtu: Int, ipMasq: Bool) {
+    public init(network: IPv4Network, subnet: IPv4Network, mtu: Int, ipMasq: Bool,
+                ipv6Network: IPv6Network? = nil, ipv6Subnet: IPv6Network? = nil) {
         self.network = network
         self.subnet = subnet
         self.mtu = mtu
         self.ipMasq = ipMasq
+        self.ipv6Network = ipv6Network
+        self.ipv6Subnet = ipv6Subnet
     }
 
     /// The file's text, in flannel's order.
     public var text: String {
-        "FLANNEL_NETWORK=\(network)\n"
+        var out = "FLANNEL_NETWORK=\(network)\n"
             + "FLANNEL_SUBNET=\(subnet.firstHost)/\(subnet.prefixLength)\n"
-            + "FLANNEL_MTU=\(mtu)\n"
+        if let ipv6Network, let ipv6Subnet {
+            out += "FLANNEL_IPV6_NETWORK=\(ipv6Network)\n"
+                + "FLANNEL_IPV6_SUBNET=\(ipv6Subnet.firstHost)/\(ipv6Subnet.prefixLength)\n"
+        }
+        return out + "FLANNEL_MTU=\(mtu)\n"
             + "FLANNEL_IPMASQ=\(ipMasq)\n"
     }
 
@@ -70,9 +84,10 @@ public struct SubnetEnv: Sendable, Equatable {
         }
     }
 
-    /// Parses the file's text. Lines other than the four variables (comments,
-    /// `FLANNEL_IPV6_*`) are ignored; values may be quoted, lines may start
-    /// with `export`.
+    /// Parses the file's text. Lines other than the six variables (comments,
+    /// anything else) are ignored; values may be quoted, lines may start
+    /// with `export`. The IPv6 pair is optional, but one without the other
+    /// is refused.
     public init(parsing text: String) throws(SubnetEnvError) {
         let values = Self.variables(text)
         func require(_ name: String) throws(SubnetEnvError) -> String {
@@ -90,6 +105,23 @@ public struct SubnetEnv: Sendable, Equatable {
             throw SubnetEnvError(reason: "FLANNEL_MTU \"\(mtuText)\" is not an MTU (68…65535)")
         }
         self.mtu = mtu
+        switch (values["FLANNEL_IPV6_NETWORK"], values["FLANNEL_IPV6_SUBNET"]) {
+        case (nil, nil):
+            ipv6Network = nil
+            ipv6Subnet = nil
+        case (let networkText?, let subnetText):
+            guard let network = IPv6Network(networkText) else {
+                throw SubnetEnvError(reason: "FLANNEL_IPV6_NETWORK \"\(networkText)\" is not a network such as "
+                                     + "fd00:10:244::/48")
+            }
+            ipv6Network = network
+            guard let subnet = try Self.ipv6Subnet(subnetText) else {
+                throw SubnetEnvError(reason: "FLANNEL_IPV6_SUBNET is missing (FLANNEL_IPV6_NETWORK is set)")
+            }
+            ipv6Subnet = subnet
+        case (nil, _):
+            throw SubnetEnvError(reason: "FLANNEL_IPV6_NETWORK is missing (FLANNEL_IPV6_SUBNET is set)")
+        }
         let masqText = try require("FLANNEL_IPMASQ")
         switch masqText {
         case "true": ipMasq = true
@@ -127,6 +159,32 @@ public struct SubnetEnv: Sendable, Equatable {
                 return .failure(SubnetEnvError(path: path, reason: error.reason))
             }
         }
+    }
+
+    /// The IPv6 subnet a previous run leased, from FLANNEL_IPV6_SUBNET;
+    /// `.success(nil)` if the file or the variable does not exist.
+    public static func previousIPv6Subnet(at path: String = SubnetEnv.defaultPath)
+        -> Result<IPv6Network?, SubnetEnvError> {
+        switch readText(path) {
+        case .failure(let error): return .failure(error)
+        case .success(nil): return .success(nil)
+        case .success(let text?):
+            do {
+                return .success(try ipv6Subnet(variables(text)["FLANNEL_IPV6_SUBNET"]))
+            } catch {
+                return .failure(SubnetEnvError(path: path, reason: error.reason))
+            }
+        }
+    }
+
+    /// "fd00:10:244:5::1/64": the host address is cleared to the subnet's base.
+    private static func ipv6Subnet(_ value: String?) throws(SubnetEnvError) -> IPv6Network? {
+        guard let value else { return nil }
+        guard let subnet = IPv6Network(value), subnet.prefixLength <= 126 else {
+            throw SubnetEnvError(reason: "FLANNEL_IPV6_SUBNET \"\(value)\" is not an address/prefix (at most /126) "
+                                 + "such as fd00:10:244:5::1/64")
+        }
+        return subnet
     }
 
     private static func subnet(_ value: String?) throws(SubnetEnvError) -> IPv4Network {

@@ -325,25 +325,37 @@ public final class EtcdLeaseStore: LeaseStore {
 
     public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes,
                              preferred: IPv4Network?) async throws -> Lease {
-        try await acquireListing(config: config, attributes: attributes, preferred: preferred).lease
+        try await acquireListing(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil).lease
+    }
+
+    public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+                             preferredIPv6: IPv6Network?) async throws -> Lease {
+        try await acquireListing(config: config, attributes: attributes, preferred: preferred,
+                                 preferredIPv6: preferredIPv6).lease
+    }
+
+    public func join(config: NetworkConfig, attributes: LeaseAttributes,
+                     preferred: IPv4Network?) async throws -> LeaseJoin {
+        try await join(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil)
     }
 
     /// One read of the leases both chooses the subnet and is the list of
     /// peers, at one revision: a host joining 60,000 others reads them once.
-    public func join(config: NetworkConfig, attributes: LeaseAttributes,
-                     preferred: IPv4Network?) async throws -> LeaseJoin {
-        let (lease, listing) = try await acquireListing(config: config, attributes: attributes, preferred: preferred)
+    public func join(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+                     preferredIPv6: IPv6Network?) async throws -> LeaseJoin {
+        let (lease, listing) = try await acquireListing(config: config, attributes: attributes, preferred: preferred,
+                                                        preferredIPv6: preferredIPv6)
         return LeaseJoin(lease: lease, peers: listing.snapshot)
     }
 
-    private func acquireListing(config: NetworkConfig, attributes: LeaseAttributes,
-                                preferred: IPv4Network?) async throws -> (lease: Lease, listing: Listing) {
+    private func acquireListing(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+                                preferredIPv6: IPv6Network?) async throws -> (lease: Lease, listing: Listing) {
         // An etcd lease granted for a create that lost its race is reused for
         // the next try, and revoked if it ends up attached to no key.
         var spare: EtcdLease?
         do {
             let acquired = try await acquire(config: config, attributes: attributes, preferred: preferred,
-                                             spare: &spare)
+                                             preferredIPv6: preferredIPv6, spare: &spare)
             if let spare { try? await client.leaseRevoke(spare.id) }
             return acquired
         } catch {
@@ -355,7 +367,7 @@ public final class EtcdLeaseStore: LeaseStore {
     /// The lease, and the listing the choice was made from with the lease
     /// as it is after this call.
     private func acquire(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
-                         spare: inout EtcdLease?) async throws -> (Lease, Listing) {
+                         preferredIPv6: IPv6Network?, spare: inout EtcdLease?) async throws -> (Lease, Listing) {
         let value = Array(attributes.flannelJSON.utf8)
         var generator = SystemRandomNumberGenerator()
         var attempts = 0
@@ -369,7 +381,7 @@ public final class EtcdLeaseStore: LeaseStore {
             let listing = try await list(expiriesOf: attributes.publicIP)
             let choice = try SubnetChooser.choose(
                 config: config, leases: listing.leases, publicIP: attributes.publicIP, preferred: preferred,
-                occupied: listing.unreadable.map(\.subnet), using: &generator)
+                preferredIPv6: preferredIPv6, occupied: listing.unreadable.map(\.subnet), using: &generator)
             for obsolete in choice.obsolete {
                 await deleteObsolete(obsolete, key: subnetsPrefix + obsolete.key)
             }
@@ -381,18 +393,30 @@ public final class EtcdLeaseStore: LeaseStore {
                 }
                 continue  // it changed or expired under us: look again
             }
-            for subnet in choice.candidates where attempts < Self.maxCreateAttempts {
+            for (index, subnet) in choice.candidates.enumerated() where attempts < Self.maxCreateAttempts {
                 attempts += 1
+                let ipv6Subnet = choice.ipv6Candidate(index)
+                let leaseName = LeaseKey.key(for: subnet, ipv6: ipv6Subnet)
                 let etcdLease: EtcdLease
                 if let spare { etcdLease = spare } else { etcdLease = try await client.leaseGrant(ttl: ttlSeconds) }
                 spare = etcdLease
-                switch try await client.createIfAbsent(key(for: subnet), value: value, lease: etcdLease.id) {
+                // Guarded by the IPv4 part: no other key (plain or dual-stack)
+                // of this IPv4 subnet may exist, whatever its IPv6 part.
+                switch try await client.createIfAbsent(subnetsPrefix + leaseName, value: value, lease: etcdLease.id,
+                                                       guardPrefix: subnetsPrefix + subnet.leaseKey) {
                 case .created(let revision):
                     spare = nil
-                    logger.info("acquired lease \(subnet) for \(attributes.publicIP)")
-                    let lease = Lease(subnet: subnet, attributes: attributes,
+                    let lease = Lease(subnet: subnet, ipv6Subnet: ipv6Subnet, attributes: attributes,
                                       expiration: Date().addingTimeInterval(TimeInterval(etcdLease.ttl)),
                                       revision: revision)
+                    if ipv6Subnet != nil, let after = try await ipv6RaceLost(lease, etcdLease: etcdLease.id) {
+                        // Another host created the same IPv6 subnet (under
+                        // another IPv4 subnet) at the same moment, and its key
+                        // is the lease by the rule: ours is gone, try again.
+                        logger.info("IPv6 subnet \(ipv6Subnet!) was taken by \(after) at the same moment; trying another")
+                        continue
+                    }
+                    logger.info("acquired lease \(leaseName) for \(attributes.publicIP)")
                     return (lease, listing.with(lease, etcdLease: etcdLease.id))
                 case .exists(let holder):
                     if let held = try? LeaseAttributes(flannelJSON: holder.value, key: holder.key),
@@ -400,7 +424,7 @@ public final class EtcdLeaseStore: LeaseStore {
                         // Ours after all (a retried request, or another instance
                         // with our PublicIP): take it over rather than a second subnet.
                         let lease = Lease(subnet: subnet, attributes: held, expiration: nil,
-                                          revision: holder.modRevision)
+                                          revision: holder.modRevision, key: leaseName)
                         if let renewed = try await refreshIfStillOurs(lease, key: holder.key,
                                                                       attributes: attributes) {
                             return (renewed, listing.with(renewed.withKey(name(ofKey: holder.key)), etcdLease: 0))
@@ -417,7 +441,7 @@ public final class EtcdLeaseStore: LeaseStore {
     public func renewLease(_ lease: Lease) async throws -> Lease {
         // Bounded: a key that keeps changing under us is someone else's.
         for _ in 0..<3 {
-            guard let renewed = try await refresh(lease, key: key(for: lease.subnet),
+            guard let renewed = try await refresh(lease, key: subnetsPrefix + lease.key,
                                                   attributes: lease.attributes) else { continue }
             return renewed
         }
@@ -450,11 +474,13 @@ public final class EtcdLeaseStore: LeaseStore {
         try await betweenReadAndWrite(key)
         if kv.lease == 0 {
             guard kv.valueString != json else {
-                return Lease(subnet: lease.subnet, attributes: held, expiration: nil, revision: kv.modRevision)
+                return Lease(subnet: lease.subnet, attributes: held, expiration: nil, revision: kv.modRevision,
+                             key: lease.key)
             }
             switch try await client.compareAndPut(key, value: value, lease: 0, modRevision: kv.modRevision) {
             case .written(let revision):
-                return Lease(subnet: lease.subnet, attributes: attributes, expiration: nil, revision: revision)
+                return Lease(subnet: lease.subnet, attributes: attributes, expiration: nil, revision: revision,
+                             key: lease.key)
             case .changed:
                 return nil
             }
@@ -465,7 +491,8 @@ public final class EtcdLeaseStore: LeaseStore {
             // The old etcd lease now holds no key; let it go rather than wait 24 h.
             try? await client.leaseRevoke(kv.lease)
             return Lease(subnet: lease.subnet, attributes: attributes,
-                         expiration: Date().addingTimeInterval(TimeInterval(granted.ttl)), revision: revision)
+                         expiration: Date().addingTimeInterval(TimeInterval(granted.ttl)), revision: revision,
+                         key: lease.key)
         case .changed:
             try? await client.leaseRevoke(granted.id)
             return nil
@@ -473,7 +500,7 @@ public final class EtcdLeaseStore: LeaseStore {
     }
 
     public func releaseLease(_ lease: Lease) async throws {
-        let key = key(for: lease.subnet)
+        let key = subnetsPrefix + lease.key
         // Bounded, as renewal: a key that keeps changing under us is someone else's.
         for _ in 0..<3 {
             guard let kv = try await client.get(key) else { return }
@@ -516,6 +543,23 @@ public final class EtcdLeaseStore: LeaseStore {
             if error.code != .leaseNotFound { throw error }
         }
         return true
+    }
+
+    /// After creating a dual-stack lease: the key of another lease naming
+    /// the same IPv6 subnet that was created before ours, if there is one
+    /// (two hosts chose it in the same moment; etcd cannot guard a key's
+    /// IPv6 part), in which case ours has been deleted. nil: ours stands.
+    /// The earlier creation wins, so of two racers exactly the later one
+    /// yields, whichever looks first (creation revisions are totally ordered).
+    private func ipv6RaceLost(_ lease: Lease, etcdLease: Int64) async throws -> String? {
+        guard let mine = lease.ipv6Subnet else { return nil }
+        let earlier = try await client.range(prefix: subnetsPrefix).kvs.filter { kv in
+            let name = name(ofKey: kv.key)
+            return name != lease.key && kv.createRevision < lease.revision && LeaseKey.ipv6Subnet(fromKey: name) == mine
+        }
+        guard let winner = earlier.min(by: { $0.createRevision < $1.createRevision }) else { return nil }
+        _ = try await deleteKey(subnetsPrefix + lease.key, etcdLease: etcdLease, ifUnchangedSince: lease.revision)
+        return name(ofKey: winner.key)
     }
 
     /// Deletes our expiring lease that no longer fits the network config, as

@@ -4,15 +4,16 @@ import NetBase
 extension LeaseAttributes {
     /// flannel's lease value, byte for byte as flanneld writes it: `PublicIP`,
     /// `PublicIPv6` (`null` when absent), then `BackendType` and
-    /// `BackendData` only when present. A udp node writes exactly
-    /// `{"PublicIP":"198.18.0.1","PublicIPv6":null}`.
+    /// `BackendData`, `BackendV6Data` only when present. A udp node writes
+    /// exactly `{"PublicIP":"198.18.0.1","PublicIPv6":null}`; the IPv6
+    /// subnet of a dual-stack lease is not in the value but in the key.
     public var flannelJSON: String {
         // Written by hand: a JSON encoder would not promise this field order.
         var out = "{\"PublicIP\":"
         JSONValue.writeString(publicIP.description, to: &out)
         out += ",\"PublicIPv6\":"
         if let publicIPv6 {
-            JSONValue.writeString(publicIPv6, to: &out)
+            JSONValue.writeString(publicIPv6.description, to: &out)
         } else {
             out += "null"
         }
@@ -24,6 +25,10 @@ extension LeaseAttributes {
         if let backendData {
             out += ",\"BackendData\":"
             backendData.write(to: &out)
+        }
+        if let backendV6Data {
+            out += ",\"BackendV6Data\":"
+            backendV6Data.write(to: &out)
         }
         out += "}"
         return out
@@ -65,12 +70,13 @@ extension LeaseAttributes {
         guard case .string(let ipText) = ipValue, let publicIP = IPv4Address(ipText) else {
             throw .corrupt(key: key, reason: "PublicIP \(ipValue.compactText) is not an IPv4 address")
         }
-        var publicIPv6: String?
+        var publicIPv6: IPv6Address?
         if let v6 = NetworkConfig.present(value.field("PublicIPv6")) {
-            guard case .string(let text) = v6 else {
-                throw .corrupt(key: key, reason: "PublicIPv6 \(v6.compactText) is not a string or null")
+            // flanneld cannot read such a value either (its JSON decoder fails).
+            guard case .string(let text) = v6, let address = IPv6Address(text) else {
+                throw .corrupt(key: key, reason: "PublicIPv6 \(v6.compactText) is not an IPv6 address or null")
             }
-            publicIPv6 = text
+            publicIPv6 = address
         }
         var backendType: String?
         if let bt = NetworkConfig.present(value.field("BackendType")) {
@@ -80,19 +86,29 @@ extension LeaseAttributes {
             backendType = text.isEmpty ? nil : text
         }
         self.init(publicIP: publicIP, publicIPv6: publicIPv6, backendType: backendType,
-                  backendData: NetworkConfig.present(value.field("BackendData")))
+                  backendData: NetworkConfig.present(value.field("BackendData")),
+                  backendV6Data: NetworkConfig.present(value.field("BackendV6Data")))
     }
 }
 
 /// flannel's lease keys: `10.2.72.0-24`, or for a dual-stack lease
-/// `10.2.72.0-24&fd00:10:244:1::-64`, under `<prefix>/subnets/`.
+/// `10.2.72.0-24&fd00:10:244:1::-64`, under `<prefix>/subnets/`. flanneld
+/// keeps a dual-stack lease's IPv6 subnet only here, not in the value.
 public enum LeaseKey {
     /// The key for an IPv4 lease ("10.2.72.0-24").
     public static func key(for subnet: IPv4Network) -> String { subnet.leaseKey }
 
+    /// The key flanneld writes: the IPv4 part, then "&" and the IPv6 part
+    /// for a dual-stack lease.
+    public static func key(for subnet: IPv4Network, ipv6: IPv6Network?) -> String {
+        guard let ipv6 else { return subnet.leaseKey }
+        return subnet.leaseKey + "&" + ipv6.leaseKey
+    }
+
     /// The IPv4 subnet a key names; nil for keys that are not lease keys
     /// (flannel skips those). Anything up to the last "/" (the etcd prefix)
-    /// is ignored; of a dual-stack key, the IPv4 part is taken.
+    /// is ignored; of a dual-stack key, the IPv4 part is taken (the IPv6
+    /// part must be a lease key part too).
     ///
     /// Only the one spelling flannel writes names a subnet: "10.2.072.0-24" or
     /// "10.2.72.0-024" would be a second key for 10.2.72.0/24, which could shadow
@@ -110,22 +126,32 @@ public enum LeaseKey {
         var v4 = name
         if let amp = name.firstIndex(of: UInt8(ascii: "&")) {
             v4 = name[..<amp]
-            let v6 = name[name.index(after: amp)...]
-            guard !v6.contains(UInt8(ascii: "&")),
-                  isIPv6KeyPart(Substring(decoding: v6, as: UTF8.self)) else { return nil }
+            guard ipv6Part(name[name.index(after: amp)...]) != nil else { return nil }
         }
         return IPv4Network.parse(v4, separator: UInt8(ascii: "-"), canonical: true, strict: true)
     }
 
-    /// "fd00:10:244:1::-64": hex digits and colons, then a prefix length ≤ 128.
-    private static func isIPv6KeyPart(_ part: Substring) -> Bool {
-        guard let dash = part.lastIndex(of: "-") else { return false }
-        let address = part[..<dash]
-        let length = part[part.index(after: dash)...]
-        guard !address.isEmpty, address.contains(":"),
-              address.allSatisfy({ $0 == ":" || $0 == "." || $0.isHexDigit }),
-              !length.isEmpty, length.count <= 3, length.allSatisfy({ $0.isASCII && $0.isNumber }),
-              let n = Int(length), n <= 128 else { return false }
-        return true
+    /// The IPv6 subnet of a dual-stack key ("…&fd00:10:244:1::-64"); nil
+    /// for a plain key or one that is no lease key.
+    public static func ipv6Subnet(fromKey key: some StringProtocol) -> IPv6Network? {
+        var name = Substring(key).utf8[...]
+        if let slash = name.lastIndex(of: UInt8(ascii: "/")) { name = name[name.index(after: slash)...] }
+        guard let amp = name.firstIndex(of: UInt8(ascii: "&")),
+              IPv4Network.parse(name[..<amp], separator: UInt8(ascii: "-"), canonical: true, strict: true) != nil
+        else { return nil }
+        return ipv6Part(name[name.index(after: amp)...])
+    }
+
+    /// "fd00:10:244:1::-64": lower-case hex digits and colons (flannel's
+    /// key pattern, which has no dots or upper case), host bits zero. Other
+    /// spellings of one IPv6 subnet are accepted, as flanneld accepts them:
+    /// two keys naming one IPv6 subnet are a conflict `LeaseRule` settles.
+    private static func ipv6Part(_ part: some BidirectionalCollection<UInt8>) -> IPv6Network? {
+        guard let dash = part.lastIndex(of: UInt8(ascii: "-")) else { return nil }
+        guard part[..<dash].allSatisfy({ b in
+            b == UInt8(ascii: ":") || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b)
+                || (UInt8(ascii: "a")...UInt8(ascii: "f")).contains(b)
+        }) else { return nil }
+        return IPv6Network.parse(part, separator: UInt8(ascii: "-"), strict: true)
     }
 }

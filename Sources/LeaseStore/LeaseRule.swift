@@ -15,6 +15,9 @@ public struct IgnoredLeaseKey: Sendable, Equatable, CustomStringConvertible {
         case outsideNetwork
         /// Names the same subnet as another key, which is the lease.
         case conflicts(with: String)
+        /// In a dual-stack network, the key's IPv6 part is no IPv6 subnet of
+        /// the network (outside IPv6Network, or not IPv6SubnetLen long).
+        case ipv6Mismatch(IPv6Network)
     }
 
     /// The key's name under `<prefix>/subnets/` ("10.2.0.0-16").
@@ -25,13 +28,19 @@ public struct IgnoredLeaseKey: Sendable, Equatable, CustomStringConvertible {
     /// The rule it broke, for the message.
     public var network: IPv4Network
     public var subnetLen: Int
+    /// The IPv6 side of the rule, in a dual-stack network.
+    public var ipv6Network: IPv6Network?
+    public var ipv6SubnetLen: Int
 
-    public init(key: String, reason: Reason, publicIP: IPv4Address?, network: IPv4Network, subnetLen: Int) {
+    public init(key: String, reason: Reason, publicIP: IPv4Address?, network: IPv4Network, subnetLen: Int,
+                ipv6Network: IPv6Network? = nil, ipv6SubnetLen: Int = 0) {
         self.key = key
         self.reason = reason
         self.publicIP = publicIP
         self.network = network
         self.subnetLen = subnetLen
+        self.ipv6Network = ipv6Network
+        self.ipv6SubnetLen = ipv6SubnetLen
     }
 
     public var description: String {
@@ -48,6 +57,9 @@ public struct IgnoredLeaseKey: Sendable, Equatable, CustomStringConvertible {
             what = "lies outside the network \(network)"
         case .conflicts(let winner):
             what = "names the same subnet as the lease \(winner), which is kept"
+        case .ipv6Mismatch(let subnet):
+            what = "has the IPv6 subnet \(subnet), which is no /\(ipv6SubnetLen) of the IPv6Network "
+                + (ipv6Network.map(\.description) ?? "(none)")
         }
         return "lease key \(key)\(whose) \(what); every host ignores it — delete it "
             + "(etcdctl del '<prefix>/subnets/\(key)', or the file subnets/\(key) of a local store)"
@@ -78,17 +90,44 @@ public struct LeaseSet: Sendable, Equatable {
 /// SubnetMin and SubnetMax are not part of it: they bound what a host may
 /// take, while leases outside them (written under an older config) are still
 /// hosts to route to, as in flannel.
+///
+/// In a dual-stack network, a key's IPv6 part (flannel's `…&fd00::-64`)
+/// must also be an IPv6SubnetLen subnet inside the IPv6Network, and no two
+/// leases may name the same IPv6 subnet. A plain key is still a lease there:
+/// a host that has not (yet) got an IPv6 subnet is an IPv4 peer. In an
+/// IPv4-only network the IPv6 part is not looked at beyond its spelling.
 public struct LeaseRule: Sendable, Equatable {
     public let network: IPv4Network
     public let subnetLen: Int
+    /// The IPv6Network and IPv6SubnetLen of a dual-stack network.
+    public let ipv6Network: IPv6Network?
+    public let ipv6SubnetLen: Int
 
-    public init(network: IPv4Network, subnetLen: Int) {
+    public init(network: IPv4Network, subnetLen: Int, ipv6Network: IPv6Network? = nil, ipv6SubnetLen: Int = 0) {
         self.network = network
         self.subnetLen = subnetLen
+        self.ipv6Network = ipv6Network
+        self.ipv6SubnetLen = ipv6SubnetLen
     }
 
     public init(_ config: NetworkConfig) {
-        self.init(network: config.network, subnetLen: config.subnetLen)
+        self.init(network: config.network, subnetLen: config.subnetLen,
+                  ipv6Network: config.ipv6?.network, ipv6SubnetLen: config.ipv6?.subnetLen ?? 0)
+    }
+
+    /// Why a key whose IPv6 part names `subnet` is no lease of a dual-stack
+    /// network; nil when the network is IPv4-only or the part fits.
+    public func problem(withIPv6 subnet: IPv6Network) -> IgnoredLeaseKey.Reason? {
+        guard let ipv6Network else { return nil }
+        if subnet.prefixLength != ipv6SubnetLen || !ipv6Network.contains(subnet) { return .ipv6Mismatch(subnet) }
+        return nil
+    }
+
+    /// `problem(with:)` and `problem(withIPv6:)` of a key.
+    public func problem(withKey key: String, subnet: IPv4Network) -> IgnoredLeaseKey.Reason? {
+        if let reason = problem(with: subnet) { return reason }
+        if ipv6Network != nil, let v6 = LeaseKey.ipv6Subnet(fromKey: key) { return problem(withIPv6: v6) }
+        return nil
     }
 
     /// Why a key naming `subnet` is no lease of the network; nil when it is one
@@ -114,7 +153,8 @@ public struct LeaseRule: Sendable, Equatable {
     }
 
     public func ignored(_ key: String, _ reason: IgnoredLeaseKey.Reason, publicIP: IPv4Address?) -> IgnoredLeaseKey {
-        IgnoredLeaseKey(key: key, reason: reason, publicIP: publicIP, network: network, subnetLen: subnetLen)
+        IgnoredLeaseKey(key: key, reason: reason, publicIP: publicIP, network: network, subnetLen: subnetLen,
+                        ipv6Network: ipv6Network, ipv6SubnetLen: ipv6SubnetLen)
     }
 
     /// Sorts the keys of one listing into leases, occupied subnets and
@@ -133,7 +173,7 @@ public struct LeaseRule: Sendable, Equatable {
         var bySubnet: [IPv4Network: Lease] = [:]
         bySubnet.reserveCapacity(leases.count)
         for lease in leases {
-            if let reason = problem(with: lease.subnet) {
+            if let reason = problem(withKey: lease.key, subnet: lease.subnet) {
                 result.ignored.append(ignored(lease.key, reason, publicIP: lease.attributes.publicIP))
                 continue
             }
@@ -151,17 +191,39 @@ public struct LeaseRule: Sendable, Equatable {
             result.ignored.append(ignored(loser.key, .conflicts(with: winner), publicIP: loser.attributes.publicIP))
         }
         result.leases = leases.filter { bySubnet[$0.subnet]?.key == $0.key }
+        if ipv6Network != nil { dropIPv6Conflicts(&result) }
         for key in unreadableKeys {
             guard let subnet = LeaseKey.subnet(fromKey: key) else {
                 result.ignored.append(ignored(key, .malformed, publicIP: nil))
                 continue
             }
-            if let reason = problem(with: subnet) {
+            if let reason = problem(withKey: key, subnet: subnet) {
                 result.ignored.append(ignored(key, reason, publicIP: nil))
             } else {
                 result.occupied.append(subnet)
             }
         }
         return result
+    }
+
+    /// Of leases naming the same IPv6 subnet (with different IPv4 subnets),
+    /// the one whose key `precedes` stays; the others are conflicts.
+    private func dropIPv6Conflicts(_ result: inout LeaseSet) {
+        var byIPv6: [IPv6Network: String] = [:]
+        for lease in result.leases {
+            guard let v6 = lease.ipv6Subnet else { continue }
+            if let other = byIPv6[v6], Self.precedes(other, lease.key) { continue }
+            byIPv6[v6] = lease.key
+        }
+        var kept: [Lease] = []
+        for lease in result.leases {
+            if let v6 = lease.ipv6Subnet, let winner = byIPv6[v6], winner != lease.key {
+                result.conflicting.append(lease)
+                result.ignored.append(ignored(lease.key, .conflicts(with: winner), publicIP: lease.attributes.publicIP))
+            } else {
+                kept.append(lease)
+            }
+        }
+        result.leases = kept
     }
 }

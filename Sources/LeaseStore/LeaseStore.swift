@@ -14,47 +14,58 @@ public struct LeaseAttributes: Sendable, Equatable {
 
     /// What a lease holds besides its public IP.
     final class Extra: Sendable, Equatable {
-        let publicIPv6: String?
+        let publicIPv6: IPv6Address?
         let backendType: String?
         let backendData: JSONValue?
+        let backendV6Data: JSONValue?
 
-        init(publicIPv6: String?, backendType: String?, backendData: JSONValue?) {
+        init(publicIPv6: IPv6Address?, backendType: String?, backendData: JSONValue?, backendV6Data: JSONValue?) {
             self.publicIPv6 = publicIPv6
             self.backendType = backendType
             self.backendData = backendData
+            self.backendV6Data = backendV6Data
         }
 
         static func == (a: Extra, b: Extra) -> Bool {
             a === b || (a.publicIPv6 == b.publicIPv6 && a.backendType == b.backendType
-                        && a.backendData == b.backendData)
+                        && a.backendData == b.backendData && a.backendV6Data == b.backendV6Data)
         }
 
-        static func make(_ publicIPv6: String?, _ backendType: String?, _ backendData: JSONValue?) -> Extra? {
-            publicIPv6 == nil && backendType == nil && backendData == nil
-                ? nil : Extra(publicIPv6: publicIPv6, backendType: backendType, backendData: backendData)
+        static func make(_ publicIPv6: IPv6Address?, _ backendType: String?, _ backendData: JSONValue?,
+                         _ backendV6Data: JSONValue?) -> Extra? {
+            publicIPv6 == nil && backendType == nil && backendData == nil && backendV6Data == nil
+                ? nil : Extra(publicIPv6: publicIPv6, backendType: backendType, backendData: backendData,
+                              backendV6Data: backendV6Data)
         }
     }
 
-    /// Kept as text: tunneld does not use IPv6 yet but must carry it through.
-    public var publicIPv6: String? {
+    /// The host's IPv6 address for other hosts (`-public-ipv6`, or the
+    /// interface's); flannel writes `null` when it has none.
+    public var publicIPv6: IPv6Address? {
         get { extra?.publicIPv6 }
-        set { extra = .make(newValue, backendType, backendData) }
+        set { extra = .make(newValue, backendType, backendData, backendV6Data) }
     }
     /// Absent for udp nodes (flannel's udp backend writes no BackendType).
     public var backendType: String? {
         get { extra?.backendType }
-        set { extra = .make(publicIPv6, newValue, backendData) }
+        set { extra = .make(publicIPv6, newValue, backendData, backendV6Data) }
     }
     /// Backend-specific data (vxlan: `{"VNI":1,"VtepMAC":"…"}`), kept verbatim.
     public var backendData: JSONValue? {
         get { extra?.backendData }
-        set { extra = .make(publicIPv6, backendType, newValue) }
+        set { extra = .make(publicIPv6, backendType, newValue, backendV6Data) }
+    }
+    /// Backend-specific data for the IPv6 side (vxlan: the MAC of its
+    /// `flannel-v6.<VNI>` device), kept verbatim.
+    public var backendV6Data: JSONValue? {
+        get { extra?.backendV6Data }
+        set { extra = .make(publicIPv6, backendType, backendData, newValue) }
     }
 
-    public init(publicIP: IPv4Address, publicIPv6: String? = nil,
-                backendType: String? = nil, backendData: JSONValue? = nil) {
+    public init(publicIP: IPv4Address, publicIPv6: IPv6Address? = nil,
+                backendType: String? = nil, backendData: JSONValue? = nil, backendV6Data: JSONValue? = nil) {
         self.publicIP = publicIP
-        self.extra = .make(publicIPv6, backendType, backendData)
+        self.extra = .make(publicIPv6, backendType, backendData, backendV6Data)
     }
 
     /// Shares `previous`'s box when it holds the same values (consecutive
@@ -73,17 +84,24 @@ public struct Lease: Sendable, Equatable, CustomStringConvertible {
     /// The store revision at which this version of the lease was written.
     public var revision: Int64
     /// The key's name under `<prefix>/subnets/`: `10.2.72.0-24`, or a
-    /// dual-stack key `10.2.72.0-24&fd00:10:244:1::-64` naming the same subnet.
+    /// dual-stack key `10.2.72.0-24&fd00:10:244:1::-64`, which also names
+    /// the lease's IPv6 subnet (flanneld keeps it only in the key).
     public var key: String
 
-    public init(subnet: IPv4Network, attributes: LeaseAttributes, expiration: Date?, revision: Int64,
-                key: String? = nil) {
+    /// - Parameter key: the key's name, when it is not the one flannel
+    ///   writes for `subnet` and `ipv6Subnet`.
+    public init(subnet: IPv4Network, ipv6Subnet: IPv6Network? = nil, attributes: LeaseAttributes,
+                expiration: Date?, revision: Int64, key: String? = nil) {
         self.subnet = subnet
         self.attributes = attributes
         self.expiration = expiration
         self.revision = revision
-        self.key = key ?? subnet.leaseKey
+        self.key = key ?? LeaseKey.key(for: subnet, ipv6: ipv6Subnet)
     }
+
+    /// The IPv6 subnet of a dual-stack lease, read from its key: nil for a
+    /// plain key. Not stored, so that an IPv4 lease costs nothing more.
+    public var ipv6Subnet: IPv6Network? { LeaseKey.ipv6Subnet(fromKey: key) }
 
     public var isReservation: Bool { expiration == nil }
 
@@ -99,7 +117,8 @@ public struct Lease: Sendable, Equatable, CustomStringConvertible {
     public static let expirationNotLookedUp = Date.distantFuture
 
     public var description: String {
-        "\(subnet) → \(attributes.publicIP)" + (isReservation ? " (reserved)" : "")
+        "\(subnet)" + (ipv6Subnet.map { " + \($0)" } ?? "") + " → \(attributes.publicIP)"
+            + (isReservation ? " (reserved)" : "")
     }
 }
 
@@ -202,6 +221,16 @@ public protocol LeaseStore: Sendable {
     /// own write among them) come from `watchPeerLeases(after:)`.
     func join(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?) async throws -> LeaseJoin
 
+    /// `acquireLease`, with the IPv6 subnet to prefer in a dual-stack
+    /// network (the subnet file's FLANNEL_IPV6_SUBNET) when it is free. A
+    /// store that does not implement it ignores `preferredIPv6`.
+    func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+                      preferredIPv6: IPv6Network?) async throws -> Lease
+
+    /// `join`, with the IPv6 subnet to prefer, as `acquireLease(…preferredIPv6:)`.
+    func join(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+              preferredIPv6: IPv6Network?) async throws -> LeaseJoin
+
     /// Extends a lease by the store's TTL. Reservations are returned unchanged.
     func renewLease(_ lease: Lease) async throws -> Lease
 
@@ -234,7 +263,19 @@ extension LeaseStore {
     /// Two reads: the lease, then the peers (which then include it).
     public func join(config: NetworkConfig, attributes: LeaseAttributes,
                      preferred: IPv4Network?) async throws -> LeaseJoin {
-        let lease = try await acquireLease(config: config, attributes: attributes, preferred: preferred)
+        try await join(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil)
+    }
+
+    public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+                             preferredIPv6: IPv6Network?) async throws -> Lease {
+        try await acquireLease(config: config, attributes: attributes, preferred: preferred)
+    }
+
+    /// Two reads: the lease, then the peers (which then include it).
+    public func join(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+                     preferredIPv6: IPv6Network?) async throws -> LeaseJoin {
+        let lease = try await acquireLease(config: config, attributes: attributes, preferred: preferred,
+                                           preferredIPv6: preferredIPv6)
         return LeaseJoin(lease: lease, peers: try await peerLeases(holder: attributes.publicIP))
     }
 

@@ -104,13 +104,18 @@ public final class LocalLeaseStore: LeaseStore {
 
     public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes,
                              preferred: IPv4Network?) async throws -> Lease {
+        try await acquireLease(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil)
+    }
+
+    public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
+                             preferredIPv6: IPv6Network?) async throws -> Lease {
         let (lease, how) = try await run {
             try self.exclusive { tx -> (Lease, String) in
                 let scan = try tx.scan()
                 var generator = SystemRandomNumberGenerator()
                 let choice = try SubnetChooser.choose(
                     config: config, leases: scan.leases.map(\.lease), publicIP: attributes.publicIP,
-                    preferred: preferred, occupied: scan.occupied, using: &generator)
+                    preferred: preferred, preferredIPv6: preferredIPv6, occupied: scan.occupied, using: &generator)
                 for old in choice.obsolete {
                     self.logger.info("deleting our lease that no longer fits the network config",
                                      metadata: ["subnet": "\(old.subnet)"])
@@ -131,9 +136,12 @@ public final class LocalLeaseStore: LeaseStore {
                                    expiration: tx.now.adding(self.leaseTTL)).lease, "existing lease")
                 case .preferred, .free:
                     // Create-if-absent: the lock makes the check and the write one step.
-                    for subnet in choice.candidates where !tx.isTaken(subnet.leaseKey) {
+                    for (index, subnet) in choice.candidates.enumerated() {
+                        // Both families in the one locked step.
+                        let key = LeaseKey.key(for: subnet, ipv6: choice.ipv6Candidate(index))
+                        guard !tx.isTaken(key) else { continue }
                         let how = subnet == preferred ? "previous subnet" : "free subnet"
-                        return (tx.put(key: subnet.leaseKey, subnet: subnet, attributes: attributes,
+                        return (tx.put(key: key, subnet: subnet, attributes: attributes,
                                        expiration: tx.now.adding(self.leaseTTL)).lease, how)
                     }
                     throw LeaseStoreError.outOfSubnets(network: config.network,
@@ -142,7 +150,7 @@ public final class LocalLeaseStore: LeaseStore {
             }
         }
         logger.info("acquired lease", metadata: [
-            "subnet": "\(lease.subnet)", "publicIP": "\(attributes.publicIP)", "how": "\(how)",
+            "subnet": "\(lease.subnet)", "ipv6Subnet": "\(lease.ipv6Subnet.map(\.description) ?? "none")", "publicIP": "\(attributes.publicIP)", "how": "\(how)",
         ])
         return lease
     }

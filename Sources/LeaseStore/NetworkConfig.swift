@@ -23,10 +23,13 @@ public struct NetworkConfig: Sendable, Equatable {
     public var subnetMin: IPv4Network
     /// The highest subnet handed out (prefix length `subnetLen`).
     public var subnetMax: IPv4Network
-    /// Always true: tunneld refuses configs that disable IPv4.
+    /// Always true: tunneld refuses configs that disable IPv4 (IPv6-only
+    /// networks are not built yet).
     public var enableIPv4: Bool
-    /// Always false: tunneld refuses configs that enable IPv6, for now.
+    /// `EnableIPv6`: each host also leases an IPv6 subnet (`ipv6`).
     public var enableIPv6: Bool
+    /// The IPv6 side of a dual-stack network; nil unless `enableIPv6`.
+    public var ipv6: IPv6NetworkConfig?
     /// flannel's `EnableNFTables` (default false): tunneld's masquerade and
     /// forward rules go into an nftables table of its own, through the `nft`
     /// program, instead of iptables chains.
@@ -58,8 +61,12 @@ public struct NetworkConfig: Sendable, Equatable {
         enableIPv4 = try Self.bool(root, "EnableIPv4") ?? true
         enableIPv6 = try Self.bool(root, "EnableIPv6") ?? false
         if !enableIPv4 { throw .ipv4Disabled }
-        if enableIPv6 { throw .ipv6NotSupported }
         enableNFTables = try Self.bool(root, "EnableNFTables") ?? false
+        // The IPv6 fields are read (and must be well-formed, as flanneld's
+        // JSON decoder wants them) even when EnableIPv6 is false, but only
+        // checked against each other when it is true.
+        let ipv6Fields = try IPv6NetworkConfig.Fields(root)
+        ipv6 = enableIPv6 ? try IPv6NetworkConfig(ipv6Fields) : nil
 
         // Network
         guard let networkValue = Self.present(root.field("Network")) else {
@@ -292,7 +299,13 @@ public enum NetworkConfigError: Error, Sendable, Equatable, CustomStringConverti
     case notOnBoundary(field: String, address: IPv4Address, subnetLen: Int, suggestion: IPv4Address)
     case minAboveMax(min: IPv4Address, max: IPv4Address)
     case ipv4Disabled
-    case ipv6NotSupported
+    case missingIPv6Network
+    case ipv6NetworkTooSmall(network: IPv6Network)
+    case ipv6SubnetLenTooLong(subnetLen: Int)
+    case ipv6TooFewSubnets(network: IPv6Network, subnetLen: Int)
+    case ipv6OutsideNetwork(field: String, address: IPv6Address, network: IPv6Network)
+    case ipv6NotOnBoundary(field: String, address: IPv6Address, subnetLen: Int, suggestion: IPv6Address)
+    case ipv6MinAboveMax(min: IPv6Address, max: IPv6Address)
     case missingBackendType
     case invalidPort(backend: String, value: String, defaultPort: UInt16, lowest: Int)
 
@@ -328,11 +341,32 @@ public enum NetworkConfigError: Error, Sendable, Equatable, CustomStringConverti
         case .minAboveMax(let min, let max):
             return "SubnetMin \(min) is above SubnetMax \(max): SubnetMin must not be above SubnetMax"
         case .ipv4Disabled:
-            return "EnableIPv4 is false, but tunneld supports IPv4 only for now: "
-                + "remove EnableIPv4 or set it to true"
-        case .ipv6NotSupported:
-            return "EnableIPv6 is true, but tunneld supports IPv4 only for now: "
-                + "remove EnableIPv6 or set it to false"
+            return "EnableIPv4 is false, but IPv6-only networks are not built in tunneld yet: "
+                + "remove EnableIPv4 or set it to true (dual stack, with EnableIPv6 and IPv6Network, is supported)"
+        case .missingIPv6Network:
+            return "please define a correct IPv6Network parameter in the flannel config: EnableIPv6 is true, "
+                + "so IPv6Network must be a network such as \"fd00:10:244::/48\" (or set EnableIPv6 to false)"
+        case .ipv6NetworkTooSmall(let network):
+            return "IPv6Network is too small. Minimum useful network prefix is /\(IPv6NetworkConfig.longestNetworkPrefix) "
+                + "(IPv6Network is \(network)): use a network of /\(IPv6NetworkConfig.longestNetworkPrefix) or larger, "
+                + "such as a /48 or /56 (each host gets a /64)"
+        case .ipv6SubnetLenTooLong(let subnetLen):
+            return "IPv6SubnetLen must be less than /127 (IPv6SubnetLen is \(subnetLen)): use 126 or less "
+                + "(64 is usual), or leave it out for the default"
+        case .ipv6TooFewSubnets(let network, let subnetLen):
+            return "IPv6Network must be able to accommodate at least four subnets "
+                + "(IPv6Network \(network) with IPv6SubnetLen \(subnetLen)): "
+                + (network.prefixLength + 2 <= IPv6NetworkConfig.longestSubnetLen
+                    ? "use IPv6SubnetLen \(network.prefixLength + 2) or more, or a larger IPv6Network"
+                    : "use an IPv6Network of /\(IPv6NetworkConfig.longestNetworkPrefix) or larger")
+        case .ipv6OutsideNetwork(let field, let address, let network):
+            return "\(field) \(address) is not in the range of the IPv6Network \(network): "
+                + "use an address from \(network.address) to \(network.lastAddress), "
+                + "or leave \(field) out for the default"
+        case .ipv6NotOnBoundary(let field, let address, let subnetLen, let suggestion):
+            return "\(field) \(address) is not on an IPv6SubnetLen (/\(subnetLen)) boundary: use \(suggestion)"
+        case .ipv6MinAboveMax(let min, let max):
+            return "IPv6SubnetMin \(min) is above IPv6SubnetMax \(max): IPv6SubnetMin must not be above IPv6SubnetMax"
         case .missingBackendType:
             return "Backend.Type is missing: set it, e.g. \"Backend\": {\"Type\": \"udp\"}, "
                 + "or remove Backend (which means udp)"
@@ -380,4 +414,119 @@ public struct SubnetRange: RandomAccessCollection, Sendable, Equatable {
     }
 
     public func contains(_ subnet: IPv4Network) -> Bool { index(of: subnet) != nil }
+}
+
+/// The IPv6 side of a dual-stack network config, with flannel's rules
+/// (pkg/subnet/config.go, read for behaviour):
+///
+/// - `IPv6Network` is required when `EnableIPv6` is true ("::/0" counts as
+///   missing, as in flannel).
+/// - `IPv6SubnetLen` defaults to 64 when the network is /62 or larger, to
+///   prefix+2 for /63…/124; a longer prefix is too small. Given, it must be
+///   ≤ 126 and leave room for at least four subnets.
+/// - `IPv6SubnetMin`/`IPv6SubnetMax` default to the second and the last
+///   subnet; given ("::" means default), they must lie inside the network on
+///   an `IPv6SubnetLen` boundary (and, tunneld's addition, min ≤ max).
+public struct IPv6NetworkConfig: Sendable, Equatable {
+    public var network: IPv6Network
+    public var subnetLen: Int
+    public var subnetMin: IPv6Network
+    public var subnetMax: IPv6Network
+
+    /// Each subnet needs four addresses (/126) and the network four subnets.
+    public static let longestNetworkPrefix = 124
+    public static let longestSubnetLen = 126
+    /// What a host gets when the network is large enough.
+    public static let defaultSubnetLen = 64
+
+    /// The IPv6 fields as given, each well-formed or absent.
+    struct Fields {
+        var network: IPv6Network?
+        var subnetLen: Int
+        var subnetMin: IPv6Address?
+        var subnetMax: IPv6Address?
+
+        init(_ root: JSONValue) throws(NetworkConfigError) {
+            network = nil
+            if let value = NetworkConfig.present(root.field("IPv6Network")) {
+                guard case .string(let text) = value, let parsed = IPv6Network(text) else {
+                    throw .invalidValue(field: "IPv6Network", value: value.compactText,
+                                        expected: "an IPv6 network in CIDR form such as \"fd00:10:244::/48\"")
+                }
+                // Its subnets would be printed with dots (::ffff:10.0.0.0), which
+                // flannel's lease key pattern does not match: no lease could be read.
+                if parsed.overlaps(Self.ipv4Mapped) && !(parsed.prefixLength == 0) {
+                    throw .invalidValue(field: "IPv6Network", value: value.compactText,
+                                        expected: "a network outside ::ffff:0:0/96 (IPv4-mapped addresses), "
+                                            + "such as \"fd00:10:244::/48\"")
+                }
+                network = parsed
+            }
+            subnetLen = try NetworkConfig.wholeNumber(root, "IPv6SubnetLen", range: 0...Int(Int32.max),
+                                                      expected: "a whole number of bits such as 64") ?? 0
+            subnetMin = try Self.address(root, "IPv6SubnetMin")
+            subnetMax = try Self.address(root, "IPv6SubnetMax")
+        }
+
+        static let ipv4Mapped = IPv6Network(address: IPv6Address(0xffff_0000_0000), prefixLength: 96)
+
+        /// "::" means "use the default", as in flannel.
+        static func address(_ object: JSONValue, _ name: String) throws(NetworkConfigError) -> IPv6Address? {
+            guard let value = NetworkConfig.present(object.field(name)) else { return nil }
+            guard case .string(let text) = value, let address = IPv6Address(text) else {
+                throw .invalidValue(field: name, value: value.compactText,
+                                    expected: "an IPv6 address such as \"fd00:10:244:1::\" (without /len)")
+            }
+            return address.isUnspecified ? nil : address
+        }
+    }
+
+    public init(network: IPv6Network, subnetLen: Int, subnetMin: IPv6Network, subnetMax: IPv6Network) {
+        self.network = network
+        self.subnetLen = subnetLen
+        self.subnetMin = subnetMin
+        self.subnetMax = subnetMax
+    }
+
+    init(_ fields: Fields) throws(NetworkConfigError) {
+        guard let network = fields.network, !(network.prefixLength == 0 && network.address.isUnspecified) else {
+            throw .missingIPv6Network
+        }
+        self.network = network
+        let prefix = network.prefixLength
+        var length = fields.subnetLen
+        if length > 0 {
+            if length > Self.longestSubnetLen { throw .ipv6SubnetLenTooLong(subnetLen: length) }
+            if length < prefix + 2 { throw .ipv6TooFewSubnets(network: network, subnetLen: length) }
+        } else if prefix > Self.longestNetworkPrefix {
+            throw .ipv6NetworkTooSmall(network: network)
+        } else if prefix <= Self.defaultSubnetLen - 2 {
+            length = Self.defaultSubnetLen
+        } else {
+            length = prefix + 2
+        }
+        subnetLen = length
+        let size = UInt128(1) << UInt128(128 - length)
+        let minAddress = fields.subnetMin ?? IPv6Address(network.address.value &+ size)
+        let maxAddress = fields.subnetMax ?? IPv6Address(network.lastAddress.value &- (size &- 1))
+        for (field, address) in [("IPv6SubnetMin", minAddress), ("IPv6SubnetMax", maxAddress)]
+        where !network.contains(address) {
+            throw .ipv6OutsideNetwork(field: field, address: address, network: network)
+        }
+        let mask = IPv6Network.mask(length)
+        for (field, address) in [("IPv6SubnetMin", minAddress), ("IPv6SubnetMax", maxAddress)]
+        where address.value & mask != address.value {
+            throw .ipv6NotOnBoundary(field: field, address: address, subnetLen: length,
+                                     suggestion: IPv6Address(address.value & mask))
+        }
+        if minAddress > maxAddress { throw .ipv6MinAboveMax(min: minAddress, max: maxAddress) }
+        subnetMin = IPv6Network(address: minAddress, prefixLength: length)
+        subnetMax = IPv6Network(address: maxAddress, prefixLength: length)
+    }
+
+    /// Whether `subnet` could be handed out: flannel's compatibility test
+    /// for reusing a lease — IPv6SubnetLen, between IPv6SubnetMin and Max.
+    public func fits(_ subnet: IPv6Network) -> Bool {
+        subnet.prefixLength == subnetLen && subnet.address >= subnetMin.address && subnet.address <= subnetMax.address
+    }
 }

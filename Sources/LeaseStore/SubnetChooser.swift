@@ -26,10 +26,30 @@ public struct SubnetChoice: Sendable, Equatable {
     /// Reservations are never listed here: they are the operator's to remove.
     public var obsolete: [Lease]
 
+    /// In a dual-stack network, free IPv6 subnets to pair with `candidates`
+    /// (`ipv6Candidate(_:)`): the preferred one first, then a random pick
+    /// among the first free ones. Empty for `.existingLease` and IPv4-only
+    /// networks.
+    public var ipv6Candidates: [IPv6Network] = []
+
     /// The subnet chosen: the existing lease's, or the first candidate.
     public var subnet: IPv4Network {
         if case .existingLease(let lease) = source { return lease.subnet }
         return candidates[0]
+    }
+
+    /// The IPv6 subnet chosen: the existing lease's, or the first candidate.
+    public var ipv6Subnet: IPv6Network? {
+        if case .existingLease(let lease) = source { return lease.ipv6Subnet }
+        return ipv6Candidates.first
+    }
+
+    /// The IPv6 subnet to create together with `candidates[index]`: each
+    /// IPv4 candidate gets its own, so that a host that lost the race for
+    /// an IPv4 subnet (to a host that likely drew the same IPv6 one) does
+    /// not retry with the same IPv6 subnet. nil in IPv4-only networks.
+    public func ipv6Candidate(_ index: Int) -> IPv6Network? {
+        ipv6Candidates.isEmpty ? nil : ipv6Candidates[index % ipv6Candidates.count]
     }
 }
 
@@ -58,7 +78,7 @@ public enum SubnetChooser {
     ///   every subnet, when nothing is free.
     public static func choose(
         config: NetworkConfig, leases listed: [Lease], publicIP: IPv4Address,
-        preferred: IPv4Network?, occupied listedOccupied: [IPv4Network] = [],
+        preferred: IPv4Network?, preferredIPv6: IPv6Network? = nil, occupied listedOccupied: [IPv4Network] = [],
         using generator: inout some RandomNumberGenerator
     ) throws(LeaseStoreError) -> SubnetChoice {
         let rule = LeaseRule(config)
@@ -69,12 +89,12 @@ public enum SubnetChooser {
         // are deleted, as flannel does, whether or not they are leases by
         // the rule: they are ours to clean up.
         let obsolete = listed.filter {
-            $0.attributes.publicIP == publicIP && !$0.isReservation && !config.fits($0.subnet)
+            $0.attributes.publicIP == publicIP && !$0.isReservation && !fits(config, $0)
         }
         let obsoleteSubnets = Set(obsolete.map(\.subnet))
 
         // 1. Reuse: a reservation before an expiring lease, then the longest-lived.
-        let reusable = own.filter { config.fits($0.subnet) }.sorted { a, b in
+        let reusable = own.filter { fits(config, $0) }.sorted { a, b in
             if a.isReservation != b.isReservation { return a.isReservation }
             if a.expiration != b.expiration { return (a.expiration ?? .distantFuture) > (b.expiration ?? .distantFuture) }
             return a.subnet.address < b.subnet.address
@@ -89,10 +109,26 @@ public enum SubnetChooser {
         var free = firstFree(in: config.subnets, taken: taken, limit: freeCandidateLimit)
         free.shuffle(using: &generator)
 
+        // The IPv6 side, chosen from the same listing.
+        var ipv6Candidates: [IPv6Network] = []
+        if let v6 = config.ipv6 {
+            let takenV6 = leases.filter { !obsoleteSubnets.contains($0.subnet) }.compactMap(\.ipv6Subnet)
+            ipv6Candidates = firstFreeIPv6(v6, taken: takenV6, limit: freeCandidateLimit)
+            ipv6Candidates.shuffle(using: &generator)
+            if ipv6Candidates.isEmpty {
+                throw .outOfSubnets(network: config.network, blockedBy: leases.filter { $0.ipv6Subnet != nil }.map(\.key).sorted())
+            }
+            if let preferredIPv6, v6.fits(preferredIPv6), !takenV6.contains(where: { $0.overlaps(preferredIPv6) }) {
+                ipv6Candidates.removeAll { $0 == preferredIPv6 }
+                ipv6Candidates.insert(preferredIPv6, at: 0)
+            }
+        }
+
         // 2. The subnet we had before, if it is still ours to take.
         if let preferred, config.fits(preferred), !taken.overlaps(preferred) {
             free.removeAll { $0 == preferred }
-            return SubnetChoice(source: .preferred, candidates: [preferred] + free, obsolete: obsolete)
+            return SubnetChoice(source: .preferred, candidates: [preferred] + free, obsolete: obsolete,
+                                ipv6Candidates: ipv6Candidates)
         }
 
         // 3. A random free one.
@@ -107,7 +143,47 @@ public enum SubnetChooser {
                 + occupied.filter(blocks).map(\.leaseKey)
             throw .outOfSubnets(network: config.network, blockedBy: keys)
         }
-        return SubnetChoice(source: .free, candidates: free, obsolete: obsolete)
+        return SubnetChoice(source: .free, candidates: free, obsolete: obsolete, ipv6Candidates: ipv6Candidates)
+    }
+
+    /// flannel's compatibility test for reusing a lease: its IPv4 subnet
+    /// fits, and it has an IPv6 subnet that fits exactly when the network
+    /// is dual-stack (an IPv4-only lease in a dual-stack network is replaced
+    /// by one with both, keeping the IPv4 subnet when the subnet file names it).
+    static func fits(_ config: NetworkConfig, _ lease: Lease) -> Bool {
+        guard config.fits(lease.subnet) else { return false }
+        guard let v6 = config.ipv6 else { return lease.ipv6Subnet == nil }
+        guard let subnet = lease.ipv6Subnet else { return false }
+        return v6.fits(subnet)
+    }
+
+    /// The first `limit` IPv6 subnets from IPv6SubnetMin up that overlap
+    /// none of `taken`, in address order; skips a taken run at once.
+    static func firstFreeIPv6(_ config: IPv6NetworkConfig, taken: [IPv6Network], limit: Int) -> [IPv6Network] {
+        let ranges = taken.map { $0.address.value...$0.lastAddress.value }.sorted { $0.lowerBound < $1.lowerBound }
+        var result: [IPv6Network] = []
+        var cursor = 0
+        var subnet = config.subnetMin
+        let end = config.subnetMax.address
+        while subnet.address <= end && result.count < limit {
+            let start = subnet.address.value, last = subnet.lastAddress.value
+            while cursor < ranges.count && ranges[cursor].upperBound < start { cursor += 1 }
+            if cursor < ranges.count && ranges[cursor].lowerBound <= last {
+                // Past the taken range, to the next subnet boundary.
+                let after = ranges[cursor].upperBound
+                guard after < UInt128.max else { break }
+                let next = IPv6Network(address: IPv6Address(after + 1), prefixLength: config.subnetLen)
+                let aligned = next.address.value == after + 1 ? next : next.next
+                guard aligned.address > subnet.address else { break }  // wrapped
+                subnet = aligned
+                continue
+            }
+            result.append(subnet)
+            let next = subnet.next
+            guard next.address > subnet.address else { break }  // the end of the address space
+            subnet = next
+        }
+        return result
     }
 
     /// The first `limit` subnets of `range` that overlap nothing in `taken`,

@@ -30,6 +30,32 @@ public struct Interface: Hashable, Sendable, CustomStringConvertible {
 public enum InterfaceLookup {
     static let operation = "look up interface"
 
+    /// The IPv6 address other hosts should reach `interface` at, chosen as
+    /// flanneld chooses it (pkg/ip GetInterfaceIP6Addrs): deprecated
+    /// addresses left out; permanent (configured) before autoconfigured,
+    /// non-temporary before temporary; the kernel's order otherwise.
+    /// flanneld falls back to a link-local address; tunneld does not (other
+    /// hosts cannot send to a link-local address without a zone), so only
+    /// global-scope addresses count. nil when the interface has none.
+    public static func ipv6Address(of interface: Interface, using socket: RouteSocket) throws -> IPv6Address? {
+        try preferredIPv6(socket.ipv6Addresses().filter { $0.index == interface.index })
+    }
+
+    /// The choice `ipv6Address(of:using:)` makes among one interface's addresses.
+    public static func preferredIPv6(_ addresses: [InterfaceIPv6Address]) -> IPv6Address? {
+        func rank(_ a: InterfaceIPv6Address) -> Int {
+            (a.flags & InterfaceIPv6Address.permanent != 0 ? 0 : 2)
+                + (a.flags & InterfaceIPv6Address.temporary != 0 ? 1 : 0)
+        }
+        let usable = addresses.enumerated().filter { _, a in
+            a.address.isGlobalUnicast && a.flags & InterfaceIPv6Address.deprecated == 0
+        }
+        // A stable sort: the kernel's order breaks ties.
+        return usable.min { x, y in
+            (rank(x.element), x.offset) < (rank(y.element), y.offset)
+        }?.element.address
+    }
+
     /// Every interface in the namespace with its IPv4 addresses.
     public static func interfaces(using socket: RouteSocket) throws -> [Interface] {
         let links = try socket.links()

@@ -206,6 +206,15 @@ extension RouteSocket {
         return try dump(request, operation: "RTM_GETADDR (dump)").compactMap(InterfaceAddress.init(message:))
     }
 
+    /// Every IPv6 address in the namespace, in the kernel's order.
+    public func ipv6Addresses() throws -> [InterfaceIPv6Address] {
+        var request = NetlinkRequest(type: RTM_GETADDR)
+        var header = ifaddrmsg()
+        header.ifa_family = UInt8(AF_INET6)
+        request.append(header: header)
+        return try dump(request, operation: "RTM_GETADDR (dump, IPv6)").compactMap(InterfaceIPv6Address.init(message:))
+    }
+
     // MARK: - Routes
 
     /// Adds `route` to the main table, replacing a route to the same
@@ -379,6 +388,20 @@ extension InterfaceAddress {
         guard let address = attributes[type: IFA_LOCAL]?.address ?? attributes[type: IFA_ADDRESS]?.address else { return nil }
         self.init(index: Int32(bitPattern: header.ifa_index), address: address,
                   prefixLength: Int(header.ifa_prefixlen), label: attributes[type: IFA_LABEL]?.string)
+    }
+}
+
+extension InterfaceIPv6Address {
+    init?(message: NetlinkMessage) {
+        guard message.type == UInt16(RTM_NEWADDR), let header = message.header(ifaddrmsg.self),
+              header.ifa_family == UInt8(AF_INET6), header.ifa_prefixlen <= 128 else { return nil }
+        let attributes = message.attributes(after: ifaddrmsg.self)
+        guard let bytes = attributes[type: IFA_LOCAL]?.value ?? attributes[type: IFA_ADDRESS]?.value,
+              let address = IPv6Address(bytes: bytes) else { return nil }
+        // IFA_FLAGS (32 bits) supersedes the header's 8 when the kernel sends it.
+        let flags = attributes[type: UInt16(IFA_FLAGS)]?.uint32 ?? UInt32(header.ifa_flags)
+        self.init(index: Int32(bitPattern: header.ifa_index), address: address,
+                  prefixLength: Int(header.ifa_prefixlen), flags: flags)
     }
 }
 

@@ -38,6 +38,28 @@ enum LinkFlags {
 }
 
 /// An IPv4 address assigned to a device.
+/// An IPv6 address of a device, with the kernel's IFA_F_* flags.
+public struct InterfaceIPv6Address: Hashable, Sendable, CustomStringConvertible {
+    public var index: Int32
+    public var address: IPv6Address
+    public var prefixLength: Int
+    public var flags: UInt32
+
+    public static let temporary: UInt32 = 0x01   // IFA_F_TEMPORARY
+    public static let deprecated: UInt32 = 0x20  // IFA_F_DEPRECATED
+    public static let tentative: UInt32 = 0x40   // IFA_F_TENTATIVE
+    public static let permanent: UInt32 = 0x80   // IFA_F_PERMANENT
+
+    public init(index: Int32, address: IPv6Address, prefixLength: Int, flags: UInt32 = 0) {
+        self.index = index
+        self.address = address
+        self.prefixLength = prefixLength
+        self.flags = flags
+    }
+
+    public var description: String { "\(address)/\(prefixLength)" }
+}
+
 public struct InterfaceAddress: Hashable, Sendable, CustomStringConvertible {
     public var index: Int32
     public var address: IPv4Address

@@ -363,7 +363,8 @@ public final class PeerSync: Sendable {
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             do {
                 let old = holder.lease
-                let lease = try await store.acquireLease(config: config, attributes: attributes, preferred: preferred)
+                let lease = try await store.acquireLease(config: config, attributes: attributes, preferred: preferred,
+                                                         preferredIPv6: old.ipv6Subnet)
                 holder.replace(lease)
                 metrics.reacquisitions.increment()
                 if lease.subnet == old.subnet {

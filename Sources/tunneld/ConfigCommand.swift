@@ -35,10 +35,16 @@ struct Config: AsyncParsableCommand {
             let store = try storeOptions.open()
             do {
                 let config = try await store.setNetworkConfig(json: json)
-                print("stored network config in \(store.location): Network \(config.network), SubnetLen \(config.subnetLen), subnets \(config.subnetMin.address)…\(config.subnetMax.address), backend \(config.backend.type)")
+                let ipv6 = config.ipv6.map {
+                    ", IPv6Network \($0.network), IPv6SubnetLen \($0.subnetLen), IPv6 subnets \($0.subnetMin.address)…\($0.subnetMax.address)"
+                } ?? ""
+                print("stored network config in \(store.location): Network \(config.network), SubnetLen \(config.subnetLen), subnets \(config.subnetMin.address)…\(config.subnetMax.address)\(ipv6), backend \(config.backend.type)")
                 if config.backend.knownType == nil {
                     // Valid for flannel, so stored; but no tunneld host will start on it.
                     FileHandle.standardError.write(Data("warning: tunneld supports the \(BackendType.supportedNames) backends, not \"\(config.backend.type)\": tunneld run refuses this config until Backend.Type is one of them\n".utf8))
+                } else if config.ipv6 != nil {
+                    // Valid for flannel (flanneld hosts can use it); tunneld hosts will not start on it yet.
+                    FileHandle.standardError.write(Data("warning: IPv6 for the \(config.backend.type) backend is not built in tunneld yet: tunneld run refuses this config while EnableIPv6 is true (flanneld hosts can use it)\n".utf8))
                 }
             } catch let error as NetworkConfigError {
                 throw DaemonError("invalid network config: \(error)")
@@ -85,14 +91,22 @@ struct Leases: AsyncParsableCommand {
         }
         notes += snapshot.skipped.map { "unreadable: \($0)" }
         let formatter = ISO8601DateFormatter()
-        print("SUBNET".padding(toLength: 20, withPad: " ", startingAt: 0) + "PUBLIC-IP".padding(toLength: 18, withPad: " ", startingAt: 0) + "BACKEND".padding(toLength: 10, withPad: " ", startingAt: 0) + "EXPIRES")
+        // Dual-stack leases add two columns; an IPv4-only listing looks as it always did.
+        let dualStack = leases.contains { $0.ipv6Subnet != nil }
+        func column(_ text: String, _ width: Int) -> String {
+            text.padding(toLength: max(width, text.count + 1), withPad: " ", startingAt: 0)
+        }
+        print(column("SUBNET", 20) + column("PUBLIC-IP", 18)
+              + (dualStack ? column("IPV6-SUBNET", 26) + column("PUBLIC-IPV6", 26) : "")
+              + column("BACKEND", 10) + "EXPIRES")
         defer { if !notes.isEmpty { print("\n" + notes.joined(separator: "\n")) } }
         for lease in leases.sorted(by: { $0.subnet.address < $1.subnet.address }) {
             let expires = lease.expiration.map { formatter.string(from: $0) } ?? "never (reservation)"
-            print(lease.subnet.description.padding(toLength: 20, withPad: " ", startingAt: 0)
-                  + lease.attributes.publicIP.description.padding(toLength: 18, withPad: " ", startingAt: 0)
-                  + (lease.attributes.backendType ?? "udp").padding(toLength: 10, withPad: " ", startingAt: 0)
-                  + expires)
+            let ipv6 = dualStack
+                ? column(lease.ipv6Subnet?.description ?? "-", 26) + column(lease.attributes.publicIPv6?.description ?? "-", 26)
+                : ""
+            print(column(lease.subnet.description, 20) + column(lease.attributes.publicIP.description, 18) + ipv6
+                  + column(lease.attributes.backendType ?? "udp", 10) + expires)
         }
     }
 }

@@ -39,7 +39,8 @@ final class Daemon: Service, Sendable {
         let routeSocket = try RouteSocket()
         let (interface, interfaceAddress) = try selectInterface(routeSocket)
         let publicIP = options.publicIP.flatMap(IPv4Address.init) ?? interfaceAddress
-        logger.info("using interface \(interface.name) (\(interfaceAddress), MTU \(interface.mtu)); public IP \(publicIP); backend \(config.backend.type)")
+        let publicIPv6 = try selectPublicIPv6(config, interface: interface, routeSocket)
+        logger.info("using interface \(interface.name) (\(interfaceAddress), MTU \(interface.mtu)); public IP \(publicIP)\(publicIPv6.map { ", public IPv6 \($0)" } ?? ""); backend \(config.backend.type)")
 
         systemd.status("Setting up the \(config.backend.type) backend on \(interface.name)")
         let backend = try makeBackend(config, interface: interface, interfaceAddress: interfaceAddress,
@@ -70,7 +71,9 @@ final class Daemon: Service, Sendable {
             // is the operator's to fix, and found now costs nothing.
             try SubnetEnv.checkWritable(options.subnetFile)
             // The device comes before the lease: a vxlan lease carries its MAC.
-            let attributes = try backend.leaseAttributes()
+            var backendAttributes = try backend.leaseAttributes()
+            if let publicIPv6 { backendAttributes.publicIPv6 = publicIPv6 }
+            let attributes = backendAttributes
             let preferred: IPv4Network?
             switch SubnetEnv.previousSubnet(at: options.subnetFile) {
             case .success(let subnet): preferred = subnet
@@ -78,11 +81,19 @@ final class Daemon: Service, Sendable {
                 logger.warning("ignoring the previous subnet file: \(error)")
                 preferred = nil
             }
+            let preferredIPv6: IPv6Network?
+            switch config.ipv6 == nil ? .success(nil) : SubnetEnv.previousIPv6Subnet(at: options.subnetFile) {
+            case .success(let subnet): preferredIPv6 = subnet
+            case .failure(let error):
+                logger.warning("ignoring the previous IPv6 subnet in the subnet file: \(error)")
+                preferredIPv6 = nil
+            }
             systemd.status("Acquiring a lease in \(store.location)")
             // One read of the leases chooses the subnet and is the list of
             // peers; their watch starts from its revision.
             guard let joined = try await retrying("acquire a lease in \(store.location)", {
-                try await self.store.join(config: config, attributes: attributes, preferred: preferred)
+                try await self.store.join(config: config, attributes: attributes, preferred: preferred,
+                                          preferredIPv6: preferredIPv6)
             }) else {
                 backend.cleanUp(releasing: false)
                 return
@@ -101,7 +112,8 @@ final class Daemon: Service, Sendable {
                              attributes: attributes, logger: logger,
                              onSubnetChange: { [options, logger, firewall, blackhole] newLease in
                 do {
-                    try SubnetEnv(network: config.network, subnet: newLease.subnet, mtu: mtu, ipMasq: options.ipMasq)
+                    try SubnetEnv(network: config.network, subnet: newLease.subnet, mtu: mtu, ipMasq: options.ipMasq,
+                                  ipv6Network: config.ipv6?.network, ipv6Subnet: newLease.ipv6Subnet)
                         .write(to: options.subnetFile)
                     try firewall?.install(Daemon.firewallNetworks(config, newLease))
                     try blackhole?.set(newLease.subnet)
@@ -135,7 +147,8 @@ final class Daemon: Service, Sendable {
             // their memory back rather than keep the high-water mark.
             releaseFreeHeapMemory()
             readiness.waiting(for: "writing \(options.subnetFile)")
-            try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq)
+            try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq,
+                          ipv6Network: config.ipv6?.network, ipv6Subnet: lease.ipv6Subnet)
                 .write(to: options.subnetFile)
             readiness.ready()
         } catch {
@@ -335,7 +348,27 @@ final class Daemon: Service, Sendable {
         if let wanted = options.backend, wanted.rawValue != config.backend.type {
             throw DaemonError("--backend \(wanted.rawValue) disagrees with the network config's Backend.Type \"\(config.backend.type)\"; every host of a network must use the same backend: drop --backend or change the config")
         }
-        guard config.backend.knownType != nil else { throw DaemonError(BackendType.unsupported(config.backend.type)) }
+        guard let type = config.backend.knownType else { throw DaemonError(BackendType.unsupported(config.backend.type)) }
+        // The store, leases and subnet.env know IPv6; no backend carries it
+        // yet. Refuse rather than lease IPv6 subnets nothing routes.
+        if let v6 = config.ipv6 {
+            throw DaemonError("the network config enables IPv6 (EnableIPv6, IPv6Network \(v6.network)), but IPv6 for "
+                + "the \(type.rawValue) backend is not built in tunneld yet: set EnableIPv6 to false (or remove it) "
+                + "to run this network as IPv4 only, or keep flanneld on its hosts for now (see docs/MIGRATING.md)")
+        }
+    }
+
+    /// The IPv6 address other hosts reach this one at, in a dual-stack
+    /// network: `-public-ipv6`, else the interface's (as flanneld picks it).
+    private func selectPublicIPv6(_ config: NetworkConfig, interface: Interface,
+                                  _ socket: RouteSocket) throws -> IPv6Address? {
+        guard config.ipv6 != nil else { return nil }
+        if let given = options.publicIPv6.flatMap(IPv6Address.init) { return given }
+        guard let found = try InterfaceLookup.ipv6Address(of: interface, using: socket) else {
+            throw DaemonError("the network is dual-stack (EnableIPv6), but \(interface.name) has no global IPv6 "
+                + "address: add one, choose another interface with -iface, or give -public-ipv6")
+        }
+        return found
     }
 
     /// flanneld's order: each `--iface` (name or IP) that exists, then each

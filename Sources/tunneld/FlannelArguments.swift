@@ -9,7 +9,7 @@ enum FlannelArguments {
     /// Long options that take a value.
     static let valueFlags: Set<String> = [
         "etcd-endpoints", "etcd-prefix", "etcd-keyfile", "etcd-certfile", "etcd-cafile",
-        "etcd-username", "etcd-password", "iface", "iface-regex", "public-ip", "subnet-file",
+        "etcd-username", "etcd-password", "iface", "iface-regex", "public-ip", "public-ipv6", "subnet-file",
         "subnet-lease-renew-margin", "healthz-ip", "healthz-port", "backend", "store", "store-dir",
         "device", "datapath", "queue-depth", "log-level", "log-format", "v", "subnet-lease-ttl",
         "iptables-resync", "iface-can-reach",
@@ -49,9 +49,8 @@ enum FlannelArguments {
         "kube-api-url": "tunneld does not use the Kubernetes API; leases live in etcd",
         "kube-annotation-prefix": "tunneld does not use the Kubernetes API; leases live in etcd",
         "net-config-path": "the network config lives in etcd at <prefix>/config (tunneld config set FILE writes it)",
-        "public-ipv6": "tunneld supports IPv4 networks only for now",
-        "auto-detect-ipv6": "tunneld supports IPv4 networks only for now",
-        "ipv6-masq": "tunneld supports IPv4 networks only for now",
+        "auto-detect-ipv6": "tunneld does not detect the IPv6 address on its own: give -public-ipv6, or -iface an interface with a global IPv6 address",
+        "ipv6-masq": "IPv6 masquerading is not built in tunneld yet",
         "subnet-dir": "tunneld offers the udp, vxlan and host-gw backends; the ipsec backend's options do not apply",
     ]
 

@@ -137,6 +137,10 @@ struct FlanneldOptions: ParsableArguments {
     @Option(help: ArgumentHelp("IP other hosts send to (default: the interface's address).", valueName: "ip"))
     var publicIP: String?
 
+    @Option(name: .customLong("public-ipv6"),
+            help: ArgumentHelp("IPv6 address other hosts send to in a dual-stack network (default: the interface's global IPv6 address, if it has one).", valueName: "ipv6"))
+    var publicIPv6: String?
+
     @Option(help: ArgumentHelp("Where to write flannel's subnet.env.", valueName: "file"))
     var subnetFile: String = "/run/flannel/subnet.env"
 
@@ -195,6 +199,9 @@ struct FlanneldOptions: ParsableArguments {
         }
         if let publicIP, IPv4Address(publicIP) == nil {
             throw ValidationError("--public-ip \(publicIP) is not an IPv4 address (expected a.b.c.d)")
+        }
+        if let publicIPv6, IPv6Address(publicIPv6) == nil {
+            throw ValidationError("--public-ipv6 \(publicIPv6) is not an IPv6 address (expected e.g. 2001:db8::10, without /len)")
         }
         guard verbosity >= 0 else {
             throw ValidationError("-v must be 0 or more, not \(verbosity)")

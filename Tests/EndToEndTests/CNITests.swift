@@ -198,3 +198,64 @@ struct CNIEndToEndTests {
         }
     }
 }
+
+/// A dual-stack subnet.env, as flanneld (and tunneld) write it, through the
+/// plugin and Debian's bridge and host-local: the container gets an address
+/// of each family from the host's two subnets, and routes to both networks.
+@Suite(.serialized, .enabled(if: isRoot && standardCNIPluginsInstalled, cniSkipReason))
+struct CNIDualStackTests {
+    @Test func aDualStackSubnetFileGivesTheContainerBothFamilies() throws {
+        let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("tunneld-cni6-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: scratch, withIntermediateDirectories: true)
+        let tag = String(UUID().uuidString.prefix(8)).lowercased()
+        let host = "tcni6h-\(tag)", container = "tcni6c-\(tag)"
+        try run(["ip", "netns", "add", host])
+        defer {
+            _ = try? run(["ip", "netns", "del", container], check: false)
+            _ = try? run(["ip", "netns", "del", host], check: false)
+            try? FileManager.default.removeItem(at: scratch)
+        }
+        try run(["ip", "netns", "add", container])
+        try run(["ip", "netns", "exec", container, "ip", "link", "set", "lo", "up"])
+        let subnetFile = scratch.appendingPathComponent("subnet.env").path
+        try """
+            FLANNEL_NETWORK=10.2.0.0/16
+            FLANNEL_SUBNET=10.2.72.1/24
+            FLANNEL_IPV6_NETWORK=fd00:10:244::/48
+            FLANNEL_IPV6_SUBNET=fd00:10:244:48::1/64
+            FLANNEL_MTU=1450
+            FLANNEL_IPMASQ=true
+
+            """.write(toFile: subnetFile, atomically: true, encoding: .utf8)
+        let bin = try CNIBin(in: scratch)
+        let config = """
+            {"cniVersion":"1.0.0","name":"dual","type":"flannel","subnetFile":"\(subnetFile)",
+             "dataDir":"\(scratch.path)/cni-data","ipam":{"dataDir":"\(scratch.path)/ipam"}}
+            """
+        func invoke(_ command: String) throws -> PluginRun {
+            try bin.invoke(type: "flannel", command: command, containerID: "ctr-\(tag)", netns: "/run/netns/\(container)",
+                           config: config, namespace: host, scratch: scratch)
+        }
+        let added = try invoke("ADD")
+        #expect(added.status == 0, "\(added)")
+        let addresses = (added.json["ips"] as? [[String: Any]] ?? []).compactMap { $0["address"] as? String }
+        #expect(addresses.count == 2, "\(added.stdout)")
+        #expect(addresses.contains { $0.hasPrefix("10.2.72.") && $0.hasSuffix("/24") }, "\(addresses)")
+        #expect(addresses.contains { $0.hasPrefix("fd00:10:244:48::") && $0.hasSuffix("/64") }, "\(addresses)")
+
+        let inside = try run(["ip", "netns", "exec", container, "ip", "-o", "addr", "show", "dev", "eth0"]).output
+        #expect(inside.contains("inet 10.2.72."), "\(inside)")
+        #expect(inside.contains("inet6 fd00:10:244:48::"), "\(inside)")
+        let routes6 = try run(["ip", "netns", "exec", container, "ip", "-6", "route"]).output
+        #expect(routes6.contains("fd00:10:244::/48 via fd00:10:244:48::1"), "\(routes6)")
+        let routes4 = try run(["ip", "netns", "exec", container, "ip", "route"]).output
+        #expect(routes4.contains("10.2.0.0/16 via 10.2.72.1"), "\(routes4)")
+        // The bridge is the gateway of both families.
+        let bridge = try run(["ip", "netns", "exec", host, "ip", "-o", "addr", "show", "dev", "cni0"]).output
+        #expect(bridge.contains("inet 10.2.72.1/24") && bridge.contains("inet6 fd00:10:244:48::1/64"), "\(bridge)")
+
+        let deleted = try invoke("DEL")
+        #expect(deleted.status == 0, "\(deleted)")
+        #expect(try run(["ip", "netns", "exec", container, "ip", "link", "show", "dev", "eth0"], check: false).status != 0)
+    }
+}

@@ -277,6 +277,38 @@ struct EtcdBackendTests {
         }
     }
 
+    /// A dual-stack lease written by a flanneld host (etcdctl, flanneld's
+    /// key and value): `tunneld leases` lists both families; a tunneld host
+    /// refuses to start on the dual-stack config, naming its backend.
+    @Test func aFlanneldDualStackLeaseIsListedAndRunRefusesTheConfig() throws {
+        try withEtcdLab { lab in
+            let config = #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"vxlan"}}"#
+            let file = lab.directory.appendingPathComponent("dual.json")
+            try config.write(to: file, atomically: true, encoding: .utf8)
+            try lab.etcdctl(["put", "/docker/network/config"], input: file.path)
+            try lab.etcdctl(["put", "/docker/network/subnets/10.2.72.0-24&fd00:10:2:48::-64",
+                             #"{"PublicIP":"198.18.0.72","PublicIPv6":"2001:db8::72","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}}"#])
+            let placeholder = "printf 'FLANNEL_NETWORK=10.2.0.0/16\\nFLANNEL_SUBNET=10.2.250.1/24\\nFLANNEL_MTU=1450\\nFLANNEL_IPMASQ=false\\n' > \(lab.subnetFile(1)); exec sleep 600"
+            try lab.addHost(1, command: ["bash", "-c", placeholder])
+            let listing = try lab.exec("h1", [tunneldBinary, "leases", "-etcd-endpoints=\(labEtcdEndpoint)",
+                                              "-etcd-prefix=\(seedEtcdPrefix)"]).output
+            let header = try #require(listing.split(separator: "\n").first)
+            #expect(header.hasPrefix("SUBNET") && header.contains("IPV6-SUBNET") && header.contains("PUBLIC-IPV6"), "\(listing)")
+            let row = try #require(listing.split(separator: "\n").first { $0.hasPrefix("10.2.72.0/24") }, "\(listing)")
+            let columns = row.split(separator: " ")
+            #expect(Array(columns.prefix(5)) == ["10.2.72.0/24", "198.18.0.72", "fd00:10:2:48::/64", "2001:db8::72", "vxlan"], "\(row)")
+            #expect(!listing.contains("ignored"), "\(listing)")
+
+            let result = try lab.exec("h1", flanneldCommand(lab, host: 1, extra: ["-public-ipv6=2001:db8::1"]),
+                                      timeout: .seconds(30), check: false)
+            #expect(!result.succeeded)
+            #expect(result.output.contains("IPv6 for the vxlan backend is not built in tunneld yet"), "\(result.output)")
+            // Nothing leased by the refused start: the flanneld host's lease is alone.
+            let keys = try lab.etcdctl(["get", "/docker/network/subnets/", "--prefix", "--keys-only"]).output
+            #expect(keys.split(separator: "\n").filter { !$0.isEmpty } == ["/docker/network/subnets/10.2.72.0-24&fd00:10:2:48::-64"], "\(keys)")
+        }
+    }
+
     @Test func aHostKeepsItsSubnetAcrossARestartAndTakesBackItsDeletedLease() throws {
         try withEtcdLab { lab in
             try putSeedConfig(lab)

@@ -488,3 +488,107 @@ struct EtcdLeaseStoreTests {
         }
     }
 }
+
+/// Dual-stack leases in a real etcd, written as flanneld writes them.
+@Suite(.enabled(if: EtcdServer.isInstalled, Comment(rawValue: etcdMissing)), .timeLimit(.minutes(2)))
+struct EtcdDualStackLeaseTests {
+    static let config = #"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:5::/48","Backend":{"Type":"vxlan"}}"#
+
+    @Test func flanneldsDualStackLeaseIsReadAndOursIsWrittenInItsForm() async throws {
+        try await withStore(config: Self.config) { server, store, config in
+            // A flanneld vxlan host's lease: both subnets in the key, the
+            // IPv6 address and v6 VTEP in the value (put as flanneld writes it).
+            let flanneld = #"{"PublicIP":"198.18.0.72","PublicIPv6":"2001:db8::72","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}}"#
+            try server.etcdctl(["put", "/docker/network/subnets/10.5.72.0-24&fd00:10:5:72::-64", flanneld])
+
+            let listed = try await store.leases().leases
+            let theirs = try #require(listed.first)
+            #expect(listed.count == 1)
+            #expect(theirs.subnet == net("10.5.72.0/24"))
+            #expect(theirs.ipv6Subnet == IPv6Network("fd00:10:5:72::/64"))
+            #expect(theirs.attributes.publicIPv6 == IPv6Address("2001:db8::72"))
+            #expect(theirs.attributes.backendV6Data?.field("VtepMAC") == .string("aa:bb:cc:dd:ee:02"))
+            #expect(theirs.attributes.flannelJSON == flanneld)
+
+            var attributes = LeaseAttributes(publicIP: IPv4Address(198, 18, 0, 5), publicIPv6: IPv6Address("2001:db8::5"),
+                                             backendType: "vxlan",
+                                             backendData: .object(["VNI": .number(1), "VtepMAC": .string("0e:00:00:00:00:05")]))
+            attributes.backendV6Data = .object(["VNI": .number(1), "VtepMAC": .string("0e:00:00:00:00:06")])
+            let ours = try await store.acquireLease(config: config, attributes: attributes, preferred: net("10.5.9.0/24"))
+            let v6 = try #require(ours.ipv6Subnet)
+            #expect(ours.subnet == net("10.5.9.0/24"))
+            #expect(config.ipv6?.fits(v6) == true && v6 != IPv6Network("fd00:10:5:72::/64"))
+            // The key and value flanneld reads (pkg/subnet ParseSubnetKey, LeaseAttrs).
+            let key = "/docker/network/subnets/10.5.9.0-24&\(v6.leaseKey)"
+            #expect(ours.key == "10.5.9.0-24&\(v6.leaseKey)")
+            #expect(try server.etcdctl(["get", key, "--print-value-only"]) == """
+                {"PublicIP":"198.18.0.5","PublicIPv6":"2001:db8::5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:05"},"BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:00:06"}}
+
+                """)
+            #expect(try await store.client.get(key)?.lease != 0)
+
+            // Renewal and release address the dual-stack key, not the plain one.
+            let renewed = try await store.renewLease(ours)
+            #expect(renewed.key == ours.key && renewed.ipv6Subnet == v6)
+            let again = try await store.acquireLease(config: config, attributes: attributes, preferred: nil)
+            #expect(again.key == ours.key)  // reused, not a second lease
+            try await store.releaseLease(again)
+            #expect(try await store.client.get(key) == nil)
+        }
+    }
+
+    /// etcd guards the IPv4 part of a key: a dual-stack key cannot be
+    /// created while a plain or dual-stack key of its IPv4 subnet exists.
+    @Test func aKeyOfTheSameIPv4SubnetBlocksTheCreateWhateverItsIPv6Part() async throws {
+        try await withStore(config: Self.config) { server, store, _ in
+            let prefix = "/docker/network/subnets/"
+            try server.etcdctl(["put", prefix + "10.5.9.0-24", #"{"PublicIP":"198.18.0.9","PublicIPv6":null}"#])
+            let blocked = try await store.client.createIfAbsent(prefix + "10.5.9.0-24&fd00:10:5:9::-64", value: Array("{}".utf8),
+                                                                guardPrefix: prefix + "10.5.9.0-24")
+            guard case .exists(let holder) = blocked else {
+                Issue.record("created beside the plain key: \(blocked)")
+                return
+            }
+            #expect(holder.key == prefix + "10.5.9.0-24")
+            try server.etcdctl(["put", prefix + "10.5.8.0-24&fd00:10:5:8::-64", "{}"])
+            let alsoBlocked = try await store.client.createIfAbsent(prefix + "10.5.8.0-24&fd00:10:5:99::-64", value: Array("{}".utf8),
+                                                                    guardPrefix: prefix + "10.5.8.0-24")
+            guard case .exists = alsoBlocked else {
+                Issue.record("created beside another dual-stack key: \(alsoBlocked)")
+                return
+            }
+            let free = try await store.client.createIfAbsent(prefix + "10.5.7.0-24&fd00:10:5:7::-64", value: Array("{}".utf8),
+                                                             guardPrefix: prefix + "10.5.7.0-24")
+            guard case .created = free else {
+                Issue.record("not created with no key of its IPv4 subnet: \(free)")
+                return
+            }
+        }
+    }
+
+    /// Rounds 1–3 in a large IPv6 network; 4–6 in one of three IPv6 subnets
+    /// for three hosts, where they all but surely pick the same one at once.
+    @Test(arguments: 1...6)
+    func concurrentDualStackAcquisitionsGetDistinctSubnetsOfBothFamilies(_ round: Int) async throws {
+        let tiny = #"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:5::/124","Backend":{"Type":"vxlan"}}"#
+        let hosts = round <= 3 ? 6 : 3
+        try await withStore(config: round <= 3 ? Self.config : tiny) { _, store, config in
+            let leases = try await withThrowingTaskGroup(of: Lease.self) { group in
+                for n in 1...hosts {
+                    group.addTask {
+                        try await store.acquireLease(config: config, attributes: LeaseAttributes(publicIP: IPv4Address(198, 18, 1, UInt8(n))),
+                                                     preferred: nil)
+                    }
+                }
+                return try await group.reduce(into: [Lease]()) { $0.append($1) }
+            }
+            #expect(Set(leases.map(\.subnet)).count == hosts)
+            let v6 = leases.compactMap(\.ipv6Subnet)
+            #expect(v6.count == hosts && Set(v6).count == hosts)
+            #expect(v6.allSatisfy { config.ipv6?.fits($0) == true })
+            let listed = try await store.leases().leases
+            #expect(listed.count == hosts)
+            #expect(LeaseRule(config).sort(leases: listed).leases.count == hosts)
+        }
+    }
+}

@@ -18,7 +18,7 @@ import NetBase
     }
 
     @Test func ipv6AddressAndEscapesAreWrittenLikeGo() {
-        let attrs = LeaseAttributes(publicIP: ip("198.18.0.3"), publicIPv6: "fd00::3",
+        let attrs = LeaseAttributes(publicIP: ip("198.18.0.3"), publicIPv6: IPv6Address("fd00::3"),
                                     backendType: "", backendData: .object(["Note": .string("a<b>&\"\n")]))
         #expect(attrs.flannelJSON
             == #"{"PublicIP":"198.18.0.3","PublicIPv6":"fd00::3","BackendData":{"Note":"a\u003cb\u003e\u0026\"\n"}}"#)

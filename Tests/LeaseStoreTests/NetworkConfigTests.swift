@@ -68,10 +68,48 @@ import NetBase
         Bad(json: #"{"Network": "10.2.0.0/16", "SubnetMin": "10.2.9.0", "SubnetMax": "10.2.5.0"}"#,
             error: .minAboveMax(min: ip("10.2.9.0"), max: ip("10.2.5.0")),
             message: "SubnetMin 10.2.9.0 is above SubnetMax 10.2.5.0"),
-        Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/48"}"#,
-            error: .ipv6NotSupported, message: "tunneld supports IPv4 only for now"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv6": true}"#,
+            error: .missingIPv6Network, message: "please define a correct IPv6Network parameter"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "::/0"}"#,
+            error: .missingIPv6Network, message: "please define a correct IPv6Network parameter"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::"}"#,
+            error: .invalidValue(field: "IPv6Network", value: #""fd00::""#,
+                                 expected: #"an IPv6 network in CIDR form such as "fd00:10:244::/48""#),
+            message: #"IPv6Network "fd00::" is not valid"#),
+        // Malformed even when IPv6 is off: flanneld's JSON decoder refuses it too.
+        Bad(json: #"{"Network": "10.2.0.0/16", "IPv6Network": "10.3.0.0/16"}"#,
+            error: .invalidValue(field: "IPv6Network", value: #""10.3.0.0/16""#,
+                                 expected: #"an IPv6 network in CIDR form such as "fd00:10:244::/48""#),
+            message: "IPv6Network"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/125"}"#,
+            error: .ipv6NetworkTooSmall(network: IPv6Network("fd00::/125")!),
+            message: "IPv6Network is too small. Minimum useful network prefix is /124"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/48", "IPv6SubnetLen": 127}"#,
+            error: .ipv6SubnetLenTooLong(subnetLen: 127), message: "IPv6SubnetLen must be less than /127"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/48", "IPv6SubnetLen": 49}"#,
+            error: .ipv6TooFewSubnets(network: IPv6Network("fd00::/48")!, subnetLen: 49),
+            message: "use IPv6SubnetLen 50 or more, or a larger IPv6Network"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/48", "IPv6SubnetMin": "fd00:10:245::"}"#,
+            error: .ipv6OutsideNetwork(field: "IPv6SubnetMin", address: IPv6Address("fd00:10:245::")!,
+                                       network: IPv6Network("fd00:10:244::/48")!),
+            message: "IPv6SubnetMin fd00:10:245:: is not in the range of the IPv6Network fd00:10:244::/48: use an address from fd00:10:244:: to fd00:10:244:ffff:ffff:ffff:ffff:ffff"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/48", "IPv6SubnetMax": "fd00:10:244:5::1"}"#,
+            error: .ipv6NotOnBoundary(field: "IPv6SubnetMax", address: IPv6Address("fd00:10:244:5::1")!, subnetLen: 64,
+                                      suggestion: IPv6Address("fd00:10:244:5::")!),
+            message: "IPv6SubnetMax fd00:10:244:5::1 is not on an IPv6SubnetLen (/64) boundary: use fd00:10:244:5::"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/48", "IPv6SubnetMin": "fd00:10:244:9::", "IPv6SubnetMax": "fd00:10:244:5::"}"#,
+            error: .ipv6MinAboveMax(min: IPv6Address("fd00:10:244:9::")!, max: IPv6Address("fd00:10:244:5::")!),
+            message: "IPv6SubnetMin fd00:10:244:9:: is above IPv6SubnetMax fd00:10:244:5::"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/48", "IPv6SubnetMin": "fd00:0:0:1::/64"}"#,
+            error: .invalidValue(field: "IPv6SubnetMin", value: #""fd00:0:0:1::/64""#,
+                                 expected: #"an IPv6 address such as "fd00:10:244:1::" (without /len)"#),
+            message: "without /len"),
+        Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "::ffff:10.0.0.0/104"}"#,
+            error: .invalidValue(field: "IPv6Network", value: #""::ffff:10.0.0.0/104""#,
+                                 expected: #"a network outside ::ffff:0:0/96 (IPv4-mapped addresses), such as "fd00:10:244::/48""#),
+            message: "outside ::ffff:0:0/96"),
         Bad(json: #"{"Network": "10.2.0.0/16", "EnableIPv4": false}"#,
-            error: .ipv4Disabled, message: "tunneld supports IPv4 only for now"),
+            error: .ipv4Disabled, message: "IPv6-only networks are not built in tunneld yet"),
         Bad(json: #"{"SubnetLen": 24}"#, error: .missingNetwork,
             message: "please define a correct Network parameter"),
         Bad(json: #"{"Network": "0.0.0.0/0"}"#, error: .missingNetwork,
@@ -148,7 +186,9 @@ import NetBase
         #expect(folded.backend.directRouting)
         #expect(folded.backend.option("GBP") == .bool(true) && canonical.backend.option("gbp") == .bool(true))
         // The checks read the same fields whatever their spelling.
-        #expect(throws: NetworkConfigError.ipv6NotSupported) { try config(#"{"network": "10.2.0.0/16", "enableipv6": true}"#) }
+        #expect(throws: NetworkConfigError.missingIPv6Network) { try config(#"{"network": "10.2.0.0/16", "enableipv6": true}"#) }
+        let folded6 = try config(#"{"network": "10.2.0.0/16", "enableipv6": true, "ipv6network": "fd00::/56", "IPV6SUBNETLEN": 60}"#)
+        #expect(folded6.ipv6?.network == IPv6Network("fd00::/56") && folded6.ipv6?.subnetLen == 60)
         #expect(throws: NetworkConfigError.self) { try config(#"{"network": "10.2.0.0/16", "backend": {"type": "vxlan", "vni": -1}}"#) }
     }
 
@@ -232,5 +272,61 @@ import NetBase
         #expect(throws: NetworkConfigError.invalidValue(field: "EnableNFTables", value: #""yes""#, expected: "true or false")) {
             try NetworkConfig(json: #"{"Network": "10.2.0.0/16", "EnableNFTables": "yes"}"#)
         }
+    }
+
+    struct DualStackDefaults: Sendable, CustomTestStringConvertible {
+        var network: String
+        var subnetLen: Int
+        var min: String
+        var max: String
+        var testDescription: String { network }
+    }
+
+    /// flannel's IPv6 defaults: a /64 per host from networks of /62 and
+    /// larger, prefix+2 for /63…/124; the first subnet skipped.
+    @Test(arguments: [
+        DualStackDefaults(network: "fd00:10:244::/48", subnetLen: 64, min: "fd00:10:244:1::", max: "fd00:10:244:ffff::"),
+        DualStackDefaults(network: "2001:db8::/32", subnetLen: 64, min: "2001:db8:0:1::", max: "2001:db8:ffff:ffff::"),
+        DualStackDefaults(network: "fd00::/62", subnetLen: 64, min: "fd00:0:0:1::", max: "fd00:0:0:3::"),
+        DualStackDefaults(network: "fd00::/63", subnetLen: 65, min: "fd00::8000:0:0:0", max: "fd00:0:0:1:8000::"),
+        DualStackDefaults(network: "fd00::/124", subnetLen: 126, min: "fd00::4", max: "fd00::c"),
+        DualStackDefaults(network: "::/0", subnetLen: 64, min: "0:0:0:1::", max: "ffff:ffff:ffff:ffff::"),
+    ])
+    func ipv6DefaultsFollowFlannel(_ d: DualStackDefaults) throws {
+        if d.network == "::/0" {
+            // flannel takes ::/0 for "no IPv6Network".
+            #expect(throws: NetworkConfigError.missingIPv6Network) {
+                try config(#"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "::/0"}"#)
+            }
+            return
+        }
+        let c = try config(#"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "\#(d.network)"}"#)
+        let v6 = try #require(c.ipv6)
+        #expect(c.enableIPv4 && c.enableIPv6)
+        #expect(v6.network == IPv6Network(d.network))
+        #expect(v6.subnetLen == d.subnetLen)
+        #expect(v6.subnetMin == IPv6Network(address: IPv6Address(d.min)!, prefixLength: d.subnetLen))
+        #expect(v6.subnetMax == IPv6Network(address: IPv6Address(d.max)!, prefixLength: d.subnetLen))
+        #expect(v6.fits(v6.subnetMin) && v6.fits(v6.subnetMax))
+        #expect(!v6.fits(IPv6Network(address: v6.network.address, prefixLength: d.subnetLen)))
+        // The IPv4 side is what it would be without IPv6.
+        #expect(c.network == net("10.2.0.0/16") && c.subnetLen == 24)
+    }
+
+    @Test func ipv6FieldsAreIgnoredWhileEnableIPv6IsOff() throws {
+        let c = try config(#"{"Network": "10.2.0.0/16", "IPv6Network": "fd00::/125", "IPv6SubnetLen": 200}"#)
+        #expect(c.ipv6 == nil && !c.enableIPv6)
+    }
+
+    @Test func explicitIPv6RangeAndLengthAreKept() throws {
+        let c = try config(#"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/48", "IPv6SubnetLen": 56, "IPv6SubnetMin": "fd00:10:244:200::", "IPv6SubnetMax": "fd00:10:244:400::", "IPv6SubnetMax": "fd00:10:244:500::"}"#)
+        let v6 = try #require(c.ipv6)
+        #expect(v6.subnetLen == 56)
+        #expect(v6.subnetMin.description == "fd00:10:244:200::/56")
+        // Of two spellings of one field, the later counts, as in flanneld.
+        #expect(v6.subnetMax.description == "fd00:10:244:500::/56")
+        #expect(v6.fits(IPv6Network("fd00:10:244:300::/56")!))
+        #expect(!v6.fits(IPv6Network("fd00:10:244:100::/56")!))
+        #expect(!v6.fits(IPv6Network("fd00:10:244:300::/64")!))
     }
 }

@@ -89,3 +89,57 @@ struct InterfaceLookupTests {
         }
     }
 }
+
+/// The IPv6 address flanneld would pick on an interface (pkg/ip
+/// GetInterfaceIP6Addrs), minus its link-local fallback.
+@Suite struct PreferredIPv6Tests {
+    func address(_ text: String, flags: UInt32 = 0) -> InterfaceIPv6Address {
+        InterfaceIPv6Address(index: 2, address: IPv6Address(text)!, prefixLength: 64, flags: flags)
+    }
+
+    @Test func permanentGlobalWinsOverAutoconfiguredTemporaryAndLinkLocal() {
+        let permanent = InterfaceIPv6Address.permanent
+        let chosen = InterfaceLookup.preferredIPv6([
+            address("fe80::1", flags: permanent),
+            address("2001:db8::aaaa", flags: InterfaceIPv6Address.temporary),
+            address("2001:db8::bbbb"),
+            address("2001:db8::cccc", flags: permanent),
+        ])
+        #expect(chosen == IPv6Address("2001:db8::cccc"))
+        #expect(InterfaceLookup.preferredIPv6([address("2001:db8::aaaa", flags: InterfaceIPv6Address.temporary),
+                                               address("2001:db8::bbbb")]) == IPv6Address("2001:db8::bbbb"))
+    }
+
+    @Test func deprecatedLinkLocalAndLoopbackAreNeverChosen() {
+        #expect(InterfaceLookup.preferredIPv6([
+            address("2001:db8::1", flags: InterfaceIPv6Address.deprecated | InterfaceIPv6Address.permanent),
+            address("fe80::1"), address("::1"),
+        ]) == nil)
+        // Ties keep the kernel's order.
+        #expect(InterfaceLookup.preferredIPv6([address("fd00::2"), address("fd00::1")]) == IPv6Address("fd00::2"))
+    }
+}
+
+@Suite(.enabled(if: isRoot, needsRootMessage))
+struct InterfaceIPv6LookupTests {
+    @Test func theInterfacesGlobalNonDeprecatedIPv6AddressIsFound() throws {
+        try withNamespace { ns in
+            try ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+            try ns.ip("link", "set", "eth0", "up")
+            try ns.ip("link", "set", "eth1", "up")
+            // Deprecated (preferred lifetime 0) first: passed over.
+            try ns.ip("-6", "addr", "add", "2001:db8::9/64", "dev", "eth0", "nodad", "preferred_lft", "0")
+            try ns.ip("-6", "addr", "add", "2001:db8::5/64", "dev", "eth0", "nodad")
+            try ns.ip("-6", "addr", "add", "fe80::77/64", "dev", "eth1", "nodad")
+            let socket = try ns.socket()
+            let all = try socket.ipv6Addresses()
+            #expect(all.contains { $0.address == IPv6Address("2001:db8::9") && $0.flags & InterfaceIPv6Address.deprecated != 0 })
+            let interfaces = try InterfaceLookup.interfaces(using: socket)
+            let eth0 = try #require(interfaces.first { $0.name == "eth0" })
+            let eth1 = try #require(interfaces.first { $0.name == "eth1" })
+            #expect(try InterfaceLookup.ipv6Address(of: eth0, using: socket) == IPv6Address("2001:db8::5"))
+            // Only link-local: nothing other hosts can send to.
+            #expect(try InterfaceLookup.ipv6Address(of: eth1, using: socket) == nil)
+        }
+    }
+}

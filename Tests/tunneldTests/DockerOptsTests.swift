@@ -1,4 +1,5 @@
 import ArgumentParser
+import FlannelFiles
 import Foundation
 import Testing
 @testable import tunneld
@@ -136,5 +137,38 @@ struct DockerOptsFixture: CustomTestStringConvertible, Sendable {
             }
             #expect("\(error)".contains(directory + "/blocker"), "\(error)")
         }
+    }
+}
+
+/// tunneld's addition to mk-docker-opts.sh (which has no IPv6 options): a
+/// dual-stack subnet file gives Docker `--ipv6 --fixed-cidr-v6=<subnet>`.
+@Suite struct DockerOptsIPv6Tests {
+    static let dualStack = """
+        FLANNEL_NETWORK=10.2.0.0/16
+        FLANNEL_SUBNET=10.2.72.1/24
+        FLANNEL_IPV6_NETWORK=fd00:10:244::/48
+        FLANNEL_IPV6_SUBNET=fd00:10:244:48::1/64
+        FLANNEL_MTU=1450
+        FLANNEL_IPMASQ=true
+
+        """
+
+    @Test func dualStackSubnetFileAddsIPv6OptionsInNameOrder() throws {
+        let text = try DockerOptions().render(subnetEnv: Self.dualStack)
+        #expect(text == """
+            DOCKER_OPT_BIP="--bip=10.2.72.1/24"
+            DOCKER_OPT_FIXED_CIDR_V6="--fixed-cidr-v6=fd00:10:244:48::/64"
+            DOCKER_OPT_IPMASQ="--ip-masq=false"
+            DOCKER_OPT_IPV6="--ipv6"
+            DOCKER_OPT_MTU="--mtu=1450"
+            DOCKER_OPTS=" --bip=10.2.72.1/24 --fixed-cidr-v6=fd00:10:244:48::/64 --ip-masq=false --ipv6 --mtu=1450"
+
+            """)
+    }
+
+    @Test func malformedIPv6SubnetIsAnError() {
+        let bad = Self.dualStack.replacingOccurrences(of: "fd00:10:244:48::1/64", with: "fd00:10:244:48::1")
+        let e = #expect(throws: DockerOptionsError.self) { try DockerOptions().render(subnetEnv: bad) }
+        #expect(e?.reason.contains("FLANNEL_IPV6_SUBNET \"fd00:10:244:48::1\" is not an address/prefix") == true)
     }
 }

@@ -135,8 +135,27 @@ import Testing
 
     @Test func flanneldFlagsTunneldLacksAreNamedWithWhatToDo() {
         #expect(FlannelArguments.unsupported(["run", "-kube-subnet-mgr"])?.contains("not in Kubernetes node objects") == true)
-        #expect(FlannelArguments.unsupported(["run", "--public-ipv6=fd00::1"])?.contains("IPv4 networks only") == true)
+        #expect(FlannelArguments.unsupported(["run", "--public-ipv6=fd00::1"]) == nil)
+        #expect(FlannelArguments.unsupported(["run", "-ipv6-masq"])?.contains("not built in tunneld yet") == true)
         #expect(FlannelArguments.unsupported(["run", "-charon-viciuri=x"])?.contains("ipsec backend") == true)
         #expect(FlannelArguments.unsupported(["run", "-iface=eth0", "-ip-masq"]) == nil)
+    }
+}
+
+@Suite struct PublicIPv6FlagTests {
+    @Test func publicIPv6IsTakenFromTheFlagOrFlanneldsVariable() throws {
+        for arguments in [["run", "-public-ipv6=2001:db8::5"], ["run", "-public-ipv6", "2001:db8::5"], ["run", "--public-ipv6=2001:db8::5"]] {
+            let command = try Tunneld.parseAsRoot(FlannelArguments.normalize(arguments, environment: [:]))
+            #expect((command as? Run)?.flanneld.publicIPv6 == "2001:db8::5", "\(arguments)")
+        }
+        let fromEnvironment = try Tunneld.parseAsRoot(FlannelArguments.normalize(["run"], environment: ["FLANNELD_PUBLIC_IPV6": "2001:db8::6"]))
+        #expect((fromEnvironment as? Run)?.flanneld.publicIPv6 == "2001:db8::6")
+    }
+
+    @Test func aPublicIPv6ThatIsNoAddressIsRefused() {
+        let error = #expect(throws: (any Error).self) {
+            try Tunneld.parseAsRoot(FlannelArguments.normalize(["run", "-public-ipv6=fd00::/64"], environment: [:]))
+        }
+        #expect(error.map { Tunneld.message(for: $0) }?.contains("--public-ipv6 fd00::/64 is not an IPv6 address") == true)
     }
 }
