@@ -251,7 +251,8 @@ final class Daemon: Service, Sendable {
             return keeper
         }
         let keeper = try IPTablesKeeper(masquerade: options.ipMasq, forward: options.iptablesForwardRules,
-                                        fullyRandomDisabled: options.ipMasqFullyRandomDisable, logger: logger)
+                                        fullyRandomDisabled: options.ipMasqFullyRandomDisable,
+                                        ipv6: config.ipv6 != nil, logger: logger)
         // A run with EnableNFTables that was killed, or a config changed
         // since: its table would masquerade alongside the chains.
         if NFTablesKeeper.removeLeftover() {
@@ -270,10 +271,14 @@ final class Daemon: Service, Sendable {
         logger.warning("iptables chains \(ours.joined(separator: ", ")) of an earlier run without EnableNFTables are still there; remove them (iptables -t nat -D POSTROUTING …; iptables -D FORWARD …; -F and -X the chains) or start once without EnableNFTables")
     }
 
-    /// What the rules cover: the network and this host's lease. IPv6: the
-    /// dual-stack config passes `ipv6: .ipv6(network:subnet:)` here.
+    /// What the rules cover: the network and this host's lease, in each
+    /// family the config and the lease have.
     private static func firewallNetworks(_ config: NetworkConfig, _ lease: Lease) -> FirewallNetworks {
-        FirewallNetworks(network: config.network, subnet: lease.subnet)
+        var ipv6: FamilyNetworks?
+        if let network = config.ipv6?.network, let subnet = lease.ipv6Subnet {
+            ipv6 = .ipv6(network: network, subnet: subnet)
+        }
+        return FirewallNetworks(ipv4: .ipv4(network: config.network, subnet: lease.subnet), ipv6: ipv6)
     }
 
     /// Reads the network config, waiting (with backoff) while there is none.

@@ -15,40 +15,6 @@ enum IPFamily: String, Sendable, CaseIterable {
     var multicast: String { self == .ipv4 ? "224.0.0.0/4" : "ff00::/8" }
 }
 
-/// An IPv6 prefix in CIDR form with its host bits cleared, printed in the
-/// RFC 5952 form ip6tables and nft print (`fd00:2:0:48::/64`).
-///
-/// A stand-in for the rules only: when NetBase has an IPv6 network type (the
-/// dual-stack config), `FamilyNetworks.ipv6` takes that type instead and this
-/// one goes.
-struct IPv6Prefix: Sendable, Equatable, CustomStringConvertible {
-    let bytes: [UInt8]
-    let prefixLength: Int
-
-    init?(_ text: String) {
-        let parts = text.split(separator: "/", omittingEmptySubsequences: false)
-        guard parts.count == 2, let length = Int(parts[1]), (0...128).contains(length),
-              parts[1].allSatisfy(\.isNumber) else { return nil }
-        var address = in6_addr()
-        guard inet_pton(AF_INET6, String(parts[0]), &address) == 1 else { return nil }
-        var bytes = withUnsafeBytes(of: address) { Array($0) }
-        for i in 0..<16 {
-            let kept = max(0, min(8, length - i * 8))
-            bytes[i] &= kept == 8 ? 0xff : ~(0xff >> UInt8(kept))
-        }
-        self.bytes = bytes
-        prefixLength = length
-    }
-
-    var description: String {
-        var address = in6_addr()
-        withUnsafeMutableBytes(of: &address) { $0.copyBytes(from: bytes) }
-        var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
-        inet_ntop(AF_INET6, &address, &text, socklen_t(text.count))
-        return String(cString: text) + "/\(prefixLength)"
-    }
-}
-
 /// What the rules of one family are about: the overlay network and this
 /// host's subnet in it, as the CIDR text the rule programs print.
 struct FamilyNetworks: Sendable, Equatable {
@@ -60,7 +26,7 @@ struct FamilyNetworks: Sendable, Equatable {
         FamilyNetworks(family: .ipv4, network: network.description, subnet: subnet.description)
     }
 
-    static func ipv6(network: IPv6Prefix, subnet: IPv6Prefix) -> FamilyNetworks {
+    static func ipv6(network: IPv6Network, subnet: IPv6Network) -> FamilyNetworks {
         FamilyNetworks(family: .ipv6, network: network.description, subnet: subnet.description)
     }
 }

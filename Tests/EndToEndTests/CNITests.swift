@@ -1,4 +1,5 @@
 import Foundation
+import NetTestSupport
 import Testing
 
 /// Where Debian's containernetworking-plugins puts bridge, host-local, ….

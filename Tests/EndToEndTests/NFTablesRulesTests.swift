@@ -110,11 +110,11 @@ struct NFTablesRulesTests {
             try seedConfig.write(to: configFile, atomically: true, encoding: .utf8)
             try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, configFile.path])
             let second = lab.directory.appendingPathComponent("second.log").path
-            let daemon = try Child(["ip", "netns", "exec", lab.namespace("h1"), tunneldBinary, "run", "--store-dir", lab.storeDirectory,
+            let daemon = try spawn(["ip", "netns", "exec", lab.namespace("h1"), tunneldBinary, "run", "--store-dir", lab.storeDirectory,
                                     "--iface", "eth0", "--device", "tun1", "--ip-masq",
                                     "--subnet-file", lab.directory.appendingPathComponent("second.env").path],
                                    output: second)
-            defer { daemon.stop() }
+            defer { daemon.terminate() }
             #expect(try eventually(.seconds(30)) { (try? String(contentsOfFile: second, encoding: .utf8))?.contains("tunneld ready") == true },
                     "\((try? String(contentsOfFile: second, encoding: .utf8)) ?? "")")
             let log = (try? String(contentsOfFile: second, encoding: .utf8)) ?? ""
@@ -134,12 +134,12 @@ struct NFTablesRulesTests {
             try Self.config.write(to: configFile, atomically: true, encoding: .utf8)
             try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, configFile.path])
             let second = lab.directory.appendingPathComponent("second.log").path
-            let daemon = try Child(["ip", "netns", "exec", lab.namespace("h1"), "env", "PATH=\(try nftOnlyPath(lab))",
+            let daemon = try spawn(["ip", "netns", "exec", lab.namespace("h1"), "env", "PATH=\(try nftOnlyPath(lab))",
                                     tunneldBinary, "run", "--store-dir", lab.storeDirectory,
                                     "--iface", "eth0", "--device", "tun1", "--ip-masq",
                                     "--subnet-file", lab.directory.appendingPathComponent("second.env").path],
                                    output: second)
-            defer { daemon.stop() }
+            defer { daemon.terminate() }
             func log() -> String { (try? String(contentsOfFile: second, encoding: .utf8)) ?? "" }
             #expect(eventually(.seconds(30)) { log().contains("tunneld ready") }, "\(log())")
             #expect(log().contains("iptables chains TUNNELD-POSTRTG, TUNNELD-FWD of an earlier run without EnableNFTables are still there"),
