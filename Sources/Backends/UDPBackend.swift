@@ -53,7 +53,7 @@ public final class UDPBackend: Backend, HostBackend {
         let config = host.config
         self.host = host
         self.options = options
-        mtu = host.underlay.mtu - NetBase.DataPath.udpEncapsulationOverhead
+        mtu = host.underlay.mtu - DataPath.udpEncapsulationOverhead
         table = try SubnetTable(network: config.network, subnetLength: config.subnetLen)
     }
 
