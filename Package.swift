@@ -82,6 +82,7 @@ let package = Package(
         .target(
             name: "EtcdClient",
             dependencies: [
+                "NetBase",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
@@ -160,7 +161,7 @@ let package = Package(
         // Links FlannelFiles, not LeaseStore: no etcd client, gRPC or NIO in a
         // program the runtime starts for every container.
         .target(name: "CNIPlugin", dependencies: ["NetBase", "FlannelFiles", "CTunnel"]),
-        .executableTarget(name: "tunneld-cni", dependencies: ["CNIPlugin"]),
+        .executableTarget(name: "tunneld-cni", dependencies: ["CNIPlugin", "NetBase"]),
         .testTarget(name: "NetBaseTests", dependencies: ["NetBase"]),
         // Runs a program with io_uring refused by a seccomp filter, as Docker's
         // default profile refuses it: the tests reach the system-call tier for real.

@@ -491,16 +491,19 @@ def render(results, meta):
              f"{meta['samples']} single changes, burst of {meta['burst']:,}",
              "",
              "| backend | hosts | start→READY | put→in table p50 / p99 | delete→out p50 / p99 "
-             "| burst puts / deletes (last in/out) | join: READY / seen by the first | RSS (peak) | idle CPU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| single changes missed | burst puts / deletes (last in/out) | join: READY / seen by the first "
+             "| RSS (peak) | idle CPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['backend']} | {r['hosts']:,} | failed: {r['error']} |||||||")
+            lines.append(f"| {r['backend']} | {r['hosts']:,} | failed: {r['error']} ||||||||")
             continue
         lines.append(
             f"| {r['backend']} | {r['hosts']:,} | {r['start_to_ready_s']:.2f} s "
             f"| {r['put_to_route_ms']['p50']} / {r['put_to_route_ms']['p99']} ms "
             f"| {r['delete_to_route_ms']['p50']} / {r['delete_to_route_ms']['p99']} ms "
+            # each single change is a put and a delete, each timed; one not seen within 10 s is missed
+            f"| {r['samples_missed']} of {2 * meta['samples']} "
             f"| {r['burst_put']['last_route_after_s']} s / {r['burst_delete']['last_route_after_s']} s "
             f"| {r['join']['ready_s']:.2f} s / {r['join']['first_host_route_after_s']} s "
             f"| {r['rss_mib']} MiB ({r['peak_rss_mib']}) | {r['idle_cpu_percent']} % |")

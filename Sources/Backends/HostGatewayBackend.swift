@@ -57,7 +57,7 @@ public final class HostGatewayBackend: Backend, HostBackend {
                     logger.error("peer \(lease.subnet) at \(gateway) is not directly reachable: it is outside \(underlay.name)'s network \(underlayAddress.network), and host-gw needs every host on one layer-2 network; its containers stay unreachable from here (use the vxlan backend for routed networks)")
                     continue
                 }
-                let route = Netlink.Route(destination: lease.subnet, outputIndex: underlay.index, gateway: gateway)
+                let route = Route(destination: lease.subnet, outputIndex: underlay.index, gateway: gateway)
                 if routes.set(route, peer: "peer \(lease.subnet) (\(gateway))") {
                     log.note("peer \(lease.subnet) → via \(gateway) dev \(underlay.name)")
                 }

@@ -13,8 +13,8 @@ import Synchronization
 final class RouteKeeper: Sendable {
     let routeSocket: RouteSocket
     let logger: Logger
-    let owns: @Sendable (Netlink.Route) -> Bool
-    private let wanted = Mutex<[IPv4Network: Netlink.Route]>([:])
+    let owns: @Sendable (Route) -> Bool
+    private let wanted = Mutex<[IPv4Network: Route]>([:])
     /// Peers whose route the kernel refused, so that the periodic check does
     /// not repeat the same error every time.
     private let failing = Mutex<[IPv4Network: String]>([:])
@@ -22,13 +22,13 @@ final class RouteKeeper: Sendable {
     /// `check()`, for `tunneld status` and the metrics endpoint.
     private let counts = Mutex<(changes: UInt64, restored: UInt64)>((0, 0))
 
-    init(routeSocket: RouteSocket, logger: Logger, owns: @escaping @Sendable (Netlink.Route) -> Bool) {
+    init(routeSocket: RouteSocket, logger: Logger, owns: @escaping @Sendable (Route) -> Bool) {
         self.routeSocket = routeSocket
         self.logger = logger
         self.owns = owns
     }
 
-    var routes: [Netlink.Route] { wanted.withLock { Array($0.values) } }
+    var routes: [Route] { wanted.withLock { Array($0.values) } }
 
     /// Wanted routes, changes made to them, and routes restored by `check()`.
     var tally: (routes: Int, changes: UInt64, restored: UInt64) {
@@ -37,7 +37,7 @@ final class RouteKeeper: Sendable {
         return (n, c.changes, c.restored)
     }
 
-    func describe(_ route: Netlink.Route) -> String {
+    func describe(_ route: Route) -> String {
         route.description(device: routeSocket.linkName(route.outputIndex))
     }
 
@@ -45,8 +45,8 @@ final class RouteKeeper: Sendable {
     /// Returns false, after one error line for this peer, when the kernel
     /// refuses it.
     @discardableResult
-    func set(_ route: Netlink.Route, peer: String) -> Bool {
-        let previous = wanted.withLock { table -> Netlink.Route? in
+    func set(_ route: Route, peer: String) -> Bool {
+        let previous = wanted.withLock { table -> Route? in
             defer { table[route.destination] = route }
             return table[route.destination]
         }
@@ -55,7 +55,7 @@ final class RouteKeeper: Sendable {
         return install(route, peer: peer)
     }
 
-    private func install(_ route: Netlink.Route, peer: String) -> Bool {
+    private func install(_ route: Route, peer: String) -> Bool {
         do {
             try routeSocket.addRoute(route)
             failing.withLock { $0[route.destination] = nil }
@@ -95,7 +95,7 @@ final class RouteKeeper: Sendable {
     /// Puts back wanted routes that are missing and removes owned routes
     /// that nobody wants (left by an earlier run or another backend).
     func check() {
-        let present: [Netlink.Route]
+        let present: [Route]
         do { present = try routeSocket.routes() } catch {
             logger.warning("route check: cannot list routes: \(error)")
             return
@@ -112,7 +112,7 @@ final class RouteKeeper: Sendable {
         }
         // One pass over each list (a /8 of /24s has 65,535 routes; comparing
         // every wanted route with every present one would be quadratic).
-        var presentByDestination: [IPv4Network: [Netlink.Route]] = [:]
+        var presentByDestination: [IPv4Network: [Route]] = [:]
         for route in present { presentByDestination[route.destination, default: []].append(route) }
         for (destination, route) in wanted
         where !(presentByDestination[destination] ?? []).contains(where: { Self.same(route, $0) }) {
@@ -131,7 +131,7 @@ final class RouteKeeper: Sendable {
 
     /// The same route as far as forwarding goes (the kernel may report a
     /// metric or source we did not set).
-    static func same(_ a: Netlink.Route, _ b: Netlink.Route) -> Bool {
+    static func same(_ a: Route, _ b: Route) -> Bool {
         a.destination == b.destination && a.gateway == b.gateway && a.outputIndex == b.outputIndex
             && a.onlink == b.onlink
     }
@@ -139,6 +139,6 @@ final class RouteKeeper: Sendable {
 
 /// Routes in the shape both kernel backends install for a peer: a subnet of
 /// the network, of SubnetLen, through a gateway.
-func isPeerRoute(_ route: Netlink.Route, network: IPv4Network, subnetLen: Int) -> Bool {
+func isPeerRoute(_ route: Route, network: IPv4Network, subnetLen: Int) -> Bool {
     route.gateway != nil && route.destination.prefixLength == subnetLen && network.contains(route.destination)
 }

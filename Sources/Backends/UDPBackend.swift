@@ -53,7 +53,7 @@ public final class UDPBackend: Backend, HostBackend {
         let config = host.config
         self.host = host
         self.options = options
-        mtu = host.underlay.mtu - NetBase.DataPath.udpEncapsulationOverhead
+        mtu = host.underlay.mtu - DataPath.udpEncapsulationOverhead
         table = try SubnetTable(network: config.network, subnetLength: config.subnetLen)
     }
 
@@ -104,7 +104,7 @@ public final class UDPBackend: Backend, HostBackend {
         for change in changes {
             switch change {
             case .added(let lease), .updated(_, let lease):
-                let route = PacketRing.Route.peer(UDPEndpoint(address: lease.attributes.publicIP, port: config.backend.port))
+                let route = NextHop.peer(UDPEndpoint(address: lease.attributes.publicIP, port: config.backend.port))
                 do {
                     try table.set(lease.subnet, to: route)
                     log.note("peer \(lease.subnet) → \(route)")
@@ -124,7 +124,7 @@ public final class UDPBackend: Backend, HostBackend {
             throw BackendError("the udp backend was not activated before run()")
         }
         let workers = path.start()
-        logger.info("\(path.loops.count) data-path worker(s) on udp port \(config.backend.port), \(table.allRoutes.count - 1) peer(s)")
+        logger.info("\(path.loops.count) data-path worker(s) on udp port \(config.backend.port), \(table.allNextHops.count - 1) peer(s)")
         try await withTaskCancellationHandler {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for worker in workers { group.addTask { try await worker.wait() } }

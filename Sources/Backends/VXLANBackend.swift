@@ -177,7 +177,7 @@ public final class VXLANBackend: Backend, HostBackend {
     private func add(_ lease: Lease, index: Int32, routes: RouteKeeper, log: inout PeerLog) {
         let remote = lease.attributes.publicIP
         if config.backend.directRouting && underlayAddress.network.contains(remote) {
-            let route = Netlink.Route(destination: lease.subnet, outputIndex: underlay.index, gateway: remote)
+            let route = Route(destination: lease.subnet, outputIndex: underlay.index, gateway: remote)
             if routes.set(route, peer: "peer \(lease.subnet) (\(remote))") {
                 installed.withLock { $0[lease.subnet] = .direct }
                 log.note("peer \(lease.subnet) → via \(remote) dev \(underlay.name) (direct routing)")
@@ -194,7 +194,7 @@ public final class VXLANBackend: Backend, HostBackend {
             return
         }
         installed.withLock { $0[lease.subnet] = .tunnel(mac: mac, remote: remote) }
-        let route = Netlink.Route(destination: lease.subnet, outputIndex: index, gateway: lease.subnet.address, onlink: true)
+        let route = Route(destination: lease.subnet, outputIndex: index, gateway: lease.subnet.address, onlink: true)
         if routes.set(route, peer: "peer \(lease.subnet) (\(remote))") {
             log.note("peer \(lease.subnet) → vtep \(mac) at \(remote) dev \(deviceName)")
         }

@@ -23,16 +23,7 @@ public struct ExecDelegateRunner: DelegateRunner {
         self.diagnostics = diagnostics
     }
 
-    public static let writeToStandardError: @Sendable ([UInt8]) -> Void = { bytes in
-        bytes.withUnsafeBytes { buffer in
-            var offset = 0
-            while offset < buffer.count {
-                let n = write(2, buffer.baseAddress! + offset, buffer.count - offset)
-                if n <= 0 { if n < 0 && errno == EINTR { continue }; return }
-                offset += n
-            }
-        }
-    }
+    public static let writeToStandardError: @Sendable ([UInt8]) -> Void = { bytes in writeAll(2, bytes) }
 
     /// The delegate's executable: the first `CNI_PATH` directory holding a
     /// file named `type`.

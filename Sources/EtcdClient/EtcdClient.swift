@@ -4,6 +4,7 @@ import GRPCCore
 import GRPCNIOTransportHTTP2
 import GRPCProtobuf
 import Logging
+import NetBase
 import Synchronization
 
 /// A client for the parts of etcd's v3 API that tunneld uses, over gRPC.
@@ -58,8 +59,8 @@ public final class EtcdClient: Sendable {
     let connections: Task<Void, Never>
     /// Watch streams re-established after a broken connection, and requests
     /// repeated while no endpoint answered (swift-metrics; the daemon exports them).
-    let watchReconnects: CoreMetrics.Counter
-    let requestRetries: CoreMetrics.Counter
+    let watchReconnects: Counter
+    let requestRetries: Counter
     let logger: Logger
     /// The endpoints and TLS files, for `TLSDiagnosis`.
     let parsedEndpoints: [EtcdEndpoint]
@@ -158,8 +159,8 @@ public final class EtcdClient: Sendable {
         self.tls = tls
         self.keepaliveTimeout = keepaliveTimeout
         self.state = Mutex(State())
-        self.watchReconnects = CoreMetrics.Counter(label: "tunneld_store_watch_reconnects_total")
-        self.requestRetries = CoreMetrics.Counter(label: "tunneld_store_request_retries_total")
+        self.watchReconnects = Counter(label: "tunneld_store_watch_reconnects_total")
+        self.requestRetries = Counter(label: "tunneld_store_request_retries_total")
         // runConnections returns after beginGracefulShutdown once in-flight
         // RPCs are done; errors here resurface on the RPCs themselves.
         self.connections = Task { try? await grpc.runConnections() }
@@ -217,14 +218,6 @@ public final class EtcdClient: Sendable {
     }
 }
 
-
-/// A value shared between the closures of one RPC.
-final class Locked<Value: Sendable>: Sendable {
-    private let mutex: Mutex<Value>
-    init(_ value: Value) { mutex = Mutex(value) }
-    func get() -> Value { mutex.withLock { $0 } }
-    func set(_ value: Value) { mutex.withLock { $0 = value } }
-}
 
 extension EtcdKeyValue {
     init(_ kv: Mvccpb_KeyValue) {

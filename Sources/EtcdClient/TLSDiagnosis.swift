@@ -1,4 +1,5 @@
 import Foundation
+import NetBase
 import NIOCore
 import NIOPosix
 import NIOSSL
@@ -72,9 +73,9 @@ enum TLSDiagnosis {
     private static func untrusted(_ endpoint: EtcdEndpoint, caFile: String, timeout: Duration) async -> String {
         let generic = "the certificate of \(endpoint) is not trusted by \(caFile): give --etcd-cafile the CA that signed etcd's certificate (its --cert-file)"
         guard let capture = try? context(verification: .noHostnameVerification, tls: nil) else { return generic }
-        let chain = PeerChain()
+        let chain = PeerChain([])
         _ = await handshake(endpoint, context: capture, timeout: timeout, capturing: chain)
-        guard let leaf = chain.certificates.first else { return generic }
+        guard let leaf = chain.get().first else { return generic }
         let now = time(nil)
         if leaf.notValidAfter < now {
             return "the certificate of \(endpoint) expired on \(Self.date(leaf.notValidAfter)): renew etcd's certificate (its --cert-file)"
@@ -124,12 +125,7 @@ enum TLSDiagnosis {
     }
 
     /// The certificates a server presented, caught by a verification callback that accepts them.
-    final class PeerChain: @unchecked Sendable {
-        private let lock = NSLock()
-        private var stored: [NIOSSLCertificate] = []
-        var certificates: [NIOSSLCertificate] { lock.withLock { stored } }
-        func set(_ chain: [NIOSSLCertificate]) { lock.withLock { stored = chain } }
-    }
+    typealias PeerChain = Locked<[NIOSSLCertificate]>
 
     /// One TLS handshake, then a moment to hear the alert a server sends
     /// after it (TLS 1.3 servers check the client certificate after the

@@ -52,14 +52,3 @@ public struct SystemError: Error, Sendable, CustomStringConvertible {
         }
     }
 }
-
-/// Runs a libc call that returns -1 and sets errno, retrying on EINTR.
-@inline(__always)
-public func retryingInterrupts<T: BinaryInteger>(_ call: () -> T) -> Result<T, Errno> {
-    while true {
-        let r = call()
-        if r >= 0 { return .success(r) }
-        let e = Errno.current
-        if e != .interrupted { return .failure(e) }
-    }
-}

@@ -18,7 +18,7 @@ public enum NetworkNamespace {
     /// and returns its result or rethrows its error.
     public static func run<T>(inNamespaceAt path: String, _ body: () throws -> T) throws -> T {
         let namespace: FileDescriptor
-        switch Syscall.open(path, O_RDONLY | O_CLOEXEC) {
+        switch openDescriptor(path, O_RDONLY | O_CLOEXEC) {
         case .success(let fd): namespace = FileDescriptor(taking: fd)
         case .failure(let e):
             throw SystemError("open network namespace", on: path, errno: e,

@@ -87,10 +87,6 @@ enum Syscall {
         }
     }
 
-    static func open(_ path: String, _ flags: Int32) -> Result<Int32, Errno> {
-        retryingInterrupts { Glibc.open(path, flags) }
-    }
-
     static func joinNetworkNamespace(_ fd: Int32) -> Result<Void, Errno> {
         retryingInterrupts { ctunnel_setns_net(fd) }.map { _ in () }
     }

@@ -6,8 +6,9 @@ import NetBase
 import Synchronization
 import UDPEncap
 
-/// Where the data path sends packets for one subnet of the network.
-public enum Route: Hashable, Sendable, CustomStringConvertible {
+/// Where the data path sends packets for one subnet of the network: an
+/// entry of the data path's table, not a kernel route (Netlink's `NextHop`).
+public enum NextHop: Hashable, Sendable, CustomStringConvertible {
     /// A remote host: encapsulate and send to it.
     case peer(UDPEndpoint)
     /// This host's own subnet: never sent into the tunnel.
@@ -41,7 +42,7 @@ public final class SubnetTable: @unchecked Sendable {
     private let shift: UInt32
     private let base: UInt32
     /// The writers' view: what each subnet is set to, for listing and diffing.
-    private let routes = Mutex<[IPv4Network: Route]>([:])
+    private let routes = Mutex<[IPv4Network: NextHop]>([:])
     /// Bumped by every change (a set, or a remove that removed something),
     /// under `routes`' lock; read by the metrics endpoint and `tunneld status`.
     private let changes = ManagedAtomic<UInt64>(0)
@@ -91,7 +92,7 @@ public final class SubnetTable: @unchecked Sendable {
     @inline(__always) public static func peerAddress(_ entry: UInt64) -> UInt32 { UInt32(truncatingIfNeeded: entry) }
     @inline(__always) public static func peerPort(_ entry: UInt64) -> UInt16 { UInt16(truncatingIfNeeded: entry >> 32) }
 
-    static func encode(_ route: Route) -> UInt64 {
+    static func encode(_ route: NextHop) -> UInt64 {
         switch route {
         case .peer(let e): kindPeer | UInt64(e.port) << 32 | UInt64(e.address.value)
         case .local: kindLocal
@@ -99,7 +100,7 @@ public final class SubnetTable: @unchecked Sendable {
     }
 
     /// What the data path would do for `address`.
-    public func route(for address: IPv4Address) -> Route? {
+    public func nextHop(for address: IPv4Address) -> NextHop? {
         let e = entry(for: address.value)
         if SubnetTable.isPeer(e) {
             return .peer(UDPEndpoint(address: IPv4Address(SubnetTable.peerAddress(e)), port: SubnetTable.peerPort(e)))
@@ -113,7 +114,7 @@ public final class SubnetTable: @unchecked Sendable {
     /// no smaller than SubnetLen (a larger one fills several entries). As in
     /// a routing table the most specific subnet wins: a wider subnet set over
     /// narrower ones fills only the entries none of them holds.
-    public func set(_ subnet: IPv4Network, to route: Route) throws {
+    public func set(_ subnet: IPv4Network, to route: NextHop) throws {
         let range = try indices(of: subnet)
         routes.withLock { routes in
             routes[subnet] = route
@@ -137,7 +138,7 @@ public final class SubnetTable: @unchecked Sendable {
     /// in `routes` that covers it (0: none). Control side only, under the
     /// lock; one dictionary look-up per entry and prefix length, and a
     /// lease is one entry.
-    private func refresh(_ range: Range<Int>, from routes: [IPv4Network: Route]) {
+    private func refresh(_ range: Range<Int>, from routes: [IPv4Network: NextHop]) {
         for i in range {
             let address = IPv4Address(base &+ UInt32(i) << shift)
             var value: UInt64 = 0
@@ -154,7 +155,7 @@ public final class SubnetTable: @unchecked Sendable {
     }
 
     /// What `subnet` is currently set to, as the writers see it.
-    public func route(of subnet: IPv4Network) -> Route? { routes.withLock { $0[subnet] } }
+    public func nextHop(of subnet: IPv4Network) -> NextHop? { routes.withLock { $0[subnet] } }
 
     /// How many changes the table has seen: a new value means the data path
     /// is steering by a new set of routes.
@@ -164,7 +165,7 @@ public final class SubnetTable: @unchecked Sendable {
     public var count: Int { routes.withLock { $0.count } }
 
     /// Every subnet currently set, as the writers see it.
-    public var allRoutes: [IPv4Network: Route] { routes.withLock { $0 } }
+    public var allNextHops: [IPv4Network: NextHop] { routes.withLock { $0 } }
 
     private func indices(of subnet: IPv4Network) throws -> Range<Int> {
         guard network.contains(subnet) else {

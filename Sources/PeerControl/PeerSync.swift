@@ -6,14 +6,6 @@ import NetBase
 import ServiceLifecycle
 import Synchronization
 
-/// The lease this node holds; changed by renewal and re-acquisition.
-public final class LeaseHolder: Sendable {
-    private let state: Mutex<Lease>
-    public init(_ lease: Lease) { state = Mutex(lease) }
-    public var lease: Lease { state.withLock { $0 } }
-    public func replace(_ lease: Lease) { state.withLock { $0 = lease } }
-}
-
 /// Keeps a backend's peers equal to the store's leases, and this node's own
 /// lease alive. It does not know which backend it feeds.
 ///
@@ -488,13 +480,13 @@ extension PeerSync {
     /// What the control side counts, through swift-metrics (the daemon
     /// bootstraps it with the Prometheus registry; elsewhere these are no-ops).
     struct Metrics: Sendable {
-        let added, updated, removed: CoreMetrics.Counter
-        let renewals, renewalFailures, reacquisitions: CoreMetrics.Counter
-        let watchRestarts, compactions: CoreMetrics.Counter
+        let added, updated, removed: Counter
+        let renewals, renewalFailures, reacquisitions: Counter
+        let watchRestarts, compactions: Counter
 
         init(factory: any MetricsFactory) {
-            func counter(_ label: String, _ dimensions: [(String, String)] = []) -> CoreMetrics.Counter {
-                CoreMetrics.Counter(label: label, dimensions: dimensions, factory: factory)
+            func counter(_ label: String, _ dimensions: [(String, String)] = []) -> Counter {
+                Counter(label: label, dimensions: dimensions, factory: factory)
             }
             added = counter("tunneld_peer_changes_total", [("change", "added")])
             updated = counter("tunneld_peer_changes_total", [("change", "updated")])
@@ -506,7 +498,7 @@ extension PeerSync {
             compactions = counter("tunneld_store_compactions_total")
         }
 
-        func peerChanges(_ change: PeerChange) -> CoreMetrics.Counter {
+        func peerChanges(_ change: PeerChange) -> Counter {
             switch change {
             case .added: added
             case .updated: updated

@@ -161,7 +161,7 @@ public final class TunDevice: Sendable {
     private static func openQueue(name: String, multiQueue: Bool, vnetHeader: Bool) throws -> (FileDescriptor, String) {
         let device = "/dev/net/tun"
         let fd: FileDescriptor
-        switch TunSyscall.open(device, O_RDWR | O_NONBLOCK | O_CLOEXEC) {
+        switch openDescriptor(device, O_RDWR | O_NONBLOCK | O_CLOEXEC) {
         case .success(let raw): fd = FileDescriptor(taking: raw)
         case .failure(let e):
             let hint: String? = switch e {
@@ -202,41 +202,9 @@ public final class TunDevice: Sendable {
     }
 }
 
-/// Offloads of a TUN device that the reader takes on (TUNSETOFFLOAD).
-public struct TunOffloads: OptionSet, Sendable, CustomStringConvertible {
-    public let rawValue: UInt32
-    public init(rawValue: UInt32) { self.rawValue = rawValue }
-    /// Packets may arrive with the TCP/UDP checksum left to the reader.
-    public static let checksum = TunOffloads(rawValue: 1)
-    /// TCP over IPv4 super-packets (TSO).
-    public static let tso4 = TunOffloads(rawValue: 2)
-    /// UDP over IPv4 super-packets (USO, Linux 6.2).
-    public static let uso4 = TunOffloads(rawValue: 4)
-
-    var kernelFlags: UInt32 {
-        var flags: UInt32 = 0
-        if contains(.checksum) { flags |= ctunnel_TUN_F_CSUM }
-        if contains(.tso4) { flags |= ctunnel_TUN_F_TSO4 }
-        // The kernel takes USO only for both IP versions at once; IPv6
-        // packets are not ours to carry and are dropped either way.
-        if contains(.uso4) { flags |= ctunnel_TUN_F_USO4 | ctunnel_TUN_F_USO6 }
-        return flags
-    }
-
-    public var description: String {
-        let names = [(TunOffloads.checksum, "csum"), (.tso4, "tso4"), (.uso4, "uso4")]
-            .filter { contains($0.0) }.map(\.1)
-        return names.isEmpty ? "none" : names.joined(separator: "+")
-    }
-}
-
 /// The system calls of this module; each returns its result or the errno,
 /// retrying on EINTR.
 enum TunSyscall {
-    static func open(_ path: String, _ flags: Int32) -> Result<Int32, Errno> {
-        retryingInterrupts { Glibc.open(path, flags) }
-    }
-
     static func ioctl(_ fd: Int32, _ request: UInt, _ argument: UnsafeMutableRawPointer) -> Result<Void, Errno> {
         retryingInterrupts { Glibc.ioctl(fd, request, argument) }.map { _ in () }
     }

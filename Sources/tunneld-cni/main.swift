@@ -2,35 +2,11 @@
 import Glibc
 #endif
 import CNIPlugin
+import NetBase
 
 // flannel's CNI plugin for tunneld. A container runtime runs it with the
 // CNI_* environment and the network config on stdin; install it as
 // "flannel" in the runtime's CNI bin directory (docs/CNI.md).
-
-func readStandardInput() -> [UInt8] {
-    var input: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 64 << 10)
-    while true {
-        let n = chunk.withUnsafeMutableBytes { read(0, $0.baseAddress, $0.count) }
-        if n > 0 {
-            input += chunk[..<n]
-        } else if n == 0 || errno != EINTR {
-            return input
-        }
-    }
-}
-
-func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
-    bytes.withUnsafeBytes { buffer in
-        var offset = 0
-        while offset < buffer.count {
-            let n = write(fd, buffer.baseAddress! + offset, buffer.count - offset)
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return }
-            offset += n
-        }
-    }
-}
 
 var environment: [String: String] = [:]
 var entry = environ
@@ -52,7 +28,7 @@ if arguments.count > 1, ["-h", "--help", "help", "--version", "-version"].contai
 // plugin prints what it is instead of waiting for input.
 let hasCommand = !(environment["CNI_COMMAND"] ?? "").isEmpty
 let response = FlannelPlugin(invokedAs: invokedAs)
-    .handle(environment: environment, stdin: hasCommand ? readStandardInput() : [])
+    .handle(environment: environment, stdin: hasCommand ? ((try? readToEnd(0).get()) ?? []) : [])
 writeAll(1, response.stdout)
 writeAll(2, Array(response.stderr.utf8))
 exit(response.exitStatus)

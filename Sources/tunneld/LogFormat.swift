@@ -3,6 +3,7 @@ import FlannelFiles
 import Foundation
 import LeaseStore
 import Logging
+import NetBase
 
 /// How log lines look: `text` for people (swift-log's stream format) or
 /// `json`, one object per line, for log shippers.
@@ -60,14 +61,7 @@ struct JSONLogHandler: LogHandler {
         // One write per line, so lines from different threads do not mix.
         var bytes = Array(line.utf8)
         bytes.append(10)
-        bytes.withUnsafeBytes { buffer in
-            var offset = 0
-            while offset < buffer.count {
-                let n = Foundation.write(2, buffer.baseAddress! + offset, buffer.count - offset)
-                if n < 0 { if errno == EINTR { continue } else { return } }
-                offset += n
-            }
-        }
+        writeAll(2, bytes)
     }
 
     func log(event: LogEvent) {

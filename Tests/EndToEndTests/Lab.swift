@@ -138,10 +138,38 @@ final class Lab {
         let pid = String(getpid() % 100_000), suffix = String(UInt32.random(in: 0..<0x1_0000), radix: 16)
         name = "td" + String(repeating: "0", count: 5 - pid.count) + pid
             + String(repeating: "0", count: 4 - suffix.count) + suffix
+        _ = Lab.leftoversRemoved
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("tunneld-lab-\(name)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        // Who made the lab, so that a later run can tell a crashed run's lab from a live one.
+        try "\(getpid())\n".write(to: directory.appendingPathComponent(Lab.ownerFile), atomically: true, encoding: .utf8)
         try lab("create")
     }
+
+    static let ownerFile = "owner"  // not *.pid: destroy stops the process of every *.pid
+
+    /// Once per test process, before its first lab: the labs of runs that
+    /// crashed (killed, or stopped in a debugger) before their `destroy()` —
+    /// a lab directory whose owner process is gone — are destroyed, with
+    /// their namespaces and processes, so that they neither pile up nor hold
+    /// addresses a new lab needs. Labs of live runs (another test process
+    /// beside this one) are left alone.
+    static let leftoversRemoved: Void = {
+        let temporary = FileManager.default.temporaryDirectory
+        let script = repositoryRoot.appendingPathComponent("Scripts/netns-lab.sh").path
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: temporary.path)) ?? []
+        for entry in entries where entry.hasPrefix("tunneld-lab-td") {
+            let directory = temporary.appendingPathComponent(entry)
+            guard let text = try? String(contentsOf: directory.appendingPathComponent(ownerFile), encoding: .utf8),
+                  let owner = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), owner > 0,
+                  kill(owner, 0) != 0, errno == ESRCH
+            else { continue }
+            let name = String(entry.dropFirst("tunneld-lab-".count))
+            print("Lab: destroying \(name), left by process \(owner), which is gone")
+            _ = try? run(["bash", script, "destroy", name, directory.path], timeout: .seconds(120), check: false)
+            try? FileManager.default.removeItem(at: directory)
+        }
+    }()
 
     @discardableResult
     func lab(_ arguments: String..., timeout: Duration = .seconds(60)) throws -> CommandResult {

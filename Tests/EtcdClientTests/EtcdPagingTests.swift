@@ -1,5 +1,6 @@
 import EtcdTestSupport
 import Foundation
+import NetBase
 import Testing
 
 @testable import EtcdClient

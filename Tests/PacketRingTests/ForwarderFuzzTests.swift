@@ -16,7 +16,7 @@ import UDPEncap
     struct Setup {
         var network: IPv4Network
         var subnetLength: Int
-        var routes: [(IPv4Network, Route)]
+        var routes: [(IPv4Network, NextHop)]
         var table: SubnetTable
         var forwarder: Forwarder
         var local: IPv4Network
@@ -39,7 +39,7 @@ import UDPEncap
             used.insert(localIndex)
             let local = subnet(localIndex)
             self.local = local
-            var routes: [(IPv4Network, Route)] = [(local, .local)]
+            var routes: [(IPv4Network, NextHop)] = [(local, .local)]
             for _ in 0..<c.int(0...min(6, count - 1)) {
                 let i = c.int(0..<count)
                 guard used.insert(i).inserted else { continue }
@@ -53,7 +53,7 @@ import UDPEncap
                                   mtu: c.pick([1472, 1400, 65535, c.int(68...1500)]))
         }
 
-        func model(_ address: UInt32) -> Route? {
+        func model(_ address: UInt32) -> NextHop? {
             routes.first { $0.0.contains(IPv4Address(address)) }?.1
         }
 

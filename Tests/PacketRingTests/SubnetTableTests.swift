@@ -21,7 +21,7 @@ import UDPEncap
 
     @Test func lookupMatchesASimpleModelUnderRandomUpdates() throws {
         let table = try SubnetTable(network: network, subnetLength: 24)
-        var model: [IPv4Network: Route] = [:]
+        var model: [IPv4Network: NextHop] = [:]
         var rng = FuzzRandom(seed: 0x2F_1000)
         for step in 0..<5_000 {
             let s = subnet(Int.random(in: 0..<256, using: &rng))
@@ -33,29 +33,29 @@ import UDPEncap
             // Any address: the model says which subnet holds it, if any.
             let a = IPv4Address(UInt32.random(in: 0x0A01_FF00...0x0A03_0100, using: &rng))
             let expected = model.first { $0.key.contains(a) }?.value
-            #expect(table.route(for: a) == expected, "step \(step): \(a)")
+            #expect(table.nextHop(for: a) == expected, "step \(step): \(a)")
         }
-        #expect(table.allRoutes == model)
+        #expect(table.allNextHops == model)
     }
 
     @Test func addressesOutsideTheNetworkHaveNoRoute() throws {
         let table = try SubnetTable(network: network, subnetLength: 24)
         try table.set(subnet(0), to: .local)
         try table.set(subnet(255), to: .peer(endpoint(1)))
-        #expect(table.route(for: IPv4Address("10.1.255.255")!) == nil)
-        #expect(table.route(for: IPv4Address("10.3.0.0")!) == nil)
-        #expect(table.route(for: IPv4Address("10.2.255.9")!) == .peer(endpoint(1)))
-        #expect(table.route(for: IPv4Address("10.2.0.1")!) == .local)
+        #expect(table.nextHop(for: IPv4Address("10.1.255.255")!) == nil)
+        #expect(table.nextHop(for: IPv4Address("10.3.0.0")!) == nil)
+        #expect(table.nextHop(for: IPv4Address("10.2.255.9")!) == .peer(endpoint(1)))
+        #expect(table.nextHop(for: IPv4Address("10.2.0.1")!) == .local)
     }
 
     @Test func aWiderSubnetFillsEveryEntryItCovers() throws {
         let table = try SubnetTable(network: network, subnetLength: 24)
         try table.set(IPv4Network("10.2.4.0/23")!, to: .peer(endpoint(3)))
-        #expect(table.route(for: IPv4Address("10.2.4.7")!) == .peer(endpoint(3)))
-        #expect(table.route(for: IPv4Address("10.2.5.7")!) == .peer(endpoint(3)))
-        #expect(table.route(for: IPv4Address("10.2.6.7")!) == nil)
+        #expect(table.nextHop(for: IPv4Address("10.2.4.7")!) == .peer(endpoint(3)))
+        #expect(table.nextHop(for: IPv4Address("10.2.5.7")!) == .peer(endpoint(3)))
+        #expect(table.nextHop(for: IPv4Address("10.2.6.7")!) == nil)
         table.remove(IPv4Network("10.2.4.0/23")!)
-        #expect(table.route(for: IPv4Address("10.2.5.7")!) == nil)
+        #expect(table.nextHop(for: IPv4Address("10.2.5.7")!) == nil)
     }
 
     @Test func subnetsThatDoNotFitAreRejectedWithAReason() throws {
@@ -69,8 +69,8 @@ import UDPEncap
         // 2^24 entries (128 MiB of address space), almost none written.
         let table = try SubnetTable(network: IPv4Network("10.0.0.0/8")!, subnetLength: 32)
         try table.set(IPv4Network("10.200.3.4/32")!, to: .peer(endpoint(9)))
-        #expect(table.route(for: IPv4Address("10.200.3.4")!) == .peer(endpoint(9)))
-        #expect(table.route(for: IPv4Address("10.200.3.5")!) == nil)
+        #expect(table.nextHop(for: IPv4Address("10.200.3.4")!) == .peer(endpoint(9)))
+        #expect(table.nextHop(for: IPv4Address("10.200.3.5")!) == nil)
     }
 
     /// Subnets of 10.2.0.0/20 as /22, /23 and /24 over the same addresses, set and removed in
@@ -78,13 +78,13 @@ import UDPEncap
     /// kernel's routing would give), and the writers' view is exactly what was set.
     @Test func overlappingWiderAndNarrowerSubnetsMatchALongestPrefixModel() throws {
         let table = try SubnetTable(network: network, subnetLength: 24)
-        var model: [IPv4Network: Route] = [:]
+        var model: [IPv4Network: NextHop] = [:]
         var rng = FuzzRandom(seed: 0x2F_1001)
         let candidates = (0..<16).flatMap { i -> [IPv4Network] in
             [subnet(i), IPv4Network(address: subnet(i & ~1).address, prefixLength: 23),
              IPv4Network(address: subnet(i & ~3).address, prefixLength: 22)]
         }
-        func expected(_ address: IPv4Address) -> Route? {
+        func expected(_ address: IPv4Address) -> NextHop? {
             model.filter { $0.key.contains(address) }.max { $0.key.prefixLength < $1.key.prefixLength }?.value
         }
         var mismatches: [String] = []
@@ -93,13 +93,13 @@ import UDPEncap
             if Int.random(in: 0..<3, using: &rng) == 0 {
                 table.remove(s); model[s] = nil
             } else {
-                let route: Route = Bool.random(using: &rng) ? .local : .peer(endpoint(step))
+                let route: NextHop = Bool.random(using: &rng) ? .local : .peer(endpoint(step))
                 try table.set(s, to: route); model[s] = route
             }
             for i in 0..<16 {
                 let a = IPv4Address(subnet(i).address.value + 7)
-                if table.route(for: a) != expected(a) {
-                    mismatches.append("step \(step) (\(model.count) set): \(a) → \(String(describing: table.route(for: a))), "
+                if table.nextHop(for: a) != expected(a) {
+                    mismatches.append("step \(step) (\(model.count) set): \(a) → \(String(describing: table.nextHop(for: a))), "
                                       + "the longest set subnet says \(String(describing: expected(a)))")
                 }
             }
@@ -108,7 +108,7 @@ import UDPEncap
         // or newly set /23 keeps its own route.
         #expect(mismatches.isEmpty, "\(mismatches.prefix(3))")
         // The writers' view is right either way.
-        #expect(table.allRoutes == model)
+        #expect(table.allNextHops == model)
     }
 
     /// Readers on two threads of their own while a writer replaces routes: a reader sees, for
@@ -119,7 +119,7 @@ import UDPEncap
         let table = try SubnetTable(network: network, subnetLength: 24)
         let subnets = 64
         // Subnet i holds the endpoint 198.18.i.0 with version v in its port (v < 65536).
-        func value(_ i: Int, version: Int) -> Route {
+        func value(_ i: Int, version: Int) -> NextHop {
             .peer(UDPEndpoint(address: IPv4Address(0xC612_0000 | UInt32(i) << 8), port: UInt16(version)))
         }
         for i in 0..<subnets { try table.set(subnet(i), to: value(i, version: 0)) }

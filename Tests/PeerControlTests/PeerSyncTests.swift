@@ -4,7 +4,6 @@ import MetricsTestKit
 import LeaseStore
 import NetBase
 import PeerControl
-import Synchronization
 import Testing
 
 let configJSON = #"{"Network":"10.2.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}"#
@@ -17,11 +16,7 @@ struct Fixture {
     let sync: PeerSync
     let logs: LogCapture
     let own: Lease
-    let movedTo: MovedRecord
-
-    final class MovedRecord: Sendable {
-        let value = Synchronization.Mutex<[IPv4Network]>([])
-    }
+    let movedTo: Locked<[IPv4Network]>
 
     init(type: BackendType = .udp, configJSON: String = configJSON,
          unusable: @escaping @Sendable (Lease) -> String? = { _ in nil },
@@ -32,11 +27,11 @@ struct Fixture {
         logs = LogCapture()
         let attributes = try backend.leaseAttributes()
         own = try await store.acquireLease(config: config, attributes: attributes, preferred: net("10.2.5.0/24"))
-        let movedTo = MovedRecord()
+        let movedTo = Locked<[IPv4Network]>([])
         self.movedTo = movedTo
         sync = PeerSync(store: store, backend: backend, holder: LeaseHolder(own), config: config,
                         attributes: attributes, logger: logs.logger,
-                        onSubnetChange: { lease in movedTo.value.withLock { $0.append(lease.subnet) } },
+                        onSubnetChange: { lease in movedTo.withLock { $0.append(lease.subnet) } },
                         metricsFactory: metrics)
     }
 
@@ -229,7 +224,7 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
             let (from, to) = try #require(f.backend.moved.first)
             #expect(from == net("10.2.5.0/24"))
             #expect(to != from)
-            #expect(f.movedTo.value.withLock { $0 } == [to])
+            #expect(f.movedTo.get() == [to])
             #expect(f.sync.holder.lease.subnet == to)
             // The other host's lease on our old subnet is now a peer like any other.
             f.store.put(from, udpLease("198.18.0.99"))

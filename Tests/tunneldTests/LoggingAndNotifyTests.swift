@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NetBase
 import Testing
 @testable import tunneld
 
@@ -48,18 +49,14 @@ import Testing
     }
 
     @Test func jsonLogLinesAreOneParsableObjectEach() throws {
-        final class Lines: @unchecked Sendable {
-            let lock = NSLock()
-            var all: [String] = []
-        }
-        let lines = Lines()
-        var handler = JSONLogHandler(label: "tunneld") { line in lines.lock.withLock { lines.all.append(line) } }
+        let lines = Locked<[String]>([])
+        var handler = JSONLogHandler(label: "tunneld") { line in lines.withLock { $0.append(line) } }
         handler.logLevel = .debug
         handler[metadataKey: "subnet"] = "10.2.3.0/24"
         let logger = Logger(label: "tunneld") { _ in handler }
         logger.info("peer \"a\"\nleft\t\u{1}", metadata: ["peers": .array(["1", "2"]), "message": "clash", "n": .stringConvertible(3)])
         logger.trace("not logged at debug")
-        let all = lines.lock.withLock { lines.all }
+        let all = lines.get()
         #expect(all.count == 1)
         let line = try #require(all.first)
         #expect(!line.contains("\n"))

@@ -1,0 +1,29 @@
+import CTunnel
+
+/// Offloads of a TUN device that the reader takes on (TUNSETOFFLOAD).
+public struct TunOffloads: OptionSet, Sendable, CustomStringConvertible {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// Packets may arrive with the TCP/UDP checksum left to the reader.
+    public static let checksum = TunOffloads(rawValue: 1)
+    /// TCP over IPv4 super-packets (TSO).
+    public static let tso4 = TunOffloads(rawValue: 2)
+    /// UDP over IPv4 super-packets (USO, Linux 6.2).
+    public static let uso4 = TunOffloads(rawValue: 4)
+
+    var kernelFlags: UInt32 {
+        var flags: UInt32 = 0
+        if contains(.checksum) { flags |= ctunnel_TUN_F_CSUM }
+        if contains(.tso4) { flags |= ctunnel_TUN_F_TSO4 }
+        // The kernel takes USO only for both IP versions at once; IPv6
+        // packets are not ours to carry and are dropped either way.
+        if contains(.uso4) { flags |= ctunnel_TUN_F_USO4 | ctunnel_TUN_F_USO6 }
+        return flags
+    }
+
+    public var description: String {
+        let names = [(TunOffloads.checksum, "csum"), (.tso4, "tso4"), (.uso4, "uso4")]
+            .filter { contains($0.0) }.map(\.1)
+        return names.isEmpty ? "none" : names.joined(separator: "+")
+    }
+}
