@@ -170,17 +170,27 @@ let package = Package(
         // slow packet models) shared by the fuzz tests of several modules.
         .target(name: "FuzzSupport", path: "Tests/FuzzSupport"),
         // Scratch namespaces and packet builders shared by the tests.
-        .target(name: "NetTestSupport", dependencies: ["NetBase", "Netlink", "UDPEncap"], path: "Tests/NetTestSupport"),
+        .target(
+            name: "NetTestSupport",
+            dependencies: ["NetBase", "Netlink", "UDPEncap"],
+            path: "Tests/NetTestSupport"
+        ),
         .testTarget(name: "NetlinkTests", dependencies: ["Netlink", "NetBase", "NetTestSupport", "FuzzSupport"]),
         .testTarget(name: "TunDeviceTests", dependencies: ["TunDevice", "Netlink", "NetBase", "NetTestSupport"]),
         .testTarget(name: "UDPEncapTests", dependencies: ["UDPEncap", "NetBase", "NetTestSupport", "FuzzSupport"]),
         .testTarget(name: "OffloadTests", dependencies: ["Offload", "FuzzSupport"]),
-        .testTarget(name: "PacketRingTests", dependencies: ["PacketRing", "UDPEncap", "NetBase", "NetTestSupport", "FuzzSupport"]),
+        .testTarget(
+            name: "PacketRingTests",
+            dependencies: ["PacketRing", "UDPEncap", "NetBase", "NetTestSupport", "FuzzSupport"]
+        ),
         // Test helper shared by test targets: starts a throwaway etcd (EtcdServer).
         .target(name: "EtcdTestSupport", dependencies: ["NetBase"], path: "Tests/EtcdTestSupport"),
-        .testTarget(name: "EtcdClientTests", dependencies: [
-            "EtcdClient", "EtcdTestSupport", "NetBase", .product(name: "Logging", package: "swift-log"),
-        ]),
+        .testTarget(
+            name: "EtcdClientTests",
+            dependencies: [
+                "EtcdClient", "EtcdTestSupport", "NetBase", .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .testTarget(
             name: "LeaseStoreTests",
             dependencies: [
@@ -215,6 +225,9 @@ let package = Package(
         ),
         .testTarget(name: "tunneldTests", dependencies: ["tunneld"]),
         .testTarget(name: "CNIPluginTests", dependencies: ["CNIPlugin", "FlannelFiles"]),
-        .testTarget(name: "WireGuardTests", dependencies: ["WireGuard", "CWireGuardCrypto", "NetBase", "Netlink", "NetTestSupport"]),
+        .testTarget(
+            name: "WireGuardTests",
+            dependencies: ["WireGuard", "CWireGuardCrypto", "NetBase", "Netlink", "NetTestSupport"]
+        ),
     ]
 )

@@ -31,6 +31,6 @@ let package = Package(
             ],
             path: "Benchmarks/DataPath",
             plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
-        ),
+        )
     ]
 )

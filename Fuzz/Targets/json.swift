@@ -13,8 +13,10 @@ public func fuzzJSON(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         }
     } catch {
         let lines = bytes.filter { $0 == 0x0a }.count + 1
-        precondition(error.line >= 1 && error.line <= lines && error.column >= 1 && error.column <= size + 1,
-                     "error position \(error.line):\(error.column) outside the text")
+        precondition(
+            error.line >= 1 && error.line <= lines && error.column >= 1 && error.column <= size + 1,
+            "error position \(error.line):\(error.column) outside the text"
+        )
     }
     if let config = try? NetworkConfig(json: String(decoding: bytes, as: UTF8.self)) {
         precondition(config.subnetLen >= config.network.prefixLength + 2 && config.subnetLen <= 30)

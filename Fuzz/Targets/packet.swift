@@ -42,7 +42,9 @@ public func fuzzPacket(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         buffer.copyMemory(from: packet, byteCount: n)
         if let e = ICMPError.rewrite(buffer, length: n, capacity: room, kind: .timeExceeded, source: 0x0a02_0100) {
             precondition(e <= room && e <= 576)
-            guard case .success(let m) = IPv4Header.validate(buffer, length: e), m == e else { fatalError("invalid ICMP error") }
+            guard case .success(let m) = IPv4Header.validate(buffer, length: e), m == e else {
+                fatalError("invalid ICMP error")
+            }
             precondition(sum16(buffer + 20, e - 20) == 0xffff, "ICMP checksum")
         }
     }
@@ -51,9 +53,16 @@ public func fuzzPacket(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let capacity = Int(header.headerLength % 4096) + length
     let out = UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1), alignment: 1)
     defer { out.deallocate() }
-    if case .success(let s) = Segmentation.split(packet, length: length, header: header, into: out,
-                                                 capacity: capacity, maxSegments: 64),
-       header.gso == .tcpv4 || header.gso == .udpL4 {
+    if case .success(let s) = Segmentation.split(
+        packet,
+        length: length,
+        header: header,
+        into: out,
+        capacity: capacity,
+        maxSegments: 64
+    ),
+        header.gso == .tcpv4 || header.gso == .udpL4
+    {
         precondition(s.totalLength <= capacity && s.count >= 1 && s.count <= 64)
         var offset = 0
         while offset < s.totalLength {
@@ -71,7 +80,9 @@ public func fuzzPacket(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     var offset = 0
     while offset < length {
         let n = min(step, length - offset)
-        if case .success(let m) = IPv4Header.validate(packet + offset, length: n) { _ = plan.add(packet + offset, length: m) }
+        if case .success(let m) = IPv4Header.validate(packet + offset, length: n) {
+            _ = plan.add(packet + offset, length: m)
+        }
         offset += n
     }
     plan.finish()
@@ -79,7 +90,9 @@ public func fuzzPacket(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         let write = plan.write(w)
         for i in 1..<write.count {
             let base = UnsafeRawPointer(write.iovecs[i].iov_base!)
-            precondition(base >= UnsafeRawPointer(packet) && base + write.iovecs[i].iov_len <= UnsafeRawPointer(packet) + length)
+            precondition(
+                base >= UnsafeRawPointer(packet) && base + write.iovecs[i].iov_len <= UnsafeRawPointer(packet) + length
+            )
         }
     }
     return 0

@@ -18,8 +18,14 @@ public struct HostContext: Sendable {
     public var routeSocket: RouteSocket
     public var logger: Logger
 
-    public init(config: NetworkConfig, underlay: Link, underlayAddress: InterfaceAddress, publicIP: IPv4Address,
-                routeSocket: RouteSocket, logger: Logger) {
+    public init(
+        config: NetworkConfig,
+        underlay: Link,
+        underlayAddress: InterfaceAddress,
+        publicIP: IPv4Address,
+        routeSocket: RouteSocket,
+        logger: Logger
+    ) {
         self.config = config
         self.underlay = underlay
         self.underlayAddress = underlayAddress
@@ -30,8 +36,15 @@ public struct HostContext: Sendable {
 
     /// Removes what another mode left on this host (see `Leftovers`).
     func removeLeftovers(keepingDevice device: String?, peerRoutesToo: Bool) {
-        Leftovers.remove(keepingDevice: device, peerRoutesToo: peerRoutesToo, network: config.network,
-                         subnetLen: config.subnetLen, underlay: underlay, routeSocket: routeSocket, logger: logger)
+        Leftovers.remove(
+            keepingDevice: device,
+            peerRoutesToo: peerRoutesToo,
+            network: config.network,
+            subnetLen: config.subnetLen,
+            underlay: underlay,
+            routeSocket: routeSocket,
+            logger: logger
+        )
     }
 }
 

@@ -20,7 +20,9 @@ public final class HostGatewayBackend: Backend, HostBackend {
         guard publicIP == underlayAddress.address else {
             // The peers route to our PublicIP as a next hop on their link; an
             // address behind NAT is no next hop.
-            throw BackendError("host-gw needs the public IP to be the address of \(underlay.name) (\(underlayAddress.address)), not \(publicIP): other hosts route to it directly on the link; drop --public-ip or use the vxlan backend")
+            throw BackendError(
+                "host-gw needs the public IP to be the address of \(underlay.name) (\(underlayAddress.address)), not \(publicIP): other hosts route to it directly on the link; drop --public-ip or use the vxlan backend"
+            )
         }
         self.host = host
         self.checkInterval = checkInterval
@@ -37,7 +39,9 @@ public final class HostGatewayBackend: Backend, HostBackend {
     }
 
     public func activate(lease: Lease) throws {
-        logger.info("host-gw: peers are routed via their public IPs on \(underlay.name) (\(underlayAddress)), MTU \(mtu)")
+        logger.info(
+            "host-gw: peers are routed via their public IPs on \(underlay.name) (\(underlayAddress)), MTU \(mtu)"
+        )
     }
 
     public func move(from old: Lease, to new: Lease) throws {}
@@ -54,7 +58,9 @@ public final class HostGatewayBackend: Backend, HostBackend {
                 guard underlayAddress.network.contains(gateway) else {
                     // Drop a route an earlier version of this lease had.
                     routes.remove(lease.subnet)
-                    logger.error("peer \(lease.subnet) at \(gateway) is not directly reachable: it is outside \(underlay.name)'s network \(underlayAddress.network), and host-gw needs every host on one layer-2 network; its containers stay unreachable from here (use the vxlan backend for routed networks)")
+                    logger.error(
+                        "peer \(lease.subnet) at \(gateway) is not directly reachable: it is outside \(underlay.name)'s network \(underlayAddress.network), and host-gw needs every host on one layer-2 network; its containers stay unreachable from here (use the vxlan backend for routed networks)"
+                    )
                     continue
                 }
                 let route = Route(destination: lease.subnet, outputIndex: underlay.index, gateway: gateway)
@@ -69,9 +75,13 @@ public final class HostGatewayBackend: Backend, HostBackend {
 
     public func report() -> BackendReport {
         let tally = routes.tally
-        return BackendReport(type, summary: "kernel routes via \(underlay.name), checked every \(checkInterval)",
-                             tableEntries: tally.routes, tableGeneration: tally.changes,
-                             counters: [("routes_restored", tally.restored)])
+        return BackendReport(
+            type,
+            summary: "kernel routes via \(underlay.name), checked every \(checkInterval)",
+            tableEntries: tally.routes,
+            tableGeneration: tally.changes,
+            counters: [("routes_restored", tally.restored)]
+        )
     }
 
     /// Checks the routes every `checkInterval` and restores what is missing.

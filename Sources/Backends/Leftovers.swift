@@ -13,8 +13,15 @@ public enum Leftovers {
     /// also the routes to subnets of `network` via a gateway on the underlay
     /// (host-gw's, or vxlan DirectRouting's). The kernel backends pass false
     /// there: their own route check removes such routes unless a peer wants them.
-    public static func remove(keepingDevice: String?, peerRoutesToo: Bool, network: IPv4Network, subnetLen: Int,
-                              underlay: Link, routeSocket: RouteSocket, logger: Logger) {
+    public static func remove(
+        keepingDevice: String?,
+        peerRoutesToo: Bool,
+        network: IPv4Network,
+        subnetLen: Int,
+        underlay: Link,
+        routeSocket: RouteSocket,
+        logger: Logger
+    ) {
         do {
             for link in try routeSocket.links()
             where link.kind == "vxlan" && link.name.hasPrefix("flannel.") && link.name != keepingDevice {

@@ -28,9 +28,15 @@ public final class UDPBackend: Backend, HostBackend {
         /// How long a loop looks for more work before sleeping (0: never).
         public var busyPollMicroseconds: Int
 
-        public init(device: String = "flannel0", datapath: DataPathChoice = .auto, queueDepth: Int = 64,
-                    acceptUnknownPeers: Bool = false, offload: OffloadMode = .auto, workers: Int = 1,
-                    busyPollMicroseconds: Int = 0) {
+        public init(
+            device: String = "flannel0",
+            datapath: DataPathChoice = .auto,
+            queueDepth: Int = 64,
+            acceptUnknownPeers: Bool = false,
+            offload: OffloadMode = .auto,
+            workers: Int = 1,
+            busyPollMicroseconds: Int = 0
+        ) {
             self.busyPollMicroseconds = busyPollMicroseconds
             self.device = device
             self.datapath = datapath
@@ -64,22 +70,42 @@ public final class UDPBackend: Backend, HostBackend {
 
     public func activate(lease: Lease) throws {
         try table.set(lease.subnet, to: .local)
-        let forwarder = Forwarder(table: table, tunAddress: lease.subnet.address,
-                                  acceptUnknownPeers: options.acceptUnknownPeers, mtu: mtu)
+        let forwarder = Forwarder(
+            table: table,
+            tunAddress: lease.subnet.address,
+            acceptUnknownPeers: options.acceptUnknownPeers,
+            mtu: mtu
+        )
         let path = try UDPDataPath(
-            settings: .init(device: options.device, port: config.backend.port, mtu: mtu, datapath: options.datapath,
-                            offload: options.offload, workers: options.workers, queueDepth: options.queueDepth,
-                            busyPollMicroseconds: options.busyPollMicroseconds),
-            forwarder: forwarder, routeSocket: routeSocket)
+            settings: .init(
+                device: options.device,
+                port: config.backend.port,
+                mtu: mtu,
+                datapath: options.datapath,
+                offload: options.offload,
+                workers: options.workers,
+                queueDepth: options.queueDepth,
+                busyPollMicroseconds: options.busyPollMicroseconds
+            ),
+            forwarder: forwarder,
+            routeSocket: routeSocket
+        )
         do {
-            try path.tun.configure(address: lease.subnet.address, prefixLength: 32, mtu: mtu,
-                                   routes: [config.network], using: routeSocket)
+            try path.tun.configure(
+                address: lease.subnet.address,
+                prefixLength: 32,
+                mtu: mtu,
+                routes: [config.network],
+                using: routeSocket
+            )
         } catch {
             path.tun.close()
             path.closeSockets()
             throw error
         }
-        logger.info("device \(options.device) up: \(lease.subnet.address)/32 MTU \(mtu), route \(config.network) dev \(options.device)")
+        logger.info(
+            "device \(options.device) up: \(lease.subnet.address)/32 MTU \(mtu), route \(config.network) dev \(options.device)"
+        )
         logger.info("\(path.summary)")
         dataPath.withLock { $0 = path }
     }
@@ -88,12 +114,20 @@ public final class UDPBackend: Backend, HostBackend {
         table.remove(old.subnet)
         try table.set(new.subnet, to: .local)
         guard let tun = dataPath.withLock({ $0?.tun }) else { return }
-        try tun.configure(address: new.subnet.address, prefixLength: 32, mtu: mtu,
-                          routes: [config.network], using: routeSocket)
+        try tun.configure(
+            address: new.subnet.address,
+            prefixLength: 32,
+            mtu: mtu,
+            routes: [config.network],
+            using: routeSocket
+        )
         // The old subnet's address must not stay: it would answer for a
         // subnet that is now another host's.
-        try routeSocket.deleteAddress(index: routeSocket.linkIndex(named: tun.name),
-                                      address: old.subnet.address, prefixLength: 32)
+        try routeSocket.deleteAddress(
+            index: routeSocket.linkIndex(named: tun.name),
+            address: old.subnet.address,
+            prefixLength: 32
+        )
     }
 
     public func unusableReason(_ lease: Lease) -> String? { nil }
@@ -124,7 +158,9 @@ public final class UDPBackend: Backend, HostBackend {
             throw BackendError("the udp backend was not activated before run()")
         }
         let workers = path.start()
-        logger.info("\(path.loops.count) data-path worker(s) on udp port \(config.backend.port), \(table.allNextHops.count - 1) peer(s)")
+        logger.info(
+            "\(path.loops.count) data-path worker(s) on udp port \(config.backend.port), \(table.allNextHops.count - 1) peer(s)"
+        )
         try await withTaskCancellationHandler {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for worker in workers { group.addTask { try await worker.wait() } }
@@ -148,20 +184,32 @@ public final class UDPBackend: Backend, HostBackend {
     /// batch old); the workers never wait for it.
     public func report() -> BackendReport {
         let path = dataPath.withLock { $0 }
-        let counters = Statistics.totals(of: path?.statistics ?? []).map { (name: $0.counter.description, value: $0.value) }
-        return BackendReport(type, device: options.device, summary: path?.summary ?? "udp data path not started",
-                             workers: path?.loops.count ?? 0, offloads: path?.offloadNames ?? [],
-                             datapathTier: path?.tier.rawValue, datapathNote: path?.tierNote,
-                             tableEntries: table.count, tableGeneration: table.generation, counters: counters)
+        let counters = Statistics.totals(of: path?.statistics ?? []).map {
+            (name: $0.counter.description, value: $0.value)
+        }
+        return BackendReport(
+            type,
+            device: options.device,
+            summary: path?.summary ?? "udp data path not started",
+            workers: path?.loops.count ?? 0,
+            offloads: path?.offloadNames ?? [],
+            datapathTier: path?.tier.rawValue,
+            datapathNote: path?.tierNote,
+            tableEntries: table.count,
+            tableGeneration: table.generation,
+            counters: counters
+        )
     }
 
     /// The TUN device (and its route) goes with the process in any case:
     /// packets cannot flow without the daemon.
     public func cleanUp(releasing: Bool) {
-        guard let path = dataPath.withLock({ current -> UDPDataPath? in
-            defer { current = nil }
-            return current
-        }) else { return }
+        guard
+            let path = dataPath.withLock({ current -> UDPDataPath? in
+                defer { current = nil }
+                return current
+            })
+        else { return }
         for loop in path.loops { loop.stop() }
         do { try path.tun.removeRoutes(using: routeSocket) } catch {
             logger.warning("could not remove route \(config.network) dev \(path.tun.name): \(error)")

@@ -55,14 +55,16 @@ final class UDPDataPath: Sendable {
         // non-persistent TUN lives only while its owner holds it open, and a
         // multi-queue TUNSETIFF would quietly join that owner's device.
         if (try? routeSocket.linkIndex(named: settings.device)) != nil {
-            throw BackendError("a device named \(settings.device) already exists: is another tunneld or flanneld running? Stop it, delete the device (ip link del \(settings.device)) or choose another --device")
+            throw BackendError(
+                "a device named \(settings.device) already exists: is another tunneld or flanneld running? Stop it, delete the device (ip link del \(settings.device)) or choose another --device"
+            )
         }
         var tun: TunDevice
         var virtio = false
         do {
             tun = try TunDevice.create(name: settings.device, multiQueue: workers > 1, vnetHeader: wantOffloads)
             virtio = wantOffloads
-        } catch where wantOffloads {
+        } catch  where wantOffloads {
             notes.append("TUN with a virtio header refused (\(error)); offloads off")
             tun = try TunDevice.create(name: settings.device, multiQueue: workers > 1, vnetHeader: false)
         }
@@ -76,11 +78,15 @@ final class UDPDataPath: Sendable {
                 // split into; the kernel splits a bigger one before the TUN
                 // (a flow with a tiny MSS: 64 KiB of 100-byte segments).
                 do {
-                    try routeSocket.setGSOMaxSegments(index: routeSocket.linkIndex(named: tun.name),
-                                                      count: UDPDataPath.maxSegments)
+                    try routeSocket.setGSOMaxSegments(
+                        index: routeSocket.linkIndex(named: tun.name),
+                        count: UDPDataPath.maxSegments
+                    )
                 } catch {
-                    notes.append("could not limit super-packets to \(UDPDataPath.maxSegments) segments (\(error)); "
-                                 + "flows with a very small MSS will lose packets")
+                    notes.append(
+                        "could not limit super-packets to \(UDPDataPath.maxSegments) segments (\(error)); "
+                            + "flows with a very small MSS will lose packets"
+                    )
                 }
             }
             // No gso_max_size below 64 KiB on the TUN, although a full
@@ -119,8 +125,11 @@ final class UDPDataPath: Sendable {
             receiveCoalescing = sockets.allSatisfy { $0.enableReceiveCoalescing() }
             if !receiveCoalescing { notes.append("the kernel has no UDP_GRO: one datagram per receive") }
         }
-        let offloads = LoopOffloads(virtioHeader: virtio, segmentation: segmentation,
-                                    receiveCoalescing: receiveCoalescing)
+        let offloads = LoopOffloads(
+            virtioHeader: virtio,
+            segmentation: segmentation,
+            receiveCoalescing: receiveCoalescing
+        )
         var configuration = LoopConfiguration(depth: settings.queueDepth, mtu: settings.mtu, offloads: offloads)
         configuration.maxSegments = UDPDataPath.maxSegments
         configuration.busyPollMicroseconds = settings.busyPollMicroseconds
@@ -129,8 +138,14 @@ final class UDPDataPath: Sendable {
         do {
             for (i, socket) in sockets.enumerated() {
                 let fd = tun.queues[i].rawValue
-                loops.append(try tier.makeLoop(forwarder: forwarder, tunFD: fd, udpFD: socket.fd.rawValue,
-                                               configuration: configuration))
+                loops.append(
+                    try tier.makeLoop(
+                        forwarder: forwarder,
+                        tunFD: fd,
+                        udpFD: socket.fd.rawValue,
+                        configuration: configuration
+                    )
+                )
             }
         } catch {
             tun.close()
@@ -143,9 +158,12 @@ final class UDPDataPath: Sendable {
         self.tier = tier
         self.tierNote = tierNote
         var summary = "\(tier.longName) data path, \(workers) worker(s), offloads: "
-        summary += settings.offload == .off ? "off (--offload off)"
-            : tier == .simple ? "none (simple loop)"
-            : "\(offloads)" + (virtio ? " (tun \(tunOffloads))" : "")
+        summary +=
+            settings.offload == .off
+            ? "off (--offload off)"
+            : tier == .simple
+                ? "none (simple loop)"
+                : "\(offloads)" + (virtio ? " (tun \(tunOffloads))" : "")
         if !notes.isEmpty { summary += "; " + notes.joined(separator: "; ") }
         self.summary = summary
         let loopNames = offloads == .none ? [] : offloads.description.split(separator: "+").map(String.init)

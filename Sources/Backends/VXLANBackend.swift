@@ -37,9 +37,14 @@ public final class VXLANBackend: Backend, HostBackend {
 
     public init(host: HostContext, checkInterval: Duration = .seconds(10)) throws {
         let (config, underlay, underlayAddress) = (host.config, host.underlay, host.underlayAddress)
-        settings = VXLANSettings(vni: UInt32(config.backend.vni), port: config.backend.port,
-                                 underlayIndex: underlay.index, localAddress: underlayAddress.address,
-                                 learning: config.backend.learning, gbp: config.backend.gbp)
+        settings = VXLANSettings(
+            vni: UInt32(config.backend.vni),
+            port: config.backend.port,
+            underlayIndex: underlay.index,
+            localAddress: underlayAddress.address,
+            learning: config.backend.learning,
+            gbp: config.backend.gbp
+        )
         deviceName = "flannel.\(config.backend.vni)"
         self.host = host
         self.checkInterval = checkInterval
@@ -47,7 +52,9 @@ public final class VXLANBackend: Backend, HostBackend {
         // (and subnet.env) get 50 less.
         mtu = (config.backend.mtu ?? underlay.mtu) - Self.overhead
         if let given = config.backend.mtu, given > underlay.mtu {
-            host.logger.warning("the config's Backend.MTU \(given) is above \(underlay.name)'s MTU \(underlay.mtu): vxlan packets of full size will be fragmented or dropped on the way; lower Backend.MTU or leave it out")
+            host.logger.warning(
+                "the config's Backend.MTU \(given) is above \(underlay.name)'s MTU \(underlay.mtu): vxlan packets of full size will be fragmented or dropped on the way; lower Backend.MTU or leave it out"
+            )
         }
     }
 
@@ -60,11 +67,15 @@ public final class VXLANBackend: Backend, HostBackend {
         if let existing = link {
             let current = try routeSocket.vxlanSettings(index: existing.index)
             if current != settings {
-                logger.warning("\(deviceName) exists with \(current.map { "\($0)" } ?? "kind \(existing.kind ?? "unknown")"); replacing it with \(settings)")
+                logger.warning(
+                    "\(deviceName) exists with \(current.map { "\($0)" } ?? "kind \(existing.kind ?? "unknown")"); replacing it with \(settings)"
+                )
                 try routeSocket.deleteLink(index: existing.index)
                 link = nil
             } else {
-                logger.info("reusing \(deviceName) (\(settings)), MAC \(existing.hardwareAddress.flatMap { EthernetAddress(bytes: $0) }.map(\.description) ?? "?")")
+                logger.info(
+                    "reusing \(deviceName) (\(settings)), MAC \(existing.hardwareAddress.flatMap { EthernetAddress(bytes: $0) }.map(\.description) ?? "?")"
+                )
             }
         }
         if link == nil {
@@ -73,7 +84,9 @@ public final class VXLANBackend: Backend, HostBackend {
             logger.info("created \(deviceName) (\(settings)) on \(underlay.name)")
         }
         guard let link, let mac = link.hardwareAddress.flatMap({ EthernetAddress(bytes: $0) }) else {
-            throw BackendError("\(deviceName) has no MAC address; delete it (ip link del \(deviceName)) and start again")
+            throw BackendError(
+                "\(deviceName) has no MAC address; delete it (ip link del \(deviceName)) and start again"
+            )
         }
         if link.mtu != mtu { try routeSocket.setMTU(index: link.index, mtu: mtu) }
         device.withLock { $0 = (link.index, mac) }
@@ -81,13 +94,20 @@ public final class VXLANBackend: Backend, HostBackend {
         let network = config.network, subnetLen = config.subnetLen
         routes.withLock {
             $0 = RouteKeeper(routeSocket: routeSocket, logger: logger) { route in
-                (route.outputIndex == index && network.contains(route.destination) && route.destination.prefixLength == subnetLen)
-                    || (route.outputIndex == underlayIndex && isPeerRoute(route, network: network, subnetLen: subnetLen))
+                (route.outputIndex == index && network.contains(route.destination)
+                    && route.destination.prefixLength == subnetLen)
+                    || (route.outputIndex == underlayIndex
+                        && isPeerRoute(route, network: network, subnetLen: subnetLen))
             }
         }
-        return LeaseAttributes(publicIP: publicIP, backendType: type.rawValue,
-                               backendData: .object(["VNI": .number(Double(config.backend.vni)),
-                                                     "VtepMAC": .string(mac.description)]))
+        return LeaseAttributes(
+            publicIP: publicIP,
+            backendType: type.rawValue,
+            backendData: .object([
+                "VNI": .number(Double(config.backend.vni)),
+                "VtepMAC": .string(mac.description),
+            ])
+        )
     }
 
     private func current() throws -> (index: Int32, mac: EthernetAddress, routes: RouteKeeper) {
@@ -103,7 +123,9 @@ public final class VXLANBackend: Backend, HostBackend {
         let (index, mac, _) = try current()
         try setAddress(lease.subnet.address, index: index)
         try routeSocket.setLinkUp(index: index)
-        logger.info("device \(deviceName) up: \(lease.subnet.address)/32 MTU \(mtu), VNI \(settings.vni), port \(settings.port), MAC \(mac)")
+        logger.info(
+            "device \(deviceName) up: \(lease.subnet.address)/32 MTU \(mtu), VNI \(settings.vni), port \(settings.port), MAC \(mac)"
+        )
     }
 
     private func setAddress(_ address: IPv4Address, index: Int32) throws {
@@ -120,7 +142,8 @@ public final class VXLANBackend: Backend, HostBackend {
 
     public func unusableReason(_ lease: Lease) -> String? {
         guard let data = lease.attributes.backendData else {
-            return "its lease has no BackendData (a vxlan lease carries {\"VNI\":…,\"VtepMAC\":\"…\"}); rewrite it or restart that host"
+            return
+                "its lease has no BackendData (a vxlan lease carries {\"VNI\":…,\"VtepMAC\":\"…\"}); rewrite it or restart that host"
         }
         guard let text = data.field("VtepMAC"), case .string(let macText) = text else {
             return "its BackendData \(data.compactText) has no VtepMAC; rewrite the lease or restart that host"
@@ -142,11 +165,15 @@ public final class VXLANBackend: Backend, HostBackend {
         let keeper: RouteKeeper? = routes.withLock { $0 }
         let tally = keeper?.tally ?? (routes: 0, changes: 0, restored: 0)
         let peers = installed.withLock { $0.count }
-        return BackendReport(type, device: deviceName,
-                             summary: "kernel vxlan device \(deviceName), VNI \(settings.vni), port \(settings.port)"
-                                 + (config.backend.directRouting ? ", direct routing" : ""),
-                             tableEntries: peers, tableGeneration: tally.changes,
-                             counters: [("routes_restored", tally.restored)])
+        return BackendReport(
+            type,
+            device: deviceName,
+            summary: "kernel vxlan device \(deviceName), VNI \(settings.vni), port \(settings.port)"
+                + (config.backend.directRouting ? ", direct routing" : ""),
+            tableEntries: peers,
+            tableGeneration: tally.changes,
+            counters: [("routes_restored", tally.restored)]
+        )
     }
 
     public func apply(_ changes: [PeerChange]) {
@@ -235,7 +262,9 @@ public final class VXLANBackend: Backend, HostBackend {
             for entry in try routeSocket.forwardingEntries(index: index) {
                 guard let mac = entry.hardwareAddress, !macs.contains(mac) else { continue }
                 try routeSocket.deleteForwardingEntry(index: index, hardwareAddress: mac, remote: entry.address)
-                logger.info("removed stale FDB entry \(mac) dst \(entry.address.map(\.description) ?? "-") on \(deviceName)")
+                logger.info(
+                    "removed stale FDB entry \(mac) dst \(entry.address.map(\.description) ?? "-") on \(deviceName)"
+                )
             }
         } catch {
             logger.warning("could not clean \(deviceName)'s old entries: \(error)")

@@ -36,14 +36,20 @@ public struct CNIRequest: Sendable {
     public init?(environment: [String: String], stdin: [UInt8]) throws(CNIError) {
         guard let commandText = environment["CNI_COMMAND"], !commandText.isEmpty else { return nil }
         guard let command = CNICommand(rawValue: commandText) else {
-            throw CNIError(code: CNIError.invalidEnvironment, "unknown CNI_COMMAND \"\(commandText)\"",
-                           details: "this plugin handles " + CNICommand.allCases.map(\.rawValue).joined(separator: ", "))
+            throw CNIError(
+                code: CNIError.invalidEnvironment,
+                "unknown CNI_COMMAND \"\(commandText)\"",
+                details: "this plugin handles " + CNICommand.allCases.map(\.rawValue).joined(separator: ", ")
+            )
         }
         let missing = command.requiredVariables.filter { (environment[$0] ?? "").isEmpty }
         if !missing.isEmpty {
-            throw CNIError(code: CNIError.invalidEnvironment,
-                           "required environment variables missing: \(missing.joined(separator: ", "))",
-                           details: "a container runtime sets CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME and CNI_PATH; to run the plugin by hand set them too (see docs/CNI.md)")
+            throw CNIError(
+                code: CNIError.invalidEnvironment,
+                "required environment variables missing: \(missing.joined(separator: ", "))",
+                details:
+                    "a container runtime sets CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME and CNI_PATH; to run the plugin by hand set them too (see docs/CNI.md)"
+            )
         }
         self.command = command
         containerID = environment["CNI_CONTAINERID"] ?? ""
@@ -67,18 +73,25 @@ public struct CNIRequest: Sendable {
                 || c == UInt8(ascii: "_") || c == UInt8(ascii: ".") || c == UInt8(ascii: "-")
         }
         guard allowed, let first = id.utf8.first, first != UInt8(ascii: "."), first != UInt8(ascii: "-") else {
-            throw CNIError(code: CNIError.invalidEnvironment, "invalid characters in CNI_CONTAINERID \"\(id)\"",
-                           details: "a container ID starts with a letter or digit and holds only letters, digits, '_', '.' and '-'")
+            throw CNIError(
+                code: CNIError.invalidEnvironment,
+                "invalid characters in CNI_CONTAINERID \"\(id)\"",
+                details: "a container ID starts with a letter or digit and holds only letters, digits, '_', '.' and '-'"
+            )
         }
     }
 
     /// A Linux interface name: 1–15 bytes, no '/', ':' or white space, not "." or "..".
     static func checkInterfaceName(_ name: String) throws(CNIError) {
-        let bad = name.utf8.count > 15 || name == "." || name == ".."
+        let bad =
+            name.utf8.count > 15 || name == "." || name == ".."
             || name.utf8.contains { $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: ":") || $0 <= 0x20 || $0 == 0x7f }
         if bad {
-            throw CNIError(code: CNIError.invalidEnvironment, "CNI_IFNAME \"\(name)\" is not an interface name",
-                           details: "an interface name has 1 to 15 characters and no '/', ':' or spaces")
+            throw CNIError(
+                code: CNIError.invalidEnvironment,
+                "CNI_IFNAME \"\(name)\" is not an interface name",
+                details: "an interface name has 1 to 15 characters and no '/', ':' or spaces"
+            )
         }
     }
 }

@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CTunnel
 import FlannelFiles
 import NetBase
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Runs a delegate plugin: found by its `type` in `CNI_PATH`, given the
 /// caller's environment with `CNI_COMMAND` set to `command` and `config` on
@@ -36,12 +37,16 @@ public struct ExecDelegateRunner: DelegateRunner {
             var info = stat()
             if stat(candidate, &info) == 0 && info.st_mode & S_IFMT == S_IFREG { return candidate }
         }
-        throw CNIError(code: CNIError.delegateFailed,
-                       "failed to find plugin \"\(type)\" in CNI_PATH \(searchPath.joined(separator: ":"))",
-                       details: "install the standard plugins (Debian: containernetworking-plugins, in /usr/lib/cni) and include their directory in the runtime's CNI bin path")
+        throw CNIError(
+            code: CNIError.delegateFailed,
+            "failed to find plugin \"\(type)\" in CNI_PATH \(searchPath.joined(separator: ":"))",
+            details:
+                "install the standard plugins (Debian: containernetworking-plugins, in /usr/lib/cni) and include their directory in the runtime's CNI bin path"
+        )
     }
 
-    public func run(type: String, command: CNICommand, config: [UInt8], request: CNIRequest) throws(CNIError) -> [UInt8] {
+    public func run(type: String, command: CNICommand, config: [UInt8], request: CNIRequest) throws(CNIError) -> [UInt8]
+    {
         let executable = try Self.find(type, in: request.searchPath)
         var environment = request.environment
         environment["CNI_COMMAND"] = command.rawValue
@@ -65,17 +70,22 @@ public struct ExecDelegateRunner: DelegateRunner {
         let exit = output.status > 128 ? "killed by signal \(output.status - 128)" : "exit status \(output.status)"
         if !output.stdout.isEmpty {
             if let parsed = try? JSONValue(parsing: output.stdout),
-               case .number(let code)? = parsed.field("code"), case .string(let msg)? = parsed.field("msg") {
+                case .number(let code)? = parsed.field("code"), case .string(let msg)? = parsed.field("msg")
+            {
                 var details = ""
                 if case .string(let d)? = parsed.field("details") { details = d }
                 return CNIError(code: Int(code), msg, details: details)
             }
-            return CNIError(code: CNIError.delegateFailed,
-                            "delegate \(type) failed (\(exit)) and its output is no CNI error: \(String(decoding: output.stdout.prefix(2048), as: UTF8.self))")
+            return CNIError(
+                code: CNIError.delegateFailed,
+                "delegate \(type) failed (\(exit)) and its output is no CNI error: \(String(decoding: output.stdout.prefix(2048), as: UTF8.self))"
+            )
         }
         if !output.stderr.isEmpty {
-            return CNIError(code: CNIError.delegateFailed,
-                            "delegate \(type) failed (\(exit)): \(String(decoding: output.stderr.prefix(2048), as: UTF8.self))")
+            return CNIError(
+                code: CNIError.delegateFailed,
+                "delegate \(type) failed (\(exit)): \(String(decoding: output.stderr.prefix(2048), as: UTF8.self))"
+            )
         }
         return CNIError(code: CNIError.delegateFailed, "delegate \(type) failed with no error message (\(exit))")
     }

@@ -17,8 +17,11 @@ public struct DelegateStore: Sendable {
             try FileIO.makeDirectories(directory, mode: 0o700)
             try FileIO.writeAtomically(path(for: containerID), config, mode: 0o600)
         } catch {
-            throw CNIError(code: CNIError.ioFailure, "cannot save the delegate config for container \(containerID): \(error)",
-                           details: "DEL needs it later; \"dataDir\" in the network config chooses the directory")
+            throw CNIError(
+                code: CNIError.ioFailure,
+                "cannot save the delegate config for container \(containerID): \(error)",
+                details: "DEL needs it later; \"dataDir\" in the network config chooses the directory"
+            )
         }
     }
 
@@ -27,7 +30,10 @@ public struct DelegateStore: Sendable {
         do {
             return try FileIO.read(path(for: containerID), limit: 1 << 20)
         } catch {
-            throw CNIError(code: CNIError.ioFailure, "cannot read the saved delegate config of container \(containerID): \(error)")
+            throw CNIError(
+                code: CNIError.ioFailure,
+                "cannot read the saved delegate config of container \(containerID): \(error)"
+            )
         }
     }
 
@@ -42,8 +48,11 @@ public struct DelegateStore: Sendable {
         do {
             try FileIO.move(path(for: containerID), to: aside)
         } catch {
-            throw CNIError(code: CNIError.ioFailure, "cannot move the unreadable delegate config of container \(containerID) aside: \(error)",
-                           details: "remove \(path(for: containerID)) by hand; DEL then succeeds with nothing to delete")
+            throw CNIError(
+                code: CNIError.ioFailure,
+                "cannot move the unreadable delegate config of container \(containerID) aside: \(error)",
+                details: "remove \(path(for: containerID)) by hand; DEL then succeeds with nothing to delete"
+            )
         }
         return aside
     }
@@ -52,7 +61,10 @@ public struct DelegateStore: Sendable {
         do {
             try FileIO.remove(path(for: containerID))
         } catch {
-            throw CNIError(code: CNIError.ioFailure, "cannot remove the saved delegate config of container \(containerID): \(error)")
+            throw CNIError(
+                code: CNIError.ioFailure,
+                "cannot remove the saved delegate config of container \(containerID): \(error)"
+            )
         }
     }
 }

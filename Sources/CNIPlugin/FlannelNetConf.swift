@@ -29,8 +29,11 @@ public struct FlannelNetConf: Sendable {
 
     public init(parsing bytes: [UInt8]) throws(CNIError) {
         if bytes.allSatisfy({ $0 == 0x20 || $0 == 0x0a || $0 == 0x0d || $0 == 0x09 }) {
-            throw CNIError(code: CNIError.decodingFailure, "no network config on standard input",
-                           details: "a runtime passes the network config JSON on stdin")
+            throw CNIError(
+                code: CNIError.decodingFailure,
+                "no network config on standard input",
+                details: "a runtime passes the network config JSON on stdin"
+            )
         }
         let root: JSONValue
         do {
@@ -39,7 +42,10 @@ public struct FlannelNetConf: Sendable {
             throw CNIError(code: CNIError.decodingFailure, "network config on stdin is not JSON: \(error)")
         }
         guard case .object = root else {
-            throw CNIError(code: CNIError.decodingFailure, "network config on stdin is \(root.kindName), not a JSON object")
+            throw CNIError(
+                code: CNIError.decodingFailure,
+                "network config on stdin is \(root.kindName), not a JSON object"
+            )
         }
         func invalid(_ msg: String) -> CNIError { CNIError(code: CNIError.invalidNetworkConfig, msg) }
         func string(_ key: String) throws(CNIError) -> String? {
@@ -59,11 +65,17 @@ public struct FlannelNetConf: Sendable {
         cniVersion = try string("cniVersion")
         name = try string("name")
         if let file = try string("subnetFile") {
-            guard !file.isEmpty else { throw invalid("\"subnetFile\" is empty: leave it out for \(Self.defaultSubnetFile), or name the file tunneld writes (its -subnet-file)") }
+            guard !file.isEmpty else {
+                throw invalid(
+                    "\"subnetFile\" is empty: leave it out for \(Self.defaultSubnetFile), or name the file tunneld writes (its -subnet-file)"
+                )
+            }
             subnetFile = file
         }
         if let directory = try string("dataDir") {
-            guard !directory.isEmpty else { throw invalid("\"dataDir\" is empty: leave it out for \(Self.defaultDataDir), or name a directory") }
+            guard !directory.isEmpty else {
+                throw invalid("\"dataDir\" is empty: leave it out for \(Self.defaultDataDir), or name a directory")
+            }
             dataDir = directory
         }
         delegate = try object("delegate")
@@ -79,10 +91,15 @@ public struct FlannelNetConf: Sendable {
     /// `isGateway` true for bridge — and `name`, `cniVersion` and `ipam`
     /// always set by the plugin. `selfNames` are the types that would run
     /// this plugin again.
-    public func delegateConfig(for subnet: FlannelSubnetFile, selfNames: Set<String>) throws(CNIError) -> [String: JSONValue] {
+    public func delegateConfig(
+        for subnet: FlannelSubnetFile,
+        selfNames: Set<String>
+    ) throws(CNIError) -> [String: JSONValue] {
         func invalid(_ msg: String) -> CNIError { CNIError(code: CNIError.invalidNetworkConfig, msg) }
         guard let name, !name.isEmpty else {
-            throw invalid("the network config has no \"name\"; CNI requires one (host-local keeps its addresses under it)")
+            throw invalid(
+                "the network config has no \"name\"; CNI requires one (host-local keeps its addresses under it)"
+            )
         }
         var config = delegate ?? [:]
         if let type = config["type"] {
@@ -90,14 +107,18 @@ public struct FlannelNetConf: Sendable {
                 throw invalid("\"delegate\" must have a string \"type\" (e.g. \"bridge\"), not \(type.kindName)")
             }
             if selfNames.contains(typeName) {
-                throw invalid("\"delegate\" type \"\(typeName)\" is this plugin itself; delegate to bridge (the default), ipvlan or macvlan")
+                throw invalid(
+                    "\"delegate\" type \"\(typeName)\" is this plugin itself; delegate to bridge (the default), ipvlan or macvlan"
+                )
             }
         }
         if config["name"] != nil {
             throw invalid("\"delegate\" must not have a \"name\": the plugin sets it to the network's name")
         }
         if config["ipam"] != nil {
-            throw invalid("\"delegate\" must not have an \"ipam\": the plugin builds it from the subnet file (put IPAM options in the top-level \"ipam\")")
+            throw invalid(
+                "\"delegate\" must not have an \"ipam\": the plugin builds it from the subnet file (put IPAM options in the top-level \"ipam\")"
+            )
         }
         if let runtimeConfig { config["runtimeConfig"] = .object(runtimeConfig) }
         config["name"] = .string(name)
@@ -139,10 +160,14 @@ public struct FlannelNetConf: Sendable {
         }
         for (i, route) in routes.enumerated() {
             guard case .string(let dst)? = route.field("dst"), IPNetworkText(dst) != nil else {
-                throw invalid("\"ipam.routes\"[\(i)] needs a \"dst\" network such as 10.3.0.0/16, not \(route.compactText)")
+                throw invalid(
+                    "\"ipam.routes\"[\(i)] needs a \"dst\" network such as 10.3.0.0/16, not \(route.compactText)"
+                )
             }
             if let gw = route.field("gw"), gw != .null {
-                guard case .string(let address) = gw, IPNetworkText("\(address)/32") != nil || IPNetworkText("\(address)/128") != nil else {
+                guard case .string(let address) = gw,
+                    IPNetworkText("\(address)/32") != nil || IPNetworkText("\(address)/128") != nil
+                else {
                     throw invalid("\"ipam.routes\"[\(i)].gw must be an IP address, not \(gw.compactText)")
                 }
             }

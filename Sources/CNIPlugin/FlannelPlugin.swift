@@ -51,16 +51,21 @@ public struct FlannelPlugin: Sendable {
             let output = try handle(request)
             return Response(stdout: output, stderr: "", exitStatus: 0)
         } catch {
-            return Response(stdout: Array((error.json(cniVersion: Self.errorVersion(stdin)) + "\n").utf8),
-                            stderr: "", exitStatus: 1)
+            return Response(
+                stdout: Array((error.json(cniVersion: Self.errorVersion(stdin)) + "\n").utf8),
+                stderr: "",
+                exitStatus: 1
+            )
         }
     }
 
     func handle(_ request: CNIRequest) throws(CNIError) -> [UInt8] {
         if request.command == .version {
             let versions = JSONValue.array(Self.supportedVersions.map { .string($0) })
-            return Array(JSONValue.object(["cniVersion": .string(Self.currentVersion), "supportedVersions": versions])
-                .compactText.utf8)
+            return Array(
+                JSONValue.object(["cniVersion": .string(Self.currentVersion), "supportedVersions": versions])
+                    .compactText.utf8
+            )
         }
         let conf = try FlannelNetConf(parsing: request.stdin)
         try Self.checkVersion(conf.effectiveVersion, for: request.command)
@@ -95,11 +100,13 @@ public struct FlannelPlugin: Sendable {
             // runtime retries; moved aside, its bytes stay for whoever looks into it.
             let path = store.path(for: request.containerID)
             let aside = try store.setAside(for: request.containerID)
-            throw CNIError(code: CNIError.decodingFailure,
-                           "the saved delegate config \(path) is unreadable (\(why)); it was moved to \(aside)",
-                           details: "the delegate's DEL did not run, so the container's veth and its host-local address (a file "
-                               + "named for the address, holding the container ID, in host-local's dataDir, by default "
-                               + "/var/lib/cni/networks/\(conf.name ?? "<network name>")/) may remain: remove them by hand; the next DEL succeeds with nothing to delete")
+            throw CNIError(
+                code: CNIError.decodingFailure,
+                "the saved delegate config \(path) is unreadable (\(why)); it was moved to \(aside)",
+                details: "the delegate's DEL did not run, so the container's veth and its host-local address (a file "
+                    + "named for the address, holding the container ID, in host-local's dataDir, by default "
+                    + "/var/lib/cni/networks/\(conf.name ?? "<network name>")/) may remain: remove them by hand; the next DEL succeeds with nothing to delete"
+            )
         }
         let output = try runner.run(type: type, command: .del, config: bytes, request: request)
         try store.remove(for: request.containerID)
@@ -126,14 +133,20 @@ public struct FlannelPlugin: Sendable {
     func check(_ request: CNIRequest, _ conf: FlannelNetConf) throws(CNIError) -> [UInt8] {
         let store = DelegateStore(directory: conf.dataDir)
         guard let bytes = try store.load(for: request.containerID) else {
-            throw CNIError(code: CNIError.unknownContainer,
-                           "container \(request.containerID) has no attachment on this network",
-                           details: "no saved delegate config at \(store.path(for: request.containerID)): ADD did not run here, or DEL removed it")
+            throw CNIError(
+                code: CNIError.unknownContainer,
+                "container \(request.containerID) has no attachment on this network",
+                details:
+                    "no saved delegate config at \(store.path(for: request.containerID)): ADD did not run here, or DEL removed it"
+            )
         }
         guard let saved = try? JSONValue(parsing: bytes), case .object(var delegate) = saved,
-              case .string(let type)? = delegate["type"] else {
-            throw CNIError(code: CNIError.decodingFailure,
-                           "the saved delegate config \(store.path(for: request.containerID)) is not a plugin config")
+            case .string(let type)? = delegate["type"]
+        else {
+            throw CNIError(
+                code: CNIError.decodingFailure,
+                "the saved delegate config \(store.path(for: request.containerID)) is not a plugin config"
+            )
         }
         try Self.checkSubnetUnchanged(delegate, subnetFile: conf.subnetFile)
         // The delegate checks against the result the runtime kept from ADD,
@@ -141,8 +154,12 @@ public struct FlannelPlugin: Sendable {
         if let cniVersion = conf.cniVersion { delegate["cniVersion"] = .string(cniVersion) }
         if let prevResult = conf.prevResult { delegate["prevResult"] = Self.routesWithGateways(prevResult) }
         if let runtimeConfig = conf.runtimeConfig { delegate["runtimeConfig"] = .object(runtimeConfig) }
-        return try runner.run(type: type, command: .check, config: Array(JSONValue.object(delegate).compactText.utf8),
-                              request: request)
+        return try runner.run(
+            type: type,
+            command: .check,
+            config: Array(JSONValue.object(delegate).compactText.utf8),
+            request: request
+        )
     }
 
     /// If the daemon now holds a different subnet than at ADD, the
@@ -150,16 +167,21 @@ public struct FlannelPlugin: Sendable {
     /// missing subnet file is not an error here: the daemon may be restarting.)
     static func checkSubnetUnchanged(_ delegate: [String: JSONValue], subnetFile: String) throws(CNIError) {
         guard let current = try? FlannelSubnetFile.read(subnetFile),
-              case .object(let ipam)? = delegate["ipam"], case .array(let ranges)? = ipam["ranges"] else { return }
+            case .object(let ipam)? = delegate["ipam"], case .array(let ranges)? = ipam["ranges"]
+        else { return }
         let saved = ranges.compactMap { range -> String? in
-            guard case .array(let items) = range, case .string(let subnet)? = items.first?.field("subnet") else { return nil }
+            guard case .array(let items) = range, case .string(let subnet)? = items.first?.field("subnet") else {
+                return nil
+            }
             return subnet
         }
         let now = [current.subnet, current.ipv6Subnet].compactMap { $0?.text }
         if saved != now {
-            throw CNIError(code: CNIError.invalidSubnetFile,
-                           "this host's subnet changed since the container was added: it was \(saved.joined(separator: ", ")), \(subnetFile) now says \(now.joined(separator: ", "))",
-                           details: "the container's address is no longer routed to this host; recreate the container")
+            throw CNIError(
+                code: CNIError.invalidSubnetFile,
+                "this host's subnet changed since the container was added: it was \(saved.joined(separator: ", ")), \(subnetFile) now says \(now.joined(separator: ", "))",
+                details: "the container's address is no longer routed to this host; recreate the container"
+            )
         }
     }
 
@@ -172,22 +194,27 @@ public struct FlannelPlugin: Sendable {
     /// plugins both find the route that is really there.
     static func routesWithGateways(_ result: JSONValue) -> JSONValue {
         guard case .object(var fields) = result, case .array(let routes)? = fields["routes"],
-              case .array(let ips)? = fields["ips"] else { return result }
+            case .array(let ips)? = fields["ips"]
+        else { return result }
         func gateway(ipv6: Bool) -> JSONValue? {
             for ip in ips {
                 guard case .string(let address)? = ip.field("address"), case .string(let gw)? = ip.field("gateway"),
-                      let network = IPNetworkText(address), network.isIPv6 == ipv6 else { continue }
+                    let network = IPNetworkText(address), network.isIPv6 == ipv6
+                else { continue }
                 return .string(gw)
             }
             return nil
         }
-        fields["routes"] = .array(routes.map { route in
-            guard case .object(var route) = route, route["gw"] == nil || route["gw"] == .null,
-                  case .string(let dst)? = route["dst"], let network = IPNetworkText(dst),
-                  let gw = gateway(ipv6: network.isIPv6) else { return route }
-            route["gw"] = gw
-            return .object(route)
-        })
+        fields["routes"] = .array(
+            routes.map { route in
+                guard case .object(var route) = route, route["gw"] == nil || route["gw"] == .null,
+                    case .string(let dst)? = route["dst"], let network = IPNetworkText(dst),
+                    let gw = gateway(ipv6: network.isIPv6)
+                else { return route }
+                route["gw"] = gw
+                return .object(route)
+            }
+        )
         return .object(fields)
     }
 
@@ -200,12 +227,18 @@ public struct FlannelPlugin: Sendable {
     /// from 0.4.0 on.
     static func checkVersion(_ version: String, for command: CNICommand) throws(CNIError) {
         guard supportedVersions.contains(version) else {
-            throw CNIError(code: CNIError.incompatibleVersion, "incompatible CNI versions",
-                           details: "config is \"\(version)\", plugin supports \(supportedVersions.joined(separator: ", "))")
+            throw CNIError(
+                code: CNIError.incompatibleVersion,
+                "incompatible CNI versions",
+                details: "config is \"\(version)\", plugin supports \(supportedVersions.joined(separator: ", "))"
+            )
         }
         if command == .check && !versionAtLeast(version, "0.4.0") {
-            throw CNIError(code: CNIError.incompatibleVersion, "config version does not allow CHECK",
-                           details: "CHECK needs cniVersion 0.4.0 or later; the config says \(version)")
+            throw CNIError(
+                code: CNIError.incompatibleVersion,
+                "config version does not allow CHECK",
+                details: "CHECK needs cniVersion 0.4.0 or later; the config says \(version)"
+            )
         }
     }
 
@@ -219,7 +252,8 @@ public struct FlannelPlugin: Sendable {
     /// one this plugin speaks.
     static func errorVersion(_ stdin: [UInt8]) -> String {
         if let root = try? JSONValue(parsing: stdin), case .string(let version)? = root.field("cniVersion"),
-           supportedVersions.contains(version) {
+            supportedVersions.contains(version)
+        {
             return version
         }
         return currentVersion

@@ -1,8 +1,9 @@
+import FlannelFiles
+import NetBase
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import FlannelFiles
-import NetBase
 
 /// An IPv4 or IPv6 network in its canonical text (host bits cleared), as
 /// Go's `net.ParseCIDR` gives it to flannel's plugin: "10.2.72.1/24" is
@@ -19,7 +20,8 @@ public struct IPNetworkText: Sendable, Hashable, CustomStringConvertible {
         }
         let parts = value.split(separator: "/", omittingEmptySubsequences: false)
         guard parts.count == 2, parts[1].count <= 3, parts[1].allSatisfy({ $0.isASCII && $0.isNumber }),
-              let length = Int(parts[1]), (0...128).contains(length) else { return nil }
+            let length = Int(parts[1]), (0...128).contains(length)
+        else { return nil }
         var bytes = [UInt8](repeating: 0, count: 16)
         guard inet_pton(AF_INET6, String(parts[0]), &bytes) == 1 else { return nil }
         for i in 0..<16 {
@@ -28,7 +30,8 @@ public struct IPNetworkText: Sendable, Hashable, CustomStringConvertible {
         }
         var buffer = [UInt8](repeating: 0, count: Int(INET6_ADDRSTRLEN))
         let formatted = buffer.withUnsafeMutableBytes { raw in
-            inet_ntop(AF_INET6, bytes, raw.baseAddress!.assumingMemoryBound(to: CChar.self), socklen_t(raw.count)) != nil
+            inet_ntop(AF_INET6, bytes, raw.baseAddress!.assumingMemoryBound(to: CChar.self), socklen_t(raw.count))
+                != nil
         }
         guard formatted else { return nil }
         text = "\(String(decoding: buffer.prefix { $0 != 0 }, as: UTF8.self))/\(length)"
@@ -54,8 +57,12 @@ public struct FlannelSubnetFile: Sendable, Equatable {
     public init(parsing text: String, path: String) throws(CNIError) {
         let values = SubnetEnv.variables(text)
         func fail(_ reason: String) -> CNIError {
-            CNIError(code: CNIError.invalidSubnetFile, "subnet file \(path): \(reason)",
-                     details: "tunneld and flanneld write this file; check which process wrote it, or point \"subnetFile\" in the network config at the right one")
+            CNIError(
+                code: CNIError.invalidSubnetFile,
+                "subnet file \(path): \(reason)",
+                details:
+                    "tunneld and flanneld write this file; check which process wrote it, or point \"subnetFile\" in the network config at the right one"
+            )
         }
         func networkList(_ name: String) throws(CNIError) -> [IPNetworkText] {
             guard let value = values[name] else { return [] }
@@ -111,8 +118,12 @@ public struct FlannelSubnetFile: Sendable, Equatable {
             throw CNIError(code: CNIError.ioFailure, "cannot read subnet file \(error.path): \(error.reason)")
         }
         guard let bytes else {
-            throw CNIError(code: CNIError.tryAgainLater, "subnet file \(path) does not exist",
-                           details: "tunneld (or flanneld) writes it once it holds a lease for this host: check that it runs here with this -subnet-file, or set \"subnetFile\" in the network config")
+            throw CNIError(
+                code: CNIError.tryAgainLater,
+                "subnet file \(path) does not exist",
+                details:
+                    "tunneld (or flanneld) writes it once it holds a lease for this host: check that it runs here with this -subnet-file, or set \"subnetFile\" in the network config"
+            )
         }
         return try FlannelSubnetFile(parsing: String(decoding: bytes, as: UTF8.self), path: path)
     }

@@ -144,36 +144,48 @@ extension DataPathCounter {
         case .gsoSendErrors: CounterSeries("tunneld_errors_total", [("operation", "gso_send")])
         case .batchCompletions: CounterSeries("tunneld_datapath_batch_completions_total")
         case .tunSuperPacketsRead: CounterSeries("tunneld_offload_tun_super_packets_total", [("direction", "read")])
-        case .tunSuperPacketsWritten: CounterSeries("tunneld_offload_tun_super_packets_total", [("direction", "written")])
+        case .tunSuperPacketsWritten:
+            CounterSeries("tunneld_offload_tun_super_packets_total", [("direction", "written")])
         case .segmentsMade: CounterSeries("tunneld_offload_segments_total", [("operation", "split")])
         case .segmentsCoalesced: CounterSeries("tunneld_offload_segments_total", [("operation", "coalesced")])
         case .gsoSends: CounterSeries("tunneld_offload_udp_gso_sends_total")
         case .groReceives: CounterSeries("tunneld_offload_udp_gro_receives_total")
         case .batches: nil
         case .droppedNoRoute, .droppedLocalDestination, .droppedTTLExpired, .droppedMalformedFromTun,
-             .droppedMalformed, .droppedUnknownPeer, .droppedSpoofedSource, .droppedTruncated, .droppedBadOffload,
-             .droppedLocalSource, .droppedNotForUs, .droppedTooBig:
-            CounterSeries("tunneld_dropped_packets_total", [("reason", String(description.dropFirst("dropped_".count)))])
+            .droppedMalformed, .droppedUnknownPeer, .droppedSpoofedSource, .droppedTruncated, .droppedBadOffload,
+            .droppedLocalSource, .droppedNotForUs, .droppedTooBig:
+            CounterSeries(
+                "tunneld_dropped_packets_total",
+                [("reason", String(description.dropFirst("dropped_".count)))]
+            )
         case .batchesOf1, .batchesOf2to3, .batchesOf4to7, .batchesOf8to15, .batchesOf16to31, .batchesOf32to63,
-             .batchesOf64Plus:
-            CounterSeries("tunneld_datapath_batches_total",
-                          [("size", Self.batchSizeClasses.first { $0.counter == self }!.size)])
+            .batchesOf64Plus:
+            CounterSeries(
+                "tunneld_datapath_batches_total",
+                [("size", Self.batchSizeClasses.first { $0.counter == self }!.size)]
+            )
         }
     }
 
     /// The help of each series the counters are exported as.
     public static let seriesHelp: [String: String] = [
-        "tunneld_packets_total": "Packets carried: tx = sent to peers as UDP datagrams, rx = received from peers and written to the TUN device.",
-        "tunneld_bytes_total": "Bytes carried (inner IPv4 packets): tx = sent to peers, rx = written to the TUN device.",
+        "tunneld_packets_total":
+            "Packets carried: tx = sent to peers as UDP datagrams, rx = received from peers and written to the TUN device.",
+        "tunneld_bytes_total":
+            "Bytes carried (inner IPv4 packets): tx = sent to peers, rx = written to the TUN device.",
         "tunneld_tun_reads_total": "Reads from the TUN device that returned a packet or a super-packet.",
         "tunneld_udp_datagrams_received_total": "UDP datagrams received from peers.",
         "tunneld_dropped_packets_total": "Packets dropped by the data path, by reason.",
         "tunneld_icmp_sent_total": "ICMP errors the data path sent back to senders, by type.",
         "tunneld_errors_total": "Failed system calls of the data path, by operation.",
-        "tunneld_datapath_batches_total": "Batches the data path handled (completions per ring turn; ready descriptors per wake-up for the simple loop), by size class.",
-        "tunneld_datapath_batch_completions_total": "Completions handled over all batches; divided by the batches, the mean batch size.",
-        "tunneld_offload_tun_super_packets_total": "TUN super-packets (TSO/USO): read = from the kernel, to be split; written = coalesced from received segments.",
-        "tunneld_offload_segments_total": "Segments: split = packets made by splitting super-packets; coalesced = received segments merged into another's TUN write.",
+        "tunneld_datapath_batches_total":
+            "Batches the data path handled (completions per ring turn; ready descriptors per wake-up for the simple loop), by size class.",
+        "tunneld_datapath_batch_completions_total":
+            "Completions handled over all batches; divided by the batches, the mean batch size.",
+        "tunneld_offload_tun_super_packets_total":
+            "TUN super-packets (TSO/USO): read = from the kernel, to be split; written = coalesced from received segments.",
+        "tunneld_offload_segments_total":
+            "Segments: split = packets made by splitting super-packets; coalesced = received segments merged into another's TUN write.",
         "tunneld_offload_udp_gso_sends_total": "UDP sends that carried more than one datagram (UDP_SEGMENT).",
         "tunneld_offload_udp_gro_receives_total": "UDP receives that returned more than one datagram (UDP_GRO).",
     ]

@@ -30,9 +30,13 @@ struct EtcdEndpoint: Sendable, Hashable, CustomStringConvertible {
     /// Parses one endpoint; `defaultSecure` applies when the text has no scheme.
     static func parse(_ text: String, defaultSecure: Bool) throws(EtcdError) -> EtcdEndpoint {
         func bad(_ why: String) -> EtcdError {
-            EtcdError(.configuration, operation: "connect", endpoints: [],
-                      reason: "endpoint \"\(text)\" \(why)",
-                      hint: "write endpoints as http://HOST:PORT or https://HOST:PORT, separated by commas")
+            EtcdError(
+                .configuration,
+                operation: "connect",
+                endpoints: [],
+                reason: "endpoint \"\(text)\" \(why)",
+                hint: "write endpoints as http://HOST:PORT or https://HOST:PORT, separated by commas"
+            )
         }
         var rest = Substring(text.trimmingCharacters(in: .whitespaces))
         var secure = defaultSecure
@@ -70,7 +74,9 @@ struct EtcdEndpoint: Sendable, Hashable, CustomStringConvertible {
         guard !host.isEmpty else { throw bad("has no host") }
         var port = 2379
         if let portText {
-            guard let p = Int(portText), (1...65535).contains(p) else { throw bad("has an invalid port \"\(portText)\"") }
+            guard let p = Int(portText), (1...65535).contains(p) else {
+                throw bad("has an invalid port \"\(portText)\"")
+            }
             port = p
         }
         return EtcdEndpoint(secure: secure, host: String(host), port: port, original: text)
@@ -95,10 +101,14 @@ struct EtcdEndpointsResolverFactory: NameResolverFactory, Sendable {
         // each connection uses its address: no SNI, and NIOSSL checks the
         // certificate against the peer's IP address.
         let names = Set(target.endpoints.filter { $0.hostKind == .name }.map(\.host))
-        let authority = names.count == 1 && target.endpoints.allSatisfy({ $0.hostKind == .name })
+        let authority =
+            names.count == 1 && target.endpoints.allSatisfy({ $0.hostKind == .name })
             ? names.first : nil
-        return NameResolver(names: RPCAsyncSequence(wrapping: Resolution(endpoints: target.endpoints)),
-                            updateMode: .pull, authority: authority)
+        return NameResolver(
+            names: RPCAsyncSequence(wrapping: Resolution(endpoints: target.endpoints)),
+            updateMode: .pull,
+            authority: authority
+        )
     }
 
     struct Resolution: AsyncSequence, Sendable {
@@ -129,8 +139,10 @@ struct EtcdEndpointsResolverFactory: NameResolverFactory, Sendable {
                     }
                 }
                 guard !resolved.isEmpty else {
-                    throw RPCError(code: .unavailable,
-                                   message: "no endpoint could be resolved (\(failures.joined(separator: "; ")))")
+                    throw RPCError(
+                        code: .unavailable,
+                        message: "no endpoint could be resolved (\(failures.joined(separator: "; ")))"
+                    )
                 }
                 return NameResolutionResult(endpoints: resolved, serviceConfig: nil)
             }

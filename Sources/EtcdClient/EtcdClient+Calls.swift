@@ -148,8 +148,12 @@ extension EtcdClient {
                 mapped.hint = mapped.hint ?? EtcdError.defaultHint(for: mapped.code)
                 throw mapped
             } catch {
-                throw EtcdError(.other, operation: "Authenticate \(credentials.username)", endpoints: endpoints,
-                                reason: Self.describe(error))
+                throw EtcdError(
+                    .other,
+                    operation: "Authenticate \(credentials.username)",
+                    endpoints: endpoints,
+                    reason: Self.describe(error)
+                )
             }
         }
     }
@@ -161,8 +165,12 @@ extension EtcdClient {
         // grpc-swift reports an answer over the receive limit as an internal
         // error ("Failed to decode message") caused by resourceExhausted.
         if message.contains("exceeded the configured maximum payload size") {
-            return EtcdError(.responseTooLarge, operation: operation, endpoints: endpoints,
-                             reason: "the answer is larger than the receive limit of \(maxReceiveMessageBytes) bytes")
+            return EtcdError(
+                .responseTooLarge,
+                operation: operation,
+                endpoints: endpoints,
+                reason: "the answer is larger than the receive limit of \(maxReceiveMessageBytes) bytes"
+            )
         }
         switch error.code {
         case .unavailable:
@@ -203,7 +211,9 @@ extension EtcdClient {
         if message.hasPrefix("etcdserver: ") { message.removeFirst("etcdserver: ".count) }
         // grpc-swift's wording for "no endpoint is up"; the cause says why.
         message = message.replacingOccurrences(
-            of: "Channel is in a transient failure state and 'wait for ready' isn't enabled. ", with: "")
+            of: "Channel is in a transient failure state and 'wait for ready' isn't enabled. ",
+            with: ""
+        )
         message = message.replacingOccurrences(of: "[ipv4]", with: "").replacingOccurrences(of: "[ipv6]", with: "")
         if let cause = error.cause, !(cause is CancellationError) {
             let text = describe(cause)

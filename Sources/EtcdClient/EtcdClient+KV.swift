@@ -33,7 +33,11 @@ extension EtcdClient {
     /// page (the listing took longer than etcd keeps history), a read of the
     /// newest revision starts again (at most 3 times); with an explicit
     /// `revision` that fails with `.compacted`.
-    public func range(prefix: String, revision: Int64 = 0, pageSize: Int = EtcdClient.defaultPageSize)
+    public func range(
+        prefix: String,
+        revision: Int64 = 0,
+        pageSize: Int = EtcdClient.defaultPageSize
+    )
         async throws(EtcdError) -> EtcdRangeResult
     {
         var kvs: [EtcdKeyValue] = []
@@ -50,8 +54,12 @@ extension EtcdClient {
     /// true on the first page of each attempt: after a compaction restart
     /// (see above) the caller drops what it took from the earlier attempt.
     /// Returns the revision every page was read at.
-    public func range(prefix: String, revision: Int64 = 0, pageSize: Int = EtcdClient.defaultPageSize,
-                      eachPage body: ([EtcdKeyValue], _ restart: Bool) throws(EtcdError) -> Void)
+    public func range(
+        prefix: String,
+        revision: Int64 = 0,
+        pageSize: Int = EtcdClient.defaultPageSize,
+        eachPage body: ([EtcdKeyValue], _ restart: Bool) throws(EtcdError) -> Void
+    )
         async throws(EtcdError) -> Int64
     {
         var restarts = 0
@@ -65,8 +73,12 @@ extension EtcdClient {
         }
     }
 
-    private func pagedRange(prefix: String, revision: Int64, pageSize: Int,
-                            _ body: ([EtcdKeyValue], _ restart: Bool) throws(EtcdError) -> Void)
+    private func pagedRange(
+        prefix: String,
+        revision: Int64,
+        pageSize: Int,
+        _ body: ([EtcdKeyValue], _ restart: Bool) throws(EtcdError) -> Void
+    )
         async throws(EtcdError) -> Int64
     {
         let end = Self.prefixEnd(prefix)
@@ -107,7 +119,12 @@ extension EtcdClient {
     /// The keys of `[key, rangeEnd)` in one request: at most `limit` (0: all)
     /// of them, at `revision` (0: the newest). `more` says whether keys were
     /// left out. For tests and tools that show what one answer holds.
-    public func rangePage(key: String, rangeEnd: Data, revision: Int64 = 0, limit: Int64 = 0)
+    public func rangePage(
+        key: String,
+        rangeEnd: Data,
+        revision: Int64 = 0,
+        limit: Int64 = 0
+    )
         async throws(EtcdError) -> (result: EtcdRangeResult, more: Bool)
     {
         var request = Etcdserverpb_RangeRequest()
@@ -118,14 +135,19 @@ extension EtcdClient {
         let response = try await perform("Range \(key) limit \(limit)") { [request] metadata, options in
             try await self.kv.range(request, metadata: metadata, options: options)
         }
-        return (EtcdRangeResult(kvs: response.kvs.map(EtcdKeyValue.init), revision: response.header.revision),
-                response.more)
+        return (
+            EtcdRangeResult(kvs: response.kvs.map(EtcdKeyValue.init), revision: response.header.revision),
+            response.more
+        )
     }
 
     /// The end of the range of every key starting with `prefix`.
     public static func rangeEnd(ofPrefix prefix: String) -> Data { prefixEnd(prefix) }
 
-    private func range(_ request: Etcdserverpb_RangeRequest, operation: String) async throws(EtcdError)
+    private func range(
+        _ request: Etcdserverpb_RangeRequest,
+        operation: String
+    ) async throws(EtcdError)
         -> EtcdRangeResult
     {
         let response = try await perform(operation) { [request] metadata, options in
@@ -187,7 +209,11 @@ extension EtcdClient {
     /// `If(create_revision(key) == 0) Then(Put) Else(Range)`. Of several
     /// clients racing for the same key exactly one gets `.created`; the others
     /// get `.exists` with what the winner wrote.
-    public func createIfAbsent(_ key: String, value: [UInt8], lease: Int64 = 0) async throws(EtcdError)
+    public func createIfAbsent(
+        _ key: String,
+        value: [UInt8],
+        lease: Int64 = 0
+    ) async throws(EtcdError)
         -> EtcdCreateResult
     {
         var compare = Etcdserverpb_Compare()
@@ -197,11 +223,16 @@ extension EtcdClient {
         let response = try await putIf(compare, key: key, value: value, lease: lease, operation: operation)
         if response.succeeded { return .created(revision: response.header.revision) }
         guard case .responseRange(let found)? = response.responses.first?.response,
-              let existing = found.kvs.first else {
+            let existing = found.kvs.first
+        else {
             // The transaction is atomic: a failed compare means the key existed
             // when the Range ran.
-            throw EtcdError(.protocolViolation, operation: operation, endpoints: endpoints,
-                            reason: "the compare failed but the key was not returned")
+            throw EtcdError(
+                .protocolViolation,
+                operation: operation,
+                endpoints: endpoints,
+                reason: "the compare failed but the key was not returned"
+            )
         }
         return .exists(EtcdKeyValue(existing))
     }
@@ -213,7 +244,12 @@ extension EtcdClient {
     /// plain key of the same IPv4 subnet (`10.2.5.0-24`) share that prefix,
     /// so two hosts can never both create a key for one IPv4 subnet.
     /// `.exists` carries one of the keys found.
-    public func createIfAbsent(_ key: String, value: [UInt8], lease: Int64 = 0, guardPrefix: String)
+    public func createIfAbsent(
+        _ key: String,
+        value: [UInt8],
+        lease: Int64 = 0,
+        guardPrefix: String
+    )
         async throws(EtcdError) -> EtcdCreateResult
     {
         precondition(key.hasPrefix(guardPrefix), "\(key) does not start with its guard prefix \(guardPrefix)")
@@ -241,17 +277,27 @@ extension EtcdClient {
         }
         if response.succeeded { return .created(revision: response.header.revision) }
         guard case .responseRange(let found)? = response.responses.first?.response,
-              let existing = found.kvs.first else {
-            throw EtcdError(.protocolViolation, operation: operation, endpoints: endpoints,
-                            reason: "the compare failed but no key under the prefix was returned")
+            let existing = found.kvs.first
+        else {
+            throw EtcdError(
+                .protocolViolation,
+                operation: operation,
+                endpoints: endpoints,
+                reason: "the compare failed but no key under the prefix was returned"
+            )
         }
         return .exists(EtcdKeyValue(existing))
     }
 
     /// One transaction: `If(compare == on key) Then(Put key) Else(Range key)`,
     /// so a loser learns at once what the key holds.
-    private func putIf(_ compare: Etcdserverpb_Compare, key: String, value: [UInt8], lease: Int64,
-                       operation: String) async throws(EtcdError) -> Etcdserverpb_TxnResponse {
+    private func putIf(
+        _ compare: Etcdserverpb_Compare,
+        key: String,
+        value: [UInt8],
+        lease: Int64,
+        operation: String
+    ) async throws(EtcdError) -> Etcdserverpb_TxnResponse {
         var compare = compare
         compare.key = Data(key.utf8)
         compare.result = .equal
@@ -270,7 +316,11 @@ extension EtcdClient {
         }
     }
 
-    public func createIfAbsent(_ key: String, value: String, lease: Int64 = 0) async throws(EtcdError)
+    public func createIfAbsent(
+        _ key: String,
+        value: String,
+        lease: Int64 = 0
+    ) async throws(EtcdError)
         -> EtcdCreateResult
     {
         try await createIfAbsent(key, value: Array(value.utf8), lease: lease)
@@ -281,14 +331,24 @@ extension EtcdClient {
     /// `If(mod_revision(key) == modRevision) Then(Put) Else(Range)`.
     /// Returns `.written` with the put's revision, or `.changed` with the
     /// current value (nil if the key is gone) when someone else got there first.
-    public func compareAndPut(_ key: String, value: [UInt8], lease: Int64 = 0, modRevision: Int64)
+    public func compareAndPut(
+        _ key: String,
+        value: [UInt8],
+        lease: Int64 = 0,
+        modRevision: Int64
+    )
         async throws(EtcdError) -> EtcdSwapResult
     {
         var compare = Etcdserverpb_Compare()
         compare.target = .mod
         compare.modRevision = modRevision
-        let response = try await putIf(compare, key: key, value: value, lease: lease,
-                                       operation: "Txn compare-and-put \(key)@\(modRevision)")
+        let response = try await putIf(
+            compare,
+            key: key,
+            value: value,
+            lease: lease,
+            operation: "Txn compare-and-put \(key)@\(modRevision)"
+        )
         if response.succeeded { return .written(revision: response.header.revision) }
         guard case .responseRange(let found)? = response.responses.first?.response else {
             return .changed(current: nil)
@@ -314,7 +374,8 @@ extension EtcdClient {
         request.compare = [compare]
         request.success = [.with { $0.requestDeleteRange = delete }]
         request.failure = [.with { $0.requestRange = get }]
-        let response = try await perform("Txn compare-and-delete \(key)@\(modRevision)") { [request] metadata, options in
+        let response = try await perform("Txn compare-and-delete \(key)@\(modRevision)") {
+            [request] metadata, options in
             try await self.kv.txn(request, metadata: metadata, options: options)
         }
         if response.succeeded { return .written(revision: response.header.revision) }

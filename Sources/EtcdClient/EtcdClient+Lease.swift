@@ -42,7 +42,8 @@ extension EtcdClient {
             // the response has arrived.
             let (answered, answer) = AsyncStream<Never>.makeStream()
             return try await self.leaseService.leaseKeepAlive(
-                metadata: metadata, options: options,
+                metadata: metadata,
+                options: options,
                 requestProducer: { writer in
                     try await writer.write(request)
                     for await _ in answered {}
@@ -53,11 +54,16 @@ extension EtcdClient {
                         return message.ttl
                     }
                     throw RPCError(code: .unavailable, message: "the server ended the stream without answering")
-                })
+                }
+            )
         }
         guard ttl > 0 else {
-            throw EtcdError(.leaseNotFound, operation: operation, endpoints: endpoints,
-                            reason: "lease not found (expired or revoked)")
+            throw EtcdError(
+                .leaseNotFound,
+                operation: operation,
+                endpoints: endpoints,
+                reason: "lease not found (expired or revoked)"
+            )
         }
         return ttl
     }
@@ -72,8 +78,12 @@ extension EtcdClient {
         }
         // etcd answers TTL -1 for a lease it does not have.
         guard response.ttl >= 0 else { return nil }
-        return EtcdLeaseInfo(id: response.id, remainingTTL: response.ttl, grantedTTL: response.grantedTtl,
-                             keys: response.keys.map { String(decoding: $0, as: UTF8.self) })
+        return EtcdLeaseInfo(
+            id: response.id,
+            remainingTTL: response.ttl,
+            grantedTTL: response.grantedTtl,
+            keys: response.keys.map { String(decoding: $0, as: UTF8.self) }
+        )
     }
 
     static func seconds(_ duration: Duration) -> String {

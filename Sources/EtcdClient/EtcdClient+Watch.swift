@@ -17,7 +17,11 @@ extension EtcdClient {
     /// requested revisions were compacted, the stream ends with
     /// `EtcdError.Code.compacted`. It ends without error when the consumer
     /// stops iterating or the client is closed.
-    public func watch(prefix: String, fromRevision: Int64, previousValues: Bool = false)
+    public func watch(
+        prefix: String,
+        fromRevision: Int64,
+        previousValues: Bool = false
+    )
         -> AsyncThrowingStream<EtcdWatchBatch, any Error>
     {
         let (stream, continuation) = AsyncThrowingStream<EtcdWatchBatch, any Error>.makeStream()
@@ -27,13 +31,23 @@ extension EtcdClient {
             return state.nextWatch
         }
         guard let id else {
-            continuation.finish(throwing: EtcdError(.closed, operation: "Watch \(prefix)*", endpoints: endpoints,
-                                                    reason: "the client is closed"))
+            continuation.finish(
+                throwing: EtcdError(
+                    .closed,
+                    operation: "Watch \(prefix)*",
+                    endpoints: endpoints,
+                    reason: "the client is closed"
+                )
+            )
             return stream
         }
         let task = Task {
-            await self.runWatch(prefix: prefix, from: fromRevision, previousValues: previousValues,
-                                continuation: continuation)
+            await self.runWatch(
+                prefix: prefix,
+                from: fromRevision,
+                previousValues: previousValues,
+                continuation: continuation
+            )
             _ = self.state.withLock { $0.watches.removeValue(forKey: id) }
         }
         state.withLock { state in
@@ -71,8 +85,11 @@ extension EtcdClient {
     /// cancelled, so it must not be awaited afresh for every interval (that
     /// ended the probing after the first report, and an idle watch was then
     /// taken for a silent member every `patience`).
-    private static func probe(every interval: Duration, until finished: AsyncStream<Never>,
-                              _ write: @escaping @Sendable () async throws -> Void) async throws {
+    private static func probe(
+        every interval: Duration,
+        until finished: AsyncStream<Never>,
+        _ write: @escaping @Sendable () async throws -> Void
+    ) async throws {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
                 for await _ in finished {}
@@ -94,16 +111,22 @@ extension EtcdClient {
     /// then the call is cancelled and this throws Unavailable, which the
     /// watch retries — on another member, since the round robin moves on
     /// and the keepalive closes the silent member's connection.
-    private static func untilSilent(for patience: Duration, heard: Locked<ContinuousClock.Instant>,
-                                    _ call: @escaping @Sendable () async throws -> Void) async throws {
+    private static func untilSilent(
+        for patience: Duration,
+        heard: Locked<ContinuousClock.Instant>,
+        _ call: @escaping @Sendable () async throws -> Void
+    ) async throws {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await call() }
             group.addTask {
                 while true {
                     let silence = ContinuousClock.now - heard.get()
                     if silence >= patience {
-                        throw RPCError(code: .unavailable,
-                                       message: "no answer from the member for \(seconds(silence)) (a watch progress request went unanswered)")
+                        throw RPCError(
+                            code: .unavailable,
+                            message:
+                                "no answer from the member for \(seconds(silence)) (a watch progress request went unanswered)"
+                        )
                     }
                     try await Task.sleep(for: patience - silence)
                 }
@@ -114,9 +137,12 @@ extension EtcdClient {
         }
     }
 
-    private func runWatch(prefix: String, from start: Int64, previousValues: Bool,
-                          continuation: AsyncThrowingStream<EtcdWatchBatch, any Error>.Continuation) async
-    {
+    private func runWatch(
+        prefix: String,
+        from start: Int64,
+        previousValues: Bool,
+        continuation: AsyncThrowingStream<EtcdWatchBatch, any Error>.Continuation
+    ) async {
         let operation = "Watch \(prefix)* from revision \(start)"
         let next = Locked(start)
         let established = Locked(false)
@@ -151,53 +177,66 @@ extension EtcdClient {
                 let watchService = Etcdserverpb_Watch.Client(wrapping: watchClient.grpc)
                 try await Self.untilSilent(for: patience, heard: heard) {
                     try await watchService.watch(
-                    metadata: metadata,
-                    options: self.callOptions,
-                    requestProducer: { writer in
-                        try await writer.write(request)
-                        // Stay open (returning would half-close the stream),
-                        // asking for a progress report every `probe`: etcd
-                        // answers at once with its revision, so a member that
-                        // stopped answering is noticed by `untilSilent`, also
-                        // when its connection still answers gRPC pings.
-                        try await Self.probe(every: probe, until: finished) {
-                            try await writer.write(progressRequest)
-                        }
-                    },
-                    onResponse: { response in
-                        defer { finish.finish() }
-                        for try await message in response.messages {
-                            heard.set(ContinuousClock.now)
-                            if message.compactRevision > 0 {
-                                throw EtcdError(.compacted(oldestRevision: message.compactRevision),
-                                                operation: operation, endpoints: self.endpoints,
-                                                reason: "revision \(next.get()) has been compacted "
-                                                    + "(oldest kept: \(message.compactRevision))")
+                        metadata: metadata,
+                        options: self.callOptions,
+                        requestProducer: { writer in
+                            try await writer.write(request)
+                            // Stay open (returning would half-close the stream),
+                            // asking for a progress report every `probe`: etcd
+                            // answers at once with its revision, so a member that
+                            // stopped answering is noticed by `untilSilent`, also
+                            // when its connection still answers gRPC pings.
+                            try await Self.probe(every: probe, until: finished) {
+                                try await writer.write(progressRequest)
                             }
-                            if message.canceled {
-                                throw EtcdError(.watchCanceled, operation: operation, endpoints: self.endpoints,
-                                                reason: message.cancelReason.isEmpty
-                                                    ? "the server canceled the watch" : message.cancelReason)
+                        },
+                        onResponse: { response in
+                            defer { finish.finish() }
+                            for try await message in response.messages {
+                                heard.set(ContinuousClock.now)
+                                if message.compactRevision > 0 {
+                                    throw EtcdError(
+                                        .compacted(oldestRevision: message.compactRevision),
+                                        operation: operation,
+                                        endpoints: self.endpoints,
+                                        reason: "revision \(next.get()) has been compacted "
+                                            + "(oldest kept: \(message.compactRevision))"
+                                    )
+                                }
+                                if message.canceled {
+                                    throw EtcdError(
+                                        .watchCanceled,
+                                        operation: operation,
+                                        endpoints: self.endpoints,
+                                        reason: message.cancelReason.isEmpty
+                                            ? "the server canceled the watch" : message.cancelReason
+                                    )
+                                }
+                                if message.created { established.set(true) }
+                                guard !message.events.isEmpty else { continue }
+                                let events = message.events.map(EtcdWatchEvent.init)
+                                // A fragment may end inside a revision: resuming
+                                // after it repeats that revision's events (puts
+                                // and deletes are idempotent for the consumer).
+                                let last = events[events.count - 1].revision
+                                next.set(message.fragment ? last : last + 1)
+                                continuation.yield(
+                                    EtcdWatchBatch(
+                                        events: events,
+                                        headerRevision: message.header.revision
+                                    )
+                                )
                             }
-                            if message.created { established.set(true) }
-                            guard !message.events.isEmpty else { continue }
-                            let events = message.events.map(EtcdWatchEvent.init)
-                            // A fragment may end inside a revision: resuming
-                            // after it repeats that revision's events (puts
-                            // and deletes are idempotent for the consumer).
-                            let last = events[events.count - 1].revision
-                            next.set(message.fragment ? last : last + 1)
-                            continuation.yield(EtcdWatchBatch(events: events,
-                                                              headerRevision: message.header.revision))
+                            throw RPCError(code: .unavailable, message: "the server ended the watch stream")
                         }
-                        throw RPCError(code: .unavailable, message: "the server ended the watch stream")
-                    })
+                    )
                 }
             } catch is CancellationError {
                 break
             } catch let error as EtcdError {
                 if case .watchCanceled = error.code, !reauthenticated, credentials != nil,
-                   error.reason.contains("auth") {
+                    error.reason.contains("auth")
+                {
                     reauthenticated = true
                     invalidateToken()
                     continue
@@ -211,8 +250,10 @@ extension EtcdClient {
                     invalidateToken()
                     continue
                 }
-                let retryable: Set<RPCError.Code> = [.unavailable, .deadlineExceeded, .aborted, .internalError,
-                                                     .unknown, .resourceExhausted]
+                let retryable: Set<RPCError.Code> = [
+                    .unavailable, .deadlineExceeded, .aborted, .internalError,
+                    .unknown, .resourceExhausted,
+                ]
                 if established.get() {
                     failures = 0
                     failingSince = nil
@@ -228,13 +269,21 @@ extension EtcdClient {
                 // At most 2 s apart: once etcd is back, the watch resumes
                 // within about that (the connection's own backoff permitting).
                 let delay = min(Double(failures) * 0.5, 2.0)
-                logger.warning("etcd watch of \(prefix)* interrupted (\(Self.serverMessage(error))); resuming from revision \(next.get()) in \(delay) s on whichever member answers")
+                logger.warning(
+                    "etcd watch of \(prefix)* interrupted (\(Self.serverMessage(error))); resuming from revision \(next.get()) in \(delay) s on whichever member answers"
+                )
                 do { try await Task.sleep(for: .seconds(delay)) } catch { break }
                 watchReconnects.increment()
             } catch {
                 if Task.isCancelled { break }
-                continuation.finish(throwing: EtcdError(.other, operation: operation, endpoints: endpoints,
-                                                        reason: Self.describe(error)))
+                continuation.finish(
+                    throwing: EtcdError(
+                        .other,
+                        operation: operation,
+                        endpoints: endpoints,
+                        reason: Self.describe(error)
+                    )
+                )
                 return
             }
         }

@@ -87,29 +87,46 @@ public final class EtcdClient: Sendable {
     ///   - maxReceiveMessageBytes: the largest response message accepted.
     ///   - keepaliveTime, keepaliveTimeout: how often a connection in use is
     ///     checked and how long its answer may take (see `defaultKeepaliveTime`).
-    public init(endpoints: [String], tls: EtcdTLS? = nil, credentials: EtcdCredentials? = nil,
-                requestTimeout: Duration = .seconds(10),
-                maxReceiveMessageBytes: Int = EtcdClient.defaultMaxReceiveMessageBytes,
-                keepaliveTime: Duration = EtcdClient.defaultKeepaliveTime,
-                keepaliveTimeout: Duration = EtcdClient.defaultKeepaliveTimeout,
-                logger: Logger = Logger(label: "tunneld.etcd")) throws(EtcdError) {
+    public init(
+        endpoints: [String],
+        tls: EtcdTLS? = nil,
+        credentials: EtcdCredentials? = nil,
+        requestTimeout: Duration = .seconds(10),
+        maxReceiveMessageBytes: Int = EtcdClient.defaultMaxReceiveMessageBytes,
+        keepaliveTime: Duration = EtcdClient.defaultKeepaliveTime,
+        keepaliveTimeout: Duration = EtcdClient.defaultKeepaliveTimeout,
+        logger: Logger = Logger(label: "tunneld.etcd")
+    ) throws(EtcdError) {
         guard keepaliveTime >= .milliseconds(100), keepaliveTimeout >= .milliseconds(100) else {
-            throw EtcdError(.configuration, operation: "connect", endpoints: endpoints,
-                            reason: "keepalive time \(keepaliveTime) and timeout \(keepaliveTimeout) must be at least 0.1 s",
-                            hint: "give --etcd-keepalive-time and --etcd-keepalive-timeout in seconds, e.g. 2 and 3")
+            throw EtcdError(
+                .configuration,
+                operation: "connect",
+                endpoints: endpoints,
+                reason: "keepalive time \(keepaliveTime) and timeout \(keepaliveTimeout) must be at least 0.1 s",
+                hint: "give --etcd-keepalive-time and --etcd-keepalive-timeout in seconds, e.g. 2 and 3"
+            )
         }
         let nonEmpty = endpoints.filter { !$0.trimmingCharacters(in: .whitespaces).isEmpty }
         guard !nonEmpty.isEmpty else {
-            throw EtcdError(.configuration, operation: "connect", endpoints: [], reason: "no endpoints given",
-                            hint: "give at least one, e.g. http://127.0.0.1:2379")
+            throw EtcdError(
+                .configuration,
+                operation: "connect",
+                endpoints: [],
+                reason: "no endpoints given",
+                hint: "give at least one, e.g. http://127.0.0.1:2379"
+            )
         }
         var parsed: [EtcdEndpoint] = []
         for text in nonEmpty { parsed.append(try EtcdEndpoint.parse(text, defaultSecure: tls != nil)) }
         self.endpoints = nonEmpty
         guard Set(parsed.map(\.secure)).count == 1 else {
-            throw EtcdError(.configuration, operation: "connect", endpoints: nonEmpty,
-                            reason: "endpoints mix http:// and https://",
-                            hint: "use https:// for every endpoint of a TLS cluster, http:// otherwise")
+            throw EtcdError(
+                .configuration,
+                operation: "connect",
+                endpoints: nonEmpty,
+                reason: "endpoints mix http:// and https://",
+                hint: "use https:// for every endpoint of a TLS cluster, http:// otherwise"
+            )
         }
         let security: Transport.TransportSecurity =
             parsed[0].secure ? .tls(try Self.tlsConfig(tls ?? EtcdTLS(), endpoints: nonEmpty)) : .plaintext
@@ -122,8 +139,11 @@ public final class EtcdClient: Sendable {
         // (2.9) stops a connection's pings for good once all its streams
         // have closed, which is why each watch gets connections of its own
         // (`makeWatchClient`).
-        config.connection.keepalive = .init(time: keepaliveTime, timeout: keepaliveTimeout,
-                                            allowWithoutCalls: false)
+        config.connection.keepalive = .init(
+            time: keepaliveTime,
+            timeout: keepaliveTimeout,
+            allowWithoutCalls: false
+        )
         config.backoff = .init(initial: .milliseconds(200), max: .seconds(5), multiplier: 1.6, jitter: 0.2)
         let target = EtcdEndpointsTarget(endpoints: parsed)
         let makeTransport: @Sendable () throws -> Transport = { [config] in
@@ -134,15 +154,20 @@ public final class EtcdClient: Sendable {
                 transportSecurity: security,
                 config: config,
                 resolverRegistry: registry,
-                serviceConfig: ServiceConfig(loadBalancingConfig: [.roundRobin]))
+                serviceConfig: ServiceConfig(loadBalancingConfig: [.roundRobin])
+            )
         }
         let transport: Transport
         do {
             transport = try makeTransport()
         } catch {
-            throw EtcdError(.configuration, operation: "connect", endpoints: nonEmpty,
-                            reason: "cannot set up the gRPC transport: \(Self.describe(error))",
-                            hint: tls != nil ? "check the TLS certificate and key files" : nil)
+            throw EtcdError(
+                .configuration,
+                operation: "connect",
+                endpoints: nonEmpty,
+                reason: "cannot set up the gRPC transport: \(Self.describe(error))",
+                hint: tls != nil ? "check the TLS certificate and key files" : nil
+            )
         }
         let grpc = GRPCClient(transport: transport)
         self.grpc = grpc
@@ -191,46 +216,64 @@ public final class EtcdClient: Sendable {
         deadline.cancel()
     }
 
-    private static func tlsConfig(_ tls: EtcdTLS, endpoints: [String]) throws(EtcdError)
+    private static func tlsConfig(
+        _ tls: EtcdTLS,
+        endpoints: [String]
+    ) throws(EtcdError)
         -> Transport.TransportSecurity.TLS
     {
         func check(_ path: String?, _ what: String) throws(EtcdError) {
             guard let path else { return }
             guard FileManager.default.isReadableFile(atPath: path) else {
-                throw EtcdError(.configuration, operation: "connect", endpoints: endpoints,
-                                reason: "cannot read the \(what) file \(path)",
-                                hint: "check the path and its permissions")
+                throw EtcdError(
+                    .configuration,
+                    operation: "connect",
+                    endpoints: endpoints,
+                    reason: "cannot read the \(what) file \(path)",
+                    hint: "check the path and its permissions"
+                )
             }
         }
         try check(tls.caFile, "CA")
         try check(tls.certFile, "client certificate")
         try check(tls.keyFile, "client key")
         guard (tls.certFile == nil) == (tls.keyFile == nil) else {
-            throw EtcdError(.configuration, operation: "connect", endpoints: endpoints,
-                            reason: "a client certificate needs its key and a key needs its certificate",
-                            hint: "give both --etcd-certfile and --etcd-keyfile, or neither")
+            throw EtcdError(
+                .configuration,
+                operation: "connect",
+                endpoints: endpoints,
+                reason: "a client certificate needs its key and a key needs its certificate",
+                hint: "give both --etcd-certfile and --etcd-keyfile, or neither"
+            )
         }
         return .init(
             certificateChain: tls.certFile.map { [.file(path: $0, format: .pem)] } ?? [],
             privateKey: tls.keyFile.map { .file(path: $0, format: .pem) },
             serverCertificateVerification: .fullVerification,
-            trustRoots: tls.caFile.map { .certificates([.file(path: $0, format: .pem)]) } ?? .systemDefault)
+            trustRoots: tls.caFile.map { .certificates([.file(path: $0, format: .pem)]) } ?? .systemDefault
+        )
     }
 }
 
-
 extension EtcdKeyValue {
     init(_ kv: Mvccpb_KeyValue) {
-        self.init(key: String(decoding: kv.key, as: UTF8.self), value: Array(kv.value),
-                  createRevision: kv.createRevision, modRevision: kv.modRevision,
-                  version: kv.version, lease: kv.lease)
+        self.init(
+            key: String(decoding: kv.key, as: UTF8.self),
+            value: Array(kv.value),
+            createRevision: kv.createRevision,
+            modRevision: kv.modRevision,
+            version: kv.version,
+            lease: kv.lease
+        )
     }
 }
 
 extension EtcdWatchEvent {
     init(_ event: Mvccpb_Event) {
-        self.init(kind: event.type == .delete ? .delete : .put,
-                  kv: EtcdKeyValue(event.kv),
-                  previous: event.hasPrevKv ? EtcdKeyValue(event.prevKv) : nil)
+        self.init(
+            kind: event.type == .delete ? .delete : .put,
+            kv: EtcdKeyValue(event.kv),
+            previous: event.hasPrevKv ? EtcdKeyValue(event.prevKv) : nil
+        )
     }
 }

@@ -41,8 +41,14 @@ public struct EtcdKeyValue: Sendable, Equatable, CustomStringConvertible {
     /// etcd lease the key is attached to; 0 for none (the key never expires).
     public var lease: Int64
 
-    public init(key: String, value: [UInt8], createRevision: Int64, modRevision: Int64,
-                version: Int64, lease: Int64) {
+    public init(
+        key: String,
+        value: [UInt8],
+        createRevision: Int64,
+        modRevision: Int64,
+        version: Int64,
+        lease: Int64
+    ) {
         self.key = key
         self.value = value
         self.createRevision = createRevision
@@ -209,9 +215,12 @@ public struct EtcdError: Error, Sendable, Equatable, CustomStringConvertible {
     /// another service, etcd's peer port, or https spoken to an http port.
     static func notEtcdHint(_ code: Code, _ reason: String) -> String? {
         guard code == .unavailable || code == .protocolViolation || code == .other else { return nil }
-        let signs = ["connection preface", "UnableToParseFrame", "BadClientMagic", "not an HTTP/2", "WRONG_VERSION_NUMBER"]
+        let signs = [
+            "connection preface", "UnableToParseFrame", "BadClientMagic", "not an HTTP/2", "WRONG_VERSION_NUMBER",
+        ]
         guard signs.contains(where: { reason.contains($0) }) else { return nil }
-        return "something answers at that address, but not etcd's client API (gRPC over HTTP/2): check that -etcd-endpoints names etcd's client URL (usually port 2379, not the peer port 2380) with the right scheme, http or https"
+        return
+            "something answers at that address, but not etcd's client API (gRPC over HTTP/2): check that -etcd-endpoints names etcd's client URL (usually port 2379, not the peer port 2380) with the right scheme, http or https"
     }
 
     public var description: String {
@@ -229,9 +238,11 @@ public struct EtcdError: Error, Sendable, Equatable, CustomStringConvertible {
         case .authenticationFailed: "check --etcd-username and --etcd-password"
         case .permissionDenied: "grant the etcd user read/write on the prefix (etcdctl role grant-permission)"
         case .compacted: "list again and watch from the listed revision + 1"
-        case .responseTooLarge: "a single key's value is larger than the receive limit; is that key really etcd data of this network?"
+        case .responseTooLarge:
+            "a single key's value is larger than the receive limit; is that key really etcd data of this network?"
         case .configuration, .closed, .leaseNotFound, .watchCanceled, .invalidRequest,
-             .protocolViolation, .other: nil
+            .protocolViolation, .other:
+            nil
         }
     }
 }

@@ -1,9 +1,9 @@
 import Foundation
-import NetBase
 import NIOCore
 import NIOPosix
 import NIOSSL
 import NIOTLS
+import NetBase
 
 /// Why a TLS connection to an etcd endpoint fails, in an operator's words.
 ///
@@ -23,7 +23,8 @@ enum TLSDiagnosis {
             // Plain http failed in the preface: does the endpoint speak TLS?
             guard let config = try? context(verification: .none, tls: nil) else { return nil }
             if case .handshakeCompleted = await handshake(endpoint, context: config, timeout: timeout) {
-                return "\(endpoint) speaks TLS (https), not plain http: write it as https://\(endpoint.host):\(endpoint.port) and give --etcd-cafile (and --etcd-certfile/--etcd-keyfile if it asks for a client certificate)"
+                return
+                    "\(endpoint) speaks TLS (https), not plain http: write it as https://\(endpoint.host):\(endpoint.port) and give --etcd-cafile (and --etcd-certfile/--etcd-keyfile if it asks for a client certificate)"
             }
             return nil
         }
@@ -39,18 +40,25 @@ enum TLSDiagnosis {
         switch outcome {
         case .handshakeCompleted:
             return nil
-        case .alert(let text) where text.contains("CERTIFICATE_REQUIRED") || (tls.certFile == nil && text.contains("HANDSHAKE_FAILURE")):
-            return "\(endpoint) asks for a client certificate and none was given: give --etcd-certfile and --etcd-keyfile of a certificate signed by the CA etcd trusts (its --trusted-ca-file)"
-        case .alert(let text) where text.contains("BAD_CERTIFICATE") || text.contains("UNKNOWN_CA")
-            || text.contains("CERTIFICATE_UNKNOWN") || text.contains("HANDSHAKE_FAILURE") || text.contains("UNSUPPORTED_CERTIFICATE"):
-            return "\(endpoint) refused the client certificate \(tls.certFile ?? "")\(Self.alertName(text)): it is not signed by the CA etcd trusts (its --trusted-ca-file), has expired, or is not for client authentication; give --etcd-certfile/--etcd-keyfile of one it accepts"
+        case .alert(let text)
+        where text.contains("CERTIFICATE_REQUIRED") || (tls.certFile == nil && text.contains("HANDSHAKE_FAILURE")):
+            return
+                "\(endpoint) asks for a client certificate and none was given: give --etcd-certfile and --etcd-keyfile of a certificate signed by the CA etcd trusts (its --trusted-ca-file)"
+        case .alert(let text)
+        where text.contains("BAD_CERTIFICATE") || text.contains("UNKNOWN_CA")
+            || text.contains("CERTIFICATE_UNKNOWN") || text.contains("HANDSHAKE_FAILURE")
+            || text.contains("UNSUPPORTED_CERTIFICATE"):
+            return
+                "\(endpoint) refused the client certificate \(tls.certFile ?? "")\(Self.alertName(text)): it is not signed by the CA etcd trusts (its --trusted-ca-file), has expired, or is not for client authentication; give --etcd-certfile/--etcd-keyfile of one it accepts"
         case .alert(let text), .failed(let text):
             if text.contains("WRONG_VERSION_NUMBER") || text.contains("HTTP") || text.contains("PACKET_LENGTH") {
-                return "\(endpoint) does not speak TLS (it answers plain http): write it as http://\(endpoint.host):\(endpoint.port), or turn on TLS in etcd (--cert-file, --key-file)"
+                return
+                    "\(endpoint) does not speak TLS (it answers plain http): write it as http://\(endpoint.host):\(endpoint.port), or turn on TLS in etcd (--cert-file, --key-file)"
             }
             if text.contains("EOF during handshake") { return hungUp(endpoint) }
             if text.contains("failedToValidateHostname") || text.contains("Couldn't find") {
-                return "the certificate of \(endpoint) does not name \(endpoint.host) (its subjectAltName lists other names or addresses): connect by a name or address it lists, or reissue it with \(endpoint.host) in its subjectAltName"
+                return
+                    "the certificate of \(endpoint) does not name \(endpoint.host) (its subjectAltName lists other names or addresses): connect by a name or address it lists, or reissue it with \(endpoint.host) in its subjectAltName"
             }
             if text.contains("CERTIFICATE_VERIFY_FAILED") {
                 return await untrusted(endpoint, caFile: caFile, timeout: timeout)
@@ -71,17 +79,20 @@ enum TLSDiagnosis {
     /// The certificate failed verification: expired, not yet valid, or not
     /// signed by the CA file. Reads it without verifying to tell which.
     private static func untrusted(_ endpoint: EtcdEndpoint, caFile: String, timeout: Duration) async -> String {
-        let generic = "the certificate of \(endpoint) is not trusted by \(caFile): give --etcd-cafile the CA that signed etcd's certificate (its --cert-file)"
+        let generic =
+            "the certificate of \(endpoint) is not trusted by \(caFile): give --etcd-cafile the CA that signed etcd's certificate (its --cert-file)"
         guard let capture = try? context(verification: .noHostnameVerification, tls: nil) else { return generic }
         let chain = PeerChain([])
         _ = await handshake(endpoint, context: capture, timeout: timeout, capturing: chain)
         guard let leaf = chain.get().first else { return generic }
         let now = time(nil)
         if leaf.notValidAfter < now {
-            return "the certificate of \(endpoint) expired on \(Self.date(leaf.notValidAfter)): renew etcd's certificate (its --cert-file)"
+            return
+                "the certificate of \(endpoint) expired on \(Self.date(leaf.notValidAfter)): renew etcd's certificate (its --cert-file)"
         }
         if leaf.notValidBefore > now {
-            return "the certificate of \(endpoint) is not valid before \(Self.date(leaf.notValidBefore)) (check this host's clock, or etcd's certificate)"
+            return
+                "the certificate of \(endpoint) is not valid before \(Self.date(leaf.notValidBefore)) (check this host's clock, or etcd's certificate)"
         }
         return generic
     }
@@ -93,7 +104,8 @@ enum TLSDiagnosis {
     /// " (alert: certificate unknown)" from BoringSSL's "SSLV3_ALERT_CERTIFICATE_UNKNOWN".
     private static func alertName(_ text: String) -> String {
         guard let range = text.range(of: #"ALERT_[A-Z_]+"#, options: .regularExpression) else { return "" }
-        return " (alert: " + text[range].dropFirst("ALERT_".count).lowercased().replacingOccurrences(of: "_", with: " ") + ")"
+        return " (alert: " + text[range].dropFirst("ALERT_".count).lowercased().replacingOccurrences(of: "_", with: " ")
+            + ")"
     }
 
     private static func context(verification: CertificateVerification, tls: EtcdTLS?) throws -> NIOSSLContext {
@@ -130,8 +142,12 @@ enum TLSDiagnosis {
     /// One TLS handshake, then a moment to hear the alert a server sends
     /// after it (TLS 1.3 servers check the client certificate after the
     /// client has finished).
-    private static func handshake(_ endpoint: EtcdEndpoint, context: NIOSSLContext, timeout: Duration,
-                                  capturing chain: PeerChain? = nil) async -> Outcome {
+    private static func handshake(
+        _ endpoint: EtcdEndpoint,
+        context: NIOSSLContext,
+        timeout: Duration,
+        capturing chain: PeerChain? = nil
+    ) async -> Outcome {
         let group = MultiThreadedEventLoopGroup.singleton
         let promise = group.next().makePromise(of: Outcome.self)
         let serverName = endpoint.hostKind == .name ? endpoint.host : nil
@@ -141,11 +157,14 @@ enum TLSDiagnosis {
                 channel.eventLoop.makeCompletedFuture {
                     let handler: NIOSSLClientHandler
                     if let chain {
-                        handler = try NIOSSLClientHandler(context: context, serverHostname: serverName,
-                                                          customVerificationCallback: { certificates, verdict in
-                            chain.set(certificates)
-                            verdict.succeed(.certificateVerified)
-                        })
+                        handler = try NIOSSLClientHandler(
+                            context: context,
+                            serverHostname: serverName,
+                            customVerificationCallback: { certificates, verdict in
+                                chain.set(certificates)
+                                verdict.succeed(.certificateVerified)
+                            }
+                        )
                     } else {
                         handler = try NIOSSLClientHandler(context: context, serverHostname: serverName)
                     }

@@ -1,7 +1,8 @@
+import NetBase
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import NetBase
 
 /// Docker daemon options from a subnet file, as flannel's
 /// `dist/mk-docker-opts.sh` writes them, for a systemd unit's
@@ -42,8 +43,12 @@ public struct DockerOptions: Sendable, Equatable {
     public static let defaultPath = "/run/docker_opts.env"
 
     /// As the script: neither `-i` nor `-c` means both.
-    public init(individual: Bool = false, combined: Bool = false,
-                combinedKey: String = DockerOptions.defaultCombinedKey, ipMasqOption: Bool = true) {
+    public init(
+        individual: Bool = false,
+        combined: Bool = false,
+        combinedKey: String = DockerOptions.defaultCombinedKey,
+        ipMasqOption: Bool = true
+    ) {
         self.individual = individual || !combined
         self.combined = combined || !individual
         self.combinedKey = combinedKey
@@ -61,9 +66,13 @@ public struct DockerOptions: Sendable, Equatable {
         let values = SubnetEnv.variables(text)
         func required(_ name: String, example: String) throws(DockerOptionsError) -> String {
             guard let value = values[name] else {
-                throw DockerOptionsError("\(name) is missing (a subnet file as tunneld or flanneld writes it has \(name)=\(example))")
+                throw DockerOptionsError(
+                    "\(name) is missing (a subnet file as tunneld or flanneld writes it has \(name)=\(example))"
+                )
             }
-            guard !value.isEmpty else { throw DockerOptionsError("\(name) is empty (expected e.g. \(name)=\(example))") }
+            guard !value.isEmpty else {
+                throw DockerOptionsError("\(name) is empty (expected e.g. \(name)=\(example))")
+            }
             return value
         }
         let subnet = try required("FLANNEL_SUBNET", example: "10.2.72.1/24")
@@ -82,7 +91,9 @@ public struct DockerOptions: Sendable, Equatable {
             case "true": options.append(Option(name: "DOCKER_OPT_IPMASQ", value: "--ip-masq=false"))
             case "false": options.append(Option(name: "DOCKER_OPT_IPMASQ", value: "--ip-masq=true"))
             default:
-                throw DockerOptionsError("FLANNEL_IPMASQ \"\(masq)\" is neither true nor false (use -m to leave out Docker's --ip-masq)")
+                throw DockerOptionsError(
+                    "FLANNEL_IPMASQ \"\(masq)\" is neither true nor false (use -m to leave out Docker's --ip-masq)"
+                )
             }
         }
         options.append(Option(name: "DOCKER_OPT_MTU", value: "--mtu=\(mtu)"))
@@ -90,7 +101,9 @@ public struct DockerOptions: Sendable, Equatable {
         // file gives Docker IPv6 on its bridge from the lease's IPv6 subnet.
         if let v6 = values["FLANNEL_IPV6_SUBNET"], !v6.isEmpty {
             guard let subnet = IPv6Network(v6) else {
-                throw DockerOptionsError("FLANNEL_IPV6_SUBNET \"\(v6)\" is not an address/prefix such as fd00:10:244:5::1/64")
+                throw DockerOptionsError(
+                    "FLANNEL_IPV6_SUBNET \"\(v6)\" is not an address/prefix such as fd00:10:244:5::1/64"
+                )
             }
             options.append(Option(name: "DOCKER_OPT_IPV6", value: "--ipv6"))
             // Docker wants the subnet itself, not the bridge's address in it.
@@ -103,9 +116,12 @@ public struct DockerOptions: Sendable, Equatable {
     /// The output file's text for a subnet file's text; `environment`
     /// supplies an existing value of the combined variable when the subnet
     /// file has none.
-    public func render(subnetEnv text: String, environment: [String: String] = [:]) throws(DockerOptionsError) -> String {
+    public func render(subnetEnv text: String, environment: [String: String] = [:]) throws(DockerOptionsError) -> String
+    {
         guard Self.isVariableName(combinedKey) else {
-            throw DockerOptionsError("-k \"\(combinedKey)\" is not a shell variable name (letters, digits and _, not starting with a digit), e.g. DOCKER_NETWORK_OPTIONS")
+            throw DockerOptionsError(
+                "-k \"\(combinedKey)\" is not a shell variable name (letters, digits and _, not starting with a digit), e.g. DOCKER_NETWORK_OPTIONS"
+            )
         }
         let options = try options(subnetEnv: text)
         var output = ""
@@ -128,7 +144,10 @@ public struct DockerOptions: Sendable, Equatable {
             throw DockerOptionsError(path: path, "cannot read it: \(error.reason)")
         }
         guard let bytes else {
-            throw DockerOptionsError(path: path, "does not exist: start tunneld (or flanneld) first, which writes it once it has a lease, or give its path with -f (tunneld run's --subnet-file)")
+            throw DockerOptionsError(
+                path: path,
+                "does not exist: start tunneld (or flanneld) first, which writes it once it has a lease, or give its path with -f (tunneld run's --subnet-file)"
+            )
         }
         return String(decoding: bytes, as: UTF8.self)
     }
@@ -152,10 +171,13 @@ public struct DockerOptions: Sendable, Equatable {
     }
 
     static func isVariableName(_ name: String) -> Bool {
-        guard let first = name.utf8.first, !(UInt8(ascii: "0")...UInt8(ascii: "9")).contains(first) else { return false }
+        guard let first = name.utf8.first, !(UInt8(ascii: "0")...UInt8(ascii: "9")).contains(first) else {
+            return false
+        }
         return name.utf8.allSatisfy { c in
             c == UInt8(ascii: "_") || (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(c)
-                || (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(c) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(c)
+                || (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(c)
+                || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(c)
         }
     }
 }

@@ -1,7 +1,8 @@
+import NetBase
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import NetBase
 
 /// A failed file operation: which call, on which path, and the errno.
 /// `package`: the stores and the CNI plugin share these file operations.

@@ -206,7 +206,9 @@ public enum JSONValue: Sendable, Equatable, Codable, CustomStringConvertible {
             self = .object(o)
         } else {
             throw DecodingError.dataCorruptedError(
-                in: container, debugDescription: "not a JSON value")
+                in: container,
+                debugDescription: "not a JSON value"
+            )
         }
     }
 
@@ -278,7 +280,7 @@ struct JSONParser {
 
     private mutating func parseObject() throws(JSONParseError) -> JSONValue {
         try enter()
-        index += 1 // {
+        index += 1  // {
         var fields: [String: JSONValue] = [:]
         // Go struct decoding: folded key → the spelling seen last.
         var spellings: [String: String] = [:]
@@ -323,7 +325,7 @@ struct JSONParser {
 
     private mutating func parseArray() throws(JSONParseError) -> JSONValue {
         try enter()
-        index += 1 // [
+        index += 1  // [
         var items: [JSONValue] = []
         skipWhitespace()
         if peek() == UInt8(ascii: "]") {
@@ -348,7 +350,7 @@ struct JSONParser {
     }
 
     private mutating func parseString() throws(JSONParseError) -> String {
-        index += 1 // opening quote
+        index += 1  // opening quote
         // Most strings hold no escape: one scan and one copy.
         var end = index
         while end < bytes.count {
@@ -399,7 +401,8 @@ struct JSONParser {
                 if (0xD800...0xDBFF).contains(code) {
                     // A surrogate pair encodes one scalar above U+FFFF.
                     if index + 1 < bytes.count, bytes[index] == UInt8(ascii: "\\"),
-                       bytes[index + 1] == UInt8(ascii: "u") {
+                        bytes[index + 1] == UInt8(ascii: "u")
+                    {
                         let save = index
                         index += 2
                         let low = try parseHex4()
@@ -481,7 +484,8 @@ struct JSONParser {
     private mutating func expectLiteral(_ literal: StaticString) throws(JSONParseError) {
         let expected = literal.withUTF8Buffer { Array($0) }
         guard index + expected.count <= bytes.count,
-              Array(bytes[index..<index + expected.count]) == expected else {
+            Array(bytes[index..<index + expected.count]) == expected
+        else {
             throw error("unexpected \(describeCurrent()): expected a value (did you mean \(literal)?)")
         }
         index += expected.count

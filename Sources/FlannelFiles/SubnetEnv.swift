@@ -1,7 +1,8 @@
+import NetBase
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import NetBase
 
 /// flannel's subnet file (`/run/flannel/subnet.env`, flag `-subnet-file`),
 /// which the CNI "flannel" plugin and Docker's `--bip`/`--mtu` read:
@@ -32,8 +33,14 @@ public struct SubnetEnv: Sendable, Equatable {
     /// network config refuses a longer SubnetLen and this file a longer FLANNEL_SUBNET.
     public static let longestSubnetLen = 30
 
-    public init(network: IPv4Network, subnet: IPv4Network, mtu: Int, ipMasq: Bool,
-                ipv6Network: IPv6Network? = nil, ipv6Subnet: IPv6Network? = nil) {
+    public init(
+        network: IPv4Network,
+        subnet: IPv4Network,
+        mtu: Int,
+        ipMasq: Bool,
+        ipv6Network: IPv6Network? = nil,
+        ipv6Subnet: IPv6Network? = nil
+    ) {
         self.network = network
         self.subnet = subnet
         self.mtu = mtu
@@ -44,10 +51,12 @@ public struct SubnetEnv: Sendable, Equatable {
 
     /// The file's text, in flannel's order.
     public var text: String {
-        var out = "FLANNEL_NETWORK=\(network)\n"
+        var out =
+            "FLANNEL_NETWORK=\(network)\n"
             + "FLANNEL_SUBNET=\(subnet.firstHost)/\(subnet.prefixLength)\n"
         if let ipv6Network, let ipv6Subnet {
-            out += "FLANNEL_IPV6_NETWORK=\(ipv6Network)\n"
+            out +=
+                "FLANNEL_IPV6_NETWORK=\(ipv6Network)\n"
                 + "FLANNEL_IPV6_SUBNET=\(ipv6Subnet.firstHost)/\(ipv6Subnet.prefixLength)\n"
         }
         return out + "FLANNEL_MTU=\(mtu)\n"
@@ -62,8 +71,12 @@ public struct SubnetEnv: Sendable, Equatable {
             try FileIO.makeDirectories(directory, mode: 0o755)
             try FileIO.writeAtomically(path, Array(text.utf8), mode: 0o644)
         } catch {
-            throw SystemError(error.operation, on: error.path, errno: error.errno,
-                              hint: Self.hint(for: error.errno))
+            throw SystemError(
+                error.operation,
+                on: error.path,
+                errno: error.errno,
+                hint: Self.hint(for: error.errno)
+            )
         }
     }
 
@@ -78,9 +91,13 @@ public struct SubnetEnv: Sendable, Equatable {
             try FileIO.writeAtomically(scratch, [], mode: 0o644)
             try FileIO.remove(scratch)
         } catch {
-            throw SystemError(error.operation, on: error.path, errno: error.errno,
-                              hint: "the subnet file \(path) cannot be written there; "
-                                  + (Self.hint(for: error.errno) ?? "choose another -subnet-file"))
+            throw SystemError(
+                error.operation,
+                on: error.path,
+                errno: error.errno,
+                hint: "the subnet file \(path) cannot be written there; "
+                    + (Self.hint(for: error.errno) ?? "choose another -subnet-file")
+            )
         }
     }
 
@@ -111,8 +128,10 @@ public struct SubnetEnv: Sendable, Equatable {
             ipv6Subnet = nil
         case (let networkText?, let subnetText):
             guard let network = IPv6Network(networkText) else {
-                throw SubnetEnvError(reason: "FLANNEL_IPV6_NETWORK \"\(networkText)\" is not a network such as "
-                                     + "fd00:10:244::/48")
+                throw SubnetEnvError(
+                    reason: "FLANNEL_IPV6_NETWORK \"\(networkText)\" is not a network such as "
+                        + "fd00:10:244::/48"
+                )
             }
             ipv6Network = network
             guard let subnet = try Self.ipv6Subnet(subnetText) else {
@@ -163,8 +182,11 @@ public struct SubnetEnv: Sendable, Equatable {
 
     /// The IPv6 subnet a previous run leased, from FLANNEL_IPV6_SUBNET;
     /// `.success(nil)` if the file or the variable does not exist.
-    public static func previousIPv6Subnet(at path: String = SubnetEnv.defaultPath)
-        -> Result<IPv6Network?, SubnetEnvError> {
+    public static func previousIPv6Subnet(
+        at path: String = SubnetEnv.defaultPath
+    )
+        -> Result<IPv6Network?, SubnetEnvError>
+    {
         switch readText(path) {
         case .failure(let error): return .failure(error)
         case .success(nil): return .success(nil)
@@ -181,8 +203,10 @@ public struct SubnetEnv: Sendable, Equatable {
     private static func ipv6Subnet(_ value: String?) throws(SubnetEnvError) -> IPv6Network? {
         guard let value else { return nil }
         guard let subnet = IPv6Network(value), subnet.prefixLength <= 126 else {
-            throw SubnetEnvError(reason: "FLANNEL_IPV6_SUBNET \"\(value)\" is not an address/prefix (at most /126) "
-                                 + "such as fd00:10:244:5::1/64")
+            throw SubnetEnvError(
+                reason: "FLANNEL_IPV6_SUBNET \"\(value)\" is not an address/prefix (at most /126) "
+                    + "such as fd00:10:244:5::1/64"
+            )
         }
         return subnet
     }
@@ -197,8 +221,10 @@ public struct SubnetEnv: Sendable, Equatable {
         // leaves no room for a bridge and a container, and for a /32 the "first host"
         // this file names would lie outside the subnet itself.
         guard subnet.prefixLength <= SubnetEnv.longestSubnetLen else {
-            throw SubnetEnvError(reason: "FLANNEL_SUBNET \"\(value)\" is longer than /\(SubnetEnv.longestSubnetLen), "
-                                 + "the longest subnet flannel leases: use the lease's subnet, such as 10.2.72.1/24")
+            throw SubnetEnvError(
+                reason: "FLANNEL_SUBNET \"\(value)\" is longer than /\(SubnetEnv.longestSubnetLen), "
+                    + "the longest subnet flannel leases: use the lease's subnet, such as 10.2.72.1/24"
+            )
         }
         return subnet
     }

@@ -37,10 +37,13 @@ public final class EtcdLeaseStore: LeaseStore {
     /// - Parameters:
     ///   - prefix: flanneld's `-etcd-prefix`; a trailing slash is ignored.
     ///   - leaseTTL: how long a lease lives unless renewed (flannel: 24 h).
-    public init(client: EtcdClient, prefix: String = EtcdLeaseStore.defaultPrefix,
-                leaseTTL: Duration = .seconds(24 * 3600),
-                pageSize: Int = EtcdClient.defaultPageSize,
-                logger: Logger = Logger(label: "tunneld.leasestore.etcd")) {
+    public init(
+        client: EtcdClient,
+        prefix: String = EtcdLeaseStore.defaultPrefix,
+        leaseTTL: Duration = .seconds(24 * 3600),
+        pageSize: Int = EtcdClient.defaultPageSize,
+        logger: Logger = Logger(label: "tunneld.leasestore.etcd")
+    ) {
         var trimmed = Substring(prefix)
         while trimmed.hasSuffix("/") { trimmed = trimmed.dropLast() }
         self.client = client
@@ -99,12 +102,16 @@ public final class EtcdLeaseStore: LeaseStore {
         }
 
         var snapshot: LeaseSnapshot {
-            LeaseSnapshot(leases: leases, revision: revision, skipped: unreadable.map(\.problem),
-                          unreadableKeys: entries.compactMap { entry in
-                              guard case .failure = entry.lease else { return nil }
-                              return entry.name
-                          },
-                          malformedKeys: malformed)
+            LeaseSnapshot(
+                leases: leases,
+                revision: revision,
+                skipped: unreadable.map(\.problem),
+                unreadableKeys: entries.compactMap { entry in
+                    guard case .failure = entry.lease else { return nil }
+                    return entry.name
+                },
+                malformedKeys: malformed
+            )
         }
 
         /// The listing with `lease` as it is now (acquired or refreshed
@@ -112,7 +119,9 @@ public final class EtcdLeaseStore: LeaseStore {
         func with(_ lease: Lease, etcdLease: Int64) -> Listing {
             var copy = self
             copy.entries.removeAll { $0.name == lease.key }
-            copy.entries.append(Entry(subnet: lease.subnet, name: lease.key, etcdLease: etcdLease, lease: .success(lease)))
+            copy.entries.append(
+                Entry(subnet: lease.subnet, name: lease.key, etcdLease: etcdLease, lease: .success(lease))
+            )
             return copy
         }
     }
@@ -162,13 +171,21 @@ public final class EtcdLeaseStore: LeaseStore {
                     if let previous { attributes.share(with: previous) }
                     previous = attributes
                     // Expiries are looked up below, for the leases that need one.
-                    lease = .success(Lease(subnet: subnet, attributes: attributes,
-                                           expiration: kv.lease == 0 ? nil : Lease.expirationNotLookedUp,
-                                           revision: kv.modRevision, key: name))
+                    lease = .success(
+                        Lease(
+                            subnet: subnet,
+                            attributes: attributes,
+                            expiration: kv.lease == 0 ? nil : Lease.expirationNotLookedUp,
+                            revision: kv.modRevision,
+                            key: name
+                        )
+                    )
                 } catch {
                     let problem = LeaseStoreError.corrupt(
-                        key: kv.key, reason: Self.reason(error)
-                            + "; the subnet stays taken until you fix the value or `etcdctl del \(kv.key)`")
+                        key: kv.key,
+                        reason: Self.reason(error)
+                            + "; the subnet stays taken until you fix the value or `etcdctl del \(kv.key)`"
+                    )
                     logger.warning("skipping unreadable lease: \(problem)")
                     lease = .failure(problem)
                 }
@@ -232,13 +249,19 @@ public final class EtcdLeaseStore: LeaseStore {
 
     /// `watchLeases(after:)` with a TimeToLive request only for puts of
     /// `holder`'s leases (a burst of 1,000 peer changes costs no requests).
-    public func watchPeerLeases(after revision: Int64, holder: IPv4Address)
+    public func watchPeerLeases(
+        after revision: Int64,
+        holder: IPv4Address
+    )
         -> AsyncThrowingStream<LeaseEvent, any Error>
     {
         watch(after: revision, expiriesOf: holder)
     }
 
-    private func watch(after revision: Int64, expiriesOf holder: IPv4Address?)
+    private func watch(
+        after revision: Int64,
+        expiriesOf holder: IPv4Address?
+    )
         -> AsyncThrowingStream<LeaseEvent, any Error>
     {
         let (stream, continuation) = AsyncThrowingStream<LeaseEvent, any Error>.makeStream()
@@ -271,7 +294,9 @@ public final class EtcdLeaseStore: LeaseStore {
         guard let subnet = subnet(fromKey: event.kv.key) else {
             let name = name(ofKey: event.kv.key)
             if event.kind == .put, reportedMalformed.withLock({ $0.insert(name).inserted }) {
-                logger.warning("lease key \(name) is not a lease key such as 10.2.72.0-24; every host ignores it — delete it (etcdctl del '\(event.kv.key)')")
+                logger.warning(
+                    "lease key \(name) is not a lease key such as 10.2.72.0-24; every host ignores it — delete it (etcdctl del '\(event.kv.key)')"
+                )
             }
             return nil
         }
@@ -301,8 +326,15 @@ public final class EtcdLeaseStore: LeaseStore {
                     expiration = Date().addingTimeInterval(TimeInterval(ttlSeconds))
                 }
             }
-            return .put(Lease(subnet: subnet, attributes: attributes, expiration: expiration,
-                              revision: event.revision, key: name))
+            return .put(
+                Lease(
+                    subnet: subnet,
+                    attributes: attributes,
+                    expiration: expiration,
+                    revision: event.revision,
+                    key: name
+                )
+            )
         }
     }
 
@@ -323,39 +355,70 @@ public final class EtcdLeaseStore: LeaseStore {
 
     // MARK: - Acquire, renew, release
 
-    public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes,
-                             preferred: IPv4Network?) async throws -> Lease {
+    public func acquireLease(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?
+    ) async throws -> Lease {
         try await acquireListing(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil).lease
     }
 
-    public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
-                             preferredIPv6: IPv6Network?) async throws -> Lease {
-        try await acquireListing(config: config, attributes: attributes, preferred: preferred,
-                                 preferredIPv6: preferredIPv6).lease
+    public func acquireLease(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?,
+        preferredIPv6: IPv6Network?
+    ) async throws -> Lease {
+        try await acquireListing(
+            config: config,
+            attributes: attributes,
+            preferred: preferred,
+            preferredIPv6: preferredIPv6
+        ).lease
     }
 
-    public func join(config: NetworkConfig, attributes: LeaseAttributes,
-                     preferred: IPv4Network?) async throws -> LeaseJoin {
+    public func join(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?
+    ) async throws -> LeaseJoin {
         try await join(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil)
     }
 
     /// One read of the leases both chooses the subnet and is the list of
     /// peers, at one revision: a host joining 60,000 others reads them once.
-    public func join(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
-                     preferredIPv6: IPv6Network?) async throws -> LeaseJoin {
-        let (lease, listing) = try await acquireListing(config: config, attributes: attributes, preferred: preferred,
-                                                        preferredIPv6: preferredIPv6)
+    public func join(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?,
+        preferredIPv6: IPv6Network?
+    ) async throws -> LeaseJoin {
+        let (lease, listing) = try await acquireListing(
+            config: config,
+            attributes: attributes,
+            preferred: preferred,
+            preferredIPv6: preferredIPv6
+        )
         return LeaseJoin(lease: lease, peers: listing.snapshot)
     }
 
-    private func acquireListing(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
-                                preferredIPv6: IPv6Network?) async throws -> (lease: Lease, listing: Listing) {
+    private func acquireListing(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?,
+        preferredIPv6: IPv6Network?
+    ) async throws -> (lease: Lease, listing: Listing) {
         // An etcd lease granted for a create that lost its race is reused for
         // the next try, and revoked if it ends up attached to no key.
         var spare: EtcdLease?
         do {
-            let acquired = try await acquire(config: config, attributes: attributes, preferred: preferred,
-                                             preferredIPv6: preferredIPv6, spare: &spare)
+            let acquired = try await acquire(
+                config: config,
+                attributes: attributes,
+                preferred: preferred,
+                preferredIPv6: preferredIPv6,
+                spare: &spare
+            )
             if let spare { try? await client.leaseRevoke(spare.id) }
             return acquired
         } catch {
@@ -366,8 +429,13 @@ public final class EtcdLeaseStore: LeaseStore {
 
     /// The lease, and the listing the choice was made from with the lease
     /// as it is after this call.
-    private func acquire(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
-                         preferredIPv6: IPv6Network?, spare: inout EtcdLease?) async throws -> (Lease, Listing) {
+    private func acquire(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?,
+        preferredIPv6: IPv6Network?,
+        spare: inout EtcdLease?
+    ) async throws -> (Lease, Listing) {
         let value = Array(attributes.flannelJSON.utf8)
         var generator = SystemRandomNumberGenerator()
         var attempts = 0
@@ -380,8 +448,14 @@ public final class EtcdLeaseStore: LeaseStore {
             // ours to reuse); the others only occupy their subnets.
             let listing = try await list(expiriesOf: attributes.publicIP)
             let choice = try SubnetChooser.choose(
-                config: config, leases: listing.leases, publicIP: attributes.publicIP, preferred: preferred,
-                preferredIPv6: preferredIPv6, occupied: listing.unreadable.map(\.subnet), using: &generator)
+                config: config,
+                leases: listing.leases,
+                publicIP: attributes.publicIP,
+                preferred: preferred,
+                preferredIPv6: preferredIPv6,
+                occupied: listing.unreadable.map(\.subnet),
+                using: &generator
+            )
             for obsolete in choice.obsolete {
                 await deleteObsolete(obsolete, key: subnetsPrefix + obsolete.key)
             }
@@ -402,31 +476,50 @@ public final class EtcdLeaseStore: LeaseStore {
                 spare = etcdLease
                 // Guarded by the IPv4 part: no other key (plain or dual-stack)
                 // of this IPv4 subnet may exist, whatever its IPv6 part.
-                switch try await client.createIfAbsent(subnetsPrefix + leaseName, value: value, lease: etcdLease.id,
-                                                       guardPrefix: subnetsPrefix + subnet.leaseKey) {
+                switch try await client.createIfAbsent(
+                    subnetsPrefix + leaseName,
+                    value: value,
+                    lease: etcdLease.id,
+                    guardPrefix: subnetsPrefix + subnet.leaseKey
+                ) {
                 case .created(let revision):
                     spare = nil
-                    let lease = Lease(subnet: subnet, ipv6Subnet: ipv6Subnet, attributes: attributes,
-                                      expiration: Date().addingTimeInterval(TimeInterval(etcdLease.ttl)),
-                                      revision: revision)
+                    let lease = Lease(
+                        subnet: subnet,
+                        ipv6Subnet: ipv6Subnet,
+                        attributes: attributes,
+                        expiration: Date().addingTimeInterval(TimeInterval(etcdLease.ttl)),
+                        revision: revision
+                    )
                     if ipv6Subnet != nil, let after = try await ipv6RaceLost(lease, etcdLease: etcdLease.id) {
                         // Another host created the same IPv6 subnet (under
                         // another IPv4 subnet) at the same moment, and its key
                         // is the lease by the rule: ours is gone, try again.
-                        logger.info("IPv6 subnet \(ipv6Subnet!) was taken by \(after) at the same moment; trying another")
+                        logger.info(
+                            "IPv6 subnet \(ipv6Subnet!) was taken by \(after) at the same moment; trying another"
+                        )
                         continue
                     }
                     logger.info("acquired lease \(leaseName) for \(attributes.publicIP)")
                     return (lease, listing.with(lease, etcdLease: etcdLease.id))
                 case .exists(let holder):
                     if let held = try? LeaseAttributes(flannelJSON: holder.value, key: holder.key),
-                       held.publicIP == attributes.publicIP {
+                        held.publicIP == attributes.publicIP
+                    {
                         // Ours after all (a retried request, or another instance
                         // with our PublicIP): take it over rather than a second subnet.
-                        let lease = Lease(subnet: subnet, attributes: held, expiration: nil,
-                                          revision: holder.modRevision, key: leaseName)
-                        if let renewed = try await refreshIfStillOurs(lease, key: holder.key,
-                                                                      attributes: attributes) {
+                        let lease = Lease(
+                            subnet: subnet,
+                            attributes: held,
+                            expiration: nil,
+                            revision: holder.modRevision,
+                            key: leaseName
+                        )
+                        if let renewed = try await refreshIfStillOurs(
+                            lease,
+                            key: holder.key,
+                            attributes: attributes
+                        ) {
                             return (renewed, listing.with(renewed.withKey(name(ofKey: holder.key)), etcdLease: 0))
                         }
                     }
@@ -434,23 +527,33 @@ public final class EtcdLeaseStore: LeaseStore {
                 }
             }
         }
-        throw LeaseStoreError.io(path: location,
-                                 reason: "lost the race for a free subnet \(attempts) times in a row; try again")
+        throw LeaseStoreError.io(
+            path: location,
+            reason: "lost the race for a free subnet \(attempts) times in a row; try again"
+        )
     }
 
     public func renewLease(_ lease: Lease) async throws -> Lease {
         // Bounded: a key that keeps changing under us is someone else's.
         for _ in 0..<3 {
-            guard let renewed = try await refresh(lease, key: subnetsPrefix + lease.key,
-                                                  attributes: lease.attributes) else { continue }
+            guard
+                let renewed = try await refresh(
+                    lease,
+                    key: subnetsPrefix + lease.key,
+                    attributes: lease.attributes
+                )
+            else { continue }
             return renewed
         }
         throw LeaseStoreError.leaseNotFound(subnet: lease.subnet)
     }
 
     /// `refresh`, with "no longer ours" (expired, deleted, taken) as nil.
-    private func refreshIfStillOurs(_ lease: Lease, key: String,
-                                    attributes: LeaseAttributes) async throws -> Lease? {
+    private func refreshIfStillOurs(
+        _ lease: Lease,
+        key: String,
+        attributes: LeaseAttributes
+    ) async throws -> Lease? {
         do {
             return try await refresh(lease, key: key, attributes: attributes)
         } catch LeaseStoreError.leaseNotFound {
@@ -465,8 +568,9 @@ public final class EtcdLeaseStore: LeaseStore {
     /// changed between read and write (read again).
     private func refresh(_ lease: Lease, key: String, attributes: LeaseAttributes) async throws -> Lease? {
         guard let kv = try await client.get(key),
-              let held = try? LeaseAttributes(flannelJSON: kv.value, key: key),
-              held.publicIP == attributes.publicIP else {
+            let held = try? LeaseAttributes(flannelJSON: kv.value, key: key),
+            held.publicIP == attributes.publicIP
+        else {
             throw LeaseStoreError.leaseNotFound(subnet: lease.subnet)
         }
         let json = attributes.flannelJSON
@@ -474,13 +578,23 @@ public final class EtcdLeaseStore: LeaseStore {
         try await betweenReadAndWrite(key)
         if kv.lease == 0 {
             guard kv.valueString != json else {
-                return Lease(subnet: lease.subnet, attributes: held, expiration: nil, revision: kv.modRevision,
-                             key: lease.key)
+                return Lease(
+                    subnet: lease.subnet,
+                    attributes: held,
+                    expiration: nil,
+                    revision: kv.modRevision,
+                    key: lease.key
+                )
             }
             switch try await client.compareAndPut(key, value: value, lease: 0, modRevision: kv.modRevision) {
             case .written(let revision):
-                return Lease(subnet: lease.subnet, attributes: attributes, expiration: nil, revision: revision,
-                             key: lease.key)
+                return Lease(
+                    subnet: lease.subnet,
+                    attributes: attributes,
+                    expiration: nil,
+                    revision: revision,
+                    key: lease.key
+                )
             case .changed:
                 return nil
             }
@@ -490,9 +604,13 @@ public final class EtcdLeaseStore: LeaseStore {
         case .written(let revision):
             // The old etcd lease now holds no key; let it go rather than wait 24 h.
             try? await client.leaseRevoke(kv.lease)
-            return Lease(subnet: lease.subnet, attributes: attributes,
-                         expiration: Date().addingTimeInterval(TimeInterval(granted.ttl)), revision: revision,
-                         key: lease.key)
+            return Lease(
+                subnet: lease.subnet,
+                attributes: attributes,
+                expiration: Date().addingTimeInterval(TimeInterval(granted.ttl)),
+                revision: revision,
+                key: lease.key
+            )
         case .changed:
             try? await client.leaseRevoke(granted.id)
             return nil
@@ -505,7 +623,8 @@ public final class EtcdLeaseStore: LeaseStore {
         for _ in 0..<3 {
             guard let kv = try await client.get(key) else { return }
             guard let held = try? LeaseAttributes(flannelJSON: kv.value, key: key),
-                  held.publicIP == lease.attributes.publicIP else {
+                held.publicIP == lease.attributes.publicIP
+            else {
                 logger.info("not releasing \(lease.subnet): it is held by another node now")
                 return
             }
@@ -571,7 +690,8 @@ public final class EtcdLeaseStore: LeaseStore {
         logger.info("deleting our lease \(lease.subnet): it no longer fits the network config")
         do {
             guard let kv = try await client.get(key), kv.lease != 0,
-                  kv.modRevision == lease.revision else { return }  // changed or gone meanwhile
+                kv.modRevision == lease.revision
+            else { return }  // changed or gone meanwhile
             _ = try await deleteKey(key, etcdLease: kv.lease, ifUnchangedSince: kv.modRevision)
         } catch {
             logger.warning("could not delete our obsolete lease \(lease.subnet) (\(error)); it will expire")

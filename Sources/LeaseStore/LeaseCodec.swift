@@ -85,9 +85,13 @@ extension LeaseAttributes {
             }
             backendType = text.isEmpty ? nil : text
         }
-        self.init(publicIP: publicIP, publicIPv6: publicIPv6, backendType: backendType,
-                  backendData: NetworkConfig.present(value.field("BackendData")),
-                  backendV6Data: NetworkConfig.present(value.field("BackendV6Data")))
+        self.init(
+            publicIP: publicIP,
+            publicIPv6: publicIPv6,
+            backendType: backendType,
+            backendData: NetworkConfig.present(value.field("BackendData")),
+            backendV6Data: NetworkConfig.present(value.field("BackendV6Data"))
+        )
     }
 }
 
@@ -137,7 +141,7 @@ public enum LeaseKey {
         var name = Substring(key).utf8[...]
         if let slash = name.lastIndex(of: UInt8(ascii: "/")) { name = name[name.index(after: slash)...] }
         guard let amp = name.firstIndex(of: UInt8(ascii: "&")),
-              IPv4Network.parse(name[..<amp], separator: UInt8(ascii: "-"), canonical: true, strict: true) != nil
+            IPv4Network.parse(name[..<amp], separator: UInt8(ascii: "-"), canonical: true, strict: true) != nil
         else { return nil }
         return ipv6Part(name[name.index(after: amp)...])
     }
@@ -148,10 +152,12 @@ public enum LeaseKey {
     /// two keys naming one IPv6 subnet are a conflict `LeaseRule` settles.
     private static func ipv6Part(_ part: some BidirectionalCollection<UInt8>) -> IPv6Network? {
         guard let dash = part.lastIndex(of: UInt8(ascii: "-")) else { return nil }
-        guard part[..<dash].allSatisfy({ b in
-            b == UInt8(ascii: ":") || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b)
-                || (UInt8(ascii: "a")...UInt8(ascii: "f")).contains(b)
-        }) else { return nil }
+        guard
+            part[..<dash].allSatisfy({ b in
+                b == UInt8(ascii: ":") || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b)
+                    || (UInt8(ascii: "a")...UInt8(ascii: "f")).contains(b)
+            })
+        else { return nil }
         return IPv6Network.parse(part, separator: UInt8(ascii: "-"), strict: true)
     }
 }

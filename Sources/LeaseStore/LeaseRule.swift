@@ -32,8 +32,15 @@ public struct IgnoredLeaseKey: Sendable, Equatable, CustomStringConvertible {
     public var ipv6Network: IPv6Network?
     public var ipv6SubnetLen: Int
 
-    public init(key: String, reason: Reason, publicIP: IPv4Address?, network: IPv4Network, subnetLen: Int,
-                ipv6Network: IPv6Network? = nil, ipv6SubnetLen: Int = 0) {
+    public init(
+        key: String,
+        reason: Reason,
+        publicIP: IPv4Address?,
+        network: IPv4Network,
+        subnetLen: Int,
+        ipv6Network: IPv6Network? = nil,
+        ipv6SubnetLen: Int = 0
+    ) {
         self.key = key
         self.reason = reason
         self.publicIP = publicIP
@@ -58,7 +65,8 @@ public struct IgnoredLeaseKey: Sendable, Equatable, CustomStringConvertible {
         case .conflicts(let winner):
             what = "names the same subnet as the lease \(winner), which is kept"
         case .ipv6Mismatch(let subnet):
-            what = "has the IPv6 subnet \(subnet), which is no /\(ipv6SubnetLen) of the IPv6Network "
+            what =
+                "has the IPv6 subnet \(subnet), which is no /\(ipv6SubnetLen) of the IPv6Network "
                 + (ipv6Network.map(\.description) ?? "(none)")
         }
         return "lease key \(key)\(whose) \(what); every host ignores it — delete it "
@@ -111,8 +119,12 @@ public struct LeaseRule: Sendable, Equatable {
     }
 
     public init(_ config: NetworkConfig) {
-        self.init(network: config.network, subnetLen: config.subnetLen,
-                  ipv6Network: config.ipv6?.network, ipv6SubnetLen: config.ipv6?.subnetLen ?? 0)
+        self.init(
+            network: config.network,
+            subnetLen: config.subnetLen,
+            ipv6Network: config.ipv6?.network,
+            ipv6SubnetLen: config.ipv6?.subnetLen ?? 0
+        )
     }
 
     /// Why a key whose IPv6 part names `subnet` is no lease of a dual-stack
@@ -153,8 +165,15 @@ public struct LeaseRule: Sendable, Equatable {
     }
 
     public func ignored(_ key: String, _ reason: IgnoredLeaseKey.Reason, publicIP: IPv4Address?) -> IgnoredLeaseKey {
-        IgnoredLeaseKey(key: key, reason: reason, publicIP: publicIP, network: network, subnetLen: subnetLen,
-                        ipv6Network: ipv6Network, ipv6SubnetLen: ipv6SubnetLen)
+        IgnoredLeaseKey(
+            key: key,
+            reason: reason,
+            publicIP: publicIP,
+            network: network,
+            subnetLen: subnetLen,
+            ipv6Network: ipv6Network,
+            ipv6SubnetLen: ipv6SubnetLen
+        )
     }
 
     /// Sorts the keys of one listing into leases, occupied subnets and

@@ -27,15 +27,25 @@ public struct LeaseAttributes: Sendable, Equatable {
         }
 
         static func == (a: Extra, b: Extra) -> Bool {
-            a === b || (a.publicIPv6 == b.publicIPv6 && a.backendType == b.backendType
-                        && a.backendData == b.backendData && a.backendV6Data == b.backendV6Data)
+            a === b
+                || (a.publicIPv6 == b.publicIPv6 && a.backendType == b.backendType
+                    && a.backendData == b.backendData && a.backendV6Data == b.backendV6Data)
         }
 
-        static func make(_ publicIPv6: IPv6Address?, _ backendType: String?, _ backendData: JSONValue?,
-                         _ backendV6Data: JSONValue?) -> Extra? {
+        static func make(
+            _ publicIPv6: IPv6Address?,
+            _ backendType: String?,
+            _ backendData: JSONValue?,
+            _ backendV6Data: JSONValue?
+        ) -> Extra? {
             publicIPv6 == nil && backendType == nil && backendData == nil && backendV6Data == nil
-                ? nil : Extra(publicIPv6: publicIPv6, backendType: backendType, backendData: backendData,
-                              backendV6Data: backendV6Data)
+                ? nil
+                : Extra(
+                    publicIPv6: publicIPv6,
+                    backendType: backendType,
+                    backendData: backendData,
+                    backendV6Data: backendV6Data
+                )
         }
     }
 
@@ -62,8 +72,13 @@ public struct LeaseAttributes: Sendable, Equatable {
         set { extra = .make(publicIPv6, backendType, backendData, newValue) }
     }
 
-    public init(publicIP: IPv4Address, publicIPv6: IPv6Address? = nil,
-                backendType: String? = nil, backendData: JSONValue? = nil, backendV6Data: JSONValue? = nil) {
+    public init(
+        publicIP: IPv4Address,
+        publicIPv6: IPv6Address? = nil,
+        backendType: String? = nil,
+        backendData: JSONValue? = nil,
+        backendV6Data: JSONValue? = nil
+    ) {
         self.publicIP = publicIP
         self.extra = .make(publicIPv6, backendType, backendData, backendV6Data)
     }
@@ -90,8 +105,14 @@ public struct Lease: Sendable, Equatable, CustomStringConvertible {
 
     /// - Parameter key: the key's name, when it is not the one flannel
     ///   writes for `subnet` and `ipv6Subnet`.
-    public init(subnet: IPv4Network, ipv6Subnet: IPv6Network? = nil, attributes: LeaseAttributes,
-                expiration: Date?, revision: Int64, key: String? = nil) {
+    public init(
+        subnet: IPv4Network,
+        ipv6Subnet: IPv6Network? = nil,
+        attributes: LeaseAttributes,
+        expiration: Date?,
+        revision: Int64,
+        key: String? = nil
+    ) {
         self.subnet = subnet
         self.attributes = attributes
         self.expiration = expiration
@@ -136,8 +157,13 @@ public struct LeaseSnapshot: Sendable, Equatable {
 
     /// `leases` are every readable entry under a lease key, as stored: apply
     /// `LeaseRule` to know which of them are leases of the network.
-    public init(leases: [Lease], revision: Int64, skipped: [LeaseStoreError] = [],
-                unreadableKeys: [String] = [], malformedKeys: [String] = []) {
+    public init(
+        leases: [Lease],
+        revision: Int64,
+        skipped: [LeaseStoreError] = [],
+        unreadableKeys: [String] = [],
+        malformedKeys: [String] = []
+    ) {
         self.leases = leases
         self.revision = revision
         self.skipped = skipped
@@ -212,8 +238,11 @@ public protocol LeaseStore: Sendable {
     /// already held by this PublicIP that fits `config`; else `preferred` (the
     /// subnet from the subnet file) if free; else a random free subnet among the
     /// first ones. Lost races are retried with another subnet.
-    func acquireLease(config: NetworkConfig, attributes: LeaseAttributes,
-                      preferred: IPv4Network?) async throws -> Lease
+    func acquireLease(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?
+    ) async throws -> Lease
 
     /// `acquireLease`, and the peers as `peerLeases(holder:)` lists them,
     /// from one read where the store can: a host starting among 60,000
@@ -224,12 +253,20 @@ public protocol LeaseStore: Sendable {
     /// `acquireLease`, with the IPv6 subnet to prefer in a dual-stack
     /// network (the subnet file's FLANNEL_IPV6_SUBNET) when it is free. A
     /// store that does not implement it ignores `preferredIPv6`.
-    func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
-                      preferredIPv6: IPv6Network?) async throws -> Lease
+    func acquireLease(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?,
+        preferredIPv6: IPv6Network?
+    ) async throws -> Lease
 
     /// `join`, with the IPv6 subnet to prefer, as `acquireLease(…preferredIPv6:)`.
-    func join(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
-              preferredIPv6: IPv6Network?) async throws -> LeaseJoin
+    func join(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?,
+        preferredIPv6: IPv6Network?
+    ) async throws -> LeaseJoin
 
     /// Extends a lease by the store's TTL. Reservations are returned unchanged.
     func renewLease(_ lease: Lease) async throws -> Lease
@@ -261,25 +298,43 @@ extension LeaseStore {
     public func peerLeases(holder: IPv4Address) async throws -> LeaseSnapshot { try await leases() }
 
     /// Two reads: the lease, then the peers (which then include it).
-    public func join(config: NetworkConfig, attributes: LeaseAttributes,
-                     preferred: IPv4Network?) async throws -> LeaseJoin {
+    public func join(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?
+    ) async throws -> LeaseJoin {
         try await join(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil)
     }
 
-    public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
-                             preferredIPv6: IPv6Network?) async throws -> Lease {
+    public func acquireLease(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?,
+        preferredIPv6: IPv6Network?
+    ) async throws -> Lease {
         try await acquireLease(config: config, attributes: attributes, preferred: preferred)
     }
 
     /// Two reads: the lease, then the peers (which then include it).
-    public func join(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
-                     preferredIPv6: IPv6Network?) async throws -> LeaseJoin {
-        let lease = try await acquireLease(config: config, attributes: attributes, preferred: preferred,
-                                           preferredIPv6: preferredIPv6)
+    public func join(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?,
+        preferredIPv6: IPv6Network?
+    ) async throws -> LeaseJoin {
+        let lease = try await acquireLease(
+            config: config,
+            attributes: attributes,
+            preferred: preferred,
+            preferredIPv6: preferredIPv6
+        )
         return LeaseJoin(lease: lease, peers: try await peerLeases(holder: attributes.publicIP))
     }
 
-    public func watchPeerLeases(after revision: Int64, holder: IPv4Address)
+    public func watchPeerLeases(
+        after revision: Int64,
+        holder: IPv4Address
+    )
         -> AsyncThrowingStream<LeaseEvent, any Error>
     {
         watchLeases(after: revision)
@@ -311,7 +366,8 @@ public enum LeaseStoreError: Error, Sendable, Equatable, CustomStringConvertible
         guard !keys.isEmpty else { return "nothing (SubnetMin is above SubnetMax)" }
         let shown = keys.prefix(first).joined(separator: ", ")
         let noun = keys.count == 1 ? "key" : "keys"
-        return keys.count > first ? "\(keys.count) \(noun): \(shown) and \(keys.count - first) more"
+        return keys.count > first
+            ? "\(keys.count) \(noun): \(shown) and \(keys.count - first) more"
             : "\(keys.count) \(noun): \(shown)"
     }
 

@@ -51,18 +51,32 @@ public final class LocalLeaseStore: LeaseStore {
     var lockPath: String { directory + "/lock" }
 
     /// Opens (creating, mode 0700) the store in `directory`.
-    public convenience init(directory: String, leaseTTL: Duration = .seconds(24 * 3600), compactionKeep: Int = 1000,
-                            logger: Logger = Logger(label: "tunneld.leasestore")) throws {
-        try self.init(directory: directory, leaseTTL: leaseTTL, compactionKeep: compactionKeep, logger: logger,
-                      clock: { .now })
+    public convenience init(
+        directory: String,
+        leaseTTL: Duration = .seconds(24 * 3600),
+        compactionKeep: Int = 1000,
+        logger: Logger = Logger(label: "tunneld.leasestore")
+    ) throws {
+        try self.init(
+            directory: directory,
+            leaseTTL: leaseTTL,
+            compactionKeep: compactionKeep,
+            logger: logger,
+            clock: { .now }
+        )
     }
 
     /// The time source: the wall clock, or a test's clock so that expiry can
     /// be tested without racing a real one on a loaded machine.
     let clock: @Sendable () -> Timestamp
 
-    init(directory: String, leaseTTL: Duration, compactionKeep: Int, logger: Logger,
-         clock: @escaping @Sendable () -> Timestamp) throws {
+    init(
+        directory: String,
+        leaseTTL: Duration,
+        compactionKeep: Int,
+        logger: Logger,
+        clock: @escaping @Sendable () -> Timestamp
+    ) throws {
         self.clock = clock
         precondition(compactionKeep >= 1, "compactionKeep must be at least 1")
         precondition(leaseTTL > .zero, "leaseTTL must be positive")
@@ -102,23 +116,38 @@ public final class LocalLeaseStore: LeaseStore {
         return config
     }
 
-    public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes,
-                             preferred: IPv4Network?) async throws -> Lease {
+    public func acquireLease(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?
+    ) async throws -> Lease {
         try await acquireLease(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil)
     }
 
-    public func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?,
-                             preferredIPv6: IPv6Network?) async throws -> Lease {
+    public func acquireLease(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?,
+        preferredIPv6: IPv6Network?
+    ) async throws -> Lease {
         let (lease, how) = try await run {
             try self.exclusive { tx -> (Lease, String) in
                 let scan = try tx.scan()
                 var generator = SystemRandomNumberGenerator()
                 let choice = try SubnetChooser.choose(
-                    config: config, leases: scan.leases.map(\.lease), publicIP: attributes.publicIP,
-                    preferred: preferred, preferredIPv6: preferredIPv6, occupied: scan.occupied, using: &generator)
+                    config: config,
+                    leases: scan.leases.map(\.lease),
+                    publicIP: attributes.publicIP,
+                    preferred: preferred,
+                    preferredIPv6: preferredIPv6,
+                    occupied: scan.occupied,
+                    using: &generator
+                )
                 for old in choice.obsolete {
-                    self.logger.info("deleting our lease that no longer fits the network config",
-                                     metadata: ["subnet": "\(old.subnet)"])
+                    self.logger.info(
+                        "deleting our lease that no longer fits the network config",
+                        metadata: ["subnet": "\(old.subnet)"]
+                    )
                     let key = scan.leases.first { $0.subnet == old.subnet }?.key ?? old.subnet.leaseKey
                     tx.delete(key: key, subnet: old.subnet)
                 }
@@ -129,11 +158,23 @@ public final class LocalLeaseStore: LeaseStore {
                     }
                     if stored.expiration == nil {
                         if stored.attributes == attributes { return (stored.lease, "reservation") }
-                        return (tx.put(key: stored.key, subnet: stored.subnet, attributes: attributes,
-                                       expiration: nil).lease, "reservation")
+                        return (
+                            tx.put(
+                                key: stored.key,
+                                subnet: stored.subnet,
+                                attributes: attributes,
+                                expiration: nil
+                            ).lease, "reservation"
+                        )
                     }
-                    return (tx.put(key: stored.key, subnet: stored.subnet, attributes: attributes,
-                                   expiration: tx.now.adding(self.leaseTTL)).lease, "existing lease")
+                    return (
+                        tx.put(
+                            key: stored.key,
+                            subnet: stored.subnet,
+                            attributes: attributes,
+                            expiration: tx.now.adding(self.leaseTTL)
+                        ).lease, "existing lease"
+                    )
                 case .preferred, .free:
                     // Create-if-absent: the lock makes the check and the write one step.
                     for (index, subnet) in choice.candidates.enumerated() {
@@ -141,17 +182,29 @@ public final class LocalLeaseStore: LeaseStore {
                         let key = LeaseKey.key(for: subnet, ipv6: choice.ipv6Candidate(index))
                         guard !tx.isTaken(key) else { continue }
                         let how = subnet == preferred ? "previous subnet" : "free subnet"
-                        return (tx.put(key: key, subnet: subnet, attributes: attributes,
-                                       expiration: tx.now.adding(self.leaseTTL)).lease, how)
+                        return (
+                            tx.put(
+                                key: key,
+                                subnet: subnet,
+                                attributes: attributes,
+                                expiration: tx.now.adding(self.leaseTTL)
+                            ).lease, how
+                        )
                     }
-                    throw LeaseStoreError.outOfSubnets(network: config.network,
-                                                       blockedBy: choice.candidates.map(\.leaseKey))
+                    throw LeaseStoreError.outOfSubnets(
+                        network: config.network,
+                        blockedBy: choice.candidates.map(\.leaseKey)
+                    )
                 }
             }
         }
-        logger.info("acquired lease", metadata: [
-            "subnet": "\(lease.subnet)", "ipv6Subnet": "\(lease.ipv6Subnet.map(\.description) ?? "none")", "publicIP": "\(attributes.publicIP)", "how": "\(how)",
-        ])
+        logger.info(
+            "acquired lease",
+            metadata: [
+                "subnet": "\(lease.subnet)", "ipv6Subnet": "\(lease.ipv6Subnet.map(\.description) ?? "none")",
+                "publicIP": "\(attributes.publicIP)", "how": "\(how)",
+            ]
+        )
         return lease
     }
 
@@ -160,7 +213,8 @@ public final class LocalLeaseStore: LeaseStore {
             try self.exclusive { tx -> Lease in
                 try tx.expireIfDue()
                 guard let stored = try tx.read(lease.subnet),
-                      stored.attributes.publicIP == lease.attributes.publicIP else {
+                    stored.attributes.publicIP == lease.attributes.publicIP
+                else {
                     throw LeaseStoreError.leaseNotFound(subnet: lease.subnet)
                 }
                 if let expiration = stored.expiration, expiration <= tx.now {
@@ -168,8 +222,12 @@ public final class LocalLeaseStore: LeaseStore {
                     throw LeaseStoreError.leaseNotFound(subnet: lease.subnet)
                 }
                 guard stored.expiration != nil else { return stored.lease }
-                return tx.put(key: stored.key, subnet: stored.subnet, attributes: lease.attributes,
-                              expiration: tx.now.adding(self.leaseTTL)).lease
+                return tx.put(
+                    key: stored.key,
+                    subnet: stored.subnet,
+                    attributes: lease.attributes,
+                    expiration: tx.now.adding(self.leaseTTL)
+                ).lease
             }
         }
     }
@@ -182,7 +240,8 @@ public final class LocalLeaseStore: LeaseStore {
             try self.exclusive { tx in
                 try tx.expireIfDue()
                 guard let stored = try tx.read(lease.subnet),
-                      stored.attributes.publicIP == lease.attributes.publicIP else { return }
+                    stored.attributes.publicIP == lease.attributes.publicIP
+                else { return }
                 if stored.expiration == nil {
                     self.logger.info("not releasing a reservation", metadata: ["subnet": "\(lease.subnet)"])
                     return
@@ -198,9 +257,13 @@ public final class LocalLeaseStore: LeaseStore {
         try await run {
             try self.exclusive { tx -> LeaseSnapshot in
                 let scan = try tx.scan()
-                return LeaseSnapshot(leases: scan.leases.map(\.lease), revision: tx.state.revision,
-                                     skipped: scan.skipped, unreadableKeys: scan.unreadableKeys,
-                                     malformedKeys: scan.malformedKeys)
+                return LeaseSnapshot(
+                    leases: scan.leases.map(\.lease),
+                    revision: tx.state.revision,
+                    skipped: scan.skipped,
+                    unreadableKeys: scan.unreadableKeys,
+                    malformedKeys: scan.malformedKeys
+                )
             }
         }
     }
@@ -315,7 +378,8 @@ public final class LocalLeaseStore: LeaseStore {
         for name in try FileIO.list(subnetsPath) where LeaseKey.subnet(fromKey: name) != nil {
             let path = subnetsPath + "/" + name
             if let bytes = try? FileIO.read(path), let subnet = LeaseKey.subnet(fromKey: name),
-               let stored = try? StoredLease(record: bytes, key: name, subnet: subnet, path: path) {
+                let stored = try? StoredLease(record: bytes, key: name, subnet: subnet, path: path)
+            {
                 state.revision = max(state.revision, stored.revision)
             }
         }
@@ -324,8 +388,10 @@ public final class LocalLeaseStore: LeaseStore {
         if state.revision > 0 {
             // Written at once (we hold the lock), so that watchers find it again.
             try FileIO.writeAtomically(statePath, Array(state.text.utf8))
-            logger.warning("revision file was missing; recovered revision \(state.revision)",
-                           metadata: ["file": "\(statePath)"])
+            logger.warning(
+                "revision file was missing; recovered revision \(state.revision)",
+                metadata: ["file": "\(statePath)"]
+            )
         }
         return state
     }
@@ -343,8 +409,10 @@ public final class LocalLeaseStore: LeaseStore {
             state.revision = last.revision
             state.nextExpiry = Timestamp(milliseconds: 0)
             try FileIO.writeAtomically(statePath, Array(state.text.utf8))
-            logger.warning("finished an update interrupted by a process that stopped mid-write",
-                           metadata: ["revisions": "\(todo[0].revision)...\(last.revision)"])
+            logger.warning(
+                "finished an update interrupted by a process that stopped mid-write",
+                metadata: ["revisions": "\(todo[0].revision)...\(last.revision)"]
+            )
         }
         try FileIO.remove(pendingPath)
         FileIO.syncDirectory(directory)

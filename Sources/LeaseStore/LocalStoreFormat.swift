@@ -72,8 +72,11 @@ struct StoredLease: Equatable, Sendable {
     static func expiration(_ value: JSONValue?, path: String) throws(LeaseStoreError) -> Timestamp? {
         guard let value = NetworkConfig.present(value) else { return nil }
         guard case .string(let text) = value, let t = Timestamp(rfc3339: text) else {
-            throw .corrupt(key: path, reason: "Expiration \(value.compactText) is not a UTC time "
-                           + "such as \"2026-03-01T12:00:00.000Z\"")
+            throw .corrupt(
+                key: path,
+                reason: "Expiration \(value.compactText) is not a UTC time "
+                    + "such as \"2026-03-01T12:00:00.000Z\""
+            )
         }
         return t
     }
@@ -130,10 +133,11 @@ enum StoreChange: Equatable, Sendable {
             throw .corrupt(key: path, reason: "event line is not JSON (\(error))")
         }
         guard case .object(let fields) = root,
-              case .string(let type)? = fields["Type"],
-              case .string(let key)? = fields["Key"],
-              let subnet = LeaseKey.subnet(fromKey: key),
-              let revision = try StoredLease.revision(fields["Revision"], path: path) else {
+            case .string(let type)? = fields["Type"],
+            case .string(let key)? = fields["Key"],
+            let subnet = LeaseKey.subnet(fromKey: key),
+            let revision = try StoredLease.revision(fields["Revision"], path: path)
+        else {
             throw .corrupt(key: path, reason: "event line lacks Revision, Type or a lease Key")
         }
         switch type {
@@ -141,9 +145,15 @@ enum StoreChange: Equatable, Sendable {
             guard let value = fields["Value"] else {
                 throw .corrupt(key: path, reason: "PUT event \(revision) has no Value")
             }
-            self = .put(StoredLease(
-                key: key, subnet: subnet, attributes: try LeaseAttributes(flannelValue: value, key: path),
-                expiration: try StoredLease.expiration(fields["Expiration"], path: path), revision: revision))
+            self = .put(
+                StoredLease(
+                    key: key,
+                    subnet: subnet,
+                    attributes: try LeaseAttributes(flannelValue: value, key: path),
+                    expiration: try StoredLease.expiration(fields["Expiration"], path: path),
+                    revision: revision
+                )
+            )
         case "DELETE":
             self = .delete(key: key, subnet: subnet, revision: revision)
         default:
@@ -208,8 +218,11 @@ struct StoreState: Equatable, Sendable {
             }
         }
         guard sawRevision else {
-            throw .io(path: path, reason: "has no line \"revision N\": delete the file and "
-                      + "tunneld recovers the revision from events.log and the lease files")
+            throw .io(
+                path: path,
+                reason: "has no line \"revision N\": delete the file and "
+                    + "tunneld recovers the revision from events.log and the lease files"
+            )
         }
     }
 }

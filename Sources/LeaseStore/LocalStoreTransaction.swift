@@ -59,8 +59,11 @@ final class Transaction {
                 switch error {
                 case let e as LeaseStoreError:
                     if case .corrupt(let key, let reason) = e {
-                        problem = .corrupt(key: key, reason: reason
-                            + "; the subnet stays taken until you fix or delete the file")
+                        problem = .corrupt(
+                            key: key,
+                            reason: reason
+                                + "; the subnet stays taken until you fix or delete the file"
+                        )
                     } else {
                         problem = e
                     }
@@ -100,9 +103,11 @@ final class Transaction {
         } else if FileIO.exists(store.subnetsPath + "/" + plain) {
             return plain
         }
-        let deleted = Set(changes.compactMap { c -> String? in
-            if case .delete(let key, _, _) = c { return key } else { return nil }
-        })
+        let deleted = Set(
+            changes.compactMap { c -> String? in
+                if case .delete(let key, _, _) = c { return key } else { return nil }
+            }
+        )
         return try FileIO.list(store.subnetsPath)
             .filter { $0.hasPrefix(plain + "&") && !deleted.contains($0) }.sorted().first
     }
@@ -127,8 +132,13 @@ final class Transaction {
     @discardableResult
     func put(key: String, subnet: IPv4Network, attributes: LeaseAttributes, expiration: Timestamp?) -> StoredLease {
         state.revision += 1
-        let stored = StoredLease(key: key, subnet: subnet, attributes: attributes,
-                                 expiration: expiration, revision: state.revision)
+        let stored = StoredLease(
+            key: key,
+            subnet: subnet,
+            attributes: attributes,
+            expiration: expiration,
+            revision: state.revision
+        )
         changes.append(.put(stored))
         if let expiration {
             // Never later than the truth: an early value only costs a scan.

@@ -73,9 +73,13 @@ public struct NetworkConfig: Sendable, Equatable {
             throw .missingNetwork
         }
         guard case .string(let networkText) = networkValue,
-              let parsed = IPv4Network(networkText) else {
-            throw .invalidValue(field: "Network", value: networkValue.compactText,
-                                expected: "a network in CIDR form such as \"10.2.0.0/16\"")
+            let parsed = IPv4Network(networkText)
+        else {
+            throw .invalidValue(
+                field: "Network",
+                value: networkValue.compactText,
+                expected: "a network in CIDR form such as \"10.2.0.0/16\""
+            )
         }
         // flannel treats 0.0.0.0/0 as "no Network".
         if parsed.prefixLength == 0 && parsed.address.value == 0 { throw .missingNetwork }
@@ -83,8 +87,13 @@ public struct NetworkConfig: Sendable, Equatable {
         let prefix = network.prefixLength
 
         // SubnetLen (0 or absent: default)
-        var length = try Self.wholeNumber(root, "SubnetLen", range: 0...Int(Int32.max),
-                                          expected: "a whole number of bits such as 24") ?? 0
+        var length =
+            try Self.wholeNumber(
+                root,
+                "SubnetLen",
+                range: 0...Int(Int32.max),
+                expected: "a whole number of bits such as 24"
+            ) ?? 0
         if length > 0 {
             if length > Self.longestSubnetLen {
                 throw .subnetLenTooLong(subnetLen: length)
@@ -114,8 +123,12 @@ public struct NetworkConfig: Sendable, Equatable {
         let mask = IPv4Network.mask(length)
         for (field, address) in [("SubnetMin", minAddress), ("SubnetMax", maxAddress)]
         where address.value & mask != address.value {
-            throw .notOnBoundary(field: field, address: address, subnetLen: length,
-                                 suggestion: IPv4Address(address.value & mask))
+            throw .notOnBoundary(
+                field: field,
+                address: address,
+                subnetLen: length,
+                suggestion: IPv4Address(address.value & mask)
+            )
         }
         if minAddress > maxAddress {
             throw .minAboveMax(min: minAddress, max: maxAddress)
@@ -145,8 +158,11 @@ public struct NetworkConfig: Sendable, Equatable {
         return value
     }
 
-    static func bool(_ object: JSONValue, _ name: String,
-                     prefix: String = "") throws(NetworkConfigError) -> Bool? {
+    static func bool(
+        _ object: JSONValue,
+        _ name: String,
+        prefix: String = ""
+    ) throws(NetworkConfigError) -> Bool? {
         guard let value = present(object.field(name)) else { return nil }
         guard case .bool(let b) = value else {
             throw .invalidValue(field: prefix + name, value: value.compactText, expected: "true or false")
@@ -154,11 +170,17 @@ public struct NetworkConfig: Sendable, Equatable {
         return b
     }
 
-    static func wholeNumber(_ object: JSONValue, _ name: String, prefix: String = "",
-                            range: ClosedRange<Int>, expected: String) throws(NetworkConfigError) -> Int? {
+    static func wholeNumber(
+        _ object: JSONValue,
+        _ name: String,
+        prefix: String = "",
+        range: ClosedRange<Int>,
+        expected: String
+    ) throws(NetworkConfigError) -> Int? {
         guard let value = present(object.field(name)) else { return nil }
         guard case .number(let n) = value, n == n.rounded(),
-              n >= Double(range.lowerBound), n <= Double(range.upperBound) else {
+            n >= Double(range.lowerBound), n <= Double(range.upperBound)
+        else {
             throw .invalidValue(field: prefix + name, value: value.compactText, expected: expected)
         }
         return Int(n)
@@ -168,8 +190,11 @@ public struct NetworkConfig: Sendable, Equatable {
     static func address(_ object: JSONValue, _ name: String) throws(NetworkConfigError) -> IPv4Address? {
         guard let value = present(object.field(name)) else { return nil }
         guard case .string(let text) = value, let address = IPv4Address(text) else {
-            throw .invalidValue(field: name, value: value.compactText,
-                                expected: "an address such as \"10.2.1.0\" (without /len)")
+            throw .invalidValue(
+                field: name,
+                value: value.compactText,
+                expected: "an address such as \"10.2.1.0\" (without /len)"
+            )
         }
         return address.value == 0 ? nil : address
     }
@@ -202,9 +227,16 @@ public struct BackendConfig: Sendable, Equatable {
     public static let defaultVXLANPort: UInt16 = 8472
     public static let defaultVNI = 1
 
-    public init(type: String, port: UInt16, vni: Int = 0, directRouting: Bool = false,
-                mtu: Int? = nil, learning: Bool = false, gbp: Bool = false,
-                options: [String: JSONValue] = [:]) {
+    public init(
+        type: String,
+        port: UInt16,
+        vni: Int = 0,
+        directRouting: Bool = false,
+        mtu: Int? = nil,
+        learning: Bool = false,
+        gbp: Bool = false,
+        options: [String: JSONValue] = [:]
+    ) {
         self.type = type
         self.port = port
         self.vni = vni
@@ -231,15 +263,21 @@ public struct BackendConfig: Sendable, Equatable {
             return
         }
         guard case .object(let fields) = value else {
-            throw .invalidValue(field: "Backend", value: value.compactText,
-                                expected: "an object such as {\"Type\": \"udp\"}")
+            throw .invalidValue(
+                field: "Backend",
+                value: value.compactText,
+                expected: "an object such as {\"Type\": \"udp\"}"
+            )
         }
         guard let typeValue = NetworkConfig.present(value.field("Type")) else {
             throw .missingBackendType
         }
         guard case .string(let typeText) = typeValue else {
-            throw .invalidValue(field: "Backend.Type", value: typeValue.compactText,
-                                expected: "a string such as \"udp\" or \"vxlan\"")
+            throw .invalidValue(
+                field: "Backend.Type",
+                value: typeValue.compactText,
+                expected: "a string such as \"udp\" or \"vxlan\""
+            )
         }
         if typeText.isEmpty { throw .missingBackendType }
         let type = typeText.lowercased()
@@ -256,30 +294,55 @@ public struct BackendConfig: Sendable, Equatable {
             // flannel passes Port 0 to the kernel, which then uses 8472.
             let given = try Self.port(value, default: Self.defaultVXLANPort, backend: type, allowZero: true)
             port = given == 0 ? Self.defaultVXLANPort : given
-            vni = try NetworkConfig.wholeNumber(
-                value, "VNI", prefix: "Backend.", range: 0...0xFF_FFFF,
-                expected: "a whole number 0…16777215 (default \(Self.defaultVNI))") ?? Self.defaultVNI
+            vni =
+                try NetworkConfig.wholeNumber(
+                    value,
+                    "VNI",
+                    prefix: "Backend.",
+                    range: 0...0xFF_FFFF,
+                    expected: "a whole number 0…16777215 (default \(Self.defaultVNI))"
+                ) ?? Self.defaultVNI
             directRouting = try NetworkConfig.bool(value, "DirectRouting", prefix: "Backend.") ?? false
             mtu = try NetworkConfig.wholeNumber(
-                value, "MTU", prefix: "Backend.", range: Self.lowestVXLANMTU...65535,
+                value,
+                "MTU",
+                prefix: "Backend.",
+                range: Self.lowestVXLANMTU...65535,
                 expected: "a whole number \(Self.lowestVXLANMTU)…65535, the MTU of the path between hosts "
-                    + "(the vxlan device gets 50 less), or leave it out for the interface's MTU")
+                    + "(the vxlan device gets 50 less), or leave it out for the interface's MTU"
+            )
             learning = try NetworkConfig.bool(value, "Learning", prefix: "Backend.") ?? false
             gbp = try NetworkConfig.bool(value, "GBP", prefix: "Backend.") ?? false
         default:
             port = try Self.port(value, default: 0, backend: type, allowZero: true)
         }
-        self.init(type: type, port: port, vni: vni, directRouting: directRouting, mtu: mtu,
-                  learning: learning, gbp: gbp, options: fields)
+        self.init(
+            type: type,
+            port: port,
+            vni: vni,
+            directRouting: directRouting,
+            mtu: mtu,
+            learning: learning,
+            gbp: gbp,
+            options: fields
+        )
     }
 
-    private static func port(_ backend: JSONValue, default defaultPort: UInt16, backend type: String,
-                             allowZero: Bool) throws(NetworkConfigError) -> UInt16 {
+    private static func port(
+        _ backend: JSONValue,
+        default defaultPort: UInt16,
+        backend type: String,
+        allowZero: Bool
+    ) throws(NetworkConfigError) -> UInt16 {
         guard let value = NetworkConfig.present(backend.field("Port")) else { return defaultPort }
         let lowest = allowZero ? 0 : 1
         guard case .number(let n) = value, n == n.rounded(), n >= Double(lowest), n <= 65535 else {
-            throw .invalidPort(backend: type, value: value.compactText, defaultPort: defaultPort,
-                               lowest: lowest)
+            throw .invalidPort(
+                backend: type,
+                value: value.compactText,
+                defaultPort: defaultPort,
+                lowest: lowest
+            )
         }
         return UInt16(n)
     }
@@ -347,7 +410,8 @@ public enum NetworkConfigError: Error, Sendable, Equatable, CustomStringConverti
             return "please define a correct IPv6Network parameter in the flannel config: EnableIPv6 is true, "
                 + "so IPv6Network must be a network such as \"fd00:10:244::/48\" (or set EnableIPv6 to false)"
         case .ipv6NetworkTooSmall(let network):
-            return "IPv6Network is too small. Minimum useful network prefix is /\(IPv6NetworkConfig.longestNetworkPrefix) "
+            return
+                "IPv6Network is too small. Minimum useful network prefix is /\(IPv6NetworkConfig.longestNetworkPrefix) "
                 + "(IPv6Network is \(network)): use a network of /\(IPv6NetworkConfig.longestNetworkPrefix) or larger, "
                 + "such as a /48 or /56 (each host gets a /64)"
         case .ipv6SubnetLenTooLong(let subnetLen):
@@ -402,14 +466,17 @@ public struct SubnetRange: RandomAccessCollection, Sendable, Equatable {
 
     public subscript(position: Int) -> IPv4Network {
         precondition(position >= 0 && position < endIndex, "subnet index \(position) out of range")
-        return IPv4Network(address: IPv4Address(lowestAddress.value + UInt32(position) << shift),
-                           prefixLength: prefixLength)
+        return IPv4Network(
+            address: IPv4Address(lowestAddress.value + UInt32(position) << shift),
+            prefixLength: prefixLength
+        )
     }
 
     /// The position of `subnet`, if it is one of these subnets.
     public func index(of subnet: IPv4Network) -> Int? {
         guard subnet.prefixLength == prefixLength,
-              subnet.address >= lowestAddress, subnet.address <= highestAddress else { return nil }
+            subnet.address >= lowestAddress, subnet.address <= highestAddress
+        else { return nil }
         return Int((subnet.address.value - lowestAddress.value) >> shift)
     }
 
@@ -450,20 +517,31 @@ public struct IPv6NetworkConfig: Sendable, Equatable {
             network = nil
             if let value = NetworkConfig.present(root.field("IPv6Network")) {
                 guard case .string(let text) = value, let parsed = IPv6Network(text) else {
-                    throw .invalidValue(field: "IPv6Network", value: value.compactText,
-                                        expected: "an IPv6 network in CIDR form such as \"fd00:10:244::/48\"")
+                    throw .invalidValue(
+                        field: "IPv6Network",
+                        value: value.compactText,
+                        expected: "an IPv6 network in CIDR form such as \"fd00:10:244::/48\""
+                    )
                 }
                 // Its subnets would be printed with dots (::ffff:10.0.0.0), which
                 // flannel's lease key pattern does not match: no lease could be read.
                 if parsed.overlaps(Self.ipv4Mapped) && !(parsed.prefixLength == 0) {
-                    throw .invalidValue(field: "IPv6Network", value: value.compactText,
-                                        expected: "a network outside ::ffff:0:0/96 (IPv4-mapped addresses), "
-                                            + "such as \"fd00:10:244::/48\"")
+                    throw .invalidValue(
+                        field: "IPv6Network",
+                        value: value.compactText,
+                        expected: "a network outside ::ffff:0:0/96 (IPv4-mapped addresses), "
+                            + "such as \"fd00:10:244::/48\""
+                    )
                 }
                 network = parsed
             }
-            subnetLen = try NetworkConfig.wholeNumber(root, "IPv6SubnetLen", range: 0...Int(Int32.max),
-                                                      expected: "a whole number of bits such as 64") ?? 0
+            subnetLen =
+                try NetworkConfig.wholeNumber(
+                    root,
+                    "IPv6SubnetLen",
+                    range: 0...Int(Int32.max),
+                    expected: "a whole number of bits such as 64"
+                ) ?? 0
             subnetMin = try Self.address(root, "IPv6SubnetMin")
             subnetMax = try Self.address(root, "IPv6SubnetMax")
         }
@@ -474,8 +552,11 @@ public struct IPv6NetworkConfig: Sendable, Equatable {
         static func address(_ object: JSONValue, _ name: String) throws(NetworkConfigError) -> IPv6Address? {
             guard let value = NetworkConfig.present(object.field(name)) else { return nil }
             guard case .string(let text) = value, let address = IPv6Address(text) else {
-                throw .invalidValue(field: name, value: value.compactText,
-                                    expected: "an IPv6 address such as \"fd00:10:244:1::\" (without /len)")
+                throw .invalidValue(
+                    field: name,
+                    value: value.compactText,
+                    expected: "an IPv6 address such as \"fd00:10:244:1::\" (without /len)"
+                )
             }
             return address.isUnspecified ? nil : address
         }
@@ -516,8 +597,12 @@ public struct IPv6NetworkConfig: Sendable, Equatable {
         let mask = IPv6Network.mask(length)
         for (field, address) in [("IPv6SubnetMin", minAddress), ("IPv6SubnetMax", maxAddress)]
         where address.value & mask != address.value {
-            throw .ipv6NotOnBoundary(field: field, address: address, subnetLen: length,
-                                     suggestion: IPv6Address(address.value & mask))
+            throw .ipv6NotOnBoundary(
+                field: field,
+                address: address,
+                subnetLen: length,
+                suggestion: IPv6Address(address.value & mask)
+            )
         }
         if minAddress > maxAddress { throw .ipv6MinAboveMax(min: minAddress, max: maxAddress) }
         subnetMin = IPv6Network(address: minAddress, prefixLength: length)

@@ -77,8 +77,12 @@ public enum SubnetChooser {
     /// - Throws: `LeaseStoreError.outOfSubnets`, naming the keys that take
     ///   every subnet, when nothing is free.
     public static func choose(
-        config: NetworkConfig, leases listed: [Lease], publicIP: IPv4Address,
-        preferred: IPv4Network?, preferredIPv6: IPv6Network? = nil, occupied listedOccupied: [IPv4Network] = [],
+        config: NetworkConfig,
+        leases listed: [Lease],
+        publicIP: IPv4Address,
+        preferred: IPv4Network?,
+        preferredIPv6: IPv6Network? = nil,
+        occupied listedOccupied: [IPv4Network] = [],
         using generator: inout some RandomNumberGenerator
     ) throws(LeaseStoreError) -> SubnetChoice {
         let rule = LeaseRule(config)
@@ -96,7 +100,9 @@ public enum SubnetChooser {
         // 1. Reuse: a reservation before an expiring lease, then the longest-lived.
         let reusable = own.filter { fits(config, $0) }.sorted { a, b in
             if a.isReservation != b.isReservation { return a.isReservation }
-            if a.expiration != b.expiration { return (a.expiration ?? .distantFuture) > (b.expiration ?? .distantFuture) }
+            if a.expiration != b.expiration {
+                return (a.expiration ?? .distantFuture) > (b.expiration ?? .distantFuture)
+            }
             return a.subnet.address < b.subnet.address
         }
         if let lease = reusable.first {
@@ -104,8 +110,10 @@ public enum SubnetChooser {
         }
 
         // Obsolete leases are about to be deleted: their space is free.
-        let taken = OccupiedRanges(leases.filter { !obsoleteSubnets.contains($0.subnet) }.map(\.subnet)
-                                   + occupied)
+        let taken = OccupiedRanges(
+            leases.filter { !obsoleteSubnets.contains($0.subnet) }.map(\.subnet)
+                + occupied
+        )
         var free = firstFree(in: config.subnets, taken: taken, limit: freeCandidateLimit)
         free.shuffle(using: &generator)
 
@@ -116,7 +124,10 @@ public enum SubnetChooser {
             ipv6Candidates = firstFreeIPv6(v6, taken: takenV6, limit: freeCandidateLimit)
             ipv6Candidates.shuffle(using: &generator)
             if ipv6Candidates.isEmpty {
-                throw .outOfSubnets(network: config.network, blockedBy: leases.filter { $0.ipv6Subnet != nil }.map(\.key).sorted())
+                throw .outOfSubnets(
+                    network: config.network,
+                    blockedBy: leases.filter { $0.ipv6Subnet != nil }.map(\.key).sorted()
+                )
             }
             if let preferredIPv6, v6.fits(preferredIPv6), !takenV6.contains(where: { $0.overlaps(preferredIPv6) }) {
                 ipv6Candidates.removeAll { $0 == preferredIPv6 }
@@ -127,8 +138,12 @@ public enum SubnetChooser {
         // 2. The subnet we had before, if it is still ours to take.
         if let preferred, config.fits(preferred), !taken.overlaps(preferred) {
             free.removeAll { $0 == preferred }
-            return SubnetChoice(source: .preferred, candidates: [preferred] + free, obsolete: obsolete,
-                                ipv6Candidates: ipv6Candidates)
+            return SubnetChoice(
+                source: .preferred,
+                candidates: [preferred] + free,
+                obsolete: obsolete,
+                ipv6Candidates: ipv6Candidates
+            )
         }
 
         // 3. A random free one.
@@ -138,7 +153,8 @@ public enum SubnetChooser {
             func blocks(_ subnet: IPv4Network) -> Bool {
                 subnet.lastAddress >= range.lowestAddress && subnet.address <= end
             }
-            let keys = leases.filter { !obsoleteSubnets.contains($0.subnet) && blocks($0.subnet) }
+            let keys =
+                leases.filter { !obsoleteSubnets.contains($0.subnet) && blocks($0.subnet) }
                 .sorted { $0.subnet.address < $1.subnet.address }.map(\.key)
                 + occupied.filter(blocks).map(\.leaseKey)
             throw .outOfSubnets(network: config.network, blockedBy: keys)
@@ -192,7 +208,7 @@ public enum SubnetChooser {
     static func firstFree(in range: SubnetRange, taken: OccupiedRanges, limit: Int) -> [IPv4Network] {
         var result: [IPv4Network] = []
         var index = 0
-        var cursor = 0 // into taken.ranges, sorted by start
+        var cursor = 0  // into taken.ranges, sorted by start
         let size = UInt64(1) << UInt64(32 - range.prefixLength)
         let count = range.count
         while index < count && result.count < limit {

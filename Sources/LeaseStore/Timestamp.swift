@@ -48,18 +48,19 @@ struct Timestamp: Comparable, Hashable, Sendable, CustomStringConvertible {
             return v
         }
         guard b.count >= 20, b[4] == UInt8(ascii: "-"), b[7] == UInt8(ascii: "-"),
-              b[10] == UInt8(ascii: "T") || b[10] == UInt8(ascii: "t"),
-              b[13] == UInt8(ascii: ":"), b[16] == UInt8(ascii: ":"),
-              b.last == UInt8(ascii: "Z") || b.last == UInt8(ascii: "z"),
-              let year = number(0..<4), let month = number(5..<7), let day = number(8..<10),
-              let hour = number(11..<13), let minute = number(14..<16), let second = number(17..<19),
-              (1...12).contains(month), (1...31).contains(day), hour < 24, minute < 60, second < 61
+            b[10] == UInt8(ascii: "T") || b[10] == UInt8(ascii: "t"),
+            b[13] == UInt8(ascii: ":"), b[16] == UInt8(ascii: ":"),
+            b.last == UInt8(ascii: "Z") || b.last == UInt8(ascii: "z"),
+            let year = number(0..<4), let month = number(5..<7), let day = number(8..<10),
+            let hour = number(11..<13), let minute = number(14..<16), let second = number(17..<19),
+            (1...12).contains(month), (1...31).contains(day), hour < 24, minute < 60, second < 61
         else { return nil }
         var fraction: Int64 = 0
         let rest = b[19..<(b.count - 1)]
         if !rest.isEmpty {
             guard rest.first == UInt8(ascii: "."), rest.count >= 2, rest.count <= 10,
-                  let digits = number((rest.startIndex + 1)..<rest.endIndex) else { return nil }
+                let digits = number((rest.startIndex + 1)..<rest.endIndex)
+            else { return nil }
             var scaled = digits
             var count = rest.count - 1
             while count < 3 { scaled *= 10; count += 1 }

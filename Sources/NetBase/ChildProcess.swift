@@ -1,8 +1,9 @@
+import CTunnel
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CTunnel
-import Synchronization
 
 /// What a finished child printed, and how it ended (exit status, or 128 +
 /// signal).
@@ -60,8 +61,12 @@ public final class ChildProcess: Sendable {
     /// Starts `executable` (searched in PATH when it names no directory) with `arguments`.
     /// `environment` nil passes on this process's environment.
     public static func start(
-        _ executable: String, arguments: [String] = [], environment: [String: String]? = nil,
-        standardInput: Stream = .null, standardOutput: Stream = .inherit, standardError: Stream = .inherit,
+        _ executable: String,
+        arguments: [String] = [],
+        environment: [String: String]? = nil,
+        standardInput: Stream = .null,
+        standardOutput: Stream = .inherit,
+        standardError: Stream = .inherit,
         parentDeathSignal: Int32? = nil
     ) throws(SystemError) -> ChildProcess {
         let path = try resolve(executable, environment: environment)
@@ -73,17 +78,22 @@ public final class ChildProcess: Sendable {
             case .descriptor(let fd): return fd
             case .standardOutput: return output ?? 1
             case .null, .file:
-                let (file, flags): (String, Int32) = switch stream {
-                case .file(let file, _) where number == 0: (file, O_RDONLY)
-                case .file(let file, let append): (file, O_WRONLY | O_CREAT | (append ? O_APPEND : O_TRUNC))
-                default: ("/dev/null", number == 0 ? O_RDONLY : O_WRONLY)
-                }
+                let (file, flags): (String, Int32) =
+                    switch stream {
+                    case .file(let file, _) where number == 0: (file, O_RDONLY)
+                    case .file(let file, let append): (file, O_WRONLY | O_CREAT | (append ? O_APPEND : O_TRUNC))
+                    default: ("/dev/null", number == 0 ? O_RDONLY : O_WRONLY)
+                    }
                 switch retryingInterrupts({ open(file, flags | O_CLOEXEC, 0o644) }) {
                 case .success(let fd):
                     opened.append(fd)
                     return fd
                 case .failure(let e):
-                    throw SystemError("open", on: "\(file) (standard \(["input", "output", "error"][Int(number)]) of \(executable))", errno: e)
+                    throw SystemError(
+                        "open",
+                        on: "\(file) (standard \(["input", "output", "error"][Int(number)]) of \(executable))",
+                        errno: e
+                    )
                 }
             }
         }
@@ -124,9 +134,13 @@ public final class ChildProcess: Sendable {
 
     /// posix_spawn (a vfork, cheap for a daemon with a large address space) with the
     /// standard streams from `fds` and signals reset.
-    private static func posixSpawn(_ path: String, _ argv: [UnsafeMutablePointer<CChar>?],
-                                   _ envp: [UnsafeMutablePointer<CChar>?], _ fds: [Int32],
-                                   _ pid: inout pid_t) -> Int32 {
+    private static func posixSpawn(
+        _ path: String,
+        _ argv: [UnsafeMutablePointer<CChar>?],
+        _ envp: [UnsafeMutablePointer<CChar>?],
+        _ fds: [Int32],
+        _ pid: inout pid_t
+    ) -> Int32 {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -157,8 +171,12 @@ public final class ChildProcess: Sendable {
             let candidate = "\(directory)/\(executable)"
             if access(candidate, X_OK) == 0 { return candidate }
         }
-        throw SystemError("finding", on: "\(executable) in PATH \(searchPath)", errno: .noSuchFile,
-                          hint: "install it or give its full path")
+        throw SystemError(
+            "finding",
+            on: "\(executable) in PATH \(searchPath)",
+            errno: .noSuchFile,
+            hint: "install it or give its full path"
+        )
     }
 
     /// The exit status (or 128 + signal) once the child has ended and been reaped.
@@ -202,9 +220,14 @@ public final class ChildProcess: Sendable {
     /// collected, all three pipes served by one poll loop so that neither side can block
     /// the other whatever the sizes. With `timeout`, a child still running then is
     /// terminated (SIGTERM, SIGKILL a second later) and its output so far returned.
-    public static func run(_ executable: String, arguments: [String] = [], environment: [String: String]? = nil,
-                           input: [UInt8] = [], timeout: Duration? = nil,
-                           parentDeathSignal: Int32? = nil) throws(SystemError) -> ChildOutput {
+    public static func run(
+        _ executable: String,
+        arguments: [String] = [],
+        environment: [String: String]? = nil,
+        input: [UInt8] = [],
+        timeout: Duration? = nil,
+        parentDeathSignal: Int32? = nil
+    ) throws(SystemError) -> ChildOutput {
         // Writing to a child that closed its stdin must be an EPIPE, not a signal that
         // kills this process; the child gets the default back.
         signal(SIGPIPE, SIG_IGN)
@@ -214,9 +237,15 @@ public final class ChildProcess: Sendable {
         defer { for fd in stdoutPipe where fd >= 0 { close(fd) } }
         var stderrPipe = try makePipe()
         defer { for fd in stderrPipe where fd >= 0 { close(fd) } }
-        let child = try start(executable, arguments: arguments, environment: environment,
-                              standardInput: .descriptor(stdinPipe[0]), standardOutput: .descriptor(stdoutPipe[1]),
-                              standardError: .descriptor(stderrPipe[1]), parentDeathSignal: parentDeathSignal)
+        let child = try start(
+            executable,
+            arguments: arguments,
+            environment: environment,
+            standardInput: .descriptor(stdinPipe[0]),
+            standardOutput: .descriptor(stdoutPipe[1]),
+            standardError: .descriptor(stderrPipe[1]),
+            parentDeathSignal: parentDeathSignal
+        )
         // The parent's copies of the child's ends, so EOF arrives when it exits.
         close(stdinPipe[0]); stdinPipe[0] = -1
         close(stdoutPipe[1]); stdoutPipe[1] = -1
@@ -229,9 +258,11 @@ public final class ChildProcess: Sendable {
         if input.isEmpty { close(stdinPipe[1]); stdinPipe[1] = -1 }
         var chunk = [UInt8](repeating: 0, count: 64 << 10)
         while stdoutPipe[0] >= 0 || stderrPipe[0] >= 0 {
-            var fds = [pollfd(fd: stdinPipe[1], events: Int16(POLLOUT), revents: 0),
-                       pollfd(fd: stdoutPipe[0], events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: stderrPipe[0], events: Int16(POLLIN), revents: 0)]
+            var fds = [
+                pollfd(fd: stdinPipe[1], events: Int16(POLLOUT), revents: 0),
+                pollfd(fd: stdoutPipe[0], events: Int16(POLLIN), revents: 0),
+                pollfd(fd: stderrPipe[0], events: Int16(POLLIN), revents: 0),
+            ]
             var wait: Int32 = -1
             if let deadline {
                 let left = deadline - ContinuousClock.now
@@ -239,7 +270,9 @@ public final class ChildProcess: Sendable {
                     child.terminate(grace: .seconds(1))
                     break
                 }
-                wait = Int32(clamping: left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000 + 1)
+                wait = Int32(
+                    clamping: left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000 + 1
+                )
             }
             // poll ignores negative descriptors, so finished pipes drop out.
             if poll(&fds, 3, wait) < 0 {
@@ -270,7 +303,9 @@ public final class ChildProcess: Sendable {
 
     private static func makePipe() throws(SystemError) -> [Int32] {
         var fds: [Int32] = [-1, -1]
-        guard ctunnel_pipe_cloexec(&fds) == 0 else { throw SystemError("pipe2", on: "a child's standard streams", errno: .current) }
+        guard ctunnel_pipe_cloexec(&fds) == 0 else {
+            throw SystemError("pipe2", on: "a child's standard streams", errno: .current)
+        }
         return fds
     }
 }

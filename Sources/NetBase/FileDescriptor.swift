@@ -1,7 +1,8 @@
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import Synchronization
 
 /// Owns a file descriptor and closes it exactly once: on `close()` or when the
 /// last reference goes away.

@@ -58,9 +58,12 @@ public struct IPv4Address: Hashable, Comparable, Sendable, CustomStringConvertib
     public init(from decoder: any Decoder) throws {
         let text = try decoder.singleValueContainer().decode(String.self)
         guard let address = IPv4Address(text) else {
-            throw DecodingError.dataCorrupted(.init(
-                codingPath: decoder.codingPath,
-                debugDescription: "\"\(text)\" is not an IPv4 address (expected a.b.c.d)"))
+            throw DecodingError.dataCorrupted(
+                .init(
+                    codingPath: decoder.codingPath,
+                    debugDescription: "\"\(text)\" is not an IPv4 address (expected a.b.c.d)"
+                )
+            )
         }
         self = address
     }
@@ -89,15 +92,27 @@ public struct IPv4Network: Hashable, Sendable, CustomStringConvertible, Codable 
 
     /// Parses "10.2.0.0/16". With `strict`, host bits must be zero.
     public init?(_ text: some StringProtocol, strict: Bool = false) {
-        guard let network = IPv4Network.parse(text.utf8, separator: UInt8(ascii: "/"), canonical: false,
-                                               strict: strict) else { return nil }
+        guard
+            let network = IPv4Network.parse(
+                text.utf8,
+                separator: UInt8(ascii: "/"),
+                canonical: false,
+                strict: strict
+            )
+        else { return nil }
         self = network
     }
 
     /// flannel's lease key form, "10.2.72.0-24" (host bits zero).
     public init?(leaseKey text: some StringProtocol) {
-        guard let network = IPv4Network.parse(text.utf8, separator: UInt8(ascii: "-"), canonical: false,
-                                               strict: true) else { return nil }
+        guard
+            let network = IPv4Network.parse(
+                text.utf8,
+                separator: UInt8(ascii: "-"),
+                canonical: false,
+                strict: true
+            )
+        else { return nil }
         self = network
     }
 
@@ -105,10 +120,15 @@ public struct IPv4Network: Hashable, Sendable, CustomStringConvertible, Codable 
     /// most two digits and ≤ 32; with `canonical`, neither the address nor
     /// the length may have a leading zero (only `leaseKey`'s own spelling);
     /// with `strict`, host bits must be zero.
-    public static func parse(_ bytes: some Collection<UInt8>, separator: UInt8, canonical: Bool,
-                             strict: Bool) -> IPv4Network? {
+    public static func parse(
+        _ bytes: some Collection<UInt8>,
+        separator: UInt8,
+        canonical: Bool,
+        strict: Bool
+    ) -> IPv4Network? {
         guard let cut = bytes.firstIndex(of: separator),
-              let address = IPv4Address.parse(bytes[..<cut], canonical: canonical) else { return nil }
+            let address = IPv4Address.parse(bytes[..<cut], canonical: canonical)
+        else { return nil }
         let lengthBytes = bytes[bytes.index(after: cut)...]
         var length = 0
         var digits = 0
@@ -145,9 +165,12 @@ public struct IPv4Network: Hashable, Sendable, CustomStringConvertible, Codable 
     public init(from decoder: any Decoder) throws {
         let text = try decoder.singleValueContainer().decode(String.self)
         guard let network = IPv4Network(text) else {
-            throw DecodingError.dataCorrupted(.init(
-                codingPath: decoder.codingPath,
-                debugDescription: "\"\(text)\" is not an IPv4 network (expected a.b.c.d/len)"))
+            throw DecodingError.dataCorrupted(
+                .init(
+                    codingPath: decoder.codingPath,
+                    debugDescription: "\"\(text)\" is not an IPv4 network (expected a.b.c.d/len)"
+                )
+            )
         }
         self = network
     }

@@ -69,8 +69,9 @@ public struct IPv6Address: Hashable, Comparable, Sendable, CustomStringConvertib
         let head: [UInt32], tail: [UInt32]
         if let gap {
             guard let h = groups(text[..<gap], last: false),
-                  let t = groups(text[(gap + 2)...], last: true),
-                  h.count + t.count <= 7 else { return nil }
+                let t = groups(text[(gap + 2)...], last: true),
+                h.count + t.count <= 7
+            else { return nil }
             head = h
             tail = t
         } else {
@@ -136,7 +137,7 @@ public struct IPv6Address: Hashable, Comparable, Sendable, CustomStringConvertib
 
     public static func < (lhs: IPv6Address, rhs: IPv6Address) -> Bool { lhs.value < rhs.value }
 
-    public var isLinkLocalUnicast: Bool { value >> 118 == 0x3fa } // fe80::/10
+    public var isLinkLocalUnicast: Bool { value >> 118 == 0x3fa }  // fe80::/10
     public var isMulticast: Bool { value >> 120 == 0xff }
     public var isLoopback: Bool { value == 1 }
     public var isUnspecified: Bool { value == 0 }
@@ -147,9 +148,12 @@ public struct IPv6Address: Hashable, Comparable, Sendable, CustomStringConvertib
     public init(from decoder: any Decoder) throws {
         let text = try decoder.singleValueContainer().decode(String.self)
         guard let address = IPv6Address(text) else {
-            throw DecodingError.dataCorrupted(.init(
-                codingPath: decoder.codingPath,
-                debugDescription: "\"\(text)\" is not an IPv6 address (expected e.g. fd00:10:244::1)"))
+            throw DecodingError.dataCorrupted(
+                .init(
+                    codingPath: decoder.codingPath,
+                    debugDescription: "\"\(text)\" is not an IPv6 address (expected e.g. fd00:10:244::1)"
+                )
+            )
         }
         self = address
     }
@@ -186,16 +190,21 @@ public struct IPv6Network: Hashable, Sendable, CustomStringConvertible, Codable 
     /// can name the same one.
     public init?(leaseKey text: some StringProtocol) {
         guard let network = IPv6Network.parse(Substring(text).utf8, separator: UInt8(ascii: "-"), strict: true),
-              network.leaseKey.utf8.elementsEqual(text.utf8) else { return nil }
+            network.leaseKey.utf8.elementsEqual(text.utf8)
+        else { return nil }
         self = network
     }
 
     /// Parses `address<separator>length`; the length is one to three decimal
     /// digits, ≤ 128. The separator is the last one in the text.
-    public static func parse(_ bytes: some BidirectionalCollection<UInt8>, separator: UInt8,
-                             strict: Bool) -> IPv6Network? {
+    public static func parse(
+        _ bytes: some BidirectionalCollection<UInt8>,
+        separator: UInt8,
+        strict: Bool
+    ) -> IPv6Network? {
         guard let cut = bytes.lastIndex(of: separator),
-              let address = IPv6Address.parse(bytes[..<cut]) else { return nil }
+            let address = IPv6Address.parse(bytes[..<cut])
+        else { return nil }
         var length = 0
         var digits = 0
         for b in bytes[bytes.index(after: cut)...] {
@@ -230,8 +239,10 @@ public struct IPv6Network: Hashable, Sendable, CustomStringConvertible, Codable 
     /// The `index`-th subnet of `prefixLength` in this network (0 is the first).
     public func subnet(prefixLength subnetLength: Int, index: UInt64) -> IPv6Network {
         precondition(subnetLength >= prefixLength && subnetLength <= 128)
-        precondition(UInt64(subnetLength - prefixLength) >= 64 || index < UInt64(1) << UInt64(subnetLength - prefixLength),
-                     "subnet index \(index) outside \(self)")
+        precondition(
+            UInt64(subnetLength - prefixLength) >= 64 || index < UInt64(1) << UInt64(subnetLength - prefixLength),
+            "subnet index \(index) outside \(self)"
+        )
         let step = subnetLength == 0 ? 0 : UInt128(index) << UInt128(128 - subnetLength)
         return IPv6Network(address: IPv6Address(address.value | step), prefixLength: subnetLength)
     }
@@ -255,9 +266,12 @@ public struct IPv6Network: Hashable, Sendable, CustomStringConvertible, Codable 
     public init(from decoder: any Decoder) throws {
         let text = try decoder.singleValueContainer().decode(String.self)
         guard let network = IPv6Network(text) else {
-            throw DecodingError.dataCorrupted(.init(
-                codingPath: decoder.codingPath,
-                debugDescription: "\"\(text)\" is not an IPv6 network (expected e.g. fd00:10:244::/48)"))
+            throw DecodingError.dataCorrupted(
+                .init(
+                    codingPath: decoder.codingPath,
+                    debugDescription: "\"\(text)\" is not an IPv6 network (expected e.g. fd00:10:244::/48)"
+                )
+            )
         }
         self = network
     }

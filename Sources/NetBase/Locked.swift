@@ -13,7 +13,9 @@ public final class Locked<Value: Sendable>: Sendable {
     public func set(_ value: Value) { mutex.withLock { $0 = value } }
 
     /// Reads or changes the value in place, holding the lock for `body`.
-    public func withLock<Result, E: Error>(_ body: (inout sending Value) throws(E) -> sending Result) throws(E) -> sending Result {
+    public func withLock<Result, E: Error>(
+        _ body: (inout sending Value) throws(E) -> sending Result
+    ) throws(E) -> sending Result {
         try mutex.withLock(body)
     }
 }

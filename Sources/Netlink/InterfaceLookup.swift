@@ -1,7 +1,8 @@
+import NetBase
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import NetBase
 
 /// A network device with its IPv4 addresses, as the daemon's `--iface` and
 /// `--public-ip` flags need it.
@@ -61,8 +62,12 @@ public enum InterfaceLookup {
         let links = try socket.links()
         let addresses = try socket.addresses()
         return links.map { link in
-            Interface(name: link.name, index: link.index, mtu: link.mtu,
-                      addresses: addresses.filter { $0.index == link.index }.map(\.address))
+            Interface(
+                name: link.name,
+                index: link.index,
+                mtu: link.mtu,
+                addresses: addresses.filter { $0.index == link.index }.map(\.address)
+            )
         }
     }
 
@@ -77,14 +82,22 @@ public enum InterfaceLookup {
         let all = try interfaces(using: socket)
         if let address = IPv4Address(wanted) {
             guard let match = all.first(where: { $0.addresses.contains(address) }) else {
-                throw SystemError(operation, on: wanted, errno: Errno(EADDRNOTAVAIL),
-                                  hint: "no interface has address \(address); available: \(listing(all))")
+                throw SystemError(
+                    operation,
+                    on: wanted,
+                    errno: Errno(EADDRNOTAVAIL),
+                    hint: "no interface has address \(address); available: \(listing(all))"
+                )
             }
             return (match, address)
         }
         guard let match = all.first(where: { $0.name == wanted }) else {
-            throw SystemError(operation, on: wanted, errno: .noSuchDevice,
-                              hint: "no interface named \(wanted) or with address \(wanted); available: \(listing(all))")
+            throw SystemError(
+                operation,
+                on: wanted,
+                errno: .noSuchDevice,
+                hint: "no interface named \(wanted) or with address \(wanted); available: \(listing(all))"
+            )
         }
         return (match, try firstAddress(of: match))
     }
@@ -93,8 +106,10 @@ public enum InterfaceLookup {
     /// addresses matches `matches`, as flanneld's `-iface-regex` does; with
     /// the matching address, or the first one for a name match. Interfaces
     /// without an IPv4 address are passed over.
-    public static func first(matching matches: (String) -> Bool,
-                             using socket: RouteSocket) throws -> (Interface, IPv4Address)? {
+    public static func first(
+        matching matches: (String) -> Bool,
+        using socket: RouteSocket
+    ) throws -> (Interface, IPv4Address)? {
         for interface in try interfaces(using: socket).sorted(by: { $0.index < $1.index }) {
             if let address = interface.addresses.first(where: { matches($0.description) }) {
                 return (interface, address)
@@ -111,13 +126,21 @@ public enum InterfaceLookup {
     /// first IPv4 address.
     public static func defaultInterface(using socket: RouteSocket) throws -> (Interface, IPv4Address) {
         guard let route = try socket.defaultRoute() else {
-            throw SystemError(operation, on: "default route", errno: Errno(ENETUNREACH),
-                              hint: "there is no IPv4 default route; choose the interface with --iface")
+            throw SystemError(
+                operation,
+                on: "default route",
+                errno: Errno(ENETUNREACH),
+                hint: "there is no IPv4 default route; choose the interface with --iface"
+            )
         }
         let all = try interfaces(using: socket)
         guard let match = all.first(where: { $0.index == route.outputIndex }) else {
-            throw SystemError(operation, on: "default route", errno: .noSuchDevice,
-                              hint: "the default route's device (ifindex \(route.outputIndex)) has gone; available: \(listing(all))")
+            throw SystemError(
+                operation,
+                on: "default route",
+                errno: .noSuchDevice,
+                hint: "the default route's device (ifindex \(route.outputIndex)) has gone; available: \(listing(all))"
+            )
         }
         if let source = route.source, match.addresses.contains(source) { return (match, source) }
         return (match, try firstAddress(of: match))
@@ -126,12 +149,19 @@ public enum InterfaceLookup {
     /// The interface the kernel's route to `destination` leaves by, with the
     /// source address that route gives (or the interface's first IPv4
     /// address), as flanneld's `-iface-can-reach` chooses it.
-    public static func reaching(_ destination: IPv4Address, using socket: RouteSocket) throws -> (Interface, IPv4Address) {
+    public static func reaching(
+        _ destination: IPv4Address,
+        using socket: RouteSocket
+    ) throws -> (Interface, IPv4Address) {
         let (index, source) = try socket.routeLookup(to: destination)
         let all = try interfaces(using: socket)
         guard let match = all.first(where: { $0.index == index }) else {
-            throw SystemError(operation, on: "route to \(destination)", errno: .noSuchDevice,
-                              hint: "the route's device (ifindex \(index)) has gone; available: \(listing(all))")
+            throw SystemError(
+                operation,
+                on: "route to \(destination)",
+                errno: .noSuchDevice,
+                hint: "the route's device (ifindex \(index)) has gone; available: \(listing(all))"
+            )
         }
         if let source, match.addresses.contains(source) { return (match, source) }
         return (match, try firstAddress(of: match))
@@ -139,8 +169,12 @@ public enum InterfaceLookup {
 
     private static func firstAddress(of interface: Interface) throws -> IPv4Address {
         guard let first = interface.addresses.first else {
-            throw SystemError(operation, on: interface.name, errno: Errno(EADDRNOTAVAIL),
-                              hint: "\(interface.name) has no IPv4 address; add one or choose another interface")
+            throw SystemError(
+                operation,
+                on: interface.name,
+                errno: Errno(EADDRNOTAVAIL),
+                hint: "\(interface.name) has no IPv4 address; add one or choose another interface"
+            )
         }
         return first
     }

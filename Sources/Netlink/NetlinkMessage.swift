@@ -1,8 +1,9 @@
+import CTunnel
+import NetBase
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CTunnel
-import NetBase
 
 // Netlink wire layout, for reference (all integers host byte order unless an
 // attribute says otherwise):
@@ -110,7 +111,8 @@ public struct NetlinkRequest: Sendable {
     /// `markNested` sets NLA_F_NESTED in the type, which some newer kernel
     /// policies require and older rtnetlink attributes (IFLA_LINKINFO) do not.
     public mutating func appendNested(
-        attribute type: some BinaryInteger, markNested: Bool = false,
+        attribute type: some BinaryInteger,
+        markNested: Bool = false,
         _ body: (inout NetlinkRequest) throws -> Void
     ) rethrows {
         let start = bytes.count
@@ -183,17 +185,21 @@ public struct NetlinkMessage: Sendable {
         var offset = 0
         while datagram.count - offset >= NetlinkLayout.messageHeaderSize {
             let (length, type, flags, sequence, portID) = datagram.withUnsafeBytes { raw in
-                (Int(raw.loadUnaligned(fromByteOffset: offset, as: UInt32.self)),
-                 raw.loadUnaligned(fromByteOffset: offset + 4, as: UInt16.self),
-                 raw.loadUnaligned(fromByteOffset: offset + 6, as: UInt16.self),
-                 raw.loadUnaligned(fromByteOffset: offset + 8, as: UInt32.self),
-                 raw.loadUnaligned(fromByteOffset: offset + 12, as: UInt32.self))
+                (
+                    Int(raw.loadUnaligned(fromByteOffset: offset, as: UInt32.self)),
+                    raw.loadUnaligned(fromByteOffset: offset + 4, as: UInt16.self),
+                    raw.loadUnaligned(fromByteOffset: offset + 6, as: UInt16.self),
+                    raw.loadUnaligned(fromByteOffset: offset + 8, as: UInt32.self),
+                    raw.loadUnaligned(fromByteOffset: offset + 12, as: UInt32.self)
+                )
             }
             guard length >= NetlinkLayout.messageHeaderSize, length <= datagram.count - offset else {
                 return .failure(Errno(EBADMSG))
             }
             let payload = Array(datagram[(offset + NetlinkLayout.messageHeaderSize)..<(offset + length)])
-            messages.append(NetlinkMessage(type: type, flags: flags, sequence: sequence, portID: portID, payload: payload))
+            messages.append(
+                NetlinkMessage(type: type, flags: flags, sequence: sequence, portID: portID, payload: payload)
+            )
             offset += NetlinkLayout.align(length)
         }
         return .success(messages)
@@ -239,8 +245,10 @@ public struct NetlinkAttributes: Sendable, RandomAccessCollection {
         var offset = bytes.startIndex
         while bytes.endIndex - offset >= NetlinkLayout.attributeHeaderSize {
             let (length, rawType) = bytes.withUnsafeBytes { raw in
-                (Int(raw.loadUnaligned(fromByteOffset: offset - bytes.startIndex, as: UInt16.self)),
-                 raw.loadUnaligned(fromByteOffset: offset - bytes.startIndex + 2, as: UInt16.self))
+                (
+                    Int(raw.loadUnaligned(fromByteOffset: offset - bytes.startIndex, as: UInt16.self)),
+                    raw.loadUnaligned(fromByteOffset: offset - bytes.startIndex + 2, as: UInt16.self)
+                )
             }
             guard length >= NetlinkLayout.attributeHeaderSize, length <= bytes.endIndex - offset else { break }
             let value = Array(bytes[(offset + NetlinkLayout.attributeHeaderSize)..<(offset + length)])

@@ -1,8 +1,9 @@
+import CTunnel
+import NetBase
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CTunnel
-import NetBase
 
 /// Running code inside another network namespace.
 ///
@@ -21,15 +22,25 @@ public enum NetworkNamespace {
         switch openDescriptor(path, O_RDONLY | O_CLOEXEC) {
         case .success(let fd): namespace = FileDescriptor(taking: fd)
         case .failure(let e):
-            throw SystemError("open network namespace", on: path, errno: e,
-                              hint: e == .noSuchFile ? "no such namespace; create it (ip netns add NAME)" : nil)
+            throw SystemError(
+                "open network namespace",
+                on: path,
+                errno: e,
+                hint: e == .noSuchFile ? "no such namespace; create it (ip netns add NAME)" : nil
+            )
         }
         var outcome: Result<T, any Error>?
         try withoutActuallyEscaping(body) { body in
             let work = ThreadWork {
                 if case .failure(let e) = Syscall.joinNetworkNamespace(namespace.rawValue) {
-                    outcome = .failure(SystemError("setns(CLONE_NEWNET)", on: path, errno: e,
-                                                   hint: e == .invalid ? "\(path) is not a network namespace" : nil))
+                    outcome = .failure(
+                        SystemError(
+                            "setns(CLONE_NEWNET)",
+                            on: path,
+                            errno: e,
+                            hint: e == .invalid ? "\(path) is not a network namespace" : nil
+                        )
+                    )
                     return
                 }
                 outcome = Result { try body() }
@@ -37,7 +48,12 @@ public enum NetworkNamespace {
             try work.runOnNewThread(name: path)
         }
         guard let outcome else {
-            throw SystemError("run in network namespace", on: path, errno: Errno(EPROTO), hint: "the thread returned no result")
+            throw SystemError(
+                "run in network namespace",
+                on: path,
+                errno: Errno(EPROTO),
+                hint: "the thread returned no result"
+            )
         }
         return try outcome.get()
     }
@@ -52,11 +68,16 @@ private final class ThreadWork {
     func runOnNewThread(name: String) throws {
         let context = Unmanaged.passRetained(self).toOpaque()
         var thread = pthread_t()
-        let created = pthread_create(&thread, nil, { context in
-            let work = Unmanaged<ThreadWork>.fromOpaque(context!).takeRetainedValue()
-            work.body()
-            return nil
-        }, context)
+        let created = pthread_create(
+            &thread,
+            nil,
+            { context in
+                let work = Unmanaged<ThreadWork>.fromOpaque(context!).takeRetainedValue()
+                work.body()
+                return nil
+            },
+            context
+        )
         guard created == 0 else {
             Unmanaged<ThreadWork>.fromOpaque(context).release()
             throw SystemError("pthread_create", on: name, errno: Errno(created))

@@ -1,8 +1,9 @@
+import CTunnel
+import NetBase
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CTunnel
-import NetBase
 
 // rtnetlink's constants import with assorted types (Int, Int32, C enums);
 // messages carry them as u8/u16/u32.
@@ -46,7 +47,8 @@ extension RouteSocket {
         request.append(header: header)
         request.append(attribute: IFLA_IFNAME, string: name)
         let replies = try perform(request) { failure in
-            let hint = failure.errno == .noSuchDevice
+            let hint =
+                failure.errno == .noSuchDevice
                 ? "no network interface named \(name); available: \(availableLinkNames())" : nil
             return (operation, name, hint)
         }
@@ -59,7 +61,12 @@ extension RouteSocket {
     /// The device with index `index`.
     public func link(index: Int32) throws -> Link {
         guard let link = Link(message: try linkMessage(index: index)) else {
-            throw SystemError("RTM_GETLINK", on: "ifindex \(index)", errno: Errno(EPROTO), hint: "the kernel's reply held no link")
+            throw SystemError(
+                "RTM_GETLINK",
+                on: "ifindex \(index)",
+                errno: Errno(EPROTO),
+                hint: "the kernel's reply held no link"
+            )
         }
         return link
     }
@@ -119,8 +126,12 @@ extension RouteSocket {
     public func setMTU(index: Int32, mtu: Int) throws {
         guard mtu > 0, mtu <= Int(Int32.max) else {
             let name = linkName(index)
-            throw SystemError("RTM_NEWLINK mtu \(mtu)", on: name, errno: .invalid,
-                              hint: "an MTU must be a positive number of bytes")
+            throw SystemError(
+                "RTM_NEWLINK mtu \(mtu)",
+                on: name,
+                errno: .invalid,
+                hint: "an MTU must be a positive number of bytes"
+            )
         }
         try setLinkAttribute(index: index, IFLA_MTU, UInt32(mtu), named: "mtu") { failure in
             guard failure.errno == .invalid, let range = try? mtuRange(index: index) else { return nil }
@@ -131,7 +142,10 @@ extension RouteSocket {
     /// RTM_NEWLINK with one 32-bit attribute of link `index`. `betterHint`
     /// may replace the generic hint for a failure.
     func setLinkAttribute(
-        index: Int32, _ attribute: some BinaryInteger, _ value: UInt32, named name: String,
+        index: Int32,
+        _ attribute: some BinaryInteger,
+        _ value: UInt32,
+        named name: String,
         betterHint: (NetlinkFailure) -> String? = { _ in nil }
     ) throws {
         var request = NetlinkRequest(type: RTM_NEWLINK)
@@ -176,8 +190,12 @@ extension RouteSocket {
         let verb = adding ? "RTM_NEWADDR" : "RTM_DELADDR"
         guard (0...32).contains(prefixLength) else {
             let name = linkName(index)
-            throw SystemError("\(verb) \(address)/\(prefixLength) dev \(name)", on: name, errno: .invalid,
-                              hint: "an IPv4 prefix length is 0 to 32")
+            throw SystemError(
+                "\(verb) \(address)/\(prefixLength) dev \(name)",
+                on: name,
+                errno: .invalid,
+                hint: "an IPv4 prefix length is 0 to 32"
+            )
         }
         var request = NetlinkRequest(type: type, flags: adding ? NLM_F_CREATE | NLM_F_EXCL : 0)
         var header = ifaddrmsg()
@@ -221,8 +239,12 @@ extension RouteSocket {
     /// destination (and metric) if there is one, so adding twice is fine.
     public func addRoute(_ route: Route) throws {
         guard route.outputIndex > 0 || route.gateway != nil else {
-            throw SystemError("RTM_NEWROUTE \(route)", on: "rtnetlink", errno: .invalid,
-                              hint: "a route needs an output device or a gateway")
+            throw SystemError(
+                "RTM_NEWROUTE \(route)",
+                on: "rtnetlink",
+                errno: .invalid,
+                hint: "a route needs an output device or a gateway"
+            )
         }
         var request = NetlinkRequest(type: RTM_NEWROUTE, flags: NLM_F_CREATE | NLM_F_REPLACE)
         var header = rtmsg()
@@ -239,7 +261,9 @@ extension RouteSocket {
         if let source = route.source { request.append(attribute: RT.prefsrc, address: source) }
         try perform(request) { failure in
             let name = linkName(route.outputIndex)
-            return ("RTM_NEWROUTE \(route.description(device: name))", name, routeHint(failure, route: route, device: name))
+            return (
+                "RTM_NEWROUTE \(route.description(device: name))", name, routeHint(failure, route: route, device: name)
+            )
         }
     }
 
@@ -298,9 +322,14 @@ extension RouteSocket {
     static func validateInterfaceName(_ name: String, operation: String) throws {
         // IFNAMSIZ is 16 including the NUL.
         guard !name.isEmpty, name.utf8.count < 16, !name.contains("/"), !name.contains(where: \.isWhitespace),
-              name != ".", name != ".." else {
-            throw SystemError(operation, on: name.isEmpty ? "\"\"" : name, errno: .invalid,
-                              hint: "an interface name is 1 to 15 bytes without '/' or spaces")
+            name != ".", name != ".."
+        else {
+            throw SystemError(
+                operation,
+                on: name.isEmpty ? "\"\"" : name,
+                errno: .invalid,
+                hint: "an interface name is 1 to 15 bytes without '/' or spaces"
+            )
         }
     }
 
@@ -327,8 +356,12 @@ extension RouteSocket {
             ("RTM_GETLINK", "ifindex \(index)", hint(failure, index: index))
         }
         guard let message = replies.first(where: { $0.type == UInt16(RTM_NEWLINK) }) else {
-            throw SystemError("RTM_GETLINK", on: "ifindex \(index)", errno: Errno(EPROTO),
-                              hint: "the kernel's reply held no link")
+            throw SystemError(
+                "RTM_GETLINK",
+                on: "ifindex \(index)",
+                errno: Errno(EPROTO),
+                hint: "the kernel's reply held no link"
+            )
         }
         return message
     }
@@ -336,7 +369,8 @@ extension RouteSocket {
     private func mtuRange(index: Int32) throws -> ClosedRange<Int>? {
         let attributes = try linkMessage(index: index).attributes(after: ifinfomsg.self)
         guard let low = attributes[type: IFLA_MIN_MTU]?.uint32, let high = attributes[type: IFLA_MAX_MTU]?.uint32,
-              low <= high else { return nil }
+            low <= high
+        else { return nil }
         return Int(low)...Int(high)
     }
 
@@ -371,9 +405,14 @@ extension Link {
         guard let name = attributes[type: IFLA_IFNAME]?.string else { return nil }
         let kind = attributes[type: IFLA_LINKINFO]?.nested[type: IFLA_INFO_KIND]?.string
         let hardware = attributes[type: IFLA_ADDRESS]?.value
-        self.init(name: name, index: header.ifi_index, mtu: Int(attributes[type: IFLA_MTU]?.uint32 ?? 0),
-                  flags: header.ifi_flags, kind: kind,
-                  hardwareAddress: hardware.flatMap { $0.isEmpty ? nil : $0 })
+        self.init(
+            name: name,
+            index: header.ifi_index,
+            mtu: Int(attributes[type: IFLA_MTU]?.uint32 ?? 0),
+            flags: header.ifi_flags,
+            kind: kind,
+            hardwareAddress: hardware.flatMap { $0.isEmpty ? nil : $0 }
+        )
     }
 }
 
@@ -381,27 +420,40 @@ extension InterfaceAddress {
     init?(message: NetlinkMessage) {
         // A prefix above 32 is not an IPv4 address; `network` would trap on it.
         guard message.type == UInt16(RTM_NEWADDR), let header = message.header(ifaddrmsg.self),
-              header.ifa_family == RT.inet, header.ifa_prefixlen <= 32 else { return nil }
+            header.ifa_family == RT.inet, header.ifa_prefixlen <= 32
+        else { return nil }
         let attributes = message.attributes(after: ifaddrmsg.self)
         // IFA_LOCAL is the address itself; IFA_ADDRESS is the peer on
         // point-to-point links and equals IFA_LOCAL elsewhere.
-        guard let address = attributes[type: IFA_LOCAL]?.address ?? attributes[type: IFA_ADDRESS]?.address else { return nil }
-        self.init(index: Int32(bitPattern: header.ifa_index), address: address,
-                  prefixLength: Int(header.ifa_prefixlen), label: attributes[type: IFA_LABEL]?.string)
+        guard let address = attributes[type: IFA_LOCAL]?.address ?? attributes[type: IFA_ADDRESS]?.address else {
+            return nil
+        }
+        self.init(
+            index: Int32(bitPattern: header.ifa_index),
+            address: address,
+            prefixLength: Int(header.ifa_prefixlen),
+            label: attributes[type: IFA_LABEL]?.string
+        )
     }
 }
 
 extension InterfaceIPv6Address {
     init?(message: NetlinkMessage) {
         guard message.type == UInt16(RTM_NEWADDR), let header = message.header(ifaddrmsg.self),
-              header.ifa_family == UInt8(AF_INET6), header.ifa_prefixlen <= 128 else { return nil }
+            header.ifa_family == UInt8(AF_INET6), header.ifa_prefixlen <= 128
+        else { return nil }
         let attributes = message.attributes(after: ifaddrmsg.self)
         guard let bytes = attributes[type: IFA_LOCAL]?.value ?? attributes[type: IFA_ADDRESS]?.value,
-              let address = IPv6Address(bytes: bytes) else { return nil }
+            let address = IPv6Address(bytes: bytes)
+        else { return nil }
         // IFA_FLAGS (32 bits) supersedes the header's 8 when the kernel sends it.
         let flags = attributes[type: UInt16(IFA_FLAGS)]?.uint32 ?? UInt32(header.ifa_flags)
-        self.init(index: Int32(bitPattern: header.ifa_index), address: address,
-                  prefixLength: Int(header.ifa_prefixlen), flags: flags)
+        self.init(
+            index: Int32(bitPattern: header.ifa_index),
+            address: address,
+            prefixLength: Int(header.ifa_prefixlen),
+            flags: flags
+        )
     }
 }
 
@@ -410,8 +462,9 @@ extension NetlinkMessage {
     /// table whose type is `type`; nil for any other message.
     func mainTableIPv4Route(type: UInt8) -> (rtmsg, NetlinkAttributes)? {
         guard self.type == UInt16(RTM_NEWROUTE), let header = header(rtmsg.self),
-              header.rtm_family == RT.inet, header.rtm_type == type,
-              header.rtm_flags & RT.cloned == 0, header.rtm_dst_len <= 32 else { return nil }
+            header.rtm_family == RT.inet, header.rtm_type == type,
+            header.rtm_flags & RT.cloned == 0, header.rtm_dst_len <= 32
+        else { return nil }
         let attributes = attributes(after: rtmsg.self)
         let table = attributes[type: RT.table]?.uint32 ?? UInt32(header.rtm_table)
         guard table == UInt32(RT.mainTable) else { return nil }
@@ -429,18 +482,26 @@ extension Route {
         var onlink = header.rtm_flags & RT.onlink != 0
         // A multipath route is represented by its first nexthop.
         if outputIndex == 0, let hops = attributes[type: RT.multipath]?.value,
-           hops.count >= MemoryLayout<rtnexthop>.size {
+            hops.count >= MemoryLayout<rtnexthop>.size
+        {
             let hop = hops.withUnsafeBytes { $0.loadUnaligned(as: rtnexthop.self) }
             outputIndex = hop.rtnh_ifindex
             onlink = onlink || UInt32(hop.rtnh_flags) & RT.onlink != 0
             let end = min(Int(hop.rtnh_len), hops.count)
             if end > MemoryLayout<rtnexthop>.size {
-                gateway = gateway ?? NetlinkAttributes(parsing: hops[MemoryLayout<rtnexthop>.size..<end])[type: RT.gateway]?.address
+                gateway =
+                    gateway
+                    ?? NetlinkAttributes(parsing: hops[MemoryLayout<rtnexthop>.size..<end])[type: RT.gateway]?.address
             }
         }
-        self.init(destination: IPv4Network(address: destination, prefixLength: Int(header.rtm_dst_len)),
-                  outputIndex: outputIndex, gateway: gateway, onlink: onlink,
-                  source: attributes[type: RT.prefsrc]?.address, metric: attributes[type: RT.priority]?.uint32)
+        self.init(
+            destination: IPv4Network(address: destination, prefixLength: Int(header.rtm_dst_len)),
+            outputIndex: outputIndex,
+            gateway: gateway,
+            onlink: onlink,
+            source: attributes[type: RT.prefsrc]?.address,
+            metric: attributes[type: RT.priority]?.uint32
+        )
     }
 }
 
@@ -458,26 +519,41 @@ extension RouteSocket {
         request.append(header: header)
         request.append(attribute: RT.dst, address: destination)
         let replies = try perform(request) { failure in
-            let hint: String? = switch failure.errno {
-            case Errno(ENETUNREACH): "no route reaches \(destination); add one or choose the interface with --iface"
-            case .invalid: "\(destination) cannot be routed to (a broadcast or multicast address?)"
-            default: nil
-            }
+            let hint: String? =
+                switch failure.errno {
+                case Errno(ENETUNREACH): "no route reaches \(destination); add one or choose the interface with --iface"
+                case .invalid: "\(destination) cannot be routed to (a broadcast or multicast address?)"
+                default: nil
+                }
             return ("route get \(destination)", destination.description, hint)
         }
         guard let message = replies.first(where: { $0.type == UInt16(RTM_NEWROUTE) }),
-              let reply = message.header(rtmsg.self) else {
-            throw SystemError("route get \(destination)", on: destination.description, errno: Errno(EPROTO),
-                              hint: "the kernel's reply held no route")
+            let reply = message.header(rtmsg.self)
+        else {
+            throw SystemError(
+                "route get \(destination)",
+                on: destination.description,
+                errno: Errno(EPROTO),
+                hint: "the kernel's reply held no route"
+            )
         }
         guard reply.rtm_type == RT.unicast || reply.rtm_type == UInt8(RTN_LOCAL) else {
-            throw SystemError("route get \(destination)", on: destination.description, errno: Errno(ENETUNREACH),
-                              hint: "the route to \(destination) is not a unicast route (type \(reply.rtm_type): blackhole, unreachable or prohibit?)")
+            throw SystemError(
+                "route get \(destination)",
+                on: destination.description,
+                errno: Errno(ENETUNREACH),
+                hint:
+                    "the route to \(destination) is not a unicast route (type \(reply.rtm_type): blackhole, unreachable or prohibit?)"
+            )
         }
         let attributes = message.attributes(after: rtmsg.self)
         guard let index = attributes[type: RT.oif]?.int32, index > 0 else {
-            throw SystemError("route get \(destination)", on: destination.description, errno: Errno(EPROTO),
-                              hint: "the kernel's answer names no output device")
+            throw SystemError(
+                "route get \(destination)",
+                on: destination.description,
+                errno: Errno(EPROTO),
+                hint: "the kernel's answer names no output device"
+            )
         }
         return (index, attributes[type: RT.prefsrc]?.address)
     }
@@ -488,8 +564,10 @@ extension RouteSocket {
         try ipv4RouteDump().compactMap { message in
             guard let (header, attributes) = message.mainTableIPv4Route(type: RT.blackhole) else { return nil }
             let destination = attributes[type: RT.dst]?.address ?? IPv4Address(0)
-            return (IPv4Network(address: destination, prefixLength: Int(header.rtm_dst_len)),
-                    attributes[type: RT.priority]?.uint32 ?? 0)
+            return (
+                IPv4Network(address: destination, prefixLength: Int(header.rtm_dst_len)),
+                attributes[type: RT.priority]?.uint32 ?? 0
+            )
         }
     }
 
@@ -505,8 +583,10 @@ extension RouteSocket {
     }
 
     private func changeBlackholeRoute(_ destination: IPv4Network, metric: UInt32, adding: Bool) throws {
-        var request = NetlinkRequest(type: adding ? RTM_NEWROUTE : RTM_DELROUTE,
-                                     flags: adding ? NLM_F_CREATE | NLM_F_REPLACE : 0)
+        var request = NetlinkRequest(
+            type: adding ? RTM_NEWROUTE : RTM_DELROUTE,
+            flags: adding ? NLM_F_CREATE | NLM_F_REPLACE : 0
+        )
         var header = rtmsg()
         header.rtm_family = RT.inet
         header.rtm_dst_len = UInt8(destination.prefixLength)

@@ -1,8 +1,9 @@
+import CTunnel
+import NetBase
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CTunnel
-import NetBase
 
 /// An Ethernet (MAC) address, written as Go's `net.HardwareAddr` writes it
 /// ("0e:3f:1a:22:9b:c4", lower case), which is how flannel's vxlan leases
@@ -49,8 +50,14 @@ public struct VXLANSettings: Hashable, Sendable, CustomStringConvertible {
     /// VXLAN Group Based Policy extension.
     public var gbp: Bool
 
-    public init(vni: UInt32, port: UInt16, underlayIndex: Int32, localAddress: IPv4Address?,
-                learning: Bool = false, gbp: Bool = false) {
+    public init(
+        vni: UInt32,
+        port: UInt16,
+        underlayIndex: Int32,
+        localAddress: IPv4Address?,
+        learning: Bool = false,
+        gbp: Bool = false
+    ) {
         self.vni = vni
         self.port = port
         self.underlayIndex = underlayIndex
@@ -89,8 +96,12 @@ extension RouteSocket {
     /// Creates a vxlan device `name` with `settings` and, when given, the MAC
     /// address `hardwareAddress` (otherwise the kernel picks a random one).
     /// Fails with EEXIST when a device of that name exists.
-    public func createVXLAN(name: String, settings: VXLANSettings, mtu: Int? = nil,
-                            hardwareAddress: EthernetAddress? = nil) throws {
+    public func createVXLAN(
+        name: String,
+        settings: VXLANSettings,
+        mtu: Int? = nil,
+        hardwareAddress: EthernetAddress? = nil
+    ) throws {
         let operation = "RTM_NEWLINK vxlan \(settings)"
         try RouteSocket.validateInterfaceName(name, operation: operation)
         var request = NetlinkRequest(type: RTM_NEWLINK, flags: NLM_F_CREATE | NLM_F_EXCL)
@@ -138,7 +149,8 @@ extension RouteSocket {
             underlayIndex: Int32(bitPattern: data[type: IFLA_VXLAN_LINK]?.uint32 ?? 0),
             localAddress: data[type: IFLA_VXLAN_LOCAL]?.address,
             learning: (data[type: IFLA_VXLAN_LEARNING]?.uint8 ?? 0) != 0,
-            gbp: data[type: IFLA_VXLAN_GBP] != nil)
+            gbp: data[type: IFLA_VXLAN_GBP] != nil
+        )
     }
 
     // MARK: - Neighbours (ARP) and the forwarding database
@@ -177,7 +189,9 @@ extension RouteSocket {
         request.append(attribute: NDA_DST, address: remote)
         try perform(request) { failure in
             let name = linkName(index)
-            return ("RTM_NEWNEIGH (fdb) \(hardwareAddress) dst \(remote) dev \(name)", name, hint(failure, index: index))
+            return (
+                "RTM_NEWNEIGH (fdb) \(hardwareAddress) dst \(remote) dev \(name)", name, hint(failure, index: index)
+            )
         }
     }
 
@@ -211,17 +225,25 @@ extension RouteSocket {
         request.append(header: Self.neighbourHeader(family: family, index: index, flags: 0, state: 0))
         return try dump(request, operation: operation).compactMap { message -> NeighbourEntry? in
             guard message.type == UInt16(RTM_NEWNEIGH), let header = message.header(ndmsg.self),
-                  header.ndm_family == family, header.ndm_ifindex == index else { return nil }
+                header.ndm_family == family, header.ndm_ifindex == index
+            else { return nil }
             let attributes = message.attributes(after: ndmsg.self)
             let destination = attributes[type: NDA_DST].flatMap { $0.value.count == 4 ? $0.address : nil }
-            return NeighbourEntry(index: header.ndm_ifindex, address: destination,
-                                  hardwareAddress: attributes[type: NDA_LLADDR].flatMap { EthernetAddress(bytes: $0.value) },
-                                  state: header.ndm_state)
+            return NeighbourEntry(
+                index: header.ndm_ifindex,
+                address: destination,
+                hardwareAddress: attributes[type: NDA_LLADDR].flatMap { EthernetAddress(bytes: $0.value) },
+                state: header.ndm_state
+            )
         }
     }
 
-    private static func neighbourHeader(family: UInt8, index: Int32, flags: UInt8,
-                                        state: UInt16 = UInt16(NUD_PERMANENT)) -> ndmsg {
+    private static func neighbourHeader(
+        family: UInt8,
+        index: Int32,
+        flags: UInt8,
+        state: UInt16 = UInt16(NUD_PERMANENT)
+    ) -> ndmsg {
         var header = ndmsg()
         header.ndm_family = family
         header.ndm_ifindex = index

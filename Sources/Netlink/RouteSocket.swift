@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CTunnel
 import NetBase
 import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// An rtnetlink (AF_NETLINK / NETLINK_ROUTE) socket: links, addresses and
 /// routes of the network namespace it was opened in.
@@ -91,7 +92,10 @@ public final class RouteSocket: Sendable {
     /// success ("already exists", "already gone").
     @discardableResult
     public func request(
-        _ request: NetlinkRequest, operation: String, object: String, accepting: Set<Errno> = [],
+        _ request: NetlinkRequest,
+        operation: String,
+        object: String,
+        accepting: Set<Errno> = [],
         hint: ((Errno) -> String?)? = nil
     ) throws -> [NetlinkMessage] {
         try perform(request, accepting: accepting) { failure in
@@ -113,8 +117,11 @@ public final class RouteSocket: Sendable {
             }
         }
         throw systemError(
-            lastFailure ?? NetlinkFailure(errno: Errno(EINTR)), operation: operation, object: "rtnetlink",
-            hint: "the table kept changing during \(RouteSocket.dumpAttempts) dumps; try again")
+            lastFailure ?? NetlinkFailure(errno: Errno(EINTR)),
+            operation: operation,
+            object: "rtnetlink",
+            hint: "the table kept changing during \(RouteSocket.dumpAttempts) dumps; try again"
+        )
     }
 
     /// `request` with NLM_F_ACK; on failure `describe` names the request,
@@ -122,7 +129,8 @@ public final class RouteSocket: Sendable {
     /// its own, such as looking up a device name).
     @discardableResult
     func perform(
-        _ request: NetlinkRequest, accepting: Set<Errno> = [],
+        _ request: NetlinkRequest,
+        accepting: Set<Errno> = [],
         describe: (NetlinkFailure) -> (operation: String, object: String, hint: String?)
     ) throws -> [NetlinkMessage] {
         let acked = NetlinkRequest(copying: request, addingFlags: UInt16(NLM_F_ACK))
@@ -147,8 +155,12 @@ public final class RouteSocket: Sendable {
         } else if failure.errno == Errno(ETIMEDOUT) {
             parts.append("the kernel did not answer within \(RouteSocket.replyTimeoutSeconds) s")
         }
-        return SystemError(operation, on: object, errno: failure.errno,
-                           hint: parts.isEmpty ? nil : parts.joined(separator: "; "))
+        return SystemError(
+            operation,
+            on: object,
+            errno: failure.errno,
+            hint: parts.isEmpty ? nil : parts.joined(separator: "; ")
+        )
     }
 
     /// One request/reply exchange under the lock.
@@ -202,7 +214,9 @@ public final class RouteSocket: Sendable {
                         if let errno = NetlinkFailure.doneCode(message) {
                             var failure = NetlinkFailure(errno: errno)
                             failure.kernelMessage = NetlinkFailure.extendedAckMessage(
-                                message.attributes(after: Int32.self), flags: message.flags)
+                                message.attributes(after: Int32.self),
+                                flags: message.flags
+                            )
                             return .failure(failure)
                         }
                         if interrupted {

@@ -1,8 +1,9 @@
+import CTunnel
+import NetBase
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CTunnel
-import NetBase
 
 // Every system call of this module goes through one of these functions:
 // each returns the call's result or the errno, retrying on EINTR. Callers
@@ -12,7 +13,12 @@ enum Syscall {
         retryingInterrupts { Glibc.socket(domain, type, proto) }
     }
 
-    static func setOption<T: BitwiseCopyable>(_ fd: Int32, _ level: Int32, _ name: Int32, _ value: T) -> Result<Void, Errno> {
+    static func setOption<T: BitwiseCopyable>(
+        _ fd: Int32,
+        _ level: Int32,
+        _ name: Int32,
+        _ value: T
+    ) -> Result<Void, Errno> {
         retryingInterrupts {
             withUnsafeBytes(of: value) { Glibc.setsockopt(fd, level, name, $0.baseAddress, socklen_t($0.count)) }
         }.map { _ in () }
@@ -47,7 +53,14 @@ enum Syscall {
             bytes.withUnsafeBytes { buffer in
                 withUnsafePointer(to: &kernel) {
                     $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                        Glibc.sendto(fd, buffer.baseAddress, buffer.count, 0, $0, socklen_t(MemoryLayout<sockaddr_nl>.size))
+                        Glibc.sendto(
+                            fd,
+                            buffer.baseAddress,
+                            buffer.count,
+                            0,
+                            $0,
+                            socklen_t(MemoryLayout<sockaddr_nl>.size)
+                        )
                     }
                 }
             }

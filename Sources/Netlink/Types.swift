@@ -13,7 +13,14 @@ public struct Link: Hashable, Sendable, CustomStringConvertible {
     /// The link-layer address (IFLA_ADDRESS); nil for devices without one (TUN).
     public var hardwareAddress: [UInt8]?
 
-    public init(name: String, index: Int32, mtu: Int, flags: UInt32, kind: String? = nil, hardwareAddress: [UInt8]? = nil) {
+    public init(
+        name: String,
+        index: Int32,
+        mtu: Int,
+        flags: UInt32,
+        kind: String? = nil,
+        hardwareAddress: [UInt8]? = nil
+    ) {
         self.name = name
         self.index = index
         self.mtu = mtu
@@ -45,10 +52,10 @@ public struct InterfaceIPv6Address: Hashable, Sendable, CustomStringConvertible 
     public var prefixLength: Int
     public var flags: UInt32
 
-    public static let temporary: UInt32 = 0x01   // IFA_F_TEMPORARY
+    public static let temporary: UInt32 = 0x01  // IFA_F_TEMPORARY
     public static let deprecated: UInt32 = 0x20  // IFA_F_DEPRECATED
-    public static let tentative: UInt32 = 0x40   // IFA_F_TENTATIVE
-    public static let permanent: UInt32 = 0x80   // IFA_F_PERMANENT
+    public static let tentative: UInt32 = 0x40  // IFA_F_TENTATIVE
+    public static let permanent: UInt32 = 0x80  // IFA_F_PERMANENT
 
     public init(index: Int32, address: IPv6Address, prefixLength: Int, flags: UInt32 = 0) {
         self.index = index
@@ -100,8 +107,12 @@ public struct Route: Hashable, Sendable, CustomStringConvertible {
     public var metric: UInt32?
 
     public init(
-        destination: IPv4Network, outputIndex: Int32, gateway: IPv4Address? = nil,
-        onlink: Bool = false, source: IPv4Address? = nil, metric: UInt32? = nil
+        destination: IPv4Network,
+        outputIndex: Int32,
+        gateway: IPv4Address? = nil,
+        onlink: Bool = false,
+        source: IPv4Address? = nil,
+        metric: UInt32? = nil
     ) {
         self.destination = destination
         self.outputIndex = outputIndex

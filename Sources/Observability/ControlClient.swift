@@ -55,7 +55,8 @@ public enum ControlClient {
 
     static func parse(_ response: [UInt8], socket: String) throws(Failure) -> [UInt8] {
         let separator: [UInt8] = [13, 10, 13, 10]
-        guard let end = (0..<max(0, response.count - 3)).first(where: { Array(response[$0..<$0 + 4]) == separator }) else {
+        guard let end = (0..<max(0, response.count - 3)).first(where: { Array(response[$0..<$0 + 4]) == separator })
+        else {
             throw .failed(socket: socket, reason: "the response has no complete header")
         }
         let header = String(decoding: response[..<end], as: UTF8.self)

@@ -34,8 +34,11 @@ public final class HTTPEndpoint: Sendable {
         /// nil once it is (GET /readyz: 503 with this, then 200).
         public var waitingFor: @Sendable () -> String?
 
-        public init(metrics: @escaping @Sendable () -> [UInt8], status: @escaping @Sendable () -> [UInt8],
-                    waitingFor: @escaping @Sendable () -> String? = { nil }) {
+        public init(
+            metrics: @escaping @Sendable () -> [UInt8],
+            status: @escaping @Sendable () -> [UInt8],
+            waitingFor: @escaping @Sendable () -> String? = { nil }
+        ) {
             self.metrics = metrics
             self.status = status
             self.waitingFor = waitingFor
@@ -49,8 +52,12 @@ public final class HTTPEndpoint: Sendable {
     public let bound: [Listener]
 
     /// Binds every listener (all or none) and starts serving.
-    public init(listeners: [Listener], routes: Routes, idleTimeout: TimeAmount = .seconds(15),
-                maxConnections: Int = 256) throws {
+    public init(
+        listeners: [Listener],
+        routes: Routes,
+        idleTimeout: TimeAmount = .seconds(15),
+        maxConnections: Int = 256
+    ) throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let shared = SharedState()
         var channels: [any Channel] = []
@@ -68,8 +75,14 @@ public final class HTTPEndpoint: Sendable {
                             let sync = channel.pipeline.syncOperations
                             try sync.configureHTTPServerPipeline(withErrorHandling: true)
                             try sync.addHandler(IdleStateHandler(readTimeout: idleTimeout))
-                            try sync.addHandler(RequestHandler(routes: routes, serveStatus: serveStatus,
-                                                               shared: shared, maxConnections: maxConnections))
+                            try sync.addHandler(
+                                RequestHandler(
+                                    routes: routes,
+                                    serveStatus: serveStatus,
+                                    shared: shared,
+                                    maxConnections: maxConnections
+                                )
+                            )
                         }
                     }
                     .childChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -79,7 +92,9 @@ public final class HTTPEndpoint: Sendable {
                     do {
                         channel = try bootstrap.bind(host: host, port: port).wait()
                     } catch {
-                        throw EndpointError("listening on \(label) \(host):\(port) failed: \(Self.reason(error)) (\(hint))")
+                        throw EndpointError(
+                            "listening on \(label) \(host):\(port) failed: \(Self.reason(error)) (\(hint))"
+                        )
                     }
                     channels.append(channel)
                     bound.append(.tcp(host: host, port: channel.localAddress?.port ?? port, label: label, hint: hint))
@@ -89,7 +104,9 @@ public final class HTTPEndpoint: Sendable {
                     do {
                         channel = try bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait()
                     } catch {
-                        throw EndpointError("listening on the control socket \(path) failed: \(Self.reason(error)) (give another --control-socket, or an empty one for none)")
+                        throw EndpointError(
+                            "listening on the control socket \(path) failed: \(Self.reason(error)) (give another --control-socket, or an empty one for none)"
+                        )
                     }
                     // The status names peers' addresses: root and its group only.
                     chmod(path, 0o660)
@@ -134,15 +151,20 @@ public final class HTTPEndpoint: Sendable {
         let directory = (path as NSString).deletingLastPathComponent
         if !directory.isEmpty {
             do {
-                try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
-                                                        attributes: [.posixPermissions: 0o755])
+                try FileManager.default.createDirectory(
+                    atPath: directory,
+                    withIntermediateDirectories: true,
+                    attributes: [.posixPermissions: 0o755]
+                )
             } catch {
                 throw EndpointError("cannot create the control socket's directory \(directory): \(error)")
             }
         }
         guard FileManager.default.fileExists(atPath: path) else { return }
         if ControlClient.isAnswering(path) {
-            throw EndpointError("another tunneld answers on the control socket \(path): stop it, or give this one another --control-socket")
+            throw EndpointError(
+                "another tunneld answers on the control socket \(path): stop it, or give this one another --control-socket"
+            )
         }
     }
 
@@ -236,15 +258,19 @@ public final class HTTPEndpoint: Sendable {
                     body = routes.status()
                 default:
                     status = .notFound
-                    body = Array("not found: try GET /healthz, /readyz or /metrics\(serveStatus ? " or /status" : "")\n".utf8)
+                    body = Array(
+                        "not found: try GET /healthz, /readyz or /metrics\(serveStatus ? " or /status" : "")\n".utf8
+                    )
                 }
             }
             var headers = HTTPHeaders()
             headers.add(name: "Content-Type", value: type)
             headers.add(name: "Content-Length", value: "\(body.count)")
             headers.add(name: "Connection", value: keepAlive ? "keep-alive" : "close")
-            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))),
-                          promise: nil)
+            context.write(
+                wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))),
+                promise: nil
+            )
             if head.method != .HEAD {
                 var buffer = context.channel.allocator.buffer(capacity: body.count)
                 buffer.writeBytes(body)

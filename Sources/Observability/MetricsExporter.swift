@@ -13,21 +13,27 @@ public enum MetricCatalog {
     static let otherHelp: [String: String] = [
         "tunneld_build_info": "Always 1; the labels say which tunneld runs with which backend.",
         "tunneld_start_time_seconds": "When the daemon started, in seconds since the Unix epoch.",
-        "tunneld_lease_expiry_timestamp_seconds": "When this host's lease expires unless renewed, in seconds since the Unix epoch; 0 for a reservation (never expires).",
+        "tunneld_lease_expiry_timestamp_seconds":
+            "When this host's lease expires unless renewed, in seconds since the Unix epoch; 0 for a reservation (never expires).",
         "tunneld_peers": "Peers the backend currently reaches.",
-        "tunneld_table_entries": "Entries of the table traffic is steered by: the udp data path's subnet table (ours and the peers'), or the peers programmed into the kernel (vxlan, host-gw).",
+        "tunneld_table_entries":
+            "Entries of the table traffic is steered by: the udp data path's subnet table (ours and the peers'), or the peers programmed into the kernel (vxlan, host-gw).",
         "tunneld_table_generation": "Changes the steering table has seen since start.",
         "tunneld_datapath_workers": "Data-path worker threads (udp backend).",
-        "tunneld_datapath_tier": "1 for the udp data path's tier that runs (uring, uring-single, syscall, simple), 0 for the others; the reason for a fallback is in the log and in tunneld status.",
+        "tunneld_datapath_tier":
+            "1 for the udp data path's tier that runs (uring, uring-single, syscall, simple), 0 for the others; the reason for a fallback is in the log and in tunneld status.",
         "tunneld_offload_enabled": "1 for each offload the udp data path chose at start, 0 for the others.",
         "tunneld_routes_restored_total": "Peer routes put back after someone removed them (vxlan, host-gw).",
         "tunneld_peer_changes_total": "Peers added, updated or removed.",
         "tunneld_lease_renewals_total": "Renewals of this host's lease.",
         "tunneld_lease_renewal_failures_total": "Renewals of this host's lease that failed (retried).",
-        "tunneld_lease_reacquisitions_total": "Times this host's lease was acquired again after it vanished from the store.",
+        "tunneld_lease_reacquisitions_total":
+            "Times this host's lease was acquired again after it vanished from the store.",
         "tunneld_store_watch_restarts_total": "Times the lease watch ended or failed and was resumed.",
-        "tunneld_store_compactions_total": "Times the changes the watch needed were compacted away, so the leases were listed again.",
-        "tunneld_store_watch_reconnects_total": "Times the etcd watch stream was re-established after a broken connection.",
+        "tunneld_store_compactions_total":
+            "Times the changes the watch needed were compacted away, so the leases were listed again.",
+        "tunneld_store_watch_reconnects_total":
+            "Times the etcd watch stream was re-established after a broken connection.",
         "tunneld_store_request_retries_total": "etcd requests repeated because no endpoint answered.",
     ]
 
@@ -35,7 +41,7 @@ public enum MetricCatalog {
     /// `DataPathCounter`, the one definition.
     public static let dataPathSeries: [String: (name: String, labels: [(String, String)])] = {
         var table: [String: (name: String, labels: [(String, String)])] = [
-            "routes_restored": ("tunneld_routes_restored_total", []),
+            "routes_restored": ("tunneld_routes_restored_total", [])
         ]
         for counter in DataPathCounter.allCases {
             guard let series = counter.series else { continue }
@@ -46,8 +52,10 @@ public enum MetricCatalog {
 
     /// Counters that are another's sum and not exported on their own
     /// (`batches` is the sum of the size classes).
-    public static let derivedCounters: Set<String> = Set(DataPathCounter.allCases.filter { $0.series == nil }
-        .map(\.description))
+    public static let derivedCounters: Set<String> = Set(
+        DataPathCounter.allCases.filter { $0.series == nil }
+            .map(\.description)
+    )
 
     /// Every offload the udp data path may choose, for `tunneld_offload_enabled`.
     /// The udp data path's tiers (PacketRing's `DataPathTier` raw values;
@@ -63,7 +71,8 @@ public enum MetricCatalog {
     /// A series for a counter this table does not know (a newer data path):
     /// exported rather than lost.
     static func fallbackSeries(_ counter: String) -> String {
-        "tunneld_datapath_" + counter.map { $0.isLetter || $0.isNumber ? $0 : "_" }.reduce("") { $0 + String($1) } + "_total"
+        "tunneld_datapath_" + counter.map { $0.isLetter || $0.isNumber ? $0 : "_" }.reduce("") { $0 + String($1) }
+            + "_total"
     }
 }
 
@@ -80,13 +89,18 @@ public struct TunneldMetricsFactory: MetricsFactory {
 
     public func makeCounter(label: String, dimensions: [(String, String)]) -> any CounterHandler {
         let descriptor = MetricCatalog.descriptor(label)
-        return dimensions.isEmpty ? registry.makeCounter(descriptor: descriptor)
+        return dimensions.isEmpty
+            ? registry.makeCounter(descriptor: descriptor)
             : registry.makeCounter(descriptor: descriptor, labels: dimensions)
     }
 
-    public func makeFloatingPointCounter(label: String, dimensions: [(String, String)]) -> any FloatingPointCounterHandler {
+    public func makeFloatingPointCounter(
+        label: String,
+        dimensions: [(String, String)]
+    ) -> any FloatingPointCounterHandler {
         let descriptor = MetricCatalog.descriptor(label)
-        return dimensions.isEmpty ? registry.makeCounter(descriptor: descriptor)
+        return dimensions.isEmpty
+            ? registry.makeCounter(descriptor: descriptor)
             : registry.makeCounter(descriptor: descriptor, labels: dimensions)
     }
 
@@ -139,13 +153,15 @@ public final class MetricsExporter: Sendable {
 
     private func gauge(_ name: String, _ labels: [(String, String)] = []) -> Prometheus.Gauge {
         let descriptor = MetricCatalog.descriptor(name)
-        return labels.isEmpty ? registry.makeGauge(descriptor: descriptor)
+        return labels.isEmpty
+            ? registry.makeGauge(descriptor: descriptor)
             : registry.makeGauge(descriptor: descriptor, labels: labels)
     }
 
     private func counter(_ name: String, _ labels: [(String, String)] = []) -> Prometheus.Counter {
         let descriptor = MetricCatalog.descriptor(name)
-        return labels.isEmpty ? registry.makeCounter(descriptor: descriptor)
+        return labels.isEmpty
+            ? registry.makeCounter(descriptor: descriptor)
             : registry.makeCounter(descriptor: descriptor, labels: labels)
     }
 
@@ -169,7 +185,9 @@ public final class MetricsExporter: Sendable {
                     }
                 }
                 for offload in Set(MetricCatalog.offloads + backend.offloads).sorted() {
-                    gauge("tunneld_offload_enabled", [("offload", offload)]).set(to: backend.offloads.contains(offload) ? 1 : 0)
+                    gauge("tunneld_offload_enabled", [("offload", offload)]).set(
+                        to: backend.offloads.contains(offload) ? 1 : 0
+                    )
                 }
             }
         }

@@ -1,6 +1,6 @@
 import DataPathCounters
-@_exported import StatusModel
 import Foundation
+@_exported import StatusModel
 
 /// What `tunneld status` shows, and what the metrics endpoint exports: read
 /// from the running daemon (over its control socket) or, when none runs,
@@ -23,8 +23,14 @@ public struct StatusReport: Codable, Sendable, Equatable {
         public var backendType: String
         public var backendPort: Int?
 
-        public init(network: String, subnetLen: Int, subnetMin: String, subnetMax: String, backendType: String,
-                    backendPort: Int? = nil) {
+        public init(
+            network: String,
+            subnetLen: Int,
+            subnetMin: String,
+            subnetMax: String,
+            backendType: String,
+            backendPort: Int? = nil
+        ) {
             self.network = network
             self.subnetLen = subnetLen
             self.subnetMin = subnetMin
@@ -46,8 +52,15 @@ public struct StatusReport: Codable, Sendable, Equatable {
         public var leaseExpires: Date?
         public var leaseRevision: Int64
 
-        public init(subnet: String, publicIP: String, interface: String? = nil, interfaceAddress: String? = nil,
-                    mtu: Int? = nil, leaseExpires: Date?, leaseRevision: Int64) {
+        public init(
+            subnet: String,
+            publicIP: String,
+            interface: String? = nil,
+            interfaceAddress: String? = nil,
+            mtu: Int? = nil,
+            leaseExpires: Date?,
+            leaseRevision: Int64
+        ) {
             self.subnet = subnet
             self.publicIP = publicIP
             self.interface = interface
@@ -72,8 +85,14 @@ public struct StatusReport: Codable, Sendable, Equatable {
         /// nil for a reservation.
         public var expires: Date?
 
-        public init(subnet: String, publicIP: String, backend: String, lastChange: Date?, revision: Int64,
-                    expires: Date?) {
+        public init(
+            subnet: String,
+            publicIP: String,
+            backend: String,
+            lastChange: Date?,
+            revision: Int64,
+            expires: Date?
+        ) {
             self.subnet = subnet
             self.publicIP = publicIP
             self.backend = backend
@@ -101,9 +120,19 @@ public struct StatusReport: Codable, Sendable, Equatable {
     /// What the reader should know: why the daemon was not asked, leases skipped…
     public var notes: [String]
 
-    public init(source: Source, version: String, store: String, generatedAt: Date = Date(), startedAt: Date? = nil,
-                network: Network, node: Node?, backend: Backend?, peers: [Peer], counters: [String: UInt64] = [:],
-                notes: [String] = []) {
+    public init(
+        source: Source,
+        version: String,
+        store: String,
+        generatedAt: Date = Date(),
+        startedAt: Date? = nil,
+        network: Network,
+        node: Node?,
+        backend: Backend?,
+        peers: [Peer],
+        counters: [String: UInt64] = [:],
+        notes: [String] = []
+    ) {
         self.source = source
         self.version = version
         self.store = store
@@ -147,8 +176,11 @@ public struct StatusReport: Codable, Sendable, Equatable {
         field("store", store)
         switch source {
         case .daemon:
-            field("daemon", "running" + (startedAt.map { " since \(Self.time($0)) (\(Self.age($0, now: now)))" } ?? "")
-                  + ", tunneld \(version)")
+            field(
+                "daemon",
+                "running" + (startedAt.map { " since \(Self.time($0)) (\(Self.age($0, now: now)))" } ?? "")
+                    + ", tunneld \(version)"
+            )
         case .store:
             field("daemon", "not asked (read from the store)")
         }
@@ -161,8 +193,11 @@ public struct StatusReport: Codable, Sendable, Equatable {
                 field("interface", interface + (node.interfaceAddress.map { " (\($0))" } ?? ""))
             }
             if let mtu = node.mtu { field("mtu", "\(mtu)") }
-            field("lease expires", node.leaseExpires.map { "\(Self.time($0)) (\(Self.until($0, now: now)))" }
-                  ?? "never (reservation)")
+            field(
+                "lease expires",
+                node.leaseExpires.map { "\(Self.time($0)) (\(Self.until($0, now: now)))" }
+                    ?? "never (reservation)"
+            )
         } else {
             out.append("node: no lease of this host found")
         }
@@ -181,9 +216,11 @@ public struct StatusReport: Codable, Sendable, Equatable {
         if !peers.isEmpty {
             let header = ["SUBNET", "PUBLIC-IP", "BACKEND", "LAST-CHANGE", "EXPIRES"]
             let rows = peers.map { peer in
-                [peer.subnet, peer.publicIP, peer.backend,
-                 peer.lastChange.map { Self.age($0, now: now) } ?? "rev \(peer.revision)",
-                 peer.expires.map { Self.until($0, now: now) } ?? "never (reservation)"]
+                [
+                    peer.subnet, peer.publicIP, peer.backend,
+                    peer.lastChange.map { Self.age($0, now: now) } ?? "rev \(peer.revision)",
+                    peer.expires.map { Self.until($0, now: now) } ?? "never (reservation)",
+                ]
             }
             out += Self.columns([header] + rows).map { "  " + $0 }
         }
@@ -215,16 +252,26 @@ public struct StatusReport: Codable, Sendable, Equatable {
             let mean = Double(n(.batchCompletions)) / Double(batches)
             lines.append("batches: \(batches), \(String(format: "%.1f", mean)) completions each on average")
         }
-        let shown = Set([C.udpPacketsSent, .udpBytesSent, .tunPacketsRead, .udpDatagramsReceived, .tunPacketsWritten,
-                         .tunBytesWritten, .batches, .batchCompletions].map(\.description))
+        let shown = Set(
+            [
+                C.udpPacketsSent, .udpBytesSent, .tunPacketsRead, .udpDatagramsReceived, .tunPacketsWritten,
+                .tunBytesWritten, .batches, .batchCompletions,
+            ].map(\.description)
+        )
         let sizeClasses = Set(C.batchSizeClasses.map(\.counter.description))
         let drops = counters.filter { C(name: $0.key)?.series?.name == "tunneld_dropped_packets_total" && $0.value > 0 }
             .sorted { $0.key < $1.key }
-        lines.append("dropped: " + (drops.isEmpty ? "none"
-            : drops.map { "\(C(name: $0.key)!.series!.labels[0].value)=\($0.value)" }.joined(separator: " ")))
+        lines.append(
+            "dropped: "
+                + (drops.isEmpty
+                    ? "none"
+                    : drops.map { "\(C(name: $0.key)!.series!.labels[0].value)=\($0.value)" }.joined(separator: " "))
+        )
         let dropNames = Set(drops.map(\.key))
-        let rest = counters.filter { !shown.contains($0.key) && !dropNames.contains($0.key)
-            && !sizeClasses.contains($0.key) && !$0.key.hasPrefix("dropped_") && $0.value > 0 }.sorted { $0.key < $1.key }
+        let rest = counters.filter {
+            !shown.contains($0.key) && !dropNames.contains($0.key)
+                && !sizeClasses.contains($0.key) && !$0.key.hasPrefix("dropped_") && $0.value > 0
+        }.sorted { $0.key < $1.key }
         if !rest.isEmpty {
             lines.append("other: " + rest.map { "\($0.key)=\($0.value)" }.joined(separator: " "))
         }

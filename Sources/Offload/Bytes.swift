@@ -4,9 +4,13 @@ extension UnsafeRawPointer {
     @inline(__always)
     func u8(_ offset: Int) -> UInt8 { unsafe load(fromByteOffset: offset, as: UInt8.self) }
     @inline(__always)
-    func be16(_ offset: Int) -> UInt16 { unsafe UInt16(bigEndian: loadUnaligned(fromByteOffset: offset, as: UInt16.self)) }
+    func be16(_ offset: Int) -> UInt16 {
+        unsafe UInt16(bigEndian: loadUnaligned(fromByteOffset: offset, as: UInt16.self))
+    }
     @inline(__always)
-    func be32(_ offset: Int) -> UInt32 { unsafe UInt32(bigEndian: loadUnaligned(fromByteOffset: offset, as: UInt32.self)) }
+    func be32(_ offset: Int) -> UInt32 {
+        unsafe UInt32(bigEndian: loadUnaligned(fromByteOffset: offset, as: UInt32.self))
+    }
 }
 
 extension UnsafeMutableRawPointer {
@@ -19,9 +23,13 @@ extension UnsafeMutableRawPointer {
     @inline(__always)
     func setU8(_ offset: Int, _ value: UInt8) { unsafe storeBytes(of: value, toByteOffset: offset, as: UInt8.self) }
     @inline(__always)
-    func setBE16(_ offset: Int, _ value: UInt16) { unsafe storeBytes(of: value.bigEndian, toByteOffset: offset, as: UInt16.self) }
+    func setBE16(_ offset: Int, _ value: UInt16) {
+        unsafe storeBytes(of: value.bigEndian, toByteOffset: offset, as: UInt16.self)
+    }
     @inline(__always)
-    func setBE32(_ offset: Int, _ value: UInt32) { unsafe storeBytes(of: value.bigEndian, toByteOffset: offset, as: UInt32.self) }
+    func setBE32(_ offset: Int, _ value: UInt32) {
+        unsafe storeBytes(of: value.bigEndian, toByteOffset: offset, as: UInt32.self)
+    }
 }
 
 /// Header field offsets and flag bits used by segmentation and coalescing.

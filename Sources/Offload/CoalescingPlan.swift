@@ -92,11 +92,24 @@ public struct CoalescingPlan: ~Copyable {
         unsafe headers.initializeMemory(as: UInt8.self, repeating: 0, count: capacity * VirtioNetHeader.size)
         unsafe packets.initialize(repeating: PacketSlot(base: nil, length: 0, next: -1), count: capacity)
         unsafe writes.initialize(
-            repeating: WriteSlot(first: -1, last: -1, count: 0, iovecStart: 0, bytes: 0, totalLength: 0,
-                                 segmentSize: 0, headerLength: 0, nextSequence: 0, push: false),
-            count: capacity)
-        unsafe flows.initialize(repeating: FlowSlot(source: 0, destination: 0, ports: 0, proto: 0, write: -1),
-                                count: Self.flowTableSize)
+            repeating: WriteSlot(
+                first: -1,
+                last: -1,
+                count: 0,
+                iovecStart: 0,
+                bytes: 0,
+                totalLength: 0,
+                segmentSize: 0,
+                headerLength: 0,
+                nextSequence: 0,
+                push: false
+            ),
+            count: capacity
+        )
+        unsafe flows.initialize(
+            repeating: FlowSlot(source: 0, destination: 0, ports: 0, proto: 0, write: -1),
+            count: Self.flowTableSize
+        )
     }
 
     deinit {
@@ -154,15 +167,22 @@ public struct CoalescingPlan: ~Copyable {
             unsafe flows[flow].write = -1
         }
         let w = startWrite(index)
-        if let segment, segment.flags == TCPFlag.ack, segment.payload > 0, unsafe checksumsAreValid(packet, length: length) {
+        if let segment, segment.flags == TCPFlag.ack, segment.payload > 0,
+            unsafe checksumsAreValid(packet, length: length)
+        {
             unsafe writes[w].totalLength = length
             unsafe writes[w].segmentSize = segment.payload
             unsafe writes[w].headerLength = segment.headerLength
             unsafe writes[w].nextSequence = segment.sequence &+ UInt32(truncatingIfNeeded: segment.payload)
             unsafe writes[w].push = false
             let slot = flow ?? freeFlowSlot()
-            unsafe flows[slot] = FlowSlot(source: key.source, destination: key.destination, ports: key.ports,
-                                          proto: key.proto, write: w)
+            unsafe flows[slot] = FlowSlot(
+                source: key.source,
+                destination: key.destination,
+                ports: key.ports,
+                proto: key.proto,
+                write: w
+            )
         }
         return true
     }
@@ -234,20 +254,23 @@ public struct CoalescingPlan: ~Copyable {
         let ipHeaderLength = Int(b0 & 0x0f) * 4
         let proto = unsafe p.u8(9)
         guard b0 >> 4 == 4, ipHeaderLength >= IPv4.minimumHeaderLength, ipHeaderLength + 4 <= length,
-              proto == IPv4.tcp || proto == IPv4.udp, unsafe p.be16(6) & IPv4.fragmentOffsetMask == 0
+            proto == IPv4.tcp || proto == IPv4.udp, unsafe p.be16(6) & IPv4.fragmentOffsetMask == 0
         else { return nil }
         return unsafe FlowKey(source: p.be32(12), destination: p.be32(16), ports: p.be32(ipHeaderLength), proto: proto)
     }
 
     func parseSegment(_ p: UnsafeMutableRawPointer, length: Int) -> Segment? {
         guard length >= 40, unsafe p.u8(0) == 0x45, unsafe Int(p.be16(2)) == length,
-              unsafe p.be16(6) & (IPv4.moreFragments | IPv4.fragmentOffsetMask) == 0
+            unsafe p.be16(6) & (IPv4.moreFragments | IPv4.fragmentOffsetMask) == 0
         else { return nil }
         let tcpHeaderLength = unsafe Int(p.u8(32) >> 4) * 4
         guard tcpHeaderLength >= 20, 20 + tcpHeaderLength <= length else { return nil }
         return unsafe Segment(
-            headerLength: 20 + tcpHeaderLength, payload: length - 20 - tcpHeaderLength,
-            sequence: p.be32(24), flags: p.u8(33))
+            headerLength: 20 + tcpHeaderLength,
+            payload: length - 20 - tcpHeaderLength,
+            sequence: p.be32(24),
+            flags: p.u8(33)
+        )
     }
 
     /// Checked only for a packet about to be merged or to start a group: the kernel verifies
@@ -255,7 +278,12 @@ public struct CoalescingPlan: ~Copyable {
     func checksumsAreValid(_ p: UnsafeMutableRawPointer, length: Int) -> Bool {
         guard verifyChecksums else { return true }
         guard unsafe Checksum.fold(Checksum.partial(p, count: 20)) == 0xffff else { return false }
-        let pseudo = unsafe Checksum.pseudoHeader(source: p.be32(12), destination: p.be32(16), protocol: IPv4.tcp, length: length - 20)
+        let pseudo = unsafe Checksum.pseudoHeader(
+            source: p.be32(12),
+            destination: p.be32(16),
+            protocol: IPv4.tcp,
+            length: length - 20
+        )
         return unsafe Checksum.fold(Checksum.partial(p + 20, count: length - 20, initial: pseudo)) == 0xffff
     }
 
@@ -263,7 +291,8 @@ public struct CoalescingPlan: ~Copyable {
         for f in 0..<Self.flowTableSize {
             let slot = unsafe flows[f]
             if slot.write >= 0, slot.source == key.source, slot.destination == key.destination, slot.ports == key.ports,
-               slot.proto == key.proto {
+                slot.proto == key.proto
+            {
                 return f
             }
         }
@@ -286,8 +315,17 @@ public struct CoalescingPlan: ~Copyable {
         let w = writeTotal
         writeTotal += 1
         unsafe writes[w] = unsafe WriteSlot(
-            first: packet, last: packet, count: 1, iovecStart: 0, bytes: packets[packet].length,
-            totalLength: 0, segmentSize: 0, headerLength: 0, nextSequence: 0, push: false)
+            first: packet,
+            last: packet,
+            count: 1,
+            iovecStart: 0,
+            bytes: packets[packet].length,
+            totalLength: 0,
+            segmentSize: 0,
+            headerLength: 0,
+            nextSequence: 0,
+            push: false
+        )
         return w
     }
 
@@ -295,18 +333,18 @@ public struct CoalescingPlan: ~Copyable {
     func join(_ segment: Segment, packet p: UnsafeMutableRawPointer, index: Int, write w: Int) -> Bool {
         let group = unsafe writes[w]
         guard segment.flags & ~TCPFlag.psh == TCPFlag.ack,
-              segment.headerLength == group.headerLength,
-              segment.sequence == group.nextSequence,
-              segment.payload > 0, segment.payload <= group.segmentSize,
-              group.totalLength + segment.payload <= IPv4.maximumLength,
-              group.count < Self.maxSegmentsPerWrite,
-              let first = unsafe packets[group.first].base
+            segment.headerLength == group.headerLength,
+            segment.sequence == group.nextSequence,
+            segment.payload > 0, segment.payload <= group.segmentSize,
+            group.totalLength + segment.payload <= IPv4.maximumLength,
+            group.count < Self.maxSegmentsPerWrite,
+            let first = unsafe packets[group.first].base
         else { return false }
         // Same ack, window, data offset and option bytes.
         guard unsafe sameIPv4Header(p, as: first, joining: group.count),
-              unsafe p.be32(28) == first.be32(28), unsafe p.be16(34) == first.be16(34), unsafe p.u8(32) == first.u8(32),
-              unsafe memcmp(p + 40, first + 40, segment.headerLength - 40) == 0,
-              unsafe checksumsAreValid(p, length: segment.headerLength + segment.payload)
+            unsafe p.be32(28) == first.be32(28), unsafe p.be16(34) == first.be16(34), unsafe p.u8(32) == first.u8(32),
+            unsafe memcmp(p + 40, first + 40, segment.headerLength - 40) == 0,
+            unsafe checksumsAreValid(p, length: segment.headerLength + segment.payload)
         else { return false }
 
         unsafe packets[index].base = unsafe p + segment.headerLength
@@ -344,8 +382,13 @@ public struct CoalescingPlan: ~Copyable {
             unsafe writes[w].headerLength = 28
             unsafe writes[w].udp = true
             let slot = flow ?? freeFlowSlot()
-            unsafe flows[slot] = FlowSlot(source: key.source, destination: key.destination, ports: key.ports,
-                                          proto: key.proto, write: w)
+            unsafe flows[slot] = FlowSlot(
+                source: key.source,
+                destination: key.destination,
+                ports: key.ports,
+                proto: key.proto,
+                write: w
+            )
         }
         return true
     }
@@ -354,8 +397,8 @@ public struct CoalescingPlan: ~Copyable {
     /// fragment, IP and UDP lengths consistent; else nil.
     func udpPayload(_ p: UnsafeMutableRawPointer, length: Int) -> Int? {
         guard length >= 28, unsafe p.u8(0) == 0x45, unsafe Int(p.be16(2)) == length,
-              unsafe p.be16(6) & (IPv4.moreFragments | IPv4.fragmentOffsetMask) == 0,
-              unsafe Int(p.be16(24)) == length - 20
+            unsafe p.be16(6) & (IPv4.moreFragments | IPv4.fragmentOffsetMask) == 0,
+            unsafe Int(p.be16(24)) == length - 20
         else { return nil }
         return length - 28
     }
@@ -365,12 +408,12 @@ public struct CoalescingPlan: ~Copyable {
     func joinDatagram(_ p: UnsafeMutableRawPointer, payload: Int, index: Int, write w: Int) -> Bool {
         let group = unsafe writes[w]
         guard group.udp, payload > 0, payload <= group.segmentSize,
-              group.totalLength + payload <= IPv4.maximumLength,
-              group.count < Self.maxSegmentsPerWrite,
-              let first = unsafe packets[group.first].base
+            group.totalLength + payload <= IPv4.maximumLength,
+            group.count < Self.maxSegmentsPerWrite,
+            let first = unsafe packets[group.first].base
         else { return false }
         guard unsafe sameIPv4Header(p, as: first, joining: group.count),
-              unsafe checksumsAreValid(udp: p, length: 28 + payload)
+            unsafe checksumsAreValid(udp: p, length: 28 + payload)
         else { return false }
         unsafe packets[index].base = unsafe p + 28
         unsafe packets[index].length = payload
@@ -397,7 +440,12 @@ public struct CoalescingPlan: ~Copyable {
         guard verifyChecksums else { return true }
         guard unsafe Checksum.fold(Checksum.partial(p, count: 20)) == 0xffff else { return false }
         if unsafe p.be16(26) == 0 { return true }
-        let pseudo = unsafe Checksum.pseudoHeader(source: p.be32(12), destination: p.be32(16), protocol: IPv4.udp, length: length - 20)
+        let pseudo = unsafe Checksum.pseudoHeader(
+            source: p.be32(12),
+            destination: p.be32(16),
+            protocol: IPv4.udp,
+            length: length - 20
+        )
         return unsafe Checksum.fold(Checksum.partial(p + 20, count: length - 20, initial: pseudo)) == 0xffff
     }
 
@@ -417,8 +465,12 @@ public struct CoalescingPlan: ~Copyable {
             unsafe p.setU8(33, p.u8(33) | TCPFlag.psh)
         }
         let checksumOffset = group.udp ? 6 : 16
-        let pseudo = unsafe Checksum.pseudoHeader(source: p.be32(12), destination: p.be32(16),
-                                                  protocol: group.udp ? IPv4.udp : IPv4.tcp, length: l4Length)
+        let pseudo = unsafe Checksum.pseudoHeader(
+            source: p.be32(12),
+            destination: p.be32(16),
+            protocol: group.udp ? IPv4.udp : IPv4.tcp,
+            length: l4Length
+        )
         unsafe p.setBE16(IPv4.minimumHeaderLength + checksumOffset, Checksum.fold(pseudo))
         return VirtioNetHeader(
             flags: VirtioNetHeader.needsChecksum,
@@ -426,7 +478,8 @@ public struct CoalescingPlan: ~Copyable {
             headerLength: UInt16(group.headerLength),
             gsoSize: UInt16(group.segmentSize),
             checksumStart: UInt16(IPv4.minimumHeaderLength),
-            checksumOffset: UInt16(checksumOffset))
+            checksumOffset: UInt16(checksumOffset)
+        )
     }
 }
 

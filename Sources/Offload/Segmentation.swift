@@ -61,8 +61,12 @@ public enum Segmentation {
     /// it exceeds the packet. `out` must not overlap `packet`. Nothing past `capacity` is written,
     /// and every check happens before the first byte is, so on failure `out` is untouched.
     public static func split(
-        _ packet: UnsafeRawPointer, length: Int, header: VirtioNetHeader,
-        into out: UnsafeMutableRawPointer, capacity: Int, maxSegments: Int
+        _ packet: UnsafeRawPointer,
+        length: Int,
+        header: VirtioNetHeader,
+        into out: UnsafeMutableRawPointer,
+        capacity: Int,
+        maxSegments: Int
     ) -> Result<SegmentedPacket, OffloadError> {
         guard length > 0, capacity >= 0 else { return .failure(.malformed) }
         switch header.gso {
@@ -80,9 +84,25 @@ public enum Segmentation {
             }
             return .success(SegmentedPacket(segmentLength: length, count: 1, totalLength: length))
         case .tcpv4?:
-            return unsafe splitGSO(packet, length: length, header: header, tcp: true, into: out, capacity: capacity, maxSegments: maxSegments)
+            return unsafe splitGSO(
+                packet,
+                length: length,
+                header: header,
+                tcp: true,
+                into: out,
+                capacity: capacity,
+                maxSegments: maxSegments
+            )
         case .udpL4?:
-            return unsafe splitGSO(packet, length: length, header: header, tcp: false, into: out, capacity: capacity, maxSegments: maxSegments)
+            return unsafe splitGSO(
+                packet,
+                length: length,
+                header: header,
+                tcp: false,
+                into: out,
+                capacity: capacity,
+                maxSegments: maxSegments
+            )
         default:
             return .failure(.unsupportedGSOType)
         }
@@ -96,9 +116,14 @@ public enum Segmentation {
     /// checksums), so `packet` must stay unchanged until the iovecs have been sent.
     /// A packet without GSO is refused (`.unsupportedGSOType`): send it as it is.
     public static func splitGathered(
-        _ packet: UnsafeRawPointer, length: Int, header: VirtioNetHeader,
-        headers: UnsafeMutableRawPointer, headerCapacity: Int,
-        iovecs: UnsafeMutablePointer<iovec>, iovecCapacity: Int, maxSegments: Int
+        _ packet: UnsafeRawPointer,
+        length: Int,
+        header: VirtioNetHeader,
+        headers: UnsafeMutableRawPointer,
+        headerCapacity: Int,
+        iovecs: UnsafeMutablePointer<iovec>,
+        iovecCapacity: Int,
+        maxSegments: Int
     ) -> Result<SegmentedPacket, OffloadError> {
         guard length > 0, headerCapacity >= 0, iovecCapacity >= 0 else { return .failure(.malformed) }
         let tcp: Bool
@@ -107,9 +132,16 @@ public enum Segmentation {
         case .udpL4?: tcp = false
         default: return .failure(.unsupportedGSOType)
         }
-        return unsafe splitGSO(packet, length: length, header: header, tcp: tcp, into: headers,
-                               capacity: headerCapacity, maxSegments: maxSegments,
-                               gather: (iovecs, iovecCapacity))
+        return unsafe splitGSO(
+            packet,
+            length: length,
+            header: header,
+            tcp: tcp,
+            into: headers,
+            capacity: headerCapacity,
+            maxSegments: maxSegments,
+            gather: (iovecs, iovecCapacity)
+        )
     }
 
     /// Completes a `NEEDS_CSUM` checksum in place (no GSO): sums from `checksumStart` to the
@@ -117,7 +149,8 @@ public enum Segmentation {
     /// stores the inverted fold at `checksumStart + checksumOffset`, 0 as 0xFFFF like the
     /// kernel's `skb_checksum_help`. True without `needsChecksum` (nothing to do); false, with
     /// nothing written, if the positions are out of bounds.
-    public static func completeChecksum(_ packet: UnsafeMutableRawPointer, length: Int, header: VirtioNetHeader) -> Bool {
+    public static func completeChecksum(_ packet: UnsafeMutableRawPointer, length: Int, header: VirtioNetHeader) -> Bool
+    {
         guard header.needsChecksum else { return true }
         guard let (start, at) = checksumPosition(header, length: length) else { return false }
         var checksum = unsafe Checksum.compute(packet + start, count: length - start)
@@ -136,8 +169,13 @@ public enum Segmentation {
     }
 
     static func splitGSO(
-        _ packet: UnsafeRawPointer, length: Int, header: VirtioNetHeader, tcp: Bool,
-        into out: UnsafeMutableRawPointer, capacity: Int, maxSegments: Int,
+        _ packet: UnsafeRawPointer,
+        length: Int,
+        header: VirtioNetHeader,
+        tcp: Bool,
+        into out: UnsafeMutableRawPointer,
+        capacity: Int,
+        maxSegments: Int,
         gather: (iovecs: UnsafeMutablePointer<iovec>, capacity: Int)? = nil
     ) -> Result<SegmentedPacket, OffloadError> {
         // IPv4 header.
@@ -169,7 +207,7 @@ public enum Segmentation {
         guard Int(header.headerLength) <= total else { return .failure(.malformed) }
         if header.needsChecksum {
             guard Int(header.checksumStart) == ipHeaderLength,
-                  Int(header.checksumOffset) == (tcp ? 16 : 6)
+                Int(header.checksumOffset) == (tcp ? 16 : 6)
             else { return .failure(.badChecksumPosition) }
         }
 
@@ -206,14 +244,22 @@ public enum Segmentation {
             unsafe segment.copyMemory(from: packet, byteCount: headerLength)
             let segmentLength = headerLength + chunk
             let l4Length = segmentLength - ipHeaderLength
-            let pseudo = Checksum.pseudoHeader(source: source, destination: destination, protocol: protocolNumber, length: l4Length)
+            let pseudo = Checksum.pseudoHeader(
+                source: source,
+                destination: destination,
+                protocol: protocolNumber,
+                length: l4Length
+            )
             // The payload's part of the L4 checksum: summed where it lies when gathering
             // (the L4 header is a multiple of 4 bytes long, so the sums add up), or over
             // the copy, still in cache, when laying the segment out.
             let payloadSum: UInt64
             if let gather {
                 unsafe gather.iovecs[2 * i] = iovec(iov_base: segment, iov_len: headerLength)
-                unsafe gather.iovecs[2 * i + 1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: packet + from), iov_len: chunk)
+                unsafe gather.iovecs[2 * i + 1] = iovec(
+                    iov_base: UnsafeMutableRawPointer(mutating: packet + from),
+                    iov_len: chunk
+                )
                 payloadSum = unsafe Checksum.partial(packet + from, count: chunk, initial: pseudo)
                 written += headerLength
             } else {

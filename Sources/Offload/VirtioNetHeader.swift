@@ -23,8 +23,12 @@ public struct VirtioNetHeader: Equatable, Sendable {
 
     @inlinable
     public init(
-        flags: UInt8 = 0, gsoType: UInt8 = 0, headerLength: UInt16 = 0, gsoSize: UInt16 = 0,
-        checksumStart: UInt16 = 0, checksumOffset: UInt16 = 0
+        flags: UInt8 = 0,
+        gsoType: UInt8 = 0,
+        headerLength: UInt16 = 0,
+        gsoSize: UInt16 = 0,
+        checksumStart: UInt16 = 0,
+        checksumOffset: UInt16 = 0
     ) {
         self.flags = flags
         self.gsoType = gsoType

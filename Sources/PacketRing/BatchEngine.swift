@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import NetBase
 import Offload
 import UDPEncap
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The udp data path's work on batches, whatever loop moves the buffers:
 /// the slot memory, the virtio header, splitting super-packets into real
@@ -48,8 +49,13 @@ final class BatchEngine {
     private let plans: UnsafeMutablePointer<CoalescingPlan>
     private let pendingWrites: UnsafeMutablePointer<Int32>
 
-    init(forwarder: Forwarder, configuration: LoopConfiguration, slots: Int, receiveHeader: Int,
-         statistics: Statistics) throws {
+    init(
+        forwarder: Forwarder,
+        configuration: LoopConfiguration,
+        slots: Int,
+        receiveHeader: Int,
+        statistics: Statistics
+    ) throws {
         self.forwarder = forwarder
         self.slots = slots
         self.statistics = statistics
@@ -66,8 +72,12 @@ final class BatchEngine {
         udpStride = (receiveHeader + udpCapacity + 63) & ~63
         // An IPv4 and a TCP header, options included, per segment.
         headerCapacity = virtio ? (maxSegments * 120 + 63) & ~63 : 0
-        batcher = SendBatcher(slots: slots, maxSegments: virtio ? maxSegments : 0,
-                              segmentation: offloads.segmentation, statistics: statistics)
+        batcher = SendBatcher(
+            slots: slots,
+            maxSegments: virtio ? maxSegments : 0,
+            segmentation: offloads.segmentation,
+            statistics: statistics
+        )
         tunSlab = try BatchEngine.alignedAllocation(slots * tunStride, "TUN buffers")
         udpSlab = try BatchEngine.alignedAllocation(slots * udpStride, "socket buffers")
         headerSlab = virtio ? try BatchEngine.alignedAllocation(slots * headerCapacity, "segment headers") : nil
@@ -127,16 +137,24 @@ final class BatchEngine {
         let p = read + virtioSize
         let action: Forwarder.TunBatchAction
         if let headerSlab {
-            action = forwarder.fromTun(virtioRead: read, length: length, capacity: tunReadCapacity,
-                                       headers: headerSlab + slot * headerCapacity, headerCapacity: headerCapacity,
-                                       iovecs: batcher.iovecs(slot), iovecCapacity: batcher.iovecsPerSlot,
-                                       maxSegments: maxSegments, stats: statistics)
+            action = forwarder.fromTun(
+                virtioRead: read,
+                length: length,
+                capacity: tunReadCapacity,
+                headers: headerSlab + slot * headerCapacity,
+                headerCapacity: headerCapacity,
+                iovecs: batcher.iovecs(slot),
+                iovecCapacity: batcher.iovecsPerSlot,
+                maxSegments: maxSegments,
+                stats: statistics
+            )
         } else {
-            action = switch forwarder.fromTun(p, length: length, capacity: tunReadCapacity, stats: statistics) {
-            case .send(let address, let port, let n): .send(address: address, port: port, start: p, length: n)
-            case .reply(let n): .reply(start: p, length: n)
-            case .drop: .drop
-            }
+            action =
+                switch forwarder.fromTun(p, length: length, capacity: tunReadCapacity, stats: statistics) {
+                case .send(let address, let port, let n): .send(address: address, port: port, start: p, length: n)
+                case .reply(let n): .reply(start: p, length: n)
+                case .drop: .drop
+                }
         }
         switch action {
         case .send(let address, let port, let start, let length):
@@ -164,12 +182,26 @@ final class BatchEngine {
     /// segments of one flow become one super-packet per TUN write. The slot
     /// is released when its last write is done.
     @inline(__always)
-    func received<IO: BatchIO>(_ slot: Int, payload: UnsafeMutableRawPointer, length: Int, segmentLength: Int,
-                               sender: UInt32, port: UInt16, io: IO) {
+    func received<IO: BatchIO>(
+        _ slot: Int,
+        payload: UnsafeMutableRawPointer,
+        length: Int,
+        segmentLength: Int,
+        sender: UInt32,
+        port: UInt16,
+        io: IO
+    ) {
         if segmentLength < length { statistics.add(.groReceives) }
         let plan = plans + slot
-        forwarder.fromNetwork(datagrams: payload, length: length, segmentLength: segmentLength,
-                              sender: sender, senderPort: port, into: &plan.pointee, stats: statistics)
+        forwarder.fromNetwork(
+            datagrams: payload,
+            length: length,
+            segmentLength: segmentLength,
+            sender: sender,
+            senderPort: port,
+            into: &plan.pointee,
+            stats: statistics
+        )
         let writes = plan.pointee.writeCount
         statistics.add(.segmentsCoalesced, UInt64(plan.pointee.coalescedSegments))
         guard writes > 0 else {
@@ -204,7 +236,9 @@ final class BatchEngine {
             if result < 0 { statistics.add(.tunWriteErrors) }
             io.release(.tun, tag.slot)
         case .tunWrite:
-            if result < 0 { statistics.add(.tunWriteErrors) } else {
+            if result < 0 {
+                statistics.add(.tunWriteErrors)
+            } else {
                 statistics.add(.tunPacketsWritten)
                 statistics.add(.tunBytesWritten, UInt64(max(0, Int(result) - virtioSize)))
             }

@@ -1,11 +1,12 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CTunnel
 import CURing
 import NetBase
 import Offload
 import UDPEncap
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Which offloads a loop uses; decided once at start from what the kernel
 /// accepted (see `TunDevice.enableOffloads`, `UDPSocket`).

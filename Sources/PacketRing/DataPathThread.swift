@@ -1,7 +1,8 @@
+import NetBase
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import NetBase
 
 /// Runs a loop on a thread of its own and reports its end to async code.
 public final class DataPathThread: Sendable {

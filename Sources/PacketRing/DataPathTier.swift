@@ -1,7 +1,8 @@
+import CURing
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CURing
 
 /// What `--datapath` asks for.
 public enum DataPathChoice: String, CaseIterable, Sendable {
@@ -38,8 +39,12 @@ public enum DataPathTier: String, CaseIterable, Sendable, CustomStringConvertibl
 
     /// The tier for `choice` on a host with `features`, and the reason in
     /// words when it is not the one asked for (nil: as asked).
-    public static func choose(_ choice: DataPathChoice, features: @autoclosure () -> URingFeatures)
-        -> (tier: DataPathTier, note: String?) {
+    public static func choose(
+        _ choice: DataPathChoice,
+        features: @autoclosure () -> URingFeatures
+    )
+        -> (tier: DataPathTier, note: String?)
+    {
         switch choice {
         case .simple: return (.simple, nil)
         case .syscall: return (.syscall, nil)
@@ -50,11 +55,17 @@ public enum DataPathTier: String, CaseIterable, Sendable, CustomStringConvertibl
             // measured faster than a re-armed io_uring read on every figure
             // (docs/BENCHMARKS.md, "Tiers"); `--datapath uring` still gets it.
             if features.usableWithSingleRead && choice == .uring {
-                return (.uringSingleRead, "io_uring without multishot read (\(features.problem ?? "")): one re-armed TUN read")
+                return (
+                    .uringSingleRead,
+                    "io_uring without multishot read (\(features.problem ?? "")): one re-armed TUN read"
+                )
             }
             if features.usableWithSingleRead {
-                return (.syscall, "io_uring without multishot read (\(features.problem ?? "")): batched system calls, "
-                    + "faster than a re-armed io_uring read (--datapath uring to use io_uring anyway)")
+                return (
+                    .syscall,
+                    "io_uring without multishot read (\(features.problem ?? "")): batched system calls, "
+                        + "faster than a re-armed io_uring read (--datapath uring to use io_uring anyway)"
+                )
             }
             return (.syscall, "io_uring unusable (\(features.problem ?? "unknown reason")): batched system calls")
         }
@@ -81,8 +92,13 @@ public struct URingFeatures: Sendable, Equatable {
     /// Why the best io_uring tier is unusable, in words (nil when usable).
     public var problem: String?
 
-    public init(available: Bool, multishotRead: Bool, multishotReceive: Bool, bufferRings: Bool,
-                problem: String? = nil) {
+    public init(
+        available: Bool,
+        multishotRead: Bool,
+        multishotReceive: Bool,
+        bufferRings: Bool,
+        problem: String? = nil
+    ) {
         self.available = available
         self.multishotRead = multishotRead
         self.multishotReceive = multishotReceive
@@ -110,14 +126,20 @@ public struct URingFeatures: Sendable, Equatable {
     }
 
     private static func probeKernel() -> URingFeatures {
-        var features = URingFeatures(available: false, multishotRead: false, multishotReceive: false,
-                                     bufferRings: false)
+        var features = URingFeatures(
+            available: false,
+            multishotRead: false,
+            multishotReceive: false,
+            bufferRings: false
+        )
         let ring = UnsafeMutablePointer<io_uring>.allocate(capacity: 1)
         defer { ring.deallocate() }
         let rc = io_uring_queue_init(4, ring, 0)
         guard rc == 0 else {
-            features.problem = "io_uring_queue_init failed: \(String(cString: strerror(-rc)))"
-                + (rc == -EPERM ? " (refused: a seccomp profile such as Docker's default, or kernel.io_uring_disabled)"
+            features.problem =
+                "io_uring_queue_init failed: \(String(cString: strerror(-rc)))"
+                + (rc == -EPERM
+                    ? " (refused: a seccomp profile such as Docker's default, or kernel.io_uring_disabled)"
                     : rc == -ENOSYS ? " (the kernel has no io_uring, or a sandbox hides it)" : "")
             return features
         }
@@ -177,12 +199,21 @@ public struct URingFeatures: Sendable, Equatable {
 
 extension DataPathTier {
     /// The loop of this tier for one TUN queue and one socket.
-    public func makeLoop(forwarder: Forwarder, tunFD: Int32, udpFD: Int32,
-                         configuration: LoopConfiguration) throws -> any DataPathLoop {
+    public func makeLoop(
+        forwarder: Forwarder,
+        tunFD: Int32,
+        udpFD: Int32,
+        configuration: LoopConfiguration
+    ) throws -> any DataPathLoop {
         switch self {
         case .uring, .uringSingleRead:
-            try URingLoop(forwarder: forwarder, tunFD: tunFD, udpFD: udpFD, configuration: configuration,
-                          multishotRead: self == .uring)
+            try URingLoop(
+                forwarder: forwarder,
+                tunFD: tunFD,
+                udpFD: udpFD,
+                configuration: configuration,
+                multishotRead: self == .uring
+            )
         case .syscall:
             try SyscallBatchLoop(forwarder: forwarder, tunFD: tunFD, udpFD: udpFD, configuration: configuration)
         case .simple:

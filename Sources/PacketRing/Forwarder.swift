@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import NetBase
 import Offload
 import UDPEncap
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The per-packet decisions of the udp backend, shared by every loop.
 ///
@@ -26,8 +27,12 @@ public struct Forwarder: Sendable {
     /// dropped, never sent as a datagram the underlay must fragment.
     public let mtu: Int
 
-    public init(table: SubnetTable, tunAddress: IPv4Address, acceptUnknownPeers: Bool = false,
-                mtu: Int = DataPath.maxPacketSize) {
+    public init(
+        table: SubnetTable,
+        tunAddress: IPv4Address,
+        acceptUnknownPeers: Bool = false,
+        mtu: Int = DataPath.maxPacketSize
+    ) {
         self.table = table
         self.tunAddress = tunAddress
         self.acceptUnknownPeers = acceptUnknownPeers
@@ -59,8 +64,13 @@ public struct Forwarder: Sendable {
     /// `fromNetwork`) for the micro-benchmarks in Benchmarks/Micro; the loops
     /// of this module inline both.
     @inline(__always)
-    public func fromTun(_ p: UnsafeMutableRawPointer, length: Int, capacity: Int, segmentLength: Int? = nil,
-                        stats: Statistics) -> TunAction {
+    public func fromTun(
+        _ p: UnsafeMutableRawPointer,
+        length: Int,
+        capacity: Int,
+        segmentLength: Int? = nil,
+        stats: Statistics
+    ) -> TunAction {
         stats.add(.tunPacketsRead)
         // The kernel built this packet; anything odd (IPv6 control traffic on
         // the device) is simply not ours to carry.
@@ -76,8 +86,13 @@ public struct Forwarder: Sendable {
                 return .drop
             }
             stats.add(.droppedNoRoute)
-            if let n = ICMPError.rewrite(p, length: total, capacity: capacity,
-                                         kind: .networkUnreachable, source: errorSource(for: destination)) {
+            if let n = ICMPError.rewrite(
+                p,
+                length: total,
+                capacity: capacity,
+                kind: .networkUnreachable,
+                source: errorSource(for: destination)
+            ) {
                 stats.add(.icmpUnreachableSent)
                 return .reply(length: n)
             }
@@ -85,8 +100,13 @@ public struct Forwarder: Sendable {
         }
         if IPv4Header.ttl(p) <= 1 {
             stats.add(.droppedTTLExpired)
-            if let n = ICMPError.rewrite(p, length: total, capacity: capacity,
-                                         kind: .timeExceeded, source: errorSource(for: destination)) {
+            if let n = ICMPError.rewrite(
+                p,
+                length: total,
+                capacity: capacity,
+                kind: .timeExceeded,
+                source: errorSource(for: destination)
+            ) {
                 stats.add(.icmpTimeExceededSent)
                 return .reply(length: n)
             }
@@ -99,9 +119,14 @@ public struct Forwarder: Sendable {
         if (segmentLength ?? total) > mtu {
             stats.add(.droppedTooBig)
             if IPv4Header.dontFragment(p),
-               let n = ICMPError.rewrite(p, length: total, capacity: capacity,
-                                         kind: .fragmentationNeeded(nextHopMTU: UInt16(clamping: mtu)),
-                                         source: errorSource(for: destination)) {
+                let n = ICMPError.rewrite(
+                    p,
+                    length: total,
+                    capacity: capacity,
+                    kind: .fragmentationNeeded(nextHopMTU: UInt16(clamping: mtu)),
+                    source: errorSource(for: destination)
+                )
+            {
                 stats.add(.icmpFragmentationNeededSent)
                 return .reply(length: n)
             }
@@ -120,8 +145,13 @@ public struct Forwarder: Sendable {
     /// another peer's containers or out of the network — with this host's
     /// standing (and, with --ip-masq, its address).
     @inline(__always)
-    public func fromNetwork(_ p: UnsafeRawPointer, length: Int, sender: UInt32, senderPort: UInt16,
-                     stats: Statistics) -> Int? {
+    public func fromNetwork(
+        _ p: UnsafeRawPointer,
+        length: Int,
+        sender: UInt32,
+        senderPort: UInt16,
+        stats: Statistics
+    ) -> Int? {
         stats.add(.udpDatagramsReceived)
         let total: Int
         switch IPv4Header.validate(p, length: length) {
@@ -164,8 +194,12 @@ extension Forwarder {
         /// Send the datagrams gathered by `iovecs`, two per datagram
         /// (headers, then payload where it lies in the read buffer), as
         /// `segments` describes them.
-        case sendGathered(address: UInt32, port: UInt16, iovecs: UnsafeMutablePointer<iovec>,
-                          segments: SegmentedPacket)
+        case sendGathered(
+            address: UInt32,
+            port: UInt16,
+            iovecs: UnsafeMutablePointer<iovec>,
+            segments: SegmentedPacket
+        )
         /// Write `length` bytes (an ICMP error, rewritten in place after the
         /// virtio header, which is reset) back into the TUN, from `start`.
         case reply(start: UnsafeMutableRawPointer, length: Int)
@@ -181,9 +215,15 @@ extension Forwarder {
     /// by `iovecs` — or has its checksum completed in place.
     @inline(__always)
     public func fromTun(
-        virtioRead read: UnsafeMutableRawPointer, length: Int, capacity: Int,
-        headers: UnsafeMutableRawPointer, headerCapacity: Int, iovecs: UnsafeMutablePointer<iovec>,
-        iovecCapacity: Int, maxSegments: Int, stats: Statistics
+        virtioRead read: UnsafeMutableRawPointer,
+        length: Int,
+        capacity: Int,
+        headers: UnsafeMutableRawPointer,
+        headerCapacity: Int,
+        iovecs: UnsafeMutablePointer<iovec>,
+        iovecCapacity: Int,
+        maxSegments: Int,
+        stats: Statistics
     ) -> TunBatchAction {
         guard length > VirtioNetHeader.size else {
             stats.add(.tunPacketsRead)
@@ -194,10 +234,16 @@ extension Forwarder {
         if header.gsoType != VirtioNetHeader.GSOType.none.rawValue { stats.add(.tunSuperPacketsRead) }
         let p = read + VirtioNetHeader.size
         let packetLength = length - VirtioNetHeader.size
-        let segmentLength = header.gsoType == VirtioNetHeader.GSOType.none.rawValue
+        let segmentLength =
+            header.gsoType == VirtioNetHeader.GSOType.none.rawValue
             ? nil : Forwarder.segmentLength(p, length: packetLength, header: header)
-        switch fromTun(p, length: packetLength, capacity: capacity - VirtioNetHeader.size,
-                       segmentLength: segmentLength, stats: stats) {
+        switch fromTun(
+            p,
+            length: packetLength,
+            capacity: capacity - VirtioNetHeader.size,
+            segmentLength: segmentLength,
+            stats: stats
+        ) {
         case .drop:
             return .drop
         case .reply(let n):
@@ -210,16 +256,24 @@ extension Forwarder {
                 // start inside it would overwrite checked fields (version, lengths) and
                 // send the peer a datagram it must drop. The kernel never asks for that.
                 if header.flags & VirtioNetHeader.needsChecksum != 0,
-                   Int(header.checksumStart) < IPv4Header.headerLength(p)
-                    || !Segmentation.completeChecksum(p, length: n, header: header) {
+                    Int(header.checksumStart) < IPv4Header.headerLength(p)
+                        || !Segmentation.completeChecksum(p, length: n, header: header)
+                {
                     stats.add(.droppedBadOffload)
                     return .drop
                 }
                 return .send(address: address, port: port, start: p, length: n)
             }
-            switch Segmentation.splitGathered(p, length: n, header: header, headers: headers,
-                                              headerCapacity: headerCapacity, iovecs: iovecs,
-                                              iovecCapacity: iovecCapacity, maxSegments: maxSegments) {
+            switch Segmentation.splitGathered(
+                p,
+                length: n,
+                header: header,
+                headers: headers,
+                headerCapacity: headerCapacity,
+                iovecs: iovecs,
+                iovecCapacity: iovecCapacity,
+                maxSegments: maxSegments
+            ) {
             case .success(let segments):
                 stats.add(.segmentsMade, UInt64(segments.count))
                 return .sendGathered(address: address, port: port, iovecs: iovecs, segments: segments)
@@ -258,8 +312,13 @@ extension Forwarder {
     /// Returns how many were accepted.
     @inline(__always) @discardableResult
     public func fromNetwork(
-        datagrams p: UnsafeMutableRawPointer, length: Int, segmentLength: Int, sender: UInt32, senderPort: UInt16,
-        into plan: inout CoalescingPlan, stats: Statistics
+        datagrams p: UnsafeMutableRawPointer,
+        length: Int,
+        segmentLength: Int,
+        sender: UInt32,
+        senderPort: UInt16,
+        into plan: inout CoalescingPlan,
+        stats: Statistics
     ) -> Int {
         plan.reset()
         let step = segmentLength > 0 ? segmentLength : length

@@ -1,8 +1,9 @@
+import Offload
+import UDPEncap
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import Offload
-import UDPEncap
 
 /// Where the engine's output goes: a loop moves the buffers in and out of
 /// the kernel, by io_uring requests or by system calls, and reports each
@@ -112,10 +113,17 @@ final class SendBatcher {
     /// One packet of slot `slot` for a peer (host order): joins the open
     /// batch when it can, or starts one.
     @inline(__always)
-    func add<IO: BatchIO>(_ slot: Int, address: UInt32, port: UInt16, start: UnsafeMutableRawPointer, length: Int,
-                          io: IO) {
+    func add<IO: BatchIO>(
+        _ slot: Int,
+        address: UInt32,
+        port: UInt16,
+        start: UnsafeMutableRawPointer,
+        length: Int,
+        io: IO
+    ) {
         if segmentationWorks && openLeader >= 0 && address == openAddress && port == openPort
-            && length <= openLength && openBytes + length <= SegmentedPacket.maxUDPPayload {
+            && length <= openLength && openBytes + length <= SegmentedPacket.maxUDPPayload
+        {
             let n = Int(sendDatagrams[openLeader * sendsPerSlot])
             if n < SendBatcher.maxBatch {
                 iovecs(openLeader)[n] = iovec(iov_base: start, iov_len: length)
@@ -144,8 +152,14 @@ final class SendBatcher {
     /// iovecs two per datagram: sent at once, after whatever is batched (a
     /// flow's packets keep their order).
     @inline(__always)
-    func addGathered<IO: BatchIO>(_ slot: Int, address: UInt32, port: UInt16, gathered: UnsafeMutablePointer<iovec>,
-                                  segments: SegmentedPacket, io: IO) {
+    func addGathered<IO: BatchIO>(
+        _ slot: Int,
+        address: UInt32,
+        port: UInt16,
+        gathered: UnsafeMutablePointer<iovec>,
+        segments: SegmentedPacket,
+        io: IO
+    ) {
         flush(io)
         setPeer(slot, address: address, port: port)
         let perSend = segmentationWorks ? segments.segmentsPerSend() : 1

@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CTunnel
 import NetBase
 import UDPEncap
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// flannel's data path: poll, then one read and one send (or one receive and
 /// one write) per packet, no offloads — what flannel's udp backend does.
@@ -66,7 +67,9 @@ public final class SimpleLoop: DataPathLoop, @unchecked Sendable {
                                 sendto(udpFD, p, length, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
                             }
                         }
-                        if s < 0 { statistics.add(.sendErrors) } else {
+                        if s < 0 {
+                            statistics.add(.sendErrors)
+                        } else {
                             statistics.add(.udpPacketsSent)
                             statistics.add(.udpBytesSent, UInt64(s))
                         }
@@ -93,11 +96,17 @@ public final class SimpleLoop: DataPathLoop, @unchecked Sendable {
                     statistics.add(.droppedTruncated)
                 } else if r >= 0 {
                     let sender = UInt32(bigEndian: peer.sin_addr.s_addr)
-                    if let length = forwarder.fromNetwork(p, length: r, sender: sender,
-                                                          senderPort: UInt16(bigEndian: peer.sin_port),
-                                                          stats: statistics) {
+                    if let length = forwarder.fromNetwork(
+                        p,
+                        length: r,
+                        sender: sender,
+                        senderPort: UInt16(bigEndian: peer.sin_port),
+                        stats: statistics
+                    ) {
                         let w = write(tunFD, p, length)
-                        if w < 0 { statistics.add(.tunWriteErrors) } else {
+                        if w < 0 {
+                            statistics.add(.tunWriteErrors)
+                        } else {
                             statistics.add(.tunPacketsWritten)
                             statistics.add(.tunBytesWritten, UInt64(w))
                         }

@@ -33,8 +33,10 @@ public final class Statistics: @unchecked Sendable {
         local[DataPathCounter.batches.rawValue] &+= 1
         local[DataPathCounter.batchCompletions.rawValue] &+= UInt64(n)
         // Class k holds sizes 2^k … 2^(k+1) − 1; the last one everything above.
-        let sizeClass = min(DataPathCounter.batchesOf64Plus.rawValue - DataPathCounter.batchesOf1.rawValue,
-                            Int.bitWidth - 1 - n.leadingZeroBitCount)
+        let sizeClass = min(
+            DataPathCounter.batchesOf64Plus.rawValue - DataPathCounter.batchesOf1.rawValue,
+            Int.bitWidth - 1 - n.leadingZeroBitCount
+        )
         local[DataPathCounter.batchesOf1.rawValue + sizeClass] &+= 1
     }
 

@@ -1,10 +1,11 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Atomics
 import NetBase
 import Synchronization
 import UDPEncap
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Where the data path sends packets for one subnet of the network: an
 /// entry of the data path's table, not a kernel route (Netlink's `NextHop`).
@@ -62,8 +63,14 @@ public final class SubnetTable: @unchecked Sendable {
         let bytes = entryCount * MemoryLayout<UnsafeAtomic<UInt64>.Storage>.stride
         let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
         mappedBytes = (bytes + pageSize - 1) / pageSize * pageSize
-        let p = mmap(nil, mappedBytes, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        let p = mmap(
+            nil,
+            mappedBytes,
+            PROT_READ | PROT_WRITE,
+            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+            -1,
+            0
+        )
         guard let p, p != MAP_FAILED else {
             throw SystemError("mmap \(mappedBytes) bytes", on: "subnet table for \(network)", errno: .current)
         }
@@ -175,7 +182,7 @@ public final class SubnetTable: @unchecked Sendable {
             throw SubnetTableError.smallerThanSubnetLength(subnet: subnet, subnetLength: subnetLength)
         }
         let first = Int((subnet.address.value &- base) >> shift)
-        return first ..< first + (1 << (subnetLength - subnet.prefixLength))
+        return first..<first + (1 << (subnetLength - subnet.prefixLength))
     }
 }
 

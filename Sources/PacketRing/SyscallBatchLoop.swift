@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CTunnel
 import NetBase
 import UDPEncap
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The data path without io_uring, with every offload: for kernels older
 /// than io_uring's buffer rings and hosts that refuse io_uring (Docker's
@@ -45,8 +46,13 @@ public final class SyscallBatchLoop: DataPathLoop, BatchIO, @unchecked Sendable 
         self.udpFD = udpFD
         depth = max(1, configuration.depth)
         busyPollNanoseconds = UInt64(max(0, configuration.busyPollMicroseconds)) * 1000
-        engine = try BatchEngine(forwarder: forwarder, configuration: configuration, slots: depth, receiveHeader: 0,
-                                 statistics: statistics)
+        engine = try BatchEngine(
+            forwarder: forwarder,
+            configuration: configuration,
+            slots: depth,
+            receiveHeader: 0,
+            statistics: statistics
+        )
         // Reads stop at an empty queue instead of blocking (a TUN queue is
         // opened non-blocking already; a test's stand-in may not be).
         let flags = fcntl(tunFD, F_GETFL)
@@ -169,8 +175,12 @@ public final class SyscallBatchLoop: DataPathLoop, BatchIO, @unchecked Sendable 
                 statistics.add(.readErrors)
                 failures += 1
                 if failures > 2 * depth {
-                    throw SystemError("read", on: "TUN device", errno: .current,
-                                      hint: "the device went away or was taken down")
+                    throw SystemError(
+                        "read",
+                        on: "TUN device",
+                        errno: .current,
+                        hint: "the device went away or was taken down"
+                    )
                 }
                 continue
             }
@@ -242,14 +252,22 @@ public final class SyscallBatchLoop: DataPathLoop, BatchIO, @unchecked Sendable 
             var segmentLength = length
             // msg_hdr is the first member of the mmsghdr.
             if engine.offloads.receiveCoalescing,
-               let size = UDPControlMessage.receiveSegmentSize(
-                   of: UnsafeMutableRawPointer(message).assumingMemoryBound(to: msghdr.self)) {
+                let size = UDPControlMessage.receiveSegmentSize(
+                    of: UnsafeMutableRawPointer(message).assumingMemoryBound(to: msghdr.self)
+                )
+            {
                 segmentLength = size
             }
             let name = receiveNames[slot]
-            engine.received(slot, payload: engine.udpPayload(slot), length: length, segmentLength: segmentLength,
-                            sender: UInt32(bigEndian: name.sin_addr.s_addr), port: UInt16(bigEndian: name.sin_port),
-                            io: self)
+            engine.received(
+                slot,
+                payload: engine.udpPayload(slot),
+                length: length,
+                segmentLength: segmentLength,
+                sender: UInt32(bigEndian: name.sin_addr.s_addr),
+                port: UInt16(bigEndian: name.sin_port),
+                io: self
+            )
         }
         return Int(r)
     }

@@ -1,8 +1,9 @@
+import CTunnel
+import NetBase
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CTunnel
-import NetBase
 
 /// A detached pthread running one closure.
 final class ThreadStart: @unchecked Sendable {
@@ -15,12 +16,17 @@ final class ThreadStart: @unchecked Sendable {
         self.name = String(name.utf8.prefix(15)) ?? "tunneld-dp"
         let box = Unmanaged.passRetained(self).toOpaque()
         var thread = pthread_t()
-        let rc = pthread_create(&thread, nil, { arg in
-            let me = Unmanaged<ThreadStart>.fromOpaque(arg!).takeRetainedValue()
-            _ = ctunnel_set_thread_name(me.name)
-            me.body()
-            return nil
-        }, box)
+        let rc = pthread_create(
+            &thread,
+            nil,
+            { arg in
+                let me = Unmanaged<ThreadStart>.fromOpaque(arg!).takeRetainedValue()
+                _ = ctunnel_set_thread_name(me.name)
+                me.body()
+                return nil
+            },
+            box
+        )
         precondition(rc == 0, "pthread_create failed: \(Errno(rc))")
         pthread_detach(thread)
     }

@@ -1,10 +1,11 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CTunnel
 import CURing
 import NetBase
 import UDPEncap
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The io_uring data path: moves buffers between the kernel and the
 /// `BatchEngine`, which does everything else.
@@ -37,7 +38,8 @@ public final class URingLoop: DataPathLoop, BatchIO, @unchecked Sendable {
     /// messages (UDP_GRO's segment size).
     private let receiveTemplate: UnsafeMutablePointer<msghdr>
     private let wakeBuffer: UnsafeMutablePointer<UInt64>
-    private let bufferRings: (tun: UnsafeMutablePointer<io_uring_buf_ring>, udp: UnsafeMutablePointer<io_uring_buf_ring>)
+    private let bufferRings:
+        (tun: UnsafeMutablePointer<io_uring_buf_ring>, udp: UnsafeMutablePointer<io_uring_buf_ring>)
     /// The ring while `run` runs (only the loop's thread touches it).
     private var ring: UnsafeMutablePointer<io_uring>?
     /// Buffers of each group that the kernel handed us and we have not
@@ -49,8 +51,13 @@ public final class URingLoop: DataPathLoop, BatchIO, @unchecked Sendable {
 
     /// - Parameter multishotRead: read the TUN with one multishot read
     ///   (Linux 6.7); false: one read re-armed after each completion.
-    public init(forwarder: Forwarder, tunFD: Int32, udpFD: Int32, configuration: LoopConfiguration,
-                multishotRead: Bool = true) throws {
+    public init(
+        forwarder: Forwarder,
+        tunFD: Int32,
+        udpFD: Int32,
+        configuration: LoopConfiguration,
+        multishotRead: Bool = true
+    ) throws {
         self.tunFD = tunFD
         self.udpFD = udpFD
         self.multishotRead = multishotRead
@@ -59,10 +66,16 @@ public final class URingLoop: DataPathLoop, BatchIO, @unchecked Sendable {
         var depth = 1
         while depth < configuration.depth { depth <<= 1 }
         self.depth = depth
-        let receiveHeader = MemoryLayout<io_uring_recvmsg_out>.size + MemoryLayout<sockaddr_in>.size
+        let receiveHeader =
+            MemoryLayout<io_uring_recvmsg_out>.size + MemoryLayout<sockaddr_in>.size
             + URingLoop.receiveControlSpace
-        engine = try BatchEngine(forwarder: forwarder, configuration: configuration, slots: depth,
-                                 receiveHeader: receiveHeader, statistics: statistics)
+        engine = try BatchEngine(
+            forwarder: forwarder,
+            configuration: configuration,
+            slots: depth,
+            receiveHeader: receiveHeader,
+            statistics: statistics
+        )
         receiveTemplate = .allocate(capacity: 1)
         receiveTemplate.initialize(to: msghdr())
         receiveTemplate.pointee.msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
@@ -74,8 +87,10 @@ public final class URingLoop: DataPathLoop, BatchIO, @unchecked Sendable {
         let udpRing = try BatchEngine.alignedAllocation(ringBytes, "buffer ring")
         memset(tunRing, 0, ringBytes)
         memset(udpRing, 0, ringBytes)
-        bufferRings = (tunRing.assumingMemoryBound(to: io_uring_buf_ring.self),
-                       udpRing.assumingMemoryBound(to: io_uring_buf_ring.self))
+        bufferRings = (
+            tunRing.assumingMemoryBound(to: io_uring_buf_ring.self),
+            udpRing.assumingMemoryBound(to: io_uring_buf_ring.self)
+        )
         wakeFD = eventfd(0, Int32(EFD_CLOEXEC))
         guard wakeFD >= 0 else {
             throw SystemError("eventfd", on: "data path", errno: .current)
@@ -125,8 +140,14 @@ public final class URingLoop: DataPathLoop, BatchIO, @unchecked Sendable {
             address = engine.udpBuffer(slot)
             length = engine.receiveHeader + engine.udpCapacity
         }
-        io_uring_buf_ring_add(bufferRing, address, UInt32(length), UInt16(slot),
-                              io_uring_buf_ring_mask(UInt32(depth)), 0)
+        io_uring_buf_ring_add(
+            bufferRing,
+            address,
+            UInt32(length),
+            UInt16(slot),
+            io_uring_buf_ring_mask(UInt32(depth)),
+            0
+        )
         io_uring_buf_ring_advance(bufferRing, 1)
     }
 
@@ -151,10 +172,14 @@ public final class URingLoop: DataPathLoop, BatchIO, @unchecked Sendable {
             rc = io_uring_queue_init_params(entries, ring, &params)
         }
         guard rc == 0 else {
-            throw SystemError("io_uring_queue_init", on: "data path ring (\(entries) entries)", errno: Errno(-rc),
-                              hint: rc == -EPERM || rc == -ENOSYS
-                                ? "io_uring is refused here (seccomp or kernel.io_uring_disabled); use --datapath syscall"
-                                : nil)
+            throw SystemError(
+                "io_uring_queue_init",
+                on: "data path ring (\(entries) entries)",
+                errno: Errno(-rc),
+                hint: rc == -EPERM || rc == -ENOSYS
+                    ? "io_uring is refused here (seccomp or kernel.io_uring_disabled); use --datapath syscall"
+                    : nil
+            )
         }
         self.ring = ring
         defer {
@@ -170,8 +195,12 @@ public final class URingLoop: DataPathLoop, BatchIO, @unchecked Sendable {
             registration.bgid = group.rawValue
             let r = io_uring_register_buf_ring(ring, &registration, 0)
             guard r == 0 else {
-                throw SystemError("io_uring_register_buf_ring", on: "data path ring", errno: Errno(-r),
-                                  hint: "provided buffer rings need Linux 5.19 or later; use --datapath syscall")
+                throw SystemError(
+                    "io_uring_register_buf_ring",
+                    on: "data path ring",
+                    errno: Errno(-r),
+                    hint: "provided buffer rings need Linux 5.19 or later; use --datapath syscall"
+                )
             }
             io_uring_buf_ring_init(bufferRing)
             if group == .tun { heldTun = depth } else { heldUDP = depth }
@@ -221,8 +250,12 @@ public final class URingLoop: DataPathLoop, BatchIO, @unchecked Sendable {
                             statistics.add(.readErrors)
                             tunFailures += 1
                             if tunFailures > 2 * depth {
-                                throw SystemError("read", on: "TUN device", errno: Errno(-result),
-                                                  hint: "the device went away or was taken down")
+                                throw SystemError(
+                                    "read",
+                                    on: "TUN device",
+                                    errno: Errno(-result),
+                                    hint: "the device went away or was taken down"
+                                )
                             }
                         }
                     }
@@ -310,9 +343,15 @@ public final class URingLoop: DataPathLoop, BatchIO, @unchecked Sendable {
                 control = io_uring_recvmsg_cmsg_nexthdr(out, receiveTemplate, header)
             }
         }
-        engine.received(slot, payload: payload, length: payloadLength, segmentLength: segmentLength,
-                        sender: UInt32(bigEndian: name.pointee.sin_addr.s_addr),
-                        port: UInt16(bigEndian: name.pointee.sin_port), io: self)
+        engine.received(
+            slot,
+            payload: payload,
+            length: payloadLength,
+            segmentLength: segmentLength,
+            sender: UInt32(bigEndian: name.pointee.sin_addr.s_addr),
+            port: UInt16(bigEndian: name.pointee.sin_port),
+            io: self
+        )
     }
 
     // MARK: Requests

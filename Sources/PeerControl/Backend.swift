@@ -88,12 +88,29 @@ public struct BackendReport: Sendable, Equatable {
     /// `DataPathCounter` names; kernel backends: routes_restored).
     public var counters: [(name: String, value: UInt64)]
 
-    public init(_ type: BackendType, device: String? = nil, summary: String = "", workers: Int = 0,
-                offloads: [String] = [], datapathTier: String? = nil, datapathNote: String? = nil,
-                tableEntries: Int = 0, tableGeneration: UInt64 = 0, counters: [(name: String, value: UInt64)] = []) {
-        status = BackendStatus(type: type.rawValue, device: device, summary: summary, workers: workers,
-                               offloads: offloads, datapathTier: datapathTier, datapathNote: datapathNote,
-                               tableEntries: tableEntries, tableGeneration: tableGeneration)
+    public init(
+        _ type: BackendType,
+        device: String? = nil,
+        summary: String = "",
+        workers: Int = 0,
+        offloads: [String] = [],
+        datapathTier: String? = nil,
+        datapathNote: String? = nil,
+        tableEntries: Int = 0,
+        tableGeneration: UInt64 = 0,
+        counters: [(name: String, value: UInt64)] = []
+    ) {
+        status = BackendStatus(
+            type: type.rawValue,
+            device: device,
+            summary: summary,
+            workers: workers,
+            offloads: offloads,
+            datapathTier: datapathTier,
+            datapathNote: datapathNote,
+            tableEntries: tableEntries,
+            tableGeneration: tableGeneration
+        )
         self.counters = counters
     }
 
@@ -158,6 +175,8 @@ public struct PeerLog {
             for line in lines { logger.info("\(line)") }
             return
         }
-        logger.info("\(count) peers programmed, from \(lines[0]) to \(last ?? lines[lines.count - 1]) (one line per peer at --log-level debug)")
+        logger.info(
+            "\(count) peers programmed, from \(lines[0]) to \(last ?? lines[lines.count - 1]) (one line per peer at --log-level debug)"
+        )
     }
 }

@@ -52,10 +52,16 @@ public final class PeerSync: Sendable {
     /// True while a re-acquisition is pending or running.
     private let reacquiring = Mutex<Bool>(false)
 
-    public init(store: any LeaseStore, backend: any Backend, holder: LeaseHolder, config: NetworkConfig,
-                attributes: LeaseAttributes, logger: Logger,
-                onSubnetChange: @escaping @Sendable (Lease) -> Void = { _ in },
-                metricsFactory: any MetricsFactory = MetricsSystem.factory) {
+    public init(
+        store: any LeaseStore,
+        backend: any Backend,
+        holder: LeaseHolder,
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        logger: Logger,
+        onSubnetChange: @escaping @Sendable (Lease) -> Void = { _ in },
+        metricsFactory: any MetricsFactory = MetricsSystem.factory
+    ) {
         self.metrics = Metrics(factory: metricsFactory)
         self.store = store
         self.backend = backend
@@ -65,7 +71,9 @@ public final class PeerSync: Sendable {
         self.rule = LeaseRule(config)
         self.logger = logger
         self.onSubnetChange = onSubnetChange
-        (reacquireRequests, reacquireContinuation) = AsyncStream<IPv4Network>.makeStream(bufferingPolicy: .bufferingNewest(1))
+        (reacquireRequests, reacquireContinuation) = AsyncStream<IPv4Network>.makeStream(
+            bufferingPolicy: .bufferingNewest(1)
+        )
     }
 
     /// A subnet's lease, and whether the backend has it as a peer. While
@@ -139,7 +147,10 @@ public final class PeerSync: Sendable {
     private func report(_ ignored: IgnoredLeaseKey, own: IPv4Network) {
         var text = ignored.description
         if case .wider = ignored.reason, let subnet = LeaseKey.subnet(fromKey: ignored.key), subnet.contains(own) {
-            text = text.replacingOccurrences(of: "other hosts' subnets", with: "other hosts' subnets, including ours (\(own))")
+            text = text.replacingOccurrences(
+                of: "other hosts' subnets",
+                with: "other hosts' subnets, including ours (\(own))"
+            )
         }
         report(ignored.key, text)
     }
@@ -151,7 +162,8 @@ public final class PeerSync: Sendable {
         var reason: String?
         if lease.attributes.effectiveBackendType != backend.type.rawValue {
             let theirs = lease.attributes.effectiveBackendType
-            reason = "peer \(lease.subnet) (\(lease.attributes.publicIP)) runs the \(theirs) backend and this host runs \(backend.type); it cannot be reached until both use the same Backend.Type: restart that host with the current config (or this one, if the config says \(theirs))"
+            reason =
+                "peer \(lease.subnet) (\(lease.attributes.publicIP)) runs the \(theirs) backend and this host runs \(backend.type); it cannot be reached until both use the same Backend.Type: restart that host with the current config (or this one, if the config says \(theirs))"
         } else if let why = backend.unusableReason(lease) {
             reason = "peer \(lease.subnet) (\(lease.attributes.publicIP)) cannot be used: \(why)"
         }
@@ -204,7 +216,9 @@ public final class PeerSync: Sendable {
             commit(removed + changed)
         }
         if !sorted.leases.contains(where: { $0.subnet == own }) {
-            logger.warning("our lease \(own) is missing from \(store.location); acquiring a lease again, forwarding continues")
+            logger.warning(
+                "our lease \(own) is missing from \(store.location); acquiring a lease again, forwarding continues"
+            )
             requestReacquire(own)
         }
     }
@@ -227,14 +241,18 @@ public final class PeerSync: Sendable {
                 if LeaseRule.precedes(held.key, lease.key) {
                     // Another key names this subnet first: this one is no lease.
                     shadowed.withLock { $0[lease.key] = lease }
-                    report(rule.ignored(lease.key, .conflicts(with: held.key), publicIP: lease.attributes.publicIP),
-                           own: own)
+                    report(
+                        rule.ignored(lease.key, .conflicts(with: held.key), publicIP: lease.attributes.publicIP),
+                        own: own
+                    )
                     return
                 }
                 // This key precedes the one that was the lease of its subnet.
                 shadowed.withLock { $0[held.key] = held }
-                report(rule.ignored(held.key, .conflicts(with: lease.key), publicIP: held.attributes.publicIP),
-                       own: own)
+                report(
+                    rule.ignored(held.key, .conflicts(with: lease.key), publicIP: held.attributes.publicIP),
+                    own: own
+                )
             }
             shadowed.withLock { $0[lease.key] = nil }
             if lease.subnet == own {
@@ -244,7 +262,9 @@ public final class PeerSync: Sendable {
                 if lease.attributes.publicIP == attributes.publicIP {
                     holder.replace(lease)
                 } else {
-                    logger.error("our subnet \(own) was written for \(lease.attributes.publicIP) by someone else; two hosts now claim it — remove the wrong lease")
+                    logger.error(
+                        "our subnet \(own) was written for \(lease.attributes.publicIP) by someone else; two hosts now claim it — remove the wrong lease"
+                    )
                 }
                 return
             }
@@ -268,7 +288,9 @@ public final class PeerSync: Sendable {
             if subnet == own {
                 // Our subnet is never a peer: its slot only records the key.
                 table.withLock { $0[own] = next.map { Slot(lease: $0, applied: false, changedAt: 0) } }
-                logger.warning("our lease \(own) was deleted from \(store.location) (expired or removed); acquiring a lease again, forwarding continues")
+                logger.warning(
+                    "our lease \(own) was deleted from \(store.location) (expired or removed); acquiring a lease again, forwarding continues"
+                )
                 requestReacquire(own)
                 return
             }
@@ -284,8 +306,11 @@ public final class PeerSync: Sendable {
             let old = table.withLock { t -> Lease? in
                 let previous = t[subnet]
                 if let lease {
-                    t[subnet] = Slot(lease: lease, applied: previous?.applied ?? false,
-                                     changedAt: previous?.changedAt ?? 0)
+                    t[subnet] = Slot(
+                        lease: lease,
+                        applied: previous?.applied ?? false,
+                        changedAt: previous?.changedAt ?? 0
+                    )
                 } else {
                     t[subnet] = nil
                 }
@@ -355,14 +380,20 @@ public final class PeerSync: Sendable {
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             do {
                 let old = holder.lease
-                let lease = try await store.acquireLease(config: config, attributes: attributes, preferred: preferred,
-                                                         preferredIPv6: old.ipv6Subnet)
+                let lease = try await store.acquireLease(
+                    config: config,
+                    attributes: attributes,
+                    preferred: preferred,
+                    preferredIPv6: old.ipv6Subnet
+                )
                 holder.replace(lease)
                 metrics.reacquisitions.increment()
                 if lease.subnet == old.subnet {
                     logger.info("lease \(lease.subnet) acquired again")
                 } else {
-                    logger.error("subnet \(old.subnet) was taken by another host; moved to \(lease.subnet): containers on this host must be restarted with the new subnet.env")
+                    logger.error(
+                        "subnet \(old.subnet) was taken by another host; moved to \(lease.subnet): containers on this host must be restarted with the new subnet.env"
+                    )
                     // The new subnet may have been a peer's a moment ago.
                     applying.withLock { _ in
                         if let stale = table.withLock({ $0[lease.subnet].flatMap { $0.applied ? $0.lease : nil } }) {
@@ -405,7 +436,9 @@ public final class PeerSync: Sendable {
                 metrics.compactions.increment()
                 // `requested` is where the store's stream began; we may have
                 // seen events past it before the stream broke.
-                logger.warning("lease watch: changes after \(max(requested, revision)) were compacted (oldest kept \(oldest)); listing again (re-list #\(relists))")
+                logger.warning(
+                    "lease watch: changes after \(max(requested, revision)) were compacted (oldest kept \(oldest)); listing again (re-list #\(relists))"
+                )
                 do {
                     let snapshot = try await store.peerLeases(holder: attributes.publicIP)
                     sync(with: snapshot)

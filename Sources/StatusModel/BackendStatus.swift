@@ -25,9 +25,17 @@ public struct BackendStatus: Codable, Sendable, Equatable {
     /// Changes the table has seen since start.
     public var tableGeneration: UInt64
 
-    public init(type: String, device: String? = nil, summary: String = "", workers: Int = 0, offloads: [String] = [],
-                datapathTier: String? = nil, datapathNote: String? = nil,
-                tableEntries: Int = 0, tableGeneration: UInt64 = 0) {
+    public init(
+        type: String,
+        device: String? = nil,
+        summary: String = "",
+        workers: Int = 0,
+        offloads: [String] = [],
+        datapathTier: String? = nil,
+        datapathNote: String? = nil,
+        tableEntries: Int = 0,
+        tableGeneration: UInt64 = 0
+    ) {
         self.type = type
         self.device = device
         self.summary = summary

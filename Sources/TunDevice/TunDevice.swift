@@ -1,10 +1,11 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CTunnel
 import NetBase
 import Netlink
 import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A TUN device (layer 3, `IFF_TUN | IFF_NO_PI`): every read gives one IPv4
 /// or IPv6 packet, every write injects one — with a 10-byte virtio_net_hdr
@@ -43,13 +44,25 @@ public final class TunDevice: Sendable {
     /// (`/var/run/netns/<name>`): the kernel puts a TUN device in the
     /// namespace of whoever opened /dev/net/tun.
     public static func create(
-        name: String, multiQueue: Bool = false, vnetHeader: Bool = false, namespacePath: String? = nil
+        name: String,
+        multiQueue: Bool = false,
+        vnetHeader: Bool = false,
+        namespacePath: String? = nil
     ) throws -> TunDevice {
         try validate(name: name)
-        let (fd, actualName) = try openQueue(name: name, multiQueue: multiQueue, vnetHeader: vnetHeader,
-                                             namespacePath: namespacePath)
-        return TunDevice(name: actualName, multiQueue: multiQueue, vnetHeader: vnetHeader,
-                         namespacePath: namespacePath, first: fd)
+        let (fd, actualName) = try openQueue(
+            name: name,
+            multiQueue: multiQueue,
+            vnetHeader: vnetHeader,
+            namespacePath: namespacePath
+        )
+        return TunDevice(
+            name: actualName,
+            multiQueue: multiQueue,
+            vnetHeader: vnetHeader,
+            namespacePath: namespacePath,
+            first: fd
+        )
     }
 
     /// The first queue's file descriptor.
@@ -62,11 +75,19 @@ public final class TunDevice: Sendable {
     /// flows over the queues by hash.
     public func addQueue() throws -> FileDescriptor {
         guard multiQueue else {
-            throw SystemError("TUNSETIFF (add queue)", on: name, errno: .invalid,
-                              hint: "\(name) was created without multiQueue; create it with multiQueue: true")
+            throw SystemError(
+                "TUNSETIFF (add queue)",
+                on: name,
+                errno: .invalid,
+                hint: "\(name) was created without multiQueue; create it with multiQueue: true"
+            )
         }
-        let (fd, _) = try TunDevice.openQueue(name: name, multiQueue: true, vnetHeader: vnetHeader,
-                                              namespacePath: namespacePath)
+        let (fd, _) = try TunDevice.openQueue(
+            name: name,
+            multiQueue: true,
+            vnetHeader: vnetHeader,
+            namespacePath: namespacePath
+        )
         state.withLock { $0.queues.append(fd) }
         return fd
     }
@@ -76,7 +97,11 @@ public final class TunDevice: Sendable {
     /// (the kernel refuses routes through a device that is down). `socket`
     /// must be in the device's network namespace. Safe to repeat.
     public func configure(
-        address: IPv4Address, prefixLength: Int = 32, mtu: Int, routes: [IPv4Network], using socket: RouteSocket
+        address: IPv4Address,
+        prefixLength: Int = 32,
+        mtu: Int,
+        routes: [IPv4Network],
+        using socket: RouteSocket
     ) throws {
         let index = try socket.linkIndex(named: name)
         try socket.setMTU(index: index, mtu: mtu)
@@ -111,12 +136,19 @@ public final class TunDevice: Sendable {
     /// this device can handle. Needs `vnetHeader`.
     public func setOffload(_ flags: UInt32) throws {
         let fd = self.fd
-        guard fd.isOpen else { throw SystemError("TUNSETOFFLOAD", on: name, errno: Errno(EBADF), hint: "the device is closed") }
+        guard fd.isOpen else {
+            throw SystemError("TUNSETOFFLOAD", on: name, errno: Errno(EBADF), hint: "the device is closed")
+        }
         if case .failure(let e) = TunSyscall.ioctl(fd.rawValue, ctunnel_TUNSETOFFLOAD, value: UInt(flags)) {
             throw SystemError(
-                "TUNSETOFFLOAD 0x\(String(flags, radix: 16))", on: name, errno: e,
-                hint: e == .invalid ? (vnetHeader ? "the kernel does not support one of these offloads"
-                                                  : "offloads need a device created with vnetHeader: true") : nil)
+                "TUNSETOFFLOAD 0x\(String(flags, radix: 16))",
+                on: name,
+                errno: e,
+                hint: e == .invalid
+                    ? (vnetHeader
+                        ? "the kernel does not support one of these offloads"
+                        : "offloads need a device created with vnetHeader: true") : nil
+            )
         }
     }
 
@@ -148,7 +180,10 @@ public final class TunDevice: Sendable {
     // MARK: - Opening
 
     private static func openQueue(
-        name: String, multiQueue: Bool, vnetHeader: Bool, namespacePath: String?
+        name: String,
+        multiQueue: Bool,
+        vnetHeader: Bool,
+        namespacePath: String?
     ) throws -> (FileDescriptor, String) {
         if let namespacePath {
             return try NetworkNamespace.run(inNamespaceAt: namespacePath) {
@@ -164,10 +199,11 @@ public final class TunDevice: Sendable {
         switch openDescriptor(device, O_RDWR | O_NONBLOCK | O_CLOEXEC) {
         case .success(let raw): fd = FileDescriptor(taking: raw)
         case .failure(let e):
-            let hint: String? = switch e {
-            case .noSuchFile, .noSuchDevice, Errno(ENXIO): "load the tun module (modprobe tun)"
-            default: nil
-            }
+            let hint: String? =
+                switch e {
+                case .noSuchFile, .noSuchDevice, Errno(ENXIO): "load the tun module (modprobe tun)"
+                default: nil
+                }
             throw SystemError("open \(device)", on: name, errno: e, hint: hint)
         }
         var flags = ctunnel_IFF_TUN | ctunnel_IFF_NO_PI
@@ -177,12 +213,14 @@ public final class TunDevice: Sendable {
         ctunnel_ifreq_set_name(&request, name)
         ctunnel_ifreq_set_flags(&request, flags)
         if case .failure(let e) = TunSyscall.ioctl(fd.rawValue, ctunnel_TUNSETIFF, &request) {
-            let hint: String? = switch e {
-            case .busy: "\(name) is in use by another process (is another tunneld or flanneld running?)"
-            case .invalid: "a device named \(name) already exists and is not a TUN device with these flags "
-                + "(multiQueue \(multiQueue), vnetHeader \(vnetHeader)); delete it (ip link del \(name)) or choose another name"
-            default: nil
-            }
+            let hint: String? =
+                switch e {
+                case .busy: "\(name) is in use by another process (is another tunneld or flanneld running?)"
+                case .invalid:
+                    "a device named \(name) already exists and is not a TUN device with these flags "
+                        + "(multiQueue \(multiQueue), vnetHeader \(vnetHeader)); delete it (ip link del \(name)) or choose another name"
+                default: nil
+                }
             throw SystemError("TUNSETIFF", on: name, errno: e, hint: hint)
         }
         let actualName = withUnsafeBytes(of: &request.ifr_ifrn.ifrn_name) { raw in
@@ -195,9 +233,14 @@ public final class TunDevice: Sendable {
         // IFNAMSIZ is 16 including the NUL; the kernel would refuse the rest
         // with a bare EINVAL.
         guard !name.isEmpty, name.utf8.count < 16, !name.contains("/"), !name.contains(where: \.isWhitespace),
-              name != ".", name != ".." else {
-            throw SystemError("TUNSETIFF", on: name.isEmpty ? "\"\"" : name, errno: .invalid,
-                              hint: "an interface name is 1 to 15 bytes without '/' or spaces")
+            name != ".", name != ".."
+        else {
+            throw SystemError(
+                "TUNSETIFF",
+                on: name.isEmpty ? "\"\"" : name,
+                errno: .invalid,
+                hint: "an interface name is 1 to 15 bytes without '/' or spaces"
+            )
         }
     }
 }

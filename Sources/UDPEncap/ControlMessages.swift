@@ -1,7 +1,8 @@
+import CTunnel
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CTunnel
 
 /// The control messages of the udp data path's sends and receives: the
 /// UDP_SEGMENT size a send carries (GSO: one buffer leaves as many equal
@@ -27,8 +28,11 @@ public enum UDPControlMessage {
     /// Makes `message` a GSO send of `size`-byte datagrams through its
     /// prepared `control`, or a plain send of one datagram (nil).
     @inline(__always)
-    public static func setSegmentSize(_ message: UnsafeMutablePointer<msghdr>, control: UnsafeMutableRawPointer?,
-                                      _ size: Int) {
+    public static func setSegmentSize(
+        _ message: UnsafeMutablePointer<msghdr>,
+        control: UnsafeMutableRawPointer?,
+        _ size: Int
+    ) {
         guard let control else {
             message.pointee.msg_control = nil
             message.pointee.msg_controllen = 0

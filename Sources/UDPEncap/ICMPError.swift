@@ -61,8 +61,13 @@ public enum ICMPError {
     /// header and as much of its payload as fits in 576 bytes. `capacity` is
     /// the room at `p`. Returns the new packet's length, or nil when no error
     /// may be sent for this packet.
-    public static func rewrite(_ p: UnsafeMutableRawPointer, length: Int, capacity: Int,
-                               kind: Kind, source: UInt32) -> Int? {
+    public static func rewrite(
+        _ p: UnsafeMutableRawPointer,
+        length: Int,
+        capacity: Int,
+        kind: Kind,
+        source: UInt32
+    ) -> Int? {
         guard !mustNotAnswer(p) else { return nil }
         let quoted = min(length, maximumErrorLength - headersLength, capacity - headersLength)
         guard quoted >= IPv4Header.headerLength(p) else { return nil }

@@ -34,16 +34,24 @@ public enum IPv4Header {
 
     @inlinable @inline(__always) public static func source(_ p: UnsafeRawPointer) -> UInt32 { load32(p, 12) }
     @inlinable @inline(__always) public static func destination(_ p: UnsafeRawPointer) -> UInt32 { load32(p, 16) }
-    @inlinable @inline(__always) public static func ttl(_ p: UnsafeRawPointer) -> UInt8 { p.load(fromByteOffset: 8, as: UInt8.self) }
-    @inlinable @inline(__always) public static func proto(_ p: UnsafeRawPointer) -> UInt8 { p.load(fromByteOffset: 9, as: UInt8.self) }
+    @inlinable @inline(__always) public static func ttl(_ p: UnsafeRawPointer) -> UInt8 {
+        p.load(fromByteOffset: 8, as: UInt8.self)
+    }
+    @inlinable @inline(__always) public static func proto(_ p: UnsafeRawPointer) -> UInt8 {
+        p.load(fromByteOffset: 9, as: UInt8.self)
+    }
     @inlinable @inline(__always) public static func headerLength(_ p: UnsafeRawPointer) -> Int {
         Int(p.load(fromByteOffset: 0, as: UInt8.self) & 0x0f) * 4
     }
     @inlinable @inline(__always) public static func totalLength(_ p: UnsafeRawPointer) -> Int { Int(load16(p, 2)) }
     /// Whether the Don't Fragment flag is set.
-    @inlinable @inline(__always) public static func dontFragment(_ p: UnsafeRawPointer) -> Bool { load16(p, 6) & 0x4000 != 0 }
+    @inlinable @inline(__always) public static func dontFragment(_ p: UnsafeRawPointer) -> Bool {
+        load16(p, 6) & 0x4000 != 0
+    }
     /// Fragment offset in 8-byte units (0 for the first or only fragment).
-    @inlinable @inline(__always) public static func fragmentOffset(_ p: UnsafeRawPointer) -> Int { Int(load16(p, 6) & 0x1fff) }
+    @inlinable @inline(__always) public static func fragmentOffset(_ p: UnsafeRawPointer) -> Int {
+        Int(load16(p, 6) & 0x1fff)
+    }
 
     /// Checks that `length` bytes at `p` hold a well-formed IPv4 packet: long
     /// enough, version 4, a header length of at least 20 bytes that fits, a

@@ -1,8 +1,9 @@
+import CTunnel
+import NetBase
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CTunnel
-import NetBase
 
 /// A UDP peer address: where a subnet's packets are sent.
 public struct UDPEndpoint: Hashable, Sendable, CustomStringConvertible {
@@ -39,9 +40,17 @@ public final class UDPSocket: Sendable {
 
     /// Opens and binds the socket. `reusePort` lets several sockets (one per
     /// data-path worker) share the port; the kernel spreads flows over them.
-    public init(bindAddress: IPv4Address = IPv4Address(0), port: UInt16,
-                reusePort: Bool = false, bufferBytes: Int32 = 8 << 20) throws {
-        let raw = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    public init(
+        bindAddress: IPv4Address = IPv4Address(0),
+        port: UInt16,
+        reusePort: Bool = false,
+        bufferBytes: Int32 = 8 << 20
+    ) throws {
+        let raw = socket(
+            AF_INET,
+            Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue),
+            0
+        )
         guard raw >= 0 else {
             throw SystemError("socket(AF_INET, SOCK_DGRAM)", on: "udp port \(port)", errno: .current)
         }
@@ -52,7 +61,9 @@ public final class UDPSocket: Sendable {
         }
         // SO_*BUFFORCE passes the rmem_max/wmem_max limits when we hold
         // CAP_NET_ADMIN; without it fall back to what the limits allow.
-        for (force, plain, name) in [(SO_RCVBUFFORCE, SO_RCVBUF, "SO_RCVBUF"), (SO_SNDBUFFORCE, SO_SNDBUF, "SO_SNDBUF")] {
+        for (force, plain, name) in [
+            (SO_RCVBUFFORCE, SO_RCVBUF, "SO_RCVBUF"), (SO_SNDBUFFORCE, SO_SNDBUF, "SO_SNDBUF"),
+        ] {
             if (try? UDPSocket.setOption(raw, SOL_SOCKET, force, bufferBytes, name, object)) == nil {
                 try UDPSocket.setOption(raw, SOL_SOCKET, plain, bufferBytes, name, object)
             }
@@ -66,17 +77,27 @@ public final class UDPSocket: Sendable {
         }
         guard rc == 0 else {
             let e = Errno.current
-            throw SystemError("bind", on: object, errno: e,
-                              hint: e == Errno(EADDRINUSE)
-                                ? "another process (flanneld or tunneld?) already uses udp port \(port); stop it or set Backend.Port"
-                                : nil)
+            throw SystemError(
+                "bind",
+                on: object,
+                errno: e,
+                hint: e == Errno(EADDRINUSE)
+                    ? "another process (flanneld or tunneld?) already uses udp port \(port); stop it or set Backend.Port"
+                    : nil
+            )
         }
         self.fd = fd
         self.port = port
     }
 
-    static func setOption(_ fd: Int32, _ level: Int32, _ name: Int32, _ value: Int32,
-                          _ optionName: String, _ object: String) throws {
+    static func setOption(
+        _ fd: Int32,
+        _ level: Int32,
+        _ name: Int32,
+        _ value: Int32,
+        _ optionName: String,
+        _ object: String
+    ) throws {
         var v = value
         guard setsockopt(fd, level, name, &v, socklen_t(MemoryLayout<Int32>.size)) == 0 else {
             throw SystemError("setsockopt \(optionName)", on: object, errno: .current)
@@ -88,7 +109,8 @@ public final class UDPSocket: Sendable {
     /// Returns false when the kernel does not offer it: each receive then
     /// returns one datagram, which the data path handles the same way.
     public func enableReceiveCoalescing() -> Bool {
-        (try? UDPSocket.setOption(fd.rawValue, ctunnel_SOL_UDP, ctunnel_UDP_GRO, 1, "UDP_GRO", "udp port \(port)")) != nil
+        (try? UDPSocket.setOption(fd.rawValue, ctunnel_SOL_UDP, ctunnel_UDP_GRO, 1, "UDP_GRO", "udp port \(port)"))
+            != nil
     }
 
     /// Whether one send may carry many equal datagrams (UDP_SEGMENT, Linux

@@ -8,8 +8,10 @@ extension Bytes32 {
     init(base64 text: String, what: String) throws(KeyError) {
         let trimmed = text.trimmingWhitespace
         guard let decoded = Base64.decode(trimmed), let key = Bytes32(decoded) else {
-            throw KeyError(description: "\(what) is not base64 of 32 bytes (\(trimmed.count) characters read); "
-                + "make one with `wg genkey` (a private key) or `wg pubkey` (its public key)")
+            throw KeyError(
+                description: "\(what) is not base64 of 32 bytes (\(trimmed.count) characters read); "
+                    + "make one with `wg genkey` (a private key) or `wg pubkey` (its public key)"
+            )
         }
         self = key
     }

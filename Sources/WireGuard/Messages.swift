@@ -76,7 +76,7 @@ public func classify(_ datagram: UnsafeRawBufferPointer) -> Result<MessageType, 
     guard let first = datagram.first else { return .failure(.empty) }
     // The type is a little-endian 32-bit field: the three bytes after the first must be zero.
     guard let type = MessageType(rawValue: first), datagram.count >= 4,
-          datagram[1] | datagram[2] | datagram[3] == 0
+        datagram[1] | datagram[2] | datagram[3] == 0
     else { return .failure(.unknownType(first)) }
     let n = datagram.count
     let ok: Bool

@@ -14,8 +14,14 @@ public final class Keypair {
     var replay = ReplayWindow()
     public private(set) var isDestroyed = false
 
-    init(sendKey: Bytes32, receiveKey: Bytes32, localIndex: UInt32, remoteIndex: UInt32, isInitiator: Bool,
-         createdAt: Instant) {
+    init(
+        sendKey: Bytes32,
+        receiveKey: Bytes32,
+        localIndex: UInt32,
+        remoteIndex: UInt32,
+        isInitiator: Bool,
+        createdAt: Instant
+    ) {
         self.sendKey = sendKey
         self.receiveKey = receiveKey
         self.localIndex = localIndex
@@ -134,8 +140,10 @@ public final class Peer {
 
     /// When the caller should call `WireGuardInterface.tick` next at the latest.
     public var nextDeadline: Instant? {
-        [retransmitAt, keepaliveAt, newHandshakeAt, lastHandshake.map { $0 + Timing.zeroKeysAfter },
-         persistentKeepalive.flatMap { p in lastSent.map { $0 + p } }].compactMap { $0 }.min()
+        [
+            retransmitAt, keepaliveAt, newHandshakeAt, lastHandshake.map { $0 + Timing.zeroKeysAfter },
+            persistentKeepalive.flatMap { p in lastSent.map { $0 + p } },
+        ].compactMap { $0 }.min()
     }
 
     func cookieForMAC2(now: Instant) -> Bytes16? {

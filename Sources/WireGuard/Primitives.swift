@@ -22,12 +22,17 @@ enum Primitive {
     }
 
     /// HASH(a || b), BLAKE2s-256.
-    static func hash(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer = .init(start: nil, count: 0)) -> Bytes32 {
+    static func hash(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer = .init(start: nil, count: 0)) -> Bytes32
+    {
         var out = Bytes32()
         let ok = out.withUnsafeMutableBytes { o in
-            cwg_blake2s256(o.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                           a.baseAddress?.assumingMemoryBound(to: UInt8.self), a.count,
-                           b.baseAddress?.assumingMemoryBound(to: UInt8.self), b.count)
+            cwg_blake2s256(
+                o.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                a.baseAddress?.assumingMemoryBound(to: UInt8.self),
+                a.count,
+                b.baseAddress?.assumingMemoryBound(to: UInt8.self),
+                b.count
+            )
         }
         precondition(ok == 1, "libcrypto's BLAKE2s-256 failed")
         return out
@@ -47,14 +52,22 @@ enum Primitive {
     }
 
     /// HMAC(key, a || b), HMAC-BLAKE2s-256.
-    static func hmac(_ key: Bytes32, _ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer = .init(start: nil, count: 0)) -> Bytes32 {
+    static func hmac(
+        _ key: Bytes32,
+        _ a: UnsafeRawBufferPointer,
+        _ b: UnsafeRawBufferPointer = .init(start: nil, count: 0)
+    ) -> Bytes32 {
         var out = Bytes32()
         let ok = key.withUnsafeBytes { k in
             out.withUnsafeMutableBytes { o in
-                cwg_hmac_blake2s(o.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                                 k.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                                 a.baseAddress?.assumingMemoryBound(to: UInt8.self), a.count,
-                                 b.baseAddress?.assumingMemoryBound(to: UInt8.self), b.count)
+                cwg_hmac_blake2s(
+                    o.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                    k.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                    a.baseAddress?.assumingMemoryBound(to: UInt8.self),
+                    a.count,
+                    b.baseAddress?.assumingMemoryBound(to: UInt8.self),
+                    b.count
+                )
             }
         }
         precondition(ok == 1, "libcrypto's HMAC-BLAKE2s failed")
@@ -84,9 +97,14 @@ enum Primitive {
     static func mac(_ key: UnsafeRawBufferPointer, _ data: UnsafeRawBufferPointer) -> Bytes16 {
         var out = Bytes16()
         let ok = out.withUnsafeMutableBytes { o in
-            cwg_blake2s_mac(o.baseAddress!.assumingMemoryBound(to: UInt8.self), 16,
-                            key.baseAddress!.assumingMemoryBound(to: UInt8.self), key.count,
-                            data.baseAddress?.assumingMemoryBound(to: UInt8.self), data.count)
+            cwg_blake2s_mac(
+                o.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                16,
+                key.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                key.count,
+                data.baseAddress?.assumingMemoryBound(to: UInt8.self),
+                data.count
+            )
         }
         precondition(ok == 1, "libcrypto's keyed BLAKE2s (BLAKE2SMAC) failed")
         return out
@@ -106,9 +124,11 @@ enum Primitive {
         let ok = privateKey.withUnsafeBytes { s in
             publicKey.withUnsafeBytes { p in
                 out.withUnsafeMutableBytes { o in
-                    cwg_x25519(o.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                               s.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                               p.baseAddress!.assumingMemoryBound(to: UInt8.self))
+                    cwg_x25519(
+                        o.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                        s.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                        p.baseAddress!.assumingMemoryBound(to: UInt8.self)
+                    )
                 }
             }
         }
@@ -120,8 +140,10 @@ enum Primitive {
         var out = Bytes32()
         let ok = privateKey.withUnsafeBytes { s in
             out.withUnsafeMutableBytes { o in
-                cwg_x25519_public(o.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                                  s.baseAddress!.assumingMemoryBound(to: UInt8.self))
+                cwg_x25519_public(
+                    o.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                    s.baseAddress!.assumingMemoryBound(to: UInt8.self)
+                )
             }
         }
         precondition(ok == 1, "libcrypto's X25519 failed to derive a public key")
@@ -142,29 +164,47 @@ enum Primitive {
 
     /// XAEAD(key, nonce, plain, aad): XChaCha20-Poly1305 from libsodium; `out`
     /// receives plain.count + 16 bytes.
-    static func xseal(key: Bytes32, nonce: UnsafeRawBufferPointer, plain: UnsafeRawBufferPointer,
-                      aad: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer) {
+    static func xseal(
+        key: Bytes32,
+        nonce: UnsafeRawBufferPointer,
+        plain: UnsafeRawBufferPointer,
+        aad: UnsafeRawBufferPointer,
+        into out: UnsafeMutableRawBufferPointer
+    ) {
         precondition(nonce.count == 24 && out.count >= plain.count + 16)
         let ok = key.withUnsafeBytes { k in
-            cwg_xaead_seal(out.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                           plain.baseAddress?.assumingMemoryBound(to: UInt8.self), plain.count,
-                           aad.baseAddress?.assumingMemoryBound(to: UInt8.self), aad.count,
-                           nonce.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                           k.baseAddress!.assumingMemoryBound(to: UInt8.self))
+            cwg_xaead_seal(
+                out.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                plain.baseAddress?.assumingMemoryBound(to: UInt8.self),
+                plain.count,
+                aad.baseAddress?.assumingMemoryBound(to: UInt8.self),
+                aad.count,
+                nonce.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                k.baseAddress!.assumingMemoryBound(to: UInt8.self)
+            )
         }
         precondition(ok == 1, "libsodium's XChaCha20-Poly1305 failed to seal")
     }
 
     /// Opens `sealed` (ciphertext then tag) into `out` (sealed.count - 16 bytes).
-    static func xopen(key: Bytes32, nonce: UnsafeRawBufferPointer, sealed: UnsafeRawBufferPointer,
-                      aad: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer) throws(PrimitiveFailure) {
+    static func xopen(
+        key: Bytes32,
+        nonce: UnsafeRawBufferPointer,
+        sealed: UnsafeRawBufferPointer,
+        aad: UnsafeRawBufferPointer,
+        into out: UnsafeMutableRawBufferPointer
+    ) throws(PrimitiveFailure) {
         precondition(nonce.count == 24 && sealed.count >= 16 && out.count >= sealed.count - 16)
         let ok = key.withUnsafeBytes { k in
-            cwg_xaead_open(out.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                           sealed.baseAddress!.assumingMemoryBound(to: UInt8.self), sealed.count - 16,
-                           aad.baseAddress?.assumingMemoryBound(to: UInt8.self), aad.count,
-                           nonce.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                           k.baseAddress!.assumingMemoryBound(to: UInt8.self))
+            cwg_xaead_open(
+                out.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                sealed.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                sealed.count - 16,
+                aad.baseAddress?.assumingMemoryBound(to: UInt8.self),
+                aad.count,
+                nonce.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                k.baseAddress!.assumingMemoryBound(to: UInt8.self)
+            )
         }
         guard ok == 1 else { throw PrimitiveFailure() }
     }
@@ -178,7 +218,9 @@ public final class CipherContext {
 
     public init() {
         guard let context = cwg_aead_new() else {
-            fatalError("libcrypto could not create a ChaCha20-Poly1305 context (is OpenSSL 3's default provider available?)")
+            fatalError(
+                "libcrypto could not create a ChaCha20-Poly1305 context (is OpenSSL 3's default provider available?)"
+            )
         }
         self.context = context
     }
@@ -197,38 +239,68 @@ public final class CipherContext {
 
     /// Seals `length` bytes at `text` in place and writes the tag at `tag`.
     @inline(__always)
-    func seal(key: Bytes32, counter: UInt64, aad: Bytes32?, text: UnsafeMutableRawPointer?, length: Int,
-              tag: UnsafeMutableRawPointer) -> Bool {
+    func seal(
+        key: Bytes32,
+        counter: UInt64,
+        aad: Bytes32?,
+        text: UnsafeMutableRawPointer?,
+        length: Int,
+        tag: UnsafeMutableRawPointer
+    ) -> Bool {
         var nonce = Self.nonce(counter)
         var aadBytes = aad ?? .zero
         let aadLength = aad == nil ? 0 : 32
-        return Swift.withUnsafeBytes(of: &aadBytes.storage) { aad in key.withUnsafeBytes { k in
-            Swift.withUnsafeBytes(of: &nonce) { n in
-                let t = text?.assumingMemoryBound(to: UInt8.self)
-                return cwg_aead_seal(context, k.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                                     n.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                                     aad.baseAddress?.assumingMemoryBound(to: UInt8.self), aadLength,
-                                     t, t, length, tag.assumingMemoryBound(to: UInt8.self)) == 1
+        return Swift.withUnsafeBytes(of: &aadBytes.storage) { aad in
+            key.withUnsafeBytes { k in
+                Swift.withUnsafeBytes(of: &nonce) { n in
+                    let t = text?.assumingMemoryBound(to: UInt8.self)
+                    return cwg_aead_seal(
+                        context,
+                        k.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                        n.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                        aad.baseAddress?.assumingMemoryBound(to: UInt8.self),
+                        aadLength,
+                        t,
+                        t,
+                        length,
+                        tag.assumingMemoryBound(to: UInt8.self)
+                    ) == 1
+                }
             }
-        } }
+        }
     }
 
     /// Opens `length` bytes at `text` in place, checking the tag at `tag`.
     @inline(__always)
-    func open(key: Bytes32, counter: UInt64, aad: Bytes32?, text: UnsafeMutableRawPointer?, length: Int,
-              tag: UnsafeRawPointer) -> Bool {
+    func open(
+        key: Bytes32,
+        counter: UInt64,
+        aad: Bytes32?,
+        text: UnsafeMutableRawPointer?,
+        length: Int,
+        tag: UnsafeRawPointer
+    ) -> Bool {
         var nonce = Self.nonce(counter)
         var aadBytes = aad ?? .zero
         let aadLength = aad == nil ? 0 : 32
-        return Swift.withUnsafeBytes(of: &aadBytes.storage) { aad in key.withUnsafeBytes { k in
-            Swift.withUnsafeBytes(of: &nonce) { n in
-                let t = text?.assumingMemoryBound(to: UInt8.self)
-                return cwg_aead_open(context, k.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                                     n.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                                     aad.baseAddress?.assumingMemoryBound(to: UInt8.self), aadLength,
-                                     t, t, length, tag.assumingMemoryBound(to: UInt8.self)) == 1
+        return Swift.withUnsafeBytes(of: &aadBytes.storage) { aad in
+            key.withUnsafeBytes { k in
+                Swift.withUnsafeBytes(of: &nonce) { n in
+                    let t = text?.assumingMemoryBound(to: UInt8.self)
+                    return cwg_aead_open(
+                        context,
+                        k.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                        n.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                        aad.baseAddress?.assumingMemoryBound(to: UInt8.self),
+                        aadLength,
+                        t,
+                        t,
+                        length,
+                        tag.assumingMemoryBound(to: UInt8.self)
+                    ) == 1
+                }
             }
-        } }
+        }
     }
 
     /// The general form, for the known-answer tests: a 12-byte nonce of the
@@ -238,8 +310,17 @@ public final class CipherContext {
         var out = plain + [UInt8](repeating: 0, count: 16)
         let ok = key.withUnsafeBytes { k in
             out.withUnsafeMutableBufferPointer { o in
-                cwg_aead_seal(context, k.baseAddress!.assumingMemoryBound(to: UInt8.self), nonce, aad, aad.count,
-                              o.baseAddress, o.baseAddress, plain.count, o.baseAddress! + plain.count)
+                cwg_aead_seal(
+                    context,
+                    k.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                    nonce,
+                    aad,
+                    aad.count,
+                    o.baseAddress,
+                    o.baseAddress,
+                    plain.count,
+                    o.baseAddress! + plain.count
+                )
             }
         }
         precondition(ok == 1, "libcrypto's ChaCha20-Poly1305 failed to seal")
@@ -254,8 +335,17 @@ public final class CipherContext {
         let length = sealed.count - 16
         let ok = key.withUnsafeBytes { k in
             out.withUnsafeMutableBufferPointer { o in
-                cwg_aead_open(context, k.baseAddress!.assumingMemoryBound(to: UInt8.self), nonce, aad, aad.count,
-                              o.baseAddress, o.baseAddress, length, o.baseAddress! + length)
+                cwg_aead_open(
+                    context,
+                    k.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                    nonce,
+                    aad,
+                    aad.count,
+                    o.baseAddress,
+                    o.baseAddress,
+                    length,
+                    o.baseAddress! + length
+                )
             }
         }
         return ok == 1 ? Array(out[0..<length]) : nil

@@ -87,13 +87,19 @@ public final class WireGuardInterface {
     /// Adds a peer, or returns the one with this key. A low-order public key
     /// (no shared secret) is refused.
     @discardableResult
-    public func addPeer(_ publicKey: PublicKey, presharedKey: PresharedKey = .none, endpoint: Endpoint? = nil)
+    public func addPeer(
+        _ publicKey: PublicKey,
+        presharedKey: PresharedKey = .none,
+        endpoint: Endpoint? = nil
+    )
         throws(KeyError) -> Peer
     {
         if let existing = peers[publicKey] { return existing }
         guard let shared = try? Primitive.dh(privateKey.raw, publicKey.raw) else {
-            throw KeyError(description: "peer public key \(publicKey) is a low-order point (no shared secret); "
-                + "take the peer's key from `wg pubkey` of its private key")
+            throw KeyError(
+                description: "peer public key \(publicKey) is a low-order point (no shared secret); "
+                    + "take the peer's key from `wg pubkey` of its private key"
+            )
         }
         let peer = Peer(publicKey: publicKey, presharedKey: presharedKey, staticShared: shared, endpoint: endpoint)
         peers[publicKey] = peer
@@ -161,7 +167,9 @@ public final class WireGuardInterface {
             m.storeLittleEndian(state.localIndex, at: 4)
             state.ephemeralPrivate = Primitive.generatePrivateKey()
             let ephemeral = Primitive.publicKey(of: state.ephemeralPrivate)
-            ephemeral.withUnsafeBytes { m.baseAddress!.advanced(by: 8).copyMemory(from: $0.baseAddress!, byteCount: 32) }
+            ephemeral.withUnsafeBytes {
+                m.baseAddress!.advanced(by: 8).copyMemory(from: $0.baseAddress!, byteCount: 32)
+            }
             var c = Primitive.kdf(Noise.initialChainingKey, ephemeral, outputs: 1).0
             var h = Primitive.hash(peer.initiatorHash, ephemeral)
             // The peer's key passed addPeer's check, so this DH has a result.
@@ -169,15 +177,29 @@ public final class WireGuardInterface {
             var (c1, k, _) = Primitive.kdf(c, es, outputs: 2)
             c = c1
             es.wipe()
-            publicKey.raw.withUnsafeBytes { m.baseAddress!.advanced(by: 40).copyMemory(from: $0.baseAddress!, byteCount: 32) }
-            _ = handshakeCipher.seal(key: k, counter: 0, aad: h, text: m.baseAddress! + 40, length: 32,
-                                     tag: m.baseAddress! + 72)
+            publicKey.raw.withUnsafeBytes {
+                m.baseAddress!.advanced(by: 40).copyMemory(from: $0.baseAddress!, byteCount: 32)
+            }
+            _ = handshakeCipher.seal(
+                key: k,
+                counter: 0,
+                aad: h,
+                text: m.baseAddress! + 40,
+                length: 32,
+                tag: m.baseAddress! + 72
+            )
             h = Primitive.hash(h, UnsafeRawBufferPointer(rebasing: m[40..<88]))
             (c1, k, _) = Primitive.kdf(c, peer.staticShared, outputs: 2)
             c = c1
             timestamp.write(to: UnsafeMutableRawBufferPointer(rebasing: m[88..<100]))
-            _ = handshakeCipher.seal(key: k, counter: 0, aad: h, text: m.baseAddress! + 88, length: 12,
-                                     tag: m.baseAddress! + 100)
+            _ = handshakeCipher.seal(
+                key: k,
+                counter: 0,
+                aad: h,
+                text: m.baseAddress! + 88,
+                length: 12,
+                tag: m.baseAddress! + 100
+            )
             k.wipe()
             h = Primitive.hash(h, UnsafeRawBufferPointer(rebasing: m[88..<116]))
             state.chainingKey = c
@@ -190,7 +212,8 @@ public final class WireGuardInterface {
         if peer.handshakeAttemptStart == nil { peer.handshakeAttemptStart = now }
         var jitter: UInt32 = 0
         Primitive.random(&jitter)
-        peer.retransmitAt = now + Timing.rekeyTimeout
+        peer.retransmitAt =
+            now + Timing.rekeyTimeout
             + Instant.Span(nanoseconds: Int64(jitter) % (Timing.rekeyTimeoutJitterMax.nanoseconds + 1))
         return message
     }
@@ -203,7 +226,9 @@ public final class WireGuardInterface {
         peer.lastMAC1Sent = mac1
         if let cookie = peer.cookieForMAC2(now: now) {
             let mac2 = Primitive.mac(cookie, UnsafeRawBufferPointer(rebasing: m[0..<(macOffset + 16)]))
-            mac2.withUnsafeBytes { m.baseAddress!.advanced(by: macOffset + 16).copyMemory(from: $0.baseAddress!, byteCount: 16) }
+            mac2.withUnsafeBytes {
+                m.baseAddress!.advanced(by: macOffset + 16).copyMemory(from: $0.baseAddress!, byteCount: 16)
+            }
         }
     }
 
@@ -212,9 +237,12 @@ public final class WireGuardInterface {
     /// and responses need a valid mac2, and get a cookie reply without one,
     /// before any Diffie-Hellman work is done; and each source address gets
     /// at most 20 a second (bursts of 5).
-    public func receiveHandshake(_ datagram: UnsafeRawBufferPointer, from source: Endpoint, now: Instant,
-                                 underLoad: Bool = false) -> HandshakeOutcome
-    {
+    public func receiveHandshake(
+        _ datagram: UnsafeRawBufferPointer,
+        from source: Endpoint,
+        now: Instant,
+        underLoad: Bool = false
+    ) -> HandshakeOutcome {
         switch classify(datagram) {
         case .failure(let rejection): return .rejected(rejection)
         case .success(.transport): return .rejected(.unknownType(MessageType.transport.rawValue))
@@ -222,7 +250,8 @@ public final class WireGuardInterface {
         case .success(let type):
             let macOffset = type == .initiation ? 116 : 60
             let mac1 = Primitive.mac(mac1Key, UnsafeRawBufferPointer(rebasing: datagram[0..<macOffset]))
-            guard mac1.constantTimeEquals(UnsafeRawBufferPointer(rebasing: datagram[macOffset..<(macOffset + 16)])) else {
+            guard mac1.constantTimeEquals(UnsafeRawBufferPointer(rebasing: datagram[macOffset..<(macOffset + 16)]))
+            else {
                 return .rejected(.badMAC1)
             }
             if underLoad {
@@ -230,7 +259,9 @@ public final class WireGuardInterface {
                 let mac2 = Primitive.mac(cookie, UnsafeRawBufferPointer(rebasing: datagram[0..<(macOffset + 16)]))
                 let given = UnsafeRawBufferPointer(rebasing: datagram[(macOffset + 16)..<(macOffset + 32)])
                 guard mac2.constantTimeEquals(given) else {
-                    return .cookieReply(message: makeCookieReply(datagram, macOffset: macOffset, source: source, now: now))
+                    return .cookieReply(
+                        message: makeCookieReply(datagram, macOffset: macOffset, source: source, now: now)
+                    )
                 }
                 guard rateLimiter.allow(source, now: now) else { return .rejected(.rateLimited) }
             }
@@ -242,7 +273,12 @@ public final class WireGuardInterface {
         }
     }
 
-    public func receiveHandshake(_ datagram: [UInt8], from source: Endpoint, now: Instant, underLoad: Bool = false)
+    public func receiveHandshake(
+        _ datagram: [UInt8],
+        from source: Endpoint,
+        now: Instant,
+        underLoad: Bool = false
+    )
         -> HandshakeOutcome
     {
         datagram.withUnsafeBytes { receiveHandshake($0, from: source, now: now, underLoad: underLoad) }
@@ -260,8 +296,14 @@ public final class WireGuardInterface {
         var staticKey = (Bytes32(), Bytes16())
         let staticOpened = withUnsafeMutableBytes(of: &staticKey) { s in
             s.copyMemory(from: UnsafeRawBufferPointer(rebasing: m[40..<88]))
-            return handshakeCipher.open(key: k, counter: 0, aad: h, text: s.baseAddress, length: 32,
-                                        tag: s.baseAddress! + 32)
+            return handshakeCipher.open(
+                key: k,
+                counter: 0,
+                aad: h,
+                text: s.baseAddress,
+                length: 32,
+                tag: s.baseAddress! + 32
+            )
         }
         guard staticOpened else { return .rejected(.decryptionFailed(.initiation)) }
         h = Primitive.hash(h, UnsafeRawBufferPointer(rebasing: m[40..<88]))
@@ -271,8 +313,14 @@ public final class WireGuardInterface {
         var stamp = (TAI64N.zero.seconds, UInt32(0), Bytes16())
         let stampOpened = withUnsafeMutableBytes(of: &stamp) { s in
             s.copyMemory(from: UnsafeRawBufferPointer(rebasing: m[88..<116]))
-            return handshakeCipher.open(key: k, counter: 0, aad: h, text: s.baseAddress, length: 12,
-                                        tag: s.baseAddress! + 12)
+            return handshakeCipher.open(
+                key: k,
+                counter: 0,
+                aad: h,
+                text: s.baseAddress,
+                length: 12,
+                tag: s.baseAddress! + 12
+            )
         }
         k.wipe()
         guard stampOpened else { return .rejected(.decryptionFailed(.initiation)) }
@@ -286,8 +334,14 @@ public final class WireGuardInterface {
         peer.lastInitiationConsumed = now
         peer.endpoint = source
         endHandshake(of: peer)
-        peer.handshake = HandshakeState(stage: .initiationConsumed, localIndex: 0, remoteIndex: sender,
-                                        chainingKey: c, hash: h, remoteEphemeral: ephemeral)
+        peer.handshake = HandshakeState(
+            stage: .initiationConsumed,
+            localIndex: 0,
+            remoteIndex: sender,
+            chainingKey: c,
+            hash: h,
+            remoteEphemeral: ephemeral
+        )
         c.wipe()
         return .respond(peer, message: makeResponse(for: peer, now: now))
     }
@@ -304,7 +358,9 @@ public final class WireGuardInterface {
             m.storeLittleEndian(state.remoteIndex, at: 8)
             var ephemeralPrivate = Primitive.generatePrivateKey()
             let ephemeral = Primitive.publicKey(of: ephemeralPrivate)
-            ephemeral.withUnsafeBytes { m.baseAddress!.advanced(by: 12).copyMemory(from: $0.baseAddress!, byteCount: 32) }
+            ephemeral.withUnsafeBytes {
+                m.baseAddress!.advanced(by: 12).copyMemory(from: $0.baseAddress!, byteCount: 32)
+            }
             var c = Primitive.kdf(state.chainingKey, ephemeral, outputs: 1).0
             var h = Primitive.hash(state.hash, ephemeral)
             // The initiator's ephemeral gave a result in consumeInitiation, so these do too.
@@ -328,8 +384,14 @@ public final class WireGuardInterface {
         }
         state.wipe()
         peer.handshake.wipe()
-        let keypair = Keypair(sendKey: sendKey, receiveKey: receiveKey, localIndex: localIndex,
-                              remoteIndex: state.remoteIndex, isInitiator: false, createdAt: now)
+        let keypair = Keypair(
+            sendKey: sendKey,
+            receiveKey: receiveKey,
+            localIndex: localIndex,
+            remoteIndex: state.remoteIndex,
+            isInitiator: false,
+            createdAt: now
+        )
         sendKey.wipe()
         receiveKey.wipe()
         indices[localIndex] = .keypair(peer, keypair)
@@ -354,7 +416,7 @@ public final class WireGuardInterface {
         var c = Primitive.kdf(state.chainingKey, ephemeral, outputs: 1).0
         var h = Primitive.hash(state.hash, ephemeral)
         guard var ee = try? Primitive.dh(state.ephemeralPrivate, ephemeral),
-              var se = try? Primitive.dh(privateKey.raw, ephemeral)
+            var se = try? Primitive.dh(privateKey.raw, ephemeral)
         else { return .rejected(.invalidEphemeral) }
         c = Primitive.kdf(c, ee, outputs: 1).0
         c = Primitive.kdf(c, se, outputs: 1).0
@@ -374,8 +436,14 @@ public final class WireGuardInterface {
         c.wipe()
         h.wipe()
         peer.handshake.wipe()
-        let keypair = Keypair(sendKey: sendKey, receiveKey: receiveKey, localIndex: receiver, remoteIndex: sender,
-                              isInitiator: true, createdAt: now)
+        let keypair = Keypair(
+            sendKey: sendKey,
+            receiveKey: receiveKey,
+            localIndex: receiver,
+            remoteIndex: sender,
+            isInitiator: true,
+            createdAt: now
+        )
         sendKey.wipe()
         receiveKey.wipe()
         indices[receiver] = .keypair(peer, keypair)
@@ -417,11 +485,17 @@ public final class WireGuardInterface {
             r.storeLittleEndian(m.littleEndian(at: 4, as: UInt32.self), at: 4)
             var nonce = (Bytes16(), UInt64(0))
             Primitive.random(&nonce)
-            withUnsafeBytes(of: &nonce) { r.baseAddress!.advanced(by: 8).copyMemory(from: $0.baseAddress!, byteCount: 24) }
+            withUnsafeBytes(of: &nonce) {
+                r.baseAddress!.advanced(by: 8).copyMemory(from: $0.baseAddress!, byteCount: 24)
+            }
             cookie.withUnsafeBytes { c in
-                Primitive.xseal(key: cookieKey, nonce: UnsafeRawBufferPointer(rebasing: r[8..<32]), plain: c,
-                                aad: UnsafeRawBufferPointer(rebasing: m[macOffset..<(macOffset + 16)]),
-                                into: UnsafeMutableRawBufferPointer(rebasing: r[32..<64]))
+                Primitive.xseal(
+                    key: cookieKey,
+                    nonce: UnsafeRawBufferPointer(rebasing: r[8..<32]),
+                    plain: c,
+                    aad: UnsafeRawBufferPointer(rebasing: m[macOffset..<(macOffset + 16)]),
+                    into: UnsafeMutableRawBufferPointer(rebasing: r[32..<64])
+                )
             }
         }
         cookie.wipe()
@@ -440,8 +514,13 @@ public final class WireGuardInterface {
         var cookie = Bytes16()
         let opened = mac1.withUnsafeBytes { aad in
             cookie.withUnsafeMutableBytes { out in
-                (try? Primitive.xopen(key: peer.cookieKey, nonce: UnsafeRawBufferPointer(rebasing: m[8..<32]),
-                                      sealed: UnsafeRawBufferPointer(rebasing: m[32..<64]), aad: aad, into: out)) != nil
+                (try? Primitive.xopen(
+                    key: peer.cookieKey,
+                    nonce: UnsafeRawBufferPointer(rebasing: m[8..<32]),
+                    sealed: UnsafeRawBufferPointer(rebasing: m[32..<64]),
+                    aad: aad,
+                    into: out
+                )) != nil
             }
         }
         guard opened else { return .rejected(.decryptionFailed(.cookieReply)) }
@@ -476,7 +555,8 @@ public final class WireGuardInterface {
             actions.insert(.sendKeepalive)
         }
         if let interval = peer.persistentKeepalive, peer.current != nil,
-           peer.lastSent.map({ now - $0 >= interval }) ?? true {
+            peer.lastSent.map({ now - $0 >= interval }) ?? true
+        {
             actions.insert(.sendKeepalive)
         }
         if let last = peer.lastHandshake, now - last >= Timing.zeroKeysAfter {
@@ -493,9 +573,12 @@ public final class WireGuardInterface {
     /// place. Each packet's payload is at the header length; on return its
     /// `length` is the message's. Every slot needs room for the header,
     /// padding and tag (`MessageLayout.trailerRoom`). An empty payload is a keepalive.
-    public func seal(_ packets: UnsafeMutableBufferPointer<PacketBuffer>, to peer: Peer, cipher: CipherContext,
-                     now: Instant) -> SealOutcome
-    {
+    public func seal(
+        _ packets: UnsafeMutableBufferPointer<PacketBuffer>,
+        to peer: Peer,
+        cipher: CipherContext,
+        now: Instant
+    ) -> SealOutcome {
         guard let keypair = peer.current, !keypair.isExpired(now: now) else {
             return SealOutcome(sealed: 0, wantsHandshake: !peer.isHandshaking)
         }
@@ -507,15 +590,26 @@ public final class WireGuardInterface {
             let payload = packets[i].length
             let padded = MessageLayout.paddedLength(payload)
             let memory = packets[i].memory
-            precondition(memory.count >= MessageLayout.transportHeaderLength + padded + MessageLayout.tagLength,
-                         "a packet slot has no room for WireGuard's padding and tag")
+            precondition(
+                memory.count >= MessageLayout.transportHeaderLength + padded + MessageLayout.tagLength,
+                "a packet slot has no room for WireGuard's padding and tag"
+            )
             let text = memory.baseAddress! + MessageLayout.transportHeaderLength
-            if padded > payload { (text + payload).initializeMemory(as: UInt8.self, repeating: 0, count: padded - payload) }
+            if padded > payload {
+                (text + payload).initializeMemory(as: UInt8.self, repeating: 0, count: padded - payload)
+            }
             memory.storeLittleEndian(UInt32(MessageType.transport.rawValue), at: 0)
             memory.storeLittleEndian(keypair.remoteIndex, at: 4)
             memory.storeLittleEndian(counter, at: 8)
-            guard cipher.seal(key: keypair.sendKey, counter: counter, aad: nil,
-                              text: text, length: padded, tag: text + padded)
+            guard
+                cipher.seal(
+                    key: keypair.sendKey,
+                    counter: counter,
+                    aad: nil,
+                    text: text,
+                    length: padded,
+                    tag: text + padded
+                )
             else { break }
             keypair.sendCounter = counter + 1
             packets[i].length = MessageLayout.transportHeaderLength + padded + MessageLayout.tagLength
@@ -529,7 +623,8 @@ public final class WireGuardInterface {
                 peer.newHandshakeAt = now + Timing.keepaliveTimeout + Timing.rekeyTimeout
             }
         }
-        let due = keypair.isInitiator
+        let due =
+            keypair.isInitiator
             && (now - keypair.createdAt >= Timing.rekeyAfterTime || keypair.sendCounter >= Timing.rekeyAfterMessages)
         return SealOutcome(sealed: sealed, wantsHandshake: (due || sealed < packets.count) && !peer.isHandshaking)
     }
@@ -538,7 +633,12 @@ public final class WireGuardInterface {
     /// (checked before decryption, marked only after authentication), tag.
     /// On success the payload is at the header length and the sender's
     /// endpoint becomes `source` (roaming).
-    public func open(_ packet: inout PacketBuffer, from source: Endpoint, cipher: CipherContext, now: Instant)
+    public func open(
+        _ packet: inout PacketBuffer,
+        from source: Endpoint,
+        cipher: CipherContext,
+        now: Instant
+    )
         -> Result<Received, Rejection>
     {
         let m = UnsafeRawBufferPointer(rebasing: packet.memory[0..<packet.length])
@@ -548,7 +648,9 @@ public final class WireGuardInterface {
         case .success(let type): return .failure(.unknownType(type.rawValue))
         }
         let receiver = m.littleEndian(at: 4, as: UInt32.self)
-        guard case .keypair(let peer, let keypair) = indices[receiver] else { return .failure(.unknownReceiver(receiver)) }
+        guard case .keypair(let peer, let keypair) = indices[receiver] else {
+            return .failure(.unknownReceiver(receiver))
+        }
         let counter = m.littleEndian(at: 8, as: UInt64.self)
         guard !keypair.isDestroyed, now - keypair.createdAt < Timing.rejectAfterTime else {
             return .failure(.expiredKeypair)
@@ -556,8 +658,15 @@ public final class WireGuardInterface {
         guard keypair.replay.check(counter) else { return .failure(.replayedCounter(counter)) }
         let length = packet.length - MessageLayout.transportMinimumLength
         let text = packet.memory.baseAddress! + MessageLayout.transportHeaderLength
-        guard cipher.open(key: keypair.receiveKey, counter: counter, aad: nil,
-                          text: text, length: length, tag: text + length)
+        guard
+            cipher.open(
+                key: keypair.receiveKey,
+                counter: counter,
+                aad: nil,
+                text: text,
+                length: length,
+                tag: text + length
+            )
         else { return .failure(.decryptionFailed(.transport)) }
         guard keypair.replay.accept(counter) else { return .failure(.replayedCounter(counter)) }
         if peer.next === keypair {
@@ -570,20 +679,24 @@ public final class WireGuardInterface {
         peer.endpoint = source
         peer.newHandshakeAt = nil
         if length > 0 && peer.keepaliveAt == nil { peer.keepaliveAt = now + Timing.keepaliveTimeout }
-        let wants = peer.current === keypair && keypair.isInitiator && !peer.isHandshaking
+        let wants =
+            peer.current === keypair && keypair.isInitiator && !peer.isHandshaking
             && now - keypair.createdAt >= Timing.rekeyOnReceiveAge
         packet.length = MessageLayout.transportHeaderLength + length
         return .success(Received(peer: peer, payloadLength: length, wantsHandshake: wants))
     }
 
     /// Opens a batch from one source; `results[i]` says what became of `packets[i]`.
-    public func open(_ packets: UnsafeMutableBufferPointer<PacketBuffer>, from source: Endpoint, cipher: CipherContext,
-                     now: Instant, results: UnsafeMutableBufferPointer<Result<Received, Rejection>>)
-    {
+    public func open(
+        _ packets: UnsafeMutableBufferPointer<PacketBuffer>,
+        from source: Endpoint,
+        cipher: CipherContext,
+        now: Instant,
+        results: UnsafeMutableBufferPointer<Result<Received, Rejection>>
+    ) {
         precondition(results.count >= packets.count)
         for i in packets.indices {
             results[i] = open(&packets[i], from: source, cipher: cipher, now: now)
         }
     }
 }
-

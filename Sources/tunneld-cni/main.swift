@@ -1,8 +1,9 @@
+import CNIPlugin
+import NetBase
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CNIPlugin
-import NetBase
 
 // flannel's CNI plugin for tunneld. A container runtime runs it with the
 // CNI_* environment and the network config on stdin; install it as

@@ -47,7 +47,9 @@ final class BlackholeRoute: @unchecked Sendable {
     func repair() throws -> IPv4Network? {
         try lock.withLock {
             guard let subnet else { return nil }
-            let present = try routeSocket.blackholeRoutes().contains { $0.destination == subnet && $0.metric == Self.metric }
+            let present = try routeSocket.blackholeRoutes().contains {
+                $0.destination == subnet && $0.metric == Self.metric
+            }
             if present { return nil }
             try routeSocket.addBlackholeRoute(subnet, metric: Self.metric)
             return subnet

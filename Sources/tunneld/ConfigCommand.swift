@@ -5,7 +5,8 @@ import LeaseStore
 struct Config: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Read or write the network config (flannel's config JSON).",
-        subcommands: [Set.self, Get.self])
+        subcommands: [Set.self, Get.self]
+    )
 
     struct Set: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -14,7 +15,8 @@ struct Config: AsyncParsableCommand {
                 Example: {"Network":"10.2.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}
                 The JSON is checked with flannel's rules and stored as given, so flanneld and \
                 etcdctl read it back unchanged.
-                """)
+                """
+        )
 
         @OptionGroup var storeOptions: StoreOptions
 
@@ -35,16 +37,29 @@ struct Config: AsyncParsableCommand {
             let store = try storeOptions.open()
             do {
                 let config = try await store.setNetworkConfig(json: json)
-                let ipv6 = config.ipv6.map {
-                    ", IPv6Network \($0.network), IPv6SubnetLen \($0.subnetLen), IPv6 subnets \($0.subnetMin.address)…\($0.subnetMax.address)"
-                } ?? ""
-                print("stored network config in \(store.location): Network \(config.network), SubnetLen \(config.subnetLen), subnets \(config.subnetMin.address)…\(config.subnetMax.address)\(ipv6), backend \(config.backend.type)")
+                let ipv6 =
+                    config.ipv6.map {
+                        ", IPv6Network \($0.network), IPv6SubnetLen \($0.subnetLen), IPv6 subnets \($0.subnetMin.address)…\($0.subnetMax.address)"
+                    } ?? ""
+                print(
+                    "stored network config in \(store.location): Network \(config.network), SubnetLen \(config.subnetLen), subnets \(config.subnetMin.address)…\(config.subnetMax.address)\(ipv6), backend \(config.backend.type)"
+                )
                 if config.backend.knownType == nil {
                     // Valid for flannel, so stored; but no tunneld host will start on it.
-                    FileHandle.standardError.write(Data("warning: tunneld supports the \(BackendType.supportedNames) backends, not \"\(config.backend.type)\": tunneld run refuses this config until Backend.Type is one of them\n".utf8))
+                    FileHandle.standardError.write(
+                        Data(
+                            "warning: tunneld supports the \(BackendType.supportedNames) backends, not \"\(config.backend.type)\": tunneld run refuses this config until Backend.Type is one of them\n"
+                                .utf8
+                        )
+                    )
                 } else if config.ipv6 != nil {
                     // Valid for flannel (flanneld hosts can use it); tunneld hosts will not start on it yet.
-                    FileHandle.standardError.write(Data("warning: IPv6 for the \(config.backend.type) backend is not built in tunneld yet: tunneld run refuses this config while EnableIPv6 is true (flanneld hosts can use it)\n".utf8))
+                    FileHandle.standardError.write(
+                        Data(
+                            "warning: IPv6 for the \(config.backend.type) backend is not built in tunneld yet: tunneld run refuses this config while EnableIPv6 is true (flanneld hosts can use it)\n"
+                                .utf8
+                        )
+                    )
                 }
             } catch let error as NetworkConfigError {
                 throw DaemonError("invalid network config: \(error)")
@@ -70,7 +85,8 @@ struct Config: AsyncParsableCommand {
 
 struct Leases: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "List the subnet leases of the network.")
+        abstract: "List the subnet leases of the network."
+    )
 
     @OptionGroup var storeOptions: StoreOptions
 
@@ -87,7 +103,9 @@ struct Leases: AsyncParsableCommand {
             leases = sorted.leases
             notes = sorted.ignored.map { "ignored: \($0)" }
         } else {
-            notes.append("no network config in \(store.location): every key is listed, none checked against Network and SubnetLen")
+            notes.append(
+                "no network config in \(store.location): every key is listed, none checked against Network and SubnetLen"
+            )
         }
         notes += snapshot.skipped.map { "unreadable: \($0)" }
         let formatter = ISO8601DateFormatter()
@@ -96,17 +114,23 @@ struct Leases: AsyncParsableCommand {
         func column(_ text: String, _ width: Int) -> String {
             text.padding(toLength: max(width, text.count + 1), withPad: " ", startingAt: 0)
         }
-        print(column("SUBNET", 20) + column("PUBLIC-IP", 18)
-              + (dualStack ? column("IPV6-SUBNET", 26) + column("PUBLIC-IPV6", 26) : "")
-              + column("BACKEND", 10) + "EXPIRES")
+        print(
+            column("SUBNET", 20) + column("PUBLIC-IP", 18)
+                + (dualStack ? column("IPV6-SUBNET", 26) + column("PUBLIC-IPV6", 26) : "")
+                + column("BACKEND", 10) + "EXPIRES"
+        )
         defer { if !notes.isEmpty { print("\n" + notes.joined(separator: "\n")) } }
         for lease in leases.sorted(by: { $0.subnet.address < $1.subnet.address }) {
             let expires = lease.expiration.map { formatter.string(from: $0) } ?? "never (reservation)"
-            let ipv6 = dualStack
-                ? column(lease.ipv6Subnet?.description ?? "-", 26) + column(lease.attributes.publicIPv6?.description ?? "-", 26)
+            let ipv6 =
+                dualStack
+                ? column(lease.ipv6Subnet?.description ?? "-", 26)
+                    + column(lease.attributes.publicIPv6?.description ?? "-", 26)
                 : ""
-            print(column(lease.subnet.description, 20) + column(lease.attributes.publicIP.description, 18) + ipv6
-                  + column(lease.attributes.backendType ?? "udp", 10) + expires)
+            print(
+                column(lease.subnet.description, 20) + column(lease.attributes.publicIP.description, 18) + ipv6
+                    + column(lease.attributes.backendType ?? "udp", 10) + expires
+            )
         }
     }
 }

@@ -40,11 +40,18 @@ final class Daemon: Service, Sendable {
         let (interface, interfaceAddress) = try selectInterface(routeSocket)
         let publicIP = options.publicIP.flatMap(IPv4Address.init) ?? interfaceAddress
         let publicIPv6 = try selectPublicIPv6(config, interface: interface, routeSocket)
-        logger.info("using interface \(interface.name) (\(interfaceAddress), MTU \(interface.mtu)); public IP \(publicIP)\(publicIPv6.map { ", public IPv6 \($0)" } ?? ""); backend \(config.backend.type)")
+        logger.info(
+            "using interface \(interface.name) (\(interfaceAddress), MTU \(interface.mtu)); public IP \(publicIP)\(publicIPv6.map { ", public IPv6 \($0)" } ?? ""); backend \(config.backend.type)"
+        )
 
         systemd.status("Setting up the \(config.backend.type) backend on \(interface.name)")
-        let backend = try makeBackend(config, interface: interface, interfaceAddress: interfaceAddress,
-                                      publicIP: publicIP, routeSocket: routeSocket)
+        let backend = try makeBackend(
+            config,
+            interface: interface,
+            interfaceAddress: interfaceAddress,
+            publicIP: publicIP,
+            routeSocket: routeSocket
+        )
         // From here on, a failure removes what this start installed (device,
         // routes, iptables chains, the health listener, a lease it took
         // fresh) before the error is reported: no half-configured host.
@@ -61,7 +68,9 @@ final class Daemon: Service, Sendable {
                     try await store.releaseLease(freshLease)
                     logger.info("released the lease \(freshLease.subnet) taken by this start")
                 } catch {
-                    logger.warning("could not release the lease \(freshLease.subnet) taken by this start: \(error); it expires on its own")
+                    logger.warning(
+                        "could not release the lease \(freshLease.subnet) taken by this start: \(error); it expires on its own"
+                    )
                 }
             }
         }
@@ -91,10 +100,19 @@ final class Daemon: Service, Sendable {
             systemd.status("Acquiring a lease in \(store.location)")
             // One read of the leases chooses the subnet and is the list of
             // peers; their watch starts from its revision.
-            guard let joined = try await retrying("acquire a lease in \(store.location)", {
-                try await self.store.join(config: config, attributes: attributes, preferred: preferred,
-                                          preferredIPv6: preferredIPv6)
-            }) else {
+            guard
+                let joined = try await retrying(
+                    "acquire a lease in \(store.location)",
+                    {
+                        try await self.store.join(
+                            config: config,
+                            attributes: attributes,
+                            preferred: preferred,
+                            preferredIPv6: preferredIPv6
+                        )
+                    }
+                )
+            else {
                 backend.cleanUp(releasing: false)
                 return
             }
@@ -108,38 +126,68 @@ final class Daemon: Service, Sendable {
             try backend.activate(lease: lease)
             mtu = backend.mtu
 
-            peers = PeerSync(store: store, backend: backend, holder: holder, config: config,
-                             attributes: attributes, logger: logger,
-                             onSubnetChange: { [options, logger, firewall, blackhole] newLease in
-                do {
-                    try SubnetEnv(network: config.network, subnet: newLease.subnet, mtu: mtu, ipMasq: options.ipMasq,
-                                  ipv6Network: config.ipv6?.network, ipv6Subnet: newLease.ipv6Subnet)
+            peers = PeerSync(
+                store: store,
+                backend: backend,
+                holder: holder,
+                config: config,
+                attributes: attributes,
+                logger: logger,
+                onSubnetChange: { [options, logger, firewall, blackhole] newLease in
+                    do {
+                        try SubnetEnv(
+                            network: config.network,
+                            subnet: newLease.subnet,
+                            mtu: mtu,
+                            ipMasq: options.ipMasq,
+                            ipv6Network: config.ipv6?.network,
+                            ipv6Subnet: newLease.ipv6Subnet
+                        )
                         .write(to: options.subnetFile)
-                    try firewall?.install(Daemon.firewallNetworks(config, newLease))
-                    try blackhole?.set(newLease.subnet)
-                } catch {
-                    logger.error("could not move to the new subnet \(newLease.subnet): \(error)")
+                        try firewall?.install(Daemon.firewallNetworks(config, newLease))
+                        try blackhole?.set(newLease.subnet)
+                    } catch {
+                        logger.error("could not move to the new subnet \(newLease.subnet): \(error)")
+                    }
                 }
-            })
+            )
             // Health and metrics from here on; /readyz says 503, naming
             // the step under way, until the rules are in and subnet.env is
             // written (as flanneld's does).
-            let readiness = Readiness(waitingFor: firewall.map { "installing the \($0.mechanism) rules" }
-                                                  ?? "loading the leases listed in \(store.location)")
-            endpoint = try startEndpoint(Observed(
-                config: config, location: store.location, interface: interface.name,
-                interfaceAddress: interfaceAddress, publicIP: publicIP, mtu: mtu, startedAt: startedAt,
-                backend: backend, peers: peers), readiness: readiness)
+            let readiness = Readiness(
+                waitingFor: firewall.map { "installing the \($0.mechanism) rules" }
+                    ?? "loading the leases listed in \(store.location)"
+            )
+            endpoint = try startEndpoint(
+                Observed(
+                    config: config,
+                    location: store.location,
+                    interface: interface.name,
+                    interfaceAddress: interfaceAddress,
+                    publicIP: publicIP,
+                    mtu: mtu,
+                    startedAt: startedAt,
+                    backend: backend,
+                    peers: peers
+                ),
+                readiness: readiness
+            )
             try firewall?.install(Daemon.firewallNetworks(config, lease))
             if let firewall, options.ipMasq {
-                logger.info("ip masquerade on for traffic from \(config.network) leaving it (\(firewall.masqueradeLocation))")
+                logger.info(
+                    "ip masquerade on for traffic from \(config.network) leaving it (\(firewall.masqueradeLocation))"
+                )
             }
             if let firewall, options.iptablesForwardRules {
-                logger.info("forwarding traffic from and to \(config.network) (\(firewall.forwardLocation)); put back within \(options.iptablesResync) s if removed")
+                logger.info(
+                    "forwarding traffic from and to \(config.network) (\(firewall.forwardLocation)); put back within \(options.iptablesResync) s if removed"
+                )
             }
             if let blackhole {
                 try blackhole.set(lease.subnet)
-                logger.info("blackhole route for \(lease.subnet) (metric \(BlackholeRoute.metric): any real route to it wins); put back within \(options.iptablesResync) s if removed")
+                logger.info(
+                    "blackhole route for \(lease.subnet) (metric \(BlackholeRoute.metric): any real route to it wins); put back within \(options.iptablesResync) s if removed"
+                )
             }
             readiness.waiting(for: "loading the \(joined.peers.leases.count) leases listed in \(store.location)")
             revision = peers.load(joined.peers)
@@ -147,9 +195,15 @@ final class Daemon: Service, Sendable {
             // their memory back rather than keep the high-water mark.
             releaseFreeHeapMemory()
             readiness.waiting(for: "writing \(options.subnetFile)")
-            try SubnetEnv(network: config.network, subnet: lease.subnet, mtu: mtu, ipMasq: options.ipMasq,
-                          ipv6Network: config.ipv6?.network, ipv6Subnet: lease.ipv6Subnet)
-                .write(to: options.subnetFile)
+            try SubnetEnv(
+                network: config.network,
+                subnet: lease.subnet,
+                mtu: mtu,
+                ipMasq: options.ipMasq,
+                ipv6Network: config.ipv6?.network,
+                ipv6Subnet: lease.ipv6Subnet
+            )
+            .write(to: options.subnetFile)
             readiness.ready()
         } catch {
             await rollBack(error)
@@ -158,7 +212,9 @@ final class Daemon: Service, Sendable {
         let serving = endpoint
         defer { serving?.stop() }
 
-        logger.info("tunneld ready: \(backend.type) backend, MTU \(mtu), \(peers.currentPeers.count) peer(s); wrote \(options.subnetFile)")
+        logger.info(
+            "tunneld ready: \(backend.type) backend, MTU \(mtu), \(peers.currentPeers.count) peer(s); wrote \(options.subnetFile)"
+        )
         let subnet = lease.subnet
         systemd.ready(status: runningStatus(backend: backend.type, subnet: subnet, peers: peers.currentPeers.count))
 
@@ -180,8 +236,11 @@ final class Daemon: Service, Sendable {
                         // Runs until cancelled: watchdog pings and STATUS= updates.
                         group.addTask {
                             await systemd.keepAlive {
-                                runningStatus(backend: backend.type, subnet: holder.lease.subnet,
-                                              peers: peers.currentPeers.count)
+                                runningStatus(
+                                    backend: backend.type,
+                                    subnet: holder.lease.subnet,
+                                    peers: peers.currentPeers.count
+                                )
                             }
                         }
                     }
@@ -199,8 +258,11 @@ final class Daemon: Service, Sendable {
             throw error
         }
         logger.info("stopping")
-        systemd.stopping(status: options.releaseOnExit ? "Stopping: removing devices and routes, releasing the lease"
-                                                       : "Stopping: keeping the lease for a restart")
+        systemd.stopping(
+            status: options.releaseOnExit
+                ? "Stopping: removing devices and routes, releasing the lease"
+                : "Stopping: keeping the lease for a restart"
+        )
         cleanUp(backend, firewall: firewall, releasing: options.releaseOnExit)
         // Like the lease, the blackhole route stays for a restart unless the
         // host leaves the network.
@@ -219,17 +281,37 @@ final class Daemon: Service, Sendable {
 
     /// The backend the config names, built by its type's constructor (which
     /// also removes what other modes left on this host).
-    private func makeBackend(_ config: NetworkConfig, interface: Interface, interfaceAddress: IPv4Address,
-                             publicIP: IPv4Address, routeSocket: RouteSocket) throws -> any Backend {
-        guard let type = config.backend.knownType else { throw DaemonError(BackendType.unsupported(config.backend.type)) }
+    private func makeBackend(
+        _ config: NetworkConfig,
+        interface: Interface,
+        interfaceAddress: IPv4Address,
+        publicIP: IPv4Address,
+        routeSocket: RouteSocket
+    ) throws -> any Backend {
+        guard let type = config.backend.knownType else {
+            throw DaemonError(BackendType.unsupported(config.backend.type))
+        }
         let link = try routeSocket.link(index: interface.index)
-        let address = try routeSocket.addresses().first { $0.index == interface.index && $0.address == interfaceAddress }
+        let address =
+            try routeSocket.addresses().first { $0.index == interface.index && $0.address == interfaceAddress }
             ?? InterfaceAddress(index: interface.index, address: interfaceAddress, prefixLength: 32)
-        let host = HostContext(config: config, underlay: link, underlayAddress: address, publicIP: publicIP,
-                               routeSocket: routeSocket, logger: logger)
-        let udp = UDPBackend.Options(device: options.device, datapath: options.datapath, queueDepth: options.queueDepth,
-                                     acceptUnknownPeers: options.acceptUnknownPeers, offload: options.offload,
-                                     workers: options.effectiveWorkers, busyPollMicroseconds: options.busyPoll)
+        let host = HostContext(
+            config: config,
+            underlay: link,
+            underlayAddress: address,
+            publicIP: publicIP,
+            routeSocket: routeSocket,
+            logger: logger
+        )
+        let udp = UDPBackend.Options(
+            device: options.device,
+            datapath: options.datapath,
+            queueDepth: options.queueDepth,
+            acceptUnknownPeers: options.acceptUnknownPeers,
+            offload: options.offload,
+            workers: options.effectiveWorkers,
+            busyPollMicroseconds: options.busyPoll
+        )
         return try type.makeBackend(host, options: BackendOptions(udp: udp))
     }
 
@@ -245,18 +327,28 @@ final class Daemon: Service, Sendable {
     /// else iptables chains. nil when neither kind of rule is asked for.
     private func makeFirewall(_ config: NetworkConfig) throws -> (any FirewallKeeper)? {
         if config.enableNFTables {
-            let keeper = try NFTablesKeeper(masquerade: options.ipMasq, forward: options.iptablesForwardRules,
-                                            fullyRandomDisabled: options.ipMasqFullyRandomDisable, logger: logger)
+            let keeper = try NFTablesKeeper(
+                masquerade: options.ipMasq,
+                forward: options.iptablesForwardRules,
+                fullyRandomDisabled: options.ipMasqFullyRandomDisable,
+                logger: logger
+            )
             if keeper != nil { warnAboutIPTablesLeftovers() }
             return keeper
         }
-        let keeper = try IPTablesKeeper(masquerade: options.ipMasq, forward: options.iptablesForwardRules,
-                                        fullyRandomDisabled: options.ipMasqFullyRandomDisable,
-                                        ipv6: config.ipv6 != nil, logger: logger)
+        let keeper = try IPTablesKeeper(
+            masquerade: options.ipMasq,
+            forward: options.iptablesForwardRules,
+            fullyRandomDisabled: options.ipMasqFullyRandomDisable,
+            ipv6: config.ipv6 != nil,
+            logger: logger
+        )
         // A run with EnableNFTables that was killed, or a config changed
         // since: its table would masquerade alongside the chains.
         if NFTablesKeeper.removeLeftover() {
-            logger.notice("removed nftables table \(NFTRuleset.qualifiedName), left by an earlier run with EnableNFTables")
+            logger.notice(
+                "removed nftables table \(NFTRuleset.qualifiedName), left by an earlier run with EnableNFTables"
+            )
         }
         return keeper
     }
@@ -268,7 +360,9 @@ final class Daemon: Service, Sendable {
         guard let nft = try? NFT(for: ""), let chains = try? nft(["list", "chains"]) else { return }
         let ours = [IPTablesChain.natChain, IPTablesChain.forwardChain].filter { chains.contains("chain \($0) {") }
         guard !ours.isEmpty else { return }
-        logger.warning("iptables chains \(ours.joined(separator: ", ")) of an earlier run without EnableNFTables are still there; remove them (iptables -t nat -D POSTROUTING …; iptables -D FORWARD …; -F and -X the chains) or start once without EnableNFTables")
+        logger.warning(
+            "iptables chains \(ours.joined(separator: ", ")) of an earlier run without EnableNFTables are still there; remove them (iptables -t nat -D POSTROUTING …; iptables -D FORWARD …; -F and -X the chains) or start once without EnableNFTables"
+        )
     }
 
     /// What the rules cover: the network and this host's lease, in each
@@ -294,7 +388,9 @@ final class Daemon: Service, Sendable {
             } catch let error as NetworkConfigError {
                 // A broken config is an operator error: say what, and keep
                 // waiting for a fixed one rather than exiting in a loop.
-                logger.error("the network config in \(store.location) is invalid: \(error); fix it with `tunneld config set`; retrying in \(delay)")
+                logger.error(
+                    "the network config in \(store.location) is invalid: \(error); fix it with `tunneld config set`; retrying in \(delay)"
+                )
             } catch {
                 logger.warning("cannot read the network config from \(store.location): \(error); retrying in \(delay)")
             }
@@ -351,27 +447,38 @@ final class Daemon: Service, Sendable {
 
     private func checkBackend(_ config: NetworkConfig) throws {
         if let wanted = options.backend, wanted.rawValue != config.backend.type {
-            throw DaemonError("--backend \(wanted.rawValue) disagrees with the network config's Backend.Type \"\(config.backend.type)\"; every host of a network must use the same backend: drop --backend or change the config")
+            throw DaemonError(
+                "--backend \(wanted.rawValue) disagrees with the network config's Backend.Type \"\(config.backend.type)\"; every host of a network must use the same backend: drop --backend or change the config"
+            )
         }
-        guard let type = config.backend.knownType else { throw DaemonError(BackendType.unsupported(config.backend.type)) }
+        guard let type = config.backend.knownType else {
+            throw DaemonError(BackendType.unsupported(config.backend.type))
+        }
         // The store, leases and subnet.env know IPv6; no backend carries it
         // yet. Refuse rather than lease IPv6 subnets nothing routes.
         if let v6 = config.ipv6 {
-            throw DaemonError("the network config enables IPv6 (EnableIPv6, IPv6Network \(v6.network)), but IPv6 for "
-                + "the \(type.rawValue) backend is not built in tunneld yet: set EnableIPv6 to false (or remove it) "
-                + "to run this network as IPv4 only, or keep flanneld on its hosts for now (see docs/MIGRATING.md)")
+            throw DaemonError(
+                "the network config enables IPv6 (EnableIPv6, IPv6Network \(v6.network)), but IPv6 for "
+                    + "the \(type.rawValue) backend is not built in tunneld yet: set EnableIPv6 to false (or remove it) "
+                    + "to run this network as IPv4 only, or keep flanneld on its hosts for now (see docs/MIGRATING.md)"
+            )
         }
     }
 
     /// The IPv6 address other hosts reach this one at, in a dual-stack
     /// network: `-public-ipv6`, else the interface's (as flanneld picks it).
-    private func selectPublicIPv6(_ config: NetworkConfig, interface: Interface,
-                                  _ socket: RouteSocket) throws -> IPv6Address? {
+    private func selectPublicIPv6(
+        _ config: NetworkConfig,
+        interface: Interface,
+        _ socket: RouteSocket
+    ) throws -> IPv6Address? {
         guard config.ipv6 != nil else { return nil }
         if let given = options.publicIPv6.flatMap(IPv6Address.init) { return given }
         guard let found = try InterfaceLookup.ipv6Address(of: interface, using: socket) else {
-            throw DaemonError("the network is dual-stack (EnableIPv6), but \(interface.name) has no global IPv6 "
-                + "address: add one, choose another interface with -iface, or give -public-ipv6")
+            throw DaemonError(
+                "the network is dual-stack (EnableIPv6), but \(interface.name) has no global IPv6 "
+                    + "address: add one, choose another interface with -iface, or give -public-ipv6"
+            )
         }
         return found
     }
@@ -394,7 +501,10 @@ final class Daemon: Service, Sendable {
         }
         for pattern in options.ifaceRegex {
             let regex = try Regex(pattern)
-            if let found = try InterfaceLookup.first(matching: { (try? regex.wholeMatch(in: $0)) != nil }, using: socket) {
+            if let found = try InterfaceLookup.first(
+                matching: { (try? regex.wholeMatch(in: $0)) != nil },
+                using: socket
+            ) {
                 return found
             }
             errors.append("no interface name or IPv4 address matches --iface-regex \(pattern)")

@@ -12,7 +12,8 @@ import Netlink
 struct DockerOpts: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "docker-opts",
-        abstract: "Write Docker daemon options (--bip, --ip-masq, --mtu) from subnet.env, as flannel's mk-docker-opts.sh.",
+        abstract:
+            "Write Docker daemon options (--bip, --ip-masq, --mtu) from subnet.env, as flannel's mk-docker-opts.sh.",
         discussion: """
             Output (the script's format, for a systemd EnvironmentFile=):
               DOCKER_OPT_BIP="--bip=10.2.72.1/24"
@@ -29,31 +30,47 @@ struct DockerOpts: ParsableCommand {
               EnvironmentFile=/run/flannel/docker
               ExecStart=
               ExecStart=/usr/bin/dockerd -H fd:// $DOCKER_NETWORK_OPTIONS
-            """)
+            """
+    )
 
-    @Option(name: [.customShort("f"), .customLong("subnet-file")],
-            help: ArgumentHelp("The subnet file tunneld (or flanneld) writes.", valueName: "file"))
+    @Option(
+        name: [.customShort("f"), .customLong("subnet-file")],
+        help: ArgumentHelp("The subnet file tunneld (or flanneld) writes.", valueName: "file")
+    )
     var subnetFile: String = SubnetEnv.defaultPath
 
-    @Option(name: [.customShort("d"), .customLong("output")],
-            help: ArgumentHelp("The Docker environment file to write.", valueName: "file"))
+    @Option(
+        name: [.customShort("d"), .customLong("output")],
+        help: ArgumentHelp("The Docker environment file to write.", valueName: "file")
+    )
     var output: String = DockerOptions.defaultPath
 
-    @Flag(name: [.customShort("i"), .customLong("individual")],
-          help: "Write each option as its own variable (DOCKER_OPT_BIP, DOCKER_OPT_IPMASQ, DOCKER_OPT_MTU). Neither -i nor -c: both.")
+    @Flag(
+        name: [.customShort("i"), .customLong("individual")],
+        help:
+            "Write each option as its own variable (DOCKER_OPT_BIP, DOCKER_OPT_IPMASQ, DOCKER_OPT_MTU). Neither -i nor -c: both."
+    )
     var individual = false
 
-    @Flag(name: [.customShort("c"), .customLong("combined")],
-          help: "Write all options in one variable (see -k). Neither -i nor -c: both.")
+    @Flag(
+        name: [.customShort("c"), .customLong("combined")],
+        help: "Write all options in one variable (see -k). Neither -i nor -c: both."
+    )
     var combined = false
 
-    @Option(name: [.customShort("k", allowingJoined: true), .customLong("combined-key")],
-            help: ArgumentHelp("Name of the combined variable (distributions' docker.service uses DOCKER_NETWORK_OPTIONS).",
-                               valueName: "name"))
+    @Option(
+        name: [.customShort("k", allowingJoined: true), .customLong("combined-key")],
+        help: ArgumentHelp(
+            "Name of the combined variable (distributions' docker.service uses DOCKER_NETWORK_OPTIONS).",
+            valueName: "name"
+        )
+    )
     var combinedKey: String = DockerOptions.defaultCombinedKey
 
-    @Flag(name: [.customShort("m"), .customLong("no-ip-masq")],
-          help: "Leave out --ip-masq (for Docker versions without it).")
+    @Flag(
+        name: [.customShort("m"), .customLong("no-ip-masq")],
+        help: "Leave out --ip-masq (for Docker versions without it)."
+    )
     var noIPMasq = false
 
     var options: DockerOptions {
@@ -88,11 +105,21 @@ struct DockerOpts: ParsableCommand {
         do {
             routes = try RouteSocket().routes()
         } catch {
-            FileHandle.standardError.write(Data("tunneld docker-opts: warning: cannot read the routing table to check for a route to \(subnet): \(error)\n".utf8))
+            FileHandle.standardError.write(
+                Data(
+                    "tunneld docker-opts: warning: cannot read the routing table to check for a route to \(subnet): \(error)\n"
+                        .utf8
+                )
+            )
             return
         }
-        if let route = routes.first(where: { $0.destination == subnet && $0.gateway != nil }), let gateway = route.gateway {
-            throw DockerOptionsError(path: subnetFile, "this host's subnet \(subnet) is already routed via \(gateway) (another host's lease, or a stale host-gw route): remove the route (ip route del \(subnet) via \(gateway)) or find which host holds \(subnet)")
+        if let route = routes.first(where: { $0.destination == subnet && $0.gateway != nil }),
+            let gateway = route.gateway
+        {
+            throw DockerOptionsError(
+                path: subnetFile,
+                "this host's subnet \(subnet) is already routed via \(gateway) (another host's lease, or a stale host-gw route): remove the route (ip route del \(subnet) via \(gateway)) or find which host holds \(subnet)"
+            )
         }
     }
 }

@@ -90,7 +90,9 @@ extension FirewallKeeper {
                     resyncQueue.async { continuation.resume(with: Result { try self.repair() }) }
                 }
                 if !repaired.isEmpty {
-                    logger.warning("\(mechanism): put back \(repaired.joined(separator: ", ")): someone removed or changed tunneld's rules (a Docker or firewalld restart?)")
+                    logger.warning(
+                        "\(mechanism): put back \(repaired.joined(separator: ", ")): someone removed or changed tunneld's rules (a Docker or firewalld restart?)"
+                    )
                 }
             } catch {
                 logger.error("\(mechanism): could not put back tunneld's rules: \(error); trying again in \(period)")

@@ -44,12 +44,14 @@ enum FlannelArguments {
     /// flanneld flags tunneld does not offer, with what to do instead; said
     /// in one line rather than the parser's "Unknown option".
     static let unsupportedFlags: [String: String] = [
-        "kube-subnet-mgr": "tunneld keeps leases in etcd (or its local store), not in Kubernetes node objects; run it with -etcd-endpoints",
+        "kube-subnet-mgr":
+            "tunneld keeps leases in etcd (or its local store), not in Kubernetes node objects; run it with -etcd-endpoints",
         "kubeconfig-file": "tunneld does not use the Kubernetes API; leases live in etcd",
         "kube-api-url": "tunneld does not use the Kubernetes API; leases live in etcd",
         "kube-annotation-prefix": "tunneld does not use the Kubernetes API; leases live in etcd",
         "net-config-path": "the network config lives in etcd at <prefix>/config (tunneld config set FILE writes it)",
-        "auto-detect-ipv6": "tunneld does not detect the IPv6 address on its own: give -public-ipv6, or -iface an interface with a global IPv6 address",
+        "auto-detect-ipv6":
+            "tunneld does not detect the IPv6 address on its own: give -public-ipv6, or -iface an interface with a global IPv6 address",
         "ipv6-masq": "IPv6 masquerading is not built in tunneld yet",
         "subnet-dir": "tunneld offers the udp, vxlan and host-gw backends; the ipsec backend's options do not apply",
     ]
@@ -63,7 +65,8 @@ enum FlannelArguments {
                 return "flanneld's -\(name) is not supported by tunneld: \(advice) (see docs/MIGRATING.md)"
             }
             if name.hasPrefix("charon") {
-                return "flanneld's -\(name) belongs to the ipsec backend, which tunneld does not offer (udp, vxlan and host-gw are; see docs/MIGRATING.md)"
+                return
+                    "flanneld's -\(name) belongs to the ipsec backend, which tunneld does not offer (udp, vxlan and host-gw are; see docs/MIGRATING.md)"
             }
         }
         return nil
@@ -114,15 +117,17 @@ enum FlannelArguments {
         let subcommand = arguments.first { !$0.hasPrefix("-") }
         // `status` also finds the daemon where the unit's environment put
         // its control socket (TUNNELD_CONTROL_SOCKET in tunneld.env).
-        let fromEnvironment = switch subcommand {
-        case "run": valueFlags.union(booleanFlags)
-        case "status": storeFlags.union(["control-socket"])
-        default: storeFlags
-        }
+        let fromEnvironment =
+            switch subcommand {
+            case "run": valueFlags.union(booleanFlags)
+            case "status": storeFlags.union(["control-socket"])
+            default: storeFlags
+            }
         for name in fromEnvironment.sorted() where !given.contains(name) {
             let suffix = name.uppercased().replacingOccurrences(of: "-", with: "_")
             guard let value = environment["TUNNELD_" + suffix] ?? environment["FLANNELD_" + suffix],
-                  !value.isEmpty else { continue }
+                !value.isEmpty
+            else { continue }
             if booleanFlags.contains(name) {
                 if let on = boolean(value.lowercased()), let flag = switchArgument(name, on: on) { result.append(flag) }
             } else if repeatableFlags.contains(name) {

@@ -38,13 +38,20 @@ struct IPTablesChain: Sendable, Equatable {
         let masquerade = randomFully ? ["-j", "MASQUERADE", "--random-fully"] : ["-j", "MASQUERADE"]
         // The jump goes first, as flanneld's does, so that no earlier rule
         // masquerades traffic that must keep its container address.
-        return IPTablesChain(family: networks.family, table: "nat", name: natChain, parent: "POSTROUTING", jumpFirst: true,
-                             comment: "tunneld masquerade", rules: [
-            ["-s", n, "-d", n, "-j", "RETURN"],
-            ["-s", n, "!", "-d", networks.family.multicast] + masquerade,
-            ["!", "-s", n, "-d", s, "-j", "RETURN"],
-            ["!", "-s", n, "-d", n] + masquerade,
-        ])
+        return IPTablesChain(
+            family: networks.family,
+            table: "nat",
+            name: natChain,
+            parent: "POSTROUTING",
+            jumpFirst: true,
+            comment: "tunneld masquerade",
+            rules: [
+                ["-s", n, "-d", n, "-j", "RETURN"],
+                ["-s", n, "!", "-d", networks.family.multicast] + masquerade,
+                ["!", "-s", n, "-d", s, "-j", "RETURN"],
+                ["!", "-s", n, "-d", n] + masquerade,
+            ]
+        )
     }
 
     /// flanneld's `-iptables-forward-rules`: forward whatever comes from or
@@ -58,11 +65,18 @@ struct IPTablesChain: Sendable, Equatable {
     /// The same for either family (the subnet plays no part).
     static func forward(_ networks: FamilyNetworks) -> IPTablesChain {
         let n = networks.network
-        return IPTablesChain(family: networks.family, table: "filter", name: forwardChain, parent: "FORWARD",
-                             jumpFirst: false, comment: "tunneld forward", rules: [
-            ["-s", n, "-j", "ACCEPT"],
-            ["-d", n, "-j", "ACCEPT"],
-        ])
+        return IPTablesChain(
+            family: networks.family,
+            table: "filter",
+            name: forwardChain,
+            parent: "FORWARD",
+            jumpFirst: false,
+            comment: "tunneld forward",
+            rules: [
+                ["-s", n, "-j", "ACCEPT"],
+                ["-d", n, "-j", "ACCEPT"],
+            ]
+        )
     }
 
     /// Every chain tunneld may own, per family: what a previous run left is found by these.
@@ -87,7 +101,9 @@ struct IPTables: Sendable {
     /// - Parameter purpose: the flags that need iptables, for the error.
     init(for purpose: String, family: IPFamily = .ipv4) throws {
         guard let found = Self.find(family) else {
-            throw DaemonError("\(purpose) needs the \(family.iptablesProgram) program, which is not installed (apt-get install iptables)")
+            throw DaemonError(
+                "\(purpose) needs the \(family.iptablesProgram) program, which is not installed (apt-get install iptables)"
+            )
         }
         self = found
     }
@@ -95,8 +111,10 @@ struct IPTables: Sendable {
     /// The program for `family` where Debian and others install it; nil when absent.
     static func find(_ family: IPFamily) -> IPTables? {
         let program = family.iptablesProgram
-        guard let path = ["/usr/sbin/\(program)", "/sbin/\(program)", "/usr/bin/\(program)"]
-            .first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else { return nil }
+        guard
+            let path = ["/usr/sbin/\(program)", "/sbin/\(program)", "/usr/bin/\(program)"]
+                .first(where: { FileManager.default.isExecutableFile(atPath: $0) })
+        else { return nil }
         return IPTables(run: { arguments in try IPTables.runProgram(path, arguments) })
     }
 
@@ -114,7 +132,9 @@ struct IPTables: Sendable {
         }
         guard output.status == 0 else {
             let text = String(decoding: output.stderr.isEmpty ? output.stdout : output.stderr, as: UTF8.self)
-            throw DaemonError("\((path as NSString).lastPathComponent) \(arguments.joined(separator: " ")) failed (exit \(output.status)): \(text.trimmingCharacters(in: .whitespacesAndNewlines))")
+            throw DaemonError(
+                "\((path as NSString).lastPathComponent) \(arguments.joined(separator: " ")) failed (exit \(output.status)): \(text.trimmingCharacters(in: .whitespacesAndNewlines))"
+            )
         }
         return String(decoding: output.stdout, as: UTF8.self)
     }
@@ -126,7 +146,9 @@ struct IPTables: Sendable {
     /// (nf_tables)"); nil when the text holds none.
     static func version(from text: String) -> (major: Int, minor: Int, patch: Int)? {
         guard let start = text.range(of: "v") else { return nil }
-        let numbers = text[start.upperBound...].prefix { $0.isNumber || $0 == "." }.split(separator: ".").compactMap { Int($0) }
+        let numbers = text[start.upperBound...].prefix { $0.isNumber || $0 == "." }.split(separator: ".").compactMap {
+            Int($0)
+        }
         guard numbers.count >= 2 else { return nil }
         return (numbers[0], numbers[1], numbers.count > 2 ? numbers[2] : 0)
     }
@@ -170,11 +192,19 @@ final class IPTablesKeeper: FirewallKeeper, @unchecked Sendable {
     /// nil when neither masquerading nor forward rules are asked for.
     /// `fullyRandomDisabled`: flanneld's `-ip-masq-fully-random-disable`;
     /// `ipv6`: an IPv6 network is configured, so ip6tables is needed too.
-    convenience init?(masquerade: Bool, forward: Bool, fullyRandomDisabled: Bool = false, ipv6: Bool = false,
-                      logger: Logger) throws {
+    convenience init?(
+        masquerade: Bool,
+        forward: Bool,
+        fullyRandomDisabled: Bool = false,
+        ipv6: Bool = false,
+        logger: Logger
+    ) throws {
         guard masquerade || forward else { return nil }
-        let flags = [masquerade ? "-ip-masq" : nil, forward ? "-iptables-forward-rules (on by default; -iptables-forward-rules=false turns it off)" : nil]
-            .compactMap { $0 }.joined(separator: " and ")
+        let flags = [
+            masquerade ? "-ip-masq" : nil,
+            forward ? "-iptables-forward-rules (on by default; -iptables-forward-rules=false turns it off)" : nil,
+        ]
+        .compactMap { $0 }.joined(separator: " and ")
         let iptables = try IPTables(for: flags)
         let ip6tables = try ipv6 ? IPTables(for: flags + " with an IPv6 network", family: .ipv6) : IPTables.find(.ipv6)
         var randomFully = false
@@ -182,15 +212,29 @@ final class IPTablesKeeper: FirewallKeeper, @unchecked Sendable {
             // ip6tables comes in the same package, at the same version.
             randomFully = iptables.hasRandomFully()
             if !randomFully {
-                logger.notice("iptables is older than 1.6.2 (or did not say its version): masquerading without --random-fully")
+                logger.notice(
+                    "iptables is older than 1.6.2 (or did not say its version): masquerading without --random-fully"
+                )
             }
         }
-        self.init(masquerade: masquerade, forward: forward, randomFully: randomFully, iptables: iptables,
-                  ip6tables: ip6tables, logger: logger)
+        self.init(
+            masquerade: masquerade,
+            forward: forward,
+            randomFully: randomFully,
+            iptables: iptables,
+            ip6tables: ip6tables,
+            logger: logger
+        )
     }
 
-    init(masquerade: Bool, forward: Bool, randomFully: Bool = true, iptables: IPTables, ip6tables: IPTables? = nil,
-         logger: Logger) {
+    init(
+        masquerade: Bool,
+        forward: Bool,
+        randomFully: Bool = true,
+        iptables: IPTables,
+        ip6tables: IPTables? = nil,
+        logger: Logger
+    ) {
         var programs = [IPFamily.ipv4: iptables]
         programs[.ipv6] = ip6tables
         self.programs = programs
@@ -200,7 +244,9 @@ final class IPTablesKeeper: FirewallKeeper, @unchecked Sendable {
         self.logger = logger
     }
 
-    var masqueradeLocation: String { "iptables nat chain \(IPTablesChain.natChain)\(randomFully ? ", --random-fully" : "")" }
+    var masqueradeLocation: String {
+        "iptables nat chain \(IPTablesChain.natChain)\(randomFully ? ", --random-fully" : "")"
+    }
     var forwardLocation: String { "iptables filter chain \(IPTablesChain.forwardChain)" }
 
     /// The chains for `network` and our `subnet`, installed or replaced; a
@@ -216,14 +262,17 @@ final class IPTablesKeeper: FirewallKeeper, @unchecked Sendable {
         var chains: [IPTablesChain] = []
         for family in networks.families {
             guard programs[family.family] != nil else {
-                throw DaemonError("the IPv6 network's rules need the ip6tables program, which is not installed (apt-get install iptables)")
+                throw DaemonError(
+                    "the IPv6 network's rules need the ip6tables program, which is not installed (apt-get install iptables)"
+                )
             }
             if masquerade { chains.append(.masquerade(family, randomFully: randomFully)) }
             if forward { chains.append(.forward(family)) }
         }
         try lock.withLock {
             for (family, program) in programs.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
-                for stale in IPTablesChain.all where !chains.contains(where: { $0.family == family && $0.name == stale.name }) {
+                for stale in IPTablesChain.all
+                where !chains.contains(where: { $0.family == family && $0.name == stale.name }) {
                     remove(program, table: stale.table, chain: stale.name, parent: stale.parent, comment: stale.comment)
                 }
             }
@@ -280,7 +329,9 @@ final class IPTablesKeeper: FirewallKeeper, @unchecked Sendable {
         let t = ["-t", table]
         // Bounded: a jump per earlier run at most, in practice one.
         for _ in 0..<16 {
-            guard iptables.succeeds(t + ["-D", parent, "-j", chain, "-m", "comment", "--comment", comment]) else { break }
+            guard iptables.succeeds(t + ["-D", parent, "-j", chain, "-m", "comment", "--comment", comment]) else {
+                break
+            }
         }
         if iptables.succeeds(t + ["-S", chain]) {
             iptables.succeeds(t + ["-F", chain])

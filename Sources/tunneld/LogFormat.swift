@@ -98,7 +98,9 @@ struct JSONLogHandler: LogHandler {
     }
 
     static func timestamp(_ date: Date) -> String {
-        date.formatted(.iso8601.year().month().day().dateSeparator(.dash)
-            .time(includingFractionalSeconds: true).timeSeparator(.colon).timeZone(separator: .omitted))
+        date.formatted(
+            .iso8601.year().month().day().dateSeparator(.dash)
+                .time(includingFractionalSeconds: true).timeSeparator(.colon).timeZone(separator: .omitted)
+        )
     }
 }

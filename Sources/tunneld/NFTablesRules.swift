@@ -19,7 +19,10 @@ enum NFTRuleset {
     /// The table's definition, as `nft -f` reads it and close to how
     /// `nft list table` prints it.
     static func definition(_ networks: FirewallNetworks, masquerade: Bool, forward: Bool, randomFully: Bool) -> String {
-        var lines = ["table \(qualifiedName) {", "\tcomment \"tunneld's masquerade and forward rules; tunneld replaces this table whole\""]
+        var lines = [
+            "table \(qualifiedName) {",
+            "\tcomment \"tunneld's masquerade and forward rules; tunneld replaces this table whole\"",
+        ]
         if masquerade {
             let action = randomFully ? "masquerade fully-random" : "masquerade"
             // Priority srcnat, as Docker's and iptables-nft's nat chains: a
@@ -73,7 +76,9 @@ struct NFT: Sendable {
     /// nft the operator's PATH names. iptables is never looked for here.
     init(for purpose: String, path: String? = ProcessInfo.processInfo.environment["PATH"]) throws {
         guard let program = findProgram("nft", in: path) else {
-            throw DaemonError("\(purpose) with EnableNFTables needs the nft program, which is not on PATH (\(path ?? "unset")): install the nftables package (apt-get install nftables)")
+            throw DaemonError(
+                "\(purpose) with EnableNFTables needs the nft program, which is not on PATH (\(path ?? "unset")): install the nftables package (apt-get install nftables)"
+            )
         }
         run = { arguments, input in try NFT.runProgram(program, arguments, input) }
     }
@@ -92,7 +97,9 @@ struct NFT: Sendable {
         }
         guard output.status == 0 else {
             let text = String(decoding: output.stderr.isEmpty ? output.stdout : output.stderr, as: UTF8.self)
-            throw DaemonError("nft \(arguments.joined(separator: " ")) failed (exit \(output.status)): \(text.trimmingCharacters(in: .whitespacesAndNewlines))")
+            throw DaemonError(
+                "nft \(arguments.joined(separator: " ")) failed (exit \(output.status)): \(text.trimmingCharacters(in: .whitespacesAndNewlines))"
+            )
         }
         return String(decoding: output.stdout, as: UTF8.self)
     }
@@ -106,7 +113,8 @@ struct NFT: Sendable {
     /// Whether the kernel and nft take `masquerade fully-random`: a check-only
     /// batch (`nft -c`), which changes nothing.
     func hasFullyRandom() -> Bool {
-        let probe = "table inet tunneld_probe {\n\tchain p {\n\t\ttype nat hook postrouting priority srcnat;\n\t\tmeta l4proto tcp masquerade fully-random\n\t}\n}\n"
+        let probe =
+            "table inet tunneld_probe {\n\tchain p {\n\t\ttype nat hook postrouting priority srcnat;\n\t\tmeta l4proto tcp masquerade fully-random\n\t}\n}\n"
         return (try? self(["-c", "-f", "-"], input: probe)) != nil
     }
 
@@ -137,8 +145,11 @@ final class NFTablesKeeper: FirewallKeeper, @unchecked Sendable {
     /// up nft only (never iptables); checks once whether `fully-random` works.
     convenience init?(masquerade: Bool, forward: Bool, fullyRandomDisabled: Bool = false, logger: Logger) throws {
         guard masquerade || forward else { return nil }
-        let flags = [masquerade ? "-ip-masq" : nil, forward ? "-iptables-forward-rules (on by default; -iptables-forward-rules=false turns it off)" : nil]
-            .compactMap { $0 }.joined(separator: " and ")
+        let flags = [
+            masquerade ? "-ip-masq" : nil,
+            forward ? "-iptables-forward-rules (on by default; -iptables-forward-rules=false turns it off)" : nil,
+        ]
+        .compactMap { $0 }.joined(separator: " and ")
         let nft = try NFT(for: flags)
         var randomFully = false
         if masquerade && !fullyRandomDisabled {

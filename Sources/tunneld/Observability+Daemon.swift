@@ -16,12 +16,20 @@ import Prometheus
 /// `--metrics-address` adds a listener of their own (e.g. on 127.0.0.1 while
 /// health stays on every address). The control socket serves `tunneld status`.
 struct ObservabilityOptions: ParsableArguments {
-    @Option(help: ArgumentHelp("Another listener for GET /metrics (and /healthz, /readyz), besides --healthz-port's; e.g. 127.0.0.1:9464.",
-                               valueName: "ip:port"))
+    @Option(
+        help: ArgumentHelp(
+            "Another listener for GET /metrics (and /healthz, /readyz), besides --healthz-port's; e.g. 127.0.0.1:9464.",
+            valueName: "ip:port"
+        )
+    )
     var metricsAddress: String?
 
-    @Option(help: ArgumentHelp("Unix socket `tunneld status` asks the running daemon on; empty = none.",
-                               valueName: "path"))
+    @Option(
+        help: ArgumentHelp(
+            "Unix socket `tunneld status` asks the running daemon on; empty = none.",
+            valueName: "path"
+        )
+    )
     var controlSocket: String = defaultControlSocket
 
     static let defaultControlSocket = "/run/tunneld/tunneld.sock"
@@ -30,8 +38,12 @@ struct ObservabilityOptions: ParsableArguments {
     func metricsListener() throws -> (host: String, port: Int)? {
         guard let metricsAddress else { return nil }
         let parts = metricsAddress.split(separator: ":", omittingEmptySubsequences: false)
-        guard parts.count == 2, IPv4Address(String(parts[0])) != nil, let port = Int(parts[1]), (1...65535).contains(port) else {
-            throw ValidationError("--metrics-address \(metricsAddress) is not ip:port (e.g. 127.0.0.1:9464, port 1–65535)")
+        guard parts.count == 2, IPv4Address(String(parts[0])) != nil, let port = Int(parts[1]),
+            (1...65535).contains(port)
+        else {
+            throw ValidationError(
+                "--metrics-address \(metricsAddress) is not ip:port (e.g. 127.0.0.1:9464, port 1–65535)"
+            )
         }
         return (String(parts[0]), port)
     }
@@ -72,18 +84,28 @@ extension Daemon {
             var counters: [String: UInt64] = [:]
             for (name, value) in backendReport.counters { counters[name] = value }
             return StatusReport(
-                source: .daemon, version: tunneldVersion, store: location, startedAt: startedAt,
+                source: .daemon,
+                version: tunneldVersion,
+                store: location,
+                startedAt: startedAt,
                 network: .init(config),
-                node: .init(subnet: lease.subnet.description, publicIP: lease.attributes.publicIP.description,
-                            interface: interface, interfaceAddress: interfaceAddress.description, mtu: mtu,
-                            leaseExpires: lease.expiration, leaseRevision: lease.revision),
+                node: .init(
+                    subnet: lease.subnet.description,
+                    publicIP: lease.attributes.publicIP.description,
+                    interface: interface,
+                    interfaceAddress: interfaceAddress.description,
+                    mtu: mtu,
+                    leaseExpires: lease.expiration,
+                    leaseRevision: lease.revision
+                ),
                 backend: backendReport.status,
                 peers: peers.currentPeers.values.sorted { $0.subnet.address < $1.subnet.address }.map {
                     StatusReport.Peer($0, lastChange: times[$0.subnet])
                 },
                 counters: counters,
                 // Keys every host ignores, and peers this one cannot use: what the operator should fix.
-                notes: peers.ignoredKeys.sorted { $0.key < $1.key }.map(\.value))
+                notes: peers.ignoredKeys.sorted { $0.key < $1.key }.map(\.value)
+            )
         }
     }
 
@@ -92,19 +114,33 @@ extension Daemon {
     func startEndpoint(_ observed: Observed, readiness: Readiness) throws -> HTTPEndpoint? {
         var listeners: [HTTPEndpoint.Listener] = []
         if options.healthzPort != 0 {
-            listeners.append(.tcp(host: options.healthzIP, port: options.healthzPort, label: "healthz",
-                                  hint: "choose another --healthz-port, or --healthz-port 0 to turn it off"))
+            listeners.append(
+                .tcp(
+                    host: options.healthzIP,
+                    port: options.healthzPort,
+                    label: "healthz",
+                    hint: "choose another --healthz-port, or --healthz-port 0 to turn it off"
+                )
+            )
         }
         if let metrics = try options.observability.metricsListener() {
-            listeners.append(.tcp(host: metrics.host, port: metrics.port, label: "metrics",
-                                  hint: "choose another --metrics-address, or leave it out"))
+            listeners.append(
+                .tcp(
+                    host: metrics.host,
+                    port: metrics.port,
+                    label: "metrics",
+                    hint: "choose another --metrics-address, or leave it out"
+                )
+            )
         }
         var socket = options.observability.controlSocket
         if !socket.isEmpty {
             // Another tunneld on this machine (a second network, a test)
             // keeps its socket; this one goes without rather than failing.
             if ControlClient.isAnswering(socket) {
-                logger.warning("another tunneld answers on the control socket \(socket); this one has none (give it its own --control-socket)")
+                logger.warning(
+                    "another tunneld answers on the control socket \(socket); this one has none (give it its own --control-socket)"
+                )
                 socket = ""
             } else {
                 listeners.append(.unix(path: socket))
@@ -112,15 +148,20 @@ extension Daemon {
         }
         guard !listeners.isEmpty else { return nil }
         let exporter = MetricsExporter(registry: ObservabilityOptions.registry, source: observed.report)
-        let routes = HTTPEndpoint.Routes(metrics: exporter.exposition, status: { observed.report().json() },
-                                         waitingFor: { readiness.waitingFor })
+        let routes = HTTPEndpoint.Routes(
+            metrics: exporter.exposition,
+            status: { observed.report().json() },
+            waitingFor: { readiness.waitingFor }
+        )
         let endpoint: HTTPEndpoint
         do {
             endpoint = try HTTPEndpoint(listeners: listeners, routes: routes)
-        } catch where !socket.isEmpty && ControlClient.isAnswering(socket) {
+        } catch  where !socket.isEmpty && ControlClient.isAnswering(socket) {
             // Another tunneld started at the same moment took the socket
             // between the look above and our bind: go without, as above.
-            logger.warning("another tunneld answers on the control socket \(socket); this one has none (give it its own --control-socket)")
+            logger.warning(
+                "another tunneld answers on the control socket \(socket); this one has none (give it its own --control-socket)"
+            )
             listeners.removeAll { if case .unix = $0 { true } else { false } }
             guard !listeners.isEmpty else { return nil }
             endpoint = try HTTPEndpoint(listeners: listeners, routes: routes)
@@ -137,17 +178,26 @@ extension Daemon {
 
 extension StatusReport.Network {
     init(_ config: NetworkConfig) {
-        self.init(network: config.network.description, subnetLen: config.subnetLen,
-                  subnetMin: config.subnetMin.address.description, subnetMax: config.subnetMax.address.description,
-                  backendType: config.backend.type,
-                  backendPort: config.backend.knownType == .hostGW ? nil : Int(config.backend.port))
+        self.init(
+            network: config.network.description,
+            subnetLen: config.subnetLen,
+            subnetMin: config.subnetMin.address.description,
+            subnetMax: config.subnetMax.address.description,
+            backendType: config.backend.type,
+            backendPort: config.backend.knownType == .hostGW ? nil : Int(config.backend.port)
+        )
     }
 }
 
 extension StatusReport.Peer {
     init(_ lease: Lease, lastChange: Date?) {
-        self.init(subnet: lease.subnet.description, publicIP: lease.attributes.publicIP.description,
-                  backend: lease.attributes.effectiveBackendType, lastChange: lastChange, revision: lease.revision,
-                  expires: lease.expiration)
+        self.init(
+            subnet: lease.subnet.description,
+            publicIP: lease.attributes.publicIP.description,
+            backend: lease.attributes.effectiveBackendType,
+            lastChange: lastChange,
+            revision: lease.revision,
+            expires: lease.expiration
+        )
     }
 }

@@ -7,21 +7,27 @@ import Observability
 
 struct Status: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show this host's network, lease, peers and data path: from the running daemon, or from the store when none runs.",
+        abstract:
+            "Show this host's network, lease, peers and data path: from the running daemon, or from the store when none runs.",
         discussion: """
             The running daemon is asked over its control socket (--control-socket, as given to \
             `tunneld run`). When no daemon answers there, the config and leases are read from the \
             store (the same store options as `tunneld leases`); this host's lease is the one \
             --subnet-file names. --json prints the same report for scripts.
-            """)
+            """
+    )
 
     @OptionGroup var storeOptions: StoreOptions
 
     @Option(help: ArgumentHelp("The running daemon's control socket.", valueName: "path"))
     var controlSocket: String = ObservabilityOptions.defaultControlSocket
 
-    @Option(help: ArgumentHelp("subnet.env naming this host's subnet, for reading the store when no daemon runs.",
-                               valueName: "file"))
+    @Option(
+        help: ArgumentHelp(
+            "subnet.env naming this host's subnet, for reading the store when no daemon runs.",
+            valueName: "file"
+        )
+    )
     var subnetFile: String = "/run/flannel/subnet.env"
 
     @Flag(help: "Print JSON instead of a table.")
@@ -39,17 +45,21 @@ struct Status: AsyncParsableCommand {
             do {
                 report = try await fromStore(why: why)
             } catch {
-                throw DaemonError("""
+                throw DaemonError(
+                    """
                     tunneld is not running here: \(why). Start it with `tunneld run`, or give --control-socket of the one that runs.
                     The store could not be read either: \(error). Check \(storeHint()).
-                    """)
+                    """
+                )
             }
             return print(report, json: json)
         }
         do {
             report = try StatusReport.decode(json: body)
         } catch {
-            throw DaemonError("the daemon on \(controlSocket) sent a status this tunneld cannot read (\(error)); is it another version? Run that version's `tunneld status`, or restart the daemon")
+            throw DaemonError(
+                "the daemon on \(controlSocket) sent a status this tunneld cannot read (\(error)); is it another version? Run that version's `tunneld status`, or restart the daemon"
+            )
         }
         print(report, json: json)
     }
@@ -64,7 +74,8 @@ struct Status: AsyncParsableCommand {
 
     private func storeHint() -> String {
         switch storeOptions.kind {
-        case .etcd: "--etcd-endpoints (now \(storeOptions.etcdEndpoints)) and --etcd-prefix (now \(storeOptions.etcdPrefix))"
+        case .etcd:
+            "--etcd-endpoints (now \(storeOptions.etcdEndpoints)) and --etcd-prefix (now \(storeOptions.etcdPrefix))"
         case .local: "--store-dir (now \(storeOptions.storeDir ?? StoreOptions.defaultStoreDirectory))"
         }
     }
@@ -92,12 +103,22 @@ struct Status: AsyncParsableCommand {
         }
         notes += snapshot.skipped.map { "skipped: \($0)" }
         return StatusReport(
-            source: .store, version: tunneldVersion, store: store.location, network: .init(config),
-            node: own.map { .init(subnet: $0.subnet.description, publicIP: $0.attributes.publicIP.description,
-                                  leaseExpires: $0.expiration, leaseRevision: $0.revision) },
+            source: .store,
+            version: tunneldVersion,
+            store: store.location,
+            network: .init(config),
+            node: own.map {
+                .init(
+                    subnet: $0.subnet.description,
+                    publicIP: $0.attributes.publicIP.description,
+                    leaseExpires: $0.expiration,
+                    leaseRevision: $0.revision
+                )
+            },
             backend: nil,
             peers: snapshot.leases.filter { $0.subnet != ours }.sorted { $0.subnet.address < $1.subnet.address }
                 .map { StatusReport.Peer($0, lastChange: nil) },
-            notes: notes)
+            notes: notes
+        )
     }
 }

@@ -10,9 +10,12 @@ struct StoreOptions: ParsableArguments {
         case local, etcd
     }
 
-    @Option(help: ArgumentHelp(
-        "Store for config and leases: local (a state directory shared by the tunneld processes of one machine) or etcd. Default: etcd, or local when --store-dir is given.",
-        valueName: "local|etcd"))
+    @Option(
+        help: ArgumentHelp(
+            "Store for config and leases: local (a state directory shared by the tunneld processes of one machine) or etcd. Default: etcd, or local when --store-dir is given.",
+            valueName: "local|etcd"
+        )
+    )
     var store: Kind?
 
     @Option(help: ArgumentHelp("State directory of the local store.", valueName: "dir"))
@@ -35,17 +38,28 @@ struct StoreOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Password for etcd authentication.", valueName: "password"))
     var etcdPassword: String?
 
-    @Option(help: ArgumentHelp(
-        "How often an etcd connection in use is checked, in seconds: a gRPC keepalive ping, and on the watch a progress request. Not flanneld's.",
-        valueName: "seconds"))
+    @Option(
+        help: ArgumentHelp(
+            "How often an etcd connection in use is checked, in seconds: a gRPC keepalive ping, and on the watch a progress request. Not flanneld's.",
+            valueName: "seconds"
+        )
+    )
     var etcdKeepaliveTime: Double = 2
-    @Option(help: ArgumentHelp(
-        "How long the answer may take, in seconds, before the member counts as gone: its connection is closed and the watch resumes on another member from its last revision. A member that vanishes without closing its connections is left within time + timeout. Not flanneld's.",
-        valueName: "seconds"))
+    @Option(
+        help: ArgumentHelp(
+            "How long the answer may take, in seconds, before the member counts as gone: its connection is closed and the watch resumes on another member from its last revision. A member that vanishes without closing its connections is left within time + timeout. Not flanneld's.",
+            valueName: "seconds"
+        )
+    )
     var etcdKeepaliveTimeout: Double = 3
 
-    @Option(help: ArgumentHelp("Lifetime of a new or renewed lease, in seconds (flannel: 24 h). For tests.",
-                               valueName: "seconds", visibility: .hidden))
+    @Option(
+        help: ArgumentHelp(
+            "Lifetime of a new or renewed lease, in seconds (flannel: 24 h). For tests.",
+            valueName: "seconds",
+            visibility: .hidden
+        )
+    )
     var subnetLeaseTTL: Int = 24 * 3600
 
     var leaseTTL: Duration { .seconds(subnetLeaseTTL) }
@@ -59,10 +73,14 @@ struct StoreOptions: ParsableArguments {
         // etcd refuses leases longer than 9,000,000,000 s; a year is
         // already far beyond any renewal schedule.
         guard (2...Self.maximumLeaseTTL).contains(subnetLeaseTTL) else {
-            throw ValidationError("--subnet-lease-ttl must be between 2 seconds and \(Self.maximumLeaseTTL) (one year), not \(subnetLeaseTTL)")
+            throw ValidationError(
+                "--subnet-lease-ttl must be between 2 seconds and \(Self.maximumLeaseTTL) (one year), not \(subnetLeaseTTL)"
+            )
         }
-        for (flag, value) in [("--etcd-keepalive-time", etcdKeepaliveTime), ("--etcd-keepalive-timeout", etcdKeepaliveTimeout)]
-            where !(value >= 0.1 && value <= 3600) {
+        for (flag, value) in [
+            ("--etcd-keepalive-time", etcdKeepaliveTime), ("--etcd-keepalive-timeout", etcdKeepaliveTimeout),
+        ]
+        where !(value >= 0.1 && value <= 3600) {
             throw ValidationError("\(flag) must be between 0.1 and 3600 seconds, not \(value)")
         }
         if store == .etcd && storeDir != nil {

@@ -3,8 +3,8 @@ import Foundation
 import LeaseStore
 import Logging
 import NetBase
-import Netlink
 import NetTestSupport
+import Netlink
 import PeerControl
 import Testing
 
@@ -12,10 +12,16 @@ func net(_ text: String) -> IPv4Network { IPv4Network(text, strict: true)! }
 func ip(_ text: String) -> IPv4Address { IPv4Address(text)! }
 
 func lease(_ subnet: String, _ publicIP: String, type: String? = nil, mac: String? = nil) -> Lease {
-    Lease(subnet: net(subnet),
-          attributes: LeaseAttributes(publicIP: ip(publicIP), backendType: type,
-                                      backendData: mac.map { .object(["VNI": .number(1), "VtepMAC": .string($0)]) }),
-          expiration: Date().addingTimeInterval(3600), revision: 1)
+    Lease(
+        subnet: net(subnet),
+        attributes: LeaseAttributes(
+            publicIP: ip(publicIP),
+            backendType: type,
+            backendData: mac.map { .object(["VNI": .number(1), "VtepMAC": .string($0)]) }
+        ),
+        expiration: Date().addingTimeInterval(3600),
+        revision: 1
+    )
 }
 
 let logger = Logger(label: "test")
@@ -35,16 +41,30 @@ func withUnderlay<T>(_ body: (TestNamespace, RouteSocket, Link, InterfaceAddress
 }
 
 func vxlanConfig(port: Int = 8472, directRouting: Bool = false) throws -> NetworkConfig {
-    try NetworkConfig(json: #"{"Network":"10.2.0.0/16","Backend":{"Type":"vxlan","Port":\#(port),"DirectRouting":\#(directRouting)}}"#)
+    try NetworkConfig(
+        json: #"{"Network":"10.2.0.0/16","Backend":{"Type":"vxlan","Port":\#(port),"DirectRouting":\#(directRouting)}}"#
+    )
 }
 
 /// The kernel backends against a real kernel, in a namespace of their own.
 @Suite(.serialized, .enabled(if: isRoot, needsRootMessage))
 struct KernelBackendsTests {
-    func vxlan(_ socket: RouteSocket, _ link: Link, _ address: InterfaceAddress,
-               config: NetworkConfig? = nil) throws -> VXLANBackend {
-        try VXLANBackend(host: HostContext(config: config ?? vxlanConfig(), underlay: link, underlayAddress: address,
-                                           publicIP: address.address, routeSocket: socket, logger: logger))
+    func vxlan(
+        _ socket: RouteSocket,
+        _ link: Link,
+        _ address: InterfaceAddress,
+        config: NetworkConfig? = nil
+    ) throws -> VXLANBackend {
+        try VXLANBackend(
+            host: HostContext(
+                config: config ?? vxlanConfig(),
+                underlay: link,
+                underlayAddress: address,
+                publicIP: address.address,
+                routeSocket: socket,
+                logger: logger
+            )
+        )
     }
 
     @Test func theVXLANLeaseCarriesTheDevicesMACAndARestartKeepsIt() throws {
@@ -53,8 +73,11 @@ struct KernelBackendsTests {
             let attributes = try first.leaseAttributes()
             let mac = try ns.ip("-o", "link", "show", "flannel.1").split(separator: " ")
                 .drop { $0 != "link/ether" }.dropFirst().first.map(String.init)
-            #expect(attributes.flannelJSON
-                    == #"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":""# + (mac ?? "?") + #""}}"#)
+            #expect(
+                attributes.flannelJSON
+                    == #"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":""#
+                    + (mac ?? "?") + #""}}"#
+            )
             #expect(first.mtu == 1450)
             // A new daemon (same settings) reuses the device and its MAC.
             let again = try vxlan(socket, link, address).leaseAttributes()
@@ -85,17 +108,24 @@ struct KernelBackendsTests {
             try backend.activate(lease: lease("10.2.5.0/24", "198.18.0.1"))
             let peer = lease("10.2.7.0/24", "198.18.0.7", type: "vxlan", mac: "0e:00:00:00:00:07")
             #expect(backend.unusableReason(peer) == nil)
-            #expect(backend.unusableReason(lease("10.2.8.0/24", "198.18.0.8", type: "vxlan"))?.contains("BackendData") == true)
+            #expect(
+                backend.unusableReason(lease("10.2.8.0/24", "198.18.0.8", type: "vxlan"))?.contains("BackendData")
+                    == true
+            )
             backend.apply([.added(peer)])
             func fdb() throws -> String { try command(["bridge", "-n", ns.name, "fdb", "show", "dev", "flannel.1"]) }
             #expect(try ns.ip("route", "show", "10.2.7.0/24").contains("via 10.2.7.0 dev flannel.1 onlink"))
-            #expect(try ns.ip("neigh", "show", "dev", "flannel.1").contains("10.2.7.0 lladdr 0e:00:00:00:00:07 PERMANENT"))
+            #expect(
+                try ns.ip("neigh", "show", "dev", "flannel.1").contains("10.2.7.0 lladdr 0e:00:00:00:00:07 PERMANENT")
+            )
             #expect(try fdb().contains("0e:00:00:00:00:07 dst 198.18.0.7 self permanent"))
 
             // The peer restarted with a new device (MAC) on a new address.
             let moved = lease("10.2.7.0/24", "198.18.0.17", type: "vxlan", mac: "0e:00:00:00:00:17")
             backend.apply([.updated(old: peer, new: moved)])
-            #expect(try ns.ip("neigh", "show", "dev", "flannel.1").contains("10.2.7.0 lladdr 0e:00:00:00:00:17 PERMANENT"))
+            #expect(
+                try ns.ip("neigh", "show", "dev", "flannel.1").contains("10.2.7.0 lladdr 0e:00:00:00:00:17 PERMANENT")
+            )
             #expect(try fdb().contains("0e:00:00:00:00:17 dst 198.18.0.17 self permanent"))
             #expect(try !fdb().contains("0e:00:00:00:00:07"))
             #expect(try ns.ip("route", "show", "10.2.7.0/24").contains("via 10.2.7.0 dev flannel.1 onlink"))
@@ -149,7 +179,10 @@ struct KernelBackendsTests {
         #expect(try !ns.ip("route").contains("10.2.8.0"))
         #expect(!neighbours.contains("10.2.8.0") && !fdb.contains("0e:00:00:00:00:08"), "\(neighbours)\n\(fdb)")
         #expect(try ns.ip("route").contains("10.2.7.0/24 via 10.2.7.0 dev flannel.1 onlink"))
-        #expect(neighbours.contains("10.2.7.0 lladdr 0e:00:00:00:00:07 PERMANENT") && fdb.contains("0e:00:00:00:00:07 dst 198.18.0.7"))
+        #expect(
+            neighbours.contains("10.2.7.0 lladdr 0e:00:00:00:00:07 PERMANENT")
+                && fdb.contains("0e:00:00:00:00:07 dst 198.18.0.7")
+        )
     }
 
     @Test func directRoutingRoutesPeersOnOurSubnetWithoutTheTunnel() throws {
@@ -157,8 +190,10 @@ struct KernelBackendsTests {
             let backend = try vxlan(socket, link, address, config: vxlanConfig(directRouting: true))
             _ = try backend.leaseAttributes()
             try backend.activate(lease: lease("10.2.5.0/24", "198.18.0.1"))
-            backend.apply([.added(lease("10.2.7.0/24", "198.18.0.7", type: "vxlan", mac: "0e:00:00:00:00:07")),
-                           .added(lease("10.2.8.0/24", "198.19.0.8", type: "vxlan", mac: "0e:00:00:00:00:08"))])
+            backend.apply([
+                .added(lease("10.2.7.0/24", "198.18.0.7", type: "vxlan", mac: "0e:00:00:00:00:07")),
+                .added(lease("10.2.8.0/24", "198.19.0.8", type: "vxlan", mac: "0e:00:00:00:00:08")),
+            ])
             #expect(try ns.ip("route", "show", "10.2.7.0/24").contains("via 198.18.0.7 dev eth0"))
             #expect(try !ns.ip("neigh", "show", "dev", "flannel.1").contains("10.2.7.0"))
             #expect(try ns.ip("route", "show", "10.2.8.0/24").contains("via 10.2.8.0 dev flannel.1 onlink"))
@@ -177,13 +212,25 @@ struct KernelBackendsTests {
         let address = try #require(try socket.addresses().first { $0.index == link.index })
         let config = try NetworkConfig(json: #"{"Network":"10.2.0.0/16","Backend":{"Type":"host-gw"}}"#)
         let backend = try HostGatewayBackend(
-            host: HostContext(config: config, underlay: link, underlayAddress: address, publicIP: address.address,
-                              routeSocket: socket, logger: logger),
-            checkInterval: .milliseconds(100))
+            host: HostContext(
+                config: config,
+                underlay: link,
+                underlayAddress: address,
+                publicIP: address.address,
+                routeSocket: socket,
+                logger: logger
+            ),
+            checkInterval: .milliseconds(100)
+        )
         #expect(backend.mtu == 1500)
-        #expect(try backend.leaseAttributes().flannelJSON == #"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"host-gw"}"#)
-        backend.apply([.added(lease("10.2.7.0/24", "198.18.0.7", type: "host-gw")),
-                       .added(lease("10.2.8.0/24", "198.19.0.8", type: "host-gw"))])
+        #expect(
+            try backend.leaseAttributes().flannelJSON
+                == #"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"host-gw"}"#
+        )
+        backend.apply([
+            .added(lease("10.2.7.0/24", "198.18.0.7", type: "host-gw")),
+            .added(lease("10.2.8.0/24", "198.19.0.8", type: "host-gw")),
+        ])
         #expect(try ns.ip("route", "show", "10.2.7.0/24").contains("via 198.18.0.7 dev eth0"))
         #expect(try ns.ip("route", "show", "10.2.8.0/24").isEmpty)
         // A route left by an earlier run for a subnet nobody has now.
@@ -211,9 +258,16 @@ struct KernelBackendsTests {
         try withUnderlay { _, socket, link, address in
             let config = try NetworkConfig(json: #"{"Network":"10.2.0.0/16","Backend":{"Type":"host-gw"}}"#)
             let error = #expect(throws: BackendError.self) {
-                try HostGatewayBackend(host: HostContext(config: config, underlay: link, underlayAddress: address,
-                                                         publicIP: ip("203.0.113.9"), routeSocket: socket,
-                                                         logger: logger))
+                try HostGatewayBackend(
+                    host: HostContext(
+                        config: config,
+                        underlay: link,
+                        underlayAddress: address,
+                        publicIP: ip("203.0.113.9"),
+                        routeSocket: socket,
+                        logger: logger
+                    )
+                )
             }
             #expect(error?.description.contains("host-gw needs the public IP to be the address of eth0") == true)
         }
@@ -223,10 +277,17 @@ struct KernelBackendsTests {
     func movingToANewSubnetRemovesTheOldAddressFromTheTUN() throws {
         try withUnderlay { ns, socket, link, address in
             let config = try NetworkConfig(json: #"{"Network":"10.2.0.0/16","Backend":{"Type":"udp","Port":18285}}"#)
-            let backend = try UDPBackend(host: HostContext(config: config, underlay: link, underlayAddress: address,
-                                                           publicIP: ip("198.18.0.1"), routeSocket: socket,
-                                                           logger: logger),
-                                         options: .init(device: "tun0", datapath: .simple))
+            let backend = try UDPBackend(
+                host: HostContext(
+                    config: config,
+                    underlay: link,
+                    underlayAddress: address,
+                    publicIP: ip("198.18.0.1"),
+                    routeSocket: socket,
+                    logger: logger
+                ),
+                options: .init(device: "tun0", datapath: .simple)
+            )
             #expect(backend.mtu == 1472)
             // The TUN and the socket are made in the namespace of the thread that opens them.
             try NetworkNamespace.run(inNamespaceAt: ns.path) {

@@ -31,7 +31,12 @@ import Testing
     @Test func theDelegateGetsTheCommandTheEnvironmentAndTheConfig() throws {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         try install("bridge", #"printf '%s %s %s|' "$CNI_COMMAND" "$CNI_CONTAINERID" "$CNI_IFNAME"; cat"#)
-        let output = try runner().run(type: "bridge", command: .del, config: Array("{\"a\":1}".utf8), request: try request())
+        let output = try runner().run(
+            type: "bridge",
+            command: .del,
+            config: Array("{\"a\":1}".utf8),
+            request: try request()
+        )
         #expect(String(decoding: output, as: UTF8.self) == "DEL c0ffee eth0|{\"a\":1}")
     }
 
@@ -65,7 +70,12 @@ import Testing
     @Test func aMissingDelegateNamesTheSearchPath() throws {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let error = #expect(throws: CNIError.self) {
-            try runner().run(type: "bridge", command: .add, config: [], request: try request(path: ["/nonexistent", directory]))
+            try runner().run(
+                type: "bridge",
+                command: .add,
+                config: [],
+                request: try request(path: ["/nonexistent", directory])
+            )
         }
         #expect(error?.msg == "failed to find plugin \"bridge\" in CNI_PATH /nonexistent:\(directory)")
         #expect(error?.details.contains("containernetworking-plugins") == true)
@@ -76,8 +86,12 @@ import Testing
         try FileManager.default.createDirectory(atPath: "\(directory)/second", withIntermediateDirectories: true)
         try install("bridge", "echo first")
         try "#!/bin/sh\necho second\n".write(toFile: "\(directory)/second/bridge", atomically: true, encoding: .utf8)
-        let output = try runner().run(type: "bridge", command: .add, config: [],
-                                      request: try request(path: [directory, "\(directory)/second"]))
+        let output = try runner().run(
+            type: "bridge",
+            command: .add,
+            config: [],
+            request: try request(path: [directory, "\(directory)/second"])
+        )
         #expect(String(decoding: output, as: UTF8.self) == "first\n")
     }
 

@@ -10,12 +10,18 @@ final class RecordingRunner: DelegateRunner {
     let calls = Mutex<[Call]>([])
     let answer: @Sendable (CNICommand) throws(CNIError) -> [UInt8]
 
-    init(answer: @escaping @Sendable (CNICommand) throws(CNIError) -> [UInt8] = { _ in Array(#"{"cniVersion":"1.0.0"}"#.utf8) }) {
+    init(
+        answer: @escaping @Sendable (CNICommand) throws(CNIError) -> [UInt8] = { _ in
+            Array(#"{"cniVersion":"1.0.0"}"#.utf8)
+        }
+    ) {
         self.answer = answer
     }
 
     func run(type: String, command: CNICommand, config: [UInt8], request: CNIRequest) throws(CNIError) -> [UInt8] {
-        calls.withLock { $0.append(Call(type: type, command: command, config: String(decoding: config, as: UTF8.self))) }
+        calls.withLock {
+            $0.append(Call(type: type, command: command, config: String(decoding: config, as: UTF8.self)))
+        }
         return try answer(command)
     }
 
@@ -34,13 +40,18 @@ struct Scratch: ~Copyable {
     var subnetFile: String { "\(path)/subnet.env" }
     var dataDir: String { "\(path)/data" }
     func config(_ extra: String = "", version: String = "1.0.0") -> [UInt8] {
-        Array(#"{"cniVersion":"\#(version)","name":"cbr0","type":"flannel","subnetFile":"\#(subnetFile)","dataDir":"\#(dataDir)"\#(extra)}"#.utf8)
+        Array(
+            #"{"cniVersion":"\#(version)","name":"cbr0","type":"flannel","subnetFile":"\#(subnetFile)","dataDir":"\#(dataDir)"\#(extra)}"#
+                .utf8
+        )
     }
 }
 
 func environment(_ command: String, container: String = "c0ffee") -> [String: String] {
-    ["CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": "/run/netns/x",
-     "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin:/usr/lib/cni"]
+    [
+        "CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": "/run/netns/x",
+        "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin:/usr/lib/cni",
+    ]
 }
 
 func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue] {
@@ -58,8 +69,14 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
         #expect(calls.map(\.type) == ["bridge"] && calls.map(\.command) == [.add])
         let saved = try String(contentsOfFile: "\(scratch.dataDir)/c0ffee", encoding: .utf8)
         #expect(saved == calls[0].config)
-        #expect(try object(saved)["ipam"] == .object(try object(
-            #"{"type":"host-local","ranges":[[{"subnet":"10.2.72.0/24"}]],"routes":[{"dst":"10.2.0.0/16"}]}"#)))
+        #expect(
+            try object(saved)["ipam"]
+                == .object(
+                    try object(
+                        #"{"type":"host-local","ranges":[[{"subnet":"10.2.72.0/24"}]],"routes":[{"dst":"10.2.0.0/16"}]}"#
+                    )
+                )
+        )
         let attributes = try FileManager.default.attributesOfItem(atPath: "\(scratch.dataDir)/c0ffee")
         #expect((attributes[.posixPermissions] as? Int) == 0o600)
     }
@@ -68,7 +85,10 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
         let scratch = try Scratch()
         try FileManager.default.removeItem(atPath: scratch.subnetFile)
         let runner = RecordingRunner()
-        let response = FlannelPlugin(runner: runner).handle(environment: environment("ADD"), stdin: scratch.config(version: "0.4.0"))
+        let response = FlannelPlugin(runner: runner).handle(
+            environment: environment("ADD"),
+            stdin: scratch.config(version: "0.4.0")
+        )
         #expect(response.exitStatus == 1)
         let error = try errorJSON(response)
         #expect(error["code"] == .number(11))
@@ -105,7 +125,9 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
         _ = plugin.handle(environment: environment("ADD"), stdin: scratch.config())
         let response = plugin.handle(environment: environment("DEL"), stdin: scratch.config())
         #expect(response.exitStatus == 1)
-        #expect(try errorJSON(response) == object(#"{"cniVersion":"1.0.0","code":5,"msg":"bridge says no","details":"d"}"#))
+        #expect(
+            try errorJSON(response) == object(#"{"cniVersion":"1.0.0","code":5,"msg":"bridge says no","details":"d"}"#)
+        )
         #expect(FileManager.default.fileExists(atPath: "\(scratch.dataDir)/c0ffee"))
     }
 
@@ -114,15 +136,19 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
     /// may be left behind, runs no delegate, and moves it aside with its bytes intact (the
     /// other containers' configs untouched); the next DEL succeeds as for a container that
     /// has nothing left.
-    @Test(arguments: [("{\"cniVersion\":\"1.0.0\",\"type\":\"bri", "not JSON"), ("not json at all", "not JSON"),
-                      ("[1,2]", "not a JSON object"), (#"{"cniVersion":"1.0.0","name":"cbr0"}"#, "no \"type\""),
-                      (#"{"type":7}"#, "\"type\" is not a string"), ("", "empty")])
+    @Test(arguments: [
+        ("{\"cniVersion\":\"1.0.0\",\"type\":\"bri", "not JSON"), ("not json at all", "not JSON"),
+        ("[1,2]", "not a JSON object"), (#"{"cniVersion":"1.0.0","name":"cbr0"}"#, "no \"type\""),
+        (#"{"type":7}"#, "\"type\" is not a string"), ("", "empty"),
+    ])
     func delWithACorruptSavedConfigSaysWhyAndKeepsItAside(saved: String, why: String) throws {
         let scratch = try Scratch()
         let runner = RecordingRunner()
         let plugin = FlannelPlugin(runner: runner)
         #expect(plugin.handle(environment: environment("ADD"), stdin: scratch.config()).exitStatus == 0)
-        #expect(plugin.handle(environment: environment("ADD", container: "beef"), stdin: scratch.config()).exitStatus == 0)
+        #expect(
+            plugin.handle(environment: environment("ADD", container: "beef"), stdin: scratch.config()).exitStatus == 0
+        )
         let path = "\(scratch.dataDir)/c0ffee", aside = "\(scratch.dataDir)/.unreadable-c0ffee"
         let other = try String(contentsOfFile: "\(scratch.dataDir)/beef", encoding: .utf8)
         try saved.write(toFile: path, atomically: true, encoding: .utf8)
@@ -131,11 +157,18 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
         #expect(response.exitStatus == 1)
         let error = try errorJSON(response)
         #expect(error["code"] == .number(6))
-        #expect(error["msg"] == .string("the saved delegate config \(path) is unreadable (\(why)); it was moved to \(aside)"))
-        #expect(error["details"] == .string(
-            "the delegate's DEL did not run, so the container's veth and its host-local address (a file named for the "
-                + "address, holding the container ID, in host-local's dataDir, by default /var/lib/cni/networks/cbr0/) may "
-                + "remain: remove them by hand; the next DEL succeeds with nothing to delete"))
+        #expect(
+            error["msg"]
+                == .string("the saved delegate config \(path) is unreadable (\(why)); it was moved to \(aside)")
+        )
+        #expect(
+            error["details"]
+                == .string(
+                    "the delegate's DEL did not run, so the container's veth and its host-local address (a file named for the "
+                        + "address, holding the container ID, in host-local's dataDir, by default /var/lib/cni/networks/cbr0/) may "
+                        + "remain: remove them by hand; the next DEL succeeds with nothing to delete"
+                )
+        )
         #expect(runner.recorded.map(\.command) == [.add, .add])
         #expect(!FileManager.default.fileExists(atPath: path))
         #expect(try String(contentsOfFile: aside, encoding: .utf8) == saved)
@@ -145,7 +178,9 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
         #expect(again.exitStatus == 0, "\(String(decoding: again.stdout, as: UTF8.self))")
         #expect(runner.recorded.map(\.command) == [.add, .add])
         // The other container's DEL still runs its delegate with what ADD saved.
-        #expect(plugin.handle(environment: environment("DEL", container: "beef"), stdin: scratch.config()).exitStatus == 0)
+        #expect(
+            plugin.handle(environment: environment("DEL", container: "beef"), stdin: scratch.config()).exitStatus == 0
+        )
         #expect(runner.recorded.map(\.command) == [.add, .add, .del])
         #expect(runner.recorded.last?.config == other)
         #expect(try String(contentsOfFile: aside, encoding: .utf8) == saved)
@@ -159,7 +194,10 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
         #expect(plugin.handle(environment: environment("ADD"), stdin: scratch.config()).exitStatus == 0)
         let path = "\(scratch.dataDir)/c0ffee"
         try "torn".write(toFile: path, atomically: true, encoding: .utf8)
-        try FileManager.default.createDirectory(atPath: "\(scratch.dataDir)/.unreadable-c0ffee/x", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(
+            atPath: "\(scratch.dataDir)/.unreadable-c0ffee/x",
+            withIntermediateDirectories: true
+        )
         let error = try errorJSON(plugin.handle(environment: environment("DEL"), stdin: scratch.config()))
         #expect(error["code"] == .number(5))
         #expect(error["details"] == .string("remove \(path) by hand; DEL then succeeds with nothing to delete"))
@@ -176,7 +214,9 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
         #expect(response.exitStatus == 0, "\(String(decoding: response.stdout, as: UTF8.self))")
         let check = try object(runner.recorded[1].config)
         #expect(runner.recorded[1].command == .check)
-        #expect(check["prevResult"] == .object(try object(#"{"cniVersion":"1.0.0","ips":[{"address":"10.2.72.2/24"}]}"#)))
+        #expect(
+            check["prevResult"] == .object(try object(#"{"cniVersion":"1.0.0","ips":[{"address":"10.2.72.2/24"}]}"#))
+        )
         #expect(check["ipam"] == (try object(runner.recorded[0].config))["ipam"])
     }
 
@@ -194,16 +234,22 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
         guard case .object(let result)? = try object(runner.recorded[1].config)["prevResult"] else {
             Issue.record("no prevResult"); return
         }
-        #expect(result["routes"] == .array([
-            .object(["dst": .string("10.2.0.0/16"), "gw": .string("10.2.72.1")]),
-            .object(["dst": .string("10.9.0.0/16"), "gw": .string("10.2.72.9")]),
-            .object(["dst": .string("fd00::/56"), "gw": .string("fd00::1")]),
-        ]))
+        #expect(
+            result["routes"]
+                == .array([
+                    .object(["dst": .string("10.2.0.0/16"), "gw": .string("10.2.72.1")]),
+                    .object(["dst": .string("10.9.0.0/16"), "gw": .string("10.2.72.9")]),
+                    .object(["dst": .string("fd00::/56"), "gw": .string("fd00::1")]),
+                ])
+        )
     }
 
     @Test func checkOfAnUnknownContainerFails() throws {
         let scratch = try Scratch()
-        let response = FlannelPlugin(runner: RecordingRunner()).handle(environment: environment("CHECK"), stdin: scratch.config())
+        let response = FlannelPlugin(runner: RecordingRunner()).handle(
+            environment: environment("CHECK"),
+            stdin: scratch.config()
+        )
         #expect(try errorJSON(response)["code"] == .number(3))
     }
 
@@ -217,13 +263,21 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
         let response = plugin.handle(environment: environment("CHECK"), stdin: scratch.config())
         let error = try errorJSON(response)
         #expect(error["code"] == .number(100))
-        #expect(error["msg"] == .string("this host's subnet changed since the container was added: it was 10.2.72.0/24, \(scratch.subnetFile) now says 10.2.9.0/24"))
+        #expect(
+            error["msg"]
+                == .string(
+                    "this host's subnet changed since the container was added: it was 10.2.72.0/24, \(scratch.subnetFile) now says 10.2.9.0/24"
+                )
+        )
         #expect(runner.recorded.count == 1)
     }
 
     @Test func checkNeedsVersion040() throws {
         let scratch = try Scratch()
-        let response = FlannelPlugin(runner: RecordingRunner()).handle(environment: environment("CHECK"), stdin: scratch.config(version: "0.3.1"))
+        let response = FlannelPlugin(runner: RecordingRunner()).handle(
+            environment: environment("CHECK"),
+            stdin: scratch.config(version: "0.3.1")
+        )
         let error = try errorJSON(response)
         #expect(error["code"] == .number(1))
         #expect(error["msg"] == .string("config version does not allow CHECK"))
@@ -231,19 +285,30 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
 
     @Test func anUnsupportedVersionIsRefused() throws {
         let scratch = try Scratch()
-        let response = FlannelPlugin(runner: RecordingRunner()).handle(environment: environment("ADD"), stdin: scratch.config(version: "9.9.9"))
+        let response = FlannelPlugin(runner: RecordingRunner()).handle(
+            environment: environment("ADD"),
+            stdin: scratch.config(version: "9.9.9")
+        )
         let error = try errorJSON(response)
         #expect(error["code"] == .number(1))
         #expect(error["cniVersion"] == .string("1.0.0"))
-        #expect(error["details"] == .string("config is \"9.9.9\", plugin supports 0.1.0, 0.2.0, 0.3.0, 0.3.1, 0.4.0, 1.0.0"))
+        #expect(
+            error["details"] == .string("config is \"9.9.9\", plugin supports 0.1.0, 0.2.0, 0.3.0, 0.3.1, 0.4.0, 1.0.0")
+        )
     }
 
     @Test func versionListsTheSupportedVersions() throws {
-        let response = FlannelPlugin(runner: RecordingRunner()).handle(environment: ["CNI_COMMAND": "VERSION"],
-                                                                        stdin: Array(#"{"cniVersion":"1.0.0"}"#.utf8))
+        let response = FlannelPlugin(runner: RecordingRunner()).handle(
+            environment: ["CNI_COMMAND": "VERSION"],
+            stdin: Array(#"{"cniVersion":"1.0.0"}"#.utf8)
+        )
         #expect(response.exitStatus == 0)
-        #expect(try errorJSON(response) == object(
-            #"{"cniVersion":"1.0.0","supportedVersions":["0.1.0","0.2.0","0.3.0","0.3.1","0.4.0","1.0.0"]}"#))
+        #expect(
+            try errorJSON(response)
+                == object(
+                    #"{"cniVersion":"1.0.0","supportedVersions":["0.1.0","0.2.0","0.3.0","0.3.1","0.4.0","1.0.0"]}"#
+                )
+        )
     }
 
     @Test func withoutACommandThePluginDescribesItself() {
@@ -253,10 +318,19 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
     }
 
     @Test(arguments: [
-        (["CNI_COMMAND": "ADD"], "required environment variables missing: CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_PATH"),
-        (["CNI_COMMAND": "DEL", "CNI_CONTAINERID": "a"], "required environment variables missing: CNI_IFNAME, CNI_PATH"),
+        (
+            ["CNI_COMMAND": "ADD"],
+            "required environment variables missing: CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_PATH"
+        ),
+        (
+            ["CNI_COMMAND": "DEL", "CNI_CONTAINERID": "a"],
+            "required environment variables missing: CNI_IFNAME, CNI_PATH"
+        ),
         (["CNI_COMMAND": "GET"], "unknown CNI_COMMAND \"GET\""),
-        (environment("ADD", container: "../../etc/passwd"), "invalid characters in CNI_CONTAINERID \"../../etc/passwd\""),
+        (
+            environment("ADD", container: "../../etc/passwd"),
+            "invalid characters in CNI_CONTAINERID \"../../etc/passwd\""
+        ),
         (environment("ADD").merging(["CNI_IFNAME": "a/b"]) { $1 }, "CNI_IFNAME \"a/b\" is not an interface name"),
     ])
     func badEnvironmentsAreCNIErrors(environment: [String: String], message: String) throws {
@@ -271,7 +345,10 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
     }
 
     @Test func badJSONIsADecodingError() throws {
-        let response = FlannelPlugin(runner: RecordingRunner()).handle(environment: environment("ADD"), stdin: Array("{nope".utf8))
+        let response = FlannelPlugin(runner: RecordingRunner()).handle(
+            environment: environment("ADD"),
+            stdin: Array("{nope".utf8)
+        )
         let error = try errorJSON(response)
         #expect(error["code"] == .number(6))
         #expect(error["cniVersion"] == .string("1.0.0"))

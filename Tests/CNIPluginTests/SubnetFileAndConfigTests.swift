@@ -27,14 +27,17 @@ func object(_ text: String) throws -> [String: JSONValue] {
     }
 
     @Test func readsDualStackAndSeveralNetworksAsFlannelWritesThem() throws {
-        let file = try FlannelSubnetFile(parsing: """
-            FLANNEL_NETWORK=10.2.0.0/16,10.3.0.0/16,10.2.0.0/16
-            FLANNEL_SUBNET=10.2.72.1/24
-            FLANNEL_IPV6_NETWORK=fd00:1::/56
-            FLANNEL_IPV6_SUBNET=fd00:1:0:48::1/64
-            FLANNEL_MTU=1450
-            FLANNEL_IPMASQ=true
-            """, path: "subnet.env")
+        let file = try FlannelSubnetFile(
+            parsing: """
+                FLANNEL_NETWORK=10.2.0.0/16,10.3.0.0/16,10.2.0.0/16
+                FLANNEL_SUBNET=10.2.72.1/24
+                FLANNEL_IPV6_NETWORK=fd00:1::/56
+                FLANNEL_IPV6_SUBNET=fd00:1:0:48::1/64
+                FLANNEL_MTU=1450
+                FLANNEL_IPMASQ=true
+                """,
+            path: "subnet.env"
+        )
         #expect(file.networks.map(\.text) == ["10.2.0.0/16", "10.3.0.0/16"])
         #expect(file.ipv6Networks.map(\.text) == ["fd00:1::/56"])
         #expect(file.ipv6Subnet?.text == "fd00:1:0:48::/64")
@@ -42,12 +45,15 @@ func object(_ text: String) throws -> [String: JSONValue] {
     }
 
     @Test func anIPv6OnlyFileIsComplete() throws {
-        let file = try FlannelSubnetFile(parsing: """
-            FLANNEL_IPV6_NETWORK=fd00:1::/56
-            FLANNEL_IPV6_SUBNET=fd00:1:0:48::1/64
-            FLANNEL_MTU=1450
-            FLANNEL_IPMASQ=false
-            """, path: "subnet.env")
+        let file = try FlannelSubnetFile(
+            parsing: """
+                FLANNEL_IPV6_NETWORK=fd00:1::/56
+                FLANNEL_IPV6_SUBNET=fd00:1:0:48::1/64
+                FLANNEL_MTU=1450
+                FLANNEL_IPMASQ=false
+                """,
+            path: "subnet.env"
+        )
         #expect(file.subnet == nil)
         #expect(file.networks.isEmpty)
     }
@@ -69,7 +75,9 @@ func object(_ text: String) throws -> [String: JSONValue] {
     ])
     func malformedValuesAreNamed(line: String, message: String) {
         let name = line.split(separator: "=")[0]
-        let text = tunneldSubnetFile.split(separator: "\n").filter { !$0.hasPrefix(name) }.joined(separator: "\n") + "\n\(line)\n"
+        let text =
+            tunneldSubnetFile.split(separator: "\n").filter { !$0.hasPrefix(name) }.joined(separator: "\n")
+            + "\n\(line)\n"
         let error = #expect(throws: CNIError.self) { try FlannelSubnetFile(parsing: text, path: "s.env") }
         #expect(error?.msg.contains(message) == true, "\(String(describing: error))")
     }
@@ -108,10 +116,17 @@ func object(_ text: String) throws -> [String: JSONValue] {
     @Test func theDelegateIsBridgeWithHostLocalOverTheSubnet() throws {
         let c = try conf(#"{"cniVersion":"1.0.0","name":"cbr0","type":"flannel"}"#)
         let delegate = try c.delegateConfig(for: subnet, selfNames: selfNames)
-        #expect(JSONValue.object(delegate) == .object(try object("""
-            {"cniVersion":"1.0.0","name":"cbr0","type":"bridge","isGateway":true,"ipMasq":true,"mtu":1472,
-             "ipam":{"type":"host-local","ranges":[[{"subnet":"10.2.72.0/24"}]],"routes":[{"dst":"10.2.0.0/16"}]}}
-            """)))
+        #expect(
+            JSONValue.object(delegate)
+                == .object(
+                    try object(
+                        """
+                        {"cniVersion":"1.0.0","name":"cbr0","type":"bridge","isGateway":true,"ipMasq":true,"mtu":1472,
+                         "ipam":{"type":"host-local","ranges":[[{"subnet":"10.2.72.0/24"}]],"routes":[{"dst":"10.2.0.0/16"}]}}
+                        """
+                    )
+                )
+        )
     }
 
     @Test func ipMasqIsTheOppositeOfTheDaemons() throws {
@@ -123,12 +138,14 @@ func object(_ text: String) throws -> [String: JSONValue] {
     }
 
     @Test func theUsersDelegateIsKeptAndOnlyCompleted() throws {
-        let c = try conf("""
+        let c = try conf(
+            """
             {"cniVersion":"0.4.0","name":"cbr0","type":"flannel",
              "subnetFile":"/tmp/s.env","dataDir":"/tmp/d",
              "delegate":{"hairpinMode":true,"isDefaultGateway":true,"ipMasq":true,"mtu":1400,"isGateway":false},
              "runtimeConfig":{"portMappings":[]}}
-            """)
+            """
+        )
         #expect(c.subnetFile == "/tmp/s.env" && c.dataDir == "/tmp/d")
         var masquerading = subnet
         masquerading.ipMasq = true
@@ -151,23 +168,42 @@ func object(_ text: String) throws -> [String: JSONValue] {
     }
 
     @Test func theTopLevelIPAMIsTheBaseOfTheDelegates() throws {
-        let delegate = try conf("""
+        let delegate = try conf(
+            """
             {"name":"n","ipam":{"dataDir":"/tmp/ipam","routes":[{"dst":"0.0.0.0/0"}],"ranges":[[{"subnet":"1.2.3.0/24"}]]}}
-            """).delegateConfig(for: subnet, selfNames: selfNames)
-        #expect(delegate["ipam"] == .object(try object("""
-            {"type":"host-local","dataDir":"/tmp/ipam","ranges":[[{"subnet":"10.2.72.0/24"}]],
-             "routes":[{"dst":"0.0.0.0/0"},{"dst":"10.2.0.0/16"}]}
-            """)))
+            """
+        ).delegateConfig(for: subnet, selfNames: selfNames)
+        #expect(
+            delegate["ipam"]
+                == .object(
+                    try object(
+                        """
+                        {"type":"host-local","dataDir":"/tmp/ipam","ranges":[[{"subnet":"10.2.72.0/24"}]],
+                         "routes":[{"dst":"0.0.0.0/0"},{"dst":"10.2.0.0/16"}]}
+                        """
+                    )
+                )
+        )
     }
 
     @Test func dualStackGivesTwoRangesAndRoutes() throws {
-        let file = try FlannelSubnetFile(parsing: tunneldSubnetFile + "FLANNEL_IPV6_NETWORK=fd00::/56\nFLANNEL_IPV6_SUBNET=fd00:0:0:1::1/64\n",
-                                         path: "s")
+        let file = try FlannelSubnetFile(
+            parsing: tunneldSubnetFile + "FLANNEL_IPV6_NETWORK=fd00::/56\nFLANNEL_IPV6_SUBNET=fd00:0:0:1::1/64\n",
+            path: "s"
+        )
         let delegate = try conf(#"{"name":"n"}"#).delegateConfig(for: file, selfNames: selfNames)
         guard case .object(let ipam)? = delegate["ipam"] else { Issue.record("no ipam"); return }
-        #expect(ipam["ranges"] == .array([.array([.object(["subnet": .string("10.2.72.0/24")])]),
-                                          .array([.object(["subnet": .string("fd00:0:0:1::/64")])])]))
-        #expect(ipam["routes"] == .array([.object(["dst": .string("10.2.0.0/16")]), .object(["dst": .string("fd00::/56")])]))
+        #expect(
+            ipam["ranges"]
+                == .array([
+                    .array([.object(["subnet": .string("10.2.72.0/24")])]),
+                    .array([.object(["subnet": .string("fd00:0:0:1::/64")])]),
+                ])
+        )
+        #expect(
+            ipam["routes"]
+                == .array([.object(["dst": .string("10.2.0.0/16")]), .object(["dst": .string("fd00::/56")])])
+        )
     }
 
     @Test(arguments: [

@@ -12,7 +12,8 @@ struct BadInputTests {
     /// (a placeholder process writes the file add-host waits for).
     func withBareHost(_ body: (Lab) throws -> Void) throws {
         try Lab.withLocalStore(config: Self.config) { lab in
-            let placeholder = "printf 'FLANNEL_NETWORK=10.2.0.0/16\\nFLANNEL_SUBNET=10.2.250.1/24\\nFLANNEL_MTU=1472\\nFLANNEL_IPMASQ=false\\n' > \(lab.subnetFile(1)); exec sleep 600"
+            let placeholder =
+                "printf 'FLANNEL_NETWORK=10.2.0.0/16\\nFLANNEL_SUBNET=10.2.250.1/24\\nFLANNEL_MTU=1472\\nFLANNEL_IPMASQ=false\\n' > \(lab.subnetFile(1)); exec sleep 600"
             try lab.addHost(1, command: ["bash", "-c", placeholder])
             try body(lab)
         }
@@ -21,7 +22,9 @@ struct BadInputTests {
     func start(_ lab: Lab, _ extra: [String], timeout: Duration = .seconds(30)) throws -> CommandResult {
         var options = ["--store-dir", lab.storeDirectory, "--device", "tun0"]
         if !extra.contains("--iface") { options += ["--iface", "eth0"] }
-        if !extra.contains("--subnet-file") { options += ["--subnet-file", lab.directory.appendingPathComponent("t.env").path] }
+        if !extra.contains("--subnet-file") {
+            options += ["--subnet-file", lab.directory.appendingPathComponent("t.env").path]
+        }
         return try lab.exec("h1", [tunneldBinary, "run"] + options + extra, timeout: timeout, check: false)
     }
 
@@ -34,7 +37,9 @@ struct BadInputTests {
         if !routes.isEmpty { found.append("route \(routes)") }
         let nat = try lab.exec("h1", ["iptables", "-t", "nat", "-S"]).output
         let filter = try lab.exec("h1", ["iptables", "-t", "filter", "-S"]).output
-        for line in (nat + filter).split(separator: "\n") where line.contains("TUNNELD") { found.append("iptables \(line)") }
+        for line in (nat + filter).split(separator: "\n") where line.contains("TUNNELD") {
+            found.append("iptables \(line)")
+        }
         let leases = try run([tunneldBinary, "leases", "--store-dir", lab.storeDirectory]).output
         if leases.contains("198.18.0.1") { found.append("lease: \(leases)") }
         return found
@@ -45,15 +50,21 @@ struct BadInputTests {
             // The health port is taken: found only after the device and the
             // lease are in place (the listener opens before the rules and the
             // peer list, so that /readyz can say 503 meanwhile).
-            let holder = try spawn(["ip", "netns", "exec", lab.namespace("h1"), "python3", "-c",
-                                "import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 8471)); s.listen(); time.sleep(60)"],
-                               output: lab.directory.appendingPathComponent("holder.log").path)
+            let holder = try spawn(
+                [
+                    "ip", "netns", "exec", lab.namespace("h1"), "python3", "-c",
+                    "import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 8471)); s.listen(); time.sleep(60)",
+                ],
+                output: lab.directory.appendingPathComponent("holder.log").path
+            )
             defer { holder.terminate() }
             #expect(try lab.waitUntil { try lab.exec("h1", ["ss", "-ltnH", "sport = :8471"]).output.contains("8471") })
             let result = try start(lab, ["--ip-masq", "--healthz-port", "8471"])
             #expect(!result.succeeded)
-            #expect(result.output.contains("healthz 0.0.0.0:8471") && result.output.contains("Address already in use"),
-                    "\(result.output)")
+            #expect(
+                result.output.contains("healthz 0.0.0.0:8471") && result.output.contains("Address already in use"),
+                "\(result.output)"
+            )
             #expect(result.output.contains("removing what was set up"), "\(result.output)")
             #expect(result.output.contains("released the lease"), "\(result.output)")
             #expect(try leftovers(lab) == [], "a failed start left these behind")
@@ -63,7 +74,10 @@ struct BadInputTests {
     @Test func badOptionsAndPlacesAreRefusedBeforeAnythingIsInstalled() throws {
         try withBareHost { lab in
             let cases: [([String], String)] = [
-                (["--subnet-file", "/proc/no-such-dir/subnet.env"], "the subnet file /proc/no-such-dir/subnet.env cannot be written"),
+                (
+                    ["--subnet-file", "/proc/no-such-dir/subnet.env"],
+                    "the subnet file /proc/no-such-dir/subnet.env cannot be written"
+                ),
                 (["--iface", "eth9"], "no interface named eth9"),
                 (["--subnet-lease-ttl", "999999999999999999"], "--subnet-lease-ttl must be between 2 seconds and"),
                 (["--healthz-port", "70000"], "--healthz-port must be between 0 (off) and 65535"),
@@ -77,7 +91,10 @@ struct BadInputTests {
                 #expect(!result.succeeded, "\(options) started")
                 #expect(result.output.contains(message), "\(options): \(result.output)")
                 // One line of error, not a backtrace.
-                #expect(!result.output.contains("Fatal error") && !result.output.contains("Backtrace"), "\(options): \(result.output)")
+                #expect(
+                    !result.output.contains("Fatal error") && !result.output.contains("Backtrace"),
+                    "\(options): \(result.output)"
+                )
                 #expect(try leftovers(lab) == [], "\(options) left things behind")
             }
         }
@@ -86,9 +103,16 @@ struct BadInputTests {
     @Test func aConfigForABackendTunneldLacksIsStoredWithAWarningAndRefusedByRun() throws {
         try withBareHost { lab in
             let file = lab.directory.appendingPathComponent("ipip.json")
-            try #"{"Network":"10.2.0.0/16","Backend":{"Type":"ipip"}}"#.write(to: file, atomically: true, encoding: .utf8)
+            try #"{"Network":"10.2.0.0/16","Backend":{"Type":"ipip"}}"#.write(
+                to: file,
+                atomically: true,
+                encoding: .utf8
+            )
             let set = try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, file.path])
-            #expect(set.output.contains("tunneld run refuses this config until Backend.Type is one of them"), "\(set.output)")
+            #expect(
+                set.output.contains("tunneld run refuses this config until Backend.Type is one of them"),
+                "\(set.output)"
+            )
             let result = try start(lab, [], timeout: .seconds(20))
             #expect(!result.succeeded)
             #expect(result.output.contains("backend \"ipip\" is not supported by tunneld"), "\(result.output)")
@@ -103,19 +127,37 @@ struct BadInputTests {
         try withBareHost { lab in
             for backend in ["udp", "vxlan", "host-gw"] {
                 let file = lab.directory.appendingPathComponent("dual-\(backend).json")
-                try #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"\#(backend)"}}"#
+                try
+                    #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"\#(backend)"}}"#
                     .write(to: file, atomically: true, encoding: .utf8)
                 let set = try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, file.path])
-                #expect(set.output.contains("IPv6Network fd00:10:2::/48, IPv6SubnetLen 64, IPv6 subnets fd00:10:2:1::…fd00:10:2:ffff::"), "\(set.output)")
-                #expect(set.output.contains("warning: IPv6 for the \(backend) backend is not built in tunneld yet"), "\(set.output)")
+                #expect(
+                    set.output.contains(
+                        "IPv6Network fd00:10:2::/48, IPv6SubnetLen 64, IPv6 subnets fd00:10:2:1::…fd00:10:2:ffff::"
+                    ),
+                    "\(set.output)"
+                )
+                #expect(
+                    set.output.contains("warning: IPv6 for the \(backend) backend is not built in tunneld yet"),
+                    "\(set.output)"
+                )
                 let result = try start(lab, ["--public-ipv6", "2001:db8::1"], timeout: .seconds(20))
                 #expect(!result.succeeded)
-                #expect(result.output.contains("IPv6 for the \(backend) backend is not built in tunneld yet"), "\(result.output)")
-                #expect(!result.output.contains("Fatal error") && !result.output.contains("Backtrace"), "\(result.output)")
+                #expect(
+                    result.output.contains("IPv6 for the \(backend) backend is not built in tunneld yet"),
+                    "\(result.output)"
+                )
+                #expect(
+                    !result.output.contains("Fatal error") && !result.output.contains("Backtrace"),
+                    "\(result.output)"
+                )
                 #expect(try leftovers(lab) == [])
             }
             let bad = try start(lab, ["--public-ipv6", "2001:db8::1/64"])
-            #expect(!bad.succeeded && bad.output.contains("--public-ipv6 2001:db8::1/64 is not an IPv6 address"), "\(bad.output)")
+            #expect(
+                !bad.succeeded && bad.output.contains("--public-ipv6 2001:db8::1/64 is not an IPv6 address"),
+                "\(bad.output)"
+            )
         }
     }
 }

@@ -7,7 +7,8 @@ let standardCNIPlugins = "/usr/lib/cni"
 let standardCNIPluginsInstalled = ["bridge", "host-local"].allSatisfy {
     FileManager.default.isExecutableFile(atPath: "\(standardCNIPlugins)/\($0)")
 }
-let cniSkipReason: Comment = "needs root, /dev/net/tun and the standard CNI plugins in /usr/lib/cni (apt-get install containernetworking-plugins)"
+let cniSkipReason: Comment =
+    "needs root, /dev/net/tun and the standard CNI plugins in /usr/lib/cni (apt-get install containernetworking-plugins)"
 
 /// The tunneld-cni binary built next to tunneld (or $TUNNELD_CNI_BIN).
 let tunneldCNIBinary: String = {
@@ -37,17 +38,30 @@ struct CNIBin {
         directory = parent.appendingPathComponent("cni-bin").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         for name in ["flannel", "tunneld-cni"] {
-            try FileManager.default.createSymbolicLink(atPath: "\(directory)/\(name)", withDestinationPath: tunneldCNIBinary)
+            try FileManager.default.createSymbolicLink(
+                atPath: "\(directory)/\(name)",
+                withDestinationPath: tunneldCNIBinary
+            )
         }
     }
 
     /// Runs the plugin named `type` the way a runtime does: found by its
     /// type in CNI_PATH, the CNI_* variables in a clean environment, the
     /// network config on stdin — inside `namespace` (the host's) when given.
-    func invoke(type: String, command: String, containerID: String = "", netns: String = "", ifName: String = "eth0",
-                config: String, namespace: String? = nil, scratch: URL) throws -> PluginRun {
-        guard let plugin = searchPath.split(separator: ":").map({ "\($0)/\(type)" })
-            .first(where: { FileManager.default.fileExists(atPath: $0) }) else {
+    func invoke(
+        type: String,
+        command: String,
+        containerID: String = "",
+        netns: String = "",
+        ifName: String = "eth0",
+        config: String,
+        namespace: String? = nil,
+        scratch: URL
+    ) throws -> PluginRun {
+        guard
+            let plugin = searchPath.split(separator: ":").map({ "\($0)/\(type)" })
+                .first(where: { FileManager.default.fileExists(atPath: $0) })
+        else {
             throw LabError("no plugin \"\(type)\" in \(searchPath)")
         }
         let id = UUID().uuidString
@@ -59,11 +73,15 @@ struct CNIBin {
         if !containerID.isEmpty { environment += ["CNI_CONTAINERID=\(containerID)", "CNI_IFNAME=\(ifName)"] }
         if !netns.isEmpty { environment.append("CNI_NETNS=\(netns)") }
         // stderr to a file of its own, so that the output is stdout alone.
-        let command = (namespace.map { ["ip", "netns", "exec", $0] } ?? []) + ["env", "-i"] + environment
+        let command =
+            (namespace.map { ["ip", "netns", "exec", $0] } ?? []) + ["env", "-i"] + environment
             + ["sh", "-c", "exec \"$0\" 2>\"$1\"", plugin, errors]
         let result = try run(command, timeout: .seconds(60), check: false, input: input)
-        return PluginRun(status: result.status, stdout: result.output,
-                         stderr: (try? String(contentsOfFile: errors, encoding: .utf8)) ?? "")
+        return PluginRun(
+            status: result.status,
+            stdout: result.output,
+            stderr: (try? String(contentsOfFile: errors, encoding: .utf8)) ?? ""
+        )
     }
 }
 
@@ -76,28 +94,49 @@ struct CNIBin {
         defer { try? FileManager.default.removeItem(at: scratch) }
         let bin = try CNIBin(in: scratch)
         for type in ["flannel", "tunneld-cni"] {
-            let answer = try bin.invoke(type: type, command: "VERSION", config: #"{"cniVersion":"1.0.0"}"#, scratch: scratch)
+            let answer = try bin.invoke(
+                type: type,
+                command: "VERSION",
+                config: #"{"cniVersion":"1.0.0"}"#,
+                scratch: scratch
+            )
             #expect(answer.status == 0, "\(answer)")
-            #expect(answer.json["supportedVersions"] as? [String] == ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"])
+            #expect(
+                answer.json["supportedVersions"] as? [String] == ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"]
+            )
         }
     }
 
     @Test func missingVariablesAreACNIError() throws {
         defer { try? FileManager.default.removeItem(at: scratch) }
         let bin = try CNIBin(in: scratch)
-        let answer = try bin.invoke(type: "flannel", command: "ADD", config: #"{"cniVersion":"1.0.0","name":"n"}"#, scratch: scratch)
+        let answer = try bin.invoke(
+            type: "flannel",
+            command: "ADD",
+            config: #"{"cniVersion":"1.0.0","name":"n"}"#,
+            scratch: scratch
+        )
         #expect(answer.status == 1)
         #expect(answer.json["code"] as? Int == 4)
         #expect(answer.json["cniVersion"] as? String == "1.0.0")
-        #expect(answer.json["msg"] as? String == "required environment variables missing: CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME")
+        #expect(
+            answer.json["msg"] as? String
+                == "required environment variables missing: CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME"
+        )
     }
 
     @Test func aMissingSubnetFileIsTryAgainLater() throws {
         defer { try? FileManager.default.removeItem(at: scratch) }
         let bin = try CNIBin(in: scratch)
         let missing = scratch.appendingPathComponent("no-subnet.env").path
-        let answer = try bin.invoke(type: "flannel", command: "ADD", containerID: "x1", netns: "/run/netns/none",
-                                    config: #"{"cniVersion":"1.0.0","name":"n","subnetFile":"\#(missing)"}"#, scratch: scratch)
+        let answer = try bin.invoke(
+            type: "flannel",
+            command: "ADD",
+            containerID: "x1",
+            netns: "/run/netns/none",
+            config: #"{"cniVersion":"1.0.0","name":"n","subnetFile":"\#(missing)"}"#,
+            scratch: scratch
+        )
         #expect(answer.status == 1)
         #expect(answer.json["code"] as? Int == 11)
         #expect(answer.json["msg"] as? String == "subnet file \(missing) does not exist")
@@ -114,8 +153,11 @@ struct CNIEndToEndTests {
             // Host 1 runs tunneld as flanneld's first command line does (no
             // -ip-masq), so the bridge masquerades; host 2 with -ip-masq, so it does not.
             for n in 1...2 {
-                let command = [tunneldBinary, "run", "--backend", "udp", "--iface", "eth0", "--subnet-file", lab.subnetFile(n),
-                               "--device", "tun0", "--store-dir", lab.storeDirectory] + (n == 2 ? ["-ip-masq"] : [])
+                let command =
+                    [
+                        tunneldBinary, "run", "--backend", "udp", "--iface", "eth0", "--subnet-file", lab.subnetFile(n),
+                        "--device", "tun0", "--store-dir", lab.storeDirectory,
+                    ] + (n == 2 ? ["-ip-masq"] : [])
                 try lab.lab(["add-host", "\(n)", "--no-container", "--"] + command, timeout: .seconds(90))
             }
             let bin = try CNIBin(in: directory)
@@ -128,9 +170,15 @@ struct CNIEndToEndTests {
             // Host 1's runtime knows the plugin as flannel, host 2's as tunneld-cni.
             let types = [1: "flannel", 2: "tunneld-cni"]
             func invoke(_ command: String, host n: Int, extra: String = "") throws -> PluginRun {
-                try bin.invoke(type: types[n]!, command: command, containerID: "ctr\(n)-\(lab.name)",
-                               netns: "/run/netns/\(lab.namespace("c\(n)"))", config: config(host: n, type: types[n]!, extra: extra),
-                               namespace: lab.namespace("h\(n)"), scratch: directory)
+                try bin.invoke(
+                    type: types[n]!,
+                    command: command,
+                    containerID: "ctr\(n)-\(lab.name)",
+                    netns: "/run/netns/\(lab.namespace("c\(n)"))",
+                    config: config(host: n, type: types[n]!, extra: extra),
+                    namespace: lab.namespace("h\(n)"),
+                    scratch: directory
+                )
             }
 
             // ADD: each container gets an address from its host's subnet.
@@ -220,22 +268,29 @@ struct CNIDualStackTests {
         try run(["ip", "netns", "exec", container, "ip", "link", "set", "lo", "up"])
         let subnetFile = scratch.appendingPathComponent("subnet.env").path
         try """
-            FLANNEL_NETWORK=10.2.0.0/16
-            FLANNEL_SUBNET=10.2.72.1/24
-            FLANNEL_IPV6_NETWORK=fd00:10:244::/48
-            FLANNEL_IPV6_SUBNET=fd00:10:244:48::1/64
-            FLANNEL_MTU=1450
-            FLANNEL_IPMASQ=true
+        FLANNEL_NETWORK=10.2.0.0/16
+        FLANNEL_SUBNET=10.2.72.1/24
+        FLANNEL_IPV6_NETWORK=fd00:10:244::/48
+        FLANNEL_IPV6_SUBNET=fd00:10:244:48::1/64
+        FLANNEL_MTU=1450
+        FLANNEL_IPMASQ=true
 
-            """.write(toFile: subnetFile, atomically: true, encoding: .utf8)
+        """.write(toFile: subnetFile, atomically: true, encoding: .utf8)
         let bin = try CNIBin(in: scratch)
         let config = """
             {"cniVersion":"1.0.0","name":"dual","type":"flannel","subnetFile":"\(subnetFile)",
              "dataDir":"\(scratch.path)/cni-data","ipam":{"dataDir":"\(scratch.path)/ipam"}}
             """
         func invoke(_ command: String) throws -> PluginRun {
-            try bin.invoke(type: "flannel", command: command, containerID: "ctr-\(tag)", netns: "/run/netns/\(container)",
-                           config: config, namespace: host, scratch: scratch)
+            try bin.invoke(
+                type: "flannel",
+                command: command,
+                containerID: "ctr-\(tag)",
+                netns: "/run/netns/\(container)",
+                config: config,
+                namespace: host,
+                scratch: scratch
+            )
         }
         let added = try invoke("ADD")
         #expect(added.status == 0, "\(added)")
@@ -257,6 +312,8 @@ struct CNIDualStackTests {
 
         let deleted = try invoke("DEL")
         #expect(deleted.status == 0, "\(deleted)")
-        #expect(try run(["ip", "netns", "exec", container, "ip", "link", "show", "dev", "eth0"], check: false).status != 0)
+        #expect(
+            try run(["ip", "netns", "exec", container, "ip", "link", "show", "dev", "eth0"], check: false).status != 0
+        )
     }
 }

@@ -21,8 +21,10 @@ struct DataPathTierTests {
                 #expect(log.contains(tier.logLine), "\(host) should run \(tier): \(log)")
                 #expect(log.contains("tun-vnet-hdr+udp-gso+udp-gro"), "\(host) should use every offload: \(log)")
                 if tier == .syscallRefused {
-                    #expect(log.contains("io_uring unusable (io_uring_queue_init failed: Operation not permitted"),
-                            "\(host) should say why it does without io_uring: \(log)")
+                    #expect(
+                        log.contains("io_uring unusable (io_uring_queue_init failed: Operation not permitted"),
+                        "\(host) should say why it does without io_uring: \(log)"
+                    )
                 }
             }
             let ping = try lab.ping(from: 1, to: 2)
@@ -30,13 +32,21 @@ struct DataPathTierTests {
             try offloadWorkout(lab)
 
             // `tunneld status` names the tier.
-            let status = try lab.exec("h1", [tunneldBinary, "status", "--control-socket",
-                                             lab.directory.appendingPathComponent("h1.sock").path, "--json"])
+            let status = try lab.exec(
+                "h1",
+                [
+                    tunneldBinary, "status", "--control-socket",
+                    lab.directory.appendingPathComponent("h1.sock").path, "--json",
+                ]
+            )
             #expect(status.output.contains("\"datapathTier\" : \"\(tier.tier)\""), "\(status.output)")
 
             try lab.lab("stop", "h1")
             try lab.lab("stop", "h2")
-            expectTheBulkWentThroughTheOffloads(sender: lab.dataPathCounters("h1"), receiver: lab.dataPathCounters("h2"))
+            expectTheBulkWentThroughTheOffloads(
+                sender: lab.dataPathCounters("h1"),
+                receiver: lab.dataPathCounters("h2")
+            )
         }
     }
 

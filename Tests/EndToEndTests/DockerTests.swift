@@ -19,7 +19,8 @@ enum DockerTools {
         }
         // The image has no libc: busybox must be the static one.
         guard let head = fm.contents(atPath: busybox)?.prefix(4096), head.starts(with: [0x7f, 0x45, 0x4c, 0x46]),
-              head.range(of: Data("ld-linux".utf8)) == nil else {
+            head.range(of: Data("ld-linux".utf8)) == nil
+        else {
             return "needs a statically linked \(busybox) for the container image: apt-get install busybox-static"
         }
         return nil
@@ -35,9 +36,12 @@ enum DockerTools {
 /// with `EnvironmentFile=` and `$DOCKER_OPTS` does), a container on each
 /// host, and the containers pinging each other through tunneld.
 /// About 15 s per case on a 2-core VM (30 s for both), bounded by timeouts on every wait.
-@Suite(.serialized, .enabled(if: canRunNamespaceTests, namespaceSkipReason),
-       .enabled(if: etcdIsInstalled, etcdSkipReason),
-       .enabled(if: DockerTools.canRun, DockerTools.skipReason))
+@Suite(
+    .serialized,
+    .enabled(if: canRunNamespaceTests, namespaceSkipReason),
+    .enabled(if: etcdIsInstalled, etcdSkipReason),
+    .enabled(if: DockerTools.canRun, DockerTools.skipReason)
+)
 struct DockerTests {
     static let image = "tunneld-busybox:test"
 
@@ -51,10 +55,22 @@ struct DockerTests {
 
         /// The docker client against this daemon, bounded.
         @discardableResult
-        func docker(_ arguments: [String], check: Bool = true, timeout: Duration = .seconds(60),
-                    input: String = "/dev/null") throws -> CommandResult {
-            try run(["env", "DOCKER_HOST=unix://\(socket)", "DOCKER_CONFIG=\(directory.appendingPathComponent("client").path)",
-                     DockerTools.docker] + arguments, timeout: timeout, check: check, input: input)
+        func docker(
+            _ arguments: [String],
+            check: Bool = true,
+            timeout: Duration = .seconds(60),
+            input: String = "/dev/null"
+        ) throws -> CommandResult {
+            try run(
+                [
+                    "env", "DOCKER_HOST=unix://\(socket)",
+                    "DOCKER_CONFIG=\(directory.appendingPathComponent("client").path)",
+                    DockerTools.docker,
+                ] + arguments,
+                timeout: timeout,
+                check: check,
+                input: input
+            )
         }
 
         func start(options: [String]) throws {
@@ -62,9 +78,13 @@ struct DockerTests {
             let config = directory.appendingPathComponent("daemon.json").path
             try "{}\n".write(toFile: config, atomically: true, encoding: .utf8)
             func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
-            try lab.lab(["start-in", process, "h\(host)", "--", DockerTools.dockerd,
-                         "--config-file", config, "--data-root", path("data"), "--exec-root", path("exec"),
-                         "--pidfile", path("pid"), "-H", "unix://\(socket)"] + options)
+            try lab.lab(
+                [
+                    "start-in", process, "h\(host)", "--", DockerTools.dockerd,
+                    "--config-file", config, "--data-root", path("data"), "--exec-root", path("exec"),
+                    "--pidfile", path("pid"), "-H", "unix://\(socket)",
+                ] + options
+            )
             let deadline = ContinuousClock.now + .seconds(60)
             var last = CommandResult(status: -1, output: "")
             while ContinuousClock.now < deadline {
@@ -73,15 +93,18 @@ struct DockerTests {
                 guard (try? lab.pid(process)).map({ kill($0, 0) == 0 }) ?? false else { break }
                 usleep(200_000)
             }
-            throw LabError("dockerd in h\(host) did not come up: \(last.output)\n"
-                           + lab.log(process).split(separator: "\n").suffix(15).joined(separator: "\n"))
+            throw LabError(
+                "dockerd in h\(host) did not come up: \(last.output)\n"
+                    + lab.log(process).split(separator: "\n").suffix(15).joined(separator: "\n")
+            )
         }
 
         /// Containers first (SIGKILL, no grace period), then dockerd by PID;
         /// the lab's destroy stops whatever is left.
         func stop() {
             if let ids = try? docker(["ps", "-aq"], check: false, timeout: .seconds(20)).output
-                .split(whereSeparator: \.isNewline).map(String.init), !ids.isEmpty {
+                .split(whereSeparator: \.isNewline).map(String.init), !ids.isEmpty
+            {
                 _ = try? docker(["rm", "-f"] + ids, check: false, timeout: .seconds(30))
             }
             _ = try? lab.lab("stop", process, timeout: .seconds(30))
@@ -94,10 +117,15 @@ struct DockerTests {
         let bin = root.appendingPathComponent("bin")
         try FileManager.default.createDirectory(at: bin, withIntermediateDirectories: true)
         if !FileManager.default.fileExists(atPath: bin.appendingPathComponent("busybox").path) {
-            try FileManager.default.copyItem(atPath: DockerTools.busybox, toPath: bin.appendingPathComponent("busybox").path)
+            try FileManager.default.copyItem(
+                atPath: DockerTools.busybox,
+                toPath: bin.appendingPathComponent("busybox").path
+            )
             for applet in ["sh", "ping", "sleep", "ip", "cat"] {
-                try FileManager.default.createSymbolicLink(atPath: bin.appendingPathComponent(applet).path,
-                                                           withDestinationPath: "busybox")
+                try FileManager.default.createSymbolicLink(
+                    atPath: bin.appendingPathComponent(applet).path,
+                    withDestinationPath: "busybox"
+                )
             }
         }
         let tarball = daemon.directory.appendingPathComponent("rootfs.tar").path
@@ -136,10 +164,15 @@ struct DockerTests {
             var subnets: [String] = []
             for n in [1, 2] {
                 // The deployment's first command line, or its unit's (-ip-masq=true).
-                try lab.lab(["add-bare-host", "\(n)", "--", tunneldBinary, "run",
-                             "-etcd-endpoints=http://198.18.0.250:2379", "-iface=eth0",
-                             "-etcd-prefix=/docker/network/", "-subnet-file=\(lab.subnetFile(n))"]
-                            + (ipMasq ? ["-ip-masq=true"] : []), timeout: .seconds(90))
+                try lab.lab(
+                    [
+                        "add-bare-host", "\(n)", "--", tunneldBinary, "run",
+                        "-etcd-endpoints=http://198.18.0.250:2379", "-iface=eth0",
+                        "-etcd-prefix=/docker/network/", "-subnet-file=\(lab.subnetFile(n))",
+                    ]
+                        + (ipMasq ? ["-ip-masq=true"] : []),
+                    timeout: .seconds(90)
+                )
                 let forwarding = try lab.exec("h\(n)", ["sysctl", "-n", "net.ipv4.ip_forward"]).output
                 #expect(forwarding.hasPrefix("0"), "a fresh host has IPv4 forwarding off until dockerd starts")
                 subnets.append(try #require(try lab.subnetEnv(n)["FLANNEL_SUBNET"]))
@@ -173,7 +206,10 @@ struct DockerTests {
                 #expect(forwarding.hasPrefix("1"), "dockerd should have turned IPv4 forwarding on")
                 let forward = try lab.exec("h\(n)", ["iptables", "-w", "5", "-S", "FORWARD"]).output
                 #expect(forward.contains("-P FORWARD DROP"), "\(forward)")
-                #expect(forward.contains("-j TUNNELD-FWD"), "tunneld's forward rules should sit beside Docker's:\n\(forward)")
+                #expect(
+                    forward.contains("-j TUNNELD-FWD"),
+                    "tunneld's forward rules should sit beside Docker's:\n\(forward)"
+                )
             }
 
             // Container to container, across the hosts, both ways: three
@@ -185,16 +221,28 @@ struct DockerTests {
                 var last = CommandResult(status: -1, output: "")
                 while answered < 3 && attempts < 15 {
                     attempts += 1
-                    last = try daemons[from].docker(["exec", "c\(from + 1)", "ping", "-c", "1", "-W", "2", containerIPs[to]],
-                                                   check: false, timeout: .seconds(15))
-                    if last.succeeded && last.output.contains("1 packets received") { answered += 1 } else { usleep(300_000) }
+                    last = try daemons[from].docker(
+                        ["exec", "c\(from + 1)", "ping", "-c", "1", "-W", "2", containerIPs[to]],
+                        check: false,
+                        timeout: .seconds(15)
+                    )
+                    if last.succeeded && last.output.contains("1 packets received") {
+                        answered += 1
+                    } else {
+                        usleep(300_000)
+                    }
                 }
-                #expect(answered == 3, "c\(from + 1) → c\(to + 1) (\(containerIPs[to])): \(answered) of 3 answered in \(attempts) tries; last: \(last.output)")
+                #expect(
+                    answered == 3,
+                    "c\(from + 1) → c\(to + 1) (\(containerIPs[to])): \(answered) of 3 answered in \(attempts) tries; last: \(last.output)"
+                )
             }
         } catch {
             for process in ["h1", "h2", "dockerd1", "dockerd2"] where !lab.log(process).isEmpty {
-                print("---- end of \(process)'s log ----\n"
-                      + lab.log(process).split(separator: "\n").suffix(25).joined(separator: "\n"))
+                print(
+                    "---- end of \(process)'s log ----\n"
+                        + lab.log(process).split(separator: "\n").suffix(25).joined(separator: "\n")
+                )
             }
             throw error
         }

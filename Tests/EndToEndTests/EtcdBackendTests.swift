@@ -10,8 +10,11 @@ let seedEtcdPrefix = "/docker/network/"
 /// tunneld on etcd the way flanneld runs: hosts and containers in network
 /// namespaces, a real etcd in a namespace of its own on the underlay, config
 /// and foreign leases written with etcdctl.
-@Suite(.serialized, .enabled(if: canRunNamespaceTests, namespaceSkipReason),
-       .enabled(if: etcdIsInstalled, etcdSkipReason))
+@Suite(
+    .serialized,
+    .enabled(if: canRunNamespaceTests, namespaceSkipReason),
+    .enabled(if: etcdIsInstalled, etcdSkipReason)
+)
 struct EtcdBackendTests {
     /// A lab with etcd running; the daemons' and etcd's logs go to the test
     /// output when the body throws (always with TUNNELD_E2E_LOGS=1).
@@ -22,7 +25,10 @@ struct EtcdBackendTests {
             for process in ["h1", "h2"] where !lab.log(process).isEmpty {
                 print("---- log of \(process) ----\n\(lab.log(process))")
             }
-            print("---- end of etcd's log ----\n" + lab.log("etcd").split(separator: "\n").suffix(30).joined(separator: "\n"))
+            print(
+                "---- end of etcd's log ----\n"
+                    + lab.log("etcd").split(separator: "\n").suffix(30).joined(separator: "\n")
+            )
         }
         do {
             try lab.addEtcd(tls: tls)
@@ -43,10 +49,16 @@ struct EtcdBackendTests {
 
     /// tunneld started with the seed's flanneld flags (plus where the lab
     /// wants subnet.env).
-    func flanneldCommand(_ lab: Lab, host n: Int, endpoints: String = labEtcdEndpoint,
-                         extra: [String] = []) -> [String] {
-        [tunneldBinary, "run", "-etcd-endpoints=\(endpoints)", "-iface=eth0", "-etcd-prefix=\(seedEtcdPrefix)",
-         "-subnet-file=\(lab.subnetFile(n))"] + extra
+    func flanneldCommand(
+        _ lab: Lab,
+        host n: Int,
+        endpoints: String = labEtcdEndpoint,
+        extra: [String] = []
+    ) -> [String] {
+        [
+            tunneldBinary, "run", "-etcd-endpoints=\(endpoints)", "-iface=eth0", "-etcd-prefix=\(seedEtcdPrefix)",
+            "-subnet-file=\(lab.subnetFile(n))",
+        ] + extra
     }
 
     struct HostLease: Equatable {
@@ -71,7 +83,6 @@ struct EtcdBackendTests {
 
     func occurrences(of text: String, in log: String) -> Int { log.components(separatedBy: text).count - 1 }
 
-
     /// CPU time (user + system) a process has used, from /proc.
     func cpuSeconds(_ pid: pid_t) throws -> Double {
         let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
@@ -84,7 +95,8 @@ struct EtcdBackendTests {
 
     /// "N packets transmitted, M received" of ping's summary.
     func pingCounts(_ output: String) -> (transmitted: Int, received: Int)? {
-        guard let range = output.range(of: #"(\d+) packets transmitted, (\d+) received"#, options: .regularExpression) else {
+        guard let range = output.range(of: #"(\d+) packets transmitted, (\d+) received"#, options: .regularExpression)
+        else {
             return nil
         }
         let numbers = output[range].split(whereSeparator: { !$0.isNumber }).compactMap { Int($0) }
@@ -102,9 +114,11 @@ struct EtcdBackendTests {
         try withEtcdLab { lab in
             // Host 1 starts before there is a config: it waits and names the
             // key to write.
-            let adding = try spawn(["bash", lab.script, "add-host", lab.name, lab.directory.path, "1", "--"]
-                                   + flanneldCommand(lab, host: 1),
-                                   output: lab.directory.appendingPathComponent("add-h1.log").path)
+            let adding = try spawn(
+                ["bash", lab.script, "add-host", lab.name, lab.directory.path, "1", "--"]
+                    + flanneldCommand(lab, host: 1),
+                output: lab.directory.appendingPathComponent("add-h1.log").path
+            )
             defer { adding.terminate() }
             #expect(lab.waitForLog("h1", containing: "etcdctl put /docker/network/config"), "\(lab.log("h1"))")
             try putSeedConfig(lab)
@@ -112,16 +126,24 @@ struct EtcdBackendTests {
             try #require(added == 0, "add-host 1: \(lab.log("add-h1"))\n\(lab.log("h1"))")
 
             // Host 2 takes flanneld's flags from the environment.
-            try lab.addHost(2, command: ["env", "FLANNELD_ETCD_ENDPOINTS=\(labEtcdEndpoint)", "FLANNELD_IFACE=eth0",
-                                         "FLANNELD_ETCD_PREFIX=\(seedEtcdPrefix)",
-                                         "FLANNELD_SUBNET_FILE=\(lab.subnetFile(2))", tunneldBinary, "run"])
+            try lab.addHost(
+                2,
+                command: [
+                    "env", "FLANNELD_ETCD_ENDPOINTS=\(labEtcdEndpoint)", "FLANNELD_IFACE=eth0",
+                    "FLANNELD_ETCD_PREFIX=\(seedEtcdPrefix)",
+                    "FLANNELD_SUBNET_FILE=\(lab.subnetFile(2))", tunneldBinary, "run",
+                ]
+            )
 
             // subnet.env is flannel's.
             let lease1 = try lease(lab, host: 1), lease2 = try lease(lab, host: 2)
             #expect(lease1 != lease2)
             let env1 = try String(contentsOfFile: lab.subnetFile(1), encoding: .utf8)
             let subnet1 = try #require(lab.subnetEnv(1)["FLANNEL_SUBNET"])
-            #expect(env1 == "FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_SUBNET=\(subnet1)\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n")
+            #expect(
+                env1
+                    == "FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_SUBNET=\(subnet1)\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"
+            )
             for subnet in [lease1.subnet, lease2.subnet] {
                 let third = try #require(Int(subnet.split(separator: ".")[2]))
                 #expect((1...254).contains(third), "\(subnet) is outside SubnetMin…SubnetMax")
@@ -140,20 +162,36 @@ struct EtcdBackendTests {
             #expect(ttl.contains("granted with TTL(86400s)"), "\(ttl)")
 
             // Each daemon routes to the other.
-            #expect(lab.waitForLog("h1", containing: "peer \(lease2.subnet) → peer 198.18.0.2:8285"), "\(lab.log("h1"))")
-            #expect(lab.waitForLog("h2", containing: "peer \(lease1.subnet) → peer 198.18.0.1:8285"), "\(lab.log("h2"))")
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(lease2.subnet) → peer 198.18.0.2:8285"),
+                "\(lab.log("h1"))"
+            )
+            #expect(
+                lab.waitForLog("h2", containing: "peer \(lease1.subnet) → peer 198.18.0.1:8285"),
+                "\(lab.log("h2"))"
+            )
             let there = try lab.ping(from: 1, to: 2)
             #expect(there.succeeded, "\(there.output)")
             let back = try lab.ping(from: 2, to: 1)
             #expect(back.succeeded, "\(back.output)")
 
             // The other commands read the same store with the same flags.
-            let leases = try lab.exec("h1", [tunneldBinary, "leases", "-etcd-endpoints=\(labEtcdEndpoint)",
-                                             "-etcd-prefix=\(seedEtcdPrefix)"]).output
+            let leases = try lab.exec(
+                "h1",
+                [
+                    tunneldBinary, "leases", "-etcd-endpoints=\(labEtcdEndpoint)",
+                    "-etcd-prefix=\(seedEtcdPrefix)",
+                ]
+            ).output
             #expect(leases.contains(lease1.subnet) && leases.contains("198.18.0.1"), "\(leases)")
             #expect(leases.contains(lease2.subnet) && leases.contains("198.18.0.2"), "\(leases)")
-            let config = try lab.exec("h2", [tunneldBinary, "config", "get", "-etcd-endpoints=\(labEtcdEndpoint)",
-                                             "-etcd-prefix=\(seedEtcdPrefix)"]).output
+            let config = try lab.exec(
+                "h2",
+                [
+                    tunneldBinary, "config", "get", "-etcd-endpoints=\(labEtcdEndpoint)",
+                    "-etcd-prefix=\(seedEtcdPrefix)",
+                ]
+            ).output
             #expect(config == seedConfig + "\n")
         }
     }
@@ -166,13 +204,22 @@ struct EtcdBackendTests {
             try lab.addHost(1, command: flanneldCommand(lab, host: 1))
             try lab.addHost(2, command: flanneldCommand(lab, host: 2))
             let lease1 = try lease(lab, host: 1), lease2 = try lease(lab, host: 2)
-            #expect(lab.waitForLog("h1", containing: "peer \(lease2.subnet) → peer 198.18.0.2:8285"), "\(lab.log("h1"))")
-            #expect(lab.waitForLog("h2", containing: "peer \(lease1.subnet) → peer 198.18.0.1:8285"), "\(lab.log("h2"))")
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(lease2.subnet) → peer 198.18.0.2:8285"),
+                "\(lab.log("h1"))"
+            )
+            #expect(
+                lab.waitForLog("h2", containing: "peer \(lease1.subnet) → peer 198.18.0.1:8285"),
+                "\(lab.log("h2"))"
+            )
 
             // A host that is not tunneld (a flanneld, say) writes its lease.
             try lab.etcdctl(["put", "/docker/network/subnets/10.2.200.0-24", leaseJSON("198.18.0.9")])
             for host in ["h1", "h2"] {
-                #expect(lab.waitForLog(host, containing: "peer 10.2.200.0/24 → peer 198.18.0.9:8285"), "\(lab.log(host))")
+                #expect(
+                    lab.waitForLog(host, containing: "peer 10.2.200.0/24 → peer 198.18.0.9:8285"),
+                    "\(lab.log(host))"
+                )
             }
             // The data path sends its packets towards 198.18.0.9, which is not
             // there: no answer, and no "unreachable" from the tunnel.
@@ -209,25 +256,37 @@ struct EtcdBackendTests {
     /// the stray keys would have blocked.
     @Test func strayLeaseKeysBesideRunningHostsNeitherBlockNorCoverAHostThatJoins() throws {
         try withEtcdLab { lab in
-            let config = #"{"Network":"10.2.0.0/16","SubnetLen":24,"SubnetMin":"10.2.1.0","SubnetMax":"10.2.4.0","Backend":{"Type":"udp"}}"#
+            let config =
+                #"{"Network":"10.2.0.0/16","SubnetLen":24,"SubnetMin":"10.2.1.0","SubnetMax":"10.2.4.0","Backend":{"Type":"udp"}}"#
             let file = lab.directory.appendingPathComponent("flannel-config.json")
             try config.write(to: file, atomically: true, encoding: .utf8)
             try lab.etcdctl(["put", "/docker/network/config"], input: file.path)
             try lab.addHost(1, command: flanneldCommand(lab, host: 1))
             try lab.addHost(2, command: flanneldCommand(lab, host: 2))
             let lease1 = try lease(lab, host: 1), lease2 = try lease(lab, host: 2)
-            #expect(lab.waitForLog("h1", containing: "peer \(lease2.subnet) → peer 198.18.0.2:8285"), "\(lab.log("h1"))")
-            #expect(lab.waitForLog("h2", containing: "peer \(lease1.subnet) → peer 198.18.0.1:8285"), "\(lab.log("h2"))")
-            let free = (1...4).map { "10.2.\($0).0" }.filter { "\($0)/24" != lease1.subnet && "\($0)/24" != lease2.subnet }
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(lease2.subnet) → peer 198.18.0.2:8285"),
+                "\(lab.log("h1"))"
+            )
+            #expect(
+                lab.waitForLog("h2", containing: "peer \(lease1.subnet) → peer 198.18.0.1:8285"),
+                "\(lab.log("h2"))"
+            )
+            let free = (1...4).map { "10.2.\($0).0" }.filter {
+                "\($0)/24" != lease1.subnet && "\($0)/24" != lease2.subnet
+            }
             try #require(free.count == 2, "\(free)")
 
             let prefix = "/docker/network/subnets/"
             let stray: [(key: String, publicIP: String, reason: String)] = [
-                ("10.2.0.0-16", "198.18.0.66", "wider than SubnetLen"),   // covers every subnet
+                ("10.2.0.0-16", "198.18.0.66", "wider than SubnetLen"),  // covers every subnet
                 ("\(free[0])-28", "198.18.0.67", "narrower than SubnetLen"),
                 ("\(free[1].dropLast(1))128-25", "198.18.0.68", "narrower than SubnetLen"),
                 ("10.9.1.0-24", "198.18.0.69", "outside the network"),
-                ("\(lease1.key.dropFirst(prefix.count))&fd00:10:244:1::-64", "198.18.0.70", "names the same subnet as the lease"),
+                (
+                    "\(lease1.key.dropFirst(prefix.count))&fd00:10:244:1::-64", "198.18.0.70",
+                    "names the same subnet as the lease"
+                ),
                 ("10.2.003.0-24", "198.18.0.71", "is not a lease key"),
                 ("garbage", "198.18.0.72", "is not a lease key"),
             ]
@@ -248,10 +307,22 @@ struct EtcdBackendTests {
             try lab.addHost(3, command: flanneldCommand(lab, host: 3))
             let lease3 = try lease(lab, host: 3)
             #expect(free.map { "\($0)/24" }.contains(lease3.subnet), "\(lease3.subnet) is not one of the free \(free)")
-            #expect(lab.waitForLog("h1", containing: "peer \(lease3.subnet) → peer 198.18.0.3:8285"), "\(lab.log("h1"))")
-            #expect(lab.waitForLog("h2", containing: "peer \(lease3.subnet) → peer 198.18.0.3:8285"), "\(lab.log("h2"))")
-            #expect(lab.waitForLog("h3", containing: "peer \(lease1.subnet) → peer 198.18.0.1:8285"), "\(lab.log("h3"))")
-            #expect(lab.waitForLog("h3", containing: "peer \(lease2.subnet) → peer 198.18.0.2:8285"), "\(lab.log("h3"))")
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(lease3.subnet) → peer 198.18.0.3:8285"),
+                "\(lab.log("h1"))"
+            )
+            #expect(
+                lab.waitForLog("h2", containing: "peer \(lease3.subnet) → peer 198.18.0.3:8285"),
+                "\(lab.log("h2"))"
+            )
+            #expect(
+                lab.waitForLog("h3", containing: "peer \(lease1.subnet) → peer 198.18.0.1:8285"),
+                "\(lab.log("h3"))"
+            )
+            #expect(
+                lab.waitForLog("h3", containing: "peer \(lease2.subnet) → peer 198.18.0.2:8285"),
+                "\(lab.log("h3"))"
+            )
             for (from, to) in [(3, 1), (3, 2), (1, 3), (2, 1)] {
                 let ping = try lab.ping(from: from, to: to)
                 #expect(ping.succeeded, "c\(from) → c\(to): \(ping.output)")
@@ -259,16 +330,28 @@ struct EtcdBackendTests {
             // No stray key reached a table, and the joining host reports each once too.
             for host in ["h1", "h2", "h3"] {
                 let log = lab.log(host)
-                for key in stray { #expect(!log.contains("peer 198.18.0.\(key.publicIP.split(separator: ".").last!):8285"), "\(host): \(log)") }
+                for key in stray {
+                    #expect(
+                        !log.contains("peer 198.18.0.\(key.publicIP.split(separator: ".").last!):8285"),
+                        "\(host): \(log)"
+                    )
+                }
             }
             for key in stray {
-                #expect(lab.log("h3").split(separator: "\n").filter { $0.contains("lease key \(key.key) ") }.count == 1,
-                        "h3, \(key.key): \(lab.log("h3"))")
+                #expect(
+                    lab.log("h3").split(separator: "\n").filter { $0.contains("lease key \(key.key) ") }.count == 1,
+                    "h3, \(key.key): \(lab.log("h3"))"
+                )
             }
 
             // `tunneld leases` lists the three hosts and names every ignored key.
-            let listing = try lab.exec("h1", [tunneldBinary, "leases", "-etcd-endpoints=\(labEtcdEndpoint)",
-                                              "-etcd-prefix=\(seedEtcdPrefix)"]).output
+            let listing = try lab.exec(
+                "h1",
+                [
+                    tunneldBinary, "leases", "-etcd-endpoints=\(labEtcdEndpoint)",
+                    "-etcd-prefix=\(seedEtcdPrefix)",
+                ]
+            ).output
             let rows = listing.split(separator: "\n").filter { $0.hasPrefix("10.") }
             #expect(rows.count == 3, "\(listing)")
             for key in stray {
@@ -282,30 +365,59 @@ struct EtcdBackendTests {
     /// refuses to start on the dual-stack config, naming its backend.
     @Test func aFlanneldDualStackLeaseIsListedAndRunRefusesTheConfig() throws {
         try withEtcdLab { lab in
-            let config = #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"vxlan"}}"#
+            let config =
+                #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"vxlan"}}"#
             let file = lab.directory.appendingPathComponent("dual.json")
             try config.write(to: file, atomically: true, encoding: .utf8)
             try lab.etcdctl(["put", "/docker/network/config"], input: file.path)
-            try lab.etcdctl(["put", "/docker/network/subnets/10.2.72.0-24&fd00:10:2:48::-64",
-                             #"{"PublicIP":"198.18.0.72","PublicIPv6":"2001:db8::72","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}}"#])
-            let placeholder = "printf 'FLANNEL_NETWORK=10.2.0.0/16\\nFLANNEL_SUBNET=10.2.250.1/24\\nFLANNEL_MTU=1450\\nFLANNEL_IPMASQ=false\\n' > \(lab.subnetFile(1)); exec sleep 600"
+            try lab.etcdctl([
+                "put", "/docker/network/subnets/10.2.72.0-24&fd00:10:2:48::-64",
+                #"{"PublicIP":"198.18.0.72","PublicIPv6":"2001:db8::72","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}}"#,
+            ])
+            let placeholder =
+                "printf 'FLANNEL_NETWORK=10.2.0.0/16\\nFLANNEL_SUBNET=10.2.250.1/24\\nFLANNEL_MTU=1450\\nFLANNEL_IPMASQ=false\\n' > \(lab.subnetFile(1)); exec sleep 600"
             try lab.addHost(1, command: ["bash", "-c", placeholder])
-            let listing = try lab.exec("h1", [tunneldBinary, "leases", "-etcd-endpoints=\(labEtcdEndpoint)",
-                                              "-etcd-prefix=\(seedEtcdPrefix)"]).output
+            let listing = try lab.exec(
+                "h1",
+                [
+                    tunneldBinary, "leases", "-etcd-endpoints=\(labEtcdEndpoint)",
+                    "-etcd-prefix=\(seedEtcdPrefix)",
+                ]
+            ).output
             let header = try #require(listing.split(separator: "\n").first)
-            #expect(header.hasPrefix("SUBNET") && header.contains("IPV6-SUBNET") && header.contains("PUBLIC-IPV6"), "\(listing)")
+            #expect(
+                header.hasPrefix("SUBNET") && header.contains("IPV6-SUBNET") && header.contains("PUBLIC-IPV6"),
+                "\(listing)"
+            )
             let row = try #require(listing.split(separator: "\n").first { $0.hasPrefix("10.2.72.0/24") }, "\(listing)")
             let columns = row.split(separator: " ")
-            #expect(Array(columns.prefix(5)) == ["10.2.72.0/24", "198.18.0.72", "fd00:10:2:48::/64", "2001:db8::72", "vxlan"], "\(row)")
+            #expect(
+                Array(columns.prefix(5)) == [
+                    "10.2.72.0/24", "198.18.0.72", "fd00:10:2:48::/64", "2001:db8::72", "vxlan",
+                ],
+                "\(row)"
+            )
             #expect(!listing.contains("ignored"), "\(listing)")
 
-            let result = try lab.exec("h1", flanneldCommand(lab, host: 1, extra: ["-public-ipv6=2001:db8::1"]),
-                                      timeout: .seconds(30), check: false)
+            let result = try lab.exec(
+                "h1",
+                flanneldCommand(lab, host: 1, extra: ["-public-ipv6=2001:db8::1"]),
+                timeout: .seconds(30),
+                check: false
+            )
             #expect(!result.succeeded)
-            #expect(result.output.contains("IPv6 for the vxlan backend is not built in tunneld yet"), "\(result.output)")
+            #expect(
+                result.output.contains("IPv6 for the vxlan backend is not built in tunneld yet"),
+                "\(result.output)"
+            )
             // Nothing leased by the refused start: the flanneld host's lease is alone.
             let keys = try lab.etcdctl(["get", "/docker/network/subnets/", "--prefix", "--keys-only"]).output
-            #expect(keys.split(separator: "\n").filter { !$0.isEmpty } == ["/docker/network/subnets/10.2.72.0-24&fd00:10:2:48::-64"], "\(keys)")
+            #expect(
+                keys.split(separator: "\n").filter { !$0.isEmpty } == [
+                    "/docker/network/subnets/10.2.72.0-24&fd00:10:2:48::-64"
+                ],
+                "\(keys)"
+            )
         }
     }
 
@@ -315,7 +427,10 @@ struct EtcdBackendTests {
             try lab.addHost(1, command: flanneldCommand(lab, host: 1))
             try lab.addHost(2, command: flanneldCommand(lab, host: 2))
             let before = try lease(lab, host: 1)
-            #expect(lab.waitForLog("h2", containing: "peer \(before.subnet) → peer 198.18.0.1:8285"), "\(lab.log("h2"))")
+            #expect(
+                lab.waitForLog("h2", containing: "peer \(before.subnet) → peer 198.18.0.1:8285"),
+                "\(lab.log("h2"))"
+            )
 
             // Restarted without its subnet file, it finds its lease in etcd by
             // its public IP.
@@ -339,8 +454,12 @@ struct EtcdBackendTests {
             #expect(try lab.waitUntil { try lab.etcdValue(before.key) == leaseJSON("198.18.0.1") })
             #expect(try lease(lab, host: 1) == before)
             #expect(lab.waitForLog("h2", containing: "peer \(before.subnet) is gone"), "\(lab.log("h2"))")
-            #expect(lab.waitUntil { occurrences(of: "peer \(before.subnet) → peer 198.18.0.1:8285", in: lab.log("h2")) >= 2 },
-                    "\(lab.log("h2"))")
+            #expect(
+                lab.waitUntil {
+                    occurrences(of: "peer \(before.subnet) → peer 198.18.0.1:8285", in: lab.log("h2")) >= 2
+                },
+                "\(lab.log("h2"))"
+            )
             let afterDelete = try lab.ping(from: 2, to: 1)
             #expect(afterDelete.succeeded, "\(afterDelete.output)")
         }
@@ -355,27 +474,43 @@ struct EtcdBackendTests {
             try lab.addHost(1, command: flanneldCommand(lab, host: 1, extra: short))
             try lab.addHost(2, command: flanneldCommand(lab, host: 2, extra: short))
             let lease1 = try lease(lab, host: 1), lease2 = try lease(lab, host: 2)
-            #expect(lab.waitForLog("h1", containing: "peer \(lease2.subnet) → peer 198.18.0.2:8285"), "\(lab.log("h1"))")
-            #expect(lab.waitForLog("h2", containing: "peer \(lease1.subnet) → peer 198.18.0.1:8285"), "\(lab.log("h2"))")
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(lease2.subnet) → peer 198.18.0.2:8285"),
+                "\(lab.log("h1"))"
+            )
+            #expect(
+                lab.waitForLog("h2", containing: "peer \(lease1.subnet) → peer 198.18.0.1:8285"),
+                "\(lab.log("h2"))"
+            )
             let warmUp = try lab.ping(from: 1, to: 2)
             try #require(warmUp.succeeded, "\(warmUp.output)")
 
             // 60 pings, 0.2 s apart, across the restart.
             let pingLog = lab.directory.appendingPathComponent("ping-across-restart.log").path
-            let ping = try spawn(["ip", "netns", "exec", lab.namespace("c1"), "ping", "-c", "60", "-i", "0.2",
-                                  "-W", "1", try lab.containerIP(2)], output: pingLog)
+            let ping = try spawn(
+                [
+                    "ip", "netns", "exec", lab.namespace("c1"), "ping", "-c", "60", "-i", "0.2",
+                    "-W", "1", try lab.containerIP(2),
+                ],
+                output: pingLog
+            )
             defer { ping.terminate() }
             usleep(1_000_000)
             try lab.restartEtcd(downtime: .seconds(3))
             let back = ContinuousClock.now
-            let renewals = (occurrences(of: "renewed lease", in: lab.log("h1")),
-                            occurrences(of: "renewed lease", in: lab.log("h2")))
+            let renewals = (
+                occurrences(of: "renewed lease", in: lab.log("h1")),
+                occurrences(of: "renewed lease", in: lab.log("h2"))
+            )
 
             // A change made as soon as etcd is back reaches both daemons
             // through their resumed watches.
             try lab.etcdctl(["put", "/docker/network/subnets/10.2.201.0-24", leaseJSON("198.18.0.9")])
             for host in ["h1", "h2"] {
-                #expect(lab.waitForLog(host, containing: "peer 10.2.201.0/24 → peer 198.18.0.9:8285"), "\(lab.log(host))")
+                #expect(
+                    lab.waitForLog(host, containing: "peer 10.2.201.0/24 → peer 198.18.0.9:8285"),
+                    "\(lab.log(host))"
+                )
             }
 
             let finished = ping.wait(timeout: .seconds(40))
@@ -386,10 +521,20 @@ struct EtcdBackendTests {
 
             // Renewals go on after the restart, and a full TTL later both
             // leases are still there, unchanged.
-            #expect(lab.waitUntil { occurrences(of: "renewed lease", in: lab.log("h1")) > renewals.0 }, "\(lab.log("h1"))")
-            #expect(lab.waitUntil { occurrences(of: "renewed lease", in: lab.log("h2")) > renewals.1 }, "\(lab.log("h2"))")
+            #expect(
+                lab.waitUntil { occurrences(of: "renewed lease", in: lab.log("h1")) > renewals.0 },
+                "\(lab.log("h1"))"
+            )
+            #expect(
+                lab.waitUntil { occurrences(of: "renewed lease", in: lab.log("h2")) > renewals.1 },
+                "\(lab.log("h2"))"
+            )
             let wait = back + .seconds(ttl + 1) - ContinuousClock.now
-            if wait > .zero { Thread.sleep(forTimeInterval: Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18) }
+            if wait > .zero {
+                Thread.sleep(
+                    forTimeInterval: Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18
+                )
+            }
             #expect(try lab.etcdValue(lease1.key) == leaseJSON("198.18.0.1"))
             #expect(try lab.etcdValue(lease2.key) == leaseJSON("198.18.0.2"))
             #expect(try lease(lab, host: 1) == lease1)
@@ -417,7 +562,10 @@ struct EtcdBackendTests {
             try lab.etcdctl(["put", "/docker/network/subnets/10.2.200.0-24", leaseJSON("198.18.0.9")])
             try lab.etcdctl(["put", "/docker/network/subnets/10.2.202.0-24", leaseJSON("198.18.0.11")])
             for host in ["h1", "h2"] {
-                #expect(lab.waitForLog(host, containing: "peer 10.2.202.0/24 → peer 198.18.0.11:8285"), "\(lab.log(host))")
+                #expect(
+                    lab.waitForLog(host, containing: "peer 10.2.202.0/24 → peer 198.18.0.11:8285"),
+                    "\(lab.log(host))"
+                )
             }
 
             // Host 1's daemon is frozen while etcd restarts (breaking its
@@ -427,7 +575,7 @@ struct EtcdBackendTests {
             try lab.signal("h1", SIGSTOP)
             defer { try? lab.signal("h1", SIGCONT) }
             try lab.restartEtcd()
-            try lab.etcdctl(["del", "/docker/network/subnets/10.2.200.0-24"])                         // removed
+            try lab.etcdctl(["del", "/docker/network/subnets/10.2.200.0-24"])  // removed
             try lab.etcdctl(["put", "/docker/network/subnets/10.2.201.0-24", leaseJSON("198.18.0.10")])  // added
             try lab.etcdctl(["put", "/docker/network/subnets/10.2.202.0-24", leaseJSON("198.18.0.12")])  // moved
             for n in 0..<5 { try lab.etcdctl(["put", "/docker/network/unrelated", "\(n)"]) }
@@ -438,8 +586,14 @@ struct EtcdBackendTests {
             #expect(lab.waitForLog("h1", containing: "re-list #1"), "\(lab.log("h1"))")
             for host in ["h1", "h2"] {
                 #expect(lab.waitForLog(host, containing: "peer 10.2.200.0/24 is gone"), "\(lab.log(host))")
-                #expect(lab.waitForLog(host, containing: "peer 10.2.201.0/24 → peer 198.18.0.10:8285"), "\(lab.log(host))")
-                #expect(lab.waitForLog(host, containing: "peer 10.2.202.0/24 → peer 198.18.0.12:8285"), "\(lab.log(host))")
+                #expect(
+                    lab.waitForLog(host, containing: "peer 10.2.201.0/24 → peer 198.18.0.10:8285"),
+                    "\(lab.log(host))"
+                )
+                #expect(
+                    lab.waitForLog(host, containing: "peer 10.2.202.0/24 → peer 198.18.0.12:8285"),
+                    "\(lab.log(host))"
+                )
             }
 
             // No busy loop: over the next 3 s the daemon stays idle and lists
@@ -474,16 +628,29 @@ struct EtcdBackendTests {
     @Test func mutualTLSAndAPasswordLoginWorkPastADeadFirstEndpoint() throws {
         try withEtcdLab(tls: true) { lab in
             let certificates = try #require(lab.etcd?.certificates)
-            try lab.enableEtcdAuth(rootPassword: "root-pw", user: "tunneld", password: "s3cret",
-                                   prefix: seedEtcdPrefix)
+            try lab.enableEtcdAuth(
+                rootPassword: "root-pw",
+                user: "tunneld",
+                password: "s3cret",
+                prefix: seedEtcdPrefix
+            )
             try putSeedConfig(lab)
             let https = "https://198.18.0.250:2379"
-            let files = ["-etcd-cafile=\(certificates.caFile)", "-etcd-certfile=\(certificates.clientCertFile)",
-                         "-etcd-keyfile=\(certificates.clientKeyFile)"]
+            let files = [
+                "-etcd-cafile=\(certificates.caFile)", "-etcd-certfile=\(certificates.clientCertFile)",
+                "-etcd-keyfile=\(certificates.clientKeyFile)",
+            ]
             let login = ["-etcd-username=tunneld", "-etcd-password=s3cret"]
             func configGet(_ flags: [String]) throws -> CommandResult {
-                try lab.exec("etcd", [tunneldBinary, "config", "get", "-etcd-endpoints=\(https)",
-                                      "-etcd-prefix=\(seedEtcdPrefix)"] + flags, timeout: .seconds(40), check: false)
+                try lab.exec(
+                    "etcd",
+                    [
+                        tunneldBinary, "config", "get", "-etcd-endpoints=\(https)",
+                        "-etcd-prefix=\(seedEtcdPrefix)",
+                    ] + flags,
+                    timeout: .seconds(40),
+                    check: false
+                )
             }
 
             // Each credential is needed.
@@ -503,24 +670,40 @@ struct EtcdBackendTests {
             // Host 1 lists a dead endpoint first; host 2 takes everything
             // from the environment.
             let started = ContinuousClock.now
-            try lab.addHost(1, command: [tunneldBinary, "run", "-etcd-endpoints=https://198.18.0.251:2379,\(https)",
-                                         "-iface=eth0", "-etcd-prefix=\(seedEtcdPrefix)",
-                                         "-subnet-file=\(lab.subnetFile(1))"] + files + login)
+            try lab.addHost(
+                1,
+                command: [
+                    tunneldBinary, "run", "-etcd-endpoints=https://198.18.0.251:2379,\(https)",
+                    "-iface=eth0", "-etcd-prefix=\(seedEtcdPrefix)",
+                    "-subnet-file=\(lab.subnetFile(1))",
+                ] + files + login
+            )
             let startUp = ContinuousClock.now - started
-            try lab.addHost(2, command: ["env", "FLANNELD_ETCD_ENDPOINTS=\(https)", "FLANNELD_IFACE=eth0",
-                                         "FLANNELD_ETCD_PREFIX=\(seedEtcdPrefix)",
-                                         "FLANNELD_ETCD_CAFILE=\(certificates.caFile)",
-                                         "FLANNELD_ETCD_CERTFILE=\(certificates.clientCertFile)",
-                                         "FLANNELD_ETCD_KEYFILE=\(certificates.clientKeyFile)",
-                                         "FLANNELD_ETCD_USERNAME=tunneld", "FLANNELD_ETCD_PASSWORD=s3cret",
-                                         "FLANNELD_SUBNET_FILE=\(lab.subnetFile(2))", tunneldBinary, "run"])
+            try lab.addHost(
+                2,
+                command: [
+                    "env", "FLANNELD_ETCD_ENDPOINTS=\(https)", "FLANNELD_IFACE=eth0",
+                    "FLANNELD_ETCD_PREFIX=\(seedEtcdPrefix)",
+                    "FLANNELD_ETCD_CAFILE=\(certificates.caFile)",
+                    "FLANNELD_ETCD_CERTFILE=\(certificates.clientCertFile)",
+                    "FLANNELD_ETCD_KEYFILE=\(certificates.clientKeyFile)",
+                    "FLANNELD_ETCD_USERNAME=tunneld", "FLANNELD_ETCD_PASSWORD=s3cret",
+                    "FLANNELD_SUBNET_FILE=\(lab.subnetFile(2))", tunneldBinary, "run",
+                ]
+            )
             print("host 1 (dead first endpoint, TLS, login) was up in \(startUp)")
 
             let lease1 = try lease(lab, host: 1), lease2 = try lease(lab, host: 2)
             #expect(try lab.etcdValue(lease1.key) == leaseJSON("198.18.0.1"))
             #expect(try lab.etcdValue(lease2.key) == leaseJSON("198.18.0.2"))
-            #expect(lab.waitForLog("h1", containing: "peer \(lease2.subnet) → peer 198.18.0.2:8285"), "\(lab.log("h1"))")
-            #expect(lab.waitForLog("h2", containing: "peer \(lease1.subnet) → peer 198.18.0.1:8285"), "\(lab.log("h2"))")
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(lease2.subnet) → peer 198.18.0.2:8285"),
+                "\(lab.log("h1"))"
+            )
+            #expect(
+                lab.waitForLog("h2", containing: "peer \(lease1.subnet) → peer 198.18.0.1:8285"),
+                "\(lab.log("h2"))"
+            )
             let there = try lab.ping(from: 1, to: 2)
             #expect(there.succeeded, "\(there.output)")
             let back = try lab.ping(from: 2, to: 1)
@@ -529,7 +712,10 @@ struct EtcdBackendTests {
             // Over TLS too, a lease written by someone else arrives.
             try lab.etcdctl(["put", "/docker/network/subnets/10.2.200.0-24", leaseJSON("198.18.0.9")])
             for host in ["h1", "h2"] {
-                #expect(lab.waitForLog(host, containing: "peer 10.2.200.0/24 → peer 198.18.0.9:8285"), "\(lab.log(host))")
+                #expect(
+                    lab.waitForLog(host, containing: "peer 10.2.200.0/24 → peer 198.18.0.9:8285"),
+                    "\(lab.log(host))"
+                )
             }
         }
     }

@@ -10,8 +10,11 @@ import Testing
 /// The hosts use etcd (one member, or a cluster of three on the underlay)
 /// with short leases (`--subnet-lease-ttl`), renewed at half-life, so that a
 /// renewal falls inside each outage.
-@Suite(.serialized, .enabled(if: canRunNamespaceTests, namespaceSkipReason),
-       .enabled(if: etcdIsInstalled, etcdSkipReason))
+@Suite(
+    .serialized,
+    .enabled(if: canRunNamespaceTests, namespaceSkipReason),
+    .enabled(if: etcdIsInstalled, etcdSkipReason)
+)
 struct FaultTests {
     static let subnetsPrefix = "/docker/network/subnets/"
 
@@ -23,8 +26,10 @@ struct FaultTests {
         func printLogs() {
             lab.printLogs(["h1", "h2", "h3", "h4"])
             for member in lab.etcd?.members ?? [] {
-                print("---- end of \(member.name)'s log ----\n"
-                      + lab.log(member.name).split(separator: "\n").suffix(15).joined(separator: "\n"))
+                print(
+                    "---- end of \(member.name)'s log ----\n"
+                        + lab.log(member.name).split(separator: "\n").suffix(15).joined(separator: "\n")
+                )
             }
         }
         do {
@@ -43,10 +48,13 @@ struct FaultTests {
     /// tunneld with flanneld's flags, every etcd endpoint of the lab, and
     /// leases of `ttl` seconds; its control socket in the lab's directory
     /// (its own, unless `controlSocket` names one to share).
-    func command(_ lab: Lab, host n: Int, ttl: Int, controlSocket: String? = nil, endpoints: String? = nil) -> [String] {
-        [tunneldBinary, "run", "-etcd-endpoints=\(endpoints ?? lab.etcd?.url ?? labEtcdEndpoint)", "-iface=eth0",
-         "-etcd-prefix=/docker/network/", "-subnet-file=\(lab.subnetFile(n))", "--subnet-lease-ttl", "\(ttl)",
-         "--control-socket", controlSocket ?? lab.directory.appendingPathComponent("h\(n).sock").path]
+    func command(_ lab: Lab, host n: Int, ttl: Int, controlSocket: String? = nil, endpoints: String? = nil) -> [String]
+    {
+        [
+            tunneldBinary, "run", "-etcd-endpoints=\(endpoints ?? lab.etcd?.url ?? labEtcdEndpoint)", "-iface=eth0",
+            "-etcd-prefix=/docker/network/", "-subnet-file=\(lab.subnetFile(n))", "--subnet-lease-ttl", "\(ttl)",
+            "--control-socket", controlSocket ?? lab.directory.appendingPathComponent("h\(n).sock").path,
+        ]
     }
 
     /// Adds hosts `numbers`, waits until each has every other one as a peer,
@@ -75,8 +83,9 @@ struct FaultTests {
     /// Whether a process the lab started is alive (not gone, not a zombie).
     func isRunning(_ lab: Lab, _ process: String) -> Bool {
         guard let pid = try? lab.pid(process),
-              let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = stat.range(of: ")", options: .backwards) else { return false }
+            let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let close = stat.range(of: ")", options: .backwards)
+        else { return false }
         return !stat[close.upperBound...].hasPrefix(" Z")
     }
 
@@ -132,8 +141,10 @@ struct FaultTests {
             let readyAfter = ContinuousClock.now - killed
             // A second of replies after the restart, then the ping stops.
             let repliesAtReady = ping.repliesSoFar()
-            #expect(timeUntil(timeout: .seconds(20)) { ping.repliesSoFar() >= repliesAtReady + 10 } != nil,
-                    "traffic did not resume: \(ping.output)")
+            #expect(
+                timeUntil(timeout: .seconds(20)) { ping.repliesSoFar() >= repliesAtReady + 10 } != nil,
+                "traffic did not resume: \(ping.output)"
+            )
             let result = ping.finish()
 
             // Lost: only the echoes while no daemon ran on h1, in one window.
@@ -153,7 +164,9 @@ struct FaultTests {
             let restartLog = lab.log("h1").components(separatedBy: "tunneld ready").dropFirst().first ?? ""
             #expect(!restartLog.contains("start-up failed") && !restartLog.contains(" error "), "\(lab.log("h1"))")
 
-            print("FAULT kill -9 + restart of tunneld: \(result.lost) of \(result.transmitted) echoes lost, all in one window of \(formatSeconds(result.longestGap)); restarted daemon ready \(formatSeconds(readyAfter)) after the kill")
+            print(
+                "FAULT kill -9 + restart of tunneld: \(result.lost) of \(result.transmitted) echoes lost, all in one window of \(formatSeconds(result.longestGap)); restarted daemon ready \(formatSeconds(readyAfter)) after the kill"
+            )
         }
     }
 
@@ -210,13 +223,18 @@ struct FaultTests {
             for n in 1...2 {
                 #expect(try LabLease(lab, host: n).subnet == leases[n]!.subnet)
                 let log = lab.log("h\(n)")
-                #expect(!log.contains("was deleted from") && !log.contains("moved to") && !log.contains("is gone"), "\(log)")
+                #expect(
+                    !log.contains("was deleted from") && !log.contains("moved to") && !log.contains("is gone"),
+                    "\(log)"
+                )
                 #expect(isRunning(lab, "h\(n)"))
             }
             let stored = try etcdLeases(lab)
             #expect(stored[key(leases[1]!)] == "198.18.0.1" && stored[key(leases[2]!)] == "198.18.0.2", "\(stored)")
 
-            print("FAULT etcd down 15 s (leases of 20 s): \(result.lost) of \(result.transmitted) echoes lost, no subnet changed; etcd healthy \(formatSeconds(healthy)) after its restart, both leases renewed \(formatSeconds(renewedAfter)) after it, a new lease seen by both \(formatSeconds(watchAfter)) after it")
+            print(
+                "FAULT etcd down 15 s (leases of 20 s): \(result.lost) of \(result.transmitted) echoes lost, no subnet changed; etcd healthy \(formatSeconds(healthy)) after its restart, both leases renewed \(formatSeconds(renewedAfter)) after it, a new lease seen by both \(formatSeconds(watchAfter)) after it"
+            )
         }
     }
 
@@ -243,16 +261,21 @@ struct FaultTests {
             let leaderStopped = ContinuousClock.now
             try lab.waitForEtcd(endpoints: urls(survivors), timeout: .seconds(20))
             let elected = ContinuousClock.now - leaderStopped
-            try lab.etcdctl(["put", Self.subnetsPrefix + "10.2.200.0-24", leaseJSON("198.18.0.9")],
-                            endpoints: urls(survivors))
+            try lab.etcdctl(
+                ["put", Self.subnetsPrefix + "10.2.200.0-24", leaseJSON("198.18.0.9")],
+                endpoints: urls(survivors)
+            )
             let seenWithoutLeader = timeUntil {
                 ["h1", "h2"].allSatisfy { lab.log($0).contains("peer 10.2.200.0/24 → peer 198.18.0.9:8285") }
             }
             #expect(seenWithoutLeader != nil, "the watch did not go on through the survivors")
             let watchAfterLeader = ContinuousClock.now - leaderStopped
-            #expect(timeUntil(timeout: .seconds(ttl + 10)) {
-                renewals(lab, "h1") > renewed.0 && renewals(lab, "h2") > renewed.1
-            } != nil, "no renewal through the survivors:\n\(lab.log("h1"))\n\(lab.log("h2"))")
+            #expect(
+                timeUntil(timeout: .seconds(ttl + 10)) {
+                    renewals(lab, "h1") > renewed.0 && renewals(lab, "h2") > renewed.1
+                } != nil,
+                "no renewal through the survivors:\n\(lab.log("h1"))\n\(lab.log("h2"))"
+            )
             let renewalAfterLeader = ContinuousClock.now - leaderStopped
 
             // The new leader crashes too: no quorum. Until both daemons
@@ -279,9 +302,12 @@ struct FaultTests {
             try lab.lab("start", second.name)
             try lab.waitForEtcd(endpoints: urls(remaining + [second]), timeout: .seconds(30))
             let quorumBack = ContinuousClock.now - restarted
-            #expect(timeUntil(timeout: .seconds(30)) {
-                renewals(lab, "h1") > renewed.0 && renewals(lab, "h2") > renewed.1
-            } != nil, "no renewal after quorum returned:\n\(lab.log("h1"))\n\(lab.log("h2"))")
+            #expect(
+                timeUntil(timeout: .seconds(30)) {
+                    renewals(lab, "h1") > renewed.0 && renewals(lab, "h2") > renewed.1
+                } != nil,
+                "no renewal after quorum returned:\n\(lab.log("h1"))\n\(lab.log("h2"))"
+            )
             let renewalAfterQuorum = ContinuousClock.now - restarted
             // A host joining now gets a subnet of its own, and the others see it.
             try lab.addHost(3, command: command(lab, host: 3, ttl: ttl))
@@ -309,11 +335,18 @@ struct FaultTests {
             #expect(stored.count == 4, "\(stored)")  // and the one written by etcdctl
             for n in 1...2 { #expect(try LabLease(lab, host: n).subnet == leases[n]!.subnet) }
             for host in ["h1", "h2"] {
-                #expect(!lab.log(host).contains("moved to") && !lab.log(host).contains("was deleted from"), "\(lab.log(host))")
+                #expect(
+                    !lab.log(host).contains("moved to") && !lab.log(host).contains("was deleted from"),
+                    "\(lab.log(host))"
+                )
             }
 
-            print("FAULT 3-member etcd, leader killed: \(result.lost) echoes lost; cluster healthy again \(formatSeconds(elected)), a lease change seen by both \(formatSeconds(watchAfterLeader)) and both leases renewed \(formatSeconds(renewalAfterLeader)) after the kill")
-            print("FAULT 3-member etcd, the new leader killed too (no quorum for \(formatSeconds(outage))): forwarding went on (\(result.lost) of \(result.transmitted) echoes lost over the whole test), failed renewals logged after \(formatSeconds(failed ?? .zero)); quorum back \(formatSeconds(quorumBack)) after the member's restart, renewals \(formatSeconds(renewalAfterQuorum)), a new host seen by both \(formatSeconds(joinSeenAfter)) after it; 3 host leases, all distinct")
+            print(
+                "FAULT 3-member etcd, leader killed: \(result.lost) echoes lost; cluster healthy again \(formatSeconds(elected)), a lease change seen by both \(formatSeconds(watchAfterLeader)) and both leases renewed \(formatSeconds(renewalAfterLeader)) after the kill"
+            )
+            print(
+                "FAULT 3-member etcd, the new leader killed too (no quorum for \(formatSeconds(outage))): forwarding went on (\(result.lost) of \(result.transmitted) echoes lost over the whole test), failed renewals logged after \(formatSeconds(failed ?? .zero)); quorum back \(formatSeconds(quorumBack)) after the member's restart, renewals \(formatSeconds(renewalAfterQuorum)), a new host seen by both \(formatSeconds(joinSeenAfter)) after it; 3 host leases, all distinct"
+            )
         }
     }
 
@@ -322,12 +355,23 @@ struct FaultTests {
     /// How many watchers a member serves (etcd's metrics, on the member's
     /// loopback).
     func watchers(_ lab: Lab, _ member: LabEtcdMember) throws -> Int {
-        let metrics = try lab.exec(member.name, ["python3", "-c", """
-            import urllib.request
-            print(urllib.request.urlopen("http://127.0.0.1:2381/metrics", timeout=5).read().decode())
-            """], timeout: .seconds(15)).output
-        guard let line = metrics.split(separator: "\n").first(where: { $0.hasPrefix("etcd_debugging_mvcc_watcher_total ") }),
-              let value = Double(line.split(separator: " ").last ?? "") else {
+        let metrics = try lab.exec(
+            member.name,
+            [
+                "python3", "-c",
+                """
+                import urllib.request
+                print(urllib.request.urlopen("http://127.0.0.1:2381/metrics", timeout=5).read().decode())
+                """,
+            ],
+            timeout: .seconds(15)
+        ).output
+        guard
+            let line = metrics.split(separator: "\n").first(where: {
+                $0.hasPrefix("etcd_debugging_mvcc_watcher_total ")
+            }),
+            let value = Double(line.split(separator: " ").last ?? "")
+        else {
             throw LabError("no etcd_debugging_mvcc_watcher_total in \(member.name)'s metrics")
         }
         return Int(value)
@@ -355,7 +399,10 @@ struct FaultTests {
                 // Both ends of every peer connection: those it dialed and those dialed to it.
                 for chain in ["INPUT", "OUTPUT"] {
                     for port in ["--dport", "--sport"] {
-                        try lab.exec(member.name, ["iptables", "-w", action, chain, "-p", "tcp", port, "2380", "-j", "DROP"])
+                        try lab.exec(
+                            member.name,
+                            ["iptables", "-w", action, chain, "-p", "tcp", port, "2380", "-j", "DROP"]
+                        )
                     }
                 }
             }
@@ -368,19 +415,28 @@ struct FaultTests {
             // elect a leader, if the cut-off member led) reaches both daemons.
             var put = CommandResult(status: -1, output: "")
             for _ in 0..<10 where !put.succeeded {
-                put = try lab.etcdctl(["put", Self.subnetsPrefix + "10.2.210.0-24", leaseJSON("198.18.0.20")],
-                                      endpoints: others.map(\.clientURL).joined(separator: ","), check: false)
+                put = try lab.etcdctl(
+                    ["put", Self.subnetsPrefix + "10.2.210.0-24", leaseJSON("198.18.0.20")],
+                    endpoints: others.map(\.clientURL).joined(separator: ","),
+                    check: false
+                )
             }
             try #require(put.succeeded, "\(put.output)")
             let seen = timeUntil(timeout: .seconds(30)) {
                 ["h1", "h2"].allSatisfy { lab.log($0).contains("peer 10.2.210.0/24 → peer 198.18.0.20:8285") }
             }
-            #expect(seen != nil, "the change did not reach both daemons while \(member.name) served a watch without a leader")
+            #expect(
+                seen != nil,
+                "the change did not reach both daemons while \(member.name) served a watch without a leader"
+            )
             let seenAfter = ContinuousClock.now - cutAt
             // Two renewals each through the other two: longer than a lease.
-            #expect(timeUntil(timeout: .seconds(ttl + 15)) {
-                renewals(lab, "h1") > renewed.0 + 1 && renewals(lab, "h2") > renewed.1 + 1
-            } != nil, "renewal stalled:\n\(lab.log("h1"))\n\(lab.log("h2"))")
+            #expect(
+                timeUntil(timeout: .seconds(ttl + 15)) {
+                    renewals(lab, "h1") > renewed.0 + 1 && renewals(lab, "h2") > renewed.1 + 1
+                } != nil,
+                "renewal stalled:\n\(lab.log("h1"))\n\(lab.log("h2"))"
+            )
             let renewedAfter = ContinuousClock.now - cutAt
             try drop("-D")
             try lab.waitForEtcd(timeout: .seconds(30))
@@ -390,9 +446,14 @@ struct FaultTests {
             for n in 1...2 {
                 #expect(try LabLease(lab, host: n).subnet == leases[n]!.subnet)
                 let log = lab.log("h\(n)")
-                #expect(!log.contains("moved to") && !log.contains("was deleted from") && !log.contains("is gone"), "\(log)")
+                #expect(
+                    !log.contains("moved to") && !log.contains("was deleted from") && !log.contains("is gone"),
+                    "\(log)"
+                )
             }
-            print("FAULT 3-member etcd, the member serving \(busiest.watchers) watch(es) cut off from its peers: \(result.lost) of \(result.transmitted) echoes lost; a lease change reached both daemons \(formatSeconds(seenAfter)) and both renewed twice \(formatSeconds(renewedAfter)) after the cut")
+            print(
+                "FAULT 3-member etcd, the member serving \(busiest.watchers) watch(es) cut off from its peers: \(result.lost) of \(result.transmitted) echoes lost; a lease change reached both daemons \(formatSeconds(seenAfter)) and both renewed twice \(formatSeconds(renewedAfter)) after the cut"
+            )
         }
     }
 
@@ -428,8 +489,15 @@ struct FaultTests {
 
             // h2 joins through the other two (after an election, if the
             // silent member led); its subnet.env is written once it holds a lease.
-            try lab.addHost(2, command: command(lab, host: 2, ttl: 60,
-                                                endpoints: others.map(\.clientURL).joined(separator: ",")))
+            try lab.addHost(
+                2,
+                command: command(
+                    lab,
+                    host: 2,
+                    ttl: 60,
+                    endpoints: others.map(\.clientURL).joined(separator: ",")
+                )
+            )
             let joinedAt = ContinuousClock.now
             let lease2 = try LabLease(lab, host: 2)
             let learned = timeUntil(timeout: .seconds(30)) {
@@ -437,7 +505,10 @@ struct FaultTests {
             }
             let sinceCut = ContinuousClock.now - cutAt
             let sinceJoin = ContinuousClock.now - joinedAt
-            try #require(learned != nil, "h1 did not learn h2 within 30 s of its join through \(others.map(\.name)) while \(silent.name) was silent")
+            try #require(
+                learned != nil,
+                "h1 did not learn h2 within 30 s of its join through \(others.map(\.name)) while \(silent.name) was silent"
+            )
             // The watch left the silent member (and said so) rather than
             // waiting for TCP to give up, which takes minutes.
             let h1 = lab.log("h1")
@@ -449,7 +520,9 @@ struct FaultTests {
             #expect(toNewHost.succeeded, "\(toNewHost.output)")
             let toOld = try lab.ping(from: 1, to: 2)
             #expect(toOld.succeeded, "\(toOld.output)")
-            print("FAULT 3-member etcd, the member serving h1's watch (\(silent.name)) silent (all its packets dropped): h1 learned a host joining through the others \(formatSeconds(sinceCut)) after the cut, \(formatSeconds(sinceJoin)) after the joining host had its lease")
+            print(
+                "FAULT 3-member etcd, the member serving h1's watch (\(silent.name)) silent (all its packets dropped): h1 learned a host joining through the others \(formatSeconds(sinceCut)) after the cut, \(formatSeconds(sinceJoin)) after the joining host had its lease"
+            )
         }
     }
 
@@ -474,8 +547,10 @@ struct FaultTests {
             // outage beginning in the last second before a renewal outlasts the
             // lease whatever the daemon does.)
             let beforeCut = renewals(lab, "h1")
-            try #require(timeUntil(timeout: .seconds(ttl)) { renewals(lab, "h1") > beforeCut } != nil,
-                         "h1 did not renew its lease: \(lab.log("h1"))")
+            try #require(
+                timeUntil(timeout: .seconds(ttl)) { renewals(lab, "h1") > beforeCut } != nil,
+                "h1 did not renew its lease: \(lab.log("h1"))"
+            )
             try lab.exec("h1", ["ip", "link", "set", "eth0", "down"])
             let renewed = renewals(lab, "h1")
             sleep(.seconds(6))
@@ -508,7 +583,9 @@ struct FaultTests {
             let back = try lab.ping(from: 1, to: 2)
             #expect(back.succeeded, "\(back.output)")
 
-            print("FAULT underlay link down 6 s: \(result.lost) of \(result.transmitted) echoes lost, in one window of \(formatSeconds(result.longestGap)); first reply \(formatSeconds(resumed ?? .zero)) after the link came up (default route restored at once), lease renewed \(formatSeconds(renewalAfter)) and a lease change seen \(formatSeconds(watchAfter)) after it; no subnet change")
+            print(
+                "FAULT underlay link down 6 s: \(result.lost) of \(result.transmitted) echoes lost, in one window of \(formatSeconds(result.longestGap)); first reply \(formatSeconds(resumed ?? .zero)) after the link came up (default route restored at once), lease renewed \(formatSeconds(renewalAfter)) and a lease change seen \(formatSeconds(watchAfter)) after it; no subnet change"
+            )
         }
     }
 
@@ -520,8 +597,13 @@ struct FaultTests {
             let leases = try addHosts(lab, 1...3, ttl: ttl)
             let gone = "peer \(leases[3]!.subnet) is gone"
             func listed() throws -> String {
-                try lab.exec("h1", [tunneldBinary, "leases", "-etcd-endpoints=\(labEtcdEndpoint)",
-                                    "-etcd-prefix=/docker/network/"]).output
+                try lab.exec(
+                    "h1",
+                    [
+                        tunneldBinary, "leases", "-etcd-endpoints=\(labEtcdEndpoint)",
+                        "-etcd-prefix=/docker/network/",
+                    ]
+                ).output
             }
             // h3 dies without a word and leaves the network.
             try lab.signal("h3", SIGKILL)
@@ -538,18 +620,27 @@ struct FaultTests {
             #expect(expired != nil, "h3's lease never expired:\n\(lab.log("h1"))")
             let goneAfter = ContinuousClock.now - killed
             // Renewed at half-life, its lease had between ttl/2 and ttl to run.
-            #expect(goneAfter >= .seconds(Double(ttl) / 2 - 0.5), "gone after \(goneAfter), before its lease could expire")
+            #expect(
+                goneAfter >= .seconds(Double(ttl) / 2 - 0.5),
+                "gone after \(goneAfter), before its lease could expire"
+            )
             #expect(goneAfter <= .seconds(ttl + 4), "gone only after \(goneAfter)")
             let after = try listed()
             #expect(!after.contains(leases[3]!.subnet), "\(after)")
             // The tunnel now answers "unreachable" for its subnet; the others still talk.
-            let toGone = try lab.exec("c1", ["ping", "-c", "1", "-W", "2", try lab.containerIP(3)],
-                                      timeout: .seconds(10), check: false)
+            let toGone = try lab.exec(
+                "c1",
+                ["ping", "-c", "1", "-W", "2", try lab.containerIP(3)],
+                timeout: .seconds(10),
+                check: false
+            )
             #expect(toGone.output.contains("Unreachable"), "\(toGone.output)")
             let ping = try lab.ping(from: 1, to: 2)
             #expect(ping.succeeded, "\(ping.output)")
 
-            print("FAULT peer killed with its link down (leases of \(ttl) s): entry kept until its lease expired, gone from both others' tables \(formatSeconds(goneAfter)) after the kill")
+            print(
+                "FAULT peer killed with its link down (leases of \(ttl) s): entry kept until its lease expired, gone from both others' tables \(formatSeconds(goneAfter)) after the kill"
+            )
         }
     }
 
@@ -557,7 +648,8 @@ struct FaultTests {
 
     @Test func fourHostsStartedAtTheSameInstantOnAnEmptyStoreGetDifferentSubnets() throws {
         // Four subnets for four hosts: every pick collides unless the race is handled.
-        let config = #"{"Network":"10.2.0.0/16","SubnetLen":24,"SubnetMin":"10.2.1.0","SubnetMax":"10.2.4.0","Backend":{"Type":"udp"}}"#
+        let config =
+            #"{"Network":"10.2.0.0/16","SubnetLen":24,"SubnetMin":"10.2.1.0","SubnetMax":"10.2.4.0","Backend":{"Type":"udp"}}"#
         try withFaultLab(config: config) { lab in
             let hosts = 1...4
             let go = lab.directory.appendingPathComponent("go").path
@@ -571,13 +663,21 @@ struct FaultTests {
                     + command(lab, host: n, ttl: 30, controlSocket: socket)
             }
             let adding = try hosts.map { n in
-                try spawn(["bash", lab.script, "add-host", lab.name, lab.directory.path, "\(n)", "--no-container", "--"]
-                          + gated(n), output: lab.directory.appendingPathComponent("add-h\(n).log").path)
+                try spawn(
+                    ["bash", lab.script, "add-host", lab.name, lab.directory.path, "\(n)", "--no-container", "--"]
+                        + gated(n),
+                    output: lab.directory.appendingPathComponent("add-h\(n).log").path
+                )
             }
             defer { adding.forEach { $0.terminate() } }
-            try #require(timeUntil {
-                hosts.allSatisfy { FileManager.default.fileExists(atPath: lab.directory.appendingPathComponent("h\($0).pid").path) }
-            } != nil, "the hosts were not set up")
+            try #require(
+                timeUntil {
+                    hosts.allSatisfy {
+                        FileManager.default.fileExists(atPath: lab.directory.appendingPathComponent("h\($0).pid").path)
+                    }
+                } != nil,
+                "the hosts were not set up"
+            )
 
             let rounds = 3
             var races: [Int] = []
@@ -594,7 +694,12 @@ struct FaultTests {
                 let lostBefore = hosts.map { occurrences(of: "was taken by another node first", in: lab.log("h\($0)")) }
                 FileManager.default.createFile(atPath: go, contents: nil)
                 let started = ContinuousClock.now
-                let allLeased = timeUntil { hosts.allSatisfy { ((try? FileManager.default.attributesOfItem(atPath: lab.subnetFile($0)))?[.size] as? Int ?? 0) > 0 } }
+                let allLeased = timeUntil {
+                    hosts.allSatisfy {
+                        ((try? FileManager.default.attributesOfItem(atPath: lab.subnetFile($0)))?[.size] as? Int ?? 0)
+                            > 0
+                    }
+                }
                 try #require(allLeased != nil, "round \(round): not every host got a subnet")
                 let leasedIn = ContinuousClock.now - started
                 if round == 1 { for child in adding { #expect(child.wait(timeout: .seconds(30)) == 0) } }
@@ -611,11 +716,17 @@ struct FaultTests {
                     #expect(isRunning(lab, "h\(n)"), "round \(round): h\(n) exited:\n\(lab.log("h\(n)"))")
                     #expect(!lab.log("h\(n)").contains("start-up failed"), "\(lab.log("h\(n)"))")
                 }
-                let lost = zip(hosts, lostBefore).map { occurrences(of: "was taken by another node first", in: lab.log("h\($0)")) - $1 }
+                let lost = zip(hosts, lostBefore).map {
+                    occurrences(of: "was taken by another node first", in: lab.log("h\($0)")) - $1
+                }
                 races.append(lost.reduce(0, +))
-                print("round \(round): four hosts leased \(subnets.map(\.subnet)) in \(formatSeconds(leasedIn)); \(races.last!) lost create race(s)")
+                print(
+                    "round \(round): four hosts leased \(subnets.map(\.subnet)) in \(formatSeconds(leasedIn)); \(races.last!) lost create race(s)"
+                )
             }
-            print("FAULT four hosts started at once on an empty store with four free subnets, \(rounds) rounds: all distinct, none exited; lost create races per round: \(races)")
+            print(
+                "FAULT four hosts started at once on an empty store with four free subnets, \(rounds) rounds: all distinct, none exited; lost create races per round: \(races)"
+            )
         }
     }
 }
@@ -651,8 +762,13 @@ final class SteadyPing {
 
     init(_ lab: Lab, from: Int, to: Int, name: String) throws {
         outputFile = lab.directory.appendingPathComponent("\(name).ping.log").path
-        child = try spawn(["ip", "netns", "exec", lab.namespace("c\(from)"), "ping", "-i", "0.1", "-W", "1",
-                           "-w", "300", try lab.containerIP(to)], output: outputFile)
+        child = try spawn(
+            [
+                "ip", "netns", "exec", lab.namespace("c\(from)"), "ping", "-i", "0.1", "-W", "1",
+                "-w", "300", try lab.containerIP(to),
+            ],
+            output: outputFile
+        )
     }
 
     var output: String { (try? String(contentsOfFile: outputFile, encoding: .utf8)) ?? "" }
@@ -661,7 +777,8 @@ final class SteadyPing {
     func replies(in output: String) -> Set<Int> {
         var sequences = Set<Int>()
         for line in output.split(separator: "\n") where line.contains("bytes from") {
-            if let range = line.range(of: #"(?<=icmp_seq=)\d+"#, options: .regularExpression), let n = Int(line[range]) {
+            if let range = line.range(of: #"(?<=icmp_seq=)\d+"#, options: .regularExpression), let n = Int(line[range])
+            {
                 sequences.insert(n)
             }
         }

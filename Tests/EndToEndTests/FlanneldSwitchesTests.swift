@@ -30,8 +30,10 @@ struct FlanneldSwitchesTests {
 
             // Removed by someone: put back within a few resync periods.
             try lab.exec("h1", ["ip", "route", "del", "blackhole", lease.subnet, "metric", "4294967295"])
-            #expect(try lab.waitUntil(timeout: .seconds(10)) { try blackholeRoutes(lab, 1).contains(wanted) },
-                    "not put back: \(lab.log("h1"))")
+            #expect(
+                try lab.waitUntil(timeout: .seconds(10)) { try blackholeRoutes(lab, 1).contains(wanted) },
+                "not put back: \(lab.log("h1"))"
+            )
             #expect(lab.waitForLog("h1", containing: "put back the blackhole route for \(lease.subnet)"))
 
             // Kept over a stop without --release-on-exit (like the lease).
@@ -47,8 +49,10 @@ struct FlanneldSwitchesTests {
             // Take the container's bridge address away, as a CNI setup
             // without a bridge route for the whole subnet has it.
             let bridgeRoute = try lab.hostOutput(1, ["ip", "-4", "route", "show", "proto", "kernel", lease.subnet])
-            let device = try #require(bridgeRoute.split(separator: " ").drop { $0 != "dev" }.dropFirst().first,
-                                      "no kernel route for \(lease.subnet): \(bridgeRoute)")
+            let device = try #require(
+                bridgeRoute.split(separator: " ").drop { $0 != "dev" }.dropFirst().first,
+                "no kernel route for \(lease.subnet): \(bridgeRoute)"
+            )
             let address = lease.base.dropLast() + "1"
             try lab.exec("h1", ["ip", "addr", "del", "\(address)/24", "dev", String(device)])
             let unused = lease.base.dropLast() + "200"
@@ -67,8 +71,11 @@ struct FlanneldSwitchesTests {
             try lab.addHost(1, extra: ["--store-dir", lab.storeDirectory])
             // The interface named by --iface does not exist: flanneld's order
             // goes on to -iface-can-reach.
-            try lab.addHost(2, iface: ["-iface=nosuch0", "-iface-can-reach=198.18.0.1"],
-                            extra: ["--store-dir", lab.storeDirectory])
+            try lab.addHost(
+                2,
+                iface: ["-iface=nosuch0", "-iface-can-reach=198.18.0.1"],
+                extra: ["--store-dir", lab.storeDirectory]
+            )
             #expect(lab.log("h2").contains("using interface eth0 (198.18.0.2"), "\(lab.log("h2"))")
             let there = try lab.ping(from: 1, to: 2)
             #expect(there.succeeded, "\(there.output)")
@@ -77,20 +84,34 @@ struct FlanneldSwitchesTests {
 
     @Test func ifaceCanReachWithoutARouteSaysSo() throws {
         try Lab.withLocalStore(config: seedConfig) { lab in
-            let result = try lab.exec("u", [tunneldBinary, "run", "--store-dir", lab.storeDirectory,
-                                            "--subnet-file", lab.subnetFile(9), "-iface-can-reach=203.0.113.9"],
-                                      timeout: .seconds(30), check: false)
+            let result = try lab.exec(
+                "u",
+                [
+                    tunneldBinary, "run", "--store-dir", lab.storeDirectory,
+                    "--subnet-file", lab.subnetFile(9), "-iface-can-reach=203.0.113.9",
+                ],
+                timeout: .seconds(30),
+                check: false
+            )
             #expect(!result.succeeded)
-            #expect(result.output.contains("--iface-can-reach 203.0.113.9") && result.output.contains("route get 203.0.113.9"),
-                    "\(result.output)")
+            #expect(
+                result.output.contains("--iface-can-reach 203.0.113.9")
+                    && result.output.contains("route get 203.0.113.9"),
+                "\(result.output)"
+            )
         }
     }
 
     @Test func vxlanMTUAndLearningKeys() throws {
         try Lab.withLocalStore(config: backendConfig(#"{"Type":"vxlan","MTU":1400,"Learning":true}"#)) { lab in
             for n in 1...2 {
-                try lab.addHost(n, command: [tunneldBinary, "run", "--store-dir", lab.storeDirectory, "--iface", "eth0",
-                                             "--subnet-file", lab.subnetFile(n)])
+                try lab.addHost(
+                    n,
+                    command: [
+                        tunneldBinary, "run", "--store-dir", lab.storeDirectory, "--iface", "eth0",
+                        "--subnet-file", lab.subnetFile(n),
+                    ]
+                )
             }
             let device = try lab.hostOutput(1, ["ip", "-d", "-o", "link", "show", "flannel.1"])
             #expect(device.contains("mtu 1350"), "\(device)")

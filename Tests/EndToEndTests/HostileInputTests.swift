@@ -96,8 +96,10 @@ struct HostileInputTests {
     static let untouched = ["Ip.InReceives", "Icmp.InEchos", "Icmp.OutEchoReps", "Udp.InDatagrams", "Udp.NoPorts"]
 
     /// The victim on every data-path tier (and io_uring with offloads off).
-    @Test(arguments: [(TierLaunch.uring, [String]()), (.uring, ["--offload", "off"]), (.simple, []),
-                      (.syscallRefused, []), (.uringSingleRead, [])])
+    @Test(arguments: [
+        (TierLaunch.uring, [String]()), (.uring, ["--offload", "off"]), (.simple, []),
+        (.syscallRefused, []), (.uringSingleRead, []),
+    ])
     func floodsFromStrangersAndForgingPeersReachNoContainer(victimTier: TierLaunch, victimOptions: [String]) throws {
         try Lab.withLocalStore(config: seedConfig) { lab in
             let store = ["--store-dir", lab.storeDirectory]
@@ -115,22 +117,71 @@ struct HostileInputTests {
             let ownSource = ownSubnet.split(separator: ".").prefix(3).joined(separator: ".") + ".77"
             let victim = "198.18.0.1"
             let attacks = [
-                Attack(name: "a stranger posing as peer h2's container", from: "h4", source: "198.18.0.4",
-                       innerSource: c2, innerDestination: c1, counter: "dropped_spoofed_source"),
-                Attack(name: "a stranger with a source no lease holds", from: "h4", source: "198.18.0.4",
-                       innerSource: "192.0.2.9", innerDestination: c1, counter: "dropped_unknown_peer"),
-                Attack(name: "a stranger sending junk", from: "h4", source: "198.18.0.4",
-                       innerSource: "", innerDestination: "", junk: true, counter: "dropped_malformed"),
-                Attack(name: "peer h2 forging a source in h3's subnet", from: "h2", source: "198.18.0.2",
-                       innerSource: c3, innerDestination: c1, counter: "dropped_spoofed_source"),
-                Attack(name: "peer h2 forging a source outside the network", from: "h2", source: "198.18.0.2",
-                       innerSource: "192.0.2.10", innerDestination: c1, counter: "dropped_unknown_peer"),
-                Attack(name: "peer h2 using the victim's own subnet as source", from: "h2", source: "198.18.0.2",
-                       innerSource: ownSource, innerDestination: c1, counter: "dropped_local_source"),
-                Attack(name: "peer h2 relaying through h1 to h3's container", from: "h2", source: "198.18.0.2",
-                       innerSource: c2, innerDestination: c3, counter: "dropped_not_for_us"),
-                Attack(name: "peer h2 relaying through h1 out of the network", from: "h2", source: "198.18.0.2",
-                       innerSource: c2, innerDestination: "198.18.0.4", counter: "dropped_not_for_us"),
+                Attack(
+                    name: "a stranger posing as peer h2's container",
+                    from: "h4",
+                    source: "198.18.0.4",
+                    innerSource: c2,
+                    innerDestination: c1,
+                    counter: "dropped_spoofed_source"
+                ),
+                Attack(
+                    name: "a stranger with a source no lease holds",
+                    from: "h4",
+                    source: "198.18.0.4",
+                    innerSource: "192.0.2.9",
+                    innerDestination: c1,
+                    counter: "dropped_unknown_peer"
+                ),
+                Attack(
+                    name: "a stranger sending junk",
+                    from: "h4",
+                    source: "198.18.0.4",
+                    innerSource: "",
+                    innerDestination: "",
+                    junk: true,
+                    counter: "dropped_malformed"
+                ),
+                Attack(
+                    name: "peer h2 forging a source in h3's subnet",
+                    from: "h2",
+                    source: "198.18.0.2",
+                    innerSource: c3,
+                    innerDestination: c1,
+                    counter: "dropped_spoofed_source"
+                ),
+                Attack(
+                    name: "peer h2 forging a source outside the network",
+                    from: "h2",
+                    source: "198.18.0.2",
+                    innerSource: "192.0.2.10",
+                    innerDestination: c1,
+                    counter: "dropped_unknown_peer"
+                ),
+                Attack(
+                    name: "peer h2 using the victim's own subnet as source",
+                    from: "h2",
+                    source: "198.18.0.2",
+                    innerSource: ownSource,
+                    innerDestination: c1,
+                    counter: "dropped_local_source"
+                ),
+                Attack(
+                    name: "peer h2 relaying through h1 to h3's container",
+                    from: "h2",
+                    source: "198.18.0.2",
+                    innerSource: c2,
+                    innerDestination: c3,
+                    counter: "dropped_not_for_us"
+                ),
+                Attack(
+                    name: "peer h2 relaying through h1 out of the network",
+                    from: "h2",
+                    source: "198.18.0.2",
+                    innerSource: c2,
+                    innerDestination: "198.18.0.4",
+                    counter: "dropped_not_for_us"
+                ),
             ]
 
             // Listeners where a leaked datagram would land, and the kernels' counters.
@@ -138,9 +189,13 @@ struct HostileInputTests {
             let watched = ["c1", "c3", "h4"]
             var listeners: [String: ChildProcess] = [:]
             for ns in watched {
-                listeners[ns] = try spawn(["ip", "netns", "exec", lab.namespace(ns), "python3", "-c", Self.listener,
-                                           lab.directory.appendingPathComponent("heard-\(ns)").path, stop],
-                                          output: lab.directory.appendingPathComponent("listener-\(ns).log").path)
+                listeners[ns] = try spawn(
+                    [
+                        "ip", "netns", "exec", lab.namespace(ns), "python3", "-c", Self.listener,
+                        lab.directory.appendingPathComponent("heard-\(ns)").path, stop,
+                    ],
+                    output: lab.directory.appendingPathComponent("listener-\(ns).log").path
+                )
             }
             defer {
                 FileManager.default.createFile(atPath: stop, contents: nil)
@@ -154,12 +209,18 @@ struct HostileInputTests {
 
             var sent: [String: Int] = [:]
             for attack in attacks {
-                let result = try lab.exec(attack.from, [
-                    "python3", "-c", Self.flood, attack.source, victim,
-                    attack.junk ? "0.0.0.0" : attack.innerSource, attack.junk ? "0.0.0.0" : attack.innerDestination,
-                    attack.junk ? "junk" : "packets", "\(Self.datagramsPerAttack)", "\(Self.secondsPerAttack)",
-                ], timeout: .seconds(Self.secondsPerAttack + 20))
-                let n = Int(result.output.split(separator: " ").last?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? 0
+                let result = try lab.exec(
+                    attack.from,
+                    [
+                        "python3", "-c", Self.flood, attack.source, victim,
+                        attack.junk ? "0.0.0.0" : attack.innerSource, attack.junk ? "0.0.0.0" : attack.innerDestination,
+                        attack.junk ? "junk" : "packets", "\(Self.datagramsPerAttack)", "\(Self.secondsPerAttack)",
+                    ],
+                    timeout: .seconds(Self.secondsPerAttack + 20)
+                )
+                let n =
+                    Int(result.output.split(separator: " ").last?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "")
+                    ?? 0
                 #expect(n > 0, "\(attack.name): the flood sent nothing: \(result.output)")
                 sent[attack.counter, default: 0] += n
             }
@@ -176,13 +237,17 @@ struct HostileInputTests {
             FileManager.default.createFile(atPath: stop, contents: nil)
             for (ns, listener) in listeners {
                 #expect(listener.wait(timeout: .seconds(5)) == 0, "the listener in \(ns) did not finish")
-                let heard = (try? String(contentsOf: lab.directory.appendingPathComponent("heard-\(ns)"), encoding: .utf8)) ?? "?"
+                let heard =
+                    (try? String(contentsOf: lab.directory.appendingPathComponent("heard-\(ns)"), encoding: .utf8))
+                    ?? "?"
                 #expect(heard == "0", "\(ns) received \(heard) flooded datagram(s)")
             }
             for (i, ns) in watched.enumerated() {
                 for key in Self.untouched {
-                    #expect(after[i][key] == before[i][key],
-                            "\(ns)'s \(key) went from \(before[i][key] ?? -1) to \(after[i][key] ?? -1) during the flood")
+                    #expect(
+                        after[i][key] == before[i][key],
+                        "\(ns)'s \(key) went from \(before[i][key] ?? -1) to \(after[i][key] ?? -1) during the flood"
+                    )
                 }
             }
 
@@ -193,24 +258,31 @@ struct HostileInputTests {
             try lab.lab("stop", "h1")
             let counters = lab.dataPathCounters("h1")
             let total = sent.values.reduce(0, +)
-            print("""
+            print(
+                """
                 hostile input (victim \(victimTier) \(victimOptions.joined(separator: " "))): \
                 \(total) datagrams in \(floodTime); victim tunneld CPU \(String(format: "%.2f", cpuFlood)) s during \
                 the flood, \(String(format: "%.2f", cpuQuiet)) s in the 2 s after; sent per reason \(sent); counters \(counters)
-                """)
+                """
+            )
             // Every datagram sent is accounted for: counted by tunneld under its
             // reason, or dropped by the victim's kernel before tunneld read it (its
             // UDP receive errors: a full socket buffer). The flood is the only UDP
             // traffic to h1 in that window (the store is local, no etcd).
             let kernelDropped = victimAfter["Udp.InErrors", default: 0] - victimBefore["Udp.InErrors", default: 0]
             let countedAll = sent.keys.reduce(0) { $0 + Int(counters[$1, default: 0]) }
-            #expect(countedAll + kernelDropped == total,
-                    "\(countedAll) counted + \(kernelDropped) dropped by the kernel, \(total) sent: \(counters)")
+            #expect(
+                countedAll + kernelDropped == total,
+                "\(countedAll) counted + \(kernelDropped) dropped by the kernel, \(total) sent: \(counters)"
+            )
             for (counter, n) in sent {
                 let counted = counters[counter, default: 0]
                 #expect(counted > 0 && counted <= UInt64(n), "\(counter): \(counted) counted of \(n) sent")
                 if kernelDropped == 0 {
-                    #expect(counted == UInt64(n), "\(counter): \(counted) counted of \(n) sent, none dropped by the kernel")
+                    #expect(
+                        counted == UInt64(n),
+                        "\(counter): \(counted) counted of \(n) sent, none dropped by the kernel"
+                    )
                 }
             }
             #expect(counters["tun_write_errors", default: 0] == 0)

@@ -71,7 +71,8 @@ struct IPTablesRulesTests {
             try iptables(lab, "h1", ["-X", "TUNNELD-FWD"])
             #expect(try eventually { try forwardRulesInPlace(lab, "h1") }, "h1's deleted chain was not put back")
             // One jump each, however often it was put back.
-            let jumps = try iptables(lab, "h1", ["-S", "FORWARD"]).output.components(separatedBy: "-j TUNNELD-FWD").count - 1
+            let jumps =
+                try iptables(lab, "h1", ["-S", "FORWARD"]).output.components(separatedBy: "-j TUNNELD-FWD").count - 1
             #expect(jumps == 1)
             let again = try lab.ping(from: 2, to: 1)
             #expect(again.succeeded, "after the rules were put back: \(again.output)")

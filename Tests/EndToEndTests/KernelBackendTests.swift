@@ -2,7 +2,8 @@ import Foundation
 import Testing
 
 func backendConfig(_ backend: String) -> String {
-    #"{"Network":"10.2.0.0/16","SubnetLen":24,"SubnetMin":"10.2.1.0","SubnetMax":"10.2.254.0","Backend":"# + backend + "}"
+    #"{"Network":"10.2.0.0/16","SubnetLen":24,"SubnetMin":"10.2.1.0","SubnetMax":"10.2.254.0","Backend":"# + backend
+        + "}"
 }
 
 /// Facts about host N's lease, from its subnet.env: "10.2.72.1/24" gives
@@ -60,8 +61,10 @@ struct KernelBackendTests {
     }
 
     func command(_ lab: Lab, host n: Int, extra: [String] = []) -> [String] {
-        [tunneldBinary, "run", "--store-dir", lab.storeDirectory, "--iface", "eth0",
-         "--subnet-file", lab.subnetFile(n)] + extra
+        [
+            tunneldBinary, "run", "--store-dir", lab.storeDirectory, "--iface", "eth0",
+            "--subnet-file", lab.subnetFile(n),
+        ] + extra
     }
 
     /// The lease value host N stored, from the local store's file.
@@ -86,7 +89,10 @@ struct KernelBackendTests {
 
             // subnet.env: MTU = underlay 1500 − 50.
             let text = try String(contentsOfFile: lab.subnetFile(1), encoding: .utf8)
-            #expect(text == "FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_SUBNET=\(lease1.base.dropLast())1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n")
+            #expect(
+                text
+                    == "FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_SUBNET=\(lease1.base.dropLast())1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+            )
 
             // The device is flanneld's.
             let device = try lab.hostOutput(1, ["ip", "-d", "-o", "link", "show", "flannel.1"])
@@ -98,12 +104,21 @@ struct KernelBackendTests {
 
             // The lease is what flanneld writes.
             let mac1 = try lab.vtepMAC(1), mac2 = try lab.vtepMAC(2)
-            #expect(try storedLeaseValue(lab, lease1)
-                    == #"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":""# + mac1 + #""}}"#)
+            #expect(
+                try storedLeaseValue(lab, lease1)
+                    == #"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":""#
+                    + mac1 + #""}}"#
+            )
 
             // Host 1 has host 2's ARP entry, FDB entry and onlink route.
-            #expect(try lab.waitUntil { try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via \(lease2.base) dev flannel.1 onlink") },
-                    "\(lab.log("h1"))")
+            #expect(
+                try lab.waitUntil {
+                    try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains(
+                        "via \(lease2.base) dev flannel.1 onlink"
+                    )
+                },
+                "\(lab.log("h1"))"
+            )
             let neighbours = try lab.hostOutput(1, ["ip", "neigh", "show", "dev", "flannel.1"])
             #expect(neighbours.contains("\(lease2.base) lladdr \(mac2) PERMANENT"), "\(neighbours)")
             let fdb = try lab.hostOutput(1, ["bridge", "fdb", "show", "dev", "flannel.1"])
@@ -122,8 +137,10 @@ struct KernelBackendTests {
             #expect(lab.log("h3").contains("released lease \(lease3.subnet)"))
             #expect(try !lab.hostOutput(3, ["ip", "-o", "link"]).contains("flannel.1"), "h3 kept its flannel.1")
             for host in [1, 2] {
-                #expect(try lab.waitUntil { try !lab.hostOutput(host, ["ip", "route"]).contains(lease3.subnet) },
-                        "h\(host) kept the route to \(lease3.subnet)")
+                #expect(
+                    try lab.waitUntil { try !lab.hostOutput(host, ["ip", "route"]).contains(lease3.subnet) },
+                    "h\(host) kept the route to \(lease3.subnet)"
+                )
                 #expect(try !lab.hostOutput(host, ["ip", "neigh", "show", "dev", "flannel.1"]).contains(lease3.base))
                 #expect(try !lab.hostOutput(host, ["bridge", "fdb", "show", "dev", "flannel.1"]).contains(mac3))
             }
@@ -145,10 +162,21 @@ struct KernelBackendTests {
             try lab.addHost(2, command: command(lab, host: 2))
             let lease1 = try LabLease(lab, host: 1), lease2 = try LabLease(lab, host: 2)
             #expect(try lab.subnetEnv(1)["FLANNEL_MTU"] == "1500")
-            #expect(try storedLeaseValue(lab, lease1) == #"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"host-gw"}"#)
-            #expect(try lab.waitUntil { try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via 198.18.0.2 dev eth0") },
-                    "\(lab.log("h1"))")
-            #expect(try lab.waitUntil { try lab.hostOutput(2, ["ip", "route", "show", lease1.subnet]).contains("via 198.18.0.1 dev eth0") })
+            #expect(
+                try storedLeaseValue(lab, lease1)
+                    == #"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"host-gw"}"#
+            )
+            #expect(
+                try lab.waitUntil {
+                    try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via 198.18.0.2 dev eth0")
+                },
+                "\(lab.log("h1"))"
+            )
+            #expect(
+                try lab.waitUntil {
+                    try lab.hostOutput(2, ["ip", "route", "show", lease1.subnet]).contains("via 198.18.0.1 dev eth0")
+                }
+            )
             #expect(try !lab.hostOutput(1, ["ip", "-o", "link"]).contains("flannel"))
 
             try pingBothWays(lab, 1, 2)
@@ -156,9 +184,12 @@ struct KernelBackendTests {
 
             // Someone deletes the route: it is back within the check interval.
             try lab.exec("h1", ["ip", "route", "del", lease2.subnet])
-            #expect(try lab.waitUntil(timeout: .seconds(25)) {
-                try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via 198.18.0.2 dev eth0")
-            }, "\(lab.log("h1"))")
+            #expect(
+                try lab.waitUntil(timeout: .seconds(25)) {
+                    try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via 198.18.0.2 dev eth0")
+                },
+                "\(lab.log("h1"))"
+            )
             #expect(lab.log("h1").contains("restored route \(lease2.subnet) via 198.18.0.2 dev eth0"))
 
             try lab.addHost(3, command: command(lab, host: 3, extra: ["--release-on-exit"]))
@@ -168,11 +199,16 @@ struct KernelBackendTests {
             try lab.lab("stop", "h3")
             #expect(lab.log("h3").contains("released lease \(lease3.subnet)"))
             for host in [1, 2] {
-                #expect(try lab.waitUntil { try !lab.hostOutput(host, ["ip", "route"]).contains(lease3.subnet) },
-                        "h\(host) kept the route to \(lease3.subnet)")
+                #expect(
+                    try lab.waitUntil { try !lab.hostOutput(host, ["ip", "route"]).contains(lease3.subnet) },
+                    "h\(host) kept the route to \(lease3.subnet)"
+                )
             }
             let left = try lab.hostOutput(3, ["ip", "route"])
-            #expect(!left.contains(lease1.subnet) && !left.contains(lease2.subnet), "h3 kept its routes to peers: \(left)")
+            #expect(
+                !left.contains(lease1.subnet) && !left.contains(lease2.subnet),
+                "h3 kept its routes to peers: \(left)"
+            )
             try pingBothWays(lab, 1, 2)
         }
     }
@@ -187,8 +223,10 @@ struct KernelBackendTests {
             try lab.lab("start", host)
         }
         for host in ["h1", "h2"] {
-            #expect(lab.waitUntil { lab.log(host).components(separatedBy: "tunneld ready").count == readyCount + 1 },
-                    "\(lab.log(host))")
+            #expect(
+                lab.waitUntil { lab.log(host).components(separatedBy: "tunneld ready").count == readyCount + 1 },
+                "\(lab.log(host))"
+            )
         }
     }
 
@@ -198,7 +236,11 @@ struct KernelBackendTests {
             try lab.addHost(1, command: command(lab, host: 1))
             try lab.addHost(2, command: command(lab, host: 2))
             let lease1 = try LabLease(lab, host: 1), lease2 = try LabLease(lab, host: 2)
-            #expect(try lab.waitUntil { try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via 198.18.0.2 dev eth0") })
+            #expect(
+                try lab.waitUntil {
+                    try lab.hostOutput(1, ["ip", "route", "show", lease2.subnet]).contains("via 198.18.0.2 dev eth0")
+                }
+            )
 
             // host-gw's routes would take the udp backend's traffic past the tunnel.
             try switchTo(lab, backend: #"{"Type":"udp"}"#, readyCount: 2)
@@ -206,7 +248,10 @@ struct KernelBackendTests {
                 let routes = try lab.hostOutput(host, ["ip", "route"])
                 #expect(routes.contains("10.2.0.0/16 dev flannel0"), "\(routes)")
                 #expect(!routes.contains(peer.subnet), "host-gw's route to \(peer.subnet) is left: \(routes)")
-                #expect(lab.log("h\(host)").contains("removed route \(peer.subnet) via 198.18.0."), "\(lab.log("h\(host)"))")
+                #expect(
+                    lab.log("h\(host)").contains("removed route \(peer.subnet) via 198.18.0."),
+                    "\(lab.log("h\(host)"))"
+                )
             }
             #expect(try lab.subnetEnv(1)["FLANNEL_MTU"] == "1472")
             let viaUDP = try lab.ping(from: 1, to: 2)
@@ -214,9 +259,14 @@ struct KernelBackendTests {
 
             try switchTo(lab, backend: #"{"Type":"vxlan"}"#, readyCount: 3)
             for (host, peer) in [(1, lease2), (2, lease1)] {
-                #expect(try lab.waitUntil {
-                    try lab.hostOutput(host, ["ip", "route", "show", peer.subnet]).contains("via \(peer.base) dev flannel.1 onlink")
-                }, "\(lab.log("h\(host)"))")
+                #expect(
+                    try lab.waitUntil {
+                        try lab.hostOutput(host, ["ip", "route", "show", peer.subnet]).contains(
+                            "via \(peer.base) dev flannel.1 onlink"
+                        )
+                    },
+                    "\(lab.log("h\(host)"))"
+                )
                 #expect(try !lab.hostOutput(host, ["ip", "-o", "link"]).contains("flannel0"))
             }
             #expect(try lab.subnetEnv(1)["FLANNEL_MTU"] == "1450")
@@ -231,8 +281,10 @@ struct KernelBackendTests {
         try withLab(backend: #"{"Type":"host-gw"}"#) { lab in
             let result = try lab.exec("u", command(lab, host: 1, extra: ["--backend", "vxlan"]), check: false)
             #expect(!result.succeeded)
-            #expect(result.output.contains(#"--backend vxlan disagrees with the network config's Backend.Type "host-gw""#),
-                    "\(result.output)")
+            #expect(
+                result.output.contains(#"--backend vxlan disagrees with the network config's Backend.Type "host-gw""#),
+                "\(result.output)"
+            )
         }
     }
 
@@ -240,8 +292,10 @@ struct KernelBackendTests {
         try withLab(backend: #"{"Type":"ipip"}"#) { lab in
             let result = try lab.exec("u", command(lab, host: 1), check: false)
             #expect(!result.succeeded)
-            #expect(result.output.contains(#"backend "ipip" is not supported by tunneld (udp, vxlan and host-gw are)"#),
-                    "\(result.output)")
+            #expect(
+                result.output.contains(#"backend "ipip" is not supported by tunneld (udp, vxlan and host-gw are)"#),
+                "\(result.output)"
+            )
         }
     }
 }

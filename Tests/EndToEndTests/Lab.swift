@@ -5,7 +5,8 @@ import Testing
 
 let hasTun = FileManager.default.fileExists(atPath: "/dev/net/tun")
 let canRunNamespaceTests = isRoot && hasTun
-let namespaceSkipReason: Comment = "needs root and /dev/net/tun: creates network namespaces and TUN devices (runs in CI as root)"
+let namespaceSkipReason: Comment =
+    "needs root and /dev/net/tun: creates network namespaces and TUN devices (runs in CI as root)"
 
 /// The repository's root, found from this file's path.
 let repositoryRoot: URL = {
@@ -98,9 +99,14 @@ struct CommandResult {
 /// test process ends first.
 func spawn(_ arguments: [String], output: String, input: String = "/dev/null") throws -> ChildProcess {
     do {
-        return try ChildProcess.start(arguments[0], arguments: Array(arguments.dropFirst()),
-                                      standardInput: .file(input), standardOutput: .file(output),
-                                      standardError: .standardOutput, parentDeathSignal: SIGKILL)
+        return try ChildProcess.start(
+            arguments[0],
+            arguments: Array(arguments.dropFirst()),
+            standardInput: .file(input),
+            standardOutput: .file(output),
+            standardError: .standardOutput,
+            parentDeathSignal: SIGKILL
+        )
     } catch {
         throw CommandFailed(command: arguments, status: -1, output: "\(error)")
     }
@@ -108,8 +114,12 @@ func spawn(_ arguments: [String], output: String, input: String = "/dev/null") t
 
 /// Runs a command to completion (bounded by `timeout`), output and errors together.
 @discardableResult
-func run(_ arguments: [String], timeout: Duration = .seconds(60), check: Bool = true,
-         input: String = "/dev/null") throws -> CommandResult {
+func run(
+    _ arguments: [String],
+    timeout: Duration = .seconds(60),
+    check: Bool = true,
+    input: String = "/dev/null"
+) throws -> CommandResult {
     let outputFile = FileManager.default.temporaryDirectory
         .appendingPathComponent("td-cmd-\(UUID().uuidString)").path
     defer { unlink(outputFile) }
@@ -118,7 +128,9 @@ func run(_ arguments: [String], timeout: Duration = .seconds(60), check: Bool = 
     if status == nil { status = child.terminate() }
     let output = (try? String(contentsOfFile: outputFile, encoding: .utf8)) ?? ""
     let result = CommandResult(status: status ?? -1, output: output)
-    if check && !result.succeeded { throw CommandFailed(command: arguments, status: result.status, output: result.output) }
+    if check && !result.succeeded {
+        throw CommandFailed(command: arguments, status: result.status, output: result.output)
+    }
     return result
 }
 
@@ -136,13 +148,18 @@ final class Lab {
         // Fixed widths: without them pid 1234 with suffix 5ab1 and pid 12345
         // with suffix ab1 would name the same lab.
         let pid = String(getpid() % 100_000), suffix = String(UInt32.random(in: 0..<0x1_0000), radix: 16)
-        name = "td" + String(repeating: "0", count: 5 - pid.count) + pid
+        name =
+            "td" + String(repeating: "0", count: 5 - pid.count) + pid
             + String(repeating: "0", count: 4 - suffix.count) + suffix
         _ = Lab.leftoversRemoved
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("tunneld-lab-\(name)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         // Who made the lab, so that a later run can tell a crashed run's lab from a live one.
-        try "\(getpid())\n".write(to: directory.appendingPathComponent(Lab.ownerFile), atomically: true, encoding: .utf8)
+        try "\(getpid())\n".write(
+            to: directory.appendingPathComponent(Lab.ownerFile),
+            atomically: true,
+            encoding: .utf8
+        )
         try lab("create")
     }
 
@@ -161,8 +178,8 @@ final class Lab {
         for entry in entries where entry.hasPrefix("tunneld-lab-td") {
             let directory = temporary.appendingPathComponent(entry)
             guard let text = try? String(contentsOf: directory.appendingPathComponent(ownerFile), encoding: .utf8),
-                  let owner = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), owner > 0,
-                  kill(owner, 0) != 0, errno == ESRCH
+                let owner = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), owner > 0,
+                kill(owner, 0) != 0, errno == ESRCH
             else { continue }
             let name = String(entry.dropFirst("tunneld-lab-".count))
             print("Lab: destroying \(name), left by process \(owner), which is gone")
@@ -189,9 +206,11 @@ final class Lab {
     /// Adds host N running tunneld with the local store, and its container.
     /// `prefix` goes before the binary (e.g. `env VAR=1` or `refuse-io-uring`).
     func addHost(_ n: Int, iface: [String] = ["--iface", "eth0"], extra: [String] = [], prefix: [String] = []) throws {
-        let command = prefix + [tunneldBinary, "run", "--backend", "udp"] + iface
+        let command =
+            prefix + [tunneldBinary, "run", "--backend", "udp"] + iface
             + ["--subnet-file", subnetFile(n), "--device", "tun0"]
-            + (extra.contains("--control-socket") ? [] : ["--control-socket", directory.appendingPathComponent("h\(n).sock").path])
+            + (extra.contains("--control-socket")
+                ? [] : ["--control-socket", directory.appendingPathComponent("h\(n).sock").path])
             + extra
         try addHost(n, command: command)
     }
@@ -225,7 +244,9 @@ final class Lab {
     func cpuSeconds(_ process: String) throws -> Double {
         let stat = try String(contentsOfFile: "/proc/\(try pid(process))/stat", encoding: .utf8)
         // Fields after the command name: state is 3rd, utime 14th, stime 15th.
-        guard let close = stat.range(of: ")", options: .backwards) else { throw LabError("unreadable /proc stat: \(stat)") }
+        guard let close = stat.range(of: ")", options: .backwards) else {
+            throw LabError("unreadable /proc stat: \(stat)")
+        }
         let fields = stat[close.upperBound...].split(separator: " ")
         guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else {
             throw LabError("unreadable /proc stat: \(stat)")
@@ -271,7 +292,12 @@ final class Lab {
 
     /// Runs a command inside one of the lab's namespaces.
     @discardableResult
-    func exec(_ ns: String, _ arguments: [String], timeout: Duration = .seconds(60), check: Bool = true) throws -> CommandResult {
+    func exec(
+        _ ns: String,
+        _ arguments: [String],
+        timeout: Duration = .seconds(60),
+        check: Bool = true
+    ) throws -> CommandResult {
         try run(["ip", "netns", "exec", namespace(ns)] + arguments, timeout: timeout, check: check)
     }
 
@@ -281,8 +307,12 @@ final class Lab {
         let target = try containerIP(to)
         var last = CommandResult(status: -1, output: "")
         for _ in 0..<attempts {
-            last = try exec("c\(from)", ["ping", "-c", "\(count)", "-i", "0.2", "-W", "1", target],
-                            timeout: .seconds(30), check: false)
+            last = try exec(
+                "c\(from)",
+                ["ping", "-c", "\(count)", "-i", "0.2", "-W", "1", target],
+                timeout: .seconds(30),
+                check: false
+            )
             if last.succeeded { return last }
             usleep(300_000)
         }
@@ -364,21 +394,26 @@ extension Lab {
     /// on the same data.
     func addEtcd(tls: Bool = false) throws {
         let url = "\(tls ? "https" : "http")://\(LabEtcd.address):2379"
-        let certificates = tls
+        let certificates =
+            tls
             ? try LabCertificates.make(in: directory.appendingPathComponent("certs"), serverIP: LabEtcd.address)
             : nil
         // Peer and metrics URLs stay on the etcd namespace's loopback.
-        var arguments = ["etcd", "--name", "lab",
-                         "--data-dir", directory.appendingPathComponent("etcd-data").path,
-                         "--listen-client-urls", url, "--advertise-client-urls", url,
-                         "--listen-peer-urls", "http://127.0.0.1:2380",
-                         "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-                         "--initial-cluster", "lab=http://127.0.0.1:2380",
-                         "--listen-metrics-urls", "http://127.0.0.1:2381",
-                         "--logger=zap", "--log-outputs=stderr"]
+        var arguments = [
+            "etcd", "--name", "lab",
+            "--data-dir", directory.appendingPathComponent("etcd-data").path,
+            "--listen-client-urls", url, "--advertise-client-urls", url,
+            "--listen-peer-urls", "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+            "--initial-cluster", "lab=http://127.0.0.1:2380",
+            "--listen-metrics-urls", "http://127.0.0.1:2381",
+            "--logger=zap", "--log-outputs=stderr",
+        ]
         if let certificates {
-            arguments += ["--client-cert-auth", "--trusted-ca-file", certificates.caFile,
-                          "--cert-file", certificates.serverCertFile, "--key-file", certificates.serverKeyFile]
+            arguments += [
+                "--client-cert-auth", "--trusted-ca-file", certificates.caFile,
+                "--cert-file", certificates.serverCertFile, "--key-file", certificates.serverKeyFile,
+            ]
         }
         etcd = LabEtcd(url: url, certificates: certificates)
         try lab(["add-etcd"] + arguments)
@@ -398,14 +433,16 @@ extension Lab {
         let initialCluster = members.map { "\($0.name)=\($0.peerURL)" }.joined(separator: ",")
         etcd = LabEtcd(url: members.map(\.clientURL).joined(separator: ","), members: members, certificates: nil)
         for member in members {
-            let arguments = ["etcd", "--name", member.name,
-                             "--data-dir", directory.appendingPathComponent("\(member.name)-data").path,
-                             "--listen-client-urls", member.clientURL, "--advertise-client-urls", member.clientURL,
-                             "--listen-peer-urls", member.peerURL, "--initial-advertise-peer-urls", member.peerURL,
-                             "--initial-cluster", initialCluster, "--initial-cluster-state", "new",
-                             "--initial-cluster-token", name,
-                             "--listen-metrics-urls", "http://127.0.0.1:2381",
-                             "--logger=zap", "--log-outputs=stderr"]
+            let arguments = [
+                "etcd", "--name", member.name,
+                "--data-dir", directory.appendingPathComponent("\(member.name)-data").path,
+                "--listen-client-urls", member.clientURL, "--advertise-client-urls", member.clientURL,
+                "--listen-peer-urls", member.peerURL, "--initial-advertise-peer-urls", member.peerURL,
+                "--initial-cluster", initialCluster, "--initial-cluster-state", "new",
+                "--initial-cluster-token", name,
+                "--listen-metrics-urls", "http://127.0.0.1:2381",
+                "--logger=zap", "--log-outputs=stderr",
+            ]
             try lab(["add-etcd", "--member", member.name, member.address, "--"] + arguments)
         }
         try waitForEtcd(timeout: .seconds(40))
@@ -421,8 +458,10 @@ extension Lab {
             if last.succeeded { return }
             usleep(100_000)
         }
-        throw LabError("etcd did not become healthy within \(timeout): \(last.output)\n"
-                       + log("etcd").split(separator: "\n").suffix(10).joined(separator: "\n"))
+        throw LabError(
+            "etcd did not become healthy within \(timeout): \(last.output)\n"
+                + log("etcd").split(separator: "\n").suffix(10).joined(separator: "\n")
+        )
     }
 
     /// The member that is the cluster's leader, asked of the members of
@@ -430,8 +469,10 @@ extension Lab {
     func etcdLeader(among: [LabEtcdMember]? = nil) throws -> LabEtcdMember {
         guard let etcd else { throw LabError("this lab has no etcd: call addEtcd() first") }
         let members = among ?? etcd.members
-        let status = try etcdctl(["endpoint", "status", "-w", "json"],
-                                 endpoints: members.map(\.clientURL).joined(separator: ",")).output
+        let status = try etcdctl(
+            ["endpoint", "status", "-w", "json"],
+            endpoints: members.map(\.clientURL).joined(separator: ",")
+        ).output
         // One object per endpoint: {"Endpoint":"http://…","Status":{"header":{…,"member_id":N,…},…,"leader":N,…}}.
         // The IDs are 64-bit: compared as digits, not parsed as JSON numbers.
         func number(_ field: String, in text: Substring) -> Substring? {
@@ -441,7 +482,8 @@ extension Lab {
         for entry in status.components(separatedBy: "{\"Endpoint\":").dropFirst() {
             let text = Substring(entry)
             guard let member = number("member_id", in: text), let leader = number("leader", in: text),
-                  member == leader else { continue }
+                member == leader
+            else { continue }
             if let found = members.first(where: { entry.hasPrefix("\"\($0.clientURL)\"") }) { return found }
         }
         throw LabError("no member of \(members.map(\.name)) says it is the leader: \(status)")
@@ -451,7 +493,9 @@ extension Lab {
     /// starts it again on the same data and waits until it is healthy.
     func restartEtcd(downtime: Duration = .zero) throws {
         try lab("stop", "etcd")
-        Thread.sleep(forTimeInterval: Double(downtime.components.seconds) + Double(downtime.components.attoseconds) / 1e18)
+        Thread.sleep(
+            forTimeInterval: Double(downtime.components.seconds) + Double(downtime.components.attoseconds) / 1e18
+        )
         try lab("start", "etcd")
         try waitForEtcd()
     }
@@ -460,18 +504,27 @@ extension Lab {
     /// with its client certificate and root credentials when set; `input` is
     /// a file for standard input (`etcdctl put KEY < FILE`).
     @discardableResult
-    func etcdctl(_ arguments: [String], endpoints: String? = nil, input: String = "/dev/null", check: Bool = true,
-                 timeout: Duration = .seconds(30)) throws -> CommandResult {
+    func etcdctl(
+        _ arguments: [String],
+        endpoints: String? = nil,
+        input: String = "/dev/null",
+        check: Bool = true,
+        timeout: Duration = .seconds(30)
+    ) throws -> CommandResult {
         guard let etcd else { throw LabError("this lab has no etcd: call addEtcd() first") }
         // From the namespace of the first member asked (a cut-off member's
         // namespace may have no network).
         let urls = endpoints ?? etcd.url
         let from = etcd.members.first { urls.hasPrefix($0.clientURL) } ?? etcd.members[0]
-        var command = ["ip", "netns", "exec", namespace(from.name), "env", "ETCDCTL_API=3", "etcdctl",
-                       "--endpoints", urls, "--dial-timeout=2s", "--command-timeout=10s"]
+        var command = [
+            "ip", "netns", "exec", namespace(from.name), "env", "ETCDCTL_API=3", "etcdctl",
+            "--endpoints", urls, "--dial-timeout=2s", "--command-timeout=10s",
+        ]
         if let certificates = etcd.certificates {
-            command += ["--cacert", certificates.caFile, "--cert", certificates.clientCertFile,
-                        "--key", certificates.clientKeyFile]
+            command += [
+                "--cacert", certificates.caFile, "--cert", certificates.clientCertFile,
+                "--key", certificates.clientKeyFile,
+            ]
         }
         if let user = etcd.rootCredentials { command += ["--user", user] }
         return try run(command + arguments, timeout: timeout, check: check, input: input)
@@ -487,7 +540,8 @@ extension Lab {
     func etcdRevision() throws -> Int64 {
         let json = try etcdctl(["endpoint", "status", "-w", "json"]).output
         guard let range = json.range(of: "\"revision\":"),
-              let revision = Int64(json[range.upperBound...].prefix { $0.isNumber }) else {
+            let revision = Int64(json[range.upperBound...].prefix { $0.isNumber })
+        else {
             throw LabError("no revision in etcdctl endpoint status: \(json)")
         }
         return revision
@@ -520,32 +574,50 @@ struct LabCertificates {
     static func make(in directory: URL, serverIP: String) throws -> LabCertificates {
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
-        try run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                 "-keyout", path("ca.key"), "-out", path("ca.crt"), "-subj", "/CN=tunneld-lab-ca"])
+        try run([
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", path("ca.key"), "-out", path("ca.crt"), "-subj", "/CN=tunneld-lab-ca",
+        ])
         func issue(_ name: String, subject: String, extensions: String) throws {
             try extensions.write(toFile: path("\(name).ext"), atomically: true, encoding: .utf8)
-            try run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", path("\(name).key"),
-                     "-out", path("\(name).csr"), "-subj", subject])
-            try run(["openssl", "x509", "-req", "-in", path("\(name).csr"), "-CA", path("ca.crt"),
-                     "-CAkey", path("ca.key"), "-CAcreateserial", "-days", "2",
-                     "-out", path("\(name).crt"), "-extfile", path("\(name).ext")])
+            try run([
+                "openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", path("\(name).key"),
+                "-out", path("\(name).csr"), "-subj", subject,
+            ])
+            try run([
+                "openssl", "x509", "-req", "-in", path("\(name).csr"), "-CA", path("ca.crt"),
+                "-CAkey", path("ca.key"), "-CAcreateserial", "-days", "2",
+                "-out", path("\(name).crt"), "-extfile", path("\(name).ext"),
+            ])
         }
-        try issue("server", subject: "/CN=etcd", extensions: """
-            basicConstraints=CA:FALSE
-            keyUsage=digitalSignature,keyEncipherment
-            extendedKeyUsage=serverAuth
-            subjectAltName=IP:\(serverIP)
+        try issue(
+            "server",
+            subject: "/CN=etcd",
+            extensions: """
+                basicConstraints=CA:FALSE
+                keyUsage=digitalSignature,keyEncipherment
+                extendedKeyUsage=serverAuth
+                subjectAltName=IP:\(serverIP)
 
-            """)
-        try issue("client", subject: "/CN=tunneld-host", extensions: """
-            basicConstraints=CA:FALSE
-            keyUsage=digitalSignature,keyEncipherment
-            extendedKeyUsage=clientAuth
+                """
+        )
+        try issue(
+            "client",
+            subject: "/CN=tunneld-host",
+            extensions: """
+                basicConstraints=CA:FALSE
+                keyUsage=digitalSignature,keyEncipherment
+                extendedKeyUsage=clientAuth
 
-            """)
-        return LabCertificates(caFile: path("ca.crt"), serverCertFile: path("server.crt"),
-                               serverKeyFile: path("server.key"), clientCertFile: path("client.crt"),
-                               clientKeyFile: path("client.key"))
+                """
+        )
+        return LabCertificates(
+            caFile: path("ca.crt"),
+            serverCertFile: path("server.crt"),
+            serverKeyFile: path("server.key"),
+            clientCertFile: path("client.crt"),
+            clientKeyFile: path("client.key")
+        )
     }
 }
 

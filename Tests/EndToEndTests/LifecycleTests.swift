@@ -24,7 +24,9 @@ struct LifecycleTests {
             var address = sockaddr_un()
             address.sun_family = sa_family_t(AF_UNIX)
             let bytes = Array(path.utf8)
-            guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { throw LabError("socket path too long: \(path)") }
+            guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+                throw LabError("socket path too long: \(path)")
+            }
             withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: bytes) }
             let bound = withUnsafePointer(to: &address) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
@@ -79,7 +81,8 @@ struct LifecycleTests {
             let namespace = lab.namespace("h1")
             let notify = try NotifySocket(path: lab.directory.appendingPathComponent("notify.sock").path) {
                 let written = FileManager.default.fileExists(atPath: subnetFile)
-                let routes = (try? run(["ip", "-n", namespace, "route", "show", "dev", "tun0"], check: false).output) ?? ""
+                let routes =
+                    (try? run(["ip", "-n", namespace, "route", "show", "dev", "tun0"], check: false).output) ?? ""
                 atReady.lock.withLock {
                     atReady.subnetFileWritten = written
                     atReady.routes = routes
@@ -87,21 +90,35 @@ struct LifecycleTests {
             }
             defer { notify.stop() }
 
-            try lab.addHost(1, command: ["env", "NOTIFY_SOCKET=\(notify.path)", "WATCHDOG_USEC=1000000",
-                                         tunneldBinary, "run", "--store-dir", lab.storeDirectory, "--iface", "eth0",
-                                         "--subnet-file", subnetFile, "--device", "tun0"])
+            try lab.addHost(
+                1,
+                command: [
+                    "env", "NOTIFY_SOCKET=\(notify.path)", "WATCHDOG_USEC=1000000",
+                    tunneldBinary, "run", "--store-dir", lab.storeDirectory, "--iface", "eth0",
+                    "--subnet-file", subnetFile, "--device", "tun0",
+                ]
+            )
             #expect(notify.wait(for: { $0 == "READY=1" }), "no READY=1; got \(notify.messages)")
             let subnet = try #require(try lab.subnetEnv(1)["FLANNEL_SUBNET"])
             atReady.lock.withLock {
                 #expect(atReady.subnetFileWritten, "READY=1 came before subnet.env was written")
-                #expect(atReady.routes.contains("10.2.0.0/16"), "READY=1 came before the network's route: \(atReady.routes)")
+                #expect(
+                    atReady.routes.contains("10.2.0.0/16"),
+                    "READY=1 came before the network's route: \(atReady.routes)"
+                )
             }
             // Status lines before READY say what the daemon was doing.
             let beforeReady = notify.fields.prefix { $0 != "READY=1" }
             #expect(beforeReady.contains { $0.hasPrefix("STATUS=Acquiring a lease") }, "\(beforeReady)")
-            #expect(beforeReady.contains { $0.hasPrefix("STATUS=Setting up the udp backend on eth0") }, "\(beforeReady)")
+            #expect(
+                beforeReady.contains { $0.hasPrefix("STATUS=Setting up the udp backend on eth0") },
+                "\(beforeReady)"
+            )
             let network = subnet.replacingOccurrences(of: ".1/24", with: ".0/24")
-            #expect(notify.fields.contains("STATUS=Running: subnet \(network), udp backend, 0 peers"), "\(notify.messages)")
+            #expect(
+                notify.fields.contains("STATUS=Running: subnet \(network), udp backend, 0 peers"),
+                "\(notify.messages)"
+            )
 
             // Watchdog pings at half of WATCHDOG_USEC: about 2 a second.
             Thread.sleep(forTimeInterval: 2.5)
@@ -110,11 +127,16 @@ struct LifecycleTests {
 
             // A new peer shows in the status line.
             try lab.addHost(2, extra: ["--store-dir", lab.storeDirectory])
-            #expect(notify.wait(for: { $0 == "STATUS=Running: subnet \(network), udp backend, 1 peer" }),
-                    "status did not count the new peer: \(notify.messages.suffix(5))")
+            #expect(
+                notify.wait(for: { $0 == "STATUS=Running: subnet \(network), udp backend, 1 peer" }),
+                "status did not count the new peer: \(notify.messages.suffix(5))"
+            )
 
             try lab.lab("stop", "h1")
-            #expect(notify.wait(for: { $0 == "STOPPING=1" }, timeout: .seconds(5)), "no STOPPING=1: \(notify.messages.suffix(5))")
+            #expect(
+                notify.wait(for: { $0 == "STOPPING=1" }, timeout: .seconds(5)),
+                "no STOPPING=1: \(notify.messages.suffix(5))"
+            )
             #expect(notify.fields.contains("STATUS=Stopping: keeping the lease for a restart"))
             // Nothing after STOPPING but its own status.
             let last = try #require(notify.messages.last)
@@ -145,17 +167,24 @@ struct LifecycleTests {
 
             // Allowed to write after a few failed attempts (1 s, 2 s backoff).
             let granted = DispatchSemaphore(value: 0)
-            let grant = ["ip", "netns", "exec", lab.namespace("etcd"), "env", "ETCDCTL_API=3", "etcdctl",
-                         "--endpoints", labEtcdEndpoint, "--user", "root:rootpw",
-                         "role", "grant-permission", "reader", "--prefix=true", "readwrite", prefix + "/"]
+            let grant = [
+                "ip", "netns", "exec", lab.namespace("etcd"), "env", "ETCDCTL_API=3", "etcdctl",
+                "--endpoints", labEtcdEndpoint, "--user", "root:rootpw",
+                "role", "grant-permission", "reader", "--prefix=true", "readwrite", prefix + "/",
+            ]
             Thread.detachNewThread {
                 Thread.sleep(forTimeInterval: 4)
                 _ = try? run(grant)
                 granted.signal()
             }
-            try lab.addHost(1, command: [tunneldBinary, "run", "-etcd-endpoints=\(labEtcdEndpoint)",
-                                         "-etcd-username=node", "-etcd-password=pw", "-iface=eth0",
-                                         "--subnet-file", lab.subnetFile(1), "--device", "tun0"])
+            try lab.addHost(
+                1,
+                command: [
+                    tunneldBinary, "run", "-etcd-endpoints=\(labEtcdEndpoint)",
+                    "-etcd-username=node", "-etcd-password=pw", "-iface=eth0",
+                    "--subnet-file", lab.subnetFile(1), "--device", "tun0",
+                ]
+            )
             _ = granted.wait(timeout: .now() + 30)
             let log = lab.log("h1")
             #expect(log.contains("could not acquire a lease in etcd"), "\(log)")
@@ -163,9 +192,14 @@ struct LifecycleTests {
             #expect(log.contains("permission denied"), "the reason is named: \(log)")
             #expect(log.contains("after") && log.contains("attempts"), "\(log)")
             // It runs and forwards like any host.
-            try lab.addHost(2, command: [tunneldBinary, "run", "-etcd-endpoints=\(labEtcdEndpoint)",
-                                         "-etcd-username=node", "-etcd-password=pw", "-iface=eth0",
-                                         "--subnet-file", lab.subnetFile(2), "--device", "tun0"])
+            try lab.addHost(
+                2,
+                command: [
+                    tunneldBinary, "run", "-etcd-endpoints=\(labEtcdEndpoint)",
+                    "-etcd-username=node", "-etcd-password=pw", "-iface=eth0",
+                    "--subnet-file", lab.subnetFile(2), "--device", "tun0",
+                ]
+            )
             let ping = try lab.ping(from: 1, to: 2)
             #expect(ping.succeeded, "\(ping.output)")
         } catch {

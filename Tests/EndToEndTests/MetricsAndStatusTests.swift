@@ -34,7 +34,9 @@ struct MetricsAndStatusTests {
     func series(_ text: String) -> [String: Double] {
         var values: [String: Double] = [:]
         for line in text.split(separator: "\n") where !line.hasPrefix("#") {
-            guard let space = line.lastIndex(of: " "), let value = Double(line[line.index(after: space)...]) else { continue }
+            guard let space = line.lastIndex(of: " "), let value = Double(line[line.index(after: space)...]) else {
+                continue
+            }
             values[String(line[..<space])] = value
         }
         return values
@@ -95,14 +97,18 @@ struct MetricsAndStatusTests {
                     if os.path.exists(stop): break
                     time.sleep(0.1)
                 """
-            let child = try spawn(["ip", "netns", "exec", lab.namespace("h1"), "python3", "-c", scraper, scrapes, stop],
-                                  output: lab.directory.appendingPathComponent("scraper.log").path)
+            let child = try spawn(
+                ["ip", "netns", "exec", lab.namespace("h1"), "python3", "-c", scraper, scrapes, stop],
+                output: lab.directory.appendingPathComponent("scraper.log").path
+            )
             defer { child.terminate() }
             #expect(lab.waitForFile(scrapes), "the scraper wrote nothing: \(lab.log("scraper"))")
             try transfer(lab, from: 1, to: 2, megabytes: 5)
             FileManager.default.createFile(atPath: stop, contents: nil)
             #expect(child.wait(timeout: .seconds(30)) == 0)
-            let seen = try String(contentsOfFile: scrapes, encoding: .utf8).split(separator: "\n").compactMap { Double($0) }
+            let seen = try String(contentsOfFile: scrapes, encoding: .utf8).split(separator: "\n").compactMap {
+                Double($0)
+            }
             #expect(seen.count >= 2)
             #expect(zip(seen, seen.dropFirst()).allSatisfy { $0 <= $1 }, "a counter went back: \(seen)")
             #expect((seen.last ?? 0) - (seen.first ?? 0) >= Double(5 << 20), "\(seen)")
@@ -136,8 +142,11 @@ struct MetricsAndStatusTests {
 
     /// Asks host `n` for its status (from inside its namespace).
     func status(_ lab: Lab, host n: Int, _ extra: [String] = [], check: Bool = true) throws -> CommandResult {
-        try lab.exec("h\(n)", [tunneldBinary, "status", "--control-socket", controlSocket(lab, n)] + extra,
-                     check: check)
+        try lab.exec(
+            "h\(n)",
+            [tunneldBinary, "status", "--control-socket", controlSocket(lab, n)] + extra,
+            check: check
+        )
     }
 
     func statusJSON(_ lab: Lab, host n: Int, _ extra: [String] = []) throws -> [String: Any] {
@@ -183,21 +192,35 @@ struct MetricsAndStatusTests {
             #expect(table.contains("node: \(bases[0])"))
             #expect(table.contains("peers: 2"))
             for (n, b) in zip(2...3, bases[1...]) {
-                #expect(table.split(separator: "\n").contains { $0.contains(b) && $0.contains("198.18.0.\(n)") && $0.contains("udp") },
-                        "\(table)")
+                #expect(
+                    table.split(separator: "\n").contains {
+                        $0.contains(b) && $0.contains("198.18.0.\(n)") && $0.contains("udp")
+                    },
+                    "\(table)"
+                )
             }
             #expect(table.contains("sent to peers:"))
             #expect(table.contains("daemon: running since"))
 
             // Host 1 stops (keeping its lease): status reads the store.
             try lab.lab("stop", "h1")
-            let stored = try statusJSON(lab, host: 1, ["--store-dir", lab.storeDirectory, "--subnet-file", lab.subnetFile(1)])
+            let stored = try statusJSON(
+                lab,
+                host: 1,
+                ["--store-dir", lab.storeDirectory, "--subnet-file", lab.subnetFile(1)]
+            )
             #expect(stored["source"] as? String == "store")
             #expect((stored["node"] as? [String: Any])?["subnet"] as? String == bases[0])
             let storedPeers = try #require(stored["peers"] as? [[String: Any]])
             #expect(storedPeers.compactMap { $0["subnet"] as? String }.sorted() == [bases[1], bases[2]].sorted())
-            let storedTable = try status(lab, host: 1, ["--store-dir", lab.storeDirectory,
-                                                        "--subnet-file", lab.subnetFile(1)]).output
+            let storedTable = try status(
+                lab,
+                host: 1,
+                [
+                    "--store-dir", lab.storeDirectory,
+                    "--subnet-file", lab.subnetFile(1),
+                ]
+            ).output
             #expect(storedTable.contains("daemon: not asked"), "\(storedTable)")
             #expect(storedTable.contains("node: \(bases[0])"))
 
@@ -216,8 +239,11 @@ struct MetricsAndStatusTests {
     func kernelBackendsExportPeersLeaseAndTable(backend: String) throws {
         try Lab.withLocalStore(config: backendConfig(#"{"Type":"\#(backend)"}"#)) { lab in
             for n in 1...2 {
-                try lab.addHost(n, command: [tunneldBinary, "run", "--iface", "eth0", "--subnet-file", lab.subnetFile(n)]
-                                + hostArguments(lab, n) + (n == 1 ? ["--healthz-port", "9464"] : []))
+                try lab.addHost(
+                    n,
+                    command: [tunneldBinary, "run", "--iface", "eth0", "--subnet-file", lab.subnetFile(n)]
+                        + hostArguments(lab, n) + (n == 1 ? ["--healthz-port", "9464"] : [])
+                )
             }
             let peer = try LabLease(lab, host: 2)
             let ping = try lab.ping(from: 1, to: 2)
@@ -240,10 +266,13 @@ struct MetricsAndStatusTests {
 
             // Someone deletes the peer's route: put back, and counted.
             try lab.exec("h1", ["ip", "route", "del", peer.subnet])
-            #expect(try lab.waitUntil(timeout: .seconds(25)) {
-                values = series(try get(lab, host: 1, port: 9464, path: "/metrics").body)
-                return values["tunneld_routes_restored_total"] == 1
-            }, "\(lab.log("h1"))")
+            #expect(
+                try lab.waitUntil(timeout: .seconds(25)) {
+                    values = series(try get(lab, host: 1, port: 9464, path: "/metrics").body)
+                    return values["tunneld_routes_restored_total"] == 1
+                },
+                "\(lab.log("h1"))"
+            )
             #expect((values["tunneld_table_generation"] ?? 0) >= 1)
         }
     }

@@ -27,8 +27,10 @@ struct OffloadPathTests {
             try lab.addHost(1, extra: store)
             try lab.addHost(2, extra: store)
             for host in ["h1", "h2"] {
-                #expect(lab.log(host).contains("offloads: tun-vnet-hdr+udp-gso+udp-gro"),
-                        "\(host) should use every offload this kernel has: \(lab.log(host))")
+                #expect(
+                    lab.log(host).contains("offloads: tun-vnet-hdr+udp-gso+udp-gro"),
+                    "\(host) should use every offload this kernel has: \(lab.log(host))"
+                )
             }
             let ping = try lab.ping(from: 1, to: 2)
             #expect(ping.succeeded, "\(ping.output)")
@@ -132,13 +134,19 @@ struct OffloadPathTests {
             // drops it to 2 and writes 200 KB, which leaves the container as
             // TSO super-packets; the tunnel answers the first one it cannot
             // carry with "time exceeded".
-            let server = try spawn(["ip", "netns", "exec", lab.namespace("c2"), "python3", "-c", """
-                import socket
-                s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
-                s.bind(('0.0.0.0',5401)); s.listen(1); s.settimeout(30)
-                c,_=s.accept(); c.settimeout(30)
-                while c.recv(65536): pass
-                """], output: lab.directory.appendingPathComponent("ttl-server.log").path)
+            let server = try spawn(
+                [
+                    "ip", "netns", "exec", lab.namespace("c2"), "python3", "-c",
+                    """
+                    import socket
+                    s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
+                    s.bind(('0.0.0.0',5401)); s.listen(1); s.settimeout(30)
+                    c,_=s.accept(); c.settimeout(30)
+                    while c.recv(65536): pass
+                    """,
+                ],
+                output: lab.directory.appendingPathComponent("ttl-server.log").path
+            )
             defer { server.terminate() }
             let tcpProbe = """
                 import socket,struct,sys,time

@@ -25,11 +25,21 @@ struct PathMTUTests {
     /// A DF ping of 1500 bytes: the answer must be "fragmentation needed"
     /// with the tunnel's MTU, from `expectedSource`.
     func dontFragmentPing(_ lab: Lab, from: Int, to: Int, expectedSource: String) throws {
-        let result = try lab.exec("c\(from)", ["ping", "-M", "do", "-c", "2", "-i", "0.3", "-W", "1", "-s", "1472",
-                                               try lab.containerIP(to)], check: false)
+        let result = try lab.exec(
+            "c\(from)",
+            [
+                "ping", "-M", "do", "-c", "2", "-i", "0.3", "-W", "1", "-s", "1472",
+                try lab.containerIP(to),
+            ],
+            check: false
+        )
         #expect(!result.succeeded, "a 1500-byte DF ping c\(from) → c\(to) cannot fit the tunnel: \(result.output)")
-        #expect(result.output.contains("From \(expectedSource) icmp_seq=1 Frag needed and DF set (mtu = \(Self.tunnelMTU))"),
-                "c\(from) → c\(to): \(result.output)")
+        #expect(
+            result.output.contains(
+                "From \(expectedSource) icmp_seq=1 Frag needed and DF set (mtu = \(Self.tunnelMTU))"
+            ),
+            "c\(from) → c\(to): \(result.output)"
+        )
     }
 
     /// The kernel holds routed packets to the TUN's MTU: the host whose
@@ -71,8 +81,12 @@ struct PathMTUTests {
             // traceroute (UDP probes, one per hop): the TTL runs out in
             // tunneld on h1 (hop 2, "time exceeded" from the base of c2's
             // subnet), then in h2's kernel (hop 3, h2's TUN address).
-            let route = try lab.exec("c1", ["traceroute", "-n", "-q", "1", "-w", "2", "-m", "6", c2],
-                                     timeout: .seconds(60), check: false)
+            let route = try lab.exec(
+                "c1",
+                ["traceroute", "-n", "-q", "1", "-w", "2", "-m", "6", c2],
+                timeout: .seconds(60),
+                check: false
+            )
             print("traceroute c1 → c2 (\(c2)), h2's subnet base \(base2):\n\(route.output)")
             let hops = route.output.split(separator: "\n").dropFirst()
                 .map { $0.split(separator: " ", omittingEmptySubsequences: true) }
@@ -114,8 +128,14 @@ struct PathMTUTests {
             // smaller TCP MSS to it), so each check uses a pair that has
             // learned nothing yet.
             // Without DF the packet is dropped: a ping that nothing answers.
-            let plain = try lab.exec("c1", ["ping", "-M", "dont", "-c", "1", "-W", "1", "-s", "1472",
-                                            try lab.containerIP(3)], check: false)
+            let plain = try lab.exec(
+                "c1",
+                [
+                    "ping", "-M", "dont", "-c", "1", "-W", "1", "-s", "1472",
+                    try lab.containerIP(3),
+                ],
+                check: false
+            )
             #expect(!plain.succeeded, "\(plain.output)")
             // TCP learns the tunnel's MTU from tunneld and completes (from h1
             // the oversize segments come as TSO super-packets).

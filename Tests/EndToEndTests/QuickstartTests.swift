@@ -4,9 +4,12 @@ import Testing
 /// docs/QUICKSTART.md, executed: every ```sh block in order as one bash
 /// script, its "Clean up" blocks afterwards whatever happened, with a
 /// namespace prefix and a directory unique to this run.
-@Suite(.serialized, .enabled(if: canRunNamespaceTests, namespaceSkipReason),
-       .enabled(if: etcdIsInstalled, etcdSkipReason),
-       .enabled(if: DockerTools.canRun, DockerTools.skipReason))
+@Suite(
+    .serialized,
+    .enabled(if: canRunNamespaceTests, namespaceSkipReason),
+    .enabled(if: etcdIsInstalled, etcdSkipReason),
+    .enabled(if: DockerTools.canRun, DockerTools.skipReason)
+)
 struct QuickstartTests {
     struct Page {
         var steps: [String] = []
@@ -44,8 +47,10 @@ struct QuickstartTests {
         let prefix = "qs\(getpid() % 100_000)\(String(UInt16.random(in: 0...UInt16.max), radix: 16))"
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("tunneld-quickstart-\(prefix)")
         // Debian's docker client first: it matches Debian's dockerd.
-        let environment = ["P=\(prefix)", "W=\(directory.path)", "TUNNELD=\(tunneldBinary)",
-                           "PATH=/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin"]
+        let environment = [
+            "P=\(prefix)", "W=\(directory.path)", "TUNNELD=\(tunneldBinary)",
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin",
+        ]
         func bash(_ blocks: [String], strict: Bool, timeout: Duration) throws -> CommandResult {
             let script = (strict ? "set -euxo pipefail\n" : "set -x\n") + blocks.joined(separator: "\n")
             return try run(["env"] + environment + ["bash", "-c", script], timeout: timeout, check: false)
@@ -53,7 +58,9 @@ struct QuickstartTests {
         defer {
             _ = try? bash(page.cleanUp, strict: false, timeout: .seconds(60))
             // Whatever the page's own clean-up missed.
-            for name in ["h1", "h2", "etcd", "net"] { _ = try? run(["ip", "netns", "del", "\(prefix)-\(name)"], check: false) }
+            for name in ["h1", "h2", "etcd", "net"] {
+                _ = try? run(["ip", "netns", "del", "\(prefix)-\(name)"], check: false)
+            }
             try? FileManager.default.removeItem(at: directory)
         }
         let result = try bash(page.steps, strict: true, timeout: .seconds(300))
@@ -63,7 +70,10 @@ struct QuickstartTests {
                 print("---- \(log) ----\n" + text.split(separator: "\n").suffix(15).joined(separator: "\n"))
             }
         }
-        #expect(result.succeeded, "a QUICKSTART.md command failed:\n\(result.output.split(separator: "\n").suffix(40).joined(separator: "\n"))")
+        #expect(
+            result.succeeded,
+            "a QUICKSTART.md command failed:\n\(result.output.split(separator: "\n").suffix(40).joined(separator: "\n"))"
+        )
         #expect(result.output.contains("FLANNEL_SUBNET=10.2."), "\(result.output)")
         #expect(result.output.contains("DOCKER_OPTS=\" --bip=10.2."), "\(result.output)")
         #expect(result.output.contains("3 packets transmitted, 3 packets received"), "\(result.output)")

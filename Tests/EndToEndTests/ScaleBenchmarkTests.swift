@@ -1,7 +1,8 @@
 import Foundation
 import Testing
 
-private let etcdInstalled = FileManager.default.isExecutableFile(atPath: "/usr/bin/etcd")
+private let etcdInstalled =
+    FileManager.default.isExecutableFile(atPath: "/usr/bin/etcd")
     && FileManager.default.isExecutableFile(atPath: "/usr/bin/etcdctl")
 
 /// Benchmarks/scale/run --quick: a tunneld (udp, then host-gw) among 1,000
@@ -9,8 +10,13 @@ private let etcdInstalled = FileManager.default.isExecutableFile(atPath: "/usr/b
 /// figure is asserted (timing depends on the machine); what is checked is that
 /// every step happened: all peers routed at READY, every single change and
 /// every change of the burst seen, the new host joined and got every route.
-@Suite(.serialized, .enabled(if: canRunNamespaceTests && etcdInstalled,
-                             "needs root (network namespaces) and etcd (apt-get install etcd-server etcd-client)"))
+@Suite(
+    .serialized,
+    .enabled(
+        if: canRunNamespaceTests && etcdInstalled,
+        "needs root (network namespaces) and etcd (apt-get install etcd-server etcd-client)"
+    )
+)
 struct ScaleBenchmarkTests {
     @Test(.timeLimit(.minutes(5)))
     func quickScaleBenchmarkCompletesEveryStep() throws {
@@ -18,15 +24,20 @@ struct ScaleBenchmarkTests {
             .appendingPathComponent("tunneld-scale-test-\(getpid())-\(UInt32.random(in: 0..<0xffff))")
         defer { try? FileManager.default.removeItem(at: results) }
         let script = repositoryRoot.appendingPathComponent("Benchmarks/scale/run").path
-        let benchmark = try run([script, "--quick", "--tunneld", tunneldBinary, "--results", results.path],
-                          timeout: .seconds(230), check: false)
+        let benchmark = try run(
+            [script, "--quick", "--tunneld", tunneldBinary, "--results", results.path],
+            timeout: .seconds(230),
+            check: false
+        )
         #expect(benchmark.succeeded, "Benchmarks/scale/run --quick failed:\n\(benchmark.output)")
 
         let data = try Data(contentsOf: results.appendingPathComponent("results.json"))
         let json = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
         let sizes = try #require(json["results"] as? [[String: Any]])
-        #expect(sizes.map { "\($0["backend"] ?? "") \($0["hosts"] ?? "")" }
-                == ["udp 1000", "udp 5000", "host-gw 1000", "host-gw 5000"])
+        #expect(
+            sizes.map { "\($0["backend"] ?? "") \($0["hosts"] ?? "")" }
+                == ["udp 1000", "udp 5000", "host-gw 1000", "host-gw 5000"]
+        )
         for size in sizes {
             let hosts = try #require(size["hosts"] as? Int)
             let name = "\(size["backend"] ?? "") \(hosts)"

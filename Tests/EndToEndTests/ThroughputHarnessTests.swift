@@ -14,16 +14,25 @@ struct ThroughputHarnessTests {
         defer { try? FileManager.default.removeItem(at: results) }
         let harness = repositoryRoot.appendingPathComponent("Benchmarks/throughput/run").path
         // No --modes or --tests: the harness's defaults are all of them.
-        let run = try run(["bash", harness, "--smoke", "--strict", "--tunneld", tunneldBinary,
-                           "--results", results.path], timeout: .seconds(600), check: false)
+        let run = try run(
+            [
+                "bash", harness, "--smoke", "--strict", "--tunneld", tunneldBinary,
+                "--results", results.path,
+            ],
+            timeout: .seconds(600),
+            check: false
+        )
         #expect(run.succeeded, "\(run.output)")
         func hostLog(_ mode: String) -> String {
-            (try? String(contentsOf: results.appendingPathComponent("logs/r1-\(mode)-host1.log"), encoding: .utf8)) ?? ""
+            (try? String(contentsOf: results.appendingPathComponent("logs/r1-\(mode)-host1.log"), encoding: .utf8))
+                ?? ""
         }
         let syscall = hostLog("tunneld-udp-syscall")
         #expect(syscall.contains(TierLaunch.syscallRefused.logLine), "\(syscall)")
-        #expect(syscall.contains("io_uring unusable (io_uring_queue_init failed: Operation not permitted"),
-                "the syscall mode runs under the seccomp filter: \(syscall)")
+        #expect(
+            syscall.contains("io_uring unusable (io_uring_queue_init failed: Operation not permitted"),
+            "the syscall mode runs under the seccomp filter: \(syscall)"
+        )
         let single = hostLog("tunneld-udp-uring-single")
         #expect(single.contains(TierLaunch.uringSingleRead.logLine), "\(single)")
     }

@@ -38,11 +38,19 @@ func transfer(_ lab: Lab, from: Int, to: Int, bytes: Int, port: Int = 5201, mss:
         with open(sys.argv[2],'rb') as f: s.sendall(f.read())
         s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
         """
-    let server = try spawn(["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", serverScript, received,
-                            "\(port)"],
-                           output: lab.directory.appendingPathComponent("transfer-server.log").path)
+    let server = try spawn(
+        [
+            "ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", serverScript, received,
+            "\(port)",
+        ],
+        output: lab.directory.appendingPathComponent("transfer-server.log").path
+    )
     defer { server.terminate() }
-    try lab.exec("c\(from)", ["python3", "-c", client, target, source, "\(port)", "\(mss ?? 0)"], timeout: .seconds(90))
+    try lab.exec(
+        "c\(from)",
+        ["python3", "-c", client, target, source, "\(port)", "\(mss ?? 0)"],
+        timeout: .seconds(90)
+    )
     #expect(server.wait(timeout: .seconds(30)) == 0, "the receiving side did not finish cleanly")
     let sent = try run(["sha256sum", source]).output.prefix(64)
     let got = try run(["sha256sum", received]).output.prefix(64)
@@ -85,12 +93,17 @@ func udpEcho(_ lab: Lab, from: Int, to: Int, sizes: [Int], port: Int = 5301) thr
         s.sendto(b'stop',(target,port))
         print('bad', ' '.join(bad)) if bad else print('all echoed')
         """
-    let server = try spawn(["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", echo, "\(port)"],
-                           output: lab.directory.appendingPathComponent("echo-server.log").path)
+    let server = try spawn(
+        ["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", echo, "\(port)"],
+        output: lab.directory.appendingPathComponent("echo-server.log").path
+    )
     defer { server.terminate() }
     usleep(300_000)
-    let result = try lab.exec("c\(from)", ["python3", "-c", client, target, "\(port)"] + sizes.map(String.init),
-                              timeout: .seconds(120))
+    let result = try lab.exec(
+        "c\(from)",
+        ["python3", "-c", client, target, "\(port)"] + sizes.map(String.init),
+        timeout: .seconds(120)
+    )
     #expect(result.output.contains("all echoed"), "UDP from c\(from) to c\(to): \(result.output)")
 }
 
@@ -125,8 +138,10 @@ func udpBurst(_ lab: Lab, from: Int, to: Int, port: Int = 5351) throws {
                 pass
         print('no burst arrived whole')
         """
-    let server = try spawn(["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", listener, "\(port)"],
-                           output: lab.directory.appendingPathComponent("burst-server.log").path)
+    let server = try spawn(
+        ["ip", "netns", "exec", lab.namespace("c\(to)"), "python3", "-c", listener, "\(port)"],
+        output: lab.directory.appendingPathComponent("burst-server.log").path
+    )
     defer { server.terminate() }
     usleep(300_000)
     let result = try lab.exec("c\(from)", ["python3", "-c", sender, target, "\(port)"], timeout: .seconds(60))

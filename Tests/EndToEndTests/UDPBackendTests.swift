@@ -3,7 +3,8 @@ import NetBase
 import Testing
 
 /// The seed's network config.
-let seedConfig = #"{"Network":"10.2.0.0/16","SubnetLen":24,"SubnetMin":"10.2.1.0","SubnetMax":"10.2.254.0","Backend":{"Type":"udp"}}"#
+let seedConfig =
+    #"{"Network":"10.2.0.0/16","SubnetLen":24,"SubnetMin":"10.2.1.0","SubnetMax":"10.2.254.0","Backend":{"Type":"udp"}}"#
 
 /// Container-to-container traffic through tunneld's udp backend, with hosts
 /// and containers in network namespaces and the embedded local store shared
@@ -30,7 +31,10 @@ struct UDPBackendTests {
             let subnet1 = try #require(env1["FLANNEL_SUBNET"]), subnet2 = try #require(env2["FLANNEL_SUBNET"])
             #expect(subnet1 != subnet2)
             let text = try String(contentsOfFile: lab.subnetFile(1), encoding: .utf8)
-            #expect(text == "FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_SUBNET=\(subnet1)\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n")
+            #expect(
+                text
+                    == "FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_SUBNET=\(subnet1)\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"
+            )
             let base1 = subnet1.replacingOccurrences(of: ".1/24", with: ".0/24")
             let base2 = subnet2.replacingOccurrences(of: ".1/24", with: ".0/24")
             #expect(lab.waitForLog("h2", containing: "peer \(base1) → peer 198.18.0.1:8285"))
@@ -104,12 +108,20 @@ struct UDPBackendTests {
         try withLab { lab in
             // flanneld's spellings: the interface found by a regex on its
             // address, and the health endpoint.
-            try lab.addHost(1, iface: ["-iface=eth9", #"-iface-regex=^198\.18\.0\.1$"#],
-                            extra: hostArguments(lab) + ["--datapath", "simple", "-healthz-port=8471"])
+            try lab.addHost(
+                1,
+                iface: ["-iface=eth9", #"-iface-regex=^198\.18\.0\.1$"#],
+                extra: hostArguments(lab) + ["--datapath", "simple", "-healthz-port=8471"]
+            )
             try lab.addHost(2, extra: hostArguments(lab))
             #expect(lab.log("h1").contains("using interface eth0 (198.18.0.1"))
-            let health = try lab.exec("h1", ["python3", "-c",
-                "import urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8471/healthz', timeout=5); print(r.status, r.read().decode())"])
+            let health = try lab.exec(
+                "h1",
+                [
+                    "python3", "-c",
+                    "import urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8471/healthz', timeout=5); print(r.status, r.read().decode())",
+                ]
+            )
             #expect(health.output.hasPrefix("200 tunneld is running"), "\(health.output)")
             let ping = try lab.ping(from: 1, to: 2)
             #expect(ping.succeeded, "\(ping.output)")
@@ -152,8 +164,10 @@ struct UDPBackendTests {
             s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind((sys.argv[1],9999)); s.settimeout(20)
             _,peer=s.recvfrom(100); open(sys.argv[2],'w').write(peer[0])
             """
-        let server = try spawn(["ip", "netns", "exec", lab.namespace(listener), "python3", "-c", script, address, seen],
-                               output: lab.directory.appendingPathComponent("seen.log").path)
+        let server = try spawn(
+            ["ip", "netns", "exec", lab.namespace(listener), "python3", "-c", script, address, seen],
+            output: lab.directory.appendingPathComponent("seen.log").path
+        )
         defer { server.terminate() }
         let send = "import socket,sys; socket.socket(socket.AF_INET,socket.SOCK_DGRAM).sendto(b'x',(sys.argv[1],9999))"
         // Until the listener has one (it may not be bound yet): bounded.

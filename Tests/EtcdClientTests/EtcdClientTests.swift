@@ -79,8 +79,11 @@ struct EtcdClientTests {
             #expect(try await client.leaseKeepAliveOnce(lease.id) == 2)
             #expect(try await client.get("/leased/k")?.lease == lease.id)
 
-            let events = try await collectEvents(client.watch(prefix: "/leased/", fromRevision: written + 1),
-                                                 count: 1, within: .seconds(15))
+            let events = try await collectEvents(
+                client.watch(prefix: "/leased/", fromRevision: written + 1),
+                count: 1,
+                within: .seconds(15)
+            )
             #expect(events.map(\.kind) == [.delete])
             #expect(events.first?.kv.key == "/leased/k")
             #expect(try await client.leaseTimeToLive(lease.id) == nil)
@@ -134,8 +137,11 @@ struct EtcdClientTests {
             try server.etcdctl(["compact", String(last)])
 
             let error = try await etcdError {
-                _ = try await collectEvents(client.watch(prefix: "/c/", fromRevision: first), count: 1,
-                                            within: .seconds(10))
+                _ = try await collectEvents(
+                    client.watch(prefix: "/c/", fromRevision: first),
+                    count: 1,
+                    within: .seconds(10)
+                )
             }
             #expect(error.code == .compacted(oldestRevision: last))
             #expect(error.description.contains("compacted"))
@@ -145,8 +151,11 @@ struct EtcdClientTests {
             #expect(rangeError.code == .compacted(oldestRevision: 0), "\(rangeError)")
             // Watching from the compaction point on works.
             try await client.put("/c/k", value: "4")
-            let events = try await collectEvents(client.watch(prefix: "/c/", fromRevision: last + 1), count: 1,
-                                                 within: .seconds(10))
+            let events = try await collectEvents(
+                client.watch(prefix: "/c/", fromRevision: last + 1),
+                count: 1,
+                within: .seconds(10)
+            )
             #expect(events.map(\.kv.valueString) == ["4"])
             await client.close()
         }
@@ -210,7 +219,10 @@ struct EtcdClientTests {
             }
             #expect(try await client.range(prefix: "/f/").kvs.count == 5)
             let events = try await collectEvents(
-                client.watch(prefix: "/f/", fromRevision: 1), count: 5, within: .seconds(10))
+                client.watch(prefix: "/f/", fromRevision: 1),
+                count: 5,
+                within: .seconds(10)
+            )
             #expect(events.count == 5)
             await client.close()
         }
@@ -234,17 +246,24 @@ struct EtcdClientTests {
         // Tokens live 1 s here, so the second request needs a new one.
         try await EtcdServer.with(arguments: ["--auth-token-ttl=1"]) { server in
             try server.enableAuth(rootPassword: "s3cret")
-            let client = try EtcdClient(endpoints: [server.clientURL],
-                                        credentials: EtcdCredentials(username: "root", password: "s3cret"))
+            let client = try EtcdClient(
+                endpoints: [server.clientURL],
+                credentials: EtcdCredentials(username: "root", password: "s3cret")
+            )
             try await client.put("/auth/k", value: "1")
             try await Task.sleep(for: .milliseconds(2500))
             #expect(try await client.get("/auth/k")?.valueString == "1")
-            let events = try await collectEvents(client.watch(prefix: "/auth/", fromRevision: 1), count: 1,
-                                                 within: .seconds(10))
+            let events = try await collectEvents(
+                client.watch(prefix: "/auth/", fromRevision: 1),
+                count: 1,
+                within: .seconds(10)
+            )
             #expect(events.map(\.kv.key) == ["/auth/k"])
 
-            let wrong = try EtcdClient(endpoints: [server.clientURL],
-                                       credentials: EtcdCredentials(username: "root", password: "wrong"))
+            let wrong = try EtcdClient(
+                endpoints: [server.clientURL],
+                credentials: EtcdCredentials(username: "root", password: "wrong")
+            )
             let refused = try await etcdError { _ = try await wrong.get("/auth/k") }
             #expect(refused.code == .authenticationFailed)
             #expect(refused.description.contains("Authenticate root"))
@@ -263,17 +282,23 @@ struct EtcdClientTests {
             #expect(server.clientURL.hasPrefix("https://127.0.0.1:"))
             let client = try EtcdClient(
                 endpoints: [server.clientURL],
-                tls: EtcdTLS(caFile: certs.caFile, certFile: certs.clientCertFile, keyFile: certs.clientKeyFile))
+                tls: EtcdTLS(caFile: certs.caFile, certFile: certs.clientCertFile, keyFile: certs.clientKeyFile)
+            )
             try await client.put("/tls/k", value: "secure")
             #expect(try await client.get("/tls/k")?.valueString == "secure")
 
             // Without a client certificate the server refuses the handshake.
-            let noCert = try EtcdClient(endpoints: [server.clientURL], tls: EtcdTLS(caFile: certs.caFile),
-                                        requestTimeout: .seconds(3))
+            let noCert = try EtcdClient(
+                endpoints: [server.clientURL],
+                tls: EtcdTLS(caFile: certs.caFile),
+                requestTimeout: .seconds(3)
+            )
             await #expect(throws: EtcdError.self) { _ = try await noCert.get("/tls/k") }
             // Plain http to a TLS port fails too.
-            let plain = try EtcdClient(endpoints: ["http://127.0.0.1:\(server.clientPort)"],
-                                       requestTimeout: .seconds(3))
+            let plain = try EtcdClient(
+                endpoints: ["http://127.0.0.1:\(server.clientPort)"],
+                requestTimeout: .seconds(3)
+            )
             await #expect(throws: EtcdError.self) { _ = try await plain.get("/tls/k") }
             await plain.close()
             await noCert.close()
@@ -323,8 +348,12 @@ struct EtcdClientTests {
 }
 
 /// Reads batches until `count` events have arrived; fails after `within`.
-func collectEvents(_ stream: AsyncThrowingStream<EtcdWatchBatch, any Error>, count: Int,
-                   within limit: Duration, onBatch: @escaping @Sendable () -> Void = {}) async throws -> [EtcdWatchEvent] {
+func collectEvents(
+    _ stream: AsyncThrowingStream<EtcdWatchBatch, any Error>,
+    count: Int,
+    within limit: Duration,
+    onBatch: @escaping @Sendable () -> Void = {}
+) async throws -> [EtcdWatchEvent] {
     try await withTimeout(limit) {
         var events: [EtcdWatchEvent] = []
         for try await batch in stream {

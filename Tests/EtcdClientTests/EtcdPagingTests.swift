@@ -82,8 +82,11 @@ struct EtcdPagingTests {
             // Keys changed after the first page was read, yet the result is
             // exactly the store as of the first page's revision.
             #expect(!writtenDuringListing.isEmpty, "the writer made no change while the list was read")
-            let atRevision = try await client.rangePage(key: "/s/", rangeEnd: EtcdClient.rangeEnd(ofPrefix: "/s/"),
-                                                        revision: listed.revision)
+            let atRevision = try await client.rangePage(
+                key: "/s/",
+                rangeEnd: EtcdClient.rangeEnd(ofPrefix: "/s/"),
+                revision: listed.revision
+            )
             #expect(atRevision.more == false)
             #expect(listed.kvs == atRevision.result.kvs)
             let now = try await client.range(prefix: "/s/")

@@ -10,16 +10,22 @@ import Testing
 /// progress request, so silence detection must not take an idle cluster for
 /// a silent member. (It did: the progress requests stopped after the first,
 /// and every idle watch was torn down and re-made every `time + timeout`.)
-@Suite(.enabled(if: EtcdServer.isInstalled, "etcd is not installed (apt-get install etcd-server etcd-client)"),
-       .timeLimit(.minutes(1)))
+@Suite(
+    .enabled(if: EtcdServer.isInstalled, "etcd is not installed (apt-get install etcd-server etcd-client)"),
+    .timeLimit(.minutes(1))
+)
 struct IdleWatchTests {
     @Test func anIdleWatchIsNotTakenForASilentMember() async throws {
         try await EtcdServer.with { server in
             let warnings = Warnings()
             let logger = Logger(label: "test") { _ in WarningCapture(warnings: warnings) }
             // Probes every 0.3 s, patience 0.6 s: 4 s idle is several patiences.
-            let client = try EtcdClient(endpoints: [server.clientURL], keepaliveTime: .milliseconds(300),
-                                        keepaliveTimeout: .milliseconds(300), logger: logger)
+            let client = try EtcdClient(
+                endpoints: [server.clientURL],
+                keepaliveTime: .milliseconds(300),
+                keepaliveTimeout: .milliseconds(300),
+                logger: logger
+            )
             let start = try await client.put("/idle/a", value: "1")
             let stream = client.watch(prefix: "/idle/", fromRevision: start + 1)
             try await Task.sleep(for: .seconds(4))

@@ -57,7 +57,10 @@ struct NotEtcdTests {
 
     @Test func theHintIsGivenOnlyForProtocolMismatches() {
         #expect(EtcdError.notEtcdHint(.unavailable, "connection refused") == nil)
-        #expect(EtcdError.notEtcdHint(.unavailable, "closed the connection before completing the HTTP/2 connection preface") != nil)
+        #expect(
+            EtcdError.notEtcdHint(.unavailable, "closed the connection before completing the HTTP/2 connection preface")
+                != nil
+        )
         #expect(EtcdError.notEtcdHint(.permissionDenied, "connection preface") == nil)
     }
 }

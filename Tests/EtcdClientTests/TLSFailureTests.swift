@@ -7,14 +7,21 @@ import Testing
 /// TLS failures in words: each made with certificates the test issues with
 /// openssl, against `openssl s_server` (any certificate, any client-certificate
 /// policy) or a real etcd, through the client's ordinary request path.
-@Suite(.serialized, .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/openssl"),
-                             "needs /usr/bin/openssl to issue the test's certificates"))
+@Suite(
+    .serialized,
+    .enabled(
+        if: FileManager.default.isExecutableFile(atPath: "/usr/bin/openssl"),
+        "needs /usr/bin/openssl to issue the test's certificates"
+    )
+)
 struct TLSFailureTests {
     /// A CA, and certificates it signs, in a temporary directory.
     final class Issuer {
         let directory: URL
         init() throws {
-            directory = FileManager.default.temporaryDirectory.appendingPathComponent("tunneld-tls-\(UUID().uuidString)")
+            directory = FileManager.default.temporaryDirectory.appendingPathComponent(
+                "tunneld-tls-\(UUID().uuidString)"
+            )
             try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         }
         deinit { try? FileManager.default.removeItem(at: directory) }
@@ -22,8 +29,12 @@ struct TLSFailureTests {
         func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
 
         func openssl(_ arguments: [String]) throws {
-            let output = try ChildProcess.run("/usr/bin/openssl", arguments: arguments, timeout: .seconds(60),
-                                              parentDeathSignal: SIGKILL)
+            let output = try ChildProcess.run(
+                "/usr/bin/openssl",
+                arguments: arguments,
+                timeout: .seconds(60),
+                parentDeathSignal: SIGKILL
+            )
             guard output.status == 0 else {
                 throw TestFailure("openssl \(arguments) failed: \(String(decoding: output.stderr, as: UTF8.self))")
             }
@@ -31,20 +42,31 @@ struct TLSFailureTests {
 
         /// A self-signed CA named `name` (files NAME.crt, NAME.key).
         func ca(_ name: String) throws -> String {
-            try openssl(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", path("\(name).key"),
-                         "-out", path("\(name).crt"), "-subj", "/CN=\(name)"])
+            try openssl([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", path("\(name).key"),
+                "-out", path("\(name).crt"), "-subj", "/CN=\(name)",
+            ])
             return path("\(name).crt")
         }
 
         /// A certificate signed by CA `by`, valid for `days` (negative: expired).
-        func issue(_ name: String, by ca: String, days: Int = 2, san: String = "IP:127.0.0.1",
-                   usage: String = "serverAuth,clientAuth") throws -> (cert: String, key: String) {
+        func issue(
+            _ name: String,
+            by ca: String,
+            days: Int = 2,
+            san: String = "IP:127.0.0.1",
+            usage: String = "serverAuth,clientAuth"
+        ) throws -> (cert: String, key: String) {
             try "basicConstraints=CA:FALSE\nextendedKeyUsage=\(usage)\nsubjectAltName=\(san)\n"
                 .write(toFile: path("\(name).ext"), atomically: true, encoding: .utf8)
-            try openssl(["req", "-newkey", "rsa:2048", "-nodes", "-keyout", path("\(name).key"),
-                         "-out", path("\(name).csr"), "-subj", "/CN=\(name)"])
-            try openssl(["x509", "-req", "-in", path("\(name).csr"), "-CA", path("\(ca).crt"), "-CAkey", path("\(ca).key"),
-                         "-CAcreateserial", "-days", "\(days)", "-out", path("\(name).crt"), "-extfile", path("\(name).ext")])
+            try openssl([
+                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", path("\(name).key"),
+                "-out", path("\(name).csr"), "-subj", "/CN=\(name)",
+            ])
+            try openssl([
+                "x509", "-req", "-in", path("\(name).csr"), "-CA", path("\(ca).crt"), "-CAkey", path("\(ca).key"),
+                "-CAcreateserial", "-days", "\(days)", "-out", path("\(name).crt"), "-extfile", path("\(name).ext"),
+            ])
             return (path("\(name).crt"), path("\(name).key"))
         }
     }
@@ -62,11 +84,18 @@ struct TLSFailureTests {
 
         init(cert: (cert: String, key: String), clientCA: String? = nil) throws {
             port = try freePorts(1)[0]
-            var arguments = ["s_server", "-quiet", "-accept", "127.0.0.1:\(port)", "-cert", cert.cert, "-key", cert.key,
-                             "-alpn", "h2"]
+            var arguments = [
+                "s_server", "-quiet", "-accept", "127.0.0.1:\(port)", "-cert", cert.cert, "-key", cert.key,
+                "-alpn", "h2",
+            ]
             if let clientCA { arguments += ["-Verify", "1", "-verify_return_error", "-CAfile", clientCA] }
-            process = try ChildProcess.start("/usr/bin/openssl", arguments: arguments, standardOutput: .null,
-                                             standardError: .null, parentDeathSignal: SIGKILL)
+            process = try ChildProcess.start(
+                "/usr/bin/openssl",
+                arguments: arguments,
+                standardOutput: .null,
+                standardError: .null,
+                parentDeathSignal: SIGKILL
+            )
             // Ready when it accepts a connection (bounded: 10 s).
             for _ in 0..<200 {
                 if Self.accepts(port) { return }
@@ -168,7 +197,9 @@ struct TLSFailureTests {
             address.sin_family = sa_family_t(AF_INET)
             address.sin_addr.s_addr = inet_addr("127.0.0.1")
             let bound = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(descriptor, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    bind(descriptor, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
             }
             guard bound == 0, listen(descriptor, 8) == 0 else { throw TestFailure("bind/listen: errno \(errno)") }
             var length = socklen_t(MemoryLayout<sockaddr_in>.size)
@@ -198,20 +229,28 @@ struct TLSFailureTests {
     @Test func httpsToAListenerThatResetsTheGreetingSaysItDoesNotSpeakTLS() async throws {
         let listener = try ResettingListener()
         let text = try await failure("https://127.0.0.1:\(listener.port)", tls: EtcdTLS())
-        #expect(text.contains("does not speak TLS") && text.contains("write it as http://127.0.0.1:\(listener.port)"),
-                "\(text)")
+        #expect(
+            text.contains("does not speak TLS") && text.contains("write it as http://127.0.0.1:\(listener.port)"),
+            "\(text)"
+        )
     }
 
     @Test func httpsAgainstPlainHTTPAndTheReverseSayWhichSchemeToUse() async throws {
         try await EtcdServer.with { server in
             let text = try await failure("https://127.0.0.1:\(server.clientPort)", tls: EtcdTLS())
-            #expect(text.contains("does not speak TLS") && text.contains("write it as http://127.0.0.1:\(server.clientPort)"),
-                    "\(text)")
+            #expect(
+                text.contains("does not speak TLS")
+                    && text.contains("write it as http://127.0.0.1:\(server.clientPort)"),
+                "\(text)"
+            )
         }
         let issuer = try Issuer()
         _ = try issuer.ca("ca")
         let server = try TLSServer(cert: try issuer.issue("server", by: "ca"))
         let text = try await failure("http://127.0.0.1:\(server.port)")
-        #expect(text.contains("speaks TLS (https), not plain http: write it as https://127.0.0.1:\(server.port)"), "\(text)")
+        #expect(
+            text.contains("speaks TLS (https), not plain http: write it as https://127.0.0.1:\(server.port)"),
+            "\(text)"
+        )
     }
 }

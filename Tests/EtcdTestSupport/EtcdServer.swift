@@ -45,7 +45,8 @@ public final class EtcdServer: @unchecked Sendable {
 
     /// Starts etcd, runs `body`, and stops etcd whatever happens.
     public static func with<T>(
-        tls: Bool = false, arguments: [String] = [],
+        tls: Bool = false,
+        arguments: [String] = [],
         _ body: (EtcdServer) async throws -> T
     ) async throws -> T {
         let server = try await start(tls: tls, arguments: arguments)
@@ -63,7 +64,9 @@ public final class EtcdServer: @unchecked Sendable {
     /// With `tls`, clients must present a certificate signed by the test CA
     /// (`certificates.client*`).
     public static func start(tls: Bool = false, arguments: [String] = []) async throws -> EtcdServer {
-        guard isInstalled else { throw TestSupportError("etcd is not installed (apt-get install etcd-server etcd-client)") }
+        guard isInstalled else {
+            throw TestSupportError("etcd is not installed (apt-get install etcd-server etcd-client)")
+        }
         // A port picked as free may be taken before etcd binds it: try again.
         var lastError: (any Error)?
         for _ in 0..<3 {
@@ -100,16 +103,24 @@ public final class EtcdServer: @unchecked Sendable {
                 "--logger=zap", "--log-outputs=stderr",
             ]
             if let certificates {
-                args += ["--client-cert-auth",
-                         "--trusted-ca-file", certificates.caFile,
-                         "--cert-file", certificates.serverCertFile,
-                         "--key-file", certificates.serverKeyFile]
+                args += [
+                    "--client-cert-auth",
+                    "--trusted-ca-file", certificates.caFile,
+                    "--cert-file", certificates.serverCertFile,
+                    "--key-file", certificates.serverKeyFile,
+                ]
             }
             args += arguments
             let process = try launch(args, in: directory)
-            let server = EtcdServer(clientURL: clientURL, clientPort: ports[0], metricsPort: ports[2],
-                                    directory: directory, arguments: args, process: process,
-                                    certificates: certificates)
+            let server = EtcdServer(
+                clientURL: clientURL,
+                clientPort: ports[0],
+                metricsPort: ports[2],
+                directory: directory,
+                arguments: args,
+                process: process,
+                certificates: certificates
+            )
             do {
                 try await server.waitHealthy(metricsPort: ports[2], timeout: .seconds(15))
             } catch {
@@ -127,13 +138,24 @@ public final class EtcdServer: @unchecked Sendable {
     /// etcd gets SIGKILL when this test process ends, however it ends: a killed test run
     /// leaves no etcd behind.
     private static func launch(_ arguments: [String], in directory: URL) throws -> ChildProcess {
-        try ChildProcess.start(etcdPath, arguments: arguments,
-                               standardOutput: .file(directory.appendingPathComponent("etcd.log").path),
-                               standardError: .standardOutput, parentDeathSignal: SIGKILL)
+        try ChildProcess.start(
+            etcdPath,
+            arguments: arguments,
+            standardOutput: .file(directory.appendingPathComponent("etcd.log").path),
+            standardError: .standardOutput,
+            parentDeathSignal: SIGKILL
+        )
     }
 
-    private init(clientURL: String, clientPort: Int, metricsPort: Int, directory: URL, arguments: [String],
-                 process: ChildProcess, certificates: TestCertificates?) {
+    private init(
+        clientURL: String,
+        clientPort: Int,
+        metricsPort: Int,
+        directory: URL,
+        arguments: [String],
+        process: ChildProcess,
+        certificates: TestCertificates?
+    ) {
         self.clientURL = clientURL
         self.clientPort = clientPort
         self.metricsPort = metricsPort
@@ -173,8 +195,10 @@ public final class EtcdServer: @unchecked Sendable {
         while clock.now < deadline {
             guard process.wait(timeout: .zero) == nil else {
                 let tail = logTail()
-                throw TestSupportError("etcd exited during start-up: \(tail)",
-                                       retryable: tail.contains("address already in use"))
+                throw TestSupportError(
+                    "etcd exited during start-up: \(tail)",
+                    retryable: tail.contains("address already in use")
+                )
             }
             if let body = try? httpGet(port: metricsPort, path: "/health"), body.contains("\"true\"") {
                 return
@@ -209,13 +233,17 @@ public final class EtcdServer: @unchecked Sendable {
     public func etcdctl(_ arguments: [String]) throws -> String {
         var args = ["--endpoints", clientURL, "--command-timeout=10s"]
         if let certificates {
-            args += ["--cacert", certificates.caFile, "--cert", certificates.clientCertFile,
-                     "--key", certificates.clientKeyFile]
+            args += [
+                "--cacert", certificates.caFile, "--cert", certificates.clientCertFile,
+                "--key", certificates.clientKeyFile,
+            ]
         }
         if let user = rootCredentials.withLock({ $0 }) { args += ["--user", user] }
         let result = try run(EtcdServer.etcdctlPath, args + arguments, environment: ["ETCDCTL_API": "3"])
         guard result.status == 0 else {
-            throw TestSupportError("etcdctl \(arguments.joined(separator: " ")) failed (\(result.status)): \(result.output)")
+            throw TestSupportError(
+                "etcdctl \(arguments.joined(separator: " ")) failed (\(result.status)): \(result.output)"
+            )
         }
         return result.output
     }
@@ -250,32 +278,50 @@ public struct TestCertificates: Sendable {
                 throw TestSupportError("openssl \(arguments.first ?? "") failed: \(result.output)")
             }
         }
-        try openssl(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                     "-keyout", path("ca.key"), "-out", path("ca.crt"), "-subj", "/CN=tunneld-test-ca"])
+        try openssl([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", path("ca.key"), "-out", path("ca.crt"), "-subj", "/CN=tunneld-test-ca",
+        ])
         func issue(_ name: String, subject: String, extensions: String) throws {
             try String(extensions).write(toFile: path("\(name).ext"), atomically: true, encoding: .utf8)
-            try openssl(["req", "-newkey", "rsa:2048", "-nodes", "-keyout", path("\(name).key"),
-                         "-out", path("\(name).csr"), "-subj", subject])
-            try openssl(["x509", "-req", "-in", path("\(name).csr"), "-CA", path("ca.crt"),
-                         "-CAkey", path("ca.key"), "-CAcreateserial", "-days", "2",
-                         "-out", path("\(name).crt"), "-extfile", path("\(name).ext")])
+            try openssl([
+                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", path("\(name).key"),
+                "-out", path("\(name).csr"), "-subj", subject,
+            ])
+            try openssl([
+                "x509", "-req", "-in", path("\(name).csr"), "-CA", path("ca.crt"),
+                "-CAkey", path("ca.key"), "-CAcreateserial", "-days", "2",
+                "-out", path("\(name).crt"), "-extfile", path("\(name).ext"),
+            ])
         }
-        try issue("server", subject: "/CN=localhost", extensions: """
-            basicConstraints=CA:FALSE
-            keyUsage=digitalSignature,keyEncipherment
-            extendedKeyUsage=serverAuth,clientAuth
-            subjectAltName=IP:127.0.0.1,DNS:localhost
+        try issue(
+            "server",
+            subject: "/CN=localhost",
+            extensions: """
+                basicConstraints=CA:FALSE
+                keyUsage=digitalSignature,keyEncipherment
+                extendedKeyUsage=serverAuth,clientAuth
+                subjectAltName=IP:127.0.0.1,DNS:localhost
 
-            """)
-        try issue("client", subject: "/CN=root", extensions: """
-            basicConstraints=CA:FALSE
-            keyUsage=digitalSignature,keyEncipherment
-            extendedKeyUsage=clientAuth
+                """
+        )
+        try issue(
+            "client",
+            subject: "/CN=root",
+            extensions: """
+                basicConstraints=CA:FALSE
+                keyUsage=digitalSignature,keyEncipherment
+                extendedKeyUsage=clientAuth
 
-            """)
-        return TestCertificates(caFile: path("ca.crt"), serverCertFile: path("server.crt"),
-                                serverKeyFile: path("server.key"), clientCertFile: path("client.crt"),
-                                clientKeyFile: path("client.key"))
+                """
+        )
+        return TestCertificates(
+            caFile: path("ca.crt"),
+            serverCertFile: path("server.crt"),
+            serverKeyFile: path("server.key"),
+            clientCertFile: path("client.crt"),
+            clientKeyFile: path("client.key")
+        )
     }
 }
 
@@ -344,19 +390,27 @@ func httpGet(port: Int, path: String) throws -> String {
 }
 
 /// Runs a program to completion; returns its exit status and combined output.
-func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:])
+func run(
+    _ executable: String,
+    _ arguments: [String],
+    environment: [String: String] = [:]
+)
     throws -> (status: Int32, output: String)
 {
     let output = try ChildProcess.run(
-        executable, arguments: arguments,
+        executable,
+        arguments: arguments,
         environment: environment.isEmpty ? nil : ProcessInfo.processInfo.environment.merging(environment) { $1 },
-        timeout: .seconds(120), parentDeathSignal: SIGKILL)
+        timeout: .seconds(120),
+        parentDeathSignal: SIGKILL
+    )
     return (output.status, String(decoding: output.stdout + output.stderr, as: UTF8.self))
 }
 
 /// Runs `body`, failing with an error if it takes longer than `limit`.
 public func withTimeout<T: Sendable>(
-    _ limit: Duration, _ body: @escaping @Sendable () async throws -> T
+    _ limit: Duration,
+    _ body: @escaping @Sendable () async throws -> T
 ) async throws -> T {
     try await withThrowingTaskGroup(of: T.self) { group in
         group.addTask { try await body() }

@@ -1,7 +1,8 @@
+import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import Testing
 
 // Bounded, reproducible random-input runs for `swift test`.
 //
@@ -50,8 +51,10 @@ public enum FuzzBudget {
     /// slow run; a run that still sets it is told what to use instead.
     static func refuseTimeBudget() {
         if let text = environment("TUNNELD_FUZZ_SECONDS") {
-            fatalError("TUNNELD_FUZZ_SECONDS=\(text): fuzz runs are bounded by cases, not time; "
-                       + "set TUNNELD_FUZZ_ITERATIONS instead and unset TUNNELD_FUZZ_SECONDS")
+            fatalError(
+                "TUNNELD_FUZZ_SECONDS=\(text): fuzz runs are bounded by cases, not time; "
+                    + "set TUNNELD_FUZZ_ITERATIONS instead and unset TUNNELD_FUZZ_SECONDS"
+            )
         }
     }
 
@@ -61,7 +64,8 @@ public enum FuzzBudget {
         if text == "random" {
             var ts = timespec()
             clock_gettime(CLOCK_REALTIME, &ts)
-            return UInt64(truncatingIfNeeded: ts.tv_nsec) &* 0x2545_f491_4f6c_dd1d ^ UInt64(truncatingIfNeeded: ts.tv_sec)
+            return UInt64(truncatingIfNeeded: ts.tv_nsec) &* 0x2545_f491_4f6c_dd1d
+                ^ UInt64(truncatingIfNeeded: ts.tv_sec)
         }
         let parsed = text.lowercased().hasPrefix("0x") ? UInt64(text.dropFirst(2), radix: 16) : UInt64(text)
         guard let seed = parsed else {
@@ -113,8 +117,11 @@ public final class FuzzCase {
     }
 
     /// Records a failure naming this case's seed and how to replay it, unless `condition`.
-    public func expect(_ condition: Bool, _ message: @autoclosure () -> String = "property violated",
-                       sourceLocation: SourceLocation = #_sourceLocation) {
+    public func expect(
+        _ condition: Bool,
+        _ message: @autoclosure () -> String = "property violated",
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) {
         guard !condition else { return }
         fail(message(), sourceLocation: sourceLocation)
     }
@@ -124,7 +131,8 @@ public final class FuzzCase {
         let seedText = "0x" + String(seed, radix: 16)
         var text = "\(target): \(message)"
         if !note.isEmpty { text += " [\(note)]" }
-        text += " — case \(iteration), seed \(seedText); replay with "
+        text +=
+            " — case \(iteration), seed \(seedText); replay with "
             + "TUNNELD_FUZZ_SEED=\(seedText) TUNNELD_FUZZ_ITERATIONS=1 swift test --filter \(target)"
         Issue.record(Comment(rawValue: text), sourceLocation: sourceLocation)
     }
@@ -175,8 +183,10 @@ public final class FuzzCase {
                 // A 16- or 32-bit field set to an edge value (both byte orders).
                 let width = bool() ? 2 : min(4, bytes.count)
                 let start = at(min(limit, bytes.count - width + 1))
-                let value: [UInt8] = pick([[0, 0, 0, 0], [0xff, 0xff, 0xff, 0xff], [0x7f, 0xff, 0xff, 0xff],
-                                           [0x80, 0, 0, 0], [0, 0, 0, 0x80], [0xff, 0xff, 0xff, 0x7f]])
+                let value: [UInt8] = pick([
+                    [0, 0, 0, 0], [0xff, 0xff, 0xff, 0xff], [0x7f, 0xff, 0xff, 0xff],
+                    [0x80, 0, 0, 0], [0, 0, 0, 0x80], [0xff, 0xff, 0xff, 0x7f],
+                ])
                 bytes.replaceSubrange(start..<start + width, with: value.prefix(width))
             case 9 where bytes.count >= 2:
                 let i = at(bytes.count), j = at(bytes.count)
@@ -208,7 +218,9 @@ public struct FuzzReport: Sendable {
 /// `count` in the body tallies named outcomes. Prints one summary line.
 @discardableResult
 public func fuzz(
-    _ target: String, seed: UInt64, iterations: Int,
+    _ target: String,
+    seed: UInt64,
+    iterations: Int,
     sourceLocation: SourceLocation = #_sourceLocation,
     _ body: (FuzzCase, _ count: (String) -> Void) throws -> Void
 ) -> FuzzReport {
@@ -222,8 +234,10 @@ public func fuzz(
     for i in 0..<limit {
         let c = FuzzCase(target: target, seed: FuzzBudget.caseSeed(base: base, iteration: i), iteration: i)
         let seedText = "0x" + String(c.seed, radix: 16)
-        CrashNote.set("fuzz \(target): case \(i) (seed \(seedText)) crashed; replay with "
-                      + "TUNNELD_FUZZ_SEED=\(seedText) TUNNELD_FUZZ_ITERATIONS=1 swift test --filter \(target)")
+        CrashNote.set(
+            "fuzz \(target): case \(i) (seed \(seedText)) crashed; replay with "
+                + "TUNNELD_FUZZ_SEED=\(seedText) TUNNELD_FUZZ_ITERATIONS=1 swift test --filter \(target)"
+        )
         defer { CrashNote.clear() }
         do {
             try body(c) { counts[$0, default: 0] += 1 }
@@ -242,9 +256,11 @@ public func fuzz(
     report.seconds = FuzzBudget.now() - start
     report.counts = counts
     let tallies = counts.keys.sorted().map { "\($0) \(counts[$0]!)" }.joined(separator: ", ")
-    print("fuzz \(target): \(report.cases) cases from seed 0x\(String(base, radix: 16)) in "
-          + "\(Int(report.seconds * 1000)) ms" + (tallies.isEmpty ? "" : "; \(tallies)")
-          + (report.failures > 0 ? "; \(report.failures) FAILED" : ""))
+    print(
+        "fuzz \(target): \(report.cases) cases from seed 0x\(String(base, radix: 16)) in "
+            + "\(Int(report.seconds * 1000)) ms" + (tallies.isEmpty ? "" : "; \(tallies)")
+            + (report.failures > 0 ? "; \(report.failures) FAILED" : "")
+    )
     return report
 }
 
@@ -266,10 +282,14 @@ extension FuzzReport {
     /// stops producing valid input fails its test instead of passing without checking.
     public func expectReached(_ name: String, atLeast n: Int, sourceLocation: SourceLocation = #_sourceLocation) {
         guard !reached(name, atLeast: n) else { return }
-        Issue.record(Comment(rawValue: "the run reached \"\(name)\" \(self[name]) times in \(cases) cases, "
-                             + "fewer than the \(required(name, atLeast: n)) it must: the generator no longer "
-                             + "produces the inputs this test is about"),
-                     sourceLocation: sourceLocation)
+        Issue.record(
+            Comment(
+                rawValue: "the run reached \"\(name)\" \(self[name]) times in \(cases) cases, "
+                    + "fewer than the \(required(name, atLeast: n)) it must: the generator no longer "
+                    + "produces the inputs this test is about"
+            ),
+            sourceLocation: sourceLocation
+        )
     }
 }
 

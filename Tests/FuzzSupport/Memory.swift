@@ -20,7 +20,8 @@ public final class GuardedBuffer {
         let dataPages = max(1, (count + page - 1) / page)
         mappingLength = (dataPages + 2) * page
         guard let m = mmap(nil, mappingLength, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
-              m != MAP_FAILED else { fatalError("GuardedBuffer: mmap of \(mappingLength) bytes failed") }
+            m != MAP_FAILED
+        else { fatalError("GuardedBuffer: mmap of \(mappingLength) bytes failed") }
         mapping = m
         mprotect(m, page, PROT_NONE)
         mprotect(m + (dataPages + 1) * page, page, PROT_NONE)
@@ -67,7 +68,9 @@ public enum Slow {
 
     public static func be16(_ b: [UInt8], _ o: Int) -> UInt16 { UInt16(b[o]) << 8 | UInt16(b[o + 1]) }
     public static func be32(_ b: [UInt8], _ o: Int) -> UInt32 { UInt32(be16(b, o)) << 16 | UInt32(be16(b, o + 2)) }
-    public static func put16(_ b: inout [UInt8], _ o: Int, _ v: UInt16) { b[o] = UInt8(v >> 8); b[o + 1] = UInt8(v & 0xff) }
+    public static func put16(_ b: inout [UInt8], _ o: Int, _ v: UInt16) {
+        b[o] = UInt8(v >> 8); b[o + 1] = UInt8(v & 0xff)
+    }
     public static func put32(_ b: inout [UInt8], _ o: Int, _ v: UInt32) {
         put16(&b, o, UInt16(v >> 16)); put16(&b, o + 2, UInt16(v & 0xffff))
     }
@@ -105,9 +108,17 @@ public enum Slow {
     }
 
     /// An IPv4 packet with a correct header checksum.
-    public static func ipv4(source: UInt32, destination: UInt32, proto: UInt8 = 17, ttl: UInt8 = 64,
-                            flagsAndOffset: UInt16 = 0x4000, id: UInt16 = 0x1234, tos: UInt8 = 0,
-                            options: [UInt8] = [], payload: [UInt8] = []) -> [UInt8] {
+    public static func ipv4(
+        source: UInt32,
+        destination: UInt32,
+        proto: UInt8 = 17,
+        ttl: UInt8 = 64,
+        flagsAndOffset: UInt16 = 0x4000,
+        id: UInt16 = 0x1234,
+        tos: UInt8 = 0,
+        options: [UInt8] = [],
+        payload: [UInt8] = []
+    ) -> [UInt8] {
         precondition(options.count % 4 == 0 && options.count <= 40)
         let ihl = 20 + options.count
         var b = [UInt8](repeating: 0, count: ihl) + payload

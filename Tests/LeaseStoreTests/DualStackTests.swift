@@ -1,8 +1,9 @@
 import FlannelFiles
 import Foundation
-@testable import LeaseStore
 import NetBase
 import Testing
+
+@testable import LeaseStore
 
 func net6(_ text: String) -> IPv6Network {
     guard let n = IPv6Network(text, strict: true) else { fatalError("bad IPv6 network literal \(text)") }
@@ -14,7 +15,8 @@ func ip6(_ text: String) -> IPv6Address {
     return a
 }
 
-let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/48", "Backend": {"Type": "vxlan"}}"#
+let dualStackJSON =
+    #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/48", "Backend": {"Type": "vxlan"}}"#
 
 /// Dual-stack leases as flanneld writes and reads them: the IPv6 subnet in
 /// the key (`10.2.5.0-24&fd00:10:244:5::-64`, pkg/subnet MakeSubnetKey),
@@ -22,7 +24,8 @@ let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Networ
 @Suite struct DualStackLeaseTests {
     /// A dual-stack vxlan lease value, byte for byte as flanneld's
     /// json.Marshal of LeaseAttrs writes it.
-    static let flanneldValue = #"{"PublicIP":"198.18.0.2","PublicIPv6":"2001:db8::2","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}}"#
+    static let flanneldValue =
+        #"{"PublicIP":"198.18.0.2","PublicIPv6":"2001:db8::2","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}}"#
 
     @Test func flanneldsDualStackValueRoundTripsByteForByte() throws {
         let attrs = try LeaseAttributes(flannelJSON: Self.flanneldValue, key: "10.2.5.0-24&fd00:10:244:5::-64")
@@ -57,7 +60,9 @@ let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Networ
         #expect(LeaseKey.subnet(fromKey: key) == net("10.2.5.0/24"))
         #expect(LeaseKey.ipv6Subnet(fromKey: key) == net6("fd00:10:244:5::/64"))
         #expect(LeaseKey.ipv6Subnet(fromKey: "10.2.5.0-24") == nil)
-        #expect(LeaseKey.key(for: net("10.2.5.0/24"), ipv6: net6("fd00:10:244:5::/64")) == "10.2.5.0-24&fd00:10:244:5::-64")
+        #expect(
+            LeaseKey.key(for: net("10.2.5.0/24"), ipv6: net6("fd00:10:244:5::/64")) == "10.2.5.0-24&fd00:10:244:5::-64"
+        )
         #expect(LeaseKey.key(for: net("10.2.5.0/24"), ipv6: nil) == "10.2.5.0-24")
         // flannel's pattern: lower-case hex and colons; host bits zero here.
         #expect(LeaseKey.subnet(fromKey: "10.2.5.0-24&FD00:10:244:5::-64") == nil)
@@ -74,8 +79,10 @@ let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Networ
     @Test func dualStackKeysRoundTripForRandomSubnets() {
         var g = SeededGenerator(seed: 0x6_0002)
         for _ in 0..<5000 {
-            let v4 = IPv4Network(address: IPv4Address(UInt32.random(in: 0...UInt32.max, using: &g)),
-                                 prefixLength: Int.random(in: 0...32, using: &g))
+            let v4 = IPv4Network(
+                address: IPv4Address(UInt32.random(in: 0...UInt32.max, using: &g)),
+                prefixLength: Int.random(in: 0...32, using: &g)
+            )
             var raw: UInt128 = 0
             for _ in 0..<8 {
                 raw = raw << 16 | UInt128(Bool.random(using: &g) ? 0 : UInt16.random(in: 0...0xffff, using: &g))
@@ -89,8 +96,13 @@ let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Networ
     }
 
     @Test func aLeaseMadeWithAnIPv6SubnetHasFlanneldsKey() {
-        let lease = Lease(subnet: net("10.2.5.0/24"), ipv6Subnet: net6("fd00:10:244:5::/64"),
-                          attributes: LeaseAttributes(publicIP: ip("198.18.0.5")), expiration: nil, revision: 1)
+        let lease = Lease(
+            subnet: net("10.2.5.0/24"),
+            ipv6Subnet: net6("fd00:10:244:5::/64"),
+            attributes: LeaseAttributes(publicIP: ip("198.18.0.5")),
+            expiration: nil,
+            revision: 1
+        )
         #expect(lease.key == "10.2.5.0-24&fd00:10:244:5::-64")
         #expect(lease.ipv6Subnet == net6("fd00:10:244:5::/64"))
         #expect(lease.description.contains("fd00:10:244:5::/64"))
@@ -99,22 +111,30 @@ let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Networ
 
 @Suite struct DualStackRuleTests {
     func lease(_ key: String, _ publicIP: String) -> Lease {
-        Lease(subnet: LeaseKey.subnet(fromKey: key)!, attributes: LeaseAttributes(publicIP: ip(publicIP)),
-              expiration: Date.distantFuture, revision: 1, key: key)
+        Lease(
+            subnet: LeaseKey.subnet(fromKey: key)!,
+            attributes: LeaseAttributes(publicIP: ip(publicIP)),
+            expiration: Date.distantFuture,
+            revision: 1,
+            key: key
+        )
     }
 
     @Test func ipv6PartsOutsideTheIPv6NetworkAreIgnoredInADualStackNetwork() throws {
         let rule = LeaseRule(try config(dualStackJSON))
         let set = rule.sort(leases: [
             lease("10.2.1.0-24&fd00:10:244:1::-64", "198.18.0.1"),
-            lease("10.2.2.0-24&fd00:99::-64", "198.18.0.2"),          // outside
-            lease("10.2.3.0-24&fd00:10:244:3::-80", "198.18.0.3"),    // wrong length
-            lease("10.2.4.0-24", "198.18.0.4"),                       // no IPv6 yet: an IPv4 peer
+            lease("10.2.2.0-24&fd00:99::-64", "198.18.0.2"),  // outside
+            lease("10.2.3.0-24&fd00:10:244:3::-80", "198.18.0.3"),  // wrong length
+            lease("10.2.4.0-24", "198.18.0.4"),  // no IPv6 yet: an IPv4 peer
         ])
         #expect(set.leases.map(\.key) == ["10.2.1.0-24&fd00:10:244:1::-64", "10.2.4.0-24"])
         #expect(set.ignored.map(\.key).sorted() == ["10.2.2.0-24&fd00:99::-64", "10.2.3.0-24&fd00:10:244:3::-80"])
         let text = set.ignored.first { $0.key.hasPrefix("10.2.2.0") }!.description
-        #expect(text.contains("has the IPv6 subnet fd00:99::/64, which is no /64 of the IPv6Network fd00:10:244::/48"), "\(text)")
+        #expect(
+            text.contains("has the IPv6 subnet fd00:99::/64, which is no /64 of the IPv6Network fd00:10:244::/48"),
+            "\(text)"
+        )
     }
 
     @Test func twoLeasesOfOneIPv6SubnetConflict() throws {
@@ -139,22 +159,42 @@ let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Networ
     let later = Date(timeIntervalSince1970: 2_000_000_000)
 
     func lease(_ subnet: String, _ v6: String?, _ publicIP: String) -> Lease {
-        Lease(subnet: net(subnet), ipv6Subnet: v6.map(net6), attributes: LeaseAttributes(publicIP: ip(publicIP)),
-              expiration: later, revision: 1)
+        Lease(
+            subnet: net(subnet),
+            ipv6Subnet: v6.map(net6),
+            attributes: LeaseAttributes(publicIP: ip(publicIP)),
+            expiration: later,
+            revision: 1
+        )
     }
 
-    func choose(_ config: NetworkConfig, _ leases: [Lease], me: String = "198.18.0.1",
-                preferred: String? = nil, preferredIPv6: String? = nil) throws(LeaseStoreError) -> SubnetChoice {
+    func choose(
+        _ config: NetworkConfig,
+        _ leases: [Lease],
+        me: String = "198.18.0.1",
+        preferred: String? = nil,
+        preferredIPv6: String? = nil
+    ) throws(LeaseStoreError) -> SubnetChoice {
         var g = SeededGenerator(seed: 7)
-        return try SubnetChooser.choose(config: config, leases: leases, publicIP: ip(me),
-                                        preferred: preferred.map(net), preferredIPv6: preferredIPv6.map(net6),
-                                        using: &g)
+        return try SubnetChooser.choose(
+            config: config,
+            leases: leases,
+            publicIP: ip(me),
+            preferred: preferred.map(net),
+            preferredIPv6: preferredIPv6.map(net6),
+            using: &g
+        )
     }
 
     @Test func bothFamiliesAreChosenFromOneListing() throws {
         let c = try config(dualStackJSON)
-        let choice = try choose(c, [lease("10.2.1.0/24", "fd00:10:244:1::/64", "198.18.0.9"),
-                                    lease("10.2.2.0/24", "fd00:10:244:2::/64", "198.18.0.8")])
+        let choice = try choose(
+            c,
+            [
+                lease("10.2.1.0/24", "fd00:10:244:1::/64", "198.18.0.9"),
+                lease("10.2.2.0/24", "fd00:10:244:2::/64", "198.18.0.8"),
+            ]
+        )
         #expect(choice.source == .free)
         #expect(choice.candidates.count == 100 && choice.ipv6Candidates.count == 100)
         #expect(!choice.ipv6Candidates.contains(net6("fd00:10:244:1::/64")))
@@ -197,19 +237,27 @@ let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Networ
 
     @Test func thePreferredIPv6SubnetComesFirstWhenFree() throws {
         let c = try config(dualStackJSON)
-        let choice = try choose(c, [lease("10.2.1.0/24", "fd00:10:244:1::/64", "198.18.0.9")],
-                                preferredIPv6: "fd00:10:244:abc::/64")
+        let choice = try choose(
+            c,
+            [lease("10.2.1.0/24", "fd00:10:244:1::/64", "198.18.0.9")],
+            preferredIPv6: "fd00:10:244:abc::/64"
+        )
         #expect(choice.ipv6Candidates.first == net6("fd00:10:244:abc::/64"))
-        let taken = try choose(c, [lease("10.2.1.0/24", "fd00:10:244:1::/64", "198.18.0.9")],
-                               preferredIPv6: "fd00:10:244:1::/64")
+        let taken = try choose(
+            c,
+            [lease("10.2.1.0/24", "fd00:10:244:1::/64", "198.18.0.9")],
+            preferredIPv6: "fd00:10:244:1::/64"
+        )
         #expect(!taken.ipv6Candidates.contains(net6("fd00:10:244:1::/64")))
     }
 
     @Test func ipv6SpaceRunsOutWithAClearError() throws {
         // /124 with /126 subnets: three usable (the first is skipped).
         let c = try config(#"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/124"}"#)
-        let full = [lease("10.2.1.0/24", "fd00::4/126", "198.18.0.2"), lease("10.2.2.0/24", "fd00::8/126", "198.18.0.3"),
-                    lease("10.2.3.0/24", "fd00::c/126", "198.18.0.4")]
+        let full = [
+            lease("10.2.1.0/24", "fd00::4/126", "198.18.0.2"), lease("10.2.2.0/24", "fd00::8/126", "198.18.0.3"),
+            lease("10.2.3.0/24", "fd00::c/126", "198.18.0.4"),
+        ]
         #expect(throws: LeaseStoreError.self) { try choose(c, full) }
         let one = try choose(c, Array(full.dropLast()))
         #expect(one.ipv6Candidates == [net6("fd00::c/126")])
@@ -220,7 +268,11 @@ let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Networ
         var g = SeededGenerator(seed: 0x6_0001)
         for _ in 0..<200 {
             let length = Int.random(in: 118...126, using: &g)
-            let v6 = try #require(try config(#"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/116", "IPv6SubnetLen": \#(length)}"#).ipv6)
+            let v6 = try #require(
+                try config(
+                    #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/116", "IPv6SubnetLen": \#(length)}"#
+                ).ipv6
+            )
             let count = Int(v6.network.subnetCount(prefixLength: length))
             // Taken: random subnets of random lengths inside the network.
             var taken: [IPv6Network] = []
@@ -242,21 +294,29 @@ let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Networ
 }
 
 @Suite struct DualStackSubnetEnvTests {
-    let env = SubnetEnv(network: net("10.2.0.0/16"), subnet: net("10.2.72.0/24"), mtu: 1450, ipMasq: true,
-                        ipv6Network: net6("fd00:10:244::/48"), ipv6Subnet: net6("fd00:10:244:48::/64"))
+    let env = SubnetEnv(
+        network: net("10.2.0.0/16"),
+        subnet: net("10.2.72.0/24"),
+        mtu: 1450,
+        ipMasq: true,
+        ipv6Network: net6("fd00:10:244::/48"),
+        ipv6Subnet: net6("fd00:10:244:48::/64")
+    )
 
     /// flanneld's WriteSubnetFile: the IPv6 pair after FLANNEL_SUBNET, each
     /// subnet as its first host address with the prefix.
     @Test func textIsFlanneldsInFlanneldsOrder() {
-        #expect(env.text == """
-            FLANNEL_NETWORK=10.2.0.0/16
-            FLANNEL_SUBNET=10.2.72.1/24
-            FLANNEL_IPV6_NETWORK=fd00:10:244::/48
-            FLANNEL_IPV6_SUBNET=fd00:10:244:48::1/64
-            FLANNEL_MTU=1450
-            FLANNEL_IPMASQ=true
+        #expect(
+            env.text == """
+                FLANNEL_NETWORK=10.2.0.0/16
+                FLANNEL_SUBNET=10.2.72.1/24
+                FLANNEL_IPV6_NETWORK=fd00:10:244::/48
+                FLANNEL_IPV6_SUBNET=fd00:10:244:48::1/64
+                FLANNEL_MTU=1450
+                FLANNEL_IPMASQ=true
 
-            """)
+                """
+        )
     }
 
     @Test func writtenFileReadsBack() async throws {
@@ -278,7 +338,9 @@ let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Networ
         ("FLANNEL_IPV6_NETWORK=10.0.0.0/8\nFLANNEL_IPV6_SUBNET=fd00::1/64\n", "FLANNEL_IPV6_NETWORK \"10.0.0.0/8\""),
     ])
     func halfOrMalformedIPv6PairsAreRefused(_ extra: String, _ reason: String) {
-        let text = "FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_SUBNET=10.2.72.1/24\n" + extra + "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+        let text =
+            "FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_SUBNET=10.2.72.1/24\n" + extra
+            + "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
         let e = #expect(throws: SubnetEnvError.self) { try SubnetEnv(parsing: text) }
         #expect(e?.reason.contains(reason) == true, "\(String(describing: e))")
     }
@@ -287,7 +349,8 @@ let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Networ
 /// The embedded local store: both families in one locked step, the key in
 /// flanneld's form, renewal and release by that key.
 @Suite struct DualStackLocalStoreTests {
-    static let json = #"{"Network": "10.2.0.0/24", "SubnetLen": 28, "EnableIPv6": true, "IPv6Network": "fd00:10:2::/60"}"#
+    static let json =
+        #"{"Network": "10.2.0.0/24", "SubnetLen": 28, "EnableIPv6": true, "IPv6Network": "fd00:10:2::/60"}"#
 
     func node(_ n: Int) -> LeaseAttributes {
         LeaseAttributes(publicIP: IPv4Address(198, 18, 0, UInt8(n)), publicIPv6: IPv6Address("2001:db8::\(n)"))
@@ -322,13 +385,21 @@ let dualStackJSON = #"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Networ
         try await withTemporaryDirectory { dir in
             let store = try LocalLeaseStore(directory: dir)
             let c = try await store.setNetworkConfig(json: Self.json)
-            let lease = try await store.acquireLease(config: c, attributes: node(1), preferred: net("10.2.0.48/28"),
-                                                     preferredIPv6: net6("fd00:10:2:9::/64"))
+            let lease = try await store.acquireLease(
+                config: c,
+                attributes: node(1),
+                preferred: net("10.2.0.48/28"),
+                preferredIPv6: net6("fd00:10:2:9::/64")
+            )
             #expect(lease.key == "10.2.0.48-28&fd00:10:2:9::-64")
             let renewed = try await store.renewLease(lease)
             #expect(renewed.key == lease.key)
             // A restart with the same PublicIP reuses it.
-            let again = try await LocalLeaseStore(directory: dir).acquireLease(config: c, attributes: node(1), preferred: nil)
+            let again = try await LocalLeaseStore(directory: dir).acquireLease(
+                config: c,
+                attributes: node(1),
+                preferred: nil
+            )
             #expect(again.key == lease.key)
             try await store.releaseLease(again)
             #expect(try await store.leases().leases.isEmpty)

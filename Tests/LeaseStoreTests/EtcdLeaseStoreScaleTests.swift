@@ -13,7 +13,10 @@ private let etcdMissing = "etcd is not installed (apt-get install etcd-server et
 private func paddedValue(host: Int) -> [UInt8] {
     let publicIP = "198.18.\(1 + host / 250).\(1 + host % 250)"
     let pad = String(repeating: "p", count: 200)
-    return Array(#"{"PublicIP":"\#(publicIP)","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:01","Pad":"\#(pad)"}}"#.utf8)
+    return Array(
+        #"{"PublicIP":"\#(publicIP)","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:01","Pad":"\#(pad)"}}"#
+            .utf8
+    )
 }
 
 /// Subnet `i` of 10.0.0.0/8 in /24s, skipping 10.0.0.0/24.
@@ -41,13 +44,16 @@ struct EtcdLeaseStoreScaleTests {
             let client = try EtcdClient(endpoints: [server.clientURL], maxReceiveMessageBytes: 4 << 20)
             let store = EtcdLeaseStore(client: client, prefix: "/scale/network")
             let config = try await store.setNetworkConfig(
-                json: #"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#)
+                json: #"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#
+            )
             let etcdLease = try await client.leaseGrant(ttl: 3600)
             try await putLeases(client, prefix: store.subnetsPrefix, count: 20_000, lease: etcdLease.id)
 
             await #expect {
-                _ = try await client.rangePage(key: store.subnetsPrefix,
-                                               rangeEnd: EtcdClient.rangeEnd(ofPrefix: store.subnetsPrefix))
+                _ = try await client.rangePage(
+                    key: store.subnetsPrefix,
+                    rangeEnd: EtcdClient.rangeEnd(ofPrefix: store.subnetsPrefix)
+                )
             } throws: { error in
                 (error as? EtcdError)?.code == .responseTooLarge
             }
@@ -71,7 +77,10 @@ struct EtcdLeaseStoreScaleTests {
             // A new host joins among them: it gets a free subnet, the first
             // free ones being right after the 20,000 taken.
             let joined = try await store.acquireLease(
-                config: config, attributes: LeaseAttributes(publicIP: IPv4Address(198, 19, 0, 1)), preferred: nil)
+                config: config,
+                attributes: LeaseAttributes(publicIP: IPv4Address(198, 19, 0, 1)),
+                preferred: nil
+            )
             #expect(!Set((0..<20_000).map(subnet)).contains(joined.subnet))
             #expect(joined.subnet.address.value >= subnet(20_000).address.value)
             #expect(joined.subnet.address.value <= subnet(20_099).address.value)
@@ -136,13 +145,22 @@ struct EtcdLeaseStoreScaleTests {
         var generator = SeededGenerator(seed: 7)
         let taken = (0..<60_600).filter { $0 % 600 != 599 }.shuffled(using: &generator)
         let leases = taken.map { i in
-            Lease(subnet: c.subnets[i], attributes: LeaseAttributes(publicIP: ip("198.18.1.1")),
-                  expiration: later, revision: 1)
+            Lease(
+                subnet: c.subnets[i],
+                attributes: LeaseAttributes(publicIP: ip("198.18.1.1")),
+                expiration: later,
+                revision: 1
+            )
         }
         #expect(leases.count == 60_499)
         var choose = SeededGenerator(seed: 1)
-        let choice = try SubnetChooser.choose(config: c, leases: leases, publicIP: ip("198.19.0.1"),
-                                              preferred: nil, using: &choose)
+        let choice = try SubnetChooser.choose(
+            config: c,
+            leases: leases,
+            publicIP: ip("198.19.0.1"),
+            preferred: nil,
+            using: &choose
+        )
         #expect(choice.source == .free)
         // The first 100 free: 100 of the 101 gaps (the 101st is further).
         let expected = (0..<60_600).filter { $0 % 600 == 599 }.prefix(100).map { c.subnets[$0] }

@@ -1,10 +1,11 @@
 import EtcdClient
 import EtcdTestSupport
 import Foundation
-@testable import LeaseStore
 import NetBase
 import Synchronization
 import Testing
+
+@testable import LeaseStore
 
 private let etcdMissing = "etcd is not installed (apt-get install etcd-server etcd-client)"
 
@@ -65,10 +66,14 @@ struct EtcdLeaseStoreTests {
         try await withStore { server, store, _ in
             let grant = try server.etcdctl(["lease", "grant", "600"])  // "lease 694d… granted with TTL(600s)"
             let leaseID = try #require(grant.split(separator: " ").dropFirst().first)
-            try server.etcdctl(["put", "--lease=\(leaseID)", "/docker/network/subnets/10.5.72.0-24",
-                                #"{"PublicIP":"198.18.0.72","PublicIPv6":null}"#])
-            try server.etcdctl(["put", "/docker/network/subnets/10.5.73.0-24",
-                                #"{"PublicIP":"198.18.0.73","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#])
+            try server.etcdctl([
+                "put", "--lease=\(leaseID)", "/docker/network/subnets/10.5.72.0-24",
+                #"{"PublicIP":"198.18.0.72","PublicIPv6":null}"#,
+            ])
+            try server.etcdctl([
+                "put", "/docker/network/subnets/10.5.73.0-24",
+                #"{"PublicIP":"198.18.0.73","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#,
+            ])
             // Not lease keys: skipped, as flannel does.
             try server.etcdctl(["put", "/docker/network/subnets/garbage", "x"])
             try server.etcdctl(["put", "/docker/network/subnets/10.5.74.0-24/extra", "x"])
@@ -86,7 +91,9 @@ struct EtcdLeaseStoreTests {
             let vxlan = leases[1]
             #expect(vxlan.isReservation)
             #expect(vxlan.attributes.backendType == "vxlan")
-            #expect(vxlan.attributes.backendData == .object(["VNI": .number(1), "VtepMAC": .string("aa:bb:cc:dd:ee:ff")]))
+            #expect(
+                vxlan.attributes.backendData == .object(["VNI": .number(1), "VtepMAC": .string("aa:bb:cc:dd:ee:ff")])
+            )
         }
     }
 
@@ -96,8 +103,10 @@ struct EtcdLeaseStoreTests {
             #expect(config.network.contains(lease.subnet) && lease.subnet.prefixLength == 24)
             #expect(lease.subnet != IPv4Network("10.5.0.0/24"))  // SubnetMin skips the first subnet
             let key = "/docker/network/subnets/\(lease.subnet.leaseKey)"
-            #expect(try server.etcdctl(["get", key, "--print-value-only"])
-                        == #"{"PublicIP":"198.18.0.1","PublicIPv6":null}"# + "\n")
+            #expect(
+                try server.etcdctl(["get", key, "--print-value-only"])
+                    == #"{"PublicIP":"198.18.0.1","PublicIPv6":null}"# + "\n"
+            )
             let kv = try #require(try await store.client.get(key))
             #expect(kv.lease != 0)
             let ttl = try #require(try await store.client.leaseTimeToLive(kv.lease))
@@ -113,17 +122,22 @@ struct EtcdLeaseStoreTests {
     @Test func joinListsOnceAndItsPeersIncludeTheNewLease() async throws {
         try await withStore { server, store, config in
             for i in 1...3 {
-                _ = try server.etcdctl(["put", "/docker/network/subnets/10.5.\(i).0-24",
-                                        #"{"PublicIP":"198.18.1.\#(i)","PublicIPv6":null}"#])
+                _ = try server.etcdctl([
+                    "put", "/docker/network/subnets/10.5.\(i).0-24",
+                    #"{"PublicIP":"198.18.1.\#(i)","PublicIPv6":null}"#,
+                ])
             }
             let before = store.listings.load(ordering: .relaxed)
             let joined = try await store.join(config: config, attributes: node(9), preferred: nil)
             #expect(store.listings.load(ordering: .relaxed) - before == 1)
             #expect(joined.peers.leases.count == 4)
             #expect(joined.peers.leases.filter { $0.subnet == joined.lease.subnet } == [joined.lease])
-            #expect(Set(joined.peers.leases.map(\.subnet)).isSuperset(of: (1...3).map { IPv4Network("10.5.\($0).0/24")! }))
+            #expect(
+                Set(joined.peers.leases.map(\.subnet)).isSuperset(of: (1...3).map { IPv4Network("10.5.\($0).0/24")! })
+            )
             #expect(joined.peers.revision < joined.lease.revision)
-            var events = store.watchPeerLeases(after: joined.peers.revision, holder: node(9).publicIP).makeAsyncIterator()
+            var events = store.watchPeerLeases(after: joined.peers.revision, holder: node(9).publicIP)
+                .makeAsyncIterator()
             let first = try await events.next()
             #expect(first?.key == joined.lease.key)
             #expect(first?.revision == joined.lease.revision)
@@ -198,11 +212,18 @@ struct EtcdLeaseStoreTests {
         try await withStore(config: config) { server, store, config in
             try server.etcdctl(["put", "/docker/network/subnets/10.8.1.0-24", "not json"])
             #expect(try await store.leases().leases.isEmpty)
-            let lease = try await store.acquireLease(config: config, attributes: node(70),
-                                                     preferred: IPv4Network("10.8.1.0/24"))
+            let lease = try await store.acquireLease(
+                config: config,
+                attributes: node(70),
+                preferred: IPv4Network("10.8.1.0/24")
+            )
             #expect(lease.subnet == IPv4Network("10.8.2.0/24"))
-            await #expect(throws: LeaseStoreError.outOfSubnets(network: config.network,
-                                                               blockedBy: ["10.8.2.0-24", "10.8.1.0-24"])) {
+            await #expect(
+                throws: LeaseStoreError.outOfSubnets(
+                    network: config.network,
+                    blockedBy: ["10.8.2.0-24", "10.8.1.0-24"]
+                )
+            ) {
                 _ = try await store.acquireLease(config: config, attributes: node(71), preferred: nil)
             }
         }
@@ -212,8 +233,10 @@ struct EtcdLeaseStoreTests {
         try await withStore { server, store, _ in
             try server.etcdctl(["put", "/docker/network/subnets/10.5.10.0-24", "not json"])
             try server.etcdctl(["put", "/docker/network/subnets/10.5.11.0-24", #"{"PublicIPv6":null}"#])
-            try server.etcdctl(["put", "/docker/network/subnets/10.5.12.0-24",
-                                #"{"PublicIP":"198.18.0.12","PublicIPv6":null}"#])
+            try server.etcdctl([
+                "put", "/docker/network/subnets/10.5.12.0-24",
+                #"{"PublicIP":"198.18.0.12","PublicIPv6":null}"#,
+            ])
             // Not a lease key: ignored as flannel ignores it, not reported.
             try server.etcdctl(["put", "/docker/network/subnets/not-a-lease", "x"])
 
@@ -230,8 +253,12 @@ struct EtcdLeaseStoreTests {
                 // Says what to do about it, naming the key.
                 #expect(problem.description.contains("etcdctl del \(key)"))
             }
-            #expect(reasons.keys.sorted() == ["/docker/network/subnets/10.5.10.0-24",
-                                              "/docker/network/subnets/10.5.11.0-24"])
+            #expect(
+                reasons.keys.sorted() == [
+                    "/docker/network/subnets/10.5.10.0-24",
+                    "/docker/network/subnets/10.5.11.0-24",
+                ]
+            )
             #expect(reasons["/docker/network/subnets/10.5.10.0-24"]?.contains("not JSON") == true)
             #expect(reasons["/docker/network/subnets/10.5.11.0-24"]?.contains("no PublicIP") == true)
         }
@@ -240,12 +267,17 @@ struct EtcdLeaseStoreTests {
     @Test func vxlanLeaseValueIsWrittenAsFlanneldWritesIt() async throws {
         try await withStore { server, store, config in
             let attributes = LeaseAttributes(
-                publicIP: IPv4Address(198, 18, 0, 9), backendType: "vxlan",
-                backendData: .object(["VtepMAC": .string("aa:bb:cc:dd:ee:ff"), "VNI": .number(1)]))
+                publicIP: IPv4Address(198, 18, 0, 9),
+                backendType: "vxlan",
+                backendData: .object(["VtepMAC": .string("aa:bb:cc:dd:ee:ff"), "VNI": .number(1)])
+            )
             let lease = try await store.acquireLease(config: config, attributes: attributes, preferred: nil)
             let key = "/docker/network/subnets/\(lease.subnet.leaseKey)"
-            #expect(try server.etcdctl(["get", key, "--print-value-only"])
-                        == #"{"PublicIP":"198.18.0.9","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"# + "\n")
+            #expect(
+                try server.etcdctl(["get", key, "--print-value-only"])
+                    == #"{"PublicIP":"198.18.0.9","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#
+                    + "\n"
+            )
             let listed = try await store.leases().leases
             #expect(listed.map(\.subnet) == [lease.subnet])
             #expect(listed.first?.attributes == attributes)
@@ -254,22 +286,30 @@ struct EtcdLeaseStoreTests {
 
     @Test func ownLeaseThatNoLongerFitsIsDeletedButOwnReservationAndOthersLeasesStay() async throws {
         try await withStore { server, store, config in
-            let old = try await store.acquireLease(config: config, attributes: node(80),
-                                                   preferred: IPv4Network("10.5.80.0/24"))
+            let old = try await store.acquireLease(
+                config: config,
+                attributes: node(80),
+                preferred: IPv4Network("10.5.80.0/24")
+            )
             #expect(old.subnet == IPv4Network("10.5.80.0/24"))
             let oldKey = "/docker/network/subnets/10.5.80.0-24"
             let oldKV = try #require(try await store.client.get(oldKey))
-            let others = try await store.acquireLease(config: config, attributes: node(82),
-                                                      preferred: IPv4Network("10.5.82.0/24"))
+            let others = try await store.acquireLease(
+                config: config,
+                attributes: node(82),
+                preferred: IPv4Network("10.5.82.0/24")
+            )
             let reservationKey = "/docker/network/subnets/10.5.81.0-24"
             try server.etcdctl(["put", reservationKey, #"{"PublicIP":"198.18.0.80","PublicIPv6":null}"#])
 
             // /25 subnets now, and only four of them. Our old /24 is deleted;
             // the /24 reservation is no lease by the one rule (wider than
             // SubnetLen): it blocks none of the /25s inside it.
-            let narrower = try await store.setNetworkConfig(json: #"""
-                {"Network":"10.5.0.0/16","SubnetLen":25,"SubnetMin":"10.5.80.0","SubnetMax":"10.5.81.128"}
-                """#)
+            let narrower = try await store.setNetworkConfig(
+                json: #"""
+                    {"Network":"10.5.0.0/16","SubnetLen":25,"SubnetMin":"10.5.80.0","SubnetMax":"10.5.81.128"}
+                    """#
+            )
             let new = try await store.acquireLease(config: narrower, attributes: node(80), preferred: nil)
             #expect(new.subnet.prefixLength == 25)
             #expect(narrower.fits(new.subnet))
@@ -293,8 +333,11 @@ struct EtcdLeaseStoreTests {
             // A new store object and client, as after a restart, even with another preference.
             let client = try EtcdClient(endpoints: [server.clientURL])
             let restarted = EtcdLeaseStore(client: client, prefix: "/docker/network")
-            let again = try await restarted.acquireLease(config: config, attributes: node(40),
-                                                         preferred: IPv4Network("10.5.99.0/24"))
+            let again = try await restarted.acquireLease(
+                config: config,
+                attributes: node(40),
+                preferred: IPv4Network("10.5.99.0/24")
+            )
             #expect(again.subnet == first.subnet)
             #expect(again.revision > first.revision)  // rewritten with a fresh etcd lease
             #expect(try await restarted.leases().leases.count == 1)
@@ -338,7 +381,11 @@ struct EtcdLeaseStoreTests {
         let change: @Sendable (String) async throws -> Void
         init(_ change: @escaping @Sendable (String) async throws -> Void) { self.change = change }
         func callAsFunction(_ key: String) async throws {
-            if calls.withLock({ $0 += 1; return $0 }) == 1 { try await change(key) }
+            if calls.withLock({
+                $0 += 1; return $0
+            }) == 1 {
+                try await change(key)
+            }
         }
         var count: Int { calls.withLock { $0 } }
     }
@@ -471,8 +518,11 @@ struct EtcdLeaseStoreTests {
             let key = "/docker/network/subnets/10.5.7.0-24"
             try server.etcdctl(["put", key, #"{"PublicIP":"198.18.0.7","PublicIPv6":null}"#])
             // Nobody else gets the reserved subnet, even when asking for it.
-            let other = try await store.acquireLease(config: config, attributes: node(8),
-                                                     preferred: IPv4Network("10.5.7.0/24"))
+            let other = try await store.acquireLease(
+                config: config,
+                attributes: node(8),
+                preferred: IPv4Network("10.5.7.0/24")
+            )
             #expect(other.subnet != IPv4Network("10.5.7.0/24"))
 
             let lease = try await store.acquireLease(config: config, attributes: node(7), preferred: nil)
@@ -492,13 +542,15 @@ struct EtcdLeaseStoreTests {
 /// Dual-stack leases in a real etcd, written as flanneld writes them.
 @Suite(.enabled(if: EtcdServer.isInstalled, Comment(rawValue: etcdMissing)), .timeLimit(.minutes(2)))
 struct EtcdDualStackLeaseTests {
-    static let config = #"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:5::/48","Backend":{"Type":"vxlan"}}"#
+    static let config =
+        #"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:5::/48","Backend":{"Type":"vxlan"}}"#
 
     @Test func flanneldsDualStackLeaseIsReadAndOursIsWrittenInItsForm() async throws {
         try await withStore(config: Self.config) { server, store, config in
             // A flanneld vxlan host's lease: both subnets in the key, the
             // IPv6 address and v6 VTEP in the value (put as flanneld writes it).
-            let flanneld = #"{"PublicIP":"198.18.0.72","PublicIPv6":"2001:db8::72","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}}"#
+            let flanneld =
+                #"{"PublicIP":"198.18.0.72","PublicIPv6":"2001:db8::72","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}}"#
             try server.etcdctl(["put", "/docker/network/subnets/10.5.72.0-24&fd00:10:5:72::-64", flanneld])
 
             let listed = try await store.leases().leases
@@ -510,21 +562,30 @@ struct EtcdDualStackLeaseTests {
             #expect(theirs.attributes.backendV6Data?.field("VtepMAC") == .string("aa:bb:cc:dd:ee:02"))
             #expect(theirs.attributes.flannelJSON == flanneld)
 
-            var attributes = LeaseAttributes(publicIP: IPv4Address(198, 18, 0, 5), publicIPv6: IPv6Address("2001:db8::5"),
-                                             backendType: "vxlan",
-                                             backendData: .object(["VNI": .number(1), "VtepMAC": .string("0e:00:00:00:00:05")]))
+            var attributes = LeaseAttributes(
+                publicIP: IPv4Address(198, 18, 0, 5),
+                publicIPv6: IPv6Address("2001:db8::5"),
+                backendType: "vxlan",
+                backendData: .object(["VNI": .number(1), "VtepMAC": .string("0e:00:00:00:00:05")])
+            )
             attributes.backendV6Data = .object(["VNI": .number(1), "VtepMAC": .string("0e:00:00:00:00:06")])
-            let ours = try await store.acquireLease(config: config, attributes: attributes, preferred: net("10.5.9.0/24"))
+            let ours = try await store.acquireLease(
+                config: config,
+                attributes: attributes,
+                preferred: net("10.5.9.0/24")
+            )
             let v6 = try #require(ours.ipv6Subnet)
             #expect(ours.subnet == net("10.5.9.0/24"))
             #expect(config.ipv6?.fits(v6) == true && v6 != IPv6Network("fd00:10:5:72::/64"))
             // The key and value flanneld reads (pkg/subnet ParseSubnetKey, LeaseAttrs).
             let key = "/docker/network/subnets/10.5.9.0-24&\(v6.leaseKey)"
             #expect(ours.key == "10.5.9.0-24&\(v6.leaseKey)")
-            #expect(try server.etcdctl(["get", key, "--print-value-only"]) == """
-                {"PublicIP":"198.18.0.5","PublicIPv6":"2001:db8::5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:05"},"BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:00:06"}}
+            #expect(
+                try server.etcdctl(["get", key, "--print-value-only"]) == """
+                    {"PublicIP":"198.18.0.5","PublicIPv6":"2001:db8::5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:05"},"BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:00:06"}}
 
-                """)
+                    """
+            )
             #expect(try await store.client.get(key)?.lease != 0)
 
             // Renewal and release address the dual-stack key, not the plain one.
@@ -543,22 +604,31 @@ struct EtcdDualStackLeaseTests {
         try await withStore(config: Self.config) { server, store, _ in
             let prefix = "/docker/network/subnets/"
             try server.etcdctl(["put", prefix + "10.5.9.0-24", #"{"PublicIP":"198.18.0.9","PublicIPv6":null}"#])
-            let blocked = try await store.client.createIfAbsent(prefix + "10.5.9.0-24&fd00:10:5:9::-64", value: Array("{}".utf8),
-                                                                guardPrefix: prefix + "10.5.9.0-24")
+            let blocked = try await store.client.createIfAbsent(
+                prefix + "10.5.9.0-24&fd00:10:5:9::-64",
+                value: Array("{}".utf8),
+                guardPrefix: prefix + "10.5.9.0-24"
+            )
             guard case .exists(let holder) = blocked else {
                 Issue.record("created beside the plain key: \(blocked)")
                 return
             }
             #expect(holder.key == prefix + "10.5.9.0-24")
             try server.etcdctl(["put", prefix + "10.5.8.0-24&fd00:10:5:8::-64", "{}"])
-            let alsoBlocked = try await store.client.createIfAbsent(prefix + "10.5.8.0-24&fd00:10:5:99::-64", value: Array("{}".utf8),
-                                                                    guardPrefix: prefix + "10.5.8.0-24")
+            let alsoBlocked = try await store.client.createIfAbsent(
+                prefix + "10.5.8.0-24&fd00:10:5:99::-64",
+                value: Array("{}".utf8),
+                guardPrefix: prefix + "10.5.8.0-24"
+            )
             guard case .exists = alsoBlocked else {
                 Issue.record("created beside another dual-stack key: \(alsoBlocked)")
                 return
             }
-            let free = try await store.client.createIfAbsent(prefix + "10.5.7.0-24&fd00:10:5:7::-64", value: Array("{}".utf8),
-                                                             guardPrefix: prefix + "10.5.7.0-24")
+            let free = try await store.client.createIfAbsent(
+                prefix + "10.5.7.0-24&fd00:10:5:7::-64",
+                value: Array("{}".utf8),
+                guardPrefix: prefix + "10.5.7.0-24"
+            )
             guard case .created = free else {
                 Issue.record("not created with no key of its IPv4 subnet: \(free)")
                 return
@@ -570,14 +640,18 @@ struct EtcdDualStackLeaseTests {
     /// for three hosts, where they all but surely pick the same one at once.
     @Test(arguments: 1...6)
     func concurrentDualStackAcquisitionsGetDistinctSubnetsOfBothFamilies(_ round: Int) async throws {
-        let tiny = #"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:5::/124","Backend":{"Type":"vxlan"}}"#
+        let tiny =
+            #"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:5::/124","Backend":{"Type":"vxlan"}}"#
         let hosts = round <= 3 ? 6 : 3
         try await withStore(config: round <= 3 ? Self.config : tiny) { _, store, config in
             let leases = try await withThrowingTaskGroup(of: Lease.self) { group in
                 for n in 1...hosts {
                     group.addTask {
-                        try await store.acquireLease(config: config, attributes: LeaseAttributes(publicIP: IPv4Address(198, 18, 1, UInt8(n))),
-                                                     preferred: nil)
+                        try await store.acquireLease(
+                            config: config,
+                            attributes: LeaseAttributes(publicIP: IPv4Address(198, 18, 1, UInt8(n))),
+                            preferred: nil
+                        )
                     }
                 }
                 return try await group.reduce(into: [Lease]()) { $0.append($1) }

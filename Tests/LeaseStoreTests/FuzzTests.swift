@@ -1,8 +1,9 @@
 import FlannelFiles
 import FuzzSupport
-@testable import LeaseStore
 import NetBase
 import Testing
+
+@testable import LeaseStore
 
 /// Random and mutated text against every parser of the control plane: JSON, the network
 /// config, lease values and keys, the local store's files and subnet.env. Whatever parses
@@ -89,7 +90,8 @@ import Testing
             return "[" + space() + items.map { render($0, c) + space() }.joined(separator: "," + space()) + "]"
         case .object(let fields):
             let keys = fields.keys.shuffled(using: &c.rng)
-            return "{" + space() + keys.map { render(.string($0), c) + space() + ":" + space() + render(fields[$0]!, c) + space() }
+            return "{" + space()
+                + keys.map { render(.string($0), c) + space() + ":" + space() + render(fields[$0]!, c) + space() }
                 .joined(separator: "," + space()) + "}"
         }
     }
@@ -99,9 +101,11 @@ import Testing
         return "\\u" + String(repeating: "0", count: 4 - digits.count) + digits
     }
 
-    static let jsonTokens: [[UInt8]] = ["{", "}", "[", "]", ",", ":", "\"", "\\", "\\u", "\\ud800", "\\udc00", "null", "true",
-                                        "1e400", "-", "0", ".", "e", "\"Network\"", "\"PublicIP\"", "\u{FEFF}", "\n",
-                                        String(repeating: "[", count: 200), "\"10.2.0.0/16\"", "\"198.18.0.1\""].map { Array($0.utf8) }
+    static let jsonTokens: [[UInt8]] = [
+        "{", "}", "[", "]", ",", ":", "\"", "\\", "\\u", "\\ud800", "\\udc00", "null", "true",
+        "1e400", "-", "0", ".", "e", "\"Network\"", "\"PublicIP\"", "\u{FEFF}", "\n",
+        String(repeating: "[", count: 200), "\"10.2.0.0/16\"", "\"198.18.0.1\"",
+    ].map { Array($0.utf8) }
 
     /// Corpus files and generated texts, often mutated.
     static func text(_ c: FuzzCase, corpus: [[UInt8]], generated: () -> String) -> [UInt8] {
@@ -133,7 +137,9 @@ import Testing
     @Test func mutatedJSONIsRefusedWithAPositionOrReencodesToItself() {
         let corpus = FuzzCorpus.load("json")
         #expect(!corpus.isEmpty, "Fuzz/corpus/json is missing")
-        let report = fuzz("mutatedJSONIsRefusedWithAPositionOrReencodesToItself", seed: 0x3F_0002, iterations: 3000) { c, count in
+        let report = fuzz("mutatedJSONIsRefusedWithAPositionOrReencodesToItself", seed: 0x3F_0002, iterations: 3000) {
+            c,
+            count in
             let bytes = Self.text(c, corpus: corpus) { Self.render(Self.value(c), c) }
             c.note = String(decoding: bytes.prefix(200), as: UTF8.self)
             do throws(JSONParseError) {
@@ -144,8 +150,11 @@ import Testing
                 count("parsed")
             } catch {
                 let lines = bytes.filter { $0 == 0x0a }.count + 1
-                c.expect(error.line >= 1 && error.line <= lines && error.column >= 1 && error.column <= bytes.count + 1
-                         && !error.reason.isEmpty, "error position \(error.line):\(error.column) outside the text")
+                c.expect(
+                    error.line >= 1 && error.line <= lines && error.column >= 1 && error.column <= bytes.count + 1
+                        && !error.reason.isEmpty,
+                    "error position \(error.line):\(error.column) outside the text"
+                )
                 count("refused")
             }
         }
@@ -176,11 +185,15 @@ import Testing
             }
         }
         if !c.oneIn(10) {
-            o[name("Network")] = c.oneIn(12) ? c.pick([.number(10), .string("10.2.0.0"), .null, .string("0.0.0.0/0")])
+            o[name("Network")] =
+                c.oneIn(12)
+                ? c.pick([.number(10), .string("10.2.0.0"), .null, .string("0.0.0.0/0")])
                 : .string("\(c.oneIn(4) ? IPv4Address(c.u32()) : network.address)/\(prefix)")
         }
         if c.bool() {
-            o[name("SubnetLen")] = c.oneIn(6) ? c.pick([.number(24.5), .string("24"), .number(-1), .number(31), .number(0), .null])
+            o[name("SubnetLen")] =
+                c.oneIn(6)
+                ? c.pick([.number(24.5), .string("24"), .number(-1), .number(31), .number(0), .null])
                 : .number(Double(subnetLen))
         }
         if c.oneIn(3) { o[name("SubnetMin")] = subnetAddress() }
@@ -191,14 +204,22 @@ import Testing
         if !c.oneIn(4) {
             var b: [String: JSONValue] = [:]
             if !c.oneIn(10) {
-                b[name("Type")] = c.oneIn(10) ? c.pick([.string(""), .number(1), .null])
+                b[name("Type")] =
+                    c.oneIn(10)
+                    ? c.pick([.string(""), .number(1), .null])
                     : .string(c.pick(["udp", "vxlan", "host-gw", "UDP", "VxLan", "ipip", string(c, maxLength: 4)]))
             }
             if c.bool() {
-                b[name("Port")] = c.oneIn(4) ? c.pick([.number(0), .number(65536), .number(-1), .number(80.5), .string("8285")])
+                b[name("Port")] =
+                    c.oneIn(4)
+                    ? c.pick([.number(0), .number(65536), .number(-1), .number(80.5), .string("8285")])
                     : .number(Double(c.int(1...65535)))
             }
-            if c.bool() { b[name("VNI")] = c.oneIn(4) ? c.pick([.number(16777216), .number(-1), .string("1")]) : .number(Double(c.int(0...0xff_ffff))) }
+            if c.bool() {
+                b[name("VNI")] =
+                    c.oneIn(4)
+                    ? c.pick([.number(16777216), .number(-1), .string("1")]) : .number(Double(c.int(0...0xff_ffff)))
+            }
             if c.bool() { b[name("DirectRouting")] = c.oneIn(4) ? .string("yes") : .bool(c.bool()) }
             o[name("Backend")] = c.oneIn(12) ? .string("udp") : .object(b)
         }
@@ -207,7 +228,9 @@ import Testing
 
     /// flannel's rules for the config (docs/FLANNEL-COMPAT.md), written out again on plain
     /// dictionaries: the expected config, or the name of the error.
-    static func model(_ o: [String: JSONValue]) -> Result<(IPv4Network, Int, UInt32, UInt32, String, UInt16, Int, Bool), ModelError> {
+    static func model(
+        _ o: [String: JSONValue]
+    ) -> Result<(IPv4Network, Int, UInt32, UInt32, String, UInt16, Int, Bool), ModelError> {
         func field(_ object: [String: JSONValue], _ n: String) -> JSONValue? {
             let v = object[n] ?? object.keys.sorted().first { $0.lowercased() == n.lowercased() }.flatMap { object[$0] }
             if case .null? = v { return nil }
@@ -226,12 +249,14 @@ import Testing
         guard let ipv4 = bool(field(o, "EnableIPv4"), true) else { return .failure(.init("invalidValue")) }
         guard let ipv6 = bool(field(o, "EnableIPv6"), false) else { return .failure(.init("invalidValue")) }
         if !ipv4 { return .failure(.init("ipv4Disabled")) }
-        if ipv6 { return .failure(.init("missingIPv6Network")) } // the generator writes no IPv6Network
+        if ipv6 { return .failure(.init("missingIPv6Network")) }  // the generator writes no IPv6Network
         guard let nv = field(o, "Network") else { return .failure(.init("missingNetwork")) }
         guard case .string(let nt) = nv, let network = IPv4Network(nt) else { return .failure(.init("invalidValue")) }
         if network.prefixLength == 0 && network.address.value == 0 { return .failure(.init("missingNetwork")) }
         let prefix = network.prefixLength
-        guard let given = whole(field(o, "SubnetLen"), 0...2_147_483_647) else { return .failure(.init("invalidValue")) }
+        guard let given = whole(field(o, "SubnetLen"), 0...2_147_483_647) else {
+            return .failure(.init("invalidValue"))
+        }
         var length = Int(given ?? 0)
         if length > 0 {
             if length > 30 { return .failure(.init("subnetLenTooLong")) }
@@ -308,7 +333,8 @@ import Testing
     static func reencoded(_ config: NetworkConfig) -> String {
         var fields: [String: JSONValue] = [
             "Network": .string(config.network.description), "SubnetLen": .number(Double(config.subnetLen)),
-            "SubnetMin": .string(config.subnetMin.address.description), "SubnetMax": .string(config.subnetMax.address.description),
+            "SubnetMin": .string(config.subnetMin.address.description),
+            "SubnetMax": .string(config.subnetMax.address.description),
         ]
         // No Backend object (options empty) means udp with its defaults.
         if !config.backend.options.isEmpty { fields["Backend"] = .object(config.backend.options) }
@@ -328,23 +354,39 @@ import Testing
                     c.fail("accepted, the model says \(expected)")
                     return
                 }
-                c.expect(config.network == m.0 && config.subnetLen == m.1 && config.subnetMin.address.value == m.2
-                         && config.subnetMax.address.value == m.3, "geometry \(config.network) /\(config.subnetLen) \(config.subnetMin)…\(config.subnetMax), model \(m)")
-                c.expect(config.backend.type == m.4 && config.backend.port == m.5 && config.backend.vni == m.6
-                         && config.backend.directRouting == m.7, "backend \(config.backend), model \(m)")
-                c.expect(config.subnets.count >= 1 && config.fits(config.subnetMin) && config.fits(config.subnetMax)
-                         && !config.fits(IPv4Network(address: config.network.address, prefixLength: config.subnetLen)) == (config.subnetMin.address != config.network.address),
-                         "the subnet range is inconsistent")
+                c.expect(
+                    config.network == m.0 && config.subnetLen == m.1 && config.subnetMin.address.value == m.2
+                        && config.subnetMax.address.value == m.3,
+                    "geometry \(config.network) /\(config.subnetLen) \(config.subnetMin)…\(config.subnetMax), model \(m)"
+                )
+                c.expect(
+                    config.backend.type == m.4 && config.backend.port == m.5 && config.backend.vni == m.6
+                        && config.backend.directRouting == m.7,
+                    "backend \(config.backend), model \(m)"
+                )
+                c.expect(
+                    config.subnets.count >= 1 && config.fits(config.subnetMin) && config.fits(config.subnetMax)
+                        && !config.fits(IPv4Network(address: config.network.address, prefixLength: config.subnetLen))
+                            == (config.subnetMin.address != config.network.address),
+                    "the subnet range is inconsistent"
+                )
                 let again = try NetworkConfig(json: Self.reencoded(config))
-                c.expect(again.network == config.network && again.subnetLen == config.subnetLen && again.subnetMin == config.subnetMin
-                         && again.subnetMax == config.subnetMax && again.backend == config.backend, "re-encoded config differs")
+                c.expect(
+                    again.network == config.network && again.subnetLen == config.subnetLen
+                        && again.subnetMin == config.subnetMin
+                        && again.subnetMax == config.subnetMax && again.backend == config.backend,
+                    "re-encoded config differs"
+                )
                 count("accepted")
             } catch {
                 guard case .failure(let m) = expected else {
                     c.fail("refused (\(error)), the model accepts")
                     return
                 }
-                c.expect(Self.caseName(error) == m.name, "error \(Self.caseName(error)) (\(error)), the model says \(m.name)")
+                c.expect(
+                    Self.caseName(error) == m.name,
+                    "error \(Self.caseName(error)) (\(error)), the model says \(m.name)"
+                )
                 count("refused \(m.name)")
             }
         }
@@ -361,10 +403,19 @@ import Testing
             do throws(NetworkConfigError) {
                 let config = try NetworkConfig(json: text)
                 let range = config.subnets
-                c.expect(config.subnetLen >= config.network.prefixLength + 2 && config.subnetLen <= 30, "SubnetLen \(config.subnetLen)")
-                c.expect(config.network.contains(config.subnetMin) && config.network.contains(config.subnetMax)
-                         && config.subnetMin.address <= config.subnetMax.address && range.count >= 1, "range")
-                c.expect(range[range.count - 1] == config.subnetMax && range.index(of: config.subnetMax) == range.count - 1, "last subnet")
+                c.expect(
+                    config.subnetLen >= config.network.prefixLength + 2 && config.subnetLen <= 30,
+                    "SubnetLen \(config.subnetLen)"
+                )
+                c.expect(
+                    config.network.contains(config.subnetMin) && config.network.contains(config.subnetMax)
+                        && config.subnetMin.address <= config.subnetMax.address && range.count >= 1,
+                    "range"
+                )
+                c.expect(
+                    range[range.count - 1] == config.subnetMax && range.index(of: config.subnetMax) == range.count - 1,
+                    "last subnet"
+                )
                 let again = try NetworkConfig(json: Self.reencoded(config))
                 c.expect(again.subnets == range && again.backend == config.backend, "re-encoded config differs")
                 count("accepted")
@@ -382,17 +433,25 @@ import Testing
     static func attributes(_ c: FuzzCase) -> LeaseAttributes {
         var data: JSONValue? = nil
         if c.bool() {
-            data = c.oneIn(3) ? value(c) : .object(["VNI": .number(Double(c.int(0...0xffffff))), "VtepMAC": .string("0e:3f:1a:22:9b:c4")])
+            data =
+                c.oneIn(3)
+                ? value(c)
+                : .object(["VNI": .number(Double(c.int(0...0xffffff))), "VtepMAC": .string("0e:3f:1a:22:9b:c4")])
             if data == .null { data = .bool(true) }
         }
         return LeaseAttributes(
-            publicIP: IPv4Address(c.u32()), publicIPv6: c.oneIn(3) ? IPv6Address(c.pick(["fd00::1", "2001:db8::42"])) : nil,
-            backendType: c.bool() ? c.pick(["vxlan", "host-gw", "udp", "x" + string(c)]) : nil, backendData: data)
+            publicIP: IPv4Address(c.u32()),
+            publicIPv6: c.oneIn(3) ? IPv6Address(c.pick(["fd00::1", "2001:db8::42"])) : nil,
+            backendType: c.bool() ? c.pick(["vxlan", "host-gw", "udp", "x" + string(c)]) : nil,
+            backendData: data
+        )
     }
 
     @Test func leaseValuesRoundTripAndMutationsAreRefusedOrStable() {
         let corpus = FuzzCorpus.load("lease")
-        let report = fuzz("leaseValuesRoundTripAndMutationsAreRefusedOrStable", seed: 0x3F_0005, iterations: 3000) { c, count in
+        let report = fuzz("leaseValuesRoundTripAndMutationsAreRefusedOrStable", seed: 0x3F_0005, iterations: 3000) {
+            c,
+            count in
             let a = Self.attributes(c)
             let json = a.flannelJSON
             c.expect(json.hasPrefix("{\"PublicIP\":\"\(a.publicIP)\",\"PublicIPv6\":"), "not flannel's field order")
@@ -429,8 +488,13 @@ import Testing
             let key = prefix + LeaseKey.key(for: subnet) + v6
             c.expect(LeaseKey.subnet(fromKey: key) == subnet, "\(key) does not name \(subnet)")
             var bytes = Array(key.utf8)
-            c.mutate(&bytes, dictionary: ["-", ".", "/", "&", "0", "00", "1", "32", "33", "::", "-64", "255", "256", " ", "+"].map { Array($0.utf8) },
-                     focus: nil)
+            c.mutate(
+                &bytes,
+                dictionary: ["-", ".", "/", "&", "0", "00", "1", "32", "33", "::", "-64", "255", "256", " ", "+"].map {
+                    Array($0.utf8)
+                },
+                focus: nil
+            )
             let mutated = String(decoding: bytes, as: UTF8.self)
             c.note = mutated
             guard let parsed = LeaseKey.subnet(fromKey: mutated) else { count("refused"); return }
@@ -439,7 +503,10 @@ import Testing
             var name = Substring(mutated)
             if let slash = name.lastIndex(of: "/") { name = name[name.index(after: slash)...] }
             let v4 = name.split(separator: "&", omittingEmptySubsequences: false).first.map(String.init) ?? ""
-            c.expect(v4 == LeaseKey.key(for: parsed), "key \(mutated) names \(parsed), whose key is \(LeaseKey.key(for: parsed))")
+            c.expect(
+                v4 == LeaseKey.key(for: parsed),
+                "key \(mutated) names \(parsed), whose key is \(LeaseKey.key(for: parsed))"
+            )
             count("accepted")
         }
         report.expectReached("accepted", atLeast: 100)
@@ -448,21 +515,39 @@ import Testing
     // MARK: Local store files
 
     static func timestamp(_ c: FuzzCase) -> Timestamp {
-        Timestamp(milliseconds: c.oneIn(4) ? Int64(c.int(0...4_102_444_800_000)) : Int64(c.int(-62_167_219_200_000...253_402_300_799_999)))
+        Timestamp(
+            milliseconds: c.oneIn(4)
+                ? Int64(c.int(0...4_102_444_800_000)) : Int64(c.int(-62_167_219_200_000...253_402_300_799_999))
+        )
     }
 
     static func storedLease(_ c: FuzzCase) -> StoredLease {
         let subnet = IPv4Network(address: IPv4Address(c.u32()), prefixLength: c.int(8...30))
-        return StoredLease(key: subnet.leaseKey, subnet: subnet, attributes: attributes(c),
-                           expiration: c.oneIn(4) ? nil : timestamp(c), revision: Int64(c.int(0...9_000_000_000_000_000)))
+        return StoredLease(
+            key: subnet.leaseKey,
+            subnet: subnet,
+            attributes: attributes(c),
+            expiration: c.oneIn(4) ? nil : timestamp(c),
+            revision: Int64(c.int(0...9_000_000_000_000_000))
+        )
     }
 
     @Test func timestampsRoundTripAndOddTextIsRefusedOrStable() {
-        let report = fuzz("timestampsRoundTripAndOddTextIsRefusedOrStable", seed: 0x3F_0007, iterations: 4000) { c, count in
+        let report = fuzz("timestampsRoundTripAndOddTextIsRefusedOrStable", seed: 0x3F_0007, iterations: 4000) {
+            c,
+            count in
             let t = Self.timestamp(c)
-            c.expect(Timestamp(rfc3339: t.description) == t, "\(t.milliseconds) ms written as \(t) reads back differently")
+            c.expect(
+                Timestamp(rfc3339: t.description) == t,
+                "\(t.milliseconds) ms written as \(t) reads back differently"
+            )
             var bytes = Array(t.description.utf8)
-            c.mutate(&bytes, dictionary: ["9", "0", ".", "Z", "z", "t", "T", "-", ":", "60", "99", ".123456789", "+"].map { Array($0.utf8) })
+            c.mutate(
+                &bytes,
+                dictionary: ["9", "0", ".", "Z", "z", "t", "T", "-", ":", "60", "99", ".123456789", "+"].map {
+                    Array($0.utf8)
+                }
+            )
             let text = String(decoding: bytes, as: UTF8.self)
             if let parsed = Timestamp(rfc3339: text) {
                 c.expect(Timestamp(rfc3339: parsed.description) == parsed, "\(text) → \(parsed) does not read back")
@@ -478,9 +563,15 @@ import Testing
     @Test func storeRecordsAndEventLinesRoundTrip() throws {
         let report = fuzz("storeRecordsAndEventLinesRoundTrip", seed: 0x3F_0008, iterations: 1500) { c, count in
             let stored = Self.storedLease(c)
-            let back = try StoredLease(record: Array(stored.recordJSON.utf8), key: stored.key, subnet: stored.subnet, path: "p")
+            let back = try StoredLease(
+                record: Array(stored.recordJSON.utf8),
+                key: stored.key,
+                subnet: stored.subnet,
+                path: "p"
+            )
             c.expect(back == stored, "record \(stored.recordJSON) reads back as \(back)")
-            let change: StoreChange = c.bool() ? .put(stored) : .delete(key: stored.key, subnet: stored.subnet, revision: stored.revision)
+            let change: StoreChange =
+                c.bool() ? .put(stored) : .delete(key: stored.key, subnet: stored.subnet, revision: stored.revision)
             let line = change.line
             c.expect(line.hasSuffix("\n") && line.dropLast().allSatisfy { $0 != "\n" }, "an event is not one line")
             let parsed = try StoreChange(line: Array(line.utf8.dropLast()), path: "p")
@@ -488,7 +579,12 @@ import Testing
             var bytes = Array(stored.recordJSON.utf8)
             c.mutate(&bytes, dictionary: Self.jsonTokens)
             if let mutant = try? StoredLease(record: bytes, key: stored.key, subnet: stored.subnet, path: "p") {
-                let again = try StoredLease(record: Array(mutant.recordJSON.utf8), key: stored.key, subnet: stored.subnet, path: "p")
+                let again = try StoredLease(
+                    record: Array(mutant.recordJSON.utf8),
+                    key: stored.key,
+                    subnet: stored.subnet,
+                    path: "p"
+                )
                 c.expect(again == mutant, "a mutated record's re-encoding reads back differently")
                 count("mutant accepted")
             }
@@ -505,11 +601,13 @@ import Testing
             for i in 0..<c.int(0...12) {
                 var stored = Self.storedLease(c)
                 stored.revision = Int64(i + 1)
-                let change: StoreChange = c.oneIn(3) ? .delete(key: stored.key, subnet: stored.subnet, revision: stored.revision) : .put(stored)
+                let change: StoreChange =
+                    c.oneIn(3)
+                    ? .delete(key: stored.key, subnet: stored.subnet, revision: stored.revision) : .put(stored)
                 var line = Array(change.line.utf8)
                 switch c.int(0..<8) {
                 case 0: line = Array(line.prefix(c.int(0..<(line.count - 1)))) + [0x0a]  // torn, then the next append
-                case 1: line = c.bytes(c.int(0...40)).filter { $0 != 0x0a } + [0x0a]       // garbage
+                case 1: line = c.bytes(c.int(0...40)).filter { $0 != 0x0a } + [0x0a]  // garbage
                 default: intact.append(change)
                 }
                 log += line
@@ -524,14 +622,28 @@ import Testing
 
     @Test func storeStateFilesAreRefusedOrStable() {
         let report = fuzz("storeStateFilesAreRefusedOrStable", seed: 0x3F_000A, iterations: 2000) { c, count in
-            let state = StoreState(revision: Int64(c.int(0...Int(Int32.max))), oldest: Int64(c.int(1...1000)),
-                                   nextExpiry: c.bool() ? Self.timestamp(c) : nil)
-            c.expect((try? StoreState(parsing: Array(state.text.utf8), path: "r")) == state, "\(state.text) reads back differently")
+            let state = StoreState(
+                revision: Int64(c.int(0...Int(Int32.max))),
+                oldest: Int64(c.int(1...1000)),
+                nextExpiry: c.bool() ? Self.timestamp(c) : nil
+            )
+            c.expect(
+                (try? StoreState(parsing: Array(state.text.utf8), path: "r")) == state,
+                "\(state.text) reads back differently"
+            )
             var bytes = Array(state.text.utf8)
-            c.mutate(&bytes, dictionary: ["revision ", "oldest ", "next-expiry ", "\n", "-1", "0", " ", "99999999999999999999"].map { Array($0.utf8) })
+            c.mutate(
+                &bytes,
+                dictionary: ["revision ", "oldest ", "next-expiry ", "\n", "-1", "0", " ", "99999999999999999999"].map {
+                    Array($0.utf8)
+                }
+            )
             if let s = try? StoreState(parsing: bytes, path: "r") {
                 c.expect(s.revision >= 0 && s.oldest >= 1, "negative revision or oldest")
-                c.expect((try? StoreState(parsing: Array(s.text.utf8), path: "r")) == s, "re-encoding reads back differently")
+                c.expect(
+                    (try? StoreState(parsing: Array(s.text.utf8), path: "r")) == s,
+                    "re-encoding reads back differently"
+                )
                 count("accepted")
             } else {
                 count("refused")
@@ -544,14 +656,19 @@ import Testing
     // MARK: subnet.env
 
     static func subnetEnv(_ c: FuzzCase) -> SubnetEnv {
-        var env = SubnetEnv(network: IPv4Network(address: IPv4Address(c.u32()), prefixLength: c.int(0...32)),
-                            subnet: IPv4Network(address: IPv4Address(c.u32()), prefixLength: c.int(0...30)),
-                            mtu: c.int(68...65535), ipMasq: c.bool())
+        var env = SubnetEnv(
+            network: IPv4Network(address: IPv4Address(c.u32()), prefixLength: c.int(0...32)),
+            subnet: IPv4Network(address: IPv4Address(c.u32()), prefixLength: c.int(0...30)),
+            mtu: c.int(68...65535),
+            ipMasq: c.bool()
+        )
         // flanneld's IPv6 pair, in a third of the files.
         if c.oneIn(3) {
             env.ipv6Network = IPv6Network(address: IPv6Address(UInt128(c.u32()) << 96), prefixLength: c.int(0...64))
-            env.ipv6Subnet = IPv6Network(address: IPv6Address(UInt128(c.u32()) << 96 | UInt128(c.u32()) << 64),
-                                         prefixLength: c.int(0...126))
+            env.ipv6Subnet = IPv6Network(
+                address: IPv6Address(UInt128(c.u32()) << 96 | UInt128(c.u32()) << 64),
+                prefixLength: c.int(0...126)
+            )
         }
         return env
     }
@@ -585,12 +702,20 @@ import Testing
                 c.fail("refused: \(error)")
             }
             var bytes = !corpus.isEmpty && c.oneIn(3) ? c.pick(corpus) : Array(text.utf8)
-            c.mutate(&bytes, dictionary: ["FLANNEL_", "=", "\n", "#", "export ", "\"", "/32", "/31", "/0", "65536", "67", "true", "TRUE"].map { Array($0.utf8) })
+            c.mutate(
+                &bytes,
+                dictionary: [
+                    "FLANNEL_", "=", "\n", "#", "export ", "\"", "/32", "/31", "/0", "65536", "67", "true", "TRUE",
+                ].map { Array($0.utf8) }
+            )
             let mutated = String(decoding: bytes, as: UTF8.self)
             c.note = mutated
             do throws(SubnetEnvError) {
                 let parsed = try SubnetEnv(parsing: mutated)
-                c.expect((try? SubnetEnv(parsing: parsed.text)) == parsed, "\(parsed) is written as text that reads back differently")
+                c.expect(
+                    (try? SubnetEnv(parsing: parsed.text)) == parsed,
+                    "\(parsed) is written as text that reads back differently"
+                )
                 c.expect((68...65535).contains(parsed.mtu), "MTU \(parsed.mtu)")
                 count("mutant accepted")
             } catch {
@@ -619,7 +744,8 @@ import Testing
     /// subnet 10.2.72.1, which this file type writes back as 10.2.72.2/32 — another subnet.
     @Test func subnetFilesWithASubnetLongerThanSlash30AreRefused() {
         for prefix in [31, 32] {
-            let text = "FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_SUBNET=10.2.72.1/\(prefix)\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"
+            let text =
+                "FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_SUBNET=10.2.72.1/\(prefix)\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"
             #expect(throws: SubnetEnvError.self) { try SubnetEnv(parsing: text) }
             do {
                 _ = try SubnetEnv(parsing: text)
@@ -631,4 +757,3 @@ import Testing
         #expect((try? SubnetEnv(parsing: ok))?.subnet == net("10.2.72.0/30"))
     }
 }
-

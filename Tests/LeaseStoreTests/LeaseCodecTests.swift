@@ -1,6 +1,8 @@
 import FlannelFiles
-import Testing
+import Foundation
 import NetBase
+import Testing
+
 @testable import LeaseStore
 
 @Suite struct LeaseCodecTests {
@@ -11,17 +13,27 @@ import NetBase
 
     @Test func vxlanLeaseValueIsByteIdenticalToFlannels() {
         let attrs = LeaseAttributes(
-            publicIP: ip("198.18.0.2"), backendType: "vxlan",
-            backendData: .object(["VtepMAC": .string("2a:c9:1d:0b:72:8e"), "VNI": .number(1)]))
-        #expect(attrs.flannelJSON
-            == #"{"PublicIP":"198.18.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"2a:c9:1d:0b:72:8e"}}"#)
+            publicIP: ip("198.18.0.2"),
+            backendType: "vxlan",
+            backendData: .object(["VtepMAC": .string("2a:c9:1d:0b:72:8e"), "VNI": .number(1)])
+        )
+        #expect(
+            attrs.flannelJSON
+                == #"{"PublicIP":"198.18.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"2a:c9:1d:0b:72:8e"}}"#
+        )
     }
 
     @Test func ipv6AddressAndEscapesAreWrittenLikeGo() {
-        let attrs = LeaseAttributes(publicIP: ip("198.18.0.3"), publicIPv6: IPv6Address("fd00::3"),
-                                    backendType: "", backendData: .object(["Note": .string("a<b>&\"\n")]))
-        #expect(attrs.flannelJSON
-            == #"{"PublicIP":"198.18.0.3","PublicIPv6":"fd00::3","BackendData":{"Note":"a\u003cb\u003e\u0026\"\n"}}"#)
+        let attrs = LeaseAttributes(
+            publicIP: ip("198.18.0.3"),
+            publicIPv6: IPv6Address("fd00::3"),
+            backendType: "",
+            backendData: .object(["Note": .string("a<b>&\"\n")])
+        )
+        #expect(
+            attrs.flannelJSON
+                == #"{"PublicIP":"198.18.0.3","PublicIPv6":"fd00::3","BackendData":{"Note":"a\u003cb\u003e\u0026\"\n"}}"#
+        )
     }
 
     @Test(arguments: [
@@ -42,8 +54,10 @@ import NetBase
 
     @Test func vxlanValueDecodesItsParts() throws {
         let attrs = try LeaseAttributes(
-            flannelJSON: #"{"PublicIP":"198.18.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#,
-            key: "10.2.1.0-24")
+            flannelJSON:
+                #"{"PublicIP":"198.18.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#,
+            key: "10.2.1.0-24"
+        )
         #expect(attrs.publicIPv6 == nil)
         #expect(attrs.backendType == "vxlan")
         #expect(attrs.backendData?.field("VtepMAC") == .string("aa:bb:cc:dd:ee:ff"))
@@ -101,7 +115,12 @@ import NetBase
 
     @Test func valuesParseAndPrintCompactly() throws {
         let v = try JSONValue(parsing: #" {"b": [1, 2.5, -3e2, true, null], "a": "\u00e9\ud83d\ude00\/"} "#)
-        #expect(v == .object(["a": .string("é😀/"), "b": .array([.number(1), .number(2.5), .number(-300), .bool(true), .null])]))
+        #expect(
+            v
+                == .object([
+                    "a": .string("é😀/"), "b": .array([.number(1), .number(2.5), .number(-300), .bool(true), .null]),
+                ])
+        )
         #expect(v.compactText == #"{"a":"é😀/","b":[1,2.5,-300,true,null]}"#)
         #expect(try JSONValue(parsing: v.compactText) == v)
     }
@@ -131,5 +150,3 @@ import NetBase
         #expect(Timestamp(rfc3339: "2026-03-01 12:00:00Z") == nil)
     }
 }
-
-import Foundation

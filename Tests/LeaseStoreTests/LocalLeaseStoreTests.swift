@@ -1,22 +1,26 @@
 import EtcdTestSupport
 import Foundation
 import Logging
+import NetBase
 import Synchronization
 import Testing
-import NetBase
+
 @testable import LeaseStore
 
 @Suite struct LocalLeaseStoreTests {
-    static let smallNetwork = #"{"Network": "10.2.0.0/24", "SubnetLen": 28}"#   // 15 subnets
-    static let tinyNetwork = #"{"Network": "10.2.0.0/28"}"#                     // 3 subnets: .4 .8 .12
+    static let smallNetwork = #"{"Network": "10.2.0.0/24", "SubnetLen": 28}"#  // 15 subnets
+    static let tinyNetwork = #"{"Network": "10.2.0.0/28"}"#  // 3 subnets: .4 .8 .12
 
     func node(_ n: Int) -> LeaseAttributes { LeaseAttributes(publicIP: IPv4Address(198, 18, 0, UInt8(n))) }
 
     /// Collects `count` events from a watch, failing after `timeout` (a
     /// guard against hanging, generous for a loaded machine).
-    func collect(_ stream: AsyncThrowingStream<LeaseEvent, any Error>, count: Int,
-                 timeout: Duration = .seconds(30),
-                 onEvent: @escaping @Sendable () -> Void = {}) async throws -> [LeaseEvent] {
+    func collect(
+        _ stream: AsyncThrowingStream<LeaseEvent, any Error>,
+        count: Int,
+        timeout: Duration = .seconds(30),
+        onEvent: @escaping @Sendable () -> Void = {}
+    ) async throws -> [LeaseEvent] {
         try await withThrowingTaskGroup(of: [LeaseEvent]?.self) { group in
             group.addTask {
                 var events: [LeaseEvent] = []
@@ -121,10 +125,12 @@ import NetBase
             #expect(record.hasSuffix(#"","Value":{"PublicIP":"198.18.0.1","PublicIPv6":null}}"#))
             #expect(record.contains(Timestamp(lease.expiration!).description))
             #expect(readText(dir + "/revision")?.hasPrefix("revision 1\noldest 1\nnext-expiry ") == true)
-            #expect(readText(dir + "/events.log")?.hasPrefix(#"{"Revision":1,"Type":"PUT","Key":"10.2.0.16-28","#) == true)
+            #expect(
+                readText(dir + "/events.log")?.hasPrefix(#"{"Revision":1,"Type":"PUT","Key":"10.2.0.16-28","#) == true
+            )
             #expect(!FileManager.default.fileExists(atPath: dir + "/pending"))
             let names = try FileManager.default.contentsOfDirectory(atPath: dir + "/subnets")
-            #expect(names == ["10.2.0.16-28"]) // no temporary files left behind
+            #expect(names == ["10.2.0.16-28"])  // no temporary files left behind
         }
     }
 
@@ -164,7 +170,7 @@ import NetBase
             await #expect(throws: LeaseStoreError.leaseNotFound(subnet: lease.subnet)) {
                 try await store.renewLease(lease)
             }
-            try await store.releaseLease(lease) // must not delete node 2's lease
+            try await store.releaseLease(lease)  // must not delete node 2's lease
             #expect(try await store.leases().leases.map(\.attributes.publicIP) == [node(2).publicIP])
         }
     }
@@ -177,7 +183,7 @@ import NetBase
             #expect(reserved.isReservation)
 
             let lease = try await store.acquireLease(config: c, attributes: node(5), preferred: net("10.2.0.16/28"))
-            #expect(lease == reserved) // unchanged attributes: not rewritten
+            #expect(lease == reserved)  // unchanged attributes: not rewritten
             #expect(try await store.renewLease(lease) == reserved)
 
             // New attributes (a new VtepMAC, say) update it but keep it a reservation.
@@ -207,8 +213,13 @@ import NetBase
     @Test func expiredLeaseIsRemovedWithADeleteEvent() async throws {
         try await withTemporaryDirectory { dir in
             let clock = TestClock()
-            let store = try LocalLeaseStore(directory: dir, leaseTTL: .seconds(1), compactionKeep: 1000,
-                                            logger: Logger(label: "test"), clock: { clock.now })
+            let store = try LocalLeaseStore(
+                directory: dir,
+                leaseTTL: .seconds(1),
+                compactionKeep: 1000,
+                logger: Logger(label: "test"),
+                clock: { clock.now }
+            )
             let c = try await store.setNetworkConfig(json: Self.smallNetwork)
             let lease = try await store.acquireLease(config: c, attributes: node(1), preferred: nil)
             clock.advance(milliseconds: 1100)
@@ -228,8 +239,13 @@ import NetBase
             // A clock of the test's own: a loaded machine must not let the
             // leases run out before the network is full.
             let clock = TestClock()
-            let store = try LocalLeaseStore(directory: dir, leaseTTL: .seconds(1), compactionKeep: 1000,
-                                            logger: Logger(label: "test"), clock: { clock.now })
+            let store = try LocalLeaseStore(
+                directory: dir,
+                leaseTTL: .seconds(1),
+                compactionKeep: 1000,
+                logger: Logger(label: "test"),
+                clock: { clock.now }
+            )
             let c = try await store.setNetworkConfig(json: Self.tinyNetwork)
             for i in 1...3 { _ = try await store.acquireLease(config: c, attributes: node(i), preferred: nil) }
             let full = await #expect(throws: LeaseStoreError.self) {
@@ -242,7 +258,7 @@ import NetBase
             #expect(keys.count == 3, "\(keys)")
             clock.advance(milliseconds: 1100)
             let lease = try await store.acquireLease(config: c, attributes: node(4), preferred: nil)
-            #expect(lease.revision == 3 + 3 + 1) // three PUTs, three expiry DELETEs, our PUT
+            #expect(lease.revision == 3 + 3 + 1)  // three PUTs, three expiry DELETEs, our PUT
         }
     }
 
@@ -271,7 +287,11 @@ import NetBase
             }
             let d = try await writer.acquireLease(config: c, attributes: node(4), preferred: nil)
             try await writer.releaseLease(b)
-            #expect(try await live == [.delete(subnet: a.subnet, revision: 3), .put(d), .delete(subnet: b.subnet, revision: 5)])
+            #expect(
+                try await live == [
+                    .delete(subnet: a.subnet, revision: 3), .put(d), .delete(subnet: b.subnet, revision: 5),
+                ]
+            )
         }
     }
 
@@ -344,8 +364,10 @@ import NetBase
             #expect(full?.description.contains("10.2.0.4-30") == true, "\(String(describing: full))")
             // The operator's way out.
             #expect(try await store.deleteLease(subnet: net("10.2.0.4/30")))
-            #expect(try await store.acquireLease(config: c, attributes: node(3), preferred: nil).subnet
-                == net("10.2.0.4/30"))
+            #expect(
+                try await store.acquireLease(config: c, attributes: node(3), preferred: nil).subnet
+                    == net("10.2.0.4/30")
+            )
         }
     }
 
@@ -365,7 +387,7 @@ import NetBase
             await #expect(throws: NetworkConfigError.networkTooSmall(network: net("10.5.0.0/30"))) {
                 try await store.setNetworkConfig(json: #"{"Network": "10.5.0.0/30"}"#)
             }
-            #expect(try await store.rawNetworkConfig() == json) // the bad one was not stored
+            #expect(try await store.rawNetworkConfig() == json)  // the bad one was not stored
         }
     }
 
@@ -375,10 +397,18 @@ import NetBase
             let c = try await store.setNetworkConfig(json: Self.smallNetwork)
             let a = try await store.acquireLease(config: c, attributes: node(1), preferred: net("10.2.0.16/28"))
             // A process died after journaling revision 2 (and applying nothing).
-            let orphan = StoredLease(key: "10.2.0.48-28", subnet: net("10.2.0.48/28"), attributes: node(2),
-                                     expiration: Timestamp(a.expiration!), revision: 2)
-            try writeText(dir + "/pending", StoreChange.put(orphan).line
-                + StoreChange.delete(key: "10.2.0.16-28", subnet: a.subnet, revision: 3).line)
+            let orphan = StoredLease(
+                key: "10.2.0.48-28",
+                subnet: net("10.2.0.48/28"),
+                attributes: node(2),
+                expiration: Timestamp(a.expiration!),
+                revision: 2
+            )
+            try writeText(
+                dir + "/pending",
+                StoreChange.put(orphan).line
+                    + StoreChange.delete(key: "10.2.0.16-28", subnet: a.subnet, revision: 3).line
+            )
 
             let snapshot = try await store.leases()
             #expect(snapshot.revision == 3)

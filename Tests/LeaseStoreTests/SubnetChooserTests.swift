@@ -1,21 +1,36 @@
 import Foundation
-import Testing
 import NetBase
+import Testing
+
 @testable import LeaseStore
 
 @Suite struct SubnetChooserTests {
     let later = Date(timeIntervalSince1970: 2_000_000_000)
 
     func lease(_ subnet: String, _ publicIP: String, reserved: Bool = false, expiresAt: Date? = nil) -> Lease {
-        Lease(subnet: net(subnet), attributes: LeaseAttributes(publicIP: ip(publicIP)),
-              expiration: reserved ? nil : (expiresAt ?? later), revision: 1)
+        Lease(
+            subnet: net(subnet),
+            attributes: LeaseAttributes(publicIP: ip(publicIP)),
+            expiration: reserved ? nil : (expiresAt ?? later),
+            revision: 1
+        )
     }
 
-    func choose(_ config: NetworkConfig, _ leases: [Lease], me: String = "198.18.0.1",
-                preferred: String? = nil, seed: UInt64 = 1) throws(LeaseStoreError) -> SubnetChoice {
+    func choose(
+        _ config: NetworkConfig,
+        _ leases: [Lease],
+        me: String = "198.18.0.1",
+        preferred: String? = nil,
+        seed: UInt64 = 1
+    ) throws(LeaseStoreError) -> SubnetChoice {
         var g = SeededGenerator(seed: seed)
-        return try SubnetChooser.choose(config: config, leases: leases, publicIP: ip(me),
-                                        preferred: preferred.map(net), using: &g)
+        return try SubnetChooser.choose(
+            config: config,
+            leases: leases,
+            publicIP: ip(me),
+            preferred: preferred.map(net),
+            using: &g
+        )
     }
 
     @Test func ownLeaseIsReusedBeforeThePreferredSubnet() throws {
@@ -38,7 +53,7 @@ import NetBase
     @Test func ownLeaseThatNoLongerFitsIsObsoleteAndItsSpaceFree() throws {
         // The network shrank to /28: SubnetLen 30, subnets .4 .8 .12.
         let c = try config(#"{"Network": "10.2.0.0/28"}"#)
-        let old = lease("10.2.0.0/24", "198.18.0.1")              // wrong length, overlaps everything
+        let old = lease("10.2.0.0/24", "198.18.0.1")  // wrong length, overlaps everything
         let oldReservation = lease("10.2.0.8/29", "198.18.0.1", reserved: true)
         let choice = try choose(c, [old, oldReservation], seed: 3)
         #expect(choice.obsolete == [old])
@@ -46,8 +61,10 @@ import NetBase
         // The reservation is the operator's: it is not deleted; but a /29
         // under SubnetLen 30 is no lease by the one rule (`LeaseRule`), so
         // it takes no subnet either.
-        #expect(choice.candidates.sorted { $0.address < $1.address }
-                == [net("10.2.0.4/30"), net("10.2.0.8/30"), net("10.2.0.12/30")])
+        #expect(
+            choice.candidates.sorted { $0.address < $1.address }
+                == [net("10.2.0.4/30"), net("10.2.0.8/30"), net("10.2.0.12/30")]
+        )
     }
 
     @Test func preferredSubnetIsUsedWhenFreeAndFitting() throws {
@@ -66,8 +83,8 @@ import NetBase
     }
 
     @Test(arguments: [
-        "10.2.1.0/24",   // held by someone else
-        "10.2.0.0/24",   // below SubnetMin: the network's first subnet
+        "10.2.1.0/24",  // held by someone else
+        "10.2.0.0/24",  // below SubnetMin: the network's first subnet
         "10.2.72.0/25",  // wrong length
         "10.3.72.0/24",  // outside the network
     ])
@@ -82,8 +99,12 @@ import NetBase
         let c = try config(#"{"Network": "10.0.0.0/8"}"#)
         // Every other subnet of the first 300 is taken.
         let leases = stride(from: 1, to: 300, by: 2).map { i in
-            Lease(subnet: c.subnets[i], attributes: LeaseAttributes(publicIP: ip("198.18.1.1")),
-                  expiration: later, revision: 1)
+            Lease(
+                subnet: c.subnets[i],
+                attributes: LeaseAttributes(publicIP: ip("198.18.1.1")),
+                expiration: later,
+                revision: 1
+            )
         }
         let firstHundredFree = Set(stride(from: 0, to: 200, by: 2).map { c.subnets[$0] })
         var picks = Set<IPv4Network>()
@@ -99,18 +120,26 @@ import NetBase
 
     @Test func outOfSubnetsWhenEverythingIsTaken() throws {
         let c = try config(#"{"Network": "10.2.0.0/28"}"#)
-        let leases = [lease("10.2.0.4/30", "198.18.0.2"), lease("10.2.0.8/30", "198.18.0.3"),
-                      lease("10.2.0.12/30", "198.18.0.4")]
-        #expect(throws: LeaseStoreError.outOfSubnets(network: net("10.2.0.0/28"),
-                                                     blockedBy: ["10.2.0.4-30", "10.2.0.8-30", "10.2.0.12-30"])) {
+        let leases = [
+            lease("10.2.0.4/30", "198.18.0.2"), lease("10.2.0.8/30", "198.18.0.3"),
+            lease("10.2.0.12/30", "198.18.0.4"),
+        ]
+        #expect(
+            throws: LeaseStoreError.outOfSubnets(
+                network: net("10.2.0.0/28"),
+                blockedBy: ["10.2.0.4-30", "10.2.0.8-30", "10.2.0.12-30"]
+            )
+        ) {
             try choose(c, leases, preferred: "10.2.0.8/30")
         }
     }
 
     @Test func leasesOutsideTheNetworkAreIgnored() throws {
         let c = try config(#"{"Network": "10.2.0.0/28"}"#)
-        let leases = [lease("10.9.0.4/30", "198.18.0.2"), lease("192.168.0.0/16", "198.18.0.3"),
-                      lease("10.2.0.4/30", "198.18.0.4")]
+        let leases = [
+            lease("10.9.0.4/30", "198.18.0.2"), lease("192.168.0.0/16", "198.18.0.3"),
+            lease("10.2.0.4/30", "198.18.0.4"),
+        ]
         let choice = try choose(c, leases)
         #expect(Set(choice.candidates) == [net("10.2.0.8/30"), net("10.2.0.12/30")])
     }
@@ -118,9 +147,14 @@ import NetBase
     @Test func occupiedSubnetsAreNeverOffered() throws {
         let c = try config(#"{"Network": "10.2.0.0/28"}"#)
         var g = SeededGenerator(seed: 1)
-        let choice = try SubnetChooser.choose(config: c, leases: [], publicIP: ip("198.18.0.1"),
-                                              preferred: net("10.2.0.4/30"),
-                                              occupied: [net("10.2.0.4/30")], using: &g)
+        let choice = try SubnetChooser.choose(
+            config: c,
+            leases: [],
+            publicIP: ip("198.18.0.1"),
+            preferred: net("10.2.0.4/30"),
+            occupied: [net("10.2.0.4/30")],
+            using: &g
+        )
         #expect(Set(choice.candidates) == [net("10.2.0.8/30"), net("10.2.0.12/30")])
     }
 
@@ -130,8 +164,10 @@ import NetBase
         var g = SeededGenerator(seed: 42)
         for _ in 0..<300 {
             let prefix = Int.random(in: 8...28, using: &g)
-            let base = IPv4Network(address: IPv4Address(UInt32.random(in: 0...UInt32.max, using: &g)),
-                                   prefixLength: prefix)
+            let base = IPv4Network(
+                address: IPv4Address(UInt32.random(in: 0...UInt32.max, using: &g)),
+                prefixLength: prefix
+            )
             let subnetLen = Int.random(in: (prefix + 2)...min(30, prefix + 10), using: &g)
             let c = try config(#"{"Network": "\#(base)", "SubnetLen": \#(subnetLen)}"#)
             var leases: [IPv4Network] = []

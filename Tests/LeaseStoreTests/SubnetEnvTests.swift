@@ -1,20 +1,23 @@
 import FlannelFiles
 import Foundation
-@testable import LeaseStore
 import NetBase
 import Testing
+
+@testable import LeaseStore
 
 @Suite struct SubnetEnvTests {
     let env = SubnetEnv(network: net("10.2.0.0/16"), subnet: net("10.2.72.0/24"), mtu: 1472, ipMasq: false)
 
     @Test func textIsFlannelsInFlannelsOrder() {
-        #expect(env.text == """
-            FLANNEL_NETWORK=10.2.0.0/16
-            FLANNEL_SUBNET=10.2.72.1/24
-            FLANNEL_MTU=1472
-            FLANNEL_IPMASQ=false
+        #expect(
+            env.text == """
+                FLANNEL_NETWORK=10.2.0.0/16
+                FLANNEL_SUBNET=10.2.72.1/24
+                FLANNEL_MTU=1472
+                FLANNEL_IPMASQ=false
 
-            """)
+                """
+        )
     }
 
     @Test func writtenFileReadsBackAndLeavesNoTemporaryFiles() async throws {

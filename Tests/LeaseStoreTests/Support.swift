@@ -1,5 +1,6 @@
 import Foundation
 import NetBase
+
 @testable import LeaseStore
 
 /// A temporary directory removed when the test body returns or throws.

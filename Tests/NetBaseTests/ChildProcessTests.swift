@@ -1,12 +1,17 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import NetBase
 import Testing
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 @Suite struct ChildProcessTests {
     @Test func runCollectsBothOutputsAndTheExitStatus() throws {
-        let output = try ChildProcess.run("sh", arguments: ["-c", "cat; echo err >&2; exit 3"], input: Array("in".utf8))
+        let output = try ChildProcess.run(
+            "sh",
+            arguments: ["-c", "cat; echo err >&2; exit 3"],
+            input: Array("in".utf8)
+        )
         #expect(output.status == 3)
         #expect(String(decoding: output.stdout, as: UTF8.self) == "in")
         #expect(String(decoding: output.stderr, as: UTF8.self) == "err\n")
@@ -14,7 +19,11 @@ import Testing
 
     @Test func runWithATimeoutEndsAChildThatDoesNotEnd() throws {
         let start = ContinuousClock.now
-        let output = try ChildProcess.run("sh", arguments: ["-c", "echo started; exec sleep 30"], timeout: .milliseconds(300))
+        let output = try ChildProcess.run(
+            "sh",
+            arguments: ["-c", "echo started; exec sleep 30"],
+            timeout: .milliseconds(300)
+        )
         #expect(output.status == 128 + SIGTERM)
         #expect(String(decoding: output.stdout, as: UTF8.self) == "started\n")
         #expect(ContinuousClock.now - start < .seconds(5))
@@ -31,9 +40,13 @@ import Testing
         let path = "/tmp/tunneld-child-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         defer { unlink(path) }
         for signal in [nil, SIGKILL] as [Int32?] {
-            let child = try ChildProcess.start("sh", arguments: ["-c", "echo out; echo err >&2"],
-                                               standardOutput: .file(path), standardError: .standardOutput,
-                                               parentDeathSignal: signal)
+            let child = try ChildProcess.start(
+                "sh",
+                arguments: ["-c", "echo out; echo err >&2"],
+                standardOutput: .file(path),
+                standardError: .standardOutput,
+                parentDeathSignal: signal
+            )
             #expect(child.wait(timeout: .seconds(10)) == 0)
         }
         let text = try #require(readText(path))
@@ -45,8 +58,11 @@ import Testing
         #expect(polite.wait(timeout: .milliseconds(100)) == nil)
         #expect(polite.terminate() == 128 + SIGTERM)
         #expect(polite.status == 128 + SIGTERM)
-        let stubborn = try ChildProcess.start("sh", arguments: ["-c", "trap '' TERM; echo ready; while :; do sleep 1; done"],
-                                              standardOutput: .null)
+        let stubborn = try ChildProcess.start(
+            "sh",
+            arguments: ["-c", "trap '' TERM; echo ready; while :; do sleep 1; done"],
+            standardOutput: .null
+        )
         usleep(200_000)
         #expect(stubborn.terminate(grace: .milliseconds(300)) == 128 + SIGKILL)
     }
@@ -56,7 +72,10 @@ import Testing
     @Test func theParentDeathSignalReachesTheProgram() throws {
         let script = "import ctypes; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)"
         let asked = try ChildProcess.run("python3", arguments: ["-c", script], parentDeathSignal: SIGKILL)
-        #expect(String(decoding: asked.stdout, as: UTF8.self) == "\(SIGKILL)\n", "\(String(decoding: asked.stderr, as: UTF8.self))")
+        #expect(
+            String(decoding: asked.stdout, as: UTF8.self) == "\(SIGKILL)\n",
+            "\(String(decoding: asked.stderr, as: UTF8.self))"
+        )
         let plain = try ChildProcess.run("python3", arguments: ["-c", script])
         #expect(String(decoding: plain.stdout, as: UTF8.self) == "0\n")
     }
@@ -67,11 +86,17 @@ import Testing
         final class Box: @unchecked Sendable { var child: ChildProcess?; var error: (any Error)? }
         let box = Box()
         var thread = pthread_t()
-        let rc = pthread_create(&thread, nil, { raw in
-            let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
-            do { box.child = try ChildProcess.start("sleep", arguments: ["30"], parentDeathSignal: SIGKILL) } catch { box.error = error }
-            return nil
-        }, Unmanaged.passRetained(box).toOpaque())
+        let rc = pthread_create(
+            &thread,
+            nil,
+            { raw in
+                let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
+                do { box.child = try ChildProcess.start("sleep", arguments: ["30"], parentDeathSignal: SIGKILL) } catch
+                { box.error = error }
+                return nil
+            },
+            Unmanaged.passRetained(box).toOpaque()
+        )
         try #require(rc == 0)
         pthread_join(thread, nil)
         let child = try #require(box.child, "\(String(describing: box.error))")

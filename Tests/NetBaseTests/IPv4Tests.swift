@@ -1,5 +1,5 @@
-import Testing
 import NetBase
+import Testing
 
 @Suite struct IPv4Tests {
     @Test func dottedQuadRoundTrips() {
@@ -21,30 +21,37 @@ import NetBase
             var value: UInt32 = 0
             for part in parts {
                 guard (1...3).contains(part.count), part.allSatisfy({ ("0"..."9").contains($0) }),
-                      let n = UInt32(part), n <= 255 else { return nil }
+                    let n = UInt32(part), n <= 255
+                else { return nil }
                 if canonical && part.count > 1 && part.first == "0" { return nil }
                 value = value << 8 | n
             }
             return value
         }
-        let pieces = ["0", "00", "010", "1", "9", "10", "99", "199", "255", "256", "300", "1000", "", "a", " ", "-1", "+1"]
+        let pieces = [
+            "0", "00", "010", "1", "9", "10", "99", "199", "255", "256", "300", "1000", "", "a", " ", "-1", "+1",
+        ]
         var generator = SeededGenerator(seed: 0x1_0004)
         var checked = 0
         for _ in 0..<20_000 {
             let count = Int.random(in: 2...5, using: &generator)
             let text = (0..<count).map { _ in pieces.randomElement(using: &generator)! }.joined(separator: ".")
             for canonical in [false, true] {
-                #expect(IPv4Address.parse(Array(text.utf8), canonical: canonical) == model(text, canonical: canonical),
-                        "\(text) canonical: \(canonical)")
+                #expect(
+                    IPv4Address.parse(Array(text.utf8), canonical: canonical) == model(text, canonical: canonical),
+                    "\(text) canonical: \(canonical)"
+                )
                 checked += model(text, canonical: canonical) == nil ? 0 : 1
             }
         }
         #expect(checked > 200, "the generator must also produce valid addresses")
     }
 
-    @Test(arguments: [("10.2.72.0-24", true), ("10.2.72.0-024", false), ("10.2.72.0-04", false), ("10.2.072.0-24", false),
-                      ("0.0.0.0-0", true), ("10.2.72.0-33", false), ("10.2.72.0-", false), ("10.2.72.1-24", false),
-                      ("10.2.72.0-2a", false), ("10.2.72.0/24", false)])
+    @Test(arguments: [
+        ("10.2.72.0-24", true), ("10.2.72.0-024", false), ("10.2.72.0-04", false), ("10.2.072.0-24", false),
+        ("0.0.0.0-0", true), ("10.2.72.0-33", false), ("10.2.72.0-", false), ("10.2.72.1-24", false),
+        ("10.2.72.0-2a", false), ("10.2.72.0/24", false),
+    ])
     func canonicalLeaseKeysAreTheOnlySpellingAccepted(_ key: String, _ accepted: Bool) {
         let parsed = IPv4Network.parse(Array(key.utf8), separator: UInt8(ascii: "-"), canonical: true, strict: true)
         #expect((parsed != nil) == accepted)

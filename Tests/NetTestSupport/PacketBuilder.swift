@@ -1,9 +1,15 @@
 import UDPEncap
 
 /// Builds an IPv4 packet with a correct header checksum.
-public func makePacket(source: UInt32 = 0x0A02_0105, destination: UInt32 = 0x0A02_0205, ttl: UInt8 = 64,
-                proto: UInt8 = 17, payload: [UInt8] = Array(repeating: 0xab, count: 32),
-                fragmentOffset: UInt16 = 0, id: UInt16 = 0x1234) -> [UInt8] {
+public func makePacket(
+    source: UInt32 = 0x0A02_0105,
+    destination: UInt32 = 0x0A02_0205,
+    ttl: UInt8 = 64,
+    proto: UInt8 = 17,
+    payload: [UInt8] = Array(repeating: 0xab, count: 32),
+    fragmentOffset: UInt16 = 0,
+    id: UInt16 = 0x1234
+) -> [UInt8] {
     var p = [UInt8](repeating: 0, count: 20 + payload.count)
     p[0] = 0x45
     let total = UInt16(p.count)
@@ -19,4 +25,3 @@ public func makePacket(source: UInt32 = 0x0A02_0105, destination: UInt32 = 0x0A0
     p.withUnsafeMutableBytes { IPv4Header.updateChecksum($0.baseAddress!) }
     return p
 }
-

@@ -26,12 +26,19 @@ public struct CommandFailed: Error, CustomStringConvertible {
 /// error when it fails. A command still running after 30 s is ended.
 @discardableResult
 public func command(_ arguments: [String]) throws -> String {
-    let output = try ChildProcess.run(arguments[0], arguments: Array(arguments.dropFirst()), timeout: .seconds(30),
-                                      parentDeathSignal: SIGKILL)
+    let output = try ChildProcess.run(
+        arguments[0],
+        arguments: Array(arguments.dropFirst()),
+        timeout: .seconds(30),
+        parentDeathSignal: SIGKILL
+    )
     let stdout = String(decoding: output.stdout, as: UTF8.self)
     guard output.status == 0 else {
-        throw CommandFailed(command: arguments, status: output.status,
-                            output: String(decoding: output.stderr, as: UTF8.self) + stdout)
+        throw CommandFailed(
+            command: arguments,
+            status: output.status,
+            output: String(decoding: output.stderr, as: UTF8.self) + stdout
+        )
     }
     return stdout
 }
@@ -73,6 +80,8 @@ public func withNamespace<T>(_ body: (TestNamespace) throws -> T) throws -> T {
 
 /// The flags `ip -o link show` prints between < and >.
 public func linkFlags(_ ipLinkLine: String) -> Set<Substring> {
-    guard let open = ipLinkLine.firstIndex(of: "<"), let close = ipLinkLine.firstIndex(of: ">"), open < close else { return [] }
+    guard let open = ipLinkLine.firstIndex(of: "<"), let close = ipLinkLine.firstIndex(of: ">"), open < close else {
+        return []
+    }
     return Set(ipLinkLine[ipLinkLine.index(after: open)..<close].split(separator: ","))
 }

@@ -2,8 +2,9 @@ import CTunnel
 import FuzzSupport
 import Glibc
 import NetBase
-@testable import Netlink
 import Testing
+
+@testable import Netlink
 
 /// Replies from the kernel, hand-made and then mutated, against a slow parser and the
 /// decoders of links, addresses, routes and errors.
@@ -20,7 +21,9 @@ import Testing
             r.append(attribute: IFLA_MTU, uint32: UInt32(c.int(68...65535)))
             if c.bool() { r.append(attribute: IFLA_ADDRESS, bytes: c.bytes(6)) }
             if c.bool() {
-                r.appendNested(attribute: IFLA_LINKINFO) { $0.append(attribute: IFLA_INFO_KIND, string: c.pick(["vxlan", "veth", "tun"])) }
+                r.appendNested(attribute: IFLA_LINKINFO) {
+                    $0.append(attribute: IFLA_INFO_KIND, string: c.pick(["vxlan", "veth", "tun"]))
+                }
             }
             return r.encoded(sequence: sequence)
         case 1:
@@ -76,7 +79,12 @@ import Testing
         while d.count - o >= 16 {
             let length = Int(le(o, 4))
             guard length >= 16, length <= d.count - o else { return nil }
-            out.append((UInt16(le(o + 4, 2)), UInt16(le(o + 6, 2)), UInt32(le(o + 8, 4)), UInt32(le(o + 12, 4)), Array(d[(o + 16)..<(o + length)])))
+            out.append(
+                (
+                    UInt16(le(o + 4, 2)), UInt16(le(o + 6, 2)), UInt32(le(o + 8, 4)), UInt32(le(o + 12, 4)),
+                    Array(d[(o + 16)..<(o + length)])
+                )
+            )
             o += (length + 3) / 4 * 4
         }
         return out
@@ -95,7 +103,9 @@ import Testing
     }
 
     @Test func repliesOfAnyBytesParseAsTheSlowModelParsesThem() {
-        let report = fuzz("repliesOfAnyBytesParseAsTheSlowModelParsesThem", seed: 0x4F_0001, iterations: 6000) { c, count in
+        let report = fuzz("repliesOfAnyBytesParseAsTheSlowModelParsesThem", seed: 0x4F_0001, iterations: 6000) {
+            c,
+            count in
             var datagram: [UInt8] = []
             for i in 0..<c.int(1...4) { datagram += Self.seedMessage(c, sequence: UInt32(i)) }
             if c.oneIn(6) { datagram = c.bytes(c.int(0...80)) }
@@ -109,12 +119,18 @@ import Testing
             guard case .success(let messages) = parsed else { c.fail("refused, the model accepts"); return }
             c.expect(messages.count == model.count, "\(messages.count) messages, the model \(model.count)")
             for (m, s) in zip(messages, model) {
-                c.expect(m.type == s.0 && m.flags == s.1 && m.sequence == s.2 && m.portID == s.3 && m.payload == s.4, "message fields")
+                c.expect(
+                    m.type == s.0 && m.flags == s.1 && m.sequence == s.2 && m.portID == s.3 && m.payload == s.4,
+                    "message fields"
+                )
                 for headerSize in [0, 16, 12, 20] {  // none, ifinfomsg, rtmsg/ndmsg, nlmsgerr-ish
                     let start = (headerSize + 3) / 4 * 4
                     let attributes = NetlinkAttributes(parsing: start <= m.payload.count ? m.payload[start...] : [])
                     let slow = start <= m.payload.count ? Self.slowAttributes(Array(m.payload[start...])) : []
-                    c.expect(attributes.map(\.type) == slow.map(\.0) && attributes.map(\.value) == slow.map(\.1), "attributes")
+                    c.expect(
+                        attributes.map(\.type) == slow.map(\.0) && attributes.map(\.value) == slow.map(\.1),
+                        "attributes"
+                    )
                 }
                 // The decoders take whatever arrives without trapping, and what they
                 // return is safe to use.
@@ -160,7 +176,10 @@ import Testing
         var e = nlmsgerr()
         e.error = -EEXIST
         r.append(header: e)
-        #expect(NetlinkFailure(errorMessage: try NetlinkMessage.parse(datagram: r.encoded(sequence: 1)).get()[0]).errno == Errno(EEXIST))
+        #expect(
+            NetlinkFailure(errorMessage: try NetlinkMessage.parse(datagram: r.encoded(sequence: 1)).get()[0]).errno
+                == Errno(EEXIST)
+        )
     }
 
     /// Found by the same run: an address reply with a prefix length above 32 was accepted,

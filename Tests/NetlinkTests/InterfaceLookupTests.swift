@@ -1,7 +1,7 @@
 import Foundation
 import NetBase
-import Netlink
 import NetTestSupport
+import Netlink
 import Testing
 
 @Suite(.enabled(if: isRoot, needsRootMessage))
@@ -40,7 +40,9 @@ struct InterfaceLookupTests {
 
     @Test func anUnknownNameListsTheInterfacesThereAre() throws {
         try withUnderlay { _, socket in
-            let error = #expect(throws: SystemError.self) { try InterfaceLookup.find(nameOrAddress: "eth9", using: socket) }
+            let error = #expect(throws: SystemError.self) {
+                try InterfaceLookup.find(nameOrAddress: "eth9", using: socket)
+            }
             #expect(error?.errno == .noSuchDevice)
             let hint = try #require(error?.hint)
             #expect(hint.hasPrefix("no interface named eth9 or with address eth9; available: lo, "))
@@ -51,7 +53,9 @@ struct InterfaceLookupTests {
 
     @Test func anUnknownAddressListsTheInterfacesThereAre() throws {
         try withUnderlay { _, socket in
-            let error = #expect(throws: SystemError.self) { try InterfaceLookup.find(nameOrAddress: "198.18.9.9", using: socket) }
+            let error = #expect(throws: SystemError.self) {
+                try InterfaceLookup.find(nameOrAddress: "198.18.9.9", using: socket)
+            }
             #expect(error?.errno == Errno(EADDRNOTAVAIL))
             #expect(error?.hint?.hasPrefix("no interface has address 198.18.9.9; available: lo, ") == true)
             #expect(error?.hint?.contains("eth0 (198.18.0.1, 198.18.0.5)") == true)
@@ -60,7 +64,9 @@ struct InterfaceLookupTests {
 
     @Test func anInterfaceWithoutIPv4AddressIsAnErrorThatSaysSo() throws {
         try withUnderlay { _, socket in
-            let error = #expect(throws: SystemError.self) { try InterfaceLookup.find(nameOrAddress: "eth1", using: socket) }
+            let error = #expect(throws: SystemError.self) {
+                try InterfaceLookup.find(nameOrAddress: "eth1", using: socket)
+            }
             #expect(error?.object == "eth1")
             #expect(error?.hint?.contains("eth1 has no IPv4 address") == true)
         }
@@ -106,15 +112,21 @@ struct InterfaceLookupTests {
             address("2001:db8::cccc", flags: permanent),
         ])
         #expect(chosen == IPv6Address("2001:db8::cccc"))
-        #expect(InterfaceLookup.preferredIPv6([address("2001:db8::aaaa", flags: InterfaceIPv6Address.temporary),
-                                               address("2001:db8::bbbb")]) == IPv6Address("2001:db8::bbbb"))
+        #expect(
+            InterfaceLookup.preferredIPv6([
+                address("2001:db8::aaaa", flags: InterfaceIPv6Address.temporary),
+                address("2001:db8::bbbb"),
+            ]) == IPv6Address("2001:db8::bbbb")
+        )
     }
 
     @Test func deprecatedLinkLocalAndLoopbackAreNeverChosen() {
-        #expect(InterfaceLookup.preferredIPv6([
-            address("2001:db8::1", flags: InterfaceIPv6Address.deprecated | InterfaceIPv6Address.permanent),
-            address("fe80::1"), address("::1"),
-        ]) == nil)
+        #expect(
+            InterfaceLookup.preferredIPv6([
+                address("2001:db8::1", flags: InterfaceIPv6Address.deprecated | InterfaceIPv6Address.permanent),
+                address("fe80::1"), address("::1"),
+            ]) == nil
+        )
         // Ties keep the kernel's order.
         #expect(InterfaceLookup.preferredIPv6([address("fd00::2"), address("fd00::1")]) == IPv6Address("fd00::2"))
     }
@@ -133,7 +145,11 @@ struct InterfaceIPv6LookupTests {
             try ns.ip("-6", "addr", "add", "fe80::77/64", "dev", "eth1", "nodad")
             let socket = try ns.socket()
             let all = try socket.ipv6Addresses()
-            #expect(all.contains { $0.address == IPv6Address("2001:db8::9") && $0.flags & InterfaceIPv6Address.deprecated != 0 })
+            #expect(
+                all.contains {
+                    $0.address == IPv6Address("2001:db8::9") && $0.flags & InterfaceIPv6Address.deprecated != 0
+                }
+            )
             let interfaces = try InterfaceLookup.interfaces(using: socket)
             let eth0 = try #require(interfaces.first { $0.name == "eth0" })
             let eth1 = try #require(interfaces.first { $0.name == "eth1" })

@@ -1,9 +1,10 @@
 import CTunnel
 import Glibc
 import NetBase
-@testable import Netlink
 import NetTestSupport
 import Testing
+
+@testable import Netlink
 
 @Suite struct NetlinkMessageTests {
     @Test func requestEncodesHeaderAttributesAndNestingWithPadding() {
@@ -50,11 +51,18 @@ import Testing
         var generator = SystemRandomNumberGenerator()
         for _ in 0..<200 {
             let flat = (0..<Int.random(in: 0...12, using: &generator)).map { _ in
-                (type: UInt16.random(in: 1...200, using: &generator),
-                 value: (0..<Int.random(in: 0...23, using: &generator)).map { _ in UInt8.random(in: 0...255, using: &generator) })
+                (
+                    type: UInt16.random(in: 1...200, using: &generator),
+                    value: (0..<Int.random(in: 0...23, using: &generator)).map { _ in
+                        UInt8.random(in: 0...255, using: &generator)
+                    }
+                )
             }
             let nested = (0..<Int.random(in: 0...5, using: &generator)).map { _ in
-                (type: UInt16.random(in: 1...200, using: &generator), value: [UInt8.random(in: 0...255, using: &generator)])
+                (
+                    type: UInt16.random(in: 1...200, using: &generator),
+                    value: [UInt8.random(in: 0...255, using: &generator)]
+                )
             }
             var request = NetlinkRequest(type: RTM_NEWROUTE)
             request.append(header: rtmsg())
@@ -108,11 +116,21 @@ import Testing
     }
 
     @Test func routesDescribeThemselvesLikeIp() {
-        let route = Route(destination: IPv4Network("10.2.5.0/24")!, outputIndex: 4,
-                          gateway: IPv4Address("10.2.5.0"), onlink: true, metric: 0)
+        let route = Route(
+            destination: IPv4Network("10.2.5.0/24")!,
+            outputIndex: 4,
+            gateway: IPv4Address("10.2.5.0"),
+            onlink: true,
+            metric: 0
+        )
         #expect(route.description(device: "flannel.1") == "10.2.5.0/24 via 10.2.5.0 dev flannel.1 onlink")
         #expect(route.metric == nil)  // 0 is how the kernel reports "no metric"
-        let fallback = Route(destination: IPv4Network("0.0.0.0/0")!, outputIndex: 2, source: IPv4Address("198.18.0.1"), metric: 100)
+        let fallback = Route(
+            destination: IPv4Network("0.0.0.0/0")!,
+            outputIndex: 2,
+            source: IPv4Address("198.18.0.1"),
+            metric: 100
+        )
         #expect(fallback.description(device: "eth0") == "default dev eth0 src 198.18.0.1 metric 100")
     }
 }

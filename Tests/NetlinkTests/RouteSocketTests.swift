@@ -1,8 +1,8 @@
 import CTunnel
 import Foundation
 import NetBase
-import Netlink
 import NetTestSupport
+import Netlink
 import Testing
 
 @Suite(.enabled(if: !isRoot, "runs only without root: checks the hint for missing privileges"))
@@ -53,7 +53,9 @@ struct RouteSocketTests {
     }
 
     @Test func openingASocketInAMissingNamespaceSaysHowToCreateIt() {
-        let error = #expect(throws: SystemError.self) { try RouteSocket(namespacePath: "/var/run/netns/tdtest-none-\(getpid())") }
+        let error = #expect(throws: SystemError.self) {
+            try RouteSocket(namespacePath: "/var/run/netns/tdtest-none-\(getpid())")
+        }
         #expect(error?.errno == .noSuchFile)
         #expect(error?.description.contains("ip netns add") == true)
     }
@@ -66,8 +68,11 @@ struct RouteSocketTests {
             #expect(link.mtu == 1400)
             #expect(link.isUp)
             #expect(link.kind == "veth")
-            let mac = try ns.ip("-o", "link", "show", "vA").split(separator: " ").drop { $0 != "link/ether" }.dropFirst().first
-            #expect(link.hardwareAddress?.map { String(format: "%02x", $0) }.joined(separator: ":") == mac.map(String.init))
+            let mac = try ns.ip("-o", "link", "show", "vA").split(separator: " ").drop { $0 != "link/ether" }
+                .dropFirst().first
+            #expect(
+                link.hardwareAddress?.map { String(format: "%02x", $0) }.joined(separator: ":") == mac.map(String.init)
+            )
         }
     }
 
@@ -124,7 +129,9 @@ struct RouteSocketTests {
             try socket.addAddress(index: vB, address: address, prefixLength: 24)
             try socket.addAddress(index: vB, address: address, prefixLength: 24)
             #expect(try ns.ip("-o", "-4", "addr", "show", "dev", "vB").contains("inet 198.18.2.1/24"))
-            #expect(try socket.addresses().contains { $0.index == vB && $0.address == address && $0.prefixLength == 24 })
+            #expect(
+                try socket.addresses().contains { $0.index == vB && $0.address == address && $0.prefixLength == 24 }
+            )
             #expect(try socket.addresses().contains { $0.address == IPv4Address("198.18.1.1") && $0.label == "vA" })
 
             try socket.deleteAddress(index: vB, address: address, prefixLength: 24)
@@ -136,8 +143,17 @@ struct RouteSocketTests {
 
     @Test func routesAreAddedReplacedListedAndDeleted() throws {
         try withVethPair { ns, socket, vA, vB in
-            let viaGateway = Route(destination: IPv4Network("10.2.5.0/24")!, outputIndex: vA, gateway: IPv4Address("198.18.1.2"))
-            let onlink = Route(destination: IPv4Network("10.2.6.0/24")!, outputIndex: vB, gateway: IPv4Address("10.2.6.0"), onlink: true)
+            let viaGateway = Route(
+                destination: IPv4Network("10.2.5.0/24")!,
+                outputIndex: vA,
+                gateway: IPv4Address("198.18.1.2")
+            )
+            let onlink = Route(
+                destination: IPv4Network("10.2.6.0/24")!,
+                outputIndex: vB,
+                gateway: IPv4Address("10.2.6.0"),
+                onlink: true
+            )
             let direct = Route(destination: IPv4Network("10.2.0.0/16")!, outputIndex: vB)
             for route in [viaGateway, onlink, direct, viaGateway] { try socket.addRoute(route) }
 
@@ -149,7 +165,12 @@ struct RouteSocketTests {
             #expect(listed.contains(viaGateway))
             #expect(listed.contains(onlink))
             #expect(listed.contains(direct))
-            #expect(listed.contains { $0.destination == IPv4Network("198.18.1.0/24")! && $0.outputIndex == vA && $0.source == IPv4Address("198.18.1.1") })
+            #expect(
+                listed.contains {
+                    $0.destination == IPv4Network("198.18.1.0/24")! && $0.outputIndex == vA
+                        && $0.source == IPv4Address("198.18.1.1")
+                }
+            )
 
             // Replace: the same destination through another device.
             try socket.addRoute(Route(destination: IPv4Network("10.2.5.0/24")!, outputIndex: vB))
@@ -164,7 +185,11 @@ struct RouteSocketTests {
 
     @Test func aRefusedRouteIsDescribedWithItsDeviceAndTheKernelsReason() throws {
         try withVethPair { _, socket, vA, _ in
-            let route = Route(destination: IPv4Network("10.2.7.0/24")!, outputIndex: vA, gateway: IPv4Address("10.9.9.9"))
+            let route = Route(
+                destination: IPv4Network("10.2.7.0/24")!,
+                outputIndex: vA,
+                gateway: IPv4Address("10.9.9.9")
+            )
             let error = #expect(throws: SystemError.self) { try socket.addRoute(route) }
             #expect(error?.errno == Errno(ENETUNREACH))
             #expect(error?.operation == "RTM_NEWROUTE 10.2.7.0/24 via 10.9.9.9 dev vA")
@@ -188,8 +213,13 @@ struct RouteSocketTests {
     @Test func dumpsSpanningManyDatagramsAreReadToTheEnd() throws {
         try withVethPair { _, socket, vA, _ in
             let routes = (0..<600).map { i in
-                Route(destination: IPv4Network(address: IPv4Address(10, 3, UInt8(i / 256), UInt8(i % 256)), prefixLength: 32),
-                      outputIndex: vA)
+                Route(
+                    destination: IPv4Network(
+                        address: IPv4Address(10, 3, UInt8(i / 256), UInt8(i % 256)),
+                        prefixLength: 32
+                    ),
+                    outputIndex: vA
+                )
             }
             for route in routes { try socket.addRoute(route) }
             let listed = Set(try socket.routes())
@@ -263,7 +293,9 @@ struct RouteSocketTests {
             neighbour.append(attribute: NDA_DST, address: IPv4Address("10.2.5.0")!)
             neighbour.append(attribute: NDA_LLADDR, bytes: [0x0a, 0x58, 0x0a, 0x02, 0x05, 0x00])
             try socket.request(neighbour, operation: "RTM_NEWNEIGH 10.2.5.0 dev flannel.1", object: "flannel.1")
-            #expect(try ns.ip("neigh", "show", "dev", "flannel.1").contains("10.2.5.0 lladdr 0a:58:0a:02:05:00 PERMANENT"))
+            #expect(
+                try ns.ip("neigh", "show", "dev", "flannel.1").contains("10.2.5.0 lladdr 0a:58:0a:02:05:00 PERMANENT")
+            )
 
             // Creating it again is refused, and the error is the caller's words.
             let error = #expect(throws: SystemError.self) {

@@ -1,7 +1,7 @@
 import Foundation
 import NetBase
-import Netlink
 import NetTestSupport
+import Netlink
 import Testing
 
 struct EthernetAddressTests {
@@ -13,7 +13,9 @@ struct EthernetAddressTests {
     }
 
     @Test func somethingElseIsNoMAC() {
-        for text in ["", "0e:3f:1a:02:9b", "0e:3f:1a:02:9b:c4:00", "0e:3f:1a:02:9b:zz", "e:3f:1a:02:9b:c4", "0e3f1a029bc4"] {
+        for text in [
+            "", "0e:3f:1a:02:9b", "0e:3f:1a:02:9b:c4:00", "0e:3f:1a:02:9b:zz", "e:3f:1a:02:9b:c4", "0e3f1a029bc4",
+        ] {
             #expect(EthernetAddress(text) == nil, "\(text)")
         }
         #expect(EthernetAddress(bytes: [1, 2, 3]) == nil)
@@ -32,8 +34,12 @@ struct VXLANNetlinkTests {
             try ns.ip("link", "set", "eth0", "up")
             let socket = try ns.socket()
             defer { socket.close() }
-            let settings = VXLANSettings(vni: 1, port: 8472, underlayIndex: try socket.linkIndex(named: "eth0"),
-                                         localAddress: IPv4Address("198.18.0.1"))
+            let settings = VXLANSettings(
+                vni: 1,
+                port: 8472,
+                underlayIndex: try socket.linkIndex(named: "eth0"),
+                localAddress: IPv4Address("198.18.0.1")
+            )
             try socket.createVXLAN(name: "flannel.1", settings: settings, mtu: 1450)
             return try body(ns, socket, try socket.linkIndex(named: "flannel.1"), settings)
         }
@@ -61,8 +67,13 @@ struct VXLANNetlinkTests {
             try ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
             let socket = try ns.socket()
             defer { socket.close() }
-            let settings = VXLANSettings(vni: 7, port: 4789, underlayIndex: try socket.linkIndex(named: "eth0"),
-                                         localAddress: nil, gbp: true)
+            let settings = VXLANSettings(
+                vni: 7,
+                port: 4789,
+                underlayIndex: try socket.linkIndex(named: "eth0"),
+                localAddress: nil,
+                gbp: true
+            )
             let mac = try #require(EthernetAddress("0e:00:00:00:00:07"))
             try socket.createVXLAN(name: "flannel.7", settings: settings, hardwareAddress: mac)
             let link = try socket.link(named: "flannel.7")
@@ -81,7 +92,9 @@ struct VXLANNetlinkTests {
             // Setting them again replaces, it is no error.
             try socket.setNeighbour(index: index, address: base, hardwareAddress: mac)
             try socket.setForwardingEntry(index: index, hardwareAddress: mac, remote: remote)
-            #expect(try ns.ip("neigh", "show", "dev", "flannel.1").contains("10.2.7.0 lladdr 8e:41:52:0a:93:1c PERMANENT"))
+            #expect(
+                try ns.ip("neigh", "show", "dev", "flannel.1").contains("10.2.7.0 lladdr 8e:41:52:0a:93:1c PERMANENT")
+            )
             let fdb = try command(["bridge", "-n", ns.name, "fdb", "show", "dev", "flannel.1"])
             #expect(fdb.contains("8e:41:52:0a:93:1c dst 198.18.0.7 self permanent"), "\(fdb)")
             let neighbours = try socket.neighbours(index: index)
@@ -92,7 +105,9 @@ struct VXLANNetlinkTests {
             try socket.deleteNeighbour(index: index, address: base)
             try socket.deleteForwardingEntry(index: index, hardwareAddress: mac, remote: remote)
             #expect(try !ns.ip("neigh", "show", "dev", "flannel.1").contains("10.2.7.0"))
-            #expect(try !command(["bridge", "-n", ns.name, "fdb", "show", "dev", "flannel.1"]).contains("8e:41:52:0a:93:1c"))
+            #expect(
+                try !command(["bridge", "-n", ns.name, "fdb", "show", "dev", "flannel.1"]).contains("8e:41:52:0a:93:1c")
+            )
             #expect(try socket.neighbours(index: index).isEmpty)
             // Already gone: not an error.
             try socket.deleteNeighbour(index: index, address: base)
@@ -104,11 +119,19 @@ struct VXLANNetlinkTests {
         try withVXLAN { ns, socket, index, _ in
             try socket.addAddress(index: index, address: IPv4Address("10.2.5.0")!, prefixLength: 32)
             try socket.setLinkUp(index: index)
-            let route = Route(destination: IPv4Network("10.2.7.0/24")!, outputIndex: index,
-                              gateway: IPv4Address("10.2.7.0"), onlink: true)
+            let route = Route(
+                destination: IPv4Network("10.2.7.0/24")!,
+                outputIndex: index,
+                gateway: IPv4Address("10.2.7.0"),
+                onlink: true
+            )
             try socket.addRoute(route)
             #expect(try ns.ip("route", "show", "10.2.7.0/24").contains("via 10.2.7.0 dev flannel.1 onlink"))
-            #expect(try socket.routes().contains { $0.destination == route.destination && $0.onlink && $0.gateway == route.gateway })
+            #expect(
+                try socket.routes().contains {
+                    $0.destination == route.destination && $0.onlink && $0.gateway == route.gateway
+                }
+            )
         }
     }
 }

@@ -3,39 +3,82 @@ import Foundation
 import Observability
 import PacketRing
 import Prometheus
+import Synchronization
 import Testing
 
 /// A report as a udp daemon with two peers would give it.
-func sampleReport(counters: [String: UInt64] = ["udp_packets_sent": 10, "udp_bytes_sent": 14_000,
-                                                 "tun_packets_written": 7, "dropped_no_route": 2,
-                                                 "batches": 4, "batch_completions": 9, "batches_of_2_3": 3,
-                                                 "batches_of_1": 1],
-                  now: Date = Date(timeIntervalSince1970: 1_800_000_000)) -> StatusReport {
+func sampleReport(
+    counters: [String: UInt64] = [
+        "udp_packets_sent": 10, "udp_bytes_sent": 14_000,
+        "tun_packets_written": 7, "dropped_no_route": 2,
+        "batches": 4, "batch_completions": 9, "batches_of_2_3": 3,
+        "batches_of_1": 1,
+    ],
+    now: Date = Date(timeIntervalSince1970: 1_800_000_000)
+) -> StatusReport {
     StatusReport(
-        source: .daemon, version: "0.1.0", store: "local /var/lib/tunneld", generatedAt: now,
+        source: .daemon,
+        version: "0.1.0",
+        store: "local /var/lib/tunneld",
+        generatedAt: now,
         startedAt: now.addingTimeInterval(-3725),
-        network: .init(network: "10.2.0.0/16", subnetLen: 24, subnetMin: "10.2.1.0", subnetMax: "10.2.254.0",
-                       backendType: "udp", backendPort: 8285),
-        node: .init(subnet: "10.2.5.0/24", publicIP: "198.18.0.1", interface: "eth0", interfaceAddress: "198.18.0.1",
-                    mtu: 1472, leaseExpires: now.addingTimeInterval(86_000), leaseRevision: 12),
-        backend: .init(type: "udp", device: "flannel0", summary: "io_uring data path, 2 worker(s)", workers: 2,
-                       offloads: ["tun-vnet-hdr", "udp-gso"], datapathTier: "syscall",
-                       datapathNote: "io_uring unusable (io_uring_queue_init failed: Operation not permitted)",
-                       tableEntries: 3, tableGeneration: 5),
+        network: .init(
+            network: "10.2.0.0/16",
+            subnetLen: 24,
+            subnetMin: "10.2.1.0",
+            subnetMax: "10.2.254.0",
+            backendType: "udp",
+            backendPort: 8285
+        ),
+        node: .init(
+            subnet: "10.2.5.0/24",
+            publicIP: "198.18.0.1",
+            interface: "eth0",
+            interfaceAddress: "198.18.0.1",
+            mtu: 1472,
+            leaseExpires: now.addingTimeInterval(86_000),
+            leaseRevision: 12
+        ),
+        backend: .init(
+            type: "udp",
+            device: "flannel0",
+            summary: "io_uring data path, 2 worker(s)",
+            workers: 2,
+            offloads: ["tun-vnet-hdr", "udp-gso"],
+            datapathTier: "syscall",
+            datapathNote: "io_uring unusable (io_uring_queue_init failed: Operation not permitted)",
+            tableEntries: 3,
+            tableGeneration: 5
+        ),
         peers: [
-            .init(subnet: "10.2.7.0/24", publicIP: "198.18.0.2", backend: "udp",
-                  lastChange: now.addingTimeInterval(-90), revision: 14, expires: now.addingTimeInterval(80_000)),
-            .init(subnet: "10.2.100.0/24", publicIP: "198.18.0.3", backend: "udp",
-                  lastChange: now.addingTimeInterval(-5), revision: 20, expires: nil),
+            .init(
+                subnet: "10.2.7.0/24",
+                publicIP: "198.18.0.2",
+                backend: "udp",
+                lastChange: now.addingTimeInterval(-90),
+                revision: 14,
+                expires: now.addingTimeInterval(80_000)
+            ),
+            .init(
+                subnet: "10.2.100.0/24",
+                publicIP: "198.18.0.3",
+                backend: "udp",
+                lastChange: now.addingTimeInterval(-5),
+                revision: 20,
+                expires: nil
+            ),
         ],
-        counters: counters)
+        counters: counters
+    )
 }
 
 /// Prometheus text as series (name with labels, as printed) → value.
 func series(_ text: String) -> [String: Double] {
     var values: [String: Double] = [:]
     for line in text.split(separator: "\n") where !line.hasPrefix("#") {
-        guard let space = line.lastIndex(of: " "), let value = Double(line[line.index(after: space)...]) else { continue }
+        guard let space = line.lastIndex(of: " "), let value = Double(line[line.index(after: space)...]) else {
+            continue
+        }
         values[String(line[..<space])] = value
     }
     return values
@@ -79,13 +122,25 @@ func series(_ text: String) -> [String: Double] {
 
     @Test func eachScrapeShowsTheWorkersTotalsNotASumOfScrapes() {
         let totals = Mutex(UInt64(10))
-        let exporter = MetricsExporter(registry: PrometheusCollectorRegistry(), source: {
-            sampleReport(counters: ["udp_packets_sent": totals.withLock { $0 }])
-        })
-        #expect(series(String(decoding: exporter.exposition(), as: UTF8.self))["tunneld_packets_total{direction=\"tx\"}"] == 10)
+        let exporter = MetricsExporter(
+            registry: PrometheusCollectorRegistry(),
+            source: {
+                sampleReport(counters: ["udp_packets_sent": totals.withLock { $0 }])
+            }
+        )
+        #expect(
+            series(String(decoding: exporter.exposition(), as: UTF8.self))["tunneld_packets_total{direction=\"tx\"}"]
+                == 10
+        )
         totals.withLock { $0 = 25 }
-        #expect(series(String(decoding: exporter.exposition(), as: UTF8.self))["tunneld_packets_total{direction=\"tx\"}"] == 25)
-        #expect(series(String(decoding: exporter.exposition(), as: UTF8.self))["tunneld_packets_total{direction=\"tx\"}"] == 25)
+        #expect(
+            series(String(decoding: exporter.exposition(), as: UTF8.self))["tunneld_packets_total{direction=\"tx\"}"]
+                == 25
+        )
+        #expect(
+            series(String(decoding: exporter.exposition(), as: UTF8.self))["tunneld_packets_total{direction=\"tx\"}"]
+                == 25
+        )
     }
 
     @Test func everyDataPathCounterHasANamedSeries() {
@@ -97,10 +152,15 @@ func series(_ text: String) -> [String: Double] {
     }
 
     @Test func anUnknownCounterIsExportedRatherThanLost() {
-        let exporter = MetricsExporter(registry: PrometheusCollectorRegistry(), source: {
-            sampleReport(counters: ["frobs-made": 3])
-        })
-        #expect(series(String(decoding: exporter.exposition(), as: UTF8.self))["tunneld_datapath_frobs_made_total"] == 3)
+        let exporter = MetricsExporter(
+            registry: PrometheusCollectorRegistry(),
+            source: {
+                sampleReport(counters: ["frobs-made": 3])
+            }
+        )
+        #expect(
+            series(String(decoding: exporter.exposition(), as: UTF8.self))["tunneld_datapath_frobs_made_total"] == 3
+        )
     }
 
     @Test func swiftMetricsCountersLandInTheRegistryWithTheCatalogsHelp() {
@@ -122,11 +182,11 @@ func series(_ text: String) -> [String: Double] {
         let ours = MetricCatalog.dataPathSeries.filter { $0.value.name == "tunneld_datapath_batches_total" }
         let theirs = DataPathCounter.batchSizeClasses
         #expect(ours.count == theirs.count)
-        #expect(Set(ours.values.compactMap { $0.labels.first?.1 }) == ["1", "2-3", "4-7", "8-15", "16-31", "32-63", "64+"])
+        #expect(
+            Set(ours.values.compactMap { $0.labels.first?.1 }) == ["1", "2-3", "4-7", "8-15", "16-31", "32-63", "64+"]
+        )
         for (counter, size) in theirs {
             #expect(ours[counter.description]?.labels.first?.1 == size, "\(counter)")
         }
     }
 }
-
-import Synchronization

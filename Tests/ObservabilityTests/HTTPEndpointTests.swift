@@ -1,6 +1,7 @@
 import Foundation
 import Observability
 import Prometheus
+import Synchronization
 import Testing
 
 /// The endpoint on loopback and on unix sockets in a scratch directory; no
@@ -10,9 +11,14 @@ import Testing
         let exporter = MetricsExporter(registry: PrometheusCollectorRegistry(), source: { sampleReport() })
         var listeners: [HTTPEndpoint.Listener] = [.tcp(host: "127.0.0.1", port: 0)]
         if let socket { listeners.append(.unix(path: socket)) }
-        return try HTTPEndpoint(listeners: listeners, routes: .init(metrics: exporter.exposition,
-                                                                   status: { sampleReport().json() }),
-                                idleTimeout: .seconds(2))
+        return try HTTPEndpoint(
+            listeners: listeners,
+            routes: .init(
+                metrics: exporter.exposition,
+                status: { sampleReport().json() }
+            ),
+            idleTimeout: .seconds(2)
+        )
     }
 
     func port(_ endpoint: HTTPEndpoint) throws -> Int {
@@ -21,7 +27,9 @@ import Testing
     }
 
     func scratch() throws -> String {
-        let path = FileManager.default.temporaryDirectory.appendingPathComponent("td-http-\(UUID().uuidString.prefix(8))").path
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "td-http-\(UUID().uuidString.prefix(8))"
+        ).path
         try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
         return path
     }
@@ -42,14 +50,22 @@ import Testing
 
     @Test func readyzSays503NamingTheStepUnderWayUntilTheDaemonIsReadyThen200() throws {
         let readiness = Readiness(waitingFor: "installing the iptables rules")
-        let endpoint = try HTTPEndpoint(listeners: [.tcp(host: "127.0.0.1", port: 0)],
-                                        routes: .init(metrics: { [] }, status: { [] },
-                                                      waitingFor: { readiness.waitingFor }),
-                                        idleTimeout: .seconds(2))
+        let endpoint = try HTTPEndpoint(
+            listeners: [.tcp(host: "127.0.0.1", port: 0)],
+            routes: .init(
+                metrics: { [] },
+                status: { [] },
+                waitingFor: { readiness.waitingFor }
+            ),
+            idleTimeout: .seconds(2)
+        )
         defer { endpoint.stop() }
         let port = try port(endpoint)
         let rules = try httpGet(port: port, path: "/readyz")
-        #expect(rules.status == 503 && rules.body == "tunneld is not ready: installing the iptables rules\n", "\(rules)")
+        #expect(
+            rules.status == 503 && rules.body == "tunneld is not ready: installing the iptables rules\n",
+            "\(rules)"
+        )
         #expect(try httpGet(port: port, path: "/healthz").status == 200, "alive while not ready")
 
         readiness.waiting(for: "writing /run/flannel/subnet.env")
@@ -68,10 +84,15 @@ import Testing
         defer { first.stop() }
         let taken = try port(first)
         #expect {
-            try HTTPEndpoint(listeners: [.tcp(host: "127.0.0.1", port: taken, label: "healthz", hint: "choose another --healthz-port")],
-                             routes: .init(metrics: { [] }, status: { [] }))
+            try HTTPEndpoint(
+                listeners: [
+                    .tcp(host: "127.0.0.1", port: taken, label: "healthz", hint: "choose another --healthz-port")
+                ],
+                routes: .init(metrics: { [] }, status: { [] })
+            )
         } throws: { error in
-            "\(error)" == "listening on healthz 127.0.0.1:\(taken) failed: Address already in use (choose another --healthz-port)"
+            "\(error)"
+                == "listening on healthz 127.0.0.1:\(taken) failed: Address already in use (choose another --healthz-port)"
         }
     }
 
@@ -89,7 +110,8 @@ import Testing
         let answered = Mutex(0)
         DispatchQueue.concurrentPerform(iterations: 20) { i in
             if let response = try? httpGet(port: port, path: i % 2 == 0 ? "/metrics" : "/healthz"),
-               response.status == 200 {
+                response.status == 200
+            {
                 answered.withLock { $0 += 1 }
             }
         }
@@ -115,7 +137,8 @@ import Testing
         defer { endpoint.stop() }
         let fd = try connectTCP(port: port(endpoint))
         defer { close(fd) }
-        let two = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        let two =
+            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         _ = two.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
         let text = readAll(fd)
         #expect(text.components(separatedBy: "HTTP/1.1 200 OK").count == 3, "\(text)")
@@ -152,7 +175,9 @@ import Testing
         address.sun_family = sa_family_t(AF_UNIX)
         withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: Array(socket.utf8)) }
         _ = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         close(fd)
         #expect(FileManager.default.fileExists(atPath: socket))
@@ -174,7 +199,9 @@ func connectTCP(port: Int) throws -> Int32 {
     address.sin_port = in_port_t(UInt16(port).bigEndian)
     address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
     let result = withUnsafePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+            connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+        }
     }
     guard result == 0 else {
         close(fd)
@@ -208,5 +235,3 @@ func httpGet(port: Int, path: String, method: String = "GET") throws -> (status:
     let status = Int(headers.split(separator: " ").dropFirst().first ?? "") ?? -1
     return (status, headers, String(text[split.upperBound...]))
 }
-
-import Synchronization

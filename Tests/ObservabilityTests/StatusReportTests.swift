@@ -31,7 +31,9 @@ import Testing
         #expect(lines.contains("  interface: eth0 (198.18.0.1)"))
         #expect(lines.contains("  lease expires: 2027-01-16T07:53:20Z (in 23h53m)"))
         #expect(lines.contains("  offloads: tun-vnet-hdr, udp-gso"))
-        #expect(lines.contains("  tier: syscall (io_uring unusable (io_uring_queue_init failed: Operation not permitted))"))
+        #expect(
+            lines.contains("  tier: syscall (io_uring unusable (io_uring_queue_init failed: Operation not permitted))")
+        )
         #expect(lines.contains("  table: 3 entries, generation 5"))
         #expect(lines.contains("peers: 2"))
         // Columns line up under their headers.

@@ -9,7 +9,9 @@ import Testing
             let offset = Int.random(in: 0...63, using: &rng)
             let count = Int.random(in: 0...2000, using: &rng)
             let initial = UInt64.random(in: 0...0xffff_ffff, using: &rng)
-            let fast = buffer.withUnsafeBytes { Checksum.fold(Checksum.partial($0.baseAddress! + offset, count: count, initial: initial)) }
+            let fast = buffer.withUnsafeBytes {
+                Checksum.fold(Checksum.partial($0.baseAddress! + offset, count: count, initial: initial))
+            }
             let initial32 = UInt32(Checksum.fold(initial))
             let slow = slowSum(buffer[offset..<(offset + count)], initial: initial32)
             #expect(fast == slow, "offset \(offset) count \(count)")
@@ -19,13 +21,17 @@ import Testing
     @Test func partialSumOfAllOnesBytesDoesNotLoseCarries() {
         let ones = [UInt8](repeating: 0xff, count: 4099)
         for count in [1, 2, 7, 8, 9, 31, 32, 33, 4096, 4099] {
-            let fast = ones.withUnsafeBytes { Checksum.fold(Checksum.partial($0.baseAddress!, count: count, initial: UInt64.max)) }
+            let fast = ones.withUnsafeBytes {
+                Checksum.fold(Checksum.partial($0.baseAddress!, count: count, initial: UInt64.max))
+            }
             #expect(fast == slowSum(ones[0..<count], initial: UInt32(Checksum.fold(UInt64.max))))
         }
     }
 
     @Test func zeroBytesLeaveTheInitialSumUnchanged() {
-        let fast = [UInt8]().withUnsafeBytes { Checksum.partial($0.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!, count: 0, initial: 42) }
+        let fast = [UInt8]().withUnsafeBytes {
+            Checksum.partial($0.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!, count: 0, initial: 42)
+        }
         #expect(fast == 42)
     }
 
@@ -40,7 +46,9 @@ import Testing
 
     @Test func pseudoHeaderSumsAddressesProtocolAndLength() {
         let sum = Checksum.pseudoHeader(source: 0xc0a8_0001, destination: 0x0a00_0002, protocol: 6, length: 1480)
-        #expect(Checksum.fold(sum) == slowSum([0xc0, 0xa8, 0x00, 0x01, 0x0a, 0x00, 0x00, 0x02, 0x00, 0x06, 0x05, 0xc8]))
+        #expect(
+            Checksum.fold(sum) == slowSum([0xc0, 0xa8, 0x00, 0x01, 0x0a, 0x00, 0x00, 0x02, 0x00, 0x06, 0x05, 0xc8])
+        )
     }
 
     @Test func aValidIPv4HeaderSumsToAllOnes() {
@@ -52,7 +60,14 @@ import Testing
 
 @Suite struct VirtioNetHeaderTests {
     @Test func headerRoundTripsThroughLittleEndianBytes() {
-        let header = VirtioNetHeader(flags: 1, gsoType: 0x81, headerLength: 0x0134, gsoSize: 0x05a8, checksumStart: 0x14, checksumOffset: 0x10)
+        let header = VirtioNetHeader(
+            flags: 1,
+            gsoType: 0x81,
+            headerLength: 0x0134,
+            gsoSize: 0x05a8,
+            checksumStart: 0x14,
+            checksumOffset: 0x10
+        )
         var bytes = [UInt8](repeating: 0xee, count: VirtioNetHeader.size + 2)
         bytes.withUnsafeMutableBytes { header.write(to: $0.baseAddress! + 1) }
         #expect(bytes == [0xee, 1, 0x81, 0x34, 0x01, 0xa8, 0x05, 0x14, 0x00, 0x10, 0x00, 0xee])

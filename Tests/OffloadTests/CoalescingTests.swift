@@ -1,8 +1,9 @@
+import Offload
+import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import Offload
-import Testing
 
 /// One finished write, gathered back from its iovecs.
 struct GatheredWrite: Equatable, CustomTestStringConvertible {
@@ -30,7 +31,12 @@ struct CoalescingRun {
 }
 
 /// `declaredLengths` lets a test hand `add` a length shorter than the bytes laid out.
-func coalesce(_ packets: [[UInt8]], maxPackets: Int = 64, verifyChecksums: Bool = true, declaredLengths: [Int]? = nil) -> CoalescingRun {
+func coalesce(
+    _ packets: [[UInt8]],
+    maxPackets: Int = 64,
+    verifyChecksums: Bool = true,
+    declaredLengths: [Int]? = nil
+) -> CoalescingRun {
     let total = packets.reduce(0) { $0 + $1.count }
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: guardLength + total + guardLength, alignment: 8)
     defer { buffer.deallocate() }
@@ -51,7 +57,9 @@ func coalesce(_ packets: [[UInt8]], maxPackets: Int = 64, verifyChecksums: Bool 
         let (iovecs, count, bytes) = plan.write(w)
         guard count >= 1 else { run.iovecsInBounds = false; continue }
         let headerIovec = iovecs[0]
-        guard headerIovec.iov_len == VirtioNetHeader.size, let h = headerIovec.iov_base else { run.iovecsInBounds = false; continue }
+        guard headerIovec.iov_len == VirtioNetHeader.size, let h = headerIovec.iov_base else {
+            run.iovecsInBounds = false; continue
+        }
         var gathered = GatheredWrite(header: VirtioNetHeader(reading: h), packet: [])
         #expect(gathered.header == plan.header(w))
         var sum = VirtioNetHeader.size
@@ -68,7 +76,8 @@ func coalesce(_ packets: [[UInt8]], maxPackets: Int = 64, verifyChecksums: Bool 
     }
     if covered.contains(where: { $0 > 1 }) { run.iovecsInBounds = false }
     run.coveredBytes = covered.reduce(0, +)
-    run.guardsIntact = buffer[0..<guardLength].allSatisfy { $0 == guardByte }
+    run.guardsIntact =
+        buffer[0..<guardLength].allSatisfy { $0 == guardByte }
         && buffer[(guardLength + total)...].allSatisfy { $0 == guardByte }
     return run
 }
@@ -86,7 +95,12 @@ struct Flow {
     }
 
     /// The next segment with `size` payload bytes and `flags`.
-    mutating func segment(_ size: Int, flags: UInt8 = 0x10, skip: Int = 0, change: (inout PacketSpec) -> Void = { _ in }) -> [UInt8] {
+    mutating func segment(
+        _ size: Int,
+        flags: UInt8 = 0x10,
+        skip: Int = 0,
+        change: (inout PacketSpec) -> Void = { _ in }
+    ) -> [UInt8] {
         nextSequence &+= UInt32(skip)
         var s = spec
         s.sequence = nextSequence
@@ -117,8 +131,13 @@ func expectedSuperPacket(_ segments: [[UInt8]]) -> [UInt8] {
 func gsoHeader(_ segments: [[UInt8]]) -> VirtioNetHeader {
     let headerLength = 20 + Int(segments[0][32] >> 4) * 4
     return VirtioNetHeader(
-        flags: VirtioNetHeader.needsChecksum, gsoType: 1, headerLength: UInt16(headerLength),
-        gsoSize: UInt16(segments[0].count - headerLength), checksumStart: 20, checksumOffset: 16)
+        flags: VirtioNetHeader.needsChecksum,
+        gsoType: 1,
+        headerLength: UInt16(headerLength),
+        gsoSize: UInt16(segments[0].count - headerLength),
+        checksumStart: 20,
+        checksumOffset: 16
+    )
 }
 
 func merged(_ segments: [[UInt8]]) -> GatheredWrite {
@@ -168,7 +187,10 @@ func merged(_ segments: [[UInt8]]) -> GatheredWrite {
                 #expect(run.writes.count == 1, "iteration \(iteration)")
                 let expected = s.count > 1 ? original : output
                 #expect(mismatch(run.writes.first?.packet ?? [], expected) == nil, "iteration \(iteration)")
-                #expect(run.writes.first?.header == (s.count > 1 ? spec.virtio(gsoSize: mss) : VirtioNetHeader()), "iteration \(iteration)")
+                #expect(
+                    run.writes.first?.header == (s.count > 1 ? spec.virtio(gsoSize: mss) : VirtioNetHeader()),
+                    "iteration \(iteration)"
+                )
             } else {
                 // Groups of at most 64 segments, in order.
                 let groups = stride(from: 0, to: wire.count, by: CoalescingPlan.maxSegmentsPerWrite).map {
@@ -228,7 +250,8 @@ func merged(_ segments: [[UInt8]]) -> GatheredWrite {
     @Test(arguments: [UInt8(0x01), 0x02, 0x04, 0x20, 0x40, 0x80])
     func flagsOtherThanAckAndPushAreNeverCoalesced(_ flag: UInt8) {
         var a = Flow(port: 1)
-        let s1 = a.segment(1000), s2 = a.segment(1000), s3 = a.segment(1000, flags: 0x10 | flag), s4 = a.segment(1000), s5 = a.segment(1000)
+        let s1 = a.segment(1000), s2 = a.segment(1000), s3 = a.segment(1000, flags: 0x10 | flag), s4 = a.segment(1000),
+            s5 = a.segment(1000)
         let run = coalesce([s1, s2, s3, s4, s5])
         #expect(run.writes == [merged([s1, s2]), merged([s3]), merged([s4, s5])])
         // Untouched: a packet with its own write goes out byte for byte.
@@ -249,9 +272,18 @@ func merged(_ segments: [[UInt8]]) -> GatheredWrite {
         var n = Flow(port: 1)
         n.spec.dontFragment = false
         let n1 = n.segment(1000), n2 = n.segment(1000), n3 = n.segment(1000, change: { $0.id &+= 5 })
-        #expect(coalesce([n1, n2, n3]).writes == [merged([n1, n2]), merged([n3])], "IDs of packets without DF must count up")
+        #expect(
+            coalesce([n1, n2, n3]).writes == [merged([n1, n2]), merged([n3])],
+            "IDs of packets without DF must count up"
+        )
         var e = Flow(port: 1)
-        let e1 = e.segment(1000), e2 = e.segment(1000, change: { $0.id = 0xbad; $0.dontFragment = true })
+        let e1 = e.segment(1000),
+            e2 = e.segment(
+                1000,
+                change: {
+                    $0.id = 0xbad; $0.dontFragment = true
+                }
+            )
         #expect(coalesce([e1, e2]).writes == [merged([e1, e2])], "IDs of DF packets may jump")
         var o = Flow(port: 1)
         let o1 = o.segment(1000), o2 = o.segment(1000, change: { $0.ipOptions = [1, 1, 1, 0] })
@@ -424,7 +456,10 @@ func merged(_ segments: [[UInt8]]) -> GatheredWrite {
             let header = plan.header(i)
             #expect(write.count == 2)
             #expect(header == VirtioNetHeader())
-            #expect(Array(UnsafeRawBufferPointer(start: write.iovecs[1].iov_base, count: write.iovecs[1].iov_len)) == original)
+            #expect(
+                Array(UnsafeRawBufferPointer(start: write.iovecs[1].iov_base, count: write.iovecs[1].iov_len))
+                    == original
+            )
         }
     }
 }

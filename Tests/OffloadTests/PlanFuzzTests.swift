@@ -5,17 +5,25 @@ import Testing
 /// The virtio header codec and the coalescing plan on hostile input, against models.
 @Suite struct OffloadModelFuzzTests {
     @Test func virtioHeadersOfAnyTenBytesReadAndWriteBack() {
-        let report = fuzz("virtioHeadersOfAnyTenBytesReadAndWriteBack", seed: 0xF022_0101, iterations: 3000) { c, count in
+        let report = fuzz("virtioHeadersOfAnyTenBytesReadAndWriteBack", seed: 0xF022_0101, iterations: 3000) {
+            c,
+            count in
             let raw = c.bytes(10)
             let buffer = GuardedBuffer(raw, atEnd: c.bool())
             let header = VirtioNetHeader(reading: buffer.base)
             // Little-endian fields at fixed offsets (the legacy layout), read without alignment.
             c.expect(header.flags == raw[0] && header.gsoType == raw[1], "flags or gso_type")
             let le = { (o: Int) in UInt16(raw[o]) | UInt16(raw[o + 1]) << 8 }
-            c.expect(header.headerLength == le(2) && header.gsoSize == le(4) && header.checksumStart == le(6)
-                     && header.checksumOffset == le(8), "16-bit fields")
+            c.expect(
+                header.headerLength == le(2) && header.gsoSize == le(4) && header.checksumStart == le(6)
+                    && header.checksumOffset == le(8),
+                "16-bit fields"
+            )
             c.expect(header.ecn == (raw[1] & 0x80 != 0) && header.needsChecksum == (raw[0] & 1 != 0), "flag bits")
-            c.expect(header.gso?.rawValue == ([0, 1, 3, 4, 5].contains(raw[1] & 0x7f) ? raw[1] & 0x7f : nil), "gso type")
+            c.expect(
+                header.gso?.rawValue == ([0, 1, 3, 4, 5].contains(raw[1] & 0x7f) ? raw[1] & 0x7f : nil),
+                "gso type"
+            )
             let out = GuardedBuffer(count: 10, atEnd: c.bool())
             header.write(to: out.base)
             c.expect(out.bytes == raw, "write(to:) does not give back the bytes read")
@@ -58,13 +66,19 @@ import Testing
     static func differences(_ a: [[UInt8]], _ b: [[UInt8]]) -> [String] {
         for (x, y) in zip(a, b) where !sameDelivery(x, y) {
             let n = min(x.count, y.count)
-            return (0..<n).filter { x[$0] != y[$0] }.prefix(8).map { "\($0): \(x[$0])→\(y[$0])" } + ["lengths \(x.count) \(y.count)"]
+            return (0..<n).filter { x[$0] != y[$0] }.prefix(8).map { "\($0): \(x[$0])→\(y[$0])" } + [
+                "lengths \(x.count) \(y.count)"
+            ]
         }
         return []
     }
 
     @Test func coalescedWritesSplitBackIntoExactlyThePacketsThatArrived() throws {
-        let report = fuzz("coalescedWritesSplitBackIntoExactlyThePacketsThatArrived", seed: 0xF022_0102, iterations: 300) { c, count in
+        let report = fuzz(
+            "coalescedWritesSplitBackIntoExactlyThePacketsThatArrived",
+            seed: 0xF022_0102,
+            iterations: 300
+        ) { c, count in
             var tcpFlows = (0..<c.int(1...4)).map { Flow(port: UInt16($0 + 1)) }
             var udpIDs = [UInt16](repeating: 7, count: 3)
             var packets: [[UInt8]] = []
@@ -81,9 +95,11 @@ import Testing
                     p = spec.bytes(c.oneIn(6) ? .zero : .full)
                 } else {
                     let f = c.int(0..<tcpFlows.count)
-                    p = tcpFlows[f].segment(c.bool() ? 300 : c.int(0...400),
-                                            flags: c.oneIn(8) ? c.pick([0x18, 0x11, 0x12, 0x90, c.byte()]) : 0x10,
-                                            skip: c.oneIn(15) ? c.int(1...10) : 0)
+                    p = tcpFlows[f].segment(
+                        c.bool() ? 300 : c.int(0...400),
+                        flags: c.oneIn(8) ? c.pick([0x18, 0x11, 0x12, 0x90, c.byte()]) : 0x10,
+                        skip: c.oneIn(15) ? c.int(1...10) : 0
+                    )
                 }
                 if c.oneIn(6) { c.mutate(&p, focus: 60) }
                 if c.oneIn(10) {
@@ -119,11 +135,13 @@ import Testing
             }
             for (key, originals) in arrived {
                 let mine = got[key] ?? []
-                c.expect(mine.count == originals.count && zip(originals, mine).allSatisfy(Self.sameDelivery),
-                         "flow \(key.prefix(13)): what the kernel gets is not what arrived: \(originals.count) arrived, "
-                         + "\(mine.count) delivered, first difference at packet \(Array(zip(originals, mine)).firstIndex { !Self.sameDelivery($0.0, $0.1) } ?? -1) "
-                         + "(bytes differ at \(Self.differences(originals, mine))) "
-                         + "(checksums of those that arrived: \(originals.map { $0.count >= 28 && Slow.validateIPv4($0) == .success($0.count) && Slow.transportChecksumValid($0) }))")
+                c.expect(
+                    mine.count == originals.count && zip(originals, mine).allSatisfy(Self.sameDelivery),
+                    "flow \(key.prefix(13)): what the kernel gets is not what arrived: \(originals.count) arrived, "
+                        + "\(mine.count) delivered, first difference at packet \(Array(zip(originals, mine)).firstIndex { !Self.sameDelivery($0.0, $0.1) } ?? -1) "
+                        + "(bytes differ at \(Self.differences(originals, mine))) "
+                        + "(checksums of those that arrived: \(originals.map { $0.count >= 28 && Slow.validateIPv4($0) == .success($0.count) && Slow.transportChecksumValid($0) }))"
+                )
             }
         }
         report.expectReached("merged write", atLeast: 200)
@@ -152,4 +170,3 @@ import Testing
         #expect(coalesce([corrupt, b, c], verifyChecksums: false).writes.count == 1)
     }
 }
-

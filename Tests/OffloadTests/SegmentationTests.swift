@@ -1,8 +1,9 @@
+import Offload
+import Testing
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import Offload
-import Testing
 
 /// One table case: a super-packet, how it is described, and what must come out.
 struct SplitCase: CustomTestStringConvertible, Sendable {
@@ -109,7 +110,11 @@ struct SplitCase: CustomTestStringConvertible, Sendable {
         let spec = PacketSpec(udp: true, payload: Array(repeating: 9, count: 77))
         var packet = spec.bytes(.pseudoOnly)
         let ok = packet.withUnsafeMutableBytes {
-            Segmentation.completeChecksum($0.baseAddress!, length: $0.count, header: VirtioNetHeader(flags: 1, checksumStart: 20, checksumOffset: 6))
+            Segmentation.completeChecksum(
+                $0.baseAddress!,
+                length: $0.count,
+                header: VirtioNetHeader(flags: 1, checksumStart: 20, checksumOffset: 6)
+            )
         }
         #expect(ok)
         #expect(packet == spec.bytes(.full))
@@ -121,7 +126,11 @@ struct SplitCase: CustomTestStringConvertible, Sendable {
         let before = packet
         for (start, offset) in [(43, 0), (20, 22), (42, 0), (0, 42), (65535, 65535), (41, 1)] {
             let ok = packet.withUnsafeMutableBytes {
-                Segmentation.completeChecksum($0.baseAddress!, length: $0.count, header: VirtioNetHeader(flags: 1, checksumStart: UInt16(start), checksumOffset: UInt16(offset)))
+                Segmentation.completeChecksum(
+                    $0.baseAddress!,
+                    length: $0.count,
+                    header: VirtioNetHeader(flags: 1, checksumStart: UInt16(start), checksumOffset: UInt16(offset))
+                )
             }
             #expect(!ok, "start \(start) offset \(offset)")
         }
@@ -146,22 +155,90 @@ struct SplitCase: CustomTestStringConvertible, Sendable {
             ("truncated TCP header", Self.mutated { put16(&$0, 2, 30) }.prefix(30).map { $0 }, header, .malformed),
             ("not IPv4", Self.mutated { $0[0] = 0x65 }, header, .malformed),
             ("IHL below 5", Self.mutated { $0[0] = 0x44 }, header, .malformed),
-            ("IHL past the packet", Self.mutated { put16(&$0, 2, 40); $0[0] = 0x4f }.prefix(40).map { $0 }, header, .malformed),
-            ("total length beyond the buffer", Self.mutated { put16(&$0, 2, UInt16(good.count + 1)) }, header, .malformed),
+            (
+                "IHL past the packet",
+                Self.mutated {
+                    put16(&$0, 2, 40); $0[0] = 0x4f
+                }.prefix(40).map { $0 }, header, .malformed
+            ),
+            (
+                "total length beyond the buffer", Self.mutated { put16(&$0, 2, UInt16(good.count + 1)) }, header,
+                .malformed
+            ),
             ("total length below the IP header", Self.mutated { put16(&$0, 2, 10) }, header, .malformed),
             ("TCP data offset below 5", Self.mutated { $0[32] = 0x40 }, header, .malformed),
-            ("TCP data offset past the packet", Self.mutated { put16(&$0, 2, 50) }.prefix(50).map { $0 }.withDataOffset(15), header, .malformed),
+            (
+                "TCP data offset past the packet",
+                Self.mutated { put16(&$0, 2, 50) }.prefix(50).map { $0 }.withDataOffset(15), header, .malformed
+            ),
             ("fragment", Self.mutated { put16(&$0, 6, 0x2000) }, header, .malformed),
             ("protocol is UDP for a TCP GSO type", Self.mutated { $0[9] = 17 }, header, .malformed),
             ("gsoSize 0", good, Self.goodSpec.virtio(gsoSize: 0), .malformed),
-            ("headerLength beyond the packet", good, VirtioNetHeader(flags: 1, gsoType: 1, headerLength: 9999, gsoSize: 1460, checksumStart: 20, checksumOffset: 16), .malformed),
-            ("checksum start not at TCP", good, VirtioNetHeader(flags: 1, gsoType: 1, headerLength: 40, gsoSize: 1460, checksumStart: 24, checksumOffset: 16), .badChecksumPosition),
-            ("checksum offset not at TCP's", good, VirtioNetHeader(flags: 1, gsoType: 1, headerLength: 40, gsoSize: 1460, checksumStart: 20, checksumOffset: 6), .badChecksumPosition),
-            ("TCPv6", good, VirtioNetHeader(flags: 1, gsoType: 4, headerLength: 40, gsoSize: 1460, checksumStart: 20, checksumOffset: 16), .unsupportedGSOType),
-            ("UFO", good, VirtioNetHeader(flags: 1, gsoType: 3, headerLength: 28, gsoSize: 1460, checksumStart: 20, checksumOffset: 6), .unsupportedGSOType),
+            (
+                "headerLength beyond the packet", good,
+                VirtioNetHeader(
+                    flags: 1,
+                    gsoType: 1,
+                    headerLength: 9999,
+                    gsoSize: 1460,
+                    checksumStart: 20,
+                    checksumOffset: 16
+                ), .malformed
+            ),
+            (
+                "checksum start not at TCP", good,
+                VirtioNetHeader(
+                    flags: 1,
+                    gsoType: 1,
+                    headerLength: 40,
+                    gsoSize: 1460,
+                    checksumStart: 24,
+                    checksumOffset: 16
+                ), .badChecksumPosition
+            ),
+            (
+                "checksum offset not at TCP's", good,
+                VirtioNetHeader(
+                    flags: 1,
+                    gsoType: 1,
+                    headerLength: 40,
+                    gsoSize: 1460,
+                    checksumStart: 20,
+                    checksumOffset: 6
+                ), .badChecksumPosition
+            ),
+            (
+                "TCPv6", good,
+                VirtioNetHeader(
+                    flags: 1,
+                    gsoType: 4,
+                    headerLength: 40,
+                    gsoSize: 1460,
+                    checksumStart: 20,
+                    checksumOffset: 16
+                ), .unsupportedGSOType
+            ),
+            (
+                "UFO", good,
+                VirtioNetHeader(
+                    flags: 1,
+                    gsoType: 3,
+                    headerLength: 28,
+                    gsoSize: 1460,
+                    checksumStart: 20,
+                    checksumOffset: 6
+                ), .unsupportedGSOType
+            ),
             ("unknown GSO type", good, VirtioNetHeader(gsoType: 9), .unsupportedGSOType),
-            ("no-GSO checksum past the end", good, VirtioNetHeader(flags: 1, checksumStart: UInt16(good.count - 1), checksumOffset: 0), .badChecksumPosition),
-            ("no-GSO checksum start past the end", good, VirtioNetHeader(flags: 1, checksumStart: 4000, checksumOffset: 0), .badChecksumPosition),
+            (
+                "no-GSO checksum past the end", good,
+                VirtioNetHeader(flags: 1, checksumStart: UInt16(good.count - 1), checksumOffset: 0),
+                .badChecksumPosition
+            ),
+            (
+                "no-GSO checksum start past the end", good,
+                VirtioNetHeader(flags: 1, checksumStart: 4000, checksumOffset: 0), .badChecksumPosition
+            ),
         ]
         for (name, packet, header, error) in cases {
             let (result, _, intact) = runSplit(packet, header: header)
@@ -173,10 +250,18 @@ struct SplitCase: CustomTestStringConvertible, Sendable {
     @Test func tooSmallOutputIsRefusedWithoutWritingAByte() throws {
         let packet = Self.goodSpec.bytes(.pseudoOnly)
         // 3 segments: 3 * 40 + 3000 bytes needed.
-        let (result, output, intact) = runSplit(packet, header: Self.goodSpec.virtio(gsoSize: 1460), capacity: 3 * 40 + 3000 - 1)
+        let (result, output, intact) = runSplit(
+            packet,
+            header: Self.goodSpec.virtio(gsoSize: 1460),
+            capacity: 3 * 40 + 3000 - 1
+        )
         #expect(result == .failure(.doesNotFit))
         #expect(intact && output.isEmpty)
-        let (exact, _, exactIntact) = runSplit(packet, header: Self.goodSpec.virtio(gsoSize: 1460), capacity: 3 * 40 + 3000)
+        let (exact, _, exactIntact) = runSplit(
+            packet,
+            header: Self.goodSpec.virtio(gsoSize: 1460),
+            capacity: 3 * 40 + 3000
+        )
         #expect(exactIntact)
         #expect(try exact.get().count == 3)
         let (copy, _, _) = runSplit(packet, header: VirtioNetHeader(), capacity: packet.count - 1)
@@ -185,8 +270,14 @@ struct SplitCase: CustomTestStringConvertible, Sendable {
 
     @Test func moreSegmentsThanAllowedAreRefused() {
         let packet = Self.goodSpec.bytes(.pseudoOnly)
-        #expect(runSplit(packet, header: Self.goodSpec.virtio(gsoSize: 100), maxSegments: 29).result == .failure(.tooManySegments))
-        #expect((try? runSplit(packet, header: Self.goodSpec.virtio(gsoSize: 100), maxSegments: 30).result.get().count) == 30)
+        #expect(
+            runSplit(packet, header: Self.goodSpec.virtio(gsoSize: 100), maxSegments: 29).result
+                == .failure(.tooManySegments)
+        )
+        #expect(
+            (try? runSplit(packet, header: Self.goodSpec.virtio(gsoSize: 100), maxSegments: 30).result.get().count)
+                == 30
+        )
         #expect(runSplit(packet, header: VirtioNetHeader(), maxSegments: 0).result == .failure(.tooManySegments))
     }
 
@@ -267,17 +358,24 @@ extension Array where Element == UInt8 {
             let iovecs = UnsafeMutablePointer<iovec>.allocate(capacity: 2048)
             defer { iovecs.deallocate() }
             let result = packet.withUnsafeBytes { raw in
-                Segmentation.splitGathered(raw.baseAddress!, length: raw.count, header: header,
-                                           headers: headers, headerCapacity: headerRoom,
-                                           iovecs: iovecs, iovecCapacity: 2048, maxSegments: 1024)
-                    .map { s -> ([UInt8], SegmentedPacket) in
-                        var bytes: [UInt8] = []
-                        for i in 0..<(2 * s.count) {
-                            let v = iovecs[i]
-                            bytes += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len)
-                        }
-                        return (bytes, s)
+                Segmentation.splitGathered(
+                    raw.baseAddress!,
+                    length: raw.count,
+                    header: header,
+                    headers: headers,
+                    headerCapacity: headerRoom,
+                    iovecs: iovecs,
+                    iovecCapacity: 2048,
+                    maxSegments: 1024
+                )
+                .map { s -> ([UInt8], SegmentedPacket) in
+                    var bytes: [UInt8] = []
+                    for i in 0..<(2 * s.count) {
+                        let v = iovecs[i]
+                        bytes += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len)
                     }
+                    return (bytes, s)
+                }
             }
             let (gathered, s) = try result.get()
             #expect(s == (try copied.get()), "iteration \(iteration)")
@@ -292,9 +390,16 @@ extension Array where Element == UInt8 {
         let iovecs = UnsafeMutablePointer<iovec>.allocate(capacity: 4)
         defer { iovecs.deallocate() }
         let result = packet.withUnsafeBytes {
-            Segmentation.splitGathered($0.baseAddress!, length: $0.count, header: VirtioNetHeader(),
-                                       headers: headers, headerCapacity: 256, iovecs: iovecs, iovecCapacity: 4,
-                                       maxSegments: 64)
+            Segmentation.splitGathered(
+                $0.baseAddress!,
+                length: $0.count,
+                header: VirtioNetHeader(),
+                headers: headers,
+                headerCapacity: 256,
+                iovecs: iovecs,
+                iovecCapacity: 4,
+                maxSegments: 64
+            )
         }
         #expect(result == .failure(.unsupportedGSOType))
     }
@@ -308,9 +413,16 @@ extension Array where Element == UInt8 {
         let iovecs = UnsafeMutablePointer<iovec>.allocate(capacity: 7)
         defer { iovecs.deallocate() }
         let result = packet.withUnsafeBytes {
-            Segmentation.splitGathered($0.baseAddress!, length: $0.count, header: spec.virtio(gsoSize: 1000),
-                                       headers: headers, headerCapacity: 4096, iovecs: iovecs, iovecCapacity: 7,
-                                       maxSegments: 64)
+            Segmentation.splitGathered(
+                $0.baseAddress!,
+                length: $0.count,
+                header: spec.virtio(gsoSize: 1000),
+                headers: headers,
+                headerCapacity: 4096,
+                iovecs: iovecs,
+                iovecCapacity: 7,
+                maxSegments: 64
+            )
         }
         #expect(result == .failure(.doesNotFit))
     }

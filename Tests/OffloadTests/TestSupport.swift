@@ -30,7 +30,9 @@ func slowPseudo(_ packet: [UInt8], protocolNumber: UInt8, length: Int) -> UInt32
 func be16(_ b: [UInt8], _ o: Int) -> UInt16 { UInt16(b[o]) << 8 | UInt16(b[o + 1]) }
 func be32(_ b: [UInt8], _ o: Int) -> UInt32 { UInt32(be16(b, o)) << 16 | UInt32(be16(b, o + 2)) }
 func put16(_ b: inout [UInt8], _ o: Int, _ v: UInt16) { b[o] = UInt8(v >> 8); b[o + 1] = UInt8(v & 0xff) }
-func put32(_ b: inout [UInt8], _ o: Int, _ v: UInt32) { put16(&b, o, UInt16(v >> 16)); put16(&b, o + 2, UInt16(v & 0xffff)) }
+func put32(_ b: inout [UInt8], _ o: Int, _ v: UInt32) {
+    put16(&b, o, UInt16(v >> 16)); put16(&b, o + 2, UInt16(v & 0xffff))
+}
 
 enum L4Checksum { case full, pseudoOnly, zero }
 
@@ -105,8 +107,11 @@ struct PacketSpec {
         VirtioNetHeader(
             flags: VirtioNetHeader.needsChecksum,
             gsoType: udp ? VirtioNetHeader.GSOType.udpL4.rawValue : VirtioNetHeader.GSOType.tcpv4.rawValue,
-            headerLength: UInt16(headerLength), gsoSize: UInt16(gsoSize),
-            checksumStart: UInt16(ipHeaderLength), checksumOffset: udp ? 6 : 16)
+            headerLength: UInt16(headerLength),
+            gsoSize: UInt16(gsoSize),
+            checksumStart: UInt16(ipHeaderLength),
+            checksumOffset: udp ? 6 : 16
+        )
     }
 }
 
@@ -132,12 +137,26 @@ func parseChecked(_ b: [UInt8]) -> ParsedPacket? {
     guard slowSum(b[ihl...], initial: pseudo) == 0xffff else { return nil }
     if udp {
         guard l4Length >= 8, Int(be16(b, ihl + 4)) == l4Length, be16(b, ihl + 6) != 0 else { return nil }
-        return ParsedPacket(ipHeaderLength: ihl, l4HeaderLength: 8, id: be16(b, 4), sequence: 0, flags: 0, payload: Array(b[(ihl + 8)...]))
+        return ParsedPacket(
+            ipHeaderLength: ihl,
+            l4HeaderLength: 8,
+            id: be16(b, 4),
+            sequence: 0,
+            flags: 0,
+            payload: Array(b[(ihl + 8)...])
+        )
     }
     guard b[9] == 6, l4Length >= 20 else { return nil }
     let doff = Int(b[ihl + 12] >> 4) * 4
     guard doff >= 20, ihl + doff <= b.count else { return nil }
-    return ParsedPacket(ipHeaderLength: ihl, l4HeaderLength: doff, id: be16(b, 4), sequence: be32(b, ihl + 4), flags: b[ihl + 13], payload: Array(b[(ihl + doff)...]))
+    return ParsedPacket(
+        ipHeaderLength: ihl,
+        l4HeaderLength: doff,
+        id: be16(b, 4),
+        sequence: be32(b, ihl + 4),
+        flags: b[ihl + 13],
+        payload: Array(b[(ihl + doff)...])
+    )
 }
 
 /// The slow, obviously-right segmentation: arrays and the slow checksum.
@@ -147,7 +166,8 @@ func modelSplit(_ superPacket: [UInt8], gsoSize: Int) -> [[UInt8]] {
     let l4h = udp ? 8 : Int(superPacket[ihl + 12] >> 4) * 4
     let headers = Array(superPacket[0..<(ihl + l4h)])
     let payload = Array(superPacket[(ihl + l4h)...])
-    let chunks: [ArraySlice<UInt8>] = payload.isEmpty
+    let chunks: [ArraySlice<UInt8>] =
+        payload.isEmpty
         ? [payload[...]]
         : stride(from: 0, to: payload.count, by: gsoSize).map { payload[$0..<min($0 + gsoSize, payload.count)] }
     return chunks.enumerated().map { i, chunk in
@@ -181,7 +201,10 @@ let guardLength = 64
 /// Runs `split` on a copy of `packet` with `guardLength` sentinel bytes after `capacity`
 /// (and before the output); returns the result, the output bytes and whether the guards held.
 func runSplit(
-    _ packet: [UInt8], header: VirtioNetHeader, capacity: Int? = nil, maxSegments: Int = 256
+    _ packet: [UInt8],
+    header: VirtioNetHeader,
+    capacity: Int? = nil,
+    maxSegments: Int = 256
 ) -> (result: Result<SegmentedPacket, OffloadError>, output: [UInt8], guardsIntact: Bool) {
     let room = capacity ?? (packet.count * 2 + 60 * 256)
     var out = [UInt8](repeating: guardByte, count: guardLength + room + guardLength)
@@ -191,10 +214,16 @@ func runSplit(
     input.copyBytes(from: packet)
     let result = out.withUnsafeMutableBytes { o in
         Segmentation.split(
-            UnsafeRawPointer(input.baseAddress!), length: packet.count, header: header,
-            into: o.baseAddress! + guardLength, capacity: room, maxSegments: maxSegments)
+            UnsafeRawPointer(input.baseAddress!),
+            length: packet.count,
+            header: header,
+            into: o.baseAddress! + guardLength,
+            capacity: room,
+            maxSegments: maxSegments
+        )
     }
-    let intact = out[0..<guardLength].allSatisfy { $0 == guardByte }
+    let intact =
+        out[0..<guardLength].allSatisfy { $0 == guardByte }
         && out[(guardLength + room)...].allSatisfy { $0 == guardByte }
     var produced: [UInt8] = []
     if case .success(let s) = result, s.totalLength <= room {

@@ -1,18 +1,35 @@
+import Testing
+
+@testable import PacketRing
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import Testing
-@testable import PacketRing
 
 /// Which tier `--datapath` gets on hosts with each io_uring feature set.
 @Suite struct DataPathTierChoiceTests {
     static let full = URingFeatures(available: true, multishotRead: true, multishotReceive: true, bufferRings: true)
-    static let noMultishotRead = URingFeatures(available: true, multishotRead: false, multishotReceive: true,
-                                               bufferRings: true, problem: "no multishot read")
-    static let noMultishotReceive = URingFeatures(available: true, multishotRead: false, multishotReceive: false,
-                                                  bufferRings: true, problem: "no multishot recvmsg")
-    static let refused = URingFeatures(available: false, multishotRead: false, multishotReceive: false,
-                                       bufferRings: false, problem: "io_uring_queue_init failed: Operation not permitted")
+    static let noMultishotRead = URingFeatures(
+        available: true,
+        multishotRead: false,
+        multishotReceive: true,
+        bufferRings: true,
+        problem: "no multishot read"
+    )
+    static let noMultishotReceive = URingFeatures(
+        available: true,
+        multishotRead: false,
+        multishotReceive: false,
+        bufferRings: true,
+        problem: "no multishot recvmsg"
+    )
+    static let refused = URingFeatures(
+        available: false,
+        multishotRead: false,
+        multishotReceive: false,
+        bufferRings: false,
+        problem: "io_uring_queue_init failed: Operation not permitted"
+    )
 
     @Test func autoTakesIOURingWithMultishotReadAndSaysNothing() {
         let (tier, note) = DataPathTier.choose(.auto, features: Self.full)

@@ -1,12 +1,14 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import FuzzSupport
 import NetBase
 import Offload
 import Testing
 import UDPEncap
+
 @testable import PacketRing
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The data path's per-packet decisions on random tables and hostile packets, held against
 /// a slow model: a list of (subnet, route) searched one by one, RFC 791 validation on arrays,
@@ -31,8 +33,10 @@ import UDPEncap
             self.table = table
             let count = 1 << (subnetLength - prefix)
             func subnet(_ i: Int) -> IPv4Network {
-                IPv4Network(address: IPv4Address(network.address.value + UInt32(i) << UInt32(32 - subnetLength)),
-                            prefixLength: subnetLength)
+                IPv4Network(
+                    address: IPv4Address(network.address.value + UInt32(i) << UInt32(32 - subnetLength)),
+                    prefixLength: subnetLength
+                )
             }
             var used = Set<Int>()
             let localIndex = c.int(0..<count)
@@ -43,14 +47,20 @@ import UDPEncap
             for _ in 0..<c.int(0...min(6, count - 1)) {
                 let i = c.int(0..<count)
                 guard used.insert(i).inserted else { continue }
-                let peer = UDPEndpoint(address: IPv4Address(c.oneIn(4) ? 0xc612_0001 : c.u32()),
-                                       port: c.oneIn(3) ? c.u16() : 8285)
+                let peer = UDPEndpoint(
+                    address: IPv4Address(c.oneIn(4) ? 0xc612_0001 : c.u32()),
+                    port: c.oneIn(3) ? c.u16() : 8285
+                )
                 routes.append((subnet(i), .peer(peer)))
             }
             for (s, r) in routes { try table.set(s, to: r) }
             self.routes = routes
-            forwarder = Forwarder(table: table, tunAddress: local.firstHost, acceptUnknownPeers: c.oneIn(4),
-                                  mtu: c.pick([1472, 1400, 65535, c.int(68...1500)]))
+            forwarder = Forwarder(
+                table: table,
+                tunAddress: local.firstHost,
+                acceptUnknownPeers: c.oneIn(4),
+                mtu: c.pick([1472, 1400, 65535, c.int(68...1500)])
+            )
         }
 
         func model(_ address: UInt32) -> NextHop? {
@@ -72,11 +82,15 @@ import UDPEncap
 
         func packet(_ c: FuzzCase, source: UInt32? = nil, destination: UInt32? = nil) -> [UInt8] {
             var b = Slow.ipv4(
-                source: source ?? address(c), destination: destination ?? address(c),
-                proto: c.pick([1, 6, 17, 17, c.byte()]), ttl: c.pick([0, 1, 2, 64, c.byte()]),
-                flagsAndOffset: c.oneIn(5) ? c.u16() : c.pick([0, 0x4000]), id: c.u16(),
+                source: source ?? address(c),
+                destination: destination ?? address(c),
+                proto: c.pick([1, 6, 17, 17, c.byte()]),
+                ttl: c.pick([0, 1, 2, 64, c.byte()]),
+                flagsAndOffset: c.oneIn(5) ? c.u16() : c.pick([0, 0x4000]),
+                id: c.u16(),
                 options: c.oneIn(6) ? c.bytes(4 * c.int(1...10)) : [],
-                payload: c.bytes(c.oneIn(6) ? c.int(0...3000) : c.int(0...100)))
+                payload: c.bytes(c.oneIn(6) ? c.int(0...3000) : c.int(0...100))
+            )
             if b[9] == 1, b.count > Int(b[0] & 0xf) * 4 { b[Int(b[0] & 0xf) * 4] = c.pick([0, 3, 8, 11]) }
             if c.oneIn(8) { b += c.bytes(c.int(1...4)) }
             if c.oneIn(5) { c.mutate(&b, focus: 24) }
@@ -118,9 +132,18 @@ import UDPEncap
             }()
             let buffer = GuardedBuffer(bytes, atEnd: c.bool())
             let stats = Statistics()
-            let got = s.forwarder.fromNetwork(buffer.base, length: bytes.count, sender: sender, senderPort: port, stats: stats)
+            let got = s.forwarder.fromNetwork(
+                buffer.base,
+                length: bytes.count,
+                sender: sender,
+                senderPort: port,
+                stats: stats
+            )
             stats.publish()
-            c.expect(got == expected.0, "fromNetwork gave \(String(describing: got)), the model \(String(describing: expected.0))")
+            c.expect(
+                got == expected.0,
+                "fromNetwork gave \(String(describing: got)), the model \(String(describing: expected.0))"
+            )
             if let counter = expected.1 {
                 c.expect(stats[counter] == 1, "not counted under \(counter)")
                 count("\(counter)")
@@ -163,17 +186,25 @@ import UDPEncap
                 }
                 let out = buffer.bytes(n)
                 c.expect(n == 28 + min(total, 548, capacity - 28), "error length \(n)")
-                c.expect(Slow.validateIPv4(out) == .success(n) && Slow.sum(out[20...]) == 0xffff, "invalid error packet")
+                c.expect(
+                    Slow.validateIPv4(out) == .success(n) && Slow.sum(out[20...]) == 0xffff,
+                    "invalid error packet"
+                )
                 c.expect(out[20] == type && out[21] == code, "ICMP \(out[20])/\(out[21]), expected \(type)/\(code)")
                 c.expect(Slow.be32(out, 16) == Slow.be32(bytes, 12), "the error does not go back to the sender")
-                c.expect(Slow.be32(out, 12) == destination & IPv4Network.mask(s.subnetLength),
-                         "the error's source is not the destination's subnet")
+                c.expect(
+                    Slow.be32(out, 12) == destination & IPv4Network.mask(s.subnetLength),
+                    "the error's source is not the destination's subnet"
+                )
                 c.expect(stats[counter] == 1, "not counted under \(counter)")
                 count("answered \(counter)")
             }
             switch route {
             case .local?:
-                c.expect(action == .drop && stats[.droppedLocalDestination] == 1, "packet for our own subnet: \(action)")
+                c.expect(
+                    action == .drop && stats[.droppedLocalDestination] == 1,
+                    "packet for our own subnet: \(action)"
+                )
                 count("local")
             case nil:
                 expectError(type: 3, code: 0, counter: .icmpUnreachableSent)
@@ -190,7 +221,10 @@ import UDPEncap
                 } else {
                     c.expect(action == .send(address: e.address.value, port: e.port, length: total), "\(action)")
                     let out = buffer.bytes(total)
-                    c.expect(out[8] == bytes[8] - 1 && Slow.validateIPv4(out) == .success(total), "TTL not decremented validly")
+                    c.expect(
+                        out[8] == bytes[8] - 1 && Slow.validateIPv4(out) == .success(total),
+                        "TTL not decremented validly"
+                    )
                     count("sent")
                 }
             }
@@ -210,32 +244,54 @@ import UDPEncap
         } else {
             Slow.put16(&l4, 4, UInt16(truncatingIfNeeded: l4.count))
         }
-        var b = Slow.ipv4(source: source, destination: destination, proto: tcp ? 6 : 17, ttl: c.pick([64, 2, 1]),
-                          flagsAndOffset: 0x4000, id: c.u16(), payload: l4)
+        var b = Slow.ipv4(
+            source: source,
+            destination: destination,
+            proto: tcp ? 6 : 17,
+            ttl: c.pick([64, 2, 1]),
+            flagsAndOffset: 0x4000,
+            id: c.u16(),
+            payload: l4
+        )
         let at = 20 + (tcp ? 16 : 6)
-        let pseudo = (Slow.be32(b, 12) >> 16) + (Slow.be32(b, 12) & 0xffff) + (Slow.be32(b, 16) >> 16)
+        let pseudo =
+            (Slow.be32(b, 12) >> 16) + (Slow.be32(b, 12) & 0xffff) + (Slow.be32(b, 16) >> 16)
             + (Slow.be32(b, 16) & 0xffff) + UInt32(tcp ? 6 : 17) + UInt32(b.count - 20)
         Slow.put16(&b, at, Slow.sum([][...], initial: pseudo))
         return b
     }
 
     @Test func virtioReadsAreSplitIntoValidSegmentsWithinTheirBuffers() throws {
-        let report = fuzz("virtioReadsAreSplitIntoValidSegmentsWithinTheirBuffers", seed: 0x2F_0003, iterations: 600) { c, count in
+        let report = fuzz("virtioReadsAreSplitIntoValidSegmentsWithinTheirBuffers", seed: 0x2F_0003, iterations: 600) {
+            c,
+            count in
             let s = try Setup(c)
             let peers = s.routes.filter { if case .peer = $0.1 { true } else { false } }
-            let destination = peers.isEmpty || c.oneIn(5) ? s.address(c) : {
-                let p = c.pick(peers).0
-                return p.address.value | c.u32() & ~p.mask
-            }()
+            let destination =
+                peers.isEmpty || c.oneIn(5)
+                ? s.address(c)
+                : {
+                    let p = c.pick(peers).0
+                    return p.address.value | c.u32() & ~p.mask
+                }()
             let tcp = c.bool()
             let gso = c.oneIn(4) ? 0 : c.int(1...1500)
-            var packet = Self.offloadPacket(c, source: s.local.address.value | c.u32() & ~s.local.mask,
-                                            destination: destination, tcp: tcp, payload: c.int(0...(gso == 0 ? 1400 : 9000)))
+            var packet = Self.offloadPacket(
+                c,
+                source: s.local.address.value | c.u32() & ~s.local.mask,
+                destination: destination,
+                tcp: tcp,
+                payload: c.int(0...(gso == 0 ? 1400 : 9000))
+            )
             let ihl = 20
             var header = VirtioNetHeader(
                 flags: VirtioNetHeader.needsChecksum,
-                gsoType: gso == 0 ? 0 : (tcp ? 1 : 5), headerLength: UInt16(ihl + (tcp ? Int(packet[32] >> 4) * 4 : 8)),
-                gsoSize: UInt16(gso), checksumStart: UInt16(ihl), checksumOffset: tcp ? 16 : 6)
+                gsoType: gso == 0 ? 0 : (tcp ? 1 : 5),
+                headerLength: UInt16(ihl + (tcp ? Int(packet[32] >> 4) * 4 : 8)),
+                gsoSize: UInt16(gso),
+                checksumStart: UInt16(ihl),
+                checksumOffset: tcp ? 16 : 6
+            )
             if c.oneIn(4) {
                 var raw = [UInt8](repeating: 0, count: 10)
                 raw.withUnsafeMutableBytes { header.write(to: $0.baseAddress!) }
@@ -255,26 +311,44 @@ import UDPEncap
             let iovecs = GuardedBuffer(count: iovecCapacity * MemoryLayout<iovec>.stride)
             let stats = Statistics()
             let action = s.forwarder.fromTun(
-                virtioRead: buffer.base, length: read.count, capacity: capacity, headers: headers.base,
-                headerCapacity: headerCapacity, iovecs: iovecs.base.assumingMemoryBound(to: iovec.self),
-                iovecCapacity: iovecCapacity, maxSegments: c.int(1...64), stats: stats)
+                virtioRead: buffer.base,
+                length: read.count,
+                capacity: capacity,
+                headers: headers.base,
+                headerCapacity: headerCapacity,
+                iovecs: iovecs.base.assumingMemoryBound(to: iovec.self),
+                iovecCapacity: iovecCapacity,
+                maxSegments: c.int(1...64),
+                stats: stats
+            )
             switch action {
             case .drop:
                 count("drop")
             case .reply(let start, let length):
                 let out = Array(UnsafeRawBufferPointer(start: start, count: length))
-                c.expect(start == buffer.base && buffer.contains(start, length: length), "reply outside the read buffer")
+                c.expect(
+                    start == buffer.base && buffer.contains(start, length: length),
+                    "reply outside the read buffer"
+                )
                 c.expect(out.prefix(10).allSatisfy { $0 == 0 }, "the reply's virtio header is not reset")
                 let icmp = Array(out.dropFirst(10))
-                c.expect(Slow.validateIPv4(icmp) == .success(icmp.count) && Slow.sum(icmp[20...]) == 0xffff, "invalid ICMP reply")
+                c.expect(
+                    Slow.validateIPv4(icmp) == .success(icmp.count) && Slow.sum(icmp[20...]) == 0xffff,
+                    "invalid ICMP reply"
+                )
                 count("reply")
             case .send(_, _, let start, let length):
                 c.expect(buffer.contains(start, length: length), "send outside the read buffer")
                 let out = Array(UnsafeRawBufferPointer(start: start, count: length))
-                c.expect(Slow.validateIPv4(out) == .success(length) && length <= s.forwarder.mtu, "invalid packet sent: \(Slow.validateIPv4(out)), length \(length), mtu \(s.forwarder.mtu), \(header)")
+                c.expect(
+                    Slow.validateIPv4(out) == .success(length) && length <= s.forwarder.mtu,
+                    "invalid packet sent: \(Slow.validateIPv4(out)), length \(length), mtu \(s.forwarder.mtu), \(header)"
+                )
                 // The kernel's partial sum covers the packet as it built it: after a mutation
                 // (say, a shorter total length) the completed sum is as wrong as the partial.
-                if !packetMutated, header.needsChecksum, header.checksumStart == 20, header.checksumOffset == (out[9] == 6 ? 16 : 6) {
+                if !packetMutated, header.needsChecksum, header.checksumStart == 20,
+                    header.checksumOffset == (out[9] == 6 ? 16 : 6)
+                {
                     c.expect(Slow.transportChecksumValid(out), "checksum not completed")
                 }
                 count("send")
@@ -284,19 +358,34 @@ import UDPEncap
                 var payload: [UInt8] = []
                 for i in 0..<min(segments.count, iovecCapacity / 2) {
                     let h = vectors[2 * i], p = vectors[2 * i + 1]
-                    c.expect(headers.contains(h.iov_base, length: h.iov_len), "segment \(i): header iovec outside the header buffer")
-                    c.expect(buffer.contains(p.iov_base, length: p.iov_len), "segment \(i): payload iovec outside the read")
-                    guard headers.contains(h.iov_base, length: h.iov_len), buffer.contains(p.iov_base, length: p.iov_len) else { return }
-                    let segment = Array(UnsafeRawBufferPointer(start: h.iov_base, count: h.iov_len))
+                    c.expect(
+                        headers.contains(h.iov_base, length: h.iov_len),
+                        "segment \(i): header iovec outside the header buffer"
+                    )
+                    c.expect(
+                        buffer.contains(p.iov_base, length: p.iov_len),
+                        "segment \(i): payload iovec outside the read"
+                    )
+                    guard headers.contains(h.iov_base, length: h.iov_len),
+                        buffer.contains(p.iov_base, length: p.iov_len)
+                    else { return }
+                    let segment =
+                        Array(UnsafeRawBufferPointer(start: h.iov_base, count: h.iov_len))
                         + Array(UnsafeRawBufferPointer(start: p.iov_base, count: p.iov_len))
                     c.expect(Slow.validateIPv4(segment) == .success(segment.count), "segment \(i) is not valid IPv4")
                     c.expect(Slow.transportChecksumValid(segment), "segment \(i): bad L4 checksum")
-                    c.expect(segment.count <= segments.segmentLength && segment.count <= s.forwarder.mtu, "segment \(i) too long")
+                    c.expect(
+                        segment.count <= segments.segmentLength && segment.count <= s.forwarder.mtu,
+                        "segment \(i) too long"
+                    )
                     c.expect(segment[8] == packet[8] &- 1, "segment \(i): TTL")
                     payload += p.iov_len > 0 ? Array(UnsafeRawBufferPointer(start: p.iov_base, count: p.iov_len)) : []
                 }
                 let headerLength = Int(packet[0] & 0xf) * 4 + (packet[9] == 6 ? Int(packet[32] >> 4) * 4 : 8)
-                c.expect(payload == Array(packet[headerLength..<Int(Slow.be16(packet, 2))]), "segments do not carry the payload")
+                c.expect(
+                    payload == Array(packet[headerLength..<Int(Slow.be16(packet, 2))]),
+                    "segments do not carry the payload"
+                )
                 count("gathered")
             }
         }
@@ -313,8 +402,13 @@ import UDPEncap
             for _ in 0..<c.int(1...20) {
                 let source = c.oneIn(6) ? s.address(c) : peerSubnet.address.value | c.u32() & ~peerSubnet.mask
                 let destination = c.oneIn(6) ? s.address(c) : s.local.address.value | c.u32() & ~s.local.mask
-                var d = Slow.ipv4(source: source, destination: destination, proto: c.pick([6, 17]),
-                                  id: c.u16(), payload: c.bytes(max(0, size - 20)))
+                var d = Slow.ipv4(
+                    source: source,
+                    destination: destination,
+                    proto: c.pick([6, 17]),
+                    id: c.u16(),
+                    payload: c.bytes(max(0, size - 20))
+                )
                 if c.oneIn(6) { c.mutate(&d, focus: 24) }
                 d = Array(d.prefix(size)) + [UInt8](repeating: 0, count: max(0, size - d.count))
                 datagrams.append(d)
@@ -325,8 +419,14 @@ import UDPEncap
             var plan = CoalescingPlan(maxPackets: c.int(0...24), verifyChecksums: c.bool())
             let stats = Statistics()
             let accepted = s.forwarder.fromNetwork(
-                datagrams: buffer.base, length: receive.count, segmentLength: datagrams.count > 1 || c.bool() ? size : 0,
-                sender: peer.address.value, senderPort: peer.port, into: &plan, stats: stats)
+                datagrams: buffer.base,
+                length: receive.count,
+                segmentLength: datagrams.count > 1 || c.bool() ? size : 0,
+                sender: peer.address.value,
+                senderPort: peer.port,
+                into: &plan,
+                stats: stats
+            )
             stats.publish()
             var expected = 0
             for d in datagrams {
@@ -335,7 +435,10 @@ import UDPEncap
                 guard source != .local, s.forwarder.acceptUnknownPeers || source == .peer(peer) else { continue }
                 expected += 1
             }
-            c.expect(accepted + Int(stats[.droppedTruncated]) == expected, "accepted \(accepted) (+\(stats[.droppedTruncated]) truncated), model \(expected); sizes \(datagrams.map(\.count)), counts \(stats.summary)")
+            c.expect(
+                accepted + Int(stats[.droppedTruncated]) == expected,
+                "accepted \(accepted) (+\(stats[.droppedTruncated]) truncated), model \(expected); sizes \(datagrams.map(\.count)), counts \(stats.summary)"
+            )
             c.expect(plan.packetsAdded == accepted, "the plan holds \(plan.packetsAdded) packets")
             var bytes = 0
             for w in 0..<plan.writeCount {
@@ -343,8 +446,10 @@ import UDPEncap
                 bytes += write.bytes
                 c.expect(write.iovecs[0].iov_len == 10, "write \(w) does not start with a virtio header")
                 for i in 1..<write.count {
-                    c.expect(buffer.contains(write.iovecs[i].iov_base, length: write.iovecs[i].iov_len),
-                             "write \(w) gathers bytes outside the receive buffer")
+                    c.expect(
+                        buffer.contains(write.iovecs[i].iov_base, length: write.iovecs[i].iov_len),
+                        "write \(w) gathers bytes outside the receive buffer"
+                    )
                 }
             }
             c.expect(bytes <= receive.count + 10 * plan.writeCount, "writes carry more bytes than were received")
@@ -359,16 +464,27 @@ import UDPEncap
     @Test func checksumOffloadInsideTheIPv4HeaderIsDropped() throws {
         let table = try SubnetTable(network: IPv4Network("10.2.0.0/16")!, subnetLength: 24)
         try table.set(IPv4Network("10.2.1.0/24")!, to: .local)
-        try table.set(IPv4Network("10.2.2.0/24")!, to: .peer(UDPEndpoint(address: IPv4Address("198.18.0.2")!, port: 8285)))
+        try table.set(
+            IPv4Network("10.2.2.0/24")!,
+            to: .peer(UDPEndpoint(address: IPv4Address("198.18.0.2")!, port: 8285))
+        )
         let forwarder = Forwarder(table: table, tunAddress: IPv4Address("10.2.1.0")!)
-        var packet = Slow.ipv4(source: 0x0a02_0105, destination: 0x0a02_0205, proto: 17, payload: [0x9c, 0x40, 0x14, 0x51, 0, 12, 0, 0, 1, 2, 3, 4])
+        var packet = Slow.ipv4(
+            source: 0x0a02_0105,
+            destination: 0x0a02_0205,
+            proto: 17,
+            payload: [0x9c, 0x40, 0x14, 0x51, 0, 12, 0, 0, 1, 2, 3, 4]
+        )
         // As the kernel leaves it: the UDP checksum field holds the pseudo-header sum.
         Slow.put16(&packet, 26, Slow.sum([][...], initial: 0x0a02 + 0x0105 + 0x0a02 + 0x0205 + 17 + 12))
         for (start, offset) in [(0, 0), (0, 10), (8, 2), (20, 6)] {
             var read = [UInt8](repeating: 0, count: 10) + packet
             read.withUnsafeMutableBytes {
-                VirtioNetHeader(flags: VirtioNetHeader.needsChecksum, checksumStart: UInt16(start),
-                                checksumOffset: UInt16(offset)).write(to: $0.baseAddress!)
+                VirtioNetHeader(
+                    flags: VirtioNetHeader.needsChecksum,
+                    checksumStart: UInt16(start),
+                    checksumOffset: UInt16(offset)
+                ).write(to: $0.baseAddress!)
             }
             let stats = Statistics()
             var iovecs = [iovec](repeating: iovec(), count: 4)
@@ -376,9 +492,17 @@ import UDPEncap
             let action = read.withUnsafeMutableBytes { r in
                 headers.withUnsafeMutableBytes { h in
                     iovecs.withUnsafeMutableBufferPointer { v in
-                        forwarder.fromTun(virtioRead: r.baseAddress!, length: r.count, capacity: r.count,
-                                          headers: h.baseAddress!, headerCapacity: h.count, iovecs: v.baseAddress!,
-                                          iovecCapacity: v.count, maxSegments: 2, stats: stats)
+                        forwarder.fromTun(
+                            virtioRead: r.baseAddress!,
+                            length: r.count,
+                            capacity: r.count,
+                            headers: h.baseAddress!,
+                            headerCapacity: h.count,
+                            iovecs: v.baseAddress!,
+                            iovecCapacity: v.count,
+                            maxSegments: 2,
+                            stats: stats
+                        )
                     }
                 }
             }

@@ -1,21 +1,23 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
 import NetBase
 import NetTestSupport
 import Testing
 import UDPEncap
+
 @testable import PacketRing
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Drives a data-path loop without root: a SOCK_SEQPACKET socket pair stands
 /// in for the TUN (one packet per read or write, like a TUN fd), and UDP
 /// sockets on 127.0.0.1 stand in for the peers.
 final class LoopHarness: @unchecked Sendable {
-    let tunSide: Int32      // the loop's "TUN" fd
-    let kernelSide: Int32   // what the kernel would see of the TUN
-    let socket: UDPSocket   // the loop's UDP socket
-    let peer: UDPSocket     // a remote host
+    let tunSide: Int32  // the loop's "TUN" fd
+    let kernelSide: Int32  // what the kernel would see of the TUN
+    let socket: UDPSocket  // the loop's UDP socket
+    let peer: UDPSocket  // a remote host
     let table: SubnetTable
     let thread: DataPathThread
 
@@ -45,18 +47,29 @@ final class LoopHarness: @unchecked Sendable {
         table = try SubnetTable(network: IPv4Network("10.2.0.0/16")!, subnetLength: 24)
         try table.set(Self.local, to: .local)
         try table.set(Self.remote, to: .peer(peer.localEndpoint))
-        let forwarder = Forwarder(table: table, tunAddress: IPv4Address("10.2.1.0")!,
-                                  acceptUnknownPeers: acceptUnknownPeers, mtu: 1472)
+        let forwarder = Forwarder(
+            table: table,
+            tunAddress: IPv4Address("10.2.1.0")!,
+            acceptUnknownPeers: acceptUnknownPeers,
+            mtu: 1472
+        )
         var loopOffloads = LoopOffloads.none
         if offloads {
-            loopOffloads = LoopOffloads(virtioHeader: true, segmentation: socket.supportsSegmentation,
-                                        receiveCoalescing: socket.enableReceiveCoalescing())
+            loopOffloads = LoopOffloads(
+                virtioHeader: true,
+                segmentation: socket.supportsSegmentation,
+                receiveCoalescing: socket.enableReceiveCoalescing()
+            )
         }
         var configuration = LoopConfiguration(depth: depth, mtu: 1472, offloads: loopOffloads)
         // The offload loop also polls briefly after each busy turn, as the daemon does.
         configuration.busyPollMicroseconds = offloads ? 100 : 0
-        let loop = try tier.makeLoop(forwarder: forwarder, tunFD: tunSide, udpFD: socket.fd.rawValue,
-                                     configuration: configuration)
+        let loop = try tier.makeLoop(
+            forwarder: forwarder,
+            tunFD: tunSide,
+            udpFD: socket.fd.rawValue,
+            configuration: configuration
+        )
         thread = DataPathThread(loop: loop, name: "test-loop")
     }
 
@@ -155,7 +168,8 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
         case .syscall, .syscallOffloads: .syscall
         case .uring, .uringOffloads: DataPathTier.choose(.uring, features: LoopKind.features).tier
         case .uringSingleReadOffloads:
-            LoopKind.features.usableWithSingleRead ? .uringSingleRead
+            LoopKind.features.usableWithSingleRead
+                ? .uringSingleRead
                 : DataPathTier.choose(.uring, features: LoopKind.features).tier
         }
     }
@@ -173,8 +187,12 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
     func packetsFromTheTunReachThePeerWithTTLDecremented(kind: LoopKind) async throws {
         let h = try kind.harness()
         for i in 0..<100 {
-            let p = makePacket(source: 0x0A02_0105, destination: 0x0A02_0207, ttl: 64,
-                               payload: Array(repeating: UInt8(i), count: 100 + i))
+            let p = makePacket(
+                source: 0x0A02_0105,
+                destination: 0x0A02_0207,
+                ttl: 64,
+                payload: Array(repeating: UInt8(i), count: 100 + i)
+            )
             h.writeToTun(p)
             let got = try #require(h.peerReceive(), "datagram \(i) did not arrive")
             var expected = p
@@ -190,8 +208,11 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
     func datagramsFromTheOwningPeerReachTheTun(kind: LoopKind) async throws {
         let h = try kind.harness()
         for i in 0..<100 {
-            let p = makePacket(source: 0x0A02_0207, destination: 0x0A02_0105,
-                               payload: Array(repeating: UInt8(i), count: 50 + i))
+            let p = makePacket(
+                source: 0x0A02_0207,
+                destination: 0x0A02_0105,
+                payload: Array(repeating: UInt8(i), count: 50 + i)
+            )
             h.send(p)
             #expect(h.readFromTun() == p)
         }
@@ -202,9 +223,9 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
     @Test(arguments: LoopKind.allCases)
     func malformedAndForeignDatagramsAreCountedAndDropped(kind: LoopKind) async throws {
         let h = try kind.harness()
-        h.send([1, 2, 3])                                        // too short
+        h.send([1, 2, 3])  // too short
         var bad = makePacket(source: 0x0A02_0207, destination: 0x0A02_0105)
-        bad[0] = 0x46                                            // IHL beyond...
+        bad[0] = 0x46  // IHL beyond...
         bad[10] ^= 0xff
         h.send(bad)
         h.send(makePacket(source: 0x0A02_6307, destination: 0x0A02_0105))  // no peer owns 10.2.99.0/24
@@ -254,8 +275,13 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
         let sent = DispatchSemaphore(value: 0)
         Thread.detachNewThread {
             for i in 0..<burst {
-                h.writeToTun(makePacket(source: 0x0A02_0105, destination: 0x0A02_0207,
-                                        payload: Array(repeating: UInt8(i & 0xff), count: 64)))
+                h.writeToTun(
+                    makePacket(
+                        source: 0x0A02_0105,
+                        destination: 0x0A02_0207,
+                        payload: Array(repeating: UInt8(i & 0xff), count: 64)
+                    )
+                )
             }
             sent.signal()
         }
@@ -307,8 +333,10 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
         func packet(_ destination: UInt32, source: UInt32 = 0x0A02_0207) -> [UInt8] {
             makePacket(source: source, destination: destination, proto: 1, payload: payload)
         }
-        let batch = [packet(0x0A02_0105), packet(0x0A02_0209), packet(0x0A02_0106), packet(0xC000_0201),
-                     packet(0x0A02_0107, source: 0x0A02_0108), packet(0x0A02_0108)]
+        let batch = [
+            packet(0x0A02_0105), packet(0x0A02_0209), packet(0x0A02_0106), packet(0xC000_0201),
+            packet(0x0A02_0107, source: 0x0A02_0108), packet(0x0A02_0108),
+        ]
         h.sendSegmented(batch)
         for expected in [batch[0], batch[2], batch[5]] {
             #expect(h.readFromTun() == expected)
@@ -329,8 +357,12 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
     func packetsBiggerThanTheTunnelGetFragmentationNeeded(kind: LoopKind) async throws {
         let h = try kind.harness()
         let dontFragment: UInt16 = 0x4000
-        let big = makePacket(source: 0x0A02_0105, destination: 0x0A02_0207,
-                             payload: Array(repeating: 1, count: 1480), fragmentOffset: dontFragment)
+        let big = makePacket(
+            source: 0x0A02_0105,
+            destination: 0x0A02_0207,
+            payload: Array(repeating: 1, count: 1480),
+            fragmentOffset: dontFragment
+        )
         h.writeToTun(big)
         let reply = try #require(h.readFromTun())
         #expect(reply[9] == 1 && reply[20] == 3 && reply[21] == 4)
@@ -338,10 +370,19 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
         #expect(Array(reply[12..<16]) == [10, 2, 2, 0] && Array(reply[16..<20]) == [10, 2, 1, 5])
         #expect(Array(reply[28..<48]) == Array(big.prefix(20)))
         // Without DF: dropped. The next datagram the peer sees is the one after.
-        h.writeToTun(makePacket(source: 0x0A02_0105, destination: 0x0A02_0207,
-                                payload: Array(repeating: 2, count: 1480)))
-        let fits = makePacket(source: 0x0A02_0105, destination: 0x0A02_0207,
-                              payload: Array(repeating: 3, count: 1452), fragmentOffset: dontFragment)
+        h.writeToTun(
+            makePacket(
+                source: 0x0A02_0105,
+                destination: 0x0A02_0207,
+                payload: Array(repeating: 2, count: 1480)
+            )
+        )
+        let fits = makePacket(
+            source: 0x0A02_0105,
+            destination: 0x0A02_0207,
+            payload: Array(repeating: 3, count: 1452),
+            fragmentOffset: dontFragment
+        )
         h.writeToTun(fits)
         let got = try #require(h.peerReceive())
         #expect(got.count == 1472 && got[20] == 3, "the packet of exactly the MTU goes through")
@@ -359,8 +400,13 @@ enum LoopKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
         var tcp = [UInt8](repeating: 0, count: 20)
         tcp[12] = 0x50  // data offset: 20 bytes
         tcp[13] = 0x10  // ACK
-        let packet = makePacket(source: 0x0A02_0105, destination: 0x0A02_0207, proto: 6,
-                                payload: tcp + Array(repeating: 4, count: 2 * 1460), fragmentOffset: 0x4000)
+        let packet = makePacket(
+            source: 0x0A02_0105,
+            destination: 0x0A02_0207,
+            proto: 6,
+            payload: tcp + Array(repeating: 4, count: 2 * 1460),
+            fragmentOffset: 0x4000
+        )
         // virtio_net_hdr: no flags, GSO_TCPV4, hdr_len 40, gso_size 1460 (little-endian).
         let virtio: [UInt8] = [0, 1, 40, 0, 0xb4, 0x05, 0, 0, 0, 0]
         h.writeToTunRaw(virtio + packet)
@@ -383,8 +429,13 @@ extension LoopTests {
         tcp[12] = 0x50  // data offset: 20 bytes
         tcp[13] = 0x18  // PSH, ACK
         let payload = (0..<3500).map { UInt8(truncatingIfNeeded: $0) }
-        let packet = makePacket(source: 0x0A02_0105, destination: 0x0A02_0207, proto: 6,
-                                payload: tcp + payload, fragmentOffset: 0x4000)
+        let packet = makePacket(
+            source: 0x0A02_0105,
+            destination: 0x0A02_0207,
+            proto: 6,
+            payload: tcp + payload,
+            fragmentOffset: 0x4000
+        )
         // virtio_net_hdr: no flags, GSO_TCPV4, hdr_len 40, gso_size 1000 (little-endian).
         let virtio: [UInt8] = [0, 1, 40, 0, 0xe8, 0x03, 0, 0, 0, 0]
         h.writeToTunRaw(virtio + packet)

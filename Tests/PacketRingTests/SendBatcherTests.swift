@@ -1,10 +1,12 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Offload
 import Testing
 import UDPEncap
+
 @testable import PacketRing
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Records what a `SendBatcher` asks of its loop: each send's datagrams
 /// (split by its UDP_SEGMENT size), peer and tag, and the slots released.
@@ -34,8 +36,14 @@ final class RecordingIO: BatchIO {
             offset += step
         }
         let address = message.pointee.msg_name!.assumingMemoryBound(to: sockaddr_in.self).pointee
-        sends.append(Send(tag: tag, port: UInt16(bigEndian: address.sin_port), segmentSize: size,
-                          datagrams: datagrams))
+        sends.append(
+            Send(
+                tag: tag,
+                port: UInt16(bigEndian: address.sin_port),
+                segmentSize: size,
+                datagrams: datagrams
+            )
+        )
     }
 
     func writeTun(_ iovecs: UnsafeMutablePointer<iovec>, count: Int, tag: CompletionTag) {}
@@ -66,7 +74,14 @@ final class Slots {
         for slot in 0..<5 {
             let bytes = packet(slot, length: slot == 4 ? 300 : 500)  // the last may be shorter
             expected.append(bytes)
-            batcher.add(slot, address: 0xC612_0002, port: 8285, start: slots.put(slot, bytes), length: bytes.count, io: io)
+            batcher.add(
+                slot,
+                address: 0xC612_0002,
+                port: 8285,
+                start: slots.put(slot, bytes),
+                length: bytes.count,
+                io: io
+            )
         }
         // A shorter packet ends the batch at once.
         #expect(io.sends.count == 1)
@@ -85,8 +100,14 @@ final class Slots {
         let io = RecordingIO(), slots = Slots(8)
         let plan: [(port: UInt16, length: Int)] = [(1, 100), (1, 100), (2, 100), (2, 200), (2, 200)]
         for (slot, p) in plan.enumerated() {
-            batcher.add(slot, address: 0xC612_0002, port: p.port, start: slots.put(slot, packet(slot, length: p.length)),
-                        length: p.length, io: io)
+            batcher.add(
+                slot,
+                address: 0xC612_0002,
+                port: p.port,
+                start: slots.put(slot, packet(slot, length: p.length)),
+                length: p.length,
+                io: io
+            )
         }
         batcher.flush(io)
         #expect(io.sends.map(\.port) == [1, 2, 2])
@@ -110,7 +131,14 @@ final class Slots {
         let big = SendBatcher(slots: slotCount, maxSegments: 0, segmentation: true, statistics: stats)
         let io2 = RecordingIO()
         for slot in 0..<50 {
-            big.add(slot, address: 1, port: 1, start: slots.put(slot, packet(slot, length: 1400)), length: 1400, io: io2)
+            big.add(
+                slot,
+                address: 1,
+                port: 1,
+                start: slots.put(slot, packet(slot, length: 1400)),
+                length: 1400,
+                io: io2
+            )
         }
         big.flush(io2)
         #expect(io2.sends.map(\.datagrams.count) == [46, 4])
@@ -124,7 +152,14 @@ final class Slots {
         let batcher = SendBatcher(slots: 8, maxSegments: 0, segmentation: true, statistics: stats)
         let io = RecordingIO(), slots = Slots(8)
         for slot in 0..<3 {
-            batcher.add(slot, address: 1, port: 1, start: slots.put(slot, packet(slot, length: 100)), length: 100, io: io)
+            batcher.add(
+                slot,
+                address: 1,
+                port: 1,
+                start: slots.put(slot, packet(slot, length: 100)),
+                length: 100,
+                io: io
+            )
         }
         batcher.flush(io)
         #expect(io.sends.count == 1 && io.sends[0].datagrams.count == 3)
@@ -135,7 +170,14 @@ final class Slots {
         #expect(io.released.sorted() == [0, 1, 2], "a failed send still releases its slots")
         io.sends = []
         for slot in 3..<6 {
-            batcher.add(slot, address: 1, port: 1, start: slots.put(slot, packet(slot, length: 100)), length: 100, io: io)
+            batcher.add(
+                slot,
+                address: 1,
+                port: 1,
+                start: slots.put(slot, packet(slot, length: 100)),
+                length: 100,
+                io: io
+            )
         }
         batcher.flush(io)
         #expect(io.sends.map(\.datagrams.count) == [1, 1, 1])

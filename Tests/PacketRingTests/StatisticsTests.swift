@@ -1,4 +1,5 @@
 import Testing
+
 @testable import PacketRing
 
 @Suite struct StatisticsTests {
@@ -9,9 +10,11 @@ import Testing
         let sizes = [1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 65, 1000, 0]
         for n in sizes { statistics.addBatch(completions: n) }
         statistics.publish()
-        let expected: [(DataPathCounter, UInt64)] = [(.batchesOf1, 2), (.batchesOf2to3, 2), (.batchesOf4to7, 2),
-                                             (.batchesOf8to15, 2), (.batchesOf16to31, 2), (.batchesOf32to63, 2),
-                                             (.batchesOf64Plus, 3)]
+        let expected: [(DataPathCounter, UInt64)] = [
+            (.batchesOf1, 2), (.batchesOf2to3, 2), (.batchesOf4to7, 2),
+            (.batchesOf8to15, 2), (.batchesOf16to31, 2), (.batchesOf32to63, 2),
+            (.batchesOf64Plus, 3),
+        ]
         for (counter, count) in expected { #expect(statistics[counter] == count, "\(counter)") }
         #expect(statistics[.batches] == UInt64(sizes.count))
         #expect(statistics[.batchCompletions] == UInt64(sizes.map { max($0, 1) }.reduce(0, +)))

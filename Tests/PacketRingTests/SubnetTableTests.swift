@@ -5,14 +5,17 @@ import NetTestSupport
 import Synchronization
 import Testing
 import UDPEncap
+
 @testable import PacketRing
 
 @Suite struct SubnetTableTests {
     let network = IPv4Network("10.2.0.0/16")!
 
     func subnet(_ i: Int, length: Int = 24) -> IPv4Network {
-        IPv4Network(address: IPv4Address(network.address.value + UInt32(i) << UInt32(32 - length)),
-                    prefixLength: length)
+        IPv4Network(
+            address: IPv4Address(network.address.value + UInt32(i) << UInt32(32 - length)),
+            prefixLength: length
+        )
     }
 
     func endpoint(_ i: Int) -> UDPEndpoint {
@@ -81,8 +84,10 @@ import UDPEncap
         var model: [IPv4Network: NextHop] = [:]
         var rng = FuzzRandom(seed: 0x2F_1001)
         let candidates = (0..<16).flatMap { i -> [IPv4Network] in
-            [subnet(i), IPv4Network(address: subnet(i & ~1).address, prefixLength: 23),
-             IPv4Network(address: subnet(i & ~3).address, prefixLength: 22)]
+            [
+                subnet(i), IPv4Network(address: subnet(i & ~1).address, prefixLength: 23),
+                IPv4Network(address: subnet(i & ~3).address, prefixLength: 22),
+            ]
         }
         func expected(_ address: IPv4Address) -> NextHop? {
             model.filter { $0.key.contains(address) }.max { $0.key.prefixLength < $1.key.prefixLength }?.value
@@ -99,8 +104,10 @@ import UDPEncap
             for i in 0..<16 {
                 let a = IPv4Address(subnet(i).address.value + 7)
                 if table.nextHop(for: a) != expected(a) {
-                    mismatches.append("step \(step) (\(model.count) set): \(a) → \(String(describing: table.nextHop(for: a))), "
-                                      + "the longest set subnet says \(String(describing: expected(a)))")
+                    mismatches.append(
+                        "step \(step) (\(model.count) set): \(a) → \(String(describing: table.nextHop(for: a))), "
+                            + "the longest set subnet says \(String(describing: expected(a)))"
+                    )
                 }
             }
         }
@@ -170,7 +177,10 @@ import UDPEncap
         #expect(results.count == 2, "only \(results.count) of 2 readers finished")
         for result in results { #expect(result.bad.isEmpty, "\(result.bad)") }
         let changes = results.reduce(0) { $0 + $1.changes }
-        #expect(changes >= 1_000, "the readers saw \(changes) changes in \(version) rounds of writes: they did not overlap the writer")
+        #expect(
+            changes >= 1_000,
+            "the readers saw \(changes) changes in \(version) rounds of writes: they did not overlap the writer"
+        )
     }
 }
 

@@ -1,5 +1,6 @@
 import Logging
 import Testing
+
 @testable import PeerControl
 
 @Suite struct PeerLogTests {
@@ -25,7 +26,11 @@ import Testing
         var logger = capture.logger
         logger.logLevel = .info
         lines(60, for: logger).flush(to: logger)
-        #expect(capture.all == ["info: 60 peers programmed, from peer 10.2.0.0/24 → peer 198.18.0.1:8285 to peer 10.2.59.0/24 → peer 198.18.0.60:8285 (one line per peer at --log-level debug)"])
+        #expect(
+            capture.all == [
+                "info: 60 peers programmed, from peer 10.2.0.0/24 → peer 198.18.0.1:8285 to peer 10.2.59.0/24 → peer 198.18.0.60:8285 (one line per peer at --log-level debug)"
+            ]
+        )
 
         let debugging = LogCapture()
         logger = debugging.logger
@@ -43,7 +48,11 @@ import Testing
         var log = PeerLog(for: logger)
         for i in 0..<60_000 { log.note("peer \(i)") }
         log.flush(to: logger)
-        #expect(capture.all == ["info: 60000 peers programmed, from peer 0 to peer 59999 (one line per peer at --log-level debug)"])
+        #expect(
+            capture.all == [
+                "info: 60000 peers programmed, from peer 0 to peer 59999 (one line per peer at --log-level debug)"
+            ]
+        )
     }
 
     @Test func nothingToSayLogsNothing() {

@@ -1,7 +1,7 @@
 import CoreMetrics
 import Foundation
-import MetricsTestKit
 import LeaseStore
+import MetricsTestKit
 import NetBase
 import PeerControl
 import Testing
@@ -18,9 +18,12 @@ struct Fixture {
     let own: Lease
     let movedTo: Locked<[IPv4Network]>
 
-    init(type: BackendType = .udp, configJSON: String = configJSON,
-         unusable: @escaping @Sendable (Lease) -> String? = { _ in nil },
-         metrics: any MetricsFactory = MetricsSystem.factory) async throws {
+    init(
+        type: BackendType = .udp,
+        configJSON: String = configJSON,
+        unusable: @escaping @Sendable (Lease) -> String? = { _ in nil },
+        metrics: any MetricsFactory = MetricsSystem.factory
+    ) async throws {
         let config = try NetworkConfig(json: configJSON)
         store = MemoryLeaseStore(config: configJSON)
         backend = RecordingBackend(type: type, publicIP: ip("198.18.0.1"), unusable: unusable)
@@ -29,10 +32,16 @@ struct Fixture {
         own = try await store.acquireLease(config: config, attributes: attributes, preferred: net("10.2.5.0/24"))
         let movedTo = Locked<[IPv4Network]>([])
         self.movedTo = movedTo
-        sync = PeerSync(store: store, backend: backend, holder: LeaseHolder(own), config: config,
-                        attributes: attributes, logger: logs.logger,
-                        onSubnetChange: { lease in movedTo.withLock { $0.append(lease.subnet) } },
-                        metricsFactory: metrics)
+        sync = PeerSync(
+            store: store,
+            backend: backend,
+            holder: LeaseHolder(own),
+            config: config,
+            attributes: attributes,
+            logger: logs.logger,
+            onSubnetChange: { lease in movedTo.withLock { $0.append(lease.subnet) } },
+            metricsFactory: metrics
+        )
     }
 
     /// Runs `body` while the sync's tasks run (from a fresh list).
@@ -105,8 +114,13 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
         f.store.put(subnet, udpLease("198.18.0.7"))
         _ = try await f.sync.loadInitialPeers()
         // A dual-stack key naming the same subnet, written by someone else.
-        let dual = Lease(subnet: subnet, attributes: udpLease("198.18.0.77"), expiration: nil, revision: 50,
-                         key: "10.2.7.0-24&fd00:10:244:1::-64")
+        let dual = Lease(
+            subnet: subnet,
+            attributes: udpLease("198.18.0.77"),
+            expiration: nil,
+            revision: 50,
+            key: "10.2.7.0-24&fd00:10:244:1::-64"
+        )
         f.sync.apply(.put(dual))
         f.sync.apply(.put(dual))
         #expect(f.backend.peers == [subnet: ip("198.18.0.7")])
@@ -125,18 +139,30 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
         let subnet = net("10.2.7.0/24")
         f.store.put(subnet, udpLease("198.18.0.7"))
         _ = try await f.sync.loadInitialPeers()
-        let dual = Lease(subnet: subnet, attributes: udpLease("198.18.0.77"), expiration: nil, revision: 50,
-                         key: "10.2.7.0-24&fd00::-64")
-        let ours = Lease(subnet: f.own.subnet, attributes: udpLease("198.18.0.78"), expiration: nil, revision: 51,
-                         key: f.own.subnet.leaseKey + "&fd00::-64")
+        let dual = Lease(
+            subnet: subnet,
+            attributes: udpLease("198.18.0.77"),
+            expiration: nil,
+            revision: 50,
+            key: "10.2.7.0-24&fd00::-64"
+        )
+        let ours = Lease(
+            subnet: f.own.subnet,
+            attributes: udpLease("198.18.0.78"),
+            expiration: nil,
+            revision: 51,
+            key: f.own.subnet.leaseKey + "&fd00::-64"
+        )
         f.sync.apply(.put(dual))
         f.sync.apply(.put(ours))
         f.sync.apply(.delete(subnet: subnet, revision: 52, key: dual.key))
         f.sync.apply(.delete(subnet: f.own.subnet, revision: 53, key: ours.key))
         #expect(f.backend.peers == [subnet: ip("198.18.0.7")])
         #expect(!f.sync.isReacquiring)
-        #expect(!f.logs.all.contains { $0.contains("two hosts now claim it") || $0.contains("acquiring a lease again") },
-                "\(f.logs.all)")
+        #expect(
+            !f.logs.all.contains { $0.contains("two hosts now claim it") || $0.contains("acquiring a lease again") },
+            "\(f.logs.all)"
+        )
     }
 
     @Test func strayKeysInTheFirstListAndTheWatchAreReportedOnceEach() async throws {
@@ -170,17 +196,24 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
             f.store.put(net("10.2.9.0/24"), LeaseAttributes(publicIP: ip("198.18.0.9"), backendType: "vxlan"))
             #expect(await eventually { f.backend.peers[net("10.2.9.0/24")] != nil })
             #expect(f.backend.peers.count == 1)
-            #expect(f.logs.count(containing: "peer 10.2.7.0/24 (198.18.0.7) runs the host-gw backend and this host runs vxlan") == 1,
-                    "\(f.logs.all)")
+            #expect(
+                f.logs.count(
+                    containing: "peer 10.2.7.0/24 (198.18.0.7) runs the host-gw backend and this host runs vxlan"
+                ) == 1,
+                "\(f.logs.all)"
+            )
             #expect(f.logs.count(containing: "peer 10.2.8.0/24 (198.18.0.8) runs the udp backend") == 1)
             #expect(f.logs.all.contains { $0.contains("10.2.7.0/24") && $0.contains("restart that host") })
         }
     }
 
     @Test func aLeaseTheBackendCannotUseIsReportedOnceAndLeftOut() async throws {
-        let f = try await Fixture(type: .vxlan, unusable: { lease in
-            lease.attributes.backendData == nil ? "no VtepMAC" : nil
-        })
+        let f = try await Fixture(
+            type: .vxlan,
+            unusable: { lease in
+                lease.attributes.backendData == nil ? "no VtepMAC" : nil
+            }
+        )
         try await f.running {
             let bare = LeaseAttributes(publicIP: ip("198.18.0.7"), backendType: "vxlan")
             f.store.put(net("10.2.7.0/24"), bare)
@@ -188,8 +221,14 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
             #expect(await eventually { f.logs.count(containing: "cannot be used: no VtepMAC") == 1 })
             #expect(f.backend.peers.isEmpty)
             // Fixed by its host: now a peer.
-            f.store.put(net("10.2.7.0/24"), LeaseAttributes(publicIP: ip("198.18.0.7"), backendType: "vxlan",
-                                                              backendData: .object(["VtepMAC": .string("0e:00:00:00:00:07")])))
+            f.store.put(
+                net("10.2.7.0/24"),
+                LeaseAttributes(
+                    publicIP: ip("198.18.0.7"),
+                    backendType: "vxlan",
+                    backendData: .object(["VtepMAC": .string("0e:00:00:00:00:07")])
+                )
+            )
             #expect(await eventually { f.backend.peers[net("10.2.7.0/24")] == ip("198.18.0.7") })
         }
     }
@@ -206,7 +245,11 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
             f.store.put(net("10.2.7.0/24"), udpLease("198.18.0.7"))
             #expect(await eventually(timeout: .milliseconds(800)) { f.backend.peers[net("10.2.7.0/24")] != nil })
             #expect(f.sync.isReacquiring)
-            #expect(await eventually(timeout: .seconds(10)) { f.logs.count(containing: "lease 10.2.5.0/24 acquired again") == 1 })
+            #expect(
+                await eventually(timeout: .seconds(10)) {
+                    f.logs.count(containing: "lease 10.2.5.0/24 acquired again") == 1
+                }
+            )
             #expect(!f.sync.isReacquiring)
             #expect(f.backend.moved.isEmpty)
         }
@@ -244,8 +287,12 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
             f.store.silentlyDelete(net("10.2.7.0/24"))
             f.store.compactAndBreakWatches()
             f.store.put(net("10.2.9.0/24"), udpLease("198.18.0.9"))
-            #expect(await eventually { f.backend.peers == [net("10.2.8.0/24"): ip("198.18.0.8"), net("10.2.9.0/24"): ip("198.18.0.9")] },
-                    "\(f.backend.changes)")
+            #expect(
+                await eventually {
+                    f.backend.peers == [net("10.2.8.0/24"): ip("198.18.0.8"), net("10.2.9.0/24"): ip("198.18.0.9")]
+                },
+                "\(f.backend.changes)"
+            )
             // One removal and one addition; 10.2.8.0/24 is not touched.
             #expect(await eventually { f.backend.changes.count == before + 2 })
             #expect(!f.backend.changes[before...].contains { $0.subnet == net("10.2.8.0/24") })
@@ -264,7 +311,9 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
             f.store.silentlyDelete(net("10.2.7.0/24"))
             f.store.compactAndBreakWatches()
             #expect(await eventually { f.backend.peers == [net("10.2.8.0/24"): ip("198.18.0.80")] })
-            #expect(await eventually { (try? metrics.expectCounter("tunneld_store_compactions_total").totalValue) == 1 })
+            #expect(
+                await eventually { (try? metrics.expectCounter("tunneld_store_compactions_total").totalValue) == 1 }
+            )
             // A compaction is counted as one, not as a watch restart.
             #expect((try? metrics.expectCounter("tunneld_store_watch_restarts_total").totalValue) == 0)
 
@@ -272,10 +321,14 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
             // and the watch resumes after each: a new peer still arrives.
             #expect(await eventually { f.store.openWatches == 1 })
             f.store.breakWatches()
-            #expect(await eventually { (try? metrics.expectCounter("tunneld_store_watch_restarts_total").totalValue) == 1 })
+            #expect(
+                await eventually { (try? metrics.expectCounter("tunneld_store_watch_restarts_total").totalValue) == 1 }
+            )
             #expect(await eventually { f.store.openWatches == 1 })
             f.store.breakWatches(with: LeaseStoreError.io(path: "memory", reason: "connection reset (test)"))
-            #expect(await eventually { (try? metrics.expectCounter("tunneld_store_watch_restarts_total").totalValue) == 2 })
+            #expect(
+                await eventually { (try? metrics.expectCounter("tunneld_store_watch_restarts_total").totalValue) == 2 }
+            )
             f.store.put(net("10.2.9.0/24"), udpLease("198.18.0.9"))
             #expect(await eventually { f.backend.peers[net("10.2.9.0/24")] == ip("198.18.0.9") })
         }
@@ -321,8 +374,10 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
             f.store.compactAndBreakWatches()
             // The first re-list fails; the watch from the old revision is compacted again,
             // and the second re-list gives the store's state.
-            #expect(await eventually(timeout: .seconds(10)) { f.backend.peers == [net("10.2.8.0/24"): ip("198.18.0.8")] },
-                    "\(f.backend.peers) \(f.logs.all)")
+            #expect(
+                await eventually(timeout: .seconds(10)) { f.backend.peers == [net("10.2.8.0/24"): ip("198.18.0.8")] },
+                "\(f.backend.peers) \(f.logs.all)"
+            )
         }
         #expect(f.logs.count(containing: "lease list failed: ") == 1, "\(f.logs.all)")
         #expect(f.logs.count(containing: "listing again (re-list #2)") == 1, "\(f.logs.all)")
@@ -345,8 +400,12 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
         g.sync.holder.replace(g.store.put(g.own.subnet, g.own.attributes, ttl: 0.4))
         try await g.running {
             g.store.silentlyDelete(g.own.subnet)
-            #expect(await eventually { (try? failed.expectCounter("tunneld_lease_renewal_failures_total").totalValue) == 1 })
-            #expect(await eventually { (try? failed.expectCounter("tunneld_lease_reacquisitions_total").totalValue) == 1 })
+            #expect(
+                await eventually { (try? failed.expectCounter("tunneld_lease_renewal_failures_total").totalValue) == 1 }
+            )
+            #expect(
+                await eventually { (try? failed.expectCounter("tunneld_lease_reacquisitions_total").totalValue) == 1 }
+            )
         }
         #expect(try failed.expectCounter("tunneld_lease_renewals_total").totalValue == 0)
     }
@@ -356,7 +415,10 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
         try await f.running {
             f.store.silentlyDelete(f.own.subnet)
             f.store.compactAndBreakWatches()
-            #expect(await eventually { f.logs.count(containing: "lease 10.2.5.0/24 acquired again") == 1 }, "\(f.logs.all)")
+            #expect(
+                await eventually { f.logs.count(containing: "lease 10.2.5.0/24 acquired again") == 1 },
+                "\(f.logs.all)"
+            )
             let leases = try await f.store.leases().leases
             #expect(leases.contains { $0.subnet == f.own.subnet })
         }

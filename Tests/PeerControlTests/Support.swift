@@ -48,7 +48,8 @@ final class MemoryLeaseStore: LeaseStore {
     func failNextAcquisitions(_ count: Int) { state.withLock { $0.failingAcquisitions = count } }
     var acquisitionAttempts: Int { state.withLock { $0.acquisitionAttempts } }
 
-    func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?) async throws -> Lease {
+    func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?) async throws -> Lease
+    {
         let failing = state.withLock { state -> Bool in
             state.acquisitionAttempts += 1
             guard state.failingAcquisitions > 0 else { return false }
@@ -86,8 +87,12 @@ final class MemoryLeaseStore: LeaseStore {
             return true
         }
         if failing { throw LeaseStoreError.io(path: location, reason: "list failed (test)") }
-        return state.withLock { LeaseSnapshot(leases: $0.leases.values.sorted { $0.subnet.address < $1.subnet.address },
-                                       revision: $0.revision) }
+        return state.withLock {
+            LeaseSnapshot(
+                leases: $0.leases.values.sorted { $0.subnet.address < $1.subnet.address },
+                revision: $0.revision
+            )
+        }
     }
 
     func watchLeases(after revision: Int64) -> AsyncThrowingStream<LeaseEvent, any Error> {
@@ -95,7 +100,9 @@ final class MemoryLeaseStore: LeaseStore {
         let id = UUID()
         state.withLock { state in
             if revision < state.compactedThrough {
-                continuation.finish(throwing: LeaseStoreError.compacted(requested: revision, oldest: state.compactedThrough + 1))
+                continuation.finish(
+                    throwing: LeaseStoreError.compacted(requested: revision, oldest: state.compactedThrough + 1)
+                )
                 return
             }
             for event in state.events where event.revision > revision { continuation.yield(event) }
@@ -112,8 +119,12 @@ final class MemoryLeaseStore: LeaseStore {
     func put(_ subnet: IPv4Network, _ attributes: LeaseAttributes, ttl: TimeInterval = 3600) -> Lease {
         state.withLock { state in
             state.revision += 1
-            let lease = Lease(subnet: subnet, attributes: attributes, expiration: Date().addingTimeInterval(ttl),
-                              revision: state.revision)
+            let lease = Lease(
+                subnet: subnet,
+                attributes: attributes,
+                expiration: Date().addingTimeInterval(ttl),
+                revision: state.revision
+            )
             state.leases[subnet] = lease
             publish(.put(lease), in: &state)
             return lease
@@ -179,7 +190,11 @@ final class RecordingBackend: Backend {
     private let log = Mutex<[PeerChange]>([])
     private let moves = Mutex<[(IPv4Network, IPv4Network)]>([])
 
-    init(type: BackendType = .udp, publicIP: IPv4Address, unusable: @escaping @Sendable (Lease) -> String? = { _ in nil }) {
+    init(
+        type: BackendType = .udp,
+        publicIP: IPv4Address,
+        unusable: @escaping @Sendable (Lease) -> String? = { _ in nil }
+    ) {
         self.type = type
         self.publicIP = publicIP
         self.unusable = unusable

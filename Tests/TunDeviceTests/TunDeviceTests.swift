@@ -2,8 +2,8 @@ import CTunnel
 import Foundation
 import Glibc
 import NetBase
-import Netlink
 import NetTestSupport
+import Netlink
 import Testing
 import TunDevice
 
@@ -45,14 +45,22 @@ struct TunDeviceTests {
             #expect(linkFlags(link).contains("UP"))
             #expect(link.contains("tun type tun pi off vnet_hdr off persist off"))
             #expect(!link.contains("multi_queue"))
-            #expect(try ns.ip("-o", "-4", "addr", "show", "dev", "flannel0").contains("inet 10.2.72.0/32 scope global flannel0"))
+            #expect(
+                try ns.ip("-o", "-4", "addr", "show", "dev", "flannel0").contains(
+                    "inet 10.2.72.0/32 scope global flannel0"
+                )
+            )
             #expect(try ns.ip("-4", "route", "show").contains("10.2.0.0/16 dev flannel0 scope link"))
 
             let index = try socket.linkIndex(named: "flannel0")
             let seen = try #require(try socket.links().first { $0.index == index })
             #expect(seen.kind == "tun")
             #expect(seen.isUp && seen.mtu == 1472)
-            #expect(try socket.addresses().contains(InterfaceAddress(index: index, address: leaseBase, prefixLength: 32, label: "flannel0")))
+            #expect(
+                try socket.addresses().contains(
+                    InterfaceAddress(index: index, address: leaseBase, prefixLength: 32, label: "flannel0")
+                )
+            )
             #expect(try socket.routes().contains(Route(destination: network, outputIndex: index)))
             #expect(tun.routes == [Route(destination: network, outputIndex: index)])
         }
@@ -88,7 +96,12 @@ struct TunDeviceTests {
             let socket = try ns.socket()
             let tun = try TunDevice.create(name: "flannel0", namespacePath: ns.path)
             defer { tun.close() }
-            try tun.configure(address: leaseBase, mtu: 1472, routes: [network, IPv4Network("10.9.0.0/16")!], using: socket)
+            try tun.configure(
+                address: leaseBase,
+                mtu: 1472,
+                routes: [network, IPv4Network("10.9.0.0/16")!],
+                using: socket
+            )
             try ns.ip("route", "add", "10.3.0.0/16", "dev", "flannel0")
             try tun.removeRoutes(using: socket)
             try tun.removeRoutes(using: socket)
@@ -134,7 +147,9 @@ struct TunDeviceTests {
                 let n = read(tun.fd.rawValue, &buffer, buffer.count)
                 guard n > 0 else { continue }
                 let candidate = Array(buffer[..<n])
-                if candidate.count >= 20, candidate[0] >> 4 == 4, Array(candidate[16..<20]) == [10, 2, 5, 5] { packet = candidate }
+                if candidate.count >= 20, candidate[0] >> 4 == 4, Array(candidate[16..<20]) == [10, 2, 5, 5] {
+                    packet = candidate
+                }
             }
             let ip = try #require(packet)
             #expect(ip[0] == 0x45)
@@ -148,7 +163,9 @@ struct TunDeviceTests {
         try withNamespace { ns in
             let tun = try TunDevice.create(name: "flannel0", namespacePath: ns.path)
             defer { tun.close() }
-            let error = #expect(throws: SystemError.self) { try TunDevice.create(name: "flannel0", namespacePath: ns.path) }
+            let error = #expect(throws: SystemError.self) {
+                try TunDevice.create(name: "flannel0", namespacePath: ns.path)
+            }
             #expect(error?.errno == .busy)
             #expect(error?.description.hasPrefix("TUNSETIFF on flannel0 failed") == true)
             #expect(error?.hint?.contains("in use by another process") == true)
@@ -158,7 +175,9 @@ struct TunDeviceTests {
     @Test func aNameTakenByAnotherKindOfDeviceIsReported() throws {
         try withNamespace { ns in
             try ns.ip("link", "add", "flannel0", "type", "veth", "peer", "name", "peer0")
-            let error = #expect(throws: SystemError.self) { try TunDevice.create(name: "flannel0", namespacePath: ns.path) }
+            let error = #expect(throws: SystemError.self) {
+                try TunDevice.create(name: "flannel0", namespacePath: ns.path)
+            }
             #expect(error?.errno == .invalid)
             #expect(error?.hint?.contains("ip link del flannel0") == true)
         }

@@ -17,9 +17,16 @@ import UDPEncap
             var payload = c.bytes(c.int(0...(c.oneIn(4) ? 1400 : 60)))
             if proto == 1, !payload.isEmpty { payload[0] = c.pick([0, 3, 5, 8, 11, 12, 13, 14, 15, 16, 17, 18, 42]) }
             var b = Slow.ipv4(
-                source: source, destination: c.u32(), proto: proto, ttl: c.pick([0, 1, 2, 64, 255, c.byte()]),
-                flagsAndOffset: c.oneIn(4) ? c.u16() : c.pick([0, 0x4000, 0x2000]), id: c.u16(), tos: c.byte(),
-                options: c.oneIn(4) ? c.bytes(4 * c.int(1...10)) : [], payload: payload)
+                source: source,
+                destination: c.u32(),
+                proto: proto,
+                ttl: c.pick([0, 1, 2, 64, 255, c.byte()]),
+                flagsAndOffset: c.oneIn(4) ? c.u16() : c.pick([0, 0x4000, 0x2000]),
+                id: c.u16(),
+                tos: c.byte(),
+                options: c.oneIn(4) ? c.bytes(4 * c.int(1...10)) : [],
+                payload: payload
+            )
             if c.oneIn(5) { b += c.bytes(c.int(1...8)) }  // padding after the total length
             if c.oneIn(3) { c.mutate(&b, focus: 24) }
             return b
@@ -70,8 +77,10 @@ import UDPEncap
             Slow.fixIPv4Checksum(&expected)
             c.expect(after[8] == bytes[8] - 1, "TTL \(bytes[8]) became \(after[8])")
             // Only the TTL and the checksum change, and the header still verifies.
-            c.expect(after.enumerated().allSatisfy { i, b in i == 8 || i == 10 || i == 11 || b == bytes[i] },
-                     "bytes other than TTL and checksum changed")
+            c.expect(
+                after.enumerated().allSatisfy { i, b in i == 8 || i == 10 || i == 11 || b == bytes[i] },
+                "bytes other than TTL and checksum changed"
+            )
             c.expect(Slow.validateIPv4(after) == Slow.validateIPv4(expected), "the header no longer verifies")
             count("decremented")
         }
@@ -92,7 +101,11 @@ import UDPEncap
     }
 
     @Test func icmpErrorsAreWellFormedQuoteTheOriginalAndStayInTheBuffer() {
-        let report = fuzz("icmpErrorsAreWellFormedQuoteTheOriginalAndStayInTheBuffer", seed: 0x1F_0003, iterations: 4000) { c, count in
+        let report = fuzz(
+            "icmpErrorsAreWellFormedQuoteTheOriginalAndStayInTheBuffer",
+            seed: 0x1F_0003,
+            iterations: 4000
+        ) { c, count in
             let original = Self.packet(c)
             guard case .success(let total) = Slow.validateIPv4(original) else { return }
             let packet = Array(original.prefix(total))
@@ -101,30 +114,46 @@ import UDPEncap
             let capacity = c.oneIn(4) ? c.int(0...(total + 60)) : max(total, c.int(total...(total + 600)))
             guard capacity >= total else { return }
             let buffer = GuardedBuffer(packet, capacity: capacity)
-            let kinds: [ICMPError.Kind] = [.networkUnreachable, .timeExceeded, .fragmentationNeeded(nextHopMTU: c.u16())]
+            let kinds: [ICMPError.Kind] = [
+                .networkUnreachable, .timeExceeded, .fragmentationNeeded(nextHopMTU: c.u16()),
+            ]
             let kind = c.pick(kinds)
             let errorSource = c.u32()
             let forbidden = Self.mustNotAnswer(packet)
             c.expect(ICMPError.mustNotAnswer(buffer.base) == forbidden, "mustNotAnswer disagrees with the model")
-            guard let n = ICMPError.rewrite(buffer.base, length: total, capacity: capacity, kind: kind, source: errorSource) else {
+            guard
+                let n = ICMPError.rewrite(
+                    buffer.base,
+                    length: total,
+                    capacity: capacity,
+                    kind: kind,
+                    source: errorSource
+                )
+            else {
                 c.expect(forbidden || capacity - 28 < ihl, "no error for a packet that may be answered and fits")
                 count("not answered")
                 return
             }
             c.expect(!forbidden, "answered a packet RFC 1122 forbids answering")
             let quoted = min(total, 548, capacity - 28)
-            c.expect(n == 28 + quoted && n <= 576 && n <= capacity, "error of \(n) bytes for \(total) (room \(capacity))")
+            c.expect(
+                n == 28 + quoted && n <= 576 && n <= capacity,
+                "error of \(n) bytes for \(total) (room \(capacity))"
+            )
             let out = buffer.bytes(n)
             c.expect(Slow.validateIPv4(out) == .success(n), "the error is not a valid IPv4 packet")
             c.expect(out[0] == 0x45 && out[9] == 1 && out[8] == 64, "header fields")
-            c.expect(Slow.be32(out, 12) == errorSource && Slow.be32(out, 16) == Slow.be32(packet, 12),
-                     "addresses: must go from the given source back to the packet's source")
+            c.expect(
+                Slow.be32(out, 12) == errorSource && Slow.be32(out, 16) == Slow.be32(packet, 12),
+                "addresses: must go from the given source back to the packet's source"
+            )
             c.expect(Slow.sum(out[20...]) == 0xffff, "ICMP checksum")
-            let (type, code, rest): (UInt8, UInt8, UInt32) = switch kind {
-            case .networkUnreachable: (3, 0, 0)
-            case .timeExceeded: (11, 0, 0)
-            case .fragmentationNeeded(let mtu): (3, 4, UInt32(mtu))
-            }
+            let (type, code, rest): (UInt8, UInt8, UInt32) =
+                switch kind {
+                case .networkUnreachable: (3, 0, 0)
+                case .timeExceeded: (11, 0, 0)
+                case .fragmentationNeeded(let mtu): (3, 4, UInt32(mtu))
+                }
             c.expect(out[20] == type && out[21] == code && Slow.be32(out, 24) == rest, "ICMP type, code or MTU")
             c.expect(Array(out[28...]) == Array(packet.prefix(quoted)), "the quote is not the original's first bytes")
             // Never an error about an error: no loops between two hosts.

@@ -1,6 +1,6 @@
 import FuzzSupport
-import Testing
 import NetTestSupport
+import Testing
 import UDPEncap
 
 @Suite struct IPv4HeaderTests {
@@ -75,11 +75,13 @@ import UDPEncap
         var rng = FuzzRandom(seed: 0x1F_1002)
         var checked = 0
         for i in 0..<10_000 {
-            var p = makePacket(source: .random(in: 0...UInt32.max, using: &rng),
-                               destination: .random(in: 0...UInt32.max, using: &rng),
-                               ttl: .random(in: 2...255, using: &rng),
-                               proto: .random(in: 0...255, using: &rng),
-                               id: .random(in: 0...UInt16.max, using: &rng))
+            var p = makePacket(
+                source: .random(in: 0...UInt32.max, using: &rng),
+                destination: .random(in: 0...UInt32.max, using: &rng),
+                ttl: .random(in: 2...255, using: &rng),
+                proto: .random(in: 0...255, using: &rng),
+                id: .random(in: 0...UInt16.max, using: &rng)
+            )
             var expected = p
             expected[8] -= 1
             expected.withUnsafeMutableBytes { IPv4Header.updateChecksum($0.baseAddress!) }
@@ -90,8 +92,11 @@ import UDPEncap
             let got = UInt16(p[10]) << 8 | UInt16(p[11]), want = UInt16(expected[10]) << 8 | UInt16(expected[11])
             let sameSum = got == want || (got == 0 && want == 0xffff) || (got == 0xffff && want == 0)
             guard verifies, p[8] == expected[8], sameSum,
-                  p.indices.allSatisfy({ $0 == 8 || $0 == 10 || $0 == 11 || p[$0] == expected[$0] }) else {
-                Issue.record("packet \(i): after decrementTTL \(Array(p.prefix(20))), recomputed \(Array(expected.prefix(20)))")
+                p.indices.allSatisfy({ $0 == 8 || $0 == 10 || $0 == 11 || p[$0] == expected[$0] })
+            else {
+                Issue.record(
+                    "packet \(i): after decrementTTL \(Array(p.prefix(20))), recomputed \(Array(expected.prefix(20)))"
+                )
                 return
             }
             checked += 1
@@ -104,8 +109,13 @@ import UDPEncap
     func rewrite(_ packet: [UInt8], kind: ICMPError.Kind, capacity: Int = 2048) -> [UInt8]? {
         var buffer = packet + [UInt8](repeating: 0, count: capacity - packet.count)
         let n = buffer.withUnsafeMutableBytes {
-            ICMPError.rewrite($0.baseAddress!, length: packet.count, capacity: capacity,
-                              kind: kind, source: 0x0A02_0100)
+            ICMPError.rewrite(
+                $0.baseAddress!,
+                length: packet.count,
+                capacity: capacity,
+                kind: kind,
+                source: 0x0A02_0100
+            )
         }
         return n.map { Array(buffer.prefix($0)) }
     }

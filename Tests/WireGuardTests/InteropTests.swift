@@ -2,12 +2,14 @@
 // own, talking to the Swift protocol core over a UDP socket the test drives.
 import Foundation
 import NetBase
-import Netlink
 import NetTestSupport
+import Netlink
 import Testing
+
 @testable import WireGuard
 
-let hasWireGuardGo = FileManager.default.isExecutableFile(atPath: "/usr/bin/wireguard-go")
+let hasWireGuardGo =
+    FileManager.default.isExecutableFile(atPath: "/usr/bin/wireguard-go")
     && FileManager.default.isExecutableFile(atPath: "/usr/bin/wg")
 let needsWireGuardGoMessage: Comment = "needs Debian's wireguard-go and wireguard-tools (Scripts/install-deps)"
 
@@ -35,9 +37,14 @@ final class LoopbackSocket {
             address.sin_port = port.bigEndian
             address.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
             let bound = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
             }
-            precondition(fd >= 0 && bound == 0, "cannot bind UDP 127.0.0.1:\(port) in the test namespace: errno \(errno)")
+            precondition(
+                fd >= 0 && bound == 0,
+                "cannot bind UDP 127.0.0.1:\(port) in the test namespace: errno \(errno)"
+            )
             return fd
         }
         var timeout = timeval(tv_sec: 1, tv_usec: 0)
@@ -68,16 +75,28 @@ final class LoopbackSocket {
         var length = socklen_t(MemoryLayout<sockaddr_in>.size)
         let n = buffer.withUnsafeMutableBytes { b in
             withUnsafeMutablePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { recvfrom(fd, b.baseAddress, b.count, 0, $0, &length) }
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    recvfrom(fd, b.baseAddress, b.count, 0, $0, &length)
+                }
             }
         }
         guard n > 0 else { return nil }
-        return (Array(buffer[0..<n]), Endpoint(ipv4: UInt32(bigEndian: address.sin_addr.s_addr), port: UInt16(bigEndian: address.sin_port)))
+        return (
+            Array(buffer[0..<n]),
+            Endpoint(ipv4: UInt32(bigEndian: address.sin_addr.s_addr), port: UInt16(bigEndian: address.sin_port))
+        )
     }
 }
 
 /// An IPv4 ICMP echo (type 8 request, 0 reply) of 84 bytes with valid checksums.
-func icmpEcho(type: UInt8, source: UInt32, destination: UInt32, identifier: UInt16, sequence: UInt16, payload: [UInt8]) -> [UInt8] {
+func icmpEcho(
+    type: UInt8,
+    source: UInt32,
+    destination: UInt32,
+    identifier: UInt16,
+    sequence: UInt16,
+    payload: [UInt8]
+) -> [UInt8] {
     func checksum(_ bytes: ArraySlice<UInt8>) -> UInt16 {
         var sum: UInt32 = 0
         var i = bytes.startIndex
@@ -94,7 +113,9 @@ func icmpEcho(type: UInt8, source: UInt32, destination: UInt32, identifier: UInt
     let ipSum = checksum(p[0..<20])
     p[10] = UInt8(ipSum >> 8)
     p[11] = UInt8(ipSum & 255)
-    p += [type, 0, 0, 0, UInt8(identifier >> 8), UInt8(identifier & 255), UInt8(sequence >> 8), UInt8(sequence & 255)] + payload
+    p +=
+        [type, 0, 0, 0, UInt8(identifier >> 8), UInt8(identifier & 255), UInt8(sequence >> 8), UInt8(sequence & 255)]
+        + payload
     let icmpSum = checksum(p[20...])
     p[22] = UInt8(icmpSum >> 8)
     p[23] = UInt8(icmpSum & 255)
@@ -121,22 +142,31 @@ func withWireGuardGo(_ body: (TestNamespace, String, WireGuardInterface, Peer, L
         let goKey = PrivateKey.generate()
         let swiftKey = PrivateKey.generate()
         let keyFile = FileManager.default.temporaryDirectory.appendingPathComponent("\(device).key").path
-        _ = FileManager.default.createFile(atPath: keyFile, contents: Data((goKey.base64 + "\n").utf8),
-                                       attributes: [.posixPermissions: 0o600])
+        _ = FileManager.default.createFile(
+            atPath: keyFile,
+            contents: Data((goKey.base64 + "\n").utf8),
+            attributes: [.posixPermissions: 0o600]
+        )
         defer { try? FileManager.default.removeItem(atPath: keyFile) }
 
         let process = try ChildProcess.start(
-            "ip", arguments: ["netns", "exec", namespace.name, "env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", device],
-            standardOutput: .null, standardError: .null, parentDeathSignal: SIGTERM)
+            "ip",
+            arguments: ["netns", "exec", namespace.name, "env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", device],
+            standardOutput: .null,
+            standardError: .null,
+            parentDeathSignal: SIGTERM
+        )
         let controlSocket = "/var/run/wireguard/\(device).sock"
         defer {
             _ = process.terminate()
             try? FileManager.default.removeItem(atPath: controlSocket)
         }
         for _ in 0..<100 where !FileManager.default.fileExists(atPath: controlSocket) { usleep(50_000) }
-        try command(["ip", "netns", "exec", namespace.name, "wg", "set", device, "private-key", keyFile,
-                     "listen-port", "51820", "peer", swiftKey.publicKey.base64,
-                     "endpoint", "127.0.0.1:\(swiftPort)", "allowed-ips", "10.99.0.2/32"])
+        try command([
+            "ip", "netns", "exec", namespace.name, "wg", "set", device, "private-key", keyFile,
+            "listen-port", "51820", "peer", swiftKey.publicKey.base64,
+            "endpoint", "127.0.0.1:\(swiftPort)", "allowed-ips", "10.99.0.2/32",
+        ])
         try namespace.ip("address", "add", "10.99.0.1/24", "dev", device)
         try namespace.ip("link", "set", device, "up")
 
@@ -154,7 +184,12 @@ func sealOne(_ payload: [UInt8], interface: WireGuardInterface, peer: Peer, ciph
     let length = slot.withUnsafeMutableBytes { raw -> Int in
         var packet = PacketBuffer(memory: raw, length: payload.count)
         let outcome = withUnsafeMutablePointer(to: &packet) {
-            interface.seal(UnsafeMutableBufferPointer(start: $0, count: 1), to: peer, cipher: cipher, now: monotonicNow())
+            interface.seal(
+                UnsafeMutableBufferPointer(start: $0, count: 1),
+                to: peer,
+                cipher: cipher,
+                now: monotonicNow()
+            )
         }
         return outcome.sealed == 1 ? packet.length : 0
     }
@@ -162,7 +197,12 @@ func sealOne(_ payload: [UInt8], interface: WireGuardInterface, peer: Peer, ciph
 }
 
 /// Opens one transport message; the payload, or nil with the reason recorded.
-func openOne(_ message: [UInt8], from source: Endpoint, interface: WireGuardInterface, cipher: CipherContext) -> [UInt8]? {
+func openOne(
+    _ message: [UInt8],
+    from source: Endpoint,
+    interface: WireGuardInterface,
+    cipher: CipherContext
+) -> [UInt8]? {
     var slot = message
     let result = slot.withUnsafeMutableBytes { raw in
         var packet = PacketBuffer(memory: raw, length: message.count)
@@ -188,7 +228,10 @@ func openOne(_ message: [UInt8], from source: Endpoint, interface: WireGuardInte
             for round in 1...2 {
                 if round == 2 { usleep(100_000) }  // past both sides' 20 ms initiation limit
                 let before = peer.current
-                socket.send(interface.makeInitiation(for: peer, now: monotonicNow(), timestamp: wallClockStamp()), to: goEndpoint)
+                socket.send(
+                    interface.makeInitiation(for: peer, now: monotonicNow(), timestamp: wallClockStamp()),
+                    to: goEndpoint
+                )
                 var established = false
                 for _ in 0..<5 where !established {
                     guard let (datagram, source) = socket.receive() else { continue }
@@ -198,23 +241,37 @@ func openOne(_ message: [UInt8], from source: Endpoint, interface: WireGuardInte
                     }
                 }
                 try #require(established, "wireguard-go did not answer the initiation")
-                let request = icmpEcho(type: 8, source: swiftAddress, destination: goAddress, identifier: 0x5757, sequence: 1,
-                                       payload: Array(repeating: 0xA5, count: 56))
-                socket.send(try #require(sealOne(request, interface: interface, peer: peer, cipher: cipher)), to: goEndpoint)
+                let request = icmpEcho(
+                    type: 8,
+                    source: swiftAddress,
+                    destination: goAddress,
+                    identifier: 0x5757,
+                    sequence: 1,
+                    payload: Array(repeating: 0xA5, count: 56)
+                )
+                socket.send(
+                    try #require(sealOne(request, interface: interface, peer: peer, cipher: cipher)),
+                    to: goEndpoint
+                )
                 var reply: [UInt8]?
                 for _ in 0..<5 where reply == nil {
                     guard let (datagram, source) = socket.receive(), datagram.first == MessageType.transport.rawValue,
-                          let payload = openOne(datagram, from: source, interface: interface, cipher: cipher), !payload.isEmpty
+                        let payload = openOne(datagram, from: source, interface: interface, cipher: cipher),
+                        !payload.isEmpty
                     else { continue }
                     reply = payload
                 }
                 let echo = try #require(reply, "no transport message came back from wireguard-go")
                 #expect(echo.count >= 84 && echo[9] == 1 && echo[20] == 0, "an ICMP echo reply")
                 #expect(ipv4(echo, at: 12) == goAddress && ipv4(echo, at: 16) == swiftAddress)
-                #expect(echo[24] == 0x57 && echo[25] == 0x57 && Array(echo[28..<84]) == Array(repeating: 0xA5, count: 56))
+                #expect(
+                    echo[24] == 0x57 && echo[25] == 0x57 && Array(echo[28..<84]) == Array(repeating: 0xA5, count: 56)
+                )
                 if round == 2 { #expect(peer.previous === before && peer.current !== before) }
             }
-            let handshakes = try command(["ip", "netns", "exec", namespace.name, "wg", "show", device, "latest-handshakes"])
+            let handshakes = try command([
+                "ip", "netns", "exec", namespace.name, "wg", "show", device, "latest-handshakes",
+            ])
             #expect(!handshakes.hasSuffix("\t0\n"), "wg show reports the handshake: \(handshakes)")
         }
     }
@@ -235,8 +292,12 @@ func openOne(_ message: [UInt8], from source: Endpoint, interface: WireGuardInte
         try withWireGuardGo { namespace, _, interface, peer, socket in
             let cipher = CipherContext()
             let ping = try ChildProcess.start(
-                "ip", arguments: ["netns", "exec", namespace.name, "ping", "-c", "1", "-W", "12", "10.99.0.2"],
-                standardOutput: .null, standardError: .null, parentDeathSignal: SIGTERM)
+                "ip",
+                arguments: ["netns", "exec", namespace.name, "ping", "-c", "1", "-W", "12", "10.99.0.2"],
+                standardOutput: .null,
+                standardError: .null,
+                parentDeathSignal: SIGTERM
+            )
             defer { _ = ping.terminate() }
             var answered = false
             var cookiesSent = 0
@@ -244,16 +305,23 @@ func openOne(_ message: [UInt8], from source: Endpoint, interface: WireGuardInte
                 guard let (datagram, source) = socket.receive() else { continue }
                 if datagram.first == MessageType.transport.rawValue {
                     guard let request = openOne(datagram, from: source, interface: interface, cipher: cipher),
-                          !request.isEmpty else { continue }
+                        !request.isEmpty
+                    else { continue }
                     #expect(request[9] == 1 && request[20] == 8, "an ICMP echo request")
                     #expect(ipv4(request, at: 12) == goAddress && ipv4(request, at: 16) == swiftAddress)
                     let length = Int(request[2]) << 8 | Int(request[3])
-                    let reply = icmpEcho(type: 0, source: swiftAddress, destination: goAddress,
-                                         identifier: UInt16(request[24]) << 8 | UInt16(request[25]),
-                                         sequence: UInt16(request[26]) << 8 | UInt16(request[27]),
-                                         payload: Array(request[28..<length]))
-                    socket.send(try #require(sealOne(reply, interface: interface, peer: peer, cipher: cipher)),
-                                to: try #require(peer.endpoint))
+                    let reply = icmpEcho(
+                        type: 0,
+                        source: swiftAddress,
+                        destination: goAddress,
+                        identifier: UInt16(request[24]) << 8 | UInt16(request[25]),
+                        sequence: UInt16(request[26]) << 8 | UInt16(request[27]),
+                        payload: Array(request[28..<length])
+                    )
+                    socket.send(
+                        try #require(sealOne(reply, interface: interface, peer: peer, cipher: cipher)),
+                        to: try #require(peer.endpoint)
+                    )
                     answered = true
                     continue
                 }

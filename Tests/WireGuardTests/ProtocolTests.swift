@@ -1,4 +1,5 @@
 import Testing
+
 @testable import WireGuard
 
 /// Two interfaces that know each other, and helpers to move messages between them.
@@ -26,7 +27,8 @@ final class Pair {
     /// Alice initiates, Bob responds, Alice completes.
     func handshake() throws {
         let initiation = alice.makeInitiation(for: alicesBob, now: clock, timestamp: stamp())
-        guard case .respond(let peer, let response) = bob.receiveHandshake(initiation, from: aliceEnd, now: clock) else {
+        guard case .respond(let peer, let response) = bob.receiveHandshake(initiation, from: aliceEnd, now: clock)
+        else {
             Issue.record("initiation not accepted"); return
         }
         #expect(peer === bobsAlice)
@@ -50,7 +52,11 @@ final class Pair {
         return (outcome.0, Array(slot[0..<outcome.1]))
     }
 
-    func open(_ message: [UInt8], at interface: WireGuardInterface, from source: Endpoint) -> Result<([UInt8], Received), Rejection> {
+    func open(
+        _ message: [UInt8],
+        at interface: WireGuardInterface,
+        from source: Endpoint
+    ) -> Result<([UInt8], Received), Rejection> {
         var slot = message
         return slot.withUnsafeMutableBytes { raw in
             var packet = PacketBuffer(memory: raw, length: message.count)
@@ -89,9 +95,15 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
         let pair = try Pair()
         pair.bobsAlice.presharedKey = .generate()
         let initiation = pair.alice.makeInitiation(for: pair.alicesBob, now: pair.clock, timestamp: pair.stamp())
-        guard case .respond(_, let response) = pair.bob.receiveHandshake(initiation, from: pair.aliceEnd, now: pair.clock)
+        guard
+            case .respond(_, let response) = pair.bob.receiveHandshake(initiation, from: pair.aliceEnd, now: pair.clock)
         else { Issue.record("initiation not accepted"); return }
-        guard case .rejected(.decryptionFailed(.response)) = pair.alice.receiveHandshake(response, from: pair.bobEnd, now: pair.clock)
+        guard
+            case .rejected(.decryptionFailed(.response)) = pair.alice.receiveHandshake(
+                response,
+                from: pair.bobEnd,
+                now: pair.clock
+            )
         else { Issue.record("response with another PSK accepted"); return }
     }
 
@@ -102,23 +114,38 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
             Issue.record("first initiation refused"); return
         }
         pair.clock = pair.clock + .seconds(1)
-        guard case .rejected(.replayedTimestamp) = pair.bob.receiveHandshake(initiation, from: pair.aliceEnd, now: pair.clock)
+        guard
+            case .rejected(.replayedTimestamp) = pair.bob.receiveHandshake(
+                initiation,
+                from: pair.aliceEnd,
+                now: pair.clock
+            )
         else { Issue.record("replayed initiation accepted"); return }
     }
 
     @Test func initiationsCloserThan20msAreRefused() throws {
         let pair = try Pair()
-        _ = pair.bob.receiveHandshake(pair.alice.makeInitiation(for: pair.alicesBob, now: pair.clock, timestamp: pair.stamp()),
-                                      from: pair.aliceEnd, now: pair.clock)
+        _ = pair.bob.receiveHandshake(
+            pair.alice.makeInitiation(for: pair.alicesBob, now: pair.clock, timestamp: pair.stamp()),
+            from: pair.aliceEnd,
+            now: pair.clock
+        )
         let second = pair.alice.makeInitiation(for: pair.alicesBob, now: pair.clock, timestamp: pair.stamp())
-        guard case .rejected(.initiationTooSoon) = pair.bob.receiveHandshake(second, from: pair.aliceEnd, now: pair.clock + .milliseconds(5))
+        guard
+            case .rejected(.initiationTooSoon) = pair.bob.receiveHandshake(
+                second,
+                from: pair.aliceEnd,
+                now: pair.clock + .milliseconds(5)
+            )
         else { Issue.record("flooded initiation accepted"); return }
     }
 
     @Test func malformedMessagesAreRejectedWithAReason() throws {
         let pair = try Pair()
         func outcome(_ bytes: [UInt8]) -> Rejection? {
-            if case .rejected(let r) = pair.bob.receiveHandshake(bytes, from: pair.aliceEnd, now: pair.clock) { return r }
+            if case .rejected(let r) = pair.bob.receiveHandshake(bytes, from: pair.aliceEnd, now: pair.clock) {
+                return r
+            }
             return nil
         }
         #expect(outcome([]) == .empty)
@@ -132,14 +159,27 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
         // A stranger's initiation (mac1 right, static key unknown).
         let stranger = WireGuardInterface(privateKey: .generate())
         let strangersBob = try stranger.addPeer(pair.bob.publicKey)
-        #expect(outcome(stranger.makeInitiation(for: strangersBob, now: pair.clock, timestamp: pair.stamp())) == .unknownPeer)
+        #expect(
+            outcome(stranger.makeInitiation(for: strangersBob, now: pair.clock, timestamp: pair.stamp()))
+                == .unknownPeer
+        )
         // Transport: short, unknown receiver, tampered.
         try pair.handshake()
         let (_, message) = pair.seal([1, 2, 3], from: pair.alice, to: pair.alicesBob)
-        #expect(rejection(pair.open(Array(message.prefix(31)), at: pair.bob, from: pair.aliceEnd)) == .wrongLength(.transport, 31))
+        #expect(
+            rejection(pair.open(Array(message.prefix(31)), at: pair.bob, from: pair.aliceEnd))
+                == .wrongLength(.transport, 31)
+        )
         var unknown = message
         unknown[4] ^= 0xFF
-        #expect(rejection(pair.open(unknown, at: pair.bob, from: pair.aliceEnd)) == .unknownReceiver(UInt32(littleEndian: unknown.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 4, as: UInt32.self) })))
+        #expect(
+            rejection(pair.open(unknown, at: pair.bob, from: pair.aliceEnd))
+                == .unknownReceiver(
+                    UInt32(
+                        littleEndian: unknown.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 4, as: UInt32.self) }
+                    )
+                )
+        )
         var tampered = message
         tampered[20] ^= 1
         #expect(rejection(pair.open(tampered, at: pair.bob, from: pair.aliceEnd)) == .decryptionFailed(.transport))
@@ -165,24 +205,38 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
     @Test func underLoadAnInitiationWithoutMac2GetsACookieAndTheRetryIsAccepted() throws {
         let pair = try Pair()
         let first = pair.alice.makeInitiation(for: pair.alicesBob, now: pair.clock, timestamp: pair.stamp())
-        guard case .cookieReply(let reply) = pair.bob.receiveHandshake(first, from: pair.aliceEnd, now: pair.clock, underLoad: true)
+        guard
+            case .cookieReply(let reply) = pair.bob.receiveHandshake(
+                first,
+                from: pair.aliceEnd,
+                now: pair.clock,
+                underLoad: true
+            )
         else { Issue.record("no cookie reply under load"); return }
         #expect(reply.count == 64 && reply[0] == 3)
         // No Diffie-Hellman work was done: Bob has no handshake state for Alice.
         #expect(pair.bobsAlice.next == nil && pair.bobsAlice.latestTimestamp == .zero)
-        guard case .cookieStored(let peer) = pair.alice.receiveHandshake(reply, from: pair.bobEnd, now: pair.clock) else {
+        guard case .cookieStored(let peer) = pair.alice.receiveHandshake(reply, from: pair.bobEnd, now: pair.clock)
+        else {
             Issue.record("cookie reply not accepted"); return
         }
         #expect(peer === pair.alicesBob)
         pair.clock = pair.clock + .seconds(1)
         let retry = pair.alice.makeInitiation(for: pair.alicesBob, now: pair.clock, timestamp: pair.stamp())
-        guard case .respond = pair.bob.receiveHandshake(retry, from: pair.aliceEnd, now: pair.clock, underLoad: true) else {
+        guard case .respond = pair.bob.receiveHandshake(retry, from: pair.aliceEnd, now: pair.clock, underLoad: true)
+        else {
             Issue.record("initiation with mac2 refused"); return
         }
         // The cookie is bound to the source address: from elsewhere it is refused again.
         pair.clock = pair.clock + .seconds(1)
         let elsewhere = pair.alice.makeInitiation(for: pair.alicesBob, now: pair.clock, timestamp: pair.stamp())
-        guard case .cookieReply = pair.bob.receiveHandshake(elsewhere, from: Endpoint(ipv4: 0xC612_0077, port: 9), now: pair.clock, underLoad: true)
+        guard
+            case .cookieReply = pair.bob.receiveHandshake(
+                elsewhere,
+                from: Endpoint(ipv4: 0xC612_0077, port: 9),
+                now: pair.clock,
+                underLoad: true
+            )
         else { Issue.record("cookie accepted from another address"); return }
         // A cookie older than COOKIE_REFRESH_TIME is not used.
         #expect(pair.alicesBob.cookieForMAC2(now: pair.clock + Timing.cookieRefreshTime) == nil)
@@ -191,15 +245,26 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
     @Test func underLoadOneAddressGetsAtMost20HandshakesASecond() throws {
         let pair = try Pair()
         let first = pair.alice.makeInitiation(for: pair.alicesBob, now: pair.clock, timestamp: pair.stamp())
-        guard case .cookieReply(let reply) = pair.bob.receiveHandshake(first, from: pair.aliceEnd, now: pair.clock, underLoad: true),
-              case .cookieStored = pair.alice.receiveHandshake(reply, from: pair.bobEnd, now: pair.clock)
+        guard
+            case .cookieReply(let reply) = pair.bob.receiveHandshake(
+                first,
+                from: pair.aliceEnd,
+                now: pair.clock,
+                underLoad: true
+            ),
+            case .cookieStored = pair.alice.receiveHandshake(reply, from: pair.bobEnd, now: pair.clock)
         else { Issue.record("no cookie"); return }
         // A replayed initiation with a valid mac2: five pass the limiter (and are refused later,
         // as replays or too soon), the sixth in the same instant is refused before any DH.
         let flood = pair.alice.makeInitiation(for: pair.alicesBob, now: pair.clock, timestamp: pair.stamp())
         var outcomes: [Rejection] = []
         for _ in 0..<6 {
-            if case .rejected(let r) = pair.bob.receiveHandshake(flood, from: pair.aliceEnd, now: pair.clock, underLoad: true) {
+            if case .rejected(let r) = pair.bob.receiveHandshake(
+                flood,
+                from: pair.aliceEnd,
+                now: pair.clock,
+                underLoad: true
+            ) {
                 outcomes.append(r)
             } else {
                 outcomes.append(.empty)  // accepted
@@ -209,7 +274,8 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
         #expect(outcomes.last == .rateLimited)
         // 50 ms later there is credit for one more.
         let later = pair.clock + .milliseconds(50)
-        guard case .rejected(let r) = pair.bob.receiveHandshake(flood, from: pair.aliceEnd, now: later, underLoad: true) else {
+        guard case .rejected(let r) = pair.bob.receiveHandshake(flood, from: pair.aliceEnd, now: later, underLoad: true)
+        else {
             Issue.record("replayed initiation accepted"); return
         }
         #expect(r == .replayedTimestamp)
@@ -221,10 +287,21 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
     @Test func aTamperedCookieReplyIsRejected() throws {
         let pair = try Pair()
         let first = pair.alice.makeInitiation(for: pair.alicesBob, now: pair.clock, timestamp: pair.stamp())
-        guard case .cookieReply(var reply) = pair.bob.receiveHandshake(first, from: pair.aliceEnd, now: pair.clock, underLoad: true)
+        guard
+            case .cookieReply(var reply) = pair.bob.receiveHandshake(
+                first,
+                from: pair.aliceEnd,
+                now: pair.clock,
+                underLoad: true
+            )
         else { Issue.record("no cookie reply"); return }
         reply[40] ^= 1
-        guard case .rejected(.decryptionFailed(.cookieReply)) = pair.alice.receiveHandshake(reply, from: pair.bobEnd, now: pair.clock)
+        guard
+            case .rejected(.decryptionFailed(.cookieReply)) = pair.alice.receiveHandshake(
+                reply,
+                from: pair.bobEnd,
+                now: pair.clock
+            )
         else { Issue.record("tampered cookie reply accepted"); return }
     }
 }
@@ -273,7 +350,10 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
         let start = pair.clock
         _ = pair.alice.makeInitiation(for: pair.alicesBob, now: start, timestamp: pair.stamp())
         let deadline = try #require(pair.alicesBob.retransmitAt)
-        #expect(deadline >= start + Timing.rekeyTimeout && deadline <= start + Timing.rekeyTimeout + Timing.rekeyTimeoutJitterMax)
+        #expect(
+            deadline >= start + Timing.rekeyTimeout
+                && deadline <= start + Timing.rekeyTimeout + Timing.rekeyTimeoutJitterMax
+        )
         #expect(pair.alice.tick(pair.alicesBob, now: start + .seconds(4)) == [])
         var now = deadline
         var retries = 0
@@ -346,7 +426,9 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
         let (_, keepalive) = pair.seal([], from: pair.bob, to: pair.bobsAlice)
         #expect(keepalive.count == 32)
         #expect(try pair.open(keepalive, at: pair.alice, from: pair.bobEnd).get().1.payloadLength == 0)
-        #expect(pair.alice.tick(pair.alicesBob, now: pair.clock + Timing.keepaliveTimeout).contains(.sendKeepalive) == false)
+        #expect(
+            pair.alice.tick(pair.alicesBob, now: pair.clock + Timing.keepaliveTimeout).contains(.sendKeepalive) == false
+        )
     }
 
     @Test func dataSentWithoutAnAnswerStartsAHandshakeAfter15s() throws {
@@ -354,7 +436,10 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
         try pair.handshake()
         _ = pair.seal([1], from: pair.alice, to: pair.alicesBob)
         #expect(pair.alice.tick(pair.alicesBob, now: pair.clock + .seconds(14)) == [])
-        #expect(pair.alice.tick(pair.alicesBob, now: pair.clock + Timing.keepaliveTimeout + Timing.rekeyTimeout) == .sendInitiation)
+        #expect(
+            pair.alice.tick(pair.alicesBob, now: pair.clock + Timing.keepaliveTimeout + Timing.rekeyTimeout)
+                == .sendInitiation
+        )
     }
 
     @Test func persistentKeepaliveSendsWhenIdle() throws {
@@ -452,15 +537,24 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
                 datagram[0] = UInt8.random(in: 0...5, using: &generator)
                 datagram[1] = 0; datagram[2] = 0; datagram[3] = 0
             }
-            if length >= 8, Bool.random(using: &generator), let index = pair.bobsAlice.current?.localIndex ?? pair.bobsAlice.next?.localIndex {
+            if length >= 8, Bool.random(using: &generator),
+                let index = pair.bobsAlice.current?.localIndex ?? pair.bobsAlice.next?.localIndex
+            {
                 // Aim at a live receiver index: the tag check must still refuse it.
-                datagram.withUnsafeMutableBytes { $0.storeBytes(of: index.littleEndian, toByteOffset: 4, as: UInt32.self) }
+                datagram.withUnsafeMutableBytes {
+                    $0.storeBytes(of: index.littleEndian, toByteOffset: 4, as: UInt32.self)
+                }
             }
             if datagram.first == 4 {
                 #expect(rejection(pair.open(datagram, at: pair.bob, from: pair.aliceEnd)) != nil)
             } else {
                 // mac1 cannot verify on random bytes, so nothing reaches Diffie-Hellman or a cookie reply.
-                let outcome = pair.bob.receiveHandshake(datagram, from: pair.aliceEnd, now: pair.clock, underLoad: Bool.random())
+                let outcome = pair.bob.receiveHandshake(
+                    datagram,
+                    from: pair.aliceEnd,
+                    now: pair.clock,
+                    underLoad: Bool.random()
+                )
                 if case .rejected = outcome {} else { Issue.record("a random datagram was accepted: \(outcome)") }
             }
         }

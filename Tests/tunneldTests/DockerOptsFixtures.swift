@@ -8,143 +8,262 @@ extension DockerOptsFixture {
     static let recorded: [DockerOptsFixture] = [
         DockerOptsFixture(
             name: "defaults",
-            subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#, #"FLANNEL_IPMASQ=false"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#,
+                #"FLANNEL_IPMASQ=false"#,
+            ],
             arguments: [],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#, #"DOCKER_OPT_MTU="--mtu=1472""#, #"DOCKER_OPTS=" --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#]),
+            output: [
+                #"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#,
+                #"DOCKER_OPT_MTU="--mtu=1472""#, #"DOCKER_OPTS=" --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#,
+            ]
+        ),
         DockerOptsFixture(
             name: "individualOnly",
-            subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#, #"FLANNEL_IPMASQ=false"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#,
+                #"FLANNEL_IPMASQ=false"#,
+            ],
             arguments: [#"-i"#],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#, #"DOCKER_OPT_MTU="--mtu=1472""#]),
+            output: [
+                #"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#,
+                #"DOCKER_OPT_MTU="--mtu=1472""#,
+            ]
+        ),
         DockerOptsFixture(
             name: "combinedOnly",
-            subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#, #"FLANNEL_IPMASQ=false"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#,
+                #"FLANNEL_IPMASQ=false"#,
+            ],
             arguments: [#"-c"#],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPTS=" --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#]),
+            output: [#"DOCKER_OPTS=" --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#]
+        ),
         DockerOptsFixture(
             name: "bothExplicitly",
-            subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#, #"FLANNEL_IPMASQ=false"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#,
+                #"FLANNEL_IPMASQ=false"#,
+            ],
             arguments: [#"-i"#, #"-c"#],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#, #"DOCKER_OPT_MTU="--mtu=1472""#, #"DOCKER_OPTS=" --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#]),
+            output: [
+                #"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#,
+                #"DOCKER_OPT_MTU="--mtu=1472""#, #"DOCKER_OPTS=" --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#,
+            ]
+        ),
         DockerOptsFixture(
             name: "joinedShortFlags",
-            subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#, #"FLANNEL_IPMASQ=false"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#,
+                #"FLANNEL_IPMASQ=false"#,
+            ],
             arguments: [#"-ci"#],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#, #"DOCKER_OPT_MTU="--mtu=1472""#, #"DOCKER_OPTS=" --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#]),
+            output: [
+                #"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#,
+                #"DOCKER_OPT_MTU="--mtu=1472""#, #"DOCKER_OPTS=" --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#,
+            ]
+        ),
         DockerOptsFixture(
             name: "noIPMasqOption",
-            subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#, #"FLANNEL_IPMASQ=false"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#,
+                #"FLANNEL_IPMASQ=false"#,
+            ],
             arguments: [#"-m"#],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_MTU="--mtu=1472""#, #"DOCKER_OPTS=" --bip=10.2.72.1/24 --mtu=1472""#]),
+            output: [
+                #"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_MTU="--mtu=1472""#,
+                #"DOCKER_OPTS=" --bip=10.2.72.1/24 --mtu=1472""#,
+            ]
+        ),
         DockerOptsFixture(
             name: "individualWithoutIPMasq",
-            subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#, #"FLANNEL_IPMASQ=false"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#,
+                #"FLANNEL_IPMASQ=false"#,
+            ],
             arguments: [#"-i"#, #"-m"#],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_MTU="--mtu=1472""#]),
+            output: [#"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_MTU="--mtu=1472""#]
+        ),
         DockerOptsFixture(
             name: "combinedKey",
-            subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#, #"FLANNEL_IPMASQ=false"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#,
+                #"FLANNEL_IPMASQ=false"#,
+            ],
             arguments: [#"-k"#, #"DOCKER_NETWORK_OPTIONS"#],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#, #"DOCKER_OPT_MTU="--mtu=1472""#, #"DOCKER_NETWORK_OPTIONS=" --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#]),
+            output: [
+                #"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#,
+                #"DOCKER_OPT_MTU="--mtu=1472""#,
+                #"DOCKER_NETWORK_OPTIONS=" --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#,
+            ]
+        ),
         DockerOptsFixture(
             name: "combinedKeyOnly",
-            subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#, #"FLANNEL_IPMASQ=false"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#,
+                #"FLANNEL_IPMASQ=false"#,
+            ],
             arguments: [#"-c"#, #"-k"#, #"DOCKER_NETWORK_OPTIONS"#],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_NETWORK_OPTIONS=" --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#]),
+            output: [#"DOCKER_NETWORK_OPTIONS=" --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#]
+        ),
         DockerOptsFixture(
             name: "combinedKeyAttached",
-            subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#, #"FLANNEL_IPMASQ=false"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#,
+                #"FLANNEL_IPMASQ=false"#,
+            ],
             arguments: [#"-kDOCKER_NETWORK_OPTIONS"#],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#, #"DOCKER_OPT_MTU="--mtu=1472""#, #"DOCKER_NETWORK_OPTIONS=" --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#]),
+            output: [
+                #"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#,
+                #"DOCKER_OPT_MTU="--mtu=1472""#,
+                #"DOCKER_NETWORK_OPTIONS=" --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#,
+            ]
+        ),
         DockerOptsFixture(
             name: "ipMasqInverted",
-            subnetEnv: [#"FLANNEL_NETWORK=10.244.0.0/16"#, #"FLANNEL_SUBNET=10.244.3.1/24"#, #"FLANNEL_MTU=1450"#, #"FLANNEL_IPMASQ=true"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.244.0.0/16"#, #"FLANNEL_SUBNET=10.244.3.1/24"#, #"FLANNEL_MTU=1450"#,
+                #"FLANNEL_IPMASQ=true"#,
+            ],
             arguments: [],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPT_BIP="--bip=10.244.3.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=false""#, #"DOCKER_OPT_MTU="--mtu=1450""#, #"DOCKER_OPTS=" --bip=10.244.3.1/24 --ip-masq=false --mtu=1450""#]),
+            output: [
+                #"DOCKER_OPT_BIP="--bip=10.244.3.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=false""#,
+                #"DOCKER_OPT_MTU="--mtu=1450""#, #"DOCKER_OPTS=" --bip=10.244.3.1/24 --ip-masq=false --mtu=1450""#,
+            ]
+        ),
         DockerOptsFixture(
             name: "ipMasqInvertedCombinedOnly",
-            subnetEnv: [#"FLANNEL_NETWORK=10.244.0.0/16"#, #"FLANNEL_SUBNET=10.244.3.1/24"#, #"FLANNEL_MTU=1450"#, #"FLANNEL_IPMASQ=true"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.244.0.0/16"#, #"FLANNEL_SUBNET=10.244.3.1/24"#, #"FLANNEL_MTU=1450"#,
+                #"FLANNEL_IPMASQ=true"#,
+            ],
             arguments: [#"-c"#],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPTS=" --bip=10.244.3.1/24 --ip-masq=false --mtu=1450""#]),
+            output: [#"DOCKER_OPTS=" --bip=10.244.3.1/24 --ip-masq=false --mtu=1450""#]
+        ),
         DockerOptsFixture(
             name: "ipMasqOmittedWithM",
-            subnetEnv: [#"FLANNEL_NETWORK=10.244.0.0/16"#, #"FLANNEL_SUBNET=10.244.3.1/24"#, #"FLANNEL_MTU=1450"#, #"FLANNEL_IPMASQ=true"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.244.0.0/16"#, #"FLANNEL_SUBNET=10.244.3.1/24"#, #"FLANNEL_MTU=1450"#,
+                #"FLANNEL_IPMASQ=true"#,
+            ],
             arguments: [#"-m"#, #"-c"#],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPTS=" --bip=10.244.3.1/24 --mtu=1450""#]),
+            output: [#"DOCKER_OPTS=" --bip=10.244.3.1/24 --mtu=1450""#]
+        ),
         DockerOptsFixture(
             name: "noIPMasqVariable",
             subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.9.1/24"#, #"FLANNEL_MTU=1472"#],
             arguments: [],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPT_BIP="--bip=10.2.9.1/24""#, #"DOCKER_OPT_MTU="--mtu=1472""#, #"DOCKER_OPTS=" --bip=10.2.9.1/24 --mtu=1472""#]),
+            output: [
+                #"DOCKER_OPT_BIP="--bip=10.2.9.1/24""#, #"DOCKER_OPT_MTU="--mtu=1472""#,
+                #"DOCKER_OPTS=" --bip=10.2.9.1/24 --mtu=1472""#,
+            ]
+        ),
         DockerOptsFixture(
             name: "quotedAndExported",
-            subnetEnv: [#"# written by hand"#, #"export FLANNEL_NETWORK="10.1.0.0/16""#, #"export FLANNEL_SUBNET="10.1.74.1/24""#, #"FLANNEL_MTU='8951'"#, #"FLANNEL_IPMASQ=false"#],
+            subnetEnv: [
+                #"# written by hand"#, #"export FLANNEL_NETWORK="10.1.0.0/16""#,
+                #"export FLANNEL_SUBNET="10.1.74.1/24""#, #"FLANNEL_MTU='8951'"#, #"FLANNEL_IPMASQ=false"#,
+            ],
             arguments: [],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPT_BIP="--bip=10.1.74.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#, #"DOCKER_OPT_MTU="--mtu=8951""#, #"DOCKER_OPTS=" --bip=10.1.74.1/24 --ip-masq=true --mtu=8951""#]),
+            output: [
+                #"DOCKER_OPT_BIP="--bip=10.1.74.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#,
+                #"DOCKER_OPT_MTU="--mtu=8951""#, #"DOCKER_OPTS=" --bip=10.1.74.1/24 --ip-masq=true --mtu=8951""#,
+            ]
+        ),
         DockerOptsFixture(
             name: "smallSubnet",
-            subnetEnv: [#"FLANNEL_NETWORK=10.5.0.0/24"#, #"FLANNEL_SUBNET=10.5.0.17/28"#, #"FLANNEL_MTU=1400"#, #"FLANNEL_IPMASQ=true"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.5.0.0/24"#, #"FLANNEL_SUBNET=10.5.0.17/28"#, #"FLANNEL_MTU=1400"#,
+                #"FLANNEL_IPMASQ=true"#,
+            ],
             arguments: [#"-i"#],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPT_BIP="--bip=10.5.0.17/28""#, #"DOCKER_OPT_IPMASQ="--ip-masq=false""#, #"DOCKER_OPT_MTU="--mtu=1400""#]),
+            output: [
+                #"DOCKER_OPT_BIP="--bip=10.5.0.17/28""#, #"DOCKER_OPT_IPMASQ="--ip-masq=false""#,
+                #"DOCKER_OPT_MTU="--mtu=1400""#,
+            ]
+        ),
         DockerOptsFixture(
             name: "existingCombinedValueKept",
-            subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#, #"FLANNEL_IPMASQ=false"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#,
+                #"FLANNEL_IPMASQ=false"#,
+            ],
             arguments: [],
             environment: [#"DOCKER_OPTS"#: #"--log-level=warn"#],
             exitStatus: 0,
-            output: [#"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#, #"DOCKER_OPT_MTU="--mtu=1472""#, #"DOCKER_OPTS="--log-level=warn  --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#]),
+            output: [
+                #"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_IPMASQ="--ip-masq=true""#,
+                #"DOCKER_OPT_MTU="--mtu=1472""#,
+                #"DOCKER_OPTS="--log-level=warn  --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#,
+            ]
+        ),
         DockerOptsFixture(
             name: "existingCustomKeyValueKept",
-            subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#, #"FLANNEL_IPMASQ=false"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#,
+                #"FLANNEL_IPMASQ=false"#,
+            ],
             arguments: [#"-c"#, #"-k"#, #"DOCKER_NETWORK_OPTIONS"#],
             environment: [#"DOCKER_NETWORK_OPTIONS"#: #"--iptables=true"#],
             exitStatus: 0,
-            output: [#"DOCKER_NETWORK_OPTIONS="--iptables=true  --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#]),
+            output: [#"DOCKER_NETWORK_OPTIONS="--iptables=true  --bip=10.2.72.1/24 --ip-masq=true --mtu=1472""#]
+        ),
         DockerOptsFixture(
             name: "invalidIPMasqFails",
-            subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#, #"FLANNEL_IPMASQ=yes"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#,
+                #"FLANNEL_IPMASQ=yes"#,
+            ],
             arguments: [],
             environment: [:],
             exitStatus: 1,
-            output: []),
+            output: []
+        ),
         DockerOptsFixture(
             name: "invalidIPMasqIgnoredWithM",
-            subnetEnv: [#"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#, #"FLANNEL_IPMASQ=yes"#],
+            subnetEnv: [
+                #"FLANNEL_NETWORK=10.2.0.0/16"#, #"FLANNEL_SUBNET=10.2.72.1/24"#, #"FLANNEL_MTU=1472"#,
+                #"FLANNEL_IPMASQ=yes"#,
+            ],
             arguments: [#"-m"#],
             environment: [:],
             exitStatus: 0,
-            output: [#"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_MTU="--mtu=1472""#, #"DOCKER_OPTS=" --bip=10.2.72.1/24 --mtu=1472""#]),
+            output: [
+                #"DOCKER_OPT_BIP="--bip=10.2.72.1/24""#, #"DOCKER_OPT_MTU="--mtu=1472""#,
+                #"DOCKER_OPTS=" --bip=10.2.72.1/24 --mtu=1472""#,
+            ]
+        ),
     ]
 }

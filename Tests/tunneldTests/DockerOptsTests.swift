@@ -2,6 +2,7 @@ import ArgumentParser
 import FlannelFiles
 import Foundation
 import Testing
+
 @testable import tunneld
 
 /// One run of flannel's mk-docker-opts.sh, recorded by
@@ -22,7 +23,9 @@ struct DockerOptsFixture: CustomTestStringConvertible, Sendable {
 @Suite struct DockerOptsTests {
     /// A scratch directory, removed after `body`.
     func withDirectory<T>(_ body: (String) throws -> T) throws -> T {
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("docker-opts-\(UUID().uuidString)").path
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "docker-opts-\(UUID().uuidString)"
+        ).path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: directory) }
         return try body(directory)
@@ -30,7 +33,9 @@ struct DockerOptsFixture: CustomTestStringConvertible, Sendable {
 
     /// Parses a command line the way `tunneld` does (normalization included).
     func parse(_ arguments: [String], environment: [String: String] = [:]) throws -> DockerOpts {
-        let command = try Tunneld.parseAsRoot(FlannelArguments.normalize(["docker-opts"] + arguments, environment: environment))
+        let command = try Tunneld.parseAsRoot(
+            FlannelArguments.normalize(["docker-opts"] + arguments, environment: environment)
+        )
         return try #require(command as? DockerOpts)
     }
 
@@ -42,7 +47,9 @@ struct DockerOptsFixture: CustomTestStringConvertible, Sendable {
             var command = try parse(fixture.arguments)
             command.subnetFile = subnetFile
             command.output = outputFile
-            let result = Result { try command.render(subnetEnv: fixture.subnetEnvText, environment: fixture.environment) }
+            let result = Result {
+                try command.render(subnetEnv: fixture.subnetEnvText, environment: fixture.environment)
+            }
             switch result {
             case .success(let text):
                 #expect(fixture.exitStatus == 0, "the script failed here, tunneld wrote:\n\(text)")
@@ -56,13 +63,17 @@ struct DockerOptsFixture: CustomTestStringConvertible, Sendable {
 
     @Test func shortFlagsSurviveFlanneldNormalization() throws {
         // FLANNELD_SUBNET_FILE belongs to `run`; it must not reach docker-opts.
-        let command = try parse(["-f", "x", "-d", "y", "-k", "DOCKER_NETWORK_OPTIONS"],
-                                environment: ["FLANNELD_SUBNET_FILE": "/elsewhere", "FLANNELD_IP_MASQ": "true"])
+        let command = try parse(
+            ["-f", "x", "-d", "y", "-k", "DOCKER_NETWORK_OPTIONS"],
+            environment: ["FLANNELD_SUBNET_FILE": "/elsewhere", "FLANNELD_IP_MASQ": "true"]
+        )
         #expect(command.subnetFile == "x" && command.output == "y")
         #expect(command.combinedKey == "DOCKER_NETWORK_OPTIONS")
         #expect(command.options.individual && command.options.combined && command.options.ipMasqOption)
-        #expect(FlannelArguments.normalize(["docker-opts", "-ci", "-m"], environment: ["FLANNELD_IFACE": "eth0"])
-                == ["docker-opts", "-ci", "-m"])
+        #expect(
+            FlannelArguments.normalize(["docker-opts", "-ci", "-m"], environment: ["FLANNELD_IFACE": "eth0"])
+                == ["docker-opts", "-ci", "-m"]
+        )
         let joined = try parse(["-ci", "-m", "-kNET_OPTS"])
         #expect(joined.options == .init(individual: true, combined: true, combinedKey: "NET_OPTS", ipMasqOption: false))
         let defaults = try parse([])
@@ -88,17 +99,28 @@ struct DockerOptsFixture: CustomTestStringConvertible, Sendable {
 
     /// Bad input: an error naming the file and the variable, and the output
     /// file untouched (here: an earlier good one stays).
-    @Test(arguments: [
-        ("missing", nil, "does not exist"),
-        ("no subnet", "FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_MTU=1472\n", "FLANNEL_SUBNET is missing"),
-        ("no MTU", "FLANNEL_SUBNET=10.2.72.1/24\nFLANNEL_IPMASQ=false\n", "FLANNEL_MTU is missing"),
-        ("empty MTU", "FLANNEL_SUBNET=10.2.72.1/24\nFLANNEL_MTU=\n", "FLANNEL_MTU is empty"),
-        ("bad subnet", "FLANNEL_SUBNET=10.2.72.1\nFLANNEL_MTU=1472\n", "FLANNEL_SUBNET \"10.2.72.1\" is not an address/prefix"),
-        ("bad subnet octet", "FLANNEL_SUBNET=10.2.300.1/24\nFLANNEL_MTU=1472\n", "FLANNEL_SUBNET \"10.2.300.1/24\""),
-        ("bad MTU", "FLANNEL_SUBNET=10.2.72.1/24\nFLANNEL_MTU=lots\n", "FLANNEL_MTU \"lots\" is not an MTU"),
-        ("tiny MTU", "FLANNEL_SUBNET=10.2.72.1/24\nFLANNEL_MTU=20\n", "FLANNEL_MTU \"20\" is not an MTU"),
-        ("bad masq", "FLANNEL_SUBNET=10.2.72.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=on\n", "FLANNEL_IPMASQ \"on\" is neither true nor false"),
-    ] as [(String, String?, String)])
+    @Test(
+        arguments: [
+            ("missing", nil, "does not exist"),
+            ("no subnet", "FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_MTU=1472\n", "FLANNEL_SUBNET is missing"),
+            ("no MTU", "FLANNEL_SUBNET=10.2.72.1/24\nFLANNEL_IPMASQ=false\n", "FLANNEL_MTU is missing"),
+            ("empty MTU", "FLANNEL_SUBNET=10.2.72.1/24\nFLANNEL_MTU=\n", "FLANNEL_MTU is empty"),
+            (
+                "bad subnet", "FLANNEL_SUBNET=10.2.72.1\nFLANNEL_MTU=1472\n",
+                "FLANNEL_SUBNET \"10.2.72.1\" is not an address/prefix"
+            ),
+            (
+                "bad subnet octet", "FLANNEL_SUBNET=10.2.300.1/24\nFLANNEL_MTU=1472\n",
+                "FLANNEL_SUBNET \"10.2.300.1/24\""
+            ),
+            ("bad MTU", "FLANNEL_SUBNET=10.2.72.1/24\nFLANNEL_MTU=lots\n", "FLANNEL_MTU \"lots\" is not an MTU"),
+            ("tiny MTU", "FLANNEL_SUBNET=10.2.72.1/24\nFLANNEL_MTU=20\n", "FLANNEL_MTU \"20\" is not an MTU"),
+            (
+                "bad masq", "FLANNEL_SUBNET=10.2.72.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=on\n",
+                "FLANNEL_IPMASQ \"on\" is neither true nor false"
+            ),
+        ] as [(String, String?, String)]
+    )
     func badInputFailsWithoutTouchingTheOutput(_ name: String, _ subnetEnv: String?, _ message: String) throws {
         try withDirectory { directory in
             let subnetFile = directory + "/subnet.env", outputFile = directory + "/docker_opts.env"
@@ -109,15 +131,21 @@ struct DockerOptsFixture: CustomTestStringConvertible, Sendable {
             #expect("\(error)".contains(subnetFile), "\(error)")
             #expect("\(error)".contains(message), "\(error)")
             #expect(try String(contentsOfFile: outputFile, encoding: .utf8) == "DOCKER_OPTS=\"earlier\"\n")
-            #expect(try FileManager.default.contentsOfDirectory(atPath: directory).sorted()
-                    == (subnetEnv == nil ? ["docker_opts.env"] : ["docker_opts.env", "subnet.env"]))
+            #expect(
+                try FileManager.default.contentsOfDirectory(atPath: directory).sorted()
+                    == (subnetEnv == nil ? ["docker_opts.env"] : ["docker_opts.env", "subnet.env"])
+            )
         }
     }
 
     @Test func aCombinedKeyThatIsNoVariableNameIsRefused() throws {
         try withDirectory { directory in
             let subnetFile = directory + "/subnet.env", outputFile = directory + "/docker_opts.env"
-            try "FLANNEL_SUBNET=10.2.72.1/24\nFLANNEL_MTU=1472\n".write(toFile: subnetFile, atomically: true, encoding: .utf8)
+            try "FLANNEL_SUBNET=10.2.72.1/24\nFLANNEL_MTU=1472\n".write(
+                toFile: subnetFile,
+                atomically: true,
+                encoding: .utf8
+            )
             let error = try #require(throws: (any Error).self) {
                 try parse(["-f", subnetFile, "-d", outputFile, "-k", "DOCKER-OPTS"]).run()
             }
@@ -129,7 +157,11 @@ struct DockerOptsFixture: CustomTestStringConvertible, Sendable {
     @Test func anUnwritableOutputIsNamed() throws {
         try withDirectory { directory in
             let subnetFile = directory + "/subnet.env"
-            try "FLANNEL_SUBNET=10.2.72.1/24\nFLANNEL_MTU=1472\n".write(toFile: subnetFile, atomically: true, encoding: .utf8)
+            try "FLANNEL_SUBNET=10.2.72.1/24\nFLANNEL_MTU=1472\n".write(
+                toFile: subnetFile,
+                atomically: true,
+                encoding: .utf8
+            )
             // A regular file where the output's directory should be.
             try "x".write(toFile: directory + "/blocker", atomically: true, encoding: .utf8)
             let error = try #require(throws: (any Error).self) {
@@ -155,15 +187,17 @@ struct DockerOptsFixture: CustomTestStringConvertible, Sendable {
 
     @Test func dualStackSubnetFileAddsIPv6OptionsInNameOrder() throws {
         let text = try DockerOptions().render(subnetEnv: Self.dualStack)
-        #expect(text == """
-            DOCKER_OPT_BIP="--bip=10.2.72.1/24"
-            DOCKER_OPT_FIXED_CIDR_V6="--fixed-cidr-v6=fd00:10:244:48::/64"
-            DOCKER_OPT_IPMASQ="--ip-masq=false"
-            DOCKER_OPT_IPV6="--ipv6"
-            DOCKER_OPT_MTU="--mtu=1450"
-            DOCKER_OPTS=" --bip=10.2.72.1/24 --fixed-cidr-v6=fd00:10:244:48::/64 --ip-masq=false --ipv6 --mtu=1450"
+        #expect(
+            text == """
+                DOCKER_OPT_BIP="--bip=10.2.72.1/24"
+                DOCKER_OPT_FIXED_CIDR_V6="--fixed-cidr-v6=fd00:10:244:48::/64"
+                DOCKER_OPT_IPMASQ="--ip-masq=false"
+                DOCKER_OPT_IPV6="--ipv6"
+                DOCKER_OPT_MTU="--mtu=1450"
+                DOCKER_OPTS=" --bip=10.2.72.1/24 --fixed-cidr-v6=fd00:10:244:48::/64 --ip-masq=false --ipv6 --mtu=1450"
 
-            """)
+                """
+        )
     }
 
     @Test func malformedIPv6SubnetIsAnError() {

@@ -3,6 +3,7 @@ import Logging
 import NetBase
 import Synchronization
 import Testing
+
 @testable import tunneld
 
 private let network = IPv4Network("10.2.0.0/16")!
@@ -16,14 +17,18 @@ private let logger = Logger(label: "firewall-test")
         let chain = IPTablesChain.masquerade(v6)
         #expect(chain.family == .ipv6 && chain.table == "nat" && chain.parent == "POSTROUTING" && chain.jumpFirst)
         #expect(chain.name == "TUNNELD-POSTRTG")
-        #expect(chain.rules == [
-            ["-s", "fd00:2::/56", "-d", "fd00:2::/56", "-j", "RETURN"],
-            ["-s", "fd00:2::/56", "!", "-d", "ff00::/8", "-j", "MASQUERADE", "--random-fully"],
-            ["!", "-s", "fd00:2::/56", "-d", "fd00:2:0:48::/64", "-j", "RETURN"],
-            ["!", "-s", "fd00:2::/56", "-d", "fd00:2::/56", "-j", "MASQUERADE", "--random-fully"],
-        ])
-        #expect(IPTablesChain.masquerade(v6, randomFully: false).rules[1]
-                == ["-s", "fd00:2::/56", "!", "-d", "ff00::/8", "-j", "MASQUERADE"])
+        #expect(
+            chain.rules == [
+                ["-s", "fd00:2::/56", "-d", "fd00:2::/56", "-j", "RETURN"],
+                ["-s", "fd00:2::/56", "!", "-d", "ff00::/8", "-j", "MASQUERADE", "--random-fully"],
+                ["!", "-s", "fd00:2::/56", "-d", "fd00:2:0:48::/64", "-j", "RETURN"],
+                ["!", "-s", "fd00:2::/56", "-d", "fd00:2::/56", "-j", "MASQUERADE", "--random-fully"],
+            ]
+        )
+        #expect(
+            IPTablesChain.masquerade(v6, randomFully: false).rules[1]
+                == ["-s", "fd00:2::/56", "!", "-d", "ff00::/8", "-j", "MASQUERADE"]
+        )
     }
 
     @Test func ipv6ForwardRulesAcceptTheNetworkBothWays() {
@@ -36,10 +41,17 @@ private let logger = Logger(label: "firewall-test")
 
     @Test func aDualStackInstallPutsTheSameChainsInBothPrograms() throws {
         let v4Tables = FakeIPTables(), v6Tables = FakeIPTables()
-        let keeper = IPTablesKeeper(masquerade: true, forward: true, iptables: v4Tables.iptables,
-                                    ip6tables: v6Tables.iptables, logger: logger)
+        let keeper = IPTablesKeeper(
+            masquerade: true,
+            forward: true,
+            iptables: v4Tables.iptables,
+            ip6tables: v6Tables.iptables,
+            logger: logger
+        )
         try keeper.install(dualStack)
-        #expect(v4Tables.rules("nat", "TUNNELD-POSTRTG") == IPTablesChain.masquerade(network: network, subnet: subnet).rules)
+        #expect(
+            v4Tables.rules("nat", "TUNNELD-POSTRTG") == IPTablesChain.masquerade(network: network, subnet: subnet).rules
+        )
         #expect(v6Tables.rules("nat", "TUNNELD-POSTRTG") == IPTablesChain.masquerade(v6).rules)
         #expect(v6Tables.rules("filter", "TUNNELD-FWD") == IPTablesChain.forward(v6).rules)
         #expect(v6Tables.rules("nat", "POSTROUTING") == [IPTablesChain.masquerade(v6).jump])
@@ -62,11 +74,21 @@ private let logger = Logger(label: "firewall-test")
 
     @Test func aRunWithoutIPv6RemovesTheIPv6ChainsAnEarlierRunLeft() throws {
         let v4Tables = FakeIPTables(), v6Tables = FakeIPTables()
-        try IPTablesKeeper(masquerade: true, forward: true, iptables: v4Tables.iptables, ip6tables: v6Tables.iptables,
-                           logger: logger).install(dualStack)
+        try IPTablesKeeper(
+            masquerade: true,
+            forward: true,
+            iptables: v4Tables.iptables,
+            ip6tables: v6Tables.iptables,
+            logger: logger
+        ).install(dualStack)
         // Killed; the next run has an IPv4 network only.
-        try IPTablesKeeper(masquerade: true, forward: true, iptables: v4Tables.iptables, ip6tables: v6Tables.iptables,
-                           logger: logger).install(FirewallNetworks(network: network, subnet: subnet))
+        try IPTablesKeeper(
+            masquerade: true,
+            forward: true,
+            iptables: v4Tables.iptables,
+            ip6tables: v6Tables.iptables,
+            logger: logger
+        ).install(FirewallNetworks(network: network, subnet: subnet))
         #expect(v6Tables.rules("nat", "TUNNELD-POSTRTG") == nil && v6Tables.rules("filter", "TUNNELD-FWD") == nil)
         #expect(v6Tables.rules("nat", "POSTROUTING") == [] && v6Tables.rules("filter", "FORWARD") == [])
         #expect(v4Tables.rules("nat", "TUNNELD-POSTRTG")?.count == 4)
@@ -75,7 +97,10 @@ private let logger = Logger(label: "firewall-test")
     @Test func anIPv6NetworkWithoutIp6tablesIsRefusedNamingThePackage() throws {
         let keeper = IPTablesKeeper(masquerade: true, forward: false, iptables: FakeIPTables().iptables, logger: logger)
         let error = #expect(throws: DaemonError.self) { try keeper.install(dualStack) }
-        #expect(error?.description.contains("ip6tables") == true && error?.description.contains("apt-get install iptables") == true)
+        #expect(
+            error?.description.contains("ip6tables") == true
+                && error?.description.contains("apt-get install iptables") == true
+        )
     }
 }
 
@@ -93,7 +118,9 @@ final class FakeNFT: Sendable {
     var nft: NFT { NFT(run: { try self.run($0, $1) }) }
 
     func run(_ arguments: [String], _ input: String) throws -> String {
-        if let failure = failure.withLock({ $0 }) { throw DaemonError("nft \(arguments.joined(separator: " ")) failed (exit 1): \(failure)") }
+        if let failure = failure.withLock({ $0 }) {
+            throw DaemonError("nft \(arguments.joined(separator: " ")) failed (exit 1): \(failure)")
+        }
         switch arguments {
         case ["-c", "-f", "-"]:
             return ""
@@ -102,7 +129,9 @@ final class FakeNFT: Sendable {
             let removal = NFTRuleset.removal
             guard input.hasPrefix(removal) else { throw DaemonError("unexpected batch \(input)") }
             let rest = input.dropFirst(removal.count)
-            table.withLock { $0 = rest.isEmpty ? nil : rest.replacingOccurrences(of: "\t}\n\tchain", with: "\t}\n\n\tchain") }
+            table.withLock {
+                $0 = rest.isEmpty ? nil : rest.replacingOccurrences(of: "\t}\n\tchain", with: "\t}\n\n\tchain")
+            }
             return ""
         case ["list", "table", "inet", "tunneld"]:
             guard let text = table.withLock({ $0 }) else { throw DaemonError("No such file or directory") }
@@ -116,53 +145,66 @@ final class FakeNFT: Sendable {
 @Suite struct NFTablesRulesetTests {
     @Test func theDualStackTableHoldsFlanneldsRulesForBothFamilies() {
         let text = NFTRuleset.definition(dualStack, masquerade: true, forward: true, randomFully: true)
-        #expect(text == """
-            table inet tunneld {
-            \tcomment "tunneld's masquerade and forward rules; tunneld replaces this table whole"
-            \tchain postrouting {
-            \t\ttype nat hook postrouting priority srcnat; policy accept;
-            \t\tip saddr 10.2.0.0/16 ip daddr 10.2.0.0/16 return
-            \t\tip saddr 10.2.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random
-            \t\tip saddr != 10.2.0.0/16 ip daddr 10.2.72.0/24 return
-            \t\tip saddr != 10.2.0.0/16 ip daddr 10.2.0.0/16 masquerade fully-random
-            \t\tip6 saddr fd00:2::/56 ip6 daddr fd00:2::/56 return
-            \t\tip6 saddr fd00:2::/56 ip6 daddr != ff00::/8 masquerade fully-random
-            \t\tip6 saddr != fd00:2::/56 ip6 daddr fd00:2:0:48::/64 return
-            \t\tip6 saddr != fd00:2::/56 ip6 daddr fd00:2::/56 masquerade fully-random
-            \t}
-            \tchain forward {
-            \t\ttype filter hook forward priority filter; policy accept;
-            \t\tip saddr 10.2.0.0/16 accept
-            \t\tip daddr 10.2.0.0/16 accept
-            \t\tip6 saddr fd00:2::/56 accept
-            \t\tip6 daddr fd00:2::/56 accept
-            \t}
-            }
+        #expect(
+            text == """
+                table inet tunneld {
+                \tcomment "tunneld's masquerade and forward rules; tunneld replaces this table whole"
+                \tchain postrouting {
+                \t\ttype nat hook postrouting priority srcnat; policy accept;
+                \t\tip saddr 10.2.0.0/16 ip daddr 10.2.0.0/16 return
+                \t\tip saddr 10.2.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random
+                \t\tip saddr != 10.2.0.0/16 ip daddr 10.2.72.0/24 return
+                \t\tip saddr != 10.2.0.0/16 ip daddr 10.2.0.0/16 masquerade fully-random
+                \t\tip6 saddr fd00:2::/56 ip6 daddr fd00:2::/56 return
+                \t\tip6 saddr fd00:2::/56 ip6 daddr != ff00::/8 masquerade fully-random
+                \t\tip6 saddr != fd00:2::/56 ip6 daddr fd00:2:0:48::/64 return
+                \t\tip6 saddr != fd00:2::/56 ip6 daddr fd00:2::/56 masquerade fully-random
+                \t}
+                \tchain forward {
+                \t\ttype filter hook forward priority filter; policy accept;
+                \t\tip saddr 10.2.0.0/16 accept
+                \t\tip daddr 10.2.0.0/16 accept
+                \t\tip6 saddr fd00:2::/56 accept
+                \t\tip6 daddr fd00:2::/56 accept
+                \t}
+                }
 
-            """)
+                """
+        )
     }
 
     @Test func withoutFullyRandomTheMasqueradeIsPlain() {
-        let text = NFTRuleset.definition(FirewallNetworks(network: network, subnet: subnet), masquerade: true, forward: false,
-                                    randomFully: false)
+        let text = NFTRuleset.definition(
+            FirewallNetworks(network: network, subnet: subnet),
+            masquerade: true,
+            forward: false,
+            randomFully: false
+        )
         #expect(!text.contains("fully-random") && !text.contains("chain forward") && !text.contains("ip6"))
         #expect(text.components(separatedBy: "masquerade\n").count - 1 == 2, "\(text)")
         #expect(text.contains("\t\tip saddr 10.2.0.0/16 ip daddr != 224.0.0.0/4 masquerade\n"))
     }
 
     @Test func forwardRulesAloneMakeATableWithoutANatChain() {
-        let text = NFTRuleset.definition(FirewallNetworks(ipv4: nil, ipv6: v6), masquerade: false, forward: true, randomFully: true)
-        #expect(text == """
-            table inet tunneld {
-            \tcomment "tunneld's masquerade and forward rules; tunneld replaces this table whole"
-            \tchain forward {
-            \t\ttype filter hook forward priority filter; policy accept;
-            \t\tip6 saddr fd00:2::/56 accept
-            \t\tip6 daddr fd00:2::/56 accept
-            \t}
-            }
+        let text = NFTRuleset.definition(
+            FirewallNetworks(ipv4: nil, ipv6: v6),
+            masquerade: false,
+            forward: true,
+            randomFully: true
+        )
+        #expect(
+            text == """
+                table inet tunneld {
+                \tcomment "tunneld's masquerade and forward rules; tunneld replaces this table whole"
+                \tchain forward {
+                \t\ttype filter hook forward priority filter; policy accept;
+                \t\tip6 saddr fd00:2::/56 accept
+                \t\tip6 daddr fd00:2::/56 accept
+                \t}
+                }
 
-            """)
+                """
+        )
     }
 
     @Test func everyBatchReplacesTheWholeTableInOneTransaction() {
@@ -226,14 +268,22 @@ final class FakeNFT: Sendable {
         try FileManager.default.createDirectory(atPath: empty, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: empty) }
         let error = #expect(throws: DaemonError.self) { try NFT(for: "-ip-masq", path: empty) }
-        #expect(error?.description == "-ip-masq with EnableNFTables needs the nft program, which is not on PATH (\(empty)): install the nftables package (apt-get install nftables)")
+        #expect(
+            error?.description
+                == "-ip-masq with EnableNFTables needs the nft program, which is not on PATH (\(empty)): install the nftables package (apt-get install nftables)"
+        )
     }
 }
 
 /// The generated rules against the real programs and kernel, in a scratch
 /// network namespace (`ip netns add`), never the machine's own.
-@Suite(.serialized, .enabled(if: getuid() == 0 && findProgram("nft", in: nil) != nil && IPTables.find(.ipv6) != nil,
-                             "needs root, nft (nftables) and ip6tables (iptables): loads rules into a scratch network namespace"))
+@Suite(
+    .serialized,
+    .enabled(
+        if: getuid() == 0 && findProgram("nft", in: nil) != nil && IPTables.find(.ipv6) != nil,
+        "needs root, nft (nftables) and ip6tables (iptables): loads rules into a scratch network namespace"
+    )
+)
 struct FirewallRulesInTheKernelTests {
     func withNamespace(_ body: (String) throws -> Void) throws {
         let name = "tdfw-\(getpid())-\(UInt16.random(in: 0...UInt16.max))"
@@ -243,8 +293,11 @@ struct FirewallRulesInTheKernelTests {
     }
 
     func inNamespace(_ name: String, _ arguments: [String], input: String = "") throws -> String {
-        let output = try ChildProcess.run("/usr/bin/env", arguments: ["ip", "netns", "exec", name] + arguments,
-                                          input: Array(input.utf8))
+        let output = try ChildProcess.run(
+            "/usr/bin/env",
+            arguments: ["ip", "netns", "exec", name] + arguments,
+            input: Array(input.utf8)
+        )
         guard output.status == 0 else {
             throw DaemonError("\(arguments.joined(separator: " ")): \(String(decoding: output.stderr, as: UTF8.self))")
         }
@@ -259,7 +312,10 @@ struct FirewallRulesInTheKernelTests {
             try keeper.install(dualStack)
             let listed = try inNamespace(name, ["nft", "list", "table", "inet", "tunneld"])
             #expect(listed.contains("ip6 saddr != fd00:2::/56 ip6 daddr fd00:2:0:48::/64 return"), "\(listed)")
-            #expect(listed.contains("ip saddr 10.2.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random"), "\(listed)")
+            #expect(
+                listed.contains("ip saddr 10.2.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random"),
+                "\(listed)"
+            )
             #expect(try keeper.repair().isEmpty)
             _ = try inNamespace(name, ["nft", "flush", "chain", "inet", "tunneld", "postrouting"])
             #expect(try keeper.repair() == ["table inet tunneld (changed)"])
@@ -277,10 +333,19 @@ struct FirewallRulesInTheKernelTests {
         try withNamespace { name in
             let program = IPTables(run: { try inNamespace(name, ["ip6tables", "-w", "5"] + $0) })
             let v4 = IPTables(run: { try inNamespace(name, ["iptables", "-w", "5"] + $0) })
-            let keeper = IPTablesKeeper(masquerade: true, forward: true, iptables: v4, ip6tables: program, logger: logger)
+            let keeper = IPTablesKeeper(
+                masquerade: true,
+                forward: true,
+                iptables: v4,
+                ip6tables: program,
+                logger: logger
+            )
             try keeper.install(dualStack)
             let nat = try program(["-t", "nat", "-S", "TUNNELD-POSTRTG"])
-            #expect(nat.contains("-A TUNNELD-POSTRTG -s fd00:2::/56 ! -d ff00::/8 -j MASQUERADE --random-fully"), "\(nat)")
+            #expect(
+                nat.contains("-A TUNNELD-POSTRTG -s fd00:2::/56 ! -d ff00::/8 -j MASQUERADE --random-fully"),
+                "\(nat)"
+            )
             #expect(nat.contains("-A TUNNELD-POSTRTG ! -s fd00:2::/56 -d fd00:2:0:48::/64 -j RETURN"), "\(nat)")
             #expect(try program(["-S", "FORWARD"]).contains("-j TUNNELD-FWD"))
             #expect(try keeper.repair().isEmpty)

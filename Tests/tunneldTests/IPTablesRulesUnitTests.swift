@@ -2,6 +2,7 @@ import Logging
 import NetBase
 import Synchronization
 import Testing
+
 @testable import tunneld
 
 /// The few iptables commands tunneld runs, on tables in memory, behaving as
@@ -21,7 +22,9 @@ final class FakeIPTables: Sendable {
     var iptables: IPTables { IPTables(run: { try self.run($0) }) }
 
     func rules(_ table: String, _ chain: String) -> [[String]]? { tables.withLock { $0[table]?[chain] } }
-    func setRules(_ table: String, _ chain: String, _ rules: [[String]]?) { tables.withLock { $0[table]![chain] = rules } }
+    func setRules(_ table: String, _ chain: String, _ rules: [[String]]?) {
+        tables.withLock { $0[table]![chain] = rules }
+    }
 
     func run(_ arguments: [String]) throws -> String {
         commands.withLock { $0.append(arguments) }
@@ -47,7 +50,9 @@ final class FakeIPTables: Sendable {
                 tables[table]![chain] = []
             case "-X":
                 _ = try need()
-                guard !Self.builtIn.contains(chain) else { throw Failure(description: "cannot delete built-in \(chain)") }
+                guard !Self.builtIn.contains(chain) else {
+                    throw Failure(description: "cannot delete built-in \(chain)")
+                }
                 let referenced = tables[table]!.values.contains { $0.contains { $0.starts(with: ["-j", chain]) } }
                 guard !referenced else { throw Failure(description: "Too many links: \(chain)") }
                 tables[table]![chain] = nil
@@ -60,7 +65,9 @@ final class FakeIPTables: Sendable {
                 rules.insert(rule, at: min(at, rules.count))
                 tables[table]![chain] = rules
             case "-C":
-                guard try need().contains(rule) else { throw Failure(description: "Bad rule (does a matching rule exist in that chain?)") }
+                guard try need().contains(rule) else {
+                    throw Failure(description: "Bad rule (does a matching rule exist in that chain?)")
+                }
             case "-D":
                 var rules = try need()
                 guard let i = rules.firstIndex(of: rule) else { throw Failure(description: "Bad rule: \(rule)") }
@@ -85,12 +92,14 @@ final class FakeIPTables: Sendable {
     @Test func masqueradeRulesAreFlanneldsInFlanneldsOrder() {
         let chain = IPTablesChain.masquerade(network: network, subnet: subnet)
         #expect(chain.table == "nat" && chain.parent == "POSTROUTING" && chain.jumpFirst)
-        #expect(chain.rules == [
-            ["-s", "10.2.0.0/16", "-d", "10.2.0.0/16", "-j", "RETURN"],
-            ["-s", "10.2.0.0/16", "!", "-d", "224.0.0.0/4", "-j", "MASQUERADE", "--random-fully"],
-            ["!", "-s", "10.2.0.0/16", "-d", "10.2.72.0/24", "-j", "RETURN"],
-            ["!", "-s", "10.2.0.0/16", "-d", "10.2.0.0/16", "-j", "MASQUERADE", "--random-fully"],
-        ])
+        #expect(
+            chain.rules == [
+                ["-s", "10.2.0.0/16", "-d", "10.2.0.0/16", "-j", "RETURN"],
+                ["-s", "10.2.0.0/16", "!", "-d", "224.0.0.0/4", "-j", "MASQUERADE", "--random-fully"],
+                ["!", "-s", "10.2.0.0/16", "-d", "10.2.72.0/24", "-j", "RETURN"],
+                ["!", "-s", "10.2.0.0/16", "-d", "10.2.0.0/16", "-j", "MASQUERADE", "--random-fully"],
+            ]
+        )
     }
 
     @Test func forwardRulesAcceptTheNetworkBothWaysAfterOthersRules() {
@@ -111,7 +120,11 @@ final class FakeIPTables: Sendable {
 
         let masquerade = IPTablesChain.masquerade(network: network, subnet: subnet)
         let forward = IPTablesChain.forward(network: network)
-        #expect(fake.rules("nat", "POSTROUTING") == [masquerade.jump, ["-s", "172.17.0.0/16", "!", "-o", "docker0", "-j", "MASQUERADE"]])
+        #expect(
+            fake.rules("nat", "POSTROUTING") == [
+                masquerade.jump, ["-s", "172.17.0.0/16", "!", "-o", "docker0", "-j", "MASQUERADE"],
+            ]
+        )
         #expect(fake.rules("nat", "TUNNELD-POSTRTG") == masquerade.rules)
         #expect(fake.rules("filter", "FORWARD") == [["-j", "DOCKER-USER"], forward.jump])
         #expect(fake.rules("filter", "TUNNELD-FWD") == forward.rules)
@@ -139,8 +152,12 @@ final class FakeIPTables: Sendable {
         fake.setRules("filter", "FORWARD", [])
         fake.setRules("nat", "TUNNELD-POSTRTG", [])
         let repaired = try keeper.repair()
-        #expect(repaired == ["TUNNELD-POSTRTG (nat, jump from POSTROUTING)", "TUNNELD-FWD (filter, jump from FORWARD)"])
-        #expect(fake.rules("nat", "TUNNELD-POSTRTG") == IPTablesChain.masquerade(network: network, subnet: subnet).rules)
+        #expect(
+            repaired == ["TUNNELD-POSTRTG (nat, jump from POSTROUTING)", "TUNNELD-FWD (filter, jump from FORWARD)"]
+        )
+        #expect(
+            fake.rules("nat", "TUNNELD-POSTRTG") == IPTablesChain.masquerade(network: network, subnet: subnet).rules
+        )
         #expect(fake.rules("nat", "POSTROUTING")?.count == 1)
         #expect(fake.rules("filter", "FORWARD") == [IPTablesChain.forward(network: network).jump])
 
@@ -179,11 +196,20 @@ final class FakeIPTables: Sendable {
     }
 
     @Test func anIPTablesFailureNamesTheCommandAndIsThrown() throws {
-        let keeper = IPTablesKeeper(masquerade: true, forward: false, iptables: IPTables(run: { arguments in
-            if arguments.contains("-A") { throw DaemonError("iptables \(arguments.joined(separator: " ")) failed (exit 4): Resource temporarily unavailable") }
-            if arguments.contains("-S") || arguments.contains("-C") { throw DaemonError("no such chain") }
-            return ""
-        }), logger: logger)
+        let keeper = IPTablesKeeper(
+            masquerade: true,
+            forward: false,
+            iptables: IPTables(run: { arguments in
+                if arguments.contains("-A") {
+                    throw DaemonError(
+                        "iptables \(arguments.joined(separator: " ")) failed (exit 4): Resource temporarily unavailable"
+                    )
+                }
+                if arguments.contains("-S") || arguments.contains("-C") { throw DaemonError("no such chain") }
+                return ""
+            }),
+            logger: logger
+        )
         #expect(throws: DaemonError.self) { try keeper.install(network: network, subnet: subnet) }
     }
 }
@@ -228,7 +254,13 @@ final class FakeIPTables: Sendable {
             .install(network: network, subnet: subnet)
         #expect(fake.rules("nat", IPTablesChain.natChain)!.joined().contains("--random-fully"))
         // The next run with -ip-masq-fully-random-disable.
-        let plain = IPTablesKeeper(masquerade: true, forward: false, randomFully: false, iptables: fake.iptables, logger: logger)
+        let plain = IPTablesKeeper(
+            masquerade: true,
+            forward: false,
+            randomFully: false,
+            iptables: fake.iptables,
+            logger: logger
+        )
         try plain.install(network: network, subnet: subnet)
         let rules = fake.rules("nat", IPTablesChain.natChain)!
         #expect(rules.count == 4 && !rules.joined().contains("--random-fully"), "\(rules)")

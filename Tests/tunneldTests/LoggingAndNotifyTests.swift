@@ -2,15 +2,25 @@ import Foundation
 import Logging
 import NetBase
 import Testing
+
 @testable import tunneld
 
 @Suite struct LoggingAndNotifyTests {
     @Test func watchdogIntervalIsHalfOfWatchdogUSecAndOnlyForTheNamedProcess() {
-        let ours = SystemdNotifier(environment: ["NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "30000000"], pid: 42)
+        let ours = SystemdNotifier(
+            environment: ["NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "30000000"],
+            pid: 42
+        )
         #expect(ours.watchdogInterval == .seconds(15))
-        let named = SystemdNotifier(environment: ["NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "42"], pid: 42)
+        let named = SystemdNotifier(
+            environment: ["NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "42"],
+            pid: 42
+        )
         #expect(named.watchdogInterval == .seconds(1))
-        let someoneElse = SystemdNotifier(environment: ["NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "7"], pid: 42)
+        let someoneElse = SystemdNotifier(
+            environment: ["NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "7"],
+            pid: 42
+        )
         #expect(someoneElse.watchdogInterval == nil)
         let garbage = SystemdNotifier(environment: ["NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "soon"], pid: 42)
         #expect(garbage.watchdogInterval == nil)
@@ -22,7 +32,9 @@ import Testing
     }
 
     @Test func notifyMessagesArriveAsNewlineSeparatedFields() throws {
-        let path = FileManager.default.temporaryDirectory.appendingPathComponent("notify-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock").path
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "notify-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        ).path
         let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
         #expect(fd >= 0)
         defer { close(fd); unlink(path) }
@@ -30,7 +42,9 @@ import Testing
         address.sun_family = sa_family_t(AF_UNIX)
         withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: Array(path.utf8)) }
         let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         #expect(bound == 0)
         var timeout = timeval(tv_sec: 2, tv_usec: 0)
@@ -54,7 +68,10 @@ import Testing
         handler.logLevel = .debug
         handler[metadataKey: "subnet"] = "10.2.3.0/24"
         let logger = Logger(label: "tunneld") { _ in handler }
-        logger.info("peer \"a\"\nleft\t\u{1}", metadata: ["peers": .array(["1", "2"]), "message": "clash", "n": .stringConvertible(3)])
+        logger.info(
+            "peer \"a\"\nleft\t\u{1}",
+            metadata: ["peers": .array(["1", "2"]), "message": "clash", "n": .stringConvertible(3)]
+        )
         logger.trace("not logged at debug")
         let all = lines.get()
         #expect(all.count == 1)

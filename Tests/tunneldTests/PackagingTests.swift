@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import tunneld
 
 /// packaging/: the unit and environment files must describe a command line
@@ -42,11 +43,17 @@ import Testing
     @Test func theUnitRunsTunneldWithTheEnvironmentFilesSettings() throws {
         let unit = try read("tunneld.service")
         let env = environment(try read("tunneld.env"))
-        for line in ["Type=notify", "Before=docker.service", "RequiredBy=docker.service", "EnvironmentFile=-/etc/default/tunneld"] {
+        for line in [
+            "Type=notify", "Before=docker.service", "RequiredBy=docker.service",
+            "EnvironmentFile=-/etc/default/tunneld",
+        ] {
             #expect(unit.contains(line + "\n"), "tunneld.service lacks \(line)")
         }
         #expect(unit.contains("WatchdogSec="))
-        let arguments = FlannelArguments.normalize(try command("ExecStart", unit: unit, environment: env), environment: env)
+        let arguments = FlannelArguments.normalize(
+            try command("ExecStart", unit: unit, environment: env),
+            environment: env
+        )
         let parsed = try Tunneld.parseAsRoot(arguments)
         let run = try #require(parsed as? Run, "ExecStart is not `tunneld run`: \(arguments)")
         #expect(run.ipMasq)

@@ -8,18 +8,19 @@
 // laid out like the io_uring loop's (headroom in front, cache-line stride),
 // built once, outside the measurement.
 
-#if canImport(Glibc)
-import Glibc
-#endif
 import Benchmark
 import NetBase
 import PacketRing
 import UDPEncap
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 let batchSize = 64
-let perIteration = 1_000_000          // packets per iteration (= .mega)
-let smallPacket = 92                  // 20 IPv4 + 8 UDP + 64 payload: the harness's udp64 packet
-let fullPacket = 1472                 // a full packet at the udp backend's MTU (1500 − 28)
+let perIteration = 1_000_000  // packets per iteration (= .mega)
+let smallPacket = 92  // 20 IPv4 + 8 UDP + 64 payload: the harness's udp64 packet
+let fullPacket = 1472  // a full packet at the udp backend's MTU (1500 − 28)
 let peerPort: UInt16 = 8285
 
 /// IPv4 + UDP packet of `length` bytes with a correct header checksum.
@@ -100,11 +101,16 @@ let benchmarks: @Sendable () -> Void = {
     // 10.0.0.0/8 with every /24 a peer: 65 536 entries, 512 KiB.
     let bigTable: SubnetTable
     do {
-        bigTable = try SubnetTable(network: IPv4Network(address: IPv4Address(10, 0, 0, 0), prefixLength: 8),
-                                   subnetLength: 24)
+        bigTable = try SubnetTable(
+            network: IPv4Network(address: IPv4Address(10, 0, 0, 0), prefixLength: 8),
+            subnetLength: 24
+        )
         for i in 0..<65536 {
             let subnet = IPv4Network(address: IPv4Address(0x0A00_0000 | UInt32(i) << 8), prefixLength: 24)
-            try bigTable.set(subnet, to: .peer(UDPEndpoint(address: IPv4Address(0xC612_0000 | UInt32(i)), port: peerPort)))
+            try bigTable.set(
+                subnet,
+                to: .peer(UDPEndpoint(address: IPv4Address(0xC612_0000 | UInt32(i)), port: peerPort))
+            )
         }
     } catch {
         fatalError("cannot build the /8 subnet table: \(error)")
@@ -184,10 +190,17 @@ let benchmarks: @Sendable () -> Void = {
                 let p = toPeers.packet(slot)
                 // Undo the previous pass's TTL decrement (TTL byte and checksum),
                 // so every packet takes the forwarding path.
-                p.storeBytes(of: toPeers.original(slot).load(fromByteOffset: 8, as: UInt64.self),
-                             toByteOffset: 8, as: UInt64.self)
-                switch forwarder.fromTun(p, length: smallPacket, capacity: toPeers.capacity,
-                                         stats: statistics) {
+                p.storeBytes(
+                    of: toPeers.original(slot).load(fromByteOffset: 8, as: UInt64.self),
+                    toByteOffset: 8,
+                    as: UInt64.self
+                )
+                switch forwarder.fromTun(
+                    p,
+                    length: smallPacket,
+                    capacity: toPeers.capacity,
+                    stats: statistics
+                ) {
                 case .send(let address, _, let length): sum &+= Int(address) &+ length
                 case .reply(let length): sum &+= length
                 case .drop: sum &+= 1
@@ -200,8 +213,11 @@ let benchmarks: @Sendable () -> Void = {
     Benchmark("Forwarder.fromTun, restore only (baseline)", configuration: perPacket) { benchmark in
         for _ in 0..<(perIteration / batchSize) {
             for slot in 0..<batchSize {
-                toPeers.packet(slot).storeBytes(of: toPeers.original(slot).load(fromByteOffset: 8, as: UInt64.self),
-                                                toByteOffset: 8, as: UInt64.self)
+                toPeers.packet(slot).storeBytes(
+                    of: toPeers.original(slot).load(fromByteOffset: 8, as: UInt64.self),
+                    toByteOffset: 8,
+                    as: UInt64.self
+                )
             }
             blackHole(toPeers.packet(0))
         }
@@ -218,9 +234,13 @@ let benchmarks: @Sendable () -> Void = {
         senders.withUnsafeBufferPointer { senders in
             for _ in 0..<(perIteration / batchSize) {
                 for slot in 0..<batchSize {
-                    if let n = forwarder.fromNetwork(fromPeers.packet(slot), length: smallPacket,
-                                                     sender: senders[slot], senderPort: peerPort,
-                                                     stats: statistics) {
+                    if let n = forwarder.fromNetwork(
+                        fromPeers.packet(slot),
+                        length: smallPacket,
+                        sender: senders[slot],
+                        senderPort: peerPort,
+                        stats: statistics
+                    ) {
                         sum &+= n
                     }
                 }
@@ -243,8 +263,13 @@ let benchmarks: @Sendable () -> Void = {
             let slot = i & (batchSize - 1)
             let p = unroutable.packet(slot)
             memcpy(p, unroutable.original(slot), restoreBytes)
-            if let n = ICMPError.rewrite(p, length: fullPacket, capacity: unroutable.capacity,
-                                         kind: .networkUnreachable, source: IPv4Address(10, 2, 255, 0).value) {
+            if let n = ICMPError.rewrite(
+                p,
+                length: fullPacket,
+                capacity: unroutable.capacity,
+                kind: .networkUnreachable,
+                source: IPv4Address(10, 2, 255, 0).value
+            ) {
                 sum &+= n
             }
         }
