@@ -358,14 +358,6 @@ public final class EtcdLeaseStore: LeaseStore {
     public func acquireLease(
         config: NetworkConfig,
         attributes: LeaseAttributes,
-        preferred: IPv4Network?
-    ) async throws -> Lease {
-        try await acquireListing(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil).lease
-    }
-
-    public func acquireLease(
-        config: NetworkConfig,
-        attributes: LeaseAttributes,
         preferred: IPv4Network?,
         preferredIPv6: IPv6Network?
     ) async throws -> Lease {
@@ -375,14 +367,6 @@ public final class EtcdLeaseStore: LeaseStore {
             preferred: preferred,
             preferredIPv6: preferredIPv6
         ).lease
-    }
-
-    public func join(
-        config: NetworkConfig,
-        attributes: LeaseAttributes,
-        preferred: IPv4Network?
-    ) async throws -> LeaseJoin {
-        try await join(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil)
     }
 
     /// One read of the leases both chooses the subnet and is the list of

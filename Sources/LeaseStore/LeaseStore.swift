@@ -237,22 +237,9 @@ public protocol LeaseStore: Sendable {
     /// Obtains a lease for `attributes.publicIP`, in flannel's order: a lease
     /// already held by this PublicIP that fits `config`; else `preferred` (the
     /// subnet from the subnet file) if free; else a random free subnet among the
-    /// first ones. Lost races are retried with another subnet.
-    func acquireLease(
-        config: NetworkConfig,
-        attributes: LeaseAttributes,
-        preferred: IPv4Network?
-    ) async throws -> Lease
-
-    /// `acquireLease`, and the peers as `peerLeases(holder:)` lists them,
-    /// from one read where the store can: a host starting among 60,000
-    /// leases reads them once. Changes after `peers.revision` (the lease's
-    /// own write among them) come from `watchPeerLeases(after:)`.
-    func join(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?) async throws -> LeaseJoin
-
-    /// `acquireLease`, with the IPv6 subnet to prefer in a dual-stack
-    /// network (the subnet file's FLANNEL_IPV6_SUBNET) when it is free. A
-    /// store that does not implement it ignores `preferredIPv6`.
+    /// first ones. Lost races are retried with another subnet. In a dual-stack
+    /// network the IPv6 subnet is chosen in the same write, `preferredIPv6`
+    /// (the subnet file's FLANNEL_IPV6_SUBNET) first when it is free.
     func acquireLease(
         config: NetworkConfig,
         attributes: LeaseAttributes,
@@ -260,7 +247,10 @@ public protocol LeaseStore: Sendable {
         preferredIPv6: IPv6Network?
     ) async throws -> Lease
 
-    /// `join`, with the IPv6 subnet to prefer, as `acquireLease(…preferredIPv6:)`.
+    /// `acquireLease`, and the peers as `peerLeases(holder:)` lists them,
+    /// from one read where the store can: a host starting among 60,000
+    /// leases reads them once. Changes after `peers.revision` (the lease's
+    /// own write among them) come from `watchPeerLeases(after:)`.
     func join(
         config: NetworkConfig,
         attributes: LeaseAttributes,
@@ -297,22 +287,22 @@ public protocol LeaseStore: Sendable {
 extension LeaseStore {
     public func peerLeases(holder: IPv4Address) async throws -> LeaseSnapshot { try await leases() }
 
-    /// Two reads: the lease, then the peers (which then include it).
+    /// `acquireLease` with no IPv6 subnet preferred.
+    public func acquireLease(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?
+    ) async throws -> Lease {
+        try await acquireLease(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil)
+    }
+
+    /// `join` with no IPv6 subnet preferred.
     public func join(
         config: NetworkConfig,
         attributes: LeaseAttributes,
         preferred: IPv4Network?
     ) async throws -> LeaseJoin {
         try await join(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil)
-    }
-
-    public func acquireLease(
-        config: NetworkConfig,
-        attributes: LeaseAttributes,
-        preferred: IPv4Network?,
-        preferredIPv6: IPv6Network?
-    ) async throws -> Lease {
-        try await acquireLease(config: config, attributes: attributes, preferred: preferred)
     }
 
     /// Two reads: the lease, then the peers (which then include it).

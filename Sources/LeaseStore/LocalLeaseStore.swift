@@ -119,14 +119,6 @@ public final class LocalLeaseStore: LeaseStore {
     public func acquireLease(
         config: NetworkConfig,
         attributes: LeaseAttributes,
-        preferred: IPv4Network?
-    ) async throws -> Lease {
-        try await acquireLease(config: config, attributes: attributes, preferred: preferred, preferredIPv6: nil)
-    }
-
-    public func acquireLease(
-        config: NetworkConfig,
-        attributes: LeaseAttributes,
         preferred: IPv4Network?,
         preferredIPv6: IPv6Network?
     ) async throws -> Lease {

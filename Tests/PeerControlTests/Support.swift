@@ -48,8 +48,12 @@ final class MemoryLeaseStore: LeaseStore {
     func failNextAcquisitions(_ count: Int) { state.withLock { $0.failingAcquisitions = count } }
     var acquisitionAttempts: Int { state.withLock { $0.acquisitionAttempts } }
 
-    func acquireLease(config: NetworkConfig, attributes: LeaseAttributes, preferred: IPv4Network?) async throws -> Lease
-    {
+    func acquireLease(
+        config: NetworkConfig,
+        attributes: LeaseAttributes,
+        preferred: IPv4Network?,
+        preferredIPv6: IPv6Network?
+    ) async throws -> Lease {
         let failing = state.withLock { state -> Bool in
             state.acquisitionAttempts += 1
             guard state.failingAcquisitions > 0 else { return false }
