@@ -65,7 +65,7 @@ public final class HostGatewayBackend: Backend, HostBackend {
                 }
                 let route = Route(destination: lease.subnet, outputIndex: underlay.index, gateway: gateway)
                 if routes.set(route, peer: "peer \(lease.subnet) (\(gateway))") {
-                    log.note("peer \(lease.subnet) → via \(gateway) dev \(underlay.name)")
+                    log.note("peer \(lease.subnet) → via \(gateway) dev \(self.underlay.name)")
                 }
             case .removed(let lease):
                 routes.remove(lease.subnet)

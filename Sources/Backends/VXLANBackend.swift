@@ -207,7 +207,7 @@ public final class VXLANBackend: Backend, HostBackend {
             let route = Route(destination: lease.subnet, outputIndex: underlay.index, gateway: remote)
             if routes.set(route, peer: "peer \(lease.subnet) (\(remote))") {
                 installed.withLock { $0[lease.subnet] = .direct }
-                log.note("peer \(lease.subnet) → via \(remote) dev \(underlay.name) (direct routing)")
+                log.note("peer \(lease.subnet) → via \(remote) dev \(self.underlay.name) (direct routing)")
             }
             return
         }
@@ -223,7 +223,7 @@ public final class VXLANBackend: Backend, HostBackend {
         installed.withLock { $0[lease.subnet] = .tunnel(mac: mac, remote: remote) }
         let route = Route(destination: lease.subnet, outputIndex: index, gateway: lease.subnet.address, onlink: true)
         if routes.set(route, peer: "peer \(lease.subnet) (\(remote))") {
-            log.note("peer \(lease.subnet) → vtep \(mac) at \(remote) dev \(deviceName)")
+            log.note("peer \(lease.subnet) → vtep \(mac) at \(remote) dev \(self.deviceName)")
         }
     }
 

@@ -82,38 +82,75 @@ extension EtcdClient {
         async throws(EtcdError) -> Int64
     {
         let end = Self.prefixEnd(prefix)
-        var snapshot = revision
-        var start = Data(prefix.utf8)
-        var limit = max(1, pageSize)
-        var pages = 0
+        var (response, limit) = try await rangePage(
+            prefix: prefix,
+            page: 1,
+            start: Data(prefix.utf8),
+            end: end,
+            revision: revision,
+            limit: max(1, pageSize)
+        ).get()
+        // Every page after the first is read at the first one's revision.
+        let snapshot = revision == 0 ? response.header.revision : revision
+        var pages = 1
+        while true {
+            guard response.more, let last = response.kvs.last else {
+                try body(response.kvs.map(EtcdKeyValue.init), pages == 1)
+                return snapshot
+            }
+            // The next page is asked for before this one is decoded: etcd
+            // finds it while the caller works through this one.
+            // The smallest key after the last one returned.
+            let nextStart = last.key + Data([0]), nextPage = pages + 1, nextLimit = limit
+            async let next = rangePage(
+                prefix: prefix,
+                page: nextPage,
+                start: nextStart,
+                end: end,
+                revision: snapshot,
+                limit: nextLimit
+            )
+            try body(response.kvs.map(EtcdKeyValue.init), pages == 1)
+            response = Etcdserverpb_RangeResponse()
+            (response, limit) = try await next.get()
+            pages += 1
+        }
+    }
+
+    /// One page of a paged range: at most `limit` keys from `start`, asked
+    /// again with half as many keys while the answer is too large for
+    /// `maxReceiveMessageBytes`. Returns the answer and the limit that
+    /// worked (the next page uses it too).
+    private func rangePage(
+        prefix: String,
+        page: Int,
+        start: Data,
+        end: Data,
+        revision: Int64,
+        limit: Int
+    ) async -> Result<(Etcdserverpb_RangeResponse, Int), EtcdError> {
+        var limit = limit
         while true {
             var request = Etcdserverpb_RangeRequest()
             request.key = start
             request.rangeEnd = end
-            request.revision = snapshot
+            request.revision = revision
             request.limit = Int64(limit)
             // No sort order: etcd returns keys in ascending order anyway, and
             // any sort makes it read the whole range for every page.
-            let response: Etcdserverpb_RangeResponse
-            do {
-                response = try await perform("Range \(prefix)* page \(pages + 1)") { [request] metadata, options in
+            do throws(EtcdError) {
+                let response = try await perform("Range \(prefix)* page \(page)") { [request] metadata, options in
                     try await self.kv.range(request, metadata: metadata, options: options)
                 }
+                return .success((response, limit))
             } catch {
                 if error.code == .responseTooLarge && limit > 1 {
                     limit = max(1, limit / 2)
                     continue
                 }
-                throw error
+                return .failure(error)
             }
-            pages += 1
-            if snapshot == 0 { snapshot = response.header.revision }
-            try body(response.kvs.map(EtcdKeyValue.init), pages == 1)
-            guard response.more, let last = response.kvs.last else { break }
-            // The smallest key after the last one returned.
-            start = last.key + Data([0])
         }
-        return snapshot
     }
 
     /// The keys of `[key, rangeEnd)` in one request: at most `limit` (0: all)

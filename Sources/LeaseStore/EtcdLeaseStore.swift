@@ -48,6 +48,7 @@ public final class EtcdLeaseStore: LeaseStore {
         while trimmed.hasSuffix("/") { trimmed = trimmed.dropLast() }
         self.client = client
         self.prefix = String(trimmed)
+        self.subnetsPrefix = self.prefix + "/subnets/"
         self.leaseTTL = leaseTTL
         self.pageSize = max(1, pageSize)
         self.location = "etcd \(client.endpoints.joined(separator: ",")) \(trimmed.isEmpty ? "/" : trimmed)"
@@ -55,7 +56,9 @@ public final class EtcdLeaseStore: LeaseStore {
     }
 
     var configKey: String { prefix + "/config" }
-    var subnetsPrefix: String { prefix + "/subnets/" }
+    /// `<prefix>/subnets/`, made once: a list of 60,000 leases looks at it
+    /// for every key.
+    let subnetsPrefix: String
     func key(for subnet: IPv4Network) -> String { subnetsPrefix + LeaseKey.key(for: subnet) }
     private var ttlSeconds: Int64 { max(1, leaseTTL.components.seconds) }
 
@@ -343,14 +346,24 @@ public final class EtcdLeaseStore: LeaseStore {
     /// `<prefix>/subnets/x/10.2.72.0-24`, which a prefix range also returns.
     /// The name of a key under `<prefix>/subnets/`.
     private func name(ofKey key: String) -> String {
-        key.hasPrefix(subnetsPrefix) ? String(key.dropFirst(subnetsPrefix.count)) : key
+        guard let start = nameStart(ofKey: key) else { return key }
+        return String(key[start...])
     }
 
     private func subnet(fromKey key: String) -> IPv4Network? {
-        guard key.hasPrefix(subnetsPrefix) else { return nil }
-        let name = key.dropFirst(subnetsPrefix.count)
-        guard !name.contains("/") else { return nil }
-        return LeaseKey.subnet(fromKey: name)
+        guard let start = nameStart(ofKey: key) else { return nil }
+        let name = key.utf8[start...]
+        guard !name.contains(UInt8(ascii: "/")) else { return nil }
+        return LeaseKey.subnet(fromKeyBytes: name)
+    }
+
+    /// Where the name under `subnets/` starts in `key`; nil for a key
+    /// outside `subnetsPrefix`. Byte-wise: no Characters or copies for
+    /// every key of a long list.
+    private func nameStart(ofKey key: String) -> String.Index? {
+        let bytes = key.utf8, prefixBytes = subnetsPrefix.utf8
+        guard bytes.starts(with: prefixBytes) else { return nil }
+        return bytes.index(bytes.startIndex, offsetBy: prefixBytes.count)
     }
 
     // MARK: - Acquire, renew, release

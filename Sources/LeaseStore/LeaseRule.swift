@@ -189,27 +189,37 @@ public struct LeaseRule: Sendable, Equatable {
     public func sort(leases: [Lease], unreadableKeys: [String] = [], malformedKeys: [String] = []) -> LeaseSet {
         var result = LeaseSet(leases: [], occupied: [], conflicting: [], ignored: [])
         for key in malformedKeys { result.ignored.append(ignored(key, .malformed, publicIP: nil)) }
-        var bySubnet: [IPv4Network: Lease] = [:]
-        bySubnet.reserveCapacity(leases.count)
-        for lease in leases {
+        // Indices into `leases`, not copies: a list of 60,000 leases goes
+        // through here at every start.
+        var winners: [IPv4Network: Int] = [:]
+        winners.reserveCapacity(leases.count)
+        var isWinner = [Bool](repeating: false, count: leases.count)
+        for (index, lease) in leases.enumerated() {
             if let reason = problem(withKey: lease.key, subnet: lease.subnet) {
                 result.ignored.append(ignored(lease.key, reason, publicIP: lease.attributes.publicIP))
                 continue
             }
-            guard let other = bySubnet[lease.subnet] else {
-                bySubnet[lease.subnet] = lease
+            guard let other = winners[lease.subnet] else {
+                winners[lease.subnet] = index
+                isWinner[index] = true
                 continue
             }
-            let (winner, loser) = Self.precedes(other.key, lease.key) ? (other, lease) : (lease, other)
-            bySubnet[lease.subnet] = winner
-            result.conflicting.append(loser)
+            if Self.precedes(leases[other].key, lease.key) {
+                result.conflicting.append(lease)
+            } else {
+                winners[lease.subnet] = index
+                isWinner[other] = false
+                isWinner[index] = true
+                result.conflicting.append(leases[other])
+            }
         }
         // Reported against the final winner of each subnet.
         for loser in result.conflicting {
-            let winner = bySubnet[loser.subnet]?.key ?? loser.subnet.leaseKey
+            let winner = winners[loser.subnet].map { leases[$0].key } ?? loser.subnet.leaseKey
             result.ignored.append(ignored(loser.key, .conflicts(with: winner), publicIP: loser.attributes.publicIP))
         }
-        result.leases = leases.filter { bySubnet[$0.subnet]?.key == $0.key }
+        result.leases.reserveCapacity(winners.count)
+        for (index, lease) in leases.enumerated() where isWinner[index] { result.leases.append(lease) }
         if ipv6Network != nil { dropIPv6Conflicts(&result) }
         for key in unreadableKeys {
             guard let subnet = LeaseKey.subnet(fromKey: key) else {

@@ -19,6 +19,7 @@ public struct IPv4Address: Hashable, Comparable, Sendable, CustomStringConvertib
     /// `canonical`, only the spelling `description` gives is accepted (no
     /// leading zeros: "010" names nothing), as Go's parser and flannel's
     /// lease keys have it.
+    @inlinable
     public static func parse(_ bytes: some Collection<UInt8>, canonical: Bool) -> UInt32? {
         var value: UInt32 = 0
         var octet: UInt32 = 0
@@ -120,6 +121,7 @@ public struct IPv4Network: Hashable, Sendable, CustomStringConvertible, Codable 
     /// most two digits and ≤ 32; with `canonical`, neither the address nor
     /// the length may have a leading zero (only `leaseKey`'s own spelling);
     /// with `strict`, host bits must be zero.
+    @inlinable
     public static func parse(
         _ bytes: some Collection<UInt8>,
         separator: UInt8,

@@ -142,7 +142,10 @@ public struct PeerLog {
     /// is large) and the last; beyond those, at debug level, each line is
     /// written as it comes rather than held (a first list of 60,000 peers).
     private var lines: [String] = []
-    private var last: String?
+    /// The latest line beyond the first ones, built only when the summary
+    /// needs it (at info level a first list of 60,000 peers would otherwise
+    /// format 60,000 lines to keep one).
+    private var last: (() -> String)?
     private var count = 0
     private let logger: Logger
     private let debugging: Bool
@@ -153,7 +156,7 @@ public struct PeerLog {
         debugging = logger.logLevel <= .debug
     }
 
-    public mutating func note(_ line: @autoclosure () -> String) {
+    public mutating func note(_ line: @escaping @autoclosure () -> String) {
         count += 1
         if lines.count <= PeerLog.perPeerLimit {
             lines.append(line())
@@ -161,10 +164,12 @@ public struct PeerLog {
             if lines.count > PeerLog.perPeerLimit && debugging {
                 for held in lines { logger.debug("\(held)") }
             }
-        } else {
+        } else if debugging {
             let text = line()
-            if debugging { logger.debug("\(text)") }
-            last = text
+            logger.debug("\(text)")
+            last = { text }
+        } else {
+            last = line
         }
     }
 
@@ -176,7 +181,7 @@ public struct PeerLog {
             return
         }
         logger.info(
-            "\(count) peers programmed, from \(lines[0]) to \(last ?? lines[lines.count - 1]) (one line per peer at --log-level debug)"
+            "\(count) peers programmed, from \(lines[0]) to \(last?() ?? lines[lines.count - 1]) (one line per peer at --log-level debug)"
         )
     }
 }

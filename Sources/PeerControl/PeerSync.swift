@@ -84,6 +84,11 @@ public final class PeerSync: Sendable {
         var applied: Bool
         /// When it was last added or changed as a peer (seconds since 2001).
         var changedAt: Double
+
+        mutating func markApplied(at time: Double) {
+            applied = true
+            changedAt = time
+        }
     }
 
     /// The peers applied to the backend.
@@ -157,7 +162,10 @@ public final class PeerSync: Sendable {
 
     /// The lease as a peer, or nil (reported once) when this backend cannot
     /// use it. Only leases by `rule` get here.
-    private func usablePeer(_ lease: Lease, own: IPv4Network) -> Lease? {
+    ///
+    /// - Parameter forgetting: whether an earlier report about the lease's
+    ///   key may exist, to be forgotten now that it is usable.
+    private func usablePeer(_ lease: Lease, own: IPv4Network, forgetting: Bool = true) -> Lease? {
         if lease.subnet == own { return nil }
         var reason: String?
         if lease.attributes.effectiveBackendType != backend.type.rawValue {
@@ -168,7 +176,7 @@ public final class PeerSync: Sendable {
             reason = "peer \(lease.subnet) (\(lease.attributes.publicIP)) cannot be used: \(why)"
         }
         guard let reason else {
-            reported.withLock { $0[lease.key] = nil }
+            if forgetting { reported.withLock { $0[lease.key] = nil } }
             return lease
         }
         report(lease.key, reason)
@@ -181,9 +189,14 @@ public final class PeerSync: Sendable {
     public func sync(with snapshot: LeaseSnapshot) {
         let own = holder.lease.subnet
         let sorted = rule.sort(snapshot)
-        let present = Set(snapshot.leases.map(\.key) + snapshot.unreadableKeys + snapshot.malformedKeys)
-        reported.withLock { seen in seen = seen.filter { present.contains($0.key) } }
+        if reported.withLock({ !$0.isEmpty }) {
+            let present = Set(snapshot.leases.map(\.key) + snapshot.unreadableKeys + snapshot.malformedKeys)
+            reported.withLock { seen in seen = seen.filter { present.contains($0.key) } }
+        }
         for ignored in sorted.ignored { report(ignored, own: own) }
+        // Whether any lease key has a report to forget when it is usable
+        // (none, at a first start: no lookup per lease then).
+        let forgetting = reported.withLock { !$0.isEmpty }
         shadowed.withLock { $0 = Dictionary(sorted.conflicting.map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a }) }
         applying.withLock { _ in
             // The new table is built beside the old one, then swapped in.
@@ -196,7 +209,7 @@ public final class PeerSync: Sendable {
                 let previous = current[lease.subnet]
                 let applied = previous.flatMap { $0.applied ? $0.lease : nil }
                 next[lease.subnet] = Slot(lease: lease, applied: applied != nil, changedAt: previous?.changedAt ?? 0)
-                switch (applied, usablePeer(lease, own: own)) {
+                switch (applied, usablePeer(lease, own: own, forgetting: forgetting)) {
                 case (nil, let new?): changed.append(.added(new))
                 case (let old?, let new?): if Self.differs(old, new) { changed.append(.updated(old: old, new: new)) }
                 case (let old?, nil): removed.append(.removed(old))
@@ -211,9 +224,7 @@ public final class PeerSync: Sendable {
             table.withLock { $0 = next }
             next = [:]
             current = [:]
-            removed.sort { $0.subnet.address < $1.subnet.address }
-            changed.sort { $0.subnet.address < $1.subnet.address }
-            commit(removed + changed)
+            commit(Self.inAddressOrder(removed) + Self.inAddressOrder(changed))
         }
         if !sorted.leases.contains(where: { $0.subnet == own }) {
             logger.warning(
@@ -331,22 +342,35 @@ public final class PeerSync: Sendable {
         a.attributes != b.attributes
     }
 
+    /// `changes` sorted by subnet address, the comparisons made on the
+    /// addresses alone (a first list sorts 60,000 changes).
+    private static func inAddressOrder(_ changes: [PeerChange]) -> [PeerChange] {
+        var order = changes.indices.map { (address: changes[$0].subnet.address.value, index: $0) }
+        order.sort { $0.address < $1.address }
+        return order.map { changes[$0.index] }
+    }
+
     /// Records and hands `changes` to the backend. Called under `applying`.
     private func commit(_ changes: [PeerChange]) {
         guard !changes.isEmpty else { return }
         let now = Date().timeIntervalSinceReferenceDate
+        var added = 0, updated = 0, removed = 0
         table.withLock { t in
             for change in changes {
                 switch change {
                 case .added(let lease), .updated(_, let lease):
+                    if case .added = change { added += 1 } else { updated += 1 }
                     // The slot holds the lease (set before the change was made).
-                    t[lease.subnet]?.applied = true
-                    t[lease.subnet]?.changedAt = now
+                    t[lease.subnet]?.markApplied(at: now)
                 case .removed(let lease):
+                    removed += 1
                     t[lease.subnet]?.applied = false
                 }
-                metrics.peerChanges(change).increment()
             }
+        }
+        for (counter, count) in [(metrics.added, added), (metrics.updated, updated), (metrics.removed, removed)]
+        where count > 0 {
+            counter.increment(by: count)
         }
         backend.apply(changes)
         for case .removed(let lease) in changes {
@@ -529,14 +553,6 @@ extension PeerSync {
             reacquisitions = counter("tunneld_lease_reacquisitions_total")
             watchRestarts = counter("tunneld_store_watch_restarts_total")
             compactions = counter("tunneld_store_compactions_total")
-        }
-
-        func peerChanges(_ change: PeerChange) -> Counter {
-            switch change {
-            case .added: added
-            case .updated: updated
-            case .removed: removed
-            }
         }
     }
 }

@@ -213,10 +213,10 @@ final class Daemon: Service, Sendable {
         defer { serving?.stop() }
 
         logger.info(
-            "tunneld ready: \(backend.type) backend, MTU \(mtu), \(peers.currentPeers.count) peer(s); wrote \(options.subnetFile)"
+            "tunneld ready: \(backend.type) backend, MTU \(mtu), \(peers.peerCount) peer(s); wrote \(options.subnetFile)"
         )
         let subnet = lease.subnet
-        systemd.ready(status: runningStatus(backend: backend.type, subnet: subnet, peers: peers.currentPeers.count))
+        systemd.ready(status: runningStatus(backend: backend.type, subnet: subnet, peers: peers.peerCount))
 
         let margin = Duration.seconds(options.subnetLeaseRenewMargin * 60)
         let resync = Duration.seconds(options.iptablesResync)
@@ -239,7 +239,7 @@ final class Daemon: Service, Sendable {
                                 runningStatus(
                                     backend: backend.type,
                                     subnet: holder.lease.subnet,
-                                    peers: peers.currentPeers.count
+                                    peers: peers.peerCount
                                 )
                             }
                         }
