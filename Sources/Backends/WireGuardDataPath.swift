@@ -1,0 +1,192 @@
+import Foundation
+import NetBase
+import Synchronization
+import TunDevice
+import UDPEncap
+import WireGuard
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The wireguard backend's I/O: the TUN device, the UDP socket on
+/// ListenPort and three threads around one `WireGuardEngine` — TUN → seal →
+/// UDP, UDP → open → TUN, and the timers. Each I/O thread moves batches of up
+/// to `batchSize` packets per lock of the engine; the slabs are allocated
+/// once. The correct first step (issue 17): the udp backend's io_uring
+/// loops, offloads and workers are not used yet.
+final class WireGuardDataPath: Sendable {
+    let tun: TunDevice
+    let socket: UDPSocket
+    let engine: WireGuardEngine
+    let mtu: Int
+    private let stopped = Atomic<Bool>(false)
+
+    static let batchSize = 64
+    /// How often the threads look at the stop flag, and the timers run.
+    static let pollMilliseconds: Int32 = 100
+
+    init(tun: TunDevice, socket: UDPSocket, engine: WireGuardEngine, mtu: Int) {
+        self.tun = tun
+        self.socket = socket
+        self.engine = engine
+        self.mtu = mtu
+    }
+
+    func stop() { stopped.store(true, ordering: .releasing) }
+    var isStopped: Bool { stopped.load(ordering: .acquiring) }
+
+    enum Role: String, CaseIterable { case tx, rx, timer }
+
+    /// Starts the three threads; each finishes its stream when it returns.
+    func start() -> [AsyncThrowingStream<Void, any Error>] {
+        Role.allCases.map { role in
+            let (stream, continuation) = AsyncThrowingStream<Void, any Error>.makeStream()
+            let thread = Thread { [self] in
+                do {
+                    switch role {
+                    case .tx: try tunLoop()
+                    case .rx: try udpLoop()
+                    case .timer: timerLoop()
+                    }
+                    continuation.finish()
+                } catch {
+                    continuation.finish(throwing: error)
+                }
+            }
+            thread.name = "tunneld-wg-\(role.rawValue)"
+            thread.start()
+            return stream
+        }
+    }
+
+    /// Waits until `fd` is readable or the poll interval passes.
+    private func waitReadable(_ fd: Int32) -> Bool {
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        return poll(&pfd, 1, Self.pollMilliseconds) > 0
+    }
+
+    private func tunLoop() throws {
+        let batch = PacketBatch(capacity: Self.batchSize, payloadSize: mtu)
+        let tunFD = tun.fd.rawValue
+        while !isStopped {
+            guard waitReadable(tunFD) else { continue }
+            batch.count = 0
+            while batch.count < batch.capacity {
+                let area = batch.payloadArea(batch.count)
+                let n = read(tunFD, area.baseAddress, area.count)
+                if n > 0 {
+                    batch.packets[batch.count].length = n
+                    batch.count += 1
+                    continue
+                }
+                let e = Errno.current
+                if n < 0, e == .interrupted { continue }
+                if n < 0, e != .again, !isStopped {
+                    throw SystemError("read", on: "TUN device \(tun.name)", errno: e)
+                }
+                break
+            }
+            guard batch.count > 0 else { continue }
+            let control = engine.outgoing(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
+            var sent = 0
+            var failed = 0
+            for i in 0..<batch.count where batch.pass[i] {
+                let packet = batch.packets[i]
+                if send(packet.memory.baseAddress!, packet.length, to: batch.endpoints[i]) {
+                    sent += 1
+                } else {
+                    failed += 1
+                }
+            }
+            finish(control, sent: sent, failed: failed)
+        }
+    }
+
+    private func udpLoop() throws {
+        let batch = PacketBatch(capacity: Self.batchSize, payloadSize: max(mtu, 2048))
+        let udpFD = socket.fd.rawValue
+        let tunFD = tun.fd.rawValue
+        while !isStopped {
+            guard waitReadable(udpFD) else { continue }
+            batch.count = 0
+            while batch.count < batch.capacity {
+                let slot = batch.packets[batch.count].memory
+                var sa = sockaddr_in()
+                var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+                let n = withUnsafeMutablePointer(to: &sa) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        recvfrom(udpFD, slot.baseAddress, slot.count, 0, $0, &length)
+                    }
+                }
+                if n >= 0 {
+                    batch.packets[batch.count].length = n
+                    batch.endpoints[batch.count] = UDPEndpoint(sa)
+                    batch.count += 1
+                    continue
+                }
+                let e = Errno.current
+                if e == .interrupted { continue }
+                if e != .again, !isStopped {
+                    throw SystemError("recvfrom", on: "udp port \(socket.port)", errno: e)
+                }
+                break
+            }
+            guard batch.count > 0 else { continue }
+            let control = engine.incoming(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
+            var written = 0
+            for i in 0..<batch.count where batch.pass[i] {
+                let packet = batch.packets[i]
+                let payload = UnsafeRawBufferPointer(
+                    rebasing: packet.memory[
+                        MessageLayout.transportHeaderLength..<(MessageLayout.transportHeaderLength + packet.length)
+                    ]
+                )
+                // A full TUN queue drops, as the kernel's own devices do.
+                if case .success = writeAll(tunFD, payload) { written += 1 }
+            }
+            if written > 0 { engine.count(.tunPacketsWritten, written) }
+            finish(control, sent: 0, failed: 0)
+        }
+    }
+
+    private func timerLoop() {
+        while !isStopped {
+            usleep(UInt32(Self.pollMilliseconds) * 1000)
+            finish(engine.tick(now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp), sent: 0, failed: 0)
+        }
+    }
+
+    /// Sends the handshake messages and keepalives a batch led to, and counts.
+    private func finish(_ control: [Datagram], sent: Int, failed: Int) {
+        var sent = sent
+        var failed = failed
+        for datagram in control {
+            let ok = datagram.bytes.withUnsafeBytes { send($0.baseAddress!, $0.count, to: datagram.to) }
+            if ok { sent += 1 } else { failed += 1 }
+        }
+        if sent > 0 { engine.count(.datagramsSent, sent) }
+        if failed > 0 { engine.count(.sendErrors, failed) }
+    }
+
+    private func send(_ bytes: UnsafeRawPointer, _ count: Int, to endpoint: UDPEndpoint) -> Bool {
+        var sa = sockaddr_in()
+        endpoint.write(to: &sa)
+        let fd = socket.fd.rawValue
+        while true {
+            let n = withUnsafePointer(to: &sa) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    sendto(fd, bytes, count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+            if n >= 0 { return true }
+            if Errno.current == .interrupted { continue }
+            if Errno.current == .again {
+                // The socket's buffer is full: wait for room rather than drop.
+                var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                if poll(&pfd, 1, Self.pollMilliseconds) > 0 { continue }
+            }
+            return false
+        }
+    }
+}
