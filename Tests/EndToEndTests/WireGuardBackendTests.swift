@@ -163,11 +163,25 @@ struct WireGuardBackendTests {
             // tunneld restarts (same key file, same lease) and starts the
             // handshake itself: wireguard-go takes the newer initiation.
             try lab.lab("stop", "h1")
+            let answered = try #require(stoppedLines(lab.log("h1")).last)
+            #expect(answered.contains("wg_handshake_responses_sent="), "\(answered)")
             try lab.lab("start", "h1")
             #expect(lab.waitForLog("h1", containing: "WireGuard data path running"))
             let fromTunneld = try lab.ping(from: 1, to: 2)
             #expect(fromTunneld.succeeded, "\(fromTunneld.output)")
             try transfer(lab, from: 2, to: 1, megabytes: 20)
+            try lab.lab("stop", "h1")
+            let lines = stoppedLines(lab.log("h1"))
+            #expect(lines.count == 2)
+            let initiated = try #require(lines.last)
+            #expect(initiated.contains("wg_handshakes_completed="), "\(initiated)")
+            // Nothing wireguard-go sent was refused.
+            #expect(!initiated.contains("wg_dropped_bad_mac") && !initiated.contains("wg_dropped_replay"))
         }
+    }
+
+    /// The counter lines the daemon logged each time its data path stopped.
+    func stoppedLines(_ log: String) -> [Substring] {
+        log.split(separator: "\n").filter { $0.contains("WireGuard data path stopped;") }
     }
 }
