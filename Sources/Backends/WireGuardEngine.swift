@@ -130,6 +130,12 @@ final class WireGuardEngine: @unchecked Sendable {
 
     /// At most this many packets wait per peer for a handshake; older ones go.
     static let stagedLimit = 32
+    /// More initiations and responses than this in one second put the
+    /// interface under load: then only those with a valid mac2 (a cookie
+    /// from us) cost Diffie-Hellman work, the rest get a cookie reply, and
+    /// each source address is rate-limited (whitepaper §5.3). A host has a
+    /// handshake per peer every two minutes; a flood has thousands.
+    static let handshakesPerSecondBeforeLoad = 64
 
     private let lock = Mutex(())
     private let interface: WireGuardInterface
@@ -139,6 +145,8 @@ final class WireGuardEngine: @unchecked Sendable {
     private var bySubnet: [UInt32: PeerEntry] = [:]
     private var byPeer: [ObjectIdentifier: PeerEntry] = [:]
     private var counters = [UInt64](repeating: 0, count: WireGuardCounter.allCases.count)
+    private var handshakeSecond = Instant(nanoseconds: .min / 2)
+    private var handshakesThisSecond = 0
     private let sealCipher = CipherContext()
     private let openCipher = CipherContext()
     private let controlCipher = CipherContext()
@@ -335,7 +343,16 @@ final class WireGuardEngine: @unchecked Sendable {
         timestamp: () -> TAI64N,
         control: inout [Datagram]
     ) {
-        switch interface.receiveHandshake(datagram, from: endpoint, now: now) {
+        var underLoad = false
+        if datagram.first == MessageType.initiation.rawValue || datagram.first == MessageType.response.rawValue {
+            if now - handshakeSecond >= .seconds(1) {
+                handshakeSecond = now
+                handshakesThisSecond = 0
+            }
+            handshakesThisSecond += 1
+            underLoad = handshakesThisSecond > Self.handshakesPerSecondBeforeLoad
+        }
+        switch interface.receiveHandshake(datagram, from: endpoint, now: now, underLoad: underLoad) {
         case .respond(_, let message):
             bump(.responsesSent)
             control.append(Datagram(bytes: message, to: source))

@@ -143,6 +143,28 @@ import WireGuard
         #expect(counter(b, .droppedBadMAC) == 2)
     }
 
+    @Test func aFloodOfInitiationsGetsCookieRepliesInsteadOfHandshakeWork() throws {
+        let (_, b) = try engines()
+        // Initiations with a valid mac1 (anyone who knows B's public key
+        // can make them), far more than a second's worth.
+        let attacker = WireGuardInterface(privateKey: PrivateKey.generate())
+        let peer = try attacker.addPeer(keyB.publicKey)
+        let flood = (0..<100).map { _ in
+            Datagram(
+                bytes: attacker.makeInitiation(for: peer, now: now, timestamp: WireGuardClock.timestamp()),
+                to: endpointB
+            )
+        }
+        let (written, replies) = deliver(flood, to: b, from: UDPEndpoint(address: ip("198.18.0.66"), port: 4000))
+        #expect(written.isEmpty)
+        let limit = WireGuardEngine.handshakesPerSecondBeforeLoad
+        #expect(counter(b, .cookieRepliesSent) == UInt64(100 - limit))
+        #expect(replies.count == 100 - limit)
+        #expect(replies.allSatisfy { $0.bytes.count == MessageLayout.cookieReplyLength })
+        // Below the limit they were handshake work, refused as an unknown peer.
+        #expect(counter(b, .droppedHandshake) == UInt64(limit))
+    }
+
     @Test func anInnerSourceOutsideThePeersSubnetIsDropped() throws {
         let (a, b) = try engines()
         try handshake(a, b, first: aToB)
