@@ -163,7 +163,9 @@ public final class WireGuardBackend: Backend, HostBackend {
             throw BackendError("the wireguard backend was not activated before run()")
         }
         let threads = path.start()
-        logger.info("WireGuard data path running on udp port \(settings.listenPort), \(engine.peerCount) peer(s)")
+        logger.info(
+            "WireGuard data path running on udp port \(settings.listenPort), \(engine.peerCount) peer(s), UDP_SEGMENT sends \(path.usesSegmentation ? "on" : "off (the kernel has none)")"
+        )
         try await withTaskCancellationHandler {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for thread in threads { group.addTask { for try await _ in thread {} } }
@@ -185,11 +187,13 @@ public final class WireGuardBackend: Backend, HostBackend {
 
     public func report() -> BackendReport {
         let counters = engine.counterValues().map { (name: $0.counter.description, value: $0.value) }
+        let path = dataPath.withLock { $0 }
         return BackendReport(
             type,
             device: Self.deviceName,
             summary: "userspace WireGuard on udp port \(settings.listenPort), public key \(engine.publicKey)",
             workers: 1,
+            offloads: path?.usesSegmentation == true ? ["udp-gso"] : [],
             tableEntries: engine.peerCount,
             counters: counters
         )

@@ -21,6 +21,11 @@ final class WireGuardDataPath: Sendable {
     let engine: WireGuardEngine
     let mtu: Int
     private let stopped = Atomic<Bool>(false)
+    /// UDP_SEGMENT sends: on when the kernel has it, off for good after a
+    /// send it refused (the messages then leave one by one).
+    private let segmentation: Atomic<Bool>
+    /// The most bytes one UDP_SEGMENT send carries (the UDP length limit, less headers).
+    static let segmentationLimit = 65000
 
     static let batchSize = 64
     /// How often the threads look at the stop flag, and the timers run.
@@ -31,7 +36,10 @@ final class WireGuardDataPath: Sendable {
         self.socket = socket
         self.engine = engine
         self.mtu = mtu
+        segmentation = Atomic(socket.supportsSegmentation)
     }
+
+    var usesSegmentation: Bool { segmentation.load(ordering: .relaxed) }
 
     func stop() { stopped.store(true, ordering: .releasing) }
     var isStopped: Bool { stopped.load(ordering: .acquiring) }
@@ -69,6 +77,13 @@ final class WireGuardDataPath: Sendable {
     private func tunLoop() throws {
         let batch = PacketBatch(capacity: Self.batchSize, payloadSize: mtu)
         let tunFD = tun.fd.rawValue
+        let iovecs = UnsafeMutablePointer<iovec>.allocate(capacity: Self.batchSize)
+        let control = UnsafeMutableRawPointer.allocate(byteCount: UDPControlMessage.space, alignment: 8)
+        defer {
+            iovecs.deallocate()
+            control.deallocate()
+        }
+        UDPControlMessage.prepareSegmentSize(control)
         while !isStopped {
             guard waitReadable(tunFD) else { continue }
             batch.count = 0
@@ -88,18 +103,98 @@ final class WireGuardDataPath: Sendable {
                 break
             }
             guard batch.count > 0 else { continue }
-            let control = engine.outgoing(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
-            var sent = 0
-            var failed = 0
-            for i in 0..<batch.count where batch.pass[i] {
-                let packet = batch.packets[i]
-                if send(packet.memory.baseAddress!, packet.length, to: batch.endpoints[i]) {
+            let messages = engine.outgoing(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
+            let (sent, failed) = sendSealed(batch, iovecs: iovecs, control: control)
+            finish(messages, sent: sent, failed: failed)
+        }
+    }
+
+    /// Sends the sealed slots of `batch` in order. A run of messages to one
+    /// endpoint, all of one size but the last (which may be shorter), leaves
+    /// in one UDP_SEGMENT send: the kernel cuts the iovecs' bytes into
+    /// datagrams of that size.
+    private func sendSealed(
+        _ batch: PacketBatch,
+        iovecs: UnsafeMutablePointer<iovec>,
+        control: UnsafeMutableRawPointer
+    ) -> (sent: Int, failed: Int) {
+        var sent = 0
+        var failed = 0
+        var i = 0
+        while i < batch.count {
+            guard batch.pass[i] else {
+                i += 1
+                continue
+            }
+            let size = batch.packets[i].length
+            let endpoint = batch.endpoints[i]
+            var run = 1
+            var total = size
+            var next = i + 1
+            if usesSegmentation {
+                while next < batch.count, batch.pass[next], batch.endpoints[next] == endpoint {
+                    let length = batch.packets[next].length
+                    guard length <= size, total + length <= Self.segmentationLimit else { break }
+                    run += 1
+                    total += length
+                    next += 1
+                    if length < size { break }
+                }
+            }
+            if run > 1 {
+                for k in 0..<run {
+                    let packet = batch.packets[i + k]
+                    iovecs[k] = iovec(iov_base: packet.memory.baseAddress, iov_len: packet.length)
+                }
+                if sendSegmented(iovecs, count: run, segmentSize: size, to: endpoint, control: control) {
+                    sent += run
+                    engine.count(.segmentedSends)
+                    i = next
+                    continue
+                }
+                // Refused: this run and every later one go one by one.
+                segmentation.store(false, ordering: .relaxed)
+            }
+            for k in i..<next {
+                let packet = batch.packets[k]
+                if send(packet.memory.baseAddress!, packet.length, to: batch.endpoints[k]) {
                     sent += 1
                 } else {
                     failed += 1
                 }
             }
-            finish(control, sent: sent, failed: failed)
+            i = next
+        }
+        return (sent, failed)
+    }
+
+    private func sendSegmented(
+        _ iovecs: UnsafeMutablePointer<iovec>,
+        count: Int,
+        segmentSize: Int,
+        to endpoint: UDPEndpoint,
+        control: UnsafeMutableRawPointer
+    ) -> Bool {
+        var sa = sockaddr_in()
+        endpoint.write(to: &sa)
+        let fd = socket.fd.rawValue
+        return withUnsafeMutablePointer(to: &sa) { address in
+            var message = msghdr()
+            message.msg_name = UnsafeMutableRawPointer(address)
+            message.msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
+            message.msg_iov = iovecs
+            message.msg_iovlen = count
+            UDPControlMessage.setSegmentSize(&message, control: control, segmentSize)
+            while true {
+                if sendmsg(fd, &message, 0) >= 0 { return true }
+                let e = Errno.current
+                if e == .interrupted { continue }
+                if e == .again {
+                    var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                    if poll(&pfd, 1, Self.pollMilliseconds) > 0 { continue }
+                }
+                return false
+            }
         }
     }
 

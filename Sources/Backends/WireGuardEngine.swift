@@ -10,7 +10,7 @@ import Glibc
 /// What the wireguard data path counts (`tunneld status`, the metrics):
 /// traffic both ways, handshakes, and every drop by its reason.
 public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertible {
-    case tunPacketsRead, packetsSealed, datagramsSent, sendErrors
+    case tunPacketsRead, packetsSealed, datagramsSent, segmentedSends, sendErrors
     case datagramsReceived, packetsOpened, tunPacketsWritten, keepalivesSent, keepalivesReceived
     case initiationsSent, responsesSent, handshakesCompleted, cookieRepliesSent
     case droppedNoPeer, droppedNotIPv4, droppedNoSession, droppedBadMAC, droppedReplay
@@ -21,6 +21,7 @@ public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertib
         case .tunPacketsRead: "wg_tun_packets_read"
         case .packetsSealed: "wg_packets_sealed"
         case .datagramsSent: "wg_datagrams_sent"
+        case .segmentedSends: "wg_udp_segmented_sends"
         case .sendErrors: "wg_send_errors"
         case .datagramsReceived: "wg_datagrams_received"
         case .packetsOpened: "wg_packets_opened"

@@ -99,6 +99,8 @@ struct WireGuardBackendTests {
             #expect(logs.contains("wg_handshakes_completed="), "\(logs)")
             for n in [1, 2] {
                 #expect(lab.log("h\(n)").contains("wg_packets_opened="))
+                // Bulk TCP leaves in runs of equal-size messages: UDP_SEGMENT sends.
+                #expect(lab.log("h\(n)").contains("wg_udp_segmented_sends="))
                 #expect(lab.log("h\(n)").contains("removed device flannel-wg"))
             }
         }
