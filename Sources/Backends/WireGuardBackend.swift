@@ -164,7 +164,7 @@ public final class WireGuardBackend: Backend, HostBackend {
         }
         let threads = path.start()
         logger.info(
-            "WireGuard data path running on udp port \(settings.listenPort), \(engine.peerCount) peer(s), UDP_SEGMENT sends \(path.usesSegmentation ? "on" : "off (the kernel has none)")"
+            "WireGuard data path running on udp port \(settings.listenPort), \(engine.peerCount) peer(s), UDP_SEGMENT sends \(path.usesSegmentation ? "on" : "off (the kernel has none)"), UDP_GRO receives \(path.receiveCoalescing ? "on" : "off (the kernel has none)")"
         )
         try await withTaskCancellationHandler {
             try await withThrowingTaskGroup(of: Void.self) { group in
@@ -193,7 +193,8 @@ public final class WireGuardBackend: Backend, HostBackend {
             device: Self.deviceName,
             summary: "userspace WireGuard on udp port \(settings.listenPort), public key \(engine.publicKey)",
             workers: 1,
-            offloads: path?.usesSegmentation == true ? ["udp-gso"] : [],
+            offloads: (path?.usesSegmentation == true ? ["udp-gso"] : [])
+                + (path?.receiveCoalescing == true ? ["udp-gro"] : []),
             tableEntries: engine.peerCount,
             counters: counters
         )

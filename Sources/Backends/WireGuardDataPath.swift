@@ -24,6 +24,8 @@ final class WireGuardDataPath: Sendable {
     /// UDP_SEGMENT sends: on when the kernel has it, off for good after a
     /// send it refused (the messages then leave one by one).
     private let segmentation: Atomic<Bool>
+    /// UDP_GRO receives: several datagrams of one sender in one receive.
+    let receiveCoalescing: Bool
     /// The most bytes one UDP_SEGMENT send carries (the UDP length limit, less headers).
     static let segmentationLimit = 65000
 
@@ -37,6 +39,7 @@ final class WireGuardDataPath: Sendable {
         self.engine = engine
         self.mtu = mtu
         segmentation = Atomic(socket.supportsSegmentation)
+        receiveCoalescing = socket.enableReceiveCoalescing()
     }
 
     var usesSegmentation: Bool { segmentation.load(ordering: .relaxed) }
@@ -198,38 +201,31 @@ final class WireGuardDataPath: Sendable {
         }
     }
 
+    /// Receives with UDP_GRO where the kernel offers it: one receive may
+    /// hold many datagrams of one sender back to back, each `segment` bytes
+    /// (the last may be shorter). They are split into the batch's slots (one
+    /// copy, where the open happens in place), and the batch is opened and
+    /// written whenever it is full, and after the socket is drained.
     private func udpLoop() throws {
         let batch = PacketBatch(capacity: Self.batchSize, payloadSize: max(mtu, 2048))
         let udpFD = socket.fd.rawValue
         let tunFD = tun.fd.rawValue
-        while !isStopped {
-            guard waitReadable(udpFD) else { continue }
-            batch.count = 0
-            while batch.count < batch.capacity {
-                let slot = batch.packets[batch.count].memory
-                var sa = sockaddr_in()
-                var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-                let n = withUnsafeMutablePointer(to: &sa) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                        recvfrom(udpFD, slot.baseAddress, slot.count, 0, $0, &length)
-                    }
-                }
-                if n >= 0 {
-                    batch.packets[batch.count].length = n
-                    batch.endpoints[batch.count] = UDPEndpoint(sa)
-                    batch.count += 1
-                    continue
-                }
-                let e = Errno.current
-                if e == .interrupted { continue }
-                if e != .again, !isStopped {
-                    throw SystemError("recvfrom", on: "udp port \(socket.port)", errno: e)
-                }
-                break
-            }
-            guard batch.count > 0 else { continue }
-            let control = engine.incoming(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 16, alignment: 64)
+        let control = UnsafeMutableRawPointer.allocate(byteCount: UDPControlMessage.space * 2, alignment: 8)
+        let address = UnsafeMutablePointer<sockaddr_in>.allocate(capacity: 1)
+        let vector = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
+        defer {
+            buffer.deallocate()
+            control.deallocate()
+            address.deallocate()
+            vector.deallocate()
+        }
+
+        func process() {
+            guard batch.count > 0 else { return }
+            let messages = engine.incoming(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
             var written = 0
+            var dropped = 0
             for i in 0..<batch.count where batch.pass[i] {
                 let packet = batch.packets[i]
                 let payload = UnsafeRawBufferPointer(
@@ -238,10 +234,59 @@ final class WireGuardDataPath: Sendable {
                     ]
                 )
                 // A full TUN queue drops, as the kernel's own devices do.
-                if case .success = writeAll(tunFD, payload) { written += 1 }
+                if case .success = writeAll(tunFD, payload) { written += 1 } else { dropped += 1 }
             }
             if written > 0 { engine.count(.tunPacketsWritten, written) }
-            finish(control, sent: 0, failed: 0)
+            if dropped > 0 { engine.count(.droppedTunWrite, dropped) }
+            finish(messages, sent: 0, failed: 0)
+            batch.count = 0
+        }
+
+        while !isStopped {
+            guard waitReadable(udpFD) else { continue }
+            batch.count = 0
+            // Bounded: at most a batch's worth of receives before the timers and stop flag are looked at.
+            for _ in 0..<Self.batchSize {
+                vector.pointee = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
+                var message = msghdr()
+                message.msg_name = UnsafeMutableRawPointer(address)
+                message.msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
+                message.msg_iov = vector
+                message.msg_iovlen = 1
+                message.msg_control = control
+                message.msg_controllen = UDPControlMessage.space * 2
+                let n = recvmsg(udpFD, &message, 0)
+                if n < 0 {
+                    let e = Errno.current
+                    if e == .interrupted { continue }
+                    if e != .again, !isStopped {
+                        throw SystemError("recvmsg", on: "udp port \(socket.port)", errno: e)
+                    }
+                    break
+                }
+                let segment = UDPControlMessage.receiveSegmentSize(of: &message) ?? n
+                let source = UDPEndpoint(address.pointee)
+                if segment < n { engine.count(.coalescedReceives) }
+                var offset = 0
+                repeat {
+                    let length = min(segment, n - offset)
+                    if batch.count == batch.capacity { process() }
+                    let slot = batch.packets[batch.count].memory
+                    if length <= slot.count {
+                        if length > 0 {
+                            slot.baseAddress!.copyMemory(from: buffer.baseAddress! + offset, byteCount: length)
+                        }
+                        batch.packets[batch.count].length = length
+                        batch.endpoints[batch.count] = source
+                        batch.count += 1
+                    } else {
+                        // Longer than any message of ours can be: not WireGuard's.
+                        engine.count(.droppedMalformed)
+                    }
+                    offset += max(length, 1)
+                } while offset < n
+            }
+            process()
         }
     }
 

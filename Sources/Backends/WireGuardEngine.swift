@@ -11,7 +11,8 @@ import Glibc
 /// traffic both ways, handshakes, and every drop by its reason.
 public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertible {
     case tunPacketsRead, packetsSealed, datagramsSent, segmentedSends, sendErrors
-    case datagramsReceived, packetsOpened, tunPacketsWritten, keepalivesSent, keepalivesReceived
+    case datagramsReceived, coalescedReceives, packetsOpened, tunPacketsWritten, droppedTunWrite, keepalivesSent,
+        keepalivesReceived
     case initiationsSent, responsesSent, handshakesCompleted, cookieRepliesSent
     case droppedNoPeer, droppedNotIPv4, droppedNoSession, droppedBadMAC, droppedReplay
     case droppedUnknownReceiver, droppedExpired, droppedSourceNotAllowed, droppedMalformed, droppedHandshake
@@ -24,8 +25,10 @@ public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertib
         case .segmentedSends: "wg_udp_segmented_sends"
         case .sendErrors: "wg_send_errors"
         case .datagramsReceived: "wg_datagrams_received"
+        case .coalescedReceives: "wg_udp_coalesced_receives"
         case .packetsOpened: "wg_packets_opened"
         case .tunPacketsWritten: "wg_tun_packets_written"
+        case .droppedTunWrite: "wg_dropped_tun_write"
         case .keepalivesSent: "wg_keepalives_sent"
         case .keepalivesReceived: "wg_keepalives_received"
         case .initiationsSent: "wg_handshake_initiations_sent"

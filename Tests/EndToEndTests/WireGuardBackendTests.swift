@@ -24,6 +24,7 @@ struct WireGuardBackendTests {
             try wireguardConfig.write(to: file, atomically: true, encoding: .utf8)
             try lab.etcdctl(["put", "/docker/network/config"], input: file.path)
             try body(lab)
+            if ProcessInfo.processInfo.environment["TUNNELD_E2E_LOGS"] == "1" { lab.printLogs(["h1", "h2"]) }
         } catch {
             lab.printLogs(["h1", "h2", "etcd"])
             throw error
@@ -101,6 +102,9 @@ struct WireGuardBackendTests {
                 #expect(lab.log("h\(n)").contains("wg_packets_opened="))
                 // Bulk TCP leaves in runs of equal-size messages: UDP_SEGMENT sends.
                 #expect(lab.log("h\(n)").contains("wg_udp_segmented_sends="))
+                // The peer's UDP_SEGMENT sends arrive whole across the veth: UDP_GRO receives.
+                #expect(lab.log("h\(n)").contains("wg_udp_coalesced_receives="))
+                #expect(!lab.log("h\(n)").contains("wg_dropped_"))
                 #expect(lab.log("h\(n)").contains("removed device flannel-wg"))
             }
         }
