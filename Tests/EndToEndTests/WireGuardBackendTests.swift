@@ -110,6 +110,51 @@ struct WireGuardBackendTests {
         }
     }
 
+    /// The data-path counters host N's daemon reports (`tunneld status --json`).
+    func counters(_ lab: Lab, _ n: Int) throws -> [String: Int] {
+        let output = try lab.exec(
+            "h\(n)",
+            [
+                tunneldBinary, "status", "--json", "--control-socket",
+                lab.directory.appendingPathComponent("h\(n).sock").path,
+            ]
+        ).output
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(output.utf8)) as? [String: Any])
+        return try #require(json["counters"] as? [String: Int], "no counters in \(output)")
+    }
+
+    @Test func datagramsFromAStrangerAreDroppedAndCountedByReason() throws {
+        try withLab { lab in
+            try addTunneld(lab, 1)
+            try addTunneld(lab, 2)
+            let before = try lab.ping(from: 1, to: 2)
+            #expect(before.succeeded, "\(before.output)")
+            // A stranger on the underlay: an initiation of the right length
+            // whose mac1 is not for host 1's key, a transport message to an
+            // index nobody gave out, and a datagram of no WireGuard type.
+            try lab.addNode(4)
+            let script = """
+                import os,socket
+                s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)
+                for d in [b'\\x01\\0\\0\\0'+os.urandom(144), b'\\x04\\0\\0\\0'+os.urandom(60), b'\\x09hello']:
+                    s.sendto(d,('198.18.0.1',51820))
+                """
+            try lab.exec("h4", ["python3", "-c", script])
+            var seen: [String: Int] = [:]
+            for _ in 0..<40 {
+                seen = try counters(lab, 1)
+                if seen["wg_dropped_malformed"] ?? 0 > 0 && seen["wg_dropped_unknown_receiver"] ?? 0 > 0 { break }
+                usleep(250_000)
+            }
+            #expect(seen["wg_dropped_bad_mac"] == 1, "\(seen)")
+            #expect(seen["wg_dropped_unknown_receiver"] == 1, "\(seen)")
+            #expect(seen["wg_dropped_malformed"] == 1, "\(seen)")
+            // The peers never noticed.
+            let after = try lab.ping(from: 2, to: 1)
+            #expect(after.succeeded, "\(after.output)")
+        }
+    }
+
     @Test(.enabled(if: wireguardGoIsInstalled, wireguardGoSkipReason))
     func tunneldAndWireguardGoConfiguredLikeFlanneldAreEachOthersPeers() throws {
         try withLab { lab in
