@@ -141,7 +141,7 @@ let package = Package(
         .target(
             name: "Backends",
             dependencies: [
-                "NetBase", "Netlink", "TunDevice", "UDPEncap", "PacketRing", "LeaseStore", "PeerControl",
+                "NetBase", "Netlink", "TunDevice", "UDPEncap", "PacketRing", "LeaseStore", "PeerControl", "WireGuard",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -211,7 +211,7 @@ let package = Package(
         .testTarget(
             name: "BackendsTests",
             dependencies: [
-                "Backends", "PeerControl", "Netlink", "LeaseStore", "NetBase", "NetTestSupport",
+                "Backends", "PeerControl", "Netlink", "LeaseStore", "NetBase", "NetTestSupport", "WireGuard",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

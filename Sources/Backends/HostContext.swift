@@ -91,6 +91,10 @@ extension BackendType {
             let backend = try HostGatewayBackend(host: host)
             host.removeLeftovers(keepingDevice: nil, peerRoutesToo: false)
             return backend
+        case .wireguard:
+            // Its TUN goes with its process, like udp's.
+            host.removeLeftovers(keepingDevice: nil, peerRoutesToo: true)
+            return try WireGuardBackend(host: host)
         }
     }
 }

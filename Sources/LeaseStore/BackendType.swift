@@ -3,16 +3,17 @@
 /// PeerSync, status and metrics.
 ///
 /// `BackendConfig.type` stays a string: a config naming another of flannel's
-/// backends (e.g. "wireguard") is valid for flannel and is stored, but no
+/// backends (e.g. "ipsec") is valid for flannel and is stored, but no
 /// tunneld host starts on it (`BackendType(rawValue:)` is nil).
 public enum BackendType: String, CaseIterable, Sendable, CustomStringConvertible {
     case udp
     case vxlan
     case hostGW = "host-gw"
+    case wireguard
 
     public var description: String { rawValue }
 
-    /// "udp, vxlan and host-gw", for messages.
+    /// "udp, vxlan, host-gw and wireguard", for messages.
     public static var supportedNames: String {
         let names = allCases.map(\.rawValue)
         return names.dropLast().joined(separator: ", ") + " and " + names.last!

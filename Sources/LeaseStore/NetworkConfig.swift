@@ -220,6 +220,10 @@ public struct BackendConfig: Sendable, Equatable {
     public var learning: Bool
     /// vxlan: Backend.GBP, the group-based policy extension (default false).
     public var gbp: Bool
+    /// wireguard: ListenPort, PSK, PersistentKeepaliveInterval, Mode, MTU
+    /// (checked here, so `tunneld config set` refuses bad values); nil for
+    /// other backends. `port` is its ListenPort.
+    public var wireguard: WireGuardConfig?
     /// Every field of the Backend object, as given.
     public var options: [String: JSONValue]
 
@@ -235,8 +239,10 @@ public struct BackendConfig: Sendable, Equatable {
         mtu: Int? = nil,
         learning: Bool = false,
         gbp: Bool = false,
+        wireguard: WireGuardConfig? = nil,
         options: [String: JSONValue] = [:]
     ) {
+        self.wireguard = wireguard
         self.type = type
         self.port = port
         self.vni = vni
@@ -287,6 +293,7 @@ public struct BackendConfig: Sendable, Equatable {
         var mtu: Int?
         var learning = false
         var gbp = false
+        var wireguard: WireGuardConfig?
         switch type {
         case "udp":
             port = try Self.port(value, default: Self.defaultUDPPort, backend: type, allowZero: false)
@@ -313,6 +320,10 @@ public struct BackendConfig: Sendable, Equatable {
             )
             learning = try NetworkConfig.bool(value, "Learning", prefix: "Backend.") ?? false
             gbp = try NetworkConfig.bool(value, "GBP", prefix: "Backend.") ?? false
+        case "wireguard":
+            let settings = try WireGuardConfig(value)
+            port = settings.listenPort
+            wireguard = settings
         default:
             port = try Self.port(value, default: 0, backend: type, allowZero: true)
         }
@@ -324,6 +335,7 @@ public struct BackendConfig: Sendable, Equatable {
             mtu: mtu,
             learning: learning,
             gbp: gbp,
+            wireguard: wireguard,
             options: fields
         )
     }

@@ -4,7 +4,7 @@
 /// `StatusReport.Backend`). No dependencies, so both import it; rendering
 /// stays in Observability.
 public struct BackendStatus: Codable, Sendable, Equatable {
-    /// flannel's backend name: udp, vxlan, host-gw.
+    /// flannel's backend name: udp, vxlan, host-gw, wireguard.
     public var type: String
     /// The device carrying traffic (flannel0, flannel.1), nil for host-gw.
     public var device: String?

@@ -106,6 +106,10 @@ public final class WireGuardInterface {
         return peer
     }
 
+    /// Points `peer` at another endpoint (its configuration changed); its
+    /// sessions stay.
+    public func setEndpoint(_ endpoint: Endpoint?, of peer: Peer) { peer.endpoint = endpoint }
+
     /// Removes a peer and zeroes its sessions and handshake.
     public func removePeer(_ publicKey: PublicKey) {
         guard let peer = peers.removeValue(forKey: publicKey) else { return }

@@ -53,7 +53,8 @@ enum FlannelArguments {
         "auto-detect-ipv6":
             "tunneld does not detect the IPv6 address on its own: give -public-ipv6, or -iface an interface with a global IPv6 address",
         "ipv6-masq": "IPv6 masquerading is not built in tunneld yet",
-        "subnet-dir": "tunneld offers the udp, vxlan and host-gw backends; the ipsec backend's options do not apply",
+        "subnet-dir":
+            "tunneld offers the udp, vxlan, host-gw and wireguard backends; the ipsec backend's options do not apply",
     ]
 
     /// The first flanneld flag in `arguments` that tunneld does not offer,
@@ -66,7 +67,7 @@ enum FlannelArguments {
             }
             if name.hasPrefix("charon") {
                 return
-                    "flanneld's -\(name) belongs to the ipsec backend, which tunneld does not offer (udp, vxlan and host-gw are; see docs/MIGRATING.md)"
+                    "flanneld's -\(name) belongs to the ipsec backend, which tunneld does not offer (udp, vxlan, host-gw and wireguard are; see docs/MIGRATING.md)"
             }
         }
         return nil

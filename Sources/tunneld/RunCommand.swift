@@ -46,7 +46,7 @@ struct Run: AsyncParsableCommand {
     @Option(
         help: ArgumentHelp(
             "Backend; must agree with the config's Backend.Type (default: the config's).",
-            valueName: "udp|vxlan|host-gw"
+            valueName: "udp|vxlan|host-gw|wireguard"
         )
     )
     var backend: BackendType?

@@ -7,7 +7,7 @@ struct Tunneld: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tunneld",
         abstract:
-            "A flannel-compatible overlay network daemon: udp (a fast userspace data path), vxlan and host-gw backends.",
+            "A flannel-compatible overlay network daemon: udp (a fast userspace data path), vxlan, host-gw and wireguard (userspace) backends.",
         discussion: """
             tunneld gives every host a subnet of one cluster-wide network and carries container \
             traffic between hosts. It reads flannel's config and leases (etcd keys \

@@ -293,7 +293,9 @@ struct KernelBackendTests {
             let result = try lab.exec("u", command(lab, host: 1), check: false)
             #expect(!result.succeeded)
             #expect(
-                result.output.contains(#"backend "ipip" is not supported by tunneld (udp, vxlan and host-gw are)"#),
+                result.output.contains(
+                    #"backend "ipip" is not supported by tunneld (udp, vxlan, host-gw and wireguard are)"#
+                ),
                 "\(result.output)"
             )
         }

@@ -1,0 +1,332 @@
+import Foundation
+import NetBase
+import Synchronization
+import TunDevice
+import UDPEncap
+import WireGuard
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The wireguard backend's I/O: the TUN device, the UDP socket on
+/// ListenPort and three threads around one `WireGuardEngine` — TUN → seal →
+/// UDP, UDP → open → TUN, and the timers. Each I/O thread moves batches of up
+/// to `batchSize` packets per lock of the engine; the slabs are allocated
+/// once. The correct first step (issue 17): the udp backend's io_uring
+/// loops, offloads and workers are not used yet.
+final class WireGuardDataPath: Sendable {
+    let tun: TunDevice
+    let socket: UDPSocket
+    let engine: WireGuardEngine
+    let mtu: Int
+    private let stopped = Atomic<Bool>(false)
+    /// UDP_SEGMENT sends: on when the kernel has it, off for good after a
+    /// send it refused (the messages then leave one by one).
+    private let segmentation: Atomic<Bool>
+    /// UDP_GRO receives: several datagrams of one sender in one receive.
+    let receiveCoalescing: Bool
+    /// The most bytes one UDP_SEGMENT send carries (the UDP length limit, less headers).
+    static let segmentationLimit = 65000
+
+    static let batchSize = 64
+    /// How often the threads look at the stop flag, and the timers run.
+    static let pollMilliseconds: Int32 = 100
+
+    init(tun: TunDevice, socket: UDPSocket, engine: WireGuardEngine, mtu: Int) {
+        self.tun = tun
+        self.socket = socket
+        self.engine = engine
+        self.mtu = mtu
+        segmentation = Atomic(socket.supportsSegmentation)
+        receiveCoalescing = socket.enableReceiveCoalescing()
+    }
+
+    var usesSegmentation: Bool { segmentation.load(ordering: .relaxed) }
+
+    func stop() { stopped.store(true, ordering: .releasing) }
+    var isStopped: Bool { stopped.load(ordering: .acquiring) }
+
+    enum Role: String, CaseIterable { case tx, rx, timer }
+
+    /// Starts the three threads; each finishes its stream when it returns.
+    func start() -> [AsyncThrowingStream<Void, any Error>] {
+        Role.allCases.map { role in
+            let (stream, continuation) = AsyncThrowingStream<Void, any Error>.makeStream()
+            let thread = Thread { [self] in
+                do {
+                    switch role {
+                    case .tx: try tunLoop()
+                    case .rx: try udpLoop()
+                    case .timer: timerLoop()
+                    }
+                    continuation.finish()
+                } catch {
+                    continuation.finish(throwing: error)
+                }
+            }
+            thread.name = "tunneld-wg-\(role.rawValue)"
+            thread.start()
+            return stream
+        }
+    }
+
+    /// Waits until `fd` is readable or the poll interval passes.
+    private func waitReadable(_ fd: Int32) -> Bool {
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        return poll(&pfd, 1, Self.pollMilliseconds) > 0
+    }
+
+    private func tunLoop() throws {
+        let batch = PacketBatch(capacity: Self.batchSize, payloadSize: mtu)
+        let tunFD = tun.fd.rawValue
+        let iovecs = UnsafeMutablePointer<iovec>.allocate(capacity: Self.batchSize)
+        let control = UnsafeMutableRawPointer.allocate(byteCount: UDPControlMessage.space, alignment: 8)
+        defer {
+            iovecs.deallocate()
+            control.deallocate()
+        }
+        UDPControlMessage.prepareSegmentSize(control)
+        while !isStopped {
+            guard waitReadable(tunFD) else { continue }
+            batch.count = 0
+            while batch.count < batch.capacity {
+                let area = batch.payloadArea(batch.count)
+                let n = read(tunFD, area.baseAddress, area.count)
+                if n > 0 {
+                    batch.packets[batch.count].length = n
+                    batch.count += 1
+                    continue
+                }
+                let e = Errno.current
+                if n < 0, e == .interrupted { continue }
+                if n < 0, e != .again, !isStopped {
+                    throw SystemError("read", on: "TUN device \(tun.name)", errno: e)
+                }
+                break
+            }
+            guard batch.count > 0 else { continue }
+            let messages = engine.outgoing(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
+            let (sent, failed) = sendSealed(batch, iovecs: iovecs, control: control)
+            finish(messages, sent: sent, failed: failed)
+        }
+    }
+
+    /// Sends the sealed slots of `batch` in order. A run of messages to one
+    /// endpoint, all of one size but the last (which may be shorter), leaves
+    /// in one UDP_SEGMENT send: the kernel cuts the iovecs' bytes into
+    /// datagrams of that size.
+    private func sendSealed(
+        _ batch: PacketBatch,
+        iovecs: UnsafeMutablePointer<iovec>,
+        control: UnsafeMutableRawPointer
+    ) -> (sent: Int, failed: Int) {
+        var sent = 0
+        var failed = 0
+        var i = 0
+        while i < batch.count {
+            guard batch.pass[i] else {
+                i += 1
+                continue
+            }
+            let size = batch.packets[i].length
+            let endpoint = batch.endpoints[i]
+            var run = 1
+            var total = size
+            var next = i + 1
+            if usesSegmentation {
+                while next < batch.count, batch.pass[next], batch.endpoints[next] == endpoint {
+                    let length = batch.packets[next].length
+                    guard length <= size, total + length <= Self.segmentationLimit else { break }
+                    run += 1
+                    total += length
+                    next += 1
+                    if length < size { break }
+                }
+            }
+            if run > 1 {
+                for k in 0..<run {
+                    let packet = batch.packets[i + k]
+                    iovecs[k] = iovec(iov_base: packet.memory.baseAddress, iov_len: packet.length)
+                }
+                if sendSegmented(iovecs, count: run, segmentSize: size, to: endpoint, control: control) {
+                    sent += run
+                    engine.count(.segmentedSends)
+                    i = next
+                    continue
+                }
+                // Refused: this run and every later one go one by one.
+                segmentation.store(false, ordering: .relaxed)
+            }
+            for k in i..<next {
+                let packet = batch.packets[k]
+                if send(packet.memory.baseAddress!, packet.length, to: batch.endpoints[k]) {
+                    sent += 1
+                } else {
+                    failed += 1
+                }
+            }
+            i = next
+        }
+        return (sent, failed)
+    }
+
+    private func sendSegmented(
+        _ iovecs: UnsafeMutablePointer<iovec>,
+        count: Int,
+        segmentSize: Int,
+        to endpoint: UDPEndpoint,
+        control: UnsafeMutableRawPointer
+    ) -> Bool {
+        var sa = sockaddr_in()
+        endpoint.write(to: &sa)
+        let fd = socket.fd.rawValue
+        return withUnsafeMutablePointer(to: &sa) { address in
+            var message = msghdr()
+            message.msg_name = UnsafeMutableRawPointer(address)
+            message.msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
+            message.msg_iov = iovecs
+            message.msg_iovlen = count
+            UDPControlMessage.setSegmentSize(&message, control: control, segmentSize)
+            while true {
+                if sendmsg(fd, &message, 0) >= 0 { return true }
+                let e = Errno.current
+                if e == .interrupted { continue }
+                if e == .again {
+                    var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                    if poll(&pfd, 1, Self.pollMilliseconds) > 0 { continue }
+                }
+                return false
+            }
+        }
+    }
+
+    /// Receives with UDP_GRO where the kernel offers it: one receive may
+    /// hold many datagrams of one sender back to back, each `segment` bytes
+    /// (the last may be shorter). They are split into the batch's slots (one
+    /// copy, where the open happens in place), and the batch is opened and
+    /// written whenever it is full, and after the socket is drained.
+    private func udpLoop() throws {
+        let batch = PacketBatch(capacity: Self.batchSize, payloadSize: max(mtu, 2048))
+        let udpFD = socket.fd.rawValue
+        let tunFD = tun.fd.rawValue
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 16, alignment: 64)
+        let control = UnsafeMutableRawPointer.allocate(byteCount: UDPControlMessage.space * 2, alignment: 8)
+        let address = UnsafeMutablePointer<sockaddr_in>.allocate(capacity: 1)
+        let vector = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
+        defer {
+            buffer.deallocate()
+            control.deallocate()
+            address.deallocate()
+            vector.deallocate()
+        }
+
+        func process() {
+            guard batch.count > 0 else { return }
+            let messages = engine.incoming(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
+            var written = 0
+            var dropped = 0
+            for i in 0..<batch.count where batch.pass[i] {
+                let packet = batch.packets[i]
+                let payload = UnsafeRawBufferPointer(
+                    rebasing: packet.memory[
+                        MessageLayout.transportHeaderLength..<(MessageLayout.transportHeaderLength + packet.length)
+                    ]
+                )
+                // A full TUN queue drops, as the kernel's own devices do.
+                if case .success = writeAll(tunFD, payload) { written += 1 } else { dropped += 1 }
+            }
+            if written > 0 { engine.count(.tunPacketsWritten, written) }
+            if dropped > 0 { engine.count(.droppedTunWrite, dropped) }
+            finish(messages, sent: 0, failed: 0)
+            batch.count = 0
+        }
+
+        while !isStopped {
+            guard waitReadable(udpFD) else { continue }
+            batch.count = 0
+            // Bounded: at most a batch's worth of receives before the timers and stop flag are looked at.
+            for _ in 0..<Self.batchSize {
+                vector.pointee = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
+                var message = msghdr()
+                message.msg_name = UnsafeMutableRawPointer(address)
+                message.msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
+                message.msg_iov = vector
+                message.msg_iovlen = 1
+                message.msg_control = control
+                message.msg_controllen = UDPControlMessage.space * 2
+                let n = recvmsg(udpFD, &message, 0)
+                if n < 0 {
+                    let e = Errno.current
+                    if e == .interrupted { continue }
+                    if e != .again, !isStopped {
+                        throw SystemError("recvmsg", on: "udp port \(socket.port)", errno: e)
+                    }
+                    break
+                }
+                let segment = UDPControlMessage.receiveSegmentSize(of: &message) ?? n
+                let source = UDPEndpoint(address.pointee)
+                if segment < n { engine.count(.coalescedReceives) }
+                var offset = 0
+                repeat {
+                    let length = min(segment, n - offset)
+                    if batch.count == batch.capacity { process() }
+                    let slot = batch.packets[batch.count].memory
+                    if length <= slot.count {
+                        if length > 0 {
+                            slot.baseAddress!.copyMemory(from: buffer.baseAddress! + offset, byteCount: length)
+                        }
+                        batch.packets[batch.count].length = length
+                        batch.endpoints[batch.count] = source
+                        batch.count += 1
+                    } else {
+                        // Longer than any message of ours can be: not WireGuard's.
+                        engine.count(.droppedMalformed)
+                    }
+                    offset += max(length, 1)
+                } while offset < n
+            }
+            process()
+        }
+    }
+
+    private func timerLoop() {
+        while !isStopped {
+            usleep(UInt32(Self.pollMilliseconds) * 1000)
+            finish(engine.tick(now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp), sent: 0, failed: 0)
+        }
+    }
+
+    /// Sends the handshake messages and keepalives a batch led to, and counts.
+    private func finish(_ control: [Datagram], sent: Int, failed: Int) {
+        var sent = sent
+        var failed = failed
+        for datagram in control {
+            let ok = datagram.bytes.withUnsafeBytes { send($0.baseAddress!, $0.count, to: datagram.to) }
+            if ok { sent += 1 } else { failed += 1 }
+        }
+        if sent > 0 { engine.count(.datagramsSent, sent) }
+        if failed > 0 { engine.count(.sendErrors, failed) }
+    }
+
+    private func send(_ bytes: UnsafeRawPointer, _ count: Int, to endpoint: UDPEndpoint) -> Bool {
+        var sa = sockaddr_in()
+        endpoint.write(to: &sa)
+        let fd = socket.fd.rawValue
+        while true {
+            let n = withUnsafePointer(to: &sa) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    sendto(fd, bytes, count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+            if n >= 0 { return true }
+            if Errno.current == .interrupted { continue }
+            if Errno.current == .again {
+                // The socket's buffer is full: wait for room rather than drop.
+                var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                if poll(&pfd, 1, Self.pollMilliseconds) > 0 { continue }
+            }
+            return false
+        }
+    }
+}

@@ -1,0 +1,476 @@
+import NetBase
+import Synchronization
+import UDPEncap
+import WireGuard
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What the wireguard data path counts (`tunneld status`, the metrics):
+/// traffic both ways, handshakes, and every drop by its reason.
+public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertible {
+    case tunPacketsRead, packetsSealed, datagramsSent, segmentedSends, sendErrors
+    case datagramsReceived, coalescedReceives, packetsOpened, tunPacketsWritten, droppedTunWrite, keepalivesSent,
+        keepalivesReceived
+    case initiationsSent, responsesSent, handshakesCompleted, cookieRepliesSent
+    case droppedNoPeer, droppedNotIPv4, droppedNoSession, droppedBadMAC, droppedReplay
+    case droppedUnknownReceiver, droppedExpired, droppedSourceNotAllowed, droppedMalformed, droppedHandshake
+
+    public var description: String {
+        switch self {
+        case .tunPacketsRead: "wg_tun_packets_read"
+        case .packetsSealed: "wg_packets_sealed"
+        case .datagramsSent: "wg_datagrams_sent"
+        case .segmentedSends: "wg_udp_segmented_sends"
+        case .sendErrors: "wg_send_errors"
+        case .datagramsReceived: "wg_datagrams_received"
+        case .coalescedReceives: "wg_udp_coalesced_receives"
+        case .packetsOpened: "wg_packets_opened"
+        case .tunPacketsWritten: "wg_tun_packets_written"
+        case .droppedTunWrite: "wg_dropped_tun_write"
+        case .keepalivesSent: "wg_keepalives_sent"
+        case .keepalivesReceived: "wg_keepalives_received"
+        case .initiationsSent: "wg_handshake_initiations_sent"
+        case .responsesSent: "wg_handshake_responses_sent"
+        case .handshakesCompleted: "wg_handshakes_completed"
+        case .cookieRepliesSent: "wg_cookie_replies_sent"
+        case .droppedNoPeer: "wg_dropped_no_peer"
+        case .droppedNotIPv4: "wg_dropped_not_ipv4"
+        case .droppedNoSession: "wg_dropped_no_session"
+        case .droppedBadMAC: "wg_dropped_bad_mac"
+        case .droppedReplay: "wg_dropped_replay"
+        case .droppedUnknownReceiver: "wg_dropped_unknown_receiver"
+        case .droppedExpired: "wg_dropped_expired_session"
+        case .droppedSourceNotAllowed: "wg_dropped_source_not_allowed"
+        case .droppedMalformed: "wg_dropped_malformed"
+        case .droppedHandshake: "wg_dropped_handshake"
+        }
+    }
+
+    /// The counter a rejected datagram is dropped under.
+    init(_ rejection: Rejection) {
+        switch rejection {
+        case .badMAC1, .decryptionFailed: self = .droppedBadMAC
+        case .replayedCounter, .replayedTimestamp: self = .droppedReplay
+        case .unknownReceiver: self = .droppedUnknownReceiver
+        case .expiredKeypair: self = .droppedExpired
+        case .empty, .unknownType, .wrongLength: self = .droppedMalformed
+        default: self = .droppedHandshake
+        }
+    }
+}
+
+/// A handshake message, keepalive or packet sealed off the batch path
+/// (after a handshake): bytes of its own, so it may allocate.
+struct Datagram: Sendable {
+    var bytes: [UInt8]
+    var to: UDPEndpoint
+}
+
+/// A batch of packet slots in one slab allocated once. Outgoing: a packet
+/// read from the TUN at `MessageLayout.transportHeaderLength`, sealed into a
+/// message at 0. Incoming: a datagram at 0, opened to a payload at the
+/// header length. `pass[i]` says whether slot i goes on (sent or written).
+final class PacketBatch {
+    let capacity: Int
+    let slotSize: Int
+    private let slab: UnsafeMutableRawBufferPointer
+    let packets: UnsafeMutableBufferPointer<PacketBuffer>
+    var endpoints: [UDPEndpoint]
+    var pass: [Bool]
+    var count = 0
+
+    /// Room a slot keeps after the payload: padding (up to 15) and the tag.
+    static let trailer = MessageLayout.paddingMultiple + MessageLayout.tagLength
+
+    init(capacity: Int, payloadSize: Int) {
+        self.capacity = capacity
+        slotSize = (MessageLayout.transportHeaderLength + payloadSize + Self.trailer + 63) / 64 * 64
+        slab = .allocate(byteCount: capacity * slotSize, alignment: 64)
+        slab.initializeMemory(as: UInt8.self, repeating: 0)
+        packets = .allocate(capacity: capacity)
+        for i in 0..<capacity {
+            packets[i] = PacketBuffer(
+                memory: UnsafeMutableRawBufferPointer(rebasing: slab[(i * slotSize)..<((i + 1) * slotSize)]),
+                length: 0
+            )
+        }
+        endpoints = Array(repeating: UDPEndpoint(address: IPv4Address(0), port: 0), count: capacity)
+        pass = Array(repeating: false, count: capacity)
+    }
+
+    deinit {
+        // Sealed and opened packets were in here.
+        slab.initializeMemory(as: UInt8.self, repeating: 0)
+        slab.deallocate()
+        packets.deallocate()
+    }
+
+    /// The room a TUN read may fill in slot i (the payload area).
+    func payloadArea(_ i: Int) -> UnsafeMutableRawBufferPointer {
+        UnsafeMutableRawBufferPointer(
+            rebasing: packets[i].memory[MessageLayout.transportHeaderLength..<(slotSize - Self.trailer)]
+        )
+    }
+}
+
+/// The wireguard backend's packet logic, without I/O: the WireGuard
+/// interface (our key, the peers and their sessions), the peers by subnet
+/// for steering and for cryptokey routing, the packets waiting for a
+/// handshake, and the counters. Every call takes the one lock: the TUN
+/// thread, the UDP thread and the timer thread each hold it for a batch.
+final class WireGuardEngine: @unchecked Sendable {
+    final class PeerEntry {
+        let subnet: IPv4Network
+        let peer: Peer
+        /// Packets read before a session existed (WireGuard's staged queue).
+        var staged: [[UInt8]] = []
+        init(subnet: IPv4Network, peer: Peer) {
+            self.subnet = subnet
+            self.peer = peer
+        }
+    }
+
+    /// At most this many packets wait per peer for a handshake; older ones go.
+    static let stagedLimit = 32
+    /// More initiations and responses than this in one second put the
+    /// interface under load: then only those with a valid mac2 (a cookie
+    /// from us) cost Diffie-Hellman work, the rest get a cookie reply, and
+    /// each source address is rate-limited (whitepaper §5.3). A host has a
+    /// handshake per peer every two minutes; a flood has thousands.
+    static let handshakesPerSecondBeforeLoad = 64
+
+    private let lock = Mutex(())
+    private let interface: WireGuardInterface
+    private let presharedKey: PresharedKey
+    private let keepalive: Instant.Span?
+    private let subnetMask: UInt32
+    private var bySubnet: [UInt32: PeerEntry] = [:]
+    private var byPeer: [ObjectIdentifier: PeerEntry] = [:]
+    private var counters = [UInt64](repeating: 0, count: WireGuardCounter.allCases.count)
+    private var handshakeSecond = Instant(nanoseconds: .min / 2)
+    private var handshakesThisSecond = 0
+    private let sealCipher = CipherContext()
+    private let openCipher = CipherContext()
+    private let controlCipher = CipherContext()
+    let publicKey: PublicKey
+
+    init(privateKey: PrivateKey, presharedKey: PresharedKey, persistentKeepalive: Int, subnetLength: Int) {
+        interface = WireGuardInterface(privateKey: privateKey)
+        publicKey = interface.publicKey
+        self.presharedKey = presharedKey
+        keepalive = persistentKeepalive > 0 ? .seconds(Int64(persistentKeepalive)) : nil
+        subnetMask = IPv4Network.mask(subnetLength)
+    }
+
+    // MARK: Peers
+
+    /// Adds the peer of `subnet`, or updates its endpoint; a different key
+    /// for the subnet replaces the peer (and ends the old one's sessions).
+    func setPeer(subnet: IPv4Network, publicKey: PublicKey, endpoint: UDPEndpoint) throws(KeyError) {
+        try lock.withLock { _ throws(KeyError) in
+            let ep = Endpoint(ipv4: endpoint.address.value, port: endpoint.port)
+            if let entry = bySubnet[subnet.address.value], entry.peer.publicKey == publicKey {
+                interface.setEndpoint(ep, of: entry.peer)
+                return
+            }
+            if let entry = bySubnet[subnet.address.value] { removeLocked(entry) }
+            // The same key under another subnet: that host moved.
+            if let other = interface.peers[publicKey], let entry = byPeer[ObjectIdentifier(other)] {
+                removeLocked(entry)
+            }
+            let peer = try interface.addPeer(publicKey, presharedKey: presharedKey, endpoint: ep)
+            peer.persistentKeepalive = keepalive
+            let entry = PeerEntry(subnet: subnet, peer: peer)
+            bySubnet[subnet.address.value] = entry
+            byPeer[ObjectIdentifier(peer)] = entry
+        }
+    }
+
+    /// Removes the peer of `subnet`: its sessions end and their keys are zeroed.
+    func removePeer(subnet: IPv4Network) {
+        lock.withLock { _ in
+            if let entry = bySubnet[subnet.address.value] { removeLocked(entry) }
+        }
+    }
+
+    private func removeLocked(_ entry: PeerEntry) {
+        bySubnet[entry.subnet.address.value] = nil
+        byPeer[ObjectIdentifier(entry.peer)] = nil
+        counters[WireGuardCounter.droppedNoSession.rawValue] += UInt64(entry.staged.count)
+        entry.staged = []
+        interface.removePeer(entry.peer.publicKey)
+    }
+
+    var peerCount: Int { lock.withLock { _ in bySubnet.count } }
+
+    /// Whether the peer of `subnet` has a session now (tests, status).
+    func hasSession(subnet: IPv4Network) -> Bool {
+        lock.withLock { _ in bySubnet[subnet.address.value]?.peer.current != nil }
+    }
+
+    func counterValues() -> [(counter: WireGuardCounter, value: UInt64)] {
+        lock.withLock { _ in WireGuardCounter.allCases.map { ($0, counters[$0.rawValue]) } }
+    }
+
+    func count(_ counter: WireGuardCounter, _ n: Int = 1) {
+        lock.withLock { _ in counters[counter.rawValue] += UInt64(n) }
+    }
+
+    private func bump(_ counter: WireGuardCounter, _ n: Int = 1) { counters[counter.rawValue] += UInt64(n) }
+
+    // MARK: Packets
+
+    /// Seals the batch read from the TUN, each packet to the peer whose
+    /// subnet holds its destination. Packets without a session wait (and a
+    /// handshake starts); `pass[i]` and `endpoints[i]` say what to send where.
+    func outgoing(_ batch: PacketBatch, now: Instant, timestamp: () -> TAI64N) -> [Datagram] {
+        lock.withLock { _ in
+            var control: [Datagram] = []
+            bump(.tunPacketsRead, batch.count)
+            for i in 0..<batch.count {
+                batch.pass[i] = false
+                let length = batch.packets[i].length
+                let payload = UnsafeRawBufferPointer(batch.payloadArea(i))
+                guard length >= 20, payload[0] >> 4 == 4 else {
+                    bump(.droppedNotIPv4)
+                    continue
+                }
+                let destination = UInt32(bigEndian: payload.loadUnaligned(fromByteOffset: 16, as: UInt32.self))
+                guard let entry = bySubnet[destination & subnetMask], let endpoint = entry.peer.endpoint else {
+                    bump(.droppedNoPeer)
+                    continue
+                }
+                let outcome = interface.seal(
+                    UnsafeMutableBufferPointer(rebasing: batch.packets[i..<(i + 1)]),
+                    to: entry.peer,
+                    cipher: sealCipher,
+                    now: now
+                )
+                if outcome.sealed == 1 {
+                    bump(.packetsSealed)
+                    batch.pass[i] = true
+                    batch.endpoints[i] = UDPEndpoint(address: IPv4Address(endpoint.ipv4), port: endpoint.port)
+                } else {
+                    if entry.staged.count >= Self.stagedLimit {
+                        entry.staged.removeFirst()
+                        bump(.droppedNoSession)
+                    }
+                    entry.staged.append(Array(UnsafeRawBufferPointer(rebasing: payload[0..<length])))
+                }
+                if outcome.wantsHandshake, let initiation = initiation(entry, now: now, timestamp: timestamp()) {
+                    control.append(initiation)
+                }
+            }
+            return control
+        }
+    }
+
+    /// Authenticates and opens the datagrams received, and handles the
+    /// handshake messages among them. A transport packet passes (to the TUN,
+    /// at the header length, `packets[i].length` long) only when its inner
+    /// source lies in the sending peer's subnet: WireGuard's cryptokey routing.
+    func incoming(_ batch: PacketBatch, now: Instant, timestamp: () -> TAI64N) -> [Datagram] {
+        lock.withLock { _ in
+            var control: [Datagram] = []
+            bump(.datagramsReceived, batch.count)
+            for i in 0..<batch.count {
+                batch.pass[i] = false
+                let source = batch.endpoints[i]
+                let from = Endpoint(ipv4: source.address.value, port: source.port)
+                let length = batch.packets[i].length
+                guard length > 0 else {
+                    bump(.droppedMalformed)
+                    continue
+                }
+                let memory = batch.packets[i].memory
+                guard memory[0] == MessageType.transport.rawValue else {
+                    handshake(
+                        UnsafeRawBufferPointer(rebasing: memory[0..<length]),
+                        from: source,
+                        endpoint: from,
+                        now: now,
+                        timestamp: timestamp,
+                        control: &control
+                    )
+                    continue
+                }
+                let received: Received
+                switch interface.open(&batch.packets[i], from: from, cipher: openCipher, now: now) {
+                case .failure(let rejection):
+                    bump(WireGuardCounter(rejection))
+                    continue
+                case .success(let r): received = r
+                }
+                guard let entry = byPeer[ObjectIdentifier(received.peer)] else {
+                    bump(.droppedNoPeer)
+                    continue
+                }
+                if received.wantsHandshake, let initiation = initiation(entry, now: now, timestamp: timestamp()) {
+                    control.append(initiation)
+                }
+                // The responder may send once the initiator used the session.
+                if !entry.staged.isEmpty { flush(entry, now: now, into: &control) }
+                guard received.payloadLength > 0 else {
+                    bump(.keepalivesReceived)
+                    continue
+                }
+                let inner = UnsafeRawBufferPointer(rebasing: memory[MessageLayout.transportHeaderLength...])
+                guard inner[0] >> 4 == 4, received.payloadLength >= 20 else {
+                    bump(.droppedNotIPv4)
+                    continue
+                }
+                let total = Int(UInt16(bigEndian: inner.loadUnaligned(fromByteOffset: 2, as: UInt16.self)))
+                guard total >= 20, total <= received.payloadLength else {
+                    bump(.droppedMalformed)
+                    continue
+                }
+                let innerSource = UInt32(bigEndian: inner.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
+                guard entry.subnet.contains(IPv4Address(innerSource)) else {
+                    bump(.droppedSourceNotAllowed)
+                    continue
+                }
+                bump(.packetsOpened)
+                batch.packets[i].length = total
+                batch.pass[i] = true
+            }
+            return control
+        }
+    }
+
+    private func handshake(
+        _ datagram: UnsafeRawBufferPointer,
+        from source: UDPEndpoint,
+        endpoint: Endpoint,
+        now: Instant,
+        timestamp: () -> TAI64N,
+        control: inout [Datagram]
+    ) {
+        var underLoad = false
+        if datagram.first == MessageType.initiation.rawValue || datagram.first == MessageType.response.rawValue {
+            if now - handshakeSecond >= .seconds(1) {
+                handshakeSecond = now
+                handshakesThisSecond = 0
+            }
+            handshakesThisSecond += 1
+            underLoad = handshakesThisSecond > Self.handshakesPerSecondBeforeLoad
+        }
+        switch interface.receiveHandshake(datagram, from: endpoint, now: now, underLoad: underLoad) {
+        case .respond(_, let message):
+            bump(.responsesSent)
+            control.append(Datagram(bytes: message, to: source))
+        case .established(let peer):
+            bump(.handshakesCompleted)
+            guard let entry = byPeer[ObjectIdentifier(peer)] else { return }
+            // Data (or a keepalive) confirms the session to the responder.
+            if entry.staged.isEmpty {
+                if let keepalive = keepalive(entry, now: now) { control.append(keepalive) }
+            } else {
+                flush(entry, now: now, into: &control)
+            }
+        case .cookieReply(let message):
+            bump(.cookieRepliesSent)
+            control.append(Datagram(bytes: message, to: source))
+        case .cookieStored:
+            break
+        case .rejected(let rejection):
+            bump(WireGuardCounter(rejection))
+        }
+    }
+
+    private func initiation(_ entry: PeerEntry, now: Instant, timestamp: TAI64N) -> Datagram? {
+        guard let endpoint = entry.peer.endpoint else { return nil }
+        let message = interface.makeInitiation(for: entry.peer, now: now, timestamp: timestamp)
+        bump(.initiationsSent)
+        return Datagram(bytes: message, to: UDPEndpoint(address: IPv4Address(endpoint.ipv4), port: endpoint.port))
+    }
+
+    /// Seals `payload` (empty: a keepalive) into a datagram of its own.
+    private func sealAlone(_ payload: [UInt8], to entry: PeerEntry, now: Instant) -> Datagram? {
+        guard let endpoint = entry.peer.endpoint else { return nil }
+        var bytes = [UInt8](
+            repeating: 0,
+            count: MessageLayout.transportHeaderLength + payload.count + PacketBatch.trailer
+        )
+        let sealed = bytes.withUnsafeMutableBytes { memory -> Int? in
+            payload.withUnsafeBytes {
+                if !$0.isEmpty {
+                    (memory.baseAddress! + MessageLayout.transportHeaderLength).copyMemory(
+                        from: $0.baseAddress!,
+                        byteCount: $0.count
+                    )
+                }
+            }
+            var packet = PacketBuffer(memory: memory, length: payload.count)
+            let outcome = withUnsafeMutablePointer(to: &packet) {
+                interface.seal(
+                    UnsafeMutableBufferPointer(start: $0, count: 1),
+                    to: entry.peer,
+                    cipher: controlCipher,
+                    now: now
+                )
+            }
+            return outcome.sealed == 1 ? packet.length : nil
+        }
+        guard let sealed else { return nil }
+        bytes.removeLast(bytes.count - sealed)
+        return Datagram(bytes: bytes, to: UDPEndpoint(address: IPv4Address(endpoint.ipv4), port: endpoint.port))
+    }
+
+    private func keepalive(_ entry: PeerEntry, now: Instant) -> Datagram? {
+        guard let datagram = sealAlone([], to: entry, now: now) else { return nil }
+        bump(.keepalivesSent)
+        return datagram
+    }
+
+    /// Sends what waited for a session, in order, as far as the session allows.
+    private func flush(_ entry: PeerEntry, now: Instant, into control: inout [Datagram]) {
+        var sent = 0
+        for payload in entry.staged {
+            guard let datagram = sealAlone(payload, to: entry, now: now) else { break }
+            control.append(datagram)
+            sent += 1
+        }
+        bump(.packetsSealed, sent)
+        entry.staged.removeFirst(sent)
+    }
+
+    /// The timers of every peer: handshake retries, keepalives, expiry.
+    func tick(now: Instant, timestamp: () -> TAI64N) -> [Datagram] {
+        lock.withLock { _ in
+            var control: [Datagram] = []
+            for entry in bySubnet.values {
+                let actions = interface.tick(entry.peer, now: now)
+                if actions.contains(.sendInitiation),
+                    let initiation = initiation(entry, now: now, timestamp: timestamp())
+                {
+                    control.append(initiation)
+                }
+                if actions.contains(.sendKeepalive), let keepalive = keepalive(entry, now: now) {
+                    control.append(keepalive)
+                }
+                if actions.contains(.gaveUpHandshake) {
+                    bump(.droppedNoSession, entry.staged.count)
+                    entry.staged = []
+                }
+            }
+            return control
+        }
+    }
+}
+
+/// The clocks the engine is given: monotonic for timers, wall for TAI64N.
+enum WireGuardClock {
+    static func now() -> Instant {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Instant(nanoseconds: Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec))
+    }
+
+    static func timestamp() -> TAI64N {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return TAI64N(unixSeconds: Int64(ts.tv_sec), nanoseconds: Int64(ts.tv_nsec))
+    }
+}

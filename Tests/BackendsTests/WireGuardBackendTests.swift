@@ -1,0 +1,254 @@
+import Foundation
+import NetBase
+import NetTestSupport
+import Testing
+import UDPEncap
+import WireGuard
+
+@testable import Backends
+
+/// Two hosts' engines wired back to back in memory: the wireguard backend's
+/// packet logic (steering, staging, handshake, cryptokey routing, drops)
+/// without devices or sockets.
+@Suite struct WireGuardEngineTests {
+    let subnetA = net("10.2.1.0/24")
+    let subnetB = net("10.2.2.0/24")
+    let endpointA = UDPEndpoint(address: ip("198.18.0.1"), port: 51820)
+    let endpointB = UDPEndpoint(address: ip("198.18.0.2"), port: 51820)
+    let keyA = PrivateKey.generate()
+    let keyB = PrivateKey.generate()
+
+    func engines(psk: PresharedKey = .none) throws -> (WireGuardEngine, WireGuardEngine) {
+        let a = WireGuardEngine(privateKey: keyA, presharedKey: psk, persistentKeepalive: 0, subnetLength: 24)
+        let b = WireGuardEngine(privateKey: keyB, presharedKey: psk, persistentKeepalive: 0, subnetLength: 24)
+        try a.setPeer(subnet: subnetB, publicKey: keyB.publicKey, endpoint: endpointB)
+        try b.setPeer(subnet: subnetA, publicKey: keyA.publicKey, endpoint: endpointA)
+        return (a, b)
+    }
+
+    var now: Instant { WireGuardClock.now() }
+
+    /// Sends `packets` (IPv4) through `engine` as if read from its TUN:
+    /// the datagrams to send, sealed in the batch and as control messages.
+    func send(_ packets: [[UInt8]], through engine: WireGuardEngine) -> [Datagram] {
+        let batch = PacketBatch(capacity: packets.count, payloadSize: 1500)
+        for (i, packet) in packets.enumerated() {
+            let area = batch.payloadArea(i)
+            packet.withUnsafeBytes { area.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+            batch.packets[i].length = packet.count
+        }
+        batch.count = packets.count
+        let control = engine.outgoing(batch, now: now, timestamp: WireGuardClock.timestamp)
+        var out: [Datagram] = []
+        for i in 0..<batch.count where batch.pass[i] {
+            let p = batch.packets[i]
+            out.append(
+                Datagram(bytes: Array(UnsafeRawBufferPointer(rebasing: p.memory[0..<p.length])), to: batch.endpoints[i])
+            )
+        }
+        return out + control
+    }
+
+    /// Delivers datagrams to `engine` from `source`: what it writes to its
+    /// TUN, and what it sends back.
+    func deliver(
+        _ datagrams: [Datagram],
+        to engine: WireGuardEngine,
+        from source: UDPEndpoint
+    ) -> (written: [[UInt8]], replies: [Datagram]) {
+        guard !datagrams.isEmpty else { return ([], []) }
+        let batch = PacketBatch(capacity: datagrams.count, payloadSize: 1500)
+        for (i, d) in datagrams.enumerated() {
+            d.bytes.withUnsafeBytes {
+                batch.packets[i].memory.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: $0.count)
+            }
+            batch.packets[i].length = d.bytes.count
+            batch.endpoints[i] = source
+        }
+        batch.count = datagrams.count
+        let replies = engine.incoming(batch, now: now, timestamp: WireGuardClock.timestamp)
+        var written: [[UInt8]] = []
+        for i in 0..<batch.count where batch.pass[i] {
+            let p = batch.packets[i]
+            written.append(Array(UnsafeRawBufferPointer(rebasing: p.memory[16..<(16 + p.length)])))
+        }
+        return (written, replies)
+    }
+
+    func counter(_ engine: WireGuardEngine, _ c: WireGuardCounter) -> UInt64 {
+        engine.counterValues().first { $0.counter == c }!.value
+    }
+
+    /// A's packet waits for the handshake, which A starts; B answers; A then
+    /// sends the packet, which B writes to its TUN byte for byte.
+    func handshake(_ a: WireGuardEngine, _ b: WireGuardEngine, first: [UInt8]) throws {
+        let initiation = send([first], through: a)
+        try #require(initiation.count == 1)
+        #expect(initiation[0].bytes.count == MessageLayout.initiationLength && initiation[0].to == endpointB)
+        let (nothing, response) = deliver(initiation, to: b, from: endpointA)
+        #expect(nothing.isEmpty)
+        try #require(response.count == 1)
+        #expect(response[0].to == endpointA)
+        let (none, staged) = deliver(response, to: a, from: endpointB)
+        #expect(none.isEmpty)
+        try #require(staged.count == 1)
+        let (written, _) = deliver(staged, to: b, from: endpointA)
+        #expect(written == [first])
+        #expect(a.hasSession(subnet: subnetB) && b.hasSession(subnet: subnetA))
+    }
+
+    let aToB = makePacket(source: 0x0A02_0105, destination: 0x0A02_0207, payload: Array(repeating: 7, count: 100))
+
+    @Test func aPacketWaitsForTheHandshakeAndArrivesIntact() throws {
+        let (a, b) = try engines()
+        try handshake(a, b, first: aToB)
+        // Now both ways with a session.
+        let back = makePacket(source: 0x0A02_0207, destination: 0x0A02_0105, payload: Array(0..<200))
+        let reply = send([back], through: b)
+        #expect(deliver(reply, to: a, from: endpointB).written == [back])
+        #expect(counter(a, .handshakesCompleted) == 1)
+    }
+
+    @Test func aPresharedKeyMustMatch() throws {
+        let a = WireGuardEngine(privateKey: keyA, presharedKey: .generate(), persistentKeepalive: 0, subnetLength: 24)
+        let b = WireGuardEngine(privateKey: keyB, presharedKey: .generate(), persistentKeepalive: 0, subnetLength: 24)
+        try a.setPeer(subnet: subnetB, publicKey: keyB.publicKey, endpoint: endpointB)
+        try b.setPeer(subnet: subnetA, publicKey: keyA.publicKey, endpoint: endpointA)
+        let initiation = send([aToB], through: a)
+        let (_, response) = deliver(initiation, to: b, from: endpointA)
+        let (_, staged) = deliver(response, to: a, from: endpointB)
+        #expect(staged.isEmpty)
+        #expect(!a.hasSession(subnet: subnetB))
+        #expect(counter(a, .droppedBadMAC) == 1)
+    }
+
+    @Test func aTamperedOrReplayedDatagramIsDroppedAndCounted() throws {
+        let (a, b) = try engines()
+        try handshake(a, b, first: aToB)
+        let sealed = send([aToB], through: a)
+        try #require(sealed.count == 1)
+        var tampered = sealed[0]
+        tampered.bytes[40] ^= 1
+        #expect(deliver([tampered], to: b, from: endpointA).written.isEmpty)
+        #expect(counter(b, .droppedBadMAC) == 1)
+        // The genuine one still passes (a failed tag does not mark the counter)…
+        #expect(deliver(sealed, to: b, from: endpointA).written == [aToB])
+        // …once.
+        #expect(deliver(sealed, to: b, from: endpointA).written.isEmpty)
+        #expect(counter(b, .droppedReplay) == 1)
+        // A handshake message under someone else's key fails its mac1.
+        var initiation = [UInt8](repeating: 0, count: MessageLayout.initiationLength)
+        initiation[0] = 1
+        _ = deliver([Datagram(bytes: initiation, to: endpointB)], to: b, from: endpointA)
+        #expect(counter(b, .droppedBadMAC) == 2)
+    }
+
+    @Test func aFloodOfInitiationsGetsCookieRepliesInsteadOfHandshakeWork() throws {
+        let (_, b) = try engines()
+        // Initiations with a valid mac1 (anyone who knows B's public key
+        // can make them), far more than a second's worth.
+        let attacker = WireGuardInterface(privateKey: PrivateKey.generate())
+        let peer = try attacker.addPeer(keyB.publicKey)
+        let flood = (0..<100).map { _ in
+            Datagram(
+                bytes: attacker.makeInitiation(for: peer, now: now, timestamp: WireGuardClock.timestamp()),
+                to: endpointB
+            )
+        }
+        let (written, replies) = deliver(flood, to: b, from: UDPEndpoint(address: ip("198.18.0.66"), port: 4000))
+        #expect(written.isEmpty)
+        let limit = WireGuardEngine.handshakesPerSecondBeforeLoad
+        #expect(counter(b, .cookieRepliesSent) == UInt64(100 - limit))
+        #expect(replies.count == 100 - limit)
+        #expect(replies.allSatisfy { $0.bytes.count == MessageLayout.cookieReplyLength })
+        // Below the limit they were handshake work, refused as an unknown peer.
+        #expect(counter(b, .droppedHandshake) == UInt64(limit))
+    }
+
+    @Test func anInnerSourceOutsideThePeersSubnetIsDropped() throws {
+        let (a, b) = try engines()
+        try handshake(a, b, first: aToB)
+        let spoofed = makePacket(source: 0x0A02_0909, destination: 0x0A02_0207)
+        let sealed = send([spoofed], through: a)
+        try #require(sealed.count == 1)
+        #expect(deliver(sealed, to: b, from: endpointA).written.isEmpty)
+        #expect(counter(b, .droppedSourceNotAllowed) == 1)
+    }
+
+    @Test func aPacketToNoPeerIsDroppedAndCounted() throws {
+        let (a, _) = try engines()
+        #expect(send([makePacket(source: 0x0A02_0105, destination: 0x0A02_0707)], through: a).isEmpty)
+        #expect(counter(a, .droppedNoPeer) == 1)
+    }
+
+    @Test func aRemovedLeaseEndsTheSession() throws {
+        let (a, b) = try engines()
+        try handshake(a, b, first: aToB)
+        let sealed = send([aToB], through: a)
+        b.removePeer(subnet: subnetA)
+        #expect(!b.hasSession(subnet: subnetA))
+        #expect(deliver(sealed, to: b, from: endpointA).written.isEmpty)
+        #expect(counter(b, .droppedUnknownReceiver) == 1)
+    }
+
+    @Test func aLeaseWithANewKeyReplacesThePeer() throws {
+        let (a, b) = try engines()
+        try handshake(a, b, first: aToB)
+        let newKey = PrivateKey.generate()
+        try b.setPeer(subnet: subnetA, publicKey: newKey.publicKey, endpoint: endpointA)
+        #expect(b.peerCount == 1)
+        #expect(!b.hasSession(subnet: subnetA))
+        // The old key's session is gone with it.
+        #expect(deliver(send([aToB], through: a), to: b, from: endpointA).written.isEmpty)
+    }
+}
+
+@Suite struct WireGuardKeyFileTests {
+    func scratch() -> String {
+        NSTemporaryDirectory() + "tunneld-wgkey-\(UUID().uuidString)"
+    }
+
+    @Test func anAbsentKeyFileIsCreatedReadOnlyAndReadBack() throws {
+        let dir = scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/sub/wgkey"
+        let (key, created) = try WireGuardKeyFile.loadOrCreate(at: path)
+        #expect(created)
+        let attributes = try FileManager.default.attributesOfItem(atPath: path)
+        #expect((attributes[.posixPermissions] as? Int) == 0o400)
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        #expect(text.count == 44 && !text.hasSuffix("\n"))
+        let (again, createdAgain) = try WireGuardKeyFile.loadOrCreate(at: path)
+        #expect(!createdAgain)
+        #expect(again.publicKey == key.publicKey)
+    }
+
+    @Test func aKeyFromWgGenkeyWithANewlineIsRead() throws {
+        let dir = scratch()
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let key = PrivateKey.generate()
+        try (key.base64 + "\n").write(toFile: dir + "/wgkey", atomically: true, encoding: .utf8)
+        #expect(try WireGuardKeyFile.loadOrCreate(at: dir + "/wgkey").key.publicKey == key.publicKey)
+    }
+
+    @Test func aMalformedKeyFileIsOneClearError() throws {
+        let dir = scratch()
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try "not a key".write(toFile: dir + "/wgkey", atomically: true, encoding: .utf8)
+        do {
+            _ = try WireGuardKeyFile.loadOrCreate(at: dir + "/wgkey")
+            Issue.record("a malformed key file was accepted")
+        } catch {
+            let text = "\(error)"
+            #expect(text.contains("the WireGuard key file \(dir)/wgkey does not hold a private key"))
+            #expect(text.contains("wg genkey >"))
+        }
+    }
+
+    @Test func theEnvironmentNamesTheFile() {
+        #expect(WireGuardKeyFile.path(environment: [:]) == "/run/flannel/wgkey")
+        #expect(WireGuardKeyFile.path(environment: ["WIREGUARD_KEY_FILE": "/etc/k"]) == "/etc/k")
+    }
+}

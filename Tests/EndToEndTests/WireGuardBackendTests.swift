@@ -1,0 +1,268 @@
+import Foundation
+import NetBase
+import Testing
+
+let wireguardConfig = #"{"Network":"10.2.0.0/16","SubnetLen":24,"Backend":{"Type":"wireguard"}}"#
+
+let wireguardGoIsInstalled: Bool = {
+    ["/usr/bin/wireguard-go", "/usr/bin/wg"].allSatisfy { FileManager.default.isExecutableFile(atPath: $0) }
+}()
+let wireguardGoSkipReason: Comment = "needs wireguard-go and wg (apt-get install wireguard-go wireguard-tools)"
+
+/// flannel's wireguard backend on tunneld's userspace data path: hosts in
+/// network namespaces sharing the lab's etcd, each with a key file of its
+/// own; and a host configured by hand with Debian's wireguard-go the way
+/// flanneld configures a wireguard host.
+@Suite(.serialized, .enabled(if: canRunNamespaceTests && etcdIsInstalled, namespaceSkipReason))
+struct WireGuardBackendTests {
+    func withLab(_ body: (Lab) throws -> Void) throws {
+        let lab = try Lab()
+        defer { lab.destroy() }
+        do {
+            try lab.addEtcd()
+            let file = lab.directory.appendingPathComponent("flannel-config.json")
+            try wireguardConfig.write(to: file, atomically: true, encoding: .utf8)
+            try lab.etcdctl(["put", "/docker/network/config"], input: file.path)
+            try body(lab)
+            if ProcessInfo.processInfo.environment["TUNNELD_E2E_LOGS"] == "1" { lab.printLogs(["h1", "h2"]) }
+        } catch {
+            lab.printLogs(["h1", "h2", "etcd"])
+            throw error
+        }
+    }
+
+    func keyFile(_ lab: Lab, _ n: Int) -> String { lab.directory.appendingPathComponent("h\(n).wgkey").path }
+
+    func addTunneld(_ lab: Lab, _ n: Int) throws {
+        try lab.addHost(
+            n,
+            command: [
+                "env", "WIREGUARD_KEY_FILE=\(keyFile(lab, n))", tunneldBinary, "run",
+                "-etcd-endpoints=\(labEtcdEndpoint)", "-iface=eth0", "-etcd-prefix=/docker/network/",
+                "-subnet-file=\(lab.subnetFile(n))",
+                "--control-socket", lab.directory.appendingPathComponent("h\(n).sock").path,
+            ]
+        )
+    }
+
+    /// "10.2.7.0/24" from FLANNEL_SUBNET=10.2.7.1/24.
+    func subnet(_ lab: Lab, _ n: Int) throws -> String {
+        let value = try #require(try lab.subnetEnv(n)["FLANNEL_SUBNET"])
+        return value.replacingOccurrences(of: ".1/24", with: ".0/24")
+    }
+
+    func publicKey(ofKeyFile path: String) throws -> String {
+        try run(["bash", "-c", "wg pubkey < \(path)"]).output.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    @Test func twoTunneldHostsCarryContainerTrafficEncrypted() throws {
+        try withLab { lab in
+            try addTunneld(lab, 1)
+            try addTunneld(lab, 2)
+            let subnet1 = try subnet(lab, 1), subnet2 = try subnet(lab, 2)
+            #expect(try lab.subnetEnv(1)["FLANNEL_MTU"] == "1420")
+
+            // The key file is flanneld's: created 0400, wg's base64.
+            let attributes = try FileManager.default.attributesOfItem(atPath: keyFile(lab, 1))
+            #expect((attributes[.posixPermissions] as? Int) == 0o400)
+            let key1 = try publicKey(ofKeyFile: keyFile(lab, 1))
+            #expect(lab.log("h1").contains("public key \(key1)"))
+
+            // The lease is flanneld's.
+            let lease = try lab.etcdctl([
+                "get", "--print-value-only",
+                "/docker/network/subnets/\(subnet1.replacingOccurrences(of: "/", with: "-"))",
+            ]).output
+            #expect(lease.contains(#""BackendType":"wireguard""#), "\(lease)")
+            #expect(lease.contains(#""PublicKey":"\#(key1)""#), "\(lease)")
+
+            #expect(lab.waitForLog("h2", containing: "peer \(subnet1) → 198.18.0.1:51820, key \(key1)"))
+            #expect(lab.waitForLog("h1", containing: "peer \(subnet2) → 198.18.0.2:51820"))
+
+            // The device is what flanneld makes: address /32, one route.
+            let address = try lab.exec("h1", ["ip", "-o", "addr", "show", "dev", "flannel-wg"]).output
+            #expect(address.contains("inet \(subnet1.replacingOccurrences(of: "/24", with: "/32"))"), "\(address)")
+            let route = try lab.exec("h1", ["ip", "route", "show", "10.2.0.0/16"]).output
+            #expect(route.contains("dev flannel-wg") && route.contains("scope link"), "\(route)")
+
+            let there = try lab.ping(from: 1, to: 2)
+            #expect(there.succeeded, "\(there.output)")
+            let back = try lab.ping(from: 2, to: 1)
+            #expect(back.succeeded, "\(back.output)")
+            try transfer(lab, from: 1, to: 2, megabytes: 20)
+            try transfer(lab, from: 2, to: 1, megabytes: 20)
+
+            // The counters the daemons leave with: one handshake completed
+            // (by whichever side initiated), packets opened on both.
+            try lab.lab("stop", "h1")
+            try lab.lab("stop", "h2")
+            let logs = lab.log("h1") + lab.log("h2")
+            #expect(logs.contains("wg_handshakes_completed="), "\(logs)")
+            for n in [1, 2] {
+                #expect(lab.log("h\(n)").contains("wg_packets_opened="))
+                // Bulk TCP leaves in runs of equal-size messages: UDP_SEGMENT sends.
+                #expect(lab.log("h\(n)").contains("wg_udp_segmented_sends="))
+                // The peer's UDP_SEGMENT sends arrive whole across the veth: UDP_GRO receives.
+                #expect(lab.log("h\(n)").contains("wg_udp_coalesced_receives="))
+                #expect(!lab.log("h\(n)").contains("wg_dropped_"))
+                #expect(lab.log("h\(n)").contains("removed device flannel-wg"))
+            }
+        }
+    }
+
+    @Test func aHostWithANewKeyIsReachedAgainOnceItsLeaseSaysSo() throws {
+        try withLab { lab in
+            try addTunneld(lab, 1)
+            try addTunneld(lab, 2)
+            let subnet1 = try subnet(lab, 1)
+            let before = try lab.ping(from: 2, to: 1)
+            #expect(before.succeeded, "\(before.output)")
+            let oldKey = try publicKey(ofKeyFile: keyFile(lab, 1))
+            // Rotation as OPERATIONS.md says: stop, delete the key file, start.
+            try lab.lab("stop", "h1")
+            try FileManager.default.removeItem(atPath: keyFile(lab, 1))
+            try lab.lab("start", "h1")
+            // The log goes on from the first run: wait for the second start.
+            let deadline = ContinuousClock.now + .seconds(20)
+            while lab.log("h1").components(separatedBy: "WireGuard data path running").count < 3
+                && ContinuousClock.now < deadline
+            {
+                usleep(100_000)
+            }
+            #expect(lab.log("h1").components(separatedBy: "WireGuard key created in").count == 3)
+            let newKey = try publicKey(ofKeyFile: keyFile(lab, 1))
+            #expect(newKey != oldKey)
+            #expect(lab.waitForLog("h2", containing: "peer \(subnet1) → 198.18.0.1:51820, key \(newKey)"))
+            let after = try lab.ping(from: 2, to: 1)
+            #expect(after.succeeded, "\(after.output)")
+            let back = try lab.ping(from: 1, to: 2)
+            #expect(back.succeeded, "\(back.output)")
+        }
+    }
+
+    /// The data-path counters host N's daemon reports (`tunneld status --json`).
+    func counters(_ lab: Lab, _ n: Int) throws -> [String: Int] {
+        let output = try lab.exec(
+            "h\(n)",
+            [
+                tunneldBinary, "status", "--json", "--control-socket",
+                lab.directory.appendingPathComponent("h\(n).sock").path,
+            ]
+        ).output
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(output.utf8)) as? [String: Any])
+        return try #require(json["counters"] as? [String: Int], "no counters in \(output)")
+    }
+
+    @Test func datagramsFromAStrangerAreDroppedAndCountedByReason() throws {
+        try withLab { lab in
+            try addTunneld(lab, 1)
+            try addTunneld(lab, 2)
+            let before = try lab.ping(from: 1, to: 2)
+            #expect(before.succeeded, "\(before.output)")
+            // A stranger on the underlay: an initiation of the right length
+            // whose mac1 is not for host 1's key, a transport message to an
+            // index nobody gave out, and a datagram of no WireGuard type.
+            try lab.addNode(4)
+            let script = """
+                import os,socket
+                s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)
+                for d in [b'\\x01\\0\\0\\0'+os.urandom(144), b'\\x04\\0\\0\\0'+os.urandom(60), b'\\x09hello']:
+                    s.sendto(d,('198.18.0.1',51820))
+                """
+            try lab.exec("h4", ["python3", "-c", script])
+            var seen: [String: Int] = [:]
+            for _ in 0..<40 {
+                seen = try counters(lab, 1)
+                if seen["wg_dropped_malformed"] ?? 0 > 0 && seen["wg_dropped_unknown_receiver"] ?? 0 > 0 { break }
+                usleep(250_000)
+            }
+            #expect(seen["wg_dropped_bad_mac"] == 1, "\(seen)")
+            #expect(seen["wg_dropped_unknown_receiver"] == 1, "\(seen)")
+            #expect(seen["wg_dropped_malformed"] == 1, "\(seen)")
+            // The peers never noticed.
+            let after = try lab.ping(from: 2, to: 1)
+            #expect(after.succeeded, "\(after.output)")
+        }
+    }
+
+    @Test(.enabled(if: wireguardGoIsInstalled, wireguardGoSkipReason))
+    func tunneldAndWireguardGoConfiguredLikeFlanneldAreEachOthersPeers() throws {
+        try withLab { lab in
+            try addTunneld(lab, 1)
+            let subnet1 = try subnet(lab, 1)
+            let key1 = try publicKey(ofKeyFile: keyFile(lab, 1))
+
+            // Host 2 as flanneld would set it up: its key, its lease in etcd,
+            // a wireguard device (wireguard-go's TUN; its control socket is
+            // shared by every namespace, so the name is the lab's), peer,
+            // address /32 and the network's route.
+            let subnet2 = subnet1 == "10.2.200.0/24" ? "10.2.201.0/24" : "10.2.200.0/24"
+            let base2 = String(subnet2.dropLast(5))  // "10.2.200"
+            let key2File = keyFile(lab, 2)
+            try run(["bash", "-c", "umask 077; wg genkey > \(key2File)"])
+            let key2 = try publicKey(ofKeyFile: key2File)
+            try """
+            FLANNEL_NETWORK=10.2.0.0/16
+            FLANNEL_SUBNET=\(base2).1/24
+            FLANNEL_MTU=1420
+            FLANNEL_IPMASQ=false
+
+            """.write(toFile: lab.subnetFile(2), atomically: true, encoding: .utf8)
+            try lab.etcdctl([
+                "put", "/docker/network/subnets/\(base2).0-24",
+                #"{"PublicIP":"198.18.0.2","BackendType":"wireguard","BackendData":{"PublicKey":"\#(key2)"}}"#,
+            ])
+            let device = "wg" + lab.name.suffix(9)
+            try lab.addHost(2, command: ["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", device])
+            let socket = "/var/run/wireguard/\(device).sock"
+            let deadline = ContinuousClock.now + .seconds(10)
+            while !FileManager.default.fileExists(atPath: socket) && ContinuousClock.now < deadline {
+                usleep(100_000)
+            }
+            try lab.exec(
+                "h2",
+                [
+                    "wg", "set", device, "private-key", key2File, "listen-port", "51820", "peer", key1,
+                    "endpoint", "198.18.0.1:51820", "allowed-ips", subnet1,
+                ]
+            )
+            try lab.exec("h2", ["ip", "addr", "add", "\(base2).0/32", "dev", device])
+            try lab.exec("h2", ["ip", "link", "set", device, "mtu", "1420", "up"])
+            try lab.exec("h2", ["ip", "route", "add", "10.2.0.0/16", "dev", device, "scope", "link"])
+            #expect(lab.waitForLog("h1", containing: "peer \(subnet2) → 198.18.0.2:51820, key \(key2)"))
+
+            // wireguard-go starts the handshake.
+            let fromGo = try lab.ping(from: 2, to: 1)
+            #expect(fromGo.succeeded, "\(fromGo.output)")
+            let handshakes = try lab.exec("h2", ["wg", "show", device, "latest-handshakes"]).output
+            #expect(handshakes.contains(key1) && !handshakes.contains("\t0\n"), "\(handshakes)")
+            let back = try lab.ping(from: 1, to: 2)
+            #expect(back.succeeded, "\(back.output)")
+            try transfer(lab, from: 1, to: 2, megabytes: 20)
+            try transfer(lab, from: 2, to: 1, megabytes: 20)
+
+            // tunneld restarts (same key file, same lease) and starts the
+            // handshake itself: wireguard-go takes the newer initiation.
+            try lab.lab("stop", "h1")
+            let answered = try #require(stoppedLines(lab.log("h1")).last)
+            #expect(answered.contains("wg_handshake_responses_sent="), "\(answered)")
+            try lab.lab("start", "h1")
+            #expect(lab.waitForLog("h1", containing: "WireGuard data path running"))
+            let fromTunneld = try lab.ping(from: 1, to: 2)
+            #expect(fromTunneld.succeeded, "\(fromTunneld.output)")
+            try transfer(lab, from: 2, to: 1, megabytes: 20)
+            try lab.lab("stop", "h1")
+            let lines = stoppedLines(lab.log("h1"))
+            #expect(lines.count == 2)
+            let initiated = try #require(lines.last)
+            #expect(initiated.contains("wg_handshakes_completed="), "\(initiated)")
+            // Nothing wireguard-go sent was refused.
+            #expect(!initiated.contains("wg_dropped_bad_mac") && !initiated.contains("wg_dropped_replay"))
+        }
+    }
+
+    /// The counter lines the daemon logged each time its data path stopped.
+    func stoppedLines(_ log: String) -> [Substring] {
+        log.split(separator: "\n").filter { $0.contains("WireGuard data path stopped;") }
+    }
+}
