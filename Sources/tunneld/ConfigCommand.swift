@@ -52,7 +52,7 @@ struct Config: AsyncParsableCommand {
                                 .utf8
                         )
                     )
-                } else if config.ipv6 != nil {
+                } else if config.ipv6 != nil, config.backend.knownType == .udp {
                     // Valid for flannel (flanneld hosts can use it); tunneld hosts will not start on it yet.
                     FileHandle.standardError.write(
                         Data(

@@ -50,6 +50,7 @@ final class Daemon: Service, Sendable {
             interface: interface,
             interfaceAddress: interfaceAddress,
             publicIP: publicIP,
+            publicIPv6: publicIPv6,
             routeSocket: routeSocket
         )
         // From here on, a failure removes what this start installed (device,
@@ -286,6 +287,7 @@ final class Daemon: Service, Sendable {
         interface: Interface,
         interfaceAddress: IPv4Address,
         publicIP: IPv4Address,
+        publicIPv6: IPv6Address?,
         routeSocket: RouteSocket
     ) throws -> any Backend {
         guard let type = config.backend.knownType else {
@@ -300,6 +302,12 @@ final class Daemon: Service, Sendable {
             underlay: link,
             underlayAddress: address,
             publicIP: publicIP,
+            publicIPv6: publicIPv6,
+            underlayIPv6: publicIPv6 == nil
+                ? []
+                : try routeSocket.ipv6Addresses().filter {
+                    $0.index == interface.index && !$0.address.isLinkLocalUnicast
+                },
             routeSocket: routeSocket,
             logger: logger
         )
@@ -454,9 +462,10 @@ final class Daemon: Service, Sendable {
         guard let type = config.backend.knownType else {
             throw DaemonError(BackendType.unsupported(config.backend.type))
         }
-        // The store, leases and subnet.env know IPv6; no backend carries it
-        // yet. Refuse rather than lease IPv6 subnets nothing routes.
-        if let v6 = config.ipv6 {
+        // The kernel backends carry IPv6 (flannel-v6.<VNI>, host-gw's IPv6
+        // routes); the udp backend does not yet. Refuse rather than lease
+        // IPv6 subnets nothing routes.
+        if let v6 = config.ipv6, type == .udp {
             throw DaemonError(
                 "the network config enables IPv6 (EnableIPv6, IPv6Network \(v6.network)), but IPv6 for "
                     + "the \(type.rawValue) backend is not built in tunneld yet: set EnableIPv6 to false (or remove it) "

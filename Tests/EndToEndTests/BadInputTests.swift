@@ -120,12 +120,12 @@ struct BadInputTests {
         }
     }
 
-    /// The store and subnet.env know IPv6, no backend carries it yet: a
-    /// dual-stack config is stored, and `run` stops with a line naming the
+    /// The udp backend does not carry IPv6 yet (vxlan and host-gw do): a
+    /// dual-stack udp config is stored, and `run` stops with a line naming the
     /// backend before anything is leased or installed.
     @Test func aDualStackConfigIsRefusedByRunNamingTheBackend() throws {
         try withBareHost { lab in
-            for backend in ["udp", "vxlan", "host-gw"] {
+            for backend in ["udp"] {
                 let file = lab.directory.appendingPathComponent("dual-\(backend).json")
                 try
                     #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"\#(backend)"}}"#

@@ -362,11 +362,12 @@ struct EtcdBackendTests {
 
     /// A dual-stack lease written by a flanneld host (etcdctl, flanneld's
     /// key and value): `tunneld leases` lists both families; a tunneld host
-    /// refuses to start on the dual-stack config, naming its backend.
+    /// refuses to start on a dual-stack udp config (udp carries no IPv6 yet),
+    /// naming its backend.
     @Test func aFlanneldDualStackLeaseIsListedAndRunRefusesTheConfig() throws {
         try withEtcdLab { lab in
             let config =
-                #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"vxlan"}}"#
+                #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"udp"}}"#
             let file = lab.directory.appendingPathComponent("dual.json")
             try config.write(to: file, atomically: true, encoding: .utf8)
             try lab.etcdctl(["put", "/docker/network/config"], input: file.path)
@@ -407,7 +408,7 @@ struct EtcdBackendTests {
             )
             #expect(!result.succeeded)
             #expect(
-                result.output.contains("IPv6 for the vxlan backend is not built in tunneld yet"),
+                result.output.contains("IPv6 for the udp backend is not built in tunneld yet"),
                 "\(result.output)"
             )
             // Nothing leased by the refused start: the flanneld host's lease is alone.
