@@ -235,4 +235,73 @@ struct DualStackBackendTests {
             #expect(ping6.succeeded, "\(ping6.output)")
         }
     }
+
+    /// udp (beyond flannel, whose udp backend has no IPv6): the TUN carries
+    /// IPv6 packets too, over the IPv4 underlay, to peers whose lease has
+    /// an IPv6 subnet; a flannel udp host's plain lease gets IPv4 only.
+    @Test func udpCarriesIPv6PacketsOverTheIPv4Underlay() throws {
+        try etcd.withEtcdLab { lab in
+            try putConfig(lab, backend: #"{"Type":"udp"}"#)
+            try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
+            try lab.addHost(2, command: etcd.flanneldCommand(lab, host: 2), ipv6: true)
+            let v4 = [try LabLease(lab, host: 1), try LabLease(lab, host: 2)]
+            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            // flannel's udp lease (no BackendType) under the dual-stack key.
+            let value = try #require(try lab.etcdValue(leaseKey(lab, host: 1)))
+            #expect(value.hasPrefix(#"{"PublicIP":"198.18.0.1","PublicIPv6":"fd18::1""#), "\(value)")
+            #expect(!value.contains("BackendType"), "\(value)")
+            let addresses = try lab.hostOutput(1, ["ip", "-6", "addr", "show", "dev", "flannel0"])
+            #expect(addresses.contains("\(v6[0].base)/128"), "\(addresses)")
+            #expect(
+                try route6(lab, host: 1, to: "fd00:10:2::/48")?.contains("dev flannel0") ?? false,
+                "\(try routes6(lab, host: 1))"
+            )
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(v4[1].subnet) and \(v6[1].subnet) → peer 198.18.0.2:8285"),
+                "\(lab.log("h1"))"
+            )
+            for (from, to) in [(1, 2), (2, 1)] {
+                let ping6 = try lab.ping6(from: from, to: to)
+                #expect(ping6.succeeded, "\(ping6.output)")
+                let ping = try lab.ping(from: from, to: to)
+                #expect(ping.succeeded, "\(ping.output)")
+            }
+            // Full-size IPv6 packets (the tunnel's MTU, 1472) go through whole.
+            let big = try lab.exec(
+                "c1",
+                ["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", "-s", "1424", "-M", "do", try lab.containerIPv6(2)],
+                timeout: .seconds(30),
+                check: false
+            )
+            #expect(big.succeeded, "\(big.output)")
+
+            // A flannel udp host: a plain IPv4 key, no IPv6 for it.
+            try lab.etcdctl([
+                "put", "/docker/network/subnets/10.2.200.0-24", #"{"PublicIP":"198.18.0.9","PublicIPv6":null}"#,
+            ])
+            #expect(
+                lab.waitForLog("h1", containing: "peer 10.2.200.0/24 → peer 198.18.0.9:8285"),
+                "\(lab.log("h1"))"
+            )
+            // The peer leaves (stopped, its lease deleted): its IPv6 subnet
+            // is unreachable from then on.
+            let key2 = try leaseKey(lab, host: 2)
+            try lab.lab("stop", "h2")
+            try lab.etcdctl(["del", key2])
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(v4[1].subnet) is gone"),
+                "\(lab.log("h1"))"
+            )
+            let gone = try lab.exec(
+                "c1",
+                ["ping", "-6", "-c", "1", "-W", "1", try lab.containerIPv6(2)],
+                timeout: .seconds(10),
+                check: false
+            )
+            #expect(!gone.succeeded, "\(gone.output)")
+            // The data path's ICMPv6 error, from the base of the subnet it has no peer for.
+            #expect(gone.output.contains("From \(v6[1].base)") && gone.output.contains("Destination unreachable"), "\(gone.output)")
+        }
+    }
+
 }
