@@ -172,7 +172,7 @@ let package = Package(
         // Scratch namespaces and packet builders shared by the tests.
         .target(
             name: "NetTestSupport",
-            dependencies: ["NetBase", "Netlink", "UDPEncap"],
+            dependencies: ["NetBase", "Netlink", "UDPEncap", .product(name: "Logging", package: "swift-log")],
             path: "Tests/NetTestSupport"
         ),
         .testTarget(name: "NetlinkTests", dependencies: ["Netlink", "NetBase", "NetTestSupport", "FuzzSupport"]),
@@ -188,7 +188,8 @@ let package = Package(
         .testTarget(
             name: "EtcdClientTests",
             dependencies: [
-                "EtcdClient", "EtcdTestSupport", "NetBase", .product(name: "Logging", package: "swift-log"),
+                "EtcdClient", "EtcdTestSupport", "NetBase", "NetTestSupport",
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .testTarget(
@@ -201,7 +202,7 @@ let package = Package(
         .testTarget(
             name: "PeerControlTests",
             dependencies: [
-                "PeerControl", "LeaseStore", "NetBase",
+                "PeerControl", "LeaseStore", "NetBase", "NetTestSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),
@@ -214,7 +215,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "EndToEndTests", dependencies: ["NetBase", "NetTestSupport"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["NetBase", "NetTestSupport", "EtcdTestSupport"]),
         .testTarget(
             name: "ObservabilityTests",
             dependencies: [

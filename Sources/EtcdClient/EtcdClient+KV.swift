@@ -258,20 +258,7 @@ extension EtcdClient {
         compare.createRevision = 0
         let operation = "Txn create-if-absent \(key)"
         let response = try await putIf(compare, key: key, value: value, lease: lease, operation: operation)
-        if response.succeeded { return .created(revision: response.header.revision) }
-        guard case .responseRange(let found)? = response.responses.first?.response,
-            let existing = found.kvs.first
-        else {
-            // The transaction is atomic: a failed compare means the key existed
-            // when the Range ran.
-            throw EtcdError(
-                .protocolViolation,
-                operation: operation,
-                endpoints: endpoints,
-                reason: "the compare failed but the key was not returned"
-            )
-        }
-        return .exists(EtcdKeyValue(existing))
+        return try createResult(response, operation: operation, missing: "the key was not returned")
     }
 
     /// Creates `key` only if no key starting with `guardPrefix` exists (the
@@ -312,6 +299,18 @@ extension EtcdClient {
         let response = try await perform(operation) { [request] metadata, options in
             try await self.kv.txn(request, metadata: metadata, options: options)
         }
+        return try createResult(response, operation: operation, missing: "no key under the prefix was returned")
+    }
+
+    /// The outcome of a create-if-absent transaction whose failure branch
+    /// is a Range: `.created`, or `.exists` with the first key found. The
+    /// transaction is atomic, so a failed compare with nothing found is
+    /// etcd breaking its contract (`missing` says what was absent).
+    private func createResult(
+        _ response: Etcdserverpb_TxnResponse,
+        operation: String,
+        missing: String
+    ) throws(EtcdError) -> EtcdCreateResult {
         if response.succeeded { return .created(revision: response.header.revision) }
         guard case .responseRange(let found)? = response.responses.first?.response,
             let existing = found.kvs.first
@@ -320,7 +319,7 @@ extension EtcdClient {
                 .protocolViolation,
                 operation: operation,
                 endpoints: endpoints,
-                reason: "the compare failed but no key under the prefix was returned"
+                reason: "the compare failed but \(missing)"
             )
         }
         return .exists(EtcdKeyValue(existing))

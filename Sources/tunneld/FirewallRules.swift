@@ -15,6 +15,32 @@ enum IPFamily: String, Sendable, CaseIterable {
     var multicast: String { self == .ipv4 ? "224.0.0.0/4" : "ff00::/8" }
 }
 
+/// Runs a rule program (iptables, ip6tables, nft) and returns what it
+/// printed. A failure names the program, the arguments (not `options`, the
+/// flags every call carries) and what the program said.
+func runRuleProgram(
+    _ path: String,
+    _ arguments: [String],
+    options: [String] = [],
+    input: String = ""
+) throws
+    -> String
+{
+    let output: ChildOutput
+    do {
+        output = try ChildProcess.run(path, arguments: options + arguments, input: Array(input.utf8))
+    } catch {
+        throw DaemonError("cannot run \(path): \(error)")
+    }
+    guard output.status == 0 else {
+        let text = String(decoding: output.stderr.isEmpty ? output.stdout : output.stderr, as: UTF8.self)
+        throw DaemonError(
+            "\((path as NSString).lastPathComponent) \(arguments.joined(separator: " ")) failed (exit \(output.status)): \(text.trimmingCharacters(in: .whitespacesAndNewlines))"
+        )
+    }
+    return String(decoding: output.stdout, as: UTF8.self)
+}
+
 /// What the rules of one family are about: the overlay network and this
 /// host's subnet in it, as the CIDR text the rule programs print.
 struct FamilyNetworks: Sendable, Equatable {

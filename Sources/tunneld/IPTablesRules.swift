@@ -115,28 +115,12 @@ struct IPTables: Sendable {
             let path = ["/usr/sbin/\(program)", "/sbin/\(program)", "/usr/bin/\(program)"]
                 .first(where: { FileManager.default.isExecutableFile(atPath: $0) })
         else { return nil }
-        return IPTables(run: { arguments in try IPTables.runProgram(path, arguments) })
+        return IPTables(run: { arguments in try runRuleProgram(path, arguments, options: ["-w", "5"]) })
     }
 
     /// iptables as `run` (the unit tests' model of the kernel's tables).
     init(run: @escaping @Sendable ([String]) throws -> String) {
         self.run = run
-    }
-
-    private static func runProgram(_ path: String, _ arguments: [String]) throws -> String {
-        let output: ChildOutput
-        do {
-            output = try ChildProcess.run(path, arguments: ["-w", "5"] + arguments)
-        } catch {
-            throw DaemonError("cannot run \(path): \(error)")
-        }
-        guard output.status == 0 else {
-            let text = String(decoding: output.stderr.isEmpty ? output.stdout : output.stderr, as: UTF8.self)
-            throw DaemonError(
-                "\((path as NSString).lastPathComponent) \(arguments.joined(separator: " ")) failed (exit \(output.status)): \(text.trimmingCharacters(in: .whitespacesAndNewlines))"
-            )
-        }
-        return String(decoding: output.stdout, as: UTF8.self)
     }
 
     @discardableResult

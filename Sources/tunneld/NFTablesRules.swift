@@ -80,28 +80,12 @@ struct NFT: Sendable {
                 "\(purpose) with EnableNFTables needs the nft program, which is not on PATH (\(path ?? "unset")): install the nftables package (apt-get install nftables)"
             )
         }
-        run = { arguments, input in try NFT.runProgram(program, arguments, input) }
+        run = { arguments, input in try runRuleProgram(program, arguments, input: input) }
     }
 
     /// nft as `run` (the unit tests' model of the kernel's tables).
     init(run: @escaping @Sendable (_ arguments: [String], _ input: String) throws -> String) {
         self.run = run
-    }
-
-    private static func runProgram(_ path: String, _ arguments: [String], _ input: String) throws -> String {
-        let output: ChildOutput
-        do {
-            output = try ChildProcess.run(path, arguments: arguments, input: Array(input.utf8))
-        } catch {
-            throw DaemonError("cannot run \(path): \(error)")
-        }
-        guard output.status == 0 else {
-            let text = String(decoding: output.stderr.isEmpty ? output.stdout : output.stderr, as: UTF8.self)
-            throw DaemonError(
-                "nft \(arguments.joined(separator: " ")) failed (exit \(output.status)): \(text.trimmingCharacters(in: .whitespacesAndNewlines))"
-            )
-        }
-        return String(decoding: output.stdout, as: UTF8.self)
     }
 
     @discardableResult

@@ -1,3 +1,4 @@
+import EtcdTestSupport
 import Foundation
 import NetBase
 import NetTestSupport
@@ -394,7 +395,7 @@ struct LabEtcd {
     /// The members' process (and namespace) names: "etcd", then "etcd2"…
     /// for a cluster. The first one's namespace runs etcdctl.
     var members: [LabEtcdMember] = [LabEtcdMember(name: "etcd", address: LabEtcd.address)]
-    var certificates: LabCertificates?
+    var certificates: TestCertificates?
     /// "root:password" for etcdctl once auth is on.
     var rootCredentials: String?
 }
@@ -426,7 +427,14 @@ extension Lab {
         let url = "\(tls ? "https" : "http")://\(LabEtcd.address):2379"
         let certificates =
             tls
-            ? try LabCertificates.make(in: directory.appendingPathComponent("certs"), serverIP: LabEtcd.address)
+            ? try TestCertificates.make(
+                // The client's CN, tunneld-host, is no etcd user: with auth
+                // on, etcd would take it as the user without a password login.
+                in: directory.appendingPathComponent("certs"),
+                serverName: "etcd",
+                serverAltNames: "IP:\(LabEtcd.address)",
+                clientName: "tunneld-host"
+            )
             : nil
         // Peer and metrics URLs stay on the etcd namespace's loopback.
         var arguments = [
@@ -587,67 +595,6 @@ extension Lab {
         try etcdctl(["user", "add", "root:\(rootPassword)"])
         try etcdctl(["auth", "enable"])
         etcd?.rootCredentials = "root:\(rootPassword)"
-    }
-}
-
-/// Files for etcd's mutual TLS, made with openssl: a CA, a server
-/// certificate for the lab's etcd address, and one client certificate.
-/// Its CN, tunneld-host, is no etcd user: with auth on, etcd would take a
-/// certificate's CN as the user when no password login is given.
-struct LabCertificates {
-    var caFile: String
-    var serverCertFile: String
-    var serverKeyFile: String
-    var clientCertFile: String
-    var clientKeyFile: String
-
-    static func make(in directory: URL, serverIP: String) throws -> LabCertificates {
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
-        try run([
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-keyout", path("ca.key"), "-out", path("ca.crt"), "-subj", "/CN=tunneld-lab-ca",
-        ])
-        func issue(_ name: String, subject: String, extensions: String) throws {
-            try extensions.write(toFile: path("\(name).ext"), atomically: true, encoding: .utf8)
-            try run([
-                "openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", path("\(name).key"),
-                "-out", path("\(name).csr"), "-subj", subject,
-            ])
-            try run([
-                "openssl", "x509", "-req", "-in", path("\(name).csr"), "-CA", path("ca.crt"),
-                "-CAkey", path("ca.key"), "-CAcreateserial", "-days", "2",
-                "-out", path("\(name).crt"), "-extfile", path("\(name).ext"),
-            ])
-        }
-        try issue(
-            "server",
-            subject: "/CN=etcd",
-            extensions: """
-                basicConstraints=CA:FALSE
-                keyUsage=digitalSignature,keyEncipherment
-                extendedKeyUsage=serverAuth
-                subjectAltName=IP:\(serverIP)
-
-                """
-        )
-        try issue(
-            "client",
-            subject: "/CN=tunneld-host",
-            extensions: """
-                basicConstraints=CA:FALSE
-                keyUsage=digitalSignature,keyEncipherment
-                extendedKeyUsage=clientAuth
-
-                """
-        )
-        return LabCertificates(
-            caFile: path("ca.crt"),
-            serverCertFile: path("server.crt"),
-            serverKeyFile: path("server.key"),
-            clientCertFile: path("client.crt"),
-            clientKeyFile: path("client.key")
-        )
     }
 }
 

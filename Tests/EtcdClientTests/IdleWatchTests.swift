@@ -1,7 +1,7 @@
 import EtcdTestSupport
 import Foundation
 import Logging
-import Synchronization
+import NetTestSupport
 import Testing
 
 @testable import EtcdClient
@@ -17,8 +17,8 @@ import Testing
 struct IdleWatchTests {
     @Test func anIdleWatchIsNotTakenForASilentMember() async throws {
         try await EtcdServer.with { server in
-            let warnings = Warnings()
-            let logger = Logger(label: "test") { _ in WarningCapture(warnings: warnings) }
+            let logs = LogCapture()
+            let logger = logs.logger
             // Probes every 0.3 s, patience 0.6 s: 4 s idle is several patiences.
             let client = try EtcdClient(
                 endpoints: [server.clientURL],
@@ -32,28 +32,9 @@ struct IdleWatchTests {
             try await client.put("/idle/b", value: "2")
             let events = try await collectEvents(stream, count: 1, within: .seconds(5))
             #expect(events.map(\.kv.key) == ["/idle/b"])
-            let interrupted = warnings.lines.withLock { $0 }.filter { $0.contains("interrupted") }
+            let interrupted = logs.all.filter { $0.hasPrefix("warning:") && $0.contains("interrupted") }
             #expect(interrupted.isEmpty, "an idle watch was interrupted: \(interrupted)")
             await client.close()
         }
-    }
-}
-
-private final class Warnings: Sendable {
-    let lines = Mutex<[String]>([])
-}
-
-/// Keeps the warnings (and worse) a logger is given.
-private struct WarningCapture: LogHandler {
-    let warnings: Warnings
-    var metadata: Logger.Metadata = [:]
-    var logLevel: Logger.Level = .trace
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-    func log(event: LogEvent) {
-        guard event.level >= .warning else { return }
-        warnings.lines.withLock { $0.append("\(event.message)") }
     }
 }

@@ -15,39 +15,23 @@ import Testing
     )
 )
 struct TLSFailureTests {
-    /// A CA, and certificates it signs, in a temporary directory.
+    /// A CA, and certificates it signs, in a temporary directory removed
+    /// with it.
     final class Issuer {
-        let directory: URL
+        let certificates: CertificateIssuer
         init() throws {
-            directory = FileManager.default.temporaryDirectory.appendingPathComponent(
-                "tunneld-tls-\(UUID().uuidString)"
+            certificates = try CertificateIssuer(
+                directory: FileManager.default.temporaryDirectory.appendingPathComponent(
+                    "tunneld-tls-\(UUID().uuidString)"
+                )
             )
-            try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         }
-        deinit { try? FileManager.default.removeItem(at: directory) }
+        deinit { try? FileManager.default.removeItem(at: certificates.directory) }
 
-        func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
-
-        func openssl(_ arguments: [String]) throws {
-            let output = try ChildProcess.run(
-                "/usr/bin/openssl",
-                arguments: arguments,
-                timeout: .seconds(60),
-                parentDeathSignal: SIGKILL
-            )
-            guard output.status == 0 else {
-                throw TestFailure("openssl \(arguments) failed: \(String(decoding: output.stderr, as: UTF8.self))")
-            }
-        }
+        func path(_ name: String) -> String { certificates.path(name) }
 
         /// A self-signed CA named `name` (files NAME.crt, NAME.key).
-        func ca(_ name: String) throws -> String {
-            try openssl([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", path("\(name).key"),
-                "-out", path("\(name).crt"), "-subj", "/CN=\(name)",
-            ])
-            return path("\(name).crt")
-        }
+        func ca(_ name: String) throws -> String { try certificates.ca(name) }
 
         /// A certificate signed by CA `by`, valid for `days` (negative: expired).
         func issue(
@@ -57,17 +41,7 @@ struct TLSFailureTests {
             san: String = "IP:127.0.0.1",
             usage: String = "serverAuth,clientAuth"
         ) throws -> (cert: String, key: String) {
-            try "basicConstraints=CA:FALSE\nextendedKeyUsage=\(usage)\nsubjectAltName=\(san)\n"
-                .write(toFile: path("\(name).ext"), atomically: true, encoding: .utf8)
-            try openssl([
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", path("\(name).key"),
-                "-out", path("\(name).csr"), "-subj", "/CN=\(name)",
-            ])
-            try openssl([
-                "x509", "-req", "-in", path("\(name).csr"), "-CA", path("\(ca).crt"), "-CAkey", path("\(ca).key"),
-                "-CAcreateserial", "-days", "\(days)", "-out", path("\(name).crt"), "-extfile", path("\(name).ext"),
-            ])
-            return (path("\(name).crt"), path("\(name).key"))
+            try certificates.issue(name, by: ca, usage: usage, san: san, days: days)
         }
     }
 

@@ -260,8 +260,70 @@ public final class EtcdServer: @unchecked Sendable {
     }
 }
 
-/// Files for mutual TLS, made with openssl: a CA, a server certificate for
-/// 127.0.0.1 / localhost, and a client certificate (CN=root).
+/// Test certificates made with openssl in one directory: CAs (NAME.crt,
+/// NAME.key) and the certificates they sign. The one place tests issue
+/// certificates (etcd's TLS, the lab's etcd, the TLS failure tests).
+public struct CertificateIssuer: Sendable {
+    public let directory: URL
+
+    public init(directory: URL) throws {
+        self.directory = directory
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    }
+
+    public func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
+
+    /// A self-signed CA (NAME.crt, NAME.key) with CN `name`; returns NAME.crt.
+    @discardableResult
+    public func ca(_ name: String) throws -> String {
+        try openssl([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", path("\(name).key"), "-out", path("\(name).crt"), "-subj", "/CN=\(name)",
+        ])
+        return path("\(name).crt")
+    }
+
+    /// A certificate NAME.crt (key NAME.key) signed by the CA named `ca`,
+    /// valid for `days` (negative: already expired).
+    ///
+    /// - Parameters:
+    ///   - commonName: the subject's CN (default `name`).
+    ///   - usage: its extendedKeyUsage.
+    ///   - san: its subjectAltName ("IP:127.0.0.1,DNS:localhost"); nil for none.
+    @discardableResult
+    public func issue(
+        _ name: String,
+        by ca: String,
+        commonName: String? = nil,
+        usage: String = "serverAuth,clientAuth",
+        san: String? = "IP:127.0.0.1",
+        days: Int = 2
+    ) throws -> (cert: String, key: String) {
+        var extensions = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+        extensions += "extendedKeyUsage=\(usage)\n"
+        if let san { extensions += "subjectAltName=\(san)\n" }
+        try extensions.write(toFile: path("\(name).ext"), atomically: true, encoding: .utf8)
+        try openssl([
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", path("\(name).key"),
+            "-out", path("\(name).csr"), "-subj", "/CN=\(commonName ?? name)",
+        ])
+        try openssl([
+            "x509", "-req", "-in", path("\(name).csr"), "-CA", path("\(ca).crt"), "-CAkey", path("\(ca).key"),
+            "-CAcreateserial", "-days", "\(days)", "-out", path("\(name).crt"), "-extfile", path("\(name).ext"),
+        ])
+        return (path("\(name).crt"), path("\(name).key"))
+    }
+
+    private func openssl(_ arguments: [String]) throws {
+        let result = try run("/usr/bin/openssl", arguments)
+        guard result.status == 0 else {
+            throw TestSupportError("openssl \(arguments.first ?? "") failed: \(result.output)")
+        }
+    }
+}
+
+/// Files for mutual TLS: a CA, a server certificate (for 127.0.0.1 /
+/// localhost unless told otherwise), and a client certificate (CN=root).
 public struct TestCertificates: Sendable {
     public var caFile: String
     public var serverCertFile: String
@@ -269,58 +331,27 @@ public struct TestCertificates: Sendable {
     public var clientCertFile: String
     public var clientKeyFile: String
 
-    public static func make(in directory: URL) throws -> TestCertificates {
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
-        func openssl(_ arguments: [String]) throws {
-            let result = try run("/usr/bin/openssl", arguments)
-            guard result.status == 0 else {
-                throw TestSupportError("openssl \(arguments.first ?? "") failed: \(result.output)")
-            }
-        }
-        try openssl([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-keyout", path("ca.key"), "-out", path("ca.crt"), "-subj", "/CN=tunneld-test-ca",
-        ])
-        func issue(_ name: String, subject: String, extensions: String) throws {
-            try String(extensions).write(toFile: path("\(name).ext"), atomically: true, encoding: .utf8)
-            try openssl([
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", path("\(name).key"),
-                "-out", path("\(name).csr"), "-subj", subject,
-            ])
-            try openssl([
-                "x509", "-req", "-in", path("\(name).csr"), "-CA", path("ca.crt"),
-                "-CAkey", path("ca.key"), "-CAcreateserial", "-days", "2",
-                "-out", path("\(name).crt"), "-extfile", path("\(name).ext"),
-            ])
-        }
-        try issue(
-            "server",
-            subject: "/CN=localhost",
-            extensions: """
-                basicConstraints=CA:FALSE
-                keyUsage=digitalSignature,keyEncipherment
-                extendedKeyUsage=serverAuth,clientAuth
-                subjectAltName=IP:127.0.0.1,DNS:localhost
-
-                """
-        )
-        try issue(
-            "client",
-            subject: "/CN=root",
-            extensions: """
-                basicConstraints=CA:FALSE
-                keyUsage=digitalSignature,keyEncipherment
-                extendedKeyUsage=clientAuth
-
-                """
-        )
+    /// - Parameters:
+    ///   - serverName: the server certificate's CN.
+    ///   - serverAltNames: its subjectAltName.
+    ///   - clientName: the client certificate's CN (with etcd auth on, etcd
+    ///     takes it as the user when no password login is given).
+    public static func make(
+        in directory: URL,
+        serverName: String = "localhost",
+        serverAltNames: String = "IP:127.0.0.1,DNS:localhost",
+        clientName: String = "root"
+    ) throws -> TestCertificates {
+        let issuer = try CertificateIssuer(directory: directory)
+        let ca = try issuer.ca("ca")
+        let server = try issuer.issue("server", by: "ca", commonName: serverName, san: serverAltNames)
+        let client = try issuer.issue("client", by: "ca", commonName: clientName, usage: "clientAuth", san: nil)
         return TestCertificates(
-            caFile: path("ca.crt"),
-            serverCertFile: path("server.crt"),
-            serverKeyFile: path("server.key"),
-            clientCertFile: path("client.crt"),
-            clientKeyFile: path("client.key")
+            caFile: ca,
+            serverCertFile: server.cert,
+            serverKeyFile: server.key,
+            clientCertFile: client.cert,
+            clientKeyFile: client.key
         )
     }
 }

@@ -1,4 +1,5 @@
 import Logging
+import NetTestSupport
 import Testing
 
 @testable import PeerControl

@@ -3,6 +3,7 @@ import Foundation
 import LeaseStore
 import MetricsTestKit
 import NetBase
+import NetTestSupport
 import PeerControl
 import Testing
 

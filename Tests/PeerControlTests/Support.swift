@@ -2,6 +2,7 @@ import Foundation
 import LeaseStore
 import Logging
 import NetBase
+import NetTestSupport
 import PeerControl
 import Synchronization
 
@@ -228,31 +229,6 @@ final class RecordingBackend: Backend {
     func apply(_ changes: [PeerChange]) { log.withLock { $0 += changes } }
     func run() async throws {}
     func cleanUp(releasing: Bool) {}
-}
-
-/// Log lines kept in memory, so tests can check what an operator would read.
-final class LogCapture: Sendable {
-    private let lines = Mutex<[String]>([])
-    var all: [String] { lines.withLock { $0 } }
-    func append(_ line: String) { lines.withLock { $0.append(line) } }
-    func count(containing text: String) -> Int { all.filter { $0.contains(text) }.count }
-
-    var logger: Logger {
-        Logger(label: "test") { _ in CaptureHandler(capture: self) }
-    }
-
-    struct CaptureHandler: LogHandler {
-        let capture: LogCapture
-        var metadata: Logger.Metadata = [:]
-        var logLevel: Logger.Level = .trace
-        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-            get { metadata[key] }
-            set { metadata[key] = newValue }
-        }
-        func log(event: LogEvent) {
-            capture.append("\(event.level): \(event.message)")
-        }
-    }
 }
 
 /// Waits (bounded) until `condition` holds; returns whether it did.
