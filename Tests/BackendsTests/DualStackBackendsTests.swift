@@ -292,4 +292,85 @@ struct DualStackBackendsTests {
             backend: "host-gw"
         )
     }
+
+    @Test func aRestartRemovesTheIPv6EntriesOfPeersThatLeftMeanwhileAndPutsBackADeletedRoute() async throws {
+        let ns = try TestNamespace()
+        defer { ns.remove() }
+        try ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+        try ns.ip("addr", "add", "198.18.0.1/24", "dev", "eth0")
+        try ns.ip("-6", "addr", "add", "fd18::1/64", "dev", "eth0", "nodad")
+        try ns.ip("link", "set", "eth0", "up")
+        let socket = try ns.socket()
+        defer { socket.close() }
+        let link = try socket.link(named: "eth0")
+        let address = try #require(try socket.addresses().first { $0.index == link.index })
+        let host = HostContext(
+            config: try NetworkConfig(
+                json:
+                    #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"vxlan"}}"#
+            ),
+            underlay: link,
+            underlayAddress: address,
+            publicIP: address.address,
+            publicIPv6: IPv6Address("fd18::1"),
+            underlayIPv6: try socket.ipv6Addresses().filter { $0.index == link.index },
+            routeSocket: socket,
+            logger: logger
+        )
+        let own = dualLease("10.2.5.0/24", "fd00:10:2:5::/64", "198.18.0.1", publicIPv6: "fd18::1", type: "vxlan")
+        let stays = dualLease(
+            "10.2.7.0/24",
+            "fd00:10:2:7::/64",
+            "198.19.0.7",
+            publicIPv6: "fd19::7",
+            type: "vxlan",
+            mac: "0e:00:00:00:00:07",
+            mac6: "0e:00:00:00:06:07"
+        )
+        let leaves = dualLease(
+            "10.2.8.0/24",
+            "fd00:10:2:8::/64",
+            "198.19.0.8",
+            publicIPv6: "fd19::8",
+            type: "vxlan",
+            mac: "0e:00:00:00:00:08",
+            mac6: "0e:00:00:00:06:08"
+        )
+        let before = try VXLANBackend(host: host)
+        _ = try before.leaseAttributes()
+        try before.activate(lease: own)
+        before.apply([.added(stays), .added(leaves)])
+        before.cleanUp(releasing: false)
+        #expect(try ns.ip("-6", "route", "show", "fd00:10:2:8::/64").contains("dev flannel-v6.1"))
+
+        let after = try VXLANBackend(host: host, checkInterval: .milliseconds(100))
+        _ = try after.leaseAttributes()
+        try after.activate(lease: own)
+        after.apply([.added(stays)])
+        func fdb6() throws -> String { try command(["bridge", "-n", ns.name, "fdb", "show", "dev", "flannel-v6.1"]) }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await after.run() }
+            defer { group.cancelAll() }
+            var deadline = ContinuousClock.now + .seconds(5)
+            while ContinuousClock.now < deadline, try !ns.ip("-6", "route", "show", "fd00:10:2:8::/64").isEmpty {
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            // A route deleted behind its back is put back by the check.
+            try ns.ip("-6", "route", "del", "fd00:10:2:7::/64")
+            deadline = ContinuousClock.now + .seconds(5)
+            while ContinuousClock.now < deadline, try ns.ip("-6", "route", "show", "fd00:10:2:7::/64").isEmpty {
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
+        #expect(try ns.ip("-6", "route", "show", "fd00:10:2:8::/64").isEmpty)
+        #expect(try !ns.ip("-6", "neigh", "show", "dev", "flannel-v6.1").contains("fd00:10:2:8::"))
+        #expect(try !fdb6().contains("0e:00:00:00:06:08"))
+        #expect(try ns.ip("-6", "route", "show", "fd00:10:2:7::/64").contains("via fd00:10:2:7:: dev flannel-v6.1"))
+        #expect(try fdb6().contains("0e:00:00:00:06:07 dst fd19::7 self permanent"))
+        #expect(
+            try ns.ip("-6", "neigh", "show", "dev", "flannel-v6.1").contains(
+                "fd00:10:2:7:: lladdr 0e:00:00:00:06:07 PERMANENT"
+            )
+        )
+    }
 }

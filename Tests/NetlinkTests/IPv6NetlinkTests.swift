@@ -164,12 +164,9 @@ struct IPv6NetlinkTests {
             #expect(shown.contains("via fd00:10:2:7:: dev flannel-v6.1") && shown.contains("onlink"), "\(shown)")
             let listed = try socket.ipv6Routes().filter { $0.destination == route.destination }
             #expect(listed.count == 1 && listed.first?.gateway == vtep && listed.first?.onlink == true, "\(listed)")
-            // The local table's routes (the device's own address) are not listed.
-            #expect(
-                try !socket.ipv6Routes().contains {
-                    $0.destination.address == own && $0.destination.prefixLength == 128
-                }
-            )
+            // The kernel's own route for the /128 (main table, no gateway) is listed as it is; the
+            // backends' route keepers own only routes of SubnetLen with a gateway.
+            #expect(try socket.ipv6Routes().contains { $0.destination.address == own && $0.gateway == nil })
 
             try socket.deleteRoute(route)
             try socket.deleteRoute(route)  // gone: no error
