@@ -118,7 +118,7 @@ public final class HostGatewayBackend: Backend, HostBackend {
                 }
                 let route = IPv6Route(destination: subnet, outputIndex: underlay.index, gateway: gateway)
                 if routes.set(route, peer: "peer \(subnet) (\(gateway))") {
-                    log.note("peer \(subnet) → via \(gateway) dev \(underlay.name)")
+                    log.note("peer \(subnet) → via \(gateway) dev \(self.underlay.name)")
                 }
             case .removed(let lease):
                 if let subnet = lease.ipv6Subnet { routes.remove(subnet) }

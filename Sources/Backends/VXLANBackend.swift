@@ -391,7 +391,7 @@ public final class VXLANBackend: Backend, HostBackend {
             let route = IPv6Route(destination: subnet, outputIndex: underlay.index, gateway: remote)
             if routes.set(route, peer: "peer \(subnet) (\(remote))") {
                 side.installed.withLock { $0[subnet] = .direct }
-                log.note("peer \(subnet) → via \(remote) dev \(underlay.name) (direct routing)")
+                log.note("peer \(subnet) → via \(remote) dev \(self.underlay.name) (direct routing)")
             }
             return
         }

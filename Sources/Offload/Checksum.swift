@@ -70,7 +70,8 @@ public enum Checksum {
     /// upper-layer length, next header), not folded.
     @inlinable
     public static func pseudoHeader6(source: UInt128, destination: UInt128, nextHeader: UInt8, length: Int) -> UInt64 {
-        var sum = UInt64(nextHeader) &+ UInt64(UInt32(truncatingIfNeeded: length) & 0xffff)
+        var sum =
+            UInt64(nextHeader) &+ UInt64(UInt32(truncatingIfNeeded: length) & 0xffff)
             &+ UInt64(UInt32(truncatingIfNeeded: length) &>> 16)
         for word in 0..<4 {
             let shift = UInt128(32 * word)

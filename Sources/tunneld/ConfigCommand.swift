@@ -1,7 +1,7 @@
 import ArgumentParser
 import Foundation
-import PacketRing
 import LeaseStore
+import PacketRing
 
 struct Config: AsyncParsableCommand {
     static let configuration = CommandConfiguration(

@@ -290,7 +290,7 @@ final class Daemon: Service, Sendable {
         publicIPv6: IPv6Address?,
         routeSocket: RouteSocket
     ) throws -> any Backend {
-        guard config.backend.knownType != nil else {
+        guard let type = config.backend.knownType else {
             throw DaemonError(BackendType.unsupported(config.backend.type))
         }
         let link = try routeSocket.link(index: interface.index)

@@ -130,7 +130,8 @@ struct BadInputTests {
             try #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/32","Backend":{"Type":"udp"}}"#
                 .write(to: file, atomically: true, encoding: .utf8)
             let set = try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, file.path])
-            let limit = "IPv6Network fd00::/32 holds 2^32 subnets of /64, more than the udp backend's table takes (2^24)"
+            let limit =
+                "IPv6Network fd00::/32 holds 2^32 subnets of /64, more than the udp backend's table takes (2^24)"
             #expect(set.output.contains("warning: \(limit)"), "\(set.output)")
             let result = try start(lab, ["--public-ipv6", "2001:db8::1"], timeout: .seconds(20))
             #expect(!result.succeeded)

@@ -122,7 +122,15 @@ struct ForwarderIPv6Tests {
             Issue.record("no ICMPv6 error")
             return
         }
-        expectError(packet, length: n, type: 3, code: 0, from: Self.remote6.address.value, to: source, quoting: original)
+        expectError(
+            packet,
+            length: n,
+            type: 3,
+            code: 0,
+            from: Self.remote6.address.value,
+            to: source,
+            quoting: original
+        )
         #expect(count(.droppedTTLExpired) == 1)
     }
 
@@ -140,7 +148,15 @@ struct ForwarderIPv6Tests {
         }
         // The error is at most the IPv6 minimum MTU long.
         #expect(n == 1280)
-        expectError(packet, length: n, type: 2, code: 0, from: Self.remote6.address.value, to: source, quoting: original)
+        expectError(
+            packet,
+            length: n,
+            type: 2,
+            code: 0,
+            from: Self.remote6.address.value,
+            to: source,
+            quoting: original
+        )
         let mtu = UInt32(packet[44]) << 24 | UInt32(packet[45]) << 16 | UInt32(packet[46]) << 8 | UInt32(packet[47])
         #expect(mtu == UInt32(Self.mtu))
         #expect(count(.droppedTooBig) == 1)
