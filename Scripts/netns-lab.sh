@@ -12,6 +12,10 @@
 #   netns-lab.sh create  LAB DIR             underlay switch; DIR holds state, logs, pids
 #   netns-lab.sh add-host LAB DIR N -- CMD…  host N; runs CMD… in it (tunneld), waits for
 #                                            DIR/hN.env, then builds container N from it
+#   netns-lab.sh add-host LAB DIR N --ipv6 -- CMD…
+#                                            the same with an IPv6 underlay address fd18::N/64 on
+#                                            eth0 (dual-stack networks); the container gets an
+#                                            IPv6 address too when hN.env has FLANNEL_IPV6_SUBNET
 #   netns-lab.sh add-host LAB DIR N --no-container -- CMD…
 #                                            the same without container N: something else
 #                                            (a CNI plugin, dockerd) attaches containers
@@ -107,13 +111,18 @@ create)
 
 add-host|add-node)
   n=${1:?host number missing}; shift
-  with_container=1
+  with_container=1 ipv6=0
+  [ "${1:-}" = "--ipv6" ] && { ipv6=1; shift; }
   [ "${1:-}" = "--no-container" ] && { with_container=0; shift; }
   [ "${1:-}" = "--" ] && shift
   h=$(ns "h$n"); c=$(ns "c$n")
   add_host_namespace "$n"
+  if [ "$ipv6" = 1 ]; then
+    ip -n "$h" addr add "fd18::$n/64" dev eth0 nodad
+  fi
   [ "$cmd" = add-node ] && exit 0
   ip netns exec "$h" sysctl -qw net.ipv4.ip_forward=1
+  [ "$ipv6" = 1 ] && ip netns exec "$h" sysctl -qw net.ipv6.conf.all.forwarding=1
   # Hosts reach nothing but the lab: no default route beyond the underlay.
   ip -n "$h" route add default via 198.18.0.254 dev eth0 2>/dev/null || true
   spawn "h$n" "$h" "$@"
@@ -135,6 +144,14 @@ add-host|add-node)
   ip -n "$c" link set eth0 mtu "$FLANNEL_MTU" up
   ip -n "$c" route add default via "$bip"
   echo "$cip" >"$dir/c$n.ip"
+  if [ -n "${FLANNEL_IPV6_SUBNET:-}" ]; then
+    bip6=${FLANNEL_IPV6_SUBNET%/*}; len6=${FLANNEL_IPV6_SUBNET#*/}
+    case "$bip6" in *::1) cip6="${bip6%1}2" ;; *) log "FLANNEL_IPV6_SUBNET $FLANNEL_IPV6_SUBNET does not end in ::1"; exit 1 ;; esac
+    ip -n "$h" addr add "$FLANNEL_IPV6_SUBNET" dev cbr0 nodad
+    ip -n "$c" addr add "$cip6/$len6" dev eth0 nodad
+    ip -n "$c" -6 route add default via "$bip6"
+    echo "$cip6" >"$dir/c$n.ip6"
+  fi
   ;;
 
 add-bare-host)

@@ -15,6 +15,12 @@ public struct HostContext: Sendable {
     public var underlayAddress: InterfaceAddress
     /// What the lease says other hosts send to.
     public var publicIP: IPv4Address
+    /// In a dual-stack network, what the lease's PublicIPv6 says other hosts
+    /// send IPv6 to (`-public-ipv6` or the underlay's address); nil otherwise.
+    public var publicIPv6: IPv6Address?
+    /// The underlay's global IPv6 addresses: a peer whose PublicIPv6 is in
+    /// one of their networks is reachable on the link (host-gw, DirectRouting).
+    public var underlayIPv6: [InterfaceIPv6Address]
     public var routeSocket: RouteSocket
     public var logger: Logger
 
@@ -23,6 +29,8 @@ public struct HostContext: Sendable {
         underlay: Link,
         underlayAddress: InterfaceAddress,
         publicIP: IPv4Address,
+        publicIPv6: IPv6Address? = nil,
+        underlayIPv6: [InterfaceIPv6Address] = [],
         routeSocket: RouteSocket,
         logger: Logger
     ) {
@@ -30,21 +38,32 @@ public struct HostContext: Sendable {
         self.underlay = underlay
         self.underlayAddress = underlayAddress
         self.publicIP = publicIP
+        self.publicIPv6 = publicIPv6
+        self.underlayIPv6 = underlayIPv6
         self.routeSocket = routeSocket
         self.logger = logger
     }
 
     /// Removes what another mode left on this host (see `Leftovers`).
-    func removeLeftovers(keepingDevice device: String?, peerRoutesToo: Bool) {
+    func removeLeftovers(keepingDevices devices: [String] = [], peerRoutesToo: Bool) {
         Leftovers.remove(
-            keepingDevice: device,
+            keepingDevices: devices,
             peerRoutesToo: peerRoutesToo,
             network: config.network,
             subnetLen: config.subnetLen,
+            ipv6: config.ipv6,
             underlay: underlay,
             routeSocket: routeSocket,
             logger: logger
         )
+    }
+}
+
+extension HostContext {
+    /// Whether `address` is on the underlay's link: inside the network of one
+    /// of its global IPv6 addresses.
+    func isOnLink(_ address: IPv6Address) -> Bool {
+        underlayIPv6.contains { IPv6Network(address: $0.address, prefixLength: $0.prefixLength).contains(address) }
     }
 }
 
@@ -58,6 +77,7 @@ extension HostBackend {
     var underlay: Link { host.underlay }
     var underlayAddress: InterfaceAddress { host.underlayAddress }
     var publicIP: IPv4Address { host.publicIP }
+    var publicIPv6: IPv6Address? { host.publicIPv6 }
     var routeSocket: RouteSocket { host.routeSocket }
     var logger: Logger { host.logger }
 }
@@ -79,17 +99,17 @@ extension BackendType {
         case .udp:
             // The TUN goes with its process; vxlan devices and host-gw
             // routes of an earlier mode go now.
-            host.removeLeftovers(keepingDevice: nil, peerRoutesToo: true)
+            host.removeLeftovers(peerRoutesToo: true)
             return try UDPBackend(host: host, options: options.udp)
         case .vxlan:
             // Its own device (and DirectRouting routes) stay across a restart.
             let backend = try VXLANBackend(host: host)
-            host.removeLeftovers(keepingDevice: backend.deviceName, peerRoutesToo: false)
+            host.removeLeftovers(keepingDevices: backend.deviceNames, peerRoutesToo: false)
             return backend
         case .hostGW:
             // Its own routes are checked by its route keeper, not removed.
             let backend = try HostGatewayBackend(host: host)
-            host.removeLeftovers(keepingDevice: nil, peerRoutesToo: false)
+            host.removeLeftovers(peerRoutesToo: false)
             return backend
         case .wireguard:
             // Its TUN goes with its process, like udp's.

@@ -10,25 +10,29 @@ import Synchronization
 /// `owns` says which kernel routes are this backend's to manage; a route it
 /// owns that no peer wants is removed by `check()`. The host's own routes
 /// (the container bridge's subnet route has no gateway) are never owned.
-final class RouteKeeper: Sendable {
+///
+/// One keeper serves one address family (`Route` or `IPv6Route`); a
+/// dual-stack backend has one of each.
+final class RouteKeeper<KernelRoute: PeerRoute>: Sendable {
+    typealias Destination = KernelRoute.Destination
     let routeSocket: RouteSocket
     let logger: Logger
-    let owns: @Sendable (Route) -> Bool
-    private let wanted = Mutex<[IPv4Network: Route]>([:])
+    let owns: @Sendable (KernelRoute) -> Bool
+    private let wanted = Mutex<[Destination: KernelRoute]>([:])
     /// Peers whose route the kernel refused, so that the periodic check does
     /// not repeat the same error every time.
-    private let failing = Mutex<[IPv4Network: String]>([:])
+    private let failing = Mutex<[Destination: String]>([:])
     /// Changes to `wanted` (the table's generation) and routes put back by
     /// `check()`, for `tunneld status` and the metrics endpoint.
     private let counts = Mutex<(changes: UInt64, restored: UInt64)>((0, 0))
 
-    init(routeSocket: RouteSocket, logger: Logger, owns: @escaping @Sendable (Route) -> Bool) {
+    init(routeSocket: RouteSocket, logger: Logger, owns: @escaping @Sendable (KernelRoute) -> Bool) {
         self.routeSocket = routeSocket
         self.logger = logger
         self.owns = owns
     }
 
-    var routes: [Route] { wanted.withLock { Array($0.values) } }
+    var routes: [KernelRoute] { wanted.withLock { Array($0.values) } }
 
     /// Wanted routes, changes made to them, and routes restored by `check()`.
     var tally: (routes: Int, changes: UInt64, restored: UInt64) {
@@ -37,7 +41,7 @@ final class RouteKeeper: Sendable {
         return (n, c.changes, c.restored)
     }
 
-    func describe(_ route: Route) -> String {
+    func describe(_ route: KernelRoute) -> String {
         route.description(device: routeSocket.linkName(route.outputIndex))
     }
 
@@ -45,19 +49,19 @@ final class RouteKeeper: Sendable {
     /// Returns false, after one error line for this peer, when the kernel
     /// refuses it.
     @discardableResult
-    func set(_ route: Route, peer: String) -> Bool {
-        let previous = wanted.withLock { table -> Route? in
+    func set(_ route: KernelRoute, peer: String) -> Bool {
+        let previous = wanted.withLock { table -> KernelRoute? in
             defer { table[route.destination] = route }
             return table[route.destination]
         }
         if previous != route { counts.withLock { $0.changes &+= 1 } }
-        if let previous, previous != route { try? routeSocket.deleteRoute(previous) }
+        if let previous, previous != route { try? previous.delete(using: routeSocket) }
         return install(route, peer: peer)
     }
 
-    private func install(_ route: Route, peer: String) -> Bool {
+    private func install(_ route: KernelRoute, peer: String) -> Bool {
         do {
-            try routeSocket.addRoute(route)
+            try route.add(using: routeSocket)
             failing.withLock { $0[route.destination] = nil }
             return true
         } catch {
@@ -73,11 +77,11 @@ final class RouteKeeper: Sendable {
     }
 
     /// Removes the route to `destination`, if we installed one.
-    func remove(_ destination: IPv4Network) {
+    func remove(_ destination: Destination) {
         guard let route = wanted.withLock({ $0.removeValue(forKey: destination) }) else { return }
         counts.withLock { $0.changes &+= 1 }
         failing.withLock { $0[destination] = nil }
-        do { try routeSocket.deleteRoute(route) } catch {
+        do { try route.delete(using: routeSocket) } catch {
             logger.warning("could not remove route \(describe(route)): \(error)")
         }
     }
@@ -95,8 +99,8 @@ final class RouteKeeper: Sendable {
     /// Puts back wanted routes that are missing and removes owned routes
     /// that nobody wants (left by an earlier run or another backend).
     func check() {
-        let present: [Route]
-        do { present = try routeSocket.routes() } catch {
+        let present: [KernelRoute]
+        do { present = try KernelRoute.list(using: routeSocket) } catch {
             logger.warning("route check: cannot list routes: \(error)")
             return
         }
@@ -104,7 +108,7 @@ final class RouteKeeper: Sendable {
         for route in present where owns(route) {
             if let want = wanted[route.destination], Self.same(want, route) { continue }
             do {
-                try routeSocket.deleteRoute(route)
+                try route.delete(using: routeSocket)
                 logger.info("removed route \(describe(route)): no peer has that subnet now")
             } catch {
                 logger.warning("could not remove stale route \(describe(route)): \(error)")
@@ -112,7 +116,7 @@ final class RouteKeeper: Sendable {
         }
         // One pass over each list (a /8 of /24s has 65,535 routes; comparing
         // every wanted route with every present one would be quadratic).
-        var presentByDestination: [IPv4Network: [Route]] = [:]
+        var presentByDestination: [Destination: [KernelRoute]] = [:]
         for route in present { presentByDestination[route.destination, default: []].append(route) }
         for (destination, route) in wanted
         where !(presentByDestination[destination] ?? []).contains(where: { Self.same(route, $0) }) {
@@ -131,14 +135,45 @@ final class RouteKeeper: Sendable {
 
     /// The same route as far as forwarding goes (the kernel may report a
     /// metric or source we did not set).
-    static func same(_ a: Route, _ b: Route) -> Bool {
+    static func same(_ a: KernelRoute, _ b: KernelRoute) -> Bool {
         a.destination == b.destination && a.gateway == b.gateway && a.outputIndex == b.outputIndex
             && a.onlink == b.onlink
     }
 }
 
+/// A kernel route of one address family, as a `RouteKeeper` handles it.
+protocol PeerRoute: Hashable, Sendable {
+    associatedtype Destination: Hashable, Sendable, CustomStringConvertible
+    var destination: Destination { get }
+    var outputIndex: Int32 { get }
+    var onlink: Bool { get }
+    associatedtype Gateway: Hashable
+    var gateway: Gateway? { get }
+    func description(device: String) -> String
+    static func list(using socket: RouteSocket) throws -> [Self]
+    func add(using socket: RouteSocket) throws
+    func delete(using socket: RouteSocket) throws
+}
+
+extension Route: PeerRoute {
+    static func list(using socket: RouteSocket) throws -> [Route] { try socket.routes() }
+    func add(using socket: RouteSocket) throws { try socket.addRoute(self) }
+    func delete(using socket: RouteSocket) throws { try socket.deleteRoute(self) }
+}
+
+extension IPv6Route: PeerRoute {
+    static func list(using socket: RouteSocket) throws -> [IPv6Route] { try socket.ipv6Routes() }
+    func add(using socket: RouteSocket) throws { try socket.addRoute(self) }
+    func delete(using socket: RouteSocket) throws { try socket.deleteRoute(self) }
+}
+
 /// Routes in the shape both kernel backends install for a peer: a subnet of
 /// the network, of SubnetLen, through a gateway.
 func isPeerRoute(_ route: Route, network: IPv4Network, subnetLen: Int) -> Bool {
+    route.gateway != nil && route.destination.prefixLength == subnetLen && network.contains(route.destination)
+}
+
+/// The IPv6 side of `isPeerRoute`.
+func isPeerRoute(_ route: IPv6Route, network: IPv6Network, subnetLen: Int) -> Bool {
     route.gateway != nil && route.destination.prefixLength == subnetLen && network.contains(route.destination)
 }

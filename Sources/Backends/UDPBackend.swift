@@ -52,6 +52,8 @@ public final class UDPBackend: Backend, HostBackend {
     let host: HostContext
     let options: Options
     let table: SubnetTable
+    /// The IPv6 side of the table, in a dual-stack network.
+    let table6: SubnetTable6?
 
     private let dataPath = Mutex<UDPDataPath?>(nil)
 
@@ -61,6 +63,7 @@ public final class UDPBackend: Backend, HostBackend {
         self.options = options
         mtu = host.underlay.mtu - DataPath.udpEncapsulationOverhead
         table = try SubnetTable(network: config.network, subnetLength: config.subnetLen)
+        table6 = try config.ipv6.map { try SubnetTable6(network: $0.network, subnetLength: $0.subnetLen) }
     }
 
     /// flannel's udp backend writes no BackendType and no BackendData.
@@ -70,8 +73,10 @@ public final class UDPBackend: Backend, HostBackend {
 
     public func activate(lease: Lease) throws {
         try table.set(lease.subnet, to: .local)
+        if let table6, let subnet6 = lease.ipv6Subnet { try table6.set(subnet6, to: .local) }
         let forwarder = Forwarder(
             table: table,
+            table6: table6,
             tunAddress: lease.subnet.address,
             acceptUnknownPeers: options.acceptUnknownPeers,
             mtu: mtu
@@ -85,7 +90,8 @@ public final class UDPBackend: Backend, HostBackend {
                 offload: options.offload,
                 workers: options.workers,
                 queueDepth: options.queueDepth,
-                busyPollMicroseconds: options.busyPollMicroseconds
+                busyPollMicroseconds: options.busyPollMicroseconds,
+                carriesIPv6: table6 != nil
             ),
             forwarder: forwarder,
             routeSocket: routeSocket
@@ -98,6 +104,9 @@ public final class UDPBackend: Backend, HostBackend {
                 routes: [config.network],
                 using: routeSocket
             )
+            if let v6 = config.ipv6, let subnet6 = lease.ipv6Subnet {
+                try path.tun.configureIPv6(address: subnet6.address, routes: [v6.network], using: routeSocket)
+            }
         } catch {
             path.tun.close()
             path.closeSockets()
@@ -106,6 +115,11 @@ public final class UDPBackend: Backend, HostBackend {
         logger.info(
             "device \(options.device) up: \(lease.subnet.address)/32 MTU \(mtu), route \(config.network) dev \(options.device)"
         )
+        if let v6 = config.ipv6, let subnet6 = lease.ipv6Subnet {
+            logger.info(
+                "IPv6 on \(options.device): \(subnet6.address)/128, route \(v6.network) dev \(options.device); IPv6 packets go to peers whose lease has an IPv6 subnet"
+            )
+        }
         logger.info("\(path.summary)")
         dataPath.withLock { $0 = path }
     }
@@ -113,7 +127,17 @@ public final class UDPBackend: Backend, HostBackend {
     public func move(from old: Lease, to new: Lease) throws {
         table.remove(old.subnet)
         try table.set(new.subnet, to: .local)
+        if let table6 {
+            if let subnet6 = old.ipv6Subnet { table6.remove(subnet6) }
+            if let subnet6 = new.ipv6Subnet { try table6.set(subnet6, to: .local) }
+        }
         guard let tun = dataPath.withLock({ $0?.tun }) else { return }
+        if let v6 = config.ipv6, old.ipv6Subnet != new.ipv6Subnet {
+            if let subnet6 = new.ipv6Subnet {
+                try tun.configureIPv6(address: subnet6.address, routes: [v6.network], using: routeSocket)
+            }
+            if let subnet6 = old.ipv6Subnet { try tun.removeIPv6(address: subnet6.address, using: routeSocket) }
+        }
         try tun.configure(
             address: new.subnet.address,
             prefixLength: 32,
@@ -138,15 +162,26 @@ public final class UDPBackend: Backend, HostBackend {
         for change in changes {
             switch change {
             case .added(let lease), .updated(_, let lease):
+                if case .updated(let old, _) = change, let gone = old.ipv6Subnet, gone != lease.ipv6Subnet {
+                    table6?.remove(gone)
+                }
                 let route = NextHop.peer(UDPEndpoint(address: lease.attributes.publicIP, port: config.backend.port))
                 do {
                     try table.set(lease.subnet, to: route)
-                    log.note("peer \(lease.subnet) → \(route)")
+                    // Only a peer whose lease has an IPv6 subnet gets IPv6
+                    // packets: a flannel udp host (IPv4 only) never does.
+                    if let table6, let subnet6 = lease.ipv6Subnet {
+                        try table6.set(subnet6, to: route)
+                        log.note("peer \(lease.subnet) and \(subnet6) → \(route)")
+                    } else {
+                        log.note("peer \(lease.subnet) → \(route)")
+                    }
                 } catch {
                     logger.warning("\(error)")
                 }
             case .removed(let lease):
                 table.remove(lease.subnet)
+                if let subnet6 = lease.ipv6Subnet { table6?.remove(subnet6) }
             }
         }
     }

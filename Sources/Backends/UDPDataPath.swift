@@ -40,6 +40,9 @@ final class UDPDataPath: Sendable {
         var workers: Int
         var queueDepth: Int
         var busyPollMicroseconds: Int
+        /// The device carries IPv6 too (a dual-stack network): no UDP
+        /// segmentation offload, which the kernel would give for IPv6 too.
+        var carriesIPv6 = false
     }
 
     /// Creates the device and the sockets; `configure` the device afterwards.
@@ -70,7 +73,7 @@ final class UDPDataPath: Sendable {
         }
         var tunOffloads: TunOffloads = []
         if virtio {
-            tunOffloads = tun.enableOffloads()
+            tunOffloads = tun.enableOffloads(uso: !settings.carriesIPv6)
             if !tunOffloads.contains(.tso4) {
                 notes.append("the kernel refused TSO on the TUN (got \(tunOffloads)): packets are read one by one")
             } else {

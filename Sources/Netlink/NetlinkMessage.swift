@@ -102,6 +102,11 @@ public struct NetlinkRequest: Sendable {
         append(attribute: type, bytes: value.bytes)
     }
 
+    /// An IPv6 address: 16 bytes in network byte order.
+    public mutating func append(attribute type: some BinaryInteger, address value: IPv6Address) {
+        append(attribute: type, bytes: value.bytes)
+    }
+
     /// An attribute with no value (a flag).
     public mutating func append(flag type: some BinaryInteger) {
         append(attribute: type, bytes: EmptyCollection())
@@ -226,6 +231,8 @@ public struct NetlinkAttribute: Sendable {
     public var address: IPv4Address? {
         value.count == 4 ? IPv4Address(value[0], value[1], value[2], value[3]) : nil
     }
+    /// A 16-byte IPv6 address in network byte order.
+    public var ipv6Address: IPv6Address? { value.count == 16 ? IPv6Address(bytes: value) : nil }
     /// The value parsed as a list of attributes.
     public var nested: NetlinkAttributes { NetlinkAttributes(parsing: value[...]) }
 

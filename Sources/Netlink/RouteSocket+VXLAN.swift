@@ -44,6 +44,9 @@ public struct VXLANSettings: Hashable, Sendable, CustomStringConvertible {
     public var underlayIndex: Int32
     /// The source address of the tunnel's packets (the host's public IP).
     public var localAddress: IPv4Address?
+    /// The IPv6 source address of an IPv6-underlay device (flannel-v6.<VNI>:
+    /// the host's public IPv6); such a device has no `localAddress`.
+    public var localIPv6: IPv6Address?
     /// Learning of remote MACs from received packets; flannel turns it off
     /// because it programs every entry itself.
     public var learning: Bool
@@ -55,6 +58,7 @@ public struct VXLANSettings: Hashable, Sendable, CustomStringConvertible {
         port: UInt16,
         underlayIndex: Int32,
         localAddress: IPv4Address?,
+        localIPv6: IPv6Address? = nil,
         learning: Bool = false,
         gbp: Bool = false
     ) {
@@ -62,12 +66,14 @@ public struct VXLANSettings: Hashable, Sendable, CustomStringConvertible {
         self.port = port
         self.underlayIndex = underlayIndex
         self.localAddress = localAddress
+        self.localIPv6 = localIPv6
         self.learning = learning
         self.gbp = gbp
     }
 
     public var description: String {
         "id \(vni) dstport \(port) dev #\(underlayIndex)" + (localAddress.map { " local \($0)" } ?? "")
+            + (localIPv6.map { " local \($0)" } ?? "")
             + (learning ? "" : " nolearning") + (gbp ? " gbp" : "")
     }
 }
@@ -78,6 +84,8 @@ public struct NeighbourEntry: Hashable, Sendable, CustomStringConvertible {
     /// The IP address: for ARP the neighbour's address, for an FDB entry the
     /// remote tunnel endpoint (NDA_DST).
     public var address: IPv4Address?
+    /// The same for an IPv6 neighbour or an FDB entry with an IPv6 remote.
+    public var ipv6Address: IPv6Address?
     public var hardwareAddress: EthernetAddress?
     /// NUD_* state bits.
     public var state: UInt16
@@ -85,7 +93,7 @@ public struct NeighbourEntry: Hashable, Sendable, CustomStringConvertible {
     public var isPermanent: Bool { state & UInt16(NUD_PERMANENT) != 0 }
 
     public var description: String {
-        "\(address.map(\.description) ?? "-") lladdr \(hardwareAddress.map(\.description) ?? "-") dev #\(index)"
+        "\(address.map(\.description) ?? ipv6Address.map(\.description) ?? "-") lladdr \(hardwareAddress.map(\.description) ?? "-") dev #\(index)"
             + (isPermanent ? " permanent" : "")
     }
 }
@@ -119,6 +127,7 @@ extension RouteSocket {
                     data.append(attribute: IFLA_VXLAN_LINK, uint32: UInt32(bitPattern: settings.underlayIndex))
                 }
                 if let local = settings.localAddress { data.append(attribute: IFLA_VXLAN_LOCAL, address: local) }
+                if let local = settings.localIPv6 { data.append(attribute: IFLA_VXLAN_LOCAL6, address: local) }
                 data.append(attribute: IFLA_VXLAN_PORT, uint16BigEndian: settings.port)
                 data.append(attribute: IFLA_VXLAN_LEARNING, uint8: settings.learning ? 1 : 0)
                 if settings.gbp { data.append(flag: IFLA_VXLAN_GBP) }
@@ -148,6 +157,7 @@ extension RouteSocket {
             port: data[type: IFLA_VXLAN_PORT]?.uint16BigEndian ?? 0,
             underlayIndex: Int32(bitPattern: data[type: IFLA_VXLAN_LINK]?.uint32 ?? 0),
             localAddress: data[type: IFLA_VXLAN_LOCAL]?.address,
+            localIPv6: data[type: IFLA_VXLAN_LOCAL6]?.ipv6Address,
             learning: (data[type: IFLA_VXLAN_LEARNING]?.uint8 ?? 0) != 0,
             gbp: data[type: IFLA_VXLAN_GBP] != nil
         )
@@ -217,10 +227,10 @@ extension RouteSocket {
     /// endpoint (the vxlan entries tunneld and flanneld program).
     public func forwardingEntries(index: Int32) throws -> [NeighbourEntry] {
         try neighbourDump(family: UInt8(AF_BRIDGE), index: index, operation: "RTM_GETNEIGH (fdb dump)")
-            .filter { $0.address != nil }
+            .filter { $0.address != nil || $0.ipv6Address != nil }
     }
 
-    private func neighbourDump(family: UInt8, index: Int32, operation: String) throws -> [NeighbourEntry] {
+    func neighbourDump(family: UInt8, index: Int32, operation: String) throws -> [NeighbourEntry] {
         var request = NetlinkRequest(type: RTM_GETNEIGH)
         request.append(header: Self.neighbourHeader(family: family, index: index, flags: 0, state: 0))
         return try dump(request, operation: operation).compactMap { message -> NeighbourEntry? in
@@ -228,17 +238,18 @@ extension RouteSocket {
                 header.ndm_family == family, header.ndm_ifindex == index
             else { return nil }
             let attributes = message.attributes(after: ndmsg.self)
-            let destination = attributes[type: NDA_DST].flatMap { $0.value.count == 4 ? $0.address : nil }
+            let destination = attributes[type: NDA_DST]
             return NeighbourEntry(
                 index: header.ndm_ifindex,
-                address: destination,
+                address: destination?.address,
+                ipv6Address: destination?.ipv6Address,
                 hardwareAddress: attributes[type: NDA_LLADDR].flatMap { EthernetAddress(bytes: $0.value) },
                 state: header.ndm_state
             )
         }
     }
 
-    private static func neighbourHeader(
+    static func neighbourHeader(
         family: UInt8,
         index: Int32,
         flags: UInt8,

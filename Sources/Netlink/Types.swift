@@ -137,3 +137,43 @@ public struct Route: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String { description(device: "#\(outputIndex)") }
 }
+
+/// An IPv6 unicast route in the main table, in the shapes the kernel
+/// backends install: `<subnet> via <peer> dev eth0` (host-gw, DirectRouting)
+/// and `<subnet> via <vtep> dev flannel-v6.1 onlink` (vxlan).
+public struct IPv6Route: Hashable, Sendable, CustomStringConvertible {
+    public var destination: IPv6Network
+    /// The output device's index; 0 when the kernel reported none.
+    public var outputIndex: Int32
+    public var gateway: IPv6Address?
+    /// RTNH_F_ONLINK: the gateway is on the device though no address covers it.
+    public var onlink: Bool
+    /// RTA_PRIORITY; nil when the kernel reported none (it gives IPv6 routes 1024).
+    public var metric: UInt32?
+
+    public init(
+        destination: IPv6Network,
+        outputIndex: Int32,
+        gateway: IPv6Address? = nil,
+        onlink: Bool = false,
+        metric: UInt32? = nil
+    ) {
+        self.destination = destination
+        self.outputIndex = outputIndex
+        self.gateway = gateway
+        self.onlink = onlink
+        self.metric = metric
+    }
+
+    /// The route in `ip -6 route` form, with `device` as the device's name.
+    public func description(device: String) -> String {
+        var text = destination.prefixLength == 0 ? "default" : destination.description
+        if let gateway { text += " via \(gateway)" }
+        text += " dev \(device)"
+        if onlink { text += " onlink" }
+        if let metric { text += " metric \(metric)" }
+        return text
+    }
+
+    public var description: String { description(device: "#\(outputIndex)") }
+}

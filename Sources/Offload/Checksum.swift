@@ -66,6 +66,21 @@ public enum Checksum {
             &+ UInt64(UInt32(truncatingIfNeeded: length) &>> 16)
     }
 
+    /// Pseudo-header sum for IPv6 (RFC 8200 section 8.1: source, destination,
+    /// upper-layer length, next header), not folded.
+    @inlinable
+    public static func pseudoHeader6(source: UInt128, destination: UInt128, nextHeader: UInt8, length: Int) -> UInt64 {
+        var sum =
+            UInt64(nextHeader) &+ UInt64(UInt32(truncatingIfNeeded: length) & 0xffff)
+            &+ UInt64(UInt32(truncatingIfNeeded: length) &>> 16)
+        for word in 0..<4 {
+            let shift = UInt128(32 * word)
+            sum &+= UInt64(UInt32(truncatingIfNeeded: source &>> shift))
+            sum &+= UInt64(UInt32(truncatingIfNeeded: destination &>> shift))
+        }
+        return sum
+    }
+
     /// The checksum to store in a header: the inverted fold of `count` bytes plus `initial`.
     @inlinable
     public static func compute(_ p: UnsafeRawPointer, count: Int, initial: UInt64 = 0) -> UInt16 {

@@ -14,6 +14,9 @@ import Glibc
 /// subnet and for our own subnet, then hand it to the TUN unchanged.
 public struct Forwarder: Sendable {
     public let table: SubnetTable
+    /// The IPv6 side in a dual-stack network; nil: IPv6 packets are not
+    /// carried (dropped as malformed, as any non-IPv4 packet).
+    public let table6: SubnetTable6?
     /// The TUN's address (kept for diagnostics; see `errorSource`).
     public let tunAddress: IPv4Address
     private let subnetMask: UInt32
@@ -29,11 +32,13 @@ public struct Forwarder: Sendable {
 
     public init(
         table: SubnetTable,
+        table6: SubnetTable6? = nil,
         tunAddress: IPv4Address,
         acceptUnknownPeers: Bool = false,
         mtu: Int = DataPath.maxPacketSize
     ) {
         self.table = table
+        self.table6 = table6
         self.tunAddress = tunAddress
         self.acceptUnknownPeers = acceptUnknownPeers
         self.mtu = mtu
@@ -72,8 +77,11 @@ public struct Forwarder: Sendable {
         stats: Statistics
     ) -> TunAction {
         stats.add(.tunPacketsRead)
+        if let table6, Forwarder.isIPv6(p, length: length) {
+            return fromTun(ipv6: p, length: length, capacity: capacity, segmentLength: segmentLength, table6, stats)
+        }
         // The kernel built this packet; anything odd (IPv6 control traffic on
-        // the device) is simply not ours to carry.
+        // the device of an IPv4-only network) is simply not ours to carry.
         guard case .success(let total) = IPv4Header.validate(p, length: length) else {
             stats.add(.droppedMalformedFromTun)
             return .drop
@@ -153,6 +161,9 @@ public struct Forwarder: Sendable {
         stats: Statistics
     ) -> Int? {
         stats.add(.udpDatagramsReceived)
+        if let table6, Forwarder.isIPv6(p, length: length) {
+            return fromNetwork(ipv6: p, length: length, sender: sender, senderPort: senderPort, table6, stats)
+        }
         let total: Int
         switch IPv4Header.validate(p, length: length) {
         case .success(let n): total = n
@@ -176,6 +187,110 @@ public struct Forwarder: Sendable {
             }
         }
         guard SubnetTable.isLocal(table.entry(for: IPv4Header.destination(p))) else {
+            stats.add(.droppedNotForUs)
+            return nil
+        }
+        return total
+    }
+}
+
+// MARK: - IPv6 (dual-stack networks)
+
+extension Forwarder {
+    @inline(__always)
+    static func isIPv6(_ p: UnsafeRawPointer, length: Int) -> Bool {
+        length > 0 && p.load(fromByteOffset: 0, as: UInt8.self) >> 4 == 6
+    }
+
+    /// The IP header's length: the IPv4 header's, or IPv6's fixed 40 bytes.
+    @inline(__always)
+    static func ipHeaderLength(_ p: UnsafeRawPointer, length: Int) -> Int {
+        isIPv6(p, length: length) ? IPv6Header.length : IPv4Header.headerLength(p)
+    }
+
+    /// `fromTun` for an IPv6 packet: the same decisions in the same order,
+    /// with ICMPv6 errors; a packet bigger than the tunnel always gets
+    /// "packet too big" (IPv6 has no fragmentation on the way).
+    @inline(__always)
+    func fromTun(
+        ipv6 p: UnsafeMutableRawPointer,
+        length: Int,
+        capacity: Int,
+        segmentLength: Int?,
+        _ table6: SubnetTable6,
+        _ stats: Statistics
+    ) -> TunAction {
+        guard case .success(let total) = IPv6Header.validate(p, length: length) else {
+            stats.add(.droppedMalformedFromTun)
+            return .drop
+        }
+        let destination = IPv6Header.destination(p)
+        let entry = table6.entry(for: destination)
+        func error(_ kind: ICMPv6Error.Kind, _ counter: DataPathCounter) -> TunAction {
+            guard
+                let n = ICMPv6Error.rewrite(
+                    p,
+                    length: total,
+                    capacity: capacity,
+                    kind: kind,
+                    source: table6.subnetBase(of: destination)
+                )
+            else { return .drop }
+            stats.add(counter)
+            return .reply(length: n)
+        }
+        guard SubnetTable.isPeer(entry) else {
+            if SubnetTable.isLocal(entry) {
+                stats.add(.droppedLocalDestination)
+                return .drop
+            }
+            stats.add(.droppedNoRoute)
+            return error(.noRoute, .icmpUnreachableSent)
+        }
+        if IPv6Header.hopLimit(p) <= 1 {
+            stats.add(.droppedTTLExpired)
+            return error(.hopLimitExceeded, .icmpTimeExceededSent)
+        }
+        if (segmentLength ?? total) > mtu {
+            stats.add(.droppedTooBig)
+            return error(.packetTooBig(mtu: UInt32(mtu)), .icmpFragmentationNeededSent)
+        }
+        IPv6Header.decrementHopLimit(p)
+        return .send(address: SubnetTable.peerAddress(entry), port: SubnetTable.peerPort(entry), length: total)
+    }
+
+    /// `fromNetwork` for an IPv6 inner packet: the inner source must lie in
+    /// the sender's IPv6 subnet (unless unknown peers are accepted) and the
+    /// inner destination in ours.
+    @inline(__always)
+    func fromNetwork(
+        ipv6 p: UnsafeRawPointer,
+        length: Int,
+        sender: UInt32,
+        senderPort: UInt16,
+        _ table6: SubnetTable6,
+        _ stats: Statistics
+    ) -> Int? {
+        guard case .success(let total) = IPv6Header.validate(p, length: length) else {
+            stats.add(.droppedMalformed)
+            return nil
+        }
+        let source = table6.entry(for: IPv6Header.source(p))
+        if SubnetTable.isLocal(source) {
+            stats.add(.droppedLocalSource)
+            return nil
+        }
+        if !acceptUnknownPeers {
+            guard SubnetTable.isPeer(source) else {
+                stats.add(.droppedUnknownPeer)
+                return nil
+            }
+            guard SubnetTable.peerAddress(source) == sender, SubnetTable.peerPort(source) == senderPort else {
+                stats.add(.droppedSpoofedSource)
+                return nil
+            }
+        }
+        guard SubnetTable.isLocal(table6.entry(for: IPv6Header.destination(p))) else {
             stats.add(.droppedNotForUs)
             return nil
         }
@@ -256,7 +371,7 @@ extension Forwarder {
                 // start inside it would overwrite checked fields (version, lengths) and
                 // send the peer a datagram it must drop. The kernel never asks for that.
                 if header.flags & VirtioNetHeader.needsChecksum != 0,
-                    Int(header.checksumStart) < IPv4Header.headerLength(p)
+                    Int(header.checksumStart) < Forwarder.ipHeaderLength(p, length: n)
                         || !Segmentation.completeChecksum(p, length: n, header: header)
                 {
                     stats.add(.droppedBadOffload)

@@ -38,8 +38,8 @@ public final class SubnetTable: @unchecked Sendable {
     public let subnetLength: Int
     public let entryCount: Int
 
+    private let entries: EntryStorage
     private let storage: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
-    private let mappedBytes: Int
     private let shift: UInt32
     private let base: UInt32
     /// The writers' view: what each subnet is set to, for listing and diffing.
@@ -60,24 +60,9 @@ public final class SubnetTable: @unchecked Sendable {
         self.entryCount = 1 << (subnetLength - network.prefixLength)
         self.shift = UInt32(32 - subnetLength)
         self.base = network.address.value
-        let bytes = entryCount * MemoryLayout<UnsafeAtomic<UInt64>.Storage>.stride
-        let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
-        mappedBytes = (bytes + pageSize - 1) / pageSize * pageSize
-        let p = mmap(
-            nil,
-            mappedBytes,
-            PROT_READ | PROT_WRITE,
-            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-            -1,
-            0
-        )
-        guard let p, p != MAP_FAILED else {
-            throw SystemError("mmap \(mappedBytes) bytes", on: "subnet table for \(network)", errno: .current)
-        }
-        storage = p.bindMemory(to: UnsafeAtomic<UInt64>.Storage.self, capacity: entryCount)
+        entries = try EntryStorage(count: entryCount, for: "subnet table for \(network)")
+        storage = entries.storage
     }
-
-    deinit { munmap(storage, mappedBytes) }
 
     // MARK: Data path (lock-free)
 
@@ -106,14 +91,16 @@ public final class SubnetTable: @unchecked Sendable {
         }
     }
 
-    /// What the data path would do for `address`.
-    public func nextHop(for address: IPv4Address) -> NextHop? {
-        let e = entry(for: address.value)
-        if SubnetTable.isPeer(e) {
-            return .peer(UDPEndpoint(address: IPv4Address(SubnetTable.peerAddress(e)), port: SubnetTable.peerPort(e)))
+    /// The route an entry stands for (nil: empty).
+    static func decode(_ entry: UInt64) -> NextHop? {
+        if isPeer(entry) {
+            return .peer(UDPEndpoint(address: IPv4Address(peerAddress(entry)), port: peerPort(entry)))
         }
-        return SubnetTable.isLocal(e) ? .local : nil
+        return isLocal(entry) ? .local : nil
     }
+
+    /// What the data path would do for `address`.
+    public func nextHop(for address: IPv4Address) -> NextHop? { SubnetTable.decode(entry(for: address.value)) }
 
     // MARK: Control side
 
@@ -201,4 +188,26 @@ public enum SubnetTableError: Error, Sendable, CustomStringConvertible {
             "subnet \(subnet) is smaller than SubnetLen /\(len); ignoring it"
         }
     }
+}
+
+/// The entries of a data-path table: `count` 64-bit words, each read and
+/// written atomically, in an anonymous mapping so that entries never
+/// written cost no memory (untouched pages read as zero = empty).
+final class EntryStorage: @unchecked Sendable {
+    let storage: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
+    private let mappedBytes: Int
+
+    /// `what` names the table in an error.
+    init(count: Int, for what: String) throws {
+        let bytes = count * MemoryLayout<UnsafeAtomic<UInt64>.Storage>.stride
+        let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+        mappedBytes = (bytes + pageSize - 1) / pageSize * pageSize
+        let p = mmap(nil, mappedBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let p, p != MAP_FAILED else {
+            throw SystemError("mmap \(mappedBytes) bytes", on: what, errno: .current)
+        }
+        storage = p.bindMemory(to: UnsafeAtomic<UInt64>.Storage.self, capacity: count)
+    }
+
+    deinit { munmap(storage, mappedBytes) }
 }

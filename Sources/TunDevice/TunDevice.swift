@@ -120,6 +120,35 @@ public final class TunDevice: Sendable {
         }
     }
 
+    /// The IPv6 side of a dual-stack network: `address`/128 (without
+    /// duplicate address detection, so usable at once) and a route for
+    /// each of `routes` through the device. Call after `configure`. The
+    /// kernel deletes both with the device.
+    public func configureIPv6(address: IPv6Address, routes: [IPv6Network], using socket: RouteSocket) throws {
+        let index = try socket.linkIndex(named: name)
+        do {
+            try socket.addAddress(index: index, ipv6: address, prefixLength: 128)
+        } catch let error as SystemError {
+            // EACCES (as root): IPv6 is switched off on the device.
+            throw SystemError(
+                error.operation,
+                on: error.object,
+                errno: error.errno,
+                hint: error.errno == .accessDenied
+                    ? "IPv6 is disabled on \(name); a dual-stack network needs it: set sysctl net.ipv6.conf.all.disable_ipv6 and net.ipv6.conf.default.disable_ipv6 to 0"
+                    : error.hint
+            )
+        }
+        for network in routes {
+            try socket.addRoute(IPv6Route(destination: network, outputIndex: index))
+        }
+    }
+
+    /// Removes the IPv6 address `configureIPv6` gave (a subnet that moved).
+    public func removeIPv6(address: IPv6Address, using socket: RouteSocket) throws {
+        try socket.deleteAddress(index: socket.linkIndex(named: name), ipv6: address, prefixLength: 128)
+    }
+
     /// Removes the routes `configure` added. Routes already gone are fine.
     public func removeRoutes(using socket: RouteSocket) throws {
         let routes = state.withLock { $0.routes }
@@ -159,9 +188,15 @@ public final class TunDevice: Sendable {
     /// With checksum offload the kernel may hand us packets whose TCP/UDP
     /// checksum is left to us (NEEDS_CSUM); with TSO4/USO4, super-packets
     /// of up to 64 KiB that we must split.
-    public func enableOffloads() -> TunOffloads {
+    ///
+    /// - Parameter uso: whether to offer UDP segmentation offload. The kernel
+    ///   takes it for IPv4 and IPv6 at once, and the data path splits IPv4
+    ///   super-packets only: a device that carries IPv6 goes without.
+    public func enableOffloads(uso: Bool = true) -> TunOffloads {
         guard vnetHeader else { return [] }
-        for candidate: TunOffloads in [[.checksum, .tso4, .uso4], [.checksum, .tso4], [.checksum]] {
+        let candidates: [TunOffloads] =
+            uso ? [[.checksum, .tso4, .uso4], [.checksum, .tso4], [.checksum]] : [[.checksum, .tso4], [.checksum]]
+        for candidate in candidates {
             if (try? setOffload(candidate.kernelFlags)) != nil { return candidate }
         }
         return []

@@ -107,6 +107,9 @@ public enum PacketDefect: Int, Error, Sendable, CaseIterable, CustomStringConver
     case badHeaderLength
     case badTotalLength
     case badChecksum
+    case notIPv6
+    /// IPv6: a payload length of 0 (a jumbogram) or beyond the datagram.
+    case badPayloadLength
 
     public var description: String {
         switch self {
@@ -115,6 +118,8 @@ public enum PacketDefect: Int, Error, Sendable, CaseIterable, CustomStringConver
         case .badHeaderLength: "header length below 20 bytes or beyond the packet"
         case .badTotalLength: "total length below the header length or beyond the datagram"
         case .badChecksum: "header checksum mismatch"
+        case .notIPv6: "IP version is not 6"
+        case .badPayloadLength: "IPv6 payload length 0 (jumbogram) or beyond the datagram"
         }
     }
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import LeaseStore
+import PacketRing
 
 struct Config: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -52,11 +53,13 @@ struct Config: AsyncParsableCommand {
                                 .utf8
                         )
                     )
-                } else if config.ipv6 != nil {
-                    // Valid for flannel (flanneld hosts can use it); tunneld hosts will not start on it yet.
+                } else if let v6 = config.ipv6, config.backend.knownType == .udp,
+                    v6.subnetLen - v6.network.prefixLength > SubnetTable6.maximumSubnetBits
+                {
+                    // Valid for flannel; the udp data path's IPv6 table is direct-indexed.
                     FileHandle.standardError.write(
                         Data(
-                            "warning: IPv6 for the \(config.backend.type) backend is not built in tunneld yet: tunneld run refuses this config while EnableIPv6 is true (flanneld hosts can use it)\n"
+                            "warning: \(SubnetTable6Error.tooManySubnets(network: v6.network, subnetLength: v6.subnetLen)); tunneld run refuses this config with the udp backend\n"
                                 .utf8
                         )
                     )

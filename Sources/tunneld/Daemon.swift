@@ -50,6 +50,7 @@ final class Daemon: Service, Sendable {
             interface: interface,
             interfaceAddress: interfaceAddress,
             publicIP: publicIP,
+            publicIPv6: publicIPv6,
             routeSocket: routeSocket
         )
         // From here on, a failure removes what this start installed (device,
@@ -286,6 +287,7 @@ final class Daemon: Service, Sendable {
         interface: Interface,
         interfaceAddress: IPv4Address,
         publicIP: IPv4Address,
+        publicIPv6: IPv6Address?,
         routeSocket: RouteSocket
     ) throws -> any Backend {
         guard let type = config.backend.knownType else {
@@ -300,6 +302,12 @@ final class Daemon: Service, Sendable {
             underlay: link,
             underlayAddress: address,
             publicIP: publicIP,
+            publicIPv6: publicIPv6,
+            underlayIPv6: publicIPv6 == nil
+                ? []
+                : try routeSocket.ipv6Addresses().filter {
+                    $0.index == interface.index && !$0.address.isLinkLocalUnicast
+                },
             routeSocket: routeSocket,
             logger: logger
         )
@@ -451,17 +459,8 @@ final class Daemon: Service, Sendable {
                 "--backend \(wanted.rawValue) disagrees with the network config's Backend.Type \"\(config.backend.type)\"; every host of a network must use the same backend: drop --backend or change the config"
             )
         }
-        guard let type = config.backend.knownType else {
+        guard config.backend.knownType != nil else {
             throw DaemonError(BackendType.unsupported(config.backend.type))
-        }
-        // The store, leases and subnet.env know IPv6; no backend carries it
-        // yet. Refuse rather than lease IPv6 subnets nothing routes.
-        if let v6 = config.ipv6 {
-            throw DaemonError(
-                "the network config enables IPv6 (EnableIPv6, IPv6Network \(v6.network)), but IPv6 for "
-                    + "the \(type.rawValue) backend is not built in tunneld yet: set EnableIPv6 to false (or remove it) "
-                    + "to run this network as IPv4 only, or keep flanneld on its hosts for now (see docs/MIGRATING.md)"
-            )
         }
     }
 
@@ -475,6 +474,9 @@ final class Daemon: Service, Sendable {
         guard config.ipv6 != nil else { return nil }
         if let given = options.publicIPv6.flatMap(IPv6Address.init) { return given }
         guard let found = try InterfaceLookup.ipv6Address(of: interface, using: socket) else {
+            // udp carries IPv6 packets over the IPv4 underlay: a host
+            // without an IPv6 address of its own is fine there.
+            if config.backend.knownType == .udp { return nil }
             throw DaemonError(
                 "the network is dual-stack (EnableIPv6), but \(interface.name) has no global IPv6 "
                     + "address: add one, choose another interface with -iface, or give -public-ipv6"

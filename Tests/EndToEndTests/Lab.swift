@@ -219,8 +219,14 @@ final class Lab {
     /// Adds host N running `command` — the whole command line, e.g. tunneld
     /// with flanneld's flags, or `env FLANNELD_…=… tunneld run` — which must
     /// write `subnetFile(n)`; then its container, from that file.
-    func addHost(_ n: Int, command: [String]) throws {
-        try run(["bash", script, "add-host", name, directory.path, "\(n)", "--"] + command, timeout: .seconds(90))
+    /// With `ipv6`, the host's eth0 also has fd18::N/64 (the IPv6 underlay
+    /// of a dual-stack network) and its container an address of the host's
+    /// FLANNEL_IPV6_SUBNET.
+    func addHost(_ n: Int, command: [String], ipv6: Bool = false) throws {
+        try run(
+            ["bash", script, "add-host", name, directory.path, "\(n)"] + (ipv6 ? ["--ipv6"] : []) + ["--"] + command,
+            timeout: .seconds(90)
+        )
     }
 
     /// Adds a bare host N on the underlay (198.18.0.N, namespace hN) with no
@@ -272,6 +278,12 @@ final class Lab {
         }
     }
 
+    /// The container's IPv6 address (a host added with `ipv6` in a dual-stack network).
+    func containerIPv6(_ n: Int) throws -> String {
+        try String(contentsOf: directory.appendingPathComponent("c\(n).ip6"), encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
     func containerIP(_ n: Int) throws -> String {
         try String(contentsOf: directory.appendingPathComponent("c\(n).ip"), encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines)
@@ -311,6 +323,24 @@ final class Lab {
             last = try exec(
                 "c\(from)",
                 ["ping", "-c", "\(count)", "-i", "0.2", "-W", "1", target],
+                timeout: .seconds(30),
+                check: false
+            )
+            if last.succeeded { return last }
+            usleep(300_000)
+        }
+        return last
+    }
+
+    /// Pings over IPv6 from container `from` to container `to`, retrying
+    /// while routes settle (bounded: `attempts` rounds).
+    func ping6(from: Int, to: Int, count: Int = 3, attempts: Int = 10) throws -> CommandResult {
+        let target = try containerIPv6(to)
+        var last = CommandResult(status: -1, output: "")
+        for _ in 0..<attempts {
+            last = try exec(
+                "c\(from)",
+                ["ping", "-6", "-c", "\(count)", "-i", "0.2", "-W", "1", target],
                 timeout: .seconds(30),
                 check: false
             )
