@@ -113,7 +113,7 @@ extension BackendType {
             return backend
         case .wireguard:
             // Its TUN goes with its process, like udp's.
-            host.removeLeftovers(keepingDevice: nil, peerRoutesToo: true)
+            host.removeLeftovers(peerRoutesToo: true)
             return try WireGuardBackend(host: host)
         }
     }

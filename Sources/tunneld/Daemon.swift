@@ -459,8 +459,17 @@ final class Daemon: Service, Sendable {
                 "--backend \(wanted.rawValue) disagrees with the network config's Backend.Type \"\(config.backend.type)\"; every host of a network must use the same backend: drop --backend or change the config"
             )
         }
-        guard config.backend.knownType != nil else {
+        guard let type = config.backend.knownType else {
             throw DaemonError(BackendType.unsupported(config.backend.type))
+        }
+        // udp, vxlan and host-gw carry IPv6; the wireguard backend does not
+        // yet. Refuse rather than lease IPv6 subnets nothing routes.
+        if let v6 = config.ipv6, type == .wireguard {
+            throw DaemonError(
+                "the network config enables IPv6 (EnableIPv6, IPv6Network \(v6.network)), but IPv6 for "
+                    + "the \(type.rawValue) backend is not built in tunneld yet: set EnableIPv6 to false (or remove it) "
+                    + "to run this network as IPv4 only, or keep flanneld on its hosts for now (see docs/MIGRATING.md)"
+            )
         }
     }
 

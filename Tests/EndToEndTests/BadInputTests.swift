@@ -120,6 +120,26 @@ struct BadInputTests {
         }
     }
 
+    /// The wireguard backend does not carry IPv6 yet (udp, vxlan and
+    /// host-gw do): a dual-stack wireguard config is stored with a warning,
+    /// and `run` stops with a line naming the backend before anything is
+    /// leased or installed.
+    @Test func aDualStackWireGuardConfigIsRefusedByRunNamingTheBackend() throws {
+        try withBareHost { lab in
+            let file = lab.directory.appendingPathComponent("dual-wireguard.json")
+            try
+                #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"wireguard"}}"#
+                .write(to: file, atomically: true, encoding: .utf8)
+            let set = try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, file.path])
+            let line = "IPv6 for the wireguard backend is not built in tunneld yet"
+            #expect(set.output.contains("warning: \(line)"), "\(set.output)")
+            let result = try start(lab, ["--public-ipv6", "2001:db8::1"], timeout: .seconds(20))
+            #expect(!result.succeeded)
+            #expect(result.output.contains(line), "\(result.output)")
+            #expect(try leftovers(lab) == [])
+        }
+    }
+
     /// The udp data path's IPv6 table is direct-indexed: a dual-stack udp
     /// config whose IPv6 network holds more than 2^24 subnets is stored (it
     /// is valid for flannel) with a warning, and `run` stops with a line
