@@ -172,25 +172,43 @@ public struct Forwarder: Sendable {
             return nil
         }
         let source = table.entry(for: IPv4Header.source(p))
+        guard accepts(source: source, sender: sender, senderPort: senderPort, stats: stats),
+            isOurs(table.entry(for: IPv4Header.destination(p)), stats: stats)
+        else { return nil }
+        return total
+    }
+
+    /// Whether a datagram whose inner source has table entry `source` may
+    /// come from `sender`:`senderPort` (either family): never from our own
+    /// subnet, and — unless unknown peers are accepted — only from the peer
+    /// that holds the source's subnet, from its port.
+    @inline(__always)
+    func accepts(source: UInt64, sender: UInt32, senderPort: UInt16, stats: Statistics) -> Bool {
         if SubnetTable.isLocal(source) {
             stats.add(.droppedLocalSource)
-            return nil
+            return false
         }
         if !acceptUnknownPeers {
             guard SubnetTable.isPeer(source) else {
                 stats.add(.droppedUnknownPeer)
-                return nil
+                return false
             }
             guard SubnetTable.peerAddress(source) == sender, SubnetTable.peerPort(source) == senderPort else {
                 stats.add(.droppedSpoofedSource)
-                return nil
+                return false
             }
         }
-        guard SubnetTable.isLocal(table.entry(for: IPv4Header.destination(p))) else {
+        return true
+    }
+
+    /// Whether the inner destination (its table entry) is in our own subnet.
+    @inline(__always)
+    func isOurs(_ destination: UInt64, stats: Statistics) -> Bool {
+        guard SubnetTable.isLocal(destination) else {
             stats.add(.droppedNotForUs)
-            return nil
+            return false
         }
-        return total
+        return true
     }
 }
 
@@ -276,24 +294,9 @@ extension Forwarder {
             return nil
         }
         let source = table6.entry(for: IPv6Header.source(p))
-        if SubnetTable.isLocal(source) {
-            stats.add(.droppedLocalSource)
-            return nil
-        }
-        if !acceptUnknownPeers {
-            guard SubnetTable.isPeer(source) else {
-                stats.add(.droppedUnknownPeer)
-                return nil
-            }
-            guard SubnetTable.peerAddress(source) == sender, SubnetTable.peerPort(source) == senderPort else {
-                stats.add(.droppedSpoofedSource)
-                return nil
-            }
-        }
-        guard SubnetTable.isLocal(table6.entry(for: IPv6Header.destination(p))) else {
-            stats.add(.droppedNotForUs)
-            return nil
-        }
+        guard accepts(source: source, sender: sender, senderPort: senderPort, stats: stats),
+            isOurs(table6.entry(for: IPv6Header.destination(p)), stats: stats)
+        else { return nil }
         return total
     }
 }
