@@ -71,21 +71,23 @@ public final class HostGatewayBackend: Backend, HostBackend {
         for change in changes {
             switch change {
             case .added(let lease), .updated(_, let lease):
+                // IPv6-only: no IPv4 route (lease.subnet is 0.0.0.0/0).
+                guard let subnet = lease.ipv4Subnet else { continue }
                 let gateway = lease.attributes.publicIP
                 guard underlayAddress.network.contains(gateway) else {
                     // Drop a route an earlier version of this lease had.
-                    routes.remove(lease.subnet)
+                    routes.remove(subnet)
                     logger.error(
-                        "peer \(lease.subnet) at \(gateway) is not directly reachable: it is outside \(underlay.name)'s network \(underlayAddress.network), and host-gw needs every host on one layer-2 network; its containers stay unreachable from here (use the vxlan backend for routed networks)"
+                        "peer \(subnet) at \(gateway) is not directly reachable: it is outside \(underlay.name)'s network \(underlayAddress.network), and host-gw needs every host on one layer-2 network; its containers stay unreachable from here (use the vxlan backend for routed networks)"
                     )
                     continue
                 }
-                let route = Route(destination: lease.subnet, outputIndex: underlay.index, gateway: gateway)
-                if routes.set(route, peer: "peer \(lease.subnet) (\(gateway))") {
-                    log.note("peer \(lease.subnet) → via \(gateway) dev \(self.underlay.name)")
+                let route = Route(destination: subnet, outputIndex: underlay.index, gateway: gateway)
+                if routes.set(route, peer: "peer \(subnet) (\(gateway))") {
+                    log.note("peer \(subnet) → via \(gateway) dev \(self.underlay.name)")
                 }
             case .removed(let lease):
-                routes.remove(lease.subnet)
+                if let subnet = lease.ipv4Subnet { routes.remove(subnet) }
             }
         }
         if let ipv6Routes { applyIPv6(changes, routes: ipv6Routes, log: &log) }
@@ -105,7 +107,7 @@ public final class HostGatewayBackend: Backend, HostBackend {
                 guard let gateway = lease.attributes.publicIPv6 else {
                     routes.remove(subnet)
                     logger.error(
-                        "peer \(lease.subnet) has the IPv6 subnet \(subnet) but no PublicIPv6 in its lease: no IPv6 route to it (its IPv4 route stays); start that host with an IPv6 address on its interface or -public-ipv6"
+                        "peer \(lease.primarySubnet) has the IPv6 subnet \(subnet) but no PublicIPv6 in its lease: no IPv6 route to it\(lease.ipv4Subnet == nil ? "" : " (its IPv4 route stays)"); start that host with an IPv6 address on its interface or -public-ipv6"
                     )
                     continue
                 }

@@ -169,8 +169,12 @@ extension IPv6Route: PeerRoute {
 
 /// Routes in the shape both kernel backends install for a peer: a subnet of
 /// the network, of SubnetLen, through a gateway.
+///
+/// An IPv6-only network's `network` is 0.0.0.0/0 (no IPv4): nothing is a
+/// peer route of it (the default route least of all).
 func isPeerRoute(_ route: Route, network: IPv4Network, subnetLen: Int) -> Bool {
-    route.gateway != nil && route.destination.prefixLength == subnetLen && network.contains(route.destination)
+    network.prefixLength > 0 && route.gateway != nil && route.destination.prefixLength == subnetLen
+        && network.contains(route.destination)
 }
 
 /// The IPv6 side of `isPeerRoute`.

@@ -72,7 +72,8 @@ public final class UDPBackend: Backend, HostBackend {
     }
 
     public func activate(lease: Lease) throws {
-        try table.set(lease.subnet, to: .local)
+        // IPv6-only: the IPv4 table stays empty (lease.subnet is 0.0.0.0/0).
+        if let subnet = lease.ipv4Subnet { try table.set(subnet, to: .local) }
         if let table6, let subnet6 = lease.ipv6Subnet { try table6.set(subnet6, to: .local) }
         let forwarder = Forwarder(
             table: table,
@@ -97,13 +98,17 @@ public final class UDPBackend: Backend, HostBackend {
             routeSocket: routeSocket
         )
         do {
-            try path.tun.configure(
-                address: lease.subnet.address,
-                prefixLength: 32,
-                mtu: mtu,
-                routes: [config.network],
-                using: routeSocket
-            )
+            if let subnet = lease.ipv4Subnet, let network = config.ipv4Network {
+                try path.tun.configure(
+                    address: subnet.address,
+                    prefixLength: 32,
+                    mtu: mtu,
+                    routes: [network],
+                    using: routeSocket
+                )
+            } else {
+                try path.tun.bringUp(mtu: mtu, using: routeSocket)
+            }
             if let v6 = config.ipv6, let subnet6 = lease.ipv6Subnet {
                 try path.tun.configureIPv6(address: subnet6.address, routes: [v6.network], using: routeSocket)
             }
@@ -112,9 +117,13 @@ public final class UDPBackend: Backend, HostBackend {
             path.closeSockets()
             throw error
         }
-        logger.info(
-            "device \(options.device) up: \(lease.subnet.address)/32 MTU \(mtu), route \(config.network) dev \(options.device)"
-        )
+        if let subnet = lease.ipv4Subnet {
+            logger.info(
+                "device \(options.device) up: \(subnet.address)/32 MTU \(mtu), route \(config.network) dev \(options.device)"
+            )
+        } else {
+            logger.info("device \(options.device) up: MTU \(mtu), IPv6 only (no IPv4 address or route)")
+        }
         if let v6 = config.ipv6, let subnet6 = lease.ipv6Subnet {
             logger.info(
                 "IPv6 on \(options.device): \(subnet6.address)/128, route \(v6.network) dev \(options.device); IPv6 packets go to peers whose lease has an IPv6 subnet"
@@ -125,8 +134,8 @@ public final class UDPBackend: Backend, HostBackend {
     }
 
     public func move(from old: Lease, to new: Lease) throws {
-        table.remove(old.subnet)
-        try table.set(new.subnet, to: .local)
+        if let subnet = old.ipv4Subnet { table.remove(subnet) }
+        if let subnet = new.ipv4Subnet { try table.set(subnet, to: .local) }
         if let table6 {
             if let subnet6 = old.ipv6Subnet { table6.remove(subnet6) }
             if let subnet6 = new.ipv6Subnet { try table6.set(subnet6, to: .local) }
@@ -138,8 +147,9 @@ public final class UDPBackend: Backend, HostBackend {
             }
             if let subnet6 = old.ipv6Subnet { try tun.removeIPv6(address: subnet6.address, using: routeSocket) }
         }
+        guard let newSubnet = new.ipv4Subnet, let oldSubnet = old.ipv4Subnet else { return }
         try tun.configure(
-            address: new.subnet.address,
+            address: newSubnet.address,
             prefixLength: 32,
             mtu: mtu,
             routes: [config.network],
@@ -149,7 +159,7 @@ public final class UDPBackend: Backend, HostBackend {
         // subnet that is now another host's.
         try routeSocket.deleteAddress(
             index: routeSocket.linkIndex(named: tun.name),
-            address: old.subnet.address,
+            address: oldSubnet.address,
             prefixLength: 32
         )
     }
@@ -167,12 +177,14 @@ public final class UDPBackend: Backend, HostBackend {
                 }
                 let route = NextHop.peer(UDPEndpoint(address: lease.attributes.publicIP, port: config.backend.port))
                 do {
-                    try table.set(lease.subnet, to: route)
+                    if let subnet = lease.ipv4Subnet { try table.set(subnet, to: route) }
                     // Only a peer whose lease has an IPv6 subnet gets IPv6
                     // packets: a flannel udp host (IPv4 only) never does.
                     if let table6, let subnet6 = lease.ipv6Subnet {
                         try table6.set(subnet6, to: route)
-                        log.note("peer \(lease.subnet) and \(subnet6) → \(route)")
+                        log.note(
+                            "peer \(lease.primarySubnet)\(lease.ipv4Subnet == nil ? "" : " and \(subnet6)") → \(route)"
+                        )
                     } else {
                         log.note("peer \(lease.subnet) → \(route)")
                     }
@@ -180,7 +192,7 @@ public final class UDPBackend: Backend, HostBackend {
                     logger.warning("\(error)")
                 }
             case .removed(let lease):
-                table.remove(lease.subnet)
+                if let subnet = lease.ipv4Subnet { table.remove(subnet) }
                 if let subnet6 = lease.ipv6Subnet { table6?.remove(subnet6) }
             }
         }
@@ -247,11 +259,11 @@ public final class UDPBackend: Backend, HostBackend {
         else { return }
         for loop in path.loops { loop.stop() }
         do { try path.tun.removeRoutes(using: routeSocket) } catch {
-            logger.warning("could not remove route \(config.network) dev \(path.tun.name): \(error)")
+            logger.warning("could not remove route \(config.networksDescription) dev \(path.tun.name): \(error)")
         }
         path.tun.close()
         path.closeSockets()
-        logger.info("removed device \(path.tun.name) and route \(config.network)")
+        logger.info("removed device \(path.tun.name) and route \(config.networksDescription)")
     }
 }
 

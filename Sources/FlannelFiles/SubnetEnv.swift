@@ -15,11 +15,13 @@ import Glibc
 /// `FLANNEL_SUBNET` is the lease's first host address with the lease prefix.
 /// In a dual-stack network `FLANNEL_IPV6_NETWORK` and `FLANNEL_IPV6_SUBNET`
 /// (again the first host address, e.g. `fd00:10:244:5::1/64`) follow
-/// `FLANNEL_SUBNET`, as flanneld writes them.
+/// `FLANNEL_SUBNET`, as flanneld writes them. An IPv6-only network's file
+/// (EnableIPv4 false) has no `FLANNEL_NETWORK` or `FLANNEL_SUBNET`, as
+/// flanneld leaves them out: `network` and `subnet` are nil.
 public struct SubnetEnv: Sendable, Equatable {
-    public var network: IPv4Network
+    public var network: IPv4Network?
     /// The lease's subnet (base address, e.g. 10.2.72.0/24).
-    public var subnet: IPv4Network
+    public var subnet: IPv4Network?
     public var mtu: Int
     public var ipMasq: Bool
     /// The IPv6Network of a dual-stack network; nil otherwise.
@@ -34,8 +36,8 @@ public struct SubnetEnv: Sendable, Equatable {
     public static let longestSubnetLen = 30
 
     public init(
-        network: IPv4Network,
-        subnet: IPv4Network,
+        network: IPv4Network?,
+        subnet: IPv4Network?,
         mtu: Int,
         ipMasq: Bool,
         ipv6Network: IPv6Network? = nil,
@@ -51,9 +53,12 @@ public struct SubnetEnv: Sendable, Equatable {
 
     /// The file's text, in flannel's order.
     public var text: String {
-        var out =
-            "FLANNEL_NETWORK=\(network)\n"
-            + "FLANNEL_SUBNET=\(subnet.firstHost)/\(subnet.prefixLength)\n"
+        var out = ""
+        if let network, let subnet {
+            out +=
+                "FLANNEL_NETWORK=\(network)\n"
+                + "FLANNEL_SUBNET=\(subnet.firstHost)/\(subnet.prefixLength)\n"
+        }
         if let ipv6Network, let ipv6Subnet {
             out +=
                 "FLANNEL_IPV6_NETWORK=\(ipv6Network)\n"
@@ -111,12 +116,23 @@ public struct SubnetEnv: Sendable, Equatable {
             guard let value = values[name] else { throw SubnetEnvError(reason: "\(name) is missing") }
             return value
         }
-        let networkText = try require("FLANNEL_NETWORK")
-        guard let network = IPv4Network(networkText) else {
-            throw SubnetEnvError(reason: "FLANNEL_NETWORK \"\(networkText)\" is not a network such as 10.2.0.0/16")
+        // IPv6-only (flanneld with EnableIPv4 false): neither IPv4 line.
+        let ipv6Only =
+            values["FLANNEL_NETWORK"] == nil && values["FLANNEL_SUBNET"] == nil
+            && values["FLANNEL_IPV6_NETWORK"] != nil
+        if ipv6Only {
+            network = nil
+            subnet = nil
+        } else {
+            let networkText = try require("FLANNEL_NETWORK")
+            guard let network = IPv4Network(networkText) else {
+                throw SubnetEnvError(
+                    reason: "FLANNEL_NETWORK \"\(networkText)\" is not a network such as 10.2.0.0/16"
+                )
+            }
+            self.network = network
+            subnet = try Self.subnet(values["FLANNEL_SUBNET"])
         }
-        self.network = network
-        subnet = try Self.subnet(values["FLANNEL_SUBNET"])
         let mtuText = try require("FLANNEL_MTU")
         guard let mtu = Int(mtuText), (68...65535).contains(mtu) else {
             throw SubnetEnvError(reason: "FLANNEL_MTU \"\(mtuText)\" is not an MTU (68…65535)")

@@ -477,7 +477,8 @@ public final class EtcdLeaseStore: LeaseStore {
                     subnetsPrefix + leaseName,
                     value: value,
                     lease: etcdLease.id,
-                    guardPrefix: subnetsPrefix + subnet.leaseKey
+                    // IPv6-only: every key starts 0.0.0.0-0, so the key itself.
+                    guardPrefix: subnetsPrefix + (subnet.isNoIPv4 ? leaseName : subnet.leaseKey)
                 ) {
                 case .created(let revision):
                     spare = nil
@@ -520,7 +521,7 @@ public final class EtcdLeaseStore: LeaseStore {
                             return (renewed, listing.with(renewed.withKey(name(ofKey: holder.key)), etcdLease: 0))
                         }
                     }
-                    logger.info("subnet \(subnet) was taken by another node first; trying another")
+                    logger.info("subnet \(leaseName) was taken by another node first; trying another")
                 }
             }
         }
@@ -622,7 +623,7 @@ public final class EtcdLeaseStore: LeaseStore {
             guard let held = try? LeaseAttributes(flannelJSON: kv.value, key: key),
                 held.publicIP == lease.attributes.publicIP
             else {
-                logger.info("not releasing \(lease.subnet): it is held by another node now")
+                logger.info("not releasing \(lease.primarySubnet): it is held by another node now")
                 return
             }
             // Reservations are the operator's: releasing one leaves it in place.
@@ -632,7 +633,7 @@ public final class EtcdLeaseStore: LeaseStore {
             // the subnet after the read, its key stays.
             if try await deleteKey(key, etcdLease: kv.lease, ifUnchangedSince: kv.modRevision) { return }
         }
-        logger.info("not releasing \(lease.subnet): its key kept changing while we tried")
+        logger.info("not releasing \(lease.primarySubnet): its key kept changing while we tried")
     }
 
     /// Runs between reading a lease key and the conditional write or delete that
@@ -684,14 +685,14 @@ public final class EtcdLeaseStore: LeaseStore {
     /// reservation); a failure is logged and acquisition goes on, since the
     /// stale lease then simply runs out.
     private func deleteObsolete(_ lease: Lease, key: String) async {
-        logger.info("deleting our lease \(lease.subnet): it no longer fits the network config")
+        logger.info("deleting our lease \(lease.primarySubnet): it no longer fits the network config")
         do {
             guard let kv = try await client.get(key), kv.lease != 0,
                 kv.modRevision == lease.revision
             else { return }  // changed or gone meanwhile
             _ = try await deleteKey(key, etcdLease: kv.lease, ifUnchangedSince: kv.modRevision)
         } catch {
-            logger.warning("could not delete our obsolete lease \(lease.subnet) (\(error)); it will expire")
+            logger.warning("could not delete our obsolete lease \(lease.primarySubnet) (\(error)); it will expire")
         }
     }
 }

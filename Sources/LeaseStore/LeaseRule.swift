@@ -18,6 +18,9 @@ public struct IgnoredLeaseKey: Sendable, Equatable, CustomStringConvertible {
         /// In a dual-stack network, the key's IPv6 part is no IPv6 subnet of
         /// the network (outside IPv6Network, or not IPv6SubnetLen long).
         case ipv6Mismatch(IPv6Network)
+        /// In an IPv6-only network, a key with no IPv6 part, or whose IPv4
+        /// part is not 0.0.0.0-0.
+        case notIPv6Only
     }
 
     /// The key's name under `<prefix>/subnets/` ("10.2.0.0-16").
@@ -55,7 +58,14 @@ public struct IgnoredLeaseKey: Sendable, Equatable, CustomStringConvertible {
         let what: String
         switch reason {
         case .malformed:
-            what = "is not a lease key such as \(network.address)-\(subnetLen)"
+            what =
+                network.isNoIPv4
+                ? "is not a lease key such as 0.0.0.0-0&fd00:10:244:1::-64"
+                : "is not a lease key such as \(network.address)-\(subnetLen)"
+        case .notIPv6Only:
+            what =
+                "is no lease of this IPv6-only network (EnableIPv4 false), whose keys are "
+                + "0.0.0.0-0&<IPv6 subnet>-<IPv6SubnetLen>"
         case .wider(let length):
             what = "is a /\(length), wider than SubnetLen /\(subnetLen): it would cover other hosts' subnets"
         case .narrower(let length):
@@ -81,6 +91,8 @@ public struct LeaseSet: Sendable, Equatable {
     /// Subnets of well-formed keys whose values cannot be read: not leases,
     /// but their keys exist, so nobody can create them.
     public var occupied: [IPv4Network]
+    /// The IPv6 subnets of those keys (their IPv6 parts).
+    public var occupiedIPv6: [IPv6Network] = []
     /// Leases that lost a conflict to another key of the same subnet (also
     /// in `ignored`); kept so that the winner's deletion can promote one.
     public var conflicting: [Lease]
@@ -135,8 +147,18 @@ public struct LeaseRule: Sendable, Equatable {
         return nil
     }
 
-    /// `problem(with:)` and `problem(withIPv6:)` of a key.
+    /// Whether this is the rule of an IPv6-only network (its `network` is
+    /// 0.0.0.0/0, `IPv4Network.noIPv4`).
+    public var isIPv6Only: Bool { network.isNoIPv4 && ipv6Network != nil }
+
+    /// `problem(with:)` and `problem(withIPv6:)` of a key. In an IPv6-only
+    /// network a lease key is `0.0.0.0-0&<IPv6 subnet>`, as flanneld
+    /// writes it.
     public func problem(withKey key: String, subnet: IPv4Network) -> IgnoredLeaseKey.Reason? {
+        if isIPv6Only {
+            guard subnet.isNoIPv4, let v6 = LeaseKey.ipv6Subnet(fromKey: key) else { return .notIPv6Only }
+            return problem(withIPv6: v6)
+        }
         if let reason = problem(with: subnet) { return reason }
         if ipv6Network != nil, let v6 = LeaseKey.ipv6Subnet(fromKey: key) { return problem(withIPv6: v6) }
         return nil
@@ -145,6 +167,7 @@ public struct LeaseRule: Sendable, Equatable {
     /// Why a key naming `subnet` is no lease of the network; nil when it is one
     /// (up to conflicts with other keys, which need the whole listing).
     public func problem(with subnet: IPv4Network) -> IgnoredLeaseKey.Reason? {
+        if isIPv6Only { return subnet.isNoIPv4 ? nil : .notIPv6Only }
         // A /8 over a /16 network is too wide rather than outside it.
         if !network.overlaps(subnet) { return .outsideNetwork }
         if subnet.prefixLength < subnetLen { return .wider(prefixLength: subnet.prefixLength) }
@@ -191,7 +214,7 @@ public struct LeaseRule: Sendable, Equatable {
         for key in malformedKeys { result.ignored.append(ignored(key, .malformed, publicIP: nil)) }
         // Indices into `leases`, not copies: a list of 60,000 leases goes
         // through here at every start.
-        var winners: [IPv4Network: Int] = [:]
+        var winners: [LeaseSubnet: Int] = [:]
         winners.reserveCapacity(leases.count)
         var isWinner = [Bool](repeating: false, count: leases.count)
         for (index, lease) in leases.enumerated() {
@@ -199,15 +222,16 @@ public struct LeaseRule: Sendable, Equatable {
                 result.ignored.append(ignored(lease.key, reason, publicIP: lease.attributes.publicIP))
                 continue
             }
-            guard let other = winners[lease.subnet] else {
-                winners[lease.subnet] = index
+            let name = lease.primarySubnet
+            guard let other = winners[name] else {
+                winners[name] = index
                 isWinner[index] = true
                 continue
             }
             if Self.precedes(leases[other].key, lease.key) {
                 result.conflicting.append(lease)
             } else {
-                winners[lease.subnet] = index
+                winners[name] = index
                 isWinner[other] = false
                 isWinner[index] = true
                 result.conflicting.append(leases[other])
@@ -215,7 +239,7 @@ public struct LeaseRule: Sendable, Equatable {
         }
         // Reported against the final winner of each subnet.
         for loser in result.conflicting {
-            let winner = winners[loser.subnet].map { leases[$0].key } ?? loser.subnet.leaseKey
+            let winner = winners[loser.primarySubnet].map { leases[$0].key } ?? loser.subnet.leaseKey
             result.ignored.append(ignored(loser.key, .conflicts(with: winner), publicIP: loser.attributes.publicIP))
         }
         result.leases.reserveCapacity(winners.count)
@@ -230,6 +254,7 @@ public struct LeaseRule: Sendable, Equatable {
                 result.ignored.append(ignored(key, reason, publicIP: nil))
             } else {
                 result.occupied.append(subnet)
+                if let v6 = LeaseKey.ipv6Subnet(fromKey: key) { result.occupiedIPv6.append(v6) }
             }
         }
         return result

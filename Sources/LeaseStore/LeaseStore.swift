@@ -124,7 +124,27 @@ public struct Lease: Sendable, Equatable, CustomStringConvertible {
     /// plain key. Not stored, so that an IPv4 lease costs nothing more.
     public var ipv6Subnet: IPv6Network? { LeaseKey.ipv6Subnet(fromKey: key) }
 
+    /// The IPv4 subnet; nil for a lease of an IPv6-only network, whose
+    /// `subnet` is 0.0.0.0/0 (flanneld's key `0.0.0.0-0&fd00:10:244:1::-64`).
+    /// Every use of `subnet` for routes, tables or rules goes through this.
+    public var ipv4Subnet: IPv4Network? { subnet.isNoIPv4 ? nil : subnet }
+
+    /// What names this lease among the leases of its network: the IPv4
+    /// subnet, or in an IPv6-only network the IPv6 subnet (all such leases
+    /// share the IPv4 part 0.0.0.0/0).
+    public var primarySubnet: LeaseSubnet {
+        if subnet.isNoIPv4, let v6 = ipv6Subnet { return .ipv6(v6) }
+        return .ipv4(subnet)
+    }
+
     public var isReservation: Bool { expiration == nil }
+
+    /// Address order for lists: by IPv4 subnet, then (IPv6-only leases all
+    /// have 0.0.0.0/0) by IPv6 subnet.
+    public static func inAddressOrder(_ a: Lease, _ b: Lease) -> Bool {
+        if a.subnet.address != b.subnet.address { return a.subnet.address < b.subnet.address }
+        return (a.ipv6Subnet?.address.value ?? 0) < (b.ipv6Subnet?.address.value ?? 0)
+    }
 
     /// The lease under key name `key`.
     public func withKey(_ key: String) -> Lease {
@@ -138,9 +158,43 @@ public struct Lease: Sendable, Equatable, CustomStringConvertible {
     public static let expirationNotLookedUp = Date.distantFuture
 
     public var description: String {
-        "\(subnet)" + (ipv6Subnet.map { " + \($0)" } ?? "") + " → \(attributes.publicIP)"
+        (ipv4Subnet.map { "\($0)" + (ipv6Subnet.map { " + \($0)" } ?? "") } ?? ipv6Subnet.map { "\($0)" } ?? "\(subnet)")
+            + " → \(attributes.publicIP)"
             + (isReservation ? " (reserved)" : "")
     }
+}
+
+/// What names a lease among the leases of a network (`Lease.primarySubnet`):
+/// its IPv4 subnet, or in an IPv6-only network its IPv6 subnet.
+public enum LeaseSubnet: Hashable, Sendable, CustomStringConvertible {
+    case ipv4(IPv4Network)
+    case ipv6(IPv6Network)
+
+    public var description: String {
+        switch self {
+        case .ipv4(let subnet): subnet.description
+        case .ipv6(let subnet): subnet.description
+        }
+    }
+
+    /// The subnet named by lease key `key` whose IPv4 part is `subnet`.
+    public init(subnet: IPv4Network, key: String) {
+        if subnet.isNoIPv4, let v6 = LeaseKey.ipv6Subnet(fromKey: key) {
+            self = .ipv6(v6)
+        } else {
+            self = .ipv4(subnet)
+        }
+    }
+}
+
+extension IPv4Network {
+    /// 0.0.0.0/0: the IPv4 part of a lease key in an IPv6-only network
+    /// (flanneld writes `0.0.0.0-0&<IPv6 subnet>`), and the `network` of an
+    /// IPv6-only config. Never a subnet to route.
+    public static let noIPv4 = IPv4Network(address: IPv4Address(0), prefixLength: 0)
+
+    /// Whether this is `noIPv4`.
+    public var isNoIPv4: Bool { prefixLength == 0 && address.value == 0 }
 }
 
 /// All leases at one store revision: the starting point of a watch.
@@ -215,6 +269,14 @@ public enum LeaseEvent: Sendable, Equatable {
         switch self {
         case .put(let lease): lease.key
         case .delete(_, _, let key): key
+        }
+    }
+
+    /// As `Lease.primarySubnet`.
+    public var primarySubnet: LeaseSubnet {
+        switch self {
+        case .put(let lease): lease.primarySubnet
+        case .delete(let subnet, _, let key): LeaseSubnet(subnet: subnet, key: key)
         }
     }
 }

@@ -138,14 +138,13 @@ public final class LocalLeaseStore: LeaseStore {
                 for old in choice.obsolete {
                     self.logger.info(
                         "deleting our lease that no longer fits the network config",
-                        metadata: ["subnet": "\(old.subnet)"]
+                        metadata: ["subnet": "\(old.primarySubnet)"]
                     )
-                    let key = scan.leases.first { $0.subnet == old.subnet }?.key ?? old.subnet.leaseKey
-                    tx.delete(key: key, subnet: old.subnet)
+                    tx.delete(key: old.key, subnet: old.subnet)
                 }
                 switch choice.source {
                 case .existingLease(let existing):
-                    guard let stored = scan.leases.first(where: { $0.subnet == existing.subnet }) else {
+                    guard let stored = scan.leases.first(where: { $0.key == existing.key }) else {
                         preconditionFailure("chooser returned a lease that was not listed")
                     }
                     if stored.expiration == nil {
@@ -193,7 +192,7 @@ public final class LocalLeaseStore: LeaseStore {
         logger.info(
             "acquired lease",
             metadata: [
-                "subnet": "\(lease.subnet)", "ipv6Subnet": "\(lease.ipv6Subnet.map(\.description) ?? "none")",
+                "subnet": "\(lease.primarySubnet)", "ipv6Subnet": "\(lease.ipv6Subnet.map(\.description) ?? "none")",
                 "publicIP": "\(attributes.publicIP)", "how": "\(how)",
             ]
         )
@@ -204,7 +203,7 @@ public final class LocalLeaseStore: LeaseStore {
         try await run {
             try self.exclusive { tx -> Lease in
                 try tx.expireIfDue()
-                guard let stored = try tx.read(lease.subnet),
+                guard let stored = try tx.read(lease),
                     stored.attributes.publicIP == lease.attributes.publicIP
                 else {
                     throw LeaseStoreError.leaseNotFound(subnet: lease.subnet)
@@ -231,11 +230,11 @@ public final class LocalLeaseStore: LeaseStore {
         try await run {
             try self.exclusive { tx in
                 try tx.expireIfDue()
-                guard let stored = try tx.read(lease.subnet),
+                guard let stored = try tx.read(lease),
                     stored.attributes.publicIP == lease.attributes.publicIP
                 else { return }
                 if stored.expiration == nil {
-                    self.logger.info("not releasing a reservation", metadata: ["subnet": "\(lease.subnet)"])
+                    self.logger.info("not releasing a reservation", metadata: ["subnet": "\(lease.primarySubnet)"])
                     return
                 }
                 tx.delete(key: stored.key, subnet: stored.subnet)

@@ -120,9 +120,22 @@ final class Transaction {
         return FileIO.exists(store.subnetsPath + "/" + key)
     }
 
+    /// The entry of `lease` as this transaction sees it: by its IPv4 subnet
+    /// (`read(_:)`), or in an IPv6-only network, where every key's IPv4
+    /// part is 0.0.0.0-0, by its key. nil if none.
+    func read(_ lease: Lease) throws -> StoredLease? {
+        guard lease.subnet.isNoIPv4 else { return try read(lease.subnet) }
+        guard isTaken(lease.key) else { return nil }
+        return try read(key: lease.key, subnet: lease.subnet)
+    }
+
     /// The lease for `subnet` as this transaction sees it; nil if none.
     func read(_ subnet: IPv4Network) throws -> StoredLease? {
         guard let key = try findKey(subnet) else { return nil }
+        return try read(key: key, subnet: subnet)
+    }
+
+    private func read(key: String, subnet: IPv4Network) throws -> StoredLease? {
         if case .put(let stored)? = changes.last(where: { $0.key == key }) { return stored }
         let path = store.subnetsPath + "/" + key
         guard let bytes = try FileIO.read(path) else { return nil }

@@ -16,15 +16,18 @@ import NetBase
 ///   one field in an object, the later one counts, as in flanneld.
 public struct NetworkConfig: Sendable, Equatable {
     /// The overlay network; host bits are cleared, as flannel clears them.
+    /// In an IPv6-only network (`enableIPv4` false) 0.0.0.0/0
+    /// (`IPv4Network.noIPv4`), which is never routed: use `ipv4Network`.
     public var network: IPv4Network
-    /// Prefix length of every node's subnet.
+    /// Prefix length of every node's subnet (0 in an IPv6-only network).
     public var subnetLen: Int
     /// The lowest subnet handed out (prefix length `subnetLen`).
     public var subnetMin: IPv4Network
     /// The highest subnet handed out (prefix length `subnetLen`).
     public var subnetMax: IPv4Network
-    /// Always true: tunneld refuses configs that disable IPv4 (IPv6-only
-    /// networks are not built yet).
+    /// `EnableIPv4` (default true). False makes an IPv6-only network: no
+    /// Network is needed (nor read), every lease's IPv4 part is 0.0.0.0/0
+    /// (flanneld's key `0.0.0.0-0&fd00:10:244:1::-64`), and `ipv6` is set.
     public var enableIPv4: Bool
     /// `EnableIPv6`: each host also leases an IPv6 subnet (`ipv6`).
     public var enableIPv6: Bool
@@ -60,13 +63,34 @@ public struct NetworkConfig: Sendable, Equatable {
         // EnableIPv4 defaults to true, EnableIPv6 to false.
         enableIPv4 = try Self.bool(root, "EnableIPv4") ?? true
         enableIPv6 = try Self.bool(root, "EnableIPv6") ?? false
-        if !enableIPv4 { throw .ipv4Disabled }
+        if !enableIPv4 && !enableIPv6 { throw .noAddressFamily }
         enableNFTables = try Self.bool(root, "EnableNFTables") ?? false
         // The IPv6 fields are read (and must be well-formed, as flanneld's
         // JSON decoder wants them) even when EnableIPv6 is false, but only
         // checked against each other when it is true.
         let ipv6Fields = try IPv6NetworkConfig.Fields(root)
         ipv6 = enableIPv6 ? try IPv6NetworkConfig(ipv6Fields) : nil
+
+        guard enableIPv4 else {
+            // IPv6-only: flanneld checks no IPv4 field then, but its JSON
+            // decoder still wants a Network that is given to be well-formed.
+            if let value = Self.present(root.field("Network")) {
+                guard case .string(let text) = value, IPv4Network(text) != nil else {
+                    throw .invalidValue(
+                        field: "Network",
+                        value: value.compactText,
+                        expected: "a network in CIDR form such as \"10.2.0.0/16\", or leave it out "
+                            + "(EnableIPv4 is false, so it is not used)"
+                    )
+                }
+            }
+            network = .noIPv4
+            subnetLen = 0
+            subnetMin = .noIPv4
+            subnetMax = .noIPv4
+            backend = try BackendConfig(Self.present(root.field("Backend")))
+            return
+        }
 
         // Network
         guard let networkValue = Self.present(root.field("Network")) else {
@@ -137,6 +161,20 @@ public struct NetworkConfig: Sendable, Equatable {
         subnetMax = IPv4Network(address: maxAddress, prefixLength: length)
 
         backend = try BackendConfig(Self.present(root.field("Backend")))
+    }
+
+    /// The IPv4 network; nil in an IPv6-only network.
+    public var ipv4Network: IPv4Network? { enableIPv4 ? network : nil }
+
+    /// Whether this is an IPv6-only network (`EnableIPv4: false`).
+    public var isIPv6Only: Bool { !enableIPv4 }
+
+    /// The networks for log lines and messages: "10.5.0.0/16",
+    /// "10.5.0.0/16 and fd00:10:244::/48" or "fd00:10:244::/48".
+    public var networksDescription: String {
+        let v6 = ipv6.map { "\($0.network)" }
+        guard enableIPv4 else { return v6 ?? "(none)" }
+        return "\(network)" + (v6.map { " and \($0)" } ?? "")
     }
 
     /// Whether `subnet` could be handed out under this config: flannel's
@@ -373,7 +411,7 @@ public enum NetworkConfigError: Error, Sendable, Equatable, CustomStringConverti
     case outsideNetwork(field: String, address: IPv4Address, network: IPv4Network)
     case notOnBoundary(field: String, address: IPv4Address, subnetLen: Int, suggestion: IPv4Address)
     case minAboveMax(min: IPv4Address, max: IPv4Address)
-    case ipv4Disabled
+    case noAddressFamily
     case missingIPv6Network
     case ipv6NetworkTooSmall(network: IPv6Network)
     case ipv6SubnetLenTooLong(subnetLen: Int)
@@ -415,9 +453,10 @@ public enum NetworkConfigError: Error, Sendable, Equatable, CustomStringConverti
             return "\(field) \(address) is not on a SubnetLen (/\(subnetLen)) boundary: use \(suggestion)"
         case .minAboveMax(let min, let max):
             return "SubnetMin \(min) is above SubnetMax \(max): SubnetMin must not be above SubnetMax"
-        case .ipv4Disabled:
-            return "EnableIPv4 is false, but IPv6-only networks are not built in tunneld yet: "
-                + "remove EnableIPv4 or set it to true (dual stack, with EnableIPv6 and IPv6Network, is supported)"
+        case .noAddressFamily:
+            return "EnableIPv4 and EnableIPv6 are both false, so the network has no addresses: "
+                + "remove EnableIPv4 (IPv4 with Network, the default), or set EnableIPv6 to true "
+                + "with an IPv6Network such as \"fd00:10:244::/48\" (IPv6-only)"
         case .missingIPv6Network:
             return "please define a correct IPv6Network parameter in the flannel config: EnableIPv6 is true, "
                 + "so IPv6Network must be a network such as \"fd00:10:244::/48\" (or set EnableIPv6 to false)"

@@ -95,7 +95,7 @@ public enum SubnetChooser {
         let obsolete = listed.filter {
             $0.attributes.publicIP == publicIP && !$0.isReservation && !fits(config, $0)
         }
-        let obsoleteSubnets = Set(obsolete.map(\.subnet))
+        let obsoleteKeys = Set(obsolete.map(\.key))
 
         // 1. Reuse: a reservation before an expiring lease, then the longest-lived.
         let reusable = own.filter { fits(config, $0) }.sorted { a, b in
@@ -103,7 +103,7 @@ public enum SubnetChooser {
             if a.expiration != b.expiration {
                 return (a.expiration ?? .distantFuture) > (b.expiration ?? .distantFuture)
             }
-            return a.subnet.address < b.subnet.address
+            return a.subnet.address < b.subnet.address || (a.subnet == b.subnet && a.key < b.key)
         }
         if let lease = reusable.first {
             return SubnetChoice(source: .existingLease(lease), candidates: [], obsolete: obsolete)
@@ -111,7 +111,7 @@ public enum SubnetChooser {
 
         // Obsolete leases are about to be deleted: their space is free.
         let taken = OccupiedRanges(
-            leases.filter { !obsoleteSubnets.contains($0.subnet) }.map(\.subnet)
+            leases.filter { !obsoleteKeys.contains($0.key) }.map(\.subnet)
                 + occupied
         )
         var free = firstFree(in: config.subnets, taken: taken, limit: freeCandidateLimit)
@@ -120,7 +120,7 @@ public enum SubnetChooser {
         // The IPv6 side, chosen from the same listing.
         var ipv6Candidates: [IPv6Network] = []
         if let v6 = config.ipv6 {
-            let takenV6 = leases.filter { !obsoleteSubnets.contains($0.subnet) }.compactMap(\.ipv6Subnet)
+            let takenV6 = leases.filter { !obsoleteKeys.contains($0.key) }.compactMap(\.ipv6Subnet)
             ipv6Candidates = firstFreeIPv6(v6, taken: takenV6, limit: freeCandidateLimit)
             ipv6Candidates.shuffle(using: &generator)
             if ipv6Candidates.isEmpty {
@@ -133,6 +133,19 @@ public enum SubnetChooser {
                 ipv6Candidates.removeAll { $0 == preferredIPv6 }
                 ipv6Candidates.insert(preferredIPv6, at: 0)
             }
+        }
+
+        // IPv6-only: every key's IPv4 part is 0.0.0.0-0, so only the IPv6
+        // side is chosen; one try per IPv6 candidate.
+        if config.isIPv6Only {
+            let source: SubnetChoice.Source =
+                preferredIPv6 != nil && ipv6Candidates.first == preferredIPv6 ? .preferred : .free
+            return SubnetChoice(
+                source: source,
+                candidates: Array(repeating: .noIPv4, count: ipv6Candidates.count),
+                obsolete: obsolete,
+                ipv6Candidates: ipv6Candidates
+            )
         }
 
         // 2. The subnet we had before, if it is still ours to take.
@@ -154,7 +167,7 @@ public enum SubnetChooser {
                 subnet.lastAddress >= range.lowestAddress && subnet.address <= end
             }
             let keys =
-                leases.filter { !obsoleteSubnets.contains($0.subnet) && blocks($0.subnet) }
+                leases.filter { !obsoleteKeys.contains($0.key) && blocks($0.subnet) }
                 .sorted { $0.subnet.address < $1.subnet.address }.map(\.key)
                 + occupied.filter(blocks).map(\.leaseKey)
             throw .outOfSubnets(network: config.network, blockedBy: keys)

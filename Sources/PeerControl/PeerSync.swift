@@ -36,7 +36,7 @@ public final class PeerSync: Sendable {
     /// cannot use included: which key a conflicting one is measured against
     /// — and whether it is applied to the backend as a peer. One record per
     /// subnet (a host among 60,000 keeps 60,000 of them).
-    private let table = Mutex<[IPv4Network: Slot]>([:])
+    private let table = Mutex<[LeaseSubnet: Slot]>([:])
     private let metrics: Metrics
     /// Keys already reported as ignored or unusable, with the reason, so
     /// that each is reported once (again only if the reason changes).
@@ -92,7 +92,7 @@ public final class PeerSync: Sendable {
     }
 
     /// The peers applied to the backend.
-    public var currentPeers: [IPv4Network: Lease] {
+    public var currentPeers: [LeaseSubnet: Lease] {
         table.withLock { $0.compactMapValues { $0.applied ? $0.lease : nil } }
     }
 
@@ -100,7 +100,7 @@ public final class PeerSync: Sendable {
     public var peerCount: Int { table.withLock { $0.values.count(where: \.applied) } }
 
     /// When each current peer was last added or changed (for `tunneld status`).
-    public var peerChangeTimes: [IPv4Network: Date] {
+    public var peerChangeTimes: [LeaseSubnet: Date] {
         table.withLock {
             $0.compactMapValues { $0.applied ? Date(timeIntervalSinceReferenceDate: $0.changedAt) : nil }
         }
@@ -149,9 +149,11 @@ public final class PeerSync: Sendable {
         if isNew { logger.warning("\(reason)") }
     }
 
-    private func report(_ ignored: IgnoredLeaseKey, own: IPv4Network) {
+    private func report(_ ignored: IgnoredLeaseKey, own: LeaseSubnet) {
         var text = ignored.description
-        if case .wider = ignored.reason, let subnet = LeaseKey.subnet(fromKey: ignored.key), subnet.contains(own) {
+        if case .wider = ignored.reason, case .ipv4(let own) = own, let subnet = LeaseKey.subnet(fromKey: ignored.key),
+            subnet.contains(own)
+        {
             text = text.replacingOccurrences(
                 of: "other hosts' subnets",
                 with: "other hosts' subnets, including ours (\(own))"
@@ -165,15 +167,15 @@ public final class PeerSync: Sendable {
     ///
     /// - Parameter forgetting: whether an earlier report about the lease's
     ///   key may exist, to be forgotten now that it is usable.
-    private func usablePeer(_ lease: Lease, own: IPv4Network, forgetting: Bool = true) -> Lease? {
-        if lease.subnet == own { return nil }
+    private func usablePeer(_ lease: Lease, own: LeaseSubnet, forgetting: Bool = true) -> Lease? {
+        if lease.primarySubnet == own { return nil }
         var reason: String?
         if lease.attributes.effectiveBackendType != backend.type.rawValue {
             let theirs = lease.attributes.effectiveBackendType
             reason =
-                "peer \(lease.subnet) (\(lease.attributes.publicIP)) runs the \(theirs) backend and this host runs \(backend.type); it cannot be reached until both use the same Backend.Type: restart that host with the current config (or this one, if the config says \(theirs))"
+                "peer \(lease.primarySubnet) (\(lease.attributes.publicIP)) runs the \(theirs) backend and this host runs \(backend.type); it cannot be reached until both use the same Backend.Type: restart that host with the current config (or this one, if the config says \(theirs))"
         } else if let why = backend.unusableReason(lease) {
-            reason = "peer \(lease.subnet) (\(lease.attributes.publicIP)) cannot be used: \(why)"
+            reason = "peer \(lease.primarySubnet) (\(lease.attributes.publicIP)) cannot be used: \(why)"
         }
         guard let reason else {
             if forgetting { reported.withLock { $0[lease.key] = nil } }
@@ -187,7 +189,7 @@ public final class PeerSync: Sendable {
 
     /// Makes the backend's peers exactly the usable leases of `snapshot`.
     public func sync(with snapshot: LeaseSnapshot) {
-        let own = holder.lease.subnet
+        let own = holder.lease.primarySubnet
         let sorted = rule.sort(snapshot)
         if reported.withLock({ !$0.isEmpty }) {
             let present = Set(snapshot.leases.map(\.key) + snapshot.unreadableKeys + snapshot.malformedKeys)
@@ -201,14 +203,16 @@ public final class PeerSync: Sendable {
         applying.withLock { _ in
             // The new table is built beside the old one, then swapped in.
             var current = table.withLock { $0 }
-            var next: [IPv4Network: Slot] = [:]
+            var next: [LeaseSubnet: Slot] = [:]
             next.reserveCapacity(sorted.leases.count)
             var removed: [PeerChange] = []
             var changed: [PeerChange] = []
-            for lease in sorted.leases where next[lease.subnet] == nil {
-                let previous = current[lease.subnet]
+            for lease in sorted.leases {
+                let name = lease.primarySubnet
+                guard next[name] == nil else { continue }
+                let previous = current[name]
                 let applied = previous.flatMap { $0.applied ? $0.lease : nil }
-                next[lease.subnet] = Slot(lease: lease, applied: applied != nil, changedAt: previous?.changedAt ?? 0)
+                next[name] = Slot(lease: lease, applied: applied != nil, changedAt: previous?.changedAt ?? 0)
                 switch (applied, usablePeer(lease, own: own, forgetting: forgetting)) {
                 case (nil, let new?): changed.append(.added(new))
                 case (let old?, let new?): if Self.differs(old, new) { changed.append(.updated(old: old, new: new)) }
@@ -226,18 +230,20 @@ public final class PeerSync: Sendable {
             current = [:]
             commit(Self.inAddressOrder(removed) + Self.inAddressOrder(changed))
         }
-        if !sorted.leases.contains(where: { $0.subnet == own }) {
+        if !sorted.leases.contains(where: { $0.primarySubnet == own }) {
             logger.warning(
                 "our lease \(own) is missing from \(store.location); acquiring a lease again, forwarding continues"
             )
-            requestReacquire(own)
+            requestReacquire(holder.lease.subnet)
         }
     }
 
     /// Applies one watch event.
     public func apply(_ event: LeaseEvent) {
-        let own = holder.lease.subnet
-        if let reason = rule.problem(with: event.subnet) {
+        let own = holder.lease.primarySubnet
+        let reason =
+            rule.isIPv6Only ? rule.problem(withKey: event.key, subnet: event.subnet) : rule.problem(with: event.subnet)
+        if let reason {
             switch event {
             case .put(let lease):
                 report(rule.ignored(lease.key, reason, publicIP: lease.attributes.publicIP), own: own)
@@ -248,7 +254,8 @@ public final class PeerSync: Sendable {
         }
         switch event {
         case .put(let lease):
-            if let held = table.withLock({ $0[lease.subnet]?.lease }), held.key != lease.key {
+            let name = lease.primarySubnet
+            if let held = table.withLock({ $0[name]?.lease }), held.key != lease.key {
                 if LeaseRule.precedes(held.key, lease.key) {
                     // Another key names this subnet first: this one is no lease.
                     shadowed.withLock { $0[lease.key] = lease }
@@ -266,7 +273,7 @@ public final class PeerSync: Sendable {
                 )
             }
             shadowed.withLock { $0[lease.key] = nil }
-            if lease.subnet == own {
+            if name == own {
                 table.withLock { t in
                     t[own] = Slot(lease: lease, applied: t[own]?.applied ?? false, changedAt: t[own]?.changedAt ?? 0)
                 }
@@ -279,15 +286,16 @@ public final class PeerSync: Sendable {
                 }
                 return
             }
-            update(lease.subnet, to: lease, own: own)
-        case .delete(let subnet, _, let key):
+            update(name, to: lease, own: own)
+        case .delete(_, _, let key):
+            let subnet = event.primarySubnet
             reported.withLock { $0[key] = nil }
             // A conflicting key that went away: the lease of its subnet stays.
             if shadowed.withLock({ $0.removeValue(forKey: key) }) != nil { return }
             guard table.withLock({ $0[subnet]?.lease.key }) == key else { return }
             // A conflicting key of the same subnet, if any, is the lease now.
             let next = shadowed.withLock { shadowed -> Lease? in
-                let candidates = shadowed.values.filter { $0.subnet == subnet }
+                let candidates = shadowed.values.filter { $0.primarySubnet == subnet }
                 guard let best = candidates.min(by: { LeaseRule.precedes($0.key, $1.key) }) else { return nil }
                 shadowed[best.key] = nil
                 return best
@@ -302,7 +310,7 @@ public final class PeerSync: Sendable {
                 logger.warning(
                     "our lease \(own) was deleted from \(store.location) (expired or removed); acquiring a lease again, forwarding continues"
                 )
-                requestReacquire(own)
+                requestReacquire(holder.lease.subnet)
                 return
             }
             update(subnet, to: next, own: own)
@@ -311,7 +319,7 @@ public final class PeerSync: Sendable {
 
     /// Makes `lease` the lease of `subnet` (nil: none) and the backend's
     /// peer there what it allows.
-    private func update(_ subnet: IPv4Network, to lease: Lease?, own: IPv4Network) {
+    private func update(_ subnet: LeaseSubnet, to lease: Lease?, own: LeaseSubnet) {
         let peer = lease.flatMap { usablePeer($0, own: own) }
         applying.withLock { _ in
             let old = table.withLock { t -> Lease? in
@@ -361,10 +369,10 @@ public final class PeerSync: Sendable {
                 case .added(let lease), .updated(_, let lease):
                     if case .added = change { added += 1 } else { updated += 1 }
                     // The slot holds the lease (set before the change was made).
-                    t[lease.subnet]?.markApplied(at: now)
+                    t[lease.primarySubnet]?.markApplied(at: now)
                 case .removed(let lease):
                     removed += 1
-                    t[lease.subnet]?.applied = false
+                    t[lease.primarySubnet]?.applied = false
                 }
             }
         }
@@ -374,7 +382,7 @@ public final class PeerSync: Sendable {
         }
         backend.apply(changes)
         for case .removed(let lease) in changes {
-            logger.info("peer \(lease.subnet) is gone")
+            logger.info("peer \(lease.primarySubnet) is gone")
         }
     }
 
@@ -412,22 +420,24 @@ public final class PeerSync: Sendable {
                 )
                 holder.replace(lease)
                 metrics.reacquisitions.increment()
-                if lease.subnet == old.subnet {
-                    logger.info("lease \(lease.subnet) acquired again")
+                if lease.primarySubnet == old.primarySubnet {
+                    logger.info("lease \(lease.primarySubnet) acquired again")
                 } else {
                     logger.error(
-                        "subnet \(old.subnet) was taken by another host; moved to \(lease.subnet): containers on this host must be restarted with the new subnet.env"
+                        "subnet \(old.primarySubnet) was taken by another host; moved to \(lease.primarySubnet): containers on this host must be restarted with the new subnet.env"
                     )
                     // The new subnet may have been a peer's a moment ago.
                     applying.withLock { _ in
-                        if let stale = table.withLock({ $0[lease.subnet].flatMap { $0.applied ? $0.lease : nil } }) {
+                        if let stale = table.withLock({
+                            $0[lease.primarySubnet].flatMap { $0.applied ? $0.lease : nil }
+                        }) {
                             commit([.removed(stale)])
                         }
                     }
                     do {
                         try backend.move(from: old, to: lease)
                     } catch {
-                        logger.error("could not move the \(backend.type) backend to \(lease.subnet): \(error)")
+                        logger.error("could not move the \(backend.type) backend to \(lease.primarySubnet): \(error)")
                     }
                     onSubnetChange(lease)
                 }
@@ -510,23 +520,23 @@ public final class PeerSync: Sendable {
                 try? await Task.sleep(for: .milliseconds(Int(wait * 1000)))
                 if Task.isCancelled { return }
             }
-            guard holder.lease.subnet == lease.subnet, !isReacquiring else { continue }
+            guard holder.lease.primarySubnet == lease.primarySubnet, !isReacquiring else { continue }
             do {
                 let renewed = try await store.renewLease(holder.lease)
                 holder.replace(renewed)
                 metrics.renewals.increment()
                 let until = renewed.expiration.map { " until \($0)" } ?? ""
-                logger.info("renewed lease \(renewed.subnet)\(until)")
+                logger.info("renewed lease \(renewed.primarySubnet)\(until)")
             } catch LeaseStoreError.leaseNotFound {
                 metrics.renewalFailures.increment()
-                logger.warning("lease \(lease.subnet) vanished before renewal; acquiring again")
+                logger.warning("lease \(lease.primarySubnet) vanished before renewal; acquiring again")
                 requestReacquire(lease.subnet)
             } catch {
                 // Keep forwarding; try again in a minute (or sooner when the
                 // lease is about to run out).
                 metrics.renewalFailures.increment()
                 let retry = min(60, max(1, holder.lease.expiration.map { $0.timeIntervalSinceNow / 4 } ?? 60))
-                logger.error("renewing lease \(lease.subnet) failed: \(error); retrying in \(Int(retry)) s")
+                logger.error("renewing lease \(lease.primarySubnet) failed: \(error); retrying in \(Int(retry)) s")
                 try? await Task.sleep(for: .seconds(retry))
             }
         }

@@ -96,6 +96,16 @@ public final class TunDevice: Sendable {
     /// adds a route `<net> dev <name>` for each of `routes`, in that order
     /// (the kernel refuses routes through a device that is down). `socket`
     /// must be in the device's network namespace. Safe to repeat.
+    /// The link of an IPv6-only network: MTU, no IPv4 address, no
+    /// link-local address, up; `configureIPv6` then gives the address and
+    /// the route.
+    public func bringUp(mtu: Int, using socket: RouteSocket) throws {
+        let index = try socket.linkIndex(named: name)
+        try socket.setMTU(index: index, mtu: mtu)
+        try? socket.setIPv6LinkLocal(index: index, enabled: false)
+        try socket.setLinkUp(index: index)
+    }
+
     public func configure(
         address: IPv4Address,
         prefixLength: Int = 32,

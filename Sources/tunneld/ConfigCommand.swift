@@ -42,14 +42,25 @@ struct Config: AsyncParsableCommand {
                     config.ipv6.map {
                         ", IPv6Network \($0.network), IPv6SubnetLen \($0.subnetLen), IPv6 subnets \($0.subnetMin.address)…\($0.subnetMax.address)"
                     } ?? ""
+                let ipv4 =
+                    config.isIPv6Only
+                    ? "IPv6-only (EnableIPv4 false)"
+                    : "Network \(config.network), SubnetLen \(config.subnetLen), subnets \(config.subnetMin.address)…\(config.subnetMax.address)"
                 print(
-                    "stored network config in \(store.location): Network \(config.network), SubnetLen \(config.subnetLen), subnets \(config.subnetMin.address)…\(config.subnetMax.address)\(ipv6), backend \(config.backend.type)"
+                    "stored network config in \(store.location): \(ipv4)\(ipv6), backend \(config.backend.type)"
                 )
                 if config.backend.knownType == nil {
                     // Valid for flannel, so stored; but no tunneld host will start on it.
                     FileHandle.standardError.write(
                         Data(
                             "warning: tunneld supports the \(BackendType.supportedNames) backends, not \"\(config.backend.type)\": tunneld run refuses this config until Backend.Type is one of them\n"
+                                .utf8
+                        )
+                    )
+                } else if config.isIPv6Only, config.backend.knownType == .vxlan {
+                    FileHandle.standardError.write(
+                        Data(
+                            "warning: IPv6-only networks (EnableIPv4 false) run with the udp and host-gw backends in tunneld, not yet vxlan: tunneld run refuses this config\n"
                                 .utf8
                         )
                     )
@@ -131,7 +142,7 @@ struct Leases: AsyncParsableCommand {
                 + column("BACKEND", 10) + "EXPIRES"
         )
         defer { if !notes.isEmpty { print("\n" + notes.joined(separator: "\n")) } }
-        for lease in leases.sorted(by: { $0.subnet.address < $1.subnet.address }) {
+        for lease in leases.sorted(by: Lease.inAddressOrder) {
             let expires = lease.expiration.map { formatter.string(from: $0) } ?? "never (reservation)"
             let ipv6 =
                 dualStack

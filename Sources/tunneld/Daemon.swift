@@ -67,10 +67,10 @@ final class Daemon: Service, Sendable {
             if let freshLease {
                 do {
                     try await store.releaseLease(freshLease)
-                    logger.info("released the lease \(freshLease.subnet) taken by this start")
+                    logger.info("released the lease \(freshLease.primarySubnet) taken by this start")
                 } catch {
                     logger.warning(
-                        "could not release the lease \(freshLease.subnet) taken by this start: \(error); it expires on its own"
+                        "could not release the lease \(freshLease.primarySubnet) taken by this start: \(error); it expires on its own"
                     )
                 }
             }
@@ -85,7 +85,8 @@ final class Daemon: Service, Sendable {
             if let publicIPv6 { backendAttributes.publicIPv6 = publicIPv6 }
             let attributes = backendAttributes
             let preferred: IPv4Network?
-            switch SubnetEnv.previousSubnet(at: options.subnetFile) {
+            // IPv6-only: the file has no FLANNEL_SUBNET, and leases no IPv4 subnet.
+            switch config.isIPv6Only ? .success(nil) : SubnetEnv.previousSubnet(at: options.subnetFile) {
             case .success(let subnet): preferred = subnet
             case .failure(let error):
                 logger.warning("ignoring the previous subnet file: \(error)")
@@ -121,8 +122,10 @@ final class Daemon: Service, Sendable {
             lease = acquired
             // A subnet other than the one this host had (per its subnet file)
             // was taken by this start; a failure gives it back.
-            if acquired.subnet != preferred { freshLease = acquired }
-            logger.info("leased \(lease.subnet) for \(publicIP) in \(store.location)")
+            if config.isIPv6Only ? acquired.ipv6Subnet != preferredIPv6 : acquired.subnet != preferred {
+                freshLease = acquired
+            }
+            logger.info("leased \(Daemon.subnets(of: lease)) for \(publicIP) in \(store.location)")
             holder = LeaseHolder(lease)
             try backend.activate(lease: lease)
             mtu = backend.mtu
@@ -137,8 +140,8 @@ final class Daemon: Service, Sendable {
                 onSubnetChange: { [options, logger, firewall, blackhole] newLease in
                     do {
                         try SubnetEnv(
-                            network: config.network,
-                            subnet: newLease.subnet,
+                            network: config.ipv4Network,
+                            subnet: newLease.ipv4Subnet,
                             mtu: mtu,
                             ipMasq: options.ipMasq,
                             ipv6Network: config.ipv6?.network,
@@ -146,9 +149,9 @@ final class Daemon: Service, Sendable {
                         )
                         .write(to: options.subnetFile)
                         try firewall?.install(Daemon.firewallNetworks(config, newLease))
-                        try blackhole?.set(newLease.subnet)
+                        if let subnet = newLease.ipv4Subnet { try blackhole?.set(subnet) }
                     } catch {
-                        logger.error("could not move to the new subnet \(newLease.subnet): \(error)")
+                        logger.error("could not move to the new subnet \(Daemon.subnets(of: newLease)): \(error)")
                     }
                 }
             )
@@ -176,18 +179,18 @@ final class Daemon: Service, Sendable {
             try firewall?.install(Daemon.firewallNetworks(config, lease))
             if let firewall, options.ipMasq {
                 logger.info(
-                    "ip masquerade on for traffic from \(config.network) leaving it (\(firewall.masqueradeLocation))"
+                    "ip masquerade on for traffic from \(config.networksDescription) leaving it (\(firewall.masqueradeLocation))"
                 )
             }
             if let firewall, options.iptablesForwardRules {
                 logger.info(
-                    "forwarding traffic from and to \(config.network) (\(firewall.forwardLocation)); put back within \(options.iptablesResync) s if removed"
+                    "forwarding traffic from and to \(config.networksDescription) (\(firewall.forwardLocation)); put back within \(options.iptablesResync) s if removed"
                 )
             }
-            if let blackhole {
-                try blackhole.set(lease.subnet)
+            if let blackhole, let subnet = lease.ipv4Subnet {
+                try blackhole.set(subnet)
                 logger.info(
-                    "blackhole route for \(lease.subnet) (metric \(BlackholeRoute.metric): any real route to it wins); put back within \(options.iptablesResync) s if removed"
+                    "blackhole route for \(subnet) (metric \(BlackholeRoute.metric): any real route to it wins); put back within \(options.iptablesResync) s if removed"
                 )
             }
             readiness.waiting(for: "loading the \(joined.peers.leases.count) leases listed in \(store.location)")
@@ -197,8 +200,8 @@ final class Daemon: Service, Sendable {
             releaseFreeHeapMemory()
             readiness.waiting(for: "writing \(options.subnetFile)")
             try SubnetEnv(
-                network: config.network,
-                subnet: lease.subnet,
+                network: config.ipv4Network,
+                subnet: lease.ipv4Subnet,
                 mtu: mtu,
                 ipMasq: options.ipMasq,
                 ipv6Network: config.ipv6?.network,
@@ -216,7 +219,7 @@ final class Daemon: Service, Sendable {
         logger.info(
             "tunneld ready: \(backend.type) backend, MTU \(mtu), \(peers.peerCount) peer(s); wrote \(options.subnetFile)"
         )
-        let subnet = lease.subnet
+        let subnet = lease.primarySubnet
         systemd.ready(status: runningStatus(backend: backend.type, subnet: subnet, peers: peers.peerCount))
 
         let margin = Duration.seconds(options.subnetLeaseRenewMargin * 60)
@@ -239,7 +242,7 @@ final class Daemon: Service, Sendable {
                             await systemd.keepAlive {
                                 runningStatus(
                                     backend: backend.type,
-                                    subnet: holder.lease.subnet,
+                                    subnet: holder.lease.primarySubnet,
                                     peers: peers.peerCount
                                 )
                             }
@@ -271,12 +274,12 @@ final class Daemon: Service, Sendable {
         if options.releaseOnExit {
             do {
                 try await store.releaseLease(holder.lease)
-                logger.info("released lease \(holder.lease.subnet)")
+                logger.info("released lease \(holder.lease.primarySubnet)")
             } catch {
-                logger.error("could not release lease \(holder.lease.subnet): \(error)")
+                logger.error("could not release lease \(holder.lease.primarySubnet): \(error)")
             }
         } else {
-            logger.info("lease \(holder.lease.subnet) kept for a restart")
+            logger.info("lease \(holder.lease.primarySubnet) kept for a restart")
         }
     }
 
@@ -380,7 +383,19 @@ final class Daemon: Service, Sendable {
         if let network = config.ipv6?.network, let subnet = lease.ipv6Subnet {
             ipv6 = .ipv6(network: network, subnet: subnet)
         }
-        return FirewallNetworks(ipv4: .ipv4(network: config.network, subnet: lease.subnet), ipv6: ipv6)
+        // IPv6-only: rules for IPv6 only (ip6tables, or the ip6 family of nftables).
+        let ipv4 = lease.ipv4Subnet.flatMap { subnet in
+            config.ipv4Network.map { FamilyNetworks.ipv4(network: $0, subnet: subnet) }
+        }
+        return FirewallNetworks(ipv4: ipv4, ipv6: ipv6)
+    }
+
+    /// "10.5.52.0/24", "10.5.52.0/24 and fd00:10:244:1::/64" or
+    /// "fd00:10:244:1::/64", for log lines.
+    static func subnets(of lease: Lease) -> String {
+        let v6 = lease.ipv6Subnet.map(\.description)
+        guard let v4 = lease.ipv4Subnet else { return v6 ?? "\(lease.subnet)" }
+        return "\(v4)" + (v6.map { " and \($0)" } ?? "")
     }
 
     /// Reads the network config, waiting (with backoff) while there is none.
@@ -462,6 +477,15 @@ final class Daemon: Service, Sendable {
         guard let type = config.backend.knownType else {
             throw DaemonError(BackendType.unsupported(config.backend.type))
         }
+        // IPv6-only networks: udp and host-gw. vxlan's IPv4 device would
+        // have no address; refuse rather than lease subnets nothing routes.
+        if let v6 = config.ipv6, config.isIPv6Only, type != .udp, type != .hostGW {
+            throw DaemonError(
+                "the network config is IPv6-only (EnableIPv4 false, IPv6Network \(v6.network)), but the "
+                    + "\(type.rawValue) backend runs IPv6-only networks not yet in tunneld: use the udp or host-gw "
+                    + "backend, or enable IPv4 too (remove EnableIPv4 and give a Network) for dual stack"
+            )
+        }
         // udp, vxlan and host-gw carry IPv6; the wireguard backend does not
         // yet. Refuse rather than lease IPv6 subnets nothing routes.
         if let v6 = config.ipv6, type == .wireguard {
@@ -537,6 +561,6 @@ struct DaemonError: Error, CustomStringConvertible {
 }
 
 /// The STATUS= line systemd shows while we run.
-func runningStatus(backend: BackendType, subnet: IPv4Network, peers: Int) -> String {
+func runningStatus(backend: BackendType, subnet: LeaseSubnet, peers: Int) -> String {
     "Running: subnet \(subnet), \(backend) backend, \(peers) peer\(peers == 1 ? "" : "s")"
 }

@@ -90,7 +90,7 @@ extension Daemon {
                 startedAt: startedAt,
                 network: .init(config),
                 node: .init(
-                    subnet: lease.subnet.description,
+                    subnet: lease.primarySubnet.description,
                     publicIP: lease.attributes.publicIP.description,
                     interface: interface,
                     interfaceAddress: interfaceAddress.description,
@@ -99,8 +99,8 @@ extension Daemon {
                     leaseRevision: lease.revision
                 ),
                 backend: backendReport.status,
-                peers: peers.currentPeers.values.sorted { $0.subnet.address < $1.subnet.address }.map {
-                    StatusReport.Peer($0, lastChange: times[$0.subnet])
+                peers: peers.currentPeers.values.sorted(by: Lease.inAddressOrder).map {
+                    StatusReport.Peer($0, lastChange: times[$0.primarySubnet])
                 },
                 counters: counters,
                 // Keys every host ignores, and peers this one cannot use: what the operator should fix.
@@ -178,11 +178,13 @@ extension Daemon {
 
 extension StatusReport.Network {
     init(_ config: NetworkConfig) {
+        // An IPv6-only network: its IPv6 side (the IPv4 one is 0.0.0.0/0).
+        let v6Only = config.isIPv6Only ? config.ipv6 : nil
         self.init(
-            network: config.network.description,
-            subnetLen: config.subnetLen,
-            subnetMin: config.subnetMin.address.description,
-            subnetMax: config.subnetMax.address.description,
+            network: v6Only.map { $0.network.description } ?? config.network.description,
+            subnetLen: v6Only?.subnetLen ?? config.subnetLen,
+            subnetMin: v6Only.map { $0.subnetMin.address.description } ?? config.subnetMin.address.description,
+            subnetMax: v6Only.map { $0.subnetMax.address.description } ?? config.subnetMax.address.description,
             backendType: config.backend.type,
             backendPort: config.backend.knownType == .hostGW ? nil : Int(config.backend.port)
         )
@@ -192,7 +194,7 @@ extension StatusReport.Network {
 extension StatusReport.Peer {
     init(_ lease: Lease, lastChange: Date?) {
         self.init(
-            subnet: lease.subnet.description,
+            subnet: lease.primarySubnet.description,
             publicIP: lease.attributes.publicIP.description,
             backend: lease.attributes.effectiveBackendType,
             lastChange: lastChange,

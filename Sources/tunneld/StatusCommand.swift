@@ -91,13 +91,17 @@ struct Status: AsyncParsableCommand {
         let snapshot = LeaseSnapshot(leases: sorted.leases, revision: listed.revision, skipped: listed.skipped)
         var notes = ["\(why); read from the store instead: no data-path counters"]
         notes += sorted.ignored.map { "ignored: \($0)" }
-        var ours: IPv4Network?
-        switch SubnetEnv.previousSubnet(at: subnetFile) {
+        var ours: LeaseSubnet?
+        let previous =
+            config.isIPv6Only
+            ? SubnetEnv.previousIPv6Subnet(at: subnetFile).map { $0.map(LeaseSubnet.ipv6) }
+            : SubnetEnv.previousSubnet(at: subnetFile).map { $0.map(LeaseSubnet.ipv4) }
+        switch previous {
         case .success(let subnet?): ours = subnet
         case .success(nil): notes.append("no \(subnetFile): which lease is this host's is unknown (give --subnet-file)")
         case .failure(let error): notes.append("\(error): which lease is this host's is unknown")
         }
-        let own = ours.flatMap { subnet in snapshot.leases.first { $0.subnet == subnet } }
+        let own = ours.flatMap { subnet in snapshot.leases.first { $0.primarySubnet == subnet } }
         if let ours, own == nil {
             notes.append("\(subnetFile) names \(ours), but the store holds no lease for it (expired or released)")
         }
@@ -109,14 +113,14 @@ struct Status: AsyncParsableCommand {
             network: .init(config),
             node: own.map {
                 .init(
-                    subnet: $0.subnet.description,
+                    subnet: $0.primarySubnet.description,
                     publicIP: $0.attributes.publicIP.description,
                     leaseExpires: $0.expiration,
                     leaseRevision: $0.revision
                 )
             },
             backend: nil,
-            peers: snapshot.leases.filter { $0.subnet != ours }.sorted { $0.subnet.address < $1.subnet.address }
+            peers: snapshot.leases.filter { $0.primarySubnet != ours }.sorted(by: Lease.inAddressOrder)
                 .map { StatusReport.Peer($0, lastChange: nil) },
             notes: notes
         )

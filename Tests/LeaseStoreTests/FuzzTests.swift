@@ -248,7 +248,7 @@ import Testing
         }
         guard let ipv4 = bool(field(o, "EnableIPv4"), true) else { return .failure(.init("invalidValue")) }
         guard let ipv6 = bool(field(o, "EnableIPv6"), false) else { return .failure(.init("invalidValue")) }
-        if !ipv4 { return .failure(.init("ipv4Disabled")) }
+        if !ipv4 && !ipv6 { return .failure(.init("noAddressFamily")) }
         if ipv6 { return .failure(.init("missingIPv6Network")) }  // the generator writes no IPv6Network
         guard let nv = field(o, "Network") else { return .failure(.init("missingNetwork")) }
         guard case .string(let nt) = nv, let network = IPv4Network(nt) else { return .failure(.init("invalidValue")) }
@@ -316,7 +316,7 @@ import Testing
         case .outsideNetwork: "outsideNetwork"
         case .notOnBoundary: "notOnBoundary"
         case .minAboveMax: "minAboveMax"
-        case .ipv4Disabled: "ipv4Disabled"
+        case .noAddressFamily: "noAddressFamily"
         case .missingIPv6Network: "missingIPv6Network"
         case .ipv6NetworkTooSmall: "ipv6NetworkTooSmall"
         case .ipv6SubnetLenTooLong: "ipv6SubnetLenTooLong"

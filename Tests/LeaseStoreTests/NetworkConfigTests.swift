@@ -189,8 +189,23 @@ import Testing
         ),
         Bad(
             json: #"{"Network": "10.2.0.0/16", "EnableIPv4": false}"#,
-            error: .ipv4Disabled,
-            message: "IPv6-only networks are not built in tunneld yet"
+            error: .noAddressFamily,
+            message: "EnableIPv4 and EnableIPv6 are both false"
+        ),
+        Bad(
+            json: #"{"EnableIPv4": false, "EnableIPv6": true}"#,
+            error: .missingIPv6Network,
+            message: "please define a correct IPv6Network parameter"
+        ),
+        Bad(
+            json: #"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00::/48", "Network": "10.2.0/16"}"#,
+            error: .invalidValue(
+                field: "Network",
+                value: #""10.2.0/16""#,
+                expected:
+                    #"a network in CIDR form such as "10.2.0.0/16", or leave it out (EnableIPv4 is false, so it is not used)"#
+            ),
+            message: "leave it out"
         ),
         Bad(
             json: #"{"SubnetLen": 24}"#,

@@ -339,7 +339,7 @@ func udpLease(_ publicIP: String) -> LeaseAttributes { LeaseAttributes(publicIP:
         #expect(try metrics.expectCounter("tunneld_peer_changes_total", [("change", "removed")]).totalValue == 1)
         #expect(try metrics.expectCounter("tunneld_lease_renewal_failures_total").totalValue == 0)
         // The change times are kept for the peers there are.
-        #expect(Set(f.sync.peerChangeTimes.keys) == [net("10.2.8.0/24"), net("10.2.9.0/24")])
+        #expect(Set(f.sync.peerChangeTimes.keys) == [.ipv4(net("10.2.8.0/24")), .ipv4(net("10.2.9.0/24"))])
         #expect(f.logs.count(containing: "lease watch ended; resuming from revision") == 1)
         #expect(f.logs.count(containing: "lease watch failed: ") == 1)
     }
