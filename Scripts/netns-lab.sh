@@ -130,20 +130,23 @@ add-host|add-node)
   [ "$with_container" = 1 ] || exit 0
   # shellcheck disable=SC1090
   . "$dir/h$n.env"
-  bip=${FLANNEL_SUBNET%/*}; len=${FLANNEL_SUBNET#*/}
-  base=${bip%.*}; last=${bip##*.}
-  cip="$base.$((last + 1))"
   ip netns add "$c"
   ip -n "$c" link set lo up
   ip -n "$h" link add cbr0 type bridge
-  ip -n "$h" addr add "$FLANNEL_SUBNET" dev cbr0
   ip -n "$h" link set cbr0 mtu "$FLANNEL_MTU" up
   ip link add eth0 netns "$c" type veth peer name veth0 netns "$h"
   ip -n "$h" link set veth0 master cbr0 mtu "$FLANNEL_MTU" up
-  ip -n "$c" addr add "$cip/$len" dev eth0
   ip -n "$c" link set eth0 mtu "$FLANNEL_MTU" up
-  ip -n "$c" route add default via "$bip"
-  echo "$cip" >"$dir/c$n.ip"
+  # An IPv6-only network's file has no FLANNEL_SUBNET: the container gets IPv6 only.
+  if [ -n "${FLANNEL_SUBNET:-}" ]; then
+    bip=${FLANNEL_SUBNET%/*}; len=${FLANNEL_SUBNET#*/}
+    base=${bip%.*}; last=${bip##*.}
+    cip="$base.$((last + 1))"
+    ip -n "$h" addr add "$FLANNEL_SUBNET" dev cbr0
+    ip -n "$c" addr add "$cip/$len" dev eth0
+    ip -n "$c" route add default via "$bip"
+    echo "$cip" >"$dir/c$n.ip"
+  fi
   if [ -n "${FLANNEL_IPV6_SUBNET:-}" ]; then
     bip6=${FLANNEL_IPV6_SUBNET%/*}; len6=${FLANNEL_IPV6_SUBNET#*/}
     case "$bip6" in *::1) cip6="${bip6%1}2" ;; *) log "FLANNEL_IPV6_SUBNET $FLANNEL_IPV6_SUBNET does not end in ::1"; exit 1 ;; esac

@@ -168,4 +168,36 @@ struct BadInputTests {
             )
         }
     }
+
+    /// A config with neither family (EnableIPv4 false without EnableIPv6)
+    /// is refused by `config set` with one line saying what to set, and an
+    /// IPv6-only vxlan config is stored with a warning and refused by `run`.
+    @Test func aConfigWithNoAddressFamilyIsRefusedAndIPv6OnlyVXLANNamesTheBackends() throws {
+        try withBareHost { lab in
+            let file = lab.directory.appendingPathComponent("no-family.json")
+            try #"{"Network":"10.2.0.0/16","EnableIPv4":false,"Backend":{"Type":"udp"}}"#
+                .write(to: file, atomically: true, encoding: .utf8)
+            let set = try run(
+                [tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, file.path],
+                check: false
+            )
+            #expect(!set.succeeded)
+            #expect(
+                set.output.contains("EnableIPv4 and EnableIPv6 are both false, so the network has no addresses"),
+                "\(set.output)"
+            )
+            #expect(set.output.contains("set EnableIPv6 to true"), "\(set.output)")
+
+            let vxlan = lab.directory.appendingPathComponent("v6only-vxlan.json")
+            try #"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"vxlan"}}"#
+                .write(to: vxlan, atomically: true, encoding: .utf8)
+            let stored = try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, vxlan.path])
+            #expect(stored.output.contains("IPv6-only (EnableIPv4 false)"), "\(stored.output)")
+            #expect(stored.output.contains("warning: IPv6-only networks"), "\(stored.output)")
+            let result = try start(lab, ["--public-ipv6", "2001:db8::1"], timeout: .seconds(20))
+            #expect(!result.succeeded)
+            #expect(result.output.contains("use the udp or host-gw backend"), "\(result.output)")
+            #expect(try leftovers(lab) == [])
+        }
+    }
 }
