@@ -166,15 +166,55 @@ public struct Lease: Sendable, Equatable, CustomStringConvertible {
 
 /// What names a lease among the leases of a network (`Lease.primarySubnet`):
 /// its IPv4 subnet, or in an IPv6-only network its IPv6 subnet.
-public enum LeaseSubnet: Hashable, Sendable, CustomStringConvertible {
-    case ipv4(IPv4Network)
-    case ipv6(IPv6Network)
+///
+/// Stored as plain words rather than as an enum with an `IPv6Network`
+/// payload: such an enum (16-byte aligned, for its UInt128) captured by a
+/// `Mutex.withLock` closure crashed with a null dereference in PeerSync
+/// (swift 6 on Linux); this layout has no such alignment.
+public struct LeaseSubnet: Hashable, Sendable, CustomStringConvertible {
+    private let high: UInt64
+    private let low: UInt64
+    private let length: UInt8
+    private let isIPv6: Bool
+
+    private init(high: UInt64, low: UInt64, length: Int, isIPv6: Bool) {
+        self.high = high
+        self.low = low
+        self.length = UInt8(length)
+        self.isIPv6 = isIPv6
+    }
+
+    public static func ipv4(_ subnet: IPv4Network) -> LeaseSubnet {
+        LeaseSubnet(high: 0, low: UInt64(subnet.address.value), length: subnet.prefixLength, isIPv6: false)
+    }
+
+    public static func ipv6(_ subnet: IPv6Network) -> LeaseSubnet {
+        let value = subnet.address.value
+        return LeaseSubnet(
+            high: UInt64(truncatingIfNeeded: value >> 64),
+            low: UInt64(truncatingIfNeeded: value),
+            length: subnet.prefixLength,
+            isIPv6: true
+        )
+    }
+
+    /// The IPv4 subnet, if this names one.
+    public var ipv4: IPv4Network? {
+        isIPv6
+            ? nil
+            : IPv4Network(address: IPv4Address(UInt32(truncatingIfNeeded: low)), prefixLength: Int(length))
+    }
+
+    /// The IPv6 subnet, if this names one (an IPv6-only network's lease).
+    public var ipv6: IPv6Network? {
+        isIPv6
+            ? IPv6Network(address: IPv6Address(UInt128(high) << 64 | UInt128(low)), prefixLength: Int(length))
+            : nil
+    }
 
     public var description: String {
-        switch self {
-        case .ipv4(let subnet): subnet.description
-        case .ipv6(let subnet): subnet.description
-        }
+        if let ipv6 { return ipv6.description }
+        return ipv4!.description
     }
 
     /// The subnet named by lease key `key` whose IPv4 part is `subnet`.

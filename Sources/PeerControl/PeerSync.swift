@@ -151,7 +151,7 @@ public final class PeerSync: Sendable {
 
     private func report(_ ignored: IgnoredLeaseKey, own: LeaseSubnet) {
         var text = ignored.description
-        if case .wider = ignored.reason, case .ipv4(let own) = own, let subnet = LeaseKey.subnet(fromKey: ignored.key),
+        if case .wider = ignored.reason, let own = own.ipv4, let subnet = LeaseKey.subnet(fromKey: ignored.key),
             subnet.contains(own)
         {
             text = text.replacingOccurrences(
