@@ -150,6 +150,8 @@ add-host|add-node)
   if [ -n "${FLANNEL_IPV6_SUBNET:-}" ]; then
     bip6=${FLANNEL_IPV6_SUBNET%/*}; len6=${FLANNEL_IPV6_SUBNET#*/}
     case "$bip6" in *::1) cip6="${bip6%1}2" ;; *) log "FLANNEL_IPV6_SUBNET $FLANNEL_IPV6_SUBNET does not end in ::1"; exit 1 ;; esac
+    # The host forwards its container's IPv6 (udp needs no IPv6 underlay for it).
+    ip netns exec "$h" sysctl -qw net.ipv6.conf.all.forwarding=1
     ip -n "$h" addr add "$FLANNEL_IPV6_SUBNET" dev cbr0 nodad
     ip -n "$c" addr add "$cip6/$len6" dev eth0 nodad
     ip -n "$c" -6 route add default via "$bip6"
