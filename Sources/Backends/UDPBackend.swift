@@ -198,6 +198,14 @@ public final class UDPBackend: Backend, HostBackend {
         }
     }
 
+    /// Peers in the table (the local subnet is no peer); an IPv6-only
+    /// network has its peers in the IPv6 side only.
+    var peerCount: Int {
+        config.isIPv6Only
+            ? (table6?.allNextHops.values.count { $0 != .local } ?? 0)
+            : table.allNextHops.values.count { $0 != .local }
+    }
+
     /// Runs the packet loops, one thread each, until cancelled (or until one
     /// fails: a vanished TUN device ends it with an error).
     public func run() async throws {
@@ -206,7 +214,7 @@ public final class UDPBackend: Backend, HostBackend {
         }
         let workers = path.start()
         logger.info(
-            "\(path.loops.count) data-path worker(s) on udp port \(config.backend.port), \(table.allNextHops.count - 1) peer(s)"
+            "\(path.loops.count) data-path worker(s) on udp port \(config.backend.port), \(peerCount) peer(s)"
         )
         try await withTaskCancellationHandler {
             try await withThrowingTaskGroup(of: Void.self) { group in

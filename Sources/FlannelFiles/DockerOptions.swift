@@ -26,6 +26,10 @@ import Glibc
 /// lease's IPv6 subnet), in the same name order; flannel's script has no
 /// IPv6 options at all.
 ///
+/// An IPv6-only network's subnet file (no FLANNEL_SUBNET) gives no
+/// DOCKER_OPT_BIP: Docker keeps its own IPv4 bridge network, which the
+/// overlay does not carry, and its containers reach other hosts over IPv6.
+///
 /// Where the script writes a file that leaves Docker off the overlay — the
 /// subnet file missing, FLANNEL_SUBNET or FLANNEL_MTU missing or malformed —
 /// this is an error instead.
@@ -75,16 +79,27 @@ public struct DockerOptions: Sendable, Equatable {
             }
             return value
         }
-        let subnet = try required("FLANNEL_SUBNET", example: "10.2.72.1/24")
-        // Docker's --bip is the bridge's own address with the prefix length.
-        guard IPv4Network(subnet) != nil else {
-            throw DockerOptionsError("FLANNEL_SUBNET \"\(subnet)\" is not an address/prefix such as 10.2.72.1/24")
+        // An IPv6-only network's file (no FLANNEL_NETWORK, FLANNEL_SUBNET,
+        // but FLANNEL_IPV6_SUBNET): no --bip, Docker keeps its own IPv4
+        // bridge network, which the overlay does not carry.
+        let ipv6Only =
+            values["FLANNEL_SUBNET"] == nil && values["FLANNEL_NETWORK"] == nil
+            && !(values["FLANNEL_IPV6_SUBNET"] ?? "").isEmpty
+        var options: [Option] = []
+        if !ipv6Only {
+            let subnet = try required("FLANNEL_SUBNET", example: "10.2.72.1/24")
+            // Docker's --bip is the bridge's own address with the prefix length.
+            guard IPv4Network(subnet) != nil else {
+                throw DockerOptionsError(
+                    "FLANNEL_SUBNET \"\(subnet)\" is not an address/prefix such as 10.2.72.1/24"
+                )
+            }
+            options.append(Option(name: "DOCKER_OPT_BIP", value: "--bip=\(subnet)"))
         }
         let mtuText = try required("FLANNEL_MTU", example: "1472")
         guard let mtu = Int(mtuText), (68...65535).contains(mtu) else {
             throw DockerOptionsError("FLANNEL_MTU \"\(mtuText)\" is not an MTU (a number from 68 to 65535)")
         }
-        var options = [Option(name: "DOCKER_OPT_BIP", value: "--bip=\(subnet)")]
         // Like the script: no FLANNEL_IPMASQ (or an empty one) means no option.
         if ipMasqOption, let masq = values["FLANNEL_IPMASQ"], !masq.isEmpty {
             switch masq {

@@ -356,3 +356,30 @@ func errorJSON(_ response: FlannelPlugin.Response) throws -> [String: JSONValue]
         #expect(msg.hasPrefix("network config on stdin is not JSON: "))
     }
 }
+
+/// The subnet file tunneld writes for an IPv6-only network (no IPv4
+/// lines, as flanneld writes it) gives the delegate one IPv6 range.
+@Suite struct IPv6OnlyPluginTests {
+    @Test func anIPv6OnlySubnetFileGivesAnIPv6RangeOnly() throws {
+        let scratch = try Scratch()
+        // SubnetEnv(network: nil, subnet: nil, …).text, as tunneld writes it.
+        try
+            "FLANNEL_IPV6_NETWORK=fd00:10:244::/48\nFLANNEL_IPV6_SUBNET=fd00:10:244:48::1/64\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n"
+            .write(toFile: scratch.subnetFile, atomically: true, encoding: .utf8)
+        let runner = RecordingRunner()
+        let response = FlannelPlugin(runner: runner).handle(environment: environment("ADD"), stdin: scratch.config())
+        #expect(response.exitStatus == 0, "\(String(decoding: response.stdout, as: UTF8.self))")
+        let config = try #require(runner.recorded.first?.config)
+        let ipam = try object(config)["ipam"]
+        #expect(
+            ipam
+                == .object(
+                    try object(
+                        #"{"type":"host-local","ranges":[[{"subnet":"fd00:10:244:48::/64"}]],"routes":[{"dst":"fd00:10:244::/48"}]}"#
+                    )
+                ),
+            "\(config)"
+        )
+        #expect(try object(config)["mtu"] == .number(1472))
+    }
+}

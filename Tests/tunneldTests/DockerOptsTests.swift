@@ -205,4 +205,28 @@ struct DockerOptsFixture: CustomTestStringConvertible, Sendable {
         let e = #expect(throws: DockerOptionsError.self) { try DockerOptions().render(subnetEnv: bad) }
         #expect(e?.reason.contains("FLANNEL_IPV6_SUBNET \"fd00:10:244:48::1\" is not an address/prefix") == true)
     }
+
+    /// An IPv6-only network's file, as flanneld writes it (no IPv4 lines):
+    /// no --bip (Docker keeps its own IPv4 bridge), the IPv6 options.
+    @Test func ipv6OnlySubnetFileGivesNoBIP() throws {
+        let file = """
+            FLANNEL_IPV6_NETWORK=fd00:10:244::/48
+            FLANNEL_IPV6_SUBNET=fd00:10:244:48::1/64
+            FLANNEL_MTU=1472
+            FLANNEL_IPMASQ=true
+
+            """
+        let text = try DockerOptions().render(subnetEnv: file)
+        #expect(
+            text == """
+                DOCKER_OPT_FIXED_CIDR_V6="--fixed-cidr-v6=fd00:10:244:48::/64"
+                DOCKER_OPT_IPMASQ="--ip-masq=false"
+                DOCKER_OPT_IPV6="--ipv6"
+                DOCKER_OPT_MTU="--mtu=1472"
+                DOCKER_OPTS=" --fixed-cidr-v6=fd00:10:244:48::/64 --ip-masq=false --ipv6 --mtu=1472"
+
+                """
+        )
+        #expect(DockerOptions.subnet(subnetEnv: file) == nil)
+    }
 }
