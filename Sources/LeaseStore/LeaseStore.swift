@@ -467,11 +467,16 @@ public enum LeaseStoreError: Error, Sendable, Equatable, CustomStringConvertible
         switch self {
         case .configNotFound(let location):
             "no network config in \(location): write one with `tunneld config set FILE` (or etcdctl put <prefix>/config)"
+        case .outOfSubnets(let network, let keys) where network.isNoIPv4:
+            "out of subnets: every IPv6 subnet of the IPv6Network from IPv6SubnetMin to IPv6SubnetMax is taken, by "
+                + Self.list(keys) + "; release a lease or widen IPv6Network/IPv6SubnetMin/IPv6SubnetMax"
         case .outOfSubnets(let network, let keys):
             "out of subnets: every subnet of \(network) from SubnetMin to SubnetMax is taken, by "
                 + Self.list(keys) + "; release a lease or widen Network/SubnetMin/SubnetMax"
         case .compacted(let requested, let oldest):
             "changes after revision \(requested) are no longer kept (oldest kept: \(oldest)); list again"
+        case .leaseNotFound(let subnet) where subnet.isNoIPv4:
+            "our IPv6-only lease was not found (expired or deleted)"
         case .leaseNotFound(let subnet):
             "lease for \(subnet) not found (expired or deleted)"
         case .corrupt(let key, let reason):
