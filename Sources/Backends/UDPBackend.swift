@@ -250,7 +250,8 @@ public final class UDPBackend: Backend, HostBackend {
             offloads: path?.offloadNames ?? [],
             datapathTier: path?.tier.rawValue,
             datapathNote: path?.tierNote,
-            tableEntries: table.count,
+            // An IPv6-only network's entries are all on the IPv6 side.
+            tableEntries: config.isIPv6Only ? (table6?.allNextHops.count ?? 0) : table.count,
             tableGeneration: table.generation,
             counters: counters
         )
