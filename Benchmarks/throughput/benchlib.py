@@ -25,6 +25,7 @@ import time
 
 MODES = ["host-gw", "kernel-vxlan", "tunneld-udp", "tunneld-udp-syscall", "tunneld-udp-uring-single",
          "tunneld-udp-nooffload", "tunneld-udp-simple", "tunneld-vxlan", "tunneld-host-gw",
+         "tunneld-wireguard", "wireguard-go",
          "host-gw-v6", "kernel-vxlan-v6", "tunneld-udp-v6", "tunneld-vxlan-v6", "tunneld-host-gw-v6"]
 # (reference mode, short name in the table, modes whose cells show that ratio; None: every
 # mode of the reference's IP version — the "-v6" modes carry IPv6 between the containers)
@@ -35,6 +36,9 @@ REFERENCES = [
     ("kernel-vxlan-v6", "vx", None),
     # IPv6 inner packets against IPv4 ones on the same udp data path
     ("tunneld-udp", "v4", ("tunneld-udp-v6",)),
+    # encryption: tunneld's wireguard against Debian's wireguard-go and against its own plaintext
+    ("wireguard-go", "wg", ("tunneld-wireguard",)),
+    ("tunneld-udp", "ud", ("tunneld-wireguard",)),
     # the batched data path against the one-packet-per-syscall (flannel-like) one
     ("tunneld-udp-simple", "sm", ("tunneld-udp", "tunneld-udp-syscall", "tunneld-udp-uring-single",
                                   "tunneld-udp-nooffload")),
@@ -731,7 +735,7 @@ def render_report(meta, modes, summary, modes_run, interrupted):
              "(tunneld-udp modes only) to tunneld-udp-simple, and (the syscall and uring-single tiers) to "
              "tunneld-udp, the io_uring path; the -v6 modes carry IPv6 between the containers and "
              "their hg/vx are host-gw-v6/kernel-vxlan-v6, and (v4 x) on tunneld-udp-v6 is its ratio to "
-             "tunneld-udp's IPv4 "
+             "tunneld-udp's IPv4; (wg x, ud y) on tunneld-wireguard: ratio to wireguard-go and to tunneld-udp "
              "(for throughput higher is better, for latency/CPU/drops lower is better).\n")
     drops = render_drop_sites(summary)
     if drops:
