@@ -16,6 +16,7 @@ public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertib
     case initiationsSent, responsesSent, handshakesCompleted, cookieRepliesSent
     case droppedNoPeer, droppedNotIPv4, droppedNoSession, droppedBadMAC, droppedReplay
     case droppedUnknownReceiver, droppedExpired, droppedSourceNotAllowed, droppedMalformed, droppedHandshake
+    case tunSuperPacketsRead, tunSuperPacketsWritten, droppedBadOffload
 
     public var description: String {
         switch self {
@@ -45,6 +46,9 @@ public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertib
         case .droppedSourceNotAllowed: "wg_dropped_source_not_allowed"
         case .droppedMalformed: "wg_dropped_malformed"
         case .droppedHandshake: "wg_dropped_handshake"
+        case .tunSuperPacketsRead: "wg_tun_super_packets_read"
+        case .tunSuperPacketsWritten: "wg_tun_super_packets_written"
+        case .droppedBadOffload: "wg_dropped_bad_offload"
         }
     }
 
