@@ -342,6 +342,10 @@ struct CNIDualStackEndToEndTests {
             }
             let directory = lab.directory
             let bin = try CNIBin(in: directory)
+            // kube-flannel's net-conf: the pods' default route is the bridge.
+            // Without it, a host-gw pod cannot answer the other host's pods:
+            // that host has no -ip-masq, so its bridge masquerades them with its
+            // underlay address (as with flanneld), for which the pod has no route.
             func invoke(_ command: String, host n: Int) throws -> PluginRun {
                 try bin.invoke(
                     type: "flannel",
@@ -350,7 +354,8 @@ struct CNIDualStackEndToEndTests {
                     netns: "/run/netns/\(lab.namespace("c\(n)"))",
                     config: """
                         {"cniVersion":"1.0.0","name":"dual","type":"flannel","subnetFile":"\(lab.subnetFile(n))",
-                         "dataDir":"\(directory.path)/cni-data-h\(n)","ipam":{"dataDir":"\(directory.path)/ipam-h\(n)"}}
+                         "dataDir":"\(directory.path)/cni-data-h\(n)","ipam":{"dataDir":"\(directory.path)/ipam-h\(n)"},
+                         "delegate":{"hairpinMode":true,"isDefaultGateway":true}}
                         """,
                     namespace: lab.namespace("h\(n)"),
                     scratch: directory
