@@ -35,7 +35,8 @@ enum DockerTools {
 /// docker-opts` and a dockerd started with its DOCKER_OPTS (as docker.service
 /// with `EnvironmentFile=` and `$DOCKER_OPTS` does), a container on each
 /// host, and the containers pinging each other through tunneld.
-/// About 15 s per case on a 2-core VM (30 s for both), bounded by timeouts on every wait.
+/// About 15 s per case on a 2-core VM (30 s for both; the dual-stack cases 20 s each),
+/// bounded by timeouts on every wait.
 @Suite(
     .serialized,
     .enabled(if: canRunNamespaceTests, namespaceSkipReason),
@@ -273,12 +274,15 @@ struct DockerTests {
         defer {
             for daemon in daemons { daemon.stop() }
             lab.destroy()
-            print("DockerTests (dual stack, \(backend)): \(ContinuousClock.now - started) including set-up and clean-up")
+            print(
+                "DockerTests (dual stack, \(backend)): \(ContinuousClock.now - started) including set-up and clean-up"
+            )
         }
         do {
             try lab.addEtcd()
             let configFile = lab.directory.appendingPathComponent("flannel-config.json")
-            try #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"\#(backend)"}}"#
+            try
+                #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"\#(backend)"}}"#
                 .write(to: configFile, atomically: true, encoding: .utf8)
             try lab.etcdctl(["put", "/docker/network/config"], input: configFile.path)
             for n in [1, 2] {
@@ -320,7 +324,10 @@ struct DockerTests {
                 // docker0 is the gateway of the host's IPv6 subnet, and the container is in it.
                 let bridge = try lab.exec("h\(n)", ["ip", "-o", "-6", "addr", "show", "dev", "docker0"]).output
                 #expect(bridge.contains("inet6 \(subnet6.base)1/64"), "\(bridge)")
-                #expect(addresses[1].hasPrefix(subnet6.base.dropLast()), "container \(n) got \(addresses[1]), outside \(subnet6.subnet)")
+                #expect(
+                    addresses[1].hasPrefix(subnet6.base.dropLast()),
+                    "container \(n) got \(addresses[1]), outside \(subnet6.subnet)"
+                )
                 // dockerd turned IPv6 forwarding on for the bridge's subnet.
                 let forwarding = try lab.exec("h\(n)", ["sysctl", "-n", "net.ipv6.conf.all.forwarding"]).output
                 #expect(forwarding.hasPrefix("1"), "dockerd should have turned IPv6 forwarding on")

@@ -46,7 +46,8 @@ struct QuickstartTests {
             if block == nil, line.hasPrefix("## ") {
                 let heading = line.lowercased()
                 section =
-                    heading.contains("clean up") ? .cleanUp : heading.contains("variant: dual stack") ? .variant : .steps
+                    heading.contains("clean up")
+                    ? .cleanUp : heading.contains("variant: dual stack") ? .variant : .steps
             } else if block == nil, line == "```sh" {
                 block = []
             } else if var lines = block {
