@@ -319,7 +319,7 @@ struct CNIDualStackTests {
 }
 
 /// Pods with both families across hosts: a dual-stack network in etcd,
-/// hosts with an IPv6 underlay address, tunneld on each, and the plugin (as
+/// fresh hosts (forwarding off) with an IPv6 underlay address, tunneld on each, and the plugin (as
 /// a runtime invokes it, with Debian's bridge and host-local) giving each
 /// pod an address of each family from its host's subnet.env; the pods
 /// ping each other over IPv6 and IPv4 through each kernel/udp backend.
@@ -335,8 +335,9 @@ struct CNIDualStackEndToEndTests {
         try etcd.withEtcdLab { lab in
             try DualStackBackendTests().putConfig(lab, backend: #"{"Type":"\#(backend)"}"#)
             for n in 1...2 {
+                // Fresh hosts: forwarding off until the bridge plugin makes a gateway.
                 try lab.lab(
-                    ["add-host", "\(n)", "--ipv6", "--no-container", "--"] + etcd.flanneldCommand(lab, host: n),
+                    ["add-bare-host", "\(n)", "--ipv6", "--"] + etcd.flanneldCommand(lab, host: n),
                     timeout: .seconds(90)
                 )
             }
@@ -381,6 +382,11 @@ struct CNIDualStackEndToEndTests {
                 }
                 let routes6 = try lab.exec("c\(n)", ["ip", "-6", "route"]).output
                 #expect(routes6.contains("fd00:10:2::/48 via \(v6.base)1"), "\(routes6)")
+                // The bridge plugin turned forwarding on for its gateways, both families.
+                for sysctl in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
+                    let value = try lab.exec("h\(n)", ["sysctl", "-n", sysctl]).output
+                    #expect(value.hasPrefix("1"), "\(sysctl) on host \(n) after ADD: \(value)")
+                }
             }
             for (from, to) in [(1, 2), (2, 1)] {
                 let ping6 = try lab.ping6(from: from, to: to)
