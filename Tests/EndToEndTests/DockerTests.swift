@@ -74,10 +74,11 @@ struct DockerTests {
             )
         }
 
-        func start(options: [String]) throws {
+        /// dockerd with `options` on its command line and `config` as its daemon.json.
+        func start(options: [String], config configText: String = "{}") throws {
             try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
             let config = directory.appendingPathComponent("daemon.json").path
-            try "{}\n".write(toFile: config, atomically: true, encoding: .utf8)
+            try "\(configText)\n".write(toFile: config, atomically: true, encoding: .utf8)
             func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
             try lab.lab(
                 [
@@ -265,9 +266,12 @@ struct DockerTests {
     /// (fd18::N/64) and both forwarding switches off, dockerd started with
     /// what `tunneld docker-opts` gives (`--ipv6 --fixed-cidr-v6=` the
     /// host's IPv6 subnet), and containers reaching each other over IPv6
-    /// (and IPv4) in each kernel/udp backend.
-    @Test(arguments: ["udp", "vxlan", "host-gw"])
-    func containersOnTwoDualStackDockerHostsPing6ThroughTunneld(backend: String) throws {
+    /// (and IPv4) in each kernel/udp backend. With `ip6tables`, dockerd also
+    /// manages ip6tables (daemon.json `"ip6tables": true`, experimental in
+    /// 20.10) and sets the ip6tables FORWARD policy to DROP: tunneld's IPv6
+    /// forward rules let the overlay through.
+    @Test(arguments: [("udp", false), ("vxlan", false), ("host-gw", false), ("udp", true)])
+    func containersOnTwoDualStackDockerHostsPing6ThroughTunneld(backend: String, ip6tables: Bool) throws {
         let started = ContinuousClock.now
         let lab = try Lab()
         let daemons = [1, 2].map { Daemon(lab: lab, host: $0) }
@@ -275,7 +279,7 @@ struct DockerTests {
             for daemon in daemons { daemon.stop() }
             lab.destroy()
             print(
-                "DockerTests (dual stack, \(backend)): \(ContinuousClock.now - started) including set-up and clean-up"
+                "DockerTests (dual stack, \(backend), ip6tables \(ip6tables)): \(ContinuousClock.now - started) including set-up and clean-up"
             )
         }
         do {
@@ -312,7 +316,10 @@ struct DockerTests {
                     ]
                 )
 
-                try daemon.start(options: options)
+                try daemon.start(
+                    options: options,
+                    config: ip6tables ? #"{"experimental":true,"ip6tables":true}"# : "{}"
+                )
                 try importImage(daemon)
                 try daemon.docker(["run", "-d", "--name", "c\(n)", Self.image, "sleep", "600"])
                 let addresses = try daemon.docker([
@@ -333,6 +340,10 @@ struct DockerTests {
                 #expect(forwarding.hasPrefix("1"), "dockerd should have turned IPv6 forwarding on")
                 let forward6 = try lab.exec("h\(n)", ["ip6tables", "-w", "5", "-S", "FORWARD"]).output
                 #expect(forward6.contains("-j TUNNELD-FWD"), "tunneld's IPv6 forward rules:\n\(forward6)")
+                #expect(
+                    forward6.contains("-P FORWARD DROP") == ip6tables,
+                    "dockerd sets the ip6tables FORWARD policy only when it manages ip6tables:\n\(forward6)"
+                )
             }
 
             for (from, to) in [(0, 1), (1, 0)] {
