@@ -236,9 +236,9 @@ struct DockerTests {
     /// Container to container, across the hosts: three echoes, of either
     /// family (busybox's ping takes both). One `ping -c 1` per echo:
     /// busybox's ping in a container here sends its first echo only (its
-    /// SIGALRM-driven sender never fires again), so -c 3 would hang; the
-    /// first echo may go unanswered while the far bridge resolves the
-    /// container's address.
+    /// SIGALRM-driven sender never fires again), so -c 3 would hang. A lost
+    /// echo is tried again (the first IPv6 echo after the hosts came up was
+    /// seen unanswered now and then with udp, cause not found).
     func expectThreeEchoes(_ daemon: Daemon, from container: String, to ip: String) throws {
         var answered = 0, attempts = 0
         var last = CommandResult(status: -1, output: "")
