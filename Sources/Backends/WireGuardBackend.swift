@@ -1,3 +1,4 @@
+import Foundation
 import LeaseStore
 import Logging
 import NetBase
@@ -203,7 +204,7 @@ public final class WireGuardBackend: Backend, HostBackend {
     public func report() -> BackendReport {
         let counters = engine.counterValues().map { (name: $0.counter.description, value: $0.value) }
         let path = dataPath.withLock { $0 }
-        return BackendReport(
+        var report = BackendReport(
             type,
             device: Self.deviceName,
             summary: "userspace WireGuard on udp port \(settings.listenPort), public key \(engine.publicKey)",
@@ -217,6 +218,8 @@ public final class WireGuardBackend: Backend, HostBackend {
             tableEntries: engine.peerCount,
             counters: counters
         )
+        report.status.tunnels = engine.tunnels(now: WireGuardClock.now(), wallNow: Date())
+        return report
     }
 
     /// The device goes with the process (flanneld removes its device on

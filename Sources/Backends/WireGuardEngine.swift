@@ -1,4 +1,6 @@
+import Foundation
 import NetBase
+import StatusModel
 import Synchronization
 import UDPEncap
 import WireGuard
@@ -208,6 +210,27 @@ final class WireGuardEngine: @unchecked Sendable {
     }
 
     var peerCount: Int { lock.withLock { _ in bySubnet.count } }
+
+    /// Every peer as `wg show` shows it, in subnet order; handshake times
+    /// turned from the monotonic clock (`now`) into wall-clock dates (`wallNow`).
+    func tunnels(now: Instant, wallNow: Date) -> [TunnelStatus] {
+        lock.withLock { _ in
+            bySubnet.values.sorted { $0.subnet.address.value < $1.subnet.address.value }.map { entry in
+                let peer = entry.peer
+                return TunnelStatus(
+                    subnet: entry.subnet.description,
+                    publicKey: peer.publicKey.base64,
+                    endpoint: peer.endpoint?.description,
+                    latestHandshake: peer.latestHandshake.map {
+                        wallNow.addingTimeInterval(-Double((now - $0).nanoseconds) / 1e9)
+                    },
+                    hasSession: peer.current != nil,
+                    bytesReceived: peer.bytesReceived,
+                    bytesSent: peer.bytesSent
+                )
+            }
+        }
+    }
 
     /// Whether the peer of `subnet` has a session now (tests, status).
     func hasSession(subnet: IPv4Network) -> Bool {

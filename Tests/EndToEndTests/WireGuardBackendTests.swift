@@ -94,6 +94,27 @@ struct WireGuardBackendTests {
             try transfer(lab, from: 1, to: 2, megabytes: 20)
             try transfer(lab, from: 2, to: 1, megabytes: 20)
 
+            // `tunneld status` shows each peer as `wg show` does: endpoint,
+            // latest handshake, transfer both ways, key.
+            let socket = lab.directory.appendingPathComponent("h1.sock").path
+            let status = try lab.exec("h1", [tunneldBinary, "status", "--control-socket", socket]).output
+            let line = status.split(separator: "\n").first { $0.contains(subnet2) }.map(String.init) ?? ""
+            #expect(status.contains("tunnels: 1"), "\(status)")
+            #expect(line.contains("198.18.0.2:51820") && line.contains(" ago"), "\(status)")
+            #expect(line.contains("MiB received") && line.contains("MiB sent"), "\(status)")
+            let key2 = try publicKey(ofKeyFile: keyFile(lab, 2))
+            #expect(line.contains(key2), "\(status)")
+            let json = try lab.exec("h1", [tunneldBinary, "status", "--json", "--control-socket", socket]).output
+            let object = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any]
+            let tunnels = (object?["backend"] as? [String: Any])?["tunnels"] as? [[String: Any]] ?? []
+            #expect(tunnels.count == 1, "\(json)")
+            #expect((tunnels.first?["bytesReceived"] as? Int ?? 0) > 20 << 20, "\(json)")
+            #expect((tunnels.first?["bytesSent"] as? Int ?? 0) > 20 << 20, "\(json)")
+            #expect(
+                tunnels.first?["latestHandshake"] != nil && tunnels.first?["hasSession"] as? Bool == true,
+                "\(json)"
+            )
+
             // The counters the daemons leave with: one handshake completed
             // (by whichever side initiated), packets opened on both.
             try lab.lab("stop", "h1")
