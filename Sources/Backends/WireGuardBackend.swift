@@ -58,6 +58,11 @@ public final class WireGuardBackend: Backend, HostBackend {
         host.logger.info(
             "WireGuard key \(created ? "created in" : "read from") \(keyFile); public key \(engine.publicKey)"
         )
+        if WireGuardClock.rate != 1 {
+            host.logger.warning(
+                "TUNNELD_TEST_WIREGUARD_CLOCK_RATE=\(WireGuardClock.rate): WireGuard's timers run \(WireGuardClock.rate) times as fast (a test hook; unset it)"
+            )
+        }
     }
 
     public func leaseAttributes() throws -> LeaseAttributes {

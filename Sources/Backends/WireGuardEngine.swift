@@ -489,10 +489,27 @@ final class WireGuardEngine: @unchecked Sendable {
 
 /// The clocks the engine is given: monotonic for timers, wall for TAI64N.
 enum WireGuardClock {
-    static func now() -> Instant {
+    /// Test hook: `TUNNELD_TEST_WIREGUARD_CLOCK_RATE=N` (2…1000) makes the
+    /// protocol's clock run N times as fast, so that rekeys (every 120 s)
+    /// happen within a test's transfer. The daemon warns at start when it
+    /// is set; 1 (the real clock) otherwise.
+    static let rate: Int64 = {
+        guard let text = ProcessInfo.processInfo.environment["TUNNELD_TEST_WIREGUARD_CLOCK_RATE"],
+            let n = Int64(text), (2...1000).contains(n)
+        else { return 1 }
+        return n
+    }()
+    private static let origin = monotonic()
+
+    private static func monotonic() -> Int64 {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Instant(nanoseconds: Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec))
+        return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
+    }
+
+    static func now() -> Instant {
+        let t = monotonic()
+        return Instant(nanoseconds: rate == 1 ? t : origin + (t - origin) * rate)
     }
 
     static func timestamp() -> TAI64N {

@@ -11,6 +11,8 @@ func transfer(_ lab: Lab, from: Int, to: Int, megabytes: Int) throws {
 /// `mss`: the client asks for this TCP maximum segment size (TCP_MAXSEG),
 /// so its super-packets hold that many more, smaller segments.
 /// `ipv6`: between the containers' IPv6 addresses (a dual-stack lab).
+/// `pace`: the client sends `chunk` bytes, then sleeps `seconds`, and so on
+/// (a transfer that lasts, at a bounded rate).
 func transfer(
     _ lab: Lab,
     from: Int,
@@ -18,7 +20,8 @@ func transfer(
     bytes: Int,
     port: Int = 5201,
     mss: Int? = nil,
-    ipv6: Bool = false
+    ipv6: Bool = false,
+    pace: (chunk: Int, seconds: Double)? = nil
 ) throws {
     let source = lab.directory.appendingPathComponent("payload-\(bytes).bin").path
     let received = lab.directory.appendingPathComponent("received-\(bytes).bin").path
@@ -46,7 +49,13 @@ func transfer(
                 if mss: s.setsockopt(socket.IPPROTO_TCP,socket.TCP_MAXSEG,mss)
                 s.connect((sys.argv[1],int(sys.argv[3]))); break
             except OSError: time.sleep(0.1)
-        with open(sys.argv[2],'rb') as f: s.sendall(f.read())
+        with open(sys.argv[2],'rb') as f: data=f.read()
+        chunk,pause=int(sys.argv[5]),float(sys.argv[6])
+        if chunk:
+            for i in range(0,len(data),chunk):
+                s.sendall(data[i:i+chunk]); time.sleep(pause)
+        else:
+            s.sendall(data)
         s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
         """
     let server = try spawn(
@@ -59,7 +68,10 @@ func transfer(
     defer { server.terminate() }
     try lab.exec(
         "c\(from)",
-        ["python3", "-c", client, target, source, "\(port)", "\(mss ?? 0)"],
+        [
+            "python3", "-c", client, target, source, "\(port)", "\(mss ?? 0)", "\(pace?.chunk ?? 0)",
+            "\(pace?.seconds ?? 0)",
+        ],
         timeout: .seconds(90)
     )
     #expect(server.wait(timeout: .seconds(30)) == 0, "the receiving side did not finish cleanly")
