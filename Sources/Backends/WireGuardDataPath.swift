@@ -136,6 +136,13 @@ final class WireGuardDataPath: Sendable {
         while !isStopped {
             guard waitReadable(tunFD) else { continue }
             batch.count = 0
+            // Counted once per round of reads: every count takes the engine's lock.
+            var superPackets = 0
+            var badOffloads = 0
+            defer {
+                if superPackets > 0 { engine.count(.tunSuperPacketsRead, superPackets) }
+                if badOffloads > 0 { engine.count(.droppedBadOffload, badOffloads) }
+            }
             // Bounded: at most a batch's worth of reads before the stop flag is looked at.
             for _ in 0..<Self.batchSize {
                 let n: Int
@@ -181,7 +188,7 @@ final class WireGuardDataPath: Sendable {
                     maxSegments: Self.maxSegments
                 ) {
                 case .success(let segments):
-                    if segments.count > 1 { engine.count(.tunSuperPacketsRead) }
+                    if segments.count > 1 { superPackets += 1 }
                     var offset = 0
                     while offset < segments.totalLength {
                         let size = min(segments.segmentLength, segments.totalLength - offset)
@@ -189,7 +196,7 @@ final class WireGuardDataPath: Sendable {
                         offset += size
                     }
                 case .failure:
-                    engine.count(.droppedBadOffload)
+                    badOffloads += 1
                 }
             }
             flush()
