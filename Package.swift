@@ -141,7 +141,8 @@ let package = Package(
         .target(
             name: "Backends",
             dependencies: [
-                "NetBase", "Netlink", "TunDevice", "UDPEncap", "PacketRing", "LeaseStore", "PeerControl", "WireGuard",
+                "NetBase", "Netlink", "TunDevice", "UDPEncap", "PacketRing", "LeaseStore", "PeerControl", "StatusModel",
+                "WireGuard",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -24,6 +24,9 @@
 #   netns-lab.sh add-bare-host LAB DIR N -- CMD…  host N as a fresh host: IPv4 forwarding
 #                                            off, no container namespace; runs CMD…,
 #                                            waits for DIR/hN.env (Docker makes the containers)
+#   netns-lab.sh add-bare-host LAB DIR N --ipv6 -- CMD…
+#                                            the same with fd18::N/64 on eth0; IPv6
+#                                            forwarding off too, as on a fresh host
 #   netns-lab.sh start-in LAB DIR NAME NS -- CMD…  runs CMD… as process NAME in namespace
 #                                            NS with nsenter --net (network namespace only:
 #                                            dockerd needs the host's cgroup mounts)
@@ -161,11 +164,15 @@ add-host|add-node)
 
 add-bare-host)
   n=${1:?host number missing}; shift
+  ipv6=0
+  [ "${1:-}" = "--ipv6" ] && { ipv6=1; shift; }
   [ "${1:-}" = "--" ] && shift
   h=$(ns "h$n")
   add_host_namespace "$n"
+  [ "$ipv6" = 1 ] && ip -n "$h" addr add "fd18::$n/64" dev eth0 nodad
   # As on a freshly installed host; dockerd turns it on when it starts.
   ip netns exec "$h" sysctl -qw net.ipv4.ip_forward=0
+  ip netns exec "$h" sysctl -qw net.ipv6.conf.all.forwarding=0
   ip -n "$h" route add default via 198.18.0.254 dev eth0 2>/dev/null || true
   spawn "h$n" "$h" "$@"
   wait_for_file "$dir/h$n.env" "h$n"

@@ -24,11 +24,21 @@ import sys
 import time
 
 MODES = ["host-gw", "kernel-vxlan", "tunneld-udp", "tunneld-udp-syscall", "tunneld-udp-uring-single",
-         "tunneld-udp-nooffload", "tunneld-udp-simple", "tunneld-vxlan", "tunneld-host-gw"]
-# (reference mode, short name in the table, modes whose cells show that ratio)
+         "tunneld-udp-nooffload", "tunneld-udp-simple", "tunneld-vxlan", "tunneld-host-gw",
+         "tunneld-wireguard", "wireguard-go",
+         "host-gw-v6", "kernel-vxlan-v6", "tunneld-udp-v6", "tunneld-vxlan-v6", "tunneld-host-gw-v6"]
+# (reference mode, short name in the table, modes whose cells show that ratio; None: every
+# mode of the reference's IP version — the "-v6" modes carry IPv6 between the containers)
 REFERENCES = [
     ("host-gw", "hg", None),
     ("kernel-vxlan", "vx", None),
+    ("host-gw-v6", "hg", None),
+    ("kernel-vxlan-v6", "vx", None),
+    # IPv6 inner packets against IPv4 ones on the same udp data path
+    ("tunneld-udp", "v4", ("tunneld-udp-v6",)),
+    # encryption: tunneld's wireguard against Debian's wireguard-go and against its own plaintext
+    ("wireguard-go", "wg", ("tunneld-wireguard",)),
+    ("tunneld-udp", "ud", ("tunneld-wireguard",)),
     # the batched data path against the one-packet-per-syscall (flannel-like) one
     ("tunneld-udp-simple", "sm", ("tunneld-udp", "tunneld-udp-syscall", "tunneld-udp-uring-single",
                                   "tunneld-udp-nooffload")),
@@ -118,11 +128,15 @@ def cmd_subnet_env(args):
         if "=" in line:
             key, _, value = line.partition("=")
             values[key.strip()] = value.strip()
-    if "FLANNEL_SUBNET" not in values or "FLANNEL_MTU" not in values:
-        fail(f"subnet file {args.file} lacks FLANNEL_SUBNET or FLANNEL_MTU; it has: "
+    subnet_key = "FLANNEL_IPV6_SUBNET" if args.ipv6 else "FLANNEL_SUBNET"
+    if subnet_key not in values or "FLANNEL_MTU" not in values:
+        fail(f"subnet file {args.file} lacks {subnet_key} or FLANNEL_MTU; it has: "
              f"{', '.join(sorted(values)) or 'nothing'}")
     try:
-        iface = ipaddress.IPv4Interface(values["FLANNEL_SUBNET"])
+        if args.ipv6:
+            iface = ipaddress.IPv6Interface(values[subnet_key])
+        else:
+            iface = ipaddress.IPv4Interface(values[subnet_key])
         mtu = int(values["FLANNEL_MTU"])
     except ValueError as e:
         fail(f"subnet file {args.file} has a malformed value: {e}")
@@ -639,6 +653,10 @@ def summarize(samples, modes_run, quiet_only):
             "used_samples": len(usable), "total_samples": len(samples)}
 
 
+def is_v6(mode):
+    return mode.endswith("-v6")
+
+
 def render_table(summary, modes_run, meta):
     lines = []
     header = ["metric", "unit"] + modes_run
@@ -658,6 +676,8 @@ def render_table(summary, modes_run, meta):
                 if ref == mode or ref not in modes_run or row["modes"][ref]["median"] is None:
                     continue
                 if shown_for is not None and mode not in shown_for:
+                    continue
+                if shown_for is None and is_v6(ref) != is_v6(mode):
                     continue
                 r = e[f"vs_{ref.replace('-', '_')}"]
                 parts.append(f"{short} {fmt_ratio(r)}")
@@ -713,7 +733,9 @@ def render_report(meta, modes, summary, modes_run, interrupted):
     text = "\n".join(head) + "\n\n" + render_table(summary, modes_run, meta) + "\n"
     text += ("\nCells: median over rounds; (hg x, vx y, sm z, ur w) = ratio to host-gw, to kernel-vxlan, "
              "(tunneld-udp modes only) to tunneld-udp-simple, and (the syscall and uring-single tiers) to "
-             "tunneld-udp, the io_uring path "
+             "tunneld-udp, the io_uring path; the -v6 modes carry IPv6 between the containers and "
+             "their hg/vx are host-gw-v6/kernel-vxlan-v6, and (v4 x) on tunneld-udp-v6 is its ratio to "
+             "tunneld-udp's IPv4; (wg x, ud y) on tunneld-wireguard: ratio to wireguard-go and to tunneld-udp "
              "(for throughput higher is better, for latency/CPU/drops lower is better).\n")
     drops = render_drop_sites(summary)
     if drops:
@@ -806,6 +828,7 @@ def main():
 
     a = sub.add_parser("subnet-env")
     a.add_argument("file")
+    a.add_argument("--ipv6", action="store_true", help="the IPv6 subnet (FLANNEL_IPV6_SUBNET) instead")
     a.set_defaults(func=cmd_subnet_env)
 
     a = sub.add_parser("meta")

@@ -114,7 +114,7 @@ extension BackendType {
         case .wireguard:
             // Its TUN goes with its process, like udp's.
             host.removeLeftovers(peerRoutesToo: true)
-            return try WireGuardBackend(host: host)
+            return try WireGuardBackend(host: host, offload: options.udp.offload)
         }
     }
 }

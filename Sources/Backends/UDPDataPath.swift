@@ -28,7 +28,7 @@ final class UDPDataPath: Sendable {
     /// One line for the log: tier, workers, offloads and why.
     let summary: String
     /// The offloads in use, by name: the loop's (tun-vnet-hdr, udp-gso,
-    /// udp-gro) and what the TUN accepted (tun-csum, tun-tso4, tun-uso4).
+    /// udp-gro) and what the TUN accepted (tun-csum, tun-tso4, tun-tso6, tun-uso4).
     let offloadNames: [String]
 
     struct Settings {
@@ -40,8 +40,8 @@ final class UDPDataPath: Sendable {
         var workers: Int
         var queueDepth: Int
         var busyPollMicroseconds: Int
-        /// The device carries IPv6 too (a dual-stack network): no UDP
-        /// segmentation offload, which the kernel would give for IPv6 too.
+        /// The device carries IPv6 too (a dual-stack network): TSO6 is
+        /// offered to the kernel as well.
         var carriesIPv6 = false
     }
 
@@ -73,7 +73,7 @@ final class UDPDataPath: Sendable {
         }
         var tunOffloads: TunOffloads = []
         if virtio {
-            tunOffloads = tun.enableOffloads(uso: !settings.carriesIPv6)
+            tunOffloads = tun.enableOffloads(ipv6: settings.carriesIPv6)
             if !tunOffloads.contains(.tso4) {
                 notes.append("the kernel refused TSO on the TUN (got \(tunOffloads)): packets are read one by one")
             } else {

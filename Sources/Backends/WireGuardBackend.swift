@@ -1,3 +1,4 @@
+import Foundation
 import LeaseStore
 import Logging
 import NetBase
@@ -22,13 +23,16 @@ public final class WireGuardBackend: Backend, HostBackend {
     let host: HostContext
     let settings: WireGuardConfig
     let keyFile: String
+    /// `off`: a TUN without a virtio header, one packet per read and write.
+    let offload: OffloadMode
     private let engine: WireGuardEngine
     private let dataPath = Mutex<WireGuardDataPath?>(nil)
 
     /// Reads (or makes) the private key now, so that a bad key file stops
     /// the daemon before it takes a lease.
-    public init(host: HostContext, keyFile: String = WireGuardKeyFile.path) throws {
+    public init(host: HostContext, keyFile: String = WireGuardKeyFile.path, offload: OffloadMode = .auto) throws {
         self.host = host
+        self.offload = offload
         settings = host.config.backend.wireguard ?? WireGuardConfig()
         self.keyFile = keyFile
         mtu = settings.deviceMTU(interfaceMTU: host.underlay.mtu)
@@ -54,6 +58,11 @@ public final class WireGuardBackend: Backend, HostBackend {
         host.logger.info(
             "WireGuard key \(created ? "created in" : "read from") \(keyFile); public key \(engine.publicKey)"
         )
+        if WireGuardClock.rate != 1 {
+            host.logger.warning(
+                "TUNNELD_TEST_WIREGUARD_CLOCK_RATE=\(WireGuardClock.rate): WireGuard's timers run \(WireGuardClock.rate) times as fast (a test hook; unset it)"
+            )
+        }
     }
 
     public func leaseAttributes() throws -> LeaseAttributes {
@@ -74,7 +83,17 @@ public final class WireGuardBackend: Backend, HostBackend {
                     + "Stop it or delete the device (ip link del \(device))"
             )
         }
-        let tun = try TunDevice.create(name: device)
+        // With a virtio header and TSO the kernel hands over super-packets
+        // of up to 64 KiB (split here before sealing) and takes coalesced
+        // ones on the way back, as on the udp backend's path.
+        var tun: TunDevice
+        var tunOffloads: TunOffloads = []
+        if offload == .auto, let withHeader = try? TunDevice.create(name: device, vnetHeader: true) {
+            tun = withHeader
+            tunOffloads = tun.enableOffloads()
+        } else {
+            tun = try TunDevice.create(name: device)
+        }
         let socket: UDPSocket
         do { socket = try UDPSocket(port: settings.listenPort) } catch {
             tun.close()
@@ -93,7 +112,9 @@ public final class WireGuardBackend: Backend, HostBackend {
             socket.close()
             throw error
         }
-        dataPath.withLock { $0 = WireGuardDataPath(tun: tun, socket: socket, engine: engine, mtu: mtu) }
+        dataPath.withLock {
+            $0 = WireGuardDataPath(tun: tun, socket: socket, engine: engine, mtu: mtu, tunOffloads: tunOffloads)
+        }
         logger.info(
             "device \(device) up: \(lease.subnet.address)/32 MTU \(mtu), route \(config.network) dev \(device), WireGuard on udp port \(settings.listenPort)"
         )
@@ -188,16 +209,22 @@ public final class WireGuardBackend: Backend, HostBackend {
     public func report() -> BackendReport {
         let counters = engine.counterValues().map { (name: $0.counter.description, value: $0.value) }
         let path = dataPath.withLock { $0 }
-        return BackendReport(
+        var report = BackendReport(
             type,
             device: Self.deviceName,
             summary: "userspace WireGuard on udp port \(settings.listenPort), public key \(engine.publicKey)",
             workers: 1,
-            offloads: (path?.usesSegmentation == true ? ["udp-gso"] : [])
-                + (path?.receiveCoalescing == true ? ["udp-gro"] : []),
+            offloads: (path?.tun.vnetHeader == true ? ["tun-vnet-hdr"] : [])
+                + (path?.usesSegmentation == true ? ["udp-gso"] : [])
+                + (path?.receiveCoalescing == true ? ["udp-gro"] : [])
+                + (path.map {
+                    $0.tunOffloads.isEmpty ? [] : $0.tunOffloads.description.split(separator: "+").map { "tun-\($0)" }
+                } ?? []),
             tableEntries: engine.peerCount,
             counters: counters
         )
+        report.status.tunnels = engine.tunnels(now: WireGuardClock.now(), wallNow: Date())
+        return report
     }
 
     /// The device goes with the process (flanneld removes its device on

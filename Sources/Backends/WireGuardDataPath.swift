@@ -1,5 +1,6 @@
 import Foundation
 import NetBase
+import Offload
 import Synchronization
 import TunDevice
 import UDPEncap
@@ -13,13 +14,18 @@ import Glibc
 /// ListenPort and three threads around one `WireGuardEngine` — TUN → seal →
 /// UDP, UDP → open → TUN, and the timers. Each I/O thread moves batches of up
 /// to `batchSize` packets per lock of the engine; the slabs are allocated
-/// once. The correct first step (issue 17): the udp backend's io_uring
-/// loops, offloads and workers are not used yet.
+/// once. With a TUN that has a virtio header, the kernel's TSO/USO
+/// super-packets are split into the batch's slots before sealing, and the
+/// opened packets of a receive are coalesced into super-packets before they
+/// are written (the udp backend's Offload module). The udp backend's
+/// io_uring loops and workers are not used yet.
 final class WireGuardDataPath: Sendable {
     let tun: TunDevice
     let socket: UDPSocket
     let engine: WireGuardEngine
     let mtu: Int
+    /// What the kernel accepted of TUNSETOFFLOAD (empty without a virtio header).
+    let tunOffloads: TunOffloads
     private let stopped = Atomic<Bool>(false)
     /// UDP_SEGMENT sends: on when the kernel has it, off for good after a
     /// send it refused (the messages then leave one by one).
@@ -33,11 +39,18 @@ final class WireGuardDataPath: Sendable {
     /// How often the threads look at the stop flag, and the timers run.
     static let pollMilliseconds: Int32 = 100
 
-    init(tun: TunDevice, socket: UDPSocket, engine: WireGuardEngine, mtu: Int) {
+    /// The most bytes one read of a TUN with a virtio header returns.
+    static let superPacketRoom = VirtioNetHeader.size + 65536
+    /// Segments one super-packet may be split into (a 64 KiB one of tiny
+    /// segments; larger ones are refused and counted).
+    static let maxSegments = 1024
+
+    init(tun: TunDevice, socket: UDPSocket, engine: WireGuardEngine, mtu: Int, tunOffloads: TunOffloads = []) {
         self.tun = tun
         self.socket = socket
         self.engine = engine
         self.mtu = mtu
+        self.tunOffloads = tunOffloads
         segmentation = Atomic(socket.supportsSegmentation)
         receiveCoalescing = socket.enableReceiveCoalescing()
     }
@@ -82,33 +95,111 @@ final class WireGuardDataPath: Sendable {
         let tunFD = tun.fd.rawValue
         let iovecs = UnsafeMutablePointer<iovec>.allocate(capacity: Self.batchSize)
         let control = UnsafeMutableRawPointer.allocate(byteCount: UDPControlMessage.space, alignment: 8)
+        // With a virtio header: one read's room, and the room its segments take once split
+        // (the payload once, the headers once per segment).
+        let virtio = tun.vnetHeader
+        let readRoom = virtio ? Self.superPacketRoom : 0
+        let splitRoom = virtio ? 65536 + Self.maxSegments * 120 : 0
+        let readBuffer = UnsafeMutableRawPointer.allocate(byteCount: max(readRoom, 1), alignment: 64)
+        let splitBuffer = UnsafeMutableRawPointer.allocate(byteCount: max(splitRoom, 1), alignment: 64)
         defer {
             iovecs.deallocate()
             control.deallocate()
+            readBuffer.deallocate()
+            splitBuffer.deallocate()
         }
         UDPControlMessage.prepareSegmentSize(control)
+
+        /// Seals and sends what the batch holds; the batch is empty afterwards.
+        func flush() {
+            guard batch.count > 0 else { return }
+            let messages = engine.outgoing(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
+            let (sent, failed) = sendSealed(batch, iovecs: iovecs, control: control)
+            finish(messages, sent: sent, failed: failed)
+            batch.count = 0
+        }
+
+        /// Copies one packet into the next slot (sealing the batch first when it is full).
+        func append(_ packet: UnsafeRawPointer, _ length: Int) {
+            if batch.count == batch.capacity { flush() }
+            let area = batch.payloadArea(batch.count)
+            guard length <= area.count else {
+                // Longer than the device's MTU: only when the MTU was raised by hand.
+                engine.count(.droppedMalformed)
+                return
+            }
+            area.baseAddress!.copyMemory(from: packet, byteCount: length)
+            batch.packets[batch.count].length = length
+            batch.count += 1
+        }
+
         while !isStopped {
             guard waitReadable(tunFD) else { continue }
             batch.count = 0
-            while batch.count < batch.capacity {
-                let area = batch.payloadArea(batch.count)
-                let n = read(tunFD, area.baseAddress, area.count)
-                if n > 0 {
+            // Counted once per round of reads: every count takes the engine's lock.
+            var superPackets = 0
+            var badOffloads = 0
+            defer {
+                if superPackets > 0 { engine.count(.tunSuperPacketsRead, superPackets) }
+                if badOffloads > 0 { engine.count(.droppedBadOffload, badOffloads) }
+            }
+            // Bounded: at most a batch's worth of reads before the stop flag is looked at.
+            for _ in 0..<Self.batchSize {
+                let n: Int
+                if virtio {
+                    n = read(tunFD, readBuffer, readRoom)
+                } else {
+                    if batch.count == batch.capacity { flush() }
+                    let area = batch.payloadArea(batch.count)
+                    n = read(tunFD, area.baseAddress, area.count)
+                }
+                if n <= 0 {
+                    let e = Errno.current
+                    if n < 0, e == .interrupted { continue }
+                    if n < 0, e != .again, !isStopped {
+                        throw SystemError("read", on: "TUN device \(tun.name)", errno: e)
+                    }
+                    break
+                }
+                guard virtio else {
                     batch.packets[batch.count].length = n
                     batch.count += 1
                     continue
                 }
-                let e = Errno.current
-                if n < 0, e == .interrupted { continue }
-                if n < 0, e != .again, !isStopped {
-                    throw SystemError("read", on: "TUN device \(tun.name)", errno: e)
+                guard n > VirtioNetHeader.size else {
+                    engine.count(.droppedMalformed)
+                    continue
                 }
-                break
+                let header = VirtioNetHeader(reading: readBuffer)
+                let packet = readBuffer + VirtioNetHeader.size
+                let length = n - VirtioNetHeader.size
+                if header.gso == VirtioNetHeader.GSOType.none, !header.needsChecksum {
+                    append(packet, length)
+                    continue
+                }
+                // A super-packet, or a packet whose checksum is left to us: into the packets
+                // the container's stack would have sent without offloads.
+                switch Segmentation.split(
+                    packet,
+                    length: length,
+                    header: header,
+                    into: splitBuffer,
+                    capacity: splitRoom,
+                    maxSegments: Self.maxSegments
+                ) {
+                case .success(let segments):
+                    if segments.count > 1 { superPackets += 1 }
+                    var offset = 0
+                    while offset < segments.totalLength {
+                        let size = min(segments.segmentLength, segments.totalLength - offset)
+                        append(splitBuffer + offset, size)
+                        offset += size
+                    }
+                case .failure:
+                    badOffloads += 1
+                }
             }
-            guard batch.count > 0 else { continue }
-            let messages = engine.outgoing(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
-            let (sent, failed) = sendSealed(batch, iovecs: iovecs, control: control)
-            finish(messages, sent: sent, failed: failed)
+            flush()
         }
     }
 
@@ -221,23 +312,55 @@ final class WireGuardDataPath: Sendable {
             vector.deallocate()
         }
 
+        // With a virtio header, the opened packets of a batch are coalesced like the udp
+        // backend's receives: TCP segments of a flow into one super-packet, each write a
+        // virtio header and the packets where they lie in the slots.
+        let virtio = tun.vnetHeader
+        var plan = CoalescingPlan(maxPackets: Self.batchSize, coalesce: virtio)
+
         func process() {
             guard batch.count > 0 else { return }
             let messages = engine.incoming(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
             var written = 0
             var dropped = 0
-            for i in 0..<batch.count where batch.pass[i] {
-                let packet = batch.packets[i]
-                let payload = UnsafeRawBufferPointer(
-                    rebasing: packet.memory[
-                        MessageLayout.transportHeaderLength..<(MessageLayout.transportHeaderLength + packet.length)
-                    ]
-                )
-                // A full TUN queue drops, as the kernel's own devices do.
-                if case .success = writeAll(tunFD, payload) { written += 1 } else { dropped += 1 }
+            var superPackets = 0
+            if virtio {
+                plan.reset()
+                for i in 0..<batch.count where batch.pass[i] {
+                    let packet = batch.packets[i]
+                    _ = plan.add(
+                        packet.memory.baseAddress! + MessageLayout.transportHeaderLength,
+                        length: packet.length
+                    )
+                }
+                plan.finish()
+                for w in 0..<plan.writeCount {
+                    let (iovecs, count, bytes) = plan.write(w)
+                    let segments = count - 1
+                    var n: Int
+                    repeat { n = writev(tunFD, iovecs, Int32(count)) } while n < 0 && Errno.current == .interrupted
+                    // A full TUN queue drops, as the kernel's own devices do.
+                    if n == bytes {
+                        written += segments
+                        if segments > 1 { superPackets += 1 }
+                    } else {
+                        dropped += segments
+                    }
+                }
+            } else {
+                for i in 0..<batch.count where batch.pass[i] {
+                    let packet = batch.packets[i]
+                    let payload = UnsafeRawBufferPointer(
+                        rebasing: packet.memory[
+                            MessageLayout.transportHeaderLength..<(MessageLayout.transportHeaderLength + packet.length)
+                        ]
+                    )
+                    if case .success = writeAll(tunFD, payload) { written += 1 } else { dropped += 1 }
+                }
             }
             if written > 0 { engine.count(.tunPacketsWritten, written) }
             if dropped > 0 { engine.count(.droppedTunWrite, dropped) }
+            if superPackets > 0 { engine.count(.tunSuperPacketsWritten, superPackets) }
             finish(messages, sent: 0, failed: 0)
             batch.count = 0
         }

@@ -1,4 +1,6 @@
+import Foundation
 import NetBase
+import StatusModel
 import Synchronization
 import UDPEncap
 import WireGuard
@@ -16,6 +18,7 @@ public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertib
     case initiationsSent, responsesSent, handshakesCompleted, cookieRepliesSent
     case droppedNoPeer, droppedNotIPv4, droppedNoSession, droppedBadMAC, droppedReplay
     case droppedUnknownReceiver, droppedExpired, droppedSourceNotAllowed, droppedMalformed, droppedHandshake
+    case tunSuperPacketsRead, tunSuperPacketsWritten, droppedBadOffload
 
     public var description: String {
         switch self {
@@ -45,6 +48,9 @@ public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertib
         case .droppedSourceNotAllowed: "wg_dropped_source_not_allowed"
         case .droppedMalformed: "wg_dropped_malformed"
         case .droppedHandshake: "wg_dropped_handshake"
+        case .tunSuperPacketsRead: "wg_tun_super_packets_read"
+        case .tunSuperPacketsWritten: "wg_tun_super_packets_written"
+        case .droppedBadOffload: "wg_dropped_bad_offload"
         }
     }
 
@@ -204,6 +210,27 @@ final class WireGuardEngine: @unchecked Sendable {
     }
 
     var peerCount: Int { lock.withLock { _ in bySubnet.count } }
+
+    /// Every peer as `wg show` shows it, in subnet order; handshake times
+    /// turned from the monotonic clock (`now`) into wall-clock dates (`wallNow`).
+    func tunnels(now: Instant, wallNow: Date) -> [TunnelStatus] {
+        lock.withLock { _ in
+            bySubnet.values.sorted { $0.subnet.address.value < $1.subnet.address.value }.map { entry in
+                let peer = entry.peer
+                return TunnelStatus(
+                    subnet: entry.subnet.description,
+                    publicKey: peer.publicKey.base64,
+                    endpoint: peer.endpoint?.description,
+                    latestHandshake: peer.latestHandshake.map {
+                        wallNow.addingTimeInterval(-Double((now - $0).nanoseconds) / 1e9)
+                    },
+                    hasSession: peer.current != nil,
+                    bytesReceived: peer.bytesReceived,
+                    bytesSent: peer.bytesSent
+                )
+            }
+        }
+    }
 
     /// Whether the peer of `subnet` has a session now (tests, status).
     func hasSession(subnet: IPv4Network) -> Bool {
@@ -462,10 +489,27 @@ final class WireGuardEngine: @unchecked Sendable {
 
 /// The clocks the engine is given: monotonic for timers, wall for TAI64N.
 enum WireGuardClock {
-    static func now() -> Instant {
+    /// Test hook: `TUNNELD_TEST_WIREGUARD_CLOCK_RATE=N` (2…1000) makes the
+    /// protocol's clock run N times as fast, so that rekeys (every 120 s)
+    /// happen within a test's transfer. The daemon warns at start when it
+    /// is set; 1 (the real clock) otherwise.
+    static let rate: Int64 = {
+        guard let text = ProcessInfo.processInfo.environment["TUNNELD_TEST_WIREGUARD_CLOCK_RATE"],
+            let n = Int64(text), (2...1000).contains(n)
+        else { return 1 }
+        return n
+    }()
+    private static let origin = monotonic()
+
+    private static func monotonic() -> Int64 {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Instant(nanoseconds: Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec))
+        return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
+    }
+
+    static func now() -> Instant {
+        let t = monotonic()
+        return Instant(nanoseconds: rate == 1 ? t : origin + (t - origin) * rate)
     }
 
     static func timestamp() -> TAI64N {

@@ -61,7 +61,7 @@ public enum MetricCatalog {
     /// The udp data path's tiers (PacketRing's `DataPathTier` raw values;
     /// Observability does not import the data path).
     public static let tiers = ["uring", "uring-single", "syscall", "simple"]
-    public static let offloads = ["tun-vnet-hdr", "udp-gso", "udp-gro", "tun-csum", "tun-tso4", "tun-uso4"]
+    public static let offloads = ["tun-vnet-hdr", "udp-gso", "udp-gro", "tun-csum", "tun-tso4", "tun-tso6", "tun-uso4"]
 
     /// The registry's description of a series: its full name and help.
     static func descriptor(_ name: String) -> MetricNameDescriptor {

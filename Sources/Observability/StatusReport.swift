@@ -210,6 +210,26 @@ public struct StatusReport: Codable, Sendable, Equatable {
             }
             field("table", "\(backend.tableEntries) entries, generation \(backend.tableGeneration)")
         }
+        if let tunnels = backend?.tunnels {
+            // wireguard: one line per peer, like `wg show`.
+            out.append("")
+            out.append("tunnels: \(tunnels.count)")
+            if !tunnels.isEmpty {
+                let header = ["SUBNET", "ENDPOINT", "LATEST-HANDSHAKE", "TRANSFER", "PUBLIC-KEY"]
+                let rows = tunnels.map { tunnel in
+                    [
+                        tunnel.subnet, tunnel.endpoint ?? "(none yet)",
+                        tunnel.latestHandshake.map {
+                            Self.age($0, now: now) + (tunnel.hasSession ? "" : ", keys expired")
+                        }
+                            ?? "none",
+                        "\(Self.bytes(tunnel.bytesReceived)) received, \(Self.bytes(tunnel.bytesSent)) sent",
+                        tunnel.publicKey,
+                    ]
+                }
+                out += Self.columns([header] + rows).map { "  " + $0 }
+            }
+        }
 
         out.append("")
         out.append("peers: \(peers.count)")

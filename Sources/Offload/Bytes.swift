@@ -44,6 +44,12 @@ enum IPv4 {
     static let maximumLength = 65535
 }
 
+enum IPv6 {
+    static let headerLength = 40
+    /// The largest packet whose length the 16-bit payload length can give (no jumbograms).
+    static let maximumLength = 65535 + headerLength
+}
+
 enum TCPFlag {
     static let fin: UInt8 = 0x01
     static let syn: UInt8 = 0x02

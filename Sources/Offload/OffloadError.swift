@@ -1,8 +1,9 @@
 /// Why a packet could not be segmented; every case means "count it and drop the packet".
 public enum OffloadError: Error, Equatable, Sendable, CustomStringConvertible {
-    /// The IPv4/TCP/UDP headers do not parse or their lengths contradict each other or the buffer.
+    /// The IP/TCP/UDP headers do not parse, their lengths contradict each other or the buffer, or
+    /// the IP version does not match the GSO type.
     case malformed
-    /// The GSO type is not TCPv4 or UDP L4 (or unknown).
+    /// The GSO type is not TCPv4, TCPv6 or UDP L4 (or unknown).
     case unsupportedGSOType
     /// `checksumStart`/`checksumOffset` point outside the packet or not at the L4 checksum.
     case badChecksumPosition
@@ -13,8 +14,9 @@ public enum OffloadError: Error, Equatable, Sendable, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .malformed: "malformed packet: IPv4/L4 headers do not parse or lengths are inconsistent"
-        case .unsupportedGSOType: "unsupported GSO type (only TCPv4 and UDP L4 are segmented)"
+        case .malformed:
+            "malformed packet: IP/L4 headers do not parse, lengths are inconsistent, or the IP version does not match the GSO type"
+        case .unsupportedGSOType: "unsupported GSO type (only TCPv4, TCPv6 and UDP L4 are segmented)"
         case .badChecksumPosition: "checksum start/offset outside the packet or not at the L4 checksum"
         case .doesNotFit: "segments do not fit in the output buffer (give it more room)"
         case .tooManySegments: "packet needs more segments than the batch allows"

@@ -45,18 +45,21 @@ extension SegmentedPacket {
 /// Turns what a TUN with `IFF_VNET_HDR` hands us into real IPv4 packets (the flannel wire
 /// format carries complete packets only, and a flannel peer has no checksum offload to lean on).
 public enum Segmentation {
-    /// Splits the IPv4 packet of `length` bytes at `packet` (the bytes after the virtio header),
-    /// described by `header`, into complete packets in `out` (room `capacity`).
+    /// Splits the IPv4 or IPv6 packet of `length` bytes at `packet` (the bytes after the virtio
+    /// header), described by `header`, into complete packets in `out` (room `capacity`).
     ///
     /// - `none`: copies the packet; with `needsChecksum` completes its L4 checksum. Count 1.
-    ///   The bytes are not parsed as IPv4 here.
-    /// - `tcpv4`: per segment: IP total length, IP ID + i, IP checksum, sequence number +
-    ///   i·gsoSize, FIN/PSH only on the last, CWR only on the first, full TCP checksum.
-    /// - `udpL4`: per segment: IP total length, IP ID + i, IP checksum, UDP length, full UDP
-    ///   checksum (0 sent as 0xFFFF).
+    ///   The bytes are not parsed as IP here.
+    /// - `tcpv4`, `tcpv6`: per segment: IPv4 total length, IP ID + i and IP checksum (IPv6:
+    ///   payload length), sequence number + i·gsoSize, FIN/PSH only on the last, CWR only on
+    ///   the first, full TCP checksum. The packet's IP version must match the GSO type.
+    /// - `udpL4` (either version): per segment: the IP lengths (and for IPv4 the ID + i and
+    ///   header checksum), UDP length, full UDP checksum (0 sent as 0xFFFF).
     /// - anything else: `.unsupportedGSOType`.
     ///
-    /// Header lengths come from the IPv4 and TCP headers themselves; the virtio `headerLength`
+    /// An IPv6 super-packet must carry TCP or UDP right after the fixed header (the kernel's
+    /// TSO6 and USO packets do); one with extension headers is refused as `.malformed`.
+    /// Header lengths come from the IP and TCP headers themselves; the virtio `headerLength`
     /// is only a hint (the kernel may report its linear length there) and is refused only when
     /// it exceeds the packet. `out` must not overlap `packet`. Nothing past `capacity` is written,
     /// and every check happens before the first byte is, so on failure `out` is untouched.
@@ -83,7 +86,7 @@ public enum Segmentation {
                 _ = unsafe completeChecksum(out, length: length, header: header)
             }
             return .success(SegmentedPacket(segmentLength: length, count: 1, totalLength: length))
-        case .tcpv4?:
+        case .tcpv4?, .tcpv6?:
             return unsafe splitGSO(
                 packet,
                 length: length,
@@ -128,7 +131,7 @@ public enum Segmentation {
         guard length > 0, headerCapacity >= 0, iovecCapacity >= 0 else { return .failure(.malformed) }
         let tcp: Bool
         switch header.gso {
-        case .tcpv4?: tcp = true
+        case .tcpv4?, .tcpv6?: tcp = true
         case .udpL4?: tcp = false
         default: return .failure(.unsupportedGSOType)
         }
@@ -178,18 +181,35 @@ public enum Segmentation {
         maxSegments: Int,
         gather: (iovecs: UnsafeMutablePointer<iovec>, capacity: Int)? = nil
     ) -> Result<SegmentedPacket, OffloadError> {
-        // IPv4 header.
-        guard length >= IPv4.minimumHeaderLength else { return .failure(.malformed) }
-        let versionAndLength = unsafe packet.u8(0)
-        guard versionAndLength >> 4 == 4 else { return .failure(.malformed) }
-        let ipHeaderLength = Int(versionAndLength & 0x0f) * 4
-        guard ipHeaderLength >= IPv4.minimumHeaderLength else { return .failure(.malformed) }
-        let total = unsafe Int(packet.be16(2))
-        guard total >= ipHeaderLength, total <= length else { return .failure(.malformed) }
-        guard unsafe packet.be16(6) & (IPv4.moreFragments | IPv4.fragmentOffsetMask) == 0 else {
-            return .failure(.malformed)
+        // IP header: IPv4, or IPv6 with the L4 header right after the fixed one.
+        guard length >= 1 else { return .failure(.malformed) }
+        let ipv6 = unsafe packet.u8(0) >> 4 == 6
+        switch header.gso {
+        case .tcpv4?: guard !ipv6 else { return .failure(.malformed) }
+        case .tcpv6?: guard ipv6 else { return .failure(.malformed) }
+        default: break
         }
-        guard unsafe packet.u8(9) == (tcp ? IPv4.tcp : IPv4.udp) else { return .failure(.malformed) }
+        let protocolNumber = tcp ? IPv4.tcp : IPv4.udp
+        let ipHeaderLength: Int
+        let total: Int
+        if ipv6 {
+            ipHeaderLength = IPv6.headerLength
+            guard length >= ipHeaderLength else { return .failure(.malformed) }
+            total = unsafe ipHeaderLength + Int(packet.be16(4))
+            guard total <= length, unsafe packet.u8(6) == protocolNumber else { return .failure(.malformed) }
+        } else {
+            guard length >= IPv4.minimumHeaderLength else { return .failure(.malformed) }
+            let versionAndLength = unsafe packet.u8(0)
+            guard versionAndLength >> 4 == 4 else { return .failure(.malformed) }
+            ipHeaderLength = Int(versionAndLength & 0x0f) * 4
+            guard ipHeaderLength >= IPv4.minimumHeaderLength else { return .failure(.malformed) }
+            total = unsafe Int(packet.be16(2))
+            guard total >= ipHeaderLength, total <= length else { return .failure(.malformed) }
+            guard unsafe packet.be16(6) & (IPv4.moreFragments | IPv4.fragmentOffsetMask) == 0 else {
+                return .failure(.malformed)
+            }
+            guard unsafe packet.u8(9) == protocolNumber else { return .failure(.malformed) }
+        }
 
         // L4 header.
         let l4HeaderLength: Int
@@ -228,10 +248,9 @@ public enum Segmentation {
             guard count * headerLength + payload <= capacity else { return .failure(.doesNotFit) }
         }
 
-        let source = unsafe packet.be32(12)
-        let destination = unsafe packet.be32(16)
-        let firstID = unsafe packet.be16(4)
-        let protocolNumber = tcp ? IPv4.tcp : IPv4.udp
+        // The addresses' part of every segment's pseudo-header (IPv4: 12..<20, IPv6: 8..<40).
+        let addressSum = unsafe ipv6 ? Checksum.partial(packet + 8, count: 32) : Checksum.partial(packet + 12, count: 8)
+        let firstID = unsafe ipv6 ? 0 : packet.be16(4)
         let firstSequence = unsafe tcp ? packet.be32(ipHeaderLength + 4) : 0
         let originalFlags = unsafe tcp ? packet.u8(ipHeaderLength + 13) : 0
 
@@ -244,12 +263,7 @@ public enum Segmentation {
             unsafe segment.copyMemory(from: packet, byteCount: headerLength)
             let segmentLength = headerLength + chunk
             let l4Length = segmentLength - ipHeaderLength
-            let pseudo = Checksum.pseudoHeader(
-                source: source,
-                destination: destination,
-                protocol: protocolNumber,
-                length: l4Length
-            )
+            let pseudo = addressSum &+ UInt64(protocolNumber) &+ UInt64(l4Length)
             // The payload's part of the L4 checksum: summed where it lies when gathering
             // (the L4 header is a multiple of 4 bytes long, so the sums add up), or over
             // the copy, still in cache, when laying the segment out.
@@ -267,10 +281,14 @@ public enum Segmentation {
                 payloadSum = unsafe Checksum.partial(segment + headerLength, count: chunk, initial: pseudo)
                 written += headerLength + chunk
             }
-            unsafe segment.setBE16(2, UInt16(segmentLength))
-            unsafe segment.setBE16(4, firstID &+ UInt16(truncatingIfNeeded: i))
-            unsafe segment.setBE16(10, 0)
-            unsafe segment.setBE16(10, Checksum.compute(segment, count: ipHeaderLength))
+            if ipv6 {
+                unsafe segment.setBE16(4, UInt16(l4Length))
+            } else {
+                unsafe segment.setBE16(2, UInt16(segmentLength))
+                unsafe segment.setBE16(4, firstID &+ UInt16(truncatingIfNeeded: i))
+                unsafe segment.setBE16(10, 0)
+                unsafe segment.setBE16(10, Checksum.compute(segment, count: ipHeaderLength))
+            }
 
             let l4 = unsafe segment + ipHeaderLength
             if tcp {

@@ -328,7 +328,7 @@ extension Forwarder {
     /// and then a packet, possibly a super-packet of up to 64 KiB (TSO/USO)
     /// or a packet whose checksum is left to us. The routing decision is
     /// `fromTun`'s, made once for the whole super-packet (every segment has
-    /// the same addresses); then the packet is split into real IPv4 packets
+    /// the same addresses); then the packet is split into real IP packets
     /// — their headers in `headers`, gathered with the payload where it lies
     /// by `iovecs` — or has its checksum completed in place.
     @inline(__always)
@@ -403,23 +403,23 @@ extension Forwarder {
     }
 
     /// The length of each full packet a TCP or UDP super-packet is split
-    /// into (IPv4 and L4 headers + gso_size), to hold against the MTU; nil
+    /// into (IP and L4 headers + gso_size), to hold against the MTU; nil
     /// when the headers do not say (the split then refuses the packet).
     @inline(__always)
     static func segmentLength(_ p: UnsafeRawPointer, length: Int, header: VirtioNetHeader) -> Int? {
         guard length >= IPv4Header.minimumLength else { return nil }
-        let ihl = IPv4Header.headerLength(p)
+        let ipHeaderLength = Forwarder.ipHeaderLength(p, length: length)
         let transport: Int
         switch header.gso {
-        case .tcpv4?:
-            guard length >= ihl + 20 else { return nil }
-            transport = Int(p.load(fromByteOffset: ihl + 12, as: UInt8.self) >> 4) * 4
+        case .tcpv4?, .tcpv6?:
+            guard length >= ipHeaderLength + 20 else { return nil }
+            transport = Int(p.load(fromByteOffset: ipHeaderLength + 12, as: UInt8.self) >> 4) * 4
         case .udpL4?:
             transport = 8
         default:
             return nil
         }
-        return ihl + transport + Int(header.gsoSize)
+        return ipHeaderLength + transport + Int(header.gsoSize)
     }
 
     /// The datagrams of one receive: `length` bytes at `p`, every datagram

@@ -1,7 +1,9 @@
+import Foundation
+
 /// A backend's state as an operator sees it — one model for what a backend
 /// reports (PeerControl's `BackendReport`), what `tunneld status` shows and
 /// prints as JSON, and what the metrics endpoint exports (Observability's
-/// `StatusReport.Backend`). No dependencies, so both import it; rendering
+/// `StatusReport.Backend`). No package dependencies, so both import it; rendering
 /// stays in Observability.
 public struct BackendStatus: Codable, Sendable, Equatable {
     /// flannel's backend name: udp, vxlan, host-gw, wireguard.
@@ -24,6 +26,9 @@ public struct BackendStatus: Codable, Sendable, Equatable {
     public var tableEntries: Int
     /// Changes the table has seen since start.
     public var tableGeneration: UInt64
+    /// The encrypted tunnels, one per peer (wireguard), like `wg show`; nil
+    /// for the other backends.
+    public var tunnels: [TunnelStatus]?
 
     public init(
         type: String,
@@ -45,5 +50,40 @@ public struct BackendStatus: Codable, Sendable, Equatable {
         self.datapathNote = datapathNote
         self.tableEntries = tableEntries
         self.tableGeneration = tableGeneration
+    }
+}
+
+/// One peer of the wireguard backend, as `wg show` shows it.
+public struct TunnelStatus: Codable, Sendable, Equatable {
+    /// The peer's lease subnet (its allowed source).
+    public var subnet: String
+    /// The peer's public key, base64.
+    public var publicKey: String
+    /// Where its datagrams go (updated from authenticated packets), nil before any.
+    public var endpoint: String?
+    /// When a handshake with it last completed; nil if none has.
+    public var latestHandshake: Date?
+    /// Whether a session's keys are in use now.
+    public var hasSession: Bool
+    /// Bytes of transport messages received from and sent to it.
+    public var bytesReceived: UInt64
+    public var bytesSent: UInt64
+
+    public init(
+        subnet: String,
+        publicKey: String,
+        endpoint: String?,
+        latestHandshake: Date?,
+        hasSession: Bool,
+        bytesReceived: UInt64,
+        bytesSent: UInt64
+    ) {
+        self.subnet = subnet
+        self.publicKey = publicKey
+        self.endpoint = endpoint
+        self.latestHandshake = latestHandshake
+        self.hasSession = hasSession
+        self.bytesReceived = bytesReceived
+        self.bytesSent = bytesSent
     }
 }

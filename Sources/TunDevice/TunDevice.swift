@@ -192,20 +192,19 @@ public final class TunDevice: Sendable {
     }
 
     /// Turns on the offloads the data path can handle, best first, and
-    /// returns what the kernel accepted: checksum + TSO4 + USO4, else
-    /// checksum + TSO4 (USO4 needs Linux 6.2), else checksum alone, else
-    /// nothing (a device without `vnetHeader`, or a kernel that refuses).
-    /// With checksum offload the kernel may hand us packets whose TCP/UDP
-    /// checksum is left to us (NEEDS_CSUM); with TSO4/USO4, super-packets
-    /// of up to 64 KiB that we must split.
+    /// returns what the kernel accepted: checksum + TSO (+ TSO6) + USO, else
+    /// checksum + TSO (+ TSO6) (USO needs Linux 6.2), else checksum alone,
+    /// else nothing (a device without `vnetHeader`, or a kernel that
+    /// refuses). With checksum offload the kernel may hand us packets whose
+    /// TCP/UDP checksum is left to us (NEEDS_CSUM); with TSO/USO,
+    /// super-packets of up to 64 KiB that we must split.
     ///
-    /// - Parameter uso: whether to offer UDP segmentation offload. The kernel
-    ///   takes it for IPv4 and IPv6 at once, and the data path splits IPv4
-    ///   super-packets only: a device that carries IPv6 goes without.
-    public func enableOffloads(uso: Bool = true) -> TunOffloads {
+    /// - Parameter ipv6: whether the device carries IPv6 (TSO6 is offered
+    ///   then; USO always covers both versions).
+    public func enableOffloads(ipv6: Bool = false) -> TunOffloads {
         guard vnetHeader else { return [] }
-        let candidates: [TunOffloads] =
-            uso ? [[.checksum, .tso4, .uso4], [.checksum, .tso4], [.checksum]] : [[.checksum, .tso4], [.checksum]]
+        let tso: TunOffloads = ipv6 ? [.checksum, .tso4, .tso6] : [.checksum, .tso4]
+        let candidates: [TunOffloads] = [tso.union(.uso4), tso, [.checksum]]
         for candidate in candidates {
             if (try? setOffload(candidate.kernelFlags)) != nil { return candidate }
         }

@@ -118,6 +118,14 @@ public final class Peer {
     var newHandshakeAt: Instant?
     var lastSent: Instant?
     public internal(set) var lastHandshake: Instant?
+    /// When a handshake with this peer last completed; unlike `lastHandshake`
+    /// it is not cleared when the keys are zeroed (what `wg show` calls the
+    /// latest handshake).
+    public internal(set) var latestHandshake: Instant?
+    /// Bytes of transport messages sealed to and opened from this peer (`wg
+    /// show`'s transfer, without the handshake messages).
+    public internal(set) var bytesSent: UInt64 = 0
+    public internal(set) var bytesReceived: UInt64 = 0
 
     init(publicKey: PublicKey, presharedKey: PresharedKey, staticShared: Bytes32, endpoint: Endpoint?) {
         self.publicKey = publicKey

@@ -404,6 +404,7 @@ public final class WireGuardInterface {
         drop(peer.next)
         peer.next = keypair
         peer.lastHandshake = now
+        peer.latestHandshake = now
         peer.lastSent = now
         return message
     }
@@ -464,6 +465,7 @@ public final class WireGuardInterface {
         peer.current = keypair
         peer.endpoint = source
         peer.lastHandshake = now
+        peer.latestHandshake = now
         peer.handshakeAttemptStart = nil
         peer.retransmitAt = nil
         return .established(peer)
@@ -617,6 +619,7 @@ public final class WireGuardInterface {
             else { break }
             keypair.sendCounter = counter + 1
             packets[i].length = MessageLayout.transportHeaderLength + padded + MessageLayout.tagLength
+            peer.bytesSent &+= UInt64(packets[i].length)
             sealed += 1
             if payload > 0 { sentData = true }
         }
@@ -682,6 +685,7 @@ public final class WireGuardInterface {
         }
         peer.endpoint = source
         peer.newHandshakeAt = nil
+        peer.bytesReceived &+= UInt64(packet.length)
         if length > 0 && peer.keepaliveAt == nil { peer.keepaliveAt = now + Timing.keepaliveTimeout }
         let wants =
             peer.current === keypair && keypair.isInitiator && !peer.isHandshaking

@@ -317,3 +317,87 @@ struct CNIDualStackTests {
         )
     }
 }
+
+/// Pods with both families across hosts: a dual-stack network in etcd,
+/// fresh hosts (forwarding off) with an IPv6 underlay address, tunneld on each, and the plugin (as
+/// a runtime invokes it, with Debian's bridge and host-local) giving each
+/// pod an address of each family from its host's subnet.env; the pods
+/// ping each other over IPv6 and IPv4 through each kernel/udp backend.
+@Suite(
+    .serialized,
+    .enabled(if: canRunNamespaceTests && standardCNIPluginsInstalled, cniSkipReason),
+    .enabled(if: etcdIsInstalled, etcdSkipReason)
+)
+struct CNIDualStackEndToEndTests {
+    @Test(arguments: ["udp", "vxlan", "host-gw"])
+    func podsOnTwoHostsGetBothFamiliesAndPing6(backend: String) throws {
+        let etcd = EtcdBackendTests()
+        try etcd.withEtcdLab { lab in
+            try DualStackBackendTests().putConfig(lab, backend: #"{"Type":"\#(backend)"}"#)
+            for n in 1...2 {
+                // Fresh hosts: forwarding off until the bridge plugin makes a gateway.
+                try lab.lab(
+                    ["add-bare-host", "\(n)", "--ipv6", "--"] + etcd.flanneldCommand(lab, host: n),
+                    timeout: .seconds(90)
+                )
+            }
+            let directory = lab.directory
+            let bin = try CNIBin(in: directory)
+            // kube-flannel's net-conf: the pods' default route is the bridge.
+            // Without it, a host-gw pod cannot answer the other host's pods:
+            // that host has no -ip-masq, so its bridge masquerades them with its
+            // underlay address (as with flanneld), for which the pod has no route.
+            func invoke(_ command: String, host n: Int) throws -> PluginRun {
+                try bin.invoke(
+                    type: "flannel",
+                    command: command,
+                    containerID: "pod\(n)-\(lab.name)",
+                    netns: "/run/netns/\(lab.namespace("c\(n)"))",
+                    config: """
+                        {"cniVersion":"1.0.0","name":"dual","type":"flannel","subnetFile":"\(lab.subnetFile(n))",
+                         "dataDir":"\(directory.path)/cni-data-h\(n)","ipam":{"dataDir":"\(directory.path)/ipam-h\(n)"},
+                         "delegate":{"hairpinMode":true,"isDefaultGateway":true}}
+                        """,
+                    namespace: lab.namespace("h\(n)"),
+                    scratch: directory
+                )
+            }
+            for n in 1...2 {
+                let v6 = try LabLease6(lab, host: n)
+                try run(["ip", "netns", "add", lab.namespace("c\(n)")])
+                try lab.exec("c\(n)", ["ip", "link", "set", "lo", "up"])
+                let added = try invoke("ADD", host: n)
+                #expect(added.status == 0, "ADD on host \(n): \(added)")
+                let addresses = (added.json["ips"] as? [[String: Any]] ?? []).compactMap { $0["address"] as? String }
+                let address4 = try #require(addresses.first { !$0.contains(":") }, "\(added.stdout)")
+                let address6 = try #require(addresses.first { $0.contains(":") }, "\(added.stdout)")
+                #expect(address6.hasPrefix(v6.base) && address6.hasSuffix("/64"), "\(address6) is not in \(v6.subnet)")
+                // Where Lab.ping and Lab.ping6 look for the pods' addresses.
+                for (file, address) in [("c\(n).ip", address4), ("c\(n).ip6", address6)] {
+                    try "\(address.split(separator: "/")[0])\n".write(
+                        to: directory.appendingPathComponent(file),
+                        atomically: true,
+                        encoding: .utf8
+                    )
+                }
+                let routes6 = try lab.exec("c\(n)", ["ip", "-6", "route"]).output
+                #expect(routes6.contains("fd00:10:2::/48 via \(v6.base)1"), "\(routes6)")
+                // The bridge plugin turned forwarding on for its gateways, both families.
+                for sysctl in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
+                    let value = try lab.exec("h\(n)", ["sysctl", "-n", sysctl]).output
+                    #expect(value.hasPrefix("1"), "\(sysctl) on host \(n) after ADD: \(value)")
+                }
+            }
+            for (from, to) in [(1, 2), (2, 1)] {
+                let ping6 = try lab.ping6(from: from, to: to)
+                #expect(ping6.succeeded, "pod \(from) → pod \(to) over IPv6: \(ping6.output)")
+                let ping = try lab.ping(from: from, to: to)
+                #expect(ping.succeeded, "pod \(from) → pod \(to): \(ping.output)")
+            }
+            for n in 1...2 {
+                let deleted = try invoke("DEL", host: n)
+                #expect(deleted.status == 0, "DEL on host \(n): \(deleted)")
+            }
+        }
+    }
+}

@@ -239,6 +239,32 @@ struct DualStackBackendTests {
     /// udp (beyond flannel, whose udp backend has no IPv6): the TUN carries
     /// IPv6 packets too, over the IPv4 underlay, to peers whose lease has
     /// an IPv6 subnet; a flannel udp host's plain lease gets IPv4 only.
+    /// IPv6 TCP and UDP between containers go through the offloads as IPv4
+    /// does: TSO6 and USO super-packets split on the sending host, segments
+    /// coalesced into GSO_TCPV6/UDP_L4 writes on the receiving one.
+    @Test func udpCarriesIPv6TrafficThroughTheOffloads() throws {
+        try etcd.withEtcdLab { lab in
+            try putConfig(lab, backend: #"{"Type":"udp"}"#)
+            try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
+            try lab.addHost(2, command: etcd.flanneldCommand(lab, host: 2), ipv6: true)
+            for host in ["h1", "h2"] {
+                #expect(
+                    lab.log(host).contains("tun csum+tso4+tso6+uso4"),
+                    "\(host) should offer TSO6 to the kernel: \(lab.log(host))"
+                )
+            }
+            let ping6 = try lab.ping6(from: 1, to: 2)
+            #expect(ping6.succeeded, "\(ping6.output)")
+            try offloadWorkout(lab, ipv6: true)
+            try lab.lab("stop", "h1")
+            try lab.lab("stop", "h2")
+            let sender = lab.dataPathCounters("h1"), receiver = lab.dataPathCounters("h2")
+            expectTheBulkWentThroughTheOffloads(sender: sender, receiver: receiver)
+            #expect(receiver["dropped_spoofed_source", default: 0] == 0, "\(receiver)")
+            #expect(receiver["dropped_malformed", default: 0] == 0, "\(receiver)")
+        }
+    }
+
     @Test func udpCarriesIPv6PacketsOverTheIPv4Underlay() throws {
         try etcd.withEtcdLab { lab in
             try putConfig(lab, backend: #"{"Type":"udp"}"#)

@@ -36,4 +36,32 @@ struct ThroughputHarnessTests {
         let single = hostLog("tunneld-udp-uring-single")
         #expect(single.contains(TierLaunch.uringSingleRead.logLine), "\(single)")
     }
+
+    /// The IPv6 modes (not run by default): each produces its TCP and ping
+    /// figures between the containers' IPv6 addresses.
+    @Test func everyIPv6ModeOfTheHarnessProducesItsFigures() throws {
+        let results = FileManager.default.temporaryDirectory.appendingPathComponent("tunneld-harness6-\(getpid())")
+        defer { try? FileManager.default.removeItem(at: results) }
+        let harness = repositoryRoot.appendingPathComponent("Benchmarks/throughput/run").path
+        let run = try run(
+            [
+                "bash", harness, "--smoke", "--strict", "--tunneld", tunneldBinary, "--results", results.path,
+                "--modes", "host-gw-v6,kernel-vxlan-v6,tunneld-udp-v6,tunneld-vxlan-v6,tunneld-host-gw-v6",
+                "--tests", "tcp1,ping",
+            ],
+            timeout: .seconds(300),
+            check: false
+        )
+        #expect(run.succeeded, "\(run.output)")
+        let summary = (try? String(contentsOf: results.appendingPathComponent("summary.md"), encoding: .utf8)) ?? ""
+        #expect(summary.contains("| TCP 1 stream |"), "\(summary)")
+        // Measured over IPv6: the udp host's containers talk from their IPv6 subnet.
+        let env =
+            (try? String(
+                contentsOf: results.appendingPathComponent("logs/r1-tunneld-udp-v6-host1.env"),
+                encoding: .utf8
+            )) ?? ""
+        #expect(env.contains("FLANNEL_IPV6_SUBNET=fd00:10:2:"), "\(env)")
+        #expect(run.output.contains("fd00:10:2:"), "\(run.output)")
+    }
 }

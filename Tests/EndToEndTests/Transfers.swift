@@ -10,15 +10,29 @@ func transfer(_ lab: Lab, from: Int, to: Int, megabytes: Int) throws {
 
 /// `mss`: the client asks for this TCP maximum segment size (TCP_MAXSEG),
 /// so its super-packets hold that many more, smaller segments.
-func transfer(_ lab: Lab, from: Int, to: Int, bytes: Int, port: Int = 5201, mss: Int? = nil) throws {
+/// `ipv6`: between the containers' IPv6 addresses (a dual-stack lab).
+/// `pace`: the client sends `chunk` bytes, then sleeps `seconds`, and so on
+/// (a transfer that lasts, at a bounded rate).
+func transfer(
+    _ lab: Lab,
+    from: Int,
+    to: Int,
+    bytes: Int,
+    port: Int = 5201,
+    mss: Int? = nil,
+    ipv6: Bool = false,
+    pace: (chunk: Int, seconds: Double)? = nil
+) throws {
     let source = lab.directory.appendingPathComponent("payload-\(bytes).bin").path
     let received = lab.directory.appendingPathComponent("received-\(bytes).bin").path
     try run(["bash", "-c", "head -c \(bytes) /dev/urandom > \(source)"])
-    let target = try lab.containerIP(to)
+    let target = try ipv6 ? lab.containerIPv6(to) : lab.containerIP(to)
+    let family = ipv6 ? "socket.AF_INET6" : "socket.AF_INET"
+    let any = ipv6 ? "::" : "0.0.0.0"
     let serverScript = """
         import socket,sys
-        s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
-        s.bind(('0.0.0.0',int(sys.argv[2]))); s.listen(1); s.settimeout(60)
+        s=socket.socket(\(family)); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
+        s.bind(('\(any)',int(sys.argv[2]))); s.listen(1); s.settimeout(60)
         c,_=s.accept(); c.settimeout(60)
         with open(sys.argv[1],'wb') as f:
             while True:
@@ -31,11 +45,17 @@ func transfer(_ lab: Lab, from: Int, to: Int, bytes: Int, port: Int = 5201, mss:
         mss=int(sys.argv[4])
         for i in range(100):
             try:
-                s=socket.socket(); s.settimeout(60)
+                s=socket.socket(\(family)); s.settimeout(60)
                 if mss: s.setsockopt(socket.IPPROTO_TCP,socket.TCP_MAXSEG,mss)
                 s.connect((sys.argv[1],int(sys.argv[3]))); break
             except OSError: time.sleep(0.1)
-        with open(sys.argv[2],'rb') as f: s.sendall(f.read())
+        with open(sys.argv[2],'rb') as f: data=f.read()
+        chunk,pause=int(sys.argv[5]),float(sys.argv[6])
+        if chunk:
+            for i in range(0,len(data),chunk):
+                s.sendall(data[i:i+chunk]); time.sleep(pause)
+        else:
+            s.sendall(data)
         s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
         """
     let server = try spawn(
@@ -48,7 +68,10 @@ func transfer(_ lab: Lab, from: Int, to: Int, bytes: Int, port: Int = 5201, mss:
     defer { server.terminate() }
     try lab.exec(
         "c\(from)",
-        ["python3", "-c", client, target, source, "\(port)", "\(mss ?? 0)"],
+        [
+            "python3", "-c", client, target, source, "\(port)", "\(mss ?? 0)", "\(pace?.chunk ?? 0)",
+            "\(pace?.seconds ?? 0)",
+        ],
         timeout: .seconds(90)
     )
     #expect(server.wait(timeout: .seconds(30)) == 0, "the receiving side did not finish cleanly")
@@ -63,11 +86,12 @@ func transfer(_ lab: Lab, from: Int, to: Int, bytes: Int, port: Int = 5201, mss:
 /// server in container `to` and checks that each comes back byte-identical
 /// (a lost datagram is sent again, at most 5 times). Sizes past the MTU are
 /// fragmented by the sender and carried as fragments.
-func udpEcho(_ lab: Lab, from: Int, to: Int, sizes: [Int], port: Int = 5301) throws {
-    let target = try lab.containerIP(to)
+func udpEcho(_ lab: Lab, from: Int, to: Int, sizes: [Int], port: Int = 5301, ipv6: Bool = false) throws {
+    let target = try ipv6 ? lab.containerIPv6(to) : lab.containerIP(to)
+    let family = ipv6 ? "socket.AF_INET6" : "socket.AF_INET"
     let echo = """
         import socket,sys
-        s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('0.0.0.0',int(sys.argv[1]))); s.settimeout(60)
+        s=socket.socket(\(family),socket.SOCK_DGRAM); s.bind(('\(ipv6 ? "::" : "0.0.0.0")',int(sys.argv[1]))); s.settimeout(60)
         while True:
             b,peer=s.recvfrom(70000)
             if b==b'stop': break
@@ -76,7 +100,7 @@ func udpEcho(_ lab: Lab, from: Int, to: Int, sizes: [Int], port: Int = 5301) thr
     let client = """
         import os,socket,sys
         target,port=sys.argv[1],int(sys.argv[2])
-        s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(1)
+        s=socket.socket(\(family),socket.SOCK_DGRAM); s.settimeout(1)
         bad=[]
         for size in map(int,sys.argv[3:]):
             data=os.urandom(size)
@@ -110,11 +134,12 @@ func udpEcho(_ lab: Lab, from: Int, to: Int, sizes: [Int], port: Int = 5301) thr
 /// Sends 20 UDP datagrams of 1000 bytes in one UDP_SEGMENT send from container
 /// `from` to `to`, where a listener checks that every one arrives whole and
 /// unchanged (a burst is sent again, at most 5 times, until one arrives whole).
-func udpBurst(_ lab: Lab, from: Int, to: Int, port: Int = 5351) throws {
-    let target = try lab.containerIP(to)
+func udpBurst(_ lab: Lab, from: Int, to: Int, port: Int = 5351, ipv6: Bool = false) throws {
+    let target = try ipv6 ? lab.containerIPv6(to) : lab.containerIP(to)
+    let family = ipv6 ? "socket.AF_INET6" : "socket.AF_INET"
     let listener = """
         import socket,sys,struct
-        s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('0.0.0.0',int(sys.argv[1]))); s.settimeout(20)
+        s=socket.socket(\(family),socket.SOCK_DGRAM); s.bind(('\(ipv6 ? "::" : "0.0.0.0")',int(sys.argv[1]))); s.settimeout(20)
         seen={}
         while True:
             b,peer=s.recvfrom(70000)
@@ -127,7 +152,7 @@ func udpBurst(_ lab: Lab, from: Int, to: Int, port: Int = 5351) throws {
         """
     let sender = """
         import socket,sys,struct,time
-        s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(1)
+        s=socket.socket(\(family),socket.SOCK_DGRAM); s.settimeout(1)
         s.setsockopt(17,103,1000)
         for burst in range(5):
             data=b''.join(struct.pack('!II',burst,i)+bytes([(burst*31+i) & 0xff])*992 for i in range(20))
@@ -153,14 +178,23 @@ func udpBurst(_ lab: Lab, from: Int, to: Int, port: Int = 5351) throws {
 /// and many, both ways; a tiny MSS whose super-packets hold more segments
 /// than one read may be split into (nothing may stall); UDP echoes of every
 /// size around the MTU and above; a UDP burst. Each checks its bytes.
-func offloadWorkout(_ lab: Lab) throws {
-    for (i, bytes) in [1, 1431, 1432, 1433, 1472, 2864, 2865, 65_536, 1 << 20, 20 << 20].enumerated() {
-        try transfer(lab, from: 1, to: 2, bytes: bytes, port: 5201 + i)
+///
+/// `ipv6`: the same between the containers' IPv6 addresses, with the sizes
+/// around IPv6's MSS (1412) and largest unfragmented datagram (1424).
+func offloadWorkout(_ lab: Lab, ipv6: Bool = false) throws {
+    let tcpSizes =
+        ipv6
+        ? [1, 1411, 1412, 1413, 1472, 2824, 2825, 65_536, 1 << 20, 20 << 20]
+        : [1, 1431, 1432, 1433, 1472, 2864, 2865, 65_536, 1 << 20, 20 << 20]
+    for (i, bytes) in tcpSizes.enumerated() {
+        try transfer(lab, from: 1, to: 2, bytes: bytes, port: 5201 + i, ipv6: ipv6)
     }
-    try transfer(lab, from: 2, to: 1, bytes: 3 << 20)
-    try transfer(lab, from: 1, to: 2, bytes: 2 << 20, port: 5221, mss: 100)
-    try udpEcho(lab, from: 1, to: 2, sizes: [1, 100, 1443, 1444, 1445, 4_000, 20_000, 65_000])
-    try udpBurst(lab, from: 1, to: 2)
+    try transfer(lab, from: 2, to: 1, bytes: 3 << 20, ipv6: ipv6)
+    try transfer(lab, from: 1, to: 2, bytes: 2 << 20, port: 5221, mss: 100, ipv6: ipv6)
+    let udpSizes =
+        ipv6 ? [1, 100, 1423, 1424, 1425, 4_000, 20_000, 65_000] : [1, 100, 1443, 1444, 1445, 4_000, 20_000, 65_000]
+    try udpEcho(lab, from: 1, to: 2, sizes: udpSizes, ipv6: ipv6)
+    try udpBurst(lab, from: 1, to: 2, ipv6: ipv6)
 }
 
 /// The stopped daemons' counters say the bulk went through the offload path

@@ -33,15 +33,17 @@ struct WireGuardBackendTests {
 
     func keyFile(_ lab: Lab, _ n: Int) -> String { lab.directory.appendingPathComponent("h\(n).wgkey").path }
 
-    func addTunneld(_ lab: Lab, _ n: Int) throws {
+    /// `prefix`: before the binary (e.g. the seccomp filter that refuses io_uring);
+    /// `extra`: more `tunneld run` options.
+    func addTunneld(_ lab: Lab, _ n: Int, prefix: [String] = [], extra: [String] = []) throws {
         try lab.addHost(
             n,
-            command: [
-                "env", "WIREGUARD_KEY_FILE=\(keyFile(lab, n))", tunneldBinary, "run",
+            command: ["env", "WIREGUARD_KEY_FILE=\(keyFile(lab, n))"] + prefix + [
+                tunneldBinary, "run",
                 "-etcd-endpoints=\(labEtcdEndpoint)", "-iface=eth0", "-etcd-prefix=/docker/network/",
                 "-subnet-file=\(lab.subnetFile(n))",
                 "--control-socket", lab.directory.appendingPathComponent("h\(n).sock").path,
-            ]
+            ] + extra
         )
     }
 
@@ -92,6 +94,27 @@ struct WireGuardBackendTests {
             try transfer(lab, from: 1, to: 2, megabytes: 20)
             try transfer(lab, from: 2, to: 1, megabytes: 20)
 
+            // `tunneld status` shows each peer as `wg show` does: endpoint,
+            // latest handshake, transfer both ways, key.
+            let socket = lab.directory.appendingPathComponent("h1.sock").path
+            let status = try lab.exec("h1", [tunneldBinary, "status", "--control-socket", socket]).output
+            let line = status.split(separator: "\n").first { $0.contains(subnet2) }.map(String.init) ?? ""
+            #expect(status.contains("tunnels: 1"), "\(status)")
+            #expect(line.contains("198.18.0.2:51820") && line.contains(" ago"), "\(status)")
+            #expect(line.contains("MiB received") && line.contains("MiB sent"), "\(status)")
+            let key2 = try publicKey(ofKeyFile: keyFile(lab, 2))
+            #expect(line.contains(key2), "\(status)")
+            let json = try lab.exec("h1", [tunneldBinary, "status", "--json", "--control-socket", socket]).output
+            let object = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any]
+            let tunnels = (object?["backend"] as? [String: Any])?["tunnels"] as? [[String: Any]] ?? []
+            #expect(tunnels.count == 1, "\(json)")
+            #expect((tunnels.first?["bytesReceived"] as? Int ?? 0) > 20 << 20, "\(json)")
+            #expect((tunnels.first?["bytesSent"] as? Int ?? 0) > 20 << 20, "\(json)")
+            #expect(
+                tunnels.first?["latestHandshake"] != nil && tunnels.first?["hasSession"] as? Bool == true,
+                "\(json)"
+            )
+
             // The counters the daemons leave with: one handshake completed
             // (by whichever side initiated), packets opened on both.
             try lab.lab("stop", "h1")
@@ -104,8 +127,39 @@ struct WireGuardBackendTests {
                 #expect(lab.log("h\(n)").contains("wg_udp_segmented_sends="))
                 // The peer's UDP_SEGMENT sends arrive whole across the veth: UDP_GRO receives.
                 #expect(lab.log("h\(n)").contains("wg_udp_coalesced_receives="))
+                // The kernel's TSO super-packets are split before sealing, and opened
+                // segments of a flow are coalesced before they are written.
+                #expect(lab.log("h\(n)").contains("wg_tun_super_packets_read="), "\(lab.log("h\(n)"))")
+                #expect(lab.log("h\(n)").contains("wg_tun_super_packets_written="), "\(lab.log("h\(n)"))")
                 #expect(!lab.log("h\(n)").contains("wg_dropped_"))
                 #expect(lab.log("h\(n)").contains("removed device flannel-wg"))
+            }
+        }
+    }
+
+    /// A host without offloads, io_uring refused by a seccomp filter (as
+    /// Docker's default profile does) and `--datapath simple` carries the
+    /// same traffic with a host that has them all: the wireguard data path
+    /// does not depend on either, and TUN offloads are the host's own affair.
+    @Test func aHostWithoutOffloadsOrIOURingAndOneWithThemAreEachOthersPeers() throws {
+        try withLab { lab in
+            try addTunneld(lab, 1)
+            try addTunneld(lab, 2, prefix: [refuseIOURingBinary], extra: ["--offload", "off", "--datapath", "simple"])
+            let subnet1 = try subnet(lab, 1)
+            #expect(lab.waitForLog("h2", containing: "peer \(subnet1) → 198.18.0.1:51820"))
+            for (from, to) in [(1, 2), (2, 1)] {
+                let ping = try lab.ping(from: from, to: to)
+                #expect(ping.succeeded, "\(ping.output)")
+            }
+            try transfer(lab, from: 1, to: 2, megabytes: 20)
+            try transfer(lab, from: 2, to: 1, megabytes: 20)
+            try lab.lab("stop", "h1")
+            try lab.lab("stop", "h2")
+            #expect(lab.log("h1").contains("wg_tun_super_packets_read="), "\(lab.log("h1"))")
+            #expect(!lab.log("h2").contains("wg_tun_super_packets"), "\(lab.log("h2"))")
+            for n in [1, 2] {
+                #expect(lab.log("h\(n)").contains("wg_packets_opened="))
+                #expect(!lab.log("h\(n)").contains("wg_dropped_"), "\(lab.log("h\(n)"))")
             }
         }
     }
@@ -192,43 +246,9 @@ struct WireGuardBackendTests {
             let subnet1 = try subnet(lab, 1)
             let key1 = try publicKey(ofKeyFile: keyFile(lab, 1))
 
-            // Host 2 as flanneld would set it up: its key, its lease in etcd,
-            // a wireguard device (wireguard-go's TUN; its control socket is
-            // shared by every namespace, so the name is the lab's), peer,
-            // address /32 and the network's route.
-            let subnet2 = subnet1 == "10.2.200.0/24" ? "10.2.201.0/24" : "10.2.200.0/24"
-            let base2 = String(subnet2.dropLast(5))  // "10.2.200"
-            let key2File = keyFile(lab, 2)
-            try run(["bash", "-c", "umask 077; wg genkey > \(key2File)"])
-            let key2 = try publicKey(ofKeyFile: key2File)
-            try """
-            FLANNEL_NETWORK=10.2.0.0/16
-            FLANNEL_SUBNET=\(base2).1/24
-            FLANNEL_MTU=1420
-            FLANNEL_IPMASQ=false
-
-            """.write(toFile: lab.subnetFile(2), atomically: true, encoding: .utf8)
-            try lab.etcdctl([
-                "put", "/docker/network/subnets/\(base2).0-24",
-                #"{"PublicIP":"198.18.0.2","BackendType":"wireguard","BackendData":{"PublicKey":"\#(key2)"}}"#,
-            ])
-            let device = "wg" + lab.name.suffix(9)
-            try lab.addHost(2, command: ["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", device])
-            let socket = "/var/run/wireguard/\(device).sock"
-            let deadline = ContinuousClock.now + .seconds(10)
-            while !FileManager.default.fileExists(atPath: socket) && ContinuousClock.now < deadline {
-                usleep(100_000)
-            }
-            try lab.exec(
-                "h2",
-                [
-                    "wg", "set", device, "private-key", key2File, "listen-port", "51820", "peer", key1,
-                    "endpoint", "198.18.0.1:51820", "allowed-ips", subnet1,
-                ]
-            )
-            try lab.exec("h2", ["ip", "addr", "add", "\(base2).0/32", "dev", device])
-            try lab.exec("h2", ["ip", "link", "set", device, "mtu", "1420", "up"])
-            try lab.exec("h2", ["ip", "route", "add", "10.2.0.0/16", "dev", device, "scope", "link"])
+            let go = try WireguardGoHost(lab, peerSubnet: subnet1, peerKey: key1)
+            try go.start(lab)
+            let (subnet2, key2, device) = (go.subnet, go.key, go.device)
             #expect(lab.waitForLog("h1", containing: "peer \(subnet2) → 198.18.0.2:51820, key \(key2)"))
 
             // wireguard-go starts the handshake.
@@ -261,8 +281,107 @@ struct WireGuardBackendTests {
         }
     }
 
+    /// Rekeying during a long transfer, against wireguard-go: tunneld runs
+    /// WireGuard's clock 24 times as fast (a test hook), so the session it
+    /// initiated is renewed every 5 s (REKEY_AFTER_TIME) while a paced
+    /// transfer runs for ~12 s; every byte arrives. Then wireguard-go is
+    /// restarted (its sessions gone) and the hosts reach each other again.
+    @Test(.enabled(if: wireguardGoIsInstalled, wireguardGoSkipReason))
+    func rekeyDuringALongTransferAndAWireguardGoRestartAreSurvived() throws {
+        try withLab { lab in
+            try addTunneld(lab, 1, prefix: ["env", "TUNNELD_TEST_WIREGUARD_CLOCK_RATE=24"])
+            #expect(lab.log("h1").contains("WireGuard's timers run 24 times as fast"), "\(lab.log("h1"))")
+            let subnet1 = try subnet(lab, 1)
+            let go = try WireguardGoHost(lab, peerSubnet: subnet1, peerKey: try publicKey(ofKeyFile: keyFile(lab, 1)))
+            try go.start(lab)
+            #expect(lab.waitForLog("h1", containing: "peer \(go.subnet) → 198.18.0.2:51820, key \(go.key)"))
+            // tunneld starts the handshake, so it is the side that rekeys.
+            let first = try lab.ping(from: 1, to: 2)
+            #expect(first.succeeded, "\(first.output)")
+            let before = try counters(lab, 1)["wg_handshakes_completed", default: 0]
+            // ~12 s: 48 MiB in 256 KiB chunks every 50 ms.
+            try transfer(lab, from: 1, to: 2, bytes: 48 << 20, pace: (chunk: 256 << 10, seconds: 0.05))
+            let after = try counters(lab, 1)
+            #expect(after["wg_handshakes_completed", default: 0] >= before + 2, "\(after)")
+            #expect(
+                after["wg_dropped_bad_mac", default: 0] == 0 && after["wg_dropped_replay", default: 0] == 0,
+                "\(after)"
+            )
+
+            // wireguard-go restarts: a new device, no sessions; its first
+            // packet starts a handshake tunneld accepts (newer timestamp).
+            try lab.lab("stop", "h2")
+            try go.start(lab, restart: true)
+            let fromGo = try lab.ping(from: 2, to: 1)
+            #expect(fromGo.succeeded, "\(fromGo.output)")
+            let back = try lab.ping(from: 1, to: 2)
+            #expect(back.succeeded, "\(back.output)")
+            try transfer(lab, from: 2, to: 1, megabytes: 5)
+        }
+    }
+
     /// The counter lines the daemon logged each time its data path stopped.
     func stoppedLines(_ log: String) -> [Substring] {
         log.split(separator: "\n").filter { $0.contains("WireGuard data path stopped;") }
+    }
+}
+
+/// Host 2 as flanneld would set up a wireguard host with Debian's
+/// wireguard-go: its key, its lease in etcd, its subnet file; `start` runs
+/// wireguard-go (its TUN; the control socket is shared by every namespace,
+/// so the device name is the lab's) and configures the peer (host 1), the
+/// address /32 and the network's route, as flanneld would.
+struct WireguardGoHost {
+    let subnet: String
+    let key: String
+    let keyFile: String
+    let device: String
+    let peerSubnet: String
+    let peerKey: String
+
+    init(_ lab: Lab, peerSubnet: String, peerKey: String) throws {
+        subnet = peerSubnet == "10.2.200.0/24" ? "10.2.201.0/24" : "10.2.200.0/24"
+        let base = String(subnet.dropLast(5))  // "10.2.200"
+        keyFile = lab.directory.appendingPathComponent("wgkey-2").path
+        try run(["bash", "-c", "umask 077; wg genkey > \(keyFile)"])
+        key = try run(["bash", "-c", "wg pubkey < \(keyFile)"]).output.trimmingCharacters(in: .whitespacesAndNewlines)
+        device = "wg" + lab.name.suffix(9)
+        self.peerSubnet = peerSubnet
+        self.peerKey = peerKey
+        try """
+        FLANNEL_NETWORK=10.2.0.0/16
+        FLANNEL_SUBNET=\(base).1/24
+        FLANNEL_MTU=1420
+        FLANNEL_IPMASQ=false
+
+        """.write(toFile: lab.subnetFile(2), atomically: true, encoding: .utf8)
+        try lab.etcdctl([
+            "put", "/docker/network/subnets/\(base).0-24",
+            #"{"PublicIP":"198.18.0.2","BackendType":"wireguard","BackendData":{"PublicKey":"\#(key)"}}"#,
+        ])
+    }
+
+    /// Starts (or restarts, after `lab stop h2`) wireguard-go and configures it.
+    func start(_ lab: Lab, restart: Bool = false) throws {
+        if restart {
+            try lab.lab("start", "h2")
+        } else {
+            try lab.addHost(2, command: ["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", device])
+        }
+        let socket = "/var/run/wireguard/\(device).sock"
+        let deadline = ContinuousClock.now + .seconds(10)
+        while !FileManager.default.fileExists(atPath: socket) && ContinuousClock.now < deadline {
+            usleep(100_000)
+        }
+        try lab.exec(
+            "h2",
+            [
+                "wg", "set", device, "private-key", keyFile, "listen-port", "51820", "peer", peerKey,
+                "endpoint", "198.18.0.1:51820", "allowed-ips", peerSubnet,
+            ]
+        )
+        try lab.exec("h2", ["ip", "addr", "add", "\(subnet.dropLast(5)).0/32", "dev", device])
+        try lab.exec("h2", ["ip", "link", "set", device, "mtu", "1420", "up"])
+        try lab.exec("h2", ["ip", "route", "add", "10.2.0.0/16", "dev", device, "scope", "link"])
     }
 }

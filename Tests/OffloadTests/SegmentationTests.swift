@@ -58,6 +58,23 @@ struct SplitCase: CustomTestStringConvertible, Sendable {
         s.ipOptions = [1, 1, 1, 0]
         s.payload = Array(payload[0..<3001])
         cases.append(SplitCase(name: "UDP L4 with IP options, odd payload", spec: s, gsoSize: 1000))
+        // IPv6 (TSO6 and USO for IPv6): no ID or header checksum, the payload length per segment.
+        s = base
+        s.ipv6 = true
+        cases.append(SplitCase(name: "TCP over IPv6", spec: s, gsoSize: 1440))
+        s.tcpOptions = [1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]
+        s.flags = 0x19 | 0x80
+        s.payload = Array(payload[0..<2881])
+        cases.append(SplitCase(name: "TCP over IPv6 with options, FIN, PSH and CWR", spec: s, gsoSize: 1428))
+        s = base
+        s.ipv6 = true
+        s.payload = Array(payload[0..<100])
+        cases.append(SplitCase(name: "TCP over IPv6, less than one segment", spec: s, gsoSize: 1440))
+        s = base
+        s.ipv6 = true
+        s.udp = true
+        s.payload = Array(payload[0..<3001])
+        cases.append(SplitCase(name: "UDP L4 over IPv6, odd payload", spec: s, gsoSize: 1452))
         return cases
     }()
 }
@@ -147,6 +164,15 @@ struct SplitCase: CustomTestStringConvertible, Sendable {
         return b
     }
 
+    static let goodSpec6 = PacketSpec(ipv6: true, payload: Array(repeating: 0x5a, count: 3000))
+    static let good6 = goodSpec6.bytes(.pseudoOnly)
+
+    static func mutated6(_ change: (inout [UInt8]) -> Void) -> [UInt8] {
+        var b = good6
+        change(&b)
+        return b
+    }
+
     @Test func malformedSuperPacketsAreRefused() {
         let header = Self.goodSpec.virtio(gsoSize: 1460)
         let good = Self.goodSpec.bytes(.pseudoOnly)
@@ -208,7 +234,7 @@ struct SplitCase: CustomTestStringConvertible, Sendable {
                 ), .badChecksumPosition
             ),
             (
-                "TCPv6", good,
+                "TCPv6 GSO type on an IPv4 packet", good,
                 VirtioNetHeader(
                     flags: 1,
                     gsoType: 4,
@@ -216,7 +242,31 @@ struct SplitCase: CustomTestStringConvertible, Sendable {
                     gsoSize: 1460,
                     checksumStart: 20,
                     checksumOffset: 16
-                ), .unsupportedGSOType
+                ), .malformed
+            ),
+            ("IP version 5", Self.mutated { $0[0] = 0x55 }, header, .malformed),
+            ("TCPv4 GSO type on an IPv6 packet", Self.good6, header, .malformed),
+            (
+                "IPv6 with an extension header", Self.mutated6 { $0[6] = 0 }, Self.goodSpec6.virtio(gsoSize: 1440),
+                .malformed
+            ),
+            (
+                "IPv6 payload length beyond the buffer", Self.mutated6 { put16(&$0, 4, UInt16($0.count - 39)) },
+                Self.goodSpec6.virtio(gsoSize: 1440), .malformed
+            ),
+            (
+                "IPv6 truncated header", Array(Self.good6[0..<39]), Self.goodSpec6.virtio(gsoSize: 1440), .malformed
+            ),
+            (
+                "IPv6 checksum start not at TCP", Self.good6,
+                VirtioNetHeader(
+                    flags: 1,
+                    gsoType: 4,
+                    headerLength: 60,
+                    gsoSize: 1440,
+                    checksumStart: 20,
+                    checksumOffset: 16
+                ), .badChecksumPosition
             ),
             (
                 "UFO", good,
@@ -318,7 +368,7 @@ struct SplitCase: CustomTestStringConvertible, Sendable {
             #expect(parsed.count == got.count, "iteration \(iteration): a segment does not verify")
             #expect(mismatch(parsed.flatMap(\.payload), spec.payload) == nil, "iteration \(iteration)")
             for (i, p) in parsed.enumerated() {
-                #expect(p.id == spec.id &+ UInt16(truncatingIfNeeded: i))
+                #expect(p.id == (spec.ipv6 ? 0 : spec.id &+ UInt16(truncatingIfNeeded: i)))
                 if !spec.udp { #expect(p.sequence == spec.sequence &+ UInt32(i * mss)) }
             }
             #expect(got.dropLast().allSatisfy { $0.count == s.segmentLength } && got.last!.count <= s.segmentLength)
@@ -428,12 +478,19 @@ extension Array where Element == UInt8 {
     }
 }
 
-/// A random TCP or UDP super-packet (options, flags, addresses, 1…65000 bytes of payload) and
-/// an MSS to split it with.
+/// A random TCP or UDP super-packet over IPv4 or IPv6 (options, flags, addresses, 1…65000
+/// bytes of payload) and an MSS to split it with.
 func randomSuperPacket(using rng: inout SplitMix64) -> (PacketSpec, Int) {
     var spec = PacketSpec()
     spec.udp = Int.random(in: 0..<4, using: &rng) == 0
-    spec.ipOptions = rng.bytes(4 * Int.random(in: 0...(Bool.random(using: &rng) ? 0 : 10), using: &rng))
+    spec.ipv6 = Int.random(in: 0..<3, using: &rng) == 0
+    if spec.ipv6 {
+        spec.source6 = UInt128.random(in: 0...UInt128.max, using: &rng)
+        spec.destination6 = UInt128.random(in: 0...UInt128.max, using: &rng)
+        spec.flowLabel = UInt32.random(in: 0...0xf_ffff, using: &rng)
+    } else {
+        spec.ipOptions = rng.bytes(4 * Int.random(in: 0...(Bool.random(using: &rng) ? 0 : 10), using: &rng))
+    }
     if !spec.udp { spec.tcpOptions = rng.bytes(4 * Int.random(in: 0...10, using: &rng)) }
     spec.id = UInt16.random(in: 0...0xffff, using: &rng)
     spec.sequence = UInt32.random(in: 0...UInt32.max, using: &rng)

@@ -22,10 +22,20 @@ func slowSum(_ bytes: ArraySlice<UInt8>, initial: UInt32 = 0) -> UInt16 { Slow.s
 
 func slowSum(_ bytes: [UInt8], initial: UInt32 = 0) -> UInt16 { slowSum(bytes[...], initial: initial) }
 
+/// The pseudo-header sum of an IPv4 packet (addresses at 12..<20) or an IPv6 one (8..<40).
 func slowPseudo(_ packet: [UInt8], protocolNumber: UInt8, length: Int) -> UInt32 {
-    let words = stride(from: 12, to: 20, by: 2).map { UInt32(packet[$0]) << 8 | UInt32(packet[$0 + 1]) }
+    let addresses = packet[0] >> 4 == 6 ? 8..<40 : 12..<20
+    let words = stride(from: addresses.lowerBound, to: addresses.upperBound, by: 2).map {
+        UInt32(packet[$0]) << 8 | UInt32(packet[$0 + 1])
+    }
     return words.reduce(0, +) + UInt32(protocolNumber) + UInt32(length)
 }
+
+/// The IP header length of a packet the tests build: IPv4's from its IHL, IPv6's fixed 40.
+func ipHeaderLength(_ b: [UInt8]) -> Int { b[0] >> 4 == 6 ? 40 : Int(b[0] & 0xf) * 4 }
+
+/// The L4 protocol of a packet the tests build (IPv6: its next header).
+func l4Protocol(_ b: [UInt8]) -> UInt8 { b[0] >> 4 == 6 ? b[6] : b[9] }
 
 func be16(_ b: [UInt8], _ o: Int) -> UInt16 { UInt16(b[o]) << 8 | UInt16(b[o + 1]) }
 func be32(_ b: [UInt8], _ o: Int) -> UInt32 { UInt32(be16(b, o)) << 16 | UInt32(be16(b, o + 2)) }
@@ -36,10 +46,16 @@ func put32(_ b: inout [UInt8], _ o: Int, _ v: UInt32) {
 
 enum L4Checksum { case full, pseudoOnly, zero }
 
-/// One IPv4 TCP or UDP packet, built byte by byte.
+/// One IPv4 or IPv6 TCP or UDP packet, built byte by byte.
 struct PacketSpec {
     var source: UInt32 = 0x0a01_0002
     var destination: UInt32 = 0x0a02_0003
+    /// IPv6 instead of IPv4 (no options, no extension headers): `source6`/`destination6`,
+    /// `tos` as the traffic class, `ttl` as the hop limit; no ID or DF.
+    var ipv6 = false
+    var source6: UInt128 = 0xfd00_0010_0244_0001_0000_0000_0000_0002
+    var destination6: UInt128 = 0xfd00_0010_0244_0002_0000_0000_0000_0003
+    var flowLabel: UInt32 = 0x1_2345
     var id: UInt16 = 0x1234
     var ttl: UInt8 = 64
     var tos: UInt8 = 0
@@ -55,24 +71,36 @@ struct PacketSpec {
     var tcpOptions: [UInt8] = []
     var payload: [UInt8] = []
 
-    var ipHeaderLength: Int { 20 + ipOptions.count }
+    var ipHeaderLength: Int { ipv6 ? 40 : 20 + ipOptions.count }
     var l4HeaderLength: Int { udp ? 8 : 20 + tcpOptions.count }
     var headerLength: Int { ipHeaderLength + l4HeaderLength }
 
     func bytes(_ checksum: L4Checksum = .full) -> [UInt8] {
         precondition(ipOptions.count % 4 == 0 && tcpOptions.count % 4 == 0)
         var b = [UInt8](repeating: 0, count: headerLength + payload.count)
-        b[0] = 0x40 | UInt8(ipHeaderLength / 4)
-        b[1] = tos
-        put16(&b, 2, UInt16(b.count))
-        put16(&b, 4, id)
-        put16(&b, 6, dontFragment ? 0x4000 : 0)
-        b[8] = ttl
-        b[9] = udp ? 17 : 6
-        put32(&b, 12, source)
-        put32(&b, 16, destination)
-        b.replaceSubrange(20..<ipHeaderLength, with: ipOptions)
-        put16(&b, 10, ~slowSum(b[0..<ipHeaderLength]))
+        if ipv6 {
+            precondition(ipOptions.isEmpty)
+            put32(&b, 0, 6 << 28 | UInt32(tos) << 20 | flowLabel & 0xf_ffff)
+            put16(&b, 4, UInt16(truncatingIfNeeded: b.count - 40))
+            b[6] = udp ? 17 : 6
+            b[7] = ttl
+            for i in 0..<16 {
+                b[8 + i] = UInt8(truncatingIfNeeded: source6 >> (120 - 8 * i))
+                b[24 + i] = UInt8(truncatingIfNeeded: destination6 >> (120 - 8 * i))
+            }
+        } else {
+            b[0] = 0x40 | UInt8(ipHeaderLength / 4)
+            b[1] = tos
+            put16(&b, 2, UInt16(b.count))
+            put16(&b, 4, id)
+            put16(&b, 6, dontFragment ? 0x4000 : 0)
+            b[8] = ttl
+            b[9] = udp ? 17 : 6
+            put32(&b, 12, source)
+            put32(&b, 16, destination)
+            b.replaceSubrange(20..<ipHeaderLength, with: ipOptions)
+            put16(&b, 10, ~slowSum(b[0..<ipHeaderLength]))
+        }
         let l4 = ipHeaderLength
         put16(&b, l4, sourcePort)
         put16(&b, l4 + 2, destinationPort)
@@ -106,7 +134,7 @@ struct PacketSpec {
     func virtio(gsoSize: Int) -> VirtioNetHeader {
         VirtioNetHeader(
             flags: VirtioNetHeader.needsChecksum,
-            gsoType: udp ? VirtioNetHeader.GSOType.udpL4.rawValue : VirtioNetHeader.GSOType.tcpv4.rawValue,
+            gsoType: (udp ? VirtioNetHeader.GSOType.udpL4 : ipv6 ? .tcpv6 : .tcpv4).rawValue,
             headerLength: UInt16(headerLength),
             gsoSize: UInt16(gsoSize),
             checksumStart: UInt16(ipHeaderLength),
@@ -125,34 +153,40 @@ struct ParsedPacket: Equatable {
     var payload: [UInt8]
 }
 
-/// Parses `b` as one complete IPv4 TCP/UDP packet; nil unless lengths and checksums are right.
+/// Parses `b` as one complete IPv4 or IPv6 TCP/UDP packet; nil unless lengths and checksums
+/// are right. An IPv6 packet's `id` is 0.
 func parseChecked(_ b: [UInt8]) -> ParsedPacket? {
-    guard b.count >= 20, b[0] >> 4 == 4 else { return nil }
-    let ihl = Int(b[0] & 0xf) * 4
-    guard ihl >= 20, ihl <= b.count, Int(be16(b, 2)) == b.count else { return nil }
-    guard slowSum(b[0..<ihl]) == 0xffff else { return nil }
-    let udp = b[9] == 17
+    guard b.count >= 20 else { return nil }
+    let ihl = ipHeaderLength(b)
+    if b[0] >> 4 == 6 {
+        guard b.count >= 40, 40 + Int(be16(b, 4)) == b.count else { return nil }
+    } else {
+        guard b[0] >> 4 == 4, ihl >= 20, ihl <= b.count, Int(be16(b, 2)) == b.count else { return nil }
+        guard slowSum(b[0..<ihl]) == 0xffff else { return nil }
+    }
+    let proto = l4Protocol(b)
+    let udp = proto == 17
     let l4Length = b.count - ihl
-    let pseudo = slowPseudo(b, protocolNumber: b[9], length: l4Length)
+    let pseudo = slowPseudo(b, protocolNumber: proto, length: l4Length)
     guard slowSum(b[ihl...], initial: pseudo) == 0xffff else { return nil }
     if udp {
         guard l4Length >= 8, Int(be16(b, ihl + 4)) == l4Length, be16(b, ihl + 6) != 0 else { return nil }
         return ParsedPacket(
             ipHeaderLength: ihl,
             l4HeaderLength: 8,
-            id: be16(b, 4),
+            id: b[0] >> 4 == 6 ? 0 : be16(b, 4),
             sequence: 0,
             flags: 0,
             payload: Array(b[(ihl + 8)...])
         )
     }
-    guard b[9] == 6, l4Length >= 20 else { return nil }
+    guard proto == 6, l4Length >= 20 else { return nil }
     let doff = Int(b[ihl + 12] >> 4) * 4
     guard doff >= 20, ihl + doff <= b.count else { return nil }
     return ParsedPacket(
         ipHeaderLength: ihl,
         l4HeaderLength: doff,
-        id: be16(b, 4),
+        id: b[0] >> 4 == 6 ? 0 : be16(b, 4),
         sequence: be32(b, ihl + 4),
         flags: b[ihl + 13],
         payload: Array(b[(ihl + doff)...])
@@ -161,8 +195,9 @@ func parseChecked(_ b: [UInt8]) -> ParsedPacket? {
 
 /// The slow, obviously-right segmentation: arrays and the slow checksum.
 func modelSplit(_ superPacket: [UInt8], gsoSize: Int) -> [[UInt8]] {
-    let ihl = Int(superPacket[0] & 0xf) * 4
-    let udp = superPacket[9] == 17
+    let ihl = ipHeaderLength(superPacket)
+    let ipv6 = superPacket[0] >> 4 == 6
+    let udp = l4Protocol(superPacket) == 17
     let l4h = udp ? 8 : Int(superPacket[ihl + 12] >> 4) * 4
     let headers = Array(superPacket[0..<(ihl + l4h)])
     let payload = Array(superPacket[(ihl + l4h)...])
@@ -172,11 +207,15 @@ func modelSplit(_ superPacket: [UInt8], gsoSize: Int) -> [[UInt8]] {
         : stride(from: 0, to: payload.count, by: gsoSize).map { payload[$0..<min($0 + gsoSize, payload.count)] }
     return chunks.enumerated().map { i, chunk in
         var s = headers + chunk
-        put16(&s, 2, UInt16(s.count))
-        put16(&s, 4, be16(headers, 4) &+ UInt16(truncatingIfNeeded: i))
-        put16(&s, 10, 0)
-        put16(&s, 10, ~slowSum(s[0..<ihl]))
-        let pseudo = slowPseudo(s, protocolNumber: superPacket[9], length: s.count - ihl)
+        if ipv6 {
+            put16(&s, 4, UInt16(s.count - 40))
+        } else {
+            put16(&s, 2, UInt16(s.count))
+            put16(&s, 4, be16(headers, 4) &+ UInt16(truncatingIfNeeded: i))
+            put16(&s, 10, 0)
+            put16(&s, 10, ~slowSum(s[0..<ihl]))
+        }
+        let pseudo = slowPseudo(s, protocolNumber: l4Protocol(superPacket), length: s.count - ihl)
         if udp {
             put16(&s, ihl + 4, UInt16(s.count - ihl))
             put16(&s, ihl + 6, 0)
