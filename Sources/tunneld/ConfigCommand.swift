@@ -150,7 +150,8 @@ struct Leases: AsyncParsableCommand {
                     + column(lease.attributes.publicIPv6?.description ?? "-", 26)
                 : ""
             print(
-                column(lease.ipv4Subnet?.description ?? "-", 20) + column(lease.attributes.publicIP.description, 18) + ipv6
+                column(lease.ipv4Subnet?.description ?? "-", 20) + column(lease.attributes.publicIP.description, 18)
+                    + ipv6
                     + column(lease.attributes.backendType ?? "udp", 10) + expires
             )
         }
