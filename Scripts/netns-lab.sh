@@ -12,6 +12,9 @@
 #   netns-lab.sh create  LAB DIR             underlay switch; DIR holds state, logs, pids
 #   netns-lab.sh add-host LAB DIR N -- CMD…  host N; runs CMD… in it (tunneld), waits for
 #                                            DIR/hN.env, then builds container N from it
+#   netns-lab.sh add-host LAB DIR N --ipv6-only -- CMD…
+#                                            the same with fd18::N/64 as eth0's only address
+#                                            (no 198.18.0.N) and an IPv6 default route
 #   netns-lab.sh add-host LAB DIR N --ipv6 -- CMD…
 #                                            the same with an IPv6 underlay address fd18::N/64 on
 #                                            eth0 (dual-stack networks); the container gets an
@@ -114,14 +117,20 @@ create)
 
 add-host|add-node)
   n=${1:?host number missing}; shift
-  with_container=1 ipv6=0
+  with_container=1 ipv6=0 ipv6only=0
   [ "${1:-}" = "--ipv6" ] && { ipv6=1; shift; }
+  [ "${1:-}" = "--ipv6-only" ] && { ipv6=1; ipv6only=1; shift; }
   [ "${1:-}" = "--no-container" ] && { with_container=0; shift; }
   [ "${1:-}" = "--" ] && shift
   h=$(ns "h$n"); c=$(ns "c$n")
   add_host_namespace "$n"
   if [ "$ipv6" = 1 ]; then
     ip -n "$h" addr add "fd18::$n/64" dev eth0 nodad
+  fi
+  if [ "$ipv6only" = 1 ]; then
+    # An underlay of IPv6 only: no IPv4 address at all, an IPv6 default route.
+    ip -n "$h" addr del "198.18.0.$n/24" dev eth0
+    ip -n "$h" -6 route add default via fd18::fe dev eth0
   fi
   [ "$cmd" = add-node ] && exit 0
   ip netns exec "$h" sysctl -qw net.ipv4.ip_forward=1

@@ -61,9 +61,16 @@ public final class UDPBackend: Backend, HostBackend {
         let config = host.config
         self.host = host
         self.options = options
-        mtu = host.underlay.mtu - DataPath.udpEncapsulationOverhead
-        table = try SubnetTable(network: config.network, subnetLength: config.subnetLen)
-        table6 = try config.ipv6.map { try SubnetTable6(network: $0.network, subnetLength: $0.subnetLen) }
+        // With a PublicIPv6 some peers may be reached over the IPv6 underlay,
+        // whose header is 20 bytes longer; the TUN has one MTU for all.
+        mtu =
+            host.underlay.mtu
+            - (host.publicIPv6 == nil ? DataPath.udpEncapsulationOverhead : DataPath.udp6EncapsulationOverhead)
+        let table = try SubnetTable(network: config.network, subnetLength: config.subnetLen)
+        self.table = table
+        table6 = try config.ipv6.map {
+            try SubnetTable6(network: $0.network, subnetLength: $0.subnetLen, addresses6: table.addresses6)
+        }
     }
 
     /// flannel's udp backend writes no BackendType and no BackendData.
@@ -92,7 +99,8 @@ public final class UDPBackend: Backend, HostBackend {
                 workers: options.workers,
                 queueDepth: options.queueDepth,
                 busyPollMicroseconds: options.busyPollMicroseconds,
-                carriesIPv6: table6 != nil
+                carriesIPv6: table6 != nil,
+                needsIPv6Underlay: publicIPv6 != nil
             ),
             forwarder: forwarder,
             routeSocket: routeSocket
@@ -175,18 +183,35 @@ public final class UDPBackend: Backend, HostBackend {
                 if case .updated(let old, _) = change, let gone = old.ipv6Subnet, gone != lease.ipv6Subnet {
                     table6?.remove(gone)
                 }
-                let route = NextHop.peer(UDPEndpoint(address: lease.attributes.publicIP, port: config.backend.port))
+                let theirs = UnderlayAddresses(lease.attributes)
+                let port = config.backend.port
                 do {
-                    if let subnet = lease.ipv4Subnet { try table.set(subnet, to: route) }
+                    var routes: [(subnet: String, route: NextHop)] = []
+                    if let subnet = lease.ipv4Subnet {
+                        if let route = underlays.route(ipv6Inner: false, to: theirs, port: port) {
+                            try table.set(subnet, to: route)
+                            routes.append(("\(subnet)", route))
+                        } else {
+                            table.remove(subnet)
+                            logger.warning("\(underlays.unreachable(subnet, of: theirs, ipv6Inner: false))")
+                        }
+                    }
                     // Only a peer whose lease has an IPv6 subnet gets IPv6
                     // packets: a flannel udp host (IPv4 only) never does.
                     if let table6, let subnet6 = lease.ipv6Subnet {
-                        try table6.set(subnet6, to: route)
-                        log.note(
-                            "peer \(lease.primarySubnet)\(lease.ipv4Subnet == nil ? "" : " and \(subnet6)") → \(route)"
-                        )
-                    } else {
-                        log.note("peer \(lease.subnet) → \(route)")
+                        if let route = underlays.route(ipv6Inner: true, to: theirs, port: port) {
+                            try table6.set(subnet6, to: route)
+                            routes.append(("\(subnet6)", route))
+                        } else {
+                            table6.remove(subnet6)
+                            logger.warning("\(underlays.unreachable(subnet6, of: theirs, ipv6Inner: true))")
+                        }
+                    }
+                    // "peer A and B → peer X" when both take one underlay.
+                    if routes.count == 2 && routes[0].route == routes[1].route {
+                        log.note("peer \(routes[0].subnet) and \(routes[1].subnet) → \(routes[0].route)")
+                    } else if !routes.isEmpty {
+                        log.note("peer " + routes.map { "\($0.subnet) → \($0.route)" }.joined(separator: ", "))
                     }
                 } catch {
                     logger.warning("\(error)")
@@ -273,6 +298,65 @@ public final class UDPBackend: Backend, HostBackend {
         path.tun.close()
         path.closeSockets()
         logger.info("removed device \(path.tun.name) and route \(config.networksDescription)")
+    }
+}
+
+extension UDPBackend {
+    /// This host's underlay addresses, against which each peer's are held.
+    var underlays: UnderlayAddresses { UnderlayAddresses(ipv4: publicIP, ipv6: publicIPv6) }
+}
+
+/// A host's underlay addresses as its lease states them: PublicIP (0.0.0.0,
+/// as flanneld writes it for a host without one: none) and PublicIPv6.
+///
+/// Which underlay the udp backend uses towards a peer follows from both
+/// hosts' leases alone, so both ends choose the same (a datagram is
+/// accepted only from the address the receiver would send to):
+/// - IPv4 packets over the IPv4 underlay, as flannel does, when both hosts
+///   have a PublicIP; else over the IPv6 underlay when both have a
+///   PublicIPv6;
+/// - IPv6 packets over the IPv6 underlay when both hosts have a PublicIPv6;
+///   else over the IPv4 underlay when both have a PublicIP;
+/// - neither: the subnet is unreachable, said in one line.
+/// A flannel udp peer (no PublicIPv6, IPv4 only) is always reached over IPv4
+/// with flannel's format.
+public struct UnderlayAddresses: Sendable, Equatable {
+    public var ipv4: IPv4Address?
+    public var ipv6: IPv6Address?
+
+    public init(ipv4: IPv4Address?, ipv6: IPv6Address?) {
+        self.ipv4 = ipv4?.value == 0 ? nil : ipv4
+        self.ipv6 = ipv6?.isUnspecified == true ? nil : ipv6
+    }
+
+    public init(_ attributes: LeaseAttributes) {
+        self.init(ipv4: attributes.publicIP, ipv6: attributes.publicIPv6)
+    }
+
+    /// Where packets of one inner family go to reach `peer` from this host;
+    /// nil when the two share no underlay.
+    public func route(ipv6Inner: Bool, to peer: UnderlayAddresses, port: UInt16) -> NextHop? {
+        let over4 = ipv4 != nil ? peer.ipv4.map { NextHop.peer(UDPEndpoint(address: $0, port: port)) } : nil
+        let over6 = ipv6 != nil ? peer.ipv6.map { NextHop.peer6(UDPEndpoint6(address: $0, port: port)) } : nil
+        return ipv6Inner ? over6 ?? over4 : over4 ?? over6
+    }
+
+    /// Why `subnet` of `peer` cannot be reached, and what to do.
+    public func unreachable(
+        _ subnet: some CustomStringConvertible,
+        of peer: UnderlayAddresses,
+        ipv6Inner: Bool
+    ) -> String {
+        func text(_ a: UnderlayAddresses) -> String {
+            [a.ipv4.map { "PublicIP \($0)" }, a.ipv6.map { "PublicIPv6 \($0)" }].compactMap { $0 }
+                .joined(separator: ", ")
+        }
+        let theirs = text(peer).isEmpty ? "no underlay address" : text(peer)
+        let ours = text(self).isEmpty ? "no underlay address" : text(self)
+        return "peer subnet \(subnet) is unreachable over udp: the peer has \(theirs) and this host \(ours), "
+            + "no underlay in common; give this host "
+            + (peer.ipv6 != nil && ipv6 == nil ? "an IPv6 address (-public-ipv6)" : "an IPv4 address (-public-ip)")
+            + " the peer can reach, or that host an address of this host's family"
     }
 }
 

@@ -43,6 +43,9 @@ final class UDPDataPath: Sendable {
         /// The device carries IPv6 too (a dual-stack network): TSO6 is
         /// offered to the kernel as well.
         var carriesIPv6 = false
+        /// This host has a PublicIPv6: peers may be reached over the IPv6
+        /// underlay, so the socket must be a dual-stack one.
+        var needsIPv6Underlay = false
     }
 
     /// Creates the device and the sockets; `configure` the device afterwards.
@@ -113,11 +116,19 @@ final class UDPDataPath: Sendable {
         var sockets: [UDPSocket] = []
         do {
             if workers > 1 {
-                let probe = try UDPSocket(port: settings.port)
+                let probe = try UDPSocket(port: settings.port, dualStack: true)
                 probe.close()
             }
-            for _ in 0..<workers { sockets.append(try UDPSocket(port: settings.port, reusePort: workers > 1)) }
+            for _ in 0..<workers {
+                sockets.append(try UDPSocket(port: settings.port, reusePort: workers > 1, dualStack: true))
+            }
+            if settings.needsIPv6Underlay && !sockets[0].isDualStack {
+                throw BackendError(
+                    "this host has a PublicIPv6 but the kernel refuses IPv6 sockets (socket(AF_INET6): Address family not supported; booted with ipv6.disable=1?): enable IPv6, or drop -public-ipv6 so that peers reach this host over IPv4"
+                )
+            }
         } catch {
+            sockets.forEach { $0.close() }
             tun.close()
             throw error
         }
@@ -136,6 +147,7 @@ final class UDPDataPath: Sendable {
         var configuration = LoopConfiguration(depth: settings.queueDepth, mtu: settings.mtu, offloads: offloads)
         configuration.maxSegments = UDPDataPath.maxSegments
         configuration.busyPollMicroseconds = settings.busyPollMicroseconds
+        configuration.dualStackSocket = sockets[0].isDualStack
 
         var loops: [any DataPathLoop] = []
         do {

@@ -448,6 +448,7 @@ public final class EtcdLeaseStore: LeaseStore {
                 config: config,
                 leases: listing.leases,
                 publicIP: attributes.publicIP,
+                publicIPv6: attributes.publicIPv6,
                 preferred: preferred,
                 preferredIPv6: preferredIPv6,
                 occupied: listing.unreadable.map(\.subnet),
@@ -502,7 +503,7 @@ public final class EtcdLeaseStore: LeaseStore {
                     return (lease, listing.with(lease, etcdLease: etcdLease.id))
                 case .exists(let holder):
                     if let held = try? LeaseAttributes(flannelJSON: holder.value, key: holder.key),
-                        held.publicIP == attributes.publicIP
+                        held.isSameHost(as: attributes)
                     {
                         // Ours after all (a retried request, or another instance
                         // with our PublicIP): take it over rather than a second subnet.
@@ -567,7 +568,7 @@ public final class EtcdLeaseStore: LeaseStore {
     private func refresh(_ lease: Lease, key: String, attributes: LeaseAttributes) async throws -> Lease? {
         guard let kv = try await client.get(key),
             let held = try? LeaseAttributes(flannelJSON: kv.value, key: key),
-            held.publicIP == attributes.publicIP
+            held.isSameHost(as: attributes)
         else {
             throw LeaseStoreError.leaseNotFound(subnet: lease.subnet)
         }
@@ -621,7 +622,7 @@ public final class EtcdLeaseStore: LeaseStore {
         for _ in 0..<3 {
             guard let kv = try await client.get(key) else { return }
             guard let held = try? LeaseAttributes(flannelJSON: kv.value, key: key),
-                held.publicIP == lease.attributes.publicIP
+                held.isSameHost(as: lease.attributes)
             else {
                 logger.info("not releasing \(lease.primarySubnet): it is held by another node now")
                 return

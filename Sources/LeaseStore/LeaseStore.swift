@@ -83,6 +83,13 @@ public struct LeaseAttributes: Sendable, Equatable {
         self.extra = .make(publicIPv6, backendType, backendData, backendV6Data)
     }
 
+    /// Whether two lease values are the same host's: the same PublicIP, and
+    /// for a host without one (0.0.0.0, as flanneld writes it for an
+    /// IPv6-only underlay) the same PublicIPv6 as well.
+    public func isSameHost(as other: LeaseAttributes) -> Bool {
+        publicIP == other.publicIP && (publicIP.value != 0 || publicIPv6 == other.publicIPv6)
+    }
+
     /// Shares `previous`'s box when it holds the same values (consecutive
     /// leases of one list mostly do).
     mutating func share(with previous: LeaseAttributes) {

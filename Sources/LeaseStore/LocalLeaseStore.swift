@@ -130,6 +130,7 @@ public final class LocalLeaseStore: LeaseStore {
                     config: config,
                     leases: scan.leases.map(\.lease),
                     publicIP: attributes.publicIP,
+                    publicIPv6: attributes.publicIPv6,
                     preferred: preferred,
                     preferredIPv6: preferredIPv6,
                     occupied: scan.occupied,
@@ -204,7 +205,7 @@ public final class LocalLeaseStore: LeaseStore {
             try self.exclusive { tx -> Lease in
                 try tx.expireIfDue()
                 guard let stored = try tx.read(lease),
-                    stored.attributes.publicIP == lease.attributes.publicIP
+                    stored.attributes.isSameHost(as: lease.attributes)
                 else {
                     throw LeaseStoreError.leaseNotFound(subnet: lease.subnet)
                 }
@@ -231,7 +232,7 @@ public final class LocalLeaseStore: LeaseStore {
             try self.exclusive { tx in
                 try tx.expireIfDue()
                 guard let stored = try tx.read(lease),
-                    stored.attributes.publicIP == lease.attributes.publicIP
+                    stored.attributes.isSameHost(as: lease.attributes)
                 else { return }
                 if stored.expiration == nil {
                     self.logger.info("not releasing a reservation", metadata: ["subnet": "\(lease.primarySubnet)"])

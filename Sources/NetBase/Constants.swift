@@ -6,6 +6,8 @@ public enum DataPath {
     public static let defaultUDPPort: UInt16 = 8285
     /// IPv4 header (20) + UDP header (8): what the udp backend costs per packet.
     public static let udpEncapsulationOverhead = 28
+    /// IPv6 header (40) + UDP header (8): the same over the IPv6 underlay.
+    public static let udp6EncapsulationOverhead = 48
     /// Bytes kept free before every packet in a buffer, so that a header
     /// (virtio_net_hdr today, anything else later) is written in place rather
     /// than by copying the packet.

@@ -74,6 +74,7 @@ final class BatchEngine {
         headerCapacity = virtio ? (maxSegments * 120 + 63) & ~63 : 0
         batcher = SendBatcher(
             slots: slots,
+            names: PeerNames(addresses6: forwarder.table.addresses6, dualStack: configuration.dualStackSocket),
             maxSegments: virtio ? maxSegments : 0,
             segmentation: offloads.segmentation,
             statistics: statistics
@@ -151,16 +152,16 @@ final class BatchEngine {
         } else {
             action =
                 switch forwarder.fromTun(p, length: length, capacity: tunReadCapacity, stats: statistics) {
-                case .send(let address, let port, let n): .send(address: address, port: port, start: p, length: n)
+                case .send(let peer, let n): .send(peer: peer, start: p, length: n)
                 case .reply(let n): .reply(start: p, length: n)
                 case .drop: .drop
                 }
         }
         switch action {
-        case .send(let address, let port, let start, let length):
-            batcher.add(slot, address: address, port: port, start: start, length: length, io: io)
-        case .sendGathered(let address, let port, let gathered, let segments):
-            batcher.addGathered(slot, address: address, port: port, gathered: gathered, segments: segments, io: io)
+        case .send(let peer, let start, let length):
+            batcher.add(slot, peer: peer, start: start, length: length, io: io)
+        case .sendGathered(let peer, let gathered, let segments):
+            batcher.addGathered(slot, peer: peer, gathered: gathered, segments: segments, io: io)
         case .reply(let start, let n):
             batcher.flush(io)
             let iov = batcher.iovecs(slot)
@@ -177,7 +178,7 @@ final class BatchEngine {
     // MARK: Network → TUN
 
     /// A receive of `length` bytes at `payload` in slot `slot` from
-    /// `sender` (host order): with UDP GRO, datagrams of `segmentLength`
+    /// `sender` (either underlay): with UDP GRO, datagrams of `segmentLength`
     /// bytes back to back. Each is checked as a single datagram; TCP
     /// segments of one flow become one super-packet per TUN write. The slot
     /// is released when its last write is done.
@@ -187,8 +188,7 @@ final class BatchEngine {
         payload: UnsafeMutableRawPointer,
         length: Int,
         segmentLength: Int,
-        sender: UInt32,
-        port: UInt16,
+        sender: UnderlaySender,
         io: IO
     ) {
         if segmentLength < length { statistics.add(.groReceives) }
@@ -198,7 +198,6 @@ final class BatchEngine {
             length: length,
             segmentLength: segmentLength,
             sender: sender,
-            senderPort: port,
             into: &plan.pointee,
             stats: statistics
         )

@@ -37,6 +37,12 @@ public struct Forwarder: Sendable {
         acceptUnknownPeers: Bool = false,
         mtu: Int = DataPath.maxPacketSize
     ) {
+        // One slot store for both sides: an entry of either names its IPv6
+        // peers by slot, and the loops write and check addresses by it.
+        precondition(
+            table6 == nil || table6!.addresses6 === table.addresses6,
+            "the IPv6 table must share the IPv4 table's PeerAddresses6"
+        )
         self.table = table
         self.table6 = table6
         self.tunAddress = tunAddress
@@ -55,8 +61,9 @@ public struct Forwarder: Sendable {
 
     /// What to do with a packet read from the TUN.
     public enum TunAction: Equatable {
-        /// Send `length` bytes to the peer (address and port in host order).
-        case send(address: UInt32, port: UInt16, length: Int)
+        /// Send `length` bytes to `peer` (its table entry: IPv4 address and
+        /// port, or an IPv6 address's slot and port; see `PeerNames`).
+        case send(peer: UInt64, length: Int)
         /// Write `length` bytes (an ICMP error, rewritten in place) back into the TUN.
         case reply(length: Int)
         case drop
@@ -88,7 +95,7 @@ public struct Forwarder: Sendable {
         }
         let destination = IPv4Header.destination(p)
         let entry = table.entry(for: destination)
-        guard SubnetTable.isPeer(entry) else {
+        guard SubnetTable.isAnyPeer(entry) else {
             if SubnetTable.isLocal(entry) {
                 stats.add(.droppedLocalDestination)
                 return .drop
@@ -141,7 +148,7 @@ public struct Forwarder: Sendable {
             return .drop
         }
         IPv4Header.decrementTTL(p)
-        return .send(address: SubnetTable.peerAddress(entry), port: SubnetTable.peerPort(entry), length: total)
+        return .send(peer: entry, length: total)
     }
 
     /// Checks a datagram from `sender`:`senderPort` (host order); returns
@@ -156,13 +163,12 @@ public struct Forwarder: Sendable {
     public func fromNetwork(
         _ p: UnsafeRawPointer,
         length: Int,
-        sender: UInt32,
-        senderPort: UInt16,
+        sender: UnderlaySender,
         stats: Statistics
     ) -> Int? {
         stats.add(.udpDatagramsReceived)
         if let table6, Forwarder.isIPv6(p, length: length) {
-            return fromNetwork(ipv6: p, length: length, sender: sender, senderPort: senderPort, table6, stats)
+            return fromNetwork(ipv6: p, length: length, sender: sender, table6, stats)
         }
         let total: Int
         switch IPv4Header.validate(p, length: length) {
@@ -172,28 +178,45 @@ public struct Forwarder: Sendable {
             return nil
         }
         let source = table.entry(for: IPv4Header.source(p))
-        guard accepts(source: source, sender: sender, senderPort: senderPort, stats: stats),
+        guard accepts(source: source, sender: sender, stats: stats),
             isOurs(table.entry(for: IPv4Header.destination(p)), stats: stats)
         else { return nil }
         return total
     }
 
-    /// Whether a datagram whose inner source has table entry `source` may
-    /// come from `sender`:`senderPort` (either family): never from our own
-    /// subnet, and — unless unknown peers are accepted — only from the peer
-    /// that holds the source's subnet, from its port.
+    /// `fromNetwork` from an IPv4 sender (host order).
     @inline(__always)
-    func accepts(source: UInt64, sender: UInt32, senderPort: UInt16, stats: Statistics) -> Bool {
+    public func fromNetwork(
+        _ p: UnsafeRawPointer,
+        length: Int,
+        sender: UInt32,
+        senderPort: UInt16,
+        stats: Statistics
+    ) -> Int? {
+        fromNetwork(p, length: length, sender: UnderlaySender(ipv4: sender, port: senderPort), stats: stats)
+    }
+
+    /// Whether a datagram whose inner source has table entry `source` may
+    /// come from `sender` (either inner family, either underlay): never from
+    /// our own subnet, and — unless unknown peers are accepted — only from
+    /// the peer that holds the source's subnet, from its port, over the
+    /// underlay the table sends that subnet's packets by.
+    @inline(__always)
+    func accepts(source: UInt64, sender: UnderlaySender, stats: Statistics) -> Bool {
         if SubnetTable.isLocal(source) {
             stats.add(.droppedLocalSource)
             return false
         }
         if !acceptUnknownPeers {
-            guard SubnetTable.isPeer(source) else {
+            guard SubnetTable.isAnyPeer(source) else {
                 stats.add(.droppedUnknownPeer)
                 return false
             }
-            guard SubnetTable.peerAddress(source) == sender, SubnetTable.peerPort(source) == senderPort else {
+            let expected =
+                SubnetTable.isPeer6(source)
+                ? table.addresses6.address(SubnetTable.peerSlot(source))
+                : UnderlaySender.mapped(SubnetTable.peerAddress(source))
+            guard expected == sender.address, SubnetTable.peerPort(source) == sender.port else {
                 stats.add(.droppedSpoofedSource)
                 return false
             }
@@ -257,7 +280,7 @@ extension Forwarder {
             stats.add(counter)
             return .reply(length: n)
         }
-        guard SubnetTable.isPeer(entry) else {
+        guard SubnetTable.isAnyPeer(entry) else {
             if SubnetTable.isLocal(entry) {
                 stats.add(.droppedLocalDestination)
                 return .drop
@@ -274,7 +297,7 @@ extension Forwarder {
             return error(.packetTooBig(mtu: UInt32(mtu)), .icmpFragmentationNeededSent)
         }
         IPv6Header.decrementHopLimit(p)
-        return .send(address: SubnetTable.peerAddress(entry), port: SubnetTable.peerPort(entry), length: total)
+        return .send(peer: entry, length: total)
     }
 
     /// `fromNetwork` for an IPv6 inner packet: the inner source must lie in
@@ -284,8 +307,7 @@ extension Forwarder {
     func fromNetwork(
         ipv6 p: UnsafeRawPointer,
         length: Int,
-        sender: UInt32,
-        senderPort: UInt16,
+        sender: UnderlaySender,
         _ table6: SubnetTable6,
         _ stats: Statistics
     ) -> Int? {
@@ -294,7 +316,7 @@ extension Forwarder {
             return nil
         }
         let source = table6.entry(for: IPv6Header.source(p))
-        guard accepts(source: source, sender: sender, senderPort: senderPort, stats: stats),
+        guard accepts(source: source, sender: sender, stats: stats),
             isOurs(table6.entry(for: IPv6Header.destination(p)), stats: stats)
         else { return nil }
         return total
@@ -306,15 +328,14 @@ extension Forwarder {
 extension Forwarder {
     /// Where the packets of one TUN read go, once split.
     public enum TunBatchAction: Equatable {
-        /// Send the packet of `length` bytes at `start` to the peer (address
-        /// and port in host order) as one datagram.
-        case send(address: UInt32, port: UInt16, start: UnsafeMutableRawPointer, length: Int)
+        /// Send the packet of `length` bytes at `start` to `peer` (its
+        /// table entry) as one datagram.
+        case send(peer: UInt64, start: UnsafeMutableRawPointer, length: Int)
         /// Send the datagrams gathered by `iovecs`, two per datagram
         /// (headers, then payload where it lies in the read buffer), as
         /// `segments` describes them.
         case sendGathered(
-            address: UInt32,
-            port: UInt16,
+            peer: UInt64,
             iovecs: UnsafeMutablePointer<iovec>,
             segments: SegmentedPacket
         )
@@ -368,7 +389,7 @@ extension Forwarder {
             // An error we built ourselves: complete, nothing for the kernel to do.
             VirtioNetHeader().write(to: read)
             return .reply(start: read, length: VirtioNetHeader.size + n)
-        case .send(let address, let port, let n):
+        case .send(let peer, let n):
             if header.gsoType == VirtioNetHeader.GSOType.none.rawValue {
                 // The checksum to complete must lie past the IPv4 header checked above: a
                 // start inside it would overwrite checked fields (version, lengths) and
@@ -380,7 +401,7 @@ extension Forwarder {
                     stats.add(.droppedBadOffload)
                     return .drop
                 }
-                return .send(address: address, port: port, start: p, length: n)
+                return .send(peer: peer, start: p, length: n)
             }
             switch Segmentation.splitGathered(
                 p,
@@ -394,7 +415,7 @@ extension Forwarder {
             ) {
             case .success(let segments):
                 stats.add(.segmentsMade, UInt64(segments.count))
-                return .sendGathered(address: address, port: port, iovecs: iovecs, segments: segments)
+                return .sendGathered(peer: peer, iovecs: iovecs, segments: segments)
             case .failure:
                 stats.add(.droppedBadOffload)
                 return .drop
@@ -433,8 +454,7 @@ extension Forwarder {
         datagrams p: UnsafeMutableRawPointer,
         length: Int,
         segmentLength: Int,
-        sender: UInt32,
-        senderPort: UInt16,
+        sender: UnderlaySender,
         into plan: inout CoalescingPlan,
         stats: Statistics
     ) -> Int {
@@ -446,7 +466,7 @@ extension Forwarder {
             let datagram = p + offset
             let size = min(step, length - offset)
             offset += size
-            guard let n = fromNetwork(datagram, length: size, sender: sender, senderPort: senderPort, stats: stats)
+            guard let n = fromNetwork(datagram, length: size, sender: sender, stats: stats)
             else { continue }
             guard plan.add(datagram, length: n) else {
                 stats.add(.droppedTruncated)

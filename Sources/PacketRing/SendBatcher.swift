@@ -32,7 +32,7 @@ enum SlotGroup: UInt16 { case tun = 0, udp = 1 }
 /// its own.
 ///
 /// Each TUN slot owns the `msghdr`s, iovecs, control messages and
-/// `sockaddr_in` its sends use, alive until their results come back; the
+/// socket address (room for a `sockaddr_in6`) its sends use, alive until their results come back; the
 /// slot is released when the last of its sends has completed. A batch of
 /// single packets is named by its first ("leading") slot and uses that
 /// slot's iovecs and first message; its members are released together.
@@ -47,16 +47,18 @@ final class SendBatcher {
     private let controls: UnsafeMutableRawPointer
     /// Datagrams carried by each send.
     private let sendDatagrams: UnsafeMutablePointer<Int32>
-    private let addresses: UnsafeMutablePointer<sockaddr_in>
+    /// One socket address per slot (`SocketAddress.capacity` bytes each).
+    private let addresses: UnsafeMutableRawPointer
+    private let names: PeerNames
     /// Sends of a slot's split super-packet still in flight.
     private let pendingSends: UnsafeMutablePointer<Int32>
     private let batchMembers: UnsafeMutablePointer<Int32>
     private let statistics: Statistics
 
-    /// The batch being filled (-1: none), its peer and datagram length.
+    /// The batch being filled (-1: none), its peer (table entry: equal
+    /// entries are the same peer) and datagram length.
     private var openLeader = -1
-    private var openAddress: UInt32 = 0
-    private var openPort: UInt16 = 0
+    private var openPeer: UInt64 = 0
     private var openLength = 0
     private var openBytes = 0
 
@@ -68,8 +70,9 @@ final class SendBatcher {
     ///   - maxSegments: the most segments one super-packet is split into
     ///     (0: reads are never split, one send per slot).
     ///   - segmentation: UDP_SEGMENT may be used.
-    init(slots: Int, maxSegments: Int, segmentation: Bool, statistics: Statistics) {
+    init(slots: Int, names: PeerNames, maxSegments: Int, segmentation: Bool, statistics: Statistics) {
         self.statistics = statistics
+        self.names = names
         sendsPerSlot = max(1, maxSegments)
         iovecsPerSlot = max(2 * maxSegments, SendBatcher.maxBatch)
         segmentationWorks = segmentation
@@ -81,15 +84,14 @@ final class SendBatcher {
         controls = .allocate(byteCount: sends * UDPControlMessage.space, alignment: 8)
         sendDatagrams = .allocate(capacity: sends)
         sendDatagrams.initialize(repeating: 0, count: sends)
-        addresses = .allocate(capacity: slots)
-        addresses.initialize(repeating: sockaddr_in(), count: slots)
+        addresses = .allocate(byteCount: slots * SocketAddress.capacity, alignment: 8)
+        memset(addresses, 0, slots * SocketAddress.capacity)
         pendingSends = .allocate(capacity: slots)
         pendingSends.initialize(repeating: 0, count: slots)
         batchMembers = .allocate(capacity: slots * SendBatcher.maxBatch)
         batchMembers.initialize(repeating: 0, count: slots * SendBatcher.maxBatch)
         for send in 0..<sends {
-            messages[send].msg_name = UnsafeMutableRawPointer(addresses + send / sendsPerSlot)
-            messages[send].msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
+            messages[send].msg_name = addresses + (send / sendsPerSlot) * SocketAddress.capacity
             UDPControlMessage.prepareSegmentSize(controls + send * UDPControlMessage.space)
         }
     }
@@ -110,18 +112,17 @@ final class SendBatcher {
         iovecStorage + slot * iovecsPerSlot
     }
 
-    /// One packet of slot `slot` for a peer (host order): joins the open
-    /// batch when it can, or starts one.
+    /// One packet of slot `slot` for `peer` (its table entry): joins the
+    /// open batch when it can, or starts one.
     @inline(__always)
     func add<IO: BatchIO>(
         _ slot: Int,
-        address: UInt32,
-        port: UInt16,
+        peer: UInt64,
         start: UnsafeMutableRawPointer,
         length: Int,
         io: IO
     ) {
-        if segmentationWorks && openLeader >= 0 && address == openAddress && port == openPort
+        if segmentationWorks && openLeader >= 0 && peer == openPeer
             && length <= openLength && openBytes + length <= SegmentedPacket.maxUDPPayload
         {
             let n = Int(sendDatagrams[openLeader * sendsPerSlot])
@@ -136,13 +137,12 @@ final class SendBatcher {
             }
         }
         flush(io)
-        setPeer(slot, address: address, port: port)
+        setPeer(slot, peer)
         iovecs(slot)[0] = iovec(iov_base: start, iov_len: length)
         batchMembers[slot * SendBatcher.maxBatch] = Int32(slot)
         sendDatagrams[slot * sendsPerSlot] = 1
         openLeader = slot
-        openAddress = address
-        openPort = port
+        openPeer = peer
         openLength = length
         openBytes = length
         if !segmentationWorks { flush(io) }
@@ -154,14 +154,13 @@ final class SendBatcher {
     @inline(__always)
     func addGathered<IO: BatchIO>(
         _ slot: Int,
-        address: UInt32,
-        port: UInt16,
+        peer: UInt64,
         gathered: UnsafeMutablePointer<iovec>,
         segments: SegmentedPacket,
         io: IO
     ) {
         flush(io)
-        setPeer(slot, address: address, port: port)
+        let nameLength = setPeer(slot, peer)
         let perSend = segmentationWorks ? segments.segmentsPerSend() : 1
         let (segmentLength, count) = (segments.segmentLength, segments.count)
         var first = 0
@@ -172,6 +171,7 @@ final class SendBatcher {
         while first < count {
             let k = min(perSend, count - first)
             let message = messages + index
+            message.pointee.msg_namelen = nameLength
             message.pointee.msg_iov = gathered + 2 * first
             message.pointee.msg_iovlen = 2 * k
             setSegmentSize(message, index: index, count: k, segmentLength)
@@ -234,13 +234,13 @@ final class SendBatcher {
         statistics.add(.udpBytesSent, UInt64(result))
     }
 
-    /// Where the sends of slot `slot` go (host order in, network order stored).
-    @inline(__always)
-    private func setPeer(_ slot: Int, address: UInt32, port: UInt16) {
-        let sa = addresses + slot
-        sa.pointee.sin_family = sa_family_t(AF_INET)
-        sa.pointee.sin_port = port.bigEndian
-        sa.pointee.sin_addr.s_addr = address.bigEndian
+    /// Where the sends of slot `slot` go: `peer`'s socket address, written
+    /// into the slot's; returns its length. A batch's message gets it too.
+    @inline(__always) @discardableResult
+    private func setPeer(_ slot: Int, _ peer: UInt64) -> socklen_t {
+        let length = names.write(peer, to: addresses + slot * SocketAddress.capacity)
+        messages[slot * sendsPerSlot].msg_namelen = length
+        return length
     }
 
     @inline(__always)

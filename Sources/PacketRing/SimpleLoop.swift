@@ -17,12 +17,14 @@ public final class SimpleLoop: DataPathLoop, @unchecked Sendable {
     private let capacity: Int
     private let wakeFD: Int32
     private let buffer: UnsafeMutableRawPointer
+    private let names: PeerNames
 
     public init(forwarder: Forwarder, tunFD: Int32, udpFD: Int32, configuration: LoopConfiguration) throws {
         self.forwarder = forwarder
         self.tunFD = tunFD
         self.udpFD = udpFD
         self.capacity = configuration.packetCapacity
+        names = PeerNames(addresses6: forwarder.table.addresses6, dualStack: configuration.dualStackSocket)
         // Room for the largest packet a TUN read may return (see
         // LoopConfiguration.packetCapacity); receives take `capacity`.
         buffer = .allocate(byteCount: DataPath.headroom + DataPath.maxPacketSize, alignment: 64)
@@ -47,7 +49,7 @@ public final class SimpleLoop: DataPathLoop, @unchecked Sendable {
             pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0),
         ]
         let p = buffer + DataPath.headroom
-        var peer = sockaddr_in()
+        var peer = sockaddr_in6()
         while true {
             let n = poll(&fds, 3, -1)
             if n < 0 {
@@ -60,12 +62,17 @@ public final class SimpleLoop: DataPathLoop, @unchecked Sendable {
                 let r = read(tunFD, p, DataPath.maxPacketSize)
                 if r > 0 {
                     switch forwarder.fromTun(p, length: r, capacity: DataPath.maxPacketSize, stats: statistics) {
-                    case .send(let address, let port, let length):
-                        UDPEndpoint(address: IPv4Address(address), port: port).write(to: &peer)
-                        let s = withUnsafePointer(to: &peer) {
-                            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                                sendto(udpFD, p, length, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                            }
+                    case .send(let entry, let length):
+                        let s = withUnsafeMutableBytes(of: &peer) { name in
+                            let nameLength = names.write(entry, to: name.baseAddress!)
+                            return sendto(
+                                udpFD,
+                                p,
+                                length,
+                                0,
+                                name.baseAddress!.assumingMemoryBound(to: sockaddr.self),
+                                nameLength
+                            )
                         }
                         if s < 0 {
                             statistics.add(.sendErrors)
@@ -85,7 +92,7 @@ public final class SimpleLoop: DataPathLoop, @unchecked Sendable {
                 throw SystemError("poll", on: "TUN device", errno: Errno(EIO), hint: "the device went away")
             }
             if fds[1].revents & Int16(POLLIN | POLLERR) != 0 {
-                var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+                var len = socklen_t(MemoryLayout<sockaddr_in6>.size)
                 let r = withUnsafeMutablePointer(to: &peer) {
                     $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
                         recvfrom(udpFD, p, capacity, Int32(MSG_TRUNC), $0, &len)
@@ -95,14 +102,9 @@ public final class SimpleLoop: DataPathLoop, @unchecked Sendable {
                     statistics.add(.udpDatagramsReceived)
                     statistics.add(.droppedTruncated)
                 } else if r >= 0 {
-                    let sender = UInt32(bigEndian: peer.sin_addr.s_addr)
-                    if let length = forwarder.fromNetwork(
-                        p,
-                        length: r,
-                        sender: sender,
-                        senderPort: UInt16(bigEndian: peer.sin_port),
-                        stats: statistics
-                    ) {
+                    if let sender = withUnsafeBytes(of: &peer, { UnderlaySender(name: $0.baseAddress!) }),
+                        let length = forwarder.fromNetwork(p, length: r, sender: sender, stats: statistics)
+                    {
                         let w = write(tunFD, p, length)
                         if w < 0 {
                             statistics.add(.tunWriteErrors)

@@ -10,14 +10,17 @@ import Glibc
 /// Where the data path sends packets for one subnet of the network: an
 /// entry of the data path's table, not a kernel route (Netlink's `NextHop`).
 public enum NextHop: Hashable, Sendable, CustomStringConvertible {
-    /// A remote host: encapsulate and send to it.
+    /// A remote host over the IPv4 underlay: encapsulate and send to it.
     case peer(UDPEndpoint)
+    /// A remote host over the IPv6 underlay.
+    case peer6(UDPEndpoint6)
     /// This host's own subnet: never sent into the tunnel.
     case local
 
     public var description: String {
         switch self {
         case .peer(let endpoint): "peer \(endpoint)"
+        case .peer6(let endpoint): "peer \(endpoint)"
         case .local: "local"
         }
     }
@@ -27,7 +30,8 @@ public enum NextHop: Hashable, Sendable, CustomStringConvertible {
 ///
 /// Direct-indexed over the configured network: the entry of address `a` is
 /// `(a − network) >> (32 − SubnetLen)`. Each entry is one 64-bit word
-/// (kind | port | IPv4 address), written and read atomically, so a reader
+/// (kind | port | IPv4 address, or for a peer on the IPv6 underlay kind |
+/// port | slot in `addresses6`), written and read atomically, so a reader
 /// never sees half of an update and never takes a lock. Writers (the control
 /// task) serialise among themselves.
 ///
@@ -37,6 +41,9 @@ public final class SubnetTable: @unchecked Sendable {
     public let network: IPv4Network
     public let subnetLength: Int
     public let entryCount: Int
+    /// Where entries of IPv6-underlay peers keep their addresses; shared
+    /// with the IPv6 side of the table.
+    public let addresses6: PeerAddresses6
 
     private let entries: EntryStorage
     private let storage: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
@@ -50,8 +57,10 @@ public final class SubnetTable: @unchecked Sendable {
 
     static let kindPeer: UInt64 = 1 << 48
     static let kindLocal: UInt64 = 2 << 48
+    /// Both bits: a peer (bit 48) whose address is in a slot.
+    static let kindPeer6: UInt64 = 3 << 48
 
-    public init(network: IPv4Network, subnetLength: Int) throws {
+    public init(network: IPv4Network, subnetLength: Int, addresses6: PeerAddresses6? = nil) throws {
         guard subnetLength >= network.prefixLength, subnetLength <= 32 else {
             throw SubnetTableError.badSubnetLength(network: network, subnetLength: subnetLength)
         }
@@ -62,6 +71,7 @@ public final class SubnetTable: @unchecked Sendable {
         self.base = network.address.value
         entries = try EntryStorage(count: entryCount, for: "subnet table for \(network)")
         storage = entries.storage
+        self.addresses6 = try addresses6 ?? PeerAddresses6()
     }
 
     // MARK: Data path (lock-free)
@@ -78,29 +88,56 @@ public final class SubnetTable: @unchecked Sendable {
         return UnsafeAtomic<UInt64>(at: storage + Int(index)).load(ordering: .relaxed)
     }
 
+    /// A peer on the IPv4 underlay.
     @inline(__always) public static func isPeer(_ entry: UInt64) -> Bool { entry & (0xff << 48) == kindPeer }
+    /// A peer on the IPv6 underlay (its address in a slot of `addresses6`).
+    @inline(__always) public static func isPeer6(_ entry: UInt64) -> Bool { entry & (0xff << 48) == kindPeer6 }
+    /// A peer on either underlay.
+    @inline(__always) public static func isAnyPeer(_ entry: UInt64) -> Bool { entry & kindPeer != 0 }
     @inline(__always) public static func isLocal(_ entry: UInt64) -> Bool { entry & (0xff << 48) == kindLocal }
-    /// IPv4 address (host order) of a peer entry.
+    /// IPv4 address (host order) of an IPv4-underlay peer entry.
     @inline(__always) public static func peerAddress(_ entry: UInt64) -> UInt32 { UInt32(truncatingIfNeeded: entry) }
+    /// The slot of an IPv6-underlay peer entry's address.
+    @inline(__always) public static func peerSlot(_ entry: UInt64) -> Int { Int(UInt32(truncatingIfNeeded: entry)) }
     @inline(__always) public static func peerPort(_ entry: UInt64) -> UInt16 { UInt16(truncatingIfNeeded: entry >> 32) }
 
-    static func encode(_ route: NextHop) -> UInt64 {
+    /// The entry of an IPv4-underlay peer (address in host order).
+    @inline(__always)
+    static func entry(ipv4 address: UInt32, port: UInt16) -> UInt64 {
+        kindPeer | UInt64(port) << 32 | UInt64(address)
+    }
+
+    /// The entry for `route`; an IPv6 peer's address takes a slot in
+    /// `addresses` the first time it is seen.
+    static func encode(_ route: NextHop, _ addresses: PeerAddresses6) throws(SubnetTableError) -> UInt64 {
         switch route {
-        case .peer(let e): kindPeer | UInt64(e.port) << 32 | UInt64(e.address.value)
+        case .peer(let e): entry(ipv4: e.address.value, port: e.port)
+        case .peer6(let e): kindPeer6 | UInt64(e.port) << 32 | UInt64(try addresses.slot(for: e.address))
         case .local: kindLocal
         }
     }
 
     /// The route an entry stands for (nil: empty).
-    static func decode(_ entry: UInt64) -> NextHop? {
+    static func decode(_ entry: UInt64, _ addresses: PeerAddresses6) -> NextHop? {
         if isPeer(entry) {
             return .peer(UDPEndpoint(address: IPv4Address(peerAddress(entry)), port: peerPort(entry)))
+        }
+        if isPeer6(entry) {
+            return .peer6(
+                UDPEndpoint6(address: IPv6Address(addresses.address(peerSlot(entry))), port: peerPort(entry))
+            )
         }
         return isLocal(entry) ? .local : nil
     }
 
+    /// The entry of `route` as this table stores it (tests compare the
+    /// data path's decisions with it).
+    public func entry(of route: NextHop) throws -> UInt64 { try SubnetTable.encode(route, addresses6) }
+
     /// What the data path would do for `address`.
-    public func nextHop(for address: IPv4Address) -> NextHop? { SubnetTable.decode(entry(for: address.value)) }
+    public func nextHop(for address: IPv4Address) -> NextHop? {
+        SubnetTable.decode(entry(for: address.value), addresses6)
+    }
 
     // MARK: Control side
 
@@ -110,6 +147,9 @@ public final class SubnetTable: @unchecked Sendable {
     /// narrower ones fills only the entries none of them holds.
     public func set(_ subnet: IPv4Network, to route: NextHop) throws {
         let range = try indices(of: subnet)
+        // An IPv6 peer's slot is taken here, outside the lock, so that
+        // refresh never meets an address without one.
+        _ = try SubnetTable.encode(route, addresses6)
         routes.withLock { routes in
             routes[subnet] = route
             refresh(range, from: routes)
@@ -139,12 +179,14 @@ public final class SubnetTable: @unchecked Sendable {
             var length = subnetLength
             while length >= network.prefixLength {
                 if let covering = routes[IPv4Network(address: address, prefixLength: length)] {
-                    value = SubnetTable.encode(covering)
+                    value = (try? SubnetTable.encode(covering, addresses6)) ?? 0
                     break
                 }
                 length -= 1
             }
-            UnsafeAtomic<UInt64>(at: storage + i).store(value, ordering: .relaxed)
+            // Releasing: an IPv6 peer's slot is written before the entry
+            // that names it can be seen (`PeerAddresses6.address`).
+            UnsafeAtomic<UInt64>(at: storage + i).store(value, ordering: .releasing)
         }
     }
 
@@ -177,6 +219,7 @@ public enum SubnetTableError: Error, Sendable, CustomStringConvertible {
     case badSubnetLength(network: IPv4Network, subnetLength: Int)
     case outsideNetwork(subnet: IPv4Network, network: IPv4Network)
     case smallerThanSubnetLength(subnet: IPv4Network, subnetLength: Int)
+    case tooManyIPv6Peers(capacity: Int)
 
     public var description: String {
         switch self {
@@ -186,6 +229,8 @@ public enum SubnetTableError: Error, Sendable, CustomStringConvertible {
             "subnet \(subnet) lies outside the network \(network); ignoring it"
         case .smallerThanSubnetLength(let subnet, let len):
             "subnet \(subnet) is smaller than SubnetLen /\(len); ignoring it"
+        case .tooManyIPv6Peers(let capacity):
+            "this daemon has seen \(capacity) different IPv6 underlay addresses of peers, all it can hold; ignoring the new one: restart tunneld to start afresh"
         }
     }
 }

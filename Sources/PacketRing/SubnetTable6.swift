@@ -7,13 +7,16 @@ import Synchronization
 ///
 /// Direct-indexed like `SubnetTable`: the entry of address `a` is
 /// `(a − network) >> (128 − IPv6SubnetLen)`, one atomic 64-bit word in
-/// `SubnetTable`'s encoding (a peer's IPv4 endpoint, or local), so the
-/// loops decode both sides alike and never take a lock. Every IPv6 lease is
+/// `SubnetTable`'s encoding (a peer's IPv4 endpoint, an IPv6 endpoint's
+/// slot in the shared `PeerAddresses6`, or local), so the loops decode both
+/// sides alike and never take a lock. Every IPv6 lease is
 /// exactly IPv6SubnetLen long (`LeaseRule`), so a subnet is one entry.
 public final class SubnetTable6: @unchecked Sendable {
     public let network: IPv6Network
     public let subnetLength: Int
     public let entryCount: Int
+    /// The IPv6 peer addresses, shared with the IPv4 side.
+    public let addresses6: PeerAddresses6
 
     /// At most 2^24 subnets (128 MiB of address space for the table, of
     /// which only written pages cost memory): a /40 network of /64s.
@@ -26,7 +29,7 @@ public final class SubnetTable6: @unchecked Sendable {
     /// The writers' view, for listing.
     private let routes = Mutex<[IPv6Network: NextHop]>([:])
 
-    public init(network: IPv6Network, subnetLength: Int) throws {
+    public init(network: IPv6Network, subnetLength: Int, addresses6: PeerAddresses6? = nil) throws {
         guard subnetLength >= network.prefixLength, subnetLength <= 128 else {
             throw SubnetTable6Error.badSubnetLength(network: network, subnetLength: subnetLength)
         }
@@ -40,6 +43,7 @@ public final class SubnetTable6: @unchecked Sendable {
         base = network.address.value
         entries = try EntryStorage(count: entryCount, for: "IPv6 subnet table for \(network)")
         storage = entries.storage
+        self.addresses6 = try addresses6 ?? PeerAddresses6()
     }
 
     // MARK: Data path (lock-free)
@@ -60,16 +64,20 @@ public final class SubnetTable6: @unchecked Sendable {
     public func subnetBase(of address: UInt128) -> UInt128 { address & IPv6Network.mask(subnetLength) }
 
     /// What the data path would do for `address`.
-    public func nextHop(for address: IPv6Address) -> NextHop? { SubnetTable.decode(entry(for: address.value)) }
+    public func nextHop(for address: IPv6Address) -> NextHop? {
+        SubnetTable.decode(entry(for: address.value), addresses6)
+    }
 
     // MARK: Control side
 
     /// Points `subnet` (IPv6SubnetLen long, in the network) at `route`.
     public func set(_ subnet: IPv6Network, to route: NextHop) throws {
         let index = try self.index(of: subnet)
+        let value = try SubnetTable.encode(route, addresses6)
         routes.withLock { routes in
             routes[subnet] = route
-            UnsafeAtomic<UInt64>(at: storage + index).store(SubnetTable.encode(route), ordering: .relaxed)
+            // Releasing: see `SubnetTable.refresh`.
+            UnsafeAtomic<UInt64>(at: storage + index).store(value, ordering: .releasing)
         }
     }
 

@@ -38,7 +38,7 @@ public final class SyscallBatchLoop: DataPathLoop, BatchIO, @unchecked Sendable 
     /// control space.
     private let receiveVector: UnsafeMutablePointer<ctunnel_mmsghdr>
     private let receiveIovecs: UnsafeMutablePointer<iovec>
-    private let receiveNames: UnsafeMutablePointer<sockaddr_in>
+    private let receiveNames: UnsafeMutablePointer<sockaddr_in6>
     private let receiveControls: UnsafeMutableRawPointer
 
     public init(forwarder: Forwarder, tunFD: Int32, udpFD: Int32, configuration: LoopConfiguration) throws {
@@ -68,7 +68,7 @@ public final class SyscallBatchLoop: DataPathLoop, BatchIO, @unchecked Sendable 
         receiveVector.initialize(repeating: ctunnel_mmsghdr(), count: depth)
         receiveIovecs = .allocate(capacity: depth)
         receiveNames = .allocate(capacity: depth)
-        receiveNames.initialize(repeating: sockaddr_in(), count: depth)
+        receiveNames.initialize(repeating: sockaddr_in6(), count: depth)
         receiveControls = .allocate(byteCount: depth * UDPControlMessage.space, alignment: 8)
         for slot in 0..<depth {
             receiveIovecs[slot] = iovec(iov_base: engine.udpPayload(slot), iov_len: engine.udpCapacity)
@@ -228,7 +228,7 @@ public final class SyscallBatchLoop: DataPathLoop, BatchIO, @unchecked Sendable 
     /// Returns the messages received.
     private func receive() -> Int {
         for slot in 0..<depth {
-            receiveVector[slot].msg_hdr.msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
+            receiveVector[slot].msg_hdr.msg_namelen = socklen_t(MemoryLayout<sockaddr_in6>.size)
             receiveVector[slot].msg_hdr.msg_controllen = UDPControlMessage.space
             receiveVector[slot].msg_hdr.msg_flags = 0
         }
@@ -258,14 +258,17 @@ public final class SyscallBatchLoop: DataPathLoop, BatchIO, @unchecked Sendable 
             {
                 segmentLength = size
             }
-            let name = receiveNames[slot]
+            guard let sender = UnderlaySender(name: UnsafeRawPointer(receiveNames + slot)) else {
+                statistics.add(.udpDatagramsReceived)
+                statistics.add(.droppedMalformed)
+                continue
+            }
             engine.received(
                 slot,
                 payload: engine.udpPayload(slot),
                 length: length,
                 segmentLength: segmentLength,
-                sender: UInt32(bigEndian: name.sin_addr.s_addr),
-                port: UInt16(bigEndian: name.sin_port),
+                sender: sender,
                 io: self
             )
         }

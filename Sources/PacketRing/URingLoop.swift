@@ -67,7 +67,7 @@ public final class URingLoop: DataPathLoop, BatchIO, @unchecked Sendable {
         while depth < configuration.depth { depth <<= 1 }
         self.depth = depth
         let receiveHeader =
-            MemoryLayout<io_uring_recvmsg_out>.size + MemoryLayout<sockaddr_in>.size
+            MemoryLayout<io_uring_recvmsg_out>.size + MemoryLayout<sockaddr_in6>.size
             + URingLoop.receiveControlSpace
         engine = try BatchEngine(
             forwarder: forwarder,
@@ -78,7 +78,7 @@ public final class URingLoop: DataPathLoop, BatchIO, @unchecked Sendable {
         )
         receiveTemplate = .allocate(capacity: 1)
         receiveTemplate.initialize(to: msghdr())
-        receiveTemplate.pointee.msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
+        receiveTemplate.pointee.msg_namelen = socklen_t(MemoryLayout<sockaddr_in6>.size)
         receiveTemplate.pointee.msg_controllen = URingLoop.receiveControlSpace
         wakeBuffer = .allocate(capacity: 1)
         wakeBuffer.initialize(to: 0)
@@ -332,7 +332,12 @@ public final class URingLoop: DataPathLoop, BatchIO, @unchecked Sendable {
             engine.discard(slot, io: self)
             return
         }
-        let name = io_uring_recvmsg_name(out)!.assumingMemoryBound(to: sockaddr_in.self)
+        guard let sender = UnderlaySender(name: io_uring_recvmsg_name(out)!) else {
+            statistics.add(.udpDatagramsReceived)
+            statistics.add(.droppedMalformed)
+            engine.discard(slot, io: self)
+            return
+        }
         let payload = io_uring_recvmsg_payload(out, receiveTemplate)!
         let payloadLength = Int(io_uring_recvmsg_payload_length(out, Int32(length), receiveTemplate))
         var segmentLength = payloadLength
@@ -348,8 +353,7 @@ public final class URingLoop: DataPathLoop, BatchIO, @unchecked Sendable {
             payload: payload,
             length: payloadLength,
             segmentLength: segmentLength,
-            sender: UInt32(bigEndian: name.pointee.sin_addr.s_addr),
-            port: UInt16(bigEndian: name.pointee.sin_port),
+            sender: sender,
             io: self
         )
     }

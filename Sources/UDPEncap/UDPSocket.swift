@@ -34,9 +34,16 @@ public struct UDPEndpoint: Hashable, Sendable, CustomStringConvertible {
 
 /// The udp backend's socket: bound to the backend port on every address,
 /// non-blocking, with large kernel buffers so bursts are absorbed.
+///
+/// With `dualStack`, one AF_INET6 socket with IPV6_V6ONLY off carries both
+/// underlays (IPv4 peers as IPv4-mapped addresses); a kernel without IPv6
+/// (ipv6.disable=1) gets the AF_INET socket flannel uses, and
+/// `isDualStack` says which one it is.
 public final class UDPSocket: Sendable {
     public let fd: FileDescriptor
     public let port: UInt16
+    /// An AF_INET6 socket that also carries IPv4 (false: AF_INET only).
+    public let isDualStack: Bool
 
     /// Opens and binds the socket. `reusePort` lets several sockets (one per
     /// data-path worker) share the port; the kernel spreads flows over them.
@@ -44,18 +51,30 @@ public final class UDPSocket: Sendable {
         bindAddress: IPv4Address = IPv4Address(0),
         port: UInt16,
         reusePort: Bool = false,
+        dualStack: Bool = false,
         bufferBytes: Int32 = 8 << 20
     ) throws {
-        let raw = socket(
-            AF_INET,
-            Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue),
-            0
-        )
+        let flags = Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
+        var raw: Int32 = -1
+        var v6 = false
+        if dualStack && bindAddress.value == 0 {
+            raw = socket(AF_INET6, flags, 0)
+            v6 = raw >= 0
+            // No IPv6 in this kernel: the IPv4 underlay only, as flannel.
+            guard raw >= 0 || errno == EAFNOSUPPORT else {
+                throw SystemError("socket(AF_INET6, SOCK_DGRAM)", on: "udp port \(port)", errno: .current)
+            }
+        }
+        if raw < 0 { raw = socket(AF_INET, flags, 0) }
         guard raw >= 0 else {
             throw SystemError("socket(AF_INET, SOCK_DGRAM)", on: "udp port \(port)", errno: .current)
         }
         let fd = FileDescriptor(taking: raw)
-        let object = "udp \(bindAddress):\(port)"
+        let object = v6 ? "udp [::]:\(port)" : "udp \(bindAddress):\(port)"
+        if v6 {
+            // Whatever net.ipv6.bindv6only says: this one socket is both underlays.
+            try UDPSocket.setOption(raw, Int32(IPPROTO_IPV6), IPV6_V6ONLY, 0, "IPV6_V6ONLY", object)
+        }
         if reusePort {
             try UDPSocket.setOption(raw, SOL_SOCKET, SO_REUSEPORT, 1, "SO_REUSEPORT", object)
         }
@@ -68,12 +87,14 @@ public final class UDPSocket: Sendable {
                 try UDPSocket.setOption(raw, SOL_SOCKET, plain, bufferBytes, name, object)
             }
         }
-        var sa = sockaddr_in()
-        UDPEndpoint(address: bindAddress, port: port).write(to: &sa)
-        let rc = withUnsafePointer(to: &sa) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(raw, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-            }
+        var name = sockaddr_in6()
+        let length = withUnsafeMutableBytes(of: &name) { buffer in
+            v6
+                ? SocketAddress.writeIPv6(0, port: port, to: buffer.baseAddress!)
+                : SocketAddress.writeIPv4(bindAddress.value, port: port, to: buffer.baseAddress!, dualStack: false)
+        }
+        let rc = withUnsafePointer(to: &name) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(raw, $0, length) }
         }
         guard rc == 0 else {
             let e = Errno.current
@@ -88,6 +109,7 @@ public final class UDPSocket: Sendable {
         }
         self.fd = fd
         self.port = port
+        self.isDualStack = v6
     }
 
     static func setOption(
@@ -121,14 +143,19 @@ public final class UDPSocket: Sendable {
         return getsockopt(fd.rawValue, ctunnel_SOL_UDP, ctunnel_UDP_SEGMENT, &value, &length) == 0
     }
 
-    /// The address and port the socket is bound to.
+    /// The address and port an AF_INET socket is bound to (a dual-stack
+    /// socket's port, with 0.0.0.0).
     public var localEndpoint: UDPEndpoint {
-        var sa = sockaddr_in()
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &sa) {
+        var name = sockaddr_in6()
+        var len = socklen_t(MemoryLayout<sockaddr_in6>.size)
+        _ = withUnsafeMutablePointer(to: &name) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd.rawValue, $0, &len) }
         }
-        return UDPEndpoint(sa)
+        let sender = withUnsafeBytes(of: &name) { UnderlaySender(name: $0.baseAddress!) }
+        guard let sender, sender.address >> 32 == 0xffff else {
+            return UDPEndpoint(address: IPv4Address(0), port: sender?.port ?? 0)
+        }
+        return UDPEndpoint(address: IPv4Address(UInt32(truncatingIfNeeded: sender.address)), port: sender.port)
     }
 
     public func close() { fd.close() }

@@ -37,11 +37,16 @@ final class Daemon: Service, Sendable {
         let firewall = try makeFirewall(config)
 
         let routeSocket = try RouteSocket()
-        let (interface, interfaceAddress) = try selectInterface(routeSocket)
+        let (interface, interfaceAddress) = try selectInterface(routeSocket, config: config)
         let publicIP = options.publicIP.flatMap(IPv4Address.init) ?? interfaceAddress
         let publicIPv6 = try selectPublicIPv6(config, interface: interface, routeSocket)
+        if publicIP.value == 0 && publicIPv6 == nil {
+            throw DaemonError(
+                "\(interface.name) has neither an IPv4 address nor a global IPv6 address, so other hosts cannot reach this one: add an address, choose another interface with -iface, or give -public-ipv6"
+            )
+        }
         logger.info(
-            "using interface \(interface.name) (\(interfaceAddress), MTU \(interface.mtu)); public IP \(publicIP)\(publicIPv6.map { ", public IPv6 \($0)" } ?? ""); backend \(config.backend.type)"
+            "using interface \(interface.name) (\(interfaceAddress.value == 0 ? "no IPv4 address" : "\(interfaceAddress)"), MTU \(interface.mtu)); public IP \(publicIP.value == 0 ? "none (IPv6 underlay only)" : "\(publicIP)")\(publicIPv6.map { ", public IPv6 \($0)" } ?? ""); backend \(config.backend.type)"
         )
 
         systemd.status("Setting up the \(config.backend.type) backend on \(interface.name)")
@@ -522,7 +527,38 @@ final class Daemon: Service, Sendable {
     /// `--iface-regex` against names and addresses, then the interface of
     /// the route to `--iface-can-reach`; the default route's when none of
     /// them is given.
-    private func selectInterface(_ socket: RouteSocket) throws -> (Interface, IPv4Address) {
+    private func selectInterface(_ socket: RouteSocket, config: NetworkConfig) throws -> (Interface, IPv4Address) {
+        do {
+            return try selectIPv4Interface(socket)
+        } catch {
+            // Beyond flanneld: an IPv6-only network over udp needs no IPv4
+            // underlay at all. Its PublicIP is then 0.0.0.0, as flanneld
+            // writes it, and peers are reached at their PublicIPv6.
+            guard config.isIPv6Only, config.backend.knownType == .udp, options.publicIP == nil,
+                let interface = try selectIPv6OnlyInterface(socket)
+            else { throw error }
+            return (interface, IPv4Address(0))
+        }
+    }
+
+    /// For a host whose underlay has no IPv4 address: the first `--iface`
+    /// named that has a global IPv6 address, or without `--iface` the
+    /// interface of the IPv6 default route (flanneld has no such case).
+    private func selectIPv6OnlyInterface(_ socket: RouteSocket) throws -> Interface? {
+        let all = try InterfaceLookup.interfaces(using: socket)
+        let withIPv6 = Set(try socket.ipv6Addresses().filter { $0.address.isGlobalUnicast }.map(\.index))
+        if !options.iface.isEmpty {
+            return options.iface.lazy.compactMap { name in
+                all.first { $0.name == name.trimmingCharacters(in: .whitespaces) && withIPv6.contains($0.index) }
+            }.first
+        }
+        guard options.ifaceRegex.isEmpty, options.ifaceCanReach == nil else { return nil }
+        let route = try socket.ipv6Routes().filter { $0.destination.prefixLength == 0 && $0.outputIndex > 0 }
+            .min { ($0.metric ?? 0) < ($1.metric ?? 0) }
+        return all.first { $0.index == route?.outputIndex && withIPv6.contains($0.index) }
+    }
+
+    private func selectIPv4Interface(_ socket: RouteSocket) throws -> (Interface, IPv4Address) {
         if options.iface.isEmpty && options.ifaceRegex.isEmpty && options.ifaceCanReach == nil {
             return try InterfaceLookup.defaultInterface(using: socket)
         }

@@ -222,9 +222,11 @@ final class Lab {
     /// With `ipv6`, the host's eth0 also has fd18::N/64 (the IPv6 underlay
     /// of a dual-stack network) and its container an address of the host's
     /// FLANNEL_IPV6_SUBNET.
-    func addHost(_ n: Int, command: [String], ipv6: Bool = false) throws {
+    /// With `ipv6Only`, fd18::N/64 is eth0's only address (no IPv4 underlay).
+    func addHost(_ n: Int, command: [String], ipv6: Bool = false, ipv6Only: Bool = false) throws {
         try run(
-            ["bash", script, "add-host", name, directory.path, "\(n)"] + (ipv6 ? ["--ipv6"] : []) + ["--"] + command,
+            ["bash", script, "add-host", name, directory.path, "\(n)"]
+                + (ipv6Only ? ["--ipv6-only"] : ipv6 ? ["--ipv6"] : []) + ["--"] + command,
             timeout: .seconds(90)
         )
     }

@@ -138,6 +138,35 @@ let ipv6OnlyJSON =
         )
     }
 
+    /// Hosts with only an IPv6 underlay all have PublicIP 0.0.0.0 (as
+    /// flanneld writes it): their own lease is the one with their PublicIPv6.
+    @Test func withoutAPublicIPTheLeaseOfOurPublicIPv6IsOurs() throws {
+        func v6Lease(_ key: String, _ publicIPv6: String) -> Lease {
+            var l = lease(key, "0.0.0.0")
+            l.attributes.publicIPv6 = IPv6Address(publicIPv6)!
+            return l
+        }
+        let theirs = v6Lease("0.0.0.0-0&fd00:10:244:6::-64", "fd18::2")
+        let mine = v6Lease("0.0.0.0-0&fd00:10:244:7::-64", "fd18::1")
+        var g = SeededGenerator(seed: 3)
+        let choice = try SubnetChooser.choose(
+            config: try config(ipv6OnlyJSON),
+            leases: [theirs, mine],
+            publicIP: IPv4Address(0),
+            publicIPv6: IPv6Address("fd18::1")!,
+            preferred: nil,
+            using: &g
+        )
+        #expect(choice.source == .existingLease(mine))
+        #expect(!theirs.attributes.isSameHost(as: mine.attributes))
+        #expect(mine.attributes.isSameHost(as: mine.attributes))
+        // With a PublicIP, that alone names the host, as in flannel.
+        #expect(
+            LeaseAttributes(publicIP: ip("198.18.0.1"), publicIPv6: IPv6Address("fd18::1")!)
+                .isSameHost(as: LeaseAttributes(publicIP: ip("198.18.0.1")))
+        )
+    }
+
     @Test func theChooserPicksOnlyAnIPv6Subnet() throws {
         let choice = try choose([lease("0.0.0.0-0&fd00:10:244:1::-64", "198.18.0.9")])
         #expect(choice.source == .free)

@@ -23,7 +23,7 @@ struct ForwarderIPv6Tests {
         table = try SubnetTable(network: IPv4Network("10.2.0.0/16")!, subnetLength: 24)
         try table.set(IPv4Network("10.2.1.0/24")!, to: .local)
         try table.set(IPv4Network("10.2.2.0/24")!, to: .peer(Self.peer))
-        table6 = try SubnetTable6(network: Self.network6, subnetLength: 64)
+        table6 = try SubnetTable6(network: Self.network6, subnetLength: 64, addresses6: table.addresses6)
         try table6.set(Self.local6, to: .local)
         try table6.set(Self.remote6, to: .peer(Self.peer))
         forwarder = Forwarder(table: table, table6: table6, tunAddress: IPv4Address("10.2.1.0")!, mtu: Self.mtu)
@@ -80,7 +80,7 @@ struct ForwarderIPv6Tests {
         #expect(Array(reply[48..<min(length, 48 + original.count)]) == Array(original.prefix(length - 48)))
     }
 
-    @Test func aPacketForAPeersIPv6SubnetGoesToThatPeerWithItsHopLimitDecremented() {
+    @Test func aPacketForAPeersIPv6SubnetGoesToThatPeerWithItsHopLimitDecremented() throws {
         var packet = makePacket6(
             source: Self.address(Self.local6, 5),
             destination: Self.address(Self.remote6, 7),
@@ -88,7 +88,7 @@ struct ForwarderIPv6Tests {
         )
         let length = packet.count
         let action = fromTun(&packet)
-        #expect(action == .send(address: Self.peer.address.value, port: Self.peer.port, length: length))
+        #expect(action == .send(peer: try table.entry(of: .peer(Self.peer)), length: length))
         #expect(packet[7] == 63)
     }
 

@@ -50,6 +50,9 @@ final class RecordingIO: BatchIO {
     func release(_ group: SlotGroup, _ slot: Int) { released.append(slot) }
 }
 
+/// Peers named as an AF_INET socket takes them.
+let testNames = PeerNames(addresses6: try! PeerAddresses6(capacity: 16), dualStack: false)
+
 /// Packets in slot memory the test owns: one buffer per slot.
 final class Slots {
     let memory: UnsafeMutableRawPointer
@@ -68,7 +71,7 @@ final class Slots {
 
     @Test func singlePacketsForOnePeerOfOneLengthLeaveInOneSegmentedSend() {
         let stats = Statistics()
-        let batcher = SendBatcher(slots: 8, maxSegments: 0, segmentation: true, statistics: stats)
+        let batcher = SendBatcher(slots: 8, names: testNames, maxSegments: 0, segmentation: true, statistics: stats)
         let io = RecordingIO(), slots = Slots(8)
         var expected: [[UInt8]] = []
         for slot in 0..<5 {
@@ -76,8 +79,7 @@ final class Slots {
             expected.append(bytes)
             batcher.add(
                 slot,
-                address: 0xC612_0002,
-                port: 8285,
+                peer: SubnetTable.entry(ipv4: 0xC612_0002, port: 8285),
                 start: slots.put(slot, bytes),
                 length: bytes.count,
                 io: io
@@ -96,14 +98,13 @@ final class Slots {
 
     @Test func anotherPeerOrALongerPacketStartsANewSend() {
         let stats = Statistics()
-        let batcher = SendBatcher(slots: 8, maxSegments: 0, segmentation: true, statistics: stats)
+        let batcher = SendBatcher(slots: 8, names: testNames, maxSegments: 0, segmentation: true, statistics: stats)
         let io = RecordingIO(), slots = Slots(8)
         let plan: [(port: UInt16, length: Int)] = [(1, 100), (1, 100), (2, 100), (2, 200), (2, 200)]
         for (slot, p) in plan.enumerated() {
             batcher.add(
                 slot,
-                address: 0xC612_0002,
-                port: p.port,
+                peer: SubnetTable.entry(ipv4: 0xC612_0002, port: p.port),
                 start: slots.put(slot, packet(slot, length: p.length)),
                 length: p.length,
                 io: io
@@ -120,21 +121,32 @@ final class Slots {
     @Test func aBatchStopsAtTheDatagramLimitAndAtTheUDPPayloadLimit() {
         let stats = Statistics()
         let slotCount = 100
-        let batcher = SendBatcher(slots: slotCount, maxSegments: 0, segmentation: true, statistics: stats)
+        let batcher = SendBatcher(
+            slots: slotCount,
+            names: testNames,
+            maxSegments: 0,
+            segmentation: true,
+            statistics: stats
+        )
         let io = RecordingIO(), slots = Slots(slotCount)
         for slot in 0..<slotCount {
-            batcher.add(slot, address: 1, port: 1, start: slots.put(slot, packet(slot, length: 64)), length: 64, io: io)
+            batcher.add(
+                slot,
+                peer: SubnetTable.entry(ipv4: 1, port: 1),
+                start: slots.put(slot, packet(slot, length: 64)),
+                length: 64,
+                io: io
+            )
         }
         batcher.flush(io)
         #expect(io.sends.map(\.datagrams.count) == [SendBatcher.maxBatch, slotCount - SendBatcher.maxBatch])
         // 1400-byte packets: 46 fit in 65,507 bytes.
-        let big = SendBatcher(slots: slotCount, maxSegments: 0, segmentation: true, statistics: stats)
+        let big = SendBatcher(slots: slotCount, names: testNames, maxSegments: 0, segmentation: true, statistics: stats)
         let io2 = RecordingIO()
         for slot in 0..<50 {
             big.add(
                 slot,
-                address: 1,
-                port: 1,
+                peer: SubnetTable.entry(ipv4: 1, port: 1),
                 start: slots.put(slot, packet(slot, length: 1400)),
                 length: 1400,
                 io: io2
@@ -149,13 +161,12 @@ final class Slots {
     /// cannot checksum: from then on every datagram is a send of its own.
     @Test func aRefusedSegmentedSendTurnsBatchingOffForGood() {
         let stats = Statistics()
-        let batcher = SendBatcher(slots: 8, maxSegments: 0, segmentation: true, statistics: stats)
+        let batcher = SendBatcher(slots: 8, names: testNames, maxSegments: 0, segmentation: true, statistics: stats)
         let io = RecordingIO(), slots = Slots(8)
         for slot in 0..<3 {
             batcher.add(
                 slot,
-                address: 1,
-                port: 1,
+                peer: SubnetTable.entry(ipv4: 1, port: 1),
                 start: slots.put(slot, packet(slot, length: 100)),
                 length: 100,
                 io: io
@@ -172,8 +183,7 @@ final class Slots {
         for slot in 3..<6 {
             batcher.add(
                 slot,
-                address: 1,
-                port: 1,
+                peer: SubnetTable.entry(ipv4: 1, port: 1),
                 start: slots.put(slot, packet(slot, length: 100)),
                 length: 100,
                 io: io
@@ -183,7 +193,7 @@ final class Slots {
         #expect(io.sends.map(\.datagrams.count) == [1, 1, 1])
         #expect(io.sends.allSatisfy { $0.segmentSize == nil })
         // Another error (not EIO) is counted but changes nothing.
-        let other = SendBatcher(slots: 8, maxSegments: 0, segmentation: true, statistics: stats)
+        let other = SendBatcher(slots: 8, names: testNames, maxSegments: 0, segmentation: true, statistics: stats)
         other.completed(CompletionTag(.udpSendBatch, slot: 0), result: -ECONNREFUSED, io: io)
         #expect(other.segmentationWorks)
     }
@@ -194,7 +204,13 @@ final class Slots {
     @Test func theSegmentsOfASuperPacketLeaveInAsFewSendsAsFit() {
         let stats = Statistics()
         let maxSegments = 256
-        let batcher = SendBatcher(slots: 2, maxSegments: maxSegments, segmentation: true, statistics: stats)
+        let batcher = SendBatcher(
+            slots: 2,
+            names: testNames,
+            maxSegments: maxSegments,
+            segmentation: true,
+            statistics: stats
+        )
         let io = RecordingIO(), slots = Slots(2)
         let headers = slots.put(0, [UInt8](repeating: 0xaa, count: 40))
         let payload = slots.put(1, (0..<2000).map { UInt8(truncatingIfNeeded: $0) })
@@ -205,7 +221,7 @@ final class Slots {
             iov[2 * i + 1] = iovec(iov_base: payload, iov_len: 1000)
         }
         let segments = SegmentedPacket(segmentLength: 1040, count: count, totalLength: 1040 * count)
-        batcher.addGathered(1, address: 1, port: 7, gathered: iov, segments: segments, io: io)
+        batcher.addGathered(1, peer: SubnetTable.entry(ipv4: 1, port: 7), gathered: iov, segments: segments, io: io)
         let perSend = segments.segmentsPerSend()
         #expect(perSend > 1 && perSend < count, "the test needs more segments than one send takes")
         var expectedCounts: [Int] = []

@@ -201,7 +201,7 @@ let benchmarks: @Sendable () -> Void = {
                     capacity: toPeers.capacity,
                     stats: statistics
                 ) {
-                case .send(let address, _, let length): sum &+= Int(address) &+ length
+                case .send(let peer, let length): sum &+= Int(truncatingIfNeeded: peer) &+ length
                 case .reply(let length): sum &+= length
                 case .drop: sum &+= 1
                 }

@@ -1,0 +1,169 @@
+import Foundation
+import Testing
+
+/// The udp backend over the IPv6 underlay (beyond flannel): IPv6 packets
+/// between hosts that both have a PublicIPv6 travel in IPv6 datagrams, IPv4
+/// packets in IPv4 ones as flannel's; a peer without a PublicIPv6 (a
+/// flannel-format lease) gets everything over IPv4; and an IPv6-only network
+/// runs on hosts whose underlay has no IPv4 address at all. Which underlay a
+/// datagram took is read from iptables/ip6tables counters in the host's
+/// namespace.
+@Suite(.serialized, .enabled(if: canRunNamespaceTests, namespaceSkipReason))
+struct UDPIPv6UnderlayTests {
+    static let dualStackConfig =
+        #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"udp"}}"#
+    static let ipv6OnlyConfig =
+        #"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"udp"}}"#
+
+    func command(_ lab: Lab, host n: Int, extra: [String] = []) -> [String] {
+        [
+            tunneldBinary, "run", "--store-dir", lab.storeDirectory, "--iface", "eth0",
+            "--subnet-file", lab.subnetFile(n), "--device", "tun0",
+            "--control-socket", lab.directory.appendingPathComponent("h\(n).sock").path,
+        ] + extra
+    }
+
+    /// Counting rules (no target) for the datagrams host N sends to the
+    /// backend port, one per underlay family (`ipv4` false: a host without IPv4).
+    func countUnderlay(_ lab: Lab, host n: Int, ipv4: Bool = true) throws {
+        if ipv4 { try lab.exec("h\(n)", ["iptables", "-I", "OUTPUT", "-p", "udp", "--dport", "8285"]) }
+        try lab.exec("h\(n)", ["ip6tables", "-I", "OUTPUT", "-p", "udp", "--dport", "8285"])
+    }
+
+    /// Datagrams host N sent to port 8285 over each underlay since the last reset.
+    func underlayPackets(_ lab: Lab, host n: Int, ipv4: Bool = true) throws -> (v4: Int, v6: Int) {
+        func packets(_ tool: String) throws -> Int {
+            let listing = try lab.hostOutput(n, [tool, "-L", "OUTPUT", "-v", "-x", "-n"])
+            let line = try #require(listing.split(separator: "\n").first { $0.contains("udp dpt:8285") }, "\(listing)")
+            return try #require(Int(line.split(separator: " ")[0]), "\(line)")
+        }
+        return (ipv4 ? try packets("iptables") : 0, try packets("ip6tables"))
+    }
+
+    func resetCounters(_ lab: Lab, host n: Int, ipv4: Bool = true) throws {
+        if ipv4 { try lab.exec("h\(n)", ["iptables", "-Z", "OUTPUT"]) }
+        try lab.exec("h\(n)", ["ip6tables", "-Z", "OUTPUT"])
+    }
+
+    @Test func ipv6PacketsTakeTheIPv6UnderlayAndIPv4PacketsTheIPv4One() throws {
+        try Lab.withLocalStore(config: Self.dualStackConfig) { lab in
+            for n in 1...2 { try lab.addHost(n, command: command(lab, host: n), ipv6: true) }
+            let v4 = [try LabLease(lab, host: 1), try LabLease(lab, host: 2)]
+            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            #expect(
+                lab.waitForLog(
+                    "h1",
+                    containing: "peer \(v4[1].subnet) → peer 198.18.0.2:8285, \(v6[1].subnet) → peer [fd18::2]:8285"
+                ),
+                "\(lab.log("h1"))"
+            )
+            // The IPv6 underlay's header is 20 bytes longer: 1500 − 48.
+            #expect(try lab.subnetEnv(1)["FLANNEL_MTU"] == "1452")
+            for n in 1...2 { try countUnderlay(lab, host: n) }
+
+            for (from, to) in [(1, 2), (2, 1)] {
+                try resetCounters(lab, host: from)
+                let ping6 = try lab.ping6(from: from, to: to)
+                #expect(ping6.succeeded, "\(ping6.output)")
+                let afterPing6 = try underlayPackets(lab, host: from)
+                #expect(afterPing6.v6 >= 3 && afterPing6.v4 == 0, "h\(from) ping6: \(afterPing6)")
+
+                try resetCounters(lab, host: from)
+                let ping = try lab.ping(from: from, to: to)
+                #expect(ping.succeeded, "\(ping.output)")
+                let afterPing = try underlayPackets(lab, host: from)
+                #expect(afterPing.v4 >= 3 && afterPing.v6 == 0, "h\(from) ping: \(afterPing)")
+            }
+            // Full-size IPv6 packets (the tunnel's MTU, 1452) go through whole.
+            let big = try lab.exec(
+                "c1",
+                ["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", "-s", "1404", "-M", "do", try lab.containerIPv6(2)],
+                timeout: .seconds(30),
+                check: false
+            )
+            #expect(big.succeeded, "\(big.output)")
+            try resetCounters(lab, host: 1)
+            try transfer(lab, from: 1, to: 2, bytes: 8 << 20, ipv6: true)
+            let bulk = try underlayPackets(lab, host: 1)
+            #expect(bulk.v6 > 1000 && bulk.v4 == 0, "IPv6 transfer: \(bulk)")
+
+            try lab.lab("stop", "h1")
+            try lab.lab("stop", "h2")
+            let receiver = lab.dataPathCounters("h2")
+            #expect(receiver["dropped_spoofed_source", default: 0] == 0, "\(receiver)")
+            #expect(receiver["dropped_unknown_peer", default: 0] == 0, "\(receiver)")
+        }
+    }
+
+    /// A host with no IPv6 underlay writes flannel's lease (PublicIPv6
+    /// null): a host that has one still reaches it over IPv4, both families.
+    @Test func aPeerWithoutAPublicIPv6GetsItsIPv6PacketsOverIPv4() throws {
+        try Lab.withLocalStore(config: Self.dualStackConfig) { lab in
+            try lab.addHost(1, command: command(lab, host: 1), ipv6: true)
+            try lab.addHost(2, command: command(lab, host: 2), ipv6: false)
+            let v4 = [try LabLease(lab, host: 1), try LabLease(lab, host: 2)]
+            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(v4[1].subnet) and \(v6[1].subnet) → peer 198.18.0.2:8285"),
+                "\(lab.log("h1"))"
+            )
+            #expect(
+                lab.waitForLog("h2", containing: "peer \(v4[0].subnet) and \(v6[0].subnet) → peer 198.18.0.1:8285"),
+                "\(lab.log("h2"))"
+            )
+            try countUnderlay(lab, host: 1)
+            for (from, to) in [(1, 2), (2, 1)] {
+                let ping6 = try lab.ping6(from: from, to: to)
+                #expect(ping6.succeeded, "\(ping6.output)")
+            }
+            try resetCounters(lab, host: 1)
+            try transfer(lab, from: 1, to: 2, bytes: 4 << 20, ipv6: true)
+            let bulk = try underlayPackets(lab, host: 1)
+            #expect(bulk.v4 > 500 && bulk.v6 == 0, "IPv6 transfer to a peer without PublicIPv6: \(bulk)")
+        }
+    }
+
+    /// Hosts whose underlay has only IPv6 addresses (fd18::N/64, no
+    /// 198.18.0.N): PublicIP 0.0.0.0 as flanneld writes it, everything over
+    /// the IPv6 underlay, in the default tier and flannel's simple loop.
+    @Test(arguments: [[], ["--datapath", "simple"]])
+    func anIPv6OnlyNetworkRunsOnHostsWithOnlyAnIPv6Underlay(datapath: [String]) throws {
+        try Lab.withLocalStore(config: Self.ipv6OnlyConfig) { lab in
+            for n in 1...2 {
+                try lab.addHost(n, command: command(lab, host: n, extra: datapath), ipv6Only: true)
+            }
+            let addresses = try lab.hostOutput(1, ["ip", "-4", "addr", "show", "dev", "eth0"])
+            #expect(!addresses.contains("inet "), "\(addresses)")
+            #expect(
+                lab.log("h1").contains("public IP none (IPv6 underlay only), public IPv6 fd18::1"),
+                "\(lab.log("h1"))"
+            )
+            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            #expect(v6[0].subnet != v6[1].subnet)
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(v6[1].subnet) → peer [fd18::2]:8285"),
+                "\(lab.log("h1"))"
+            )
+            for n in 1...2 { try countUnderlay(lab, host: n, ipv4: false) }
+            for (from, to) in [(1, 2), (2, 1)] {
+                let ping6 = try lab.ping6(from: from, to: to)
+                #expect(ping6.succeeded, "\(ping6.output)")
+            }
+            try transfer(lab, from: 1, to: 2, bytes: (datapath.isEmpty ? 8 : 2) << 20, ipv6: true)
+            try transfer(lab, from: 2, to: 1, bytes: 1 << 20, port: 5202, ipv6: true)
+            #expect(try underlayPackets(lab, host: 1, ipv4: false).v6 > 100)
+
+            // Started again: the same subnet, found by its PublicIPv6 (every
+            // such host's PublicIP is 0.0.0.0).
+            try lab.lab("stop", "h2")
+            try lab.lab("start", "h2")
+            let leased = "leased \(v6[1].subnet) for 0.0.0.0"
+            #expect(
+                try lab.waitUntil { lab.log("h2").components(separatedBy: leased).count == 3 },
+                "\(lab.log("h2"))"
+            )
+            let after = try lab.ping6(from: 1, to: 2)
+            #expect(after.succeeded, "\(after.output)")
+        }
+    }
+}
