@@ -144,6 +144,9 @@ final class UDPDataPath: Sendable {
             segmentation: segmentation,
             receiveCoalescing: receiveCoalescing
         )
+        if !sockets[0].isDualStack {
+            notes.append("the kernel has no IPv6 sockets: peers are reached over the IPv4 underlay only")
+        }
         var configuration = LoopConfiguration(depth: settings.queueDepth, mtu: settings.mtu, offloads: offloads)
         configuration.maxSegments = UDPDataPath.maxSegments
         configuration.busyPollMicroseconds = settings.busyPollMicroseconds

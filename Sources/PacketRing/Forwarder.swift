@@ -151,7 +151,7 @@ public struct Forwarder: Sendable {
         return .send(peer: entry, length: total)
     }
 
-    /// Checks a datagram from `sender`:`senderPort` (host order); returns
+    /// Checks a datagram from `sender` (either underlay); returns
     /// the length to write into the TUN, or nil to drop it. Peers send from
     /// the backend port they listen on, so a datagram from another port of
     /// the right host is not the peer's either. Whatever the sender, the

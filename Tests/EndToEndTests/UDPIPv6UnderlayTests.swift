@@ -135,13 +135,21 @@ struct UDPIPv6UnderlayTests {
 
     /// Hosts whose underlay has only IPv6 addresses (fd18::N/64, no
     /// 198.18.0.N): PublicIP 0.0.0.0 as flanneld writes it, everything over
-    /// the IPv6 underlay, in the default tier and flannel's simple loop.
-    @Test(arguments: [[], ["--datapath", "simple"]])
+    /// the IPv6 underlay, in the default tier (io_uring where the kernel
+    /// has it), the system-call tier and flannel's simple loop.
+    @Test(arguments: [[], ["--datapath", "syscall"], ["--datapath", "simple"]])
     func anIPv6OnlyNetworkRunsOnHostsWithOnlyAnIPv6Underlay(datapath: [String]) throws {
         try Lab.withLocalStore(config: Self.ipv6OnlyConfig) { lab in
             for n in 1...2 {
                 try lab.addHost(n, command: command(lab, host: n, extra: datapath), ipv6Only: true)
             }
+            let tier = datapath.last ?? "auto"
+            #expect(
+                lab.log("h1").contains(
+                    tier == "simple" ? "simple data path" : tier == "syscall" ? "system-call" : "data path"
+                ),
+                "\(lab.log("h1"))"
+            )
             let addresses = try lab.hostOutput(1, ["ip", "-4", "addr", "show", "dev", "eth0"])
             #expect(!addresses.contains("inet "), "\(addresses)")
             #expect(
@@ -159,9 +167,9 @@ struct UDPIPv6UnderlayTests {
                 let ping6 = try lab.ping6(from: from, to: to)
                 #expect(ping6.succeeded, "\(ping6.output)")
             }
-            try transfer(lab, from: 1, to: 2, bytes: (datapath.isEmpty ? 8 : 2) << 20, ipv6: true)
+            try transfer(lab, from: 1, to: 2, bytes: (tier == "simple" ? 2 : 8) << 20, ipv6: true)
             try transfer(lab, from: 2, to: 1, bytes: 1 << 20, port: 5202, ipv6: true)
-            #expect(try underlayBytes(lab, host: 1, ipv4: false).v6 > (datapath.isEmpty ? 8 : 2) << 20)
+            #expect(try underlayBytes(lab, host: 1, ipv4: false).v6 > (tier == "simple" ? 2 : 8) << 20)
 
             // Started again: the same subnet, found by its PublicIPv6 (every
             // such host's PublicIP is 0.0.0.0).
