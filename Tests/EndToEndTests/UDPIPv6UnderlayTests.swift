@@ -133,6 +133,35 @@ struct UDPIPv6UnderlayTests {
         }
     }
 
+    /// A host with only an IPv6 underlay and one with only IPv4 share no
+    /// underlay: each says so in one line naming both sides' addresses and
+    /// programs nothing for the other; nothing crosses.
+    @Test func hostsWithNoUnderlayInCommonSayWhyInOneLine() throws {
+        try Lab.withLocalStore(config: Self.ipv6OnlyConfig) { lab in
+            try lab.addHost(1, command: command(lab, host: 1), ipv6Only: true)
+            try lab.addHost(2, command: command(lab, host: 2), ipv6: false)
+            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            #expect(
+                lab.waitForLog(
+                    "h2",
+                    containing:
+                        "peer subnet \(v6[0].subnet) is unreachable over udp: the peer has PublicIPv6 fd18::1 and this host PublicIP 198.18.0.2, no underlay in common; give this host an IPv6 address (-public-ipv6)"
+                ),
+                "\(lab.log("h2"))"
+            )
+            #expect(
+                lab.waitForLog(
+                    "h1",
+                    containing:
+                        "peer subnet \(v6[1].subnet) is unreachable over udp: the peer has PublicIP 198.18.0.2 and this host PublicIPv6 fd18::1, no underlay in common"
+                ),
+                "\(lab.log("h1"))"
+            )
+            let ping6 = try lab.ping6(from: 1, to: 2, attempts: 2)
+            #expect(!ping6.succeeded, "\(ping6.output)")
+        }
+    }
+
     /// Hosts whose underlay has only IPv6 addresses (fd18::N/64, no
     /// 198.18.0.N): PublicIP 0.0.0.0 as flanneld writes it, everything over
     /// the IPv6 underlay, in the default tier (io_uring where the kernel
