@@ -542,14 +542,20 @@ final class Daemon: Service, Sendable {
     }
 
     /// For a host whose underlay has no IPv4 address: the first `--iface`
-    /// named that has a global IPv6 address, or without `--iface` the
-    /// interface of the IPv6 default route (flanneld has no such case).
+    /// (a name, or one of its global IPv6 addresses) that has a global IPv6
+    /// address, or without `--iface` the interface of the IPv6 default
+    /// route (flanneld has no such case).
     private func selectIPv6OnlyInterface(_ socket: RouteSocket) throws -> Interface? {
         let all = try InterfaceLookup.interfaces(using: socket)
-        let withIPv6 = Set(try socket.ipv6Addresses().filter { $0.address.isGlobalUnicast }.map(\.index))
+        let global = try socket.ipv6Addresses().filter { $0.address.isGlobalUnicast }
+        let withIPv6 = Set(global.map(\.index))
         if !options.iface.isEmpty {
-            return options.iface.lazy.compactMap { name in
-                all.first { $0.name == name.trimmingCharacters(in: .whitespaces) && withIPv6.contains($0.index) }
+            return options.iface.lazy.compactMap { candidate in
+                let wanted = candidate.trimmingCharacters(in: .whitespaces)
+                let index =
+                    IPv6Address(wanted).flatMap { address in global.first { $0.address == address }?.index }
+                    ?? all.first { $0.name == wanted }?.index
+                return all.first { $0.index == index && withIPv6.contains($0.index) }
             }.first
         }
         guard options.ifaceRegex.isEmpty, options.ifaceCanReach == nil else { return nil }

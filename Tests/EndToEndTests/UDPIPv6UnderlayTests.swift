@@ -15,9 +15,9 @@ struct UDPIPv6UnderlayTests {
     static let ipv6OnlyConfig =
         #"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"udp"}}"#
 
-    func command(_ lab: Lab, host n: Int, extra: [String] = []) -> [String] {
+    func command(_ lab: Lab, host n: Int, iface: String = "eth0", extra: [String] = []) -> [String] {
         [
-            tunneldBinary, "run", "--store-dir", lab.storeDirectory, "--iface", "eth0",
+            tunneldBinary, "run", "--store-dir", lab.storeDirectory, "--iface", iface,
             "--subnet-file", lab.subnetFile(n), "--device", "tun0",
             "--control-socket", lab.directory.appendingPathComponent("h\(n).sock").path,
         ] + extra
@@ -138,7 +138,8 @@ struct UDPIPv6UnderlayTests {
     /// programs nothing for the other; nothing crosses.
     @Test func hostsWithNoUnderlayInCommonSayWhyInOneLine() throws {
         try Lab.withLocalStore(config: Self.ipv6OnlyConfig) { lab in
-            try lab.addHost(1, command: command(lab, host: 1), ipv6Only: true)
+            // -iface by IPv6 address, as flanneld's -iface takes an address.
+            try lab.addHost(1, command: command(lab, host: 1, iface: "fd18::1"), ipv6Only: true)
             try lab.addHost(2, command: command(lab, host: 2), ipv6: false)
             let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
             #expect(
