@@ -193,7 +193,7 @@ public final class UDPBackend: Backend, HostBackend {
                             routes.append(("\(subnet)", route))
                         } else {
                             table.remove(subnet)
-                            logger.warning("\(underlays.unreachable(subnet, of: theirs, ipv6Inner: false))")
+                            logger.warning("\(underlays.unreachable(subnet, of: theirs))")
                         }
                     }
                     // Only a peer whose lease has an IPv6 subnet gets IPv6
@@ -204,7 +204,7 @@ public final class UDPBackend: Backend, HostBackend {
                             routes.append(("\(subnet6)", route))
                         } else {
                             table6.remove(subnet6)
-                            logger.warning("\(underlays.unreachable(subnet6, of: theirs, ipv6Inner: true))")
+                            logger.warning("\(underlays.unreachable(subnet6, of: theirs))")
                         }
                     }
                     // "peer A and B → peer X" when both take one underlay.
@@ -342,11 +342,7 @@ public struct UnderlayAddresses: Sendable, Equatable {
     }
 
     /// Why `subnet` of `peer` cannot be reached, and what to do.
-    public func unreachable(
-        _ subnet: some CustomStringConvertible,
-        of peer: UnderlayAddresses,
-        ipv6Inner: Bool
-    ) -> String {
+    public func unreachable(_ subnet: some CustomStringConvertible, of peer: UnderlayAddresses) -> String {
         func text(_ a: UnderlayAddresses) -> String {
             [a.ipv4.map { "PublicIP \($0)" }, a.ipv6.map { "PublicIPv6 \($0)" }].compactMap { $0 }
                 .joined(separator: ", ")

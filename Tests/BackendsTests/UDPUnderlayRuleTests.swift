@@ -82,7 +82,7 @@ import UDPEncap
         let ipv4Only = UnderlayAddresses(ipv4: IPv4Address("198.18.0.1")!, ipv6: nil)
         #expect(ipv4Only.route(ipv6Inner: true, to: v6Only, port: 8285) == nil)
         // The one line for it names both sides and what to give.
-        let line = ipv4Only.unreachable("fd00:10:2:7::/64", of: v6Only, ipv6Inner: true)
+        let line = ipv4Only.unreachable("fd00:10:2:7::/64", of: v6Only)
         #expect(
             line.contains("peer subnet fd00:10:2:7::/64 is unreachable over udp")
                 && line.contains("the peer has PublicIPv6 fd18::2 and this host PublicIP 198.18.0.1")
