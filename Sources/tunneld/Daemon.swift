@@ -523,10 +523,8 @@ final class Daemon: Service, Sendable {
         return found
     }
 
-    /// flanneld's order: each `--iface` (name or IP) that exists, then each
-    /// `--iface-regex` against names and addresses, then the interface of
-    /// the route to `--iface-can-reach`; the default route's when none of
-    /// them is given.
+    /// The underlay interface and its IPv4 address (0.0.0.0 for a host
+    /// without one, in an IPv6-only udp network).
     private func selectInterface(_ socket: RouteSocket, config: NetworkConfig) throws -> (Interface, IPv4Address) {
         do {
             return try selectIPv4Interface(socket)
@@ -564,6 +562,10 @@ final class Daemon: Service, Sendable {
         return all.first { $0.index == route?.outputIndex && withIPv6.contains($0.index) }
     }
 
+    /// flanneld's order: each `--iface` (name or IP) that exists, then each
+    /// `--iface-regex` against names and addresses, then the interface of
+    /// the route to `--iface-can-reach`; the default route's when none of
+    /// them is given.
     private func selectIPv4Interface(_ socket: RouteSocket) throws -> (Interface, IPv4Address) {
         if options.iface.isEmpty && options.ifaceRegex.isEmpty && options.ifaceCanReach == nil {
             return try InterfaceLookup.defaultInterface(using: socket)
