@@ -95,18 +95,21 @@ final class WireGuardDataPath: Sendable {
         let tunFD = tun.fd.rawValue
         let iovecs = UnsafeMutablePointer<iovec>.allocate(capacity: Self.batchSize)
         let control = UnsafeMutableRawPointer.allocate(byteCount: UDPControlMessage.space, alignment: 8)
-        // With a virtio header: one read's room, and the room its segments take once split
-        // (the payload once, the headers once per segment).
+        // With a virtio header: one read's room, and for a super-packet's segments their
+        // headers (written once per segment) and two iovecs each: headers, then the payload
+        // where it lies in the read buffer. Each segment is copied once, into its slot.
         let virtio = tun.vnetHeader
         let readRoom = virtio ? Self.superPacketRoom : 0
-        let splitRoom = virtio ? 65536 + Self.maxSegments * 120 : 0
+        let headerRoom = virtio ? Self.maxSegments * 120 : 0
         let readBuffer = UnsafeMutableRawPointer.allocate(byteCount: max(readRoom, 1), alignment: 64)
-        let splitBuffer = UnsafeMutableRawPointer.allocate(byteCount: max(splitRoom, 1), alignment: 64)
+        let headerBuffer = UnsafeMutableRawPointer.allocate(byteCount: max(headerRoom, 1), alignment: 64)
+        let gather = UnsafeMutablePointer<iovec>.allocate(capacity: virtio ? 2 * Self.maxSegments : 1)
         defer {
             iovecs.deallocate()
             control.deallocate()
             readBuffer.deallocate()
-            splitBuffer.deallocate()
+            headerBuffer.deallocate()
+            gather.deallocate()
         }
         UDPControlMessage.prepareSegmentSize(control)
 
@@ -119,16 +122,23 @@ final class WireGuardDataPath: Sendable {
             batch.count = 0
         }
 
-        /// Copies one packet into the next slot (sealing the batch first when it is full).
-        func append(_ packet: UnsafeRawPointer, _ length: Int) {
+        /// Copies one packet, given as `count` pieces (its bytes in order), into the next slot
+        /// (sealing the batch first when it is full).
+        func append(_ pieces: UnsafePointer<iovec>, count: Int) {
             if batch.count == batch.capacity { flush() }
             let area = batch.payloadArea(batch.count)
+            var length = 0
+            for k in 0..<count { length += pieces[k].iov_len }
             guard length <= area.count else {
                 // Longer than the device's MTU: only when the MTU was raised by hand.
                 engine.count(.droppedMalformed)
                 return
             }
-            area.baseAddress!.copyMemory(from: packet, byteCount: length)
+            var at = area.baseAddress!
+            for k in 0..<count where pieces[k].iov_len > 0 {
+                at.copyMemory(from: pieces[k].iov_base, byteCount: pieces[k].iov_len)
+                at += pieces[k].iov_len
+            }
             batch.packets[batch.count].length = length
             batch.count += 1
         }
@@ -173,28 +183,31 @@ final class WireGuardDataPath: Sendable {
                 let header = VirtioNetHeader(reading: readBuffer)
                 let packet = readBuffer + VirtioNetHeader.size
                 let length = n - VirtioNetHeader.size
-                if header.gso == VirtioNetHeader.GSOType.none, !header.needsChecksum {
-                    append(packet, length)
+                if header.gso == VirtioNetHeader.GSOType.none {
+                    // One packet; its checksum may be left to us (completed in place).
+                    guard Segmentation.completeChecksum(packet, length: length, header: header) else {
+                        badOffloads += 1
+                        continue
+                    }
+                    gather[0] = iovec(iov_base: packet, iov_len: length)
+                    append(gather, count: 1)
                     continue
                 }
-                // A super-packet, or a packet whose checksum is left to us: into the packets
-                // the container's stack would have sent without offloads.
-                switch Segmentation.split(
+                // A super-packet: into the packets the container's stack would have sent
+                // without offloads, each gathered from its headers and its share of the payload.
+                switch Segmentation.splitGathered(
                     packet,
                     length: length,
                     header: header,
-                    into: splitBuffer,
-                    capacity: splitRoom,
+                    headers: headerBuffer,
+                    headerCapacity: headerRoom,
+                    iovecs: gather,
+                    iovecCapacity: 2 * Self.maxSegments,
                     maxSegments: Self.maxSegments
                 ) {
                 case .success(let segments):
                     if segments.count > 1 { superPackets += 1 }
-                    var offset = 0
-                    while offset < segments.totalLength {
-                        let size = min(segments.segmentLength, segments.totalLength - offset)
-                        append(splitBuffer + offset, size)
-                        offset += size
-                    }
+                    for k in 0..<segments.count { append(gather + 2 * k, count: 2) }
                 case .failure:
                     badOffloads += 1
                 }

@@ -143,6 +143,59 @@ import WireGuard
         #expect(counter(b, .droppedBadMAC) == 2)
     }
 
+    @Test func aBatchToTwoPeersInterleavedIsSealedInRunsWithConsecutiveCounters() throws {
+        let keyC = PrivateKey.generate()
+        let subnetC = net("10.2.3.0/24")
+        let endpointC = UDPEndpoint(address: ip("198.18.0.3"), port: 51820)
+        let (a, b) = try engines()
+        let c = WireGuardEngine(privateKey: keyC, presharedKey: .none, persistentKeepalive: 0, subnetLength: 24)
+        try a.setPeer(subnet: subnetC, publicKey: keyC.publicKey, endpoint: endpointC)
+        try c.setPeer(subnet: subnetA, publicKey: keyA.publicKey, endpoint: endpointA)
+        try handshake(a, b, first: aToB)
+        let aToC = makePacket(source: 0x0A02_0105, destination: 0x0A02_0309, payload: [1, 2, 3])
+        let toC = send([aToC], through: a)
+        let (_, response) = deliver(toC, to: c, from: endpointA)
+        let (_, staged) = deliver(response, to: a, from: endpointC)
+        #expect(deliver(staged, to: c, from: endpointA).written == [aToC])
+        // B, B, C, B, C, C: four runs, each peer's counters in order.
+        let packets = (0..<6).map { i in
+            makePacket(
+                source: 0x0A02_0105,
+                destination: [1, 1, 0, 1, 0, 0][i] == 1 ? 0x0A02_0207 : 0x0A02_0309,
+                payload: Array(repeating: UInt8(i), count: 10 + i)
+            )
+        }
+        let sealed = send(packets, through: a)
+        #expect(sealed.map(\.to) == [endpointB, endpointB, endpointC, endpointB, endpointC, endpointC])
+        let counters = sealed.map { d in d.bytes[8..<16].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
+        #expect(counters[0] + 1 == counters[1] && counters[1] + 1 == counters[3])
+        #expect(counters[2] + 1 == counters[4] && counters[4] + 1 == counters[5])
+        let toB = sealed.enumerated().filter { $0.element.to == endpointB }
+        let toCAgain = sealed.enumerated().filter { $0.element.to == endpointC }
+        #expect(deliver(toB.map(\.element), to: b, from: endpointA).written == toB.map { packets[$0.offset] })
+        #expect(deliver(toCAgain.map(\.element), to: c, from: endpointA).written == toCAgain.map { packets[$0.offset] })
+        #expect(counter(a, .packetsSealed) == 8)
+    }
+
+    @Test func oneBatchHoldingAMessageTwiceAndATamperedOneOpensTheRestOnce() throws {
+        let (a, b) = try engines()
+        try handshake(a, b, first: aToB)
+        let packets = (0..<4).map { i in
+            makePacket(source: 0x0A02_0105, destination: 0x0A02_0207, payload: Array(repeating: UInt8(i), count: 50))
+        }
+        let sealed = send(packets, through: a)
+        try #require(sealed.count == 4)
+        var tampered = sealed[2]
+        tampered.bytes[tampered.bytes.count - 1] ^= 0x80
+        // The same message twice passes the window's check before decryption; only one is accepted.
+        let (written, _) = deliver([sealed[0], sealed[1], sealed[1], tampered, sealed[3]], to: b, from: endpointA)
+        #expect(written == [packets[0], packets[1], packets[3]])
+        #expect(counter(b, .droppedReplay) == 1)
+        #expect(counter(b, .droppedBadMAC) == 1)
+        // The tampered one's counter was not marked: the genuine message still opens.
+        #expect(deliver([sealed[2]], to: b, from: endpointA).written == [packets[2]])
+    }
+
     @Test func aFloodOfInitiationsGetsCookieRepliesInsteadOfHandshakeWork() throws {
         let (_, b) = try engines()
         // Initiations with a valid mac1 (anyone who knows B's public key
