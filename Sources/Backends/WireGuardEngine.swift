@@ -83,8 +83,12 @@ final class PacketBatch {
     let slotSize: Int
     private let slab: UnsafeMutableRawBufferPointer
     let packets: UnsafeMutableBufferPointer<PacketBuffer>
-    var endpoints: [UDPEndpoint]
-    var pass: [Bool]
+    // Per slot, in memory of the batch's own (no copy-on-write or exclusivity checks per packet).
+    let endpoints: UnsafeMutableBufferPointer<UDPEndpoint>
+    let pass: UnsafeMutableBufferPointer<Bool>
+    /// Sealing: where each payload lies when not in its slot (the pieces of a
+    /// TUN super-packet's segment), so that it is copied as it is sealed.
+    let parts: UnsafeMutableBufferPointer<PayloadParts>
     var count = 0
 
     /// Sealing: runs of slots to one peer with the counters reserved for
@@ -96,12 +100,12 @@ final class PacketBatch {
     }
     var sealRuns: [SealRun] = []
     /// Per slot while sealing: the destination's subnet key.
-    var destinations: [UInt32]
+    let destinations: UnsafeMutableBufferPointer<UInt32>
     /// Opening: one ticket per run of messages of one session; per slot, the
     /// run it belongs to (-1: nothing to decrypt) and its counter.
     var openTickets: [OpenTicket] = []
-    var ticketOf: [Int]
-    var counters: [UInt64]
+    let ticketOf: UnsafeMutableBufferPointer<Int>
+    let counters: UnsafeMutableBufferPointer<UInt64>
 
     /// Room a slot keeps after the payload: padding (up to 15) and the tag.
     static let trailer = MessageLayout.paddingMultiple + MessageLayout.tagLength
@@ -118,13 +122,36 @@ final class PacketBatch {
                 length: 0
             )
         }
-        endpoints = Array(repeating: UDPEndpoint(address: IPv4Address(0), port: 0), count: capacity)
-        pass = Array(repeating: false, count: capacity)
-        destinations = Array(repeating: 0, count: capacity)
-        ticketOf = Array(repeating: -1, count: capacity)
-        counters = Array(repeating: 0, count: capacity)
+        endpoints = .allocate(capacity: capacity)
+        endpoints.initialize(repeating: UDPEndpoint(address: IPv4Address(0), port: 0))
+        pass = .allocate(capacity: capacity)
+        pass.initialize(repeating: false)
+        parts = .allocate(capacity: capacity)
+        parts.initialize(repeating: .inSlot)
+        destinations = .allocate(capacity: capacity)
+        destinations.initialize(repeating: 0)
+        ticketOf = .allocate(capacity: capacity)
+        ticketOf.initialize(repeating: -1)
+        counters = .allocate(capacity: capacity)
+        counters.initialize(repeating: 0)
         sealRuns.reserveCapacity(capacity)
         openTickets.reserveCapacity(capacity)
+    }
+
+    /// The start of slot i's payload (its IP header): in the slot, or its first part.
+    func head(_ i: Int) -> UnsafeRawBufferPointer {
+        let part = parts[i]
+        if part.isInSlot {
+            return UnsafeRawBufferPointer(rebasing: payloadArea(i)[0..<min(packets[i].length, payloadArea(i).count)])
+        }
+        return part.head
+    }
+
+    /// Slot i's payload as bytes of its own (for a packet that waits for a handshake).
+    func payloadBytes(_ i: Int) -> [UInt8] {
+        let part = parts[i]
+        if part.isInSlot { return Array(head(i)) }
+        return Array(part.head) + Array(part.body)
     }
 
     /// Wipes the key copies the runs and tickets held, keeping the room.
@@ -140,6 +167,12 @@ final class PacketBatch {
         slab.initializeMemory(as: UInt8.self, repeating: 0)
         slab.deallocate()
         packets.deallocate()
+        endpoints.deallocate()
+        pass.deallocate()
+        parts.deallocate()
+        destinations.deallocate()
+        ticketOf.deallocate()
+        counters.deallocate()
     }
 
     /// The room a TUN read may fill in slot i (the payload area).
@@ -292,6 +325,7 @@ final class WireGuardEngine: @unchecked Sendable {
             let run = (start: batch.sealRuns[r].start, count: batch.sealRuns[r].count)
             let sealed = WireGuardInterface.sealReserved(
                 UnsafeMutableBufferPointer(rebasing: batch.packets[run.start..<(run.start + run.count)]),
+                parts: UnsafeBufferPointer(rebasing: batch.parts[run.start..<(run.start + run.count)]),
                 with: batch.sealRuns[r].reservation,
                 cipher: sealCipher
             )
@@ -311,9 +345,8 @@ final class WireGuardEngine: @unchecked Sendable {
         var control: [Datagram] = []
         bump(.tunPacketsRead, batch.count)
         for i in 0..<batch.count {
-            let length = batch.packets[i].length
-            let payload = UnsafeRawBufferPointer(batch.payloadArea(i))
-            guard length >= 20, payload[0] >> 4 == 4 else {
+            let payload = batch.head(i)
+            guard payload.count >= 20, payload[0] >> 4 == 4 else {
                 batch.pass[i] = false
                 bump(.droppedNotIPv4)
                 continue
@@ -338,7 +371,7 @@ final class WireGuardEngine: @unchecked Sendable {
             }
             let reservation = interface.reserve(
                 to: entry.peer,
-                payloadLengths: batch.packets[i..<end].lazy.map(\.length),
+                payloads: UnsafeBufferPointer(rebasing: batch.packets[i..<end]),
                 now: now
             )
             let reserved = reservation?.count ?? 0
@@ -354,8 +387,7 @@ final class WireGuardEngine: @unchecked Sendable {
                     entry.staged.removeFirst()
                     bump(.droppedNoSession)
                 }
-                let payload = UnsafeRawBufferPointer(batch.payloadArea(k))
-                entry.staged.append(Array(UnsafeRawBufferPointer(rebasing: payload[0..<batch.packets[k].length])))
+                entry.staged.append(batch.payloadBytes(k))
             }
             let wantsHandshake = reservation?.wantsHandshake ?? !entry.peer.isHandshaking
             if wantsHandshake, let initiation = initiation(entry, now: now, timestamp: timestamp()) {

@@ -36,6 +36,30 @@ public struct Received {
     public let wantsHandshake: Bool
 }
 
+/// A payload that lies outside its slot, in two pieces (e.g. a segment's
+/// headers and its share of a TUN super-packet's payload): sealing reads it
+/// from there, so it is copied and encrypted in one pass. An empty `head`
+/// (no base address) means the payload is in the slot, at the header length.
+public struct PayloadParts {
+    public var head: UnsafeRawBufferPointer
+    public var body: UnsafeRawBufferPointer
+
+    public init(head: UnsafeRawBufferPointer, body: UnsafeRawBufferPointer) {
+        self.head = head
+        self.body = body
+    }
+
+    /// In the slot.
+    public static var inSlot: PayloadParts {
+        PayloadParts(
+            head: UnsafeRawBufferPointer(start: nil, count: 0),
+            body: UnsafeRawBufferPointer(start: nil, count: 0)
+        )
+    }
+
+    public var isInSlot: Bool { head.baseAddress == nil }
+}
+
 /// Send counters reserved under the caller's lock (`WireGuardInterface.reserve`)
 /// for messages sealed outside it (`sealReserved`): a copy of the session's
 /// send key, which the holder wipes once the messages are sealed.
@@ -652,8 +676,7 @@ public final class WireGuardInterface {
         cipher: CipherContext,
         now: Instant
     ) -> SealOutcome {
-        let lengths = packets.lazy.map(\.length)
-        guard var reservation = reserve(to: peer, payloadLengths: lengths, now: now) else {
+        guard var reservation = reserve(to: peer, payloads: UnsafeBufferPointer(packets), now: now) else {
             return SealOutcome(sealed: 0, wantsHandshake: !peer.isHandshaking)
         }
         defer { reservation.wipe() }
@@ -666,22 +689,23 @@ public final class WireGuardInterface {
     }
 
     /// Reserves send counters of `peer`'s current session for messages
-    /// carrying payloads of these lengths, in order, and does the session's
+    /// carrying these payloads (their lengths), in order, and does the session's
     /// bookkeeping (timers, bytes sent) as if they were sent now; the caller
     /// then seals them with `sealReserved`, which needs no lock. Nil without a
     /// usable session. `count` may be less than asked for when the session
     /// reaches REJECT_AFTER_MESSAGES; `wantsHandshake` asks for a new one.
     public func reserve(
         to peer: Peer,
-        payloadLengths: some Collection<Int>,
+        payloads: UnsafeBufferPointer<PacketBuffer>,
         now: Instant
     ) -> SealReservation? {
         guard let keypair = peer.current, !keypair.isExpired(now: now) else { return nil }
         let first = keypair.sendCounter
-        let count = Int(min(UInt64(payloadLengths.count), Timing.rejectAfterMessages - first))
+        let count = Int(min(UInt64(payloads.count), Timing.rejectAfterMessages - first))
         var bytes: UInt64 = 0
         var sentData = false
-        for payload in payloadLengths.prefix(count) {
+        for i in 0..<count {
+            let payload = payloads[i].length
             bytes &+= UInt64(MessageLayout.transportMinimumLength + MessageLayout.paddedLength(payload))
             if payload > 0 { sentData = true }
         }
@@ -702,7 +726,7 @@ public final class WireGuardInterface {
             remoteIndex: keypair.remoteIndex,
             firstCounter: first,
             count: count,
-            wantsHandshake: (due || count < payloadLengths.count) && !peer.isHandshaking
+            wantsHandshake: (due || count < payloads.count) && !peer.isHandshaking
         )
     }
 
@@ -711,8 +735,11 @@ public final class WireGuardInterface {
     /// workers call it without the lock. Returns how many were sealed (all,
     /// unless libcrypto fails; a counter left unused is a gap the receiver's
     /// window allows).
+    /// `parts[i]`, when given and not `.inSlot`, is where packet i's payload
+    /// (`packets[i].length` bytes) lies instead of its slot.
     public static func sealReserved(
         _ packets: UnsafeMutableBufferPointer<PacketBuffer>,
+        parts: UnsafeBufferPointer<PayloadParts>? = nil,
         with reservation: SealReservation,
         cipher: CipherContext
     ) -> Int {
@@ -727,22 +754,36 @@ public final class WireGuardInterface {
                 "a packet slot has no room for WireGuard's padding and tag"
             )
             let text = memory.baseAddress! + MessageLayout.transportHeaderLength
-            if padded > payload {
-                (text + payload).initializeMemory(as: UInt8.self, repeating: 0, count: padded - payload)
-            }
             memory.storeLittleEndian(UInt32(MessageType.transport.rawValue), at: 0)
             memory.storeLittleEndian(reservation.remoteIndex, at: 4)
             memory.storeLittleEndian(counter, at: 8)
-            guard
-                cipher.seal(
-                    key: reservation.key,
-                    counter: counter,
-                    aad: nil,
-                    text: text,
-                    length: padded,
-                    tag: text + padded
-                )
-            else { break }
+            if let parts, !parts[i - packets.startIndex].isInSlot {
+                let source = parts[i - packets.startIndex]
+                precondition(source.head.count + source.body.count == payload, "a payload's parts are not its length")
+                guard
+                    cipher.seal(
+                        key: reservation.key,
+                        counter: counter,
+                        parts: source,
+                        padding: padded - payload,
+                        out: text
+                    )
+                else { break }
+            } else {
+                if padded > payload {
+                    (text + payload).initializeMemory(as: UInt8.self, repeating: 0, count: padded - payload)
+                }
+                guard
+                    cipher.seal(
+                        key: reservation.key,
+                        counter: counter,
+                        aad: nil,
+                        text: text,
+                        length: padded,
+                        tag: text + padded
+                    )
+                else { break }
+            }
             packets[i].length = MessageLayout.transportHeaderLength + padded + MessageLayout.tagLength
             sealed += 1
         }
