@@ -17,8 +17,9 @@ import Glibc
 /// once. With a TUN that has a virtio header, the kernel's TSO/USO
 /// super-packets are split into the batch's slots before sealing, and the
 /// opened packets of a receive are coalesced into super-packets before they
-/// are written (the udp backend's Offload module). The udp backend's
-/// io_uring loops and workers are not used yet.
+/// are written (the udp backend's Offload module). With `workers` > 1 each
+/// of the two threads shares its batches' crypto with that many − 1 helper
+/// threads (`CryptoWorkers`). The udp backend's io_uring loops are not used.
 final class WireGuardDataPath: Sendable {
     let tun: TunDevice
     let socket: UDPSocket
@@ -49,8 +50,19 @@ final class WireGuardDataPath: Sendable {
     /// segments; larger ones are refused and counted).
     static let maxSegments = 1024
 
-    init(tun: TunDevice, socket: UDPSocket, engine: WireGuardEngine, mtu: Int, tunOffloads: TunOffloads = []) {
+    /// Threads per direction that share a batch's crypto (the TUN and UDP threads count as one each).
+    let workers: Int
+
+    init(
+        tun: TunDevice,
+        socket: UDPSocket,
+        engine: WireGuardEngine,
+        mtu: Int,
+        tunOffloads: TunOffloads = [],
+        workers: Int = 1
+    ) {
         self.tun = tun
+        self.workers = max(1, workers)
         self.socket = socket
         self.engine = engine
         self.mtu = mtu
@@ -96,6 +108,8 @@ final class WireGuardDataPath: Sendable {
 
     private func tunLoop() throws {
         let batch = PacketBatch(capacity: Self.batchSize, payloadSize: mtu)
+        let crypto = CryptoWorkers(helpers: workers - 1, name: "tunneld-wg-seal")
+        defer { crypto.stop() }
         let tunFD = tun.fd.rawValue
         let iovecs = UnsafeMutablePointer<iovec>.allocate(capacity: Self.batchSize)
         let control = UnsafeMutableRawPointer.allocate(byteCount: UDPControlMessage.space, alignment: 8)
@@ -126,7 +140,12 @@ final class WireGuardDataPath: Sendable {
         /// Seals and sends what the batch holds; the batch is empty afterwards.
         func flush() {
             guard batch.count > 0 else { return }
-            let messages = engine.outgoing(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
+            let messages = engine.outgoing(
+                batch,
+                now: WireGuardClock.now(),
+                timestamp: WireGuardClock.timestamp,
+                workers: crypto
+            )
             let (sent, failed) = sendSealed(batch, iovecs: iovecs, control: control)
             finish(messages, sent: sent, failed: failed)
             batch.count = 0
@@ -342,6 +361,8 @@ final class WireGuardDataPath: Sendable {
     /// and after the socket is drained.
     private func udpLoop() throws {
         let batch = PacketBatch(capacity: Self.batchSize, payloadSize: 0)
+        let crypto = CryptoWorkers(helpers: workers - 1, name: "tunneld-wg-open")
+        defer { crypto.stop() }
         let udpFD = socket.fd.rawValue
         let tunFD = tun.fd.rawValue
         let receiveRoom = 1 << 16
@@ -371,7 +392,12 @@ final class WireGuardDataPath: Sendable {
 
         func process() {
             guard batch.count > 0 else { return }
-            let messages = engine.incoming(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
+            let messages = engine.incoming(
+                batch,
+                now: WireGuardClock.now(),
+                timestamp: WireGuardClock.timestamp,
+                workers: crypto
+            )
             var written = 0
             var dropped = 0
             var superPackets = 0

@@ -223,8 +223,8 @@ final class WireGuardEngine: @unchecked Sendable {
     private var counters = [UInt64](repeating: 0, count: WireGuardCounter.allCases.count)
     private var handshakeSecond = Instant(nanoseconds: .min / 2)
     private var handshakesThisSecond = 0
-    private let sealCipher = CipherContext()
-    private let openCipher = CipherContext()
+    /// The crypto of batches whose caller brings no workers of its own (tests).
+    private let inline = CryptoWorkers(helpers: 0, name: "tunneld-wg-inline")
     private let controlCipher = CipherContext()
     let publicKey: PublicKey
 
@@ -318,21 +318,37 @@ final class WireGuardEngine: @unchecked Sendable {
     /// Seals the batch read from the TUN, each packet to the peer whose
     /// subnet holds its destination. Packets without a session wait (and a
     /// handshake starts); `pass[i]` and `endpoints[i]` say what to send where.
-    func outgoing(_ batch: PacketBatch, now: Instant, timestamp: () -> TAI64N) -> [Datagram] {
+    func outgoing(
+        _ batch: PacketBatch,
+        now: Instant,
+        timestamp: () -> TAI64N,
+        workers: CryptoWorkers? = nil
+    ) -> [Datagram] {
         let control = lock.withLock { _ in reserve(batch, now: now, timestamp: timestamp) }
-        var failed = 0
-        for r in batch.sealRuns.indices {
-            let run = (start: batch.sealRuns[r].start, count: batch.sealRuns[r].count)
-            let sealed = WireGuardInterface.sealReserved(
-                UnsafeMutableBufferPointer(rebasing: batch.packets[run.start..<(run.start + run.count)]),
-                parts: UnsafeBufferPointer(rebasing: batch.parts[run.start..<(run.start + run.count)]),
-                with: batch.sealRuns[r].reservation,
-                cipher: sealCipher
-            )
-            for k in (run.start + sealed)..<(run.start + run.count) {
-                batch.pass[k] = false
-                failed += 1
+        let workers = workers ?? inline
+        let chunks = workers.chunks(for: batch.count)
+        let failed = withUnsafeTemporaryAllocation(of: Int.self, capacity: chunks) { failures in
+            failures.initialize(repeating: 0)
+            workers.run(chunks: chunks) { chunk in
+                let slots = CryptoWorkers.range(chunk, of: chunks, count: batch.count)
+                for r in batch.sealRuns.indices {
+                    let start = max(batch.sealRuns[r].start, slots.lowerBound)
+                    let end = min(batch.sealRuns[r].start + batch.sealRuns[r].count, slots.upperBound)
+                    guard start < end else { continue }
+                    let sealed = WireGuardInterface.sealReserved(
+                        UnsafeMutableBufferPointer(rebasing: batch.packets[start..<end]),
+                        parts: UnsafeBufferPointer(rebasing: batch.parts[start..<end]),
+                        with: batch.sealRuns[r].reservation,
+                        from: start - batch.sealRuns[r].start,
+                        cipher: workers.ciphers[chunk]
+                    )
+                    for k in (start + sealed)..<end {
+                        batch.pass[k] = false
+                        failures[chunk] += 1
+                    }
+                }
             }
+            return failures.reduce(0, +)
         }
         batch.wipeKeys()
         if failed > 0 { count(.sendErrors, failed) }
@@ -401,15 +417,31 @@ final class WireGuardEngine: @unchecked Sendable {
     /// handshake messages among them. A transport packet passes (to the TUN,
     /// at the header length, `packets[i].length` long) only when its inner
     /// source lies in the sending peer's subnet: WireGuard's cryptokey routing.
-    func incoming(_ batch: PacketBatch, now: Instant, timestamp: () -> TAI64N) -> [Datagram] {
+    func incoming(
+        _ batch: PacketBatch,
+        now: Instant,
+        timestamp: () -> TAI64N,
+        workers: CryptoWorkers? = nil
+    ) -> [Datagram] {
         var control = lock.withLock { _ in prepare(batch, now: now, timestamp: timestamp) }
-        var failed = 0
-        for i in 0..<batch.count where batch.ticketOf[i] >= 0 {
-            let ticket = batch.ticketOf[i]
-            if !batch.openTickets[ticket].decrypt(&batch.packets[i], counter: batch.counters[i], cipher: openCipher) {
-                batch.ticketOf[i] = -1
-                failed += 1
+        let workers = workers ?? inline
+        let chunks = workers.chunks(for: batch.count)
+        let failed = withUnsafeTemporaryAllocation(of: Int.self, capacity: chunks) { failures in
+            failures.initialize(repeating: 0)
+            workers.run(chunks: chunks) { chunk in
+                for i in CryptoWorkers.range(chunk, of: chunks, count: batch.count) where batch.ticketOf[i] >= 0 {
+                    let opened = batch.openTickets[batch.ticketOf[i]].decrypt(
+                        &batch.packets[i],
+                        counter: batch.counters[i],
+                        cipher: workers.ciphers[chunk]
+                    )
+                    if !opened {
+                        batch.ticketOf[i] = -1
+                        failures[chunk] += 1
+                    }
+                }
             }
+            return failures.reduce(0, +)
         }
         lock.withLock { _ in
             if failed > 0 { bump(.droppedBadMAC, failed) }

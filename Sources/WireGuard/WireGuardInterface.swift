@@ -736,16 +736,19 @@ public final class WireGuardInterface {
     /// unless libcrypto fails; a counter left unused is a gap the receiver's
     /// window allows).
     /// `parts[i]`, when given and not `.inSlot`, is where packet i's payload
-    /// (`packets[i].length` bytes) lies instead of its slot.
+    /// (`packets[i].length` bytes) lies instead of its slot. `packets[0]` is
+    /// the reservation's message number `offset` (workers sealing parts of
+    /// one reservation each start at their own).
     public static func sealReserved(
         _ packets: UnsafeMutableBufferPointer<PacketBuffer>,
         parts: UnsafeBufferPointer<PayloadParts>? = nil,
         with reservation: SealReservation,
+        from offset: Int = 0,
         cipher: CipherContext
     ) -> Int {
         var sealed = 0
-        for i in packets.indices.prefix(reservation.count) {
-            let counter = reservation.firstCounter + UInt64(i - packets.startIndex)
+        for i in packets.indices.prefix(max(0, reservation.count - offset)) {
+            let counter = reservation.firstCounter + UInt64(offset + i - packets.startIndex)
             let payload = packets[i].length
             let padded = MessageLayout.paddedLength(payload)
             let memory = packets[i].memory

@@ -80,7 +80,7 @@ struct Run: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
-            "udp backend: data-path worker threads, each with its own TUN queue, socket and ring (default: online cores, at most 4).",
+            "udp backend: data-path worker threads, each with its own TUN queue, socket and ring; wireguard backend: threads that seal a batch together, and as many that open one (default: online cores, at most 4; wireguard: half of them).",
             valueName: "n"
         )
     )
@@ -98,6 +98,16 @@ struct Run: AsyncParsableCommand {
     var effectiveWorkers: Int {
         if let workers { return workers }
         return max(1, min(4, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
+    }
+
+    /// --workers, or half the online cores (at most 4): the wireguard backend's
+    /// sealing and opening threads each share their batches with that many − 1
+    /// helpers, so the two directions together use every core. On two cores that
+    /// is none: a helper then only takes the core the other direction needs
+    /// (measured in docs/BENCHMARKS.md).
+    var effectiveWireGuardWorkers: Int {
+        if let workers { return workers }
+        return max(1, min(4, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))) / 2))
     }
 
     @Flag(

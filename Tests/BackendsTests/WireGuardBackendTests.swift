@@ -30,7 +30,7 @@ import WireGuard
 
     /// Sends `packets` (IPv4) through `engine` as if read from its TUN:
     /// the datagrams to send, sealed in the batch and as control messages.
-    func send(_ packets: [[UInt8]], through engine: WireGuardEngine) -> [Datagram] {
+    func send(_ packets: [[UInt8]], through engine: WireGuardEngine, workers: CryptoWorkers? = nil) -> [Datagram] {
         let batch = PacketBatch(capacity: packets.count, payloadSize: 1500)
         for (i, packet) in packets.enumerated() {
             let area = batch.payloadArea(i)
@@ -38,7 +38,7 @@ import WireGuard
             batch.packets[i].length = packet.count
         }
         batch.count = packets.count
-        let control = engine.outgoing(batch, now: now, timestamp: WireGuardClock.timestamp)
+        let control = engine.outgoing(batch, now: now, timestamp: WireGuardClock.timestamp, workers: workers)
         var out: [Datagram] = []
         for i in 0..<batch.count where batch.pass[i] {
             let p = batch.packets[i]
@@ -54,7 +54,8 @@ import WireGuard
     func deliver(
         _ datagrams: [Datagram],
         to engine: WireGuardEngine,
-        from source: UDPEndpoint
+        from source: UDPEndpoint,
+        workers: CryptoWorkers? = nil
     ) -> (written: [[UInt8]], replies: [Datagram]) {
         guard !datagrams.isEmpty else { return ([], []) }
         let batch = PacketBatch(capacity: datagrams.count, payloadSize: 1500)
@@ -66,7 +67,7 @@ import WireGuard
             batch.endpoints[i] = source
         }
         batch.count = datagrams.count
-        let replies = engine.incoming(batch, now: now, timestamp: WireGuardClock.timestamp)
+        let replies = engine.incoming(batch, now: now, timestamp: WireGuardClock.timestamp, workers: workers)
         var written: [[UInt8]] = []
         for i in 0..<batch.count where batch.pass[i] {
             let p = batch.packets[i]
@@ -194,6 +195,36 @@ import WireGuard
         #expect(counter(b, .droppedBadMAC) == 1)
         // The tampered one's counter was not marked: the genuine message still opens.
         #expect(deliver([sealed[2]], to: b, from: endpointA).written == [packets[2]])
+    }
+
+    @Test func batchesSealedAndOpenedByWorkerThreadsArriveInOrderAndIntact() throws {
+        let (a, b) = try engines()
+        try handshake(a, b, first: aToB)
+        let sealers = CryptoWorkers(helpers: 1, name: "test-seal")
+        let openers = CryptoWorkers(helpers: 3, name: "test-open")
+        defer {
+            sealers.stop()
+            openers.stop()
+        }
+        for round in 0..<20 {
+            let packets = (0..<64).map { i in
+                makePacket(
+                    source: 0x0A02_0105,
+                    destination: 0x0A02_0207,
+                    payload: (0..<(20 + (i * 37 + round) % 1300)).map { UInt8(truncatingIfNeeded: $0 &+ i &+ round) }
+                )
+            }
+            var sealed = send(packets, through: a, workers: sealers)
+            try #require(sealed.count == 64)
+            let counters = sealed.map { d in d.bytes[8..<16].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
+            #expect(zip(counters, counters.dropFirst()).allSatisfy { $0 + 1 == $1 })
+            // One message in a helper's chunk is tampered with: only it is dropped.
+            sealed[50].bytes[20] ^= 1
+            let written = deliver(sealed, to: b, from: endpointA, workers: openers).written
+            #expect(written == Array(packets[0..<50] + packets[51...]))
+        }
+        #expect(counter(b, .droppedBadMAC) == 20)
+        #expect(counter(b, .packetsOpened) == 1 + 20 * 63)
     }
 
     @Test func aFloodOfInitiationsGetsCookieRepliesInsteadOfHandshakeWork() throws {
