@@ -119,7 +119,12 @@ extension BackendType {
         case .wireguard:
             // Its TUN goes with its process, like udp's.
             host.removeLeftovers(peerRoutesToo: true)
-            return try WireGuardBackend(host: host, offload: options.udp.offload, workers: options.wireguardWorkers)
+            return try WireGuardBackend(
+                host: host,
+                offload: options.udp.offload,
+                workers: options.wireguardWorkers,
+                busyPollMicroseconds: options.udp.busyPollMicroseconds
+            )
         }
     }
 }

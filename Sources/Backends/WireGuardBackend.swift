@@ -27,6 +27,8 @@ public final class WireGuardBackend: Backend, HostBackend {
     let offload: OffloadMode
     /// Threads that seal a batch together, and threads that open one (`--workers`).
     let workers: Int
+    /// How long the data path keeps looking for packets after moving some (`--busy-poll`).
+    let busyPollMicroseconds: Int
     private let engine: WireGuardEngine
     private let dataPath = Mutex<WireGuardDataPath?>(nil)
 
@@ -36,11 +38,13 @@ public final class WireGuardBackend: Backend, HostBackend {
         host: HostContext,
         keyFile: String = WireGuardKeyFile.path,
         offload: OffloadMode = .auto,
-        workers: Int = 1
+        workers: Int = 1,
+        busyPollMicroseconds: Int = 0
     ) throws {
         self.host = host
         self.offload = offload
         self.workers = max(1, workers)
+        self.busyPollMicroseconds = max(0, busyPollMicroseconds)
         settings = host.config.backend.wireguard ?? WireGuardConfig()
         self.keyFile = keyFile
         mtu = settings.deviceMTU(interfaceMTU: host.underlay.mtu)
@@ -127,7 +131,8 @@ public final class WireGuardBackend: Backend, HostBackend {
                 engine: engine,
                 mtu: mtu,
                 tunOffloads: tunOffloads,
-                workers: workers
+                workers: workers,
+                busyPollMicroseconds: busyPollMicroseconds
             )
         }
         logger.info(

@@ -52,6 +52,8 @@ final class WireGuardDataPath: Sendable {
 
     /// Threads per direction that share a batch's crypto (the TUN and UDP threads count as one each).
     let workers: Int
+    /// How long a thread keeps looking for packets after it moved some (`--busy-poll`; 0: off).
+    let busyPollNanoseconds: UInt64
 
     init(
         tun: TunDevice,
@@ -59,10 +61,12 @@ final class WireGuardDataPath: Sendable {
         engine: WireGuardEngine,
         mtu: Int,
         tunOffloads: TunOffloads = [],
-        workers: Int = 1
+        workers: Int = 1,
+        busyPollMicroseconds: Int = 0
     ) {
         self.tun = tun
         self.workers = max(1, workers)
+        busyPollNanoseconds = UInt64(max(0, busyPollMicroseconds)) * 1000
         self.socket = socket
         self.engine = engine
         self.mtu = mtu
@@ -100,9 +104,17 @@ final class WireGuardDataPath: Sendable {
         }
     }
 
-    /// Waits until `fd` is readable or the poll interval passes.
-    private func waitReadable(_ fd: Int32) -> Bool {
+    /// Waits until `fd` is readable or the poll interval passes. Until
+    /// `busyUntil` (a while after the last packets moved) it only looks, and
+    /// yields the CPU between looks: the answer to what was just sent (a
+    /// ping's reply, a TCP ACK) is then taken without a wake-up's delay.
+    private func waitReadable(_ fd: Int32, busyUntil: UInt64) -> Bool {
         var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        if busyPollNanoseconds > 0, monotonicNanoseconds() < busyUntil {
+            if poll(&pfd, 1, 0) > 0 { return true }
+            sched_yield()
+            return false
+        }
         return poll(&pfd, 1, Self.pollMilliseconds) > 0
     }
 
@@ -169,9 +181,12 @@ final class WireGuardDataPath: Sendable {
             batch.count += 1
         }
 
+        var busyUntil: UInt64 = 0
         while !isStopped {
-            guard waitReadable(tunFD) else { continue }
+            guard waitReadable(tunFD, busyUntil: busyUntil) else { continue }
             batch.count = 0
+            var moved = false
+            defer { if moved, busyPollNanoseconds > 0 { busyUntil = monotonicNanoseconds() &+ busyPollNanoseconds } }
             // Counted once per round of reads: every count takes the engine's lock.
             var superPackets = 0
             var badOffloads = 0
@@ -204,6 +219,7 @@ final class WireGuardDataPath: Sendable {
                     }
                     break
                 }
+                moved = true
                 guard virtio else {
                     batch.parts[batch.count] = .inSlot
                     batch.packets[batch.count].length = n
@@ -446,10 +462,13 @@ final class WireGuardDataPath: Sendable {
             batch.count = 0
         }
 
+        var busyUntil: UInt64 = 0
         while !isStopped {
-            guard waitReadable(udpFD) else { continue }
+            guard waitReadable(udpFD, busyUntil: busyUntil) else { continue }
             batch.count = 0
             offset = 0
+            var moved = false
+            defer { if moved, busyPollNanoseconds > 0 { busyUntil = monotonicNanoseconds() &+ busyPollNanoseconds } }
             // Bounded: at most a batch's worth of receives before the timers and stop flag are looked at.
             for _ in 0..<Self.batchSize {
                 if offset + receiveRoom > slab.count {
@@ -474,6 +493,7 @@ final class WireGuardDataPath: Sendable {
                     }
                     break
                 }
+                moved = true
                 let segment = UDPControlMessage.receiveSegmentSize(of: &message) ?? n
                 let source = UDPEndpoint(address.pointee)
                 if segment < n { coalescedReceives += 1 }

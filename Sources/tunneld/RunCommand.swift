@@ -88,7 +88,7 @@ struct Run: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
-            "After moving packets, the io_uring data path looks for more for up to this many microseconds before sleeping (yielding the CPU between looks): about half the round-trip time on a virtual machine, nothing when idle; 0 = off.",
+            "After moving packets, the udp backend's batching data paths and the wireguard backend look for more for up to this many microseconds before sleeping (yielding the CPU between looks): about half the round-trip time on a virtual machine, nothing when idle; 0 = off.",
             valueName: "µs"
         )
     )
