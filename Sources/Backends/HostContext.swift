@@ -86,7 +86,12 @@ extension HostBackend {
 /// data path's options (the kernel backends take none).
 public struct BackendOptions: Sendable {
     public var udp: UDPBackend.Options
-    public init(udp: UDPBackend.Options = .init()) { self.udp = udp }
+    /// The wireguard backend's threads per direction that share a batch's crypto.
+    public var wireguardWorkers: Int
+    public init(udp: UDPBackend.Options = .init(), wireguardWorkers: Int = 1) {
+        self.udp = udp
+        self.wireguardWorkers = wireguardWorkers
+    }
 }
 
 extension BackendType {
@@ -114,7 +119,12 @@ extension BackendType {
         case .wireguard:
             // Its TUN goes with its process, like udp's.
             host.removeLeftovers(peerRoutesToo: true)
-            return try WireGuardBackend(host: host, offload: options.udp.offload)
+            return try WireGuardBackend(
+                host: host,
+                offload: options.udp.offload,
+                workers: options.wireguardWorkers,
+                busyPollMicroseconds: options.udp.busyPollMicroseconds
+            )
         }
     }
 }

@@ -25,14 +25,26 @@ public final class WireGuardBackend: Backend, HostBackend {
     let keyFile: String
     /// `off`: a TUN without a virtio header, one packet per read and write.
     let offload: OffloadMode
+    /// Threads that seal a batch together, and threads that open one (`--workers`).
+    let workers: Int
+    /// How long the data path keeps looking for packets after moving some (`--busy-poll`).
+    let busyPollMicroseconds: Int
     private let engine: WireGuardEngine
     private let dataPath = Mutex<WireGuardDataPath?>(nil)
 
     /// Reads (or makes) the private key now, so that a bad key file stops
     /// the daemon before it takes a lease.
-    public init(host: HostContext, keyFile: String = WireGuardKeyFile.path, offload: OffloadMode = .auto) throws {
+    public init(
+        host: HostContext,
+        keyFile: String = WireGuardKeyFile.path,
+        offload: OffloadMode = .auto,
+        workers: Int = 1,
+        busyPollMicroseconds: Int = 0
+    ) throws {
         self.host = host
         self.offload = offload
+        self.workers = max(1, workers)
+        self.busyPollMicroseconds = max(0, busyPollMicroseconds)
         settings = host.config.backend.wireguard ?? WireGuardConfig()
         self.keyFile = keyFile
         mtu = settings.deviceMTU(interfaceMTU: host.underlay.mtu)
@@ -113,7 +125,15 @@ public final class WireGuardBackend: Backend, HostBackend {
             throw error
         }
         dataPath.withLock {
-            $0 = WireGuardDataPath(tun: tun, socket: socket, engine: engine, mtu: mtu, tunOffloads: tunOffloads)
+            $0 = WireGuardDataPath(
+                tun: tun,
+                socket: socket,
+                engine: engine,
+                mtu: mtu,
+                tunOffloads: tunOffloads,
+                workers: workers,
+                busyPollMicroseconds: busyPollMicroseconds
+            )
         }
         logger.info(
             "device \(device) up: \(lease.subnet.address)/32 MTU \(mtu), route \(config.network) dev \(device), WireGuard on udp port \(settings.listenPort)"
@@ -185,7 +205,7 @@ public final class WireGuardBackend: Backend, HostBackend {
         }
         let threads = path.start()
         logger.info(
-            "WireGuard data path running on udp port \(settings.listenPort), \(engine.peerCount) peer(s), UDP_SEGMENT sends \(path.usesSegmentation ? "on" : "off (the kernel has none)"), UDP_GRO receives \(path.receiveCoalescing ? "on" : "off (the kernel has none)")"
+            "WireGuard data path running on udp port \(settings.listenPort), \(engine.peerCount) peer(s), \(workers) crypto worker(s) each way, UDP_SEGMENT sends \(path.usesSegmentation ? "on" : "off (the kernel has none)"), UDP_GRO receives \(path.receiveCoalescing ? "on" : "off (the kernel has none)")"
         )
         try await withTaskCancellationHandler {
             try await withThrowingTaskGroup(of: Void.self) { group in
@@ -213,7 +233,7 @@ public final class WireGuardBackend: Backend, HostBackend {
             type,
             device: Self.deviceName,
             summary: "userspace WireGuard on udp port \(settings.listenPort), public key \(engine.publicKey)",
-            workers: 1,
+            workers: workers,
             offloads: (path?.tun.vnetHeader == true ? ["tun-vnet-hdr"] : [])
                 + (path?.usesSegmentation == true ? ["udp-gso"] : [])
                 + (path?.receiveCoalescing == true ? ["udp-gro"] : [])

@@ -17,8 +17,9 @@ import Glibc
 /// once. With a TUN that has a virtio header, the kernel's TSO/USO
 /// super-packets are split into the batch's slots before sealing, and the
 /// opened packets of a receive are coalesced into super-packets before they
-/// are written (the udp backend's Offload module). The udp backend's
-/// io_uring loops and workers are not used yet.
+/// are written (the udp backend's Offload module). With `workers` > 1 each
+/// of the two threads shares its batches' crypto with that many − 1 helper
+/// threads (`CryptoWorkers`). The udp backend's io_uring loops are not used.
 final class WireGuardDataPath: Sendable {
     let tun: TunDevice
     let socket: UDPSocket
@@ -36,6 +37,10 @@ final class WireGuardDataPath: Sendable {
     static let segmentationLimit = 65000
 
     static let batchSize = 64
+    /// Receives of up to 64 KiB one batch may span before it is processed.
+    static let receiveSlabs = 4
+    /// TUN reads of up to 64 KiB one batch may span before it is sealed.
+    static let readSlabs = 4
     /// How often the threads look at the stop flag, and the timers run.
     static let pollMilliseconds: Int32 = 100
 
@@ -45,8 +50,23 @@ final class WireGuardDataPath: Sendable {
     /// segments; larger ones are refused and counted).
     static let maxSegments = 1024
 
-    init(tun: TunDevice, socket: UDPSocket, engine: WireGuardEngine, mtu: Int, tunOffloads: TunOffloads = []) {
+    /// Threads per direction that share a batch's crypto (the TUN and UDP threads count as one each).
+    let workers: Int
+    /// How long a thread keeps looking for packets after it moved some (`--busy-poll`; 0: off).
+    let busyPollNanoseconds: UInt64
+
+    init(
+        tun: TunDevice,
+        socket: UDPSocket,
+        engine: WireGuardEngine,
+        mtu: Int,
+        tunOffloads: TunOffloads = [],
+        workers: Int = 1,
+        busyPollMicroseconds: Int = 0
+    ) {
         self.tun = tun
+        self.workers = max(1, workers)
+        busyPollNanoseconds = UInt64(max(0, busyPollMicroseconds)) * 1000
         self.socket = socket
         self.engine = engine
         self.mtu = mtu
@@ -84,58 +104,89 @@ final class WireGuardDataPath: Sendable {
         }
     }
 
-    /// Waits until `fd` is readable or the poll interval passes.
-    private func waitReadable(_ fd: Int32) -> Bool {
+    /// Waits until `fd` is readable or the poll interval passes. Until
+    /// `busyUntil` (a while after the last packets moved) it only looks, and
+    /// yields the CPU between looks: the answer to what was just sent (a
+    /// ping's reply, a TCP ACK) is then taken without a wake-up's delay.
+    private func waitReadable(_ fd: Int32, busyUntil: UInt64) -> Bool {
         var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        if busyPollNanoseconds > 0, monotonicNanoseconds() < busyUntil {
+            if poll(&pfd, 1, 0) > 0 { return true }
+            sched_yield()
+            return false
+        }
         return poll(&pfd, 1, Self.pollMilliseconds) > 0
     }
 
     private func tunLoop() throws {
         let batch = PacketBatch(capacity: Self.batchSize, payloadSize: mtu)
+        let crypto = CryptoWorkers(helpers: workers - 1, name: "tunneld-wg-seal")
+        defer { crypto.stop() }
         let tunFD = tun.fd.rawValue
         let iovecs = UnsafeMutablePointer<iovec>.allocate(capacity: Self.batchSize)
         let control = UnsafeMutableRawPointer.allocate(byteCount: UDPControlMessage.space, alignment: 8)
-        // With a virtio header: one read's room, and the room its segments take once split
-        // (the payload once, the headers once per segment).
+        // With a virtio header, reads fill one slab one after another, and a super-packet's
+        // segments get their headers (written once per segment) in a second: a slot then
+        // points at its segment's two pieces (headers, and its share of the payload where it
+        // lies), which sealing copies and encrypts in one pass. Back to the start of both
+        // only right after the batch was sealed and sent.
         let virtio = tun.vnetHeader
         let readRoom = virtio ? Self.superPacketRoom : 0
-        let splitRoom = virtio ? 65536 + Self.maxSegments * 120 : 0
-        let readBuffer = UnsafeMutableRawPointer.allocate(byteCount: max(readRoom, 1), alignment: 64)
-        let splitBuffer = UnsafeMutableRawPointer.allocate(byteCount: max(splitRoom, 1), alignment: 64)
+        let headerRoom = virtio ? Self.maxSegments * 120 : 0
+        let readSlab = UnsafeMutableRawPointer.allocate(byteCount: max(Self.readSlabs * readRoom, 1), alignment: 64)
+        let headerSlab = UnsafeMutableRawPointer.allocate(byteCount: max(2 * headerRoom, 1), alignment: 64)
+        let gather = UnsafeMutablePointer<iovec>.allocate(capacity: virtio ? 2 * Self.maxSegments : 1)
+        var readOffset = 0
+        var headerOffset = 0
         defer {
+            // Packets read from the containers were in here.
+            readSlab.initializeMemory(as: UInt8.self, repeating: 0, count: max(Self.readSlabs * readRoom, 1))
             iovecs.deallocate()
             control.deallocate()
-            readBuffer.deallocate()
-            splitBuffer.deallocate()
+            readSlab.deallocate()
+            headerSlab.deallocate()
+            gather.deallocate()
         }
         UDPControlMessage.prepareSegmentSize(control)
 
         /// Seals and sends what the batch holds; the batch is empty afterwards.
         func flush() {
             guard batch.count > 0 else { return }
-            let messages = engine.outgoing(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
+            let messages = engine.outgoing(
+                batch,
+                now: WireGuardClock.now(),
+                timestamp: WireGuardClock.timestamp,
+                workers: crypto
+            )
             let (sent, failed) = sendSealed(batch, iovecs: iovecs, control: control)
             finish(messages, sent: sent, failed: failed)
             batch.count = 0
         }
 
-        /// Copies one packet into the next slot (sealing the batch first when it is full).
-        func append(_ packet: UnsafeRawPointer, _ length: Int) {
+        /// Takes one packet, given as its head (IP header on) and body (the rest, maybe
+        /// empty), into the next slot (sealing the batch first when it is full).
+        func append(head: UnsafeRawPointer, _ headLength: Int, body: UnsafeRawPointer?, _ bodyLength: Int) {
             if batch.count == batch.capacity { flush() }
-            let area = batch.payloadArea(batch.count)
-            guard length <= area.count else {
+            let length = headLength + bodyLength
+            guard length <= batch.payloadArea(batch.count).count else {
                 // Longer than the device's MTU: only when the MTU was raised by hand.
                 engine.count(.droppedMalformed)
                 return
             }
-            area.baseAddress!.copyMemory(from: packet, byteCount: length)
+            batch.parts[batch.count] = PayloadParts(
+                head: UnsafeRawBufferPointer(start: head, count: headLength),
+                body: UnsafeRawBufferPointer(start: bodyLength > 0 ? body : nil, count: bodyLength)
+            )
             batch.packets[batch.count].length = length
             batch.count += 1
         }
 
+        var busyUntil: UInt64 = 0
         while !isStopped {
-            guard waitReadable(tunFD) else { continue }
+            guard waitReadable(tunFD, busyUntil: busyUntil) else { continue }
             batch.count = 0
+            var moved = false
+            defer { if moved, busyPollNanoseconds > 0 { busyUntil = monotonicNanoseconds() &+ busyPollNanoseconds } }
             // Counted once per round of reads: every count takes the engine's lock.
             var superPackets = 0
             var badOffloads = 0
@@ -144,10 +195,17 @@ final class WireGuardDataPath: Sendable {
                 if badOffloads > 0 { engine.count(.droppedBadOffload, badOffloads) }
             }
             // Bounded: at most a batch's worth of reads before the stop flag is looked at.
+            readOffset = 0
+            headerOffset = 0
             for _ in 0..<Self.batchSize {
                 let n: Int
                 if virtio {
-                    n = read(tunFD, readBuffer, readRoom)
+                    if readOffset + readRoom > Self.readSlabs * readRoom || headerOffset + headerRoom > 2 * headerRoom {
+                        flush()
+                        readOffset = 0
+                        headerOffset = 0
+                    }
+                    n = read(tunFD, readSlab + readOffset, readRoom)
                 } else {
                     if batch.count == batch.capacity { flush() }
                     let area = batch.payloadArea(batch.count)
@@ -161,7 +219,9 @@ final class WireGuardDataPath: Sendable {
                     }
                     break
                 }
+                moved = true
                 guard virtio else {
+                    batch.parts[batch.count] = .inSlot
                     batch.packets[batch.count].length = n
                     batch.count += 1
                     continue
@@ -170,30 +230,46 @@ final class WireGuardDataPath: Sendable {
                     engine.count(.droppedMalformed)
                     continue
                 }
-                let header = VirtioNetHeader(reading: readBuffer)
-                let packet = readBuffer + VirtioNetHeader.size
+                let read = readSlab + readOffset
+                readOffset += (n + 63) & ~63
+                let header = VirtioNetHeader(reading: read)
+                let packet = read + VirtioNetHeader.size
                 let length = n - VirtioNetHeader.size
-                if header.gso == VirtioNetHeader.GSOType.none, !header.needsChecksum {
-                    append(packet, length)
+                if header.gso == VirtioNetHeader.GSOType.none {
+                    // One packet; its checksum may be left to us (completed in place).
+                    guard Segmentation.completeChecksum(packet, length: length, header: header) else {
+                        badOffloads += 1
+                        continue
+                    }
+                    append(head: packet, length, body: nil, 0)
                     continue
                 }
-                // A super-packet, or a packet whose checksum is left to us: into the packets
-                // the container's stack would have sent without offloads.
-                switch Segmentation.split(
+                // A super-packet: into the packets the container's stack would have sent
+                // without offloads, each its headers and its share of the payload.
+                let headers = headerSlab + headerOffset
+                switch Segmentation.splitGathered(
                     packet,
                     length: length,
                     header: header,
-                    into: splitBuffer,
-                    capacity: splitRoom,
+                    headers: headers,
+                    headerCapacity: headerRoom,
+                    iovecs: gather,
+                    iovecCapacity: 2 * Self.maxSegments,
                     maxSegments: Self.maxSegments
                 ) {
                 case .success(let segments):
                     if segments.count > 1 { superPackets += 1 }
-                    var offset = 0
-                    while offset < segments.totalLength {
-                        let size = min(segments.segmentLength, segments.totalLength - offset)
-                        append(splitBuffer + offset, size)
-                        offset += size
+                    for k in 0..<segments.count {
+                        append(
+                            head: gather[2 * k].iov_base!,
+                            gather[2 * k].iov_len,
+                            body: gather[2 * k + 1].iov_base,
+                            gather[2 * k + 1].iov_len
+                        )
+                    }
+                    if segments.count > 0 {
+                        let last = gather[2 * (segments.count - 1)]
+                        headerOffset += ((last.iov_base! + last.iov_len - headers) + 63) & ~63
                     }
                 case .failure:
                     badOffloads += 1
@@ -294,23 +370,35 @@ final class WireGuardDataPath: Sendable {
 
     /// Receives with UDP_GRO where the kernel offers it: one receive may
     /// hold many datagrams of one sender back to back, each `segment` bytes
-    /// (the last may be shorter). They are split into the batch's slots (one
-    /// copy, where the open happens in place), and the batch is opened and
-    /// written whenever it is full, and after the socket is drained.
+    /// (the last may be shorter). Receives fill one slab one after another;
+    /// the batch's slots point at the datagrams where they lie, and each is
+    /// opened there in place (no copy). The batch is opened and written
+    /// whenever it is full, when the slab has no room for another receive,
+    /// and after the socket is drained.
     private func udpLoop() throws {
-        let batch = PacketBatch(capacity: Self.batchSize, payloadSize: max(mtu, 2048))
+        let batch = PacketBatch(capacity: Self.batchSize, payloadSize: 0)
+        let crypto = CryptoWorkers(helpers: workers - 1, name: "tunneld-wg-open")
+        defer { crypto.stop() }
         let udpFD = socket.fd.rawValue
         let tunFD = tun.fd.rawValue
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 16, alignment: 64)
+        let receiveRoom = 1 << 16
+        let slab = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.receiveSlabs * receiveRoom, alignment: 64)
         let control = UnsafeMutableRawPointer.allocate(byteCount: UDPControlMessage.space * 2, alignment: 8)
         let address = UnsafeMutablePointer<sockaddr_in>.allocate(capacity: 1)
         let vector = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
         defer {
-            buffer.deallocate()
+            // Opened packets were in here.
+            slab.initializeMemory(as: UInt8.self, repeating: 0)
+            slab.deallocate()
             control.deallocate()
             address.deallocate()
             vector.deallocate()
         }
+        // Where the next receive goes; back to 0 only right after a batch was processed, so
+        // that no slot of a pending batch is overwritten.
+        var offset = 0
+        // Counted with the batch's counts: every count takes the engine's lock.
+        var coalescedReceives = 0
 
         // With a virtio header, the opened packets of a batch are coalesced like the udp
         // backend's receives: TCP segments of a flow into one super-packet, each write a
@@ -320,7 +408,12 @@ final class WireGuardDataPath: Sendable {
 
         func process() {
             guard batch.count > 0 else { return }
-            let messages = engine.incoming(batch, now: WireGuardClock.now(), timestamp: WireGuardClock.timestamp)
+            let messages = engine.incoming(
+                batch,
+                now: WireGuardClock.now(),
+                timestamp: WireGuardClock.timestamp,
+                workers: crypto
+            )
             var written = 0
             var dropped = 0
             var superPackets = 0
@@ -361,16 +454,29 @@ final class WireGuardDataPath: Sendable {
             if written > 0 { engine.count(.tunPacketsWritten, written) }
             if dropped > 0 { engine.count(.droppedTunWrite, dropped) }
             if superPackets > 0 { engine.count(.tunSuperPacketsWritten, superPackets) }
+            if coalescedReceives > 0 {
+                engine.count(.coalescedReceives, coalescedReceives)
+                coalescedReceives = 0
+            }
             finish(messages, sent: 0, failed: 0)
             batch.count = 0
         }
 
+        var busyUntil: UInt64 = 0
         while !isStopped {
-            guard waitReadable(udpFD) else { continue }
+            guard waitReadable(udpFD, busyUntil: busyUntil) else { continue }
             batch.count = 0
+            offset = 0
+            var moved = false
+            defer { if moved, busyPollNanoseconds > 0 { busyUntil = monotonicNanoseconds() &+ busyPollNanoseconds } }
             // Bounded: at most a batch's worth of receives before the timers and stop flag are looked at.
             for _ in 0..<Self.batchSize {
-                vector.pointee = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
+                if offset + receiveRoom > slab.count {
+                    process()
+                    offset = 0
+                }
+                let buffer = slab.baseAddress! + offset
+                vector.pointee = iovec(iov_base: buffer, iov_len: receiveRoom)
                 var message = msghdr()
                 message.msg_name = UnsafeMutableRawPointer(address)
                 message.msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
@@ -387,27 +493,23 @@ final class WireGuardDataPath: Sendable {
                     }
                     break
                 }
+                moved = true
                 let segment = UDPControlMessage.receiveSegmentSize(of: &message) ?? n
                 let source = UDPEndpoint(address.pointee)
-                if segment < n { engine.count(.coalescedReceives) }
-                var offset = 0
+                if segment < n { coalescedReceives += 1 }
+                var at = 0
                 repeat {
-                    let length = min(segment, n - offset)
+                    let length = min(segment, n - at)
                     if batch.count == batch.capacity { process() }
-                    let slot = batch.packets[batch.count].memory
-                    if length <= slot.count {
-                        if length > 0 {
-                            slot.baseAddress!.copyMemory(from: buffer.baseAddress! + offset, byteCount: length)
-                        }
-                        batch.packets[batch.count].length = length
-                        batch.endpoints[batch.count] = source
-                        batch.count += 1
-                    } else {
-                        // Longer than any message of ours can be: not WireGuard's.
-                        engine.count(.droppedMalformed)
-                    }
-                    offset += max(length, 1)
-                } while offset < n
+                    batch.packets[batch.count] = PacketBuffer(
+                        memory: UnsafeMutableRawBufferPointer(start: buffer + at, count: length),
+                        length: length
+                    )
+                    batch.endpoints[batch.count] = source
+                    batch.count += 1
+                    at += max(length, 1)
+                } while at < n
+                offset += (n + 63) & ~63
             }
             process()
         }

@@ -83,9 +83,29 @@ final class PacketBatch {
     let slotSize: Int
     private let slab: UnsafeMutableRawBufferPointer
     let packets: UnsafeMutableBufferPointer<PacketBuffer>
-    var endpoints: [UDPEndpoint]
-    var pass: [Bool]
+    // Per slot, in memory of the batch's own (no copy-on-write or exclusivity checks per packet).
+    let endpoints: UnsafeMutableBufferPointer<UDPEndpoint>
+    let pass: UnsafeMutableBufferPointer<Bool>
+    /// Sealing: where each payload lies when not in its slot (the pieces of a
+    /// TUN super-packet's segment), so that it is copied as it is sealed.
+    let parts: UnsafeMutableBufferPointer<PayloadParts>
     var count = 0
+
+    /// Sealing: runs of slots to one peer with the counters reserved for
+    /// them, sealed after the engine's lock is let go.
+    struct SealRun {
+        var start: Int
+        var count: Int
+        var reservation: SealReservation
+    }
+    var sealRuns: [SealRun] = []
+    /// Per slot while sealing: the destination's subnet key.
+    let destinations: UnsafeMutableBufferPointer<UInt32>
+    /// Opening: one ticket per run of messages of one session; per slot, the
+    /// run it belongs to (-1: nothing to decrypt) and its counter.
+    var openTickets: [OpenTicket] = []
+    let ticketOf: UnsafeMutableBufferPointer<Int>
+    let counters: UnsafeMutableBufferPointer<UInt64>
 
     /// Room a slot keeps after the payload: padding (up to 15) and the tag.
     static let trailer = MessageLayout.paddingMultiple + MessageLayout.tagLength
@@ -102,8 +122,44 @@ final class PacketBatch {
                 length: 0
             )
         }
-        endpoints = Array(repeating: UDPEndpoint(address: IPv4Address(0), port: 0), count: capacity)
-        pass = Array(repeating: false, count: capacity)
+        endpoints = .allocate(capacity: capacity)
+        endpoints.initialize(repeating: UDPEndpoint(address: IPv4Address(0), port: 0))
+        pass = .allocate(capacity: capacity)
+        pass.initialize(repeating: false)
+        parts = .allocate(capacity: capacity)
+        parts.initialize(repeating: .inSlot)
+        destinations = .allocate(capacity: capacity)
+        destinations.initialize(repeating: 0)
+        ticketOf = .allocate(capacity: capacity)
+        ticketOf.initialize(repeating: -1)
+        counters = .allocate(capacity: capacity)
+        counters.initialize(repeating: 0)
+        sealRuns.reserveCapacity(capacity)
+        openTickets.reserveCapacity(capacity)
+    }
+
+    /// The start of slot i's payload (its IP header): in the slot, or its first part.
+    func head(_ i: Int) -> UnsafeRawBufferPointer {
+        let part = parts[i]
+        if part.isInSlot {
+            return UnsafeRawBufferPointer(rebasing: payloadArea(i)[0..<min(packets[i].length, payloadArea(i).count)])
+        }
+        return part.head
+    }
+
+    /// Slot i's payload as bytes of its own (for a packet that waits for a handshake).
+    func payloadBytes(_ i: Int) -> [UInt8] {
+        let part = parts[i]
+        if part.isInSlot { return Array(head(i)) }
+        return Array(part.head) + Array(part.body)
+    }
+
+    /// Wipes the key copies the runs and tickets held, keeping the room.
+    func wipeKeys() {
+        for i in sealRuns.indices { sealRuns[i].reservation.wipe() }
+        sealRuns.removeAll(keepingCapacity: true)
+        for i in openTickets.indices { openTickets[i].wipe() }
+        openTickets.removeAll(keepingCapacity: true)
     }
 
     deinit {
@@ -111,6 +167,12 @@ final class PacketBatch {
         slab.initializeMemory(as: UInt8.self, repeating: 0)
         slab.deallocate()
         packets.deallocate()
+        endpoints.deallocate()
+        pass.deallocate()
+        parts.deallocate()
+        destinations.deallocate()
+        ticketOf.deallocate()
+        counters.deallocate()
     }
 
     /// The room a TUN read may fill in slot i (the payload area).
@@ -124,8 +186,12 @@ final class PacketBatch {
 /// The wireguard backend's packet logic, without I/O: the WireGuard
 /// interface (our key, the peers and their sessions), the peers by subnet
 /// for steering and for cryptokey routing, the packets waiting for a
-/// handshake, and the counters. Every call takes the one lock: the TUN
-/// thread, the UDP thread and the timer thread each hold it for a batch.
+/// handshake, and the counters. Every call takes the one lock, but not for
+/// the cryptography: a batch's send counters are reserved (and its
+/// receive counters checked) under the lock, its messages sealed or opened
+/// with copies of the session keys after it is let go, and what was opened
+/// completed (replay window, roaming, timers) under it again. So the TUN
+/// thread sealing and the UDP thread opening do not wait for each other.
 final class WireGuardEngine: @unchecked Sendable {
     final class PeerEntry {
         let subnet: IPv4Network
@@ -157,8 +223,8 @@ final class WireGuardEngine: @unchecked Sendable {
     private var counters = [UInt64](repeating: 0, count: WireGuardCounter.allCases.count)
     private var handshakeSecond = Instant(nanoseconds: .min / 2)
     private var handshakesThisSecond = 0
-    private let sealCipher = CipherContext()
-    private let openCipher = CipherContext()
+    /// The crypto of batches whose caller brings no workers of its own (tests).
+    private let inline = CryptoWorkers(helpers: 0, name: "tunneld-wg-inline")
     private let controlCipher = CipherContext()
     let publicKey: PublicKey
 
@@ -252,117 +318,239 @@ final class WireGuardEngine: @unchecked Sendable {
     /// Seals the batch read from the TUN, each packet to the peer whose
     /// subnet holds its destination. Packets without a session wait (and a
     /// handshake starts); `pass[i]` and `endpoints[i]` say what to send where.
-    func outgoing(_ batch: PacketBatch, now: Instant, timestamp: () -> TAI64N) -> [Datagram] {
-        lock.withLock { _ in
-            var control: [Datagram] = []
-            bump(.tunPacketsRead, batch.count)
-            for i in 0..<batch.count {
-                batch.pass[i] = false
-                let length = batch.packets[i].length
-                let payload = UnsafeRawBufferPointer(batch.payloadArea(i))
-                guard length >= 20, payload[0] >> 4 == 4 else {
-                    bump(.droppedNotIPv4)
-                    continue
-                }
-                let destination = UInt32(bigEndian: payload.loadUnaligned(fromByteOffset: 16, as: UInt32.self))
-                guard let entry = bySubnet[destination & subnetMask], let endpoint = entry.peer.endpoint else {
-                    bump(.droppedNoPeer)
-                    continue
-                }
-                let outcome = interface.seal(
-                    UnsafeMutableBufferPointer(rebasing: batch.packets[i..<(i + 1)]),
-                    to: entry.peer,
-                    cipher: sealCipher,
-                    now: now
-                )
-                if outcome.sealed == 1 {
-                    bump(.packetsSealed)
-                    batch.pass[i] = true
-                    batch.endpoints[i] = UDPEndpoint(address: IPv4Address(endpoint.ipv4), port: endpoint.port)
-                } else {
-                    if entry.staged.count >= Self.stagedLimit {
-                        entry.staged.removeFirst()
-                        bump(.droppedNoSession)
+    func outgoing(
+        _ batch: PacketBatch,
+        now: Instant,
+        timestamp: () -> TAI64N,
+        workers: CryptoWorkers? = nil
+    ) -> [Datagram] {
+        let control = lock.withLock { _ in reserve(batch, now: now, timestamp: timestamp) }
+        let workers = workers ?? inline
+        let chunks = workers.chunks(for: batch.count)
+        let failed = withUnsafeTemporaryAllocation(of: Int.self, capacity: chunks) { failures in
+            failures.initialize(repeating: 0)
+            workers.run(chunks: chunks) { chunk in
+                let slots = CryptoWorkers.range(chunk, of: chunks, count: batch.count)
+                for r in batch.sealRuns.indices {
+                    let start = max(batch.sealRuns[r].start, slots.lowerBound)
+                    let end = min(batch.sealRuns[r].start + batch.sealRuns[r].count, slots.upperBound)
+                    guard start < end else { continue }
+                    let sealed = WireGuardInterface.sealReserved(
+                        UnsafeMutableBufferPointer(rebasing: batch.packets[start..<end]),
+                        parts: UnsafeBufferPointer(rebasing: batch.parts[start..<end]),
+                        with: batch.sealRuns[r].reservation,
+                        from: start - batch.sealRuns[r].start,
+                        cipher: workers.ciphers[chunk]
+                    )
+                    for k in (start + sealed)..<end {
+                        batch.pass[k] = false
+                        failures[chunk] += 1
                     }
-                    entry.staged.append(Array(UnsafeRawBufferPointer(rebasing: payload[0..<length])))
-                }
-                if outcome.wantsHandshake, let initiation = initiation(entry, now: now, timestamp: timestamp()) {
-                    control.append(initiation)
                 }
             }
-            return control
+            return failures.reduce(0, +)
         }
+        batch.wipeKeys()
+        if failed > 0 { count(.sendErrors, failed) }
+        return control
+    }
+
+    /// Under the lock: the peer of every slot, and send counters reserved for
+    /// each run of slots to one peer (`batch.sealRuns`).
+    private func reserve(_ batch: PacketBatch, now: Instant, timestamp: () -> TAI64N) -> [Datagram] {
+        var control: [Datagram] = []
+        bump(.tunPacketsRead, batch.count)
+        for i in 0..<batch.count {
+            let payload = batch.head(i)
+            guard payload.count >= 20, payload[0] >> 4 == 4 else {
+                batch.pass[i] = false
+                bump(.droppedNotIPv4)
+                continue
+            }
+            let destination = UInt32(bigEndian: payload.loadUnaligned(fromByteOffset: 16, as: UInt32.self))
+            batch.destinations[i] = destination & subnetMask
+            batch.pass[i] = true
+        }
+        var i = 0
+        while i < batch.count {
+            guard batch.pass[i] else {
+                i += 1
+                continue
+            }
+            var end = i + 1
+            while end < batch.count, batch.pass[end], batch.destinations[end] == batch.destinations[i] { end += 1 }
+            defer { i = end }
+            guard let entry = bySubnet[batch.destinations[i]], let endpoint = entry.peer.endpoint else {
+                for k in i..<end { batch.pass[k] = false }
+                bump(.droppedNoPeer, end - i)
+                continue
+            }
+            let reservation = interface.reserve(
+                to: entry.peer,
+                payloads: UnsafeBufferPointer(rebasing: batch.packets[i..<end]),
+                now: now
+            )
+            let reserved = reservation?.count ?? 0
+            let target = UDPEndpoint(address: IPv4Address(endpoint.ipv4), port: endpoint.port)
+            for k in i..<(i + reserved) { batch.endpoints[k] = target }
+            if let reservation, reserved > 0 {
+                batch.sealRuns.append(PacketBatch.SealRun(start: i, count: reserved, reservation: reservation))
+                bump(.packetsSealed, reserved)
+            }
+            for k in (i + reserved)..<end {
+                batch.pass[k] = false
+                if entry.staged.count >= Self.stagedLimit {
+                    entry.staged.removeFirst()
+                    bump(.droppedNoSession)
+                }
+                entry.staged.append(batch.payloadBytes(k))
+            }
+            let wantsHandshake = reservation?.wantsHandshake ?? !entry.peer.isHandshaking
+            if wantsHandshake, let initiation = initiation(entry, now: now, timestamp: timestamp()) {
+                control.append(initiation)
+            }
+        }
+        return control
     }
 
     /// Authenticates and opens the datagrams received, and handles the
     /// handshake messages among them. A transport packet passes (to the TUN,
     /// at the header length, `packets[i].length` long) only when its inner
     /// source lies in the sending peer's subnet: WireGuard's cryptokey routing.
-    func incoming(_ batch: PacketBatch, now: Instant, timestamp: () -> TAI64N) -> [Datagram] {
-        lock.withLock { _ in
-            var control: [Datagram] = []
-            bump(.datagramsReceived, batch.count)
-            for i in 0..<batch.count {
-                batch.pass[i] = false
-                let source = batch.endpoints[i]
-                let from = Endpoint(ipv4: source.address.value, port: source.port)
-                let length = batch.packets[i].length
-                guard length > 0 else {
-                    bump(.droppedMalformed)
-                    continue
-                }
-                let memory = batch.packets[i].memory
-                guard memory[0] == MessageType.transport.rawValue else {
-                    handshake(
-                        UnsafeRawBufferPointer(rebasing: memory[0..<length]),
-                        from: source,
-                        endpoint: from,
-                        now: now,
-                        timestamp: timestamp,
-                        control: &control
+    func incoming(
+        _ batch: PacketBatch,
+        now: Instant,
+        timestamp: () -> TAI64N,
+        workers: CryptoWorkers? = nil
+    ) -> [Datagram] {
+        var control = lock.withLock { _ in prepare(batch, now: now, timestamp: timestamp) }
+        let workers = workers ?? inline
+        let chunks = workers.chunks(for: batch.count)
+        let failed = withUnsafeTemporaryAllocation(of: Int.self, capacity: chunks) { failures in
+            failures.initialize(repeating: 0)
+            workers.run(chunks: chunks) { chunk in
+                for i in CryptoWorkers.range(chunk, of: chunks, count: batch.count) where batch.ticketOf[i] >= 0 {
+                    let opened = batch.openTickets[batch.ticketOf[i]].decrypt(
+                        &batch.packets[i],
+                        counter: batch.counters[i],
+                        cipher: workers.ciphers[chunk]
                     )
-                    continue
+                    if !opened {
+                        batch.ticketOf[i] = -1
+                        failures[chunk] += 1
+                    }
                 }
-                let received: Received
-                switch interface.open(&batch.packets[i], from: from, cipher: openCipher, now: now) {
-                case .failure(let rejection):
-                    bump(WireGuardCounter(rejection))
-                    continue
-                case .success(let r): received = r
-                }
-                guard let entry = byPeer[ObjectIdentifier(received.peer)] else {
-                    bump(.droppedNoPeer)
-                    continue
-                }
-                if received.wantsHandshake, let initiation = initiation(entry, now: now, timestamp: timestamp()) {
-                    control.append(initiation)
-                }
-                // The responder may send once the initiator used the session.
-                if !entry.staged.isEmpty { flush(entry, now: now, into: &control) }
-                guard received.payloadLength > 0 else {
-                    bump(.keepalivesReceived)
-                    continue
-                }
-                let inner = UnsafeRawBufferPointer(rebasing: memory[MessageLayout.transportHeaderLength...])
-                guard inner[0] >> 4 == 4, received.payloadLength >= 20 else {
-                    bump(.droppedNotIPv4)
-                    continue
-                }
-                let total = Int(UInt16(bigEndian: inner.loadUnaligned(fromByteOffset: 2, as: UInt16.self)))
-                guard total >= 20, total <= received.payloadLength else {
-                    bump(.droppedMalformed)
-                    continue
-                }
-                let innerSource = UInt32(bigEndian: inner.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
-                guard entry.subnet.contains(IPv4Address(innerSource)) else {
-                    bump(.droppedSourceNotAllowed)
-                    continue
-                }
-                bump(.packetsOpened)
-                batch.packets[i].length = total
-                batch.pass[i] = true
             }
-            return control
+            return failures.reduce(0, +)
+        }
+        lock.withLock { _ in
+            if failed > 0 { bump(.droppedBadMAC, failed) }
+            complete(batch, now: now, timestamp: timestamp, control: &control)
+        }
+        batch.wipeKeys()
+        return control
+    }
+
+    /// Under the lock, before decryption: handshake messages are handled,
+    /// and transport messages checked (session, replay window) and given
+    /// their ticket; everything else is dropped and counted.
+    private func prepare(_ batch: PacketBatch, now: Instant, timestamp: () -> TAI64N) -> [Datagram] {
+        var control: [Datagram] = []
+        bump(.datagramsReceived, batch.count)
+        for i in 0..<batch.count {
+            batch.pass[i] = false
+            batch.ticketOf[i] = -1
+            let length = batch.packets[i].length
+            guard length > 0 else {
+                bump(.droppedMalformed)
+                continue
+            }
+            let memory = UnsafeRawBufferPointer(rebasing: batch.packets[i].memory[0..<length])
+            guard memory[0] == MessageType.transport.rawValue else {
+                let source = batch.endpoints[i]
+                handshake(
+                    memory,
+                    from: source,
+                    endpoint: Endpoint(ipv4: source.address.value, port: source.port),
+                    now: now,
+                    timestamp: timestamp,
+                    control: &control
+                )
+                continue
+            }
+            switch interface.prepareOpen(memory, now: now) {
+            case .failure(let rejection):
+                bump(WireGuardCounter(rejection))
+            case .success(var ticket):
+                if let last = batch.openTickets.last, last.isSameSession(as: ticket) {
+                    ticket.wipe()
+                } else {
+                    batch.openTickets.append(ticket)
+                }
+                batch.ticketOf[i] = batch.openTickets.count - 1
+                batch.counters[i] = ticket.counter
+            }
+        }
+        return control
+    }
+
+    /// Under the lock, after decryption: each authenticated message completes
+    /// (replay window, session confirmation, roaming) and its inner packet is
+    /// checked against the sender's subnet.
+    private func complete(
+        _ batch: PacketBatch,
+        now: Instant,
+        timestamp: () -> TAI64N,
+        control: inout [Datagram]
+    ) {
+        for i in 0..<batch.count where batch.ticketOf[i] >= 0 {
+            let source = batch.endpoints[i]
+            let received: Received
+            switch interface.completeOpen(
+                batch.openTickets[batch.ticketOf[i]],
+                counter: batch.counters[i],
+                packet: &batch.packets[i],
+                from: Endpoint(ipv4: source.address.value, port: source.port),
+                now: now
+            ) {
+            case .failure(let rejection):
+                bump(WireGuardCounter(rejection))
+                continue
+            case .success(let r): received = r
+            }
+            guard let entry = byPeer[ObjectIdentifier(received.peer)] else {
+                bump(.droppedNoPeer)
+                continue
+            }
+            if received.wantsHandshake, let initiation = initiation(entry, now: now, timestamp: timestamp()) {
+                control.append(initiation)
+            }
+            // The responder may send once the initiator used the session.
+            if !entry.staged.isEmpty { flush(entry, now: now, into: &control) }
+            guard received.payloadLength > 0 else {
+                bump(.keepalivesReceived)
+                continue
+            }
+            let inner = UnsafeRawBufferPointer(
+                rebasing: batch.packets[i].memory[MessageLayout.transportHeaderLength...]
+            )
+            guard inner[0] >> 4 == 4, received.payloadLength >= 20 else {
+                bump(.droppedNotIPv4)
+                continue
+            }
+            let total = Int(UInt16(bigEndian: inner.loadUnaligned(fromByteOffset: 2, as: UInt16.self)))
+            guard total >= 20, total <= received.payloadLength else {
+                bump(.droppedMalformed)
+                continue
+            }
+            let innerSource = UInt32(bigEndian: inner.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
+            guard entry.subnet.contains(IPv4Address(innerSource)) else {
+                bump(.droppedSourceNotAllowed)
+                continue
+            }
+            bump(.packetsOpened)
+            batch.packets[i].length = total
+            batch.pass[i] = true
         }
     }
 

@@ -162,6 +162,29 @@ int cwg_aead_seal(cwg_aead *context, const uint8_t key[32], const uint8_t nonce[
     return EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_GET_TAG, 16, tag) == 1;
 }
 
+// Every update of this stream cipher writes as many bytes as it reads; checked,
+// so that a provider that buffered would fail loudly instead of sealing garbage.
+static int seal_piece(EVP_CIPHER_CTX *c, uint8_t *out, const uint8_t *in, size_t length) {
+    int written = 0;
+    if (length == 0) return 1;
+    return EVP_EncryptUpdate(c, out, &written, in, (int)length) == 1 && (size_t)written == length;
+}
+
+int cwg_aead_seal_parts(cwg_aead *context, const uint8_t key[32], const uint8_t nonce[12], const uint8_t *a,
+                        size_t a_length, const uint8_t *b, size_t b_length, size_t padding, uint8_t *out,
+                        uint8_t tag[16]) {
+    static const uint8_t zeros[16];
+    EVP_CIPHER_CTX *c = context->encrypt;
+    int written = 0;
+    if (padding > sizeof zeros) return 0;
+    if (EVP_EncryptInit_ex(c, NULL, NULL, key, nonce) != 1) return 0;
+    if (!seal_piece(c, out, a, a_length) || !seal_piece(c, out + a_length, b, b_length) ||
+        !seal_piece(c, out + a_length + b_length, zeros, padding))
+        return 0;
+    if (EVP_EncryptFinal_ex(c, out + a_length + b_length + padding, &written) != 1) return 0;
+    return EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_GET_TAG, 16, tag) == 1;
+}
+
 int cwg_aead_open(cwg_aead *context, const uint8_t key[32], const uint8_t nonce[12], const uint8_t *aad,
                   size_t aad_length, const uint8_t *in, uint8_t *out, size_t length, const uint8_t tag[16]) {
     EVP_CIPHER_CTX *c = context->decrypt;

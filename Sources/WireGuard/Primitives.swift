@@ -270,6 +270,36 @@ public final class CipherContext {
         }
     }
 
+    /// Seals a payload given as `parts` (head, then body) and `padding` zero
+    /// bytes into `out`, the tag right after: copy and encryption in one pass.
+    @inline(__always)
+    func seal(
+        key: Bytes32,
+        counter: UInt64,
+        parts: PayloadParts,
+        padding: Int,
+        out: UnsafeMutableRawPointer
+    ) -> Bool {
+        var nonce = Self.nonce(counter)
+        let total = parts.head.count + parts.body.count + padding
+        return key.withUnsafeBytes { k in
+            Swift.withUnsafeBytes(of: &nonce) { n in
+                cwg_aead_seal_parts(
+                    context,
+                    k.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                    n.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                    parts.head.baseAddress?.assumingMemoryBound(to: UInt8.self),
+                    parts.head.count,
+                    parts.body.baseAddress?.assumingMemoryBound(to: UInt8.self),
+                    parts.body.count,
+                    padding,
+                    out.assumingMemoryBound(to: UInt8.self),
+                    (out + total).assumingMemoryBound(to: UInt8.self)
+                ) == 1
+            }
+        }
+    }
+
     /// Opens `length` bytes at `text` in place, checking the tag at `tag`.
     @inline(__always)
     func open(

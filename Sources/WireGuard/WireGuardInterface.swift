@@ -36,6 +36,96 @@ public struct Received {
     public let wantsHandshake: Bool
 }
 
+/// A payload that lies outside its slot, in two pieces (e.g. a segment's
+/// headers and its share of a TUN super-packet's payload): sealing reads it
+/// from there, so it is copied and encrypted in one pass. An empty `head`
+/// (no base address) means the payload is in the slot, at the header length.
+public struct PayloadParts {
+    public var head: UnsafeRawBufferPointer
+    public var body: UnsafeRawBufferPointer
+
+    public init(head: UnsafeRawBufferPointer, body: UnsafeRawBufferPointer) {
+        self.head = head
+        self.body = body
+    }
+
+    /// In the slot.
+    public static var inSlot: PayloadParts {
+        PayloadParts(
+            head: UnsafeRawBufferPointer(start: nil, count: 0),
+            body: UnsafeRawBufferPointer(start: nil, count: 0)
+        )
+    }
+
+    public var isInSlot: Bool { head.baseAddress == nil }
+}
+
+/// Send counters reserved under the caller's lock (`WireGuardInterface.reserve`)
+/// for messages sealed outside it (`sealReserved`): a copy of the session's
+/// send key, which the holder wipes once the messages are sealed.
+public struct SealReservation: Sendable {
+    public private(set) var key: Bytes32
+    public let remoteIndex: UInt32
+    public let firstCounter: UInt64
+    /// Messages reserved, from the first payload on.
+    public let count: Int
+    /// No usable session for the rest, or the session is due for rekey: start a handshake.
+    public let wantsHandshake: Bool
+
+    init(key: Bytes32, remoteIndex: UInt32, firstCounter: UInt64, count: Int, wantsHandshake: Bool) {
+        self.key = key
+        self.remoteIndex = remoteIndex
+        self.firstCounter = firstCounter
+        self.count = count
+        self.wantsHandshake = wantsHandshake
+    }
+
+    public mutating func wipe() { key.wipe() }
+}
+
+/// A transport message that passed the checks before decryption
+/// (`WireGuardInterface.prepareOpen`): its session, counter and a copy of
+/// the receive key, to decrypt without the lock and complete under it.
+public struct OpenTicket {
+    public let peer: Peer
+    let keypair: Keypair
+    private var key: Bytes32
+    public let counter: UInt64
+
+    init(peer: Peer, keypair: Keypair, key: Bytes32, counter: UInt64) {
+        self.peer = peer
+        self.keypair = keypair
+        self.key = key
+        self.counter = counter
+    }
+
+    /// Whether two tickets are of one session (so a batch keeps one key per run).
+    public func isSameSession(as other: OpenTicket) -> Bool { keypair === other.keypair }
+
+    /// Authenticates and decrypts the message in `packet` in place (this
+    /// ticket's or, for a later message of the same session in one batch,
+    /// `counter`); on success `packet.length` is the header and the padded
+    /// payload. Touches no state of the interface.
+    public func decrypt(_ packet: inout PacketBuffer, counter: UInt64? = nil, cipher: CipherContext) -> Bool {
+        let length = packet.length - MessageLayout.transportMinimumLength
+        let text = packet.memory.baseAddress! + MessageLayout.transportHeaderLength
+        guard
+            cipher.open(
+                key: key,
+                counter: counter ?? self.counter,
+                aad: nil,
+                text: text,
+                length: length,
+                tag: text + length
+            )
+        else { return false }
+        packet.length = MessageLayout.transportHeaderLength + length
+        return true
+    }
+
+    public mutating func wipe() { key.wipe() }
+}
+
 /// How much of a batch was sealed.
 public struct SealOutcome: Equatable, Sendable {
     /// Packets sealed, from the start of the batch (the rest need a new session).
@@ -579,51 +669,49 @@ public final class WireGuardInterface {
     /// place. Each packet's payload is at the header length; on return its
     /// `length` is the message's. Every slot needs room for the header,
     /// padding and tag (`MessageLayout.trailerRoom`). An empty payload is a keepalive.
+    /// The same as `reserve` followed by `sealReserved` while the caller's lock is held.
     public func seal(
         _ packets: UnsafeMutableBufferPointer<PacketBuffer>,
         to peer: Peer,
         cipher: CipherContext,
         now: Instant
     ) -> SealOutcome {
-        guard let keypair = peer.current, !keypair.isExpired(now: now) else {
+        guard var reservation = reserve(to: peer, payloads: UnsafeBufferPointer(packets), now: now) else {
             return SealOutcome(sealed: 0, wantsHandshake: !peer.isHandshaking)
         }
-        var sealed = 0
+        defer { reservation.wipe() }
+        let sealed = Self.sealReserved(
+            UnsafeMutableBufferPointer(rebasing: packets[0..<reservation.count]),
+            with: reservation,
+            cipher: cipher
+        )
+        return SealOutcome(sealed: sealed, wantsHandshake: reservation.wantsHandshake)
+    }
+
+    /// Reserves send counters of `peer`'s current session for messages
+    /// carrying these payloads (their lengths), in order, and does the session's
+    /// bookkeeping (timers, bytes sent) as if they were sent now; the caller
+    /// then seals them with `sealReserved`, which needs no lock. Nil without a
+    /// usable session. `count` may be less than asked for when the session
+    /// reaches REJECT_AFTER_MESSAGES; `wantsHandshake` asks for a new one.
+    public func reserve(
+        to peer: Peer,
+        payloads: UnsafeBufferPointer<PacketBuffer>,
+        now: Instant
+    ) -> SealReservation? {
+        guard let keypair = peer.current, !keypair.isExpired(now: now) else { return nil }
+        let first = keypair.sendCounter
+        let count = Int(min(UInt64(payloads.count), Timing.rejectAfterMessages - first))
+        var bytes: UInt64 = 0
         var sentData = false
-        for i in packets.indices {
-            let counter = keypair.sendCounter
-            guard counter < Timing.rejectAfterMessages else { break }
-            let payload = packets[i].length
-            let padded = MessageLayout.paddedLength(payload)
-            let memory = packets[i].memory
-            precondition(
-                memory.count >= MessageLayout.transportHeaderLength + padded + MessageLayout.tagLength,
-                "a packet slot has no room for WireGuard's padding and tag"
-            )
-            let text = memory.baseAddress! + MessageLayout.transportHeaderLength
-            if padded > payload {
-                (text + payload).initializeMemory(as: UInt8.self, repeating: 0, count: padded - payload)
-            }
-            memory.storeLittleEndian(UInt32(MessageType.transport.rawValue), at: 0)
-            memory.storeLittleEndian(keypair.remoteIndex, at: 4)
-            memory.storeLittleEndian(counter, at: 8)
-            guard
-                cipher.seal(
-                    key: keypair.sendKey,
-                    counter: counter,
-                    aad: nil,
-                    text: text,
-                    length: padded,
-                    tag: text + padded
-                )
-            else { break }
-            keypair.sendCounter = counter + 1
-            packets[i].length = MessageLayout.transportHeaderLength + padded + MessageLayout.tagLength
-            peer.bytesSent &+= UInt64(packets[i].length)
-            sealed += 1
+        for i in 0..<count {
+            let payload = payloads[i].length
+            bytes &+= UInt64(MessageLayout.transportMinimumLength + MessageLayout.paddedLength(payload))
             if payload > 0 { sentData = true }
         }
-        if sealed > 0 {
+        keypair.sendCounter = first + UInt64(count)
+        if count > 0 {
+            peer.bytesSent &+= bytes
             peer.lastSent = now
             peer.keepaliveAt = nil
             if sentData && peer.newHandshakeAt == nil {
@@ -633,13 +721,83 @@ public final class WireGuardInterface {
         let due =
             keypair.isInitiator
             && (now - keypair.createdAt >= Timing.rekeyAfterTime || keypair.sendCounter >= Timing.rekeyAfterMessages)
-        return SealOutcome(sealed: sealed, wantsHandshake: (due || sealed < packets.count) && !peer.isHandshaking)
+        return SealReservation(
+            key: keypair.sendKey,
+            remoteIndex: keypair.remoteIndex,
+            firstCounter: first,
+            count: count,
+            wantsHandshake: (due || count < payloads.count) && !peer.isHandshaking
+        )
+    }
+
+    /// Seals `packets` (at most `reservation.count`) in place with the
+    /// reserved counters, in order; touches no state of the interface, so
+    /// workers call it without the lock. Returns how many were sealed (all,
+    /// unless libcrypto fails; a counter left unused is a gap the receiver's
+    /// window allows).
+    /// `parts[i]`, when given and not `.inSlot`, is where packet i's payload
+    /// (`packets[i].length` bytes) lies instead of its slot. `packets[0]` is
+    /// the reservation's message number `offset` (workers sealing parts of
+    /// one reservation each start at their own).
+    public static func sealReserved(
+        _ packets: UnsafeMutableBufferPointer<PacketBuffer>,
+        parts: UnsafeBufferPointer<PayloadParts>? = nil,
+        with reservation: SealReservation,
+        from offset: Int = 0,
+        cipher: CipherContext
+    ) -> Int {
+        var sealed = 0
+        for i in packets.indices.prefix(max(0, reservation.count - offset)) {
+            let counter = reservation.firstCounter + UInt64(offset + i - packets.startIndex)
+            let payload = packets[i].length
+            let padded = MessageLayout.paddedLength(payload)
+            let memory = packets[i].memory
+            precondition(
+                memory.count >= MessageLayout.transportHeaderLength + padded + MessageLayout.tagLength,
+                "a packet slot has no room for WireGuard's padding and tag"
+            )
+            let text = memory.baseAddress! + MessageLayout.transportHeaderLength
+            memory.storeLittleEndian(UInt32(MessageType.transport.rawValue), at: 0)
+            memory.storeLittleEndian(reservation.remoteIndex, at: 4)
+            memory.storeLittleEndian(counter, at: 8)
+            if let parts, !parts[i - packets.startIndex].isInSlot {
+                let source = parts[i - packets.startIndex]
+                precondition(source.head.count + source.body.count == payload, "a payload's parts are not its length")
+                guard
+                    cipher.seal(
+                        key: reservation.key,
+                        counter: counter,
+                        parts: source,
+                        padding: padded - payload,
+                        out: text
+                    )
+                else { break }
+            } else {
+                if padded > payload {
+                    (text + payload).initializeMemory(as: UInt8.self, repeating: 0, count: padded - payload)
+                }
+                guard
+                    cipher.seal(
+                        key: reservation.key,
+                        counter: counter,
+                        aad: nil,
+                        text: text,
+                        length: padded,
+                        tag: text + padded
+                    )
+                else { break }
+            }
+            packets[i].length = MessageLayout.transportHeaderLength + padded + MessageLayout.tagLength
+            sealed += 1
+        }
+        return sealed
     }
 
     /// Opens one transport message in place: receiver index, counter window
     /// (checked before decryption, marked only after authentication), tag.
     /// On success the payload is at the header length and the sender's
-    /// endpoint becomes `source` (roaming).
+    /// endpoint becomes `source` (roaming). The same as `prepareOpen`,
+    /// `OpenTicket.decrypt` and `completeOpen` under the caller's lock.
     public func open(
         _ packet: inout PacketBuffer,
         from source: Endpoint,
@@ -648,7 +806,21 @@ public final class WireGuardInterface {
     )
         -> Result<Received, Rejection>
     {
-        let m = UnsafeRawBufferPointer(rebasing: packet.memory[0..<packet.length])
+        var ticket: OpenTicket
+        switch prepareOpen(UnsafeRawBufferPointer(rebasing: packet.memory[0..<packet.length]), now: now) {
+        case .failure(let rejection): return .failure(rejection)
+        case .success(let t): ticket = t
+        }
+        defer { ticket.wipe() }
+        guard ticket.decrypt(&packet, cipher: cipher) else { return .failure(.decryptionFailed(.transport)) }
+        return completeOpen(ticket, packet: &packet, from: source, now: now)
+    }
+
+    /// The checks before decryption: a transport message of ours (type,
+    /// length, receiver index of a live session) whose counter the window
+    /// still accepts. The ticket holds a copy of the receive key, for
+    /// decrypting without the lock; the caller wipes it.
+    public func prepareOpen(_ m: UnsafeRawBufferPointer, now: Instant) -> Result<OpenTicket, Rejection> {
         switch classify(m) {
         case .failure(let rejection): return .failure(rejection)
         case .success(.transport): break
@@ -663,18 +835,24 @@ public final class WireGuardInterface {
             return .failure(.expiredKeypair)
         }
         guard keypair.replay.check(counter) else { return .failure(.replayedCounter(counter)) }
-        let length = packet.length - MessageLayout.transportMinimumLength
-        let text = packet.memory.baseAddress! + MessageLayout.transportHeaderLength
-        guard
-            cipher.open(
-                key: keypair.receiveKey,
-                counter: counter,
-                aad: nil,
-                text: text,
-                length: length,
-                tag: text + length
-            )
-        else { return .failure(.decryptionFailed(.transport)) }
+        return .success(OpenTicket(peer: peer, keypair: keypair, key: keypair.receiveKey, counter: counter))
+    }
+
+    /// After `ticket.decrypt` authenticated the message: marks the counter
+    /// (a second copy decrypted meanwhile is refused here), confirms a new
+    /// session, follows the sender's endpoint and runs the timers.
+    public func completeOpen(
+        _ ticket: OpenTicket,
+        counter: UInt64? = nil,
+        packet: inout PacketBuffer,
+        from source: Endpoint,
+        now: Instant
+    ) -> Result<Received, Rejection> {
+        let peer = ticket.peer
+        let keypair = ticket.keypair
+        // The session may have ended while the message was decrypted.
+        guard !keypair.isDestroyed else { return .failure(.expiredKeypair) }
+        let counter = counter ?? ticket.counter
         guard keypair.replay.accept(counter) else { return .failure(.replayedCounter(counter)) }
         if peer.next === keypair {
             // The initiator used the new session: it is confirmed.
@@ -683,14 +861,14 @@ public final class WireGuardInterface {
             peer.current = keypair
             peer.next = nil
         }
+        let length = packet.length - MessageLayout.transportHeaderLength
         peer.endpoint = source
         peer.newHandshakeAt = nil
-        peer.bytesReceived &+= UInt64(packet.length)
+        peer.bytesReceived &+= UInt64(packet.length + MessageLayout.tagLength)
         if length > 0 && peer.keepaliveAt == nil { peer.keepaliveAt = now + Timing.keepaliveTimeout }
         let wants =
             peer.current === keypair && keypair.isInitiator && !peer.isHandshaking
             && now - keypair.createdAt >= Timing.rekeyOnReceiveAge
-        packet.length = MessageLayout.transportHeaderLength + length
         return .success(Received(peer: peer, payloadLength: length, wantsHandshake: wants))
     }
 

@@ -328,7 +328,10 @@ final class Daemon: Service, Sendable {
             workers: options.effectiveWorkers,
             busyPollMicroseconds: options.busyPoll
         )
-        return try type.makeBackend(host, options: BackendOptions(udp: udp))
+        return try type.makeBackend(
+            host,
+            options: BackendOptions(udp: udp, wireguardWorkers: options.effectiveWireGuardWorkers)
+        )
     }
 
     private func cleanUp(_ backend: any Backend, firewall: (any FirewallKeeper)?, releasing: Bool) {

@@ -80,7 +80,7 @@ struct Run: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
-            "udp backend: data-path worker threads, each with its own TUN queue, socket and ring (default: online cores, at most 4).",
+            "udp backend: data-path worker threads, each with its own TUN queue, socket and ring; wireguard backend: threads that seal a batch together, and as many that open one (default: online cores, at most 4; wireguard: half of them).",
             valueName: "n"
         )
     )
@@ -88,7 +88,7 @@ struct Run: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
-            "After moving packets, the io_uring data path looks for more for up to this many microseconds before sleeping (yielding the CPU between looks): about half the round-trip time on a virtual machine, nothing when idle; 0 = off.",
+            "After moving packets, the udp backend's batching data paths and the wireguard backend look for more for up to this many microseconds before sleeping (yielding the CPU between looks): about half the round-trip time on a virtual machine, nothing when idle; 0 = off.",
             valueName: "µs"
         )
     )
@@ -98,6 +98,16 @@ struct Run: AsyncParsableCommand {
     var effectiveWorkers: Int {
         if let workers { return workers }
         return max(1, min(4, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
+    }
+
+    /// --workers, or half the online cores (at most 4): the wireguard backend's
+    /// sealing and opening threads each share their batches with that many − 1
+    /// helpers, so the two directions together use every core. On two cores that
+    /// is none: a helper then only takes the core the other direction needs
+    /// (measured in docs/BENCHMARKS.md).
+    var effectiveWireGuardWorkers: Int {
+        if let workers { return workers }
+        return max(1, min(4, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))) / 2))
     }
 
     @Flag(

@@ -30,7 +30,7 @@ import WireGuard
 
     /// Sends `packets` (IPv4) through `engine` as if read from its TUN:
     /// the datagrams to send, sealed in the batch and as control messages.
-    func send(_ packets: [[UInt8]], through engine: WireGuardEngine) -> [Datagram] {
+    func send(_ packets: [[UInt8]], through engine: WireGuardEngine, workers: CryptoWorkers? = nil) -> [Datagram] {
         let batch = PacketBatch(capacity: packets.count, payloadSize: 1500)
         for (i, packet) in packets.enumerated() {
             let area = batch.payloadArea(i)
@@ -38,7 +38,7 @@ import WireGuard
             batch.packets[i].length = packet.count
         }
         batch.count = packets.count
-        let control = engine.outgoing(batch, now: now, timestamp: WireGuardClock.timestamp)
+        let control = engine.outgoing(batch, now: now, timestamp: WireGuardClock.timestamp, workers: workers)
         var out: [Datagram] = []
         for i in 0..<batch.count where batch.pass[i] {
             let p = batch.packets[i]
@@ -54,7 +54,8 @@ import WireGuard
     func deliver(
         _ datagrams: [Datagram],
         to engine: WireGuardEngine,
-        from source: UDPEndpoint
+        from source: UDPEndpoint,
+        workers: CryptoWorkers? = nil
     ) -> (written: [[UInt8]], replies: [Datagram]) {
         guard !datagrams.isEmpty else { return ([], []) }
         let batch = PacketBatch(capacity: datagrams.count, payloadSize: 1500)
@@ -66,7 +67,7 @@ import WireGuard
             batch.endpoints[i] = source
         }
         batch.count = datagrams.count
-        let replies = engine.incoming(batch, now: now, timestamp: WireGuardClock.timestamp)
+        let replies = engine.incoming(batch, now: now, timestamp: WireGuardClock.timestamp, workers: workers)
         var written: [[UInt8]] = []
         for i in 0..<batch.count where batch.pass[i] {
             let p = batch.packets[i]
@@ -141,6 +142,89 @@ import WireGuard
         initiation[0] = 1
         _ = deliver([Datagram(bytes: initiation, to: endpointB)], to: b, from: endpointA)
         #expect(counter(b, .droppedBadMAC) == 2)
+    }
+
+    @Test func aBatchToTwoPeersInterleavedIsSealedInRunsWithConsecutiveCounters() throws {
+        let keyC = PrivateKey.generate()
+        let subnetC = net("10.2.3.0/24")
+        let endpointC = UDPEndpoint(address: ip("198.18.0.3"), port: 51820)
+        let (a, b) = try engines()
+        let c = WireGuardEngine(privateKey: keyC, presharedKey: .none, persistentKeepalive: 0, subnetLength: 24)
+        try a.setPeer(subnet: subnetC, publicKey: keyC.publicKey, endpoint: endpointC)
+        try c.setPeer(subnet: subnetA, publicKey: keyA.publicKey, endpoint: endpointA)
+        try handshake(a, b, first: aToB)
+        let aToC = makePacket(source: 0x0A02_0105, destination: 0x0A02_0309, payload: [1, 2, 3])
+        let toC = send([aToC], through: a)
+        let (_, response) = deliver(toC, to: c, from: endpointA)
+        let (_, staged) = deliver(response, to: a, from: endpointC)
+        #expect(deliver(staged, to: c, from: endpointA).written == [aToC])
+        // B, B, C, B, C, C: four runs, each peer's counters in order.
+        let packets = (0..<6).map { i in
+            makePacket(
+                source: 0x0A02_0105,
+                destination: [1, 1, 0, 1, 0, 0][i] == 1 ? 0x0A02_0207 : 0x0A02_0309,
+                payload: Array(repeating: UInt8(i), count: 10 + i)
+            )
+        }
+        let sealed = send(packets, through: a)
+        #expect(sealed.map(\.to) == [endpointB, endpointB, endpointC, endpointB, endpointC, endpointC])
+        let counters = sealed.map { d in d.bytes[8..<16].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
+        #expect(counters[0] + 1 == counters[1] && counters[1] + 1 == counters[3])
+        #expect(counters[2] + 1 == counters[4] && counters[4] + 1 == counters[5])
+        let toB = sealed.enumerated().filter { $0.element.to == endpointB }
+        let toCAgain = sealed.enumerated().filter { $0.element.to == endpointC }
+        #expect(deliver(toB.map(\.element), to: b, from: endpointA).written == toB.map { packets[$0.offset] })
+        #expect(deliver(toCAgain.map(\.element), to: c, from: endpointA).written == toCAgain.map { packets[$0.offset] })
+        #expect(counter(a, .packetsSealed) == 8)
+    }
+
+    @Test func oneBatchHoldingAMessageTwiceAndATamperedOneOpensTheRestOnce() throws {
+        let (a, b) = try engines()
+        try handshake(a, b, first: aToB)
+        let packets = (0..<4).map { i in
+            makePacket(source: 0x0A02_0105, destination: 0x0A02_0207, payload: Array(repeating: UInt8(i), count: 50))
+        }
+        let sealed = send(packets, through: a)
+        try #require(sealed.count == 4)
+        var tampered = sealed[2]
+        tampered.bytes[tampered.bytes.count - 1] ^= 0x80
+        // The same message twice passes the window's check before decryption; only one is accepted.
+        let (written, _) = deliver([sealed[0], sealed[1], sealed[1], tampered, sealed[3]], to: b, from: endpointA)
+        #expect(written == [packets[0], packets[1], packets[3]])
+        #expect(counter(b, .droppedReplay) == 1)
+        #expect(counter(b, .droppedBadMAC) == 1)
+        // The tampered one's counter was not marked: the genuine message still opens.
+        #expect(deliver([sealed[2]], to: b, from: endpointA).written == [packets[2]])
+    }
+
+    @Test func batchesSealedAndOpenedByWorkerThreadsArriveInOrderAndIntact() throws {
+        let (a, b) = try engines()
+        try handshake(a, b, first: aToB)
+        let sealers = CryptoWorkers(helpers: 1, name: "test-seal")
+        let openers = CryptoWorkers(helpers: 3, name: "test-open")
+        defer {
+            sealers.stop()
+            openers.stop()
+        }
+        for round in 0..<20 {
+            let packets = (0..<64).map { i in
+                makePacket(
+                    source: 0x0A02_0105,
+                    destination: 0x0A02_0207,
+                    payload: (0..<(20 + (i * 37 + round) % 1300)).map { UInt8(truncatingIfNeeded: $0 &+ i &+ round) }
+                )
+            }
+            var sealed = send(packets, through: a, workers: sealers)
+            try #require(sealed.count == 64)
+            let counters = sealed.map { d in d.bytes[8..<16].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
+            #expect(zip(counters, counters.dropFirst()).allSatisfy { $0 + 1 == $1 })
+            // One message in a helper's chunk is tampered with: only it is dropped.
+            sealed[50].bytes[20] ^= 1
+            let written = deliver(sealed, to: b, from: endpointA, workers: openers).written
+            #expect(written == Array(packets[0..<50] + packets[51...]))
+        }
+        #expect(counter(b, .droppedBadMAC) == 20)
+        #expect(counter(b, .packetsOpened) == 1 + 20 * 63)
     }
 
     @Test func aFloodOfInitiationsGetsCookieRepliesInsteadOfHandshakeWork() throws {

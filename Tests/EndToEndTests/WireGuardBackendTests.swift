@@ -59,10 +59,13 @@ struct WireGuardBackendTests {
 
     @Test func twoTunneldHostsCarryContainerTrafficEncrypted() throws {
         try withLab { lab in
-            try addTunneld(lab, 1)
-            try addTunneld(lab, 2)
+            try addTunneld(lab, 1, extra: ["--workers", "1"])
+            // Host 2 seals and opens its batches with helper threads (the transfers below cross them).
+            try addTunneld(lab, 2, extra: ["--workers", "3"])
             let subnet1 = try subnet(lab, 1), subnet2 = try subnet(lab, 2)
             #expect(try lab.subnetEnv(1)["FLANNEL_MTU"] == "1420")
+            #expect(lab.waitForLog("h2", containing: "3 crypto worker(s) each way"))
+            #expect(lab.waitForLog("h1", containing: "1 crypto worker(s) each way"))
 
             // The key file is flanneld's: created 0400, wg's base64.
             let attributes = try FileManager.default.attributesOfItem(atPath: keyFile(lab, 1))

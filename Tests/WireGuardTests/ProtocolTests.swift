@@ -521,6 +521,67 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
         }
         #expect(rejection(results[count]) == .replayedCounter(3))
     }
+
+    /// A payload in two pieces outside its slot (a segment's headers and its
+    /// share of a super-packet) seals to exactly the message the same payload
+    /// in the slot seals to, for every split and padding, and opens.
+    @Test func aPayloadInPartsSealsLikeTheSamePayloadInItsSlot() throws {
+        let pair = try Pair()
+        try pair.handshake()
+        let slotSize = 256
+        let slots = UnsafeMutableRawBufferPointer.allocate(byteCount: slotSize * 2, alignment: 64)
+        defer { slots.deallocate() }
+        let packets = UnsafeMutableBufferPointer<PacketBuffer>.allocate(capacity: 2)
+        defer { packets.deallocate() }
+        let parts = UnsafeMutableBufferPointer<PayloadParts>.allocate(capacity: 2)
+        defer { parts.deallocate() }
+        for (length, split) in [(0, 0), (1, 0), (1, 1), (20, 7), (33, 33), (100, 52), (160, 0)] {
+            let payload = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ length) }
+            let inSlot = UnsafeMutableRawBufferPointer(rebasing: slots[0..<slotSize])
+            let gathered = UnsafeMutableRawBufferPointer(rebasing: slots[slotSize..<(2 * slotSize)])
+            inSlot.initializeMemory(as: UInt8.self, repeating: 0xEE)
+            gathered.initializeMemory(as: UInt8.self, repeating: 0xEE)
+            for (j, byte) in payload.enumerated() { inSlot[16 + j] = byte }
+            packets[0] = PacketBuffer(memory: inSlot, length: length)
+            packets[1] = PacketBuffer(memory: gathered, length: length)
+            try payload.withUnsafeBytes { bytes in
+                parts[0] = .inSlot
+                parts[1] = PayloadParts(
+                    head: UnsafeRawBufferPointer(rebasing: bytes[0..<split]),
+                    body: UnsafeRawBufferPointer(rebasing: bytes[split..<length])
+                )
+                var reservation = try #require(
+                    pair.alice.reserve(to: pair.alicesBob, payloads: UnsafeBufferPointer(packets), now: pair.clock)
+                )
+                defer { reservation.wipe() }
+                // Both with one counter: seal each with its own reservation of one.
+                let first = WireGuardInterface.sealReserved(
+                    UnsafeMutableBufferPointer(rebasing: packets[0..<1]),
+                    parts: UnsafeBufferPointer(rebasing: parts[0..<1]),
+                    with: reservation,
+                    cipher: pair.cipher
+                )
+                let second = WireGuardInterface.sealReserved(
+                    UnsafeMutableBufferPointer(rebasing: packets[1..<2]),
+                    parts: UnsafeBufferPointer(rebasing: parts[1..<2]),
+                    with: reservation,
+                    cipher: pair.cipher
+                )
+                #expect(first == 1 && second == 1)
+            }
+            #expect(packets[0].length == packets[1].length)
+            #expect(
+                Array(inSlot[0..<packets[0].length]) == Array(gathered[0..<packets[1].length]),
+                "length \(length) split \(split)"
+            )
+            var message = packets[1]
+            let opened = try pair.bob.open(&message, from: pair.aliceEnd, cipher: pair.cipher, now: pair.clock).get()
+            #expect(
+                Array(gathered[16..<(16 + length)]) == payload
+                    && opened.payloadLength == MessageLayout.paddedLength(length)
+            )
+        }
+    }
 }
 
 @Suite struct RandomInputTests {

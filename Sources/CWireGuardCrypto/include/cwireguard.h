@@ -50,6 +50,13 @@ int cwg_aead_wipe(cwg_aead *context);
 int cwg_aead_seal(cwg_aead *context, const uint8_t key[32], const uint8_t nonce[12],
                   const uint8_t *aad, size_t aad_length, const uint8_t *in, uint8_t *out, size_t length,
                   uint8_t tag[16]);
+// Seals a transport payload given in two pieces (a then b, either may be empty)
+// followed by `padding` zero bytes, writing the ciphertext to out (a_length +
+// b_length + padding bytes, not overlapping the pieces) and the tag: one pass
+// that copies and encrypts at once. No additional data.
+int cwg_aead_seal_parts(cwg_aead *context, const uint8_t key[32], const uint8_t nonce[12], const uint8_t *a,
+                        size_t a_length, const uint8_t *b, size_t b_length, size_t padding, uint8_t *out,
+                        uint8_t tag[16]);
 // Opens length bytes (without the tag) from in to out (in == out allowed) and
 // checks the tag. On failure out holds garbage the caller must not use.
 int cwg_aead_open(cwg_aead *context, const uint8_t key[32], const uint8_t nonce[12],
