@@ -149,7 +149,7 @@ final class Daemon: Service, Sendable {
                         )
                         .write(to: options.subnetFile)
                         try firewall?.install(Daemon.firewallNetworks(config, newLease))
-                        if let subnet = newLease.ipv4Subnet { try blackhole?.set(subnet) }
+                        try blackhole?.set(ipv4: newLease.ipv4Subnet, ipv6: newLease.ipv6Subnet)
                     } catch {
                         logger.error("could not move to the new subnet \(Daemon.subnets(of: newLease)): \(error)")
                     }
@@ -187,10 +187,10 @@ final class Daemon: Service, Sendable {
                     "forwarding traffic from and to \(config.networksDescription) (\(firewall.forwardLocation)); put back within \(options.iptablesResync) s if removed"
                 )
             }
-            if let blackhole, let subnet = lease.ipv4Subnet {
-                try blackhole.set(subnet)
+            if let blackhole {
+                try blackhole.set(ipv4: lease.ipv4Subnet, ipv6: lease.ipv6Subnet)
                 logger.info(
-                    "blackhole route for \(subnet) (metric \(BlackholeRoute.metric): any real route to it wins); put back within \(options.iptablesResync) s if removed"
+                    "blackhole route for \(blackhole.subnets) (metric \(BlackholeRoute.metric): any real route to it wins); put back within \(options.iptablesResync) s if removed"
                 )
             }
             readiness.waiting(for: "loading the \(joined.peers.leases.count) leases listed in \(store.location)")
