@@ -511,8 +511,10 @@ final class Daemon: Service, Sendable {
             // without an IPv6 address of its own is fine there.
             if config.backend.knownType == .udp { return nil }
             throw DaemonError(
-                "the network is dual-stack (EnableIPv6), but \(interface.name) has no global IPv6 "
-                    + "address: add one, choose another interface with -iface, or give -public-ipv6"
+                "the network is \(config.isIPv6Only ? "IPv6-only" : "dual-stack") (EnableIPv6) and the "
+                    + "\(config.backend.type) backend routes IPv6 to each host's own IPv6 address, but "
+                    + "\(interface.name) has no global IPv6 address: add one, choose another interface with "
+                    + "-iface, or give -public-ipv6"
             )
         }
         return found

@@ -17,6 +17,36 @@ struct LabLease6 {
     }
 }
 
+/// The address families of the IPv6 tests' networks, as flannel's config
+/// names them: both (10.2.0.0/16 and fd00:10:2::/48) or IPv6 only.
+enum LabFamilies: String, CustomStringConvertible, Sendable {
+    case dualStack = "dual stack"
+    case ipv6Only = "IPv6 only"
+
+    var description: String { rawValue }
+
+    /// The config's keys for the networks.
+    var configKeys: String {
+        switch self {
+        case .dualStack: #""Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48""#
+        case .ipv6Only: #""EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:2::/48""#
+        }
+    }
+}
+
+extension Lab {
+    /// Puts flannel's network config for `families` with `backend` (its
+    /// object, e.g. `{"Type":"vxlan"}`) and the `extra` keys (e.g.
+    /// `"EnableNFTables":true`) at /docker/network/config with etcdctl, as a
+    /// deployment does.
+    func putNetworkConfig(_ families: LabFamilies, backend: String, extra: String = "") throws {
+        let file = directory.appendingPathComponent("flannel-config.json")
+        try "{\(families.configKeys),\(extra.isEmpty ? "" : extra + ",")\"Backend\":\(backend)}"
+            .write(to: file, atomically: true, encoding: .utf8)
+        try etcdctl(["put", "/docker/network/config"], input: file.path)
+    }
+}
+
 /// IPv6 in dual-stack networks for the kernel backends, the deployment's
 /// way: flannel's config put with etcdctl, hosts with an IPv6 underlay
 /// (fd18::N/64 beside 198.18.0.N/24), containers with both families.
@@ -27,13 +57,6 @@ struct LabLease6 {
 )
 struct DualStackBackendTests {
     let etcd = EtcdBackendTests()
-
-    func putConfig(_ lab: Lab, backend: String) throws {
-        let file = lab.directory.appendingPathComponent("flannel-config.json")
-        try #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":\#(backend)}"#
-            .write(to: file, atomically: true, encoding: .utf8)
-        try lab.etcdctl(["put", "/docker/network/config"], input: file.path)
-    }
 
     func routes6(_ lab: Lab, host n: Int) throws -> String { try lab.hostOutput(n, ["ip", "-6", "route"]) }
 
@@ -49,7 +72,7 @@ struct DualStackBackendTests {
 
     @Test func vxlanCarriesIPv6OnFlannelV6WithFlanneldsLeaseAndEntries() throws {
         try etcd.withEtcdLab { lab in
-            try putConfig(lab, backend: #"{"Type":"vxlan"}"#)
+            try lab.putNetworkConfig(.dualStack, backend: #"{"Type":"vxlan"}"#)
             try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
             try lab.addHost(2, command: etcd.flanneldCommand(lab, host: 2), ipv6: true)
             let v4 = [try LabLease(lab, host: 1), try LabLease(lab, host: 2)]
@@ -113,7 +136,7 @@ struct DualStackBackendTests {
 
     @Test func aFlanneldDualStackVXLANLeaseGetsIPv6EntriesAndLosesThemWithItsKey() throws {
         try etcd.withEtcdLab { lab in
-            try putConfig(lab, backend: #"{"Type":"vxlan"}"#)
+            try lab.putNetworkConfig(.dualStack, backend: #"{"Type":"vxlan"}"#)
             try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
 
             // What a dual-stack flanneld vxlan host at 198.18.0.9 / fd18::9 writes,
@@ -176,7 +199,7 @@ struct DualStackBackendTests {
 
     @Test func hostGatewayRoutesIPv6ViaEachPeersPublicIPv6() throws {
         try etcd.withEtcdLab { lab in
-            try putConfig(lab, backend: #"{"Type":"host-gw"}"#)
+            try lab.putNetworkConfig(.dualStack, backend: #"{"Type":"host-gw"}"#)
             try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
             try lab.addHost(2, command: etcd.flanneldCommand(lab, host: 2), ipv6: true)
             let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
@@ -244,7 +267,7 @@ struct DualStackBackendTests {
     /// coalesced into GSO_TCPV6/UDP_L4 writes on the receiving one.
     @Test func udpCarriesIPv6TrafficThroughTheOffloads() throws {
         try etcd.withEtcdLab { lab in
-            try putConfig(lab, backend: #"{"Type":"udp"}"#)
+            try lab.putNetworkConfig(.dualStack, backend: #"{"Type":"udp"}"#)
             try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
             try lab.addHost(2, command: etcd.flanneldCommand(lab, host: 2), ipv6: true)
             for host in ["h1", "h2"] {
@@ -267,7 +290,7 @@ struct DualStackBackendTests {
 
     @Test func udpCarriesIPv6PacketsOverTheIPv4Underlay() throws {
         try etcd.withEtcdLab { lab in
-            try putConfig(lab, backend: #"{"Type":"udp"}"#)
+            try lab.putNetworkConfig(.dualStack, backend: #"{"Type":"udp"}"#)
             try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
             try lab.addHost(2, command: etcd.flanneldCommand(lab, host: 2), ipv6: true)
             let v4 = [try LabLease(lab, host: 1), try LabLease(lab, host: 2)]

@@ -15,13 +15,6 @@ struct IPv6OnlyBackendTests {
     let etcd = EtcdBackendTests()
     let dual = DualStackBackendTests()
 
-    func putConfig(_ lab: Lab, backend: String) throws {
-        let file = lab.directory.appendingPathComponent("flannel-config.json")
-        try #"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":\#(backend)}"#
-            .write(to: file, atomically: true, encoding: .utf8)
-        try lab.etcdctl(["put", "/docker/network/config"], input: file.path)
-    }
-
     /// flanneld's key of an IPv6-only lease.
     func leaseKey(_ lease: LabLease6) -> String {
         "/docker/network/subnets/0.0.0.0-0&" + lease.subnet.replacingOccurrences(of: "/", with: "-")
@@ -42,7 +35,7 @@ struct IPv6OnlyBackendTests {
 
     @Test func hostGatewayRunsAnIPv6OnlyNetwork() throws {
         try etcd.withEtcdLab { lab in
-            try putConfig(lab, backend: #"{"Type":"host-gw"}"#)
+            try lab.putNetworkConfig(.ipv6Only, backend: #"{"Type":"host-gw"}"#)
             try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
             try lab.addHost(2, command: etcd.flanneldCommand(lab, host: 2), ipv6: true)
             let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
@@ -103,7 +96,7 @@ struct IPv6OnlyBackendTests {
 
     @Test func udpRunsAnIPv6OnlyNetworkOverTheIPv4Underlay() throws {
         try etcd.withEtcdLab { lab in
-            try putConfig(lab, backend: #"{"Type":"udp"}"#)
+            try lab.putNetworkConfig(.ipv6Only, backend: #"{"Type":"udp"}"#)
             // No IPv6 underlay: udp carries IPv6 inside IPv4 datagrams.
             for n in 1...2 {
                 try lab.addHost(n, command: etcd.flanneldCommand(lab, host: n, extra: ["-ip-masq"]), ipv6: false)
