@@ -131,7 +131,7 @@ let ipv6OnlyJSON =
         return try SubnetChooser.choose(
             config: try config(ipv6OnlyJSON),
             leases: leases,
-            publicIP: ip(me),
+            host: LeaseAttributes(publicIP: ip(me)),
             preferred: nil,
             preferredIPv6: preferredIPv6.map(net6),
             using: &g
