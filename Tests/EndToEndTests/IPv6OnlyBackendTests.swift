@@ -145,4 +145,47 @@ struct IPv6OnlyBackendTests {
             #expect(after.succeeded, "\(after.output)")
         }
     }
+
+    /// A reservation of an IPv6-only network, put with etcdctl the way
+    /// flanneld writes such keys (PublicIP 0.0.0.0): the host with that
+    /// PublicIPv6 gets the subnet and routes it, the key stays without a TTL
+    /// (rewritten with the host's attributes), `tunneld leases` says so, and
+    /// leaving the network with --release-on-exit leaves it in place.
+    @Test func aReservationPutWithEtcdctlGoesToTheHostWithItsPublicIPv6() throws {
+        try etcd.withEtcdLab { lab in
+            try lab.putNetworkConfig(.ipv6Only, backend: #"{"Type":"host-gw"}"#)
+            let key = "/docker/network/subnets/0.0.0.0-0&fd00:10:2:c8::-64"
+            try lab.etcdctl(["put", key, #"{"PublicIP":"0.0.0.0","PublicIPv6":"fd18::2","BackendType":"host-gw"}"#])
+            try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
+            try lab.addHost(
+                2,
+                command: etcd.flanneldCommand(lab, host: 2, extra: ["--release-on-exit"]),
+                ipv6: true
+            )
+            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            #expect(v6[1].subnet == "fd00:10:2:c8::/64", "\(lab.log("h2"))")
+            #expect(v6[0].subnet != v6[1].subnet)
+            #expect(
+                try lab.etcdValue(key) == #"{"PublicIP":"198.18.0.2","PublicIPv6":"fd18::2","BackendType":"host-gw"}"#
+            )
+            let stored = try lab.etcdctl(["get", key, "-w", "json"]).output
+            #expect(stored.contains("\"kvs\"") && !stored.contains("\"lease\""), "still no TTL: \(stored)")
+            #expect(
+                try lab.waitUntil {
+                    try dual.route6(lab, host: 1, to: "fd00:10:2:c8::/64")?.contains("via fd18::2 dev eth0") ?? false
+                },
+                "\((try? dual.routes6(lab, host: 1)) ?? "")"
+            )
+            let ping6 = try lab.ping6(from: 1, to: 2)
+            #expect(ping6.succeeded, "\(ping6.output)")
+            let leases = try lab.exec(
+                "h1",
+                [tunneldBinary, "leases", "-etcd-endpoints=\(labEtcdEndpoint)", "-etcd-prefix=\(seedEtcdPrefix)"]
+            ).output
+            let line = leases.split(separator: "\n").first { $0.contains("fd00:10:2:c8::/64") }
+            #expect(line?.contains("fd18::2") == true && line?.contains("never (reservation)") == true, "\(leases)")
+            try lab.lab("stop", "h2")
+            #expect(try lab.etcdValue(key) != nil, "a reservation outlives --release-on-exit: \(lab.log("h2"))")
+        }
+    }
 }
