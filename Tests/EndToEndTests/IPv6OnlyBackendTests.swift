@@ -36,9 +36,7 @@ struct IPv6OnlyBackendTests {
     @Test func hostGatewayRunsAnIPv6OnlyNetwork() throws {
         try etcd.withEtcdLab { lab in
             try lab.putNetworkConfig(.ipv6Only, backend: #"{"Type":"host-gw"}"#)
-            try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
-            try lab.addHost(2, command: etcd.flanneldCommand(lab, host: 2), ipv6: true)
-            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            let v6 = try dual.addTwoHosts(lab)
             #expect(v6[0].subnet != v6[1].subnet)
             for n in 1...2 {
                 try checkHost(
@@ -48,21 +46,8 @@ struct IPv6OnlyBackendTests {
                     value: #"{"PublicIP":"198.18.0.\#(n)","PublicIPv6":"fd18::\#(n)","BackendType":"host-gw"}"#
                 )
             }
-            for (host, peer) in [(1, 1), (2, 0)] {
-                #expect(
-                    try lab.waitUntil {
-                        try dual.route6(lab, host: host, to: v6[peer].subnet)?.contains(
-                            "via fd18::\(peer + 1) dev eth0"
-                        )
-                            ?? false
-                    },
-                    "\((try? dual.routes6(lab, host: host)) ?? "")\n\(lab.log("h\(host)"))"
-                )
-            }
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping6 = try lab.ping6(from: from, to: to)
-                #expect(ping6.succeeded, "\(ping6.output)")
-            }
+            try dual.expectIPv6RoutesViaPeers(lab, v6)
+            try dual.expectContainersReachEachOther(lab, .ipv6Only)
 
             // A flanneld host-gw lease of an IPv6-only network, as flanneld
             // writes it (no IPv4 address, so PublicIP 0.0.0.0): programmed,
@@ -98,10 +83,7 @@ struct IPv6OnlyBackendTests {
         try etcd.withEtcdLab { lab in
             try lab.putNetworkConfig(.ipv6Only, backend: #"{"Type":"udp"}"#)
             // No IPv6 underlay: udp carries IPv6 inside IPv4 datagrams.
-            for n in 1...2 {
-                try lab.addHost(n, command: etcd.flanneldCommand(lab, host: n, extra: ["-ip-masq"]), ipv6: false)
-            }
-            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            let v6 = try dual.addTwoHosts(lab, extra: ["-ip-masq"], ipv6Underlay: false)
             for n in 1...2 {
                 try checkHost(
                     lab,
@@ -123,10 +105,7 @@ struct IPv6OnlyBackendTests {
                 lab.waitForLog("h1", containing: "peer \(v6[1].subnet) → peer 198.18.0.2:8285"),
                 "\(lab.log("h1"))"
             )
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping6 = try lab.ping6(from: from, to: to)
-                #expect(ping6.succeeded, "\(ping6.output)")
-            }
+            try dual.expectContainersReachEachOther(lab, .ipv6Only)
             // -ip-masq: IPv6 rules only.
             let nat6 = try lab.hostOutput(1, ["ip6tables", "-t", "nat", "-S"])
             #expect(nat6.contains("fd00:10:2::/48") && nat6.contains("MASQUERADE"), "\(nat6)")
