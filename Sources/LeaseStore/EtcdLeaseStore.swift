@@ -149,9 +149,9 @@ public final class EtcdLeaseStore: LeaseStore {
     /// Reads the lease keys a page at a time, decoding each page into
     /// leases as it arrives (no page is kept).
     ///
-    /// - Parameter holder: look up the expiry only of leases with this
-    ///   PublicIP; nil: of every lease.
-    /// `holder`: whose leases get their expiry looked up; nil: every lease's.
+    /// - Parameter holder: which leases get their expiry looked up (a
+    ///   host's own, by PublicIP or `LeaseAttributes.belongs(to:)`); nil:
+    ///   every lease.
     private func list(expiriesOf holder: ((LeaseAttributes) -> Bool)?) async throws -> Listing {
         listings.add(1, ordering: .relaxed)
         var entries: [Entry] = []
