@@ -145,4 +145,39 @@ import Testing
             }
         }
     }
+
+    /// Not a reservation: the expiring lease a flanneld host of an IPv6-only
+    /// network wrote (PublicIP 0.0.0.0) is taken over by tunneld started on
+    /// the same machine (its PublicIPv6), as flanneld restarted there would
+    /// take its own lease, and stays an expiring lease.
+    @Test(.enabled(if: EtcdServer.isInstalled), .timeLimit(.minutes(2)))
+    func tunneldTakesOverTheLeaseOfTheFlanneldHostItReplaces() async throws {
+        try await EtcdServer.with { server in
+            let client = try EtcdClient(endpoints: [server.clientURL])
+            do {
+                let store = EtcdLeaseStore(client: client, prefix: "/coreos.com/network")
+                let c = try await store.setNetworkConfig(json: ipv6OnlyJSON)
+                let granted = try server.etcdctl(["lease", "grant", "3600"])
+                let id = try #require(granted.split(separator: " ").dropFirst().first, "\(granted)")
+                let key = "/coreos.com/network/subnets/0.0.0.0-0&fd00:10:244:d0::-64"
+                _ = try server.etcdctl([
+                    "put", "--lease=\(id)", key,
+                    #"{"PublicIP":"0.0.0.0","PublicIPv6":"fd18::7","BackendType":"host-gw"}"#,
+                ])
+                let stranger = try await store.acquireLease(config: c, attributes: host(8), preferred: nil)
+                #expect(stranger.ipv6Subnet != net6("fd00:10:244:d0::/64"))
+                let lease = try await store.acquireLease(config: c, attributes: host(7), preferred: nil)
+                #expect(lease.ipv6Subnet == net6("fd00:10:244:d0::/64") && !lease.isReservation, "\(lease)")
+                #expect(
+                    try server.etcdctl(["get", key, "--print-value-only"]).hasPrefix(
+                        #"{"PublicIP":"198.18.0.7","PublicIPv6":"fd18::7""#
+                    )
+                )
+                await client.close()
+            } catch {
+                await client.close()
+                throw error
+            }
+        }
+    }
 }
