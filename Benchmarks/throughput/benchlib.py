@@ -350,12 +350,17 @@ def load_iperf(path):
     return data, None
 
 
-def tcp_metrics(data, mtu):
+# The IP and TCP headers (without options) that a full-size segment carries at
+# the container MTU: IPv4 20 + TCP 20, IPv6 40 + TCP 20.
+TCP_HEADERS = {False: 40, True: 60}
+
+
+def tcp_metrics(data, mtu, ipv6=False):
     end = data["end"]
     received = end.get("sum_received", {})
     sent = end.get("sum_sent", {})
     seconds = received.get("seconds") or sent.get("seconds") or 0
-    mss_payload = max(1, mtu - 40)
+    mss_payload = max(1, mtu - TCP_HEADERS[ipv6])
     return {
         "gbps": received.get("bits_per_second", 0) / 1e9,
         "sender_gbps": sent.get("bits_per_second", 0) / 1e9,
@@ -431,7 +436,7 @@ def cmd_record(args):
     if args.test in ("tcp1", "tcp4", "cpu-tcp"):
         data, error = load_iperf(args.raw)
         if error is None:
-            metrics.update(tcp_metrics(data, args.mtu))
+            metrics.update(tcp_metrics(data, args.mtu, ipv6=is_v6(args.mode)))
             if metrics["gbps"] <= 0:
                 error = "TCP test delivered no data"
     elif args.test in ("udp64", "cpu-udp"):

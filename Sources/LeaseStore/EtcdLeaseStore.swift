@@ -143,15 +143,16 @@ public final class EtcdLeaseStore: LeaseStore {
     /// on every list.) A key whose etcd lease has just expired but not yet
     /// been deleted is then listed until its DELETE arrives, moments later.
     public func peerLeases(holder: IPv4Address) async throws -> LeaseSnapshot {
-        try await list(expiriesOf: holder).snapshot
+        try await list(expiriesOf: { $0.publicIP == holder }).snapshot
     }
 
     /// Reads the lease keys a page at a time, decoding each page into
     /// leases as it arrives (no page is kept).
     ///
-    /// - Parameter holder: look up the expiry only of leases with this
-    ///   PublicIP; nil: of every lease.
-    private func list(expiriesOf holder: IPv4Address?) async throws -> Listing {
+    /// - Parameter holder: which leases get their expiry looked up (a
+    ///   host's own, by PublicIP or `LeaseAttributes.belongs(to:)`); nil:
+    ///   every lease.
+    private func list(expiriesOf holder: ((LeaseAttributes) -> Bool)?) async throws -> Listing {
         listings.add(1, ordering: .relaxed)
         var entries: [Entry] = []
         var malformed: [String] = []
@@ -198,7 +199,7 @@ public final class EtcdLeaseStore: LeaseStore {
         func wantsExpiry(_ entry: Entry) -> Bool {
             guard entry.etcdLease != 0 else { return false }
             guard let holder else { return true }
-            return (try? entry.lease.get())?.attributes.publicIP == holder
+            return (try? entry.lease.get()).map { holder($0.attributes) } ?? false
         }
         let wanted = Set(entries.filter(wantsExpiry).map(\.etcdLease))
         if !wanted.isEmpty {
@@ -443,12 +444,11 @@ public final class EtcdLeaseStore: LeaseStore {
             rounds += 1
             // Only our own leases' expiries matter to the choice (which of
             // ours to reuse); the others only occupy their subnets.
-            let listing = try await list(expiriesOf: attributes.publicIP)
+            let listing = try await list(expiriesOf: { $0.belongs(to: attributes) })
             let choice = try SubnetChooser.choose(
                 config: config,
                 leases: listing.leases,
-                publicIP: attributes.publicIP,
-                publicIPv6: attributes.publicIPv6,
+                host: attributes,
                 preferred: preferred,
                 preferredIPv6: preferredIPv6,
                 occupied: listing.unreadable.map(\.subnet),
@@ -503,7 +503,7 @@ public final class EtcdLeaseStore: LeaseStore {
                     return (lease, listing.with(lease, etcdLease: etcdLease.id))
                 case .exists(let holder):
                     if let held = try? LeaseAttributes(flannelJSON: holder.value, key: holder.key),
-                        held.isSameHost(as: attributes)
+                        held.belongs(to: attributes)
                     {
                         // Ours after all (a retried request, or another instance
                         // with our PublicIP): take it over rather than a second subnet.
@@ -568,7 +568,7 @@ public final class EtcdLeaseStore: LeaseStore {
     private func refresh(_ lease: Lease, key: String, attributes: LeaseAttributes) async throws -> Lease? {
         guard let kv = try await client.get(key),
             let held = try? LeaseAttributes(flannelJSON: kv.value, key: key),
-            held.isSameHost(as: attributes)
+            held.belongs(to: attributes)
         else {
             throw LeaseStoreError.leaseNotFound(subnet: lease.subnet)
         }
@@ -622,7 +622,7 @@ public final class EtcdLeaseStore: LeaseStore {
         for _ in 0..<3 {
             guard let kv = try await client.get(key) else { return }
             guard let held = try? LeaseAttributes(flannelJSON: kv.value, key: key),
-                held.isSameHost(as: lease.attributes)
+                held.belongs(to: lease.attributes)
             else {
                 logger.info("not releasing \(lease.primarySubnet): it is held by another node now")
                 return

@@ -72,6 +72,19 @@ public struct LeaseAttributes: Sendable, Equatable {
         set { extra = .make(publicIPv6, backendType, backendData, newValue) }
     }
 
+    /// Whether a lease with these attributes belongs to the host whose own
+    /// attributes are `host`: the same PublicIP, as flannel matches leases
+    /// and reservations to hosts. A key whose PublicIP is 0.0.0.0 names no
+    /// IPv4 address (what flanneld writes in an IPv6-only network, and how
+    /// an IPv6 subnet is reserved for a host there): it belongs to the host
+    /// with its PublicIPv6. (flanneld's own IPv6-only hosts all write
+    /// 0.0.0.0, so each takes whichever such key it lists first.)
+    public func belongs(to host: LeaseAttributes) -> Bool {
+        if publicIP != IPv4Address(0) { return publicIP == host.publicIP }
+        guard let publicIPv6 else { return false }
+        return publicIPv6 == host.publicIPv6
+    }
+
     public init(
         publicIP: IPv4Address,
         publicIPv6: IPv6Address? = nil,
@@ -81,13 +94,6 @@ public struct LeaseAttributes: Sendable, Equatable {
     ) {
         self.publicIP = publicIP
         self.extra = .make(publicIPv6, backendType, backendData, backendV6Data)
-    }
-
-    /// Whether two lease values are the same host's: the same PublicIP, and
-    /// for a host without one (0.0.0.0, as flanneld writes it for an
-    /// IPv6-only underlay) the same PublicIPv6 as well.
-    public func isSameHost(as other: LeaseAttributes) -> Bool {
-        publicIP == other.publicIP && (publicIP.value != 0 || publicIPv6 == other.publicIPv6)
     }
 
     /// Shares `previous`'s box when it holds the same values (consecutive

@@ -129,8 +129,7 @@ public final class LocalLeaseStore: LeaseStore {
                 let choice = try SubnetChooser.choose(
                     config: config,
                     leases: scan.leases.map(\.lease),
-                    publicIP: attributes.publicIP,
-                    publicIPv6: attributes.publicIPv6,
+                    host: attributes,
                     preferred: preferred,
                     preferredIPv6: preferredIPv6,
                     occupied: scan.occupied,
@@ -205,7 +204,7 @@ public final class LocalLeaseStore: LeaseStore {
             try self.exclusive { tx -> Lease in
                 try tx.expireIfDue()
                 guard let stored = try tx.read(lease),
-                    stored.attributes.isSameHost(as: lease.attributes)
+                    stored.attributes.belongs(to: lease.attributes)
                 else {
                     throw LeaseStoreError.leaseNotFound(subnet: lease.subnet)
                 }
@@ -232,7 +231,7 @@ public final class LocalLeaseStore: LeaseStore {
             try self.exclusive { tx in
                 try tx.expireIfDue()
                 guard let stored = try tx.read(lease),
-                    stored.attributes.isSameHost(as: lease.attributes)
+                    stored.attributes.belongs(to: lease.attributes)
                 else { return }
                 if stored.expiration == nil {
                     self.logger.info("not releasing a reservation", metadata: ["subnet": "\(lease.primarySubnet)"])
@@ -288,30 +287,50 @@ public final class LocalLeaseStore: LeaseStore {
 
     // MARK: operator tools
 
-    /// Reserves `subnet` for `attributes.publicIP`: a lease that never
-    /// expires, which acquireLease hands to that PublicIP (like a key put
-    /// into etcd without a lease). Replaces whatever that key held.
+    /// Reserves `subnet` (with `ipv6Subnet` in a dual-stack network; in an
+    /// IPv6-only one `subnet` is `.noIPv4`) for the host `attributes`
+    /// names: a lease that never expires, which acquireLease hands to that
+    /// host (like a key put into etcd without a lease; see
+    /// `LeaseAttributes.belongs(to:)`). Replaces whatever that key held;
+    /// a dual-stack or IPv6-only key is flanneld's, `<IPv4 part>&<IPv6 part>`.
     @discardableResult
-    public func reserve(_ subnet: IPv4Network, attributes: LeaseAttributes) async throws -> Lease {
+    public func reserve(
+        _ subnet: IPv4Network,
+        ipv6Subnet: IPv6Network? = nil,
+        attributes: LeaseAttributes
+    ) async throws -> Lease {
         try await run {
             try self.exclusive { tx -> Lease in
                 try tx.expireIfDue()
-                // A corrupt entry in the way is simply replaced.
-                let key = try tx.findKey(subnet) ?? subnet.leaseKey
+                let key: String
+                if let ipv6Subnet {
+                    key = LeaseKey.key(for: subnet, ipv6: ipv6Subnet)
+                } else {
+                    // A corrupt entry in the way is simply replaced.
+                    key = try tx.findKey(subnet) ?? subnet.leaseKey
+                }
                 return tx.put(key: key, subnet: subnet, attributes: attributes, expiration: nil).lease
             }
         }
     }
 
-    /// Deletes the lease or reservation for `subnet`, whoever holds it
+    /// Deletes the lease or reservation for `subnet` (and `ipv6Subnet`, which
+    /// an IPv6-only network's keys are told apart by), whoever holds it
     /// (like `etcdctl del`). Returns false if there was none.
     @discardableResult
-    public func deleteLease(subnet: IPv4Network) async throws -> Bool {
+    public func deleteLease(subnet: IPv4Network, ipv6Subnet: IPv6Network? = nil) async throws -> Bool {
         try await run {
             try self.exclusive { tx -> Bool in
                 try tx.expireIfDue()
                 // By key, so that a corrupt entry can be deleted too.
-                guard let key = try tx.findKey(subnet) else { return false }
+                let key: String
+                if let ipv6Subnet {
+                    key = LeaseKey.key(for: subnet, ipv6: ipv6Subnet)
+                    guard tx.isTaken(key) else { return false }
+                } else {
+                    guard let found = try tx.findKey(subnet) else { return false }
+                    key = found
+                }
                 tx.delete(key: key, subnet: subnet)
                 return true
             }

@@ -79,8 +79,7 @@ public enum SubnetChooser {
     public static func choose(
         config: NetworkConfig,
         leases listed: [Lease],
-        publicIP: IPv4Address,
-        publicIPv6: IPv6Address? = nil,
+        host: LeaseAttributes,
         preferred: IPv4Network?,
         preferredIPv6: IPv6Network? = nil,
         occupied listedOccupied: [IPv4Network] = [],
@@ -89,14 +88,12 @@ public enum SubnetChooser {
         let rule = LeaseRule(config)
         let leases = rule.sort(leases: listed).leases
         let occupied = listedOccupied.filter { rule.problem(with: $0) == nil }
-        // Our host: our PublicIP, or without one our PublicIPv6.
-        let us = LeaseAttributes(publicIP: publicIP, publicIPv6: publicIPv6)
-        let own = leases.filter { $0.attributes.isSameHost(as: us) }
+        let own = leases.filter { $0.attributes.belongs(to: host) }
         // Our own expiring keys that do not fit (of an older SubnetLen, say)
         // are deleted, as flannel does, whether or not they are leases by
         // the rule: they are ours to clean up.
         let obsolete = listed.filter {
-            $0.attributes.isSameHost(as: us) && !$0.isReservation && !fits(config, $0)
+            $0.attributes.belongs(to: host) && !$0.isReservation && !fits(config, $0)
         }
         let obsoleteKeys = Set(obsolete.map(\.key))
 

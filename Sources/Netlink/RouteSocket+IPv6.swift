@@ -92,25 +92,7 @@ extension RouteSocket {
     }
 
     static func ipv6RouteRequest(_ route: IPv6Route, adding: Bool) -> NetlinkRequest {
-        var request = NetlinkRequest(
-            type: adding ? RTM_NEWROUTE : RTM_DELROUTE,
-            flags: adding ? NLM_F_CREATE | NLM_F_REPLACE : 0
-        )
-        var header = rtmsg()
-        header.rtm_family = UInt8(AF_INET6)
-        header.rtm_dst_len = UInt8(route.destination.prefixLength)
-        header.rtm_table = RT.mainTable
-        if adding {
-            header.rtm_protocol = RT.protocolBoot
-            header.rtm_scope = RT.scopeUniverse
-            header.rtm_type = RT.unicast
-            header.rtm_flags = route.onlink ? RT.onlink : 0
-        } else {
-            // Scope "nowhere", protocol and type 0: match whatever the route has.
-            header.rtm_scope = RT.scopeNowhere
-        }
-        request.append(header: header)
-        if route.destination.prefixLength > 0 { request.append(attribute: RT.dst, address: route.destination.address) }
+        var request = routeRequest(route.destination, adding: adding, onlink: route.onlink)
         if route.outputIndex > 0 { request.append(attribute: RT.oif, uint32: UInt32(bitPattern: route.outputIndex)) }
         if let gateway = route.gateway { request.append(attribute: RT.gateway, address: gateway) }
         // No metric deletes whichever metric the route has (the kernel gives
@@ -121,11 +103,7 @@ extension RouteSocket {
 
     /// The IPv6 unicast routes of the main table (not the local table's, not cached ones).
     public func ipv6Routes() throws -> [IPv6Route] {
-        var request = NetlinkRequest(type: RTM_GETROUTE)
-        var header = rtmsg()
-        header.rtm_family = UInt8(AF_INET6)
-        request.append(header: header)
-        return try dump(request, operation: "RTM_GETROUTE (dump, IPv6)").compactMap(IPv6Route.init(mainTableMessage:))
+        try routeDump(IPv6Network.self).compactMap(IPv6Route.init(mainTableMessage:))
     }
 
     // MARK: - Neighbours and the forwarding database
@@ -223,38 +201,14 @@ extension RouteSocket {
 extension IPv6Route {
     /// A unicast, non-cloned IPv6 route of the main table; nil for others.
     init?(mainTableMessage message: NetlinkMessage) {
-        guard message.type == UInt16(RTM_NEWROUTE), let header = message.header(rtmsg.self),
-            header.rtm_family == UInt8(AF_INET6), header.rtm_type == RT.unicast,
-            header.rtm_flags & RT.cloned == 0, header.rtm_dst_len <= 128
-        else { return nil }
-        let attributes = message.attributes(after: rtmsg.self)
-        let table = attributes[type: RT.table]?.uint32 ?? UInt32(header.rtm_table)
-        guard table == UInt32(RT.mainTable) else { return nil }
-        let destination = attributes[type: RT.dst]?.ipv6Address ?? IPv6Address(0)
-        var outputIndex = attributes[type: RT.oif]?.int32 ?? 0
-        var gateway = attributes[type: RT.gateway]?.ipv6Address
-        var onlink = header.rtm_flags & RT.onlink != 0
-        // A multipath route is represented by its first nexthop.
-        if outputIndex == 0, let hops = attributes[type: RT.multipath]?.value,
-            hops.count >= MemoryLayout<rtnexthop>.size
-        {
-            let hop = hops.withUnsafeBytes { $0.loadUnaligned(as: rtnexthop.self) }
-            outputIndex = hop.rtnh_ifindex
-            onlink = onlink || UInt32(hop.rtnh_flags) & RT.onlink != 0
-            let end = min(Int(hop.rtnh_len), hops.count)
-            if end > MemoryLayout<rtnexthop>.size {
-                gateway =
-                    gateway
-                    ?? NetlinkAttributes(parsing: hops[MemoryLayout<rtnexthop>.size..<end])[type: RT.gateway]?
-                    .ipv6Address
-            }
-        }
+        guard let route = message.mainTableRoute(IPv6Network.self, type: RT.unicast) else { return nil }
+        let hop = route.firstHop
         self.init(
-            destination: IPv6Network(address: destination, prefixLength: Int(header.rtm_dst_len)),
-            outputIndex: outputIndex,
-            gateway: gateway,
-            onlink: onlink,
-            metric: attributes[type: RT.priority]?.uint32
+            destination: route.destination,
+            outputIndex: hop.outputIndex,
+            gateway: hop.gatewayAttributes[type: RT.gateway]?.ipv6Address,
+            onlink: hop.onlink,
+            metric: route.attributes[type: RT.priority]?.uint32
         )
     }
 }

@@ -246,17 +246,13 @@ extension RouteSocket {
                 hint: "a route needs an output device or a gateway"
             )
         }
-        var request = NetlinkRequest(type: RTM_NEWROUTE, flags: NLM_F_CREATE | NLM_F_REPLACE)
-        var header = rtmsg()
-        header.rtm_family = RT.inet
-        header.rtm_dst_len = UInt8(route.destination.prefixLength)
-        header.rtm_table = RT.mainTable
-        header.rtm_protocol = RT.protocolBoot
         // A route without a gateway reaches hosts directly on the link.
-        header.rtm_scope = route.gateway == nil ? RT.scopeLink : RT.scopeUniverse
-        header.rtm_type = RT.unicast
-        header.rtm_flags = route.onlink ? RT.onlink : 0
-        request.append(header: header)
+        var request = Self.routeRequest(
+            route.destination,
+            adding: true,
+            scope: route.gateway == nil ? RT.scopeLink : RT.scopeUniverse,
+            onlink: route.onlink
+        )
         Self.appendSelectors(of: route, to: &request)
         if let source = route.source { request.append(attribute: RT.prefsrc, address: source) }
         try perform(request) { failure in
@@ -270,14 +266,7 @@ extension RouteSocket {
     /// Removes `route` from the main table. A route that is not there is not
     /// an error.
     public func deleteRoute(_ route: Route) throws {
-        var request = NetlinkRequest(type: RTM_DELROUTE)
-        var header = rtmsg()
-        header.rtm_family = RT.inet
-        header.rtm_dst_len = UInt8(route.destination.prefixLength)
-        header.rtm_table = RT.mainTable
-        // Scope "nowhere", protocol and type 0: match whatever the route has.
-        header.rtm_scope = RT.scopeNowhere
-        request.append(header: header)
+        var request = Self.routeRequest(route.destination, adding: false)
         Self.appendSelectors(of: route, to: &request)
         try perform(request, accepting: [Errno(ESRCH), .noSuchFile]) { failure in
             let name = linkName(route.outputIndex)
@@ -285,8 +274,8 @@ extension RouteSocket {
         }
     }
 
+    /// The route's device, gateway and metric (the destination is in `routeRequest`'s part).
     private static func appendSelectors(of route: Route, to request: inout NetlinkRequest) {
-        if route.destination.prefixLength > 0 { request.append(attribute: RT.dst, address: route.destination.address) }
         if route.outputIndex > 0 { request.append(attribute: RT.oif, uint32: UInt32(bitPattern: route.outputIndex)) }
         if let gateway = route.gateway { request.append(attribute: RT.gateway, address: gateway) }
         if let metric = route.metric { request.append(attribute: RT.priority, uint32: metric) }
@@ -294,16 +283,7 @@ extension RouteSocket {
 
     /// The IPv4 unicast routes of the main table.
     public func routes() throws -> [Route] {
-        try ipv4RouteDump().compactMap(Route.init(mainTableMessage:))
-    }
-
-    /// Every IPv4 route message of every table.
-    func ipv4RouteDump() throws -> [NetlinkMessage] {
-        var request = NetlinkRequest(type: RTM_GETROUTE)
-        var header = rtmsg()
-        header.rtm_family = RT.inet
-        request.append(header: header)
-        return try dump(request, operation: "RTM_GETROUTE (dump)")
+        try routeDump(IPv4Network.self).compactMap(Route.init(mainTableMessage:))
     }
 
     /// The output device of the IPv4 default route (the one with the lowest
@@ -457,55 +437,23 @@ extension InterfaceIPv6Address {
     }
 }
 
-extension NetlinkMessage {
-    /// The header and attributes of a non-cloned IPv4 route of the main
-    /// table whose type is `type`; nil for any other message.
-    func mainTableIPv4Route(type: UInt8) -> (rtmsg, NetlinkAttributes)? {
-        guard self.type == UInt16(RTM_NEWROUTE), let header = header(rtmsg.self),
-            header.rtm_family == RT.inet, header.rtm_type == type,
-            header.rtm_flags & RT.cloned == 0, header.rtm_dst_len <= 32
-        else { return nil }
-        let attributes = attributes(after: rtmsg.self)
-        let table = attributes[type: RT.table]?.uint32 ?? UInt32(header.rtm_table)
-        guard table == UInt32(RT.mainTable) else { return nil }
-        return (header, attributes)
-    }
-}
-
 extension Route {
     /// A unicast, non-cloned IPv4 route of the main table; nil for others.
     init?(mainTableMessage message: NetlinkMessage) {
-        guard let (header, attributes) = message.mainTableIPv4Route(type: RT.unicast) else { return nil }
-        let destination = attributes[type: RT.dst]?.address ?? IPv4Address(0)
-        var outputIndex = attributes[type: RT.oif]?.int32 ?? 0
-        var gateway = attributes[type: RT.gateway]?.address
-        var onlink = header.rtm_flags & RT.onlink != 0
-        // A multipath route is represented by its first nexthop.
-        if outputIndex == 0, let hops = attributes[type: RT.multipath]?.value,
-            hops.count >= MemoryLayout<rtnexthop>.size
-        {
-            let hop = hops.withUnsafeBytes { $0.loadUnaligned(as: rtnexthop.self) }
-            outputIndex = hop.rtnh_ifindex
-            onlink = onlink || UInt32(hop.rtnh_flags) & RT.onlink != 0
-            let end = min(Int(hop.rtnh_len), hops.count)
-            if end > MemoryLayout<rtnexthop>.size {
-                gateway =
-                    gateway
-                    ?? NetlinkAttributes(parsing: hops[MemoryLayout<rtnexthop>.size..<end])[type: RT.gateway]?.address
-            }
-        }
+        guard let route = message.mainTableRoute(IPv4Network.self, type: RT.unicast) else { return nil }
+        let hop = route.firstHop
         self.init(
-            destination: IPv4Network(address: destination, prefixLength: Int(header.rtm_dst_len)),
-            outputIndex: outputIndex,
-            gateway: gateway,
-            onlink: onlink,
-            source: attributes[type: RT.prefsrc]?.address,
-            metric: attributes[type: RT.priority]?.uint32
+            destination: route.destination,
+            outputIndex: hop.outputIndex,
+            gateway: hop.gatewayAttributes[type: RT.gateway]?.address,
+            onlink: hop.onlink,
+            source: route.attributes[type: RT.prefsrc]?.address,
+            metric: route.attributes[type: RT.priority]?.uint32
         )
     }
 }
 
-// MARK: - Route lookup and blackhole routes
+// MARK: - Route lookup
 
 extension RouteSocket {
     /// What `ip route get <destination>` answers: the device the kernel would
@@ -556,50 +504,5 @@ extension RouteSocket {
             )
         }
         return (index, attributes[type: RT.prefsrc]?.address)
-    }
-
-    /// The destinations of the main table's IPv4 blackhole routes, with
-    /// their metrics.
-    public func blackholeRoutes() throws -> [(destination: IPv4Network, metric: UInt32)] {
-        try ipv4RouteDump().compactMap { message in
-            guard let (header, attributes) = message.mainTableIPv4Route(type: RT.blackhole) else { return nil }
-            let destination = attributes[type: RT.dst]?.address ?? IPv4Address(0)
-            return (
-                IPv4Network(address: destination, prefixLength: Int(header.rtm_dst_len)),
-                attributes[type: RT.priority]?.uint32 ?? 0
-            )
-        }
-    }
-
-    /// Adds (or keeps) `blackhole <destination> metric <metric>` in the main table.
-    public func addBlackholeRoute(_ destination: IPv4Network, metric: UInt32) throws {
-        try changeBlackholeRoute(destination, metric: metric, adding: true)
-    }
-
-    /// Removes `blackhole <destination> metric <metric>`; one that is not
-    /// there is not an error.
-    public func deleteBlackholeRoute(_ destination: IPv4Network, metric: UInt32) throws {
-        try changeBlackholeRoute(destination, metric: metric, adding: false)
-    }
-
-    private func changeBlackholeRoute(_ destination: IPv4Network, metric: UInt32, adding: Bool) throws {
-        var request = NetlinkRequest(
-            type: adding ? RTM_NEWROUTE : RTM_DELROUTE,
-            flags: adding ? NLM_F_CREATE | NLM_F_REPLACE : 0
-        )
-        var header = rtmsg()
-        header.rtm_family = RT.inet
-        header.rtm_dst_len = UInt8(destination.prefixLength)
-        header.rtm_table = RT.mainTable
-        header.rtm_protocol = RT.protocolBoot
-        header.rtm_scope = adding ? RT.scopeUniverse : RT.scopeNowhere
-        header.rtm_type = RT.blackhole
-        request.append(header: header)
-        if destination.prefixLength > 0 { request.append(attribute: RT.dst, address: destination.address) }
-        if metric > 0 { request.append(attribute: RT.priority, uint32: metric) }
-        let text = "blackhole \(destination)" + (metric > 0 ? " metric \(metric)" : "")
-        try perform(request, accepting: adding ? [] : [Errno(ESRCH), .noSuchFile]) { _ in
-            (adding ? "RTM_NEWROUTE \(text)" : "RTM_DELROUTE \(text)", "rtnetlink", nil)
-        }
     }
 }

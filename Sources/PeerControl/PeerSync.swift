@@ -277,7 +277,7 @@ public final class PeerSync: Sendable {
                 table.withLock { t in
                     t[own] = Slot(lease: lease, applied: t[own]?.applied ?? false, changedAt: t[own]?.changedAt ?? 0)
                 }
-                if lease.attributes.isSameHost(as: attributes) {
+                if lease.attributes.belongs(to: attributes) {
                     holder.replace(lease)
                 } else {
                     logger.error(

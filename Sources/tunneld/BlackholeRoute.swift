@@ -3,8 +3,9 @@ import Logging
 import NetBase
 import Netlink
 
-/// flanneld's `-ip-blackhole-route`: a blackhole route for this host's
-/// subnet, so that a packet for an address of the subnet that no container
+/// flanneld's `-ip-blackhole-route`: a blackhole route for each of this
+/// host's subnets (IPv4, IPv6 or both, as flanneld adds one per enabled
+/// family), so that a packet for an address of the subnet that no container
 /// has is dropped here rather than sent back out by the route for the whole
 /// network (a loop until its TTL runs out). Put back when someone removes it
 /// (checked at the iptables resync period, as flanneld does), moved when the
@@ -21,39 +22,57 @@ final class BlackholeRoute: @unchecked Sendable {
 
     private let routeSocket: RouteSocket
     private let logger: Logger
-    /// Guards `subnet`; serializes the route changes of the lease watcher
-    /// (a new subnet) and the periodic check.
+    /// Guards the subnets; serializes the route changes of the lease
+    /// watcher (a new subnet) and the periodic check.
     private let lock = NSLock()
-    private var subnet: IPv4Network?
+    private var ipv4: IPv4Network?
+    private var ipv6: IPv6Network?
 
     init(routeSocket: RouteSocket, logger: Logger) {
         self.routeSocket = routeSocket
         self.logger = logger
     }
 
-    /// Blackholes `subnet` (and no longer the previous one).
-    func set(_ subnet: IPv4Network) throws {
+    /// The subnets blackholed, for the log.
+    var subnets: String {
+        lock.withLock { [ipv4?.description, ipv6?.description].compactMap { $0 }.joined(separator: " and ") }
+    }
+
+    /// Blackholes the lease's subnets (and no longer the previous ones).
+    func set(ipv4 newIPv4: IPv4Network?, ipv6 newIPv6: IPv6Network?) throws {
         try lock.withLock {
-            if let old = self.subnet, old != subnet {
-                try routeSocket.deleteBlackholeRoute(old, metric: Self.metric)
-            }
-            try routeSocket.addBlackholeRoute(subnet, metric: Self.metric)
-            self.subnet = subnet
+            try move(&ipv4, to: newIPv4)
+            try move(&ipv6, to: newIPv6)
         }
     }
 
-    /// Puts the route back if it is gone; the subnet whose route it put
-    /// back, nil when nothing was missing.
-    func repair() throws -> IPv4Network? {
-        try lock.withLock {
-            guard let subnet else { return nil }
-            let present = try routeSocket.blackholeRoutes().contains {
-                $0.destination == subnet && $0.metric == Self.metric
-            }
-            if present { return nil }
-            try routeSocket.addBlackholeRoute(subnet, metric: Self.metric)
-            return subnet
+    private func move<Subnet: RouteDestination>(_ current: inout Subnet?, to new: Subnet?) throws {
+        if let old = current, old != new {
+            try routeSocket.deleteBlackholeRoute(old, metric: Self.metric)
+            current = nil
         }
+        if let new {
+            try routeSocket.addBlackholeRoute(new, metric: Self.metric)
+            current = new
+        }
+    }
+
+    /// Puts back the routes that are gone; the subnets whose route it put
+    /// back, empty when nothing was missing.
+    func repair() throws -> [String] {
+        try lock.withLock {
+            [try repair(ipv4), try repair(ipv6)].compactMap { $0 }
+        }
+    }
+
+    private func repair<Subnet: RouteDestination>(_ subnet: Subnet?) throws -> String? {
+        guard let subnet else { return nil }
+        let present = try routeSocket.blackholeRoutes(Subnet.self).contains {
+            $0.destination == subnet && $0.metric == Self.metric
+        }
+        if present { return nil }
+        try routeSocket.addBlackholeRoute(subnet, metric: Self.metric)
+        return subnet.description
     }
 
     /// Checks every `period` until cancelled, with one log line per repair.
@@ -61,7 +80,7 @@ final class BlackholeRoute: @unchecked Sendable {
         while !Task.isCancelled {
             do { try await Task.sleep(for: period) } catch { return }
             do {
-                if let subnet = try repair() {
+                for subnet in try repair() {
                     logger.warning("put back the blackhole route for \(subnet): someone removed it")
                 }
             } catch {
@@ -70,17 +89,22 @@ final class BlackholeRoute: @unchecked Sendable {
         }
     }
 
-    /// Removes the route (when the host leaves the network).
+    /// Removes the routes (when the host leaves the network).
     func remove() {
         lock.withLock {
-            guard let subnet else { return }
-            do {
-                try routeSocket.deleteBlackholeRoute(subnet, metric: Self.metric)
-                logger.info("removed the blackhole route for \(subnet)")
-            } catch {
-                logger.warning("could not remove the blackhole route for \(subnet): \(error)")
-            }
-            self.subnet = nil
+            remove(&ipv4)
+            remove(&ipv6)
         }
+    }
+
+    private func remove<Subnet: RouteDestination>(_ subnet: inout Subnet?) {
+        guard let route = subnet else { return }
+        do {
+            try routeSocket.deleteBlackholeRoute(route, metric: Self.metric)
+            logger.info("removed the blackhole route for \(route)")
+        } catch {
+            logger.warning("could not remove the blackhole route for \(route): \(error)")
+        }
+        subnet = nil
     }
 }

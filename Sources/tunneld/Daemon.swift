@@ -154,7 +154,7 @@ final class Daemon: Service, Sendable {
                         )
                         .write(to: options.subnetFile)
                         try firewall?.install(Daemon.firewallNetworks(config, newLease))
-                        if let subnet = newLease.ipv4Subnet { try blackhole?.set(subnet) }
+                        try blackhole?.set(ipv4: newLease.ipv4Subnet, ipv6: newLease.ipv6Subnet)
                     } catch {
                         logger.error("could not move to the new subnet \(Daemon.subnets(of: newLease)): \(error)")
                     }
@@ -192,10 +192,10 @@ final class Daemon: Service, Sendable {
                     "forwarding traffic from and to \(config.networksDescription) (\(firewall.forwardLocation)); put back within \(options.iptablesResync) s if removed"
                 )
             }
-            if let blackhole, let subnet = lease.ipv4Subnet {
-                try blackhole.set(subnet)
+            if let blackhole {
+                try blackhole.set(ipv4: lease.ipv4Subnet, ipv6: lease.ipv6Subnet)
                 logger.info(
-                    "blackhole route for \(subnet) (metric \(BlackholeRoute.metric): any real route to it wins); put back within \(options.iptablesResync) s if removed"
+                    "blackhole route for \(blackhole.subnets) (metric \(BlackholeRoute.metric): any real route to it wins); put back within \(options.iptablesResync) s if removed"
                 )
             }
             readiness.waiting(for: "loading the \(joined.peers.leases.count) leases listed in \(store.location)")
@@ -519,8 +519,10 @@ final class Daemon: Service, Sendable {
             // without an IPv6 address of its own is fine there.
             if config.backend.knownType == .udp { return nil }
             throw DaemonError(
-                "the network is dual-stack (EnableIPv6), but \(interface.name) has no global IPv6 "
-                    + "address: add one, choose another interface with -iface, or give -public-ipv6"
+                "the network is \(config.isIPv6Only ? "IPv6-only" : "dual-stack") (EnableIPv6) and the "
+                    + "\(config.backend.type) backend routes IPv6 to each host's own IPv6 address, but "
+                    + "\(interface.name) has no global IPv6 address: add one, choose another interface with "
+                    + "-iface, or give -public-ipv6"
             )
         }
         return found

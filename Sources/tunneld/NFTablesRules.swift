@@ -195,8 +195,32 @@ final class NFTablesKeeper: FirewallKeeper, @unchecked Sendable {
     }
 
     private func apply(_ table: String) throws {
-        try nft.apply(NFTRuleset.replacing(with: table))
+        do {
+            try nft.apply(NFTRuleset.replacing(with: table))
+        } catch {
+            guard let hint = Self.hint(for: "\(error)") else { throw error }
+            throw DaemonError("\(error) (\(hint))")
+        }
         installed = nft.listTable()
+    }
+
+    /// What to do when nft could not load the table because the kernel
+    /// lacks what it needs; nil for other failures. Without nf_tables the
+    /// netlink socket nft opens is refused ("Protocol not supported");
+    /// without the NAT, masquerade or inet-NAT support a chain or rule is
+    /// ("Operation not supported", or "No such file or directory" for a
+    /// module that could not be loaded).
+    static func hint(for nftMessage: String) -> String? {
+        let fallback = "or leave EnableNFTables out of the network config to use iptables"
+        if nftMessage.contains("Protocol not supported") {
+            return
+                "the kernel has no nf_tables: load it (modprobe nf_tables) or use a kernel built with CONFIG_NF_TABLES, \(fallback)"
+        }
+        if nftMessage.contains("Operation not supported") || nftMessage.contains("No such file or directory") {
+            return
+                "the kernel's nf_tables lacks what the table needs (NAT in an inet table needs Linux 5.2 and the nft_nat, nft_masq and nft_chain_nat modules): load them (modprobe nft_chain_nat nft_masq), \(fallback)"
+        }
+        return nil
     }
 
     /// Deletes the table an earlier run with `EnableNFTables` left (killed,

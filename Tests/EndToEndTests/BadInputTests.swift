@@ -200,4 +200,77 @@ struct BadInputTests {
             #expect(try leftovers(lab) == [])
         }
     }
+
+    /// IPv6 keys that cannot make a network: `config set` refuses each with
+    /// one line naming the key and what to use, storing nothing; written
+    /// past it (as `etcdctl put` would), `run` says the same, and how to fix
+    /// it, while it waits for a config it can use, with nothing leased or
+    /// installed meanwhile.
+    @Test(arguments: [
+        (
+            #""IPv6Network":"fd00::/125""#,
+            "IPv6Network is too small. Minimum useful network prefix is /124 (IPv6Network is fd00::/125): use a network of /124 or larger"
+        ),
+        (
+            #""IPv6Network":"fd00:10:2::/48","IPv6SubnetMin":"fd00:10:3::""#,
+            "IPv6SubnetMin fd00:10:3:: is not in the range of the IPv6Network fd00:10:2::/48: use an address from fd00:10:2:: to"
+        ),
+        (
+            #""IPv6SubnetLen":64"#,
+            "EnableIPv6 is true, so IPv6Network must be a network such as \"fd00:10:244::/48\" (or set EnableIPv6 to false)"
+        ),
+    ])
+    func anIPv6NetworkThatCannotBeIsRefusedInOneLineAndNothingIsInstalled(keys: String, message: String) throws {
+        try withBareHost { lab in
+            let json = #"{"Network":"10.2.0.0/16","EnableIPv6":true,"# + keys + #","Backend":{"Type":"host-gw"}}"#
+            let file = lab.directory.appendingPathComponent("bad-ipv6.json")
+            try json.write(to: file, atomically: true, encoding: .utf8)
+            let set = try run(
+                [tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, file.path],
+                check: false
+            )
+            #expect(!set.succeeded)
+            let lines = set.output.split(separator: "\n").filter { !$0.isEmpty }
+            #expect(lines.count == 1 && set.output.contains(message), "\(set.output)")
+            let stored = try run([tunneldBinary, "config", "get", "--store-dir", lab.storeDirectory]).output
+            #expect(stored.contains(#""Network":"10.2.0.0/16""#) && !stored.contains("EnableIPv6"), "\(stored)")
+
+            let good = try String(contentsOfFile: lab.storeDirectory + "/config.json", encoding: .utf8)
+            try json.write(toFile: lab.storeDirectory + "/config.json", atomically: true, encoding: .utf8)
+            let result = try start(lab, ["--public-ipv6", "fd18::1"], timeout: .seconds(4))
+            #expect(
+                result.output.contains("is invalid: ") && result.output.contains(message)
+                    && result.output.contains("fix it with `tunneld config set`; retrying"),
+                "\(result.output)"
+            )
+            // `tunneld leases` (in leftovers) reads the config too: the good one back first.
+            try good.write(toFile: lab.storeDirectory + "/config.json", atomically: true, encoding: .utf8)
+            #expect(try leftovers(lab) == [])
+        }
+    }
+
+    /// A dual-stack or IPv6-only host-gw network routes each host's IPv6
+    /// subnet to that host's own IPv6 address: a host whose interface has
+    /// none is told so, and what to do, before anything is installed.
+    @Test(arguments: [LabFamilies.dualStack, .ipv6Only])
+    func aHostWithoutAnIPv6AddressIsToldWhatToDo(families: LabFamilies) throws {
+        try withBareHost { lab in
+            let file = lab.directory.appendingPathComponent("v6-host-gw.json")
+            try #"{\#(families.configKeys),"Backend":{"Type":"host-gw"}}"#
+                .write(to: file, atomically: true, encoding: .utf8)
+            try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, file.path])
+            let result = try start(lab, ["--ip-masq"], timeout: .seconds(20))
+            #expect(!result.succeeded)
+            let kind = families == .dualStack ? "dual-stack" : "IPv6-only"
+            #expect(
+                result.output.contains(
+                    "the network is \(kind) (EnableIPv6) and the host-gw backend routes IPv6 to each host's own IPv6 address, but eth0 has no global IPv6 address: add one, choose another interface with -iface, or give -public-ipv6"
+                ),
+                "\(result.output)"
+            )
+            #expect(try leftovers(lab) == [])
+            let nat6 = try lab.exec("h1", ["ip6tables", "-t", "nat", "-S"]).output
+            #expect(!nat6.contains("TUNNELD"), "\(nat6)")
+        }
+    }
 }

@@ -318,22 +318,27 @@ struct CNIDualStackTests {
     }
 }
 
-/// Pods with both families across hosts: a dual-stack network in etcd,
-/// fresh hosts (forwarding off) with an IPv6 underlay address, tunneld on each, and the plugin (as
-/// a runtime invokes it, with Debian's bridge and host-local) giving each
-/// pod an address of each family from its host's subnet.env; the pods
-/// ping each other over IPv6 and IPv4 through each kernel/udp backend.
+/// Pods across hosts in a dual-stack or IPv6-only network: the network in
+/// etcd, fresh hosts (forwarding off) with an IPv6 underlay address,
+/// tunneld on each, and the plugin (as a runtime invokes it, with Debian's
+/// bridge and host-local) giving each pod an address of each of the
+/// network's families from its host's subnet.env; the pods ping each other
+/// over IPv6 (and IPv4 in a dual-stack network) through each kernel/udp
+/// backend (udp and host-gw for IPv6 only, as tunneld runs it).
 @Suite(
     .serialized,
     .enabled(if: canRunNamespaceTests && standardCNIPluginsInstalled, cniSkipReason),
     .enabled(if: etcdIsInstalled, etcdSkipReason)
 )
 struct CNIDualStackEndToEndTests {
-    @Test(arguments: ["udp", "vxlan", "host-gw"])
-    func podsOnTwoHostsGetBothFamiliesAndPing6(backend: String) throws {
+    @Test(arguments: [
+        ("udp", LabFamilies.dualStack), ("vxlan", .dualStack), ("host-gw", .dualStack), ("udp", .ipv6Only),
+        ("host-gw", .ipv6Only),
+    ])
+    func podsOnTwoHostsGetTheNetworksFamiliesAndPing6(backend: String, families: LabFamilies) throws {
         let etcd = EtcdBackendTests()
         try etcd.withEtcdLab { lab in
-            try DualStackBackendTests().putConfig(lab, backend: #"{"Type":"\#(backend)"}"#)
+            try lab.putNetworkConfig(families, backend: #"{"Type":"\#(backend)"}"#)
             for n in 1...2 {
                 // Fresh hosts: forwarding off until the bridge plugin makes a gateway.
                 try lab.lab(
@@ -369,11 +374,16 @@ struct CNIDualStackEndToEndTests {
                 let added = try invoke("ADD", host: n)
                 #expect(added.status == 0, "ADD on host \(n): \(added)")
                 let addresses = (added.json["ips"] as? [[String: Any]] ?? []).compactMap { $0["address"] as? String }
-                let address4 = try #require(addresses.first { !$0.contains(":") }, "\(added.stdout)")
                 let address6 = try #require(addresses.first { $0.contains(":") }, "\(added.stdout)")
                 #expect(address6.hasPrefix(v6.base) && address6.hasSuffix("/64"), "\(address6) is not in \(v6.subnet)")
+                var files = [("c\(n).ip6", address6)]
+                if families == .dualStack {
+                    files.append(("c\(n).ip", try #require(addresses.first { !$0.contains(":") }, "\(added.stdout)")))
+                } else {
+                    #expect(addresses == [address6], "an IPv6-only pod has no IPv4 address: \(added.stdout)")
+                }
                 // Where Lab.ping and Lab.ping6 look for the pods' addresses.
-                for (file, address) in [("c\(n).ip", address4), ("c\(n).ip6", address6)] {
+                for (file, address) in files {
                     try "\(address.split(separator: "/")[0])\n".write(
                         to: directory.appendingPathComponent(file),
                         atomically: true,
@@ -382,8 +392,11 @@ struct CNIDualStackEndToEndTests {
                 }
                 let routes6 = try lab.exec("c\(n)", ["ip", "-6", "route"]).output
                 #expect(routes6.contains("fd00:10:2::/48 via \(v6.base)1"), "\(routes6)")
-                // The bridge plugin turned forwarding on for its gateways, both families.
-                for sysctl in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
+                // The bridge plugin turned forwarding on for its gateways, of each family it has.
+                let sysctls =
+                    families == .dualStack
+                    ? ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] : ["net.ipv6.conf.all.forwarding"]
+                for sysctl in sysctls {
                     let value = try lab.exec("h\(n)", ["sysctl", "-n", sysctl]).output
                     #expect(value.hasPrefix("1"), "\(sysctl) on host \(n) after ADD: \(value)")
                 }
@@ -391,8 +404,10 @@ struct CNIDualStackEndToEndTests {
             for (from, to) in [(1, 2), (2, 1)] {
                 let ping6 = try lab.ping6(from: from, to: to)
                 #expect(ping6.succeeded, "pod \(from) → pod \(to) over IPv6: \(ping6.output)")
-                let ping = try lab.ping(from: from, to: to)
-                #expect(ping.succeeded, "pod \(from) → pod \(to): \(ping.output)")
+                if families == .dualStack {
+                    let ping = try lab.ping(from: from, to: to)
+                    #expect(ping.succeeded, "pod \(from) → pod \(to): \(ping.output)")
+                }
             }
             for n in 1...2 {
                 let deleted = try invoke("DEL", host: n)

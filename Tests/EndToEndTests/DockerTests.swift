@@ -35,7 +35,7 @@ enum DockerTools {
 /// docker-opts` and a dockerd started with its DOCKER_OPTS (as docker.service
 /// with `EnvironmentFile=` and `$DOCKER_OPTS` does), a container on each
 /// host, and the containers pinging each other through tunneld.
-/// About 15 s per case on a 2-core VM (30 s for both; the dual-stack cases 20 s each),
+/// About 15 s per case on a 2-core VM (30 s for both; the dual-stack and IPv6-only cases 17 s each),
 /// bounded by timeouts on every wait.
 @Suite(
     .serialized,
@@ -146,18 +146,61 @@ struct DockerTests {
         return value.split(whereSeparator: \.isWhitespace).map(String.init)
     }
 
-    @Test(arguments: [false, true])
-    func containersOnTwoDockerHostsPingThroughTunneld(ipMasq: Bool) throws {
+    /// A lab with etcd on its underlay and a dockerd per host (started by
+    /// `body`); the daemons stopped and the lab removed afterwards, the logs
+    /// printed after a failure.
+    func withDockerLab(_ title: String, _ body: (Lab, [Daemon]) throws -> Void) throws {
         let started = ContinuousClock.now
         let lab = try Lab()
         let daemons = [1, 2].map { Daemon(lab: lab, host: $0) }
         defer {
             for daemon in daemons { daemon.stop() }
             lab.destroy()
-            print("DockerTests (ip-masq \(ipMasq)): \(ContinuousClock.now - started) including set-up and clean-up")
+            print("DockerTests (\(title)): \(ContinuousClock.now - started) including set-up and clean-up")
         }
         do {
             try lab.addEtcd()
+            try body(lab, daemons)
+        } catch {
+            printLogs(lab)
+            throw error
+        }
+    }
+
+    /// A container's addresses; "" for a family it has none of.
+    struct ContainerAddresses {
+        var v4: String
+        var v6: String
+    }
+
+    /// The unit's ExecStartPost (or docker.service's ExecStartPre) on the
+    /// daemon's host: `tunneld docker-opts`, then dockerd with the
+    /// DOCKER_OPTS it wrote (and `config` as daemon.json), the image, and
+    /// container cN. Returns the options and the container's addresses.
+    func startDocker(
+        _ daemon: Daemon,
+        config: String = "{}"
+    ) throws -> (options: [String], container: ContainerAddresses) {
+        let n = daemon.host, lab = daemon.lab
+        let optionsFile = lab.directory.appendingPathComponent("docker_opts\(n).env").path
+        try lab.exec("h\(n)", [tunneldBinary, "docker-opts", "-f", lab.subnetFile(n), "-d", optionsFile])
+        let options = try dockerOpts(fromEnvironmentFile: optionsFile)
+        try daemon.start(options: options, config: config)
+        try importImage(daemon)
+        try daemon.docker(["run", "-d", "--name", "c\(n)", Self.image, "sleep", "600"])
+        let addresses = try daemon.docker([
+            "inspect", "-f", "{{.NetworkSettings.IPAddress}}|{{.NetworkSettings.GlobalIPv6Address}}", "c\(n)",
+        ]).output.trimmingCharacters(in: .whitespacesAndNewlines).split(
+            separator: "|",
+            omittingEmptySubsequences: false
+        )
+        try #require(addresses.count == 2, "container \(n): \(addresses)")
+        return (options, ContainerAddresses(v4: String(addresses[0]), v6: String(addresses[1])))
+    }
+
+    @Test(arguments: [false, true])
+    func containersOnTwoDockerHostsPingThroughTunneld(ipMasq: Bool) throws {
+        try withDockerLab("ip-masq \(ipMasq)") { lab, daemons in
             // The deployment's step: etcdctl put /docker/network/config < flannel-config.json
             let configFile = lab.directory.appendingPathComponent("flannel-config.json")
             try seedConfig.write(to: configFile, atomically: true, encoding: .utf8)
@@ -183,17 +226,9 @@ struct DockerTests {
             var containerIPs: [String] = []
             for daemon in daemons {
                 let n = daemon.host
-                // The unit's ExecStartPost (or docker.service's ExecStartPre), on the host.
-                let optionsFile = lab.directory.appendingPathComponent("docker_opts\(n).env").path
-                try lab.exec("h\(n)", [tunneldBinary, "docker-opts", "-f", lab.subnetFile(n), "-d", optionsFile])
-                let options = try dockerOpts(fromEnvironmentFile: optionsFile)
+                let (options, container) = try startDocker(daemon)
                 #expect(options == ["--bip=\(subnets[n - 1])", "--ip-masq=\(!ipMasq)", "--mtu=1472"])
-
-                try daemon.start(options: options)
-                try importImage(daemon)
-                try daemon.docker(["run", "-d", "--name", "c\(n)", Self.image, "sleep", "600"])
-                let ip = try daemon.docker(["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "c\(n)"]).output
-                    .trimmingCharacters(in: .whitespacesAndNewlines)
+                let ip = container.v4
                 containerIPs.append(ip)
 
                 // docker0 is what the options said, and the container is on it.
@@ -217,9 +252,6 @@ struct DockerTests {
             for (from, to) in [(0, 1), (1, 0)] {
                 try expectThreeEchoes(daemons[from], from: "c\(from + 1)", to: containerIPs[to])
             }
-        } catch {
-            printLogs(lab)
-            throw error
         }
     }
 
@@ -261,34 +293,29 @@ struct DockerTests {
         )
     }
 
-    /// Dual stack, the same deployment: the network config with
-    /// `EnableIPv6`/`IPv6Network`, hosts with an IPv6 underlay address
-    /// (fd18::N/64) and both forwarding switches off, dockerd started with
-    /// what `tunneld docker-opts` gives (`--ipv6 --fixed-cidr-v6=` the
-    /// host's IPv6 subnet), and containers reaching each other over IPv6
-    /// (and IPv4) in each kernel/udp backend. With `ip6tables`, dockerd also
-    /// manages ip6tables (daemon.json `"ip6tables": true`, experimental in
-    /// 20.10) and sets the ip6tables FORWARD policy to DROP: tunneld's IPv6
-    /// forward rules let the overlay through.
-    @Test(arguments: [("udp", false), ("vxlan", false), ("host-gw", false), ("udp", true)])
-    func containersOnTwoDualStackDockerHostsPing6ThroughTunneld(backend: String, ip6tables: Bool) throws {
-        let started = ContinuousClock.now
-        let lab = try Lab()
-        let daemons = [1, 2].map { Daemon(lab: lab, host: $0) }
-        defer {
-            for daemon in daemons { daemon.stop() }
-            lab.destroy()
-            print(
-                "DockerTests (dual stack, \(backend), ip6tables \(ip6tables)): \(ContinuousClock.now - started) including set-up and clean-up"
-            )
-        }
-        do {
-            try lab.addEtcd()
-            let configFile = lab.directory.appendingPathComponent("flannel-config.json")
-            try
-                #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"\#(backend)"}}"#
-                .write(to: configFile, atomically: true, encoding: .utf8)
-            try lab.etcdctl(["put", "/docker/network/config"], input: configFile.path)
+    /// Dual stack and IPv6 only, the same deployment: the network config
+    /// with `EnableIPv6`/`IPv6Network` (and `EnableIPv4: false`), hosts with
+    /// an IPv6 underlay address (fd18::N/64) and both forwarding switches
+    /// off, dockerd started with what `tunneld docker-opts` gives (`--ipv6
+    /// --fixed-cidr-v6=` the host's IPv6 subnet; `--bip` only in a
+    /// dual-stack network, an IPv6-only one leaves Docker its own IPv4
+    /// bridge network), and containers reaching each other over IPv6 (and
+    /// IPv4 in a dual-stack network) in each kernel/udp backend (udp and
+    /// host-gw for IPv6 only, as tunneld runs it). With `ip6tables`, dockerd
+    /// also manages ip6tables (daemon.json `"ip6tables": true`, experimental
+    /// in 20.10) and sets the ip6tables FORWARD policy to DROP: tunneld's
+    /// IPv6 forward rules let the overlay through.
+    @Test(arguments: [
+        ("udp", LabFamilies.dualStack, false), ("vxlan", .dualStack, false), ("host-gw", .dualStack, false),
+        ("udp", .dualStack, true), ("udp", .ipv6Only, false), ("host-gw", .ipv6Only, false),
+    ])
+    func containersOnTwoDockerHostsPing6ThroughTunneld(
+        backend: String,
+        families: LabFamilies,
+        ip6tables: Bool
+    ) throws {
+        try withDockerLab("\(families), \(backend), ip6tables \(ip6tables)") { lab, daemons in
+            try lab.putNetworkConfig(families, backend: #"{"Type":"\#(backend)"}"#)
             for n in [1, 2] {
                 try lab.lab(
                     ["add-bare-host", "\(n)", "--ipv6", "--"]
@@ -300,40 +327,34 @@ struct DockerTests {
             }
             let mtu = try #require(try lab.subnetEnv(1)["FLANNEL_MTU"])
 
-            var containerIPs: [(v4: String, v6: String)] = []
+            var containers: [ContainerAddresses] = []
             for daemon in daemons {
                 let n = daemon.host
-                let env = try lab.subnetEnv(n)
-                let subnet = try #require(env["FLANNEL_SUBNET"])
+                let subnet = try lab.subnetEnv(n)["FLANNEL_SUBNET"]
+                #expect((subnet != nil) == (families == .dualStack))
                 let subnet6 = try LabLease6(lab, host: n)
-                let optionsFile = lab.directory.appendingPathComponent("docker_opts\(n).env").path
-                try lab.exec("h\(n)", [tunneldBinary, "docker-opts", "-f", lab.subnetFile(n), "-d", optionsFile])
-                let options = try dockerOpts(fromEnvironmentFile: optionsFile)
-                #expect(
-                    options == [
-                        "--bip=\(subnet)", "--fixed-cidr-v6=\(subnet6.subnet)", "--ip-masq=false", "--ipv6",
-                        "--mtu=\(mtu)",
-                    ]
-                )
-
-                try daemon.start(
-                    options: options,
+                let (options, container) = try startDocker(
+                    daemon,
                     config: ip6tables ? #"{"experimental":true,"ip6tables":true}"# : "{}"
                 )
-                try importImage(daemon)
-                try daemon.docker(["run", "-d", "--name", "c\(n)", Self.image, "sleep", "600"])
-                let addresses = try daemon.docker([
-                    "inspect", "-f", "{{.NetworkSettings.IPAddress}} {{.NetworkSettings.GlobalIPv6Address}}", "c\(n)",
-                ]).output.split(whereSeparator: \.isWhitespace).map(String.init)
-                try #require(addresses.count == 2, "container \(n) has no address of each family: \(addresses)")
-                containerIPs.append((addresses[0], addresses[1]))
+                #expect(
+                    options
+                        == (subnet.map { ["--bip=\($0)"] } ?? []) + [
+                            "--fixed-cidr-v6=\(subnet6.subnet)", "--ip-masq=false", "--ipv6", "--mtu=\(mtu)",
+                        ]
+                )
+                try #require(!container.v6.isEmpty, "container \(n) has no IPv6 address")
+                if families == .dualStack {
+                    try #require(!container.v4.isEmpty, "container \(n) has no IPv4 address")
+                }
+                containers.append(container)
 
                 // docker0 is the gateway of the host's IPv6 subnet, and the container is in it.
                 let bridge = try lab.exec("h\(n)", ["ip", "-o", "-6", "addr", "show", "dev", "docker0"]).output
                 #expect(bridge.contains("inet6 \(subnet6.base)1/64"), "\(bridge)")
                 #expect(
-                    addresses[1].hasPrefix(subnet6.base.dropLast()),
-                    "container \(n) got \(addresses[1]), outside \(subnet6.subnet)"
+                    container.v6.hasPrefix(subnet6.base.dropLast()),
+                    "container \(n) got \(container.v6), outside \(subnet6.subnet)"
                 )
                 // dockerd turned IPv6 forwarding on for the bridge's subnet.
                 let forwarding = try lab.exec("h\(n)", ["sysctl", "-n", "net.ipv6.conf.all.forwarding"]).output
@@ -347,12 +368,13 @@ struct DockerTests {
             }
 
             for (from, to) in [(0, 1), (1, 0)] {
-                try expectThreeEchoes(daemons[from], from: "c\(from + 1)", to: containerIPs[to].v6)
-                try expectThreeEchoes(daemons[from], from: "c\(from + 1)", to: containerIPs[to].v4)
+                try expectThreeEchoes(daemons[from], from: "c\(from + 1)", to: containers[to].v6)
+                // An IPv6-only network's containers have Docker's own IPv4
+                // network on each host (the same 172.17.0.0/16), which the overlay does not carry.
+                if families == .dualStack {
+                    try expectThreeEchoes(daemons[from], from: "c\(from + 1)", to: containers[to].v4)
+                }
             }
-        } catch {
-            printLogs(lab)
-            throw error
         }
     }
 }

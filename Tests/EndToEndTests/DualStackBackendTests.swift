@@ -17,6 +17,36 @@ struct LabLease6 {
     }
 }
 
+/// The address families of the IPv6 tests' networks, as flannel's config
+/// names them: both (10.2.0.0/16 and fd00:10:2::/48) or IPv6 only.
+enum LabFamilies: String, CustomStringConvertible, Sendable {
+    case dualStack = "dual stack"
+    case ipv6Only = "IPv6 only"
+
+    var description: String { rawValue }
+
+    /// The config's keys for the networks.
+    var configKeys: String {
+        switch self {
+        case .dualStack: #""Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48""#
+        case .ipv6Only: #""EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:2::/48""#
+        }
+    }
+}
+
+extension Lab {
+    /// Puts flannel's network config for `families` with `backend` (its
+    /// object, e.g. `{"Type":"vxlan"}`) and the `extra` keys (e.g.
+    /// `"EnableNFTables":true`) at /docker/network/config with etcdctl, as a
+    /// deployment does.
+    func putNetworkConfig(_ families: LabFamilies, backend: String, extra: String = "") throws {
+        let file = directory.appendingPathComponent("flannel-config.json")
+        try "{\(families.configKeys),\(extra.isEmpty ? "" : extra + ",")\"Backend\":\(backend)}"
+            .write(to: file, atomically: true, encoding: .utf8)
+        try etcdctl(["put", "/docker/network/config"], input: file.path)
+    }
+}
+
 /// IPv6 in dual-stack networks for the kernel backends, the deployment's
 /// way: flannel's config put with etcdctl, hosts with an IPv6 underlay
 /// (fd18::N/64 beside 198.18.0.N/24), containers with both families.
@@ -28,18 +58,47 @@ struct LabLease6 {
 struct DualStackBackendTests {
     let etcd = EtcdBackendTests()
 
-    func putConfig(_ lab: Lab, backend: String) throws {
-        let file = lab.directory.appendingPathComponent("flannel-config.json")
-        try #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":\#(backend)}"#
-            .write(to: file, atomically: true, encoding: .utf8)
-        try lab.etcdctl(["put", "/docker/network/config"], input: file.path)
-    }
-
     func routes6(_ lab: Lab, host n: Int) throws -> String { try lab.hostOutput(n, ["ip", "-6", "route"]) }
 
     /// The `ip -6 route` line for `subnet`, if there is one.
     func route6(_ lab: Lab, host n: Int, to subnet: String) throws -> Substring? {
         try routes6(lab, host: n).split(separator: "\n").first { $0.hasPrefix(subnet + " ") }
+    }
+
+    /// Starts hosts 1 and 2 with flanneld's flags (and `extra`), with an
+    /// IPv6 underlay address each unless `ipv6Underlay` is false; their IPv6 leases.
+    @discardableResult
+    func addTwoHosts(_ lab: Lab, extra: [String] = [], ipv6Underlay: Bool = true) throws -> [LabLease6] {
+        for n in 1...2 {
+            try lab.addHost(n, command: etcd.flanneldCommand(lab, host: n, extra: extra), ipv6: ipv6Underlay)
+        }
+        return [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+    }
+
+    /// host-gw: each host routes the other's IPv6 subnet via its PublicIPv6 (fd18::N).
+    func expectIPv6RoutesViaPeers(_ lab: Lab, _ v6: [LabLease6]) throws {
+        for (host, peer) in [(1, 1), (2, 0)] {
+            #expect(
+                try lab.waitUntil {
+                    try route6(lab, host: host, to: v6[peer].subnet)?.contains("via fd18::\(peer + 1) dev eth0")
+                        ?? false
+                },
+                "\((try? routes6(lab, host: host)) ?? "")\n\(lab.log("h\(host)"))"
+            )
+        }
+    }
+
+    /// The containers reach each other both ways over IPv6, and over IPv4
+    /// too in a dual-stack network.
+    func expectContainersReachEachOther(_ lab: Lab, _ families: LabFamilies) throws {
+        for (from, to) in [(1, 2), (2, 1)] {
+            let ping6 = try lab.ping6(from: from, to: to)
+            #expect(ping6.succeeded, "c\(from) → c\(to) over IPv6: \(ping6.output)")
+            if families == .dualStack {
+                let ping = try lab.ping(from: from, to: to)
+                #expect(ping.succeeded, "c\(from) → c\(to): \(ping.output)")
+            }
+        }
     }
 
     func leaseKey(_ lab: Lab, host n: Int) throws -> String {
@@ -49,11 +108,9 @@ struct DualStackBackendTests {
 
     @Test func vxlanCarriesIPv6OnFlannelV6WithFlanneldsLeaseAndEntries() throws {
         try etcd.withEtcdLab { lab in
-            try putConfig(lab, backend: #"{"Type":"vxlan"}"#)
-            try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
-            try lab.addHost(2, command: etcd.flanneldCommand(lab, host: 2), ipv6: true)
+            try lab.putNetworkConfig(.dualStack, backend: #"{"Type":"vxlan"}"#)
+            let v6 = try addTwoHosts(lab)
             let v4 = [try LabLease(lab, host: 1), try LabLease(lab, host: 2)]
-            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
 
             // The lease is flanneld's dual-stack vxlan lease: the IPv6 device's MAC in BackendV6Data.
             let mac1 = try lab.vtepMAC(1), mac6 = try lab.vtepMAC(1, device: "flannel-v6.1")
@@ -95,12 +152,7 @@ struct DualStackBackendTests {
             }
 
             // Containers reach each other over both families.
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping6 = try lab.ping6(from: from, to: to)
-                #expect(ping6.succeeded, "\(ping6.output)")
-                let ping = try lab.ping(from: from, to: to)
-                #expect(ping.succeeded, "\(ping.output)")
-            }
+            try expectContainersReachEachOther(lab, .dualStack)
 
             // A route removed behind tunneld's back is put back by its check.
             try lab.exec("h1", ["ip", "-6", "route", "del", v6[1].subnet])
@@ -113,7 +165,7 @@ struct DualStackBackendTests {
 
     @Test func aFlanneldDualStackVXLANLeaseGetsIPv6EntriesAndLosesThemWithItsKey() throws {
         try etcd.withEtcdLab { lab in
-            try putConfig(lab, backend: #"{"Type":"vxlan"}"#)
+            try lab.putNetworkConfig(.dualStack, backend: #"{"Type":"vxlan"}"#)
             try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
 
             // What a dual-stack flanneld vxlan host at 198.18.0.9 / fd18::9 writes,
@@ -176,30 +228,15 @@ struct DualStackBackendTests {
 
     @Test func hostGatewayRoutesIPv6ViaEachPeersPublicIPv6() throws {
         try etcd.withEtcdLab { lab in
-            try putConfig(lab, backend: #"{"Type":"host-gw"}"#)
-            try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
-            try lab.addHost(2, command: etcd.flanneldCommand(lab, host: 2), ipv6: true)
-            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            try lab.putNetworkConfig(.dualStack, backend: #"{"Type":"host-gw"}"#)
+            let v6 = try addTwoHosts(lab)
             #expect(
                 try lab.etcdValue(leaseKey(lab, host: 1))
                     == #"{"PublicIP":"198.18.0.1","PublicIPv6":"fd18::1","BackendType":"host-gw"}"#
             )
             #expect(try lab.subnetEnv(1)["FLANNEL_MTU"] == "1500")
-            for (host, peer) in [(1, 1), (2, 0)] {
-                #expect(
-                    try lab.waitUntil {
-                        try route6(lab, host: host, to: v6[peer].subnet)?.contains("via fd18::\(peer + 1) dev eth0")
-                            ?? false
-                    },
-                    "\((try? routes6(lab, host: host)) ?? "")\n\(lab.log("h\(host)"))"
-                )
-            }
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping6 = try lab.ping6(from: from, to: to)
-                #expect(ping6.succeeded, "\(ping6.output)")
-                let ping = try lab.ping(from: from, to: to)
-                #expect(ping.succeeded, "\(ping.output)")
-            }
+            try expectIPv6RoutesViaPeers(lab, v6)
+            try expectContainersReachEachOther(lab, .dualStack)
 
             // flanneld's dual-stack host-gw lease; and one without a PublicIPv6:
             // one line for it, its IPv4 route kept, no IPv6 route.
@@ -244,9 +281,8 @@ struct DualStackBackendTests {
     /// coalesced into GSO_TCPV6/UDP_L4 writes on the receiving one.
     @Test func udpCarriesIPv6TrafficThroughTheOffloads() throws {
         try etcd.withEtcdLab { lab in
-            try putConfig(lab, backend: #"{"Type":"udp"}"#)
-            try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
-            try lab.addHost(2, command: etcd.flanneldCommand(lab, host: 2), ipv6: true)
+            try lab.putNetworkConfig(.dualStack, backend: #"{"Type":"udp"}"#)
+            try addTwoHosts(lab)
             for host in ["h1", "h2"] {
                 #expect(
                     lab.log(host).contains("tun csum+tso4+tso6+uso4"),
@@ -269,11 +305,9 @@ struct DualStackBackendTests {
     /// datagrams (with one, see UDPIPv6UnderlayTests).
     @Test func udpCarriesIPv6PacketsOverTheIPv4Underlay() throws {
         try etcd.withEtcdLab { lab in
-            try putConfig(lab, backend: #"{"Type":"udp"}"#)
-            try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: false)
-            try lab.addHost(2, command: etcd.flanneldCommand(lab, host: 2), ipv6: false)
+            try lab.putNetworkConfig(.dualStack, backend: #"{"Type":"udp"}"#)
+            let v6 = try addTwoHosts(lab, ipv6Underlay: false)
             let v4 = [try LabLease(lab, host: 1), try LabLease(lab, host: 2)]
-            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
             // flannel's udp lease (no BackendType) under the dual-stack key.
             let value = try #require(try lab.etcdValue(leaseKey(lab, host: 1)))
             #expect(value.hasPrefix(#"{"PublicIP":"198.18.0.1","PublicIPv6":null"#), "\(value)")
@@ -288,12 +322,7 @@ struct DualStackBackendTests {
                 lab.waitForLog("h1", containing: "peer \(v4[1].subnet) and \(v6[1].subnet) → peer 198.18.0.2:8285"),
                 "\(lab.log("h1"))"
             )
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping6 = try lab.ping6(from: from, to: to)
-                #expect(ping6.succeeded, "\(ping6.output)")
-                let ping = try lab.ping(from: from, to: to)
-                #expect(ping.succeeded, "\(ping.output)")
-            }
+            try expectContainersReachEachOther(lab, .dualStack)
             // Full-size IPv6 packets (the tunnel's MTU, 1472) go through whole.
             let big = try lab.exec(
                 "c1",

@@ -15,13 +15,6 @@ struct IPv6OnlyBackendTests {
     let etcd = EtcdBackendTests()
     let dual = DualStackBackendTests()
 
-    func putConfig(_ lab: Lab, backend: String) throws {
-        let file = lab.directory.appendingPathComponent("flannel-config.json")
-        try #"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":\#(backend)}"#
-            .write(to: file, atomically: true, encoding: .utf8)
-        try lab.etcdctl(["put", "/docker/network/config"], input: file.path)
-    }
-
     /// flanneld's key of an IPv6-only lease.
     func leaseKey(_ lease: LabLease6) -> String {
         "/docker/network/subnets/0.0.0.0-0&" + lease.subnet.replacingOccurrences(of: "/", with: "-")
@@ -42,10 +35,8 @@ struct IPv6OnlyBackendTests {
 
     @Test func hostGatewayRunsAnIPv6OnlyNetwork() throws {
         try etcd.withEtcdLab { lab in
-            try putConfig(lab, backend: #"{"Type":"host-gw"}"#)
-            try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
-            try lab.addHost(2, command: etcd.flanneldCommand(lab, host: 2), ipv6: true)
-            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            try lab.putNetworkConfig(.ipv6Only, backend: #"{"Type":"host-gw"}"#)
+            let v6 = try dual.addTwoHosts(lab)
             #expect(v6[0].subnet != v6[1].subnet)
             for n in 1...2 {
                 try checkHost(
@@ -55,21 +46,8 @@ struct IPv6OnlyBackendTests {
                     value: #"{"PublicIP":"198.18.0.\#(n)","PublicIPv6":"fd18::\#(n)","BackendType":"host-gw"}"#
                 )
             }
-            for (host, peer) in [(1, 1), (2, 0)] {
-                #expect(
-                    try lab.waitUntil {
-                        try dual.route6(lab, host: host, to: v6[peer].subnet)?.contains(
-                            "via fd18::\(peer + 1) dev eth0"
-                        )
-                            ?? false
-                    },
-                    "\((try? dual.routes6(lab, host: host)) ?? "")\n\(lab.log("h\(host)"))"
-                )
-            }
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping6 = try lab.ping6(from: from, to: to)
-                #expect(ping6.succeeded, "\(ping6.output)")
-            }
+            try dual.expectIPv6RoutesViaPeers(lab, v6)
+            try dual.expectContainersReachEachOther(lab, .ipv6Only)
 
             // A flanneld host-gw lease of an IPv6-only network, as flanneld
             // writes it (no IPv4 address, so PublicIP 0.0.0.0): programmed,
@@ -103,12 +81,9 @@ struct IPv6OnlyBackendTests {
 
     @Test func udpRunsAnIPv6OnlyNetworkOverTheIPv4Underlay() throws {
         try etcd.withEtcdLab { lab in
-            try putConfig(lab, backend: #"{"Type":"udp"}"#)
+            try lab.putNetworkConfig(.ipv6Only, backend: #"{"Type":"udp"}"#)
             // No IPv6 underlay: udp carries IPv6 inside IPv4 datagrams.
-            for n in 1...2 {
-                try lab.addHost(n, command: etcd.flanneldCommand(lab, host: n, extra: ["-ip-masq"]), ipv6: false)
-            }
-            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            let v6 = try dual.addTwoHosts(lab, extra: ["-ip-masq"], ipv6Underlay: false)
             for n in 1...2 {
                 try checkHost(
                     lab,
@@ -130,10 +105,7 @@ struct IPv6OnlyBackendTests {
                 lab.waitForLog("h1", containing: "peer \(v6[1].subnet) → peer 198.18.0.2:8285"),
                 "\(lab.log("h1"))"
             )
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping6 = try lab.ping6(from: from, to: to)
-                #expect(ping6.succeeded, "\(ping6.output)")
-            }
+            try dual.expectContainersReachEachOther(lab, .ipv6Only)
             // -ip-masq: IPv6 rules only.
             let nat6 = try lab.hostOutput(1, ["ip6tables", "-t", "nat", "-S"])
             #expect(nat6.contains("fd00:10:2::/48") && nat6.contains("MASQUERADE"), "\(nat6)")
@@ -150,6 +122,49 @@ struct IPv6OnlyBackendTests {
             )
             let after = try lab.ping6(from: 1, to: 2)
             #expect(after.succeeded, "\(after.output)")
+        }
+    }
+
+    /// A reservation of an IPv6-only network, put with etcdctl the way
+    /// flanneld writes such keys (PublicIP 0.0.0.0): the host with that
+    /// PublicIPv6 gets the subnet and routes it, the key stays without a TTL
+    /// (rewritten with the host's attributes), `tunneld leases` says so, and
+    /// leaving the network with --release-on-exit leaves it in place.
+    @Test func aReservationPutWithEtcdctlGoesToTheHostWithItsPublicIPv6() throws {
+        try etcd.withEtcdLab { lab in
+            try lab.putNetworkConfig(.ipv6Only, backend: #"{"Type":"host-gw"}"#)
+            let key = "/docker/network/subnets/0.0.0.0-0&fd00:10:2:c8::-64"
+            try lab.etcdctl(["put", key, #"{"PublicIP":"0.0.0.0","PublicIPv6":"fd18::2","BackendType":"host-gw"}"#])
+            try lab.addHost(1, command: etcd.flanneldCommand(lab, host: 1), ipv6: true)
+            try lab.addHost(
+                2,
+                command: etcd.flanneldCommand(lab, host: 2, extra: ["--release-on-exit"]),
+                ipv6: true
+            )
+            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            #expect(v6[1].subnet == "fd00:10:2:c8::/64", "\(lab.log("h2"))")
+            #expect(v6[0].subnet != v6[1].subnet)
+            #expect(
+                try lab.etcdValue(key) == #"{"PublicIP":"198.18.0.2","PublicIPv6":"fd18::2","BackendType":"host-gw"}"#
+            )
+            let stored = try lab.etcdctl(["get", key, "-w", "json"]).output
+            #expect(stored.contains("\"kvs\"") && !stored.contains("\"lease\""), "still no TTL: \(stored)")
+            #expect(
+                try lab.waitUntil {
+                    try dual.route6(lab, host: 1, to: "fd00:10:2:c8::/64")?.contains("via fd18::2 dev eth0") ?? false
+                },
+                "\((try? dual.routes6(lab, host: 1)) ?? "")"
+            )
+            let ping6 = try lab.ping6(from: 1, to: 2)
+            #expect(ping6.succeeded, "\(ping6.output)")
+            let leases = try lab.exec(
+                "h1",
+                [tunneldBinary, "leases", "-etcd-endpoints=\(labEtcdEndpoint)", "-etcd-prefix=\(seedEtcdPrefix)"]
+            ).output
+            let line = leases.split(separator: "\n").first { $0.contains("fd00:10:2:c8::/64") }
+            #expect(line?.contains("fd18::2") == true && line?.contains("never (reservation)") == true, "\(leases)")
+            try lab.lab("stop", "h2")
+            #expect(try lab.etcdValue(key) != nil, "a reservation outlives --release-on-exit: \(lab.log("h2"))")
         }
     }
 }

@@ -161,7 +161,8 @@ struct UDPBackendTests {
         let seen = lab.directory.appendingPathComponent("seen-\(listener).txt").path
         let script = """
             import socket,sys
-            s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind((sys.argv[1],9999)); s.settimeout(20)
+            f=socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+            s=socket.socket(f,socket.SOCK_DGRAM); s.bind((sys.argv[1],9999)); s.settimeout(20)
             _,peer=s.recvfrom(100); open(sys.argv[2],'w').write(peer[0])
             """
         let server = try spawn(
@@ -169,7 +170,8 @@ struct UDPBackendTests {
             output: lab.directory.appendingPathComponent("seen.log").path
         )
         defer { server.terminate() }
-        let send = "import socket,sys; socket.socket(socket.AF_INET,socket.SOCK_DGRAM).sendto(b'x',(sys.argv[1],9999))"
+        let send =
+            "import socket,sys; socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET,socket.SOCK_DGRAM).sendto(b'x',(sys.argv[1],9999))"
         // Until the listener has one (it may not be bound yet): bounded.
         for _ in 0..<40 where server.wait(timeout: .milliseconds(250)) == nil {
             try lab.exec(sender, ["python3", "-c", send, address], check: false)

@@ -179,7 +179,7 @@ let dualStackJSON =
         return try SubnetChooser.choose(
             config: config,
             leases: leases,
-            publicIP: ip(me),
+            host: LeaseAttributes(publicIP: ip(me)),
             preferred: preferred.map(net),
             preferredIPv6: preferredIPv6.map(net6),
             using: &g

@@ -157,7 +157,7 @@ struct EtcdLeaseStoreScaleTests {
         let choice = try SubnetChooser.choose(
             config: c,
             leases: leases,
-            publicIP: ip("198.19.0.1"),
+            host: LeaseAttributes(publicIP: ip("198.19.0.1")),
             preferred: nil,
             using: &choose
         )

@@ -131,7 +131,7 @@ let ipv6OnlyJSON =
         return try SubnetChooser.choose(
             config: try config(ipv6OnlyJSON),
             leases: leases,
-            publicIP: ip(me),
+            host: LeaseAttributes(publicIP: ip(me)),
             preferred: nil,
             preferredIPv6: preferredIPv6.map(net6),
             using: &g
@@ -152,18 +152,17 @@ let ipv6OnlyJSON =
         let choice = try SubnetChooser.choose(
             config: try config(ipv6OnlyJSON),
             leases: [theirs, mine],
-            publicIP: IPv4Address(0),
-            publicIPv6: IPv6Address("fd18::1")!,
+            host: LeaseAttributes(publicIP: IPv4Address(0), publicIPv6: IPv6Address("fd18::1")!),
             preferred: nil,
             using: &g
         )
         #expect(choice.source == .existingLease(mine))
-        #expect(!theirs.attributes.isSameHost(as: mine.attributes))
-        #expect(mine.attributes.isSameHost(as: mine.attributes))
+        #expect(!theirs.attributes.belongs(to: mine.attributes))
+        #expect(mine.attributes.belongs(to: mine.attributes))
         // With a PublicIP, that alone names the host, as in flannel.
         #expect(
             LeaseAttributes(publicIP: ip("198.18.0.1"), publicIPv6: IPv6Address("fd18::1")!)
-                .isSameHost(as: LeaseAttributes(publicIP: ip("198.18.0.1")))
+                .belongs(to: LeaseAttributes(publicIP: ip("198.18.0.1")))
         )
     }
 

@@ -91,7 +91,7 @@ import Testing
         return try SubnetChooser.choose(
             config: config,
             leases: leases,
-            publicIP: ip("198.18.0.1"),
+            host: LeaseAttributes(publicIP: ip("198.18.0.1")),
             preferred: preferred.map(net),
             occupied: occupied,
             using: &g

@@ -27,7 +27,7 @@ import Testing
         return try SubnetChooser.choose(
             config: config,
             leases: leases,
-            publicIP: ip(me),
+            host: LeaseAttributes(publicIP: ip(me)),
             preferred: preferred.map(net),
             using: &g
         )
@@ -150,7 +150,7 @@ import Testing
         let choice = try SubnetChooser.choose(
             config: c,
             leases: [],
-            publicIP: ip("198.18.0.1"),
+            host: LeaseAttributes(publicIP: ip("198.18.0.1")),
             preferred: net("10.2.0.4/30"),
             occupied: [net("10.2.0.4/30")],
             using: &g

@@ -56,6 +56,24 @@ private struct Sent {
         #expect(attributes[type: RTA_PRIORITY.rawValue] == nil)
     }
 
+    @Test func aBlackholeRouteHasTheSameShapeInBothFamilies() {
+        let v4 = Sent(RouteSocket.blackholeRequest(IPv4Network("10.2.48.0/24")!, metric: .max, adding: true))
+        let v6 = Sent(RouteSocket.blackholeRequest(subnet, metric: .max, adding: true))
+        for (sent, family, length) in [(v4, AF_INET, 24), (v6, AF_INET6, 64)] {
+            #expect(sent.u16(4) == RTM_NEWROUTE)
+            #expect(sent.u8(16) == Int(family) && sent.u8(17) == length)
+            #expect(sent.u8(20) == Int(RT_TABLE_MAIN.rawValue) && sent.u8(23) == Int(RTN_BLACKHOLE))
+            let attributes = sent.attributes(after: MemoryLayout<rtmsg>.size)
+            #expect(attributes[type: RTA_PRIORITY.rawValue]?.uint32 == UInt32.max)
+            #expect(attributes[type: RTA_OIF.rawValue] == nil && attributes[type: RTA_GATEWAY.rawValue] == nil)
+        }
+        #expect(v6.attributes(after: MemoryLayout<rtmsg>.size)[type: RTA_DST.rawValue]?.ipv6Address == subnet.address)
+        // Deleting names the type, so that a real route to the subnet is never taken with it.
+        let deletion = Sent(RouteSocket.blackholeRequest(subnet, metric: .max, adding: false))
+        #expect(deletion.u16(4) == RTM_DELROUTE && deletion.u8(23) == Int(RTN_BLACKHOLE))
+        #expect(deletion.u8(22) == Int(RT_SCOPE_NOWHERE.rawValue))
+    }
+
     @Test func anIPv6NeighbourIsPermanentWithItsAddressAndMAC() {
         let sent = Sent(RouteSocket.ipv6NeighbourRequest(adding: true, index: 9, address: vtep, hardwareAddress: mac))
         #expect(sent.u16(4) == RTM_NEWNEIGH)
@@ -103,6 +121,40 @@ private struct Sent {
 /// The same requests against a real kernel, in a namespace of their own.
 @Suite(.enabled(if: isRoot, needsRootMessage))
 struct IPv6NetlinkTests {
+    @Test func blackholeRoutesOfBothFamiliesAreAddedListedAndDeletedWithoutTouchingRealRoutes() throws {
+        try withNamespace { ns in
+            try ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+            try ns.ip("addr", "add", "10.2.48.1/24", "dev", "eth0")
+            try ns.ip("-6", "addr", "add", "fd00:10:2:48::1/64", "dev", "eth0", "nodad")
+            try ns.ip("link", "set", "eth0", "up")
+            let socket = try ns.socket()
+            defer { socket.close() }
+            let v4 = try #require(IPv4Network("10.2.48.0/24")), v6 = try #require(IPv6Network("fd00:10:2:48::/64"))
+            for _ in 0..<2 {  // twice: kept, no error
+                try socket.addBlackholeRoute(v4, metric: .max)
+                try socket.addBlackholeRoute(v6, metric: .max)
+            }
+            #expect(
+                try ns.ip("-6", "route", "show", "type", "blackhole").contains(
+                    "blackhole \(v6) dev lo metric 4294967295"
+                )
+            )
+            #expect(try ns.ip("-4", "route", "show", "type", "blackhole").contains("blackhole \(v4) metric 4294967295"))
+            #expect(try socket.blackholeRoutes(IPv6Network.self).map(\.destination) == [v6])
+            #expect(try socket.blackholeRoutes(IPv6Network.self).map(\.metric) == [.max])
+            #expect(try socket.blackholeRoutes(IPv4Network.self).map(\.destination) == [v4])
+            // The kernel's unicast routes to the same subnets are not blackhole routes, and stay.
+            for _ in 0..<2 {
+                try socket.deleteBlackholeRoute(v4, metric: .max)
+                try socket.deleteBlackholeRoute(v6, metric: .max)
+            }
+            #expect(try socket.blackholeRoutes(IPv6Network.self).isEmpty)
+            #expect(try socket.blackholeRoutes(IPv4Network.self).isEmpty)
+            #expect(try socket.ipv6Routes().contains { $0.destination == v6 && $0.gateway == nil })
+            #expect(try socket.routes().contains { $0.destination == v4 && $0.gateway == nil })
+        }
+    }
+
     @Test func flannelV6IsMadeWithItsEntriesAndRouteAndReadBack() throws {
         try withNamespace { ns in
             try ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")

@@ -261,6 +261,25 @@ final class FakeNFT: Sendable {
         let keeper = NFTablesKeeper(masquerade: true, forward: true, nft: fake.nft, logger: logger)
         let error = #expect(throws: DaemonError.self) { try keeper.install(dualStack) }
         #expect(error?.description.contains("Operation not supported") == true)
+        // What to do: the modules, or iptables instead.
+        #expect(error?.description.contains("modprobe nft_chain_nat nft_masq") == true, "\(String(describing: error))")
+        #expect(error?.description.contains("leave EnableNFTables out") == true)
+        #expect(fake.table.withLock { $0 } == nil, "nothing installed")
+    }
+
+    @Test func aKernelWithoutNfTablesIsNamedWithWhatToDo() throws {
+        let fake = FakeNFT()
+        // What nft 1.0.6 prints when the kernel refuses its NETLINK_NETFILTER socket.
+        fake.failure.withLock { $0 = "netlink: Error: cache initialization failed: Protocol not supported" }
+        let keeper = NFTablesKeeper(masquerade: true, forward: true, nft: fake.nft, logger: logger)
+        let error = #expect(throws: DaemonError.self) { try keeper.install(dualStack) }
+        let text = error?.description ?? ""
+        #expect(text.contains("the kernel has no nf_tables: load it (modprobe nf_tables)"), "\(text)")
+        #expect(text.split(separator: "\n").count == 1, "one line: \(text)")
+        // Any other failure is passed on as nft said it, with no guess added.
+        fake.failure.withLock { $0 = "Error: syntax error, unexpected junk" }
+        let other = #expect(throws: DaemonError.self) { try keeper.install(dualStack) }
+        #expect(other?.description.hasSuffix("unexpected junk") == true, "\(String(describing: other))")
     }
 
     @Test func withoutNftOnPathTheErrorNamesThePackage() throws {
