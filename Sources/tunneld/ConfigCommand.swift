@@ -64,14 +64,6 @@ struct Config: AsyncParsableCommand {
                                 .utf8
                         )
                     )
-                } else if config.ipv6 != nil, config.backend.knownType == .wireguard {
-                    // Valid for flannel (flanneld hosts can use it); tunneld hosts will not start on it yet.
-                    FileHandle.standardError.write(
-                        Data(
-                            "warning: IPv6 for the \(config.backend.type) backend is not built in tunneld yet: tunneld run refuses this config while EnableIPv6 is true (flanneld hosts can use it)\n"
-                                .utf8
-                        )
-                    )
                 } else if let v6 = config.ipv6, config.backend.knownType == .udp,
                     v6.subnetLen - v6.network.prefixLength > SubnetTable6.maximumSubnetBits
                 {
