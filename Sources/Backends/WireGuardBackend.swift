@@ -266,14 +266,17 @@ public final class WireGuardBackend: Backend, HostBackend {
             tunOffloads: tunOffloads
         )
         var addresses: [String] = []
+        var routes: [String] = []
         if tunnel.carriesIPv4, let subnet = lease.ipv4Subnet {
-            addresses.append("\(subnet.address)/32, route \(config.network)")
+            addresses.append("\(subnet.address)/32")
+            routes.append("\(config.network)")
         }
         if tunnel.carriesIPv6, let v6 = config.ipv6, let subnet6 = lease.ipv6Subnet {
-            addresses.append("\(subnet6.address)/128, route \(v6.network)")
+            addresses.append("\(subnet6.address)/128")
+            routes.append("\(v6.network)")
         }
         logger.info(
-            "device \(device) up: \(addresses.joined(separator: " and ")) MTU \(mtu), WireGuard on \(tunnel.listening)"
+            "device \(device) up: \(addresses.joined(separator: " and ")) MTU \(mtu), route \(routes.joined(separator: " and ")) dev \(device), WireGuard on \(tunnel.listening)"
         )
         return path
     }

@@ -18,7 +18,7 @@ public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertib
     case initiationsSent, responsesSent, handshakesCompleted, cookieRepliesSent
     case droppedNoPeer, droppedNotIP, droppedNoSession, droppedBadMAC, droppedReplay
     case droppedUnknownReceiver, droppedExpired, droppedSourceNotAllowed, droppedMalformed, droppedHandshake
-    case tunSuperPacketsRead, tunSuperPacketsWritten, droppedBadOffload
+    case tunSuperPacketsRead, tunSuperPacketsWritten, droppedBadOffload, droppedMulticast
 
     public var description: String {
         switch self {
@@ -51,6 +51,7 @@ public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertib
         case .tunSuperPacketsRead: "wg_tun_super_packets_read"
         case .tunSuperPacketsWritten: "wg_tun_super_packets_written"
         case .droppedBadOffload: "wg_dropped_bad_offload"
+        case .droppedMulticast: "wg_dropped_multicast"
         }
     }
 
@@ -403,7 +404,13 @@ final class WireGuardEngine: @unchecked Sendable {
                 ? bySubnet6[batch.destinations[i]] : bySubnet[UInt32(truncatingIfNeeded: batch.destinations[i])]
             guard let entry = found, let endpoint = entry.peer.endpoint else {
                 for k in i..<end { batch.pass[k] = false }
-                bump(.droppedNoPeer, end - i)
+                // Multicast has no peer by design: the kernel's MLD reports (sent from :: to
+                // ff02::16 when a device with IPv6 comes up) are told apart from real misses.
+                let multicast =
+                    batch.destinationIsIPv6[i]
+                    ? batch.destinations[i] >> 120 == 0xFF && subnetMask6 >> 120 == 0xFF
+                    : UInt32(truncatingIfNeeded: batch.destinations[i]) >> 28 == 0xE && subnetMask >> 28 == 0xF
+                bump(multicast ? .droppedMulticast : .droppedNoPeer, end - i)
                 continue
             }
             let reservation = interface.reserve(

@@ -237,6 +237,20 @@ extension WireGuardEngineTests {
         #expect(counter(a, .droppedNotIP) == 2)
     }
 
+    @Test func multicastWithoutAPeerIsCountedApartFromAMissingPeer() throws {
+        let (a, _) = try dualStackEngines(endpoints: (endpointA, endpointB))
+        // An MLDv2 report as the kernel sends it from :: on a device with no link-local address.
+        let mld = makePacket6(source: 0, destination: 0xff02 << 112 | 0x16, nextHeader: 0)
+        let igmp = makePacket(source: 0x0A02_0100, destination: 0xE000_0016, proto: 2)
+        let nowhere = makePacket6(
+            source: Self.address6(subnet: 1, host: 5),
+            destination: Self.address6(subnet: 9, host: 1)
+        )
+        #expect(send([mld, igmp, nowhere], through: a).isEmpty)
+        #expect(counter(a, .droppedMulticast) == 2)
+        #expect(counter(a, .droppedNoPeer) == 1)
+    }
+
     @Test func ipv6EndpointsPrintAsRFC5952() {
         #expect(Self.endpoint6("fd18::2", 51821).description == "[fd18::2]:51821")
         #expect(Self.endpoint6("2001:db8:0:1:0:0:0:1", 1).description == "[2001:db8:0:1::1]:1")
