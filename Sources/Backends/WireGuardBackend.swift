@@ -456,7 +456,7 @@ public final class WireGuardBackend: Backend, HostBackend {
         for (tunnel, path) in zip(tunnels, paths) {
             threads += path.start()
             logger.info(
-                "WireGuard data path of \(tunnel.device) running on \(tunnel.listening), \(tunnel.engine.peerCount) peer(s), UDP_SEGMENT sends \(path.usesSegmentation ? "on" : "off (the kernel has none)"), UDP_GRO receives \(path.receiveCoalescing ? "on" : "off (the kernel has none)")"
+                "WireGuard data path running on \(tunnel.listening) for \(tunnel.device), \(tunnel.engine.peerCount) peer(s), UDP_SEGMENT sends \(path.usesSegmentation ? "on" : "off (the kernel has none)"), UDP_GRO receives \(path.receiveCoalescing ? "on" : "off (the kernel has none)")"
             )
         }
         let stopAll: @Sendable () -> Void = { for path in paths { path.stop() } }

@@ -60,7 +60,7 @@ struct Config: AsyncParsableCommand {
                 } else if config.isIPv6Only, config.backend.knownType == .vxlan {
                     FileHandle.standardError.write(
                         Data(
-                            "warning: IPv6-only networks (EnableIPv4 false) run with the udp and host-gw backends in tunneld, not yet vxlan: tunneld run refuses this config\n"
+                            "warning: IPv6-only networks (EnableIPv4 false) run with the udp, host-gw and wireguard backends in tunneld, not yet vxlan: tunneld run refuses this config\n"
                                 .utf8
                         )
                     )

@@ -197,7 +197,7 @@ struct BadInputTests {
             #expect(stored.output.contains("warning: IPv6-only networks"), "\(stored.output)")
             let result = try start(lab, ["--public-ipv6", "2001:db8::1"], timeout: .seconds(20))
             #expect(!result.succeeded)
-            #expect(result.output.contains("use the udp or host-gw backend"), "\(result.output)")
+            #expect(result.output.contains("use the udp, host-gw or wireguard backend"), "\(result.output)")
             #expect(try leftovers(lab) == [])
         }
     }
