@@ -190,3 +190,137 @@ extension WireGuardBackendTests {
         }
     }
 }
+
+/// Host 2 as flanneld sets up a dual-stack wireguard host in mode separate,
+/// with Debian's wireguard-go: one key for two devices — the IPv4 one on
+/// 51820 (its subnet's address /32, the network's route) and the IPv6 one on
+/// 51821 (its IPv6 subnet's address /128, the IPv6 network's route) — each
+/// with host 1 as its peer over that family's underlay; its dual-stack lease
+/// in etcd and its subnet file.
+struct WireguardGoDualStackHost {
+    let subnet = "10.2.200.0/24"
+    let subnet6: String
+    let key: String
+    let keyFile: String
+    let device: String
+    let device6: String
+
+    init(_ lab: Lab, peerSubnet6: String) throws {
+        // fd00:10:2:c8::/64, or c9 if host 1 holds that one.
+        let hex = peerSubnet6.hasPrefix("fd00:10:2:c8::") ? "c9" : "c8"
+        subnet6 = "fd00:10:2:\(hex)::/64"
+        keyFile = lab.directory.appendingPathComponent("wgkey-2").path
+        try run(["bash", "-c", "umask 077; wg genkey > \(keyFile)"])
+        key = try run(["bash", "-c", "wg pubkey < \(keyFile)"]).output.trimmingCharacters(in: .whitespacesAndNewlines)
+        device = "wg" + lab.name.suffix(9)
+        device6 = "w6" + lab.name.suffix(9)
+        try """
+        FLANNEL_NETWORK=10.2.0.0/16
+        FLANNEL_SUBNET=10.2.200.1/24
+        FLANNEL_IPV6_NETWORK=fd00:10:2::/48
+        FLANNEL_IPV6_SUBNET=fd00:10:2:\(hex)::1/64
+        FLANNEL_MTU=1420
+        FLANNEL_IPMASQ=false
+
+        """.write(toFile: lab.subnetFile(2), atomically: true, encoding: .utf8)
+        let data = #"{"PublicKey":"\#(key)"}"#
+        try lab.etcdctl([
+            "put", "/docker/network/subnets/10.2.200.0-24&fd00:10:2:\(hex)::-64",
+            #"{"PublicIP":"198.18.0.2","PublicIPv6":"fd18::2","BackendType":"wireguard","BackendData":\#(data),"BackendV6Data":\#(data)}"#,
+        ])
+    }
+
+    func waitForSocket(_ device: String) {
+        let socket = "/var/run/wireguard/\(device).sock"
+        let deadline = ContinuousClock.now + .seconds(10)
+        while !FileManager.default.fileExists(atPath: socket) && ContinuousClock.now < deadline {
+            usleep(100_000)
+        }
+    }
+
+    /// Starts both wireguard-go processes (the host's command runs the IPv4
+    /// one; the IPv6 one is started in the host's namespace, and goes with
+    /// it when the lab is destroyed) and configures them. Returns the IPv6
+    /// one's PID.
+    func start(_ lab: Lab, peerKey: String, peerSubnet: String, peerSubnet6: String) throws -> String {
+        try lab.addHost(2, command: ["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", device], ipv6: true)
+        let log6 = lab.directory.appendingPathComponent("wireguard-go-v6.log").path
+        let pid = try lab.exec(
+            "h2",
+            [
+                "bash", "-c",
+                "WG_PROCESS_FOREGROUND=1 setsid wireguard-go \(device6) </dev/null >\(log6) 2>&1 & echo $!",
+            ]
+        ).output.trimmingCharacters(in: .whitespacesAndNewlines)
+        waitForSocket(device)
+        waitForSocket(device6)
+        try lab.exec(
+            "h2",
+            [
+                "wg", "set", device, "private-key", keyFile, "listen-port", "51820", "peer", peerKey,
+                "endpoint", "198.18.0.1:51820", "allowed-ips", peerSubnet,
+            ]
+        )
+        try lab.exec("h2", ["ip", "addr", "add", "10.2.200.0/32", "dev", device])
+        try lab.exec("h2", ["ip", "link", "set", device, "mtu", "1420", "up"])
+        try lab.exec("h2", ["ip", "route", "add", "10.2.0.0/16", "dev", device, "scope", "link"])
+        try lab.exec(
+            "h2",
+            [
+                "wg", "set", device6, "private-key", keyFile, "listen-port", "51821", "peer", peerKey,
+                "endpoint", "[fd18::1]:51821", "allowed-ips", peerSubnet6,
+            ]
+        )
+        try lab.exec("h2", ["ip", "-6", "addr", "add", "\(subnet6.dropLast(3))/128", "dev", device6, "nodad"])
+        try lab.exec("h2", ["ip", "link", "set", device6, "mtu", "1420", "up"])
+        try lab.exec("h2", ["ip", "-6", "route", "add", "fd00:10:2::/48", "dev", device6])
+        return pid
+    }
+}
+
+extension WireGuardBackendTests {
+    @Test(.enabled(if: wireguardGoIsInstalled, wireguardGoSkipReason))
+    func tunneldAndADualStackWireguardGoHostConfiguredLikeFlanneldAreEachOthersPeers() throws {
+        try withLab(config: Self.dualStackConfig(mode: nil)) { lab in
+            try addTunneld(lab, 1, ipv6: true)
+            let subnet1 = try subnet(lab, 1), v6 = try LabLease6(lab, host: 1)
+            let key1 = try publicKey(ofKeyFile: keyFile(lab, 1))
+            let go = try WireguardGoDualStackHost(lab, peerSubnet6: v6.subnet)
+            let pid = try go.start(lab, peerKey: key1, peerSubnet: subnet1, peerSubnet6: v6.subnet)
+            // Ours, and still that process: stopped before the lab goes (which would kill it too).
+            defer {
+                _ = try? run(
+                    ["bash", "-c", "[ \"$(cat /proc/\(pid)/comm 2>/dev/null)\" = wireguard-go ] && kill \(pid)"],
+                    check: false
+                )
+            }
+            #expect(lab.waitForLog("h1", containing: "peer \(go.subnet) → 198.18.0.2:51820, key \(go.key)"))
+            #expect(
+                lab.waitForLog(
+                    "h1",
+                    containing: "peer \(go.subnet6) → [fd18::2]:51821, key \(go.key) on flannel-wg-v6"
+                ),
+                "\(lab.log("h1"))"
+            )
+            // wireguard-go starts the IPv6 handshake, tunneld the IPv4 one.
+            for (from, to) in [(2, 1), (1, 2)] {
+                let ping6 = try lab.ping6(from: from, to: to)
+                #expect(ping6.succeeded, "\(ping6.output)")
+            }
+            for (from, to) in [(1, 2), (2, 1)] {
+                let ping = try lab.ping(from: from, to: to)
+                #expect(ping.succeeded, "\(ping.output)")
+            }
+            let handshakes = try lab.exec("h2", ["wg", "show", go.device6, "latest-handshakes"]).output
+            #expect(handshakes.contains(key1) && !handshakes.contains("\t0\n"), "\(handshakes)")
+            let endpoints = try lab.exec("h2", ["wg", "show", go.device6, "endpoints"]).output
+            #expect(endpoints.contains("[fd18::1]:51821"), "\(endpoints)")
+            try transfer(lab, from: 1, to: 2, bytes: 20 << 20, ipv6: true)
+            try transfer(lab, from: 2, to: 1, bytes: 20 << 20, ipv6: true)
+            try lab.lab("stop", "h1")
+            let stopped = lab.log("h1").split(separator: "\n").filter { $0.contains("WireGuard data path stopped") }
+            let drops = stopped.joined().split(separator: " ").filter { $0.hasPrefix("wg_dropped_") }
+            #expect(drops.allSatisfy { $0.hasPrefix("wg_dropped_multicast=") }, "\(drops)")
+        }
+    }
+}
