@@ -369,7 +369,9 @@ public final class WireGuardBackend: Backend, HostBackend {
         case .separate: useIPv6 = !tunnel.carriesIPv4
         case .ipv4: useIPv6 = false
         case .ipv6: useIPv6 = true
-        case .auto: useIPv6 = Self.autoPicksIPv6(peer: (v4, v6), host: (publicIP, publicIPv6))
+        // Only an underlay this device listens on (no IPv6 socket without an IPv6 address here).
+        case .auto:
+            useIPv6 = tunnel.listensIPv6 && Self.autoPicksIPv6(peer: (v4, v6), host: (publicIP, publicIPv6))
         }
         let endpoint: Endpoint?
         if useIPv6 {

@@ -263,6 +263,12 @@ final class WireGuardDataPath: Sendable {
             }
             let size = batch.packets[i].length
             let endpoint = batch.endpoints[i]
+            // No socket of its family here: a failed send, not a refused segmentation.
+            guard socketFD(for: endpoint) != nil else {
+                failed += 1
+                i += 1
+                continue
+            }
             var run = 1
             var total = size
             var next = i + 1
@@ -518,7 +524,7 @@ extension Endpoint {
     }
 
     /// The endpoint a received datagram came from (`sockaddr_in` or
-    /// `sockaddr_in6`); a v4-mapped IPv6 source counts as IPv4.
+    /// `sockaddr_in6`; the IPv6 socket is IPV6_V6ONLY, so never a v4-mapped one).
     @inline(__always)
     init(_ storage: UnsafePointer<sockaddr_storage>) {
         if Int32(storage.pointee.ss_family) == AF_INET6 {
