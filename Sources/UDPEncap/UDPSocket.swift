@@ -143,7 +143,7 @@ public final class UDPSocket: Sendable {
                 on: object,
                 errno: e,
                 hint: e == Errno(EADDRINUSE)
-                    ? "another process (flanneld or tunneld?) already uses udp port \(port) on IPv6; stop it or set Backend.ListenPortV6"
+                    ? "another process (flanneld or tunneld?) already uses udp port \(port) on IPv6; stop it or set Backend.ListenPortV6 (mode separate) or Backend.ListenPort"
                     : nil
             )
         }
