@@ -11,8 +11,10 @@ import Glibc
 #endif
 
 /// The wireguard backend's I/O: the TUN device, the UDP socket on
-/// ListenPort and three threads around one `WireGuardEngine` — TUN → seal →
-/// UDP, UDP → open → TUN, and the timers. Each I/O thread moves batches of up
+/// ListenPort (IPv4, or IPv6 for flannel-wg-v6) and, where the mode carries
+/// tunnels over both underlays, a second (IPv6) one on the same port; and
+/// threads around one `WireGuardEngine` — TUN → seal → UDP, UDP → open →
+/// TUN (one per socket), and the timers. Each I/O thread moves batches of up
 /// to `batchSize` packets per lock of the engine; the slabs are allocated
 /// once. With a TUN that has a virtio header, the kernel's TSO/USO
 /// super-packets are split into the batch's slots before sealing, and the
@@ -23,6 +25,8 @@ import Glibc
 final class WireGuardDataPath: Sendable {
     let tun: TunDevice
     let socket: UDPSocket
+    /// The IPv6 underlay's socket beside an IPv4 `socket`, or nil.
+    let socket6: UDPSocket?
     let engine: WireGuardEngine
     let mtu: Int
     /// What the kernel accepted of TUNSETOFFLOAD (empty without a virtio header).
@@ -58,6 +62,7 @@ final class WireGuardDataPath: Sendable {
     init(
         tun: TunDevice,
         socket: UDPSocket,
+        socket6: UDPSocket? = nil,
         engine: WireGuardEngine,
         mtu: Int,
         tunOffloads: TunOffloads = [],
@@ -68,11 +73,27 @@ final class WireGuardDataPath: Sendable {
         self.workers = max(1, workers)
         busyPollNanoseconds = UInt64(max(0, busyPollMicroseconds)) * 1000
         self.socket = socket
+        self.socket6 = socket6
         self.engine = engine
         self.mtu = mtu
         self.tunOffloads = tunOffloads
-        segmentation = Atomic(socket.supportsSegmentation)
-        receiveCoalescing = socket.enableReceiveCoalescing()
+        segmentation = Atomic(socket.supportsSegmentation && socket6?.supportsSegmentation != false)
+        let coalescing = socket.enableReceiveCoalescing()
+        receiveCoalescing = (socket6?.enableReceiveCoalescing() ?? true) && coalescing
+    }
+
+    /// The socket for `endpoint`'s family, or nil when this path has none.
+    @inline(__always)
+    private func socketFD(for endpoint: Endpoint) -> Int32? {
+        if endpoint.isIPv6 == socket.isIPv6 { return socket.fd.rawValue }
+        if let socket6, endpoint.isIPv6 { return socket6.fd.rawValue }
+        return nil
+    }
+
+    /// Closes the sockets (after `stop()`).
+    func closeSockets() {
+        socket.close()
+        socket6?.close()
     }
 
     var usesSegmentation: Bool { segmentation.load(ordering: .relaxed) }
@@ -80,17 +101,18 @@ final class WireGuardDataPath: Sendable {
     func stop() { stopped.store(true, ordering: .releasing) }
     var isStopped: Bool { stopped.load(ordering: .acquiring) }
 
-    enum Role: String, CaseIterable { case tx, rx, timer }
+    enum Role: String, CaseIterable { case tx, rx, rx6, timer }
 
-    /// Starts the three threads; each finishes its stream when it returns.
+    /// Starts the threads (rx6 only with `socket6`); each finishes its stream when it returns.
     func start() -> [AsyncThrowingStream<Void, any Error>] {
-        Role.allCases.map { role in
+        Role.allCases.filter { $0 != .rx6 || socket6 != nil }.map { role in
             let (stream, continuation) = AsyncThrowingStream<Void, any Error>.makeStream()
             let thread = Thread { [self] in
                 do {
                     switch role {
                     case .tx: try tunLoop()
-                    case .rx: try udpLoop()
+                    case .rx: try udpLoop(socket)
+                    case .rx6: if let socket6 { try udpLoop(socket6) }
                     case .timer: timerLoop()
                     }
                     continuation.finish()
@@ -298,6 +320,12 @@ final class WireGuardDataPath: Sendable {
             }
             let size = batch.packets[i].length
             let endpoint = batch.endpoints[i]
+            // No socket of its family here: a failed send, not a refused segmentation.
+            guard socketFD(for: endpoint) != nil else {
+                failed += 1
+                i += 1
+                continue
+            }
             var run = 1
             var total = size
             var next = i + 1
@@ -342,16 +370,16 @@ final class WireGuardDataPath: Sendable {
         _ iovecs: UnsafeMutablePointer<iovec>,
         count: Int,
         segmentSize: Int,
-        to endpoint: UDPEndpoint,
+        to endpoint: Endpoint,
         control: UnsafeMutableRawPointer
     ) -> Bool {
-        var sa = sockaddr_in()
-        endpoint.write(to: &sa)
-        let fd = socket.fd.rawValue
+        guard let fd = socketFD(for: endpoint) else { return false }
+        var sa = sockaddr_storage()
+        let length = endpoint.write(to: &sa)
         return withUnsafeMutablePointer(to: &sa) { address in
             var message = msghdr()
             message.msg_name = UnsafeMutableRawPointer(address)
-            message.msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
+            message.msg_namelen = length
             message.msg_iov = iovecs
             message.msg_iovlen = count
             UDPControlMessage.setSegmentSize(&message, control: control, segmentSize)
@@ -375,7 +403,7 @@ final class WireGuardDataPath: Sendable {
     /// opened there in place (no copy). The batch is opened and written
     /// whenever it is full, when the slab has no room for another receive,
     /// and after the socket is drained.
-    private func udpLoop() throws {
+    private func udpLoop(_ socket: UDPSocket) throws {
         let batch = PacketBatch(capacity: Self.batchSize, payloadSize: 0)
         let crypto = CryptoWorkers(helpers: workers - 1, name: "tunneld-wg-open")
         defer { crypto.stop() }
@@ -384,7 +412,7 @@ final class WireGuardDataPath: Sendable {
         let receiveRoom = 1 << 16
         let slab = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.receiveSlabs * receiveRoom, alignment: 64)
         let control = UnsafeMutableRawPointer.allocate(byteCount: UDPControlMessage.space * 2, alignment: 8)
-        let address = UnsafeMutablePointer<sockaddr_in>.allocate(capacity: 1)
+        let address = UnsafeMutablePointer<sockaddr_storage>.allocate(capacity: 1)
         let vector = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
         defer {
             // Opened packets were in here.
@@ -479,7 +507,7 @@ final class WireGuardDataPath: Sendable {
                 vector.pointee = iovec(iov_base: buffer, iov_len: receiveRoom)
                 var message = msghdr()
                 message.msg_name = UnsafeMutableRawPointer(address)
-                message.msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
+                message.msg_namelen = socklen_t(MemoryLayout<sockaddr_storage>.size)
                 message.msg_iov = vector
                 message.msg_iovlen = 1
                 message.msg_control = control
@@ -495,7 +523,7 @@ final class WireGuardDataPath: Sendable {
                 }
                 moved = true
                 let segment = UDPControlMessage.receiveSegmentSize(of: &message) ?? n
-                let source = UDPEndpoint(address.pointee)
+                let source = Endpoint(address)
                 if segment < n { coalescedReceives += 1 }
                 var at = 0
                 repeat {
@@ -534,15 +562,13 @@ final class WireGuardDataPath: Sendable {
         if failed > 0 { engine.count(.sendErrors, failed) }
     }
 
-    private func send(_ bytes: UnsafeRawPointer, _ count: Int, to endpoint: UDPEndpoint) -> Bool {
-        var sa = sockaddr_in()
-        endpoint.write(to: &sa)
-        let fd = socket.fd.rawValue
+    private func send(_ bytes: UnsafeRawPointer, _ count: Int, to endpoint: Endpoint) -> Bool {
+        guard let fd = socketFD(for: endpoint) else { return false }
+        var sa = sockaddr_storage()
+        let length = endpoint.write(to: &sa)
         while true {
             let n = withUnsafePointer(to: &sa) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(fd, bytes, count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                }
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(fd, bytes, count, 0, $0, length) }
             }
             if n >= 0 { return true }
             if Errno.current == .interrupted { continue }
@@ -553,5 +579,44 @@ final class WireGuardDataPath: Sendable {
             }
             return false
         }
+    }
+}
+
+extension Endpoint {
+    /// Fills `storage` with this endpoint as a `sockaddr_in` or
+    /// `sockaddr_in6`; returns that address's length.
+    @inline(__always)
+    func write(to storage: UnsafeMutablePointer<sockaddr_storage>) -> socklen_t {
+        storage.pointee = sockaddr_storage()
+        if isIPv6 {
+            return storage.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { sa in
+                sa.pointee.sin6_family = sa_family_t(AF_INET6)
+                sa.pointee.sin6_port = port.bigEndian
+                withUnsafeMutableBytes(of: &sa.pointee.sin6_addr) { raw in
+                    address.withUnsafeBytes { raw.copyMemory(from: $0) }
+                }
+                return socklen_t(MemoryLayout<sockaddr_in6>.size)
+            }
+        }
+        return storage.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { sa in
+            sa.pointee.sin_family = sa_family_t(AF_INET)
+            sa.pointee.sin_port = port.bigEndian
+            sa.pointee.sin_addr.s_addr = ipv4.bigEndian
+            return socklen_t(MemoryLayout<sockaddr_in>.size)
+        }
+    }
+
+    /// The endpoint a received datagram came from (`sockaddr_in` or
+    /// `sockaddr_in6`; the IPv6 socket is IPV6_V6ONLY, so never a v4-mapped one).
+    @inline(__always)
+    init(_ storage: UnsafePointer<sockaddr_storage>) {
+        if Int32(storage.pointee.ss_family) == AF_INET6 {
+            let sa = UnsafeRawPointer(storage).assumingMemoryBound(to: sockaddr_in6.self).pointee
+            let bytes = withUnsafeBytes(of: sa.sin6_addr) { Bytes16(copying: $0) }
+            self.init(ipv6: bytes, port: UInt16(bigEndian: sa.sin6_port))
+            return
+        }
+        let sa = UnsafeRawPointer(storage).assumingMemoryBound(to: sockaddr_in.self).pointee
+        self.init(ipv4: UInt32(bigEndian: sa.sin_addr.s_addr), port: UInt16(bigEndian: sa.sin_port))
     }
 }

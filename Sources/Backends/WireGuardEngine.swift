@@ -16,9 +16,9 @@ public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertib
     case datagramsReceived, coalescedReceives, packetsOpened, tunPacketsWritten, droppedTunWrite, keepalivesSent,
         keepalivesReceived
     case initiationsSent, responsesSent, handshakesCompleted, cookieRepliesSent
-    case droppedNoPeer, droppedNotIPv4, droppedNoSession, droppedBadMAC, droppedReplay
+    case droppedNoPeer, droppedNotIP, droppedNoSession, droppedBadMAC, droppedReplay
     case droppedUnknownReceiver, droppedExpired, droppedSourceNotAllowed, droppedMalformed, droppedHandshake
-    case tunSuperPacketsRead, tunSuperPacketsWritten, droppedBadOffload
+    case tunSuperPacketsRead, tunSuperPacketsWritten, droppedBadOffload, droppedMulticast
 
     public var description: String {
         switch self {
@@ -39,7 +39,7 @@ public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertib
         case .handshakesCompleted: "wg_handshakes_completed"
         case .cookieRepliesSent: "wg_cookie_replies_sent"
         case .droppedNoPeer: "wg_dropped_no_peer"
-        case .droppedNotIPv4: "wg_dropped_not_ipv4"
+        case .droppedNotIP: "wg_dropped_not_ip"
         case .droppedNoSession: "wg_dropped_no_session"
         case .droppedBadMAC: "wg_dropped_bad_mac"
         case .droppedReplay: "wg_dropped_replay"
@@ -51,6 +51,7 @@ public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertib
         case .tunSuperPacketsRead: "wg_tun_super_packets_read"
         case .tunSuperPacketsWritten: "wg_tun_super_packets_written"
         case .droppedBadOffload: "wg_dropped_bad_offload"
+        case .droppedMulticast: "wg_dropped_multicast"
         }
     }
 
@@ -71,7 +72,7 @@ public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertib
 /// (after a handshake): bytes of its own, so it may allocate.
 struct Datagram: Sendable {
     var bytes: [UInt8]
-    var to: UDPEndpoint
+    var to: Endpoint
 }
 
 /// A batch of packet slots in one slab allocated once. Outgoing: a packet
@@ -84,7 +85,8 @@ final class PacketBatch {
     private let slab: UnsafeMutableRawBufferPointer
     let packets: UnsafeMutableBufferPointer<PacketBuffer>
     // Per slot, in memory of the batch's own (no copy-on-write or exclusivity checks per packet).
-    let endpoints: UnsafeMutableBufferPointer<UDPEndpoint>
+    /// Outgoing: where slot i goes; incoming: where it came from (IPv4 or IPv6).
+    let endpoints: UnsafeMutableBufferPointer<Endpoint>
     let pass: UnsafeMutableBufferPointer<Bool>
     /// Sealing: where each payload lies when not in its slot (the pieces of a
     /// TUN super-packet's segment), so that it is copied as it is sealed.
@@ -99,8 +101,10 @@ final class PacketBatch {
         var reservation: SealReservation
     }
     var sealRuns: [SealRun] = []
-    /// Per slot while sealing: the destination's subnet key.
-    let destinations: UnsafeMutableBufferPointer<UInt32>
+    /// Per slot while sealing: the destination's subnet key (an IPv4 one
+    /// in the low 32 bits when `destinationIsIPv6` is false).
+    let destinations: UnsafeMutableBufferPointer<UInt128>
+    let destinationIsIPv6: UnsafeMutableBufferPointer<Bool>
     /// Opening: one ticket per run of messages of one session; per slot, the
     /// run it belongs to (-1: nothing to decrypt) and its counter.
     var openTickets: [OpenTicket] = []
@@ -123,13 +127,15 @@ final class PacketBatch {
             )
         }
         endpoints = .allocate(capacity: capacity)
-        endpoints.initialize(repeating: UDPEndpoint(address: IPv4Address(0), port: 0))
+        endpoints.initialize(repeating: Endpoint(ipv4: 0, port: 0))
         pass = .allocate(capacity: capacity)
         pass.initialize(repeating: false)
         parts = .allocate(capacity: capacity)
         parts.initialize(repeating: .inSlot)
         destinations = .allocate(capacity: capacity)
         destinations.initialize(repeating: 0)
+        destinationIsIPv6 = .allocate(capacity: capacity)
+        destinationIsIPv6.initialize(repeating: false)
         ticketOf = .allocate(capacity: capacity)
         ticketOf.initialize(repeating: -1)
         counters = .allocate(capacity: capacity)
@@ -171,6 +177,7 @@ final class PacketBatch {
         pass.deallocate()
         parts.deallocate()
         destinations.deallocate()
+        destinationIsIPv6.deallocate()
         ticketOf.deallocate()
         counters.deallocate()
     }
@@ -184,8 +191,9 @@ final class PacketBatch {
 }
 
 /// The wireguard backend's packet logic, without I/O: the WireGuard
-/// interface (our key, the peers and their sessions), the peers by subnet
-/// for steering and for cryptokey routing, the packets waiting for a
+/// interface (our key, the peers and their sessions), the peers by IPv4
+/// and by IPv6 subnet for steering and for cryptokey routing (a peer of a
+/// dual-stack device has one of each, flanneld's allowed IPs), the packets waiting for a
 /// handshake, and the counters. Every call takes the one lock, but not for
 /// the cryptography: a batch's send counters are reserved (and its
 /// receive counters checked) under the lock, its messages sealed or opened
@@ -194,13 +202,22 @@ final class PacketBatch {
 /// thread sealing and the UDP thread opening do not wait for each other.
 final class WireGuardEngine: @unchecked Sendable {
     final class PeerEntry {
-        let subnet: IPv4Network
+        /// The peer's allowed sources and the destinations steered to it:
+        /// its IPv4 subnet, its IPv6 subnet, or both.
+        let subnet: IPv4Network?
+        let subnet6: IPv6Network?
         let peer: Peer
         /// Packets read before a session existed (WireGuard's staged queue).
         var staged: [[UInt8]] = []
-        init(subnet: IPv4Network, peer: Peer) {
+        init(subnet: IPv4Network?, subnet6: IPv6Network?, peer: Peer) {
             self.subnet = subnet
+            self.subnet6 = subnet6
             self.peer = peer
+        }
+
+        /// "10.2.1.0/24", "fd00:10:2:1::/64" or "10.2.1.0/24 and fd00:10:2:1::/64".
+        var subnets: String {
+            [subnet?.description, subnet6?.description].compactMap { $0 }.joined(separator: " and ")
         }
     }
 
@@ -218,7 +235,9 @@ final class WireGuardEngine: @unchecked Sendable {
     private let presharedKey: PresharedKey
     private let keepalive: Instant.Span?
     private let subnetMask: UInt32
+    private let subnetMask6: UInt128
     private var bySubnet: [UInt32: PeerEntry] = [:]
+    private var bySubnet6: [UInt128: PeerEntry] = [:]
     private var byPeer: [ObjectIdentifier: PeerEntry] = [:]
     private var counters = [UInt64](repeating: 0, count: WireGuardCounter.allCases.count)
     private var handshakeSecond = Instant(nanoseconds: .min / 2)
@@ -228,63 +247,92 @@ final class WireGuardEngine: @unchecked Sendable {
     private let controlCipher = CipherContext()
     let publicKey: PublicKey
 
-    init(privateKey: PrivateKey, presharedKey: PresharedKey, persistentKeepalive: Int, subnetLength: Int) {
+    /// `subnetLength`, `subnetLength6`: the lengths of the network's IPv4
+    /// and IPv6 subnets (nil: the engine carries no packets of that family).
+    init(
+        privateKey: PrivateKey,
+        presharedKey: PresharedKey,
+        persistentKeepalive: Int,
+        subnetLength: Int?,
+        subnetLength6: Int? = nil
+    ) {
         interface = WireGuardInterface(privateKey: privateKey)
         publicKey = interface.publicKey
         self.presharedKey = presharedKey
         keepalive = persistentKeepalive > 0 ? .seconds(Int64(persistentKeepalive)) : nil
-        subnetMask = IPv4Network.mask(subnetLength)
+        subnetMask = IPv4Network.mask(subnetLength ?? 32)
+        subnetMask6 = IPv6Network.mask(subnetLength6 ?? 128)
     }
 
     // MARK: Peers
 
-    /// Adds the peer of `subnet`, or updates its endpoint; a different key
-    /// for the subnet replaces the peer (and ends the old one's sessions).
-    func setPeer(subnet: IPv4Network, publicKey: PublicKey, endpoint: UDPEndpoint) throws(KeyError) {
+    /// Adds the peer of `subnet` and/or `subnet6` (a dual-stack device's
+    /// peer has both), or updates its endpoint; a different key or other
+    /// subnets replace the peer (and end the old one's sessions).
+    func setPeer(
+        subnet: IPv4Network?,
+        subnet6: IPv6Network? = nil,
+        publicKey: PublicKey,
+        endpoint: Endpoint
+    ) throws(KeyError) {
+        precondition(subnet != nil || subnet6 != nil, "a peer needs a subnet")
         try lock.withLock { _ throws(KeyError) in
-            let ep = Endpoint(ipv4: endpoint.address.value, port: endpoint.port)
-            if let entry = bySubnet[subnet.address.value], entry.peer.publicKey == publicKey {
-                interface.setEndpoint(ep, of: entry.peer)
+            let holders = [
+                subnet.flatMap { bySubnet[$0.address.value] }, subnet6.flatMap { bySubnet6[$0.address.value] },
+            ].compactMap { $0 }
+            if let entry = holders.first, holders.allSatisfy({ $0 === entry }), entry.peer.publicKey == publicKey,
+                entry.subnet == subnet, entry.subnet6 == subnet6
+            {
+                interface.setEndpoint(endpoint, of: entry.peer)
                 return
             }
-            if let entry = bySubnet[subnet.address.value] { removeLocked(entry) }
+            for entry in holders { removeLocked(entry) }
             // The same key under another subnet: that host moved.
             if let other = interface.peers[publicKey], let entry = byPeer[ObjectIdentifier(other)] {
                 removeLocked(entry)
             }
-            let peer = try interface.addPeer(publicKey, presharedKey: presharedKey, endpoint: ep)
+            let peer = try interface.addPeer(publicKey, presharedKey: presharedKey, endpoint: endpoint)
             peer.persistentKeepalive = keepalive
-            let entry = PeerEntry(subnet: subnet, peer: peer)
-            bySubnet[subnet.address.value] = entry
+            let entry = PeerEntry(subnet: subnet, subnet6: subnet6, peer: peer)
+            if let subnet { bySubnet[subnet.address.value] = entry }
+            if let subnet6 { bySubnet6[subnet6.address.value] = entry }
             byPeer[ObjectIdentifier(peer)] = entry
         }
     }
 
-    /// Removes the peer of `subnet`: its sessions end and their keys are zeroed.
-    func removePeer(subnet: IPv4Network) {
+    /// Removes the peer of `subnet` or `subnet6`: its sessions end and
+    /// their keys are zeroed.
+    func removePeer(subnet: IPv4Network?, subnet6: IPv6Network? = nil) {
         lock.withLock { _ in
-            if let entry = bySubnet[subnet.address.value] { removeLocked(entry) }
+            if let subnet, let entry = bySubnet[subnet.address.value] { removeLocked(entry) }
+            if let subnet6, let entry = bySubnet6[subnet6.address.value] { removeLocked(entry) }
         }
     }
 
     private func removeLocked(_ entry: PeerEntry) {
-        bySubnet[entry.subnet.address.value] = nil
-        byPeer[ObjectIdentifier(entry.peer)] = nil
+        guard byPeer.removeValue(forKey: ObjectIdentifier(entry.peer)) != nil else { return }
+        if let subnet = entry.subnet, bySubnet[subnet.address.value] === entry { bySubnet[subnet.address.value] = nil }
+        if let subnet6 = entry.subnet6, bySubnet6[subnet6.address.value] === entry {
+            bySubnet6[subnet6.address.value] = nil
+        }
         counters[WireGuardCounter.droppedNoSession.rawValue] += UInt64(entry.staged.count)
         entry.staged = []
         interface.removePeer(entry.peer.publicKey)
     }
 
-    var peerCount: Int { lock.withLock { _ in bySubnet.count } }
+    var peerCount: Int { lock.withLock { _ in byPeer.count } }
 
     /// Every peer as `wg show` shows it, in subnet order; handshake times
     /// turned from the monotonic clock (`now`) into wall-clock dates (`wallNow`).
     func tunnels(now: Instant, wallNow: Date) -> [TunnelStatus] {
         lock.withLock { _ in
-            bySubnet.values.sorted { $0.subnet.address.value < $1.subnet.address.value }.map { entry in
+            byPeer.values.sorted {
+                ($0.subnet?.address.value ?? 0, $0.subnet6?.address.value ?? 0)
+                    < ($1.subnet?.address.value ?? 0, $1.subnet6?.address.value ?? 0)
+            }.map { entry in
                 let peer = entry.peer
                 return TunnelStatus(
-                    subnet: entry.subnet.description,
+                    subnet: entry.subnets,
                     publicKey: peer.publicKey.base64,
                     endpoint: peer.endpoint?.description,
                     latestHandshake: peer.latestHandshake.map {
@@ -303,6 +351,11 @@ final class WireGuardEngine: @unchecked Sendable {
         lock.withLock { _ in bySubnet[subnet.address.value]?.peer.current != nil }
     }
 
+    /// Whether the peer of the IPv6 subnet `subnet6` has a session now.
+    func hasSession(subnet6: IPv6Network) -> Bool {
+        lock.withLock { _ in bySubnet6[subnet6.address.value]?.peer.current != nil }
+    }
+
     func counterValues() -> [(counter: WireGuardCounter, value: UInt64)] {
         lock.withLock { _ in WireGuardCounter.allCases.map { ($0, counters[$0.rawValue]) } }
     }
@@ -312,6 +365,13 @@ final class WireGuardEngine: @unchecked Sendable {
     }
 
     private func bump(_ counter: WireGuardCounter, _ n: Int = 1) { counters[counter.rawValue] += UInt64(n) }
+
+    /// The IPv6 address at `offset` of a packet, as a number (network order read).
+    @inline(__always)
+    static func ipv6Address(_ packet: UnsafeRawBufferPointer, at offset: Int) -> UInt128 {
+        UInt128(UInt64(bigEndian: packet.loadUnaligned(fromByteOffset: offset, as: UInt64.self))) << 64
+            | UInt128(UInt64(bigEndian: packet.loadUnaligned(fromByteOffset: offset + 8, as: UInt64.self)))
+    }
 
     // MARK: Packets
 
@@ -362,13 +422,19 @@ final class WireGuardEngine: @unchecked Sendable {
         bump(.tunPacketsRead, batch.count)
         for i in 0..<batch.count {
             let payload = batch.head(i)
-            guard payload.count >= 20, payload[0] >> 4 == 4 else {
+            let version = payload.count > 0 ? payload[0] >> 4 : 0
+            if version == 4, payload.count >= 20 {
+                let destination = UInt32(bigEndian: payload.loadUnaligned(fromByteOffset: 16, as: UInt32.self))
+                batch.destinations[i] = UInt128(destination & subnetMask)
+                batch.destinationIsIPv6[i] = false
+            } else if version == 6, payload.count >= 40 {
+                batch.destinations[i] = Self.ipv6Address(payload, at: 24) & subnetMask6
+                batch.destinationIsIPv6[i] = true
+            } else {
                 batch.pass[i] = false
-                bump(.droppedNotIPv4)
+                bump(.droppedNotIP)
                 continue
             }
-            let destination = UInt32(bigEndian: payload.loadUnaligned(fromByteOffset: 16, as: UInt32.self))
-            batch.destinations[i] = destination & subnetMask
             batch.pass[i] = true
         }
         var i = 0
@@ -378,11 +444,24 @@ final class WireGuardEngine: @unchecked Sendable {
                 continue
             }
             var end = i + 1
-            while end < batch.count, batch.pass[end], batch.destinations[end] == batch.destinations[i] { end += 1 }
+            while end < batch.count, batch.pass[end], batch.destinations[end] == batch.destinations[i],
+                batch.destinationIsIPv6[end] == batch.destinationIsIPv6[i]
+            {
+                end += 1
+            }
             defer { i = end }
-            guard let entry = bySubnet[batch.destinations[i]], let endpoint = entry.peer.endpoint else {
+            let found =
+                batch.destinationIsIPv6[i]
+                ? bySubnet6[batch.destinations[i]] : bySubnet[UInt32(truncatingIfNeeded: batch.destinations[i])]
+            guard let entry = found, let endpoint = entry.peer.endpoint else {
                 for k in i..<end { batch.pass[k] = false }
-                bump(.droppedNoPeer, end - i)
+                // Multicast has no peer by design: the kernel's MLD reports (sent from :: to
+                // ff02::16 when a device with IPv6 comes up) are told apart from real misses.
+                let multicast =
+                    batch.destinationIsIPv6[i]
+                    ? batch.destinations[i] >> 120 == 0xFF && subnetMask6 >> 120 == 0xFF
+                    : UInt32(truncatingIfNeeded: batch.destinations[i]) >> 28 == 0xE && subnetMask >> 28 == 0xF
+                bump(multicast ? .droppedMulticast : .droppedNoPeer, end - i)
                 continue
             }
             let reservation = interface.reserve(
@@ -391,8 +470,7 @@ final class WireGuardEngine: @unchecked Sendable {
                 now: now
             )
             let reserved = reservation?.count ?? 0
-            let target = UDPEndpoint(address: IPv4Address(endpoint.ipv4), port: endpoint.port)
-            for k in i..<(i + reserved) { batch.endpoints[k] = target }
+            for k in i..<(i + reserved) { batch.endpoints[k] = endpoint }
             if let reservation, reserved > 0 {
                 batch.sealRuns.append(PacketBatch.SealRun(start: i, count: reserved, reservation: reservation))
                 bump(.packetsSealed, reserved)
@@ -467,11 +545,9 @@ final class WireGuardEngine: @unchecked Sendable {
             }
             let memory = UnsafeRawBufferPointer(rebasing: batch.packets[i].memory[0..<length])
             guard memory[0] == MessageType.transport.rawValue else {
-                let source = batch.endpoints[i]
                 handshake(
                     memory,
-                    from: source,
-                    endpoint: Endpoint(ipv4: source.address.value, port: source.port),
+                    from: batch.endpoints[i],
                     now: now,
                     timestamp: timestamp,
                     control: &control
@@ -504,13 +580,12 @@ final class WireGuardEngine: @unchecked Sendable {
         control: inout [Datagram]
     ) {
         for i in 0..<batch.count where batch.ticketOf[i] >= 0 {
-            let source = batch.endpoints[i]
             let received: Received
             switch interface.completeOpen(
                 batch.openTickets[batch.ticketOf[i]],
                 counter: batch.counters[i],
                 packet: &batch.packets[i],
-                from: Endpoint(ipv4: source.address.value, port: source.port),
+                from: batch.endpoints[i],
                 now: now
             ) {
             case .failure(let rejection):
@@ -534,17 +609,31 @@ final class WireGuardEngine: @unchecked Sendable {
             let inner = UnsafeRawBufferPointer(
                 rebasing: batch.packets[i].memory[MessageLayout.transportHeaderLength...]
             )
-            guard inner[0] >> 4 == 4, received.payloadLength >= 20 else {
-                bump(.droppedNotIPv4)
+            // The inner packet's length from its header (the rest is padding),
+            // and its source checked against the sender's subnet of that family.
+            let total: Int
+            let allowed: Bool
+            switch inner[0] >> 4 {
+            case 4 where received.payloadLength >= 20:
+                total = Int(UInt16(bigEndian: inner.loadUnaligned(fromByteOffset: 2, as: UInt16.self)))
+                let innerSource = UInt32(bigEndian: inner.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
+                allowed = entry.subnet?.contains(IPv4Address(innerSource)) ?? false
+                guard total >= 20 else {
+                    bump(.droppedMalformed)
+                    continue
+                }
+            case 6 where received.payloadLength >= 40:
+                total = 40 + Int(UInt16(bigEndian: inner.loadUnaligned(fromByteOffset: 4, as: UInt16.self)))
+                allowed = entry.subnet6?.contains(IPv6Address(Self.ipv6Address(inner, at: 8))) ?? false
+            default:
+                bump(.droppedNotIP)
                 continue
             }
-            let total = Int(UInt16(bigEndian: inner.loadUnaligned(fromByteOffset: 2, as: UInt16.self)))
-            guard total >= 20, total <= received.payloadLength else {
+            guard total <= received.payloadLength else {
                 bump(.droppedMalformed)
                 continue
             }
-            let innerSource = UInt32(bigEndian: inner.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
-            guard entry.subnet.contains(IPv4Address(innerSource)) else {
+            guard allowed else {
                 bump(.droppedSourceNotAllowed)
                 continue
             }
@@ -556,8 +645,7 @@ final class WireGuardEngine: @unchecked Sendable {
 
     private func handshake(
         _ datagram: UnsafeRawBufferPointer,
-        from source: UDPEndpoint,
-        endpoint: Endpoint,
+        from source: Endpoint,
         now: Instant,
         timestamp: () -> TAI64N,
         control: inout [Datagram]
@@ -571,7 +659,7 @@ final class WireGuardEngine: @unchecked Sendable {
             handshakesThisSecond += 1
             underLoad = handshakesThisSecond > Self.handshakesPerSecondBeforeLoad
         }
-        switch interface.receiveHandshake(datagram, from: endpoint, now: now, underLoad: underLoad) {
+        switch interface.receiveHandshake(datagram, from: source, now: now, underLoad: underLoad) {
         case .respond(_, let message):
             bump(.responsesSent)
             control.append(Datagram(bytes: message, to: source))
@@ -598,7 +686,7 @@ final class WireGuardEngine: @unchecked Sendable {
         guard let endpoint = entry.peer.endpoint else { return nil }
         let message = interface.makeInitiation(for: entry.peer, now: now, timestamp: timestamp)
         bump(.initiationsSent)
-        return Datagram(bytes: message, to: UDPEndpoint(address: IPv4Address(endpoint.ipv4), port: endpoint.port))
+        return Datagram(bytes: message, to: endpoint)
     }
 
     /// Seals `payload` (empty: a keepalive) into a datagram of its own.
@@ -630,7 +718,7 @@ final class WireGuardEngine: @unchecked Sendable {
         }
         guard let sealed else { return nil }
         bytes.removeLast(bytes.count - sealed)
-        return Datagram(bytes: bytes, to: UDPEndpoint(address: IPv4Address(endpoint.ipv4), port: endpoint.port))
+        return Datagram(bytes: bytes, to: endpoint)
     }
 
     private func keepalive(_ entry: PeerEntry, now: Instant) -> Datagram? {
@@ -655,7 +743,7 @@ final class WireGuardEngine: @unchecked Sendable {
     func tick(now: Instant, timestamp: () -> TAI64N) -> [Datagram] {
         lock.withLock { _ in
             var control: [Datagram] = []
-            for entry in bySubnet.values {
+            for entry in byPeer.values {
                 let actions = interface.tick(entry.peer, now: now)
                 if actions.contains(.sendInitiation),
                     let initiation = initiation(entry, now: now, timestamp: timestamp())

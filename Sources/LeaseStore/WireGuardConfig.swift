@@ -7,9 +7,13 @@ import Foundation
 /// 0: none), `Mode` (separate, auto, ipv4 or ipv6) and, as for vxlan, `MTU`
 /// to count from instead of the interface's. Field names match in any case.
 public struct WireGuardConfig: Sendable, Equatable {
-    /// How flanneld lays out the tunnels of a dual-stack network. With IPv4
-    /// only, separate, auto and ipv4 all mean one device, flannel-wg, on
-    /// `ListenPort` to the peers' PublicIP.
+    /// How flanneld lays out the tunnels when IPv6 is enabled: `separate`
+    /// (the default), a device per family — flannel-wg on `ListenPort` to
+    /// the peers' PublicIP, flannel-wg-v6 on `ListenPortV6` to their
+    /// PublicIPv6; `auto`, `ipv4`, `ipv6`, one device flannel-wg on
+    /// `ListenPort` for both families, to the peers' PublicIP, PublicIPv6 or
+    /// whichever flanneld's rule picks (auto). With IPv4 only, separate,
+    /// auto and ipv4 all mean one device, flannel-wg, to the peers' PublicIP.
     public enum Mode: String, Sendable, CaseIterable {
         case separate, auto, ipv4, ipv6
     }
@@ -95,13 +99,6 @@ public struct WireGuardConfig: Sendable, Equatable {
             let names = Mode.allCases.map(\.rawValue).joined(separator: ", ")
             guard case .string(let text) = value, let mode = Mode(rawValue: text) else {
                 throw .invalidValue(field: "Backend.Mode", value: value.compactText, expected: "one of \(names)")
-            }
-            guard mode != .ipv6 else {
-                throw .invalidValue(
-                    field: "Backend.Mode",
-                    value: value.compactText,
-                    expected: "separate, auto or ipv4: IPv6 tunnels are not built in tunneld yet"
-                )
             }
             self.mode = mode
         }

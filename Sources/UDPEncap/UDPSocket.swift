@@ -44,6 +44,9 @@ public final class UDPSocket: Sendable {
     public let port: UInt16
     /// An AF_INET6 socket that also carries IPv4 (false: AF_INET only).
     public let isDualStack: Bool
+    /// An AF_INET6 socket (IPv6 only, `IPV6_V6ONLY`): the wireguard
+    /// backend's IPv6 underlay.
+    public let isIPv6: Bool
 
     /// Opens and binds the socket. `reusePort` lets several sockets (one per
     /// data-path worker) share the port; the kernel spreads flows over them.
@@ -110,6 +113,66 @@ public final class UDPSocket: Sendable {
         self.fd = fd
         self.port = port
         self.isDualStack = v6
+        isIPv6 = false
+    }
+
+    /// An IPv6 socket bound to `[::]:port`, for IPv6 only (IPV6_V6ONLY, so
+    /// that an IPv4 socket may hold the same port), non-blocking, with
+    /// large kernel buffers.
+    public init(ipv6Port port: UInt16, bufferBytes: Int32 = 8 << 20) throws {
+        let raw = socket(
+            AF_INET6,
+            Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue),
+            0
+        )
+        guard raw >= 0 else {
+            let e = Errno.current
+            throw SystemError(
+                "socket(AF_INET6, SOCK_DGRAM)",
+                on: "udp port \(port)",
+                errno: e,
+                hint: e == Errno(EAFNOSUPPORT) ? "the kernel has no IPv6 (boot without ipv6.disable=1)" : nil
+            )
+        }
+        let fd = FileDescriptor(taking: raw)
+        let object = "udp [::]:\(port)"
+        do {
+            try UDPSocket.setOption(raw, Int32(IPPROTO_IPV6), IPV6_V6ONLY, 1, "IPV6_V6ONLY", object)
+            for (force, plain, name) in [
+                (SO_RCVBUFFORCE, SO_RCVBUF, "SO_RCVBUF"), (SO_SNDBUFFORCE, SO_SNDBUF, "SO_SNDBUF"),
+            ] {
+                if (try? UDPSocket.setOption(raw, SOL_SOCKET, force, bufferBytes, name, object)) == nil {
+                    try UDPSocket.setOption(raw, SOL_SOCKET, plain, bufferBytes, name, object)
+                }
+            }
+        } catch {
+            fd.close()
+            throw error
+        }
+        var sa = sockaddr_in6()
+        sa.sin6_family = sa_family_t(AF_INET6)
+        sa.sin6_port = port.bigEndian
+        let rc = withUnsafePointer(to: &sa) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(raw, $0, socklen_t(MemoryLayout<sockaddr_in6>.size))
+            }
+        }
+        guard rc == 0 else {
+            let e = Errno.current
+            fd.close()
+            throw SystemError(
+                "bind",
+                on: object,
+                errno: e,
+                hint: e == Errno(EADDRINUSE)
+                    ? "another process (flanneld or tunneld?) already uses udp port \(port) on IPv6; stop it or set Backend.ListenPortV6 (mode separate) or Backend.ListenPort"
+                    : nil
+            )
+        }
+        self.fd = fd
+        self.port = port
+        isDualStack = false
+        isIPv6 = true
     }
 
     static func setOption(

@@ -78,7 +78,8 @@ public struct Bytes16: Sendable, Hashable {
         }
     }
 
-    init(copying raw: UnsafeRawBufferPointer) {
+    /// The first 16 bytes at `raw` (an IPv6 address from a socket address).
+    public init(copying raw: UnsafeRawBufferPointer) {
         precondition(raw.count >= 16)
         withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: raw[0..<16])) }
     }

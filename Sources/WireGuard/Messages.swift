@@ -125,8 +125,31 @@ public struct Endpoint: Sendable, Hashable, CustomStringConvertible {
     }
 
     public var description: String {
-        if isIPv6 { return "[\(address.bytes.map { String($0, radix: 16) }.joined(separator: ":"))]:\(port)" }
+        if isIPv6 { return "[\(Self.ipv6Text(address.bytes))]:\(port)" }
         let a = ipv4
         return "\(a >> 24).\(a >> 16 & 255).\(a >> 8 & 255).\(a & 255):\(port)"
+    }
+
+    /// RFC 5952 text: groups in lowercase hex, the longest run of two or
+    /// more zero groups (the first of equal runs) as `::`.
+    static func ipv6Text(_ bytes: [UInt8]) -> String {
+        let groups = (0..<8).map { UInt16(bytes[2 * $0]) << 8 | UInt16(bytes[2 * $0 + 1]) }
+        var best = (start: -1, length: 0)
+        var i = 0
+        while i < 8 {
+            guard groups[i] == 0 else {
+                i += 1
+                continue
+            }
+            var end = i
+            while end < 8, groups[end] == 0 { end += 1 }
+            if end - i > best.length { best = (i, end - i) }
+            i = end
+        }
+        func text(_ range: Range<Int>) -> String {
+            groups[range].map { String($0, radix: 16) }.joined(separator: ":")
+        }
+        guard best.length >= 2 else { return text(0..<8) }
+        return text(0..<best.start) + "::" + text((best.start + best.length)..<8)
     }
 }

@@ -60,15 +60,7 @@ struct Config: AsyncParsableCommand {
                 } else if config.isIPv6Only, config.backend.knownType == .vxlan {
                     FileHandle.standardError.write(
                         Data(
-                            "warning: IPv6-only networks (EnableIPv4 false) run with the udp and host-gw backends in tunneld, not yet vxlan: tunneld run refuses this config\n"
-                                .utf8
-                        )
-                    )
-                } else if config.ipv6 != nil, config.backend.knownType == .wireguard {
-                    // Valid for flannel (flanneld hosts can use it); tunneld hosts will not start on it yet.
-                    FileHandle.standardError.write(
-                        Data(
-                            "warning: IPv6 for the \(config.backend.type) backend is not built in tunneld yet: tunneld run refuses this config while EnableIPv6 is true (flanneld hosts can use it)\n"
+                            "warning: IPv6-only networks (EnableIPv4 false) run with the udp, host-gw and wireguard backends in tunneld, not yet vxlan: tunneld run refuses this config\n"
                                 .utf8
                         )
                     )

@@ -485,22 +485,13 @@ final class Daemon: Service, Sendable {
         guard let type = config.backend.knownType else {
             throw DaemonError(BackendType.unsupported(config.backend.type))
         }
-        // IPv6-only networks: udp and host-gw. vxlan's IPv4 device would
-        // have no address; refuse rather than lease subnets nothing routes.
-        if let v6 = config.ipv6, config.isIPv6Only, type != .udp, type != .hostGW {
+        // IPv6-only networks: udp, host-gw and wireguard. vxlan's IPv4 device
+        // would have no address; refuse rather than lease subnets nothing routes.
+        if let v6 = config.ipv6, config.isIPv6Only, type == .vxlan {
             throw DaemonError(
                 "the network config is IPv6-only (EnableIPv4 false, IPv6Network \(v6.network)), but the "
-                    + "\(type.rawValue) backend runs IPv6-only networks not yet in tunneld: use the udp or host-gw "
-                    + "backend, or enable IPv4 too (remove EnableIPv4 and give a Network) for dual stack"
-            )
-        }
-        // udp, vxlan and host-gw carry IPv6; the wireguard backend does not
-        // yet. Refuse rather than lease IPv6 subnets nothing routes.
-        if let v6 = config.ipv6, type == .wireguard {
-            throw DaemonError(
-                "the network config enables IPv6 (EnableIPv6, IPv6Network \(v6.network)), but IPv6 for "
-                    + "the \(type.rawValue) backend is not built in tunneld yet: set EnableIPv6 to false (or remove it) "
-                    + "to run this network as IPv4 only, or keep flanneld on its hosts for now (see docs/MIGRATING.md)"
+                    + "\(type.rawValue) backend runs IPv6-only networks not yet in tunneld: use the udp, host-gw or "
+                    + "wireguard backend, or enable IPv4 too (remove EnableIPv4 and give a Network) for dual stack"
             )
         }
     }

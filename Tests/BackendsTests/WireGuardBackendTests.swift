@@ -13,8 +13,8 @@ import WireGuard
 @Suite struct WireGuardEngineTests {
     let subnetA = net("10.2.1.0/24")
     let subnetB = net("10.2.2.0/24")
-    let endpointA = UDPEndpoint(address: ip("198.18.0.1"), port: 51820)
-    let endpointB = UDPEndpoint(address: ip("198.18.0.2"), port: 51820)
+    let endpointA = Endpoint(ipv4: ip("198.18.0.1").value, port: 51820)
+    let endpointB = Endpoint(ipv4: ip("198.18.0.2").value, port: 51820)
     let keyA = PrivateKey.generate()
     let keyB = PrivateKey.generate()
 
@@ -54,7 +54,7 @@ import WireGuard
     func deliver(
         _ datagrams: [Datagram],
         to engine: WireGuardEngine,
-        from source: UDPEndpoint,
+        from source: Endpoint,
         workers: CryptoWorkers? = nil
     ) -> (written: [[UInt8]], replies: [Datagram]) {
         guard !datagrams.isEmpty else { return ([], []) }
@@ -147,7 +147,7 @@ import WireGuard
     @Test func aBatchToTwoPeersInterleavedIsSealedInRunsWithConsecutiveCounters() throws {
         let keyC = PrivateKey.generate()
         let subnetC = net("10.2.3.0/24")
-        let endpointC = UDPEndpoint(address: ip("198.18.0.3"), port: 51820)
+        let endpointC = Endpoint(ipv4: ip("198.18.0.3").value, port: 51820)
         let (a, b) = try engines()
         let c = WireGuardEngine(privateKey: keyC, presharedKey: .none, persistentKeepalive: 0, subnetLength: 24)
         try a.setPeer(subnet: subnetC, publicKey: keyC.publicKey, endpoint: endpointC)
@@ -239,7 +239,7 @@ import WireGuard
                 to: endpointB
             )
         }
-        let (written, replies) = deliver(flood, to: b, from: UDPEndpoint(address: ip("198.18.0.66"), port: 4000))
+        let (written, replies) = deliver(flood, to: b, from: Endpoint(ipv4: ip("198.18.0.66").value, port: 4000))
         #expect(written.isEmpty)
         let limit = WireGuardEngine.handshakesPerSecondBeforeLoad
         #expect(counter(b, .cookieRepliesSent) == UInt64(100 - limit))

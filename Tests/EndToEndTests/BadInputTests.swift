@@ -120,22 +120,23 @@ struct BadInputTests {
         }
     }
 
-    /// The wireguard backend does not carry IPv6 yet (udp, vxlan and
-    /// host-gw do): a dual-stack wireguard config is stored with a warning,
-    /// and `run` stops with a line naming the backend before anything is
-    /// leased or installed.
-    @Test func aDualStackWireGuardConfigIsRefusedByRunNamingTheBackend() throws {
+    /// The wireguard backend's Mode ipv6 carries the tunnels over the IPv6
+    /// underlay: in a network without IPv6, `run` stops with a line naming
+    /// the mode and what to do, before anything is leased or installed.
+    @Test func aWireGuardModeIPv6WithoutIPv6IsRefusedByRunNamingTheMode() throws {
         try withBareHost { lab in
-            let file = lab.directory.appendingPathComponent("dual-wireguard.json")
-            try
-                #"{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"wireguard"}}"#
+            let file = lab.directory.appendingPathComponent("wireguard-ipv6-mode.json")
+            try #"{"Network":"10.2.0.0/16","Backend":{"Type":"wireguard","Mode":"ipv6"}}"#
                 .write(to: file, atomically: true, encoding: .utf8)
-            let set = try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, file.path])
-            let line = "IPv6 for the wireguard backend is not built in tunneld yet"
-            #expect(set.output.contains("warning: \(line)"), "\(set.output)")
-            let result = try start(lab, ["--public-ipv6", "2001:db8::1"], timeout: .seconds(20))
+            _ = try run([tunneldBinary, "config", "set", "--store-dir", lab.storeDirectory, file.path])
+            let result = try start(lab, [], timeout: .seconds(20))
             #expect(!result.succeeded)
-            #expect(result.output.contains(line), "\(result.output)")
+            #expect(
+                result.output.contains(
+                    "Backend.Mode is ipv6 (tunnels over the IPv6 underlay), but the network config has no IPv6"
+                ),
+                "\(result.output)"
+            )
             #expect(try leftovers(lab) == [])
         }
     }
@@ -196,7 +197,7 @@ struct BadInputTests {
             #expect(stored.output.contains("warning: IPv6-only networks"), "\(stored.output)")
             let result = try start(lab, ["--public-ipv6", "2001:db8::1"], timeout: .seconds(20))
             #expect(!result.succeeded)
-            #expect(result.output.contains("use the udp or host-gw backend"), "\(result.output)")
+            #expect(result.output.contains("use the udp, host-gw or wireguard backend"), "\(result.output)")
             #expect(try leftovers(lab) == [])
         }
     }

@@ -15,13 +15,13 @@ let wireguardGoSkipReason: Comment = "needs wireguard-go and wg (apt-get install
 /// flanneld configures a wireguard host.
 @Suite(.serialized, .enabled(if: canRunNamespaceTests && etcdIsInstalled, namespaceSkipReason))
 struct WireGuardBackendTests {
-    func withLab(_ body: (Lab) throws -> Void) throws {
+    func withLab(config: String = wireguardConfig, _ body: (Lab) throws -> Void) throws {
         let lab = try Lab()
         defer { lab.destroy() }
         do {
             try lab.addEtcd()
             let file = lab.directory.appendingPathComponent("flannel-config.json")
-            try wireguardConfig.write(to: file, atomically: true, encoding: .utf8)
+            try config.write(to: file, atomically: true, encoding: .utf8)
             try lab.etcdctl(["put", "/docker/network/config"], input: file.path)
             try body(lab)
             if ProcessInfo.processInfo.environment["TUNNELD_E2E_LOGS"] == "1" { lab.printLogs(["h1", "h2"]) }
@@ -35,7 +35,8 @@ struct WireGuardBackendTests {
 
     /// `prefix`: before the binary (e.g. the seccomp filter that refuses io_uring);
     /// `extra`: more `tunneld run` options.
-    func addTunneld(_ lab: Lab, _ n: Int, prefix: [String] = [], extra: [String] = []) throws {
+    /// `ipv6`: the host also has fd18::N/64 on its underlay and its container an IPv6 address.
+    func addTunneld(_ lab: Lab, _ n: Int, prefix: [String] = [], extra: [String] = [], ipv6: Bool = false) throws {
         try lab.addHost(
             n,
             command: ["env", "WIREGUARD_KEY_FILE=\(keyFile(lab, n))"] + prefix + [
@@ -43,7 +44,8 @@ struct WireGuardBackendTests {
                 "-etcd-endpoints=\(labEtcdEndpoint)", "-iface=eth0", "-etcd-prefix=/docker/network/",
                 "-subnet-file=\(lab.subnetFile(n))",
                 "--control-socket", lab.directory.appendingPathComponent("h\(n).sock").path,
-            ] + extra
+            ] + extra,
+            ipv6: ipv6
         )
     }
 

@@ -49,8 +49,8 @@ import Testing
             #"Backend.Mode "tunnel" is not valid: use one of separate, auto, ipv4, ipv6"#
         ),
         (
-            #", "Mode": "ipv6""#,
-            #"Backend.Mode "ipv6" is not valid: use separate, auto or ipv4: IPv6 tunnels are not built in tunneld yet"#
+            #", "Mode": "IPv6""#,
+            #"Backend.Mode "IPv6" is not valid: use one of separate, auto, ipv4, ipv6"#
         ),
         (
             #", "PersistentKeepaliveInterval": -1"#,
@@ -68,6 +68,13 @@ import Testing
         } catch {
             #expect("\(error)" == message)
         }
+    }
+
+    @Test func everyModeOfFlannelIsRead() throws {
+        for mode in WireGuardConfig.Mode.allCases {
+            #expect(try backend(#", "Mode": "\#(mode.rawValue)""#).wireguard?.mode == mode)
+        }
+        #expect(try backend(#", "ListenPortV6": 51999"#).wireguard?.listenPortV6 == 51999)
     }
 
     @Test func aBadPSKIsNotEchoed() {

@@ -1,0 +1,326 @@
+import Foundation
+import Testing
+
+/// The wireguard backend with IPv6, laid out as flanneld lays it out by
+/// `Mode`: two tunneld hosts in a dual-stack network (separate: flannel-wg
+/// and flannel-wg-v6 on ListenPortV6 over the IPv6 underlay; auto: both
+/// families on flannel-wg), and an IPv6-only network over the IPv6 underlay
+/// (fd18::/64 inside the lab's namespaces).
+extension WireGuardBackendTests {
+    static func dualStackConfig(mode: String?) -> String {
+        let mode = mode.map { #","Mode":"\#($0)""# } ?? ""
+        return
+            #"{"Network":"10.2.0.0/16","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"wireguard"\#(mode)}}"#
+    }
+
+    static let ipv6OnlyConfig =
+        #"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"wireguard"}}"#
+
+    /// The stored lease of host N under flanneld's key.
+    func leaseValue(_ lab: Lab, _ n: Int, ipv4: Bool) throws -> String {
+        let v6 = try LabLease6(lab, host: n).subnet.replacingOccurrences(of: "/", with: "-")
+        let v4 = ipv4 ? try subnet(lab, n).replacingOccurrences(of: "/", with: "-") : "0.0.0.0-0"
+        return try #require(try lab.etcdValue("/docker/network/subnets/\(v4)&\(v6)"))
+    }
+
+    /// The daemons stopped: what they counted, without a drop, and the devices gone.
+    func expectCleanStop(_ lab: Lab, devices: [String]) throws {
+        try lab.lab("stop", "h1")
+        try lab.lab("stop", "h2")
+        for n in [1, 2] {
+            let log = lab.log("h\(n)")
+            #expect(log.contains("wg_packets_opened="), "\(log)")
+            // The kernel's MLD reports (to ff02::16) have no peer and are counted apart; nothing else drops.
+            let stopped = log.split(separator: "\n").filter { $0.contains("WireGuard data path stopped") }
+            #expect(stopped.count == 1, "\(log)")
+            let drops = stopped.joined().split(separator: " ").filter { $0.hasPrefix("wg_dropped_") }
+            #expect(drops.allSatisfy { $0.hasPrefix("wg_dropped_multicast=") }, "\(drops)")
+            for device in devices { #expect(log.contains("removed device \(device)"), "\(log)") }
+        }
+    }
+
+    @Test func modeSeparateCarriesIPv6OnFlannelWgV6OverTheIPv6Underlay() throws {
+        try withLab(config: Self.dualStackConfig(mode: nil)) { lab in
+            try addTunneld(lab, 1, ipv6: true)
+            try addTunneld(lab, 2, ipv6: true)
+            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            let subnet2 = try subnet(lab, 2)
+            let key1 = try publicKey(ofKeyFile: keyFile(lab, 1))
+
+            // flanneld's dual-stack lease: the one key in BackendData and BackendV6Data.
+            #expect(
+                try leaseValue(lab, 1, ipv4: true)
+                    == #"{"PublicIP":"198.18.0.1","PublicIPv6":"fd18::1","BackendType":"wireguard","BackendData":{"PublicKey":"\#(key1)"},"BackendV6Data":{"PublicKey":"\#(key1)"}}"#
+            )
+            // flannel-wg-v6: the IPv6 subnet's address /128, the IPv6 network's route;
+            // flannel-wg keeps IPv4 only.
+            let addresses = try lab.hostOutput(1, ["ip", "-6", "addr", "show", "dev", "flannel-wg-v6"])
+            #expect(addresses.contains("inet6 \(v6[0].base)/128"), "\(addresses)")
+            let route6 = try lab.hostOutput(1, ["ip", "-6", "route", "show", "fd00:10:2::/48"])
+            #expect(route6.contains("dev flannel-wg-v6"), "\(route6)")
+            let route = try lab.hostOutput(1, ["ip", "route", "show", "10.2.0.0/16"])
+            #expect(route.contains("dev flannel-wg "), "\(route)")
+            #expect(try lab.hostOutput(1, ["ip", "link", "show", "flannel-wg-v6"]).contains("mtu 1420"))
+            // Two sockets, as flanneld's two devices: 51820 on IPv4, 51821 on IPv6.
+            let sockets = try lab.hostOutput(1, ["ss", "-ulnH"])
+            #expect(sockets.contains("0.0.0.0:51820") && sockets.contains("[::]:51821"), "\(sockets)")
+
+            let subnet1 = try subnet(lab, 1)
+            // Each host has the other's peers before the first packet (none is dropped for want of one).
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(v6[1].subnet) → [fd18::2]:51821"),
+                "\(lab.log("h1"))"
+            )
+            #expect(lab.waitForLog("h1", containing: "peer \(subnet2) → 198.18.0.2:51820"), "\(lab.log("h1"))")
+            #expect(lab.waitForLog("h2", containing: "peer \(v6[0].subnet) → [fd18::1]:51821"), "\(lab.log("h2"))")
+            #expect(lab.waitForLog("h2", containing: "peer \(subnet1) → 198.18.0.1:51820"), "\(lab.log("h2"))")
+            for (from, to) in [(1, 2), (2, 1)] {
+                let ping = try lab.ping(from: from, to: to)
+                #expect(ping.succeeded, "\(ping.output)")
+                let ping6 = try lab.ping6(from: from, to: to)
+                #expect(ping6.succeeded, "\(ping6.output)")
+            }
+            try transfer(lab, from: 1, to: 2, bytes: 20 << 20, ipv6: true)
+            try transfer(lab, from: 2, to: 1, bytes: 20 << 20, ipv6: true)
+
+            // Two tunnels in `tunneld status`: one per device, the IPv6 one at [fd18::2]:51821.
+            let socket = lab.directory.appendingPathComponent("h1.sock").path
+            let status = try lab.exec("h1", [tunneldBinary, "status", "--control-socket", socket]).output
+            #expect(status.contains("tunnels: 2"), "\(status)")
+            let line6 = status.split(separator: "\n").first { $0.contains(v6[1].subnet) }.map(String.init) ?? ""
+            #expect(line6.contains("[fd18::2]:51821") && line6.contains("MiB received"), "\(status)")
+            try expectCleanStop(lab, devices: ["flannel-wg", "flannel-wg-v6"])
+        }
+    }
+
+    @Test func modeAutoCarriesBothFamiliesOnFlannelWg() throws {
+        try withLab(config: Self.dualStackConfig(mode: "auto")) { lab in
+            try addTunneld(lab, 1, ipv6: true)
+            try addTunneld(lab, 2, ipv6: true)
+            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            let subnet1 = try subnet(lab, 1), subnet2 = try subnet(lab, 2)
+            // One device with both addresses and both routes; no flannel-wg-v6.
+            let addresses = try lab.hostOutput(1, ["ip", "addr", "show", "dev", "flannel-wg"])
+            #expect(
+                addresses.contains("inet \(subnet1.replacingOccurrences(of: ".0/24", with: ".0/32"))"),
+                "\(addresses)"
+            )
+            #expect(addresses.contains("inet6 \(v6[0].base)/128"), "\(addresses)")
+            let route6 = try lab.hostOutput(1, ["ip", "-6", "route", "show", "fd00:10:2::/48"])
+            #expect(route6.contains("dev flannel-wg "), "\(route6)")
+            #expect(!(try lab.hostOutput(1, ["ip", "link"]).contains("flannel-wg-v6")))
+            // One peer with both subnets; 198.18.0.2 is not private, so auto takes IPv4 as flanneld does.
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(subnet2) and \(v6[1].subnet) → 198.18.0.2:51820"),
+                "\(lab.log("h1"))"
+            )
+            #expect(
+                lab.waitForLog("h2", containing: "peer \(subnet1) and \(v6[0].subnet) → 198.18.0.1:51820"),
+                "\(lab.log("h2"))"
+            )
+            for (from, to) in [(1, 2), (2, 1)] {
+                let ping = try lab.ping(from: from, to: to)
+                #expect(ping.succeeded, "\(ping.output)")
+                let ping6 = try lab.ping6(from: from, to: to)
+                #expect(ping6.succeeded, "\(ping6.output)")
+            }
+            try transfer(lab, from: 1, to: 2, bytes: 20 << 20, ipv6: true)
+            try transfer(lab, from: 2, to: 1, megabytes: 5)
+            try expectCleanStop(lab, devices: ["flannel-wg"])
+        }
+    }
+
+    @Test func modeIPv6CarriesBothFamiliesOverTheIPv6Underlay() throws {
+        try withLab(config: Self.dualStackConfig(mode: "ipv6")) { lab in
+            try addTunneld(lab, 1, ipv6: true)
+            try addTunneld(lab, 2, ipv6: true)
+            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            let subnet1 = try subnet(lab, 1), subnet2 = try subnet(lab, 2)
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(subnet2) and \(v6[1].subnet) → [fd18::2]:51820"),
+                "\(lab.log("h1"))"
+            )
+            #expect(
+                lab.waitForLog("h2", containing: "peer \(subnet1) and \(v6[0].subnet) → [fd18::1]:51820"),
+                "\(lab.log("h2"))"
+            )
+            let sockets = try lab.hostOutput(1, ["ss", "-ulnH"])
+            #expect(sockets.contains("[::]:51820") && !sockets.contains("0.0.0.0:51820"), "\(sockets)")
+            for (from, to) in [(1, 2), (2, 1)] {
+                let ping = try lab.ping(from: from, to: to)
+                #expect(ping.succeeded, "\(ping.output)")
+                let ping6 = try lab.ping6(from: from, to: to)
+                #expect(ping6.succeeded, "\(ping6.output)")
+            }
+            try transfer(lab, from: 1, to: 2, megabytes: 5)
+            try expectCleanStop(lab, devices: ["flannel-wg"])
+        }
+    }
+
+    @Test func anIPv6OnlyNetworkRunsOnFlannelWgV6OverTheIPv6Underlay() throws {
+        try withLab(config: Self.ipv6OnlyConfig) { lab in
+            try addTunneld(lab, 1, ipv6: true)
+            try addTunneld(lab, 2, ipv6: true)
+            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            let key1 = try publicKey(ofKeyFile: keyFile(lab, 1))
+            // flanneld's IPv6-only lease: BackendV6Data only.
+            #expect(
+                try leaseValue(lab, 1, ipv4: false)
+                    == #"{"PublicIP":"198.18.0.1","PublicIPv6":"fd18::1","BackendType":"wireguard","BackendV6Data":{"PublicKey":"\#(key1)"}}"#
+            )
+            // flannel-wg-v6 alone, IPv6 only; no IPv4 socket, no IPv4 address or route.
+            let links = try lab.hostOutput(1, ["ip", "link"])
+            #expect(links.contains("flannel-wg-v6") && !links.contains("flannel-wg:"), "\(links)")
+            let v4 = try lab.hostOutput(1, ["ip", "-4", "addr", "show", "dev", "flannel-wg-v6"])
+            #expect(!v4.contains("inet "), "\(v4)")
+            let sockets = try lab.hostOutput(1, ["ss", "-ulnH"])
+            #expect(sockets.contains("[::]:51821") && !sockets.contains(":51820"), "\(sockets)")
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(v6[1].subnet) → [fd18::2]:51821"),
+                "\(lab.log("h1"))"
+            )
+            #expect(lab.waitForLog("h2", containing: "peer \(v6[0].subnet) → [fd18::1]:51821"), "\(lab.log("h2"))")
+            for (from, to) in [(1, 2), (2, 1)] {
+                let ping6 = try lab.ping6(from: from, to: to)
+                #expect(ping6.succeeded, "\(ping6.output)")
+            }
+            try transfer(lab, from: 1, to: 2, bytes: 20 << 20, ipv6: true)
+            try transfer(lab, from: 2, to: 1, bytes: 5 << 20, ipv6: true)
+            try expectCleanStop(lab, devices: ["flannel-wg-v6"])
+        }
+    }
+}
+
+/// Host 2 as flanneld sets up a dual-stack wireguard host in mode separate,
+/// with Debian's wireguard-go: one key for two devices — the IPv4 one on
+/// 51820 (its subnet's address /32, the network's route) and the IPv6 one on
+/// 51821 (its IPv6 subnet's address /128, the IPv6 network's route) — each
+/// with host 1 as its peer over that family's underlay; its dual-stack lease
+/// in etcd and its subnet file.
+struct WireguardGoDualStackHost {
+    let subnet = "10.2.200.0/24"
+    let subnet6: String
+    let key: String
+    let keyFile: String
+    let device: String
+    let device6: String
+
+    init(_ lab: Lab, peerSubnet6: String) throws {
+        // fd00:10:2:c8::/64, or c9 if host 1 holds that one.
+        let hex = peerSubnet6.hasPrefix("fd00:10:2:c8::") ? "c9" : "c8"
+        subnet6 = "fd00:10:2:\(hex)::/64"
+        keyFile = lab.directory.appendingPathComponent("wgkey-2").path
+        try run(["bash", "-c", "umask 077; wg genkey > \(keyFile)"])
+        key = try run(["bash", "-c", "wg pubkey < \(keyFile)"]).output.trimmingCharacters(in: .whitespacesAndNewlines)
+        device = "wg" + lab.name.suffix(9)
+        device6 = "w6" + lab.name.suffix(9)
+        try """
+        FLANNEL_NETWORK=10.2.0.0/16
+        FLANNEL_SUBNET=10.2.200.1/24
+        FLANNEL_IPV6_NETWORK=fd00:10:2::/48
+        FLANNEL_IPV6_SUBNET=fd00:10:2:\(hex)::1/64
+        FLANNEL_MTU=1420
+        FLANNEL_IPMASQ=false
+
+        """.write(toFile: lab.subnetFile(2), atomically: true, encoding: .utf8)
+        let data = #"{"PublicKey":"\#(key)"}"#
+        try lab.etcdctl([
+            "put", "/docker/network/subnets/10.2.200.0-24&fd00:10:2:\(hex)::-64",
+            #"{"PublicIP":"198.18.0.2","PublicIPv6":"fd18::2","BackendType":"wireguard","BackendData":\#(data),"BackendV6Data":\#(data)}"#,
+        ])
+    }
+
+    func waitForSocket(_ device: String) {
+        let socket = "/var/run/wireguard/\(device).sock"
+        let deadline = ContinuousClock.now + .seconds(10)
+        while !FileManager.default.fileExists(atPath: socket) && ContinuousClock.now < deadline {
+            usleep(100_000)
+        }
+    }
+
+    /// Starts both wireguard-go processes (the host's command runs the IPv4
+    /// one; the IPv6 one is started in the host's namespace, and goes with
+    /// it when the lab is destroyed) and configures them. Returns the IPv6
+    /// one's PID.
+    func start(_ lab: Lab, peerKey: String, peerSubnet: String, peerSubnet6: String) throws -> String {
+        try lab.addHost(2, command: ["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", device], ipv6: true)
+        let log6 = lab.directory.appendingPathComponent("wireguard-go-v6.log").path
+        let pid = try lab.exec(
+            "h2",
+            [
+                "bash", "-c",
+                "WG_PROCESS_FOREGROUND=1 setsid wireguard-go \(device6) </dev/null >\(log6) 2>&1 & echo $!",
+            ]
+        ).output.trimmingCharacters(in: .whitespacesAndNewlines)
+        waitForSocket(device)
+        waitForSocket(device6)
+        try lab.exec(
+            "h2",
+            [
+                "wg", "set", device, "private-key", keyFile, "listen-port", "51820", "peer", peerKey,
+                "endpoint", "198.18.0.1:51820", "allowed-ips", peerSubnet,
+            ]
+        )
+        try lab.exec("h2", ["ip", "addr", "add", "10.2.200.0/32", "dev", device])
+        try lab.exec("h2", ["ip", "link", "set", device, "mtu", "1420", "up"])
+        try lab.exec("h2", ["ip", "route", "add", "10.2.0.0/16", "dev", device, "scope", "link"])
+        try lab.exec(
+            "h2",
+            [
+                "wg", "set", device6, "private-key", keyFile, "listen-port", "51821", "peer", peerKey,
+                "endpoint", "[fd18::1]:51821", "allowed-ips", peerSubnet6,
+            ]
+        )
+        try lab.exec("h2", ["ip", "-6", "addr", "add", "\(subnet6.dropLast(3))/128", "dev", device6, "nodad"])
+        try lab.exec("h2", ["ip", "link", "set", device6, "mtu", "1420", "up"])
+        try lab.exec("h2", ["ip", "-6", "route", "add", "fd00:10:2::/48", "dev", device6])
+        return pid
+    }
+}
+
+extension WireGuardBackendTests {
+    @Test(.enabled(if: wireguardGoIsInstalled, wireguardGoSkipReason))
+    func tunneldAndADualStackWireguardGoHostConfiguredLikeFlanneldAreEachOthersPeers() throws {
+        try withLab(config: Self.dualStackConfig(mode: nil)) { lab in
+            try addTunneld(lab, 1, ipv6: true)
+            let subnet1 = try subnet(lab, 1), v6 = try LabLease6(lab, host: 1)
+            let key1 = try publicKey(ofKeyFile: keyFile(lab, 1))
+            let go = try WireguardGoDualStackHost(lab, peerSubnet6: v6.subnet)
+            let pid = try go.start(lab, peerKey: key1, peerSubnet: subnet1, peerSubnet6: v6.subnet)
+            // Ours, and still that process: stopped before the lab goes (which would kill it too).
+            defer {
+                _ = try? run(
+                    ["bash", "-c", "[ \"$(cat /proc/\(pid)/comm 2>/dev/null)\" = wireguard-go ] && kill \(pid)"],
+                    check: false
+                )
+            }
+            #expect(lab.waitForLog("h1", containing: "peer \(go.subnet) → 198.18.0.2:51820, key \(go.key)"))
+            #expect(
+                lab.waitForLog(
+                    "h1",
+                    containing: "peer \(go.subnet6) → [fd18::2]:51821, key \(go.key) on flannel-wg-v6"
+                ),
+                "\(lab.log("h1"))"
+            )
+            // wireguard-go starts the IPv6 handshake, tunneld the IPv4 one.
+            for (from, to) in [(2, 1), (1, 2)] {
+                let ping6 = try lab.ping6(from: from, to: to)
+                #expect(ping6.succeeded, "\(ping6.output)")
+            }
+            for (from, to) in [(1, 2), (2, 1)] {
+                let ping = try lab.ping(from: from, to: to)
+                #expect(ping.succeeded, "\(ping.output)")
+            }
+            let handshakes = try lab.exec("h2", ["wg", "show", go.device6, "latest-handshakes"]).output
+            #expect(handshakes.contains(key1) && !handshakes.contains("\t0\n"), "\(handshakes)")
+            let endpoints = try lab.exec("h2", ["wg", "show", go.device6, "endpoints"]).output
+            #expect(endpoints.contains("[fd18::1]:51821"), "\(endpoints)")
+            try transfer(lab, from: 1, to: 2, bytes: 20 << 20, ipv6: true)
+            try transfer(lab, from: 2, to: 1, bytes: 20 << 20, ipv6: true)
+            try lab.lab("stop", "h1")
+            let stopped = lab.log("h1").split(separator: "\n").filter { $0.contains("WireGuard data path stopped") }
+            let drops = stopped.joined().split(separator: " ").filter { $0.hasPrefix("wg_dropped_") }
+            #expect(drops.allSatisfy { $0.hasPrefix("wg_dropped_multicast=") }, "\(drops)")
+        }
+    }
+}
