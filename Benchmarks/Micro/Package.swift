@@ -28,6 +28,7 @@ let package = Package(
                 .product(name: "PacketRing", package: "tunneld"),
                 .product(name: "UDPEncap", package: "tunneld"),
                 .product(name: "NetBase", package: "tunneld"),
+                .product(name: "WireGuard", package: "tunneld"),
             ],
             path: "Benchmarks/DataPath",
             plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]

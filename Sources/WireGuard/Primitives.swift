@@ -216,6 +216,30 @@ enum Primitive {
 public final class CipherContext {
     private let context: OpaquePointer
 
+    /// How libcrypto's implementation is called.
+    public enum Path: Sendable {
+        /// The provider's implementation called directly where libcrypto
+        /// offers it, else through EVP.
+        case fastest
+        /// Through the provider's dispatch table (no EVP layer).
+        case direct
+        /// Through EVP_EncryptInit/Update/Final.
+        case evp
+    }
+
+    /// Fails only when libcrypto cannot give the path asked for.
+    public init?(path: Path) {
+        let raw: Int32 =
+            switch path {
+            case .fastest: Int32(CWG_AEAD_FASTEST)
+            case .direct: Int32(CWG_AEAD_DIRECT)
+            case .evp: Int32(CWG_AEAD_EVP)
+            }
+        guard let context = cwg_aead_new_using(raw) else { return nil }
+        self.context = context
+    }
+
+    /// The fastest path; stops the process when libcrypto has none (no usable provider).
     public init() {
         guard let context = cwg_aead_new() else {
             fatalError(
@@ -224,6 +248,9 @@ public final class CipherContext {
         }
         self.context = context
     }
+
+    /// Whether this context calls the provider's implementation directly.
+    public var isDirect: Bool { cwg_aead_is_direct(context) == 1 }
 
     deinit { cwg_aead_free(context) }
 
@@ -239,7 +266,7 @@ public final class CipherContext {
 
     /// Seals `length` bytes at `text` in place and writes the tag at `tag`.
     @inline(__always)
-    func seal(
+    public func seal(
         key: Bytes32,
         counter: UInt64,
         aad: Bytes32?,
@@ -302,7 +329,7 @@ public final class CipherContext {
 
     /// Opens `length` bytes at `text` in place, checking the tag at `tag`.
     @inline(__always)
-    func open(
+    public func open(
         key: Bytes32,
         counter: UInt64,
         aad: Bytes32?,

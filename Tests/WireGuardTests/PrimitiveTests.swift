@@ -123,3 +123,51 @@ let vectorKey = key("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9
         #expect(String(describing: generated) == "PrivateKey(hidden)")
     }
 }
+
+/// The data path calls libcrypto's ChaCha20-Poly1305 through the provider's
+/// dispatch table; EVP is the reference it must agree with, byte for byte.
+@Suite struct CipherPathTests {
+    @Test func theFastestPathHereIsTheDirectOne() throws {
+        // OpenSSL 3's default provider offers the dispatch table; if a build of
+        // libcrypto ever does not, the data path falls back to EVP and this says so.
+        #expect(CipherContext().isDirect)
+        let evp = try #require(CipherContext(path: .evp))
+        #expect(!evp.isDirect)
+    }
+
+    @Test func directAndEVPAgreeOnEverySizeWithAndWithoutAdditionalData() throws {
+        let direct = try #require(CipherContext(path: .direct))
+        let evp = try #require(CipherContext(path: .evp))
+        var generator = SystemRandomNumberGenerator()
+        for length in Array(0...300) + Array(stride(from: 301, through: 2100, by: 7)) + [1408, 1420, 1424, 65000] {
+            let k = Bytes32((0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) })!
+            let nonce = (0..<12).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            let plain = (0..<length).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            let aad = length % 3 == 0 ? [] : (0..<(length % 40)).map { UInt8($0) }
+            let sealed = direct.seal(key: k, nonce: nonce, aad: aad, plain: plain)
+            try #require(sealed == evp.seal(key: k, nonce: nonce, aad: aad, plain: plain), "length \(length)")
+            #expect(direct.open(key: k, nonce: nonce, aad: aad, sealed: sealed) == plain)
+            #expect(evp.open(key: k, nonce: nonce, aad: aad, sealed: sealed) == plain)
+            var tampered = sealed
+            tampered[length / 2] ^= 0x40
+            #expect(direct.open(key: k, nonce: nonce, aad: aad, sealed: tampered) == nil, "length \(length)")
+            #expect(evp.open(key: k, nonce: nonce, aad: aad, sealed: tampered) == nil)
+        }
+    }
+
+    @Test func aWipedDirectContextSealsAsBefore() throws {
+        let direct = try #require(CipherContext(path: .direct))
+        let nonce = hex("070000004041424344454647")
+        let aad = hex("50515253c0c1c2c3c4c5c6c7")
+        let reference = try #require(CipherContext(path: .evp)).seal(
+            key: vectorKey,
+            nonce: nonce,
+            aad: aad,
+            plain: sunscreen
+        )
+        #expect(direct.seal(key: vectorKey, nonce: nonce, aad: aad, plain: sunscreen) == reference)
+        direct.wipe()
+        #expect(direct.seal(key: vectorKey, nonce: nonce, aad: aad, plain: sunscreen) == reference)
+        #expect(direct.open(key: vectorKey, nonce: nonce, aad: aad, sealed: reference) == sunscreen)
+    }
+}

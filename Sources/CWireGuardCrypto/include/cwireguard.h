@@ -41,7 +41,14 @@ int cwg_blake2s_mac(uint8_t *out, size_t out_length, const uint8_t *key, size_t 
 // cipher set, and each call only sets key and nonce (no allocation). A
 // context serves one thread at a time.
 typedef struct cwg_aead cwg_aead;
+// The fastest path there is: the provider's implementation called directly
+// (CWG_AEAD_DIRECT), else through EVP (CWG_AEAD_EVP).
 cwg_aead *cwg_aead_new(void);
+enum { CWG_AEAD_FASTEST = 0, CWG_AEAD_DIRECT = 1, CWG_AEAD_EVP = 2 };
+// A context on the given path; NULL when that path is not available.
+cwg_aead *cwg_aead_new_using(int path);
+// Whether the context calls the provider's implementation directly.
+int cwg_aead_is_direct(const cwg_aead *context);
 void cwg_aead_free(cwg_aead *context);
 // Clears the key and state the context holds from its last use.
 int cwg_aead_wipe(cwg_aead *context);
