@@ -472,7 +472,7 @@ public final class WireGuardBackend: Backend, HostBackend {
         for (tunnel, path) in zip(tunnels, paths) {
             threads += path.start()
             logger.info(
-                "WireGuard data path running on \(tunnel.listening) for \(tunnel.device), \(tunnel.engine.peerCount) peer(s), \(workers) crypto worker(s) each way, UDP_SEGMENT sends \(path.usesSegmentation ? "on" : "off (the kernel has none)"), UDP_GRO receives \(path.receiveCoalescing ? "on" : "off (the kernel has none)")"
+                "WireGuard data path running on \(tunnel.listening) for \(tunnel.device), \(tunnel.engine.peerCount) peer(s), \(workers) crypto worker(s) each way, UDP_SEGMENT sends \(path.usesSegmentation ? "on" : "off (the kernel has none)"), UDP_GRO receives \(path.receiveCoalescing ? "on" : "off (the kernel has none)"), \(CipherContext.fastestPathDescription)"
             )
         }
         let stopAll: @Sendable () -> Void = { for path in paths { path.stop() } }

@@ -252,6 +252,13 @@ public final class CipherContext {
     /// Whether this context calls the provider's implementation directly.
     public var isDirect: Bool { cwg_aead_is_direct(context) == 1 }
 
+    /// How the data path's contexts reach libcrypto, for the start-up log.
+    public static var fastestPathDescription: String {
+        CipherContext(path: .fastest)?.isDirect == true
+            ? "ChaCha20-Poly1305 from libcrypto's provider, called directly"
+            : "ChaCha20-Poly1305 through libcrypto's EVP (no provider dispatch table found)"
+    }
+
     deinit { cwg_aead_free(context) }
 
     /// Clears the key material libcrypto keeps from the last message.
