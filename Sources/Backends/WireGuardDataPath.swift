@@ -352,6 +352,7 @@ final class WireGuardDataPath: Sendable {
                 }
                 // Refused: this run and every later one go one by one.
                 segmentation.store(false, ordering: .relaxed)
+                engine.count(.segmentationRefused)
             }
             for k in i..<next {
                 let packet = batch.packets[k]

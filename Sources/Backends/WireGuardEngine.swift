@@ -18,7 +18,7 @@ public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertib
     case initiationsSent, responsesSent, handshakesCompleted, cookieRepliesSent
     case droppedNoPeer, droppedNotIP, droppedNoSession, droppedBadMAC, droppedReplay
     case droppedUnknownReceiver, droppedExpired, droppedSourceNotAllowed, droppedMalformed, droppedHandshake
-    case tunSuperPacketsRead, tunSuperPacketsWritten, droppedBadOffload, droppedMulticast
+    case tunSuperPacketsRead, tunSuperPacketsWritten, droppedBadOffload, droppedMulticast, segmentationRefused
 
     public var description: String {
         switch self {
@@ -52,6 +52,7 @@ public enum WireGuardCounter: Int, CaseIterable, Sendable, CustomStringConvertib
         case .tunSuperPacketsWritten: "wg_tun_super_packets_written"
         case .droppedBadOffload: "wg_dropped_bad_offload"
         case .droppedMulticast: "wg_dropped_multicast"
+        case .segmentationRefused: "wg_udp_segmentation_refused"
         }
     }
 
@@ -248,15 +249,18 @@ final class WireGuardEngine: @unchecked Sendable {
     let publicKey: PublicKey
 
     /// `subnetLength`, `subnetLength6`: the lengths of the network's IPv4
-    /// and IPv6 subnets (nil: the engine carries no packets of that family).
+    /// and IPv6 subnets (nil: the engine carries no packets of that family);
+    /// `mtu`: the device's, which padding does not pass (0: none).
     init(
         privateKey: PrivateKey,
         presharedKey: PresharedKey,
         persistentKeepalive: Int,
         subnetLength: Int?,
-        subnetLength6: Int? = nil
+        subnetLength6: Int? = nil,
+        mtu: Int = 0
     ) {
         interface = WireGuardInterface(privateKey: privateKey)
+        interface.mtu = mtu
         publicKey = interface.publicKey
         self.presharedKey = presharedKey
         keepalive = persistentKeepalive > 0 ? .seconds(Int64(persistentKeepalive)) : nil

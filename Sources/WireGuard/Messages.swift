@@ -27,6 +27,16 @@ public enum MessageLayout {
     public static func paddedLength(_ length: Int) -> Int {
         (length + paddingMultiple - 1) / paddingMultiple * paddingMultiple
     }
+
+    /// The padded length on a device of MTU `mtu` (0: none known): padding
+    /// never takes a packet past the MTU, as the kernel's WireGuard and
+    /// wireguard-go pad, so that a full-size packet's message still fits the
+    /// underlay the MTU was computed for (1420 + 32 + 48 = 1500 over IPv6).
+    /// A packet already longer than the MTU is padded as usual.
+    public static func paddedLength(_ length: Int, mtu: Int) -> Int {
+        let padded = paddedLength(length)
+        return mtu > 0 && length <= mtu ? min(padded, mtu) : padded
+    }
 }
 
 /// Why a datagram was dropped. Counted by reason by the data path; never a crash.

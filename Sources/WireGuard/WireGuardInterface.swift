@@ -71,13 +71,16 @@ public struct SealReservation: Sendable {
     public let count: Int
     /// No usable session for the rest, or the session is due for rekey: start a handshake.
     public let wantsHandshake: Bool
+    /// The device MTU padding stops at (`WireGuardInterface.mtu`).
+    public let mtu: Int
 
-    init(key: Bytes32, remoteIndex: UInt32, firstCounter: UInt64, count: Int, wantsHandshake: Bool) {
+    init(key: Bytes32, remoteIndex: UInt32, firstCounter: UInt64, count: Int, wantsHandshake: Bool, mtu: Int) {
         self.key = key
         self.remoteIndex = remoteIndex
         self.firstCounter = firstCounter
         self.count = count
         self.wantsHandshake = wantsHandshake
+        self.mtu = mtu
     }
 
     public mutating func wipe() { key.wipe() }
@@ -138,11 +141,15 @@ public struct SealOutcome: Equatable, Sendable {
 /// handshakes and sessions, and the cookie secret. Pure: every call gets the
 /// time and returns what to send; no sockets, no clock, no threads. Not
 /// thread-safe: one caller at a time. Sealing and opening take the caller's
-/// `CipherContext` (one per worker thread); a parallel data path would give
-/// each worker its own batch and reserve send counters per batch (not yet here).
+/// `CipherContext` (one per worker thread); the parallel data path reserves
+/// send counters under its lock (`reserve`) and seals outside it
+/// (`sealReserved`), and opens likewise (`prepareOpen`, `completeOpen`).
 public final class WireGuardInterface {
     let privateKey: PrivateKey
     public let publicKey: PublicKey
+    /// The device's MTU: a payload is padded to a multiple of 16 bytes but
+    /// not past it (0: no limit known, always a multiple of 16).
+    public var mtu = 0
     let responderHash: Bytes32
     let mac1Key: Bytes32
     let cookieKey: Bytes32
@@ -706,7 +713,7 @@ public final class WireGuardInterface {
         var sentData = false
         for i in 0..<count {
             let payload = payloads[i].length
-            bytes &+= UInt64(MessageLayout.transportMinimumLength + MessageLayout.paddedLength(payload))
+            bytes &+= UInt64(MessageLayout.transportMinimumLength + MessageLayout.paddedLength(payload, mtu: mtu))
             if payload > 0 { sentData = true }
         }
         keypair.sendCounter = first + UInt64(count)
@@ -726,7 +733,8 @@ public final class WireGuardInterface {
             remoteIndex: keypair.remoteIndex,
             firstCounter: first,
             count: count,
-            wantsHandshake: (due || count < payloads.count) && !peer.isHandshaking
+            wantsHandshake: (due || count < payloads.count) && !peer.isHandshaking,
+            mtu: mtu
         )
     }
 
@@ -750,7 +758,7 @@ public final class WireGuardInterface {
         for i in packets.indices.prefix(max(0, reservation.count - offset)) {
             let counter = reservation.firstCounter + UInt64(offset + i - packets.startIndex)
             let payload = packets[i].length
-            let padded = MessageLayout.paddedLength(payload)
+            let padded = MessageLayout.paddedLength(payload, mtu: reservation.mtu)
             let memory = packets[i].memory
             precondition(
                 memory.count >= MessageLayout.transportHeaderLength + padded + MessageLayout.tagLength,

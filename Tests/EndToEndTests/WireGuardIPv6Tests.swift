@@ -35,6 +35,10 @@ extension WireGuardBackendTests {
             #expect(stopped.count == 1, "\(log)")
             let drops = stopped.joined().split(separator: " ").filter { $0.hasPrefix("wg_dropped_") }
             #expect(drops.allSatisfy { $0.hasPrefix("wg_dropped_multicast=") }, "\(drops)")
+            // Full-size messages fit the IPv6 underlay (padding stops at the MTU), so the
+            // kernel never refuses a UDP_SEGMENT send.
+            #expect(!stopped.joined().contains("wg_udp_segmentation_refused="), "\(stopped)")
+            #expect(stopped.joined().contains("wg_udp_segmented_sends="), "\(stopped)")
             for device in devices { #expect(log.contains("removed device \(device)"), "\(log)") }
         }
     }
@@ -321,6 +325,10 @@ extension WireGuardBackendTests {
             let stopped = lab.log("h1").split(separator: "\n").filter { $0.contains("WireGuard data path stopped") }
             let drops = stopped.joined().split(separator: " ").filter { $0.hasPrefix("wg_dropped_") }
             #expect(drops.allSatisfy { $0.hasPrefix("wg_dropped_multicast=") }, "\(drops)")
+            // Full-size messages fit the IPv6 underlay (padding stops at the MTU), so the
+            // kernel never refuses a UDP_SEGMENT send.
+            #expect(!stopped.joined().contains("wg_udp_segmentation_refused="), "\(stopped)")
+            #expect(stopped.joined().contains("wg_udp_segmented_sends="), "\(stopped)")
         }
     }
 }

@@ -91,6 +91,26 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
         #expect(Array(try pair.open(reply, at: pair.alice, from: pair.bobEnd).get().0.prefix(4)) == Array("pong".utf8))
     }
 
+    @Test func paddingStopsAtTheDeviceMTU() throws {
+        let pair = try Pair()
+        try pair.handshake()
+        // No MTU known: a multiple of 16, as before.
+        #expect(
+            pair.seal(Array(repeating: 7, count: 1420), from: pair.alice, to: pair.alicesBob).1.count == 16 + 1424 + 16
+        )
+        // flannel-wg's 1420: a full-size packet is not padded past it (1420 + 32 + 48 = 1500 over IPv6),
+        // shorter ones still are, up to it; one longer than the MTU is padded as usual.
+        pair.alice.mtu = 1420
+        for (payload, padded) in [(1420, 1420), (1419, 1420), (1405, 1408), (1400, 1408), (84, 96), (1430, 1440)] {
+            let packet = (0..<payload).map { UInt8(truncatingIfNeeded: $0) }
+            let (outcome, message) = pair.seal(packet, from: pair.alice, to: pair.alicesBob)
+            #expect(outcome.sealed == 1)
+            #expect(message.count == 16 + padded + 16, "payload \(payload)")
+            let opened = try pair.open(message, at: pair.bob, from: pair.aliceEnd).get()
+            #expect(Array(opened.0.prefix(payload)) == packet && opened.0.dropFirst(payload).allSatisfy { $0 == 0 })
+        }
+    }
+
     @Test func differentPresharedKeysFailTheResponse() throws {
         let pair = try Pair()
         pair.bobsAlice.presharedKey = .generate()
