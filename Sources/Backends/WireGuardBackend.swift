@@ -248,7 +248,7 @@ public final class WireGuardBackend: Backend, HostBackend {
         var sockets: [UDPSocket] = []
         do {
             if tunnel.listensIPv4 { sockets.append(try UDPSocket(port: tunnel.port)) }
-            if tunnel.listensIPv6 { sockets.append(try UDPSocket(ipv6Port: tunnel.port)) }
+            if tunnel.listensIPv6 { sockets.append(try UDPSocket(port: tunnel.port, family: .ipv6Only)) }
             if tunnel.carriesIPv4, let subnet = lease.ipv4Subnet {
                 try tun.configure(
                     address: subnet.address,

@@ -56,7 +56,7 @@ public struct LoopConfiguration: Sendable {
     /// awake saves a sleep and a wake-up per hop, which on a virtual
     /// machine is most of the tunnel's latency. An idle loop sleeps.
     public var busyPollMicroseconds: Int = 0
-    /// The socket is a dual-stack AF_INET6 one (`UDPSocket.isDualStack`):
+    /// The socket is a dual-stack AF_INET6 one (`UDPSocket.family == .dualStack`):
     /// IPv4 peers are written as IPv4-mapped `sockaddr_in6`. False: an
     /// AF_INET socket, which can reach IPv4 peers only.
     public var dualStackSocket: Bool = false

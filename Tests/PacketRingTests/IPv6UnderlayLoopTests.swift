@@ -104,8 +104,8 @@ final class LoopbackSocket6 {
             kernelSide = fds[1]
             var timeout = timeval(tv_sec: 5, tv_usec: 0)
             setsockopt(kernelSide, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-            socket = try UDPSocket(port: 0, dualStack: true)
-            try #require(socket.isDualStack, "this kernel has no IPv6 sockets")
+            socket = try UDPSocket(port: 0, family: .dualStack)
+            try #require(socket.family == .dualStack, "this kernel has no IPv6 sockets")
             peer4 = try UDPSocket(bindAddress: IPv4Address("127.0.0.1")!, port: 0)
             peer6 = try LoopbackSocket6()
             let table = try SubnetTable(network: IPv4Network("10.2.0.0/16")!, subnetLength: 24)
