@@ -184,9 +184,7 @@ final class UDPDataPath: Sendable {
                 : "\(offloads)" + (virtio ? " (tun \(tunOffloads))" : "")
         if !notes.isEmpty { summary += "; " + notes.joined(separator: "; ") }
         self.summary = summary
-        let loopNames = offloads == .none ? [] : offloads.description.split(separator: "+").map(String.init)
-        let tunNames = tunOffloads.isEmpty ? [] : tunOffloads.description.split(separator: "+").map { "tun-\($0)" }
-        offloadNames = loopNames + tunNames
+        offloadNames = offloads.reportNames(tun: tunOffloads)
     }
 
     var statistics: [Statistics] { loops.map(\.statistics) }

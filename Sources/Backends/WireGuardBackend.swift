@@ -515,12 +515,7 @@ public final class WireGuardBackend: Backend, HostBackend {
                     separator: " and "
                 ) + ", public key \(publicKey)",
             workers: workers,
-            offloads: (path?.tun.vnetHeader == true ? ["tun-vnet-hdr"] : [])
-                + (path?.usesSegmentation == true ? ["udp-gso"] : [])
-                + (path?.receiveCoalescing == true ? ["udp-gro"] : [])
-                + (path.map {
-                    $0.tunOffloads.isEmpty ? [] : $0.tunOffloads.description.split(separator: "+").map { "tun-\($0)" }
-                } ?? []),
+            offloads: path?.offloadNames ?? [],
             tableEntries: tunnels.reduce(0) { $0 + $1.engine.peerCount },
             counters: counters
         )

@@ -28,11 +28,13 @@ public struct LoopOffloads: Sendable, Equatable, CustomStringConvertible {
 
     public static let none = LoopOffloads()
 
-    public var description: String {
-        let names = [(virtioHeader, "tun-vnet-hdr"), (segmentation, "udp-gso"), (receiveCoalescing, "udp-gro")]
+    /// The offloads in use by the names the log, reports and metrics give them.
+    public var names: [String] {
+        [(virtioHeader, "tun-vnet-hdr"), (segmentation, "udp-gso"), (receiveCoalescing, "udp-gro")]
             .filter(\.0).map(\.1)
-        return names.isEmpty ? "none" : names.joined(separator: "+")
     }
+
+    public var description: String { names.isEmpty ? "none" : names.joined(separator: "+") }
 }
 
 /// How a data-path loop is sized and what it reads and writes.

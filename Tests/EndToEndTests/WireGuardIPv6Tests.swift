@@ -87,6 +87,8 @@ extension WireGuardBackendTests {
             let socket = lab.directory.appendingPathComponent("h1.sock").path
             let status = try lab.exec("h1", [tunneldBinary, "status", "--control-socket", socket]).output
             #expect(status.contains("tunnels: 2"), "\(status)")
+            // The data path's offloads by their report names: the loop's, then the TUN's.
+            #expect(status.contains("offloads: tun-vnet-hdr, udp-gso, udp-gro, tun-csum"), "\(status)")
             let line6 = status.split(separator: "\n").first { $0.contains(v6[1].subnet) }.map(String.init) ?? ""
             #expect(line6.contains("[fd18::2]:51821") && line6.contains("MiB received"), "\(status)")
             try expectCleanStop(lab, devices: ["flannel-wg", "flannel-wg-v6"])
