@@ -375,9 +375,7 @@ struct WireguardGoHost {
             lab,
             device: device,
             keyFile: keyFile,
-            port: 51820,
             peerKey: peerKey,
-            endpoint: "198.18.0.1:51820",
             allowedIPs: peerSubnet,
             address: "\(subnet.dropLast(5)).0"
         )
@@ -395,14 +393,15 @@ struct WireguardGoHost {
     /// Configures wireguard-go's `device` on host 2 as flanneld configures
     /// its device: the key and port, host 1 as the peer at `endpoint` for
     /// `allowedIPs`, the subnet's `address` (/32, or /128 with `ipv6`), MTU
-    /// 1420 and the route of the network of that family.
+    /// 1420 and the route of the network of that family. The port and
+    /// endpoint default to the IPv4 device's.
     static func configure(
         _ lab: Lab,
         device: String,
         keyFile: String,
-        port: Int,
+        port: Int = 51820,
         peerKey: String,
-        endpoint: String,
+        endpoint: String = "198.18.0.1:51820",
         allowedIPs: String,
         address: String,
         ipv6: Bool = false

@@ -239,9 +239,7 @@ struct WireguardGoDualStackHost {
             lab,
             device: device,
             keyFile: keyFile,
-            port: 51820,
             peerKey: peerKey,
-            endpoint: "198.18.0.1:51820",
             allowedIPs: peerSubnet,
             address: "10.2.200.0"
         )
