@@ -204,6 +204,27 @@ import WireGuard
         #expect(counter(a, .packetsSealed) == 8)
     }
 
+    @Test func aBatchFromTwoPeersInterleavedIsOpenedEachAgainstItsOwnPeer() throws {
+        let keyC = PrivateKey.generate()
+        let subnetC = net("10.2.3.0/24")
+        let endpointC = Endpoint(ipv4: ip("198.18.0.3").value, port: 51820)
+        let (a, b) = try engines()
+        let c = engine(keyC)
+        try a.setPeer(subnet: subnetC, publicKey: keyC.publicKey, endpoint: endpointC)
+        try c.setPeer(subnet: subnetA, publicKey: keyA.publicKey, endpoint: endpointA)
+        try handshake(a, b, first: aToB)
+        let aToC = makePacket(source: 0x0A02_0105, destination: 0x0A02_0309)
+        try handshake(a, c, first: aToC, endpoints: (endpointA, endpointC))
+        let fromB = (0..<2).map { makePacket(source: 0x0A02_0207, destination: 0x0A02_0105, payload: [UInt8($0)]) }
+        let fromC = (0..<2).map { makePacket(source: 0x0A02_0309, destination: 0x0A02_0105, payload: [UInt8($0)]) }
+        let sealedB = send(fromB, through: b), sealedC = send(fromC, through: c)
+        try #require(sealedB.count == 2 && sealedC.count == 2)
+        // B, C, C, B: three runs, each source checked against its own peer's subnet.
+        let (written, _) = deliver([sealedB[0], sealedC[0], sealedC[1], sealedB[1]], to: a, from: endpointB)
+        #expect(written == [fromB[0], fromC[0], fromC[1], fromB[1]])
+        #expect(counter(a, .droppedSourceNotAllowed) == 0 && counter(a, .droppedNoPeer) == 0)
+    }
+
     @Test func oneBatchHoldingAMessageTwiceAndATamperedOneOpensTheRestOnce() throws {
         let (a, b) = try engines()
         try handshake(a, b, first: aToB)
