@@ -116,13 +116,13 @@ final class UDPDataPath: Sendable {
         var sockets: [UDPSocket] = []
         do {
             if workers > 1 {
-                let probe = try UDPSocket(port: settings.port, dualStack: true)
+                let probe = try UDPSocket(port: settings.port, family: .dualStack)
                 probe.close()
             }
             for _ in 0..<workers {
-                sockets.append(try UDPSocket(port: settings.port, reusePort: workers > 1, dualStack: true))
+                sockets.append(try UDPSocket(port: settings.port, reusePort: workers > 1, family: .dualStack))
             }
-            if settings.needsIPv6Underlay && !sockets[0].isDualStack {
+            if settings.needsIPv6Underlay && sockets[0].family != .dualStack {
                 throw BackendError(
                     "this host has a PublicIPv6 but the kernel refuses IPv6 sockets (socket(AF_INET6): Address family not supported; booted with ipv6.disable=1?): enable IPv6, or drop -public-ipv6 so that peers reach this host over IPv4"
                 )
@@ -144,13 +144,13 @@ final class UDPDataPath: Sendable {
             segmentation: segmentation,
             receiveCoalescing: receiveCoalescing
         )
-        if !sockets[0].isDualStack {
+        if sockets[0].family != .dualStack {
             notes.append("the kernel has no IPv6 sockets: peers are reached over the IPv4 underlay only")
         }
         var configuration = LoopConfiguration(depth: settings.queueDepth, mtu: settings.mtu, offloads: offloads)
         configuration.maxSegments = UDPDataPath.maxSegments
         configuration.busyPollMicroseconds = settings.busyPollMicroseconds
-        configuration.dualStackSocket = sockets[0].isDualStack
+        configuration.dualStackSocket = sockets[0].family == .dualStack
 
         var loops: [any DataPathLoop] = []
         do {
@@ -184,9 +184,7 @@ final class UDPDataPath: Sendable {
                 : "\(offloads)" + (virtio ? " (tun \(tunOffloads))" : "")
         if !notes.isEmpty { summary += "; " + notes.joined(separator: "; ") }
         self.summary = summary
-        let loopNames = offloads == .none ? [] : offloads.description.split(separator: "+").map(String.init)
-        let tunNames = tunOffloads.isEmpty ? [] : tunOffloads.description.split(separator: "+").map { "tun-\($0)" }
-        offloadNames = loopNames + tunNames
+        offloadNames = offloads.reportNames(tun: tunOffloads)
     }
 
     var statistics: [Statistics] { loops.map(\.statistics) }

@@ -250,7 +250,7 @@ public final class WireGuardBackend: Backend, HostBackend {
         var sockets: [UDPSocket] = []
         do {
             if tunnel.listensIPv4 { sockets.append(try UDPSocket(port: tunnel.port)) }
-            if tunnel.listensIPv6 { sockets.append(try UDPSocket(ipv6Port: tunnel.port)) }
+            if tunnel.listensIPv6 { sockets.append(try UDPSocket(port: tunnel.port, family: .ipv6Only)) }
             if tunnel.carriesIPv4, let subnet = lease.ipv4Subnet {
                 try tun.configure(
                     address: subnet.address,
@@ -517,12 +517,7 @@ public final class WireGuardBackend: Backend, HostBackend {
                     separator: " and "
                 ) + ", public key \(publicKey)",
             workers: workers,
-            offloads: (path?.tun.vnetHeader == true ? ["tun-vnet-hdr"] : [])
-                + (path?.usesSegmentation == true ? ["udp-gso"] : [])
-                + (path?.receiveCoalescing == true ? ["udp-gro"] : [])
-                + (path.map {
-                    $0.tunOffloads.isEmpty ? [] : $0.tunOffloads.description.split(separator: "+").map { "tun-\($0)" }
-                } ?? []),
+            offloads: path?.offloadNames ?? [],
             tableEntries: tunnels.reduce(0) { $0 + $1.engine.peerCount },
             counters: counters
         )

@@ -85,7 +85,7 @@ final class WireGuardDataPath: Sendable {
     /// The socket for `endpoint`'s family, or nil when this path has none.
     @inline(__always)
     private func socketFD(for endpoint: Endpoint) -> Int32? {
-        if endpoint.isIPv6 == socket.isIPv6 { return socket.fd.rawValue }
+        if endpoint.isIPv6 == (socket.family == .ipv6Only) { return socket.fd.rawValue }
         if let socket6, endpoint.isIPv6 { return socket6.fd.rawValue }
         return nil
     }

@@ -583,10 +583,15 @@ final class WireGuardEngine: @unchecked Sendable {
         timestamp: () -> TAI64N,
         control: inout [Datagram]
     ) {
+        // A ticket's messages are of one peer (`OpenTicket.peer`) and come
+        // one after another: the peer's entry is looked up once a ticket.
+        var entryTicket = -1
+        var ticketEntry: PeerEntry?
         for i in 0..<batch.count where batch.ticketOf[i] >= 0 {
+            let ticket = batch.ticketOf[i]
             let received: Received
             switch interface.completeOpen(
-                batch.openTickets[batch.ticketOf[i]],
+                batch.openTickets[ticket],
                 counter: batch.counters[i],
                 packet: &batch.packets[i],
                 from: batch.endpoints[i],
@@ -597,7 +602,11 @@ final class WireGuardEngine: @unchecked Sendable {
                 continue
             case .success(let r): received = r
             }
-            guard let entry = byPeer[ObjectIdentifier(received.peer)] else {
+            if ticket != entryTicket {
+                entryTicket = ticket
+                ticketEntry = byPeer[ObjectIdentifier(received.peer)]
+            }
+            guard let entry = ticketEntry else {
                 bump(.droppedNoPeer)
                 continue
             }

@@ -28,11 +28,13 @@ public struct LoopOffloads: Sendable, Equatable, CustomStringConvertible {
 
     public static let none = LoopOffloads()
 
-    public var description: String {
-        let names = [(virtioHeader, "tun-vnet-hdr"), (segmentation, "udp-gso"), (receiveCoalescing, "udp-gro")]
+    /// The offloads in use by the names the log, reports and metrics give them.
+    public var names: [String] {
+        [(virtioHeader, "tun-vnet-hdr"), (segmentation, "udp-gso"), (receiveCoalescing, "udp-gro")]
             .filter(\.0).map(\.1)
-        return names.isEmpty ? "none" : names.joined(separator: "+")
     }
+
+    public var description: String { names.isEmpty ? "none" : names.joined(separator: "+") }
 }
 
 /// How a data-path loop is sized and what it reads and writes.
@@ -56,7 +58,7 @@ public struct LoopConfiguration: Sendable {
     /// awake saves a sleep and a wake-up per hop, which on a virtual
     /// machine is most of the tunnel's latency. An idle loop sleeps.
     public var busyPollMicroseconds: Int = 0
-    /// The socket is a dual-stack AF_INET6 one (`UDPSocket.isDualStack`):
+    /// The socket is a dual-stack AF_INET6 one (`UDPSocket.family == .dualStack`):
     /// IPv4 peers are written as IPv4-mapped `sockaddr_in6`. False: an
     /// AF_INET socket, which can reach IPv4 peers only.
     public var dualStackSocket: Bool = false

@@ -23,9 +23,11 @@ public struct TunOffloads: OptionSet, Sendable, CustomStringConvertible {
         return flags
     }
 
-    public var description: String {
-        let names = [(TunOffloads.checksum, "csum"), (.tso4, "tso4"), (.tso6, "tso6"), (.uso4, "uso4")]
+    /// The offloads in the set, by name ("csum", "tso4", "tso6", "uso4").
+    public var names: [String] {
+        [(TunOffloads.checksum, "csum"), (.tso4, "tso4"), (.tso6, "tso6"), (.uso4, "uso4")]
             .filter { contains($0.0) }.map(\.1)
-        return names.isEmpty ? "none" : names.joined(separator: "+")
     }
+
+    public var description: String { names.isEmpty ? "none" : names.joined(separator: "+") }
 }

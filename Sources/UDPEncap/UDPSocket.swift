@@ -32,112 +32,75 @@ public struct UDPEndpoint: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
-/// The udp backend's socket: bound to the backend port on every address,
-/// non-blocking, with large kernel buffers so bursts are absorbed.
-///
-/// With `dualStack`, one AF_INET6 socket with IPV6_V6ONLY off carries both
-/// underlays (IPv4 peers as IPv4-mapped addresses); a kernel without IPv6
-/// (ipv6.disable=1) gets the AF_INET socket flannel uses, and
-/// `isDualStack` says which one it is.
+/// The udp and wireguard backends' socket: bound to the backend port on
+/// every address, non-blocking, with large kernel buffers so bursts are
+/// absorbed.
 public final class UDPSocket: Sendable {
+    /// Which underlays a socket carries.
+    public enum Family: Sendable, Equatable {
+        /// An AF_INET socket, as flannel's.
+        case ipv4
+        /// One AF_INET6 socket with IPV6_V6ONLY off that carries both
+        /// underlays (IPv4 peers as IPv4-mapped addresses): the udp backend's.
+        case dualStack
+        /// An AF_INET6 socket with IPV6_V6ONLY on, so that an AF_INET socket
+        /// may hold the same port: the wireguard backend's IPv6 underlay.
+        case ipv6Only
+    }
+
     public let fd: FileDescriptor
     public let port: UInt16
-    /// An AF_INET6 socket that also carries IPv4 (false: AF_INET only).
-    public let isDualStack: Bool
-    /// An AF_INET6 socket (IPv6 only, `IPV6_V6ONLY`): the wireguard
-    /// backend's IPv6 underlay.
-    public let isIPv6: Bool
+    /// The family the socket has: `.dualStack` asked of a kernel without
+    /// IPv6 (ipv6.disable=1), or with a bind address, gives `.ipv4`.
+    public let family: Family
 
-    /// Opens and binds the socket. `reusePort` lets several sockets (one per
-    /// data-path worker) share the port; the kernel spreads flows over them.
+    /// Opens and binds the socket. `bindAddress` applies to `.ipv4` (and
+    /// makes `.dualStack` an AF_INET socket); the AF_INET6 ones bind `[::]`.
+    /// `reusePort` lets several sockets (one per data-path worker) share the
+    /// port; the kernel spreads flows over them.
     public init(
         bindAddress: IPv4Address = IPv4Address(0),
         port: UInt16,
         reusePort: Bool = false,
-        dualStack: Bool = false,
+        family requested: Family = .ipv4,
         bufferBytes: Int32 = 8 << 20
     ) throws {
-        let flags = Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
-        var raw: Int32 = -1
-        var v6 = false
-        if dualStack && bindAddress.value == 0 {
-            raw = socket(AF_INET6, flags, 0)
-            v6 = raw >= 0
-            // No IPv6 in this kernel: the IPv4 underlay only, as flannel.
-            guard raw >= 0 || errno == EAFNOSUPPORT else {
-                throw SystemError("socket(AF_INET6, SOCK_DGRAM)", on: "udp port \(port)", errno: .current)
-            }
-        }
-        if raw < 0 { raw = socket(AF_INET, flags, 0) }
-        guard raw >= 0 else {
-            throw SystemError("socket(AF_INET, SOCK_DGRAM)", on: "udp port \(port)", errno: .current)
-        }
-        let fd = FileDescriptor(taking: raw)
-        let object = v6 ? "udp [::]:\(port)" : "udp \(bindAddress):\(port)"
-        if v6 {
-            // Whatever net.ipv6.bindv6only says: this one socket is both underlays.
-            try UDPSocket.setOption(raw, Int32(IPPROTO_IPV6), IPV6_V6ONLY, 0, "IPV6_V6ONLY", object)
-        }
-        if reusePort {
-            try UDPSocket.setOption(raw, SOL_SOCKET, SO_REUSEPORT, 1, "SO_REUSEPORT", object)
-        }
-        // SO_*BUFFORCE passes the rmem_max/wmem_max limits when we hold
-        // CAP_NET_ADMIN; without it fall back to what the limits allow.
-        for (force, plain, name) in [
-            (SO_RCVBUFFORCE, SO_RCVBUF, "SO_RCVBUF"), (SO_SNDBUFFORCE, SO_SNDBUF, "SO_SNDBUF"),
-        ] {
-            if (try? UDPSocket.setOption(raw, SOL_SOCKET, force, bufferBytes, name, object)) == nil {
-                try UDPSocket.setOption(raw, SOL_SOCKET, plain, bufferBytes, name, object)
-            }
-        }
-        var name = sockaddr_in6()
-        let length = withUnsafeMutableBytes(of: &name) { buffer in
-            v6
-                ? SocketAddress.writeIPv6(0, port: port, to: buffer.baseAddress!)
-                : SocketAddress.writeIPv4(bindAddress.value, port: port, to: buffer.baseAddress!, dualStack: false)
-        }
-        let rc = withUnsafePointer(to: &name) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(raw, $0, length) }
-        }
-        guard rc == 0 else {
-            let e = Errno.current
-            throw SystemError(
-                "bind",
-                on: object,
-                errno: e,
-                hint: e == Errno(EADDRINUSE)
-                    ? "another process (flanneld or tunneld?) already uses udp port \(port); stop it or set Backend.Port"
-                    : nil
-            )
-        }
-        self.fd = fd
-        self.port = port
-        self.isDualStack = v6
-        isIPv6 = false
-    }
-
-    /// An IPv6 socket bound to `[::]:port`, for IPv6 only (IPV6_V6ONLY, so
-    /// that an IPv4 socket may hold the same port), non-blocking, with
-    /// large kernel buffers.
-    public init(ipv6Port port: UInt16, bufferBytes: Int32 = 8 << 20) throws {
-        let raw = socket(
-            AF_INET6,
-            Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue),
-            0
+        precondition(
+            requested != .ipv6Only || bindAddress.value == 0,
+            "an IPv6-only UDPSocket binds [::]; it takes no IPv4 bindAddress"
         )
+        let flags = Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
+        var family = requested == .dualStack && bindAddress.value != 0 ? .ipv4 : requested
+        var raw: Int32 = family == .ipv4 ? socket(AF_INET, flags, 0) : socket(AF_INET6, flags, 0)
+        if raw < 0 && family == .dualStack && errno == EAFNOSUPPORT {
+            // No IPv6 in this kernel: the IPv4 underlay only, as flannel.
+            family = .ipv4
+            raw = socket(AF_INET, flags, 0)
+        }
         guard raw >= 0 else {
             let e = Errno.current
             throw SystemError(
-                "socket(AF_INET6, SOCK_DGRAM)",
+                family == .ipv4 ? "socket(AF_INET, SOCK_DGRAM)" : "socket(AF_INET6, SOCK_DGRAM)",
                 on: "udp port \(port)",
                 errno: e,
-                hint: e == Errno(EAFNOSUPPORT) ? "the kernel has no IPv6 (boot without ipv6.disable=1)" : nil
+                hint: family == .ipv6Only && e == Errno(EAFNOSUPPORT)
+                    ? "the kernel has no IPv6 (boot without ipv6.disable=1)" : nil
             )
         }
         let fd = FileDescriptor(taking: raw)
-        let object = "udp [::]:\(port)"
+        let object = family == .ipv4 ? "udp \(bindAddress):\(port)" : "udp [::]:\(port)"
         do {
-            try UDPSocket.setOption(raw, Int32(IPPROTO_IPV6), IPV6_V6ONLY, 1, "IPV6_V6ONLY", object)
+            if family != .ipv4 {
+                // Whatever net.ipv6.bindv6only says: dual stack is both
+                // underlays, IPv6-only leaves IPv4 to an AF_INET socket.
+                let v6Only: Int32 = family == .ipv6Only ? 1 : 0
+                try UDPSocket.setOption(raw, Int32(IPPROTO_IPV6), IPV6_V6ONLY, v6Only, "IPV6_V6ONLY", object)
+            }
+            if reusePort {
+                try UDPSocket.setOption(raw, SOL_SOCKET, SO_REUSEPORT, 1, "SO_REUSEPORT", object)
+            }
+            // SO_*BUFFORCE passes the rmem_max/wmem_max limits when we hold
+            // CAP_NET_ADMIN; without it fall back to what the limits allow.
             for (force, plain, name) in [
                 (SO_RCVBUFFORCE, SO_RCVBUF, "SO_RCVBUF"), (SO_SNDBUFFORCE, SO_SNDBUF, "SO_SNDBUF"),
             ] {
@@ -145,34 +108,30 @@ public final class UDPSocket: Sendable {
                     try UDPSocket.setOption(raw, SOL_SOCKET, plain, bufferBytes, name, object)
                 }
             }
+            var name = sockaddr_in6()
+            let length = withUnsafeMutableBytes(of: &name) { buffer in
+                family == .ipv4
+                    ? SocketAddress.writeIPv4(bindAddress.value, port: port, to: buffer.baseAddress!, dualStack: false)
+                    : SocketAddress.writeIPv6(0, port: port, to: buffer.baseAddress!)
+            }
+            let rc = withUnsafePointer(to: &name) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(raw, $0, length) }
+            }
+            guard rc == 0 else {
+                let e = Errno.current
+                let hint =
+                    family == .ipv6Only
+                    ? "another process (flanneld or tunneld?) already uses udp port \(port) on IPv6; stop it or set Backend.ListenPortV6 (mode separate) or Backend.ListenPort"
+                    : "another process (flanneld or tunneld?) already uses udp port \(port); stop it or set Backend.Port"
+                throw SystemError("bind", on: object, errno: e, hint: e == Errno(EADDRINUSE) ? hint : nil)
+            }
         } catch {
             fd.close()
             throw error
         }
-        var sa = sockaddr_in6()
-        sa.sin6_family = sa_family_t(AF_INET6)
-        sa.sin6_port = port.bigEndian
-        let rc = withUnsafePointer(to: &sa) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(raw, $0, socklen_t(MemoryLayout<sockaddr_in6>.size))
-            }
-        }
-        guard rc == 0 else {
-            let e = Errno.current
-            fd.close()
-            throw SystemError(
-                "bind",
-                on: object,
-                errno: e,
-                hint: e == Errno(EADDRINUSE)
-                    ? "another process (flanneld or tunneld?) already uses udp port \(port) on IPv6; stop it or set Backend.ListenPortV6 (mode separate) or Backend.ListenPort"
-                    : nil
-            )
-        }
         self.fd = fd
         self.port = port
-        isDualStack = false
-        isIPv6 = true
+        self.family = family
     }
 
     static func setOption(

@@ -18,9 +18,26 @@ import WireGuard
     let keyA = PrivateKey.generate()
     let keyB = PrivateKey.generate()
 
+    /// An engine with `key` for IPv4 subnets of /`subnetLength` and IPv6 ones
+    /// of /`subnetLength6` (nil: none of that family), without keepalives.
+    func engine(
+        _ key: PrivateKey,
+        psk: PresharedKey = .none,
+        subnetLength: Int? = 24,
+        subnetLength6: Int? = nil
+    ) -> WireGuardEngine {
+        WireGuardEngine(
+            privateKey: key,
+            presharedKey: psk,
+            persistentKeepalive: 0,
+            subnetLength: subnetLength,
+            subnetLength6: subnetLength6
+        )
+    }
+
     func engines(psk: PresharedKey = .none) throws -> (WireGuardEngine, WireGuardEngine) {
-        let a = WireGuardEngine(privateKey: keyA, presharedKey: psk, persistentKeepalive: 0, subnetLength: 24)
-        let b = WireGuardEngine(privateKey: keyB, presharedKey: psk, persistentKeepalive: 0, subnetLength: 24)
+        let a = engine(keyA, psk: psk)
+        let b = engine(keyB, psk: psk)
         try a.setPeer(subnet: subnetB, publicKey: keyB.publicKey, endpoint: endpointB)
         try b.setPeer(subnet: subnetA, publicKey: keyA.publicKey, endpoint: endpointA)
         return (a, b)
@@ -81,20 +98,32 @@ import WireGuard
     }
 
     /// A's packet waits for the handshake, which A starts; B answers; A then
-    /// sends the packet, which B writes to its TUN byte for byte.
-    func handshake(_ a: WireGuardEngine, _ b: WireGuardEngine, first: [UInt8]) throws {
+    /// sends the packet, which B writes to its TUN byte for byte. Each
+    /// message goes to the other's address in `endpoints`, the underlay's.
+    func handshake(
+        _ a: WireGuardEngine,
+        _ b: WireGuardEngine,
+        first: [UInt8],
+        endpoints: (a: Endpoint, b: Endpoint)
+    ) throws {
         let initiation = send([first], through: a)
         try #require(initiation.count == 1)
-        #expect(initiation[0].bytes.count == MessageLayout.initiationLength && initiation[0].to == endpointB)
-        let (nothing, response) = deliver(initiation, to: b, from: endpointA)
+        #expect(initiation[0].bytes.count == MessageLayout.initiationLength && initiation[0].to == endpoints.b)
+        let (nothing, response) = deliver(initiation, to: b, from: endpoints.a)
         #expect(nothing.isEmpty)
         try #require(response.count == 1)
-        #expect(response[0].to == endpointA)
-        let (none, staged) = deliver(response, to: a, from: endpointB)
+        #expect(response[0].to == endpoints.a)
+        let (none, staged) = deliver(response, to: a, from: endpoints.b)
         #expect(none.isEmpty)
         try #require(staged.count == 1)
-        let (written, _) = deliver(staged, to: b, from: endpointA)
-        #expect(written == [first])
+        #expect(staged[0].to == endpoints.b)
+        #expect(deliver(staged, to: b, from: endpoints.a).written == [first])
+    }
+
+    /// The handshake of A and B at endpointA and endpointB, after which each
+    /// has a session for the other's IPv4 subnet.
+    func handshake(_ a: WireGuardEngine, _ b: WireGuardEngine, first: [UInt8]) throws {
+        try handshake(a, b, first: first, endpoints: (endpointA, endpointB))
         #expect(a.hasSession(subnet: subnetB) && b.hasSession(subnet: subnetA))
     }
 
@@ -111,8 +140,8 @@ import WireGuard
     }
 
     @Test func aPresharedKeyMustMatch() throws {
-        let a = WireGuardEngine(privateKey: keyA, presharedKey: .generate(), persistentKeepalive: 0, subnetLength: 24)
-        let b = WireGuardEngine(privateKey: keyB, presharedKey: .generate(), persistentKeepalive: 0, subnetLength: 24)
+        let a = engine(keyA, psk: .generate())
+        let b = engine(keyB, psk: .generate())
         try a.setPeer(subnet: subnetB, publicKey: keyB.publicKey, endpoint: endpointB)
         try b.setPeer(subnet: subnetA, publicKey: keyA.publicKey, endpoint: endpointA)
         let initiation = send([aToB], through: a)
@@ -149,15 +178,12 @@ import WireGuard
         let subnetC = net("10.2.3.0/24")
         let endpointC = Endpoint(ipv4: ip("198.18.0.3").value, port: 51820)
         let (a, b) = try engines()
-        let c = WireGuardEngine(privateKey: keyC, presharedKey: .none, persistentKeepalive: 0, subnetLength: 24)
+        let c = engine(keyC)
         try a.setPeer(subnet: subnetC, publicKey: keyC.publicKey, endpoint: endpointC)
         try c.setPeer(subnet: subnetA, publicKey: keyA.publicKey, endpoint: endpointA)
         try handshake(a, b, first: aToB)
         let aToC = makePacket(source: 0x0A02_0105, destination: 0x0A02_0309, payload: [1, 2, 3])
-        let toC = send([aToC], through: a)
-        let (_, response) = deliver(toC, to: c, from: endpointA)
-        let (_, staged) = deliver(response, to: a, from: endpointC)
-        #expect(deliver(staged, to: c, from: endpointA).written == [aToC])
+        try handshake(a, c, first: aToC, endpoints: (endpointA, endpointC))
         // B, B, C, B, C, C: four runs, each peer's counters in order.
         let packets = (0..<6).map { i in
             makePacket(
@@ -176,6 +202,27 @@ import WireGuard
         #expect(deliver(toB.map(\.element), to: b, from: endpointA).written == toB.map { packets[$0.offset] })
         #expect(deliver(toCAgain.map(\.element), to: c, from: endpointA).written == toCAgain.map { packets[$0.offset] })
         #expect(counter(a, .packetsSealed) == 8)
+    }
+
+    @Test func aBatchFromTwoPeersInterleavedIsOpenedEachAgainstItsOwnPeer() throws {
+        let keyC = PrivateKey.generate()
+        let subnetC = net("10.2.3.0/24")
+        let endpointC = Endpoint(ipv4: ip("198.18.0.3").value, port: 51820)
+        let (a, b) = try engines()
+        let c = engine(keyC)
+        try a.setPeer(subnet: subnetC, publicKey: keyC.publicKey, endpoint: endpointC)
+        try c.setPeer(subnet: subnetA, publicKey: keyA.publicKey, endpoint: endpointA)
+        try handshake(a, b, first: aToB)
+        let aToC = makePacket(source: 0x0A02_0105, destination: 0x0A02_0309)
+        try handshake(a, c, first: aToC, endpoints: (endpointA, endpointC))
+        let fromB = (0..<2).map { makePacket(source: 0x0A02_0207, destination: 0x0A02_0105, payload: [UInt8($0)]) }
+        let fromC = (0..<2).map { makePacket(source: 0x0A02_0309, destination: 0x0A02_0105, payload: [UInt8($0)]) }
+        let sealedB = send(fromB, through: b), sealedC = send(fromC, through: c)
+        try #require(sealedB.count == 2 && sealedC.count == 2)
+        // B, C, C, B: three runs, each source checked against its own peer's subnet.
+        let (written, _) = deliver([sealedB[0], sealedC[0], sealedC[1], sealedB[1]], to: a, from: endpointB)
+        #expect(written == [fromB[0], fromC[0], fromC[1], fromB[1]])
+        #expect(counter(a, .droppedSourceNotAllowed) == 0 && counter(a, .droppedNoPeer) == 0)
     }
 
     @Test func oneBatchHoldingAMessageTwiceAndATamperedOneOpensTheRestOnce() throws {

@@ -27,42 +27,11 @@ extension WireGuardEngineTests {
     /// Two engines carrying both families, each the other's peer with both
     /// subnets, reached at `endpoints`.
     func dualStackEngines(endpoints: (a: Endpoint, b: Endpoint)) throws -> (WireGuardEngine, WireGuardEngine) {
-        let a = WireGuardEngine(
-            privateKey: keyA,
-            presharedKey: .none,
-            persistentKeepalive: 0,
-            subnetLength: 24,
-            subnetLength6: 64
-        )
-        let b = WireGuardEngine(
-            privateKey: keyB,
-            presharedKey: .none,
-            persistentKeepalive: 0,
-            subnetLength: 24,
-            subnetLength6: 64
-        )
+        let a = engine(keyA, subnetLength6: 64)
+        let b = engine(keyB, subnetLength6: 64)
         try a.setPeer(subnet: subnetB, subnet6: subnetB6, publicKey: keyB.publicKey, endpoint: endpoints.b)
         try b.setPeer(subnet: subnetA, subnet6: subnetA6, publicKey: keyA.publicKey, endpoint: endpoints.a)
         return (a, b)
-    }
-
-    /// A's first packet waits for the handshake over `endpoints`; then it arrives.
-    func handshake(
-        _ a: WireGuardEngine,
-        _ b: WireGuardEngine,
-        first: [UInt8],
-        endpoints: (a: Endpoint, b: Endpoint)
-    ) throws {
-        let initiation = send([first], through: a)
-        try #require(initiation.count == 1)
-        #expect(initiation[0].to == endpoints.b)
-        let (_, response) = deliver(initiation, to: b, from: endpoints.a)
-        try #require(response.count == 1)
-        #expect(response[0].to == endpoints.a)
-        let (_, staged) = deliver(response, to: a, from: endpoints.b)
-        try #require(staged.count == 1)
-        #expect(staged[0].to == endpoints.b)
-        #expect(deliver(staged, to: b, from: endpoints.a).written == [first])
     }
 
     var aToB6: [UInt8] {
@@ -73,16 +42,17 @@ extension WireGuardEngineTests {
         )
     }
 
+    var bToA6: [UInt8] {
+        makePacket6(source: Self.address6(subnet: 2, host: 7), destination: Self.address6(subnet: 1, host: 5))
+    }
+
     @Test func anIPv6PacketIsSteeredByItsDestinationsIPv6SubnetOverTheIPv6Underlay() throws {
         let endpoints = (a: endpointA6, b: endpointB6)
         let (a, b) = try dualStackEngines(endpoints: endpoints)
         try handshake(a, b, first: aToB6, endpoints: endpoints)
         #expect(a.hasSession(subnet6: subnetB6) && b.hasSession(subnet6: subnetA6))
         // And back, IPv6 inside, IPv6 outside.
-        let back = makePacket6(
-            source: Self.address6(subnet: 2, host: 7),
-            destination: Self.address6(subnet: 1, host: 5)
-        )
+        let back = bToA6
         let sealed = send([back], through: b)
         #expect(sealed.map(\.to) == [endpointA6])
         #expect(deliver(sealed, to: a, from: endpointB6).written == [back])
@@ -90,9 +60,8 @@ extension WireGuardEngineTests {
     }
 
     @Test func bothFamiliesInOneBatchGoToTheOnePeerInOrder() throws {
-        let endpoints = (a: endpointA, b: endpointB)
-        let (a, b) = try dualStackEngines(endpoints: endpoints)
-        try handshake(a, b, first: aToB, endpoints: endpoints)
+        let (a, b) = try dualStackEngines(endpoints: (endpointA, endpointB))
+        try handshake(a, b, first: aToB)
         // v4, v6, v6, v4, v6: one peer for both subnets, so one run.
         let packets = (0..<5).map { i in
             [true, false, false, true, false][i]
@@ -119,27 +88,9 @@ extension WireGuardEngineTests {
         let subnetC6 = IPv6Network("fd00:10:2:3::/64")!
         let endpointC6 = Self.endpoint6("fd18::3", 51821)
         // flannel-wg-v6: IPv6 only, as mode separate makes it.
-        let a = WireGuardEngine(
-            privateKey: keyA,
-            presharedKey: .none,
-            persistentKeepalive: 0,
-            subnetLength: nil,
-            subnetLength6: 64
-        )
-        let b = WireGuardEngine(
-            privateKey: keyB,
-            presharedKey: .none,
-            persistentKeepalive: 0,
-            subnetLength: nil,
-            subnetLength6: 64
-        )
-        let c = WireGuardEngine(
-            privateKey: keyC,
-            presharedKey: .none,
-            persistentKeepalive: 0,
-            subnetLength: nil,
-            subnetLength6: 64
-        )
+        let a = engine(keyA, subnetLength: nil, subnetLength6: 64)
+        let b = engine(keyB, subnetLength: nil, subnetLength6: 64)
+        let c = engine(keyC, subnetLength: nil, subnetLength6: 64)
         try a.setPeer(subnet: nil, subnet6: subnetB6, publicKey: keyB.publicKey, endpoint: endpointB6)
         try a.setPeer(subnet: nil, subnet6: subnetC6, publicKey: keyC.publicKey, endpoint: endpointC6)
         try b.setPeer(subnet: nil, subnet6: subnetA6, publicKey: keyA.publicKey, endpoint: endpointA6)
@@ -191,17 +142,11 @@ extension WireGuardEngineTests {
 
     @Test func anIPv6PacketFromAPeerWithOnlyAnIPv4SubnetIsDropped() throws {
         // A sends IPv6 to B (A has B's IPv6 subnet); B knows A by its IPv4 subnet only.
-        let a = WireGuardEngine(
-            privateKey: keyA,
-            presharedKey: .none,
-            persistentKeepalive: 0,
-            subnetLength: 24,
-            subnetLength6: 64
-        )
-        let b = WireGuardEngine(privateKey: keyB, presharedKey: .none, persistentKeepalive: 0, subnetLength: 24)
+        let a = engine(keyA, subnetLength6: 64)
+        let b = engine(keyB)
         try a.setPeer(subnet: subnetB, subnet6: subnetB6, publicKey: keyB.publicKey, endpoint: endpointB)
         try b.setPeer(subnet: subnetA, publicKey: keyA.publicKey, endpoint: endpointA)
-        try handshake(a, b, first: aToB, endpoints: (endpointA, endpointB))
+        try handshake(a, b, first: aToB)
         let sealed = send([aToB6], through: a)
         try #require(sealed.count == 1)
         #expect(deliver(sealed, to: b, from: endpointA).written.isEmpty)
@@ -217,10 +162,7 @@ extension WireGuardEngineTests {
         try handshake(a, b, first: aToB6, endpoints: endpoints)
         let roamed = Self.endpoint6("fd18::99", 40000)
         #expect(deliver(send([aToB6], through: a), to: b, from: roamed).written == [aToB6])
-        let back = makePacket6(
-            source: Self.address6(subnet: 2, host: 7),
-            destination: Self.address6(subnet: 1, host: 5)
-        )
+        let back = bToA6
         #expect(send([back], through: b).map(\.to) == [roamed])
         // A datagram that does not authenticate moves nothing.
         var forged = send([aToB6], through: a)[0]

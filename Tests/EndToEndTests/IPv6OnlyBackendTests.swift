@@ -113,11 +113,8 @@ struct IPv6OnlyBackendTests {
             #expect(!nat4.contains("MASQUERADE"), "\(nat4)")
 
             // Stopped and started again: the same IPv6 subnet (from the subnet file / its PublicIP).
-            try lab.lab("stop", "h2")
-            try lab.lab("start", "h2")
-            let leased = "leased \(v6[1].subnet) for 198.18.0.2"
             #expect(
-                try lab.waitUntil { lab.log("h2").components(separatedBy: leased).count == 3 },
+                try lab.restartDaemon(2, untilLoggedTwice: "leased \(v6[1].subnet) for 198.18.0.2"),
                 "\(lab.log("h2"))"
             )
             let after = try lab.ping6(from: 1, to: 2)

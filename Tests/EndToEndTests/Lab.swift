@@ -86,6 +86,34 @@ extension Lab {
     func addHost(_ n: Int, tier launch: TierLaunch, extra: [String] = []) throws {
         try addHost(n, extra: launch.extra + extra, prefix: launch.prefix)
     }
+
+    /// Pings from container to container for each of `pairs`, over IPv4
+    /// and then IPv6 as asked; each is expected to succeed.
+    func expectPings(
+        ipv4: Bool = true,
+        ipv6: Bool = false,
+        pairs: [(from: Int, to: Int)] = [(1, 2), (2, 1)],
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) throws {
+        for (from, to) in pairs {
+            if ipv4 {
+                let result = try ping(from: from, to: to)
+                #expect(result.succeeded, "\(result.output)", sourceLocation: sourceLocation)
+            }
+            if ipv6 {
+                let result = try ping6(from: from, to: to)
+                #expect(result.succeeded, "\(result.output)", sourceLocation: sourceLocation)
+            }
+        }
+    }
+
+    /// Stops and starts host `n`'s daemon; true once its log holds `text`
+    /// twice, once a start (bounded: 20 s).
+    func restartDaemon(_ n: Int, untilLoggedTwice text: String) throws -> Bool {
+        try lab("stop", "h\(n)")
+        try lab("start", "h\(n)")
+        return waitUntil { log("h\(n)").components(separatedBy: text).count == 3 }
+    }
 }
 
 struct CommandResult {

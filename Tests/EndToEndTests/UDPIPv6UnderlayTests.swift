@@ -122,10 +122,7 @@ struct UDPIPv6UnderlayTests {
                 "\(lab.log("h2"))"
             )
             try countUnderlay(lab, host: 1)
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping6 = try lab.ping6(from: from, to: to)
-                #expect(ping6.succeeded, "\(ping6.output)")
-            }
+            try lab.expectPings(ipv4: false, ipv6: true)
             try resetCounters(lab, host: 1)
             try transfer(lab, from: 1, to: 2, bytes: 4 << 20, ipv6: true)
             let bulk = try underlayBytes(lab, host: 1)
@@ -193,21 +190,15 @@ struct UDPIPv6UnderlayTests {
                 "\(lab.log("h1"))"
             )
             for n in 1...2 { try countUnderlay(lab, host: n, ipv4: false) }
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping6 = try lab.ping6(from: from, to: to)
-                #expect(ping6.succeeded, "\(ping6.output)")
-            }
+            try lab.expectPings(ipv4: false, ipv6: true)
             try transfer(lab, from: 1, to: 2, bytes: (tier == "simple" ? 2 : 8) << 20, ipv6: true)
             try transfer(lab, from: 2, to: 1, bytes: 1 << 20, port: 5202, ipv6: true)
             #expect(try underlayBytes(lab, host: 1, ipv4: false).v6 > (tier == "simple" ? 2 : 8) << 20)
 
             // Started again: the same subnet, found by its PublicIPv6 (every
             // such host's PublicIP is 0.0.0.0).
-            try lab.lab("stop", "h2")
-            try lab.lab("start", "h2")
-            let leased = "leased \(v6[1].subnet) for 0.0.0.0"
             #expect(
-                try lab.waitUntil { lab.log("h2").components(separatedBy: leased).count == 3 },
+                try lab.restartDaemon(2, untilLoggedTwice: "leased \(v6[1].subnet) for 0.0.0.0"),
                 "\(lab.log("h2"))"
             )
             let after = try lab.ping6(from: 1, to: 2)

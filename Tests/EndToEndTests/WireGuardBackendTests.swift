@@ -152,10 +152,7 @@ struct WireGuardBackendTests {
             try addTunneld(lab, 2, prefix: [refuseIOURingBinary], extra: ["--offload", "off", "--datapath", "simple"])
             let subnet1 = try subnet(lab, 1)
             #expect(lab.waitForLog("h2", containing: "peer \(subnet1) → 198.18.0.1:51820"))
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping = try lab.ping(from: from, to: to)
-                #expect(ping.succeeded, "\(ping.output)")
-            }
+            try lab.expectPings()
             try transfer(lab, from: 1, to: 2, megabytes: 20)
             try transfer(lab, from: 2, to: 1, megabytes: 20)
             try lab.lab("stop", "h1")
@@ -373,20 +370,59 @@ struct WireguardGoHost {
         } else {
             try lab.addHost(2, command: ["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", device])
         }
+        Self.waitForControlSocket(device)
+        try Self.configure(
+            lab,
+            device: device,
+            keyFile: keyFile,
+            peerKey: peerKey,
+            allowedIPs: peerSubnet,
+            address: "\(subnet.dropLast(5)).0"
+        )
+    }
+
+    /// Waits (bounded: 10 s) for wireguard-go's control socket for `device`.
+    static func waitForControlSocket(_ device: String) {
         let socket = "/var/run/wireguard/\(device).sock"
         let deadline = ContinuousClock.now + .seconds(10)
         while !FileManager.default.fileExists(atPath: socket) && ContinuousClock.now < deadline {
             usleep(100_000)
         }
+    }
+
+    /// Configures wireguard-go's `device` on host 2 as flanneld configures
+    /// its device: the key and port, host 1 as the peer at `endpoint` for
+    /// `allowedIPs`, the subnet's `address` (/32, or /128 with `ipv6`), MTU
+    /// 1420 and the route of the network of that family. The port and
+    /// endpoint default to the IPv4 device's.
+    static func configure(
+        _ lab: Lab,
+        device: String,
+        keyFile: String,
+        port: Int = 51820,
+        peerKey: String,
+        endpoint: String = "198.18.0.1:51820",
+        allowedIPs: String,
+        address: String,
+        ipv6: Bool = false
+    ) throws {
         try lab.exec(
             "h2",
             [
-                "wg", "set", device, "private-key", keyFile, "listen-port", "51820", "peer", peerKey,
-                "endpoint", "198.18.0.1:51820", "allowed-ips", peerSubnet,
+                "wg", "set", device, "private-key", keyFile, "listen-port", "\(port)", "peer", peerKey,
+                "endpoint", endpoint, "allowed-ips", allowedIPs,
             ]
         )
-        try lab.exec("h2", ["ip", "addr", "add", "\(subnet.dropLast(5)).0/32", "dev", device])
+        if ipv6 {
+            try lab.exec("h2", ["ip", "-6", "addr", "add", "\(address)/128", "dev", device, "nodad"])
+        } else {
+            try lab.exec("h2", ["ip", "addr", "add", "\(address)/32", "dev", device])
+        }
         try lab.exec("h2", ["ip", "link", "set", device, "mtu", "1420", "up"])
-        try lab.exec("h2", ["ip", "route", "add", "10.2.0.0/16", "dev", device, "scope", "link"])
+        if ipv6 {
+            try lab.exec("h2", ["ip", "-6", "route", "add", "fd00:10:2::/48", "dev", device])
+        } else {
+            try lab.exec("h2", ["ip", "route", "add", "10.2.0.0/16", "dev", device, "scope", "link"])
+        }
     }
 }

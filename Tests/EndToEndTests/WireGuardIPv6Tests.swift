@@ -23,6 +23,11 @@ extension WireGuardBackendTests {
         return try #require(try lab.etcdValue("/docker/network/subnets/\(v4)&\(v6)"))
     }
 
+    /// The wg_dropped_ counters of the daemon's stopped lines.
+    func dropCounters(_ stopped: [Substring]) -> [Substring] {
+        stopped.joined().split(separator: " ").filter { $0.hasPrefix("wg_dropped_") }
+    }
+
     /// The daemons stopped: what they counted, without a drop, and the devices gone.
     func expectCleanStop(_ lab: Lab, devices: [String]) throws {
         try lab.lab("stop", "h1")
@@ -31,9 +36,9 @@ extension WireGuardBackendTests {
             let log = lab.log("h\(n)")
             #expect(log.contains("wg_packets_opened="), "\(log)")
             // The kernel's MLD reports (to ff02::16) have no peer and are counted apart; nothing else drops.
-            let stopped = log.split(separator: "\n").filter { $0.contains("WireGuard data path stopped") }
+            let stopped = stoppedLines(log)
             #expect(stopped.count == 1, "\(log)")
-            let drops = stopped.joined().split(separator: " ").filter { $0.hasPrefix("wg_dropped_") }
+            let drops = dropCounters(stopped)
             #expect(drops.allSatisfy { $0.hasPrefix("wg_dropped_multicast=") }, "\(drops)")
             // Full-size messages fit the IPv6 underlay (padding stops at the MTU), so the
             // kernel never refuses a UDP_SEGMENT send.
@@ -78,12 +83,7 @@ extension WireGuardBackendTests {
             #expect(lab.waitForLog("h1", containing: "peer \(subnet2) → 198.18.0.2:51820"), "\(lab.log("h1"))")
             #expect(lab.waitForLog("h2", containing: "peer \(v6[0].subnet) → [fd18::1]:51821"), "\(lab.log("h2"))")
             #expect(lab.waitForLog("h2", containing: "peer \(subnet1) → 198.18.0.1:51820"), "\(lab.log("h2"))")
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping = try lab.ping(from: from, to: to)
-                #expect(ping.succeeded, "\(ping.output)")
-                let ping6 = try lab.ping6(from: from, to: to)
-                #expect(ping6.succeeded, "\(ping6.output)")
-            }
+            try lab.expectPings(ipv6: true)
             try transfer(lab, from: 1, to: 2, bytes: 20 << 20, ipv6: true)
             try transfer(lab, from: 2, to: 1, bytes: 20 << 20, ipv6: true)
 
@@ -91,6 +91,8 @@ extension WireGuardBackendTests {
             let socket = lab.directory.appendingPathComponent("h1.sock").path
             let status = try lab.exec("h1", [tunneldBinary, "status", "--control-socket", socket]).output
             #expect(status.contains("tunnels: 2"), "\(status)")
+            // The data path's offloads by their report names: the loop's, then the TUN's.
+            #expect(status.contains("offloads: tun-vnet-hdr, udp-gso, udp-gro, tun-csum"), "\(status)")
             let line6 = status.split(separator: "\n").first { $0.contains(v6[1].subnet) }.map(String.init) ?? ""
             #expect(line6.contains("[fd18::2]:51821") && line6.contains("MiB received"), "\(status)")
             try expectCleanStop(lab, devices: ["flannel-wg", "flannel-wg-v6"])
@@ -122,12 +124,7 @@ extension WireGuardBackendTests {
                 lab.waitForLog("h2", containing: "peer \(subnet1) and \(v6[0].subnet) → 198.18.0.1:51820"),
                 "\(lab.log("h2"))"
             )
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping = try lab.ping(from: from, to: to)
-                #expect(ping.succeeded, "\(ping.output)")
-                let ping6 = try lab.ping6(from: from, to: to)
-                #expect(ping6.succeeded, "\(ping6.output)")
-            }
+            try lab.expectPings(ipv6: true)
             try transfer(lab, from: 1, to: 2, bytes: 20 << 20, ipv6: true)
             try transfer(lab, from: 2, to: 1, megabytes: 5)
             try expectCleanStop(lab, devices: ["flannel-wg"])
@@ -150,12 +147,7 @@ extension WireGuardBackendTests {
             )
             let sockets = try lab.hostOutput(1, ["ss", "-ulnH"])
             #expect(sockets.contains("[::]:51820") && !sockets.contains("0.0.0.0:51820"), "\(sockets)")
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping = try lab.ping(from: from, to: to)
-                #expect(ping.succeeded, "\(ping.output)")
-                let ping6 = try lab.ping6(from: from, to: to)
-                #expect(ping6.succeeded, "\(ping6.output)")
-            }
+            try lab.expectPings(ipv6: true)
             try transfer(lab, from: 1, to: 2, megabytes: 5)
             try expectCleanStop(lab, devices: ["flannel-wg"])
         }
@@ -184,10 +176,7 @@ extension WireGuardBackendTests {
                 "\(lab.log("h1"))"
             )
             #expect(lab.waitForLog("h2", containing: "peer \(v6[0].subnet) → [fd18::1]:51821"), "\(lab.log("h2"))")
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping6 = try lab.ping6(from: from, to: to)
-                #expect(ping6.succeeded, "\(ping6.output)")
-            }
+            try lab.expectPings(ipv4: false, ipv6: true)
             try transfer(lab, from: 1, to: 2, bytes: 20 << 20, ipv6: true)
             try transfer(lab, from: 2, to: 1, bytes: 5 << 20, ipv6: true)
             try expectCleanStop(lab, devices: ["flannel-wg-v6"])
@@ -234,14 +223,6 @@ struct WireguardGoDualStackHost {
         ])
     }
 
-    func waitForSocket(_ device: String) {
-        let socket = "/var/run/wireguard/\(device).sock"
-        let deadline = ContinuousClock.now + .seconds(10)
-        while !FileManager.default.fileExists(atPath: socket) && ContinuousClock.now < deadline {
-            usleep(100_000)
-        }
-    }
-
     /// Starts both wireguard-go processes (the host's command runs the IPv4
     /// one; the IPv6 one is started in the host's namespace, and goes with
     /// it when the lab is destroyed) and configures them. Returns the IPv6
@@ -256,28 +237,27 @@ struct WireguardGoDualStackHost {
                 "WG_PROCESS_FOREGROUND=1 setsid wireguard-go \(device6) </dev/null >\(log6) 2>&1 & echo $!",
             ]
         ).output.trimmingCharacters(in: .whitespacesAndNewlines)
-        waitForSocket(device)
-        waitForSocket(device6)
-        try lab.exec(
-            "h2",
-            [
-                "wg", "set", device, "private-key", keyFile, "listen-port", "51820", "peer", peerKey,
-                "endpoint", "198.18.0.1:51820", "allowed-ips", peerSubnet,
-            ]
+        WireguardGoHost.waitForControlSocket(device)
+        WireguardGoHost.waitForControlSocket(device6)
+        try WireguardGoHost.configure(
+            lab,
+            device: device,
+            keyFile: keyFile,
+            peerKey: peerKey,
+            allowedIPs: peerSubnet,
+            address: "10.2.200.0"
         )
-        try lab.exec("h2", ["ip", "addr", "add", "10.2.200.0/32", "dev", device])
-        try lab.exec("h2", ["ip", "link", "set", device, "mtu", "1420", "up"])
-        try lab.exec("h2", ["ip", "route", "add", "10.2.0.0/16", "dev", device, "scope", "link"])
-        try lab.exec(
-            "h2",
-            [
-                "wg", "set", device6, "private-key", keyFile, "listen-port", "51821", "peer", peerKey,
-                "endpoint", "[fd18::1]:51821", "allowed-ips", peerSubnet6,
-            ]
+        try WireguardGoHost.configure(
+            lab,
+            device: device6,
+            keyFile: keyFile,
+            port: 51821,
+            peerKey: peerKey,
+            endpoint: "[fd18::1]:51821",
+            allowedIPs: peerSubnet6,
+            address: String(subnet6.dropLast(3)),
+            ipv6: true
         )
-        try lab.exec("h2", ["ip", "-6", "addr", "add", "\(subnet6.dropLast(3))/128", "dev", device6, "nodad"])
-        try lab.exec("h2", ["ip", "link", "set", device6, "mtu", "1420", "up"])
-        try lab.exec("h2", ["ip", "-6", "route", "add", "fd00:10:2::/48", "dev", device6])
         return pid
     }
 }
@@ -307,14 +287,8 @@ extension WireGuardBackendTests {
                 "\(lab.log("h1"))"
             )
             // wireguard-go starts the IPv6 handshake, tunneld the IPv4 one.
-            for (from, to) in [(2, 1), (1, 2)] {
-                let ping6 = try lab.ping6(from: from, to: to)
-                #expect(ping6.succeeded, "\(ping6.output)")
-            }
-            for (from, to) in [(1, 2), (2, 1)] {
-                let ping = try lab.ping(from: from, to: to)
-                #expect(ping.succeeded, "\(ping.output)")
-            }
+            try lab.expectPings(ipv4: false, ipv6: true, pairs: [(2, 1), (1, 2)])
+            try lab.expectPings()
             let handshakes = try lab.exec("h2", ["wg", "show", go.device6, "latest-handshakes"]).output
             #expect(handshakes.contains(key1) && !handshakes.contains("\t0\n"), "\(handshakes)")
             let endpoints = try lab.exec("h2", ["wg", "show", go.device6, "endpoints"]).output
@@ -322,8 +296,7 @@ extension WireGuardBackendTests {
             try transfer(lab, from: 1, to: 2, bytes: 20 << 20, ipv6: true)
             try transfer(lab, from: 2, to: 1, bytes: 20 << 20, ipv6: true)
             try lab.lab("stop", "h1")
-            let stopped = lab.log("h1").split(separator: "\n").filter { $0.contains("WireGuard data path stopped") }
-            let drops = stopped.joined().split(separator: " ").filter { $0.hasPrefix("wg_dropped_") }
+            let drops = dropCounters(stoppedLines(lab.log("h1")))
             #expect(drops.allSatisfy { $0.hasPrefix("wg_dropped_multicast=") }, "\(drops)")
             // Full-size messages fit the IPv6 underlay (padding stops at the MTU), so the
             // kernel never refuses a UDP_SEGMENT send.

@@ -86,26 +86,13 @@ final class LoopbackSocket6 {
     static let local6 = IPv6Network("fd00:10:2:1::/64")!
     static let remote6 = IPv6Network("fd00:10:2:3::/64")!
 
-    final class Harness {
-        let tunSide: Int32, kernelSide: Int32
-        let socket: UDPSocket
+    final class Harness: SocketPairLoop, @unchecked Sendable {
         let peer4: UDPSocket
         let peer6: LoopbackSocket6
-        let thread: DataPathThread
-        let offloads: Bool
 
         init(kind: LoopKind) throws {
-            offloads = kind.offloads
-            var fds: [Int32] = [0, 0]
-            guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 0, &fds) == 0 else {
-                throw SystemError("socketpair", on: "test", errno: .current)
-            }
-            tunSide = fds[0]
-            kernelSide = fds[1]
-            var timeout = timeval(tv_sec: 5, tv_usec: 0)
-            setsockopt(kernelSide, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-            socket = try UDPSocket(port: 0, dualStack: true)
-            try #require(socket.isDualStack, "this kernel has no IPv6 sockets")
+            let socket = try UDPSocket(port: 0, family: .dualStack)
+            try #require(socket.family == .dualStack, "this kernel has no IPv6 sockets")
             peer4 = try UDPSocket(bindAddress: IPv4Address("127.0.0.1")!, port: 0)
             peer6 = try LoopbackSocket6()
             let table = try SubnetTable(network: IPv4Network("10.2.0.0/16")!, subnetLength: 24)
@@ -120,71 +107,18 @@ final class LoopbackSocket6 {
             try table6.set(IPv6UnderlayLoopTests.local6, to: .local)
             try table6.set(IPv6UnderlayLoopTests.remote6, to: .peer6(peer6.endpoint))
             let forwarder = Forwarder(table: table, table6: table6, tunAddress: IPv6UnderlayLoopTests.local.address)
-            var loopOffloads = LoopOffloads.none
-            if offloads {
-                loopOffloads = LoopOffloads(
-                    virtioHeader: true,
-                    segmentation: socket.supportsSegmentation,
-                    receiveCoalescing: socket.enableReceiveCoalescing()
-                )
-            }
-            var configuration = LoopConfiguration(depth: 8, mtu: 1452, offloads: loopOffloads)
-            configuration.dualStackSocket = true
-            let loop = try kind.tier.makeLoop(
+            try super.init(
+                tier: kind.tier,
+                offloads: kind.offloads,
+                socket: socket,
                 forwarder: forwarder,
-                tunFD: tunSide,
-                udpFD: socket.fd.rawValue,
-                configuration: configuration
+                depth: 8,
+                mtu: 1452,
+                threadName: "test-loop6"
             )
-            thread = DataPathThread(loop: loop, name: "test-loop6")
-        }
-
-        func finish() async throws {
-            thread.stop()
-            try await thread.wait()
-            close(tunSide)
-            close(kernelSide)
-        }
-
-        func writeToTun(_ packet: [UInt8]) {
-            let bytes = (offloads ? [UInt8](repeating: 0, count: 10) : []) + packet
-            _ = bytes.withUnsafeBytes { write(kernelSide, $0.baseAddress, $0.count) }
-        }
-
-        func readFromTun() -> [UInt8]? {
-            var buffer = [UInt8](repeating: 0, count: 70_000)
-            let n = buffer.withUnsafeMutableBytes { read(kernelSide, $0.baseAddress, $0.count) }
-            guard n > 0 else { return nil }
-            return Array(buffer.prefix(n).dropFirst(offloads ? 10 : 0))
         }
 
         var port: UInt16 { socket.localEndpoint.port }
-
-        /// What peer4 receives next (5 s at most).
-        func peer4Receive() -> [UInt8]? {
-            var pfd = pollfd(fd: peer4.fd.rawValue, events: Int16(POLLIN), revents: 0)
-            guard poll(&pfd, 1, 5_000) == 1 else { return nil }
-            var buffer = [UInt8](repeating: 0, count: 70_000)
-            let n = buffer.withUnsafeMutableBytes {
-                recv(peer4.fd.rawValue, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT))
-            }
-            return n >= 0 ? Array(buffer.prefix(n)) : nil
-        }
-
-        /// Sends from peer4 to the loop's socket on 127.0.0.1.
-        func sendFromPeer4(_ datagram: [UInt8]) {
-            var name = sockaddr_in6()
-            let length = withUnsafeMutableBytes(of: &name) {
-                SocketAddress.writeIPv4(0x7F00_0001, port: port, to: $0.baseAddress!, dualStack: false)
-            }
-            _ = datagram.withUnsafeBytes { buffer in
-                withUnsafePointer(to: &name) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                        sendto(peer4.fd.rawValue, buffer.baseAddress, buffer.count, 0, $0, length)
-                    }
-                }
-            }
-        }
 
         func counter(_ c: DataPathCounter) async -> UInt64 {
             try? await Task.sleep(for: .milliseconds(200))
@@ -217,7 +151,7 @@ final class LoopbackSocket6 {
                 payload: Array(repeating: UInt8(i), count: 40)
             )
             h.writeToTun(p4)
-            let got4 = try #require(h.peer4Receive(), "IPv4 packet \(i) did not reach 127.0.0.1")
+            let got4 = try #require(h.receive(on: h.peer4), "IPv4 packet \(i) did not reach 127.0.0.1")
             #expect(got4.count == p4.count && got4[8] == 63)
 
             // An IPv4 packet for the subnet whose peer is on the IPv6 underlay.
@@ -241,11 +175,11 @@ final class LoopbackSocket6 {
         #expect(h.readFromTun() == fromRemote6)
         // From 10.2.2.0/24's peer on 127.0.0.1 (as IPv4-mapped, to the dual-stack socket): accepted.
         let fromOverIPv4 = makePacket(source: 0x0A02_0207, destination: 0x0A02_0105)
-        h.sendFromPeer4(fromOverIPv4)
+        h.send(fromOverIPv4, from: h.peer4)
         #expect(h.readFromTun() == fromOverIPv4)
         // The same IPv6 packet from 127.0.0.1, and an IPv4 packet of the
         // IPv4-underlay subnet from [::1]: the wrong underlay, dropped.
-        h.sendFromPeer4(fromRemote6)
+        h.send(fromRemote6, from: h.peer4)
         h.peer6.send(fromOverIPv4, to: 1, port: h.port)
         // The IPv4 packet of the subnet whose peer is on [::1]: accepted from there.
         let fromOverIPv6 = makePacket(source: 0x0A02_0307, destination: 0x0A02_0105)

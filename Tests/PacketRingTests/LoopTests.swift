@@ -10,29 +10,34 @@ import UDPEncap
 import Glibc
 #endif
 
-/// Drives a data-path loop without root: a SOCK_SEQPACKET socket pair stands
-/// in for the TUN (one packet per read or write, like a TUN fd), and UDP
-/// sockets on 127.0.0.1 stand in for the peers.
-final class LoopHarness: @unchecked Sendable {
+/// A data-path loop run on its own thread without root: a SOCK_SEQPACKET
+/// socket pair stands in for the TUN (one packet per read or write, like a
+/// TUN fd), and the loop's UDP socket is one on loopback. The harnesses of
+/// LoopTests and IPv6UnderlayLoopTests add their peers and tables.
+class SocketPairLoop: @unchecked Sendable {
     let tunSide: Int32  // the loop's "TUN" fd
     let kernelSide: Int32  // what the kernel would see of the TUN
     let socket: UDPSocket  // the loop's UDP socket
-    let peer: UDPSocket  // a remote host
-    let table: SubnetTable
     let thread: DataPathThread
-
-    static let local = IPv4Network("10.2.1.0/24")!
-    static let remote = IPv4Network("10.2.2.0/24")!
 
     /// The loop's "TUN" carries a virtio header before every packet, and its
     /// socket uses UDP GSO and GRO.
     let offloads: Bool
 
-    let tier: DataPathTier
-
-    init(tier: DataPathTier, offloads: Bool = false, acceptUnknownPeers: Bool = false, depth: Int = 8) throws {
-        self.tier = tier
+    /// Runs a `tier` loop over `socket` and a new socket pair; a dual-stack
+    /// socket writes IPv4 peers as IPv4-mapped names, as the daemon's.
+    init(
+        tier: DataPathTier,
+        offloads: Bool,
+        socket: UDPSocket,
+        forwarder: Forwarder,
+        depth: Int,
+        mtu: Int,
+        busyPollMicroseconds: Int = 0,
+        threadName: String
+    ) throws {
         self.offloads = offloads
+        self.socket = socket
         var fds: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 0, &fds) == 0 else {
             throw SystemError("socketpair", on: "test", errno: .current)
@@ -41,18 +46,6 @@ final class LoopHarness: @unchecked Sendable {
         kernelSide = fds[1]
         var timeout = timeval(tv_sec: 5, tv_usec: 0)
         setsockopt(kernelSide, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        let loopback = IPv4Address("127.0.0.1")!
-        socket = try UDPSocket(bindAddress: loopback, port: 0)
-        peer = try UDPSocket(bindAddress: loopback, port: 0)
-        table = try SubnetTable(network: IPv4Network("10.2.0.0/16")!, subnetLength: 24)
-        try table.set(Self.local, to: .local)
-        try table.set(Self.remote, to: .peer(peer.localEndpoint))
-        let forwarder = Forwarder(
-            table: table,
-            tunAddress: IPv4Address("10.2.1.0")!,
-            acceptUnknownPeers: acceptUnknownPeers,
-            mtu: 1472
-        )
         var loopOffloads = LoopOffloads.none
         if offloads {
             loopOffloads = LoopOffloads(
@@ -61,16 +54,16 @@ final class LoopHarness: @unchecked Sendable {
                 receiveCoalescing: socket.enableReceiveCoalescing()
             )
         }
-        var configuration = LoopConfiguration(depth: depth, mtu: 1472, offloads: loopOffloads)
-        // The offload loop also polls briefly after each busy turn, as the daemon does.
-        configuration.busyPollMicroseconds = offloads ? 100 : 0
+        var configuration = LoopConfiguration(depth: depth, mtu: mtu, offloads: loopOffloads)
+        configuration.busyPollMicroseconds = busyPollMicroseconds
+        configuration.dualStackSocket = socket.family == .dualStack
         let loop = try tier.makeLoop(
             forwarder: forwarder,
             tunFD: tunSide,
             udpFD: socket.fd.rawValue,
             configuration: configuration
         )
-        thread = DataPathThread(loop: loop, name: "test-loop")
+        thread = DataPathThread(loop: loop, name: threadName)
     }
 
     func finish() async throws {
@@ -105,8 +98,8 @@ final class LoopHarness: @unchecked Sendable {
         return n > 0 ? Array(buffer.prefix(n)) : nil
     }
 
-    /// The next datagram the peer receives.
-    func peerReceive() -> [UInt8]? {
+    /// The next datagram `peer` receives (5 s at most).
+    func receive(on peer: UDPSocket) -> [UInt8]? {
         var pfd = pollfd(fd: peer.fd.rawValue, events: Int16(POLLIN), revents: 0)
         guard poll(&pfd, 1, 5_000) == 1 else { return nil }
         var buffer = [UInt8](repeating: 0, count: 70_000)
@@ -114,19 +107,77 @@ final class LoopHarness: @unchecked Sendable {
         return n >= 0 ? Array(buffer.prefix(n)) : nil
     }
 
-    /// Sends `datagram` from `from` to the loop's socket.
-    func send(_ datagram: [UInt8], from: UDPSocket? = nil) {
+    /// Sends `datagram` from `from` to the loop's socket on 127.0.0.1.
+    func send(_ datagram: [UInt8], from: UDPSocket) {
         var sa = sockaddr_in()
-        socket.localEndpoint.write(to: &sa)
-        let fd = (from ?? peer).fd.rawValue
+        UDPEndpoint(address: IPv4Address("127.0.0.1")!, port: socket.localEndpoint.port).write(to: &sa)
         _ = datagram.withUnsafeBytes { buf in
             withUnsafePointer(to: &sa) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(fd, buf.baseAddress, buf.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                    sendto(
+                        from.fd.rawValue,
+                        buf.baseAddress,
+                        buf.count,
+                        0,
+                        $0,
+                        socklen_t(MemoryLayout<sockaddr_in>.size)
+                    )
                 }
             }
         }
     }
+
+    /// Polls a counter until it reaches `value` (bounded: 5 s).
+    func waitFor(_ counter: DataPathCounter, _ value: UInt64) async -> Bool {
+        for _ in 0..<500 {
+            if thread.loop.statistics[counter] >= value { return true }
+            try? await Task.sleep(for: .milliseconds(10))
+        }
+        return false
+    }
+}
+
+/// The loop with one peer on 127.0.0.1, for the subnet `remote`.
+final class LoopHarness: SocketPairLoop, @unchecked Sendable {
+    let peer: UDPSocket  // a remote host
+    let table: SubnetTable
+    let tier: DataPathTier
+
+    static let local = IPv4Network("10.2.1.0/24")!
+    static let remote = IPv4Network("10.2.2.0/24")!
+
+    init(tier: DataPathTier, offloads: Bool = false, acceptUnknownPeers: Bool = false, depth: Int = 8) throws {
+        self.tier = tier
+        let loopback = IPv4Address("127.0.0.1")!
+        let socket = try UDPSocket(bindAddress: loopback, port: 0)
+        peer = try UDPSocket(bindAddress: loopback, port: 0)
+        table = try SubnetTable(network: IPv4Network("10.2.0.0/16")!, subnetLength: 24)
+        try table.set(Self.local, to: .local)
+        try table.set(Self.remote, to: .peer(peer.localEndpoint))
+        let forwarder = Forwarder(
+            table: table,
+            tunAddress: IPv4Address("10.2.1.0")!,
+            acceptUnknownPeers: acceptUnknownPeers,
+            mtu: 1472
+        )
+        // The offload loop also polls briefly after each busy turn, as the daemon does.
+        try super.init(
+            tier: tier,
+            offloads: offloads,
+            socket: socket,
+            forwarder: forwarder,
+            depth: depth,
+            mtu: 1472,
+            busyPollMicroseconds: offloads ? 100 : 0,
+            threadName: "test-loop"
+        )
+    }
+
+    /// The next datagram the peer receives.
+    func peerReceive() -> [UInt8]? { receive(on: peer) }
+
+    /// Sends `datagram` from the peer to the loop's socket.
+    func send(_ datagram: [UInt8]) { send(datagram, from: peer) }
 
     /// Sends `datagrams` (all of one length but the last) from the peer in
     /// one UDP_SEGMENT send, so that they arrive as one GRO receive.
@@ -138,15 +189,6 @@ final class LoopHarness: @unchecked Sendable {
             setsockopt(peer.fd.rawValue, Int32(IPPROTO_UDP), 103, &off, 4)
         }
         send(datagrams.flatMap { $0 })
-    }
-
-    /// Polls a counter until it reaches `value` (bounded: 5 s).
-    func waitFor(_ counter: DataPathCounter, _ value: UInt64) async -> Bool {
-        for _ in 0..<500 {
-            if thread.loop.statistics[counter] >= value { return true }
-            try? await Task.sleep(for: .milliseconds(10))
-        }
-        return false
     }
 }
 

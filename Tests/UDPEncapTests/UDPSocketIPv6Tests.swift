@@ -42,13 +42,13 @@ import Glibc
     }
 
     @Test func anIPv6SocketReceivesOverIPv6AndLeavesThePortToAnIPv4One() throws {
-        let receiver = try UDPSocket(ipv6Port: 0)
-        let sender = try UDPSocket(ipv6Port: 0)
+        let receiver = try UDPSocket(port: 0, family: .ipv6Only)
+        let sender = try UDPSocket(port: 0, family: .ipv6Only)
         defer {
             receiver.close()
             sender.close()
         }
-        #expect(receiver.isIPv6)
+        #expect(receiver.family == .ipv6Only)
         let port = port(of: receiver)
         #expect(port != 0)
         // IPV6_V6ONLY: an IPv4 socket may hold the same port (mode auto's pair).
@@ -63,14 +63,38 @@ import Glibc
     }
 
     @Test func aTakenIPv6PortIsOneErrorNamingListenPortV6() throws {
-        let first = try UDPSocket(ipv6Port: 0)
+        let first = try UDPSocket(port: 0, family: .ipv6Only)
         defer { first.close() }
         do {
-            let second = try UDPSocket(ipv6Port: port(of: first))
+            let second = try UDPSocket(port: port(of: first), family: .ipv6Only)
             second.close()
             Issue.record("bound a port that was taken")
         } catch {
             #expect("\(error)".contains("ListenPortV6"), "\(error)")
         }
+    }
+
+    @Test func aDualStackSocketTakesIPv4AndIPv6AndATakenPortNamesBackendPort() throws {
+        let socket = try UDPSocket(port: 0, family: .dualStack)
+        defer { socket.close() }
+        try #require(socket.family == .dualStack, "this kernel has no IPv6 sockets")
+        // IPV6_V6ONLY off: the port is taken for IPv4 too.
+        #expect(throws: (any Error).self) {
+            try UDPSocket(bindAddress: IPv4Address("127.0.0.1")!, port: port(of: socket)).close()
+        }
+        do {
+            let second = try UDPSocket(port: port(of: socket), family: .dualStack)
+            second.close()
+            Issue.record("bound a port that was taken")
+        } catch {
+            #expect("\(error)".contains("Backend.Port") && "\(error)".contains("[::]"), "\(error)")
+        }
+    }
+
+    @Test func aDualStackSocketWithAnIPv4BindAddressIsAnIPv4One() throws {
+        let socket = try UDPSocket(bindAddress: IPv4Address("127.0.0.1")!, port: 0, family: .dualStack)
+        defer { socket.close() }
+        #expect(socket.family == .ipv4)
+        #expect(socket.localEndpoint.address == IPv4Address("127.0.0.1")!)
     }
 }
