@@ -296,7 +296,8 @@ extension WireGuardBackendTests {
             try transfer(lab, from: 1, to: 2, bytes: 20 << 20, ipv6: true)
             try transfer(lab, from: 2, to: 1, bytes: 20 << 20, ipv6: true)
             try lab.lab("stop", "h1")
-            let drops = dropCounters(stoppedLines(lab.log("h1")))
+            let stopped = stoppedLines(lab.log("h1"))
+            let drops = dropCounters(stopped)
             #expect(drops.allSatisfy { $0.hasPrefix("wg_dropped_multicast=") }, "\(drops)")
             // Full-size messages fit the IPv6 underlay (padding stops at the MTU), so the
             // kernel never refuses a UDP_SEGMENT send.
