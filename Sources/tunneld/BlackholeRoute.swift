@@ -39,10 +39,12 @@ final class BlackholeRoute: @unchecked Sendable {
     }
 
     /// Blackholes the lease's subnets (and no longer the previous ones).
+    /// Each family is handled even when the other's route change fails;
+    /// the first failure is thrown afterwards.
     func set(ipv4 newIPv4: IPv4Network?, ipv6 newIPv6: IPv6Network?) throws {
         try lock.withLock {
-            try move(&ipv4, to: newIPv4)
-            try move(&ipv6, to: newIPv6)
+            let failures = [Result { try move(&ipv4, to: newIPv4) }, Result { try move(&ipv6, to: newIPv6) }]
+            for case .failure(let error) in failures { throw error }
         }
     }
 
@@ -57,34 +59,51 @@ final class BlackholeRoute: @unchecked Sendable {
         }
     }
 
-    /// Puts back the routes that are gone; the subnets whose route it put
-    /// back, empty when nothing was missing.
-    func repair() throws -> [String] {
-        try lock.withLock {
-            [try repair(ipv4), try repair(ipv6)].compactMap { $0 }
+    /// What one check did: the subnets whose route it put back, and the
+    /// subnets it could not check or put back, with why.
+    struct Repair {
+        var putBack: [String] = []
+        var failed: [(subnet: String, error: any Error)] = []
+    }
+
+    /// Puts back the routes that are gone, each family on its own: one that
+    /// cannot be checked or put back does not keep the other from it.
+    func repair() -> Repair {
+        lock.withLock {
+            var outcome = Repair()
+            repair(ipv4, into: &outcome)
+            repair(ipv6, into: &outcome)
+            return outcome
         }
     }
 
-    private func repair<Subnet: RouteDestination>(_ subnet: Subnet?) throws -> String? {
-        guard let subnet else { return nil }
-        let present = try routeSocket.blackholeRoutes(Subnet.self).contains {
-            $0.destination == subnet && $0.metric == Self.metric
+    private func repair<Subnet: RouteDestination>(_ subnet: Subnet?, into outcome: inout Repair) {
+        guard let subnet else { return }
+        do {
+            let present = try routeSocket.blackholeRoutes(Subnet.self).contains {
+                $0.destination == subnet && $0.metric == Self.metric
+            }
+            if present { return }
+            try routeSocket.addBlackholeRoute(subnet, metric: Self.metric)
+            outcome.putBack.append(subnet.description)
+        } catch {
+            outcome.failed.append((subnet.description, error))
         }
-        if present { return nil }
-        try routeSocket.addBlackholeRoute(subnet, metric: Self.metric)
-        return subnet.description
     }
 
-    /// Checks every `period` until cancelled, with one log line per repair.
+    /// Checks every `period` until cancelled, with one log line per repair
+    /// and per failure.
     func keep(every period: Duration) async {
         while !Task.isCancelled {
             do { try await Task.sleep(for: period) } catch { return }
-            do {
-                for subnet in try repair() {
-                    logger.warning("put back the blackhole route for \(subnet): someone removed it")
-                }
-            } catch {
-                logger.error("could not put back the blackhole route: \(error); trying again in \(period)")
+            let outcome = repair()
+            for subnet in outcome.putBack {
+                logger.warning("put back the blackhole route for \(subnet): someone removed it")
+            }
+            for (subnet, error) in outcome.failed {
+                logger.error(
+                    "could not put back the blackhole route for \(subnet): \(error); trying again in \(period)"
+                )
             }
         }
     }
