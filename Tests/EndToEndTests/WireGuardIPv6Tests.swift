@@ -324,3 +324,35 @@ extension WireGuardBackendTests {
         }
     }
 }
+
+extension WireGuardBackendTests {
+    /// An IPv4-only host in a dual-stack network — a flanneld started
+    /// without IPv6, played by wireguard-go set up as flanneld sets up an
+    /// IPv4 host: a plain lease key (10.2.200.0-24), BackendData alone.
+    /// flanneld peers such a lease on flannel-wg alone; so does tunneld, and
+    /// says so once; flannel-wg-v6 gets no peer for it.
+    @Test(.enabled(if: wireguardGoIsInstalled, wireguardGoSkipReason))
+    func anIPv4OnlyLeaseInADualStackNetworkIsAnIPv4PeerAlone() throws {
+        try withLab(config: Self.dualStackConfig(mode: nil)) { lab in
+            try addTunneld(lab, 1, ipv6: true)
+            let subnet1 = try subnet(lab, 1)
+            let go = try WireguardGoHost(lab, peerSubnet: subnet1, peerKey: try publicKey(ofKeyFile: keyFile(lab, 1)))
+            try go.start(lab)
+            let plainKey = go.subnet.replacingOccurrences(of: "/", with: "-")
+            let line =
+                "peer \(go.subnet) → 198.18.0.2:51820, key \(go.key) on flannel-wg; its lease (\(plainKey)) has no IPv6 subnet: IPv4 only"
+            #expect(lab.waitForLog("h1", containing: line), "\(lab.log("h1"))")
+            for (from, to) in [(2, 1), (1, 2)] {
+                let ping = try lab.ping(from: from, to: to)
+                #expect(ping.succeeded, "\(ping.output)")
+            }
+            try transfer(lab, from: 1, to: 2, megabytes: 5)
+            let log = lab.log("h1")
+            #expect(log.components(separatedBy: line).count == 2, "said once: \(log)")
+            #expect(!log.contains("cannot be used"), "\(log)")
+            let socket = lab.directory.appendingPathComponent("h1.sock").path
+            let status = try lab.exec("h1", [tunneldBinary, "status", "--control-socket", socket]).output
+            #expect(status.contains("tunnels: 1"), "\(status)")
+        }
+    }
+}
