@@ -543,9 +543,22 @@ public final class WireGuardBackend: Backend, HostBackend {
         counterValues().filter { $0.value > 0 }.map { "\($0.counter)=\($0.value)" }.joined(separator: " ")
     }
 
+    /// The offloads `path`'s data path chose, by name.
+    private static func offloads(of path: WireGuardDataPath) -> [String] {
+        (path.tun.vnetHeader ? ["tun-vnet-hdr"] : []) + (path.usesSegmentation ? ["udp-gso"] : [])
+            + (path.receiveCoalescing ? ["udp-gro"] : [])
+            + (path.tunOffloads.isEmpty ? [] : path.tunOffloads.description.split(separator: "+").map { "tun-\($0)" })
+    }
+
     public func report() -> BackendReport {
         let counters = counterValues().map { (name: $0.counter.description, value: $0.value) }
-        let path = tunnels.first?.path
+        // Each device chose its own (flannel-wg-v6's socket is IPv6); `offloads` is what all of them have.
+        let perDevice = tunnels.compactMap { tunnel in
+            tunnel.path.map { DeviceOffloads(device: tunnel.device, offloads: Self.offloads(of: $0)) }
+        }
+        let common = perDevice.first.map { first in
+            first.offloads.filter { offload in perDevice.allSatisfy { $0.offloads.contains(offload) } }
+        }
         var report = BackendReport(
             type,
             device: deviceNames.joined(separator: ", "),
@@ -554,15 +567,11 @@ public final class WireGuardBackend: Backend, HostBackend {
                     separator: " and "
                 ) + ", public key \(publicKey)",
             workers: workers,
-            offloads: (path?.tun.vnetHeader == true ? ["tun-vnet-hdr"] : [])
-                + (path?.usesSegmentation == true ? ["udp-gso"] : [])
-                + (path?.receiveCoalescing == true ? ["udp-gro"] : [])
-                + (path.map {
-                    $0.tunOffloads.isEmpty ? [] : $0.tunOffloads.description.split(separator: "+").map { "tun-\($0)" }
-                } ?? []),
+            offloads: common ?? [],
             tableEntries: tunnels.reduce(0) { $0 + $1.engine.peerCount },
             counters: counters
         )
+        if perDevice.count > 1 { report.status.deviceOffloads = perDevice }
         let now = WireGuardClock.now(), wallNow = Date()
         report.status.tunnels = tunnels.flatMap { $0.engine.tunnels(now: now, wallNow: wallNow) }
         return report

@@ -89,6 +89,11 @@ extension WireGuardBackendTests {
             #expect(status.contains("tunnels: 2"), "\(status)")
             let line6 = status.split(separator: "\n").first { $0.contains(v6[1].subnet) }.map(String.init) ?? ""
             #expect(line6.contains("[fd18::2]:51821") && line6.contains("MiB received"), "\(status)")
+            // Each device's offloads: each has its own TUN and socket.
+            for device in ["flannel-wg", "flannel-wg-v6"] {
+                let offloads = status.split(separator: "\n").first { $0.hasPrefix("  offloads \(device): ") } ?? ""
+                #expect(offloads.contains("tun-vnet-hdr") && offloads.contains("udp-gro"), "\(status)")
+            }
             try expectCleanStop(lab, devices: ["flannel-wg", "flannel-wg-v6"])
         }
     }
