@@ -162,6 +162,97 @@ extension WireGuardBackendTests {
         }
     }
 
+    /// Host N's UDP datagrams over IPv6 so far, received and sent (its namespace's /proc/net/snmp6).
+    func udp6Datagrams(_ lab: Lab, _ n: Int) throws -> Int {
+        let snmp6 = try lab.hostOutput(n, ["cat", "/proc/net/snmp6"])
+        return snmp6.split(separator: "\n").reduce(0) { sum, line in
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard fields.count == 2, ["Udp6InDatagrams", "Udp6OutDatagrams"].contains(fields[0]) else { return sum }
+            return sum + (Int(fields[1]) ?? 0)
+        }
+    }
+
+    /// Mode ipv4 in a dual-stack network, as flanneld: flannel-wg carries
+    /// both families (one peer per lease with both subnets) and listens on
+    /// the IPv4 underlay only; no datagram goes over the IPv6 underlay,
+    /// though the hosts have IPv6 addresses there.
+    @Test func modeIPv4CarriesBothFamiliesOverTheIPv4UnderlayAlone() throws {
+        try withLab(config: Self.dualStackConfig(mode: "ipv4")) { lab in
+            try addTunneld(lab, 1, ipv6: true)
+            try addTunneld(lab, 2, ipv6: true)
+            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            let subnet1 = try subnet(lab, 1), subnet2 = try subnet(lab, 2)
+            #expect(
+                lab.waitForLog("h1", containing: "peer \(subnet2) and \(v6[1].subnet) → 198.18.0.2:51820"),
+                "\(lab.log("h1"))"
+            )
+            #expect(
+                lab.waitForLog("h2", containing: "peer \(subnet1) and \(v6[0].subnet) → 198.18.0.1:51820"),
+                "\(lab.log("h2"))"
+            )
+            #expect(!(try lab.hostOutput(1, ["ip", "link"]).contains("flannel-wg-v6")))
+            let sockets = try lab.hostOutput(1, ["ss", "-ulnH"])
+            #expect(sockets.contains("0.0.0.0:51820") && !sockets.contains("[::]:51820"), "\(sockets)")
+            let before = [try udp6Datagrams(lab, 1), try udp6Datagrams(lab, 2)]
+            for (from, to) in [(1, 2), (2, 1)] {
+                let ping6 = try lab.ping6(from: from, to: to)
+                #expect(ping6.succeeded, "\(ping6.output)")
+                let ping = try lab.ping(from: from, to: to)
+                #expect(ping.succeeded, "\(ping.output)")
+            }
+            try transfer(lab, from: 1, to: 2, bytes: 5 << 20, ipv6: true)
+            #expect([try udp6Datagrams(lab, 1), try udp6Datagrams(lab, 2)] == before, "UDP over the IPv6 underlay")
+            // The one tunnel stayed at the IPv4 endpoint, and carried the IPv6 transfer.
+            let socket = lab.directory.appendingPathComponent("h1.sock").path
+            let status = try lab.exec("h1", [tunneldBinary, "status", "--control-socket", socket]).output
+            #expect(status.contains("tunnels: 1"), "\(status)")
+            let line = status.split(separator: "\n").first { $0.contains(v6[1].subnet) }.map(String.init) ?? ""
+            #expect(line.contains("198.18.0.2:51820") && line.contains("MiB sent"), "\(status)")
+            try expectCleanStop(lab, devices: ["flannel-wg"])
+        }
+    }
+
+    /// Rekeying over the IPv6 underlay, as the IPv4 rekey test does it:
+    /// host 1 runs WireGuard's clock 24 times as fast (a test hook), so the
+    /// flannel-wg-v6 session it initiated is renewed every 5 s while a paced
+    /// IPv6 transfer runs for ~12 s; every byte arrives. Only IPv6 is sent,
+    /// so every handshake counted is flannel-wg-v6's.
+    @Test func rekeyOverTheIPv6UnderlayDuringALongTransferIsSurvived() throws {
+        try withLab(config: Self.dualStackConfig(mode: nil)) { lab in
+            try addTunneld(lab, 1, prefix: ["env", "TUNNELD_TEST_WIREGUARD_CLOCK_RATE=24"], ipv6: true)
+            try addTunneld(lab, 2, ipv6: true)
+            #expect(lab.log("h1").contains("WireGuard's timers run 24 times as fast"), "\(lab.log("h1"))")
+            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            let subnet2 = try subnet(lab, 2)
+            #expect(lab.waitForLog("h1", containing: "peer \(v6[1].subnet) → [fd18::2]:51821"), "\(lab.log("h1"))")
+            #expect(lab.waitForLog("h2", containing: "peer \(v6[0].subnet) → [fd18::1]:51821"), "\(lab.log("h2"))")
+            // Host 1 starts the handshake, so it is the side that rekeys.
+            let first = try lab.ping6(from: 1, to: 2)
+            #expect(first.succeeded, "\(first.output)")
+            let before = try counters(lab, 1)["wg_handshakes_completed", default: 0]
+            // ~12 s: 48 MiB in 256 KiB chunks every 50 ms.
+            try transfer(lab, from: 1, to: 2, bytes: 48 << 20, ipv6: true, pace: (chunk: 256 << 10, seconds: 0.05))
+            let after = try counters(lab, 1)
+            #expect(after["wg_handshakes_completed", default: 0] >= before + 2, "\(after)")
+            #expect(
+                after["wg_dropped_bad_mac", default: 0] == 0 && after["wg_dropped_replay", default: 0] == 0,
+                "\(after)"
+            )
+            // The rekeyed session is flannel-wg-v6's, at the IPv6 endpoint; flannel-wg never had one.
+            let socket = lab.directory.appendingPathComponent("h1.sock").path
+            let json = try lab.exec("h1", [tunneldBinary, "status", "--json", "--control-socket", socket]).output
+            let object = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any]
+            let tunnels = (object?["backend"] as? [String: Any])?["tunnels"] as? [[String: Any]] ?? []
+            let tunnel6 = tunnels.first { $0["subnet"] as? String == v6[1].subnet }
+            #expect(tunnel6?["endpoint"] as? String == "[fd18::2]:51821", "\(json)")
+            #expect(tunnel6?["hasSession"] as? Bool == true, "\(json)")
+            let tunnel4 = tunnels.first { $0["subnet"] as? String == subnet2 }
+            #expect(tunnel4 != nil && tunnel4?["latestHandshake"] == nil, "\(json)")
+            let back = try lab.ping6(from: 2, to: 1)
+            #expect(back.succeeded, "\(back.output)")
+        }
+    }
+
     @Test func anIPv6OnlyNetworkRunsOnFlannelWgV6OverTheIPv6Underlay() throws {
         try withLab(config: Self.ipv6OnlyConfig) { lab in
             try addTunneld(lab, 1, ipv6: true)
