@@ -122,13 +122,15 @@ public final class WireGuardBackend: Backend, HostBackend {
                 throw BackendError("Backend.PSK: \(error)")
             }
         }
+        let deviceMTU = mtu
         func engine(ipv4: Bool, ipv6 v6: Bool) -> WireGuardEngine {
             WireGuardEngine(
                 privateKey: key,
                 presharedKey: psk,
                 persistentKeepalive: settings.persistentKeepaliveInterval,
                 subnetLength: ipv4 ? config.subnetLen : nil,
-                subnetLength6: v6 ? ipv6?.subnetLen : nil
+                subnetLength6: v6 ? ipv6?.subnetLen : nil,
+                mtu: deviceMTU
             )
         }
         var tunnels: [Tunnel] = []

@@ -249,14 +249,16 @@ final class WireGuardEngine: @unchecked Sendable {
 
     /// `subnetLength`, `subnetLength6`: the lengths of the network's IPv4
     /// and IPv6 subnets (nil: the engine carries no packets of that family).
+    /// `mtu`: the device's, which padding does not pass.
     init(
         privateKey: PrivateKey,
         presharedKey: PresharedKey,
         persistentKeepalive: Int,
         subnetLength: Int?,
-        subnetLength6: Int? = nil
+        subnetLength6: Int? = nil,
+        mtu: Int? = nil
     ) {
-        interface = WireGuardInterface(privateKey: privateKey)
+        interface = WireGuardInterface(privateKey: privateKey, mtu: mtu)
         publicKey = interface.publicKey
         self.presharedKey = presharedKey
         keepalive = persistentKeepalive > 0 ? .seconds(Int64(persistentKeepalive)) : nil

@@ -24,8 +24,16 @@ public enum MessageLayout {
         paddedLength(length) - length + tagLength
     }
 
-    public static func paddedLength(_ length: Int) -> Int {
-        (length + paddingMultiple - 1) / paddingMultiple * paddingMultiple
+    /// `length` rounded up to a multiple of 16, but not past `mtu` (the
+    /// inner device's MTU) when it fits in it, as the kernel's WireGuard and
+    /// wireguard-go pad: a packet of exactly the MTU is not padded, so that
+    /// its message fits the 80 bytes of overhead the device's MTU leaves,
+    /// over an IPv6 underlay too (1420 + 16 of padding + 32 + 48 would be
+    /// 1504 on a 1500-byte path: fragmented, and UDP_SEGMENT refused).
+    public static func paddedLength(_ length: Int, mtu: Int? = nil) -> Int {
+        let rounded = (length + paddingMultiple - 1) / paddingMultiple * paddingMultiple
+        guard let mtu, length <= mtu else { return rounded }
+        return min(rounded, mtu)
     }
 }
 

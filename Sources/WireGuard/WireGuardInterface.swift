@@ -71,13 +71,16 @@ public struct SealReservation: Sendable {
     public let count: Int
     /// No usable session for the rest, or the session is due for rekey: start a handshake.
     public let wantsHandshake: Bool
+    /// The interface's MTU, which padding does not pass (`MessageLayout.paddedLength`).
+    public let mtu: Int?
 
-    init(key: Bytes32, remoteIndex: UInt32, firstCounter: UInt64, count: Int, wantsHandshake: Bool) {
+    init(key: Bytes32, remoteIndex: UInt32, firstCounter: UInt64, count: Int, wantsHandshake: Bool, mtu: Int?) {
         self.key = key
         self.remoteIndex = remoteIndex
         self.firstCounter = firstCounter
         self.count = count
         self.wantsHandshake = wantsHandshake
+        self.mtu = mtu
     }
 
     public mutating func wipe() { key.wipe() }
@@ -152,6 +155,9 @@ public final class WireGuardInterface {
     var rateLimiter = HandshakeRateLimiter()
 
     public private(set) var peers: [PublicKey: Peer] = [:]
+    /// The MTU of the device whose packets are sealed: payloads are padded
+    /// to a multiple of 16 but not past it. Nil: no limit.
+    public let mtu: Int?
 
     enum IndexEntry {
         case handshake(Peer)
@@ -159,8 +165,9 @@ public final class WireGuardInterface {
     }
     var indices: [UInt32: IndexEntry] = [:]
 
-    public init(privateKey: PrivateKey) {
+    public init(privateKey: PrivateKey, mtu: Int? = nil) {
         self.privateKey = privateKey
+        self.mtu = mtu
         publicKey = privateKey.publicKey
         responderHash = Primitive.hash(Noise.initialHash, publicKey.raw)
         mac1Key = Primitive.hash(Noise.labelMAC1, publicKey.raw)
@@ -706,7 +713,7 @@ public final class WireGuardInterface {
         var sentData = false
         for i in 0..<count {
             let payload = payloads[i].length
-            bytes &+= UInt64(MessageLayout.transportMinimumLength + MessageLayout.paddedLength(payload))
+            bytes &+= UInt64(MessageLayout.transportMinimumLength + MessageLayout.paddedLength(payload, mtu: mtu))
             if payload > 0 { sentData = true }
         }
         keypair.sendCounter = first + UInt64(count)
@@ -726,7 +733,8 @@ public final class WireGuardInterface {
             remoteIndex: keypair.remoteIndex,
             firstCounter: first,
             count: count,
-            wantsHandshake: (due || count < payloads.count) && !peer.isHandshaking
+            wantsHandshake: (due || count < payloads.count) && !peer.isHandshaking,
+            mtu: mtu
         )
     }
 
@@ -750,7 +758,7 @@ public final class WireGuardInterface {
         for i in packets.indices.prefix(max(0, reservation.count - offset)) {
             let counter = reservation.firstCounter + UInt64(offset + i - packets.startIndex)
             let payload = packets[i].length
-            let padded = MessageLayout.paddedLength(payload)
+            let padded = MessageLayout.paddedLength(payload, mtu: reservation.mtu)
             let memory = packets[i].memory
             precondition(
                 memory.count >= MessageLayout.transportHeaderLength + padded + MessageLayout.tagLength,
