@@ -243,7 +243,8 @@ public final class WireGuardBackend: Backend, HostBackend {
         var tunOffloads: TunOffloads = []
         if offload == .auto, let withHeader = try? TunDevice.create(name: device, vnetHeader: true) {
             tun = withHeader
-            tunOffloads = tun.enableOffloads()
+            // TSO6 where the device carries IPv6: IPv6 TCP super-packets are cut as IPv4 ones are.
+            tunOffloads = tun.enableOffloads(ipv6: tunnel.carriesIPv6)
         } else {
             tun = try TunDevice.create(name: device)
         }

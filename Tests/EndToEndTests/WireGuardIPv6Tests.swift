@@ -96,12 +96,16 @@ extension WireGuardBackendTests {
                     offloads.contains("tun-vnet-hdr") && offloads.contains("udp-gso") && offloads.contains("udp-gro"),
                     "\(status)"
                 )
+                // TSO6 on the device that carries IPv6 only.
+                #expect(offloads.contains("tun-tso6") == (device == "flannel-wg-v6"), "\(status)")
             }
             try expectCleanStop(lab, devices: ["flannel-wg", "flannel-wg-v6"])
             // Full-size IPv6 messages fit the path unfragmented (padding stops at the MTU),
             // so the IPv6 transfers left in UDP_SEGMENT sends.
+            // And the containers' IPv6 TCP reached flannel-wg-v6 as TSO6 super-packets.
             for n in [1, 2] {
                 #expect(lab.log("h\(n)").contains("wg_udp_segmented_sends="), "\(lab.log("h\(n)"))")
+                #expect(lab.log("h\(n)").contains("wg_tun_super_packets_read="), "\(lab.log("h\(n)"))")
             }
         }
     }
