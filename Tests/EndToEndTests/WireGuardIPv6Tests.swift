@@ -16,11 +16,16 @@ extension WireGuardBackendTests {
     static let ipv6OnlyConfig =
         #"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:2::/48","Backend":{"Type":"wireguard"}}"#
 
-    /// The stored lease of host N under flanneld's key.
-    func leaseValue(_ lab: Lab, _ n: Int, ipv4: Bool) throws -> String {
+    /// Host N's lease key, flanneld's dual-stack (or IPv6-only) one.
+    func leaseKey(_ lab: Lab, _ n: Int, ipv4: Bool) throws -> String {
         let v6 = try LabLease6(lab, host: n).subnet.replacingOccurrences(of: "/", with: "-")
         let v4 = ipv4 ? try subnet(lab, n).replacingOccurrences(of: "/", with: "-") : "0.0.0.0-0"
-        return try #require(try lab.etcdValue("/docker/network/subnets/\(v4)&\(v6)"))
+        return "/docker/network/subnets/\(v4)&\(v6)"
+    }
+
+    /// The stored lease of host N under flanneld's key.
+    func leaseValue(_ lab: Lab, _ n: Int, ipv4: Bool) throws -> String {
+        try #require(try lab.etcdValue(leaseKey(lab, n, ipv4: ipv4)))
     }
 
     /// The daemons stopped: what they counted, without a drop, and the devices gone.
@@ -181,6 +186,54 @@ extension WireGuardBackendTests {
             let fields = line.split(separator: " ", omittingEmptySubsequences: true)
             guard fields.count == 2, ["Udp6InDatagrams", "Udp6OutDatagrams"].contains(fields[0]) else { return sum }
             return sum + (Int(fields[1]) ?? 0)
+        }
+    }
+
+    /// A dual-stack lease rewritten without BackendV6Data (what a host that
+    /// writes only BackendData leaves): as flanneld, the peer keeps its
+    /// flannel-wg side and loses its flannel-wg-v6 one, with one warning;
+    /// the field back, the IPv6 side is peered again.
+    @Test func aLeaseThatLosesItsBackendV6DataKeepsItsIPv4Peer() throws {
+        try withLab(config: Self.dualStackConfig(mode: nil)) { lab in
+            try addTunneld(lab, 1, ipv6: true)
+            try addTunneld(lab, 2, ipv6: true)
+            let v6 = [try LabLease6(lab, host: 1), try LabLease6(lab, host: 2)]
+            let subnet2 = try subnet(lab, 2)
+            let peer6 = "peer \(v6[1].subnet) → [fd18::2]:51821"
+            #expect(lab.waitForLog("h1", containing: peer6), "\(lab.log("h1"))")
+            let before = try lab.ping6(from: 1, to: 2)
+            #expect(before.succeeded, "\(before.output)")
+
+            let key = try leaseKey(lab, 2, ipv4: true)
+            let full = try leaseValue(lab, 2, ipv4: true)
+            let key2 = try publicKey(ofKeyFile: keyFile(lab, 2))
+            let ipv4Side = full.replacingOccurrences(of: #","BackendV6Data":{"PublicKey":"\#(key2)"}"#, with: "")
+            try #require(ipv4Side != full, "\(full)")
+            try lab.etcdctl(["put", "--ignore-lease", key, ipv4Side])
+            let warning =
+                "peer \(subnet2) (198.18.0.2): its lease has no BackendV6Data.PublicKey (a wireguard lease carries {\"PublicKey\":\"…\"} there); no peer for \(v6[1].subnet) on flannel-wg-v6 (its IPv4 side is set up on its own"
+            #expect(lab.waitForLog("h1", containing: warning), "\(lab.log("h1"))")
+            let ping = try lab.ping(from: 1, to: 2)
+            #expect(ping.succeeded, "\(ping.output)")
+            let gone = try lab.exec(
+                "c1",
+                ["ping", "-6", "-c", "1", "-W", "1", try lab.containerIPv6(2)],
+                timeout: .seconds(10),
+                check: false
+            )
+            #expect(!gone.succeeded, "\(gone.output)")
+            let socket = lab.directory.appendingPathComponent("h1.sock").path
+            let status = try lab.exec("h1", [tunneldBinary, "status", "--control-socket", socket]).output
+            #expect(status.contains("tunnels: 1") && !status.contains(v6[1].subnet + " "), "\(status)")
+
+            try lab.etcdctl(["put", "--ignore-lease", key, full])
+            let deadline = ContinuousClock.now + .seconds(20)
+            while lab.log("h1").components(separatedBy: peer6).count < 3 && ContinuousClock.now < deadline {
+                usleep(100_000)
+            }
+            let after = try lab.ping6(from: 1, to: 2)
+            #expect(after.succeeded, "\(after.output)")
+            #expect(lab.log("h1").components(separatedBy: warning).count == 2, "said once: \(lab.log("h1"))")
         }
     }
 
