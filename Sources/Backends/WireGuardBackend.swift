@@ -243,7 +243,8 @@ public final class WireGuardBackend: Backend, HostBackend {
         var tunOffloads: TunOffloads = []
         if offload == .auto, let withHeader = try? TunDevice.create(name: device, vnetHeader: true) {
             tun = withHeader
-            tunOffloads = tun.enableOffloads()
+            // TSO6 where the device carries IPv6: IPv6 TCP super-packets are cut as IPv4 ones are.
+            tunOffloads = tun.enableOffloads(ipv6: tunnel.carriesIPv6)
         } else {
             tun = try TunDevice.create(name: device)
         }
@@ -342,6 +343,20 @@ public final class WireGuardBackend: Backend, HostBackend {
         return try? PublicKey(base64: text)
     }
 
+    /// Why `lease` gives no public key for its IPv4 side (BackendData) or
+    /// its IPv6 side (BackendV6Data); nil when it gives one.
+    static func keyProblem(of lease: Lease, ipv6: Bool) -> String? {
+        let field = ipv6 ? "BackendV6Data" : "BackendData"
+        let data = ipv6 ? lease.attributes.backendV6Data : lease.attributes.backendData
+        guard case .string(let text)? = data?.field("PublicKey") else {
+            return "its lease has no \(field).PublicKey (a wireguard lease carries {\"PublicKey\":\"…\"} there)"
+        }
+        if (try? PublicKey(base64: text)) == nil {
+            return "its \(field).PublicKey is not a WireGuard public key (base64 of 32 bytes)"
+        }
+        return nil
+    }
+
     /// Whether the peer's IPv6 side is what a tunnel uses: in an IPv6-only
     /// network, or where flanneld reads the key from BackendV6Data (mode
     /// separate's flannel-wg-v6; the other modes when the lease has IPv6).
@@ -350,21 +365,26 @@ public final class WireGuardBackend: Backend, HostBackend {
         return config.ipv6 != nil && lease.ipv6Subnet != nil
     }
 
+    /// Whether `lease` has a subnet `tunnel` carries.
+    private func hasSubnet(_ lease: Lease, for tunnel: Tunnel) -> Bool {
+        (tunnel.carriesIPv4 && lease.ipv4Subnet != nil) || (tunnel.carriesIPv6 && lease.ipv6Subnet != nil)
+    }
+
+    /// A lease is refused only when no device can use it. flanneld sets up
+    /// each family on its own: in mode separate a lease whose IPv4 side
+    /// (BackendData) is good gets its flannel-wg peer even when its IPv6
+    /// side (BackendV6Data) is missing or bad, and the other way round;
+    /// `apply` says which side is left out.
     public func unusableReason(_ lease: Lease) -> String? {
-        for tunnel in tunnels {
-            let v6 = usesIPv6Side(of: lease, for: tunnel)
-            if v6, lease.ipv6Subnet == nil { continue }
-            let field = v6 ? "BackendV6Data" : "BackendData"
-            let data = v6 ? lease.attributes.backendV6Data : lease.attributes.backendData
-            guard case .string(let text)? = data?.field("PublicKey") else {
-                return "its lease has no \(field).PublicKey (a wireguard lease carries {\"PublicKey\":\"…\"}); "
-                    + "rewrite it or restart that host"
+        var problems: [String] = []
+        for tunnel in tunnels where hasSubnet(lease, for: tunnel) {
+            guard let problem = Self.keyProblem(of: lease, ipv6: usesIPv6Side(of: lease, for: tunnel)) else {
+                return nil
             }
-            if (try? PublicKey(base64: text)) == nil {
-                return "its \(field).PublicKey is not a WireGuard public key (base64 of 32 bytes)"
-            }
+            if !problems.contains(problem) { problems.append(problem) }
         }
-        return nil
+        if problems.isEmpty { return nil }
+        return problems.joined(separator: "; ") + "; rewrite it or restart that host"
     }
 
     /// A peer of `tunnel` for `lease`: its subnets, key and endpoint as
@@ -435,13 +455,27 @@ public final class WireGuardBackend: Backend, HostBackend {
                     guard let peer = peer(of: lease, for: tunnel) else { continue }
                     let subnets = [peer.subnet?.description, peer.subnet6?.description].compactMap { $0 }
                         .joined(separator: " and ")
+                    // One side of a lease left out (mode separate): said once per
+                    // lease change, and an earlier peer of that side goes.
+                    func leaveOut(_ problem: String) {
+                        engine.removePeer(subnet: peer.subnet, subnet6: peer.subnet6)
+                        let other =
+                            tunnels.count > 1
+                            ? " (its \(tunnel.carriesIPv4 ? "IPv6" : "IPv4") side is set up on its own, as flanneld does)"
+                            : ""
+                        logger.warning(
+                            "peer \(lease.primarySubnet) (\(lease.attributes.publicIP)): \(problem); no peer for \(subnets) on \(tunnel.device)\(other); rewrite the lease or restart that host"
+                        )
+                    }
                     guard let key = peer.key else {
-                        logger.warning("peer \(subnets): \(unusableReason(lease) ?? "no public key")")
+                        leaveOut(
+                            Self.keyProblem(of: lease, ipv6: usesIPv6Side(of: lease, for: tunnel)) ?? "no public key"
+                        )
                         continue
                     }
                     guard let endpoint = peer.endpoint else {
-                        logger.warning(
-                            "peer \(subnets): its lease has no public address for \(tunnel.device)'s underlay (PublicIP or PublicIPv6)"
+                        leaveOut(
+                            "its lease has no public address for \(tunnel.device)'s underlay (\(tunnel.listensIPv4 ? "PublicIP" : "PublicIPv6"))"
                         )
                         continue
                     }
@@ -453,7 +487,13 @@ public final class WireGuardBackend: Backend, HostBackend {
                             endpoint: endpoint
                         )
                         let on = tunnels.count > 1 ? " on \(tunnel.device)" : ""
-                        log.note("peer \(subnets) → \(endpoint), key \(key)\(on)")
+                        // A lease under a plain key in a dual-stack network: a host
+                        // without IPv6 (e.g. a flanneld started before EnableIPv6).
+                        let ipv4Only =
+                            tunnel.carriesIPv4 && config.ipv6 != nil && lease.ipv6Subnet == nil
+                            ? "; its lease (\(lease.key)) has no IPv6 subnet: IPv4 only, IPv6 to it is not tunnelled"
+                            : ""
+                        log.note("peer \(subnets) → \(endpoint), key \(key)\(on)\(ipv4Only)")
                     } catch {
                         logger.warning("peer \(subnets): \(error)")
                     }
@@ -508,7 +548,13 @@ public final class WireGuardBackend: Backend, HostBackend {
 
     public func report() -> BackendReport {
         let counters = counterValues().map { (name: $0.counter.description, value: $0.value) }
-        let path = tunnels.first?.path
+        // Each device chose its own (flannel-wg-v6's socket is IPv6); `offloads` is what all of them have.
+        let perDevice = tunnels.compactMap { tunnel in
+            tunnel.path.map { DeviceOffloads(device: tunnel.device, offloads: $0.offloadNames) }
+        }
+        let common = perDevice.first.map { first in
+            first.offloads.filter { offload in perDevice.allSatisfy { $0.offloads.contains(offload) } }
+        }
         var report = BackendReport(
             type,
             device: deviceNames.joined(separator: ", "),
@@ -517,10 +563,11 @@ public final class WireGuardBackend: Backend, HostBackend {
                     separator: " and "
                 ) + ", public key \(publicKey)",
             workers: workers,
-            offloads: path?.offloadNames ?? [],
+            offloads: common ?? [],
             tableEntries: tunnels.reduce(0) { $0 + $1.engine.peerCount },
             counters: counters
         )
+        if perDevice.count > 1 { report.status.deviceOffloads = perDevice }
         let now = WireGuardClock.now(), wallNow = Date()
         report.status.tunnels = tunnels.flatMap { $0.engine.tunnels(now: now, wallNow: wallNow) }
         return report

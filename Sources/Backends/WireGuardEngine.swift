@@ -249,18 +249,17 @@ final class WireGuardEngine: @unchecked Sendable {
     let publicKey: PublicKey
 
     /// `subnetLength`, `subnetLength6`: the lengths of the network's IPv4
-    /// and IPv6 subnets (nil: the engine carries no packets of that family);
-    /// `mtu`: the device's, which padding does not pass (0: none).
+    /// and IPv6 subnets (nil: the engine carries no packets of that family).
+    /// `mtu`: the device's, which padding does not pass.
     init(
         privateKey: PrivateKey,
         presharedKey: PresharedKey,
         persistentKeepalive: Int,
         subnetLength: Int?,
         subnetLength6: Int? = nil,
-        mtu: Int = 0
+        mtu: Int? = nil
     ) {
-        interface = WireGuardInterface(privateKey: privateKey)
-        interface.mtu = mtu
+        interface = WireGuardInterface(privateKey: privateKey, mtu: mtu)
         publicKey = interface.publicKey
         self.presharedKey = presharedKey
         keepalive = persistentKeepalive > 0 ? .seconds(Int64(persistentKeepalive)) : nil

@@ -11,11 +11,16 @@ public struct ChildOutput: Sendable {
     public var status: Int32
     public var stdout: [UInt8]
     public var stderr: [UInt8]
+    /// Whether it was still running at the timeout and was ended then;
+    /// `status` is how it ended once signalled (a child that catches
+    /// SIGTERM may exit 0), so a caller must not take it for success.
+    public var timedOut: Bool
 
-    public init(status: Int32, stdout: [UInt8], stderr: [UInt8]) {
+    public init(status: Int32, stdout: [UInt8], stderr: [UInt8], timedOut: Bool = false) {
         self.status = status
         self.stdout = stdout
         self.stderr = stderr
+        self.timedOut = timedOut
     }
 }
 
@@ -219,7 +224,8 @@ public final class ChildProcess: Sendable {
     /// Runs `executable` to its end with standard input fed from memory and both outputs
     /// collected, all three pipes served by one poll loop so that neither side can block
     /// the other whatever the sizes. With `timeout`, a child still running then is
-    /// terminated (SIGTERM, SIGKILL a second later) and its output so far returned.
+    /// terminated (SIGTERM, SIGKILL a second later) and its output so far returned,
+    /// with `timedOut` set.
     public static func run(
         _ executable: String,
         arguments: [String] = [],
@@ -254,6 +260,7 @@ public final class ChildProcess: Sendable {
 
         let deadline = timeout.map { ContinuousClock.now + $0 }
         var stdout: [UInt8] = [], stderr: [UInt8] = []
+        var timedOut = false
         var written = 0
         if input.isEmpty { close(stdinPipe[1]); stdinPipe[1] = -1 }
         var chunk = [UInt8](repeating: 0, count: 64 << 10)
@@ -267,6 +274,8 @@ public final class ChildProcess: Sendable {
             if let deadline {
                 let left = deadline - ContinuousClock.now
                 if left <= .zero {
+                    // Ended already (a grandchild may hold the pipes): not a timeout.
+                    timedOut = child.wait(timeout: .zero) == nil
                     child.terminate(grace: .seconds(1))
                     break
                 }
@@ -298,7 +307,7 @@ public final class ChildProcess: Sendable {
             }
         }
         let status = child.wait() ?? -1
-        return ChildOutput(status: status, stdout: stdout, stderr: stderr)
+        return ChildOutput(status: status, stdout: stdout, stderr: stderr, timedOut: timedOut)
     }
 
     private static func makePipe() throws(SystemError) -> [Int32] {

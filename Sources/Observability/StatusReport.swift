@@ -206,7 +206,14 @@ public struct StatusReport: Codable, Sendable, Equatable {
             field("data path", backend.summary)
             if let tier = backend.datapathTier { field("tier", tier + (backend.datapathNote.map { " (\($0))" } ?? "")) }
             if backend.workers > 0 {
-                field("offloads", backend.offloads.isEmpty ? "none" : backend.offloads.joined(separator: ", "))
+                func list(_ offloads: [String]) -> String {
+                    offloads.isEmpty ? "none" : offloads.joined(separator: ", ")
+                }
+                if let devices = backend.deviceOffloads, devices.count > 1 {
+                    for device in devices { field("offloads \(device.device)", list(device.offloads)) }
+                } else {
+                    field("offloads", list(backend.offloads))
+                }
             }
             field("table", "\(backend.tableEntries) entries, generation \(backend.tableGeneration)")
         }

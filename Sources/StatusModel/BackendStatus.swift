@@ -14,8 +14,12 @@ public struct BackendStatus: Codable, Sendable, Equatable {
     public var summary: String
     /// Data-path threads (udp), 0 for the kernel's backends.
     public var workers: Int
-    /// The offloads the data path chose, by name (e.g. tun-vnet-hdr, udp-gso).
+    /// The offloads the data path chose, by name (e.g. tun-vnet-hdr, udp-gso);
+    /// with several devices, those every device has.
     public var offloads: [String]
+    /// Each device's offloads, for a backend with more than one device
+    /// (wireguard's flannel-wg and flannel-wg-v6 in mode separate); nil otherwise.
+    public var deviceOffloads: [DeviceOffloads]?
     /// The udp data path's tier (uring, uring-single, syscall, simple); nil
     /// for the kernel's backends.
     public var datapathTier: String?
@@ -50,6 +54,17 @@ public struct BackendStatus: Codable, Sendable, Equatable {
         self.datapathNote = datapathNote
         self.tableEntries = tableEntries
         self.tableGeneration = tableGeneration
+    }
+}
+
+/// The offloads one device's data path chose.
+public struct DeviceOffloads: Codable, Sendable, Equatable {
+    public var device: String
+    public var offloads: [String]
+
+    public init(device: String, offloads: [String]) {
+        self.device = device
+        self.offloads = offloads
     }
 }
 

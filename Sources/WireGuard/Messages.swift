@@ -24,18 +24,16 @@ public enum MessageLayout {
         paddedLength(length) - length + tagLength
     }
 
-    public static func paddedLength(_ length: Int) -> Int {
-        (length + paddingMultiple - 1) / paddingMultiple * paddingMultiple
-    }
-
-    /// The padded length on a device of MTU `mtu` (0: none known): padding
-    /// never takes a packet past the MTU, as the kernel's WireGuard and
-    /// wireguard-go pad, so that a full-size packet's message still fits the
-    /// underlay the MTU was computed for (1420 + 32 + 48 = 1500 over IPv6).
-    /// A packet already longer than the MTU is padded as usual.
-    public static func paddedLength(_ length: Int, mtu: Int) -> Int {
-        let padded = paddedLength(length)
-        return mtu > 0 && length <= mtu ? min(padded, mtu) : padded
+    /// `length` rounded up to a multiple of 16, but not past `mtu` (the
+    /// inner device's MTU) when it fits in it, as the kernel's WireGuard and
+    /// wireguard-go pad: a packet of exactly the MTU is not padded, so that
+    /// its message fits the 80 bytes of overhead the device's MTU leaves,
+    /// over an IPv6 underlay too (1420 + 16 of padding + 32 + 48 would be
+    /// 1504 on a 1500-byte path: fragmented, and UDP_SEGMENT refused).
+    public static func paddedLength(_ length: Int, mtu: Int? = nil) -> Int {
+        let rounded = (length + paddingMultiple - 1) / paddingMultiple * paddingMultiple
+        guard let mtu, length <= mtu else { return rounded }
+        return min(rounded, mtu)
     }
 }
 

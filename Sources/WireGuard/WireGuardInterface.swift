@@ -71,10 +71,10 @@ public struct SealReservation: Sendable {
     public let count: Int
     /// No usable session for the rest, or the session is due for rekey: start a handshake.
     public let wantsHandshake: Bool
-    /// The device MTU padding stops at (`WireGuardInterface.mtu`).
-    public let mtu: Int
+    /// The interface's MTU, which padding does not pass (`MessageLayout.paddedLength`).
+    public let mtu: Int?
 
-    init(key: Bytes32, remoteIndex: UInt32, firstCounter: UInt64, count: Int, wantsHandshake: Bool, mtu: Int) {
+    init(key: Bytes32, remoteIndex: UInt32, firstCounter: UInt64, count: Int, wantsHandshake: Bool, mtu: Int?) {
         self.key = key
         self.remoteIndex = remoteIndex
         self.firstCounter = firstCounter
@@ -147,9 +147,6 @@ public struct SealOutcome: Equatable, Sendable {
 public final class WireGuardInterface {
     let privateKey: PrivateKey
     public let publicKey: PublicKey
-    /// The device's MTU: a payload is padded to a multiple of 16 bytes but
-    /// not past it (0: no limit known, always a multiple of 16).
-    public var mtu = 0
     let responderHash: Bytes32
     let mac1Key: Bytes32
     let cookieKey: Bytes32
@@ -159,6 +156,9 @@ public final class WireGuardInterface {
     var rateLimiter = HandshakeRateLimiter()
 
     public private(set) var peers: [PublicKey: Peer] = [:]
+    /// The MTU of the device whose packets are sealed: payloads are padded
+    /// to a multiple of 16 but not past it. Nil: no limit.
+    public let mtu: Int?
 
     enum IndexEntry {
         case handshake(Peer)
@@ -166,8 +166,9 @@ public final class WireGuardInterface {
     }
     var indices: [UInt32: IndexEntry] = [:]
 
-    public init(privateKey: PrivateKey) {
+    public init(privateKey: PrivateKey, mtu: Int? = nil) {
         self.privateKey = privateKey
+        self.mtu = mtu
         publicKey = privateKey.publicKey
         responderHash = Primitive.hash(Noise.initialHash, publicKey.raw)
         mac1Key = Primitive.hash(Noise.labelMAC1, publicKey.raw)

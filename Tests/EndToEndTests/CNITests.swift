@@ -77,6 +77,10 @@ struct CNIBin {
             (namespace.map { ["ip", "netns", "exec", $0] } ?? []) + ["env", "-i"] + environment
             + ["sh", "-c", "exec \"$0\" 2>\"$1\"", plugin, errors]
         let result = try run(command, timeout: .seconds(60), check: false, input: input)
+        // A plugin that hangs has no answer to judge, whatever it exits with once stopped.
+        if let timeout = result.timedOut {
+            throw CommandTimedOut(command: command, timeout: timeout, status: result.status, output: result.output)
+        }
         return PluginRun(
             status: result.status,
             stdout: result.output,

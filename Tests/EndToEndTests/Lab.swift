@@ -117,9 +117,28 @@ extension Lab {
 }
 
 struct CommandResult {
+    /// The exit status (or 128 + signal); for a command stopped at its
+    /// timeout, how it ended then (a process that catches SIGTERM may exit 0).
     var status: Int32
     var output: String
-    var succeeded: Bool { status == 0 }
+    /// The timeout, when the command was still running then and was stopped.
+    var timedOut: Duration? = nil
+    /// Exit status 0, before the timeout: a command stopped at its timeout
+    /// failed whatever status it exited with.
+    var succeeded: Bool { status == 0 && timedOut == nil }
+}
+
+/// A command that was still running at its timeout (and was stopped).
+struct CommandTimedOut: Error, CustomStringConvertible {
+    let command: [String]
+    let timeout: Duration
+    /// How it ended once stopped (SIGTERM, then SIGKILL).
+    let status: Int32
+    let output: String
+    var description: String {
+        "`\(command.joined(separator: " "))` was still running after its timeout of \(timeout) and was stopped "
+            + "(it then exited with \(status)); raise the timeout if it needs longer. Its output so far:\n\(output)"
+    }
 }
 
 /// Starts a command (searched in PATH) with standard input from the file `input`, and
@@ -142,6 +161,9 @@ func spawn(_ arguments: [String], output: String, input: String = "/dev/null") t
 }
 
 /// Runs a command to completion (bounded by `timeout`), output and errors together.
+/// A command still running at `timeout` is stopped and has failed (`timedOut`
+/// set, `succeeded` false, whatever it exited with once stopped): with `check`
+/// that is a `CommandTimedOut` error; without, its output so far is returned.
 @discardableResult
 func run(
     _ arguments: [String],
@@ -153,10 +175,17 @@ func run(
         .appendingPathComponent("td-cmd-\(UUID().uuidString)").path
     defer { unlink(outputFile) }
     let child = try spawn(arguments, output: outputFile, input: input)
-    var status = child.wait(timeout: timeout)
-    if status == nil { status = child.terminate() }
-    let output = (try? String(contentsOfFile: outputFile, encoding: .utf8)) ?? ""
-    let result = CommandResult(status: status ?? -1, output: output)
+    var result = CommandResult(status: -1, output: "")
+    if let status = child.wait(timeout: timeout) {
+        result.status = status
+    } else {
+        result.status = child.terminate()
+        result.timedOut = timeout
+    }
+    result.output = (try? String(contentsOfFile: outputFile, encoding: .utf8)) ?? ""
+    if check, let timeout = result.timedOut {
+        throw CommandTimedOut(command: arguments, timeout: timeout, status: result.status, output: result.output)
+    }
     if check && !result.succeeded {
         throw CommandFailed(command: arguments, status: result.status, output: result.output)
     }

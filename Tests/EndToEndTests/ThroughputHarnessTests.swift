@@ -46,7 +46,8 @@ struct ThroughputHarnessTests {
         let run = try run(
             [
                 "bash", harness, "--smoke", "--strict", "--tunneld", tunneldBinary, "--results", results.path,
-                "--modes", "host-gw-v6,kernel-vxlan-v6,tunneld-udp-v6,tunneld-vxlan-v6,tunneld-host-gw-v6",
+                "--modes",
+                "host-gw-v6,kernel-vxlan-v6,tunneld-udp-v6,tunneld-vxlan-v6,tunneld-host-gw-v6,tunneld-wireguard-v6",
                 "--tests", "tcp1,ping",
             ],
             timeout: .seconds(300),

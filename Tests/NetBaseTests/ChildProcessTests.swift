@@ -25,8 +25,26 @@ import Glibc
             timeout: .milliseconds(300)
         )
         #expect(output.status == 128 + SIGTERM)
+        #expect(output.timedOut)
         #expect(String(decoding: output.stdout, as: UTF8.self) == "started\n")
         #expect(ContinuousClock.now - start < .seconds(5))
+    }
+
+    /// A child that exits 0 on SIGTERM still ran past its timeout: the
+    /// status alone would read as success.
+    @Test func aChildEndedAtItsTimeoutIsMarkedSoThoughItExitsZero() throws {
+        let output = try ChildProcess.run(
+            "python3",
+            arguments: [
+                "-c",
+                "import signal,sys,time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\nprint('started', flush=True)\ntime.sleep(30)",
+            ],
+            timeout: .seconds(1)
+        )
+        #expect(output.status == 0 && output.timedOut)
+        #expect(String(decoding: output.stdout, as: UTF8.self) == "started\n")
+        let quick = try ChildProcess.run("sh", arguments: ["-c", "exit 0"], timeout: .seconds(20))
+        #expect(quick.status == 0 && !quick.timedOut)
     }
 
     @Test func aProgramThatCannotBeRunIsAnErrorNamingIt() {

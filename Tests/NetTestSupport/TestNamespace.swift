@@ -23,16 +23,26 @@ public struct CommandFailed: Error, CustomStringConvertible {
 }
 
 /// Runs a command and returns its standard output; throws with its standard
-/// error when it fails. A command still running after 30 s is ended.
+/// error when it fails. A command still running after 30 s is ended, and has
+/// failed whatever it exits with then.
 @discardableResult
 public func command(_ arguments: [String]) throws -> String {
+    let timeout = Duration.seconds(30)
     let output = try ChildProcess.run(
         arguments[0],
         arguments: Array(arguments.dropFirst()),
-        timeout: .seconds(30),
+        timeout: timeout,
         parentDeathSignal: SIGKILL
     )
     let stdout = String(decoding: output.stdout, as: UTF8.self)
+    guard !output.timedOut else {
+        throw CommandFailed(
+            command: arguments,
+            status: output.status,
+            output: "still running after its timeout of \(timeout), stopped; its output so far:\n"
+                + String(decoding: output.stderr, as: UTF8.self) + stdout
+        )
+    }
     guard output.status == 0 else {
         throw CommandFailed(
             command: arguments,

@@ -47,6 +47,30 @@ import Testing
         #expect(lines.contains("  dropped: no_route=2"))
     }
 
+    /// wireguard's mode separate has two devices, each with the offloads it chose.
+    @Test func aBackendWithTwoDevicesShowsEachDevicesOffloads() throws {
+        var report = sampleReport(now: now)
+        report.backend?.offloads = ["tun-vnet-hdr"]
+        report.backend?.deviceOffloads = [
+            DeviceOffloads(device: "flannel-wg", offloads: ["tun-vnet-hdr", "udp-gso"]),
+            DeviceOffloads(device: "flannel-wg-v6", offloads: ["tun-vnet-hdr"]),
+        ]
+        let lines = report.table(now: now).split(separator: "\n").map(String.init)
+        #expect(lines.contains("  offloads flannel-wg: tun-vnet-hdr, udp-gso"), "\(lines)")
+        #expect(lines.contains("  offloads flannel-wg-v6: tun-vnet-hdr"), "\(lines)")
+        #expect(!lines.contains { $0.hasPrefix("  offloads: ") }, "\(lines)")
+        let bytes = report.json()
+        #expect(try StatusReport.decode(json: bytes) == report)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any])
+        let devices = (object["backend"] as? [String: Any])?["deviceOffloads"] as? [[String: Any]]
+        #expect(devices?.map { $0["device"] as? String } == ["flannel-wg", "flannel-wg-v6"])
+        // One device: the one line as before, and nothing more in the JSON.
+        let single = sampleReport(now: now)
+        #expect(single.table(now: now).contains("  offloads: tun-vnet-hdr, udp-gso\n"))
+        let plain = try #require(try JSONSerialization.jsonObject(with: Data(single.json())) as? [String: Any])
+        #expect((plain["backend"] as? [String: Any])?["deviceOffloads"] == nil)
+    }
+
     @Test func tableFromTheStoreSaysSoAndHasNoDataPath() {
         var report = sampleReport(counters: [:], now: now)
         report.source = .store

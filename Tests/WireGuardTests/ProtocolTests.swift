@@ -4,8 +4,8 @@ import Testing
 
 /// Two interfaces that know each other, and helpers to move messages between them.
 final class Pair {
-    let alice = WireGuardInterface(privateKey: .generate())
-    let bob = WireGuardInterface(privateKey: .generate())
+    let alice: WireGuardInterface
+    let bob: WireGuardInterface
     let aliceEnd = Endpoint(ipv4: 0xC612_0001, port: 51820)  // 198.18.0.1
     let bobEnd = Endpoint(ipv4: 0xC612_0002, port: 51820)
     let alicesBob: Peer
@@ -14,7 +14,10 @@ final class Pair {
     var clock = Instant.seconds(1000)
     var wall: Int64 = 1_700_000_000
 
-    init(psk: PresharedKey = .none) throws {
+    /// `mtu`: both interfaces' device MTU (padding stops there).
+    init(psk: PresharedKey = .none, mtu: Int? = nil) throws {
+        alice = WireGuardInterface(privateKey: .generate(), mtu: mtu)
+        bob = WireGuardInterface(privateKey: .generate(), mtu: mtu)
         alicesBob = try alice.addPeer(bob.publicKey, presharedKey: psk, endpoint: bobEnd)
         bobsAlice = try bob.addPeer(alice.publicKey, presharedKey: psk)
     }
@@ -91,24 +94,29 @@ func rejection<T>(_ r: Result<T, Rejection>) -> Rejection? {
         #expect(Array(try pair.open(reply, at: pair.alice, from: pair.bobEnd).get().0.prefix(4)) == Array("pong".utf8))
     }
 
-    @Test func paddingStopsAtTheDeviceMTU() throws {
-        let pair = try Pair()
+    /// Padding rounds a payload up to a multiple of 16 but not past the
+    /// device's MTU, as the kernel and wireguard-go do: a full-size packet's
+    /// message is then exactly 32 bytes longer, which the MTU's 80 bytes of
+    /// overhead allow over an IPv6 underlay (1420 + 32 + 48 = 1500).
+    @Test func paddingStopsAtTheDevicesMTU() throws {
+        let pair = try Pair(mtu: 1420)
         try pair.handshake()
-        // No MTU known: a multiple of 16, as before.
-        #expect(
-            pair.seal(Array(repeating: 7, count: 1420), from: pair.alice, to: pair.alicesBob).1.count == 16 + 1424 + 16
-        )
-        // flannel-wg's 1420: a full-size packet is not padded past it (1420 + 32 + 48 = 1500 over IPv6),
-        // shorter ones still are, up to it; one longer than the MTU is padded as usual.
-        pair.alice.mtu = 1420
-        for (payload, padded) in [(1420, 1420), (1419, 1420), (1405, 1408), (1400, 1408), (84, 96), (1430, 1440)] {
-            let packet = (0..<payload).map { UInt8(truncatingIfNeeded: $0) }
-            let (outcome, message) = pair.seal(packet, from: pair.alice, to: pair.alicesBob)
-            #expect(outcome.sealed == 1)
-            #expect(message.count == 16 + padded + 16, "payload \(payload)")
+        let cases: [(payload: Int, padded: Int)] = [
+            (1420, 1420), (1419, 1420), (1405, 1408), (1404, 1408), (84, 96), (0, 0),
+        ]
+        for (payload, padded) in cases {
+            let bytes = (0..<payload).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+            let (sealed, message) = pair.seal(bytes, from: pair.alice, to: pair.alicesBob)
+            #expect(sealed.sealed == 1)
+            #expect(message.count == 32 + padded, "a payload of \(payload) bytes")
             let opened = try pair.open(message, at: pair.bob, from: pair.aliceEnd).get()
-            #expect(Array(opened.0.prefix(payload)) == packet && opened.0.dropFirst(payload).allSatisfy { $0 == 0 })
+            #expect(Array(opened.0.prefix(payload)) == bytes && opened.0.dropFirst(payload).allSatisfy { $0 == 0 })
         }
+        let messages = cases.reduce(0) { $0 + 32 + $1.padded }
+        #expect(pair.alicesBob.bytesSent == UInt64(messages))
+        // Without an MTU, multiples of 16; a payload past the MTU is rounded up as without one.
+        #expect(MessageLayout.paddedLength(1420) == 1424)
+        #expect(MessageLayout.paddedLength(1430, mtu: 1420) == 1440)
     }
 
     @Test func differentPresharedKeysFailTheResponse() throws {
