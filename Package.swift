@@ -213,7 +213,7 @@ let package = Package(
             name: "BackendsTests",
             dependencies: [
                 "Backends", "PeerControl", "Netlink", "LeaseStore", "NetBase", "NetTestSupport", "WireGuard",
-                "PacketRing", "TunDevice", "UDPEncap",
+                "PacketRing", "TunDevice", "UDPEncap", "FlannelFiles",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

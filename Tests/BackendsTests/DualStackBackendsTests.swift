@@ -1,4 +1,5 @@
 import Backends
+import FlannelFiles
 import Foundation
 import LeaseStore
 import Logging
@@ -8,7 +9,8 @@ import Netlink
 import PeerControl
 import Testing
 
-/// A dual-stack lease as flanneld writes it (key `10.2.7.0-24&fd00:10:2:7::-64`).
+/// A dual-stack lease as flanneld writes it (key `10.2.7.0-24&fd00:10:2:7::-64`),
+/// with a vxlan backend's data when `mac`/`mac6` are given.
 func dualLease(
     _ subnet: String,
     _ ipv6Subnet: String?,
@@ -18,6 +20,27 @@ func dualLease(
     mac: String? = nil,
     mac6: String? = nil
 ) -> Lease {
+    dualLease(
+        subnet,
+        ipv6Subnet,
+        publicIP,
+        publicIPv6: publicIPv6,
+        type: type,
+        data: mac.map { .object(["VNI": .number(1), "VtepMAC": .string($0)]) },
+        data6: mac6.map { .object(["VNI": .number(1), "VtepMAC": .string($0)]) }
+    )
+}
+
+/// A lease with any backend's data for each side (BackendData, BackendV6Data).
+func dualLease(
+    _ subnet: String,
+    _ ipv6Subnet: String?,
+    _ publicIP: String,
+    publicIPv6: String?,
+    type: String,
+    data: JSONValue?,
+    data6: JSONValue?
+) -> Lease {
     Lease(
         subnet: net(subnet),
         ipv6Subnet: ipv6Subnet.map { IPv6Network($0, strict: true)! },
@@ -25,8 +48,8 @@ func dualLease(
             publicIP: ip(publicIP),
             publicIPv6: publicIPv6.map { IPv6Address($0)! },
             backendType: type,
-            backendData: mac.map { .object(["VNI": .number(1), "VtepMAC": .string($0)]) },
-            backendV6Data: mac6.map { .object(["VNI": .number(1), "VtepMAC": .string($0)]) }
+            backendData: data,
+            backendV6Data: data6
         ),
         expiration: Date().addingTimeInterval(3600),
         revision: 1

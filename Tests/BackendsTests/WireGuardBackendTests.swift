@@ -15,6 +15,8 @@ import WireGuard
     let subnetB = net("10.2.2.0/24")
     let endpointA = Endpoint(ipv4: ip("198.18.0.1").value, port: 51820)
     let endpointB = Endpoint(ipv4: ip("198.18.0.2").value, port: 51820)
+    let subnetC = net("10.2.3.0/24")
+    let endpointC = Endpoint(ipv4: ip("198.18.0.3").value, port: 51820)
     let keyA = PrivateKey.generate()
     let keyB = PrivateKey.generate()
 
@@ -41,6 +43,20 @@ import WireGuard
         try a.setPeer(subnet: subnetB, publicKey: keyB.publicKey, endpoint: endpointB)
         try b.setPeer(subnet: subnetA, publicKey: keyA.publicKey, endpoint: endpointA)
         return (a, b)
+    }
+
+    /// A and B as `engines()` gives them, with sessions, and a third host C
+    /// (10.2.3.0/24 at 198.18.0.3) that A peers with and has a session with.
+    func threeEnginesWithSessions() throws -> (a: WireGuardEngine, b: WireGuardEngine, c: WireGuardEngine) {
+        let keyC = PrivateKey.generate()
+        let (a, b) = try engines()
+        let c = engine(keyC)
+        try a.setPeer(subnet: subnetC, publicKey: keyC.publicKey, endpoint: endpointC)
+        try c.setPeer(subnet: subnetA, publicKey: keyA.publicKey, endpoint: endpointA)
+        try handshake(a, b, first: aToB)
+        let aToC = makePacket(source: 0x0A02_0105, destination: 0x0A02_0309)
+        try handshake(a, c, first: aToC, endpoints: (endpointA, endpointC))
+        return (a, b, c)
     }
 
     var now: Instant { WireGuardClock.now() }
@@ -174,16 +190,7 @@ import WireGuard
     }
 
     @Test func aBatchToTwoPeersInterleavedIsSealedInRunsWithConsecutiveCounters() throws {
-        let keyC = PrivateKey.generate()
-        let subnetC = net("10.2.3.0/24")
-        let endpointC = Endpoint(ipv4: ip("198.18.0.3").value, port: 51820)
-        let (a, b) = try engines()
-        let c = engine(keyC)
-        try a.setPeer(subnet: subnetC, publicKey: keyC.publicKey, endpoint: endpointC)
-        try c.setPeer(subnet: subnetA, publicKey: keyA.publicKey, endpoint: endpointA)
-        try handshake(a, b, first: aToB)
-        let aToC = makePacket(source: 0x0A02_0105, destination: 0x0A02_0309, payload: [1, 2, 3])
-        try handshake(a, c, first: aToC, endpoints: (endpointA, endpointC))
+        let (a, b, c) = try threeEnginesWithSessions()
         // B, B, C, B, C, C: four runs, each peer's counters in order.
         let packets = (0..<6).map { i in
             makePacket(
@@ -205,16 +212,7 @@ import WireGuard
     }
 
     @Test func aBatchFromTwoPeersInterleavedIsOpenedEachAgainstItsOwnPeer() throws {
-        let keyC = PrivateKey.generate()
-        let subnetC = net("10.2.3.0/24")
-        let endpointC = Endpoint(ipv4: ip("198.18.0.3").value, port: 51820)
-        let (a, b) = try engines()
-        let c = engine(keyC)
-        try a.setPeer(subnet: subnetC, publicKey: keyC.publicKey, endpoint: endpointC)
-        try c.setPeer(subnet: subnetA, publicKey: keyA.publicKey, endpoint: endpointA)
-        try handshake(a, b, first: aToB)
-        let aToC = makePacket(source: 0x0A02_0105, destination: 0x0A02_0309)
-        try handshake(a, c, first: aToC, endpoints: (endpointA, endpointC))
+        let (a, b, c) = try threeEnginesWithSessions()
         let fromB = (0..<2).map { makePacket(source: 0x0A02_0207, destination: 0x0A02_0105, payload: [UInt8($0)]) }
         let fromC = (0..<2).map { makePacket(source: 0x0A02_0309, destination: 0x0A02_0105, payload: [UInt8($0)]) }
         let sealedB = send(fromB, through: b), sealedC = send(fromC, through: c)

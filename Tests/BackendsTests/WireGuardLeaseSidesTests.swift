@@ -19,18 +19,14 @@ func wireguardLease(
     key: PublicKey?,
     key6: PublicKey?
 ) -> Lease {
-    Lease(
-        subnet: net(subnet),
-        ipv6Subnet: ipv6Subnet.map { IPv6Network($0, strict: true)! },
-        attributes: LeaseAttributes(
-            publicIP: ip(publicIP),
-            publicIPv6: publicIPv6.map { IPv6Address($0)! },
-            backendType: "wireguard",
-            backendData: key.map { .object(["PublicKey": .string($0.base64)]) },
-            backendV6Data: key6.map { .object(["PublicKey": .string($0.base64)]) }
-        ),
-        expiration: Date().addingTimeInterval(3600),
-        revision: 1
+    dualLease(
+        subnet,
+        ipv6Subnet,
+        publicIP,
+        publicIPv6: publicIPv6,
+        type: "wireguard",
+        data: key.map { .object(["PublicKey": .string($0.base64)]) },
+        data6: key6.map { .object(["PublicKey": .string($0.base64)]) }
     )
 }
 

@@ -349,12 +349,7 @@ struct DualStackBackendTests {
                 lab.waitForLog("h1", containing: "peer \(v4[1].subnet) is gone"),
                 "\(lab.log("h1"))"
             )
-            let gone = try lab.exec(
-                "c1",
-                ["ping", "-6", "-c", "1", "-W", "1", try lab.containerIPv6(2)],
-                timeout: .seconds(10),
-                check: false
-            )
+            let gone = try lab.ping6(from: 1, to: 2, count: 1, attempts: 1)
             #expect(!gone.succeeded, "\(gone.output)")
             // The data path's ICMPv6 error, from the base of the subnet it has no peer for.
             #expect(
