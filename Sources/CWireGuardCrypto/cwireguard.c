@@ -185,13 +185,15 @@ struct cwg_aead {
     // Through EVP (the fallback, and the reference the tests compare with).
     EVP_CIPHER_CTX *encrypt;
     EVP_CIPHER_CTX *decrypt;
-    // Through the provider's dispatch table.
+    // Through the provider's dispatch table (when `direct`; NULL after a
+    // wipe that could not make new ones: every call then fails cleanly).
+    int direct;
     void *direct_encrypt;
     void *direct_decrypt;
 };
 
 static int aead_setup(cwg_aead *context) {
-    if (context->direct_encrypt || context->direct_decrypt) return 1;
+    if (context->direct) return 1;
     return EVP_EncryptInit_ex(context->encrypt, chacha20_poly1305, NULL, NULL, NULL) == 1 &&
            EVP_DecryptInit_ex(context->decrypt, chacha20_poly1305, NULL, NULL, NULL) == 1;
 }
@@ -206,6 +208,7 @@ cwg_aead *cwg_aead_new_using(int path) {
             free(context);
             return NULL;
         }
+        context->direct = 1;
         context->direct_encrypt = direct.newctx(direct.provider_context);
         context->direct_decrypt = direct.newctx(direct.provider_context);
         if (!context->direct_encrypt || !context->direct_decrypt) {
@@ -225,7 +228,7 @@ cwg_aead *cwg_aead_new_using(int path) {
 
 cwg_aead *cwg_aead_new(void) { return cwg_aead_new_using(CWG_AEAD_FASTEST); }
 
-int cwg_aead_is_direct(const cwg_aead *context) { return context->direct_encrypt != NULL; }
+int cwg_aead_is_direct(const cwg_aead *context) { return context->direct; }
 
 void cwg_aead_free(cwg_aead *context) {
     if (!context) return;
@@ -237,9 +240,9 @@ void cwg_aead_free(cwg_aead *context) {
 }
 
 int cwg_aead_wipe(cwg_aead *context) {
-    if (context->direct_encrypt) {
-        direct.freectx(context->direct_encrypt);
-        direct.freectx(context->direct_decrypt);
+    if (context->direct) {
+        if (context->direct_encrypt) direct.freectx(context->direct_encrypt);
+        if (context->direct_decrypt) direct.freectx(context->direct_decrypt);
         context->direct_encrypt = direct.newctx(direct.provider_context);
         context->direct_decrypt = direct.newctx(direct.provider_context);
         return context->direct_encrypt && context->direct_decrypt;
@@ -256,9 +259,9 @@ static int update(cwg_aead *context, int encrypt, uint8_t *out, const uint8_t *i
     if (length == 0) return 1;
     int ok;
     size_t written = 0;
-    if (context->direct_encrypt) {
+    if (context->direct) {
         void *c = encrypt ? context->direct_encrypt : context->direct_decrypt;
-        ok = direct.update(c, out, &written, length, in, length);
+        ok = c ? direct.update(c, out, &written, length, in, length) : 0;
     } else {
         int n = 0;
         ok = encrypt ? EVP_EncryptUpdate(context->encrypt, out, &n, in, (int)length)
@@ -270,12 +273,13 @@ static int update(cwg_aead *context, int encrypt, uint8_t *out, const uint8_t *i
 
 static int seal_start(cwg_aead *context, const uint8_t key[32], const uint8_t nonce[12]) {
     // The cipher stays set from cwg_aead_new_using: this only loads key and nonce.
-    if (context->direct_encrypt) return direct.encrypt_init(context->direct_encrypt, key, 32, nonce, 12, NULL) == 1;
+    if (context->direct)
+        return context->direct_encrypt && direct.encrypt_init(context->direct_encrypt, key, 32, nonce, 12, NULL) == 1;
     return EVP_EncryptInit_ex(context->encrypt, NULL, NULL, key, nonce) == 1;
 }
 
 static int seal_finish(cwg_aead *context, uint8_t *end, uint8_t tag[16]) {
-    if (context->direct_encrypt) {
+    if (context->direct) {
         size_t written = 0;
         OSSL_PARAM params[] = {
             OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, tag, 16),
@@ -308,13 +312,13 @@ int cwg_aead_seal_parts(cwg_aead *context, const uint8_t key[32], const uint8_t 
 
 int cwg_aead_open(cwg_aead *context, const uint8_t key[32], const uint8_t nonce[12], const uint8_t *aad,
                   size_t aad_length, const uint8_t *in, uint8_t *out, size_t length, const uint8_t tag[16]) {
-    if (context->direct_decrypt) {
+    if (context->direct) {
         size_t written = 0;
         OSSL_PARAM params[] = {
             OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, (void *)tag, 16),
             OSSL_PARAM_construct_end(),
         };
-        return direct.decrypt_init(context->direct_decrypt, key, 32, nonce, 12, NULL) == 1 &&
+        return context->direct_decrypt && direct.decrypt_init(context->direct_decrypt, key, 32, nonce, 12, NULL) == 1 &&
                direct.set_ctx_params(context->direct_decrypt, params) == 1 &&
                update(context, 0, NULL, aad, aad_length) && update(context, 0, out, in, length) &&
                direct.final(context->direct_decrypt, out + length, &written, 0) == 1;
